@@ -1,0 +1,7 @@
+"""svp: Selective Visual Prompting for Vision Mamba.
+
+Importing svp registers the Vim models in timm's registry.
+"""
+__version__ = "0.1.0"
+
+from . import models  # noqa: F401  (registers vim_* with timm)

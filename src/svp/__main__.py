@@ -1,0 +1,5 @@
+import sys
+
+from svp.cli import main
+
+sys.exit(main())

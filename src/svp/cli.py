@@ -1,0 +1,34 @@
+"""The ``svp`` command line. Each subcommand lives with the code it drives and
+registers itself through a ``register(subparsers)`` function in its module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module that provides register(subparsers); order is the order in --help
+COMMAND_MODULES = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svp", description="Selective Visual Prompting for Vision Mamba, and its baselines.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

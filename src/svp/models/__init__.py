@@ -1,0 +1,11 @@
+"""Vision Mamba models, registered with timm on import."""
+from .loading import CheckpointError, extract_state_dict, load_checkpoint_into, read_checkpoint
+from .loading import _patch_timm_checkpoint_path
+from .vim import (BiMambaMixer, Block, PatchEmbed, VisionMamba, checkpoint_filter_fn,
+                  resample_pos_embed_midcls)
+
+_patch_timm_checkpoint_path()
+
+__all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "checkpoint_filter_fn",
+           "resample_pos_embed_midcls", "load_checkpoint_into", "read_checkpoint", "extract_state_dict",
+           "CheckpointError"]

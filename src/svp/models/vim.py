@@ -1,0 +1,364 @@
+"""Vision Mamba (Vim, Zhu et al. 2024) in pure PyTorch.
+
+One file for the model family, in the manner of timm: the modules, the checkpoint
+filter that adapts official weights, and the registered factory functions.
+
+Layout of the official "midclstok" models (the ones SVP builds on):
+  image -> patch conv -> M tokens -> class token inserted at index M // 2 -> + pos_embed
+  -> depth x Block ("add -> RMSNorm -> bidirectional Mamba mixer", residual in fp32)
+  -> RMSNorm(residual + hidden) -> row M // 2 -> head.
+Parameter names and shapes are those of the official checkpoints, so a state dict
+loads without renaming.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..ops import RMSNorm, causal_conv1d_bld, selective_scan
+
+__all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "resample_pos_embed_midcls",
+           "checkpoint_filter_fn"]
+
+# A hook run before every block on the streams entering it:
+#   hook(layer_idx, hidden, residual, cls_pos) -> (hidden, residual, cls_pos)
+# For block 0 ``hidden`` is the embedded token sequence and ``residual`` is None;
+# for block l > 0 ``hidden`` is block l-1's mixer output and ``residual`` its residual.
+# Adaptation methods (SVP prompts, VPT tokens) plug in here without touching the model.
+LayerHook = Callable[[int, torch.Tensor, Optional[torch.Tensor], int],
+                     Tuple[torch.Tensor, Optional[torch.Tensor], int]]
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify with a stride that may be smaller than the patch (the "+" models)."""
+
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, embed_dim=192):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride)
+        self.grid_size = self.grid_for(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
+
+    def grid_for(self, hw) -> Tuple[int, int]:
+        grid = []
+        for size, p, s, axis in zip(hw, self.patch_size, self.stride, ("height", "width")):
+            if size < p or (size - p) % s:
+                raise ValueError(f"image {axis} {size} does not fit the patch grid (patch {p}, stride {s}): "
+                                 f"need {p} + k*{s} pixels")
+            grid.append((size - p) // s + 1)
+        return tuple(grid)
+
+    def forward(self, x):
+        grid = self.grid_for(x.shape[-2:])
+        return self.proj(x).flatten(2).transpose(1, 2), grid
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer ("bimamba v2"): a forward and a backward selective
+    SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto",
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, divide_out=True):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.divide_out = divide_out
+        E, N, R = self.d_inner, d_state, self.dt_rank
+
+        # Direct parameters first: this is the official checkpoint's order.
+        A_log = torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1)
+        self.A_log = nn.Parameter(A_log.clone())
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_b_log = nn.Parameter(A_log.clone())
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.A_log._no_weight_decay = self.A_b_log._no_weight_decay = True
+        self.D._no_weight_decay = self.D_b._no_weight_decay = True
+
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(R, E, bias=True)
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+        for dt_proj in (self.dt_proj, self.dt_proj_b):
+            self._init_dt_proj(dt_proj, dt_scale, dt_min, dt_max, dt_init_floor)
+
+        # Set by analysis code (svp.viz) to observe the gates the scan actually uses:
+        # gate_hook(mixer, direction, delta, delta_bias, A, B, C) with delta (b, l, E)
+        # before bias/softplus and B, C (b, l, N).
+        self.gate_hook = None
+
+    def _init_dt_proj(self, dt_proj, dt_scale, dt_min, dt_max, dt_init_floor):
+        std = self.dt_rank ** -0.5 * dt_scale
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():  # bias = softplus^-1(dt)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+
+    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
+        # x, z: (b, l, E). The backward branch runs on the time-reversed sequence; its
+        # conv and scan take `reverse=True` so nothing is flipped or copied.
+        x = causal_conv1d_bld(x, conv.weight.squeeze(1), conv.bias, "silu", reverse=reverse)
+        x_dbl = x_proj(x)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
+        A = -torch.exp(A_log.float())
+        if self.gate_hook is not None:
+            self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
+        y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                           D.float(), z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(),
+                           delta_softplus=True, reverse=reverse)
+        return y.transpose(1, 2)
+
+    def forward(self, hidden):
+        xz = self.in_proj(hidden)
+        x, z = xz.chunk(2, dim=-1)
+        y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
+        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True,
+                              "backward")
+        y = (y + y_b) / 2 if self.divide_out else y + y_b
+        return self.out_proj(y.to(hidden.dtype))
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer. Returns (mixer output, residual stream)."""
+
+    def __init__(self, dim, mixer, drop_path=0.0, norm_eps=1e-5, residual_in_fp32=True):
+        super().__init__()
+        self.residual_in_fp32 = residual_in_fp32
+        self.mixer = mixer
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden, residual=None):
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if self.residual_in_fp32:
+            residual = residual.float()
+        hidden = self.mixer(self.norm(residual).to(self.norm.weight.dtype))
+        return hidden, residual
+
+
+def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
+                              interpolation: str = "bicubic", antialias: bool = False) -> torch.Tensor:
+    """Resample a (1, M+1, D) position embedding whose class-token row sits at M // 2.
+
+    The class row is taken out, the M patch rows are resampled as a grid, and the
+    class row is put back at the new middle (new M // 2). The official loader treats
+    row 0 as the class token, which is wrong for this layout.
+    """
+    n = pos_embed.shape[1] - 1
+    if old_grid is None:
+        side = int(math.isqrt(n))
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} patch rows, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"pos_embed has {n} patch rows but old_grid {old_grid} has {old_grid[0] * old_grid[1]}")
+    if old_grid == new_grid:
+        return pos_embed
+    mid = n // 2
+    cls_row = pos_embed[:, mid:mid + 1]
+    patches = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
+    patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0,
+                                     interpolation=interpolation, antialias=antialias)
+    new_mid = new_grid[0] * new_grid[1] // 2
+    return torch.cat([patches[:, :new_mid], cls_row, patches[:, new_mid:]], dim=1)
+
+
+class VisionMamba(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, num_classes=1000,
+                 embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, drop_rate=0.0,
+                 drop_path_rate=0.1, norm_eps=1e-5, residual_in_fp32=True, divide_out=True,
+                 global_pool="token"):
+        super().__init__()
+        if global_pool != "token":
+            raise ValueError(f"VisionMamba supports only the middle class token as pooling, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.depth = depth
+
+        # Registration order reproduces the official state-dict order.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # Block b gets entry b of [0] + linspace(0, rate, depth): blocks 0 and 1 both have 0,
+        # the last has rate*(depth-2)/(depth-1). The final add uses the full rate.
+        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList([
+            Block(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, divide_out=divide_out),
+                  drop_path=dpr[i], norm_eps=norm_eps, residual_in_fp32=residual_in_fp32)
+            for i in range(depth)])
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
+        self.init_weights()
+
+    # -- initialisation (the official recipe: trunc-normal tokens and head, mamba's
+    # kaiming out_proj rescaled by sqrt(depth)) -------------------------------------
+    def init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        for layer in self.layers:
+            m = layer.mixer
+            for lin in (m.in_proj, m.x_proj, m.x_proj_b):
+                trunc_normal_(lin.weight, std=0.02)
+            nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                m.out_proj.weight /= math.sqrt(self.depth)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    # -- timm classifier API ------------------------------------------------------
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        if global_pool not in (None, "token"):
+            raise ValueError(f"VisionMamba supports only global_pool='token', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    # -- forward ------------------------------------------------------------------
+    def embed(self, x) -> Tuple[torch.Tensor, int]:
+        """Patch tokens with the class token at the middle and positions added.
+        Returns the (b, M+1, D) sequence and the class-token index M // 2."""
+        x, grid = self.patch_embed(x)
+        cls_pos = x.shape[1] // 2
+        x = torch.cat([x[:, :cls_pos], self.cls_token.expand(x.shape[0], -1, -1), x[:, cls_pos:]], dim=1)
+        pos_embed = self.pos_embed
+        if grid != self.patch_embed.grid_size:  # another input size: resample on the fly
+            pos_embed = resample_pos_embed_midcls(pos_embed, grid, self.patch_embed.grid_size)
+        return self.pos_drop(x + pos_embed), cls_pos
+
+    def forward_features(self, x, hook: Optional[LayerHook] = None, return_cls_pos: bool = False):
+        """Token sequence after the final norm, (b, L, D). ``hook`` (see LayerHook) may
+        rewrite the streams entering each block, e.g. to add prompts."""
+        hidden, cls_pos = self.embed(x)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if hook is not None:
+                hidden, residual, cls_pos = hook(i, hidden, residual, cls_pos)
+            hidden, residual = layer(hidden, residual)
+        residual = residual + self.drop_path(hidden)
+        out = self.norm_f(residual.float()).to(self.norm_f.weight.dtype)
+        return (out, cls_pos) if return_cls_pos else out
+
+    def forward_head(self, x, pre_logits: bool = False, cls_pos: Optional[int] = None):
+        """Class-token feature (pre_logits) or logits from a forward_features output.
+        Without ``cls_pos`` the class token is taken at the middle, (L - 1) // 2."""
+        x = x[:, (x.shape[1] - 1) // 2 if cls_pos is None else cls_pos]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        x, cls_pos = self.forward_features(x, return_cls_pos=True)
+        return self.forward_head(x, cls_pos=cls_pos)
+
+    # -- weights ------------------------------------------------------------------
+    def load_pretrained(self, checkpoint_path, strict: bool = True):
+        """Load an official Vim checkpoint (.pth training checkpoint or safetensors).
+        Called by timm for ``pretrained=True`` (file or hub) and ``checkpoint_path=``."""
+        from .loading import load_checkpoint_into
+        return load_checkpoint_into(self, checkpoint_path, strict=strict)
+
+
+def checkpoint_filter_fn(state_dict, model: VisionMamba):
+    """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
+    prefixes, resample the position embedding to the model's grid (class-token aware),
+    drop the classifier when its class count differs, drop official SVP prompt tensors."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
+        out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
+    head = model.head
+    for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
+        param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
+        if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
+            del out[name]
+    return out
+
+
+def _cfg(hub_repo, filename, **kwargs):
+    return {
+        "hf_hub_id": hub_repo, "hf_hub_filename": filename, "custom_load": "hf",
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vim_tiny_patch16_224.midclstok_in1k": _cfg("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+    "vim_tiny_patch16_stride8_224.midclstok_ft_in1k": _cfg("hustvl/Vim-tiny-midclstok",
+                                                           "vim_t_midclstok_ft_78p3acc.pth"),
+    "vim_small_patch16_224.midclstok_in1k": _cfg("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+    "vim_small_patch16_stride8_224.midclstok_ft_in1k": _cfg("hustvl/Vim-small-midclstok",
+                                                            "vim_s_midclstok_ft_81p6acc.pth"),
+    "vim_base_patch16_224.midclstok_in1k": _cfg("hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth"),
+})
+
+
+def _create_vim(variant, pretrained=False, **kwargs):
+    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(patch_size=16, stride=16, embed_dim=192, depth=24)
+    return _create_vim("vim_tiny_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(patch_size=16, stride=8, embed_dim=192, depth=24)
+    return _create_vim("vim_tiny_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_224(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(patch_size=16, stride=16, embed_dim=384, depth=24)
+    return _create_vim("vim_small_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(patch_size=16, stride=8, embed_dim=384, depth=24)
+    return _create_vim("vim_small_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_base_patch16_224(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(patch_size=16, stride=16, embed_dim=768, depth=24)
+    return _create_vim("vim_base_patch16_224", pretrained, **dict(args, **kwargs))
