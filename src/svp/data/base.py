@@ -1,0 +1,255 @@
+"""Shared pieces of the dataset readers: errors, image loading, list-backed and
+in-memory datasets, seeded validation carving.
+
+Every dataset returned by :func:`svp.data.build_dataset` is a
+``torch.utils.data.Dataset`` whose ``__getitem__`` gives ``(image, label)`` (a PIL
+RGB image when no transform is set) and which carries ``.classes`` (names in
+label order), ``.num_classes`` and ``.targets`` (one int per item).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("svp.data")
+
+DOCS_HINT = "see docs/datasets.md for the expected layout"
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(Exception):
+    """Raised for anything wrong with a dataset on disk: missing root, split file or
+    image, malformed list line, unreadable image, wrong class count. The message
+    names the exact path and points to docs/datasets.md."""
+
+
+def missing(path, what: str, layout: str = "") -> DatasetError:
+    msg = f"{what} not found: {path}"
+    if layout:
+        msg += f"\nexpected layout:\n{layout.rstrip()}"
+    msg += f"\n({DOCS_HINT})"
+    return DatasetError(msg)
+
+
+def require_dir(path, what: str, layout: str = "") -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise missing(path, what, layout)
+    return path
+
+
+def require_file(path, what: str, layout: str = "") -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise missing(path, what, layout)
+    return path
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image fully (so truncated files fail here, not later) as RGB."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"image not found: {path} ({DOCS_HINT})") from None
+    except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError
+        raise DatasetError(f"unreadable image: {path}: {type(e).__name__}: {e}") from None
+
+
+class VisionDataset(torch.utils.data.Dataset):
+    """Common attributes. Subclasses implement ``_load(i) -> PIL image`` and set
+    ``targets`` and ``classes``."""
+
+    name: str = ""
+    split: str = ""
+
+    def __init__(self, classes: Sequence[str], targets: Sequence[int],
+                 transform: Optional[Callable] = None, name: str = "", split: str = ""):
+        self.classes = [str(c) for c in classes]
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+        self.name = name
+        self.split = split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        img = self._load(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+    def class_counts(self) -> List[int]:
+        return np.bincount(np.asarray(self.targets, dtype=np.int64),
+                           minlength=self.num_classes).tolist()
+
+    def describe(self, i: int) -> str:
+        """A human-readable name of item i (its file for on-disk data)."""
+        return f"{self.name}[{self.split}][{i}]"
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
+                f"items={len(self)}, classes={self.num_classes})")
+
+
+class FileListDataset(VisionDataset):
+    """Images listed as (path, label) pairs.
+
+    Every listed file is checked for existence when the dataset is built (a cheap
+    ``os.path.isfile`` per file). Missing files raise :class:`DatasetError` naming
+    them, unless ``skip_bad_images`` is set: then they are dropped and the count is
+    logged. Unreadable/truncated images raise when read; with ``skip_bad_images``
+    the item is replaced by the next readable one and every skip is logged and
+    counted in ``self.skipped``.
+    """
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str],
+                 transform: Optional[Callable] = None, name: str = "", split: str = "",
+                 skip_bad_images: bool = False, check_files: bool = True,
+                 source: str = ""):
+        samples = [(os.fspath(p), int(t)) for p, t in samples]
+        self.skip_bad_images = skip_bad_images
+        self.skipped: List[str] = []
+        self.source = source
+        if check_files:
+            absent = [p for p, _ in samples if not os.path.isfile(p)]
+            if absent:
+                where = f" (listed in {source})" if source else ""
+                if skip_bad_images:
+                    log.warning("%s/%s: skipping %d missing image(s)%s, e.g. %s",
+                                name, split, len(absent), where, absent[0])
+                    gone = set(absent)
+                    samples = [s for s in samples if s[0] not in gone]
+                    self.skipped.extend(absent)
+                else:
+                    shown = "\n  ".join(absent[:10])
+                    more = f"\n  ... and {len(absent) - 10} more" if len(absent) > 10 else ""
+                    raise DatasetError(
+                        f"{name}/{split}: {len(absent)} of {len(samples) } listed image(s) "
+                        f"missing{where}:\n  {shown}{more}\n({DOCS_HINT}; pass "
+                        f"skip_bad_images=True to drop them with a logged count)")
+        self.samples = samples
+        super().__init__(classes, [t for _, t in samples], transform, name, split)
+        n = len(self.classes)
+        bad = [t for t in self.targets if not 0 <= t < n]
+        if bad:
+            raise DatasetError(f"{name}/{split}: label {bad[0]} outside 0..{n - 1}"
+                               + (f" in {source}" if source else ""))
+
+    def describe(self, i: int) -> str:
+        return self.samples[i][0]
+
+    def _load(self, i: int) -> Image.Image:
+        return load_image(self.samples[i][0])
+
+    def __getitem__(self, i: int):
+        if not self.skip_bad_images:
+            return super().__getitem__(i)
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                img = self._load(j)
+            except DatasetError as e:
+                self.skipped.append(self.samples[j][0])
+                log.warning("%s (skipped; %d bad image(s) so far in %s/%s)",
+                            e, len(self.skipped), self.name, self.split)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, self.targets[j]
+        raise DatasetError(f"{self.name}/{self.split}: no readable image at all")
+
+
+class ArrayDataset(VisionDataset):
+    """Images held in memory as a uint8 array (N, H, W, 3) or (N, H, W)."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str],
+                 transform: Optional[Callable] = None, name: str = "", split: str = ""):
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise TypeError("ArrayDataset wants uint8 images")
+        if len(images) != len(targets):
+            raise ValueError("images and targets differ in length")
+        self.images = images
+        super().__init__(classes, targets, transform, name, split)
+
+    def _load(self, i: int) -> Image.Image:
+        a = self.images[i]
+        if a.ndim == 2:
+            return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a, mode="RGB")
+
+
+class SubsetDataset(VisionDataset):
+    """A fixed subset of another dataset (keeps classes, maps targets)."""
+
+    def __init__(self, base: VisionDataset, indices: Sequence[int], split: str = "",
+                 transform: Optional[Callable] = None):
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        super().__init__(base.classes, [base.targets[i] for i in self.indices],
+                         transform, base.name, split or base.split)
+
+    @property
+    def skipped(self):
+        return getattr(self.base, "skipped", [])
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(self.indices[i])
+
+    def _load(self, i: int) -> Image.Image:
+        return self.base._load(self.indices[i])
+
+    def __getitem__(self, i: int):
+        if isinstance(self.base, FileListDataset) and self.base.skip_bad_images:
+            saved = self.base.transform
+            self.base.transform = self.transform
+            try:
+                return self.base[self.indices[i]]
+            finally:
+                self.base.transform = saved
+        return super().__getitem__(i)
+
+
+def seeded_shuffle(n: int, seed: int) -> np.ndarray:
+    return np.random.RandomState(seed).permutation(n)
+
+
+def carve_validation(targets: Sequence[int], fraction: float, seed: int = 0
+                     ) -> Tuple[List[int], List[int]]:
+    """Split indices 0..N-1 into (train, val) with a seeded, per-class stratified
+    draw: each class gives round(fraction * n_c) items to val (at least one when
+    the class has two or more items). Deterministic given ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_from_train must be in (0, 1), got {fraction}")
+    targets = np.asarray(targets, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    val: List[int] = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        val.extend(idx[:k].tolist())
+    val_set = set(val)
+    train = [i for i in range(len(targets)) if i not in val_set]
+    return train, sorted(val)

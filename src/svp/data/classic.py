@@ -1,0 +1,375 @@
+"""CIFAR-10/100, DTD, GTSRB, SVHN and Food-101 in their official (torchvision)
+layouts, read from disk with the splits of the official SVP code. Nothing is
+downloaded and no checksum is required (so partial or re-packed copies work and
+tests can use tiny fakes); every missing piece is reported by its path.
+
+Splits (``train`` / ``val`` / ``test`` / ``trainval``):
+
+- CIFAR: train = the 50k training batches, test = test batch; no native val.
+- DTD: partition k (option ``partition``, default 1): ``labels/train{k}.txt``,
+  ``val{k}.txt``, ``test{k}.txt``; trainval = train + val.
+- GTSRB, Food-101: trainval = the full official training set; train = the first 80 %
+  after a seeded shuffle (option ``seed``, default 0), val = the remaining 20 %.
+  (SVP shuffles with Python ``random``; we use a seeded numpy permutation, so the
+  80 % is a different but equally sized draw.)
+- SVHN: train = first 80 % of ``train_32x32.mat`` (no shuffle, as SVP), val = the
+  last 20 %, trainval = all; label 10 is mapped to 0.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
+                   missing, require_dir, require_file, seeded_shuffle)
+
+HTA_SPLITS = ("train", "val", "test", "trainval")
+
+
+def _check_split(name, split, allowed=HTA_SPLITS):
+    if split not in allowed:
+        raise DatasetError(f"{name}: unknown split {split!r}; available: {', '.join(allowed)}")
+
+
+def _eighty(n: int, seed: int, shuffle: bool) -> Tuple[np.ndarray, np.ndarray]:
+    order = seeded_shuffle(n, seed) if shuffle else np.arange(n)
+    k = int(n * 0.8)
+    return np.sort(order[:k]) if shuffle else order[:k], np.sort(order[k:]) if shuffle else order[k:]
+
+
+def _pick(split: str, n: int, seed: int, shuffle: bool) -> np.ndarray:
+    if split == "trainval":
+        return np.arange(n)
+    tr, va = _eighty(n, seed, shuffle)
+    return tr if split == "train" else va
+
+
+# ---------------------------------------------------------------------- CIFAR
+
+CIFAR_LAYOUT = {
+    "cifar10": "<root>/cifar-10-batches-py/\n    data_batch_1 ... data_batch_5  test_batch  batches.meta",
+    "cifar100": "<root>/cifar-100-python/\n    train  test  meta",
+}
+
+
+def _unpickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:
+        raise DatasetError(f"unreadable CIFAR batch file {path}: {type(e).__name__}: {e}") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def build_cifar(key: str, root: str, split: str, transform=None, **_) -> ArrayDataset:
+    _check_split(key, split, ("train", "test"))
+    if key == "cifar10":
+        d = os.path.join(root, "cifar-10-batches-py")
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, label_key, names_key = "batches.meta", "labels", "label_names"
+    else:
+        d = os.path.join(root, "cifar-100-python")
+        files = [split]
+        meta, label_key, names_key = "meta", "fine_labels", "fine_label_names"
+    layout = CIFAR_LAYOUT[key]
+    require_dir(d, f"{key} folder", layout)
+    classes = _unpickle(require_file(os.path.join(d, meta), f"{key} meta file", layout))[names_key]
+    xs, ys = [], []
+    for fn in files:
+        p = require_file(os.path.join(d, fn), f"{key} batch file '{fn}'", layout)
+        b = _unpickle(p)
+        if "data" not in b or label_key not in b:
+            raise DatasetError(f"{p}: CIFAR batch without 'data'/'{label_key}' ({DOCS_HINT})")
+        x = np.asarray(b["data"], dtype=np.uint8)
+        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(b[label_key]):
+            raise DatasetError(f"{p}: 'data' has shape {x.shape}, expected (N, 3072) matching "
+                               f"{len(b[label_key])} labels")
+        xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.extend(int(v) for v in b[label_key])
+    return ArrayDataset(np.concatenate(xs), ys, classes, transform, name=f"hta/{key}", split=split)
+
+
+# ---------------------------------------------------------------------- DTD
+
+DTD_LAYOUT = """\
+<root>/dtd/dtd/
+    labels/train1.txt  val1.txt  test1.txt  (... partitions 1-10; lines 'banded/banded_0002.jpg')
+    images/<class>/<file>.jpg"""
+
+
+def _dtd_dir(root: str) -> str:
+    for c in (os.path.join(root, "dtd", "dtd"), os.path.join(root, "dtd")):
+        if os.path.isdir(os.path.join(c, "labels")):
+            return c
+    raise missing(os.path.join(root, "dtd", "dtd"), "DTD folder", DTD_LAYOUT)
+
+
+def _dtd_list(path: str) -> List[str]:
+    out = []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            s = line.strip()
+            if not s:
+                continue
+            if "/" not in s or " " in s:
+                raise DatasetError(f"{path}:{lineno}: malformed line {s!r}; expected "
+                                   f"'<class>/<file>.jpg' ({DOCS_HINT})")
+            out.append(s)
+    return out
+
+
+def build_dtd(root: str, split: str, transform=None, partition: int = 1,
+              skip_bad_images=False, check_files=True, **_) -> FileListDataset:
+    _check_split("dtd", split)
+    d = _dtd_dir(root)
+    parts = ("train", "val") if split == "trainval" else (split,)
+    lists = {}
+    for s in ("train", "val", "test"):
+        p = os.path.join(d, "labels", f"{s}{partition}.txt")
+        if s in parts:
+            require_file(p, f"DTD split list '{s}{partition}.txt'", DTD_LAYOUT)
+        if os.path.isfile(p):
+            lists[s] = _dtd_list(p)
+    classes = sorted({e.split("/")[0] for v in lists.values() for e in v})
+    if len(classes) != 47:
+        raise DatasetError(f"dtd: found {len(classes)} classes in {d}/labels/*{partition}.txt, "
+                           f"expected 47 (spec table 6.1)")
+    idx = {c: i for i, c in enumerate(classes)}
+    samples = [(os.path.join(d, "images", e), idx[e.split("/")[0]]) for s in parts for e in lists[s]]
+    return FileListDataset(samples, classes, transform, name="hta/dtd", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files,
+                           source=os.path.join(d, "labels", f"{parts[0]}{partition}.txt"))
+
+
+# ---------------------------------------------------------------------- GTSRB
+
+GTSRB_LAYOUT = """\
+<root>/gtsrb/
+    GTSRB/Training/00000/*.ppm ... GTSRB/Training/00042/*.ppm
+    GTSRB/Final_Test/Images/*.ppm
+    GT-final_test.csv          (';'-separated, columns Filename;...;ClassId)"""
+
+
+def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
+                skip_bad_images=False, check_files=True, **_) -> FileListDataset:
+    _check_split("gtsrb", split)
+    base = os.path.join(root, "gtsrb")
+    classes = [f"{i:05d}" for i in range(43)]
+    if split == "test":
+        imgdir = require_dir(os.path.join(base, "GTSRB", "Final_Test", "Images"),
+                             "GTSRB test image folder", GTSRB_LAYOUT)
+        csvp = require_file(os.path.join(base, "GT-final_test.csv"), "GTSRB test labels",
+                            GTSRB_LAYOUT)
+        samples = []
+        with open(csvp, "r", encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter=";"))
+        if not rows or "Filename" not in rows[0] or "ClassId" not in rows[0]:
+            raise DatasetError(f"{csvp}:1: header must contain 'Filename' and 'ClassId' "
+                               f"(';'-separated) ({DOCS_HINT})")
+        fi, ci = rows[0].index("Filename"), rows[0].index("ClassId")
+        for lineno, row in enumerate(rows[1:], 2):
+            if not row or not "".join(row).strip():
+                continue
+            try:
+                fn, lab = row[fi], int(row[ci])
+            except (IndexError, ValueError):
+                raise DatasetError(f"{csvp}:{lineno}: malformed row {';'.join(row)!r} "
+                                   f"({DOCS_HINT})") from None
+            samples.append((os.path.join(imgdir, fn), lab))
+        return FileListDataset(samples, classes, transform, name="hta/gtsrb", split=split,
+                               skip_bad_images=skip_bad_images, check_files=check_files,
+                               source=csvp)
+    tdir = require_dir(os.path.join(base, "GTSRB", "Training"), "GTSRB training folder",
+                       GTSRB_LAYOUT)
+    found = sorted(e for e in os.listdir(tdir) if os.path.isdir(os.path.join(tdir, e)))
+    if found != classes:
+        miss = sorted(set(classes) - set(found))
+        raise DatasetError(f"gtsrb: {tdir} must hold the 43 class folders 00000..00042 "
+                           f"(spec table 6.1); missing: {', '.join(miss[:10]) or 'none'}; "
+                           f"unexpected: {', '.join(sorted(set(found) - set(classes))) or 'none'}")
+    samples = []
+    for i, c in enumerate(classes):
+        for fn in sorted(os.listdir(os.path.join(tdir, c))):
+            if fn.lower().endswith(".ppm"):
+                samples.append((os.path.join(tdir, c, fn), i))
+    keep = _pick(split, len(samples), seed, shuffle=True)
+    samples = [samples[i] for i in keep]
+    return FileListDataset(samples, classes, transform, name="hta/gtsrb", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files, source=tdir)
+
+
+# ---------------------------------------------------------------------- SVHN
+
+SVHN_LAYOUT = "<root>/\n    train_32x32.mat  test_32x32.mat   (directly in the data root)"
+
+
+def build_svhn(root: str, split: str, transform=None, **_) -> ArrayDataset:
+    _check_split("svhn", split)
+    fn = "test_32x32.mat" if split == "test" else "train_32x32.mat"
+    path = os.path.join(root, fn)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(root, "svhn", fn)):
+        path = os.path.join(root, "svhn", fn)
+    require_file(path, f"SVHN file '{fn}'", SVHN_LAYOUT)
+    try:
+        from scipy.io import loadmat
+        m = loadmat(path)
+        x = np.asarray(m["X"], dtype=np.uint8)   # (32, 32, 3, N)
+        y = np.asarray(m["y"]).astype(np.int64).reshape(-1)
+    except Exception as e:
+        raise DatasetError(f"unreadable SVHN file {path}: {type(e).__name__}: {e}") from None
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise DatasetError(f"{path}: 'X' has shape {x.shape}, expected (32, 32, 3, N) with N = "
+                           f"{len(y)} labels")
+    y[y == 10] = 0
+    x = x.transpose(3, 0, 1, 2)
+    if split != "test":
+        keep = _pick(split, len(y), 0, shuffle=False)
+        x, y = x[keep], y[keep]
+    return ArrayDataset(np.ascontiguousarray(x), y.tolist(), [str(i) for i in range(10)],
+                        transform, name="hta/svhn", split=split)
+
+
+# ---------------------------------------------------------------------- Food-101
+
+FOOD_LAYOUT = """\
+<root>/food-101/
+    meta/train.json  meta/test.json   ({"<class>": ["<class>/<id>", ...], ...})
+    images/<class>/<id>.jpg"""
+
+
+def _food_meta(path: str) -> Dict[str, List[str]]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}) ({DOCS_HINT})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
+        raise DatasetError(f"{path}: expected {{\"<class>\": [\"<class>/<id>\", ...]}} ({DOCS_HINT})")
+    return d
+
+
+def build_food101(root: str, split: str, transform=None, seed: int = 0,
+                  skip_bad_images=False, check_files=True, **_) -> FileListDataset:
+    _check_split("food101", split)
+    base = require_dir(os.path.join(root, "food-101"), "Food-101 folder", FOOD_LAYOUT)
+    which = "test" if split == "test" else "train"
+    mp = require_file(os.path.join(base, "meta", f"{which}.json"),
+                      f"Food-101 split file 'meta/{which}.json'", FOOD_LAYOUT)
+    meta = _food_meta(mp)
+    classes = sorted(meta)
+    if len(classes) != 101:
+        raise DatasetError(f"food101: {mp} lists {len(classes)} classes, expected 101 "
+                           f"(spec table 6.1)")
+    samples = [(os.path.join(base, "images", rel + ".jpg"), i)
+               for i, c in enumerate(classes) for rel in meta[c]]
+    if split != "test":
+        samples = [samples[i] for i in _pick(split, len(samples), seed, shuffle=True)]
+    return FileListDataset(samples, classes, transform, name="hta/food101", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files, source=mp)
+
+
+# ---------------------------------------------------------------------- custom: imagefolder, csv
+
+IMAGEFOLDER_LAYOUT = """\
+<root>/
+    train/<class>/<image>   val/<class>/<image>   test/<class>/<image>
+  (class order = sorted union of the class folder names over all split folders)"""
+
+CSV_LAYOUT = """\
+<root>/
+    train.csv  val.csv  test.csv     (lines '<image path>,<label>'; optional header 'path,label';
+                                       paths relative to the csv's folder; labels ints or names)
+    classes.txt                       (optional: one class name per line, in label order)
+  or pass file=<one csv> to read a single list"""
+
+
+def build_imagefolder(root: str, split: str, transform=None, classes=None,
+                      skip_bad_images=False, check_files=True, **_) -> FileListDataset:
+    sdir = os.path.join(root, split)
+    require_dir(sdir, f"imagefolder split folder '{split}'", IMAGEFOLDER_LAYOUT)
+    if classes is None:
+        names = set()
+        for s in {"train", "val", "test", "trainval", split}:
+            d = os.path.join(root, s)
+            if os.path.isdir(d):
+                names.update(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+        classes = sorted(names)
+    if not classes:
+        raise DatasetError(f"imagefolder: no class folders in {sdir}\nexpected layout:\n"
+                           f"{IMAGEFOLDER_LAYOUT}\n({DOCS_HINT})")
+    samples, ignored = [], []
+    for i, c in enumerate(classes):
+        cdir = os.path.join(sdir, c)
+        if not os.path.isdir(cdir):
+            continue
+        for dirpath, _dirs, files in sorted(os.walk(cdir)):
+            for fn in sorted(files):
+                p = os.path.join(dirpath, fn)
+                if fn.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((p, i))
+                elif not fn.startswith("."):
+                    ignored.append(p)
+    if ignored:
+        import logging
+        logging.getLogger("svp.data").warning(
+            "imagefolder/%s: ignored %d non-image file(s) (extensions %s), e.g. %s",
+            split, len(ignored), " ".join(IMG_EXTENSIONS), ignored[0])
+    return FileListDataset(samples, classes, transform, name="imagefolder", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files, source=sdir)
+
+
+def _read_csv(path: str) -> List[Tuple[str, str, int]]:
+    rows = []
+    with open(path, "r", encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if lineno == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DatasetError(f"{path}:{lineno}: malformed line {','.join(row)!r}; "
+                                   f"expected '<image path>,<label>' ({DOCS_HINT})")
+            rows.append((row[0].strip(), row[1].strip(), lineno))
+    return rows
+
+
+def build_csv(root: str, split: str, transform=None, file=None, classes=None,
+              skip_bad_images=False, check_files=True, **_) -> FileListDataset:
+    if file is not None:
+        files = {split: os.fspath(file)}
+        require_file(files[split], "csv list file", CSV_LAYOUT)
+    else:
+        files = {s: os.path.join(root, f"{s}.csv") for s in {"train", "val", "test", split}}
+        require_file(files[split], f"csv split file '{split}.csv'", CSV_LAYOUT)
+    rows = {s: _read_csv(p) for s, p in files.items() if os.path.isfile(p)}
+    cdir = os.path.dirname(os.path.abspath(files[split]))
+    if classes is None and os.path.isfile(os.path.join(cdir, "classes.txt")):
+        with open(os.path.join(cdir, "classes.txt"), "r", encoding="utf-8") as f:
+            classes = [ln.strip() for ln in f if ln.strip()]
+    all_labels = [lab for r in rows.values() for _, lab, _ in r]
+    numeric = all(lab.lstrip("-").isdigit() for lab in all_labels)
+    if classes is None:
+        if numeric:
+            classes = [str(i) for i in range(max((int(v) for v in all_labels), default=-1) + 1)]
+        else:
+            classes = sorted(set(all_labels))
+    classes = [str(c) for c in classes]
+    idx = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for rel, lab, lineno in rows[split]:
+        if lab in idx:
+            t = idx[lab]
+        elif numeric and 0 <= int(lab) < len(classes):
+            t = int(lab)
+        else:
+            raise DatasetError(f"{files[split]}:{lineno}: label {lab!r} is not one of the "
+                               f"{len(classes)} classes ({DOCS_HINT})")
+        samples.append((rel if os.path.isabs(rel) else os.path.join(cdir, rel), t))
+    return FileListDataset(samples, classes, transform, name="csv", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files,
+                           source=files[split])

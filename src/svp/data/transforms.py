@@ -1,0 +1,89 @@
+"""Image recipes.
+
+- ``svp``: the official SVP pipeline. Training = timm ``create_transform(is_training=True)``
+  with the arguments of the official script: RandomResizedCrop(size, scale 0.08-1,
+  ratio 3/4-4/3, bicubic), horizontal flip 0.5, RandAugment ``rand-m9-mstd0.5-inc1``,
+  ToTensor, ImageNet normalisation, RandomErasing(p 0.25, mode 'pixel', count 1);
+  colour jitter 0.3 is passed but ignored by timm because auto-augment is set.
+  Evaluation = Resize(int(size / 0.875), bicubic) + CenterCrop(size) + ToTensor +
+  ImageNet normalisation (size 224 -> Resize 256).
+- ``vtab``: the common VTAB-1k practice (VPT/NOAH): Resize((size, size), bicubic),
+  ToTensor, ImageNet normalisation; same for training and evaluation.
+- ``plain``: for the tiny embedded images: Resize((size, size), bilinear), ToTensor,
+  normalisation with the **ImageNet** mean/std by default (so pre-trained backbones
+  see inputs on their usual scale); pass ``mean=``/``std=`` to use other statistics
+  (e.g. ``(0.5, 0.5, 0.5)``). No augmentation, same for training and evaluation,
+  unless ``hflip=<p>`` is given for training.
+
+Any image size works (``img_size``); all recipes take ``mean``/``std`` overrides.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RECIPES = ("svp", "vtab", "plain")
+
+# arguments of timm create_transform used by the official SVP training script
+SVP_TRAIN_ARGS = dict(
+    color_jitter=0.3,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    interpolation="bicubic",
+    re_prob=0.25,
+    re_mode="pixel",
+    re_count=1,
+)
+SVP_EVAL_CROP_RATIO = 0.875
+
+
+def _size(img_size) -> int:
+    if isinstance(img_size, (tuple, list)):
+        img_size = img_size[-1]
+    return int(img_size)
+
+
+def build_transform(recipe: str, is_training: bool, img_size: int = 224,
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    eval_crop_ratio: float = SVP_EVAL_CROP_RATIO, hflip: float = 0.0, **kw):
+    """Return a callable PIL image -> normalised float tensor (3, size, size).
+
+    Extra ``kw`` go to timm ``create_transform`` for the ``svp`` training recipe
+    (e.g. ``auto_augment=None``, ``re_prob=0``) and override the official values.
+    """
+    size = _size(img_size)
+    mean = tuple(mean) if mean is not None else IMAGENET_MEAN
+    std = tuple(std) if std is not None else IMAGENET_STD
+    if recipe == "svp":
+        if is_training:
+            from timm.data import create_transform
+            args = dict(SVP_TRAIN_ARGS)
+            args.update(kw)
+            return create_transform(input_size=size, is_training=True, mean=mean, std=std, **args)
+        if kw:
+            raise TypeError(f"unexpected arguments for the svp eval transform: {sorted(kw)}")
+        return T.Compose([
+            T.Resize(int(size / eval_crop_ratio), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+    if kw:
+        raise TypeError(f"unexpected arguments for recipe {recipe!r}: {sorted(kw)}")
+    if recipe == "vtab":
+        return T.Compose([
+            T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+    if recipe == "plain":
+        steps = [T.Resize((size, size), interpolation=InterpolationMode.BILINEAR)]
+        if is_training and hflip > 0:
+            steps.append(T.RandomHorizontalFlip(hflip))
+        steps += [T.ToTensor(), T.Normalize(mean, std)]
+        return T.Compose(steps)
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")

@@ -1,0 +1,120 @@
+"""VTAB-1k in the NOAH/SSF export, as the official SVP code reads it.
+
+Layout (per task)::
+
+    <root>/VTAB/vtab-1k/<task>/
+        train800.txt  val200.txt  train800val200.txt  test.txt
+        images/train800/000000.jpg ...  images/val200/...  images/train800val200/...  images/test/...
+
+Each list line is ``<relative image path> <integer label>`` (single space), the
+path relative to the task folder.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+from .base import DOCS_HINT, DatasetError, FileListDataset, missing
+
+# (task folder, classes, group) in the VTAB order of the spec
+VTAB_TASKS = [
+    ("cifar", 100, "vtab-natural"),
+    ("caltech101", 102, "vtab-natural"),
+    ("dtd", 47, "vtab-natural"),
+    ("oxford_flowers102", 102, "vtab-natural"),
+    ("oxford_iiit_pet", 37, "vtab-natural"),
+    ("svhn", 10, "vtab-natural"),
+    ("sun397", 397, "vtab-natural"),
+    ("patch_camelyon", 2, "vtab-specialized"),
+    ("eurosat", 10, "vtab-specialized"),
+    ("resisc45", 45, "vtab-specialized"),
+    ("diabetic_retinopathy", 5, "vtab-specialized"),
+    ("clevr_count", 8, "vtab-structured"),
+    ("clevr_dist", 6, "vtab-structured"),
+    ("dmlab", 6, "vtab-structured"),
+    ("kitti", 4, "vtab-structured"),
+    ("dsprites_loc", 16, "vtab-structured"),
+    ("dsprites_ori", 16, "vtab-structured"),
+    ("smallnorb_azi", 18, "vtab-structured"),
+    ("smallnorb_ele", 9, "vtab-structured"),
+]
+
+# commonly reported test sizes (spec 4.1; recalled, not verified against files)
+VTAB_TEST_SIZES = {
+    "cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149,
+    "oxford_iiit_pet": 3669, "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768,
+    "eurosat": 5400, "resisc45": 6300, "diabetic_retinopathy": 42670, "clevr_count": 15000,
+    "clevr_dist": 15000, "dmlab": 22735, "kitti": 711, "dsprites_loc": 73728,
+    "dsprites_ori": 73728, "smallnorb_azi": 12150, "smallnorb_ele": 12150,
+}
+
+VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+# generic names: train/val are the disjoint tuning pair, trainval the official training list
+VTAB_SPLIT_ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
+
+VTAB_LAYOUT = """\
+<root>/VTAB/vtab-1k/{task}/
+    train800.txt  val200.txt  train800val200.txt  test.txt
+    images/<split>/000000.jpg ...
+  (list lines: '<relative image path> <integer label>', e.g. 'images/test/000000.jpg 3')"""
+
+
+def vtab_task_dir(root: str, task: str) -> str:
+    """The task folder. Besides the official ``<root>/VTAB/vtab-1k/<task>`` this
+    accepts a root that already points at ``vtab-1k`` or at ``VTAB``."""
+    candidates = [os.path.join(root, "VTAB", "vtab-1k", task),
+                  os.path.join(root, "vtab-1k", task),
+                  os.path.join(root, task)]
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "test.txt")) or os.path.isfile(
+                os.path.join(c, "train800val200.txt")):
+            return c
+    for c in candidates:
+        if os.path.isdir(c):
+            return c
+    raise missing(candidates[0], f"VTAB-1k task folder for '{task}'",
+                  VTAB_LAYOUT.format(task=task))
+
+
+def read_list_file(path: str, base_dir: str, sep: str = " ") -> List[Tuple[str, int]]:
+    """Parse ``<path><sep><int label>`` lines; blank lines are ignored, anything
+    else malformed raises with file and line number."""
+    samples = []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(sep, 1)
+            if len(parts) != 2 or not parts[0].strip():
+                raise DatasetError(f"{path}:{lineno}: malformed line {line!r}; expected "
+                                   f"'<relative image path>{sep}<integer label>' ({DOCS_HINT})")
+            rel, lab = parts[0].strip(), parts[1].strip()
+            try:
+                label = int(lab)
+            except ValueError:
+                raise DatasetError(f"{path}:{lineno}: label {lab!r} is not an integer in line "
+                                   f"{line!r} ({DOCS_HINT})") from None
+            samples.append((os.path.join(base_dir, rel), label))
+    return samples
+
+
+def build_vtab(task: str, num_classes: int, root: str, split: str, transform=None,
+               skip_bad_images: bool = False, check_files: bool = True) -> FileListDataset:
+    split = VTAB_SPLIT_ALIASES.get(split, split)
+    if split not in VTAB_SPLITS:
+        raise DatasetError(f"vtab/{task}: unknown split {split!r}; available: "
+                           f"{', '.join(VTAB_SPLITS)} (aliases: "
+                           + ", ".join(f"{k}={v}" for k, v in VTAB_SPLIT_ALIASES.items()) + ")")
+    tdir = vtab_task_dir(root, task)
+    lst = os.path.join(tdir, f"{split}.txt")
+    if not os.path.isfile(lst):
+        raise missing(lst, f"VTAB-1k split list '{split}.txt'", VTAB_LAYOUT.format(task=task))
+    samples = read_list_file(lst, tdir)
+    for i, (_, lab) in enumerate(samples):
+        if not 0 <= lab < num_classes:
+            raise DatasetError(f"{lst}: label {lab} (item {i}) outside 0..{num_classes - 1}: "
+                               f"vtab/{task} has {num_classes} classes (spec table 6.2)")
+    classes = [str(i) for i in range(num_classes)]
+    return FileListDataset(samples, classes, transform, name=f"vtab/{task}", split=split,
+                           skip_bad_images=skip_bad_images, check_files=check_files, source=lst)
