@@ -330,6 +330,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vim(variant, pretrained=False, **kwargs):
+    # timm resets custom_load when a file/url/hub overlay is given and would then read the
+    # file with its own loader (EMA weights first, no class-token-aware resampling).
+    # Our checkpoints always go through VisionMamba.load_pretrained.
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=overlay.get("custom_load", "hf"))
     return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 **kwargs)
 

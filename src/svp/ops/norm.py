@@ -14,13 +14,14 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``residual_in_fp32``), normalised in float32, and cast back to x's dtype.
     """
     dtype = x.dtype
+    ct = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
     if residual is not None:
-        x = (x.float() + residual.float()) if residual_in_fp32 else (x + residual)
-    new_residual = x.float() if residual_in_fp32 else x
-    xf = x.float()
-    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        x = (x.to(ct) + residual.to(ct)) if residual_in_fp32 else (x + residual)
+    new_residual = x.to(ct) if residual_in_fp32 else x
+    xf = x.to(ct)
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(ct)
     out = out.to(dtype)
     return (out, new_residual) if prenorm else out
 

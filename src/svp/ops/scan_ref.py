@@ -53,16 +53,19 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, return_last_state=False):
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
-    u = u.float()
-    delta = delta.float()
+    # float32 for half/bfloat16/float32 inputs (as mamba_ssm); float64 stays float64 so
+    # that gradcheck and high-precision references are possible.
+    ct = torch.promote_types(u.dtype, torch.float32)
+    u = u.to(ct)
+    delta = delta.to(ct)
     if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
+        delta = delta + delta_bias[..., None].to(ct)
     if delta_softplus:
         delta = F.softplus(delta)
     b, d, l = u.shape
-    A = A.float()
-    Bx = _expand_groups(B.float(), d)  # (b, 1|d, n, l)
-    Cx = _expand_groups(C.float(), d)
+    A = A.to(ct)
+    Bx = _expand_groups(B.to(ct), d)  # (b, 1|d, n, l)
+    Cx = _expand_groups(C.to(ct), d)
 
     deltaA = torch.exp(delta.unsqueeze(2) * A[None, :, :, None])      # (b, d, n, l)
     deltaB_u = (delta * u).unsqueeze(2) * Bx                           # (b, d, n, l)
@@ -74,8 +77,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         h = dA * h + dBu
         ys.append((h * c).sum(-1))
     y = torch.stack(ys, dim=-1)  # (b, d, l)
-    out = y if D is None else y + u * D.float()[:, None]
+    out = y if D is None else y + u * D.to(ct)[:, None]
     if z is not None:
-        out = out * F.silu(z.float())
+        out = out * F.silu(z.to(ct))
     out = out.to(dtype_in)
     return (out, h) if return_last_state else out

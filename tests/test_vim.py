@@ -1,0 +1,232 @@
+"""The Vim backbone: parity with the official implementation, loading, resampling, errors."""
+import argparse
+import json
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import svp  # noqa: F401  (registers the models)
+import vimref
+from svp.models import CheckpointError, VisionMamba, load_checkpoint_into, resample_pos_embed_midcls
+
+FIXTURES = os.path.dirname(vimref.__file__)
+
+
+def official_state_dict(variant="vim_tiny", num_classes=10, seed=1234):
+    sd = vimref.draw(vimref.backbone_shapes(variant, num_classes), seed=seed)
+    return {k: torch.from_numpy(v) for k, v in sd.items()}
+
+
+def tiny_kwargs(**kw):
+    """A small Vim with the official layout, for the fast tests."""
+    return dict(dict(img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32, num_classes=5), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(os.path.join(FIXTURES, "vim_tiny_reference.pt"), weights_only=True)["vim_tiny_backbone"]
+
+
+def test_fixture_parity_vim_tiny(reference):
+    model = timm.create_model("vim_tiny_patch16_224", num_classes=10).eval()
+    load_checkpoint_into(model, {"model": official_state_dict()})
+    x = torch.from_numpy(vimref.images(2, 224, seed=99))
+    with torch.no_grad():
+        feats, cls_pos = model.forward_features(x, return_cls_pos=True)
+        pooled = model.forward_head(feats, pre_logits=True)
+        logits = model(x)
+    assert cls_pos == 98 and feats.shape == (2, 197, 192)
+    torch.testing.assert_close(pooled, reference["features"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits, reference["logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant,name", [("vim_tiny", "vim_tiny_patch16_224"), ("vim_small", "vim_small_patch16_224")])
+def test_names_shapes_and_order_match_official_checkpoints(variant, name):
+    want = json.load(open(os.path.join(FIXTURES, "vim_checkpoint_keys.json")))[variant]
+    model = timm.create_model(name)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert list(got) == list(want)
+    assert got == want
+
+
+def test_parameter_counts():
+    small = timm.create_model("vim_small_patch16_224")
+    n = sum(p.numel() for p in small.parameters())
+    assert n == 25_796_584
+    assert n - sum(p.numel() for p in small.head.parameters()) == 25_411_584
+
+
+def test_drop_path_schedule():
+    model = timm.create_model("vim_tiny_patch16_224", drop_path_rate=0.1)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.layers]
+    assert rates[0] == 0.0 and rates[1] == 0.0
+    assert rates[23] == pytest.approx(0.1 * 22 / 23)
+    assert model.drop_path.drop_prob == pytest.approx(0.1)
+
+
+def write_training_checkpoint(path, sd, ema_sd):
+    """An official-style training checkpoint: model, EMA, optimizer, epoch and pickled args."""
+    torch.save({"model": sd, "model_ema": ema_sd, "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 299, "args": argparse.Namespace(model="vim_tiny", lr=5e-4)}, path)
+
+
+def test_official_training_checkpoint_loads_model_not_ema(tmp_path):
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    sd = src.state_dict()
+    ema = {k: v + 1.0 for k, v in sd.items()}
+    path = tmp_path / "vim_t_midclstok_76p1acc.pth"
+    write_training_checkpoint(path, sd, ema)
+    for kw in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))), dict(checkpoint_path=str(path))):
+        model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(), **kw)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, sd[k]), (kw, k)
+
+
+def test_load_save_load_round_trip(tmp_path):
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, path)
+    a = timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **tiny_kwargs()).eval()
+    st = tmp_path / "w.safetensors"
+    save_file(a.state_dict(), str(st))
+    b = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(st), **tiny_kwargs()).eval()
+    bare = tmp_path / "bare.pth"
+    torch.save(b.state_dict(), bare)
+    c = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(bare), **tiny_kwargs()).eval()
+    with torch.no_grad():
+        ref = src(x)
+        for m in (a, b, c):
+            assert torch.equal(m(x), ref)
+
+
+def test_head_dropped_when_class_count_differs(tmp_path):
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(num_classes=1000))
+    path = tmp_path / "w.pth"
+    torch.save({"model": src.state_dict()}, path)
+    model = timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **tiny_kwargs(num_classes=7))
+    assert model.head.weight.shape == (7, 32)
+    assert torch.equal(model.norm_f.weight, src.norm_f.weight)
+    assert not torch.equal(model.head.weight[:7], src.head.weight[:7])
+
+
+def test_pos_embed_resampling_keeps_class_row_224_to_160():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 197, 8)
+    out = resample_pos_embed_midcls(pe, (10, 10))
+    assert out.shape == (1, 101, 8)
+    assert torch.equal(out[:, 50], pe[:, 98])  # class row moved to the new middle, unchanged
+    grid = torch.cat([pe[:, :98], pe[:, 99:]], 1).reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(10, 10), mode="bicubic", align_corners=False)
+    want = want.permute(0, 2, 3, 1).reshape(1, 100, 8)
+    torch.testing.assert_close(torch.cat([out[:, :50], out[:, 51:]], 1), want)
+
+
+def test_pos_embed_resampling_stride16_to_stride8_checkpoint(tmp_path):
+    src = timm.create_model("vim_tiny_patch16_224", num_classes=10)
+    path = tmp_path / "t.pth"
+    torch.save({"model": src.state_dict()}, path)
+    plus = timm.create_model("vim_tiny_patch16_stride8_224", pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(path)), num_classes=10)
+    assert plus.pos_embed.shape == (1, 730, 192)
+    assert torch.equal(plus.pos_embed[:, 364], src.pos_embed[:, 98])
+    assert torch.equal(plus.patch_embed.proj.weight, src.patch_embed.proj.weight)
+
+
+def test_any_input_size_the_grid_allows():
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 48)).shape == (1, 5)  # 6x6 grid, pos_embed resampled on the fly
+        feats, pos = model.forward_features(torch.randn(1, 3, 48, 48), return_cls_pos=True)
+    assert feats.shape == (1, 37, 32) and pos == 18
+    with pytest.raises(ValueError, match="does not fit the patch grid"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+def test_timm_api():
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    assert model.num_features == 32
+    feats = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, 17, 32)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 32)
+    model.reset_classifier(3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert model.pretrained_cfg["hf_hub_id"] == "hustvl/Vim-tiny-midclstok"
+    assert timm.create_model("vim_small_patch16_224", pretrained=False).pretrained_cfg["hf_hub_filename"] == \
+        "vim_s_midclstok_80p5acc.pth"
+
+
+def test_strict_errors_list_every_problem(tmp_path):
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    sd = model.state_dict()
+    del sd["layers.0.mixer.D"]
+    del sd["norm_f.weight"]
+    sd["layers.0.mixer.bogus"] = torch.zeros(1)
+    sd["layers.1.mixer.A_log"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_into(model, {"model": sd})
+    msg = str(err.value)
+    for name in ("layers.0.mixer.D", "norm_f.weight", "layers.0.mixer.bogus", "layers.1.mixer.A_log", "(3, 3)"):
+        assert name in msg
+    assert "2 missing" in msg and "1 unexpected" in msg and "1 wrong shape" in msg
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {}, "payload": Evil()}, f)
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint_into(model, str(path))
+
+
+def test_missing_file_and_bad_content_errors(tmp_path):
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        load_checkpoint_into(model, str(tmp_path / "nothere.pth"))
+    path = tmp_path / "list.pth"
+    torch.save({"model": [1, 2]}, path)
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        load_checkpoint_into(model, str(path))
+
+
+def test_train_mode_drop_path_is_stochastic_and_eval_is_deterministic():
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(depth=3), drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))
+
+
+def test_pretrained_true_downloads_from_the_hub_entry(tmp_path, monkeypatch):
+    """pretrained=True with no overlay resolves hustvl/Vim-tiny-midclstok and its file name,
+    then loads through the same safe loader (the download itself is replaced by a local file)."""
+    import timm.models._hub as hub
+
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    path = tmp_path / "vim_t_midclstok_76p1acc.pth"
+    write_training_checkpoint(path, src.state_dict(), {k: v * 0 for k, v in src.state_dict().items()})
+    asked = {}
+
+    def fake_download(repo_id, filename=None, **kw):
+        asked.update(repo=repo_id, filename=filename)
+        return str(path)
+
+    monkeypatch.setattr(hub, "hf_hub_download", fake_download)
+    model = timm.create_model("vim_tiny_patch16_224", pretrained=True, **tiny_kwargs())
+    assert asked == {"repo": "hustvl/Vim-tiny-midclstok", "filename": "vim_t_midclstok_76p1acc.pth"}
+    assert torch.equal(model.norm_f.weight, src.norm_f.weight)
