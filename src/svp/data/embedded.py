@@ -257,7 +257,7 @@ EMBEDDED = {
     "textures": (_textures, TEXTURE_CLASSES),
     "faces": (_faces, FACE_CLASSES),
     "dsprites_loc": (lambda seed: _dsprites("loc", seed), [f"x_bin_{i}" for i in range(16)]),
-    "dsprites_ori": (lambda seed: _dsprites("ori", seed), [f"orientation_bin_{i}" for i in range(16)]),
+    "dsprites_ori": (lambda seed: _dsprites("ori", seed), [f"ori_bin_{i}" for i in range(16)]),
     "shapes_count": (_shapes_count, [f"{n}_objects" for n in range(3, 11)]),
 }
 

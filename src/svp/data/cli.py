@@ -1,0 +1,191 @@
+"""``svp data`` subcommands: list, check, grid."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Tuple
+
+from .base import DatasetError
+from .registry import build_dataset, dataset_info, list_datasets
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="datasets: list, check a data root, save image grids",
+                              description="Datasets: list them, check a data root, save image grids. "
+                                          "Layouts: docs/datasets.md.")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+
+    pl = sub.add_parser("list", help="list the registered datasets")
+    pl.add_argument("--group", default=None, help="only this group (vtab, hta, embedded, ...)")
+    pl.set_defaults(func=cmd_list)
+
+    pc = sub.add_parser("check", help="count images per split (and class) and read every image")
+    pc.add_argument("name", help="dataset name, e.g. vtab/dtd, cub200, digits")
+    pc.add_argument("--root", default=None, help="data root (default $SVP_DATA; not needed for "
+                                                  "embedded datasets)")
+    pc.add_argument("--split", action="append", default=None,
+                    help="split to check (repeatable; default: every split of the dataset)")
+    pc.add_argument("--per-class", action="store_true", help="also print images per class")
+    pc.add_argument("--no-read", action="store_true",
+                    help="only check that files exist, do not decode them")
+    pc.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--val-from-train", type=float, default=None)
+    pc.add_argument("--partition", type=int, default=None, help="DTD partition (default 1)")
+    pc.add_argument("--file", default=None, help="csv: one list file instead of <root>/<split>.csv")
+    pc.set_defaults(func=cmd_check)
+
+    pg = sub.add_parser("grid", help="save a batch of a dataset as an image grid (PNG)")
+    pg.add_argument("name")
+    pg.add_argument("--root", default=None)
+    pg.add_argument("--split", default="train")
+    pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
+    pg.add_argument("--cols", type=int, default=8)
+    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--out", required=True, help="output PNG")
+    pg.set_defaults(func=cmd_grid)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def cmd_list(args) -> int:
+    names = list_datasets(args.group)
+    for n in names:
+        i = dataset_info(n)
+        nc = str(i.num_classes) if i.num_classes else "-"
+        print(f"{n:28s} {nc:>4s}  {i.group:17s} {i.description}")
+    return 0
+
+
+def _check_splits(info, requested) -> List[str]:
+    if requested:
+        return requested
+    if info.name.startswith("vtab/"):
+        return ["train800", "val200", "train800val200", "test"]
+    return [s for s in info.splits if s != "trainval"]
+
+
+def _read_one(ds, i) -> Tuple[int, str]:
+    try:
+        ds._load(i)
+        return i, ""
+    except DatasetError as e:
+        return i, str(e)
+    except Exception as e:  # anything else a decoder may raise
+        return i, f"unreadable image: {ds.describe(i)}: {type(e).__name__}: {e}"
+
+
+def check_dataset(name, root=None, splits=None, per_class=False, read=True, workers=4,
+                  out=sys.stdout, **options) -> int:
+    """Print counts per split (and class) and read every image; return the number
+    of problems found (missing split files, missing or unreadable images)."""
+    info = dataset_info(name)
+    problems = 0
+    header = f"{info.name}: {info.num_classes or '?'} classes ({info.group})"
+    if info.needs_root:
+        header += f", root {root if root is not None else '$SVP_DATA'}"
+    print(header, file=out)
+    if info.needs_root:
+        from .registry import _resolve_root
+        try:
+            root = _resolve_root(info, root)
+        except DatasetError as e:
+            print(f"  ERROR {e}".replace("\n", "\n      "), file=out)
+            print("1 problem(s)", file=out)
+            return 1
+    for split in _check_splits(info, splits):
+        t0 = time.time()
+        try:
+            ds = build_dataset(info.name, split, root=root, check_files=False, **options)
+        except (DatasetError, KeyError, ValueError) as e:
+            problems += 1
+            print(f"  {split:15s} ERROR {e}".replace("\n", "\n      "), file=out)
+            continue
+        bad: List[str] = []
+        if read:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for i, err in pool.map(lambda k: _read_one(ds, k), range(len(ds))):
+                    if err:
+                        bad.append(err)
+        else:
+            import os
+            for i in range(len(ds)):
+                p = ds.describe(i)
+                if hasattr(ds, "samples") and not os.path.isfile(p):
+                    bad.append(f"image not found: {p}")
+        problems += len(bad)
+        status = "ok" if not bad else f"{len(bad)} missing/unreadable"
+        what = "read" if read else "listed"
+        print(f"  {split:15s} {len(ds):8d} images, {ds.num_classes} classes, "
+              f"{what} in {time.time() - t0:.1f}s: {status}", file=out)
+        if per_class:
+            counts = ds.class_counts()
+            width = max(len(c) for c in ds.classes) if ds.classes else 1
+            for ci, (c, k) in enumerate(zip(ds.classes, counts)):
+                print(f"      {ci:4d} {c:{width}s} {k:7d}", file=out)
+        for msg in bad:
+            print(f"    {msg}", file=out)
+    print(f"{problems} problem(s)" if problems else "all images present and readable"
+          if read else "all listed files present", file=out)
+    return problems
+
+
+def cmd_check(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = {}
+    if args.val_from_train is not None:
+        opts["val_from_train"] = args.val_from_train
+    if args.partition is not None:
+        opts["partition"] = args.partition
+    if args.file is not None:
+        opts["file"] = args.file
+    try:
+        info = dataset_info(args.name)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    if info.group == "embedded" or info.name in ("hta/gtsrb", "hta/food101") or "val_from_train" in opts:
+        opts["seed"] = args.seed
+    problems = check_dataset(args.name, root=args.root, splits=args.split,
+                             per_class=args.per_class, read=not args.no_read,
+                             workers=args.workers, **opts)
+    return 1 if problems else 0
+
+
+def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **options) -> str:
+    """Save ``n`` images of a split (a seeded random sample) as a labelled PNG grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ds = build_dataset(name, split, root=root, **options)
+    idx = np.random.RandomState(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+    rows = (len(idx) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.15), dpi=80)
+    axes = np.atleast_1d(axes).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, idx):
+        img, y = ds[int(i)]
+        ax.imshow(np.asarray(img), interpolation="nearest")
+        ax.set_title(ds.classes[y], fontsize=7, pad=2)
+    fig.suptitle(f"{dataset_info(name).name} / {split}", fontsize=9)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cmd_grid(args) -> int:
+    try:
+        save_grid(args.name, args.out, split=args.split, n=args.n, cols=args.cols,
+                  root=args.root, seed=args.seed)
+    except (DatasetError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(args.out)
+    return 0
