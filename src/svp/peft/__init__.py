@@ -1,0 +1,18 @@
+"""Adaptation methods for Vision Mamba on one harness (modelled on HF peft).
+
+    cfg = make_config('svp', shared_layers=8, hidden=64, num_classes=100)
+    model = get_peft_model(vim, cfg)        # only SVP params + head trainable
+    print(model.trainable_report())
+    model.save('out/adapter', class_names=classes)
+    model2 = load_adapter(fresh_vim, 'out/adapter')  # refuses other base weights
+
+Methods: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter.
+"""
+from .base import PeftConfig, PeftMethod, PeftModel, get_peft_model
+from .heads import build_head, simam
+from .io import AdapterError, base_weights_hash, load_adapter, read_adapter_config, save_adapter
+from .registry import config_from_dict, get_method, list_methods, make_config, register_method
+
+__all__ = ["PeftConfig", "PeftMethod", "PeftModel", "get_peft_model", "make_config", "config_from_dict",
+           "list_methods", "get_method", "register_method", "load_adapter", "save_adapter",
+           "read_adapter_config", "base_weights_hash", "AdapterError", "build_head", "simam"]

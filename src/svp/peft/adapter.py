@@ -1,0 +1,68 @@
+"""Parallel bottleneck adapter (AdaptFormer-style, Chen et al. 2022) beside each mixer.
+
+In every block, the mixer output becomes
+    mixer(u) + scale * Up(ReLU(Down(u))),   u = RMSNorm(residual) = the mixer's input,
+with Down: D -> bottleneck, Up: bottleneck -> D (zero-initialised, so the untrained
+model is the backbone). Attached with forward hooks on ``layers[i].mixer``; the
+adapter parameters live in the method module."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from .base import PeftConfig, PeftMethod
+from .registry import register_method
+
+
+@dataclasses.dataclass
+class AdapterConfig(PeftConfig):
+    """bottleneck: hidden width; scale: fixed output scale (AdaptFormer uses 0.1)."""
+    bottleneck: int = 64
+    scale: float = 0.1
+
+    method = "adapter"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if int(self.bottleneck) <= 0:
+            raise ValueError(f"adapter: bottleneck must be positive, got {self.bottleneck}")
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, dim, hidden, scale):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = scale
+
+    def forward(self, u):
+        return self.scale * self.up(torch.relu(self.down(u)))
+
+
+class ParallelAdapter(PeftMethod):
+    def __init__(self, config: AdapterConfig, model: nn.Module):
+        super().__init__(config, model)
+        self.adapters = nn.ModuleList([Bottleneck(model.embed_dim, int(config.bottleneck), float(config.scale))
+                                       for _ in model.layers])
+        self._handles = []
+        for layer, ad in zip(model.layers, self.adapters):
+            self._handles.append(layer.mixer.register_forward_hook(self._make_hook(ad)))
+
+    @staticmethod
+    def _make_hook(ad):
+        def hook(module, args, output):
+            u = args[0]
+            return output + ad(u.to(output.dtype))
+        return hook
+
+    def detach(self, model):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+register_method("adapter", AdapterConfig, ParallelAdapter)

@@ -1,0 +1,244 @@
+"""The common harness of every adaptation method (modelled on HF peft).
+
+A method is a config dataclass plus a ``PeftMethod`` module, registered by name.
+``get_peft_model(vim, config)`` wraps a VisionMamba in a ``PeftModel``:
+
+  images -> [SimAM] -> method.transform_input -> vim.forward_features(hook=method.hook)
+         -> vim.forward_head(cls_pos=...) -> logits
+
+Only the method's parameters and the head are trainable; every other backbone
+parameter gets ``requires_grad=False``. The backbone's modules are not replaced;
+methods that must act inside a block (LoRA, the parallel adapter) attach to it
+through ``torch.nn.utils.parametrize`` or forward hooks, and only once per model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
+
+_ATTACHED = "_svp_peft_attached"
+
+
+@dataclasses.dataclass
+class PeftConfig:
+    """Settings shared by every method.
+
+    num_classes: size of the new head; None keeps the model's class count.
+    head: 'linear' (Linear D->C) or 'two_layer' (Linear D->D/2 -> Linear D/2->C, no activation; D6).
+    simam: apply parameter-free SimAM to the input image before the patch embedding (D7).
+    backbone_train_mode: whether the backbone's own stochastic layers (DropPath) run in training
+        mode while the PeftModel trains. None = the method's default (False for every method
+        that freezes the backbone, i.e. the frozen backbone stays in eval mode; True for full
+        fine-tuning and for SVP with compat='official', as the official code does).
+    """
+    num_classes: Optional[int] = None
+    head: str = "linear"
+    simam: bool = False
+    backbone_train_mode: Optional[bool] = None
+
+    method = "base"  # class attribute, set by each subclass
+
+    def __post_init__(self):
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"{self.method}: head={self.head!r}; expected one of {HEAD_KINDS}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
+            raise ValueError(f"{self.method}: num_classes must be a positive int or None, got {self.num_classes!r}")
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+class PeftMethod(nn.Module):
+    """Base of the method modules. Subclasses own their parameters (registered on
+    themselves, unless they live inside the backbone, as with LoRA/BitFit/full) and may
+    override ``transform_input``, ``hook``, ``trainable_base_names``, ``detach``."""
+
+    uses_hook = False  # whether forward_features must be given self.hook
+    default_backbone_train_mode = False
+
+    def __init__(self, config: PeftConfig, model: nn.Module):
+        super().__init__()
+        self.config = config
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def hook(self, layer_idx: int, hidden, residual, cls_pos: int):
+        return hidden, residual, cls_pos
+
+    def trainable_base_names(self, model: nn.Module) -> List[str]:
+        """Names (in ``model.named_parameters()``) of backbone parameters this method trains."""
+        return []
+
+    def detach(self, model: nn.Module) -> None:
+        """Undo what attaching did to ``model`` (hooks, parametrizations)."""
+
+
+def _set_head(model: nn.Module, config: PeftConfig):
+    current = model.head
+    n_cur = head_num_classes(current)
+    n = config.num_classes if config.num_classes is not None else n_cur
+    if n is None:
+        raise ValueError("the model has no classifier head; set num_classes in the config")
+    if head_kind(current) != config.head or n != n_cur:
+        model.head = build_head(config.head, model.num_features, n)
+        model.num_classes = n
+    return n
+
+
+class PeftModel(nn.Module):
+    """A VisionMamba with one adaptation method applied. ``forward(images) -> logits``."""
+
+    def __init__(self, base_model: nn.Module, config: PeftConfig, method: PeftMethod, base_hash: str):
+        super().__init__()
+        self.base_model = base_model
+        self.method = method
+        self.config = config
+        self.base_hash = base_hash
+
+    # -- forward ------------------------------------------------------------------
+    def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = simam(images) if self.config.simam else images
+        return self.method.transform_input(x)
+
+    def forward_features(self, images: torch.Tensor):
+        """(tokens after the final norm (b, L, D), class-token index)."""
+        x = self.prepare_input(images)
+        hook = self.method.hook if self.method.uses_hook else None
+        return self.base_model.forward_features(x, hook=hook, return_cls_pos=True)
+
+    def forward(self, images: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x, cls_pos = self.forward_features(images)
+        return self.base_model.forward_head(x, pre_logits=pre_logits, cls_pos=cls_pos)
+
+    @property
+    def backbone_train_mode(self) -> bool:
+        m = self.config.backbone_train_mode
+        return self.method.default_backbone_train_mode if m is None else bool(m)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and not self.backbone_train_mode:
+            # A frozen backbone keeps its stochastic layers (DropPath, pos dropout) off.
+            for name, child in self.base_model.named_children():
+                if name != "head":
+                    child.eval()
+        return self
+
+    # -- parameters ---------------------------------------------------------------
+    def head_parameter_names(self) -> List[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith("base_model.head.")]
+
+    def trainable_parameter_names(self) -> List[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict:
+        """Only the trainable tensors (method parameters + head), detached, on CPU."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def trainable_counts(self) -> dict:
+        params = dict(self.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        head = sum(params[n].numel() for n in self.head_parameter_names())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        head_trainable = sum(params[n].numel() for n in self.head_parameter_names() if params[n].requires_grad)
+        return {"trainable": trainable, "all": total,
+                "trainable_without_head": trainable - head_trainable, "all_without_head": total - head}
+
+    def trainable_report(self) -> str:
+        c = self.trainable_counts()
+
+        def line(t, a, what):
+            pct = 100.0 * t / a if a else 0.0
+            return f"trainable params: {t:,} || all params: {a:,} || trainable%: {pct:.4f} ({what})"
+        return "\n".join([line(c["trainable"], c["all"], "with head"),
+                          line(c["trainable_without_head"], c["all_without_head"], "without head")])
+
+    def print_trainable_parameters(self):
+        print(self.trainable_report())
+
+    # -- files --------------------------------------------------------------------
+    def save(self, directory, base_model_name: Optional[str] = None,
+             class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
+        from .io import save_adapter
+        return save_adapter(self, directory, base_model_name=base_model_name, class_names=class_names,
+                            extra=extra)
+
+    def load_adapter_state(self, tensors: dict, source: str = "<adapter>"):
+        """Load a trainable-tensor dict saved by ``save`` (exact name and shape match)."""
+        own = dict(self.named_parameters())
+        expected = set(self.trainable_parameter_names())
+        missing = sorted(expected - set(tensors))
+        unexpected = sorted(set(tensors) - expected)
+        wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in sorted(expected & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            lines = [f"{source} does not fit this {self.config.method} model:"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+                if items:
+                    lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
+            raise ValueError("\n".join(lines))
+        with torch.no_grad():
+            for k in expected:
+                own[k].copy_(tensors[k].to(dtype=own[k].dtype, device=own[k].device))
+        return self
+
+    def unload(self) -> nn.Module:
+        """Detach the method from the backbone (remove hooks/parametrizations) and return it.
+        Parameters the method trained in place (BitFit, full) keep their trained values."""
+        self.method.detach(self.base_model)
+        setattr(self.base_model, _ATTACHED, False)
+        return self.base_model
+
+
+def freeze_for(model: nn.Module, method: PeftMethod):
+    names = set(method.trainable_base_names(model))
+    known = dict(model.named_parameters())
+    bad = sorted(names - set(known))
+    if bad:
+        raise RuntimeError(f"{type(method).__name__} names unknown backbone parameters: {bad[:5]}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names or n.startswith("head."))
+
+
+def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
+    """Apply ``config`` (see ``make_config``) to a VisionMamba. The returned PeftModel
+    holds ``model`` as ``.base_model``; only the method's parameters and the head are
+    trainable. A model can carry one method at a time (``PeftModel.unload`` to remove it)."""
+    from .io import base_weights_hash
+    from .registry import get_method
+
+    if not hasattr(model, "forward_features") or not hasattr(model, "layers"):
+        raise TypeError(f"get_peft_model expects a svp VisionMamba, got {type(model).__name__}")
+    if getattr(model, _ATTACHED, False):
+        raise ValueError("this model already carries an adaptation method; build a fresh model "
+                         "(or call PeftModel.unload()) before applying another")
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"config must be a PeftConfig (see svp.peft.make_config), got {type(config).__name__}")
+    _, method_cls = get_method(config.method)
+    base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
+    _set_head(model, config)
+    method = method_cls(config, model)
+    freeze_for(model, method)
+    for p in method.parameters():
+        p.requires_grad_(True)
+    setattr(model, _ATTACHED, True)
+    peft = PeftModel(model, config, method, base_hash)
+    # match device/dtype of the backbone for the new parameters
+    ref = next(iter(model.parameters()))
+    method.to(device=ref.device, dtype=ref.dtype)
+    model.head.to(device=ref.device, dtype=ref.dtype)
+    return peft

@@ -1,0 +1,149 @@
+"""Adapter directories: ``adapter.safetensors`` (only the trainable tensors) and
+``adapter_config.json`` (method, settings, base model name and weight hash, classes).
+Both are written atomically (temp file in the same directory, then ``os.replace``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    pass
+
+
+def base_weights_hash(model: nn.Module) -> str:
+    """sha256 over the backbone's state dict without the head (``head.*``): for each
+    tensor in sorted name order, its name, dtype, shape and raw little-endian bytes
+    (contiguous, on CPU). Deterministic for equal weights; any changed value, shape,
+    dtype or name changes it."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for name in sorted(sd):
+        if name.startswith("head."):
+            continue
+        t = sd[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _atomic_write_bytes(path: str, data: bytes):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj):
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(path: str, tensors: dict, metadata: Optional[dict] = None):
+    from safetensors.torch import save
+    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
+    """Write ``directory/adapter.safetensors`` + ``directory/adapter_config.json``."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    base = peft_model.base_model
+    num_classes = int(base.num_classes)
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != num_classes:
+            raise AdapterError(f"{len(class_names)} class names given for a {num_classes}-class head")
+    if base_model_name is None:
+        cfg = getattr(base, "pretrained_cfg", None) or {}
+        base_model_name = cfg.get("architecture")
+    tensors = peft_model.adapter_state_dict()
+    config = {
+        "format_version": FORMAT_VERSION,
+        "method": peft_model.config.method,
+        "config": peft_model.config.to_dict(),
+        "base_model_name": base_model_name,
+        "base_model_hash": peft_model.base_hash,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "trainable_tensors": len(tensors),
+        "trainable_params": int(sum(t.numel() for t in tensors.values())),
+    }
+    config["config"]["num_classes"] = num_classes
+    if extra:
+        config["extra"] = extra
+    atomic_save_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors,
+                            metadata={"method": peft_model.config.method, "base_model_hash": peft_model.base_hash})
+    atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), config)
+    return directory
+
+
+def read_adapter_config(directory) -> dict:
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON: {e}") from e
+    for key in ("method", "config", "base_model_hash", "num_classes"):
+        if key not in cfg:
+            raise AdapterError(f"{path}: missing key {key!r}")
+    if cfg.get("format_version", 1) > FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
+                           f"understands ({FORMAT_VERSION})")
+    return cfg
+
+
+def load_adapter(model: nn.Module, directory, check_hash: bool = True):
+    """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
+    holding the same base weights the adapter was trained on) and return the PeftModel in
+    eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
+    from safetensors.torch import load_file
+
+    from .base import get_peft_model
+    from .registry import config_from_dict
+
+    directory = os.fspath(directory)
+    cfg = read_adapter_config(directory)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    if check_hash:
+        have = base_weights_hash(model)
+        want = cfg["base_model_hash"]
+        if have != want:
+            raise AdapterError(
+                f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
+                f"{want}, but the model given has weight hash {have}; load the same base weights "
+                f"(or pass check_hash=False to force it)")
+    config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
+    peft = get_peft_model(model, config)
+    peft.load_adapter_state(load_file(weights, device="cpu"), source=weights)
+    peft.class_names = cfg.get("class_names")
+    peft.base_model_name = cfg.get("base_model_name")
+    return peft.eval()

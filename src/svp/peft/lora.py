@@ -1,0 +1,94 @@
+"""LoRA (Hu et al. 2021) on the Mamba mixers' projections.
+
+Each targeted nn.Linear weight W (out x in) is re-parametrised, with
+``torch.nn.utils.parametrize``, as  W + (alpha / r) * B @ A  (A: r x in, B: out x r,
+A Kaiming-uniform, B zero). Because the parametrisation replaces the ``weight``
+attribute itself, every read of the weight sees the adapted value: the module calls
+(``in_proj(x)``, ``x_proj(x)``, ``out_proj(y)``) and the mixer's direct read
+``F.linear(dt, dt_proj.weight)`` alike. The original weight stays frozen (as
+``...parametrizations.weight.original``).
+
+targets: names of mixer projections; 'x_proj' and 'dt_proj' also cover the backward
+direction's twins ('x_proj_b', 'dt_proj_b'). Default: all four.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .base import PeftConfig, PeftMethod
+from .registry import register_method
+
+TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+@dataclasses.dataclass
+class LoRAConfig(PeftConfig):
+    """r: rank; alpha: scale numerator (update = alpha / r * B A); targets: see module doc."""
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple = TARGETS
+
+    method = "lora"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"lora: targets {list(self.targets)} invalid; choose from {TARGETS}")
+        if int(self.r) <= 0:
+            raise ValueError(f"lora: r must be positive, got {self.r}")
+
+
+class LoRAParametrization(nn.Module):
+    def __init__(self, out_features, in_features, r, scale, device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = scale
+
+    def forward(self, weight):
+        return weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+class LoRA(PeftMethod):
+    def __init__(self, config: LoRAConfig, model: nn.Module):
+        super().__init__(config, model)
+        names = []
+        for t in config.targets:
+            names.append(t)
+            if t in ("x_proj", "dt_proj"):
+                names.append(t + "_b")
+        self._targets = []  # (module path, Linear) -- kept off the module tree on purpose
+        scale = float(config.alpha) / int(config.r)
+        for i, layer in enumerate(model.layers):
+            for name in names:
+                lin = getattr(layer.mixer, name)
+                if not isinstance(lin, nn.Linear):
+                    raise TypeError(f"lora: layers.{i}.mixer.{name} is {type(lin).__name__}, expected nn.Linear")
+                w = lin.weight
+                param = LoRAParametrization(w.shape[0], w.shape[1], int(config.r), scale, w.device, w.dtype)
+                parametrize.register_parametrization(lin, "weight", param)
+                self._targets.append((f"layers.{i}.mixer.{name}", lin))
+
+    def trainable_base_names(self, model):
+        out = []
+        for path, _ in self._targets:
+            out += [f"{path}.parametrizations.weight.0.lora_A", f"{path}.parametrizations.weight.0.lora_B"]
+        return out
+
+    def detach(self, model):
+        """Remove the parametrisations, keeping the original (un-merged) weights."""
+        for _, lin in self._targets:
+            if parametrize.is_parametrized(lin, "weight"):
+                parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+        self._targets = []
+
+
+register_method("lora", LoRAConfig, LoRA)

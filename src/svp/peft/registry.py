@@ -1,0 +1,54 @@
+"""Name -> (config dataclass, method module) registry of adaptation methods."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Tuple, Type
+
+_METHODS: Dict[str, Tuple[type, type]] = {}
+
+
+def register_method(name: str, config_cls: type, method_cls: type):
+    """Register an adaptation method under ``name`` (its config's ``method`` field)."""
+    if name in _METHODS and _METHODS[name] != (config_cls, method_cls):
+        raise ValueError(f"adaptation method {name!r} is already registered")
+    _METHODS[name] = (config_cls, method_cls)
+
+
+def _ensure_loaded():
+    # The method modules register themselves on import.
+    from . import adapter, bitfit, full, linear, lora, svp, visual_prompt, vpt  # noqa: F401
+
+
+def list_methods():
+    _ensure_loaded()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> Tuple[type, type]:
+    _ensure_loaded()
+    if name not in _METHODS:
+        raise ValueError(f"unknown adaptation method {name!r}; known: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def make_config(method_name: str, **settings):
+    """The config dataclass of ``method_name`` with ``settings`` applied, e.g.
+    ``make_config('svp', shared_layers=8, hidden=64, num_classes=100)``."""
+    config_cls, _ = get_method(method_name)
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for method {method_name!r}; valid settings: {sorted(names)}")
+    return config_cls(**settings)
+
+
+def config_from_dict(d: dict):
+    """Rebuild a config from ``config.to_dict()`` (as stored in adapter_config.json)."""
+    d = dict(d)
+    if "method" not in d:
+        raise ValueError(f"config dict has no 'method' key: {sorted(d)}")
+    name = d.pop("method")
+    for k, v in list(d.items()):
+        if isinstance(v, list):
+            d[k] = tuple(v)
+    return make_config(name, **d)

@@ -1,0 +1,201 @@
+"""Selective Visual Prompting (SVP; Yao et al., AAAI 2025) on a frozen Vision Mamba.
+
+Before every layer l, every patch token x (never the class token) becomes
+    x + alpha_{l // S} * G^C_{l // S}(x) + beta_l * G^I_l(x)
+with the Cross prompter G^C_j(x) = SiLU(W x + b) (D -> D, one per group of S layers),
+the Inner prompter G^I_l(x) = SiLU(Up(Down(x))) (D -> r -> D, no activation between,
+one per layer), and element-wise factors alpha (per group) and beta (per layer),
+both zero-initialised so that an untrained SVP model is exactly the frozen backbone.
+
+Which stream (spec D2, as in the official code, in both modes): before layer 0 the
+prompter reads and writes the embedded tokens; before layer l > 0 it reads and writes
+``hidden`` = layer l-1's mixer output, which the next block then adds to the residual
+stream (so the prompt reaches the token representation through the residual add,
+and passes through that block's DropPath when DropPath is active).
+
+compat='paper' (default): each token's Cross prompt is computed from that token.
+compat='official' (spec D1): the first half (indices < cls_pos) is prompted as above;
+the second half's Cross prompt at index cls_pos+1+k is G^C of the *already prompted*
+first-half token k, as the official code computes it in place. It also defaults the
+backbone to train mode (DropPath active) while training, as the official recipe does.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import PeftConfig, PeftMethod
+from .registry import register_method
+
+COMPAT = ("paper", "official")
+
+
+@dataclasses.dataclass
+class SVPConfig(PeftConfig):
+    """shared_layers: S, layers per Cross-prompter group (must divide the depth).
+    hidden: r, the Inner prompter's bottleneck width.
+    use_cross / use_inner: ablation switches (Cross only, Inner only, both).
+    compat: 'paper' or 'official' (see the module docstring)."""
+    shared_layers: int = 8
+    hidden: int = 64
+    use_cross: bool = True
+    use_inner: bool = True
+    compat: str = "paper"
+
+    method = "svp"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.compat not in COMPAT:
+            raise ValueError(f"svp: compat={self.compat!r}; expected one of {COMPAT}")
+        if not (self.use_cross or self.use_inner):
+            raise ValueError("svp: use_cross and use_inner are both False; nothing to train")
+        if int(self.shared_layers) <= 0 or int(self.hidden) <= 0:
+            raise ValueError(f"svp: shared_layers and hidden must be positive, got "
+                             f"{self.shared_layers}, {self.hidden}")
+
+
+class InnerPrompter(nn.Module):
+    """G^I = SiLU(Up(Down(x))); submodule names 0 (down) and 1 (up) as in the official
+    ``prompt_generator.{i}.0/1``."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.add_module("0", nn.Linear(dim, hidden))
+        self.add_module("1", nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return F.silu(self._modules["1"](self._modules["0"](x)))
+
+
+class CrossPrompter(nn.Module):
+    """G^C = SiLU(Linear D -> D); submodule name 0 as in ``prompt_generator_shared.{j}.0``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.add_module("0", nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return F.silu(self._modules["0"](x))
+
+
+class SVP(PeftMethod):
+    uses_hook = True
+
+    def __init__(self, config: SVPConfig, model: nn.Module):
+        super().__init__(config, model)
+        depth, dim = len(model.layers), model.embed_dim
+        S = int(config.shared_layers)
+        if depth % S:
+            raise ValueError(f"svp: shared_layers={S} does not divide the model depth {depth}; "
+                             f"choose a divisor of {depth} (e.g. {[d for d in range(1, depth + 1) if depth % d == 0]})")
+        self.depth, self.dim, self.S = depth, dim, S
+        self.groups = depth // S
+        self.official = config.compat == "official"
+        self.default_backbone_train_mode = self.official
+        # Parameters are created after the backbone, so nn.Linear's default init (as the
+        # official code, whose prompters are built after the model's custom init).
+        if config.use_inner:
+            self.inner = nn.ModuleList([InnerPrompter(dim, int(config.hidden)) for _ in range(depth)])
+            self.beta = nn.Parameter(torch.zeros(depth, dim))
+        if config.use_cross:
+            self.cross = nn.ModuleList([CrossPrompter(dim) for _ in range(self.groups)])
+            self.alpha = nn.Parameter(torch.zeros(self.groups, dim))
+
+    def _parts(self, layer_idx):
+        cross = inner = None
+        if self.config.use_cross:
+            g = layer_idx // self.S
+            cross = (self.cross[g], self.alpha[g])
+        if self.config.use_inner:
+            inner = (self.inner[layer_idx], self.beta[layer_idx])
+        return cross, inner
+
+    @staticmethod
+    def _prompt(x_cross, x_inner, cross, inner):
+        p = 0
+        if cross is not None:
+            p = p + cross[1].to(x_cross.dtype) * cross[0](x_cross)
+        if inner is not None:
+            p = p + inner[1].to(x_inner.dtype) * inner[0](x_inner)
+        return p
+
+    def prompt_tokens(self, layer_idx: int, hidden: torch.Tensor, cls_pos: int) -> torch.Tensor:
+        """The prompted sequence for layer ``layer_idx`` (functional; class token untouched)."""
+        cross, inner = self._parts(layer_idx)
+        first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
+        first_p = first + self._prompt(first, first, cross, inner)
+        if self.official:
+            if second.shape[1] != first.shape[1]:
+                raise ValueError(
+                    f"svp compat='official' pairs token cls_pos+1+k with token k, which needs as many tokens "
+                    f"after the class token as before it; got {first.shape[1]} before and {second.shape[1]} "
+                    f"after (an odd number of patches). Use compat='paper' for this input size.")
+            second_p = second + self._prompt(first_p, second, cross, inner)
+        else:
+            second_p = second + self._prompt(second, second, cross, inner)
+        return torch.cat([first_p, cls, second_p], dim=1)
+
+    def hook(self, layer_idx, hidden, residual, cls_pos):
+        return self.prompt_tokens(layer_idx, hidden, cls_pos), residual, cls_pos
+
+    # -- conversion to / from the official tensor names -----------------------------
+    def to_official(self) -> dict:
+        """This SVP's tensors under the official names (``prompt_scale`` padded to 24 rows as
+        the official code allocates it when depth < 24, spec D5)."""
+        if not (self.config.use_cross and self.config.use_inner):
+            raise ValueError("only SVP with both Cross and Inner prompters has an official layout")
+        out = {}
+        beta = self.beta.detach()
+        if self.depth < 24:
+            beta = torch.cat([beta, beta.new_zeros(24 - self.depth, self.dim)])
+        out["prompt_scale"] = beta.clone()
+        out["prompt_shared_scale"] = self.alpha.detach().clone()
+        for j, m in enumerate(self.cross):
+            for k, v in m.state_dict().items():
+                out[f"prompt_generator_shared.{j}.{k}"] = v.clone()
+        for i, m in enumerate(self.inner):
+            for k, v in m.state_dict().items():
+                out[f"prompt_generator.{i}.{k}"] = v.clone()
+        return out
+
+    def load_official(self, tensors: dict, source: str = "<official checkpoint>"):
+        """Load official ``prompt_*`` tensors (see checkpoints-and-install.md section 5)."""
+        if not (self.config.use_cross and self.config.use_inner):
+            raise ValueError("official SVP checkpoints hold both Cross and Inner prompters")
+        own = {}
+        for j, m in enumerate(self.cross):
+            for k, v in m.state_dict().items():
+                own[f"prompt_generator_shared.{j}.{k}"] = v
+        for i, m in enumerate(self.inner):
+            for k, v in m.state_dict().items():
+                own[f"prompt_generator.{i}.{k}"] = v
+        prompt_keys = {k for k in tensors if k.startswith("prompt_")}
+        expected = set(own) | {"prompt_scale", "prompt_shared_scale"}
+        missing, unexpected = sorted(expected - prompt_keys), sorted(prompt_keys - expected)
+        if missing or unexpected:
+            raise ValueError(f"{source}: SVP tensors do not match depth {self.depth}, shared_layers {self.S}, "
+                             f"hidden {self.config.hidden}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for k, v in own.items():
+            if tuple(tensors[k].shape) != tuple(v.shape):
+                raise ValueError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
+                                 f"(check --prompt-hidden / --shared-layers / --model)")
+        scale, shared = tensors["prompt_scale"], tensors["prompt_shared_scale"]
+        if scale.dim() != 2 or scale.shape[1] != self.dim or scale.shape[0] < self.depth:
+            raise ValueError(f"{source}: prompt_scale has shape {tuple(scale.shape)}, expected "
+                             f"({max(24, self.depth)}, {self.dim}) (24 rows in the official code, D5)")
+        if tuple(shared.shape) != (self.groups, self.dim):
+            raise ValueError(f"{source}: prompt_shared_scale has shape {tuple(shared.shape)}, expected "
+                             f"({self.groups}, {self.dim}) = (depth // shared_layers, dim)")
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(tensors[k])
+            self.beta.copy_(scale[:self.depth])
+            self.alpha.copy_(shared)
+        return self
+
+
+register_method("svp", SVPConfig, SVP)
