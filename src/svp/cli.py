@@ -9,6 +9,7 @@ import sys
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
     "svp.data.cli",
+    "svp.peft.cli",
 ]
 
 

@@ -1,0 +1,130 @@
+"""Import an official SVP training checkpoint (GitHub zhoujiahuan1991/AAAI2025-SVP) as an
+adapter directory with ``compat='official'``.
+
+The official checkpoint is ``{'model': state_dict}`` holding the frozen backbone (Vim names),
+the prompt tensors ``prompt_scale`` [24, D], ``prompt_shared_scale`` [depth/S, D],
+``prompt_generator.{i}.0/1`` (Inner, D -> r -> D), ``prompt_generator_shared.{j}.0`` (Cross)
+and the head (``head.*``, or ``head.0.*`` / ``head.1.*`` for the two-layer head). It is
+read with ``torch.load(weights_only=True)``; nothing in it is executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..models.loading import CheckpointError, extract_state_dict, load_checkpoint_into, read_checkpoint
+
+
+def _split(sd: dict):
+    backbone, prompts, head = {}, {}, {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith("prompt_"):
+            prompts[k] = v
+        elif k.startswith("head."):
+            head[k[len("head."):]] = v
+        elif k.startswith("head_dist."):
+            continue
+        else:
+            backbone[k] = v
+    return backbone, prompts, head
+
+
+def _check_head(head: dict, two_layer: bool, num_classes: int, dim: int, source: str):
+    want = {"0.weight": (dim // 2, dim), "0.bias": (dim // 2,), "1.weight": (num_classes, dim // 2),
+            "1.bias": (num_classes,)} if two_layer else {"weight": (num_classes, dim), "bias": (num_classes,)}
+    have = {k: tuple(v.shape) for k, v in head.items()}
+    if have != want:
+        layout = "two-layer head (head.0.*, head.1.*)" if two_layer else "linear head (head.weight, head.bias)"
+        hint = ""
+        if not two_layer and "0.weight" in have:
+            hint = " -- the checkpoint has a two-layer head: pass --two-layer-head"
+        elif two_layer and "weight" in have:
+            hint = " -- the checkpoint has a linear head: drop --two-layer-head"
+        raise CheckpointError(f"{source}: expected a {layout} for {num_classes} classes and dim {dim}, i.e. "
+                              f"{ {'head.' + k: v for k, v in want.items()} }; found "
+                              f"{ {'head.' + k: v for k, v in have.items()} }{hint}")
+
+
+def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt_hidden: int, num_classes: int,
+                         out_dir, simam: bool = False, two_layer_head: bool = False,
+                         backbone_checkpoint=None, class_names: Optional[Sequence[str]] = None,
+                         model_kwargs: Optional[dict] = None, atol: float = 0.0):
+    """Build the adapter directory ``out_dir`` from an official SVP checkpoint and return the
+    loaded PeftModel (eval mode). ``checkpoint`` is a path or an already-read dict.
+
+    The recorded base hash is that of the backbone weights inside the official checkpoint, or,
+    with ``backbone_checkpoint``, of that file's weights (which must then equal the backbone
+    tensors the SVP checkpoint carries, up to ``atol``)."""
+    import timm
+
+    from . import make_config, get_peft_model
+
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    backbone, prompts, head = _split(extract_state_dict(ckpt, source))
+    if not prompts:
+        raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
+                              f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    dim = model.embed_dim
+    _check_head(head, two_layer_head, num_classes, dim, source)
+
+    if backbone_checkpoint is not None:
+        load_checkpoint_into(model, backbone_checkpoint)
+        own = model.state_dict()
+        diffs = []
+        for k, v in backbone.items():
+            if k in own and tuple(own[k].shape) == tuple(v.shape):
+                d = (own[k].float() - v.float()).abs().max().item() if v.numel() else 0.0
+                if d > atol:
+                    diffs.append(f"{k} (max |diff| {d:.3g})")
+        if diffs:
+            raise CheckpointError(f"{source}: its backbone tensors differ from {os.fspath(backbone_checkpoint)}: "
+                                  + ", ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+                                  + "; the SVP checkpoint was trained on another backbone")
+    else:
+        if not backbone:
+            raise CheckpointError(f"{source}: holds no backbone weights; pass --backbone-checkpoint")
+        load_checkpoint_into(model, {"model": backbone})
+
+    config = make_config("svp", shared_layers=int(shared_layers), hidden=int(prompt_hidden), compat="official",
+                         simam=bool(simam), head="two_layer" if two_layer_head else "linear",
+                         num_classes=int(num_classes))
+    peft = get_peft_model(model, config)
+    peft.method.load_official(prompts, source)
+    with torch.no_grad():
+        for k, v in peft.base_model.head.state_dict().items():
+            v.copy_(head[k])
+    extra = {"converted_from": source if isinstance(checkpoint, (str, os.PathLike)) else None,
+             "backbone_checkpoint": os.fspath(backbone_checkpoint) if backbone_checkpoint is not None else None,
+             "model_kwargs": model_kwargs or {}}
+    peft.save(out_dir, base_model_name=model_name, class_names=class_names, extra=extra)
+    return peft.eval()
+
+
+def official_state_dict(peft_model) -> dict:
+    """The inverse direction, for round-trip checks: backbone + prompt + head tensors under the
+    official names (``{'model': ...}`` layout without the wrapper)."""
+    base = peft_model.base_model
+    sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    sd.update(peft_model.method.to_official())
+    return sd
+
+
+def _read_class_names(path):
+    if path is None:
+        return None
+    with open(path) as f:
+        if path.endswith(".json"):
+            names = json.load(f)
+        else:
+            names = [line.strip() for line in f if line.strip()]
+    if not isinstance(names, list):
+        raise ValueError(f"{path}: expected a JSON list or one class name per line")
+    return names
