@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "svp.data.cli",
     "svp.peft.cli",
+    "svp.viz.cli",
 ]
 
 

@@ -1,0 +1,193 @@
+"""Figures of gate maps (matplotlib, Agg backend; nothing is shown on screen).
+
+All functions take :class:`~svp.viz.gates.GateMaps` objects plus the image as an
+(H, W, 3) float array in [0, 1] (the picture the model saw, before normalisation)
+and write one PNG atomically. Patch values are drawn as blocks (no smoothing) over
+a grey copy of the image, so what you see is exactly one value per patch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .gates import DIRECTIONS, QUANTITY_LABELS, GateMaps
+
+CMAPS = {"update": "inferno", "update_db": "inferno", "forget": "viridis", "propagation": "magma"}
+SHORT = {"update": "update gate (softplus delta)", "update_db": "update gate |delta*B|",
+         "forget": "forget gate exp(delta*A)", "propagation": "ln propagation to cls"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+    """Write ``fig`` to ``path`` (PNG) through a temporary file + os.replace; close it."""
+    plt = _plt()
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=d)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _finite_range(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
+    vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays] or [np.zeros(0)])
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi - lo < 1e-12 * max(1.0, abs(hi)):
+        pad = max(1e-6, abs(hi) * 1e-3)
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+def _overlay(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float, alpha: float):
+    h, w = image.shape[:2]
+    grey = image.mean(-1) if image.ndim == 3 else image
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
+                   interpolation="nearest", extent=(0, w, h, 0))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return im
+
+
+def _tidy_colorbar(cb, horizontal: bool = False):
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    fmt = ScalarFormatter(useOffset=False)
+    fmt.set_powerlimits((-3, 4))
+    axis = cb.ax.xaxis if horizontal else cb.ax.yaxis
+    cb.locator = MaxNLocator(3 if horizontal else 5)
+    cb.formatter = fmt
+    cb.update_ticks()
+    cb.ax.tick_params(labelsize=6)
+    if horizontal:
+        for t in axis.get_ticklabels():
+            t.set_rotation(0)
+
+
+def _layer_title(layer: int, depth: int) -> str:
+    return f"layer {layer}" if layer >= 0 else f"layer {depth + layer}"
+
+
+def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Sequence[int],
+                        quantities: Sequence[str], direction: str = "both", title: str = "",
+                        alpha: float = 0.6, mask_outline: Optional[np.ndarray] = None,
+                        panel: float = 2.0, dpi: int = 100) -> str:
+    """One model: rows = quantities, columns = the image then one panel per layer. Each
+    panel has its own colour bar (layers differ in range; the spatial pattern is the point)."""
+    plt = _plt()
+    d = DIRECTIONS.index(direction)
+    ncol = len(layers) + 1
+    fig, axes = plt.subplots(len(quantities), ncol, figsize=(panel * ncol * 1.2, panel * len(quantities) + 0.6),
+                             squeeze=False)
+    for r, q in enumerate(quantities):
+        ax0 = axes[r, 0]
+        ax0.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        if mask_outline is not None:
+            hh, ww = mask_outline.shape
+            ax0.contour(np.arange(ww) + 0.5, np.arange(hh) + 0.5, mask_outline, levels=[0.5], colors="cyan",
+                        linewidths=1.0)
+        ax0.set_xticks([])
+        ax0.set_yticks([])
+        ax0.set_ylabel(SHORT[q], fontsize=8)
+        for c, layer in enumerate(layers):
+            ax = axes[r, c + 1]
+            v = maps.grid[q][0, layer, d].numpy()
+            lo, hi = _finite_range([v])
+            im = _overlay(ax, image, v, CMAPS[q], lo, hi, alpha)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            _tidy_colorbar(cb)
+            if r == 0:
+                ax.set_title(_layer_title(layer, maps.depth), fontsize=9)
+    fig.suptitle(f"{title}  ({direction} scan{'s' if direction == 'both' else ''})".strip(), fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, layers: Sequence[int],
+                    quantity: str, direction: str = "both", alpha: float = 0.6, panel: float = 2.0,
+                    dpi: int = 100) -> str:
+    """Several models side by side: rows = models, columns = layers, one shared colour
+    scale per layer column (with its colour bar under the column), so the models can be
+    compared panel against panel."""
+    plt = _plt()
+    d = DIRECTIONS.index(direction)
+    labels = list(models)
+    ncol = len(layers) + 1
+    fig, axes = plt.subplots(len(labels) + 1, ncol, figsize=(panel * ncol, panel * len(labels) + 0.9),
+                             squeeze=False, gridspec_kw={"height_ratios": [1] * len(labels) + [0.08]})
+    for c, layer in enumerate(layers):
+        vals = [models[m].grid[quantity][0, layer, d].numpy() for m in labels]
+        lo, hi = _finite_range(vals)
+        im = None
+        for r, m in enumerate(labels):
+            im = _overlay(axes[r, c + 1], image, vals[r], CMAPS[quantity], lo, hi, alpha)
+            if r == 0:
+                axes[r, c + 1].set_title(_layer_title(layer, models[m].depth), fontsize=9)
+        cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
+        _tidy_colorbar(cb, horizontal=True)
+    for r, m in enumerate(labels):
+        axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_ylabel(m, fontsize=9)
+    axes[-1, 0].axis("off")
+    fig.suptitle(f"{SHORT[quantity]} ({direction}); colour scale shared within each column", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def region_curves(models: Dict[str, GateMaps], mask_grid: np.ndarray, quantities: Sequence[str],
+                  direction: str = "both") -> Dict[str, Dict[str, Dict[str, List[float]]]]:
+    """{model: {quantity: {"object": [per layer], "background": [per layer]}}}"""
+    out: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+    for m, g in models.items():
+        out[m] = {}
+        for q in quantities:
+            inside, outside = g.region_means(mask_grid, q, direction)
+            out[m][q] = {"object": [float(v) for v in inside], "background": [float(v) for v in outside]}
+    return out
+
+
+def plot_region_curves(curves: Dict[str, Dict[str, Dict[str, List[float]]]], path: str,
+                       quantities: Sequence[str], direction: str = "both", panel: float = 3.0,
+                       dpi: int = 100) -> str:
+    """Per-layer mean on object patches (solid) vs background patches (dashed), one colour per model."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(quantities), figsize=(panel * 1.3 * len(quantities), panel + 0.4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, q in enumerate(quantities):
+        ax = axes[0, k]
+        for i, (m, per_q) in enumerate(curves.items()):
+            col = colours[i % len(colours)]
+            obj, bg = per_q[q]["object"], per_q[q]["background"]
+            xs = np.arange(len(obj))
+            ax.plot(xs, obj, "-o", color=col, ms=3, label=f"{m}: object")
+            ax.plot(xs, bg, "--", color=col, label=f"{m}: background")
+        ax.set_title(SHORT[q], fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"mean over object vs background patches ({direction})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)

@@ -1,0 +1,106 @@
+"""svp visualize: figures are written, non-empty, of the expected pixel size; CLI errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import svp  # noqa: F401
+from svp.cli import main as svp_main
+from svp.viz import analyze
+from svp.viz.cli import default_layers, mask_to_grid, visualize
+
+TINY = dict(img_size=32, patch_size=4, stride=4, depth=4, embed_dim=32, num_classes=5)
+TINY_JSON = json.dumps(TINY)
+
+
+def tiny_vim(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vim_tiny_patch16_224", **TINY).eval()
+
+
+@pytest.fixture
+def image(tmp_path):
+    a = np.zeros((48, 64, 3), np.uint8)
+    a[8:30, 20:50] = (250, 200, 40)
+    a[30:, :] = (30, 60, 90)
+    path = tmp_path / "scene.png"
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def check_png(path, width, height):
+    assert os.path.getsize(path) > 2000, path
+    with Image.open(path) as im:
+        assert im.size == (width, height), (path, im.size)
+        a = np.asarray(im.convert("RGB")).astype(np.float32)
+    assert a.std() > 5, f"{path} is blank"
+
+
+def test_visualize_two_models_with_box(tmp_path, image):
+    frozen = tiny_vim(0)
+    other = tiny_vim(0)
+    with torch.no_grad():  # a different model of the same backbone shape
+        for layer in other.layers:
+            layer.mixer.dt_proj.bias.add_(1.0)
+    img = Image.open(image).convert("RGB")
+    mask = np.zeros((48, 64), np.float32)
+    mask[8:30, 20:50] = 1
+    out = tmp_path / "out"
+    written = visualize(img, {"frozen": frozen, "tuned": other}, str(out), "scene", layers=[0, 3],
+                        quantities=["update", "forget", "propagation"], mask=mask, dpi=50)
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(["scene_frozen_maps.png", "scene_tuned_maps.png", "scene_compare_update.png",
+                            "scene_compare_forget.png", "scene_compare_propagation.png", "scene_curves.png",
+                            "scene_curves.json"])
+    # sizes follow from the figure sizes in svp.viz.plots (panel 2 in, dpi 50; no tight bbox)
+    # maps: (2 * 3 columns * 1.2) x (2 * 3 rows + 0.6) inches
+    check_png(out / "scene_frozen_maps.png", 360, 330)
+    # compare: (2 * 3 columns) x (2 * 2 models + 0.9) inches
+    for q in ("update", "forget", "propagation"):
+        check_png(out / f"scene_compare_{q}.png", 300, 245)
+    # curves: (3 * 1.3 * 3 quantities) x (3 + 0.4) inches
+    check_png(out / "scene_curves.png", 585, 170)
+    data = json.loads((out / "scene_curves.json").read_text())
+    curves = data["curves"]
+    assert set(curves) == {"frozen", "tuned"} and len(curves["frozen"]["forget"]["object"]) == 4
+    # the curve numbers are the patch means of the maps under the patch mask
+    _, grid_mask = mask_to_grid(mask, (32, 32), frozen)
+    assert data["object_patches"] == int(grid_mask.sum()) > 0
+    from svp.viz.cli import prepare_image
+    x, _ = prepare_image(img, (32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    g = analyze(frozen, x)
+    m = torch.from_numpy(grid_mask).bool()
+    for layer in range(4):
+        v = g.grid["forget"][0, layer, 2]
+        assert curves["frozen"]["forget"]["object"][layer] == pytest.approx(float(v[m].mean()), rel=1e-5)
+        assert curves["frozen"]["forget"]["background"][layer] == pytest.approx(float(v[~m].mean()), rel=1e-5)
+    # the tuned model's larger step sizes show up in the curves
+    assert np.mean(curves["tuned"]["update"]["object"]) > np.mean(curves["frozen"]["update"]["object"])
+
+
+def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
+    out = tmp_path / "cli"
+    rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+                   "--box", "20,8,50,30", "--out", str(out), "--layers", "0,-1", "--dpi", "40"])
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(os.path.basename(p) for p in printed) == ["scene_curves.json", "scene_curves.png",
+                                                           "scene_frozen_maps.png"]
+    check_png(out / "scene_frozen_maps.png", 288, 264)
+    for bad, msg in ((["--box", "20,8,80,30"], "--box"), (["--layers", "7"], "out of range"),
+                     (["--quantities", "gates"], "unknown"), (["--mask", str(tmp_path / "nope.png")], "no such file")):
+        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+                       "--out", str(out)] + bad)
+        assert rc == 2
+        assert msg in capsys.readouterr().err
+    assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_default_layers():
+    assert default_layers(24) == [0, 8, 15, 23]
+    assert default_layers(3) == [0, 1, 2]
