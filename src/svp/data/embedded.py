@@ -220,7 +220,7 @@ def render_count_scene(n: int, rng: np.random.RandomState, size: int = 64) -> np
             return render_count_scene(n, rng, size)
         r = rng.uniform(3.5, 6.0)
         cx, cy = rng.uniform(r + 1, size - r - 1, 2)
-        if any((cx - px) ** 2 + (cy - py) ** 2 < (r + pr + 1.5) ** 2 for px, py, pr in placed):
+        if any((cx - px) ** 2 + (cy - py) ** 2 < (r + pr + 3.0) ** 2 for px, py, pr in placed):
             continue
         placed.append((cx, cy, r))
         color = tuple(int(v) for v in _COLORS[rng.randint(len(_COLORS))])
@@ -228,7 +228,7 @@ def render_count_scene(n: int, rng: np.random.RandomState, size: int = 64) -> np
         if kind == 0:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
         elif kind == 1:
-            h = r * 0.85
+            h = r * 0.7   # inside the radius-r disc, so shapes never touch
             draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=color)
         else:
             pts = [(cx + r * math.cos(a), cy + r * math.sin(a))
