@@ -79,9 +79,10 @@ def _read_one(ds, i) -> Tuple[int, str]:
 
 
 def check_dataset(name, root=None, splits=None, per_class=False, read=True, workers=4,
-                  out=sys.stdout, **options) -> int:
+                  out=None, **options) -> int:
     """Print counts per split (and class) and read every image; return the number
     of problems found (missing split files, missing or unreadable images)."""
+    out = sys.stdout if out is None else out
     info = dataset_info(name)
     problems = 0
     header = f"{info.name}: {info.num_classes or '?'} classes ({info.group})"

@@ -1,0 +1,283 @@
+"""Every on-disk format, through the registry, on tiny fake copies (real file and
+folder names, generated images), and every failure mode with its message."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from svp.cli import main as svp_main
+from svp.data import DatasetError, build_dataset
+from svp.data.fake import make_fake_root
+
+VTAB_FEW = ["cifar", "dtd", "patch_camelyon", "dsprites_loc", "smallnorb_ele", "sun397"]
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data_root")
+    man, classes = make_fake_root(str(root), vtab_tasks=None)
+    return str(root), man, classes
+
+
+def _root(root, name):
+    if name == "imagefolder":
+        return os.path.join(root, "custom_imagefolder")
+    if name == "csv":
+        return os.path.join(root, "custom_csv")
+    return root
+
+
+def _copy(fake, tmp_path, *parts):
+    """A private copy of part of the fake root, for tests that break files."""
+    root = fake[0]
+    dst = tmp_path / "root"
+    for p in parts:
+        src = os.path.join(root, p)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst / p)
+        else:
+            os.makedirs(dst / os.path.dirname(p), exist_ok=True)
+            shutil.copy(src, dst / p)
+    return str(dst)
+
+
+def test_every_format_loads_with_counts_labels_and_class_order(fake):
+    root, man, classes = fake
+    assert len([n for n in man if n.startswith("vtab/")]) == 19
+    for name, splits in man.items():
+        for split, items in splits.items():
+            ds = build_dataset(name, split, root=_root(root, name))
+            assert len(ds) == len(items), (name, split)
+            assert ds.classes == classes[name], name
+            assert ds.num_classes == len(classes[name])
+            assert len(ds.targets) == len(ds)
+            if items[0][0] is not None:          # file-backed: path -> class name
+                got = {ds.describe(i): ds.classes[ds.targets[i]] for i in range(len(ds))}
+                assert got == dict(items), (name, split)
+            else:                                # array-backed: pixel value = label
+                for i in range(len(ds)):
+                    img, y = ds[i]
+                    assert np.asarray(img)[0, 0, 0] == y
+                    assert ds.classes[y] == items[i][1]
+            img, y = ds[0]
+            assert img.mode == "RGB" and y == ds.targets[0]
+
+
+def test_split_protocols(fake):
+    root = fake[0]
+    # VTAB generic aliases
+    assert len(build_dataset("vtab/dtd", "train", root=root)) == 4          # train800
+    assert len(build_dataset("vtab/dtd", "trainval", root=root)) == 8       # train800val200
+    # GTSRB / Food-101: seeded 80 / 20 of the official training set, disjoint
+    for name in ("gtsrb", "food101"):
+        tv = build_dataset(name, "trainval", root=root)
+        tr = build_dataset(name, "train", root=root)
+        va = build_dataset(name, "val", root=root)
+        assert len(tr) == int(len(tv) * 0.8) and len(tr) + len(va) == len(tv)
+        ptr = {tr.describe(i) for i in range(len(tr))}
+        assert not ptr & {va.describe(i) for i in range(len(va))}
+        assert ptr == {build_dataset(name, "train", root=root, seed=0).describe(i)
+                       for i in range(len(tr))}
+        assert ptr != {build_dataset(name, "train", root=root, seed=1).describe(i)
+                       for i in range(len(tr))}
+    # SVHN: first 80 %, no shuffle; 10 -> 0
+    sv = build_dataset("svhn", "train", root=root)
+    assert len(sv) == 40 and sv.targets == [i % 10 for i in range(40)]
+    assert len(build_dataset("svhn", "val", root=root)) == 10
+    # DTD trainval = train1 + val1
+    assert len(build_dataset("dtd", "trainval", root=root)) == 2 * 94
+
+
+def test_val_from_train(fake, caplog):
+    root = fake[0]
+    with pytest.raises(DatasetError, match="val_from_train"):
+        build_dataset("cifar10", "val", root=root)
+    with caplog.at_level(logging.INFO, logger="svp.data"):
+        va = build_dataset("cifar100", "val", root=root, val_from_train=0.5, seed=3)
+    assert "carved 100 validation items" in caplog.text
+    tr = build_dataset("cifar100", "train", root=root, val_from_train=0.5, seed=3)
+    assert len(tr) + len(va) == 200
+    assert sorted(va.targets) == list(range(100))           # stratified: one per class
+    assert set(tr.indices).isdisjoint(va.indices)
+    again = build_dataset("cifar100", "val", root=root, val_from_train=0.5, seed=3)
+    assert again.indices == va.indices
+    assert build_dataset("cifar100", "val", root=root, val_from_train=0.5, seed=4).indices != va.indices
+    # VTAB: carved from the official training list train800val200
+    v = build_dataset("vtab/cifar", "val", root=root, val_from_train=0.25)
+    t = build_dataset("vtab/cifar", "train", root=root, val_from_train=0.25)
+    assert len(v) + len(t) == 8
+    assert len(build_dataset("vtab/cifar", "test", root=root, val_from_train=0.25)) == 4
+    # file-backed subsets read their images through the transform
+    x, y = build_dataset("dtd", "val", root=root, val_from_train=0.1,
+                         transform=lambda im: im.size)[0]
+    assert x == (8, 8)
+
+
+def test_missing_split_file_and_folder(fake, tmp_path):
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/dtd", "dtd")
+    os.remove(os.path.join(r, "VTAB/vtab-1k/dtd/test.txt"))
+    with pytest.raises(DatasetError) as e:
+        build_dataset("vtab/dtd", "test", root=r)
+    msg = str(e.value)
+    assert os.path.join(r, "VTAB/vtab-1k/dtd/test.txt") in msg
+    assert "train800val200.txt" in msg and "docs/datasets.md" in msg
+    with pytest.raises(DatasetError, match=r"(?s)VTAB/vtab-1k/kitti.*expected layout"):
+        build_dataset("vtab/kitti", "test", root=r)
+    os.remove(os.path.join(r, "dtd/dtd/labels/val1.txt"))
+    with pytest.raises(DatasetError, match="labels/val1.txt"):
+        build_dataset("dtd", "val", root=r)
+    for name, path in [("cub200", "FGVC/CUB_200_2011"), ("cifar10", "cifar-10-batches-py"),
+                       ("gtsrb", "gtsrb/GTSRB"), ("svhn", "test_32x32.mat"),
+                       ("food101", "food-101"), ("dogs", "FGVC/stanford-dogs")]:
+        with pytest.raises(DatasetError) as e:
+            build_dataset(name, "test", root=r)
+        assert os.path.join(r, path) in str(e.value) and "docs/datasets.md" in str(e.value)
+    with pytest.raises(DatasetError, match="imagefolder split folder 'test'"):
+        build_dataset("imagefolder", "test", root=r)
+    with pytest.raises(DatasetError, match=r"csv split file 'test.csv'"):
+        build_dataset("csv", "test", root=r)
+
+
+def test_missing_image_error_and_skip(fake, tmp_path, caplog):
+    r = _copy(fake, tmp_path, "FGVC/OxfordFlower")
+    gone = os.path.join(r, "FGVC/OxfordFlower/jpg/image_00013.jpg")
+    os.remove(gone)
+    with pytest.raises(DatasetError) as e:
+        build_dataset("flowers", "test", root=r)
+    assert gone in str(e.value) and "1 of 102" in str(e.value) and "test.json" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        ds = build_dataset("flowers", "test", root=r, skip_bad_images=True)
+    assert len(ds) == 101 and ds.skipped == [gone]
+    assert "skipping 1 missing image" in caplog.text
+
+
+def test_truncated_and_unreadable_images(fake, tmp_path, caplog):
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/eurosat")
+    d = os.path.join(r, "VTAB/vtab-1k/eurosat/images/test")
+    first, second = os.path.join(d, "000000.jpg"), os.path.join(d, "000001.jpg")
+    data = open(first, "rb").read()
+    open(first, "wb").write(data[: len(data) // 2])        # truncated jpeg
+    open(second, "wb").write(b"not an image at all")
+    ds = build_dataset("vtab/eurosat", "test", root=r)
+    with pytest.raises(DatasetError, match=rf"unreadable image: {first}"):
+        ds[0]
+    with pytest.raises(DatasetError, match=rf"unreadable image: {second}"):
+        ds[1]
+    ds = build_dataset("vtab/eurosat", "test", root=r, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        img, y = ds[0]                                  # -> item 2, the next readable one
+    assert y == ds.targets[2] and img.size == (8, 8)
+    assert len(ds.skipped) == 2 and first in caplog.text and second in caplog.text
+    assert "2 bad image(s) so far" in caplog.text
+    # the check command names both files and fails
+    rc = svp_main(["data", "check", "vtab/eurosat", "--root", r, "--split", "test"])
+    assert rc == 1
+
+
+def test_malformed_lines_give_file_and_line(fake, tmp_path):
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/clevr_count", "dtd", "gtsrb", "custom_csv",
+              "FGVC/nabirds")
+    lst = os.path.join(r, "VTAB/vtab-1k/clevr_count/val200.txt")
+    lines = open(lst).read().splitlines()
+    lines[2] = lines[2].replace(" ", "\t")
+    open(lst, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=rf"{lst}:3: malformed line"):
+        build_dataset("vtab/clevr_count", "val200", root=r)
+    lines[2] = lines[2].replace("\t", " ").rsplit(" ", 1)[0] + " seven"
+    open(lst, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=rf"{lst}:3: label 'seven' is not an integer"):
+        build_dataset("vtab/clevr_count", "val200", root=r)
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 8"                  # 8 classes: 0..7
+    open(lst, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"label 8 .*outside 0..7.*8 classes"):
+        build_dataset("vtab/clevr_count", "val200", root=r)
+
+    dtd = os.path.join(r, "dtd/dtd/labels/test1.txt")
+    with open(dtd, "a") as f:
+        f.write("just_a_name.jpg\n")
+    with pytest.raises(DatasetError, match=rf"{dtd}:95: malformed line"):
+        build_dataset("dtd", "test", root=r)
+
+    gt = os.path.join(r, "gtsrb/GT-final_test.csv")
+    with open(gt, "a") as f:
+        f.write("00999.ppm;8;8\n")
+    with pytest.raises(DatasetError, match=rf"{gt}:88: malformed row"):
+        build_dataset("gtsrb", "test", root=r)
+
+    c = os.path.join(r, "custom_csv/val.csv")
+    with open(c, "a") as f:
+        f.write("images/x.jpg\n")
+    with pytest.raises(DatasetError, match=rf"{c}:8: malformed line"):
+        build_dataset("csv", "val", root=os.path.join(r, "custom_csv"))
+
+    js = os.path.join(r, "FGVC/nabirds/test.json")
+    open(js, "w").write('{"0295/a.jpg": 295,\n "0296/b.jpg": }')
+    with pytest.raises(DatasetError, match=rf"{js}:2: malformed json"):
+        build_dataset("nabirds", "test", root=r)
+
+
+def test_class_counts_checked_against_spec(fake, tmp_path):
+    r = _copy(fake, tmp_path, "FGVC/stanford-dogs", "food-101", "gtsrb")
+    for s in ("train", "val", "test"):
+        p = os.path.join(r, f"FGVC/stanford-dogs/{s}.json")
+        d = json.load(open(p))
+        json.dump({k: v for k, v in d.items() if v != 120}, open(p, "w"))
+    with pytest.raises(DatasetError, match=r"dogs: found 119 distinct class ids.*expected 120"):
+        build_dataset("dogs", "train", root=r)
+    p = os.path.join(r, "food-101/meta/train.json")
+    d = json.load(open(p))
+    d.pop(sorted(d)[0])
+    json.dump(d, open(p, "w"))
+    with pytest.raises(DatasetError, match=r"lists 100 classes, expected 101"):
+        build_dataset("food101", "train", root=r)
+    shutil.rmtree(os.path.join(r, "gtsrb/GTSRB/Training/00042"))
+    with pytest.raises(DatasetError, match=r"43 class folders.*missing: 00042"):
+        build_dataset("gtsrb", "train", root=r)
+
+
+def test_data_check_command_on_every_fake_layout(fake, capsys):
+    root, man, classes = fake
+    names = ["vtab/dtd", "vtab/smallnorb_azi", "cub200", "nabirds", "flowers", "dogs", "cars",
+             "cifar10", "cifar100", "dtd", "gtsrb", "svhn", "food101", "imagefolder", "csv"]
+    for name in names:
+        rc = svp_main(["data", "check", name, "--root", _root(root, name)])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert "all images present and readable" in out
+        for split, items in man[name if "/" in name or name in ("imagefolder", "csv")
+                                else f"hta/{name}"].items():
+            if split == "trainval":
+                continue
+            assert f"{len(items):8d} images" in out, (name, split, out)
+    rc = svp_main(["data", "check", "cub200", "--root", root, "--per-class", "--split", "val"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "001.Bird_species_001" in out and "val" in out and "test " not in out
+
+
+def test_data_check_names_every_missing_file(fake, tmp_path, capsys):
+    r = _copy(fake, tmp_path, "food-101")
+    a = os.path.join(r, "food-101/images/dish_000/200000.jpg")
+    b = os.path.join(r, "food-101/images/dish_007/200070.jpg")
+    os.remove(a)
+    os.remove(b)
+    rc = svp_main(["data", "check", "food101", "--root", r])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert f"image not found: {a}" in out and f"image not found: {b}" in out
+    assert "2 problem(s)" in out
+    rc = svp_main(["data", "check", "cub200", "--root", str(tmp_path / "nothing")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "data root not found" in out and "CUB_200_2011" in out
+
+
+def test_data_check_embedded(capsys):
+    for name in ("digits", "faces", "dsprites_ori"):
+        rc = svp_main(["data", "check", name, "--per-class"])
+        out = capsys.readouterr().out
+        assert rc == 0 and "all images present and readable" in out
+    assert "1000 images" in out and "ori_bin_15" in out
+    assert svp_main(["data", "list"]) == 0
+    assert "shapes_count" in capsys.readouterr().out
