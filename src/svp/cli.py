@@ -8,6 +8,7 @@ import sys
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
+    "svp.engine.cli",
     "svp.data.cli",
     "svp.peft.cli",
     "svp.viz.cli",

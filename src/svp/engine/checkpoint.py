@@ -1,0 +1,210 @@
+"""Run folder and resume state.
+
+Everything is written atomically (temporary file in the same folder + ``os.replace``).
+The resume state is ONE safetensors file, ``resume.safetensors``: every tensor of the
+state (trainable weights, optimizer moments, EMA, RNG states) is a tensor entry and
+the rest of the structure (scheduler, scaler, counters, metric history, Python and
+NumPy RNG states) is JSON in the file's metadata. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+RESUME_FILE = "resume.safetensors"
+FORMAT = "svp-resume-1"
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ atomic writes
+def atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_replace_dir(write_fn, final_dir: str) -> None:
+    """Call ``write_fn(tmp_dir)`` then swap ``tmp_dir`` into ``final_dir``; an
+    interruption leaves either the old or the new folder complete (plus, at worst,
+    a stale ``.old``/``.tmp`` sibling that the next call removes)."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    base = os.path.basename(final_dir.rstrip("/"))
+    tmp = os.path.join(parent, f".{base}.tmp")
+    old = os.path.join(parent, f".{base}.old")
+    for p in (tmp, old):
+        if os.path.exists(p):
+            shutil.rmtree(p)
+    os.makedirs(tmp)
+    write_fn(tmp)
+    if os.path.exists(final_dir):
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+# ------------------------------------------------------------------ (un)flattening
+def _flatten(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor/ndarray in a nested structure by a reference into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = prefix
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj)).clone()
+        return {"__ndarray__": key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            tag = ("i:" if isinstance(k, int) else "s:") + str(k)
+            out[tag] = _flatten(v, f"{prefix}/{k}", tensors)
+        return {"__dict__": out}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    raise ResumeError(f"cannot store {type(obj).__name__} at {prefix!r} in the resume state")
+
+
+def _unflatten(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        if "__dict__" in obj:
+            out = {}
+            for tag, v in obj["__dict__"].items():
+                kind, k = tag.split(":", 1)
+                out[int(k) if kind == "i" else k] = _unflatten(v, tensors)
+            return out
+        raise ResumeError(f"malformed resume state entry {obj!r}")
+    return obj
+
+
+def save_state(path: str, state: Dict[str, Any]) -> None:
+    tensors: Dict[str, torch.Tensor] = {}
+    structure = _flatten(state, "s", tensors)
+    atomic_save_tensors(path, tensors, {"format": FORMAT, "state": json.dumps(structure)})
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ResumeError(f"no resume state at {path} (expected {RESUME_FILE} written by `svp train`)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except Exception as e:
+        raise ResumeError(f"{path}: unreadable resume state ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ResumeError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return _unflatten(json.loads(meta["state"]), tensors)
+
+
+# ------------------------------------------------------------------ RNG states
+def rng_state() -> Dict[str, Any]:
+    import random
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    import random
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(st["numpy"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(st["cuda"]))
+
+
+def read_jsonl(path: str):
+    out = []
+    if os.path.isfile(path):
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a torn last line after a kill
+    return out
+
+
+def append_jsonl(path: str, record: Dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: str, records) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total

@@ -1,0 +1,323 @@
+"""``svp train``, ``svp eval``, ``svp predict`` and ``svp sweep``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from typing import List
+
+from . import config as C
+
+EXIT_CONFIG = 2
+
+
+def _config_epilog() -> str:
+    lines = ["configuration keys (set with section.key=value, or in a --config YAML file as",
+             "section: {key: value}); default in brackets:", ""]
+    for key, default, help_ in C.SCHEMA:
+        d = json.dumps(default) if not isinstance(default, str) else default
+        lines.append(f"  {key} [{d}]")
+        for w in textwrap.wrap(help_, 74):
+            lines.append(f"      {w}")
+    lines += ["", "resolution order (later wins): defaults, svp/configs/methods/<method>.yaml,",
+              "the dataset preset (svp.data.load_preset), --config files, the flags above,",
+              "key=value overrides.",
+              "",
+              "examples:",
+              "  svp train --dataset digits --method svp --model vim_tiny_patch16_224 \\",
+              "      model.kwargs.img_size=32 model.kwargs.patch_size=4 model.kwargs.stride=4 train.epochs=5",
+              "  svp train --dataset hta/cub200 --method svp --model vim_small_patch16_224 \\",
+              "      --checkpoint vim_s_midclstok_80p5acc.pth --data-root /data",
+              "  svp train --resume runs/digits-svp-s0-20250101-120000",
+              "  torchrun --nproc_per_node=2 -m svp train --dataset digits ...   (DDP; batch is per process)",
+              "",
+              "exit codes: 0 done, 2 bad configuration, 3 non-finite loss, 75 stopped by",
+              "debug.stop_at_step, 130 interrupted by SIGINT/SIGTERM (resume point saved)."]
+    return "\n".join(lines)
+
+
+# flag -> config key
+TRAIN_FLAGS = [
+    ("--dataset", "data.dataset", str, "dataset name (embedded: digits, textures, faces, dsprites_loc, ...; "
+                                       "vtab/<task>, hta/<name>; see `svp data list`)"),
+    ("--data-root", "data.root", str, "folder holding the datasets on disk (default $SVP_DATA)"),
+    ("--method", "method.name", str, "svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
+    ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224)"),
+    ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
+    ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
+    ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<time>)"),
+    ("--epochs", "train.epochs", int, "number of epochs"),
+    ("--batch-size", "train.batch_size", int, "training batch size per process"),
+    ("--lr", "train.lr", float, "base learning rate (see train.lr_scale)"),
+    ("--seed", "train.seed", int, "random seed"),
+    ("--device", "train.device", str, "auto, cpu, cuda, cuda:N"),
+    ("--img-size", "data.img_size", int, "input resolution"),
+    ("--num-workers", "data.num_workers", int, "data-loader workers per process"),
+]
+
+
+def register(subparsers) -> None:
+    # ---------------------------------------------------------------- train
+    p = subparsers.add_parser(
+        "train", help="fine-tune a Vim backbone with SVP or a baseline",
+        description="Train a method on a dataset with the official SVP recipe; writes a run folder "
+                    "(config.yaml, metrics.jsonl, train.log, results.json, best/ and last/ adapters, "
+                    "resume.safetensors).",
+        epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="configuration overrides, e.g. train.lr=1e-3 method.settings.shared_layers=6")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="YAML configuration file (repeatable; later files win)")
+    for flag, key, typ, help_ in TRAIN_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the interrupted run in RUN_DIR with its saved config.yaml "
+                        "(overrides may change run.* and debug.*)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--quiet", "-q", action="store_true", help="no per-step progress (run.progress=none)")
+    p.set_defaults(func=cmd_train)
+
+    # ---------------------------------------------------------------- eval
+    e = subparsers.add_parser(
+        "eval", help="evaluate an adapter directory on a dataset split",
+        description="Rebuild the backbone recorded in ADAPTER_DIR/backbone.json (or given by --model/"
+                    "--checkpoint), apply the adapter and report top-1/top-5 accuracy.")
+    e.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter folder, e.g. runs/<run>/best")
+    e.add_argument("--dataset", required=True, help="dataset name")
+    e.add_argument("--split", default="test", help="split to evaluate (default test)")
+    e.add_argument("--data-root", default=None, help="data root for datasets on disk")
+    _backbone_args(e)
+    e.add_argument("--batch-size", type=int, default=144, help="evaluation batch size (default 144)")
+    e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    # ---------------------------------------------------------------- predict
+    q = subparsers.add_parser("predict", help="top-k classes (names) for image files",
+                              description="Classify image files with an adapter; prints the top-k class "
+                                          "names and probabilities per image.")
+    q.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("--topk", type=int, default=5, help="number of classes to print (default 5)")
+    _backbone_args(q)
+    q.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    q.set_defaults(func=cmd_predict)
+
+    # ---------------------------------------------------------------- sweep
+    s = subparsers.add_parser(
+        "sweep", help="run a suite over methods and seeds; write results.csv and a Markdown table",
+        description="Train every (dataset, method, seed) of a suite (finished runs are reused, interrupted "
+                    "ones resumed) and write <output>/results.csv and <output>/results.md: per-dataset "
+                    "test top-1 as mean ± std over seeds (val-selected epoch and last epoch), trainable "
+                    "parameters with and without the head, adapter size; for VTAB the 19-task mean and "
+                    "the mean of the Natural/Specialized/Structured group means.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  svp sweep --suite mini --methods svp,linear --seeds 0,1,2 train.epochs=5\n"
+               "  svp sweep --suite vtab --methods svp --seeds 0 --data-root /data --model vim_small_patch16_224 "
+               "--checkpoint vim_s.pth")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides for every run")
+    s.add_argument("--suite", required=True, choices=["mini", "vtab", "hta"])
+    s.add_argument("--methods", default="svp", help="comma-separated methods (default svp)")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    s.add_argument("--datasets", default=None, help="comma-separated subset of the suite's datasets")
+    s.add_argument("--output", default=None, help="sweep folder (default sweeps/<suite>)")
+    s.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="YAML config for every run")
+    s.add_argument("--data-root", default=None, help="data root [data.root]")
+    s.add_argument("--model", default=None, help="backbone timm name [model.name]")
+    s.add_argument("--checkpoint", default=None, help="backbone checkpoint [model.checkpoint]")
+    s.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _backbone_args(p):
+    p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json)")
+    p.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: from backbone.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def _overrides_from_flags(args) -> List[str]:
+    out = []
+    for flag, key, _, _ in TRAIN_FLAGS:
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is not None:
+            out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+    if getattr(args, "quiet", False):
+        out.append("run.progress=none")
+    return out + list(args.overrides or [])
+
+
+def _err(msg: str) -> None:
+    print(f"svp: error: {msg}", file=sys.stderr)
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ck
+    from .loop import TrainingStopped, train
+
+    try:
+        overrides = _overrides_from_flags(args)
+        if args.resume:
+            if args.config:
+                _err("--resume uses the run's own config.yaml; --config cannot be combined with it")
+                return EXIT_CONFIG
+            if args.print_config:
+                from .loop import load_run_config
+                print(C.dump(load_run_config(args.resume)), end="")
+                return 0
+            train(resume=args.resume, overrides=overrides)
+            return 0
+        cfg = C.resolve(args.config, overrides)
+        if args.print_config:
+            print(C.dump(cfg), end="")
+            return 0
+        train(cfg)
+        return 0
+    except TrainingStopped as e:
+        _err(str(e))
+        return e.code
+    except (C.ConfigError, ck.ResumeError) as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    except Exception as e:
+        if type(e).__name__ in ("DatasetError", "AdapterError", "CheckpointError"):
+            _err(str(e))
+            return EXIT_CONFIG
+        raise
+
+
+def load_for_inference(adapter_dir: str, model_name=None, checkpoint=None, device="auto"):
+    """(peft model in eval mode on ``device``, backbone spec, class names)."""
+    import torch
+
+    import svp.peft as peft
+
+    from .loop import create_backbone, pick_device
+
+    if not os.path.isdir(adapter_dir):
+        raise C.ConfigError(f"{adapter_dir}: not a folder")
+    spec_path = os.path.join(adapter_dir, "backbone.json")
+    info = peft.read_adapter_config(adapter_dir)
+    if os.path.isfile(spec_path):
+        with open(spec_path) as f:
+            spec = json.load(f)
+    else:
+        if not (model_name or info.get("base_model_name")):
+            raise C.ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
+        spec = {"model": info.get("base_model_name"), "checkpoint": None, "kwargs": {}, "init_seed": 0,
+                "img_size": 224, "recipe": "svp", "num_classes": int(info["num_classes"])}
+    if model_name:
+        spec["model"] = model_name
+    if checkpoint:
+        spec["checkpoint"] = checkpoint
+    spec["num_classes"] = int(info["num_classes"])
+    backbone = create_backbone(spec)
+    model = peft.load_adapter(backbone, adapter_dir)
+    dev = torch.device(pick_device(device))
+    model = model.to(dev).eval()
+    names = list(info.get("class_names") or spec.get("class_names") or
+                 [str(i) for i in range(int(info["num_classes"]))])
+    return model, spec, names, dev
+
+
+def cmd_eval(args) -> int:
+    import svp.data as data
+
+    from .distributed import DistInfo
+    from .loop import _Limited, evaluate
+
+    try:
+        model, spec, names, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device)
+        ds = _Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
+        if ds.num_classes != len(names):
+            raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
+                                f"{args.adapter_dir} predicts {len(names)}")
+        tf = data.build_transform(spec.get("recipe", "svp"), False, img_size=int(spec.get("img_size", 224)))
+        r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo())
+    except Exception as e:
+        if isinstance(e, (C.ConfigError, FileNotFoundError, ValueError)) or type(e).__name__ in (
+                "DatasetError", "AdapterError", "CheckpointError"):
+            _err(str(e))
+            return EXIT_CONFIG
+        raise
+    r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split})
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  "
+              f"loss {r['loss']:.4f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    import svp.data as data
+    from PIL import Image
+
+    try:
+        if args.topk < 1:
+            raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")
+        model, spec, names, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device)
+        tf = data.build_transform(spec.get("recipe", "svp"), False, img_size=int(spec.get("img_size", 224)))
+        xs = []
+        for path in args.images:
+            if not os.path.isfile(path):
+                raise C.ConfigError(f"image not found: {path}")
+            try:
+                with Image.open(path) as im:
+                    xs.append(tf(im.convert("RGB")))
+            except OSError as e:
+                raise C.ConfigError(f"{path}: not a readable image ({e})") from None
+    except Exception as e:
+        if isinstance(e, (C.ConfigError, FileNotFoundError, ValueError)) or type(e).__name__ in (
+                "DatasetError", "AdapterError", "CheckpointError"):
+            _err(str(e))
+            return EXIT_CONFIG
+        raise
+    with torch.no_grad():
+        probs = model(torch.stack(xs).to(dev)).float().softmax(dim=1).cpu()
+    k = min(args.topk, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    out = []
+    for path, p, i in zip(args.images, top.values, top.indices):
+        out.append({"image": path, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
+                                           for v, j in zip(p.tolist(), i.tolist())]})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for o in out:
+            print(o["image"])
+            for rank, t in enumerate(o["top"], 1):
+                print(f"  {rank}. {t['class']}  {100 * t['prob']:.2f}%")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    logging.getLogger("svp.engine.sweep").setLevel(logging.INFO)
+    if not logging.getLogger("svp.engine.sweep").handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("sweep: %(message)s"))
+        logging.getLogger("svp.engine.sweep").addHandler(h)
+    overrides = list(args.overrides or [])
+    for flag, key in (("data_root", "data.root"), ("model", "model.name"), ("checkpoint", "model.checkpoint")):
+        v = getattr(args, flag)
+        if v is not None:
+            overrides.insert(0, f"{key}={json.dumps(v)}")
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
+        out = sweep(args.suite, methods, seeds, args.output or os.path.join("sweeps", args.suite), datasets,
+                    args.config, overrides, args.fail_fast)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    print(open(out["markdown"], encoding="utf-8").read())
+    print(f"wrote {out['csv']} and {out['markdown']}")
+    failed = sum(r["status"] == "failed" for r in out["rows"])
+    return 1 if failed else 0

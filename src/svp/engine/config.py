@@ -1,0 +1,356 @@
+"""Run configuration: defaults, YAML files, ``key=value`` overrides, validation.
+
+A configuration is a two-level dict ``{section: {key: value}}``. It is resolved in
+this order (later wins):
+
+1. the defaults below (the official SVP recipe, spec section 2.2),
+2. the method file ``svp/configs/methods/<method>.yaml`` (if it exists),
+3. the dataset preset ``svp.data.load_preset(<dataset>)`` (if the data package has one),
+4. the user's ``--config`` YAML files, in order,
+5. ``section.key=value`` overrides from the command line (values parsed as YAML).
+
+The resolved configuration is written to ``<run>/config.yaml``; a run can be
+reproduced with ``svp train --config <run>/config.yaml``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key/file."""
+
+
+# (dotted key, default, help). The order is the order of `svp train --help`.
+SCHEMA: List[Tuple[str, Any, str]] = [
+    # --- backbone
+    ("model.name", "vim_small_patch16_224", "timm model name of the Vim backbone"),
+    ("model.checkpoint", None, "official Vim checkpoint (.pth or .safetensors) loaded into the backbone"),
+    ("model.pretrained", False, "ask timm for the model's pretrained weights (bundled/cached weights only)"),
+    ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
+    ("model.drop_path_rate", 0.1, "stochastic depth of the frozen backbone (active in training, official)"),
+    ("model.init_seed", 0, "seed used when the backbone (or parts missing from the checkpoint) is randomly initialised"),
+    # --- method
+    ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
+    ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden)"),
+    # --- data
+    ("data.dataset", "digits", "dataset name from the registry (`svp datasets` / svp.data.list_datasets())"),
+    ("data.root", None, "data root for datasets stored on disk (embedded datasets need none)"),
+    ("data.options", {}, "extra keyword arguments for svp.data.build_dataset"),
+    ("data.img_size", 224, "input resolution"),
+    ("data.recipe", "svp", "transform recipe: svp (DeiT-style augmentation, official), vtab (plain resize), plain"),
+    ("data.train_split", "train", "split used for training"),
+    ("data.val_split", "val", "split used for model selection (null: no selection, last epoch is used)"),
+    ("data.test_split", "test", "split used for the reported test accuracy (null: no test)"),
+    ("data.num_workers", 0, "data-loader worker processes per rank"),
+    ("data.max_train_samples", None, "use only the first N training samples (debugging / tests)"),
+    ("data.max_eval_samples", None, "use only the first N val/test samples (debugging / tests)"),
+    # --- optimisation
+    ("train.epochs", 100, "number of epochs"),
+    ("train.batch_size", 96, "training batch size per process (global batch = batch_size x world size)"),
+    ("train.eval_batch_size", 144, "evaluation batch size per process"),
+    ("train.opt", "adamw", "optimizer name for timm.optim.create_optimizer_v2"),
+    ("train.lr", 5e-3, "base learning rate (scaled by batch x world / lr_scale_base when lr_scale is true)"),
+    ("train.lr_scale", True, "official scaling: lr_used = lr x batch_size x world_size / lr_scale_base"),
+    ("train.lr_scale_base", 512, "denominator of the learning-rate scaling"),
+    ("train.weight_decay", 1e-4, "AdamW weight decay; biases and 1-D tensors get none (timm grouping)"),
+    ("train.opt_eps", 1e-8, "optimizer epsilon"),
+    ("train.opt_betas", [0.9, 0.999], "AdamW betas"),
+    ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up) or constant"),
+    ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
+    ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at warmup_lr)"),
+    ("train.warmup_epochs", 5, "linear warm-up epochs"),
+    ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up"),
+    ("train.min_lr", 1e-5, "floor of the cosine schedule"),
+    ("train.clip_grad", None, "clip the global gradient norm to this value (null: off, official)"),
+    ("train.smoothing", 0.1, "label smoothing"),
+    ("train.mixup", 0.8, "mixup alpha (0: off)"),
+    ("train.cutmix", 1.0, "cutmix alpha (0: off)"),
+    ("train.mixup_prob", 1.0, "probability of applying mixup or cutmix to a batch"),
+    ("train.mixup_switch_prob", 0.5, "probability of cutmix instead of mixup when both are on"),
+    ("train.mixup_mode", "batch", "timm mixup mode: batch, pair or elem"),
+    ("train.amp", False, "mixed precision on CUDA (bfloat16 autocast; scan and SSM parameters stay float32); ignored on CPU"),
+    ("train.amp_dtype", "bfloat16", "autocast dtype: bfloat16 or float16 (float16 uses a GradScaler)"),
+    ("train.ema", False, "keep an exponential moving average of the trainable weights (timm ModelEmaV3)"),
+    ("train.ema_decay", 0.99996, "EMA decay"),
+    ("train.ema_eval", False, "evaluate and save the EMA weights instead of the raw weights"),
+    ("train.seed", 0, "seed: data order and augmentation are a pure function of (seed, epoch, sample)"),
+    ("train.deterministic", False, "deterministic algorithms (torch.use_deterministic_algorithms)"),
+    ("train.device", "auto", "auto, cpu, cuda or cuda:N"),
+    ("train.ddp_find_unused", False, "DistributedDataParallel find_unused_parameters"),
+    ("train.max_steps", None, "stop training after this many optimizer steps in total (debugging)"),
+    # --- evaluation
+    ("eval.every", 1, "evaluate on the validation split every N epochs (and always after the last)"),
+    ("eval.metric", "top1", "selection metric on the validation split: top1 or loss"),
+    ("eval.test_every_epoch", False, "also evaluate the test split after every epoch (needed for report_best_test)"),
+    ("eval.report_best_test", False, "also report the official protocol's best test top-1 over epochs (selects on test; labelled)"),
+    # --- run folder
+    ("run.output", "runs", "parent folder of run folders"),
+    ("run.name", None, "run folder name (default: <dataset>-<method>-s<seed>-<time>)"),
+    ("run.save_every_steps", 0, "also write a resume point every N steps inside an epoch (0: only at epoch ends)"),
+    ("run.tensorboard", False, "write TensorBoard scalars to <run>/tb (needs the tensorboard package)"),
+    ("run.progress", "auto", "progress display: auto (bars on a terminal, lines otherwise), bar, lines, none"),
+    ("run.log_every", 10, "plain progress line every N steps when not on a terminal"),
+    # --- fault injection for tests
+    ("debug.nan_at_step", None, "make the loss NaN at this global step (tests the non-finite-loss stop)"),
+    ("debug.kill_at_step", None, "SIGKILL the process right after this global step (tests resume)"),
+    ("debug.stop_at_step", None, "save a resume point and exit with code 75 after this global step"),
+]
+
+SECTIONS = ("model", "method", "data", "train", "eval", "run", "debug")
+_DEFAULTS = {k: v for k, v, _ in SCHEMA}
+_HELP = {k: h for k, _, h in SCHEMA}
+# keys whose value is a free-form mapping (not validated further)
+MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
+
+
+def defaults() -> Dict[str, Dict[str, Any]]:
+    cfg: Dict[str, Dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value, _ in SCHEMA:
+        sec, name = key.split(".", 1)
+        cfg[sec][name] = copy.deepcopy(value)
+    return cfg
+
+
+def help_text(key: str) -> str:
+    return _HELP[key]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads 1e-3 as a string; accept the usual float spellings
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_key(key: str, source: str) -> Tuple[str, str]:
+    if "." not in key:
+        raise ConfigError(f"{source}: key {key!r} must be 'section.name' with section in {', '.join(SECTIONS)}")
+    sec, name = key.split(".", 1)
+    top = f"{sec}.{name.split('.', 1)[0]}"
+    if top not in _DEFAULTS:
+        close = [k for k in _DEFAULTS if k.split(".")[-1] == name.split(".")[0]]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{source}: unknown configuration key {key!r}{hint}; "
+                          f"`svp train --help` lists every key")
+    if name != top.split(".", 1)[1] and top not in MAPPING_KEYS:
+        raise ConfigError(f"{source}: {top!r} is not a mapping, cannot set {key!r}")
+    return sec, name
+
+
+def set_key(cfg: dict, key: str, value: Any, source: str = "override") -> None:
+    sec, name = _check_key(key, source)
+    parts = name.split(".")
+    node = cfg[sec]
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def get_key(cfg: dict, key: str) -> Any:
+    sec, name = key.split(".", 1)
+    return cfg[sec][name]
+
+
+def merge(cfg: dict, partial: dict, source: str) -> dict:
+    """Merge a (possibly partial) two-level config into ``cfg`` in place, validating keys."""
+    if partial is None:
+        return cfg
+    if not isinstance(partial, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(partial).__name__}")
+    for sec, body in partial.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {sec!r}; expected one of {', '.join(SECTIONS)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: section {sec!r} must be a mapping, got {body!r}")
+        for name, value in body.items():
+            key = f"{sec}.{name}"
+            _check_key(key, source)
+            if key in MAPPING_KEYS:
+                if value is None:
+                    value = {}
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+                merged = dict(cfg[sec].get(name) or {})
+                merged.update(copy.deepcopy(value))
+                cfg[sec][name] = merged
+            else:
+                cfg[sec][name] = copy.deepcopy(value)
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return data or {}
+
+
+def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-3)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        _check_key(key, f"override {item!r}")
+        out.append((key, parse_value(text)))
+    return out
+
+
+def methods_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "methods")
+
+
+def method_file(method: str) -> Optional[str]:
+    path = os.path.join(methods_dir(), f"{method}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+# preset key (svp.data.load_preset) -> configuration key; None = informational only
+PRESET_MAP = {
+    "dataset": None, "num_classes": None, "source": None,
+    "recipe": "data.recipe", "img_size": "data.img_size", "train_split": "data.train_split",
+    "val_split": "data.val_split", "test_split": "data.test_split",
+    "batch_size": "train.batch_size", "eval_batch_size": "train.eval_batch_size", "epochs": "train.epochs",
+    "warmup_epochs": "train.warmup_epochs", "warmup_lr": "train.warmup_lr", "min_lr": "train.min_lr",
+    "lr": "train.lr", "weight_decay": "train.weight_decay", "optimizer": "train.opt", "sched": "train.sched",
+    "mixup": "train.mixup", "cutmix": "train.cutmix", "mixup_prob": "train.mixup_prob",
+    "mixup_switch_prob": "train.mixup_switch_prob", "mixup_mode": "train.mixup_mode",
+    "smoothing": "train.smoothing", "seed": "train.seed", "drop_path": "model.drop_path_rate",
+}
+# preset keys that are method settings: (setting name, methods it applies to; None = all)
+PRESET_METHOD_KEYS = {"head": ("head", None), "simam": ("simam", None),
+                      "shared_layers": ("shared_layers", ("svp",)), "hidden_dim": ("hidden", ("svp",))}
+
+
+def dataset_preset(dataset: str, method: str) -> dict:
+    """The data package's per-dataset settings (``svp.data.load_preset``) as a partial
+    config: ``lr`` -> ``train.lr``, ``lr_base_batch`` -> ``train.lr_scale``/``lr_scale_base``,
+    ``drop_path`` -> ``model.drop_path_rate``, ``val_from_train`` -> ``data.options``,
+    ``head``/``simam`` -> ``method.settings`` (every method), ``shared_layers``/``hidden_dim``
+    -> ``method.settings`` of svp only. Returns {} for datasets without a preset."""
+    try:
+        import svp.data as data
+        preset = data.load_preset(dataset)
+    except (KeyError, FileNotFoundError, ImportError, AttributeError):
+        return {}
+    except Exception as e:  # unknown dataset: the dataset builder reports it later
+        if type(e).__name__ in ("DatasetError", "ValueError", "LookupError"):
+            return {}
+        raise
+    out: Dict[str, Dict[str, Any]] = {}
+    for k, v in (preset or {}).items():
+        if k in PRESET_MAP:
+            if PRESET_MAP[k]:
+                sec, name = PRESET_MAP[k].split(".")
+                out.setdefault(sec, {})[name] = v
+        elif k == "lr_base_batch":
+            out.setdefault("train", {})["lr_scale"] = bool(v)
+            if v:
+                out["train"]["lr_scale_base"] = v
+        elif k == "val_from_train":
+            if v is not None:
+                out.setdefault("data", {}).setdefault("options", {})["val_from_train"] = v
+        elif k in PRESET_METHOD_KEYS:
+            name, methods = PRESET_METHOD_KEYS[k]
+            if methods is None or method in methods:
+                out.setdefault("method", {}).setdefault("settings", {})[name] = v
+    return out
+
+
+def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
+            use_presets: bool = True) -> dict:
+    """Defaults <- method file <- dataset preset <- config files <- overrides."""
+    user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
+    parsed = parse_overrides(overrides)
+    # which method/dataset? (needed to pick the method file and preset first)
+    probe = defaults()
+    if base:
+        merge(probe, base, "config dict")
+    for src, part in user:
+        merge(probe, part, src)
+    for k, v in parsed:
+        set_key(probe, k, v)
+    cfg = defaults()
+    if use_presets:
+        mfile = method_file(str(probe["method"]["name"]))
+        if mfile:
+            merge(cfg, load_yaml(mfile), mfile)
+        merge(cfg, dataset_preset(str(probe["data"]["dataset"]), str(probe["method"]["name"])),
+              f"preset of dataset {probe['data']['dataset']!r}")
+    if base:
+        merge(cfg, base, "config dict")
+    for src, part in user:
+        merge(cfg, part, src)
+    for k, v in parsed:
+        set_key(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "train.sched": ("cosine", "constant"),
+    "train.sched_step": ("epoch", "step"),
+    "train.mixup_mode": ("batch", "pair", "elem"),
+    "train.amp_dtype": ("bfloat16", "float16"),
+    "eval.metric": ("top1", "loss"),
+    "run.progress": ("auto", "bar", "lines", "none"),
+    "data.recipe": ("svp", "vtab", "plain"),
+}
+_POSITIVE_INT = ("train.epochs", "train.batch_size", "train.eval_batch_size", "eval.every", "run.log_every")
+_NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_lr", "train.smoothing",
+               "train.mixup", "train.cutmix", "train.mixup_prob", "train.mixup_switch_prob",
+               "train.warmup_epochs", "data.num_workers", "run.save_every_steps", "model.drop_path_rate")
+
+
+def validate(cfg: dict) -> None:
+    for key, choices in _CHOICES.items():
+        v = get_key(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{key}={v!r} is not one of {', '.join(map(str, choices))}")
+    for key in _POSITIVE_INT:
+        v = get_key(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{key}={v!r}: expected a positive integer")
+    for key in _NONNEG_NUM:
+        v = get_key(cfg, key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{key}={v!r}: expected a non-negative number")
+    for key in ("train.clip_grad", "train.max_steps", "data.max_train_samples", "data.max_eval_samples",
+                "debug.nan_at_step", "debug.kill_at_step", "debug.stop_at_step"):
+        v = get_key(cfg, key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+            raise ConfigError(f"{key}={v!r}: expected null or a positive number")
+    for key in MAPPING_KEYS:
+        if not isinstance(get_key(cfg, key), dict):
+            raise ConfigError(f"{key} must be a mapping, got {get_key(cfg, key)!r}")
+    betas = cfg["train"]["opt_betas"]
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+        raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers, e.g. [0.9, 0.999]")
+    if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
+        cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,205 @@
+"""Process-group setup for ``torchrun`` and the data sampler shared by 1..N processes.
+
+``torchrun --nproc_per_node=N -m svp train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK;
+we then initialise the default process group (NCCL on CUDA, gloo on CPU), wrap the
+model in DistributedDataParallel, shard the data with :class:`EpochSampler`, reduce
+metrics with :func:`all_reduce_sum` and let only rank 0 write files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, enabled=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: List[float], info: DistInfo, device=None) -> List[float]:
+    """Sum a list of numbers over ranks (float64 on the communication device)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps); stable across runs and platforms."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def derive_seed(*parts: int) -> int:
+    return _mix(*parts)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Distributed sampler whose order is a pure function of (seed, epoch).
+
+    Each epoch draws one permutation of the dataset from ``(seed, epoch)``; global
+    batch ``b`` is positions ``[b*G, (b+1)*G)`` of it (G = batch x world size, the
+    incomplete last batch dropped when ``drop_last``) and rank ``r`` takes
+    the ``r``-th slice of ``batch`` items. So a run on N processes with batch B sees
+    the same global batches as one process with batch N*B. Every yielded item is
+    ``(index, sample_seed)``: :class:`SeededDataset` uses the seed for the random
+    augmentation of that sample, which makes augmentation independent of worker
+    count, world size and interruptions. ``start_batch`` skips batches already done
+    in the epoch (mid-epoch resume).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = True):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def batches_per_epoch(self) -> int:
+        g = self.global_batch
+        return self.n // g if self.drop_last else -(-self.n // g)
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 1))
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator:
+        perm = self.order().tolist()
+        g = self.global_batch
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            chunk = perm[b * g:(b + 1) * g]
+            mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            for idx in mine:
+                yield (idx, derive_seed(self.seed, self.epoch, idx, 2))
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch) * self.batch_size
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation sampler: rank r takes indices r, r+N, ... (no padding, no duplicates;
+    metrics are summed over ranks)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.idx = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Applies ``transform`` to ``base[index]`` with every RNG (python, numpy, torch)
+    seeded from the sampler's per-sample seed; the caller's RNG states are restored."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        import random
+
+        import numpy as np
+        idx, seed = item if isinstance(item, tuple) else (item, None)
+        img, label = self.base[idx]
+        if self.transform is None:
+            return img, label
+        if seed is None:
+            return self.transform(img), label
+        py, npst, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            random.seed(seed)
+            np.random.seed(seed % (2 ** 32))
+            torch.manual_seed(seed)
+            out = self.transform(img)
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+            torch.set_rng_state(th)
+        return out, label
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def is_distributed_env() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def maybe_device(kind: str, info: DistInfo) -> torch.device:
+    if kind.startswith("cuda"):
+        if info.enabled:
+            return torch.device("cuda", info.local_rank)
+        return torch.device(kind)
+    return torch.device("cpu")
+
+
+__all__ = ["DistInfo", "init_distributed", "shutdown", "all_reduce_sum", "broadcast_object", "barrier",
+           "EpochSampler", "ShardSampler", "SeededDataset", "derive_seed", "unwrap", "maybe_device",
+           "is_distributed_env"]
+

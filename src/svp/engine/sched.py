@@ -1,0 +1,64 @@
+"""Learning-rate schedule: timm's CosineLRScheduler with linear warm-up.
+
+Two stepping modes (``train.sched_step``):
+
+* ``epoch`` (official): the rate is constant within an epoch. With
+  ``train.official_epoch_offset`` (default) it reproduces the official loop, which
+  calls ``scheduler.step(epoch)`` *after* epoch ``epoch``: epoch 0 and epoch 1 both run
+  at ``warmup_lr`` and epoch ``e >= 1`` runs at ``lr(e - 1)``. Without the offset,
+  epoch ``e`` runs at ``lr(e)``.
+* ``step``: the same curve over optimizer steps (warm-up and cosine measured in steps).
+
+The rate of an epoch/step is a pure function of its index, so resuming needs no
+scheduler state (it is saved anyway).
+"""
+from __future__ import annotations
+
+import torch
+from timm.scheduler import CosineLRScheduler
+
+
+class Schedule:
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: dict, steps_per_epoch: int):
+        t = cfg["train"]
+        self.mode = t["sched_step"]
+        self.offset = bool(t["official_epoch_offset"])
+        self.kind = t["sched"]
+        self.optimizer = optimizer
+        epochs = int(t["epochs"])
+        per = 1 if self.mode == "epoch" else max(1, steps_per_epoch)
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.sched = None
+        if self.kind == "cosine":
+            self.sched = CosineLRScheduler(
+                optimizer, t_initial=epochs * per, lr_min=float(t["min_lr"]),
+                warmup_t=int(round(float(t["warmup_epochs"]) * per)), warmup_lr_init=float(t["warmup_lr"]),
+                warmup_prefix=False, cycle_limit=1, t_in_epochs=(self.mode == "epoch"))
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.sched is not None and self.mode == "epoch":
+            self.sched.step(max(epoch - 1, 0) if self.offset else epoch)
+
+    def before_step(self, global_step: int) -> None:
+        if self.sched is not None and self.mode == "step":
+            self.sched.step_update(global_step)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self):
+        return {"mode": self.mode, "offset": self.offset,
+                "timm": self.sched.state_dict() if self.sched is not None else {}}
+
+    def load_state_dict(self, sd):
+        if self.sched is not None and sd.get("timm"):
+            self.sched.load_state_dict(sd["timm"])
+
+
+def lr_at_epoch(cfg: dict, epoch: int, peak: float) -> float:
+    """The official per-epoch rate (for docs/tests), without building an optimizer."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=peak)
+    s = Schedule(opt, cfg, 1)
+    s.start_epoch(epoch)
+    return s.lr()
