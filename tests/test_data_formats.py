@@ -281,3 +281,15 @@ def test_data_check_embedded(capsys):
     assert "1000 images" in out and "ori_bin_15" in out
     assert svp_main(["data", "list"]) == 0
     assert "shapes_count" in capsys.readouterr().out
+
+
+def test_dataloader_with_workers(fake):
+    import torch
+    from svp.data import build_transform
+    tf = build_transform("vtab", False, img_size=16)
+    for name, kw in (("vtab/cifar", {"root": fake[0]}), ("cifar10", {"root": fake[0]}),
+                     ("dtd", {"root": fake[0], "val_from_train": 0.2}), ("faces", {})):
+        ds = build_dataset(name, "train", transform=tf, **kw)
+        dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+        x, y = next(iter(dl))
+        assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
