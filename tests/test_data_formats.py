@@ -109,6 +109,8 @@ def test_val_from_train(fake, caplog):
     v = build_dataset("vtab/cifar", "val", root=root, val_from_train=0.25)
     t = build_dataset("vtab/cifar", "train", root=root, val_from_train=0.25)
     assert len(v) + len(t) == 8
+    t2 = build_dataset("vtab/cifar", "train800val200", root=root, val_from_train=0.25)
+    assert t2.indices == t.indices and set(t2.indices).isdisjoint(v.indices)
     assert len(build_dataset("vtab/cifar", "test", root=root, val_from_train=0.25)) == 4
     # file-backed subsets read their images through the transform
     x, y = build_dataset("dtd", "val", root=root, val_from_train=0.1,

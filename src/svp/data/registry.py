@@ -205,7 +205,8 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     transform: applied to the PIL RGB image.
     val_from_train: carve a seeded, class-stratified validation split of this
         fraction out of the official training split (``info.default_splits['train']``):
-        then 'train' is the rest and 'val' the carved part; 'test' is unchanged.
+        then 'val' is the carved part, and 'train' as well as the official training
+        split's own name (e.g. 'train800val200') the rest; other splits are unchanged.
     seed: seed of that carving, of the GTSRB/Food-101 80/20 shuffle, and of the
         embedded generators.
     skip_bad_images: drop missing files (count logged) and replace unreadable
@@ -228,12 +229,16 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
         kw.update(skip_bad_images=skip_bad_images, check_files=check_files)
         if info.name in ("hta/gtsrb", "hta/food101"):
             kw["seed"] = seed
-    if val_from_train is not None and split in ("train", "val"):
-        full = builder(root, info.default_splits["train"], None, **kw)
+    official_train = info.default_splits["train"]
+    if val_from_train is not None and split in ("train", "val", official_train):
+        # the official training split itself also yields the remainder, so that
+        # train_split=train800val200 + val_from_train never overlaps the carved val
+        full = builder(root, official_train, None, **kw)
         tr, va = carve_validation(full.targets, float(val_from_train), seed)
-        log.info("%s: carved %d validation items (%.0f%%, seed %d) out of %d training items",
-                 info.name, len(va), 100 * float(val_from_train), seed, len(full))
-        return SubsetDataset(full, tr if split == "train" else va, split=split, transform=transform)
+        log.info("%s: carved %d validation items (%.0f%%, seed %d) out of %d training items "
+                 "(%s)", info.name, len(va), 100 * float(val_from_train), seed, len(full),
+                 official_train)
+        return SubsetDataset(full, va if split == "val" else tr, split=split, transform=transform)
     if split not in info.splits:
         hint = ""
         if split == "val":
