@@ -1,0 +1,402 @@
+"""Adaptation methods on one harness: freezing, gradients, save/load, SVP and VPT semantics."""
+import json
+import math
+import os
+import re
+import types
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import svp
+from svp.peft import (AdapterError, base_weights_hash, get_peft_model, list_methods, load_adapter,
+                      make_config, simam)
+from svp.peft.heads import build_head
+from svp.peft.svp import SVP
+
+DEPTH, DIM, IMG = 4, 32, 32
+METHOD_SETTINGS = {
+    "svp": dict(shared_layers=2, hidden=8),
+    "linear": {},
+    "full": {},
+    "vpt_shallow": dict(num_tokens=3),
+    "vpt_deep": dict(num_tokens=3, placement="middle"),
+    "visual_prompt": dict(pad=4),
+    "bitfit": {},
+    "lora": dict(r=2),
+    "adapter": dict(bottleneck=4),
+}
+
+
+def tiny(seed=0, depth=DEPTH, num_classes=5, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=IMG, patch_size=8, stride=8, depth=depth, embed_dim=DIM, num_classes=num_classes)
+    args.update(kw)
+    return timm.create_model("vim_tiny_patch16_224", **args).eval()
+
+
+def images(n=2, seed=1, size=IMG):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def perturb_method_params(peft, seed=3, std=0.05):
+    """Make every trainable non-head tensor nonzero (zero-initialised factors would
+    otherwise block the gradient of the generators behind them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if p.requires_grad and not n.startswith("base_model.head."):
+                p.add_(std * torch.randn(p.shape, generator=g))
+
+
+def test_all_methods_registered():
+    assert set(METHOD_SETTINGS) <= set(list_methods())
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_only_intended_parameters_train(method):
+    model = tiny()
+    peft = get_peft_model(model, make_config(method, **METHOD_SETTINGS[method]))
+    perturb_method_params(peft)
+    trainable = set(peft.trainable_parameter_names())
+    heads = {n for n in trainable if n.startswith("base_model.head.")}
+    assert heads == {"base_model.head.weight", "base_model.head.bias"}
+    method_names = trainable - heads
+    if method == "linear":
+        assert not method_names
+    elif method == "full":
+        assert trainable == {n for n, _ in peft.named_parameters()}
+    else:
+        assert method_names
+    if method == "bitfit":
+        assert all(n.endswith(".bias") for n in method_names)
+        E = 2 * DIM
+        assert sum(p.numel() for n, p in peft.named_parameters() if n in method_names) == DIM + DEPTH * 4 * E
+    if method == "lora":
+        assert all("lora_" in n for n in method_names)
+    before = {n: p.detach().clone() for n, p in peft.named_parameters()}
+    peft.train()
+    opt = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad], lr=1e-2, eps=1e-30)
+    loss = F.cross_entropy(peft(images()), torch.tensor([1, 3]))
+    loss.backward()
+    for n, p in peft.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{method}: no gradient for {n}"
+        else:
+            assert p.grad is None, f"{method}: frozen {n} received a gradient"
+    opt.step()
+    for n, p in peft.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{method}: {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"{method}: frozen {n} changed"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_save_load_roundtrip(method, tmp_path):
+    peft = get_peft_model(tiny(), make_config(method, **METHOD_SETTINGS[method]))
+    perturb_method_params(peft)
+    x = images()
+    with torch.no_grad():
+        want = peft.eval()(x)
+    out = tmp_path / "ad"
+    peft.save(out, base_model_name="tiny-test", class_names=list("abcde"))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method"] == method and cfg["num_classes"] == 5 and cfg["class_names"] == list("abcde")
+    assert cfg["base_model_hash"] == base_weights_hash(tiny())
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "adapter.safetensors"))
+    assert set(saved) == set(peft.trainable_parameter_names())
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
+    loaded = svp.load_adapter(tiny(), out)
+    assert not loaded.training
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.equal(got, want)
+    assert loaded.class_names == list("abcde")
+
+
+def test_load_refuses_other_base_weights(tmp_path):
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    peft.save(tmp_path / "ad")
+    other = tiny()
+    with torch.no_grad():
+        other.layers[1].mixer.in_proj.weight[0, 0] += 1e-3
+    with pytest.raises(AdapterError) as e:
+        load_adapter(other, tmp_path / "ad")
+    msg = str(e.value)
+    assert peft.base_hash in msg and base_weights_hash(other) in msg
+    # the head is not part of the hash: another head still loads
+    nine = tiny()
+    nine.reset_classifier(9)
+    assert load_adapter(nine, tmp_path / "ad")(images()).shape == (2, 5)
+
+
+def test_hash_is_deterministic_and_sensitive():
+    a, b = tiny(), tiny()
+    assert base_weights_hash(a) == base_weights_hash(b)
+    assert base_weights_hash(a) != base_weights_hash(tiny(seed=1))
+
+
+def test_two_methods_on_one_model_refused():
+    model = tiny()
+    get_peft_model(model, make_config("lora"))
+    with pytest.raises(ValueError, match="already carries"):
+        get_peft_model(model, make_config("svp", shared_layers=2))
+
+
+def test_bad_settings_are_clear():
+    with pytest.raises(ValueError, match="unknown setting"):
+        make_config("svp", shared=8)
+    with pytest.raises(ValueError, match="unknown adaptation method"):
+        make_config("prefix_tuning")
+    with pytest.raises(ValueError, match="does not divide the model depth 4"):
+        get_peft_model(tiny(), make_config("svp", shared_layers=3))
+    with pytest.raises(ValueError, match="placement"):
+        make_config("vpt_deep", placement="left")
+
+
+def test_trainable_report_format():
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    lines = peft.trainable_report().splitlines()
+    assert len(lines) == 2
+    pat = r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+) \((with|without) head\)"
+    nums = [re.fullmatch(pat, line) for line in lines]
+    assert all(nums)
+    (t1, a1, _, _), (t0, a0, _, _) = [m.groups() for m in nums]
+    head = DIM * 5 + 5
+    assert int(t1.replace(",", "")) - int(t0.replace(",", "")) == head
+    assert int(a1.replace(",", "")) - int(a0.replace(",", "")) == head
+
+
+# -- SVP -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compat", ["paper", "official"])
+def test_svp_untrained_equals_frozen_backbone(compat):
+    x = images()
+    with torch.no_grad():
+        ref = tiny()(x)
+        peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, compat=compat))
+        assert torch.equal(peft.eval()(x), ref)
+        if compat == "paper":  # default: the frozen backbone stays in eval mode (no DropPath) while training
+            peft.train()
+            assert not peft.base_model.layers[-1].drop_path.training
+            assert peft.method.training and peft.base_model.head.training
+            assert torch.equal(peft(x), ref)
+        else:  # official: DropPath active in the frozen backbone during training
+            peft.train()
+            assert peft.base_model.layers[-1].drop_path.training
+
+
+def test_svp_parameter_count_vim_small():
+    stub = types.SimpleNamespace(layers=[None] * 24, embed_dim=384)
+    for S, want in ((8, 1_644_288), (12, 1_496_064), (4, 2_088_960), (6, 1_792_512)):
+        m = SVP(make_config("svp", shared_layers=S, hidden=64), stub)
+        assert sum(p.numel() for p in m.parameters()) == want
+    tiny_stub = types.SimpleNamespace(layers=[None] * 24, embed_dim=192)
+    assert sum(p.numel() for p in SVP(make_config("svp", shared_layers=8), tiny_stub).parameters()) == 712_320
+    assert sum(p.numel() for p in build_head("two_layer", 384, 200).parameters()) == 112_520
+    assert sum(p.numel() for p in build_head("linear", 384, 10).parameters()) == 3_850
+    # the harness counts the same: tiny model, depth 4, S=2, r=8
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    want = DEPTH * (DIM * 8 + 8 + 8 * DIM + DIM) + DEPTH * DIM + (DEPTH // 2) * (DIM * DIM + DIM + DIM)
+    assert peft.trainable_counts()["trainable_without_head"] == want
+
+
+def _svp_reference(model, method, x, official):
+    """Straightforward re-statement of SVP: loop over layers and tokens with in-place
+    writes on clones (the class token is skipped)."""
+    sd = {k: v for k, v in method.state_dict().items()}
+    S = method.S
+    hidden, cls = model.embed(x)
+    residual = None
+    for l, layer in enumerate(model.layers):
+        h = hidden.clone()
+        g = l // S
+        a, b = sd["alpha"][g], sd["beta"][l]
+        gc = lambda t: torch.sigmoid(t @ sd[f"cross.{g}.0.weight"].T + sd[f"cross.{g}.0.bias"]) * (
+            t @ sd[f"cross.{g}.0.weight"].T + sd[f"cross.{g}.0.bias"])
+        gi = lambda t: F.silu((t @ sd[f"inner.{l}.0.weight"].T + sd[f"inner.{l}.0.bias"])
+                              @ sd[f"inner.{l}.1.weight"].T + sd[f"inner.{l}.1.bias"])
+        n = h.shape[1]
+        for i in range(n):
+            if i == cls:
+                continue
+            src = h[:, i - cls - 1] if (official and i > cls) else h[:, i]
+            h[:, i] = h[:, i] + a * gc(src) + b * gi(h[:, i])
+        hidden, residual = layer(h, residual)
+    out = model.norm_f(residual + hidden)
+    return model.head(out[:, cls])
+
+
+@pytest.mark.parametrize("compat", ["paper", "official"])
+def test_svp_matches_reference_loop(compat):
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, compat=compat)).eval()
+    perturb_method_params(peft, std=0.3)
+    x = images()
+    with torch.no_grad():
+        got = peft(x)
+        want = _svp_reference(peft.base_model, peft.method, x, official=compat == "official")
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        # the two modes really differ once the Cross prompt is nonzero
+        other = _svp_reference(peft.base_model, peft.method, x, official=compat != "official")
+        assert (got - other).abs().max() > 1e-4
+
+
+def test_svp_ablation_switches():
+    for kw, has in ((dict(use_cross=False), {"inner", "beta"}), (dict(use_inner=False), {"cross", "alpha"})):
+        peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, **kw))
+        tops = {n.split(".")[1] for n in peft.trainable_parameter_names() if n.startswith("method.")}
+        assert tops == has
+        perturb_method_params(peft)
+        x = images()
+        with torch.no_grad():
+            assert not torch.equal(peft.eval()(x), tiny()(x))
+    with pytest.raises(ValueError):
+        make_config("svp", use_cross=False, use_inner=False)
+
+
+def test_svp_class_token_never_prompted():
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, compat="official"))
+    perturb_method_params(peft, std=0.5)
+    h = torch.randn(2, 17, DIM)
+    out = peft.method.prompt_tokens(1, h, 8)
+    assert torch.equal(out[:, 8], h[:, 8])
+    assert (out[:, :8] - h[:, :8]).abs().min() > 0
+    with pytest.raises(ValueError, match="odd number of patches"):
+        peft.method.prompt_tokens(1, torch.randn(2, 10, DIM), 4)
+
+
+def test_svp_any_depth_and_two_layer_head():
+    peft = get_peft_model(tiny(depth=6), make_config("svp", shared_layers=3, hidden=4, head="two_layer",
+                                                     num_classes=7, simam=True))
+    assert len(peft.method.inner) == 6 and peft.method.alpha.shape == (2, DIM)
+    assert [tuple(m.weight.shape) for m in peft.base_model.head] == [(DIM // 2, DIM), (7, DIM // 2)]
+    assert peft(images()).shape == (2, 7)
+
+
+# -- VPT -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("placement", ["prefix", "middle", "suffix"])
+def test_vpt_class_token_position(placement, deep):
+    n = 3
+    peft = get_peft_model(tiny(), make_config("vpt_deep" if deep else "vpt_shallow", num_tokens=n,
+                                              placement=placement)).eval()
+    x = images()
+    base = peft.base_model
+    emb, cls0 = base.embed(x)
+    L0 = emb.shape[1]
+    seen = []
+    inner_hook = peft.method.hook
+
+    def spy(i, hidden, residual, cls_pos):
+        h, r, c = inner_hook(i, hidden, residual, cls_pos)
+        seen.append((i, h.clone(), None if r is None else r.clone(), c))
+        return h, r, c
+    peft.method.hook = spy
+    with torch.no_grad():
+        feats, cls = peft.forward_features(x)
+        logits = base.forward_head(feats, cls_pos=cls)
+    assert len(seen) == DEPTH
+    expect_cls = cls0 if placement == "suffix" else cls0 + n
+    start = {"prefix": 0, "middle": cls0, "suffix": L0}[placement]
+    assert cls == expect_cls and feats.shape[1] == L0 + n
+    # after the layer-0 hook: class row is the embedded class token, prompt rows are the prompts
+    _, h0, _, c0 = seen[0]
+    assert c0 == expect_cls
+    assert torch.equal(h0[:, expect_cls], emb[:, cls0])
+    assert torch.equal(h0[:, start:start + n], peft.method.prompts[0].expand(2, -1, -1))
+    patches = torch.cat([h0[:, :start], h0[:, start + n:]], 1)
+    assert torch.equal(patches, emb)
+    for i, h, r, c in seen[1:]:
+        assert c == expect_cls and h.shape[1] == L0 + n
+        if deep:  # token state entering block i at the prompt rows is exactly P_i
+            assert torch.equal(r[:, start:start + n] + h[:, start:start + n],
+                               peft.method.prompts[i].expand(2, -1, -1))
+    with torch.no_grad():
+        assert torch.allclose(logits, base.head(feats[:, expect_cls]))
+
+
+# -- LoRA ------------------------------------------------------------------------------
+
+def test_lora_zero_b_equals_backbone_and_merges_into_every_projection():
+    x = images()
+    with torch.no_grad():
+        ref = tiny()(x)
+    for target in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+        peft = get_peft_model(tiny(), make_config("lora", r=2, alpha=4.0, targets=(target,))).eval()
+        with torch.no_grad():
+            assert torch.equal(peft(x), ref), target
+        # time steps start near softplus(-4.6) ~ 0.01, so dt_proj needs a large update to show
+        perturb_method_params(peft, std=5.0 if target == "dt_proj" else 0.5)
+        merged = tiny()
+        with torch.no_grad():
+            for i, layer in enumerate(peft.base_model.layers):
+                for name in (target, target + "_b") if target in ("x_proj", "dt_proj") else (target,):
+                    getattr(merged.layers[i].mixer, name).weight.copy_(getattr(layer.mixer, name).weight)
+            # the time steps the scan really uses (dt_proj.weight is read directly by the mixer)
+            deltas = {}
+            plain = tiny()
+            for key, m in (("lora", peft.base_model), ("base", plain)):
+                m.layers[0].mixer.gate_hook = lambda mixer, d, delta, *a, key=key: deltas.setdefault((key, d), delta)
+            got, want = peft(x), merged(x)
+            assert torch.equal(plain(x), ref)
+            peft.base_model.layers[0].mixer.gate_hook = None
+        feat_ref = tiny().forward_head(tiny().forward_features(x), pre_logits=True)
+        assert (peft(x, pre_logits=True) - feat_ref).abs().max() > 1e-5, f"LoRA on {target} does not reach the output"
+        if target != "out_proj":
+            for d in ("forward", "backward"):
+                assert (deltas[("lora", d)] - deltas[("base", d)]).abs().max() > 1e-3, (target, d)
+        assert torch.allclose(got, want, atol=1e-6), target
+    peft.unload()
+    with torch.no_grad():
+        assert torch.equal(peft.base_model(x), ref)
+
+
+# -- pixel prompt, adapter, SimAM --------------------------------------------------------
+
+def test_visual_prompt_touches_only_the_border():
+    peft = get_peft_model(tiny(), make_config("visual_prompt", pad=4))
+    perturb_method_params(peft)
+    x = images()
+    y = peft.method.transform_input(x)
+    assert torch.equal(y[..., 4:-4, 4:-4], x[..., 4:-4, 4:-4])
+    border = torch.ones(IMG, IMG, dtype=torch.bool)
+    border[4:-4, 4:-4] = False
+    assert ((y - x)[..., border] != 0).all()
+    assert sum(p.numel() for p in peft.method.parameters()) == 2 * 3 * 4 * IMG + 2 * 3 * (IMG - 8) * 4
+    with pytest.raises(ValueError, match="built for 32x32"):
+        peft(images(size=40))
+
+
+def test_adapter_is_parallel_to_mixer():
+    peft = get_peft_model(tiny(), make_config("adapter", bottleneck=4)).eval()
+    perturb_method_params(peft)
+    u = torch.randn(2, 5, DIM)
+    mixer = peft.base_model.layers[2].mixer
+    ad = peft.method.adapters[2]
+    with torch.no_grad():
+        want = tiny().layers[2].mixer(u) + 0.1 * ad.up(torch.relu(ad.down(u)))
+        assert torch.allclose(mixer(u), want, atol=1e-6)
+    peft.unload()
+    with torch.no_grad():
+        assert torch.equal(mixer(u), tiny().layers[2].mixer.requires_grad_(False)(u))
+
+
+def test_simam_formula():
+    x = torch.randn(2, 3, 6, 5)
+    want = torch.empty_like(x)
+    for b in range(2):
+        for c in range(3):
+            v = x[b, c]
+            var = v.var(unbiased=True)
+            e = (v - v.mean()) ** 2 / (4 * (var + 1e-3)) + 0.5
+            want[b, c] = v / (1 + torch.exp(-e))
+    assert torch.allclose(simam(x), want, atol=1e-6)
+    peft = get_peft_model(tiny(), make_config("linear", simam=True)).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft(images()), tiny()(simam(images())), atol=1e-6)
