@@ -1,0 +1,146 @@
+"""Official SVP checkpoints: conversion to adapter directories and parity with an
+independent re-statement of the official forward (spec D1, D2, D5, D6, D7)."""
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import svp
+import vimref
+from svp.cli import main as svp_main
+from svp.models import load_checkpoint_into
+from svp.peft import AdapterError, load_adapter
+from svp.peft.convert import official_state_dict
+
+IMG = 64  # 4 x 4 patches of 16 px: 17 tokens, class token at index 8
+
+
+def official_weights(variant, depth, S, hidden, num_classes, two_layer, seed):
+    """Official-layout backbone + SVP tensors drawn by the shared fixture, shrunk to
+    ``depth`` layers and a 64-px grid; prompt_scale keeps the official 24 rows (D5)."""
+    shapes = vimref.backbone_shapes(variant, num_classes)
+    dim = shapes["cls_token"][-1]
+    shapes = {k: v for k, v in shapes.items()
+              if not (k.startswith("layers.") and int(k.split(".")[1]) >= depth)}
+    shapes["pos_embed"] = [1, (IMG // 16) ** 2 + 1, dim]
+    if two_layer:
+        del shapes["head.weight"], shapes["head.bias"]
+        shapes.update({"head.0.weight": [dim // 2, dim], "head.0.bias": [dim // 2],
+                       "head.1.weight": [num_classes, dim // 2], "head.1.bias": [num_classes]})
+    shapes.update(vimref.svp_shapes(dim, depth, S, hidden))
+    sd = {k: torch.from_numpy(v) for k, v in vimref.draw(shapes, seed=seed).items()}
+    assert sd["prompt_scale"].shape[0] == 24 and sd["prompt_scale"].abs().sum() > 0
+    return sd
+
+
+def official_reference(model, sd, x, depth, S, simam, two_layer):
+    """The official SVP forward restated from the spec, with its in-place semantics:
+    before layer l, the first half (before the class token) gets alpha*G^C + beta*G^I of
+    itself; then the second half gets beta*G^I of itself plus alpha*G^C of the already
+    updated first-half token at the same offset. Layer 0 works on the embedded tokens,
+    later layers on the previous mixer output (the hidden stream)."""
+    if simam:
+        mu = x.mean(dim=(2, 3), keepdim=True)
+        var = x.var(dim=(2, 3), keepdim=True, unbiased=True)
+        x = x * torch.sigmoid((x - mu) ** 2 / (4 * (var + 1e-3)) + 0.5)
+    hidden, c = model.embed(x)
+    residual = None
+    for l in range(depth):
+        g = l // S
+        Wc, bc = sd[f"prompt_generator_shared.{g}.0.weight"], sd[f"prompt_generator_shared.{g}.0.bias"]
+        W0, b0 = sd[f"prompt_generator.{l}.0.weight"], sd[f"prompt_generator.{l}.0.bias"]
+        W1, b1 = sd[f"prompt_generator.{l}.1.weight"], sd[f"prompt_generator.{l}.1.bias"]
+        alpha, beta = sd["prompt_shared_scale"][g], sd["prompt_scale"][l]
+        cross = lambda t: F.silu(F.linear(t, Wc, bc))
+        inner = lambda t: F.silu(F.linear(F.linear(t, W0, b0), W1, b1))
+        h = hidden.clone()
+        h[:, :c] = h[:, :c] + alpha * cross(h[:, :c]) + beta * inner(h[:, :c])  # in place
+        h[:, c + 1:] = h[:, c + 1:] + alpha * cross(h[:, :c]) + beta * inner(h[:, c + 1:])
+        hidden, residual = model.layers[l](h, residual)
+    feat = model.norm_f(residual + hidden)[:, c]
+    if two_layer:
+        return F.linear(F.linear(feat, sd["head.0.weight"], sd["head.0.bias"]), sd["head.1.weight"], sd["head.1.bias"])
+    return F.linear(feat, sd["head.weight"], sd["head.bias"])
+
+
+CASES = [  # variant, model name, depth, S, simam, two-layer head, classes
+    ("vim_tiny", "vim_tiny_patch16_224", 24, 6, False, False, 10),
+    ("vim_tiny", "vim_tiny_patch16_224", 16, 8, True, True, 7),
+    ("vim_tiny", "vim_tiny_patch16_224", 12, 6, True, False, 5),
+    ("vim_small", "vim_small_patch16_224", 8, 8, False, True, 6),
+]
+
+
+@pytest.mark.parametrize("variant,name,depth,S,simam,two_layer,C", CASES)
+def test_converted_official_checkpoint_reproduces_official_logits(tmp_path, variant, name, depth, S, simam,
+                                                                  two_layer, C):
+    sd = official_weights(variant, depth, S, 64, C, two_layer, seed=1234 + depth + S)
+    ckpt = tmp_path / "svp_official.pth"
+    torch.save({"model": sd, "epoch": 99}, ckpt)
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("prompt_", "head"))}
+    backbone_file = tmp_path / "vim_backbone.pth"
+    torch.save({"model": backbone}, backbone_file)
+    out = tmp_path / "adapter"
+    kwargs = json.dumps({"img_size": IMG, "depth": depth})
+    argv = ["convert-official-svp", str(ckpt), "--model", name, "--shared-layers", str(S), "--prompt-hidden", "64",
+            "--num-classes", str(C), "--out", str(out), "--model-kwargs", kwargs]
+    argv += ["--simam"] * simam + ["--two-layer-head"] * two_layer
+    if depth == 12:
+        argv += ["--backbone-checkpoint", str(backbone_file)]
+    assert svp_main(argv) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["config"]["compat"] == "official" and cfg["config"]["simam"] == simam
+    assert cfg["config"]["head"] == ("two_layer" if two_layer else "linear")
+
+    model = timm.create_model(name, img_size=IMG, depth=depth, num_classes=C)
+    load_checkpoint_into(model, str(backbone_file))
+    peft = svp.load_adapter(model, out)
+    x = torch.from_numpy(vimref.images(2, IMG, seed=99))
+    with torch.no_grad():
+        got = peft(x)
+        want = official_reference(peft.base_model, sd, x, depth, S, simam, two_layer)
+    assert got.shape == (2, C)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    # the prompts matter here: the plain backbone with the same head gives something else
+    assert (got - peft.base_model(x)).abs().max() > 1e-3
+    if depth == 24:  # round trip back to the official names
+        back = official_state_dict(peft)
+        assert set(back) == set(sd)
+        assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_conversion_errors_are_clear(tmp_path):
+    sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=5)
+    ckpt = tmp_path / "c.pth"
+    torch.save({"model": sd}, ckpt)
+    kw = json.dumps({"img_size": IMG, "depth": 4})
+    base = ["convert-official-svp", str(ckpt), "--model", "vim_tiny_patch16_224", "--num-classes", "3",
+            "--model-kwargs", kw, "--out", str(tmp_path / "o")]
+    from svp.peft.convert import convert_official_svp
+    common = dict(model_kwargs={"img_size": IMG, "depth": 4})
+    with pytest.raises(ValueError, match=r"prompt_generator.0.0.weight has shape \(64, 192\), expected \(32, 192\)"):
+        convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 2, 32, 3, tmp_path / "o", **common)
+    with pytest.raises(RuntimeError, match="drop --two-layer-head"):
+        convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", two_layer_head=True,
+                             **common)
+    with pytest.raises(ValueError, match="missing"):
+        convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 4, 64, 3, tmp_path / "o", **common)
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("prompt_")}}, plain)
+    with pytest.raises(RuntimeError, match="not an SVP checkpoint"):
+        convert_official_svp(str(plain), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", **common)
+    assert svp_main(base + ["--shared-layers", "3", "--prompt-hidden", "64"]) == 1  # 3 does not divide 4
+    # a backbone file that differs from the backbone inside the SVP checkpoint is refused
+    other = {k: v.clone() for k, v in sd.items() if not k.startswith(("prompt_", "head"))}
+    other["norm_f.weight"] += 0.5
+    torch.save({"model": other}, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="norm_f.weight"):
+        convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o",
+                             backbone_checkpoint=str(tmp_path / "other.pth"), **common)
+    # converted adapter refuses another backbone
+    assert svp_main(base + ["--shared-layers", "2", "--prompt-hidden", "64"]) == 0
+    model = timm.create_model("vim_tiny_patch16_224", img_size=IMG, depth=4, num_classes=3)
+    with pytest.raises(AdapterError, match="weight hash"):
+        load_adapter(model, tmp_path / "o")
