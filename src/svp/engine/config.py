@@ -36,7 +36,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.init_seed", 0, "seed used when the backbone (or parts missing from the checkpoint) is randomly initialised"),
     # --- method
     ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
-    ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden)"),
+    ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden); a block named after a method (method.settings.svp.hidden=32) applies to that method only"),
     # --- data
     ("data.dataset", "digits", "dataset name from the registry (`svp datasets` / svp.data.list_datasets())"),
     ("data.root", None, "data root for datasets stored on disk (embedded datasets need none)"),
@@ -120,19 +120,18 @@ def help_text(key: str) -> str:
     return _HELP[key]
 
 
+_SCI = __import__("re").compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list)."""
+    """A command-line value as YAML (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list,
+    ``'"nan"'`` -> the string ``nan``)."""
+    if _SCI.match(text.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        return float(text)
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    # YAML 1.1 reads 1e-3 as a string; accept the usual float spellings
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def _check_key(key: str, source: str) -> Tuple[str, str]:

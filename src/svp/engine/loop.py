@@ -164,12 +164,19 @@ def create_backbone(spec: Dict[str, Any], drop_path_rate: Optional[float] = None
 def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
     import svp.peft as peft
 
-    settings = dict(cfg["method"]["settings"] or {})
+    name = cfg["method"]["name"]
+    raw = dict(cfg["method"]["settings"] or {})
+    # per-method blocks (method.settings.<method>.<key>) apply only to that method, so one
+    # configuration can drive a sweep over several methods
+    known = set(peft.list_methods())
+    settings = {k: v for k, v in raw.items() if not (k in known and isinstance(v, dict))}
+    if isinstance(raw.get(name), dict):
+        settings.update(raw[name])
     settings.setdefault("num_classes", num_classes)
     try:
-        mc = peft.make_config(cfg["method"]["name"], **settings)
+        mc = peft.make_config(name, **settings)
     except (ValueError, TypeError) as e:
-        raise C.ConfigError(f"method.name={cfg['method']['name']!r} / method.settings={settings}: {e}") from None
+        raise C.ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
     return peft.get_peft_model(backbone, mc)
 
 

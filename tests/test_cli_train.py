@@ -1,0 +1,254 @@
+"""End-to-end tests of `svp train/eval/predict/sweep` on a tiny random-init Vim
+(32 px, patch 4, depth 2, width 32) and the embedded `digits` dataset."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from svp.cli import main as svp_main
+from svp.engine import config as C
+
+TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "run_dir"}
+METHODS = ["svp", "linear", "full", "vpt_shallow", "vpt_deep", "visual_prompt", "bitfit", "lora", "adapter"]
+METHOD_SETTINGS = {"visual_prompt": {"pad": 4}, "vpt_shallow": {"num_tokens": 2}, "vpt_deep": {"num_tokens": 2},
+                   "svp": {"shared_layers": 1, "hidden": 8}}
+
+
+def tiny_config(tmp_path, name="tiny.yaml", **sections):
+    cfg = {
+        "model": {"name": "vim_tiny_patch16_224", "drop_path_rate": 0.1,
+                  "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
+        "data": {"dataset": "digits", "img_size": 32, "recipe": "svp", "max_train_samples": 12,
+                 "max_eval_samples": 8},
+        "train": {"epochs": 1, "batch_size": 4, "eval_batch_size": 8, "warmup_epochs": 0, "lr": 0.05,
+                  "lr_scale": False},
+        "run": {"output": str(tmp_path / "runs"), "progress": "none"},
+    }
+    for sec, body in sections.items():
+        cfg.setdefault(sec, {}).update(body)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _strip(d):
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in TIMING_KEYS}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def _read_run(run_dir):
+    with open(os.path.join(run_dir, "results.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    adapters = {k: load_file(os.path.join(run_dir, k, "adapter.safetensors")) for k in ("best", "last")}
+    return res, metrics, adapters
+
+
+# ---------------------------------------------------------------- every method through the CLI
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_through_the_cli(tmp_path, method, capsys):
+    cfg = tiny_config(tmp_path, method={"settings": METHOD_SETTINGS.get(method, {})})
+    rc = svp_main(["train", "-c", cfg, "--method", method, "--name", "r", "train.max_steps=2"])
+    assert rc == 0
+    run = tmp_path / "runs" / "r"
+    for f in ("config.yaml", "metrics.jsonl", "train.log", "results.json", "best/adapter.safetensors",
+              "best/adapter_config.json", "best/backbone.json", "last/adapter.safetensors",
+              "final_state.safetensors"):
+        assert (run / f).is_file(), f
+    assert not (run / "resume.safetensors").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["method"]["name"] == method and saved["train"]["max_steps"] == 2
+    res, metrics, adapters = _read_run(str(run))
+    assert len(metrics) == 1 and metrics[0]["step"] == 2 and res["steps"] == 2
+    for k in ("train_loss", "lr", "val_top1", "images_per_s", "train_seconds"):
+        assert k in metrics[0]
+    assert 0 <= res["final"]["test_top1"] <= 100 and res["final"]["test_samples"] == 8
+    assert res["val_selected"]["epoch"] == 1 and res["method"] == method
+    assert res["trainable_params"] > res["trainable_params_without_head"]
+    assert (res["trainable_params_without_head"] == 0) == (method == "linear")  # linear probe: head only
+    n_saved = sum(t.numel() for t in adapters["last"].values())
+    assert n_saved == res["trainable_params"]
+    assert res["adapter_bytes"] > 4 * n_saved
+    log = (run / "train.log").read_text()
+    assert "trainable params" in log and "epoch 1/1" in log
+
+
+# ---------------------------------------------------------------- resume after kill -9
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+    # mixup/cutmix, label smoothing, drop path, EMA and grad clipping all on: every RNG and state matters
+    cfg = tiny_config(tmp_path, train={"epochs": 2, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1, "ema": True,
+                                       "ema_decay": 0.9, "clip_grad": 1.0, "warmup_epochs": 1},
+                      run={"output": str(tmp_path / "runs"), "progress": "none", "save_every_steps": 2})
+    assert svp_main(["train", "-c", cfg, "--name", "straight"]) == 0
+    # 3 steps per epoch; resume points at steps 2, 3 (epoch end), 4; killed by SIGKILL after step 5
+    p = subprocess.run([sys.executable, "-m", "svp", "train", "-c", cfg, "--name", "killed",
+                        "debug.kill_at_step=5"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    killed = tmp_path / "runs" / "killed"
+    assert (killed / "resume.safetensors").is_file() and not (killed / "results.json").exists()
+    from svp.engine.checkpoint import load_state
+    st = load_state(str(killed / "resume.safetensors"))
+    assert (st["epoch"], st["batch"], st["global_step"]) == (1, 1, 4)  # mid-epoch resume point
+    assert svp_main(["train", "--resume", str(killed)]) == 0
+    a, b = _read_run(str(tmp_path / "runs" / "straight")), _read_run(str(killed))
+    assert _strip(a[0]) == _strip(b[0])
+    assert _strip(a[1]) == _strip(b[1])  # identical metric lines, no duplicate epochs
+    for which in ("best", "last"):
+        assert a[2][which].keys() == b[2][which].keys()
+        for k in a[2][which]:
+            assert torch.equal(a[2][which][k], b[2][which][k]), (which, k)
+    assert svp_main(["train", "--resume", str(killed)]) == 2  # finished: nothing to resume
+
+
+def test_sigterm_saves_a_resume_point(tmp_path):
+    cfg = tiny_config(tmp_path, train={"epochs": 200}, data={"max_train_samples": 8})
+    proc = subprocess.Popen([sys.executable, "-m", "svp", "train", "-c", cfg, "--name", "t"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() - t0 < 120:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM received" in err and "svp train --resume" in err
+    from svp.engine.checkpoint import load_state
+    st = load_state(str(tmp_path / "runs" / "t" / "resume.safetensors"))
+    assert st["global_step"] >= 2 and len(st["history"]) >= 1
+
+
+# ---------------------------------------------------------------- non-finite loss
+def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    rc = svp_main(["train", "-c", cfg, "--name", "nan", "debug.nan_at_step=4"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at step 4 (epoch 2, batch 1/3" in err
+    run = tmp_path / "runs" / "nan"
+    info = json.loads((run / "nonfinite" / "nonfinite.json").read_text())
+    assert info["step"] == 4 and info["epoch"] == 2
+    dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))
+    assert dump["inputs"].shape == (4, 3, 32, 32) and dump["targets"].shape == (4,)
+    assert not (run / "results.json").exists() and (run / "resume.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- torchrun
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Same global batch (1 x 8 vs 2 x 4). Mixup and drop path off: with them on, each rank
+    draws its own mixing/drop masks, which is correct but not comparable sample by sample.
+    Tolerance: train loss 1e-5 relative, adapter weights 1e-5 absolute; accuracies equal."""
+    cfg = tiny_config(tmp_path, model={"drop_path_rate": 0.0},
+                      data={"max_train_samples": 32, "recipe": "plain"},
+                      train={"epochs": 2, "batch_size": 8, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1})
+    assert svp_main(["train", "-c", cfg, "--name", "one"]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    p = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "svp", "train", "-c", cfg, "--name", "two",
+                        "train.batch_size=4"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r1, m1, a1), (r2, m2, a2) = _read_run(str(tmp_path / "runs" / "one")), _read_run(str(tmp_path / "runs" / "two"))
+    assert r2["world_size"] == 2 and r2["global_batch"] == 8 == r1["global_batch"]
+    assert len(m1) == len(m2) == 2
+    for x, y in zip(m1, m2):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
+        assert y["val_top1"] == x["val_top1"] and y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+    assert r2["final"]["test_top1"] == r1["final"]["test_top1"]
+    for k in a1["last"]:
+        torch.testing.assert_close(a2["last"][k], a1["last"][k], atol=1e-5, rtol=1e-5)
+    # only rank 0 wrote: one line per epoch
+    assert len((tmp_path / "runs" / "two" / "metrics.jsonl").read_text().strip().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- eval / predict
+def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, train={"epochs": 2})
+    assert svp_main(["train", "-c", cfg, "--name", "ep"]) == 0
+    res = json.loads((tmp_path / "runs" / "ep" / "results.json").read_text())
+    capsys.readouterr()
+    best = str(tmp_path / "runs" / "ep" / "best")
+    assert svp_main(["eval", best, "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 8 and out["top1"] == pytest.approx(res["val_selected"]["test_top1"])
+    import svp.data
+    ds = svp.data.build_dataset("digits", "test")
+    paths = []
+    for i in range(2):
+        img, _ = ds[i]
+        paths.append(str(tmp_path / f"img{i}.png"))
+        img.save(paths[-1])
+    assert svp_main(["predict", best, *paths, "--topk", "3", "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in preds] == paths
+    for p in preds:
+        assert len(p["top"]) == 3 and all(t["class"] == ds.classes[t["index"]] for t in p["top"])
+        probs = [t["prob"] for t in p["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert svp_main(["predict", best, str(tmp_path / "nope.png")]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sweep
+def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    out = tmp_path / "sweep"
+    rc = svp_main(["sweep", "--suite", "mini", "--datasets", "digits,faces", "--methods", "linear,svp",
+                   "--seeds", "0,1", "--output", str(out), "-c", cfg, "train.max_steps=1",
+                   "method.settings.svp.shared_layers=1", "method.settings.svp.hidden=8"])
+    assert rc == 0, capsys.readouterr().err
+    import csv
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok"}
+    assert {(r["dataset"], r["method"], r["seed"]) for r in rows} == {
+        (d, m, s) for d in ("digits", "faces") for m in ("linear", "svp") for s in ("0", "1")}
+    md = (out / "results.md").read_text()
+    assert "| Method | digits | faces | Mean (2 datasets) |" in md
+    svp_cfg = yaml.safe_load(open(out / "digits" / "svp" / "seed0" / "config.yaml"))
+    assert svp_cfg["method"]["settings"]["svp"] == {"shared_layers": 1, "hidden": 8}
+    assert json.load(open(out / "digits" / "svp" / "seed0" / "last" / "adapter_config.json"))["config"][
+        "shared_layers"] == 1
+    assert md.count("±") >= 8 and "selected on the validation split" in md and "after the last epoch" in md
+    # a second call reuses the finished runs
+    assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
+                     "--output", str(out), "-c", cfg]) == 0
+    assert list(csv.DictReader(open(out / "results.csv")))[0]["status"] == "reused"
+
+
+# ---------------------------------------------------------------- help and errors
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        svp_main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key, _, _ in C.SCHEMA:
+        assert key in text, key
+    for flag in ("--config", "--resume", "--dataset", "--method", "--model", "--checkpoint", "--print-config"):
+        assert flag in text
+    for sub in ("eval", "predict", "sweep"):
+        with pytest.raises(SystemExit):
+            svp_main([sub, "--help"])
+        assert "usage: svp " + sub in capsys.readouterr().out
+
+
+def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    assert svp_main(["train", "-c", cfg, "train.learning_rate=1"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+    assert svp_main(["train", "-c", cfg, "--method", "nosuch", "--name", "x"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert svp_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

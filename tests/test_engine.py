@@ -1,0 +1,279 @@
+"""Unit tests of the training engine pieces (no training): configuration, schedule,
+optimizer grouping, sampler, resume-state files, sweep tables."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from svp.engine import checkpoint as ck
+from svp.engine import config as C
+from svp.engine.distributed import EpochSampler, SeededDataset, derive_seed
+from svp.engine.optim import build_optimizer, scaled_lr
+from svp.engine.sched import Schedule, lr_at_epoch
+
+
+# ---------------------------------------------------------------- configuration
+def test_overrides_are_parsed_as_yaml_and_validated():
+    cfg = C.resolve(overrides=["train.lr=1e-3", "train.clip_grad=null", "data.dataset=digits",
+                               "model.kwargs.depth=2", "train.opt_betas=[0.8, 0.9]"], use_presets=False)
+    assert cfg["train"]["lr"] == pytest.approx(1e-3) and isinstance(cfg["train"]["lr"], float)
+    assert cfg["train"]["clip_grad"] is None
+    assert cfg["model"]["kwargs"] == {"depth": 2}
+    assert cfg["train"]["opt_betas"] == [0.8, 0.9]
+    with pytest.raises(C.ConfigError, match="train.lrr"):
+        C.resolve(overrides=["train.lrr=1"])
+    with pytest.raises(C.ConfigError, match="section.key=value"):
+        C.resolve(overrides=["lr"])
+    with pytest.raises(C.ConfigError, match=r"train.epochs=0.*positive integer"):
+        C.resolve(overrides=["train.epochs=0"], use_presets=False)
+    with pytest.raises(C.ConfigError, match="train.sched_step='hour'"):
+        C.resolve(overrides=["train.sched_step=hour"], use_presets=False)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1\n  bogus: 2\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml.*train.bogus"):
+        C.resolve([str(bad)])
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.resolve([str(tmp_path / "missing.yaml")])
+
+
+def test_resolution_order_defaults_preset_file_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {dataset: digits}\ntrain: {epochs: 7, lr: 0.5}\n")
+    cfg = C.resolve([str(f)], ["train.lr=0.25"])
+    import svp.data
+    preset = svp.data.load_preset("digits")
+    assert cfg["train"]["batch_size"] == preset["batch_size"]  # from the preset
+    assert cfg["data"]["img_size"] == preset["img_size"]
+    assert cfg["train"]["epochs"] == 7                           # file beats preset
+    assert cfg["train"]["lr"] == 0.25                            # override beats file
+    # the dump round-trips into the same configuration
+    again = C.defaults()
+    C.merge(again, __import__("yaml").safe_load(C.dump(cfg)), "dump")
+    assert again == cfg
+
+
+def test_official_preset_maps_lr_scaling_and_method_settings():
+    part = C.dataset_preset("cub200", "svp")
+    assert part["train"]["lr"] == pytest.approx(0.006)
+    assert part["train"]["lr_scale"] is True and part["train"]["lr_scale_base"] == 512
+    assert part["method"]["settings"]["shared_layers"] == 8
+    assert part["method"]["settings"]["head"] == "two_layer"
+    other = C.dataset_preset("cub200", "linear")
+    assert "shared_layers" not in other.get("method", {}).get("settings", {})
+    cfg = C.resolve(overrides=["data.dataset=hta/cub200"])
+    assert scaled_lr(cfg, 1) == pytest.approx(0.006 * 96 / 512)  # 1.125e-3, spec 2.2
+    assert scaled_lr(cfg, 2) == pytest.approx(0.006 * 96 * 2 / 512)
+
+
+# ---------------------------------------------------------------- schedule
+def _sched_cfg(**kw):
+    cfg = C.defaults()
+    cfg["train"].update({"epochs": 100, "warmup_epochs": 5, "warmup_lr": 1e-5, "min_lr": 1e-5})
+    cfg["train"].update(kw)
+    return cfg
+
+
+def test_official_per_epoch_schedule_has_the_offset():
+    peak = 1e-3
+
+    def lr_t(t):  # timm's curve, spec 2.2
+        if t < 5:
+            return 1e-5 + t * (peak - 1e-5) / 5
+        return 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 100))
+
+    cfg = _sched_cfg()
+    got = [lr_at_epoch(cfg, e, peak) for e in range(100)]
+    assert got[0] == pytest.approx(1e-5) and got[1] == pytest.approx(1e-5)
+    for e in range(1, 100):
+        assert got[e] == pytest.approx(lr_t(e - 1), rel=1e-9)
+    plain = [lr_at_epoch(_sched_cfg(official_epoch_offset=False), e, peak) for e in range(100)]
+    for e in range(100):
+        assert plain[e] == pytest.approx(lr_t(e), rel=1e-9)
+
+
+def test_per_step_schedule_warms_up_over_steps():
+    cfg = _sched_cfg(sched_step="step", epochs=10, warmup_epochs=1)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    s = Schedule(opt, cfg, steps_per_epoch=4)
+    lrs = []
+    for step in range(40):
+        s.before_step(step)
+        lrs.append(s.lr())
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[1] > lrs[0] and lrs[3] < 0.1  # rising inside the first epoch
+    # after 4 warm-up steps the cosine uses the raw step index (timm, no warm-up prefix)
+    for t in range(4, 40):
+        assert lrs[t] == pytest.approx(1e-5 + 0.5 * (0.1 - 1e-5) * (1 + math.cos(math.pi * t / 40)), rel=1e-9)
+    assert lrs[-1] < lrs[10] and len(set(lrs)) > 30
+
+
+# ---------------------------------------------------------------- optimizer
+def test_adamw_grouping_no_decay_on_bias_and_1d():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.alpha = torch.nn.Parameter(torch.zeros(3, 4))   # 2-D: decayed (spec D12)
+            self.scale = torch.nn.Parameter(torch.zeros(4))      # 1-D: not decayed
+            self.frozen = torch.nn.Linear(4, 4)
+            for q in self.frozen.parameters():
+                q.requires_grad = False
+
+    m = M()
+    cfg = C.defaults()
+    cfg["train"]["weight_decay"] = 0.05
+    opt = build_optimizer(m, cfg, lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW)
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_id[id(m.lin.weight)] == 0.05 and by_id[id(m.alpha)] == 0.05
+    assert by_id[id(m.lin.bias)] == 0.0 and by_id[id(m.scale)] == 0.0
+    assert id(m.frozen.weight) not in by_id and id(m.frozen.bias) not in by_id
+    assert opt.param_groups[0]["eps"] == 1e-8
+
+
+# ---------------------------------------------------------------- sampler
+def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
+    a = EpochSampler(50, 4, seed=3)
+    a.set_epoch(2)
+    b = EpochSampler(50, 4, seed=3)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    assert [i for i, _ in a] != [i for i, _ in b]
+    # mid-epoch resume: skipping k batches gives exactly the tail
+    full = list(a)
+    a.set_epoch(2, start_batch=5)
+    assert list(a) == full[5 * 4:]
+    assert len(full) == (50 // 4) * 4 and len({i for i, _ in full}) == len(full)
+
+
+def test_two_ranks_see_the_same_global_batches_as_one_process():
+    one = EpochSampler(37, 6, seed=1)
+    one.set_epoch(4)
+    ranks = []
+    for r in range(2):
+        s = EpochSampler(37, 3, seed=1, rank=r, world_size=2)
+        s.set_epoch(4)
+        ranks.append(list(s))
+    single = list(one)
+    assert len(single) == len(ranks[0]) * 2
+    for b in range(len(single) // 6):
+        glob = single[b * 6:(b + 1) * 6]
+        assert glob == ranks[0][b * 3:(b + 1) * 3] + ranks[1][b * 3:(b + 1) * 3]
+
+
+def test_seeded_dataset_augmentation_depends_only_on_the_sample_seed():
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(4), i
+
+    tf = lambda x: x + torch.rand(4) + float(np.random.rand()) + __import__("random").random()
+    ds = SeededDataset(DS(), tf)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    x1, _ = ds[(1, derive_seed(5, 0, 1))]
+    assert torch.equal(torch.get_rng_state(), before)  # caller's RNG untouched
+    torch.rand(10)  # whatever happened in between
+    x2, _ = ds[(1, derive_seed(5, 0, 1))]
+    x3, _ = ds[(1, derive_seed(5, 1, 1))]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+# ---------------------------------------------------------------- resume state files
+def test_resume_state_round_trip_is_exact(tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    torch.manual_seed(7)
+    np.random.seed(7)
+    state = {"optimizer": opt.state_dict(), "rng": ck.rng_state(), "best": {"score": -float("inf"), "epoch": 2},
+             "history": [{"epoch": 1, "val_top1": 50.0}], "nested": {"t": (1, 2.5, None)},
+             "model": {"w": lin.weight.detach().clone()}}
+    path = tmp_path / "r.safetensors"
+    ck.save_state(str(path), state)
+    back = ck.load_state(str(path))
+    assert back["best"]["score"] == -float("inf") and back["history"] == state["history"]
+    assert back["nested"]["t"] == (1, 2.5, None)
+    assert torch.equal(back["model"]["w"], lin.weight)
+    opt2 = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    opt2.load_state_dict(back["optimizer"])
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt2.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
+    a = torch.rand(3), np.random.rand(3)
+    ck.set_rng_state(back["rng"])
+    b = torch.rand(3), np.random.rand(3)
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    # no pickle: the file is plain safetensors with JSON metadata
+    with open(path, "rb") as f:
+        assert b"__tensor__" in f.read(200000)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ck.ResumeError, match="junk.safetensors"):
+        ck.load_state(str(tmp_path / "junk.safetensors"))
+
+
+def test_atomic_replace_dir_keeps_old_content_on_failure(tmp_path):
+    target = tmp_path / "best"
+
+    def write(v):
+        def fn(d):
+            with open(os.path.join(d, "a.txt"), "w") as f:
+                f.write(v)
+        return fn
+
+    ck.atomic_replace_dir(write("1"), str(target))
+    assert (target / "a.txt").read_text() == "1"
+
+    def boom(d):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ck.atomic_replace_dir(boom, str(target))
+    assert (target / "a.txt").read_text() == "1"
+    ck.atomic_replace_dir(write("2"), str(target))
+    assert (target / "a.txt").read_text() == "2"
+    assert sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_jsonl_reader_ignores_a_torn_last_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    assert ck.read_jsonl(str(p)) == [{"epoch": 1}, {"epoch": 2}]
+
+
+# ---------------------------------------------------------------- sweep tables
+def test_vtab_table_reports_both_averages_labelled():
+    from svp.engine.sweep import markdown_table, suite_datasets
+
+    ds = suite_datasets("vtab")
+    assert len(ds) == 19
+    groups = [g for _, g in ds]
+    assert groups.count("vtab-natural") == 7 and groups.count("vtab-specialized") == 4
+    assert groups.count("vtab-structured") == 8
+    rows = []
+    # accuracy: natural 80, specialized 60, structured 40 (+seed): 19-task mean != mean of group means
+    value = {"vtab-natural": 80.0, "vtab-specialized": 60.0, "vtab-structured": 40.0}
+    for seed in (0, 1):
+        for d, g in ds:
+            rows.append({"method": "svp", "dataset": d, "seed": seed, "status": "ok",
+                         "val_selected_test_top1": value[g] + seed, "trainable_params": 1000,
+                         "trainable_params_without_head": 900, "adapter_bytes": 2048})
+    md = markdown_table("vtab", rows, ds, ["svp"], [0, 1])
+    header, _, row = md.strip().splitlines()[2:5]
+    cells = dict(zip([h.strip() for h in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    mean19 = (7 * 80 + 4 * 60 + 8 * 40) / 19
+    assert cells["Mean (19 tasks)"] == f"{mean19 + 0.5:.2f} ± {np.std([mean19, mean19 + 1], ddof=1):.2f}"
+    assert cells["Mean of group means"].startswith(f"{60.5:.2f} ± ")
+    assert cells["Natural mean"].startswith("80.50 ± 0.71")
+    assert cells["dtd"] == "80.50 ± 0.71"
+    assert cells["Trainable params (with head)"] == "1,000" and cells["Adapter size"] == "2.0 KiB"
+    assert "selected on the validation split" in md
