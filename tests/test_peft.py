@@ -400,3 +400,21 @@ def test_simam_formula():
     peft = get_peft_model(tiny(), make_config("linear", simam=True)).eval()
     with torch.no_grad():
         assert torch.allclose(peft(images()), tiny()(simam(images())), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["adapter", "lora", "svp", "bitfit"])
+def test_deepcopy_is_independent(method):
+    """EMA copies (copy.deepcopy of the PeftModel) must carry their own method weights."""
+    import copy
+    peft = get_peft_model(tiny(), make_config(method, **METHOD_SETTINGS[method])).eval()
+    perturb_method_params(peft)
+    x = images()
+    with torch.no_grad():
+        before = peft(x)
+        twin = copy.deepcopy(peft)
+        assert torch.equal(twin(x), before)
+        for n, p in twin.named_parameters():
+            if p.requires_grad and not n.startswith("base_model.head."):
+                p.mul_(3.0)
+        assert torch.equal(peft(x), before)
+        assert not torch.equal(twin(x), before)

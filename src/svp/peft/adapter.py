@@ -43,6 +43,18 @@ class Bottleneck(nn.Module):
         return self.scale * self.up(torch.relu(self.down(u)))
 
 
+class _AdapterHook:
+    """Forward hook adding the adapter's output to the mixer's. An object (not a closure)
+    so that ``copy.deepcopy`` of the whole PeftModel (e.g. for EMA) rebinds it to the
+    copied adapter."""
+
+    def __init__(self, ad):
+        self.ad = ad
+
+    def __call__(self, module, args, output):
+        return output + self.ad(args[0].to(output.dtype))
+
+
 class ParallelAdapter(PeftMethod):
     def __init__(self, config: AdapterConfig, model: nn.Module):
         super().__init__(config, model)
@@ -50,14 +62,7 @@ class ParallelAdapter(PeftMethod):
                                        for _ in model.layers])
         self._handles = []
         for layer, ad in zip(model.layers, self.adapters):
-            self._handles.append(layer.mixer.register_forward_hook(self._make_hook(ad)))
-
-    @staticmethod
-    def _make_hook(ad):
-        def hook(module, args, output):
-            u = args[0]
-            return output + ad(u.to(output.dtype))
-        return hook
+            self._handles.append(layer.mixer.register_forward_hook(_AdapterHook(ad)))
 
     def detach(self, model):
         for h in self._handles:
