@@ -1,0 +1,54 @@
+"""The bundled mini Vim: ``vim_mini_patch4_32``.
+
+Same :class:`~svp.models.vim.VisionMamba` code as the full models, sized for CPUs:
+32x32 input, 4x4 patches (stride 4, 64 patch tokens + the middle class token),
+width 64, depth 8. Its pre-trained weights ship inside the package
+(``svp/assets/vim_mini_patch4_32.safetensors``, trained by ``svp pretrain`` on IFS
+fractal categories; see ``svp/assets/MODEL_CARD.md`` and docs/mini_backbone.md), so
+``timm.create_model('vim_mini_patch4_32', pretrained=True, num_classes=N)`` works
+offline: the source-task head is dropped when ``N`` differs from it.
+"""
+from __future__ import annotations
+
+import os
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .vim import VisionMamba, checkpoint_filter_fn
+
+__all__ = ["MINI_ARCH", "MINI_ASSET", "mini_asset_path", "vim_mini_patch4_32"]
+
+MINI_ARCH = dict(img_size=32, patch_size=4, stride=4, embed_dim=64, depth=8, d_state=16, expand=2)
+MINI_ASSET = "vim_mini_patch4_32.safetensors"
+MINI_SOURCE_CLASSES = 32
+# the pretraining used timm's ImageNet statistics, as the data recipes do by default
+_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def mini_asset_path(name: str = MINI_ASSET) -> str:
+    """Filesystem path of a file in the installed ``svp/assets`` folder."""
+    try:
+        from importlib.resources import files
+        return os.fspath(files("svp").joinpath("assets", name))
+    except Exception:  # pragma: no cover - very old importlib
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", name)
+
+
+default_cfgs = generate_default_cfgs({
+    "vim_mini_patch4_32.ifs32_fractal": {
+        "file": mini_asset_path(), "num_classes": MINI_SOURCE_CLASSES, "input_size": (3, 32, 32),
+        "pool_size": None, "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": False,
+        "mean": _MEAN, "std": _STD, "first_conv": "patch_embed.proj", "classifier": "head",
+        "license": "apache-2.0",
+    },
+})
+
+
+@register_model
+def vim_mini_patch4_32(pretrained=False, **kwargs) -> VisionMamba:
+    args = dict(MINI_ARCH, drop_path_rate=0.0)
+    if pretrained and not os.path.isfile(mini_asset_path()):
+        raise FileNotFoundError(f"bundled mini Vim weights not found at {mini_asset_path()}; the package "
+                                f"install is incomplete (svp/assets must be package data)")
+    return build_model_with_cfg(VisionMamba, "vim_mini_patch4_32", pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))

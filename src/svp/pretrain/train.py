@@ -1,0 +1,333 @@
+"""``svp pretrain``: pre-train a Vim on the IFS fractal categories and export it.
+
+The loop is deliberately small and self-contained (no dependency on the fine-tuning
+engine, whose recipes are for adaptation): in-memory uint8 images, per-epoch seeded
+shuffling, random mirror as the only augmentation (pose, colour and shape jitter are
+already in the generator), AdamW with linear warm-up then cosine decay per step,
+label smoothing. A checkpoint (weights + optimiser state + position, safetensors +
+JSON) is written atomically every ``--ckpt-every`` steps and at the end; ``--resume``
+continues from it and reproduces the uninterrupted run's data order.
+
+``--export`` writes the released asset: the model's weights in safetensors (fp32)
+plus a JSON model card next to it holding the recipe, the exact command, the data
+definition, the file's sha256 and the held-out source-task accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fractals import generate_split, make_categories
+
+DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
+                epochs=4, batch_size=128, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
+                label_smoothing=0.1, ckpt_every=50, threads=1)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def to_input(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 (n, h, w, 3) -> normalised float (n, 3, h, w), the pretraining input."""
+    x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div_(255)
+    return (x - MEAN) / STD
+
+
+def _atomic_write_bytes(path: str, data: bytes):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_json(path: str, obj):
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _save_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None):
+    from safetensors.torch import save
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    _atomic_write_bytes(path, data)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lr_at(step: int, total: int, args) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    t = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_model(args, num_classes: int):
+    import timm
+    import svp  # noqa: F401  (registers the Vim models)
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    return timm.create_model(args.model, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, images_u8: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = model(to_input(images_u8[i:i + batch_size]))
+        correct += int((logits.argmax(-1).numpy() == labels[i:i + batch_size]).sum())
+    return correct / max(1, len(labels))
+
+
+def _optim_state(opt, names) -> Dict[str, torch.Tensor]:
+    out = {}
+    for p, name in zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], names):
+        st = opt.state.get(p)
+        if st:
+            out[f"exp_avg.{name}"] = st["exp_avg"]
+            out[f"exp_avg_sq.{name}"] = st["exp_avg_sq"]
+            out[f"step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def _load_optim_state(opt, names, tensors):
+    for p, name in zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"], names):
+        if f"exp_avg.{name}" in tensors:
+            opt.state[p] = {"step": torch.tensor(float(tensors[f"step.{name}"][0])),
+                            "exp_avg": tensors[f"exp_avg.{name}"].clone(),
+                            "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].clone()}
+
+
+def _make_optimizer(model, args):
+    decay, no_decay, dn, nn_ = [], [], [], []
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name in skip or name.endswith(".bias") or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p), nn_.append(name)
+        else:
+            decay.append(p), dn.append(name)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    return opt, dn + nn_
+
+
+def pretrain(args, log=print) -> dict:
+    """Run (or resume) pretraining into ``args.out``; returns the final summary."""
+    torch.set_num_threads(max(1, int(args.threads)))
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    cats = make_categories(args.num_classes, args.seed)
+    train_x, train_y = generate_split("train", args.num_classes, args.per_class, args.seed, categories=cats)
+    held_x, held_y = generate_split("heldout", args.num_classes, args.heldout_per_class, args.seed,
+                                    categories=cats)
+    log(f"data: {len(train_y)} train / {len(held_y)} held-out IFS images, {args.num_classes} categories "
+        f"({time.time() - t0:.1f}s)")
+
+    torch.manual_seed(args.seed)
+    model = build_model(args, args.num_classes)
+    opt, names = _make_optimizer(model, args)
+    n = len(train_y)
+    steps_per_epoch = n // args.batch_size
+    total = steps_per_epoch * args.epochs
+    step = 0
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    state_json = os.path.join(args.out, "checkpoint.json")
+    if args.resume and os.path.isfile(ckpt) and os.path.isfile(state_json):
+        from safetensors.torch import load_file
+        tensors = load_file(ckpt)
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optim_state(opt, names, tensors)
+        with open(state_json) as f:
+            step = int(json.load(f)["step"])
+        log(f"resumed from {ckpt} at step {step}/{total}")
+    from .. import ops
+    log(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} params; scan backend "
+        f"{ops.get_backend()} (available: {', '.join(ops.available_backends())}); {total} steps of "
+        f"{args.batch_size}; threads {torch.get_num_threads()}")
+
+    def save_ckpt():
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update(_optim_state(opt, names))
+        _save_safetensors(ckpt, tensors)
+        _atomic_json(state_json, {"step": step, "total": total, "args": vars_of(args)})
+
+    history = []
+    model.train()
+    t_start, loss_avg = time.time(), None
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+        x = to_input(train_x[idx.numpy()])
+        fl = flips[idx]
+        x[fl] = x[fl].flip(-1)
+        y = torch.from_numpy(train_y[idx.numpy()])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, args)
+        loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss at step {step}: {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
+        if step % 10 == 0 or step == total:
+            el = time.time() - t_start
+            log(f"step {step}/{total} epoch {epoch} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{el:.0f}s elapsed")
+        if step % args.ckpt_every == 0 or step == total:
+            save_ckpt()
+        if step % steps_per_epoch == 0 or step == total:
+            acc = evaluate(model, held_x, held_y)
+            history.append({"step": step, "epoch": epoch, "heldout_acc": acc, "loss": loss_avg})
+            log(f"epoch {epoch} done: held-out accuracy {acc:.4f}")
+            model.train()
+    acc = evaluate(model, held_x, held_y)
+    summary = {"steps": total, "heldout_accuracy": acc, "heldout_images": int(len(held_y)),
+               "chance": 1.0 / args.num_classes, "train_seconds_this_run": round(time.time() - t_start, 1),
+               "history": history}
+    _atomic_json(os.path.join(args.out, "summary.json"), summary)
+    log(f"done: held-out accuracy {acc:.4f} (chance {1 / args.num_classes:.4f})")
+    if args.export:
+        export(model, args, summary, cats, log)
+    return summary
+
+
+def vars_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func",)}
+
+
+def export(model, args, summary: dict, cats, log=print) -> str:
+    """Write the weights (safetensors) and the JSON card with the file's sha256."""
+    path = args.export
+    meta = {"format": "pt", "model": args.model, "source_task": f"ifs_fractal_{args.num_classes}",
+            "seed": str(args.seed)}
+    _save_safetensors(path, model.state_dict(), metadata=meta)
+    digest = sha256_file(path)
+    size = os.path.getsize(path)
+    test_x, test_y = generate_split("heldout", args.num_classes, 10, args.seed, categories=cats)
+    test_acc = evaluate(model, test_x, test_y)
+    card = {
+        "model": args.model,
+        "file": os.path.basename(path),
+        "sha256": digest,
+        "bytes": size,
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "architecture": {k: v for k, v in _arch(model).items()},
+        "source_task": {
+            "name": f"IFS fractal categories ({args.num_classes} classes), svp.pretrain.fractals",
+            "num_classes": args.num_classes, "seed": args.seed, "img_size": 32,
+            "train": {"split": "train", "per_class": args.per_class},
+            "heldout": {"split": "heldout", "per_class": args.heldout_per_class,
+                        "accuracy": summary["heldout_accuracy"]},
+            "heldout_test_subset": {"split": "heldout", "per_class": 10, "accuracy": test_acc},
+            "chance": 1.0 / args.num_classes,
+        },
+        "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay",
+                                                  "warmup_steps", "label_smoothing", "threads")},
+        "normalisation": {"mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist()},
+        "command": getattr(args, "command_line", None),
+        "history": summary.get("history", []),
+        "train_seconds_last_run": summary.get("train_seconds_this_run"),
+        "torch": torch.__version__,
+    }
+    card_path = os.path.splitext(path)[0] + ".json"
+    _atomic_json(card_path, card)
+    log(f"exported {path} ({size / 1e6:.2f} MB, sha256 {digest}) and {card_path}; held-out accuracy "
+        f"{summary['heldout_accuracy']:.4f}, test subset {test_acc:.4f}")
+    return path
+
+
+def _arch(model) -> dict:
+    pe = model.patch_embed
+    m = model.layers[0].mixer
+    return {"img_size": pe.img_size[0], "patch_size": pe.patch_size[0], "stride": pe.stride[0],
+            "embed_dim": model.embed_dim, "depth": len(model.layers), "d_state": m.d_state,
+            "expand": m.d_inner // m.d_model, "num_patches": pe.num_patches,
+            "num_classes": model.num_classes}
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train a (mini) Vim on procedural IFS fractal categories",
+        description="Pre-train a Vim on formula-driven IFS fractal categories (FractalDB-style, no natural "
+                    "images) and optionally export the weights + model card. Deterministic given --seed.")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, summary.json, log)")
+    p.add_argument("--model", default=DEFAULTS["model"], help="registered timm model name (default %(default)s)")
+    for k in ("num_classes", "per_class", "heldout_per_class", "seed", "epochs", "batch_size", "warmup_steps",
+              "ckpt_every", "threads"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=DEFAULTS[k], help=f"default {DEFAULTS[k]}")
+    for k in ("lr", "min_lr", "weight_decay", "label_smoothing"):
+        p.add_argument("--" + k.replace("_", "-"), type=float, default=DEFAULTS[k], help=f"default {DEFAULTS[k]}")
+    p.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
+                   help='extra timm.create_model arguments, e.g. \'{"depth": 2}\' (default none)')
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    p.add_argument("--export", default=None, metavar="FILE.safetensors",
+                   help="write the final weights here plus a JSON model card beside it")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    args.command_line = "svp pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else None
+    for k in ("num_classes", "per_class", "heldout_per_class", "epochs", "batch_size", "ckpt_every"):
+        if getattr(args, k) < 1:
+            print(f"svp pretrain: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}", file=sys.stderr)
+            return 2
+    if args.per_class * args.num_classes < args.batch_size:
+        print(f"svp pretrain: {args.per_class * args.num_classes} training images are fewer than one batch "
+              f"({args.batch_size})", file=sys.stderr)
+        return 2
+    logf = open(os.path.join(_mk(args.out), "pretrain.log"), "a")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    try:
+        pretrain(args, log)
+    finally:
+        logf.close()
+    return 0
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--model-kwargs: not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--model-kwargs: expected a JSON object, got {text!r}")
+    return value
+
+
+def _mk(d):
+    os.makedirs(d, exist_ok=True)
+    return d
