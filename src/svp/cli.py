@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "svp.data.cli",
     "svp.peft.cli",
     "svp.viz.cli",
+    "svp.pretrain.train",
 ]
 
 

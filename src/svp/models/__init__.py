@@ -4,6 +4,7 @@ from .loading import _patch_timm_checkpoint_path
 from .vim import (BiMambaMixer, Block, PatchEmbed, VisionMamba, checkpoint_filter_fn,
                   resample_pos_embed_midcls)
 
+from . import vim_mini  # noqa: F401  (registers vim_mini_patch4_32, the bundled backbone)
 _patch_timm_checkpoint_path()
 
 __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "checkpoint_filter_fn",
