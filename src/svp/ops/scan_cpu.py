@@ -1,0 +1,535 @@
+"""Fused selective scan for CPUs: numba kernels + one ``torch.autograd.Function``.
+
+Semantics are those of :func:`svp.ops.scan_ref.selective_scan_ref` (plus ``reverse``).
+Everything is computed in float32 whatever the input dtype; results are cast back.
+
+Layout. The kernels work on the (batch, len, dim) layout so that the innermost loop
+runs over contiguous channels (and vectorises). The model hands us u/delta/z as
+(b, d, l) *transposed views* of contiguous (b, l, d) tensors, which we read in place;
+any other layout is copied once. B and C (small) are always copied to (b, l, g, n).
+
+Parallelism: one task per (batch, group, block of BS channels). Each task keeps the
+(n, BS) state in a small local array and walks the sequence; ``reverse`` only changes
+the time index (no flips or copies).
+
+Backward: the forward stores the state at the start of every chunk of K steps. The
+backward walks the chunks from last to first: it recomputes the chunk's states and
+decay factors exp(delta*A) into task-local buffers (L2-resident), then runs the
+reverse-time recurrence dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating
+the gradients of every input. Reductions over channels (dB, dC) are written per block
+and summed in float64; reductions over time/batch (dA, dD, d_delta_bias) accumulate in
+float64.
+
+exp/softplus/sigmoid are branch-free polynomials (vectorisable), accurate to ~1e-7
+relative; exp underflows to exactly 0 below -87.3 (no NaN/inf for delta*|A| in the
+hundreds or thousands).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+
+def _default_cache_dir():
+    """numba caches next to this file; if the package dir is read-only use a user dir."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    pyc = os.path.join(here, "__pycache__")
+    try:
+        os.makedirs(pyc, exist_ok=True)
+        ok = os.access(pyc, os.W_OK)
+    except OSError:
+        ok = False
+    if not ok:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "svp", "numba")
+
+
+_default_cache_dir()
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+import llvmlite.binding as _llvm  # noqa: E402
+
+# The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
+# default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
+# (a process-wide LLVM option that only changes vectorisation decisions).
+try:
+    _llvm.set_option("svp", "-runtime-memory-check-threshold=128")
+except Exception:  # pragma: no cover - an LLVM without the option: slower, still correct
+    pass
+
+BS = 64          # channels per task: 4 AVX-512 / 8 AVX2 vectors; amortises per-row loop overhead
+CHUNK = 32       # time steps per backward chunk (recomputed state buffers stay in L2)
+
+_f32 = np.float32
+# exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 polynomial (Taylor-like
+# minimax coefficients), then scale by 2^k built from the exponent bits.
+_LOG2E = _f32(1.4426950408889634)
+_LN2_HI = _f32(0.693359375)
+_LN2_LO = _f32(-2.12194440e-4)
+_P0 = _f32(1.9875691500e-4)
+_P1 = _f32(1.3981999507e-3)
+_P2 = _f32(8.3334519073e-3)
+_P3 = _f32(4.1665795894e-2)
+_P4 = _f32(1.6666665459e-1)
+_P5 = _f32(5.0000001201e-1)
+_ONE = _f32(1.0)
+_TWO = _f32(2.0)
+_ZERO = _f32(0.0)
+_HALF = _f32(0.5)
+_XMAX = _f32(88.3)
+_XMIN = _f32(-87.3)
+# log1p(t) = 2 atanh(f), f = t / (2 + t) in [0, 1/3] for t in [0, 1]
+_Q = [_f32(1.0 / (2 * k + 1)) for k in range(9)]
+_Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8 = _Q
+
+_FM_SAFE = {"contract", "nsz"}                  # keeps the order of every operation
+_FM_RED = {"contract", "nsz", "reassoc", "arcp"}  # lets channel sums vectorise
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _exp(x):
+    """float32 exp, branch-free; exactly 0 below -87.3, saturates at 2^127 above 88.3."""
+    xc = x if x > _XMIN else _XMIN        # (ternaries, not min/max: those do not vectorise)
+    xc = xc if xc < _XMAX else _XMAX
+    k = np.floor(xc * _LOG2E + _HALF)
+    r = xc - k * _LN2_HI
+    r = r - k * _LN2_LO
+    p = _P0
+    p = p * r + _P1
+    p = p * r + _P2
+    p = p * r + _P3
+    p = p * r + _P4
+    p = p * r + _P5
+    p = p * (r * r) + r + _ONE
+    scale = _bits_to_f32(np.int32((np.int32(k) + 127) << 23))
+    v = p * scale
+    return v if x >= _XMIN else _ZERO
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _log1p01(t):
+    """log(1 + t) for t in [0, 1], no cancellation for small t."""
+    f = t / (_TWO + t)
+    f2 = f * f
+    p = _Q8
+    p = p * f2 + _Q7
+    p = p * f2 + _Q6
+    p = p * f2 + _Q5
+    p = p * f2 + _Q4
+    p = p * f2 + _Q3
+    p = p * f2 + _Q2
+    p = p * f2 + _Q1
+    p = p * f2 + _Q0
+    return _TWO * f * p
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _softplus(x):
+    ax = x if x >= _ZERO else -x
+    return (x if x > _ZERO else _ZERO) + _log1p01(_exp(-ax))
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _sigmoid(x):
+    return _ONE / (_ONE + _exp(-x))
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _scan_fwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast):
+    b, L, d = u.shape
+    g = Bm.shape[2]
+    N = Bm.shape[3]
+    dg = d // g
+    nbg = (dg + BS - 1) // BS
+    for task in prange(b * g * nbg):
+        bi = task // (g * nbg)
+        rem = task - bi * (g * nbg)
+        gi = rem // nbg
+        blk = rem - gi * nbg
+        c0 = gi * dg + blk * BS
+        cw = min(BS, dg - blk * BS)
+        c1 = c0 + cw
+        h = np.zeros((N, BS), np.float32)
+        Ab = np.zeros((N, BS), np.float32)
+        for n in range(N):
+            an = At[n, c0:c1]
+            abn = Ab[n]
+            for c in range(cw):
+                abn[c] = an[c]
+        dt = np.zeros(BS, np.float32)
+        du = np.zeros(BS, np.float32)
+        y = np.zeros(BS, np.float32)
+        Db = Dv[c0:c1]
+        bb = bias[c0:c1]
+        for step in range(L):
+            if step % K == 0:
+                kk = step // K
+                for n in range(N):
+                    hsr = hs[bi, kk, n, c0:c1]
+                    hn = h[n]
+                    for c in range(cw):
+                        hsr[c] = hn[c]
+            t = L - 1 - step if reverse else step
+            ur = u[bi, t, c0:c1]
+            dr = dl[bi, t, c0:c1]
+            if softplus:
+                for c in range(cw):
+                    dt[c] = _softplus(dr[c] + bb[c])
+            else:
+                for c in range(cw):
+                    dt[c] = dr[c] + bb[c]
+            for c in range(cw):
+                du[c] = dt[c] * ur[c]
+            for c in range(BS):
+                y[c] = _ZERO
+            Br = Bm[bi, t, gi]
+            Cr = Cm[bi, t, gi]
+            for n in range(N):
+                bn = Br[n]
+                cn = Cr[n]
+                hn = h[n]
+                abn = Ab[n]
+                for c in range(BS):
+                    hv = _exp(dt[c] * abn[c]) * hn[c] + du[c] * bn
+                    hn[c] = hv
+                    y[c] += cn * hv
+            orow = out[bi, t, c0:c1]
+            if has_z:
+                zr = z[bi, t, c0:c1]
+                for c in range(cw):
+                    zz = zr[c]
+                    orow[c] = (y[c] + Db[c] * ur[c]) * (zz * _sigmoid(zz))
+            else:
+                for c in range(cw):
+                    orow[c] = y[c] + Db[c] * ur[c]
+        for n in range(N):
+            hl = hlast[bi, n, c0:c1]
+            hn = h[n]
+            for c in range(cw):
+                hl[c] = hn[c]
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_RED)
+def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp):
+    # Every inner loop writes at most three arrays so that LLVM vectorises it (numba
+    # cannot tell it that the small local arrays do not overlap).
+    b, L, d = u.shape
+    g = Bm.shape[2]
+    N = Bm.shape[3]
+    dg = d // g
+    nbg = (dg + BS - 1) // BS
+    nchunk = (L + K - 1) // K
+    for task in prange(b * g * nbg):
+        bi = task // (g * nbg)
+        rem = task - bi * (g * nbg)
+        gi = rem // nbg
+        blk = rem - gi * nbg
+        c0 = gi * dg + blk * BS
+        cw = min(BS, dg - blk * BS)
+        c1 = c0 + cw
+        Ab = np.zeros((N, BS), np.float32)
+        for n in range(N):
+            an = At[n, c0:c1]
+            abn = Ab[n]
+            for c in range(cw):
+                abn[c] = an[c]
+        Hb = np.zeros((K + 1, N, BS), np.float32)   # Hb[j+1] = state after step s0+j
+        Eb = np.zeros((K, N, BS), np.float32)       # exp(delta*A) of step s0+j
+        Tb = np.zeros((K, BS), np.float32)          # delta after bias/softplus
+        Gb = np.zeros((K, BS), np.float32)          # dL/d(y + D u) (through the gate)
+        dh = np.zeros((N, BS), np.float32)
+        for n in range(N):
+            dln = dlast[bi, n, c0:c1]
+            dhn = dh[n]
+            for c in range(cw):
+                dhn[c] = dln[c]
+        dAacc = np.zeros((N, BS), np.float64)
+        dDacc = np.zeros(BS, np.float64)
+        dbacc = np.zeros(BS, np.float64)
+        y = np.zeros(BS, np.float32)
+        dtu = np.zeros(BS, np.float32)
+        s1 = np.zeros(BS, np.float32)
+        s2 = np.zeros(BS, np.float32)
+        Db = Dv[c0:c1]
+        bb = bias[c0:c1]
+        for kk in range(nchunk - 1, -1, -1):
+            s0 = kk * K
+            s1_ = min(L, s0 + K)
+            # --- recompute the chunk's states, the gate gradient and dC
+            for n in range(N):
+                src = hs[bi, kk, n, c0:c1]
+                dst = Hb[0, n]
+                for c in range(cw):
+                    dst[c] = src[c]
+            for s in range(s0, s1_):
+                j = s - s0
+                t = L - 1 - s if reverse else s
+                ur = u[bi, t, c0:c1]
+                dr = dl[bi, t, c0:c1]
+                dt = Tb[j]
+                if softplus:
+                    for c in range(cw):
+                        dt[c] = _softplus(dr[c] + bb[c])
+                else:
+                    for c in range(cw):
+                        dt[c] = dr[c] + bb[c]
+                for c in range(cw):
+                    dtu[c] = dt[c] * ur[c]
+                for c in range(BS):
+                    y[c] = _ZERO
+                Br = Bm[bi, t, gi]
+                Cr = Cm[bi, t, gi]
+                for n in range(N):
+                    bn = Br[n]
+                    hp = Hb[j, n]
+                    hn = Hb[j + 1, n]
+                    en = Eb[j, n]
+                    abn = Ab[n]
+                    for c in range(BS):
+                        e = _exp(dt[c] * abn[c])
+                        en[c] = e
+                        hn[c] = e * hp[c] + dtu[c] * bn
+                for n in range(N):
+                    cn = Cr[n]
+                    hn = Hb[j + 1, n]
+                    for c in range(BS):
+                        y[c] += cn * hn[c]
+                gr = dout[bi, t, c0:c1]
+                gv = Gb[j]
+                if has_z:
+                    zr = z[bi, t, c0:c1]
+                    dzr = dz_o[bi, t, c0:c1]
+                    for c in range(cw):
+                        zz = zr[c]
+                        sg = _sigmoid(zz)
+                        dzr[c] = gr[c] * (y[c] + Db[c] * ur[c]) * sg * (_ONE + zz * (_ONE - sg))
+                        gv[c] = gr[c] * zz * sg
+                else:
+                    for c in range(cw):
+                        gv[c] = gr[c]
+                for c in range(cw):
+                    dDacc[c] += gv[c] * ur[c]
+                dCr = dCp[bi, gi, blk, t]
+                for n in range(N):
+                    hn = Hb[j + 1, n]
+                    sc = _ZERO
+                    for c in range(BS):
+                        sc += gv[c] * hn[c]
+                    dCr[n] = sc
+            # --- reverse-time recurrence over the chunk
+            for s in range(s1_ - 1, s0 - 1, -1):
+                j = s - s0
+                t = L - 1 - s if reverse else s
+                ur = u[bi, t, c0:c1]
+                dt = Tb[j]
+                gv = Gb[j]
+                for c in range(cw):
+                    dtu[c] = dt[c] * ur[c]
+                for c in range(BS):
+                    s1[c] = _ZERO
+                    s2[c] = _ZERO
+                Br = Bm[bi, t, gi]
+                Cr = Cm[bi, t, gi]
+                dBr = dBp[bi, gi, blk, t]
+                for n in range(N):
+                    bn = Br[n]
+                    cn = Cr[n]
+                    hp = Hb[j, n]       # becomes q = dL/d(exp(delta A)) * exp(delta A) * ...
+                    en = Eb[j, n]       # becomes dh_t (before the decay)
+                    dhn = dh[n]
+                    for c in range(BS):
+                        dhv = dhn[c] + cn * gv[c]
+                        e = en[c]
+                        hp[c] = dhv * hp[c] * e
+                        dhn[c] = e * dhv
+                        en[c] = dhv
+                    sb = _ZERO
+                    for c in range(BS):
+                        sb += en[c] * dtu[c]
+                    dBr[n] = sb
+                    for c in range(BS):
+                        s1[c] += en[c] * bn
+                    abn = Ab[n]
+                    for c in range(BS):
+                        s2[c] += hp[c] * abn[c]
+                    dan = dAacc[n]
+                    for c in range(BS):
+                        dan[c] += hp[c] * dt[c]
+                dur = du_o[bi, t, c0:c1]
+                ddr = ddl_o[bi, t, c0:c1]
+                for c in range(cw):
+                    dur[c] = gv[c] * Db[c] + s1[c] * dt[c]
+                    ddr[c] = s2[c] + s1[c] * ur[c]
+                if softplus:
+                    dr = dl[bi, t, c0:c1]
+                    for c in range(cw):
+                        ddr[c] = ddr[c] * _sigmoid(dr[c] + bb[c])
+                for c in range(cw):
+                    dbacc[c] += ddr[c]
+        for n in range(N):
+            dst = dAp[bi, n, c0:c1]
+            dan = dAacc[n]
+            for c in range(cw):
+                dst[c] = dan[c]
+        dDr = dDp[bi, c0:c1]
+        dbr = dbp[bi, c0:c1]
+        for c in range(cw):
+            dDr[c] = dDacc[c]
+            dbr[c] = dbacc[c]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _sum_blocks(P, out):
+    """out[b, t, g, n] = sum_k P[b, g, k, t, n] in float64 (P: per-block partial sums)."""
+    b, g, nb, L, N = P.shape
+    for task in prange(b * L):
+        bi = task // L
+        t = task - bi * L
+        for gi in range(g):
+            o = out[bi, t, gi]
+            for n in range(N):
+                acc = 0.0
+                for k in range(nb):
+                    acc += np.float64(P[bi, gi, k, t, n])
+                o[n] = acc
+
+
+# ---------------------------------------------------------------------------------------
+def _as_bld(x: torch.Tensor) -> torch.Tensor:
+    """(b, d, l) tensor -> float32 (b, l, d) contiguous, a view when memory allows."""
+    xt = x.detach().transpose(1, 2)
+    if xt.dtype != torch.float32:
+        return xt.to(torch.float32).contiguous()
+    return xt.contiguous()
+
+
+def _as_blgn(X: torch.Tensor) -> torch.Tensor:
+    X = X.detach()
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    return X.permute(0, 3, 1, 2).to(torch.float32).contiguous()   # (b, l, g, n)
+
+
+def _vec(x, d):
+    if x is None:
+        return torch.zeros(d, dtype=torch.float32)
+    return x.detach().to(torch.float32).contiguous()
+
+
+class SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
+        b, d, L = u.shape
+        N = A.shape[1]
+        u3, dl3 = _as_bld(u), _as_bld(delta)
+        has_z = z is not None
+        z3 = _as_bld(z) if has_z else u3
+        Bm, Cm = _as_blgn(B), _as_blgn(C)
+        gB, gC = Bm.shape[2], Cm.shape[2]
+        G = gB * gC // math.gcd(gB, gC)
+        if d % G:
+            raise ValueError(f"grouped B/C: channels ({d}) must be a multiple of groups ({gB}, {gC})")
+        if gB != G:
+            Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
+        if gC != G:
+            Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
+        At = A.detach().to(torch.float32).t().contiguous()
+        Dv, bias = _vec(D, d), _vec(delta_bias, d)
+        K = int(chunk)
+        nchunk = (L + K - 1) // K
+        out = torch.empty(b, L, d, dtype=torch.float32)
+        hs = torch.empty(b, nchunk, N, d, dtype=torch.float32)
+        hlast = torch.empty(b, N, d, dtype=torch.float32)
+        _scan_fwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
+                  bias.numpy(), has_z, bool(delta_softplus), bool(reverse), K,
+                  out.numpy(), hs.numpy(), hlast.numpy())
+        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, Dv, bias, hs)
+        ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
+                   delta_bias is not None, (B.dim() == 4, C.dim() == 4))
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
+        out = out.transpose(1, 2)
+        last = hlast.transpose(1, 2)
+        if u.dtype != torch.float32:
+            out = out.to(u.dtype)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u3, dl3, z3, Bm, Cm, At, Dv, bias, hs = ctx.saved_tensors
+        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4) = ctx.cfg
+        b, L, d = u3.shape
+        g, N = Bm.shape[2], Bm.shape[3]
+        nbg = (d // g + BS - 1) // BS
+        if dout is None:
+            dout = torch.zeros(b, d, L)
+        g3 = _as_bld(dout)
+        if dlast is None:
+            dl_ = torch.zeros(b, N, d, dtype=torch.float32)
+        else:
+            dl_ = dlast.detach().transpose(1, 2).to(torch.float32).contiguous()
+        du = torch.empty(b, L, d, dtype=torch.float32)
+        dd = torch.empty(b, L, d, dtype=torch.float32)
+        dz = torch.empty(b, L, d, dtype=torch.float32) if has_z else du
+        dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+        dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+        dAp = torch.empty(b, N, d, dtype=torch.float64)
+        dDp = torch.empty(b, d, dtype=torch.float64)
+        dbp = torch.empty(b, d, dtype=torch.float64)
+        _scan_bwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
+                  bias.numpy(), has_z, softplus, reverse, K, hs.numpy(), g3.numpy(), dl_.numpy(),
+                  du.numpy(), dd.numpy(), dz.numpy(), dBp.numpy(), dCp.numpy(), dAp.numpy(),
+                  dDp.numpy(), dbp.numpy())
+        need = ctx.needs_input_grad
+        dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
+
+        def bc(P, gX, is4, dtype):
+            o = torch.empty(b, L, g, N, dtype=torch.float64)
+            _sum_blocks(P.numpy(), o.numpy())
+            o = o.permute(0, 2, 3, 1)            # (b, G, n, l)
+            if gX != g:                          # B/C was shared by G // gX finer groups
+                o = o.reshape(b, gX, g // gX, N, L).sum(2)
+            if not is4:
+                o = o[:, 0]
+            return o.to(dtype)
+
+        r_u = du.transpose(1, 2).to(dt_u) if need[0] else None
+        r_delta = dd.transpose(1, 2).to(dt_delta) if need[1] else None
+        r_A = dAp.sum(0).t().to(dt_A) if need[2] else None
+        r_B = bc(dBp, gB, b4, dt_B) if need[3] else None
+        r_C = bc(dCp, gC, c4, dt_C) if need[4] else None
+        r_D = dDp.sum(0).to(dt_D) if (has_D and need[5]) else None
+        r_z = dz.transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
+        r_bias = dbp.sum(0).to(dt_bias) if (has_bias and need[7]) else None
+        return r_u, r_delta, r_A, r_B, r_C, r_D, r_z, r_bias, None, None, None
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, reverse=False, chunk=CHUNK):
+    """Fused CPU selective scan. Same arguments as ``selective_scan_ref`` plus ``reverse``
+    (scan from the last position to the first; outputs stay in the original order)."""
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
+        if x is not None and x.device.type != "cpu":
+            raise ValueError(f"the 'cpu' scan backend needs CPU tensors; {name} is on {x.device}")
+        if x is not None and x.is_complex():
+            raise ValueError("the 'cpu' scan backend supports real tensors only")
+    out, last = SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
+    return (out, last) if return_last_state else out
