@@ -189,7 +189,8 @@ def write_json(path: str, obj) -> None:
 
 def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: str,
               layers: Optional[Sequence[int]] = None, quantities: Sequence[str] = DEFAULT_QUANTITIES,
-              direction: str = "both", mask: Optional[np.ndarray] = None, dpi: int = 100) -> List[str]:
+              direction: str = "both", mask: Optional[np.ndarray] = None, dpi: int = 100,
+              alpha: float = 1.0) -> List[str]:
     """Analyse ``image`` (PIL) with every model in ``models`` (label -> module) and write the
     figures into ``out_dir``. ``mask``: optional (H, W) 0/1 object mask in the image's pixels.
     Returns the written paths."""
@@ -214,11 +215,12 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     written = []
     for k, g in maps.items():
         written.append(plot_model_heatmaps(g, disp, os.path.join(out_dir, f"{prefix}_{_safe(k)}_maps.png"), layers,
-                                           quantities, direction, title=k, mask_outline=mask_in, dpi=dpi))
+                                           quantities, direction, title=k, alpha=alpha, mask_outline=mask_in,
+                                           dpi=dpi))
     if len(maps) > 1:
         for q in quantities:
             written.append(plot_comparison(maps, disp, os.path.join(out_dir, f"{prefix}_compare_{q}.png"), layers,
-                                           q, direction, dpi=dpi))
+                                           q, direction, alpha=alpha, mask_outline=mask_in, dpi=dpi))
     if mask_grid is not None:
         if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
             raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "
@@ -271,7 +273,7 @@ def run(args) -> int:
         elif args.box:
             mask = parse_box(args.box, *image.size)
         written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
-                            mask, dpi=args.dpi)
+                            mask, dpi=args.dpi, alpha=args.alpha)
     except VizError as e:
         print(f"svp visualize: {e}", file=sys.stderr)
         return 2
@@ -309,4 +311,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="viz", help="output directory")
     p.add_argument("--prefix", default=None, help="file name prefix (default: image name or dataset_split_index)")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    p.add_argument("--alpha", type=float, default=1.0,
+                   help="opacity of the maps; < 1 shows a grey copy of the image underneath (bright image "
+                        "regions then look brighter whatever the value)")
     p.set_defaults(func=run)

@@ -3,7 +3,8 @@
 All functions take :class:`~svp.viz.gates.GateMaps` objects plus the image as an
 (H, W, 3) float array in [0, 1] (the picture the model saw, before normalisation)
 and write one PNG atomically. Patch values are drawn as blocks (no smoothing) over
-a grey copy of the image, so what you see is exactly one value per patch.
+the object outline (when a mask is given), so what you see is exactly one value per patch;
+with ``alpha`` < 1 a grey copy of the image shows through.
 """
 from __future__ import annotations
 
@@ -58,12 +59,26 @@ def _finite_range(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
     return lo, hi
 
 
-def _overlay(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float, alpha: float):
+def _outline(ax, mask: Optional[np.ndarray]):
+    if mask is None:
+        return
+    hh, ww = mask.shape
+    ax.contour(np.arange(ww) + 0.5, np.arange(hh) + 0.5, mask, levels=[0.5], colors="cyan", linewidths=1.0)
+
+
+def _overlay(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float, alpha: float,
+             outline: Optional[np.ndarray] = None):
+    """Patch values as blocks; ``alpha`` < 1 lets a grey copy of the image show through
+    (bright image regions then look brighter whatever the value: off by default)."""
     h, w = image.shape[:2]
-    grey = image.mean(-1) if image.ndim == 3 else image
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
+    if alpha < 1:
+        grey = image.mean(-1) if image.ndim == 3 else image
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
                    interpolation="nearest", extent=(0, w, h, 0))
+    _outline(ax, outline)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     return im
@@ -77,7 +92,7 @@ def _tidy_colorbar(cb, horizontal: bool = False):
     cb.locator = MaxNLocator(3 if horizontal else 5)
     cb.formatter = fmt
     cb.update_ticks()
-    cb.ax.tick_params(labelsize=6)
+    cb.ax.tick_params(labelsize=7)
     if horizontal:
         for t in axis.get_ticklabels():
             t.set_rotation(0)
@@ -89,7 +104,7 @@ def _layer_title(layer: int, depth: int) -> str:
 
 def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Sequence[int],
                         quantities: Sequence[str], direction: str = "both", title: str = "",
-                        alpha: float = 0.6, mask_outline: Optional[np.ndarray] = None,
+                        alpha: float = 1.0, mask_outline: Optional[np.ndarray] = None,
                         panel: float = 2.0, dpi: int = 100) -> str:
     """One model: rows = quantities, columns = the image then one panel per layer. Each
     panel has its own colour bar (layers differ in range; the spatial pattern is the point)."""
@@ -101,10 +116,7 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
     for r, q in enumerate(quantities):
         ax0 = axes[r, 0]
         ax0.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
-        if mask_outline is not None:
-            hh, ww = mask_outline.shape
-            ax0.contour(np.arange(ww) + 0.5, np.arange(hh) + 0.5, mask_outline, levels=[0.5], colors="cyan",
-                        linewidths=1.0)
+        _outline(ax0, mask_outline)
         ax0.set_xticks([])
         ax0.set_yticks([])
         ax0.set_ylabel(SHORT[q], fontsize=8)
@@ -112,7 +124,7 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
             ax = axes[r, c + 1]
             v = maps.grid[q][0, layer, d].numpy()
             lo, hi = _finite_range([v])
-            im = _overlay(ax, image, v, CMAPS[q], lo, hi, alpha)
+            im = _overlay(ax, image, v, CMAPS[q], lo, hi, alpha, mask_outline)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             _tidy_colorbar(cb)
             if r == 0:
@@ -123,8 +135,8 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
 
 
 def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, layers: Sequence[int],
-                    quantity: str, direction: str = "both", alpha: float = 0.6, panel: float = 2.0,
-                    dpi: int = 100) -> str:
+                    quantity: str, direction: str = "both", alpha: float = 1.0, panel: float = 2.0,
+                    mask_outline: Optional[np.ndarray] = None, dpi: int = 100) -> str:
     """Several models side by side: rows = models, columns = layers, one shared colour
     scale per layer column (with its colour bar under the column), so the models can be
     compared panel against panel."""
@@ -139,13 +151,14 @@ def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
         lo, hi = _finite_range(vals)
         im = None
         for r, m in enumerate(labels):
-            im = _overlay(axes[r, c + 1], image, vals[r], CMAPS[quantity], lo, hi, alpha)
+            im = _overlay(axes[r, c + 1], image, vals[r], CMAPS[quantity], lo, hi, alpha, mask_outline)
             if r == 0:
                 axes[r, c + 1].set_title(_layer_title(layer, models[m].depth), fontsize=9)
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
         _tidy_colorbar(cb, horizontal=True)
     for r, m in enumerate(labels):
         axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        _outline(axes[r, 0], mask_outline)
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
         axes[r, 0].set_ylabel(m, fontsize=9)
