@@ -1,0 +1,99 @@
+"""The procedural source data and the `svp pretrain` loop (tiny configurations)."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from svp.pretrain import fractals as fr
+from svp.pretrain import train as pt
+
+
+def test_categories_and_images_are_deterministic_and_split_disjoint():
+    cats = fr.make_categories(6, seed=3)
+    assert len(cats) == 6
+    again = fr.make_categories(6, seed=3)
+    for a, b in zip(cats, again):
+        assert np.array_equal(a.A, b.A) and np.array_equal(a.b, b.b)
+    other = fr.make_categories(6, seed=4)
+    assert not all(np.array_equal(a.A, b.A) for a, b in zip(cats, other))
+
+    x, y = fr.generate_split("train", 6, 5, seed=3, categories=cats)
+    x2, y2 = fr.generate_split("train", 6, 5, seed=3)
+    assert x.shape == (30, 32, 32, 3) and x.dtype == np.uint8
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert np.array_equal(np.bincount(y), [5] * 6)
+    h, _ = fr.generate_split("heldout", 6, 5, seed=3, categories=cats)
+    # the held-out stream shares no image with the training stream
+    flat_train = {img.tobytes() for img in x}
+    assert not any(img.tobytes() in flat_train for img in h)
+    # images are not blank: a lit figure on a background
+    assert all(img.std() > 5 for img in x)
+
+
+def test_contractive_maps_and_probabilities():
+    for cat in fr.make_categories(8, seed=0):
+        s = np.linalg.svd(cat.A, compute_uv=False)
+        assert (s[:, 0] < 0.9 + 1e-9).all()
+        assert abs(cat.p.sum() - 1) < 1e-12 and (cat.p > 0).all()
+        assert 2 <= cat.n_maps <= 4
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="num_classes"):
+        fr.make_categories(1, 0)
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        fr.generate_split("test", 4, 2)
+
+
+def _args(out, **kw):
+    d = dict(pt.DEFAULTS, out=str(out), num_classes=3, per_class=8, heldout_per_class=4, epochs=2,
+             batch_size=8, warmup_steps=2, ckpt_every=2, threads=1, resume=False, export=None,
+             model_kwargs={"depth": 2, "embed_dim": 32}, command_line="svp pretrain (test)")
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
+    # 3 classes x 8 = 24 images, batch 8 -> 3 steps/epoch, 6 steps in all
+    full = pt.pretrain(_args(tmp_path / "full", export=str(tmp_path / "w.safetensors")), log=lambda m: None)
+    assert full["steps"] == 6 and 0.0 <= full["heldout_accuracy"] <= 1.0
+
+    # the same run killed right after step 3 (its checkpoint), then resumed
+    first = _args(tmp_path / "resume", epochs=2, ckpt_every=3)
+    import svp.pretrain.train as mod
+    orig = mod.lr_at
+
+    class Stop(Exception):
+        pass
+
+    def lr_stop(step, total, args):
+        if step == 3:
+            raise Stop
+        return orig(step, total, args)
+
+    mod.lr_at = lr_stop
+    try:
+        with pytest.raises(Stop):
+            pt.pretrain(first, log=lambda m: None)
+    finally:
+        mod.lr_at = orig
+    with open(tmp_path / "resume" / "checkpoint.json") as f:
+        assert json.load(f)["step"] == 3
+    pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True), log=lambda m: None)
+
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "resume" / "checkpoint.safetensors"))
+    model_keys = [k for k in a if k.startswith("model.")]
+    assert model_keys and set(a) == set(b)
+    for k in model_keys:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    card = json.load(open(tmp_path / "w.json"))
+    assert card["sha256"] == pt.sha256_file(str(tmp_path / "w.safetensors"))
+    assert card["architecture"]["depth"] == 2 and card["architecture"]["embed_dim"] == 32
+    assert card["source_task"]["num_classes"] == 3
+    assert card["command"] == "svp pretrain (test)"
