@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "svp.peft.cli",
     "svp.viz.cli",
     "svp.pretrain.train",
+    "svp.demo",
 ]
 
 
