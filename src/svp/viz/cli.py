@@ -25,22 +25,29 @@ class VizError(Exception):
 
 # --------------------------------------------------------------------------- inputs
 
-def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None):
-    """A VisionMamba from a timm name (``vim_tiny_patch16_224``...) with ``model_args``
-    (e.g. img_size, depth) and optional weights from ``checkpoint``."""
+def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None,
+                  pretrained: bool = False):
+    """A VisionMamba from a timm name (``vim_mini_patch4_32``, ``vim_small_patch16_224``...)
+    with ``model_args`` (e.g. img_size, depth); weights from ``checkpoint``, or timm's
+    pretrained weights (``pretrained``: bundled for the mini model, the hub otherwise)."""
     import timm
     import svp  # noqa: F401  (registers the vim models)
+    if checkpoint and pretrained:
+        raise VizError("give --checkpoint or --pretrained, not both")
     try:
-        model = timm.create_model(name, pretrained=False, **(model_args or {}))
-    except RuntimeError as e:
-        raise VizError(f"--model {name!r}: {e}") from e
-    if checkpoint:
+        model = timm.create_model(name, pretrained=pretrained, **(model_args or {}))
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise VizError(f"--model {name!r}{' (pretrained)' if pretrained else ''}: {e}") from e
+    if pretrained:
+        pass
+    elif checkpoint:
         from ..models import load_checkpoint_into
         if not os.path.isfile(checkpoint):
             raise VizError(f"--checkpoint {checkpoint}: no such file")
         load_checkpoint_into(model, checkpoint)
     else:
-        print(f"svp visualize: warning: no --checkpoint, {name} has random weights", file=sys.stderr)
+        print(f"svp visualize: warning: neither --checkpoint nor --pretrained: {name} has random weights",
+              file=sys.stderr)
     model.eval()
     return model
 
@@ -254,12 +261,13 @@ def run(args) -> int:
         image, stem = load_input_image(args)
         models: Dict[str, torch.nn.Module] = {}
         if not args.no_frozen:
-            models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args)
+            models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained)
         for spec in args.adapter or []:
             label, path = _parse_adapter(spec)
             if label in models:
                 raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
-            models[label] = load_adapter_model(load_backbone(args.model, args.checkpoint, model_args), path)
+            models[label] = load_adapter_model(
+                load_backbone(args.model, args.checkpoint, model_args, args.pretrained), path)
         if not models:
             raise VizError("--no-frozen without --adapter leaves nothing to show")
         depth = len(find_vim(next(iter(models.values()))).layers)
@@ -294,7 +302,10 @@ def register(subparsers) -> None:
     p.add_argument("--index", type=int, default=0, help="sample index in --dataset")
     p.add_argument("--split", default="test", help="dataset split")
     p.add_argument("--data-root", default=None, help="dataset root for datasets that need one")
-    p.add_argument("--model", default="vim_small_patch16_224", help="timm name of the backbone")
+    p.add_argument("--model", default="vim_mini_patch4_32",
+                   help="timm name of the backbone (the bundled mini Vim by default)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights (bundled for vim_mini_patch4_32; hub download otherwise)")
     p.add_argument("--model-args", default=None, help='JSON kwargs for the backbone, e.g. \'{"img_size": 32}\'')
     p.add_argument("--checkpoint", default=None, help="backbone weights (.pth / .safetensors)")
     p.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",

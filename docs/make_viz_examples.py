@@ -1,0 +1,106 @@
+"""Regenerate the example pictures of docs/visualize.md (docs/img/viz_*.png).
+
+    .venv/bin/python docs/make_viz_examples.py              # runs the demo first if needed
+    .venv/bin/python docs/make_viz_examples.py --demo-dir runs/demo   # reuse a finished `svp demo`
+
+The models are exactly those of ``svp demo``: the bundled pre-trained mini Vim
+(``vim_mini_patch4_32``, frozen) and the SVP and VPT-deep adapters the demo trains on
+scikit-learn digits (``<demo-dir>/svp/last``, ``<demo-dir>/vpt_deep/last``). When
+``--demo-dir`` holds no finished demo, the demo is run into it (``svp demo --methods
+vpt_deep,svp --no-figure`` with the demo's default budget).
+
+The pictures are drawn by ``svp.viz.cli.visualize`` (the code behind ``svp
+visualize``) for a few digits test images; the object mask is the digit's ink (grey
+level > 127 in the original image). The same figures come from the command line:
+
+    svp visualize --dataset digits --index 0 --pretrained \\
+        --adapter SVP=runs/demo/svp/last --adapter VPT-deep=runs/demo/vpt_deep/last \\
+        --mask digit0_mask.png --out docs/img --prefix viz_digits0 --dpi 60
+
+The test accuracies (from the demo's summary) and the curve numbers behind
+``viz_*_curves.png`` are written to docs/img/viz_examples.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKBONE = "vim_mini_patch4_32"
+ADAPTERS = {"SVP": "svp", "VPT-deep": "vpt_deep"}  # label -> demo method
+
+
+def demo_runs(demo_dir: str):
+    """{method: run_dir} of a finished demo in ``demo_dir`` (None if incomplete)."""
+    path = os.path.join(demo_dir, "demo_results.json")
+    if not os.path.isfile(path):
+        return None, None
+    with open(path) as f:
+        summary = json.load(f)
+    runs = {r["method"]: r["run_dir"] for r in summary.get("rows", []) if r.get("run_dir")}
+    if not all(m in runs and os.path.isdir(os.path.join(runs[m], "last")) for m in ADAPTERS.values()):
+        return None, None
+    return runs, summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo-dir", default=os.path.join(ROOT, "runs", "viz_demo"))
+    ap.add_argument("--out", default=os.path.join(HERE, "img"))
+    ap.add_argument("--indices", default="0,1", help="digits test images to render")
+    ap.add_argument("--dpi", type=int, default=60)
+    args = ap.parse_args(argv)
+
+    import timm
+    import svp  # noqa: F401
+    from svp.data import build_dataset
+    from svp.peft import load_adapter
+    from svp.viz.cli import visualize, write_json
+
+    runs, summary = demo_runs(args.demo_dir)
+    if runs is None:
+        from svp.demo import run_demo
+        print(f"no finished demo in {args.demo_dir}: running it (vpt_deep, svp)", flush=True)
+        run_demo(args.demo_dir, methods=tuple(ADAPTERS.values()), figure=False, progress="none")
+        runs, summary = demo_runs(args.demo_dir)
+        if runs is None:
+            print(f"the demo in {args.demo_dir} did not produce both adapters", file=sys.stderr)
+            return 1
+
+    def backbone():
+        return timm.create_model(BACKBONE, pretrained=True, num_classes=10).eval()
+
+    models = {"frozen": backbone()}
+    for label, method in ADAPTERS.items():
+        models[label] = load_adapter(backbone(), os.path.join(runs[method], "last")).eval()
+
+    ds = build_dataset("digits", "test")
+    acc = {r["method"]: r.get("test_top1") for r in summary["rows"]}
+    info = {"backbone": f"{BACKBONE} (bundled, pretrained)",
+            "adapters": {label: os.path.relpath(os.path.join(runs[m], "last"), ROOT) for label, m in ADAPTERS.items()},
+            "demo": {k: summary.get(k) for k in ("dataset", "epochs", "batch_size", "lr", "seed")},
+            "digits_test_top1": {label: acc.get(m) for label, m in ADAPTERS.items()},
+            "images": {}}
+    for i in [int(v) for v in args.indices.split(",")]:
+        img, label = ds[i]
+        mask = (np.asarray(img.convert("L")) > 127).astype(np.float32)  # the digit's ink
+        prefix = f"viz_digits{i}"
+        written = visualize(img, models, args.out, prefix, layers=None,
+                            quantities=["update", "forget", "propagation"], mask=mask, dpi=args.dpi)
+        cpath = os.path.join(args.out, f"{prefix}_curves.json")
+        with open(cpath) as f:
+            curves = json.load(f)
+        os.remove(cpath)
+        info["images"][str(i)] = {"label": int(label), **curves}
+        print("\n".join(p for p in written if p.endswith(".png")))
+    write_json(os.path.join(args.out, "viz_examples.json"), info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
