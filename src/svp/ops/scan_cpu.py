@@ -330,9 +330,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
                 dCr = dCp[bi, gi, blk, t]
                 for n in range(N):
                     hn = Hb[j + 1, n]
-                    sc = _ZERO
+                    sc = 0.0  # float64: channel sums are where float32 cancellation shows
                     for c in range(BS):
-                        sc += gv[c] * hn[c]
+                        sc += np.float64(gv[c]) * np.float64(hn[c])
                     dCr[n] = sc
             # --- reverse-time recurrence over the chunk
             for s in range(s1_ - 1, s0 - 1, -1):
@@ -361,9 +361,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
                         hp[c] = dhv * hp[c] * e
                         dhn[c] = e * dhv
                         en[c] = dhv
-                    sb = _ZERO
+                    sb = 0.0
                     for c in range(BS):
-                        sb += en[c] * dtu[c]
+                        sb += np.float64(en[c]) * np.float64(dtu[c])
                     dBr[n] = sb
                     for c in range(BS):
                         s1[c] += en[c] * bn

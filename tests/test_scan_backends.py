@@ -1,0 +1,260 @@
+"""Every selective-scan backend against a float64 reference: outputs and every gradient.
+
+Error measure: max |x - x64| / max |x64| per tensor (x64 computed in float64 from the
+same float32 inputs). The fused CPU kernel must reach 5e-7 (the issue's target); the
+float32 PyTorch paths (``torch``, ``reference``) get 2e-6.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from svp.ops import dispatch, selective_scan, set_backend, get_backend, available_backends
+
+BACKENDS = [n for n in ("cpu", "torch", "reference") if n in available_backends()]
+TOL = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6}
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def ref64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    """Straightforward float64 loop (the operator of spec 1.2), returns (out, last_state)."""
+    f = lambda t: None if t is None else t.double()  # noqa: E731
+    u, delta, A, B, C, D, z, delta_bias = map(f, (u, delta, A, B, C, D, z, delta_bias))
+    b, d, L = u.shape
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def per_channel(X):  # (b, n, l) | (b, g, n, l) -> (b, d|1, n, l)
+        return X.unsqueeze(1) if X.dim() == 3 else X.repeat_interleave(d // X.shape[1], dim=1)
+
+    Bx, Cx = per_channel(B), per_channel(C)
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = [None] * L
+    order = range(L - 1, -1, -1) if reverse else range(L)
+    for t in order:
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[..., t]
+        ys[t] = (h * Cx[..., t]).sum(-1)
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + u * D[:, None]
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def make(b, d, L, n, *, groups=0, z=True, D=True, bias=True, noncontig=False, big=False, seed=0):
+    """Inputs laid out like the model's: u/delta/z are (b, d, l) views of (b, l, d) tensors,
+    B/C are (b, n, l) views sliced from one (b, l, r + 2n) projection."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = r(b, L, d).transpose(1, 2)
+    delta = (r(b, L, d) * 0.5 + (4.0 if big else -1.0)).transpose(1, 2)
+    A = -(torch.rand(d, n, generator=g) * (80.0 if big else 1.0) + 0.05)
+    if groups:
+        B, C = r(b, groups, n, L), r(b, groups, n, L)
+    else:
+        x = r(b, L, 3 + 2 * n)
+        B, C = x[:, :, 3:3 + n].transpose(1, 2), x[:, :, 3 + n:].transpose(1, 2)
+    zz = r(b, L, d).transpose(1, 2) if z else None
+    DD = r(d) if D else None
+    db = r(d) * 0.3 if bias else None
+    if noncontig:  # every tensor strided in some other way
+        u = r(b, d, 2 * L)[:, :, ::2]
+        delta = (r(L, b, d) * 0.5 - 1).permute(1, 2, 0)
+        B = r(b, n, L + 1)[:, :, 1:] if not groups else B
+        zz = r(b, d, L).contiguous() if z else None
+        A = r(n, d).t() * 0 + A.t().contiguous().t()
+    return [u, delta, A, B, C, DD, zz, db]
+
+
+def run(name, args, softplus, reverse, last):
+    args = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    set_backend(name)
+    try:
+        res = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=softplus,
+                             return_last_state=last, reverse=reverse)
+    finally:
+        set_backend(None)
+    out, h = res if last else (res, None)
+    return args, out, h
+
+
+def rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check(name, args, softplus=True, reverse=False, last=False, tol=None):
+    tol = tol or TOL[name]
+    xs, out, h = run(name, args, softplus, reverse, last)
+    refs = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    o64, h64 = ref64(*refs, delta_softplus=softplus, reverse=reverse)
+    assert out.shape == o64.shape and out.dtype == args[0].dtype
+    assert torch.isfinite(out).all()
+    errs = {"out": rel(out, o64)}
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(o64.shape, generator=g, dtype=torch.float64)
+    loss, loss64 = (out.double() * go).sum(), (o64 * go).sum()
+    if last:
+        assert h.shape == h64.shape
+        errs["last"] = rel(h, h64)
+        gh = torch.randn(h64.shape, generator=g, dtype=torch.float64)
+        loss, loss64 = loss + (h.double() * gh).sum(), loss64 + (h64 * gh).sum()
+    have = [i for i, a in enumerate(xs) if a is not None]
+    g1 = torch.autograd.grad(loss, [xs[i] for i in have])
+    g2 = torch.autograd.grad(loss64, [refs[i] for i in have])
+    for i, a, b in zip(have, g1, g2):
+        assert a.shape == xs[i].shape, NAMES[i]
+        assert torch.isfinite(a).all(), NAMES[i]
+        errs["d" + NAMES[i]] = rel(a, b)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{name}: relative errors above {tol:g}: {bad} (all: {errs})"
+    return errs
+
+
+SHAPES = [  # (b, d, L, n)
+    (2, 40, 37, 16),    # d not a multiple of 8, odd L, L not a multiple of any chunk
+    (1, 8, 1, 16),      # L = 1
+    (2, 1, 13, 4),      # D = 1
+    (2, 24, 65, 1),     # N = 1, L = 2 chunks + 1
+    (3, 130, 33, 16),   # several channel blocks, a partial one
+]
+# Tiny shapes: a gradient like dC[n] = B[n] * sum_c g_c dt_c u_c (L = 1) is one short sum
+# that can cancel by 10x or more, amplifying the unavoidable float32 rounding of dt and
+# u*dt; no float32 implementation meets 5e-7 there, so those get 1e-5.
+TINY = {(1, 8, 1, 16), (2, 1, 13, 4)}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity_shapes(name, shape):
+    for reverse in (False, True):
+        check(name, make(*shape), softplus=True, reverse=reverse, last=True,
+              tol=1e-5 if shape in TINY else None)
+
+
+FLAGS = list(itertools.product([False, True], repeat=4))  # z, D, bias, softplus
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "z%dD%dbias%dsp%d" % f)
+def test_parity_options(name, flags):
+    z, D, bias, softplus = flags
+    rev = bool((z + D + bias + softplus) % 2)
+    args = make(2, 20, 19, 16, z=z, D=D, bias=bias, seed=3)
+    if not softplus:  # keep delta + bias > 0 as in the model (negative delta makes the scan grow)
+        args[1] = F.softplus(args[1])
+        args[7] = None if args[7] is None else args[7].abs()
+    check(name, args, softplus=softplus, reverse=rev, last=bool(z and D))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_grouped_and_noncontiguous(name):
+    check(name, make(2, 24, 21, 8, groups=3), reverse=False, last=True)
+    check(name, make(2, 24, 21, 8, groups=2), reverse=True)
+    check(name, make(2, 40, 23, 16, noncontig=True), reverse=True, last=True)
+    check(name, make(2, 40, 23, 16, noncontig=True, groups=4), reverse=False)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_large_delta_A(name):
+    """delta*|A| in the hundreds: exp underflows to 0, no NaN, still accurate."""
+    args = make(2, 40, 37, 16, big=True, seed=5)
+    dt = F.softplus(args[1] + args[7][:, None])
+    assert (dt[:, :, :, None].transpose(2, 3) * -args[2][None, :, :, None]).max() > 300
+    for reverse in (False, True):
+        check(name, args, reverse=reverse, last=True)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_half_and_double_inputs(name):
+    args = make(2, 16, 9, 4)
+    a64 = [None if a is None else a.double() for a in args]
+    xs, out, _ = run(name, a64, True, False, False)
+    assert out.dtype == torch.float64
+    o64, _ = ref64(*a64, delta_softplus=True)
+    assert rel(out, o64) < 2e-6
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float64 for x in xs if x is not None)
+    if name != "reference":
+        a16 = [None if a is None else a.bfloat16() for a in args]
+        _, out16, _ = run(name, a16, True, True, False)
+        assert out16.dtype == torch.bfloat16 and torch.isfinite(out16.float()).all()
+
+
+def test_gradcheck_torch_path():
+    args = make(1, 3, 5, 2, seed=7)
+    args = [a.double().detach().requires_grad_() for a in args]
+    fn = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=True,  # noqa: E731
+                                            return_last_state=True, chunk=2)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    fn_rev = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=False,  # noqa: E731
+                                                reverse=True, chunk=3)
+    assert torch.autograd.gradcheck(fn_rev, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+    grouped = make(1, 4, 4, 2, groups=2, seed=8)
+    grouped = [a.double().detach().requires_grad_() for a in grouped]
+    fn_g = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn_g, grouped, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_chunk_sizes_and_vim_shape():
+    """The CPU kernel's chunked backward at several chunk sizes, and a Vim-like shape
+    (d=192, L=197, N=16, bidirectional, model layout)."""
+    from svp.ops.scan_cpu import selective_scan_cpu
+    args = make(2, 70, 50, 16, seed=11)
+    base = None
+    for chunk in (1, 7, 32, 50, 64):
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        out = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, reverse=True, chunk=chunk)
+        out.square().sum().backward()
+        res = [out] + [x.grad for x in xs]
+        if base is None:
+            base = res
+        else:
+            for a, b in zip(res, base):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+    check("cpu", make(2, 192, 197, 16, seed=12), reverse=True, last=True)
+
+
+def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
+    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
+    set_backend(None)
+    assert get_backend(torch.device("cpu")) == ("cpu" if "cpu" in BACKENDS else "torch")
+    assert set(available_backends()) >= {"reference", "torch"}
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        set_backend("fast")
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        get_backend(torch.device("cpu"))
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
+    assert get_backend(torch.device("cpu")) == "torch"
+    set_backend("reference")  # the setter wins over the environment
+    try:
+        assert get_backend(torch.device("cpu")) == "reference"
+    finally:
+        set_backend(None)
+    monkeypatch.delenv("SVP_SCAN_BACKEND")
+    if "cuda" not in available_backends():
+        with pytest.raises(RuntimeError, match="not available"):
+            set_backend("cuda")
+    if "cpu" in BACKENDS:  # a CPU-only backend forced onto another device is an error, not a fallback
+        set_backend("cpu")
+        try:
+            with pytest.raises(RuntimeError, match="cannot run on cuda"):
+                get_backend(torch.device("cuda"))
+            with pytest.raises(RuntimeError, match="cannot run on meta"):
+                get_backend(torch.device("meta"))
+        finally:
+            set_backend(None)
+        assert get_backend(torch.device("meta")) == "torch"
+    dispatch._logged.clear()
+    with caplog.at_level(logging.INFO, logger="svp.ops.scan"):
+        get_backend(torch.device("cpu"))
+        get_backend(torch.device("cpu"))
+    assert sum("selective scan on cpu" in r.getMessage() for r in caplog.records) == 1
