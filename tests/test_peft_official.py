@@ -12,7 +12,7 @@ import vimref
 from svp.cli import main as svp_main
 from svp.models import load_checkpoint_into
 from svp.peft import AdapterError, load_adapter
-from svp.peft.convert import official_state_dict
+from svp.peft.convert import official_backbone, official_state_dict
 
 IMG = 64  # 4 x 4 patches of 16 px: 17 tokens, class token at index 8
 
@@ -95,7 +95,10 @@ def test_converted_official_checkpoint_reproduces_official_logits(tmp_path, vari
     assert cfg["config"]["head"] == ("two_layer" if two_layer else "linear")
 
     model = timm.create_model(name, img_size=IMG, depth=depth, num_classes=C)
-    load_checkpoint_into(model, str(backbone_file))
+    if depth == 24:  # the backbone taken out of the SVP checkpoint itself
+        load_checkpoint_into(model, {"model": official_backbone(str(ckpt))})
+    else:
+        load_checkpoint_into(model, str(backbone_file))
     peft = svp.load_adapter(model, out)
     x = torch.from_numpy(vimref.images(2, IMG, seed=99))
     with torch.no_grad():

@@ -108,6 +108,18 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     return peft.eval()
 
 
+def official_backbone(checkpoint) -> dict:
+    """The backbone tensors of an official SVP checkpoint (no ``prompt_*``, no head), to build
+    the base model an imported adapter is loaded onto:
+    ``load_checkpoint_into(vim, {'model': official_backbone(CKPT)})``."""
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    backbone, _, _ = _split(extract_state_dict(ckpt, source))
+    if not backbone:
+        raise CheckpointError(f"{source}: holds no backbone weights")
+    return backbone
+
+
 def official_state_dict(peft_model) -> dict:
     """The inverse direction, for round-trip checks: backbone + prompt + head tensors under the
     official names (``{'model': ...}`` layout without the wrapper)."""
