@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "svp.viz.cli",
     "svp.pretrain.train",
     "svp.demo",
+    "svp.doctor",
 ]
 
 
