@@ -1,0 +1,174 @@
+"""The mini suite and its ablations, as a list of ``svp sweep --suite mini`` commands.
+
+    python -m svp.pretrain.mini_suite --out sweeps/mini            # run everything, in order
+    python -m svp.pretrain.mini_suite --out sweeps/mini --dry-run  # print the commands
+    python -m svp.pretrain.mini_suite --out sweeps/mini --report   # Markdown of what finished
+
+Every command is an ordinary ``svp sweep`` with the suite configuration
+``svp/assets/mini_suite.yaml`` (bundled backbone, fixed budget, method sizes); a sweep
+reuses finished runs, so the stages below can be interrupted and re-run at will and
+later stages (more seeds) only add runs. The stages are ordered so that a cut-off run
+still leaves complete tables: first every method on every dataset with seed 0, then
+the ablations, then seeds 1 and 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+METHODS = ["linear", "full", "vpt_shallow", "vpt_deep", "lora", "adapter", "svp"]
+ABLATION_DATASETS = ["digits", "textures", "dsprites_loc"]
+# name -> (methods, overrides); "both", S=4, r=16 and VPT prefix are the main-table SVP / VPT-deep runs
+ABLATIONS: Dict[str, Tuple[str, List[str]]] = {
+    "inner_only": ("svp", ["method.settings.svp.use_cross=false"]),
+    "cross_only": ("svp", ["method.settings.svp.use_inner=false"]),
+    "S1": ("svp", ["method.settings.svp.shared_layers=1"]),
+    "S2": ("svp", ["method.settings.svp.shared_layers=2"]),
+    "S8": ("svp", ["method.settings.svp.shared_layers=8"]),
+    "r4": ("svp", ["method.settings.svp.hidden=4"]),
+    "r64": ("svp", ["method.settings.svp.hidden=64"]),
+    "vpt_middle": ("vpt_deep", ["method.settings.vpt_deep.placement=middle"]),
+    "vpt_suffix": ("vpt_deep", ["method.settings.vpt_deep.placement=suffix"]),
+}
+
+
+def suite_yaml() -> str:
+    from svp.models.vim_mini import mini_asset_path
+    return mini_asset_path("mini_suite.yaml")
+
+
+def commands(out: str, svp_bin: str = "svp") -> List[Tuple[str, List[str]]]:
+    cfg = suite_yaml()
+    main = os.path.join(out, "main")
+    base = [svp_bin, "sweep", "--suite", "mini", "-c", cfg]
+    cmds = [("main, seed 0", base + ["--methods", ",".join(METHODS), "--seeds", "0", "--output", main])]
+    for name, (method, ov) in ABLATIONS.items():
+        cmds.append((f"ablation {name}, seed 0", base + ["--methods", method, "--seeds", "0", "--datasets",
+                                                         ",".join(ABLATION_DATASETS), "--output",
+                                                         os.path.join(out, "ablations", name)] + ov))
+    cmds.append(("main, seeds 0-2", base + ["--methods", ",".join(METHODS), "--seeds", "0,1,2", "--output", main]))
+    return cmds
+
+
+def _collect(out: str) -> Dict[str, List[dict]]:
+    """Finished runs from every sweep folder (results.json of each run, so a sweep cut
+    off mid-way still counts its finished runs)."""
+    import json
+    found: Dict[str, List[dict]] = {}
+    for root, _dirs, files in os.walk(out):
+        if "results.json" in files:
+            with open(os.path.join(root, "results.json")) as f:
+                res = json.load(f)
+            rel = os.path.relpath(root, out).split(os.sep)
+            sweep_name = "main" if rel[0] == "main" else rel[1]
+            found.setdefault(sweep_name, []).append(res)
+    return found
+
+
+def _ms(vals: List[float]) -> str:
+    if not vals:
+        return "-"
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):.1f} ± {s:.1f}" + ("" if len(vals) > 1 else " (1 seed)")
+
+
+def report(out: str) -> str:
+    import svp.data as data
+    found = _collect(out)
+    lines: List[str] = []
+    datasets = data.list_datasets("embedded")
+    main = found.get("main", [])
+    acc: Dict[Tuple[str, str], Dict[int, float]] = {}
+    params: Dict[str, Dict[str, Tuple[int, int]]] = {}
+    for r in main:
+        if r.get("final", {}).get("test_top1") is None:
+            continue
+        acc.setdefault((r["method"], r["dataset"]), {})[int(r["seed"])] = float(r["final"]["test_top1"])
+        params.setdefault(r["method"], {})[r["dataset"]] = (r["trainable_params"], r["trainable_params_without_head"])
+    seeds = sorted({s for v in acc.values() for s in v})
+    lines.append(f"Test top-1 (%) after the last epoch, mean ± std over seeds {seeds}. "
+                 f"Mean: per seed over the datasets, then mean ± std over seeds (seeds with every dataset).")
+    lines.append("")
+    hdr = ["Method"] + datasets + ["Mean", "Trainable (no head)", "% of full FT"]
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
+    full_p = statistics.fmean(v[1] for v in params.get("full", {}).values()) if params.get("full") else None
+    means: Dict[str, Optional[float]] = {}
+    for m in METHODS:
+        cells = [m]
+        for d in datasets:
+            cells.append(_ms(list(acc.get((m, d), {}).values())))
+        per_seed = []
+        for s in seeds:
+            vals = [acc.get((m, d), {}).get(s) for d in datasets]
+            if all(v is not None for v in vals):
+                per_seed.append(statistics.fmean(vals))
+        cells.append(_ms(per_seed))
+        means[m] = statistics.fmean(per_seed) if per_seed else None
+        p = params.get(m)
+        pn = statistics.fmean(v[1] for v in p.values()) if p else None
+        cells.append(f"{pn:,.0f}" if pn is not None else "-")
+        cells.append(f"{100 * pn / full_p:.2f}%" if pn is not None and full_p else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    # ablations: mean over the ablation datasets, seed 0, next to the main-table runs
+    lines.append(f"Ablations (seed 0; test top-1 %, per dataset and mean over {', '.join(ABLATION_DATASETS)}):")
+    lines.append("")
+    hdr = ["Variant"] + ABLATION_DATASETS + ["Mean", "Trainable (no head)"]
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
+
+    def ab_row(label, runs):
+        by = {r["dataset"]: r for r in runs if int(r["seed"]) == 0 and r.get("final", {}).get("test_top1") is not None}
+        vals = [by[d]["final"]["test_top1"] if d in by else None for d in ABLATION_DATASETS]
+        mean = statistics.fmean(vals) if all(v is not None for v in vals) else None
+        pn = [by[d]["trainable_params_without_head"] for d in ABLATION_DATASETS if d in by]
+        lines.append("| " + " | ".join([label] + [f"{v:.1f}" if v is not None else "-" for v in vals]
+                                       + [f"{mean:.1f}" if mean is not None else "-",
+                                          f"{statistics.fmean(pn):,.0f}" if pn else "-"]) + " |")
+
+    svp_main = [r for r in main if r["method"] == "svp"]
+    vpt_main = [r for r in main if r["method"] == "vpt_deep"]
+    for label, key in (("SVP Inner + Cross (main: S=4, r=16)", None), ("Inner only", "inner_only"),
+                       ("Cross only", "cross_only"), ("S=1", "S1"), ("S=2", "S2"), ("S=8", "S8"),
+                       ("r=4", "r4"), ("r=64", "r64"), ("VPT-deep prefix (main)", "vpt"),
+                       ("VPT-deep middle", "vpt_middle"), ("VPT-deep suffix", "vpt_suffix")):
+        runs = svp_main if key is None else vpt_main if key == "vpt" else found.get(key, [])
+        ab_row(label, runs)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m svp.pretrain.mini_suite", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join("sweeps", "mini"))
+    ap.add_argument("--dry-run", action="store_true", help="print the svp sweep commands only")
+    ap.add_argument("--report", action="store_true", help="print the Markdown tables of the finished runs")
+    ap.add_argument("--stages", default=None, help="comma-separated stage numbers to run (1-based; default all)")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.out))
+        return 0
+    svp_bin = os.path.join(os.path.dirname(sys.executable), "svp")
+    if not os.path.exists(svp_bin):
+        svp_bin = "svp"
+    cmds = commands(args.out, svp_bin)
+    wanted = set(int(s) for s in args.stages.split(",")) if args.stages else set(range(1, len(cmds) + 1))
+    rc = 0
+    for i, (title, cmd) in enumerate(cmds, 1):
+        if i not in wanted:
+            continue
+        print(f"== stage {i}/{len(cmds)}: {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        if not args.dry_run:
+            rc = subprocess.call(cmd) or rc
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
