@@ -52,6 +52,7 @@ _default_cache_dir()
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
+import numba  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
@@ -228,7 +229,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, out, 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_RED)
 def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp):
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, Hs, Es):
     # Every inner loop writes at most three arrays so that LLVM vectorises it (numba
     # cannot tell it that the small local arrays do not overlap).
     b, L, d = u.shape
@@ -251,8 +252,15 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
             abn = Ab[n]
             for c in range(cw):
                 abn[c] = an[c]
-        Hb = np.zeros((K + 1, N, BS), np.float32)   # Hb[j+1] = state after step s0+j
-        Eb = np.zeros((K, N, BS), np.float32)       # exp(delta*A) of step s0+j
+        # The two big per-task buffers are per-thread scratch allocated once per call: a
+        # fresh 100+ KiB allocation per task is an mmap/munmap pair with page faults and
+        # TLB shootdowns that cost more than the task on a busy machine.
+        tid = numba.get_thread_id()
+        Hb = Hs[tid]                                # Hb[j+1] = state after step s0+j
+        Eb = Es[tid]                                # exp(delta*A) of step s0+j
+        if cw < BS:                                 # lanes >= cw must stay inert zeros
+            Hb[:] = _ZERO
+            Eb[:] = _ZERO
         Tb = np.zeros((K, BS), np.float32)          # delta after bias/softplus
         Gb = np.zeros((K, BS), np.float32)          # dL/d(y + D u) (through the gate)
         dh = np.zeros((N, BS), np.float32)
@@ -413,6 +421,19 @@ def _sum_blocks(P, out):
 
 
 # ---------------------------------------------------------------------------------------
+class _dynamic_tasks:
+    """Hand out the (batch, channel-block) tasks one at a time instead of in equal static
+    slices: on a shared machine a descheduled thread then delays the call by one task,
+    not by its whole slice."""
+
+    def __enter__(self):
+        self.old = numba.set_parallel_chunksize(1) if hasattr(numba, "set_parallel_chunksize") else None
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            numba.set_parallel_chunksize(self.old)
+
+
 def _as_bld(x: torch.Tensor) -> torch.Tensor:
     """(b, d, l) tensor -> float32 (b, l, d) contiguous, a view when memory allows."""
     xt = x.detach().transpose(1, 2)
@@ -458,9 +479,10 @@ class SelectiveScanCPU(torch.autograd.Function):
         out = torch.empty(b, L, d, dtype=torch.float32)
         hs = torch.empty(b, nchunk, N, d, dtype=torch.float32)
         hlast = torch.empty(b, N, d, dtype=torch.float32)
-        _scan_fwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
-                  bias.numpy(), has_z, bool(delta_softplus), bool(reverse), K,
-                  out.numpy(), hs.numpy(), hlast.numpy())
+        with _dynamic_tasks():
+            _scan_fwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
+                      bias.numpy(), has_z, bool(delta_softplus), bool(reverse), K,
+                      out.numpy(), hs.numpy(), hlast.numpy())
         ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, Dv, bias, hs)
         ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
                    delta_bias is not None, (B.dim() == 4, C.dim() == 4))
@@ -493,10 +515,14 @@ class SelectiveScanCPU(torch.autograd.Function):
         dAp = torch.empty(b, N, d, dtype=torch.float64)
         dDp = torch.empty(b, d, dtype=torch.float64)
         dbp = torch.empty(b, d, dtype=torch.float64)
-        _scan_bwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
-                  bias.numpy(), has_z, softplus, reverse, K, hs.numpy(), g3.numpy(), dl_.numpy(),
-                  du.numpy(), dd.numpy(), dz.numpy(), dBp.numpy(), dCp.numpy(), dAp.numpy(),
-                  dDp.numpy(), dbp.numpy())
+        nt = numba.get_num_threads()
+        Hs = torch.empty(nt, K + 1, N, BS, dtype=torch.float32)
+        Es = torch.empty(nt, K, N, BS, dtype=torch.float32)
+        with _dynamic_tasks():
+            _scan_bwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), Dv.numpy(),
+                      bias.numpy(), has_z, softplus, reverse, K, hs.numpy(), g3.numpy(), dl_.numpy(),
+                      du.numpy(), dd.numpy(), dz.numpy(), dBp.numpy(), dCp.numpy(), dAp.numpy(),
+                      dDp.numpy(), dbp.numpy(), Hs.numpy(), Es.numpy())
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 
