@@ -230,3 +230,12 @@ def test_pretrained_true_downloads_from_the_hub_entry(tmp_path, monkeypatch):
     model = timm.create_model("vim_tiny_patch16_224", pretrained=True, **tiny_kwargs())
     assert asked == {"repo": "hustvl/Vim-tiny-midclstok", "filename": "vim_t_midclstok_76p1acc.pth"}
     assert torch.equal(model.norm_f.weight, src.norm_f.weight)
+
+
+def test_official_svp_checkpoint_loads_as_backbone():
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd.update({"prompt_scale": torch.zeros(24, 32), "prompt_generator.0.0.weight": torch.zeros(64, 32)})
+    fresh = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    load_checkpoint_into(fresh, {"model": sd})
+    assert torch.equal(fresh.norm_f.weight, model.norm_f.weight)

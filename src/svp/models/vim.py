@@ -12,6 +12,7 @@ loads without renaming.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Optional, Tuple
 
@@ -22,6 +23,8 @@ from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_norma
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..ops import RMSNorm, causal_conv1d_bld, selective_scan
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "resample_pos_embed_midcls",
            "checkpoint_filter_fn"]
@@ -297,6 +300,12 @@ def checkpoint_filter_fn(state_dict, model: VisionMamba):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
+    prompts = [k for k in out if k.startswith("prompt_")]
+    if prompts:  # an official SVP training checkpoint: the backbone is what we load here
+        _logger.info("ignoring %d official SVP prompt tensors (load them with svp convert-official-svp)",
+                     len(prompts))
+        for k in prompts:
+            del out[k]
     if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
         out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
     head = model.head
