@@ -37,10 +37,11 @@ def by_hand(mixer, u, reverse):
     A_log = mixer.A_b_log if reverse else mixer.A_log
     xs = x.flip(1) if reverse else x
     # causal depthwise conv: output t sees inputs t-W+1 .. t (in scan order)
-    W = conv.weight.shape[-1]
-    xt = F.pad(xs.transpose(1, 2), (W - 1, 0))
-    y = F.conv1d(xt, conv.weight.double(), conv.bias.double(), groups=mixer.d_inner)
-    y = F.silu(y).transpose(1, 2)
+    w = conv.weight.double()[:, 0]  # (E, W)
+    W = w.shape[-1]
+    xp = F.pad(xs, (0, 0, W - 1, 0))  # W-1 zeros before the first token
+    y = conv.bias.double() + sum(xp[:, k:k + xs.shape[1]] * w[:, k] for k in range(W))
+    y = F.silu(y)
     if reverse:
         y = y.flip(1)
     dbl = y @ x_proj.weight.double().t()
