@@ -22,6 +22,7 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert cfg["train"]["clip_grad"] is None
     assert cfg["model"]["kwargs"] == {"depth": 2}
     assert cfg["train"]["opt_betas"] == [0.8, 0.9]
+    assert C.parse_value('"nan"') == "nan" and C.parse_value("3e-4") == 3e-4 and C.parse_value("5") == 5
     with pytest.raises(C.ConfigError, match="train.lrr"):
         C.resolve(overrides=["train.lrr=1"])
     with pytest.raises(C.ConfigError, match="section.key=value"):
