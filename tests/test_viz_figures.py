@@ -55,6 +55,7 @@ def test_visualize_two_models_with_box(tmp_path, image):
     names = sorted(os.path.basename(p) for p in written)
     assert names == sorted(["scene_frozen_maps.png", "scene_tuned_maps.png", "scene_compare_update.png",
                             "scene_compare_forget.png", "scene_compare_propagation.png", "scene_curves.png",
+                            "scene_diff_update.png", "scene_diff_forget.png", "scene_diff_propagation.png",
                             "scene_curves.json"])
     # sizes follow from the figure sizes in svp.viz.plots (panel 2 in, dpi 50; no tight bbox)
     # maps: (2 * 3 columns * 1.2) x (2 * 3 rows + 0.6) inches
@@ -62,6 +63,8 @@ def test_visualize_two_models_with_box(tmp_path, image):
     # compare: (2 * 3 columns) x (2 * 2 models + 0.9) inches
     for q in ("update", "forget", "propagation"):
         check_png(out / f"scene_compare_{q}.png", 300, 245)
+        # difference: (2 * 3 columns) x (2 * 1 other model + 0.9) inches
+        check_png(out / f"scene_diff_{q}.png", 300, 145)
     # curves: (3 * 1.3 * 3 quantities) x (3 + 0.4) inches
     check_png(out / "scene_curves.png", 585, 170)
     data = json.loads((out / "scene_curves.json").read_text())

@@ -201,7 +201,7 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     """Analyse ``image`` (PIL) with every model in ``models`` (label -> module) and write the
     figures into ``out_dir``. ``mask``: optional (H, W) 0/1 object mask in the image's pixels.
     Returns the written paths."""
-    from .plots import plot_comparison, plot_model_heatmaps, plot_region_curves, region_curves
+    from .plots import plot_comparison, plot_difference, plot_model_heatmaps, plot_region_curves, region_curves
     if not models:
         raise VizError("no model to visualise")
     vims = {k: find_vim(m) for k, m in models.items()}
@@ -228,6 +228,8 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
         for q in quantities:
             written.append(plot_comparison(maps, disp, os.path.join(out_dir, f"{prefix}_compare_{q}.png"), layers,
                                            q, direction, alpha=alpha, mask_outline=mask_in, dpi=dpi))
+            written.append(plot_difference(maps, disp, os.path.join(out_dir, f"{prefix}_diff_{q}.png"), layers,
+                                           q, direction, mask_outline=mask_in, dpi=dpi))
     if mask_grid is not None:
         if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
             raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "

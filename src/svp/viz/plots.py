@@ -168,6 +168,46 @@ def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
     return save_figure(fig, path, dpi)
 
 
+def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, layers: Sequence[int],
+                    quantity: str, direction: str = "both", panel: float = 2.0,
+                    mask_outline: Optional[np.ndarray] = None, dpi: int = 100) -> str:
+    """Each model minus the first (the reference, usually the frozen backbone): rows = the
+    other models, columns = layers, diverging colours centred on 0 with one symmetric scale
+    per column (red: the model's value is higher than the reference's)."""
+    plt = _plt()
+    d = DIRECTIONS.index(direction)
+    labels = list(models)
+    if len(labels) < 2:
+        raise ValueError("a difference figure needs at least two models")
+    ref, others = labels[0], labels[1:]
+    ncol = len(layers) + 1
+    fig, axes = plt.subplots(len(others) + 1, ncol, figsize=(panel * ncol, panel * len(others) + 0.9),
+                             squeeze=False, gridspec_kw={"height_ratios": [1] * len(others) + [0.08]})
+    for c, layer in enumerate(layers):
+        base = models[ref].grid[quantity][0, layer, d].numpy()
+        diffs = [models[m].grid[quantity][0, layer, d].numpy() - base for m in others]
+        fin = np.concatenate([x[np.isfinite(x)].ravel() for x in diffs])
+        lim = float(np.abs(fin).max()) if fin.size else 0.0
+        lim = lim if lim > 0 else 1e-12
+        im = None
+        for r, diff in enumerate(diffs):
+            im = _overlay(axes[r, c + 1], image, diff, "RdBu_r", -lim, lim, 1.0, mask_outline)
+            if r == 0:
+                axes[r, c + 1].set_title(_layer_title(layer, models[ref].depth), fontsize=9)
+        cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
+        _tidy_colorbar(cb, horizontal=True)
+    for r, m in enumerate(others):
+        axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        _outline(axes[r, 0], mask_outline)
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_ylabel(f"{m} - {ref}", fontsize=9)
+    axes[-1, 0].axis("off")
+    fig.suptitle(f"{SHORT[quantity]} ({direction}): difference to {ref}; red = higher", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
 def region_curves(models: Dict[str, GateMaps], mask_grid: np.ndarray, quantities: Sequence[str],
                   direction: str = "both") -> Dict[str, Dict[str, Dict[str, List[float]]]]:
     """{model: {quantity: {"object": [per layer], "background": [per layer]}}}"""
