@@ -194,7 +194,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 # ---------------------------------------------------------------- eval / predict
 def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     cfg = tiny_config(tmp_path, train={"epochs": 2})
-    assert svp_main(["train", "-c", cfg, "--name", "ep", "eval.report_best_test=true"]) == 0
+    # overrides and options in any order
+    assert svp_main(["train", "eval.report_best_test=true", "-c", cfg, "train.epochs=2", "--name", "ep"]) == 0
     res = json.loads((tmp_path / "runs" / "ep" / "results.json").read_text())
     # honest numbers first; the official best-test-over-epochs only on request, labelled
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "ep" / "metrics.jsonl").read_text().splitlines()]

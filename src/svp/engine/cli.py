@@ -79,6 +79,7 @@ def register(subparsers) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-step progress (run.progress=none)")
     p.set_defaults(func=cmd_train)
+    _intermixed(p)
 
     # ---------------------------------------------------------------- eval
     e = subparsers.add_parser(
@@ -130,6 +131,25 @@ def register(subparsers) -> None:
     s.add_argument("--checkpoint", default=None, help="backbone checkpoint [model.checkpoint]")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
     s.set_defaults(func=cmd_sweep)
+    _intermixed(s)
+
+
+def _intermixed(parser: argparse.ArgumentParser) -> None:
+    """Let ``key=value`` overrides and options come in any order (``svp train --dataset d
+    train.lr=1 --epochs 3 model.kwargs.depth=2``): the subparser parses intermixed."""
+    orig = parser.parse_known_args
+    busy = [False]
+
+    def parse_known_args(args=None, namespace=None):
+        if busy[0]:
+            return orig(args, namespace)
+        busy[0] = True
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            busy[0] = False
+
+    parser.parse_known_args = parse_known_args
 
 
 def _backbone_args(p):

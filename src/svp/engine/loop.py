@@ -459,6 +459,8 @@ class Trainer:
             handlers = _setup_logging(self.run_dir if self.dist.is_main else None, self.dist.is_main)
             if self.dist.is_main:
                 ck.atomic_write_text(os.path.join(self.run_dir, "config.yaml"), C.dump(cfg))
+                if not self.resume_dir:  # a fresh run never appends to stale metric lines
+                    ck.rewrite_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), [])
             signals.install()
             self.signals = signals
             return self._run()

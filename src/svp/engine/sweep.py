@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -52,7 +53,6 @@ def run_one(dataset: str, method: str, seed: int, output: str, config_files: Seq
     run_dir = os.path.join(output, run_name)
     done = os.path.join(run_dir, "results.json")
     if os.path.isfile(done):
-        import json
         with open(done) as f:
             res = json.load(f)
         res["status"] = "reused"
@@ -61,12 +61,11 @@ def run_one(dataset: str, method: str, seed: int, output: str, config_files: Seq
         res = train(resume=run_dir)
         res["status"] = "resumed"
         return res
-    base = {"data": {"dataset": dataset}, "method": {"name": method}, "train": {"seed": int(seed)},
-            "run": {"output": output, "name": run_name}}
-    cfg = C.resolve(config_files, overrides, base=base)
-    # the sweep decides dataset/method/seed/run folder, whatever the overrides say
-    cfg["data"]["dataset"], cfg["method"]["name"], cfg["train"]["seed"] = dataset, method, int(seed)
-    cfg["run"]["output"], cfg["run"]["name"] = output, run_name
+    # the sweep decides dataset/method/seed/run folder, whatever the config files say; as
+    # overrides they also pick the right dataset preset and method file
+    forced = [f"data.dataset={json.dumps(dataset)}", f"method.name={json.dumps(method)}",
+              f"train.seed={int(seed)}", f"run.output={json.dumps(output)}", f"run.name={json.dumps(run_name)}"]
+    cfg = C.resolve(config_files, list(overrides) + forced)
     res = train(cfg)
     res["status"] = "ok"
     return res
