@@ -278,3 +278,31 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
     assert "nosuch" in capsys.readouterr().err
     assert svp_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- official checkpoint
+def test_backbone_from_an_official_style_checkpoint(tmp_path, capsys):
+    """--checkpoint loads an official-layout .pth ({'model': state dict, ...}, 'module.' prefix,
+    1000-class head) into the backbone; eval/predict rebuild the same backbone from backbone.json,
+    and the PEFT loader refuses other base weights."""
+    import timm
+
+    import svp  # noqa: F401
+    kw = {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}
+    for name, seed in (("official.pth", 123), ("other.pth", 7)):
+        torch.manual_seed(seed)
+        src = timm.create_model("vim_tiny_patch16_224", num_classes=1000, **kw)
+        sd = {"module." + k: v for k, v in src.state_dict().items()}
+        torch.save({"model": sd, "epoch": 299, "args": None}, tmp_path / name)
+    cfg = tiny_config(tmp_path)
+    assert svp_main(["train", "-c", cfg, "--method", "linear", "--checkpoint", str(tmp_path / "official.pth"),
+                     "--name", "ck", "train.max_steps=1"]) == 0
+    res = json.loads((tmp_path / "runs" / "ck" / "results.json").read_text())
+    best = str(tmp_path / "runs" / "ck" / "best")
+    spec = json.loads((tmp_path / "runs" / "ck" / "best" / "backbone.json").read_text())
+    assert spec["checkpoint"] == str(tmp_path / "official.pth") and spec["num_classes"] == 10
+    capsys.readouterr()
+    assert svp_main(["eval", best, "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(res["val_selected"]["test_top1"])
+    assert svp_main(["eval", best, "--dataset", "digits", "--checkpoint", str(tmp_path / "other.pth")]) == 2
+    assert "hash" in capsys.readouterr().err

@@ -267,6 +267,13 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n)}
 
 
+def _grad_scaler(enabled: bool):
+    """A GradScaler (float16 AMP only; a no-op otherwise). torch >= 2.3 has torch.amp.GradScaler."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
 class _null:
     def __enter__(self):
         return self
@@ -501,7 +508,7 @@ class Trainer:
         sched = Schedule(optimizer, cfg, steps_per_epoch)
         use_amp = bool(t["amp"]) and self.device.type == "cuda"
         amp_dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        scaler = _grad_scaler(use_amp and amp_dtype == torch.float16)
         amp_ctx = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else None
         ema = None
         if t["ema"]:
@@ -664,6 +671,13 @@ class Trainer:
             st.update({"epoch": epoch + 1, "batch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0,
                        "epoch_seconds": 0.0, "epoch_images": 0})
             save_resume()
+            # a signal that arrived during evaluation: the epoch's resume point is written
+            if all_reduce_sum([1.0 if self.signals.received else 0.0], dinfo, comm_dev)[0] > 0 \
+                    and st["epoch"] < epochs and not stop_training:
+                name = signal.Signals(self.signals.received).name if self.signals.received else "signal"
+                raise TrainingStopped(f"{name} received: stopped after epoch {st['epoch']}; resume point saved. "
+                                      f"Continue with: svp train --resume {self.run_dir}",
+                                      EXIT_INTERRUPTED, self.run_dir)
 
         # -------------------------------------------------------------- final evaluation
         eval_model = ema.module if (ema is not None and t["ema_eval"]) else model
