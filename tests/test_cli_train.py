@@ -306,3 +306,19 @@ def test_backbone_from_an_official_style_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(res["val_selected"]["test_top1"])
     assert svp_main(["eval", best, "--dataset", "digits", "--checkpoint", str(tmp_path / "other.pth")]) == 2
     assert "hash" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Python API
+def test_python_api_takes_a_partial_config(tmp_path):
+    from svp.engine import train
+    res = train({"model": {"name": "vim_tiny_patch16_224",
+                           "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
+                 "data": {"dataset": "faces", "max_train_samples": 8, "max_eval_samples": 4},
+                 "method": {"name": "bitfit"},
+                 "train": {"epochs": 1, "batch_size": 4, "max_steps": 1},
+                 "run": {"output": str(tmp_path), "name": "api", "progress": "none"}})
+    assert res["method"] == "bitfit" and res["dataset"] == "faces" and res["steps"] == 1
+    saved = yaml.safe_load((tmp_path / "api" / "config.yaml").read_text())
+    import svp.data
+    assert saved["data"]["img_size"] == svp.data.load_preset("faces")["img_size"]  # preset filled the rest
+    assert res["final"]["test_samples"] == 4 and res["run_dir"] == str(tmp_path / "api")
