@@ -539,6 +539,11 @@ class Trainer:
             log.info("%s on %s (%d classes, %d train samples), backbone %s, device %s, world size %d",
                      cfg["method"]["name"], cfg["data"]["dataset"], num_classes, len(train_ds), cfg["model"]["name"],
                      self.device, dinfo.world_size)
+            if not (cfg["model"]["checkpoint"] or cfg["model"]["pretrained"]):
+                log.warning("WARNING: the backbone %s is randomly initialised (no model.checkpoint, "
+                            "model.pretrained=false): fine for tests, meaningless for results. Use --checkpoint "
+                            "<official .pth> or the bundled --model vim_mini_patch4_32 model.pretrained=true",
+                            cfg["model"]["name"])
             report = getattr(model, "trainable_report", None)
             log.info("%s", report() if callable(report) else counts)
             log.info("lr used %.4g (base %.4g, batch %d x world %d%s), %d steps/epoch, %d epochs", lr,
@@ -802,6 +807,8 @@ class Trainer:
         res: Dict[str, Any] = {
             "dataset": cfg["data"]["dataset"], "method": cfg["method"]["name"], "seed": int(t["seed"]),
             "model": cfg["model"]["name"], "checkpoint": cfg["model"]["checkpoint"],
+            "backbone_init": ("checkpoint" if cfg["model"]["checkpoint"] else
+                              "pretrained" if cfg["model"]["pretrained"] else "random"),
             "epochs_run": last["epoch"], "epochs": int(t["epochs"]), "steps": st["global_step"],
             "stopped_early": bool(stopped_early),
             "selection": (f"epoch with the best validation {cfg['eval']['metric']} on split "
