@@ -33,6 +33,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKBONE = "vim_mini_patch4_32"
 ADAPTERS = {"SVP": "svp", "VPT-deep": "vpt_deep"}  # label -> demo method
+# the figures docs/visualize.md shows (suffixes after viz_digits<i>_)
+KEEP = ("SVP_maps", "compare_update", "diff_update", "diff_forget", "diff_propagation", "curves")
+
+
+def compress_png(path: str) -> None:
+    """Rewrite a PNG with an adaptive 256-colour palette (about 3x smaller), atomically."""
+    from PIL import Image
+    with Image.open(path) as im:
+        q = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    tmp = path + ".tmp.png"
+    q.save(tmp, optimize=True)
+    os.replace(tmp, path)
 
 
 def demo_runs(demo_dir: str):
@@ -52,7 +64,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-dir", default=os.path.join(ROOT, "runs", "viz_demo"))
     ap.add_argument("--out", default=os.path.join(HERE, "img"))
-    ap.add_argument("--indices", default="0,1", help="digits test images to render")
+    ap.add_argument("--indices", default="0", help="digits test images to render")
+    ap.add_argument("--all-figures", action="store_true",
+                    help=f"keep every figure (default: only {', '.join(KEEP)}, palette-compressed)")
     ap.add_argument("--dpi", type=int, default=60)
     args = ap.parse_args(argv)
 
@@ -81,7 +95,11 @@ def main(argv=None) -> int:
 
     ds = build_dataset("digits", "test")
     acc = {r["method"]: r.get("test_top1") for r in summary["rows"]}
-    info = {"backbone": f"{BACKBONE} (bundled, pretrained)",
+    import hashlib
+    from svp.models.vim_mini import mini_asset_path
+    with open(mini_asset_path(), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    info = {"backbone": f"{BACKBONE} (bundled, pretrained)", "backbone_file_sha256": sha,
             "adapters": {label: os.path.relpath(os.path.join(runs[m], "last"), ROOT) for label, m in ADAPTERS.items()},
             "demo": {k: summary.get(k) for k in ("dataset", "epochs", "batch_size", "lr", "seed")},
             "digits_test_top1": {label: acc.get(m) for label, m in ADAPTERS.items()},
@@ -97,7 +115,15 @@ def main(argv=None) -> int:
             curves = json.load(f)
         os.remove(cpath)
         info["images"][str(i)] = {"label": int(label), **curves}
-        print("\n".join(p for p in written if p.endswith(".png")))
+        for p in written:
+            if not p.endswith(".png"):
+                continue
+            kind = os.path.basename(p)[len(prefix) + 1:-len(".png")]
+            if args.all_figures or kind in KEEP:
+                compress_png(p)
+                print(p)
+            else:
+                os.remove(p)
     write_json(os.path.join(args.out, "viz_examples.json"), info)
     return 0
 

@@ -107,3 +107,26 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
 def test_default_layers():
     assert default_layers(24) == [0, 8, 15, 23]
     assert default_layers(3) == [0, 1, 2]
+
+
+def test_cli_with_adapter_dirs(tmp_path, image, capsys):
+    """--adapter through PeftModel.save/load_adapter: a zero-scale SVP adapter gives the
+    frozen backbone's curves exactly; an adapter on other base weights is refused."""
+    from safetensors.torch import save_file
+    from svp.peft import get_peft_model, make_config
+    base = tiny_vim(3)
+    ckpt = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(ckpt))
+    peft = get_peft_model(base, make_config("svp", shared_layers=2, hidden=8, num_classes=5))
+    peft.save(str(tmp_path / "svp_adapter"), base_model_name="vim_tiny_patch16_224")
+    out = tmp_path / "ad"
+    common = ["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--out", str(out),
+              "--layers", "0,3", "--quantities", "update", "--box", "20,8,50,30", "--dpi", "40"]
+    assert svp_main(common + ["--checkpoint", str(ckpt), "--adapter", f"SVP={tmp_path / 'svp_adapter'}"]) == 0
+    names = sorted(os.path.basename(p) for p in capsys.readouterr().out.split())
+    assert "scene_SVP_maps.png" in names and "scene_diff_update.png" in names
+    curves = json.loads((out / "scene_curves.json").read_text())["curves"]
+    assert curves["SVP"] == curves["frozen"]
+    assert svp_main(common + ["--adapter", str(tmp_path / "svp_adapter")]) == 2  # random base weights
+    err = capsys.readouterr().err
+    assert "--adapter" in err and "hash" in err

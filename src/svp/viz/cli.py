@@ -60,7 +60,11 @@ def load_adapter_model(backbone, adapter_dir: str):
         from ..peft import load_adapter
     except ImportError as e:  # pragma: no cover - the PEFT package is part of svp
         raise VizError(f"cannot load adapters: svp.peft is unavailable ({e})") from e
-    model = load_adapter(backbone, adapter_dir)
+    from ..peft import AdapterError
+    try:
+        model = load_adapter(backbone, adapter_dir)
+    except (AdapterError, ValueError, KeyError, OSError) as e:
+        raise VizError(f"--adapter {adapter_dir}: {e}") from e
     model.eval()
     return model
 
