@@ -24,9 +24,11 @@ def _config_epilog() -> str:
             lines.append(f"      {w}")
     lines += ["", "resolution order (later wins): defaults, svp/configs/methods/<method>.yaml,",
               "the dataset preset (svp.data.load_preset), --config files, the flags above,",
-              "key=value overrides.",
+              "key=value overrides. The dataset preset sets most train.* keys (lr, batch,",
+              "epochs, mixup, ...): `--print-config` shows what a run will actually use.",
               "",
               "examples:",
+              "  svp train --dataset digits --method svp --model vim_mini_patch4_32 model.pretrained=true",
               "  svp train --dataset digits --method svp --model vim_tiny_patch16_224 \\",
               "      model.kwargs.img_size=32 model.kwargs.patch_size=4 model.kwargs.stride=4 train.epochs=5",
               "  svp train --dataset hta/cub200 --method svp --model vim_small_patch16_224 \\",
