@@ -278,3 +278,13 @@ def test_vtab_table_reports_both_averages_labelled():
     assert cells["dtd"] == "80.50 ± 0.71"
     assert cells["Trainable params (with head)"] == "1,000" and cells["Adapter size"] == "2.0 KiB"
     assert "selected on the validation split" in md
+
+
+def test_table_title_says_when_there_was_no_validation_split():
+    from svp.engine.sweep import markdown_table
+    rows = [{"method": "svp", "dataset": "digits", "seed": 0, "status": "ok", "val_selected_test_top1": 50.0,
+             "selection": "no validation split: the last epoch"}]
+    md = markdown_table("mini", rows, [("digits", "mini")], ["svp"], [0])
+    assert "no validation split" in md and "selected on the validation split" not in md
+    rows[0]["selection"] = "epoch with the best validation top1 on split 'val'"
+    assert "selected on the validation split" in markdown_table("mini", rows, [("digits", "mini")], ["svp"], [0])

@@ -853,8 +853,9 @@ class Trainer:
             if os.path.exists(rp):
                 os.replace(rp, os.path.join(self.run_dir, "final_state.safetensors"))
             sel = res["val_selected"]
-            log.info("done: final-epoch test top1 %s | val-selected (epoch %s) test top1 %s%s",
-                     _pct(res["final"]["test_top1"]), sel["epoch"], _pct(sel["test_top1"]),
+            log.info("done: final-epoch test top1 %s | %s (epoch %s) test top1 %s%s",
+                     _pct(res["final"]["test_top1"]), "val-selected" if val is not None else "no val split, last",
+                     sel["epoch"], _pct(sel["test_top1"]),
                      (f" | official best-test-over-epochs {res['official_best_test_top1']['value']:.2f} "
                       f"(selected on test)" if "official_best_test_top1" in res else ""))
         barrier(dinfo)

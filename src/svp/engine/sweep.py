@@ -71,7 +71,7 @@ def run_one(dataset: str, method: str, seed: int, output: str, config_files: Seq
     return res
 
 
-CSV_FIELDS = ["suite", "group", "dataset", "method", "seed", "status", "val_selected_epoch",
+CSV_FIELDS = ["suite", "group", "dataset", "method", "seed", "status", "selection", "val_selected_epoch",
               "val_selected_val_top1", "val_selected_test_top1", "final_test_top1", "official_best_test_top1",
               "trainable_params", "trainable_params_without_head", "adapter_bytes", "epochs_run",
               "train_seconds", "run_dir", "error"]
@@ -85,7 +85,8 @@ def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], e
         return row
     sel, fin = res.get("val_selected", {}), res.get("final", {})
     obt = res.get("official_best_test_top1")
-    row.update({"status": res.get("status", "ok"), "val_selected_epoch": sel.get("epoch"),
+    row.update({"status": res.get("status", "ok"), "selection": res.get("selection", ""),
+                "val_selected_epoch": sel.get("epoch"),
                 "val_selected_val_top1": sel.get("val_top1"), "val_selected_test_top1": sel.get("test_top1"),
                 "final_test_top1": fin.get("test_top1"), "official_best_test_top1": obt["value"] if obt else "",
                 "trainable_params": res.get("trainable_params"),
@@ -132,6 +133,9 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     titles = {"val_selected_test_top1": "test top-1 (%) of the epoch selected on the validation split",
               "final_test_top1": "test top-1 (%) after the last epoch",
               "official_best_test_top1": "OFFICIAL PROTOCOL: best test top-1 (%) over epochs (selected on test)"}
+    if metric == "val_selected_test_top1" and rows and all(
+            str(r.get("selection", "")).startswith("no validation") for r in rows if r.get("status") != "failed"):
+        titles[metric] = "test top-1 (%) after the last epoch (no validation split, so no selection)"
     by = {}
     for r in rows:
         v = _num(r.get(metric))
