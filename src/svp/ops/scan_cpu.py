@@ -53,6 +53,14 @@ _default_cache_dir()
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
+
+# numba's default OpenMP layer loads the system libgomp, a second OpenMP runtime beside
+# torch's: after every parallel region each runtime's threads spin-wait and can starve
+# the other's, which a model alternating torch ops and scans does hundreds of times per
+# step. 'workqueue' threads sleep instead. Used unless the user chose a layer. (It does
+# not support parallel kernels launched concurrently from several Python threads.)
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402

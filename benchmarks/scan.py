@@ -1,0 +1,197 @@
+"""Selective-scan benchmark: every backend against the reference, same run, plus the
+machine's memory-bandwidth and FMA-peak lower bounds (measured in the same run).
+
+    .venv/bin/python benchmarks/scan.py [--batches 1 8 32] [--ref-batches 1 8] [--json out.json]
+
+Shapes: one direction of one Vim mixer, L=197, N=16, d_inner 384 (Vim-Tiny) and 768
+(Vim-Small), float32, inputs laid out as the model passes them ((b, d, l) views of
+(b, l, d) tensors; B, C sliced from one x_proj output), delta_softplus with delta_bias,
+D skip and SiLU(z) gate. Times are the best of --reps wall-clock runs.
+
+Lower bounds:
+* bandwidth: bytes the scan must move (fwd: read u, delta, z, B, C, write out; fwd+bwd
+  additionally read u, delta, z, B, C, dout and write du, ddelta, dz, dB, dC) divided by
+  the copy bandwidth of a 256 MiB tensor measured here.
+* FMA peak: lane operations the scan needs per (b, l, d, n) element divided by the
+  machine's measured peak rate of float32 FMA lanes/s (the larger of a float32 matmul
+  and a vectorised numba FMA loop, both on all threads). Counted per element: forward
+  12 = delta*A 1, exp 8 (degree-6 polynomial + range reduction, the least that gives
+  1e-7), state update 2, C.h 1; backward 20 = recompute 11, dh += C g 1, q = dh h e 2,
+  decay 1, and the dB, dC, dA and delta/u sums 5. The scan's per-(b,l,d) work (softplus,
+  gate, D) is left out, so the bound is optimistic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from svp.ops import available_backends, selective_scan, set_backend  # noqa: E402
+
+OPS_FWD, OPS_BWD = 12, 20
+MODELS = {"Vim-Tiny": 384, "Vim-Small": 768}
+
+
+def measure_bandwidth(mib=256, reps=5):
+    x = torch.empty(mib * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    y = torch.empty_like(x).fill_(0.0)
+    best = 1e9
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best  # bytes read + written per second
+
+
+def measure_fma_peak():
+    """float32 FMA lanes per second: max of a large matmul and a numba FMA loop."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 1e9
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    mm = n ** 3 / best  # one FMA per multiply-add
+    loop = 0.0
+    try:
+        from numba import njit, prange
+        import numba
+
+        @njit(parallel=True, fastmath={"contract"})
+        def fma_loop(acc, reps):
+            nt, w = acc.shape
+            for t in prange(nt):
+                a_ = acc[t]
+                for _ in range(reps):
+                    for k in range(w):
+                        a_[k] = a_[k] * np.float32(0.999) + np.float32(0.001)
+        nt = numba.get_num_threads()
+        acc = np.ones((nt, 256), np.float32)   # 16 independent 16-lane chains per thread
+        fma_loop(acc, 10)
+        reps = 200_000
+        b2 = 1e9
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fma_loop(acc, reps)
+            b2 = min(b2, time.perf_counter() - t0)
+        loop = nt * 256 * reps / b2
+    except Exception:
+        pass
+    return max(mm, loop), mm, loop
+
+
+def make_inputs(b, d, L=197, n=16, dt_rank=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt_rank = dt_rank or d // 32
+    u = torch.randn(b, L, d, generator=g).transpose(1, 2)
+    delta = (torch.randn(b, L, d, generator=g) * 0.5 - 1).transpose(1, 2)
+    x = torch.randn(b, L, dt_rank + 2 * n, generator=g)
+    B, C = x[:, :, dt_rank:dt_rank + n].transpose(1, 2), x[:, :, dt_rank + n:].transpose(1, 2)
+    z = torch.randn(b, L, d, generator=g).transpose(1, 2)
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5)
+    D = torch.ones(d)
+    bias = torch.randn(d, generator=g) * 0.1
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def time_backend(name, args, reps, backward):
+    xs = [a.clone().requires_grad_() for a in args]
+    set_backend(name)
+    try:
+        best_f, best_fb = 1e9, 1e9
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = selective_scan(*xs[:7], delta_bias=xs[7], delta_softplus=True)
+            t1 = time.perf_counter()
+            best_f = min(best_f, t1 - t0)
+            if backward:
+                out.backward(torch.ones_like(out))
+                best_fb = min(best_fb, time.perf_counter() - t0)
+            for x in xs:
+                x.grad = None
+    finally:
+        set_backend(None)
+    return best_f * 1e3, (best_fb * 1e3 if backward else None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--ref-batches", type=int, nargs="*", default=[1, 8],
+                    help="batches at which the (slow) reference runs; forward+backward at the first only")
+    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    backends = a.backends or [n for n in ("cpu", "torch", "cuda", "reference") if n in available_backends()]
+    bw = measure_bandwidth()
+    peak, mm, loop = measure_fma_peak()
+    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+                       f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+            "load_average_start": os.getloadavg(),
+            "copy_bandwidth_GBps": bw / 1e9, "fma_lanes_per_s": peak, "fma_matmul": mm, "fma_numba": loop}
+    print(f"# machine: {info['machine']}; load average {os.getloadavg()[0]:.1f}")
+    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s; float32 FMA peak {peak / 1e9:.1f} G lanes/s "
+          f"(matmul {mm / 1e9:.1f}, numba loop {loop / 1e9:.1f})")
+    rows = []
+    for model, d in MODELS.items():
+        for b in a.batches:
+            args = make_inputs(b, d)
+            L, n = 197, 16
+            el = b * L * d * n
+            bytes_f = 4 * (4 * b * L * d + 2 * b * L * n)
+            bytes_fb = bytes_f + 4 * (7 * b * L * d + 4 * b * L * n)
+            lb = {"bw_f": bytes_f / bw * 1e3, "bw_fb": bytes_fb / bw * 1e3,
+                  "fma_f": OPS_FWD * el / peak * 1e3, "fma_fb": (OPS_FWD + OPS_BWD) * el / peak * 1e3}
+            res = {}
+            for name in backends:
+                if name == "reference" and b not in a.ref_batches:
+                    continue
+                back = not (name == "reference" and b != a.ref_batches[0])
+                reps = 1 if name == "reference" else (2 if name == "torch" else a.reps)
+                time_backend(name, make_inputs(1, d, L=5), 1, True)  # warm-up / compile
+                res[name] = time_backend(name, args, reps, back)
+            row = {"model": model, "d_inner": d, "batch": b, **lb, "ms": res}
+            rows.append(row)
+            print(f"{model} b={b}: " + ", ".join(f"{k} {v[0]:.2f}/{v[1] if v[1] is None else round(v[1], 2)} ms"
+                                                  for k, v in res.items()), flush=True)
+    info["load_average_end"] = os.getloadavg()
+    # Markdown table
+    print()
+    print("| shape | batch | pass | " + " | ".join(f"{n} ms" for n in backends) +
+          " | BW bound ms | FMA bound ms | cpu / FMA bound | cpu / BW bound | speed-up vs reference | speed-up vs torch |")
+    print("|" + "---|" * (len(backends) + 9))
+    for r in rows:
+        for pas, i, bwk, fk in (("fwd", 0, "bw_f", "fma_f"), ("fwd+bwd", 1, "bw_fb", "fma_fb")):
+            cells = []
+            for n in backends:
+                v = r["ms"].get(n)
+                cells.append("-" if v is None or v[i] is None else f"{v[i]:.2f}")
+            cpu = r["ms"].get("cpu")
+            cpu_t = cpu[i] if cpu else None
+            ref = r["ms"].get("reference")
+            tor = r["ms"].get("torch")
+            su_ref = f"{ref[i] / cpu_t:.0f}x" if (cpu_t and ref and ref[i]) else "-"
+            su_tor = f"{tor[i] / cpu_t:.0f}x" if (cpu_t and tor and tor[i]) else "-"
+            print(f"| {r['model']} (d {r['d_inner']}) | {r['batch']} | {pas} | " + " | ".join(cells) +
+                  f" | {r[bwk]:.2f} | {r[fk]:.2f} | " +
+                  (f"{cpu_t / r[fk]:.2f}x | {cpu_t / r[bwk]:.1f}x" if cpu_t else "- | -") +
+                  f" | {su_ref} | {su_tor} |")
+    print(f"\n# load average at end {os.getloadavg()[0]:.1f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
