@@ -64,27 +64,33 @@ def measure_fma_peak():
     mm = n ** 3 / best  # one FMA per multiply-add
     loop = 0.0
     try:
-        from numba import njit, prange
         import numba
+        from numba import njit, prange
+
+        W = 128  # 8 independent 16-lane chains per thread, kept in registers
 
         @njit(parallel=True, fastmath={"contract"})
         def fma_loop(acc, reps):
-            nt, w = acc.shape
-            for t in prange(nt):
+            for t in prange(acc.shape[0]):
                 a_ = acc[t]
+                loc = np.empty(W, np.float32)
+                for k in range(W):
+                    loc[k] = a_[k]
                 for _ in range(reps):
-                    for k in range(w):
-                        a_[k] = a_[k] * np.float32(0.999) + np.float32(0.001)
+                    for k in range(W):
+                        loc[k] = loc[k] * np.float32(0.999) + np.float32(0.001)
+                for k in range(W):
+                    a_[k] = loc[k]
         nt = numba.get_num_threads()
-        acc = np.ones((nt, 256), np.float32)   # 16 independent 16-lane chains per thread
+        acc = np.ones((nt, W), np.float32)
         fma_loop(acc, 10)
-        reps = 200_000
+        reps = 1_000_000
         b2 = 1e9
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             fma_loop(acc, reps)
             b2 = min(b2, time.perf_counter() - t0)
-        loop = nt * 256 * reps / b2
+        loop = nt * W * reps / b2
     except Exception:
         pass
     return max(mm, loop), mm, loop
