@@ -60,6 +60,37 @@ def demo_runs(demo_dir: str):
     return runs, summary
 
 
+def test_set_means(models, ds, n: int) -> dict:
+    """Per model and layer, the object / background means of update and forget over the
+    first ``n`` test images (each image's object = its ink patches, as for the figures),
+    averaged over images: whether what one picture shows holds beyond it."""
+    import torch
+    from svp.viz import analyze
+    from svp.viz.cli import find_vim, mask_to_grid, model_input_size, model_mean_std, prepare_image
+    vim = find_vim(next(iter(models.values())))
+    size, (mean, std) = model_input_size(vim), model_mean_std(vim)
+    xs, masks = [], []
+    for i in range(min(n, len(ds))):
+        img, _ = ds[i]
+        x, _ = prepare_image(img, size, mean, std)
+        xs.append(x)
+        masks.append(torch.from_numpy(mask_to_grid((np.asarray(img.convert("L")) > 127).astype(np.float32),
+                                                   size, vim)[1]).bool())
+    x, masks = torch.cat(xs), torch.stack(masks)  # (n, 3, H, W), (n, gh, gw)
+    out = {"images": len(xs)}
+    for label, model in models.items():
+        g = analyze(model, x)
+        out[label] = {}
+        for q in ("update", "forget"):
+            v = g.grid[q][:, :, 2]  # (n, depth, gh, gw)
+            m = masks[:, None].expand_as(v).float()
+            obj = ((v * m).sum((-1, -2)) / m.sum((-1, -2))).mean(0)
+            bg = ((v * (1 - m)).sum((-1, -2)) / (1 - m).sum((-1, -2))).mean(0)
+            out[label][q] = {"object": [round(float(a), 5) for a in obj],
+                             "background": [round(float(a), 5) for a in bg]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-dir", default=os.path.join(ROOT, "runs", "viz_demo"))
@@ -68,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all-figures", action="store_true",
                     help=f"keep every figure (default: only {', '.join(KEEP)}, palette-compressed)")
     ap.add_argument("--dpi", type=int, default=60)
+    ap.add_argument("--stats", type=int, default=200,
+                    help="also average object/background gate means over this many test images (0: skip)")
     args = ap.parse_args(argv)
 
     import timm
@@ -124,6 +157,8 @@ def main(argv=None) -> int:
                 print(p)
             else:
                 os.remove(p)
+    if args.stats:
+        info["test_set_means"] = test_set_means(models, ds, args.stats)
     write_json(os.path.join(args.out, "viz_examples.json"), info)
     return 0
 
