@@ -34,11 +34,12 @@ def demo_config(method: str, out: str, epochs: int, batch_size: int, lr: float, 
                 max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
                 progress: str = "auto") -> dict:
     """The engine configuration of one demo run (the same for every method except
-    ``method``): bundled backbone, digits at 32 px, plain transform, AdamW + cosine."""
+    ``method``): bundled backbone, digits at 32 px, plain transform, AdamW + cosine,
+    no validation split (the last epoch is reported on the test split)."""
     return {
         "model": {"name": BACKBONE, "pretrained": True, "drop_path_rate": 0.0},
         "method": {"name": method, "settings": dict(METHOD_SETTINGS.get(method, {}))},
-        "data": {"dataset": "digits", "img_size": 32, "recipe": "plain", "num_workers": 0,
+        "data": {"dataset": "digits", "img_size": 32, "recipe": "plain", "num_workers": 0, "val_split": None,
                  "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples},
         "train": {"epochs": epochs, "batch_size": batch_size, "eval_batch_size": 256, "lr": lr,
                   "lr_scale": False, "weight_decay": 1e-4, "warmup_epochs": 0, "sched": "cosine",
@@ -91,7 +92,7 @@ def format_table(rows: List[dict], full: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str, epochs: int = 3, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+def run_demo(out: str, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
              echo=print) -> dict:
@@ -153,8 +154,8 @@ def register(subparsers):
                     "linear probing and VPT-deep under the same budget; print test accuracy and trainable "
                     "parameters, and draw the gate-activation figure. A few minutes on a CPU.")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per method (default 3)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per method (default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every method (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--methods", default="linear,vpt_deep,svp", help="comma-separated (default linear,vpt_deep,svp)")

@@ -1,0 +1,35 @@
+"""`svp demo` end to end on a sliver of digits (the full demo is `make demo`)."""
+import json
+import os
+
+import pytest
+
+from svp.cli import main
+
+
+def test_demo_smoke_prints_table_run_folders_and_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--epochs", "1", "--batch-size", "16", "--max-train-samples", "32",
+               "--max-eval-samples", "32", "--methods", "linear,svp", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    summary = json.load(open(out / "demo_results.json"))
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"linear", "svp"}
+    for m, r in rows.items():
+        assert 0.0 <= r["test_top1"] <= 100.0
+        assert os.path.isfile(os.path.join(r["run_dir"], "results.json"))
+        assert f"run folder ({m}): {r['run_dir']}" in text
+    full = summary["full_finetune"]["trainable_params_without_head"]
+    # linear probing trains the head only; SVP a small fraction of the backbone
+    assert rows["linear"]["trainable_params_without_head"] == 0
+    assert 0 < rows["svp"]["trainable_params_without_head"] < 0.10 * full
+    assert "linear probing" in text and "SVP (ours)" in text and "full fine-tuning" in text
+    pngs = [f for f in summary["figures"] if f.endswith(".png")]
+    assert pngs and all(os.path.isfile(f) for f in pngs)
+    assert "gate-activation figures" in text
+
+
+def test_demo_rejects_unknown_method(capsys):
+    assert main(["demo", "--methods", "linear,nope"]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
