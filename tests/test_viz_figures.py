@@ -102,6 +102,14 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
         assert msg in capsys.readouterr().err
     assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON]) == 2
     assert "no such file" in capsys.readouterr().err
+    # a dataset sample instead of a file
+    common = ["visualize", "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--out", str(out),
+              "--layers", "1", "--quantities", "forget", "--dpi", "40"]
+    assert svp_main(common + ["--dataset", "digits", "--index", "3"]) == 0
+    assert [os.path.basename(p) for p in capsys.readouterr().out.split()] == ["digits_test_3_frozen_maps.png"]
+    check_png(out / "digits_test_3_frozen_maps.png", 192, 104)
+    assert svp_main(common + ["--dataset", "no_such_set"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
 
 
 def test_default_layers():

@@ -105,8 +105,12 @@ def load_input_image(args):
         stem = os.path.splitext(os.path.basename(args.image))[0]
         return img.convert("RGB"), stem
     if args.dataset:
-        from ..data import build_dataset
-        ds = build_dataset(args.dataset, args.split, root=args.data_root)
+        from ..data import DatasetError, build_dataset
+        try:
+            ds = build_dataset(args.dataset, args.split, root=args.data_root)
+        except (DatasetError, KeyError, ValueError, OSError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise VizError(f"--dataset {args.dataset} --split {args.split}: {msg}") from e
         if not 0 <= args.index < len(ds):
             raise VizError(f"--index {args.index} out of range: {args.dataset}/{args.split} has {len(ds)} images")
         img, label = ds[args.index]
@@ -307,7 +311,8 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", help="dataset name (svp.data), e.g. digits")
     p.add_argument("--index", type=int, default=0, help="sample index in --dataset")
     p.add_argument("--split", default="test", help="dataset split")
-    p.add_argument("--data-root", default=None, help="dataset root for datasets that need one")
+    p.add_argument("--root", "--data-root", dest="data_root", default=None,
+                   help="data root for datasets read from disk (or $SVP_DATA; see docs/datasets.md)")
     p.add_argument("--model", default="vim_mini_patch4_32",
                    help="timm name of the backbone (the bundled mini Vim by default)")
     p.add_argument("--pretrained", action="store_true",
