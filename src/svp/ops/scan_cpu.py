@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -54,13 +55,14 @@ import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
 
-# numba's default OpenMP layer loads the system libgomp, a second OpenMP runtime beside
-# torch's: after every parallel region each runtime's threads spin-wait and can starve
-# the other's, which a model alternating torch ops and scans does hundreds of times per
-# step. 'workqueue' threads sleep instead. Used unless the user chose a layer. (It does
-# not support parallel kernels launched concurrently from several Python threads.)
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+# numba's OpenMP layer loads the system libgomp, a second OpenMP runtime beside torch's
+# (torch has read its settings already): by default its threads spin-wait after every
+# parallel region and steal the cores torch's threads need next, which a model that
+# alternates torch ops and scans does hundreds of times per step. Make numba's runtime
+# sleep instead, unless the user configured OpenMP. (The 'workqueue' layer avoids the
+# second runtime but ran the backward ~2.5x slower here.)
+if "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
