@@ -1,6 +1,7 @@
 """The mini suite and its ablations, as a list of ``svp sweep --suite mini`` commands.
 
-    python -m svp.pretrain.mini_suite --out sweeps/mini            # run everything, in order
+    python -m svp.pretrain.mini_suite --out sweeps/mini --stages 1-11   # the suite (about an hour)
+    python -m svp.pretrain.mini_suite --out sweeps/mini --stages 12-14  # supplementary budget check
     python -m svp.pretrain.mini_suite --out sweeps/mini --dry-run  # print the commands
     python -m svp.pretrain.mini_suite --out sweeps/mini --report   # Markdown of what finished
 
@@ -37,6 +38,13 @@ ABLATIONS: Dict[str, Tuple[str, List[str]]] = {
 }
 
 
+# Supplementary budget check (not part of the hour; run with --stages 12,13,14): the same
+# configuration on the full training sets for 10 epochs (about 5x the images per run), seed 0.
+LONG_OVERRIDES = ["data.max_train_samples=null", "train.epochs=10", "eval.every=10"]
+LONG_METHODS = ["linear", "full", "vpt_deep", "lora", "svp"]
+LONG_ABLATIONS = ["inner_only", "cross_only"]
+
+
 def suite_yaml() -> str:
     from svp.models.vim_mini import mini_asset_path
     return mini_asset_path("mini_suite.yaml")
@@ -52,6 +60,15 @@ def commands(out: str, svp_bin: str = "svp") -> List[Tuple[str, List[str]]]:
                                                          ",".join(ABLATION_DATASETS), "--output",
                                                          os.path.join(out, "ablations", name)] + ov))
     cmds.append(("main, seeds 0-2", base + ["--methods", ",".join(METHODS), "--seeds", "0,1,2", "--output", main]))
+    long_base = base + ["--seeds", "0", "--datasets", ",".join(ABLATION_DATASETS)]
+    cmds.append(("budget check (full train sets, 10 epochs), main methods",
+                 long_base + ["--methods", ",".join(LONG_METHODS), "--output", os.path.join(out, "long", "main")]
+                 + LONG_OVERRIDES))
+    for name in LONG_ABLATIONS:
+        method, ov = ABLATIONS[name]
+        cmds.append((f"budget check, ablation {name}", long_base + ["--methods", method, "--output",
+                                                                    os.path.join(out, "long", name)]
+                     + LONG_OVERRIDES + ov))
     return cmds
 
 
@@ -65,7 +82,7 @@ def _collect(out: str) -> Dict[str, List[dict]]:
             with open(os.path.join(root, "results.json")) as f:
                 res = json.load(f)
             rel = os.path.relpath(root, out).split(os.sep)
-            sweep_name = "main" if rel[0] == "main" else rel[1]
+            sweep_name = "main" if rel[0] == "main" else rel[1] if rel[0] == "ablations" else f"long/{rel[1]}"
             found.setdefault(sweep_name, []).append(res)
     return found
 
@@ -141,6 +158,17 @@ def report(out: str) -> str:
         runs = svp_main if key is None else vpt_main if key == "vpt" else found.get(key, [])
         ab_row(label, runs)
     lines.append("")
+    long_main = found.get("long/main", [])
+    if long_main:
+        lines.append(f"Budget check (seed 0; full training sets, 10 epochs; test top-1 %):")
+        lines.append("")
+        lines.append("| " + " | ".join(hdr) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
+        for m in LONG_METHODS:
+            ab_row(m, [r for r in long_main if r["method"] == m])
+        for name in LONG_ABLATIONS:
+            ab_row(f"svp {name}", found.get(f"long/{name}", []))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -150,7 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("sweeps", "mini"))
     ap.add_argument("--dry-run", action="store_true", help="print the svp sweep commands only")
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of the finished runs")
-    ap.add_argument("--stages", default=None, help="comma-separated stage numbers to run (1-based; default all)")
+    ap.add_argument("--stages", default=None, help="stages to run, e.g. 1-11 or 12,13 (1-based; default all)")
     args = ap.parse_args(argv)
     if args.report:
         print(report(args.out))
@@ -159,7 +187,12 @@ def main(argv=None) -> int:
     if not os.path.exists(svp_bin):
         svp_bin = "svp"
     cmds = commands(args.out, svp_bin)
-    wanted = set(int(s) for s in args.stages.split(",")) if args.stages else set(range(1, len(cmds) + 1))
+    wanted = set(range(1, len(cmds) + 1))
+    if args.stages:
+        wanted = set()
+        for part in args.stages.split(","):
+            lo, _, hi = part.partition("-")
+            wanted.update(range(int(lo), int(hi or lo) + 1))
     rc = 0
     for i, (title, cmd) in enumerate(cmds, 1):
         if i not in wanted:
