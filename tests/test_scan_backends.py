@@ -258,3 +258,37 @@ def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
         get_backend(torch.device("cpu"))
         get_backend(torch.device("cpu"))
     assert sum("selective scan on cpu" in r.getMessage() for r in caplog.records) == 1
+
+
+_COLD_WARM_SCRIPT = r"""
+import sys, torch
+from svp.ops import selective_scan, set_backend
+set_backend("cpu")
+g = torch.Generator().manual_seed(1)
+mk = lambda *s: torch.randn(*s, generator=g)
+b, d, l, n = 2, 100, 37, 16
+ts = [t.requires_grad_() for t in (mk(b, l, d).transpose(1, 2), mk(b, l, d).transpose(1, 2), -torch.rand(d, n, generator=g),
+                                   mk(b, n, l), mk(b, n, l), mk(d), mk(b, l, d).transpose(1, 2), mk(d))]
+out = selective_scan(*ts[:7], delta_bias=ts[7], delta_softplus=True, reverse=True)
+out.pow(2).sum().backward()
+torch.save([out.detach()] + [t.grad for t in ts], sys.argv[1])
+"""
+
+
+def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
+    """A process that compiles the kernels and one that loads them from numba's disk cache
+    must agree bit for bit, or a resumed training run would not reproduce an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+    if "cpu" not in available_backends():
+        pytest.fail("the numba cpu backend is not available")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    script = tmp_path / "run.py"
+    script.write_text(_COLD_WARM_SCRIPT)
+    for name in ("cold.pt", "warm.pt"):
+        subprocess.run([sys.executable, str(script), str(tmp_path / name)], env=env, check=True, timeout=600)
+    assert any((tmp_path / "cache").rglob("*.nbi")), "the first process wrote no numba cache"
+    cold, warm = torch.load(tmp_path / "cold.pt"), torch.load(tmp_path / "warm.pt")
+    for i, (a, b) in enumerate(zip(cold, warm)):
+        assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"

@@ -101,7 +101,7 @@ _Q = [_f32(1.0 / (2 * k + 1)) for k in range(9)]
 _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8 = _Q
 
 _FM_SAFE = {"contract", "nsz"}                  # keeps the order of every operation
-_FM_RED = {"contract", "nsz", "reassoc", "arcp"}  # lets channel sums vectorise
+_FM_RED = {"contract", "nsz"}  # no 'reassoc': see _hsum
 
 
 @intrinsic
@@ -160,6 +160,19 @@ def _softplus(x):
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
 def _sigmoid(x):
     return _ONE / (_ONE + _exp(-x))
+
+
+# Channel sums in a fixed order: _RW lane-wise partial sums (vectorised without letting LLVM
+# reassociate), then one fixed-order horizontal sum. With fastmath 'reassoc' the order was
+# left to the code generator, and a kernel compiled in this process gave other bits than
+# the same kernel loaded from numba's on-disk cache, so a resumed run did not reproduce
+# an uninterrupted one.
+_RW = 8
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _hsum(acc):
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
@@ -279,6 +292,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
             dhn = dh[n]
             for c in range(cw):
                 dhn[c] = dln[c]
+        acc = np.zeros(_RW, np.float64)
         dAacc = np.zeros((N, BS), np.float64)
         dDacc = np.zeros(BS, np.float64)
         dbacc = np.zeros(BS, np.float64)
@@ -348,10 +362,13 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
                 dCr = dCp[bi, gi, blk, t]
                 for n in range(N):
                     hn = Hb[j + 1, n]
-                    sc = 0.0  # float64: channel sums are where float32 cancellation shows
-                    for c in range(BS):
-                        sc += np.float64(gv[c]) * np.float64(hn[c])
-                    dCr[n] = sc
+                    # float64: channel sums are where float32 cancellation shows
+                    for k in range(_RW):
+                        acc[k] = 0.0
+                    for c8 in range(0, BS, _RW):
+                        for k in range(_RW):
+                            acc[k] += np.float64(gv[c8 + k]) * np.float64(hn[c8 + k])
+                    dCr[n] = _hsum(acc)
             # --- reverse-time recurrence over the chunk
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
@@ -379,10 +396,12 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, Dv, bias, has_z, softplus, reverse, K, hs, d
                         hp[c] = dhv * hp[c] * e
                         dhn[c] = e * dhv
                         en[c] = dhv
-                    sb = 0.0
-                    for c in range(BS):
-                        sb += np.float64(en[c]) * np.float64(dtu[c])
-                    dBr[n] = sb
+                    for k in range(_RW):
+                        acc[k] = 0.0
+                    for c8 in range(0, BS, _RW):
+                        for k in range(_RW):
+                            acc[k] += np.float64(en[c8 + k]) * np.float64(dtu[c8 + k])
+                    dBr[n] = _hsum(acc)
                     for c in range(BS):
                         s1[c] += en[c] * bn
                     abn = Ab[n]
