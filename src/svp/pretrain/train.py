@@ -293,7 +293,7 @@ evaluation tasks (see docs/mini_backbone.md for the reasons). Each class is an i
 function system of 2-4 random contractive affine maps (seed {st['seed']}); an image is a
 chaos-game render of a slightly perturbed copy, randomly rotated, mirrored, scaled, shifted
 and coloured. Train split: {st['train']['per_class']} images per class; held-out split: a separate
-random stream. Normalisation: mean {card['normalisation']['mean']}, std {card['normalisation']['std']}.
+random stream. Normalisation: mean {[round(v, 4) for v in card['normalisation']['mean']]}, std {[round(v, 4) for v in card['normalisation']['std']]}.
 
 ## Accuracy on the source task (held out)
 | split | images | top-1 | chance |
@@ -313,7 +313,8 @@ per-step cosine to {r['min_lr']}, batch {r['batch_size']}, {r['epochs']} epochs,
 gradient clipping at norm 1, random horizontal mirror, no drop-path; {r['threads']} CPU thread(s).
 Training time of the last run: {card.get('train_seconds_last_run')} s on a shared 2-core CPU; torch {card['torch']}.
 
-Command:
+Command (the exported `.safetensors` and `.json` were then copied into `src/svp/assets/`;
+`MODEL_CARD.md` is generated from the JSON by `svp.pretrain.train.model_card_markdown`):
 
 ```
 {card['command']}
