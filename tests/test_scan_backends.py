@@ -292,3 +292,19 @@ def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
     cold, warm = torch.load(tmp_path / "cold.pt"), torch.load(tmp_path / "warm.pt")
     for i, (a, b) in enumerate(zip(cold, warm)):
         assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"
+
+
+def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
+    """numba's OpenMP layer is a second OpenMP runtime beside torch's; after an OpenMP-parallel
+    scan every torch op stalled for milliseconds (see scan_cpu). Unless the user chose a layer,
+    the kernels must run on numba's own 'workqueue' threads."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, numba, svp\nfrom svp.ops import selective_scan, set_backend\nset_backend('cpu')\n"
+            "selective_scan(torch.randn(1, 8, 5), torch.randn(1, 8, 5), -torch.rand(8, 4), torch.randn(1, 4, 5),"
+            " torch.randn(1, 4, 5))\nprint(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "workqueue"

@@ -55,14 +55,16 @@ import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
 
-# numba's OpenMP layer loads the system libgomp, a second OpenMP runtime beside torch's
-# (torch has read its settings already): by default its threads spin-wait after every
-# parallel region and steal the cores torch's threads need next, which a model that
-# alternates torch ops and scans does hundreds of times per step. Make numba's runtime
-# sleep instead, unless the user configured OpenMP. (The 'workqueue' layer avoids the
-# second runtime but ran the backward ~2.5x slower here.)
-if "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# Threading layer. numba's 'omp' layer loads the system libgomp, a second OpenMP runtime
+# beside torch's. Measured here (2 vCPUs, torch 1 thread, another process on the other
+# core): after one OpenMP-parallel scan, *every* following torch op took ~7.6 ms whatever its
+# size (a 6k-element exp included), and a Vim-Tiny batch-8 forward took 6.2 s; with the
+# 'workqueue' layer (numba's own threads, no second OpenMP runtime) the same forward took
+# 0.48 s and the scan's own CPU time was unchanged (fwd+bwd 39.4 vs 38.6 ms, Vim-Small b=8).
+# So 'workqueue' is the default; NUMBA_THREADING_LAYER set by the user wins. (OMP_WAIT_POLICY
+# =PASSIVE, tried first, did not remove the stall.)
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "workqueue"  # read at the first parallel launch
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
