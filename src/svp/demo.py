@@ -127,7 +127,7 @@ def run_demo(out: str, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3, 
     summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size, "lr": lr,
                "seed": seed, "rows": rows, "full_finetune": full, "figures": figures,
                "seconds": round(time.time() - t0, 1)}
-    from svp.pretrain.train import _atomic_json
+    from svp.io import atomic_write_json as _atomic_json
     _atomic_json(os.path.join(out, "demo_results.json"), summary)
 
     echo("\n" + "=" * 84)

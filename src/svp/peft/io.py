@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..io import atomic_save_safetensors  # noqa: F401 (re-exported)
+from ..io import atomic_write_json as _atomic_write_json
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,28 +44,8 @@ def base_weights_hash(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _atomic_write_bytes(path: str, data: bytes):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_json(path: str, obj):
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(path: str, tensors: dict, metadata: Optional[dict] = None):
-    from safetensors.torch import save
-    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    _atomic_write_json(path, obj, sort_keys=True)
 
 
 def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,

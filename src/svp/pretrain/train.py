@@ -21,14 +21,14 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .fractals import generate_split, make_categories
 
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
@@ -42,30 +42,6 @@ def to_input(images_u8: np.ndarray) -> torch.Tensor:
     """uint8 (n, h, w, 3) -> normalised float (n, 3, h, w), the pretraining input."""
     x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div_(255)
     return (x - MEAN) / STD
-
-
-def _atomic_write_bytes(path: str, data: bytes):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_json(path: str, obj):
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def _save_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None):
-    from safetensors.torch import save
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    _atomic_write_bytes(path, data)
 
 
 def sha256_file(path: str) -> str:
@@ -169,8 +145,8 @@ def pretrain(args, log=print) -> dict:
     def save_ckpt():
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(_optim_state(opt, names))
-        _save_safetensors(ckpt, tensors)
-        _atomic_json(state_json, {"step": step, "total": total, "args": vars_of(args)})
+        atomic_save_safetensors(ckpt, tensors)
+        atomic_write_json(state_json, {"step": step, "total": total, "args": vars_of(args)})
 
     history = []
     model.train()
@@ -211,7 +187,7 @@ def pretrain(args, log=print) -> dict:
     summary = {"steps": total, "heldout_accuracy": acc, "heldout_images": int(len(held_y)),
                "chance": 1.0 / args.num_classes, "train_seconds_this_run": round(time.time() - t_start, 1),
                "history": history}
-    _atomic_json(os.path.join(args.out, "summary.json"), summary)
+    atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     log(f"done: held-out accuracy {acc:.4f} (chance {1 / args.num_classes:.4f})")
     if args.export:
         export(model, args, summary, cats, log)
@@ -227,7 +203,7 @@ def export(model, args, summary: dict, cats, log=print) -> str:
     path = args.export
     meta = {"format": "pt", "model": args.model, "source_task": f"ifs_fractal_{args.num_classes}",
             "seed": str(args.seed)}
-    _save_safetensors(path, model.state_dict(), metadata=meta)
+    atomic_save_safetensors(path, model.state_dict(), metadata=meta)
     digest = sha256_file(path)
     size = os.path.getsize(path)
     test_x, test_y = generate_split("heldout", args.num_classes, 10, args.seed, categories=cats)
@@ -257,9 +233,9 @@ def export(model, args, summary: dict, cats, log=print) -> str:
         "torch": torch.__version__,
     }
     card_path = os.path.splitext(path)[0] + ".json"
-    _atomic_json(card_path, card)
+    atomic_write_json(card_path, card)
     md_path = os.path.join(os.path.dirname(os.path.abspath(path)), "MODEL_CARD.md")
-    _atomic_write_bytes(md_path, model_card_markdown(card).encode())
+    atomic_write_bytes(md_path, model_card_markdown(card).encode())
     log(f"exported {path} ({size / 1e6:.2f} MB, sha256 {digest}) and {card_path}; held-out accuracy "
         f"{summary['heldout_accuracy']:.4f}, test subset {test_acc:.4f}")
     return path

@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..io import atomic_write_json
 from .gates import DIRECTIONS, QUANTITIES, GateMaps, analyze, find_vim
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -191,13 +191,7 @@ def _safe(label: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=d)
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 # --------------------------------------------------------------------------- main

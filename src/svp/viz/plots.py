@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..io import atomic_write
 from .gates import DIRECTIONS, QUANTITY_LABELS, GateMaps
 
 CMAPS = {"update": "inferno", "update_db": "inferno", "forget": "viridis", "propagation": "magma"}
@@ -30,22 +30,11 @@ def _plt():
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> str:
-    """Write ``fig`` to ``path`` (PNG) through a temporary file + os.replace; close it."""
-    plt = _plt()
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=d)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    """Write ``fig`` to ``path`` (PNG) atomically; close it."""
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        return atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        _plt().close(fig)
 
 
 def _finite_range(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:

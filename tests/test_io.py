@@ -1,0 +1,32 @@
+"""Atomic writes: the target is either the old file or the complete new one."""
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from svp.io import atomic_save_safetensors, atomic_write, atomic_write_json
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"a": 1})
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"a": 2, "trunc')
+        raise KeyboardInterrupt  # an interruption in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]
+
+
+def test_written_files_are_complete_and_readable_by_others(tmp_path):
+    path = tmp_path / "sub" / "w.safetensors"
+    atomic_save_safetensors(path, {"x": torch.arange(6.0).view(2, 3).t()}, metadata={"k": "v"})
+    assert torch.equal(load_file(str(path))["x"], torch.arange(6.0).view(2, 3).t())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
