@@ -92,7 +92,7 @@ def format_table(rows: List[dict], full: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str, epochs: int = 2, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
              echo=print) -> dict:
@@ -154,7 +154,7 @@ def register(subparsers):
                     "linear probing and VPT-deep under the same budget; print test accuracy and trainable "
                     "parameters, and draw the gate-activation figure. A few minutes on a CPU.")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per method (default 2)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per method (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every method (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
