@@ -284,13 +284,16 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
     parsed = parse_overrides(overrides)
     # which method/dataset? (needed to pick the method file and preset first)
-    probe = defaults()
-    if base:
-        merge(probe, base, "config dict")
-    for src, part in user:
-        merge(probe, part, src)
-    for k, v in parsed:
-        set_key(probe, k, v)
+    def apply_user(target: dict) -> dict:
+        if base:
+            merge(target, base, "config dict")
+        for src, part in user:
+            merge(target, part, src)
+        for k, v in parsed:
+            set_key(target, k, v)
+        return target
+
+    probe = apply_user(defaults())
     cfg = defaults()
     if use_presets:
         mfile = method_file(str(probe["method"]["name"]))
@@ -298,12 +301,7 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
             merge(cfg, load_yaml(mfile), mfile)
         merge(cfg, dataset_preset(str(probe["data"]["dataset"]), str(probe["method"]["name"])),
               f"preset of dataset {probe['data']['dataset']!r}")
-    if base:
-        merge(cfg, base, "config dict")
-    for src, part in user:
-        merge(cfg, part, src)
-    for k, v in parsed:
-        set_key(cfg, k, v)
+    apply_user(cfg)
     validate(cfg)
     return cfg
 

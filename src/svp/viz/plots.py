@@ -8,14 +8,13 @@ with ``alpha`` < 1 a grey copy of the image shows through.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..io import atomic_write
-from .gates import DIRECTIONS, QUANTITY_LABELS, GateMaps
+from .gates import DIRECTIONS, GateMaps
 
 CMAPS = {"update": "inferno", "update_db": "inferno", "forget": "viridis", "propagation": "magma"}
 SHORT = {"update": "update gate (softplus delta)", "update_db": "update gate |delta*B|",
@@ -71,6 +70,18 @@ def _overlay(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, 
     ax.set_xticks([])
     ax.set_yticks([])
     return im
+
+
+def _image_column(axes, image: np.ndarray, row_labels: Sequence[str], mask_outline: Optional[np.ndarray]):
+    """Column 0 of a grid figure: the input image once per row, labelled; the colour-bar
+    row below it stays empty."""
+    for r, label in enumerate(row_labels):
+        axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
+        _outline(axes[r, 0], mask_outline)
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    axes[-1, 0].axis("off")
 
 
 def _tidy_colorbar(cb, horizontal: bool = False):
@@ -145,13 +156,7 @@ def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
                 axes[r, c + 1].set_title(_layer_title(layer, models[m].depth), fontsize=9)
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
         _tidy_colorbar(cb, horizontal=True)
-    for r, m in enumerate(labels):
-        axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
-        _outline(axes[r, 0], mask_outline)
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
-        axes[r, 0].set_ylabel(m, fontsize=9)
-    axes[-1, 0].axis("off")
+    _image_column(axes, image, labels, mask_outline)
     fig.suptitle(f"{SHORT[quantity]} ({direction}); colour scale shared within each column", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi)
@@ -185,13 +190,7 @@ def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
                 axes[r, c + 1].set_title(_layer_title(layer, models[ref].depth), fontsize=9)
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
         _tidy_colorbar(cb, horizontal=True)
-    for r, m in enumerate(others):
-        axes[r, 0].imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
-        _outline(axes[r, 0], mask_outline)
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
-        axes[r, 0].set_ylabel(f"{m} - {ref}", fontsize=9)
-    axes[-1, 0].axis("off")
+    _image_column(axes, image, [f"{m} - {ref}" for m in others], mask_outline)
     fig.suptitle(f"{SHORT[quantity]} ({direction}): difference to {ref}; red = higher", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi)
