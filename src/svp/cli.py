@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import SVPError
+
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
     "svp.engine.cli",
@@ -33,7 +35,12 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except SVPError as e:
+        # A user's mistake: one line that names the file/key/value, no traceback.
+        print(f"svp {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     return int(rc or 0)
 
 

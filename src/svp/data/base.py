@@ -23,10 +23,7 @@ DOCS_HINT = "see docs/datasets.md for the expected layout"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DatasetError(Exception):
-    """Raised for anything wrong with a dataset on disk: missing root, split file or
-    image, malformed list line, unreadable image, wrong class count. The message
-    names the exact path and points to docs/datasets.md."""
+from ..errors import DatasetError  # noqa: F401 (re-exported; the message names the path, see docs/datasets.md)
 
 
 def missing(path, what: str, layout: str = "") -> DatasetError:

@@ -24,8 +24,7 @@ RESUME_FILE = "resume.safetensors"
 FORMAT = "svp-resume-1"
 
 
-class ResumeError(RuntimeError):
-    pass
+from ..errors import ResumeError  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------ atomic writes

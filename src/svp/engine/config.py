@@ -21,8 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key/file."""
+from ..errors import ConfigError  # noqa: F401 (re-exported: svp.engine.config.ConfigError)
 
 
 # (dotted key, default, help). The order is the order of `svp train --help`.

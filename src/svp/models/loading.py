@@ -16,8 +16,7 @@ _logger = logging.getLogger(__name__)
 STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 
 
-class CheckpointError(RuntimeError):
-    pass
+from ..errors import CheckpointError  # noqa: F401 (re-exported)
 
 
 def read_checkpoint(path) -> dict:

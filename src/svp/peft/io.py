@@ -19,8 +19,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-class AdapterError(ValueError):
-    pass
+from ..errors import AdapterError  # noqa: F401 (re-exported)
 
 
 def base_weights_hash(model: nn.Module) -> str:

@@ -19,8 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_QUANTITIES = ("update", "forget", "propagation")
 
 
-class VizError(Exception):
-    pass
+from ..errors import VizError  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -1,0 +1,48 @@
+"""The errors a user can cause, in one hierarchy.
+
+Everything a user can get wrong (a config key, a dataset on disk, a checkpoint, an
+adapter directory, a run folder to resume, a scan backend that cannot run here, ...)
+raises a subclass of :class:`SVPError` whose message names the file, key or value and
+what was expected. ``svp.cli.main`` turns any of them into one line on stderr and exit
+code 2; anything else is a bug and keeps its traceback.
+
+The subclasses also derive from the builtin each one used to be (``ValueError``,
+``RuntimeError``, ...) so that ``except ValueError`` in user code keeps working.
+"""
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class SVPError(Exception):
+    """Base class of every error a user can cause; ``exit_code`` is what the CLI returns."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class ConfigError(SVPError, ValueError):
+    """A configuration file, override or command-line value is invalid."""
+
+
+class DatasetError(SVPError):
+    """A dataset on disk is missing, malformed or unreadable."""
+
+
+class CheckpointError(SVPError, RuntimeError):
+    """A backbone checkpoint cannot be read or does not fit the model."""
+
+
+class AdapterError(SVPError, ValueError):
+    """An adapter directory is missing, corrupt, or belongs to other base weights."""
+
+
+class ResumeError(SVPError, RuntimeError):
+    """A run folder cannot be resumed (missing, corrupt, locked, incompatible override)."""
+
+
+class BackendError(SVPError, RuntimeError):
+    """A scan backend was asked for that cannot run here (missing package, device, dtype, shape)."""
+
+
+class VizError(SVPError):
+    """A visualisation input (image, mask, box, layer) is invalid."""
