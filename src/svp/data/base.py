@@ -123,8 +123,8 @@ def _read_tiff(path: str) -> Image.Image:
 
 def load_image(path: str) -> Image.Image:
     """Open an image fully (so truncated files fail here, not later) as 8-bit RGB, high
-    bit depths scaled by :func:`to_rgb`. The one reader of image files: datasets,
-    ``svp predict`` and ``svp viz`` all come through here."""
+    bit depths scaled by :func:`to_rgb`. The one reader of image files: datasets
+    and ``svp viz`` come through here (``svp predict`` is to, too)."""
     path = os.fspath(path)
     try:
         with Image.open(path) as im:

@@ -284,7 +284,8 @@ IMAGEFOLDER_LAYOUT = """\
 CSV_LAYOUT = """\
 <root>/
     train.csv  val.csv  test.csv     (lines '<image path>,<label>'; optional header 'path,label';
-                                       paths relative to the csv's folder; labels ints or names)
+                                       paths relative to the csv's folder; labels all
+                                       integers 0..N-1 or all class names)
     classes.txt                       (optional: one class name per line, in label order)
   or pass file=<one csv> to read a single list"""
 
