@@ -188,6 +188,15 @@ def test_datasets_and_viz_read_high_bit_depth_images_through_the_same_reader(tmp
     np.testing.assert_array_equal(np.asarray(ds[0][0]), _rgb(GRAD16 >> 8))
     img, _ = load_input_image(SimpleNamespace(image=p16, dataset=None))
     np.testing.assert_array_equal(np.asarray(img), _rgb(GRAD16 >> 8))
+    # a 16-bit object mask (0 / 65535) is a mask, not all-object; a non-image is one clear error
+    from svp.errors import VizError
+    from svp.viz.cli import load_mask
+    m = np.zeros((16, 16), np.uint16)
+    m[4:9, 2:12] = 65535
+    np.testing.assert_array_equal(load_mask(_png16(str(tmp_path / "m16.png"), m), 16, 16), m > 0)
+    (tmp_path / "junk.png").write_bytes(os.urandom(64))
+    with pytest.raises(VizError, match=r"--mask .*junk\.png: cannot be read as an image"):
+        load_mask(str(tmp_path / "junk.png"), 16, 16)
 
 
 # ------------------------------------------------ data check counts; corrupt images up front
