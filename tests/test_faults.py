@@ -236,3 +236,168 @@ def test_corrupt_test_image_found_before_training(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="svp.data"):
         found = check_before_training({"test": skipping})
     assert len(found["test"]) == 1 and broken in caplog.text
+
+
+# ============================================================================ engine cases
+# ---------------------------------------------------------------- run folder lock and names
+
+def _hold_lock(run_dir):
+    """A forked child that takes the lock of ``run_dir`` and sleeps; returns its PID once locked."""
+    import time
+
+    from svp.engine.runlock import RunLock
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            RunLock(str(run_dir)).acquire()
+            os.write(w, b"1")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    return pid
+
+
+def test_run_lock_names_the_holder_and_dies_with_it(tmp_path):
+    import signal
+    import socket
+
+    from svp.engine.runlock import RunLock, holder
+    from svp.errors import ResumeError
+    run = tmp_path / "run"
+    run.mkdir()
+    child = _hold_lock(run)
+    try:
+        with pytest.raises(ResumeError, match=rf"is in use by process {child} on host "
+                                              rf"{socket.gethostname()}, since "):
+            RunLock(str(run)).acquire()
+        assert holder(str(run))["pid"] == child
+    finally:
+        os.kill(child, signal.SIGKILL)  # no clean-up code runs: the OS drops the lock
+        os.waitpid(child, 0)
+    assert holder(str(run)) is None
+    with RunLock(str(run)) as lock:
+        assert lock.held and holder(str(run))["pid"] == os.getpid()
+        with pytest.raises(ResumeError, match=rf"process {os.getpid()}"):
+            RunLock(str(run)).acquire()  # a second claim from the same process is refused too
+    assert not (run / "run.lock").exists() and holder(str(run)) is None
+
+
+def test_default_run_names_differ_within_one_second(tmp_path):
+    from svp.engine.config import defaults
+    from svp.engine.runlock import claim_run_dir, default_run_name
+    cfg = defaults()
+    cfg["run"]["output"] = str(tmp_path)
+    names = {default_run_name(cfg) for _ in range(50)}
+    assert len(names) == 50
+    # a taken generated name is redrawn, never shared
+    taken = default_run_name(cfg, token="abc123")
+    os.mkdir(tmp_path / taken)
+    import svp.engine.runlock as rl
+    tokens = iter(["abc123", "def456"])
+    real = rl.default_run_name
+    rl.default_run_name = lambda c, token=None: real(c, token=next(tokens))
+    try:
+        run_dir, lock, created = claim_run_dir(cfg)
+    finally:
+        rl.default_run_name = real
+    assert created and run_dir.endswith("-def456") and lock.held
+    lock.release()
+
+
+def test_claiming_a_finished_or_read_only_folder_is_one_error(tmp_path, monkeypatch):
+    from svp.engine.config import defaults
+    from svp.engine.runlock import claim_run_dir
+    from svp.errors import ConfigError
+    cfg = defaults()
+    cfg["run"].update(output=str(tmp_path / "runs"), name="r")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run"):
+        claim_run_dir(cfg)
+    assert not (tmp_path / "runs" / "r" / "run.lock").exists()  # the refusal released its lock
+    # --output under a file, and a read-only file system (simulated: the tests may run as root,
+    # which ignores folder permissions)
+    (tmp_path / "afile").write_text("")
+    cfg["run"].update(output=str(tmp_path / "afile" / "runs"), name=None)
+    with pytest.raises(ConfigError, match=r"run\.output=.*afile/runs.*: cannot create the folder"):
+        claim_run_dir(cfg)
+
+    def read_only(path, *a, **k):
+        raise PermissionError(30, "Read-only file system", path)
+    cfg["run"]["output"] = str(tmp_path / "runs")
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"cannot create run folder .*runs/.*Read-only file system"):
+        claim_run_dir(cfg)
+
+
+# ---------------------------------------------------------------- temporaries of killed writes
+
+
+def test_stale_temporaries_are_recognised_and_removed(tmp_path):
+    from svp.io import atomic_replace_dir, atomic_write_text, remove_stale_temps, temp_name
+    run = tmp_path / "run"
+    atomic_write_text(run / "a.txt", "new")
+    assert sorted(os.listdir(run)) == ["a.txt"]
+    # what kill -9 during writes leaves: a partial file, a legacy one, a half-written folder
+    stale = [temp_name(run / "resume.safetensors"), str(run / ".tmp-abcd1234-resume.safetensors")]
+    for p in stale:
+        open(p, "wb").write(b"\0" * 100)
+    atomic_replace_dir(lambda d: open(os.path.join(d, "x"), "w").write("1"), run / "best")
+    os.makedirs(run / ".svp-tmp-new-last")
+    removed = remove_stale_temps(str(run))
+    assert removed == sorted(stale + [str(run / ".svp-tmp-new-last")])
+    assert sorted(os.listdir(run)) == ["a.txt", "best"]
+
+
+def test_folder_moved_aside_by_a_killed_replace_is_restored(tmp_path):
+    from svp.io import atomic_replace_dir, remove_stale_temps
+    run = tmp_path / "run"
+    atomic_replace_dir(lambda d: open(os.path.join(d, "w"), "w").write("old"), run / "best")
+    # killed between "best -> old" and "new -> best": best/ is missing, both copies lie aside
+    os.replace(run / "best", run / ".svp-tmp-old-best")
+    os.makedirs(run / ".svp-tmp-new-best")
+    remove_stale_temps(str(run))
+    assert sorted(os.listdir(run)) == ["best"] and (run / "best" / "w").read_text() == "old"
+
+
+# ---------------------------------------------------------------- divergence guard (unit)
+
+
+def test_guard_sees_nonfinite_weights_optimizer_state_and_gradients_not_only_the_loss():
+    import torch
+
+    from svp.engine.divergence import DivergenceGuard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    guard = DivergenceGuard(model, opt)
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    assert guard.bad_gradients() == [] and guard.bad_state() == []
+    guard.snapshot()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.step()
+    assert guard.bad_state() == []
+    # AdamW's second moment becomes inf while every weight stays finite (a frozen run)
+    opt.state[model[1].weight]["exp_avg_sq"][0, 0] = float("inf")
+    assert guard.bad_state() == ["optimizer/1.weight/exp_avg_sq"]
+    opt.state[model[1].weight]["exp_avg_sq"][0, 0] = 1.0
+    with torch.no_grad():
+        model[1].bias[1] = float("nan")
+    assert guard.bad_state() == ["1.bias"]
+    # the weights kept from before the step are the last finite ones
+    kept = guard.weights_before_step()
+    assert set(kept) == set(before) and all(torch.equal(kept[n], before[n]) for n in before)
+    model[1].weight.grad[0, 0] = float("inf")
+    assert guard.bad_gradients() == ["grad/1.weight"]
+    # a frozen weight never counts, even when it is not finite
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+        model[1].bias[1] = 0.0
+    model[1].weight.grad.zero_()
+    assert guard.bad_state() == [] and guard.bad_gradients() == []

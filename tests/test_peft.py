@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import svp
+from svp.io import is_temp_name
 from svp.peft import (AdapterError, base_weights_hash, get_peft_model, list_methods, load_adapter,
                       make_config, simam)
 from svp.peft.heads import build_head
@@ -110,7 +111,7 @@ def test_save_load_roundtrip(method, tmp_path):
     from safetensors.torch import load_file
     saved = load_file(str(out / "adapter.safetensors"))
     assert set(saved) == set(peft.trainable_parameter_names())
-    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
+    assert [p.name for p in out.iterdir() if is_temp_name(p.name)] == []
     loaded = svp.load_adapter(tiny(), out)
     assert not loaded.training
     with torch.no_grad():

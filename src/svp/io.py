@@ -1,16 +1,71 @@
 """Atomic file writes, used for every file svp writes (run folders, adapters, cards,
 figures): the content goes to a temporary file in the target folder, is fsync'ed, then
 ``os.replace``d over the target, so a crash or a kill leaves the old file or the new one,
-never a torn one."""
+never a torn one.
+
+Temporary files and folders are named ``.svp-tmp-<pid>-<random>-<target name>`` (see
+:func:`temp_name`), so the temporaries a killed writer left behind can be recognised
+and removed (:func:`remove_stale_temps`; the engine does it when a run starts, resumes
+and ends, while it holds the run folder's lock)."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Callable, Dict, Optional
+import secrets
+import shutil
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_safetensors"]
+           "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps", "TEMP_PREFIX"]
+
+TEMP_PREFIX = ".svp-tmp-"
+# what svp <= 0.1's atomic writes left (mkstemp(prefix=".tmp-", suffix="-<name>")): removed too
+_LEGACY_PREFIX = ".tmp-"
+
+
+def temp_name(target: str) -> str:
+    """A fresh temporary path next to ``target`` (same folder, so ``os.replace`` is atomic)."""
+    d, base = os.path.split(os.path.abspath(os.fspath(target)))
+    return os.path.join(d, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{base}")
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) or name.startswith(_LEGACY_PREFIX)
+
+
+def _dir_temps(final_dir: str):
+    parent, base = os.path.split(os.path.abspath(final_dir).rstrip("/"))
+    return (os.path.join(parent, f"{TEMP_PREFIX}new-{base}"), os.path.join(parent, f"{TEMP_PREFIX}old-{base}"))
+
+
+def remove_stale_temps(folder: str) -> List[str]:
+    """Remove every temporary file/folder of an atomic write under ``folder`` (recursively);
+    returns the removed paths. A folder that a killed :func:`atomic_replace_dir` had already
+    moved aside (and not yet replaced) is moved back first. Only call it while no other
+    process writes there (the engine holds the run folder's lock)."""
+    removed: List[str] = []
+    if not os.path.isdir(folder):
+        return removed
+    for root, dirs, _ in os.walk(folder):
+        for name in dirs:
+            old_prefix = f"{TEMP_PREFIX}old-"
+            if name.startswith(old_prefix):
+                final = os.path.join(root, name[len(old_prefix):])
+                if not os.path.exists(final):
+                    os.replace(os.path.join(root, name), final)
+    for root, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if is_temp_name(d)]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed.append(os.path.join(root, name))
+            dirs.remove(name)  # do not descend into what was just removed
+        for name in files:
+            if is_temp_name(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed.append(os.path.join(root, name))
+                except FileNotFoundError:
+                    pass
+    return sorted(removed)
 
 
 def atomic_write(path, write: Callable[[str], None]) -> str:
@@ -18,8 +73,8 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=d)
-    os.close(fd)
+    tmp = temp_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -27,7 +82,7 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        os.chmod(tmp, 0o644)  # created 0600 while partial; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,3 +110,25 @@ def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Di
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_replace_dir(write: Callable[[str], None], final_dir: str) -> str:
+    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``final_dir``; an interruption
+    leaves either the old or the new folder complete (plus, at worst, temporaries that
+    the next call or :func:`remove_stale_temps` clears, restoring the old folder if the
+    kill came between the two renames)."""
+    final_dir = os.path.abspath(os.fspath(final_dir)).rstrip("/")
+    tmp, old = _dir_temps(final_dir)
+    if os.path.exists(old) and not os.path.exists(final_dir):
+        os.replace(old, final_dir)
+    for p in (tmp, old):
+        if os.path.exists(p):
+            shutil.rmtree(p)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(final_dir):
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return final_dir

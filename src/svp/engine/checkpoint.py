@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -18,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors import safe_open
 
-from ..io import atomic_save_safetensors, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+from ..io import (atomic_replace_dir, atomic_save_safetensors, atomic_write_json,  # noqa: F401 (re-exported)
+                  atomic_write_text)
 
 RESUME_FILE = "resume.safetensors"
 FORMAT = "svp-resume-1"
@@ -30,26 +30,6 @@ from ..errors import ResumeError  # noqa: F401 (re-exported)
 # ------------------------------------------------------------------ atomic writes
 def atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     atomic_save_safetensors(path, tensors, metadata)
-
-
-def atomic_replace_dir(write_fn, final_dir: str) -> None:
-    """Call ``write_fn(tmp_dir)`` then swap ``tmp_dir`` into ``final_dir``; an
-    interruption leaves either the old or the new folder complete (plus, at worst,
-    a stale ``.old``/``.tmp`` sibling that the next call removes)."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    base = os.path.basename(final_dir.rstrip("/"))
-    tmp = os.path.join(parent, f".{base}.tmp")
-    old = os.path.join(parent, f".{base}.old")
-    for p in (tmp, old):
-        if os.path.exists(p):
-            shutil.rmtree(p)
-    os.makedirs(tmp)
-    write_fn(tmp)
-    if os.path.exists(final_dir):
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    if os.path.exists(old):
-        shutil.rmtree(old)
 
 
 # ------------------------------------------------------------------ (un)flattening

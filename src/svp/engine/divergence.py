@@ -1,0 +1,94 @@
+"""The divergence guard: a run stops at the first step that makes its numbers non-finite,
+before any of them reaches a resume point, an adapter or ``best/``.
+
+A finite loss does not mean finite weights: with a huge learning rate one step can turn
+the weights (or AdamW's moments, or the EMA copy) into inf/NaN while the loss of that
+step was ~1e11. So, besides the loss, the loop asks the guard about
+
+* the gradients, after ``backward`` and before ``optimizer.step`` (nothing has changed
+  yet, so a resume point written then is finite), unless a float16 GradScaler is on
+  (it skips steps with inf gradients by design); and
+* the trainable weights, the optimizer state and the EMA weights, after the step.
+
+For the second check the guard keeps a copy of the trainable weights from before the
+step (:meth:`DivergenceGuard.snapshot`): the ``nonfinite/`` dump then holds the last
+finite weights and the batch that broke them, and no resume point is written (the last
+finite one stays). The copy costs one extra set of the trainable weights (small for the
+PEFT methods; the size of the model for full fine-tuning) and one device sync per step.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+Named = Iterable[Tuple[str, torch.Tensor]]
+
+
+def nonfinite_names(named: Named, limit: int = 5) -> List[str]:
+    """Names of the (floating-point) tensors holding inf/NaN, at most ``limit`` of them;
+    one host sync for the whole set."""
+    items = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not items:
+        return []
+    flags = torch.stack([torch.isfinite(t).all().to(items[0][1].device) for _, t in items])
+    if bool(flags.all()):
+        return []
+    bad = (~flags).nonzero().flatten().tolist()
+    return [items[i][0] for i in bad[:limit]]
+
+
+def trainable(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            yield n, p
+
+
+def gradients(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    for n, p in trainable(model):
+        if p.grad is not None:
+            yield f"grad/{n}", p.grad
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                yield f"optimizer/{names.get(id(p), '?')}/{k}", v
+
+
+class DivergenceGuard:
+    """Per-step finiteness checks of one model/optimizer (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema=None,
+                 check_grads: bool = True):
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+        self.check_grads = check_grads
+        self._before: Optional[Dict[str, torch.Tensor]] = None
+
+    def snapshot(self) -> None:
+        """Remember the trainable weights before the step (reusing the buffers)."""
+        with torch.no_grad():
+            if self._before is None:
+                self._before = {n: p.detach().clone() for n, p in trainable(self.model)}
+            else:
+                for n, p in trainable(self.model):
+                    self._before[n].copy_(p)
+
+    def bad_gradients(self) -> List[str]:
+        return nonfinite_names(gradients(self.model)) if self.check_grads else []
+
+    def bad_state(self) -> List[str]:
+        """Non-finite tensors among the weights, the optimizer state and the EMA weights."""
+        weights = dict(trainable(self.model))
+        named = list(weights.items()) + list(optimizer_state(self.optimizer, self.model))
+        if self.ema is not None:
+            named += [(f"ema/{n}", p) for n, p in self.ema.module.named_parameters() if n in weights]
+        return nonfinite_names(named)
+
+    def weights_before_step(self) -> Dict[str, torch.Tensor]:
+        """The trainable weights before the last step (CPU copies), or the current ones when
+        no snapshot was taken."""
+        src = self._before if self._before is not None else dict(trainable(self.model))
+        return {n: t.detach().cpu().clone() for n, t in src.items()}

@@ -1,0 +1,82 @@
+"""What ``svp train --resume RUN key=value ...`` may change, and how a change is recorded.
+
+A resumed run continues the saved configuration. An override is accepted only when it
+takes effect exactly from the resume point on:
+
+* ``train.lr`` / ``train.epochs`` / ``train.max_steps``: the learning-rate schedule is a
+  pure function of the step (engine/sched.py), so the resumed run simply evaluates the
+  schedule of the changed configuration from the resume point's step on (the scheduler
+  state saved in the resume point is not reloaded; the optimizer's rate is set from the
+  new schedule before every step). Steps before the resume point keep the rates they had.
+* how the run is watched or saved (``run.progress``, ``run.log_every``, ``run.tensorboard``,
+  ``run.save_every_steps``), where the data lives and how it is read (``data.root``,
+  ``data.num_workers``: the data order and augmentation do not depend on them), the
+  device (``train.device``), and the fault injections (``debug.*``).
+
+Anything else (the model, the method, the data, the optimizer, the batch, the seed, ...)
+would leave a run whose saved state and record disagree, so it is refused with one line
+listing the keys above. Each accepted change of the training keys is appended to
+``run.changes`` in the run's ``config.yaml`` as ``{step, epoch, batch, changes: {key:
+[old, new]}}``, and ``results.json`` lists the rate used in each phase (``lr_phases``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Tuple
+
+from ..errors import ResumeError
+
+# keys whose change reshapes training from the resume point on (recorded in run.changes)
+TRAINING_KEYS = ("train.lr", "train.epochs", "train.max_steps")
+# keys that change nothing that is learned (not recorded)
+WATCH_KEYS = ("train.device", "data.root", "data.num_workers", "run.progress", "run.log_every",
+              "run.tensorboard", "run.save_every_steps")
+ACCEPTED = TRAINING_KEYS + WATCH_KEYS + ("debug.*",)
+
+
+def accepted(key: str) -> bool:
+    return key in TRAINING_KEYS or key in WATCH_KEYS or key.startswith("debug.")
+
+
+def check_overrides(parsed: Iterable[Tuple[str, Any]], run_dir: str) -> None:
+    """Refuse (one line) any override ``--resume`` cannot apply exactly."""
+    bad = [k for k, _ in parsed if not accepted(k)]
+    if bad:
+        raise ResumeError(f"svp train --resume {run_dir}: cannot change {', '.join(bad)} of a started run "
+                          f"(its saved state was made with the old value); --resume accepts only "
+                          f"{', '.join(ACCEPTED)}. Start a new run to change anything else")
+
+
+def changes(saved: dict, cfg: dict) -> Dict[str, List[Any]]:
+    """``{key: [old, new]}`` for the training keys whose value differs between the saved
+    configuration and the one the resumed run uses."""
+    out = {}
+    for key in TRAINING_KEYS:
+        sec, name = key.split(".", 1)
+        old, new = saved.get(sec, {}).get(name), cfg[sec][name]
+        if old != new:
+            out[key] = [old, new]
+    return out
+
+
+def record(cfg: dict, diff: Dict[str, List[Any]], st: dict) -> None:
+    """Append a change made at the resume point ``st`` to ``cfg['run']['changes']``."""
+    if diff:
+        cfg["run"]["changes"] = list(cfg["run"].get("changes") or []) + [
+            {"step": int(st["global_step"]), "epoch": int(st["epoch"]), "batch": int(st["batch"]),
+             "changes": diff}]
+
+
+def start_phase(st: dict, lr: float, epochs: int) -> None:
+    """Open a learning-rate phase at the current step (the first one at step 0)."""
+    phases = st.setdefault("lr_phases", [])
+    if phases and phases[-1]["peak_lr"] == lr and phases[-1]["epochs"] == epochs:
+        return
+    phases.append({"from_step": int(st["global_step"]), "peak_lr": float(lr), "epochs": int(epochs),
+                   "lr_min": None, "lr_max": None})
+
+
+def note_lr(st: dict, lr: float) -> None:
+    """Track the range of rates the optimizer actually used in the current phase."""
+    ph = st["lr_phases"][-1]
+    ph["lr_min"] = lr if ph["lr_min"] is None else min(ph["lr_min"], lr)
+    ph["lr_max"] = lr if ph["lr_max"] is None else max(ph["lr_max"], lr)

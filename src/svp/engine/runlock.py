@@ -1,0 +1,202 @@
+"""Who owns a run folder: an OS file lock held for the whole run, and unique default names.
+
+A training process (fresh or ``--resume``) holds an exclusive lock on ``<run>/run.lock``
+from the moment it claims the folder until it exits. The lock is the operating system's
+(``fcntl.flock`` on POSIX), so it is released on any exit, ``kill -9`` included, and a
+stale lock file can never block anyone. The file records the holder's PID, host and
+start time, which a refused second process names in its one-line error.
+
+Windows: the same class locks one byte of the file far past its content with
+``msvcrt.locking`` (released by the OS when the process ends); the file is left in place
+on release because Windows cannot delete an open file. This branch is untested here (no
+Windows machine); everything else about it is the POSIX path.
+
+Network file systems: Linux emulates ``flock`` with POSIX locks on NFS, so the lock holds
+across hosts sharing the folder as long as the server supports locking.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from typing import Optional, Tuple
+
+from ..errors import ConfigError, ResumeError
+
+LOCK_FILE = "run.lock"
+_WIN_LOCK_OFFSET = 1 << 20  # lock a byte past the holder record so others can still read it
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+    import msvcrt
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _read_holder(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_holder(info: dict) -> str:
+    if not info.get("pid"):
+        return "another process (it has not recorded its PID yet)"
+    since = info.get("started")
+    when = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+    return f"process {info['pid']} on host {info.get('host', '?')}{when}"
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on one run folder. ``acquire`` raises
+    :class:`ResumeError` naming the holder when another process has it."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = os.path.abspath(run_dir)
+        self.path = os.path.join(self.run_dir, LOCK_FILE)
+        self.fd: Optional[int] = None
+
+    def acquire(self, purpose: str = "train") -> "RunLock":
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed under us (a failed run cleaning up)
+                raise ResumeError(f"run folder {self.run_dir} disappeared while it was being claimed") from None
+            except OSError as e:
+                raise ResumeError(f"run folder {self.run_dir}: cannot create its lock file {LOCK_FILE} "
+                                  f"({e.strerror or e}); is the folder writable?") from None
+            if not _try_lock(fd):
+                os.close(fd)
+                raise ResumeError(
+                    f"run folder {self.run_dir} is in use by {describe_holder(_read_holder(self.path))}; "
+                    f"a run folder belongs to one `svp train` at a time (wait for it to end, or use "
+                    f"another run.name)")
+            # the holder we waited for may have unlinked the file between our open and our lock:
+            # then we locked an orphan inode and must start over on the current file
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                     "purpose": purpose}).encode("utf-8")
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, record)
+                return self
+            os.close(fd)
+        raise ResumeError(f"run folder {self.run_dir}: could not take its lock (it kept changing hands)")
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if fcntl is not None:
+            # unlink while still holding the lock: a waiter that opened the old file sees the
+            # inode change after it gets the lock and retries on a fresh file
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        os.close(self.fd)  # releases the lock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def holder(run_dir: str) -> Optional[dict]:
+    """The record of the process holding ``run_dir`` now, or None when nobody does."""
+    path = os.path.join(os.path.abspath(run_dir), LOCK_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            return None  # closing the descriptor drops our probe lock
+        return _read_holder(path) or {"pid": None}
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- run names
+def default_run_name(cfg: dict, token: Optional[str] = None) -> str:
+    """``<dataset>-<method>-s<seed>-<YYYYmmdd-HHMMSS>-<6 hex>``: the random tail keeps two runs
+    started in the same second apart (and :func:`claim_run_dir` retries on the rare clash)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (f"{cfg['data']['dataset']}-{cfg['method']['name']}-s{cfg['train']['seed']}-{stamp}-"
+            f"{token or secrets.token_hex(3)}")
+
+
+def _holds_a_run(run_dir: str) -> bool:
+    from .checkpoint import RESUME_FILE
+    return any(os.path.exists(os.path.join(run_dir, f)) for f in (RESUME_FILE, "results.json"))
+
+
+def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, bool]:
+    """Create (or take over an empty) run folder for a fresh run and lock it.
+    Returns ``(run_dir, lock, created)``; ``created`` is True when this call made the folder
+    (so a run that fails before it writes anything may remove it). Call on the main rank
+    only and broadcast the path (``distributed.broadcast_object``): the other ranks then
+    agree on the name even when it is generated."""
+    out = cfg["run"]["output"]
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.output={out!r}: cannot create the folder ({e.strerror or e})") from None
+    name = cfg["run"]["name"]
+    for _ in range(100):
+        run_dir = os.path.abspath(os.path.join(out, name or default_run_name(cfg)))
+        try:
+            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+            os.mkdir(run_dir)
+            created = True
+        except FileExistsError:
+            if not name:
+                continue  # a generated name that is taken: draw another
+            created = False
+        except OSError as e:
+            raise ConfigError(f"run.output={out!r}: cannot create run folder {run_dir} "
+                              f"({e.strerror or e})") from None
+        break
+    else:  # pragma: no cover - 100 clashes of 24 random bits
+        raise ConfigError(f"run.output={out!r}: could not find a free run folder name")
+    lock = RunLock(run_dir).acquire("train")
+    if not created and _holds_a_run(run_dir):
+        lock.release()
+        raise ConfigError(f"run folder {run_dir} already holds a run; use `svp train --resume {run_dir}` "
+                          f"or choose another run.name")
+    return run_dir, lock, created
+
+
+def lock_for_resume(run_dir: str) -> RunLock:
+    if not os.path.isdir(run_dir):
+        raise ResumeError(f"{run_dir}: no such run folder")
+    return RunLock(run_dir).acquire("resume")
