@@ -161,11 +161,13 @@ class Trainer:
             mean_loss = red[0] / dinfo.world_size
             if dev_loss is None:
                 st["epoch_loss_sum"] += mean_loss
-            elif (self.progress.wants(st["batch"]) or self.tb is not None or stop_req or save_now or reached_max
+            elif (self.progress.wants(st["batch"]) or stop_req or save_now or reached_max
                   or st["batch"] == self.steps_per_epoch):
                 mean_loss = self._drain(st, dev_loss, step_no, x_in, y)
+            else:
+                mean_loss = None  # on the device until the next logging step
             self.progress.update(st["batch"], mean_loss, self.sched.lr(), x.shape[0] * dinfo.world_size)
-            if self.tb is not None:
+            if self.tb is not None and mean_loss is not None:
                 self.tb.add_scalar("train/loss", mean_loss, st["global_step"])
                 self.tb.add_scalar("train/lr", self.sched.lr(), st["global_step"])
             if stop_req:

@@ -30,18 +30,19 @@ class Progress:
                             dynamic_ncols=True, leave=False)
 
     def wants(self, step_in_epoch: int) -> bool:
-        """Does ``update`` at this step show the loss? (Otherwise the loss need not be read.)"""
-        return self.mode == "bar" or (self.mode == "lines" and (
-            step_in_epoch % self.log_every == 0 or step_in_epoch == self.total))
+        """Does ``update`` at this step show the loss? (Otherwise the loss need not be read,
+        which on CUDA saves a host synchronisation.)"""
+        return self.mode != "none" and (step_in_epoch % self.log_every == 0 or step_in_epoch == self.total)
 
     def update(self, step_in_epoch: int, loss: Optional[float], lr: float, images: int):
         self.images += images
-        if not self.wants(step_in_epoch):
+        if self.bar is not None:
+            self.bar.update(step_in_epoch - self.bar.n)
+        if not self.wants(step_in_epoch) or loss is None:
             return
         dt = max(time.time() - self.t0, 1e-9)
         ips = self.images / dt
-        if self.mode == "bar" and self.bar is not None:
-            self.bar.update(step_in_epoch - self.bar.n)
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
         elif self.mode == "lines":
             left = (self.total - step_in_epoch) * dt / max(step_in_epoch - self.done0, 1)

@@ -5,55 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..build import WEIGHTS_HELP
-from ..io import atomic_write_json
-from .gates import DIRECTIONS, QUANTITIES, GateMaps, analyze, find_vim
-
+from ..errors import ConfigError, SVPError, VizError  # noqa: F401 (VizError re-exported)
 from .figures import (DEFAULT_QUANTITIES, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
                       model_mean_std, prepare_image, visualize)
-
-
-from ..errors import VizError  # noqa: F401 (re-exported)
+from .gates import DIRECTIONS, QUANTITIES, find_vim
 
 
 # --------------------------------------------------------------------------- inputs
 
 def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None,
-                  pretrained: bool = False, random_init: bool = False):
-    """The backbone through :func:`svp.build.build_model` (the bundled mini Vim gets its
-    bundled weights; other models need ``checkpoint``, ``pretrained`` or ``random_init``)."""
+                  pretrained: bool = False, random_init: bool = False, adapter_dir: Optional[str] = None):
+    """The backbone (with ``adapter_dir``: the adapted model) through :func:`svp.build.build_model`:
+    the bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
+    ``pretrained`` or ``random_init``."""
     from ..build import ModelSpec, build_model
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
+    spec = ModelSpec(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init,
+                     kwargs=dict(model_args or {}))
     try:
-        model = build_model(ModelSpec(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init,
-                                      kwargs=dict(model_args or {})))
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        raise VizError(f"--model {name!r}{' (pretrained)' if pretrained else ''}: {e}") from e
-    return model.eval()
-
-
-def load_adapter_model(backbone, adapter_dir: str):
-    if not os.path.isdir(adapter_dir):
-        raise VizError(f"--adapter {adapter_dir}: not a directory (expected adapter.safetensors + "
-                       "adapter_config.json written by PeftModel.save)")
-    try:
-        from ..peft import load_adapter
-    except ImportError as e:  # pragma: no cover - the PEFT package is part of svp
-        raise VizError(f"cannot load adapters: svp.peft is unavailable ({e})") from e
-    from ..peft import AdapterError
-    try:
-        model = load_adapter(backbone, adapter_dir)
-    except (AdapterError, ValueError, KeyError, OSError) as e:
-        raise VizError(f"--adapter {adapter_dir}: {e}") from e
-    model.eval()
-    return model
+        return build_model(spec, adapter_dir).eval()
+    except ConfigError:
+        raise
+    except (SVPError, RuntimeError, ValueError, OSError) as e:
+        where = f"--adapter {adapter_dir}" if adapter_dir else f"--model {name!r}{' (pretrained)' if pretrained else ''}"
+        raise VizError(f"{where}: {e}") from e
 
 
 def load_input_image(args):
@@ -147,39 +129,35 @@ def _parse_adapter(spec: str) -> Tuple[str, str]:
 def run(args) -> int:
     try:
         model_args = json.loads(args.model_args) if args.model_args else {}
-        if not isinstance(model_args, dict):
-            raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
     except json.JSONDecodeError as e:
-        print(f"svp visualize: --model-args is not valid JSON: {e}", file=sys.stderr)
-        return 2
-    try:
-        image, stem = load_input_image(args)
-        models: Dict[str, torch.nn.Module] = {}
-        if not args.no_frozen:
-            models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained, args.random_init)
-        for spec in args.adapter or []:
-            label, path = _parse_adapter(spec)
-            if label in models:
-                raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
-            models[label] = load_adapter_model(
-                load_backbone(args.model, args.checkpoint, model_args, args.pretrained, args.random_init), path)
-        if not models:
-            raise VizError("--no-frozen without --adapter leaves nothing to show")
-        depth = len(find_vim(next(iter(models.values()))).layers)
-        layers = parse_layers(args.layers, depth)
-        quantities = parse_quantities(args.quantities)
-        mask = None
-        if args.mask and args.box:
-            raise VizError("give --mask or --box, not both")
-        if args.mask:
-            mask = load_mask(args.mask, *image.size)
-        elif args.box:
-            mask = parse_box(args.box, *image.size)
-        written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
-                            mask, dpi=args.dpi, alpha=args.alpha)
-    except VizError as e:
-        print(f"svp visualize: {e}", file=sys.stderr)
-        return 2
+        raise VizError(f"--model-args is not valid JSON: {e}") from None
+    if not isinstance(model_args, dict):
+        raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
+    image, stem = load_input_image(args)
+    models: Dict[str, torch.nn.Module] = {}
+    if not args.no_frozen:
+        models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
+                                                  args.random_init)
+    for spec in args.adapter or []:
+        label, path = _parse_adapter(spec)
+        if label in models:
+            raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
+        models[label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
+                                      args.random_init, path)
+    if not models:
+        raise VizError("--no-frozen without --adapter leaves nothing to show")
+    depth = len(find_vim(next(iter(models.values()))).layers)
+    layers = parse_layers(args.layers, depth)
+    quantities = parse_quantities(args.quantities)
+    mask = None
+    if args.mask and args.box:
+        raise VizError("give --mask or --box, not both")
+    if args.mask:
+        mask = load_mask(args.mask, *image.size)
+    elif args.box:
+        mask = parse_box(args.box, *image.size)
+    written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
+                        mask, dpi=args.dpi, alpha=args.alpha)
     for p in written:
         print(p)
     return 0
