@@ -39,21 +39,20 @@ def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optio
 
 
 def load_input_image(args):
-    from PIL import Image
+    from ..data import DatasetError, load_image
     if args.image and args.dataset:
         raise VizError("give either an image file or --dataset/--index, not both")
     if args.image:
         if not os.path.isfile(args.image):
             raise VizError(f"image {args.image}: no such file")
         try:
-            img = Image.open(args.image)
-            img.load()
-        except Exception as e:
+            img = load_image(args.image)
+        except DatasetError as e:
             raise VizError(f"image {args.image}: cannot be read as an image ({e})") from e
         stem = os.path.splitext(os.path.basename(args.image))[0]
-        return img.convert("RGB"), stem
+        return img, stem
     if args.dataset:
-        from ..data import DatasetError, build_dataset
+        from ..data import build_dataset
         try:
             ds = build_dataset(args.dataset, args.split, root=args.data_root)
         except (DatasetError, KeyError, ValueError, OSError) as e:
@@ -82,10 +81,13 @@ def parse_box(text: str, width: int, height: int) -> np.ndarray:
 
 
 def load_mask(path: str, width: int, height: int) -> np.ndarray:
-    from PIL import Image
+    from ..data import DatasetError, load_image
     if not os.path.isfile(path):
         raise VizError(f"--mask {path}: no such file")
-    m = Image.open(path).convert("L")
+    try:
+        m = load_image(path).convert("L")
+    except DatasetError as e:
+        raise VizError(f"--mask {path}: cannot be read as an image ({e})") from e
     if m.size != (width, height):
         raise VizError(f"--mask {path}: size {m.size[0]}x{m.size[1]} differs from the image's {width}x{height}")
     return (np.asarray(m) > 127).astype(np.float32)
