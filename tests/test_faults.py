@@ -390,14 +390,125 @@ def test_guard_sees_nonfinite_weights_optimizer_state_and_gradients_not_only_the
     with torch.no_grad():
         model[1].bias[1] = float("nan")
     assert guard.bad_state() == ["1.bias"]
-    # the weights kept from before the step are the last finite ones
-    kept = guard.weights_before_step()
-    assert set(kept) == set(before) and all(torch.equal(kept[n], before[n]) for n in before)
+    # restore: the weights and optimizer state from before the step, bit for bit
+    guard.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert opt.state_dict()["state"] == {}   # the step had created AdamW's state: gone again
+    assert guard.bad_state() == []
+    opt.step()
+    guard.snapshot()
+    moments = {k: v.clone() for k, v in opt.state[model[1].weight].items()}
+    opt.step()
+    guard.restore()
+    assert all(torch.equal(opt.state[model[1].weight][k], v) for k, v in moments.items())
     model[1].weight.grad[0, 0] = float("inf")
     assert guard.bad_gradients() == ["grad/1.weight"]
     # a frozen weight never counts, even when it is not finite
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-        model[1].bias[1] = 0.0
     model[1].weight.grad.zero_()
     assert guard.bad_state() == [] and guard.bad_gradients() == []
+
+
+# ---------------------------------------------------------------- one line, exit 2 (issue point 4)
+# the bundled mini Vim (its weights ship with svp) on a sliver of digits: fast, and the shapes of
+# a real backbone (data.img_size sets the model's input size)
+MINI = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32", "--epochs", "1",
+        "--batch-size", "8", "data.max_train_samples=16", "data.max_eval_samples=8", "train.warmup_epochs=0",
+        "data.recipe=plain", "run.progress=none", "train.device=cpu"]
+
+
+def _one_line_error(capsys, rc, code=2, *names):
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert rc == code, err
+    assert lines and "Traceback" not in err, err
+    # one line of error (the run's own log lines, if it got that far, come before it)
+    assert lines[-1].startswith("svp ") and "error" in lines[-1], err
+    assert [ln for ln in lines if "error" in ln.lower()] == [lines[-1]], err
+    for n in names:
+        assert n in lines[-1], (n, err)
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+    """One finished mini run (its adapter is the victim of the corruption probes)."""
+    out = tmp_path_factory.mktemp("mini")
+    assert svp_main(["train", *MINI, "--output", str(out), "--name", "ok"]) == 0
+    return out / "ok"
+
+
+def _no_stub(out):
+    """Nothing is left behind by a run that failed before it trained."""
+    return not os.path.exists(out) or os.listdir(out) == []
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval"])
+def test_unknown_dataset_is_one_line(tmp_path, capsys, cmd, mini_run):
+    if cmd == "train":
+        rc = svp_main(["train", *MINI, "--dataset", "nope", "--output", str(tmp_path / "runs")])
+        assert _no_stub(tmp_path / "runs")
+    else:
+        rc = svp_main(["eval", str(mini_run / "best"), "--dataset", "nope"])
+    _one_line_error(capsys, rc, 2, "'nope'")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
+def test_corrupt_adapter_weights_are_one_line(tmp_path, capsys, mini_run, damage):
+    import shutil
+    ad = tmp_path / "ad"
+    shutil.copytree(mini_run / "best", ad)
+    w = ad / "adapter.safetensors"
+    data = w.read_bytes()
+    w.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                   "random": np.random.RandomState(0).bytes(len(data))}[damage])
+    img = _png8(str(tmp_path / "x.png"), 7)
+    _one_line_error(capsys, svp_main(["eval", str(ad), "--dataset", "digits", "--max-samples", "4"]), 2,
+                    "adapter.safetensors")
+    _one_line_error(capsys, svp_main(["predict", str(ad), img]), 2, "adapter.safetensors")
+
+
+def test_random_bytes_backbone_checkpoint_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "vim.safetensors"
+    junk.write_bytes(np.random.RandomState(1).bytes(4096))
+    rc = svp_main(["train", *MINI, "--checkpoint", str(junk), "--output", str(tmp_path / "runs")])
+    _one_line_error(capsys, rc, 2, str(junk))
+    assert _no_stub(tmp_path / "runs")
+    pth = tmp_path / "svp.pth"
+    pth.write_bytes(np.random.RandomState(2).bytes(4096))
+    for ckpt in (junk, pth):
+        rc = svp_main(["convert-official-svp", str(ckpt), "--model", "vim_mini_patch4_32", "--shared-layers", "4",
+                       "--prompt-hidden", "8", "--num-classes", "2", "--out", str(tmp_path / "conv")])
+        _one_line_error(capsys, rc, 2, str(ckpt))
+
+
+@pytest.mark.parametrize("override,names", [
+    ("data.img_size=7", ["data.img_size=7"]), ("data.img_size=0", ["data.img_size=0"]),
+    ("data.img_size=-32", ["data.img_size=-32"]), ("data.img_size=33", ["data.img_size=33"]),
+    ("train.opt=foo", ["train.opt", "foo"]), ("method.settings.shared_layers=3", ["shared_layers=3"]),
+    ("train.smoothing=2", ["train.smoothing=2"])])
+def test_bad_values_found_late_are_one_line_and_leave_no_stub(tmp_path, capsys, override, names):
+    method = ["--method", "svp"] if "shared_layers" in override else []
+    rc = svp_main(["train", *MINI, *method, override, "--output", str(tmp_path / "runs")])
+    _one_line_error(capsys, rc, 2, *names)
+    assert _no_stub(tmp_path / "runs")
+
+
+def test_unwritable_output_and_run_folder_are_one_line(tmp_path, capsys, monkeypatch, mini_run):
+    (tmp_path / "afile").write_text("")
+    rc = svp_main(["train", *MINI, "--output", str(tmp_path / "afile" / "runs")])
+    _one_line_error(capsys, rc, 2, "afile/runs")
+    # a run folder that cannot be written (read-only file system, simulated: tests may run as root)
+    import shutil
+    run = tmp_path / "ro"
+    shutil.copytree(mini_run, run)
+    real_open = os.open
+
+    def ro_open(path, flags, *a, **k):
+        if str(path).startswith(str(run)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(30, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", ro_open)
+    rc = svp_main(["train", "--resume", str(run)])
+    _one_line_error(capsys, rc, 2, str(run))

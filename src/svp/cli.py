@@ -41,6 +41,9 @@ def main(argv=None) -> int:
         # A user's mistake: one line that names the file/key/value, no traceback.
         print(f"svp {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print(f"svp {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -150,6 +150,14 @@ for _name, (_gen, _classes) in embedded.EMBEDDED.items():
 
 # ---------------------------------------------------------------------- public API
 
+class UnknownDatasetError(DatasetError, KeyError):
+    """A dataset name that is not registered (a :class:`DatasetError`, so the CLI prints one
+    line; also a ``KeyError`` for code that looks names up)."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
+
 def list_datasets(group: Optional[str] = None) -> List[str]:
     """Canonical dataset names (optionally of one group, or a group prefix such as 'vtab')."""
     names = [n for n, (i, _) in _REGISTRY.items()
@@ -170,7 +178,7 @@ def resolve_name(name: str) -> str:
         if a.lower() == low and a != "CIFAR":   # 'cifar' is the VTAB task folder name
             return n
     hint = f" (did you mean 'vtab/{low}'?)" if "vtab/" + low in _REGISTRY else ""
-    raise KeyError(f"unknown dataset {name!r}{hint}; known: {', '.join(list_datasets())} "
+    raise UnknownDatasetError(f"unknown dataset {name!r}{hint}; known: {', '.join(list_datasets())} "
                    f"(aliases: {', '.join(sorted(_ALIASES))})")
 
 

@@ -95,6 +95,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("run.tensorboard", False, "write TensorBoard scalars to <run>/tb (needs the tensorboard package)"),
     ("run.progress", "auto", "progress display: auto (bars on a terminal, lines otherwise), bar, lines, none"),
     ("run.log_every", 10, "plain progress line every N steps when not on a terminal"),
+    ("run.changes", [], "written by `svp train --resume`: each change of train.lr/epochs/max_steps with the "
+                        "global step from which it took effect (a record, not a setting)"),
     # --- fault injection for tests
     ("debug.nan_at_step", None, "make the loss NaN at this global step (tests the non-finite-loss stop)"),
     ("debug.kill_at_step", None, "SIGKILL the process right after this global step (tests resume)"),
@@ -342,6 +344,17 @@ def validate(cfg: dict) -> None:
     for key in MAPPING_KEYS:
         if not isinstance(get_key(cfg, key), dict):
             raise ConfigError(f"{key} must be a mapping, got {get_key(cfg, key)!r}")
+    for key, top, closed in (("train.smoothing", 1, False), ("train.mixup_prob", 1, True),
+                             ("train.mixup_switch_prob", 1, True)):
+        v = get_key(cfg, key)
+        if v > top or (v == top and not closed):
+            raise ConfigError(f"{key}={v!r}: expected a number in [0, {top}{']' if closed else ')'}")
+    img = cfg["data"]["img_size"]
+    if not isinstance(img, int) or isinstance(img, bool) or img < 1:
+        raise ConfigError(f"data.img_size={img!r}: expected a positive integer (pixels)")
+    if not isinstance(cfg["run"].get("changes", []), list):
+        raise ConfigError(f"run.changes={cfg['run']['changes']!r}: expected a list (it is written by "
+                          f"`svp train --resume`)")
     betas = cfg["train"]["opt_betas"]
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers, e.g. [0.9, 0.999]")

@@ -10,14 +10,18 @@ step was ~1e11. So, besides the loss, the loop asks the guard about
   (it skips steps with inf gradients by design); and
 * the trainable weights, the optimizer state and the EMA weights, after the step.
 
-For the second check the guard keeps a copy of the trainable weights from before the
-step (:meth:`DivergenceGuard.snapshot`): the ``nonfinite/`` dump then holds the last
-finite weights and the batch that broke them, and no resume point is written (the last
-finite one stays). The copy costs one extra set of the trainable weights (small for the
-PEFT methods; the size of the model for full fine-tuning) and one device sync per step.
+For the second check the guard keeps a copy of the trainable weights and their optimizer
+state from before the step (:meth:`DivergenceGuard.snapshot`) and puts it back when the
+step broke them (:meth:`DivergenceGuard.restore`): the ``nonfinite/`` dump then holds the
+last finite weights and the batch that broke them, and the resume point written is the
+one before the step, finite, from which a run continues with a lower ``train.lr``. The
+copy costs the trainable weights and their optimizer state once more in memory (small
+for the PEFT methods; about three times the model for full fine-tuning with AdamW), a
+copy per step and one device sync per step.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -66,15 +70,35 @@ class DivergenceGuard:
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.check_grads = check_grads
         self._before: Optional[Dict[str, torch.Tensor]] = None
+        self._opt_before: Dict[str, Optional[dict]] = {}
 
     def snapshot(self) -> None:
-        """Remember the trainable weights before the step (reusing the buffers)."""
+        """Remember the trainable weights and their optimizer state before the step (the
+        buffers are reused from step to step)."""
         with torch.no_grad():
+            weights = list(trainable(self.model))
             if self._before is None:
-                self._before = {n: p.detach().clone() for n, p in trainable(self.model)}
+                self._before = {n: p.detach().clone() for n, p in weights}
             else:
-                for n, p in trainable(self.model):
+                for n, p in weights:
                     self._before[n].copy_(p)
+            old, self._opt_before = self._opt_before, {}
+            for n, p in weights:
+                st = self.optimizer.state.get(p)
+                self._opt_before[n] = None if not st else {
+                    k: _keep(v, (old.get(n) or {}).get(k)) for k, v in st.items()}
+
+    def restore(self) -> None:
+        """Put back what :meth:`snapshot` kept: the model and optimizer are as before the step."""
+        with torch.no_grad():
+            weights = dict(trainable(self.model))
+            for n, p in weights.items():
+                p.copy_(self._before[n])
+            for n, kept in self._opt_before.items():
+                if kept is None:
+                    self.optimizer.state.pop(weights[n], None)  # the step created the state
+                else:
+                    self.optimizer.state[weights[n]] = {k: _keep(v, None) for k, v in kept.items()}
 
     def bad_gradients(self) -> List[str]:
         return nonfinite_names(gradients(self.model)) if self.check_grads else []
@@ -87,8 +111,11 @@ class DivergenceGuard:
             named += [(f"ema/{n}", p) for n, p in self.ema.module.named_parameters() if n in weights]
         return nonfinite_names(named)
 
-    def weights_before_step(self) -> Dict[str, torch.Tensor]:
-        """The trainable weights before the last step (CPU copies), or the current ones when
-        no snapshot was taken."""
-        src = self._before if self._before is not None else dict(trainable(self.model))
-        return {n: t.detach().cpu().clone() for n, t in src.items()}
+
+def _keep(v, buf):
+    """A copy of ``v`` (into ``buf`` when it fits)."""
+    if not torch.is_tensor(v):
+        return copy.deepcopy(v)
+    if buf is not None and buf.shape == v.shape and buf.dtype == v.dtype and buf.device == v.device:
+        return buf.copy_(v)
+    return v.detach().clone()

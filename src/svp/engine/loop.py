@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from typing import Any, Dict, List, Optional
 
@@ -22,12 +23,18 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import resume_overrides as RO
 from . import select
-from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
+from ..errors import ConfigError, DatasetError, SVPError
+from .distributed import (all_reduce_sum, barrier, broadcast_object, derive_seed, init_distributed, maybe_device,
+                          shutdown)
+from .divergence import DivergenceGuard
 from .evaluate import evaluate
 from .hooks import Hooks, hooks_for
-from .progress import Progress, log, log_done, log_epoch, log_start, setup_logging, teardown_logging, tensorboard
+from .progress import (Progress, log, log_done, log_epoch, log_fatal, log_start, setup_logging, teardown_logging,
+                       tensorboard)
 from .rundir import RunFolder, check_resumable, load_run_config, load_trainable, prepare_run_dir
+from .runlock import lock_for_resume
 from .setup import build_run, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, interrupted)
@@ -37,17 +44,22 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
           overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train a method with a (partial) configuration dict; returns the results dict written
     to ``<run>/results.json``. ``resume``: a run folder to continue (its ``config.yaml`` is
-    used; ``overrides`` may change ``run.*``/``debug.*`` and, at your own risk, other keys)."""
+    used; ``overrides`` may change only what engine/resume_overrides.py lists)."""
     if resume:
-        return Trainer(load_run_config(resume, overrides or []), resume_dir=resume).run()
-    return Trainer(C.resolve(base=config or {}, overrides=overrides or [])).run()
+        cfg = load_run_config(resume, overrides or [])  # refuses what --resume cannot apply exactly
+        return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg)).run()
+    cfg = C.resolve(base=config or {}, overrides=overrides or [])
+    cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
+    return Trainer(cfg).run()
 
 
 class Trainer:
-    def __init__(self, cfg: dict, resume_dir: Optional[str] = None, hooks: Optional[Hooks] = None):
+    def __init__(self, cfg: dict, resume_dir: Optional[str] = None, hooks: Optional[Hooks] = None,
+                 changes: Optional[dict] = None):
         self.cfg = cfg
         self.resume_dir = os.path.abspath(resume_dir) if resume_dir else None
         self.hooks = hooks or hooks_for(cfg)
+        self.changes = changes or {}
 
     def run(self) -> Dict[str, Any]:
         device_kind = pick_device(self.cfg["train"]["device"])
@@ -55,28 +67,90 @@ class Trainer:
         self.device = maybe_device(device_kind, self.dist)
         handlers: List = []
         self.signals = Signals()
+        self.folder, self.stepped, lock, created, discard = None, False, None, False, False
         try:
-            run_dir = self.resume_dir or prepare_run_dir(self.cfg, self.dist)
-            if self.resume_dir:
-                check_resumable(run_dir)
-            handlers = setup_logging(run_dir if self.dist.is_main else None, self.dist.is_main)
-            self.folder = RunFolder(run_dir, self.cfg, self.dist)
-            self.folder.start(fresh=not self.resume_dir)
-            self.signals.install()
-            return self._run()
+            try:
+                if self.resume_dir:
+                    run_dir = self.resume_dir
+                    if self.dist.is_main:  # one process per run folder, for the whole run
+                        lock = lock_for_resume(run_dir)
+                    check_resumable(run_dir)
+                else:
+                    run_dir, lock, created = prepare_run_dir(self.cfg, self.dist)
+                handlers = setup_logging(run_dir if self.dist.is_main else None, self.dist.is_main)
+                self.folder = RunFolder(run_dir, self.cfg, self.dist)
+                self.folder.start(fresh=not self.resume_dir)
+                self.signals.install()
+                return self._run()
+            except KeyboardInterrupt:  # a second Ctrl-C (or a first one before the handler was in place)
+                raise self._interrupted_at_once() from None
+            except OSError as e:
+                raise self._io_error(e) from None
+        except BaseException as e:
+            # a fresh folder that never saw a training step holds nothing worth keeping
+            discard = created and not self.stepped and not isinstance(e, TrainingStopped)
+            if not discard:
+                log_fatal(handlers, e)
+            raise
         finally:
             self.signals.restore()
             teardown_logging(handlers)
+            if discard:
+                shutil.rmtree(self.folder.path if self.folder else run_dir, ignore_errors=True)
+            if lock is not None:
+                lock.release()
             shutdown(self.dist)
+
+    def _interrupted_at_once(self) -> TrainingStopped:
+        path = self.folder.path if self.folder else self.resume_dir
+        if path and os.path.isfile(os.path.join(path, "resume.safetensors")):
+            hint = (f"without a new resume point; continue from the last one with: "
+                    f"svp train --resume {path}")
+        else:
+            hint = "before any resume point was written; start the run again"
+        return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
+
+    def _io_error(self, e: OSError) -> Exception:
+        """An unwritable run folder (read-only, full, removed) is the user's to fix: one line."""
+        path = self.folder.path if self.folder else self.resume_dir
+        name = e.filename if isinstance(e.filename, str) else None
+        if isinstance(e, SVPError) or not (path and name and os.path.abspath(name).startswith(path)):
+            return e
+        return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
 
     def _build(self):
         for k, v in vars(build_run(self.cfg, self.device, self.dist)).items():
             setattr(self, k, v)
 
+    def _check_data(self) -> None:
+        """Read every image of the splits this run uses before the first step (within
+        svp.data's limit; the log says when a split is too large), on the main rank."""
+        from ..data import check_before_training
+
+        msg = None
+        if self.dist.is_main:
+            splits = {"train": self.train_ds, "val": self.val and self.val[0], "test": self.test and self.test[0]}
+            try:
+                check_before_training({k: (d.ds, d.n) for k, d in splits.items() if d is not None}, logger=log)
+            except DatasetError as e:
+                msg = str(e)
+        msg = broadcast_object(msg, self.dist)
+        if msg:
+            raise DatasetError(msg)
+
     def save_resume(self, st) -> None:
+        self._check_finite(st)  # never replace a finite resume point with a non-finite one
         if self.dist.is_main:
             self.folder.save_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
         barrier(self.dist)
+
+    def _check_finite(self, st) -> None:
+        bad = self.guard.bad_state()
+        if bad:  # not reached when the per-step checks hold; the last line of defence
+            msg = (f"non-finite state ({', '.join(bad)}) at step {st['global_step']}; nothing was saved (the "
+                   f"last resume point is kept in {self.folder.file('resume.safetensors')})")
+            log.error(msg)
+            raise NonFiniteLoss(msg, self.folder.path, st["global_step"])
 
     def _eval_model(self):
         return self.ema.module if (self.ema is not None and self.cfg["train"]["ema_eval"]) else self.model
@@ -89,16 +163,25 @@ class Trainer:
     def _run(self) -> Dict[str, Any]:
         cfg, t, dinfo = self.cfg, self.cfg["train"], self.dist
         self._build()
+        self._check_data()
+        self.guard = DivergenceGuard(self.model, self.optimizer, self.ema,
+                                     check_grads=not self.prec.scaler.is_enabled())
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
-              "train_seconds": 0.0, "nonfinite": None}
+              "train_seconds": 0.0, "nonfinite": None, "lr_phases": []}
+        epochs = int(t["epochs"])
         if self.resume_dir:
             st = self.folder.load_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
+            if self.changes:
+                RO.record(cfg, self.changes, st)
+                log.info("from global step %d on: %s (recorded in config.yaml run.changes)", st["global_step"],
+                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items()))
             if dinfo.is_main:  # drop metric lines written after the resume point
                 self.folder.rewrite_metrics(st["history"])
-        epochs = int(t["epochs"])
+                self.folder.write_config()
+        RO.start_phase(st, self.lr, epochs)
         if dinfo.is_main:
             log_start(cfg, self.folder.path, self.model, self.spec, len(self.train_ds), self.device,
                       dinfo.world_size, self.lr, self.steps_per_epoch)
@@ -127,7 +210,9 @@ class Trainer:
         dev_loss = torch.zeros((), dtype=torch.float64, device=dev) if cuda else None
         for x, y in self.loader:
             step_no = st["global_step"] + 1  # 1-based number of the step being run
+            self.stepped = True
             self.sched.before_step(st["global_step"])
+            RO.note_lr(st, self.sched.lr())
             s = derive_seed(seed, st["global_step"], dinfo.rank, 3)
             random.seed(s)
             np.random.seed(s % (2 ** 32))
@@ -146,8 +231,8 @@ class Trainer:
             red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag,
                                   1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)
             if red[1] > 0:
-                self._nonfinite(st, step_no, loss_val, x_in, y)
-            self._step(loss)
+                self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
+            self._step(loss, st, step_no, loss_val, x_in, y)
             if self.ema is not None:
                 self.ema.update(self.model, step=st["global_step"])
             st["global_step"] += 1
@@ -193,23 +278,36 @@ class Trainer:
         total = float(dev_loss.item())
         dev_loss.zero_()
         if not np.isfinite(total):
-            self._nonfinite(st, step_no, total, x, y)
+            self._nonfinite(st, step_no, f"non-finite loss ({total})", x, y)
         st["epoch_loss_sum"] += total
         return st["epoch_loss_sum"] / max(st["epoch_steps"], 1)
 
-    def _step(self, loss) -> None:
-        t, scaler = self.cfg["train"], self.prec.scaler
+    def _step(self, loss, st, step_no, loss_val, x, y) -> None:
+        """Backward and optimizer step, guarded: a step that makes the gradients, the weights or
+        the optimizer state non-finite is undone and stops the run (engine/divergence.py)."""
+        t, scaler, guard = self.cfg["train"], self.prec.scaler, self.guard
         self.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if t["clip_grad"]:
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                            float(t["clip_grad"]))
+        bad = guard.bad_gradients()
+        if bad:
+            self._nonfinite(st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
+        guard.snapshot()
         scaler.step(self.optimizer)
+        bad = guard.bad_state()
+        if bad:
+            guard.restore()
+            loss_txt = "" if loss_val is None else f"; the step's loss was finite ({loss_val:.4g})"
+            self._nonfinite(st, step_no, f"the step made the weights/optimizer state non-finite "
+                                         f"({', '.join(bad)}{loss_txt})", x, y)
         scaler.update()
 
     def _end_epoch(self, st: dict, epochs: int, stop: bool) -> None:
         cfg, dinfo, epoch = self.cfg, self.dist, st["epoch"]
+        self._check_finite(st)  # before best/ or a resume point is written
         st["train_seconds"] += st["epoch_seconds"]
         record = {"epoch": epoch + 1, "step": st["global_step"],
                   "train_loss": st["epoch_loss_sum"] / max(st["epoch_steps"], 1), "lr": self.sched.lr(),
@@ -243,21 +341,26 @@ class Trainer:
                 and st["epoch"] < epochs and not stop:
             raise interrupted(self.folder.path, self.signals.name, f"epoch {st['epoch']}")
 
-    def _nonfinite(self, st, step_no, loss_val, x, y):
+    def _nonfinite(self, st, step_no, what, x, y):
+        """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
+        are as before the step (finite): they go to the dump with the batch, and to a resume
+        point from which the run can continue (e.g. with a lower ``train.lr``)."""
         sched, folder = self.sched, self.folder
         info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": st["batch"] + 1,
-                "batches_per_epoch": self.steps_per_epoch, "loss": repr(loss_val), "lr": sched.lr(),
-                "rank": self.dist.rank}
+                "batches_per_epoch": self.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": self.dist.rank}
         out_dir = folder.file("nonfinite")
+        saved = not self.guard.bad_state()
         if self.dist.is_main:
             folder.dump_nonfinite(info, x, y, self.model)
-            # a resume point just before the failing step (e.g. to continue with a lower lr)
-            folder.save_resume(st, self.model, self.optimizer, sched, self.prec.scaler, self.ema)
+            if saved:
+                folder.save_resume(st, self.model, self.optimizer, sched, self.prec.scaler, self.ema)
         barrier(self.dist)
-        msg = (f"non-finite loss ({loss_val}) at step {step_no} (epoch {st['epoch'] + 1}, batch "
-               f"{st['batch'] + 1}/{self.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and "
-               f"the weights before the step are in {out_dir}; a resume point before the step is in "
-               f"{folder.file('resume.safetensors')}")
+        where = (f"a resume point before the step is in {folder.file('resume.safetensors')} (continue with a "
+                 f"lower rate: svp train --resume {folder.path} train.lr=...)" if saved else
+                 "the state was not finite before the step, so no resume point was written")
+        msg = (f"{what} at step {step_no} (epoch {st['epoch'] + 1}, batch {st['batch'] + 1}/"
+               f"{self.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and the weights "
+               f"before the step are in {out_dir}; {where}")
         log.error(msg)
         raise NonFiniteLoss(msg, folder.path, step_no)
 
@@ -280,7 +383,7 @@ class Trainer:
         res = select.results(cfg, hist, best["epoch"] if best else None, final_test, best_test,
                              st["global_step"], stopped_early, self.val is not None)
         res.update(param_counts(eval_model))
-        res.update({"lr_used": self.lr, "global_batch": int(cfg["train"]["batch_size"]) * dinfo.world_size,
+        res.update({"lr_used": self.lr, "lr_phases": st["lr_phases"], "global_batch": int(cfg["train"]["batch_size"]) * dinfo.world_size,
                     "world_size": dinfo.world_size, **select.throughput(hist), "device": str(self.device)})
         if dinfo.is_main:
             self.folder.save_adapter(eval_model, "last", self.spec, hist[-1]["epoch"])

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
+
+from ..errors import ConfigError
 
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
@@ -33,8 +35,15 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim
         raise ValueError("the model has no trainable parameters (check method.name / method.settings)")
     # a wrapper that exposes only trainable parameters, so the grouping (which also
     # reads the model's no_weight_decay()) never hands frozen tensors to the optimizer
-    return create_optimizer_v2(_Trainable(model), opt=str(t["opt"]), lr=lr,
-                               weight_decay=float(t["weight_decay"]), foreach=False, **kwargs)
+    name = str(t["opt"]).lower()
+    if name.split("_")[-1] not in list_optimizers():
+        raise ConfigError(f"train.opt={t['opt']!r}: not an optimizer timm knows; e.g. adamw, sgd, momentum, "
+                          f"lamb, lion (all: timm.optim.list_optimizers())")
+    try:
+        return create_optimizer_v2(_Trainable(model), opt=str(t["opt"]), lr=lr,
+                                   weight_decay=float(t["weight_decay"]), foreach=False, **kwargs)
+    except (ValueError, TypeError, ImportError) as e:  # e.g. an optimizer whose package is missing
+        raise ConfigError(f"train.opt={t['opt']!r}: {e}") from None
 
 
 class _Trainable(torch.nn.Module):

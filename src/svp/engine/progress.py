@@ -77,6 +77,25 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
     return handlers
 
 
+def log_fatal(handlers, exc: BaseException) -> None:
+    """Write why the run ended to ``train.log`` only (stderr gets it from the CLI): the
+    message of a user's error or a stop, the traceback of anything else."""
+    from ..errors import SVPError
+    from .signals import NonFiniteLoss, TrainingStopped
+
+    if isinstance(exc, NonFiniteLoss):
+        return  # already logged where it was found
+    files = [h for h in handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        return
+    known = isinstance(exc, (SVPError, TrainingStopped))
+    text = str(exc) if known else f"{type(exc).__name__}: {exc}"
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s", (text,),
+                            None if known else (type(exc), exc, exc.__traceback__))
+    for h in files:
+        h.handle(record)
+
+
 def teardown_logging(handlers) -> None:
     for h in handlers:
         log.removeHandler(h)

@@ -11,29 +11,25 @@ import torch
 from . import checkpoint as ck
 from . import config as C
 from ..errors import ConfigError, ResumeError
+from ..io import remove_stale_temps
 from .distributed import DistInfo, broadcast_object, unwrap
+from .resume_overrides import check_overrides
+from .runlock import RunLock, claim_run_dir, default_run_name  # noqa: F401 (default_run_name re-exported)
 
 
-def default_run_name(cfg: dict) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg['data']['dataset']}-{cfg['method']['name']}-s{cfg['train']['seed']}-{stamp}"
-
-
-def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> str:
-    run_dir = None
+def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], bool]:
+    """Claim and lock a fresh run folder on the main rank; every rank gets its path (so a
+    generated name is the main rank's). Returns ``(run_dir, lock or None, created)``."""
+    run_dir, lock, created = None, None, False
     if dist_info.is_main:
-        name = cfg["run"]["name"] or default_run_name(cfg)
-        run_dir = os.path.abspath(os.path.join(cfg["run"]["output"], name))
-        if os.path.exists(os.path.join(run_dir, ck.RESUME_FILE)) or os.path.exists(
-                os.path.join(run_dir, "results.json")):
-            raise ConfigError(f"run folder {run_dir} already holds a run; use `svp train --resume {run_dir}` "
-                              f"or choose another run.name")
-        os.makedirs(run_dir, exist_ok=True)
-    return broadcast_object(run_dir, dist_info)
+        run_dir, lock, created = claim_run_dir(cfg)
+    return broadcast_object(run_dir, dist_info), lock, created
 
 
 def load_run_config(run_dir: str, overrides=()) -> dict:
-    """The saved ``config.yaml`` of a run with ``debug.*`` reset and ``overrides`` applied."""
+    """The saved ``config.yaml`` of a run with ``debug.*`` reset and ``overrides`` applied
+    (only those ``--resume`` can apply exactly: engine/resume_overrides.py)."""
+    check_overrides(C.parse_overrides(overrides), run_dir)
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -65,9 +61,14 @@ class RunFolder:
 
     def start(self, fresh: bool) -> None:
         if self.dist.is_main:
-            ck.atomic_write_text(self.file("config.yaml"), C.dump(self.cfg))
+            # temporaries of writes killed in an earlier process (the lock says none is running)
+            remove_stale_temps(self.path)
+            self.write_config()
             if fresh:  # a fresh run never appends to stale metric lines
                 ck.rewrite_jsonl(self.file("metrics.jsonl"), [])
+
+    def write_config(self) -> None:
+        ck.atomic_write_text(self.file("config.yaml"), C.dump(self.cfg))
 
     def append_metrics(self, record: dict) -> None:
         ck.append_jsonl(self.file("metrics.jsonl"), record)
@@ -108,7 +109,12 @@ class RunFolder:
                 f"resume it with the same (now {self.dist.world_size} x {bs})")
         load_trainable(model, state["model"], self.file(ck.RESUME_FILE))
         optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        # the schedule is NOT reloaded: the rate is a pure function of the step (sched.py), and
+        # the one built from this run's configuration is the one to follow (a --resume with a
+        # new train.lr/train.epochs takes effect exactly from here); the optimizer's groups get
+        # this configuration's rate back (a constant schedule never sets it again)
+        for group, lr in zip(optimizer.param_groups, sched.base_lrs):
+            group["lr"] = group["initial_lr"] = lr
         scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             params = dict(ema.module.named_parameters())
@@ -135,3 +141,4 @@ class RunFolder:
         # the run is complete: the resume point is no longer needed
         if os.path.exists(self.file(ck.RESUME_FILE)):
             os.replace(self.file(ck.RESUME_FILE), self.file("final_state.safetensors"))
+        remove_stale_temps(self.path)

@@ -90,15 +90,24 @@ def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
     settings.setdefault("num_classes", num_classes)
     try:
         mc = peft.make_config(name, **settings)
+        return peft.get_peft_model(backbone, mc)  # checks the settings against the model (depth, width)
     except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
-    return peft.get_peft_model(backbone, mc)
 
 
 def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
     """Backbone (with the run's drop path) + method."""
     import dataclasses
-    backbone = build_model(dataclasses.replace(spec, drop_path_rate=cfg["model"]["drop_path_rate"]))
+
+    from ..models.vim import PatchGridError
+    try:
+        backbone = build_model(dataclasses.replace(spec, drop_path_rate=cfg["model"]["drop_path_rate"]))
+    except PatchGridError as e:
+        kw = cfg["model"]["kwargs"] or {}
+        key, v = ("model.kwargs.img_size", kw["img_size"]) if "img_size" in kw else ("data.img_size", spec.img_size)
+        raise ConfigError(f"{key}={v}: {e}") from None
     return build_method(backbone, cfg, int(spec.num_classes))
 
 

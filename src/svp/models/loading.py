@@ -27,7 +27,10 @@ def read_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -36,7 +39,8 @@ def read_checkpoint(path) -> dict:
     except Exception as e:  # an UnpicklingError names the forbidden global
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "
-            f"argparse.Namespace are allowed; arbitrary pickled code is never run): {e}") from e
+            f"argparse.Namespace are allowed; arbitrary pickled code is never run): "
+            f"{' '.join(str(e).split())}") from e  # torch's message spans lines; the CLI prints one
 
 
 def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:

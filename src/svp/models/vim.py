@@ -23,6 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, selective_scan
 
 _logger = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "resample_pos_e
 # Adaptation methods (SVP prompts, VPT tokens) plug in here without touching the model.
 LayerHook = Callable[[int, torch.Tensor, Optional[torch.Tensor], int],
                      Tuple[torch.Tensor, Optional[torch.Tensor], int]]
+
+
+class PatchGridError(ConfigError):
+    """An input size the patch grid cannot take (a ``ValueError`` too)."""
 
 
 class PatchEmbed(nn.Module):
@@ -55,7 +60,7 @@ class PatchEmbed(nn.Module):
         grid = []
         for size, p, s, axis in zip(hw, self.patch_size, self.stride, ("height", "width")):
             if size < p or (size - p) % s:
-                raise ValueError(f"image {axis} {size} does not fit the patch grid (patch {p}, stride {s}): "
+                raise PatchGridError(f"image {axis} {size} does not fit the patch grid (patch {p}, stride {s}): "
                                  f"need {p} + k*{s} pixels")
             grid.append((size - p) // s + 1)
         return tuple(grid)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-import sys
+
+from ..errors import ConfigError, SVPError
 
 
 def _run(args) -> int:
@@ -14,9 +15,10 @@ def _run(args) -> int:
             args.checkpoint, args.model, args.shared_layers, args.prompt_hidden, args.num_classes, args.out,
             simam=args.simam, two_layer_head=args.two_layer_head, backbone_checkpoint=args.backbone_checkpoint,
             class_names=_read_class_names(args.class_names), model_kwargs=model_kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"svp convert-official-svp: error: {e}", file=sys.stderr)
-        return 1
+    except SVPError:
+        raise  # one line and exit 2 from svp.cli.main
+    except (OSError, ValueError) as e:  # an unreadable file, tensors that do not fit
+        raise ConfigError(str(e)) from None
     print(peft.trainable_report())
     print(f"wrote {args.out} (base model hash {peft.base_hash})")
     return 0

@@ -124,7 +124,12 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
                 f"(or pass check_hash=False to force it)")
     config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
     peft = get_peft_model(model, config)
-    peft.load_adapter_state(load_file(weights, device="cpu"), source=weights)
+    try:
+        state = load_file(weights, device="cpu")
+    except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
+                           f"damaged, save or copy it again") from None
+    peft.load_adapter_state(state, source=weights)
     peft.class_names = cfg.get("class_names")
     peft.base_model_name = cfg.get("base_model_name")
     return peft.eval()
