@@ -172,9 +172,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                              "lr": 0.02})
     assert svp_main(["train", "-c", cfg, "--name", "one"]) == 0
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    p = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "svp", "train", "-c", cfg, "--name", "two",
-                        "train.batch_size=4"], env=_env(), capture_output=True, text=True, timeout=300)
+    # no --name: rank 0 draws the default name and the other rank uses it (broadcast)
+    p = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "svp", "train", "-c", cfg, "train.batch_size=4"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    two = [d for d in os.listdir(tmp_path / "runs") if d != "one"]
+    assert len(two) == 1 and two[0].startswith("digits-svp-s0-"), two
+    os.rename(tmp_path / "runs" / two[0], tmp_path / "runs" / "two")
     (r1, m1, a1), (r2, m2, a2) = _read_run(str(tmp_path / "runs" / "one")), _read_run(str(tmp_path / "runs" / "two"))
     assert r2["world_size"] == 2 and r2["global_batch"] == 8 == r1["global_batch"]
     assert len(m1) == len(m2) == 2

@@ -33,3 +33,19 @@ def test_demo_smoke_prints_table_run_folders_and_figure(tmp_path, capsys):
 def test_demo_rejects_unknown_method(capsys):
     assert main(["demo", "--methods", "linear,nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
+
+
+def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16",
+            "--max-eval-samples", "8", "--methods", "linear", "--no-figure", "--quiet"]
+    assert main(args) == 0
+    first = json.load(open(out / "linear" / "results.json"))
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr()   # was: "run folder ... already holds a run", exit 1
+    text = capsys.readouterr().out
+    assert f"set aside in {out / 'previous'} (linear)" in text and "failed" not in text
+    again = json.load(open(out / "linear" / "results.json"))
+    assert json.load(open(out / "previous" / "linear" / "results.json")) == first
+    assert again["final"]["test_top1"] == first["final"]["test_top1"]  # same seed, a fresh run
+    assert sorted(os.listdir(out)) == ["demo_results.json", "linear", "previous"]

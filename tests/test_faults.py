@@ -1,6 +1,7 @@
 """The fault matrix of issue 15: bad inputs and faults a new user meets, each with the
 one outcome it must have. Kept fast: tiny generated files, no training unless a case
 needs it. (Data cases first; engine cases follow.)"""
+import json
 import logging
 import os
 import struct
@@ -512,3 +513,157 @@ def test_unwritable_output_and_run_folder_are_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(os, "open", ro_open)
     rc = svp_main(["train", "--resume", str(run)])
     _one_line_error(capsys, rc, 2, str(run))
+
+
+# ---------------------------------------------------------------- one process per run folder (e2e)
+
+
+def test_busy_run_folder_refuses_a_second_train_and_a_resume(tmp_path, capsys, mini_run):
+    import shutil
+    import signal
+    run = tmp_path / "runs" / "busy"
+    shutil.copytree(mini_run, run)
+    (run / "results.json").unlink()   # an unfinished run, as while it trains
+    child = _hold_lock(run)
+    try:
+        for args in (["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "busy"],
+                     ["train", "--resume", str(run)]):
+            _one_line_error(capsys, svp_main(args), 2, f"in use by process {child} on host")
+        assert not (run / "results.json").exists()   # neither wrote anything
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+# ---------------------------------------------------------------- temporaries removed (e2e)
+
+
+def _hooks(monkeypatch, hooks):
+    import svp.engine.loop as loop
+    monkeypatch.setattr(loop, "hooks_for", lambda cfg: hooks)
+
+
+def test_stale_temporaries_are_removed_on_resume_and_at_the_end(tmp_path, monkeypatch, capsys):
+    from svp.engine.hooks import DebugHooks
+    from svp.io import is_temp_name, temp_name
+    out = tmp_path / "runs"
+    assert svp_main(["train", *MINI, "--epochs", "2", "--output", str(out), "--name", "t",
+                     "debug.stop_at_step=1"]) == 75
+    run = out / "t"
+    # what kill -9 inside writes leaves: partial resume states (new and old naming), a half-written best/
+    planted = [temp_name(run / "resume.safetensors"), str(run / ".tmp-k9x2abcd-resume.safetensors")]
+    for p in planted:
+        open(p, "wb").write(os.urandom(1000))
+    os.makedirs(run / ".svp-tmp-new-best")
+    seen = {}
+
+    class Plant(DebugHooks):
+        def after_step(self, global_step):
+            seen.setdefault("at_resume", sorted(f for f in os.listdir(run) if is_temp_name(f)))
+            open(temp_name(run / "x.json"), "w").write("{")   # a temporary left during this run
+    _hooks(monkeypatch, Plant({}))
+    assert svp_main(["train", "--resume", str(run)]) == 0
+    assert seen["at_resume"] == []   # gone before the first resumed step
+    left = [os.path.join(r, f) for r, ds, fs in os.walk(run) for f in fs + ds if is_temp_name(f)]
+    assert left == [] and (run / "results.json").is_file()
+
+
+# ---------------------------------------------------------------- divergence (e2e)
+
+DIVERGE = ["--method", "svp", "method.settings.shared_layers=4", "method.settings.hidden=8", "--epochs", "3",
+           "train.sched_step=epoch"]
+
+
+def _all_finite(path):
+    from safetensors.torch import load_file
+    t = load_file(str(path))
+    return t and all(bool(v.float().isfinite().all()) for v in t.values() if v.is_floating_point())
+
+
+def test_lr_1e6_stops_before_anything_nonfinite_is_saved(tmp_path, capsys):
+    """The issue's probe: whatever breaks first (the gradients, here), the run stops at that
+    step; the resume point, the dump and best/ hold finite numbers only, and the last resume
+    point (end of epoch 1) is not replaced."""
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, *DIVERGE, "train.lr=1e6", "--output", str(out), "--name", "d"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    run = out / "d"
+    assert "non-finite" in err and f"the last resume point ({run / 'resume.safetensors'}) is kept" in err
+    for f in ("resume.safetensors", "nonfinite/batch_and_weights.safetensors",
+              "nonfinite/resume_before_step.safetensors", "best/adapter.safetensors"):
+        assert _all_finite(run / f), f
+    from svp.engine.checkpoint import load_state
+    assert load_state(str(run / "resume.safetensors"))["batch"] == 0   # an epoch-end point
+    assert not (run / "results.json").exists()
+    assert "non-finite" in (run / "train.log").read_text()
+
+
+def test_weights_broken_by_a_step_with_finite_loss_are_caught_and_undone(tmp_path, capsys, monkeypatch):
+    """The case the loss-only guard missed: the loss and the gradients of step 3 are finite,
+    the weights after it are not. The step is undone: the dump holds the weights from before
+    it (those of the resume point at the end of epoch 1) and the batch; nothing non-finite is saved."""
+    import torch
+    from safetensors.torch import load_file
+
+    from svp.engine.hooks import Hooks
+
+    class Break(Hooks):
+        def after_optimizer_step(self, step_no, model):
+            if step_no == 3:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("inf")
+    _hooks(monkeypatch, Break())
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, *DIVERGE, "--output", str(out), "--name", "w"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "the step made the weights/optimizer state non-finite" in err and "loss was finite" in err
+    assert "at step 3 (epoch 2, batch 1/2" in err
+    run = out / "w"
+    resume = load_file(str(run / "resume.safetensors"))
+    dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))
+    weights = {k[len("param/"):]: v for k, v in dump.items() if k.startswith("param/")}
+    assert weights and _all_finite(run / "nonfinite" / "batch_and_weights.safetensors")
+    for k, v in weights.items():   # the last finite weights are the resume point's (step 2)
+        assert torch_equal(v, resume[f"s/model/{k}"]), k
+
+
+def test_diverged_run_resumes_with_a_lower_lr_exactly(tmp_path, capsys):
+    """Warm-up epochs at 1e-3, then a rate of 1e20: epoch 3 breaks (exit 3). Resuming with
+    train.lr=1e-3 continues from the kept end-of-epoch-2 point on the new schedule, finishes,
+    and records the change (config.yaml run.changes) and the rate of each phase (results.json)."""
+    import yaml
+
+    from svp.engine.sched import lr_at_epoch
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, *DIVERGE, "train.warmup_epochs=1", "train.warmup_lr=1e-3", "train.lr=1e20",
+                   "--output", str(out), "--name", "n"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "(epoch 3, batch" in err, err
+    run = out / "n"
+    assert svp_main(["train", "--resume", str(run), "train.lr=1e-3"]) == 0, capsys.readouterr().err
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 1e-3
+    assert cfg["run"]["changes"] == [{"step": 4, "epoch": 2, "batch": 0, "changes": {"train.lr": [1e20, 1e-3]}}]
+    res = json.loads((run / "results.json").read_text())
+    assert res["lr_used"] == 1e-3 and res["epochs_run"] == 3
+    p1, p2 = res["lr_phases"]
+    assert (p1["from_step"], p1["peak_lr"], p2["from_step"], p2["peak_lr"]) == (0, 1e20, 4, 1e-3)
+    assert p1["lr_max"] == pytest.approx(1e-3)    # epochs 1-2 ran at the warm-up rate
+    want = lr_at_epoch(cfg, 2, 1e-3)              # the new schedule at epoch 3, computed apart
+    assert p2["lr_min"] == pytest.approx(want) and p2["lr_max"] == pytest.approx(want) and 0 < want <= 1e-3
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and metrics[2]["lr"] == pytest.approx(want)
+    assert all(np.isfinite(m["train_loss"]) for m in metrics)
+
+
+def torch_equal(a, b):
+    import torch
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def test_resume_refuses_overrides_it_cannot_apply_exactly(tmp_path, capsys, mini_run):
+    line = _one_line_error(capsys, svp_main(["train", "--resume", str(mini_run), "train.opt=sgd",
+                                             "train.lr=0.1"]), 2, "train.opt")
+    assert "--resume accepts only train.lr, train.epochs" in line and "train.lr," in line

@@ -89,6 +89,34 @@ def format_table(rows: List[dict], full: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def set_aside_previous(out: str, methods, echo=print) -> List[str]:
+    """The demo's run folders are its own: a new demo moves a previous demo's
+    ``<out>/<method>`` to ``<out>/previous/<method>`` (replacing an older one there) and says
+    so, so that ``make demo`` works every time. A folder another process is training in is
+    left alone (that method's run then reports the folder in use)."""
+    import shutil
+
+    from svp.engine.runlock import describe_holder, holder
+
+    moved = []
+    for m in methods:
+        src, dst = os.path.join(out, m), os.path.join(out, "previous", m)
+        if not os.path.exists(src):
+            continue
+        busy = holder(src)
+        if busy:
+            echo(f"{src} is in use by {describe_holder(busy)}; not moved")
+            continue
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        moved.append(dst)
+    if moved:
+        echo(f"the previous demo's run folders were set aside in {os.path.join(out, 'previous')} "
+             f"({', '.join(os.path.basename(p) for p in moved)}); this demo starts fresh runs")
+    return moved
+
+
 def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
@@ -96,6 +124,7 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, 
     from svp.engine import train
 
     os.makedirs(out, exist_ok=True)
+    set_aside_previous(out, methods, echo)
     t0 = time.time()
     rows = []
     for i, m in enumerate(methods, 1):

@@ -214,15 +214,11 @@ def cmd_train(args) -> int:
 
 
 def _open_image(path, tf):
-    from PIL import Image
+    """Through svp.data's one image reader: 16-bit and float images are scaled by their real
+    range, and an unreadable file is one error naming it."""
+    from ..data import load_image
 
-    if not os.path.isfile(path):
-        raise C.ConfigError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return tf(im.convert("RGB"))
-    except OSError as e:
-        raise C.ConfigError(f"{path}: not a readable image ({e})") from None
+    return tf(load_image(path))
 
 
 def cmd_eval(args) -> int:

@@ -15,6 +15,10 @@ class Hooks:
         """The loss of step ``step_no`` (1-based) before it is checked and back-propagated."""
         return loss
 
+    def after_optimizer_step(self, step_no: int, model) -> None:
+        """Right after the optimizer step of step ``step_no``, before the divergence guard
+        looks at the weights (tests break the weights here)."""
+
     def stop_requested(self, global_step: int) -> bool:
         """After step ``global_step``: stop here with a resume point (exit 75)?"""
         return False

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
 from . import select
@@ -297,6 +298,7 @@ class Trainer:
             self._nonfinite(st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
         guard.snapshot()
         scaler.step(self.optimizer)
+        self.hooks.after_optimizer_step(step_no, self.model)
         bad = guard.bad_state()
         if bad:
             guard.restore()
@@ -343,21 +345,33 @@ class Trainer:
 
     def _nonfinite(self, st, step_no, what, x, y):
         """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
-        are as before the step (finite): they go to the dump with the batch, and to a resume
-        point from which the run can continue (e.g. with a lower ``train.lr``)."""
+        are as before the step (finite): they go to the dump with the batch. The last resume
+        point is kept (the state before the step may already be spoilt by a too-high rate,
+        finite but useless): the state before the step becomes the resume point only when
+        there is none yet, else it is kept in the dump."""
         sched, folder = self.sched, self.folder
         info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": st["batch"] + 1,
                 "batches_per_epoch": self.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": self.dist.rank}
         out_dir = folder.file("nonfinite")
-        saved = not self.guard.bad_state()
+        resume = folder.file(ck.RESUME_FILE)
+        kept = os.path.isfile(resume)
+        before = os.path.join(out_dir, "resume_before_step.safetensors") if kept else resume
+        finite = not self.guard.bad_state()
         if self.dist.is_main:
             folder.dump_nonfinite(info, x, y, self.model)
-            if saved:
-                folder.save_resume(st, self.model, self.optimizer, sched, self.prec.scaler, self.ema)
+            if finite:
+                folder.save_resume(st, self.model, self.optimizer, sched, self.prec.scaler, self.ema, path=before)
         barrier(self.dist)
-        where = (f"a resume point before the step is in {folder.file('resume.safetensors')} (continue with a "
-                 f"lower rate: svp train --resume {folder.path} train.lr=...)" if saved else
-                 "the state was not finite before the step, so no resume point was written")
+        if kept:
+            where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
+                     f"svp train --resume {folder.path} train.lr=...")
+            if finite:
+                where += f" (the state just before the step is in {before})"
+        elif finite:
+            where = (f"a resume point before the step is in {resume} (continue with a lower rate: "
+                     f"svp train --resume {folder.path} train.lr=...)")
+        else:
+            where = "the state was not finite before the step, so no resume point was written"
         msg = (f"{what} at step {step_no} (epoch {st['epoch'] + 1}, batch {st['batch'] + 1}/"
                f"{self.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and the weights "
                f"before the step are in {out_dir}; {where}")

@@ -86,7 +86,7 @@ class RunFolder:
 
         ck.atomic_replace_dir(write, self.file(name))
 
-    def save_resume(self, st: dict, model, optimizer, sched, scaler, ema) -> None:
+    def save_resume(self, st: dict, model, optimizer, sched, scaler, ema, path: Optional[str] = None) -> None:
         state: Dict[str, Any] = dict(st)
         state["model"] = unwrap(model).adapter_state_dict()
         state["optimizer"] = optimizer.state_dict()
@@ -98,7 +98,7 @@ class RunFolder:
         state["world_size"] = self.dist.world_size
         state["batch_size"] = int(self.cfg["train"]["batch_size"])
         state["time"] = time.time()
-        ck.save_state(self.file(ck.RESUME_FILE), state)
+        ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
     def load_resume(self, st: dict, model, optimizer, sched, scaler, ema) -> dict:
         state = ck.load_state(self.file(ck.RESUME_FILE))
