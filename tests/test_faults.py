@@ -425,8 +425,8 @@ def _one_line_error(capsys, rc, code=2, *names):
     assert rc == code, err
     assert lines and "Traceback" not in err, err
     # one line of error (the run's own log lines, if it got that far, come before it)
-    assert lines[-1].startswith("svp ") and "error" in lines[-1], err
-    assert [ln for ln in lines if "error" in ln.lower()] == [lines[-1]], err
+    assert lines[-1].startswith("svp") and ": error: " in lines[-1], err
+    assert [ln for ln in lines if ": error: " in ln] == [lines[-1]], err
     for n in names:
         assert n in lines[-1], (n, err)
     return lines[-1]
@@ -667,3 +667,89 @@ def test_resume_refuses_overrides_it_cannot_apply_exactly(tmp_path, capsys, mini
     line = _one_line_error(capsys, svp_main(["train", "--resume", str(mini_run), "train.opt=sgd",
                                              "train.lr=0.1"]), 2, "train.opt")
     assert "--resume accepts only train.lr, train.epochs" in line and "train.lr," in line
+
+
+# ---------------------------------------------------------------- signals, fatal errors, train.log
+
+
+def test_second_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from svp.engine.hooks import Hooks
+
+    class CtrlC(Hooks):
+        def after_step(self, global_step):
+            if global_step == 3:   # after the epoch-1 resume point (2 steps per epoch)
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)   # the impatient second one
+    _hooks(monkeypatch, CtrlC())
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, "--epochs", "3", "--output", str(out), "--name", "c"])
+    run = out / "c"
+    line = _one_line_error(capsys, rc, 130, "interrupted again: stopped at once",
+                           f"svp train --resume {run}")
+    assert "KeyboardInterrupt" not in line
+    assert "interrupted again" in (run / "train.log").read_text()   # the end is in the log too
+    monkeypatch.undo()
+    assert svp_main(["train", "--resume", str(run)]) == 0           # and the hint works
+
+
+def test_errors_after_training_started_are_in_train_log_and_keep_the_folder(tmp_path, capsys, monkeypatch):
+    from svp.engine.hooks import Hooks
+    from svp.errors import DatasetError
+
+    class Fail(Hooks):
+        def __init__(self, exc):
+            self.exc = exc
+
+        def after_step(self, global_step):
+            if global_step == 1:
+                raise self.exc
+    out = tmp_path / "runs"
+    _hooks(monkeypatch, Fail(DatasetError("unreadable image: /data/x.png (truncated)")))
+    rc = svp_main(["train", *MINI, "--output", str(out), "--name", "e"])
+    _one_line_error(capsys, rc, 2, "/data/x.png")
+    log = (out / "e" / "train.log").read_text()
+    assert "stopped: unreadable image: /data/x.png (truncated)" in log and "Traceback" not in log
+    # a bug keeps its traceback, in the log as on stderr
+    _hooks(monkeypatch, Fail(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):
+        svp_main(["train", *MINI, "--output", str(out), "--name", "b"])
+    log = (out / "b" / "train.log").read_text()
+    assert "stopped: ZeroDivisionError: a bug" in log and "Traceback" in log
+
+
+def test_corrupt_image_in_any_split_stops_training_before_the_first_step(tmp_path, capsys):
+    root = _csv_root(tmp_path, {"train": ["a", "b"] * 4, "val": ["a", "b"], "test": ["a", "b", "a"]})
+    broken = os.path.join(root, "img", "test_2.png")
+    with open(broken, "r+b") as f:
+        f.truncate(40)
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, "--dataset", "csv", "--data-root", root, "data.max_eval_samples=null",
+                   "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"test: unreadable image: {broken}" in err and "epoch 1/1" not in err, err
+    assert _no_stub(out)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_reads_16bit_images_through_the_shared_reader(tmp_path, capsys, mini_run):
+    a16 = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    p16 = _png16(str(tmp_path / "x16.png"), np.stack([a16, a16[::-1], a16.T], axis=-1))
+    p8 = str(tmp_path / "x8.png")
+    Image.fromarray((np.stack([a16, a16[::-1], a16.T], axis=-1) >> 8).astype(np.uint8)).save(p8)
+    assert svp_main(["predict", str(mini_run / "best"), p16, p8, "--json", "--topk", "10"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got[0]["top"] == got[1]["top"]    # was: the 16-bit image saturated to white
+
+
+def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypatch, mini_run):
+    import timm.models._builder as builder
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub was asked")
+    monkeypatch.setattr(builder, "load_pretrained", no_hub)
+    rc = svp_main(["predict", str(mini_run / "best"), "x.png", "--model", "vim_tiny_patch16_224"])
+    _one_line_error(capsys, rc, 2, "vim_tiny_patch16_224", "no weights given")

@@ -38,8 +38,10 @@ def _config_epilog() -> str:
               "  svp train --resume runs/digits-svp-s0-20250101-120000",
               "  torchrun --nproc_per_node=2 -m svp train --dataset digits ...   (DDP; batch is per process)",
               "",
-              "exit codes: 0 done, 2 bad configuration, 3 non-finite loss, 75 stopped by",
-              "debug.stop_at_step, 130 interrupted by SIGINT/SIGTERM (resume point saved)."]
+              "exit codes: 0 done, 2 bad configuration/data/checkpoint or run folder in use,",
+              "3 divergence (non-finite loss, gradients, weights or optimizer state), 75 stopped by",
+              "debug.stop_at_step, 130 interrupted by SIGINT/SIGTERM (resume point saved; a second",
+              "signal stops at once)."]
     return "\n".join(lines)
 
 
@@ -52,7 +54,7 @@ TRAIN_FLAGS = [
     ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224); " + WEIGHTS_HELP),
     ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
-    ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<time>)"),
+    ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<time>-<6 hex>)"),
     ("--epochs", "train.epochs", int, "number of epochs"),
     ("--batch-size", "train.batch_size", int, "training batch size per process"),
     ("--lr", "train.lr", float, "base learning rate (see train.lr_scale)"),
@@ -82,8 +84,10 @@ def register(subparsers) -> None:
     p.add_argument("--random-init", action="store_true",
                    help="a randomly initialised backbone (tests only) [model.random_init=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the interrupted run in RUN_DIR with its saved config.yaml "
-                        "(overrides may change run.* and debug.*)")
+                   help="continue the interrupted run in RUN_DIR with its saved config.yaml (overrides may "
+                        "change only train.lr, train.epochs, train.max_steps, train.device, data.root, "
+                        "data.num_workers, run.progress/log_every/tensorboard/save_every_steps and debug.*; "
+                        "refused while another process trains in RUN_DIR)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-step progress (run.progress=none)")
     p.set_defaults(func=cmd_train)
