@@ -753,3 +753,32 @@ def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypat
     monkeypatch.setattr(builder, "load_pretrained", no_hub)
     rc = svp_main(["predict", str(mini_run / "best"), "x.png", "--model", "vim_tiny_patch16_224"])
     _one_line_error(capsys, rc, 2, "vim_tiny_patch16_224", "no weights given")
+
+
+def test_forked_children_do_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked: they must not hold the run folder after the trainer is gone."""
+    import signal
+    import time
+
+    from svp.engine.runlock import RunLock, holder
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock(str(run)).acquire()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: stays alive like a worker would
+        os.write(w, b"1")
+        time.sleep(60)
+        os._exit(0)
+    assert os.read(r, 1) == b"1"
+    try:
+        import svp.engine.runlock as rl
+        rl._HELD.discard(lock.fd)
+        os.close(lock.fd)       # the trainer's descriptor goes away (as on kill -9) ...
+        lock.fd = None
+        assert holder(str(run)) is None   # ... and the living child does not hold the folder
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)

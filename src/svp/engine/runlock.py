@@ -35,6 +35,25 @@ except ImportError:  # pragma: no cover - Windows
     import msvcrt
 
 
+# descriptors of the locks this process holds. A forked child (a DataLoader worker) closes its
+# copies at once: an flock belongs to the open file, so a worker outliving a killed trainer by
+# a few seconds would otherwise keep the folder locked that long
+_HELD = set()
+
+
+def _close_inherited() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
+
+
 def _try_lock(fd: int) -> bool:
     try:
         if fcntl is not None:
@@ -95,6 +114,7 @@ class RunLock:
                 same = False
             if same:
                 self.fd = fd
+                _HELD.add(fd)
                 record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                                      "purpose": purpose}).encode("utf-8")
                 os.ftruncate(fd, 0)
@@ -118,6 +138,7 @@ class RunLock:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        _HELD.discard(self.fd)
         os.close(self.fd)  # releases the lock
         self.fd = None
 
