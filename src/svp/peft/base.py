@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
+from .io import ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
+from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
 
@@ -173,7 +177,6 @@ class PeftModel(nn.Module):
     # -- files --------------------------------------------------------------------
     def save(self, directory, base_model_name: Optional[str] = None,
              class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
-        from .io import save_adapter
         return save_adapter(self, directory, base_model_name=base_model_name, class_names=class_names,
                             extra=extra)
 
@@ -218,9 +221,6 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     """Apply ``config`` (see ``make_config``) to a VisionMamba. The returned PeftModel
     holds ``model`` as ``.base_model``; only the method's parameters and the head are
     trainable. A model can carry one method at a time (``PeftModel.unload`` to remove it)."""
-    from .io import base_weights_hash
-    from .registry import get_method
-
     if not hasattr(model, "forward_features") or not hasattr(model, "layers"):
         raise TypeError(f"get_peft_model expects a svp VisionMamba, got {type(model).__name__}")
     if getattr(model, _ATTACHED, False):
@@ -242,3 +242,28 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     method.to(device=ref.device, dtype=ref.dtype)
     model.head.to(device=ref.device, dtype=ref.dtype)
     return peft
+
+
+def load_adapter(model: nn.Module, directory, check_hash: bool = True):
+    """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
+    holding the same base weights the adapter was trained on) and return the PeftModel in
+    eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
+    directory = os.fspath(directory)
+    cfg = read_adapter_config(directory)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    if check_hash:
+        have = base_weights_hash(model)
+        want = cfg["base_model_hash"]
+        if have != want:
+            raise AdapterError(
+                f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
+                f"{want}, but the model given has weight hash {have}; load the same base weights "
+                f"(or pass check_hash=False to force it)")
+    config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
+    peft = get_peft_model(model, config)
+    peft.load_adapter_state(load_file(weights, device="cpu"), source=weights)
+    peft.class_names = cfg.get("class_names")
+    peft.base_model_name = cfg.get("base_model_name")
+    return peft.eval()
