@@ -1,7 +1,6 @@
 """The procedural source data and the `svp pretrain` loop (tiny configurations)."""
 import argparse
 import json
-import os
 
 import numpy as np
 import pytest

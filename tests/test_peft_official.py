@@ -128,7 +128,9 @@ def test_conversion_errors_are_clear(tmp_path):
     with pytest.raises(RuntimeError, match="drop --two-layer-head"):
         convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", two_layer_head=True,
                              **common)
-    with pytest.raises(ValueError, match="missing"):
+    # shared_layers 4 on depth 4: one Cross prompter expected, the file has two
+    with pytest.raises(ValueError, match=r"2 unexpected: prompt_generator_shared\.1\.0\.weight.*\n.*"
+                                         r"prompt_shared_scale has shape \(2, 192\), expected \(1, 192\)"):
         convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 4, 64, 3, tmp_path / "o", **common)
     plain = tmp_path / "plain.pth"
     torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("prompt_")}}, plain)

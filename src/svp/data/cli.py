@@ -1,7 +1,6 @@
 """``svp data`` subcommands: list, check, grid."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -9,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Tuple
 
 from .base import DatasetError
-from .registry import build_dataset, dataset_info, list_datasets
+from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
 
 
 def register(subparsers) -> None:
@@ -90,7 +89,6 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
         header += f", root {root if root is not None else '$SVP_DATA'}"
     print(header, file=out)
     if info.needs_root:
-        from .registry import _resolve_root
         try:
             root = _resolve_root(info, root)
         except DatasetError as e:

@@ -8,7 +8,7 @@ import argparse
 import logging
 import math
 import os
-from typing import Mapping
+from typing import List, Mapping
 
 import torch
 import torch.nn as nn
@@ -115,21 +115,25 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return out
 
 
+def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: int = 20) -> List[str]:
+    """Every way ``given`` (name -> tensor) fails to fit ``expected`` (name -> shape, or None for
+    any shape): one line each for the missing, unexpected and mis-shaped names; [] when it fits.
+    ``allow_missing`` lists name prefixes that may legitimately be absent (a dropped head)."""
+    missing = [k for k in expected if k not in given and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} has shape {tuple(given[k].shape)}, expected {tuple(shape)}" for k, shape in expected.items()
+             if k in given and shape is not None and tuple(given[k].shape) != tuple(shape)]
+    return [f"  {len(items)} {title}: " + ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items]
+
+
 def strict_load(model: nn.Module, state_dict: dict, source: str = "<checkpoint>",
                 allow_missing=()) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error.
-    ``allow_missing`` lists prefixes that may legitimately be absent (a dropped head)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing))]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error."""
+    lines = mismatch_lines({k: v.shape for k, v in model.state_dict().items()}, state_dict, allow_missing)
+    if lines:
+        raise CheckpointError("\n".join([f"{source} does not match {type(model).__name__}:"] + lines))
     model.load_state_dict(state_dict, strict=False)
 
 

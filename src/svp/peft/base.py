@@ -14,7 +14,6 @@ through ``torch.nn.utils.parametrize`` or forward hooks, and only once per model
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import List, Optional, Sequence
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
 from .io import ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
 from .registry import config_from_dict, get_method
@@ -60,9 +60,6 @@ class PeftConfig:
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 class PeftMethod(nn.Module):
@@ -183,17 +180,10 @@ class PeftModel(nn.Module):
     def load_adapter_state(self, tensors: dict, source: str = "<adapter>"):
         """Load a trainable-tensor dict saved by ``save`` (exact name and shape match)."""
         own = dict(self.named_parameters())
-        expected = set(self.trainable_parameter_names())
-        missing = sorted(expected - set(tensors))
-        unexpected = sorted(set(tensors) - expected)
-        wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(expected & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            lines = [f"{source} does not fit this {self.config.method} model:"]
-            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-                if items:
-                    lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-            raise ValueError("\n".join(lines))
+        expected = {k: own[k].shape for k in self.trainable_parameter_names()}
+        lines = mismatch_lines(expected, tensors)
+        if lines:
+            raise ValueError("\n".join([f"{source} does not fit this {self.config.method} model:"] + lines))
         with torch.no_grad():
             for k in expected:
                 own[k].copy_(tensors[k].to(dtype=own[k].dtype, device=own[k].device))

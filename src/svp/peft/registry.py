@@ -6,7 +6,7 @@ this module imports none of them."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple, Type
+from typing import Dict, Tuple
 
 _METHODS: Dict[str, Tuple[type, type]] = {}
 
