@@ -140,7 +140,7 @@ def test_presets():
     assert (p["lr"], p["weight_decay"], p["shared_layers"], p["head"], p["simam"]) == \
         (6e-3, 1e-4, 8, "two_layer", False)
     assert abs(lr_used(p) - 1.125e-3) < 1e-12 and p["batch_size"] == 96 and p["epochs"] == 100
-    expect = {  # spec svp-method.md 2.2: lr, wd, S, mixup, cutmix, seed, simam, head
+    expect = {  # the official script's values (docs/datasets.md, Presets): lr, wd, S, mixup, cutmix, seed, simam, head
         "cifar100": (5e-3, 1e-5, 12, 0.8, 1.0, 0, True, "linear"),
         "cifar10": (5e-3, 1e-4, 8, 0.8, 1.0, 0, True, "linear"),
         "dtd": (6.5e-3, 1e-4, 4, 0.8, 1.0, 3407, False, "linear"),

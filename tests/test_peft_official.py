@@ -1,5 +1,5 @@
 """Official SVP checkpoints: conversion to adapter directories and parity with an
-independent re-statement of the official forward (spec D1, D2, D5, D6, D7)."""
+independent re-statement of the official forward (docs/methods.md, notes D1, D2, D5, D6, D7)."""
 import json
 
 import pytest
@@ -19,7 +19,7 @@ IMG = 64  # 4 x 4 patches of 16 px: 17 tokens, class token at index 8
 
 def official_weights(variant, depth, S, hidden, num_classes, two_layer, seed):
     """Official-layout backbone + SVP tensors drawn by the shared fixture, shrunk to
-    ``depth`` layers and a 64-px grid; prompt_scale keeps the official 24 rows (D5)."""
+    ``depth`` layers and a 64-px grid; prompt_scale keeps the official 24 rows (docs/methods.md, note D5)."""
     shapes = vimref.backbone_shapes(variant, num_classes)
     dim = shapes["cls_token"][-1]
     shapes = {k: v for k, v in shapes.items()
@@ -36,7 +36,7 @@ def official_weights(variant, depth, S, hidden, num_classes, two_layer, seed):
 
 
 def official_reference(model, sd, x, depth, S, simam, two_layer):
-    """The official SVP forward restated from the spec, with its in-place semantics:
+    """The official SVP forward restated from docs/methods.md (notes D1, D2), with its in-place semantics:
     before layer l, the first half (before the class token) gets alpha*G^C + beta*G^I of
     itself; then the second half gets beta*G^I of itself plus alpha*G^C of the already
     updated first-half token at the same offset. Layer 0 works on the embedded tokens,

@@ -21,7 +21,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def ref64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """Straightforward float64 loop (the operator of spec 1.2), returns (out, last_state)."""
+    """Straightforward float64 loop (the Mamba selective-scan recurrence), returns (out, last_state)."""
     f = lambda t: None if t is None else t.double()  # noqa: E731
     u, delta, A, B, C, D, z, delta_bias = map(f, (u, delta, A, B, C, D, z, delta_bias))
     b, d, L = u.shape

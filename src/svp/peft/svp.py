@@ -7,14 +7,14 @@ the Inner prompter G^I_l(x) = SiLU(Up(Down(x))) (D -> r -> D, no activation betw
 one per layer), and element-wise factors alpha (per group) and beta (per layer),
 both zero-initialised so that an untrained SVP model is exactly the frozen backbone.
 
-Which stream (spec D2, as in the official code, in both modes): before layer 0 the
+Which stream (docs/methods.md, note D2; as in the official code, in both modes): before layer 0 the
 prompter reads and writes the embedded tokens; before layer l > 0 it reads and writes
 ``hidden`` = layer l-1's mixer output, which the next block then adds to the residual
 stream (so the prompt reaches the token representation through the residual add,
 and passes through that block's DropPath when DropPath is active).
 
 compat='paper' (default): each token's Cross prompt is computed from that token.
-compat='official' (spec D1): the first half (indices < cls_pos) is prompted as above;
+compat='official' (docs/methods.md, note D1): the first half (indices < cls_pos) is prompted as above;
 the second half's Cross prompt at index cls_pos+1+k is G^C of the *already prompted*
 first-half token k, as the official code computes it in place. It also defaults the
 backbone to train mode (DropPath active) while training, as the official recipe does.
@@ -146,7 +146,7 @@ class SVP(PeftMethod):
     # -- conversion to / from the official tensor names -----------------------------
     def to_official(self) -> dict:
         """This SVP's tensors under the official names (``prompt_scale`` padded to 24 rows as
-        the official code allocates it when depth < 24, spec D5)."""
+        the official code allocates it when depth < 24; docs/methods.md, note D5)."""
         if not (self.config.use_cross and self.config.use_inner):
             raise ValueError("only SVP with both Cross and Inner prompters has an official layout")
         out = {}
@@ -170,7 +170,7 @@ class SVP(PeftMethod):
         return out
 
     def load_official(self, tensors: dict, source: str = "<official checkpoint>"):
-        """Load official ``prompt_*`` tensors (see checkpoints-and-install.md section 5)."""
+        """Load official ``prompt_*`` tensors (the name mapping: docs/methods.md, "Importing official SVP checkpoints")."""
         if not (self.config.use_cross and self.config.use_inner):
             raise ValueError("official SVP checkpoints hold both Cross and Inner prompters")
         own = self._official_prompters()
@@ -184,7 +184,7 @@ class SVP(PeftMethod):
         scale, shared = tensors["prompt_scale"], tensors["prompt_shared_scale"]
         if scale.dim() != 2 or scale.shape[1] != self.dim or scale.shape[0] < self.depth:
             raise ValueError(f"{source}: prompt_scale has shape {tuple(scale.shape)}, expected "
-                             f"({max(24, self.depth)}, {self.dim}) (24 rows in the official code, D5)")
+                             f"({max(24, self.depth)}, {self.dim}) (the official code always allocates 24 rows; docs/methods.md, note D5)")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k])
