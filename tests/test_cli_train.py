@@ -67,7 +67,7 @@ def _read_run(run_dir):
 
 # ---------------------------------------------------------------- every method through the CLI
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_trains_through_the_cli(tmp_path, method, capsys):
+def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted_test_metrics):
     cfg = tiny_config(tmp_path, method={"settings": METHOD_SETTINGS})
     rc = svp_main(["train", "-c", cfg, "--method", method, "--name", "r", "train.max_steps=2"])
     assert rc == 0
@@ -87,7 +87,10 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys):
     assert len(metrics) == 1 and metrics[0]["step"] == 2 and res["steps"] == 2
     for k in ("train_loss", "lr", "val_top1", "images_per_s", "train_seconds"):
         assert k in metrics[0]
-    assert 0 <= res["final"]["test_top1"] <= 100 and res["final"]["test_samples"] == 8
+    assert res["final"]["test_samples"] == 8
+    top1, top5, loss = predicted_test_metrics(run / "last", 8)
+    assert (res["final"]["test_top1"], res["final"]["test_top5"]) == pytest.approx((top1, top5))
+    assert res["final"]["test_loss"] == pytest.approx(loss, rel=1e-4)
     assert res["val_selected"]["epoch"] == 1 and res["method"] == method
     assert res["trainable_params"] > res["trainable_params_without_head"]
     assert (res["trainable_params_without_head"] == 0) == (method == "linear")  # linear probe: head only
