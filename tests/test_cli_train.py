@@ -102,6 +102,7 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
 
 
 # ---------------------------------------------------------------- resume after kill -9
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     # mixup/cutmix, label smoothing, drop path, EMA and grad clipping all on: every RNG and state matters
     cfg = tiny_config(tmp_path, train={"epochs": 2, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1, "ema": True,
@@ -129,6 +130,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     assert svp_main(["train", "--resume", str(killed)]) == 2  # finished: nothing to resume
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resume_point(tmp_path):
     cfg = tiny_config(tmp_path, train={"epochs": 200}, data={"max_train_samples": 8})
     proc = subprocess.Popen([sys.executable, "-m", "svp", "train", "-c", cfg, "--name", "t"], env=_env(),
@@ -162,6 +164,7 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Same global batch (1 x 8 vs 2 x 4). Mixup and drop path off: with them on, each rank
     draws its own mixing/drop masks, which is correct but not comparable sample by sample.

@@ -7,6 +7,7 @@ import pytest
 from svp.cli import main
 
 
+@pytest.mark.slow
 def test_demo_smoke_prints_table_run_folders_and_figure(tmp_path, capsys, predicted_test_metrics):
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--epochs", "1", "--batch-size", "16", "--max-train-samples", "32",

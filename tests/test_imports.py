@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import svp
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(svp.__file__)))
@@ -131,6 +133,7 @@ _ISOLATED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_svp_module_imports_on_its_own():
     modules = package_modules(SRC)
     names = sorted(n for n in modules if n != "svp.__main__")  # importing __main__ runs the CLI

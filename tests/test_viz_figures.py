@@ -41,6 +41,7 @@ def check_png(path, width, height):
     assert a.std() > 5, f"{path} is blank"
 
 
+@pytest.mark.slow
 def test_visualize_two_models_with_box(tmp_path, image):
     frozen = tiny_vim(0)
     other = tiny_vim(0)
