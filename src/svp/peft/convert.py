@@ -13,9 +13,9 @@ import json
 import os
 from typing import Optional, Sequence
 
-import timm
 import torch
 
+from ..build import ModelSpec, build_model
 from ..models.loading import (CheckpointError, extract_state_dict, load_checkpoint_into, mismatch_lines,
                               read_checkpoint)
 from .base import get_peft_model
@@ -70,7 +70,9 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    # random parts are replaced by the checkpoint's backbone just below
+    model = build_model(ModelSpec(model_name, num_classes=num_classes, kwargs=dict(model_kwargs or {}),
+                                  random_init=True))
     dim = model.embed_dim
     _check_head(head, two_layer_head, num_classes, dim, source)
 

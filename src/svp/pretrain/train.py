@@ -61,10 +61,10 @@ def lr_at(step: int, total: int, args) -> float:
 
 
 def build_model(args, num_classes: int):
-    import timm
-    import svp  # noqa: F401  (registers the Vim models)
-    kwargs = dict(getattr(args, "model_kwargs", None) or {})
-    return timm.create_model(args.model, pretrained=False, num_classes=num_classes, **kwargs)
+    """The backbone to pre-train: random weights from the global RNG (seeded by the caller)."""
+    from ..build import ModelSpec, build_model as build
+    return build(ModelSpec(args.model, num_classes=num_classes, random_init=True,
+                           kwargs=dict(getattr(args, "model_kwargs", None) or {})))
 
 
 @torch.no_grad()
