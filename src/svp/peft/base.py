@@ -34,7 +34,8 @@ class PeftConfig:
     """Settings shared by every method.
 
     num_classes: size of the new head; None keeps the model's class count.
-    head: 'linear' (Linear D->C) or 'two_layer' (Linear D->D/2 -> Linear D/2->C, no activation; docs/methods.md, note D6).
+    head: 'linear' (Linear D->C) or 'two_layer' (Linear D->D/2 -> Linear D/2->C, no activation;
+        docs/methods.md, note D6).
     simam: apply parameter-free SimAM to the input image before the patch embedding (docs/methods.md, note D7).
     backbone_train_mode: whether the backbone's own stochastic layers (DropPath) run in training
         mode while the PeftModel trains. None = the method's default (False for every method

@@ -170,7 +170,8 @@ class SVP(PeftMethod):
         return out
 
     def load_official(self, tensors: dict, source: str = "<official checkpoint>"):
-        """Load official ``prompt_*`` tensors (the name mapping: docs/methods.md, "Importing official SVP checkpoints")."""
+        """Load official ``prompt_*`` tensors (the name mapping: docs/methods.md, "Importing official
+        SVP checkpoints")."""
         if not (self.config.use_cross and self.config.use_inner):
             raise ValueError("official SVP checkpoints hold both Cross and Inner prompters")
         own = self._official_prompters()
@@ -184,7 +185,8 @@ class SVP(PeftMethod):
         scale, shared = tensors["prompt_scale"], tensors["prompt_shared_scale"]
         if scale.dim() != 2 or scale.shape[1] != self.dim or scale.shape[0] < self.depth:
             raise ValueError(f"{source}: prompt_scale has shape {tuple(scale.shape)}, expected "
-                             f"({max(24, self.depth)}, {self.dim}) (the official code always allocates 24 rows; docs/methods.md, note D5)")
+                             f"({max(24, self.depth)}, {self.dim}) (the official code always allocates 24 rows; "
+                             f"docs/methods.md, note D5)")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k])
