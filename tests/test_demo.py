@@ -40,6 +40,7 @@ def test_demo_rejects_unknown_method(capsys):
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16",

@@ -543,6 +543,7 @@ def _hooks(monkeypatch, hooks):
     monkeypatch.setattr(loop, "hooks_for", lambda cfg: hooks)
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_on_resume_and_at_the_end(tmp_path, monkeypatch, capsys):
     from svp.engine.hooks import DebugHooks
     from svp.io import is_temp_name, temp_name
@@ -580,6 +581,7 @@ def _all_finite(path):
     return t and all(bool(v.float().isfinite().all()) for v in t.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_lr_1e6_stops_before_anything_nonfinite_is_saved(tmp_path, capsys):
     """The issue's probe: whatever breaks first (the gradients, here), the run stops at that
     step; the resume point, the dump and best/ hold finite numbers only, and the last resume
@@ -599,6 +601,7 @@ def test_lr_1e6_stops_before_anything_nonfinite_is_saved(tmp_path, capsys):
     assert "non-finite" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_weights_broken_by_a_step_with_finite_loss_are_caught_and_undone(tmp_path, capsys, monkeypatch):
     """The case the loss-only guard missed: the loss and the gradients of step 3 are finite,
     the weights after it are not. The step is undone: the dump holds the weights from before
@@ -629,6 +632,7 @@ def test_weights_broken_by_a_step_with_finite_loss_are_caught_and_undone(tmp_pat
         assert torch_equal(v, resume[f"s/model/{k}"]), k
 
 
+@pytest.mark.slow
 def test_diverged_run_resumes_with_a_lower_lr_exactly(tmp_path, capsys):
     """Warm-up epochs at 1e-3, then a rate of 1e20: epoch 3 breaks (exit 3). Resuming with
     train.lr=1e-3 continues from the kept end-of-epoch-2 point on the new schedule, finishes,
@@ -672,6 +676,7 @@ def test_resume_refuses_overrides_it_cannot_apply_exactly(tmp_path, capsys, mini
 # ---------------------------------------------------------------- signals, fatal errors, train.log
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypatch):
     import signal
 

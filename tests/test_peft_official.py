@@ -136,7 +136,7 @@ def test_conversion_errors_are_clear(tmp_path):
     torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("prompt_")}}, plain)
     with pytest.raises(RuntimeError, match="not an SVP checkpoint"):
         convert_official_svp(str(plain), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", **common)
-    assert svp_main(base + ["--shared-layers", "3", "--prompt-hidden", "64"]) == 1  # 3 does not divide 4
+    assert svp_main(base + ["--shared-layers", "3", "--prompt-hidden", "64"]) == 2  # 3 does not divide 4
     # a backbone file that differs from the backbone inside the SVP checkpoint is refused
     other = {k: v.clone() for k, v in sd.items() if not k.startswith(("prompt_", "head"))}
     other["norm_f.weight"] += 0.5

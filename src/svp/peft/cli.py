@@ -17,7 +17,7 @@ def _run(args) -> int:
             class_names=_read_class_names(args.class_names), model_kwargs=model_kwargs)
     except SVPError:
         raise  # one line and exit 2 from svp.cli.main
-    except (OSError, ValueError) as e:  # an unreadable file, tensors that do not fit
+    except (OSError, ValueError, RuntimeError) as e:  # an unreadable file, a checkpoint that does not fit
         raise ConfigError(str(e)) from None
     print(peft.trainable_report())
     print(f"wrote {args.out} (base model hash {peft.base_hash})")
