@@ -35,7 +35,10 @@ def nonfinite_names(named: Named, limit: int = 5) -> List[str]:
     items = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
     if not items:
         return []
-    flags = torch.stack([torch.isfinite(t).all().to(items[0][1].device) for _, t in items])
+    # one float64 sum per tensor: finite float32/16 values cannot overflow it, and any inf/NaN
+    # makes it non-finite (one kernel per tensor instead of isfinite + all)
+    sums = torch.stack([t.sum(dtype=torch.float64).to(items[0][1].device) for _, t in items])
+    flags = torch.isfinite(sums)
     if bool(flags.all()):
         return []
     bad = (~flags).nonzero().flatten().tolist()
@@ -80,8 +83,12 @@ class DivergenceGuard:
             if self._before is None:
                 self._before = {n: p.detach().clone() for n, p in weights}
             else:
-                for n, p in weights:
-                    self._before[n].copy_(p)
+                dst, src = [self._before[n] for n, _ in weights], [p for _, p in weights]
+                if hasattr(torch, "_foreach_copy_"):  # one fused call (torch >= 2.2)
+                    torch._foreach_copy_(dst, src)
+                else:  # pragma: no cover - older torch
+                    for d, q in zip(dst, src):
+                        d.copy_(q)
             old, self._opt_before = self._opt_before, {}
             for n, p in weights:
                 st = self.optimizer.state.get(p)
