@@ -49,3 +49,40 @@ def build_backbone(model_name: str, checkpoint: Optional[str] = None, pretrained
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
+                  checkpoint: Optional[str] = None) -> Dict[str, Any]:
+    """Which backbone to serve: ``--model``/``--checkpoint`` when given, else the first adapter's
+    ``backbone.json`` (written by ``svp train``), else its ``base_model_name``. Returns
+    {"model", "checkpoint", "pretrained", "kwargs", "init_seed", "recipe", "img_size"}."""
+    import json
+
+    from ..peft.io import read_adapter_config
+    from .model import check_adapter_dir
+
+    found: Dict[str, Any] = {}
+    names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith(".")) if os.path.isdir(adapters_dir) else []
+    for name in names:
+        try:
+            real = check_adapter_dir(adapters_dir, name)
+        except Exception:  # refused folders are reported when the adapters load
+            continue
+        path = os.path.join(real, "backbone.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f)
+            break
+        if not found:
+            found = {"model": read_adapter_config(real).get("base_model_name")}
+    model = model_name or found.get("model")
+    if not model:
+        raise ConfigError(f"{adapters_dir}: no adapter names its base model; pass --model (and --checkpoint)")
+    same = found.get("model") == model
+    kwargs = dict(found.get("kwargs") or {}) if same else {}
+    if same and found.get("img_size"):
+        kwargs.setdefault("img_size", found["img_size"])
+    return {"model": model, "checkpoint": checkpoint or (found.get("checkpoint") if same else None),
+            "pretrained": found.get("pretrained") if same and model != MINI else None,
+            "kwargs": kwargs, "init_seed": int(found.get("init_seed", 0)) if same else 0,
+            "recipe": found.get("recipe", "svp") if same else "svp"}
