@@ -50,3 +50,82 @@ def make_adapters(root, names=None, seed=0):
         method, settings = SPECS[name]
         make_adapter(os.path.join(root, name), method, settings, seed=seed + k)
     return root
+
+
+def png_bytes(size=40, seed=0, fmt="PNG") -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a daemon thread; ``stop()`` ends it."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                   lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout=60.0):
+        import time
+
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > timeout or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def stop(self, timeout=30.0):
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError("the test server did not stop")
+
+
+def http(method, url, body=None, headers=None, timeout=60.0):
+    """(status, parsed JSON or text) with urllib; never raises for 4xx/5xx."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, data, ctype = r.status, r.read(), r.headers.get("content-type", "")
+    except urllib.error.HTTPError as e:
+        status, data, ctype = e.code, e.read(), e.headers.get("content-type", "")
+    return status, (json.loads(data) if "json" in ctype else data.decode("utf-8", "replace"))
+
+
+def multipart(fields: dict, files: dict):
+    """(body, content-type) of a multipart/form-data request."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, (filename, data) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def predict(url, image: bytes, adapter: str, topk=5, timeout=60.0):
+    body, ctype = multipart({"adapter": adapter, "topk": topk}, {"image": ("x.png", image)})
+    return http("POST", url + "/v1/predict", body, {"Content-Type": ctype}, timeout)

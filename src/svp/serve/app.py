@@ -429,6 +429,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     from starlette.exceptions import HTTPException
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
     app.state.model = model
+    app.state.transform = transform
     app.state.metrics = metrics
     return app
 
