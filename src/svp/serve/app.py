@@ -54,6 +54,13 @@ class ServeConfig:
     max_pixels: int = 40_000_000     # decoded image limit (decompression bombs)
     max_topk: int = 100
     queue_limit: int = 1024          # requests waiting beyond this are refused with 503
+    # 'mixed': one batch for any mix of adapters; 'per_adapter': a collected batch is split into
+    # one pass per adapter (what serving each adapter as its own model gives; for comparison)
+    batching: str = "mixed"
+
+    def __post_init__(self):
+        if self.batching not in ("mixed", "per_adapter"):
+            raise ValueError(f"batching={self.batching!r}; expected 'mixed' or 'per_adapter'")
 
 
 # -- adapters folder -----------------------------------------------------------------------
@@ -191,20 +198,28 @@ class Batcher:
             live = [b for b in batch if not b[2].done()]  # a client that went away cancelled its future
             if not live:
                 continue
-            self.metrics["batch_size"].observe(len(live))
-            try:
-                results = await loop.run_in_executor(self.executor, self.run,
-                                                     [b[0] for b in live], [b[1] for b in live])
-            except Exception as e:  # a bug: every request of the batch gets it
-                _log.exception("batch of %d failed", len(live))
-                results = [e] * len(live)
-            for (_, _, fut), res in zip(live, results):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            if self.cfg.batching == "mixed":
+                groups = [live]
+            else:
+                groups = [[b for b in live if b[1] == n] for n in dict.fromkeys(b[1] for b in live)]
+            for group in groups:
+                await self._run_group(loop, group)
+
+    async def _run_group(self, loop, group):
+        self.metrics["batch_size"].observe(len(group))
+        try:
+            results = await loop.run_in_executor(self.executor, self.run,
+                                                 [b[0] for b in group], [b[1] for b in group])
+        except Exception as e:  # a bug: every request of the batch gets it
+            _log.exception("batch of %d failed", len(group))
+            results = [e] * len(group)
+        for (_, _, fut), res in zip(group, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
 
 
 def _run_batch(model: MultiAdapterModel):

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the most samples in one backbone pass")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image size limit")
+    p.add_argument("--batching", choices=("mixed", "per_adapter"), default="mixed",
+                   help="mixed: any mix of adapters in one batch; per_adapter: one pass per adapter (comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for inference (default: torch's)")
     p.set_defaults(func=run)
 
@@ -64,7 +66,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
-                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels)
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
     app, report = build_app(args.adapters, args.model, args.checkpoint, cfg)
     for name, why in report["refused"].items():
         print(f"svp serve: refused adapter {name}: {why}", file=sys.stderr)
