@@ -174,6 +174,7 @@ class MultiAdapterModel(nn.Module):
             p.requires_grad_(False)
         self.backbone = backbone.eval()
         self.base_hash = base_weights_hash(backbone)
+        self._params = dict(backbone.named_parameters())
         # A hook-free twin to copy shadows from (shadows of the hooked backbone would copy the hooks).
         self._template = shadow(backbone)
         self.adapters: Dict[str, Adapter] = {}
@@ -219,7 +220,7 @@ class MultiAdapterModel(nn.Module):
         layout = ("vpt", int(peft.config.num_tokens), peft.config.placement) if kind.startswith("vpt") else ("base",)
         e = Adapter(name, directory, peft, info, layout=layout,
                     prepares_input=bool(peft.config.simam) or kind == "visual_prompt")
-        master = dict(self.backbone.named_parameters())
+        master = self._params
         if kind == "lora":
             for path, lin in method._targets:
                 param = lin.parametrizations.weight[0]
@@ -370,8 +371,7 @@ class MultiAdapterModel(nn.Module):
                 plan.patch.append((rows, e.patch_bias))
             for pname, bias in e.conv_bias.items():
                 if pname not in plan.overrides:
-                    base = dict(vim.named_parameters())[pname]
-                    plan.overrides[pname] = base.detach().view(1, 1, -1).repeat(x.shape[0], 1, 1)
+                    plan.overrides[pname] = self._params[pname].detach().view(1, 1, -1).repeat(x.shape[0], 1, 1)
                 plan.overrides[pname][rows] = bias.to(plan.overrides[pname].dtype).view(1, 1, -1)
         self._plan = plan
         try:
