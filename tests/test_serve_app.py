@@ -186,8 +186,7 @@ def test_reload_adds_removes_and_refuses(server, tmp_path):
     assert H.predict(server.url, H.png_bytes(40), "new_one")[0] == 404
     # refused: other base weights, a symlink out of the folder, a pickle file
     import svp.peft as peft
-    from svp.serve import build_backbone
-    other = build_backbone(H.MINI, pretrained=False)
+    other = H.mini_backbone(random_init=True)
     peft.get_peft_model(other, peft.make_config("linear", num_classes=3)).save(root / "other_hash")
     os.symlink(os.path.join(server.src, "svp_official"), root / "link_out")
     shutil.copytree(os.path.join(server.src, "svp_official"), root / "pickled")

@@ -63,7 +63,7 @@ def test_unknown_adapter_and_wrong_hash_are_refused(adapters, tmp_path):
     with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
         model(torch.randn(1, 3, 32, 32), ["nope"])
     import svp.peft as peft
-    other = svp.serve.build_backbone(H.MINI, pretrained=False)  # random weights: another hash
+    other = H.mini_backbone(random_init=True)  # random weights: another hash
     peft.get_peft_model(other, peft.make_config("linear", num_classes=3)).save(tmp_path / "x")
     with pytest.raises(AdapterError, match="weight hash"):
         model.add_adapter("x", str(tmp_path / "x"))

@@ -484,15 +484,15 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
     from .backbone import backbone_spec, build_backbone
 
     spec = backbone_spec(adapters_dir, model_name, checkpoint)
-    vim = build_backbone(spec["model"], spec["checkpoint"], spec["pretrained"], spec["kwargs"], spec["init_seed"])
+    vim = build_backbone(spec)
     pcfg = getattr(vim, "pretrained_cfg", None) or {}
     mean = tuple(pcfg.get("mean") or (0.485, 0.456, 0.406))
     std = tuple(pcfg.get("std") or (0.229, 0.224, 0.225))
     img_size = int(vim.patch_embed.img_size[0])
-    transform = build_transform(spec["recipe"], False, img_size=img_size, mean=mean, std=std)
+    transform = build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std)
     model = MultiAdapterModel(vim)
     stamps: Dict[str, tuple] = {}
     report = sync_adapters(model, adapters_dir, stamps)
-    report["backbone"] = spec
+    report["backbone"] = {"model": spec.model, "checkpoint": spec.checkpoint, "weights": spec.weights}
     app = create_app(model, adapters_dir, transform, cfg, mean=mean, std=std, stamps=stamps)
     return app, report
