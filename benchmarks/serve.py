@@ -200,6 +200,37 @@ def probe(kind, adapters_dir, threads):
     print(json.dumps(out))
 
 
+def model_cpu(adapters_dir, threads, reps=5):
+    """In-process CPU ms of the model alone (no HTTP) for 16 samples over the 8 adapters:
+    one mixed batch, one batch per adapter, one sample at a time; and the frozen backbone."""
+    import torch
+
+    from svp.serve import MultiAdapterModel
+
+    torch.set_num_threads(threads)
+    m = MultiAdapterModel(H.mini_backbone())
+    for n in MIXED8:
+        m.add_adapter(n, os.path.join(adapters_dir, n))
+    x = torch.randn(16, 3, 32, 32)
+    names = [MIXED8[i % 8] for i in range(16)]
+    cases = {
+        "mixed batch of 16": lambda: m(x, names),
+        "8 per-adapter batches of 2": lambda: [m(x[2 * k:2 * k + 2], [n, n]) for k, n in enumerate(MIXED8)],
+        "16 batches of 1": lambda: [m(x[i:i + 1], [names[i]]) for i in range(16)],
+        "frozen backbone, batch of 16": lambda: m.backbone(x),
+        "frozen backbone, 16 batches of 1": lambda: [m.backbone(x[i:i + 1]) for i in range(16)],
+    }
+    out = {}
+    with torch.no_grad():
+        for k, f in cases.items():
+            f()
+            c0 = time.process_time()
+            for _ in range(reps):
+                f()
+            out[k] = 1000 * (time.process_time() - c0) / reps
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=480)
@@ -222,6 +253,11 @@ def main(argv=None):
             method, settings = H.SPECS["svp"]
             H.make_adapter(os.path.join(extra, f"svp{i}"), method, settings, seed=100 + i)
         images = [H.png_bytes(32, seed=i) for i in range(8)]
+        cpu = model_cpu(served, args.threads)
+        print("model alone, CPU ms for 16 samples (in this process, torch threads "
+              f"{args.threads}; load {loadavg()}):")
+        for k, v in cpu.items():
+            print(f"  {k}: {v:.0f} ms ({v / 16:.1f} ms/sample)")
         print(f"# svp serve load test: mini Vim + 8 adapters ({', '.join(MIXED8)}), {args.clients} clients, "
               f"{args.requests} requests, server torch threads {args.threads}, --max-batch {args.max_batch}, "
               f"{os.cpu_count()} CPUs")

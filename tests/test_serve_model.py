@@ -92,3 +92,22 @@ def test_adapter_folders_that_leave_the_root_or_hold_pickles_are_refused(adapter
     torch.save({"a": torch.zeros(1)}, root / "pickled" / "extra.pt")
     with pytest.raises(AdapterError, match="pickle"):
         check_adapter_dir(str(root), "pickled")
+
+
+def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
+    import json
+    import shutil
+
+    from svp.build import ModelSpec
+    from svp.errors import ConfigError
+    from svp.serve import backbone_spec
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(adapters, "lora"), root / "a")
+    assert backbone_spec(str(root)).model == H.MINI and backbone_spec(str(root)).weights == "bundled"
+    # svp train writes backbone.json beside the adapter: its settings win over base_model_name
+    (root / "a" / "backbone.json").write_text(json.dumps(ModelSpec(H.MINI, img_size=32, extra={"recipe": "plain"}).to_dict()))
+    spec = backbone_spec(str(root))
+    assert spec.img_size == 32 and spec.extra["recipe"] == "plain" and spec.num_classes is None
+    assert backbone_spec(str(root), model_name="vim_tiny_patch16_224", checkpoint="x.pth").checkpoint == "x.pth"
+    with pytest.raises(ConfigError, match="--model"):
+        backbone_spec(str(tmp_path / "empty"))
