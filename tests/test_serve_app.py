@@ -114,6 +114,7 @@ def _bomb_png():
     ("topk zero", 400, "out of range"),
     ("topk huge", 400, "out of range"),
     ("topk text", 400, "not an integer"),
+    ("topk fraction", 400, "not an integer"),
     ("no image field", 400, "'image'"),
     ("malformed json", 400, "malformed"),
     ("bad base64", 400, "base64"),
@@ -136,6 +137,9 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case
         got = H.predict(server.url, _bomb_png(), "svp")
     elif case == "unknown adapter":
         got = H.predict(server.url, img, "nope")
+    elif case == "topk fraction":
+        got = H.http("POST", url, json.dumps({"image": base64.b64encode(img).decode(), "adapter": "svp",
+                                              "topk": 2.5}).encode(), jhead)
     elif case.startswith("topk"):
         got = H.predict(server.url, img, "svp", topk={"topk zero": 0, "topk huge": 1000, "topk text": "abc"}[case])
     elif case == "no image field":
@@ -224,3 +228,14 @@ def test_metrics_health_page_and_gate_maps(server):
     png = base64.b64decode(out["maps"]["update"].split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert H.http("GET", server.url + "/nothing/here")[0] == 404
+
+
+def test_a_corrupt_adapter_file_is_refused_by_reload_not_a_crash(server):
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "corrupt")
+    (server.root / "corrupt" / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422 and list(body["refused"]) == ["corrupt"], body
+    finally:
+        shutil.rmtree(server.root / "corrupt")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200

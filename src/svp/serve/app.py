@@ -94,8 +94,8 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple])
             model.add_adapter(name, real)
             stamps[name] = stamp
             report["loaded"].append(name)
-        except (SVPError, OSError, ValueError) as e:
-            report["refused"][name] = str(e)
+        except Exception as e:  # any folder that cannot be served is refused, never the reload itself
+            report["refused"][name] = str(e) if isinstance(e, (SVPError, OSError)) else f"{type(e).__name__}: {e}"
             if name in model.adapters:  # a broken replacement must not keep serving stale weights
                 model.remove_adapter(name)
                 stamps.pop(name, None)
@@ -367,7 +367,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             raise RequestError(f"unknown adapter {adapter!r}; loaded: {sorted(model.adapters)}", 404)
         if want_topk:
             try:
-                if isinstance(topk, bool):
+                if isinstance(topk, bool) or (isinstance(topk, float) and not topk.is_integer()):
                     raise ValueError
                 topk = int(topk)
             except (TypeError, ValueError):
