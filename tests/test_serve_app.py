@@ -239,3 +239,23 @@ def test_a_corrupt_adapter_file_is_refused_by_reload_not_a_crash(server):
     finally:
         shutil.rmtree(server.root / "corrupt")
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, monkeypatch):
+    model = server.app.state.model
+    method = model.adapters["svp"].peft.method
+
+    def broken(*a, **k):
+        raise ValueError("svp adapter cannot run this input (simulated)")
+    monkeypatch.setattr(method, "hook", broken)
+    results = {}
+
+    def go(name):
+        results[name] = H.predict(server.url, H.png_bytes(40), name, topk=1)
+    ts = [threading.Thread(target=go, args=(n,)) for n in ("svp", "lora", "linear2")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert results["svp"][0] == 422 and "simulated" in results["svp"][1]["error"]
+    assert results["lora"][0] == 200 and results["linear2"][0] == 200

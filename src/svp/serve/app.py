@@ -235,10 +235,22 @@ def _run_batch(model: MultiAdapterModel):
         # An adapter removed by a reload after the request was accepted fails that request only.
         ok = [i for i, n in enumerate(names) if n in model.adapters]
         out: List[object] = [RequestError(f"adapter {n!r} was removed", 404) for n in names]
-        if ok:
-            logits = model(torch.stack([xs[i] for i in ok]), [names[i] for i in ok])
-            for i, lg in zip(ok, logits):
+        if not ok:
+            return out
+        try:
+            for i, lg in zip(ok, model(torch.stack([xs[i] for i in ok]), [names[i] for i in ok])):
                 out[i] = lg
+        except Exception:
+            # One adapter that cannot run these inputs must not fail the others: rerun per adapter.
+            _log.exception("mixed batch failed; running its adapters one by one")
+            for name in dict.fromkeys(names[i] for i in ok):
+                mine = [i for i in ok if names[i] == name]
+                try:
+                    for i, lg in zip(mine, model(torch.stack([xs[i] for i in mine]), [name] * len(mine))):
+                        out[i] = lg
+                except Exception as e:
+                    for i in mine:
+                        out[i] = e
         return out
     return run
 
@@ -383,8 +395,11 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                     return await fn(request)
                 except RequestError as e:
                     return error(endpoint, e.status, str(e))
-                except SVPError as e:
+                except (SVPError, ValueError) as e:  # the adapter cannot run this input
                     return error(endpoint, 422, str(e))
+                except Exception as e:  # a bug: still one JSON answer, and the server keeps serving
+                    _log.exception("%s failed", endpoint)
+                    return error(endpoint, 500, f"internal error: {type(e).__name__}: {e}")
             return handler
         return wrap
 
