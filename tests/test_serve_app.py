@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
-pytest.importorskip("multipart")
+pytest.importorskip("python_multipart")
 
 import serve_helpers as H  # noqa: E402
 from svp.serve.app import ServeConfig, build_app, decode_image  # noqa: E402

@@ -28,11 +28,11 @@ def _env():
     return env
 
 
-def test_serve_without_adapters_folder_is_one_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "svp", "serve", "--adapters", str(tmp_path / "missing")],
-                       capture_output=True, text=True, env=_env(), timeout=120)
-    assert r.returncode == 2
-    assert "missing" in r.stderr and "Traceback" not in r.stderr
+def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
+    from svp.cli import main
+    assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

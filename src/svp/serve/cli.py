@@ -54,7 +54,7 @@ def run(args) -> int:
         import uvicorn  # noqa: F401
         import starlette  # noqa: F401
         import prometheus_client  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"svp serve needs the 'serve' extra ({e.name} is missing): "
                           f"pip install 'svp-vim[serve]'") from None
