@@ -204,6 +204,14 @@ def _fmt(v, spec=".2f"):
     return "-" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
 
 
+def _note(lines, row, keys, blanks):
+    """A table row saying why ``row`` has no numbers (skipped / error); False if it has them."""
+    note = row.get("skipped") or row.get("error")
+    if note:
+        lines.append("| " + " | ".join(map(str, keys)) + f" | {note} |" + " |" * blanks)
+    return bool(note)
+
+
 def markdown(res):
     env = res["env"]
     lines = [f"# gpu_check ({'DRY RUN: CPU interpreter, numbers meaningless' if res['dry_run'] else env['device']})",
@@ -218,9 +226,7 @@ def markdown(res):
               "| shape | batch | dtype | backend | fwd | fwd bound | fwd / bound | fwd+bwd | fwd+bwd bound | "
               "fwd+bwd / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("b", []):
-        note = r.get("skipped") or r.get("error")
-        if note:
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['backend']} | {note} | | | | | |")
+        if _note(lines, r, (r['shape'], r['batch'], r['dtype'], r['backend']), 6):
             continue
         lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'], '.3f')} | "
                      f"{_fmt(r['bound_fwd_ms'], '.3f')} | {_fmt(r['fwd_x_bound'])}x | {_fmt(r['fwdbwd_ms'], '.3f')} | "
@@ -229,9 +235,7 @@ def markdown(res):
               "| model | batch | backend | train img/s | train peak GiB | infer img/s | infer peak GiB | steps |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res.get("c", []):
-        note = r.get("skipped") or r.get("error")
-        if note:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {note} | | | | |")
+        if _note(lines, r, (r['model'], r['batch'], r['backend']), 5):
             continue
         lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {_fmt(r['train_img_s'], '.1f')} | "
                      f"{_fmt(r.get('train_peak_GiB'))} | {_fmt(r['infer_img_s'], '.1f')} | "

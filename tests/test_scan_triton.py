@@ -152,3 +152,24 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
     assert (l_tri - l_cpu).abs().max() <= 1e-4 * l_cpu.abs().max()
     for k in g_cpu:
         assert (g_tri[k] - g_cpu[k]).abs().max() <= 1e-3 * g_cpu[k].abs().max().clamp_min(1e-12), k
+
+
+def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
+    """The interpreter does not type-check like the compiler does: compile both kernels for
+    sm_90 (bf16 inputs, every option on) to PTX and a cubin, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    from svp.ops import scan_triton as st
+    monkeypatch.delenv("TRITON_INTERPRET")
+    consts = dict(N=16, BLOCK_D=64, BLOCK_N=16, K=st.CHUNK, HAS_Z=True, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True,
+                  REVERSE=True, STAGES=st.STAGES)
+    bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
+    for fn, extra in ((st._fwd, {}), (st._bwd, {"HAS_GLAST": True})):
+        jf = JITFunction(fn)
+        c = dict(consts, **extra)
+        sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
+               for a in jf.arg_names}
+        k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=st._warps(64, 16)))
+        assert "cubin" in k.asm and "atom" not in k.asm["ptx"]   # deterministic: no atomics

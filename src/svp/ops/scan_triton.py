@@ -27,14 +27,22 @@ import torch
 
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from ..errors import BackendError
 from .scan_ref import scan_groups, sum_to_groups
 
 CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
 MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
+STAGES = 2           # tl.range pipelining of the time loops (the backward's scratch tile loads)
 _TILE = 2048         # BLOCK_D * BLOCK_N: 16 float32 per thread at 4 warps
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _device_fn(fn):
+    """A Triton device function, compiled or interpreted as the calling kernel is. Not
+    triton.jit: that decides once, at import, from TRITON_INTERPRET (see _library_interpreted)."""
+    return JITFunction(fn)
 
 
 def interpreting() -> bool:
@@ -45,81 +53,22 @@ def version() -> str:
     return triton.__version__
 
 
-def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr,
-         L, d, dg, nblk, rB, rC,
-         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
-         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
-         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
-         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         REVERSE: tl.constexpr):
-    bi = tl.program_id(0).to(tl.int64)
-    pid = tl.program_id(1)
-    gi = pid // nblk
-    cl = (pid % nblk) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cm = cl < dg
-    c = gi * dg + cl
-    n = tl.arange(0, BLOCK_N)
-    nm = n < N
-    m2 = cm[:, None] & nm[None, :]
-    A = tl.load(A_ptr + c[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    else:
-        Dv = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), tl.float32)
-    u_row = u_ptr + bi * su_b + c * su_d
-    dl_row = dl_ptr + bi * sd_b + c * sd_d
-    z_row = z_ptr + bi * sz_b + c * sz_d
-    o_row = out_ptr + bi * so_b + c * so_d
-    B_row = B_ptr + bi * sB_b + (gi // rB) * sB_g + n * sB_n
-    C_row = C_ptr + bi * sC_b + (gi // rC) * sC_g + n * sC_n
-    nchunk = tl.cdiv(L, K)
-    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
-    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for k in range(0, nchunk):
-        tl.store(hs_tile + k * d * N, h, mask=m2)
-        for j in range(0, tl.minimum(K, L - k * K)):
-            s = k * K + j
-            live = s < L
-            if REVERSE:
-                t = L - 1 - s
-            else:
-                t = s
-            mc = cm & live
-            uv = tl.load(u_row + t * su_l, mask=mc, other=0.0).to(tl.float32)
-            x = tl.load(dl_row + t * sd_l, mask=mc, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                ex = tl.exp(-tl.abs(x))
-                w = 1.0 + ex
-                x = tl.maximum(x, 0.0) + tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-            dt = tl.where(mc, x, 0.0)
-            Bv = tl.load(B_row + t * sB_l, mask=nm & live, other=0.0).to(tl.float32)
-            Cv = tl.load(C_row + t * sC_l, mask=nm & live, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]
-            y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
-            if HAS_Z:
-                zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0).to(tl.float32)
-                y = y * zv / (1.0 + tl.exp(-zv))
-            tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=mc)
-    tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
+@_device_fn
+def _softplus(x):
+    ex = tl.exp(-tl.abs(x))
+    w = 1.0 + ex
+    return tl.maximum(x, 0.0) + tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))   # log1p(ex), exact for tiny ex
 
 
-def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
-         du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, scr_ptr,
-         L, d, dg, nblk, rB, rC,
-         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
-         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, sg_b, sg_d, sg_l,
-         so_b, so_d, so_l,
-         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
-         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr):
-    # du, ddelta, dz share one layout (strides so_*)
+@_device_fn
+def _program_rows(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+                  su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+                  N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's channels (batch row, group gi, block blk), A/D/bias for them, and the
+    row pointers of u, delta, z, B, C at time 0."""
     bi = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    G = tl.num_programs(1) // nblk
     gi = pid // nblk
     blk = pid % nblk
     cl = blk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -140,12 +89,97 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
     u_row = u_ptr + bi * su_b + c * su_d
     dl_row = dl_ptr + bi * sd_b + c * sd_d
     z_row = z_ptr + bi * sz_b + c * sz_d
+    B_row = B_ptr + bi * sB_b + (gi // rB) * sB_g + n * sB_n
+    C_row = C_ptr + bi * sC_b + (gi // rC) * sC_g + n * sC_n
+    return bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row
+
+
+@_device_fn
+def _load_step(u_row, dl_row, z_row, B_row, C_row, t, ok, cm, nm, su_l, sd_l, sz_l, sB_l, sC_l,
+               HAS_Z: tl.constexpr):
+    """u, delta, B, C, z of time step t (in their own dtypes; zeros where not ``ok``)."""
+    mc = cm & ok
+    uv = tl.load(u_row + t * su_l, mask=mc, other=0.0)
+    x = tl.load(dl_row + t * sd_l, mask=mc, other=0.0)
+    Bv = tl.load(B_row + t * sB_l, mask=nm & ok, other=0.0)
+    Cv = tl.load(C_row + t * sC_l, mask=nm & ok, other=0.0)
+    if HAS_Z:
+        zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0)
+    else:
+        zv = uv
+    return uv, x, Bv, Cv, zv
+
+
+def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr,
+         L, d, dg, nblk, rB, rC,
+         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
+         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         REVERSE: tl.constexpr, STAGES: tl.constexpr):
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    o_row = out_ptr + bi * so_b + c * so_d
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    # each step's inputs are loaded one step ahead so that their latency overlaps the
+    # current step's arithmetic (Triton's pipeliner leaves these small vectors alone)
+    if REVERSE:
+        t = L - 1
+    else:
+        t = 0
+    un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, L > 0, cm, nm,
+                                    su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+    for k in range(0, nchunk):
+        tl.store(hs_tile + k * d * N, h, mask=m2)
+        for j in tl.range(0, tl.minimum(K, L - k * K), num_stages=STAGES):
+            s = k * K + j
+            if REVERSE:
+                t = L - 1 - s
+                tn = t - 1
+            else:
+                t = s
+                tn = t + 1
+            uv = un.to(tl.float32)
+            x = xn.to(tl.float32) + bias
+            Bv = Bn.to(tl.float32)
+            Cv = Cn.to(tl.float32)
+            zv = zn.to(tl.float32)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, s + 1 < L, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            if SOFTPLUS:
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
+            h = tl.exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]
+            y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
+            if HAS_Z:
+                y = y * zv / (1.0 + tl.exp(-zv))
+            tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=cm)
+    tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
+
+
+def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
+         du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, scr_ptr,
+         L, d, dg, nblk, rB, rC,
+         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, sg_b, sg_d, sg_l,
+         so_b, so_d, so_l,
+         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
+    # du, ddelta, dz share one layout (strides so_*)
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    G = tl.num_programs(1) // nblk
     g_row = go_ptr + bi * sg_b + c * sg_d
     du_row = du_ptr + bi * so_b + c * so_d
     ddl_row = ddl_ptr + bi * so_b + c * so_d
     dz_row = dz_ptr + bi * so_b + c * so_d
-    B_row = B_ptr + bi * sB_b + (gi // rB) * sB_g + n * sB_n
-    C_row = C_ptr + bi * sC_b + (gi // rC) * sC_g + n * sC_n
     # dB/dC partials: (b, G, nblk, L, N) contiguous
     part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
     partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
@@ -162,69 +196,85 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
     db_acc = tl.zeros((BLOCK_D,), tl.float32)
     for kk in range(0, nchunk):
         k = nchunk - 1 - kk
+        s0 = k * K
+        kn = tl.minimum(K, L - s0)
         h = tl.load(hs_tile + k * d * N, mask=m2, other=0.0)
-        # recompute the chunk's states (scratch[j] = state before step j), dz and dC
-        for j in range(0, tl.minimum(K, L - k * K)):
-            s = k * K + j
-            live = s < L
+        # recompute the chunk's states (scratch[j] = state before step j), dz and dC;
+        # inputs are loaded one step ahead (see _fwd)
+        if REVERSE:
+            t = L - 1 - s0
+        else:
+            t = s0
+        un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, True, cm, nm,
+                                        su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+        gn = tl.load(g_row + t * sg_l, mask=cm, other=0.0)
+        for j in tl.range(0, kn, num_stages=STAGES):
             if REVERSE:
-                t = L - 1 - s
+                t = L - 1 - s0 - j
+                tn = t - 1
             else:
-                t = s
-            mc = cm & live
+                t = s0 + j
+                tn = t + 1
+            uv = un.to(tl.float32)
+            x = xn.to(tl.float32) + bias
+            Bv = Bn.to(tl.float32)
+            Cv = Cn.to(tl.float32)
+            zv = zn.to(tl.float32)
+            gv = gn.to(tl.float32)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j + 1 < kn, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            gn = tl.load(g_row + tn * sg_l, mask=cm & (j + 1 < kn), other=0.0)
             tl.store(scr + j * BLOCK_D * BLOCK_N, h)
-            uv = tl.load(u_row + t * su_l, mask=mc, other=0.0).to(tl.float32)
-            x = tl.load(dl_row + t * sd_l, mask=mc, other=0.0).to(tl.float32) + bias
             if SOFTPLUS:
-                ex = tl.exp(-tl.abs(x))
-                w = 1.0 + ex
-                x = tl.maximum(x, 0.0) + tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-            dt = tl.where(mc, x, 0.0)
-            Bv = tl.load(B_row + t * sB_l, mask=nm & live, other=0.0).to(tl.float32)
-            Cv = tl.load(C_row + t * sC_l, mask=nm & live, other=0.0).to(tl.float32)
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
             h = tl.exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]
-            gv = tl.load(g_row + t * sg_l, mask=mc, other=0.0).to(tl.float32)
             if HAS_Z:
-                zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0).to(tl.float32)
                 sg = 1.0 / (1.0 + tl.exp(-zv))
                 y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
                 tl.store(dz_row + t * so_l, (gv * y * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
-                         mask=mc)
+                         mask=cm)
                 gv = gv * zv * sg
             dD_acc += gv * uv
-            tl.store(partC + t * N, tl.sum(gv[:, None] * h, axis=0), mask=nm & live)
+            tl.store(partC + t * N, tl.sum(gv[:, None] * h, axis=0), mask=nm)
         tl.debug_barrier()  # scratch written by other threads of this program
-        # reverse-time recurrence over the chunk; lam = dL/dh_t
-        kn = tl.minimum(K, L - k * K)
-        for jj in range(0, kn):
+        # reverse-time recurrence over the chunk; lam = dL/dh_t; inputs loaded one step ahead
+        if REVERSE:
+            t = L - s0 - kn
+        else:
+            t = s0 + kn - 1
+        un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, True, cm, nm,
+                                        su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+        gn = tl.load(g_row + t * sg_l, mask=cm, other=0.0)
+        for jj in tl.range(0, kn, num_stages=STAGES):
             j = kn - 1 - jj
-            s = k * K + j
-            live = s < L
             if REVERSE:
-                t = L - 1 - s
+                t = L - 1 - s0 - j
+                tn = t + 1
             else:
-                t = s
-            mc = cm & live
+                t = s0 + j
+                tn = t - 1
+            uv = un.to(tl.float32)
+            xr = xn.to(tl.float32) + bias
+            Bv = Bn.to(tl.float32)
+            Cv = Cn.to(tl.float32)
+            zv = zn.to(tl.float32)
+            gv = gn.to(tl.float32)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j > 0, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            gn = tl.load(g_row + tn * sg_l, mask=cm & (j > 0), other=0.0)
             hp = tl.load(scr + j * BLOCK_D * BLOCK_N)
-            uv = tl.load(u_row + t * su_l, mask=mc, other=0.0).to(tl.float32)
-            xr = tl.load(dl_row + t * sd_l, mask=mc, other=0.0).to(tl.float32) + bias
             x = xr
             if SOFTPLUS:
-                ex = tl.exp(-tl.abs(x))
-                w = 1.0 + ex
-                x = tl.maximum(x, 0.0) + tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))
-            dt = tl.where(mc, x, 0.0)
-            Bv = tl.load(B_row + t * sB_l, mask=nm & live, other=0.0).to(tl.float32)
-            Cv = tl.load(C_row + t * sC_l, mask=nm & live, other=0.0).to(tl.float32)
-            gv = tl.load(g_row + t * sg_l, mask=mc, other=0.0).to(tl.float32)
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
             if HAS_Z:
-                zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0).to(tl.float32)
                 gv = gv * zv / (1.0 + tl.exp(-zv))
             e = tl.exp(dt[:, None] * A)
             lam = lam + gv[:, None] * Cv[None, :]
             q = lam * hp * e                     # dL/d(delta*A), per state
             dtu = dt * uv
-            tl.store(part + t * N, tl.sum(lam * dtu[:, None], axis=0), mask=nm & live)
+            tl.store(part + t * N, tl.sum(lam * dtu[:, None], axis=0), mask=nm)
             s1 = tl.sum(lam * Bv[None, :], axis=1)
             s2 = tl.sum(q * A, axis=1)
             dA_acc += q * dt[:, None]
@@ -232,10 +282,10 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             ddt = s2 + s1 * uv
             if SOFTPLUS:
                 ddt = ddt / (1.0 + tl.exp(-xr))
-            ddt = tl.where(mc, ddt, 0.0)
+            ddt = tl.where(cm, ddt, 0.0)
             db_acc += ddt
-            tl.store(du_row + t * so_l, (gv * Dv + s1 * dt).to(du_ptr.dtype.element_ty), mask=mc)
-            tl.store(ddl_row + t * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=mc)
+            tl.store(du_row + t * so_l, (gv * Dv + s1 * dt).to(du_ptr.dtype.element_ty), mask=cm)
+            tl.store(ddl_row + t * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=cm)
         tl.debug_barrier()  # before the next chunk overwrites the scratch
     tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
     tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
@@ -254,7 +304,7 @@ def _kernels():
             from triton.runtime.interpreter import InterpretedFunction
             _jitted[interp] = (InterpretedFunction(_fwd), InterpretedFunction(_bwd))
         else:
-            _jitted[interp] = (triton.jit(_fwd), triton.jit(_bwd))
+            _jitted[interp] = (JITFunction(_fwd), JITFunction(_bwd))
     return _jitted[interp]
 
 
@@ -266,7 +316,6 @@ class _library_interpreted:
 
     def __enter__(self):
         from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
         self.cls, self.old = JITFunction, JITFunction.__dict__.get("__call__")
         cache: dict = {}
 
@@ -304,6 +353,9 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
         if x.dtype not in DTYPES:
             raise BackendError(f"the 'triton' scan backend takes float32, bfloat16 or float16 tensors; "
                                f"{name} is {x.dtype} (use the 'torch' or 'cpu' backend for it)")
+        if x.device != u.device:
+            raise BackendError(f"the 'triton' scan backend needs every tensor on one device; u is on {u.device}, "
+                               f"{name} on {x.device}")
         if x.device.type != "cuda" and not interpreting():
             raise BackendError(f"the 'triton' scan backend runs on CUDA tensors ({name} is on {x.device}); "
                                f"set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter")
@@ -357,7 +409,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             *_strides(out),
             N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-            num_warps=_warps(BD, BN))
+            STAGES=STAGES, num_warps=_warps(BD, BN))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
         ctx.cfg = (bool(delta_softplus), bool(reverse), K)
         return out, last
@@ -395,7 +447,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             *_strides(dout), *_strides(du),
             N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
-            num_warps=_warps(BD, BN))
+            STAGES=STAGES, num_warps=_warps(BD, BN))
         need = ctx.needs_input_grad
 
         def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
