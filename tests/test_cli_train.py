@@ -24,7 +24,7 @@ METHOD_SETTINGS = {"visual_prompt": {"pad": 4}, "vpt_shallow": {"num_tokens": 2}
 
 def tiny_config(tmp_path, name="tiny.yaml", **sections):
     cfg = {
-        "model": {"name": "vim_tiny_patch16_224", "drop_path_rate": 0.1,
+        "model": {"name": "vim_tiny_patch16_224", "drop_path_rate": 0.1, "random_init": True,
                   "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
         "data": {"dataset": "digits", "img_size": 32, "recipe": "svp", "max_train_samples": 12,
                  "max_eval_samples": 8},
@@ -311,7 +311,7 @@ def test_backbone_from_an_official_style_checkpoint(tmp_path, capsys):
 # ---------------------------------------------------------------- Python API
 def test_python_api_takes_a_partial_config(tmp_path):
     from svp.engine import train
-    res = train({"model": {"name": "vim_tiny_patch16_224",
+    res = train({"model": {"name": "vim_tiny_patch16_224", "random_init": True,
                            "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
                  "data": {"dataset": "faces", "max_train_samples": 8, "max_eval_samples": 4},
                  "method": {"name": "bitfit"},

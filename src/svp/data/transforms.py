@@ -24,8 +24,7 @@ from typing import Optional, Sequence
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 
 RECIPES = ("svp", "vtab", "plain")
 

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -321,7 +322,7 @@ def _cfg(hub_repo, filename, **kwargs):
         "hf_hub_id": hub_repo, "hf_hub_filename": filename, "custom_load": "hf",
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
         **kwargs,
     }

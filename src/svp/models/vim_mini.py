@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .vim import VisionMamba, checkpoint_filter_fn
@@ -22,7 +23,7 @@ MINI_ARCH = dict(img_size=32, patch_size=4, stride=4, embed_dim=64, depth=8, d_s
 MINI_ASSET = "vim_mini_patch4_32.safetensors"
 MINI_SOURCE_CLASSES = 32
 # the pretraining used timm's ImageNet statistics, as the data recipes do by default
-_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_MEAN, _STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def mini_asset_path(name: str = MINI_ASSET) -> str:

@@ -61,8 +61,7 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     The recorded base hash is that of the backbone weights inside the official checkpoint, or,
     with ``backbone_checkpoint``, of that file's weights (which must then equal the backbone
     tensors the SVP checkpoint carries, up to ``atol``)."""
-    import timm
-
+    from ..build import ModelSpec, build_model
     from . import make_config, get_peft_model
 
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
@@ -71,7 +70,9 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    # random parts are replaced by the checkpoint's backbone just below
+    model = build_model(ModelSpec(model_name, num_classes=num_classes, kwargs=dict(model_kwargs or {}),
+                                  random_init=True))
     dim = model.embed_dim
     _check_head(head, two_layer_head, num_classes, dim, source)
 
