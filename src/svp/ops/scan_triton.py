@@ -14,7 +14,9 @@ The forward writes only y, the last state, and the state at the start of every c
 chunks from last to first: it recomputes the chunk's states from the saved chunk-start
 state into a per-program scratch of CHUNK x BLOCK_D x d_state (small enough to stay in L2
 on a GPU), then runs the reverse-time recurrence
-dh_{t-1} = exp(delta_t A) * (dh_t + C_t g_t) over it. Sums over channels (dB, dC) are
+dh_{t-1} = exp(delta_t A) * (dh_t + C_t g_t) over it. Every time loop loads the next step's
+u, delta, z, B, C (and dy) one step ahead, so that their latency overlaps the current step's
+arithmetic. Sums over channels (dB, dC) are
 written per channel block and summed afterwards by torch in a fixed order (float64), and
 sums over batch (dA, dD, d delta_bias) likewise per batch: no atomics, so the same inputs
 give the same bits on every run.
@@ -35,7 +37,7 @@ from .scan_ref import scan_groups, sum_to_groups
 CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
 MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
 STAGES = 2           # tl.range pipelining of the time loops (the backward's scratch tile loads)
-_TILE = 2048         # BLOCK_D * BLOCK_N: 16 float32 per thread at 4 warps
+_TILE = 2048         # largest BLOCK_D * BLOCK_N (8 float32 of state per thread at 8 warps)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -309,20 +311,31 @@ def _kernels():
 
 
 class _library_interpreted:
-    """While interpreting, let Triton's own @jit library functions (tl.sum, tl.cdiv, ...)
-    run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
+    """While interpreting, let Triton's own @jit library functions (tl.sum, tl.cdiv, ...) and
+    ours (_softplus, _program_rows, _load_step) run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
     not set then (e.g. it is set later by a test or by ``svp doctor``), calling them from an
     interpreted kernel would raise instead."""
 
     def __enter__(self):
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime import interpreter
         self.cls, self.old = JITFunction, JITFunction.__dict__.get("__call__")
         cache: dict = {}
 
         def call(jf, *args, **kwargs):
             if jf.fn not in cache:
-                cache[jf.fn] = InterpretedFunction(jf.fn)
-            return cache[jf.fn](*args, **kwargs)
+                cache[jf.fn] = interpreter.InterpretedFunction(jf.fn)
+            f = cache[jf.fn]
+            patch, rewrite = getattr(interpreter, "_patch_lang", None), getattr(f, "rewrite", None)
+            if patch is None or rewrite is None:
+                return f(*args, **kwargs)
+            # InterpretedFunction.__call__ would leave triton.language patched for the
+            # interpreter after the kernel ends, and a later GPU compile in this process fail
+            scope = patch(jf.fn)
+            try:
+                return rewrite()(*args, **kwargs)
+            finally:
+                if hasattr(scope, "restore"):
+                    scope.restore()
 
         JITFunction.__call__ = call
 
