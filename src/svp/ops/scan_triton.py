@@ -97,6 +97,12 @@ def _program_rows(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg
 
 
 @_device_fn
+def _f32_step(uv, x, Bv, Cv, zv, bias):
+    """A prefetched step's inputs in float32, delta with its bias added."""
+    return uv.to(tl.float32), x.to(tl.float32) + bias, Bv.to(tl.float32), Cv.to(tl.float32), zv.to(tl.float32)
+
+
+@_device_fn
 def _load_step(u_row, dl_row, z_row, B_row, C_row, t, ok, cm, nm, su_l, sd_l, sz_l, sB_l, sC_l,
                HAS_Z: tl.constexpr):
     """u, delta, B, C, z of time step t (in their own dtypes; zeros where not ``ok``)."""
@@ -145,11 +151,7 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
             else:
                 t = s
                 tn = t + 1
-            uv = un.to(tl.float32)
-            x = xn.to(tl.float32) + bias
-            Bv = Bn.to(tl.float32)
-            Cv = Cn.to(tl.float32)
-            zv = zn.to(tl.float32)
+            uv, x, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, s + 1 < L, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
             if SOFTPLUS:
@@ -217,11 +219,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             else:
                 t = s0 + j
                 tn = t + 1
-            uv = un.to(tl.float32)
-            x = xn.to(tl.float32) + bias
-            Bv = Bn.to(tl.float32)
-            Cv = Cn.to(tl.float32)
-            zv = zn.to(tl.float32)
+            uv, x, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
             gv = gn.to(tl.float32)
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j + 1 < kn, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
@@ -256,11 +254,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             else:
                 t = s0 + j
                 tn = t - 1
-            uv = un.to(tl.float32)
-            xr = xn.to(tl.float32) + bias
-            Bv = Bn.to(tl.float32)
-            Cv = Cn.to(tl.float32)
-            zv = zn.to(tl.float32)
+            uv, xr, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
             gv = gn.to(tl.float32)
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j > 0, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
@@ -312,7 +306,7 @@ def _kernels():
 
 class _library_interpreted:
     """While interpreting, let Triton's own @jit library functions (tl.sum, tl.cdiv, ...) and
-    ours (_softplus, _program_rows, _load_step) run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
+    ours (_softplus, _program_rows, _load_step, ...) run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
     not set then (e.g. it is set later by a test or by ``svp doctor``), calling them from an
     interpreted kernel would raise instead."""
 
