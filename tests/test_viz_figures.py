@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import svp  # noqa: F401
 from svp.cli import main as svp_main
@@ -40,6 +41,7 @@ def check_png(path, width, height):
     assert a.std() > 5, f"{path} is blank"
 
 
+@pytest.mark.slow
 def test_visualize_two_models_with_box(tmp_path, image):
     frozen = tiny_vim(0)
     other = tiny_vim(0)
@@ -74,7 +76,7 @@ def test_visualize_two_models_with_box(tmp_path, image):
     _, grid_mask = mask_to_grid(mask, (32, 32), frozen)
     assert data["object_patches"] == int(grid_mask.sum()) > 0
     from svp.viz.cli import prepare_image
-    x, _ = prepare_image(img, (32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x, _ = prepare_image(img, (32, 32), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     g = analyze(frozen, x)
     m = torch.from_numpy(grid_mask).bool()
     for layer in range(4):

@@ -139,7 +139,7 @@ def build_dtd(root: str, split: str, transform=None, partition: int = 1,
     classes = sorted({e.split("/")[0] for v in lists.values() for e in v})
     if len(classes) != 47:
         raise DatasetError(f"dtd: found {len(classes)} classes in {d}/labels/*{partition}.txt, "
-                           f"expected 47 (spec table 6.1)")
+                           f"expected 47 (docs/datasets.md, All datasets)")
     idx = {c: i for i, c in enumerate(classes)}
     samples = [(os.path.join(d, "images", e), idx[e.split("/")[0]]) for s in parts for e in lists[s]]
     return FileListDataset(samples, classes, transform, name="hta/dtd", split=split,
@@ -191,7 +191,7 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
     if found != classes:
         miss = sorted(set(classes) - set(found))
         raise DatasetError(f"gtsrb: {tdir} must hold the 43 class folders 00000..00042 "
-                           f"(spec table 6.1); missing: {', '.join(miss[:10]) or 'none'}; "
+                           f"(docs/datasets.md, All datasets); missing: {', '.join(miss[:10]) or 'none'}; "
                            f"unexpected: {', '.join(sorted(set(found) - set(classes))) or 'none'}")
     samples = []
     for i, c in enumerate(classes):
@@ -265,7 +265,7 @@ def build_food101(root: str, split: str, transform=None, seed: int = 0,
     classes = sorted(meta)
     if len(classes) != 101:
         raise DatasetError(f"food101: {mp} lists {len(classes)} classes, expected 101 "
-                           f"(spec table 6.1)")
+                           f"(docs/datasets.md, All datasets)")
     samples = [(os.path.join(base, "images", rel + ".jpg"), i)
                for i, c in enumerate(classes) for rel in meta[c]]
     if split != "test":

@@ -1,7 +1,6 @@
 """``svp data`` subcommands: list, check, grid."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -9,7 +8,7 @@ from typing import List
 
 from .base import DatasetError
 from .check import find_bad_images
-from .registry import build_dataset, dataset_info, list_datasets
+from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
 
 
 def register(subparsers) -> None:
@@ -75,7 +74,6 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
     out = sys.stdout if out is None else out
     info = dataset_info(name)
     if info.needs_root:
-        from .registry import _resolve_root
         try:
             root_dir = _resolve_root(info, root)
         except DatasetError as e:

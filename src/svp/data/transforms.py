@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
 
 RECIPES = ("svp", "vtab", "plain")
 

@@ -27,7 +27,6 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
@@ -36,7 +35,7 @@ from .fractals import generate_split, make_categories
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
                 epochs=4, batch_size=128, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
                 label_smoothing=0.1, ckpt_every=50, threads=1)
-MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)  # as the data recipes use by default
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
