@@ -122,6 +122,7 @@ def test_cli_prints_one_line_for_a_backend_error(monkeypatch, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "no CUDA GPU found" in err, err
 
 
+@pytest.mark.slow
 def test_mini_vim_with_svp_matches_the_cpu_backend():
     """Bundled mini Vim (bundled weights) with SVP on one 12x12 image (10 tokens, to keep the
     interpreter quick): logits and adapter gradients with the triton backend equal the cpu
