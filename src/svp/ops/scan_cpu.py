@@ -18,8 +18,8 @@ decay factors exp(delta*A) into task-local buffers (L2-resident), then runs the
 reverse-time recurrence dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating
 the gradients of every input. Reductions over channels (dB, dC) are 8 lane-wise float32
 partial sums per block of BS channels in a fixed tree (float64 there cost 20% of the
-backward and measured no better against the float64 reference), the blocks summed in
-float64; reductions over time/batch (dA, dD, d_delta_bias) accumulate in float64.
+backward; the worst test error against the float64 reference went from 4.8e-7 to 4.7e-7
+on dC at one shape and stayed below the 5e-7 target everywhere), the blocks summed in float64; reductions over time/batch (dA, dD, d_delta_bias) accumulate in float64.
 
 exp/softplus/sigmoid are branch-free polynomials (vectorisable), accurate to ~1e-7
 relative; the decay factors use a cheaper base-2 exponential (see _exp2) that is exactly 0
