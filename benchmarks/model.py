@@ -86,7 +86,7 @@ def child(spec):
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
     rate = _matmul_rate()
-    out = {"matmul_gflops": rate / 1e9, "load_start": os.getloadavg()[0], "runtime": svp.runtime.status(),
+    out = {"matmul_gflops": rate / 1e9, "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     if spec["mode"] == "infer":
         pm.eval()
