@@ -26,6 +26,22 @@ def _tap_src(t, k, W, reverse):
     return t + (W - 1 - k) if reverse else t - (W - 1 - k)
 
 
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _preact(x, w, bias, bi, t, reverse, acc):
+    """acc = bias + the conv's output row t (before the activation)."""
+    L, d = x.shape[1], x.shape[2]
+    W = w.shape[0]
+    for c in range(d):
+        acc[c] = bias[c]
+    for k in range(W):
+        s = _tap_src(t, k, W, reverse)
+        if s >= 0 and s < L:
+            xr = x[bi, s]
+            wk = w[k]
+            for c in range(d):
+                acc[c] += wk[c] * xr[c]
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
 def _conv_fwd(x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
@@ -39,15 +55,7 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
         t1 = min(L, t0 + TB)
         acc = np.empty(d, np.float32)
         for t in range(t0, t1):
-            for c in range(d):
-                acc[c] = bias[c]
-            for k in range(W):
-                s = _tap_src(t, k, W, reverse)
-                if s >= 0 and s < L:
-                    xr = x[bi, s]
-                    wk = w[k]
-                    for c in range(d):
-                        acc[c] += wk[c] * xr[c]
+            _preact(x, w, bias, bi, t, reverse, acc)
             o = out[bi, t]
             if silu:
                 for c in range(d):
@@ -81,15 +89,7 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
             gt = ga[t - lo]
             gr = g[bi, t]
             if silu:
-                for c in range(d):
-                    acc[c] = bias[c]
-                for k in range(W):
-                    s = _tap_src(t, k, W, reverse)
-                    if s >= 0 and s < L:
-                        xr = x[bi, s]
-                        wk = w[k]
-                        for c in range(d):
-                            acc[c] += wk[c] * xr[c]
+                _preact(x, w, bias, bi, t, reverse, acc)
                 for c in range(d):
                     a = acc[c]
                     sg = _sigmoid(a)
