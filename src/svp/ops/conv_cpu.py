@@ -26,6 +26,14 @@ def _tap_src(t, k, W, reverse):
     return t + (W - 1 - k) if reverse else t - (W - 1 - k)
 
 
+@njit(inline="always")
+def _rows(task, ntb, L):
+    """(batch row, first and end time step) of task number ``task``."""
+    bi = task // ntb
+    t0 = (task - bi * ntb) * TB
+    return bi, t0, min(L, t0 + TB)
+
+
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
 def _preact(x, w, bias, bi, t, reverse, acc):
     """acc = bias + the conv's output row t (before the activation)."""
@@ -47,12 +55,9 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
     # kept LLVM from vectorising well and the kernel was 6x slower than this.
     b, L, d = x.shape
-    W = w.shape[0]
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
-        bi = task // ntb
-        t0 = (task - bi * ntb) * TB
-        t1 = min(L, t0 + TB)
+        bi, t0, t1 = _rows(task, ntb, L)
         acc = np.empty(d, np.float32)
         for t in range(t0, t1):
             _preact(x, w, bias, bi, t, reverse, acc)
@@ -72,9 +77,7 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
-        bi = task // ntb
-        t0 = (task - bi * ntb) * TB
-        t1 = min(L, t0 + TB)
+        bi, t0, t1 = _rows(task, ntb, L)
         # rows of dL/d(pre-activation) that dx[t0:t1] needs (this block plus a halo)
         lo = max(0, t0 - W + 1) if reverse else t0
         hi = t1 if reverse else min(L, t1 + W - 1)
