@@ -53,15 +53,16 @@ def measure_bandwidth(mib=256, reps=5):
 
 
 def measure_fma_peak():
-    """float32 FMA lanes per second: max of a large matmul and a numba FMA loop."""
+    """float32 FMA lanes per second: max of a large matmul and a numba FMA loop, timed with
+    ``clock`` (process CPU time under --cpu-time, so a descheduled thread does not lower it)."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = 1e9
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     mm = n ** 3 / best  # one FMA per multiply-add
     loop = 0.0
     try:
@@ -88,9 +89,9 @@ def measure_fma_peak():
         reps = 1_000_000
         b2 = 1e9
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = clock()
             fma_loop(acc, reps)
-            b2 = min(b2, time.perf_counter() - t0)
+            b2 = min(b2, clock() - t0)
         loop = nt * W * reps / b2
     except Exception:
         pass
@@ -167,6 +168,8 @@ def main(argv=None):
     rows = []
     for model, d in MODELS.items():
         for b in a.batches:
+            if a.cpu_time:  # on a shared machine the rate drifts: re-measure it next to each shape
+                peak = measure_fma_peak()[0]
             args = make_inputs(b, d)
             L, n = 197, 16
             el = b * L * d * n
@@ -182,10 +185,12 @@ def main(argv=None):
                 reps = 1 if name == "reference" else (2 if name == "torch" else a.reps)
                 time_backend(name, make_inputs(1, d, L=5), 1, True)  # warm-up / compile
                 res[name] = time_backend(name, args, reps, back)
-            row = {"model": model, "d_inner": d, "batch": b, **lb, "ms": res}
+            row = {"model": model, "d_inner": d, "batch": b, **lb, "ms": res, "fma_lanes_per_s": peak,
+                   "load": os.getloadavg()[0]}
             rows.append(row)
             print(f"{model} b={b}: " + ", ".join(f"{k} {v[0]:.2f}/{v[1] if v[1] is None else round(v[1], 2)} ms"
-                                                  for k, v in res.items()), flush=True)
+                                                  for k, v in res.items()) +
+                  f" (FMA peak {peak / 1e9:.1f} G lanes/s, load {os.getloadavg()[0]:.1f})", flush=True)
     info["load_average_end"] = os.getloadavg()
     # Markdown table
     print()

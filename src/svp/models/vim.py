@@ -24,7 +24,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..errors import ConfigError
-from ..ops import RMSNorm, causal_conv1d_bld, selective_scan
+from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
 
@@ -68,6 +68,15 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         grid = self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2), grid
+
+
+def _conv(x, weight, bias, reverse):
+    """Causal depthwise conv1d + SiLU on (b, l, E): the fused numba kernel when the scan runs
+    on the fused CPU backend too, else the pure-PyTorch version (same result)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and get_backend(x.device) == "cpu":
+        from ..ops.conv_cpu import causal_conv1d_cpu
+        return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
+    return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
 
 
 class BiMambaMixer(nn.Module):
@@ -126,7 +135,7 @@ class BiMambaMixer(nn.Module):
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
         # x, z: (b, l, E). The backward branch runs on the time-reversed sequence; its
         # conv and scan take `reverse=True` so nothing is flipped or copied.
-        x = causal_conv1d_bld(x, conv.weight.squeeze(1), conv.bias, "silu", reverse=reverse)
+        x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
         x_dbl = x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
@@ -141,13 +150,26 @@ class BiMambaMixer(nn.Module):
         return y.transpose(1, 2)
 
     def forward(self, hidden):
-        xz = self.in_proj(hidden)
-        x, z = xz.chunk(2, dim=-1)
+        ip = self.in_proj
+        if ip._forward_hooks or ip._forward_pre_hooks:
+            x, z = ip(hidden).chunk(2, dim=-1)
+        else:
+            # Two products on the weight's row halves instead of one product and a chunk:
+            # x and z come out contiguous, so the conv and the scan read them in place
+            # (the chunk's halves were strided and copied), and backward has no concatenation.
+            w, E = ip.weight, self.d_inner
+            x = F.linear(hidden, w[:E], None if ip.bias is None else ip.bias[:E])
+            z = F.linear(hidden, w[E:], None if ip.bias is None else ip.bias[E:])
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
         y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True,
                               "backward")
-        y = (y + y_b) / 2 if self.divide_out else y + y_b
-        return self.out_proj(y.to(hidden.dtype))
+        op = self.out_proj
+        y = (y + y_b).to(hidden.dtype)
+        if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
+            # out_proj((y + y_b) / 2) == (y + y_b) @ (W / 2)^T bit for bit (scaling by 2^-1 is
+            # exact) with one elementwise pass less forward and backward
+            return F.linear(y, op.weight * 0.5, None if op.bias is None else op.bias)
+        return op(y / 2 if self.divide_out else y)
 
 
 class Block(nn.Module):

@@ -1,0 +1,180 @@
+"""Fused causal depthwise conv1d + bias + SiLU for CPUs (numba), forward and backward,
+on the mixer's (batch, len, dim) layout; same result as :func:`svp.ops.conv.causal_conv1d_bld`.
+
+Why: written in PyTorch the conv is a pad, W shifted multiplies, W adds and a SiLU
+forward (10 ops for W = 4) and twice that backward, every slice's gradient a fresh zeroed
+tensor plus a copy. In a Vim-Tiny SVP step that was ~40% of all elementwise work and most
+of the step's ~4,000 thread-pool launches. Here each direction is one pass forward (read x,
+write y) and one backward (read x and dy, write dx; dweight/dbias as fixed-order float64
+sums per batch row, so the bits do not depend on threads or scheduling).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid
+from numba import njit, prange
+
+TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
+
+
+@njit(inline="always")
+def _tap_src(t, k, W, reverse):
+    """Input row read by output row t through tap k (may be outside [0, L))."""
+    return t + (W - 1 - k) if reverse else t - (W - 1 - k)
+
+
+@njit(inline="always")
+def _rows(task, ntb, L):
+    """(batch row, first and end time step) of task number ``task``."""
+    bi = task // ntb
+    t0 = (task - bi * ntb) * TB
+    return bi, t0, min(L, t0 + TB)
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _preact(x, w, bias, bi, t, reverse, acc):
+    """acc = bias + the conv's output row t (before the activation)."""
+    L, d = x.shape[1], x.shape[2]
+    W = w.shape[0]
+    for c in range(d):
+        acc[c] = bias[c]
+    for k in range(W):
+        s = _tap_src(t, k, W, reverse)
+        if s >= 0 and s < L:
+            xr = x[bi, s]
+            wk = w[k]
+            for c in range(d):
+                acc[c] += wk[c] * xr[c]
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _conv_fwd(x, w, bias, reverse, silu, out):
+    # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
+    # kept LLVM from vectorising well and the kernel was 6x slower than this.
+    b, L, d = x.shape
+    ntb = (L + TB - 1) // TB
+    for task in prange(b * ntb):
+        bi, t0, t1 = _rows(task, ntb, L)
+        acc = np.empty(d, np.float32)
+        for t in range(t0, t1):
+            _preact(x, w, bias, bi, t, reverse, acc)
+            o = out[bi, t]
+            if silu:
+                for c in range(d):
+                    a = acc[c]
+                    o[c] = a * _sigmoid(a)
+            else:
+                for c in range(d):
+                    o[c] = acc[c]
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
+    b, L, d = x.shape
+    W = w.shape[0]
+    ntb = (L + TB - 1) // TB
+    for task in prange(b * ntb):
+        bi, t0, t1 = _rows(task, ntb, L)
+        # rows of dL/d(pre-activation) that dx[t0:t1] needs (this block plus a halo)
+        lo = max(0, t0 - W + 1) if reverse else t0
+        hi = t1 if reverse else min(L, t1 + W - 1)
+        ga = np.empty((hi - lo, d), np.float32)
+        acc = np.empty(d, np.float32)
+        dw = dwp[task]
+        db = dbp[task]
+        if need_dw:
+            dw[:] = 0.0
+            db[:] = 0.0
+        for t in range(lo, hi):
+            gt = ga[t - lo]
+            gr = g[bi, t]
+            if silu:
+                _preact(x, w, bias, bi, t, reverse, acc)
+                for c in range(d):
+                    a = acc[c]
+                    sg = _sigmoid(a)
+                    gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
+            else:
+                for c in range(d):
+                    gt[c] = gr[c]
+            if need_dw and t >= t0 and t < t1:   # weight/bias sums over this block's own rows
+                for c in range(d):
+                    db[c] += gt[c]
+                for k in range(W):
+                    s = _tap_src(t, k, W, reverse)
+                    if s >= 0 and s < L:
+                        xr = x[bi, s]
+                        dwk = dw[k]
+                        for c in range(d):
+                            dwk[c] += np.float64(gt[c]) * np.float64(xr[c])
+        for s in range(t0, t1):
+            for c in range(d):
+                acc[c] = 0.0
+            for k in range(W):
+                t = s - (W - 1 - k) if reverse else s + (W - 1 - k)   # output fed by x[s] via tap k
+                if t >= lo and t < hi:
+                    gt = ga[t - lo]
+                    wk = w[k]
+                    for c in range(d):
+                        acc[c] += wk[c] * gt[c]
+            dxr = dx[bi, s]
+            for c in range(d):
+                dxr[c] = acc[c]
+
+
+def _np(x: torch.Tensor):
+    """numpy view of a float32 (b, l, d) tensor whose channels are contiguous (copy otherwise)."""
+    x = x.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, x.numpy()
+
+
+class CausalConv1dCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse, silu):
+        xs, xn = _np(x)
+        wt = weight.detach().t().contiguous()                         # (W, d)
+        bs = torch.zeros(x.shape[-1]) if bias is None else bias.detach().contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        with _dynamic_tasks():
+            _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
+        ctx.save_for_backward(xs, wt, bs)
+        ctx.cfg = (bool(reverse), bool(silu), bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, wt, bs = ctx.saved_tensors
+        reverse, silu, has_bias = ctx.cfg
+        b, L, d = xs.shape
+        W = wt.shape[0]
+        dy = dy.contiguous()
+        dx = torch.empty(b, L, d, dtype=torch.float32)
+        ntask = b * ((L + TB - 1) // TB)
+        dwp = torch.empty(ntask, W, d, dtype=torch.float64)   # per-task partial sums, added
+        dbp = torch.empty(ntask, d, dtype=torch.float64)      # in a fixed order below
+        need = ctx.needs_input_grad
+        need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
+        with _dynamic_tasks():
+            _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(), dx.numpy(),
+                      dwp.numpy(), dbp.numpy())
+        dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
+        db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
+        return dx if need[0] else None, dw, db, None, None
+
+
+def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
+    """Fused version of :func:`svp.ops.conv.causal_conv1d_bld` for float32 CPU tensors:
+    x (batch, len, dim), weight (dim, width), bias (dim,)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"causal_conv1d_cpu needs float32 CPU tensors, got {x.dtype} on {x.device}")
+    return CausalConv1dCPU.apply(x, weight, bias, reverse, activation is not None)
