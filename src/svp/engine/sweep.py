@@ -363,10 +363,10 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
             cell.update({"dataset": ds, "method": m, "group": group})
             for g in cell["grid"]:
                 res = None
-                if g["status"] == "ok":
+                if g["status"] != "failed":
                     with open(os.path.join(g["run_dir"], "results.json")) as f:
                         res = json.load(f)
-                    res["status"] = "ok"
+                    res["status"] = g["status"]
                 rows.append(row_from_results(suite, group, ds, m, seeds[0], res, g["error"], "grid", protocol,
                                              g["label"]))
             for fin in cell["finals"]:

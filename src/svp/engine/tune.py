@@ -212,7 +212,7 @@ def tune_cell(points: List[Point], seeds: Sequence[int], folder: str, protocol: 
     cell: Dict[str, Any] = {
         "label": label, "protocol": protocol, "grid_seed": seed0,
         "grid": [{"point": dict(p), "label": point_label(p), "val_top1": s, "run_dir": d,
-                  "status": "ok" if res else "failed", "error": err}
+                  "status": res.get("status", "ok") if res else "failed", "error": err}
                  for p, d, s, (res, err) in zip(points, grid_dirs, scores, grid)],
         "chosen": None, "chosen_label": None, "finals": []}
     if k is None:
