@@ -157,3 +157,17 @@ def test_tuning_needs_a_validation_split_and_refit_needs_a_grid(tmp_path):
         sweep("mini", ["svp"], [0], str(tmp_path / "a"), ["digits"], (), TINY, tune_refit=True)
     with pytest.raises(ConfigError, match="unknown configuration key"):
         sweep("mini", ["svp"], [0], str(tmp_path / "b"), ["digits"], (), TINY, tune=["train.lrr=1,2"])
+
+
+def test_split_expressions_join_the_first_items_of_each_split():
+    import numpy as np
+    from svp.data import build_dataset
+    from svp.data.base import DatasetError
+    joined = build_dataset("digits", "train[:5]+val[:3]")
+    train, val = build_dataset("digits", "train"), build_dataset("digits", "val")
+    assert len(joined) == 8 and joined.targets == train.targets[:5] + val.targets[:3]
+    for i, (ds, j) in enumerate([(train, k) for k in range(5)] + [(val, k) for k in range(3)]):
+        assert np.array_equal(np.asarray(joined[i][0]), np.asarray(ds[j][0]))
+    assert len(build_dataset("digits", "train+val")) == len(build_dataset("digits", "trainval"))
+    with pytest.raises(DatasetError, match="bad split expression"):
+        build_dataset("digits", "train[5]")
