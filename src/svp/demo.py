@@ -3,7 +3,9 @@
 Adapts the bundled pre-trained mini Vim (``vim_mini_patch4_32``, see
 docs/mini_backbone.md) to the real scikit-learn handwritten-digits task with SVP, and
 with linear probing and VPT-deep under the same budget (same epochs, batch size,
-schedule and data), through the engine's Python API (:func:`svp.engine.train`). Prints
+schedule and data) and each at its own learning rate, chosen once on the digits
+validation split (``svp demo --select-lr``, stored in ``svp/assets/demo_preset.json``),
+through the engine's Python API (:func:`svp.engine.train`). Prints
 the test accuracy of each, the trainable-parameter counts next to full fine-tuning's,
 where the run folders are, and draws the gate-activation picture of the frozen
 backbone vs. the SVP-adapted one (:mod:`svp.viz`).

@@ -320,6 +320,26 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
+def _tuned_rows(suite, plans, cells, seeds, protocol) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    for (ds, group, m, *_), cell in zip(plans, cells):
+        for g in cell["grid"]:
+            res = None
+            if g["status"] != "failed":
+                with open(os.path.join(g["run_dir"], "results.json")) as f:
+                    res = json.load(f)
+                res["status"] = g["status"]
+            rows.append(row_from_results(suite, group, ds, m, seeds[0], res, g["error"], "grid", protocol,
+                                         g["label"]))
+        for fin in cell["finals"]:
+            rows.append(row_from_results(suite, group, ds, m, fin["seed"], fin["results"], fin["error"],
+                                         "final", protocol, cell["chosen_label"]))
+        if cell["chosen"] is None:
+            rows += [row_from_results(suite, group, ds, m, s, None, "every grid point failed", "final",
+                                      protocol) for s in seeds]
+    return rows
+
+
 def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                 all_ds: List[Tuple[str, str]], config_files: Sequence[str], overrides: Sequence[str],
                 tune: Sequence[str], refit: bool, jobs: int = 1) -> Dict[str, Any]:
@@ -337,14 +357,12 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
         run_config(probe, methods[0], seeds[0], output, "probe", config_files,
                    list(overrides) + T.point_overrides(p))
     os.makedirs(output, exist_ok=True)
-    runner = T.Runner(jobs)
     tuning: Dict[str, Any] = {"suite": suite, "protocol": protocol, "grid_seed": seeds[0], "seeds": seeds,
                               "grid_spec": spec, "overrides": list(overrides),
                               "config_files": list(config_files), "cells": []}
-    rows: List[Dict[str, Any]] = []
+    plans = []
     for ds, group in all_ds:
         for m in methods:
-            folder = os.path.join(output, _slug(ds), m)
             base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides)
             val_split = T.selection_val_split(ds, base_cfg)
 
@@ -357,28 +375,34 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
                     cfg["data"]["val_split"] = None
                 return cfg
 
-            log.info("%s / %s: %d grid point(s), seed %d, then seeds %s (%s)", ds, m, len(points), seeds[0],
-                     ",".join(map(str, seeds)), protocol)
-            cell = T.tune_cell(points, seeds, folder, protocol, make_config, runner, label=f"{ds} / {m}")
+            folder = os.path.join(output, _slug(ds), m)
+            plans.append((ds, group, m, folder, make_config,
+                          T.grid_tasks(points, seeds[0], folder, make_config)))
+    # every grid run of every (dataset, method) first, so `jobs` workers stay busy; then
+    # every final run of the chosen settings
+    log.info("%d dataset/method pair(s) x %d grid point(s), seed %d; then seeds %s (%s)", len(plans),
+             len(points), seeds[0], ",".join(map(str, seeds)), protocol)
+    with T.Runner(jobs) as runner:
+        grid_res = runner.run_all([t for p in plans for t in p[5]])
+        cells, finals = [], []
+        for i, (ds, group, m, folder, make_config, grid) in enumerate(plans):
+            res_i = grid_res[i * len(points):(i + 1) * len(points)]
+            cell, fin = T.select(points, seeds, folder, protocol, make_config, grid, res_i, label=f"{ds} / {m}")
             cell.update({"dataset": ds, "method": m, "group": group})
-            for g in cell["grid"]:
-                res = None
-                if g["status"] != "failed":
-                    with open(os.path.join(g["run_dir"], "results.json")) as f:
-                        res = json.load(f)
-                    res["status"] = g["status"]
-                rows.append(row_from_results(suite, group, ds, m, seeds[0], res, g["error"], "grid", protocol,
-                                             g["label"]))
-            for fin in cell["finals"]:
-                rows.append(row_from_results(suite, group, ds, m, fin["seed"], fin["results"], fin["error"],
-                                             "final", protocol, cell["chosen_label"]))
-            for fin in cell["finals"]:
-                fin.pop("results", None)
-            if cell["chosen"] is None:
-                rows += [row_from_results(suite, group, ds, m, s, None, "every grid point failed", "final",
-                                          protocol) for s in seeds]
-            tuning["cells"].append(cell)
-            write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
+            cells.append(cell)
+            finals.append(fin)
+        tuning["cells"] = cells
+        write_outputs(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds, list(methods),
+                      seeds, tuning)
+        final_res = runner.run_all([t for f in finals for t in f])
+    k = 0
+    for cell, fin in zip(cells, finals):
+        T.record_finals(cell, seeds, fin, final_res[k:k + len(fin)])
+        k += len(fin)
+    rows = _tuned_rows(suite, plans, cells, seeds, protocol)
+    for cell in cells:
+        for fin in cell["finals"]:
+            fin.pop("results", None)
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
     return {"csv": csv_path, "markdown": md_path, "rows": rows, "tuning": tuning,
             "json": os.path.join(output, "tuning.json")}

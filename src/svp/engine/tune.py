@@ -147,10 +147,23 @@ def selection_val_split(dataset: str, cfg: dict) -> str:
 
 class Runner:
     """Runs (or reuses / resumes) training runs, one at a time or ``jobs`` at a time
-    in spawned worker processes (each run's threads as the environment sets them)."""
+    in spawned worker processes (each run's threads as the environment sets them).
+    The worker pool lives until :meth:`close` (use as a context manager)."""
 
     def __init__(self, jobs: int = 1):
         self.jobs = max(1, int(jobs))
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def run_all(self, tasks: List[Tuple[str, Callable[[], dict]]]) -> List[Tuple[Optional[dict], str]]:
         """tasks: (run_dir, make_config). Returns (results or None, error text) per task."""
@@ -166,16 +179,20 @@ class Runner:
                     todo.append((i, run_dir, make_cfg()))
                 except Exception as e:  # a bad configuration fails its runs, not the sweep
                     out[i] = (None, f"{type(e).__name__}: {e}")
+        if todo:
+            log.info("%d run(s) to train, %d reused", len(todo), len(tasks) - len(todo))
         if self.jobs == 1 or len(todo) <= 1:
             for i, run_dir, cfg in todo:
                 out[i] = _run_safely(run_dir, cfg)
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
-            with cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn")) as ex:
-                futs = {ex.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
-                for f in cf.as_completed(futs):
-                    out[futs[f]] = f.result()
+            if self._pool is None:
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+            futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
+            for k, f in enumerate(cf.as_completed(futs), 1):
+                out[futs[f]] = f.result()
+                log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
         return [o if o is not None else (None, "not run") for o in out]
 
 
@@ -193,6 +210,45 @@ def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def grid_tasks(points: List[Point], seed0: int, folder: str,
+               make_config: Callable[[Point, int, str, bool], dict]) -> List[Tuple[str, Callable[[], dict]]]:
+    """The grid runs of one (dataset, method): (run folder, config maker) per point."""
+    dirs = [os.path.join(folder, "grid", point_slug(p), f"seed{seed0}") for p in points]
+    return [(d, (lambda p=p, d=d: make_config(p, seed0, d, False))) for p, d in zip(points, dirs)]
+
+
+def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str,
+           make_config: Callable[[Point, int, str, bool], dict], grid: List[Tuple[str, Callable]],
+           grid_results: List[Tuple[Optional[dict], str]], label: str = ""
+           ) -> Tuple[Dict[str, Any], List[Tuple[str, Callable[[], dict]]]]:
+    """The choice from the grid's validation scores, and the final runs it asks for."""
+    if protocol not in PROTOCOL_TITLES:
+        raise C.ConfigError(f"tuning protocol {protocol!r}: expected val or refit")
+    scores = [val_score(res) for res, _ in grid_results]
+    k = choose(scores)
+    cell: Dict[str, Any] = {
+        "label": label, "protocol": protocol, "grid_seed": int(seeds[0]),
+        "grid": [{"point": dict(p), "label": point_label(p), "val_top1": s, "run_dir": d,
+                  "status": res.get("status", "ok") if res else "failed", "error": err}
+                 for p, (d, _), s, (res, err) in zip(points, grid, scores, grid_results)],
+        "chosen": None, "chosen_label": None, "finals": []}
+    if k is None:
+        log.error("%s: every grid point failed; nothing to select", label)
+        return cell, []
+    chosen = points[k]
+    cell["chosen"], cell["chosen_label"] = dict(chosen), point_label(chosen)
+    log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
+    sub = "grid" if protocol == "val" else "refit"
+    dirs = [os.path.join(folder, sub, point_slug(chosen), f"seed{int(s)}") for s in seeds]
+    return cell, [(d, (lambda s=s, d=d: make_config(chosen, int(s), d, protocol == "refit")))
+                  for s, d in zip(seeds, dirs)]
+
+
+def record_finals(cell: Dict[str, Any], seeds: Sequence[int], tasks, results) -> None:
+    cell["finals"] = [{"seed": int(s), "run_dir": d, "results": res, "error": err}
+                      for s, (d, _), (res, err) in zip(seeds, tasks, results)]
+
+
 def tune_cell(points: List[Point], seeds: Sequence[int], folder: str, protocol: str,
               make_config: Callable[[Point, int, str, bool], dict], runner: Runner,
               label: str = "") -> Dict[str, Any]:
@@ -202,29 +258,8 @@ def tune_cell(points: List[Point], seeds: Sequence[int], folder: str, protocol: 
     (``run.output``/``run.name`` must place it in ``run_dir``). Returns the cell's
     record: grid scores, the choice, and the final runs' results.
     """
-    if protocol not in PROTOCOL_TITLES:
-        raise C.ConfigError(f"tuning protocol {protocol!r}: expected val or refit")
-    seed0 = int(seeds[0])
-    grid_dirs = [os.path.join(folder, "grid", point_slug(p), f"seed{seed0}") for p in points]
-    grid = runner.run_all([(d, (lambda p=p, d=d: make_config(p, seed0, d, False))) for p, d in zip(points, grid_dirs)])
-    scores = [val_score(res) for res, _ in grid]
-    k = choose(scores)
-    cell: Dict[str, Any] = {
-        "label": label, "protocol": protocol, "grid_seed": seed0,
-        "grid": [{"point": dict(p), "label": point_label(p), "val_top1": s, "run_dir": d,
-                  "status": res.get("status", "ok") if res else "failed", "error": err}
-                 for p, d, s, (res, err) in zip(points, grid_dirs, scores, grid)],
-        "chosen": None, "chosen_label": None, "finals": []}
-    if k is None:
-        log.error("%s: every grid point failed; nothing to select", label)
-        return cell
-    chosen = points[k]
-    cell["chosen"], cell["chosen_label"] = dict(chosen), point_label(chosen)
-    log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
-    sub = "grid" if protocol == "val" else "refit"
-    final_dirs = [os.path.join(folder, sub, point_slug(chosen), f"seed{int(s)}") for s in seeds]
-    finals = runner.run_all([(d, (lambda s=s, d=d: make_config(chosen, int(s), d, protocol == "refit")))
-                             for s, d in zip(seeds, final_dirs)])
-    cell["finals"] = [{"seed": int(s), "run_dir": d, "results": res, "error": err}
-                      for s, d, (res, err) in zip(seeds, final_dirs, finals)]
+    grid = grid_tasks(points, int(seeds[0]), folder, make_config)
+    cell, finals = select(points, seeds, folder, protocol, make_config, grid, runner.run_all(grid), label)
+    if finals:
+        record_finals(cell, seeds, finals, runner.run_all(finals))
     return cell
