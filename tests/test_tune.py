@@ -27,7 +27,7 @@ def test_grid_parsing_order_and_errors():
     assert len(points) == 4
     # 1e-2 and 0.01 are one value, so one folder
     assert T.point_slug((("train.lr", "1e-2"),)) == T.point_slug((("train.lr", "0.01"),))
-    for bad, word in (("train.lr", "expected"), ("train.nope=1,2", "unknown"), ("train.lr=1e-3,0.001", "twice"),
+    for bad, word in (("train.lr", "expected"), ("train.nope=1,2", "unknown"), ("train.lr=1e-3,0.001", "twice"), ("train.lr=1,1.0", "twice"),
                       ("train.seed=0,1", "cannot be tuned"), ("train.lr=1e-3,", "empty")):
         with pytest.raises(ConfigError, match=word):
             T.parse_tune([bad])

@@ -60,6 +60,14 @@ def _split_values(text: str) -> List[str]:
     return out
 
 
+def _canon(text: str) -> str:
+    """One spelling per value: 1, 1.0 and 1e0 are one number; others as sorted JSON."""
+    v = C.parse_value(text)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return repr(float(v))
+    return json.dumps(v, sort_keys=True)
+
+
 def parse_tune(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
     """``["train.lr=1e-3,1e-2", ...]`` -> ``[("train.lr", ["1e-3", "1e-2"]), ...]``."""
     spec: List[Tuple[str, List[str]]] = []
@@ -76,7 +84,7 @@ def parse_tune(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
         values = _split_values(text)
         if not all(values):
             raise C.ConfigError(f"--tune {item!r}: empty value in the list")
-        parsed = [json.dumps(C.parse_value(v), sort_keys=True) for v in values]
+        parsed = [_canon(v) for v in values]
         if len(set(parsed)) != len(parsed):
             raise C.ConfigError(f"--tune {item!r}: a value is listed twice")
         spec.append((key, values))
@@ -98,9 +106,9 @@ def point_label(point: Point) -> str:
 
 
 def point_slug(point: Point) -> str:
-    """A folder name for a point; values are normalised through YAML so 1e-2 and 0.01
-    share a folder, and a short hash keeps sanitised names apart."""
-    raw = ",".join(f"{k}={json.dumps(C.parse_value(v), sort_keys=True)}" for k, v in point)
+    """A folder name for a point; values are normalised (1e-2, 0.01 and 1.0e-2 share a
+    folder), and a short hash keeps sanitised names apart."""
+    raw = ",".join(f"{k}={_canon(v)}" for k, v in point)
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
     if safe != raw or len(safe) > 100:
         safe = safe[:80] + "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
