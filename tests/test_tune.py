@@ -171,3 +171,13 @@ def test_split_expressions_join_the_first_items_of_each_split():
     assert len(build_dataset("digits", "train+val")) == len(build_dataset("digits", "trainval"))
     with pytest.raises(DatasetError, match="bad split expression"):
         build_dataset("digits", "train[5]")
+
+
+def test_two_runs_at_a_time_give_the_numbers_of_one_at_a_time(tmp_path):
+    """--jobs 2 trains in spawned worker processes; the runs are the same runs."""
+    args = (["linear"], [0, 1])
+    serial = sweep("mini", *args, str(tmp_path / "serial"), ["faces"], (), TINY)
+    parallel = sweep("mini", *args, str(tmp_path / "parallel"), ["faces"], (), TINY, jobs=2)
+    key = ("seed", "status", "val_selected_test_top1", "final_test_top1", "trainable_params")
+    assert [tuple(r[k] for k in key) for r in parallel["rows"]] == [tuple(r[k] for k in key) for r in serial["rows"]]
+    assert all(r["status"] == "ok" for r in parallel["rows"])

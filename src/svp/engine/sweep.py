@@ -299,6 +299,8 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
         raise C.ConfigError("--tune-refit needs --tune (the grid to select from)")
     os.makedirs(output, exist_ok=True)
     rows: List[Dict[str, Any]] = []
+    if jobs > 1:
+        return _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs)
     total = len(all_ds) * len(methods) * len(seeds)
     k = 0
     for ds, group in all_ds:
@@ -316,6 +318,23 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}"))
                 write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+    return {"csv": csv_path, "markdown": md_path, "rows": rows}
+
+
+def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs):
+    from .tune import Runner
+    if fail_fast:
+        raise C.ConfigError("--fail-fast works one run at a time; leave out --jobs")
+    combos = [(ds, g, m, int(s)) for ds, g in all_ds for m in methods for s in seeds]
+    tasks = []
+    for ds, _g, m, s in combos:
+        name = os.path.join(_slug(ds), m, f"seed{s}")
+        tasks.append((os.path.join(output, name),
+                      lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides)))
+    with Runner(jobs) as runner:
+        results = runner.run_all(tasks)
+    rows = [row_from_results(suite, g, ds, m, s, res, err) for (ds, g, m, s), (res, err) in zip(combos, results)]
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
