@@ -46,7 +46,8 @@ def _fake_trainer(monkeypatch, val_of, test_of, calls, interrupt_at=None):
     def fake_train(cfg=None, *, resume=None, overrides=None):
         calls.append(cfg)
         if interrupt_at is not None and len(calls) == interrupt_at:
-            raise KeyboardInterrupt   # Ctrl-C in the middle of the sweep
+            # what the engine raises after Ctrl-C / SIGTERM, once its resume point is written
+            raise loop.TrainingStopped("interrupted by signal 2", loop.EXIT_INTERRUPTED, "somewhere")
         lr = float(cfg["train"]["lr"])
         run_dir = os.path.join(cfg["run"]["output"], cfg["run"]["name"])
         os.makedirs(run_dir, exist_ok=True)
