@@ -21,7 +21,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def ref64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """Straightforward float64 loop (the operator of spec 1.2), returns (out, last_state)."""
+    """Straightforward float64 loop (the Mamba selective-scan recurrence), returns (out, last_state)."""
     f = lambda t: None if t is None else t.double()  # noqa: E731
     u, delta, A, B, C, D, z, delta_bias = map(f, (u, delta, A, B, C, D, z, delta_bias))
     b, d, L = u.shape
@@ -275,6 +275,7 @@ torch.save([out.detach()] + [t.grad for t in ts], sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
     """A process that compiles the kernels and one that loads them from numba's disk cache
     must agree bit for bit, or a resumed training run would not reproduce an uninterrupted one."""
@@ -294,6 +295,7 @@ def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
         assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"
 
 
+@pytest.mark.slow
 def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
     """numba's OpenMP layer is a second OpenMP runtime beside torch's; after an OpenMP-parallel
     scan every torch op stalled for milliseconds (see scan_cpu). Unless the user chose a layer,

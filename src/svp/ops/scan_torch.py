@@ -14,6 +14,8 @@ Computes in float32 (float64 for float64 inputs, so it can be gradchecked).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ class SelectiveScanTorch(torch.autograd.Function):
         N = A.shape[1]
         gB = 1 if B.dim() == 3 else B.shape[1]
         gC = 1 if C.dim() == 3 else C.shape[1]
-        G = gB * gC // _gcd(gB, gC)
+        G = gB * gC // math.gcd(gB, gC)
         if d % G:
             raise ValueError(f"grouped B/C: channels ({d}) must be a multiple of groups ({gB}, {gC})")
         dg = d // G
@@ -157,12 +159,6 @@ class SelectiveScanTorch(torch.autograd.Function):
                 back(dz, z) if (z is not None and need[6]) else None,
                 ddelta.sum((0, 1)).reshape(d).to(delta_bias.dtype) if (delta_bias is not None and need[7]) else None,
                 None, None)
-
-
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _expand(X, G):
