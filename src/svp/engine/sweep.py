@@ -308,8 +308,8 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                     res = run_one(ds, m, int(s), output, config_files, overrides)
                     rows.append(row_from_results(suite, group, ds, m, s, res))
                 except Exception as e:  # keep going; the row says what failed
-                    from .tune import interrupted
-                    if fail_fast or interrupted(e):
+                    from .tune import stop_requested
+                    if fail_fast or stop_requested(e):
                         raise
                     log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
                     log.debug("%s", traceback.format_exc())

@@ -204,10 +204,10 @@ class Runner:
         return [o if o is not None else (None, "not run") for o in out]
 
 
-def interrupted(e: BaseException) -> bool:
+def stop_requested(e: BaseException) -> bool:
     """Was the run stopped by SIGINT/SIGTERM (resume point written)? Then the whole sweep
     stops, rather than recording the run as failed and starting the next one."""
-    from .loop import EXIT_INTERRUPTED, TrainingStopped
+    from .signals import EXIT_INTERRUPTED, TrainingStopped
     return isinstance(e, TrainingStopped) and e.code == EXIT_INTERRUPTED
 
 
@@ -221,7 +221,7 @@ def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
             res["status"] = "ok"
         return res, ""
     except Exception as e:  # recorded per run; the sweep goes on, unless the user stopped it
-        if interrupted(e):
+        if stop_requested(e):
             raise KeyboardInterrupt(str(e)) from None
         log.error("run %s failed: %s: %s", run_dir, type(e).__name__, e)
         return None, f"{type(e).__name__}: {e}"
