@@ -117,11 +117,12 @@ def point_slug(point: Point) -> str:
 
 def choose(scores: Sequence[Optional[float]]) -> Optional[int]:
     """Index of the best validation score; ties go to the first; None (failed) never wins."""
+    from .select import improves   # the epoch selection's rule: strictly better wins
     best = None
     for i, s in enumerate(scores):
-        if s is not None and (best is None or s > scores[best]):
-            best = i
-    return best
+        if improves(s, best):
+            best = {"score": s, "index": i}
+    return None if best is None else best["index"]
 
 
 def val_score(res: Optional[dict]) -> Optional[float]:
