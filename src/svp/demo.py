@@ -237,6 +237,7 @@ def register(subparsers):
     p.add_argument("--select-lr", default=None, metavar="LR1,LR2,...",
                    help="instead of the demo: choose each method's lr from this list on the digits validation "
                         "split and write the preset (--preset-out)")
+    p.add_argument("--jobs", type=int, default=1, help="--select-lr: grid runs at a time, each in its own process")
     p.add_argument("--preset-out", default=None,
                    help="where --select-lr writes the preset (default <out>/demo_preset.json)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -273,7 +274,7 @@ def _main(args) -> int:
         command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
                             methods, args.max_train_samples, args.max_eval_samples,
-                            "none" if args.quiet else "auto", command)
+                            "none" if args.quiet else "auto", command, args.jobs)
         path = args.preset_out or os.path.join(args.out, PRESET_ASSET)
         from svp.io import atomic_write_json
         atomic_write_json(path, preset)
