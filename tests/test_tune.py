@@ -182,3 +182,18 @@ def test_two_runs_at_a_time_give_the_numbers_of_one_at_a_time(tmp_path):
     key = ("seed", "status", "val_selected_test_top1", "final_test_top1", "trainable_params")
     assert [tuple(r[k] for k in key) for r in parallel["rows"]] == [tuple(r[k] for k in key) for r in serial["rows"]]
     assert all(r["status"] == "ok" for r in parallel["rows"])
+
+
+def test_demo_preset_holds_the_best_validation_lr_of_each_method():
+    from svp.demo import SHARED_LR, load_preset, method_lrs
+    preset = load_preset()
+    assert set(preset["lr"]) == {"linear", "vpt_deep", "svp"}
+    for m, lr in preset["lr"].items():
+        scores = preset["val_top1"][m]              # lr text -> val top-1, in grid order
+        assert [float(k) for k in scores] == preset["grid"]
+        best = max(v for v in scores.values() if v is not None)
+        assert lr == float(next(k for k, v in scores.items() if v == best))
+    lrs = method_lrs(["svp", "lora"])
+    assert lrs["svp"][0] == preset["lr"]["svp"] and "validation" in lrs["svp"][1]
+    assert lrs["lora"] == (SHARED_LR, "no preset for this method: shared default, not tuned")
+    assert method_lrs(["svp"], lr=0.5)["svp"][0] == 0.5

@@ -278,7 +278,9 @@ def _main(args) -> int:
         path = args.preset_out or os.path.join(args.out, PRESET_ASSET)
         from svp.io import atomic_write_json
         atomic_write_json(path, preset)
-        print(f"wrote {path}; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset")
+        hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(os.path.abspath(
+            path))) == "assets" else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
+        print(f"wrote {path}{hint}")
         return 0 if len(preset["lr"]) == len(methods) else 1
     summary = run_demo(args.out, args.epochs, args.batch_size, args.lr, args.seed, methods,
                        args.max_train_samples, args.max_eval_samples, not args.no_figure,
