@@ -104,6 +104,10 @@ class BiMambaMixer(nn.Module):
         # gate_hook(mixer, direction, delta, delta_bias, A, B, C) with delta (b, l, E)
         # before bias/softplus and B, C (b, l, N).
         self.gate_hook = None
+        # Set by svp.serve to change the time steps per sample in a mixed-adapter batch (LoRA on
+        # dt_proj, BitFit's dt bias): delta_hook(mixer, direction, dt, delta) -> delta, with dt
+        # (b, l, R) the input of dt_proj and delta = F.linear(dt, dt_proj.weight) (b, l, E).
+        self.delta_hook = None
 
     def _init_dt_proj(self, dt_proj, dt_scale, dt_min, dt_max, dt_init_floor):
         std = self.dt_rank ** -0.5 * dt_scale
@@ -121,6 +125,8 @@ class BiMambaMixer(nn.Module):
         x_dbl = x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
+        if self.delta_hook is not None:
+            delta = self.delta_hook(self, name, dt, delta)
         A = -torch.exp(A_log.float())
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
