@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import checkpoint as ck
 from . import config as C
 from .select import mean_std
+from .tune import load_or_resume
 
 log = logging.getLogger("svp.engine.sweep")
 
@@ -44,24 +45,6 @@ def suite_datasets(suite: str) -> List[Tuple[str, str]]:
 
 def _slug(name: str) -> str:
     return name.replace("/", "_")
-
-
-def load_or_resume(run_dir: str, resume: bool = True) -> Optional[Dict[str, Any]]:
-    """The results of a finished run (status ``reused``), of an interrupted one after
-    resuming it (``resumed``, only with ``resume``), or None when the run has not started."""
-    from .loop import train
-
-    done = os.path.join(run_dir, "results.json")
-    if os.path.isfile(done):
-        with open(done) as f:
-            res = json.load(f)
-        res["status"] = "reused"
-        return res
-    if resume and os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
-        res = train(resume=run_dir)
-        res["status"] = "resumed"
-        return res
-    return None
 
 
 def run_config(dataset: str, method: str, seed: int, output: str, run_name: str, config_files: Sequence[str],

@@ -30,6 +30,7 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import checkpoint as ck
 from . import config as C
 
 log = logging.getLogger("svp.engine.sweep")
@@ -154,6 +155,24 @@ def selection_val_split(dataset: str, cfg: dict) -> str:
                         f"training split with data.options.val_from_train=0.1 (or set data.val_split)")
 
 
+def load_or_resume(run_dir: str, resume: bool = True) -> Optional[Dict[str, Any]]:
+    """The results of a finished run (status ``reused``), of an interrupted one after
+    resuming it (``resumed``, only with ``resume``), or None when the run has not started."""
+    from .loop import train
+
+    done = os.path.join(run_dir, "results.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            res = json.load(f)
+        res["status"] = "reused"
+        return res
+    if resume and os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
+        res = train(resume=run_dir)
+        res["status"] = "resumed"
+        return res
+    return None
+
+
 class Runner:
     """Runs (or reuses / resumes) training runs, one at a time or ``jobs`` at a time
     in spawned worker processes (each run's threads as the environment sets them).
@@ -176,7 +195,6 @@ class Runner:
 
     def run_all(self, tasks: List[Tuple[str, Callable[[], dict]]]) -> List[Tuple[Optional[dict], str]]:
         """tasks: (run_dir, make_config). Returns (results or None, error text) per task."""
-        from .sweep import load_or_resume
         out: List[Optional[Tuple[Optional[dict], str]]] = [None] * len(tasks)
         todo = []
         for i, (run_dir, make_cfg) in enumerate(tasks):
@@ -213,7 +231,6 @@ def stop_requested(e: BaseException) -> bool:
 
 
 def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
-    from .sweep import load_or_resume
     from .loop import train
     try:
         res = load_or_resume(run_dir, resume=True)
