@@ -12,7 +12,6 @@ backbone vs. the SVP-adapted one (:mod:`svp.viz`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
