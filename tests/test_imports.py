@@ -171,6 +171,7 @@ BASE = {"errors", "io"}
 ALLOWED = {
     "errors": set(),
     "io": set(),
+    "runtime": set(),
     "ops": BASE,
     "models": BASE | {"ops"},
     "peft": BASE | {"ops", "models"},

@@ -3,14 +3,15 @@
 Adapts the bundled pre-trained mini Vim (``vim_mini_patch4_32``, see
 docs/mini_backbone.md) to the real scikit-learn handwritten-digits task with SVP, and
 with linear probing and VPT-deep under the same budget (same epochs, batch size,
-schedule and data), through the engine's Python API (:func:`svp.engine.train`). Prints
+schedule and data) and each at its own learning rate, chosen once on the digits
+validation split (``svp demo --select-lr``, stored in ``svp/assets/demo_preset.json``),
+through the engine's Python API (:func:`svp.engine.train`). Prints
 the test accuracy of each, the trainable-parameter counts next to full fine-tuning's,
 where the run folders are, and draws the gate-activation picture of the frozen
 backbone vs. the SVP-adapted one (:mod:`svp.viz`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +29,58 @@ METHOD_SETTINGS = {
     "svp": {"shared_layers": 4, "hidden": 16},
 }
 METHOD_TITLES = {"linear": "linear probing", "vpt_deep": "VPT-deep", "svp": "SVP (ours)", "full": "full fine-tuning"}
+# Each method's learning rate, chosen once on the digits *validation* split by
+# ``svp demo --select-lr ...`` (the selection code of ``svp sweep --tune``) and stored
+# here; the file records the grid, every validation accuracy and the command.
+PRESET_ASSET = "demo_preset.json"
+SHARED_LR = 3e-3   # for a method the preset does not cover (or --lr): one shared, untuned value
+
+
+def load_preset(path: Optional[str] = None) -> dict:
+    from svp.models.vim_mini import mini_asset_path
+    path = path or mini_asset_path(PRESET_ASSET)
+    if not os.path.isfile(path):
+        return {"lr": {}}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int = 0,
+               methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
+               max_eval_samples: Optional[int] = None, progress: str = "none", command: str = "",
+               jobs: int = 1, echo=print) -> dict:
+    """Pick each method's learning rate on the digits validation split with the sweep's
+    tuning code (train on train, score val top-1, ties to the first lr listed); test
+    accuracy is not looked at. Returns the preset (``{"lr": {method: lr}, ...}``)."""
+    from svp.engine import tune as T
+
+    points = T.grid_points([("train.lr", [f"{float(v):g}" for v in lrs])])
+
+    def make_config(point, s, run_dir, refit):
+        cfg = demo_config("?", os.path.dirname(run_dir), epochs, batch_size, float(point[0][1]), s,
+                          max_train_samples, max_eval_samples, progress)
+        cfg["data"]["val_split"] = "val"
+        cfg["run"]["name"] = os.path.basename(run_dir)
+        return cfg
+
+    preset = {"lr": {}, "val_top1": {}, "grid": [float(v) for v in lrs], "dataset": "digits",
+              "selection": "top-1 on the digits val split (297 images, or the first --max-eval-samples) "
+                           "after training on the train split; ties to the first lr listed; test accuracy "
+                           "not used",
+              "epochs": epochs, "batch_size": batch_size, "seed": seed, "command": command}
+    for m in methods:
+        def mk(point, s, run_dir, refit, m=m):
+            cfg = make_config(point, s, run_dir, refit)
+            cfg["method"] = {"name": m, "settings": dict(METHOD_SETTINGS.get(m, {}))}
+            return cfg
+        cell = T.tune_cell(points, [seed], os.path.join(out, m), "val", mk, T.Runner(jobs), label=f"demo / {m}")
+        preset["val_top1"][m] = {g["label"].split("=", 1)[1]: g["val_top1"] for g in cell["grid"]}
+        if cell["chosen"] is not None:
+            preset["lr"][m] = float(cell["chosen"]["train.lr"])
+        echo(f"{m}: val top-1 " + ", ".join(f"lr {k}: {'failed' if v is None else f'{v:.2f}'}"
+                                           for k, v in preset["val_top1"][m].items())
+             + f" -> lr {preset['lr'].get(m, 'none')}")
+    return preset
 
 
 def demo_config(method: str, out: str, epochs: int, batch_size: int, lr: float, seed: int,
@@ -117,27 +170,44 @@ def set_aside_previous(out: str, methods, echo=print) -> List[str]:
     return moved
 
 
-def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+def method_lrs(methods, lr: Optional[float] = None, preset: Optional[dict] = None) -> Dict[str, tuple]:
+    """method -> (lr, where it comes from): ``lr`` for all when given, else the preset's
+    validation-selected value, else the shared default."""
+    chosen = (preset or load_preset()).get("lr", {})
+    out = {}
+    for m in methods:
+        if lr is not None:
+            out[m] = (float(lr), "--lr, shared by every method, not tuned")
+        elif m in chosen:
+            out[m] = (float(chosen[m]), "chosen on the digits validation split")
+        else:
+            out[m] = (SHARED_LR, "no preset for this method: shared default, not tuned")
+    return out
+
+
+def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float] = None, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
-             echo=print) -> dict:
+             echo=print, preset: Optional[dict] = None) -> dict:
     from svp.engine import train
 
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
     t0 = time.time()
+    lrs = method_lrs(methods, lr, preset)
     rows = []
     for i, m in enumerate(methods, 1):
         echo(f"\n[{i}/{len(methods)}] {METHOD_TITLES.get(m, m)} on digits, {epochs} epoch(s), batch {batch_size}, "
-             f"lr {lr:g}, bundled backbone {BACKBONE}")
-        cfg = demo_config(m, out, epochs, batch_size, lr, seed, max_train_samples, max_eval_samples, progress)
+             f"lr {lrs[m][0]:g} ({lrs[m][1]}), bundled backbone {BACKBONE}")
+        cfg = demo_config(m, out, epochs, batch_size, lrs[m][0], seed, max_train_samples, max_eval_samples,
+                          progress)
         try:
             res = train(cfg)
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
             continue
-        rows.append({"method": m, "test_top1": res["final"]["test_top1"],
+        rows.append({"method": m, "lr": lrs[m][0], "lr_source": lrs[m][1], "test_top1": res["final"]["test_top1"],
                      "trainable_params": res.get("trainable_params"),
                      "trainable_params_without_head": res.get("trainable_params_without_head"),
                      "train_seconds": res.get("train_seconds", 0.0), "run_dir": res.get("run_dir")})
@@ -150,7 +220,8 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, 
             figures = gate_figure(out, svp_row["run_dir"], seed)
         except Exception as e:
             fig_note = f"gate figure failed: {type(e).__name__}: {e}"
-    summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size, "lr": lr,
+    summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size,
+               "lr": {m: v[0] for m, v in lrs.items()},
                "seed": seed, "rows": rows, "full_finetune": full, "figures": figures,
                "seconds": round(time.time() - t0, 1)}
     from svp.io import atomic_write_json as _atomic_json
@@ -159,7 +230,13 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3, 
     echo("\n" + "=" * 84)
     echo(f"svp demo: digits (sklearn, 10 classes, 1000 train / 500 test), backbone {BACKBONE} "
          f"(bundled, pre-trained on IFS fractals)")
-    echo(f"same budget for every method: {epochs} epoch(s), batch {batch_size}, lr {lr:g}, cosine, seed {seed}")
+    echo(f"same budget for every method: {epochs} epoch(s), batch {batch_size}, cosine, seed {seed}; "
+         f"learning rate per method:")
+    for m in methods:
+        echo(f"  {METHOD_TITLES.get(m, m)}: {lrs[m][0]:g} ({lrs[m][1]})")
+    if lr is None and any(src.startswith("chosen") for _, src in lrs.values()):
+        echo("  (each chosen once by `svp demo --select-lr` on the digits validation split, never on test; "
+             "see docs/mini_backbone.md)")
     echo(format_table(rows, full))
     echo("")
     for r in rows:
@@ -182,7 +259,15 @@ def register(subparsers):
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=8, help="epochs per method (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every method (default 3e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="one learning rate for every method (default: each method's own, chosen on the digits "
+                        "validation split and stored in svp/assets/demo_preset.json)")
+    p.add_argument("--select-lr", default=None, metavar="LR1,LR2,...",
+                   help="instead of the demo: choose each method's lr from this list on the digits validation "
+                        "split and write the preset (--preset-out)")
+    p.add_argument("--jobs", type=int, default=1, help="--select-lr: grid runs at a time, each in its own process")
+    p.add_argument("--preset-out", default=None,
+                   help="where --select-lr writes the preset (default <out>/demo_preset.json)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--methods", default="linear,vpt_deep,svp", help="comma-separated (default linear,vpt_deep,svp)")
     p.add_argument("--max-train-samples", type=int, default=None, help="use only N training images (smoke test)")
@@ -208,6 +293,23 @@ def _main(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    if args.select_lr:
+        try:
+            grid = [float(v) for v in args.select_lr.split(",") if v.strip()]
+        except ValueError:
+            print(f"svp demo: --select-lr {args.select_lr!r}: expected comma-separated numbers", file=sys.stderr)
+            return 2
+        command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
+        preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
+                            methods, args.max_train_samples, args.max_eval_samples,
+                            "none" if args.quiet else "auto", command, args.jobs)
+        path = args.preset_out or os.path.join(args.out, PRESET_ASSET)
+        from svp.io import atomic_write_json
+        atomic_write_json(path, preset)
+        hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(os.path.abspath(
+            path))) == "assets" else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
+        print(f"wrote {path}{hint}")
+        return 0 if len(preset["lr"]) == len(methods) else 1
     summary = run_demo(args.out, args.epochs, args.batch_size, args.lr, args.seed, methods,
                        args.max_train_samples, args.max_eval_samples, not args.no_figure,
                        "none" if args.quiet else "auto")

@@ -309,6 +309,30 @@ class SubsetDataset(VisionDataset):
         return super().__getitem__(i)
 
 
+class ConcatSplits(VisionDataset):
+    """Several datasets of the same classes one after the other (``train+val``)."""
+
+    def __init__(self, parts: Sequence[VisionDataset], split: str = "",
+                 transform: Optional[Callable] = None):
+        classes = parts[0].classes
+        for p in parts[1:]:
+            if p.classes != classes:
+                raise DatasetError(f"{parts[0].name}: cannot join split {p.split!r} to {parts[0].split!r}: "
+                                   f"their class lists differ")
+        self.parts = list(parts)
+        self._where = [(k, i) for k, p in enumerate(self.parts) for i in range(len(p))]
+        super().__init__(classes, [t for p in self.parts for t in p.targets], transform,
+                         parts[0].name, split)
+
+    def describe(self, i: int) -> str:
+        k, j = self._where[i]
+        return self.parts[k].describe(j)
+
+    def _load(self, i: int) -> Image.Image:
+        k, j = self._where[i]
+        return self.parts[k]._load(j)
+
+
 def seeded_shuffle(n: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).permutation(n)
 

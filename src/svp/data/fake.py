@@ -19,7 +19,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .fgvc import FGVC
 from .vtab import VTAB_TASKS
 
 Manifest = Dict[str, Dict[str, List[Tuple[Optional[str], str]]]]

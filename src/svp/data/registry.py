@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import classic, embedded, fgvc, vtab
-from .base import DOCS_HINT, DatasetError, SubsetDataset, VisionDataset, carve_validation
+from .base import DOCS_HINT, ConcatSplits, DatasetError, SubsetDataset, VisionDataset, carve_validation
 
 log = logging.getLogger("svp.data")
 
@@ -225,6 +226,9 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     """
     info = dataset_info(name)
     _, builder = _REGISTRY[info.name]
+    if "+" in split or "[" in split:
+        return _split_expression(info, split, root, transform, val_from_train=val_from_train, seed=seed,
+                                 skip_bad_images=skip_bad_images, check_files=check_files, **options)
     unknown = set(options) - set(info.options)
     if unknown:
         raise TypeError(f"{info.name}: unknown option(s) {', '.join(sorted(unknown))}; "
@@ -258,3 +262,25 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
         raise DatasetError(f"{info.name}: read {ds.num_classes} classes, expected "
                            f"{info.num_classes} (docs/datasets.md, All datasets)")
     return ds
+
+
+_PART = re.compile(r"^([A-Za-z0-9_]+)(?:\[:(\d+)\])?$")
+
+
+def _split_expression(info: DatasetInfo, split: str, root, transform, **kw) -> VisionDataset:
+    """``a+b`` joins splits, ``a[:N]`` keeps the first N items of a split (what
+    ``data.max_train_samples`` keeps): ``train[:512]+val`` is the training set of a
+    refit after selection on ``val`` when the training budget is capped."""
+    parts = []
+    for text in split.split("+"):
+        m = _PART.match(text.strip())
+        if not m:
+            raise DatasetError(f"{info.name}: bad split expression {split!r}: each part must be a split "
+                               f"name, optionally with [:N] (e.g. 'train[:512]+val')")
+        ds = build_dataset(info.name, m.group(1), root, None, **kw)
+        if m.group(2) is not None:
+            ds = SubsetDataset(ds, range(min(len(ds), int(m.group(2)))), split=text.strip())
+        parts.append(ds)
+    if len(parts) == 1:
+        return SubsetDataset(parts[0], range(len(parts[0])), split=split, transform=transform)
+    return ConcatSplits(parts, split=split, transform=transform)

@@ -142,6 +142,13 @@ def register(subparsers) -> None:
     s.add_argument("--model", default=None, help="backbone timm name [model.name]")
     s.add_argument("--checkpoint", default=None, help="backbone checkpoint [model.checkpoint]")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
+    s.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="select KEY per method and dataset on the validation split (several --tune: their "
+                        "grid), then run the chosen value with every seed; grid runs use the first seed, "
+                        "ties go to the first value listed (docs/training.md)")
+    s.add_argument("--tune-refit", action="store_true",
+                   help="after selection retrain on training + validation split (VTAB-1k convention)")
+    s.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1)")
     s.set_defaults(func=cmd_sweep)
     _intermixed(s)
 
@@ -300,12 +307,12 @@ def cmd_sweep(args) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
         out = sweep(args.suite, methods, seeds, args.output or os.path.join("sweeps", args.suite), datasets,
-                    args.config, overrides, args.fail_fast)
+                    args.config, overrides, args.fail_fast, args.tune, args.tune_refit, args.jobs)
     except ValueError as e:
         if isinstance(e, C.ConfigError):
             raise
         raise C.ConfigError(str(e)) from None
     print(open(out["markdown"], encoding="utf-8").read())
-    print(f"wrote {out['csv']} and {out['markdown']}")
+    print(f"wrote {out['csv']} and {out['markdown']}" + (f" and {out['json']}" if out.get("json") else ""))
     failed = sum(r["status"] == "failed" for r in out["rows"])
     return 1 if failed else 0

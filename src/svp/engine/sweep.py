@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import checkpoint as ck
 from . import config as C
 from .select import mean_std
+from .tune import load_or_resume
 
 log = logging.getLogger("svp.engine.sweep")
 
@@ -46,28 +47,24 @@ def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
+def run_config(dataset: str, method: str, seed: int, output: str, run_name: str, config_files: Sequence[str],
+               overrides: Sequence[str]) -> dict:
+    # the sweep decides dataset/method/seed/run folder, whatever the config files say; as
+    # overrides they also pick the right dataset preset and method file
+    forced = [f"data.dataset={json.dumps(dataset)}", f"method.name={json.dumps(method)}",
+              f"train.seed={int(seed)}", f"run.output={json.dumps(output)}", f"run.name={json.dumps(run_name)}"]
+    return C.resolve(config_files, list(overrides) + forced)
+
+
 def run_one(dataset: str, method: str, seed: int, output: str, config_files: Sequence[str],
             overrides: Sequence[str]) -> Dict[str, Any]:
     from .loop import train
 
     run_name = os.path.join(_slug(dataset), method, f"seed{seed}")
-    run_dir = os.path.join(output, run_name)
-    done = os.path.join(run_dir, "results.json")
-    if os.path.isfile(done):
-        with open(done) as f:
-            res = json.load(f)
-        res["status"] = "reused"
+    res = load_or_resume(os.path.join(output, run_name))
+    if res is not None:
         return res
-    if os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
-        res = train(resume=run_dir)
-        res["status"] = "resumed"
-        return res
-    # the sweep decides dataset/method/seed/run folder, whatever the config files say; as
-    # overrides they also pick the right dataset preset and method file
-    forced = [f"data.dataset={json.dumps(dataset)}", f"method.name={json.dumps(method)}",
-              f"train.seed={int(seed)}", f"run.output={json.dumps(output)}", f"run.name={json.dumps(run_name)}"]
-    cfg = C.resolve(config_files, list(overrides) + forced)
-    res = train(cfg)
+    res = train(run_config(dataset, method, seed, output, run_name, config_files, overrides))
     res["status"] = "ok"
     return res
 
@@ -75,12 +72,16 @@ def run_one(dataset: str, method: str, seed: int, output: str, config_files: Seq
 CSV_FIELDS = ["suite", "group", "dataset", "method", "seed", "status", "selection", "val_selected_epoch",
               "val_selected_val_top1", "val_selected_test_top1", "final_test_top1", "official_best_test_top1",
               "trainable_params", "trainable_params_without_head", "adapter_bytes", "epochs_run",
-              "train_seconds", "run_dir", "error"]
+              "train_seconds", "run_dir", "error", "role", "protocol", "setting"]
 
 
-def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], error: str = "") -> Dict[str, Any]:
+def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], error: str = "",
+                     role: str = "run", protocol: str = "", setting: str = "") -> Dict[str, Any]:
+    """One results.csv row. role: ``run`` (plain sweep), ``grid`` (a tuning grid point,
+    selection only) or ``final`` (the selected setting, the reported number)."""
     row = {k: "" for k in CSV_FIELDS}
-    row.update({"suite": suite, "group": group, "dataset": dataset, "method": method, "seed": seed})
+    row.update({"suite": suite, "group": group, "dataset": dataset, "method": method, "seed": seed,
+                "role": role, "protocol": protocol, "setting": setting})
     if res is None:
         row.update({"status": "failed", "error": error})
         return row
@@ -193,7 +194,34 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     return "\n".join(out) + "\n"
 
 
-def write_outputs(output: str, suite: str, rows, datasets, methods, seeds) -> Tuple[str, str]:
+def selection_table(tuning: Dict[str, Any]) -> str:
+    """Per method and dataset: the validation top-1 of every grid point, the choice."""
+    from .tune import PROTOCOL_TITLES
+    labels: List[str] = []
+    for cell in tuning["cells"]:
+        for g in cell["grid"]:
+            if g["label"] not in labels:
+                labels.append(g["label"])
+    out = [f"**Selection** ({PROTOCOL_TITLES[tuning['protocol']]}): validation top-1 (%) of each grid point, "
+           f"trained with seed {tuning['grid_seed']} on the training split; the chosen point is in bold "
+           f"(the highest validation top-1; a tie goes to the first in grid order). Test accuracy is not "
+           f"used for the choice.", "",
+           "| Method | Dataset | " + " | ".join(labels) + " | Chosen |",
+           "|---|---|" + "---:|" * len(labels) + "---|"]
+    for cell in tuning["cells"]:
+        by = {g["label"]: g for g in cell["grid"]}
+        cells = []
+        for lab in labels:
+            g = by.get(lab)
+            v = "-" if g is None else ("failed" if g["val_top1"] is None else f"{g['val_top1']:.2f}")
+            cells.append(f"**{v}**" if g is not None and lab == cell["chosen_label"] else v)
+        out.append(f"| {cell['method']} | {cell['dataset']} | " + " | ".join(cells)
+                   + f" | {cell['chosen_label'] or 'none (all failed)'} |")
+    return "\n".join(out) + "\n"
+
+
+def write_outputs(output: str, suite: str, rows, datasets, methods, seeds,
+                  tuning: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
     official = any(r.get("official_best_test_top1") not in ("", None) for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -202,19 +230,26 @@ def write_outputs(output: str, suite: str, rows, datasets, methods, seeds) -> Tu
         w.writerow(r)
     csv_path = os.path.join(output, "results.csv")
     ck.atomic_write_text(csv_path, buf.getvalue())
-    md = [f"# svp sweep: suite `{suite}`", "",
-          markdown_table(suite, rows, datasets, methods, seeds, "val_selected_test_top1"), "",
-          markdown_table(suite, rows, datasets, methods, seeds, "final_test_top1")]
+    md = [f"# svp sweep: suite `{suite}`", ""]
+    if tuning is not None:
+        from .tune import PROTOCOL_TITLES
+        md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
+               + "; ".join(f"`{k}` in {', '.join(v)}" for k, v in tuning["grid_spec"])
+               + ". The tables report the chosen setting's final runs.", ""]
+        ck.atomic_write_text(os.path.join(output, "tuning.json"), json.dumps(tuning, indent=1, default=str))
+    report_rows = [r for r in rows if r.get("role") != "grid"]
+    md += [markdown_table(suite, report_rows, datasets, methods, seeds, "val_selected_test_top1"), "",
+           markdown_table(suite, report_rows, datasets, methods, seeds, "final_test_top1")]
     if official:
-        md += ["", markdown_table(suite, rows, datasets, methods, seeds, "official_best_test_top1")]
+        md += ["", markdown_table(suite, report_rows, datasets, methods, seeds, "official_best_test_top1")]
+    if tuning is not None:
+        md += ["", selection_table(tuning)]
     md_path = os.path.join(output, "results.md")
     ck.atomic_write_text(md_path, "\n".join(md))
     return csv_path, md_path
 
 
-def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
-          datasets: Optional[Sequence[str]] = None, config_files: Sequence[str] = (),
-          overrides: Sequence[str] = (), fail_fast: bool = False) -> Dict[str, Any]:
+def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
     all_ds = suite_datasets(suite)
     if datasets:
         import svp.data as data
@@ -227,8 +262,24 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                                     f"({', '.join(n for n, _ in all_ds)})")
             wanted += match
         all_ds = wanted
+    return all_ds
+
+
+def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
+          datasets: Optional[Sequence[str]] = None, config_files: Sequence[str] = (),
+          overrides: Sequence[str] = (), fail_fast: bool = False, tune: Sequence[str] = (),
+          tune_refit: bool = False, jobs: int = 1) -> Dict[str, Any]:
+    """Run a suite. With ``tune`` (``["train.lr=1e-3,1e-2", ...]``) each method x dataset
+    first selects its setting on the validation split (:mod:`svp.engine.tune`)."""
+    all_ds = _select_datasets(suite, datasets)
+    if tune:
+        return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit, jobs)
+    if tune_refit:
+        raise C.ConfigError("--tune-refit needs --tune (the grid to select from)")
     os.makedirs(output, exist_ok=True)
     rows: List[Dict[str, Any]] = []
+    if jobs > 1:
+        return _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs)
     total = len(all_ds) * len(methods) * len(seeds)
     k = 0
     for ds, group in all_ds:
@@ -240,7 +291,8 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                     res = run_one(ds, m, int(s), output, config_files, overrides)
                     rows.append(row_from_results(suite, group, ds, m, s, res))
                 except Exception as e:  # keep going; the row says what failed
-                    if fail_fast:
+                    from .tune import stop_requested
+                    if fail_fast or stop_requested(e):
                         raise
                     log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
                     log.debug("%s", traceback.format_exc())
@@ -248,3 +300,108 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                 write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
+
+
+def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs):
+    from .tune import Runner
+    if fail_fast:
+        raise C.ConfigError("--fail-fast works one run at a time; leave out --jobs")
+    combos = [(ds, g, m, int(s)) for ds, g in all_ds for m in methods for s in seeds]
+    tasks = []
+    for ds, _g, m, s in combos:
+        name = os.path.join(_slug(ds), m, f"seed{s}")
+        tasks.append((os.path.join(output, name),
+                      lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides)))
+    with Runner(jobs) as runner:
+        results = runner.run_all(tasks)
+    rows = [row_from_results(suite, g, ds, m, s, res, err) for (ds, g, m, s), (res, err) in zip(combos, results)]
+    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+    return {"csv": csv_path, "markdown": md_path, "rows": rows}
+
+
+def _tuned_rows(suite, plans, cells, seeds, protocol) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    for (ds, group, m, *_), cell in zip(plans, cells):
+        for g in cell["grid"]:
+            res = None
+            if g["status"] != "failed":
+                with open(os.path.join(g["run_dir"], "results.json")) as f:
+                    res = json.load(f)
+                res["status"] = g["status"]
+            rows.append(row_from_results(suite, group, ds, m, seeds[0], res, g["error"], "grid", protocol,
+                                         g["label"]))
+        for fin in cell["finals"]:
+            rows.append(row_from_results(suite, group, ds, m, fin["seed"], fin["results"], fin["error"],
+                                         "final", protocol, cell["chosen_label"]))
+        if cell["chosen"] is None:
+            rows += [row_from_results(suite, group, ds, m, s, None, "every grid point failed", "final",
+                                      protocol) for s in seeds]
+    return rows
+
+
+def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
+                all_ds: List[Tuple[str, str]], config_files: Sequence[str], overrides: Sequence[str],
+                tune: Sequence[str], refit: bool, jobs: int = 1) -> Dict[str, Any]:
+    from . import tune as T
+
+    spec = T.parse_tune(tune)
+    points = T.grid_points(spec)
+    protocol = "refit" if refit else "val"
+    seeds = [int(x) for x in seeds]
+    if not seeds:
+        raise C.ConfigError("--seeds: at least one seed is needed")
+    # fail on a bad key or value before any training
+    probe = all_ds[0][0] if all_ds else "digits"
+    for p in points:
+        run_config(probe, methods[0], seeds[0], output, "probe", config_files,
+                   list(overrides) + T.point_overrides(p))
+    os.makedirs(output, exist_ok=True)
+    tuning: Dict[str, Any] = {"suite": suite, "protocol": protocol, "grid_seed": seeds[0], "seeds": seeds,
+                              "grid_spec": spec, "overrides": list(overrides),
+                              "config_files": list(config_files), "cells": []}
+    plans = []
+    for ds, group in all_ds:
+        for m in methods:
+            base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides)
+            val_split = T.selection_val_split(ds, base_cfg)
+
+            def make_config(point, seed, run_dir, refit_run, ds=ds, m=m, val_split=val_split):
+                ov = list(overrides) + T.point_overrides(point) + [f"data.val_split={val_split}"]
+                cfg = run_config(ds, m, seed, output, os.path.relpath(run_dir, output), config_files, ov)
+                if refit_run:
+                    cfg["data"]["train_split"] = T.refit_split(cfg)
+                    cfg["data"]["max_train_samples"] = None
+                    cfg["data"]["val_split"] = None
+                return cfg
+
+            folder = os.path.join(output, _slug(ds), m)
+            plans.append((ds, group, m, folder, make_config,
+                          T.grid_tasks(points, seeds[0], folder, make_config)))
+    # every grid run of every (dataset, method) first, so `jobs` workers stay busy; then
+    # every final run of the chosen settings
+    log.info("%d dataset/method pair(s) x %d grid point(s), seed %d; then seeds %s (%s)", len(plans),
+             len(points), seeds[0], ",".join(map(str, seeds)), protocol)
+    with T.Runner(jobs) as runner:
+        grid_res = runner.run_all([t for p in plans for t in p[5]])
+        cells, finals = [], []
+        for i, (ds, group, m, folder, make_config, grid) in enumerate(plans):
+            res_i = grid_res[i * len(points):(i + 1) * len(points)]
+            cell, fin = T.select(points, seeds, folder, protocol, make_config, grid, res_i, label=f"{ds} / {m}")
+            cell.update({"dataset": ds, "method": m, "group": group})
+            cells.append(cell)
+            finals.append(fin)
+        tuning["cells"] = cells
+        write_outputs(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds, list(methods),
+                      seeds, tuning)
+        final_res = runner.run_all([t for f in finals for t in f])
+    k = 0
+    for cell, fin in zip(cells, finals):
+        T.record_finals(cell, seeds, fin, final_res[k:k + len(fin)])
+        k += len(fin)
+    rows = _tuned_rows(suite, plans, cells, seeds, protocol)
+    for cell in cells:
+        for fin in cell["finals"]:
+            fin.pop("results", None)
+    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
+    return {"csv": csv_path, "markdown": md_path, "rows": rows, "tuning": tuning,
+            "json": os.path.join(output, "tuning.json")}

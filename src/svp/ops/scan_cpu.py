@@ -28,7 +28,6 @@ for delta*|A| above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 

@@ -4,6 +4,7 @@
     python -m svp.pretrain.mini_suite --out sweeps/mini --stages 12-14  # supplementary budget check
     python -m svp.pretrain.mini_suite --out sweeps/mini --dry-run  # print the commands
     python -m svp.pretrain.mini_suite --out sweeps/mini --report   # Markdown of what finished
+    python -m svp.pretrain.mini_suite --out sweeps/mini-tuned --tuned   # each setting chosen on val
 
 Every command is an ordinary ``svp sweep`` with the suite configuration
 ``svp/assets/mini_suite.yaml`` (bundled backbone, fixed budget, method sizes); a sweep
@@ -50,16 +51,51 @@ def suite_yaml() -> str:
     return mini_asset_path("mini_suite.yaml")
 
 
-def commands(out: str, svp_bin: str = "svp") -> List[Tuple[str, List[str]]]:
+def tune_grid(path: Optional[str] = None) -> dict:
+    """The tuned suite's grid file (``svp/assets/mini_suite_tune.yaml``) as
+    ``{"tune": ["train.lr=1e-3,...", ...], "refit": bool, "jobs": int}``."""
+    import yaml
+    from svp.models.vim_mini import mini_asset_path
+    path = path or mini_asset_path("mini_suite_tune.yaml")
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    grid = doc.get("tune")
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SystemExit(f"{path}: 'tune' must map config keys to non-empty lists of values")
+    return {"tune": [f"{k}={','.join(str(v) for v in vals)}" for k, vals in grid.items()],
+            "refit": bool(doc.get("refit", False)), "jobs": int(doc.get("jobs", 1))}
+
+
+def commands(out: str, svp_bin: str = "svp", tuned: bool = False, datasets: Optional[List[str]] = None,
+             methods: Optional[List[str]] = None, seeds: str = "0,1,2") -> List[Tuple[str, List[str]]]:
+    """The suite's sweeps in order. ``tuned``: each with the grid of
+    ``mini_suite_tune.yaml`` (selection on the validation split). ``datasets`` /
+    ``methods`` / ``seeds`` cut the suite down (a reduced check)."""
     cfg = suite_yaml()
     main = os.path.join(out, "main")
     base = [svp_bin, "sweep", "--suite", "mini", "-c", cfg]
-    cmds = [("main, seed 0", base + ["--methods", ",".join(METHODS), "--seeds", "0", "--output", main])]
+    if tuned:
+        g = tune_grid()
+        for t in g["tune"]:
+            base += ["--tune", t]
+        base += (["--tune-refit"] if g["refit"] else []) + ["--jobs", str(g["jobs"])]
+    main_methods = [m for m in METHODS if methods is None or m in methods]
+    ds_main = ["--datasets", ",".join(datasets)] if datasets else []
+    ab_ds = [d for d in ABLATION_DATASETS if datasets is None or d in datasets]
+    first_seed = seeds.split(",")[0]
+    cmds = [(f"main, seed {first_seed}", base + ["--methods", ",".join(main_methods), "--seeds", first_seed,
+                                                 "--output", main] + ds_main)]
     for name, (method, ov) in ABLATIONS.items():
-        cmds.append((f"ablation {name}, seed 0", base + ["--methods", method, "--seeds", "0", "--datasets",
-                                                         ",".join(ABLATION_DATASETS), "--output",
-                                                         os.path.join(out, "ablations", name)] + ov))
-    cmds.append(("main, seeds 0-2", base + ["--methods", ",".join(METHODS), "--seeds", "0,1,2", "--output", main]))
+        if methods is not None and method not in methods or not ab_ds:
+            continue
+        cmds.append((f"ablation {name}, seed {first_seed}",
+                     base + ["--methods", method, "--seeds", first_seed, "--datasets", ",".join(ab_ds),
+                             "--output", os.path.join(out, "ablations", name)] + ov))
+    if seeds != first_seed:
+        cmds.append((f"main, seeds {seeds}", base + ["--methods", ",".join(main_methods), "--seeds", seeds,
+                                                    "--output", main] + ds_main))
+    if tuned:   # the budget check below is a supplement of the untuned suite
+        return cmds
     long_base = base + ["--seeds", "0", "--datasets", ",".join(ABLATION_DATASETS)]
     cmds.append(("budget check (full train sets, 10 epochs), main methods",
                  long_base + ["--methods", ",".join(LONG_METHODS), "--output", os.path.join(out, "long", "main")]
@@ -72,6 +108,32 @@ def commands(out: str, svp_bin: str = "svp") -> List[Tuple[str, List[str]]]:
     return cmds
 
 
+def _sweep_name(rel: List[str]) -> str:
+    return "main" if rel[0] == "main" else rel[1] if rel[0] == "ablations" else f"long/{rel[1]}"
+
+
+def _collect_tuned(out: str) -> Tuple[Dict[str, List[dict]], Dict[str, List[dict]]]:
+    """Final runs of the chosen settings (from each sweep's results.csv) and the
+    selection records (tuning.json), per sweep folder."""
+    import csv
+    import json
+    found: Dict[str, List[dict]] = {}
+    cells: Dict[str, List[dict]] = {}
+    for root, _dirs, files in os.walk(out):
+        if "tuning.json" not in files:
+            continue
+        name = _sweep_name(os.path.relpath(root, out).split(os.sep))
+        with open(os.path.join(root, "tuning.json")) as f:
+            cells[name] = json.load(f)["cells"]
+        with open(os.path.join(root, "results.csv")) as f:
+            for row in csv.DictReader(f):
+                done = os.path.join(row["run_dir"], "results.json") if row["run_dir"] else ""
+                if row["role"] == "final" and done and os.path.isfile(done):
+                    with open(done) as g:
+                        found.setdefault(name, []).append(json.load(g))
+    return found, cells
+
+
 def _collect(out: str) -> Dict[str, List[dict]]:
     """Finished runs from every sweep folder (results.json of each run, so a sweep cut
     off mid-way still counts its finished runs)."""
@@ -81,9 +143,7 @@ def _collect(out: str) -> Dict[str, List[dict]]:
         if "results.json" in files:
             with open(os.path.join(root, "results.json")) as f:
                 res = json.load(f)
-            rel = os.path.relpath(root, out).split(os.sep)
-            sweep_name = "main" if rel[0] == "main" else rel[1] if rel[0] == "ablations" else f"long/{rel[1]}"
-            found.setdefault(sweep_name, []).append(res)
+            found.setdefault(_sweep_name(os.path.relpath(root, out).split(os.sep)), []).append(res)
     return found
 
 
@@ -92,11 +152,39 @@ def _ms(vals: List[float]) -> str:
     return mean_std(vals, 1) + ("" if len(vals) != 1 else " (1 seed)")
 
 
+def selection_report(cells: Dict[str, List[dict]]) -> List[str]:
+    """The chosen setting per method (or ablation variant) and dataset, with the
+    validation top-1 that chose it."""
+    lines = ["Chosen on the validation split (seed 0 grid; validation top-1 % in brackets):", ""]
+    datasets = sorted({c["dataset"] for cs in cells.values() for c in cs})
+    lines += ["| Sweep / method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for name, cs in cells.items():
+        for m in dict.fromkeys(c["method"] for c in cs):
+            by = {c["dataset"]: c for c in cs if c["method"] == m}
+            cell_txt = []
+            for d in datasets:
+                c = by.get(d)
+                if c is None or not c["chosen"]:
+                    cell_txt.append("-")
+                    continue
+                val = next(g["val_top1"] for g in c["grid"] if g["label"] == c["chosen_label"])
+                cell_txt.append(f"{', '.join(f'{v}' for v in c['chosen'].values())} ({val:.1f})")
+            lines.append(f"| {name} / {m} | " + " | ".join(cell_txt) + " |")
+    lines.append("")
+    return lines
+
+
 def report(out: str) -> str:
     import svp.data as data
-    found = _collect(out)
-    lines: List[str] = []
-    datasets = data.list_datasets("embedded")
+    tuned = any("tuning.json" in files for _r, _d, files in os.walk(out))
+    cells: Dict[str, List[dict]] = {}
+    if tuned:
+        found, cells = _collect_tuned(out)
+    else:
+        found = _collect(out)
+    lines: List[str] = selection_report(cells) if tuned else []
+    datasets = [d for d in data.list_datasets("embedded")
+                if not tuned or any(r["dataset"] == d for rs in found.values() for r in rs)]
     main = found.get("main", [])
     acc: Dict[Tuple[str, str], Dict[int, float]] = {}
     params: Dict[str, Dict[str, Tuple[int, int]]] = {}
@@ -106,7 +194,9 @@ def report(out: str) -> str:
         acc.setdefault((r["method"], r["dataset"]), {})[int(r["seed"])] = float(r["final"]["test_top1"])
         params.setdefault(r["method"], {})[r["dataset"]] = (r["trainable_params"], r["trainable_params_without_head"])
     seeds = sorted({s for v in acc.values() for s in v})
-    lines.append(f"Test top-1 (%) after the last epoch, mean ± std over seeds {seeds}. "
+    lines.append(("Tuned protocol (setting chosen on the validation split). " if tuned else
+                  "Shared learning rate (mini_suite.yaml), not tuned. ") +
+                 f"Test top-1 (%) after the last epoch, mean ± std over seeds {seeds}. "
                  f"Mean: per seed over the datasets, then mean ± std over seeds (seeds with every dataset).")
     lines.append("")
     hdr = ["Method"] + datasets + ["Mean", "Trainable (no head)", "% of full FT"]
@@ -177,6 +267,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the svp sweep commands only")
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of the finished runs")
     ap.add_argument("--stages", default=None, help="stages to run, e.g. 1-11 or 12,13 (1-based; default all)")
+    ap.add_argument("--tuned", action="store_true",
+                    help="the tuned protocol: every sweep selects its setting on the validation split with the "
+                         "grid of svp/assets/mini_suite_tune.yaml (one thread per run, runs at a time as it says)")
+    ap.add_argument("--datasets", default=None, help="comma-separated: only these datasets (a reduced check)")
+    ap.add_argument("--methods", default=None, help="comma-separated: only these methods (a reduced check)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     args = ap.parse_args(argv)
     if args.report:
         print(report(args.out))
@@ -184,7 +280,12 @@ def main(argv=None) -> int:
     svp_bin = os.path.join(os.path.dirname(sys.executable), "svp")
     if not os.path.exists(svp_bin):
         svp_bin = "svp"
-    cmds = commands(args.out, svp_bin)
+    split = (lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None)
+    cmds = commands(args.out, svp_bin, args.tuned, split(args.datasets), split(args.methods), args.seeds)
+    env = dict(os.environ)
+    if args.tuned:   # one thread per run; the sweep runs `jobs` of them at a time
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("NUMBA_NUM_THREADS", "1")
     wanted = set(range(1, len(cmds) + 1))
     if args.stages:
         wanted = set()
@@ -197,7 +298,7 @@ def main(argv=None) -> int:
             continue
         print(f"== stage {i}/{len(cmds)}: {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         if not args.dry_run:
-            rc = subprocess.call(cmd) or rc
+            rc = subprocess.call(cmd, env=env) or rc
     return rc
 
 

@@ -1,0 +1,300 @@
+"""Hyper-parameter selection on the validation split (``svp sweep --tune``).
+
+For one (dataset, method): every point of a grid (``--tune train.lr=1e-3,1e-2``; several
+keys form their product, in the order given) is trained on the training split with the
+first requested seed and scored by its validation top-1 (``val_selected.val_top1``, the
+best validation accuracy over the evaluated epochs). The point with the highest score
+wins; a tie goes to the point that comes first in grid order (list the value you would
+rather keep first, e.g. the smaller learning rate). Test accuracy is never read before
+the choice is made. The chosen point is then run with every requested seed:
+
+- ``protocol="val"`` (default): trained on the training split, exactly as the grid run,
+  so the grid run of the first seed *is* its final run (reused, not retrained);
+- ``protocol="refit"`` (``--tune-refit``, the VTAB-1k convention): retrained on
+  training + validation split (``train[:N]+val[:M]`` when the budget caps them), no
+  validation split, the last epoch reported.
+
+Folders: ``<output>/<dataset>/<method>/grid/<point>/seed<k>`` (grid and, for ``val``,
+final runs) and ``<output>/<dataset>/<method>/refit/<point>/seed<k>``. A finished run
+(``results.json``) is reused and an interrupted one resumed, so a tuning sweep can be
+interrupted and restarted at will; ``tuning.json`` in the output folder records every
+grid score and choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import checkpoint as ck
+from . import config as C
+
+log = logging.getLogger("svp.engine.sweep")
+
+Point = Tuple[Tuple[str, str], ...]   # ((key, value text), ...) in grid order
+# keys the sweep itself decides per run; tuning them would break the protocol
+FORBIDDEN = ("data.dataset", "method.name", "train.seed", "run.output", "run.name", "data.train_split",
+             "data.val_split", "data.test_split", "eval.report_best_test", "eval.test_every_epoch")
+PROTOCOL_TITLES = {"val": "selected on the validation split, final runs trained on the training split",
+                   "refit": "selected on the validation split, final runs retrained on training + validation "
+                            "(VTAB-1k convention)"}
+
+
+def _split_values(text: str) -> List[str]:
+    """Comma-separated values; commas inside [...] or {...} belong to the value."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def _canon(text: str) -> str:
+    """One spelling per value: 1, 1.0 and 1e0 are one number; others as sorted JSON."""
+    v = C.parse_value(text)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return repr(float(v))
+    return json.dumps(v, sort_keys=True)
+
+
+def parse_tune(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``["train.lr=1e-3,1e-2", ...]`` -> ``[("train.lr", ["1e-3", "1e-2"]), ...]``."""
+    spec: List[Tuple[str, List[str]]] = []
+    for item in items:
+        if "=" not in item:
+            raise C.ConfigError(f"--tune {item!r}: expected section.key=v1,v2,... (e.g. train.lr=1e-3,1e-2)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        C._check_key(key, f"--tune {item!r}")
+        if key in FORBIDDEN:
+            raise C.ConfigError(f"--tune {item!r}: {key} is set by the sweep itself and cannot be tuned")
+        if any(k == key for k, _ in spec):
+            raise C.ConfigError(f"--tune: key {key} given twice; give all its values in one --tune")
+        values = _split_values(text)
+        if not all(values):
+            raise C.ConfigError(f"--tune {item!r}: empty value in the list")
+        parsed = [_canon(v) for v in values]
+        if len(set(parsed)) != len(parsed):
+            raise C.ConfigError(f"--tune {item!r}: a value is listed twice")
+        spec.append((key, values))
+    return spec
+
+
+def grid_points(spec: List[Tuple[str, List[str]]]) -> List[Point]:
+    """The grid's points in order: the product of the lists, the first key slowest."""
+    keys = [k for k, _ in spec]
+    return [tuple(zip(keys, combo)) for combo in itertools.product(*[v for _, v in spec])]
+
+
+def point_overrides(point: Point) -> List[str]:
+    return [f"{k}={v}" for k, v in point]
+
+
+def point_label(point: Point) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point)
+
+
+def point_slug(point: Point) -> str:
+    """A folder name for a point; values are normalised (1e-2, 0.01 and 1.0e-2 share a
+    folder), and a short hash keeps sanitised names apart."""
+    raw = ",".join(f"{k}={_canon(v)}" for k, v in point)
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
+    if safe != raw or len(safe) > 100:
+        safe = safe[:80] + "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
+    return safe
+
+
+def choose(scores: Sequence[Optional[float]]) -> Optional[int]:
+    """Index of the best validation score; ties go to the first; None (failed) never wins."""
+    from .select import improves   # the epoch selection's rule: strictly better wins
+    best = None
+    for i, s in enumerate(scores):
+        if improves(s, best):
+            best = {"score": s, "index": i}
+    return None if best is None else best["index"]
+
+
+def val_score(res: Optional[dict]) -> Optional[float]:
+    if not res:
+        return None
+    v = (res.get("val_selected") or {}).get("val_top1")
+    return float(v) if v is not None else None
+
+
+def refit_split(cfg: dict) -> str:
+    """The training set of a refit: training + validation split, each cut as the grid
+    runs saw it (``max_train_samples`` on train, ``max_eval_samples`` on val)."""
+    d = cfg["data"]
+    tr = d["train_split"] + (f"[:{int(d['max_train_samples'])}]" if d["max_train_samples"] else "")
+    va = d["val_split"] + (f"[:{int(d['max_eval_samples'])}]" if d["max_eval_samples"] else "")
+    return f"{tr}+{va}"
+
+
+def selection_val_split(dataset: str, cfg: dict) -> str:
+    """The validation split the grid is scored on: the configuration's, or the
+    dataset's own selection split when the configuration has none (mini suite)."""
+    if cfg["data"]["val_split"]:
+        return str(cfg["data"]["val_split"])
+    import svp.data as data
+    info = data.dataset_info(dataset)
+    if info.selection_splits.get("val") or (cfg["data"]["options"] or {}).get("val_from_train"):
+        return "val"
+    raise C.ConfigError(f"--tune needs a validation split and {info.name} has none: carve one out of the "
+                        f"training split with data.options.val_from_train=0.1 (or set data.val_split)")
+
+
+def load_or_resume(run_dir: str, resume: bool = True) -> Optional[Dict[str, Any]]:
+    """The results of a finished run (status ``reused``), of an interrupted one after
+    resuming it (``resumed``, only with ``resume``), or None when the run has not started."""
+    from .loop import train
+
+    done = os.path.join(run_dir, "results.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            res = json.load(f)
+        res["status"] = "reused"
+        return res
+    if resume and os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
+        res = train(resume=run_dir)
+        res["status"] = "resumed"
+        return res
+    return None
+
+
+class Runner:
+    """Runs (or reuses / resumes) training runs, one at a time or ``jobs`` at a time
+    in spawned worker processes (each run's threads as the environment sets them).
+    The worker pool lives until :meth:`close` (use as a context manager)."""
+
+    def __init__(self, jobs: int = 1):
+        self.jobs = max(1, int(jobs))
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def run_all(self, tasks: List[Tuple[str, Callable[[], dict]]]) -> List[Tuple[Optional[dict], str]]:
+        """tasks: (run_dir, make_config). Returns (results or None, error text) per task."""
+        out: List[Optional[Tuple[Optional[dict], str]]] = [None] * len(tasks)
+        todo = []
+        for i, (run_dir, make_cfg) in enumerate(tasks):
+            res = load_or_resume(run_dir, resume=False)
+            if res is not None:
+                out[i] = (res, "")
+            else:
+                try:
+                    todo.append((i, run_dir, make_cfg()))
+                except Exception as e:  # a bad configuration fails its runs, not the sweep
+                    out[i] = (None, f"{type(e).__name__}: {e}")
+        if todo:
+            log.info("%d run(s) to train, %d reused", len(todo), len(tasks) - len(todo))
+        if self.jobs == 1 or len(todo) <= 1:
+            for i, run_dir, cfg in todo:
+                out[i] = _run_safely(run_dir, cfg)
+        else:
+            import concurrent.futures as cf
+            import multiprocessing as mp
+            if self._pool is None:
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+            futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
+            for k, f in enumerate(cf.as_completed(futs), 1):
+                out[futs[f]] = f.result()
+                log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
+        return [o if o is not None else (None, "not run") for o in out]
+
+
+def stop_requested(e: BaseException) -> bool:
+    """Was the run stopped by SIGINT/SIGTERM (resume point written)? Then the whole sweep
+    stops, rather than recording the run as failed and starting the next one."""
+    from .signals import EXIT_INTERRUPTED, TrainingStopped
+    return isinstance(e, TrainingStopped) and e.code == EXIT_INTERRUPTED
+
+
+def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
+    from .loop import train
+    try:
+        res = load_or_resume(run_dir, resume=True)
+        if res is None:
+            res = train(cfg)
+            res["status"] = "ok"
+        return res, ""
+    except Exception as e:  # recorded per run; the sweep goes on, unless the user stopped it
+        if stop_requested(e):
+            raise KeyboardInterrupt(str(e)) from None
+        log.error("run %s failed: %s: %s", run_dir, type(e).__name__, e)
+        return None, f"{type(e).__name__}: {e}"
+
+
+def grid_tasks(points: List[Point], seed0: int, folder: str,
+               make_config: Callable[[Point, int, str, bool], dict]) -> List[Tuple[str, Callable[[], dict]]]:
+    """The grid runs of one (dataset, method): (run folder, config maker) per point."""
+    dirs = [os.path.join(folder, "grid", point_slug(p), f"seed{seed0}") for p in points]
+    return [(d, (lambda p=p, d=d: make_config(p, seed0, d, False))) for p, d in zip(points, dirs)]
+
+
+def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str,
+           make_config: Callable[[Point, int, str, bool], dict], grid: List[Tuple[str, Callable]],
+           grid_results: List[Tuple[Optional[dict], str]], label: str = ""
+           ) -> Tuple[Dict[str, Any], List[Tuple[str, Callable[[], dict]]]]:
+    """The choice from the grid's validation scores, and the final runs it asks for."""
+    if protocol not in PROTOCOL_TITLES:
+        raise C.ConfigError(f"tuning protocol {protocol!r}: expected val or refit")
+    scores = [val_score(res) for res, _ in grid_results]
+    k = choose(scores)
+    cell: Dict[str, Any] = {
+        "label": label, "protocol": protocol, "grid_seed": int(seeds[0]),
+        "grid": [{"point": dict(p), "label": point_label(p), "val_top1": s, "run_dir": d,
+                  "status": res.get("status", "ok") if res else "failed", "error": err}
+                 for p, (d, _), s, (res, err) in zip(points, grid, scores, grid_results)],
+        "chosen": None, "chosen_label": None, "finals": []}
+    if k is None:
+        log.error("%s: every grid point failed; nothing to select", label)
+        return cell, []
+    chosen = points[k]
+    cell["chosen"], cell["chosen_label"] = dict(chosen), point_label(chosen)
+    log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
+    sub = "grid" if protocol == "val" else "refit"
+    dirs = [os.path.join(folder, sub, point_slug(chosen), f"seed{int(s)}") for s in seeds]
+    return cell, [(d, (lambda s=s, d=d: make_config(chosen, int(s), d, protocol == "refit")))
+                  for s, d in zip(seeds, dirs)]
+
+
+def record_finals(cell: Dict[str, Any], seeds: Sequence[int], tasks, results) -> None:
+    cell["finals"] = [{"seed": int(s), "run_dir": d, "results": res, "error": err}
+                      for s, (d, _), (res, err) in zip(seeds, tasks, results)]
+
+
+def tune_cell(points: List[Point], seeds: Sequence[int], folder: str, protocol: str,
+              make_config: Callable[[Point, int, str, bool], dict], runner: Runner,
+              label: str = "") -> Dict[str, Any]:
+    """Select a point for one (dataset, method) and run it with every seed.
+
+    ``make_config(point, seed, run_dir, refit)`` returns the run's configuration
+    (``run.output``/``run.name`` must place it in ``run_dir``). Returns the cell's
+    record: grid scores, the choice, and the final runs' results.
+    """
+    grid = grid_tasks(points, int(seeds[0]), folder, make_config)
+    cell, finals = select(points, seeds, folder, protocol, make_config, grid, runner.run_all(grid), label)
+    if finals:
+        record_finals(cell, seeds, finals, runner.run_all(finals))
+    return cell
