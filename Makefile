@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-oldest demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The declared floor (constraints-oldest.txt) in a second environment, same suite.
+OLDEST ?= .venv-oldest
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
+	$(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q -c constraints-oldest.txt -e ".[test]"
+	touch $@
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/svp demo
@@ -27,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache
