@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The declared floor (constraints-oldest.txt) in a second environment, same suite.
+# The declared floor (constraints-oldest.txt, Python 3.9) in a second environment, same suite.
 OLDEST ?= .venv-oldest
+PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9) python3.9)
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
-	$(PY) -m venv $(OLDEST)
+	$(PY_OLDEST) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
 	$(OLDEST)/bin/pip install -q -c constraints-oldest.txt -e ".[test]"
 	touch $@
