@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import sys
 
@@ -12,3 +14,31 @@ sys.path.insert(0, FIXTURES)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def predicted_test_metrics(tmp_path, capsys):
+    """``f(adapter_dir, n) -> (top-1 %, top-5 %, mean cross-entropy)`` of an adapter folder on the
+    first ``n`` digits test images, from `svp predict` on image files with every class's
+    probability: a path independent of the training loop's evaluation, to check its numbers."""
+    from svp.cli import main as svp_main
+    from svp.data import build_dataset
+
+    def metrics(adapter_dir, n):
+        ds = build_dataset("digits", "test")
+        paths, labels = [], []
+        for i in range(n):
+            img, label = ds[i]
+            paths.append(str(tmp_path / f"predict_{i}.png"))
+            img.save(paths[-1])
+            labels.append(label)
+        capsys.readouterr()
+        assert svp_main(["predict", str(adapter_dir), *paths, "--topk", str(ds.num_classes), "--json"]) == 0
+        preds = json.loads(capsys.readouterr().out)
+        assert [p["image"] for p in preds] == paths
+        ranks = [[t["index"] for t in p["top"]].index(y) for p, y in zip(preds, labels)]
+        prob = [next(t["prob"] for t in p["top"] if t["index"] == y) for p, y in zip(preds, labels)]
+        return (100.0 * sum(r < 1 for r in ranks) / n, 100.0 * sum(r < 5 for r in ranks) / n,
+                sum(-math.log(q) for q in prob) / n)
+
+    return metrics

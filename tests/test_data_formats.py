@@ -295,3 +295,7 @@ def test_dataloader_with_workers(fake):
         dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
         x, y = next(iter(dl))
         assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
+        # worker processes return the same items as reading them here
+        here = [ds[i] for i in range(4)]
+        assert torch.equal(x, torch.stack([img for img, _ in here])), name
+        assert y.tolist() == [label for _, label in here], name

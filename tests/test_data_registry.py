@@ -35,6 +35,12 @@ def test_registry_names_and_counts():
         dataset_info("caltech101")
 
 
+# train / val / test sizes, as docs/datasets.md ("Embedded datasets") states them
+EMBEDDED_SIZES = {"digits": (1000, 297, 500), "textures": (600, 150, 300), "faces": (120, 20, 60),
+                  "dsprites_loc": (800, 200, 1000), "dsprites_ori": (800, 200, 1000),
+                  "shapes_count": (800, 200, 1000)}
+
+
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_embedded_datasets(name):
     info = dataset_info(name)
@@ -51,7 +57,7 @@ def test_embedded_datasets(name):
         assert img.size[0] == info.native_size and isinstance(y, int)
         # every class appears in train
         assert min(ds.class_counts()) > 0 or split != "train"
-    assert 100 <= sizes["train"] <= 2000
+    assert (sizes["train"], sizes["val"], sizes["test"]) == EMBEDDED_SIZES[name]
     # deterministic given a seed, different for another seed
     a, b = build_dataset(name, "train"), build_dataset(name, "train", seed=0)
     assert np.array_equal(np.asarray(a[3][0]), np.asarray(b[3][0])) and a.targets == b.targets
@@ -140,7 +146,7 @@ def test_presets():
     assert (p["lr"], p["weight_decay"], p["shared_layers"], p["head"], p["simam"]) == \
         (6e-3, 1e-4, 8, "two_layer", False)
     assert abs(lr_used(p) - 1.125e-3) < 1e-12 and p["batch_size"] == 96 and p["epochs"] == 100
-    expect = {  # spec svp-method.md 2.2: lr, wd, S, mixup, cutmix, seed, simam, head
+    expect = {  # the official script's values (docs/datasets.md, Presets): lr, wd, S, mixup, cutmix, seed, simam, head
         "cifar100": (5e-3, 1e-5, 12, 0.8, 1.0, 0, True, "linear"),
         "cifar10": (5e-3, 1e-4, 8, 0.8, 1.0, 0, True, "linear"),
         "dtd": (6.5e-3, 1e-4, 4, 0.8, 1.0, 3407, False, "linear"),

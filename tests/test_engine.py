@@ -67,7 +67,7 @@ def test_official_preset_maps_lr_scaling_and_method_settings():
     other = C.dataset_preset("cub200", "linear")
     assert "shared_layers" not in other.get("method", {}).get("settings", {})
     cfg = C.resolve(overrides=["data.dataset=hta/cub200"])
-    assert scaled_lr(cfg, 1) == pytest.approx(0.006 * 96 / 512)  # 1.125e-3, spec 2.2
+    assert scaled_lr(cfg, 1) == pytest.approx(0.006 * 96 / 512)  # 1.125e-3, the official scaling
     assert scaled_lr(cfg, 2) == pytest.approx(0.006 * 96 * 2 / 512)
 
 
@@ -82,7 +82,7 @@ def _sched_cfg(**kw):
 def test_official_per_epoch_schedule_has_the_offset():
     peak = 1e-3
 
-    def lr_t(t):  # timm's curve, spec 2.2
+    def lr_t(t):  # timm's cosine with warm-up (docs/training.md, The recipe)
         if t < 5:
             return 1e-5 + t * (peak - 1e-5) / 5
         return 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 100))
@@ -120,7 +120,7 @@ def test_adamw_grouping_no_decay_on_bias_and_1d():
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(4, 4)
-            self.alpha = torch.nn.Parameter(torch.zeros(3, 4))   # 2-D: decayed (spec D12)
+            self.alpha = torch.nn.Parameter(torch.zeros(3, 4))   # 2-D: decayed (docs/methods.md, note D12)
             self.scale = torch.nn.Parameter(torch.zeros(4))      # 1-D: not decayed
             self.frozen = torch.nn.Linear(4, 4)
             for q in self.frozen.parameters():

@@ -53,6 +53,7 @@ def test_pretrained_true_loads_the_bundled_weights():
     assert not torch.equal(r.layers[3].mixer.in_proj.weight, sd["layers.3.mixer.in_proj.weight"])
 
 
+@pytest.mark.slow
 def test_heldout_source_accuracy_clearly_above_chance(card):
     st = card["source_task"]
     sub = st["heldout_test_subset"]

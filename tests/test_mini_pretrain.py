@@ -1,11 +1,13 @@
 """The procedural source data and the `svp pretrain` loop (tiny configurations)."""
 import argparse
 import json
-import os
 
 import numpy as np
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from svp.pretrain import fractals as fr
 from svp.pretrain import train as pt
@@ -59,7 +61,21 @@ def _args(out, **kw):
 def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     # 3 classes x 8 = 24 images, batch 8 -> 3 steps/epoch, 6 steps in all
     full = pt.pretrain(_args(tmp_path / "full", export=str(tmp_path / "w.safetensors")), log=lambda m: None)
-    assert full["steps"] == 6 and 0.0 <= full["heldout_accuracy"] <= 1.0
+    assert full["steps"] == 6
+    # the reported held-out accuracies are those of the exported weights on the held-out images
+    exported = timm.create_model("vim_mini_patch4_32", num_classes=3, depth=2, embed_dim=32).eval()
+    exported.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    cats = fr.make_categories(3, 0)
+    card = json.load(open(tmp_path / "w.json"))
+    for per_class, reported in ((4, full["heldout_accuracy"]),
+                                (10, card["source_task"]["heldout_test_subset"]["accuracy"])):
+        images, labels = fr.generate_split("heldout", 3, per_class, 0, categories=cats)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]) / torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+        with torch.no_grad():
+            predicted = exported(x).argmax(-1).numpy()
+        assert reported == pytest.approx(float(np.mean(predicted == labels)))
+    assert card["source_task"]["heldout"]["accuracy"] == full["heldout_accuracy"]
 
     # the same run killed right after step 3 (its checkpoint), then resumed
     first = _args(tmp_path / "resume", epochs=2, ckpt_every=3)
@@ -84,7 +100,6 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
         assert json.load(f)["step"] == 3
     pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True), log=lambda m: None)
 
-    from safetensors.torch import load_file
     a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resume" / "checkpoint.safetensors"))
     model_keys = [k for k in a if k.startswith("model.")]
@@ -92,7 +107,6 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     for k in model_keys:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
-    card = json.load(open(tmp_path / "w.json"))
     assert card["sha256"] == pt.sha256_file(str(tmp_path / "w.safetensors"))
     assert card["architecture"]["depth"] == 2 and card["architecture"]["embed_dim"] == 32
     assert card["source_task"]["num_classes"] == 3

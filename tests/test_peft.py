@@ -1,7 +1,5 @@
 """Adaptation methods on one harness: freezing, gradients, save/load, SVP and VPT semantics."""
 import json
-import math
-import os
 import re
 import types
 

@@ -1,5 +1,5 @@
 """Official SVP checkpoints: conversion to adapter directories and parity with an
-independent re-statement of the official forward (spec D1, D2, D5, D6, D7)."""
+independent re-statement of the official forward (docs/methods.md, notes D1, D2, D5, D6, D7)."""
 import json
 
 import pytest
@@ -19,7 +19,7 @@ IMG = 64  # 4 x 4 patches of 16 px: 17 tokens, class token at index 8
 
 def official_weights(variant, depth, S, hidden, num_classes, two_layer, seed):
     """Official-layout backbone + SVP tensors drawn by the shared fixture, shrunk to
-    ``depth`` layers and a 64-px grid; prompt_scale keeps the official 24 rows (D5)."""
+    ``depth`` layers and a 64-px grid; prompt_scale keeps the official 24 rows (docs/methods.md, note D5)."""
     shapes = vimref.backbone_shapes(variant, num_classes)
     dim = shapes["cls_token"][-1]
     shapes = {k: v for k, v in shapes.items()
@@ -36,7 +36,7 @@ def official_weights(variant, depth, S, hidden, num_classes, two_layer, seed):
 
 
 def official_reference(model, sd, x, depth, S, simam, two_layer):
-    """The official SVP forward restated from the spec, with its in-place semantics:
+    """The official SVP forward restated from docs/methods.md (notes D1, D2), with its in-place semantics:
     before layer l, the first half (before the class token) gets alpha*G^C + beta*G^I of
     itself; then the second half gets beta*G^I of itself plus alpha*G^C of the already
     updated first-half token at the same offset. Layer 0 works on the embedded tokens,
@@ -128,7 +128,9 @@ def test_conversion_errors_are_clear(tmp_path):
     with pytest.raises(RuntimeError, match="drop --two-layer-head"):
         convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", two_layer_head=True,
                              **common)
-    with pytest.raises(ValueError, match="missing"):
+    # shared_layers 4 on depth 4: one Cross prompter expected, the file has two
+    with pytest.raises(ValueError, match=r"2 unexpected: prompt_generator_shared\.1\.0\.weight.*\n.*"
+                                         r"prompt_shared_scale has shape \(2, 192\), expected \(1, 192\)"):
         convert_official_svp(str(ckpt), "vim_tiny_patch16_224", 4, 64, 3, tmp_path / "o", **common)
     plain = tmp_path / "plain.pth"
     torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("prompt_")}}, plain)

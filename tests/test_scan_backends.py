@@ -2,7 +2,12 @@
 
 Error measure: max |x - x64| / max |x64| per tensor (x64 computed in float64 from the
 same float32 inputs). The fused CPU kernel must reach 5e-7 (the issue's target); the
-float32 PyTorch paths (``torch``, ``reference``) get 2e-6.
+float32 PyTorch paths (``torch``, ``reference``) get 2e-6; the Triton kernels (run on CPU
+tensors through Triton's interpreter, see tests/test_scan_triton.py) 1e-6.
+
+The grid runs each backend through ``dispatch.scan_with`` with ``KW[name]``; for the
+interpreted Triton kernels ``SHRINK`` cuts batch and length (the interpreter is ~1000x
+slower than a GPU) and a chunk of 4 steps keeps several backward chunks in play.
 """
 from __future__ import annotations
 
@@ -13,15 +18,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from svp.errors import BackendError
 from svp.ops import dispatch, selective_scan, set_backend, get_backend, available_backends
 
 BACKENDS = [n for n in ("cpu", "torch", "reference") if n in available_backends()]
-TOL = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6}
+TOL = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6, "triton": 1e-6}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+KW = {"triton": {"chunk": 4}}
+SHRINK = {"triton": (2, 9)}   # name: (max batch, max length) of the grid's shapes
+
+
+def shape_for(name, b, d, L, n):
+    mb, ml = SHRINK.get(name, (b, L))
+    return min(b, mb), d, min(L, ml), n
 
 
 def ref64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """Straightforward float64 loop (the operator of spec 1.2), returns (out, last_state)."""
+    """Straightforward float64 loop (the Mamba selective-scan recurrence), returns (out, last_state)."""
     f = lambda t: None if t is None else t.double()  # noqa: E731
     u, delta, A, B, C, D, z, delta_bias = map(f, (u, delta, A, B, C, D, z, delta_bias))
     b, d, L = u.shape
@@ -75,12 +88,8 @@ def make(b, d, L, n, *, groups=0, z=True, D=True, bias=True, noncontig=False, bi
 
 def run(name, args, softplus, reverse, last):
     args = [None if a is None else a.detach().clone().requires_grad_() for a in args]
-    set_backend(name)
-    try:
-        res = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=softplus,
-                             return_last_state=last, reverse=reverse)
-    finally:
-        set_backend(None)
+    res = dispatch.scan_with(name, *args[:7], delta_bias=args[7], delta_softplus=softplus,
+                             return_last_state=last, reverse=reverse, **KW.get(name, {}))
     out, h = res if last else (res, None)
     return args, out, h
 
@@ -134,7 +143,7 @@ TINY = {(1, 8, 1, 16), (2, 1, 13, 4)}
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_parity_shapes(name, shape):
     for reverse in (False, True):
-        check(name, make(*shape), softplus=True, reverse=reverse, last=True,
+        check(name, make(*shape_for(name, *shape)), softplus=True, reverse=reverse, last=True,
               tol=1e-5 if shape in TINY else None)
 
 
@@ -146,7 +155,7 @@ FLAGS = list(itertools.product([False, True], repeat=4))  # z, D, bias, softplus
 def test_parity_options(name, flags):
     z, D, bias, softplus = flags
     rev = bool((z + D + bias + softplus) % 2)
-    args = make(2, 20, 19, 16, z=z, D=D, bias=bias, seed=3)
+    args = make(*shape_for(name, 2, 20, 19, 16), z=z, D=D, bias=bias, seed=3)
     if not softplus:  # keep delta + bias > 0 as in the model (negative delta makes the scan grow)
         args[1] = F.softplus(args[1])
         args[7] = None if args[7] is None else args[7].abs()
@@ -155,16 +164,16 @@ def test_parity_options(name, flags):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_grouped_and_noncontiguous(name):
-    check(name, make(2, 24, 21, 8, groups=3), reverse=False, last=True)
-    check(name, make(2, 24, 21, 8, groups=2), reverse=True)
-    check(name, make(2, 40, 23, 16, noncontig=True), reverse=True, last=True)
-    check(name, make(2, 40, 23, 16, noncontig=True, groups=4), reverse=False)
+    check(name, make(*shape_for(name, 2, 24, 21, 8), groups=3), reverse=False, last=True)
+    check(name, make(*shape_for(name, 2, 24, 21, 8), groups=2), reverse=True)
+    check(name, make(*shape_for(name, 2, 40, 23, 16), noncontig=True), reverse=True, last=True)
+    check(name, make(*shape_for(name, 2, 40, 23, 16), noncontig=True, groups=4), reverse=False)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_large_delta_A(name):
     """delta*|A| in the hundreds: exp underflows to 0, no NaN, still accurate."""
-    args = make(2, 40, 37, 16, big=True, seed=5)
+    args = make(*shape_for(name, 2, 40, 37, 16), big=True, seed=5)
     dt = F.softplus(args[1] + args[7][:, None])
     assert (dt[:, :, :, None].transpose(2, 3) * -args[2][None, :, :, None]).max() > 300
     for reverse in (False, True):
@@ -175,30 +184,41 @@ def test_large_delta_A(name):
 def test_half_and_double_inputs(name):
     args = make(2, 16, 9, 4)
     a64 = [None if a is None else a.double() for a in args]
-    xs, out, _ = run(name, a64, True, False, False)
-    assert out.dtype == torch.float64
-    o64, _ = ref64(*a64, delta_softplus=True)
-    assert rel(out, o64) < 2e-6
-    out.sum().backward()
-    assert all(x.grad is not None and x.grad.dtype == torch.float64 for x in xs if x is not None)
-    if name != "reference":
-        a16 = [None if a is None else a.bfloat16() for a in args]
-        _, out16, _ = run(name, a16, True, True, False)
-        assert out16.dtype == torch.bfloat16 and torch.isfinite(out16.float()).all()
+    if name == "triton":  # float32 state and sums: float64 inputs would get float32 accuracy
+        with pytest.raises(BackendError, match="float32, bfloat16 or float16.*float64"):
+            run(name, a64, True, False, False)
+    else:
+        xs, out, _ = run(name, a64, True, False, False)
+        assert out.dtype == torch.float64
+        o64, _ = ref64(*a64, delta_softplus=True)
+        assert rel(out, o64) < 2e-6
+        out.sum().backward()
+        assert all(x.grad is not None and x.grad.dtype == torch.float64 for x in xs if x is not None)
+    if name == "reference":
+        return
+    for dt in (torch.bfloat16, torch.float16) if name == "triton" else (torch.bfloat16,):
+        a16 = [None if a is None else a.to(dt) for a in args]
+        xs, out16, _ = run(name, a16, True, True, False)
+        assert out16.dtype == dt and torch.isfinite(out16.float()).all()
+        # against float64 on the same rounded inputs: only the output rounding remains
+        o64, _ = ref64(*a16, delta_softplus=True, reverse=True)
+        assert rel(out16, o64) < (1e-2 if dt == torch.bfloat16 else 2e-3), dt
+        out16.float().square().sum().backward()
+        assert all(x.grad.dtype == dt and torch.isfinite(x.grad.float()).all() for x in xs if x is not None)
 
 
 def test_gradcheck_torch_path():
     args = make(1, 3, 5, 2, seed=7)
     args = [a.double().detach().requires_grad_() for a in args]
-    fn = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=True,  # noqa: E731
-                                            return_last_state=True, chunk=2)
+    fn = lambda *a: dispatch.scan_with("torch", *a[:7], delta_bias=a[7], delta_softplus=True,  # noqa: E731
+                                       return_last_state=True, chunk=2)
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
-    fn_rev = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=False,  # noqa: E731
-                                                reverse=True, chunk=3)
+    fn_rev = lambda *a: dispatch.scan_with("torch", *a[:7], delta_bias=a[7], delta_softplus=False,  # noqa: E731
+                                           reverse=True, chunk=3)
     assert torch.autograd.gradcheck(fn_rev, args, eps=1e-6, atol=1e-7, rtol=1e-5)
     grouped = make(1, 4, 4, 2, groups=2, seed=8)
     grouped = [a.double().detach().requires_grad_() for a in grouped]
-    fn_g = lambda *a: dispatch._load("torch")(*a[:7], delta_bias=a[7], delta_softplus=True)  # noqa: E731
+    fn_g = lambda *a: dispatch.scan_with("torch", *a[:7], delta_bias=a[7], delta_softplus=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn_g, grouped, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -227,28 +247,34 @@ def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
     set_backend(None)
     assert get_backend(torch.device("cpu")) == ("cpu" if "cpu" in BACKENDS else "torch")
     assert set(available_backends()) >= {"reference", "torch"}
-    with pytest.raises(ValueError, match="unknown scan backend"):
+    with pytest.raises(BackendError, match="unknown scan backend"):
         set_backend("fast")
     monkeypatch.setenv("SVP_SCAN_BACKEND", "nope")
-    with pytest.raises(ValueError, match="unknown scan backend"):
+    with pytest.raises(BackendError, match="unknown scan backend"):
         get_backend(torch.device("cpu"))
     monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
     assert get_backend(torch.device("cpu")) == "torch"
     set_backend("reference")  # the setter wins over the environment
     try:
         assert get_backend(torch.device("cpu")) == "reference"
+        args = make(1, 6, 5, 2)
+        out = selective_scan(*args[:7], delta_bias=args[7], delta_softplus=True, reverse=True)
+        assert torch.equal(out, dispatch.scan_with("reference", *args[:7], delta_bias=args[7],
+                                                   delta_softplus=True, reverse=True))
+        assert not torch.equal(out, dispatch.scan_with("reference", *args[:7], delta_bias=args[7],
+                                                       delta_softplus=True))
     finally:
         set_backend(None)
     monkeypatch.delenv("SVP_SCAN_BACKEND")
     if "cuda" not in available_backends():
-        with pytest.raises(RuntimeError, match="not available"):
+        with pytest.raises(BackendError, match="not available"):
             set_backend("cuda")
     if "cpu" in BACKENDS:  # a CPU-only backend forced onto another device is an error, not a fallback
         set_backend("cpu")
         try:
-            with pytest.raises(RuntimeError, match="cannot run on cuda"):
+            with pytest.raises(BackendError, match="cannot run on cuda"):
                 get_backend(torch.device("cuda"))
-            with pytest.raises(RuntimeError, match="cannot run on meta"):
+            with pytest.raises(BackendError, match="cannot run on meta"):
                 get_backend(torch.device("meta"))
         finally:
             set_backend(None)
@@ -275,6 +301,7 @@ torch.save([out.detach()] + [t.grad for t in ts], sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
     """A process that compiles the kernels and one that loads them from numba's disk cache
     must agree bit for bit, or a resumed training run would not reproduce an uninterrupted one."""
@@ -294,6 +321,7 @@ def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
         assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"
 
 
+@pytest.mark.slow
 def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
     """numba's OpenMP layer is a second OpenMP runtime beside torch's; after an OpenMP-parallel
     scan every torch op stalled for milliseconds (see scan_cpu). Unless the user chose a layer,

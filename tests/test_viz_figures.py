@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import svp  # noqa: F401
 from svp.cli import main as svp_main
@@ -40,6 +41,7 @@ def check_png(path, width, height):
     assert a.std() > 5, f"{path} is blank"
 
 
+@pytest.mark.slow
 def test_visualize_two_models_with_box(tmp_path, image):
     frozen = tiny_vim(0)
     other = tiny_vim(0)
@@ -74,7 +76,7 @@ def test_visualize_two_models_with_box(tmp_path, image):
     _, grid_mask = mask_to_grid(mask, (32, 32), frozen)
     assert data["object_patches"] == int(grid_mask.sum()) > 0
     from svp.viz.cli import prepare_image
-    x, _ = prepare_image(img, (32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x, _ = prepare_image(img, (32, 32), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     g = analyze(frozen, x)
     m = torch.from_numpy(grid_mask).bool()
     for layer in range(4):
@@ -87,7 +89,7 @@ def test_visualize_two_models_with_box(tmp_path, image):
 
 def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
     out = tmp_path / "cli"
-    rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+    rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init",
                    "--box", "20,8,50,30", "--out", str(out), "--layers", "0,-1", "--dpi", "40"])
     assert rc == 0
     printed = capsys.readouterr().out.split()
@@ -96,14 +98,14 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
     check_png(out / "scene_frozen_maps.png", 288, 264)
     for bad, msg in ((["--box", "20,8,80,30"], "--box"), (["--layers", "7"], "out of range"),
                      (["--quantities", "gates"], "unknown"), (["--mask", str(tmp_path / "nope.png")], "no such file")):
-        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init",
                        "--out", str(out)] + bad)
         assert rc == 2
         assert msg in capsys.readouterr().err
-    assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON]) == 2
+    assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON, "--random-init"]) == 2
     assert "no such file" in capsys.readouterr().err
     # a dataset sample instead of a file
-    common = ["visualize", "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--out", str(out),
+    common = ["visualize", "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init", "--out", str(out),
               "--layers", "1", "--quantities", "forget", "--dpi", "40"]
     assert svp_main(common + ["--dataset", "digits", "--index", "3"]) == 0
     assert [os.path.basename(p) for p in capsys.readouterr().out.split()] == ["digits_test_3_frozen_maps.png"]
@@ -128,7 +130,7 @@ def test_cli_with_adapter_dirs(tmp_path, image, capsys):
     peft = get_peft_model(base, make_config("svp", shared_layers=2, hidden=8, num_classes=5))
     peft.save(str(tmp_path / "svp_adapter"), base_model_name="vim_tiny_patch16_224")
     out = tmp_path / "ad"
-    common = ["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--out", str(out),
+    common = ["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init", "--out", str(out),
               "--layers", "0,3", "--quantities", "update", "--box", "20,8,50,30", "--dpi", "40"]
     assert svp_main(common + ["--checkpoint", str(ckpt), "--adapter", f"SVP={tmp_path / 'svp_adapter'}"]) == 0
     names = sorted(os.path.basename(p) for p in capsys.readouterr().out.split())

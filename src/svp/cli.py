@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "svp.pretrain.train",
     "svp.demo",
     "svp.doctor",
+    "svp.serve.cli",
 ]
 
 

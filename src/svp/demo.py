@@ -51,9 +51,8 @@ def demo_config(method: str, out: str, epochs: int, batch_size: int, lr: float, 
 
 
 def full_finetune_params(num_classes: int = 10) -> Dict[str, int]:
-    import timm
-    import svp  # noqa: F401
-    m = timm.create_model(BACKBONE, pretrained=False, num_classes=num_classes)
+    from svp.build import ModelSpec, build_model
+    m = build_model(ModelSpec(BACKBONE, num_classes=num_classes, random_init=True))  # counts only
     total = sum(p.numel() for p in m.parameters())
     head = sum(p.numel() for p in m.head.parameters())
     return {"trainable_params": total, "trainable_params_without_head": total - head}
@@ -61,16 +60,14 @@ def full_finetune_params(num_classes: int = 10) -> Dict[str, int]:
 
 def gate_figure(out: str, svp_run: str, seed: int = 0) -> List[str]:
     """Gate maps of the frozen backbone and the SVP-adapted model on one test digit."""
-    import timm
-    import svp  # noqa: F401
+    from svp.build import ModelSpec, build_model
     from svp.data import build_dataset
-    from svp.peft import load_adapter
-    from svp.viz.cli import visualize
+    from svp.viz.figures import visualize
 
     image, label = build_dataset("digits", "test")[0]
-    frozen = timm.create_model(BACKBONE, pretrained=True, num_classes=10).eval()
-    adapted = load_adapter(timm.create_model(BACKBONE, pretrained=True, num_classes=10),
-                           os.path.join(svp_run, "last")).eval()
+    spec = ModelSpec(BACKBONE, num_classes=10)  # the bundled weights
+    frozen = build_model(spec).eval()
+    adapted = build_model(spec, os.path.join(svp_run, "last")).eval()
     return visualize(image, {"frozen": frozen, "SVP": adapted}, os.path.join(out, "figures"),
                      f"digit{label}")
 

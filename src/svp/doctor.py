@@ -1,17 +1,25 @@
 """``svp doctor``: what this machine can run, and whether it runs it correctly.
 
-Prints Python/torch/CUDA/numba/mamba_ssm versions and the selective-scan backends that
-exist here, runs every available backend against a float64 evaluation of the operator
-on small shapes (outputs and the gradients of all eight inputs), times each backend on a
-Vim-Tiny-sized scan, and exits non-zero if any backend is outside its tolerance.
+Prints Python/torch/CUDA/numba/Triton/mamba_ssm versions and the selective-scan backends
+that exist here, runs every available backend against ``selective_scan_ref`` evaluated in
+float64 on small shapes (outputs and the gradients of all eight inputs), times each backend
+on a Vim-Tiny-sized scan, and exits non-zero if any backend is outside its tolerance.
+Without a GPU the ``triton`` backend is checked on CPU tensors through Triton's
+interpreter (TRITON_INTERPRET=1, small shapes, not timed).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import time
 
 # relative error, max |x - x64| / max |x64| per tensor
-TOLERANCE = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6, "cuda": 5e-4}
+TOLERANCE = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6, "triton": 1e-6, "cuda": 5e-4}
+# on a GPU, Triton's exp/log are the hardware approximations (a few ulp)
+TOLERANCE_CUDA = {"triton": 2e-6}
+# the interpreter runs ~1000x slower than a GPU: short sequences (2 backward chunks)
+INTERPRETER_CASES = [((1, 20, 21, 4), False, False), ((2, 24, 19, 8), True, True)]
 
 
 def _versions():
@@ -28,25 +36,28 @@ def _versions():
                               f"cache {numba.config.CACHE_DIR or 'next to the package'})"))
     except Exception as e:
         rows.append(("numba", f"not importable ({type(e).__name__}: {e})"))
+    try:
+        import triton
+        rows.append(("triton", triton.__version__))
+    except Exception as e:
+        rows.append(("triton", f"not importable ({type(e).__name__}: {e})"))
     from svp.ops import scan_cuda
     rows.append(("mamba_ssm", scan_cuda.version() or "not installed"))
     return rows
 
 
-def _ref64(u, delta, A, B, C, D, z, delta_bias, softplus, reverse):
-    import torch
-    import torch.nn.functional as F
-    b, d, L = u.shape
-    delta = delta + delta_bias[:, None]
-    if softplus:
-        delta = F.softplus(delta)
-    Bx, Cx = B.unsqueeze(1), C.unsqueeze(1)
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = [None] * L
-    for t in (range(L - 1, -1, -1) if reverse else range(L)):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bx[..., t]
-        ys[t] = (h * Cx[..., t]).sum(-1)
-    return (torch.stack(ys, -1) + u * D[:, None]) * F.silu(z), h
+@contextlib.contextmanager
+def _triton_interpreter():
+    """TRITON_INTERPRET=1 for the duration (the triton backend then runs on CPU tensors)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def _inputs(b, d, L, n, device, seed, big=False):
@@ -64,21 +75,18 @@ def _inputs(b, d, L, n, device, seed, big=False):
 def check_backend(name, device, cases=None):
     """Worst relative error of outputs, last state and all gradients over a few cases."""
     import torch
-    from svp.ops import selective_scan, set_backend
+    from svp.ops.dispatch import scan_with
     cases = cases or [((2, 40, 37, 16), False, False), ((2, 40, 37, 16), True, False),
                       ((1, 130, 70, 16), True, True), ((2, 24, 65, 1), False, True)]
     worst, where = 0.0, ""
     for k, (shape, reverse, big) in enumerate(cases):
         args = _inputs(*shape, device=device, seed=k, big=big)
         xs = [a.clone().requires_grad_() for a in args]
-        set_backend(name)
-        try:
-            out, h = selective_scan(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True,
-                                    reverse=reverse)
-        finally:
-            set_backend(None)
+        out, h = scan_with(name, *xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True,
+                           reverse=reverse)
         refs = [a.detach().cpu().double().requires_grad_() for a in args]
-        o64, h64 = _ref64(*refs, True, reverse)
+        o64, h64 = scan_with("reference", *refs[:7], delta_bias=refs[7], delta_softplus=True,
+                             return_last_state=True, reverse=reverse)
         gen = torch.Generator().manual_seed(99)
         go = torch.randn(o64.shape, generator=gen, dtype=torch.float64)
         gh = torch.randn(h64.shape, generator=gen, dtype=torch.float64)
@@ -129,33 +137,44 @@ def run(args) -> int:
     for k, v in _versions():
         print(f"  {k:14s} {v}")
     avail = available_backends()
+    missing = dispatch.unavailable_backends()
+    # no GPU: Triton can still be checked, through its interpreter on CPU tensors
+    interp_triton = "triton" not in avail and dispatch._load("triton") is not None
     print("selective-scan backends:")
     for nm in dispatch.NAMES:
-        print(f"  {nm:10s} {'available' if nm in avail else 'unavailable: ' + dispatch._errors.get(nm, '?')}")
+        if nm in avail:
+            state = "available"
+        elif nm == "triton" and interp_triton:
+            state = "no CUDA GPU; checked on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)"
+        else:
+            state = "unavailable: " + missing.get(nm, "?")
+        print(f"  {nm:10s} {state}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for dev in devices:
         print(f"  automatic choice on {dev.type}: {dispatch.get_backend(dev)}")
-    print("parity against a float64 evaluation (outputs, last state, gradients of all 8 inputs; "
+    print("parity against selective_scan_ref in float64 (outputs, last state, gradients of all 8 inputs; "
           "max|x-x64|/max|x64|):")
     failed = []
     timings = []
     skip_ref_timing = not getattr(args, "time_reference", False)
-    for dev in devices:
-        for nm in avail:
-            if dispatch._DEVICES[nm] is not None and dev.type not in dispatch._DEVICES[nm]:
-                continue
-            tol = TOLERANCE[nm]
-            try:
-                err, where = check_backend(nm, dev)
-                ok = err <= tol
-                msg = f"worst {err:.2e} ({where}), tolerance {tol:.0e}"
-            except Exception as e:  # a backend that crashes is a failure, reported
-                ok, msg = False, f"error: {type(e).__name__}: {e}"
-            print(f"  {dev.type:5s} {nm:10s} {'ok  ' if ok else 'FAIL'} {msg}")
-            if not ok:
-                failed.append(f"{nm} on {dev.type}")
-            if ok and not getattr(args, "no_timing", False) and not (nm == "reference" and skip_ref_timing):
-                timings.append((dev.type, nm) + time_backend(nm, dev))
+    runs = [(dev, nm, False) for dev in devices for nm in avail
+            if dispatch._DEVICES[nm] is None or dev.type in dispatch._DEVICES[nm]]
+    if interp_triton:
+        runs.append((torch.device("cpu"), "triton", True))
+    for dev, nm, interpreted in runs:
+        tol = (TOLERANCE_CUDA if dev.type == "cuda" else {}).get(nm, TOLERANCE[nm])
+        try:
+            with _triton_interpreter() if interpreted else contextlib.nullcontext():
+                err, where = check_backend(nm, dev, INTERPRETER_CASES if interpreted else None)
+            ok = err <= tol
+            msg = f"worst {err:.2e} ({where}), tolerance {tol:.0e}" + (" [interpreter]" if interpreted else "")
+        except Exception as e:  # a backend that crashes is a failure, reported
+            ok, msg = False, f"error: {type(e).__name__}: {e}"
+        print(f"  {dev.type:5s} {nm:10s} {'ok  ' if ok else 'FAIL'} {msg}")
+        if not ok:
+            failed.append(f"{nm} on {dev.type}")
+        elif not (interpreted or getattr(args, "no_timing", False) or (nm == "reference" and skip_ref_timing)):
+            timings.append((dev.type, nm) + time_backend(nm, dev))
     if timings:
         print("timing, Vim-Tiny scan (batch 8, d_inner 384, L 197, N 16; best of 3, ms):")
         for dev, nm, f, fb in timings:

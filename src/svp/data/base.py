@@ -48,15 +48,100 @@ def require_file(path, what: str, layout: str = "") -> str:
     return path
 
 
+_TIFF_EXTENSIONS = (".tif", ".tiff")
+_logged_rules: set = set()  # scaling rules already announced once in this process
+
+
+def _announce(rule: str, path: str) -> None:
+    # A float dataset would otherwise log one line per image per epoch.
+    if rule not in _logged_rules:
+        _logged_rules.add(rule)
+        log.warning("%s: %s (logged once; later images scaled the same way are not)", path, rule)
+
+
+def _to_uint8(a: np.ndarray, path: str) -> np.ndarray:
+    """Scale a decoded pixel array to uint8 by its real range (docs/datasets.md, "Image
+    bit depth"): uint8 as is; 16-bit (and ints within 0..65535) by the full 0..65535 range,
+    keeping the top 8 bits as Pillow does for 16-bit RGB PNGs, so that brightness means
+    the same in every image; float in [0, 1] times 255; any other range (float or int) by
+    the image's own min..max, with a warning, since no fixed range is known."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8) * 255
+    if a.dtype.kind not in "uif":
+        raise DatasetError(f"unreadable image: {path}: pixel type {a.dtype} is not supported")
+    if a.dtype.kind == "f":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise DatasetError(f"unreadable image: {path}: float image with NaN/inf pixels "
+                               f"(expected finite values; see docs/datasets.md, image bit depth)")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(a * 255.0).astype(np.uint8)
+    else:
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 65535:
+            return (a.astype(np.uint32) >> 8).astype(np.uint8)
+        a = a.astype(np.float64)
+    _announce(f"{a.dtype.name if a.dtype.kind == 'f' else 'integer'} pixels in "
+              f"{lo:g}..{hi:g} are outside the known range, scaled by the image's own min..max", path)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _array_to_rgb(a: np.ndarray, path: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[2] in (1, 2):  # gray (+ alpha)
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise DatasetError(f"unreadable image: {path}: pixel array of shape {a.shape}; expected "
+                           f"(H, W) or (H, W, 3|4)")
+    a = _to_uint8(a, path)
+    if a.ndim == 2:
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), mode="RGB")
+
+
+def to_rgb(im: Image.Image, path: str = "<image>") -> Image.Image:
+    """8-bit RGB of a decoded PIL image. Pillow's own ``convert("RGB")`` clips 16-bit and
+    32-bit modes at 255 and truncates floats, so those go through :func:`_to_uint8`."""
+    if im.mode.startswith("I") or im.mode == "F":
+        return _array_to_rgb(np.asarray(im), path)
+    return im.convert("RGB")
+
+
+def _read_tiff(path: str) -> Image.Image:
+    """TIFFs Pillow cannot decode (multi-channel float, some 16-bit layouts) via tifffile,
+    which scikit-image (a dependency) brings along."""
+    import tifffile
+    a = np.asarray(tifffile.imread(path))
+    if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (3, 4):
+        a = np.moveaxis(a, 0, -1)  # planar (C, H, W)
+    return _array_to_rgb(a, path)
+
+
 def load_image(path: str) -> Image.Image:
-    """Open an image fully (so truncated files fail here, not later) as RGB."""
+    """Open an image fully (so truncated files fail here, not later) as 8-bit RGB, high
+    bit depths scaled by :func:`to_rgb`. The one reader of image files: datasets
+    and ``svp viz`` come through here (``svp predict`` is to, too)."""
+    path = os.fspath(path)
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im, path)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path} ({DOCS_HINT})") from None
+    except DatasetError:
+        raise
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError
+        if path.lower().endswith(_TIFF_EXTENSIONS):
+            try:
+                return _read_tiff(path)
+            except DatasetError:
+                raise
+            except Exception:
+                pass  # report Pillow's error, the more familiar one
         raise DatasetError(f"unreadable image: {path}: {type(e).__name__}: {e}") from None
 
 

@@ -21,12 +21,13 @@ import csv
 import json
 import os
 import pickle
+import re
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
-                   missing, require_dir, require_file, seeded_shuffle)
+                   log, missing, require_dir, require_file, seeded_shuffle)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 
@@ -138,7 +139,7 @@ def build_dtd(root: str, split: str, transform=None, partition: int = 1,
     classes = sorted({e.split("/")[0] for v in lists.values() for e in v})
     if len(classes) != 47:
         raise DatasetError(f"dtd: found {len(classes)} classes in {d}/labels/*{partition}.txt, "
-                           f"expected 47 (spec table 6.1)")
+                           f"expected 47 (docs/datasets.md, All datasets)")
     idx = {c: i for i, c in enumerate(classes)}
     samples = [(os.path.join(d, "images", e), idx[e.split("/")[0]]) for s in parts for e in lists[s]]
     return FileListDataset(samples, classes, transform, name="hta/dtd", split=split,
@@ -190,7 +191,7 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
     if found != classes:
         miss = sorted(set(classes) - set(found))
         raise DatasetError(f"gtsrb: {tdir} must hold the 43 class folders 00000..00042 "
-                           f"(spec table 6.1); missing: {', '.join(miss[:10]) or 'none'}; "
+                           f"(docs/datasets.md, All datasets); missing: {', '.join(miss[:10]) or 'none'}; "
                            f"unexpected: {', '.join(sorted(set(found) - set(classes))) or 'none'}")
     samples = []
     for i, c in enumerate(classes):
@@ -264,7 +265,7 @@ def build_food101(root: str, split: str, transform=None, seed: int = 0,
     classes = sorted(meta)
     if len(classes) != 101:
         raise DatasetError(f"food101: {mp} lists {len(classes)} classes, expected 101 "
-                           f"(spec table 6.1)")
+                           f"(docs/datasets.md, All datasets)")
     samples = [(os.path.join(base, "images", rel + ".jpg"), i)
                for i, c in enumerate(classes) for rel in meta[c]]
     if split != "test":
@@ -283,7 +284,8 @@ IMAGEFOLDER_LAYOUT = """\
 CSV_LAYOUT = """\
 <root>/
     train.csv  val.csv  test.csv     (lines '<image path>,<label>'; optional header 'path,label';
-                                       paths relative to the csv's folder; labels ints or names)
+                                       paths relative to the csv's folder; labels all
+                                       integers 0..N-1 or all class names)
     classes.txt                       (optional: one class name per line, in label order)
   or pass file=<one csv> to read a single list"""
 
@@ -315,8 +317,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
                 elif not fn.startswith("."):
                     ignored.append(p)
     if ignored:
-        import logging
-        logging.getLogger("svp.data").warning(
+        log.warning(
             "imagefolder/%s: ignored %d non-image file(s) (extensions %s), e.g. %s",
             split, len(ignored), " ".join(IMG_EXTENSIONS), ignored[0])
     return FileListDataset(samples, classes, transform, name="imagefolder", split=split,
@@ -338,6 +339,66 @@ def _read_csv(path: str) -> List[Tuple[str, str, int]]:
     return rows
 
 
+_INT_LABEL = re.compile(r"[0-9]+")
+_NUMBER_LIKE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _csv_label_mode(labelled, classes, listed):
+    """Decide whether a csv dataset's labels are class indices or class names and return
+    ``(classes, label -> index)``. ``labelled`` holds ``(file, label, line)`` of every split
+    file; one mode holds for all of them (docs/datasets.md, "csv (custom)"):
+
+    - without a class list: indices when every label is a non-negative integer (classes
+      "0".."max"), names when no label looks like a number (classes = sorted names);
+    - with a class list (classes.txt / ``classes=``): names when every label is a listed
+      name, else indices when every label is an integer in 0..len-1.
+
+    Anything else is a mix and raises :class:`DatasetError` at the first line that does
+    not fit the mode most lines follow, never a silent switch of the whole file."""
+    labels = [lab for _, lab, _ in labelled]
+    if classes is None:
+        is_name = [not _NUMBER_LIKE.fullmatch(lab) for lab in labels]
+        is_index = [bool(_INT_LABEL.fullmatch(lab)) for lab in labels]
+    else:
+        classes = [str(c) for c in classes]
+        names = set(classes)
+        is_name = [lab in names for lab in labels]
+        is_index = [bool(_INT_LABEL.fullmatch(lab)) and int(lab) < len(classes) for lab in labels]
+    if all(is_index) and not (classes is not None and all(is_name)):
+        if classes is None:
+            classes = [str(i) for i in range(max((int(v) for v in labels), default=-1) + 1)]
+        return classes, int
+    if all(is_name):
+        if classes is None:
+            classes = sorted(set(labels))
+        idx = {c: i for i, c in enumerate(classes)}
+        clash = [lab for lab in set(labels) if _INT_LABEL.fullmatch(lab) and int(lab) != idx[lab]]
+        if clash:
+            log.warning("csv: labels such as %r are read as class names from %s, not as indices",
+                        sorted(clash)[0], listed)
+        return classes, idx.__getitem__
+    # A mix: name the first line against the mode most lines follow (ties: indices).
+    as_index = sum(is_index) >= sum(is_name)
+    fits = is_index if as_index else is_name
+    k = fits.index(False)
+    path, lab, lineno = labelled[k]
+    example = next((f"{f}:{n}: {v!r}" for (f, v, n), ok in zip(labelled, fits) if ok), "")
+    example = f" (e.g. {example})" if example else ""
+    n = len(classes) if classes is not None else 0
+    if as_index:
+        why = ("is not a non-negative integer" if not _INT_LABEL.fullmatch(lab) else
+               f"is outside 0..{n - 1} ({n} classes in {listed})")
+        mode = "class indices"
+    elif classes is not None:
+        why, mode = f"is not one of the {n} class names in {listed}", "class names"
+    else:
+        why, mode = "looks like a number", "class names"
+    raise DatasetError(
+        f"{path}:{lineno}: label {lab!r} {why}, but the other labels are {mode}{example}; "
+        f"a csv dataset's labels are either all integers 0..N-1 or all class names "
+        f"(names that look like numbers must be listed in classes.txt) ({DOCS_HINT})")
+
+
 def build_csv(root: str, split: str, transform=None, file=None, classes=None,
               skip_bad_images=False, check_files=True, **_) -> FileListDataset:
     if file is not None:
@@ -348,28 +409,19 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
         require_file(files[split], f"csv split file '{split}.csv'", CSV_LAYOUT)
     rows = {s: _read_csv(p) for s, p in files.items() if os.path.isfile(p)}
     cdir = os.path.dirname(os.path.abspath(files[split]))
+    listed = None
     if classes is None and os.path.isfile(os.path.join(cdir, "classes.txt")):
-        with open(os.path.join(cdir, "classes.txt"), "r", encoding="utf-8") as f:
+        listed = os.path.join(cdir, "classes.txt")
+        with open(listed, "r", encoding="utf-8") as f:
             classes = [ln.strip() for ln in f if ln.strip()]
-    all_labels = [lab for r in rows.values() for _, lab, _ in r]
-    numeric = all(lab.lstrip("-").isdigit() for lab in all_labels)
-    if classes is None:
-        if numeric:
-            classes = [str(i) for i in range(max((int(v) for v in all_labels), default=-1) + 1)]
-        else:
-            classes = sorted(set(all_labels))
-    classes = [str(c) for c in classes]
-    idx = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for rel, lab, lineno in rows[split]:
-        if lab in idx:
-            t = idx[lab]
-        elif numeric and 0 <= int(lab) < len(classes):
-            t = int(lab)
-        else:
-            raise DatasetError(f"{files[split]}:{lineno}: label {lab!r} is not one of the "
-                               f"{len(classes)} classes ({DOCS_HINT})")
-        samples.append((rel if os.path.isabs(rel) else os.path.join(cdir, rel), t))
+    elif classes is not None:
+        listed = "classes="
+    # The requested split's file first, so that its lines are the ones an error names.
+    labelled = [(files[s], lab, lineno) for s in [split] + sorted(set(rows) - {split})
+                for _, lab, lineno in rows[s]]
+    classes, to_index = _csv_label_mode(labelled, classes, listed)
+    samples = [(rel if os.path.isabs(rel) else os.path.join(cdir, rel), to_index(lab))
+               for rel, lab, _ in rows[split]]
     return FileListDataset(samples, classes, transform, name="csv", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files,
                            source=files[split])

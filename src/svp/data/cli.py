@@ -1,15 +1,14 @@
 """``svp data`` subcommands: list, check, grid."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import List, Tuple
+from typing import List
 
 from .base import DatasetError
-from .registry import build_dataset, dataset_info, list_datasets
+from .check import find_bad_images
+from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
 
 
 def register(subparsers) -> None:
@@ -68,60 +67,51 @@ def _check_splits(info, requested) -> List[str]:
     return [s for s in info.splits if s != "trainval"]
 
 
-def _read_one(ds, i) -> Tuple[int, str]:
-    try:
-        ds._load(i)
-        return i, ""
-    except DatasetError as e:
-        return i, str(e)
-    except Exception as e:  # anything else a decoder may raise
-        return i, f"unreadable image: {ds.describe(i)}: {type(e).__name__}: {e}"
-
-
 def check_dataset(name, root=None, splits=None, per_class=False, read=True, workers=4,
                   out=None, **options) -> int:
     """Print counts per split (and class) and read every image; return the number
     of problems found (missing split files, missing or unreadable images)."""
     out = sys.stdout if out is None else out
     info = dataset_info(name)
-    problems = 0
-    header = f"{info.name}: {info.num_classes or '?'} classes ({info.group})"
     if info.needs_root:
-        header += f", root {root if root is not None else '$SVP_DATA'}"
-    print(header, file=out)
-    if info.needs_root:
-        from .registry import _resolve_root
         try:
-            root = _resolve_root(info, root)
+            root_dir = _resolve_root(info, root)
         except DatasetError as e:
+            print(f"{info.name}: {info.num_classes or '?'} classes ({info.group})", file=out)
             print(f"  ERROR {e}".replace("\n", "\n      "), file=out)
             print("1 problem(s)", file=out)
             return 1
+    else:
+        root_dir = root
+    # Build every split first (cheap: no image is read) so that the header can give the
+    # class count custom datasets only know once their lists are read.
+    built = {}
     for split in _check_splits(info, splits):
         t0 = time.time()
         try:
-            ds = build_dataset(info.name, split, root=root, check_files=False, **options)
+            ds = build_dataset(info.name, split, root=root_dir, check_files=False, **options)
         except (DatasetError, KeyError, ValueError) as e:
+            ds = e
+        built[split] = (ds, time.time() - t0)
+    counts = sorted({ds.num_classes for ds, _ in built.values() if not isinstance(ds, Exception)})
+    nc = "/".join(map(str, counts)) if counts else str(info.num_classes or "?")
+    header = f"{info.name}: {nc} classes ({info.group})"
+    if info.needs_root:
+        header += f", root {root if root is not None else '$SVP_DATA'}"
+    print(header, file=out)
+    problems = 0
+    for split, (ds, seconds) in built.items():
+        if isinstance(ds, Exception):
             problems += 1
-            print(f"  {split:15s} ERROR {e}".replace("\n", "\n      "), file=out)
+            print(f"  {split:15s} ERROR {ds}".replace("\n", "\n      "), file=out)
             continue
-        bad: List[str] = []
-        if read:
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                for i, err in pool.map(lambda k: _read_one(ds, k), range(len(ds))):
-                    if err:
-                        bad.append(err)
-        else:
-            import os
-            for i in range(len(ds)):
-                p = ds.describe(i)
-                if hasattr(ds, "samples") and not os.path.isfile(p):
-                    bad.append(f"image not found: {p}")
+        t0 = time.time()
+        bad = find_bad_images(ds, read=read, workers=workers)
         problems += len(bad)
         status = "ok" if not bad else f"{len(bad)} missing/unreadable"
         what = "read" if read else "listed"
         print(f"  {split:15s} {len(ds):8d} images, {ds.num_classes} classes, "
-              f"{what} in {time.time() - t0:.1f}s: {status}", file=out)
+              f"{what} in {seconds + time.time() - t0:.1f}s: {status}", file=out)
         if per_class:
             counts = ds.class_counts()
             width = max(len(c) for c in ds.classes) if ds.classes else 1

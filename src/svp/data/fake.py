@@ -235,35 +235,25 @@ def make_fake_root(root: str, which: Sequence[str] = ALL, vtab_items: int = 4,
             man["hta/food101"]["trainval" if split == "train" else "test"] = lst
         classes["hta/food101"] = names
 
-    # ---------------- custom: imagefolder and csv
-    if "imagefolder" in which:
-        d = os.path.join(root, "custom_imagefolder")
-        names = ["cat", "dog", "zebra"]
-        man["imagefolder"] = {}
+    # ---------------- custom: imagefolder (<split>/<class>/*) and csv (<split>.csv + images/)
+    custom = (("imagefolder", "custom_imagefolder", ["cat", "dog", "zebra"],
+               lambda s, c, j: (s, c, f"{c}_{j}.png")),
+              ("csv", "custom_csv", ["apple", "banana", "cherry"],
+               lambda s, c, j: ("images", f"{s}_{c}_{j}.jpg")))
+    for key, folder, names, rel_parts in custom:
+        if key not in which:
+            continue
+        d = os.path.join(root, folder)
+        man[key] = {}
         for split in ("train", "val", "test"):
-            lst = []
-            for c in names:
-                for j in range(2):
-                    p = os.path.join(d, split, c, f"{c}_{j}.png")
-                    img(p)
-                    lst.append((p, c))
-            man["imagefolder"][split] = lst
-        classes["imagefolder"] = names
-    if "csv" in which:
-        d = os.path.join(root, "custom_csv")
-        names = ["apple", "banana", "cherry"]
-        man["csv"] = {}
-        for split in ("train", "val", "test"):
-            lines, lst = ["path,label"], []
-            for c in names:
-                for j in range(2):
-                    rel = f"images/{split}_{c}_{j}.jpg"
-                    img(os.path.join(d, rel))
-                    lines.append(f"{rel},{c}")
-                    lst.append((os.path.join(d, rel), c))
-            _write(os.path.join(d, f"{split}.csv"), "\n".join(lines) + "\n")
-            man["csv"][split] = lst
-        classes["csv"] = names
+            rels = [(rel_parts(split, c, j), c) for c in names for j in range(2)]
+            for parts, _ in rels:
+                img(os.path.join(d, *parts))
+            if key == "csv":
+                _write(os.path.join(d, f"{split}.csv"),
+                       "\n".join(["path,label"] + [f"{'/'.join(parts)},{c}" for parts, c in rels]) + "\n")
+            man[key][split] = [(os.path.join(d, *parts), c) for parts, c in rels]
+        classes[key] = names
     return man, classes
 
 

@@ -131,7 +131,7 @@ def build_fgvc(key: str, root: str, split: str, transform=None, skip_bad_images:
     if expected and len(ids) != expected:
         raise DatasetError(f"{key}: found {len(ids)} distinct class ids in "
                            f"{', '.join(sorted(os.path.basename(p) for p in loaded))} under {ddir}, "
-                           f"expected {expected} (spec table 4.2)")
+                           f"expected {expected} (docs/datasets.md, FGVC)")
     index = {i: n for n, i in enumerate(ids)}
     classes = _class_names(ddir, ids, union)
     data = loaded[split]

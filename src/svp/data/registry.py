@@ -248,5 +248,5 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     ds = builder(root, split, transform, **kw)
     if info.num_classes and ds.num_classes != info.num_classes:
         raise DatasetError(f"{info.name}: read {ds.num_classes} classes, expected "
-                           f"{info.num_classes} (spec tables)")
+                           f"{info.num_classes} (docs/datasets.md, All datasets)")
     return ds

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RECIPES = ("svp", "vtab", "plain")
 

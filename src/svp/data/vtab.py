@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 from .base import DOCS_HINT, DatasetError, FileListDataset, missing
 
-# (task folder, classes, group) in the VTAB order of the spec
+# (task folder, classes, group) in the usual VTAB-1k order (natural, specialized, structured)
 VTAB_TASKS = [
     ("cifar", 100, "vtab-natural"),
     ("caltech101", 102, "vtab-natural"),
@@ -39,7 +39,7 @@ VTAB_TASKS = [
     ("smallnorb_ele", 9, "vtab-structured"),
 ]
 
-# commonly reported test sizes (spec 4.1; recalled, not verified against files)
+# commonly reported test sizes (recalled, not verified against files)
 VTAB_TEST_SIZES = {
     "cifar": 10000, "caltech101": 6084, "dtd": 1880, "oxford_flowers102": 6149,
     "oxford_iiit_pet": 3669, "svhn": 26032, "sun397": 21750, "patch_camelyon": 32768,
@@ -114,7 +114,7 @@ def build_vtab(task: str, num_classes: int, root: str, split: str, transform=Non
     for i, (_, lab) in enumerate(samples):
         if not 0 <= lab < num_classes:
             raise DatasetError(f"{lst}: label {lab} (item {i}) outside 0..{num_classes - 1}: "
-                               f"vtab/{task} has {num_classes} classes (spec table 6.2)")
+                               f"vtab/{task} has {num_classes} classes (docs/datasets.md, All datasets)")
     classes = [str(i) for i in range(num_classes)]
     return FileListDataset(samples, classes, transform, name=f"vtab/{task}", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files, source=lst)

@@ -13,6 +13,8 @@ from . import config as C
 
 EXIT_CONFIG = 2
 
+from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
+
 
 def _config_epilog() -> str:
     lines = ["configuration keys (set with section.key=value, or in a --config YAML file as",
@@ -28,7 +30,7 @@ def _config_epilog() -> str:
               "epochs, mixup, ...): `--print-config` shows what a run will actually use.",
               "",
               "examples:",
-              "  svp train --dataset digits --method svp --model vim_mini_patch4_32 model.pretrained=true",
+              "  svp train --dataset digits --method svp --model vim_mini_patch4_32   (bundled weights)",
               "  svp train --dataset digits --method svp --model vim_tiny_patch16_224 \\",
               "      model.kwargs.img_size=32 model.kwargs.patch_size=4 model.kwargs.stride=4 train.epochs=5",
               "  svp train --dataset hta/cub200 --method svp --model vim_small_patch16_224 \\",
@@ -47,7 +49,7 @@ TRAIN_FLAGS = [
                                        "vtab/<task>, hta/<name>; see `svp data list`)"),
     ("--data-root", "data.root", str, "folder holding the datasets on disk (default $SVP_DATA)"),
     ("--method", "method.name", str, "svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
-    ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224)"),
+    ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224); " + WEIGHTS_HELP),
     ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
     ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<time>)"),
@@ -75,6 +77,10 @@ def register(subparsers) -> None:
                    help="YAML configuration file (repeatable; later files win)")
     for flag, key, typ, help_ in TRAIN_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+    p.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
+    p.add_argument("--random-init", action="store_true",
+                   help="a randomly initialised backbone (tests only) [model.random_init=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the interrupted run in RUN_DIR with its saved config.yaml "
                         "(overrides may change run.* and debug.*)")
@@ -155,8 +161,12 @@ def _intermixed(parser: argparse.ArgumentParser) -> None:
 
 
 def _backbone_args(p):
-    p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json)")
+    p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json; "
+                                                  + WEIGHTS_HELP + ")")
     p.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: from backbone.json)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="with --model: timm's pretrained weights (may download from the hub)")
+    p.add_argument("--random-init", action="store_true", help="with --model: a random backbone (tests only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
@@ -168,6 +178,9 @@ def _overrides_from_flags(args) -> List[str]:
             out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
     if getattr(args, "quiet", False):
         out.append("run.progress=none")
+    for flag, key in (("pretrained", "model.pretrained"), ("random_init", "model.random_init")):
+        if getattr(args, flag, False):
+            out.append(f"{key}=true")
     return out + list(args.overrides or [])
 
 
@@ -176,17 +189,15 @@ def _err(msg: str) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import checkpoint as ck
     from .loop import TrainingStopped, train
+    from .rundir import load_run_config
 
+    overrides = _overrides_from_flags(args)
     try:
-        overrides = _overrides_from_flags(args)
         if args.resume:
             if args.config:
-                _err("--resume uses the run's own config.yaml; --config cannot be combined with it")
-                return EXIT_CONFIG
+                raise C.ConfigError("--resume uses the run's own config.yaml; --config cannot be combined with it")
             if args.print_config:
-                from .loop import load_run_config
                 print(C.dump(load_run_config(args.resume)), end="")
                 return 0
             train(resume=args.resume, overrides=overrides)
@@ -200,70 +211,36 @@ def cmd_train(args) -> int:
     except TrainingStopped as e:
         _err(str(e))
         return e.code
-    except (C.ConfigError, ck.ResumeError) as e:
-        _err(str(e))
-        return EXIT_CONFIG
-    except Exception as e:
-        if type(e).__name__ in ("DatasetError", "AdapterError", "CheckpointError"):
-            _err(str(e))
-            return EXIT_CONFIG
-        raise
 
 
-def load_for_inference(adapter_dir: str, model_name=None, checkpoint=None, device="auto"):
-    """(peft model in eval mode on ``device``, backbone spec, class names)."""
-    import torch
+def _open_image(path, tf):
+    from PIL import Image
 
-    import svp.peft as peft
-
-    from .loop import create_backbone, pick_device
-
-    if not os.path.isdir(adapter_dir):
-        raise C.ConfigError(f"{adapter_dir}: not a folder")
-    spec_path = os.path.join(adapter_dir, "backbone.json")
-    info = peft.read_adapter_config(adapter_dir)
-    if os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            spec = json.load(f)
-    else:
-        if not (model_name or info.get("base_model_name")):
-            raise C.ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
-        spec = {"model": info.get("base_model_name"), "checkpoint": None, "kwargs": {}, "init_seed": 0,
-                "img_size": 224, "recipe": "svp", "num_classes": int(info["num_classes"])}
-    if model_name:
-        spec["model"] = model_name
-    if checkpoint:
-        spec["checkpoint"] = checkpoint
-    spec["num_classes"] = int(info["num_classes"])
-    backbone = create_backbone(spec)
-    model = peft.load_adapter(backbone, adapter_dir)
-    dev = torch.device(pick_device(device))
-    model = model.to(dev).eval()
-    names = list(info.get("class_names") or spec.get("class_names") or
-                 [str(i) for i in range(int(info["num_classes"]))])
-    return model, spec, names, dev
+    if not os.path.isfile(path):
+        raise C.ConfigError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return tf(im.convert("RGB"))
+    except OSError as e:
+        raise C.ConfigError(f"{path}: not a readable image ({e})") from None
 
 
 def cmd_eval(args) -> int:
     import svp.data as data
 
+    from ..build import load_for_inference
     from .distributed import DistInfo
-    from .loop import _Limited, evaluate
+    from .evaluate import evaluate
+    from .setup import Limited
 
-    try:
-        model, spec, names, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device)
-        ds = _Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
-        if ds.num_classes != len(names):
-            raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
-                                f"{args.adapter_dir} predicts {len(names)}")
-        tf = data.build_transform(spec.get("recipe", "svp"), False, img_size=int(spec.get("img_size", 224)))
-        r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo())
-    except Exception as e:
-        if isinstance(e, (C.ConfigError, FileNotFoundError, ValueError)) or type(e).__name__ in (
-                "DatasetError", "AdapterError", "CheckpointError"):
-            _err(str(e))
-            return EXIT_CONFIG
-        raise
+    model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
+                                         args.random_init)
+    ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
+    if ds.num_classes != spec.num_classes:
+        raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
+                            f"{args.adapter_dir} predicts {spec.num_classes}")
+    tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
+    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo())
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split})
     if args.json:
         print(json.dumps(r, indent=2))
@@ -277,28 +254,16 @@ def cmd_predict(args) -> int:
     import torch
 
     import svp.data as data
-    from PIL import Image
 
-    try:
-        if args.topk < 1:
-            raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")
-        model, spec, names, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device)
-        tf = data.build_transform(spec.get("recipe", "svp"), False, img_size=int(spec.get("img_size", 224)))
-        xs = []
-        for path in args.images:
-            if not os.path.isfile(path):
-                raise C.ConfigError(f"image not found: {path}")
-            try:
-                with Image.open(path) as im:
-                    xs.append(tf(im.convert("RGB")))
-            except OSError as e:
-                raise C.ConfigError(f"{path}: not a readable image ({e})") from None
-    except Exception as e:
-        if isinstance(e, (C.ConfigError, FileNotFoundError, ValueError)) or type(e).__name__ in (
-                "DatasetError", "AdapterError", "CheckpointError"):
-            _err(str(e))
-            return EXIT_CONFIG
-        raise
+    from ..build import load_for_inference
+
+    if args.topk < 1:
+        raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")
+    model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
+                                         args.random_init)
+    tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
+    xs = [_open_image(path, tf) for path in args.images]
+    names = spec.class_names
     with torch.no_grad():
         probs = model(torch.stack(xs).to(dev)).float().softmax(dim=1).cpu()
     k = min(args.topk, probs.shape[1])
@@ -337,8 +302,9 @@ def cmd_sweep(args) -> int:
         out = sweep(args.suite, methods, seeds, args.output or os.path.join("sweeps", args.suite), datasets,
                     args.config, overrides, args.fail_fast)
     except ValueError as e:
-        _err(str(e))
-        return EXIT_CONFIG
+        if isinstance(e, C.ConfigError):
+            raise
+        raise C.ConfigError(str(e)) from None
     print(open(out["markdown"], encoding="utf-8").read())
     print(f"wrote {out['csv']} and {out['markdown']}")
     failed = sum(r["status"] == "failed" for r in out["rows"])

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import yaml
 
 
-from ..errors import ConfigError  # noqa: F401 (re-exported: svp.engine.config.ConfigError)
+from ..errors import ConfigError, DatasetError  # noqa: F401 (ConfigError re-exported)
 
 
 # (dotted key, default, help). The order is the order of `svp train --help`.
@@ -29,7 +29,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     # --- backbone
     ("model.name", "vim_small_patch16_224", "timm model name of the Vim backbone"),
     ("model.checkpoint", None, "official Vim checkpoint (.pth or .safetensors) loaded into the backbone"),
-    ("model.pretrained", False, "ask timm for the model's pretrained weights (bundled/cached weights only)"),
+    ("model.pretrained", False, "ask timm for the model's pretrained weights (may download from the hub); the bundled vim_mini_patch4_32 always gets its bundled weights unless model.checkpoint or model.random_init is set"),
+    ("model.random_init", False, "a randomly initialised backbone (tests only); without it, a model other than the bundled mini Vim needs model.checkpoint or model.pretrained"),
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
     ("model.drop_path_rate", 0.1, "stochastic depth of the frozen backbone (active in training, official)"),
     ("model.init_seed", 0, "seed used when the backbone (or parts missing from the checkpoint) is randomly initialised"),
@@ -102,7 +103,6 @@ SCHEMA: List[Tuple[str, Any, str]] = [
 
 SECTIONS = ("model", "method", "data", "train", "eval", "run", "debug")
 _DEFAULTS = {k: v for k, v, _ in SCHEMA}
-_HELP = {k: h for k, _, h in SCHEMA}
 # keys whose value is a free-form mapping (not validated further)
 MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
 
@@ -113,10 +113,6 @@ def defaults() -> Dict[str, Dict[str, Any]]:
         sec, name = key.split(".", 1)
         cfg[sec][name] = copy.deepcopy(value)
     return cfg
-
-
-def help_text(key: str) -> str:
-    return _HELP[key]
 
 
 _SCI = __import__("re").compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -251,12 +247,8 @@ def dataset_preset(dataset: str, method: str) -> dict:
     try:
         import svp.data as data
         preset = data.load_preset(dataset)
-    except (KeyError, FileNotFoundError, ImportError, AttributeError):
-        return {}
-    except Exception as e:  # unknown dataset: the dataset builder reports it later
-        if type(e).__name__ in ("DatasetError", "ValueError", "LookupError"):
-            return {}
-        raise
+    except (KeyError, FileNotFoundError, ImportError, AttributeError, LookupError, ValueError, DatasetError):
+        return {}  # unknown dataset: the dataset builder reports it later
     out: Dict[str, Dict[str, Any]] = {}
     for k, v in (preset or {}).items():
         if k in PRESET_MAP:
@@ -279,7 +271,11 @@ def dataset_preset(dataset: str, method: str) -> dict:
 
 def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
             use_presets: bool = True) -> dict:
-    """Defaults <- method file <- dataset preset <- config files <- overrides."""
+    """Defaults <- method file <- dataset preset <- config files <- overrides. A complete
+    ``base`` (every key of every section, e.g. what ``resolve`` returned) already holds its
+    presets: they are not merged again (their mappings would add keys)."""
+    if base and is_complete(base):
+        use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
     parsed = parse_overrides(overrides)
     # which method/dataset? (needed to pick the method file and preset first)
@@ -303,6 +299,11 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     apply_user(cfg)
     validate(cfg)
     return cfg
+
+
+def is_complete(config: dict) -> bool:
+    return isinstance(config, dict) and all(
+        isinstance(config.get(s), dict) and set(d) <= set(config[s]) for s, d in defaults().items())
 
 
 _CHOICES = {

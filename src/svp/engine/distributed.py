@@ -187,8 +187,12 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def is_distributed_env() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def comm_device(device, info: DistInfo):
+    """Where all_reduce_sum's tensor lives: the device under NCCL, the CPU under gloo."""
+    if not info.enabled:
+        return None
+    import torch.distributed as dist
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def maybe_device(kind: str, info: DistInfo) -> torch.device:
@@ -201,5 +205,5 @@ def maybe_device(kind: str, info: DistInfo) -> torch.device:
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "all_reduce_sum", "broadcast_object", "barrier",
            "EpochSampler", "ShardSampler", "SeededDataset", "derive_seed", "unwrap", "maybe_device",
-           "is_distributed_env"]
+           "comm_device"]
 

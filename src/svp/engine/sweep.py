@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import checkpoint as ck
 from . import config as C
+from .select import mean_std
 
 log = logging.getLogger("svp.engine.sweep")
 
@@ -104,12 +105,7 @@ def _num(v) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-def _mean_std(values: List[float]) -> str:
-    if not values:
-        return "-"
-    m = statistics.fmean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.2f} ± {s:.2f}"
+_mean_std = mean_std
 
 
 def _fmt_params(v: Optional[float]) -> str:

@@ -1,13 +1,18 @@
-"""Reading official Vim checkpoints safely and loading them with readable errors."""
+"""Reading official Vim checkpoints safely, adapting them to a VisionMamba and loading
+them with readable errors. Knows the model only through its attributes (``pos_embed``,
+``patch_embed.grid_size``, ``head``), so the model module imports this one and not the
+other way round."""
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
-from typing import Mapping
+from typing import List, Mapping
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
 _logger = logging.getLogger(__name__)
 
@@ -57,21 +62,80 @@ def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:
                           f"or a bare name->tensor dict, found keys {sorted(ckpt)[:10]}")
 
 
+def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
+                              interpolation: str = "bicubic", antialias: bool = False) -> torch.Tensor:
+    """Resample a (1, M+1, D) position embedding whose class-token row sits at M // 2.
+
+    The class row is taken out, the M patch rows are resampled as a grid, and the
+    class row is put back at the new middle (new M // 2). The official loader treats
+    row 0 as the class token, which is wrong for this layout.
+    """
+    n = pos_embed.shape[1] - 1
+    if old_grid is None:
+        side = int(math.isqrt(n))
+        if side * side != n:
+            raise ValueError(f"pos_embed has {n} patch rows, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != n:
+        raise ValueError(f"pos_embed has {n} patch rows but old_grid {old_grid} has {old_grid[0] * old_grid[1]}")
+    if old_grid == new_grid:
+        return pos_embed
+    mid = n // 2
+    cls_row = pos_embed[:, mid:mid + 1]
+    patches = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
+    patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0,
+                                     interpolation=interpolation, antialias=antialias)
+    new_mid = new_grid[0] * new_grid[1] // 2
+    return torch.cat([patches[:, :new_mid], cls_row, patches[:, new_mid:]], dim=1)
+
+
+
+def checkpoint_filter_fn(state_dict, model: nn.Module):
+    """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
+    prefixes, resample the position embedding to the model's grid (class-token aware),
+    drop the classifier when its class count differs, drop official SVP prompt tensors."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    prompts = [k for k in out if k.startswith("prompt_")]
+    if prompts:  # an official SVP training checkpoint: the backbone is what we load here
+        _logger.info("ignoring %d official SVP prompt tensors (load them with svp convert-official-svp)",
+                     len(prompts))
+        for k in prompts:
+            del out[k]
+    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
+        out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
+    head = model.head
+    for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
+        param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
+        if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
+            del out[name]
+    return out
+
+
+def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: int = 20) -> List[str]:
+    """Every way ``given`` (name -> tensor) fails to fit ``expected`` (name -> shape, or None for
+    any shape): one line each for the missing, unexpected and mis-shaped names; [] when it fits.
+    ``allow_missing`` lists name prefixes that may legitimately be absent (a dropped head)."""
+    missing = [k for k in expected if k not in given and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} has shape {tuple(given[k].shape)}, expected {tuple(shape)}" for k, shape in expected.items()
+             if k in given and shape is not None and tuple(given[k].shape) != tuple(shape)]
+    return [f"  {len(items)} {title}: " + ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if items]
+
+
 def strict_load(model: nn.Module, state_dict: dict, source: str = "<checkpoint>",
                 allow_missing=()) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error.
-    ``allow_missing`` lists prefixes that may legitimately be absent (a dropped head)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing))]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match {type(model).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error."""
+    lines = mismatch_lines({k: v.shape for k, v in model.state_dict().items()}, state_dict, allow_missing)
+    if lines:
+        raise CheckpointError("\n".join([f"{source} does not match {type(model).__name__}:"] + lines))
     model.load_state_dict(state_dict, strict=False)
 
 
@@ -79,8 +143,6 @@ def load_checkpoint_into(model, checkpoint, strict: bool = True):
     """Read ``checkpoint`` (a path, a checkpoint dict or a state dict), adapt it to
     ``model`` (see ``checkpoint_filter_fn``) and load it strictly; the head may be
     absent (it was dropped because the class count differs)."""
-    from .vim import checkpoint_filter_fn
-
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state_dict = checkpoint_filter_fn(extract_state_dict(ckpt, source), model)
@@ -90,23 +152,3 @@ def load_checkpoint_into(model, checkpoint, strict: bool = True):
         model.load_state_dict(state_dict, strict=False)
     _logger.info("loaded %s into %s", source, type(model).__name__)
     return model
-
-
-def _patch_timm_checkpoint_path():
-    """``timm.create_model(..., checkpoint_path=P)`` calls timm's ``load_checkpoint``,
-    which prefers EMA weights and cannot resample the middle class token. For Vim
-    models, route it through :func:`load_checkpoint_into`; other models are untouched."""
-    import timm.models._factory as factory
-
-    original = factory.load_checkpoint
-    if getattr(original, "_svp_patched", False):
-        return
-
-    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
-        from .vim import VisionMamba
-        if isinstance(model, VisionMamba):
-            return load_checkpoint_into(model, checkpoint_path, strict=kwargs.get("strict", True))
-        return original(model, checkpoint_path, *args, **kwargs)
-
-    load_checkpoint._svp_patched = True
-    factory.load_checkpoint = load_checkpoint

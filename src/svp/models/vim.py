@@ -1,7 +1,8 @@
 """Vision Mamba (Vim, Zhu et al. 2024) in pure PyTorch.
 
-One file for the model family, in the manner of timm: the modules, the checkpoint
-filter that adapts official weights, and the registered factory functions.
+One file for the model family, in the manner of timm: the modules and the registered
+factory functions. The checkpoint filter that adapts official weights lives in
+``loading.py`` (with the reader and the strict loader) and is re-exported here.
 
 Layout of the official "midclstok" models (the ones SVP builds on):
   image -> patch conv -> M tokens -> class token inserted at index M // 2 -> + pos_embed
@@ -12,19 +13,19 @@ loads without renaming.
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..ops import RMSNorm, causal_conv1d_bld, selective_scan
+from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
-_logger = logging.getLogger(__name__)
 
 __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "resample_pos_embed_midcls",
            "checkpoint_filter_fn"]
@@ -103,6 +104,10 @@ class BiMambaMixer(nn.Module):
         # gate_hook(mixer, direction, delta, delta_bias, A, B, C) with delta (b, l, E)
         # before bias/softplus and B, C (b, l, N).
         self.gate_hook = None
+        # Set by svp.serve to change the time steps per sample in a mixed-adapter batch (LoRA on
+        # dt_proj, BitFit's dt bias): delta_hook(mixer, direction, dt, delta) -> delta, with dt
+        # (b, l, R) the input of dt_proj and delta = F.linear(dt, dt_proj.weight) (b, l, E).
+        self.delta_hook = None
 
     def _init_dt_proj(self, dt_proj, dt_scale, dt_min, dt_max, dt_init_floor):
         std = self.dt_rank ** -0.5 * dt_scale
@@ -120,6 +125,8 @@ class BiMambaMixer(nn.Module):
         x_dbl = x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
+        if self.delta_hook is not None:
+            delta = self.delta_hook(self, name, dt, delta)
         A = -torch.exp(A_log.float())
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
@@ -154,34 +161,6 @@ class Block(nn.Module):
             residual = residual.float()
         hidden = self.mixer(self.norm(residual).to(self.norm.weight.dtype))
         return hidden, residual
-
-
-def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
-                              interpolation: str = "bicubic", antialias: bool = False) -> torch.Tensor:
-    """Resample a (1, M+1, D) position embedding whose class-token row sits at M // 2.
-
-    The class row is taken out, the M patch rows are resampled as a grid, and the
-    class row is put back at the new middle (new M // 2). The official loader treats
-    row 0 as the class token, which is wrong for this layout.
-    """
-    n = pos_embed.shape[1] - 1
-    if old_grid is None:
-        side = int(math.isqrt(n))
-        if side * side != n:
-            raise ValueError(f"pos_embed has {n} patch rows, not a square grid; pass old_grid")
-        old_grid = (side, side)
-    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if old_grid[0] * old_grid[1] != n:
-        raise ValueError(f"pos_embed has {n} patch rows but old_grid {old_grid} has {old_grid[0] * old_grid[1]}")
-    if old_grid == new_grid:
-        return pos_embed
-    mid = n // 2
-    cls_row = pos_embed[:, mid:mid + 1]
-    patches = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1:]], dim=1)
-    patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0,
-                                     interpolation=interpolation, antialias=antialias)
-    new_mid = new_grid[0] * new_grid[1] // 2
-    return torch.cat([patches[:, :new_mid], cls_row, patches[:, new_mid:]], dim=1)
 
 
 class VisionMamba(nn.Module):
@@ -286,34 +265,7 @@ class VisionMamba(nn.Module):
     def load_pretrained(self, checkpoint_path, strict: bool = True):
         """Load an official Vim checkpoint (.pth training checkpoint or safetensors).
         Called by timm for ``pretrained=True`` (file or hub) and ``checkpoint_path=``."""
-        from .loading import load_checkpoint_into
         return load_checkpoint_into(self, checkpoint_path, strict=strict)
-
-
-def checkpoint_filter_fn(state_dict, model: VisionMamba):
-    """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
-    prefixes, resample the position embedding to the model's grid (class-token aware),
-    drop the classifier when its class count differs, drop official SVP prompt tensors."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    prompts = [k for k in out if k.startswith("prompt_")]
-    if prompts:  # an official SVP training checkpoint: the backbone is what we load here
-        _logger.info("ignoring %d official SVP prompt tensors (load them with svp convert-official-svp)",
-                     len(prompts))
-        for k in prompts:
-            del out[k]
-    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
-        out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
-    head = model.head
-    for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
-        param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
-        if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
-            del out[name]
-    return out
 
 
 def _cfg(hub_repo, filename, **kwargs):
@@ -321,7 +273,7 @@ def _cfg(hub_repo, filename, **kwargs):
         "hf_hub_id": hub_repo, "hf_hub_filename": filename, "custom_load": "hf",
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
         **kwargs,
     }
@@ -377,3 +329,22 @@ def vim_small_patch16_stride8_224(pretrained=False, **kwargs) -> VisionMamba:
 def vim_base_patch16_224(pretrained=False, **kwargs) -> VisionMamba:
     args = dict(patch_size=16, stride=16, embed_dim=768, depth=24)
     return _create_vim("vim_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+def _patch_timm_checkpoint_path():
+    """``timm.create_model(..., checkpoint_path=P)`` calls timm's ``load_checkpoint``,
+    which prefers EMA weights and cannot resample the middle class token. For Vim
+    models, route it through :func:`load_checkpoint_into`; other models are untouched."""
+    import timm.models._factory as factory
+
+    original = factory.load_checkpoint
+    if getattr(original, "_svp_patched", False):
+        return
+
+    def load_checkpoint(model, checkpoint_path, *args, **kwargs):
+        if isinstance(model, VisionMamba):
+            return load_checkpoint_into(model, checkpoint_path, strict=kwargs.get("strict", True))
+        return original(model, checkpoint_path, *args, **kwargs)
+
+    load_checkpoint._svp_patched = True
+    factory.load_checkpoint = load_checkpoint

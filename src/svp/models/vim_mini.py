@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .vim import VisionMamba, checkpoint_filter_fn
@@ -21,8 +22,6 @@ __all__ = ["MINI_ARCH", "MINI_ASSET", "mini_asset_path", "vim_mini_patch4_32"]
 MINI_ARCH = dict(img_size=32, patch_size=4, stride=4, embed_dim=64, depth=8, d_state=16, expand=2)
 MINI_ASSET = "vim_mini_patch4_32.safetensors"
 MINI_SOURCE_CLASSES = 32
-# the pretraining used timm's ImageNet statistics, as the data recipes do by default
-_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def mini_asset_path(name: str = MINI_ASSET) -> str:
@@ -38,8 +37,9 @@ default_cfgs = generate_default_cfgs({
     "vim_mini_patch4_32.ifs32_fractal": {
         "file": mini_asset_path(), "num_classes": MINI_SOURCE_CLASSES, "input_size": (3, 32, 32),
         "pool_size": None, "crop_pct": 1.0, "interpolation": "bilinear", "fixed_input_size": False,
-        "mean": _MEAN, "std": _STD, "first_conv": "patch_embed.proj", "classifier": "head",
-        "license": "apache-2.0",
+        # the pretraining normalised with timm's ImageNet statistics, as the data recipes do by default
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
     },
 })
 

@@ -6,13 +6,21 @@ Backends (all with the semantics of :func:`svp.ops.scan_ref.selective_scan_ref` 
 ``reference``  the literal PyTorch loop (slow; the definition everything is tested against)
 ``cpu``        fused numba kernels (:mod:`svp.ops.scan_cpu`); CPU tensors only
 ``torch``      chunked pure-PyTorch path with a hand-written backward; any device
+``triton``     Triton kernels (:mod:`svp.ops.scan_triton`); CUDA tensors, or CPU tensors
+               through Triton's interpreter when ``TRITON_INTERPRET=1``
 ``cuda``       mamba_ssm's ``selective_scan_fn`` (when it imports); CUDA tensors only
 
 Choice: ``set_backend(name)`` (Python) overrides ``SVP_SCAN_BACKEND`` (environment), which
-overrides the automatic choice: ``cpu`` for CPU tensors when numba works, ``cuda`` for
-CUDA tensors when mamba_ssm works, else ``torch``. A forced backend that cannot run on
-the inputs' device raises; there is no silent fallback. The choice is logged once per
-(device type, backend).
+overrides the automatic choice: ``cpu`` for CPU tensors when numba works; for CUDA
+tensors ``cuda`` when mamba_ssm works, else ``triton`` when Triton works, else ``torch``.
+A forced backend that cannot run on the inputs' device raises
+:class:`svp.errors.BackendError`; there is no silent fallback. The choice is logged once
+per (device type, backend).
+
+The contract every backend meets is ``fn(u, delta, A, B, C, D, z, delta_bias,
+delta_softplus, return_last_state, reverse)``. ``reverse`` is done here, once, by flipping
+the time axis for the backends that cannot index time backwards themselves (``reference``,
+``torch``, ``cuda``); ``cpu`` and ``triton`` do it natively without copies.
 """
 from __future__ import annotations
 
@@ -20,18 +28,55 @@ import importlib
 import logging
 import os
 
+from ..errors import BackendError
 from .scan_ref import selective_scan_ref
 
 log = logging.getLogger("svp.ops.scan")
 
-NAMES = ("reference", "cpu", "torch", "cuda")
-# which device types each backend runs on (None: any)
-_DEVICES = {"reference": None, "torch": None, "cpu": ("cpu",), "cuda": ("cuda",)}
+NAMES = ("reference", "cpu", "torch", "triton", "cuda")
+# which device types each backend runs on (None: any); triton: see _devices
+_DEVICES = {"reference": None, "torch": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
 _MODULES = {"cpu": ("svp.ops.scan_cpu", "selective_scan_cpu"),
             "torch": ("svp.ops.scan_torch", "selective_scan_torch"),
+            "triton": ("svp.ops.scan_triton", "selective_scan_triton"),
             "cuda": ("svp.ops.scan_cuda", "selective_scan_cuda")}
-_loaded: dict = {"reference": selective_scan_ref}
+NATIVE_REVERSE = ("cpu", "triton")
+
+
+def _time_reversed(fn):
+    """``fn`` with the backend contract's ``reverse``, for a backend that only scans forward:
+    the one place where time is flipped."""
+    def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+             return_last_state=False, reverse=False, **kw):
+        if not reverse:
+            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, **kw)
+        fl = lambda t: None if t is None else t.flip(-1)  # noqa: E731
+        res = fn(fl(u), fl(delta), A, fl(B), fl(C), D, fl(z), delta_bias, delta_softplus, return_last_state, **kw)
+        return (res[0].flip(-1), res[1]) if return_last_state else res.flip(-1)
+    scan.__wrapped__ = fn
+    return scan
+
+
+_loaded: dict = {"reference": _time_reversed(selective_scan_ref)}
 _errors: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def _devices(name):
+    if name == "triton" and _interpreting():
+        return None
+    return _DEVICES[name]
+
+
+def _triton_missing() -> str | None:
+    """Why Triton cannot run here (no GPU and no interpreter), or None."""
+    import torch
+    if torch.cuda.is_available() or _interpreting():
+        return None
+    return "no CUDA GPU found (set TRITON_INTERPRET=1 to run the triton backend on CPU tensors)"
 _forced: str | None = None
 _logged: set = set()
 
@@ -47,29 +92,43 @@ def _load(name: str):
         mod = importlib.import_module(modname)
         if name == "cuda" and not mod.available():
             raise ImportError(mod.unavailable_reason())
-        _loaded[name] = getattr(mod, fn)
-    except Exception as e:  # numba / mamba_ssm missing or broken: backend unavailable
+        f = getattr(mod, fn)
+        _loaded[name] = f if name in NATIVE_REVERSE else _time_reversed(f)
+    except ImportError as e:  # numba / triton / mamba_ssm missing: backend unavailable
+        _errors[name] = (f"Triton is not installed ({e})" if name == "triton" and "triton" in str(e)
+                         else f"{type(e).__name__}: {e}")
+        return None
+    except Exception as e:  # a broken install: unavailable, with the reason
         _errors[name] = f"{type(e).__name__}: {e}"
         return None
     return _loaded[name]
 
 
+def _unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run on this machine now, or None."""
+    if _load(name) is None:
+        return _errors.get(name, "?")
+    if name == "triton":
+        return _triton_missing()
+    return None
+
+
 def available_backends():
     """Backends that can run on this machine (importing their dependencies on first call)."""
-    return [n for n in NAMES if _load(n) is not None]
+    return [n for n in NAMES if _unavailable(n) is None]
 
 
 def unavailable_backends() -> dict:
     """{name: reason} for the backends that cannot run here."""
-    available_backends()
-    return dict(_errors)
+    return {n: r for n in NAMES if (r := _unavailable(n)) is not None}
 
 
 def _check_name(name: str, source: str):
     if name not in NAMES:
-        raise ValueError(f"unknown scan backend {name!r} ({source}); choose one of {list(NAMES)}")
-    if _load(name) is None:
-        raise RuntimeError(f"scan backend {name!r} ({source}) is not available here: {_errors.get(name)}")
+        raise BackendError(f"unknown scan backend {name!r} ({source}); choose one of {list(NAMES)}")
+    why = _unavailable(name)
+    if why is not None:
+        raise BackendError(f"scan backend {name!r} ({source}) is not available here: {why}")
 
 
 def set_backend(name: str | None):
@@ -97,23 +156,26 @@ def get_backend(device=None) -> str:
         name, source = None, "auto"
     if name is not None:
         _check_name(name, source)
-        ok = _DEVICES[name]
+        ok = _devices(name)
         if ok is not None and dev not in ok:
-            raise RuntimeError(f"scan backend {name!r} (forced by {source}) cannot run on {dev} tensors; "
+            hint = " (TRITON_INTERPRET=1 runs it on CPU tensors)" if name == "triton" else ""
+            raise BackendError(f"scan backend {name!r} (forced by {source}) cannot run on {dev} tensors{hint}; "
                                f"unset it or choose one of "
-                               f"{[n for n in available_backends() if _DEVICES[n] is None or dev in _DEVICES[n]]}")
+                               f"{[n for n in available_backends() if _devices(n) is None or dev in _devices(n)]}")
     else:
         if dev == "cpu" and _load("cpu") is not None:
             name = "cpu"
         elif dev == "cuda" and _load("cuda") is not None:
             name = "cuda"
+        elif dev == "cuda" and _unavailable("triton") is None:
+            name = "triton"
         else:
             name = "torch"
     key = (dev, name, source)
     if key not in _logged:
         _logged.add(key)
         why = "" if source != "auto" else "".join(
-            f"; {n} unavailable ({_errors[n]})" for n in ("cpu", "cuda") if n in _errors
+            f"; {n} unavailable ({_errors[n]})" for n in ("cpu", "triton", "cuda") if n in _errors
             and _DEVICES[n] and dev in _DEVICES[n])
         log.info("selective scan on %s tensors: backend %r (%s%s)", dev, name, source, why)
     return name
@@ -124,16 +186,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Selective scan; ``reverse=True`` scans from the last position to the first
     (the backward direction of the bidirectional mixer) and returns outputs in the
     original order."""
-    name = get_backend(u.device)
-    fn = _loaded[name]
-    if name == "reference":
-        if reverse:
-            flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
-            out = fn(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias, delta_softplus,
-                     return_last_state)
-            if return_last_state:
-                return out[0].flip(-1), out[1]
-            return out.flip(-1)
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return fn(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state, reverse=reverse)
+    return _loaded[get_backend(u.device)](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                          return_last_state, reverse)
+
+
+def scan_with(name: str, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+              return_last_state=False, reverse=False, **kw):
+    """Run the named backend directly (no automatic choice), with the same contract;
+    ``kw`` reaches the backend (e.g. ``chunk``)."""
+    _check_name(name, "scan_with")
+    return _loaded[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, **kw)

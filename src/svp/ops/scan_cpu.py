@@ -26,12 +26,12 @@ hundreds or thousands).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 import torch
 
+from .scan_ref import scan_groups, sum_to_groups
 
 def _default_cache_dir():
     """numba caches next to this file; if the package dir is read-only use a user dir."""
@@ -500,10 +500,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         has_z = z is not None
         z3 = _as_bld(z) if has_z else u3
         Bm, Cm = _as_blgn(B), _as_blgn(C)
-        gB, gC = Bm.shape[2], Cm.shape[2]
-        G = gB * gC // math.gcd(gB, gC)
-        if d % G:
-            raise ValueError(f"grouped B/C: channels ({d}) must be a multiple of groups ({gB}, {gC})")
+        gB, gC, G = scan_groups(B, C, d)
         if gB != G:
             Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
         if gC != G:
@@ -565,12 +562,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         def bc(P, gX, is4, dtype):
             o = torch.empty(b, L, g, N, dtype=torch.float64)
             _sum_blocks(P.numpy(), o.numpy())
-            o = o.permute(0, 2, 3, 1)            # (b, G, n, l)
-            if gX != g:                          # B/C was shared by G // gX finer groups
-                o = o.reshape(b, gX, g // gX, N, L).sum(2)
-            if not is4:
-                o = o[:, 0]
-            return o.to(dtype)
+            return sum_to_groups(o.permute(0, 2, 3, 1), (b, gX, N, L) if is4 else (b, N, L), dtype)
 
         r_u = du.transpose(1, 2).to(dt_u) if need[0] else None
         r_delta = dd.transpose(1, 2).to(dt_delta) if need[1] else None

@@ -1,11 +1,13 @@
 """Adapter for mamba_ssm's CUDA selective scan (optional; never required).
 
 Available when ``mamba_ssm`` imports and CUDA is present. mamba_ssm has no reversed
-scan, so ``reverse=True`` flips the time axis around the call.
+scan; :mod:`svp.ops.dispatch` adds ``reverse`` by flipping time.
 """
 from __future__ import annotations
 
 import torch
+
+from ..errors import BackendError
 
 _fn = None
 _err = None
@@ -34,16 +36,10 @@ def version() -> str | None:
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        return_last_state=False, reverse=False):
+                        return_last_state=False):
     if not available():
-        raise RuntimeError(f"the 'cuda' scan backend is unavailable: {unavailable_reason()}")
+        raise BackendError(f"the 'cuda' scan backend is unavailable: {unavailable_reason()}")
     for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C)):
         if x.device.type != "cuda":
-            raise ValueError(f"the 'cuda' scan backend needs CUDA tensors; {name} is on {x.device}")
-    if reverse:
-        fl = lambda t: None if t is None else t.flip(-1)  # noqa: E731
-        res = _fn(fl(u), fl(delta), A, fl(B), fl(C), D, fl(z), delta_bias, delta_softplus, return_last_state)
-        if return_last_state:
-            return res[0].flip(-1), res[1]
-        return res.flip(-1)
+            raise BackendError(f"the 'cuda' scan backend needs CUDA tensors; {name} is on {x.device}")
     return _fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

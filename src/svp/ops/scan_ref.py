@@ -15,6 +15,8 @@ Recurrence per channel d and state n:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,27 @@ def _expand_groups(X: torch.Tensor, dim: int) -> torch.Tensor:
     if dim % g:
         raise ValueError(f"grouped B/C: channels ({dim}) must be a multiple of groups ({g})")
     return X.repeat_interleave(dim // g, dim=1)
+
+
+def scan_groups(B: torch.Tensor, C: torch.Tensor, dim: int):
+    """(gB, gC, G): the groups of B and C (1 when shared, (b, n, l)) and the finest grouping
+    G = lcm(gB, gC) that every fast backend iterates over (channel c is in group c // (dim / G))."""
+    gB = 1 if B.dim() == 3 else B.shape[1]
+    gC = 1 if C.dim() == 3 else C.shape[1]
+    G = math.lcm(gB, gC)
+    if dim % G:
+        raise ValueError(f"grouped B/C: channels ({dim}) must be a multiple of groups ({gB}, {gC})")
+    return gB, gC, G
+
+
+def sum_to_groups(grad: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """Gradient per finest group (b, G, n, l) -> ``shape`` (B's or C's: (b, g, n, l) or
+    shared (b, n, l)) and ``dtype``: sums the G // g finer groups that share one group."""
+    b, G, n, l = grad.shape
+    g = 1 if len(shape) == 3 else shape[1]
+    if g != G:
+        grad = grad.reshape(b, g, G // g, n, l).sum(2)
+    return grad.reshape(shape).to(dtype)
 
 
 def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None):

@@ -9,13 +9,15 @@ which recomputes the chunk's states and then runs the reverse-time recurrence
 dh_{t-1} = exp(delta_t A) * (dh_t + C_t g_t), again one ``addcmul`` per step; all other
 gradients are batched tensor ops. Peak extra memory is a few (b, T, d, n) tensors.
 
-Computes in float32 (float64 for float64 inputs, so it can be gradchecked).
-``reverse`` flips the time axis (this path is not the CPU fast path).
+Computes in float32 (float64 for float64 inputs, so it can be gradchecked). Scans
+forward only; :mod:`svp.ops.dispatch` adds ``reverse`` by flipping time.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .scan_ref import scan_groups, sum_to_groups
 
 CHUNK = 64
 
@@ -33,11 +35,7 @@ class SelectiveScanTorch(torch.autograd.Function):
         cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
         b, d, L = u.shape
         N = A.shape[1]
-        gB = 1 if B.dim() == 3 else B.shape[1]
-        gC = 1 if C.dim() == 3 else C.shape[1]
-        G = gB * gC // _gcd(gB, gC)
-        if d % G:
-            raise ValueError(f"grouped B/C: channels ({d}) must be a multiple of groups ({gB}, {gC})")
+        gB, gC, G = scan_groups(B, C, d)
         dg = d // G
         uu = u.detach().to(cdt).transpose(1, 2).reshape(b, L, G, dg)           # (b, l, G, dg)
         x = delta.detach().to(cdt).transpose(1, 2).reshape(b, L, G, dg)
@@ -140,29 +138,15 @@ class SelectiveScanTorch(torch.autograd.Function):
         def back(t, like):                                                    # (b, l, G, dg) -> (b, d, l)
             return t.reshape(b, L, d).transpose(1, 2).to(like.dtype)
 
-        def bc(t, gX, like):
-            o = t.permute(0, 2, 3, 1)                                          # (b, G, n, l)
-            if gX != G:
-                o = o.reshape(b, gX, G // gX, N, L).sum(2)
-            if like.dim() == 3:
-                o = o[:, 0]
-            return o.to(like.dtype)
-
         return (back(du, u) if need[0] else None,
                 back(ddelta, delta) if need[1] else None,
                 dA.reshape(d, N).to(A.dtype) if need[2] else None,
-                bc(dBt, gB, B) if need[3] else None,
-                bc(dCt, gC, C) if need[4] else None,
+                sum_to_groups(dBt.permute(0, 2, 3, 1), B.shape, B.dtype) if need[3] else None,
+                sum_to_groups(dCt.permute(0, 2, 3, 1), C.shape, C.dtype) if need[4] else None,
                 dD.reshape(d).to(D.dtype) if (D is not None and need[5]) else None,
                 back(dz, z) if (z is not None and need[6]) else None,
                 ddelta.sum((0, 1)).reshape(d).to(delta_bias.dtype) if (delta_bias is not None and need[7]) else None,
                 None, None)
-
-
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _expand(X, G):
@@ -184,14 +168,7 @@ def _chunk_states(h0, dt, Ag, Bc, uc):
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, reverse=False, chunk=CHUNK):
-    """Pure-PyTorch selective scan (any device). Same arguments as ``selective_scan_ref``
-    plus ``reverse``."""
-    if reverse:
-        fl = lambda t: None if t is None else t.flip(-1)  # noqa: E731
-        out, last = SelectiveScanTorch.apply(fl(u), fl(delta), A, fl(B), fl(C), D, fl(z), delta_bias,
-                                             delta_softplus, chunk)
-        out = out.flip(-1)
-    else:
-        out, last = SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+                         return_last_state=False, chunk=CHUNK):
+    """Pure-PyTorch selective scan (any device). Same arguments as ``selective_scan_ref``."""
+    out, last = SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
     return (out, last) if return_last_state else out

@@ -14,13 +14,17 @@ through ``torch.nn.utils.parametrize`` or forward hooks, and only once per model
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
+from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
+from .io import ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
+from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
 
@@ -30,8 +34,9 @@ class PeftConfig:
     """Settings shared by every method.
 
     num_classes: size of the new head; None keeps the model's class count.
-    head: 'linear' (Linear D->C) or 'two_layer' (Linear D->D/2 -> Linear D/2->C, no activation; D6).
-    simam: apply parameter-free SimAM to the input image before the patch embedding (D7).
+    head: 'linear' (Linear D->C) or 'two_layer' (Linear D->D/2 -> Linear D/2->C, no activation;
+        docs/methods.md, note D6).
+    simam: apply parameter-free SimAM to the input image before the patch embedding (docs/methods.md, note D7).
     backbone_train_mode: whether the backbone's own stochastic layers (DropPath) run in training
         mode while the PeftModel trains. None = the method's default (False for every method
         that freezes the backbone, i.e. the frozen backbone stays in eval mode; True for full
@@ -56,9 +61,6 @@ class PeftConfig:
             v = getattr(self, f.name)
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 class PeftMethod(nn.Module):
@@ -173,24 +175,16 @@ class PeftModel(nn.Module):
     # -- files --------------------------------------------------------------------
     def save(self, directory, base_model_name: Optional[str] = None,
              class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
-        from .io import save_adapter
         return save_adapter(self, directory, base_model_name=base_model_name, class_names=class_names,
                             extra=extra)
 
     def load_adapter_state(self, tensors: dict, source: str = "<adapter>"):
         """Load a trainable-tensor dict saved by ``save`` (exact name and shape match)."""
         own = dict(self.named_parameters())
-        expected = set(self.trainable_parameter_names())
-        missing = sorted(expected - set(tensors))
-        unexpected = sorted(set(tensors) - expected)
-        wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(expected & set(tensors)) if tuple(tensors[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            lines = [f"{source} does not fit this {self.config.method} model:"]
-            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-                if items:
-                    lines.append(f"  {len(items)} {title}: " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else ""))
-            raise ValueError("\n".join(lines))
+        expected = {k: own[k].shape for k in self.trainable_parameter_names()}
+        lines = mismatch_lines(expected, tensors)
+        if lines:
+            raise ValueError("\n".join([f"{source} does not fit this {self.config.method} model:"] + lines))
         with torch.no_grad():
             for k in expected:
                 own[k].copy_(tensors[k].to(dtype=own[k].dtype, device=own[k].device))
@@ -218,9 +212,6 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     """Apply ``config`` (see ``make_config``) to a VisionMamba. The returned PeftModel
     holds ``model`` as ``.base_model``; only the method's parameters and the head are
     trainable. A model can carry one method at a time (``PeftModel.unload`` to remove it)."""
-    from .io import base_weights_hash
-    from .registry import get_method
-
     if not hasattr(model, "forward_features") or not hasattr(model, "layers"):
         raise TypeError(f"get_peft_model expects a svp VisionMamba, got {type(model).__name__}")
     if getattr(model, _ATTACHED, False):
@@ -242,3 +233,28 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     method.to(device=ref.device, dtype=ref.dtype)
     model.head.to(device=ref.device, dtype=ref.dtype)
     return peft
+
+
+def load_adapter(model: nn.Module, directory, check_hash: bool = True):
+    """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
+    holding the same base weights the adapter was trained on) and return the PeftModel in
+    eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
+    directory = os.fspath(directory)
+    cfg = read_adapter_config(directory)
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    if check_hash:
+        have = base_weights_hash(model)
+        want = cfg["base_model_hash"]
+        if have != want:
+            raise AdapterError(
+                f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
+                f"{want}, but the model given has weight hash {have}; load the same base weights "
+                f"(or pass check_hash=False to force it)")
+    config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
+    peft = get_peft_model(model, config)
+    peft.load_adapter_state(load_file(weights, device="cpu"), source=weights)
+    peft.class_names = cfg.get("class_names")
+    peft.base_model_name = cfg.get("base_model_name")
+    return peft.eval()

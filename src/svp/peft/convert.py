@@ -15,7 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..models.loading import CheckpointError, extract_state_dict, load_checkpoint_into, read_checkpoint
+from ..build import ModelSpec, build_model
+from ..models.loading import (CheckpointError, extract_state_dict, load_checkpoint_into, mismatch_lines,
+                              read_checkpoint)
+from .base import get_peft_model
+from .registry import make_config
 
 
 def _split(sd: dict):
@@ -38,17 +42,16 @@ def _split(sd: dict):
 def _check_head(head: dict, two_layer: bool, num_classes: int, dim: int, source: str):
     want = {"0.weight": (dim // 2, dim), "0.bias": (dim // 2,), "1.weight": (num_classes, dim // 2),
             "1.bias": (num_classes,)} if two_layer else {"weight": (num_classes, dim), "bias": (num_classes,)}
-    have = {k: tuple(v.shape) for k, v in head.items()}
-    if have != want:
+    lines = mismatch_lines({"head." + k: v for k, v in want.items()}, {"head." + k: v for k, v in head.items()})
+    if lines:
         layout = "two-layer head (head.0.*, head.1.*)" if two_layer else "linear head (head.weight, head.bias)"
         hint = ""
-        if not two_layer and "0.weight" in have:
-            hint = " -- the checkpoint has a two-layer head: pass --two-layer-head"
-        elif two_layer and "weight" in have:
-            hint = " -- the checkpoint has a linear head: drop --two-layer-head"
-        raise CheckpointError(f"{source}: expected a {layout} for {num_classes} classes and dim {dim}, i.e. "
-                              f"{ {'head.' + k: v for k, v in want.items()} }; found "
-                              f"{ {'head.' + k: v for k, v in have.items()} }{hint}")
+        if not two_layer and "0.weight" in head:
+            hint = "\nthe checkpoint has a two-layer head: pass --two-layer-head"
+        elif two_layer and "weight" in head:
+            hint = "\nthe checkpoint has a linear head: drop --two-layer-head"
+        raise CheckpointError("\n".join([f"{source}: expected a {layout} for {num_classes} classes and dim {dim}:"]
+                                         + lines) + hint)
 
 
 def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt_hidden: int, num_classes: int,
@@ -61,17 +64,15 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     The recorded base hash is that of the backbone weights inside the official checkpoint, or,
     with ``backbone_checkpoint``, of that file's weights (which must then equal the backbone
     tensors the SVP checkpoint carries, up to ``atol``)."""
-    import timm
-
-    from . import make_config, get_peft_model
-
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     backbone, prompts, head = _split(extract_state_dict(ckpt, source))
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    # random parts are replaced by the checkpoint's backbone just below
+    model = build_model(ModelSpec(model_name, num_classes=num_classes, kwargs=dict(model_kwargs or {}),
+                                  random_init=True))
     dim = model.embed_dim
     _check_head(head, two_layer_head, num_classes, dim, source)
 

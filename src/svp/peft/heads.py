@@ -1,4 +1,4 @@
-"""Classification heads and the parameter-free SimAM input reweighting (spec D6, D7)."""
+"""Classification heads and the parameter-free SimAM input reweighting (docs/methods.md, notes D6 and D7)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Adapter directories: ``adapter.safetensors`` (only the trainable tensors) and
 ``adapter_config.json`` (method, settings, base model name and weight hash, classes).
-Both are written atomically (temp file in the same directory, then ``os.replace``)."""
+Both are written atomically (temp file in the same directory, then ``os.replace``).
+The file format only: applying a loaded adapter to a model is ``base.load_adapter``."""
 from __future__ import annotations
 
 import hashlib
@@ -98,33 +99,3 @@ def read_adapter_config(directory) -> dict:
         raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
                            f"understands ({FORMAT_VERSION})")
     return cfg
-
-
-def load_adapter(model: nn.Module, directory, check_hash: bool = True):
-    """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
-    holding the same base weights the adapter was trained on) and return the PeftModel in
-    eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
-    from safetensors.torch import load_file
-
-    from .base import get_peft_model
-    from .registry import config_from_dict
-
-    directory = os.fspath(directory)
-    cfg = read_adapter_config(directory)
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    if check_hash:
-        have = base_weights_hash(model)
-        want = cfg["base_model_hash"]
-        if have != want:
-            raise AdapterError(
-                f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
-                f"{want}, but the model given has weight hash {have}; load the same base weights "
-                f"(or pass check_hash=False to force it)")
-    config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
-    peft = get_peft_model(model, config)
-    peft.load_adapter_state(load_file(weights, device="cpu"), source=weights)
-    peft.class_names = cfg.get("class_names")
-    peft.base_model_name = cfg.get("base_model_name")
-    return peft.eval()

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .base import PeftConfig, PeftMethod
@@ -55,6 +56,12 @@ class LoRAParametrization(nn.Module):
 
     def forward(self, weight):
         return weight + self.scale * (self.lora_B @ self.lora_A)
+
+    def delta(self, x):
+        """The low-rank part of ``F.linear(x, forward(W))`` for inputs ``x`` (..., in), computed
+        without forming the update: ``scale * x A^T B^T``. svp.serve adds it to the frozen
+        projection's output for the rows of one adapter (multi-LoRA batches, never merged)."""
+        return self.scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
 
 class LoRA(PeftMethod):

@@ -1,8 +1,12 @@
-"""Name -> (config dataclass, method module) registry of adaptation methods."""
+"""Name -> (config dataclass, method module) registry of adaptation methods.
+
+The built-in method modules register themselves when ``svp.peft`` is imported (its
+``__init__`` imports them; a package's ``__init__`` runs before any of its modules), so
+this module imports none of them."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple, Type
+from typing import Dict, Tuple
 
 _METHODS: Dict[str, Tuple[type, type]] = {}
 
@@ -14,18 +18,11 @@ def register_method(name: str, config_cls: type, method_cls: type):
     _METHODS[name] = (config_cls, method_cls)
 
 
-def _ensure_loaded():
-    # The method modules register themselves on import.
-    from . import adapter, bitfit, full, linear, lora, svp, visual_prompt, vpt  # noqa: F401
-
-
 def list_methods():
-    _ensure_loaded()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> Tuple[type, type]:
-    _ensure_loaded()
     if name not in _METHODS:
         raise ValueError(f"unknown adaptation method {name!r}; known: {sorted(_METHODS)}")
     return _METHODS[name]

@@ -7,14 +7,14 @@ the Inner prompter G^I_l(x) = SiLU(Up(Down(x))) (D -> r -> D, no activation betw
 one per layer), and element-wise factors alpha (per group) and beta (per layer),
 both zero-initialised so that an untrained SVP model is exactly the frozen backbone.
 
-Which stream (spec D2, as in the official code, in both modes): before layer 0 the
+Which stream (docs/methods.md, note D2; as in the official code, in both modes): before layer 0 the
 prompter reads and writes the embedded tokens; before layer l > 0 it reads and writes
 ``hidden`` = layer l-1's mixer output, which the next block then adds to the residual
 stream (so the prompt reaches the token representation through the residual add,
 and passes through that block's DropPath when DropPath is active).
 
 compat='paper' (default): each token's Cross prompt is computed from that token.
-compat='official' (spec D1): the first half (indices < cls_pos) is prompted as above;
+compat='official' (docs/methods.md, note D1): the first half (indices < cls_pos) is prompted as above;
 the second half's Cross prompt at index cls_pos+1+k is G^C of the *already prompted*
 first-half token k, as the official code computes it in place. It also defaults the
 backbone to train mode (DropPath active) while training, as the official recipe does.
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.loading import mismatch_lines
 from .base import PeftConfig, PeftMethod
 from .registry import register_method
 
@@ -145,7 +146,7 @@ class SVP(PeftMethod):
     # -- conversion to / from the official tensor names -----------------------------
     def to_official(self) -> dict:
         """This SVP's tensors under the official names (``prompt_scale`` padded to 24 rows as
-        the official code allocates it when depth < 24, spec D5)."""
+        the official code allocates it when depth < 24; docs/methods.md, note D5)."""
         if not (self.config.use_cross and self.config.use_inner):
             raise ValueError("only SVP with both Cross and Inner prompters has an official layout")
         out = {}
@@ -154,42 +155,38 @@ class SVP(PeftMethod):
             beta = torch.cat([beta, beta.new_zeros(24 - self.depth, self.dim)])
         out["prompt_scale"] = beta.clone()
         out["prompt_shared_scale"] = self.alpha.detach().clone()
+        out.update({k: v.clone() for k, v in self._official_prompters().items()})
+        return out
+
+    def _official_prompters(self) -> dict:
+        """The Cross and Inner prompter tensors (live, not copies) under the official names."""
+        out = {}
         for j, m in enumerate(self.cross):
             for k, v in m.state_dict().items():
-                out[f"prompt_generator_shared.{j}.{k}"] = v.clone()
+                out[f"prompt_generator_shared.{j}.{k}"] = v
         for i, m in enumerate(self.inner):
             for k, v in m.state_dict().items():
-                out[f"prompt_generator.{i}.{k}"] = v.clone()
+                out[f"prompt_generator.{i}.{k}"] = v
         return out
 
     def load_official(self, tensors: dict, source: str = "<official checkpoint>"):
-        """Load official ``prompt_*`` tensors (see checkpoints-and-install.md section 5)."""
+        """Load official ``prompt_*`` tensors (the name mapping: docs/methods.md, "Importing official
+        SVP checkpoints")."""
         if not (self.config.use_cross and self.config.use_inner):
             raise ValueError("official SVP checkpoints hold both Cross and Inner prompters")
-        own = {}
-        for j, m in enumerate(self.cross):
-            for k, v in m.state_dict().items():
-                own[f"prompt_generator_shared.{j}.{k}"] = v
-        for i, m in enumerate(self.inner):
-            for k, v in m.state_dict().items():
-                own[f"prompt_generator.{i}.{k}"] = v
-        prompt_keys = {k for k in tensors if k.startswith("prompt_")}
-        expected = set(own) | {"prompt_scale", "prompt_shared_scale"}
-        missing, unexpected = sorted(expected - prompt_keys), sorted(prompt_keys - expected)
-        if missing or unexpected:
-            raise ValueError(f"{source}: SVP tensors do not match depth {self.depth}, shared_layers {self.S}, "
-                             f"hidden {self.config.hidden}: missing {missing[:8]}, unexpected {unexpected[:8]}")
-        for k, v in own.items():
-            if tuple(tensors[k].shape) != tuple(v.shape):
-                raise ValueError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)} "
-                                 f"(check --prompt-hidden / --shared-layers / --model)")
+        own = self._official_prompters()
+        expected = dict({k: v.shape for k, v in own.items()}, prompt_scale=None,
+                        prompt_shared_scale=(self.groups, self.dim))  # prompt_scale: checked below
+        lines = mismatch_lines(expected, {k: v for k, v in tensors.items() if k.startswith("prompt_")})
+        if lines:
+            raise ValueError("\n".join([f"{source}: SVP tensors do not match depth {self.depth}, shared_layers "
+                                        f"{self.S}, hidden {self.config.hidden} (check --prompt-hidden / "
+                                        f"--shared-layers / --model):"] + lines))
         scale, shared = tensors["prompt_scale"], tensors["prompt_shared_scale"]
         if scale.dim() != 2 or scale.shape[1] != self.dim or scale.shape[0] < self.depth:
             raise ValueError(f"{source}: prompt_scale has shape {tuple(scale.shape)}, expected "
-                             f"({max(24, self.depth)}, {self.dim}) (24 rows in the official code, D5)")
-        if tuple(shared.shape) != (self.groups, self.dim):
-            raise ValueError(f"{source}: prompt_shared_scale has shape {tuple(shared.shape)}, expected "
-                             f"({self.groups}, {self.dim}) = (depth // shared_layers, dim)")
+                             f"({max(24, self.depth)}, {self.dim}) (the official code always allocates 24 rows; "
+                             f"docs/methods.md, note D5)")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(tensors[k])

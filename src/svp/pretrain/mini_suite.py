@@ -88,10 +88,8 @@ def _collect(out: str) -> Dict[str, List[dict]]:
 
 
 def _ms(vals: List[float]) -> str:
-    if not vals:
-        return "-"
-    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.fmean(vals):.1f} ± {s:.1f}" + ("" if len(vals) > 1 else " (1 seed)")
+    from ..engine.select import mean_std
+    return mean_std(vals, 1) + ("" if len(vals) != 1 else " (1 seed)")
 
 
 def report(out: str) -> str:

@@ -27,6 +27,7 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .fractals import generate_split, make_categories
@@ -34,8 +35,8 @@ from .fractals import generate_split, make_categories
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
                 epochs=4, batch_size=128, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_steps=50,
                 label_smoothing=0.1, ckpt_every=50, threads=1)
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)  # as the data recipes use by default
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
 def to_input(images_u8: np.ndarray) -> torch.Tensor:
@@ -60,10 +61,10 @@ def lr_at(step: int, total: int, args) -> float:
 
 
 def build_model(args, num_classes: int):
-    import timm
-    import svp  # noqa: F401  (registers the Vim models)
-    kwargs = dict(getattr(args, "model_kwargs", None) or {})
-    return timm.create_model(args.model, pretrained=False, num_classes=num_classes, **kwargs)
+    """The backbone to pre-train: random weights from the global RNG (seeded by the caller)."""
+    from ..build import ModelSpec, build_model as build
+    return build(ModelSpec(args.model, num_classes=num_classes, random_init=True,
+                           kwargs=dict(getattr(args, "model_kwargs", None) or {})))
 
 
 @torch.no_grad()

@@ -45,33 +45,27 @@ token. A hook that keeps length and class position (SVP) keeps the layout.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..models.vim import VisionMamba
 
 __all__ = ["GateRecorder", "GateMaps", "record_gates", "analyze", "find_vim", "QUANTITIES",
            "DIRECTIONS", "CLS", "EXTRA"]
 
 QUANTITIES = ("update", "update_db", "forget", "propagation")
 DIRECTIONS = ("forward", "backward", "both")
-QUANTITY_LABELS = {
-    "update": "update gate: mean softplus(delta)",
-    "update_db": "update gate: mean |delta*B|",
-    "forget": "forget gate: mean exp(delta*A)",
-    "propagation": "propagation to cls: ln prod exp(delta*A)",
-}
 CLS = -1    # layout code of the class token
 EXTRA = -2  # layout code of a token that is neither a patch nor the class token (a prompt)
 
 
 def find_vim(model: nn.Module):
     """The (single) VisionMamba inside ``model`` (``model`` itself, a PeftModel, a wrapper)."""
-    from ..models.vim import VisionMamba
     found = [m for m in model.modules() if isinstance(m, VisionMamba)]
     if not found:
         raise ValueError(f"{type(model).__name__} contains no VisionMamba module; "

@@ -1,0 +1,299 @@
+"""GPU check of the selective-scan backends and of Vim-S SVP training (issue 11, parts a-c).
+
+    benchmarks/gpu_check.sh OUTDIR              # one CUDA GPU, under 8 minutes
+    benchmarks/gpu_check.sh OUTDIR --dry-run    # CPU only: Triton's interpreter, tiny shapes
+
+Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (rewritten after every part, so a run
+cut short still leaves what it measured). Needs only torch (with its Triton), timm and this
+source tree (PYTHONPATH=src); mamba_ssm is used when it imports, never required.
+
+(a) correctness: every CUDA backend (``triton``; ``cuda`` if mamba_ssm imports) against
+    ``selective_scan_ref`` in float64 (``svp doctor``'s cases: both directions, delta*|A|
+    large enough that exp underflows, N=1): worst relative error of the output, the last
+    state and the gradients of all eight inputs, beside the backend's tolerance.
+(b) scan speed: one direction of one Vim mixer (L=197, N=16, d_inner 384 = Vim-T and
+    768 = Vim-S), batch 64 and 128, float32 and bfloat16 inputs, forward and
+    forward+backward, for ``triton``, ``torch`` and ``cuda``; beside each time the
+    HBM-bandwidth bound = bytes the scan must move / bandwidth of a large device-to-device
+    copy measured in this run. Bytes (element size e of the inputs): forward reads u,
+    delta, z, B, C and writes y: e(4 bld + 2 bln); the backward also reads u, delta, z, B,
+    C, dy and writes du, ddelta, dz, dB, dC: e(7 bld + 4 bln) more.
+(c) whole model: Vim-S (random weights: no download) with SVP, batch 128 at 224 px,
+    bfloat16 autocast: training (forward, backward, AdamW step) and inference images/s,
+    peak memory, per backend.
+
+--dry-run swaps in CPU tensors, TRITON_INTERPRET=1 and tiny shapes (d 16/32, L 9, batch
+1/2; the bundled mini Vim cut to 2 blocks on 12 px images) to test this script's logic on a
+machine without a GPU; its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from scan import make_inputs  # noqa: E402  (benchmarks/scan.py: the model's input layout)
+from svp import doctor  # noqa: E402
+from svp.ops import dispatch  # noqa: E402
+
+MODELS = {"Vim-T": 384, "Vim-S": 768}
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev, mib):
+    """Bytes read + written per second by a large tensor copy on ``dev`` (best of 5)."""
+    x = torch.ones(mib * 2**20 // 4, device=dev)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(5):
+        sync(dev)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def scan_bytes(b, d, L, n, elem):
+    fwd = elem * (4 * b * L * d + 2 * b * L * n)
+    return fwd, fwd + elem * (7 * b * L * d + 4 * b * L * n)
+
+
+def time_scan(name, args, dev, reps):
+    """Best forward and forward+backward wall time in ms (synchronised)."""
+    xs = [a.detach().clone().requires_grad_() for a in args]
+    tf = tfb = float("inf")
+    for i in range(reps + 1):                     # the first run compiles / warms up
+        sync(dev)
+        t0 = time.perf_counter()
+        out = dispatch.scan_with(name, *xs[:7], delta_bias=xs[7], delta_softplus=True)
+        sync(dev)
+        t1 = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        sync(dev)
+        t2 = time.perf_counter()
+        for x in xs:
+            x.grad = None
+        if i:
+            tf, tfb = min(tf, t1 - t0), min(tfb, t2 - t0)
+    return tf * 1e3, tfb * 1e3
+
+
+def part_a(dev, backends, dry):
+    rows = []
+    for name in backends:
+        if name == "torch":
+            continue
+        tol = (doctor.TOLERANCE_CUDA if dev.type == "cuda" else {}).get(name, doctor.TOLERANCE[name])
+        try:
+            err, where = doctor.check_backend(name, dev, doctor.INTERPRETER_CASES if dry else None)
+            rows.append(dict(backend=name, worst=err, where=where, tolerance=tol, ok=bool(err <= tol)))
+        except Exception as e:  # reported, not fatal: the other parts still run
+            rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=tol, ok=False))
+    return rows
+
+
+def part_b(dev, backends, bw, dry, deadline):
+    rows = []
+    shapes = {"tiny-16": 16, "tiny-32": 32} if dry else MODELS
+    L, n = (9, 4) if dry else (197, 16)    # keep in step with scan_L / scan_N in main
+    for model, d in shapes.items():
+        for b in ((1, 2) if dry else (64, 128)):
+            base = make_inputs(b, d, L=L, n=n)
+            for dtype in (torch.float32, torch.bfloat16):
+                args = [a.to(dev) for a in base]
+                for i in (0, 1, 3, 4, 6):            # u, delta, B, C, z in the input dtype
+                    args[i] = args[i].to(dtype)
+                bf, bfb = scan_bytes(b, d, L, n, torch.finfo(dtype).bits // 8)
+                for name in backends:
+                    row = dict(shape=model, d_inner=d, batch=b, dtype=str(dtype).replace("torch.", ""),
+                               backend=name, bound_fwd_ms=bf / bw * 1e3, bound_fwdbwd_ms=bfb / bw * 1e3)
+                    if time.monotonic() > deadline:
+                        row["skipped"] = "time budget"
+                    else:
+                        try:
+                            reps = 1 if dry else (2 if name == "torch" else 10)
+                            row["fwd_ms"], row["fwdbwd_ms"] = time_scan(name, args, dev, reps)
+                            row["fwd_x_bound"] = row["fwd_ms"] / row["bound_fwd_ms"]
+                            row["fwdbwd_x_bound"] = row["fwdbwd_ms"] / row["bound_fwdbwd_ms"]
+                        except Exception as e:
+                            row["error"] = f"{type(e).__name__}: {e}"
+                    rows.append(row)
+    return rows
+
+
+def part_c(dev, backends, dry, deadline):
+    import timm
+    import svp.models  # noqa: F401  (registers the Vim models)
+    from svp.peft import get_peft_model, make_config
+    rows = []
+    if dry:
+        arch, kw, svp_kw, batch, px, steps = "vim_mini_patch4_32", dict(depth=2), dict(shared_layers=2, hidden=8), 2, 12, 1
+    else:
+        arch, kw, svp_kw, batch, px, steps = "vim_small_patch16_224", {}, {}, 128, 224, 5
+    x = torch.randn(batch, 3, px, px, device=dev)
+    y = torch.randint(0, 100, (batch,), device=dev)
+    for name in backends:
+        row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16", backend=name)
+        model = opt = None
+        if time.monotonic() > deadline:
+            row["skipped"] = "time budget"
+            rows.append(row)
+            continue
+        try:
+            torch.manual_seed(0)
+            base = timm.create_model(arch, pretrained=False, num_classes=100, **kw)
+            model = get_peft_model(base, make_config("svp", num_classes=100, **svp_kw)).to(dev)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            dispatch.set_backend(name)
+            n_steps = 1 if (dry or name == "torch") else steps
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model.train()
+            for i in range(n_steps + 1):            # step 0 compiles / warms up
+                if i == 1:
+                    sync(dev)
+                    t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync(dev)
+            row["train_img_s"] = batch * n_steps / (time.perf_counter() - t0)
+            if dev.type == "cuda":
+                row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            model.eval()
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                for i in range(n_steps + 1):
+                    if i == 1:
+                        sync(dev)
+                        t0 = time.perf_counter()
+                    model(x)
+            sync(dev)
+            row["infer_img_s"] = batch * n_steps / (time.perf_counter() - t0)
+            if dev.type == "cuda":
+                row["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            row["timed_steps"] = n_steps
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            dispatch.set_backend(None)
+        rows.append(row)
+        del model, opt
+    return rows
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+
+
+def _note(lines, row, keys, blanks):
+    """A table row saying why ``row`` has no numbers (skipped / error); False if it has them."""
+    note = row.get("skipped") or row.get("error")
+    if note:
+        lines.append("| " + " | ".join(map(str, keys)) + f" | {note} |" + " |" * blanks)
+    return bool(note)
+
+
+def markdown(res):
+    env = res["env"]
+    lines = [f"# gpu_check ({'DRY RUN: CPU interpreter, numbers meaningless' if res['dry_run'] else env['device']})",
+             "", f"torch {env['torch']}, Triton {env['triton']}, mamba_ssm {env['mamba_ssm']}, "
+             f"copy bandwidth {env['copy_GBps']:.1f} GB/s, wall {res.get('wall_s', 0):.0f} s", "",
+             "## (a) correctness against selective_scan_ref in float64", "",
+             "| backend | worst rel. error | where | tolerance | ok |", "|---|---|---|---|---|"]
+    for r in res.get("a", []):
+        lines.append(f"| {r['backend']} | {_fmt(r['worst'], '.2e')} | {r['where']} | {r['tolerance']:.0e} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
+    lines += ["", f"## (b) scan, L={res['scan_L']}, N={res['scan_N']} (ms; bound = bytes / copy bandwidth)", "",
+              "| shape | batch | dtype | backend | fwd | fwd bound | fwd / bound | fwd+bwd | fwd+bwd bound | "
+              "fwd+bwd / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res.get("b", []):
+        if _note(lines, r, (r['shape'], r['batch'], r['dtype'], r['backend']), 6):
+            continue
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'], '.3f')} | "
+                     f"{_fmt(r['bound_fwd_ms'], '.3f')} | {_fmt(r['fwd_x_bound'])}x | {_fmt(r['fwdbwd_ms'], '.3f')} | "
+                     f"{_fmt(r['bound_fwdbwd_ms'], '.3f')} | {_fmt(r['fwdbwd_x_bound'])}x |")
+    lines += ["", "## (c) whole model, SVP, bfloat16 autocast", "",
+              "| model | batch | backend | train img/s | train peak GiB | infer img/s | infer peak GiB | steps |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in res.get("c", []):
+        if _note(lines, r, (r['model'], r['batch'], r['backend']), 5):
+            continue
+        lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {_fmt(r['train_img_s'], '.1f')} | "
+                     f"{_fmt(r.get('train_peak_GiB'))} | {_fmt(r['infer_img_s'], '.1f')} | "
+                     f"{_fmt(r.get('infer_peak_GiB'))} | {r['timed_steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter + tiny shapes (logic check)")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="skip the remaining measurements after this many seconds (default 420)")
+    a = ap.parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + a.budget_s
+    if a.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        dev = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here (use --dry-run to check the script on a CPU)", file=sys.stderr)
+        return 2
+    else:
+        dev = torch.device("cuda")
+    from svp.ops import scan_cuda
+    backends = [n for n in ("triton", "torch", "cuda") if n in dispatch.available_backends()]
+    env = dict(device=torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, triton=_triton_version(), mamba_ssm=scan_cuda.version() or "not installed",
+               python=platform.python_version(), backends=backends)
+    env["copy_GBps"] = copy_bandwidth(dev, 16 if a.dry_run else 2048) / 1e9
+    res = dict(dry_run=a.dry_run, env=env, scan_L=9 if a.dry_run else 197, scan_N=4 if a.dry_run else 16)
+    os.makedirs(a.outdir, exist_ok=True)
+
+    def save():
+        res["wall_s"] = time.monotonic() - t_start
+        from svp.io import atomic_write_text
+        atomic_write_text(os.path.join(a.outdir, "gpu_check.json"), json.dumps(res, indent=1) + "\n")
+        atomic_write_text(os.path.join(a.outdir, "gpu_check.md"), markdown(res))
+
+    for part, fn in (("a", lambda: part_a(dev, backends, a.dry_run)),
+                     ("b", lambda: part_b(dev, backends, env["copy_GBps"] * 1e9, a.dry_run, deadline)),
+                     ("c", lambda: part_c(dev, backends, a.dry_run, deadline))):
+        t0 = time.monotonic()
+        res[part] = fn()
+        print(f"gpu_check: part ({part}) done in {time.monotonic() - t0:.0f} s", flush=True)
+        save()
+    print(markdown(res))
+    ok = all(r["ok"] for r in res["a"])
+    return 0 if ok else 1
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""One way to build a model: a backbone from a :class:`ModelSpec`, and, given an adapter
+directory, the adapted model. ``svp train/eval/predict/visualize/demo/convert-official-svp``
+and ``svp pretrain`` all build through :func:`build_model`.
+
+Where the backbone's weights come from, in this order:
+
+1. ``checkpoint``: an official Vim ``.pth`` or a ``.safetensors`` file;
+2. ``pretrained``: timm's pretrained weights (may download from the hub);
+3. the bundled mini Vim (``vim_mini_patch4_32``) named without a checkpoint: its bundled weights;
+4. ``random_init``: random weights (under ``init_seed`` when given), only when asked for.
+
+Anything else is a :class:`~svp.errors.ConfigError`: nothing is downloaded, and no random
+backbone is built, unless asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import AdapterError, CheckpointError, ConfigError
+
+BUNDLED_MODEL = "vim_mini_patch4_32"
+WEIGHTS_HELP = (f"the bundled {BUNDLED_MODEL} uses its bundled weights unless a checkpoint is given; "
+                "other models need a checkpoint, pretrained weights, or an explicit random initialisation")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild a backbone (stored as ``backbone.json`` next to adapters)."""
+
+    model: str
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+    random_init: bool = False
+    img_size: Optional[int] = None
+    num_classes: Optional[int] = None
+    class_names: List[str] = dataclasses.field(default_factory=list)
+    kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    drop_path_rate: Optional[float] = None
+    init_seed: Optional[int] = None   # None: draw random parts from the global RNG
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recipe, dataset, method, epoch...
+
+    @property
+    def weights(self) -> str:
+        """Where the weights come from: checkpoint, pretrained, bundled or random."""
+        if self.checkpoint:
+            return "checkpoint"
+        if self.pretrained:
+            return "pretrained"
+        if self.model == BUNDLED_MODEL and not self.random_init:
+            return "bundled"
+        if self.random_init:
+            return "random"
+        raise ConfigError(
+            f"model {self.model!r}: no weights given. Pass a checkpoint (--checkpoint / model.checkpoint), "
+            f"ask for timm's pretrained weights (--pretrained / model.pretrained=true; may download), or ask "
+            f"for a random backbone (--random-init / model.random_init=true)")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "drop_path_rate")}
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], source: str = "backbone spec") -> "ModelSpec":
+        if not isinstance(d, dict) or not d.get("model"):
+            raise ConfigError(f"{source}: expected a mapping with a 'model' name, got {d!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        # backbone.json files written before random_init existed: no weights recorded means random
+        known.setdefault("random_init", not (d.get("checkpoint") or d.get("pretrained")))
+        known["kwargs"] = dict(known.get("kwargs") or {})
+        known["class_names"] = list(known.get("class_names") or [])
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+def pick_device(kind: str) -> str:
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {kind!r} but CUDA is not available on this machine")
+    if kind != "cpu" and not kind.startswith("cuda"):
+        raise ConfigError(f"device {kind!r}: expected auto, cpu, cuda or cuda:N")
+    return kind
+
+
+def build_backbone(spec: ModelSpec) -> nn.Module:
+    """The timm model of ``spec`` with its weights (see the module docstring)."""
+    import timm
+
+    import svp.models  # noqa: F401  (registers vim_* with timm)
+
+    weights = spec.weights
+    kwargs = dict(spec.kwargs)
+    if spec.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = float(spec.drop_path_rate)
+    if spec.img_size is not None:
+        kwargs.setdefault("img_size", int(spec.img_size))
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = int(spec.num_classes)
+    if spec.checkpoint and not os.path.isfile(spec.checkpoint):
+        raise CheckpointError(f"checkpoint {spec.checkpoint!r}: file not found")
+    rng = torch.get_rng_state() if spec.init_seed is not None else None
+    if spec.init_seed is not None:
+        torch.manual_seed(int(spec.init_seed))
+    try:
+        model = timm.create_model(spec.model, pretrained=weights in ("pretrained", "bundled"), **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"model {spec.model!r}: {e}") from None
+        if weights in ("pretrained", "bundled"):
+            raise CheckpointError(f"model {spec.model!r}: its {weights} weights do not fit ({e})") from None
+        raise
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e})") from None
+    finally:
+        if rng is not None:
+            torch.set_rng_state(rng)
+    if weights == "checkpoint":
+        from .models import load_checkpoint_into
+        load_checkpoint_into(model, spec.checkpoint)
+    return model
+
+
+def build_model(spec: ModelSpec, adapter_dir: Optional[str] = None) -> nn.Module:
+    """The backbone of ``spec``; with ``adapter_dir`` (written by ``PeftModel.save``) the
+    adapted :class:`~svp.peft.PeftModel` on it (refused when the base weights differ)."""
+    backbone = build_backbone(spec)
+    if adapter_dir is None:
+        return backbone
+    import svp.peft as peft
+    if not os.path.isdir(adapter_dir):
+        raise AdapterError(f"{adapter_dir}: not an adapter folder (expected adapter.safetensors + "
+                           f"adapter_config.json written by PeftModel.save)")
+    try:
+        return peft.load_adapter(backbone, adapter_dir)
+    except (FileNotFoundError, ValueError) as e:  # a missing file, or tensors that do not fit
+        if isinstance(e, AdapterError):
+            raise
+        raise AdapterError(f"{adapter_dir}: {e}") from None
+
+
+def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
+                 pretrained: bool = False, random_init: bool = False) -> ModelSpec:
+    """The backbone an adapter was trained on: ``<adapter_dir>/backbone.json`` (written by
+    ``svp train``), with ``model``/``checkpoint`` overriding it (another ``model`` takes
+    only the weights asked for: ``checkpoint``, ``pretrained``, ``random_init`` or bundled)."""
+    import svp.peft as peft
+
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError(f"{adapter_dir}: not a folder")
+    try:
+        info = peft.read_adapter_config(adapter_dir)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
+    spec_path = os.path.join(adapter_dir, "backbone.json")
+    if os.path.isfile(spec_path):
+        with open(spec_path, encoding="utf-8") as f:
+            spec = ModelSpec.from_dict(json.load(f), spec_path)
+    else:
+        name = model or info.get("base_model_name")
+        if not name:
+            raise ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
+        spec = ModelSpec(model=name, init_seed=0, extra={"recipe": "svp"})
+    if model or checkpoint or pretrained or random_init:
+        spec.model = model or spec.model
+        spec.checkpoint, spec.pretrained, spec.random_init = checkpoint, pretrained, random_init
+    spec.num_classes = int(info["num_classes"])
+    spec.class_names = list(info.get("class_names") or spec.class_names or
+                            [str(i) for i in range(spec.num_classes)])
+    return spec
+
+
+def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
+                       device: str = "auto", pretrained: bool = False, random_init: bool = False):
+    """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device)."""
+    spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init)
+    dev = torch.device(pick_device(device))
+    model = build_model(spec, adapter_dir).to(dev).eval()
+    if spec.img_size is None:  # no backbone.json: the model's own input size
+        spec.img_size = int(getattr(model, "base_model", model).patch_embed.img_size[0])
+    return model, spec, dev

@@ -1,0 +1,42 @@
+"""Evaluation: top-1/top-5 accuracy and mean cross-entropy, sharded over ranks."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, comm_device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist_info: DistInfo,
+             autocast: Optional[Callable] = None, num_workers: int = 0) -> Dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``,
+    summed over ranks (each rank evaluates a disjoint shard). Counts stay on the device
+    until the end (one host synchronisation per evaluation)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    cuda = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        SeededDataset(dataset, transform), batch_size=batch_size, pin_memory=cuda,
+        sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers)
+    acc = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+        with (autocast() if autocast else contextlib.nullcontext()):
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        acc += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double(),
+                            F.cross_entropy(logits, y, reduction="sum").double(),
+                            torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+    correct1, correct5, loss_sum, n = all_reduce_sum(acc.tolist(), dist_info,
+                                                     device=comm_device(device, dist_info))
+    model.train(was_training)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n)}

@@ -1,0 +1,137 @@
+"""What a run shows: the per-step progress (bar or lines), the ``svp.engine`` log (stderr
+and ``<run>/train.log``) and TensorBoard scalars."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from ..errors import ConfigError
+
+log = logging.getLogger("svp.engine")
+
+
+class Progress:
+    def __init__(self, mode: str, enabled: bool, log_every: int):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.log_every = log_every
+        self.bar = None
+
+    def start(self, epoch: int, epochs: int, total: int, done: int):
+        self.epoch, self.epochs, self.total, self.t0, self.done0 = epoch, epochs, total, time.time(), done
+        self.images = 0
+        if self.mode == "bar":
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                            dynamic_ncols=True, leave=False)
+
+    def wants(self, step_in_epoch: int) -> bool:
+        """Does ``update`` at this step show the loss? (Otherwise the loss need not be read,
+        which on CUDA saves a host synchronisation.)"""
+        return self.mode != "none" and (step_in_epoch % self.log_every == 0 or step_in_epoch == self.total)
+
+    def update(self, step_in_epoch: int, loss: Optional[float], lr: float, images: int):
+        self.images += images
+        if self.bar is not None:
+            self.bar.update(step_in_epoch - self.bar.n)
+        if not self.wants(step_in_epoch) or loss is None:
+            return
+        dt = max(time.time() - self.t0, 1e-9)
+        ips = self.images / dt
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        elif self.mode == "lines":
+            left = (self.total - step_in_epoch) * dt / max(step_in_epoch - self.done0, 1)
+            log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", self.epoch + 1, self.epochs,
+                     step_in_epoch, self.total, loss, lr, ips, fmt_time(left))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{(s % 3600) // 60:02d}:{s % 60:02d}"
+
+
+def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler]:
+    handlers: List[logging.Handler] = []
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if is_main:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(sh)
+        if run_dir:
+            fh = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
+            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            handlers.append(fh)
+    for h in handlers:
+        log.addHandler(h)
+    return handlers
+
+
+def teardown_logging(handlers) -> None:
+    for h in handlers:
+        log.removeHandler(h)
+        h.close()
+
+
+def tensorboard(cfg: dict, run_dir: str, is_main: bool):
+    if not (cfg["run"]["tensorboard"] and is_main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package "
+                          "(pip install 'svp-vim[tensorboard]')") from None
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_size: int, lr: float,
+              steps_per_epoch: int) -> None:
+    t = cfg["train"]
+    log.info("run folder: %s", run_dir)
+    log.info("%s on %s (%d classes, %d train samples), backbone %s, device %s, world size %d",
+             cfg["method"]["name"], cfg["data"]["dataset"], spec.num_classes, n_train, spec.model, device, world_size)
+    if spec.weights == "random":
+        log.warning("WARNING: the backbone %s is randomly initialised (model.random_init=true): fine for "
+                    "tests, meaningless for results. Use --checkpoint <official .pth> or the bundled "
+                    "--model vim_mini_patch4_32", spec.model)
+    log.info("%s", model.trainable_report())
+    log.info("lr used %.4g (base %.4g, batch %d x world %d%s), %d steps/epoch, %d epochs", lr,
+             float(t["lr"]), int(t["batch_size"]), world_size,
+             f" / {t['lr_scale_base']}" if t["lr_scale"] else ", unscaled", steps_per_epoch, int(t["epochs"]))
+
+
+def log_epoch(record: dict, epochs: int, improved: bool, tb=None) -> None:
+    msg = (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
+           f"{record['images_per_s']:.1f} img/s {record['train_seconds']:.1f}s")
+    if "val_top1" in record:
+        msg += f" | val top1 {record['val_top1']:.2f}"
+    if "test_top1" in record:
+        msg += f" | test top1 {record['test_top1']:.2f}"
+    log.info(msg + (" (best)" if improved else ""))
+    if tb is not None:
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                tb.add_scalar(f"epoch/{k}", v, record["epoch"])
+
+
+def log_done(res: dict, has_val: bool) -> None:
+    sel = res["val_selected"]
+    log.info("done: final-epoch test top1 %s | %s (epoch %s) test top1 %s%s",
+             pct(res["final"]["test_top1"]), "val-selected" if has_val else "no val split, last",
+             sel["epoch"], pct(sel["test_top1"]),
+             (f" | official best-test-over-epochs {res['official_best_test_top1']['value']:.2f} "
+              f"(selected on test)" if "official_best_test_top1" in res else ""))
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"

@@ -1,0 +1,205 @@
+"""Building a run: seeds, data, backbone + method, loss/mixup, mixed precision."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import types
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
+from ..errors import ConfigError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def set_deterministic(on: bool) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+class Limited(torch.utils.data.Dataset):
+    """The first ``limit`` items of a dataset (all when ``limit`` is None)."""
+
+    def __init__(self, ds, limit):
+        self.ds = ds
+        self.n = len(ds) if not limit else min(len(ds), int(limit))
+        self.classes = list(getattr(ds, "classes", []))
+        self.num_classes = int(getattr(ds, "num_classes", len(self.classes)))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i >= self.n:
+            raise IndexError(i)
+        return self.ds[i]
+
+
+def build_datasets(cfg: dict):
+    """((train dataset, transform), (val ...) or None, (test ...) or None)."""
+    import svp.data as data
+
+    d = cfg["data"]
+    img = int(d["img_size"])
+    opts = dict(d["options"] or {})
+
+    def make(split, training):
+        if split is None:
+            return None
+        ds = data.build_dataset(d["dataset"], split, root=d["root"], transform=None, **opts)
+        limit = d["max_train_samples"] if training else d["max_eval_samples"]
+        return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
+
+    return make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+
+
+def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec:
+    """The backbone of a run (saved as ``backbone.json`` for ``svp eval``/``svp predict``)."""
+    m, d = cfg["model"], cfg["data"]
+    ckpt = m["checkpoint"]
+    return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,
+                     pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
+                     img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),
+                     kwargs=dict(m["kwargs"] or {}), init_seed=int(m["init_seed"]),
+                     extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"]})
+
+
+def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
+    import svp.peft as peft
+
+    name = cfg["method"]["name"]
+    raw = dict(cfg["method"]["settings"] or {})
+    # per-method blocks (method.settings.<method>.<key>) apply only to that method, so one
+    # configuration can drive a sweep over several methods
+    known = set(peft.list_methods())
+    settings = {k: v for k, v in raw.items() if not (k in known and isinstance(v, dict))}
+    if isinstance(raw.get(name), dict):
+        settings.update(raw[name])
+    settings.setdefault("num_classes", num_classes)
+    try:
+        mc = peft.make_config(name, **settings)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
+    return peft.get_peft_model(backbone, mc)
+
+
+def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
+    """Backbone (with the run's drop path) + method."""
+    import dataclasses
+    backbone = build_model(dataclasses.replace(spec, drop_path_rate=cfg["model"]["drop_path_rate"]))
+    return build_method(backbone, cfg, int(spec.num_classes))
+
+
+def param_counts(model) -> dict:
+    """The counts ``results.json`` reports, from ``PeftModel.trainable_counts`` (head: the
+    trainable parameters of ``base_model.head``)."""
+    c = model.trainable_counts()
+    return {"all_params": c["all"], "trainable_params": c["trainable"],
+            "trainable_params_without_head": c["trainable_without_head"],
+            "head_params": c["trainable"] - c["trainable_without_head"]}
+
+
+def build_loss(cfg: dict, mixup_active: bool) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # smoothing is applied by Mixup to the targets
+    if float(cfg["train"]["smoothing"]) > 0:
+        return LabelSmoothingCrossEntropy(smoothing=float(cfg["train"]["smoothing"]))
+    return nn.CrossEntropyLoss()
+
+
+def build_mixup(cfg: dict, num_classes: int):
+    t = cfg["train"]
+    if float(t["mixup"]) <= 0 and float(t["cutmix"]) <= 0:
+        return None
+    from timm.data import Mixup
+
+    if t["mixup_mode"] in ("pair", "elem") and int(t["batch_size"]) % 2:
+        raise ConfigError(f"train.mixup_mode={t['mixup_mode']!r} needs an even train.batch_size, "
+                          f"got {t['batch_size']}")
+    return Mixup(mixup_alpha=float(t["mixup"]), cutmix_alpha=float(t["cutmix"]), prob=float(t["mixup_prob"]),
+                 switch_prob=float(t["mixup_switch_prob"]), mode=t["mixup_mode"],
+                 label_smoothing=float(t["smoothing"]), num_classes=num_classes)
+
+
+class Precision:
+    """Autocast and gradient scaler for ``train.amp``. On CUDA, bfloat16 autocast where the
+    device supports it (no scaler needed) or float16 with a GradScaler; off on CPU."""
+
+    def __init__(self, cfg: dict, device: torch.device):
+        t = cfg["train"]
+        self.enabled = bool(t["amp"]) and device.type == "cuda"
+        dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
+        if self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+        self.dtype = dtype
+        use_scaler = self.enabled and dtype == torch.float16
+        # torch >= 2.3 has torch.amp.GradScaler; a disabled scaler is a no-op
+        if hasattr(torch.amp, "GradScaler"):
+            self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        else:  # pragma: no cover - older torch
+            self.scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype)
+
+
+def ema_for(cfg: dict, model: nn.Module) -> Optional[nn.Module]:
+    if not cfg["train"]["ema"]:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=float(cfg["train"]["ema_decay"]))
+
+
+def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
+    """Everything a run trains with: datasets and loader, spec, model (and its DDP wrapper),
+    optimizer, schedule, precision, EMA, mixup and loss."""
+    from .distributed import EpochSampler, SeededDataset, comm_device
+    from .optim import build_optimizer, scaled_lr
+    from .sched import Schedule
+
+    t = cfg["train"]
+    set_deterministic(bool(t["deterministic"]))
+    seed_everything(int(t["seed"]))
+    r = types.SimpleNamespace()
+    (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
+    r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
+    r.model = model = build_train_model(cfg, r.spec).to(device)
+    model.train()
+    r.sampler = EpochSampler(len(r.train_ds), int(t["batch_size"]), int(t["seed"]), dinfo.rank, dinfo.world_size)
+    r.steps_per_epoch = r.sampler.batches_per_epoch()
+    if r.steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={t['batch_size']} x world size {dinfo.world_size} is larger than "
+                          f"the training set ({len(r.train_ds)} samples of {cfg['data']['dataset']!r})")
+    cuda = device.type == "cuda"
+    r.loader = torch.utils.data.DataLoader(
+        SeededDataset(r.train_ds, train_tf), batch_size=int(t["batch_size"]), sampler=r.sampler,
+        num_workers=int(cfg["data"]["num_workers"]), pin_memory=cuda, persistent_workers=False)
+    r.lr = scaled_lr(cfg, dinfo.world_size)
+    r.optimizer = build_optimizer(model, cfg, r.lr)
+    r.sched = Schedule(r.optimizer, cfg, r.steps_per_epoch)
+    r.prec = Precision(cfg, device)
+    r.ema = ema_for(cfg, model)
+    r.mixup = build_mixup(cfg, r.spec.num_classes)
+    r.criterion = build_loss(cfg, r.mixup is not None)
+    r.ddp_model = model
+    if dinfo.enabled:
+        r.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, find_unused_parameters=bool(t["ddp_find_unused"]))
+    r.comm_dev = comm_device(device, dinfo)
+    return r

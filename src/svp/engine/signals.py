@@ -1,0 +1,63 @@
+"""How a run stops early: exit codes, ``TrainingStopped`` and the SIGINT/SIGTERM handler.
+
+A first signal only sets a flag: the loop finishes its step (or evaluation), writes a
+resume point and raises :class:`TrainingStopped` with exit code 130. A second one gives
+up at once (``KeyboardInterrupt``).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+EXIT_STOPPED = 75       # stopped on request (debug.stop_at_step), resume point written
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM, resume point written
+EXIT_NONFINITE = 3
+
+
+class TrainingStopped(Exception):
+    """Raised when the run stops early on purpose (signal, debug stop); ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int, run_dir: str):
+        super().__init__(message)
+        self.code, self.run_dir = code, run_dir
+
+
+class NonFiniteLoss(TrainingStopped):
+    def __init__(self, message: str, run_dir: str, step: int):
+        super().__init__(message, EXIT_NONFINITE, run_dir)
+        self.step = step
+
+
+class Signals:
+    """Records the first SIGINT/SIGTERM while installed (main thread only)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.old = {}
+
+    def install(self) -> "Signals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "signal"
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+def interrupted(run_dir: str, signal_name: str, where: str) -> TrainingStopped:
+    return TrainingStopped(f"{signal_name} received: stopped after {where}; resume point saved. "
+                           f"Continue with: svp train --resume {run_dir}", EXIT_INTERRUPTED, run_dir)

@@ -1,0 +1,480 @@
+"""Selective scan as Triton kernels (GPU; or CPU tensors under ``TRITON_INTERPRET=1``).
+
+Semantics are those of :func:`svp.ops.scan_ref.selective_scan_ref` plus ``reverse``
+(time is indexed backwards; nothing is flipped or copied).
+
+Design. One program per (batch, channel block of ``BLOCK_D`` channels within one B/C
+group); the (BLOCK_D, d_state) state lives in registers in float32 and the program walks
+the sequence. u, delta, z, B, C, dout are read in place through their strides (the model
+hands (b, d, l) views of (b, l, d) tensors, so a channel block is one contiguous row), in
+float32, bfloat16 or float16; outputs and gradients come back in each input's dtype.
+
+The forward writes only y, the last state, and the state at the start of every chunk of
+``CHUNK`` steps (b, l/CHUNK, d, n): never a (b, d, l, n) tensor. The backward walks the
+chunks from last to first: it recomputes the chunk's states from the saved chunk-start
+state into a per-program scratch of CHUNK x BLOCK_D x d_state (small enough to stay in L2
+on a GPU), then runs the reverse-time recurrence
+dh_{t-1} = exp(delta_t A) * (dh_t + C_t g_t) over it. Every time loop loads the next step's
+u, delta, z, B, C (and dy) one step ahead, so that their latency overlaps the current step's
+arithmetic. Sums over channels (dB, dC) are
+written per channel block and summed afterwards by torch in a fixed order (float64), and
+sums over batch (dA, dD, d delta_bias) likewise per batch: no atomics, so the same inputs
+give the same bits on every run.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from ..errors import BackendError
+from .scan_ref import scan_groups, sum_to_groups
+
+CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
+MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
+STAGES = 2           # tl.range pipelining of the time loops (the backward's scratch tile loads)
+_TILE = 2048         # largest BLOCK_D * BLOCK_N (8 float32 of state per thread at 8 warps)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _device_fn(fn):
+    """A Triton device function, compiled or interpreted as the calling kernel is. Not
+    triton.jit: that decides once, at import, from TRITON_INTERPRET (see _library_interpreted)."""
+    return JITFunction(fn)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def version() -> str:
+    return triton.__version__
+
+
+@_device_fn
+def _softplus(x):
+    ex = tl.exp(-tl.abs(x))
+    w = 1.0 + ex
+    return tl.maximum(x, 0.0) + tl.where(w == 1.0, ex, tl.log(w) * ex / (w - 1.0))   # log1p(ex), exact for tiny ex
+
+
+@_device_fn
+def _program_rows(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+                  su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+                  N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """This program's channels (batch row, group gi, block blk), A/D/bias for them, and the
+    row pointers of u, delta, z, B, C at time 0."""
+    bi = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    gi = pid // nblk
+    blk = pid % nblk
+    cl = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cl < dg
+    c = gi * dg + cl
+    n = tl.arange(0, BLOCK_N)
+    nm = n < N
+    m2 = cm[:, None] & nm[None, :]
+    A = tl.load(A_ptr + c[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+    u_row = u_ptr + bi * su_b + c * su_d
+    dl_row = dl_ptr + bi * sd_b + c * sd_d
+    z_row = z_ptr + bi * sz_b + c * sz_d
+    B_row = B_ptr + bi * sB_b + (gi // rB) * sB_g + n * sB_n
+    C_row = C_ptr + bi * sC_b + (gi // rC) * sC_g + n * sC_n
+    return bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row
+
+
+@_device_fn
+def _f32_step(uv, x, Bv, Cv, zv, bias):
+    """A prefetched step's inputs in float32, delta with its bias added."""
+    return uv.to(tl.float32), x.to(tl.float32) + bias, Bv.to(tl.float32), Cv.to(tl.float32), zv.to(tl.float32)
+
+
+@_device_fn
+def _load_step(u_row, dl_row, z_row, B_row, C_row, t, ok, cm, nm, su_l, sd_l, sz_l, sB_l, sC_l,
+               HAS_Z: tl.constexpr):
+    """u, delta, B, C, z of time step t (in their own dtypes; zeros where not ``ok``)."""
+    mc = cm & ok
+    uv = tl.load(u_row + t * su_l, mask=mc, other=0.0)
+    x = tl.load(dl_row + t * sd_l, mask=mc, other=0.0)
+    Bv = tl.load(B_row + t * sB_l, mask=nm & ok, other=0.0)
+    Cv = tl.load(C_row + t * sC_l, mask=nm & ok, other=0.0)
+    if HAS_Z:
+        zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0)
+    else:
+        zv = uv
+    return uv, x, Bv, Cv, zv
+
+
+def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr,
+         L, d, dg, nblk, rB, rC,
+         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
+         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         REVERSE: tl.constexpr, STAGES: tl.constexpr):
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    o_row = out_ptr + bi * so_b + c * so_d
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    # each step's inputs are loaded one step ahead so that their latency overlaps the
+    # current step's arithmetic (Triton's pipeliner leaves these small vectors alone)
+    if REVERSE:
+        t = L - 1
+    else:
+        t = 0
+    un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, L > 0, cm, nm,
+                                    su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+    for k in range(0, nchunk):
+        tl.store(hs_tile + k * d * N, h, mask=m2)
+        for j in tl.range(0, tl.minimum(K, L - k * K), num_stages=STAGES):
+            s = k * K + j
+            if REVERSE:
+                t = L - 1 - s
+                tn = t - 1
+            else:
+                t = s
+                tn = t + 1
+            uv, x, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, s + 1 < L, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            if SOFTPLUS:
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
+            h = tl.exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]
+            y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
+            if HAS_Z:
+                y = y * zv / (1.0 + tl.exp(-zv))
+            tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=cm)
+    tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
+
+
+def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
+         du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, scr_ptr,
+         L, d, dg, nblk, rB, rC,
+         su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+         sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, sg_b, sg_d, sg_l,
+         so_b, so_d, so_l,
+         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+         HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
+    # du, ddelta, dz share one layout (strides so_*)
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    G = tl.num_programs(1) // nblk
+    g_row = go_ptr + bi * sg_b + c * sg_d
+    du_row = du_ptr + bi * so_b + c * so_d
+    ddl_row = ddl_ptr + bi * so_b + c * so_d
+    dz_row = dz_ptr + bi * so_b + c * so_d
+    # dB/dC partials: (b, G, nblk, L, N) contiguous
+    part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    scr = scr_ptr + (bi * tl.num_programs(1) + pid) * K * BLOCK_D * BLOCK_N \
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    if HAS_GLAST:
+        lam = tl.load(glast_ptr + bi * d * N + c[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        lam = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), tl.float32)
+    for kk in range(0, nchunk):
+        k = nchunk - 1 - kk
+        s0 = k * K
+        kn = tl.minimum(K, L - s0)
+        h = tl.load(hs_tile + k * d * N, mask=m2, other=0.0)
+        # recompute the chunk's states (scratch[j] = state before step j), dz and dC;
+        # inputs are loaded one step ahead (see _fwd)
+        if REVERSE:
+            t = L - 1 - s0
+        else:
+            t = s0
+        un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, True, cm, nm,
+                                        su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+        gn = tl.load(g_row + t * sg_l, mask=cm, other=0.0)
+        for j in tl.range(0, kn, num_stages=STAGES):
+            if REVERSE:
+                t = L - 1 - s0 - j
+                tn = t - 1
+            else:
+                t = s0 + j
+                tn = t + 1
+            uv, x, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
+            gv = gn.to(tl.float32)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j + 1 < kn, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            gn = tl.load(g_row + tn * sg_l, mask=cm & (j + 1 < kn), other=0.0)
+            tl.store(scr + j * BLOCK_D * BLOCK_N, h)
+            if SOFTPLUS:
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
+            h = tl.exp(dt[:, None] * A) * h + (dt * uv)[:, None] * Bv[None, :]
+            if HAS_Z:
+                sg = 1.0 / (1.0 + tl.exp(-zv))
+                y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
+                tl.store(dz_row + t * so_l, (gv * y * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
+                         mask=cm)
+                gv = gv * zv * sg
+            dD_acc += gv * uv
+            tl.store(partC + t * N, tl.sum(gv[:, None] * h, axis=0), mask=nm)
+        tl.debug_barrier()  # scratch written by other threads of this program
+        # reverse-time recurrence over the chunk; lam = dL/dh_t; inputs loaded one step ahead
+        if REVERSE:
+            t = L - s0 - kn
+        else:
+            t = s0 + kn - 1
+        un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, True, cm, nm,
+                                        su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+        gn = tl.load(g_row + t * sg_l, mask=cm, other=0.0)
+        for jj in tl.range(0, kn, num_stages=STAGES):
+            j = kn - 1 - jj
+            if REVERSE:
+                t = L - 1 - s0 - j
+                tn = t + 1
+            else:
+                t = s0 + j
+                tn = t - 1
+            uv, xr, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
+            gv = gn.to(tl.float32)
+            un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j > 0, cm, nm,
+                                            su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            gn = tl.load(g_row + tn * sg_l, mask=cm & (j > 0), other=0.0)
+            hp = tl.load(scr + j * BLOCK_D * BLOCK_N)
+            x = xr
+            if SOFTPLUS:
+                x = _softplus(x)
+            dt = tl.where(cm, x, 0.0)
+            if HAS_Z:
+                gv = gv * zv / (1.0 + tl.exp(-zv))
+            e = tl.exp(dt[:, None] * A)
+            lam = lam + gv[:, None] * Cv[None, :]
+            q = lam * hp * e                     # dL/d(delta*A), per state
+            dtu = dt * uv
+            tl.store(part + t * N, tl.sum(lam * dtu[:, None], axis=0), mask=nm)
+            s1 = tl.sum(lam * Bv[None, :], axis=1)
+            s2 = tl.sum(q * A, axis=1)
+            dA_acc += q * dt[:, None]
+            lam = e * lam
+            ddt = s2 + s1 * uv
+            if SOFTPLUS:
+                ddt = ddt / (1.0 + tl.exp(-xr))
+            ddt = tl.where(cm, ddt, 0.0)
+            db_acc += ddt
+            tl.store(du_row + t * so_l, (gv * Dv + s1 * dt).to(du_ptr.dtype.element_ty), mask=cm)
+            tl.store(ddl_row + t * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=cm)
+        tl.debug_barrier()  # before the next chunk overwrites the scratch
+    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
+    tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
+    tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
+
+
+_jitted: dict = {}
+
+
+def _kernels():
+    """(forward, backward) compiled for the GPU, or wrapped for Triton's interpreter when
+    TRITON_INTERPRET=1 at call time (triton.jit reads it once, at decoration)."""
+    interp = interpreting()
+    if interp not in _jitted:
+        if interp:
+            from triton.runtime.interpreter import InterpretedFunction
+            _jitted[interp] = (InterpretedFunction(_fwd), InterpretedFunction(_bwd))
+        else:
+            _jitted[interp] = (JITFunction(_fwd), JITFunction(_bwd))
+    return _jitted[interp]
+
+
+class _library_interpreted:
+    """While interpreting, let Triton's own @jit library functions (tl.sum, tl.cdiv, ...) and
+    ours (_softplus, _program_rows, _load_step, ...) run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
+    not set then (e.g. it is set later by a test or by ``svp doctor``), calling them from an
+    interpreted kernel would raise instead."""
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+        self.cls, self.old = JITFunction, JITFunction.__dict__.get("__call__")
+        cache: dict = {}
+
+        def call(jf, *args, **kwargs):
+            if jf.fn not in cache:
+                cache[jf.fn] = interpreter.InterpretedFunction(jf.fn)
+            f = cache[jf.fn]
+            patch, rewrite = getattr(interpreter, "_patch_lang", None), getattr(f, "rewrite", None)
+            if patch is None or rewrite is None:
+                return f(*args, **kwargs)
+            # InterpretedFunction.__call__ would leave triton.language patched for the
+            # interpreter after the kernel ends, and a later GPU compile in this process fail
+            scope = patch(jf.fn)
+            try:
+                return rewrite()(*args, **kwargs)
+            finally:
+                if hasattr(scope, "restore"):
+                    scope.restore()
+
+        JITFunction.__call__ = call
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            del self.cls.__call__
+        else:
+            self.cls.__call__ = self.old
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if interpreting():
+        with _library_interpreted():
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias):
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
+        if x is None:
+            continue
+        if x.dtype not in DTYPES:
+            raise BackendError(f"the 'triton' scan backend takes float32, bfloat16 or float16 tensors; "
+                               f"{name} is {x.dtype} (use the 'torch' or 'cpu' backend for it)")
+        if x.device != u.device:
+            raise BackendError(f"the 'triton' scan backend needs every tensor on one device; u is on {u.device}, "
+                               f"{name} on {x.device}")
+        if x.device.type != "cuda" and not interpreting():
+            raise BackendError(f"the 'triton' scan backend runs on CUDA tensors ({name} is on {x.device}); "
+                               f"set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter")
+    if A.shape[1] > MAX_D_STATE:
+        raise BackendError(f"the 'triton' scan backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}")
+
+
+def _geometry(d, N, G):
+    dg = d // G
+    BN = _pow2(N)
+    BD = max(1, min(_TILE // BN, _pow2(dg), 64))
+    return dg, BN, BD, (dg + BD - 1) // BD
+
+
+def _warps(BD, BN):
+    # 8 state floats per thread: ptxas (Triton 3.8, sm_90, bf16 inputs, BD=64, N=16) reports
+    # 106 / 204 registers and no spills for the forward / backward at 8 warps, spills at 4.
+    return max(1, min(8, BD * BN // 128))
+
+
+def _bld(like, dtype):
+    """An empty (b, d, l) tensor stored as (b, l, d), the layout the model reads back."""
+    b, d, L = like.shape
+    return torch.empty(b, L, d, dtype=dtype, device=like.device).transpose(1, 2)
+
+
+def _strides(x):
+    return tuple(x.stride())
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
+        b, d, L = u.shape
+        N = A.shape[1]
+        gB, gC, G = scan_groups(B, C, d)
+        dg, BN, BD, nblk = _geometry(d, N, G)
+        K = int(chunk)
+        nchunk = (L + K - 1) // K
+        B4 = B if B.dim() == 4 else B.unsqueeze(1)
+        C4 = C if C.dim() == 4 else C.unsqueeze(1)
+        out = _bld(u, u.dtype)
+        hs = torch.empty(b, nchunk, d, N, dtype=torch.float32, device=u.device)
+        last = torch.empty(b, d, N, dtype=torch.float32, device=u.device)
+        zz = z if z is not None else u
+        fwd, _ = _kernels()
+        _launch(fwd, (b, G * nblk),
+            u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
+            out, hs, last, L, d, dg, nblk, G // gB, G // gC,
+            *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
+            *_strides(out),
+            N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
+            STAGES=STAGES, num_warps=_warps(BD, BN))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
+        ctx.cfg = (bool(delta_softplus), bool(reverse), K)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+        softplus, reverse, K = ctx.cfg
+        b, d, L = u.shape
+        N = A.shape[1]
+        gB, gC, G = scan_groups(B, C, d)
+        dg, BN, BD, nblk = _geometry(d, N, G)
+        dev = u.device
+        B4 = B if B.dim() == 4 else B.unsqueeze(1)
+        C4 = C if C.dim() == 4 else C.unsqueeze(1)
+        if dout is None:
+            dout = torch.zeros_like(u)
+        zz = z if z is not None else u
+        du = _bld(u, u.dtype)
+        ddelta = _bld(u, delta.dtype)
+        dz = _bld(u, z.dtype) if z is not None else du
+        f32 = dict(dtype=torch.float32, device=dev)
+        dBp = torch.empty(b, G, nblk, L, N, **f32)
+        dCp = torch.empty(b, G, nblk, L, N, **f32)
+        dAp = torch.empty(b, d, N, **f32)
+        dDp = torch.empty(b, d, **f32)
+        dbp = torch.empty(b, d, **f32)
+        scr = torch.empty(b * G * nblk, K, BD, BN, **f32)
+        glast = dlast.contiguous() if dlast is not None else hs
+        _, bwd = _kernels()
+        _launch(bwd, (b, G * nblk),
+            u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
+            hs, dout, glast, du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, scr, L, d, dg, nblk, G // gB, G // gC,
+            *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
+            *_strides(dout), *_strides(du),
+            N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
+            STAGES=STAGES, num_warps=_warps(BD, BN))
+        need = ctx.needs_input_grad
+
+        def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
+            return sum_to_groups(P.sum(2, dtype=torch.float64).transpose(2, 3), X.shape, X.dtype)
+
+        return (du if need[0] else None,
+                ddelta if need[1] else None,
+                dAp.sum(0, dtype=torch.float64).to(A.dtype) if need[2] else None,
+                chan_sum(dBp, B) if need[3] else None,
+                chan_sum(dCp, C) if need[4] else None,
+                dDp.sum(0, dtype=torch.float64).to(D.dtype) if (D is not None and need[5]) else None,
+                dz if (z is not None and need[6]) else None,
+                dbp.sum(0, dtype=torch.float64).to(delta_bias.dtype) if (delta_bias is not None and need[7])
+                else None,
+                None, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, reverse=False, chunk=CHUNK):
+    """Triton selective scan. Same arguments as ``selective_scan_ref`` plus ``reverse``."""
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
+    return (out, last) if return_last_state else out

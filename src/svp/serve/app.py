@@ -1,0 +1,513 @@
+"""The HTTP server: a Starlette ASGI app (run by uvicorn) over a :class:`MultiAdapterModel`.
+
+Starlette rather than FastAPI: the endpoints take a multipart form *or* a JSON body on the
+same path and every bad input must become one 4xx JSON error written by us, so FastAPI's
+pydantic validation layer would be bypassed anyway; Starlette is the ASGI toolkit FastAPI
+is built on, with one small dependency set (anyio), and uvicorn is its reference server.
+
+Dynamic batching: every predict request decodes its image (in a thread), then puts
+(tensor, adapter, future) on an asyncio queue. One batcher task takes the first waiting
+request, collects more for at most ``window_s`` (or until ``max_batch``), and runs them as
+one mixed-adapter batch in the single inference thread; each request awaits its own
+future. Requests that arrive while a batch runs wait in the queue and form the next one.
+Reloading adapters and drawing gate maps run in the same thread, so they never overlap a
+batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..errors import AdapterError, SVPError
+from .model import MultiAdapterModel, check_adapter_dir
+
+_log = logging.getLogger("svp.serve")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+GATE_QUANTITIES = ("update", "forget", "propagation")
+
+
+class RequestError(SVPError):
+    """A bad request; ``status`` is the HTTP status it is answered with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServeConfig:
+    window_s: float = 0.005          # how long the batcher waits for more requests after the first
+    # the most samples in one backbone pass: on CPU the scan's cost per sample stops falling
+    # by about 8, and smaller batches let the next batch's requests be read while one runs
+    max_batch: int = 8
+    max_upload_bytes: int = 10 << 20  # request body limit (image file or JSON with base64)
+    max_pixels: int = 40_000_000     # decoded image limit (decompression bombs)
+    max_topk: int = 100
+    queue_limit: int = 1024          # requests waiting beyond this are refused with 503
+    # 'mixed': one batch for any mix of adapters; 'per_adapter': a collected batch is split into
+    # one pass per adapter (what serving each adapter as its own model gives; for comparison)
+    batching: str = "mixed"
+
+    def __post_init__(self):
+        if self.batching not in ("mixed", "per_adapter"):
+            raise ValueError(f"batching={self.batching!r}; expected 'mixed' or 'per_adapter'")
+
+
+# -- adapters folder -----------------------------------------------------------------------
+def _stamp(path: str):
+    return tuple((os.stat(os.path.join(path, f)).st_mtime_ns, os.stat(os.path.join(path, f)).st_size)
+                 for f in ("adapter.safetensors", "adapter_config.json"))
+
+
+def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple]) -> dict:
+    """Make ``model``'s adapters those of the subfolders of ``root``: load new or changed ones,
+    drop vanished ones. Returns {"loaded", "unchanged", "removed", "refused": {name: why}}."""
+    if not os.path.isdir(root):
+        raise AdapterError(f"adapters folder {root!r} does not exist")
+    report = {"loaded": [], "unchanged": [], "removed": [], "refused": {}}
+    present = []
+    for name in sorted(os.listdir(root)):
+        if name.startswith("."):
+            continue
+        full = os.path.join(root, name)
+        if not (os.path.isdir(full) or os.path.islink(full)):
+            continue
+        present.append(name)
+        try:
+            real = check_adapter_dir(root, name)
+            stamp = (real, _stamp(real))
+            if stamps.get(name) == stamp and name in model.adapters:
+                report["unchanged"].append(name)
+                continue
+            model.add_adapter(name, real)
+            stamps[name] = stamp
+            report["loaded"].append(name)
+        except Exception as e:  # any folder that cannot be served is refused, never the reload itself
+            report["refused"][name] = str(e) if isinstance(e, (SVPError, OSError)) else f"{type(e).__name__}: {e}"
+            if name in model.adapters:  # a broken replacement must not keep serving stale weights
+                model.remove_adapter(name)
+                stamps.pop(name, None)
+    for name in sorted(set(model.adapters) - set(present)):
+        model.remove_adapter(name)
+        stamps.pop(name, None)
+        report["removed"].append(name)
+    return report
+
+
+# -- images ------------------------------------------------------------------------------------
+def decode_image(data: bytes, cfg: ServeConfig, transform: Callable):
+    """Bytes of an image file -> (model input (C, H, W), picture the model saw (H, W, 3) in [0, 1])."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError("the image is empty (0 bytes)")
+    if len(data) > cfg.max_upload_bytes:
+        raise RequestError(f"the image is {len(data)} bytes; the limit is {cfg.max_upload_bytes}", 413)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RequestError("the upload is not an image PIL can read (expected PNG, JPEG, ...)", 415) from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"the image is too large: {e}", 413) from None
+    w, h = im.size
+    if w * h > cfg.max_pixels:
+        raise RequestError(f"the image is {w}x{h} = {w * h} pixels; the limit is {cfg.max_pixels}", 413)
+    try:
+        im.load()
+        rgb = im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"the image is too large: {e}", 413) from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise RequestError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
+    return transform(rgb)
+
+
+def _topk(logits: torch.Tensor, classes: List[str], k: int) -> List[dict]:
+    probs = logits.float().softmax(-1)
+    top = probs.topk(min(k, probs.numel()))
+    return [{"class": classes[i], "index": int(i), "prob": float(p)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+# -- batching ----------------------------------------------------------------------------------
+class Batcher:
+    """Collects requests into mixed-adapter batches (see the module docstring)."""
+
+    def __init__(self, run: Callable, executor, cfg: ServeConfig, metrics, n_adapters: Callable = lambda: 1):
+        self.run = run
+        self.n_adapters = n_adapters
+        self.executor = executor
+        self.cfg = cfg
+        self.metrics = metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._task: Optional[asyncio.Task] = None
+        self._closing = False
+
+    def start(self):
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self):
+        """Finish what is queued, then stop."""
+        self._closing = True
+        await self.queue.put(None)
+        if self._task is not None:
+            await self._task
+
+    async def submit(self, x: torch.Tensor, name: str):
+        if self._closing:
+            raise RequestError("the server is shutting down", 503)
+        if self.queue.qsize() >= self.cfg.queue_limit:
+            raise RequestError(f"too many requests waiting ({self.queue.qsize()}); retry later", 503)
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, name, fut))
+        return await fut
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            item = await self.queue.get()
+            if item is None:
+                break
+            batch = [item]
+            deadline = loop.time() + self.cfg.window_s
+            # per_adapter: up to max_batch requests *of each adapter*, as separate models would batch
+            limit = self.cfg.max_batch * (self.n_adapters() if self.cfg.batching == "per_adapter" else 1)
+            while len(batch) < limit:
+                try:
+                    nxt = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            live = [b for b in batch if not b[2].done()]  # a client that went away cancelled its future
+            if not live:
+                continue
+            if self.cfg.batching == "mixed":
+                groups = [live]
+            else:
+                groups = []
+                for n in dict.fromkeys(b[1] for b in live):
+                    mine = [b for b in live if b[1] == n]
+                    groups += [mine[i:i + self.cfg.max_batch] for i in range(0, len(mine), self.cfg.max_batch)]
+            for group in groups:
+                await self._run_group(loop, group)
+
+    async def _run_group(self, loop, group):
+        self.metrics["batch_size"].observe(len(group))
+        try:
+            results = await loop.run_in_executor(self.executor, self.run,
+                                                 [b[0] for b in group], [b[1] for b in group])
+        except Exception as e:  # a bug: every request of the batch gets it
+            _log.exception("batch of %d failed", len(group))
+            results = [e] * len(group)
+        for (_, _, fut), res in zip(group, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+
+def _run_batch(model: MultiAdapterModel):
+    def run(xs: List[torch.Tensor], names: List[str]):
+        # An adapter removed by a reload after the request was accepted fails that request only.
+        ok = [i for i, n in enumerate(names) if n in model.adapters]
+        out: List[object] = [RequestError(f"adapter {n!r} was removed", 404) for n in names]
+        if not ok:
+            return out
+        try:
+            for i, lg in zip(ok, model(torch.stack([xs[i] for i in ok]), [names[i] for i in ok])):
+                out[i] = lg
+        except Exception:
+            # One adapter that cannot run these inputs must not fail the others: rerun per adapter.
+            _log.exception("mixed batch failed; running its adapters one by one")
+            for name in dict.fromkeys(names[i] for i in ok):
+                mine = [i for i in ok if names[i] == name]
+                try:
+                    for i, lg in zip(mine, model(torch.stack([xs[i] for i in mine]), [name] * len(mine))):
+                        out[i] = lg
+                except Exception as e:
+                    for i in mine:
+                        out[i] = e
+        return out
+    return run
+
+
+# -- the app -------------------------------------------------------------------------------------
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    return {
+        "registry": reg,
+        "requests": Counter("svp_requests", "HTTP requests answered", ["endpoint", "code"], registry=reg),
+        "errors": Counter("svp_request_errors", "requests answered with an error (4xx/5xx)",
+                          ["endpoint", "code"], registry=reg),
+        "predictions": Counter("svp_predictions", "images classified", ["adapter"], registry=reg),
+        "batch_size": Histogram("svp_batch_size", "samples per backbone batch", registry=reg,
+                                buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+        "latency": Histogram("svp_request_latency_seconds", "predict latency from request to answer",
+                             registry=reg, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
+        "adapters": Gauge("svp_adapters", "adapters loaded", registry=reg),
+    }
+
+
+def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform: Callable,
+               cfg: Optional[ServeConfig] = None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               stamps: Optional[Dict[str, tuple]] = None):
+    """The ASGI app serving ``model``; ``adapters_dir`` is rescanned by POST /v1/adapters/reload."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    cfg = cfg or ServeConfig()
+    metrics = _metrics()
+    metrics["adapters"].set(len(model.adapters))
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="svp-infer")
+    stamps = {} if stamps is None else stamps
+    state = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = Batcher(_run_batch(model), executor, cfg, metrics, lambda: max(1, len(model.adapters)))
+        batcher.start()
+        state["batcher"] = batcher
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            executor.shutdown(wait=True)
+
+    def error(endpoint: str, status: int, message: str, **extra) -> JSONResponse:
+        metrics["requests"].labels(endpoint, str(status)).inc()
+        metrics["errors"].labels(endpoint, str(status)).inc()
+        return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+    def ok(endpoint: str, body, status: int = 200) -> JSONResponse:
+        metrics["requests"].labels(endpoint, str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise RequestError(f"Content-Length {length!r} is not a number") from None
+            if n > cfg.max_upload_bytes:
+                raise RequestError(f"the request body is {n} bytes; the limit is {cfg.max_upload_bytes}", 413)
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > cfg.max_upload_bytes:
+                raise RequestError(f"the request body exceeds the limit of {cfg.max_upload_bytes} bytes", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse_input(request: Request, want_topk: bool):
+        """(image bytes, adapter name, topk) from a multipart form or a JSON body."""
+        body = await read_body(request)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            try:
+                obj = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the JSON body is malformed: {e}") from None
+            if not isinstance(obj, dict):
+                raise RequestError(f"the JSON body must be an object with keys image, adapter, topk; "
+                                   f"got {type(obj).__name__}")
+            b64 = obj.get("image")
+            if not isinstance(b64, str):
+                raise RequestError("the JSON body needs 'image': the image file in base64 (a string)")
+            if b64.startswith("data:") and "," in b64:
+                b64 = b64.split(",", 1)[1]
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise RequestError(f"'image' is not valid base64: {e}") from None
+            adapter, topk = obj.get("adapter"), obj.get("topk", 5)
+        elif ctype.startswith("multipart/form-data"):
+            sent = {"done": False}
+
+            async def replay():
+                if sent["done"]:
+                    return {"type": "http.disconnect"}
+                sent["done"] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            try:
+                form = await Request(request.scope, replay).form(max_files=2, max_fields=10,
+                                                                 max_part_size=cfg.max_upload_bytes)
+            except Exception as e:  # starlette's parser errors (bad boundary, too many parts, ...)
+                raise RequestError(f"the multipart form cannot be parsed: {getattr(e, 'detail', e)}") from None
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError("the form needs a file field 'image'")
+            data = await upload.read()
+            adapter, topk = form.get("adapter"), form.get("topk", "5")
+        else:
+            raise RequestError(f"Content-Type {ctype or '(none)'!r}: send multipart/form-data (fields image, "
+                               f"adapter, topk) or application/json (image in base64)", 415)
+        if not isinstance(adapter, str) or not adapter:
+            raise RequestError("missing 'adapter': the name of a loaded adapter (GET /v1/adapters)")
+        if adapter not in model.adapters:
+            raise RequestError(f"unknown adapter {adapter!r}; loaded: {sorted(model.adapters)}", 404)
+        if want_topk:
+            try:
+                if isinstance(topk, bool) or (isinstance(topk, float) and not topk.is_integer()):
+                    raise ValueError
+                topk = int(topk)
+            except (TypeError, ValueError):
+                raise RequestError(f"topk {topk!r} is not an integer") from None
+            if not 1 <= topk <= cfg.max_topk:
+                raise RequestError(f"topk {topk} is out of range; expected 1..{cfg.max_topk}")
+        return data, adapter, topk
+
+    def guard(endpoint: str):
+        def wrap(fn):
+            async def handler(request: Request):
+                try:
+                    return await fn(request)
+                except RequestError as e:
+                    return error(endpoint, e.status, str(e))
+                except (SVPError, ValueError) as e:  # the adapter cannot run this input
+                    return error(endpoint, 422, str(e))
+                except Exception as e:  # a bug: still one JSON answer, and the server keeps serving
+                    _log.exception("%s failed", endpoint)
+                    return error(endpoint, 500, f"internal error: {type(e).__name__}: {e}")
+            return handler
+        return wrap
+
+    @guard("predict")
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        data, adapter, topk = await parse_input(request, want_topk=True)
+        x = await run_in_threadpool(decode_image, data, cfg, transform)
+        logits = await state["batcher"].submit(x, adapter)
+        entry = model.adapters.get(adapter)
+        classes = entry.class_names if entry is not None else [str(i) for i in range(logits.numel())]
+        metrics["latency"].observe(time.perf_counter() - t0)
+        metrics["predictions"].labels(adapter).inc()
+        return ok("predict", {"adapter": adapter, "top": _topk(logits, classes, topk)})
+
+    @guard("gates")
+    async def gates(request: Request):
+        data, adapter, _ = await parse_input(request, want_topk=False)
+        x = await run_in_threadpool(decode_image, data, cfg, transform)
+        loop = asyncio.get_running_loop()
+        pngs = await loop.run_in_executor(executor, _gate_pngs, model, x, adapter, mean, std)
+        return ok("gates", {"adapter": adapter, "maps": pngs})
+
+    async def adapters(request: Request):
+        return ok("adapters", {"base_model_hash": model.base_hash,
+                               "adapters": [e.describe() for _, e in sorted(model.adapters.items())]})
+
+    @guard("reload")
+    async def reload(request: Request):
+        if adapters_dir is None:
+            raise RequestError("this server was started without an adapters folder", 409)
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(executor, sync_adapters, model, adapters_dir, stamps)
+        metrics["adapters"].set(len(model.adapters))
+        if report["refused"]:
+            return error("reload", 422, "some adapter folders were refused: " + "; ".join(
+                f"{k}: {v}" for k, v in report["refused"].items()), **report)
+        return ok("reload", report)
+
+    async def healthz(request: Request):
+        return ok("healthz", {"status": "ok", "adapters": len(model.adapters)})
+
+    async def prom(request: Request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(metrics["registry"]), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(request: Request):
+        with open(os.path.join(STATIC, "index.html"), encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    async def not_found(request: Request, exc):
+        status = getattr(exc, "status_code", 500)
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {getattr(exc, 'detail', exc)}",
+                             "status": status}, status_code=status)
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", prom, methods=["GET"]),
+        Route("/v1/adapters", adapters, methods=["GET"]),
+        Route("/v1/adapters/reload", reload, methods=["POST"]),
+        Route("/v1/predict", predict, methods=["POST"]),
+        Route("/v1/gates", gates, methods=["POST"]),
+    ]
+    from starlette.exceptions import HTTPException
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    app.state.model = model
+    app.state.transform = transform
+    app.state.metrics = metrics
+    return app
+
+
+def _gate_pngs(model: MultiAdapterModel, x: torch.Tensor, name: str, mean, std) -> Dict[str, str]:
+    """Frozen backbone vs adapter, one PNG (as a data URL) per gate quantity (svp.viz figures)."""
+    from ..viz.plots import plot_comparison
+
+    frozen, adapted = model.gate_maps(x[None], name)
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    picture = (x.cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+    depth = frozen.depth
+    layers = sorted({0, depth // 2, depth - 1})
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="svp-gates-") as tmp:
+        for q in GATE_QUANTITIES:
+            path = os.path.join(tmp, f"{q}.png")
+            plot_comparison({"frozen": frozen, name: adapted}, picture, path, layers, q, panel=1.6)
+            with open(path, "rb") as f:
+                out[q] = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+    return out
+
+
+def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: Optional[str] = None,
+              cfg: Optional[ServeConfig] = None):
+    """(app, load report): the backbone of ``backbone_spec``, every adapter of ``adapters_dir``."""
+    from ..data.transforms import build_transform
+    from .backbone import backbone_spec, build_backbone
+
+    spec = backbone_spec(adapters_dir, model_name, checkpoint)
+    vim = build_backbone(spec)
+    pcfg = getattr(vim, "pretrained_cfg", None) or {}
+    mean = tuple(pcfg.get("mean") or (0.485, 0.456, 0.406))
+    std = tuple(pcfg.get("std") or (0.229, 0.224, 0.225))
+    img_size = int(vim.patch_embed.img_size[0])
+    transform = build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std)
+    model = MultiAdapterModel(vim)
+    stamps: Dict[str, tuple] = {}
+    report = sync_adapters(model, adapters_dir, stamps)
+    report["backbone"] = {"model": spec.model, "checkpoint": spec.checkpoint, "weights": spec.weights}
+    app = create_app(model, adapters_dir, transform, cfg, mean=mean, std=std, stamps=stamps)
+    return app, report

@@ -1,0 +1,83 @@
+"""``svp serve``: one backbone, every adapter folder of --adapters, over HTTP."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import ConfigError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve many adapters from one frozen backbone over HTTP (mixed-adapter batches, web page)",
+        description="Serve every adapter folder under --adapters (each subfolder is one adapter, named by the "
+                    "folder) from one frozen backbone: POST /v1/predict, GET /v1/adapters, POST "
+                    "/v1/adapters/reload, GET /healthz, GET /metrics, and a web page at /. Needs the 'serve' "
+                    "extra: pip install 'svp-vim[serve]'. See docs/serving.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--adapters", required=True, metavar="DIR", help="folder whose subfolders are adapters")
+    p.add_argument("--model", default=None,
+                   help="backbone timm name (default: from the adapters' backbone.json / base_model_name)")
+    p.add_argument("--checkpoint", default=None, help="backbone checkpoint file (.pth or .safetensors)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="the most samples in one backbone pass (per adapter with --batching per_adapter)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image size limit")
+    p.add_argument("--batching", choices=("mixed", "per_adapter"), default="mixed",
+                   help="mixed: any mix of adapters in one batch; per_adapter: one pass per adapter (comparison)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for inference (default: torch's)")
+    p.set_defaults(func=run)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown (the process then dies by the
+        signal); the in-flight requests have finished by then, so exit 0 instead."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
+
+
+def run(args) -> int:
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import python_multipart  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"svp serve needs the 'serve' extra ({e.name} is missing): "
+                          f"pip install 'svp-vim[serve]'") from None
+    import torch
+
+    from .app import ServeConfig, build_app
+
+    if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise ConfigError("--max-batch must be >= 1, --window-ms >= 0, --max-upload-mb and --max-pixels > 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
+    app, report = build_app(args.adapters, args.model, args.checkpoint, cfg)
+    for name, why in report["refused"].items():
+        print(f"svp serve: refused adapter {name}: {why}", file=sys.stderr)
+    if not report["loaded"]:
+        raise ConfigError(f"{args.adapters}: no adapter could be loaded")
+    b = report["backbone"]
+    print(f"svp serve: backbone {b['model']}{' + ' + b['checkpoint'] if b['checkpoint'] else ''}, "
+          f"{len(report['loaded'])} adapters ({', '.join(report['loaded'])}), "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    import uvicorn
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+    _server_class()(config).run()
+    return 0

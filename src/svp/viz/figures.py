@@ -1,0 +1,113 @@
+"""The gate-activation figures of one image for several models (library code of
+``svp visualize`` and ``svp demo``)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..errors import VizError
+from ..io import atomic_write_json
+from .gates import GateMaps, analyze, find_vim
+
+DEFAULT_QUANTITIES = ("update", "forget", "propagation")
+
+
+def model_input_size(vim) -> Tuple[int, int]:
+    return tuple(int(s) for s in vim.patch_embed.img_size)
+
+
+def model_mean_std(vim) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    cfg = getattr(vim, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
+def prepare_image(img, size: Tuple[int, int], mean, std) -> Tuple[torch.Tensor, np.ndarray]:
+    """PIL image -> ((1, 3, H, W) normalised tensor, (H, W, 3) display array in [0, 1]).
+    The image is resized to exactly ``size`` (no crop), so boxes and masks given in the
+    original image's pixels map linearly onto the model input."""
+    from PIL import Image
+    img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    disp = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(disp).permute(2, 0, 1)
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return x[None], disp
+
+
+def mask_to_grid(mask: np.ndarray, size: Tuple[int, int], vim) -> Tuple[np.ndarray, np.ndarray]:
+    """Object mask in original pixels -> (mask at model input size, (gh, gw) 0/1 patch mask:
+    a patch is 'object' when at least half of its pixels are)."""
+    from PIL import Image
+    m = Image.fromarray((mask * 255).astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST)
+    m = (np.asarray(m) > 127).astype(np.float32)
+    pe = vim.patch_embed
+    cover = torch.nn.functional.avg_pool2d(torch.from_numpy(m)[None, None], kernel_size=pe.patch_size,
+                                           stride=pe.stride)[0, 0].numpy()
+    return m, (cover >= 0.5).astype(np.float32)
+
+
+def default_layers(depth: int, n: int = 4) -> List[int]:
+    if depth <= n:
+        return list(range(depth))
+    return sorted({int(round(i * (depth - 1) / (n - 1))) for i in range(n)})
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write_json(path, obj)
+
+
+def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: str,
+              layers: Optional[Sequence[int]] = None, quantities: Sequence[str] = DEFAULT_QUANTITIES,
+              direction: str = "both", mask: Optional[np.ndarray] = None, dpi: int = 100,
+              alpha: float = 1.0) -> List[str]:
+    """Analyse ``image`` (PIL) with every model in ``models`` (label -> module) and write the
+    figures into ``out_dir``. ``mask``: optional (H, W) 0/1 object mask in the image's pixels.
+    Returns the written paths."""
+    from .plots import plot_comparison, plot_difference, plot_model_heatmaps, plot_region_curves, region_curves
+    if not models:
+        raise VizError("no model to visualise")
+    vims = {k: find_vim(m) for k, m in models.items()}
+    first = next(iter(vims.values()))
+    size = model_input_size(first)
+    depth = len(first.layers)
+    for k, v in vims.items():
+        if model_input_size(v) != size or len(v.layers) != depth:
+            raise VizError(f"model {k!r} has input {model_input_size(v)} / depth {len(v.layers)}, "
+                           f"but {next(iter(vims))!r} has {size} / {depth}; compare models of one backbone")
+    mean, std = model_mean_std(first)
+    x, disp = prepare_image(image, size, mean, std)
+    layers = list(layers) if layers is not None else default_layers(depth)
+    maps: Dict[str, GateMaps] = {k: analyze(m, x) for k, m in models.items()}
+    mask_in, mask_grid = (None, None)
+    if mask is not None:
+        mask_in, mask_grid = mask_to_grid(mask, size, first)
+    written = []
+    for k, g in maps.items():
+        written.append(plot_model_heatmaps(g, disp, os.path.join(out_dir, f"{prefix}_{_safe(k)}_maps.png"), layers,
+                                           quantities, direction, title=k, alpha=alpha, mask_outline=mask_in,
+                                           dpi=dpi))
+    if len(maps) > 1:
+        for q in quantities:
+            written.append(plot_comparison(maps, disp, os.path.join(out_dir, f"{prefix}_compare_{q}.png"), layers,
+                                           q, direction, alpha=alpha, mask_outline=mask_in, dpi=dpi))
+            written.append(plot_difference(maps, disp, os.path.join(out_dir, f"{prefix}_diff_{q}.png"), layers,
+                                           q, direction, mask_outline=mask_in, dpi=dpi))
+    if mask_grid is not None:
+        if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
+            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "
+                           "need object and background patches for the curves")
+        curves = region_curves(maps, mask_grid, quantities, direction)
+        written.append(plot_region_curves(curves, os.path.join(out_dir, f"{prefix}_curves.png"), quantities,
+                                          direction, dpi=dpi))
+        jpath = os.path.join(out_dir, f"{prefix}_curves.json")
+        write_json(jpath, {"direction": direction, "object_patches": int(mask_grid.sum()),
+                           "patches": int(mask_grid.size), "curves": curves})
+        written.append(jpath)
+    return written

@@ -1,0 +1,164 @@
+"""Import structure: no cycle between svp modules (function-local imports included, so a
+cycle cannot hide behind one), and every module imports on its own in a fresh process."""
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import svp
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(svp.__file__)))
+
+
+def package_modules(src_root, package="svp"):
+    """{module name: (path, is_package)} for every .py file of ``package`` under ``src_root``."""
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(src_root, package)):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                name = os.path.relpath(path, src_root)[:-3].replace(os.sep, ".")
+                is_pkg = name.endswith(".__init__")
+                out[name[:-len(".__init__")] if is_pkg else name] = (path, is_pkg)
+    return out
+
+
+def imported_modules(name, path, is_pkg, known):
+    """{imported module of ``known``: line} for every import statement in the file, at any
+    depth (inside functions too). ``from pkg import sub`` counts as importing ``pkg.sub``."""
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = {}
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                module = base + ("." + node.module if node.module else "")
+            else:
+                module = node.module or ""
+            targets = [module + "." + a.name if module + "." + a.name in known else module for a in node.names]
+        for t in targets:
+            if t in known and t != name:
+                found.setdefault(t, node.lineno)
+    return found
+
+
+def import_cycles(modules):
+    """Strongly connected components (size > 1) of the import graph, each as a sorted list,
+    with the edges inside it for the error message."""
+    edges = {n: imported_modules(n, p, pkg, modules) for n, (p, pkg) in modules.items()}
+    index, low, stack, on_stack, comps = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return [[f"{a} -> {b} (line {edges[a][b]})" for a in comp for b in sorted(edges[a]) if b in comp]
+            for comp in comps]
+
+
+def test_no_import_cycle_between_svp_modules():
+    cycles = import_cycles(package_modules(SRC))
+    assert cycles == [], "import cycles (move the shared part to a module both can import):\n" + "\n".join(
+        "\n".join(c) + "\n" for c in cycles)
+
+
+def test_the_cycle_check_sees_function_local_and_relative_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import x\n")
+    (pkg / "c.py").write_text("from . import a\n")  # imports into the cycle, is not part of it
+    assert import_cycles(package_modules(str(tmp_path), "pkg")) == [
+        ["pkg.a -> pkg.sub.b (line 1)", "pkg.sub.b -> pkg.a (line 2)"]]
+
+
+# Each module is imported in a child forked from a process that has loaded the third-party
+# libraries svp uses (torch alone takes seconds to import) but no svp module.
+_ISOLATED = textwrap.dedent("""
+    import importlib, os, sys, traceback
+    preload, names = sys.argv[1].split(","), sys.argv[2].split(",")
+    for lib in preload:
+        try:
+            importlib.import_module(lib)
+        except Exception:
+            pass  # optional (mamba_ssm, tensorboard): the svp module handles its absence
+    assert not any(m == "svp" or m.startswith("svp.") for m in sys.modules)
+    failed = []
+    for name in names:
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                importlib.import_module(name)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+        if os.waitpid(pid, 0)[1] != 0:
+            failed.append(name)
+    print("FAILED:" + ",".join(failed))
+""")
+
+
+@pytest.mark.slow
+def test_every_svp_module_imports_on_its_own():
+    modules = package_modules(SRC)
+    names = sorted(n for n in modules if n != "svp.__main__")  # importing __main__ runs the CLI
+    third_party = set()
+    for path, _ in modules.values():
+        with open(path, encoding="utf-8") as f:
+            for node in ast.walk(ast.parse(f.read())):
+                if isinstance(node, ast.Import):
+                    third_party.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    third_party.add(node.module)
+    third_party = sorted(m for m in third_party if m.split(".")[0] != "svp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    if hasattr(os, "fork"):
+        runs = [[sys.executable, "-c", _ISOLATED, ",".join(third_party), ",".join(names)]]
+    else:  # one fresh interpreter per module: slow, but the same check
+        runs = [[sys.executable, "-c", f"import {n}"] for n in names]
+    failed, output = [], []
+    for cmd in runs:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        output.append(r.stderr[-4000:])
+        if hasattr(os, "fork"):
+            assert r.returncode == 0 and "FAILED:" in r.stdout, r.stdout + r.stderr
+            failed += [n for n in r.stdout.rsplit("FAILED:", 1)[1].strip().split(",") if n]
+        elif r.returncode:
+            failed.append(cmd[-1])
+    assert not failed, f"these modules fail to import on their own: {failed}\n" + "\n".join(output)

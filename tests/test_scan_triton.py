@@ -1,0 +1,176 @@
+"""The Triton selective scan, run on CPU tensors through Triton's interpreter.
+
+The parity grid is the one every backend passes (tests/test_scan_backends.py: outputs,
+last state and all gradients against float64; both directions; grouped and strided
+inputs; exp underflow), parametrised here with the ``triton`` backend and the grid's
+``SHRINK``/``KW`` for the interpreter. Then dispatch and bad input, and the bundled mini
+Vim with SVP: logits and adapter gradients equal to the ``cpu`` backend's.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import test_scan_backends as grid
+from svp.errors import BackendError
+from svp.ops import dispatch, get_backend, set_backend
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with Linux CUDA torch wheels)")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+@pytest.mark.parametrize("shape", grid.SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity_shapes(shape):
+    grid.test_parity_shapes("triton", shape)
+
+
+@pytest.mark.parametrize("flags", grid.FLAGS, ids=lambda f: "z%dD%dbias%dsp%d" % f)
+def test_parity_options(flags):
+    grid.test_parity_options("triton", flags)
+
+
+def test_grouped_and_noncontiguous():
+    grid.test_grouped_and_noncontiguous("triton")
+
+
+def test_large_delta_A():
+    grid.test_large_delta_A("triton")
+
+
+def test_half_and_double_inputs():
+    grid.test_half_and_double_inputs("triton")
+
+
+def test_one_chunk_and_default_chunk_agree_and_repeat_bit_for_bit():
+    """The chunked backward gives the same result at any chunk size; two runs give the same bits
+    (channel sums are per-block partials reduced in a fixed order, no atomics)."""
+    args = grid.make(1, 70, 9, 16, seed=11)   # 70 channels: two blocks of 64, one partial
+    res = []
+    for chunk in (2, 16, 2):
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        out = dispatch.scan_with("triton", *xs[:7], delta_bias=xs[7], delta_softplus=True, reverse=True,
+                                 chunk=chunk)
+        out.square().sum().backward()
+        res.append([out.detach()] + [x.grad for x in xs])
+    for a, b in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+    assert all(torch.equal(a, b) for a, b in zip(res[2], res[0]))
+
+
+def test_dispatch_forcing_and_automatic_choice(monkeypatch):
+    assert "triton" in dispatch.available_backends()
+    assert get_backend(torch.device("cpu")) == ("cpu" if "cpu" in dispatch.available_backends() else "torch")
+    set_backend("triton")
+    assert get_backend(torch.device("cpu")) == "triton"
+    set_backend(None)
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "triton")
+    assert get_backend(torch.device("cpu")) == "triton"
+    monkeypatch.delenv("SVP_SCAN_BACKEND")
+    # on CUDA tensors: mamba_ssm's kernels if they import, else triton
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    expect = "cuda" if "cuda" in dispatch.available_backends() else "triton"
+    assert get_backend(torch.device("cuda")) == expect
+
+
+def test_bad_input_names_what_is_missing(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError, match="no CUDA GPU found.*TRITON_INTERPRET=1"):
+        set_backend("triton")
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "triton")
+    with pytest.raises(BackendError, match="no CUDA GPU found"):
+        get_backend(torch.device("cpu"))
+    monkeypatch.delenv("SVP_SCAN_BACKEND")
+    # Triton not installed: the import fails, the message says so
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.delitem(sys.modules, "svp.ops.scan_triton", raising=False)
+    monkeypatch.delitem(dispatch._loaded, "triton", raising=False)
+    monkeypatch.setattr(dispatch, "_errors", {})
+    with pytest.raises(BackendError, match="Triton is not installed"):
+        set_backend("triton")
+
+
+def test_bad_input_dtype_and_d_state():
+    from svp.ops.scan_triton import MAX_D_STATE
+    args = grid.make(1, 4, 3, 2)
+    with pytest.raises(BackendError, match="float32, bfloat16 or float16 tensors; u is torch.float64"):
+        dispatch.scan_with("triton", args[0].double(), *args[1:7])
+    n = MAX_D_STATE + 1
+    big = grid.make(1, 2, 2, n)
+    with pytest.raises(BackendError, match=f"d_state <= {MAX_D_STATE}; got {n}"):
+        dispatch.scan_with("triton", *big[:7])
+
+
+def test_cli_prints_one_line_for_a_backend_error(monkeypatch, capsys):
+    from svp.cli import main
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "triton")
+    rc = main(["doctor", "--no-timing"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "no CUDA GPU found" in err, err
+
+
+@pytest.mark.slow
+def test_mini_vim_with_svp_matches_the_cpu_backend():
+    """Bundled mini Vim (bundled weights) with SVP on one 12x12 image (10 tokens, to keep the
+    interpreter quick): logits and adapter gradients with the triton backend equal the cpu
+    backend's."""
+    import timm
+    import svp.models  # noqa: F401  (registers the Vim models)
+    from svp.peft import get_peft_model, make_config
+    if "cpu" not in dispatch.available_backends():
+        pytest.fail("the numba cpu backend is not available")
+    torch.manual_seed(0)
+    base = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=5)
+    model = get_peft_model(base, make_config("svp", shared_layers=4, hidden=8, num_classes=5)).eval()
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([3])
+    res = {}
+    for name in ("cpu", "triton"):
+        model.zero_grad(set_to_none=True)
+        set_backend(name)
+        try:
+            logits = model(x)
+            torch.nn.functional.cross_entropy(logits, target).backward()
+        finally:
+            set_backend(None)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        res[name] = logits.detach(), grads
+    (l_cpu, g_cpu), (l_tri, g_tri) = res["cpu"], res["triton"]
+    assert g_cpu.keys() == g_tri.keys() and any("head" not in k for k in g_cpu)
+    assert (l_tri - l_cpu).abs().max() <= 1e-4 * l_cpu.abs().max()
+    for k in g_cpu:
+        assert (g_tri[k] - g_cpu[k]).abs().max() <= 1e-3 * g_cpu[k].abs().max().clamp_min(1e-12), k
+
+
+def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
+    """The interpreter does not type-check like the compiler does: compile both kernels for
+    sm_90 (bf16 inputs, every option on) to PTX and a cubin, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+    from svp.ops import scan_triton as st
+    monkeypatch.delenv("TRITON_INTERPRET")
+    consts = dict(N=16, BLOCK_D=64, BLOCK_N=16, K=st.CHUNK, HAS_Z=True, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True,
+                  REVERSE=True, STAGES=st.STAGES)
+    bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
+    for fn, extra in ((st._fwd, {}), (st._bwd, {"HAS_GLAST": True})):
+        jf = JITFunction(fn)
+        c = dict(consts, **extra)
+        sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
+               for a in jf.arg_names}
+        k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=st._warps(64, 16)))
+        assert "cubin" in k.asm and "atom" not in k.asm["ptx"]   # deterministic: no atomics

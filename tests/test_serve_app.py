@@ -1,0 +1,261 @@
+"""The HTTP server (Starlette app on a real uvicorn, 127.0.0.1): predictions equal the model's,
+concurrent requests for different adapters are batched, every bad input is a 4xx JSON error
+and the server keeps serving, adapters are added/removed by reload, metrics are Prometheus text."""
+import base64
+import json
+import os
+import shutil
+import socket
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("python_multipart")
+
+import serve_helpers as H  # noqa: E402
+from svp.serve.app import ServeConfig, build_app, decode_image  # noqa: E402
+
+NAMES = ["svp", "lora", "bitfit", "linear2", "vpt_deep", "full"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    src = H.make_adapters(str(tmp_path_factory.mktemp("all")))
+    root = tmp_path_factory.mktemp("served")
+    for n in NAMES:
+        shutil.copytree(os.path.join(src, n), root / n)
+    # a wide window so that the concurrent requests below surely meet; small limits to test them
+    cfg = ServeConfig(window_s=0.2, max_batch=16, max_upload_bytes=64 * 1024, max_pixels=100 * 100)
+    app, report = build_app(str(root), cfg=cfg)
+    assert sorted(report["loaded"]) == sorted(NAMES) and not report["refused"]
+    s = H.ServerThread(app).start()
+    s.app, s.root, s.src, s.cfg = app, root, src, cfg
+    yield s
+    s.stop()
+
+
+def _expected_probs(server, image, adapter):
+    model = server.app.state.model
+    x = decode_image(image, server.cfg, server.app.state.transform)
+    return model.forward_alone(x[None], adapter)[0].softmax(-1)
+
+
+def test_predict_multipart_and_json_match_the_adapter_alone(server):
+    img = H.png_bytes(40, seed=1)
+    for adapter in NAMES:
+        status, body = H.predict(server.url, img, adapter, topk=3)
+        assert status == 200, body
+        probs = _expected_probs(server, img, adapter)
+        top = probs.topk(3)
+        assert [t["index"] for t in body["top"]] == top.indices.tolist()
+        assert [t["prob"] for t in body["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        classes = server.app.state.model.adapters[adapter].class_names
+        assert [t["class"] for t in body["top"]] == [classes[i] for i in top.indices.tolist()]
+    payload = json.dumps({"image": base64.b64encode(img).decode(), "adapter": "svp", "topk": 2}).encode()
+    status, body = H.http("POST", server.url + "/v1/predict", payload, {"Content-Type": "application/json"})
+    assert status == 200 and len(body["top"]) == 2
+    assert body["top"][0]["index"] == int(_expected_probs(server, img, "svp").argmax())
+
+
+def test_concurrent_requests_for_different_adapters_are_batched(server):
+    imgs = [H.png_bytes(36, seed=10 + i) for i in range(12)]
+    adapters = [NAMES[i % len(NAMES)] for i in range(12)]
+    results = [None] * 12
+
+    def go(i):
+        results[i] = H.predict(server.url, imgs[i], adapters[i], topk=1)
+
+    before = _batch_count(server)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        assert body["top"][0]["index"] == int(_expected_probs(server, imgs[i], adapters[i]).argmax())
+    n_batches = _batch_count(server) - before
+    assert n_batches < 12  # some requests of different adapters shared a batch
+
+
+def _batch_count(server):
+    status, text = H.http("GET", server.url + "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith("svp_batch_size_count"):
+            return float(line.split()[-1])
+    raise AssertionError("no svp_batch_size_count in /metrics")
+
+
+def _truncated_png():
+    return H.png_bytes(60, seed=3)[:200]
+
+
+def _bomb_png():
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 400)).save(buf, format="PNG")  # tiny file, 160,000 pixels > 10,000
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("not an image", 415, "not an image"),
+    ("truncated", 400, "truncated"),
+    ("empty", 400, "empty"),
+    ("too many bytes", 413, "limit"),
+    ("too many pixels", 413, "pixels"),
+    ("unknown adapter", 404, "unknown adapter 'nope'"),
+    ("topk zero", 400, "out of range"),
+    ("topk huge", 400, "out of range"),
+    ("topk text", 400, "not an integer"),
+    ("topk fraction", 400, "not an integer"),
+    ("no image field", 400, "'image'"),
+    ("malformed json", 400, "malformed"),
+    ("bad base64", 400, "base64"),
+    ("json not object", 400, "object"),
+    ("wrong content type", 415, "Content-Type"),
+])
+def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case, status, words):
+    img = H.png_bytes(40)
+    jhead = {"Content-Type": "application/json"}
+    url = server.url + "/v1/predict"
+    if case == "not an image":
+        got = H.predict(server.url, b"hello, this is text", "svp")
+    elif case == "truncated":
+        got = H.predict(server.url, _truncated_png(), "svp")
+    elif case == "empty":
+        got = H.predict(server.url, b"", "svp")
+    elif case == "too many bytes":
+        got = H.predict(server.url, os.urandom(server.cfg.max_upload_bytes + 10), "svp")
+    elif case == "too many pixels":
+        got = H.predict(server.url, _bomb_png(), "svp")
+    elif case == "unknown adapter":
+        got = H.predict(server.url, img, "nope")
+    elif case == "topk fraction":
+        got = H.http("POST", url, json.dumps({"image": base64.b64encode(img).decode(), "adapter": "svp",
+                                              "topk": 2.5}).encode(), jhead)
+    elif case.startswith("topk"):
+        got = H.predict(server.url, img, "svp", topk={"topk zero": 0, "topk huge": 1000, "topk text": "abc"}[case])
+    elif case == "no image field":
+        body, ctype = H.multipart({"adapter": "svp"}, {})
+        got = H.http("POST", url, body, {"Content-Type": ctype})
+    elif case == "malformed json":
+        got = H.http("POST", url, b'{"image": "abc", ', jhead)
+    elif case == "bad base64":
+        got = H.http("POST", url, json.dumps({"image": "***not base64***", "adapter": "svp"}).encode(), jhead)
+    elif case == "json not object":
+        got = H.http("POST", url, b"[1, 2]", jhead)
+    else:
+        got = H.http("POST", url, img, {"Content-Type": "image/png"})
+    code, body = got
+    assert code == status, body
+    assert isinstance(body, dict) and words in body["error"], body
+    assert H.predict(server.url, img, "svp")[0] == 200  # still serving
+
+
+def test_a_client_that_disconnects_does_not_break_the_batch(server):
+    img = H.png_bytes(40, seed=5)
+    body, ctype = H.multipart({"adapter": "lora", "topk": 1}, {"image": ("x.png", img)})
+    raw = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    results = []
+    t = threading.Thread(target=lambda: results.append(H.predict(server.url, img, "svp", topk=1)))
+    t.start()
+    for _ in range(3):  # send whole requests, then hang up before the answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(raw)
+    t.join(60)
+    assert results and results[0][0] == 200
+    assert H.predict(server.url, img, "lora", topk=1)[0] == 200
+
+
+def test_reload_adds_removes_and_refuses(server, tmp_path):
+    root = server.root
+    status, body = H.http("GET", server.url + "/v1/adapters")
+    assert sorted(a["name"] for a in body["adapters"]) == sorted(NAMES)
+    assert all(a["base_model_hash"] == body["base_model_hash"] for a in body["adapters"])
+    shutil.copytree(os.path.join(server.src, "adapter"), root / "new_one")
+    status, body = H.http("POST", server.url + "/v1/adapters/reload")
+    assert status == 200 and body["loaded"] == ["new_one"] and body["removed"] == []
+    assert H.predict(server.url, H.png_bytes(40), "new_one")[0] == 200
+    shutil.rmtree(root / "new_one")
+    status, body = H.http("POST", server.url + "/v1/adapters/reload")
+    assert status == 200 and body["removed"] == ["new_one"]
+    assert H.predict(server.url, H.png_bytes(40), "new_one")[0] == 404
+    # refused: other base weights, a symlink out of the folder, a pickle file
+    import svp.peft as peft
+    other = H.mini_backbone(random_init=True)
+    peft.get_peft_model(other, peft.make_config("linear", num_classes=3)).save(root / "other_hash")
+    os.symlink(os.path.join(server.src, "svp_official"), root / "link_out")
+    shutil.copytree(os.path.join(server.src, "svp_official"), root / "pickled")
+    torch.save({"x": torch.zeros(1)}, root / "pickled" / "model.pth")
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422, body
+        assert sorted(body["refused"]) == ["link_out", "other_hash", "pickled"]
+        assert "weight hash" in body["refused"]["other_hash"]
+        assert "outside" in body["refused"]["link_out"]
+        assert "pickle" in body["refused"]["pickled"]
+        names = [a["name"] for a in H.http("GET", server.url + "/v1/adapters")[1]["adapters"]]
+        assert sorted(names) == sorted(NAMES)
+    finally:
+        shutil.rmtree(root / "other_hash")
+        os.remove(root / "link_out")
+        shutil.rmtree(root / "pickled")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+def test_metrics_health_page_and_gate_maps(server):
+    assert H.http("GET", server.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES)})
+    H.predict(server.url, H.png_bytes(40), "svp")
+    status, text = H.http("GET", server.url + "/metrics")
+    assert status == 200
+    for name in ("svp_requests_total{", "svp_request_errors_total{", "svp_batch_size_bucket{",
+                 "svp_request_latency_seconds_bucket{", "svp_adapters "):
+        assert name in text, name
+    status, page = H.http("GET", server.url + "/")
+    assert status == 200 and "<script>" in page and "/v1/predict" in page
+    body, ctype = H.multipart({"adapter": "vpt_deep"}, {"image": ("x.png", H.png_bytes(40))})
+    status, out = H.http("POST", server.url + "/v1/gates", body, {"Content-Type": ctype})
+    assert status == 200, out
+    assert sorted(out["maps"]) == ["forget", "propagation", "update"]
+    png = base64.b64decode(out["maps"]["update"].split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert H.http("GET", server.url + "/nothing/here")[0] == 404
+
+
+def test_a_corrupt_adapter_file_is_refused_by_reload_not_a_crash(server):
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "corrupt")
+    (server.root / "corrupt" / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422 and list(body["refused"]) == ["corrupt"], body
+    finally:
+        shutil.rmtree(server.root / "corrupt")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, monkeypatch):
+    model = server.app.state.model
+    method = model.adapters["svp"].peft.method
+
+    def broken(*a, **k):
+        raise ValueError("svp adapter cannot run this input (simulated)")
+    monkeypatch.setattr(method, "hook", broken)
+    results = {}
+
+    def go(name):
+        results[name] = H.predict(server.url, H.png_bytes(40), name, topk=1)
+    ts = [threading.Thread(target=go, args=(n,)) for n in ("svp", "lora", "linear2")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert results["svp"][0] == 422 and "simulated" in results["svp"][1]["error"]
+    assert results["lora"][0] == 200 and results["linear2"][0] == 200

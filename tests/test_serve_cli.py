@@ -1,0 +1,71 @@
+"""`svp serve` as a process: SIGTERM / Ctrl-C let the in-flight request finish, then exit 0."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("uvicorn")
+
+import serve_helpers as H  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
+    from svp.cli import main
+    assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
+    H.make_adapters(str(tmp_path / "ad"), names=["svp", "lora"])
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    # a 1.5 s batching window keeps the request in flight while the signal arrives
+    proc = subprocess.Popen([sys.executable, "-m", "svp", "serve", "--adapters", str(tmp_path / "ad"),
+                             "--port", str(port), "--window-ms", "1500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if H.http("GET", url + "/healthz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        result = []
+        t = threading.Thread(target=lambda: result.append(H.predict(url, H.png_bytes(40), "lora", timeout=60)))
+        t.start()
+        time.sleep(0.5)  # the request is waiting in the batcher now
+        proc.send_signal(sig)
+        t.join(60)
+        rc = proc.wait(60)
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert result and result[0][0] == 200, (result, err)
+    assert rc == 0, err

@@ -1,0 +1,113 @@
+"""svp.serve.MultiAdapterModel: a batch mixing adapters of every method equals each adapter
+run alone through svp.load_adapter; adapter folders that must be refused are."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import svp
+import serve_helpers as H
+from svp.errors import AdapterError
+from svp.peft.io import base_weights_hash
+from svp.serve import MultiAdapterModel, check_adapter_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return H.make_adapters(str(tmp_path_factory.mktemp("adapters")))
+
+
+def test_mixed_batch_equals_each_adapter_alone(adapters):
+    torch.manual_seed(0)
+    model = MultiAdapterModel(H.mini_backbone())
+    for name in H.SPECS:
+        model.add_adapter(name, os.path.join(adapters, name))
+    assert base_weights_hash(model.backbone) == model.base_hash  # loading wrote nothing into the backbone
+    names = list(H.SPECS) * 2
+    order = torch.randperm(len(names)).tolist()
+    names = [names[i] for i in order]
+    x = torch.randn(len(names), 3, 32, 32)
+    passes = []
+    hook = model.backbone.norm_f.register_forward_hook(lambda m, a, o: passes.append(o.shape))
+    out = model(x, names)
+    hook.remove()
+    # one shared pass for the base token layout, one for the VPT layout (both VPT adapters:
+    # 4 middle tokens); the full fine-tune runs on its own model
+    assert len(passes) == 2 and sorted(p[1] for p in passes) == [65, 69]
+    frozen = model.backbone.forward_features(x)
+    for name in H.SPECS:
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone = svp.load_adapter(H.mini_backbone(), os.path.join(adapters, name))
+        ref = alone(x[rows])
+        got = torch.stack([out[i] for i in rows])
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() < 1e-5, name
+        if name not in ("linear2",):  # the adapter really changes the features (not just the head)
+            head_on_frozen = alone.base_model.forward_head(frozen[rows])
+            assert (ref - head_on_frozen).abs().max().item() > 1e-3, name
+    assert base_weights_hash(model.backbone) == model.base_hash
+
+
+def test_lora_delta_is_the_low_rank_part_of_the_parametrized_weight():
+    from svp.peft.lora import LoRAParametrization
+    torch.manual_seed(0)
+    p = LoRAParametrization(12, 7, 3, 2.0)
+    torch.nn.init.normal_(p.lora_B)
+    w, x = torch.randn(12, 7), torch.randn(5, 4, 7)
+    torch.testing.assert_close(F.linear(x, p(w)), F.linear(x, w) + p.delta(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_adapter_and_wrong_hash_are_refused(adapters, tmp_path):
+    model = MultiAdapterModel(H.mini_backbone())
+    with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
+        model(torch.randn(1, 3, 32, 32), ["nope"])
+    import svp.peft as peft
+    other = H.mini_backbone(random_init=True)  # random weights: another hash
+    peft.get_peft_model(other, peft.make_config("linear", num_classes=3)).save(tmp_path / "x")
+    with pytest.raises(AdapterError, match="weight hash"):
+        model.add_adapter("x", str(tmp_path / "x"))
+    assert not model.adapters
+
+
+def test_adapter_folders_that_leave_the_root_or_hold_pickles_are_refused(adapters, tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    shutil.copytree(os.path.join(adapters, "svp"), outside)
+    shutil.copytree(os.path.join(adapters, "svp"), root / "good")
+    assert check_adapter_dir(str(root), "good") == os.path.realpath(root / "good")
+    with pytest.raises(AdapterError, match="plain folder name"):
+        check_adapter_dir(str(root), "../outside")
+    os.symlink(outside, root / "link_out")
+    with pytest.raises(AdapterError, match="outside the adapters folder"):
+        check_adapter_dir(str(root), "link_out")
+    shutil.copytree(os.path.join(adapters, "svp"), root / "file_link")
+    os.remove(root / "file_link" / "adapter.safetensors")
+    os.symlink(outside / "adapter.safetensors", root / "file_link" / "adapter.safetensors")
+    with pytest.raises(AdapterError, match="outside the adapter folder"):
+        check_adapter_dir(str(root), "file_link")
+    shutil.copytree(os.path.join(adapters, "svp"), root / "pickled")
+    torch.save({"a": torch.zeros(1)}, root / "pickled" / "extra.pt")
+    with pytest.raises(AdapterError, match="pickle"):
+        check_adapter_dir(str(root), "pickled")
+
+
+def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
+    import json
+    import shutil
+
+    from svp.build import ModelSpec
+    from svp.errors import ConfigError
+    from svp.serve import backbone_spec
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(adapters, "lora"), root / "a")
+    assert backbone_spec(str(root)).model == H.MINI and backbone_spec(str(root)).weights == "bundled"
+    # svp train writes backbone.json beside the adapter: its settings win over base_model_name
+    (root / "a" / "backbone.json").write_text(json.dumps(ModelSpec(H.MINI, img_size=32, extra={"recipe": "plain"}).to_dict()))
+    spec = backbone_spec(str(root))
+    assert spec.img_size == 32 and spec.extra["recipe"] == "plain" and spec.num_classes is None
+    assert backbone_spec(str(root), model_name="vim_tiny_patch16_224", checkpoint="x.pth").checkpoint == "x.pth"
+    with pytest.raises(ConfigError, match="--model"):
+        backbone_spec(str(tmp_path / "empty"))
