@@ -95,7 +95,8 @@ def _load(name: str):
         f = getattr(mod, fn)
         _loaded[name] = f if name in NATIVE_REVERSE else _time_reversed(f)
     except ImportError as e:  # numba / triton / mamba_ssm missing: backend unavailable
-        _errors[name] = (f"Triton is not installed ({e})" if name == "triton" and "triton" in str(e)
+        _errors[name] = (f"Triton is not installed ({e})"
+                         if name == "triton" and isinstance(e, ModuleNotFoundError) and "triton" in str(e)
                          else f"{type(e).__name__}: {e}")
         return None
     except Exception as e:  # a broken install: unavailable, with the reason
