@@ -28,14 +28,8 @@ import os
 import torch
 
 import triton
-
-# Written for Triton 3 (the interpreter under triton.runtime, triton.backends); torch < 2.4 ships
-# Triton 2, where the backend is reported unavailable instead of failing in the middle of a scan.
-if int(triton.__version__.split(".")[0]) < 3:
-    raise ImportError(f"triton {triton.__version__} is too old for the triton backend "
-                      f"(needs Triton >= 3.0, which torch >= 2.4 ships)")
-import triton.language as tl  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from ..errors import BackendError
 from .scan_ref import scan_groups, sum_to_groups
