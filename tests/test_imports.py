@@ -162,3 +162,66 @@ def test_every_svp_module_imports_on_its_own():
         elif r.returncode:
             failed.append(cmd[-1])
     assert not failed, f"these modules fail to import on their own: {failed}\n" + "\n".join(output)
+
+
+# Which rooms each room may import (docs/architecture.md). A room is the first name under
+# svp (svp.engine.loop -> engine; svp/build.py -> build). Lower rooms never import higher ones,
+# so a change high up (a command, the server) cannot break the library below it.
+BASE = {"errors", "io"}
+ALLOWED = {
+    "errors": set(),
+    "io": set(),
+    "ops": BASE,
+    "models": BASE | {"ops"},
+    "peft": BASE | {"ops", "models"},
+    "build": BASE | {"ops", "models", "peft"},
+    "data": BASE,
+    "engine": BASE | {"ops", "models", "peft", "build", "data"},
+    "viz": BASE | {"ops", "models", "peft", "build", "data"},
+    "serve": BASE | {"ops", "models", "peft", "build", "data", "viz"},
+    "pretrain": BASE | {"ops", "models", "peft", "build", "data", "engine"},
+    "demo": BASE | {"ops", "models", "peft", "build", "data", "engine", "viz"},
+    "doctor": BASE | {"ops", "models", "peft"},
+}
+# Entry points may import anything: the package root (registers the models), the CLI.
+UNRESTRICTED = {"svp", "cli", "__main__"}
+# A module that stands above its room: importing an official SVP checkpoint builds a backbone.
+EXCEPTIONS = {"svp.peft.convert": {"build"}}
+
+
+def _room(name):
+    parts = name.split(".")
+    return "svp" if len(parts) == 1 else parts[1]
+
+
+def layering_violations(modules):
+    out = []
+    for name, (path, is_pkg) in sorted(modules.items()):
+        room = _room(name)
+        if room in UNRESTRICTED:
+            continue
+        allowed = ALLOWED.get(room)
+        if allowed is None:
+            out.append(f"{name}: room {room!r} has no entry in ALLOWED (add it and to docs/architecture.md)")
+            continue
+        for target, line in sorted(imported_modules(name, path, is_pkg, modules).items()):
+            t_room = _room(target)
+            if t_room != room and t_room not in allowed | EXCEPTIONS.get(name, set()):
+                out.append(f"{name} (line {line}) imports {target}: room {room!r} may import only {sorted(allowed)}")
+    return out
+
+
+def test_rooms_import_only_the_rooms_below_them():
+    bad = layering_violations(package_modules(SRC))
+    assert bad == [], "layering (docs/architecture.md):\n" + "\n".join(bad)
+
+
+def test_the_layering_check_sees_an_upward_import(tmp_path):
+    pkg = tmp_path / "svp"
+    (pkg / "ops").mkdir(parents=True)
+    for f in ("__init__.py", "ops/__init__.py", "errors.py"):
+        (pkg / f).write_text("")
+    (pkg / "engine.py").write_text("")
+    (pkg / "ops" / "scan.py").write_text("from .. import errors\n\ndef f():\n    from ..engine import x\n")
+    assert layering_violations(package_modules(str(tmp_path))) == [
+        "svp.ops.scan (line 4) imports svp.engine: room 'ops' may import only ['errors', 'io']"]

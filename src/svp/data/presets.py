@@ -58,6 +58,13 @@ def load_preset(name: str) -> Dict[str, Any]:
 def lr_used(preset: Dict[str, Any], batch_size: int = None, world_size: int = 1) -> float:
     """The learning rate the optimizer gets: ``lr * batch * world / lr_base_batch``
     when ``lr_base_batch`` is set (the official SVP scaling), else ``lr``."""
-    base = preset.get("lr_base_batch")
     bs = preset["batch_size"] if batch_size is None else batch_size
-    return float(preset["lr"]) * (bs * world_size / base if base else 1.0)
+    return linear_scaled_lr(preset["lr"], bs, world_size, preset.get("lr_base_batch"))
+
+
+def linear_scaled_lr(lr: float, batch_size: int, world_size: int, base_batch=None) -> float:
+    """The official (DeiT-style) linear scaling rule, the one place it is written:
+    ``lr x batch x world / base_batch``, or ``lr`` when ``base_batch`` is unset."""
+    if not base_batch:
+        return float(lr)
+    return float(lr) * int(batch_size) * int(world_size) / float(base_batch)

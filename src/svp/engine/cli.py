@@ -24,8 +24,8 @@ def _config_epilog() -> str:
         lines.append(f"  {key} [{d}]")
         for w in textwrap.wrap(help_, 74):
             lines.append(f"      {w}")
-    lines += ["", "resolution order (later wins): defaults, svp/configs/methods/<method>.yaml,",
-              "the dataset preset (svp.data.load_preset), --config files, the flags above,",
+    lines += ["", "resolution order (later wins): defaults, the dataset preset",
+              "(svp.data.load_preset), --config files, the flags above,",
               "key=value overrides. The dataset preset sets most train.* keys (lr, batch,",
               "epochs, mixup, ...): `--print-config` shows what a run will actually use.",
               "",

@@ -3,11 +3,10 @@
 A configuration is a two-level dict ``{section: {key: value}}``. It is resolved in
 this order (later wins):
 
-1. the defaults below (the official SVP recipe, spec section 2.2),
-2. the method file ``svp/configs/methods/<method>.yaml`` (if it exists),
-3. the dataset preset ``svp.data.load_preset(<dataset>)`` (if the data package has one),
-4. the user's ``--config`` YAML files, in order,
-5. ``section.key=value`` overrides from the command line (values parsed as YAML).
+1. the defaults below (the official SVP recipe, docs/training.md),
+2. the dataset preset ``svp.data.load_preset(<dataset>)`` (if the data package has one),
+3. the user's ``--config`` YAML files, in order,
+4. ``section.key=value`` overrides from the command line (values parsed as YAML).
 
 The resolved configuration is written to ``<run>/config.yaml``; a run can be
 reproduced with ``svp train --config <run>/config.yaml``.
@@ -212,15 +211,6 @@ def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
     return out
 
 
-def methods_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "methods")
-
-
-def method_file(method: str) -> Optional[str]:
-    path = os.path.join(methods_dir(), f"{method}.yaml")
-    return path if os.path.isfile(path) else None
-
-
 # preset key (svp.data.load_preset) -> configuration key; None = informational only
 PRESET_MAP = {
     "dataset": None, "num_classes": None, "source": None,
@@ -291,9 +281,6 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     probe = apply_user(defaults())
     cfg = defaults()
     if use_presets:
-        mfile = method_file(str(probe["method"]["name"]))
-        if mfile:
-            merge(cfg, load_yaml(mfile), mfile)
         merge(cfg, dataset_preset(str(probe["data"]["dataset"]), str(probe["method"]["name"])),
               f"preset of dataset {probe['data']['dataset']!r}")
     apply_user(cfg)

@@ -13,14 +13,15 @@ from typing import Dict
 import torch
 from timm.optim import create_optimizer_v2
 
+from ..data.presets import linear_scaled_lr
+
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
     """The learning rate actually used: ``lr x batch x world / base`` when ``train.lr_scale``
     (the official recipe: DeiT-style linear scaling), else ``lr``."""
     t = cfg["train"]
-    if t["lr_scale"]:
-        return float(t["lr"]) * int(t["batch_size"]) * int(world_size) / float(t["lr_scale_base"])
-    return float(t["lr"])
+    base = t["lr_scale_base"] if t["lr_scale"] else None
+    return linear_scaled_lr(t["lr"], t["batch_size"], world_size, base)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:

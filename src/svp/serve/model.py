@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
+from ..peft.base import load_adapter
 from ..peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_weights_hash, read_adapter_config
 
 # Methods whose samples share the backbone pass; anything else runs on its own model.
@@ -187,8 +188,6 @@ class MultiAdapterModel(nn.Module):
     def add_adapter(self, name: str, directory: str) -> Adapter:
         """Load adapter ``directory`` under ``name`` (replacing one of that name). Raises
         ``AdapterError`` for a directory that does not fit this backbone (hash, shapes)."""
-        import svp
-
         info = read_adapter_config(directory)
         if info["base_model_hash"] != self.base_hash:
             raise AdapterError(
@@ -199,7 +198,7 @@ class MultiAdapterModel(nn.Module):
         template_memo = _shared_memo(self._template, own)
         base = copy.deepcopy(self._template, template_memo)
         try:
-            peft = svp.load_adapter(base, directory)
+            peft = load_adapter(base, directory)
         except (ValueError, TypeError, RuntimeError) as e:
             if isinstance(e, AdapterError):
                 raise
