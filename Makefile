@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean browser-deps
+.PHONY: install test test-oldest demo bench clean browser-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The declared floor (constraints-oldest.txt, Python 3.9) in a second environment, same suite.
+OLDEST ?= .venv-oldest
+PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9) python3.9)
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
+	$(PY_OLDEST) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q -c constraints-oldest.txt -e ".[test]"
+	touch $@
 
 # The web-page test of `svp serve` drives headless Chromium: install Debian's chromium and
 # chromium-driver when they are missing and we are root with apt-get (about 35 s); anything
@@ -30,6 +39,9 @@ browser-deps:
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST)/.installed browser-deps
+	$(OLDEST)/bin/python -m pytest -q
+
 demo: $(STAMP)
 	$(BIN)/svp demo
 
@@ -38,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache

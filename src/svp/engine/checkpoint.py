@@ -14,7 +14,6 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from safetensors import safe_open
 
 from ..io import (atomic_replace_dir, atomic_save_safetensors, atomic_write_json,  # noqa: F401 (re-exported)
@@ -40,9 +39,14 @@ def _flatten(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
-        key = prefix
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj)).clone()
-        return {"__ndarray__": key}
+        arr = np.ascontiguousarray(obj)
+        if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
+            # torch < 2.3 has no uint16/32/64 (NumPy's RNG state is uint32): the same bits as the
+            # signed type, viewed back on load, so resume stays bit-identical on every torch
+            tensors[prefix] = torch.from_numpy(arr.view(arr.dtype.str.replace("u", "i"))).clone()
+            return {"__ndarray__": prefix, "dtype": arr.dtype.str}
+        tensors[prefix] = torch.from_numpy(arr).clone()
+        return {"__ndarray__": prefix}
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
@@ -71,7 +75,9 @@ def _unflatten(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
         if "__ndarray__" in obj:
-            return tensors[obj["__ndarray__"]].numpy()
+            arr = tensors[obj["__ndarray__"]]
+            arr = arr if isinstance(arr, np.ndarray) else arr.numpy()
+            return arr.view(obj["dtype"]) if "dtype" in obj else arr
         if "__tuple__" in obj:
             return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
         if "__float__" in obj:
@@ -96,9 +102,18 @@ def load_state(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ResumeError(f"no resume state at {path} (expected {RESUME_FILE} written by `svp train`)")
     try:
+        tensors: Dict[str, Any] = {}
+        unsupported = []
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(path)
+            for key in f.keys():
+                try:
+                    tensors[key] = f.get_tensor(key)
+                except Exception:  # a dtype this torch lacks (uint32 of files written by torch >= 2.3)
+                    unsupported.append(key)
+        if unsupported:
+            with safe_open(path, framework="np") as f:
+                tensors.update((key, f.get_tensor(key)) for key in unsupported)
     except Exception as e:
         raise ResumeError(f"{path}: unreadable resume state ({e})") from None
     if meta.get("format") != FORMAT:

@@ -40,7 +40,9 @@ def read_checkpoint(path) -> dict:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch < 2.5 cannot allow Namespace in weights_only=True: the same allow-list, our unpickler
+        from ..compat import restricted_torch_load
+        return restricted_torch_load(path)
     except Exception as e:  # an UnpicklingError names the forbidden global
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "

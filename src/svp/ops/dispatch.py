@@ -71,6 +71,15 @@ def _devices(name):
     return _DEVICES[name]
 
 
+def _require_triton3() -> None:
+    """The kernels are written for Triton 3 (the interpreter under triton.runtime, triton.backends);
+    torch < 2.4 ships Triton 2, where the backend is unavailable rather than failing mid-scan."""
+    import triton
+    if int(triton.__version__.split(".")[0]) < 3:
+        raise ImportError(f"triton {triton.__version__} is too old for the triton backend "
+                          f"(needs Triton >= 3.0, which torch >= 2.4 ships)")
+
+
 def _triton_missing() -> str | None:
     """Why Triton cannot run here (no GPU and no interpreter), or None."""
     import torch
@@ -89,13 +98,16 @@ def _load(name: str):
         return None
     modname, fn = _MODULES[name]
     try:
+        if name == "triton":
+            _require_triton3()
         mod = importlib.import_module(modname)
         if name == "cuda" and not mod.available():
             raise ImportError(mod.unavailable_reason())
         f = getattr(mod, fn)
         _loaded[name] = f if name in NATIVE_REVERSE else _time_reversed(f)
     except ImportError as e:  # numba / triton / mamba_ssm missing: backend unavailable
-        _errors[name] = (f"Triton is not installed ({e})" if name == "triton" and "triton" in str(e)
+        _errors[name] = (f"Triton is not installed ({e})"
+                         if name == "triton" and isinstance(e, ModuleNotFoundError) and "triton" in str(e)
                          else f"{type(e).__name__}: {e}")
         return None
     except Exception as e:  # a broken install: unavailable, with the reason

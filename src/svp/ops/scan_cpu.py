@@ -104,8 +104,13 @@ _XMIN = _f32(-87.3)
 _Q = [_f32(1.0 / (2 * k + 1)) for k in range(9)]
 _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8 = _Q
 
-_FM_SAFE = {"contract", "nsz"}                  # keeps the order of every operation
-_FM_RED = {"contract", "nsz"}  # no 'reassoc': see _hsum
+# Fused multiply-adds ('contract'): numba 0.58 (LLVM 14) fused differently in a kernel it had
+# just compiled and in the same kernel loaded from its disk cache (other bits, so a resumed run
+# did not reproduce an uninterrupted one; without 'contract' both agreed). numba 0.68 gives the
+# same bits both ways; releases in between were not checked, so they run without contraction.
+_CONTRACT = {"contract"} if tuple(int(p) for p in numba.__version__.split(".")[:2]) >= (0, 68) else set()
+_FM_SAFE = _CONTRACT | {"nsz"}  # keeps the order of every operation
+_FM_RED = _CONTRACT | {"nsz"}   # no 'reassoc': see _hsum
 
 
 @intrinsic

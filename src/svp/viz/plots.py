@@ -30,6 +30,10 @@ def _plt():
 
 def save_figure(fig, path: str, dpi: int = 100) -> str:
     """Write ``fig`` to ``path`` (PNG) atomically; close it."""
+    # matplotlib 3.6 truncates inches x dpi to whole pixels (7.2 in at 50 dpi gave 359 px), newer
+    # releases round: a quarter pixel above the rounded size gives the same PNG size on both
+    w, h = fig.get_size_inches()
+    fig.set_size_inches((round(w * dpi) + 0.25) / dpi, (round(h * dpi) + 0.25) / dpi)
     try:
         return atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:

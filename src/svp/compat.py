@@ -1,0 +1,99 @@
+"""What the oldest supported stack (torch 2.1, numpy 1.23; see constraints-oldest.txt) lacks.
+
+``restricted_torch_load`` reads a ``.pth`` with an explicit allow-list of globals on any torch:
+torch < 2.5 has no ``torch.serialization.safe_globals``, so its ``weights_only=True`` cannot
+let the pickled ``argparse.Namespace`` of official Vim checkpoints through. The unpickler
+below resolves a global only if it is in the allow-list (what torch's own weights-only
+unpickler allows by default, plus ``argparse.Namespace``); everything else, ``os.system``
+included, is refused before it can be called.
+"""
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import collections
+import pickle
+import types
+from typing import Any, Dict
+
+import torch
+
+# Functions torch itself pickles tensors with; those missing in the installed torch are skipped.
+_REBUILD_FUNCTIONS = (
+    "_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_tensor",
+    "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_sparse_tensor",
+    "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
+    "_rebuild_device_tensor_from_cpu_tensor",
+)
+
+
+def _allowed_globals() -> Dict[str, Any]:
+    import _codecs
+
+    rc: Dict[str, Any] = {
+        "argparse.Namespace": argparse.Namespace,
+        "collections.OrderedDict": collections.OrderedDict,
+        "collections.Counter": collections.Counter,
+        "torch.nn.parameter.Parameter": torch.nn.Parameter,
+        "torch.serialization._get_layout": torch.serialization._get_layout,
+        "torch.Size": torch.Size,
+        "torch.Tensor": torch.Tensor,
+        "torch.device": torch.device,
+        "torch._tensor._rebuild_from_type_v2": torch._tensor._rebuild_from_type_v2,
+        "_codecs.encode": _codecs.encode,  # bytes under pickle protocol 2 (torch.save's default)
+        "builtins.bytearray": bytearray,
+        "builtins.set": set,
+        "builtins.complex": complex,
+    }
+    for value in vars(torch).values():
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)):
+            rc[str(value)] = value
+    for cls in torch._tensor_classes:
+        rc[f"{cls.__module__}.{cls.__name__}"] = cls
+    for cls in torch._storage_classes:
+        if cls in (torch.storage.TypedStorage, torch.storage.UntypedStorage):
+            rc[f"{cls.__module__}.{cls.__name__}"] = cls
+        else:  # legacy typed storages are only dtype markers when loading
+            rc[f"{cls.__module__}.{cls.__name__}"] = torch.serialization.StorageType(cls.__name__)
+    for name in _REBUILD_FUNCTIONS:
+        if hasattr(torch._utils, name):
+            rc[f"torch._utils.{name}"] = getattr(torch._utils, name)
+    return rc
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only allow-listed globals (see the module docstring)."""
+
+    _allowed: Dict[str, Any] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes protocol 2, which spells Python 3 names the Python 2 way
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if not RestrictedUnpickler._allowed:
+            RestrictedUnpickler._allowed = _allowed_globals()
+        try:
+            return RestrictedUnpickler._allowed[f"{module}.{name}"]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"global '{module}.{name}' is not allowed (only tensors, containers and "
+                f"argparse.Namespace are)") from None
+
+
+def _restricted_load(file, **kwargs) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load takes a module-like object with ``Unpickler`` and ``load`` (and reads ``__name__``).
+restricted_pickle = types.ModuleType("svp_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _restricted_load
+
+
+def restricted_torch_load(path) -> Any:
+    """``torch.load(path)`` onto the CPU through ``RestrictedUnpickler``. ``weights_only`` must
+    be False here only because torch refuses a custom ``pickle_module`` with it; the allow-list
+    above is what keeps arbitrary code from running."""
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)

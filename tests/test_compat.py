@@ -1,0 +1,111 @@
+"""What keeps the oldest supported stack working (svp.compat, resume-state dtypes). These run on
+every torch: `make test` checks them on the pinned stack, `make test-oldest` on the floor."""
+import argparse
+import collections
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
+
+from svp.compat import restricted_torch_load
+from svp.engine import checkpoint as ck
+
+
+def official_style_checkpoint():
+    lin = torch.nn.Linear(3, 2)
+    sd = collections.OrderedDict(lin.state_dict())
+    sd["half"] = torch.randn(4).half()
+    sd["bf16"] = torch.randn(4).to(torch.bfloat16)
+    sd["index"] = torch.arange(5)
+    sd["mask"] = torch.tensor([True, False])
+    sd["view"] = torch.arange(12.0).reshape(3, 4)[:, 1]  # a strided view shares its storage
+    return {"model": sd, "model_ema": {"p": torch.nn.Parameter(torch.ones(2))},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+            "epoch": 299, "blob": b"\x00\xff", "pair": (1, 2.5), "tags": {"a", "b"},
+            "args": argparse.Namespace(model="vim_tiny", lr=5e-4, drop_path=0.05)}
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert type(a) is type(b) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, argparse.Namespace):
+        assert vars(a) == vars(b)
+    else:
+        assert a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_restricted_load_reads_what_plain_torch_load_reads(tmp_path, zipfile):
+    ckpt = official_style_checkpoint()
+    path = tmp_path / "vim.pth"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zipfile)
+    back = restricted_torch_load(path)
+    assert_same(back, torch.load(path, map_location="cpu", weights_only=False))
+    assert_same(back, ckpt)
+
+
+class OpensAFile:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+class Exec:
+    def __reduce__(self):
+        return (eval, ("1",))
+
+
+@pytest.mark.parametrize("payload", ["open", "eval", "parser", "torch_fn"])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_restricted_load_refuses_every_other_global(tmp_path, payload, writer):
+    marker = tmp_path / "pwned"
+    obj = {"open": OpensAFile(str(marker)), "eval": Exec(), "parser": argparse.FileType("r"),
+           "torch_fn": torch.load}[payload]
+    path = tmp_path / "evil.pth"
+    if writer == "torch.save":
+        torch.save({"model": {}, "payload": obj}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"model": {}, "payload": obj}, f)
+    with pytest.raises(pickle.UnpicklingError, match="is not allowed"):
+        restricted_torch_load(path)
+    assert not marker.exists()
+
+
+def test_unsigned_arrays_round_trip_bit_identical_through_signed_entries(tmp_path):
+    rng = np.random.RandomState(3)
+    state = {"rng": rng.get_state(), "u16": np.array([0, 65535], np.uint16),
+             "u64": np.array([2**64 - 1, 1], np.uint64), "u8": np.array([255], np.uint8)}
+    path = tmp_path / "r.safetensors"
+    ck.save_state(str(path), state)
+    with safe_open(str(path), framework="np") as f:  # every entry is a dtype torch 2.1 has
+        stored = {k: f.get_tensor(k).dtype.str for k in f.keys()}
+    assert not any(d[1] == "u" and d != "|u1" for d in stored.values()), stored
+    back = ck.load_state(str(path))
+    assert back["rng"][0] == "MT19937" and back["rng"][1].dtype == np.uint32
+    assert np.array_equal(back["rng"][1], state["rng"][1])
+    for k in ("u16", "u64", "u8"):
+        assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k])
+    np.random.set_state(back["rng"])
+    assert np.array_equal(np.random.rand(4), rng.rand(4))
+
+
+def test_a_state_with_uint32_entries_still_loads(tmp_path):
+    """Files written before the signed storage (uint32 entries) stay readable, also where
+    torch has no uint32."""
+    key = np.random.RandomState(5).get_state()[1]
+    structure = {"__dict__": {"s:key": {"__ndarray__": "s/key"}}}
+    path = tmp_path / "old.safetensors"
+    save_numpy({"s/key": key}, str(path), metadata={"format": ck.FORMAT, "state": json.dumps(structure)})
+    back = ck.load_state(str(path))
+    assert back["key"].dtype == np.uint32 and np.array_equal(back["key"], key)
