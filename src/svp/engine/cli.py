@@ -235,7 +235,6 @@ def _open_image(path, tf):
 def cmd_eval(args) -> int:
     import svp.data as data
 
-    from ..build import load_for_inference
     from .distributed import DistInfo
     from .evaluate import evaluate
     from .setup import Limited
@@ -262,7 +261,6 @@ def cmd_predict(args) -> int:
 
     import svp.data as data
 
-    from ..build import load_for_inference
 
     if args.topk < 1:
         raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")

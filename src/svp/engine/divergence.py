@@ -22,9 +22,15 @@ copy per step and one device sync per step.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+
+from . import checkpoint as ck
+from .distributed import barrier
+from .progress import log
+from .signals import NonFiniteLoss
 
 Named = Iterable[Tuple[str, torch.Tensor]]
 
@@ -126,3 +132,51 @@ def _keep(v, buf):
     if buf is not None and buf.shape == v.shape and buf.dtype == v.dtype and buf.device == v.device:
         return buf.copy_(v)
     return v.detach().clone()
+
+
+# The two ways a run stops on non-finite numbers; ``run`` is the loop's Trainer.
+def check_saved_state(run, st) -> None:
+    """Before a resume point, an adapter or best/ is written: the state must be finite
+    (not reached when the per-step checks hold; the last line of defence)."""
+    bad = run.guard.bad_state()
+    if bad:
+        msg = (f"non-finite state ({', '.join(bad)}) at step {st['global_step']}; nothing was saved (the "
+               f"last resume point is kept in {run.folder.file('resume.safetensors')})")
+        log.error(msg)
+        raise NonFiniteLoss(msg, run.folder.path, st["global_step"])
+
+
+def stop_nonfinite(run, st, step_no, what, x, y):
+    """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
+    are as before the step (finite): they go to the dump with the batch. The last resume
+    point is kept (the state before the step may already be spoilt by a too-high rate,
+    finite but useless): the state before the step becomes the resume point only when
+    there is none yet, else it is kept in the dump."""
+    sched, folder = run.sched, run.folder
+    info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": st["batch"] + 1,
+            "batches_per_epoch": run.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": run.dist.rank}
+    out_dir = folder.file("nonfinite")
+    resume = folder.file(ck.RESUME_FILE)
+    kept = os.path.isfile(resume)
+    before = os.path.join(out_dir, "resume_before_step.safetensors") if kept else resume
+    finite = not run.guard.bad_state()
+    if run.dist.is_main:
+        folder.dump_nonfinite(info, x, y, run.model)
+        if finite:
+            folder.save_resume(st, run.model, run.optimizer, sched, run.prec.scaler, run.ema, path=before)
+    barrier(run.dist)
+    if kept:
+        where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
+                 f"svp train --resume {folder.path} train.lr=...")
+        if finite:
+            where += f" (the state just before the step is in {before})"
+    elif finite:
+        where = (f"a resume point before the step is in {resume} (continue with a lower rate: "
+                 f"svp train --resume {folder.path} train.lr=...)")
+    else:
+        where = "the state was not finite before the step, so no resume point was written"
+    msg = (f"{what} at step {step_no} (epoch {st['epoch'] + 1}, batch {st['batch'] + 1}/"
+           f"{run.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and the weights "
+           f"before the step are in {out_dir}; {where}")
+    log.error(msg)
+    raise NonFiniteLoss(msg, folder.path, step_no)

@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
 from . import select
-from ..errors import ConfigError, DatasetError, SVPError
-from .distributed import (all_reduce_sum, barrier, broadcast_object, derive_seed, init_distributed, maybe_device,
-                          shutdown)
-from .divergence import DivergenceGuard
+from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
+from .divergence import DivergenceGuard, check_saved_state, stop_nonfinite
 from .evaluate import evaluate
 from .hooks import Hooks, hooks_for
-from .progress import (Progress, log, log_done, log_epoch, log_fatal, log_start, setup_logging, teardown_logging,
-                       tensorboard)
-from .rundir import RunFolder, check_resumable, load_run_config, load_trainable, prepare_run_dir
-from .runlock import lock_for_resume
-from .setup import build_run, param_counts, pick_device
+from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
+from .rundir import load_run_config, load_trainable, run_session
+from .setup import build_run, check_data, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, interrupted)
 
@@ -66,92 +60,18 @@ class Trainer:
         device_kind = pick_device(self.cfg["train"]["device"])
         self.dist = init_distributed("cuda" if device_kind.startswith("cuda") else "cpu")
         self.device = maybe_device(device_kind, self.dist)
-        handlers: List = []
         self.signals = Signals()
-        self.folder, self.stepped, lock, created, discard = None, False, None, False, False
         try:
-            try:
-                if self.resume_dir:
-                    run_dir = self.resume_dir
-                    if self.dist.is_main:  # one process per run folder, for the whole run
-                        lock = lock_for_resume(run_dir)
-                    check_resumable(run_dir)
-                else:
-                    run_dir, lock, created = prepare_run_dir(self.cfg, self.dist)
-                handlers = setup_logging(run_dir if self.dist.is_main else None, self.dist.is_main)
-                self.folder = RunFolder(run_dir, self.cfg, self.dist)
-                self.folder.start(fresh=not self.resume_dir)
-                self.signals.install()
+            with run_session(self):  # the run folder: locked, logged, cleaned up (engine/rundir.py)
                 return self._run()
-            except KeyboardInterrupt:  # a second Ctrl-C (or a first one before the handler was in place)
-                raise self._interrupted_at_once() from None
-            except OSError as e:
-                raise self._io_error(e) from None
-        except BaseException as e:
-            # a fresh folder that never saw a training step holds nothing worth keeping
-            discard = created and not self.stepped and not isinstance(e, TrainingStopped)
-            if not discard:
-                log_fatal(handlers, e)
-            raise
         finally:
-            self.signals.restore()
-            teardown_logging(handlers)
-            if discard:
-                shutil.rmtree(self.folder.path if self.folder else run_dir, ignore_errors=True)
-            if lock is not None:
-                lock.release()
             shutdown(self.dist)
 
-    def _interrupted_at_once(self) -> TrainingStopped:
-        path = self.folder.path if self.folder else self.resume_dir
-        if path and os.path.isfile(os.path.join(path, "resume.safetensors")):
-            hint = (f"without a new resume point; continue from the last one with: "
-                    f"svp train --resume {path}")
-        else:
-            hint = "before any resume point was written; start the run again"
-        return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
-
-    def _io_error(self, e: OSError) -> Exception:
-        """An unwritable run folder (read-only, full, removed) is the user's to fix: one line."""
-        path = self.folder.path if self.folder else self.resume_dir
-        name = e.filename if isinstance(e.filename, str) else None
-        if isinstance(e, SVPError) or not (path and name and os.path.abspath(name).startswith(path)):
-            return e
-        return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
-
-    def _build(self):
-        for k, v in vars(build_run(self.cfg, self.device, self.dist)).items():
-            setattr(self, k, v)
-
-    def _check_data(self) -> None:
-        """Read every image of the splits this run uses before the first step (within
-        svp.data's limit; the log says when a split is too large), on the main rank."""
-        from ..data import check_before_training
-
-        msg = None
-        if self.dist.is_main:
-            splits = {"train": self.train_ds, "val": self.val and self.val[0], "test": self.test and self.test[0]}
-            try:
-                check_before_training({k: (d.ds, d.n) for k, d in splits.items() if d is not None}, logger=log)
-            except DatasetError as e:
-                msg = str(e)
-        msg = broadcast_object(msg, self.dist)
-        if msg:
-            raise DatasetError(msg)
-
     def save_resume(self, st) -> None:
-        self._check_finite(st)  # never replace a finite resume point with a non-finite one
+        check_saved_state(self, st)  # never replace a finite resume point with a non-finite one
         if self.dist.is_main:
             self.folder.save_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
         barrier(self.dist)
-
-    def _check_finite(self, st) -> None:
-        bad = self.guard.bad_state()
-        if bad:  # not reached when the per-step checks hold; the last line of defence
-            msg = (f"non-finite state ({', '.join(bad)}) at step {st['global_step']}; nothing was saved (the "
-                   f"last resume point is kept in {self.folder.file('resume.safetensors')})")
-            log.error(msg)
-            raise NonFiniteLoss(msg, self.folder.path, st["global_step"])
 
     def _eval_model(self):
         return self.ema.module if (self.ema is not None and self.cfg["train"]["ema_eval"]) else self.model
@@ -163,8 +83,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _run(self) -> Dict[str, Any]:
         cfg, t, dinfo = self.cfg, self.cfg["train"], self.dist
-        self._build()
-        self._check_data()
+        vars(self).update(vars(build_run(cfg, self.device, dinfo)))  # data, model, optimizer, ...
+        check_data(self.train_ds, self.val, self.test, self.dist)
         self.guard = DivergenceGuard(self.model, self.optimizer, self.ema,
                                      check_grads=not self.prec.scaler.is_enabled())
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
@@ -232,7 +152,7 @@ class Trainer:
             red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag,
                                   1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)
             if red[1] > 0:
-                self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
+                stop_nonfinite(self, st, step_no, f"non-finite loss ({loss_val})", x_in, y)
             self._step(loss, st, step_no, loss_val, x_in, y)
             if self.ema is not None:
                 self.ema.update(self.model, step=st["global_step"])
@@ -279,7 +199,7 @@ class Trainer:
         total = float(dev_loss.item())
         dev_loss.zero_()
         if not np.isfinite(total):
-            self._nonfinite(st, step_no, f"non-finite loss ({total})", x, y)
+            stop_nonfinite(self, st, step_no, f"non-finite loss ({total})", x, y)
         st["epoch_loss_sum"] += total
         return st["epoch_loss_sum"] / max(st["epoch_steps"], 1)
 
@@ -295,7 +215,7 @@ class Trainer:
                                            float(t["clip_grad"]))
         bad = guard.bad_gradients()
         if bad:
-            self._nonfinite(st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
+            stop_nonfinite(self, st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
         guard.snapshot()
         scaler.step(self.optimizer)
         self.hooks.after_optimizer_step(step_no, self.model)
@@ -303,13 +223,13 @@ class Trainer:
         if bad:
             guard.restore()
             loss_txt = "" if loss_val is None else f"; the step's loss was finite ({loss_val:.4g})"
-            self._nonfinite(st, step_no, f"the step made the weights/optimizer state non-finite "
+            stop_nonfinite(self, st, step_no, f"the step made the weights/optimizer state non-finite "
                                          f"({', '.join(bad)}{loss_txt})", x, y)
         scaler.update()
 
     def _end_epoch(self, st: dict, epochs: int, stop: bool) -> None:
         cfg, dinfo, epoch = self.cfg, self.dist, st["epoch"]
-        self._check_finite(st)  # before best/ or a resume point is written
+        check_saved_state(self, st)  # before best/ or a resume point is written
         st["train_seconds"] += st["epoch_seconds"]
         record = {"epoch": epoch + 1, "step": st["global_step"],
                   "train_loss": st["epoch_loss_sum"] / max(st["epoch_steps"], 1), "lr": self.sched.lr(),
@@ -342,41 +262,6 @@ class Trainer:
         if all_reduce_sum([1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)[0] > 0 \
                 and st["epoch"] < epochs and not stop:
             raise interrupted(self.folder.path, self.signals.name, f"epoch {st['epoch']}")
-
-    def _nonfinite(self, st, step_no, what, x, y):
-        """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
-        are as before the step (finite): they go to the dump with the batch. The last resume
-        point is kept (the state before the step may already be spoilt by a too-high rate,
-        finite but useless): the state before the step becomes the resume point only when
-        there is none yet, else it is kept in the dump."""
-        sched, folder = self.sched, self.folder
-        info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": st["batch"] + 1,
-                "batches_per_epoch": self.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": self.dist.rank}
-        out_dir = folder.file("nonfinite")
-        resume = folder.file(ck.RESUME_FILE)
-        kept = os.path.isfile(resume)
-        before = os.path.join(out_dir, "resume_before_step.safetensors") if kept else resume
-        finite = not self.guard.bad_state()
-        if self.dist.is_main:
-            folder.dump_nonfinite(info, x, y, self.model)
-            if finite:
-                folder.save_resume(st, self.model, self.optimizer, sched, self.prec.scaler, self.ema, path=before)
-        barrier(self.dist)
-        if kept:
-            where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
-                     f"svp train --resume {folder.path} train.lr=...")
-            if finite:
-                where += f" (the state just before the step is in {before})"
-        elif finite:
-            where = (f"a resume point before the step is in {resume} (continue with a lower rate: "
-                     f"svp train --resume {folder.path} train.lr=...)")
-        else:
-            where = "the state was not finite before the step, so no resume point was written"
-        msg = (f"{what} at step {step_no} (epoch {st['epoch'] + 1}, batch {st['batch'] + 1}/"
-               f"{self.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and the weights "
-               f"before the step are in {out_dir}; {where}")
-        log.error(msg)
-        raise NonFiniteLoss(msg, folder.path, step_no)
 
     def _finish(self, st, stopped_early) -> Dict[str, Any]:
         cfg, dinfo, hist = self.cfg, self.dist, st["history"]

@@ -2,19 +2,23 @@
 the non-finite dump and the final files. Only the main rank writes."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from . import checkpoint as ck
 from . import config as C
-from ..errors import ConfigError, ResumeError
+from ..errors import ConfigError, ResumeError, SVPError
 from ..io import remove_stale_temps
 from .distributed import DistInfo, broadcast_object, unwrap
 from .resume_overrides import check_overrides
-from .runlock import RunLock, claim_run_dir, default_run_name  # noqa: F401 (default_run_name re-exported)
+from .signals import EXIT_INTERRUPTED, TrainingStopped
+from .progress import log_fatal, setup_logging, teardown_logging
+from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume  # noqa: F401 (default_run_name re-exported)
 
 
 def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], bool]:
@@ -142,3 +146,60 @@ class RunFolder:
         if os.path.exists(self.file(ck.RESUME_FILE)):
             os.replace(self.file(ck.RESUME_FILE), self.file("final_state.safetensors"))
         remove_stale_temps(self.path)
+
+
+def interrupted_at_once(path) -> TrainingStopped:
+    """A second Ctrl-C (or one before the handler was in place): stop now, saying where to resume."""
+    if path and os.path.isfile(os.path.join(path, ck.RESUME_FILE)):
+        hint = (f"without a new resume point; continue from the last one with: "
+                f"svp train --resume {path}")
+    else:
+        hint = "before any resume point was written; start the run again"
+    return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
+
+
+def user_io_error(e: OSError, path) -> Exception:
+    """An unwritable run folder (read-only, full, removed) is the user's to fix: one line."""
+    name = e.filename if isinstance(e.filename, str) else None
+    if isinstance(e, SVPError) or not (path and name and os.path.abspath(name).startswith(path)):
+        return e
+    return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
+
+
+@contextlib.contextmanager
+def run_session(run):
+    """The run folder for the whole of a run (``run`` is the loop's Trainer): claimed and
+    locked (one process per folder), logged to, and on the way out unlocked; a fresh folder
+    that never saw a training step is removed when the run fails, any other failure is
+    written to train.log. A second Ctrl-C and an unwritable folder become one-line errors."""
+    handlers, lock, created, discard, run_dir = [], None, False, False, run.resume_dir
+    run.folder, run.stepped = None, False
+    try:
+        try:
+            if run.resume_dir:
+                if run.dist.is_main:
+                    lock = lock_for_resume(run_dir)
+                check_resumable(run_dir)
+            else:
+                run_dir, lock, created = prepare_run_dir(run.cfg, run.dist)
+            handlers = setup_logging(run_dir if run.dist.is_main else None, run.dist.is_main)
+            run.folder = RunFolder(run_dir, run.cfg, run.dist)
+            run.folder.start(fresh=not run.resume_dir)
+            run.signals.install()
+            yield run.folder
+        except KeyboardInterrupt:  # a second Ctrl-C (or a first one before the handler was in place)
+            raise interrupted_at_once(run.folder.path if run.folder else run_dir) from None
+        except OSError as e:
+            raise user_io_error(e, run.folder.path if run.folder else run_dir) from None
+    except BaseException as e:
+        discard = created and not run.stepped and not isinstance(e, TrainingStopped)
+        if not discard:
+            log_fatal(handlers, e)
+        raise
+    finally:
+        run.signals.restore()
+        teardown_logging(handlers)
+        if discard:
+            shutil.rmtree(run.folder.path if run.folder else run_dir, ignore_errors=True)
+        if lock is not None:
+            lock.release()

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
-from ..errors import ConfigError
+from ..errors import ConfigError, DatasetError
 
 
 def seed_everything(seed: int) -> None:
@@ -212,3 +212,22 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
             model, device_ids=[device.index] if cuda else None, find_unused_parameters=bool(t["ddp_find_unused"]))
     r.comm_dev = comm_device(device, dinfo)
     return r
+
+
+def check_data(train_ds, val, test, dist) -> None:
+    """Read every image of the splits a run uses before its first step (within svp.data's
+    limit; the log says when a split is too large), on the main rank; every rank raises."""
+    from ..data import check_before_training
+    from .distributed import broadcast_object
+    from .progress import log
+
+    msg = None
+    if dist.is_main:
+        splits = {"train": train_ds, "val": val and val[0], "test": test and test[0]}
+        try:
+            check_before_training({k: (d.ds, d.n) for k, d in splits.items() if d is not None}, logger=log)
+        except DatasetError as e:
+            msg = str(e)
+    msg = broadcast_object(msg, dist)
+    if msg:
+        raise DatasetError(msg)

@@ -248,7 +248,7 @@ def report(out: str) -> str:
     lines.append("")
     long_main = found.get("long/main", [])
     if long_main:
-        lines.append(f"Budget check (seed 0; full training sets, 10 epochs; test top-1 %):")
+        lines.append("Budget check (seed 0; full training sets, 10 epochs; test top-1 %):")
         lines.append("")
         lines.append("| " + " | ".join(hdr) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
