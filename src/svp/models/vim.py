@@ -72,8 +72,11 @@ class PatchEmbed(nn.Module):
 
 def _conv(x, weight, bias, reverse):
     """Causal depthwise conv1d + SiLU on (b, l, E): the fused numba kernel when the scan runs
-    on the fused CPU backend too, else the pure-PyTorch version (same result)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and get_backend(x.device) == "cpu":
+    on the fused CPU backend too, else the pure-PyTorch version (same result). A bias of more
+    than one dimension (per sample, as `svp serve` gives BitFit's in mixed batches) broadcasts
+    only in the PyTorch version."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and (bias is None or bias.dim() == 1)
+            and get_backend(x.device) == "cpu"):
         from ..ops.conv_cpu import causal_conv1d_cpu
         return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
