@@ -1,9 +1,12 @@
 """`svp doctor` runs here and finds every available scan backend correct."""
 import importlib.util
 
+import pytest
+
 from svp.cli import main
 
 
+@pytest.mark.slow  # every backend, with timings
 def test_doctor_passes(capsys):
     rc = main(["doctor", "--no-timing"])
     out = capsys.readouterr().out

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CODE = "import svp, os, torch; print(os.environ.get('OMP_WAIT_POLICY'), svp.runtime.status()['applied_before_torch'])"
 
 
@@ -15,10 +17,12 @@ def _run(code, **env):
     return out.stdout.split()
 
 
+@pytest.mark.slow  # starts processes
 def test_passive_wait_policy_when_svp_comes_first():
     assert _run(CODE) == ["PASSIVE", "True"]
 
 
+@pytest.mark.slow  # starts processes
 def test_user_choice_and_opt_out_are_kept():
     assert _run(CODE, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "True"]
     assert _run(CODE, GOMP_SPINCOUNT="1000")[0] == "None"

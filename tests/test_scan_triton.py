@@ -41,6 +41,7 @@ def test_parity_options(flags):
     grid.test_parity_options("triton", flags)
 
 
+@pytest.mark.slow  # the interpreter on the largest grouped shapes
 def test_grouped_and_noncontiguous():
     grid.test_grouped_and_noncontiguous("triton")
 

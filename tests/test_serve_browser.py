@@ -51,6 +51,7 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts processes
 def test_page_uploads_an_image_and_renders_the_api_classes_and_gate_maps(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC

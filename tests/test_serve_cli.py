@@ -35,6 +35,7 @@ def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
     assert "missing" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
     H.make_adapters(str(tmp_path / "ad"), names=["svp", "lora"])

@@ -128,6 +128,7 @@ def test_an_interrupted_tuning_sweep_resumes_without_redoing_finished_points(tmp
     assert {r["status"] for r in _rows(out)} == {"reused"}
 
 
+@pytest.mark.slow  # trains a grid
 def test_tiny_real_grid_picks_the_best_validation_point_and_resumes_a_stopped_run(tmp_path):
     """The real engine on the bundled mini Vim: two grid points stopped after their
     first step (resume points), then the sweep re-run resumes them, selects on the
@@ -174,6 +175,7 @@ def test_split_expressions_join_the_first_items_of_each_split():
         build_dataset("digits", "train[5]")
 
 
+@pytest.mark.slow  # starts processes
 def test_two_runs_at_a_time_give_the_numbers_of_one_at_a_time(tmp_path):
     """--jobs 2 trains in spawned worker processes; the runs are the same runs."""
     args = (["linear"], [0, 1])
