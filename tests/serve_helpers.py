@@ -26,8 +26,8 @@ SPECS = {
 def mini_backbone(random_init=False):
     """The bundled mini Vim (its bundled weights), or a random one (another weight hash)."""
     from svp.build import ModelSpec
-    from svp.serve.backbone import build_backbone
-    return build_backbone(ModelSpec(MINI, random_init=random_init, init_seed=0))
+    from svp.build import build_backbone
+    return build_backbone(ModelSpec(MINI, random_init=random_init, init_seed=0)).requires_grad_(False).eval()
 
 
 def make_adapter(directory, method, settings, seed=0, scale=0.05):

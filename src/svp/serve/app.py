@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import AdapterError, SVPError
 from .model import MultiAdapterModel, check_adapter_dir
@@ -275,7 +276,7 @@ def _metrics():
 
 
 def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform: Callable,
-               cfg: Optional[ServeConfig] = None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               cfg: Optional[ServeConfig] = None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                stamps: Optional[Dict[str, tuple]] = None):
     """The ASGI app serving ``model``; ``adapters_dir`` is rescanned by POST /v1/adapters/reload."""
     from contextlib import asynccontextmanager
@@ -496,13 +497,14 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
               cfg: Optional[ServeConfig] = None):
     """(app, load report): the backbone of ``backbone_spec``, every adapter of ``adapters_dir``."""
     from ..data.transforms import build_transform
-    from .backbone import backbone_spec, build_backbone
+    from ..build import build_backbone
+    from .backbone import backbone_spec
 
     spec = backbone_spec(adapters_dir, model_name, checkpoint)
     vim = build_backbone(spec)
     pcfg = getattr(vim, "pretrained_cfg", None) or {}
-    mean = tuple(pcfg.get("mean") or (0.485, 0.456, 0.406))
-    std = tuple(pcfg.get("std") or (0.229, 0.224, 0.225))
+    mean = tuple(pcfg.get("mean") or IMAGENET_DEFAULT_MEAN)
+    std = tuple(pcfg.get("std") or IMAGENET_DEFAULT_STD)
     img_size = int(vim.patch_embed.img_size[0])
     transform = build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std)
     model = MultiAdapterModel(vim)

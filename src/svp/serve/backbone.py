@@ -1,23 +1,12 @@
-"""The one frozen backbone a server shares, built by svp's model builder (:mod:`svp.build`)."""
+"""Which backbone a server shares; it is built by svp's model builder (``svp.build.build_backbone``)
+and frozen by ``MultiAdapterModel``."""
 from __future__ import annotations
 
 import os
 from typing import Optional
 
-import torch
-
 from ..build import ModelSpec, adapter_spec
-from ..build import build_backbone as _build
 from ..errors import ConfigError
-
-
-def build_backbone(spec: ModelSpec) -> torch.nn.Module:
-    """The backbone of ``spec`` (svp.build: checkpoint, pretrained, the bundled mini Vim's
-    bundled weights, or an explicit random init), in eval mode with every parameter frozen."""
-    model = _build(spec)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
