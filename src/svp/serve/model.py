@@ -18,8 +18,8 @@ pass (per sequence layout, see below), each sample getting its own adapter:
   adapter the low-rank part ``scale * x A^T B^T`` (``LoRAParametrization.delta``) is added
   to its output (module forward hooks; for ``dt_proj``, which the mixer reads as a weight,
   through ``BiMambaMixer.delta_hook``), as multi-LoRA LLM servers do; never merged;
-- BitFit: per-sample biases: the depthwise conv biases as (b, 1, E) tensors passed with
-  ``torch.func.functional_call``, the time-step and patch-embedding biases as the difference
+- BitFit: per-sample biases: the depthwise conv biases as (b, 1, E) tensors standing in for
+  the conv modules' bias parameters during the pass, the time-step and patch-embedding biases as the difference
   to the frozen bias added to the rows of that adapter;
 - parallel adapters: the method's own forward-hook object on the rows of that adapter;
 - heads (linear, two-layer, any class count): each adapter's head on its rows.
@@ -141,26 +141,17 @@ class Adapter:
 
 
 class _Plan:
-    """What the hooks on the shared backbone do for the batch being run."""
+    """What the hooks on the shared backbone do for the batch being run. Rows are slices:
+    ``forward`` puts each adapter's samples next to each other, so every per-adapter step is
+    a view and an in-place write instead of an index gather and a copy of the whole tensor."""
 
     def __init__(self):
-        self.layer_hooks: List[Tuple[torch.Tensor, object]] = []
-        self.linear: Dict[int, List[Tuple[torch.Tensor, nn.Module]]] = {}
-        self.delta: Dict[Tuple[int, str], List[Tuple[torch.Tensor, Optional[nn.Module], Optional[torch.Tensor]]]] = {}
-        self.mixer: Dict[int, List[Tuple[torch.Tensor, object]]] = {}
-        self.patch: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.layer_hooks: List[Tuple[slice, object]] = []
+        self.linear: Dict[int, List[Tuple[slice, nn.Module]]] = {}
+        self.delta: Dict[Tuple[int, str], List[Tuple[slice, Optional[nn.Module], Optional[torch.Tensor]]]] = {}
+        self.mixer: Dict[int, List[Tuple[slice, object]]] = {}
+        self.patch: List[Tuple[slice, torch.Tensor]] = []
         self.overrides: Dict[str, torch.Tensor] = {}
-
-
-class _Features(nn.Module):
-    """``functional_call`` target: the backbone's forward_features with a layer hook."""
-
-    def __init__(self, vim):
-        super().__init__()
-        self.vim = vim
-
-    def forward(self, x, hook):
-        return self.vim.forward_features(x, hook=hook, return_cls_pos=True)
 
 
 class MultiAdapterModel(nn.Module):
@@ -180,9 +171,8 @@ class MultiAdapterModel(nn.Module):
         self._template = shadow(backbone)
         self.adapters: Dict[str, Adapter] = {}
         self._plan: Optional[_Plan] = None
-        self._features = _Features(backbone)
+        self._modules_by_path = dict(backbone.named_modules())
         self._lock = threading.Lock()
-        self._install_hooks()
 
     # -- adapters -------------------------------------------------------------------------
     def add_adapter(self, name: str, directory: str) -> Adapter:
@@ -251,72 +241,60 @@ class MultiAdapterModel(nn.Module):
         return self.adapters[name]
 
     # -- hooks on the shared backbone -----------------------------------------------------
-    def _install_hooks(self):
-        vim = self.backbone
-        vim.patch_embed.proj.register_forward_hook(self._patch_hook)
-        for layer in vim.layers:
-            mixer = layer.mixer
-            mixer.register_forward_hook(self._mixer_hook)
-            mixer.delta_hook = self._delta_hook
-            for proj in _LORA_LINEARS:
-                getattr(mixer, proj).register_forward_hook(self._linear_hook)
-
+    # Registered for one pass and only where that pass needs them: a module with a forward
+    # hook takes nn.Module's slow call path, and the mixer's in_proj/out_proj fast paths (two
+    # half products, out_proj with the halving folded in) apply only to hook-free projections,
+    # so hooks left on every layer cost every batch, with or without LoRA in it.
     def _patch_hook(self, module, args, output):
-        plan = self._plan
-        if plan is None or not plan.patch:
-            return output
-        for rows, diff in plan.patch:
-            output = output.index_add(0, rows, diff.to(output.dtype).view(1, -1, 1, 1).expand(
-                len(rows), -1, *output.shape[2:]))
+        for rows, diff in self._plan.patch:
+            output[rows] += diff.to(output.dtype).view(1, -1, 1, 1)
         return output
 
     def _linear_hook(self, module, args, output):
-        plan = self._plan
-        items = None if plan is None else plan.linear.get(id(module))
-        if not items:
-            return output
         x = args[0]
-        for rows, param in items:
-            output = output.index_add(0, rows, param.delta(x[rows]).to(output.dtype))
+        for rows, param in self._plan.linear[id(module)]:
+            output[rows] += param.delta(x[rows]).to(output.dtype)
         return output
 
     def _mixer_hook(self, module, args, output):
-        plan = self._plan
-        items = None if plan is None else plan.mixer.get(id(module))
-        if not items:
-            return output
-        for rows, hook in items:
-            output = output.index_copy(0, rows, hook(module, (args[0][rows],), output[rows]))
+        for rows, hook in self._plan.mixer[id(module)]:
+            output[rows] = hook(module, (args[0][rows],), output[rows])
         return output
 
     def _delta_hook(self, mixer, direction, dt, delta):
-        plan = self._plan
-        items = None if plan is None else plan.delta.get((id(mixer), direction))
-        if not items:
-            return delta
-        for rows, lora, bias in items:
-            upd = delta.new_zeros(len(rows), *delta.shape[1:])
+        for rows, lora, bias in self._plan.delta.get((id(mixer), direction), ()):
+            upd = None
             if lora is not None:
-                upd = upd + lora.delta(dt[rows]).to(delta.dtype)
+                upd = lora.delta(dt[rows]).to(delta.dtype)
             if bias is not None:
-                upd = upd + bias.to(delta.dtype)
-            delta = delta.index_add(0, rows, upd)
+                upd = bias.to(delta.dtype) if upd is None else upd + bias.to(delta.dtype)
+            delta[rows] += upd
         return delta
 
-    def _layer_hook(self, plan: _Plan):
+    @staticmethod
+    def _layer_hook(plan: _Plan, n: int):
+        items = plan.layer_hooks
+        if len(items) == 1 and items[0][0] == slice(0, n):  # one adapter for the whole pass: its own hook
+            return items[0][1].hook
+
         def hook(i, hidden, residual, cls_pos):
-            new_h, new_r, new_c = hidden, residual, cls_pos
-            for rows, method in plan.layer_hooks:
-                h, r, c = method.hook(i, hidden[rows], None if residual is None else residual[rows], cls_pos)
-                if h.shape[1] != new_h.shape[1]:  # the sequence grows (VPT's tokens): every row of this pass does
-                    new_h = hidden.new_empty(hidden.shape[0], h.shape[1], hidden.shape[2])
-                new_h = new_h.index_copy(0, rows, h)
-                if r is not None:
-                    if new_r is None or r.shape[1] != new_r.shape[1]:
-                        new_r = r.new_empty(hidden.shape[0], r.shape[1], r.shape[2])
-                    new_r = new_r.index_copy(0, rows, r)
+            # rows without a layer hook keep their streams: start from copies, write each adapter's rows
+            new_h, new_r, new_c = None, None, cls_pos
+            for rows, method in items:
+                rv = None if residual is None else residual[rows]
+                h, r, c = method.hook(i, hidden[rows], rv, cls_pos)
+                if new_h is None:
+                    # the sequence grows (VPT's tokens): every row of this pass does (one layout per pass)
+                    new_h = hidden.clone() if h.shape[1] == hidden.shape[1] else \
+                        hidden.new_empty(hidden.shape[0], h.shape[1], hidden.shape[2])
+                new_h[rows] = h
+                if r is not None and r is not rv:  # (SVP hands the residual back untouched)
+                    if new_r is None:
+                        new_r = residual.clone() if residual is not None and r.shape[1] == residual.shape[1] \
+                            else r.new_empty(hidden.shape[0], r.shape[1], r.shape[2])
+                    new_r[rows] = r
                 new_c = c
-            return new_h, new_r, new_c
+            return new_h, (residual if new_r is None else new_r), new_c
         return hook
 
     # -- forward ----------------------------------------------------------------------------
@@ -342,25 +320,27 @@ class MultiAdapterModel(nn.Module):
                 else:
                     local, start = {}, 0
                     for name, rows in groups.items():
-                        local[name] = torch.arange(start, start + len(rows), device=dev)
+                        local[name] = slice(start, start + len(rows))
                         start += len(rows)
                     logits = self._shared_pass(x, local)
                 for i, lg in zip(idx, logits):
                     out[i] = lg
             return out
 
-    def _shared_pass(self, x: torch.Tensor, rows_of: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    def _shared_pass(self, x: torch.Tensor, rows_of: Dict[str, slice]) -> List[torch.Tensor]:
+        """``x`` is this pass's own tensor (written in place); ``rows_of`` each adapter's slice of it."""
         plan = _Plan()
         vim = self.backbone
         mixers = [layer.mixer for layer in vim.layers]
+        modules = self._modules_by_path
         for name, rows in rows_of.items():
             e = self.adapters[name]
             if e.prepares_input:
-                x = x.index_copy(0, rows, e.peft.prepare_input(x[rows]))
+                x[rows] = e.peft.prepare_input(x[rows])
             if e.peft.method.uses_hook:
                 plan.layer_hooks.append((rows, e.peft.method))
             for path, param in e.lora_linear.items():
-                plan.linear.setdefault(id(vim.get_submodule(path)), []).append((rows, param))
+                plan.linear.setdefault(id(modules[path]), []).append((rows, param))
             for (i, d) in set(e.lora_dt) | set(e.dt_bias):
                 plan.delta.setdefault((id(mixers[i]), d), []).append(
                     (rows, e.lora_dt.get((i, d)), e.dt_bias.get((i, d))))
@@ -372,21 +352,41 @@ class MultiAdapterModel(nn.Module):
                 if pname not in plan.overrides:
                     plan.overrides[pname] = self._params[pname].detach().view(1, 1, -1).repeat(x.shape[0], 1, 1)
                 plan.overrides[pname][rows] = bias.to(plan.overrides[pname].dtype).view(1, 1, -1)
+        handles, swapped, delta_mixers = [], [], []
         self._plan = plan
         try:
-            hook = self._layer_hook(plan) if plan.layer_hooks else None
-            if plan.overrides:
-                from torch.func import functional_call
-                feats, cls_pos = functional_call(
-                    self._features, {"vim." + k: v for k, v in plan.overrides.items()}, (x, hook))
-            else:
-                feats, cls_pos = vim.forward_features(x, hook=hook, return_cls_pos=True)
+            if plan.patch:
+                handles.append(vim.patch_embed.proj.register_forward_hook(self._patch_hook))
+            by_id = {id(m): m for m in modules.values()}
+            for mid in plan.linear:
+                handles.append(by_id[mid].register_forward_hook(self._linear_hook))
+            for mid in plan.mixer:
+                handles.append(by_id[mid].register_forward_hook(self._mixer_hook))
+            for mixer in {id(m): m for m in mixers if any(k[0] == id(m) for k in plan.delta)}.values():
+                mixer.delta_hook = self._delta_hook
+                delta_mixers.append(mixer)
+            # BitFit's per-sample conv biases: the (b, 1, E) tensors stand in for the conv modules'
+            # bias parameters during this pass (what torch.func.functional_call does, without its
+            # walk over the whole module tree on every batch); restored below whatever happens.
+            for pname, bias in plan.overrides.items():
+                mod_path, attr = pname.rsplit(".", 1)
+                mod = modules[mod_path]
+                swapped.append((mod, attr, mod._parameters[attr]))
+                mod._parameters[attr] = bias
+            hook = self._layer_hook(plan, x.shape[0]) if plan.layer_hooks else None
+            feats, cls_pos = vim.forward_features(x, hook=hook, return_cls_pos=True)
         finally:
+            for mod, attr, param in swapped:
+                mod._parameters[attr] = param
+            for mixer in delta_mixers:
+                mixer.delta_hook = None
+            for h in handles:
+                h.remove()
             self._plan = None
         out: List[Optional[torch.Tensor]] = [None] * x.shape[0]
         for name, rows in rows_of.items():
             logits = self.adapters[name].peft.base_model.forward_head(feats[rows], cls_pos=cls_pos)
-            for r, lg in zip(rows.tolist(), logits):
+            for r, lg in zip(range(rows.start, rows.stop), logits):
                 out[r] = lg
         return out
 
