@@ -5,7 +5,8 @@ same path and every bad input must become one 4xx JSON error written by us, so F
 pydantic validation layer would be bypassed anyway; Starlette is the ASGI toolkit FastAPI
 is built on, with one small dependency set (anyio), and uvicorn is its reference server.
 
-Dynamic batching: every predict request decodes its image (in a thread), then puts
+Dynamic batching: every predict request decodes its image (small ones on the event loop,
+larger ones in a decode thread; see ServeConfig.inline_decode_pixels), then puts
 (tensor, adapter, future) on an asyncio queue. One batcher task takes the first waiting
 request, collects more for at most ``window_s`` (or until ``max_batch``), and runs them as
 one mixed-adapter batch in the single inference thread; each request awaits its own
@@ -57,6 +58,12 @@ class ServeConfig:
     max_pixels: int = 40_000_000     # decoded image limit (decompression bombs)
     max_topk: int = 100
     queue_limit: int = 1024          # requests waiting beyond this are refused with 503
+    # Images of at most this many pixels (from the header) are decoded on the event loop: for a
+    # small image (a 32x32 PNG decodes and transforms in ~0.1 ms) the hand-off to a thread and
+    # back costs more CPU than the work; larger ones go to a decode thread so that they never
+    # stall the loop (PIL's decoders and resizes release the GIL there).
+    inline_decode_pixels: int = 64 * 64
+    decode_threads: int = 2
     # 'mixed': one batch for any mix of adapters; 'per_adapter': a collected batch is split into
     # one pass per adapter (what serving each adapter as its own model gives; for comparison)
     batching: str = "mixed"
@@ -108,8 +115,9 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple])
 
 
 # -- images ------------------------------------------------------------------------------------
-def decode_image(data: bytes, cfg: ServeConfig, transform: Callable):
-    """Bytes of an image file -> (model input (C, H, W), picture the model saw (H, W, 3) in [0, 1])."""
+def open_image(data: bytes, cfg: ServeConfig):
+    """Bytes of an image file -> a PIL image whose header was read and checked (size limits),
+    not yet decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -125,6 +133,13 @@ def decode_image(data: bytes, cfg: ServeConfig, transform: Callable):
     w, h = im.size
     if w * h > cfg.max_pixels:
         raise RequestError(f"the image is {w}x{h} = {w * h} pixels; the limit is {cfg.max_pixels}", 413)
+    return im
+
+
+def finish_image(im, transform: Callable) -> torch.Tensor:
+    """Decode an ``open_image`` result and apply ``transform`` -> model input (C, H, W)."""
+    from PIL import Image
+
     try:
         im.load()
         rgb = im.convert("RGB")
@@ -133,6 +148,51 @@ def decode_image(data: bytes, cfg: ServeConfig, transform: Callable):
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise RequestError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
     return transform(rgb)
+
+
+def decode_image(data: bytes, cfg: ServeConfig, transform: Callable) -> torch.Tensor:
+    """Bytes of an image file -> model input (C, H, W)."""
+    return finish_image(open_image(data, cfg), transform)
+
+
+class FastEvalTransform:
+    """The same tensors as an evaluation transform ``Compose([PIL resize/crop steps..., ToTensor(),
+    Normalize(mean, std)])``, cheaper per image: the PIL steps run as they are, and ToTensor +
+    Normalize become one table lookup per channel. An 8-bit pixel has 256 values, so the table
+    holds torchvision's own results for each of them (computed once with ToTensor's division
+    and Normalize's arithmetic), and the output is bit-identical; per request this saves the
+    small torch ops (to float, divide, subtract, divide) that cost more than the arithmetic on
+    the tiny images of small models. Any other transform is used unchanged (``wrap``)."""
+
+    def __init__(self, geometric: List[Callable], normalize):
+        import numpy as np
+
+        self.geometric, self.normalize = geometric, normalize
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
+        from torchvision.transforms import functional as TF
+        self.lut = normalize(TF.to_tensor(levels.permute(1, 2, 0).numpy())).reshape(3, 256).numpy().copy()
+        self._chan = np.arange(3).reshape(3, 1, 1)
+
+    @classmethod
+    def wrap(cls, transform: Callable) -> Callable:
+        from torchvision import transforms as T
+
+        steps = getattr(transform, "transforms", None)
+        if (not isinstance(transform, T.Compose) or len(steps) < 2 or not isinstance(steps[-2], T.ToTensor)
+                or not isinstance(steps[-1], T.Normalize) or steps[-1].inplace
+                or not all(isinstance(t, (T.Resize, T.CenterCrop)) for t in steps[:-2])):
+            return transform
+        return cls(steps[:-2], steps[-1])
+
+    def __call__(self, rgb) -> torch.Tensor:
+        import numpy as np
+
+        for t in self.geometric:
+            rgb = t(rgb)
+        if rgb.mode != "RGB":  # the table is for 8-bit RGB; anything else goes the long way
+            from torchvision.transforms import functional as TF
+            return self.normalize(TF.to_tensor(rgb))
+        return torch.from_numpy(self.lut[self._chan, np.asarray(rgb).transpose(2, 0, 1)])
 
 
 def _topk(logits: torch.Tensor, classes: List[str], k: int) -> List[dict]:
@@ -282,7 +342,6 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -291,6 +350,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     metrics = _metrics()
     metrics["adapters"].set(len(model.adapters))
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="svp-infer")
+    decoder = concurrent.futures.ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="svp-decode")
     stamps = {} if stamps is None else stamps
     state = {}
 
@@ -304,6 +364,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         finally:
             await batcher.stop()
             executor.shutdown(wait=True)
+            decoder.shutdown(wait=True)
 
     def error(endpoint: str, status: int, message: str, **extra) -> JSONResponse:
         metrics["requests"].labels(endpoint, str(status)).inc()
@@ -389,6 +450,12 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                 raise RequestError(f"topk {topk} is out of range; expected 1..{cfg.max_topk}")
         return data, adapter, topk
 
+    async def to_input(data: bytes) -> torch.Tensor:
+        im = open_image(data, cfg)  # the header only: the size limits, before any decoding
+        if im.size[0] * im.size[1] <= cfg.inline_decode_pixels:
+            return finish_image(im, transform)
+        return await asyncio.get_running_loop().run_in_executor(decoder, finish_image, im, transform)
+
     def guard(endpoint: str):
         def wrap(fn):
             async def handler(request: Request):
@@ -408,7 +475,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     async def predict(request: Request):
         t0 = time.perf_counter()
         data, adapter, topk = await parse_input(request, want_topk=True)
-        x = await run_in_threadpool(decode_image, data, cfg, transform)
+        x = await to_input(data)
         logits = await state["batcher"].submit(x, adapter)
         entry = model.adapters.get(adapter)
         classes = entry.class_names if entry is not None else [str(i) for i in range(logits.numel())]
@@ -419,7 +486,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     @guard("gates")
     async def gates(request: Request):
         data, adapter, _ = await parse_input(request, want_topk=False)
-        x = await run_in_threadpool(decode_image, data, cfg, transform)
+        x = await to_input(data)
         loop = asyncio.get_running_loop()
         pngs = await loop.run_in_executor(executor, _gate_pngs, model, x, adapter, mean, std)
         return ok("gates", {"adapter": adapter, "maps": pngs})
@@ -506,7 +573,8 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
     mean = tuple(pcfg.get("mean") or IMAGENET_DEFAULT_MEAN)
     std = tuple(pcfg.get("std") or IMAGENET_DEFAULT_STD)
     img_size = int(vim.patch_embed.img_size[0])
-    transform = build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std)
+    transform = FastEvalTransform.wrap(
+        build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std))
     model = MultiAdapterModel(vim)
     stamps: Dict[str, tuple] = {}
     report = sync_adapters(model, adapters_dir, stamps)
