@@ -107,7 +107,7 @@ def run_mode(mode, adapters_dir, requests, clients, threads, images, max_batch=8
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start: {proc.stderr.read()}")
             time.sleep(0.2)
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=300)  # first batches load the numba kernels
         for i in range(16):
             _request(warm, images[i % len(images)], MIXED8[i % len(MIXED8)])
         warm.close()
