@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-oldest demo bench clean browser-deps
+.PHONY: install test test-oldest demo bench clean browser-deps triton-compat
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan.py
 	$(BIN)/python benchmarks/model.py
+
+# The Triton scan under the Triton of torch 2.11 and 2.12 (3.6, 3.7) on the CPU: builds a venv per
+# release from PyPI (~5 GB each, deleted after; KEEP=1 keeps them). Not part of `make test`.
+triton-compat:
+	benchmarks/triton_compat.sh $(TORCHES)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache

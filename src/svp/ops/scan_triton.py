@@ -308,7 +308,8 @@ class _library_interpreted:
     """While interpreting, let Triton's own @jit library functions (tl.sum, tl.cdiv, ...) and
     ours (_softplus, _program_rows, _load_step, ...) run interpreted. They were decorated when triton was imported; if TRITON_INTERPRET was
     not set then (e.g. it is set later by a test or by ``svp doctor``), calling them from an
-    interpreted kernel would raise instead."""
+    interpreted kernel would raise instead. Also makes Triton 3.6's interpreter work with
+    NumPy >= 2.4 (see __enter__)."""
 
     def __enter__(self):
         from triton.runtime import interpreter
@@ -332,12 +333,33 @@ class _library_interpreted:
                     scope.restore()
 
         JITFunction.__call__ = call
+        # Triton < 3.7's interpreter turns a scalar (a 1-element array) into a loop bound with
+        # int(array), which NumPy >= 2.4 refuses for arrays of ndim > 0 ("only 0-dimensional
+        # arrays can be converted to Python scalars"): our range(0, nchunk) loops need it.
+        # Triton 3.7+ squeezes first; do the same on every version (no change there).
+        self.patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+        if self.patch_tensor is not None:
+            orig = self.patch_tensor
+
+            def patch_tensor(tensor, *rest):
+                orig(tensor, *rest)
+                scope = rest[0] if rest and hasattr(rest[0], "set_attr") else None
+                index = lambda t: int(t.handle.data.squeeze())  # noqa: E731
+                if scope is not None:
+                    scope.set_attr(tensor, "__index__", index)
+                else:
+                    tensor.__index__ = index
+
+            interpreter._patch_lang_tensor = patch_tensor
+        self.interpreter = interpreter
 
     def __exit__(self, *exc):
         if self.old is None:
             del self.cls.__call__
         else:
             self.cls.__call__ = self.old
+        if self.patch_tensor is not None:
+            self.interpreter._patch_lang_tensor = self.patch_tensor
 
 
 def _launch(kernel, grid, *args, **kwargs):
