@@ -70,13 +70,28 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2), grid
 
 
+def _fused_cpu(*ts) -> bool:
+    """Whether the fused numba kernels (conv, add+RMSNorm) take these tensors: float32 on the
+    CPU, and the scan itself on the fused 'cpu' backend (forcing another backend, e.g.
+    'reference', then runs the whole model in plain PyTorch)."""
+    for t in ts:
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            return False
+    return get_backend(ts[0].device) == "cpu"
+
+
+def _add_rms_norm(hidden, residual, norm):
+    """The fused kernel (imported here: numba is optional, like the 'cpu' scan backend)."""
+    from ..ops.norm_cpu import add_rms_norm_cpu
+    return add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps)
+
+
 def _conv(x, weight, bias, reverse):
     """Causal depthwise conv1d + SiLU on (b, l, E): the fused numba kernel when the scan runs
     on the fused CPU backend too, else the pure-PyTorch version (same result). A bias of more
     than one dimension (per sample, as `svp serve` gives BitFit's in mixed batches) broadcasts
     only in the PyTorch version."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and (bias is None or bias.dim() == 1)
-            and get_backend(x.device) == "cpu"):
+    if (bias is None or bias.dim() == 1) and _fused_cpu(x):
         from ..ops.conv_cpu import causal_conv1d_cpu
         return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
@@ -186,11 +201,28 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden, residual=None):
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        if residual is not None:
+            hidden = self.drop_path(hidden)
+        norm = self.norm
+        if _fused_norm(norm, hidden, residual):
+            # one numba pass each way instead of ~7 PyTorch ops forward and ~12 backward
+            if residual is None:
+                return self.mixer(_add_rms_norm(hidden, None, norm)), hidden
+            out, residual = _add_rms_norm(hidden, residual, norm)
+            return self.mixer(out), residual
+        residual = hidden if residual is None else residual + hidden
         if self.residual_in_fp32:
             residual = residual.float()
-        hidden = self.mixer(self.norm(residual).to(self.norm.weight.dtype))
+        hidden = self.mixer(norm(residual).to(norm.weight.dtype))
         return hidden, residual
+
+
+def _fused_norm(norm, hidden, residual) -> bool:
+    """The fused add+RMSNorm computes exactly what ``RMSNorm(residual + hidden)`` does (in
+    float32, as residual_in_fp32 asks) when everything is float32 on the CPU; a norm with hooks
+    keeps the module call so the hooks run."""
+    return (not (norm._forward_hooks or norm._forward_pre_hooks)
+            and (residual is None or residual.shape == hidden.shape) and _fused_cpu(hidden, residual, norm.weight))
 
 
 class VisionMamba(nn.Module):
@@ -277,8 +309,11 @@ class VisionMamba(nn.Module):
             if hook is not None:
                 hidden, residual, cls_pos = hook(i, hidden, residual, cls_pos)
             hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path(hidden)
-        out = self.norm_f(residual.float()).to(self.norm_f.weight.dtype)
+        hidden = self.drop_path(hidden)
+        if _fused_norm(self.norm_f, hidden, residual):
+            out = _add_rms_norm(hidden, residual, self.norm_f)[0]
+        else:
+            out = self.norm_f((residual + hidden).float()).to(self.norm_f.weight.dtype)
         return (out, cls_pos) if return_cls_pos else out
 
     def forward_head(self, x, pre_logits: bool = False, cls_pos: Optional[int] = None):
