@@ -86,7 +86,7 @@ def _metric(port, name):
     return 0.0
 
 
-def run_mode(mode, adapters_dir, requests, clients, threads, images, max_batch=8):
+def run_mode(mode, adapters_dir, requests, clients, threads, images, max_batch=16):
     port = _free_port()
     flags = {"mixed": ["--max-batch", str(max_batch)],
              "per_adapter": ["--batching", "per_adapter", "--max-batch", str(max_batch)],
@@ -242,7 +242,7 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     ap.add_argument("--modes", default="mixed,per_adapter,batch1")
-    ap.add_argument("--max-batch", type=int, default=8, help="the server's batch limit (mixed, per_adapter)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the server's batch limit (mixed, per_adapter; default 16, as svp serve)")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--adapters-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

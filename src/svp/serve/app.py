@@ -53,7 +53,7 @@ class ServeConfig:
     window_s: float = 0.005          # how long the batcher waits for more requests after the first
     # the most samples in one backbone pass: on CPU the scan's cost per sample stops falling
     # by about 8, and smaller batches let the next batch's requests be read while one runs
-    max_batch: int = 8
+    max_batch: int = 16
     max_upload_bytes: int = 10 << 20  # request body limit (image file or JSON with base64)
     max_pixels: int = 40_000_000     # decoded image limit (decompression bombs)
     max_topk: int = 100

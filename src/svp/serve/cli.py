@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--window-ms", type=float, default=5.0,
                    help="how long a request waits for others to batch with")
-    p.add_argument("--max-batch", type=int, default=8,
+    p.add_argument("--max-batch", type=int, default=16,
                    help="the most samples in one backbone pass (per adapter with --batching per_adapter)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image size limit")
