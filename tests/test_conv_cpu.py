@@ -38,3 +38,25 @@ def test_frozen_conv_gets_no_weight_gradient_and_same_input_gradient():
     x.grad = None
     causal_conv1d_bld(x, w, bias, "silu").pow(2).sum().backward()
     torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_per_sample_bias_matches_pytorch_and_is_refused_with_a_gradient(reverse):
+    # svp serve's mixed batches: BitFit adapters give each sample its own conv bias (b, 1, d)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 17, 2 * 24, generator=g)[..., :24].requires_grad_()
+    w, bias = torch.randn(24, 4, generator=g) * 0.5, torch.randn(3, 1, 24, generator=g)
+    want = causal_conv1d_bld(x, w, bias, "silu", reverse=reverse)
+    got = causal_conv1d_cpu(x, w, bias, "silu", reverse=reverse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # each row really used its own bias: the same rows with row 0's bias differ
+    other = causal_conv1d_cpu(x, w, bias[:1].expand(3, 1, 24).contiguous(), "silu", reverse=reverse)
+    assert torch.equal(other[0], got[0]) and not torch.allclose(other[1:], got[1:])
+    go = torch.randn(want.shape, generator=g)
+    gx_want, = torch.autograd.grad((want * go).sum(), x)
+    gx_got, = torch.autograd.grad((got * go).sum(), x)
+    torch.testing.assert_close(gx_got, gx_want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per-sample"):
+        causal_conv1d_cpu(x, w, bias.clone().requires_grad_(), "silu")
+    with pytest.raises(ValueError, match=r"\(batch, 1, dim\)"):
+        causal_conv1d_cpu(x, w, torch.randn(2, 1, 24), "silu")

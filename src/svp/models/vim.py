@@ -88,10 +88,10 @@ def _add_rms_norm(hidden, residual, norm):
 
 def _conv(x, weight, bias, reverse):
     """Causal depthwise conv1d + SiLU on (b, l, E): the fused numba kernel when the scan runs
-    on the fused CPU backend too, else the pure-PyTorch version (same result). A bias of more
-    than one dimension (per sample, as `svp serve` gives BitFit's in mixed batches) broadcasts
-    only in the PyTorch version."""
-    if (bias is None or bias.dim() == 1) and _fused_cpu(x):
+    on the fused CPU backend too, else the pure-PyTorch version (same result). A per-sample
+    (b, 1, E) bias (`svp serve`'s BitFit rows in a mixed batch) takes the fused kernel only
+    without a gradient: the kernel sums the bias gradient per channel."""
+    if (bias is None or bias.dim() == 1 or not bias.requires_grad) and _fused_cpu(x):
         from ..ops.conv_cpu import causal_conv1d_cpu
         return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)

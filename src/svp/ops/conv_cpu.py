@@ -36,11 +36,13 @@ def _rows(task, ntb, L):
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
 def _preact(x, w, bias, bi, t, reverse, acc):
-    """acc = bias + the conv's output row t (before the activation)."""
+    """acc = bias + the conv's output row t (before the activation). bias is (1, d), or
+    (b, d) with one row per sample (svp serve's BitFit rows in a mixed-adapter batch)."""
     L, d = x.shape[1], x.shape[2]
     W = w.shape[0]
+    brow = bias[bi] if bias.shape[0] > 1 else bias[0]
     for c in range(d):
-        acc[c] = bias[c]
+        acc[c] = brow[c]
     for k in range(W):
         s = _tap_src(t, k, W, reverse)
         if s >= 0 and s < L:
@@ -138,7 +140,8 @@ class CausalConv1dCPU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, reverse, silu):
         xs, xn = _np(x)
         wt = weight.detach().t().contiguous()                         # (W, d)
-        bs = torch.zeros(x.shape[-1]) if bias is None else bias.detach().contiguous()
+        d = x.shape[-1]
+        bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         with _dynamic_tasks():
             _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
@@ -169,12 +172,20 @@ class CausalConv1dCPU(torch.autograd.Function):
 
 def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
     """Fused version of :func:`svp.ops.conv.causal_conv1d_bld` for float32 CPU tensors:
-    x (batch, len, dim), weight (dim, width), bias (dim,)."""
+    x (batch, len, dim), weight (dim, width), bias (dim,) or, without a gradient, one per
+    sample (batch, 1, dim): svp serve's mixed batches give BitFit's biases that way."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
+    if bias is not None and bias.dim() != 1:
+        if tuple(bias.shape) != (x.shape[0], 1, x.shape[-1]):
+            raise ValueError(f"expected bias (dim,) or (batch, 1, dim) = {(x.shape[0], 1, x.shape[-1])}; "
+                             f"got {tuple(bias.shape)}")
+        if bias.requires_grad:
+            raise ValueError("a per-sample (batch, 1, dim) bias has no gradient in the fused conv; "
+                             "use svp.ops.conv.causal_conv1d_bld")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"causal_conv1d_cpu needs float32 CPU tensors, got {x.dtype} on {x.device}")
     return CausalConv1dCPU.apply(x, weight, bias, reverse, activation is not None)
