@@ -51,8 +51,10 @@ class RequestError(SVPError):
 @dataclass
 class ServeConfig:
     window_s: float = 0.005          # how long the batcher waits for more requests after the first
-    # the most samples in one backbone pass: on CPU the scan's cost per sample stops falling
-    # by about 8, and smaller batches let the next batch's requests be read while one runs
+    # the most samples in one backbone pass: 16 (was 8) because on the 2-core load test the mini
+    # Vim's cost per sample still fell from 8 to 16 (8.6 -> 6.1 CPU ms) and one pass then takes
+    # every waiting request of 16 clients (docs/serving.md); a lone request still waits at most
+    # window_s
     max_batch: int = 16
     max_upload_bytes: int = 10 << 20  # request body limit (image file or JSON with base64)
     max_pixels: int = 40_000_000     # decoded image limit (decompression bombs)
