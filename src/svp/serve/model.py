@@ -147,9 +147,10 @@ class _Plan:
 
     def __init__(self):
         self.layer_hooks: List[Tuple[slice, object]] = []
-        self.linear: Dict[int, List[Tuple[slice, nn.Module]]] = {}
-        self.delta: Dict[Tuple[int, str], List[Tuple[slice, Optional[nn.Module], Optional[torch.Tensor]]]] = {}
-        self.mixer: Dict[int, List[Tuple[slice, object]]] = {}
+        # keyed by the backbone's modules themselves: the pass registers its hooks on the keys
+        self.linear: Dict[nn.Module, List[Tuple[slice, nn.Module]]] = {}
+        self.delta: Dict[Tuple[nn.Module, str], List[Tuple[slice, Optional[nn.Module], Optional[torch.Tensor]]]] = {}
+        self.mixer: Dict[nn.Module, List[Tuple[slice, object]]] = {}
         self.patch: List[Tuple[slice, torch.Tensor]] = []
         self.overrides: Dict[str, torch.Tensor] = {}
 
@@ -252,17 +253,17 @@ class MultiAdapterModel(nn.Module):
 
     def _linear_hook(self, module, args, output):
         x = args[0]
-        for rows, param in self._plan.linear[id(module)]:
+        for rows, param in self._plan.linear[module]:
             output[rows] += param.delta(x[rows]).to(output.dtype)
         return output
 
     def _mixer_hook(self, module, args, output):
-        for rows, hook in self._plan.mixer[id(module)]:
+        for rows, hook in self._plan.mixer[module]:
             output[rows] = hook(module, (args[0][rows],), output[rows])
         return output
 
     def _delta_hook(self, mixer, direction, dt, delta):
-        for rows, lora, bias in self._plan.delta.get((id(mixer), direction), ()):
+        for rows, lora, bias in self._plan.delta.get((mixer, direction), ()):
             upd = None
             if lora is not None:
                 upd = lora.delta(dt[rows]).to(delta.dtype)
@@ -340,12 +341,12 @@ class MultiAdapterModel(nn.Module):
             if e.peft.method.uses_hook:
                 plan.layer_hooks.append((rows, e.peft.method))
             for path, param in e.lora_linear.items():
-                plan.linear.setdefault(id(modules[path]), []).append((rows, param))
+                plan.linear.setdefault(modules[path], []).append((rows, param))
             for (i, d) in set(e.lora_dt) | set(e.dt_bias):
-                plan.delta.setdefault((id(mixers[i]), d), []).append(
+                plan.delta.setdefault((mixers[i], d), []).append(
                     (rows, e.lora_dt.get((i, d)), e.dt_bias.get((i, d))))
             for i, hook in e.mixer_hooks.items():
-                plan.mixer.setdefault(id(mixers[i]), []).append((rows, hook))
+                plan.mixer.setdefault(mixers[i], []).append((rows, hook))
             if e.patch_bias is not None:
                 plan.patch.append((rows, e.patch_bias))
             for pname, bias in e.conv_bias.items():
@@ -357,12 +358,11 @@ class MultiAdapterModel(nn.Module):
         try:
             if plan.patch:
                 handles.append(vim.patch_embed.proj.register_forward_hook(self._patch_hook))
-            by_id = {id(m): m for m in modules.values()}
-            for mid in plan.linear:
-                handles.append(by_id[mid].register_forward_hook(self._linear_hook))
-            for mid in plan.mixer:
-                handles.append(by_id[mid].register_forward_hook(self._mixer_hook))
-            for mixer in {id(m): m for m in mixers if any(k[0] == id(m) for k in plan.delta)}.values():
+            for module in plan.linear:
+                handles.append(module.register_forward_hook(self._linear_hook))
+            for mixer in plan.mixer:
+                handles.append(mixer.register_forward_hook(self._mixer_hook))
+            for mixer in {m for m, _direction in plan.delta}:
                 mixer.delta_hook = self._delta_hook
                 delta_mixers.append(mixer)
             # BitFit's per-sample conv biases: the (b, 1, E) tensors stand in for the conv modules'
