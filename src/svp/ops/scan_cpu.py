@@ -73,6 +73,9 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
+from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_magic, vpow2i, \
+    vfloor, vround_magic, vselect_ge, vstore, zeros  # noqa: E402
+
 # The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
 # default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
 # (a process-wide LLVM option that only changes vectorisation decisions).
@@ -334,187 +337,199 @@ def _scan_fwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 hl[c] = hn[c]
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_RED)
+# --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
+@njit(inline="always")
+def _vexp2(t):
+    tc = vmin(vmax(t, splat(_T_MIN)), splat(_T_MAX))
+    s, k = vround_magic(tc)
+    f = tc - k
+    p = splat(_E6)
+    p = fma(p, f, splat(_E5))
+    p = fma(p, f, splat(_E4))
+    p = fma(p, f, splat(_E3))
+    p = fma(p, f, splat(_E2))
+    p = fma(p, f, splat(_E1))
+    p = fma(p, f, splat(_ONE))
+    return p * vpow2_from_magic(s)
+
+
+@njit(inline="always")
+def _vexp(x):
+    xc = vmin(vmax(x, splat(_XMIN)), splat(_XMAX))
+    k = vfloor(fma(xc, splat(_LOG2E), splat(_HALF)))
+    r = fma(k, splat(-_LN2_HI), xc)
+    r = fma(k, splat(-_LN2_LO), r)
+    p = splat(_P0)
+    p = fma(p, r, splat(_P1))
+    p = fma(p, r, splat(_P2))
+    p = fma(p, r, splat(_P3))
+    p = fma(p, r, splat(_P4))
+    p = fma(p, r, splat(_P5))
+    p = fma(p, r * r, r) + _ONE
+    return vselect_ge(x, splat(_XMIN), p * vpow2i(k), zeros())
+
+
+@njit(inline="always")
+def _vlog1p01(t):
+    f = t / (t + _TWO)
+    f2 = f * f
+    p = splat(_Q8)
+    p = fma(p, f2, splat(_Q7))
+    p = fma(p, f2, splat(_Q6))
+    p = fma(p, f2, splat(_Q5))
+    p = fma(p, f2, splat(_Q4))
+    p = fma(p, f2, splat(_Q3))
+    p = fma(p, f2, splat(_Q2))
+    p = fma(p, f2, splat(_Q1))
+    p = fma(p, f2, splat(_Q0))
+    return (f + f) * p
+
+
+@njit(inline="always")
+def _vsoftplus(x):
+    return vmax(x, zeros()) + _vlog1p01(_vexp(-vmax(x, -x)))
+
+
+@njit(inline="always")
+def _vsigmoid(x):
+    return _ONE / (_vexp(-x) + _ONE)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, Hs, Es):
-    # Every inner loop writes at most three arrays so that LLVM vectorises it (numba
-    # cannot tell it that the small local arrays do not overlap).
-    b, L, d = u.shape
-    g = Bm.shape[2]
-    N = Bm.shape[3]
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, b, L, d, g, N):
+    # Every array is flat (1-D, C order of its documented shape). One task = one batch row x
+    # one block of 16 channels (one f32x16 vector); d // g is a multiple of 16 (the caller pads).
     dg = d // g
-    nbg = (dg + BS - 1) // BS
+    nbg = dg // VL
     nchunk = (L + K - 1) // K
+    NG = (N + VL - 1) // VL               # groups of 16 states for the lane sums of dB, dC
+    NV = N * VL
     for task in prange(b * g * nbg):
-        _wide_vectors()
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
         blk = rem - gi * nbg
-        c0 = gi * dg + blk * BS
-        cw = min(BS, dg - blk * BS)
-        c1 = c0 + cw
-        Ab = np.zeros((N, BS), np.float32)
-        A2b = np.zeros((N, BS), np.float32)
+        c0 = gi * dg + blk * VL
+        Ab = np.empty(NV, np.float32)
+        A2b = np.empty(NV, np.float32)
+        dh = np.empty(NV, np.float32)
         for n in range(N):
-            an = At[n, c0:c1]
-            a2n = A2t[n, c0:c1]
-            abn = Ab[n]
-            a2bn = A2b[n]
-            for c in range(cw):
-                abn[c] = an[c]
-                a2bn[c] = a2n[c]
-        # The two big per-task buffers are per-thread scratch allocated once per call: a
-        # fresh 100+ KiB allocation per task is an mmap/munmap pair with page faults and
-        # TLB shootdowns that cost more than the task on a busy machine.
-        tid = numba.get_thread_id()
-        Hb = Hs[tid]                                # Hb[j+1] = state after step s0+j
-        Eb = Es[tid]                                # exp(delta*A) of step s0+j
-        if cw < BS:                                 # lanes >= cw must stay inert zeros
-            Hb[:] = _ZERO
-            Eb[:] = _ZERO
-        Tb = np.zeros((K, BS), np.float32)          # delta after bias/softplus
-        Gb = np.zeros((K, BS), np.float32)          # dL/d(y + D u) (through the gate)
-        dh = np.zeros((N, BS), np.float32)
-        for n in range(N):
-            dln = dlast[bi, n, c0:c1]
-            dhn = dh[n]
-            for c in range(cw):
-                dhn[c] = dln[c]
-        acc = np.zeros(_RL, np.float32)
-        dAacc = np.zeros((N, BS), np.float64)
-        dDacc = np.zeros(BS, np.float64)
-        dbacc = np.zeros(BS, np.float64)
-        y = np.zeros(BS, np.float32)
-        dtu = np.zeros(BS, np.float32)
-        s1 = np.zeros(BS, np.float32)
-        s2 = np.zeros(BS, np.float32)
-        Db = Dv[c0:c1]
-        bb = bias[c0:c1]
+            vstore(Ab, n * VL, vload(At, n * d + c0))
+            vstore(A2b, n * VL, vload(A2t, n * d + c0))
+            vstore(dh, n * VL, vload(dlast, (bi * N + n) * d + c0))
+        Hb = np.empty((K + 1) * NV, np.float32)     # Hb[j+1] = state after step s0+j
+        Eb = np.empty(K * NV, np.float32)           # exp(delta*A) of step s0+j
+        Tb = np.empty(K * VL, np.float32)           # delta after bias/softplus
+        Gb = np.empty(K * VL, np.float32)           # dL/d(y + D u) (through the gate)
+        P = np.zeros(VL * VL, np.float32)           # 16 vectors whose lane sums make dB or dC
+        tmp = np.empty(VL, np.float32)
+        dAc = np.empty(NV, np.float32)              # dA over one chunk (float32), then float64
+        dAacc = np.zeros(NV, np.float64)
+        dDacc = np.zeros(VL, np.float64)
+        dbacc = np.zeros(VL, np.float64)
+        Dc = vload(Dv, c0)
+        bc = vload(bias, c0)
+        pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
             s1_ = min(L, s0 + K)
-            # --- recompute the chunk's states, the gate gradient and dC
+            hbase = (bi * nchunk + kk) * N
             for n in range(N):
-                src = hs[bi, kk, n, c0:c1]
-                dst = Hb[0, n]
-                for c in range(cw):
-                    dst[c] = src[c]
+                vstore(Hb, n * VL, vload(hs, (hbase + n) * d + c0))
+                vstore(dAc, n * VL, zeros())
+            # --- recompute the chunk's states, the gate gradient and dC
             for s in range(s0, s1_):
                 j = s - s0
                 t = L - 1 - s if reverse else s
-                ur = u[bi, t, c0:c1]
-                dr = dl[bi, t, c0:c1]
-                dt = Tb[j]
+                row = (bi * L + t) * d + c0
+                bcr = ((bi * L + t) * g + gi) * N
+                uu = vload(u, row)
+                dt = vload(dl, row) + bc
                 if softplus:
-                    for c in range(cw):
-                        dt[c] = _softplus(dr[c] + bb[c])
-                else:
-                    for c in range(cw):
-                        dt[c] = dr[c] + bb[c]
-                for c in range(cw):
-                    dtu[c] = dt[c] * ur[c]
-                for c in range(BS):
-                    y[c] = _ZERO
-                Br = Bm[bi, t, gi]
-                Cr = Cm[bi, t, gi]
+                    dt = _vsoftplus(dt)
+                vstore(Tb, j * VL, dt)
+                dtu = dt * uu
+                hp0 = j * NV
+                hn0 = hp0 + NV
+                y = zeros()
                 for n in range(N):
-                    bn = Br[n]
-                    hp = Hb[j, n]
-                    hn = Hb[j + 1, n]
-                    en = Eb[j, n]
-                    a2bn = A2b[n]
-                    for c in range(BS):
-                        e = _exp2(dt[c] * a2bn[c])
-                        en[c] = e
-                        hn[c] = e * hp[c] + dtu[c] * bn
-                for n in range(N):
-                    cn = Cr[n]
-                    hn = Hb[j + 1, n]
-                    for c in range(BS):
-                        y[c] += cn * hn[c]
-                gr = dout[bi, t, c0:c1]
-                gv = Gb[j]
+                    o = n * VL
+                    e = _vexp2(dt * vload(A2b, o))
+                    h = fma(e, vload(Hb, hp0 + o), dtu * Bm[bcr + n])
+                    vstore(Eb, hp0 + o, e)
+                    vstore(Hb, hn0 + o, h)
+                    y = fma(h, splat(Cm[bcr + n]), y)
+                gr = vload(dout, row)
                 if has_z:
-                    zr = z[bi, t, c0:c1]
-                    dzr = dz_o[bi, t, c0:c1]
-                    for c in range(cw):
-                        zz = zr[c]
-                        sg = _sigmoid(zz)
-                        dzr[c] = gr[c] * (y[c] + Db[c] * ur[c]) * sg * (_ONE + zz * (_ONE - sg))
-                        gv[c] = gr[c] * zz * sg
+                    zz = vload(z, row)
+                    sg = _vsigmoid(zz)
+                    vstore(dz_o, row, gr * fma(Dc, uu, y) * sg * (_ONE + zz * (_ONE - sg)))
+                    gv = gr * zz * sg
                 else:
-                    for c in range(cw):
-                        gv[c] = gr[c]
-                for c in range(cw):
-                    dDacc[c] += gv[c] * ur[c]
-                dCr = dCp[bi, gi, blk, t]
-                for n in range(N):
-                    hn = Hb[j + 1, n]
-                    for k in range(_RL):
-                        acc[k] = ((gv[k] * hn[k] + gv[k + _RL] * hn[k + _RL])
-                                  + (gv[k + 2 * _RL] * hn[k + 2 * _RL] + gv[k + 3 * _RL] * hn[k + 3 * _RL]))
-                    dCr[n] = _hsum16(acc)
+                    gv = gr
+                vstore(Gb, j * VL, gv)
+                vacc_f64(dDacc, 0, gv * uu)
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        vstore(P, (n - n0) * VL, gv * vload(Hb, hn0 + n * VL))
+                    _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
             # --- reverse-time recurrence over the chunk
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
                 t = L - 1 - s if reverse else s
-                ur = u[bi, t, c0:c1]
-                dt = Tb[j]
-                gv = Gb[j]
-                for c in range(cw):
-                    dtu[c] = dt[c] * ur[c]
-                for c in range(BS):
-                    s1[c] = _ZERO
-                    s2[c] = _ZERO
-                Br = Bm[bi, t, gi]
-                Cr = Cm[bi, t, gi]
-                dBr = dBp[bi, gi, blk, t]
-                for n in range(N):
-                    bn = Br[n]
-                    cn = Cr[n]
-                    hp = Hb[j, n]       # becomes q = dL/d(exp(delta A)) * exp(delta A) * ...
-                    en = Eb[j, n]       # becomes dh_t (before the decay)
-                    dhn = dh[n]
-                    for c in range(BS):
-                        dhv = dhn[c] + cn * gv[c]
-                        e = en[c]
-                        hp[c] = dhv * hp[c] * e
-                        dhn[c] = e * dhv
-                        en[c] = dhv
-                    for k in range(_RL):
-                        acc[k] = ((en[k] * dtu[k] + en[k + _RL] * dtu[k + _RL])
-                                  + (en[k + 2 * _RL] * dtu[k + 2 * _RL] + en[k + 3 * _RL] * dtu[k + 3 * _RL]))
-                    dBr[n] = _hsum16(acc)
-                    for c in range(BS):
-                        s1[c] += en[c] * bn
-                    abn = Ab[n]
-                    for c in range(BS):
-                        s2[c] += hp[c] * abn[c]
-                    dan = dAacc[n]
-                    for c in range(BS):
-                        dan[c] += hp[c] * dt[c]
-                dur = du_o[bi, t, c0:c1]
-                ddr = ddl_o[bi, t, c0:c1]
-                for c in range(cw):
-                    dur[c] = gv[c] * Db[c] + s1[c] * dt[c]
-                    ddr[c] = s2[c] + s1[c] * ur[c]
+                row = (bi * L + t) * d + c0
+                bcr = ((bi * L + t) * g + gi) * N
+                uu = vload(u, row)
+                dt = vload(Tb, j * VL)
+                gv = vload(Gb, j * VL)
+                dtu = dt * uu
+                hp0 = j * NV
+                s1 = zeros()
+                s2 = zeros()
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        o = n * VL
+                        dhv = fma(gv, splat(Cm[bcr + n]), vload(dh, o))
+                        e = vload(Eb, hp0 + o)
+                        q = dhv * vload(Hb, hp0 + o) * e
+                        vstore(dh, o, e * dhv)
+                        s1 = fma(dhv, splat(Bm[bcr + n]), s1)
+                        s2 = fma(q, vload(Ab, o), s2)
+                        vstore(dAc, o, fma(q, dt, vload(dAc, o)))
+                        vstore(P, (n - n0) * VL, dhv * dtu)
+                    _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+                vstore(du_o, row, fma(gv, Dc, s1 * dt))
+                dd = fma(s1, uu, s2)
                 if softplus:
-                    dr = dl[bi, t, c0:c1]
-                    for c in range(cw):
-                        ddr[c] = ddr[c] * _sigmoid(dr[c] + bb[c])
-                for c in range(cw):
-                    dbacc[c] += ddr[c]
+                    dd = dd * _vsigmoid(vload(dl, row) + bc)
+                vstore(ddl_o, row, dd)
+                vacc_f64(dbacc, 0, dd)
+            for n in range(N):
+                vacc_f64(dAacc, n * VL, vload(dAc, n * VL))
         for n in range(N):
-            dst = dAp[bi, n, c0:c1]
-            dan = dAacc[n]
-            for c in range(cw):
-                dst[c] = dan[c]
-        dDr = dDp[bi, c0:c1]
-        dbr = dbp[bi, c0:c1]
-        for c in range(cw):
-            dDr[c] = dDacc[c]
-            dbr[c] = dbacc[c]
+            for c in range(VL):
+                dAp[(bi * N + n) * d + c0 + c] = dAacc[n * VL + c]
+        for c in range(VL):
+            dDp[bi * d + c0 + c] = dDacc[c]
+            dbp[bi * d + c0 + c] = dbacc[c]
+
+
+@njit(inline="always")
+def _store_sums(P, m, out, off, tmp):
+    """out[off:off+m] = lane sums of the first m vectors of P (the rest of P must be zero)."""
+    if m == VL:
+        vstore(out, off, vhsum16(P, 0))
+    else:
+        for n in range(m, VL):
+            vstore(P, n * VL, zeros())
+        vstore(tmp, 0, vhsum16(P, 0))
+        for n in range(m):
+            out[off + n] = tmp[n]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -610,7 +625,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4) = ctx.cfg
         b, L, d = u3.shape
         g, N = Bm.shape[2], Bm.shape[3]
-        nbg = (d // g + BS - 1) // BS
+        nbg = d // g // VL
         if dout is None:
             dout = torch.zeros(b, d, L)
         g3 = _as_bld(dout)
@@ -626,14 +641,11 @@ class SelectiveScanCPU(torch.autograd.Function):
         dAp = torch.empty(b, N, d, dtype=torch.float64)
         dDp = torch.empty(b, d, dtype=torch.float64)
         dbp = torch.empty(b, d, dtype=torch.float64)
-        nt = numba.get_num_threads()
-        Hs = torch.empty(nt, K + 1, N, BS, dtype=torch.float32)
-        Es = torch.empty(nt, K, N, BS, dtype=torch.float32)
+        f = lambda x: x.reshape(-1).numpy()  # noqa: E731
         with _dynamic_tasks():
-            _scan_bwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), A2t.numpy(), Dv.numpy(),
-                      bias.numpy(), has_z, softplus, reverse, K, hs.numpy(), g3.numpy(), dl_.numpy(),
-                      du.numpy(), dd.numpy(), dz.numpy(), dBp.numpy(), dCp.numpy(), dAp.numpy(),
-                      dDp.numpy(), dbp.numpy(), Hs.numpy(), Es.numpy())
+            _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
+                      reverse, K, f(hs), f(g3), f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
+                      f(dbp), b, L, d, g, N)
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 
