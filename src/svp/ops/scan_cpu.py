@@ -85,6 +85,7 @@ except Exception:  # pragma: no cover - an LLVM without the option: slower, stil
     pass
 
 BS = 64          # channels per task: 4 AVX-512 / 8 AVX2 vectors; amortises per-row loop overhead
+BW = 4 * VL      # channels per backward task: two 16-lane vectors
 CHUNK = 32       # time steps per backward chunk (recomputed state buffers stay in L2)
 
 _f32 = np.float32
@@ -261,82 +262,6 @@ def _hsum16(a):
             + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _scan_fwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast):
-    b, L, d = u.shape
-    g = Bm.shape[2]
-    N = Bm.shape[3]
-    dg = d // g
-    nbg = (dg + BS - 1) // BS
-    for task in prange(b * g * nbg):
-        _wide_vectors()
-        bi = task // (g * nbg)
-        rem = task - bi * (g * nbg)
-        gi = rem // nbg
-        blk = rem - gi * nbg
-        c0 = gi * dg + blk * BS
-        cw = min(BS, dg - blk * BS)
-        c1 = c0 + cw
-        h = np.zeros((N, BS), np.float32)
-        Ab = np.zeros((N, BS), np.float32)      # A log2 e
-        for n in range(N):
-            an = A2t[n, c0:c1]
-            abn = Ab[n]
-            for c in range(cw):
-                abn[c] = an[c]
-        dt = np.zeros(BS, np.float32)
-        du = np.zeros(BS, np.float32)
-        y = np.zeros(BS, np.float32)
-        Db = Dv[c0:c1]
-        bb = bias[c0:c1]
-        for step in range(L):
-            if step % K == 0:
-                kk = step // K
-                for n in range(N):
-                    hsr = hs[bi, kk, n, c0:c1]
-                    hn = h[n]
-                    for c in range(cw):
-                        hsr[c] = hn[c]
-            t = L - 1 - step if reverse else step
-            ur = u[bi, t, c0:c1]
-            dr = dl[bi, t, c0:c1]
-            if softplus:
-                for c in range(cw):
-                    dt[c] = _softplus(dr[c] + bb[c])
-            else:
-                for c in range(cw):
-                    dt[c] = dr[c] + bb[c]
-            for c in range(cw):
-                du[c] = dt[c] * ur[c]
-            for c in range(BS):
-                y[c] = _ZERO
-            Br = Bm[bi, t, gi]
-            Cr = Cm[bi, t, gi]
-            for n in range(N):
-                bn = Br[n]
-                cn = Cr[n]
-                hn = h[n]
-                abn = Ab[n]
-                for c in range(BS):
-                    hv = _exp2(dt[c] * abn[c]) * hn[c] + du[c] * bn
-                    hn[c] = hv
-                    y[c] += cn * hv
-            orow = out[bi, t, c0:c1]
-            if has_z:
-                zr = z[bi, t, c0:c1]
-                for c in range(cw):
-                    zz = zr[c]
-                    orow[c] = (y[c] + Db[c] * ur[c]) * (zz * _sigmoid(zz))
-            else:
-                for c in range(cw):
-                    orow[c] = y[c] + Db[c] * ur[c]
-        for n in range(N):
-            hl = hlast[bi, n, c0:c1]
-            hn = h[n]
-            for c in range(cw):
-                hl[c] = hn[c]
-
-
 # --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
 @njit(inline="always")
 def _vexp2(t):
@@ -396,125 +321,365 @@ def _vsigmoid(x):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, b, L, d, g, N):
-    # Every array is flat (1-D, C order of its documented shape). One task = one batch row x
-    # one block of 16 channels (one f32x16 vector); d // g is a multiple of 16 (the caller pads).
+def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, b, L, d, g, N):
     dg = d // g
-    nbg = dg // VL
+    nbg = dg // BW
     nchunk = (L + K - 1) // K
-    NG = (N + VL - 1) // VL               # groups of 16 states for the lane sums of dB, dC
-    NV = N * VL
+    NV = N * BW
     for task in prange(b * g * nbg):
+        _wide_vectors()
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
         blk = rem - gi * nbg
-        c0 = gi * dg + blk * VL
+        c0 = gi * dg + blk * BW
+        A2b = np.empty(NV, np.float32)
+        h = np.zeros(NV, np.float32)
+        for n in range(N):
+            vstore(A2b, n * BW, vload(A2t, n * d + c0))
+            vstore(A2b, n * BW + VL, vload(A2t, n * d + c0 + VL))
+            vstore(A2b, n * BW + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+            vstore(A2b, n * BW + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+        D0 = vload(Dv, c0)
+        D1 = vload(Dv, c0 + VL)
+        D2 = vload(Dv, c0 + 2 * VL)
+        D3 = vload(Dv, c0 + 3 * VL)
+        b0 = vload(bias, c0)
+        b1 = vload(bias, c0 + VL)
+        b2 = vload(bias, c0 + 2 * VL)
+        b3 = vload(bias, c0 + 3 * VL)
+        for s in range(L):
+            if s % K == 0:
+                hb = (bi * nchunk + s // K) * N
+                for n in range(N):
+                    vstore(hs, (hb + n) * d + c0, vload(h, n * BW))
+                    vstore(hs, (hb + n) * d + c0 + VL, vload(h, n * BW + VL))
+                    vstore(hs, (hb + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
+                    vstore(hs, (hb + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+            t = L - 1 - s if reverse else s
+            row = (bi * L + t) * d + c0
+            bcr = ((bi * L + t) * g + gi) * N
+            u0 = vload(u, row)
+            u1 = vload(u, row + VL)
+            u2 = vload(u, row + 2 * VL)
+            u3 = vload(u, row + 3 * VL)
+            dt0 = vload(dl, row) + b0
+            dt1 = vload(dl, row + VL) + b1
+            dt2 = vload(dl, row + 2 * VL) + b2
+            dt3 = vload(dl, row + 3 * VL) + b3
+            if softplus:
+                dt0 = _vsoftplus(dt0)
+                dt1 = _vsoftplus(dt1)
+                dt2 = _vsoftplus(dt2)
+                dt3 = _vsoftplus(dt3)
+            dtu0 = dt0 * u0
+            dtu1 = dt1 * u1
+            dtu2 = dt2 * u2
+            dtu3 = dt3 * u3
+            y0 = zeros()
+            y1 = zeros()
+            y2 = zeros()
+            y3 = zeros()
+            for n in range(N):
+                o = n * BW
+                bn = Bm[bcr + n]
+                cn = splat(Cm[bcr + n])
+                e0 = _vexp2(dt0 * vload(A2b, o))
+                e1 = _vexp2(dt1 * vload(A2b, o + VL))
+                e2 = _vexp2(dt2 * vload(A2b, o + 2 * VL))
+                e3 = _vexp2(dt3 * vload(A2b, o + 3 * VL))
+                h0 = fma(e0, vload(h, o), dtu0 * bn)
+                h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
+                h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
+                h3 = fma(e3, vload(h, o + 3 * VL), dtu3 * bn)
+                vstore(h, o, h0)
+                vstore(h, o + VL, h1)
+                vstore(h, o + 2 * VL, h2)
+                vstore(h, o + 3 * VL, h3)
+                y0 = fma(h0, cn, y0)
+                y1 = fma(h1, cn, y1)
+                y2 = fma(h2, cn, y2)
+                y3 = fma(h3, cn, y3)
+            if has_z:
+                z0 = vload(z, row)
+                z1 = vload(z, row + VL)
+                z2 = vload(z, row + 2 * VL)
+                z3 = vload(z, row + 3 * VL)
+                vstore(out, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)))
+                vstore(out, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)))
+                vstore(out, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)))
+                vstore(out, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)))
+            else:
+                vstore(out, row, fma(D0, u0, y0))
+                vstore(out, row + VL, fma(D1, u1, y1))
+                vstore(out, row + 2 * VL, fma(D2, u2, y2))
+                vstore(out, row + 3 * VL, fma(D3, u3, y3))
+        for n in range(N):
+            vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
+            vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
+            vstore(hlast, (bi * N + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
+            vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, b, L, d, g, N):
+    dg = d // g
+    nbg = dg // BW
+    nchunk = (L + K - 1) // K
+    NG = (N + VL - 1) // VL
+    NV = N * BW
+    for task in prange(b * g * nbg):
+        _wide_vectors()
+        bi = task // (g * nbg)
+        rem = task - bi * (g * nbg)
+        gi = rem // nbg
+        blk = rem - gi * nbg
+        c0 = gi * dg + blk * BW
         Ab = np.empty(NV, np.float32)
         A2b = np.empty(NV, np.float32)
         dh = np.empty(NV, np.float32)
         for n in range(N):
-            vstore(Ab, n * VL, vload(At, n * d + c0))
-            vstore(A2b, n * VL, vload(A2t, n * d + c0))
-            vstore(dh, n * VL, vload(dlast, (bi * N + n) * d + c0))
-        Hb = np.empty((K + 1) * NV, np.float32)     # Hb[j+1] = state after step s0+j
-        Eb = np.empty(K * NV, np.float32)           # exp(delta*A) of step s0+j
-        Tb = np.empty(K * VL, np.float32)           # delta after bias/softplus
-        Gb = np.empty(K * VL, np.float32)           # dL/d(y + D u) (through the gate)
-        P = np.zeros(VL * VL, np.float32)           # 16 vectors whose lane sums make dB or dC
+            o = n * BW
+            vstore(Ab, o, vload(At, n * d + c0))
+            vstore(Ab, o + VL, vload(At, n * d + c0 + VL))
+            vstore(Ab, o + 2 * VL, vload(At, n * d + c0 + 2 * VL))
+            vstore(Ab, o + 3 * VL, vload(At, n * d + c0 + 3 * VL))
+            vstore(A2b, o, vload(A2t, n * d + c0))
+            vstore(A2b, o + VL, vload(A2t, n * d + c0 + VL))
+            vstore(A2b, o + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+            vstore(A2b, o + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+            vstore(dh, o, vload(dlast, (bi * N + n) * d + c0))
+            vstore(dh, o + VL, vload(dlast, (bi * N + n) * d + c0 + VL))
+            vstore(dh, o + 2 * VL, vload(dlast, (bi * N + n) * d + c0 + 2 * VL))
+            vstore(dh, o + 3 * VL, vload(dlast, (bi * N + n) * d + c0 + 3 * VL))
+        Hb = np.empty((K + 1) * NV, np.float32)
+        Eb = np.empty(K * NV, np.float32)
+        Tb = np.empty(K * BW, np.float32)
+        Gb = np.empty(K * BW, np.float32)
+        P = np.zeros(VL * VL, np.float32)
         tmp = np.empty(VL, np.float32)
-        dAc = np.empty(NV, np.float32)              # dA over one chunk (float32), then float64
+        dAc = np.empty(NV, np.float32)
         dAacc = np.zeros(NV, np.float64)
-        dDacc = np.zeros(VL, np.float64)
-        dbacc = np.zeros(VL, np.float64)
-        Dc = vload(Dv, c0)
-        bc = vload(bias, c0)
+        dDacc = np.zeros(BW, np.float64)
+        dbacc = np.zeros(BW, np.float64)
+        D0 = vload(Dv, c0)
+        D1 = vload(Dv, c0 + VL)
+        D2 = vload(Dv, c0 + 2 * VL)
+        D3 = vload(Dv, c0 + 3 * VL)
+        b0 = vload(bias, c0)
+        b1 = vload(bias, c0 + VL)
+        b2 = vload(bias, c0 + 2 * VL)
+        b3 = vload(bias, c0 + 3 * VL)
         pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
             s1_ = min(L, s0 + K)
             hbase = (bi * nchunk + kk) * N
             for n in range(N):
-                vstore(Hb, n * VL, vload(hs, (hbase + n) * d + c0))
-                vstore(dAc, n * VL, zeros())
-            # --- recompute the chunk's states, the gate gradient and dC
+                o = n * BW
+                vstore(Hb, o, vload(hs, (hbase + n) * d + c0))
+                vstore(Hb, o + VL, vload(hs, (hbase + n) * d + c0 + VL))
+                vstore(Hb, o + 2 * VL, vload(hs, (hbase + n) * d + c0 + 2 * VL))
+                vstore(Hb, o + 3 * VL, vload(hs, (hbase + n) * d + c0 + 3 * VL))
+                vstore(dAc, o, zeros())
+                vstore(dAc, o + VL, zeros())
+                vstore(dAc, o + 2 * VL, zeros())
+                vstore(dAc, o + 3 * VL, zeros())
             for s in range(s0, s1_):
                 j = s - s0
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
                 bcr = ((bi * L + t) * g + gi) * N
-                uu = vload(u, row)
-                dt = vload(dl, row) + bc
+                u0 = vload(u, row)
+                u1 = vload(u, row + VL)
+                u2 = vload(u, row + 2 * VL)
+                u3 = vload(u, row + 3 * VL)
+                dt0 = vload(dl, row) + b0
+                dt1 = vload(dl, row + VL) + b1
+                dt2 = vload(dl, row + 2 * VL) + b2
+                dt3 = vload(dl, row + 3 * VL) + b3
                 if softplus:
-                    dt = _vsoftplus(dt)
-                vstore(Tb, j * VL, dt)
-                dtu = dt * uu
+                    dt0 = _vsoftplus(dt0)
+                    dt1 = _vsoftplus(dt1)
+                    dt2 = _vsoftplus(dt2)
+                    dt3 = _vsoftplus(dt3)
+                vstore(Tb, j * BW, dt0)
+                vstore(Tb, j * BW + VL, dt1)
+                vstore(Tb, j * BW + 2 * VL, dt2)
+                vstore(Tb, j * BW + 3 * VL, dt3)
+                dtu0 = dt0 * u0
+                dtu1 = dt1 * u1
+                dtu2 = dt2 * u2
+                dtu3 = dt3 * u3
                 hp0 = j * NV
                 hn0 = hp0 + NV
-                y = zeros()
+                y0 = zeros()
+                y1 = zeros()
+                y2 = zeros()
+                y3 = zeros()
                 for n in range(N):
-                    o = n * VL
-                    e = _vexp2(dt * vload(A2b, o))
-                    h = fma(e, vload(Hb, hp0 + o), dtu * Bm[bcr + n])
-                    vstore(Eb, hp0 + o, e)
-                    vstore(Hb, hn0 + o, h)
-                    y = fma(h, splat(Cm[bcr + n]), y)
-                gr = vload(dout, row)
+                    o = n * BW
+                    bn = Bm[bcr + n]
+                    cn = splat(Cm[bcr + n])
+                    e0 = _vexp2(dt0 * vload(A2b, o))
+                    e1 = _vexp2(dt1 * vload(A2b, o + VL))
+                    e2 = _vexp2(dt2 * vload(A2b, o + 2 * VL))
+                    e3 = _vexp2(dt3 * vload(A2b, o + 3 * VL))
+                    h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
+                    h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
+                    h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
+                    h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
+                    vstore(Eb, hp0 + o, e0)
+                    vstore(Eb, hp0 + o + VL, e1)
+                    vstore(Eb, hp0 + o + 2 * VL, e2)
+                    vstore(Eb, hp0 + o + 3 * VL, e3)
+                    vstore(Hb, hn0 + o, h0)
+                    vstore(Hb, hn0 + o + VL, h1)
+                    vstore(Hb, hn0 + o + 2 * VL, h2)
+                    vstore(Hb, hn0 + o + 3 * VL, h3)
+                    y0 = fma(h0, cn, y0)
+                    y1 = fma(h1, cn, y1)
+                    y2 = fma(h2, cn, y2)
+                    y3 = fma(h3, cn, y3)
+                g0 = vload(dout, row)
+                g1 = vload(dout, row + VL)
+                g2 = vload(dout, row + 2 * VL)
+                g3 = vload(dout, row + 3 * VL)
                 if has_z:
-                    zz = vload(z, row)
-                    sg = _vsigmoid(zz)
-                    vstore(dz_o, row, gr * fma(Dc, uu, y) * sg * (_ONE + zz * (_ONE - sg)))
-                    gv = gr * zz * sg
+                    z0 = vload(z, row)
+                    z1 = vload(z, row + VL)
+                    z2 = vload(z, row + 2 * VL)
+                    z3 = vload(z, row + 3 * VL)
+                    sg0 = _vsigmoid(z0)
+                    sg1 = _vsigmoid(z1)
+                    sg2 = _vsigmoid(z2)
+                    sg3 = _vsigmoid(z3)
+                    vstore(dz_o, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)))
+                    vstore(dz_o, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)))
+                    vstore(dz_o, row + 2 * VL, g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)))
+                    vstore(dz_o, row + 3 * VL, g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)))
+                    gv0 = g0 * z0 * sg0
+                    gv1 = g1 * z1 * sg1
+                    gv2 = g2 * z2 * sg2
+                    gv3 = g3 * z3 * sg3
                 else:
-                    gv = gr
-                vstore(Gb, j * VL, gv)
-                vacc_f64(dDacc, 0, gv * uu)
+                    gv0 = g0
+                    gv1 = g1
+                    gv2 = g2
+                    gv3 = g3
+                vstore(Gb, j * BW, gv0)
+                vstore(Gb, j * BW + VL, gv1)
+                vstore(Gb, j * BW + 2 * VL, gv2)
+                vstore(Gb, j * BW + 3 * VL, gv3)
+                vacc_f64(dDacc, 0, gv0 * u0)
+                vacc_f64(dDacc, VL, gv1 * u1)
+                vacc_f64(dDacc, 2 * VL, gv2 * u2)
+                vacc_f64(dDacc, 3 * VL, gv3 * u3)
                 for ng in range(NG):
                     n0 = ng * VL
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
-                        vstore(P, (n - n0) * VL, gv * vload(Hb, hn0 + n * VL))
+                        o = hn0 + n * BW
+                        vstore(P, (n - n0) * VL, ((gv0 * vload(Hb, o) + gv1 * vload(Hb, o + VL)) + (gv2 * vload(Hb, o + 2 * VL) + gv3 * vload(Hb, o + 3 * VL))))
                     _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
-            # --- reverse-time recurrence over the chunk
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
                 bcr = ((bi * L + t) * g + gi) * N
-                uu = vload(u, row)
-                dt = vload(Tb, j * VL)
-                gv = vload(Gb, j * VL)
-                dtu = dt * uu
+                u0 = vload(u, row)
+                u1 = vload(u, row + VL)
+                u2 = vload(u, row + 2 * VL)
+                u3 = vload(u, row + 3 * VL)
+                dt0 = vload(Tb, j * BW)
+                dt1 = vload(Tb, j * BW + VL)
+                dt2 = vload(Tb, j * BW + 2 * VL)
+                dt3 = vload(Tb, j * BW + 3 * VL)
+                gv0 = vload(Gb, j * BW)
+                gv1 = vload(Gb, j * BW + VL)
+                gv2 = vload(Gb, j * BW + 2 * VL)
+                gv3 = vload(Gb, j * BW + 3 * VL)
+                dtu0 = dt0 * u0
+                dtu1 = dt1 * u1
+                dtu2 = dt2 * u2
+                dtu3 = dt3 * u3
                 hp0 = j * NV
-                s1 = zeros()
-                s2 = zeros()
+                sa0 = zeros()
+                sa1 = zeros()
+                sa2 = zeros()
+                sa3 = zeros()
+                sb0 = zeros()
+                sb1 = zeros()
+                sb2 = zeros()
+                sb3 = zeros()
                 for ng in range(NG):
                     n0 = ng * VL
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
-                        o = n * VL
-                        dhv = fma(gv, splat(Cm[bcr + n]), vload(dh, o))
-                        e = vload(Eb, hp0 + o)
-                        q = dhv * vload(Hb, hp0 + o) * e
-                        vstore(dh, o, e * dhv)
-                        s1 = fma(dhv, splat(Bm[bcr + n]), s1)
-                        s2 = fma(q, vload(Ab, o), s2)
-                        vstore(dAc, o, fma(q, dt, vload(dAc, o)))
-                        vstore(P, (n - n0) * VL, dhv * dtu)
+                        o = n * BW
+                        cn = splat(Cm[bcr + n])
+                        bn = splat(Bm[bcr + n])
+                        dhv0 = fma(gv0, cn, vload(dh, o))
+                        dhv1 = fma(gv1, cn, vload(dh, o + VL))
+                        dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
+                        dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
+                        e0 = vload(Eb, hp0 + o)
+                        e1 = vload(Eb, hp0 + o + VL)
+                        e2 = vload(Eb, hp0 + o + 2 * VL)
+                        e3 = vload(Eb, hp0 + o + 3 * VL)
+                        q0 = dhv0 * vload(Hb, hp0 + o) * e0
+                        q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
+                        q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
+                        q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
+                        vstore(dh, o, e0 * dhv0)
+                        vstore(dh, o + VL, e1 * dhv1)
+                        vstore(dh, o + 2 * VL, e2 * dhv2)
+                        vstore(dh, o + 3 * VL, e3 * dhv3)
+                        sa0 = fma(dhv0, bn, sa0)
+                        sa1 = fma(dhv1, bn, sa1)
+                        sa2 = fma(dhv2, bn, sa2)
+                        sa3 = fma(dhv3, bn, sa3)
+                        sb0 = fma(q0, vload(Ab, o), sb0)
+                        sb1 = fma(q1, vload(Ab, o + VL), sb1)
+                        sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
+                        sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
+                        vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
+                        vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
+                        vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
+                        vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
+                        vstore(P, (n - n0) * VL, ((dhv0 * dtu0 + dhv1 * dtu1) + (dhv2 * dtu2 + dhv3 * dtu3)))
                     _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
-                vstore(du_o, row, fma(gv, Dc, s1 * dt))
-                dd = fma(s1, uu, s2)
+                vstore(du_o, row, fma(gv0, D0, sa0 * dt0))
+                vstore(du_o, row + VL, fma(gv1, D1, sa1 * dt1))
+                vstore(du_o, row + 2 * VL, fma(gv2, D2, sa2 * dt2))
+                vstore(du_o, row + 3 * VL, fma(gv3, D3, sa3 * dt3))
+                dd0 = fma(sa0, u0, sb0)
+                dd1 = fma(sa1, u1, sb1)
+                dd2 = fma(sa2, u2, sb2)
+                dd3 = fma(sa3, u3, sb3)
                 if softplus:
-                    dd = dd * _vsigmoid(vload(dl, row) + bc)
-                vstore(ddl_o, row, dd)
-                vacc_f64(dbacc, 0, dd)
+                    dd0 = dd0 * _vsigmoid(vload(dl, row) + b0)
+                    dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
+                    dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
+                    dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
+                vstore(ddl_o, row, dd0)
+                vstore(ddl_o, row + VL, dd1)
+                vstore(ddl_o, row + 2 * VL, dd2)
+                vstore(ddl_o, row + 3 * VL, dd3)
+                vacc_f64(dbacc, 0, dd0)
+                vacc_f64(dbacc, VL, dd1)
+                vacc_f64(dbacc, 2 * VL, dd2)
+                vacc_f64(dbacc, 3 * VL, dd3)
             for n in range(N):
-                vacc_f64(dAacc, n * VL, vload(dAc, n * VL))
+                vacc_f64(dAacc, n * BW, vload(dAc, n * BW))
+                vacc_f64(dAacc, n * BW + VL, vload(dAc, n * BW + VL))
+                vacc_f64(dAacc, n * BW + 2 * VL, vload(dAc, n * BW + 2 * VL))
+                vacc_f64(dAacc, n * BW + 3 * VL, vload(dAc, n * BW + 3 * VL))
         for n in range(N):
-            for c in range(VL):
-                dAp[(bi * N + n) * d + c0 + c] = dAacc[n * VL + c]
-        for c in range(VL):
+            for c in range(BW):
+                dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
+        for c in range(BW):
             dDp[bi * d + c0 + c] = dDacc[c]
             dbp[bi * d + c0 + c] = dbacc[c]
 
@@ -583,38 +748,63 @@ def _vec(x, d):
     return x.detach().to(torch.float32).contiguous()
 
 
+def _padc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
+    """Pad the last (channel) dim of ``x`` group by group from g*dg to g*dgp with zeros."""
+    if dgp == dg:
+        return x
+    xs = x.reshape(*x.shape[:-1], g, dg)
+    return torch.nn.functional.pad(xs, (0, dgp - dg)).reshape(*x.shape[:-1], g * dgp)
+
+
+def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
+    if dgp == dg:
+        return x
+    return x.reshape(*x.shape[:-1], g, dgp)[..., :dg].reshape(*x.shape[:-1], g * dg)
+
+
+def _flat(x: torch.Tensor):
+    return x.reshape(-1).numpy()
+
+
 class SelectiveScanCPU(torch.autograd.Function):
+    # The kernels take channel blocks of BW per group. Other channel counts are padded with
+    # zero channels (A = 0, u = 0, D = 0: their state stays 0 and adds nothing to the sums
+    # over channels) and cut off again; the Vim models' widths need no padding.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
         b, d, L = u.shape
         N = A.shape[1]
-        u3, dl3 = _as_bld(u), _as_bld(delta)
-        has_z = z is not None
-        z3 = _as_bld(z) if has_z else u3
         Bm, Cm = _as_blgn(B), _as_blgn(C)
         gB, gC, G = scan_groups(B, C, d)
         if gB != G:
             Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
         if gC != G:
             Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
-        At = A.detach().to(torch.float32).t().contiguous()
-        A2t = (A.detach().t().double() * _LOG2E_64).to(torch.float32).contiguous()
-        Dv, bias = _vec(D, d), _vec(delta_bias, d)
+        dg = d // G
+        dgp = -(-dg // BW) * BW
+        dp = G * dgp
+        pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
+        u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
+        has_z = z is not None
+        z3 = pad(_as_bld(z)) if has_z else u3
+        At = pad(A.detach().to(torch.float32).t()).contiguous()
+        A2t = pad((A.detach().t().double() * _LOG2E_64).to(torch.float32)).contiguous()
+        Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
         K = int(chunk)
         nchunk = (L + K - 1) // K
-        out = torch.empty(b, L, d, dtype=torch.float32)
-        hs = torch.empty(b, nchunk, N, d, dtype=torch.float32)
-        hlast = torch.empty(b, N, d, dtype=torch.float32)
+        out = torch.empty(b, L, dp, dtype=torch.float32)
+        hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
+        hlast = torch.empty(b, N, dp, dtype=torch.float32)
+        f = _flat
         with _dynamic_tasks():
-            _scan_fwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), A2t.numpy(), Dv.numpy(),
-                      bias.numpy(), has_z, bool(delta_softplus), bool(reverse), K,
-                      out.numpy(), hs.numpy(), hlast.numpy())
+            _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(delta_softplus),
+                      bool(reverse), K, f(out), f(hs), f(hlast), b, L, dp, G, N)
         ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs)
         ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
-                   delta_bias is not None, (B.dim() == 4, C.dim() == 4))
+                   delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp))
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
-        out = out.transpose(1, 2)
-        last = hlast.transpose(1, 2)
+        out = _unpadc(out, G, dg, dgp).transpose(1, 2)
+        last = _unpadc(hlast, G, dg, dgp).transpose(1, 2)
         if u.dtype != torch.float32:
             out = out.to(u.dtype)
         return out, last
@@ -622,30 +812,33 @@ class SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs = ctx.saved_tensors
-        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4) = ctx.cfg
-        b, L, d = u3.shape
+        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp) = ctx.cfg
+        b, L, dp = u3.shape
         g, N = Bm.shape[2], Bm.shape[3]
-        nbg = d // g // VL
+        pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
+        unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
+        nbg = dgp // BW
         if dout is None:
-            dout = torch.zeros(b, d, L)
-        g3 = _as_bld(dout)
-        if dlast is None:
-            dl_ = torch.zeros(b, N, d, dtype=torch.float32)
+            g3 = torch.zeros(b, L, dp, dtype=torch.float32)
         else:
-            dl_ = dlast.detach().transpose(1, 2).to(torch.float32).contiguous()
-        du = torch.empty(b, L, d, dtype=torch.float32)
-        dd = torch.empty(b, L, d, dtype=torch.float32)
-        dz = torch.empty(b, L, d, dtype=torch.float32) if has_z else du
+            g3 = pad(_as_bld(dout)).contiguous()
+        if dlast is None:
+            dl_ = torch.zeros(b, N, dp, dtype=torch.float32)
+        else:
+            dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous()
+        du = torch.empty(b, L, dp, dtype=torch.float32)
+        dd = torch.empty(b, L, dp, dtype=torch.float32)
+        dz = torch.empty(b, L, dp, dtype=torch.float32) if has_z else du
         dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
         dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
-        dAp = torch.empty(b, N, d, dtype=torch.float64)
-        dDp = torch.empty(b, d, dtype=torch.float64)
-        dbp = torch.empty(b, d, dtype=torch.float64)
-        f = lambda x: x.reshape(-1).numpy()  # noqa: E731
+        dAp = torch.empty(b, N, dp, dtype=torch.float64)
+        dDp = torch.empty(b, dp, dtype=torch.float64)
+        dbp = torch.empty(b, dp, dtype=torch.float64)
+        f = _flat
         with _dynamic_tasks():
             _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
                       reverse, K, f(hs), f(g3), f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
-                      f(dbp), b, L, d, g, N)
+                      f(dbp), b, L, dp, g, N)
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 
@@ -654,14 +847,14 @@ class SelectiveScanCPU(torch.autograd.Function):
             _sum_blocks(P.numpy(), o.numpy())
             return sum_to_groups(o.permute(0, 2, 3, 1), (b, gX, N, L) if is4 else (b, N, L), dtype)
 
-        r_u = du.transpose(1, 2).to(dt_u) if need[0] else None
-        r_delta = dd.transpose(1, 2).to(dt_delta) if need[1] else None
-        r_A = dAp.sum(0).t().to(dt_A) if need[2] else None
+        r_u = unpad(du).transpose(1, 2).to(dt_u) if need[0] else None
+        r_delta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
+        r_A = unpad(dAp.sum(0)).t().to(dt_A) if need[2] else None
         r_B = bc(dBp, gB, b4, dt_B) if need[3] else None
         r_C = bc(dCp, gC, c4, dt_C) if need[4] else None
-        r_D = dDp.sum(0).to(dt_D) if (has_D and need[5]) else None
-        r_z = dz.transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
-        r_bias = dbp.sum(0).to(dt_bias) if (has_bias and need[7]) else None
+        r_D = unpad(dDp.sum(0)).to(dt_D) if (has_D and need[5]) else None
+        r_z = unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
+        r_bias = unpad(dbp.sum(0)).to(dt_bias) if (has_bias and need[7]) else None
         return r_u, r_delta, r_A, r_B, r_C, r_D, r_z, r_bias, None, None, None
 
 
