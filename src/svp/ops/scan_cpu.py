@@ -3,30 +3,40 @@
 Semantics are those of :func:`svp.ops.scan_ref.selective_scan_ref` (plus ``reverse``).
 Everything is computed in float32 whatever the input dtype; results are cast back.
 
-Layout. The kernels work on the (batch, len, dim) layout so that the innermost loop
-runs over contiguous channels (and vectorises). The model hands us u/delta/z as
-(b, d, l) *transposed views* of contiguous (b, l, d) tensors, which we read in place;
-any other layout is copied once. B and C (small) are always copied to (b, l, g, n).
+Layout. The kernels work on the (batch, len, dim) layout so that a vector holds 16
+contiguous channels. The model hands us u/delta/z as (b, d, l) *transposed views* of
+contiguous (b, l, d) tensors, which we read in place; any other layout is copied once.
+B and C (small) are always copied to (b, l, g, n).
 
-Parallelism: one task per (batch, group, block of BS channels). Each task keeps the
-(n, BS) state in a small local array and walks the sequence; ``reverse`` only changes
-the time index (no flips or copies).
+Vectors. The kernels are written with the explicit 16-lane float32 vectors of
+:mod:`svp.ops.simd` rather than loops over channels for numba to vectorise: numba cannot
+tell LLVM that its arrays do not overlap, so every auto-vectorised loop over channels
+began with runtime overlap checks between all the arrays it touched, entered once per
+(step, state); those checks and the register spills around them were most of the
+instructions the backward executed. Every operation is exact IEEE float32 with explicit
+fused multiply-adds, so the bits do not depend on the compiler's scheduling, on numba
+compiling now or loading its disk cache, or on the machine's vector width.
+
+Parallelism: one task per (batch, group, block of BW = 64 channels), i.e. four vectors
+processed side by side in every loop iteration (measured: one vector per task left the
+loops waiting on their own latencies, 1.8x slower backward; four were 1.4-1.8x faster
+than two). Channel counts per group that are not a multiple of 64 are padded with inert
+zero channels and cut off again. ``reverse`` only changes the time index (no flips or
+copies).
 
 Backward: the forward stores the state at the start of every chunk of K steps. The
 backward walks the chunks from last to first: it recomputes the chunk's states and
-decay factors exp(delta*A) into task-local buffers (L2-resident), then runs the
-reverse-time recurrence dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating
-the gradients of every input. Reductions over channels (dB, dC) are float32 fixed-order
-trees per block of BS channels (see _hsum16; float64 there cost 20% of the backward), the
-blocks summed in float64; reductions over time/batch (dA, dD, d_delta_bias) accumulate in
-float64.
+decay factors exp(delta*A) into task-local buffers (bit for bit the forward's: same
+operations), then runs the reverse-time recurrence
+dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating the gradients of every input.
+Sums over channels (dB, dC) are fixed float32 trees per block of 64 channels (the four
+vectors pairwise, then a shuffle tree over the 16 lanes, ``simd.vhsum16``), the blocks
+summed in float64; sums over time and batch accumulate in float64 (dD, d_delta_bias per
+step; dA in float32 within a chunk of K steps, then float64).
 
-Vector width: both kernels ask LLVM for 512-bit vectors (see _wide_vectors); on CPUs that
-prefer 256-bit vectors by default (Intel server cores) this made the forward ~20% faster.
-
-exp/softplus/sigmoid are branch-free polynomials (vectorisable), accurate to ~1e-7
-relative; the decay factors use a cheaper base-2 exponential (see _exp2) that is exactly 0
-for delta*|A| above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
+exp/softplus/sigmoid are branch-free polynomials, accurate to ~1e-7 relative; the decay
+factors use a cheaper base-2 exponential (see _vexp2) that is exactly 0 for delta*|A|
+above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
 """
 from __future__ import annotations
 
@@ -84,9 +94,8 @@ try:
 except Exception:  # pragma: no cover - an LLVM without the option: slower, still correct
     pass
 
-BS = 64          # channels per task: 4 AVX-512 / 8 AVX2 vectors; amortises per-row loop overhead
-BW = 4 * VL      # channels per backward task: two 16-lane vectors
-CHUNK = 32       # time steps per backward chunk (recomputed state buffers stay in L2)
+BW = 4 * VL      # channels per task: four 16-lane vectors side by side
+CHUNK = 32       # time steps per backward chunk (8, 16 and 32 measured the same)
 
 _f32 = np.float32
 # exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 polynomial (Taylor-like
@@ -117,7 +126,6 @@ _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8 = _Q
 # same bits both ways; releases in between were not checked, so they run without contraction.
 _CONTRACT = {"contract"} if tuple(int(p) for p in numba.__version__.split(".")[:2]) >= (0, 68) else set()
 _FM_SAFE = _CONTRACT | {"nsz"}  # keeps the order of every operation
-_FM_RED = _CONTRACT | {"nsz"}   # no 'reassoc': see _hsum
 
 
 @intrinsic
@@ -152,15 +160,14 @@ def _exp(x):
 
 # 2^t for the decay factors exp(delta*A) = 2^(delta * A log2 e), the scan's inner-loop cost:
 # the A log2 e products are formed once per call (in float64, rounded), so the loop needs no
-# range-reduction multiply. Rounding by adding 1.5*2^23 (the float's own round-to-nearest),
-# f = t - k in [-1/2, 1/2], a degree-6 polynomial fitted for relative error on that interval
-# (2e-9 in exact arithmetic, 9.7e-8 = 0.8 ulp evaluated in float32, mean bias 1e-9), and
-# 2^k built from the rounded sum's low bits. t <= -127 gives exactly 0 (k = -127 makes the
-# exponent field 0), t >= 127 saturates at 2^127 * p. Relative to exp(x) the error grows as
-# |x| * 6e-8 (the rounding of t), which only matters where exp(x) is already negligible.
-# 13 vector operations against 18 for exp(x) with a natural-log reduction.
-_MAGIC = _f32(12582912.0)                 # 1.5 * 2^23
-_MAGIC_BIAS = np.int32(127 - 0x4B400000)  # 127 - bits(_MAGIC)
+# range-reduction multiply. Rounding by adding 1.5*2^23 (the float's own round-to-nearest), f
+# = t - k in [-1/2, 1/2], a degree-6 polynomial fitted for relative error on that interval
+# (2e-9 in exact arithmetic, 9.7e-8 = 0.8 ulp evaluated in float32, mean bias 1e-9), and 2^k
+# built from the rounded sum's low bits (simd.vround_magic, simd.vpow2_from_magic). t <= -127
+# gives exactly 0 (k = -127 makes the exponent field 0), t >= 127 saturates at 2^127 * p.
+# Relative to exp(x) the error grows as |x| * 6e-8 (the rounding of t), which only matters
+# where exp(x) is already negligible. 13 vector operations against 18 for exp(x) with a
+# natural-log reduction.
 _T_MIN = _f32(-127.0)
 _T_MAX = _f32(127.0)
 _E1 = _f32(0.6931471824645996)
@@ -171,23 +178,14 @@ _E5 = _f32(0.0013398875016719103)
 _E6 = _f32(0.00015353360504377633)
 
 
-@intrinsic
-def _f32_to_bits(typingctx, x):
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
 # LLVM's x86 tuning for Intel server cores with AVX-512 prefers 256-bit vectors (a clock
-# penalty on old parts). The scan kernels are compute-bound on float32 FMAs, so they ask for
-# 512-bit vectors with the "prefer-vector-width" function attribute (what clang's
-# -mprefer-vector-width=512 sets), attached to the function this is called in (the prange
-# body). llvmlite's attribute set only admits a fixed list of names, hence the set.add. On a
-# CPU without AVX-512 the attribute cannot widen anything, and other targets ignore it.
-# Vector width does not change any result: no reassociation is allowed (see _FM_SAFE).
+# penalty on old parts), and may split the kernels' 16-lane vectors in two. The scan kernels
+# are compute-bound on float32 FMAs, so they ask for 512-bit vectors with the
+# "prefer-vector-width" function attribute (what clang's -mprefer-vector-width=512 sets),
+# attached to the function this is called in (the prange body). llvmlite's attribute set only
+# admits a fixed list of names, hence the set.add. On a CPU without AVX-512 the attribute
+# cannot widen anything, and other targets ignore it. Vector width does not change any result
+# (svp.ops.simd: every operation is explicit).
 @intrinsic
 def _wide_vectors(typingctx):
     sig = types.none()
@@ -200,66 +198,8 @@ def _wide_vectors(typingctx):
 
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _exp2(t):
-    tc = t if t > _T_MIN else _T_MIN
-    tc = tc if tc < _T_MAX else _T_MAX
-    s = tc + _MAGIC
-    f = tc - (s - _MAGIC)
-    p = _E6
-    p = p * f + _E5
-    p = p * f + _E4
-    p = p * f + _E3
-    p = p * f + _E2
-    p = p * f + _E1
-    p = p * f + _ONE
-    scale = _bits_to_f32((_f32_to_bits(s) + _MAGIC_BIAS) << np.int32(23))
-    return p * scale
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _log1p01(t):
-    """log(1 + t) for t in [0, 1], no cancellation for small t."""
-    f = t / (_TWO + t)
-    f2 = f * f
-    p = _Q8
-    p = p * f2 + _Q7
-    p = p * f2 + _Q6
-    p = p * f2 + _Q5
-    p = p * f2 + _Q4
-    p = p * f2 + _Q3
-    p = p * f2 + _Q2
-    p = p * f2 + _Q1
-    p = p * f2 + _Q0
-    return _TWO * f * p
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _softplus(x):
-    ax = x if x >= _ZERO else -x
-    return (x if x > _ZERO else _ZERO) + _log1p01(_exp(-ax))
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
 def _sigmoid(x):
     return _ONE / (_ONE + _exp(-x))
-
-
-# Channel sums (dB, dC over a block of BS = 64 channels) in a fixed order, without letting
-# LLVM reassociate: with fastmath 'reassoc' the order was left to the code generator, and a
-# kernel compiled in this process gave other bits than the same kernel loaded from numba's
-# on-disk cache, so a resumed run did not reproduce an uninterrupted one. Lane k of one
-# 16-lane vector sums channels k, k+16, k+32, k+48 as a pairwise tree (one vector
-# expression: four products, three adds), then a fixed tree over the 16 lanes. The earlier
-# form (8 running partial sums over 8 steps) compiled to 64 dependent scalar FMAs per
-# (step, state) and was the largest single cost of the backward.
-_RL = 16
-assert BS == 4 * _RL
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _hsum16(a):
-    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
 
 
 # --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
@@ -581,7 +521,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
                         o = hn0 + n * BW
-                        vstore(P, (n - n0) * VL, ((gv0 * vload(Hb, o) + gv1 * vload(Hb, o + VL)) + (gv2 * vload(Hb, o + 2 * VL) + gv3 * vload(Hb, o + 3 * VL))))
+                        p01 = gv0 * vload(Hb, o) + gv1 * vload(Hb, o + VL)
+                        p23 = gv2 * vload(Hb, o + 2 * VL) + gv3 * vload(Hb, o + 3 * VL)
+                        vstore(P, (n - n0) * VL, p01 + p23)
                     _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
