@@ -83,8 +83,8 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
-from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_magic, vpow2i, \
-    vfloor, vround_magic, vselect_ge, vstore, zeros  # noqa: E402
+from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
+    vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros  # noqa: E402
 
 # The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
 # default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
@@ -203,9 +203,9 @@ def _sigmoid(x):
 
 
 # --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
-@njit(inline="always")
+@njit
 def _vexp2(t):
-    tc = vmin(vmax(t, splat(_T_MIN)), splat(_T_MAX))
+    tc = vmin(splat(_T_MAX), vmax(splat(_T_MIN), t))   # bound first: NaN stays NaN
     s, k = vround_magic(tc)
     f = tc - k
     p = splat(_E6)
@@ -218,7 +218,32 @@ def _vexp2(t):
     return p * vpow2_from_magic(s)
 
 
-@njit(inline="always")
+# 2^(dt a) for a < 0 and 0 <= dt <= dtmax (the models' case, see _fast_decay): 10 vector
+# operations against 14 for _vexp2(dt * a), and the product is never rounded on its own.
+# s = dt a + M' in one fused rounding gives k = round(dt a) as s - M'; the reduced argument
+# f = dt a - k is a second fused multiply-add, so the |t| * 6e-8 error of rounding t goes
+# away. M' = 1.5 * 2^23 + 127 leaves k + 127 in the low bits of s, so 2^k is s's bits
+# shifted, after one integer max that sends k <= -127 to exactly 0, as in _vexp2. Needs
+# |dt a| <= 2^27 or so (then |f| stays small and p(f) finite, so p * 0 = 0): the caller
+# bounds dt by dtmax.
+_MAGIC_B = _f32(12582912.0 + 127.0)
+
+
+@njit
+def _vexp2_neg(dt, a):
+    s = fma(dt, a, splat(_MAGIC_B))
+    f = fma(dt, a, -(s - _MAGIC_B))
+    p = splat(_E6)
+    p = fma(p, f, splat(_E5))
+    p = fma(p, f, splat(_E4))
+    p = fma(p, f, splat(_E3))
+    p = fma(p, f, splat(_E2))
+    p = fma(p, f, splat(_E1))
+    p = fma(p, f, splat(_ONE))
+    return p * vpow2_from_biased(s)
+
+
+@njit
 def _vexp(x):
     xc = vmin(vmax(x, splat(_XMIN)), splat(_XMAX))
     k = vfloor(fma(xc, splat(_LOG2E), splat(_HALF)))
@@ -234,7 +259,7 @@ def _vexp(x):
     return vselect_ge(x, splat(_XMIN), p * vpow2i(k), zeros())
 
 
-@njit(inline="always")
+@njit
 def _vlog1p01(t):
     f = t / (t + _TWO)
     f2 = f * f
@@ -250,18 +275,21 @@ def _vlog1p01(t):
     return (f + f) * p
 
 
-@njit(inline="always")
+@njit
 def _vsoftplus(x):
-    return vmax(x, zeros()) + _vlog1p01(_vexp(-vmax(x, -x)))
+    # max(0, x) with 0 first: NaN gives NaN (exp(NaN) is 0 in _vexp, so without it a NaN
+    # delta would vanish from the outputs)
+    return vmax(zeros(), x) + _vlog1p01(_vexp(-vmax(x, -x)))
 
 
-@njit(inline="always")
+@njit
 def _vsigmoid(x):
     return _ONE / (_vexp(-x) + _ONE)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, b, L, d, g, N):
+def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, fast, dtmax,
+              b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -288,6 +316,10 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
         b1 = vload(bias, c0 + VL)
         b2 = vload(bias, c0 + 2 * VL)
         b3 = vload(bias, c0 + 3 * VL)
+        m0 = vload(dtmax, c0)
+        m1 = vload(dtmax, c0 + VL)
+        m2 = vload(dtmax, c0 + 2 * VL)
+        m3 = vload(dtmax, c0 + 3 * VL)
         for s in range(L):
             if s % K == 0:
                 hb = (bi * nchunk + s // K) * N
@@ -316,6 +348,10 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
             dtu1 = dt1 * u1
             dtu2 = dt2 * u2
             dtu3 = dt3 * u3
+            dc0 = vmin(dt0, m0)
+            dc1 = vmin(dt1, m1)
+            dc2 = vmin(dt2, m2)
+            dc3 = vmin(dt3, m3)
             y0 = zeros()
             y1 = zeros()
             y2 = zeros()
@@ -324,10 +360,14 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
                 o = n * BW
                 bn = Bm[bcr + n]
                 cn = splat(Cm[bcr + n])
-                e0 = _vexp2(dt0 * vload(A2b, o))
-                e1 = _vexp2(dt1 * vload(A2b, o + VL))
-                e2 = _vexp2(dt2 * vload(A2b, o + 2 * VL))
-                e3 = _vexp2(dt3 * vload(A2b, o + 3 * VL))
+                a = vload(A2b, o)
+                e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                a = vload(A2b, o + VL)
+                e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                a = vload(A2b, o + 2 * VL)
+                e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                a = vload(A2b, o + 3 * VL)
+                e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
                 h0 = fma(e0, vload(h, o), dtu0 * bn)
                 h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
                 h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
@@ -363,7 +403,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, b, L, d, g, N):
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -411,6 +451,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
         b1 = vload(bias, c0 + VL)
         b2 = vload(bias, c0 + 2 * VL)
         b3 = vload(bias, c0 + 3 * VL)
+        m0 = vload(dtmax, c0)
+        m1 = vload(dtmax, c0 + VL)
+        m2 = vload(dtmax, c0 + 2 * VL)
+        m3 = vload(dtmax, c0 + 3 * VL)
         pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
@@ -452,6 +496,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 dtu1 = dt1 * u1
                 dtu2 = dt2 * u2
                 dtu3 = dt3 * u3
+                dc0 = vmin(dt0, m0)
+                dc1 = vmin(dt1, m1)
+                dc2 = vmin(dt2, m2)
+                dc3 = vmin(dt3, m3)
                 hp0 = j * NV
                 hn0 = hp0 + NV
                 y0 = zeros()
@@ -462,10 +510,14 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     o = n * BW
                     bn = Bm[bcr + n]
                     cn = splat(Cm[bcr + n])
-                    e0 = _vexp2(dt0 * vload(A2b, o))
-                    e1 = _vexp2(dt1 * vload(A2b, o + VL))
-                    e2 = _vexp2(dt2 * vload(A2b, o + 2 * VL))
-                    e3 = _vexp2(dt3 * vload(A2b, o + 3 * VL))
+                    a = vload(A2b, o)
+                    e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                    a = vload(A2b, o + VL)
+                    e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                    a = vload(A2b, o + 2 * VL)
+                    e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                    a = vload(A2b, o + 3 * VL)
+                    e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
                     h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
                     h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
                     h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
@@ -626,7 +678,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
             dbp[bi * d + c0 + c] = dbacc[c]
 
 
-@njit(inline="always")
+@njit
 def _store_sums(P, m, out, off, tmp):
     """out[off:off+m] = lane sums of the first m vectors of P (the rest of P must be zero)."""
     if m == VL:
@@ -704,6 +756,27 @@ def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], g, dgp)[..., :dg].reshape(*x.shape[:-1], g * dg)
 
 
+_RATIO_MAX = 2.0 ** 20
+
+
+def _fast_decay(A2t: torch.Tensor, softplus: bool):
+    """Whether the kernels may use _vexp2_neg, and the per-channel bound on delta it needs.
+
+    With softplus, delta >= 0; with every A < 0 the exponent t = delta * A log2 e is <= 0.
+    Clamping delta (for the decay factors only) at dtmax_c = 128 / min_n |A2[n, c]| changes
+    no factor: beyond it every t of that channel is <= -128, where the factor is 0 either way;
+    with max_n |A2| / min_n |A2| <= 2^20 it bounds |t| by 2^27, as _vexp2_neg needs. Anything
+    else (no softplus, A >= 0 somewhere, inf/NaN in A) takes the general path."""
+    a = A2t.double().abs()
+    fast = bool(softplus and A2t.numel() > 0 and bool((A2t < 0).all()) and bool(torch.isfinite(A2t).all()))
+    if fast:
+        amin = a.amin(0)
+        fast = bool((a.amax(0) <= _RATIO_MAX * amin).all())
+    if not fast:
+        return False, torch.ones(A2t.shape[1], dtype=torch.float32)
+    return True, (128.0 / amin).to(torch.float32)
+
+
 def _flat(x: torch.Tensor):
     return x.reshape(-1).numpy()
 
@@ -730,7 +803,9 @@ class SelectiveScanCPU(torch.autograd.Function):
         has_z = z is not None
         z3 = pad(_as_bld(z)) if has_z else u3
         At = pad(A.detach().to(torch.float32).t()).contiguous()
-        A2t = pad((A.detach().t().double() * _LOG2E_64).to(torch.float32)).contiguous()
+        A2t = (A.detach().t().double() * _LOG2E_64).to(torch.float32)
+        fast, dtmax = _fast_decay(A2t, bool(delta_softplus))
+        A2t, dtmax = pad(A2t).contiguous(), pad(dtmax)
         Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
         K = int(chunk)
         nchunk = (L + K - 1) // K
@@ -740,10 +815,10 @@ class SelectiveScanCPU(torch.autograd.Function):
         f = _flat
         with _dynamic_tasks():
             _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(delta_softplus),
-                      bool(reverse), K, f(out), f(hs), f(hlast), b, L, dp, G, N)
-        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs)
+                      bool(reverse), K, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
+        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax)
         ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
-                   delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp))
+                   delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp), fast)
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
         out = _unpadc(out, G, dg, dgp).transpose(1, 2)
         last = _unpadc(hlast, G, dg, dgp).transpose(1, 2)
@@ -753,8 +828,8 @@ class SelectiveScanCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs = ctx.saved_tensors
-        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp) = ctx.cfg
+        u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = ctx.saved_tensors
+        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast = ctx.cfg
         b, L, dp = u3.shape
         g, N = Bm.shape[2], Bm.shape[3]
         pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
@@ -780,7 +855,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         with _dynamic_tasks():
             _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
                       reverse, K, f(hs), f(g3), f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
-                      f(dbp), b, L, dp, g, N)
+                      f(dbp), fast, f(dtmax), b, L, dp, g, N)
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 

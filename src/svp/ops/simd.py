@@ -193,6 +193,25 @@ def vpow2_from_magic(typingctx, s):
 
 
 @intrinsic
+def vpow2_from_biased(typingctx, s):
+    """2^(k) for s = k + 127 + 1.5*2^23 (k + 127 in s's low mantissa bits): the bits of s,
+    shifted so k + 127 lands in the exponent field. Anything at or below 1.5*2^23 in value
+    (k <= -127, s in a lower binade, or negative s) is first raised to the bits of 1.5*2^23,
+    which shift to +0."""
+    if s != f32x16:
+        return None
+    lo = ir.Constant(_VI, [0x4B400000] * W)
+    sh = ir.Constant(_VI, [23] * W)
+
+    def codegen(context, builder, sig, args):
+        i = builder.bitcast(args[0], _VI)
+        i = builder.select(builder.icmp_signed(">", i, lo), i, lo)
+        return builder.bitcast(builder.shl(i, sh), _VF)
+
+    return f32x16(s), codegen
+
+
+@intrinsic
 def vfloor(typingctx, x):
     if x != f32x16:
         return None
@@ -277,7 +296,7 @@ def vacc_f64(typingctx, buf, off, v):
 
 # operators (vector op vector, vector op scalar, scalar op vector)
 def _mk(op, fn):
-    @overload(op, inline="always")
+    @overload(op)
     def _ov(a, b):
         if a == f32x16 and b == f32x16:
             return lambda a, b: fn(a, b)
@@ -304,7 +323,7 @@ def vneg(typingctx, a):
     return f32x16(a), codegen
 
 
-@overload(operator.neg, inline="always")
+@overload(operator.neg)
 def _ov_neg(a):
     if a == f32x16:
         return lambda a: vneg(a)
