@@ -84,7 +84,7 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
-    vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros  # noqa: E402
+    vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
 
 # The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
 # default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
@@ -301,8 +301,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
         gi = rem // nbg
         blk = rem - gi * nbg
         c0 = gi * dg + blk * BW
-        A2b = np.empty(NV, np.float32)
-        h = np.zeros(NV, np.float32)
+        A2b = zeros64(NV)
+        h = zeros64(NV)
         for n in range(N):
             vstore(A2b, n * BW, vload(A2t, n * d + c0))
             vstore(A2b, n * BW + VL, vload(A2t, n * d + c0 + VL))
@@ -416,9 +416,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
         gi = rem // nbg
         blk = rem - gi * nbg
         c0 = gi * dg + blk * BW
-        Ab = np.empty(NV, np.float32)
-        A2b = np.empty(NV, np.float32)
-        dh = np.empty(NV, np.float32)
+        Ab = zeros64(NV)
+        A2b = zeros64(NV)
+        dh = zeros64(NV)
         for n in range(N):
             o = n * BW
             vstore(Ab, o, vload(At, n * d + c0))
@@ -433,13 +433,13 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
             vstore(dh, o + VL, vload(dlast, (bi * N + n) * d + c0 + VL))
             vstore(dh, o + 2 * VL, vload(dlast, (bi * N + n) * d + c0 + 2 * VL))
             vstore(dh, o + 3 * VL, vload(dlast, (bi * N + n) * d + c0 + 3 * VL))
-        Hb = np.empty((K + 1) * NV, np.float32)
-        Eb = np.empty(K * NV, np.float32)
-        Tb = np.empty(K * BW, np.float32)
-        Gb = np.empty(K * BW, np.float32)
-        P = np.zeros(VL * VL, np.float32)
-        tmp = np.empty(VL, np.float32)
-        dAc = np.empty(NV, np.float32)
+        Hb = zeros64((K + 1) * NV)
+        Eb = zeros64(K * NV)
+        Tb = zeros64(K * BW)
+        Gb = zeros64(K * BW)
+        P = zeros64(VL * VL)
+        tmp = zeros64(VL)
+        dAc = zeros64(NV)
         dAacc = np.zeros(NV, np.float64)
         dDacc = np.zeros(BW, np.float64)
         dbacc = np.zeros(BW, np.float64)

@@ -332,3 +332,13 @@ def _ov_neg(a):
 @njit(inline="always")
 def zeros():
     return splat(0.0)
+
+
+@njit
+def zeros64(n):
+    """n float32 zeros starting on a 64-byte boundary. numba aligns its arrays to 32 bytes
+    only; a 64-byte vector access to a row that starts 32 bytes into a cache line touches two
+    lines (a split store costs two stores)."""
+    buf = np.zeros(n + 16, np.float32)
+    off = ((64 - buf.ctypes.data % 64) % 64) // 4
+    return buf[off:off + n]
