@@ -3,30 +3,40 @@
 Semantics are those of :func:`svp.ops.scan_ref.selective_scan_ref` (plus ``reverse``).
 Everything is computed in float32 whatever the input dtype; results are cast back.
 
-Layout. The kernels work on the (batch, len, dim) layout so that the innermost loop
-runs over contiguous channels (and vectorises). The model hands us u/delta/z as
-(b, d, l) *transposed views* of contiguous (b, l, d) tensors, which we read in place;
-any other layout is copied once. B and C (small) are always copied to (b, l, g, n).
+Layout. The kernels work on the (batch, len, dim) layout so that a vector holds 16
+contiguous channels. The model hands us u/delta/z as (b, d, l) *transposed views* of
+contiguous (b, l, d) tensors, which we read in place; any other layout is copied once.
+B and C (small) are always copied to (b, l, g, n).
 
-Parallelism: one task per (batch, group, block of BS channels). Each task keeps the
-(n, BS) state in a small local array and walks the sequence; ``reverse`` only changes
-the time index (no flips or copies).
+Vectors. The kernels are written with the explicit 16-lane float32 vectors of
+:mod:`svp.ops.simd` rather than loops over channels for numba to vectorise: numba cannot
+tell LLVM that its arrays do not overlap, so every auto-vectorised loop over channels
+began with runtime overlap checks between all the arrays it touched, entered once per
+(step, state); those checks and the register spills around them were most of the
+instructions the backward executed. Every operation is exact IEEE float32 with explicit
+fused multiply-adds, so the bits do not depend on the compiler's scheduling, on numba
+compiling now or loading its disk cache, or on the machine's vector width.
+
+Parallelism: one task per (batch, group, block of BW = 64 channels), i.e. four vectors
+processed side by side in every loop iteration (measured: one vector per task left the
+loops waiting on their own latencies, 1.8x slower backward; four were 1.4-1.8x faster
+than two). Channel counts per group that are not a multiple of 64 are padded with inert
+zero channels and cut off again. ``reverse`` only changes the time index (no flips or
+copies).
 
 Backward: the forward stores the state at the start of every chunk of K steps. The
 backward walks the chunks from last to first: it recomputes the chunk's states and
-decay factors exp(delta*A) into task-local buffers (L2-resident), then runs the
-reverse-time recurrence dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating
-the gradients of every input. Reductions over channels (dB, dC) are float32 fixed-order
-trees per block of BS channels (see _hsum16; float64 there cost 20% of the backward), the
-blocks summed in float64; reductions over time/batch (dA, dD, d_delta_bias) accumulate in
-float64.
+decay factors exp(delta*A) into task-local buffers (bit for bit the forward's: same
+operations), then runs the reverse-time recurrence
+dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating the gradients of every input.
+Sums over channels (dB, dC) are fixed float32 trees per block of 64 channels (the four
+vectors pairwise, then a shuffle tree over the 16 lanes, ``simd.vhsum16``), the blocks
+summed in float64; sums over time and batch accumulate in float64 (dD, d_delta_bias per
+step; dA in float32 within a chunk of K steps, then float64).
 
-Vector width: both kernels ask LLVM for 512-bit vectors (see _wide_vectors); on CPUs that
-prefer 256-bit vectors by default (Intel server cores) this made the forward ~20% faster.
-
-exp/softplus/sigmoid are branch-free polynomials (vectorisable), accurate to ~1e-7
-relative; the decay factors use a cheaper base-2 exponential (see _exp2) that is exactly 0
-for delta*|A| above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
+exp/softplus/sigmoid are branch-free polynomials, accurate to ~1e-7 relative; the decay
+factors use a cheaper base-2 exponential (see _vexp2) that is exactly 0 for delta*|A|
+above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
 """
 from __future__ import annotations
 
@@ -73,6 +83,9 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
+from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
+    vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
+
 # The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
 # default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
 # (a process-wide LLVM option that only changes vectorisation decisions).
@@ -81,8 +94,8 @@ try:
 except Exception:  # pragma: no cover - an LLVM without the option: slower, still correct
     pass
 
-BS = 64          # channels per task: 4 AVX-512 / 8 AVX2 vectors; amortises per-row loop overhead
-CHUNK = 32       # time steps per backward chunk (recomputed state buffers stay in L2)
+BW = 4 * VL      # channels per task: four 16-lane vectors side by side
+CHUNK = 32       # time steps per backward chunk (8, 16 and 32 measured the same)
 
 _f32 = np.float32
 # exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 polynomial (Taylor-like
@@ -113,7 +126,6 @@ _Q0, _Q1, _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8 = _Q
 # same bits both ways; releases in between were not checked, so they run without contraction.
 _CONTRACT = {"contract"} if tuple(int(p) for p in numba.__version__.split(".")[:2]) >= (0, 68) else set()
 _FM_SAFE = _CONTRACT | {"nsz"}  # keeps the order of every operation
-_FM_RED = _CONTRACT | {"nsz"}   # no 'reassoc': see _hsum
 
 
 @intrinsic
@@ -148,15 +160,14 @@ def _exp(x):
 
 # 2^t for the decay factors exp(delta*A) = 2^(delta * A log2 e), the scan's inner-loop cost:
 # the A log2 e products are formed once per call (in float64, rounded), so the loop needs no
-# range-reduction multiply. Rounding by adding 1.5*2^23 (the float's own round-to-nearest),
-# f = t - k in [-1/2, 1/2], a degree-6 polynomial fitted for relative error on that interval
-# (2e-9 in exact arithmetic, 9.7e-8 = 0.8 ulp evaluated in float32, mean bias 1e-9), and
-# 2^k built from the rounded sum's low bits. t <= -127 gives exactly 0 (k = -127 makes the
-# exponent field 0), t >= 127 saturates at 2^127 * p. Relative to exp(x) the error grows as
-# |x| * 6e-8 (the rounding of t), which only matters where exp(x) is already negligible.
-# 13 vector operations against 18 for exp(x) with a natural-log reduction.
-_MAGIC = _f32(12582912.0)                 # 1.5 * 2^23
-_MAGIC_BIAS = np.int32(127 - 0x4B400000)  # 127 - bits(_MAGIC)
+# range-reduction multiply. Rounding by adding 1.5*2^23 (the float's own round-to-nearest), f
+# = t - k in [-1/2, 1/2], a degree-6 polynomial fitted for relative error on that interval
+# (2e-9 in exact arithmetic, 9.7e-8 = 0.8 ulp evaluated in float32, mean bias 1e-9), and 2^k
+# built from the rounded sum's low bits (simd.vround_magic, simd.vpow2_from_magic). t <= -127
+# gives exactly 0 (k = -127 makes the exponent field 0), t >= 127 saturates at 2^127 * p.
+# Relative to exp(x) the error grows as |x| * 6e-8 (the rounding of t), which only matters
+# where exp(x) is already negligible. 13 vector operations against 18 for exp(x) with a
+# natural-log reduction.
 _T_MIN = _f32(-127.0)
 _T_MAX = _f32(127.0)
 _E1 = _f32(0.6931471824645996)
@@ -167,23 +178,14 @@ _E5 = _f32(0.0013398875016719103)
 _E6 = _f32(0.00015353360504377633)
 
 
-@intrinsic
-def _f32_to_bits(typingctx, x):
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
 # LLVM's x86 tuning for Intel server cores with AVX-512 prefers 256-bit vectors (a clock
-# penalty on old parts). The scan kernels are compute-bound on float32 FMAs, so they ask for
-# 512-bit vectors with the "prefer-vector-width" function attribute (what clang's
-# -mprefer-vector-width=512 sets), attached to the function this is called in (the prange
-# body). llvmlite's attribute set only admits a fixed list of names, hence the set.add. On a
-# CPU without AVX-512 the attribute cannot widen anything, and other targets ignore it.
-# Vector width does not change any result: no reassociation is allowed (see _FM_SAFE).
+# penalty on old parts), and may split the kernels' 16-lane vectors in two. The scan kernels
+# are compute-bound on float32 FMAs, so they ask for 512-bit vectors with the
+# "prefer-vector-width" function attribute (what clang's -mprefer-vector-width=512 sets),
+# attached to the function this is called in (the prange body). llvmlite's attribute set only
+# admits a fixed list of names, hence the set.add. On a CPU without AVX-512 the attribute
+# cannot widen anything, and other targets ignore it. Vector width does not change any result
+# (svp.ops.simd: every operation is explicit).
 @intrinsic
 def _wide_vectors(typingctx):
     sig = types.none()
@@ -196,325 +198,497 @@ def _wide_vectors(typingctx):
 
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _exp2(t):
-    tc = t if t > _T_MIN else _T_MIN
-    tc = tc if tc < _T_MAX else _T_MAX
-    s = tc + _MAGIC
-    f = tc - (s - _MAGIC)
-    p = _E6
-    p = p * f + _E5
-    p = p * f + _E4
-    p = p * f + _E3
-    p = p * f + _E2
-    p = p * f + _E1
-    p = p * f + _ONE
-    scale = _bits_to_f32((_f32_to_bits(s) + _MAGIC_BIAS) << np.int32(23))
-    return p * scale
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _log1p01(t):
-    """log(1 + t) for t in [0, 1], no cancellation for small t."""
-    f = t / (_TWO + t)
-    f2 = f * f
-    p = _Q8
-    p = p * f2 + _Q7
-    p = p * f2 + _Q6
-    p = p * f2 + _Q5
-    p = p * f2 + _Q4
-    p = p * f2 + _Q3
-    p = p * f2 + _Q2
-    p = p * f2 + _Q1
-    p = p * f2 + _Q0
-    return _TWO * f * p
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _softplus(x):
-    ax = x if x >= _ZERO else -x
-    return (x if x > _ZERO else _ZERO) + _log1p01(_exp(-ax))
-
-
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
 def _sigmoid(x):
     return _ONE / (_ONE + _exp(-x))
 
 
-# Channel sums (dB, dC over a block of BS = 64 channels) in a fixed order, without letting
-# LLVM reassociate: with fastmath 'reassoc' the order was left to the code generator, and a
-# kernel compiled in this process gave other bits than the same kernel loaded from numba's
-# on-disk cache, so a resumed run did not reproduce an uninterrupted one. Lane k of one
-# 16-lane vector sums channels k, k+16, k+32, k+48 as a pairwise tree (one vector
-# expression: four products, three adds), then a fixed tree over the 16 lanes. The earlier
-# form (8 running partial sums over 8 steps) compiled to 64 dependent scalar FMAs per
-# (step, state) and was the largest single cost of the backward.
-_RL = 16
-assert BS == 4 * _RL
+# --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
+@njit
+def _vexp2(t):
+    tc = vmin(splat(_T_MAX), vmax(splat(_T_MIN), t))   # bound first: NaN stays NaN
+    s, k = vround_magic(tc)
+    f = tc - k
+    p = splat(_E6)
+    p = fma(p, f, splat(_E5))
+    p = fma(p, f, splat(_E4))
+    p = fma(p, f, splat(_E3))
+    p = fma(p, f, splat(_E2))
+    p = fma(p, f, splat(_E1))
+    p = fma(p, f, splat(_ONE))
+    return p * vpow2_from_magic(s)
 
 
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _hsum16(a):
-    return ((((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
-            + (((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15]))))
+# 2^(dt a) for a < 0 and 0 <= dt <= dtmax (the models' case, see _fast_decay): 10 vector
+# operations against 14 for _vexp2(dt * a), and the product is never rounded on its own.
+# s = dt a + M' in one fused rounding gives k = round(dt a) as s - M'; the reduced argument
+# f = dt a - k is a second fused multiply-add, so the |t| * 6e-8 error of rounding t goes
+# away. M' = 1.5 * 2^23 + 127 leaves k + 127 in the low bits of s, so 2^k is s's bits
+# shifted, after one integer max that sends k <= -127 to exactly 0, as in _vexp2. Needs
+# |dt a| <= 2^27 or so (then |f| stays small and p(f) finite, so p * 0 = 0): the caller
+# bounds dt by dtmax.
+_MAGIC_B = _f32(12582912.0 + 127.0)
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _scan_fwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast):
-    b, L, d = u.shape
-    g = Bm.shape[2]
-    N = Bm.shape[3]
+@njit
+def _vexp2_neg(dt, a):
+    s = fma(dt, a, splat(_MAGIC_B))
+    f = fma(dt, a, -(s - _MAGIC_B))
+    p = splat(_E6)
+    p = fma(p, f, splat(_E5))
+    p = fma(p, f, splat(_E4))
+    p = fma(p, f, splat(_E3))
+    p = fma(p, f, splat(_E2))
+    p = fma(p, f, splat(_E1))
+    p = fma(p, f, splat(_ONE))
+    return p * vpow2_from_biased(s)
+
+
+@njit
+def _vexp(x):
+    xc = vmin(vmax(x, splat(_XMIN)), splat(_XMAX))
+    k = vfloor(fma(xc, splat(_LOG2E), splat(_HALF)))
+    r = fma(k, splat(-_LN2_HI), xc)
+    r = fma(k, splat(-_LN2_LO), r)
+    p = splat(_P0)
+    p = fma(p, r, splat(_P1))
+    p = fma(p, r, splat(_P2))
+    p = fma(p, r, splat(_P3))
+    p = fma(p, r, splat(_P4))
+    p = fma(p, r, splat(_P5))
+    p = fma(p, r * r, r) + _ONE
+    return vselect_ge(x, splat(_XMIN), p * vpow2i(k), zeros())
+
+
+@njit
+def _vlog1p01(t):
+    f = t / (t + _TWO)
+    f2 = f * f
+    p = splat(_Q8)
+    p = fma(p, f2, splat(_Q7))
+    p = fma(p, f2, splat(_Q6))
+    p = fma(p, f2, splat(_Q5))
+    p = fma(p, f2, splat(_Q4))
+    p = fma(p, f2, splat(_Q3))
+    p = fma(p, f2, splat(_Q2))
+    p = fma(p, f2, splat(_Q1))
+    p = fma(p, f2, splat(_Q0))
+    return (f + f) * p
+
+
+@njit
+def _vsoftplus(x):
+    # max(0, x) with 0 first: NaN gives NaN (exp(NaN) is 0 in _vexp, so without it a NaN
+    # delta would vanish from the outputs)
+    return vmax(zeros(), x) + _vlog1p01(_vexp(-vmax(x, -x)))
+
+
+@njit
+def _vsigmoid(x):
+    return _ONE / (_vexp(-x) + _ONE)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, fast, dtmax,
+              b, L, d, g, N):
     dg = d // g
-    nbg = (dg + BS - 1) // BS
-    for task in prange(b * g * nbg):
-        _wide_vectors()
-        bi = task // (g * nbg)
-        rem = task - bi * (g * nbg)
-        gi = rem // nbg
-        blk = rem - gi * nbg
-        c0 = gi * dg + blk * BS
-        cw = min(BS, dg - blk * BS)
-        c1 = c0 + cw
-        h = np.zeros((N, BS), np.float32)
-        Ab = np.zeros((N, BS), np.float32)      # A log2 e
-        for n in range(N):
-            an = A2t[n, c0:c1]
-            abn = Ab[n]
-            for c in range(cw):
-                abn[c] = an[c]
-        dt = np.zeros(BS, np.float32)
-        du = np.zeros(BS, np.float32)
-        y = np.zeros(BS, np.float32)
-        Db = Dv[c0:c1]
-        bb = bias[c0:c1]
-        for step in range(L):
-            if step % K == 0:
-                kk = step // K
-                for n in range(N):
-                    hsr = hs[bi, kk, n, c0:c1]
-                    hn = h[n]
-                    for c in range(cw):
-                        hsr[c] = hn[c]
-            t = L - 1 - step if reverse else step
-            ur = u[bi, t, c0:c1]
-            dr = dl[bi, t, c0:c1]
-            if softplus:
-                for c in range(cw):
-                    dt[c] = _softplus(dr[c] + bb[c])
-            else:
-                for c in range(cw):
-                    dt[c] = dr[c] + bb[c]
-            for c in range(cw):
-                du[c] = dt[c] * ur[c]
-            for c in range(BS):
-                y[c] = _ZERO
-            Br = Bm[bi, t, gi]
-            Cr = Cm[bi, t, gi]
-            for n in range(N):
-                bn = Br[n]
-                cn = Cr[n]
-                hn = h[n]
-                abn = Ab[n]
-                for c in range(BS):
-                    hv = _exp2(dt[c] * abn[c]) * hn[c] + du[c] * bn
-                    hn[c] = hv
-                    y[c] += cn * hv
-            orow = out[bi, t, c0:c1]
-            if has_z:
-                zr = z[bi, t, c0:c1]
-                for c in range(cw):
-                    zz = zr[c]
-                    orow[c] = (y[c] + Db[c] * ur[c]) * (zz * _sigmoid(zz))
-            else:
-                for c in range(cw):
-                    orow[c] = y[c] + Db[c] * ur[c]
-        for n in range(N):
-            hl = hlast[bi, n, c0:c1]
-            hn = h[n]
-            for c in range(cw):
-                hl[c] = hn[c]
-
-
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_RED)
-def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, Hs, Es):
-    # Every inner loop writes at most three arrays so that LLVM vectorises it (numba
-    # cannot tell it that the small local arrays do not overlap).
-    b, L, d = u.shape
-    g = Bm.shape[2]
-    N = Bm.shape[3]
-    dg = d // g
-    nbg = (dg + BS - 1) // BS
+    nbg = dg // BW
     nchunk = (L + K - 1) // K
+    NV = N * BW
     for task in prange(b * g * nbg):
         _wide_vectors()
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
         blk = rem - gi * nbg
-        c0 = gi * dg + blk * BS
-        cw = min(BS, dg - blk * BS)
-        c1 = c0 + cw
-        Ab = np.zeros((N, BS), np.float32)
-        A2b = np.zeros((N, BS), np.float32)
+        c0 = gi * dg + blk * BW
+        A2b = zeros64(NV)
+        h = zeros64(NV)
         for n in range(N):
-            an = At[n, c0:c1]
-            a2n = A2t[n, c0:c1]
-            abn = Ab[n]
-            a2bn = A2b[n]
-            for c in range(cw):
-                abn[c] = an[c]
-                a2bn[c] = a2n[c]
-        # The two big per-task buffers are per-thread scratch allocated once per call: a
-        # fresh 100+ KiB allocation per task is an mmap/munmap pair with page faults and
-        # TLB shootdowns that cost more than the task on a busy machine.
-        tid = numba.get_thread_id()
-        Hb = Hs[tid]                                # Hb[j+1] = state after step s0+j
-        Eb = Es[tid]                                # exp(delta*A) of step s0+j
-        if cw < BS:                                 # lanes >= cw must stay inert zeros
-            Hb[:] = _ZERO
-            Eb[:] = _ZERO
-        Tb = np.zeros((K, BS), np.float32)          # delta after bias/softplus
-        Gb = np.zeros((K, BS), np.float32)          # dL/d(y + D u) (through the gate)
-        dh = np.zeros((N, BS), np.float32)
+            vstore(A2b, n * BW, vload(A2t, n * d + c0))
+            vstore(A2b, n * BW + VL, vload(A2t, n * d + c0 + VL))
+            vstore(A2b, n * BW + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+            vstore(A2b, n * BW + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+        D0 = vload(Dv, c0)
+        D1 = vload(Dv, c0 + VL)
+        D2 = vload(Dv, c0 + 2 * VL)
+        D3 = vload(Dv, c0 + 3 * VL)
+        b0 = vload(bias, c0)
+        b1 = vload(bias, c0 + VL)
+        b2 = vload(bias, c0 + 2 * VL)
+        b3 = vload(bias, c0 + 3 * VL)
+        m0 = vload(dtmax, c0)
+        m1 = vload(dtmax, c0 + VL)
+        m2 = vload(dtmax, c0 + 2 * VL)
+        m3 = vload(dtmax, c0 + 3 * VL)
+        for s in range(L):
+            if s % K == 0:
+                hb = (bi * nchunk + s // K) * N
+                for n in range(N):
+                    vstore(hs, (hb + n) * d + c0, vload(h, n * BW))
+                    vstore(hs, (hb + n) * d + c0 + VL, vload(h, n * BW + VL))
+                    vstore(hs, (hb + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
+                    vstore(hs, (hb + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+            t = L - 1 - s if reverse else s
+            row = (bi * L + t) * d + c0
+            bcr = ((bi * L + t) * g + gi) * N
+            u0 = vload(u, row)
+            u1 = vload(u, row + VL)
+            u2 = vload(u, row + 2 * VL)
+            u3 = vload(u, row + 3 * VL)
+            dt0 = vload(dl, row) + b0
+            dt1 = vload(dl, row + VL) + b1
+            dt2 = vload(dl, row + 2 * VL) + b2
+            dt3 = vload(dl, row + 3 * VL) + b3
+            if softplus:
+                dt0 = _vsoftplus(dt0)
+                dt1 = _vsoftplus(dt1)
+                dt2 = _vsoftplus(dt2)
+                dt3 = _vsoftplus(dt3)
+            dtu0 = dt0 * u0
+            dtu1 = dt1 * u1
+            dtu2 = dt2 * u2
+            dtu3 = dt3 * u3
+            dc0 = vmin(dt0, m0)
+            dc1 = vmin(dt1, m1)
+            dc2 = vmin(dt2, m2)
+            dc3 = vmin(dt3, m3)
+            y0 = zeros()
+            y1 = zeros()
+            y2 = zeros()
+            y3 = zeros()
+            for n in range(N):
+                o = n * BW
+                bn = Bm[bcr + n]
+                cn = splat(Cm[bcr + n])
+                a = vload(A2b, o)
+                e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                a = vload(A2b, o + VL)
+                e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                a = vload(A2b, o + 2 * VL)
+                e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                a = vload(A2b, o + 3 * VL)
+                e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
+                h0 = fma(e0, vload(h, o), dtu0 * bn)
+                h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
+                h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
+                h3 = fma(e3, vload(h, o + 3 * VL), dtu3 * bn)
+                vstore(h, o, h0)
+                vstore(h, o + VL, h1)
+                vstore(h, o + 2 * VL, h2)
+                vstore(h, o + 3 * VL, h3)
+                y0 = fma(h0, cn, y0)
+                y1 = fma(h1, cn, y1)
+                y2 = fma(h2, cn, y2)
+                y3 = fma(h3, cn, y3)
+            if has_z:
+                z0 = vload(z, row)
+                z1 = vload(z, row + VL)
+                z2 = vload(z, row + 2 * VL)
+                z3 = vload(z, row + 3 * VL)
+                vstore(out, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)))
+                vstore(out, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)))
+                vstore(out, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)))
+                vstore(out, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)))
+            else:
+                vstore(out, row, fma(D0, u0, y0))
+                vstore(out, row + VL, fma(D1, u1, y1))
+                vstore(out, row + 2 * VL, fma(D2, u2, y2))
+                vstore(out, row + 3 * VL, fma(D3, u3, y3))
         for n in range(N):
-            dln = dlast[bi, n, c0:c1]
-            dhn = dh[n]
-            for c in range(cw):
-                dhn[c] = dln[c]
-        acc = np.zeros(_RL, np.float32)
-        dAacc = np.zeros((N, BS), np.float64)
-        dDacc = np.zeros(BS, np.float64)
-        dbacc = np.zeros(BS, np.float64)
-        y = np.zeros(BS, np.float32)
-        dtu = np.zeros(BS, np.float32)
-        s1 = np.zeros(BS, np.float32)
-        s2 = np.zeros(BS, np.float32)
-        Db = Dv[c0:c1]
-        bb = bias[c0:c1]
+            vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
+            vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
+            vstore(hlast, (bi * N + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
+            vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
+              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
+    dg = d // g
+    nbg = dg // BW
+    nchunk = (L + K - 1) // K
+    NG = (N + VL - 1) // VL
+    NV = N * BW
+    for task in prange(b * g * nbg):
+        _wide_vectors()
+        bi = task // (g * nbg)
+        rem = task - bi * (g * nbg)
+        gi = rem // nbg
+        blk = rem - gi * nbg
+        c0 = gi * dg + blk * BW
+        Ab = zeros64(NV)
+        A2b = zeros64(NV)
+        dh = zeros64(NV)
+        for n in range(N):
+            o = n * BW
+            vstore(Ab, o, vload(At, n * d + c0))
+            vstore(Ab, o + VL, vload(At, n * d + c0 + VL))
+            vstore(Ab, o + 2 * VL, vload(At, n * d + c0 + 2 * VL))
+            vstore(Ab, o + 3 * VL, vload(At, n * d + c0 + 3 * VL))
+            vstore(A2b, o, vload(A2t, n * d + c0))
+            vstore(A2b, o + VL, vload(A2t, n * d + c0 + VL))
+            vstore(A2b, o + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+            vstore(A2b, o + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+            vstore(dh, o, vload(dlast, (bi * N + n) * d + c0))
+            vstore(dh, o + VL, vload(dlast, (bi * N + n) * d + c0 + VL))
+            vstore(dh, o + 2 * VL, vload(dlast, (bi * N + n) * d + c0 + 2 * VL))
+            vstore(dh, o + 3 * VL, vload(dlast, (bi * N + n) * d + c0 + 3 * VL))
+        Hb = zeros64((K + 1) * NV)
+        Eb = zeros64(K * NV)
+        Tb = zeros64(K * BW)
+        Gb = zeros64(K * BW)
+        P = zeros64(VL * VL)
+        tmp = zeros64(VL)
+        dAc = zeros64(NV)
+        dAacc = np.zeros(NV, np.float64)
+        dDacc = np.zeros(BW, np.float64)
+        dbacc = np.zeros(BW, np.float64)
+        D0 = vload(Dv, c0)
+        D1 = vload(Dv, c0 + VL)
+        D2 = vload(Dv, c0 + 2 * VL)
+        D3 = vload(Dv, c0 + 3 * VL)
+        b0 = vload(bias, c0)
+        b1 = vload(bias, c0 + VL)
+        b2 = vload(bias, c0 + 2 * VL)
+        b3 = vload(bias, c0 + 3 * VL)
+        m0 = vload(dtmax, c0)
+        m1 = vload(dtmax, c0 + VL)
+        m2 = vload(dtmax, c0 + 2 * VL)
+        m3 = vload(dtmax, c0 + 3 * VL)
+        pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
             s1_ = min(L, s0 + K)
-            # --- recompute the chunk's states, the gate gradient and dC
+            hbase = (bi * nchunk + kk) * N
             for n in range(N):
-                src = hs[bi, kk, n, c0:c1]
-                dst = Hb[0, n]
-                for c in range(cw):
-                    dst[c] = src[c]
+                o = n * BW
+                vstore(Hb, o, vload(hs, (hbase + n) * d + c0))
+                vstore(Hb, o + VL, vload(hs, (hbase + n) * d + c0 + VL))
+                vstore(Hb, o + 2 * VL, vload(hs, (hbase + n) * d + c0 + 2 * VL))
+                vstore(Hb, o + 3 * VL, vload(hs, (hbase + n) * d + c0 + 3 * VL))
+                vstore(dAc, o, zeros())
+                vstore(dAc, o + VL, zeros())
+                vstore(dAc, o + 2 * VL, zeros())
+                vstore(dAc, o + 3 * VL, zeros())
             for s in range(s0, s1_):
                 j = s - s0
                 t = L - 1 - s if reverse else s
-                ur = u[bi, t, c0:c1]
-                dr = dl[bi, t, c0:c1]
-                dt = Tb[j]
+                row = (bi * L + t) * d + c0
+                bcr = ((bi * L + t) * g + gi) * N
+                u0 = vload(u, row)
+                u1 = vload(u, row + VL)
+                u2 = vload(u, row + 2 * VL)
+                u3 = vload(u, row + 3 * VL)
+                dt0 = vload(dl, row) + b0
+                dt1 = vload(dl, row + VL) + b1
+                dt2 = vload(dl, row + 2 * VL) + b2
+                dt3 = vload(dl, row + 3 * VL) + b3
                 if softplus:
-                    for c in range(cw):
-                        dt[c] = _softplus(dr[c] + bb[c])
-                else:
-                    for c in range(cw):
-                        dt[c] = dr[c] + bb[c]
-                for c in range(cw):
-                    dtu[c] = dt[c] * ur[c]
-                for c in range(BS):
-                    y[c] = _ZERO
-                Br = Bm[bi, t, gi]
-                Cr = Cm[bi, t, gi]
+                    dt0 = _vsoftplus(dt0)
+                    dt1 = _vsoftplus(dt1)
+                    dt2 = _vsoftplus(dt2)
+                    dt3 = _vsoftplus(dt3)
+                vstore(Tb, j * BW, dt0)
+                vstore(Tb, j * BW + VL, dt1)
+                vstore(Tb, j * BW + 2 * VL, dt2)
+                vstore(Tb, j * BW + 3 * VL, dt3)
+                dtu0 = dt0 * u0
+                dtu1 = dt1 * u1
+                dtu2 = dt2 * u2
+                dtu3 = dt3 * u3
+                dc0 = vmin(dt0, m0)
+                dc1 = vmin(dt1, m1)
+                dc2 = vmin(dt2, m2)
+                dc3 = vmin(dt3, m3)
+                hp0 = j * NV
+                hn0 = hp0 + NV
+                y0 = zeros()
+                y1 = zeros()
+                y2 = zeros()
+                y3 = zeros()
                 for n in range(N):
-                    bn = Br[n]
-                    hp = Hb[j, n]
-                    hn = Hb[j + 1, n]
-                    en = Eb[j, n]
-                    a2bn = A2b[n]
-                    for c in range(BS):
-                        e = _exp2(dt[c] * a2bn[c])
-                        en[c] = e
-                        hn[c] = e * hp[c] + dtu[c] * bn
-                for n in range(N):
-                    cn = Cr[n]
-                    hn = Hb[j + 1, n]
-                    for c in range(BS):
-                        y[c] += cn * hn[c]
-                gr = dout[bi, t, c0:c1]
-                gv = Gb[j]
+                    o = n * BW
+                    bn = Bm[bcr + n]
+                    cn = splat(Cm[bcr + n])
+                    a = vload(A2b, o)
+                    e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                    a = vload(A2b, o + VL)
+                    e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                    a = vload(A2b, o + 2 * VL)
+                    e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                    a = vload(A2b, o + 3 * VL)
+                    e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
+                    h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
+                    h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
+                    h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
+                    h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
+                    vstore(Eb, hp0 + o, e0)
+                    vstore(Eb, hp0 + o + VL, e1)
+                    vstore(Eb, hp0 + o + 2 * VL, e2)
+                    vstore(Eb, hp0 + o + 3 * VL, e3)
+                    vstore(Hb, hn0 + o, h0)
+                    vstore(Hb, hn0 + o + VL, h1)
+                    vstore(Hb, hn0 + o + 2 * VL, h2)
+                    vstore(Hb, hn0 + o + 3 * VL, h3)
+                    y0 = fma(h0, cn, y0)
+                    y1 = fma(h1, cn, y1)
+                    y2 = fma(h2, cn, y2)
+                    y3 = fma(h3, cn, y3)
+                g0 = vload(dout, row)
+                g1 = vload(dout, row + VL)
+                g2 = vload(dout, row + 2 * VL)
+                g3 = vload(dout, row + 3 * VL)
                 if has_z:
-                    zr = z[bi, t, c0:c1]
-                    dzr = dz_o[bi, t, c0:c1]
-                    for c in range(cw):
-                        zz = zr[c]
-                        sg = _sigmoid(zz)
-                        dzr[c] = gr[c] * (y[c] + Db[c] * ur[c]) * sg * (_ONE + zz * (_ONE - sg))
-                        gv[c] = gr[c] * zz * sg
+                    z0 = vload(z, row)
+                    z1 = vload(z, row + VL)
+                    z2 = vload(z, row + 2 * VL)
+                    z3 = vload(z, row + 3 * VL)
+                    sg0 = _vsigmoid(z0)
+                    sg1 = _vsigmoid(z1)
+                    sg2 = _vsigmoid(z2)
+                    sg3 = _vsigmoid(z3)
+                    vstore(dz_o, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)))
+                    vstore(dz_o, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)))
+                    vstore(dz_o, row + 2 * VL, g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)))
+                    vstore(dz_o, row + 3 * VL, g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)))
+                    gv0 = g0 * z0 * sg0
+                    gv1 = g1 * z1 * sg1
+                    gv2 = g2 * z2 * sg2
+                    gv3 = g3 * z3 * sg3
                 else:
-                    for c in range(cw):
-                        gv[c] = gr[c]
-                for c in range(cw):
-                    dDacc[c] += gv[c] * ur[c]
-                dCr = dCp[bi, gi, blk, t]
-                for n in range(N):
-                    hn = Hb[j + 1, n]
-                    for k in range(_RL):
-                        acc[k] = ((gv[k] * hn[k] + gv[k + _RL] * hn[k + _RL])
-                                  + (gv[k + 2 * _RL] * hn[k + 2 * _RL] + gv[k + 3 * _RL] * hn[k + 3 * _RL]))
-                    dCr[n] = _hsum16(acc)
-            # --- reverse-time recurrence over the chunk
+                    gv0 = g0
+                    gv1 = g1
+                    gv2 = g2
+                    gv3 = g3
+                vstore(Gb, j * BW, gv0)
+                vstore(Gb, j * BW + VL, gv1)
+                vstore(Gb, j * BW + 2 * VL, gv2)
+                vstore(Gb, j * BW + 3 * VL, gv3)
+                vacc_f64(dDacc, 0, gv0 * u0)
+                vacc_f64(dDacc, VL, gv1 * u1)
+                vacc_f64(dDacc, 2 * VL, gv2 * u2)
+                vacc_f64(dDacc, 3 * VL, gv3 * u3)
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        o = hn0 + n * BW
+                        p01 = gv0 * vload(Hb, o) + gv1 * vload(Hb, o + VL)
+                        p23 = gv2 * vload(Hb, o + 2 * VL) + gv3 * vload(Hb, o + 3 * VL)
+                        vstore(P, (n - n0) * VL, p01 + p23)
+                    _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
                 t = L - 1 - s if reverse else s
-                ur = u[bi, t, c0:c1]
-                dt = Tb[j]
-                gv = Gb[j]
-                for c in range(cw):
-                    dtu[c] = dt[c] * ur[c]
-                for c in range(BS):
-                    s1[c] = _ZERO
-                    s2[c] = _ZERO
-                Br = Bm[bi, t, gi]
-                Cr = Cm[bi, t, gi]
-                dBr = dBp[bi, gi, blk, t]
-                for n in range(N):
-                    bn = Br[n]
-                    cn = Cr[n]
-                    hp = Hb[j, n]       # becomes q = dL/d(exp(delta A)) * exp(delta A) * ...
-                    en = Eb[j, n]       # becomes dh_t (before the decay)
-                    dhn = dh[n]
-                    for c in range(BS):
-                        dhv = dhn[c] + cn * gv[c]
-                        e = en[c]
-                        hp[c] = dhv * hp[c] * e
-                        dhn[c] = e * dhv
-                        en[c] = dhv
-                    for k in range(_RL):
-                        acc[k] = ((en[k] * dtu[k] + en[k + _RL] * dtu[k + _RL])
-                                  + (en[k + 2 * _RL] * dtu[k + 2 * _RL] + en[k + 3 * _RL] * dtu[k + 3 * _RL]))
-                    dBr[n] = _hsum16(acc)
-                    for c in range(BS):
-                        s1[c] += en[c] * bn
-                    abn = Ab[n]
-                    for c in range(BS):
-                        s2[c] += hp[c] * abn[c]
-                    dan = dAacc[n]
-                    for c in range(BS):
-                        dan[c] += hp[c] * dt[c]
-                dur = du_o[bi, t, c0:c1]
-                ddr = ddl_o[bi, t, c0:c1]
-                for c in range(cw):
-                    dur[c] = gv[c] * Db[c] + s1[c] * dt[c]
-                    ddr[c] = s2[c] + s1[c] * ur[c]
+                row = (bi * L + t) * d + c0
+                bcr = ((bi * L + t) * g + gi) * N
+                u0 = vload(u, row)
+                u1 = vload(u, row + VL)
+                u2 = vload(u, row + 2 * VL)
+                u3 = vload(u, row + 3 * VL)
+                dt0 = vload(Tb, j * BW)
+                dt1 = vload(Tb, j * BW + VL)
+                dt2 = vload(Tb, j * BW + 2 * VL)
+                dt3 = vload(Tb, j * BW + 3 * VL)
+                gv0 = vload(Gb, j * BW)
+                gv1 = vload(Gb, j * BW + VL)
+                gv2 = vload(Gb, j * BW + 2 * VL)
+                gv3 = vload(Gb, j * BW + 3 * VL)
+                dtu0 = dt0 * u0
+                dtu1 = dt1 * u1
+                dtu2 = dt2 * u2
+                dtu3 = dt3 * u3
+                hp0 = j * NV
+                sa0 = zeros()
+                sa1 = zeros()
+                sa2 = zeros()
+                sa3 = zeros()
+                sb0 = zeros()
+                sb1 = zeros()
+                sb2 = zeros()
+                sb3 = zeros()
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        o = n * BW
+                        cn = splat(Cm[bcr + n])
+                        bn = splat(Bm[bcr + n])
+                        dhv0 = fma(gv0, cn, vload(dh, o))
+                        dhv1 = fma(gv1, cn, vload(dh, o + VL))
+                        dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
+                        dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
+                        e0 = vload(Eb, hp0 + o)
+                        e1 = vload(Eb, hp0 + o + VL)
+                        e2 = vload(Eb, hp0 + o + 2 * VL)
+                        e3 = vload(Eb, hp0 + o + 3 * VL)
+                        q0 = dhv0 * vload(Hb, hp0 + o) * e0
+                        q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
+                        q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
+                        q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
+                        vstore(dh, o, e0 * dhv0)
+                        vstore(dh, o + VL, e1 * dhv1)
+                        vstore(dh, o + 2 * VL, e2 * dhv2)
+                        vstore(dh, o + 3 * VL, e3 * dhv3)
+                        sa0 = fma(dhv0, bn, sa0)
+                        sa1 = fma(dhv1, bn, sa1)
+                        sa2 = fma(dhv2, bn, sa2)
+                        sa3 = fma(dhv3, bn, sa3)
+                        sb0 = fma(q0, vload(Ab, o), sb0)
+                        sb1 = fma(q1, vload(Ab, o + VL), sb1)
+                        sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
+                        sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
+                        vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
+                        vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
+                        vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
+                        vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
+                        vstore(P, (n - n0) * VL, ((dhv0 * dtu0 + dhv1 * dtu1) + (dhv2 * dtu2 + dhv3 * dtu3)))
+                    _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+                vstore(du_o, row, fma(gv0, D0, sa0 * dt0))
+                vstore(du_o, row + VL, fma(gv1, D1, sa1 * dt1))
+                vstore(du_o, row + 2 * VL, fma(gv2, D2, sa2 * dt2))
+                vstore(du_o, row + 3 * VL, fma(gv3, D3, sa3 * dt3))
+                dd0 = fma(sa0, u0, sb0)
+                dd1 = fma(sa1, u1, sb1)
+                dd2 = fma(sa2, u2, sb2)
+                dd3 = fma(sa3, u3, sb3)
                 if softplus:
-                    dr = dl[bi, t, c0:c1]
-                    for c in range(cw):
-                        ddr[c] = ddr[c] * _sigmoid(dr[c] + bb[c])
-                for c in range(cw):
-                    dbacc[c] += ddr[c]
+                    dd0 = dd0 * _vsigmoid(vload(dl, row) + b0)
+                    dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
+                    dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
+                    dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
+                vstore(ddl_o, row, dd0)
+                vstore(ddl_o, row + VL, dd1)
+                vstore(ddl_o, row + 2 * VL, dd2)
+                vstore(ddl_o, row + 3 * VL, dd3)
+                vacc_f64(dbacc, 0, dd0)
+                vacc_f64(dbacc, VL, dd1)
+                vacc_f64(dbacc, 2 * VL, dd2)
+                vacc_f64(dbacc, 3 * VL, dd3)
+            for n in range(N):
+                vacc_f64(dAacc, n * BW, vload(dAc, n * BW))
+                vacc_f64(dAacc, n * BW + VL, vload(dAc, n * BW + VL))
+                vacc_f64(dAacc, n * BW + 2 * VL, vload(dAc, n * BW + 2 * VL))
+                vacc_f64(dAacc, n * BW + 3 * VL, vload(dAc, n * BW + 3 * VL))
         for n in range(N):
-            dst = dAp[bi, n, c0:c1]
-            dan = dAacc[n]
-            for c in range(cw):
-                dst[c] = dan[c]
-        dDr = dDp[bi, c0:c1]
-        dbr = dbp[bi, c0:c1]
-        for c in range(cw):
-            dDr[c] = dDacc[c]
-            dbr[c] = dbacc[c]
+            for c in range(BW):
+                dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
+        for c in range(BW):
+            dDp[bi * d + c0 + c] = dDacc[c]
+            dbp[bi * d + c0 + c] = dbacc[c]
+
+
+@njit
+def _store_sums(P, m, out, off, tmp):
+    """out[off:off+m] = lane sums of the first m vectors of P (the rest of P must be zero)."""
+    if m == VL:
+        vstore(out, off, vhsum16(P, 0))
+    else:
+        for n in range(m, VL):
+            vstore(P, n * VL, zeros())
+        vstore(tmp, 0, vhsum16(P, 0))
+        for n in range(m):
+            out[off + n] = tmp[n]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -568,72 +742,120 @@ def _vec(x, d):
     return x.detach().to(torch.float32).contiguous()
 
 
+def _padc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
+    """Pad the last (channel) dim of ``x`` group by group from g*dg to g*dgp with zeros."""
+    if dgp == dg:
+        return x
+    xs = x.reshape(*x.shape[:-1], g, dg)
+    return torch.nn.functional.pad(xs, (0, dgp - dg)).reshape(*x.shape[:-1], g * dgp)
+
+
+def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
+    if dgp == dg:
+        return x
+    return x.reshape(*x.shape[:-1], g, dgp)[..., :dg].reshape(*x.shape[:-1], g * dg)
+
+
+_RATIO_MAX = 2.0 ** 20
+
+
+def _fast_decay(A2t: torch.Tensor, softplus: bool):
+    """Whether the kernels may use _vexp2_neg, and the per-channel bound on delta it needs.
+
+    With softplus, delta >= 0; with every A < 0 the exponent t = delta * A log2 e is <= 0.
+    Clamping delta (for the decay factors only) at dtmax_c = 128 / min_n |A2[n, c]| changes
+    no factor: beyond it every t of that channel is <= -128, where the factor is 0 either way;
+    with max_n |A2| / min_n |A2| <= 2^20 it bounds |t| by 2^27, as _vexp2_neg needs. Anything
+    else (no softplus, A >= 0 somewhere, inf/NaN in A) takes the general path."""
+    a = A2t.double().abs()
+    fast = bool(softplus and A2t.numel() > 0 and bool((A2t < 0).all()) and bool(torch.isfinite(A2t).all()))
+    if fast:
+        amin = a.amin(0)
+        fast = bool((a.amax(0) <= _RATIO_MAX * amin).all())
+    if not fast:
+        return False, torch.ones(A2t.shape[1], dtype=torch.float32)
+    return True, (128.0 / amin).to(torch.float32)
+
+
+def _flat(x: torch.Tensor):
+    return x.reshape(-1).numpy()
+
+
 class SelectiveScanCPU(torch.autograd.Function):
+    # The kernels take channel blocks of BW per group. Other channel counts are padded with
+    # zero channels (A = 0, u = 0, D = 0: their state stays 0 and adds nothing to the sums
+    # over channels) and cut off again; the Vim models' widths need no padding.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
         b, d, L = u.shape
         N = A.shape[1]
-        u3, dl3 = _as_bld(u), _as_bld(delta)
-        has_z = z is not None
-        z3 = _as_bld(z) if has_z else u3
         Bm, Cm = _as_blgn(B), _as_blgn(C)
         gB, gC, G = scan_groups(B, C, d)
         if gB != G:
             Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
         if gC != G:
             Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
-        At = A.detach().to(torch.float32).t().contiguous()
-        A2t = (A.detach().t().double() * _LOG2E_64).to(torch.float32).contiguous()
-        Dv, bias = _vec(D, d), _vec(delta_bias, d)
+        dg = d // G
+        dgp = -(-dg // BW) * BW
+        dp = G * dgp
+        pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
+        u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
+        has_z = z is not None
+        z3 = pad(_as_bld(z)) if has_z else u3
+        At = pad(A.detach().to(torch.float32).t()).contiguous()
+        A2t = (A.detach().t().double() * _LOG2E_64).to(torch.float32)
+        fast, dtmax = _fast_decay(A2t, bool(delta_softplus))
+        A2t, dtmax = pad(A2t).contiguous(), pad(dtmax)
+        Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
         K = int(chunk)
         nchunk = (L + K - 1) // K
-        out = torch.empty(b, L, d, dtype=torch.float32)
-        hs = torch.empty(b, nchunk, N, d, dtype=torch.float32)
-        hlast = torch.empty(b, N, d, dtype=torch.float32)
+        out = torch.empty(b, L, dp, dtype=torch.float32)
+        hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
+        hlast = torch.empty(b, N, dp, dtype=torch.float32)
+        f = _flat
         with _dynamic_tasks():
-            _scan_fwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), A2t.numpy(), Dv.numpy(),
-                      bias.numpy(), has_z, bool(delta_softplus), bool(reverse), K,
-                      out.numpy(), hs.numpy(), hlast.numpy())
-        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs)
+            _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(delta_softplus),
+                      bool(reverse), K, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
+        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax)
         ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
-                   delta_bias is not None, (B.dim() == 4, C.dim() == 4))
+                   delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp), fast)
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
-        out = out.transpose(1, 2)
-        last = hlast.transpose(1, 2)
+        out = _unpadc(out, G, dg, dgp).transpose(1, 2)
+        last = _unpadc(hlast, G, dg, dgp).transpose(1, 2)
         if u.dtype != torch.float32:
             out = out.to(u.dtype)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs = ctx.saved_tensors
-        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4) = ctx.cfg
-        b, L, d = u3.shape
+        u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = ctx.saved_tensors
+        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast = ctx.cfg
+        b, L, dp = u3.shape
         g, N = Bm.shape[2], Bm.shape[3]
-        nbg = (d // g + BS - 1) // BS
+        pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
+        unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
+        nbg = dgp // BW
         if dout is None:
-            dout = torch.zeros(b, d, L)
-        g3 = _as_bld(dout)
-        if dlast is None:
-            dl_ = torch.zeros(b, N, d, dtype=torch.float32)
+            g3 = torch.zeros(b, L, dp, dtype=torch.float32)
         else:
-            dl_ = dlast.detach().transpose(1, 2).to(torch.float32).contiguous()
-        du = torch.empty(b, L, d, dtype=torch.float32)
-        dd = torch.empty(b, L, d, dtype=torch.float32)
-        dz = torch.empty(b, L, d, dtype=torch.float32) if has_z else du
+            g3 = pad(_as_bld(dout)).contiguous()
+        if dlast is None:
+            dl_ = torch.zeros(b, N, dp, dtype=torch.float32)
+        else:
+            dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous()
+        du = torch.empty(b, L, dp, dtype=torch.float32)
+        dd = torch.empty(b, L, dp, dtype=torch.float32)
+        dz = torch.empty(b, L, dp, dtype=torch.float32) if has_z else du
         dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
         dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
-        dAp = torch.empty(b, N, d, dtype=torch.float64)
-        dDp = torch.empty(b, d, dtype=torch.float64)
-        dbp = torch.empty(b, d, dtype=torch.float64)
-        nt = numba.get_num_threads()
-        Hs = torch.empty(nt, K + 1, N, BS, dtype=torch.float32)
-        Es = torch.empty(nt, K, N, BS, dtype=torch.float32)
+        dAp = torch.empty(b, N, dp, dtype=torch.float64)
+        dDp = torch.empty(b, dp, dtype=torch.float64)
+        dbp = torch.empty(b, dp, dtype=torch.float64)
+        f = _flat
         with _dynamic_tasks():
-            _scan_bwd(u3.numpy(), dl3.numpy(), z3.numpy(), Bm.numpy(), Cm.numpy(), At.numpy(), A2t.numpy(), Dv.numpy(),
-                      bias.numpy(), has_z, softplus, reverse, K, hs.numpy(), g3.numpy(), dl_.numpy(),
-                      du.numpy(), dd.numpy(), dz.numpy(), dBp.numpy(), dCp.numpy(), dAp.numpy(),
-                      dDp.numpy(), dbp.numpy(), Hs.numpy(), Es.numpy())
+            _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
+                      reverse, K, f(hs), f(g3), f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
+                      f(dbp), fast, f(dtmax), b, L, dp, g, N)
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 
@@ -642,14 +864,14 @@ class SelectiveScanCPU(torch.autograd.Function):
             _sum_blocks(P.numpy(), o.numpy())
             return sum_to_groups(o.permute(0, 2, 3, 1), (b, gX, N, L) if is4 else (b, N, L), dtype)
 
-        r_u = du.transpose(1, 2).to(dt_u) if need[0] else None
-        r_delta = dd.transpose(1, 2).to(dt_delta) if need[1] else None
-        r_A = dAp.sum(0).t().to(dt_A) if need[2] else None
+        r_u = unpad(du).transpose(1, 2).to(dt_u) if need[0] else None
+        r_delta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
+        r_A = unpad(dAp.sum(0)).t().to(dt_A) if need[2] else None
         r_B = bc(dBp, gB, b4, dt_B) if need[3] else None
         r_C = bc(dCp, gC, c4, dt_C) if need[4] else None
-        r_D = dDp.sum(0).to(dt_D) if (has_D and need[5]) else None
-        r_z = dz.transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
-        r_bias = dbp.sum(0).to(dt_bias) if (has_bias and need[7]) else None
+        r_D = unpad(dDp.sum(0)).to(dt_D) if (has_D and need[5]) else None
+        r_z = unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
+        r_bias = unpad(dbp.sum(0)).to(dt_bias) if (has_bias and need[7]) else None
         return r_u, r_delta, r_A, r_B, r_C, r_D, r_z, r_bias, None, None, None
 
 

@@ -1,0 +1,344 @@
+"""Explicit 16-lane float32 vectors for numba kernels.
+
+numba vectorises loops over arrays by itself, but it cannot tell LLVM that two arrays do not
+overlap, so every vectorised loop starts with runtime overlap checks between all the arrays
+it touches. In the scan's backward, whose inner loops over 64 channels are entered once per
+(step, state), those checks and the register spills they caused were most of the executed
+instructions. A kernel written with the ``f32x16`` values of this module has no loops over
+lanes at all: each value is one LLVM ``<16 x float>`` (one AVX-512 register, two AVX2 or four
+NEON registers: LLVM splits it where the machine is narrower), loaded from and stored to an
+array at an element offset.
+
+Every operation is exact IEEE float32 and spelled out: ``fma`` is ``llvm.fma`` (one rounding),
+``a * b + c`` is two roundings, and no fast-math flag lets LLVM rewrite either. So the bits a
+kernel produces do not depend on how LLVM schedules it, on whether numba compiled it now or
+loaded it from its disk cache, or on the vector width of the machine.
+
+Operators ``+ - *`` work between two vectors and between a vector and a float32 (broadcast).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
+
+VL = W = 16               # lanes
+_F = ir.FloatType()
+_I = ir.IntType(32)
+_VF = ir.VectorType(_F, W)
+_VI = ir.VectorType(_I, W)
+
+
+class F32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF)
+
+
+def _is_f32_array(a):
+    return isinstance(a, types.Array) and a.dtype == types.float32
+
+
+def _elem_ptr(context, builder, aryty, ary, idx, idxty):
+    arr = context.make_array(aryty)(context, builder, ary)
+    i = context.cast(builder, idx, idxty, types.intp)
+    return builder.gep(arr.data, [i])
+
+
+@intrinsic
+def vload(typingctx, arr, idx):
+    """16 consecutive float32 of ``arr`` (C-contiguous) from flat element offset ``idx``."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return builder.load(builder.bitcast(p, _VF.as_pointer()), align=4)
+
+    return f32x16(arr, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, idx, v):
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+@intrinsic
+def splat(typingctx, x):
+    """x (any real scalar, rounded to float32) in every lane."""
+    if not isinstance(x, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[0], sig.args[0], types.float32)
+        v = builder.insert_element(ir.Constant(_VF, ir.Undefined), s, ir.Constant(_I, 0))
+        return builder.shuffle_vector(v, ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, [0] * W))
+
+    return f32x16(x), codegen
+
+
+def _binop(name):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (a == f32x16 and b == f32x16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+
+        return f32x16(a, b), codegen
+    return op
+
+
+vadd = _binop("fadd")
+vsub = _binop("fsub")
+vmul = _binop("fmul")
+vdiv = _binop("fdiv")
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma: the same bits on every machine)."""
+    if not (a == f32x16 and b == f32x16 and c == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF]),
+                                           "llvm.fma.v16f32")
+        return builder.call(f, list(args))
+
+    return f32x16(a, b, c), codegen
+
+
+def _select(pred):
+    @intrinsic
+    def op(typingctx, a, b):
+        if not (a == f32x16 and b == f32x16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            # select(a OP b, a, b): the shape x86's maxps/minps implement exactly (b when
+            # either is NaN), so it compiles to one instruction.
+            return builder.select(builder.fcmp_ordered(pred, args[0], args[1]), args[0], args[1])
+
+        return f32x16(a, b), codegen
+    return op
+
+
+vmax = _select(">")
+vmin = _select("<")
+
+
+@intrinsic
+def vselect_ge(typingctx, a, b, x, y):
+    """lane-wise (a >= b) ? x : y."""
+    if not all(t == f32x16 for t in (a, b, x, y)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">=", args[0], args[1]), args[2], args[3])
+
+    return f32x16(a, b, x, y), codegen
+
+
+@intrinsic
+def vround_magic(typingctx, t):
+    """(s, k): s = t + 1.5*2^23 (round-to-nearest of t in its low mantissa bits), k = s - 1.5*2^23."""
+    if t != f32x16:
+        return None
+    magic = ir.Constant(_VF, [float(np.float32(12582912.0))] * W)
+
+    def codegen(context, builder, sig, args):
+        s = builder.fadd(args[0], magic)
+        k = builder.fsub(s, magic)
+        return context.make_tuple(builder, sig.return_type, [s, k])
+
+    return types.UniTuple(f32x16, 2)(t), codegen
+
+
+@intrinsic
+def vpow2_from_magic(typingctx, s):
+    """2^k as float32, k the integer held in the low bits of s = k + 1.5*2^23 (|k| <= 127;
+    k = -127 gives +0: the exponent field is zero and the mantissa bits shifted out)."""
+    if s != f32x16:
+        return None
+    bias = ir.Constant(_VI, [127 - 0x4B400000] * W)
+    sh = ir.Constant(_VI, [23] * W)
+
+    def codegen(context, builder, sig, args):
+        i = builder.bitcast(args[0], _VI)
+        return builder.bitcast(builder.shl(builder.add(i, bias), sh), _VF)
+
+    return f32x16(s), codegen
+
+
+@intrinsic
+def vpow2_from_biased(typingctx, s):
+    """2^(k) for s = k + 127 + 1.5*2^23 (k + 127 in s's low mantissa bits): the bits of s,
+    shifted so k + 127 lands in the exponent field. Anything at or below 1.5*2^23 in value
+    (k <= -127, s in a lower binade, or negative s) is first raised to the bits of 1.5*2^23,
+    which shift to +0."""
+    if s != f32x16:
+        return None
+    lo = ir.Constant(_VI, [0x4B400000] * W)
+    sh = ir.Constant(_VI, [23] * W)
+
+    def codegen(context, builder, sig, args):
+        i = builder.bitcast(args[0], _VI)
+        i = builder.select(builder.icmp_signed(">", i, lo), i, lo)
+        return builder.bitcast(builder.shl(i, sh), _VF)
+
+    return f32x16(s), codegen
+
+
+@intrinsic
+def vfloor(typingctx, x):
+    if x != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), "llvm.floor.v16f32")
+        return builder.call(f, [args[0]])
+
+    return f32x16(x), codegen
+
+
+@intrinsic
+def vpow2i(typingctx, k):
+    """2^k for integral float lanes k in [-126, 127]."""
+    if k != f32x16:
+        return None
+    b127 = ir.Constant(_VI, [127] * W)
+    sh = ir.Constant(_VI, [23] * W)
+
+    def codegen(context, builder, sig, args):
+        i = builder.fptosi(args[0], _VI)
+        return builder.bitcast(builder.shl(builder.add(i, b127), sh), _VF)
+
+    return f32x16(k), codegen
+
+
+@intrinsic
+def vhsum16(typingctx, buf, off):
+    """Lane-sums of 16 vectors at once: ``buf`` holds 16 vectors (256 float32 from ``off``);
+    lane n of the result is the sum of the 16 lanes of vector n, added as a fixed tree
+    (halves, then quarters, ...), with 30 shuffles and 15 vector additions."""
+    if not (_is_f32_array(buf) and isinstance(off, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        vp = builder.bitcast(p, _VF.as_pointer())
+        vs = [builder.load(builder.gep(vp, [ir.Constant(ir.IntType(64), n)]), align=4) for n in range(W)]
+        # lanes[v] = which input vector each lane of v belongs to (the "owner"); at every stage two
+        # vectors x, y are folded: in each block of 2w lanes, the block's first w lanes of x and of y
+        # are added to its last w lanes of x and of y, giving a vector whose blocks of w lanes are
+        # owned alternately by x's and y's owners.
+        owners = [[n] * W for n in range(W)]
+        w = W // 2
+        while len(vs) > 1:
+            nv, no = [], []
+            for i in range(0, len(vs), 2):
+                x, y = vs[i], vs[i + 1]
+                lo, hi, own = [], [], []
+                for blk in range(0, W, 2 * w):
+                    lo += list(range(blk, blk + w)) + list(range(W + blk, W + blk + w))
+                    hi += list(range(blk + w, blk + 2 * w)) + list(range(W + blk + w, W + blk + 2 * w))
+                    own += owners[i][blk:blk + w] + owners[i + 1][blk:blk + w]
+                a = builder.shuffle_vector(x, y, ir.Constant(_VI, lo))
+                b = builder.shuffle_vector(x, y, ir.Constant(_VI, hi))
+                nv.append(builder.fadd(a, b))
+                no.append(own)
+            vs, owners, w = nv, no, w // 2
+        # owners[0][lane] is the input vector summed in that lane; put lane n at position n
+        perm = [owners[0].index(n) for n in range(W)]
+        return builder.shuffle_vector(vs[0], ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, perm))
+
+    return f32x16(buf, off), codegen
+
+
+@intrinsic
+def vacc_f64(typingctx, buf, off, v):
+    """buf[off:off+16] += float64(v) lane by lane (buf float64)."""
+    if not (isinstance(buf, types.Array) and buf.dtype == types.float64 and v == f32x16):
+        return None
+    VD = ir.VectorType(ir.DoubleType(), W)
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        vp = builder.bitcast(p, VD.as_pointer())
+        old = builder.load(vp, align=8)
+        builder.store(builder.fadd(old, builder.fpext(args[2], VD)), vp, align=8)
+        return context.get_dummy_value()
+
+    return types.none(buf, off, v), codegen
+
+
+# operators (vector op vector, vector op scalar, scalar op vector)
+def _mk(op, fn):
+    @overload(op)
+    def _ov(a, b):
+        if a == f32x16 and b == f32x16:
+            return lambda a, b: fn(a, b)
+        if a == f32x16 and isinstance(b, (types.Float, types.Integer)):
+            return lambda a, b: fn(a, splat(b))
+        if b == f32x16 and isinstance(a, (types.Float, types.Integer)):
+            return lambda a, b: fn(splat(a), b)
+
+
+_mk(operator.add, vadd)
+_mk(operator.sub, vsub)
+_mk(operator.mul, vmul)
+_mk(operator.truediv, vdiv)
+
+
+@intrinsic
+def vneg(typingctx, a):
+    if a != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fneg(args[0])
+
+    return f32x16(a), codegen
+
+
+@overload(operator.neg)
+def _ov_neg(a):
+    if a == f32x16:
+        return lambda a: vneg(a)
+
+
+@njit(inline="always")
+def zeros():
+    return splat(0.0)
+
+
+@njit
+def zeros64(n):
+    """n float32 zeros starting on a 64-byte boundary. numba aligns its arrays to 32 bytes
+    only; a 64-byte vector access to a row that starts 32 bytes into a cache line touches two
+    lines (a split store costs two stores)."""
+    buf = np.zeros(n + 16, np.float32)
+    off = ((64 - buf.ctypes.data % 64) % 64) // 4
+    return buf[off:off + n]
