@@ -60,3 +60,23 @@ def test_per_sample_bias_matches_pytorch_and_is_refused_with_a_gradient(reverse)
         causal_conv1d_cpu(x, w, bias.clone().requires_grad_(), "silu")
     with pytest.raises(ValueError, match=r"\(batch, 1, dim\)"):
         causal_conv1d_cpu(x, w, torch.randn(2, 1, 24), "silu")
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_conv_any_width_matches_pytorch(width, reverse):
+    # width 4 (Vim's) has a one-loop path for rows with all their taps inside the sequence;
+    # the other widths and the first/last rows take the general loop
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 21, 24, generator=g)
+    w, bias = torch.randn(24, width, generator=g) * 0.5, torch.randn(24, generator=g)
+    a = [t.clone().requires_grad_() for t in (x, w, bias)]
+    c = [t.clone().requires_grad_() for t in (x, w, bias)]
+    want = causal_conv1d_bld(*a, "silu", reverse=reverse)
+    got = causal_conv1d_cpu(*c, "silu", reverse=reverse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    go = torch.randn(want.shape, generator=g)
+    (want * go).sum().backward()
+    (got * go).sum().backward()
+    for p, q, name in zip(a, c, ("x", "weight", "bias")):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)

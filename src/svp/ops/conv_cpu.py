@@ -52,6 +52,27 @@ def _preact(x, w, bias, bi, t, reverse, acc):
                 acc[c] += wk[c] * xr[c]
 
 
+@njit(inline="always")
+def _full4(t, L, W, reverse):
+    """Whether output row t reads all its W input rows (the W == 4 fast path's condition)."""
+    return W == 4 and ((t + 3 < L) if reverse else (t >= 3))
+
+
+@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+def _preact4(x, w, brow, bi, t, reverse, acc):
+    """_preact for W == 4 and a row with all four inputs: the four taps in one loop over the
+    channels (same operations in the same order), not four passes through acc. ~10% off the
+    forward and ~15% off the backward kernel at the Vim-Tiny shape."""
+    d = x.shape[2]
+    if reverse:
+        x0, x1, x2, x3 = x[bi, t + 3], x[bi, t + 2], x[bi, t + 1], x[bi, t]
+    else:
+        x0, x1, x2, x3 = x[bi, t - 3], x[bi, t - 2], x[bi, t - 1], x[bi, t]
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    for c in range(d):
+        acc[c] = (((brow[c] + w0[c] * x0[c]) + w1[c] * x1[c]) + w2[c] * x2[c]) + w3[c] * x3[c]
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
 def _conv_fwd(x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
@@ -61,8 +82,13 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
     for task in prange(b * ntb):
         bi, t0, t1 = _rows(task, ntb, L)
         acc = np.empty(d, np.float32)
+        W = w.shape[0]
+        brow = bias[bi] if bias.shape[0] > 1 else bias[0]
         for t in range(t0, t1):
-            _preact(x, w, bias, bi, t, reverse, acc)
+            if _full4(t, L, W, reverse):
+                _preact4(x, w, brow, bi, t, reverse, acc)
+            else:
+                _preact(x, w, bias, bi, t, reverse, acc)
             o = out[bi, t]
             if silu:
                 for c in range(d):
@@ -87,6 +113,7 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
         acc = np.empty(d, np.float32)
         dw = dwp[task]
         db = dbp[task]
+        brow = bias[bi] if bias.shape[0] > 1 else bias[0]
         if need_dw:
             dw[:] = 0.0
             db[:] = 0.0
@@ -94,7 +121,10 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
             gt = ga[t - lo]
             gr = g[bi, t]
             if silu:
-                _preact(x, w, bias, bi, t, reverse, acc)
+                if _full4(t, L, W, reverse):
+                    _preact4(x, w, brow, bi, t, reverse, acc)
+                else:
+                    _preact(x, w, bias, bi, t, reverse, acc)
                 for c in range(d):
                     a = acc[c]
                     sg = _sigmoid(a)
@@ -113,6 +143,17 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
                         for c in range(d):
                             dwk[c] += np.float64(gt[c]) * np.float64(xr[c])
         for s in range(t0, t1):
+            dxr = dx[bi, s]
+            if W == 4 and ((s - 3 >= lo) if reverse else (s + 3 < hi)):
+                # all four output rows fed by x[s] are in ga: one loop, same order as below
+                if reverse:
+                    g0, g1, g2, g3 = ga[s - 3 - lo], ga[s - 2 - lo], ga[s - 1 - lo], ga[s - lo]
+                else:
+                    g0, g1, g2, g3 = ga[s + 3 - lo], ga[s + 2 - lo], ga[s + 1 - lo], ga[s - lo]
+                w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+                for c in range(d):
+                    dxr[c] = (((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c]
+                continue
             for c in range(d):
                 acc[c] = 0.0
             for k in range(W):
@@ -122,7 +163,6 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
                     wk = w[k]
                     for c in range(d):
                         acc[c] += wk[c] * gt[c]
-            dxr = dx[bi, s]
             for c in range(d):
                 dxr[c] = acc[c]
 
