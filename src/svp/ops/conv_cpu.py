@@ -100,7 +100,9 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
+def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, dx, dwp, dbp):
+    # gb (when has_gb): a second gradient of the output, added to g as it is read (the
+    # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU)
     b, L, d = x.shape
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
@@ -120,15 +122,25 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, dx, dwp, dbp):
         for t in range(lo, hi):
             gt = ga[t - lo]
             gr = g[bi, t]
+            gbr = gb[bi, t]
             if silu:
                 if _full4(t, L, W, reverse):
                     _preact4(x, w, brow, bi, t, reverse, acc)
                 else:
                     _preact(x, w, bias, bi, t, reverse, acc)
+                if has_gb:
+                    for c in range(d):
+                        a = acc[c]
+                        sg = _sigmoid(a)
+                        gt[c] = (gr[c] + gbr[c]) * sg * (_ONE + a * (_ONE - sg))
+                else:
+                    for c in range(d):
+                        a = acc[c]
+                        sg = _sigmoid(a)
+                        gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
+            elif has_gb:
                 for c in range(d):
-                    a = acc[c]
-                    sg = _sigmoid(a)
-                    gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
+                    gt[c] = gr[c] + gbr[c]
             else:
                 for c in range(d):
                     gt[c] = gr[c]
@@ -203,11 +215,83 @@ class CausalConv1dCPU(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
         with _dynamic_tasks():
-            _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(), dx.numpy(),
-                      dwp.numpy(), dbp.numpy())
+            _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(), dy.numpy(), False,
+                      dx.numpy(), dwp.numpy(), dbp.numpy())
         dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
         db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
         return dx if need[0] else None, dw, db, None, None
+
+
+class CausalConv1dProjCPU(torch.autograd.Function):
+    """The conv (+ SiLU) and a bias-free product of its output: ``(y, y @ proj_w^T)``. In the
+    mixer y feeds both the scan and x_proj, so autograd would add the two gradients of y in a
+    separate pass over (b, l, d) (a fresh tensor) before the conv's backward; here the conv's
+    backward kernel adds them as it reads them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj_w, reverse, silu):
+        ctx.set_materialize_grads(False)
+        xs, xn = _np(x)
+        wt = weight.detach().t().contiguous()
+        d = x.shape[-1]
+        bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32)
+        with _dynamic_tasks():
+            _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
+        pw = proj_w.detach()
+        proj = torch.mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
+        ctx.save_for_backward(xs, wt, bs, pw, out)
+        ctx.cfg = (bool(reverse), bool(silu), bias is not None)
+        return out, proj
+
+    @staticmethod
+    def backward(ctx, dy, dproj):
+        xs, wt, bs, pw, out = ctx.saved_tensors
+        reverse, silu, has_bias = ctx.cfg
+        b, L, d = xs.shape
+        W = wt.shape[0]
+        need = ctx.needs_input_grad
+        dpw = None
+        g2 = None
+        if dproj is not None:
+            dp = dproj.reshape(-1, pw.shape[0])
+            if need[3]:
+                dpw = torch.mm(dp.t(), out.view(-1, d))
+            g2 = torch.mm(dp, pw).view(b, L, d)
+        if dy is None:
+            dy, g2 = g2, None
+        if dy is None:
+            return None, None, None, dpw, None, None
+        dy = dy.contiguous()
+        dx = torch.empty(b, L, d, dtype=torch.float32)
+        ntask = b * ((L + TB - 1) // TB)
+        dwp = torch.empty(ntask, W, d, dtype=torch.float64)
+        dbp = torch.empty(ntask, d, dtype=torch.float64)
+        need_dw = bool(need[1] or (has_bias and need[2]))
+        with _dynamic_tasks():
+            _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),
+                      (dy if g2 is None else g2).numpy(), g2 is not None, dx.numpy(), dwp.numpy(), dbp.numpy())
+        dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
+        db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
+        return dx if need[0] else None, dw, db, dpw, None, None
+
+
+def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=False):
+    """``(y, F.linear(y, proj_w))`` with ``y = causal_conv1d_cpu(x, weight, bias, activation, reverse)``
+    for float32 CPU tensors: bias (dim,) or None, proj_w (n, dim)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (x.shape[-1],):
+        raise ValueError(f"expected bias ({x.shape[-1]},), got {tuple(bias.shape)}")
+    if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
+        raise ValueError(f"expected proj_w (n, {x.shape[-1]}), got {tuple(proj_w.shape)}")
+    for name, t in (("x", x), ("proj_w", proj_w)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"causal_conv1d_proj_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
+    return CausalConv1dProjCPU.apply(x, weight, bias, proj_w, reverse, activation is not None)
 
 
 def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
