@@ -130,3 +130,15 @@ def test_svp_fused_prompts_leave_the_class_token_alone():
     out = peft.method.prompt_tokens(1, h, 8)
     assert torch.equal(out[:, 8], h[:, 8])
     assert (out[:, :8] - h[:, :8]).abs().min() > 0 and (out[:, 9:] - h[:, 9:]).abs().min() > 0
+
+
+def test_svp_under_cpu_autocast_keeps_the_module_path():
+    # under autocast the prompters' products come out in bfloat16: the fused float32 step is not used
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32)
+    peft = get_peft_model(model, make_config("svp", shared_layers=1, hidden=8))
+    h = torch.randn(2, 17, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not svp_mod._fused_prompts(h, 8, *peft.method._parts(0))
+        out = peft.method.prompt_tokens(0, h, 8)
+    assert torch.equal(out[:, 8], h[:, 8])

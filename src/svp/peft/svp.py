@@ -210,6 +210,13 @@ class SVP(PeftMethod):
         return self
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
     """Whether the fused CPU prompt step computes what the modules would: float32 CPU tensors,
     the fused numba CPU backend in use (forcing another scan backend, e.g. 'reference', runs
@@ -217,7 +224,7 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
     hooks on them (hooks on their Linear layers still run)."""
     if hidden.dim() != 3 or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return False
-    if not 0 <= cls_pos < hidden.shape[1]:
+    if not 0 <= cls_pos < hidden.shape[1] or _cpu_autocast():   # autocast: the products' outputs are not float32
         return False
     for part, cls in ((cross, CrossPrompter), (inner, InnerPrompter)):
         if part is None:
