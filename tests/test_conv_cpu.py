@@ -60,3 +60,92 @@ def test_per_sample_bias_matches_pytorch_and_is_refused_with_a_gradient(reverse)
         causal_conv1d_cpu(x, w, bias.clone().requires_grad_(), "silu")
     with pytest.raises(ValueError, match=r"\(batch, 1, dim\)"):
         causal_conv1d_cpu(x, w, torch.randn(2, 1, 24), "silu")
+
+
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_conv_any_width_matches_pytorch(width, reverse):
+    # width 4 (Vim's) has a one-loop path for rows with all their taps inside the sequence;
+    # the other widths and the first/last rows take the general loop
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(2, 21, 24, generator=g)
+    w, bias = torch.randn(24, width, generator=g) * 0.5, torch.randn(24, generator=g)
+    a = [t.clone().requires_grad_() for t in (x, w, bias)]
+    c = [t.clone().requires_grad_() for t in (x, w, bias)]
+    want = causal_conv1d_bld(*a, "silu", reverse=reverse)
+    got = causal_conv1d_cpu(*c, "silu", reverse=reverse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    go = torch.randn(want.shape, generator=g)
+    (want * go).sum().backward()
+    (got * go).sum().backward()
+    for p, q, name in zip(a, c, ("x", "weight", "bias")):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("used", ["both", "conv", "proj"])
+def test_conv_with_projection_matches_conv_then_linear(reverse, used):
+    """The mixer's conv + x_proj node: outputs and every gradient (x, conv weight and bias, the
+    projection's weight) against the conv followed by F.linear, with either output unused."""
+    from svp.ops.conv_cpu import causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 23, 40, generator=g)
+    w, bias, pw = torch.randn(40, 4, generator=g) * 0.5, torch.randn(40, generator=g), torch.randn(9, 40, generator=g)
+    a = [t.clone().requires_grad_() for t in (x, w, bias, pw)]
+    c = [t.clone().requires_grad_() for t in (x, w, bias, pw)]
+    y_ref = causal_conv1d_bld(a[0], a[1], a[2], "silu", reverse=reverse)
+    p_ref = torch.nn.functional.linear(y_ref, a[3])
+    y, p = causal_conv1d_proj_cpu(c[0], c[1], c[2], c[3], "silu", reverse=reverse)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-5)
+    gy, gp = torch.randn(y.shape, generator=g), torch.randn(p.shape, generator=g)
+
+    def loss(yy, pp):
+        return ((yy * gy).sum() if used != "proj" else 0) + ((pp * gp).sum() if used != "conv" else 0)
+    loss(y_ref, p_ref).backward()
+    loss(y, p).backward()
+    for r, q, name in zip(a, c, ("x", "weight", "bias", "proj_w")):
+        if r.grad is None:
+            assert q.grad is None or not q.grad.any(), name
+            continue
+        torch.testing.assert_close(q.grad, r.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
+    """A small Vim, every gradient, with conv + x_proj as one node against the separate conv and
+    x_proj: full fine-tuning (conv and x_proj weights trained) and LoRA on x_proj (a
+    parametrized weight)."""
+    import timm
+    import svp.models.vim as vim
+    from svp.peft import get_peft_model, make_config
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                              num_classes=5)
+    kw = dict(targets=("x_proj",), r=2) if method == "lora" else {}
+    peft = get_peft_model(model, make_config(method, **kw)).eval()
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape))
+    x = torch.randn(2, 3, 32, 32)
+
+    def run():
+        out = peft(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
+        peft.zero_grad(set_to_none=True)
+        return out, grads
+
+    calls = []
+    real = vim._fused_conv_proj
+    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a: (calls.append(1) or real(*a)))
+    fused = run()
+    assert len(calls) == 4 and real(torch.zeros(1, 2, 64), model.layers[0].mixer.conv1d, model.layers[0].mixer.x_proj)
+    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a: False)
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert fused[1].keys() == ref[1].keys()
+    assert any("x_proj" in n for n in ref[1]) and (method == "lora" or any("conv1d" in n for n in ref[1]))
+    for n in ref[1]:
+        torch.testing.assert_close(fused[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=n)

@@ -97,6 +97,15 @@ def _conv(x, weight, bias, reverse):
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
 
 
+def _fused_conv_proj(x, conv, x_proj) -> bool:
+    """Whether conv + x_proj can run as one fused CPU node: what _conv would run fused, with a
+    (dim,) conv bias, and an x_proj that is a bias-free Linear without hooks (its weight may be
+    parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor)."""
+    return (isinstance(x_proj, nn.Linear) and type(x_proj).forward is nn.Linear.forward and x_proj.bias is None
+            and not (x_proj._forward_hooks or x_proj._forward_pre_hooks)
+            and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, x_proj.weight))
+
+
 class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer ("bimamba v2"): a forward and a backward selective
     SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
@@ -153,8 +162,15 @@ class BiMambaMixer(nn.Module):
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
         # x, z: (b, l, E). The backward branch runs on the time-reversed sequence; its
         # conv and scan take `reverse=True` so nothing is flipped or copied.
-        x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
-        x_dbl = x_proj(x)
+        if _fused_conv_proj(x, conv, x_proj):
+            # conv and x_proj as one autograd node: the two gradients of the conv's output
+            # (from the scan and from x_proj) are added inside the conv's backward kernel
+            from ..ops.conv_cpu import causal_conv1d_proj_cpu
+            x, x_dbl = causal_conv1d_proj_cpu(x, conv.weight.squeeze(1), conv.bias, x_proj.weight, "silu",
+                                              reverse=reverse)
+        else:
+            x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
+            x_dbl = x_proj(x)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:

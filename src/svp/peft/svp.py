@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.loading import mismatch_lines
+from ..ops import get_backend
 from .base import PeftConfig, PeftMethod
 from .registry import register_method
 
@@ -127,6 +128,20 @@ class SVP(PeftMethod):
     def prompt_tokens(self, layer_idx: int, hidden: torch.Tensor, cls_pos: int) -> torch.Tensor:
         """The prompted sequence for layer ``layer_idx`` (functional; class token untouched)."""
         cross, inner = self._parts(layer_idx)
+        if not self.official and _fused_prompts(hidden, cls_pos, cross, inner):
+            # Paper mode prompts every patch token from itself: the prompters' products run on
+            # the whole sequence at once (contiguous rows, no split at the class token and no
+            # join after it), and the SiLUs, scales and adds are one fused pass each way that
+            # leaves the class token's row alone (its prompt gradient is zero). Same floats as
+            # the path below up to rounding (tests/test_prompt_cpu.py).
+            from ..ops.prompt_cpu import add_silu_prompts_cpu
+            a1 = s1 = a2 = s2 = None
+            if cross is not None:
+                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
+            if inner is not None:
+                m = inner[0]._modules
+                a2, s2 = m["1"](m["0"](hidden)), inner[1]
+            return add_silu_prompts_cpu(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
         if self.official:
@@ -193,6 +208,32 @@ class SVP(PeftMethod):
             self.beta.copy_(scale[:self.depth])
             self.alpha.copy_(shared)
         return self
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
+    """Whether the fused CPU prompt step computes what the modules would: float32 CPU tensors,
+    the fused numba CPU backend in use (forcing another scan backend, e.g. 'reference', runs
+    everything in plain PyTorch), and prompters whose forward is the one defined here, without
+    hooks on them (hooks on their Linear layers still run)."""
+    if hidden.dim() != 3 or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+        return False
+    if not 0 <= cls_pos < hidden.shape[1] or _cpu_autocast():   # autocast: the products' outputs are not float32
+        return False
+    for part, cls in ((cross, CrossPrompter), (inner, InnerPrompter)):
+        if part is None:
+            continue
+        m, s = part
+        if (type(m).forward is not cls.forward or m._forward_hooks or m._forward_pre_hooks
+                or s.dtype != torch.float32 or s.device.type != "cpu"):
+            return False
+    return get_backend(hidden.device) == "cpu"
 
 
 register_method("svp", SVPConfig, SVP)

@@ -1,0 +1,144 @@
+"""The fused numba SVP prompt step against the PyTorch reference, forward and every gradient, and
+an SVP model with the fused path against the same model through the module path."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import svp  # noqa: F401  (registers the models)
+import svp.peft.svp as svp_mod
+from svp.ops import available_backends
+from svp.peft import get_peft_model, make_config
+
+if "cpu" not in available_backends():
+    pytest.fail("the numba cpu backend is not available", pytrace=False)
+
+from svp.ops.prompt_cpu import add_silu_prompts_cpu  # noqa: E402
+
+
+def _reference(h, a1, s1, a2, s2, skip):
+    p = 0
+    if a1 is not None:
+        p = p + s1 * F.silu(a1)
+    if a2 is not None:
+        p = p + s2 * F.silu(a2)
+    out = h + p
+    if 0 <= skip < h.shape[1]:
+        out = torch.cat([out[:, :skip], h[:, skip:skip + 1], out[:, skip + 1:]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("shape,skip", [((2, 13, 40), 6), ((3, 37, 192), 18), ((1, 1, 7), 0), ((2, 5, 8), -1),
+                                        ((2, 33, 16), 32)], ids=str)
+@pytest.mark.parametrize("use", ["both", "cross", "inner"])
+def test_fused_prompts_match_reference(shape, skip, use):
+    g = torch.Generator().manual_seed(shape[1] * shape[2] + skip)
+    d = shape[-1]
+    h = torch.randn(shape, generator=g)
+    a1, a2 = 3 * torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g)
+    s1, s2 = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    if use == "cross":
+        a2 = s2 = None
+    if use == "inner":
+        a1 = s1 = None
+    inputs = [h, a1, s1, a2, s2]
+    ref = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    got = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    want = _reference(*ref, skip)
+    out = add_silu_prompts_cpu(*got, skip=skip)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    if 0 <= skip < shape[1]:
+        assert torch.equal(out[:, skip], h[:, skip])   # the class token is copied, not recomputed
+    go = torch.randn(shape, generator=g)
+    want.backward(go)
+    out.backward(go)
+    for p, q, name in zip(ref, got, ("h", "a1", "s1", "a2", "s2")):
+        if p is None:
+            continue
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+        if name in ("a1", "a2") and 0 <= skip < shape[1]:
+            assert not q.grad[:, skip].any()
+
+
+def test_fused_prompts_without_scale_gradients_and_bits_independent_of_threads():
+    import numba
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 41, 24)
+    h, a1, a2 = (torch.randn(shape, generator=g).requires_grad_() for _ in range(3))
+    s1, s2 = torch.randn(24, generator=g).requires_grad_(), torch.randn(24, generator=g)
+    go = torch.randn(shape, generator=g)
+    outs = []
+    old = numba.get_num_threads()
+    try:
+        for n in sorted({1, old}):
+            numba.set_num_threads(n)
+            out = add_silu_prompts_cpu(h, a1, s1, a2, s2, skip=20)
+            outs.append((out, *torch.autograd.grad(out, [h, a1, s1, a2], go)))
+    finally:
+        numba.set_num_threads(old)
+    for o in outs[1:]:
+        for x, y in zip(o, outs[0]):
+            assert torch.equal(x, y)
+    assert torch.equal(outs[0][1], go)   # the stream's gradient passes through unchanged
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_cross=False), dict(use_inner=False), dict(compat="official")], ids=str)
+def test_svp_with_fused_prompts_matches_module_path(monkeypatch, kw):
+    """An SVP model (nonzero alpha/beta, so every prompter gets a gradient), logits and every
+    trainable gradient, with the fused prompt step against the same model through the modules."""
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=4, embed_dim=32,
+                              num_classes=5)
+    peft = get_peft_model(model, make_config("svp", shared_layers=2, hidden=8, **kw)).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if p.requires_grad and not n.startswith("base_model.head."):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 3, 32, 32, generator=g)
+
+    def run():
+        torch.manual_seed(5)   # official mode trains with DropPath: the same masks both runs
+        out = peft(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
+        peft.zero_grad(set_to_none=True)
+        return out, grads
+
+    calls = []
+    real = svp_mod._fused_prompts
+    monkeypatch.setattr(svp_mod, "_fused_prompts", lambda *a: calls.append(1) or real(*a))
+    fused = run()
+    assert len(calls) == (0 if kw.get("compat") == "official" else 4)   # official mode: the module path
+    monkeypatch.setattr(svp_mod, "_fused_prompts", lambda *a: False)
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert fused[1].keys() == ref[1].keys() and len(ref[1]) > 2
+    for n in ref[1]:
+        torch.testing.assert_close(fused[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_svp_fused_prompts_leave_the_class_token_alone():
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=4, embed_dim=32)
+    peft = get_peft_model(model, make_config("svp", shared_layers=2, hidden=8))
+    with torch.no_grad():
+        for p in peft.method.parameters():
+            p.add_(0.5 * torch.randn(p.shape))
+    h = torch.randn(2, 17, 32)
+    assert svp_mod._fused_prompts(h, 8, *peft.method._parts(1))
+    out = peft.method.prompt_tokens(1, h, 8)
+    assert torch.equal(out[:, 8], h[:, 8])
+    assert (out[:, :8] - h[:, :8]).abs().min() > 0 and (out[:, 9:] - h[:, 9:]).abs().min() > 0
+
+
+def test_svp_under_cpu_autocast_keeps_the_module_path():
+    # under autocast the prompters' products come out in bfloat16: the fused float32 step is not used
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32)
+    peft = get_peft_model(model, make_config("svp", shared_layers=1, hidden=8))
+    h = torch.randn(2, 17, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not svp_mod._fused_prompts(h, 8, *peft.method._parts(0))
+        out = peft.method.prompt_tokens(0, h, 8)
+    assert torch.equal(out[:, 8], h[:, 8])
