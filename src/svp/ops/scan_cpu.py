@@ -83,7 +83,7 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
-from .simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
+from .simd import VL, fma, prefetch, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
     vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
 
 # The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
@@ -95,6 +95,7 @@ except Exception:  # pragma: no cover - an LLVM without the option: slower, stil
     pass
 
 BW = 4 * VL      # channels per task: four 16-lane vectors side by side
+PF = 4           # rows prefetched this many steps ahead (see simd.prefetch)
 CHUNK = 32       # time steps per backward chunk (8, 16 and 32 measured the same)
 
 _f32 = np.float32
@@ -287,6 +288,16 @@ def _vsigmoid(x):
     return _ONE / (_vexp(-x) + _ONE)
 
 
+@njit
+def _prefetch_rows(a, b, c, has_c, off):
+    """The four cache lines of a block's row at flat offset off, in a, b (and c)."""
+    for k in range(0, BW, VL):
+        prefetch(a, off + k)
+        prefetch(b, off + k)
+        if has_c:
+            prefetch(c, off + k)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, fast, dtmax,
               b, L, d, g, N):
@@ -331,6 +342,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
             t = L - 1 - s if reverse else s
             row = (bi * L + t) * d + c0
             bcr = ((bi * L + t) * g + gi) * N
+            if s + PF < L:
+                _prefetch_rows(u, dl, z, has_z, (bi * L + (t - PF if reverse else t + PF)) * d + c0)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
@@ -475,6 +488,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
                 bcr = ((bi * L + t) * g + gi) * N
+                if s + PF < L:
+                    tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
+                    _prefetch_rows(u, dl, z, has_z, tp)
+                    _prefetch_rows(dout, dout, dout, False, tp)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)

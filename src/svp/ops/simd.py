@@ -47,6 +47,11 @@ class _F32x16Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _VF)
 
 
+def _llvm_version():
+    from llvmlite import binding
+    return tuple(binding.llvm_version_info)
+
+
 def _is_f32_array(a):
     return isinstance(a, types.Array) and a.dtype == types.float32
 
@@ -275,6 +280,32 @@ def vhsum16(typingctx, buf, off):
         return builder.shuffle_vector(vs[0], ir.Constant(_VF, ir.Undefined), ir.Constant(_VI, perm))
 
     return f32x16(buf, off), codegen
+
+
+# The prefetch intrinsic's name carries its pointer type: p0i8 with LLVM's typed pointers
+# (LLVM <= 14: numba 0.58), p0 since pointers became opaque.
+_PREFETCH = "llvm.prefetch.p0" if _llvm_version() >= (15,) else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Ask for the cache line holding arr[idx] (a hint: no effect on any result). The
+    kernels walk rows d floats apart; beyond ~2 KiB strides the hardware's stride
+    prefetchers stop following, and every step then waited for its rows from memory."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        i8p = ir.IntType(8).as_pointer()
+        p8 = builder.bitcast(p, i8p)
+        i32 = ir.IntType(32)
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                           _PREFETCH)
+        builder.call(f, [p8, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
 
 
 @intrinsic
