@@ -288,6 +288,22 @@ def _vsigmoid(x):
     return _ONE / (_vexp(-x) + _ONE)
 
 
+# The forward's state loop and the backward's recompute of it run the same operations (the
+# backward reproduces the forward's states bit for bit); what they share is here.
+@njit
+def _delta(dl, off, bias, softplus):
+    """The time step of 16 channels: delta + bias, through softplus when asked."""
+    x = vload(dl, off) + bias
+    return _vsoftplus(x) if softplus else x
+
+
+@njit
+def _decay(fast, dt, dc, a):
+    """exp(delta A) as 2^(dt * A log2 e): the fused-rounding form where _fast_decay allows it
+    (dc: dt capped per channel), else the general one."""
+    return _vexp2_neg(dc, a) if fast else _vexp2(dt * a)
+
+
 @njit
 def _prefetch_rows(a, b, c, has_c, off):
     """The four cache lines of a block's row at flat offset off, in a, b (and c)."""
@@ -348,15 +364,10 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
             u3 = vload(u, row + 3 * VL)
-            dt0 = vload(dl, row) + b0
-            dt1 = vload(dl, row + VL) + b1
-            dt2 = vload(dl, row + 2 * VL) + b2
-            dt3 = vload(dl, row + 3 * VL) + b3
-            if softplus:
-                dt0 = _vsoftplus(dt0)
-                dt1 = _vsoftplus(dt1)
-                dt2 = _vsoftplus(dt2)
-                dt3 = _vsoftplus(dt3)
+            dt0 = _delta(dl, row, b0, softplus)
+            dt1 = _delta(dl, row + VL, b1, softplus)
+            dt2 = _delta(dl, row + 2 * VL, b2, softplus)
+            dt3 = _delta(dl, row + 3 * VL, b3, softplus)
             dtu0 = dt0 * u0
             dtu1 = dt1 * u1
             dtu2 = dt2 * u2
@@ -374,13 +385,13 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
                 bn = Bm[bcr + n]
                 cn = splat(Cm[bcr + n])
                 a = vload(A2b, o)
-                e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                e0 = _decay(fast, dt0, dc0, a)
                 a = vload(A2b, o + VL)
-                e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                e1 = _decay(fast, dt1, dc1, a)
                 a = vload(A2b, o + 2 * VL)
-                e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                e2 = _decay(fast, dt2, dc2, a)
                 a = vload(A2b, o + 3 * VL)
-                e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
+                e3 = _decay(fast, dt3, dc3, a)
                 h0 = fma(e0, vload(h, o), dtu0 * bn)
                 h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
                 h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
@@ -496,15 +507,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
                 u3 = vload(u, row + 3 * VL)
-                dt0 = vload(dl, row) + b0
-                dt1 = vload(dl, row + VL) + b1
-                dt2 = vload(dl, row + 2 * VL) + b2
-                dt3 = vload(dl, row + 3 * VL) + b3
-                if softplus:
-                    dt0 = _vsoftplus(dt0)
-                    dt1 = _vsoftplus(dt1)
-                    dt2 = _vsoftplus(dt2)
-                    dt3 = _vsoftplus(dt3)
+                dt0 = _delta(dl, row, b0, softplus)
+                dt1 = _delta(dl, row + VL, b1, softplus)
+                dt2 = _delta(dl, row + 2 * VL, b2, softplus)
+                dt3 = _delta(dl, row + 3 * VL, b3, softplus)
                 vstore(Tb, j * BW, dt0)
                 vstore(Tb, j * BW + VL, dt1)
                 vstore(Tb, j * BW + 2 * VL, dt2)
@@ -528,13 +534,13 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     bn = Bm[bcr + n]
                     cn = splat(Cm[bcr + n])
                     a = vload(A2b, o)
-                    e0 = _vexp2_neg(dc0, a) if fast else _vexp2(dt0 * a)
+                    e0 = _decay(fast, dt0, dc0, a)
                     a = vload(A2b, o + VL)
-                    e1 = _vexp2_neg(dc1, a) if fast else _vexp2(dt1 * a)
+                    e1 = _decay(fast, dt1, dc1, a)
                     a = vload(A2b, o + 2 * VL)
-                    e2 = _vexp2_neg(dc2, a) if fast else _vexp2(dt2 * a)
+                    e2 = _decay(fast, dt2, dc2, a)
                     a = vload(A2b, o + 3 * VL)
-                    e3 = _vexp2_neg(dc3, a) if fast else _vexp2(dt3 * a)
+                    e3 = _decay(fast, dt3, dc3, a)
                     h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
                     h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
                     h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
