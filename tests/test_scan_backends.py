@@ -242,6 +242,34 @@ def test_cpu_chunk_sizes_and_vim_shape():
     check("cpu", make(1, 96, 197, 16, seed=12), reverse=True, last=True)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_more_than_16_states_and_the_same_bits_on_any_thread_count():
+    """The CPU kernels take states in groups of 16 for the dB/dC lane sums (the last group
+    partial) and channels in blocks of 64 (other widths padded); the result is the reference's,
+    and bit for bit the same with 1 and 2 numba threads."""
+    import numba
+
+    from svp.ops.scan_cpu import selective_scan_cpu
+    check("cpu", make(1, 96, 33, 17, seed=13), last=True)
+    # (reversed, this input's dA lands at 5.4e-7 with the old kernels and these alike: one
+    # cancelling sum; reversal is covered by the other tests)
+    check("cpu", make(2, 70, 21, 33, groups=2, seed=14), last=True)
+    args = make(2, 200, 40, 17, groups=4, seed=15)
+    before = numba.get_num_threads()
+    res = []
+    try:
+        for nt in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(nt)
+            xs = [a.detach().clone().requires_grad_() for a in args]
+            out, last = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True)
+            (out.square().sum() + last.sum()).backward()
+            res.append([out, last] + [x.grad for x in xs])
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
 def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
     monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
     set_backend(None)
