@@ -14,7 +14,10 @@ Every operation is exact IEEE float32 and spelled out: ``fma`` is ``llvm.fma`` (
 kernel produces do not depend on how LLVM schedules it, on whether numba compiled it now or
 loaded it from its disk cache, or on the vector width of the machine.
 
-Operators ``+ - *`` work between two vectors and between a vector and a float32 (broadcast).
+Operators ``+ - * /`` work between two vectors and between a vector and a scalar (broadcast),
+unary ``-`` negates. Everything lowers to generic LLVM IR (on a CPU without FMA instructions
+``llvm.fma`` becomes a correctly rounded library call: slow, same bits); the prefetch hint is the
+only target-dependent piece, and it changes no result.
 """
 from __future__ import annotations
 
