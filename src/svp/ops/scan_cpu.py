@@ -87,8 +87,9 @@ import llvmlite.binding as _llvm  # noqa: E402
 from .simd import VL, fma, prefetch, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
     vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
 
-# The inner loops touch ~10 small arrays that numba cannot mark as non-aliasing; LLVM's
-# default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
+# The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
+# explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
+# LLVM's default limit of 8 runtime overlap checks would leave them scalar. Raise the limit
 # (a process-wide LLVM option that only changes vectorisation decisions).
 try:
     _llvm.set_option("svp", "-runtime-memory-check-threshold=128")
