@@ -8,6 +8,7 @@ if "cpu" not in available_backends():
     pytest.fail("the numba cpu backend is not available", pytrace=False)
 
 from svp.ops.conv_cpu import causal_conv1d_cpu  # noqa: E402
+from fused_helpers import output_and_grads  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(2, 13, 40), (3, 37, 130), (1, 2, 7), (2, 1, 5)], ids=str)
@@ -131,11 +132,7 @@ def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     x = torch.randn(2, 3, 32, 32)
 
     def run():
-        out = peft(x)
-        out.square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
-        peft.zero_grad(set_to_none=True)
-        return out, grads
+        return output_and_grads(peft, x)
 
     calls = []
     real = vim._fused_conv_proj

@@ -14,6 +14,7 @@ if "cpu" not in available_backends():
     pytest.fail("the numba cpu backend is not available", pytrace=False)
 
 from svp.ops.prompt_cpu import add_silu_prompts_cpu  # noqa: E402
+from fused_helpers import output_and_grads  # noqa: E402
 
 
 def _reference(h, a1, s1, a2, s2, skip):
@@ -97,13 +98,8 @@ def test_svp_with_fused_prompts_matches_module_path(monkeypatch, kw):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     x = torch.randn(2, 3, 32, 32, generator=g)
 
-    def run():
-        torch.manual_seed(5)   # official mode trains with DropPath: the same masks both runs
-        out = peft(x)
-        out.square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None}
-        peft.zero_grad(set_to_none=True)
-        return out, grads
+    def run():   # official mode trains with DropPath: the same masks both runs
+        return output_and_grads(peft, x, seed=5)
 
     calls = []
     real = svp_mod._fused_prompts
