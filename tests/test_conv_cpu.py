@@ -11,14 +11,9 @@ from svp.ops.conv_cpu import causal_conv1d_cpu  # noqa: E402
 from fused_helpers import output_and_grads  # noqa: E402
 
 
-@pytest.mark.parametrize("shape", [(2, 13, 40), (3, 37, 130), (1, 2, 7), (2, 1, 5)], ids=str)
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("act", [None, "silu"])
-def test_fused_conv_matches_pytorch(shape, reverse, act):
-    b, L, d = shape
-    g = torch.Generator().manual_seed(L * d)
-    x = torch.randn(b, L, 2 * d, generator=g)[..., :d]       # strided, as a chunk of in_proj
-    w, bias = torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+def _check_against_pytorch(x, w, bias, act, reverse, g):
+    """The fused conv and the PyTorch one on the same inputs: output, and every gradient of a
+    random projection of it (``g`` draws the projection)."""
     a = [t.clone().requires_grad_() for t in (x, w, bias)]
     c = [t.clone().requires_grad_() for t in (x, w, bias)]
     want = causal_conv1d_bld(*a, act, reverse=reverse)
@@ -29,6 +24,17 @@ def test_fused_conv_matches_pytorch(shape, reverse, act):
     (got * go).sum().backward()
     for p, q, name in zip(a, c, ("x", "weight", "bias")):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 13, 40), (3, 37, 130), (1, 2, 7), (2, 1, 5)], ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_fused_conv_matches_pytorch(shape, reverse, act):
+    b, L, d = shape
+    g = torch.Generator().manual_seed(L * d)
+    x = torch.randn(b, L, 2 * d, generator=g)[..., :d]       # strided, as a chunk of in_proj
+    w, bias = torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+    _check_against_pytorch(x, w, bias, act, reverse, g)
 
 
 def test_frozen_conv_gets_no_weight_gradient_and_same_input_gradient():
@@ -71,16 +77,7 @@ def test_fused_conv_any_width_matches_pytorch(width, reverse):
     g = torch.Generator().manual_seed(width)
     x = torch.randn(2, 21, 24, generator=g)
     w, bias = torch.randn(24, width, generator=g) * 0.5, torch.randn(24, generator=g)
-    a = [t.clone().requires_grad_() for t in (x, w, bias)]
-    c = [t.clone().requires_grad_() for t in (x, w, bias)]
-    want = causal_conv1d_bld(*a, "silu", reverse=reverse)
-    got = causal_conv1d_cpu(*c, "silu", reverse=reverse)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    go = torch.randn(want.shape, generator=g)
-    (want * go).sum().backward()
-    (got * go).sum().backward()
-    for p, q, name in zip(a, c, ("x", "weight", "bias")):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
+    _check_against_pytorch(x, w, bias, "silu", reverse, g)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
