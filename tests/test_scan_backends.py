@@ -270,6 +270,34 @@ def test_cpu_more_than_16_states_and_the_same_bits_on_any_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_gradient_through_one_output_only():
+    """The CPU scan leaves an unused output's gradient as None (no zero tensor filled and read):
+    a loss on the last state alone, and one on the output alone with the last state returned,
+    give the float64 reference's gradients, and the second the same bits as not returning it."""
+    from svp.ops.scan_cpu import selective_scan_cpu
+    args = make(2, 70, 19, 16, seed=16)
+    refs = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    _, h64 = ref64(*refs, delta_softplus=True)
+    want = torch.autograd.grad(h64.square().sum(), [r for r in refs if r is not None], allow_unused=True)
+    xs = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    _, last = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True)
+    got = torch.autograd.grad(last.square().sum(), [x for x in xs if x is not None], allow_unused=True)
+    for name, a, b in zip([n for n, x in zip(NAMES, xs) if x is not None], got, want):
+        if b is None or not b.abs().max() > 0:   # z and D do not reach the state
+            assert a is None or not a.abs().max() > 0, name
+            continue
+        assert rel(a, b) < 1e-4, name
+    outs = []
+    for ret in (False, True):
+        xs = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+        res = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=ret)
+        out = res[0] if ret else res
+        outs.append(torch.autograd.grad(out.square().sum(), [x for x in xs if x is not None]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
     monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
     set_backend(None)

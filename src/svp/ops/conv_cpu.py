@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid, _wide_vectors
 from numba import njit, prange
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -80,6 +80,7 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
     b, L, d = x.shape
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
+        _wide_vectors()
         bi, t0, t1 = _rows(task, ntb, L)
         acc = np.empty(d, np.float32)
         W = w.shape[0]
@@ -107,6 +108,7 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, dx, dwp, dbp):
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
+        _wide_vectors()
         bi, t0, t1 = _rows(task, ntb, L)
         # rows of dL/d(pre-activation) that dx[t0:t1] needs (this block plus a halo)
         lo = max(0, t0 - W + 1) if reverse else t0

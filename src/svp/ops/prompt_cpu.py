@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid, _wide_vectors
 from numba import njit, prange
 
 TB = 16  # tokens per task (a task owns whole rows)
@@ -35,6 +35,7 @@ def _prompt_fwd(h, a1, s1, a2, s2, use1, use2, skip, out):
     b, L, d = h.shape
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
+        _wide_vectors()
         bi = task // ntb
         t0 = (task - bi * ntb) * TB
         for t in range(t0, min(L, t0 + TB)):
@@ -86,6 +87,7 @@ def _prompt_bwd(g, a1, s1, a2, s2, use1, use2, skip, need_s1, need_s2, da1, da2,
     b, L, d = g.shape
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
+        _wide_vectors()
         bi = task // ntb
         t0 = (task - bi * ntb) * TB
         # the scales' sums: float32 over the task's (at most TB) rows, then float64 across tasks

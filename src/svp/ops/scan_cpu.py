@@ -106,6 +106,7 @@ _f32 = np.float32
 # minimax coefficients), then scale by 2^k built from the exponent bits.
 _LOG2E_64 = 1.4426950408889634
 _LOG2E = _f32(_LOG2E_64)
+_RATIO_MAX = 2.0 ** 20
 _LN2_HI = _f32(0.693359375)
 _LN2_LO = _f32(-2.12194440e-4)
 _P0 = _f32(1.9875691500e-4)
@@ -189,7 +190,10 @@ _E6 = _f32(0.00015353360504377633)
 # attached to the function this is called in (the prange body). llvmlite's attribute set only
 # admits a fixed list of names, hence the set.add. On a CPU without AVX-512 the attribute
 # cannot widen anything, and other targets ignore it. Vector width does not change any result
-# (svp.ops.simd: every operation is explicit).
+# (svp.ops.simd: every operation is explicit). The auto-vectorised conv and prompt kernels ask
+# for it too: their SiLU is compute-bound and LLVM gave them 256-bit vectors (18-21% off their
+# time at the Vim-Tiny shapes, same bits: without reassociation LLVM keeps every operation's
+# order at any width); the memory-bound add + RMSNorm kernels gained nothing and keep the default.
 @intrinsic
 def _wide_vectors(typingctx):
     sig = types.none()
@@ -436,7 +440,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, dlast,
+def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
               du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
@@ -463,10 +467,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
             vstore(A2b, o + VL, vload(A2t, n * d + c0 + VL))
             vstore(A2b, o + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
             vstore(A2b, o + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
-            vstore(dh, o, vload(dlast, (bi * N + n) * d + c0))
-            vstore(dh, o + VL, vload(dlast, (bi * N + n) * d + c0 + VL))
-            vstore(dh, o + 2 * VL, vload(dlast, (bi * N + n) * d + c0 + 2 * VL))
-            vstore(dh, o + 3 * VL, vload(dlast, (bi * N + n) * d + c0 + 3 * VL))
+            if has_dlast:   # else the state gradient starts at zero (zeros64)
+                for k in range(0, BW, VL):
+                    vstore(dh, o + k, vload(dlast, (bi * N + n) * d + c0 + k))
         Hb = zeros64((K + 1) * NV)
         Eb = zeros64(K * NV)
         Tb = zeros64(K * BW)
@@ -721,20 +724,87 @@ def _store_sums(P, m, out, off, tmp):
             out[off + n] = tmp[n]
 
 
+_TB = 16  # time steps per _sum_blocks task
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _sum_blocks(P, out):
-    """out[b, t, g, n] = sum_k P[b, g, k, t, n] in float64 (P: per-block partial sums)."""
+    """out[b, g, n, t] = sum_k P[b, g, k, t, n], summed in float64 (k in order) and rounded once
+    to out's dtype (P: the per-channel-block partial sums of dB or dC). A task sums _TB steps,
+    reading P's rows and writing out's in memory order."""
     b, g, nb, L, N = P.shape
-    for task in prange(b * L):
-        bi = task // L
-        t = task - bi * L
-        for gi in range(g):
-            o = out[bi, t, gi]
-            for n in range(N):
-                acc = 0.0
-                for k in range(nb):
-                    acc += np.float64(P[bi, gi, k, t, n])
-                o[n] = acc
+    ntb = (L + _TB - 1) // _TB
+    for task in prange(b * g * ntb):
+        bi = task // (g * ntb)
+        gi = (task // ntb) % g
+        t0 = (task % ntb) * _TB
+        m = min(_TB, L - t0)
+        acc = np.zeros((_TB, N), np.float64)
+        for k in range(nb):
+            for j in range(m):
+                for n in range(N):
+                    acc[j, n] += np.float64(P[bi, gi, k, t0 + j, n])
+        for n in range(N):
+            for j in range(m):
+                out[bi, gi, n, t0 + j] = acc[j, n]
+
+
+@njit(cache=True, error_model="numpy")
+def _sum_batch(dAp, dDp, dbp, dg, dgp, dA, dD, db):
+    """The per-batch-row float64 sums of dA (b, N, padded d), dD and delta_bias's gradient
+    (b, padded d), summed over the batch and rounded once into float32 dA (d, N), dD, db (d,),
+    dropping the padding channels."""
+    b, N, dp = dAp.shape
+    d = dA.shape[0]
+    for c in range(d):
+        gi = c // dg
+        cp = gi * dgp + c - gi * dg
+        for n in range(N):
+            acc = 0.0
+            for bi in range(b):
+                acc += dAp[bi, n, cp]
+            dA[c, n] = acc
+        accD = 0.0
+        accb = 0.0
+        for bi in range(b):
+            accD += dDp[bi, cp]
+            accb += dbp[bi, cp]
+        dD[c] = accD
+        db[c] = accb
+
+
+@njit(cache=True, error_model="numpy")
+def _a_tables(A, dg, dgp, softplus, At, A2t, dtmax):
+    """A (d, N, float64) -> the kernels' per-channel tables, channel-padded group by group:
+    At = A and A2t = A log2(e) (float32, (N, padded d)), and whether the fused-rounding decay
+    (_vexp2_neg) may be used, with its per-channel bound on delta, dtmax.
+
+    With softplus, delta >= 0; with every A < 0 the exponent t = delta * A log2 e is <= 0.
+    Clamping delta (for the decay factors only) at dtmax_c = 128 / min_n |A2[n, c]| changes no
+    factor: beyond it every t of that channel is <= -128, where the factor is 0 either way; with
+    max_n |A2| / min_n |A2| <= 2^20 it bounds |t| by 2^27, as _vexp2_neg needs. Anything else
+    (no softplus, A >= 0 somewhere, inf/NaN in A) takes the general path. One pass instead of
+    a dozen small torch ops per call (~0.2 ms)."""
+    d, N = A.shape
+    fast = softplus and d * N > 0
+    for c in range(d):
+        gi = c // dg
+        cp = gi * dgp + c - gi * dg
+        amin = np.inf
+        amax = 0.0
+        for n in range(N):
+            At[n, cp] = np.float32(A[c, n])
+            a2 = np.float32(A[c, n] * _LOG2E_64)
+            A2t[n, cp] = a2
+            if not (a2 < 0.0 and np.isfinite(a2)):
+                fast = False
+            m = abs(np.float64(a2))
+            amin = min(amin, m)
+            amax = max(amax, m)
+        if not amax <= _RATIO_MAX * amin:
+            fast = False
+        dtmax[cp] = np.float32(128.0 / amin) if amin > 0.0 else np.float32(1.0)
+    return fast
 
 
 # ---------------------------------------------------------------------------------------
@@ -786,27 +856,6 @@ def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], g, dgp)[..., :dg].reshape(*x.shape[:-1], g * dg)
 
 
-_RATIO_MAX = 2.0 ** 20
-
-
-def _fast_decay(A2t: torch.Tensor, softplus: bool):
-    """Whether the kernels may use _vexp2_neg, and the per-channel bound on delta it needs.
-
-    With softplus, delta >= 0; with every A < 0 the exponent t = delta * A log2 e is <= 0.
-    Clamping delta (for the decay factors only) at dtmax_c = 128 / min_n |A2[n, c]| changes
-    no factor: beyond it every t of that channel is <= -128, where the factor is 0 either way;
-    with max_n |A2| / min_n |A2| <= 2^20 it bounds |t| by 2^27, as _vexp2_neg needs. Anything
-    else (no softplus, A >= 0 somewhere, inf/NaN in A) takes the general path."""
-    a = A2t.double().abs()
-    fast = bool(softplus and A2t.numel() > 0 and bool((A2t < 0).all()) and bool(torch.isfinite(A2t).all()))
-    if fast:
-        amin = a.amin(0)
-        fast = bool((a.amax(0) <= _RATIO_MAX * amin).all())
-    if not fast:
-        return False, torch.ones(A2t.shape[1], dtype=torch.float32)
-    return True, (128.0 / amin).to(torch.float32)
-
-
 def _flat(x: torch.Tensor):
     return x.reshape(-1).numpy()
 
@@ -832,10 +881,10 @@ class SelectiveScanCPU(torch.autograd.Function):
         u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
         has_z = z is not None
         z3 = pad(_as_bld(z)) if has_z else u3
-        At = pad(A.detach().to(torch.float32).t()).contiguous()
-        A2t = (A.detach().t().double() * _LOG2E_64).to(torch.float32)
-        fast, dtmax = _fast_decay(A2t, bool(delta_softplus))
-        A2t, dtmax = pad(A2t).contiguous(), pad(dtmax)
+        new = torch.zeros if dgp != dg else torch.empty   # padding channels: A = 0
+        At, A2t, dtmax = new(N, dp), new(N, dp), new(dp)
+        fast = bool(_a_tables(A.detach().to(torch.float64).contiguous().numpy(), dg, dgp, bool(delta_softplus),
+                              At.numpy(), A2t.numpy(), dtmax.numpy()))
         Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
         K = int(chunk)
         nchunk = (L + K - 1) // K
@@ -847,6 +896,9 @@ class SelectiveScanCPU(torch.autograd.Function):
             _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(delta_softplus),
                       bool(reverse), K, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
         ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax)
+        # An output nobody uses (the last state, in the models) gets None in backward rather
+        # than a zero tensor autograd fills and the kernel reads.
+        ctx.set_materialize_grads(False)
         ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
                    delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp), fast)
         ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
@@ -869,10 +921,8 @@ class SelectiveScanCPU(torch.autograd.Function):
             g3 = torch.zeros(b, L, dp, dtype=torch.float32)
         else:
             g3 = pad(_as_bld(dout)).contiguous()
-        if dlast is None:
-            dl_ = torch.zeros(b, N, dp, dtype=torch.float32)
-        else:
-            dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous()
+        has_dlast = dlast is not None
+        dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
         du = torch.empty(b, L, dp, dtype=torch.float32)
         dd = torch.empty(b, L, dp, dtype=torch.float32)
         dz = torch.empty(b, L, dp, dtype=torch.float32) if has_z else du
@@ -884,24 +934,32 @@ class SelectiveScanCPU(torch.autograd.Function):
         f = _flat
         with _dynamic_tasks():
             _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-                      reverse, K, f(hs), f(g3), f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
+                      reverse, K, f(hs), f(g3), has_dlast, f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
                       f(dbp), fast, f(dtmax), b, L, dp, g, N)
         need = ctx.needs_input_grad
         dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
 
         def bc(P, gX, is4, dtype):
-            o = torch.empty(b, L, g, N, dtype=torch.float64)
+            shape = (b, gX, N, L) if is4 else (b, N, L)
+            if gX == g and dtype == torch.float32:   # the models' case: straight into the result
+                o = torch.empty(b, g, N, L, dtype=torch.float32)
+                _sum_blocks(P.numpy(), o.numpy())
+                return o.reshape(shape)
+            o = torch.empty(b, g, N, L, dtype=torch.float64)
             _sum_blocks(P.numpy(), o.numpy())
-            return sum_to_groups(o.permute(0, 2, 3, 1), (b, gX, N, L) if is4 else (b, N, L), dtype)
+            return sum_to_groups(o, shape, dtype)
 
+        d = g * dg
+        dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
+        _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
         r_u = unpad(du).transpose(1, 2).to(dt_u) if need[0] else None
         r_delta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
-        r_A = unpad(dAp.sum(0)).t().to(dt_A) if need[2] else None
+        r_A = dA.to(dt_A) if need[2] else None
         r_B = bc(dBp, gB, b4, dt_B) if need[3] else None
         r_C = bc(dCp, gC, c4, dt_C) if need[4] else None
-        r_D = unpad(dDp.sum(0)).to(dt_D) if (has_D and need[5]) else None
+        r_D = dD.to(dt_D) if (has_D and need[5]) else None
         r_z = unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
-        r_bias = unpad(dbp.sum(0)).to(dt_bias) if (has_bias and need[7]) else None
+        r_bias = db.to(dt_bias) if (has_bias and need[7]) else None
         return r_u, r_delta, r_A, r_B, r_C, r_D, r_z, r_bias, None, None, None
 
 
