@@ -298,6 +298,41 @@ def test_cpu_gradient_through_one_output_only():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("d,groups", [(128, 0), (70, 0), (96, 2)])
+def test_cpu_bidirectional_scan_is_the_sum_of_two_scans_bit_for_bit(d, groups):
+    """bidirectional_scan_cpu (the second direction's kernel adds into the first's output and z
+    gradient) gives exactly the bits of two selective_scan_cpu calls and PyTorch's sums, for the
+    output and every gradient, z's included; padded widths and grouped B/C too."""
+    from svp.ops.scan_cpu import bidirectional_scan_cpu, selective_scan_cpu
+    fa, ba = make(2, d, 23, 16, groups=groups, seed=17), make(2, d, 23, 16, groups=groups, seed=18)
+    z = fa[6]
+    order = [0, 1, 2, 3, 4, 5, 7]   # (u, delta, A, B, C, D, delta_bias)
+    go = torch.randn(2, d, 23, generator=torch.Generator().manual_seed(19))
+
+    def leaves():
+        return ([fa[i].detach().clone().requires_grad_() for i in order],
+                [ba[i].detach().clone().requires_grad_() for i in order], z.detach().clone().requires_grad_())
+
+    f1, b1, z1 = leaves()
+    y1 = (selective_scan_cpu(*f1[:6], z=z1, delta_bias=f1[6], delta_softplus=True)
+          + selective_scan_cpu(*b1[:6], z=z1, delta_bias=b1[6], delta_softplus=True, reverse=True))
+    g1 = torch.autograd.grad((y1 * go).sum(), [z1] + f1 + b1)
+    f2, b2, z2 = leaves()
+    y2 = bidirectional_scan_cpu(z2, f2, b2)
+    g2 = torch.autograd.grad((y2 * go).sum(), [z2] + f2 + b2)
+    assert torch.equal(y1, y2)
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert torch.equal(a, b), i
+    # only some inputs needing gradients (a frozen backbone's case: z's and the deltas')
+    f3, b3, z3 = leaves()
+    for t in f3[2:] + b3[2:]:
+        t.requires_grad_(False)
+    g3 = torch.autograd.grad((bidirectional_scan_cpu(z3, f3, b3) * go).sum(), [z3] + f3[:2] + b3[:2])
+    for a, b in zip(g3, [g1[0]] + list(g1[1:3]) + list(g1[8:10])):
+        assert torch.equal(a, b)
+
+
 def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
     monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
     set_backend(None)
@@ -392,3 +427,32 @@ def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "workqueue"
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
+    """A small Vim, full fine-tuning: each mixer's two scans run as one BiScanCPU node, and the
+    output and every parameter's gradient are bit for bit those of two scans and PyTorch's sums."""
+    import timm
+
+    import svp.models.vim as vim
+    from svp.ops import scan_cpu
+    from svp.peft import get_peft_model, make_config
+    from fused_helpers import output_and_grads
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                              num_classes=5)
+    peft = get_peft_model(model, make_config("full")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    real = scan_cpu.BiScanCPU.forward
+    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    fused = output_and_grads(peft, x)
+    assert len(calls) == 2
+    monkeypatch.setattr(vim, "_fused_bi_scan", lambda *a: False)
+    ref = output_and_grads(peft, x)
+    assert len(calls) == 2
+    assert torch.equal(fused[0], ref[0])
+    assert fused[1].keys() == ref[1].keys() and any("A_b_log" in n for n in ref[1])
+    for n in ref[1]:
+        assert torch.equal(fused[1][n], ref[1][n]), n

@@ -106,6 +106,12 @@ def _fused_conv_proj(x, conv, x_proj) -> bool:
             and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, x_proj.weight))
 
 
+def _fused_bi_scan(x, z) -> bool:
+    """Whether the two directions' scans run as one node (svp.ops.scan_cpu.BiScanCPU): the
+    scan on the fused CPU backend, float32."""
+    return _fused_cpu(x, z)
+
+
 class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer ("bimamba v2"): a forward and a backward selective
     SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
@@ -159,9 +165,11 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         dt_proj.bias._no_reinit = True
 
-    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
-        # x, z: (b, l, E). The backward branch runs on the time-reversed sequence; its
-        # conv and scan take `reverse=True` so nothing is flipped or copied.
+    def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name):
+        """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
+        delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products."""
+        # x: (b, l, E). The backward branch runs on the time-reversed sequence; its conv and
+        # scan take `reverse=True` so nothing is flipped or copied.
         if _fused_conv_proj(x, conv, x_proj):
             # conv and x_proj as one autograd node: the two gradients of the conv's output
             # (from the scan and from x_proj) are added inside the conv's backward kernel
@@ -178,9 +186,13 @@ class BiMambaMixer(nn.Module):
         A = -torch.exp(A_log.float())
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
-        y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                           D.float(), z=z.transpose(1, 2), delta_bias=dt_proj.bias.float(),
-                           delta_softplus=True, reverse=reverse)
+        return (x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                dt_proj.bias.float())
+
+    def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
+        u, delta, A, B, C, Dv, bias = self._scan_inputs(x, conv, x_proj, dt_proj, A_log, D, reverse, name)
+        y = selective_scan(u, delta, A, B, C, Dv, z=z.transpose(1, 2), delta_bias=bias, delta_softplus=True,
+                           reverse=reverse)
         return y.transpose(1, 2)
 
     def forward(self, hidden):
@@ -194,11 +206,23 @@ class BiMambaMixer(nn.Module):
             w, E = ip.weight, self.d_inner
             x = F.linear(hidden, w[:E], None if ip.bias is None else ip.bias[:E])
             z = F.linear(hidden, w[E:], None if ip.bias is None else ip.bias[E:])
-        y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
-        y_b = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True,
-                              "backward")
+        fwd = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
+        bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
+        if _fused_bi_scan(x, z):
+            # both scans in one node: the second adds its output (and in backward its z
+            # gradient) to the first's, instead of two more passes over (b, l, E)
+            from ..ops.scan_cpu import bidirectional_scan_cpu
+            sf, sb = self._scan_inputs(x, *fwd), self._scan_inputs(x, *bwd)
+            if all(t.dtype == torch.float32 for t in sf + sb):
+                y = bidirectional_scan_cpu(z.transpose(1, 2), sf, sb).transpose(1, 2)
+            else:   # a hook changed a dtype: the general path
+                y = (selective_scan(*sf[:6], z=z.transpose(1, 2), delta_bias=sf[6], delta_softplus=True)
+                     + selective_scan(*sb[:6], z=z.transpose(1, 2), delta_bias=sb[6], delta_softplus=True,
+                                      reverse=True)).transpose(1, 2)
+        else:
+            y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
         op = self.out_proj
-        y = (y + y_b).to(hidden.dtype)
+        y = y.to(hidden.dtype)
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
             # out_proj((y + y_b) / 2) == (y + y_b) @ (W / 2)^T bit for bit (scaling by 2^-1 is
             # exact) with one elementwise pass less forward and backward

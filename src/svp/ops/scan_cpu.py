@@ -319,6 +319,13 @@ def _flush_da(dAacc, dAc, N):
 
 
 @njit
+def _put(a, off, v, acc):
+    """a[off:off+16] = v, or += v when acc (the second direction of a bidirectional mixer adds
+    its output, and its z gradient, to the first's: a + v is the same sum PyTorch forms)."""
+    vstore(a, off, vload(a, off) + v if acc else v)
+
+
+@njit
 def _prefetch_rows(a, b, c, has_c, off):
     """The four cache lines of a block's row at flat offset off, in a, b (and c)."""
     for k in range(0, BW, VL):
@@ -329,7 +336,7 @@ def _prefetch_rows(a, b, c, has_c, off):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out, hs, hlast, fast, dtmax,
+def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, out, hs, hlast, fast, dtmax,
               b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
@@ -423,15 +430,15 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
                 z1 = vload(z, row + VL)
                 z2 = vload(z, row + 2 * VL)
                 z3 = vload(z, row + 3 * VL)
-                vstore(out, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)))
-                vstore(out, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)))
-                vstore(out, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)))
-                vstore(out, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)))
+                _put(out, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)), acc)
+                _put(out, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)), acc)
+                _put(out, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)), acc)
+                _put(out, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)), acc)
             else:
-                vstore(out, row, fma(D0, u0, y0))
-                vstore(out, row + VL, fma(D1, u1, y1))
-                vstore(out, row + 2 * VL, fma(D2, u2, y2))
-                vstore(out, row + 3 * VL, fma(D3, u3, y3))
+                _put(out, row, fma(D0, u0, y0), acc)
+                _put(out, row + VL, fma(D1, u1, y1), acc)
+                _put(out, row + 2 * VL, fma(D2, u2, y2), acc)
+                _put(out, row + 3 * VL, fma(D3, u3, y3), acc)
         for n in range(N):
             vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
             vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
@@ -441,7 +448,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, out,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
+              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -583,10 +590,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     sg1 = _vsigmoid(z1)
                     sg2 = _vsigmoid(z2)
                     sg3 = _vsigmoid(z3)
-                    vstore(dz_o, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)))
-                    vstore(dz_o, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)))
-                    vstore(dz_o, row + 2 * VL, g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)))
-                    vstore(dz_o, row + 3 * VL, g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)))
+                    _put(dz_o, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)), acc)
+                    _put(dz_o, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)), acc)
+                    _put(dz_o, row + 2 * VL, g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)), acc)
+                    _put(dz_o, row + 3 * VL, g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)), acc)
                     gv0 = g0 * z0 * sg0
                     gv1 = g1 * z1 * sg1
                     gv2 = g2 * z2 * sg2
@@ -860,107 +867,171 @@ def _flat(x: torch.Tensor):
     return x.reshape(-1).numpy()
 
 
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None):
+    """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) float32
+    output (``acc``'s buffer, added to, when given: see _put), state what _bwd needs."""
+    b, d, L = u.shape
+    N = A.shape[1]
+    Bm, Cm = _as_blgn(B), _as_blgn(C)
+    gB, gC, G = scan_groups(B, C, d)
+    if gB != G:
+        Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
+    if gC != G:
+        Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
+    dg = d // G
+    dgp = -(-dg // BW) * BW
+    dp = G * dgp
+    pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
+    u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
+    has_z = z is not None
+    z3 = pad(_as_bld(z)) if has_z else u3
+    new = torch.zeros if dgp != dg else torch.empty   # padding channels: A = 0
+    At, A2t, dtmax = new(N, dp), new(N, dp), new(dp)
+    fast = bool(_a_tables(A.detach().to(torch.float64).contiguous().numpy(), dg, dgp, bool(softplus),
+                          At.numpy(), A2t.numpy(), dtmax.numpy()))
+    Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
+    K = int(chunk)
+    nchunk = (L + K - 1) // K
+    out = torch.empty(b, L, dp, dtype=torch.float32) if acc is None else acc
+    hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
+    hlast = torch.empty(b, N, dp, dtype=torch.float32)
+    f = _flat
+    with _dynamic_tasks():
+        _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
+                  bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
+    state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
+             (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
+              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast),
+             tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)))
+    return out, _unpadc(hlast, G, dg, dgp).transpose(1, 2), state
+
+
+def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
+    """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias). dout
+    (b, L, dp) float32 padded, or None; ``acc``: a padded z gradient to add this one to."""
+    u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = saved
+    has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast = cfg
+    b, L, dp = u3.shape
+    g, N = Bm.shape[2], Bm.shape[3]
+    pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
+    unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
+    nbg = dgp // BW
+    g3 = torch.zeros(b, L, dp, dtype=torch.float32) if dout is None else dout
+    has_dlast = dlast is not None
+    dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
+    du = torch.empty(b, L, dp, dtype=torch.float32)
+    dd = torch.empty(b, L, dp, dtype=torch.float32)
+    dz = (torch.empty(b, L, dp, dtype=torch.float32) if acc is None else acc) if has_z else du
+    dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+    dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+    dAp = torch.empty(b, N, dp, dtype=torch.float64)
+    dDp = torch.empty(b, dp, dtype=torch.float64)
+    dbp = torch.empty(b, dp, dtype=torch.float64)
+    f = _flat
+    with _dynamic_tasks():
+        _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
+                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
+                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), fast, f(dtmax), b, L, dp, g, N)
+    dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
+
+    def bc(P, gX, is4, dtype):
+        shape = (b, gX, N, L) if is4 else (b, N, L)
+        if gX == g and dtype == torch.float32:   # the models' case: straight into the result
+            o = torch.empty(b, g, N, L, dtype=torch.float32)
+            _sum_blocks(P.numpy(), o.numpy())
+            return o.reshape(shape)
+        o = torch.empty(b, g, N, L, dtype=torch.float64)
+        _sum_blocks(P.numpy(), o.numpy())
+        return sum_to_groups(o, shape, dtype)
+
+    d = g * dg
+    dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
+    _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
+    return (unpad(du).transpose(1, 2).to(dt_u) if need[0] else None,
+            unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None,
+            dA.to(dt_A) if need[2] else None,
+            bc(dBp, gB, b4, dt_B) if need[3] else None,
+            bc(dCp, gC, c4, dt_C) if need[4] else None,
+            dD.to(dt_D) if (has_D and need[5]) else None,
+            unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None,
+            db.to(dt_bias) if (has_bias and need[7]) else None)
+
+
+def _dout3(dout, state):
+    """The output gradient (b, d, L) as the kernels read it: float32 (b, L, padded d)."""
+    if dout is None:
+        return None
+    (u3, *_), (*_, (dg, dgp), _fast), _ = state
+    g = u3.shape[2] // dgp
+    return _padc(_as_bld(dout), g, dg, dgp).contiguous()
+
+
 class SelectiveScanCPU(torch.autograd.Function):
     # The kernels take channel blocks of BW per group. Other channel counts are padded with
     # zero channels (A = 0, u = 0, D = 0: their state stays 0 and adds nothing to the sums
     # over channels) and cut off again; the Vim models' widths need no padding.
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-        b, d, L = u.shape
-        N = A.shape[1]
-        Bm, Cm = _as_blgn(B), _as_blgn(C)
-        gB, gC, G = scan_groups(B, C, d)
-        if gB != G:
-            Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
-        if gC != G:
-            Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
-        dg = d // G
-        dgp = -(-dg // BW) * BW
-        dp = G * dgp
-        pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
-        u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
-        has_z = z is not None
-        z3 = pad(_as_bld(z)) if has_z else u3
-        new = torch.zeros if dgp != dg else torch.empty   # padding channels: A = 0
-        At, A2t, dtmax = new(N, dp), new(N, dp), new(dp)
-        fast = bool(_a_tables(A.detach().to(torch.float64).contiguous().numpy(), dg, dgp, bool(delta_softplus),
-                              At.numpy(), A2t.numpy(), dtmax.numpy()))
-        Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
-        K = int(chunk)
-        nchunk = (L + K - 1) // K
-        out = torch.empty(b, L, dp, dtype=torch.float32)
-        hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
-        hlast = torch.empty(b, N, dp, dtype=torch.float32)
-        f = _flat
-        with _dynamic_tasks():
-            _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(delta_softplus),
-                      bool(reverse), K, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
-        ctx.save_for_backward(u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax)
+        out, last, state = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
+        ctx.save_for_backward(*state[0])
+        ctx.cfg, ctx.dtypes = state[1], state[2]
         # An output nobody uses (the last state, in the models) gets None in backward rather
         # than a zero tensor autograd fills and the kernel reads.
         ctx.set_materialize_grads(False)
-        ctx.cfg = (has_z, bool(delta_softplus), bool(reverse), K, (gB, gC), D is not None,
-                   delta_bias is not None, (B.dim() == 4, C.dim() == 4), (dg, dgp), fast)
-        ctx.dtypes = tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias))
+        (dg, dgp), G = state[1][8], state[0][3].shape[2]
         out = _unpadc(out, G, dg, dgp).transpose(1, 2)
-        last = _unpadc(hlast, G, dg, dgp).transpose(1, 2)
-        if u.dtype != torch.float32:
-            out = out.to(u.dtype)
-        return out, last
+        return (out if u.dtype == torch.float32 else out.to(u.dtype)), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = ctx.saved_tensors
-        has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast = ctx.cfg
-        b, L, dp = u3.shape
-        g, N = Bm.shape[2], Bm.shape[3]
-        pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
-        unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
-        nbg = dgp // BW
-        if dout is None:
-            g3 = torch.zeros(b, L, dp, dtype=torch.float32)
-        else:
-            g3 = pad(_as_bld(dout)).contiguous()
-        has_dlast = dlast is not None
-        dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
-        du = torch.empty(b, L, dp, dtype=torch.float32)
-        dd = torch.empty(b, L, dp, dtype=torch.float32)
-        dz = torch.empty(b, L, dp, dtype=torch.float32) if has_z else du
-        dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
-        dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
-        dAp = torch.empty(b, N, dp, dtype=torch.float64)
-        dDp = torch.empty(b, dp, dtype=torch.float64)
-        dbp = torch.empty(b, dp, dtype=torch.float64)
-        f = _flat
-        with _dynamic_tasks():
-            _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-                      reverse, K, f(hs), f(g3), has_dlast, f(dl_), f(du), f(dd), f(dz), f(dBp), f(dCp), f(dAp), f(dDp),
-                      f(dbp), fast, f(dtmax), b, L, dp, g, N)
-        need = ctx.needs_input_grad
-        dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = ctx.dtypes
+        saved = ctx.saved_tensors
+        state = (saved, ctx.cfg, ctx.dtypes)
+        grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, state), dlast)
+        return (*grads, None, None, None)
 
-        def bc(P, gX, is4, dtype):
-            shape = (b, gX, N, L) if is4 else (b, N, L)
-            if gX == g and dtype == torch.float32:   # the models' case: straight into the result
-                o = torch.empty(b, g, N, L, dtype=torch.float32)
-                _sum_blocks(P.numpy(), o.numpy())
-                return o.reshape(shape)
-            o = torch.empty(b, g, N, L, dtype=torch.float64)
-            _sum_blocks(P.numpy(), o.numpy())
-            return sum_to_groups(o, shape, dtype)
 
-        d = g * dg
-        dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
-        _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
-        r_u = unpad(du).transpose(1, 2).to(dt_u) if need[0] else None
-        r_delta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
-        r_A = dA.to(dt_A) if need[2] else None
-        r_B = bc(dBp, gB, b4, dt_B) if need[3] else None
-        r_C = bc(dCp, gC, c4, dt_C) if need[4] else None
-        r_D = dD.to(dt_D) if (has_D and need[5]) else None
-        r_z = unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None
-        r_bias = db.to(dt_bias) if (has_bias and need[7]) else None
-        return r_u, r_delta, r_A, r_B, r_C, r_D, r_z, r_bias, None, None, None
+class BiScanCPU(torch.autograd.Function):
+    """Both directions of a bidirectional (Vim) mixer, summed: scan(forward inputs) +
+    scan(backward inputs, reverse=True), sharing z. The second kernel adds its output to the
+    first's, and in backward its z gradient to the first's, so the two sums PyTorch would form
+    in separate passes over (b, L, d) (y + y_b, and autograd's dz + dz_b) are not formed; bit
+    for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias) per direction."""
+
+    @staticmethod
+    def forward(ctx, z, u, delta, A, B, C, D, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b):
+        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK)
+        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out)
+        ctx.save_for_backward(*sf[0], *sb[0])
+        ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
+        (dg, dgp), G = sf[1][8], sf[0][3].shape[2]
+        return _unpadc(out, G, dg, dgp).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        sf, sb = saved[:ctx.n], saved[ctx.n:]
+        nf, nb = ctx.needs_input_grad[1:8], ctx.needs_input_grad[8:15]
+        g3 = _dout3(dout, (sf, ctx.cfg[0], ctx.dtypes[0]))
+        need_z = ctx.needs_input_grad[0]
+        # (u, delta, A, B, C, D, z, bias) order for _bwd; z's gradient only from the second call
+        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, nf[6]), g3, None)
+        dzf = gf[6]
+        acc = None
+        if need_z:
+            (dg, dgp), G = ctx.cfg[0][8], sf[3].shape[2]
+            acc = _padc(dzf.transpose(1, 2), G, dg, dgp).contiguous()
+        gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, nb[6]), g3, None, acc=acc)
+        return (gb[6], *gf[:6], gf[7], *gb[:6], gb[7])
+
+
+def bidirectional_scan_cpu(z, fwd, bwd):
+    """``selective_scan_cpu(*fwd, z=z) + selective_scan_cpu(*bwd, z=z, reverse=True)`` with
+    delta_softplus, in one autograd node (see BiScanCPU). fwd, bwd: (u, delta, A, B, C, D,
+    delta_bias), float32 CPU tensors laid out as for selective_scan_cpu; returns (b, d, L)."""
+    for t in (z, *fwd, *bwd):
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors; got {t.dtype} on {t.device}")
+    return BiScanCPU.apply(z, *fwd, *bwd)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
