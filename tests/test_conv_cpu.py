@@ -143,3 +143,32 @@ def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     assert any("x_proj" in n for n in ref[1]) and (method == "lora" or any("conv1d" in n for n in ref[1]))
     for n in ref[1]:
         torch.testing.assert_close(fused[1][n], ref[1][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("used", ["all", "no_proj_b"])
+def test_bidirectional_conv_projection_is_two_nodes_bit_for_bit(used):
+    """bi_conv_proj_cpu (the reverse direction's backward kernel adds its x gradient to the
+    forward direction's) against two causal_conv1d_proj_cpu calls and autograd's sum: the same
+    bits for all four outputs and every gradient, also when one output is unused."""
+    from svp.ops.conv_cpu import bi_conv_proj_cpu, causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(5)
+    b, L, d, n = 2, 21, 40, 7
+    base = [torch.randn(b, L, d, generator=g), torch.randn(d, 4, generator=g), torch.randn(d, generator=g),
+            torch.randn(n, d, generator=g), torch.randn(d, 4, generator=g), torch.randn(d, generator=g),
+            torch.randn(n, d, generator=g)]
+    gs = [torch.randn(b, L, d, generator=g), torch.randn(b, L, n, generator=g)] * 2
+
+    def loss(outs):
+        return sum((o * gg).sum() for i, (o, gg) in enumerate(zip(outs, gs)) if not (used == "no_proj_b" and i == 3))
+
+    a = [t.clone().requires_grad_() for t in base]
+    two = (*causal_conv1d_proj_cpu(a[0], a[1], a[2], a[3], "silu"),
+           *causal_conv1d_proj_cpu(a[0], a[4], a[5], a[6], "silu", reverse=True))
+    ga = torch.autograd.grad(loss(two), a, allow_unused=True)
+    c = [t.clone().requires_grad_() for t in base]
+    one = bi_conv_proj_cpu(c[0], (c[1], c[2], c[3]), (c[4], c[5], c[6]))
+    gc = torch.autograd.grad(loss(one), c, allow_unused=True)
+    for p, q in zip(two, one):
+        assert torch.equal(p, q)
+    for i, (p, q) in enumerate(zip(ga, gc)):
+        assert (p is None and q is None) if i == 6 and used == "no_proj_b" else torch.equal(p, q), i

@@ -431,12 +431,13 @@ def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
-    """A small Vim, full fine-tuning: each mixer's two scans run as one BiScanCPU node, and the
-    output and every parameter's gradient are bit for bit those of two scans and PyTorch's sums."""
+    """A small Vim, full fine-tuning: each mixer's two convs (+ x_proj) run as one BiConvProjCPU
+    node and its two scans as one BiScanCPU node, and the output and every parameter's gradient
+    are bit for bit those of the per-direction nodes and PyTorch's sums."""
     import timm
 
     import svp.models.vim as vim
-    from svp.ops import scan_cpu
+    from svp.ops import conv_cpu, scan_cpu
     from svp.peft import get_peft_model, make_config
     from fused_helpers import output_and_grads
     torch.manual_seed(0)
@@ -445,13 +446,14 @@ def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
     peft = get_peft_model(model, make_config("full")).eval()
     x = torch.randn(2, 3, 32, 32)
     calls = []
-    real = scan_cpu.BiScanCPU.forward
-    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    for fn in (scan_cpu.BiScanCPU, conv_cpu.BiConvProjCPU):
+        real = fn.forward
+        monkeypatch.setattr(fn, "forward", staticmethod(lambda *a, _r=real, _f=fn: calls.append(_f) or _r(*a)))
     fused = output_and_grads(peft, x)
-    assert len(calls) == 2
+    assert calls == [conv_cpu.BiConvProjCPU, scan_cpu.BiScanCPU] * 2
     monkeypatch.setattr(vim, "_fused_bi_scan", lambda *a: False)
     ref = output_and_grads(peft, x)
-    assert len(calls) == 2
+    assert len(calls) == 4
     assert torch.equal(fused[0], ref[0])
     assert fused[1].keys() == ref[1].keys() and any("A_b_log" in n for n in ref[1])
     for n in ref[1]:

@@ -165,20 +165,23 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         dt_proj.bias._no_reinit = True
 
-    def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name):
-        """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
-        delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products."""
+    def _conv_proj(self, x, conv, x_proj, reverse):
         # x: (b, l, E). The backward branch runs on the time-reversed sequence; its conv and
         # scan take `reverse=True` so nothing is flipped or copied.
         if _fused_conv_proj(x, conv, x_proj):
             # conv and x_proj as one autograd node: the two gradients of the conv's output
             # (from the scan and from x_proj) are added inside the conv's backward kernel
             from ..ops.conv_cpu import causal_conv1d_proj_cpu
-            x, x_dbl = causal_conv1d_proj_cpu(x, conv.weight.squeeze(1), conv.bias, x_proj.weight, "silu",
-                                              reverse=reverse)
-        else:
-            x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
-            x_dbl = x_proj(x)
+            return causal_conv1d_proj_cpu(x, conv.weight.squeeze(1), conv.bias, x_proj.weight, "silu",
+                                          reverse=reverse)
+        x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
+        return x, x_proj(x)
+
+    def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
+        """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
+        delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products.
+        ``conv_proj``: the (conv output, x_proj output) pair when already computed."""
+        x, x_dbl = conv_proj or self._conv_proj(x, conv, x_proj, reverse)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
@@ -195,6 +198,27 @@ class BiMambaMixer(nn.Module):
                            reverse=reverse)
         return y.transpose(1, 2)
 
+    def _both_directions_fused(self, x, z, fwd, bwd):
+        """_direction(fwd) + _direction(bwd) with the fused CPU kernels: the two scans in one
+        node, the second adding its output (and in backward its z gradient) to the first's, and
+        when both convs fuse with x_proj, the two convs in one node, the second adding its x
+        gradient to the first's: three passes over (b, l, E) fewer, the same bits."""
+        from ..ops.scan_cpu import bidirectional_scan_cpu
+        cp_f = cp_b = None
+        if _fused_conv_proj(x, self.conv1d, self.x_proj) and _fused_conv_proj(x, self.conv1d_b, self.x_proj_b):
+            from ..ops.conv_cpu import bi_conv_proj_cpu
+            xf, dbl_f, xb, dbl_b = bi_conv_proj_cpu(
+                x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
+                (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
+            cp_f, cp_b = (xf, dbl_f), (xb, dbl_b)
+        sf, sb = self._scan_inputs(x, *fwd, conv_proj=cp_f), self._scan_inputs(x, *bwd, conv_proj=cp_b)
+        zt = z.transpose(1, 2)
+        if all(t.dtype == torch.float32 for t in sf + sb):
+            return bidirectional_scan_cpu(zt, sf, sb).transpose(1, 2)
+        # a hook changed a dtype: two scans
+        return (selective_scan(*sf[:6], z=zt, delta_bias=sf[6], delta_softplus=True)
+                + selective_scan(*sb[:6], z=zt, delta_bias=sb[6], delta_softplus=True, reverse=True)).transpose(1, 2)
+
     def forward(self, hidden):
         ip = self.in_proj
         if ip._forward_hooks or ip._forward_pre_hooks:
@@ -209,16 +233,7 @@ class BiMambaMixer(nn.Module):
         fwd = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
         bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
         if _fused_bi_scan(x, z):
-            # both scans in one node: the second adds its output (and in backward its z
-            # gradient) to the first's, instead of two more passes over (b, l, E)
-            from ..ops.scan_cpu import bidirectional_scan_cpu
-            sf, sb = self._scan_inputs(x, *fwd), self._scan_inputs(x, *bwd)
-            if all(t.dtype == torch.float32 for t in sf + sb):
-                y = bidirectional_scan_cpu(z.transpose(1, 2), sf, sb).transpose(1, 2)
-            else:   # a hook changed a dtype: the general path
-                y = (selective_scan(*sf[:6], z=z.transpose(1, 2), delta_bias=sf[6], delta_softplus=True)
-                     + selective_scan(*sb[:6], z=z.transpose(1, 2), delta_bias=sb[6], delta_softplus=True,
-                                      reverse=True)).transpose(1, 2)
+            y = self._both_directions_fused(x, z, fwd, bwd)
         else:
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
         op = self.out_proj

@@ -101,9 +101,11 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, dx, dwp, dbp):
+def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp, dbp):
     # gb (when has_gb): a second gradient of the output, added to g as it is read (the
-    # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU)
+    # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU).
+    # add_dx: add to dx (the other direction's input gradient, see BiConvProjCPU) instead of
+    # writing it.
     b, L, d = x.shape
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
@@ -165,8 +167,12 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, dx, dwp, dbp):
                 else:
                     g0, g1, g2, g3 = ga[s + 3 - lo], ga[s + 2 - lo], ga[s + 1 - lo], ga[s - lo]
                 w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-                for c in range(d):
-                    dxr[c] = (((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c]
+                if add_dx:
+                    for c in range(d):
+                        dxr[c] = dxr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c])
+                else:
+                    for c in range(d):
+                        dxr[c] = (((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c]
                 continue
             for c in range(d):
                 acc[c] = 0.0
@@ -177,8 +183,12 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, dx, dwp, dbp):
                     wk = w[k]
                     for c in range(d):
                         acc[c] += wk[c] * gt[c]
-            for c in range(d):
-                dxr[c] = acc[c]
+            if add_dx:
+                for c in range(d):
+                    dxr[c] = dxr[c] + acc[c]
+            else:
+                for c in range(d):
+                    dxr[c] = acc[c]
 
 
 def _np(x: torch.Tensor):
@@ -218,10 +228,58 @@ class CausalConv1dCPU(torch.autograd.Function):
         need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
         with _dynamic_tasks():
             _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(), dy.numpy(), False,
-                      dx.numpy(), dwp.numpy(), dbp.numpy())
+                      False, dx.numpy(), dwp.numpy(), dbp.numpy())
         dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
         db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
         return dx if need[0] else None, dw, db, None, None
+
+
+def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
+    """The conv (+ SiLU) of x and the product of its output with proj_w: (out, proj, state)."""
+    xs, xn = _np(x)
+    wt = weight.detach().t().contiguous()
+    d = x.shape[-1]
+    bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    with _dynamic_tasks():
+        _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
+    pw = proj_w.detach()
+    proj = torch.mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
+    return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
+
+
+def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None):
+    """Gradients (x, weight, bias, proj_w) of _conv_proj_fwd's outputs; with ``dx`` given, the
+    x gradient is added to it (and dx is returned)."""
+    xs, wt, bs, pw, out = saved
+    reverse, silu, has_bias = cfg
+    b, L, d = xs.shape
+    W = wt.shape[0]
+    dpw = None
+    g2 = None
+    if dproj is not None:
+        dp = dproj.reshape(-1, pw.shape[0])
+        if need[3]:
+            dpw = torch.mm(dp.t(), out.view(-1, d))
+        g2 = torch.mm(dp, pw).view(b, L, d)
+    if dy is None:
+        dy, g2 = g2, None
+    if dy is None:
+        return dx, None, None, dpw
+    dy = dy.contiguous()
+    add = dx is not None
+    if not add:
+        dx = torch.empty(b, L, d, dtype=torch.float32)
+    ntask = b * ((L + TB - 1) // TB)
+    dwp = torch.empty(ntask, W, d, dtype=torch.float64)
+    dbp = torch.empty(ntask, d, dtype=torch.float64)
+    need_dw = bool(need[1] or (has_bias and need[2]))
+    with _dynamic_tasks():
+        _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),
+                  (dy if g2 is None else g2).numpy(), g2 is not None, add, dx.numpy(), dwp.numpy(), dbp.numpy())
+    dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
+    db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
+    return dx, dw, db, dpw
 
 
 class CausalConv1dProjCPU(torch.autograd.Function):
@@ -233,56 +291,52 @@ class CausalConv1dProjCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, proj_w, reverse, silu):
         ctx.set_materialize_grads(False)
-        xs, xn = _np(x)
-        wt = weight.detach().t().contiguous()
-        d = x.shape[-1]
-        bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
-        out = torch.empty(x.shape, dtype=torch.float32)
-        with _dynamic_tasks():
-            _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
-        pw = proj_w.detach()
-        proj = torch.mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
-        ctx.save_for_backward(xs, wt, bs, pw, out)
-        ctx.cfg = (bool(reverse), bool(silu), bias is not None)
+        out, proj, (saved, cfg) = _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = cfg
         return out, proj
 
     @staticmethod
     def backward(ctx, dy, dproj):
-        xs, wt, bs, pw, out = ctx.saved_tensors
-        reverse, silu, has_bias = ctx.cfg
-        b, L, d = xs.shape
-        W = wt.shape[0]
         need = ctx.needs_input_grad
-        dpw = None
-        g2 = None
-        if dproj is not None:
-            dp = dproj.reshape(-1, pw.shape[0])
-            if need[3]:
-                dpw = torch.mm(dp.t(), out.view(-1, d))
-            g2 = torch.mm(dp, pw).view(b, L, d)
-        if dy is None:
-            dy, g2 = g2, None
-        if dy is None:
-            return None, None, None, dpw, None, None
-        dy = dy.contiguous()
-        dx = torch.empty(b, L, d, dtype=torch.float32)
-        ntask = b * ((L + TB - 1) // TB)
-        dwp = torch.empty(ntask, W, d, dtype=torch.float64)
-        dbp = torch.empty(ntask, d, dtype=torch.float64)
-        need_dw = bool(need[1] or (has_bias and need[2]))
-        with _dynamic_tasks():
-            _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),
-                      (dy if g2 is None else g2).numpy(), g2 is not None, dx.numpy(), dwp.numpy(), dbp.numpy())
-        dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
-        db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
+        dx, dw, db, dpw = _conv_proj_bwd(ctx.saved_tensors, ctx.cfg, need, dy, dproj)
         return dx if need[0] else None, dw, db, dpw, None, None
 
 
-def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=False):
-    """``(y, F.linear(y, proj_w))`` with ``y = causal_conv1d_cpu(x, weight, bias, activation, reverse)``
-    for float32 CPU tensors: bias (dim,) or None, proj_w (n, dim)."""
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+class BiConvProjCPU(torch.autograd.Function):
+    """CausalConv1dProjCPU for both directions of a bidirectional mixer, which read the same x:
+    the second direction's backward kernel adds its x gradient to the first's, instead of
+    autograd adding the two in another pass over (b, l, d); bit for bit the same sum. Inputs: x,
+    then (weight, bias, proj_w) forward and backward (reverse) direction; SiLU."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, pw, w_b, bias_b, pw_b):
+        ctx.set_materialize_grads(False)
+        out, proj, (sf, cf) = _conv_proj_fwd(x, w, bias, pw, False, True)
+        out_b, proj_b, (sb, cb) = _conv_proj_fwd(x, w_b, bias_b, pw_b, True, True)
+        ctx.save_for_backward(*sf, *sb)
+        ctx.cfg = (cf, cb)
+        return out, proj, out_b, proj_b
+
+    @staticmethod
+    def backward(ctx, dy, dproj, dy_b, dproj_b):
+        saved, need = ctx.saved_tensors, ctx.needs_input_grad
+        n = len(saved) // 2
+        dx, dw, db, dpw = _conv_proj_bwd(saved[:n], ctx.cfg[0], (need[0],) + need[1:4], dy, dproj)
+        dx, dw_b, db_b, dpw_b = _conv_proj_bwd(saved[n:], ctx.cfg[1], (need[0],) + need[4:7], dy_b, dproj_b, dx)
+        return dx if need[0] else None, dw, db, dpw, dw_b, db_b, dpw_b
+
+
+def bi_conv_proj_cpu(x, fwd, bwd):
+    """``causal_conv1d_proj_cpu(x, *fwd, "silu") + causal_conv1d_proj_cpu(x, *bwd, "silu",
+    reverse=True)`` outputs, (y, proj, y_b, proj_b), in one autograd node (see BiConvProjCPU);
+    fwd, bwd: (weight (dim, width), bias (dim,) or None, proj_w (n, dim))."""
+    for w, bias, pw in (fwd, bwd):
+        _check_conv_proj(x, w, bias, pw)
+    return BiConvProjCPU.apply(x, *fwd, *bwd)
+
+
+def _check_conv_proj(x, weight, bias, proj_w):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -293,6 +347,14 @@ def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=Fal
     for name, t in (("x", x), ("proj_w", proj_w)):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"causal_conv1d_proj_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
+
+
+def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=False):
+    """``(y, F.linear(y, proj_w))`` with ``y = causal_conv1d_cpu(x, weight, bias, activation, reverse)``
+    for float32 CPU tensors: bias (dim,) or None, proj_w (n, dim)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
+    _check_conv_proj(x, weight, bias, proj_w)
     return CausalConv1dProjCPU.apply(x, weight, bias, proj_w, reverse, activation is not None)
 
 
