@@ -10,6 +10,12 @@ imported (before torch), and only where the user has not chosen them.
   default 72-76 s wall / 19-20 s CPU per step, PASSIVE 13-16 s wall / 3.8-3.9 s CPU (one
   thread: 3.1 s CPU). libgomp reads the variable once, when torch loads it, so this only
   works if ``svp`` is imported before ``torch``; ``status()`` says whether it took effect.
+  The price on a machine nobody else uses: each of a step's thread-pool launches wakes a
+  sleeping thread. Vim-Tiny SVP step, batch 8, 2 threads, quiet (2026-11-30, alternated runs
+  of ``benchmarks/model.py --contend``): PASSIVE 826-872 ms, ACTIVE 713-760 ms; beside one
+  busy process PASSIVE 1429-1611 ms, ACTIVE 1809-2051 ms; ``GOMP_SPINCOUNT`` 10^3-10^5 fell in
+  between or worse (the machine's noise was +-10%). Set ``OMP_WAIT_POLICY=ACTIVE`` yourself on
+  a dedicated machine.
 
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
