@@ -30,3 +30,31 @@ def test_user_choice_and_opt_out_are_kept():
     # torch first: too late for libgomp, so svp leaves the environment alone and says so
     assert _run("import torch, os, svp; print(os.environ.get('OMP_WAIT_POLICY'), "
                 "svp.runtime.status()['applied_before_torch'])") == ["None", "False"]
+
+
+FAULTS = """
+import resource, sys, svp, torch
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+counts = []
+for i in range(6):
+    f0 = faults()
+    bufs = [torch.ones((30 - 2 * i) * 2**18) for _ in range(3)]   # three (30 - 2i) MiB tensors, touched
+    del bufs
+    counts.append(faults() - f0)
+print(str(svp.runtime.status()['malloc']).split()[0], sum(counts[2:]))
+"""
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_buffers_are_reused_without_page_faults():
+    """Three buffers of 30, 28, ..., 20 MiB allocated, touched and freed, round after round: with
+    svp's malloc settings the later rounds reuse the heap (almost no page faults); with glibc's
+    defaults (opt-out) each round's memory goes back to the kernel when freed (more than twice
+    the adaptive mmap threshold at the top of the heap) and the next round faults it in again."""
+    mine = _run(FAULTS)
+    theirs = _run(FAULTS, SVP_NO_RUNTIME_DEFAULTS="1")
+    assert mine[0] == "mmap" and int(mine[1]) < 2000, mine
+    assert theirs[0] == "None" and int(theirs[1]) > 20000, theirs
+    assert _run(FAULTS, MALLOC_TRIM_THRESHOLD_="1000000")[0] == "left"
