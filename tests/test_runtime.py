@@ -33,14 +33,22 @@ def test_user_choice_and_opt_out_are_kept():
 
 
 FAULTS = """
-import resource, sys, svp, torch
+import ctypes, resource, svp
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 counts = []
 for i in range(6):
     f0 = faults()
-    bufs = [torch.ones((30 - 2 * i) * 2**18) for _ in range(3)]   # three (30 - 2i) MiB tensors, touched
-    del bufs
+    size = (30 - 2 * i) << 20
+    bufs = [libc.malloc(size) for _ in range(3)]     # three (30 - 2i) MiB blocks, touched
+    for p in bufs:
+        ctypes.memset(p, 1, size)
+    for p in bufs:
+        libc.free(p)
     counts.append(faults() - f0)
 print(str(svp.runtime.status()['malloc']).split()[0], sum(counts[2:]))
 """
