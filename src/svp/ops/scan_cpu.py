@@ -957,13 +957,15 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
             db.to(dt_bias) if (has_bias and need[7]) else None)
 
 
-def _dout3(dout, state):
+def _layout(saved, cfg):
+    """(groups, channels per group, padded channels per group) of a _fwd state."""
+    dg, dgp = cfg[8]
+    return saved[3].shape[2], dg, dgp   # saved[3]: B as (b, L, groups, N)
+
+
+def _dout3(dout, saved, cfg):
     """The output gradient (b, d, L) as the kernels read it: float32 (b, L, padded d)."""
-    if dout is None:
-        return None
-    (u3, *_), (*_, (dg, dgp), _fast), _ = state
-    g = u3.shape[2] // dgp
-    return _padc(_as_bld(dout), g, dg, dgp).contiguous()
+    return None if dout is None else _padc(_as_bld(dout), *_layout(saved, cfg)).contiguous()
 
 
 class SelectiveScanCPU(torch.autograd.Function):
@@ -978,15 +980,13 @@ class SelectiveScanCPU(torch.autograd.Function):
         # An output nobody uses (the last state, in the models) gets None in backward rather
         # than a zero tensor autograd fills and the kernel reads.
         ctx.set_materialize_grads(False)
-        (dg, dgp), G = state[1][8], state[0][3].shape[2]
-        out = _unpadc(out, G, dg, dgp).transpose(1, 2)
+        out = _unpadc(out, *_layout(state[0], state[1])).transpose(1, 2)
         return (out if u.dtype == torch.float32 else out.to(u.dtype)), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         saved = ctx.saved_tensors
-        state = (saved, ctx.cfg, ctx.dtypes)
-        grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, state), dlast)
+        grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, saved, ctx.cfg), dlast)
         return (*grads, None, None, None)
 
 
@@ -1003,23 +1003,19 @@ class BiScanCPU(torch.autograd.Function):
         out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out)
         ctx.save_for_backward(*sf[0], *sb[0])
         ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
-        (dg, dgp), G = sf[1][8], sf[0][3].shape[2]
-        return _unpadc(out, G, dg, dgp).transpose(1, 2)
+        return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout):
         saved = ctx.saved_tensors
         sf, sb = saved[:ctx.n], saved[ctx.n:]
         nf, nb = ctx.needs_input_grad[1:8], ctx.needs_input_grad[8:15]
-        g3 = _dout3(dout, (sf, ctx.cfg[0], ctx.dtypes[0]))
+        g3 = _dout3(dout, sf, ctx.cfg[0])
         need_z = ctx.needs_input_grad[0]
-        # (u, delta, A, B, C, D, z, bias) order for _bwd; z's gradient only from the second call
+        # (u, delta, A, B, C, D, z, bias) order for _bwd; the second call's kernel adds its z
+        # gradient to the first's (padded again: a view of the first's buffer when unpadded)
         gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, nf[6]), g3, None)
-        dzf = gf[6]
-        acc = None
-        if need_z:
-            (dg, dgp), G = ctx.cfg[0][8], sf[3].shape[2]
-            acc = _padc(dzf.transpose(1, 2), G, dg, dgp).contiguous()
+        acc = _padc(gf[6].transpose(1, 2), *_layout(sf, ctx.cfg[0])).contiguous() if need_z else None
         gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, nb[6]), g3, None, acc=acc)
         return (gb[6], *gf[:6], gf[7], *gb[:6], gb[7])
 
