@@ -79,6 +79,7 @@ def child(spec):
 
     torch.set_num_threads(spec["threads"])
     try:
+        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
         import numba
         numba.set_num_threads(spec["threads"])
     except Exception:
@@ -120,6 +121,11 @@ def child(spec):
     fwd1d, total1d = _conv1d_flops(pm, b, tokens, conv_trained)
     flops = fc.get_total_flops() + (total1d if train else fwd1d)
     out.update(flops=flops, bound_seconds=flops / rate, bound_cpu_seconds=flops / rate_cpu)
+    try:   # the layer numba's kernels ran on (after the steps above launched its threads)
+        import numba
+        out["numba_layer"] = numba.threading_layer()
+    except Exception:
+        out["numba_layer"] = None
     walls, cpus = [], []
     for _ in range(spec["reps"]):
         c0, t0 = time.process_time(), time.perf_counter()
@@ -192,7 +198,7 @@ def main(argv=None):
               f"({res['matmul_gflops']:.0f} GFLOP/s), {res['seconds'] / res['bound_seconds']:.1f}x; CPU "
               f"{res['cpu_seconds'] / res['bound_cpu_seconds']:.1f}x the bound at "
               f"{res['matmul_gflops_per_cpu_s']:.0f} GFLOP/CPU-s{extra}; "
-              f"load {res['load_start']:.1f}-{res['load_end']:.1f}", flush=True)
+              f"load {res['load_start']:.1f}-{res['load_end']:.1f}; numba layer {res.get('numba_layer')}", flush=True)
         if prof:
             print(prof, flush=True)
     print()

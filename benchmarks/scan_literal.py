@@ -60,6 +60,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
         import numba
         numba.set_num_threads(a.threads)
     set_backend("cpu")

@@ -55,6 +55,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     try:
+        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
         import numba
         numba.set_num_threads(a.threads)
     except Exception:

@@ -412,21 +412,45 @@ def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
         assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"
 
 
+def _tbb_installed():
+    from importlib import metadata
+    try:
+        return any(f.name == "libtbb.so.12" for f in metadata.distribution("tbb").files or ())
+    except metadata.PackageNotFoundError:
+        return False
+
+
 @pytest.mark.slow
-def test_numba_uses_the_workqueue_layer_by_default(tmp_path):
-    """numba's OpenMP layer is a second OpenMP runtime beside torch's; after an OpenMP-parallel
-    scan every torch op stalled for milliseconds (see scan_cpu). Unless the user chose a layer,
-    the kernels must run on numba's own 'workqueue' threads."""
+@pytest.mark.parametrize("user_layer", [None, "tbb"])
+def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer):
+    """Never numba's OpenMP layer (a second OpenMP runtime beside torch's: after an OpenMP-parallel
+    scan every torch op stalled for milliseconds, see scan_cpu). With the `tbb` wheel installed
+    (a dependency on Linux x86-64) the kernels run on numba's TBB layer, which numba cannot load
+    from a pip environment on its own, also when the user asks for it by name; without the wheel,
+    on numba's own 'workqueue' threads."""
     import os
     import subprocess
     import sys
+    if user_layer == "tbb" and not _tbb_installed():
+        pytest.skip("the tbb wheel is not installed here (it is a dependency on Linux x86-64 only)")
     code = ("import torch, numba, svp\nfrom svp.ops import selective_scan, set_backend\nset_backend('cpu')\n"
             "selective_scan(torch.randn(1, 8, 5), torch.randn(1, 8, 5), -torch.rand(8, 4), torch.randn(1, 4, 5),"
             " torch.randn(1, 4, 5))\nprint(numba.threading_layer())")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH", "LD_PRELOAD")}
+    if user_layer:
+        env["NUMBA_THREADING_LAYER"] = user_layer
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "workqueue"
+    want = "tbb" if _tbb_installed() else "workqueue"
+    assert out.stdout.strip().splitlines()[-1] == want
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_the_users_numba_threading_layer_wins():
+    from svp.ops.scan_cpu import _pick_threading_layer
+    assert _pick_threading_layer({"NUMBA_THREADING_LAYER": "workqueue"}) is None
+    assert _pick_threading_layer({"NUMBA_THREADING_LAYER": "tbb"}) is None   # (loads the wheel's library)
+    assert _pick_threading_layer({}) == ("tbb" if _tbb_installed() else "workqueue")
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

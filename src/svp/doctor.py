@@ -34,8 +34,15 @@ def _versions():
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]
     try:
         import numba
-        rows.append(("numba", f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads, "
-                              f"cache {numba.config.CACHE_DIR or 'next to the package'})"))
+
+        from svp.ops import scan_cpu  # picks the threading layer (tbb where the wheel is installed)
+        try:
+            layer = numba.threading_layer()           # threads already started
+        except ValueError:
+            layer = str(numba.config.THREADING_LAYER)  # what the first parallel call will load
+        chosen = "chosen by svp" if scan_cpu.THREADING_LAYER else "set by NUMBA_THREADING_LAYER"
+        rows.append(("numba", f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads on the {layer} layer, "
+                              f"{chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})"))
     except Exception as e:
         rows.append(("numba", f"not importable ({type(e).__name__}: {e})"))
     try:

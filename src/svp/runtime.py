@@ -14,8 +14,10 @@ imported (before torch), and only where the user has not chosen them.
   sleeping thread. Vim-Tiny SVP step, batch 8, 2 threads, quiet (2026-11-30, alternated runs
   of ``benchmarks/model.py --contend``): PASSIVE 826-872 ms, ACTIVE 713-760 ms; beside one
   busy process PASSIVE 1429-1611 ms, ACTIVE 1809-2051 ms; ``GOMP_SPINCOUNT`` 10^3-10^5 fell in
-  between or worse (the machine's noise was +-10%). Set ``OMP_WAIT_POLICY=ACTIVE`` yourself on
-  a dedicated machine.
+  between or worse (the machine's noise was +-10%). Those runs had numba's kernels on its
+  libgomp 'omp' layer (a benchmark bug, docs/benchmarks.md "Seventh round"). On the TBB layer
+  svp now picks (svp.ops.scan_cpu), ACTIVE is slower on a quiet machine too: 922-923 against
+  725-745 ms, libgomp's spinning threads taking the cores TBB's threads need.
 
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
   on Linux with glibc, unless a ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable is set).

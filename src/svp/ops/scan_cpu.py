@@ -76,10 +76,52 @@ import numba  # noqa: E402
 # size (a 6k-element exp included), and a Vim-Tiny batch-8 forward took 6.2 s; with the
 # 'workqueue' layer (numba's own threads, no second OpenMP runtime) the same forward took
 # 0.48 s and the scan's own CPU time was unchanged (fwd+bwd 39.4 vs 38.6 ms, Vim-Small b=8).
-# So 'workqueue' is the default; NUMBA_THREADING_LAYER set by the user wins. (OMP_WAIT_POLICY
-# =PASSIVE, tried first, did not remove the stall.)
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"  # read at the first parallel launch
+# (OMP_WAIT_POLICY=PASSIVE, tried first, did not remove the stall.) But every 'workqueue'
+# launch hands the whole loop to sleeping worker threads and waits for them: ~90-100 us per
+# call on this VM even for an empty loop, at 1 thread too, and a Vim-Tiny SVP step makes 386
+# launches. numba's 'tbb' layer (Intel oneTBB, no OpenMP) runs part of the loop on the calling
+# thread: 2 us per empty launch, and the 2-thread SVP step went from 783-815 to 726-747 ms
+# (docs/benchmarks.md, seventh round). So: 'tbb' when it loads (the `tbb` wheel is a
+# dependency on Linux x86-64), else 'workqueue'; NUMBA_THREADING_LAYER set by the user wins.
+def _tbb_loads() -> bool:
+    """Whether numba's TBB layer can be used. The `tbb` wheel installs libtbb.so.12 under the
+    environment's lib/, where numba's tbbpool extension does not look (it needs the library on
+    the loader's path); loading it first, globally, satisfies tbbpool's dependency."""
+    try:
+        import ctypes
+        from importlib import metadata
+        try:
+            files = metadata.distribution("tbb").files or ()
+        except metadata.PackageNotFoundError:
+            files = ()
+        for f in files:
+            if f.name == "libtbb.so.12":
+                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
+                break
+        from numba.np.ufunc import parallel as _parallel
+        check = getattr(_parallel, "_check_tbb_version_compatible", None)  # numba's own version floor
+        if check is not None:
+            check()
+        from numba.np.ufunc import tbbpool  # noqa: F401
+        return True
+    except Exception:   # no tbb, too old, or an unloadable library: workqueue
+        return False
+
+
+def _pick_threading_layer(environ=os.environ):
+    """The layer svp asks numba for, or None when the user chose one (NUMBA_THREADING_LAYER;
+    a choice of 'tbb' still needs the wheel's library loaded for numba to find it)."""
+    user = environ.get("NUMBA_THREADING_LAYER", "")
+    if user:
+        if user.lower().startswith("tbb"):
+            _tbb_loads()
+        return None
+    return "tbb" if _tbb_loads() else "workqueue"
+
+
+THREADING_LAYER = _pick_threading_layer()
+if THREADING_LAYER is not None:
+    numba.config.THREADING_LAYER = THREADING_LAYER  # read at the first parallel launch
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
