@@ -13,6 +13,9 @@ def test_doctor_passes(capsys):
     assert rc == 0, out
     assert "selective-scan backends" in out and "all available backends agree" in out
     assert "FAIL" not in out
+    import svp
+    # how torch's threads wait, as svp.runtime set it (or found it)
+    assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
     if importlib.util.find_spec("triton") is not None:
         # listed with its version and checked (through the interpreter when there is no GPU)
         assert any(line.split()[:1] == ["triton"] and line.split()[1][0].isdigit() for line in out.splitlines()), out

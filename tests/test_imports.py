@@ -183,7 +183,7 @@ ALLOWED = {
     "serve": BASE | {"ops", "models", "peft", "build", "data", "viz"},
     "pretrain": BASE | {"ops", "models", "peft", "build", "data", "engine"},
     "demo": BASE | {"ops", "models", "peft", "build", "data", "engine", "viz"},
-    "doctor": BASE | {"ops", "models", "peft"},
+    "doctor": BASE | {"ops", "models", "peft", "runtime"},
 }
 # Entry points may import anything: the package root (registers the models), the CLI.
 UNRESTRICTED = {"svp", "cli", "__main__"}

@@ -1,4 +1,4 @@
-"""svp.runtime: the OpenMP wait policy is set before torch loads libgomp and glibc malloc keeps freed
+"""svp.runtime: libgomp's spin count is set before torch loads libgomp and glibc malloc keeps freed
 buffers, never over the user's own settings."""
 import os
 import subprocess
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-CODE = "import svp, os, torch; print(os.environ.get('OMP_WAIT_POLICY'), svp.runtime.status()['applied_before_torch'])"
+ENV = "os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')"
+CODE = f"import svp, os, torch; print({ENV}, svp.runtime.status()['applied_before_torch'])"
 
 # How the child gets svp's settings: `import svp` (what users do), or svp/runtime.py loaded
 # on its own and configured (no torch import: ~3 s less per process).
@@ -18,7 +19,7 @@ rt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rt)
 status = rt.configure()
 """
-CODE_RT = RUNTIME_ONLY + "print(os.environ.get('OMP_WAIT_POLICY'), status['applied_before_torch'])"
+CODE_RT = RUNTIME_ONLY + f"print({ENV}, status['applied_before_torch'])"
 
 
 def _run(code, **env):
@@ -32,18 +33,23 @@ def _run(code, **env):
 
 
 @pytest.mark.slow  # starts processes
-def test_passive_wait_policy_when_svp_comes_first():
-    assert _run(CODE) == ["PASSIVE", "True"]
+def test_short_spin_when_svp_comes_first():
+    """svp's default: libgomp spins 1,000 rounds, then sleeps (not PASSIVE, which wakes a sleeping
+    thread for every parallel region; not libgomp's default 300,000 rounds)."""
+    from svp.runtime import SPINCOUNT
+    assert SPINCOUNT == "1000"
+    assert _run(CODE) == ["None", SPINCOUNT, "True"]
 
 
 @pytest.mark.slow  # starts processes
 def test_user_choice_and_opt_out_are_kept():
-    assert _run(CODE_RT, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "True"]
-    assert _run(CODE_RT, GOMP_SPINCOUNT="1000")[0] == "None"
-    assert _run(CODE_RT, SVP_NO_RUNTIME_DEFAULTS="1")[0] == "None"
+    assert _run(CODE_RT, OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None", "True"]
+    assert _run(CODE_RT, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "None", "True"]
+    assert _run(CODE_RT, GOMP_SPINCOUNT="20000") == ["None", "20000", "True"]
+    assert _run(CODE_RT, SVP_NO_RUNTIME_DEFAULTS="1")[:2] == ["None", "None"]
     # torch first: too late for libgomp, so svp leaves the environment alone and says so
-    assert _run("import torch, os, svp; print(os.environ.get('OMP_WAIT_POLICY'), "
-                "svp.runtime.status()['applied_before_torch'])") == ["None", "False"]
+    assert _run(f"import torch, os, svp; print({ENV}, svp.runtime.status()['applied_before_torch'])") == \
+        ["None", "None", "False"]
 
 
 FAULTS = """

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from . import runtime as _runtime
 
-_runtime.configure()  # before torch is imported: thread wait policy (see svp.runtime)
+_runtime.configure()  # before torch is imported: libgomp spin count (see svp.runtime)
 
-from . import models  # noqa: F401  (registers vim_* with timm)
+from . import models  # noqa: E402,F401  (registers vim_* with timm)
 from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)

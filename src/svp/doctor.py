@@ -24,11 +24,21 @@ TOLERANCE_CUDA = {"triton": 2e-6}
 INTERPRETER_CASES = [((1, 20, 21, 4), False, False), ((2, 24, 19, 8), True, True)]
 
 
+def _wait_policy() -> str:
+    """How torch's OpenMP threads wait between parallel regions, and who chose it (svp.runtime)."""
+    from svp import runtime
+    st = runtime.status()
+    if st["applied_before_torch"] is None:
+        return "not configured (SVP_NO_RUNTIME_DEFAULTS is set)"
+    return str(st["omp_wait_policy"])
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
             ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads())),
+            ("libgomp wait", _wait_policy()),
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]

@@ -1,23 +1,24 @@
 """Process settings that decide CPU speed on a shared machine, applied once when ``svp`` is
 imported (before torch), and only where the user has not chosen them.
 
-* ``OMP_WAIT_POLICY=PASSIVE`` (unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set).
-  torch's CPU wheel runs its intra-op threads on libgomp, whose default is to spin for a
-  long time at the end of every parallel region. A training step is thousands of small
-  parallel regions; when another process shares the cores, the thread that finishes first
-  spins while its partner waits to be scheduled, and the spinning itself takes the CPU the
-  partner needs. Measured here (Vim-Tiny SVP step, batch 8, 2 threads, load ~12 on 2 cores):
-  default 72-76 s wall / 19-20 s CPU per step, PASSIVE 13-16 s wall / 3.8-3.9 s CPU (one
-  thread: 3.1 s CPU). libgomp reads the variable once, when torch loads it, so this only
-  works if ``svp`` is imported before ``torch``; ``status()`` says whether it took effect.
-  The price on a machine nobody else uses: each of a step's thread-pool launches wakes a
-  sleeping thread. Vim-Tiny SVP step, batch 8, 2 threads, quiet (2026-11-30, alternated runs
-  of ``benchmarks/model.py --contend``): PASSIVE 826-872 ms, ACTIVE 713-760 ms; beside one
-  busy process PASSIVE 1429-1611 ms, ACTIVE 1809-2051 ms; ``GOMP_SPINCOUNT`` 10^3-10^5 fell in
-  between or worse (the machine's noise was +-10%). Those runs had numba's kernels on its
-  libgomp 'omp' layer (a benchmark bug, docs/benchmarks.md "Seventh round"). On the TBB layer
-  svp now picks (svp.ops.scan_cpu), ACTIVE is slower on a quiet machine too: 922-923 against
-  725-745 ms, libgomp's spinning threads taking the cores TBB's threads need.
+* ``GOMP_SPINCOUNT=1000`` (unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set). torch's
+  CPU wheel runs its intra-op threads on libgomp, whose default is to spin for a long time
+  (300,000 rounds) at the end of every parallel region before sleeping. A training step is
+  thousands of small parallel regions; when another process shares the cores, the thread that
+  finishes first spins while its partner waits to be scheduled, and the spinning takes the CPU
+  the partner needs. Measured here (Vim-Tiny SVP step, batch 8, 2 threads, load ~12 on 2
+  cores): default 72-76 s wall / 19-20 s CPU per step, ``OMP_WAIT_POLICY=PASSIVE`` (sleep at
+  once) 13-16 s wall / 3.8-3.9 s CPU (one thread: 3.1 s CPU). But sleeping at once has its own
+  price: every parallel region then wakes a sleeping thread, ~50 us on a 2-vCPU VM, and a
+  small op pays it too (``torch.exp`` of 6,144 floats: 52 us at 2 threads, 2.5 us at 1).
+  1,000 rounds is a short spin (each round one pause instruction) that bridges the gap
+  between one op and the next without holding a core for long: against PASSIVE, on the TBB
+  threading layer (docs/benchmarks.md, "Eighth round"), Vim-Tiny batch-1 prediction 71-72 ->
+  53 ms, training steps 2-10% faster, and beside one busy process the same times (the issue's
+  2x target met either way). 10,000 rounds broke that target (2.0-2.1x), ACTIVE (spin
+  forever) is slower even on a quiet machine beside numba's TBB threads. libgomp reads
+  the variable once, when torch loads it, so this only works if ``svp`` is imported before
+  ``torch``; ``status()`` says whether it took effect.
 
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
   on Linux with glibc, unless a ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable is set).
@@ -43,6 +44,7 @@ _state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
 MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit (half its heap size)
 TRIM_THRESHOLD = 256 * 2**20
+SPINCOUNT = "1000"             # libgomp's spin rounds before a thread sleeps (see above)
 _MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
@@ -70,8 +72,8 @@ def configure() -> dict:
         return status()
     before_torch = "torch" not in sys.modules
     if before_torch and not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        _state["omp_wait_policy"] = "PASSIVE (set by svp)"
+        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+        _state["omp_wait_policy"] = f"GOMP_SPINCOUNT={SPINCOUNT} (set by svp)"
     else:
         _state["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") or (
             f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT")
