@@ -77,13 +77,8 @@ def child(spec):
     import torch
     from svp.peft import get_peft_model, make_config
 
-    torch.set_num_threads(spec["threads"])
-    try:
-        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
-        import numba
-        numba.set_num_threads(spec["threads"])
-    except Exception:
-        pass
+    from scan import set_threads   # (this folder is on sys.path: the child runs as a script)
+    set_threads(spec["threads"])
     torch.manual_seed(0)
     model = timm.create_model(spec["model"], num_classes=100)
     method = spec["method"]

@@ -132,6 +132,19 @@ def time_backend(name, args, reps, backward):
     return best_f * 1e3, (best_fb * 1e3 if backward else None)
 
 
+def set_threads(n):
+    """torch's and numba's thread counts (every benchmark here). svp's kernel module is imported
+    first: it picks numba's threading layer, which numba fixes at its first thread launch, and
+    ``numba.set_num_threads`` is one."""
+    torch.set_num_threads(n)
+    try:
+        import svp.ops.scan_cpu  # noqa: F401
+        import numba
+    except ImportError:   # no numba: the fused CPU kernels are not there to thread
+        return
+    numba.set_num_threads(n)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -149,13 +162,7 @@ def main(argv=None):
     if a.cpu_time:
         clock = time.process_time
     if a.threads:
-        torch.set_num_threads(a.threads)
-        try:
-            import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
-            import numba
-            numba.set_num_threads(a.threads)
-        except Exception:
-            pass
+        set_threads(a.threads)
     backends = a.backends or [n for n in ("cpu", "torch", "cuda", "reference") if n in available_backends()]
     bw = measure_bandwidth()
     peak, mm, loop = measure_fma_peak()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scan import make_inputs  # noqa: E402
+from scan import make_inputs, set_threads  # noqa: E402
 
 from svp.ops import selective_scan, set_backend  # noqa: E402
 
@@ -59,10 +59,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     if a.threads:
-        torch.set_num_threads(a.threads)
-        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
-        import numba
-        numba.set_num_threads(a.threads)
+        set_threads(a.threads)
     set_backend("cpu")
     fwd_bwd(fused, make_inputs(1, 768, L=5))   # compile
     print(f"# {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")

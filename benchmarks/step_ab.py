@@ -53,13 +53,8 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, nargs="?", const=30, default=0)
     ap.add_argument("--ab", nargs="+", default=[], choices=sorted(_REAL) + ["all"])
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    try:
-        import svp.ops.scan_cpu  # noqa: F401  (picks numba's threading layer; must precede numba's first thread launch)
-        import numba
-        numba.set_num_threads(a.threads)
-    except Exception:
-        pass
+    from scan import set_threads   # (this folder is on sys.path: run as a script)
+    set_threads(a.threads)
     torch.manual_seed(0)
     model = timm.create_model(a.model, num_classes=100)
     pm = get_peft_model(model, make_config(a.method, num_classes=100, **SETTINGS.get(a.method, {}))).train()

@@ -83,21 +83,25 @@ import numba  # noqa: E402
 # thread: 2 us per empty launch, and the 2-thread SVP step went from 783-815 to 726-747 ms
 # (docs/benchmarks.md, seventh round). So: 'tbb' when it loads (the `tbb` wheel is a
 # dependency on Linux x86-64), else 'workqueue'; NUMBA_THREADING_LAYER set by the user wins.
+def _tbb_wheel_library():
+    """The path of the `tbb` wheel's libtbb.so.12, or None when the wheel is not installed."""
+    from importlib import metadata
+    try:
+        files = metadata.distribution("tbb").files or ()
+    except metadata.PackageNotFoundError:
+        return None
+    return next((str(f.locate()) for f in files if f.name == "libtbb.so.12"), None)
+
+
 def _tbb_loads() -> bool:
     """Whether numba's TBB layer can be used. The `tbb` wheel installs libtbb.so.12 under the
     environment's lib/, where numba's tbbpool extension does not look (it needs the library on
     the loader's path); loading it first, globally, satisfies tbbpool's dependency."""
     try:
         import ctypes
-        from importlib import metadata
-        try:
-            files = metadata.distribution("tbb").files or ()
-        except metadata.PackageNotFoundError:
-            files = ()
-        for f in files:
-            if f.name == "libtbb.so.12":
-                ctypes.CDLL(str(f.locate()), mode=ctypes.RTLD_GLOBAL)
-                break
+        lib = _tbb_wheel_library()
+        if lib is not None:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
         from numba.np.ufunc import parallel as _parallel
         check = getattr(_parallel, "_check_tbb_version_compatible", None)  # numba's own version floor
         if check is not None:
