@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit
 
-from svp.ops.simd import VL, fma, splat, vacc_f64, vhsum16, vload, vmax, vmin, vstore, zeros
+from svp.ops.simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, vstore, zeros
 
 
 @njit(cache=False)
@@ -46,3 +46,23 @@ def test_vector_ops_match_numpy_exactly():
         h = tree.shape[1] // 2
         tree = tree[:, :h] + tree[:, h:]
     np.testing.assert_array_equal(out[6 * VL:], tree[:, 0])
+
+
+@njit(cache=False)
+def _hinted(a, out):
+    for i in range(0, a.size, VL):
+        prefetch(a, i)
+        prefetch_write(out, i)
+        vstore(out, i, vload(a, i) * 2.0)
+
+
+def test_prefetch_hints_lower_to_read_and_write_prefetches_and_change_nothing():
+    a = np.arange(4 * VL, dtype=np.float32)
+    out = np.zeros_like(a)
+    _hinted(a, out)
+    np.testing.assert_array_equal(out, a * 2)
+    ir = next(iter(_hinted.inspect_llvm().values()))
+    calls = [ln for ln in ir.splitlines() if "call void @llvm.prefetch" in ln]
+    # (address, rw, locality, cache type): one read and one write hint per vector
+    assert any(", i32 0, i32 3, i32 1)" in c for c in calls), calls
+    assert any(", i32 1, i32 3, i32 1)" in c for c in calls), calls

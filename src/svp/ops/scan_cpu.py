@@ -17,6 +17,10 @@ instructions the backward executed. Every operation is exact IEEE float32 with e
 fused multiply-adds, so the bits do not depend on the compiler's scheduling, on numba
 compiling now or loading its disk cache, or on the machine's vector width.
 
+Memory: a task walks rows d floats apart, a stride the hardware prefetchers do not follow,
+so the kernels prefetch the rows they will read and write PF steps ahead (the output rows
+with ``prefetch_write``: unowned output lines stalled the stores behind them).
+
 Parallelism: one task per (batch, group, block of BW = 64 channels), i.e. four vectors
 processed side by side in every loop iteration (measured: one vector per task left the
 loops waiting on their own latencies, 1.8x slower backward; four were 1.4-1.8x faster
@@ -29,11 +33,11 @@ backward walks the chunks from last to first: it recomputes the chunk's states a
 decay factors exp(delta*A) into task-local buffers (bit for bit the forward's: same
 operations), then runs the reverse-time recurrence
 dh_{t-1} = exp(delta_t A) * (dh_t + C_t * g_t), accumulating the gradients of every input.
-Sums over channels (dB, dC) are fixed float32 trees per block of 64 channels (the four
-vectors pairwise, then a shuffle tree over the 16 lanes, ``simd.vhsum16``), the blocks
-summed in float64; sums over time and batch accumulate in float64 (dD, d_delta_bias per
-step; dA in float32 over runs of DA_RUN = 8 steps, then float64: runs of 32 doubled dA's
-error on some inputs, 8 matches a float64 sum per step).
+Sums over channels (dB, dC) are fixed float32 orders per block of 64 channels (a chain of
+fused multiply-adds over the four vectors, then a shuffle tree over the 16 lanes,
+``simd.vhsum16``), the blocks summed in float64; sums over time and batch accumulate in
+float64 (dD, d_delta_bias per step; dA in float32 over runs of DA_RUN = 8 steps, then
+float64: runs of 32 doubled dA's error on some inputs, 8 matches a float64 sum per step).
 
 exp/softplus/sigmoid are branch-free polynomials, accurate to ~1e-7 relative; the decay
 factors use a cheaper base-2 exponential (see _vexp2) that is exactly 0 for delta*|A|
@@ -130,8 +134,8 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
-from .simd import VL, fma, prefetch, splat, vacc_f64, vhsum16, vload, vmax, vmin, vpow2_from_biased, vpow2_from_magic, \
-    vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
+from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
+    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
 # explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
@@ -381,6 +385,15 @@ def _prefetch_rows(a, b, c, has_c, off):
             prefetch(c, off + k)
 
 
+@njit
+def _prefetch_out(a, b, has_b, off):
+    """The same for rows about to be written, in a (and b)."""
+    for k in range(0, BW, VL):
+        prefetch_write(a, off + k)
+        if has_b:
+            prefetch_write(b, off + k)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, out, hs, hlast, fast, dtmax,
               b, L, d, g, N):
@@ -426,7 +439,9 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             row = (bi * L + t) * d + c0
             bcr = ((bi * L + t) * g + gi) * N
             if s + PF < L:
-                _prefetch_rows(u, dl, z, has_z, (bi * L + (t - PF if reverse else t + PF)) * d + c0)
+                tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
+                _prefetch_rows(u, dl, z, has_z, tp)
+                _prefetch_out(out, out, False, tp)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
@@ -569,6 +584,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                     _prefetch_rows(u, dl, z, has_z, tp)
                     _prefetch_rows(dout, dout, dout, False, tp)
+                    if has_z:
+                        _prefetch_out(dz_o, dz_o, False, tp)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
@@ -662,15 +679,17 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
                         o = hn0 + n * BW
-                        p01 = gv0 * vload(Hb, o) + gv1 * vload(Hb, o + VL)
-                        p23 = gv2 * vload(Hb, o + 2 * VL) + gv3 * vload(Hb, o + 3 * VL)
-                        vstore(P, (n - n0) * VL, p01 + p23)
+                        p = fma(gv1, vload(Hb, o + VL), gv0 * vload(Hb, o))
+                        p = fma(gv2, vload(Hb, o + 2 * VL), p)
+                        vstore(P, (n - n0) * VL, fma(gv3, vload(Hb, o + 3 * VL), p))
                     _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
             for s in range(s1_ - 1, s0 - 1, -1):
                 j = s - s0
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
                 bcr = ((bi * L + t) * g + gi) * N
+                if s >= PF:   # this walk runs backwards: step s - PF comes PF steps later
+                    _prefetch_out(du_o, ddl_o, True, (bi * L + (t + PF if reverse else t - PF)) * d + c0)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
@@ -731,7 +750,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                         vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
                         vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
                         vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
-                        vstore(P, (n - n0) * VL, ((dhv0 * dtu0 + dhv1 * dtu1) + (dhv2 * dtu2 + dhv3 * dtu3)))
+                        vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
                     _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
                 vstore(du_o, row, fma(gv0, D0, sa0 * dt0))
                 vstore(du_o, row + VL, fma(gv1, D1, sa1 * dt1))
