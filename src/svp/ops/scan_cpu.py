@@ -386,12 +386,10 @@ def _prefetch_rows(a, b, c, has_c, off):
 
 
 @njit
-def _prefetch_out(a, b, has_b, off):
-    """The same for rows about to be written, in a (and b)."""
+def _prefetch_out(a, off):
+    """The same for a row of a about to be written."""
     for k in range(0, BW, VL):
         prefetch_write(a, off + k)
-        if has_b:
-            prefetch_write(b, off + k)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -441,7 +439,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             if s + PF < L:
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
-                _prefetch_out(out, out, False, tp)
+                _prefetch_out(out, tp)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
@@ -585,7 +583,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     _prefetch_rows(u, dl, z, has_z, tp)
                     _prefetch_rows(dout, dout, dout, False, tp)
                     if has_z:
-                        _prefetch_out(dz_o, dz_o, False, tp)
+                        _prefetch_out(dz_o, tp)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
@@ -689,7 +687,9 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 row = (bi * L + t) * d + c0
                 bcr = ((bi * L + t) * g + gi) * N
                 if s >= PF:   # this walk runs backwards: step s - PF comes PF steps later
-                    _prefetch_out(du_o, ddl_o, True, (bi * L + (t + PF if reverse else t - PF)) * d + c0)
+                    tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
+                    _prefetch_out(du_o, tq)
+                    _prefetch_out(ddl_o, tq)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
