@@ -271,6 +271,52 @@ def test_cpu_more_than_16_states_and_the_same_bits_on_any_thread_count():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_scratch_left_uninitialised_is_written_before_it_is_read():
+    """The backward's chunk buffers are not zero-filled (simd.empty64). With one thread every
+    task allocates on this thread's heap, so freeing NaN-filled arrays of the buffers' sizes
+    first hands the kernel NaN scratch; any read before a write would reach the outputs."""
+    import numba
+    import numpy as np
+
+    from svp.ops import scan_cpu
+    from svp.ops.simd import VL, empty64
+
+    @numba.njit
+    def first_alloc_nans(n):
+        return np.isnan(empty64(n)).sum()
+
+    K, NV = scan_cpu.CHUNK, 16 * scan_cpu.BW
+    sizes = [NV, (K + 1) * NV, K * NV, K * scan_cpu.BW, VL * VL, VL]
+
+    def poison():
+        for n in sizes:
+            junk = [np.full(n + 16, np.nan, np.float32) for _ in range(3)]
+            del junk
+
+    args = make(2, 130, 45, 17, seed=16)   # a partial channel block, a partial state group, 2 chunks
+    before = numba.get_num_threads()
+    res = []
+    try:
+        numba.set_num_threads(1)
+        first_alloc_nans(4)
+        poison()
+        assert first_alloc_nans((K + 1) * NV) > 0   # the poisoning reaches fresh scratch
+        for poisoned in (False, True):
+            xs = [a.detach().clone().requires_grad_() for a in args]
+            if poisoned:
+                poison()
+            out = scan_cpu.selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True)
+            if poisoned:
+                poison()
+            out.square().sum().backward()
+            res.append([out] + [x.grad for x in xs])
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*res):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_gradient_through_one_output_only():
     """The CPU scan leaves an unused output's gradient as None (no zero tensor filled and read):
     a loss on the last state alone, and one on the output alone with the last state returned,

@@ -135,7 +135,7 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
-    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64  # noqa: E402
+    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
 # explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
@@ -361,7 +361,9 @@ def _decay(fast, dt, dc, a):
     return _vexp2_neg(dc, a) if fast else _vexp2(dt * a)
 
 
-@njit
+# inline="always" (numba inlines it; LLVM declined to): a call from the step loop spills every
+# live vector register around it (all of them are caller-saved), ~4% of the backward.
+@njit(inline="always")
 def _flush_da(dAacc, dAc, N):
     for o in range(0, N * BW, VL):
         vacc_f64(dAacc, o, vload(dAc, o))
@@ -406,7 +408,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
         gi = rem // nbg
         blk = rem - gi * nbg
         c0 = gi * dg + blk * BW
-        A2b = zeros64(NV)
+        A2b = empty64(NV)
         h = zeros64(NV)
         for n in range(N):
             vstore(A2b, n * BW, vload(A2t, n * d + c0))
@@ -520,8 +522,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
         gi = rem // nbg
         blk = rem - gi * nbg
         c0 = gi * dg + blk * BW
-        Ab = zeros64(NV)
-        A2b = zeros64(NV)
+        Ab = empty64(NV)
+        A2b = empty64(NV)
         dh = zeros64(NV)
         for n in range(N):
             o = n * BW
@@ -536,13 +538,14 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
             if has_dlast:   # else the state gradient starts at zero (zeros64)
                 for k in range(0, BW, VL):
                     vstore(dh, o + k, vload(dlast, (bi * N + n) * d + c0 + k))
-        Hb = zeros64((K + 1) * NV)
-        Eb = zeros64(K * NV)
-        Tb = zeros64(K * BW)
-        Gb = zeros64(K * BW)
-        P = zeros64(VL * VL)
-        tmp = zeros64(VL)
-        dAc = zeros64(NV)
+        # chunk buffers, written before they are read (dAc is zeroed per chunk)
+        Hb = empty64((K + 1) * NV)
+        Eb = empty64(K * NV)
+        Tb = empty64(K * BW)
+        Gb = empty64(K * BW)
+        P = empty64(VL * VL)
+        tmp = empty64(VL)
+        dAc = empty64(NV)
         dAacc = np.zeros(NV, np.float64)
         dDacc = np.zeros(BW, np.float64)
         dbacc = np.zeros(BW, np.float64)
@@ -783,7 +786,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
             dbp[bi * d + c0 + c] = dbacc[c]
 
 
-@njit
+@njit(inline="always")   # called per step from the backward: see _flush_da
 def _store_sums(P, m, out, off, tmp):
     """out[off:off+m] = lane sums of the first m vectors of P (the rest of P must be zero)."""
     if m == VL:
@@ -828,21 +831,26 @@ def _sum_batch(dAp, dDp, dbp, dg, dgp, dA, dD, db):
     dropping the padding channels."""
     b, N, dp = dAp.shape
     d = dA.shape[0]
+    # batch rows outermost, so the reads run along memory (a loop over the batch innermost
+    # strided by N * dp and took ~1 ms per call at Vim-Small batch 32); each sum still adds
+    # the rows in batch order, so the bits are the same
+    accA = np.zeros((N, dp))
+    accD = np.zeros(dp)
+    accb = np.zeros(dp)
+    for bi in range(b):
+        for n in range(N):
+            for cp in range(dp):
+                accA[n, cp] += dAp[bi, n, cp]
+        for cp in range(dp):
+            accD[cp] += dDp[bi, cp]
+            accb[cp] += dbp[bi, cp]
     for c in range(d):
         gi = c // dg
         cp = gi * dgp + c - gi * dg
         for n in range(N):
-            acc = 0.0
-            for bi in range(b):
-                acc += dAp[bi, n, cp]
-            dA[c, n] = acc
-        accD = 0.0
-        accb = 0.0
-        for bi in range(b):
-            accD += dDp[bi, cp]
-            accb += dbp[bi, cp]
-        dD[c] = accD
-        db[c] = accb
+            dA[c, n] = accA[n, cp]
+        dD[c] = accD[cp]
+        db[c] = accb[cp]
 
 
 @njit(cache=True, error_model="numpy")

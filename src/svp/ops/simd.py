@@ -390,3 +390,13 @@ def zeros64(n):
     buf = np.zeros(n + 16, np.float32)
     off = ((64 - buf.ctypes.data % 64) % 64) // 4
     return buf[off:off + n]
+
+
+@njit
+def empty64(n):
+    """zeros64 without the zeros, for scratch a kernel writes before it reads: the scan's
+    backward takes ~290 KB of it per task, and filling that with zeros first cost ~5% of the
+    kernel (docs/benchmarks.md, tenth round)."""
+    buf = np.empty(n + 16, np.float32)
+    off = ((64 - buf.ctypes.data % 64) % 64) // 4
+    return buf[off:off + n]
