@@ -75,7 +75,7 @@ def measure_fma_peak():
         import numba
         from numba import njit, prange
         from svp.ops.scan_cpu import _wide_vectors
-        from svp.ops.simd import fma, splat, vload, vstore, zeros64
+        from svp.ops.simd import fma, splat, vload, vstore
 
         W = 160  # 10 chains of 16 lanes per thread
 
@@ -95,7 +95,7 @@ def measure_fma_peak():
                 for k, v in enumerate((a0, a1, a2, a3, a4, a5, a6, a7, a8, a9)):
                     vstore(acc, o + 16 * k, v)
         nt = numba.get_num_threads()
-        acc = zeros64(nt * W) + np.float32(1.0)
+        acc = np.ones(nt * W, np.float32)
         fma_loop(acc, 10)
         reps = 2_000_000
         b2 = 1e9

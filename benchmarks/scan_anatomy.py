@@ -169,8 +169,8 @@ def static(mcpu):
 def default_mcpu():
     import llvmlite.binding as llvm
     host = llvm.get_host_cpu_name()
-    known = subprocess.run(["llvm-mca", "-mcpu=help"], capture_output=True, text=True).stdout + \
-        subprocess.run(["llvm-mca", "-mcpu=help"], capture_output=True, text=True).stderr
+    r = subprocess.run(["llvm-mca", "-mcpu=help"], capture_output=True, text=True)
+    known = r.stdout + r.stderr   # (LLVM prints the list on stderr or stdout by version)
     return host if re.search(rf"^\s+{re.escape(host)}\s", known, re.M) else "icelake-server"
 
 
@@ -192,7 +192,8 @@ def main(argv=None):
     out = {"measured": measured(args.d, args.reps)}
     m = out["measured"]
     print(f"1 thread, d={args.d}, batch {m['batch']}, FMA peak {m['fma_peak_lanes_per_s'] / 1e9:.1f} G lanes/s")
-    print("| kernel | ms (N=16) | x FMA bound | per state (x bound) | per time step (x bound) | ns per state per block | ns per step per block |")
+    print("| kernel | ms (N=16) | x FMA bound | per state (x bound) | per time step (x bound) "
+          "| ns per state per block | ns per step per block |")
     print("|---|---|---|---|---|---|---|")
     for r in m["rows"]:
         print(f"| {r['kernel']} | {r['ms_N16']:.2f} | {r['x_bound']:.2f}x | {r['per_state_x_bound']:.2f}x | "
@@ -203,7 +204,8 @@ def main(argv=None):
         mcpu = args.mcpu or default_mcpu()
         out["mcpu"], out["static"] = mcpu, static(mcpu)
         print(f"\nllvm-mca -mcpu={mcpu}: innermost loops with >= 8 512-bit FMAs")
-        print("| kernel | asm lines | instructions | vector ops | of which FMA | exp bit ops | vector stores | cycles / iteration |")
+        print("| kernel | asm lines | instructions | vector ops | of which FMA | exp bit ops | vector stores "
+              "| cycles / iteration |")
         print("|---|---|---|---|---|---|---|---|")
         for r in out["static"]:
             print(f"| {r['kernel']} | {r['lines']} | {r['instructions']} | {r['vector_ops']} | {r['fma']} | "

@@ -285,7 +285,8 @@ def test_cpu_scratch_left_uninitialised_is_written_before_it_is_read():
     def first_alloc_nans(n):
         return np.isnan(empty64(n)).sum()
 
-    K, NV = scan_cpu.CHUNK, 16 * scan_cpu.BW
+    N = 17   # the input's states: the buffers' sizes below are the kernel's for it
+    K, NV = scan_cpu.CHUNK, N * scan_cpu.BW
     sizes = [NV, (K + 1) * NV, K * NV, K * scan_cpu.BW, VL * VL, VL]
 
     def poison():
@@ -293,7 +294,7 @@ def test_cpu_scratch_left_uninitialised_is_written_before_it_is_read():
             junk = [np.full(n + 16, np.nan, np.float32) for _ in range(3)]
             del junk
 
-    args = make(2, 130, 45, 17, seed=16)   # a partial channel block, a partial state group, 2 chunks
+    args = make(2, 130, 45, N, seed=16)   # a partial channel block, a partial state group, 2 chunks
     before = numba.get_num_threads()
     res = []
     try:
