@@ -166,6 +166,13 @@ def static(mcpu):
     return rows
 
 
+def _table(columns, rows):
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+
+
 def default_mcpu():
     import llvmlite.binding as llvm
     host = llvm.get_host_cpu_name()
@@ -192,24 +199,21 @@ def main(argv=None):
     out = {"measured": measured(args.d, args.reps)}
     m = out["measured"]
     print(f"1 thread, d={args.d}, batch {m['batch']}, FMA peak {m['fma_peak_lanes_per_s'] / 1e9:.1f} G lanes/s")
-    print("| kernel | ms (N=16) | x FMA bound | per state (x bound) | per time step (x bound) "
-          "| ns per state per block | ns per step per block |")
-    print("|---|---|---|---|---|---|---|")
-    for r in m["rows"]:
-        print(f"| {r['kernel']} | {r['ms_N16']:.2f} | {r['x_bound']:.2f}x | {r['per_state_x_bound']:.2f}x | "
-              f"{r['per_step_x_bound']:.2f}x | {r['per_state_ns']:.1f} | {r['per_step_ns']:.1f} |")
+    _table(["kernel", "ms (N=16)", "x FMA bound", "per state (x bound)", "per time step (x bound)",
+            "ns per state per block", "ns per step per block"],
+           [[r["kernel"], f"{r['ms_N16']:.2f}", f"{r['x_bound']:.2f}x", f"{r['per_state_x_bound']:.2f}x",
+             f"{r['per_step_x_bound']:.2f}x", f"{r['per_state_ns']:.1f}", f"{r['per_step_ns']:.1f}"]
+            for r in m["rows"]])
     if args.mca:
         if shutil.which("llvm-mca") is None:
             raise SystemExit("--mca needs llvm-mca on PATH (Debian/Ubuntu: apt-get install llvm)")
         mcpu = args.mcpu or default_mcpu()
         out["mcpu"], out["static"] = mcpu, static(mcpu)
         print(f"\nllvm-mca -mcpu={mcpu}: innermost loops with >= 8 512-bit FMAs")
-        print("| kernel | asm lines | instructions | vector ops | of which FMA | exp bit ops | vector stores "
-              "| cycles / iteration |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in out["static"]:
-            print(f"| {r['kernel']} | {r['lines']} | {r['instructions']} | {r['vector_ops']} | {r['fma']} | "
-                  f"{r['exp_tricks']} | {r['stores']} | {r['mca_cycles']:.1f} |")
+        _table(["kernel", "asm lines", "instructions", "vector ops", "of which FMA", "exp bit ops",
+                "vector stores", "cycles / iteration"],
+               [[r["kernel"], r["lines"], r["instructions"], r["vector_ops"], r["fma"], r["exp_tricks"],
+                 r["stores"], f"{r['mca_cycles']:.1f}"] for r in out["static"]])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
