@@ -789,7 +789,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
 def _store_sums(P, m, out, off, tmp):
-    """out[off:off+m] = lane sums of the first m vectors of P (the rest of P must be zero)."""
+    """out[off:off+m] = lane sums of the first m vectors of P (zeroing P's other vectors first)."""
     if m == VL:
         vstore(out, off, vhsum16(P, 0))
     else:

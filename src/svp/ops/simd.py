@@ -382,14 +382,19 @@ def zeros():
     return splat(0.0)
 
 
+@njit(inline="always")
+def _from64(buf, n):
+    """The n floats of buf (n + 16 long) that start on a 64-byte boundary."""
+    off = ((64 - buf.ctypes.data % 64) % 64) // 4
+    return buf[off:off + n]
+
+
 @njit
 def zeros64(n):
     """n float32 zeros starting on a 64-byte boundary. numba aligns its arrays to 32 bytes
     only; a 64-byte vector access to a row that starts 32 bytes into a cache line touches two
     lines (a split store costs two stores)."""
-    buf = np.zeros(n + 16, np.float32)
-    off = ((64 - buf.ctypes.data % 64) % 64) // 4
-    return buf[off:off + n]
+    return _from64(np.zeros(n + 16, np.float32), n)
 
 
 @njit
@@ -397,6 +402,4 @@ def empty64(n):
     """zeros64 without the zeros, for scratch a kernel writes before it reads: the scan's
     backward takes ~290 KB of it per task, and filling that with zeros first cost ~5% of the
     kernel (docs/benchmarks.md, tenth round)."""
-    buf = np.empty(n + 16, np.float32)
-    off = ((64 - buf.ctypes.data % 64) % 64) // 4
-    return buf[off:off + n]
+    return _from64(np.empty(n + 16, np.float32), n)
