@@ -508,9 +508,65 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
 
 
+@njit(inline="always")
+def _rev_states(with_da, NG, N, Cm, Bm, bcr, gv0, gv1, gv2, gv3, dh, Eb, Hb, hp0, Ab, dAc,
+                dt0, dt1, dt2, dt3, dtu0, dtu1, dtu2, dtu3, P, dBp, boff, tmp):
+    """One backward step's reverse recurrence over the states of a 64-channel block: updates
+    dh in place, adds q * dt into dAc when with_da (a constant at each call site), writes dB's
+    channel sums at dBp[boff:boff+N] and returns the sums over states for du (sa) and
+    d_delta (sb)."""
+    sa0 = zeros()
+    sa1 = zeros()
+    sa2 = zeros()
+    sa3 = zeros()
+    sb0 = zeros()
+    sb1 = zeros()
+    sb2 = zeros()
+    sb3 = zeros()
+    for ng in range(NG):
+        n0 = ng * VL
+        n1 = min(N, n0 + VL)
+        for n in range(n0, n1):
+            o = n * BW
+            cn = splat(Cm[bcr + n])
+            bn = splat(Bm[bcr + n])
+            dhv0 = fma(gv0, cn, vload(dh, o))
+            dhv1 = fma(gv1, cn, vload(dh, o + VL))
+            dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
+            dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
+            e0 = vload(Eb, hp0 + o)
+            e1 = vload(Eb, hp0 + o + VL)
+            e2 = vload(Eb, hp0 + o + 2 * VL)
+            e3 = vload(Eb, hp0 + o + 3 * VL)
+            q0 = dhv0 * vload(Hb, hp0 + o) * e0
+            q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
+            q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
+            q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
+            vstore(dh, o, e0 * dhv0)
+            vstore(dh, o + VL, e1 * dhv1)
+            vstore(dh, o + 2 * VL, e2 * dhv2)
+            vstore(dh, o + 3 * VL, e3 * dhv3)
+            sa0 = fma(dhv0, bn, sa0)
+            sa1 = fma(dhv1, bn, sa1)
+            sa2 = fma(dhv2, bn, sa2)
+            sa3 = fma(dhv3, bn, sa3)
+            sb0 = fma(q0, vload(Ab, o), sb0)
+            sb1 = fma(q1, vload(Ab, o + VL), sb1)
+            sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
+            sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
+            if with_da:
+                vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
+                vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
+                vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
+                vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
+            vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
+        _store_sums(P, n1 - n0, dBp, boff + n0, tmp)
+    return sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, fast, dtmax, b, L, d, g, N):
+              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -573,10 +629,11 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 vstore(Hb, o + VL, vload(hs, (hbase + n) * d + c0 + VL))
                 vstore(Hb, o + 2 * VL, vload(hs, (hbase + n) * d + c0 + 2 * VL))
                 vstore(Hb, o + 3 * VL, vload(hs, (hbase + n) * d + c0 + 3 * VL))
-                vstore(dAc, o, zeros())
-                vstore(dAc, o + VL, zeros())
-                vstore(dAc, o + 2 * VL, zeros())
-                vstore(dAc, o + 3 * VL, zeros())
+                if need_da:
+                    vstore(dAc, o, zeros())
+                    vstore(dAc, o + VL, zeros())
+                    vstore(dAc, o + 2 * VL, zeros())
+                    vstore(dAc, o + 3 * VL, zeros())
             for s in range(s0, s1_):
                 j = s - s0
                 t = L - 1 - s if reverse else s
@@ -672,10 +729,11 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 vstore(Gb, j * BW + VL, gv1)
                 vstore(Gb, j * BW + 2 * VL, gv2)
                 vstore(Gb, j * BW + 3 * VL, gv3)
-                vacc_f64(dDacc, 0, gv0 * u0)
-                vacc_f64(dDacc, VL, gv1 * u1)
-                vacc_f64(dDacc, 2 * VL, gv2 * u2)
-                vacc_f64(dDacc, 3 * VL, gv3 * u3)
+                if need_ddb:
+                    vacc_f64(dDacc, 0, gv0 * u0)
+                    vacc_f64(dDacc, VL, gv1 * u1)
+                    vacc_f64(dDacc, 2 * VL, gv2 * u2)
+                    vacc_f64(dDacc, 3 * VL, gv3 * u3)
                 for ng in range(NG):
                     n0 = ng * VL
                     n1 = min(N, n0 + VL)
@@ -711,51 +769,16 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 dtu2 = dt2 * u2
                 dtu3 = dt3 * u3
                 hp0 = j * NV
-                sa0 = zeros()
-                sa1 = zeros()
-                sa2 = zeros()
-                sa3 = zeros()
-                sb0 = zeros()
-                sb1 = zeros()
-                sb2 = zeros()
-                sb3 = zeros()
-                for ng in range(NG):
-                    n0 = ng * VL
-                    n1 = min(N, n0 + VL)
-                    for n in range(n0, n1):
-                        o = n * BW
-                        cn = splat(Cm[bcr + n])
-                        bn = splat(Bm[bcr + n])
-                        dhv0 = fma(gv0, cn, vload(dh, o))
-                        dhv1 = fma(gv1, cn, vload(dh, o + VL))
-                        dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
-                        dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
-                        e0 = vload(Eb, hp0 + o)
-                        e1 = vload(Eb, hp0 + o + VL)
-                        e2 = vload(Eb, hp0 + o + 2 * VL)
-                        e3 = vload(Eb, hp0 + o + 3 * VL)
-                        q0 = dhv0 * vload(Hb, hp0 + o) * e0
-                        q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
-                        q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
-                        q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
-                        vstore(dh, o, e0 * dhv0)
-                        vstore(dh, o + VL, e1 * dhv1)
-                        vstore(dh, o + 2 * VL, e2 * dhv2)
-                        vstore(dh, o + 3 * VL, e3 * dhv3)
-                        sa0 = fma(dhv0, bn, sa0)
-                        sa1 = fma(dhv1, bn, sa1)
-                        sa2 = fma(dhv2, bn, sa2)
-                        sa3 = fma(dhv3, bn, sa3)
-                        sb0 = fma(q0, vload(Ab, o), sb0)
-                        sb1 = fma(q1, vload(Ab, o + VL), sb1)
-                        sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
-                        sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
-                        vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
-                        vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
-                        vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
-                        vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
-                        vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
-                    _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+                # two copies of the state loop, with and without dA (a branch on need_da inside it
+                # cost the full backward ~2%)
+                if need_da:
+                    sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3 = _rev_states(
+                        True, NG, N, Cm, Bm, bcr, gv0, gv1, gv2, gv3, dh, Eb, Hb, hp0, Ab, dAc,
+                        dt0, dt1, dt2, dt3, dtu0, dtu1, dtu2, dtu3, P, dBp, (pbase + t) * N, tmp)
+                else:
+                    sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3 = _rev_states(
+                        False, NG, N, Cm, Bm, bcr, gv0, gv1, gv2, gv3, dh, Eb, Hb, hp0, Ab, dAc,
+                        dt0, dt1, dt2, dt3, dtu0, dtu1, dtu2, dtu3, P, dBp, (pbase + t) * N, tmp)
                 vstore(du_o, row, fma(gv0, D0, sa0 * dt0))
                 vstore(du_o, row + VL, fma(gv1, D1, sa1 * dt1))
                 vstore(du_o, row + 2 * VL, fma(gv2, D2, sa2 * dt2))
@@ -773,11 +796,12 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 vstore(ddl_o, row + VL, dd1)
                 vstore(ddl_o, row + 2 * VL, dd2)
                 vstore(ddl_o, row + 3 * VL, dd3)
-                vacc_f64(dbacc, 0, dd0)
-                vacc_f64(dbacc, VL, dd1)
-                vacc_f64(dbacc, 2 * VL, dd2)
-                vacc_f64(dbacc, 3 * VL, dd3)
-                if j % DA_RUN == 0:   # dA: DA_RUN steps in float32, then into float64
+                if need_ddb:
+                    vacc_f64(dbacc, 0, dd0)
+                    vacc_f64(dbacc, VL, dd1)
+                    vacc_f64(dbacc, 2 * VL, dd2)
+                    vacc_f64(dbacc, 3 * VL, dd3)
+                if need_da and j % DA_RUN == 0:   # dA: DA_RUN steps in float32, then into float64
                     _flush_da(dAacc, dAc, N)
         for n in range(N):
             for c in range(BW):
@@ -998,6 +1022,10 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     dz = (torch.empty(b, L, dp, dtype=torch.float32) if acc is None else acc) if has_z else du
     dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+    # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:
+    # the kernel then skips dA's load, multiply-add and store per state and the per-step sums.
+    need_da = bool(need[2])
+    need_ddb = bool((has_D and need[5]) or (has_bias and need[7]))
     dAp = torch.empty(b, N, dp, dtype=torch.float64)
     dDp = torch.empty(b, dp, dtype=torch.float64)
     dbp = torch.empty(b, dp, dtype=torch.float64)
@@ -1005,7 +1033,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     with _dynamic_tasks():
         _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
                   reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
-                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), fast, f(dtmax), b, L, dp, g, N)
+                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N)
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):
@@ -1020,7 +1048,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
 
     d = g * dg
     dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
-    _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
+    if need_da or need_ddb:
+        _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
     return (unpad(du).transpose(1, 2).to(dt_u) if need[0] else None,
             unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None,
             dA.to(dt_A) if need[2] else None,
