@@ -154,7 +154,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["vim_tiny_patch16_224"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--batches", type=int, nargs="+", default=[8], help="training batches")
+    ap.add_argument("--batches", type=int, nargs="*", default=[8], help="training batches")
     ap.add_argument("--infer-batches", type=int, nargs="*", default=[],
                     help="inference batches (the svp model in eval mode, no_grad)")
     ap.add_argument("--threads", type=int, default=2)

@@ -19,6 +19,10 @@ Lower bounds:
   1e-7), state update 2, C.h 1; backward 20 = recompute 11, dh += C g 1, q = dh h e 2,
   decay 1, and the dB, dC, dA and delta/u sums 5. The scan's per-(b,l,d) work (softplus,
   gate, D) is left out, so the bound is optimistic.
+
+--frozen times what every method but full fine-tuning runs: A, D and delta_bias are constants
+(a frozen backbone), so the backward computes no dA, dD or d_delta_bias (bound 19 per element:
+the dA sum left out).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from svp.ops import available_backends, selective_scan, set_backend  # noqa: E402
 
 OPS_FWD, OPS_BWD = 12, 20
+FROZEN = (2, 5, 7)   # A, D, delta_bias in make_inputs' order
 clock = time.perf_counter
 MODELS = {"Vim-Tiny": 384, "Vim-Small": 768}
 
@@ -123,8 +128,8 @@ def make_inputs(b, d, L=197, n=16, dt_rank=None, seed=0):
     return [u, delta, A, B, C, D, z, bias]
 
 
-def time_backend(name, args, reps, backward):
-    xs = [a.clone().requires_grad_() for a in args]
+def time_backend(name, args, reps, backward, frozen=False):
+    xs = [a.clone().requires_grad_(not (frozen and i in FROZEN)) for i, a in enumerate(args)]
     # the output gradient exists before the timed backward, as in a model (filling a
     # (b, d, l) tensor of ones inside the timing added ~3% to the cpu backend's fwd+bwd)
     dout = torch.ones_like(args[0]) if backward else None
@@ -171,8 +176,11 @@ def main(argv=None):
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the scans in process CPU time instead of wall clock (robust on a shared "
                          "machine when --threads 1; the bandwidth/FMA measurements stay wall-clock)")
+    ap.add_argument("--frozen", action="store_true",
+                    help="A, D and delta_bias without gradients (a frozen backbone's backward)")
     a = ap.parse_args(argv)
     global clock
+    ops_bwd = OPS_BWD - 1 if a.frozen else OPS_BWD
     if a.cpu_time:
         clock = time.process_time
     if a.threads:
@@ -182,9 +190,10 @@ def main(argv=None):
     peak, mm, loop = measure_fma_peak()
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
-            "load_average_start": os.getloadavg(),
+            "load_average_start": os.getloadavg(), "frozen": a.frozen,
             "copy_bandwidth_GBps": bw / 1e9, "fma_lanes_per_s": peak, "fma_matmul": mm, "fma_numba": loop}
-    print(f"# machine: {info['machine']}; load average {os.getloadavg()[0]:.1f}")
+    print(f"# machine: {info['machine']}; load average {os.getloadavg()[0]:.1f}"
+          + ("; frozen A, D, delta_bias" if a.frozen else ""))
     print(f"# copy bandwidth {bw / 1e9:.1f} GB/s; float32 FMA peak {peak / 1e9:.1f} G lanes/s "
           f"(matmul {mm / 1e9:.1f}, numba loop {loop / 1e9:.1f})")
     rows = []
@@ -198,7 +207,7 @@ def main(argv=None):
             bytes_f = 4 * (4 * b * L * d + 2 * b * L * n)
             bytes_fb = bytes_f + 4 * (7 * b * L * d + 4 * b * L * n)
             lb = {"bw_f": bytes_f / bw * 1e3, "bw_fb": bytes_fb / bw * 1e3,
-                  "fma_f": OPS_FWD * el / peak * 1e3, "fma_fb": (OPS_FWD + OPS_BWD) * el / peak * 1e3}
+                  "fma_f": OPS_FWD * el / peak * 1e3, "fma_fb": (OPS_FWD + ops_bwd) * el / peak * 1e3}
             res = {}
             for name in backends:
                 if name == "reference" and b not in a.ref_batches:
@@ -206,7 +215,7 @@ def main(argv=None):
                 back = not (name == "reference" and b != a.ref_batches[0])
                 reps = 1 if name == "reference" else (2 if name == "torch" else a.reps)
                 time_backend(name, make_inputs(1, d, L=5), 1, True)  # warm-up / compile
-                res[name] = time_backend(name, args, reps, back)
+                res[name] = time_backend(name, args, reps, back, a.frozen)
             row = {"model": model, "d_inner": d, "batch": b, **lb, "ms": res, "fma_lanes_per_s": peak,
                    "load": os.getloadavg()[0]}
             rows.append(row)
