@@ -38,6 +38,8 @@ fused multiply-adds over the four vectors, then a shuffle tree over the 16 lanes
 ``simd.vhsum16``), the blocks summed in float64; sums over time and batch accumulate in
 float64 (dD, d_delta_bias per step; dA in float32 over runs of DA_RUN = 8 steps, then
 float64: runs of 32 doubled dA's error on some inputs, 8 matches a float64 sum per step).
+When A, D and delta_bias need no gradient (a frozen backbone: every method but full
+fine-tuning) the backward skips their sums (~10% of its time); the other gradients keep their bits.
 
 exp/softplus/sigmoid are branch-free polynomials, accurate to ~1e-7 relative; the decay
 factors use a cheaper base-2 exponential (see _vexp2) that is exactly 0 for delta*|A|
