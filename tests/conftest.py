@@ -10,6 +10,30 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 sys.path.insert(0, FIXTURES)
 
 
+_COLD_TEST = "test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache"
+_cold = []   # (temporary folder, the process)
+
+
+def pytest_collection_finish(session):
+    """The compiling process of test_scan_backends' cache test takes ~25 s of one core: start it
+    once the selected tests are known, so it overlaps the tests that run before it."""
+    for item in session.items:
+        if item.name == _COLD_TEST:
+            import tempfile
+            tmp = tempfile.mkdtemp(prefix="svp-cold-cache-")
+            _cold.append((tmp, item.module.start_cold_process(tmp)))
+            return
+
+
+def pytest_sessionfinish(session):
+    import shutil
+    for tmp, proc in _cold:
+        if proc.poll() is None:   # the test did not get to it (e.g. -x stopped the session first)
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
