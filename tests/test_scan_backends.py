@@ -387,6 +387,38 @@ def test_cpu_bidirectional_scan_is_the_sum_of_two_scans_bit_for_bit(d, groups):
             assert torch.equal(a, b), frozen
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_scan_flushes_denormals_and_leaves_the_callers_mode_alone():
+    """An output gradient at the last position only (the last block of a class-token model)
+    makes the state gradient halve per step back through float32's denormal range, where x86
+    takes a slow microcode assist per operation. The kernels flush those values to zero there:
+    no gradient holds a denormal, every gradient still matches the float64 reference, and the
+    calling thread computes denormals again afterwards."""
+    import numpy as np
+    from svp.ops.scan_cpu import selective_scan_cpu
+    from svp.ops.simd import _X86
+    tiny = torch.finfo(torch.float32).tiny
+    b, d, L, n = 2, 64, 200, 16
+    args = make(b, d, L, n, seed=23)
+    args[1] = torch.full((b, L, d), 0.7).transpose(1, 2)     # delta * A = -0.7: x 0.5 per step
+    args[2] = -torch.ones(d, n)
+    args[7] = None
+    go = torch.zeros(b, d, L, dtype=torch.float64)
+    go[:, :, -1] = torch.randn(b, d, generator=torch.Generator().manual_seed(24))
+    xs = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+    refs = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    got = torch.autograd.grad((selective_scan_cpu(*xs[:7]).double() * go).sum(), [x for x in xs if x is not None])
+    want = torch.autograd.grad((ref64(*refs[:7])[0] * go).sum(), [r for r in refs if r is not None])
+    subnormal = [name for name, w in zip(NAMES, want) if ((w.abs() > 0) & (w.abs() < tiny)).any()]
+    assert {"u", "B"} <= set(subnormal)    # the case reaches the range (in float64)
+    for name, a, w in zip([nm for nm, x in zip(NAMES, xs) if x is not None], got, want):
+        assert rel(a, w) < 1e-5, name
+        if _X86:
+            assert not ((a.abs() > 0) & (a.abs() < tiny)).any(), name
+    x = np.full(4, 3 * tiny, np.float32)
+    assert (x * np.float32(0.25) > 0).all()
+
+
 def test_dispatch_auto_force_and_errors(monkeypatch, caplog):
     monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
     set_backend(None)

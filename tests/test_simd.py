@@ -1,8 +1,12 @@
 """svp.ops.simd: the explicit 16-lane vectors the CPU scan kernels are written with."""
 import numpy as np
+import pytest
 from numba import njit
 
-from svp.ops.simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, vstore, zeros
+from svp.ops.simd import VL, _X86, flush_denormals, fma, prefetch, prefetch_write, restore_fp, splat, vacc_f64, \
+    vhsum16, vload, vmax, vmin, vstore, zeros
+
+TINY = np.finfo(np.float32).tiny   # the smallest normal float32, 2^-126
 
 
 @njit(cache=False)
@@ -66,3 +70,32 @@ def test_prefetch_hints_lower_to_read_and_write_prefetches_and_change_nothing():
     # (address, rw, locality, cache type): one read and one write hint per vector
     assert any(", i32 0, i32 3, i32 1)" in c for c in calls), calls
     assert any(", i32 1, i32 3, i32 1)" in c for c in calls), calls
+
+
+@njit(cache=False)
+def _products(x, y, out, flush):
+    old = flush_denormals() if flush else np.int32(0)
+    for i in range(x.size):            # scalar and vector operations both
+        out[i] = x[i] * y[i]
+    for i in range(0, x.size - VL + 1, VL):
+        vstore(out, x.size + i, vload(x, i) * vload(y, i))
+    if flush:
+        restore_fp(old)
+
+
+@pytest.mark.skipif(not _X86, reason="the denormal mode is set on x86 only (MXCSR); elsewhere a no-op")
+def test_flush_denormals_zeroes_denormal_results_until_restore_fp():
+    x = np.full(2 * VL, 2 * TINY, np.float32)
+    x[::2] = 3 * TINY
+    y = np.full(2 * VL, 0.25, np.float32)   # every product below the normal range
+    plain = np.zeros(4 * VL, np.float32)
+    _products(x, y, plain, False)
+    assert (plain[:2 * VL] == x * y).all() and (plain > 0).all() and (plain < TINY).all()
+    flushed = np.ones(4 * VL, np.float32)
+    _products(x, y, flushed, True)
+    assert (flushed == 0).all()
+    # the mode is put back: this thread (numpy's products, and the kernel's again) sees denormals
+    assert (x * y > 0).all()
+    again = np.zeros(4 * VL, np.float32)
+    _products(x, y, again, False)
+    np.testing.assert_array_equal(again, plain)

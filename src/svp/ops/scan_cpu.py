@@ -44,6 +44,16 @@ fine-tuning) the backward skips their sums (~10% of its time); the other gradien
 exp/softplus/sigmoid are branch-free polynomials, accurate to ~1e-7 relative; the decay
 factors use a cheaper base-2 exponential (see _vexp2) that is exactly 0 for delta*|A|
 above 88 (no NaN/inf for delta*|A| in the hundreds or thousands).
+
+Denormals: on x86 both kernels run each task with denormal results and operands flushed to
+zero (MXCSR's FTZ and DAZ bits, ``simd.flush_denormals``; the thread's previous mode is put
+back at the task's end). The state gradient of the last block of a class-token model is
+fed at one position only and decays from there through float32's denormal range, where
+every operation took a ~100-cycle microcode assist: that call ran 3x slower than its
+neighbours (docs/benchmarks.md, twelfth round). Only values below 1.2e-38 change (to 0).
+The official CUDA kernels flush them too (mamba_ssm's extension is built with nvcc
+``--use_fast_math``). Elsewhere (ARM) the mode is left as it is, so bits can differ from
+x86 where a denormal occurs.
 """
 from __future__ import annotations
 
@@ -137,7 +147,8 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
-    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64  # noqa: E402
+    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64, \
+    flush_denormals, restore_fp  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
 # explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
@@ -406,6 +417,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
     NV = N * BW
     for task in prange(b * g * nbg):
         _wide_vectors()
+        fpc = flush_denormals()   # see the module docstring, Denormals
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
@@ -508,6 +520,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
             vstore(hlast, (bi * N + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
             vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+        restore_fp(fpc)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -520,6 +533,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
     NV = N * BW
     for task in prange(b * g * nbg):
         _wide_vectors()
+        fpc = flush_denormals()   # see the module docstring, Denormals
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
@@ -828,6 +842,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
         for c in range(BW):
             dDp[bi * d + c0 + c] = dDacc[c]
             dbp[bi * d + c0 + c] = dbacc[c]
+        restore_fp(fpc)
 
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
