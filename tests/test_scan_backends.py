@@ -170,6 +170,53 @@ def test_grouped_and_noncontiguous(name):
     check(name, make(*shape_for(name, 2, 40, 23, 16), noncontig=True, groups=4), reverse=False)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_reads_b_and_c_in_place_when_their_layout_allows():
+    """B and C sliced from the x_proj output (the models' case, grouped or not) reach the kernels
+    as views of it (no copy), with the row stride of the projection; other layouts, dtypes and
+    group counts are copied to (b, l, groups, n) rows."""
+    from svp.ops.scan_cpu import _bc_rows
+    x = torch.randn(2, 7, 12 + 2 * 16)
+    B = x[:, :, 12:28].transpose(1, 2)                     # (b, n, l)
+    F_, rs = _bc_rows(B, 1)
+    assert rs == 44 and F_.data_ptr() == B.data_ptr() and F_.is_contiguous()
+    assert torch.equal(F_.as_strided((2, 7, 16), (7 * 44, 44, 1)), B.transpose(1, 2))
+    xg = torch.randn(2, 7, 3, 4)                          # (b, l, g, n) rows: grouped in place
+    F_, rs = _bc_rows(xg.permute(0, 2, 3, 1), 3)
+    assert rs == 12 and F_.data_ptr() == xg.data_ptr()
+    for X, G in ((B.double(), 1), (B.contiguous(), 1), (xg.permute(0, 2, 3, 1), 6)):
+        F_, rs = _bc_rows(X, G)
+        g = X.shape[1] if X.dim() == 4 else 1
+        want = (X.unsqueeze(1) if X.dim() == 3 else X).permute(0, 3, 1, 2).repeat_interleave(G // g, dim=2)
+        assert rs == G * want.shape[-1] and F_.dtype == torch.float32
+        assert torch.equal(F_, want.float().reshape(-1))
+    # through autograd from the projection itself: the same bits as B and C handed over as
+    # contiguous copies, output and every gradient (the projection's included)
+    from svp.ops.scan_cpu import selective_scan_cpu
+    for groups in (0, 3):
+        args = make(2, 48, 21, 8, groups=groups, seed=25)
+        g = max(groups, 1)
+        proj = torch.randn(2, 21, 5 + 2 * g * 8, generator=torch.Generator().manual_seed(26))
+        go = torch.randn(2, 48, 21, generator=torch.Generator().manual_seed(27))
+        res = []
+        for copy in (False, True):
+            leaves = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+            P = proj.clone().requires_grad_()
+            bc = P[:, :, 5:].unflatten(-1, (2, g, 8)).permute(0, 2, 3, 4, 1)   # (b, 2, g, n, l) views
+            B, C = (bc[:, 0], bc[:, 1]) if groups else (bc[:, 0, 0], bc[:, 1, 0])
+            if copy:
+                B, C = B.contiguous(), C.contiguous()
+            y = selective_scan_cpu(leaves[0], leaves[1], leaves[2], B, C, leaves[5], z=leaves[6],
+                                   delta_bias=leaves[7], delta_softplus=True, reverse=True)
+            used = [t for i, t in enumerate(leaves) if t is not None and i not in (3, 4)]
+            grads = torch.autograd.grad((y * go).sum(), [P] + used)
+            res.append((y, *grads))
+        assert _bc_rows(B, g)[1] == g * 8      # the copy; and the views were read in place:
+        assert _bc_rows(bc[:, 0] if groups else bc[:, 0, 0], g)[0].data_ptr() == bc[:, 0].data_ptr()
+        for i, (a, b) in enumerate(zip(*res)):
+            assert torch.equal(a, b), (groups, i)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_large_delta_A(name):
     """delta*|A| in the hundreds: exp underflows to 0, no NaN, still accurate."""

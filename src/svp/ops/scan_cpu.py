@@ -6,7 +6,7 @@ Everything is computed in float32 whatever the input dtype; results are cast bac
 Layout. The kernels work on the (batch, len, dim) layout so that a vector holds 16
 contiguous channels. The model hands us u/delta/z as (b, d, l) *transposed views* of
 contiguous (b, l, d) tensors, which we read in place; any other layout is copied once.
-B and C (small) are always copied to (b, l, g, n).
+B and C are read in place from the x_proj output's rows (any other layout is copied).
 
 Vectors. The kernels are written with the explicit 16-lane float32 vectors of
 :mod:`svp.ops.simd` rather than loops over channels for numba to vectorise: numba cannot
@@ -410,7 +410,7 @@ def _prefetch_out(a, off):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, out, hs, hlast, fast, dtmax,
-              b, L, d, g, N):
+              b, L, d, g, N, bs, cs):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -452,7 +452,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
                     vstore(hs, (hb + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
             t = L - 1 - s if reverse else s
             row = (bi * L + t) * d + c0
-            bcr = ((bi * L + t) * g + gi) * N
+            br = (bi * L + t) * bs + gi * N
+            cr = (bi * L + t) * cs + gi * N
             if s + PF < L:
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
@@ -479,8 +480,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             y3 = zeros()
             for n in range(N):
                 o = n * BW
-                bn = Bm[bcr + n]
-                cn = splat(Cm[bcr + n])
+                bn = Bm[br + n]
+                cn = splat(Cm[cr + n])
                 a = vload(A2b, o)
                 e0 = _decay(fast, dt0, dc0, a)
                 a = vload(A2b, o + VL)
@@ -525,7 +526,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N):
+              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -598,7 +599,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 j = s - s0
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
-                bcr = ((bi * L + t) * g + gi) * N
+                br = (bi * L + t) * bs + gi * N
+                cr = (bi * L + t) * cs + gi * N
                 if s + PF < L:
                     tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                     _prefetch_rows(u, dl, z, has_z, tp)
@@ -633,8 +635,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 y3 = zeros()
                 for n in range(N):
                     o = n * BW
-                    bn = Bm[bcr + n]
-                    cn = splat(Cm[bcr + n])
+                    bn = Bm[br + n]
+                    cn = splat(Cm[cr + n])
                     a = vload(A2b, o)
                     e0 = _decay(fast, dt0, dc0, a)
                     a = vload(A2b, o + VL)
@@ -707,7 +709,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 j = s - s0
                 t = L - 1 - s if reverse else s
                 row = (bi * L + t) * d + c0
-                bcr = ((bi * L + t) * g + gi) * N
+                br = (bi * L + t) * bs + gi * N
+                cr = (bi * L + t) * cs + gi * N
                 if s >= PF:   # this walk runs backwards: step s - PF comes PF steps later
                     tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
                     _prefetch_out(du_o, tq)
@@ -746,8 +749,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                         n1 = min(N, n0 + VL)
                         for n in range(n0, n1):
                             o = n * BW
-                            cn = splat(Cm[bcr + n])
-                            bn = splat(Bm[bcr + n])
+                            cn = splat(Cm[cr + n])
+                            bn = splat(Bm[br + n])
                             dhv0 = fma(gv0, cn, vload(dh, o))
                             dhv1 = fma(gv1, cn, vload(dh, o + VL))
                             dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
@@ -784,8 +787,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                         n1 = min(N, n0 + VL)
                         for n in range(n0, n1):
                             o = n * BW
-                            cn = splat(Cm[bcr + n])
-                            bn = splat(Bm[bcr + n])
+                            cn = splat(Cm[cr + n])
+                            bn = splat(Bm[br + n])
                             dhv0 = fma(gv0, cn, vload(dh, o))
                             dhv1 = fma(gv1, cn, vload(dh, o + VL))
                             dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
@@ -968,11 +971,24 @@ def _as_bld(x: torch.Tensor) -> torch.Tensor:
     return xt.contiguous()
 
 
-def _as_blgn(X: torch.Tensor) -> torch.Tensor:
+def _bc_rows(X: torch.Tensor, G: int):
+    """B or C ((b, n, l) or (b, g, n, l)) as the kernels read it: a flat float32 tensor F and a
+    row stride rs, with element (b, l, group, n) of G groups at F[(b * L + l) * rs + group * N + n].
+    The models' B and C are (b, n, l) views of the x_proj output (b, l, R + 2N): read in place
+    (rs = R + 2N; a copy cost ~15 µs per call at batch 1, 46 in a batch-8 step). Any other
+    layout, dtype or group count is copied to (b, l, G, n)."""
     X = X.detach()
     if X.dim() == 3:
         X = X.unsqueeze(1)
-    return X.permute(0, 3, 1, 2).to(torch.float32).contiguous()   # (b, l, g, n)
+    Xp = X.permute(0, 3, 1, 2)   # (b, l, g, n)
+    b, L, g, N = Xp.shape
+    sb, sl, sg, sn = Xp.stride()
+    if (Xp.dtype == torch.float32 and g == G and b * L > 0 and sn == 1 and (g == 1 or sg == N)
+            and (b == 1 or sb == L * sl) and sl >= g * N):
+        return Xp.as_strided(((b * L - 1) * sl + g * N,), (1,)), sl
+    if g != G:
+        Xp = Xp.repeat_interleave(G // g, dim=2)
+    return Xp.to(torch.float32).contiguous().reshape(-1), G * N
 
 
 def _vec(x, d):
@@ -1004,12 +1020,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     output (``acc``'s buffer, added to, when given: see _put), state what _bwd needs."""
     b, d, L = u.shape
     N = A.shape[1]
-    Bm, Cm = _as_blgn(B), _as_blgn(C)
     gB, gC, G = scan_groups(B, C, d)
-    if gB != G:
-        Bm = Bm.repeat_interleave(G // gB, dim=2).contiguous()
-    if gC != G:
-        Cm = Cm.repeat_interleave(G // gC, dim=2).contiguous()
+    (Bm, bs), (Cm, cs) = _bc_rows(B, G), _bc_rows(C, G)
     dg = d // G
     dgp = -(-dg // BW) * BW
     dp = G * dgp
@@ -1030,10 +1042,10 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     f = _flat
     with _dynamic_tasks():
         _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
-                  bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N)
+                  bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs)
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
-              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast),
+              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs)),
              tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)))
     return out, _unpadc(hlast, G, dg, dgp).transpose(1, 2), state
 
@@ -1042,9 +1054,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias). dout
     (b, L, dp) float32 padded, or None; ``acc``: a padded z gradient to add this one to."""
     u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = saved
-    has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast = cfg
+    has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs) = cfg
     b, L, dp = u3.shape
-    g, N = Bm.shape[2], Bm.shape[3]
     pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
     unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
     nbg = dgp // BW
@@ -1067,7 +1078,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     with _dynamic_tasks():
         _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
                   reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
-                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N)
+                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):
@@ -1097,7 +1108,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
 def _layout(saved, cfg):
     """(groups, channels per group, padded channels per group) of a _fwd state."""
     dg, dgp = cfg[8]
-    return saved[3].shape[2], dg, dgp   # saved[3]: B as (b, L, groups, N)
+    return cfg[10][0], dg, dgp
 
 
 def _dout3(dout, saved, cfg):
