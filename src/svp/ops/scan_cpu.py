@@ -963,6 +963,15 @@ class _dynamic_tasks:
             numba.set_parallel_chunksize(self.old)
 
 
+def _dynamic_tasks_in(fn):
+    """fn (an autograd node's forward or backward) with _dynamic_tasks around all of it: set
+    once per node instead of once per kernel call (each set is ~4 µs; two kernels per node)."""
+    def run(*args):
+        with _dynamic_tasks():
+            return fn(*args)
+    return run
+
+
 def _as_bld(x: torch.Tensor) -> torch.Tensor:
     """(b, d, l) tensor -> float32 (b, l, d) contiguous, a view when memory allows."""
     xt = x.detach().transpose(1, 2)
@@ -1012,7 +1021,7 @@ def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
 
 
 def _flat(x: torch.Tensor):
-    return x.reshape(-1).numpy()
+    return x.numpy().reshape(-1)   # (numpy's reshape: ~0.6 µs less per array, ~16 per call)
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None):
@@ -1040,9 +1049,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
-    with _dynamic_tasks():
-        _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
-                  bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs)
+    _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
+              bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs)
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
               (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs)),
@@ -1075,10 +1083,9 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     dDp = torch.empty(b, dp, dtype=torch.float64)
     dbp = torch.empty(b, dp, dtype=torch.float64)
     f = _flat
-    with _dynamic_tasks():
-        _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
-                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
+    _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
+              reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
+              f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):
@@ -1121,6 +1128,7 @@ class SelectiveScanCPU(torch.autograd.Function):
     # zero channels (A = 0, u = 0, D = 0: their state stays 0 and adds nothing to the sums
     # over channels) and cut off again; the Vim models' widths need no padding.
     @staticmethod
+    @_dynamic_tasks_in
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
         out, last, state = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
         ctx.save_for_backward(*state[0])
@@ -1132,6 +1140,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         return (out if u.dtype == torch.float32 else out.to(u.dtype)), last
 
     @staticmethod
+    @_dynamic_tasks_in
     def backward(ctx, dout, dlast):
         saved = ctx.saved_tensors
         grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, saved, ctx.cfg), dlast)
@@ -1146,6 +1155,7 @@ class BiScanCPU(torch.autograd.Function):
     for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias) per direction."""
 
     @staticmethod
+    @_dynamic_tasks_in
     def forward(ctx, z, u, delta, A, B, C, D, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b):
         out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK)
         out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out)
@@ -1154,6 +1164,7 @@ class BiScanCPU(torch.autograd.Function):
         return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
 
     @staticmethod
+    @_dynamic_tasks_in
     def backward(ctx, dout):
         saved = ctx.saved_tensors
         sf, sb = saved[:ctx.n], saved[ctx.n:]
