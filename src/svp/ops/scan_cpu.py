@@ -458,6 +458,12 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
                 _prefetch_out(out, tp)
+            # The next chunk's state rows (written all at once at its first step), one state's
+            # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
+            # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
+            jc = s % K
+            if jc < N and s - jc + K < L:
+                _prefetch_out(hs, ((bi * nchunk + s // K + 1) * N + jc) * d + c0)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
