@@ -970,8 +970,9 @@ class _dynamic_tasks:
 
 
 def _dynamic_tasks_in(fn):
-    """fn (an autograd node's forward or backward) with _dynamic_tasks around all of it: set
-    once per node instead of once per kernel call (each set is ~4 µs; two kernels per node)."""
+    """fn (an autograd node's forward) with _dynamic_tasks around all of it: set once per node
+    instead of once per kernel call (each set is ~4 µs; two kernels per node). Not the
+    backward's: the block sums there (_sum_blocks, many short tasks) ran ~10% slower with it."""
     def run(*args):
         with _dynamic_tasks():
             return fn(*args)
@@ -1089,9 +1090,10 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     dDp = torch.empty(b, dp, dtype=torch.float64)
     dbp = torch.empty(b, dp, dtype=torch.float64)
     f = _flat
-    _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-              reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
-              f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
+    with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
+        _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
+                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
+                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):
@@ -1146,7 +1148,6 @@ class SelectiveScanCPU(torch.autograd.Function):
         return (out if u.dtype == torch.float32 else out.to(u.dtype)), last
 
     @staticmethod
-    @_dynamic_tasks_in
     def backward(ctx, dout, dlast):
         saved = ctx.saved_tensors
         grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, saved, ctx.cfg), dlast)
@@ -1170,7 +1171,6 @@ class BiScanCPU(torch.autograd.Function):
         return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
 
     @staticmethod
-    @_dynamic_tasks_in
     def backward(ctx, dout):
         saved = ctx.saved_tensors
         sf, sb = saved[:ctx.n], saved[ctx.n:]
