@@ -872,9 +872,10 @@ _TB = 16  # time steps per _sum_blocks task
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _sum_blocks(P, out):
-    """out[b, g, n, t] = sum_k P[b, g, k, t, n], summed in float64 (k in order) and rounded once
-    to out's dtype (P: the per-channel-block partial sums of dB or dC). A task sums _TB steps,
-    reading P's rows and writing out's in memory order."""
+    """out[b, g, t, n] = sum_k P[b, g, k, t, n], summed in float64 (k in order) and rounded once
+    to out's dtype (P: the per-channel-block partial sums of dB or dC). A task sums _TB steps.
+    out is (b, g, L, N), the layout of the x_proj output B and C are views of, so that autograd's
+    concatenation of the projection's gradient copies rows instead of transposing."""
     b, g, nb, L, N = P.shape
     ntb = (L + _TB - 1) // _TB
     for task in prange(b * g * ntb):
@@ -887,9 +888,9 @@ def _sum_blocks(P, out):
             for j in range(m):
                 for n in range(N):
                     acc[j, n] += np.float64(P[bi, gi, k, t0 + j, n])
-        for n in range(N):
-            for j in range(m):
-                out[bi, gi, n, t0 + j] = acc[j, n]
+        for j in range(m):
+            for n in range(N):
+                out[bi, gi, t0 + j, n] = acc[j, n]
 
 
 @njit(cache=True, error_model="numpy")
@@ -1099,12 +1100,13 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     def bc(P, gX, is4, dtype):
         shape = (b, gX, N, L) if is4 else (b, N, L)
         if gX == g and dtype == torch.float32:   # the models' case: straight into the result
-            o = torch.empty(b, g, N, L, dtype=torch.float32)
+            o = torch.empty(b, g, L, N, dtype=torch.float32)
             _sum_blocks(P.numpy(), o.numpy())
-            return o.reshape(shape)
-        o = torch.empty(b, g, N, L, dtype=torch.float64)
+            o = o.transpose(2, 3)   # (b, g, N, L) with (b, L, N) rows, as B and C are laid out
+            return o if is4 else o[:, 0]
+        o = torch.empty(b, g, L, N, dtype=torch.float64)
         _sum_blocks(P.numpy(), o.numpy())
-        return sum_to_groups(o, shape, dtype)
+        return sum_to_groups(o.transpose(2, 3), shape, dtype)
 
     d = g * dg
     dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
