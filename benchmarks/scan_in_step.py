@@ -12,10 +12,10 @@ second direction adds into the first's output, so it cannot be repeated in place
 difference between the two is what the call loses to its data not being in cache in the step.
 
 Prints, per step (ms): each kernel's calls (count, sum, median, slowest), the repeats, and the
-nodes' time outside the kernels ("wrapper"); and for
-the last step every backward call in order (block 23's two directions first), which is where a
-call slower than its neighbours shows (the last block's backward ran 2-3x slower than the others
-until the kernels flushed denormals: docs/benchmarks.md, twelfth round).
+nodes' time outside the kernels ("wrapper"); and for the last step every backward call in order
+(block 23's two directions first), which is where a call slower than its neighbours shows (the
+last block's backward ran 2-3x slower than the others until the kernels flushed denormals:
+docs/benchmarks.md, twelfth round).
 """
 from __future__ import annotations
 
