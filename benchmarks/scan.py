@@ -128,8 +128,22 @@ def make_inputs(b, d, L=197, n=16, dt_rank=None, seed=0):
     return [u, delta, A, B, C, D, z, bias]
 
 
+def leaf_inputs(args, frozen=()):
+    """Leaf copies of make_inputs' tensors in the same layout: u, delta and z stay (b, d, l) views
+    of (b, l, d) memory (clone keeps a dense tensor's strides) and B and C stay views of one
+    projection, as the models slice them (cloned alone they would become contiguous (b, n, l)
+    tensors, which the CPU kernels copy instead of reading the projection's rows)."""
+    xs = [a.clone() for a in args]
+    B, C = args[3], args[4]
+    if B._base is not None and B._base is C._base:
+        proj = B._base.clone()
+        xs[3] = proj.as_strided(B.shape, B.stride(), B.storage_offset())
+        xs[4] = proj.as_strided(C.shape, C.stride(), C.storage_offset())
+    return [x.requires_grad_(i not in frozen) for i, x in enumerate(xs)]
+
+
 def time_backend(name, args, reps, backward, frozen=False):
-    xs = [a.clone().requires_grad_(not (frozen and i in FROZEN)) for i, a in enumerate(args)]
+    xs = leaf_inputs(args, FROZEN if frozen else ())
     # the output gradient exists before the timed backward, as in a model (filling a
     # (b, d, l) tensor of ones inside the timing added ~3% to the cpu backend's fwd+bwd)
     dout = torch.ones_like(args[0]) if backward else None

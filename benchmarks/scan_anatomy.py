@@ -43,13 +43,13 @@ def _capture(b, d, N, L=197):
     """The raw kernels' arguments of one selective_scan_cpu call (fwd and bwd)."""
     import torch
     import svp.ops.scan_cpu as S
-    from scan import make_inputs
+    from scan import leaf_inputs, make_inputs
     cap = {}
     fwd, bwd = S._scan_fwd, S._scan_bwd
     S._scan_fwd = lambda *a: (cap.__setitem__("fwd", a), fwd(*a))[1]
     S._scan_bwd = lambda *a: (cap.__setitem__("bwd", a), bwd(*a))[1]
     try:
-        xs = [a.clone().requires_grad_() for a in make_inputs(b, d, L=L, n=N)]
+        xs = leaf_inputs(make_inputs(b, d, L=L, n=N))
         out = S.selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True)
         out.backward(torch.ones_like(out))
     finally:
