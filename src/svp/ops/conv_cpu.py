@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid, _wide_vectors
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _sigmoid, _wide_vectors
 from numba import njit, prange
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -241,8 +241,7 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     d = x.shape[-1]
     bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
-    with _dynamic_tasks():
-        _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
+    _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())   # (callers: _dynamic_tasks)
     pw = proj_w.detach()
     proj = torch.mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
@@ -274,9 +273,8 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None):
     dwp = torch.empty(ntask, W, d, dtype=torch.float64)
     dbp = torch.empty(ntask, d, dtype=torch.float64)
     need_dw = bool(need[1] or (has_bias and need[2]))
-    with _dynamic_tasks():
-        _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),
-                  (dy if g2 is None else g2).numpy(), g2 is not None, add, dx.numpy(), dwp.numpy(), dbp.numpy())
+    _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),   # (callers: _dynamic_tasks)
+              (dy if g2 is None else g2).numpy(), g2 is not None, add, dx.numpy(), dwp.numpy(), dbp.numpy())
     dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
     db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
     return dx, dw, db, dpw
@@ -289,6 +287,7 @@ class CausalConv1dProjCPU(torch.autograd.Function):
     backward kernel adds them as it reads them."""
 
     @staticmethod
+    @_dynamic_tasks_in
     def forward(ctx, x, weight, bias, proj_w, reverse, silu):
         ctx.set_materialize_grads(False)
         out, proj, (saved, cfg) = _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu)
@@ -297,6 +296,7 @@ class CausalConv1dProjCPU(torch.autograd.Function):
         return out, proj
 
     @staticmethod
+    @_dynamic_tasks_in
     def backward(ctx, dy, dproj):
         need = ctx.needs_input_grad
         dx, dw, db, dpw = _conv_proj_bwd(ctx.saved_tensors, ctx.cfg, need, dy, dproj)
@@ -310,6 +310,7 @@ class BiConvProjCPU(torch.autograd.Function):
     then (weight, bias, proj_w) forward and backward (reverse) direction; SiLU."""
 
     @staticmethod
+    @_dynamic_tasks_in
     def forward(ctx, x, w, bias, pw, w_b, bias_b, pw_b):
         ctx.set_materialize_grads(False)
         out, proj, (sf, cf) = _conv_proj_fwd(x, w, bias, pw, False, True)
@@ -319,6 +320,7 @@ class BiConvProjCPU(torch.autograd.Function):
         return out, proj, out_b, proj_b
 
     @staticmethod
+    @_dynamic_tasks_in
     def backward(ctx, dy, dproj, dy_b, dproj_b):
         saved, need = ctx.saved_tensors, ctx.needs_input_grad
         n = len(saved) // 2

@@ -971,9 +971,9 @@ class _dynamic_tasks:
 
 
 def _dynamic_tasks_in(fn):
-    """fn (an autograd node's forward) with _dynamic_tasks around all of it: set once per node
-    instead of once per kernel call (each set is ~4 µs; two kernels per node). Not the
-    backward's: the block sums there (_sum_blocks, many short tasks) ran ~10% slower with it."""
+    """fn (an autograd node's forward or backward) with _dynamic_tasks around all of it: set
+    once per node instead of once per kernel call (each set is ~4 µs; two kernels per node). Not
+    the scan's backward: its block sums (_sum_blocks, many short tasks) ran ~10% slower with it."""
     def run(*args):
         with _dynamic_tasks():
             return fn(*args)
