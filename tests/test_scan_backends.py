@@ -434,6 +434,49 @@ def test_cpu_bidirectional_scan_is_the_sum_of_two_scans_bit_for_bit(d, groups):
             assert torch.equal(a, b), frozen
 
 
+def _recompiled(module, name):
+    """``module.name`` compiled anew with every numba function of ``module`` it calls (fresh
+    dispatchers over a copy of the module's globals, no disk cache): the module's own
+    dispatchers and numba's cache stay as they are."""
+    import types as pytypes
+    import numba
+    from numba.core.registry import CPUDispatcher
+    g = dict(vars(module))
+    for key, obj in vars(module).items():
+        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == module.__name__:
+            f = obj.py_func
+            opts = {k: v for k, v in obj.targetoptions.items() if k != "nopython"}
+            g[key] = numba.njit(**opts, cache=False)(
+                pytypes.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__))
+    return g[name]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monkeypatch):
+    """On AVX-512 the decay factors and softplus/gate exponentials end in vscalefps
+    (svp.ops.simd.vscale_*); the forward kernel compiled in the portable form (shifts and a
+    multiply) gives the same output, last state and gradients bit for bit, through the models'
+    decay path (softplus delta, A < 0) and a partial channel block. Elsewhere both are portable."""
+    from svp.ops import scan_cpu, simd
+    args = make(2, 130, 45, 16, seed=3)
+
+    def run():
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        out, last = scan_cpu.selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True,
+                                                return_last_state=True)
+        (out.square().sum() + last.sum()).backward()
+        return [out, last] + [x.grad for x in xs]
+
+    default = run()
+    monkeypatch.setattr(simd, "_SCALEF", False)
+    portable = _recompiled(scan_cpu, "_scan_fwd")
+    monkeypatch.setattr(scan_cpu, "_scan_fwd", portable)
+    other = run()
+    assert "vscalefps" not in "".join(portable.inspect_asm().values())
+    for a, b in zip(default, other):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_scan_flushes_denormals_and_leaves_the_callers_mode_alone():
     """An output gradient at the last position only (the last block of a class-token model)

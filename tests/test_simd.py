@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from numba import njit
 
+from svp.ops import simd
 from svp.ops.simd import VL, _X86, flush_denormals, fma, prefetch, prefetch_write, restore_fp, splat, vacc_f64, \
-    vhsum16, vload, vmax, vmin, vstore, zeros
+    vhsum16, vload, vmax, vmin, vscale_biased, vscale_pow2i, vstore, zeros
 
 TINY = np.finfo(np.float32).tiny   # the smallest normal float32, 2^-126
 
@@ -99,3 +100,53 @@ def test_flush_denormals_zeroes_denormal_results_until_restore_fp():
     again = np.zeros(4 * VL, np.float32)
     _products(x, y, again, False)
     np.testing.assert_array_equal(again, plain)
+
+
+def _scaler():
+    """A fresh kernel (compiled on its first call, with simd._SCALEF as it is then) applying both
+    scalings to every 16 lanes, with denormals flushed as in the scan kernels."""
+    @njit(cache=False)
+    def scale(p, s, k, biased, pow2i):
+        old = flush_denormals()
+        for i in range(0, p.size, VL):
+            vstore(biased, i, vscale_biased(vload(p, i), vload(s, i)))
+            vstore(pow2i, i, vscale_pow2i(vload(p, i), vload(k, i)))
+        restore_fp(old)
+    return scale
+
+
+@pytest.mark.skipif(not _X86, reason="vscalefps is an x86 (AVX-512) instruction; elsewhere only the portable form")
+def test_scaling_by_vscalefps_gives_the_portable_forms_bits(monkeypatch):
+    rng = np.random.default_rng(0)
+    n = 64 * VL
+    p = rng.uniform(0.7, 1.42, n).astype(np.float32)         # the range of 2^f, |f| <= 1/2
+    p[:VL] = np.nan
+    kb = rng.integers(-400, 1, n)                             # decays: k <= 0, far below -126 too
+    kb[VL:2 * VL] = np.arange(-134, -118)                     # around the normal range's edge
+    s = (kb + 127 + 12582912.0).astype(np.float32)
+    s[2 * VL:3 * VL] = -3e7                                   # dt*a in the -2^24s: s negative
+    k = rng.integers(-126, 128, n).astype(np.float32)
+    k[VL:2 * VL] = np.arange(-126, -110)
+    out = {}
+    for flag in (False, True):
+        monkeypatch.setattr(simd, "_SCALEF", flag)
+        f = _scaler()
+        b, q = np.empty_like(p), np.empty_like(p)
+        f(p, s, k, b, q)
+        out[flag] = b, q, "vscalefps" in "".join(f.inspect_asm().values())
+    assert not out[False][2]
+    from numba.core.registry import cpu_target
+    if _X86 and "+avx512f" in cpu_target.target_context.codegen()._tm_features.split(","):
+        assert out[True][2], "an AVX-512 target should get vscalefps"
+    for got, want in zip(out[True][:2], out[False][:2]):
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    b, q = out[False][:2]
+    # the portable forms' values: p * 2^k, 0 below the normal range, NaN kept
+    assert np.isnan(b[:VL]).all() and np.isnan(q[:VL]).all()
+    exact_b = p.astype(np.float64) * np.exp2(kb.astype(np.float64))
+    exact_b[exact_b < TINY] = 0
+    exact_b[2 * VL:3 * VL] = 0
+    np.testing.assert_array_equal(b[VL:], exact_b[VL:].astype(np.float32))
+    exact_q = p.astype(np.float64) * np.exp2(k.astype(np.float64))
+    exact_q[exact_q < TINY] = 0
+    np.testing.assert_array_equal(q[VL:], exact_q[VL:].astype(np.float32))

@@ -147,7 +147,7 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
-    vpow2_from_biased, vpow2_from_magic, vpow2i, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64, \
+    vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64, \
     flush_denormals, restore_fp  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
@@ -290,11 +290,14 @@ def _vexp2(t):
 
 
 # 2^(dt a) for a < 0 and 0 <= dt <= dtmax (the models' case, see _fast_decay): 10 vector
-# operations against 14 for _vexp2(dt * a), and the product is never rounded on its own.
+# operations against 14 for _vexp2(dt * a) (on AVX-512 two fewer: the scaling by 2^k, an
+# integer max, a shift and a multiply, is one vscalefps by s - M' = k, which the reduction
+# forms anyway), and the product is never rounded on its own.
 # s = dt a + M' in one fused rounding gives k = round(dt a) as s - M'; the reduced argument
 # f = dt a - k is a second fused multiply-add, so the |t| * 6e-8 error of rounding t goes
 # away. M' = 1.5 * 2^23 + 127 leaves k + 127 in the low bits of s, so 2^k is s's bits
-# shifted, after one integer max that sends k <= -127 to exactly 0, as in _vexp2. Needs
+# shifted, after one integer max that sends k <= -127 to exactly 0, as in _vexp2 (vscalefps:
+# to p * 2^k, below the normal range, which the kernels flush to 0: the same bits). Needs
 # |dt a| <= 2^27 or so (then |f| stays small and p(f) finite, so p * 0 = 0): the caller
 # bounds dt by dtmax.
 _MAGIC_B = _f32(12582912.0 + 127.0)
@@ -311,7 +314,7 @@ def _vexp2_neg(dt, a):
     p = fma(p, f, splat(_E2))
     p = fma(p, f, splat(_E1))
     p = fma(p, f, splat(_ONE))
-    return p * vpow2_from_biased(s)
+    return vscale_biased(p, s)
 
 
 @njit
@@ -327,7 +330,7 @@ def _vexp(x):
     p = fma(p, r, splat(_P4))
     p = fma(p, r, splat(_P5))
     p = fma(p, r * r, r) + _ONE
-    return vselect_ge(x, splat(_XMIN), p * vpow2i(k), zeros())
+    return vselect_ge(x, splat(_XMIN), vscale_pow2i(p, k), zeros())
 
 
 @njit

@@ -12,13 +12,17 @@ array at an element offset.
 Every operation is exact IEEE float32 and spelled out: ``fma`` is ``llvm.fma`` (one rounding),
 ``a * b + c`` is two roundings, and no fast-math flag lets LLVM rewrite either. So the bits a
 kernel produces do not depend on how LLVM schedules it, on whether numba compiled it now or
-loaded it from its disk cache, or on the vector width of the machine.
+loaded it from its disk cache, or on the vector width of the machine. The one instruction
+chosen per machine, AVX-512's ``vscalefps`` for the power-of-two scalings (``vscale_biased``,
+``vscale_pow2i``), gives the portable form's bits wherever the scan kernels use it (they flush
+denormals; see the note above ``_target_has_avx512f``).
 
 Operators ``+ - * /`` work between two vectors and between a vector and a scalar (broadcast),
 unary ``-`` negates. Everything lowers to generic LLVM IR (on a CPU without FMA instructions
-``llvm.fma`` becomes a correctly rounded library call: slow, same bits); the prefetch hints
-and the denormal mode (``flush_denormals``, x86 only) are the only target-dependent pieces; the
-hints change no result, the mode changes only results below float32's normal range.
+``llvm.fma`` becomes a correctly rounded library call: slow, same bits); the prefetch hints,
+the denormal mode (``flush_denormals``, x86 only) and ``vscalefps`` (AVX-512) are the only
+target-dependent pieces; the hints change no result, the mode changes only results below
+float32's normal range, and ``vscalefps`` differs from the portable form only there.
 """
 from __future__ import annotations
 
@@ -202,23 +206,79 @@ def vpow2_from_magic(typingctx, s):
     return f32x16(s), codegen
 
 
+# AVX-512's vscalefps computes p * 2^floor(k) in one instruction: the decay factors and the
+# exponentials of softplus and the gate each end in such a scaling, which otherwise takes three
+# or four (convert or clamp, shift, multiply). The scaled value is exact and rounded once, as
+# p * 2^k is, so the two forms give the same bits wherever 2^k is a normal float; they differ
+# only where p * 2^k falls below float32's normal range, which the scan kernels flush to zero
+# (``flush_denormals``) on x86, the only place vscalefps exists. Chosen when the function is
+# compiled, from the features numba compiles for (numba's disk cache keys on them too);
+# ``_SCALEF = False`` before compiling forces the portable form (the tests compare the two).
+def _target_has_avx512f(context):
+    try:
+        feats = context.codegen()._tm_features
+    except AttributeError:          # a numba without the attribute: the portable form
+        return False
+    return "+avx512f" in str(feats).split(",")
+
+
+_SCALEF = True
+
+
+def _use_scalef(context):
+    return _SCALEF and _X86 and _target_has_avx512f(context)
+
+
+def _scalef(builder, p, k):
+    f = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_VF, [_VF, _VF, _VF, ir.IntType(16), _I]),
+        "llvm.x86.avx512.mask.scalef.ps.512")
+    # all 16 lanes (mask -1), the rounding mode of MXCSR (4: _MM_FROUND_CUR_DIRECTION)
+    return builder.call(f, [p, k, p, ir.Constant(ir.IntType(16), -1), ir.Constant(_I, 4)])
+
+
+_MAGIC_BIASED = float(np.float32(12582912.0 + 127.0))
+
+
 @intrinsic
-def vpow2_from_biased(typingctx, s):
-    """2^(k) for s = k + 127 + 1.5*2^23 (k + 127 in s's low mantissa bits): the bits of s,
-    shifted so k + 127 lands in the exponent field. Anything at or below 1.5*2^23 in value
-    (k <= -127, s in a lower binade, or negative s) is first raised to the bits of 1.5*2^23,
-    which shift to +0."""
-    if s != f32x16:
+def vscale_biased(typingctx, p, s):
+    """p * 2^k for s = k + 127 + 1.5*2^23 (k + 127 in s's low mantissa bits). Portable: 2^k
+    from the bits of s shifted so k + 127 lands in the exponent field, anything at or below
+    1.5*2^23 in value (k <= -127, s in a lower binade, or negative s) first raised to the bits
+    of 1.5*2^23, which shift to +0; then one multiply. AVX-512: vscalefps(p, s - 127 - 1.5*2^23).
+    k <= -127 gives 0 in the first form and p * 2^k (0 after flushing) in the second."""
+    if not (p == f32x16 and s == f32x16):
         return None
     lo = ir.Constant(_VI, [0x4B400000] * W)
     sh = ir.Constant(_VI, [23] * W)
+    magic = ir.Constant(_VF, [_MAGIC_BIASED] * W)
 
     def codegen(context, builder, sig, args):
-        i = builder.bitcast(args[0], _VI)
+        if _use_scalef(context):
+            return _scalef(builder, args[0], builder.fsub(args[1], magic))
+        i = builder.bitcast(args[1], _VI)
         i = builder.select(builder.icmp_signed(">", i, lo), i, lo)
-        return builder.bitcast(builder.shl(i, sh), _VF)
+        return builder.fmul(args[0], builder.bitcast(builder.shl(i, sh), _VF))
 
-    return f32x16(s), codegen
+    return f32x16(p, s), codegen
+
+
+@intrinsic
+def vscale_pow2i(typingctx, p, k):
+    """p * 2^k for integral float lanes k in [-126, 127]: 2^k built from k's integer (convert,
+    add the bias, shift) and one multiply, or vscalefps(p, k) on AVX-512."""
+    if not (p == f32x16 and k == f32x16):
+        return None
+    b127 = ir.Constant(_VI, [127] * W)
+    sh = ir.Constant(_VI, [23] * W)
+
+    def codegen(context, builder, sig, args):
+        if _use_scalef(context):
+            return _scalef(builder, args[0], args[1])
+        i = builder.fptosi(args[1], _VI)
+        return builder.fmul(args[0], builder.bitcast(builder.shl(builder.add(i, b127), sh), _VF))
+
+    return f32x16(p, k), codegen
 
 
 @intrinsic
@@ -231,21 +291,6 @@ def vfloor(typingctx, x):
         return builder.call(f, [args[0]])
 
     return f32x16(x), codegen
-
-
-@intrinsic
-def vpow2i(typingctx, k):
-    """2^k for integral float lanes k in [-126, 127]."""
-    if k != f32x16:
-        return None
-    b127 = ir.Constant(_VI, [127] * W)
-    sh = ir.Constant(_VI, [23] * W)
-
-    def codegen(context, builder, sig, args):
-        i = builder.fptosi(args[0], _VI)
-        return builder.bitcast(builder.shl(builder.add(i, b127), sh), _VF)
-
-    return f32x16(k), codegen
 
 
 @intrinsic
