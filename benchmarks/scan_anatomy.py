@@ -114,28 +114,52 @@ def kernel_asm():
             sections.append((name, []))
         elif name is not None:
             sections[-1][1].append(line)
-    # the parallel bodies in compile order; the scan kernels' are the ones that build 2^k from
-    # integer bits (the block sums' kernel has no decay factors)
+    # the parallel bodies in compile order; the scan kernels' are the ones that scale by 2^k,
+    # from integer bits or with vscalefps (the block sums' kernel has no decay factors)
     gufuncs = [lines for n, lines in sections if n.startswith("__numba_parfor_gufunc")
-               and any("vpslld" in ln for ln in lines)]
+               and any("vpslld" in ln or "vscalefps" in ln for ln in lines)]
     if len(gufuncs) != 2:
         raise SystemExit(f"expected the forward and backward kernels' parallel bodies, found {len(gufuncs)}")
     return dict(zip(("fwd", "bwd"), gufuncs))
 
 
-def innermost_loops(lines, min_fma=8):
-    """(first, last) line spans of the innermost textual loops (a jump back to a label above,
-    containing no other such loop) with at least min_fma 512-bit FMAs."""
+def _loop_spans(lines):
+    """(first, last) line spans of the textual loops: a jump back to a label above."""
     label_at = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.LBB\d+_\d+:", ln)}
     spans = []
     for i, ln in enumerate(lines):
         m = _JUMP.match(ln)
         if m and m.group(2) in label_at and label_at[m.group(2)] < i:
             spans.append((label_at[m.group(2)], i))
+    return spans
+
+
+def _instructions(lines, a, z, skip=()):
+    return [ln.strip() for i, ln in enumerate(lines[a + 1:z + 1], a + 1)
+            if ln.startswith("\t") and not _JUMP.match(ln) and not any(x <= i <= y for x, y in skip)]
+
+
+def step_bodies(lines, state_loops):
+    """The loops that directly enclose the state loops (the time-step loops), each without the
+    loops inside it: (first, last, instructions), the work per time step outside the states."""
+    spans = _loop_spans(lines)
+    out = {}
+    for a0, z0, _ in state_loops:
+        enclosing = [s for s in spans if s[0] < a0 and z0 < s[1]]
+        if enclosing:
+            a, z = min(enclosing, key=lambda s: s[1] - s[0])
+            out[(a, z)] = _instructions(lines, a, z, [s for s in spans if a < s[0] and s[1] < z])
+    return [(a, z, body) for (a, z), body in sorted(out.items())]
+
+
+def innermost_loops(lines, min_fma=8):
+    """(first, last) line spans of the innermost textual loops (a jump back to a label above,
+    containing no other such loop) with at least min_fma 512-bit FMAs."""
+    spans = _loop_spans(lines)
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     out = []
     for a, z in sorted(set(inner)):
-        body = [ln.strip() for ln in lines[a + 1:z + 1] if ln.startswith("\t") and not _JUMP.match(ln)]
+        body = _instructions(lines, a, z)
         if sum(1 for ln in body if re.match(r"vf[n]?m(add|sub)", ln) and "zmm" in ln) >= min_fma:
             out.append((a, z, body))
     return out
@@ -156,14 +180,20 @@ def mca(body, mcpu, iterations=200):
 def static(mcpu):
     rows = []
     for kind, lines in kernel_asm().items():
-        for a, z, body in innermost_loops(lines):
-            vec = [ln for ln in body if "zmm" in ln and not ln.startswith(("vmovups", "vbroadcast", "vpbroadcast"))]
-            rows.append({"kernel": kind, "lines": f"{a}-{z}", "instructions": len(body),
-                         "vector_ops": len(vec), "fma": sum(1 for ln in vec if re.match(r"vf[n]?m(add|sub)", ln)),
-                         "exp_tricks": sum(1 for ln in vec if ln.startswith(("vpmaxsd", "vpslld"))),
-                         "stores": sum(1 for ln in body if re.match(r"vmovups\s+%zmm\d+,", ln)),
-                         "mca_cycles": mca(body, mcpu)})
+        loops = innermost_loops(lines)
+        for part, spans in (("state loop", loops), ("loop around it, inner loops left out", step_bodies(lines, loops))):
+            for a, z, body in spans:
+                rows.append(_static_row(kind, part, a, z, body, mcpu))
     return rows
+
+
+def _static_row(kind, part, a, z, body, mcpu):
+    vec = [ln for ln in body if "zmm" in ln and not ln.startswith(("vmovups", "vbroadcast", "vpbroadcast"))]
+    return {"kernel": kind, "part": part, "lines": f"{a}-{z}", "instructions": len(body),
+            "vector_ops": len(vec), "fma": sum(1 for ln in vec if re.match(r"vf[n]?m(add|sub)", ln)),
+            "exp_tricks": sum(1 for ln in vec if ln.startswith(("vpmaxsd", "vpslld", "vscalefps"))),
+            "stores": sum(1 for ln in body if re.match(r"vmovups\s+%zmm\d+,", ln)),
+            "mca_cycles": mca(body, mcpu)}
 
 
 def _table(columns, rows):
@@ -209,10 +239,11 @@ def main(argv=None):
             raise SystemExit("--mca needs llvm-mca on PATH (Debian/Ubuntu: apt-get install llvm)")
         mcpu = args.mcpu or default_mcpu()
         out["mcpu"], out["static"] = mcpu, static(mcpu)
-        print(f"\nllvm-mca -mcpu={mcpu}: innermost loops with >= 8 512-bit FMAs")
-        _table(["kernel", "asm lines", "instructions", "vector ops", "of which FMA", "exp bit ops",
+        print(f"\nllvm-mca -mcpu={mcpu}: innermost loops with >= 8 512-bit FMAs (the state loops), and the"
+              " loops around them without their inner loops (one time step's other work, straight-line)")
+        _table(["kernel", "part", "asm lines", "instructions", "vector ops", "of which FMA", "2^k scaling ops",
                 "vector stores", "cycles / iteration"],
-               [[r["kernel"], r["lines"], r["instructions"], r["vector_ops"], r["fma"], r["exp_tricks"],
+               [[r["kernel"], r["part"], r["lines"], r["instructions"], r["vector_ops"], r["fma"], r["exp_tricks"],
                  r["stores"], f"{r['mca_cycles']:.1f}"] for r in out["static"]])
     if args.json:
         with open(args.json, "w") as f:
