@@ -613,6 +613,60 @@ def test_cpu_kernels_give_the_same_bits_compiled_or_loaded_from_cache(tmp_path):
         assert torch.equal(a, b), f"output/gradient {i} differs between compiled and cached kernels"
 
 
+def _load_module(path, name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_changed_dependency_drops_a_cached_kernels_index(tmp_path):
+    """numba validates a cached kernel against its own file only; drop_stale_caches removes the
+    index of every cached kernel whose other source files changed, so numba compiles afresh
+    instead of loading a kernel built from old code."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+    from svp.ops.scan_cpu import _DEPS, drop_stale_caches
+    mod, dep = tmp_path / "kern.py", tmp_path / "dep.py"
+    mod.write_text("from numba import njit\n\n\n@njit(cache=True)\ndef f(x):\n    return x + 1\n")
+    dep.write_text("A = 1\n")
+    m = _load_module(mod, "svp_test_kern_a")
+    assert drop_stale_caches(vars(m), [str(dep)]) == []      # nothing compiled yet
+    assert m.f(1) == 2
+    index = m.f._cache._cache_file._index_path
+    assert os.path.exists(index)
+    assert drop_stale_caches(vars(m), [str(dep)]) == []      # the same dependency: the index stays
+    m2 = _load_module(mod, "svp_test_kern_b")
+    assert m2.f(1) == 2 and m2.f.stats.cache_hits and not m2.f.stats.cache_misses
+    dep.write_text("A = 2\n")
+    assert drop_stale_caches(vars(m), [str(dep)]) == [index] and not os.path.exists(index)
+    m3 = _load_module(mod, "svp_test_kern_c")
+    assert m3.f(1) == 2 and m3.f.stats.cache_misses and not m3.f.stats.cache_hits   # compiled afresh
+    # the package's kernel modules run it at import: in a fresh cache directory each cached
+    # kernel gets the note of the files it depends on as they are now
+    code = ("import json, svp\nfrom svp.ops import conv_cpu, norm_cpu, prompt_cpu, scan_cpu\nout = []\n"
+            "for m in (scan_cpu, conv_cpu, norm_cpu, prompt_cpu):\n"
+            "    for k, o in vars(m).items():\n"
+            "        c = getattr(getattr(o, '_cache', None), '_cache_file', None)\n"
+            "        if c is not None and getattr(o, '__module__', None) == m.__name__:\n"
+            "            out.append([m.__name__, k, c._index_path])\n"
+            "print(json.dumps(out))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    kernels = json.loads(res.stdout.strip().splitlines()[-1])
+    tag = hashlib.sha256(b"".join(open(p, "rb").read() for p in _DEPS)).hexdigest()
+    assert {m for m, _, _ in kernels} == {f"svp.ops.{n}" for n in ("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")}
+    for m, name, index in kernels:
+        assert index.startswith(str(tmp_path / "cache"))
+        with open(index + ".deps") as f:
+            assert f.read() == tag, (m, name)
+
+
 def _tbb_installed():
     from svp.ops.scan_cpu import _tbb_wheel_library
     return _tbb_wheel_library() is not None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _sigmoid, _wide_vectors
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _sigmoid, _wide_vectors, drop_stale_caches
 from numba import njit, prange
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -379,3 +379,6 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"causal_conv1d_cpu needs float32 CPU tensors, got {x.dtype} on {x.device}")
     return CausalConv1dCPU.apply(x, weight, bias, reverse, activation is not None)
+
+
+drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _dynamic_tasks
+from .scan_cpu import _FM_SAFE, _dynamic_tasks, drop_stale_caches
 from numba import njit, prange
 
 RB = 16   # rows (tokens) per task
@@ -176,3 +176,6 @@ def add_rms_norm_cpu(hidden, residual, weight, eps):
     if weight.dim() != 1 or weight.shape[0] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of {tuple(hidden.shape)}")
     return AddRMSNormCPU.apply(hidden, residual, weight, eps)
+
+
+drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files

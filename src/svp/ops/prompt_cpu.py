@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid, _wide_vectors
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _sigmoid, _wide_vectors, drop_stale_caches
 from numba import njit, prange
 
 TB = 16  # tokens per task (a task owns whole rows)
@@ -179,3 +179,6 @@ def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     return AddSiluPromptsCPU.apply(h, a1, s1, a2, s2, int(skip))
+
+
+drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files

@@ -82,6 +82,53 @@ def _default_cache_dir():
 
 _default_cache_dir()
 
+
+# numba checks a cached kernel against the file that defines it and nothing else. The kernels
+# here inline code from other files (simd.py's intrinsics; conv_cpu, norm_cpu and prompt_cpu
+# take helpers from this file), so after a `git pull` that changed only simd.py a cache would
+# hand back kernels compiled from the old simd.py: other bits, or old bugs. Each cached kernel
+# therefore gets a note beside numba's index, the SHA-256 of the files it depends on; where the
+# note is missing or differs the index is removed, so numba compiles afresh and writes a new
+# one. (Only the index: numba rewrites the data files it points to.)
+_DEPS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("simd.py", "scan_cpu.py"))
+
+
+def drop_stale_caches(namespace, deps=_DEPS):
+    """Remove numba's cache index of every cached kernel in ``namespace`` (a module's globals)
+    whose dependencies (``deps``, file paths) changed since the index was noted; returns the
+    indexes removed. Best effort: a read-only cache directory is left alone."""
+    import hashlib
+    digest = hashlib.sha256()
+    for path in deps:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    tag = digest.hexdigest()
+    removed = []
+    for obj in list(namespace.values()):
+        try:
+            index = obj._cache._cache_file._index_path    # a numba dispatcher with cache=True
+        except AttributeError:
+            continue
+        note = index + ".deps"
+        try:
+            with open(note) as f:
+                if f.read() == tag:
+                    continue
+        except OSError:
+            pass
+        try:
+            if os.path.exists(index):
+                os.remove(index)
+                removed.append(index)
+            os.makedirs(os.path.dirname(note), exist_ok=True)
+            tmp = f"{note}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(tag)
+            os.replace(tmp, note)
+        except OSError:
+            continue
+    return removed
+
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
@@ -1212,3 +1259,6 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             raise ValueError("the 'cpu' scan backend supports real tensors only")
     out, last = SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
     return (out, last) if return_last_state else out
+
+
+drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files
