@@ -98,6 +98,7 @@ def drop_stale_caches(namespace, deps=_DEPS):
     whose dependencies (``deps``, file paths) changed since the index was noted; returns the
     indexes removed. Best effort: a read-only cache directory is left alone."""
     import hashlib
+    from numba.core.dispatcher import Dispatcher
     digest = hashlib.sha256()
     for path in deps:
         with open(path, "rb") as f:
@@ -105,8 +106,10 @@ def drop_stale_caches(namespace, deps=_DEPS):
     tag = digest.hexdigest()
     removed = []
     for obj in list(namespace.values()):
+        if not isinstance(obj, Dispatcher):
+            continue
         try:
-            index = obj._cache._cache_file._index_path    # a numba dispatcher with cache=True
+            index = obj._cache._cache_file._index_path    # cache=True (else numba's NullCache)
         except AttributeError:
             continue
         note = index + ".deps"
