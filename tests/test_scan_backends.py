@@ -646,6 +646,8 @@ def test_a_changed_dependency_drops_a_cached_kernels_index(tmp_path):
     assert drop_stale_caches(vars(m), [str(dep)]) == [index] and not os.path.exists(index)
     m3 = _load_module(mod, "svp_test_kern_c")
     assert m3.f(1) == 2 and m3.f.stats.cache_misses and not m3.f.stats.cache_hits   # compiled afresh
+    assert drop_stale_caches(vars(m3), [str(tmp_path / "missing.py")]) == []      # unreadable: left alone
+    assert os.path.exists(m3.f._cache._cache_file._index_path)
     # the package's kernel modules run it at import: in a fresh cache directory each cached
     # kernel gets the note of the files it depends on as they are now
     code = ("import json, svp\nfrom svp.ops import conv_cpu, norm_cpu, prompt_cpu, scan_cpu\nout = []\n"

@@ -100,9 +100,12 @@ def drop_stale_caches(namespace, deps=_DEPS):
     import hashlib
     from numba.core.dispatcher import Dispatcher
     digest = hashlib.sha256()
-    for path in deps:
-        with open(path, "rb") as f:
-            digest.update(f.read())
+    try:
+        for path in deps:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    except OSError:     # sources not readable as files (a zipped install): nothing to compare
+        return []
     tag = digest.hexdigest()
     removed = []
     for obj in list(namespace.values()):
