@@ -736,3 +736,37 @@ def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
     assert fused[1].keys() == ref[1].keys() and any("A_b_log" in n for n in ref[1])
     for n in ref[1]:
         assert torch.equal(fused[1][n], ref[1][n]), n
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_scan_tables_kept_on_A_follow_its_values():
+    """The tables the 'cpu' scan derives from A are kept on A (scan_cpu._tables): the second
+    call with the same A reuses them, and a change of A's values (in place: its version
+    counter; a new storage through .data) is a miss, giving the bits of a fresh tensor with
+    the new values, output and every gradient."""
+    from svp.ops.scan_cpu import selective_scan_cpu
+    args = make(2, 70, 19, 16, seed=21)
+    A = args[2].clone()
+
+    def go(a):
+        xs = [None if x is None else x.detach().clone().requires_grad_() for x in args]
+        xs[2] = a.requires_grad_() if a.is_leaf else a
+        out = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), [x for x in xs if x is not None]))
+
+    def same(r, s):
+        return all(torch.equal(a, b) for a, b in zip(r, s))
+
+    first = go(A)
+    kept = A._svp_scan_tables[1]
+    assert same(go(A), first) and A._svp_scan_tables[1] is kept
+    with torch.no_grad():
+        A.mul_(2.0)          # in place: the version counter moves
+    changed = go(A)
+    assert not same(changed, first) and A._svp_scan_tables[1] is not kept
+    assert same(changed, go(A.detach().clone()))
+    A.data = A.detach() * 0.5 + 0.0   # a new storage, same version counter
+    assert same(go(A), go(A.detach().clone()))
+    with torch.no_grad():
+        A[0, 0] = 0.5        # a positive entry: the general decay path, decided per table
+    assert same(go(A), go(A.detach().clone()))

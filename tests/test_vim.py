@@ -255,3 +255,84 @@ def test_official_svp_checkpoint_loads_as_backbone():
     fresh = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
     load_checkpoint_into(fresh, {"model": sd})
     assert_backbone_loaded(fresh, model, **tiny_kwargs())
+
+
+def _small_vim(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                             num_classes=5).eval()
+
+
+def test_A_is_kept_while_A_log_is_unchanged_and_follows_every_change():
+    """A = -exp(A_log) is formed once while A_log keeps its values and needs no gradient
+    (BiMambaMixer._neg_exp), and every way A_log changes (in place, load_state_dict, an
+    optimizer step, a new parameter) gives the output of a model that forms A afresh (with
+    gradients enabled it always does)."""
+    model = _small_vim()
+    mixer = model.layers[0].mixer
+    x = torch.randn(2, 3, 32, 32)
+
+    def fresh():   # A_log requires grad: every forward forms A again
+        with torch.enable_grad():
+            return model(x).detach()
+
+    with torch.no_grad():
+        y1 = model(x)
+        kept = mixer._A_cache["forward"][2]
+        assert torch.equal(model(x), y1) and mixer._A_cache["forward"][2] is kept
+    assert torch.equal(fresh(), y1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        mixer.A_log.add_(0.5)
+        mixer.A_b_log.mul_(1.5)
+        y2 = model(x)
+    assert not torch.equal(y2, y1) and torch.equal(y2, fresh())
+    model.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model(x), y1)
+    model.train()
+    model(x).square().sum().backward()
+    assert mixer.A_log.grad is not None and mixer.A_log.grad.abs().max() > 0
+    before = mixer.A_log.detach().clone()
+    torch.optim.SGD([mixer.A_log], lr=0.1 / mixer.A_log.grad.abs().max().item()).step()
+    assert not torch.equal(mixer.A_log, before)
+    model.eval()
+    with torch.no_grad():
+        y3 = model(x)
+    assert not torch.equal(y3, y1) and torch.equal(y3, fresh())
+    mixer.A_log = torch.nn.Parameter(mixer.A_log.detach() - 0.25)
+    with torch.no_grad():
+        y4 = model(x)
+    assert not torch.equal(y4, y3) and torch.equal(y4, fresh())
+
+
+def test_A_kept_under_inference_mode_is_a_normal_tensor():
+    """Under torch.inference_mode the kept A is still a normal tensor (an inference tensor
+    could not be saved by autograd): a frozen model trains after an inference-mode forward,
+    with the same A and the same output."""
+    model = _small_vim()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.head.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        y = model(x)
+    kept = model.layers[0].mixer._A_cache["forward"][2]
+    assert not kept.is_inference() and hasattr(kept, "_svp_scan_tables")
+    out = model(x)
+    assert model.layers[0].mixer._A_cache["forward"][2] is kept
+    out.square().sum().backward()
+    assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_halves_the_mixer_output_in_the_product_with_the_same_bits(batch):
+    """Without gradients the mixer halves its output through out_proj's product (addmm's
+    alpha) instead of multiplying the weight: the same bits."""
+    model = _small_vim(1)
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.enable_grad():
+        want = model(x).detach()
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, want)

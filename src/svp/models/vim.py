@@ -14,6 +14,7 @@ loads without renaming.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -177,6 +178,26 @@ class BiMambaMixer(nn.Module):
         x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
         return x, x_proj(x)
 
+    def _neg_exp(self, A_log, name):
+        """A = -exp(A_log), the same tensor from call to call while A_log keeps its values and
+        needs no gradient here (a frozen backbone, inference): the exp is not recomputed, and the
+        CPU scan keeps the tables it derives from A on it (svp.ops.scan_cpu._tables; ~40 µs per
+        direction and layer at batch 1). Keyed on A_log's version counter (in-place updates:
+        optimizer steps, load_state_dict) and storage. Formed outside inference mode even
+        inside it: a normal tensor serves both (an inference tensor could not be saved by
+        autograd later, and has no version counter for the scan's tables)."""
+        if A_log.requires_grad and torch.is_grad_enabled():
+            return -torch.exp(A_log.float())
+        key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, tuple(A_log.shape))
+        cache = self.__dict__.setdefault("_A_cache", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0]() is A_log and hit[1] == key:
+            return hit[2]
+        with torch.inference_mode(False), torch.no_grad():
+            A = -torch.exp(A_log.float())
+        cache[name] = (weakref.ref(A_log), key, A)   # (a weak reference: a replaced parameter is a miss)
+        return A
+
     def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
         delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products.
@@ -186,7 +207,7 @@ class BiMambaMixer(nn.Module):
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
             delta = self.delta_hook(self, name, dt, delta)
-        A = -torch.exp(A_log.float())
+        A = self._neg_exp(A_log, name)
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
         return (x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
@@ -241,6 +262,14 @@ class BiMambaMixer(nn.Module):
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
             # out_proj((y + y_b) / 2) == (y + y_b) @ (W / 2)^T bit for bit (scaling by 2^-1 is
             # exact) with one elementwise pass less forward and backward
+            if op.bias is None and not torch.is_grad_enabled():
+                # inference: the halving as the product's alpha, at no cost (the same bits, as
+                # above; 59 µs of ~100 per layer at batch 1 went to the weight's multiply and its
+                # thread hand-off). Not in training: addmm's backward scales its gradient by alpha
+                # in a pass of its own.
+                y2 = y.reshape(-1, y.shape[-1])
+                out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
+                return out.view(*y.shape[:-1], out.shape[-1])
             return F.linear(y, op.weight * 0.5, None if op.bias is None else op.bias)
         return op(y / 2 if self.divide_out else y)
 
