@@ -770,3 +770,30 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
     with torch.no_grad():
         A[0, 0] = 0.5        # a positive entry: the general decay path, decided per table
     assert same(go(A), go(A.detach().clone()))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_backward_streams_input_gradients_with_the_same_bits(monkeypatch):
+    """The backward writes du and d_delta with streaming stores when they are 64-byte aligned
+    (scan_cpu._streamable; torch's allocations are), through the caches otherwise: every
+    gradient has the same bits both ways, unpadded and padded widths, both directions (that
+    vstream lowers to non-temporal stores: tests/test_simd.py)."""
+    from svp.ops import scan_cpu
+
+    def grads(args, reverse):
+        xs = [None if a is None else a.detach().clone().requires_grad_() for a in args]
+        out = scan_cpu.selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, reverse=reverse)
+        return [out.detach()] + list(torch.autograd.grad((out * out.detach().sin()).sum(),
+                                                         [x for x in xs if x is not None]))
+
+    seen = []
+    real = scan_cpu._streamable
+    monkeypatch.setattr(scan_cpu, "_streamable", lambda *ts: seen.append(real(*ts)) or seen[-1])
+    for d, reverse in ((128, False), (70, True)):
+        args = make(2, d, 23, 16, seed=31)
+        streamed = grads(args, reverse)
+        assert seen and all(seen)
+        monkeypatch.setattr(scan_cpu, "_streamable", lambda *ts: False)
+        cached = grads(args, reverse)
+        monkeypatch.setattr(scan_cpu, "_streamable", lambda *ts: seen.append(real(*ts)) or seen[-1])
+        assert all(torch.equal(a, b) for a, b in zip(streamed, cached))

@@ -5,7 +5,7 @@ from numba import njit
 
 from svp.ops import simd
 from svp.ops.simd import VL, _X86, flush_denormals, fma, prefetch, prefetch_write, restore_fp, splat, vacc_f64, \
-    vhsum16, vload, vmax, vmin, vscale_biased, vscale_pow2i, vstore, zeros
+    vhsum16, vload, vmax, vmin, vscale_biased, vscale_pow2i, vstore, vstream, zeros
 
 TINY = np.finfo(np.float32).tiny   # the smallest normal float32, 2^-126
 
@@ -71,6 +71,30 @@ def test_prefetch_hints_lower_to_read_and_write_prefetches_and_change_nothing():
     # (address, rw, locality, cache type): one read and one write hint per vector
     assert any(", i32 0, i32 3, i32 1)" in c for c in calls), calls
     assert any(", i32 1, i32 3, i32 1)" in c for c in calls), calls
+
+
+@njit(cache=False)
+def _streamed(a, out):
+    for i in range(0, a.size, VL):
+        vstream(out, i, vload(a, i) * 2.0)
+
+
+def test_streaming_store_writes_what_vstore_writes_past_the_caches():
+    """vstream: the values vstore writes; on x86 as non-temporal stores (vmovntps and kin),
+    into a 64-byte aligned buffer (what callers check)."""
+    a = np.random.default_rng(0).standard_normal(8 * VL).astype(np.float32)
+    raw = np.zeros(8 * VL + 16, np.float32)
+    k = (-raw.ctypes.data % 64) // 4          # the first 64-byte boundary in raw
+    out = raw[k:k + 8 * VL]
+    assert out.ctypes.data % 64 == 0
+    _streamed(a, out)
+    np.testing.assert_array_equal(out, a * 2)
+    ir = next(iter(_streamed.inspect_llvm().values()))
+    asm = "".join(_streamed.inspect_asm().values())
+    if _X86:
+        assert "!nontemporal" in ir and "movnt" in asm
+    else:
+        assert "!nontemporal" not in ir
 
 
 @njit(cache=False)

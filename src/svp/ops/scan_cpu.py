@@ -200,7 +200,7 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
-    vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, zeros, zeros64, empty64, \
+    vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, zeros64, empty64, \
     flush_denormals, restore_fp  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
@@ -448,6 +448,15 @@ def _put(a, off, v, acc):
 
 
 @njit
+def _out(a, off, stream, v):
+    """a[off:off+16] = v, streamed past the caches when ``stream`` (see _bwd)."""
+    if stream:
+        vstream(a, off, v)
+    else:
+        vstore(a, off, v)
+
+
+@njit
 def _prefetch_rows(a, b, c, has_c, off):
     """The four cache lines of a block's row at flat offset off, in a, b (and c)."""
     for k in range(0, BW, VL):
@@ -588,7 +597,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs):
+              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs,
+              stream):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -773,7 +783,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 row = (bi * L + t) * d + c0
                 br = (bi * L + t) * bs + gi * N
                 cr = (bi * L + t) * cs + gi * N
-                if s >= PF:   # this walk runs backwards: step s - PF comes PF steps later
+                if s >= PF and not stream:   # this walk runs backwards: step s - PF comes PF steps later
                     tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
                     _prefetch_out(du_o, tq)
                     _prefetch_out(ddl_o, tq)
@@ -877,10 +887,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                             sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
                             vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
                         _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
-                vstore(du_o, row, fma(gv0, D0, sa0 * dt0))
-                vstore(du_o, row + VL, fma(gv1, D1, sa1 * dt1))
-                vstore(du_o, row + 2 * VL, fma(gv2, D2, sa2 * dt2))
-                vstore(du_o, row + 3 * VL, fma(gv3, D3, sa3 * dt3))
+                _out(du_o, row, stream, fma(gv0, D0, sa0 * dt0))
+                _out(du_o, row + VL, stream, fma(gv1, D1, sa1 * dt1))
+                _out(du_o, row + 2 * VL, stream, fma(gv2, D2, sa2 * dt2))
+                _out(du_o, row + 3 * VL, stream, fma(gv3, D3, sa3 * dt3))
                 dd0 = fma(sa0, u0, sb0)
                 dd1 = fma(sa1, u1, sb1)
                 dd2 = fma(sa2, u2, sb2)
@@ -890,10 +900,10 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
                     dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
                     dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-                vstore(ddl_o, row, dd0)
-                vstore(ddl_o, row + VL, dd1)
-                vstore(ddl_o, row + 2 * VL, dd2)
-                vstore(ddl_o, row + 3 * VL, dd3)
+                _out(ddl_o, row, stream, dd0)
+                _out(ddl_o, row + VL, stream, dd1)
+                _out(ddl_o, row + 2 * VL, stream, dd2)
+                _out(ddl_o, row + 3 * VL, stream, dd3)
                 if need_ddb:
                     vacc_f64(dbacc, 0, dd0)
                     vacc_f64(dbacc, VL, dd1)
@@ -1150,6 +1160,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     return out, _unpadc(hlast, G, dg, dgp).transpose(1, 2), state
 
 
+def _streamable(*ts):
+    """Whether the backward may write these (b, L, dp) outputs with streaming stores
+    (simd.vstream): their first element is on a 64-byte boundary (torch's CPU allocations
+    are), so every 16-channel vector is (rows are whole 64-channel blocks). The input
+    gradients du and d_delta are written once and read by the layers below only after the
+    rest of this backward has passed through the caches; written through the caches, each of
+    their lines was first read from memory (2-5% of the scan's forward + backward,
+    docs/benchmarks.md, fourteenth round). z's gradient is not streamed: the second direction
+    of a bidirectional mixer adds to it right away."""
+    return all(t.data_ptr() % 64 == 0 for t in ts)
+
+
 def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias). dout
     (b, L, dp) float32 padded, or None; ``acc``: a padded z gradient to add this one to."""
@@ -1178,7 +1200,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
         _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
                   reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
-                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs)
+                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs,
+                  _streamable(du, dd))
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):

@@ -72,6 +72,28 @@ def _elem_ptr(context, builder, aryty, ary, idx, idxty):
 
 
 @intrinsic
+def vstream(typingctx, arr, idx, v):
+    """vstore as a non-temporal (streaming) store on x86: the line is written without being
+    read into the caches first, for outputs written once and read again only much later. The
+    address must be 64-byte aligned (x86 faults otherwise): callers check it before choosing
+    this over vstore. The same values as vstore; elsewhere it is vstore."""
+    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = builder.bitcast(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                            _VF.as_pointer())
+        if not _X86:
+            builder.store(args[2], p, align=4)
+            return context.get_dummy_value()
+        st = builder.store(args[2], p, align=64)
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I, 1)]))
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+@intrinsic
 def vload(typingctx, arr, idx):
     """16 consecutive float32 of ``arr`` (C-contiguous) from flat element offset ``idx``."""
     if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):
