@@ -773,11 +773,12 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
-def test_cpu_backward_streams_input_gradients_with_the_same_bits(monkeypatch):
-    """The backward writes du and d_delta with streaming stores when they are 64-byte aligned
-    (scan_cpu._streamable; torch's allocations are), through the caches otherwise: every
-    gradient has the same bits both ways, unpadded and padded widths, both directions (that
-    vstream lowers to non-temporal stores: tests/test_simd.py)."""
+def test_cpu_kernels_stream_states_and_input_gradients_with_the_same_bits(monkeypatch):
+    """The forward writes its chunk states, the backward du and d_delta, with streaming stores
+    when they are 64-byte aligned (scan_cpu._streamable; torch's allocations are), through the
+    caches otherwise: the output and every gradient have the same bits both ways, unpadded and
+    padded widths, both directions (that vstream lowers to non-temporal stores:
+    tests/test_simd.py)."""
     from svp.ops import scan_cpu
 
     def grads(args, reverse):

@@ -475,7 +475,7 @@ def _prefetch_out(a, off):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, out, hs, hlast, fast, dtmax,
-              b, L, d, g, N, bs, cs):
+              b, L, d, g, N, bs, cs, stream):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -511,10 +511,10 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             if s % K == 0:
                 hb = (bi * nchunk + s // K) * N
                 for n in range(N):
-                    vstore(hs, (hb + n) * d + c0, vload(h, n * BW))
-                    vstore(hs, (hb + n) * d + c0 + VL, vload(h, n * BW + VL))
-                    vstore(hs, (hb + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
-                    vstore(hs, (hb + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+                    _out(hs, (hb + n) * d + c0, stream, vload(h, n * BW))
+                    _out(hs, (hb + n) * d + c0 + VL, stream, vload(h, n * BW + VL))
+                    _out(hs, (hb + n) * d + c0 + 2 * VL, stream, vload(h, n * BW + 2 * VL))
+                    _out(hs, (hb + n) * d + c0 + 3 * VL, stream, vload(h, n * BW + 3 * VL))
             t = L - 1 - s if reverse else s
             row = (bi * L + t) * d + c0
             br = (bi * L + t) * bs + gi * N
@@ -526,8 +526,9 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             # The next chunk's state rows (written all at once at its first step), one state's
             # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
             # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
+            # Streamed (the backward reads them much later), they need no line first.
             jc = s % K
-            if jc < N and s - jc + K < L:
+            if not stream and jc < N and s - jc + K < L:
                 _prefetch_out(hs, ((bi * nchunk + s // K + 1) * N + jc) * d + c0)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
@@ -1152,7 +1153,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
     _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
-              bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs)
+              bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs,
+              _streamable(hs))
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
               (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs)),
@@ -1161,14 +1163,14 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
 
 
 def _streamable(*ts):
-    """Whether the backward may write these (b, L, dp) outputs with streaming stores
-    (simd.vstream): their first element is on a 64-byte boundary (torch's CPU allocations
-    are), so every 16-channel vector is (rows are whole 64-channel blocks). The input
-    gradients du and d_delta are written once and read by the layers below only after the
-    rest of this backward has passed through the caches; written through the caches, each of
-    their lines was first read from memory (2-5% of the scan's forward + backward,
-    docs/benchmarks.md, fourteenth round). z's gradient is not streamed: the second direction
-    of a bidirectional mixer adds to it right away."""
+    """Whether a kernel may write these outputs with streaming stores (simd.vstream): their
+    first element is on a 64-byte boundary (torch's CPU allocations are), so every 16-channel
+    vector is (rows are whole 64-channel blocks). Streamed: the forward's chunk states hs
+    (read by the backward only), and the backward's input gradients du and d_delta (read by
+    the layers below only after the rest of this backward has passed through the caches).
+    Written through the caches, each of their lines was first read from memory (2-5% of the
+    scan's forward + backward, docs/benchmarks.md, fourteenth round). Not the output or z's
+    gradient: the second direction of a bidirectional mixer adds to them right away."""
     return all(t.data_ptr() % 64 == 0 for t in ts)
 
 
