@@ -306,6 +306,26 @@ def test_A_is_kept_while_A_log_is_unchanged_and_follows_every_change():
     assert not torch.equal(y4, y3) and torch.equal(y4, fresh())
 
 
+def test_a_model_with_kept_A_pickles_and_deep_copies(tmp_path):
+    """What the mixers keep (A, the scan's tables on it) goes along with torch.save of the
+    whole module and copy.deepcopy, and the copies give the same output, also after their own
+    A_log changes."""
+    import copy
+    model = _small_vim()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(other(x), y)
+            other.layers[1].mixer.A_log.mul_(1.1)
+            assert not torch.equal(other(x), y)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
 def test_A_kept_under_inference_mode_is_a_normal_tensor():
     """Under torch.inference_mode the kept A is still a normal tensor (an inference tensor
     could not be saved by autograd): a frozen model trains after an inference-mode forward,

@@ -14,7 +14,6 @@ loads without renaming.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -183,7 +182,7 @@ class BiMambaMixer(nn.Module):
         needs no gradient here (a frozen backbone, inference): the exp is not recomputed, and the
         CPU scan keeps the tables it derives from A on it (svp.ops.scan_cpu._tables; ~40 µs per
         direction and layer at batch 1). Keyed on A_log's version counter (in-place updates:
-        optimizer steps, load_state_dict) and storage. Formed outside inference mode even
+        optimizer steps, load_state_dict), storage and identity. Formed outside inference mode even
         inside it: a normal tensor serves both (an inference tensor could not be saved by
         autograd later, and has no version counter for the scan's tables)."""
         if A_log.requires_grad and torch.is_grad_enabled():
@@ -191,11 +190,13 @@ class BiMambaMixer(nn.Module):
         key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, tuple(A_log.shape))
         cache = self.__dict__.setdefault("_A_cache", {})
         hit = cache.get(name)
-        if hit is not None and hit[0]() is A_log and hit[1] == key:
+        if hit is not None and hit[0] is A_log and hit[1] == key:
             return hit[2]
         with torch.inference_mode(False), torch.no_grad():
             A = -torch.exp(A_log.float())
-        cache[name] = (weakref.ref(A_log), key, A)   # (a weak reference: a replaced parameter is a miss)
+        # A_log itself is held (not a weak reference, which would make the module unpicklable):
+        # a replaced parameter cannot be freed and its storage reused under the same key
+        cache[name] = (A_log, key, A)
         return A
 
     def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
