@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import svp  # noqa: F401  (registers the models)
 import vimref
 from svp.models import CheckpointError, load_checkpoint_into, resample_pos_embed_midcls
+from svp.ops import get_backend
 
 FIXTURES = os.path.dirname(vimref.__file__)
 
@@ -338,7 +339,9 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     with torch.inference_mode():
         y = model(x)
     kept = model.layers[0].mixer._A_cache["forward"][2]
-    assert not kept.is_inference() and hasattr(kept, "_svp_scan_tables")
+    assert not kept.is_inference()
+    if get_backend() == "cpu":   # the fused scan kept its tables on it (no version counter: it could not)
+        assert hasattr(kept, "_svp_scan_tables")
     out = model(x)
     assert model.layers[0].mixer._A_cache["forward"][2] is kept
     out.square().sum().backward()
