@@ -740,7 +740,7 @@ def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_scan_tables_kept_on_A_follow_its_values():
-    """The tables the 'cpu' scan derives from A are kept on A (scan_cpu._tables): the second
+    """The tables the 'cpu' scan derives from A are kept on A (scan_cpu._tables, svp.ops.kept): the second
     call with the same A reuses them, and a change of A's values (in place: its version
     counter; a new storage through .data) is a miss, giving the bits of a fresh tensor with
     the new values, output and every gradient."""
@@ -757,13 +757,16 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
     def same(r, s):
         return all(torch.equal(a, b) for a, b in zip(r, s))
 
+    def tables():   # what svp.ops.kept holds on A for the scan
+        return next(v[1] for k, v in A._svp_kept.items() if k[0] == "scan_cpu tables")
+
     first = go(A)
-    kept = A._svp_scan_tables[1]
-    assert same(go(A), first) and A._svp_scan_tables[1] is kept
+    kept = tables()
+    assert same(go(A), first) and tables() is kept
     with torch.no_grad():
         A.mul_(2.0)          # in place: the version counter moves
     changed = go(A)
-    assert not same(changed, first) and A._svp_scan_tables[1] is not kept
+    assert not same(changed, first) and tables() is not kept
     assert same(changed, go(A.detach().clone()))
     A.data = A.detach() * 0.5 + 0.0   # a new storage, same version counter
     assert same(go(A), go(A.detach().clone()))

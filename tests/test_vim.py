@@ -279,8 +279,8 @@ def test_A_is_kept_while_A_log_is_unchanged_and_follows_every_change():
 
     with torch.no_grad():
         y1 = model(x)
-        kept = mixer._A_cache["forward"][2]
-        assert torch.equal(model(x), y1) and mixer._A_cache["forward"][2] is kept
+        kept = mixer.A_log._svp_kept["-exp"][1]
+        assert torch.equal(model(x), y1) and mixer.A_log._svp_kept["-exp"][1] is kept
     assert torch.equal(fresh(), y1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -338,12 +338,12 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         y = model(x)
-    kept = model.layers[0].mixer._A_cache["forward"][2]
+    kept = model.layers[0].mixer.A_log._svp_kept["-exp"][1]
     assert not kept.is_inference()
     if get_backend() == "cpu":   # the fused scan kept its tables on it (no version counter: it could not)
-        assert hasattr(kept, "_svp_scan_tables")
+        assert any(k[0] == "scan_cpu tables" for k in kept._svp_kept)
     out = model(x)
-    assert model.layers[0].mixer._A_cache["forward"][2] is kept
+    assert model.layers[0].mixer.A_log._svp_kept["-exp"][1] is kept
     out.square().sum().backward()
     assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
 

@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
+from ..ops.kept import kept
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
 
@@ -177,27 +178,20 @@ class BiMambaMixer(nn.Module):
         x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
         return x, x_proj(x)
 
-    def _neg_exp(self, A_log, name):
+    def _neg_exp(self, A_log):
         """A = -exp(A_log), the same tensor from call to call while A_log keeps its values and
-        needs no gradient here (a frozen backbone, inference): the exp is not recomputed, and the
-        CPU scan keeps the tables it derives from A on it (svp.ops.scan_cpu._tables; ~40 µs per
-        direction and layer at batch 1). Keyed on A_log's version counter (in-place updates:
-        optimizer steps, load_state_dict), storage and identity. Formed outside inference mode even
-        inside it: a normal tensor serves both (an inference tensor could not be saved by
-        autograd later, and has no version counter for the scan's tables)."""
+        needs no gradient here (a frozen backbone, inference), kept on A_log (svp.ops.kept): the
+        exp is not recomputed, and the CPU scan keeps the tables it derives from A on it
+        (svp.ops.scan_cpu._tables; ~40 µs per direction and layer at batch 1). Formed outside
+        inference mode even inside it: a normal tensor serves both (an inference tensor could
+        not be saved by autograd later, and keeps nothing)."""
         if A_log.requires_grad and torch.is_grad_enabled():
             return -torch.exp(A_log.float())
-        key = (A_log._version, A_log.data_ptr(), A_log.device, A_log.dtype, tuple(A_log.shape))
-        cache = self.__dict__.setdefault("_A_cache", {})
-        hit = cache.get(name)
-        if hit is not None and hit[0] is A_log and hit[1] == key:
-            return hit[2]
-        with torch.inference_mode(False), torch.no_grad():
-            A = -torch.exp(A_log.float())
-        # A_log itself is held (not a weak reference, which would make the module unpicklable):
-        # a replaced parameter cannot be freed and its storage reused under the same key
-        cache[name] = (A_log, key, A)
-        return A
+
+        def make():
+            with torch.inference_mode(False), torch.no_grad():
+                return -torch.exp(A_log.float())
+        return kept(A_log, "-exp", make)
 
     def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
@@ -208,7 +202,7 @@ class BiMambaMixer(nn.Module):
         delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
             delta = self.delta_hook(self, name, dt, delta)
-        A = self._neg_exp(A_log, name)
+        A = self._neg_exp(A_log)
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
         return (x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),

@@ -199,9 +199,11 @@ from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
+from .kept import kept  # noqa: E402
+
 from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
-    vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, zeros64, empty64, \
-    flush_denormals, restore_fp  # noqa: E402
+    vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, \
+    zeros64, empty64, flush_denormals, restore_fp  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
 # explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
@@ -1107,27 +1109,17 @@ def _flat(x: torch.Tensor):
 
 
 def _tables(A, dg, dgp, softplus):
-    """(At, A2t, dtmax, fast) of _a_tables for A, kept on A itself while its values stay the
-    same: a frozen backbone's mixers pass the same A tensor on every call (BiMambaMixer caches
-    -exp(A_log)), and forming the tables took ~20 µs of a ~300 µs batch-1 scan call. In-place
-    changes bump A's version counter and a new storage changes its data pointer; either is a
-    miss. The tables are never written after they are formed (the kernels only read them)."""
-    key = None if A.is_inference() else (A._version, A.data_ptr(), tuple(A.shape), A.dtype, dg, dgp, softplus)
-    hit = getattr(A, "_svp_scan_tables", None) if key else None   # (inference tensors: no version counter)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    N, dp = A.shape[1], (A.shape[0] // dg) * dgp
-    new = torch.zeros if dgp != dg else torch.empty   # padding channels: A = 0
-    At, A2t, dtmax = new(N, dp), new(N, dp), new(dp)
-    fast = bool(_a_tables(A.detach().to(torch.float64).contiguous().numpy(), dg, dgp, softplus,
-                          At.numpy(), A2t.numpy(), dtmax.numpy()))
-    tables = (At, A2t, dtmax, fast)
-    if key:
-        try:
-            A._svp_scan_tables = (key, tables)
-        except (AttributeError, RuntimeError):   # a tensor subclass without attributes: no cache
-            pass
-    return tables
+    """(At, A2t, dtmax, fast) of _a_tables for A, kept on A while its values stay the same
+    (svp.ops.kept): a frozen backbone's mixers pass the same A tensor on every call, and forming
+    the tables took ~20 µs of a ~300 µs batch-1 scan call. The kernels only read them."""
+    def make():
+        N, dp = A.shape[1], (A.shape[0] // dg) * dgp
+        new = torch.zeros if dgp != dg else torch.empty   # padding channels: A = 0
+        At, A2t, dtmax = new(N, dp), new(N, dp), new(dp)
+        fast = bool(_a_tables(A.detach().to(torch.float64).contiguous().numpy(), dg, dgp, softplus,
+                              At.numpy(), A2t.numpy(), dtmax.numpy()))
+        return At, A2t, dtmax, fast
+    return kept(A, ("scan_cpu tables", dg, dgp, softplus), make)
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None):

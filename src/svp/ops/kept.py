@@ -1,0 +1,38 @@
+"""Values derived from a tensor, kept on the tensor while its values stay the same.
+
+A frozen backbone passes the same parameters to every call, and some of what the model derives
+from them costs more than the call's own work at batch 1 (the mixers' A = -exp(A_log), the CPU
+scan's tables of A). ``kept`` stores such a value as an attribute of the source tensor, keyed on
+its version counter (every in-place change: optimizer steps, ``load_state_dict``, ``copy_``
+under ``no_grad``), data pointer, shape and dtype. A replaced parameter is another object and
+carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry along with a
+key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
+the version counter (no code in svp does that; ``torch.optim`` does not). Inference tensors have
+no version counter and keep nothing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
+    """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on)."""
+    if t.is_inference():
+        return make()
+    key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+    store = getattr(t, "_svp_kept", None)
+    hit = None if store is None else store.get(tag)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    if store is None:
+        try:
+            store = t._svp_kept = {}
+        except (AttributeError, RuntimeError):   # a tensor subclass without attributes: nothing kept
+            return value
+    store[tag] = (key, value)
+    return value
