@@ -97,8 +97,10 @@ def child(spec):
         train = False
     else:
         pm.train()
-        params = [p for p in pm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3)
+        # the engine's optimizer (AdamW, timm's decay grouping, train.opt_fused's default)
+        from svp.engine.config import defaults
+        from svp.engine.optim import build_optimizer
+        opt = build_optimizer(pm, defaults(), lr=1e-3)
         yt = torch.randint(0, 100, (b,))
 
         def step():

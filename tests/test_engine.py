@@ -138,6 +138,69 @@ def test_adamw_grouping_no_decay_on_bias_and_1d():
     assert opt.param_groups[0]["eps"] == 1e-8
 
 
+def _two_params():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    return m
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adam"])
+def test_fused_optimizer_takes_the_loops_steps_where_torch_has_it(opt, monkeypatch):
+    from svp.engine import optim as O
+    cfg = C.defaults()
+    cfg["train"].update(opt=opt, weight_decay=0.05)
+    models, opts = {}, {}
+    for setting in ("auto", False):
+        cfg["train"]["opt_fused"] = setting
+        models[setting] = m = _two_params()
+        opts[setting] = build_optimizer(m, cfg, lr=1e-2)
+    assert opts[False].defaults.get("fused") in (None, False)
+    if not O.fused_available("cpu"):   # e.g. torch 2.1 (the version floor): auto is the loop, true refuses
+        assert opts["auto"].defaults.get("fused") in (None, False)
+        cfg["train"]["opt_fused"] = True
+        with pytest.raises(C.ConfigError, match=r"train.opt_fused=true: torch .* no fused"):
+            build_optimizer(_two_params(), cfg, lr=1e-2)
+        return
+    assert opts["auto"].defaults["fused"] is True
+    x = torch.randn(16, 6)
+    for _ in range(5):   # the same AdamW (decay grouping included), rounded differently
+        for s in ("auto", False):
+            opts[s].zero_grad()
+            models[s](x).pow(2).mean().backward()
+            opts[s].step()
+    for a, b, start in zip(models["auto"].parameters(), models[False].parameters(), _two_params().parameters()):
+        assert (a - start).abs().mean() > 1e-2   # they moved (lr 1e-2, five steps)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # true where the kernel is missing, or for an optimizer without one: a clear error
+    monkeypatch.setattr(O, "fused_available", lambda device_type: False)
+    cfg["train"]["opt_fused"] = True
+    with pytest.raises(C.ConfigError, match=r"train.opt_fused=true: torch .* no fused adam.* for cpu"):
+        build_optimizer(_two_params(), cfg, lr=1e-2)
+    cfg["train"]["opt_fused"] = "auto"
+    assert build_optimizer(_two_params(), cfg, lr=1e-2).defaults.get("fused") in (None, False)
+
+
+def test_opt_fused_is_validated_and_refused_for_optimizers_without_a_kernel():
+    with pytest.raises(C.ConfigError, match=r"train.opt_fused='fast' is not one of auto, true, false"):
+        C.resolve(overrides=["train.opt_fused=fast"], use_presets=False)
+    cfg = C.resolve(overrides=["train.opt=sgd", "train.opt_fused=true"], use_presets=False)
+    with pytest.raises(C.ConfigError, match=r"only adam and adamw have a fused kernel, train.opt='sgd'"):
+        build_optimizer(_two_params(), cfg, lr=1e-2)
+    cfg["train"]["opt_fused"] = "auto"
+    assert isinstance(build_optimizer(_two_params(), cfg, lr=1e-2), torch.optim.SGD)
+
+
+def test_a_run_saved_before_opt_fused_existed_resumes_with_the_loop(tmp_path):
+    from svp.engine.rundir import load_run_config
+    cfg = C.resolve(use_presets=False)
+    assert cfg["train"]["opt_fused"] == "auto"
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    assert load_run_config(str(tmp_path))["train"]["opt_fused"] == "auto"
+    del cfg["train"]["opt_fused"]
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    assert load_run_config(str(tmp_path))["train"]["opt_fused"] is False
+
+
 # ---------------------------------------------------------------- sampler
 def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
     a = EpochSampler(50, 4, seed=3)

@@ -59,6 +59,9 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.weight_decay", 1e-4, "AdamW weight decay; biases and 1-D tensors get none (timm grouping)"),
     ("train.opt_eps", 1e-8, "optimizer epsilon"),
     ("train.opt_betas", [0.9, 0.999], "AdamW betas"),
+    ("train.opt_fused", "auto", "adam/adamw through torch's fused kernel, one pass over all tensors (auto: where "
+     "torch has one for the device, e.g. CPU from torch 2.4; true: required; false: torch's per-tensor loop, "
+     "the implementation svp used before)"),
     ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up) or constant"),
     ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
     ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at warmup_lr)"),
@@ -342,6 +345,9 @@ def validate(cfg: dict) -> None:
     if not isinstance(cfg["run"].get("changes", []), list):
         raise ConfigError(f"run.changes={cfg['run']['changes']!r}: expected a list (it is written by "
                           f"`svp train --resume`)")
+    fused = cfg["train"]["opt_fused"]
+    if not (fused == "auto" or isinstance(fused, bool)):
+        raise ConfigError(f"train.opt_fused={fused!r} is not one of auto, true, false")
     betas = cfg["train"]["opt_betas"]
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers, e.g. [0.9, 0.999]")

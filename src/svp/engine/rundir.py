@@ -40,6 +40,11 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
     saved = C.load_yaml(path)
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
+        train = saved.get("train")
+        if isinstance(train, dict) and "opt_fused" not in train:
+            # a run started before the key existed stepped with torch's per-tensor loop: keep it,
+            # so the resumed steps are the ones the uninterrupted run would have taken
+            train["opt_fused"] = False
     return C.resolve(overrides=overrides, base=saved, use_presets=False)
 
 
