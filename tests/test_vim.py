@@ -1,5 +1,6 @@
 """The Vim backbone: parity with the official implementation, loading, resampling, errors."""
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -346,6 +347,41 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     assert model.layers[0].mixer.A_log._svp_kept["-exp"][1] is kept
     out.square().sum().backward()
     assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
+
+
+def test_a_frozen_out_proj_keeps_its_halved_weight_and_follows_its_changes():
+    """Training a frozen backbone, each mixer multiplies y + y_b by a halved out_proj weight kept
+    on the weight (BiMambaMixer._half): the same output and input gradient, bit for bit, as the
+    model with the weight halved on every call (full fine-tuning's path), also after the weight
+    changes; a weight that trains is halved on every call and gets its gradient."""
+    model = _small_vim()   # (eval: no drop path; gradients still flow)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(m):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.square().sum().backward()
+        return out.detach(), xi.grad
+
+    ref = copy.deepcopy(model)   # every parameter trains: halved per call
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = model.layers[0].mixer.out_proj.weight
+    for step in range(3):
+        got, want = run(model), run(ref)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(w._svp_kept["half"][1], w * 0.5)
+        with torch.no_grad():   # an optimizer-like in-place change of the frozen weight
+            for m in (model, ref):
+                m.layers[0].mixer.out_proj.weight.mul_(1.5)
+    run(model)
+    kept_before = w._svp_kept["half"][1]
+    run(model)
+    assert w._svp_kept["half"][1] is kept_before   # unchanged weight: the same tensor
+    w.requires_grad_(True)
+    ref.zero_grad(set_to_none=True)   # (its gradients summed over the runs above)
+    got, want = run(model), run(ref)
+    assert torch.equal(got[0], want[0]) and torch.equal(w.grad, ref.layers[0].mixer.out_proj.weight.grad)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

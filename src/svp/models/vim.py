@@ -265,8 +265,21 @@ class BiMambaMixer(nn.Module):
                 y2 = y.reshape(-1, y.shape[-1])
                 out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
-            return F.linear(y, op.weight * 0.5, None if op.bias is None else op.bias)
+            return F.linear(y, self._half(op.weight), None if op.bias is None else op.bias)
         return op(y / 2 if self.divide_out else y)
+
+    @staticmethod
+    def _half(w):
+        """out_proj's weight / 2; a frozen weight's (every method but full fine-tuning, and LoRA
+        on out_proj, whose weight is formed per call) kept on it (svp.ops.kept) while its values
+        stay the same: one (d_model, d_inner) multiply per layer and step less."""
+        if w.requires_grad and torch.is_grad_enabled():
+            return w * 0.5
+
+        def make():
+            with torch.inference_mode(False), torch.no_grad():
+                return w * 0.5
+        return kept(w, "half", make)
 
 
 class Block(nn.Module):
