@@ -270,9 +270,10 @@ class BiMambaMixer(nn.Module):
 
     @staticmethod
     def _half(w):
-        """out_proj's weight / 2; a frozen weight's (every method but full fine-tuning, and LoRA
-        on out_proj, whose weight is formed per call) kept on it (svp.ops.kept) while its values
-        stay the same: one (d_model, d_inner) multiply per layer and step less."""
+        """out_proj's weight / 2. A weight that needs no gradient here (a frozen backbone: every
+        method but full fine-tuning) keeps its half on it (svp.ops.kept) while its values stay the
+        same: one (d_model, d_inner) multiply per layer and step less. A trained weight (full
+        fine-tuning; LoRA on out_proj, whose weight is formed per call) is halved per call."""
         if w.requires_grad and torch.is_grad_enabled():
             return w * 0.5
 
