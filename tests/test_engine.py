@@ -190,6 +190,17 @@ def test_opt_fused_is_validated_and_refused_for_optimizers_without_a_kernel():
     assert isinstance(build_optimizer(_two_params(), cfg, lr=1e-2), torch.optim.SGD)
 
 
+def test_results_name_the_optimizer_implementation():
+    from svp.engine.optim import describe_optimizer, fused_available
+    cfg = C.defaults()
+    cases = [(False, "AdamW (per-tensor loop)")] + ([(True, "AdamW (fused)")] if fused_available("cpu") else [])
+    for setting, want in cases:
+        cfg["train"]["opt_fused"] = setting
+        assert describe_optimizer(build_optimizer(_two_params(), cfg, lr=1e-2)) == want
+    cfg["train"].update(opt="lookahead_sgd", opt_fused="auto")
+    assert describe_optimizer(build_optimizer(_two_params(), cfg, lr=1e-2)) == "Lookahead SGD (per-tensor loop)"
+
+
 def test_a_run_saved_before_opt_fused_existed_resumes_with_the_loop(tmp_path):
     from svp.engine.rundir import load_run_config
     cfg = C.resolve(use_presets=False)

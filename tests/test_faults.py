@@ -652,6 +652,8 @@ def test_diverged_run_resumes_with_a_lower_lr_exactly(tmp_path, capsys):
     assert cfg["run"]["changes"] == [{"step": 4, "epoch": 2, "batch": 0, "changes": {"train.lr": [1e20, 1e-3]}}]
     res = json.loads((run / "results.json").read_text())
     assert res["lr_used"] == 1e-3 and res["epochs_run"] == 3
+    from svp.engine.optim import fused_available   # train.opt_fused=auto: which one stepped it
+    assert res["optimizer"] == ("AdamW (fused)" if fused_available("cpu") else "AdamW (per-tensor loop)")
     p1, p2 = res["lr_phases"]
     assert (p1["from_step"], p1["peak_lr"], p2["from_step"], p2["peak_lr"]) == (0, 1e20, 4, 1e-3)
     assert p1["lr_max"] == pytest.approx(1e-3)    # epochs 1-2 ran at the warm-up rate

@@ -28,6 +28,7 @@ from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed,
 from .divergence import DivergenceGuard, check_saved_state, stop_nonfinite
 from .evaluate import evaluate
 from .hooks import Hooks, hooks_for
+from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import load_run_config, load_trainable, run_session
 from .setup import build_run, check_data, param_counts, pick_device
@@ -283,7 +284,8 @@ class Trainer:
                              st["global_step"], stopped_early, self.val is not None)
         res.update(param_counts(eval_model))
         res.update({"lr_used": self.lr, "lr_phases": st["lr_phases"], "global_batch": int(cfg["train"]["batch_size"]) * dinfo.world_size,
-                    "world_size": dinfo.world_size, **select.throughput(hist), "device": str(self.device)})
+                    "world_size": dinfo.world_size, **select.throughput(hist), "device": str(self.device),
+                    "optimizer": describe_optimizer(self.optimizer)})
         if dinfo.is_main:
             self.folder.save_adapter(eval_model, "last", self.spec, hist[-1]["epoch"])
             if not os.path.isdir(self.folder.file("best")) and best is not None:

@@ -86,6 +86,16 @@ def _use_fused(setting, name: str, device: torch.device) -> bool:
     return ok
 
 
+def describe_optimizer(opt: torch.optim.Optimizer) -> str:
+    """e.g. ``AdamW (fused)`` / ``AdamW (per-tensor loop)``: results.json records which
+    implementation stepped the run (train.opt_fused=auto depends on the torch and device)."""
+    inner = getattr(opt, "_base_optimizer", opt)   # timm's Lookahead wraps the base optimizer
+    d = inner.defaults
+    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "per-tensor loop"
+    name = type(inner).__name__ if inner is opt else f"{type(opt).__name__} {type(inner).__name__}"
+    return f"{name} ({impl})"
+
+
 class _Trainable(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
