@@ -384,6 +384,27 @@ def test_a_frozen_out_proj_keeps_its_halved_weight_and_follows_its_changes():
     assert torch.equal(got[0], want[0]) and torch.equal(w.grad, ref.layers[0].mixer.out_proj.weight.grad)
 
 
+def test_in_proj_halves_train_like_the_whole_product():
+    """The mixer multiplies by in_proj's two row halves (split views of the weight); with a hook on
+    in_proj it runs the module and chunks its output. Both give the same output and the same
+    gradients of in_proj's weight (full fine-tuning), to rounding."""
+    model = _small_vim()
+    hooked = copy.deepcopy(model)
+    for blk in hooked.layers:
+        blk.mixer.in_proj.register_forward_hook(lambda mod, inp, out: None)
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for m in (model, hooked):
+        out = m(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(model.layers, hooked.layers):
+        g, h = a.mixer.in_proj.weight.grad, b.mixer.in_proj.weight.grad
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inference_halves_the_mixer_output_in_the_product_with_the_same_bits(batch):
     """Without gradients the mixer halves its output through out_proj's product (addmm's
