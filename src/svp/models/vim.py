@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
-from ..ops.kept import kept
+from ..ops.kept import kept_unless_trained
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
 
@@ -178,20 +178,13 @@ class BiMambaMixer(nn.Module):
         x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
         return x, x_proj(x)
 
-    def _neg_exp(self, A_log):
+    @staticmethod
+    def _neg_exp(A_log):
         """A = -exp(A_log), the same tensor from call to call while A_log keeps its values and
-        needs no gradient here (a frozen backbone, inference), kept on A_log (svp.ops.kept): the
+        needs no gradient here (a frozen backbone, inference; svp.ops.kept_unless_trained): the
         exp is not recomputed, and the CPU scan keeps the tables it derives from A on it
-        (svp.ops.scan_cpu._tables; ~40 µs per direction and layer at batch 1). Formed outside
-        inference mode even inside it: a normal tensor serves both (an inference tensor could
-        not be saved by autograd later, and keeps nothing)."""
-        if A_log.requires_grad and torch.is_grad_enabled():
-            return -torch.exp(A_log.float())
-
-        def make():
-            with torch.inference_mode(False), torch.no_grad():
-                return -torch.exp(A_log.float())
-        return kept(A_log, "-exp", make)
+        (svp.ops.scan_cpu._tables; ~40 µs per direction and layer at batch 1)."""
+        return kept_unless_trained(A_log, "-exp", lambda a: -torch.exp(a.float()))
 
     def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
@@ -276,16 +269,11 @@ class BiMambaMixer(nn.Module):
     @staticmethod
     def _half(w):
         """out_proj's weight / 2. A weight that needs no gradient here (a frozen backbone: every
-        method but full fine-tuning) keeps its half on it (svp.ops.kept) while its values stay the
-        same: one (d_model, d_inner) multiply per layer and step less. A trained weight (full
-        fine-tuning; LoRA on out_proj, whose weight is formed per call) is halved per call."""
-        if w.requires_grad and torch.is_grad_enabled():
-            return w * 0.5
-
-        def make():
-            with torch.inference_mode(False), torch.no_grad():
-                return w * 0.5
-        return kept(w, "half", make)
+        method but full fine-tuning) keeps its half on it (svp.ops.kept_unless_trained) while its
+        values stay the same: one (d_model, d_inner) multiply per layer and step less. A trained
+        weight (full fine-tuning; LoRA on out_proj, whose weight is formed per call) is halved
+        per call."""
+        return kept_unless_trained(w, "half", lambda t: t * 0.5)
 
 
 class Block(nn.Module):

@@ -36,3 +36,19 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
             return value
     store[tag] = (key, value)
     return value
+
+
+def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tensor], T]) -> T:
+    """``fn(t)`` for a parameter the model derives a value from (the mixers' A from A_log, the
+    halved out_proj weight). While ``t`` needs no gradient here (a frozen backbone, or gradients
+    off) the value is kept on ``t`` (see ``kept``), formed without autograd and outside inference
+    mode even inside it: a normal tensor serves both (an inference tensor could not be saved by
+    autograd later, and keeps nothing). A trained ``t`` gets ``fn(t)`` on every call, which
+    autograd sees."""
+    if t.requires_grad and torch.is_grad_enabled():
+        return fn(t)
+
+    def make():
+        with torch.inference_mode(False), torch.no_grad():
+            return fn(t)
+    return kept(t, tag, make)
