@@ -196,6 +196,13 @@ def _descendants(pid):
     return out
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun_two(tmp_path, args, output_key, timeout=120):
     """``torchrun --nproc_per_node=2 <args> <output_key>=<fresh folder>``, each rank's output in
     files. Returns (exit code, torchrun's stderr and every rank's output, the output folder).
@@ -212,7 +219,10 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
     hung = []
     for attempt in range(2):
         log_dir, out_dir = tmp_path / f"torchrun-logs-{attempt}", tmp_path / f"torchrun-runs-{attempt}"
-        proc = subprocess.Popen([torchrun, "--nproc_per_node=2", "--log-dir", str(log_dir), "--redirects", "3",
+        # a free port, not torchrun's default 29500: with two test sessions at once, torch 2.1's
+        # torchrun failed to bind it in the second (seen; torch 2.14's did not)
+        proc = subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master-port={_free_port()}",
+                                 "--log-dir", str(log_dir), "--redirects", "3",
                                  *args, f"{output_key}={out_dir}"], env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
