@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-oldest oldest-deps demo bench clean browser-deps triton-compat
+.PHONY: install test test-oldest demo bench clean browser-deps triton-compat
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,14 +19,6 @@ install: $(STAMP)
 # The declared floor (constraints-oldest.txt, Python 3.9) in a second environment, same suite.
 OLDEST ?= .venv-oldest
 PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9) python3.9)
-# The floor environment's heavy pinned wheels alone, without the package (so nothing is written
-# into the source tree and it can run beside `make test`: .ci/run overlaps this download with
-# the main suite); `make test-oldest` then finds them installed.
-oldest-deps:
-	$(PY_OLDEST) -m venv $(OLDEST)
-	$(OLDEST)/bin/pip install -q --upgrade pip
-	$(OLDEST)/bin/pip install -q -c constraints-oldest.txt torch torchvision numba
-
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 	$(PY_OLDEST) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
