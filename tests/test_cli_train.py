@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,7 +198,6 @@ def _descendants(pid):
 
 
 def _free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -208,13 +208,13 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
     files. Returns (exit code, torchrun's stderr and every rank's output, the output folder).
 
     One launch in about fifty on a 2-core CI machine (floor environment, torch 2.1) hung: by the
-    state left behind, rank 0 had exited with status 0 before the process group
-    formed; rank 1 waited for it in the rendezvous; torchrun, which acts only on a failed rank,
-    waited for rank 1. Nothing svp runs before the process group can exit 0, and ~40 further
-    launches did not hang, so a hung launch is killed and tried once more, with a warning that
-    carries each rank's output; a second hang fails the test with it. Killed: torchrun and every
-    process below it (its ranks are in process groups of their own, so killing torchrun's group
-    left them running)."""
+    state left behind, rank 0 had exited with status 0 before the process group formed; rank 1
+    waited for it in the rendezvous; torchrun, which acts only on a failed rank, waited for rank 1.
+    Nothing svp runs before the process group can exit 0, and ~50 further launches did not hang,
+    so a hung launch is killed and tried once more, with a warning that carries each rank's
+    output; a second hang fails the test with it. Killed: torchrun and every process below it
+    (its ranks are in process groups of their own, so killing torchrun's group left them
+    running)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     hung = []
     for attempt in range(2):
