@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from proc_helpers import descendants, free_port
 from svp.cli import main as svp_main
 from svp.engine import config as C
 
@@ -178,31 +178,6 @@ def _rank_logs(log_dir, tail=2000):
     return "\n".join(parts) or "(no rank wrote anything)"
 
 
-def _descendants(pid):
-    """Every process below ``pid``, from /proc (Linux; elsewhere none are found)."""
-    children = {}
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])   # "pid (comm) state ppid ..."
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_two(tmp_path, args, output_key, timeout=120):
     """``torchrun --nproc_per_node=2 <args> <output_key>=<fresh folder>``, each rank's output in
     files. Returns (exit code, torchrun's stderr and every rank's output, the output folder).
@@ -221,7 +196,7 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
         log_dir, out_dir = tmp_path / f"torchrun-logs-{attempt}", tmp_path / f"torchrun-runs-{attempt}"
         # a free port, not torchrun's default 29500: with two test sessions at once, torch 2.1's
         # torchrun failed to bind it in the second (seen; torch 2.14's did not)
-        proc = subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master-port={_free_port()}",
+        proc = subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master-port={free_port()}",
                                  "--log-dir", str(log_dir), "--redirects", "3",
                                  *args, f"{output_key}={out_dir}"], env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -229,7 +204,7 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
             _, err = proc.communicate(timeout=timeout)
             return proc.returncode, f"torchrun:\n{err[-3000:]}\n{_rank_logs(log_dir)}", str(out_dir)
         except subprocess.TimeoutExpired:
-            for pid in [proc.pid] + _descendants(proc.pid):
+            for pid in [proc.pid] + descendants(proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -1,7 +1,6 @@
 """`svp serve` as a process: SIGTERM / Ctrl-C let the in-flight request finish, then exit 0."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,14 +11,9 @@ import pytest
 pytest.importorskip("uvicorn")
 
 import serve_helpers as H  # noqa: E402
+from proc_helpers import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -39,7 +33,7 @@ def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
     H.make_adapters(str(tmp_path / "ad"), names=["svp", "lora"])
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     # a 1.5 s batching window keeps the request in flight while the signal arrives
     proc = subprocess.Popen([sys.executable, "-m", "svp", "serve", "--adapters", str(tmp_path / "ad"),

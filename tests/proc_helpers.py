@@ -1,0 +1,29 @@
+"""Shared by the tests that start other processes: a free port, and the processes below one."""
+import os
+import socket
+
+
+def free_port():
+    """A TCP port nobody listens on now (bound to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """Every process below ``pid``, from /proc (Linux; elsewhere none are found)."""
+    children = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])   # "pid (comm) state ppid ..."
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
