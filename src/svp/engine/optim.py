@@ -44,10 +44,11 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim
     # a wrapper that exposes only trainable parameters, so the grouping (which also
     # reads the model's no_weight_decay()) never hands frozen tensors to the optimizer
     name = str(t["opt"]).lower()
-    if name.split("_")[-1] not in list_optimizers():
+    base = name.split("_")[-1]   # timm's spelling: lookahead_adamw -> adamw
+    if base not in list_optimizers():
         raise ConfigError(f"train.opt={t['opt']!r}: not an optimizer timm knows; e.g. adamw, sgd, momentum, "
                           f"lamb, lion (all: timm.optim.list_optimizers())")
-    if _use_fused(t["opt_fused"], name, trainable[0].device):
+    if _use_fused(t["opt_fused"], name, base, trainable[0].device):
         kwargs["fused"] = True
     try:
         return create_optimizer_v2(_Trainable(model), opt=str(t["opt"]), lr=lr,
@@ -69,11 +70,11 @@ def fused_available(device_type: str) -> bool:
         return False
 
 
-def _use_fused(setting, name: str, device: torch.device) -> bool:
-    """train.opt_fused resolved for optimizer ``name`` (timm's spelling) on ``device``."""
+def _use_fused(setting, name: str, base: str, device: torch.device) -> bool:
+    """train.opt_fused resolved for optimizer ``name`` (timm's spelling; ``base`` without its
+    wrappers' prefixes) on ``device``."""
     if setting is False:
         return False
-    base = name.split("_")[-1]
     if base not in _FUSED:
         if setting is True:
             raise ConfigError(f"train.opt_fused=true: only {' and '.join(_FUSED)} have a fused kernel, "
