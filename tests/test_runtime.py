@@ -86,3 +86,73 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert mine[0] == "mmap" and int(mine[1]) < 2000, mine
     assert theirs[0] == "None" and int(theirs[1]) > 20000, theirs
     assert _run(RUNTIME_ONLY + FAULTS, MALLOC_TRIM_THRESHOLD_="1000000")[0] == "left"
+
+
+GC_CHECK = RUNTIME_ONLY + """import gc, weakref
+class Node:
+    pass
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return a
+old = cycle()                  # the user's garbage from before the imports
+gone = weakref.ref(old)
+del old
+enabled, frozen = gc.isenabled(), gc.get_freeze_count()
+with rt.imports_outside_gc():
+    during = gc.isenabled()
+    made = [cycle() for _ in range(20000)]          # what an import makes and keeps
+gen2 = {id(o) for o in gc.get_objects(2)}
+in_oldest = sum(id(o) in gen2 for o in made)
+gc.collect()
+print(during, gc.isenabled() == enabled, gc.get_freeze_count() == frozen, in_oldest == len(made),
+      gone() is None, str(rt.status()['gc']).split()[0])
+"""
+
+
+@pytest.mark.slow  # starts processes
+def test_imports_run_with_the_collector_paused_and_land_in_the_oldest_generation():
+    """What svp imports skips the young generations' collections; nothing is left frozen, and
+    garbage made before the imports (the user's) is still collected."""
+    assert _run(GC_CHECK) == ["False", "True", "True", "True", "True", "imports"]
+    # the collector turned off by the user stays off, and nothing is moved
+    off = _run("import gc; gc.disable()\n" + GC_CHECK)
+    assert off[:3] == ["False", "True", "True"] and off[3] == "False" and off[5] == "left"
+    # objects the user froze stay frozen (an unfreeze would hand them back to the collector)
+    frozen = _run("import gc; keep = [[i] for i in range(1000)]; gc.freeze()\n" + GC_CHECK)
+    assert frozen[:3] == ["False", "True", "True"] and frozen[5] == "collection"
+    assert _run(GC_CHECK, SVP_NO_RUNTIME_DEFAULTS="1")[0] == "True"   # opted out: not even paused
+
+
+RUN_CHECK = """import atexit, gc, sys
+atexit.register(lambda: print("frozen", gc.get_freeze_count(), file=sys.stderr))
+from svp.cli import main
+main(["data", "list"])
+print("after main", gc.get_freeze_count(), file=sys.stderr)
+sys.argv = ["svp", "data", "list"]
+"""
+RUN_ENTRY = "from svp.cli import run\nrun()\n"
+RUN_MODULE = "import runpy\nrunpy.run_module('svp', run_name='__main__')\n"
+
+
+def _freeze_counts(code, **env):
+    base = {k: v for k, v in os.environ.items() if k != "SVP_NO_RUNTIME_DEFAULTS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "imagefolder" in out.stdout, out.stderr
+    return [int(line.split()[-1]) for line in out.stderr.splitlines() if line.startswith(("after main", "frozen"))]
+
+
+@pytest.mark.slow  # starts processes
+def test_the_svp_command_freezes_its_imports_and_main_does_not():
+    """`svp` (the console script, svp.cli:run, and python -m svp) freezes what it imported before
+    running its command; main(), which tests and scripts call in their own process, leaves the
+    collector alone, and so does the command with SVP_NO_RUNTIME_DEFAULTS set."""
+    from importlib.metadata import entry_points
+    eps = entry_points()
+    scripts = eps.select(group="console_scripts") if hasattr(eps, "select") else eps["console_scripts"]
+    assert {ep.name: ep.value for ep in scripts}.get("svp") == "svp.cli:run"
+    after_main, at_exit = _freeze_counts(RUN_CHECK + RUN_ENTRY)
+    assert after_main == 0 and at_exit > 100_000      # torch, timm, svp
+    assert _freeze_counts(RUN_CHECK + RUN_MODULE)[1] > 100_000
+    assert _freeze_counts(RUN_CHECK + RUN_ENTRY, SVP_NO_RUNTIME_DEFAULTS="1") == [0, 0]

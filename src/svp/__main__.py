@@ -1,5 +1,3 @@
-import sys
+from svp.cli import run
 
-from svp.cli import main
-
-sys.exit(main())
+run()

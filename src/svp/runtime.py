@@ -32,15 +32,32 @@ imported (before torch), and only where the user has not chosen them.
   781-796 -> 759-777 ms). The cost: the process keeps up to 256 MiB of freed heap for reuse.
   Applied whenever ``svp`` is imported (malloc reads it at each call, so order does not matter).
 
+* Python's cyclic garbage collector, around svp's own imports (``imports_outside_gc``). Importing
+  torch and timm (timm imports torchvision, which imports torch._dynamo) and svp makes ~630,000 objects
+  the collector tracks, nearly all of them alive until the process ends; with the collector running, each of them was
+  traversed by the young generations' collections as the imports went, and again by full
+  collections later. svp pauses automatic collection while it imports them, then moves every
+  tracked object straight to the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``): the
+  objects are the same and any garbage among them (the user's too) is still collected by the
+  next full collection; only the young generations' traversals are skipped. Not where the user
+  has turned the collector off (it stays off). The ``svp`` command goes one step further in a
+  process of its own (``freeze_imports``, called by ``svp.cli.run``): everything imported before
+  the command runs is frozen for the rest of the process, so no later collection, and not the
+  interpreter's shutdown, walks it again. Measured (docs/benchmarks.md, "Seventeenth round"):
+  ``import svp`` 2.84 -> 2.2-2.3 s; ``svp --help`` 4.17 -> 2.74 s; ``svp predict`` with one image,
+  Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
+
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
 import sys
 
-_state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None}
+_state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None, "gc": None}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
 MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit (half its heap size)
 TRIM_THRESHOLD = 256 * 2**20
@@ -83,7 +100,46 @@ def configure() -> dict:
     return status()
 
 
+@contextlib.contextmanager
+def imports_outside_gc():
+    """Run the ``with`` body (svp's imports) with automatic collection paused, then move every
+    tracked object to the oldest generation and resume (see the module docstring). Where the
+    collector is off, or SVP_NO_RUNTIME_DEFAULTS is set, the body runs as it is."""
+    if os.environ.get("SVP_NO_RUNTIME_DEFAULTS") or not gc.isenabled():
+        if _state["gc"] is None:
+            _state["gc"] = ("left alone (SVP_NO_RUNTIME_DEFAULTS)" if os.environ.get("SVP_NO_RUNTIME_DEFAULTS")
+                            else "left alone (the collector was off)")
+        yield
+        return
+    # (not with objects the user froze: unfreeze would hand them back to the collector)
+    promote = gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        yield
+    finally:
+        if promote:
+            gc.freeze()      # every tracked object -> the permanent generation,
+            gc.unfreeze()    # -> and back into the oldest: the young collections never see them
+        gc.enable()
+        if _state["gc"] is None:
+            _state["gc"] = ("imports promoted to the oldest generation (set by svp)" if promote
+                            else "collection paused during the imports (the user had frozen objects)")
+
+
+def freeze_imports() -> bool:
+    """For a process that runs one svp command and exits (``svp.cli.run``): freeze every object
+    tracked now (the imported modules, their functions and classes) out of the cyclic collector
+    for the rest of the process, so later full collections and the interpreter's shutdown skip
+    them. Not for a library call: garbage frozen now is never collected. Returns whether it froze
+    (not with SVP_NO_RUNTIME_DEFAULTS set, nor with the collector off)."""
+    if os.environ.get("SVP_NO_RUNTIME_DEFAULTS") or not gc.isenabled():
+        return False
+    gc.freeze()
+    _state["gc"] = "imports frozen for the command's process (svp.cli.run)"
+    return True
+
+
 def status() -> dict:
     """What ``configure`` found and did: {'omp_wait_policy': ..., 'applied_before_torch': ...,
-    'malloc': ...}."""
+    'malloc': ..., 'gc': ...}."""
     return dict(_state)
