@@ -16,6 +16,8 @@ def test_doctor_passes(capsys):
     import svp
     # how torch's threads wait, as svp.runtime set it (or found it)
     assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
+    # and what it did with the cyclic collector around svp's imports
+    assert svp.runtime.status()["gc"] and f"{'collector':14s} {svp.runtime.status()['gc']}" in out, out
     if importlib.util.find_spec("triton") is not None:
         # listed with its version and checked (through the interpreter when there is no GPU)
         assert any(line.split()[:1] == ["triton"] and line.split()[1][0].isdigit() for line in out.splitlines()), out

@@ -33,12 +33,20 @@ def _wait_policy() -> str:
     return str(st["omp_wait_policy"])
 
 
+def _collector() -> str:
+    """What svp.runtime did with Python's cyclic collector around svp's imports (and, in the
+    ``svp`` command's own process, after them)."""
+    from svp import runtime
+    return str(runtime.status()["gc"] or "not configured")
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
             ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
+            ("collector", _collector()),
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]

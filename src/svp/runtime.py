@@ -33,19 +33,19 @@ imported (before torch), and only where the user has not chosen them.
   Applied whenever ``svp`` is imported (malloc reads it at each call, so order does not matter).
 
 * Python's cyclic garbage collector, around svp's own imports (``imports_outside_gc``). Importing
-  torch and timm (timm imports torchvision, which imports torch._dynamo) and svp makes ~630,000 objects
-  the collector tracks, nearly all of them alive until the process ends; with the collector running, each of them was
-  traversed by the young generations' collections as the imports went, and again by full
-  collections later. svp pauses automatic collection while it imports them, then moves every
-  tracked object straight to the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``): the
-  objects are the same and any garbage among them (the user's too) is still collected by the
-  next full collection; only the young generations' traversals are skipped. Not where the user
-  has turned the collector off (it stays off). The ``svp`` command goes one step further in a
-  process of its own (``freeze_imports``, called by ``svp.cli.run``): everything imported before
-  the command runs is frozen for the rest of the process, so no later collection, and not the
-  interpreter's shutdown, walks it again. Measured (docs/benchmarks.md, "Seventeenth round"):
-  ``import svp`` 2.84 -> 2.2-2.3 s; ``svp --help`` 4.17 -> 2.74 s; ``svp predict`` with one image,
-  Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
+  torch, timm (which imports torchvision, which imports torch._dynamo) and svp makes ~630,000
+  objects the collector tracks, nearly all of them alive until the process ends; with the
+  collector running, the young generations' collections walked them as the imports went, and full
+  collections walked them again later. svp pauses automatic collection while it imports them, then
+  moves every tracked object straight to the oldest generation (``gc.freeze()`` then
+  ``gc.unfreeze()``): the objects are the same, and any garbage among them (the user's too) is
+  still collected by the next full collection; only the young generations' walks are skipped. Not
+  where the user has turned the collector off (it stays off) or frozen objects (they stay frozen).
+  The ``svp`` command goes one step further in a process of its own (``freeze_imports``, called
+  by ``svp.cli.run``): everything imported before the command runs is frozen for the rest of the
+  process, so no later collection, and not the interpreter's shutdown, walks it again. Measured
+  (docs/benchmarks.md, "Seventeenth round"): ``import svp`` 2.84 -> 2.2-2.3 s; ``svp --help``
+  4.17 -> 2.74 s; ``svp predict`` with one image, Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
 
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
