@@ -752,6 +752,36 @@ def test_predict_reads_16bit_images_through_the_shared_reader(tmp_path, capsys, 
     assert got[0]["top"] == got[1]["top"]    # was: the 16-bit image saturated to white
 
 
+def test_predict_classifies_batch_by_batch_in_the_images_order(tmp_path, capsys, monkeypatch, mini_run):
+    """--batch-size bounds the images in one forward; the predictions and their order are those of
+    one batch over all images; a batch size below 1 is one line naming the flag."""
+    rng = np.random.RandomState(0)
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    best = str(mini_run / "best")
+    assert svp_main(["predict", best, *paths, "--json", "--topk", "10"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    import svp.peft as peft
+    sizes = []
+    forward = peft.PeftModel.forward
+
+    def counted(self, x, *a, **k):
+        sizes.append(x.shape[0])
+        return forward(self, x, *a, **k)
+    monkeypatch.setattr(peft.PeftModel, "forward", counted)
+    assert svp_main(["predict", best, *paths, "--json", "--topk", "10", "--batch-size", "2"]) == 0
+    batched = json.loads(capsys.readouterr().out)
+    assert sizes == [2, 2, 1]
+    assert [p["image"] for p in batched] == [p["image"] for p in whole] == paths
+    for a, b in zip(whole, batched):
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
+    _one_line_error(capsys, svp_main(["predict", best, *paths, "--batch-size", "0"]), 2, "--batch-size", "0")
+    _one_line_error(capsys, svp_main(["eval", best, "--dataset", "digits", "--batch-size", "-1"]), 2, "--batch-size")
+
+
 def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypatch, mini_run):
     import timm.models._builder as builder
 

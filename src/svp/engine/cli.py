@@ -115,6 +115,8 @@ def register(subparsers) -> None:
     q.add_argument("adapter_dir", metavar="ADAPTER_DIR")
     q.add_argument("images", nargs="+", metavar="IMAGE")
     q.add_argument("--topk", type=int, default=5, help="number of classes to print (default 5)")
+    q.add_argument("--batch-size", type=int, default=32,
+                   help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
     _backbone_args(q)
     q.add_argument("--json", action="store_true", help="print the predictions as JSON")
     q.set_defaults(func=cmd_predict)
@@ -232,6 +234,11 @@ def _open_image(path, tf):
     return tf(load_image(path))
 
 
+def _check_batch_size(n: int) -> None:
+    if n < 1:
+        raise C.ConfigError(f"--batch-size must be >= 1, got {n}")
+
+
 def cmd_eval(args) -> int:
     import svp.data as data
 
@@ -239,6 +246,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .setup import Limited
 
+    _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
     ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
@@ -264,13 +272,18 @@ def cmd_predict(args) -> int:
 
     if args.topk < 1:
         raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")
+    _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
     tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
-    xs = [_open_image(path, tf) for path in args.images]
     names = spec.class_names
+    # batch by batch: a thousand images in one batch would hold a thousand images' activations
+    probs = []
     with torch.no_grad():
-        probs = model(torch.stack(xs).to(dev)).float().softmax(dim=1).cpu()
+        for i in range(0, len(args.images), args.batch_size):
+            xs = [_open_image(path, tf) for path in args.images[i:i + args.batch_size]]
+            probs.append(model(torch.stack(xs).to(dev)).float().softmax(dim=1).cpu())
+    probs = torch.cat(probs)
     k = min(args.topk, probs.shape[1])
     top = probs.topk(k, dim=1)
     out = []
