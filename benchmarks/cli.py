@@ -4,12 +4,16 @@ adapter, each a process of its own, timed from start to exit, at batch 1 and 32.
     python benchmarks/cli.py                                   # Vim-Small, 3 runs of each command
     python benchmarks/cli.py --models vim_tiny_patch16_224 vim_small_patch16_224 --runs 5
     python benchmarks/cli.py --src /path/to/other/checkout/src # the same commands, that tree's svp
+    python benchmarks/cli.py --models vim_base_patch16_224 --commands predict1 eval1 --no-in-process
 
 What it builds first (in a temporary folder, nothing downloaded): for each model, a random
-backbone (``random_init``, seed 0: the compute is the same as with the official weights) with an
-untrained SVP adapter (S = 6, r = 64) for 10 classes, saved as ``svp train`` saves one
-(``backbone.json`` + the adapter), and 64 JPEG images of 500 x 375 px (the size of a typical
-VTAB / FGVC photograph) in an ``imagefolder`` tree. One untimed ``svp predict`` per source tree
+backbone (``random_init``, seed 0: the compute is the same as with the official weights), saved
+as the official checkpoints are (a ``.pth`` with ``model``, ``model_ema``, ``optimizer`` with two
+AdamW moments, ``epoch`` and ``args``: four times the weights), with an untrained SVP adapter
+(S = 6, r = 64) for 10 classes on it, saved as ``svp train`` saves one (``backbone.json`` naming
+the checkpoint + the adapter; ``--weights random`` leaves the backbone to ``random_init`` in every
+command instead); and 64 JPEG images of 500 x 375 px (the size of a typical VTAB / FGVC
+photograph) in an ``imagefolder`` tree. One untimed ``svp predict`` per source tree
 (numba's kernel cache written or loaded). Then, per model and source tree, in turn:
 
 * ``svp --help``: the start-up every command pays (interpreter, imports, exit);
@@ -43,7 +47,7 @@ NUM_CLASSES = 10
 SETTING = {"shared_layers": 6, "hidden": 64}
 
 
-def build(root, model):
+def build(root, model, weights="checkpoint"):
     """An adapter folder for ``model`` and 64 images under ``root``."""
     sys.path.insert(0, SRC)
     import numpy as np
@@ -54,7 +58,20 @@ def build(root, model):
 
     spec = ModelSpec(model=model, random_init=True, init_seed=0, num_classes=NUM_CLASSES, img_size=224,
                      extra={"recipe": "svp"})
-    pm = get_peft_model(build_model(spec), make_config("svp", num_classes=NUM_CLASSES, **SETTING))
+    backbone = build_model(spec)
+    if weights == "checkpoint":
+        import torch
+        path = os.path.join(root, model, "backbone.pth")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sd = backbone.state_dict()
+        # what Vim's main.py saves (the released files): 4x the weights, of which a load needs 1x
+        moments = {i: {"step": torch.tensor(1.0), "exp_avg": v.clone(), "exp_avg_sq": v.clone()}
+                   for i, v in enumerate(sd.values())}
+        torch.save({"model": sd, "model_ema": {k: v.clone() for k, v in sd.items()}, "epoch": 299,
+                    "optimizer": {"state": moments, "param_groups": [{"lr": 5e-4, "params": list(moments)}]},
+                    "args": argparse.Namespace(model=model)}, path)
+        spec.checkpoint, spec.random_init = path, False
+    pm = get_peft_model(backbone, make_config("svp", num_classes=NUM_CLASSES, **SETTING))
     adapter = os.path.join(root, model, "adapter")
     pm.save(adapter)
     with open(os.path.join(adapter, "backbone.json"), "w", encoding="utf-8") as f:
@@ -72,14 +89,19 @@ def build(root, model):
     return adapter, data, images
 
 
-def commands(adapter, data, images):
-    """(name, svp arguments, images it classifies)."""
+COMMANDS = ("help", "predict1", "predict32", "eval1", "eval32")
+
+
+def commands(adapter, data, images, only=COMMANDS):
+    """(name, svp arguments, images it classifies) of the commands in ``only``; ``svp --help``
+    always (the start-up the others are measured beyond)."""
     ev = ["eval", adapter, "--dataset", "imagefolder", "--data-root", data, "--split", "test"]
-    return [("svp --help", ["--help"], 0),
-            ("predict, 1 image", ["predict", adapter, images[0], "--json"], 1),
-            ("predict, 32 images (one batch)", ["predict", adapter, *images[:32], "--json"], 32),
-            ("eval, batch 1, 8 images", ev + ["--batch-size", "1", "--max-samples", "8"], 8),
-            ("eval, batch 32, 64 images", ev + ["--batch-size", "32"], 64)]
+    cmds = {"help": ("svp --help", ["--help"], 0),
+            "predict1": ("predict, 1 image", ["predict", adapter, images[0], "--json"], 1),
+            "predict32": ("predict, 32 images (one batch)", ["predict", adapter, *images[:32], "--json"], 32),
+            "eval1": ("eval, batch 1, 8 images", ev + ["--batch-size", "1", "--max-samples", "8"], 8),
+            "eval32": ("eval, batch 32, 64 images", ev + ["--batch-size", "32"], 64)}
+    return [cmds[k] for k in COMMANDS if k == "help" or k in only]
 
 
 def timed(args, src):
@@ -135,19 +157,25 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3, help="processes per command (best is reported)")
     ap.add_argument("--reps", type=int, default=3, help="forwards per batch size in the in-process part")
     ap.add_argument("--src", nargs="*", default=[], help="other trees' src folders to run alongside")
+    ap.add_argument("--weights", choices=["checkpoint", "random"], default="checkpoint",
+                    help="the backbone from a checkpoint file, as users load the official weights (default), "
+                         "or drawn by random_init in every command")
+    ap.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS),
+                    help="which commands to time (svp --help always)")
+    ap.add_argument("--no-in-process", action="store_true", help="skip the in-process part")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     trees = [None] + [os.path.abspath(s) for s in a.src]
     label = {None: "this tree"} | {s: s for s in trees[1:]}
-    print(f"# {os.cpu_count()} cpus; load average {os.getloadavg()}", flush=True)
+    print(f"# {os.cpu_count()} cpus; load average {os.getloadavg()}; backbone weights: {a.weights}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="svp-cli-bench-") as root:
         for model in a.models:
-            adapter, data, images = build(root, model)
-            cmds = commands(adapter, data, images)
+            adapter, data, images = build(root, model, a.weights)
+            cmds = commands(adapter, data, images, a.commands)
             walls = {(name, t): [] for name, _, _ in cmds for t in trees}
             for t in trees:   # untimed: numba's cache of each tree's kernels written or loaded once
-                timed(cmds[1][1], t)
+                timed(commands(adapter, data, images, ["predict1"])[1][1], t)
             for _ in range(a.runs):
                 for name, args, _ in cmds:
                     for t in trees:
@@ -160,6 +188,8 @@ def main(argv=None):
                                  "runs_s": walls[(name, t)], "startup_s": start})
                     print(f"{model} [{label[t]}] {name}: best {best:.2f} s of {len(walls[(name, t)])} "
                           f"({', '.join(f'{w:.2f}' for w in walls[(name, t)])})", flush=True)
+            if a.no_in_process:
+                continue
             stages = in_process(adapter, images, a.reps)
             rows.append({"model": model, "tree": label[None], "command": "in process", **stages})
             print(f"{model} in process: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)

@@ -58,3 +58,82 @@ def test_predict_with_another_model_and_no_weights_fails_fast_without_the_hub(tm
     # the bundled base: the adapter fits, predictions come out
     assert svp_main(["predict", str(tmp_path / "ad"), str(img), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 4
+
+
+def _checkpoint_and_adapters(tmp_path, methods):
+    """A random TINY backbone saved as a checkpoint, and an adapter of each method trained on it
+    (parameters perturbed so that no adapter tensor keeps its init)."""
+    import svp.peft as peft
+    from safetensors.torch import save_file
+    base = build_model(ModelSpec("vim_tiny_patch16_224", kwargs=TINY, num_classes=5, random_init=True,
+                                 init_seed=7))
+    ckpt = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if not k.startswith("head.")}, str(ckpt))
+    spec = ModelSpec("vim_tiny_patch16_224", checkpoint=str(ckpt), kwargs=TINY, num_classes=5, init_seed=0)
+    dirs = {}
+    for method in methods:
+        extra = {"shared_layers": 1} if method == "svp" else {}
+        model = peft.get_peft_model(build_model(spec), peft.make_config(method, num_classes=5, **extra))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        dirs[method] = str(tmp_path / method)
+        model.save(dirs[method], base_model_name="vim_tiny_patch16_224")
+    return spec, dirs
+
+
+def test_an_adapted_checkpoint_is_built_without_random_init_and_gives_the_same_logits(tmp_path, monkeypatch):
+    import svp.peft as peft
+    from svp.build import build_backbone
+    from svp.models.vim import BiMambaMixer, VisionMamba
+    spec, dirs = _checkpoint_and_adapters(tmp_path, ["svp", "bitfit", "lora", "full"])
+    x = torch.randn(3, 3, 32, 32)
+    for method, adapter_dir in dirs.items():
+        # the reference: the backbone randomly initialised first, as training builds it
+        ref = peft.load_adapter(build_backbone(spec), adapter_dir).eval()
+        calls = []
+        monkeypatch.setattr(VisionMamba, "init_weights", lambda self: calls.append("model"))
+        monkeypatch.setattr(BiMambaMixer, "_init_dt_proj", lambda self, *a: calls.append("dt"))
+        rng = torch.get_rng_state()
+        head = build_backbone(spec, skip_init=True).head  # the checkpoint has none: initialised alone
+        assert torch.equal(torch.get_rng_state(), rng)  # under init_seed
+        assert torch.equal(head.bias, torch.zeros(5)) and 0.01 < float(head.weight.detach().std()) < 0.03
+        fast = build_model(spec, adapter_dir).eval()
+        monkeypatch.undo()
+        assert calls == [], f"{method}: the backbone under an adapter was randomly initialised first"
+        with torch.no_grad():
+            assert torch.equal(fast(x), ref(x)), method
+        assert all(torch.isfinite(t).all() for t in fast.state_dict().values())
+    # without an adapter (what training builds) the random init still runs, under init_seed
+    calls = []
+    monkeypatch.setattr(VisionMamba, "init_weights", lambda self: calls.append("model"))
+    build_model(spec)
+    assert calls == ["model"]
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_on_the_uninitialised_path_too(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from svp.errors import CheckpointError
+    spec, dirs = _checkpoint_and_adapters(tmp_path, ["linear"])
+    sd = load_file(spec.checkpoint)
+    del sd["layers.1.mixer.D_b"]
+    save_file(sd, spec.checkpoint)
+    with pytest.raises(CheckpointError, match="1 missing: layers.1.mixer.D_b"):
+        build_model(spec, dirs["linear"])
+
+
+def test_a_model_with_a_buffer_no_checkpoint_holds_is_built_the_ordinary_way(tmp_path, monkeypatch):
+    from svp.build import build_backbone
+    from svp.models.vim import VisionMamba
+    spec, _ = _checkpoint_and_adapters(tmp_path, [])
+    init = VisionMamba.__init__
+
+    def with_table(self, *a, **kw):
+        init(self, *a, **kw)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    monkeypatch.setattr(VisionMamba, "__init__", with_table)
+    model = build_backbone(spec, skip_init=True)
+    assert torch.equal(model.table, torch.arange(4.0))
+    assert torch.equal(model.state_dict()["layers.0.mixer.D"], build_backbone(spec).state_dict()["layers.0.mixer.D"])

@@ -50,6 +50,23 @@ def test_restricted_load_reads_what_plain_torch_load_reads(tmp_path, zipfile):
     back = restricted_torch_load(path)
     assert_same(back, torch.load(path, map_location="cpu", weights_only=False))
     assert_same(back, ckpt)
+    if zipfile:
+        assert_same(restricted_torch_load(path, mmap=True), ckpt)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_read_checkpoint_maps_a_zip_checkpoint_and_never_writes_to_it(tmp_path, zipfile):
+    from svp.models import read_checkpoint
+    ckpt = official_style_checkpoint()
+    path = tmp_path / "vim.pth"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zipfile)
+    before = path.read_bytes()
+    back = read_checkpoint(path)  # memory-mapped when zipped: the loader must not care
+    assert_same(back, ckpt)
+    back["model"]["weight"].mul_(2)  # callers adapt tensors in place (copy on write, never the file)
+    del back
+    assert path.read_bytes() == before
+    assert_same(read_checkpoint(path), ckpt)
 
 
 class OpensAFile:

@@ -134,6 +134,16 @@ def test_load_refuses_other_base_weights(tmp_path):
     assert load_adapter(nine, tmp_path / "ad")(images()).shape == (2, 5)
 
 
+def test_load_hashes_the_base_weights_once_and_records_that_hash(tmp_path, monkeypatch):
+    import svp.peft.base as base
+    peft = get_peft_model(tiny(), make_config("lora"))
+    peft.save(tmp_path / "ad")
+    calls = []
+    monkeypatch.setattr(base, "base_weights_hash", lambda m: calls.append(1) or base_weights_hash(m))
+    assert load_adapter(tiny(), tmp_path / "ad").base_hash == peft.base_hash and len(calls) == 1
+    assert load_adapter(tiny(), tmp_path / "ad", check_hash=False).base_hash == peft.base_hash and len(calls) == 2
+
+
 def test_hash_is_deterministic_and_sensitive():
     a, b = tiny(), tiny()
     assert base_weights_hash(a) == base_weights_hash(b)

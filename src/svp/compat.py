@@ -12,6 +12,7 @@ from __future__ import annotations
 import _compat_pickle
 import argparse
 import collections
+import os
 import pickle
 import types
 from typing import Any, Dict
@@ -92,8 +93,9 @@ restricted_pickle.Unpickler = RestrictedUnpickler
 restricted_pickle.load = _restricted_load
 
 
-def restricted_torch_load(path) -> Any:
+def restricted_torch_load(path, mmap: bool = False) -> Any:
     """``torch.load(path)`` onto the CPU through ``RestrictedUnpickler``. ``weights_only`` must
     be False here only because torch refuses a custom ``pickle_module`` with it; the allow-list
     above is what keeps arbitrary code from running."""
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    return torch.load(os.fspath(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
+                      mmap=mmap)  # torch 2.1 maps only a str path

@@ -118,7 +118,8 @@ class BiMambaMixer(nn.Module):
     SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto",
-                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, divide_out=True):
+                 dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4, dt_scale=1.0, divide_out=True,
+                 weight_init="official"):
         super().__init__()
         self.d_model = d_model
         self.d_state = d_state
@@ -145,8 +146,9 @@ class BiMambaMixer(nn.Module):
         self.x_proj_b = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj_b = nn.Linear(R, E, bias=True)
         self.out_proj = nn.Linear(E, d_model, bias=False)
-        for dt_proj in (self.dt_proj, self.dt_proj_b):
-            self._init_dt_proj(dt_proj, dt_scale, dt_min, dt_max, dt_init_floor)
+        if weight_init != "skip":
+            for dt_proj in (self.dt_proj, self.dt_proj_b):
+                self._init_dt_proj(dt_proj, dt_scale, dt_min, dt_max, dt_init_floor)
 
         # Set by analysis code (svp.viz) to observe the gates the scan actually uses:
         # gate_hook(mixer, direction, delta, delta_bias, A, B, C) with delta (b, l, E)
@@ -316,10 +318,15 @@ class VisionMamba(nn.Module):
     def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, num_classes=1000,
                  embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, drop_rate=0.0,
                  drop_path_rate=0.1, norm_eps=1e-5, residual_in_fp32=True, divide_out=True,
-                 global_pool="token"):
+                 global_pool="token", weight_init="official"):
+        # weight_init="skip" (timm's name) leaves every tensor as allocated: for a caller that
+        # builds on the meta device and then loads every tensor (svp.build, a checkpoint
+        # under an adapter); the official init costs Vim-B 0.7 s of CPU.
         super().__init__()
         if global_pool != "token":
             raise ValueError(f"VisionMamba supports only the middle class token as pooling, got {global_pool!r}")
+        if weight_init not in ("official", "skip"):
+            raise ValueError(f"VisionMamba weight_init must be 'official' or 'skip', got {weight_init!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
@@ -332,15 +339,18 @@ class VisionMamba(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # Block b gets entry b of [0] + linspace(0, rate, depth): blocks 0 and 1 both have 0,
-        # the last has rate*(depth-2)/(depth-1). The final add uses the full rate.
-        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()
+        # the last has rate*(depth-2)/(depth-1). The final add uses the full rate. (On the CPU
+        # even inside a meta-device context: these are plain floats.)
+        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.layers = nn.ModuleList([
-            Block(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, divide_out=divide_out),
+            Block(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, divide_out=divide_out,
+                                            weight_init=weight_init),
                   drop_path=dpr[i], norm_eps=norm_eps, residual_in_fp32=residual_in_fp32)
             for i in range(depth)])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
-        self.init_weights()
+        if weight_init != "skip":
+            self.init_weights()
 
     # -- initialisation (the official recipe: trunc-normal tokens and head, mamba's
     # kaiming out_proj rescaled by sqrt(depth)) -------------------------------------

@@ -212,6 +212,12 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     """Apply ``config`` (see ``make_config``) to a VisionMamba. The returned PeftModel
     holds ``model`` as ``.base_model``; only the method's parameters and the head are
     trainable. A model can carry one method at a time (``PeftModel.unload`` to remove it)."""
+    return _attach(model, config)
+
+
+def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None) -> PeftModel:
+    # base_hash: the pristine backbone's, when the caller has just computed it (hashing Vim-B's
+    # weights takes ~0.3 s; load_adapter needs it to check the adapter first)
     if not hasattr(model, "forward_features") or not hasattr(model, "layers"):
         raise TypeError(f"get_peft_model expects a svp VisionMamba, got {type(model).__name__}")
     if getattr(model, _ATTACHED, False):
@@ -220,7 +226,8 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config must be a PeftConfig (see svp.peft.make_config), got {type(config).__name__}")
     _, method_cls = get_method(config.method)
-    base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
+    if base_hash is None:
+        base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
     _set_head(model, config)
     method = method_cls(config, model)
     freeze_for(model, method)
@@ -244,6 +251,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    have = None
     if check_hash:
         have = base_weights_hash(model)
         want = cfg["base_model_hash"]
@@ -253,7 +261,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
                 f"{want}, but the model given has weight hash {have}; load the same base weights "
                 f"(or pass check_hash=False to force it)")
     config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
-    peft = get_peft_model(model, config)
+    peft = _attach(model, config, base_hash=have)
     try:
         state = load_file(weights, device="cpu")
     except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
