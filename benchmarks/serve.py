@@ -175,7 +175,7 @@ def probe(kind, adapters_dir, threads):
     import svp
     from svp.serve import MultiAdapterModel
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # as `svp serve --threads` does (svp's kernels follow it)
     x = torch.randn(16, 3, 32, 32)
     H.mini_backbone()(x[:1])  # the runtime (torch, timm, numba kernels) before what is measured
     out = {"kind": kind, "runtime_mb": vmhwm_mb(key="VmRSS")}
@@ -212,7 +212,7 @@ def model_cpu(adapters_dir, threads, reps=5):
 
     from svp.serve import MultiAdapterModel
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # as `svp serve --threads` does (svp's kernels follow it)
     m = MultiAdapterModel(H.mini_backbone())
     for n in MIXED8:
         m.add_adapter(n, os.path.join(adapters_dir, n))
@@ -240,7 +240,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=480)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
+    ap.add_argument("--threads", type=int, default=1, help="threads in the server (svp serve --threads)")
     ap.add_argument("--modes", default="mixed,per_adapter,batch1")
     ap.add_argument("--max-batch", type=int, default=16, help="the server's batch limit (mixed, per_adapter; default 16, as svp serve)")
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -259,12 +259,12 @@ def main(argv=None):
             H.make_adapter(os.path.join(extra, f"svp{i}"), method, settings, seed=100 + i)
         images = [H.png_bytes(32, seed=i) for i in range(8)]
         cpu = model_cpu(served, args.threads)
-        print("model alone, CPU ms for 16 samples (in this process, torch threads "
+        print("model alone, CPU ms for 16 samples (in this process, threads "
               f"{args.threads}; load {loadavg()}):")
         for k, v in cpu.items():
             print(f"  {k}: {v:.0f} ms ({v / 16:.1f} ms/sample)")
         print(f"# svp serve load test: mini Vim + 8 adapters ({', '.join(MIXED8)}), {args.clients} clients, "
-              f"{args.requests} requests, server torch threads {args.threads}, --max-batch {args.max_batch}, "
+              f"{args.requests} requests, server threads {args.threads}, --max-batch {args.max_batch}, "
               f"{os.cpu_count()} CPUs")
         results = [run_mode(m, served, args.requests, args.clients, args.threads, images, args.max_batch)
                    for m in args.modes.split(",")]

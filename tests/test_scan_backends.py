@@ -302,17 +302,18 @@ def test_cpu_more_than_16_states_and_the_same_bits_on_any_thread_count():
     # cancelling sum; reversal is covered by the other tests)
     check("cpu", make(2, 70, 21, 33, groups=2, seed=14), last=True)
     args = make(2, 200, 40, 17, groups=4, seed=15)
-    before = numba.get_num_threads()
+    before = torch.get_num_threads()   # the kernels take torch's count (scan_cpu.follow_torch_threads)
     res = []
     try:
         for nt in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(nt)
+            torch.set_num_threads(nt)
             xs = [a.detach().clone().requires_grad_() for a in args]
             out, last = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True)
             (out.square().sum() + last.sum()).backward()
+            assert numba.get_num_threads() == nt
             res.append([out, last] + [x.grad for x in xs])
     finally:
-        numba.set_num_threads(before)
+        torch.set_num_threads(before)
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
@@ -342,10 +343,11 @@ def test_cpu_scratch_left_uninitialised_is_written_before_it_is_read():
             del junk
 
     args = make(2, 130, 45, N, seed=16)   # a partial channel block, a partial state group, 2 chunks
-    before = numba.get_num_threads()
+    before, before_torch = numba.get_num_threads(), torch.get_num_threads()
     res = []
     try:
-        numba.set_num_threads(1)
+        torch.set_num_threads(1)   # the kernels follow it
+        numba.set_num_threads(1)   # (and first_alloc_nans below, which is no kernel of svp's)
         first_alloc_nans(4)
         poison()
         assert first_alloc_nans((K + 1) * NV) > 0   # the poisoning reaches fresh scratch
@@ -359,6 +361,7 @@ def test_cpu_scratch_left_uninitialised_is_written_before_it_is_read():
             out.square().sum().backward()
             res.append([out] + [x.grad for x in xs])
     finally:
+        torch.set_num_threads(before_torch)
         numba.set_num_threads(before)
     for a, b in zip(*res):
         assert torch.isfinite(b).all() and torch.equal(a, b)

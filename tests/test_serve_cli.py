@@ -64,3 +64,38 @@ def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
             proc.wait()
     assert result and result[0][0] == 200, (result, err)
     assert rc == 0, err
+
+
+THREADED = """import json, os, sys
+sys.path.insert(0, {tests!r})
+import numba
+import serve_helpers as H
+import torch
+from svp.serve.app import build_app
+from svp.serve.model import MultiAdapterModel
+seen = []
+forward = MultiAdapterModel.forward
+def recording(self, *a, **k):
+    out = forward(self, *a, **k)
+    seen.append(numba.get_num_threads())   # what this thread's kernels ran on
+    return out
+MultiAdapterModel.forward = recording
+torch.set_num_threads(1)                        # what `svp serve --threads 1` does first
+app, _ = build_app(H.make_adapters({root!r}, names=["svp"]))
+s = H.ServerThread(app).start()
+status, _ = H.predict(s.url, H.png_bytes(40), "svp")
+s.stop()
+print(json.dumps({{"status": status, "seen": seen, "pool": numba.config.NUMBA_NUM_THREADS}}))
+"""
+
+
+@pytest.mark.slow  # starts a process
+def test_serve_threads_reach_the_kernels_in_the_inference_thread(tmp_path):
+    """--threads sets torch's count; numba's is per thread, and the server's model thread never
+    set it: the kernels must follow torch's there too (they ran on every core before)."""
+    import json
+    code = THREADED.format(tests=os.path.join(ROOT, "tests"), root=str(tmp_path / "ad"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["status"] == 200 and res["seen"] and set(res["seen"]) == {1}, res

@@ -272,7 +272,8 @@ def register(subparsers):
     p.add_argument("--methods", default="linear,vpt_deep,svp", help="comma-separated (default linear,vpt_deep,svp)")
     p.add_argument("--max-train-samples", type=int, default=None, help="use only N training images (smoke test)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only N val/test images (smoke test)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads: torch's, which svp's kernels follow (default: one per core)")
     p.add_argument("--no-figure", action="store_true", help="skip the gate-activation figure")
     p.add_argument("--quiet", action="store_true", help="no per-step progress")
     p.set_defaults(func=_main)
@@ -290,9 +291,12 @@ def _main(args) -> int:
         print(f"svp demo: unknown method(s) {unknown}; choose from {', '.join(peft.list_methods())}",
               file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"svp demo: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
         import torch
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # svp's CPU kernels follow it
     if args.select_lr:
         try:
             grid = [float(v) for v in args.select_lr.split(",") if v.strip()]

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="decoded image size limit")
     p.add_argument("--batching", choices=("mixed", "per_adapter"), default="mixed",
                    help="mixed: any mix of adapters in one batch; per_adapter: one pass per adapter (comparison)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for inference (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for inference: torch's, which svp's CPU kernels follow (default: one per core)")
     p.set_defaults(func=run)
 
 
@@ -64,8 +65,10 @@ def run(args) -> int:
 
     if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ConfigError("--max-batch must be >= 1, --window-ms >= 0, --max-upload-mb and --max-pixels > 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
     app, report = build_app(args.adapters, args.model, args.checkpoint, cfg)

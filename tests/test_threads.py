@@ -1,0 +1,47 @@
+"""svp's fused CPU kernels run on as many threads as torch's operators, in every thread: numba's
+own count is per thread and starts at its whole pool, so a thread or a process limited to one
+thread (torch.set_num_threads, OMP_NUM_THREADS, torchrun, svp serve --threads) ran its kernels on
+every core."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("numba")
+
+CHILD = """import json, threading
+import torch
+import svp
+from svp.ops.norm_cpu import add_rms_norm_cpu
+h, w = torch.randn(2, 9, 64), torch.ones(64)
+def kernel_threads():
+    add_rms_norm_cpu(h, None, w, 1e-5)
+    import numba
+    return numba.get_num_threads()
+out = {}
+import numba
+from svp.ops import scan_cpu
+out["pool"], out["picked"] = numba.config.NUMBA_NUM_THREADS, scan_cpu.THREADING_LAYER
+for n in (1, 2):
+    torch.set_num_threads(n)
+    out[f"main_{n}"] = kernel_threads()
+    t = threading.Thread(target=lambda: out.__setitem__(f"thread_{n}", kernel_threads()))
+    t.start()
+    t.join()
+torch.set_num_threads(64)
+out["asked_64"] = kernel_threads()
+out["layer"] = numba.threading_layer()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # starts a process
+def test_the_kernels_follow_torchs_thread_count_in_every_thread():
+    out = json.loads(subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
+                                    check=True).stdout.strip().splitlines()[-1])
+    pool = out["pool"]
+    assert out["main_1"] == 1 and out["thread_1"] == 1          # a new thread too (numba would give it the pool)
+    assert out["main_2"] == min(2, pool) and out["thread_2"] == min(2, pool)
+    assert out["asked_64"] == pool                               # never more than numba's pool
+    assert out["layer"] == (out["picked"] or out["layer"])       # the layer svp picked
