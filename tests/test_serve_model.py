@@ -28,10 +28,18 @@ def test_mixed_batch_equals_each_adapter_alone(adapters):
     order = torch.randperm(len(names)).tolist()
     names = [names[i] for i in order]
     x = torch.randn(len(names), 3, 32, 32)
-    passes = []
+    passes, in_proj_hooked = [], []
     hook = model.backbone.norm_f.register_forward_hook(lambda m, a, o: passes.append(o.shape))
+    mixer = model.backbone.layers[0].mixer
+    seen = mixer.register_forward_pre_hook(
+        lambda m, a: in_proj_hooked.append((bool(m.in_proj._forward_hooks), m.in_proj_hook is not None)))
     out = model(x, names)
     hook.remove()
+    seen.remove()
+    # LoRA's rows on in_proj go through the mixer's in_proj_hook, not a module hook, which would
+    # take the two half products from every row of the pass; nothing is left set after it
+    assert (False, True) in in_proj_hooked and all(not h for h, _ in in_proj_hooked)
+    assert mixer.in_proj_hook is None and not mixer.in_proj._forward_hooks
     # one shared pass for the base token layout, one for the VPT layout (both VPT adapters:
     # 4 middle tokens); the full fine-tune runs on its own model
     assert len(passes) == 2 and sorted(p[1] for p in passes) == [65, 69]

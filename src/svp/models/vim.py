@@ -158,6 +158,10 @@ class BiMambaMixer(nn.Module):
         # dt_proj, BitFit's dt bias): delta_hook(mixer, direction, dt, delta) -> delta, with dt
         # (b, l, R) the input of dt_proj and delta = F.linear(dt, dt_proj.weight) (b, l, E).
         self.delta_hook = None
+        # Set by svp.serve to change in_proj's output per sample (LoRA on in_proj) without a
+        # module hook, which would take the two half products below from the whole batch:
+        # in_proj_hook(mixer, hidden, x, z) -> (x, z), each (b, l, E).
+        self.in_proj_hook = None
 
     def _init_dt_proj(self, dt_proj, dt_scale, dt_min, dt_max, dt_init_floor):
         std = self.dt_rank ** -0.5 * dt_scale
@@ -246,6 +250,8 @@ class BiMambaMixer(nn.Module):
             bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
             x = F.linear(hidden, wx, bx)
             z = F.linear(hidden, wz, bz)
+        if self.in_proj_hook is not None:
+            x, z = self.in_proj_hook(self, hidden, x, z)
         fwd = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
         bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
         if _fused_bi_scan(x, z):

@@ -17,7 +17,9 @@ pass (per sequence layout, see below), each sample getting its own adapter:
 - LoRA: the frozen projection runs once for the whole batch; for the rows of each LoRA
   adapter the low-rank part ``scale * x A^T B^T`` (``LoRAParametrization.delta``) is added
   to its output (module forward hooks; for ``dt_proj``, which the mixer reads as a weight,
-  through ``BiMambaMixer.delta_hook``), as multi-LoRA LLM servers do; never merged;
+  through ``BiMambaMixer.delta_hook``, and for ``in_proj``, whose two half products a module
+  hook would replace for the whole batch, through ``BiMambaMixer.in_proj_hook``), as
+  multi-LoRA LLM servers do; never merged;
 - BitFit: per-sample biases: the depthwise conv biases as (b, 1, E) tensors standing in for
   the conv modules' bias parameters during the pass, the time-step and patch-embedding biases as the difference
   to the frozen bias added to the rows of that adapter;
@@ -149,6 +151,7 @@ class _Plan:
         self.layer_hooks: List[Tuple[slice, object]] = []
         # keyed by the backbone's modules themselves: the pass registers its hooks on the keys
         self.linear: Dict[nn.Module, List[Tuple[slice, nn.Module]]] = {}
+        self.in_proj: Dict[nn.Module, List[Tuple[slice, nn.Module]]] = {}   # mixer -> LoRA rows on in_proj
         self.delta: Dict[Tuple[nn.Module, str], List[Tuple[slice, Optional[nn.Module], Optional[torch.Tensor]]]] = {}
         self.mixer: Dict[nn.Module, List[Tuple[slice, object]]] = {}
         self.patch: List[Tuple[slice, torch.Tensor]] = []
@@ -262,6 +265,16 @@ class MultiAdapterModel(nn.Module):
             output[rows] = hook(module, (args[0][rows],), output[rows])
         return output
 
+    def _in_proj_hook(self, mixer, hidden, x, z):
+        # LoRA on in_proj through the mixer's own hook: a module hook would make the mixer run
+        # in_proj as one product and a chunk for the whole batch (strided x and z, copied later)
+        E = x.shape[-1]
+        for rows, param in self._plan.in_proj[mixer]:
+            upd = param.delta(hidden[rows]).to(x.dtype)
+            x[rows] += upd[..., :E]
+            z[rows] += upd[..., E:]
+        return x, z
+
     def _delta_hook(self, mixer, direction, dt, delta):
         for rows, lora, bias in self._plan.delta.get((mixer, direction), ()):
             upd = None
@@ -341,7 +354,10 @@ class MultiAdapterModel(nn.Module):
             if e.peft.method.uses_hook:
                 plan.layer_hooks.append((rows, e.peft.method))
             for path, param in e.lora_linear.items():
-                plan.linear.setdefault(modules[path], []).append((rows, param))
+                if path.endswith(".in_proj"):
+                    plan.in_proj.setdefault(mixers[int(path.split(".")[1])], []).append((rows, param))
+                else:
+                    plan.linear.setdefault(modules[path], []).append((rows, param))
             for (i, d) in set(e.lora_dt) | set(e.dt_bias):
                 plan.delta.setdefault((mixers[i], d), []).append(
                     (rows, e.lora_dt.get((i, d)), e.dt_bias.get((i, d))))
@@ -365,6 +381,8 @@ class MultiAdapterModel(nn.Module):
             for mixer in {m for m, _direction in plan.delta}:
                 mixer.delta_hook = self._delta_hook
                 delta_mixers.append(mixer)
+            for mixer in plan.in_proj:
+                mixer.in_proj_hook = self._in_proj_hook
             # BitFit's per-sample conv biases: the (b, 1, E) tensors stand in for the conv modules'
             # bias parameters during this pass (what torch.func.functional_call does, without its
             # walk over the whole module tree on every batch); restored below whatever happens.
@@ -380,6 +398,8 @@ class MultiAdapterModel(nn.Module):
                 mod._parameters[attr] = param
             for mixer in delta_mixers:
                 mixer.delta_hook = None
+            for mixer in plan.in_proj:
+                mixer.in_proj_hook = None
             for h in handles:
                 h.remove()
             self._plan = None
