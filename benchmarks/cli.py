@@ -60,16 +60,10 @@ def build(root, model, weights="checkpoint"):
                      extra={"recipe": "svp"})
     backbone = build_model(spec)
     if weights == "checkpoint":
-        import torch
+        from load import save_official_style   # benchmarks/load.py: the released files' layout
         path = os.path.join(root, model, "backbone.pth")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        sd = backbone.state_dict()
-        # what Vim's main.py saves (the released files): 4x the weights, of which a load needs 1x
-        moments = {i: {"step": torch.tensor(1.0), "exp_avg": v.clone(), "exp_avg_sq": v.clone()}
-                   for i, v in enumerate(sd.values())}
-        torch.save({"model": sd, "model_ema": {k: v.clone() for k, v in sd.items()}, "epoch": 299,
-                    "optimizer": {"state": moments, "param_groups": [{"lr": 5e-4, "params": list(moments)}]},
-                    "args": argparse.Namespace(model=model)}, path)
+        save_official_style(backbone.state_dict(), path, model)
         spec.checkpoint, spec.random_init = path, False
     pm = get_peft_model(backbone, make_config("svp", num_classes=NUM_CLASSES, **SETTING))
     adapter = os.path.join(root, model, "adapter")

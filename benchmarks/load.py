@@ -47,23 +47,35 @@ print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": peak / 1024
 """
 
 
+def save_official_style(state_dict, path, model):
+    """Save ``state_dict`` as Vim's ``main.py`` saves the released checkpoints: ``model``,
+    ``model_ema``, ``optimizer`` with two AdamW moments per weight, ``epoch``, ``args`` (four
+    times the weights, of which a load needs one). Also used by benchmarks/cli.py."""
+    import argparse as _argparse
+
+    import torch
+    moments = {i: {"step": torch.tensor(1.0), "exp_avg": v.clone(), "exp_avg_sq": v.clone()}
+               for i, v in enumerate(state_dict.values())}
+    torch.save({"model": state_dict, "model_ema": {k: v.clone() for k, v in state_dict.items()}, "epoch": 299,
+                "optimizer": {"state": moments, "param_groups": [{"lr": 5e-4, "params": list(moments)}]},
+                "args": _argparse.Namespace(model=model)}, path)
+
+
 WRITER = r"""
-import argparse, sys, torch
+import sys
+sys.path.insert(0, sys.argv[3])
+from load import save_official_style
 from svp.build import ModelSpec, build_backbone
 model, path = sys.argv[1:3]
-sd = build_backbone(ModelSpec(model, random_init=True, init_seed=3)).state_dict()
-moments = {i: {"step": torch.tensor(1.0), "exp_avg": v.clone(), "exp_avg_sq": v.clone()}
-           for i, v in enumerate(sd.values())}
-torch.save({"model": sd, "model_ema": {k: v.clone() for k, v in sd.items()}, "epoch": 299,
-            "optimizer": {"state": moments, "param_groups": [{"lr": 5e-4, "params": list(moments)}]},
-            "args": argparse.Namespace(model=model)}, path)
+save_official_style(build_backbone(ModelSpec(model, random_init=True, init_seed=3)).state_dict(), path, model)
 """
 
 
 def write_checkpoint(path, model):
     # in a child, so that this process stays small (each timed child is forked from it), then
     # flushed to disk, so that no write-back runs beside the timed builds
-    subprocess.run([sys.executable, "-c", WRITER, model, path], env=dict(os.environ, PYTHONPATH=SRC), check=True)
+    subprocess.run([sys.executable, "-c", WRITER, model, path, HERE], env=dict(os.environ, PYTHONPATH=SRC),
+                   check=True)
     os.sync()
 
 
