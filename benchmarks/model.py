@@ -7,6 +7,7 @@ training step (forward, loss, backward, AdamW step) on random 224 px images, and
         --batches 8 32 --threads 2 --infer-batches 1 32 --json model.json
     python benchmarks/model.py --methods svp --profile        # + the top ops of one step
     python benchmarks/model.py --methods svp --contend        # + the same step beside a busy process
+    python benchmarks/model.py --methods svp vpt_deep --amp   # + the same step with train.amp (bfloat16)
 
 Every configuration runs in its own subprocess (peak RSS is that configuration's alone; svp
 is imported before torch there, as the CLI does, so ``svp.runtime`` applies). Reported per
@@ -23,6 +24,12 @@ training configuration, in the same process:
   over the flops at the matmul rate per CPU-second (both in process CPU time, so it holds on a
   shared machine; with --threads 1 it is the robust one).
 
+``--amp`` also times each step under bfloat16 autocast as ``train.amp`` runs it on the CPU
+(forward under ``torch.autocast("cpu", dtype=torch.bfloat16)``, loss and backward outside),
+the float32 and the bfloat16 step alternating in the same process, and reports the speed-up
+(best float32 wall over best bfloat16 wall) with the bfloat16 matmul rate of the same process.
+The bound and its ratios stay those of the float32 step.
+
 ``--contend`` also runs each training step while one other CPU-bound process (a Python busy
 loop) runs, and reports the ratio to the quiet time: the issue's "within 2x of its quiet time
 while one other process shares the machine". It only means something on an otherwise idle
@@ -31,6 +38,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -44,10 +52,11 @@ METHODS = ("svp", "vpt_deep", "lora", "linear", "full")
 SETTINGS = {"svp": {"shared_layers": 6, "hidden": 64}}
 
 
-def _matmul_rate(reps=5, n=2048):
-    """float32 matmul flop/s by wall clock and per CPU-second (process CPU time, all threads)."""
+def _matmul_rate(reps=5, n=2048, dtype=None):
+    """float32 (or ``dtype``) matmul flop/s by wall clock and per CPU-second (process CPU time,
+    all threads)."""
     import torch
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best, best_cpu = 1e9, 1e9
     for _ in range(reps):
@@ -88,11 +97,14 @@ def child(spec):
     rate, rate_cpu = _matmul_rate()
     out = {"matmul_gflops": rate / 1e9, "matmul_gflops_per_cpu_s": rate_cpu / 1e9, "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
+    def autocast(amp):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
     if spec["mode"] == "infer":
         pm.eval()
 
-        def step():
-            with torch.no_grad():
+        def step(amp=False):
+            with torch.no_grad(), autocast(amp):
                 pm(x)
         train = False
     else:
@@ -103,13 +115,18 @@ def child(spec):
         opt = build_optimizer(pm, defaults(), lr=1e-3)
         yt = torch.randint(0, 100, (b,))
 
-        def step():
-            loss = torch.nn.functional.cross_entropy(pm(x), yt)
+        def step(amp=False):   # as the engine's loop: the loss in float32, backward outside autocast
+            with autocast(amp):
+                logits = pm(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), yt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         train = True
     step()  # warm-up (numba compiles or loads its cache here)
+    if spec.get("amp"):
+        step(True)
+        out["matmul_gflops_bf16"] = _matmul_rate(dtype=torch.bfloat16)[0] / 1e9
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         step()
@@ -123,13 +140,19 @@ def child(spec):
         out["numba_layer"] = numba.threading_layer()
     except Exception:
         out["numba_layer"] = None
-    walls, cpus = [], []
+    walls, cpus, amp_walls = [], [], []
     for _ in range(spec["reps"]):
         c0, t0 = time.process_time(), time.perf_counter()
         step()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+        if spec.get("amp"):   # alternating: the two see the same machine
+            t0 = time.perf_counter()
+            step(True)
+            amp_walls.append(time.perf_counter() - t0)
     out.update(seconds=min(walls), cpu_seconds=min(cpus), load_end=os.getloadavg()[0])
+    if amp_walls:
+        out["amp_seconds"] = min(amp_walls)
     if spec.get("contend"):
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
@@ -162,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--contend", action="store_true", help="also time each training step beside a busy process")
+    ap.add_argument("--amp", action="store_true",
+                    help="also time each step under bfloat16 autocast (train.amp), alternating with float32")
     ap.add_argument("--profile", type=int, nargs="?", const=15, default=0,
                     help="print the top N ops (self CPU) of one step of each configuration")
     ap.add_argument("--json", default=None)
@@ -181,7 +206,7 @@ def main(argv=None):
     print(f"# {os.cpu_count()} cpus, {a.threads} threads; load average {os.getloadavg()}", flush=True)
     for spec in specs:
         spec.update(threads=a.threads, reps=a.reps, contend=a.contend and spec["mode"] == "train",
-                    profile=a.profile)
+                    profile=a.profile, amp=a.amp)
         r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         if r.returncode:
             print(f"{spec}: failed\n{r.stderr[-3000:]}", flush=True)
@@ -190,6 +215,10 @@ def main(argv=None):
         prof = res.pop("profile", None)
         rows.append({**spec, **res})
         extra = f", beside a busy process {res['seconds_contended'] * 1e3:.0f} ms" if "seconds_contended" in res else ""
+        if "amp_seconds" in res:
+            extra += (f", bfloat16 autocast {res['amp_seconds'] * 1e3:.0f} ms = "
+                      f"{res['seconds'] / res['amp_seconds']:.2f}x "
+                      f"faster (bfloat16 matmul {res['matmul_gflops_bf16']:.0f} GFLOP/s)")
         print(f"{spec['model']} {spec['mode']} {spec['method']} b={spec['batch']}: {res['seconds'] * 1e3:.0f} ms "
               f"(CPU {res['cpu_seconds'] * 1e3:.0f} ms), matmul bound {res['bound_seconds'] * 1e3:.0f} ms "
               f"({res['matmul_gflops']:.0f} GFLOP/s), {res['seconds'] / res['bound_seconds']:.1f}x; CPU "
@@ -199,16 +228,20 @@ def main(argv=None):
         if prof:
             print(prof, flush=True)
     print()
+    amp = any("amp_seconds" in r for r in rows)
     print("| model | mode | method | batch | ms / step | CPU ms | images/s | GFLOP | matmul-bound ms | x bound "
-          "| CPU x bound | beside busy process | peak RSS MiB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| CPU x bound | beside busy process | peak RSS MiB | load |"
+          + (" amp ms / step | amp speed-up |" if amp else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if amp else ""))
     for r in rows:
         cont = f"{r['seconds_contended'] / r['seconds']:.1f}x" if "seconds_contended" in r else "-"
         cpux = f"{r['cpu_seconds'] / r['bound_cpu_seconds']:.1f}x" if "bound_cpu_seconds" in r else "-"
         print(f"| {r['model']} | {r['mode']} | {r['method']} | {r['batch']} | {r['seconds'] * 1e3:.0f} | "
               f"{r['cpu_seconds'] * 1e3:.0f} | {r['batch'] / r['seconds']:.1f} | {r['flops'] / 1e9:.1f} | "
               f"{r['bound_seconds'] * 1e3:.0f} | {r['seconds'] / r['bound_seconds']:.1f}x | {cpux} | {cont} | "
-              f"{r['peak_rss_mib']:.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |")
+              f"{r['peak_rss_mib']:.0f} | {r['load_start']:.1f}-{r['load_end']:.1f} |"
+              + (f" {r['amp_seconds'] * 1e3:.0f} | {r['seconds'] / r['amp_seconds']:.2f}x |" if "amp_seconds" in r
+                 else " - | - |" if amp else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

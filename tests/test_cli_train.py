@@ -103,12 +103,50 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
     assert "trainable params" in log and "epoch 1/1" in log
 
 
+def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):
+    """train.amp on the CPU: bfloat16 autocast in the loop (the weights come out different from
+    a float32 run's, the metrics close to them), said in the run's log; and --amp of eval/predict."""
+    cfg = tiny_config(tmp_path, method={"settings": METHOD_SETTINGS})
+    for name, amp in (("fp32", []), ("amp", ["--amp"])):   # --amp: train.amp=true
+        assert svp_main(["train", "-c", cfg, "--name", name, "train.max_steps=3", *amp]) == 0
+    (r32, _, a32), (r16, _, a16) = (_read_run(str(tmp_path / "runs" / n)) for n in ("fp32", "amp"))
+    assert yaml.safe_load((tmp_path / "runs" / "amp" / "config.yaml").read_text())["train"]["amp"] is True
+    log = (tmp_path / "runs" / "amp" / "train.log").read_text()
+    assert "train.amp: " in log and "bfloat16" in log
+    assert "train.amp: " not in (tmp_path / "runs" / "fp32" / "train.log").read_text()
+    assert a32["last"].keys() == a16["last"].keys()
+    assert any(not torch.equal(a32["last"][k], a16["last"][k]) for k in a32["last"])
+    for k in a32["last"]:   # (AdamW moves each weight by ~lr a step, whatever its gradient's size)
+        diff = (a16["last"][k] - a32["last"][k]).norm() / a32["last"][k].norm()
+        assert diff < 0.1, (k, float(diff))
+    assert r16["final"]["test_loss"] == pytest.approx(r32["final"]["test_loss"], rel=0.05)
+    # `svp eval --amp` / `svp predict --amp`: the same autocast at inference, close to float32
+    capsys.readouterr()
+    last = str(tmp_path / "runs" / "fp32" / "last")
+    evals = []
+    for flags in ([], ["--amp"]):
+        assert svp_main(["eval", last, "--dataset", "digits", "--max-samples", "8", "--json", *flags]) == 0
+        evals.append(json.loads(capsys.readouterr().out))
+    assert evals[0]["loss"] == pytest.approx(r32["final"]["test_loss"], rel=1e-5)
+    assert evals[1]["loss"] != evals[0]["loss"] and evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=0.05)
+    import svp.data
+    img, _ = svp.data.build_dataset("digits", "test")[0]
+    img.save(str(tmp_path / "img.png"))
+    probs = []
+    for flags in ([], ["--amp"]):
+        assert svp_main(["predict", last, str(tmp_path / "img.png"), "--topk", "10", "--json", *flags]) == 0
+        probs.append({t["index"]: t["prob"] for t in json.loads(capsys.readouterr().out)[0]["top"]})
+    assert probs[0] != probs[1] and all(abs(probs[1][k] - probs[0][k]) < 0.02 for k in probs[0])
+
+
 # ---------------------------------------------------------------- resume after kill -9
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
-    # mixup/cutmix, label smoothing, drop path, EMA and grad clipping all on: every RNG and state matters
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, amp):
+    # mixup/cutmix, label smoothing, drop path, EMA and grad clipping all on: every RNG and state
+    # matters; with train.amp, bfloat16 autocast on the CPU repeats bit for bit too
     cfg = tiny_config(tmp_path, train={"epochs": 2, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1, "ema": True,
-                                       "ema_decay": 0.9, "clip_grad": 1.0, "warmup_epochs": 1},
+                                       "ema_decay": 0.9, "clip_grad": 1.0, "warmup_epochs": 1, "amp": amp},
                       run={"output": str(tmp_path / "runs"), "progress": "none", "save_every_steps": 2})
     assert svp_main(["train", "-c", cfg, "--name", "straight"]) == 0
     # 3 steps per epoch; resume points at steps 2, 3 (epoch end), 4; killed by SIGKILL after step 5

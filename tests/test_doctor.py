@@ -18,6 +18,11 @@ def test_doctor_passes(capsys):
     assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
     # and what it did with the cyclic collector around svp's imports
     assert svp.runtime.status()["gc"] and f"{'collector':14s} {svp.runtime.status()['gc']}" in out, out
+    # whether bfloat16 products (train.amp, --amp) have instructions on this CPU
+    from svp.compat import cpu_bf16_instructions
+    found = cpu_bf16_instructions()
+    row = next(line for line in out.splitlines() if line.strip().startswith("CPU bfloat16"))
+    assert (", ".join(found) + ":" in row) if found else ("slower" in row or "unknown" in row), row
     if importlib.util.find_spec("triton") is not None:
         # listed with its version and checked (through the interpreter when there is no GPU)
         assert any(line.split()[:1] == ["triton"] and line.split()[1][0].isdigit() for line in out.splitlines()), out

@@ -129,13 +129,23 @@ def test_svp_fused_prompts_leave_the_class_token_alone():
     assert (out[:, :8] - h[:, :8]).abs().min() > 0 and (out[:, 9:] - h[:, 9:]).abs().min() > 0
 
 
-def test_svp_under_cpu_autocast_keeps_the_module_path():
-    # under autocast the prompters' products come out in bfloat16: the fused float32 step is not used
+def test_svp_under_cpu_autocast_takes_the_bfloat16_products_into_the_fused_float32_step():
+    """Under autocast (train.amp on the CPU) the prompters' products run in bfloat16 and the
+    SiLUs, scales and adds in float32, in the fused step."""
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32)
     peft = get_peft_model(model, make_config("svp", shared_layers=1, hidden=8))
+    with torch.no_grad():
+        for p in peft.method.parameters():
+            p.add_(0.5 * torch.randn(p.shape))
     h = torch.randn(2, 17, 32)
+    (cm, alpha), (im, beta) = peft.method._parts(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not svp_mod._fused_prompts(h, 8, *peft.method._parts(0))
+        assert svp_mod._fused_prompts(h, 8, *peft.method._parts(0))
         out = peft.method.prompt_tokens(0, h, 8)
+        a1, a2 = cm._modules["0"](h), im._modules["1"](im._modules["0"](h))
+    assert out.dtype == torch.float32 and a1.dtype == a2.dtype == torch.bfloat16
+    want = h + (alpha * F.silu(a1.float()) + beta * F.silu(a2.float()))
     assert torch.equal(out[:, 8], h[:, 8])
+    keep = [t for t in range(17) if t != 8]
+    torch.testing.assert_close(out[:, keep], want[:, keep], rtol=1e-6, atol=1e-6)

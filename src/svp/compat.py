@@ -1,11 +1,19 @@
 """What the oldest supported stack (torch 2.1, numpy 1.23; see constraints-oldest.txt) lacks.
 
+``cpu_autocast`` asks whether CPU autocast is on and ``cpu_autocast_dtype`` in which dtype:
+``torch.is_autocast_enabled("cpu")`` and ``torch.get_autocast_dtype("cpu")`` exist from torch
+2.4, ``torch.is_autocast_cpu_enabled`` and ``torch.get_autocast_cpu_dtype`` (deprecated since)
+before.
+
 ``restricted_torch_load`` reads a ``.pth`` with an explicit allow-list of globals on any torch:
 torch < 2.5 has no ``torch.serialization.safe_globals``, so its ``weights_only=True`` cannot
 let the pickled ``argparse.Namespace`` of official Vim checkpoints through. The unpickler
 below resolves a global only if it is in the allow-list (what torch's own weights-only
 unpickler allows by default, plus ``argparse.Namespace``); everything else, ``os.system``
 included, is refused before it can be called.
+
+``cpu_bf16_instructions`` asks which bfloat16 instructions the CPU has: torch's probes exist
+from torch 2.2; before, ``/proc/cpuinfo`` is read.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import collections
 import os
 import pickle
 import types
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -99,3 +107,39 @@ def restricted_torch_load(path, mmap: bool = False) -> Any:
     above is what keeps arbitrary code from running."""
     return torch.load(os.fspath(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
                       mmap=mmap)  # torch 2.1 maps only a str path
+
+
+def cpu_autocast() -> bool:
+    """Whether CPU autocast (``torch.autocast("cpu", ...)``) is on in this thread."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def cpu_autocast_dtype() -> torch.dtype:
+    """The dtype CPU autocast runs its lower-precision ops in (bfloat16 unless set otherwise)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype("cpu")
+    return torch.get_autocast_cpu_dtype()  # torch < 2.4
+
+
+def cpu_bf16_instructions() -> Optional[List[str]]:
+    """The bfloat16 dot-product instruction sets this CPU has, of avx512_bf16 (e.g. AMD Zen 4,
+    Intel Cooper Lake) and amx_bf16 (Intel Sapphire Rapids and later): what makes bfloat16
+    products faster than float32 on a CPU (2.3-2.8x on a Zen 4 core at a Vim step's shapes,
+    docs/benchmarks.md). An empty list where it has neither; None where svp cannot tell (torch
+    < 2.2 off Linux)."""
+    cpu = getattr(torch, "cpu", None)
+    probes = {"avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
+              "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
+    if all(probes.values()):
+        return [name for name, probe in probes.items() if probe()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return None
+    return [name for name in probes if name in flags]

@@ -40,6 +40,17 @@ def _collector() -> str:
     return str(runtime.status()["gc"] or "not configured")
 
 
+def _bf16() -> str:
+    """Whether ``train.amp`` / ``--amp`` (bfloat16 autocast) pays on this CPU."""
+    from svp.compat import cpu_bf16_instructions
+    found = cpu_bf16_instructions()
+    if found is None:
+        return "unknown (svp cannot read this CPU's instruction sets)"
+    if found:
+        return f"{', '.join(found)}: train.amp / --amp runs the large products in bfloat16, faster than float32"
+    return "no avx512_bf16 or amx_bf16: train.amp / --amp would likely be slower than float32 here"
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
@@ -47,6 +58,7 @@ def _versions():
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
             ("collector", _collector()),
+            ("CPU bfloat16", _bf16()),
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]

@@ -83,6 +83,8 @@ def register(subparsers) -> None:
                    help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
     p.add_argument("--random-init", action="store_true",
                    help="a randomly initialised backbone (tests only) [model.random_init=true]")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast on CUDA and CPU (docs/training.md) [train.amp=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the interrupted run in RUN_DIR with its saved config.yaml (overrides may "
                         "change only train.lr, train.epochs, train.max_steps, train.device, data.root, "
@@ -105,6 +107,7 @@ def register(subparsers) -> None:
     _backbone_args(e)
     e.add_argument("--batch-size", type=int, default=144, help="evaluation batch size (default 144)")
     e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    _amp_arg(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -118,6 +121,7 @@ def register(subparsers) -> None:
     q.add_argument("--batch-size", type=int, default=32,
                    help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
     _backbone_args(q)
+    _amp_arg(q)
     q.add_argument("--json", action="store_true", help="print the predictions as JSON")
     q.set_defaults(func=cmd_predict)
 
@@ -183,6 +187,21 @@ def _backbone_args(p):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
+def _amp_arg(p):
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast, as train.amp: the large products in bfloat16, the scan in float32 "
+                        "(on a CPU, faster where it has avx512_bf16 or amx_bf16; see docs/training.md)")
+
+
+def _autocast(amp: bool, device):
+    """The autocast ``train.amp`` would use on ``device`` (a no-op context without --amp)."""
+    import torch
+
+    from .setup import Precision
+
+    return Precision({"train": {"amp": amp, "amp_dtype": "bfloat16"}}, torch.device(device)).autocast
+
+
 def _overrides_from_flags(args) -> List[str]:
     out = []
     for flag, key, _, _ in TRAIN_FLAGS:
@@ -191,7 +210,7 @@ def _overrides_from_flags(args) -> List[str]:
             out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
     if getattr(args, "quiet", False):
         out.append("run.progress=none")
-    for flag, key in (("pretrained", "model.pretrained"), ("random_init", "model.random_init")):
+    for flag, key in (("pretrained", "model.pretrained"), ("random_init", "model.random_init"), ("amp", "train.amp")):
         if getattr(args, flag, False):
             out.append(f"{key}=true")
     return out + list(args.overrides or [])
@@ -254,7 +273,7 @@ def cmd_eval(args) -> int:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
     tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
-    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo())
+    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split})
     if args.json:
         print(json.dumps(r, indent=2))
@@ -279,10 +298,13 @@ def cmd_predict(args) -> int:
     names = spec.class_names
     # batch by batch: a thousand images in one batch would hold a thousand images' activations
     probs = []
+    autocast = _autocast(args.amp, dev)
     with torch.no_grad():
         for i in range(0, len(args.images), args.batch_size):
             xs = [_open_image(path, tf) for path in args.images[i:i + args.batch_size]]
-            probs.append(model(torch.stack(xs).to(dev)).float().softmax(dim=1).cpu())
+            with autocast():
+                logits = model(torch.stack(xs).to(dev))
+            probs.append(logits.float().softmax(dim=1).cpu())
     probs = torch.cat(probs)
     k = min(args.topk, probs.shape[1])
     top = probs.topk(k, dim=1)

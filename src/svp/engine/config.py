@@ -75,8 +75,9 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.mixup_prob", 1.0, "probability of applying mixup or cutmix to a batch"),
     ("train.mixup_switch_prob", 0.5, "probability of cutmix instead of mixup when both are on"),
     ("train.mixup_mode", "batch", "timm mixup mode: batch, pair or elem"),
-    ("train.amp", False, "mixed precision on CUDA (bfloat16 autocast; scan and SSM parameters stay float32); ignored on CPU"),
-    ("train.amp_dtype", "bfloat16", "autocast dtype: bfloat16 or float16 (float16 uses a GradScaler)"),
+    ("train.amp", False, "mixed precision: bfloat16 autocast on CUDA and CPU (the scan and the SSM parameters "
+                         "stay float32; docs/training.md)"),
+    ("train.amp_dtype", "bfloat16", "autocast dtype: bfloat16 or float16 (CUDA only, with a GradScaler)"),
     ("train.ema", False, "keep an exponential moving average of the trainable weights (timm ModelEmaV3)"),
     ("train.ema_decay", 0.99996, "EMA decay"),
     ("train.ema_eval", False, "evaluate and save the EMA weights instead of the raw weights"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import types
@@ -12,7 +13,10 @@ import torch
 import torch.nn as nn
 
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
+from ..compat import cpu_bf16_instructions
 from ..errors import ConfigError, DatasetError
+
+log = logging.getLogger("svp.engine")
 
 
 def seed_everything(seed: int) -> None:
@@ -145,17 +149,36 @@ def build_mixup(cfg: dict, num_classes: int):
 
 
 class Precision:
-    """Autocast and gradient scaler for ``train.amp``. On CUDA, bfloat16 autocast where the
-    device supports it (no scaler needed) or float16 with a GradScaler; off on CPU."""
+    """Autocast and gradient scaler for ``train.amp``.
+
+    CUDA: bfloat16 autocast where the device supports it (no scaler needed), else float16 with
+    a GradScaler. CPU: bfloat16 autocast, no scaler; the Vim mixer keeps its conv, x_proj,
+    dt_proj and scan in float32 and its output, the residual stream, in float32
+    (BiMambaMixer.forward), so what runs in bfloat16 is the large products: in_proj, out_proj,
+    the patch embedding, the head and the methods' own (prompters, adapters, LoRA). float16 is a
+    CUDA choice: on the CPU it has no fast products and would need a scaler, so the CPU runs
+    bfloat16 and says so."""
 
     def __init__(self, cfg: dict, device: torch.device):
         t = cfg["train"]
-        self.enabled = bool(t["amp"]) and device.type == "cuda"
+        self.device_type = device.type
+        self.enabled = bool(t["amp"])
         dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
-        if self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        if self.enabled and device.type == "cpu":
+            if dtype == torch.float16:
+                log.warning("train.amp_dtype=float16 is for CUDA; on the CPU train.amp runs bfloat16 autocast")
+                dtype = torch.bfloat16
+            found = cpu_bf16_instructions()
+            if found:
+                log.info("train.amp: bfloat16 products on the CPU (it has %s)", ", ".join(found))
+            else:
+                log.warning("train.amp: this CPU has no bfloat16 dot-product instructions (avx512_bf16, "
+                            "amx_bf16)%s; bfloat16 products may be slower than float32 here",
+                            "" if found is not None else " as far as svp can tell")
+        elif self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             dtype = torch.float16
         self.dtype = dtype
-        use_scaler = self.enabled and dtype == torch.float16
+        use_scaler = self.enabled and device.type == "cuda" and dtype == torch.float16
         # torch >= 2.3 has torch.amp.GradScaler; a disabled scaler is a no-op
         if hasattr(torch.amp, "GradScaler"):
             self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -165,7 +188,7 @@ class Precision:
     def autocast(self):
         if not self.enabled:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 def ema_for(cfg: dict, model: nn.Module) -> Optional[nn.Module]:

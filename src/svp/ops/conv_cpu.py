@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _sigmoid, _wide_vectors, drop_stale_caches
 from numba import njit, prange
@@ -234,6 +235,16 @@ class CausalConv1dCPU(torch.autograd.Function):
         return dx if need[0] else None, dw, db, None, None
 
 
+def _mm(a, b):
+    """torch.mm in float32 under CPU autocast too: this node's outputs and gradients are float32
+    (the Vim mixer keeps x_proj out of bfloat16, svp.models.vim.BiMambaMixer.forward), and its
+    backward may run inside an autocast region."""
+    if cpu_autocast():
+        with torch.autocast("cpu", enabled=False):
+            return torch.mm(a, b)
+    return torch.mm(a, b)
+
+
 def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     """The conv (+ SiLU) of x and the product of its output with proj_w: (out, proj, state)."""
     xs, xn = _np(x)
@@ -243,7 +254,7 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     out = torch.empty(x.shape, dtype=torch.float32)
     _conv_fwd(xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())   # (callers: _dynamic_tasks)
     pw = proj_w.detach()
-    proj = torch.mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
+    proj = _mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
 
 
@@ -259,8 +270,8 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None):
     if dproj is not None:
         dp = dproj.reshape(-1, pw.shape[0])
         if need[3]:
-            dpw = torch.mm(dp.t(), out.view(-1, d))
-        g2 = torch.mm(dp, pw).view(b, L, d)
+            dpw = _mm(dp.t(), out.view(-1, d))
+        g2 = _mm(dp, pw).view(b, L, d)
     if dy is None:
         dy, g2 = g2, None
     if dy is None:

@@ -134,13 +134,15 @@ class SVP(PeftMethod):
             # join after it), and the SiLUs, scales and adds are one fused pass each way that
             # leaves the class token's row alone (its prompt gradient is zero). Same floats as
             # the path below up to rounding (tests/test_prompt_cpu.py).
+            # Under CPU autocast (train.amp) the products run in bfloat16 and the fused step
+            # takes their outputs in float32.
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
-                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
+                a1, s1 = cross[0]._modules["0"](hidden).float(), cross[1]
             if inner is not None:
                 m = inner[0]._modules
-                a2, s2 = m["1"](m["0"](hidden)), inner[1]
+                a2, s2 = m["1"](m["0"](hidden)).float(), inner[1]
             return add_silu_prompts_cpu(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
@@ -210,21 +212,15 @@ class SVP(PeftMethod):
         return self
 
 
-def _cpu_autocast() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
     """Whether the fused CPU prompt step computes what the modules would: float32 CPU tensors,
     the fused numba CPU backend in use (forcing another scan backend, e.g. 'reference', runs
     everything in plain PyTorch), and prompters whose forward is the one defined here, without
-    hooks on them (hooks on their Linear layers still run)."""
+    hooks on them (hooks on their Linear layers still run). Under CPU autocast the products
+    still run in bfloat16; the SiLUs, scales and adds then run in float32, not bfloat16."""
     if hidden.dim() != 3 or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
         return False
-    if not 0 <= cls_pos < hidden.shape[1] or _cpu_autocast():   # autocast: the products' outputs are not float32
+    if not 0 <= cls_pos < hidden.shape[1]:
         return False
     for part, cls in ((cross, CrossPrompter), (inner, InnerPrompter)):
         if part is None:

@@ -1,0 +1,141 @@
+"""Mixed precision on the CPU (``train.amp``): bfloat16 autocast for the large products, the Vim
+mixer's conv, x_proj, dt_proj, scan and residual stream in float32 on the fused kernels."""
+import logging
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fused_helpers import output_and_grads
+from svp.compat import cpu_autocast
+from svp.engine import config as C
+from svp.compat import cpu_bf16_instructions
+from svp.engine.setup import Precision
+from svp.ops import conv_cpu, norm_cpu, scan_cpu
+from svp.peft import get_peft_model, make_config
+from svp.peft.registry import list_methods
+
+SETTINGS = {"svp": dict(shared_layers=2, hidden=8), "visual_prompt": dict(pad=4), "vpt_deep": dict(num_tokens=2),
+            "vpt_shallow": dict(num_tokens=2)}
+DIM, DEPTH = 32, 4
+
+
+def _model(method):
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=DEPTH,
+                              embed_dim=DIM, num_classes=5)
+    pm = get_peft_model(model, make_config(method, num_classes=5, **SETTINGS.get(method, {}))).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # nonzero adapters (zero-initialised ones would get no gradient through them)
+        for n, p in pm.named_parameters():
+            if p.requires_grad and not n.startswith("base_model.head."):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return pm, torch.randn(2, 3, 32, 32, generator=g)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and_the_ssm_in_float32(
+        method, monkeypatch):
+    pm, x = _model(method)
+    ref_out, ref_grads = output_and_grads(pm, x, seed=5)
+
+    kernels, linears = [], []
+    for mod, name in ((scan_cpu, "bidirectional_scan_cpu"), (conv_cpu, "bi_conv_proj_cpu"),
+                      (norm_cpu, "add_rms_norm_cpu")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            ts = [t for t in a if isinstance(t, torch.Tensor)] + [t for s in a if isinstance(s, tuple)
+                                                                  for t in s if isinstance(t, torch.Tensor)]
+            kernels.append((_name, {t.dtype for t in ts}, cpu_autocast()))
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    real_linear = F.linear
+
+    def linear_spy(inp, weight, bias=None):
+        out = real_linear(inp, weight, bias)
+        linears.append((weight.shape[1], weight.shape[0], out.dtype))
+        return out
+    monkeypatch.setattr(F, "linear", linear_spy)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return output_and_grads(pm, x, seed=5)
+    out, grads = run()
+    E = pm.base_model.layers[0].mixer.d_inner
+    R = pm.base_model.layers[0].mixer.dt_rank
+    # the fused kernels ran, every layer, on float32 inputs, outside autocast
+    for name in ("bidirectional_scan_cpu", "bi_conv_proj_cpu", "add_rms_norm_cpu"):
+        calls = [k for k in kernels if k[0] == name]
+        assert len(calls) >= DEPTH, (name, len(calls))
+        assert all(k[1] == {torch.float32} for k in calls), (name, calls)
+    assert not any(on for name, _, on in kernels if name != "add_rms_norm_cpu")
+    # in_proj's two halves (D -> E) in bfloat16, dt_proj (R -> E) in float32
+    in_proj = [d for i, o, d in linears if (i, o) == (DIM, E)]
+    dt_proj = [d for i, o, d in linears if (i, o) == (R, E)]
+    assert len(in_proj) >= 2 * DEPTH and set(in_proj) == {torch.bfloat16}   # (+ adapters of that shape)
+    assert len(dt_proj) == 2 * DEPTH and set(dt_proj) == {torch.float32}
+    # a bfloat16 step, close to the float32 one (not equal: autocast did something)
+    assert out.dtype == torch.bfloat16   # the head's product
+    assert 0 < _rel(out, ref_out) < 3e-2
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        assert grads[n].dtype == torch.float32, n
+        assert _rel(grads[n], ref_grads[n]) < 0.15, n
+
+
+def test_autocast_on_the_plain_pytorch_path_keeps_the_mixer_in_float32(monkeypatch):
+    """With the scan forced onto another backend (no fused kernels) the mixer's inside is
+    float32 too: the same step as the fused path up to float32 rounding."""
+    import svp.models.vim as vim
+    from svp.ops import set_backend
+    pm, x = _model("svp")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = output_and_grads(pm, x, seed=5)
+        seen, real = [], vim.selective_scan
+        monkeypatch.setattr(vim, "selective_scan", lambda *a, **k: seen.append(
+            {t.dtype for t in list(a) + list(k.values()) if isinstance(t, torch.Tensor)}) or real(*a, **k))
+        set_backend("torch")
+        try:
+            plain = output_and_grads(pm, x, seed=5)
+        finally:
+            set_backend(None)
+    assert len(seen) == 2 * DEPTH and all(s == {torch.float32} for s in seen)
+    assert _rel(plain[0], fused[0]) < 1e-2
+    for n in fused[1]:
+        assert _rel(plain[1][n], fused[1][n]) < 5e-2, n
+
+
+def _cfg(**train):
+    cfg = C.defaults()
+    cfg["train"].update(train)
+    return cfg
+
+
+def test_precision_on_the_cpu_is_bfloat16_autocast_without_a_scaler(caplog):
+    a = torch.ones(4, 4)
+    off = Precision(_cfg(amp=False), torch.device("cpu"))
+    with off.autocast():
+        assert (a @ a).dtype == torch.float32 and not cpu_autocast()
+    on = Precision(_cfg(amp=True), torch.device("cpu"))
+    assert not on.scaler.is_enabled()
+    with on.autocast():
+        assert (a @ a).dtype == torch.bfloat16
+    with caplog.at_level(logging.WARNING, logger="svp.engine"):
+        f16 = Precision(_cfg(amp=True, amp_dtype="float16"), torch.device("cpu"))
+    assert f16.dtype == torch.bfloat16 and not f16.scaler.is_enabled()
+    assert any("float16 is for CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_bf16_instructions_agree_with_the_cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags line on this machine")
+    assert cpu_bf16_instructions() == [n for n in ("avx512_bf16", "amx_bf16") if n in flags]
