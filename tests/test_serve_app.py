@@ -212,7 +212,7 @@ def test_reload_adds_removes_and_refuses(server, tmp_path):
 
 
 def test_metrics_health_page_and_gate_maps(server):
-    assert H.http("GET", server.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES)})
+    assert H.http("GET", server.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES), "amp": False})
     H.predict(server.url, H.png_bytes(40), "svp")
     status, text = H.http("GET", server.url + "/metrics")
     assert status == 200
@@ -259,3 +259,28 @@ def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, 
         t.join(60)
     assert results["svp"][0] == 422 and "simulated" in results["svp"][1]["error"]
     assert results["lora"][0] == 200 and results["linear2"][0] == 200
+
+
+def test_an_amp_server_answers_under_bfloat16_autocast(server):
+    """build_app(amp=True) (svp serve --amp): /healthz says so, and each answer is the adapter
+    alone under the same autocast (for LoRA up to bfloat16 rounding: the mixed pass adds the
+    low-rank part to the frozen product, alone runs the merged weight), close to the float32
+    server's and not equal to it."""
+    app, report = build_app(str(server.root), cfg=server.cfg, amp=True)
+    assert sorted(report["loaded"]) == sorted(NAMES)
+    s = H.ServerThread(app).start()
+    try:
+        assert H.http("GET", s.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES), "amp": True})
+        img = H.png_bytes(40, seed=2)
+        for adapter in ("svp", "lora"):
+            status, body = H.predict(s.url, img, adapter, topk=10)
+            status32, body32 = H.predict(server.url, img, adapter, topk=10)
+            assert status == status32 == 200, body
+            x = decode_image(img, server.cfg, app.state.transform)
+            want = app.state.model.forward_alone(x[None], adapter)[0].float().softmax(-1)
+            got = {t["index"]: t["prob"] for t in body["top"]}
+            f32 = {t["index"]: t["prob"] for t in body32["top"]}
+            assert got == pytest.approx({i: want[i].item() for i in got}, abs=1e-5 if adapter == "svp" else 0.02)
+            assert got != f32 and all(abs(got[i] - f32[i]) < 0.02 for i in got)
+    finally:
+        s.stop()

@@ -29,6 +29,23 @@ def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
     assert "missing" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags", [[], ["--amp"]], ids=["float32", "amp"])
+def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
+    """--amp is handed to build_app (whose model then runs under autocast: test_serve_app); the
+    server is not started (the stand-in refuses, as a bad adapters folder would)."""
+    import svp.serve.app as app
+    from svp.cli import main
+    from svp.errors import ConfigError
+    seen = []
+
+    def build_app(*a, amp=False, **k):
+        seen.append(amp)
+        raise ConfigError("stand-in")
+    monkeypatch.setattr(app, "build_app", build_app)
+    assert main(["serve", "--adapters", str(tmp_path), *flags]) == 2
+    assert seen == [bool(flags)] and "stand-in" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):

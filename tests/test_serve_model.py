@@ -57,6 +57,41 @@ def test_mixed_batch_equals_each_adapter_alone(adapters):
     assert base_weights_hash(model.backbone) == model.base_hash
 
 
+def test_amp_runs_the_mixed_batch_under_bfloat16_autocast_close_to_each_adapter_alone(adapters):
+    """``MultiAdapterModel(amp=True)`` (svp serve --amp): every pass under bfloat16 autocast, the
+    logits float32, each adapter's rows close to that adapter run alone under the same autocast
+    and to the float32 model (bfloat16 rounding: not equal)."""
+    torch.manual_seed(0)
+    model = MultiAdapterModel(H.mini_backbone(), amp=True)
+    plain = MultiAdapterModel(H.mini_backbone())
+    for name in H.SPECS:
+        model.add_adapter(name, os.path.join(adapters, name))
+        plain.add_adapter(name, os.path.join(adapters, name))
+    names = list(H.SPECS) * 2
+    x = torch.randn(len(names), 3, 32, 32)
+    linears = []
+    hook = model.backbone.layers[0].mixer.out_proj.register_forward_hook(lambda m, a, o: linears.append(o.dtype))
+    out = model(x, names)
+    hook.remove()
+    assert linears and set(linears) == {torch.bfloat16}   # out_proj ran under autocast
+    ref = plain(x, names)
+    for name in H.SPECS:
+        rows = [i for i, n in enumerate(names) if n == name]
+        got = torch.stack([out[i] for i in rows])
+        assert got.dtype == torch.float32
+        # (built outside autocast: inside, autocast would keep its bfloat16 copies of the
+        # parameters load_adapter then overwrites)
+        alone_model = svp.load_adapter(H.mini_backbone(), os.path.join(adapters, name))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = alone_model(x[rows]).float()
+        f32 = torch.stack([ref[i] for i in rows])
+        scale = f32.abs().max().item()
+        assert (got - alone).abs().max().item() < 3e-2 * scale, name
+        assert 0 < (got - f32).abs().max().item() < 5e-2 * scale, name
+        # forward_alone (the reference the server compares with) runs under the same autocast
+        assert torch.equal(model.forward_alone(x[rows], name).float(), alone), name
+
+
 def test_lora_delta_is_the_low_rank_part_of_the_parametrized_weight():
     from svp.peft.lora import LoRAParametrization
     torch.manual_seed(0)

@@ -510,7 +510,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         return ok("reload", report)
 
     async def healthz(request: Request):
-        return ok("healthz", {"status": "ok", "adapters": len(model.adapters)})
+        return ok("healthz", {"status": "ok", "adapters": len(model.adapters), "amp": model.amp})
 
     async def prom(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -563,8 +563,9 @@ def _gate_pngs(model: MultiAdapterModel, x: torch.Tensor, name: str, mean, std) 
 
 
 def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: Optional[str] = None,
-              cfg: Optional[ServeConfig] = None):
-    """(app, load report): the backbone of ``backbone_spec``, every adapter of ``adapters_dir``."""
+              cfg: Optional[ServeConfig] = None, amp: bool = False):
+    """(app, load report): the backbone of ``backbone_spec``, every adapter of ``adapters_dir``;
+    ``amp``: bfloat16 autocast (MultiAdapterModel)."""
     from ..data.transforms import build_transform
     from ..build import build_backbone
     from .backbone import backbone_spec
@@ -577,7 +578,7 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
     img_size = int(vim.patch_embed.img_size[0])
     transform = FastEvalTransform.wrap(
         build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std))
-    model = MultiAdapterModel(vim)
+    model = MultiAdapterModel(vim, amp=amp)
     stamps: Dict[str, tuple] = {}
     report = sync_adapters(model, adapters_dir, stamps)
     report["backbone"] = {"model": spec.model, "checkpoint": spec.checkpoint, "weights": spec.weights}

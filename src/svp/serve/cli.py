@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                    help="mixed: any mix of adapters in one batch; per_adapter: one pass per adapter (comparison)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for inference: torch's, which svp's CPU kernels follow (default: one per core)")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the large products, the scan in float32 (as svp predict --amp; "
+                        "pays on a CPU with avx512_bf16 or amx_bf16, see svp doctor and docs/training.md)")
     p.set_defaults(func=run)
 
 
@@ -71,13 +74,19 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
-    app, report = build_app(args.adapters, args.model, args.checkpoint, cfg)
+    if args.amp:
+        from ..compat import cpu_bf16_instructions
+        if not cpu_bf16_instructions() and not torch.cuda.is_available():
+            print("svp serve: --amp: this CPU has no bfloat16 dot-product instructions (avx512_bf16, amx_bf16); "
+                  "bfloat16 products may be slower than float32 here", file=sys.stderr)
+    app, report = build_app(args.adapters, args.model, args.checkpoint, cfg, amp=args.amp)
     for name, why in report["refused"].items():
         print(f"svp serve: refused adapter {name}: {why}", file=sys.stderr)
     if not report["loaded"]:
         raise ConfigError(f"{args.adapters}: no adapter could be loaded")
     b = report["backbone"]
-    print(f"svp serve: backbone {b['model']}{' + ' + b['checkpoint'] if b['checkpoint'] else ''}, "
+    print(f"svp serve: backbone {b['model']}{' + ' + b['checkpoint'] if b['checkpoint'] else ''}"
+          f"{' (bfloat16 autocast)' if args.amp else ''}, "
           f"{len(report['loaded'])} adapters ({', '.join(report['loaded'])}), "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     import uvicorn

@@ -164,8 +164,11 @@ class MultiAdapterModel(nn.Module):
     Not thread-safe: run every call (forward, add/remove) from one thread (the server runs
     them in a single worker thread)."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, amp: bool = False):
+        """``amp``: run every pass under bfloat16 autocast, as ``train.amp`` / ``svp predict
+        --amp`` do (docs/training.md, "Mixed precision on the CPU")."""
         super().__init__()
+        self.amp = bool(amp)
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.backbone = backbone.eval()
@@ -319,7 +322,7 @@ class MultiAdapterModel(nn.Module):
         if len(names) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(names)} adapter names")
         entries = [self.adapter(n) for n in names]
-        with self._lock:
+        with self._lock, self._autocast(images):
             out: List[Optional[torch.Tensor]] = [None] * len(names)
             passes: Dict[object, Dict[str, List[int]]] = {}
             for i, e in enumerate(entries):
@@ -338,7 +341,7 @@ class MultiAdapterModel(nn.Module):
                         start += len(rows)
                     logits = self._shared_pass(x, local)
                 for i, lg in zip(idx, logits):
-                    out[i] = lg
+                    out[i] = lg.float()   # (bfloat16 under amp: the head's product)
             return out
 
     def _shared_pass(self, x: torch.Tensor, rows_of: Dict[str, slice]) -> List[torch.Tensor]:
@@ -414,8 +417,11 @@ class MultiAdapterModel(nn.Module):
     @torch.no_grad()
     def forward_alone(self, images: torch.Tensor, name: str) -> torch.Tensor:
         """Adapter ``name`` run alone (its PeftModel), for a whole batch."""
-        with self._lock:
+        with self._lock, self._autocast(images):
             return self.adapter(name).peft(images)
+
+    def _autocast(self, images: torch.Tensor):
+        return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def gate_maps(self, images: torch.Tensor, name: str):
         """(frozen backbone's GateMaps, adapter's GateMaps) for ``images`` (svp.viz.analyze)."""
