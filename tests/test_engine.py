@@ -31,6 +31,11 @@ def test_overrides_are_parsed_as_yaml_and_validated():
         C.resolve(overrides=["train.epochs=0"], use_presets=False)
     with pytest.raises(C.ConfigError, match="train.sched_step='hour'"):
         C.resolve(overrides=["train.sched_step=hour"], use_presets=False)
+    # a switch is true or false: "maybe" (or 1) used to be taken as truthy
+    for bad in ("maybe", "1", "null"):
+        with pytest.raises(C.ConfigError, match=r"train.amp=.*expected true or false"):
+            C.resolve(overrides=[f"train.amp={bad}"], use_presets=False)
+    assert C.resolve(overrides=["train.amp=true"], use_presets=False)["train"]["amp"] is True
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -199,6 +204,26 @@ def test_results_name_the_optimizer_implementation():
         assert describe_optimizer(build_optimizer(_two_params(), cfg, lr=1e-2)) == want
     cfg["train"].update(opt="lookahead_sgd", opt_fused="auto")
     assert describe_optimizer(build_optimizer(_two_params(), cfg, lr=1e-2)) == "Lookahead SGD (per-tensor loop)"
+
+
+def test_a_run_saved_before_amp_cpu_existed_resumes_in_float32_on_the_cpu(tmp_path):
+    """train.amp was ignored on the CPU before train.amp_cpu existed: such a run, resumed, keeps
+    stepping in float32 (no change of precision mid-run); a new run with train.amp autocasts."""
+    import torch
+    from svp.engine.rundir import load_run_config
+    from svp.engine.setup import Precision
+    cfg = C.resolve(overrides=["train.amp=true"], use_presets=False)
+    assert cfg["train"]["amp_cpu"] is True and Precision(cfg, torch.device("cpu")).enabled
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    assert load_run_config(str(tmp_path))["train"]["amp_cpu"] is True
+    del cfg["train"]["amp_cpu"]
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    old = load_run_config(str(tmp_path))
+    assert old["train"]["amp"] is True and old["train"]["amp_cpu"] is False
+    assert not Precision(old, torch.device("cpu")).enabled
+    from svp.errors import ResumeError
+    with pytest.raises(ResumeError, match="cannot change train.amp_cpu"):   # nor can --resume switch it on
+        load_run_config(str(tmp_path), ["train.amp_cpu=true"])
 
 
 def test_a_run_saved_before_opt_fused_existed_resumes_with_the_loop(tmp_path):

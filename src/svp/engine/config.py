@@ -78,6 +78,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.amp", False, "mixed precision: bfloat16 autocast on CUDA and CPU (the scan and the SSM parameters "
                          "stay float32; docs/training.md)"),
     ("train.amp_dtype", "bfloat16", "autocast dtype: bfloat16 or float16 (CUDA only, with a GradScaler)"),
+    ("train.amp_cpu", True, "train.amp on the CPU too (false: CUDA only, svp's behaviour before 2026-12-01, "
+                            "which runs started then keep when resumed)"),
     ("train.ema", False, "keep an exponential moving average of the trainable weights (timm ModelEmaV3)"),
     ("train.ema_decay", 0.99996, "EMA decay"),
     ("train.ema_eval", False, "evaluate and save the EMA weights instead of the raw weights"),
@@ -308,6 +310,7 @@ _CHOICES = {
     "run.progress": ("auto", "bar", "lines", "none"),
     "data.recipe": ("svp", "vtab", "plain"),
 }
+_BOOL = tuple(key for key, default, _ in SCHEMA if isinstance(default, bool))
 _POSITIVE_INT = ("train.epochs", "train.batch_size", "train.eval_batch_size", "eval.every", "run.log_every")
 _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_lr", "train.smoothing",
                "train.mixup", "train.cutmix", "train.mixup_prob", "train.mixup_switch_prob",
@@ -332,6 +335,10 @@ def validate(cfg: dict) -> None:
         v = get_key(cfg, key)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
             raise ConfigError(f"{key}={v!r}: expected null or a positive number")
+    for key in _BOOL:
+        v = get_key(cfg, key)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}={v!r}: expected true or false")
     for key in MAPPING_KEYS:
         if not isinstance(get_key(cfg, key), dict):
             raise ConfigError(f"{key} must be a mapping, got {get_key(cfg, key)!r}")

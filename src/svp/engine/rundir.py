@@ -45,6 +45,9 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
             # a run started before the key existed stepped with torch's per-tensor loop: keep it,
             # so the resumed steps are the ones the uninterrupted run would have taken
             train["opt_fused"] = False
+        if isinstance(train, dict) and "amp_cpu" not in train:
+            # likewise: train.amp was ignored on the CPU before the key existed
+            train["amp_cpu"] = False
     return C.resolve(overrides=overrides, base=saved, use_presets=False)
 
 

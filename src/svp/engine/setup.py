@@ -157,12 +157,13 @@ class Precision:
     (BiMambaMixer.forward), so what runs in bfloat16 is the large products: in_proj, out_proj,
     the patch embedding, the head and the methods' own (prompters, adapters, LoRA). float16 is a
     CUDA choice: on the CPU it has no fast products and would need a scaler, so the CPU runs
-    bfloat16 and says so."""
+    bfloat16 and says so. ``train.amp_cpu=false`` leaves the CPU in float32 (as svp did before
+    that key existed, and as runs started then resume: engine/rundir.py)."""
 
     def __init__(self, cfg: dict, device: torch.device):
         t = cfg["train"]
         self.device_type = device.type
-        self.enabled = bool(t["amp"])
+        self.enabled = bool(t["amp"]) and (device.type != "cpu" or bool(t.get("amp_cpu", True)))
         dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
         if self.enabled and device.type == "cpu":
             if dtype == torch.float16:
