@@ -128,8 +128,12 @@ def cpu_bf16_instructions() -> Optional[List[str]]:
     """The bfloat16 dot-product instruction sets this CPU has, of avx512_bf16 (e.g. AMD Zen 4,
     Intel Cooper Lake) and amx_bf16 (Intel Sapphire Rapids and later): what makes bfloat16
     products faster than float32 on a CPU (2.3-2.8x on a Zen 4 core at a Vim step's shapes,
-    docs/benchmarks.md). An empty list where it has neither; None where svp cannot tell (torch
-    < 2.2 off Linux)."""
+    docs/benchmarks.md). An empty list where an x86 CPU has neither; None where svp cannot tell:
+    off x86 (Arm CPUs have bfloat16 instructions of their own, which svp has not measured), and
+    with torch < 2.2 off Linux."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None
     cpu = getattr(torch, "cpu", None)
     probes = {"avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
               "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
