@@ -147,3 +147,11 @@ def cpu_bf16_instructions() -> Optional[List[str]]:
     if flags is None:
         return None
     return [name for name in probes if name in flags]
+
+
+def no_bf16_warning(found: Optional[List[str]]) -> str:
+    """What a bfloat16-autocast run or server says on a CPU where ``cpu_bf16_instructions()``
+    gave ``found`` (empty or None)."""
+    return ("this CPU has no bfloat16 dot-product instructions (avx512_bf16, amx_bf16)"
+            f"{'' if found is not None else ' as far as svp can tell'}; bfloat16 products may be slower "
+            "than float32 here")

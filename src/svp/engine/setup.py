@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
-from ..compat import cpu_bf16_instructions
+from ..compat import cpu_bf16_instructions, no_bf16_warning
 from ..errors import ConfigError, DatasetError
 
 log = logging.getLogger("svp.engine")
@@ -173,9 +173,7 @@ class Precision:
             if found:
                 log.info("train.amp: bfloat16 products on the CPU (it has %s)", ", ".join(found))
             else:
-                log.warning("train.amp: this CPU has no bfloat16 dot-product instructions (avx512_bf16, "
-                            "amx_bf16)%s; bfloat16 products may be slower than float32 here",
-                            "" if found is not None else " as far as svp can tell")
+                log.warning("train.amp: %s", no_bf16_warning(found))
         elif self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             dtype = torch.float16
         self.dtype = dtype

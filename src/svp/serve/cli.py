@@ -75,12 +75,10 @@ def run(args) -> int:
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
     if args.amp:
-        from ..compat import cpu_bf16_instructions
+        from ..compat import cpu_bf16_instructions, no_bf16_warning
         found = cpu_bf16_instructions()
         if not found and not torch.cuda.is_available():
-            print(f"svp serve: --amp: this CPU has no bfloat16 dot-product instructions (avx512_bf16, amx_bf16)"
-                  f"{'' if found is not None else ' as far as svp can tell'}; bfloat16 products may be slower "
-                  f"than float32 here", file=sys.stderr)
+            print(f"svp serve: --amp: {no_bf16_warning(found)}", file=sys.stderr)
     app, report = build_app(args.adapters, args.model, args.checkpoint, cfg, amp=args.amp)
     for name, why in report["refused"].items():
         print(f"svp serve: refused adapter {name}: {why}", file=sys.stderr)
