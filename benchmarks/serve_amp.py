@@ -30,7 +30,6 @@ def measure(name: str, threads: int, reps: int) -> dict:
     import timm
     import torch
     import serve_helpers as H
-    from svp.peft import get_peft_model, make_config
     from svp.serve import MultiAdapterModel
 
     torch.set_num_threads(threads)   # as `svp serve --threads`
@@ -46,14 +45,8 @@ def measure(name: str, threads: int, reps: int) -> dict:
             settings = dict(settings)
             if method == "svp" and depth % settings["shared_layers"]:
                 settings["shared_layers"] = 6   # (the mini Vim's 4 and 8 do not divide 24)
-            torch.manual_seed(k)
-            pm = get_peft_model(backbone(), make_config(method, **settings))
-            with torch.no_grad():
-                for pn, p in pm.named_parameters():
-                    if p.requires_grad:
-                        p.add_(torch.randn_like(p) * (0.05 if "head" not in pn else 0.5))
-            pm.save(os.path.join(root, adapter), base_model_name=name,
-                    class_names=[f"c{i}" for i in range(pm.base_model.num_classes)])
+            H.make_adapter(os.path.join(root, adapter), method, settings, seed=k, backbone=backbone,
+                           base_model_name=name)
         models = {}
         for amp in (False, True):
             models[amp] = MultiAdapterModel(backbone(), amp=amp)

@@ -30,19 +30,20 @@ def mini_backbone(random_init=False):
     return build_backbone(ModelSpec(MINI, random_init=random_init, init_seed=0)).requires_grad_(False).eval()
 
 
-def make_adapter(directory, method, settings, seed=0, scale=0.05):
+def make_adapter(directory, method, settings, seed=0, scale=0.05, backbone=None, base_model_name=MINI):
     """Save an adapter of ``method`` whose trainable tensors are perturbed (so that it does
-    something) and return the directory."""
+    something) and return the directory. ``backbone``: a function giving the backbone (default
+    the bundled mini Vim), named ``base_model_name``."""
     import svp.peft as peft
 
     torch.manual_seed(seed)
-    model = peft.get_peft_model(mini_backbone(), peft.make_config(method, **settings))
+    model = peft.get_peft_model((backbone or mini_backbone)(), peft.make_config(method, **settings))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * (scale if "head" not in n else 0.5))
     n = model.base_model.num_classes
-    model.save(directory, base_model_name=MINI, class_names=[f"{method}-class-{i}" for i in range(n)])
+    model.save(directory, base_model_name=base_model_name, class_names=[f"{method}-class-{i}" for i in range(n)])
     return os.fspath(directory)
 
 
