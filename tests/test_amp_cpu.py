@@ -145,3 +145,48 @@ def test_cpu_bf16_instructions_agree_with_the_cpu_flags(monkeypatch):
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags line on this machine")
     assert cpu_bf16_instructions() == [n for n in ("avx512_bf16", "amx_bf16") if n in flags]
+
+
+def test_a_frozen_backbones_weights_are_cast_once_under_autocast_and_again_when_they_change(monkeypatch):
+    """Autocast keeps its casts only of leaf weights that require grad, so a frozen backbone's
+    in_proj and out_proj weights were cast on every call; the mixer keeps the cast instead
+    (svp.ops.kept_unless_trained). Kept per weight value: an in-place change is seen."""
+    import copy
+    pm, x = _model("svp")
+    pm.eval()
+    mixer = pm.base_model.layers[1].mixer
+    seen = []
+    real_linear = F.linear
+    shapes = {(2 * mixer.d_inner, DIM): "in_proj", (mixer.d_inner, DIM): "in_proj half",
+              (DIM, mixer.d_inner): "out_proj"}
+
+    def linear_spy(inp, weight, bias=None):
+        if inp.shape[-1] == weight.shape[1] and tuple(weight.shape) in shapes:
+            seen.append((shapes[tuple(weight.shape)], weight.dtype, weight.untyped_storage().data_ptr()))
+        return real_linear(inp, weight, bias)
+    monkeypatch.setattr(F, "linear", linear_spy)
+
+    def run(model):
+        seen.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x), list(seen)
+    first, calls1 = run(pm)
+    again, calls2 = run(pm)
+    # in_proj's two halves and out_proj, every layer, get bfloat16 weights, the same ones twice
+    assert len(calls1) == 3 * DEPTH and {(n, d) for n, d, _ in calls1} == {
+        ("in_proj half", torch.bfloat16), ("out_proj", torch.bfloat16)}, calls1
+    assert calls2 == calls1 and torch.equal(again, first)
+    with torch.no_grad():
+        mixer.in_proj.weight.mul_(1.5)
+        mixer.out_proj.weight.mul_(0.5)
+    changed, calls3 = run(pm)
+    assert not torch.equal(changed, first)
+    # a copy keeps nothing it could use (new storage): it casts the changed weights afresh
+    fresh, _ = run(copy.deepcopy(pm))
+    assert torch.equal(changed, fresh)
+    # trained weights (full fine-tuning) are cast per call, so the cast takes their gradient
+    full, xf = _model("full")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full(xf).float().sum().backward()
+    w = full.base_model.layers[0].mixer.in_proj.weight
+    assert w.grad is not None and w.grad.abs().sum() > 0 and not getattr(w, "_svp_kept", None)

@@ -108,6 +108,15 @@ def _fused_conv_proj(x, conv, x_proj) -> bool:
             and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, x_proj.weight))
 
 
+def _autocast_weight(w):
+    """A product's weight in CPU autocast's dtype. Autocast keeps its cast of a weight only for
+    a leaf that requires grad; a frozen backbone's weights (every method but full fine-tuning,
+    and inference) were cast again on every call. Kept here instead (svp.ops.kept_unless_trained):
+    the same bits, one cast per weight value."""
+    dtype = cpu_autocast_dtype()
+    return kept_unless_trained(w, dtype, lambda t: t.to(dtype))
+
+
 def _fused_bi_scan(x, z) -> bool:
     """Whether the two directions' scans run as one node (svp.ops.scan_cpu.BiScanCPU): the
     scan on the fused CPU backend, float32."""
@@ -248,7 +257,8 @@ class BiMambaMixer(nn.Module):
             # (full fine-tuning, LoRA) then gets its gradient as one concatenation of the halves'
             # gradients instead of two zero-filled full-size tensors added (~8 ms a Vim-Tiny step).
             E = self.d_inner
-            wx, wz = ip.weight.split(E)
+            w = _autocast_weight(ip.weight) if amp else ip.weight
+            wx, wz = w.split(E)
             bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
             # under CPU autocast, the input cast once, not by each product (and once backward)
             h = hidden.to(cpu_autocast_dtype()) if amp else hidden
@@ -283,6 +293,10 @@ class BiMambaMixer(nn.Module):
         op = self.out_proj
         y = y.to(hidden.dtype)
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
+            if hidden.device.type == "cpu" and cpu_autocast():
+                # the halved weight cast once (frozen: kept) and the products in bfloat16, as
+                # autocast would run them with its own cast of the weight every call
+                return F.linear(y, self._half_cast(op.weight), op.bias)
             # out_proj((y + y_b) / 2) == (y + y_b) @ (W / 2)^T bit for bit (scaling by 2^-1 is
             # exact) with one elementwise pass less forward and backward
             if op.bias is None and not torch.is_grad_enabled():
@@ -304,6 +318,13 @@ class BiMambaMixer(nn.Module):
         weight (full fine-tuning; LoRA on out_proj, whose weight is formed per call) is halved
         per call."""
         return kept_unless_trained(w, "half", lambda t: t * 0.5)
+
+    @staticmethod
+    def _half_cast(w):
+        """``_half(w)`` in CPU autocast's dtype: the same bits as autocast's cast of ``_half(w)``
+        (halving and rounding to bfloat16 commute), kept on a frozen weight."""
+        dtype = cpu_autocast_dtype()
+        return kept_unless_trained(w, ("half", dtype), lambda t: (t * 0.5).to(dtype))
 
 
 class Block(nn.Module):
