@@ -7,7 +7,7 @@ from svp.ops import available_backends, causal_conv1d_bld
 if "cpu" not in available_backends():
     pytest.fail("the numba cpu backend is not available", pytrace=False)
 
-from svp.ops.conv_cpu import causal_conv1d_cpu  # noqa: E402
+from svp.ops.conv_cpu import causal_conv1d_cpu, causal_conv1d_proj_cpu  # noqa: E402
 from fused_helpers import output_and_grads  # noqa: E402
 
 
@@ -35,6 +35,18 @@ def test_fused_conv_matches_pytorch(shape, reverse, act):
     x = torch.randn(b, L, 2 * d, generator=g)[..., :d]       # strided, as a chunk of in_proj
     w, bias = torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
     _check_against_pytorch(x, w, bias, act, reverse, g)
+
+
+def test_a_strided_input_is_copied_so_the_kernels_are_compiled_for_one_layout():
+    # a second layout would be a second numba specialisation of each kernel: seconds of compiling
+    from svp.ops import conv_cpu
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 2 * 16, generator=g)[..., :16].requires_grad_()
+    w, bias = torch.randn(16, 4, generator=g), torch.randn(16, generator=g)
+    causal_conv1d_cpu(x, w, bias, "silu").sum().backward()
+    causal_conv1d_proj_cpu(x, w, bias, torch.randn(5, 16, generator=g), "silu")[1].sum().backward()
+    for kernel in (conv_cpu._conv_fwd, conv_cpu._conv_bwd):
+        assert kernel.signatures and {sig[0].layout for sig in kernel.signatures} == {"C"}
 
 
 def test_frozen_conv_gets_no_weight_gradient_and_same_input_gradient():

@@ -193,10 +193,12 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp
 
 
 def _np(x: torch.Tensor):
-    """numpy view of a float32 (b, l, d) tensor whose channels are contiguous (copy otherwise)."""
-    x = x.detach()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    """numpy view of a float32 (b, l, d) tensor, copied unless contiguous. The model's x always
+    is; a row-strided one (a chunk of in_proj's output, when in_proj has forward hooks) is
+    copied (one memory pass) rather than given to the kernels as an array of any layout: numba
+    compiles that as a second specialisation of each kernel on first use (3-7 s each with
+    numba 0.68, 11-25 s with 0.58)."""
+    x = x.detach().contiguous()
     return x, x.numpy()
 
 
