@@ -179,7 +179,7 @@ def test_a_frozen_backbones_weights_are_cast_once_under_autocast_and_again_when_
     with torch.no_grad():
         mixer.in_proj.weight.mul_(1.5)
         mixer.out_proj.weight.mul_(0.5)
-    changed, calls3 = run(pm)
+    changed, _ = run(pm)
     assert not torch.equal(changed, first)
     # a copy keeps nothing it could use (new storage): it casts the changed weights afresh
     fresh, _ = run(copy.deepcopy(pm))
