@@ -23,6 +23,10 @@ def test_doctor_passes(capsys):
     found = cpu_bf16_instructions()
     row = next(line for line in out.splitlines() if line.strip().startswith("CPU bfloat16"))
     assert (", ".join(found) + ":" in row) if found else ("slower" in row or "unknown" in row), row
+    from svp.ops import available_backends
+    if "cpu" in available_backends():
+        # the fused kernels checked inside a model (conv, norm, prompts too), against plain PyTorch
+        assert any(line.split()[:3] == ["cpu", "model", "ok"] for line in out.splitlines()), out
     if importlib.util.find_spec("triton") is not None:
         # listed with its version and checked (through the interpreter when there is no GPU)
         assert any(line.split()[:1] == ["triton"] and line.split()[1][0].isdigit() for line in out.splitlines()), out
@@ -33,3 +37,31 @@ def test_doctor_passes(capsys):
         else:  # a Triton too old for the backend (Triton 2, with torch < 2.4): doctor says why
             assert any(line.split()[:2] == ["triton", "unavailable:"] and "too old" in line
                        for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("kernel", ["norm", "conv", "prompts"])
+def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
+    """Each fused kernel the scan check does not run, made slightly wrong, fails the model check
+    (and the unchanged kernels pass it)."""
+    from svp import doctor
+    from svp.ops import available_backends
+    if "cpu" not in available_backends():
+        pytest.fail("the numba cpu backend is not available", pytrace=False)
+    err, _, n = doctor.check_fused_cpu_model()
+    assert err <= doctor.TOLERANCE_FUSED_MODEL and n > 2
+    import svp.models.vim as vim
+    import svp.peft.svp as svp_method
+    from svp.ops import conv_cpu, norm_cpu, prompt_cpu
+    mod, name = {"norm": (norm_cpu, "add_rms_norm_cpu"), "conv": (conv_cpu, "bi_conv_proj_cpu"),
+                 "prompts": (prompt_cpu, "add_silu_prompts_cpu")}[kernel]
+    real = getattr(mod, name)
+
+    def off(*a, **k):   # 0.1% off in its first output
+        out = real(*a, **k)
+        return (out[0] * 1.001,) + tuple(out[1:]) if isinstance(out, tuple) else out * 1.001
+    monkeypatch.setattr(mod, name, off)
+    for m in (vim, svp_method):   # where it was imported by name
+        if hasattr(m, name):
+            monkeypatch.setattr(m, name, off)
+    bad, where, _ = doctor.check_fused_cpu_model()
+    assert bad > doctor.TOLERANCE_FUSED_MODEL, (kernel, bad, where)

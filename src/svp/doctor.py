@@ -5,7 +5,10 @@ that exist here, runs every available backend against ``selective_scan_ref`` eva
 float64 on small shapes (outputs and the gradients of all eight inputs), times each backend
 on a Vim-Tiny-sized scan, and exits non-zero if any backend is outside its tolerance.
 Without a GPU the ``triton`` backend is checked on CPU tensors through Triton's
-interpreter (TRITON_INTERPRET=1, small shapes, not timed).
+interpreter (TRITON_INTERPRET=1, small shapes, not timed). Where the fused CPU kernels run, a
+tiny Vim with an SVP adapter is also trained one step on them and in plain PyTorch, outputs and
+gradients compared: that checks the conv, add + RMSNorm and prompt kernels too, and compiles
+every CPU kernel a run uses, so a run after ``svp doctor`` does not pay numba's first compile.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import time
 TOLERANCE = {"cpu": 1e-6, "torch": 2e-6, "reference": 2e-6, "triton": 1e-6, "cuda": 5e-4}
 # on a GPU, Triton's exp/log are the hardware approximations (a few ulp)
 TOLERANCE_CUDA = {"triton": 2e-6}
+# the whole tiny model's forward and backward, fused CPU kernels against plain PyTorch (the
+# chunked torch scan, PyTorch's conv, norm and prompt modules), float32 both: 6e-7 measured
+TOLERANCE_FUSED_MODEL = 1e-5
 # the interpreter runs ~1000x slower than a GPU: short sequences (2 backward chunks)
 INTERPRETER_CASES = [((1, 20, 21, 4), False, False), ((2, 24, 19, 8), True, True)]
 
@@ -144,6 +150,46 @@ def check_backend(name, device, cases=None):
     return worst, where
 
 
+def check_fused_cpu_model():
+    """Worst relative error (max |x - y| / max |y| per tensor) of a tiny Vim with an SVP adapter,
+    its output and every trained parameter's gradient after one backward, with the fused CPU
+    kernels (scan, conv + x_proj, add + RMSNorm, prompts) against the same model in plain
+    PyTorch (the 'torch' scan backend switches the fused paths off)."""
+    import timm
+    import torch
+    from svp.ops import set_backend
+    from svp.peft import get_peft_model, make_config
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2,
+                              embed_dim=32, num_classes=5)
+    pm = get_peft_model(model, make_config("svp", num_classes=5, shared_layers=2, hidden=8)).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():   # nonzero adapters: zero-initialised ones would pass no gradient on
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    results = {}
+    for backend in ("cpu", "torch"):
+        set_backend(backend)
+        try:
+            torch.manual_seed(2)   # the same DropPath masks in both runs
+            out = pm(x)
+            out.square().sum().backward()
+        finally:
+            set_backend(None)
+        results[backend] = [("output", out.detach())] + [
+            ("d" + n, p.grad.clone()) for n, p in pm.named_parameters() if p.grad is not None]
+        pm.zero_grad(set_to_none=True)
+    worst, where = 0.0, ""
+    for (name, a), (_, b) in zip(results["cpu"], results["torch"]):
+        e = float("inf") if not torch.isfinite(a).all() else \
+            ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        if not e <= worst:
+            worst, where = e, name
+    return worst, where, len(results["cpu"])
+
+
 def time_backend(name, device, b=8, d=384, L=197, n=16, reps=3):
     import torch
     from svp.ops import selective_scan, set_backend
@@ -214,6 +260,18 @@ def run(args) -> int:
             failed.append(f"{nm} on {dev.type}")
         elif not (interpreted or getattr(args, "no_timing", False) or (nm == "reference" and skip_ref_timing)):
             timings.append((dev.type, nm) + time_backend(nm, dev))
+    if "cpu" in avail:
+        try:
+            err, where, n = check_fused_cpu_model()
+            ok = err <= TOLERANCE_FUSED_MODEL
+            msg = f"worst {err:.2e} ({where}; output and {n - 1} gradients), tolerance {TOLERANCE_FUSED_MODEL:.0e}"
+        except Exception as e:
+            ok, msg = False, f"error: {type(e).__name__}: {e}"
+        print("fused CPU kernels (conv + x_proj, add + RMSNorm, SVP prompts, scan) in a tiny Vim with an SVP "
+              "adapter, one training step, against plain PyTorch:")
+        print(f"  cpu   {'model':10s} {'ok  ' if ok else 'FAIL'} {msg}")
+        if not ok:
+            failed.append("fused CPU kernels in the model")
     if timings:
         print("timing, Vim-Tiny scan (batch 8, d_inner 384, L 197, N 16; best of 3, ms):")
         for dev, nm, f, fb in timings:
@@ -223,7 +281,9 @@ def run(args) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1
-    print("all available backends agree with the reference")
+    print("all available backends agree with the reference" + (
+        "; the fused CPU kernels agree with plain PyTorch (and are compiled and cached for later runs)"
+        if "cpu" in avail else ""))
     return 0
 
 
