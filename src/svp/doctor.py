@@ -117,6 +117,14 @@ def _inputs(b, d, L, n, device, seed, big=False):
     return [a.to(device) for a in args]
 
 
+def _rel_err(a, b) -> float:
+    """max |a - b| / max |b| (inf where a has a non-finite value)."""
+    import torch
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
 def check_backend(name, device, cases=None):
     """Worst relative error of outputs, last state and all gradients over a few cases."""
     import torch
@@ -143,8 +151,7 @@ def check_backend(name, device, cases=None):
             ("d" + nm, a, b) for nm, a, b in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), g1, g2)]
         for nm, a, b in pairs:
             a = a.detach().cpu().double()
-            e = float("inf") if not torch.isfinite(a).all() else \
-                ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            e = _rel_err(a, b)
             if not e <= worst:
                 worst, where = e, f"{nm} at {shape}{' reversed' if reverse else ''}{' large delta*|A|' if big else ''}"
     return worst, where
@@ -183,8 +190,7 @@ def check_fused_cpu_model():
         pm.zero_grad(set_to_none=True)
     worst, where = 0.0, ""
     for (name, a), (_, b) in zip(results["cpu"], results["torch"]):
-        e = float("inf") if not torch.isfinite(a).all() else \
-            ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        e = _rel_err(a, b)
         if not e <= worst:
             worst, where = e, name
     return worst, where, len(results["cpu"])
