@@ -47,7 +47,16 @@ def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
     from svp.ops import available_backends
     if "cpu" not in available_backends():
         pytest.fail("the numba cpu backend is not available", pytrace=False)
-    err, _, n = doctor.check_fused_cpu_model()
+    import torch
+    from svp.ops import dispatch, set_backend
+    state = torch.random.get_rng_state()
+    set_backend("cpu")
+    try:
+        err, _, n = doctor.check_fused_cpu_model()
+        assert dispatch._forced == "cpu"   # the caller's forced backend is restored
+    finally:
+        set_backend(None)
+    assert torch.equal(torch.random.get_rng_state(), state)   # and its random state untouched
     assert err <= doctor.TOLERANCE_FUSED_MODEL and n > 2
     import svp.models.vim as vim
     import svp.peft.svp as svp_method

@@ -162,10 +162,17 @@ def check_fused_cpu_model():
     its output and every trained parameter's gradient after one backward, with the fused CPU
     kernels (scan, conv + x_proj, add + RMSNorm, prompts) against the same model in plain
     PyTorch (the 'torch' scan backend switches the fused paths off)."""
+    import torch
+    with torch.random.fork_rng(devices=[]):   # the caller's random state stays as it was
+        return _check_fused_cpu_model()
+
+
+def _check_fused_cpu_model():
     import timm
     import torch
-    from svp.ops import set_backend
+    from svp.ops import dispatch, set_backend
     from svp.peft import get_peft_model, make_config
+    forced = dispatch._forced   # a backend the caller set, restored after
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2,
                               embed_dim=32, num_classes=5)
@@ -184,7 +191,7 @@ def check_fused_cpu_model():
             out = pm(x)
             out.square().sum().backward()
         finally:
-            set_backend(None)
+            set_backend(forced)
         results[backend] = [("output", out.detach())] + [
             ("d" + n, p.grad.clone()) for n, p in pm.named_parameters() if p.grad is not None]
         pm.zero_grad(set_to_none=True)
