@@ -274,7 +274,7 @@ class BiMambaMixer(nn.Module):
                 y = self._ssm(x.float(), z.float())
         else:
             y = self._ssm(x, z)
-        out = self._out_proj(y, hidden)
+        out = self._out_proj(y, hidden, amp)
         # the residual stream stays float32 (residual_in_fp32) and the fused add+RMSNorm reads it
         return out.float() if amp else out
 
@@ -289,11 +289,11 @@ class BiMambaMixer(nn.Module):
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
         return y
 
-    def _out_proj(self, y, hidden):
+    def _out_proj(self, y, hidden, amp):
         op = self.out_proj
         y = y.to(hidden.dtype)
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
-            if hidden.device.type == "cpu" and cpu_autocast():
+            if amp:
                 # the halved weight cast once (frozen: kept) and the products in bfloat16, as
                 # autocast would run them with its own cast of the weight every call
                 return F.linear(y, self._half_cast(op.weight), op.bias)
