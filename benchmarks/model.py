@@ -95,7 +95,9 @@ def child(spec):
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
     rate, rate_cpu = _matmul_rate()
-    out = {"matmul_gflops": rate / 1e9, "matmul_gflops_per_cpu_s": rate_cpu / 1e9, "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
+    from svp.doctor import cpu_name
+    out = {"cpu": cpu_name(), "matmul_gflops": rate / 1e9, "matmul_gflops_per_cpu_s": rate_cpu / 1e9,
+           "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     def autocast(amp):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -171,6 +173,11 @@ def child(spec):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=spec["profile"])
+        if spec.get("amp"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(amp=True)
+            out["profile"] += "\nthe same step under bfloat16 autocast:\n" + prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=spec["profile"])
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -188,7 +195,8 @@ def main(argv=None):
     ap.add_argument("--amp", action="store_true",
                     help="also time each step under bfloat16 autocast (train.amp), alternating with float32")
     ap.add_argument("--profile", type=int, nargs="?", const=15, default=0,
-                    help="print the top N ops (self CPU) of one step of each configuration")
+                    help="print the top N ops (self CPU) of one step of each configuration "
+                         "(with --amp, also of its bfloat16 step)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -212,6 +220,8 @@ def main(argv=None):
             print(f"{spec}: failed\n{r.stderr[-3000:]}", flush=True)
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
+        if not rows:   # a child names the CPU: this process does not import svp (the children set its runtime defaults)
+            print(f"# cpu: {res['cpu']}", flush=True)
         prof = res.pop("profile", None)
         rows.append({**spec, **res})
         extra = f", beside a busy process {res['seconds_contended'] * 1e3:.0f} ms" if "seconds_contended" in res else ""

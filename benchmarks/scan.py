@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from svp.doctor import cpu_name  # noqa: E402
 from svp.ops import available_backends, selective_scan, set_backend  # noqa: E402
 
 OPS_FWD, OPS_BWD = 12, 20
@@ -202,7 +202,7 @@ def main(argv=None):
     backends = a.backends or [n for n in ("cpu", "torch", "cuda", "reference") if n in available_backends()]
     bw = measure_bandwidth()
     peak, mm, loop = measure_fma_peak()
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+    info = {"machine": f"{cpu_name()}, {os.cpu_count()} cpus, "
                        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
             "load_average_start": os.getloadavg(), "frozen": a.frozen,
             "copy_bandwidth_GBps": bw / 1e9, "fma_lanes_per_s": peak, "fma_matmul": mm, "fma_numba": loop}

@@ -18,6 +18,9 @@ def test_doctor_passes(capsys):
     assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
     # and what it did with the cyclic collector around svp's imports
     assert svp.runtime.status()["gc"] and f"{'collector':14s} {svp.runtime.status()['gc']}" in out, out
+    # which CPU: speed depends on it more than on anything else
+    from svp.doctor import cpu_name
+    assert f"{'CPU':14s} {cpu_name()}, " in out, out
     # whether bfloat16 products (train.amp, --amp) have instructions on this CPU
     from svp.compat import cpu_bf16_instructions
     found = cpu_bf16_instructions()
@@ -69,3 +72,19 @@ def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
     monkeypatch.setattr(mod, name, off)   # (svp imports the kernels inside the functions that call them)
     bad, where, _ = doctor.check_fused_cpu_model()
     assert bad > doctor.TOLERANCE_FUSED_MODEL, (kernel, bad, where)
+
+
+def test_cpu_name_reads_the_model_name_else_says_the_platform(tmp_path):
+    import platform
+
+    from svp.doctor import cpu_name
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                   "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert cpu_name(str(x86)) == "Intel(R) Xeon(R) Platinum 8480+"
+    # Arm's /proc/cpuinfo has no model name (and an empty one says nothing either)
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nmodel name\t:\n")
+    fallback = platform.processor() or platform.machine() or "unknown"
+    assert cpu_name(str(arm)) == fallback
+    assert cpu_name(str(tmp_path / "missing")) == fallback

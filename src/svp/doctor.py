@@ -57,9 +57,27 @@ def _bf16() -> str:
     return "no avx512_bf16 or amx_bf16: train.amp / --amp would likely be slower than float32 here"
 
 
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the OS reports it (Linux: the first "model name" of
+    /proc/cpuinfo; elsewhere ``platform.processor()``), else the architecture. Speed numbers
+    depend on it more than on anything else (docs/benchmarks.md measures three kinds of 2-vCPU
+    machine whose float32 matmul rates differ by up to 2.5x), so doctor and the benchmarks print it.
+    A VM reports what its hypervisor shows, which may be a generic name."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
+            ("CPU", f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
             ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
