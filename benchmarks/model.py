@@ -84,6 +84,7 @@ def child(spec):
     import svp  # noqa: F401  (before torch: svp.runtime; registers the Vim models)
     import timm
     import torch
+    from svp.doctor import cpu_name
     from svp.peft import get_peft_model, make_config
 
     from scan import set_threads   # (this folder is on sys.path: the child runs as a script)
@@ -95,7 +96,6 @@ def child(spec):
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
     rate, rate_cpu = _matmul_rate()
-    from svp.doctor import cpu_name
     out = {"cpu": cpu_name(), "matmul_gflops": rate / 1e9, "matmul_gflops_per_cpu_s": rate_cpu / 1e9,
            "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}

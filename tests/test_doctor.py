@@ -80,7 +80,7 @@ def test_cpu_name_reads_the_model_name_else_says_the_platform(tmp_path):
     from svp.doctor import cpu_name
     x86 = tmp_path / "x86"
     x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
-                   "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+                   "flags\t\t: fpu avx512f\n\nprocessor\t: 1\nmodel name\t: another core's name\n")
     assert cpu_name(str(x86)) == "Intel(R) Xeon(R) Platinum 8480+"
     # Arm's /proc/cpuinfo has no model name (and an empty one says nothing either)
     arm = tmp_path / "arm"

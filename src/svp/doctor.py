@@ -1,6 +1,6 @@
 """``svp doctor``: what this machine can run, and whether it runs it correctly.
 
-Prints Python/torch/CUDA/numba/Triton/mamba_ssm versions and the selective-scan backends
+Prints the CPU, Python/torch/CUDA/numba/Triton/mamba_ssm versions and the selective-scan backends
 that exist here, runs every available backend against ``selective_scan_ref`` evaluated in
 float64 on small shapes (outputs and the gradients of all eight inputs), times each backend
 on a Vim-Tiny-sized scan, and exits non-zero if any backend is outside its tolerance.
