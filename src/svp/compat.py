@@ -139,14 +139,24 @@ def cpu_bf16_instructions() -> Optional[List[str]]:
               "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
     if all(probes.values()):
         return [name for name, probe in probes.items() if probe()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        flags = None
+    flags = cpuinfo_field("flags")
     if flags is None:
         return None
-    return [name for name in probes if name in flags]
+    return [name for name in probes if name in flags.split()]
+
+
+def cpuinfo_field(key: str, path: str = "/proc/cpuinfo") -> Optional[str]:
+    """The value of the first ``key : value`` line of /proc/cpuinfo (stripped; the first CPU's),
+    or None where the file or the key is missing (off Linux; Arm has no "model name")."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def no_bf16_warning(found: Optional[List[str]]) -> str:

@@ -63,15 +63,8 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     depend on it more than on anything else (docs/benchmarks.md measures three kinds of 2-vCPU
     machine whose float32 matmul rates differ by up to 2.5x), so doctor and the benchmarks print it.
     A VM reports what its hypervisor shows, which may be a generic name."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    from svp.compat import cpuinfo_field
+    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
 
 
 def _versions():
