@@ -12,6 +12,7 @@ from svp.compat import cpu_autocast
 from svp.engine import config as C
 from svp.compat import cpu_bf16_instructions
 from svp.engine.setup import Precision
+from svp.models import vim
 from svp.ops import conv_cpu, norm_cpu, scan_cpu
 from svp.peft import get_peft_model, make_config
 from svp.peft.registry import list_methods
@@ -69,11 +70,13 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
     out, grads = run()
     E = pm.base_model.layers[0].mixer.d_inner
     R = pm.base_model.layers[0].mixer.dt_rank
-    # the fused kernels ran, every layer, on float32 inputs, outside autocast
+    # the fused kernels ran, every layer, on float32 inputs, outside autocast; the scan takes
+    # in_proj's z in bfloat16 as it is (and gives y in bfloat16: the bits of the casts, below)
     for name in ("bidirectional_scan_cpu", "bi_conv_proj_cpu", "add_rms_norm_cpu"):
         calls = [k for k in kernels if k[0] == name]
         assert len(calls) >= DEPTH, (name, len(calls))
-        assert all(k[1] == {torch.float32} for k in calls), (name, calls)
+        want = {torch.float32, torch.bfloat16} if name == "bidirectional_scan_cpu" else {torch.float32}
+        assert all(k[1] == want for k in calls), (name, calls)
     assert not any(on for name, _, on in kernels if name != "add_rms_norm_cpu")
     # in_proj's two halves (D -> E) in bfloat16, dt_proj (R -> E) in float32
     in_proj = [d for i, o, d in linears if (i, o) == (DIM, E)]
@@ -87,6 +90,14 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
     for n in grads:
         assert grads[n].dtype == torch.float32, n
         assert _rel(grads[n], ref_grads[n]) < 0.15, n
+    # the same bits as casting z to float32 and y back to bfloat16 around a float32 scan
+    monkeypatch.setattr(vim, "_bf16_gate_io", lambda x, z: False)
+    kernels.clear()
+    cast_out, cast_grads = run()
+    assert all(k[1] == {torch.float32} for k in kernels if k[0] == "bidirectional_scan_cpu")
+    assert torch.equal(out, cast_out) and cast_grads.keys() == grads.keys()
+    for n in grads:
+        assert torch.equal(grads[n], cast_grads[n]), n
 
 
 def test_autocast_on_the_plain_pytorch_path_keeps_the_mixer_in_float32(monkeypatch):

@@ -437,6 +437,35 @@ def test_cpu_bidirectional_scan_is_the_sum_of_two_scans_bit_for_bit(d, groups):
             assert torch.equal(a, b), frozen
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("d", [128, 70])
+def test_cpu_bidirectional_scan_reads_and_writes_bfloat16_with_the_bits_of_its_casts(d):
+    """A bfloat16 z (in_proj's output under CPU autocast) is read as it is, the output written in
+    bfloat16, and backward the bfloat16 output gradient read and z's gradient written in
+    bfloat16: exactly the bits of casting z to float32, scanning, and casting the output (what
+    the mixer did before), every gradient included; a padded width too, and z without a grad."""
+    from svp.ops.scan_cpu import bidirectional_scan_cpu
+    fa, ba = make(2, d, 23, 16, seed=27), make(2, d, 23, 16, seed=28)
+    order = [0, 1, 2, 3, 4, 5, 7]
+    z = fa[6].to(torch.bfloat16)
+    go = torch.randn(2, d, 23, generator=torch.Generator().manual_seed(29)).to(torch.bfloat16)
+
+    def run(cast, z_grad=True):
+        f = [fa[i].detach().clone().requires_grad_() for i in order]
+        b = [ba[i].detach().clone().requires_grad_() for i in order]
+        zz = z.detach().clone().requires_grad_(z_grad)
+        y = (bidirectional_scan_cpu(zz.float(), f, b).to(torch.bfloat16) if cast
+             else bidirectional_scan_cpu(zz, f, b))
+        g = torch.autograd.grad((y * go).sum(), ([zz] if z_grad else []) + f + b)
+        return y, g
+    for z_grad in (True, False):
+        (y1, g1), (y2, g2) = run(True, z_grad), run(False, z_grad)
+        assert y2.dtype == torch.bfloat16 and torch.equal(y1, y2)
+        assert len(g1) == len(g2) == 14 + z_grad
+        for i, (a, b) in enumerate(zip(g1, g2)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (z_grad, i)
+
+
 def _recompiled(module, name):
     """``module.name`` compiled anew with every numba function of ``module`` it calls (fresh
     dispatchers over a copy of the module's globals, no disk cache): the module's own

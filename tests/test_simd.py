@@ -98,6 +98,39 @@ def test_streaming_store_writes_what_vstore_writes_past_the_caches():
 
 
 @njit(cache=False)
+def _roundtrip(src, dst):
+    for i in range(0, src.size, VL):
+        vstore(dst, i, vload(src, i))
+
+
+def test_uint16_arrays_load_and_store_as_bfloat16_with_torchs_rounding():
+    """A uint16 array holds bfloat16 bits: vload widens them exactly, vstore rounds to nearest,
+    ties to even, as torch's cast does, over every float32 range (denormals, overflow to
+    infinity, ties both ways, signed zeros, infinities; a NaN stays a NaN)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8192, generator=g) * torch.logspace(-44, 38.5, 8192).float()
+    one, ulp = 1.0, 2.0 ** -7   # bfloat16 has 8 significant bits: 1 + 2^-8 is a tie
+    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4028235e38, -3.3961776e38, 1e-45,
+               one + ulp / 2, one + 3 * ulp / 2, one + ulp / 2 + 2.0 ** -20, -(one + ulp / 2), 2.0 ** -126,
+               float.fromhex("0x1.fefffep127"), float.fromhex("0x1.ff0000p127"), -1.0]
+    x = torch.cat([x, torch.tensor(special)])
+    assert x.numel() % VL == 0
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    out = torch.empty(x.numel(), dtype=torch.bfloat16)
+    _roundtrip(x.numpy(), bits(out))
+    want = x.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), x.isnan())
+    ok = ~x.isnan()
+    np.testing.assert_array_equal(bits(out)[ok.numpy()], bits(want)[ok.numpy()])
+    # the ties: to the even neighbour, up and down
+    assert out[-8:-4].tolist() == [1.0, 1.0 + 2 * ulp, 1.0 + ulp, -1.0]
+    back = torch.empty(x.numel())
+    _roundtrip(bits(out), back.numpy())
+    assert torch.equal(back[ok], out.float()[ok]) and back.isnan().equal(x.isnan())
+
+
+@njit(cache=False)
 def _products(x, y, out, flush):
     old = flush_denormals() if flush else np.int32(0)
     for i in range(x.size):            # scalar and vector operations both

@@ -123,6 +123,14 @@ def _fused_bi_scan(x, z) -> bool:
     return _fused_cpu(x, z)
 
 
+def _bf16_gate_io(x, z) -> bool:
+    """Under CPU autocast: whether the fused bidirectional scan takes in_proj's bfloat16 z as it
+    is and gives y in bfloat16 for out_proj (svp.ops.scan_cpu.BiScanCPU), the bits of the casts
+    it saves (z to float32, y to bfloat16 and their two gradients: four passes over (b, l, E) a
+    layer and step)."""
+    return z.dtype == torch.bfloat16 and z.device.type == "cpu" and _fused_cpu(x)
+
+
 class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer ("bimamba v2"): a forward and a backward selective
     SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
@@ -240,9 +248,10 @@ class BiMambaMixer(nn.Module):
         zt = z.transpose(1, 2)
         if all(t.dtype == torch.float32 for t in sf + sb):
             return bidirectional_scan_cpu(zt, sf, sb).transpose(1, 2)
-        # a hook changed a dtype: two scans
-        return (selective_scan(*sf[:6], z=zt, delta_bias=sf[6], delta_softplus=True)
-                + selective_scan(*sb[:6], z=zt, delta_bias=sb[6], delta_softplus=True, reverse=True)).transpose(1, 2)
+        # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them)
+        y = (selective_scan(*sf[:6], z=zt.float(), delta_bias=sf[6], delta_softplus=True)
+             + selective_scan(*sb[:6], z=zt.float(), delta_bias=sb[6], delta_softplus=True, reverse=True))
+        return (y.to(z.dtype) if z.dtype == torch.bfloat16 else y).transpose(1, 2)
 
     def forward(self, hidden):
         ip = self.in_proj
@@ -271,7 +280,8 @@ class BiMambaMixer(nn.Module):
             # 88% (Vim-Small) of a mixer's product FLOPs, run in bfloat16. The conv, x_proj, dt_proj and the scan stay
             # float32, as the fused kernels need and as the time steps' exp(delta A) asks.
             with torch.autocast("cpu", enabled=False):
-                y = self._ssm(x.float(), z.float())
+                x = x.float()
+                y = self._ssm(x, z if _bf16_gate_io(x, z) else z.float())
         else:
             y = self._ssm(x, z)
         out = self._out_proj(y, hidden, amp)
@@ -283,7 +293,7 @@ class BiMambaMixer(nn.Module):
         two directions' gated outputs, (b, l, E)."""
         fwd = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
         bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
-        if _fused_bi_scan(x, z):
+        if _fused_bi_scan(x, z) or _bf16_gate_io(x, z):
             y = self._both_directions_fused(x, z, fwd, bwd)
         else:
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
@@ -291,7 +301,8 @@ class BiMambaMixer(nn.Module):
 
     def _out_proj(self, y, hidden, amp):
         op = self.out_proj
-        y = y.to(hidden.dtype)
+        if not amp:   # (under autocast y is bfloat16 or cast to it by the product)
+            y = y.to(hidden.dtype)
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
             if amp:
                 # the halved weight cast once (frozen: kept) and the products in bfloat16, as

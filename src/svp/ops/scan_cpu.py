@@ -443,10 +443,18 @@ def _flush_da(dAacc, dAc, N):
 
 
 @njit
-def _put(a, off, v, acc):
-    """a[off:off+16] = v, or += v when acc (the second direction of a bidirectional mixer adds
-    its output, and its z gradient, to the first's: a + v is the same sum PyTorch forms)."""
-    vstore(a, off, vload(a, off) + v if acc else v)
+def _put(a, a16, prev, off, v, acc):
+    """a[off:off+16] = v, or prev[off:off+16] + v when acc (the second direction of a
+    bidirectional mixer adds its output, and its z gradient, to the first's: prev + v is the
+    same sum PyTorch forms; prev is a, or the first direction's output). Into a16 instead when
+    it is not empty: bfloat16 (uint16 bits, svp.ops.simd), the float32 sum rounded once, as its
+    cast would round it. (One kernel type for both outputs: a16 is a 0-size array when unused,
+    so a bfloat16 output adds no compilation of its own.)"""
+    s = vload(prev, off) + v if acc else v
+    if a16.size:
+        vstore(a16, off, s)
+    else:
+        vstore(a, off, s)
 
 
 @njit
@@ -475,9 +483,20 @@ def _prefetch_out(a, off):
         prefetch_write(a, off + k)
 
 
+@njit
+def _prefetch_put(a, a16, prev, acc, off):
+    """_prefetch_out for the row _put writes at flat offset off (and the one it reads, when acc)."""
+    if a16.size:
+        _prefetch_out(a16, off)
+        if acc:
+            _prefetch_rows(prev, prev, prev, False, off)
+    else:
+        _prefetch_out(a, off)   # (a is prev)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, out, hs, hlast, fast, dtmax,
-              b, L, d, g, N, bs, cs, stream):
+def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs, hlast, fast,
+              dtmax, b, L, d, g, N, bs, cs, stream):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -524,7 +543,7 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             if s + PF < L:
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
-                _prefetch_out(out, tp)
+                _prefetch_put(out, out16, prev, acc, tp)
             # The next chunk's state rows (written all at once at its first step), one state's
             # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
             # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
@@ -581,15 +600,15 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
                 z1 = vload(z, row + VL)
                 z2 = vload(z, row + 2 * VL)
                 z3 = vload(z, row + 3 * VL)
-                _put(out, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)), acc)
-                _put(out, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)), acc)
-                _put(out, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)), acc)
-                _put(out, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)), acc)
+                _put(out, out16, prev, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)), acc)
+                _put(out, out16, prev, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)), acc)
+                _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)), acc)
+                _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)), acc)
             else:
-                _put(out, row, fma(D0, u0, y0), acc)
-                _put(out, row + VL, fma(D1, u1, y1), acc)
-                _put(out, row + 2 * VL, fma(D2, u2, y2), acc)
-                _put(out, row + 3 * VL, fma(D3, u3, y3), acc)
+                _put(out, out16, prev, row, fma(D0, u0, y0), acc)
+                _put(out, out16, prev, row + VL, fma(D1, u1, y1), acc)
+                _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2), acc)
+                _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3), acc)
         for n in range(N):
             vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
             vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
@@ -600,8 +619,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              acc, du_o, ddl_o, dz_o, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs,
-              stream):
+              acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d,
+              g, N, bs, cs, stream):
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -681,7 +700,7 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     _prefetch_rows(u, dl, z, has_z, tp)
                     _prefetch_rows(dout, dout, dout, False, tp)
                     if has_z:
-                        _prefetch_out(dz_o, tp)
+                        _prefetch_put(dz_o, dz16, dz_prev, acc, tp)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
@@ -749,10 +768,12 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     sg1 = _vsigmoid(z1)
                     sg2 = _vsigmoid(z2)
                     sg3 = _vsigmoid(z3)
-                    _put(dz_o, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)), acc)
-                    _put(dz_o, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)), acc)
-                    _put(dz_o, row + 2 * VL, g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)), acc)
-                    _put(dz_o, row + 3 * VL, g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)), acc)
+                    _put(dz_o, dz16, dz_prev, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)), acc)
+                    _put(dz_o, dz16, dz_prev, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)), acc)
+                    _put(dz_o, dz16, dz_prev, row + 2 * VL,
+                         g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)), acc)
+                    _put(dz_o, dz16, dz_prev, row + 3 * VL,
+                         g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)), acc)
                     gv0 = g0 * z0 * sg0
                     gv1 = g1 * z1 * sg1
                     gv2 = g2 * z2 * sg2
@@ -1065,10 +1086,11 @@ def _dynamic_tasks_in(fn):
     return run
 
 
-def _as_bld(x: torch.Tensor) -> torch.Tensor:
-    """(b, d, l) tensor -> float32 (b, l, d) contiguous, a view when memory allows."""
+def _as_bld(x: torch.Tensor, keep_bf16: bool = False) -> torch.Tensor:
+    """(b, d, l) tensor -> float32 (b, l, d) contiguous, a view when memory allows; a bfloat16
+    one stays bfloat16 when ``keep_bf16`` (the kernels read it as such: see _flat)."""
     xt = x.detach().transpose(1, 2)
-    if xt.dtype != torch.float32:
+    if xt.dtype != torch.float32 and not (keep_bf16 and xt.dtype == torch.bfloat16):
         return xt.to(torch.float32).contiguous()
     return xt.contiguous()
 
@@ -1120,7 +1142,14 @@ def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], g, dgp)[..., :dg].reshape(*x.shape[:-1], g * dg)
 
 
+_NO16, _NO32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)   # _put's unused outputs
+
+
 def _flat(x: torch.Tensor):
+    """x as the flat numpy array the kernels take; a bfloat16 x as its bits in uint16, which
+    svp.ops.simd's vload and vstore read and write as bfloat16 values."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16).reshape(-1)
     return x.numpy().reshape(-1)   # (numpy's reshape: ~0.6 µs less per array, ~16 per call)
 
 
@@ -1138,9 +1167,11 @@ def _tables(A, dg, dgp, softplus):
     return kept(A, ("scan_cpu tables", dg, dgp, softplus), make)
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None):
-    """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) float32
-    output (``acc``'s buffer, added to, when given: see _put), state what _bwd needs."""
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None, out_dtype=torch.float32):
+    """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) output
+    (``acc``'s buffer, added to, when given: see _put), state what _bwd needs. A bfloat16 z is
+    read as it is, and with ``out_dtype`` bfloat16 the output (the sum with ``acc``, when given,
+    float32) is written in bfloat16: the bits of casting the float32 output (BiScanCPU)."""
     b, d, L = u.shape
     N = A.shape[1]
     gB, gC, G = scan_groups(B, C, d)
@@ -1151,18 +1182,22 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
     u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
     has_z = z is not None
-    z3 = pad(_as_bld(z)) if has_z else u3
+    z3 = pad(_as_bld(z, keep_bf16=True)) if has_z else u3
     At, A2t, dtmax, fast = _tables(A, dg, dgp, bool(softplus))
     Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
     K = int(chunk)
     nchunk = (L + K - 1) // K
-    out = torch.empty(b, L, dp, dtype=torch.float32) if acc is None else acc
+    if acc is not None and out_dtype == torch.float32:
+        out = acc
+    else:
+        out = torch.empty(b, L, dp, dtype=out_dtype)
+    o32, o16 = (out, _NO16) if out.dtype == torch.float32 else (_NO32 if acc is None else acc, out)
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
     _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
-              bool(reverse), K, acc is not None, f(out), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs,
-              _streamable(hs))
+              bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs), f(hlast), fast,
+              f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
               (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs)),
@@ -1182,9 +1217,11 @@ def _streamable(*ts):
     return all(t.data_ptr() % 64 == 0 for t in ts)
 
 
-def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
+def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias). dout
-    (b, L, dp) float32 padded, or None; ``acc``: a padded z gradient to add this one to."""
+    (b, L, dp) float32 or bfloat16, padded, or None; ``acc``: a padded float32 z gradient to add
+    this one to. The z gradient comes in ``dz_dtype`` (default: z's), written in it by the
+    kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction)."""
     u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = saved
     has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs) = cfg
     b, L, dp = u3.shape
@@ -1196,7 +1233,16 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
     du = torch.empty(b, L, dp, dtype=torch.float32)
     dd = torch.empty(b, L, dp, dtype=torch.float32)
-    dz = (torch.empty(b, L, dp, dtype=torch.float32) if acc is None else acc) if has_z else du
+    dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
+    dt_z = dt_z if dz_dtype is None else dz_dtype
+    dz16 = has_z and acc is not None and dt_z == torch.bfloat16
+    if not has_z:
+        dz = du
+    elif acc is not None and not dz16:
+        dz = acc
+    else:
+        dz = torch.empty(b, L, dp, dtype=torch.bfloat16 if dz16 else torch.float32)
+    dz32, dz16_ = (acc, dz) if dz16 else (dz, _NO16)
     dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:
@@ -1209,10 +1255,10 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None):
     f = _flat
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
         _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z, f(du), f(dd), f(dz),
+                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z,
+                  f(dz32), f(du), f(dd), f(dz32), f(dz16_),
                   f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs,
                   _streamable(du, dd))
-    dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
 
     def bc(P, gX, is4, dtype):
         shape = (b, gX, N, L) if is4 else (b, N, L)
@@ -1245,9 +1291,10 @@ def _layout(saved, cfg):
     return cfg[10][0], dg, dgp
 
 
-def _dout3(dout, saved, cfg):
-    """The output gradient (b, d, L) as the kernels read it: float32 (b, L, padded d)."""
-    return None if dout is None else _padc(_as_bld(dout), *_layout(saved, cfg)).contiguous()
+def _dout3(dout, saved, cfg, keep_bf16=False):
+    """The output gradient (b, d, L) as the kernels read it: float32 (b, L, padded d), or a
+    bfloat16 one as it is when ``keep_bf16``."""
+    return None if dout is None else _padc(_as_bld(dout, keep_bf16), *_layout(saved, cfg)).contiguous()
 
 
 class SelectiveScanCPU(torch.autograd.Function):
@@ -1278,13 +1325,18 @@ class BiScanCPU(torch.autograd.Function):
     scan(backward inputs, reverse=True), sharing z. The second kernel adds its output to the
     first's, and in backward its z gradient to the first's, so the two sums PyTorch would form
     in separate passes over (b, L, d) (y + y_b, and autograd's dz + dz_b) are not formed; bit
-    for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias) per direction."""
+    for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias) per direction.
+
+    A bfloat16 z (the mixer's in_proj under CPU autocast, train.amp) is read as it is, and the
+    output is then bfloat16 too, as are the output gradient read and the z gradient written
+    backward: the bits of casting z to float32, running this, and casting the output to
+    bfloat16 (what out_proj's autocast did), each cast a pass over (b, L, d) less."""
 
     @staticmethod
     @_dynamic_tasks_in
     def forward(ctx, z, u, delta, A, B, C, D, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b):
         out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK)
-        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out)
+        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype)
         ctx.save_for_backward(*sf[0], *sb[0])
         ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
         return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
@@ -1294,11 +1346,12 @@ class BiScanCPU(torch.autograd.Function):
         saved = ctx.saved_tensors
         sf, sb = saved[:ctx.n], saved[ctx.n:]
         nf, nb = ctx.needs_input_grad[1:8], ctx.needs_input_grad[8:15]
-        g3 = _dout3(dout, sf, ctx.cfg[0])
+        g3 = _dout3(dout, sf, ctx.cfg[0], keep_bf16=True)
         need_z = ctx.needs_input_grad[0]
         # (u, delta, A, B, C, D, z, bias) order for _bwd; the second call's kernel adds its z
-        # gradient to the first's (padded again: a view of the first's buffer when unpadded)
-        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, nf[6]), g3, None)
+        # gradient to the first's (padded again: a view of the first's buffer when unpadded),
+        # float32 until that sum
+        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, nf[6]), g3, None, dz_dtype=torch.float32)
         acc = _padc(gf[6].transpose(1, 2), *_layout(sf, ctx.cfg[0])).contiguous() if need_z else None
         gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, nb[6]), g3, None, acc=acc)
         return (gb[6], *gf[:6], gf[7], *gb[:6], gb[7])
@@ -1307,10 +1360,13 @@ class BiScanCPU(torch.autograd.Function):
 def bidirectional_scan_cpu(z, fwd, bwd):
     """``selective_scan_cpu(*fwd, z=z) + selective_scan_cpu(*bwd, z=z, reverse=True)`` with
     delta_softplus, in one autograd node (see BiScanCPU). fwd, bwd: (u, delta, A, B, C, D,
-    delta_bias), float32 CPU tensors laid out as for selective_scan_cpu; returns (b, d, L)."""
+    delta_bias), float32 CPU tensors laid out as for selective_scan_cpu; z float32 or bfloat16
+    (then so is the result); returns (b, d, L)."""
     for t in (z, *fwd, *bwd):
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
-            raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors; got {t.dtype} on {t.device}")
+        ok = (torch.float32, torch.bfloat16) if t is z else (torch.float32,)
+        if t is not None and (t.device.type != "cpu" or t.dtype not in ok):
+            raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors (z: float32 or bfloat16); "
+                             f"got {t.dtype} on {t.device}")
     return BiScanCPU.apply(z, *fwd, *bwd)
 
 

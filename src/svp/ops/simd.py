@@ -93,14 +93,47 @@ def vstream(typingctx, arr, idx, v):
     return types.none(arr, idx, v), codegen
 
 
+def _is_bf16_array(a):
+    """bfloat16 values as numba sees them: their bits in a uint16 array (numpy has no
+    bfloat16; ``t.view(torch.int16).numpy().view(np.uint16)`` is a torch tensor's)."""
+    return isinstance(a, types.Array) and a.dtype == types.uint16
+
+
+_VH = ir.VectorType(ir.IntType(16), W)
+_BF16_NAN = 0x7FC0   # the NaN c10::BFloat16's rounding gives (its sign and payload are not kept)
+
+
+def _widen_bf16(builder, h):
+    """<16 x i16> bfloat16 bits -> the <16 x float> they stand for: exact (the high half)."""
+    return builder.bitcast(builder.shl(builder.zext(h, _VI), ir.Constant(_VI, [16] * W)), _VF)
+
+
+def _narrow_bf16(builder, v):
+    """<16 x float> -> <16 x i16> bfloat16 bits, rounded to nearest, ties to even, by the
+    integer steps of c10::BFloat16's round_to_nearest_even, so the bits are torch's ``.to(
+    torch.bfloat16)`` (whose vector paths may give a NaN another sign or payload: a NaN
+    either way). Overflow rounds to infinity; infinities stay."""
+    i = builder.bitcast(v, _VI)
+    c = lambda x: ir.Constant(_VI, [x] * W)  # noqa: E731
+    lsb = builder.and_(builder.lshr(i, c(16)), c(1))
+    r = builder.lshr(builder.add(i, builder.add(lsb, c(0x7FFF))), c(16))
+    r = builder.select(builder.fcmp_unordered("uno", v, v), c(_BF16_NAN), r)
+    return builder.trunc(r, _VH)
+
+
 @intrinsic
 def vload(typingctx, arr, idx):
-    """16 consecutive float32 of ``arr`` (C-contiguous) from flat element offset ``idx``."""
-    if not (_is_f32_array(arr) and isinstance(idx, types.Integer)):
+    """16 consecutive float32 of ``arr`` (C-contiguous) from flat element offset ``idx``. A
+    uint16 ``arr`` holds bfloat16 bits (``_is_bf16_array``): its values are widened, exactly.
+    So one kernel source reads float32 or bfloat16 (numba compiles it once per dtype)."""
+    if not ((_is_f32_array(arr) or _is_bf16_array(arr)) and isinstance(idx, types.Integer)):
         return None
+    bf16 = _is_bf16_array(arr)
 
     def codegen(context, builder, sig, args):
         p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        if bf16:
+            return _widen_bf16(builder, builder.load(builder.bitcast(p, _VH.as_pointer()), align=2))
         return builder.load(builder.bitcast(p, _VF.as_pointer()), align=4)
 
     return f32x16(arr, idx), codegen
@@ -108,12 +141,18 @@ def vload(typingctx, arr, idx):
 
 @intrinsic
 def vstore(typingctx, arr, idx, v):
-    if not (_is_f32_array(arr) and isinstance(idx, types.Integer) and v == f32x16):
+    """arr[idx:idx+16] = v; into a uint16 (bfloat16) ``arr`` rounded as torch rounds (see
+    ``_narrow_bf16``)."""
+    if not ((_is_f32_array(arr) or _is_bf16_array(arr)) and isinstance(idx, types.Integer) and v == f32x16):
         return None
+    bf16 = _is_bf16_array(arr)
 
     def codegen(context, builder, sig, args):
         p = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=4)
+        if bf16:
+            builder.store(_narrow_bf16(builder, args[2]), builder.bitcast(p, _VH.as_pointer()), align=2)
+        else:
+            builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return types.none(arr, idx, v), codegen
