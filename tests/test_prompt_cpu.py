@@ -149,3 +149,36 @@ def test_svp_under_cpu_autocast_takes_the_bfloat16_products_into_the_fused_float
     assert torch.equal(out[:, 8], h[:, 8])
     keep = [t for t in range(17) if t != 8]
     torch.testing.assert_close(out[:, keep], want[:, keep], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use", ["both", "cross", "inner"])
+def test_fused_prompts_read_and_write_bfloat16_pre_activations_with_the_bits_of_their_casts(use):
+    """bfloat16 a1, a2 (the prompters' products under CPU autocast) are read as they are and
+    their gradients written in bfloat16: exactly the bits of casting them to float32 first, the
+    output and every gradient. Mixed dtypes are refused."""
+    g = torch.Generator().manual_seed(7)
+    shape, skip = (3, 37, 192), 18
+    h = torch.randn(shape, generator=g)
+    a1, a2 = ((3 * torch.randn(shape, generator=g)).to(torch.bfloat16) for _ in range(2))
+    s1, s2 = torch.randn(192, generator=g), torch.randn(192, generator=g)
+    if use == "cross":
+        a2 = s2 = None
+    if use == "inner":
+        a1 = s1 = None
+    go = torch.randn(shape, generator=g)
+
+    def run(cast):
+        leaves = [None if t is None else t.clone().requires_grad_() for t in (h, a1, s1, a2, s2)]
+        args = [None if (t is None or not cast or i not in (1, 3)) else t.float() for i, t in enumerate(leaves)]
+        args = [a if a is not None else t for a, t in zip(args, leaves)]
+        out = add_silu_prompts_cpu(*args, skip=skip)
+        used = [t for t in leaves if t is not None]
+        return out, torch.autograd.grad(out, used, go)
+    (o1, g1), (o2, g2) = run(True), run(False)
+    assert o2.dtype == torch.float32 and torch.equal(o1, o2)
+    for x, y in zip(g1, g2):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    if use == "both":
+        assert g2[1].dtype == torch.bfloat16 and not g2[1][:, skip].any()
+        with pytest.raises(ValueError, match="one dtype"):
+            add_silu_prompts_cpu(h, a1, s1, a2.float(), s2, skip=skip)

@@ -4,8 +4,8 @@ import pytest
 from numba import njit
 
 from svp.ops import simd
-from svp.ops.simd import VL, _X86, flush_denormals, fma, prefetch, prefetch_write, restore_fp, splat, vacc_f64, \
-    vhsum16, vload, vmax, vmin, vscale_biased, vscale_pow2i, vstore, vstream, zeros
+from svp.ops.simd import VL, _X86, as_f32, flush_denormals, fma, prefetch, prefetch_write, restore_fp, splat, \
+    to_elem, vacc_f64, vhsum16, vload, vmax, vmin, vscale_biased, vscale_pow2i, vstore, vstream, zeros
 
 TINY = np.finfo(np.float32).tiny   # the smallest normal float32, 2^-126
 
@@ -103,10 +103,17 @@ def _roundtrip(src, dst):
         vstore(dst, i, vload(src, i))
 
 
+@njit(cache=False)
+def _roundtrip_scalar(src, dst):
+    for i in range(src.size):
+        dst[i] = to_elem(as_f32(src[i]), dst)
+
+
 def test_uint16_arrays_load_and_store_as_bfloat16_with_torchs_rounding():
     """A uint16 array holds bfloat16 bits: vload widens them exactly, vstore rounds to nearest,
     ties to even, as torch's cast does, over every float32 range (denormals, overflow to
-    infinity, ties both ways, signed zeros, infinities; a NaN stays a NaN)."""
+    infinity, ties both ways, signed zeros, infinities; a NaN stays a NaN). The scalar forms
+    (as_f32, to_elem) give the same bits."""
     import torch
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8192, generator=g) * torch.logspace(-44, 38.5, 8192).float()
@@ -128,6 +135,11 @@ def test_uint16_arrays_load_and_store_as_bfloat16_with_torchs_rounding():
     back = torch.empty(x.numel())
     _roundtrip(bits(out), back.numpy())
     assert torch.equal(back[ok], out.float()[ok]) and back.isnan().equal(x.isnan())
+    out_s, back_s = torch.empty_like(out), torch.empty_like(back)
+    _roundtrip_scalar(x.numpy(), bits(out_s))
+    _roundtrip_scalar(bits(out_s), back_s.numpy())
+    np.testing.assert_array_equal(bits(out_s), bits(out))
+    assert torch.equal(back_s[ok], back[ok]) and back_s.isnan().equal(x.isnan())
 
 
 @njit(cache=False)

@@ -103,22 +103,54 @@ _VH = ir.VectorType(ir.IntType(16), W)
 _BF16_NAN = 0x7FC0   # the NaN c10::BFloat16's rounding gives (its sign and payload are not kept)
 
 
-def _widen_bf16(builder, h):
-    """<16 x i16> bfloat16 bits -> the <16 x float> they stand for: exact (the high half)."""
-    return builder.bitcast(builder.shl(builder.zext(h, _VI), ir.Constant(_VI, [16] * W)), _VF)
+def _widen_bf16(builder, h, lanes=W):
+    """<16 x i16> bfloat16 bits -> the <16 x float> they stand for: exact (the high half).
+    ``lanes`` None: one i16 -> one float."""
+    i32, f32 = (_VI, _VF) if lanes else (_I, _F)
+    sh = ir.Constant(i32, [16] * W if lanes else 16)
+    return builder.bitcast(builder.shl(builder.zext(h, i32), sh), f32)
 
 
-def _narrow_bf16(builder, v):
+def _narrow_bf16(builder, v, lanes=W):
     """<16 x float> -> <16 x i16> bfloat16 bits, rounded to nearest, ties to even, by the
     integer steps of c10::BFloat16's round_to_nearest_even, so the bits are torch's ``.to(
     torch.bfloat16)`` (whose vector paths may give a NaN another sign or payload: a NaN
-    either way). Overflow rounds to infinity; infinities stay."""
-    i = builder.bitcast(v, _VI)
-    c = lambda x: ir.Constant(_VI, [x] * W)  # noqa: E731
+    either way). Overflow rounds to infinity; infinities stay. ``lanes`` None: a scalar."""
+    i32, i16 = (_VI, _VH) if lanes else (_I, ir.IntType(16))
+    i = builder.bitcast(v, i32)
+    c = lambda x: ir.Constant(i32, [x] * W if lanes else x)  # noqa: E731
     lsb = builder.and_(builder.lshr(i, c(16)), c(1))
     r = builder.lshr(builder.add(i, builder.add(lsb, c(0x7FFF))), c(16))
     r = builder.select(builder.fcmp_unordered("uno", v, v), c(_BF16_NAN), r)
-    return builder.trunc(r, _VH)
+    return builder.trunc(r, i16)
+
+
+@intrinsic
+def as_f32(typingctx, x):
+    """An element read from a float32 array as it is, from a uint16 (bfloat16) one widened
+    exactly: the scalar counterpart of vload, for the auto-vectorised kernels' loops."""
+    if x not in (types.float32, types.uint16):
+        return None
+    bf16 = x == types.uint16
+
+    def codegen(context, builder, sig, args):
+        return _widen_bf16(builder, args[0], lanes=None) if bf16 else args[0]
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def to_elem(typingctx, v, arr):
+    """float32 ``v`` as an element of ``arr``: itself for a float32 array, rounded to bfloat16
+    bits for a uint16 one (as vstore rounds): ``arr[i] = to_elem(v, arr)``."""
+    if not (v == types.float32 and (_is_f32_array(arr) or _is_bf16_array(arr))):
+        return None
+    bf16 = _is_bf16_array(arr)
+
+    def codegen(context, builder, sig, args):
+        return _narrow_bf16(builder, args[0], lanes=None) if bf16 else args[0]
+
+    return arr.dtype(v, arr), codegen
 
 
 @intrinsic

@@ -135,14 +135,17 @@ class SVP(PeftMethod):
             # leaves the class token's row alone (its prompt gradient is zero). Same floats as
             # the path below up to rounding (tests/test_prompt_cpu.py).
             # Under CPU autocast (train.amp) the products run in bfloat16 and the fused step
-            # takes their outputs in float32.
+            # reads their outputs as they are (and writes their gradients in bfloat16): the
+            # bits of casting them to float32 first, two passes over the stream less each way.
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
-                a1, s1 = cross[0]._modules["0"](hidden).float(), cross[1]
+                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
             if inner is not None:
                 m = inner[0]._modules
-                a2, s2 = m["1"](m["0"](hidden)).float(), inner[1]
+                a2, s2 = m["1"](m["0"](hidden)), inner[1]
+            if not all(a is None or a.dtype == torch.bfloat16 for a in (a1, a2)):
+                a1, a2 = (None if a is None else a.float() for a in (a1, a2))
             return add_silu_prompts_cpu(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
