@@ -145,10 +145,10 @@ def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
 
     calls = []
     real = vim._fused_conv_proj
-    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a: (calls.append(1) or real(*a)))
+    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a, **k: (calls.append(1) or real(*a, **k)))
     fused = run()
     assert len(calls) == 4 and real(torch.zeros(1, 2, 64), model.layers[0].mixer.conv1d, model.layers[0].mixer.x_proj)
-    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a: False)
+    monkeypatch.setattr(vim, "_fused_conv_proj", lambda *a, **k: False)
     ref = run()
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
     assert fused[1].keys() == ref[1].keys()
@@ -184,3 +184,35 @@ def test_bidirectional_conv_projection_is_two_nodes_bit_for_bit(used):
         assert torch.equal(p, q)
     for i, (p, q) in enumerate(zip(ga, gc)):
         assert (p is None and q is None) if i == 6 and used == "no_proj_b" else torch.equal(p, q), i
+
+
+@pytest.mark.parametrize("used", ["all", "backward_only"])
+def test_bidirectional_conv_projection_reads_bfloat16_x_with_the_bits_of_its_cast(used):
+    """A bfloat16 x (in_proj's output under CPU autocast) is read as it is and its gradient written
+    in bfloat16: exactly the bits of casting x to float32 first, every output and gradient
+    (float32 but x's); also when only the reverse direction's outputs are used (x's gradient
+    then float32 from the kernel, cast by autograd). Other dtypes are refused."""
+    from svp.ops.conv_cpu import bi_conv_proj_cpu, causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(6)
+    b, L, d, n = 2, 21, 40, 7
+    x = torch.randn(b, L, d, generator=g).to(torch.bfloat16)
+    rest = [torch.randn(d, 4, generator=g), torch.randn(d, generator=g), torch.randn(n, d, generator=g),
+            torch.randn(d, 4, generator=g), torch.randn(d, generator=g), torch.randn(n, d, generator=g)]
+    gs = [torch.randn(b, L, d, generator=g), torch.randn(b, L, n, generator=g)] * 2
+
+    def run(cast):
+        xx = x.clone().requires_grad_()
+        r = [t.clone().requires_grad_() for t in rest]
+        outs = bi_conv_proj_cpu(xx.float() if cast else xx, (r[0], r[1], r[2]), (r[3], r[4], r[5]))
+        loss = sum((o * gg).sum() for i, (o, gg) in enumerate(zip(outs, gs)) if used == "all" or i >= 2)
+        return outs, torch.autograd.grad(loss, [xx] + r, allow_unused=True)
+    (o1, g1), (o2, g2) = run(True), run(False)
+    for p, q in zip(o1, o2):
+        assert q.dtype == torch.float32 and torch.equal(p, q)
+    assert g2[0].dtype == torch.bfloat16
+    for i, (p, q) in enumerate(zip(g1, g2)):
+        assert (p is None and q is None) if (used == "backward_only" and i in (1, 2, 3)) else torch.equal(p, q), i
+    with pytest.raises(ValueError, match="x as a float32 or bfloat16 CPU tensor"):
+        bi_conv_proj_cpu(x.half(), (rest[0], rest[1], rest[2]), (rest[3], rest[4], rest[5]))
+    with pytest.raises(ValueError, match="x as a float32 CPU tensor"):
+        causal_conv1d_proj_cpu(x, rest[0], rest[1], rest[2], "silu")

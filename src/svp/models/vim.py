@@ -99,13 +99,15 @@ def _conv(x, weight, bias, reverse):
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
 
 
-def _fused_conv_proj(x, conv, x_proj) -> bool:
+def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
     """Whether conv + x_proj can run as one fused CPU node: what _conv would run fused, with a
     (dim,) conv bias, and an x_proj that is a bias-free Linear without hooks (its weight may be
-    parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor)."""
+    parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor). With
+    ``bf16_x``, x may be bfloat16 too (svp.ops.conv_cpu.BiConvProjCPU reads it as it is)."""
+    x_ok = x.device.type == "cpu" and (x.dtype == torch.float32 or (bf16_x and x.dtype == torch.bfloat16))
     return (isinstance(x_proj, nn.Linear) and type(x_proj).forward is nn.Linear.forward and x_proj.bias is None
             and not (x_proj._forward_hooks or x_proj._forward_pre_hooks)
-            and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, x_proj.weight))
+            and (conv.bias is None or conv.bias.dim() == 1) and x_ok and _fused_cpu(x_proj.weight))
 
 
 def _autocast_weight(w):
@@ -123,12 +125,10 @@ def _fused_bi_scan(x, z) -> bool:
     return _fused_cpu(x, z)
 
 
-def _bf16_gate_io(x, z) -> bool:
-    """Under CPU autocast: whether the fused bidirectional scan takes in_proj's bfloat16 z as it
-    is and gives y in bfloat16 for out_proj (svp.ops.scan_cpu.BiScanCPU), the bits of the casts
-    it saves (z to float32, y to bfloat16 and their two gradients: four passes over (b, l, E) a
-    layer and step)."""
-    return z.dtype == torch.bfloat16 and z.device.type == "cpu" and _fused_cpu(x)
+def _bf16_fused(t) -> bool:
+    """Whether ``t`` is a bfloat16 CPU tensor and the fused CPU kernels run (the 'cpu' scan
+    backend): under CPU autocast they read in_proj's bfloat16 outputs as they are."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and get_backend(t.device) == "cpu"
 
 
 class BiMambaMixer(nn.Module):
@@ -238,7 +238,7 @@ class BiMambaMixer(nn.Module):
         gradient to the first's: three passes over (b, l, E) fewer, the same bits."""
         from ..ops.scan_cpu import bidirectional_scan_cpu
         cp_f = cp_b = None
-        if _fused_conv_proj(x, self.conv1d, self.x_proj) and _fused_conv_proj(x, self.conv1d_b, self.x_proj_b):
+        if self._convs_fuse(x):
             from ..ops.conv_cpu import bi_conv_proj_cpu
             xf, dbl_f, xb, dbl_b = bi_conv_proj_cpu(
                 x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
@@ -277,23 +277,39 @@ class BiMambaMixer(nn.Module):
             x, z = self.in_proj_hook(self, hidden, x, z)
         if amp:
             # CPU mixed precision (train.amp): in_proj above and out_proj below, 84% (Vim-Tiny) to
-            # 88% (Vim-Small) of a mixer's product FLOPs, run in bfloat16. The conv, x_proj, dt_proj and the scan stay
-            # float32, as the fused kernels need and as the time steps' exp(delta A) asks.
+            # 88% (Vim-Small) of a mixer's product FLOPs, run in bfloat16. The conv, x_proj, dt_proj
+            # and the scan compute in float32, as the time steps' exp(delta A) asks.
             with torch.autocast("cpu", enabled=False):
-                x = x.float()
-                y = self._ssm(x, z if _bf16_gate_io(x, z) else z.float())
+                y = self._ssm(*self._amp_inputs(x, z), amp=True)
         else:
             y = self._ssm(x, z)
         out = self._out_proj(y, hidden, amp)
         # the residual stream stays float32 (residual_in_fp32) and the fused add+RMSNorm reads it
         return out.float() if amp else out
 
-    def _ssm(self, x, z):
+    def _convs_fuse(self, x) -> bool:
+        """Whether both directions' conv + x_proj run as one fused node (bi_conv_proj_cpu), which
+        takes x in float32 or bfloat16."""
+        return (_fused_conv_proj(x, self.conv1d, self.x_proj, bf16_x=True)
+                and _fused_conv_proj(x, self.conv1d_b, self.x_proj_b, bf16_x=True))
+
+    def _amp_inputs(self, x, z):
+        """Under CPU autocast: in_proj's bfloat16 x and z as the mixer's inside takes them. The
+        fused kernels read bfloat16 as it is: z the scan (which then gives y in bfloat16 for
+        out_proj), x the two directions' conv + x_proj. The bits of casting them to float32
+        (and y back), without the casts: six passes over (b, l, E) a layer less forward, and as
+        many backward (the gradients, written in bfloat16). Anything else gets float32."""
+        if not _bf16_fused(z):
+            return x.float(), z.float()
+        return (x if _bf16_fused(x) and self._convs_fuse(x) else x.float()), z
+
+    def _ssm(self, x, z, amp=False):
         """Both directions' conv, x_proj, dt_proj and scan of (b, l, E) x and z: the sum of the
-        two directions' gated outputs, (b, l, E)."""
+        two directions' gated outputs, (b, l, E). With ``amp``, x and z as _amp_inputs gives
+        them (bfloat16 only where the fused kernels read them; y then bfloat16 too)."""
         fwd = (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, False, "forward")
         bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
-        if _fused_bi_scan(x, z) or _bf16_gate_io(x, z):
+        if _fused_bi_scan(x, z) or (amp and z.dtype == torch.bfloat16):
             y = self._both_directions_fused(x, z, fwd, bwd)
         else:
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)

@@ -15,7 +15,9 @@ import torch
 
 from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _sigmoid, _wide_vectors, drop_stale_caches
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _flat, _sigmoid, _wide_vectors, \
+    drop_stale_caches
+from .simd import as_f32, to_elem
 from numba import njit, prange
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -50,7 +52,7 @@ def _preact(x, w, bias, bi, t, reverse, acc):
             xr = x[bi, s]
             wk = w[k]
             for c in range(d):
-                acc[c] += wk[c] * xr[c]
+                acc[c] += wk[c] * as_f32(xr[c])
 
 
 @njit(inline="always")
@@ -71,7 +73,8 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
         x0, x1, x2, x3 = x[bi, t - 3], x[bi, t - 2], x[bi, t - 1], x[bi, t]
     w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
     for c in range(d):
-        acc[c] = (((brow[c] + w0[c] * x0[c]) + w1[c] * x1[c]) + w2[c] * x2[c]) + w3[c] * x3[c]
+        acc[c] = ((((brow[c] + w0[c] * as_f32(x0[c])) + w1[c] * as_f32(x1[c])) + w2[c] * as_f32(x2[c]))
+                  + w3[c] * as_f32(x3[c]))
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
@@ -102,11 +105,12 @@ def _conv_fwd(x, w, bias, reverse, silu, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp, dbp):
+def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
     # gb (when has_gb): a second gradient of the output, added to g as it is read (the
     # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU).
-    # add_dx: add to dx (the other direction's input gradient, see BiConvProjCPU) instead of
-    # writing it.
+    # add_dx: dx = dxp + this gradient (dxp float32: the other direction's input gradient, see
+    # BiConvProjCPU; dx itself, or a bfloat16 dx for a bfloat16 x) instead of writing it.
+    # x and dx may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
     b, L, d = x.shape
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
@@ -158,9 +162,10 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp
                         xr = x[bi, s]
                         dwk = dw[k]
                         for c in range(d):
-                            dwk[c] += np.float64(gt[c]) * np.float64(xr[c])
+                            dwk[c] += np.float64(gt[c]) * np.float64(as_f32(xr[c]))
         for s in range(t0, t1):
             dxr = dx[bi, s]
+            pr = dxp[bi, s]
             if W == 4 and ((s - 3 >= lo) if reverse else (s + 3 < hi)):
                 # all four output rows fed by x[s] are in ga: one loop, same order as below
                 if reverse:
@@ -170,10 +175,11 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp
                 w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
                 if add_dx:
                     for c in range(d):
-                        dxr[c] = dxr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c])
+                        dxr[c] = to_elem(pr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c])
+                                                  + w3[c] * g3[c]), dxr)
                 else:
                     for c in range(d):
-                        dxr[c] = (((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c]
+                        dxr[c] = to_elem((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c], dxr)
                 continue
             for c in range(d):
                 acc[c] = 0.0
@@ -186,10 +192,10 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dx, dwp
                         acc[c] += wk[c] * gt[c]
             if add_dx:
                 for c in range(d):
-                    dxr[c] = dxr[c] + acc[c]
+                    dxr[c] = to_elem(pr[c] + acc[c], dxr)
             else:
                 for c in range(d):
-                    dxr[c] = acc[c]
+                    dxr[c] = to_elem(acc[c], dxr)
 
 
 def _np(x: torch.Tensor):
@@ -197,9 +203,9 @@ def _np(x: torch.Tensor):
     is; a row-strided one (a chunk of in_proj's output, when in_proj has forward hooks) is
     copied (one memory pass) rather than given to the kernels as an array of any layout: numba
     compiles that as a second specialisation of each kernel on first use (3-7 s each with
-    numba 0.68, 11-25 s with 0.58)."""
+    numba 0.68, 11-25 s with 0.58). A bfloat16 x (BiConvProjCPU) as its uint16 bits."""
     x = x.detach().contiguous()
-    return x, x.numpy()
+    return x, _flat(x).reshape(x.shape)
 
 
 class CausalConv1dCPU(torch.autograd.Function):
@@ -231,7 +237,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
         with _dynamic_tasks():
             _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(), dy.numpy(), False,
-                      False, dx.numpy(), dwp.numpy(), dbp.numpy())
+                      False, dx.numpy(), dx.numpy(), dwp.numpy(), dbp.numpy())
         dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
         db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
         return dx if need[0] else None, dw, db, None, None
@@ -260,9 +266,10 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
 
 
-def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None):
-    """Gradients (x, weight, bias, proj_w) of _conv_proj_fwd's outputs; with ``dx`` given, the
-    x gradient is added to it (and dx is returned)."""
+def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None, dx_dtype=torch.float32):
+    """Gradients (x, weight, bias, proj_w) of _conv_proj_fwd's outputs; with ``dx`` (float32)
+    given, the x gradient is added to it (and dx is returned; with ``dx_dtype`` bfloat16, the sum
+    in a new bfloat16 tensor, rounded once). Without ``dx`` the x gradient is float32."""
     xs, wt, bs, pw, out = saved
     reverse, silu, has_bias = cfg
     b, L, d = xs.shape
@@ -282,12 +289,16 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None):
     add = dx is not None
     if not add:
         dx = torch.empty(b, L, d, dtype=torch.float32)
+    prev = dx
+    if add and dx_dtype != torch.float32:
+        dx = torch.empty(b, L, d, dtype=dx_dtype)
     ntask = b * ((L + TB - 1) // TB)
     dwp = torch.empty(ntask, W, d, dtype=torch.float64)
     dbp = torch.empty(ntask, d, dtype=torch.float64)
     need_dw = bool(need[1] or (has_bias and need[2]))
-    _conv_bwd(xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),   # (callers: _dynamic_tasks)
-              (dy if g2 is None else g2).numpy(), g2 is not None, add, dx.numpy(), dwp.numpy(), dbp.numpy())
+    _conv_bwd(_flat(xs).reshape(xs.shape), wt.numpy(), bs.numpy(), reverse, silu, need_dw,   # (callers: _dynamic_tasks)
+              dy.numpy(), (dy if g2 is None else g2).numpy(), g2 is not None, add, prev.numpy(),
+              _flat(dx).reshape(dx.shape), dwp.numpy(), dbp.numpy())
     dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
     db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
     return dx, dw, db, dpw
@@ -320,7 +331,11 @@ class BiConvProjCPU(torch.autograd.Function):
     """CausalConv1dProjCPU for both directions of a bidirectional mixer, which read the same x:
     the second direction's backward kernel adds its x gradient to the first's, instead of
     autograd adding the two in another pass over (b, l, d); bit for bit the same sum. Inputs: x,
-    then (weight, bias, proj_w) forward and backward (reverse) direction; SiLU."""
+    then (weight, bias, proj_w) forward and backward (reverse) direction; SiLU.
+
+    A bfloat16 x (in_proj's output under CPU autocast) is read as it is, and its gradient written
+    in bfloat16 (the float32 sum of the two directions', rounded once): the bits of casting x
+    to float32 first, a pass over (b, l, d) less each way. The outputs are float32 either way."""
 
     @staticmethod
     @_dynamic_tasks_in
@@ -338,20 +353,22 @@ class BiConvProjCPU(torch.autograd.Function):
         saved, need = ctx.saved_tensors, ctx.needs_input_grad
         n = len(saved) // 2
         dx, dw, db, dpw = _conv_proj_bwd(saved[:n], ctx.cfg[0], (need[0],) + need[1:4], dy, dproj)
-        dx, dw_b, db_b, dpw_b = _conv_proj_bwd(saved[n:], ctx.cfg[1], (need[0],) + need[4:7], dy_b, dproj_b, dx)
+        dx, dw_b, db_b, dpw_b = _conv_proj_bwd(saved[n:], ctx.cfg[1], (need[0],) + need[4:7], dy_b, dproj_b, dx,
+                                               dx_dtype=saved[0].dtype)
         return dx if need[0] else None, dw, db, dpw, dw_b, db_b, dpw_b
 
 
 def bi_conv_proj_cpu(x, fwd, bwd):
     """``causal_conv1d_proj_cpu(x, *fwd, "silu") + causal_conv1d_proj_cpu(x, *bwd, "silu",
     reverse=True)`` outputs, (y, proj, y_b, proj_b), in one autograd node (see BiConvProjCPU);
-    fwd, bwd: (weight (dim, width), bias (dim,) or None, proj_w (n, dim))."""
+    fwd, bwd: (weight (dim, width), bias (dim,) or None, proj_w (n, dim)). x float32 or bfloat16;
+    the rest float32."""
     for w, bias, pw in (fwd, bwd):
-        _check_conv_proj(x, w, bias, pw)
+        _check_conv_proj(x, w, bias, pw, x_dtypes=(torch.float32, torch.bfloat16))
     return BiConvProjCPU.apply(x, *fwd, *bwd)
 
 
-def _check_conv_proj(x, weight, bias, proj_w):
+def _check_conv_proj(x, weight, bias, proj_w, x_dtypes=(torch.float32,)):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
@@ -359,9 +376,10 @@ def _check_conv_proj(x, weight, bias, proj_w):
         raise ValueError(f"expected bias ({x.shape[-1]},), got {tuple(bias.shape)}")
     if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
         raise ValueError(f"expected proj_w (n, {x.shape[-1]}), got {tuple(proj_w.shape)}")
-    for name, t in (("x", x), ("proj_w", proj_w)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"causal_conv1d_proj_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
+    for name, t, ok in (("x", x, x_dtypes), ("proj_w", proj_w, (torch.float32,))):
+        if t.dtype not in ok or t.device.type != "cpu":
+            want = " or ".join(str(d).replace("torch.", "") for d in ok)
+            raise ValueError(f"causal_conv1d_proj_cpu needs {name} as a {want} CPU tensor; got {t.dtype} on {t.device}")
 
 
 def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=False):
