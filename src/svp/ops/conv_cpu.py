@@ -15,9 +15,9 @@ import torch
 
 from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _flat, _sigmoid, _wide_vectors, \
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, _wide_vectors, \
     drop_stale_caches
-from .simd import as_f32, to_elem
+from .simd import as_f32, is_bf16, to_elem
 from numba import njit, prange
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -109,7 +109,7 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx
     # gb (when has_gb): a second gradient of the output, added to g as it is read (the
     # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU).
     # add_dx: dx = dxp + this gradient (dxp float32: the other direction's input gradient, see
-    # BiConvProjCPU; dx itself, or a bfloat16 dx for a bfloat16 x) instead of writing it.
+    # BiConvProjCPU; a float32 dx is dxp itself and is added to in place, a bfloat16 one is new).
     # x and dx may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
     b, L, d = x.shape
     W = w.shape[0]
@@ -173,10 +173,14 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx
                 else:
                     g0, g1, g2, g3 = ga[s + 3 - lo], ga[s + 2 - lo], ga[s + 1 - lo], ga[s - lo]
                 w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-                if add_dx:
+                if add_dx and is_bf16(dx):   # (a constant of the compiled kernel: see simd.is_bf16)
                     for c in range(d):
                         dxr[c] = to_elem(pr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c])
                                                   + w3[c] * g3[c]), dxr)
+                elif add_dx:
+                    for c in range(d):
+                        dxr[c] = to_elem(as_f32(dxr[c]) + ((((w0[c] * g0[c]) + w1[c] * g1[c])
+                                                            + w2[c] * g2[c]) + w3[c] * g3[c]), dxr)
                 else:
                     for c in range(d):
                         dxr[c] = to_elem((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c], dxr)
@@ -190,9 +194,12 @@ def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx
                     wk = w[k]
                     for c in range(d):
                         acc[c] += wk[c] * gt[c]
-            if add_dx:
+            if add_dx and is_bf16(dx):
                 for c in range(d):
                     dxr[c] = to_elem(pr[c] + acc[c], dxr)
+            elif add_dx:
+                for c in range(d):
+                    dxr[c] = to_elem(as_f32(dxr[c]) + acc[c], dxr)
             else:
                 for c in range(d):
                     dxr[c] = to_elem(acc[c], dxr)
@@ -205,7 +212,7 @@ def _np(x: torch.Tensor):
     compiles that as a second specialisation of each kernel on first use (3-7 s each with
     numba 0.68, 11-25 s with 0.58). A bfloat16 x (BiConvProjCPU) as its uint16 bits."""
     x = x.detach().contiguous()
-    return x, _flat(x).reshape(x.shape)
+    return x, _nd(x)
 
 
 class CausalConv1dCPU(torch.autograd.Function):
@@ -296,9 +303,9 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None, dx_dtype=torch.float32)
     dwp = torch.empty(ntask, W, d, dtype=torch.float64)
     dbp = torch.empty(ntask, d, dtype=torch.float64)
     need_dw = bool(need[1] or (has_bias and need[2]))
-    _conv_bwd(_flat(xs).reshape(xs.shape), wt.numpy(), bs.numpy(), reverse, silu, need_dw,   # (callers: _dynamic_tasks)
-              dy.numpy(), (dy if g2 is None else g2).numpy(), g2 is not None, add, prev.numpy(),
-              _flat(dx).reshape(dx.shape), dwp.numpy(), dbp.numpy())
+    _conv_bwd(_nd(xs), wt.numpy(), bs.numpy(), reverse, silu, need_dw, dy.numpy(),   # (callers: _dynamic_tasks)
+              (dy if g2 is None else g2).numpy(), g2 is not None, add, prev.numpy(), _nd(dx), dwp.numpy(),
+              dbp.numpy())
     dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
     db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
     return dx, dw, db, dpw

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _flat, _sigmoid, _wide_vectors, drop_stale_caches
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _nd, _sigmoid, _wide_vectors, drop_stale_caches
 from .simd import as_f32, to_elem
 from numba import njit, prange
 
@@ -122,11 +122,6 @@ def _c(t):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _a(t):
-    """A pre-activation as the kernels take it: float32, or bfloat16 as its uint16 bits."""
-    return _flat(t).reshape(t.shape)
-
-
 class AddSiluPromptsCPU(torch.autograd.Function):
     """a1 and a2 may be bfloat16 (the prompters' products under CPU autocast): read as they are,
     and their gradients written in bfloat16, the bits of casting them to float32 first."""
@@ -139,11 +134,11 @@ class AddSiluPromptsCPU(torch.autograd.Function):
         dummy = torch.zeros(1, 1, d, dtype=(a1 if use1 else a2).dtype)
         x1 = _c(a1) if use1 else dummy
         x2 = _c(a2) if use2 else dummy
-        v1 = _c(s1) if use1 else torch.zeros(d)
-        v2 = _c(s2) if use2 else torch.zeros(d)
+        v1 = _c(s1) if use1 else hc.new_zeros(d)
+        v2 = _c(s2) if use2 else hc.new_zeros(d)
         out = torch.empty(hc.shape, dtype=torch.float32)
         with _dynamic_tasks():
-            _prompt_fwd(hc.numpy(), _a(x1), v1.numpy(), _a(x2), v2.numpy(), use1, use2, int(skip),
+            _prompt_fwd(hc.numpy(), _nd(x1), v1.numpy(), _nd(x2), v2.numpy(), use1, use2, int(skip),
                         out.numpy())
         ctx.save_for_backward(x1, v1, x2, v2)
         ctx.cfg = (use1, use2, int(skip))
@@ -163,8 +158,8 @@ class AddSiluPromptsCPU(torch.autograd.Function):
         ds1p = torch.empty(ntask, d, dtype=torch.float64)   # per-task partial sums (left unwritten
         ds2p = torch.empty(ntask, d, dtype=torch.float64)   # when that scale has no gradient)
         with _dynamic_tasks():
-            _prompt_bwd(g.numpy(), _a(x1), v1.numpy(), _a(x2), v2.numpy(), use1, use2, skip, need_s1,
-                        need_s2, _a(da1), _a(da2), ds1p.numpy(), ds2p.numpy())
+            _prompt_bwd(g.numpy(), _nd(x1), v1.numpy(), _nd(x2), v2.numpy(), use1, use2, skip, need_s1,
+                        need_s2, _nd(da1), _nd(da2), ds1p.numpy(), ds2p.numpy())
         return (g if need[0] else None, da1 if (use1 and need[1]) else None,
                 ds1p.sum(0).to(torch.float32) if need_s1 else None, da2 if (use2 and need[3]) else None,
                 ds2p.sum(0).to(torch.float32) if need_s2 else None, None)

@@ -201,7 +201,7 @@ import llvmlite.binding as _llvm  # noqa: E402
 
 from .kept import kept  # noqa: E402
 
-from .simd import VL, fma, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
+from .simd import VL, fma, is_bf16, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
     vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, \
     zeros64, empty64, flush_denormals, restore_fp  # noqa: E402
 
@@ -444,17 +444,22 @@ def _flush_da(dAacc, dAc, N):
 
 @njit
 def _put(a, a16, prev, off, v, acc):
-    """a[off:off+16] = v, or prev[off:off+16] + v when acc (the second direction of a
-    bidirectional mixer adds its output, and its z gradient, to the first's: prev + v is the
-    same sum PyTorch forms; prev is a, or the first direction's output). Into a16 instead when
-    it is not empty: bfloat16 (uint16 bits, svp.ops.simd), the float32 sum rounded once, as its
-    cast would round it. (One kernel type for both outputs: a16 is a 0-size array when unused,
-    so a bfloat16 output adds no compilation of its own.)"""
-    s = vload(prev, off) + v if acc else v
-    if a16.size:
-        vstore(a16, off, s)
+    """a[off:off+16] = v, or += v when acc (the second direction of a bidirectional mixer adds
+    its output, and its z gradient, to the first's: a + v is the same sum PyTorch forms).
+
+    The kernels for a bfloat16 z (uint16 bits, svp.ops.simd) get a16 as a uint16 array: empty,
+    or the bfloat16 output, which then gets prev[off:off+16] + v (prev: the first direction's
+    float32 output) rounded once, as its cast would round it. One kernel type for both of their
+    outputs, so a bfloat16 output adds no compilation of its own. The float32 kernels get an
+    empty float32 a16, and is_bf16 folds this to their own code."""
+    if is_bf16(a16):
+        s = vload(prev, off) + v if acc else v
+        if a16.size:
+            vstore(a16, off, s)
+        else:
+            vstore(a, off, s)
     else:
-        vstore(a, off, s)
+        vstore(a, off, vload(a, off) + v if acc else v)
 
 
 @njit
@@ -486,7 +491,7 @@ def _prefetch_out(a, off):
 @njit
 def _prefetch_put(a, a16, prev, acc, off):
     """_prefetch_out for the row _put writes at flat offset off (and the one it reads, when acc)."""
-    if a16.size:
+    if is_bf16(a16) and a16.size:
         _prefetch_out(a16, off)
         if acc:
             _prefetch_rows(prev, prev, prev, False, off)
@@ -1145,12 +1150,23 @@ def _unpadc(x: torch.Tensor, g: int, dg: int, dgp: int) -> torch.Tensor:
 _NO16, _NO32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)   # _put's unused outputs
 
 
+def _no16(z3):
+    """_put's a16 when unused: empty, in the kernel type's dtype (bfloat16 for a bfloat16 z)."""
+    return _NO16 if z3.dtype == torch.bfloat16 else _NO32
+
+
 def _flat(x: torch.Tensor):
     """x as the flat numpy array the kernels take; a bfloat16 x as its bits in uint16, which
     svp.ops.simd's vload and vstore read and write as bfloat16 values."""
     if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy().view(np.uint16).reshape(-1)
     return x.numpy().reshape(-1)   # (numpy's reshape: ~0.6 µs less per array, ~16 per call)
+
+
+def _nd(x: torch.Tensor):
+    """x as a numpy array of its shape, a bfloat16 x as its uint16 bits (see _flat), for the
+    kernels that index (b, l, d) arrays (conv_cpu, prompt_cpu)."""
+    return x.numpy() if x.dtype != torch.bfloat16 else _flat(x).reshape(x.shape)
 
 
 def _tables(A, dg, dgp, softplus):
@@ -1191,7 +1207,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
         out = acc
     else:
         out = torch.empty(b, L, dp, dtype=out_dtype)
-    o32, o16 = (out, _NO16) if out.dtype == torch.float32 else (_NO32 if acc is None else acc, out)
+    o32, o16 = (out, _no16(z3)) if out.dtype == torch.float32 else (_NO32 if acc is None else acc, out)
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
@@ -1242,7 +1258,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
         dz = acc
     else:
         dz = torch.empty(b, L, dp, dtype=torch.bfloat16 if dz16 else torch.float32)
-    dz32, dz16_ = (acc, dz) if dz16 else (dz, _NO16)
+    dz32, dz16_ = (acc, dz) if dz16 else (dz, _no16(z3))
     dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:

@@ -126,6 +126,20 @@ def _narrow_bf16(builder, v, lanes=W):
 
 
 @intrinsic
+def is_bf16(typingctx, arr):
+    """Whether ``arr`` holds bfloat16 (a uint16 array): a constant of the compiled function, so a
+    branch on it is folded away and a float32 kernel runs the float32 side's code only."""
+    if not isinstance(arr, types.Array):
+        return None
+    val = int(_is_bf16_array(arr))
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(1), val)
+
+    return types.boolean(arr), codegen
+
+
+@intrinsic
 def as_f32(typingctx, x):
     """An element read from a float32 array as it is, from a uint16 (bfloat16) one widened
     exactly: the scalar counterpart of vload, for the auto-vectorised kernels' loops."""
