@@ -297,8 +297,9 @@ class BiMambaMixer(nn.Module):
         """Under CPU autocast: in_proj's bfloat16 x and z as the mixer's inside takes them. The
         fused kernels read bfloat16 as it is: z the scan (which then gives y in bfloat16 for
         out_proj), x the two directions' conv + x_proj. The bits of casting them to float32
-        (and y back), without the casts: six passes over (b, l, E) a layer less forward, and as
-        many backward (the gradients, written in bfloat16). Anything else gets float32."""
+        (and y back), without the casts: three casts of a (b, l, E) tensor a layer less forward
+        (x, z, y), and three backward (the gradients, written in bfloat16). Anything else gets
+        float32."""
         if not _bf16_fused(z):
             return x.float(), z.float()
         return (x if _bf16_fused(x) and self._convs_fuse(x) else x.float()), z
