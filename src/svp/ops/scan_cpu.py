@@ -1183,11 +1183,13 @@ def _tables(A, dg, dgp, softplus):
     return kept(A, ("scan_cpu tables", dg, dgp, softplus), make)
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None, out_dtype=torch.float32):
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None, out_dtype=torch.float32,
+         z_bf16=False):
     """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) output
-    (``acc``'s buffer, added to, when given: see _put), state what _bwd needs. A bfloat16 z is
-    read as it is, and with ``out_dtype`` bfloat16 the output (the sum with ``acc``, when given,
-    float32) is written in bfloat16: the bits of casting the float32 output (BiScanCPU)."""
+    (``acc``'s buffer, added to, when given: see _put), state what _bwd needs. With ``z_bf16``
+    a bfloat16 z is read as it is (else cast to float32 first), and with ``out_dtype`` bfloat16
+    the output (the sum with ``acc``, when given, float32) is written in bfloat16: the bits of
+    casting the float32 output. Both for BiScanCPU only."""
     b, d, L = u.shape
     N = A.shape[1]
     gB, gC, G = scan_groups(B, C, d)
@@ -1198,7 +1200,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
     u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
     has_z = z is not None
-    z3 = pad(_as_bld(z, keep_bf16=True)) if has_z else u3
+    z3 = pad(_as_bld(z, keep_bf16=z_bf16)) if has_z else u3
     At, A2t, dtmax, fast = _tables(A, dg, dgp, bool(softplus))
     Dv, bias = pad(_vec(D, d)), pad(_vec(delta_bias, d))
     K = int(chunk)
@@ -1351,8 +1353,9 @@ class BiScanCPU(torch.autograd.Function):
     @staticmethod
     @_dynamic_tasks_in
     def forward(ctx, z, u, delta, A, B, C, D, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b):
-        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK)
-        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype)
+        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True)
+        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype,
+                          z_bf16=True)
         ctx.save_for_backward(*sf[0], *sb[0])
         ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
         return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
