@@ -30,6 +30,9 @@ def test_doctor_passes(capsys):
     if "cpu" in available_backends():
         # the fused kernels checked inside a model (conv, norm, prompts too), against plain PyTorch
         assert any(line.split()[:3] == ["cpu", "model", "ok"] for line in out.splitlines()), out
+        # and their bfloat16 paths (train.amp) against float32 casts, where the CPU has the instructions
+        want = ["cpu", "amp", "ok"] if found else ["cpu", "amp", "skipped:"]
+        assert any(line.split()[:3] == want for line in out.splitlines()), out
     if importlib.util.find_spec("triton") is not None:
         # listed with its version and checked (through the interpreter when there is no GPU)
         assert any(line.split()[:1] == ["triton"] and line.split()[1][0].isdigit() for line in out.splitlines()), out
@@ -72,6 +75,30 @@ def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
     monkeypatch.setattr(mod, name, off)   # (svp imports the kernels inside the functions that call them)
     bad, where, _ = doctor.check_fused_cpu_model()
     assert bad > doctor.TOLERANCE_FUSED_MODEL, (kernel, bad, where)
+
+
+def test_the_amp_check_finds_a_kernel_that_handles_bfloat16_wrongly(monkeypatch):
+    """check_fused_cpu_amp: the same bits with the kernels reading and writing bfloat16 as with
+    float32 casts around them (random state and forced backend left as they were); a scan whose
+    bfloat16 output is 1% off fails it, and doctor says which tensors differ."""
+    from svp import doctor
+    from svp.ops import available_backends
+    if "cpu" not in available_backends():
+        pytest.fail("the numba cpu backend is not available", pytrace=False)
+    import torch
+    from svp.ops import dispatch, scan_cpu
+    state = torch.random.get_rng_state()
+    differ, n = doctor.check_fused_cpu_amp()
+    assert differ == [] and n > 2
+    assert torch.equal(torch.random.get_rng_state(), state) and dispatch._forced is None
+    real = scan_cpu.bidirectional_scan_cpu
+
+    def off(z, fwd, bwd):
+        out = real(z, fwd, bwd)
+        return out * 1.01 if z.dtype == torch.bfloat16 else out   # (0.1% would round away in bfloat16)
+    monkeypatch.setattr(scan_cpu, "bidirectional_scan_cpu", off)
+    differ, n = doctor.check_fused_cpu_amp()
+    assert "output" in differ and len(differ) > 1, differ
 
 
 def test_cpu_name_reads_the_model_name_else_says_the_platform(tmp_path):

@@ -178,40 +178,76 @@ def check_fused_cpu_model():
         return _check_fused_cpu_model()
 
 
-def _check_fused_cpu_model():
+def _tiny_svp_model():
+    """A tiny Vim with a nonzero SVP adapter (zero-initialised scales would pass no gradient on),
+    and an input batch."""
     import timm
     import torch
-    from svp.ops import dispatch, set_backend
     from svp.peft import get_peft_model, make_config
-    forced = dispatch._forced   # a backend the caller set, restored after
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2,
                               embed_dim=32, num_classes=5)
     pm = get_peft_model(model, make_config("svp", num_classes=5, shared_layers=2, hidden=8)).train()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # nonzero adapters: zero-initialised ones would pass no gradient on
+    with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
-    x = torch.randn(2, 3, 32, 32, generator=g)
+    return pm, torch.randn(2, 3, 32, 32, generator=g)
+
+
+def _step(pm, x):
+    """One forward and backward: [(name, tensor)] for the output and every parameter's gradient."""
+    import torch
+    torch.manual_seed(2)   # the same DropPath masks in every run
+    out = pm(x)
+    out.float().square().sum().backward()
+    res = [("output", out.detach())] + [("d" + n, p.grad.clone()) for n, p in pm.named_parameters()
+                                        if p.grad is not None]
+    pm.zero_grad(set_to_none=True)
+    return res
+
+
+def _check_fused_cpu_model():
+    from svp.ops import dispatch, set_backend
+    forced = dispatch._forced   # a backend the caller set, restored after
+    pm, x = _tiny_svp_model()
     results = {}
     for backend in ("cpu", "torch"):
         set_backend(backend)
         try:
-            torch.manual_seed(2)   # the same DropPath masks in both runs
-            out = pm(x)
-            out.square().sum().backward()
+            results[backend] = _step(pm, x)
         finally:
             set_backend(forced)
-        results[backend] = [("output", out.detach())] + [
-            ("d" + n, p.grad.clone()) for n, p in pm.named_parameters() if p.grad is not None]
-        pm.zero_grad(set_to_none=True)
     worst, where = 0.0, ""
     for (name, a), (_, b) in zip(results["cpu"], results["torch"]):
         e = _rel_err(a, b)
         if not e <= worst:
             worst, where = e, name
     return worst, where, len(results["cpu"])
+
+
+def check_fused_cpu_amp():
+    """One training step of the tiny Vim + SVP under CPU autocast (train.amp), the fused kernels
+    reading in_proj's bfloat16 outputs and writing the mixer's in bfloat16, against the same step
+    with float32 casts around them (svp.models.vim.amp_casts): they must give the same bits.
+    Returns (names of the tensors that differ, number compared)."""
+    import torch
+    from svp.models.vim import amp_casts
+    from svp.ops import dispatch, set_backend
+    forced = dispatch._forced
+    with torch.random.fork_rng(devices=[]):
+        pm, x = _tiny_svp_model()
+        set_backend("cpu")
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                direct = _step(pm, x)
+                with amp_casts():
+                    cast = _step(pm, x)
+        finally:
+            set_backend(forced)
+    differ = [n for (n, a), (_, b) in zip(direct, cast) if not (a.dtype == b.dtype and torch.equal(a, b))]
+    return differ, len(direct)
 
 
 def time_backend(name, device, b=8, d=384, L=197, n=16, reps=3):
@@ -296,6 +332,22 @@ def run(args) -> int:
         print(f"  cpu   {'model':10s} {'ok  ' if ok else 'FAIL'} {msg}")
         if not ok:
             failed.append("fused CPU kernels in the model")
+        from svp.compat import cpu_bf16_instructions
+        print("the same step under bfloat16 autocast (train.amp, --amp), the kernels reading and writing "
+              "bfloat16, against float32 casts around them:")
+        if not cpu_bf16_instructions() and not getattr(args, "amp", False):
+            print(f"  cpu   {'amp':10s} skipped: no bfloat16 instructions here (--amp to check anyway)")
+        else:
+            try:
+                differ, n = check_fused_cpu_amp()
+                ok = not differ
+                msg = (f"the same bits (output and {n - 1} gradients)" if ok
+                       else f"{len(differ)} of {n} tensors differ: {', '.join(differ[:3])}")
+            except Exception as e:
+                ok, msg = False, f"error: {type(e).__name__}: {e}"
+            print(f"  cpu   {'amp':10s} {'ok  ' if ok else 'FAIL'} {msg}")
+            if not ok:
+                failed.append("fused CPU kernels under bfloat16 autocast")
     if timings:
         print("timing, Vim-Tiny scan (batch 8, d_inner 384, L 197, N 16; best of 3, ms):")
         for dev, nm, f, fb in timings:
@@ -315,5 +367,7 @@ def register(subparsers):
     p = subparsers.add_parser("doctor", help="versions, available scan backends, and a correctness check of each")
     p.add_argument("--no-timing", action="store_true", help="skip the timings")
     p.add_argument("--time-reference", action="store_true", help="also time the slow reference backend")
+    p.add_argument("--amp", action="store_true",
+                   help="check the kernels' bfloat16 paths even on a CPU without bfloat16 instructions")
     p.set_defaults(func=run)
 

@@ -13,6 +13,7 @@ loads without renaming.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional, Tuple
 
@@ -123,6 +124,23 @@ def _fused_bi_scan(x, z) -> bool:
     """Whether the two directions' scans run as one node (svp.ops.scan_cpu.BiScanCPU): the
     scan on the fused CPU backend, float32."""
     return _fused_cpu(x, z)
+
+
+_AMP_CASTS = False   # see amp_casts
+
+
+@contextlib.contextmanager
+def amp_casts():
+    """Within it, under CPU autocast the mixer casts in_proj's bfloat16 x and z to float32 (and
+    autocast casts y back) instead of its fused kernels reading and writing bfloat16: the way
+    before 2026-12-01, and the reference `svp doctor` and the tests hold those kernels to (the
+    same bits). Not thread-safe: it sets a module flag."""
+    global _AMP_CASTS
+    old, _AMP_CASTS = _AMP_CASTS, True
+    try:
+        yield
+    finally:
+        _AMP_CASTS = old
 
 
 def _bf16_fused(t) -> bool:
@@ -300,7 +318,7 @@ class BiMambaMixer(nn.Module):
         (and y back), without the casts: three casts of a (b, l, E) tensor a layer less forward
         (x, z, y), and three backward (the gradients, written in bfloat16). Anything else gets
         float32."""
-        if not _bf16_fused(z):
+        if _AMP_CASTS or not _bf16_fused(z):
             return x.float(), z.float()
         return (x if _bf16_fused(x) and self._convs_fuse(x) else x.float()), z
 
