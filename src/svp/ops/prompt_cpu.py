@@ -96,7 +96,7 @@ def _prompt_bwd(g, a1, s1, a2, s2, use1, use2, skip, need_s1, need_s2, da1, da2,
         ds1 = np.zeros(d, np.float32)
         ds2 = np.zeros(d, np.float32)
         for t in range(t0, min(L, t0 + TB)):
-            if t == skip:   # (0.0: the bits of zero in float32 and bfloat16 alike)
+            if t == skip:   # (zero bits: 0.0 in float32 and in bfloat16 alike)
                 if use1:
                     da1[bi, t, :] = 0
                 if use2:

@@ -17,6 +17,10 @@ chosen per machine, AVX-512's ``vscalefps`` for the power-of-two scalings (``vsc
 ``vscale_pow2i``), gives the portable form's bits wherever the scan kernels use it (they flush
 denormals; see the note above ``_target_has_avx512f``).
 
+A uint16 array stands for bfloat16 values (their bits; numpy has no bfloat16): ``vload`` widens
+them exactly and ``vstore`` rounds to them as torch's cast does (``as_f32`` / ``to_elem`` for
+single elements), so a kernel reads and writes CPU autocast's bfloat16 tensors without casts.
+
 Operators ``+ - * /`` work between two vectors and between a vector and a scalar (broadcast),
 unary ``-`` negates. Everything lowers to generic LLVM IR (on a CPU without FMA instructions
 ``llvm.fma`` becomes a correctly rounded library call: slow, same bits); the prefetch hints,
