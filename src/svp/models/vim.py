@@ -73,12 +73,12 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2), grid
 
 
-def _fused_cpu(*ts) -> bool:
-    """Whether the fused numba kernels (conv, add+RMSNorm) take these tensors: float32 on the
-    CPU, and the scan itself on the fused 'cpu' backend (forcing another backend, e.g.
-    'reference', then runs the whole model in plain PyTorch)."""
+def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
+    """Whether the fused numba kernels (conv, add+RMSNorm) take these tensors: float32 (or one
+    of ``dtypes``) on the CPU, and the scan itself on the fused 'cpu' backend (forcing another
+    backend, e.g. 'reference', then runs the whole model in plain PyTorch)."""
     for t in ts:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+        if t is not None and (t.device.type != "cpu" or t.dtype not in dtypes):
             return False
     return get_backend(ts[0].device) == "cpu"
 
@@ -105,10 +105,11 @@ def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
     (dim,) conv bias, and an x_proj that is a bias-free Linear without hooks (its weight may be
     parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor). With
     ``bf16_x``, x may be bfloat16 too (svp.ops.conv_cpu.BiConvProjCPU reads it as it is)."""
-    x_ok = x.device.type == "cpu" and (x.dtype == torch.float32 or (bf16_x and x.dtype == torch.bfloat16))
+    x_dtypes = (torch.float32, torch.bfloat16) if bf16_x else (torch.float32,)
     return (isinstance(x_proj, nn.Linear) and type(x_proj).forward is nn.Linear.forward and x_proj.bias is None
             and not (x_proj._forward_hooks or x_proj._forward_pre_hooks)
-            and (conv.bias is None or conv.bias.dim() == 1) and x_ok and _fused_cpu(x_proj.weight))
+            and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, dtypes=x_dtypes)
+            and _fused_cpu(x_proj.weight))
 
 
 def _autocast_weight(w):
@@ -146,7 +147,7 @@ def amp_casts():
 def _bf16_fused(t) -> bool:
     """Whether ``t`` is a bfloat16 CPU tensor and the fused CPU kernels run (the 'cpu' scan
     backend): under CPU autocast they read in_proj's bfloat16 outputs as they are."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and get_backend(t.device) == "cpu"
+    return _fused_cpu(t, dtypes=(torch.bfloat16,))
 
 
 class BiMambaMixer(nn.Module):
