@@ -466,6 +466,70 @@ def test_cpu_bidirectional_scan_reads_and_writes_bfloat16_with_the_bits_of_its_c
             assert a.dtype == b.dtype and torch.equal(a, b), (z_grad, i)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("d,R,zdt", [(128, 6, torch.float32), (70, 20, torch.float32), (64, 12, torch.bfloat16)])
+def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_weight(d, R, zdt):
+    """With a dt_w, delta is dt_proj's input (b, R, L), read in place from the x_proj output's
+    rows, and the kernels form dt_w @ delta themselves: the output and every gradient (dt_proj's
+    input and weight included) as with the time steps formed by F.linear and passed in, up to
+    the order of the R-term sums; padded widths, more than 16 ranks, a bfloat16 z; bits that do
+    not depend on the thread count; and a frozen weight gets no gradient formed."""
+    from svp.ops.scan_cpu import bidirectional_scan_cpu
+    b, L, N = 2, 29, 16
+    gen = torch.Generator().manual_seed(31)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+
+    def direction():
+        u = r(b, L, d).transpose(1, 2)
+        x_dbl = r(b, L, R + 2 * N)
+        low, B, C = x_dbl.split([R, N, N], -1)
+        w = r(d, R) * R ** -0.5
+        return [u, low.transpose(1, 2), -(torch.rand(d, N, generator=gen) + 0.05), B.transpose(1, 2),
+                C.transpose(1, 2), r(d), r(d) * 0.3 - 1.0, w], x_dbl
+    (fa, xf), (ba, xb) = direction(), direction()
+    z = r(b, L, d).transpose(1, 2).to(zdt)
+    go = torch.randn(b, d, L, generator=gen).to(zdt)
+
+    def run(low_rank, w_grad=True):
+        leaves, sides = [], []
+        for args, x_dbl in ((fa, xf), (ba, xb)):
+            x = x_dbl.clone().requires_grad_()
+            u = args[0].detach().clone().requires_grad_()
+            w = args[7].detach().clone().requires_grad_(w_grad)
+            low, B, C = x.split([R, N, N], -1)
+            delta = low.transpose(1, 2) if low_rank else torch.nn.functional.linear(low, w).transpose(1, 2)
+            sides.append([u, delta, args[2], B.transpose(1, 2), C.transpose(1, 2), args[5], args[6]]
+                         + ([w] if low_rank else []))
+            leaves += [x, u] + ([w] if w_grad else [])
+        zz = z.detach().clone().requires_grad_()
+        y = bidirectional_scan_cpu(zz, *sides)
+        return y, torch.autograd.grad((y.float() * go.float()).sum(), [zz] + leaves)
+
+    y0, g0 = run(False)
+    y1, g1 = run(True)
+    assert y1.dtype == zdt and rel(y1.float(), y0.float()) < 1e-6
+    for i, (a, c) in enumerate(zip(g0, g1)):
+        assert a.dtype == c.dtype and rel(c.float(), a.float()) < 1e-5, i
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y2, g2 = run(True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+    y3, g3 = run(True, w_grad=False)   # the time steps' gradient is then not written at all
+    assert torch.equal(y3, y1)
+    assert all(torch.equal(a, c) for a, c in zip(g3, [g1[0], g1[1], g1[2], g1[4], g1[5]]))
+
+
+def test_cpu_bidirectional_scan_rejects_a_dt_w_of_the_wrong_shape():
+    from svp.ops.scan_cpu import bidirectional_scan_cpu
+    fa = make(1, 64, 5, 16)
+    side = [fa[0], fa[3][:, :4], fa[2], fa[3], fa[4], fa[5], fa[7], torch.randn(64, 5)]
+    with pytest.raises(ValueError, match=r"bwd's dt_w \(64, 5\) must be \(d, R\)"):
+        bidirectional_scan_cpu(fa[6], [fa[i] for i in (0, 1, 2, 3, 4, 5, 7)], side)
+
+
 def _recompiled(module, name):
     """``module.name`` compiled anew with every numba function of ``module`` it calls (fresh
     dispatchers over a copy of the module's globals, no disk cache): the module's own
@@ -756,6 +820,7 @@ def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
     peft = get_peft_model(model, make_config("full")).eval()
     x = torch.randn(2, 3, 32, 32)
     calls = []
+    _fused = vim._fused_bi_scan
     for fn in (scan_cpu.BiScanCPU, conv_cpu.BiConvProjCPU):
         real = fn.forward
         monkeypatch.setattr(fn, "forward", staticmethod(lambda *a, _r=real, _f=fn: calls.append(_f) or _r(*a)))
@@ -764,10 +829,63 @@ def test_vim_mixers_run_both_scans_as_one_node_with_the_same_bits(monkeypatch):
     monkeypatch.setattr(vim, "_fused_bi_scan", lambda *a: False)
     ref = output_and_grads(peft, x)
     assert len(calls) == 4
+    monkeypatch.setattr(vim, "_fused_bi_scan", _fused)
+    monkeypatch.setattr(vim, "_low_rank_delta", lambda m, grad: False)   # (see the next test)
+    fused = output_and_grads(peft, x)
+    assert len(calls) == 8
     assert torch.equal(fused[0], ref[0])
     assert fused[1].keys() == ref[1].keys() and any("A_b_log" in n for n in ref[1])
     for n in ref[1]:
         assert torch.equal(fused[1][n], ref[1][n]), n
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("method", ["full", "svp"])
+def test_vim_mixers_let_the_fused_scan_form_the_time_steps(monkeypatch, method):
+    """The fused scan forms the time steps from dt_proj's input and weight (BiScanCPU's dt_w):
+    the model's output and every parameter's gradient (dt_proj's weight and bias under full
+    fine-tuning) as with dt_proj's own product, up to the order of its sums; and a gate hook
+    (svp.viz) gets the time steps formed as before, the bits of the path without it."""
+    import timm
+
+    import svp.models.vim as vim
+    from svp.ops import scan_cpu
+    from svp.peft import get_peft_model, make_config
+    from svp.viz.gates import GateRecorder
+    from fused_helpers import output_and_grads
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                              num_classes=5)
+    kw = {"shared_layers": 2, "hidden": 8} if method == "svp" else {}
+    peft = get_peft_model(model, make_config(method, num_classes=5, **kw)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    widths = []
+    real = scan_cpu.BiScanCPU.forward
+    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward",
+                        staticmethod(lambda ctx, *a: widths.append(a[2].shape[1]) or real(ctx, *a)))
+    got = output_and_grads(peft, x)
+    assert widths == [model.layers[0].mixer.dt_rank] * 2
+    real_low_rank = vim._low_rank_delta
+    monkeypatch.setattr(vim, "_low_rank_delta", lambda m, grad: False)
+    want = output_and_grads(peft, x)
+    assert rel(got[0], want[0]) < 1e-5
+    assert got[1].keys() == want[1].keys()
+    assert (method == "full") == any("dt_proj.weight" in n for n in want[1])
+    for n in want[1]:
+        assert rel(got[1][n], want[1][n]) < 1e-4, n
+    monkeypatch.setattr(vim, "_low_rank_delta", real_low_rank)
+    widths.clear()
+    with GateRecorder(model):
+        hooked = output_and_grads(peft, x)
+    assert widths == [model.layers[0].mixer.d_inner] * 2
+    assert torch.equal(hooked[0], want[0])
+    # above the rank where the backward's sums cost more than they save, only without a gradient
+    monkeypatch.setattr(vim, "_LOW_RANK_TRAIN_MAX", model.layers[0].mixer.dt_rank - 1)
+    widths.clear()
+    assert torch.equal(output_and_grads(peft, x)[0], want[0])
+    with torch.no_grad():
+        assert rel(peft(x), want[0]) < 1e-5
+    assert widths == [model.layers[0].mixer.d_inner] * 2 + [model.layers[0].mixer.dt_rank] * 2
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

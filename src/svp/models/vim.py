@@ -127,6 +127,23 @@ def _fused_bi_scan(x, z) -> bool:
     return _fused_cpu(x, z)
 
 
+_LOW_RANK_TRAIN_MAX = 16
+
+
+def _low_rank_delta(mixer, grad) -> bool:
+    """Whether the fused scan forms the time steps from dt_proj's input and weight itself
+    (svp.ops.scan_cpu.BiScanCPU's dt_w), the same values as dt_proj's product but for the order
+    of its R-term sums (the tests hold them close): unless a hook is to see or change them, and,
+    when a gradient flows back through them (``grad``), only up to rank _LOW_RANK_TRAIN_MAX. The
+    backward then sums the input's gradient over channels per step, 4R multiply-adds per block
+    of 64 channels, which beyond R = 16 costs more than the product and the (b, l, E) passes it
+    saves: measured (docs/benchmarks.md, twenty-third round), Vim-Tiny's R = 12 steps 2-5% faster,
+    Vim-Small's R = 24 2-3% slower; without a gradient every rank gains (Vim-Small inference)."""
+    if mixer.delta_hook is not None or mixer.gate_hook is not None:
+        return False
+    return not grad or mixer.dt_rank <= _LOW_RANK_TRAIN_MAX
+
+
 _AMP_CASTS = False   # see amp_casts
 
 
@@ -229,13 +246,19 @@ class BiMambaMixer(nn.Module):
         (svp.ops.scan_cpu._tables; ~40 µs per direction and layer at batch 1)."""
         return kept_unless_trained(A_log, "-exp", lambda a: -torch.exp(a.float()))
 
-    def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None):
+    def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None, low_rank=False):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
         delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products.
-        ``conv_proj``: the (conv output, x_proj output) pair when already computed."""
+        ``conv_proj``: the (conv output, x_proj output) pair when already computed. With
+        ``low_rank`` (BiScanCPU's inputs) and where _low_rank_delta allows, delta is dt_proj's
+        input (b, R, l) and its weight comes last: the fused scan forms the time steps itself."""
         x, x_dbl = conv_proj or self._conv_proj(x, conv, x_proj, reverse)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight)  # bias and softplus are fused into the scan
+        w = dt_proj.weight
+        if low_rank and _low_rank_delta(self, torch.is_grad_enabled() and (x_dbl.requires_grad or w.requires_grad)):
+            return (x.transpose(1, 2), dt.transpose(1, 2), self._neg_exp(A_log), B.transpose(1, 2),
+                    C.transpose(1, 2), D.float(), dt_proj.bias.float(), w)
+        delta = F.linear(dt, w)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
             delta = self.delta_hook(self, name, dt, delta)
         A = self._neg_exp(A_log)
@@ -263,11 +286,15 @@ class BiMambaMixer(nn.Module):
                 x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
                 (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
             cp_f, cp_b = (xf, dbl_f), (xb, dbl_b)
-        sf, sb = self._scan_inputs(x, *fwd, conv_proj=cp_f), self._scan_inputs(x, *bwd, conv_proj=cp_b)
+        sf = self._scan_inputs(x, *fwd, conv_proj=cp_f, low_rank=True)
+        sb = self._scan_inputs(x, *bwd, conv_proj=cp_b, low_rank=True)
         zt = z.transpose(1, 2)
         if all(t.dtype == torch.float32 for t in sf + sb):
             return bidirectional_scan_cpu(zt, sf, sb).transpose(1, 2)
-        # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them)
+        # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them), the time
+        # steps formed as without low_rank
+        sf, sb = ((*s[:1], F.linear(s[1].transpose(1, 2), s[7]).transpose(1, 2), *s[2:7]) if len(s) == 8 else s
+                  for s in (sf, sb))
         y = (selective_scan(*sf[:6], z=zt.float(), delta_bias=sf[6], delta_softplus=True)
              + selective_scan(*sb[:6], z=zt.float(), delta_bias=sb[6], delta_softplus=True, reverse=True))
         return (y.to(z.dtype) if z.dtype == torch.bfloat16 else y).transpose(1, 2)

@@ -17,6 +17,13 @@ instructions the backward executed. Every operation is exact IEEE float32 with e
 fused multiply-adds, so the bits do not depend on the compiler's scheduling, on numba
 compiling now or loading its disk cache, or on the machine's vector width.
 
+Time steps from dt_proj's input (BiScanCPU's dt_w): the models' delta is dt_proj's product of
+a rank-R input, R = d_model / 16. Given that input (read in place from the x_proj output's rows,
+like B and C) and dt_proj's weight, the kernels form each block's time steps themselves (4R
+multiply-adds a step), and the backward sums the input's gradient over channels per block like
+dB; the (b, len, dim) time steps and their gradient are then never written to memory, where the
+two products that formed them ran at memory speed.
+
 Memory: a task walks rows d floats apart, a stride the hardware prefetchers do not follow,
 so the kernels prefetch the rows they will read and write PF steps ahead (the output rows
 with ``prefetch_write``: unowned output lines stalled the stores behind them).
@@ -201,7 +208,7 @@ import llvmlite.binding as _llvm  # noqa: E402
 
 from .kept import kept  # noqa: E402
 
-from .simd import VL, fma, is_bf16, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
+from .simd import VL, fma, is_2d, is_bf16, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
     vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, \
     zeros64, empty64, flush_denormals, restore_fp  # noqa: E402
 
@@ -419,10 +426,54 @@ def _vsigmoid(x):
 # The forward's state loop and the backward's recompute of it run the same operations (the
 # backward reproduces the forward's states bit for bit); what they share is here.
 @njit
+def _softplus_of(x, softplus):
+    return _vsoftplus(x) if softplus else x
+
+
+@njit
 def _delta(dl, off, bias, softplus):
     """The time step of 16 channels: delta + bias, through softplus when asked."""
-    x = vload(dl, off) + bias
-    return _vsoftplus(x) if softplus else x
+    return _softplus_of(vload(dl, off) + bias, softplus)
+
+
+# inline="always": numba inlines it into the step loop (a call there spills every live vector
+# register around it, see _flush_da)
+@njit(inline="always")
+def _low_rank(Lm, lr, Wb, R, X, xo):
+    """A block's time step before bias and softplus, formed from the dt_proj input row at
+    Lm[lr:lr+R] as dt_proj forms it: X[xo:xo+BW] = sum_r low[r] * W[c, r], r in order (Wb: the
+    block's rows of W^T, R x BW). Four chains of multiply-adds side by side: one chain per
+    vector ran four times R latencies (the backward at Vim-Small's R = 24 was 20% slower). The
+    forward and the backward's recompute share it, so the two give the same bits."""
+    lv = splat(Lm[lr])
+    x0 = lv * vload(Wb, 0)
+    x1 = lv * vload(Wb, VL)
+    x2 = lv * vload(Wb, 2 * VL)
+    x3 = lv * vload(Wb, 3 * VL)
+    for r in range(1, R):
+        lv = splat(Lm[lr + r])
+        o = r * BW
+        x0 = fma(lv, vload(Wb, o), x0)
+        x1 = fma(lv, vload(Wb, o + VL), x1)
+        x2 = fma(lv, vload(Wb, o + 2 * VL), x2)
+        x3 = fma(lv, vload(Wb, o + 3 * VL), x3)
+    vstore(X, xo, x0)
+    vstore(X, xo + VL, x1)
+    vstore(X, xo + 2 * VL, x2)
+    vstore(X, xo + 3 * VL, x3)
+
+
+@njit
+def _w_block(Wt, c0, dp):
+    """The rows of W^T (R, dp) for the block at channel c0, R x BW floats in L1-sized scratch
+    (a 1-D placeholder Wt: an unused vector)."""
+    R = Wt.shape[0] if is_2d(Wt) else 0
+    Wf = Wt.reshape(Wt.size)
+    Wb = empty64(max(R, 1) * BW)
+    for r in range(R):
+        for k in range(0, BW, VL):
+            vstore(Wb, r * BW + k, vload(Wf, r * dp + c0 + k))
+    return Wb, R
 
 
 @njit
@@ -500,8 +551,11 @@ def _prefetch_put(a, a16, prev, acc, off):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs, hlast, fast,
-              dtmax, b, L, d, g, N, bs, cs, stream):
+def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
+              hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    # Wt 2-D: the time steps are formed here from dt_proj's input rows (Lm, row stride ls) and
+    # W^T (R, d), not read from dl (see _fwd's dt_w)
+    lowr = is_2d(Wt)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -533,6 +587,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
         m1 = vload(dtmax, c0 + VL)
         m2 = vload(dtmax, c0 + 2 * VL)
         m3 = vload(dtmax, c0 + 3 * VL)
+        Wb, R = _w_block(Wt, c0, d)
+        X = empty64(BW)
         for s in range(L):
             if s % K == 0:
                 hb = (bi * nchunk + s // K) * N
@@ -549,6 +605,8 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
                 _prefetch_put(out, out16, prev, acc, tp)
+                if lowr:
+                    prefetch(Lm, (bi * L + (t - PF if reverse else t + PF)) * ls)
             # The next chunk's state rows (written all at once at its first step), one state's
             # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
             # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
@@ -560,10 +618,17 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
             u3 = vload(u, row + 3 * VL)
-            dt0 = _delta(dl, row, b0, softplus)
-            dt1 = _delta(dl, row + VL, b1, softplus)
-            dt2 = _delta(dl, row + 2 * VL, b2, softplus)
-            dt3 = _delta(dl, row + 3 * VL, b3, softplus)
+            if lowr:
+                _low_rank(Lm, (bi * L + t) * ls, Wb, R, X, 0)
+                dt0 = _softplus_of(vload(X, 0) + b0, softplus)
+                dt1 = _softplus_of(vload(X, VL) + b1, softplus)
+                dt2 = _softplus_of(vload(X, 2 * VL) + b2, softplus)
+                dt3 = _softplus_of(vload(X, 3 * VL) + b3, softplus)
+            else:
+                dt0 = _delta(dl, row, b0, softplus)
+                dt1 = _delta(dl, row + VL, b1, softplus)
+                dt2 = _delta(dl, row + 2 * VL, b2, softplus)
+                dt3 = _delta(dl, row + 3 * VL, b3, softplus)
             dtu0 = dt0 * u0
             dtu1 = dt1 * u1
             dtu2 = dt2 * u2
@@ -623,9 +688,13 @@ def _scan_fwd(u, dl, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc,
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast, dlast,
-              acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d,
-              g, N, bs, cs, stream):
+def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
+              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_ddl, dAp, dDp, dbp, need_da, need_ddb,
+              fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
+    # Lm's rows is summed per block into dLp like dB's, and d_delta (ddl_o) is written only
+    # when need_ddl (W's own gradient is formed from it)
+    lowr = is_2d(Wt)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -678,6 +747,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
         m1 = vload(dtmax, c0 + VL)
         m2 = vload(dtmax, c0 + 2 * VL)
         m3 = vload(dtmax, c0 + 3 * VL)
+        Wb, R = _w_block(Wt, c0, d)
+        Sb = empty64(K * BW if lowr else BW)   # the softplus arguments of the chunk's steps
         pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
@@ -704,16 +775,33 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                     tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                     _prefetch_rows(u, dl, z, has_z, tp)
                     _prefetch_rows(dout, dout, dout, False, tp)
+                    if lowr:
+                        prefetch(Lm, (bi * L + (t - PF if reverse else t + PF)) * ls)
                     if has_z:
                         _prefetch_put(dz_o, dz16, dz_prev, acc, tp)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
                 u3 = vload(u, row + 3 * VL)
-                dt0 = _delta(dl, row, b0, softplus)
-                dt1 = _delta(dl, row + VL, b1, softplus)
-                dt2 = _delta(dl, row + 2 * VL, b2, softplus)
-                dt3 = _delta(dl, row + 3 * VL, b3, softplus)
+                if lowr:
+                    _low_rank(Lm, (bi * L + t) * ls, Wb, R, Sb, j * BW)
+                    x0 = vload(Sb, j * BW) + b0
+                    x1 = vload(Sb, j * BW + VL) + b1
+                    x2 = vload(Sb, j * BW + 2 * VL) + b2
+                    x3 = vload(Sb, j * BW + 3 * VL) + b3
+                    vstore(Sb, j * BW, x0)
+                    vstore(Sb, j * BW + VL, x1)
+                    vstore(Sb, j * BW + 2 * VL, x2)
+                    vstore(Sb, j * BW + 3 * VL, x3)
+                    dt0 = _softplus_of(x0, softplus)
+                    dt1 = _softplus_of(x1, softplus)
+                    dt2 = _softplus_of(x2, softplus)
+                    dt3 = _softplus_of(x3, softplus)
+                else:
+                    dt0 = _delta(dl, row, b0, softplus)
+                    dt1 = _delta(dl, row + VL, b1, softplus)
+                    dt2 = _delta(dl, row + 2 * VL, b2, softplus)
+                    dt3 = _delta(dl, row + 3 * VL, b3, softplus)
                 vstore(Tb, j * BW, dt0)
                 vstore(Tb, j * BW + VL, dt1)
                 vstore(Tb, j * BW + 2 * VL, dt2)
@@ -815,7 +903,8 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 if s >= PF and not stream:   # this walk runs backwards: step s - PF comes PF steps later
                     tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
                     _prefetch_out(du_o, tq)
-                    _prefetch_out(ddl_o, tq)
+                    if need_ddl or not lowr:
+                        _prefetch_out(ddl_o, tq)
                 u0 = vload(u, row)
                 u1 = vload(u, row + VL)
                 u2 = vload(u, row + 2 * VL)
@@ -924,15 +1013,31 @@ def _scan_bwd(u, dl, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, 
                 dd1 = fma(sa1, u1, sb1)
                 dd2 = fma(sa2, u2, sb2)
                 dd3 = fma(sa3, u3, sb3)
-                if softplus:
+                if softplus and lowr:
+                    dd0 = dd0 * _vsigmoid(vload(Sb, j * BW))
+                    dd1 = dd1 * _vsigmoid(vload(Sb, j * BW + VL))
+                    dd2 = dd2 * _vsigmoid(vload(Sb, j * BW + 2 * VL))
+                    dd3 = dd3 * _vsigmoid(vload(Sb, j * BW + 3 * VL))
+                elif softplus:
                     dd0 = dd0 * _vsigmoid(vload(dl, row) + b0)
                     dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
                     dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
                     dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-                _out(ddl_o, row, stream, dd0)
-                _out(ddl_o, row + VL, stream, dd1)
-                _out(ddl_o, row + 2 * VL, stream, dd2)
-                _out(ddl_o, row + 3 * VL, stream, dd3)
+                if lowr:
+                    # the gradient of the dt_proj input row: sum_c dd[c] W[c, r], per block
+                    for r0 in range(0, R, VL):
+                        r1 = min(R, r0 + VL)
+                        for r in range(r0, r1):
+                            o = r * BW
+                            p = fma(dd1, vload(Wb, o + VL), dd0 * vload(Wb, o))
+                            p = fma(dd2, vload(Wb, o + 2 * VL), p)
+                            vstore(P, (r - r0) * VL, fma(dd3, vload(Wb, o + 3 * VL), p))
+                        _store_sums(P, r1 - r0, dLp, (pbase + t) * R + r0, tmp)
+                if need_ddl or not lowr:
+                    _out(ddl_o, row, stream, dd0)
+                    _out(ddl_o, row + VL, stream, dd1)
+                    _out(ddl_o, row + 2 * VL, stream, dd2)
+                    _out(ddl_o, row + 3 * VL, stream, dd3)
                 if need_ddb:
                     vacc_f64(dbacc, 0, dd0)
                     vacc_f64(dbacc, VL, dd1)
@@ -1184,12 +1289,14 @@ def _tables(A, dg, dgp, softplus):
 
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None, out_dtype=torch.float32,
-         z_bf16=False):
+         z_bf16=False, dt_w=None):
     """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) output
     (``acc``'s buffer, added to, when given: see _put), state what _bwd needs. With ``z_bf16``
     a bfloat16 z is read as it is (else cast to float32 first), and with ``out_dtype`` bfloat16
     the output (the sum with ``acc``, when given, float32) is written in bfloat16: the bits of
-    casting the float32 output. Both for BiScanCPU only."""
+    casting the float32 output. With ``dt_w`` (d, R), ``delta`` is dt_proj's input (b, R, L) and
+    the time steps are ``dt_w @ delta``, formed in the kernels (see BiScanCPU). All three for
+    BiScanCPU only."""
     b, d, L = u.shape
     N = A.shape[1]
     gB, gC, G = scan_groups(B, C, d)
@@ -1198,7 +1305,12 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     dgp = -(-dg // BW) * BW
     dp = G * dgp
     pad = lambda x: _padc(x, G, dg, dgp)  # noqa: E731
-    u3, dl3 = pad(_as_bld(u)), pad(_as_bld(delta))
+    u3 = pad(_as_bld(u))
+    if dt_w is None:
+        dl3, Lm, ls, Wt = pad(_as_bld(delta)), _NO32, 0, _NO32
+    else:   # no (b, L, d) time steps: the kernels read delta's rows and W^T
+        (Lm, ls), Wt = _bc_rows(delta, 1), pad(dt_w.detach().to(torch.float32).t()).contiguous()
+        dl3 = u3   # (a placeholder the kernels do not read)
     has_z = z is not None
     z3 = pad(_as_bld(z, keep_bf16=z_bf16)) if has_z else u3
     At, A2t, dtmax, fast = _tables(A, dg, dgp, bool(softplus))
@@ -1213,13 +1325,13 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
-    _scan_fwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus),
-              bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs), f(hlast), fast,
+    _scan_fwd(f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z,
+              bool(softplus), bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs), f(hlast), fast,
               f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
-    state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax),
+    state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
-              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs)),
-             tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias)))
+              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs), ls),
+             tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, dt_w)))
     return out, _unpadc(hlast, G, dg, dgp).transpose(1, 2), state
 
 
@@ -1236,12 +1348,16 @@ def _streamable(*ts):
 
 
 def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
-    """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias). dout
-    (b, L, dp) float32 or bfloat16, padded, or None; ``acc``: a padded float32 z gradient to add
-    this one to. The z gradient comes in ``dz_dtype`` (default: z's), written in it by the
-    kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction)."""
-    u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax = saved
-    has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs) = cfg
+    """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias, dt_w).
+    dout (b, L, dp) float32 or bfloat16, padded, or None; ``acc``: a padded float32 z gradient
+    to add this one to. The z gradient comes in ``dz_dtype`` (default: z's), written in it by
+    the kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction). With
+    a dt_w (_fwd), delta's gradient is that of dt_proj's input (b, R, L), summed in the kernel
+    like dB, and dt_w's is formed from the time steps' gradient, which is otherwise not written."""
+    u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt = saved
+    has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs), ls = cfg
+    lowr = Wt.dim() == 2
+    need_w = lowr and len(need) > 8 and bool(need[8])
     b, L, dp = u3.shape
     pad = lambda x: _padc(x, g, dg, dgp)  # noqa: E731
     unpad = lambda x: _unpadc(x, g, dg, dgp)  # noqa: E731
@@ -1250,8 +1366,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     has_dlast = dlast is not None
     dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
     du = torch.empty(b, L, dp, dtype=torch.float32)
-    dd = torch.empty(b, L, dp, dtype=torch.float32)
-    dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = dtypes
+    dd = torch.empty(b, L, dp, dtype=torch.float32) if need_w or not lowr else du
+    dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias, dt_w = dtypes
     dt_z = dt_z if dz_dtype is None else dz_dtype
     dz16 = has_z and acc is not None and dt_z == torch.bfloat16
     if not has_z:
@@ -1263,6 +1379,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dz32, dz16_ = (acc, dz) if dz16 else (dz, _no16(z3))
     dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
+    R = Wt.shape[0] if lowr else 0
+    dLp = torch.empty(b, g, nbg, L, R, dtype=torch.float32) if lowr else dCp
     # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:
     # the kernel then skips dA's load, multiply-add and store per state and the per-step sums.
     need_da = bool(need[2])
@@ -1272,20 +1390,21 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dbp = torch.empty(b, dp, dtype=torch.float64)
     f = _flat
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
-        _scan_bwd(f(u3), f(dl3), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus,
-                  reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z,
+        _scan_bwd(f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z,
+                  softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z,
                   f(dz32), f(du), f(dd), f(dz32), f(dz16_),
-                  f(dBp), f(dCp), f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs, cs,
-                  _streamable(du, dd))
+                  f(dBp), f(dCp), f(dLp), need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp,
+                  g, N, bs, cs, _streamable(du, dd))
 
-    def bc(P, gX, is4, dtype):
-        shape = (b, gX, N, L) if is4 else (b, N, L)
+    def bc(P, gX, is4, dtype):   # (also the low-rank delta's, n = R)
+        n = P.shape[-1]
+        shape = (b, gX, n, L) if is4 else (b, n, L)
         if gX == g and dtype == torch.float32:   # the models' case: straight into the result
-            o = torch.empty(b, g, L, N, dtype=torch.float32)
+            o = torch.empty(b, g, L, n, dtype=torch.float32)
             _sum_blocks(P.numpy(), o.numpy())
-            o = o.transpose(2, 3)   # (b, g, N, L) with (b, L, N) rows, as B and C are laid out
+            o = o.transpose(2, 3)   # (b, g, n, L) with (b, L, n) rows, as B and C are laid out
             return o if is4 else o[:, 0]
-        o = torch.empty(b, g, L, N, dtype=torch.float64)
+        o = torch.empty(b, g, L, n, dtype=torch.float64)
         _sum_blocks(P.numpy(), o.numpy())
         return sum_to_groups(o.transpose(2, 3), shape, dtype)
 
@@ -1293,14 +1412,23 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
     if need_da or need_ddb:
         _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
+    if lowr:
+        ddelta = bc(dLp, 1, False, dt_delta) if need[1] else None
+        # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
+        low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
+        dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
+    else:
+        ddelta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
+        dw = None
     return (unpad(du).transpose(1, 2).to(dt_u) if need[0] else None,
-            unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None,
+            ddelta,
             dA.to(dt_A) if need[2] else None,
             bc(dBp, gB, b4, dt_B) if need[3] else None,
             bc(dCp, gC, c4, dt_C) if need[4] else None,
             dD.to(dt_D) if (has_D and need[5]) else None,
             unpad(dz).transpose(1, 2).to(dt_z) if (has_z and need[6]) else None,
-            db.to(dt_bias) if (has_bias and need[7]) else None)
+            db.to(dt_bias) if (has_bias and need[7]) else None,
+            dw)
 
 
 def _layout(saved, cfg):
@@ -1335,7 +1463,7 @@ class SelectiveScanCPU(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         saved = ctx.saved_tensors
         grads = _bwd(saved, ctx.cfg, ctx.dtypes, ctx.needs_input_grad, _dout3(dout, saved, ctx.cfg), dlast)
-        return (*grads, None, None, None)
+        return (*grads[:8], None, None, None)
 
 
 class BiScanCPU(torch.autograd.Function):
@@ -1343,7 +1471,16 @@ class BiScanCPU(torch.autograd.Function):
     scan(backward inputs, reverse=True), sharing z. The second kernel adds its output to the
     first's, and in backward its z gradient to the first's, so the two sums PyTorch would form
     in separate passes over (b, L, d) (y + y_b, and autograd's dz + dz_b) are not formed; bit
-    for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias) per direction.
+    for bit the same values. Inputs: z, then (u, delta, A, B, C, D, delta_bias, dt_w) per
+    direction.
+
+    With a dt_w (dt_proj's weight, (d, R)), delta is dt_proj's input, (b, R, L) (the first R
+    columns of the x_proj output, read in place like B and C), and the kernels form the time
+    steps dt_w @ delta themselves, 4R multiply-adds per step and block of 64 channels: the
+    (b, L, d) time steps are never written or read, forward or backward (the product that
+    formed them, and the one that formed their input's gradient, ran at memory speed on such a
+    tensor, ~0.3 ms each per direction and layer in a Vim-Tiny batch-8 step). Its bits differ
+    from dt_proj's product only by the order of the R-term sums.
 
     A bfloat16 z (the mixer's in_proj under CPU autocast, train.amp) is read as it is, and the
     output is then bfloat16 too, as are the output gradient read and the z gradient written
@@ -1352,10 +1489,10 @@ class BiScanCPU(torch.autograd.Function):
 
     @staticmethod
     @_dynamic_tasks_in
-    def forward(ctx, z, u, delta, A, B, C, D, bias, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b):
-        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True)
+    def forward(ctx, z, u, delta, A, B, C, D, bias, w, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, w_b):
+        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True, dt_w=w)
         out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype,
-                          z_bf16=True)
+                          z_bf16=True, dt_w=w_b)
         ctx.save_for_backward(*sf[0], *sb[0])
         ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
         return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
@@ -1364,28 +1501,34 @@ class BiScanCPU(torch.autograd.Function):
     def backward(ctx, dout):
         saved = ctx.saved_tensors
         sf, sb = saved[:ctx.n], saved[ctx.n:]
-        nf, nb = ctx.needs_input_grad[1:8], ctx.needs_input_grad[8:15]
+        nf, nb = ctx.needs_input_grad[1:9], ctx.needs_input_grad[9:17]
         g3 = _dout3(dout, sf, ctx.cfg[0], keep_bf16=True)
         need_z = ctx.needs_input_grad[0]
-        # (u, delta, A, B, C, D, z, bias) order for _bwd; the second call's kernel adds its z
+        # (u, delta, A, B, C, D, z, bias, w) order for _bwd; the second call's kernel adds its z
         # gradient to the first's (padded again: a view of the first's buffer when unpadded),
         # float32 until that sum
-        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, nf[6]), g3, None, dz_dtype=torch.float32)
+        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, *nf[6:]), g3, None, dz_dtype=torch.float32)
         acc = _padc(gf[6].transpose(1, 2), *_layout(sf, ctx.cfg[0])).contiguous() if need_z else None
-        gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, nb[6]), g3, None, acc=acc)
-        return (gb[6], *gf[:6], gf[7], *gb[:6], gb[7])
+        gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, *nb[6:]), g3, None, acc=acc)
+        return (gb[6], *gf[:6], *gf[7:], *gb[:6], *gb[7:])
 
 
 def bidirectional_scan_cpu(z, fwd, bwd):
     """``selective_scan_cpu(*fwd, z=z) + selective_scan_cpu(*bwd, z=z, reverse=True)`` with
     delta_softplus, in one autograd node (see BiScanCPU). fwd, bwd: (u, delta, A, B, C, D,
-    delta_bias), float32 CPU tensors laid out as for selective_scan_cpu; z float32 or bfloat16
-    (then so is the result); returns (b, d, L)."""
+    delta_bias) or (u, delta, A, B, C, D, delta_bias, dt_w), float32 CPU tensors laid out as for
+    selective_scan_cpu, with a dt_w (d, R) meaning that delta is (b, R, L) and the time steps
+    are dt_w @ delta; z float32 or bfloat16 (then so is the result); returns (b, d, L)."""
+    fwd, bwd = (tuple(s) + (None,) * (8 - len(s)) for s in (fwd, bwd))
     for t in (z, *fwd, *bwd):
         ok = (torch.float32, torch.bfloat16) if t is z else (torch.float32,)
         if t is not None and (t.device.type != "cpu" or t.dtype not in ok):
             raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors (z: float32 or bfloat16); "
                              f"got {t.dtype} on {t.device}")
+    for name, (u, delta, *_, w) in (("fwd", fwd), ("bwd", bwd)):
+        if w is not None and (w.dim() != 2 or delta.dim() != 3 or tuple(w.shape) != (u.shape[1], delta.shape[1])):
+            raise ValueError(f"bidirectional_scan_cpu: {name}'s dt_w {tuple(w.shape)} must be (d, R) for u "
+                             f"{tuple(u.shape)} and a (b, R, L) delta, got delta {tuple(delta.shape)}")
     return BiScanCPU.apply(z, *fwd, *bwd)
 
 

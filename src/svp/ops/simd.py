@@ -144,6 +144,21 @@ def is_bf16(typingctx, arr):
 
 
 @intrinsic
+def is_2d(typingctx, arr):
+    """Whether ``arr`` is a 2-D array: a constant of the compiled function, like is_bf16. A kernel
+    that takes an optional operand as a 2-D array, or a 1-D placeholder when it is absent,
+    compiles each case to its own code with no runtime branch in its loops."""
+    if not isinstance(arr, types.Array):
+        return None
+    val = int(arr.ndim == 2)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(1), val)
+
+    return types.boolean(arr), codegen
+
+
+@intrinsic
 def as_f32(typingctx, x):
     """An element read from a float32 array as it is, from a uint16 (bfloat16) one widened
     exactly: the scalar counterpart of vload, for the auto-vectorised kernels' loops."""
