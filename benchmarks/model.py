@@ -130,8 +130,18 @@ def child(spec):
         step(True)
         out["matmul_gflops_bf16"] = _matmul_rate(dtype=torch.bfloat16)[0] / 1e9
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        step()
+    # dt_proj's product counted as a product wherever it runs: the fused scan forms it in its
+    # kernels (svp.models.vim._low_rank_delta), where the counter would not see it
+    import svp.models.vim as vim_module
+    low_rank = getattr(vim_module, "_low_rank_delta", None)
+    if low_rank is not None:
+        vim_module._low_rank_delta = lambda mixer, grad: False
+    try:
+        with FlopCounterMode(display=False) as fc:
+            step()
+    finally:
+        if low_rank is not None:
+            vim_module._low_rank_delta = low_rank
     tokens = pm.base_model.patch_embed.num_patches + 1
     conv_trained = any(p.requires_grad for n, p in pm.base_model.named_parameters() if ".conv1d" in n)
     fwd1d, total1d = _conv1d_flops(pm, b, tokens, conv_trained)

@@ -555,7 +555,6 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
               hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D: the time steps are formed here from dt_proj's input rows (Lm, row stride ls) and
     # W^T (R, d), not read from dl (see _fwd's dt_w)
-    lowr = is_2d(Wt)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -563,6 +562,10 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
     for task in prange(b * g * nbg):
         _wide_vectors()
         fpc = flush_denormals()   # see the module docstring, Denormals
+        # a constant of the task's code only when evaluated here: numba passes what the prange
+        # body uses from outside it as a runtime argument (as a kernel-level flag this one cost
+        # the float32 backward ~10%)
+        lowr = is_2d(Wt)
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
@@ -694,7 +697,6 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
     # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
     # Lm's rows is summed per block into dLp like dB's, and d_delta (ddl_o) is written only
     # when need_ddl (W's own gradient is formed from it)
-    lowr = is_2d(Wt)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -703,6 +705,10 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
     for task in prange(b * g * nbg):
         _wide_vectors()
         fpc = flush_denormals()   # see the module docstring, Denormals
+        # a constant of the task's code only when evaluated here: numba passes what the prange
+        # body uses from outside it as a runtime argument (as a kernel-level flag this one cost
+        # the float32 backward ~10%)
+        lowr = is_2d(Wt)
         bi = task // (g * nbg)
         rem = task - bi * (g * nbg)
         gi = rem // nbg
