@@ -127,7 +127,7 @@ def _fused_bi_scan(x, z) -> bool:
     return _fused_cpu(x, z)
 
 
-_LOW_RANK_TRAIN_MAX = 24
+_LOW_RANK_TRAIN_MAX = 16
 
 
 def _low_rank_delta(mixer, grad) -> bool:
@@ -138,8 +138,8 @@ def _low_rank_delta(mixer, grad) -> bool:
     backward then sums the input's gradient over channels per step, 4R multiply-adds per block
     of 64 channels, which grows with R while what it saves does not (docs/benchmarks.md,
     twenty-third round: forward + backward of the two scans 1.16-1.18x faster at Vim-Tiny's
-    R = 12, 0.95-1.02x at Vim-Small's 24, 0.94x at Vim-Base's 48; the forward alone 1.25-1.5x
-    faster at every rank)."""
+    R = 12, 0.95-1.02x at Vim-Small's 24, 0.94x at Vim-Base's 48, and Vim-Small's training
+    steps 3-5% slower with it; the forward alone 1.25-1.5x faster at every rank)."""
     if mixer.delta_hook is not None or mixer.gate_hook is not None:
         return False
     return not grad or mixer.dt_rank <= _LOW_RANK_TRAIN_MAX
