@@ -473,7 +473,7 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     rows, and the kernels form dt_w @ delta themselves: the output and every gradient (dt_proj's
     input and weight included) as with the time steps formed by F.linear and passed in, up to
     the order of the R-term sums; padded widths, more than 16 ranks, a bfloat16 z; bits that do
-    not depend on the thread count; and a frozen weight gets no gradient formed."""
+    not depend on the thread count; and a frozen weight or input gets no gradient formed."""
     from svp.ops.scan_cpu import bidirectional_scan_cpu
     b, L, N = 2, 29, 16
     gen = torch.Generator().manual_seed(31)
@@ -490,17 +490,17 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     z = r(b, L, d).transpose(1, 2).to(zdt)
     go = torch.randn(b, d, L, generator=gen).to(zdt)
 
-    def run(low_rank, w_grad=True):
+    def run(low_rank, w_grad=True, x_grad=True):
         leaves, sides = [], []
         for args, x_dbl in ((fa, xf), (ba, xb)):
-            x = x_dbl.clone().requires_grad_()
+            x = x_dbl.clone().requires_grad_(x_grad)
             u = args[0].detach().clone().requires_grad_()
             w = args[7].detach().clone().requires_grad_(w_grad)
             low, B, C = x.split([R, N, N], -1)
             delta = low.transpose(1, 2) if low_rank else torch.nn.functional.linear(low, w).transpose(1, 2)
             sides.append([u, delta, args[2], B.transpose(1, 2), C.transpose(1, 2), args[5], args[6]]
                          + ([w] if low_rank else []))
-            leaves += [x, u] + ([w] if w_grad else [])
+            leaves += ([x] if x_grad else []) + [u] + ([w] if w_grad else [])
         zz = z.detach().clone().requires_grad_()
         y = bidirectional_scan_cpu(zz, *sides)
         return y, torch.autograd.grad((y.float() * go.float()).sum(), [zz] + leaves)
@@ -520,6 +520,8 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     y3, g3 = run(True, w_grad=False)   # the time steps' gradient is then not written at all
     assert torch.equal(y3, y1)
     assert all(torch.equal(a, c) for a, c in zip(g3, [g1[0], g1[1], g1[2], g1[4], g1[5]]))
+    _, g4 = run(True, w_grad=False, x_grad=False)   # nor the sums of dt_proj's input gradient
+    assert all(torch.equal(a, c) for a, c in zip(g4, [g1[0], g1[2], g1[5]]))
 
 
 def test_cpu_bidirectional_scan_rejects_a_dt_w_of_the_wrong_shape():

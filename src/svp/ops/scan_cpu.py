@@ -443,8 +443,9 @@ def _low_rank(Lm, lr, Wb, R, X, xo):
     """A block's time step before bias and softplus, formed from the dt_proj input row at
     Lm[lr:lr+R] as dt_proj forms it: X[xo:xo+BW] = sum_r low[r] * W[c, r], r in order (Wb: the
     block's rows of W^T, R x BW). Four chains of multiply-adds side by side: one chain per
-    vector ran four times R latencies (the backward at Vim-Small's R = 24 was 20% slower). The
-    forward and the backward's recompute share it, so the two give the same bits."""
+    vector ran four times R latencies (the two scans' forward at Vim-Small's R = 24, batch 8,
+    took 6.2 ms instead of 5.0). The forward and the backward's recompute share it, so the two
+    give the same bits."""
     lv = splat(Lm[lr])
     x0 = lv * vload(Wb, 0)
     x1 = lv * vload(Wb, VL)
@@ -692,11 +693,11 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
-              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_ddl, dAp, dDp, dbp, need_da, need_ddb,
-              fast, dtmax, b, L, d, g, N, bs, cs, stream):
+              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
+              need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
-    # Lm's rows is summed per block into dLp like dB's, and d_delta (ddl_o) is written only
-    # when need_ddl (W's own gradient is formed from it)
+    # Lm's rows is summed per block into dLp like dB's when need_dlow, and d_delta (ddl_o) is
+    # written only when need_ddl (W's own gradient is formed from it)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -1029,7 +1030,7 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
                     dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
                     dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
                     dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-                if lowr:
+                if lowr and need_dlow:
                     # the gradient of the dt_proj input row: sum_c dd[c] W[c, r], per block
                     for r0 in range(0, R, VL):
                         r1 = min(R, r0 + VL)
@@ -1386,7 +1387,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dBp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     R = Wt.shape[0] if lowr else 0
-    dLp = torch.empty(b, g, nbg, L, R, dtype=torch.float32) if lowr else dCp
+    need_low = lowr and bool(need[1])
+    dLp = torch.empty(b, g, nbg, L, R, dtype=torch.float32) if need_low else dCp
     # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:
     # the kernel then skips dA's load, multiply-add and store per state and the per-step sums.
     need_da = bool(need[2])
@@ -1399,8 +1401,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
         _scan_bwd(f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z,
                   softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z,
                   f(dz32), f(du), f(dd), f(dz32), f(dz16_),
-                  f(dBp), f(dCp), f(dLp), need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp,
-                  g, N, bs, cs, _streamable(du, dd))
+                  f(dBp), f(dCp), f(dLp), need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast,
+                  f(dtmax), b, L, dp, g, N, bs, cs, _streamable(du, dd))
 
     def bc(P, gX, is4, dtype):   # (also the low-rank delta's, n = R)
         n = P.shape[-1]
@@ -1419,7 +1421,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     if need_da or need_ddb:
         _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
     if lowr:
-        ddelta = bc(dLp, 1, False, dt_delta) if need[1] else None
+        ddelta = bc(dLp, 1, False, dt_delta) if need_low else None
         # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
         low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
         dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
