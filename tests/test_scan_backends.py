@@ -524,6 +524,7 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     assert all(torch.equal(a, c) for a, c in zip(g4, [g1[0], g1[2], g1[5]]))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_bidirectional_scan_rejects_a_dt_w_of_the_wrong_shape():
     from svp.ops.scan_cpu import bidirectional_scan_cpu
     fa = make(1, 64, 5, 16)
