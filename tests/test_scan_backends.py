@@ -475,7 +475,7 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     the order of the R-term sums; padded widths, more than 16 ranks, a bfloat16 z; bits that do
     not depend on the thread count; and a frozen weight or input gets no gradient formed."""
     from svp.ops.scan_cpu import bidirectional_scan_cpu
-    b, L, N = 2, 29, 16
+    b, L, N = 2, 45, 16   # two backward chunks (CHUNK 32), the second of 13 steps
     gen = torch.Generator().manual_seed(31)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
 

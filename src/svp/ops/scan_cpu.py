@@ -696,8 +696,8 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
               dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
               need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
-    # Lm's rows is summed per block into dLp like dB's when need_dlow, and d_delta (ddl_o) is
-    # written only when need_ddl (W's own gradient is formed from it)
+    # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and d_delta
+    # (ddl_o) is written only when need_ddl (W's own gradient is formed from it)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -756,6 +756,10 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
         m3 = vload(dtmax, c0 + 3 * VL)
         Wb, R = _w_block(Wt, c0, d)
         Sb = empty64(K * BW if lowr else BW)   # the softplus arguments of the chunk's steps
+        # the gradient of the time steps per chunk step, and W's block as (BW, Rp) rows
+        Rp = (R + VL - 1) // VL * VL
+        Db = empty64(K * BW if lowr and need_dlow else VL)
+        Wc = _w_cols(Wb, R, Rp) if lowr and need_dlow else Db
         pbase = ((bi * g + gi) * nbg + blk) * L
         for kk in range(nchunk - 1, -1, -1):
             s0 = kk * K
@@ -1030,16 +1034,11 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
                     dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
                     dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
                     dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-                if lowr and need_dlow:
-                    # the gradient of the dt_proj input row: sum_c dd[c] W[c, r], per block
-                    for r0 in range(0, R, VL):
-                        r1 = min(R, r0 + VL)
-                        for r in range(r0, r1):
-                            o = r * BW
-                            p = fma(dd1, vload(Wb, o + VL), dd0 * vload(Wb, o))
-                            p = fma(dd2, vload(Wb, o + 2 * VL), p)
-                            vstore(P, (r - r0) * VL, fma(dd3, vload(Wb, o + 3 * VL), p))
-                        _store_sums(P, r1 - r0, dLp, (pbase + t) * R + r0, tmp)
+                if lowr and need_dlow:   # kept for the chunk's product with W (_dlow_rows)
+                    vstore(Db, j * BW, dd0)
+                    vstore(Db, j * BW + VL, dd1)
+                    vstore(Db, j * BW + 2 * VL, dd2)
+                    vstore(Db, j * BW + 3 * VL, dd3)
                 if need_ddl or not lowr:
                     _out(ddl_o, row, stream, dd0)
                     _out(ddl_o, row + VL, stream, dd1)
@@ -1052,6 +1051,8 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
                     vacc_f64(dbacc, 3 * VL, dd3)
                 if need_da and j % DA_RUN == 0:   # dA: DA_RUN steps in float32, then into float64
                     _flush_da(dAacc, dAc, N)
+            if lowr and need_dlow:
+                _dlow_rows(Db, Wc, Rp, s0, s1_ - s0, L, reverse, dLp, pbase)
         for n in range(N):
             for c in range(BW):
                 dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
@@ -1059,6 +1060,67 @@ def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, 
             dDp[bi * d + c0 + c] = dDacc[c]
             dbp[bi * d + c0 + c] = dbacc[c]
         restore_fp(fpc)
+
+
+@njit
+def _w_cols(Wb, R, Rp):
+    """The block's W (Wb: its R x BW rows of W^T) as BW rows of Rp floats, zero past R."""
+    Wc = empty64(BW * Rp)
+    for c in range(BW):
+        for r in range(Rp):
+            Wc[c * Rp + r] = Wb[r * BW + c] if r < R else np.float32(0.0)
+    return Wc
+
+
+@njit(inline="always")
+def _dlow_rows(Db, Wc, Rp, s0, m, L, reverse, dLp, pbase):
+    """The gradient of the dt_proj input rows of a chunk's m steps, summed over the block's
+    channels: dLp row t = sum_c Db[j, c] W[c, :] for step s0 + j, c in order. One product per
+    chunk: each channel's row of W is multiplied by eight steps' gradients at once, without the
+    lane sums (shuffles) and partial stores a per-step sum over channels needs (the per-step
+    form made the Vim-Small backward 11-15% slower, Vim-Tiny's 4-7%)."""
+    for rv in range(0, Rp, VL):
+        j = 0
+        while j + 8 <= m:
+            a0 = zeros()
+            a1 = zeros()
+            a2 = zeros()
+            a3 = zeros()
+            a4 = zeros()
+            a5 = zeros()
+            a6 = zeros()
+            a7 = zeros()
+            for c in range(BW):
+                w = vload(Wc, c * Rp + rv)
+                o = j * BW + c
+                a0 = fma(splat(Db[o]), w, a0)
+                a1 = fma(splat(Db[o + BW]), w, a1)
+                a2 = fma(splat(Db[o + 2 * BW]), w, a2)
+                a3 = fma(splat(Db[o + 3 * BW]), w, a3)
+                a4 = fma(splat(Db[o + 4 * BW]), w, a4)
+                a5 = fma(splat(Db[o + 5 * BW]), w, a5)
+                a6 = fma(splat(Db[o + 6 * BW]), w, a6)
+                a7 = fma(splat(Db[o + 7 * BW]), w, a7)
+            t = s0 + j
+            step = 1
+            if reverse:   # step s is row L - 1 - s
+                t = L - 1 - t
+                step = -1
+            vstore(dLp, (pbase + t) * Rp + rv, a0)
+            vstore(dLp, (pbase + t + step) * Rp + rv, a1)
+            vstore(dLp, (pbase + t + 2 * step) * Rp + rv, a2)
+            vstore(dLp, (pbase + t + 3 * step) * Rp + rv, a3)
+            vstore(dLp, (pbase + t + 4 * step) * Rp + rv, a4)
+            vstore(dLp, (pbase + t + 5 * step) * Rp + rv, a5)
+            vstore(dLp, (pbase + t + 6 * step) * Rp + rv, a6)
+            vstore(dLp, (pbase + t + 7 * step) * Rp + rv, a7)
+            j += 8
+        for jj in range(j, m):   # the chunk's last steps (L = 197: five)
+            a0 = zeros()
+            for c in range(BW):
+                a0 = fma(splat(Db[jj * BW + c]), vload(Wc, c * Rp + rv), a0)
+            t = L - 1 - (s0 + jj) if reverse else s0 + jj
+            vstore(dLp, (pbase + t) * Rp + rv, a0)
 
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
@@ -1359,8 +1421,9 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dout (b, L, dp) float32 or bfloat16, padded, or None; ``acc``: a padded float32 z gradient
     to add this one to. The z gradient comes in ``dz_dtype`` (default: z's), written in it by
     the kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction). With
-    a dt_w (_fwd), delta's gradient is that of dt_proj's input (b, R, L), summed in the kernel
-    like dB, and dt_w's is formed from the time steps' gradient, which is otherwise not written."""
+    a dt_w (_fwd), delta's gradient is that of dt_proj's input (b, R, L), formed in the kernel
+    per chunk and channel block (_dlow_rows) and summed over the blocks like dB, and dt_w's is
+    formed from the time steps' gradient, which is otherwise not written."""
     u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt = saved
     has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs), ls = cfg
     lowr = Wt.dim() == 2
@@ -1388,7 +1451,8 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dCp = torch.empty(b, g, nbg, L, N, dtype=torch.float32)
     R = Wt.shape[0] if lowr else 0
     need_low = lowr and bool(need[1])
-    dLp = torch.empty(b, g, nbg, L, R, dtype=torch.float32) if need_low else dCp
+    # (rows of R padded to whole vectors: the kernel stores them as such; bc() cuts them)
+    dLp = torch.empty(b, g, nbg, L, -(-R // VL) * VL, dtype=torch.float32) if need_low else dCp
     # A frozen backbone (every method but full fine-tuning) needs no dA, dD or d_delta_bias:
     # the kernel then skips dA's load, multiply-add and store per state and the per-step sums.
     need_da = bool(need[2])
@@ -1421,7 +1485,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     if need_da or need_ddb:
         _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
     if lowr:
-        ddelta = bc(dLp, 1, False, dt_delta) if need_low else None
+        ddelta = bc(dLp, 1, False, dt_delta)[:, :R] if need_low else None
         # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
         low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
         dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
