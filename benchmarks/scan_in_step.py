@@ -56,7 +56,8 @@ def main(argv=None):
 
     rec = {k: [] for k in ("fwd", "bwd", "fwd again", "bwd again", "fwd node", "bwd node")}
     kernels = {"fwd": sc._scan_fwd, "bwd": sc._scan_bwd}
-    acc_arg = {"fwd": 12, "bwd": 17}   # the kernels' `acc` flag: the second direction adds in
+    # the position of the kernels' `acc` flag (the second direction adds in), from their signatures
+    acc_arg = {k: fn.py_func.__code__.co_varnames.index("acc") for k, fn in kernels.items()}
 
     def timed_kernel(name):
         fn = kernels[name]

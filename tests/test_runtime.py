@@ -24,7 +24,8 @@ CODE_RT = RUNTIME_ONLY + f"print({ENV}, status['applied_before_torch'])"
 
 def _run(code, **env):
     base = {k: v for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SVP_NO_RUNTIME_DEFAULTS", "GLIBC_TUNABLES")
+            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SVP_NO_RUNTIME_DEFAULTS", "GLIBC_TUNABLES",
+                         "SVP_CPU_DEDICATED")
             and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          timeout=300)
@@ -50,6 +51,20 @@ def test_user_choice_and_opt_out_are_kept():
     # torch first: too late for libgomp, so svp leaves the environment alone and says so
     assert _run(f"import torch, os, svp; print({ENV}, svp.runtime.status()['applied_before_torch'])") == \
         ["None", "None", "False"]
+
+
+@pytest.mark.slow  # starts processes
+def test_a_dedicated_machine_spins_longer_unless_the_user_chose():
+    """SVP_CPU_DEDICATED: libgomp spins 100,000 rounds (svp's kernels then share torch's OpenMP
+    threads: tests/test_scan_backends.py); the user's own settings still win, and 0 means no."""
+    from svp.runtime import SPINCOUNT, SPINCOUNT_DEDICATED, dedicated
+    assert SPINCOUNT_DEDICATED == "100000"
+    assert _run(CODE_RT, SVP_CPU_DEDICATED="1") == ["None", SPINCOUNT_DEDICATED, "True"]
+    assert _run(CODE_RT, SVP_CPU_DEDICATED="0") == ["None", SPINCOUNT, "True"]
+    assert _run(CODE_RT, SVP_CPU_DEDICATED="1", GOMP_SPINCOUNT="5000") == ["None", "5000", "True"]
+    assert _run(CODE_RT, SVP_CPU_DEDICATED="1", OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None", "True"]
+    assert [dedicated({"SVP_CPU_DEDICATED": v}) for v in ("1", "yes", "0", "off", "", " False ")] == \
+        [True, True, False, False, False, False]
 
 
 FAULTS = """

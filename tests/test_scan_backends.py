@@ -789,7 +789,8 @@ def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer):
     code = ("import torch, numba, svp\nfrom svp.ops import selective_scan, set_backend\nset_backend('cpu')\n"
             "selective_scan(torch.randn(1, 8, 5), torch.randn(1, 8, 5), -torch.rand(8, 4), torch.randn(1, 4, 5),"
             " torch.randn(1, 4, 5))\nprint(numba.threading_layer())")
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH", "LD_PRELOAD")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH", "LD_PRELOAD", "SVP_CPU_DEDICATED")}
     if user_layer:
         env["NUMBA_THREADING_LAYER"] = user_layer
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -798,12 +799,64 @@ def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer):
     assert out.stdout.strip().splitlines()[-1] == want
 
 
+# one SVP training step of the bundled mini Vim on the fused kernels (scan, conv, add+RMSNorm,
+# prompts), 2 threads: the numba layer, then a hash of the loss and every gradient's bits
+_STEP_BITS = """import hashlib, sys, torch, timm, numba, svp
+from svp.peft import get_peft_model, make_config
+torch.set_num_threads(2)
+torch.manual_seed(0)
+m = get_peft_model(timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=4),
+                   make_config("svp", num_classes=4))
+x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 3])
+loss = torch.nn.functional.cross_entropy(m(x), y)
+loss.backward()
+h = hashlib.sha256(loss.detach().numpy().tobytes())
+for p in m.parameters():
+    if p.grad is not None:
+        h.update(p.grad.numpy().tobytes())
+print(numba.threading_layer(), h.hexdigest())
+"""
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_a_dedicated_machine_runs_the_kernels_on_torchs_openmp_threads_with_the_same_bits():
+    """SVP_CPU_DEDICATED: numba's 'omp' layer with its OpenMP calls bound to the libgomp torch
+    loaded (the dynamic linker's own record of the binding: LD_DEBUG), not to the system's, a
+    second runtime; and a training step's loss and gradients the same bits as on the default
+    layer."""
+    import os
+    import subprocess
+    import sys
+    from svp.ops.scan_cpu import _torch_libgomp
+    lib = _torch_libgomp()
+    if lib is None:
+        pytest.skip("this torch has no bundled libgomp (not a Linux wheel): only the spin count changes")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "LD_PRELOAD", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY",
+                        "SVP_CPU_DEDICATED", "SVP_NO_RUNTIME_DEFAULTS")}
+    runs = {}
+    for mode, extra in (("default", {}), ("dedicated", {"SVP_CPU_DEDICATED": "1", "LD_DEBUG": "bindings"})):
+        out = subprocess.run([sys.executable, "-c", _STEP_BITS], env={**env, **extra}, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[mode] = out.stdout.split()[-2:]
+        if mode == "dedicated":
+            bound = [ln.split(" to ", 1)[1] for ln in out.stderr.splitlines()
+                     if "omppool" in ln.split(" to ", 1)[0] and "`GOMP_parallel'" in ln]
+            assert bound and all(b.startswith(lib) for b in bound), bound
+    assert runs["default"][0] == ("tbb" if _tbb_installed() else "workqueue")
+    assert runs["dedicated"][0] == "omp"
+    assert runs["dedicated"][1] == runs["default"][1]
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_the_users_numba_threading_layer_wins():
     from svp.ops.scan_cpu import _pick_threading_layer
     assert _pick_threading_layer({"NUMBA_THREADING_LAYER": "workqueue"}) is None
     assert _pick_threading_layer({"NUMBA_THREADING_LAYER": "tbb"}) is None   # (loads the wheel's library)
     assert _pick_threading_layer({}) == ("tbb" if _tbb_installed() else "workqueue")
+    assert _pick_threading_layer({"NUMBA_THREADING_LAYER": "workqueue", "SVP_CPU_DEDICATED": "1"}) is None
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

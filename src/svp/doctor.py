@@ -88,6 +88,8 @@ def _versions():
         except ValueError:
             layer = str(numba.config.THREADING_LAYER)  # what the first parallel call will load
         chosen = "chosen by svp" if scan_cpu.THREADING_LAYER else "set by NUMBA_THREADING_LAYER"
+        if scan_cpu.SHARED_OPENMP:   # SVP_CPU_DEDICATED (svp.runtime)
+            chosen += f", SVP_CPU_DEDICATED: torch's OpenMP threads, {os.path.basename(scan_cpu.SHARED_OPENMP)}"
         rows.append(("numba", f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads on the {layer} layer, "
                               f"{chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})"))
     except Exception as e:

@@ -20,6 +20,22 @@ imported (before torch), and only where the user has not chosen them.
   the variable once, when torch loads it, so this only works if ``svp`` is imported before
   ``torch``; ``status()`` says whether it took effect.
 
+* ``SVP_CPU_DEDICATED=1`` (opt-in, for a machine svp has to itself): svp's numba kernels run
+  on torch's own OpenMP threads instead of numba's TBB threads (``svp.ops.scan_cpu``: numba's
+  'omp' layer, its OpenMP calls bound to the libgomp torch's wheel loaded, so one pool serves
+  both), and libgomp spins 100,000 rounds (``SPINCOUNT_DEDICATED``) instead of 1,000. Between a
+  numba kernel and the torch op after it (and back), the other thread is then awake and
+  spinning in the same pool, instead of asleep in another pool and woken (~50-120 us a kernel
+  call measured inside a Vim-Tiny step). Measured (docs/benchmarks.md, "Twenty-fourth round"):
+  training steps 5-10% faster, batch-32 prediction 4-5%; but beside one busy process the long
+  spin takes the cores it needs: a Vim-Tiny SVP step 1.6-1.7 s against 0.96-1.0 s with the
+  default (3x its quiet time; the default stays within 2x). Hence not the default. And a process
+  forked after the kernels ran cannot run them: numba's OpenMP layer ends such a child ("fork()
+  called from a process already using GNU OpenMP"), where the default TBB layer runs them (data-
+  loader workers, which only load data, are unaffected; start such processes with 'spawn'). Where
+  torch has no bundled libgomp (macOS, Windows, builds on Intel's OpenMP) only the spin count
+  changes.
+
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
   on Linux with glibc, unless a ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable is set).
   glibc's defaults return freed memory to the kernel as soon as 2x its (adaptive) mmap
@@ -57,11 +73,18 @@ import gc
 import os
 import sys
 
-_state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None, "gc": None}
+_state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None, "gc": None, "dedicated": None}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
 MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit (half its heap size)
 TRIM_THRESHOLD = 256 * 2**20
 SPINCOUNT = "1000"             # libgomp's spin rounds before a thread sleeps (see above)
+SPINCOUNT_DEDICATED = "100000"  # the same with SVP_CPU_DEDICATED (10,000: half the gain, see above)
+
+
+def dedicated(environ=os.environ) -> bool:
+    """Whether the user declared the machine svp's own (``SVP_CPU_DEDICATED``, any value but
+    empty, 0, false, no, off)."""
+    return environ.get("SVP_CPU_DEDICATED", "").strip().lower() not in ("", "0", "false", "no", "off")
 _MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
@@ -88,9 +111,12 @@ def configure() -> dict:
     if _state["applied_before_torch"] is not None or os.environ.get("SVP_NO_RUNTIME_DEFAULTS"):
         return status()
     before_torch = "torch" not in sys.modules
+    _state["dedicated"] = dedicated()
     if before_torch and not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")):
-        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
-        _state["omp_wait_policy"] = f"GOMP_SPINCOUNT={SPINCOUNT} (set by svp)"
+        spin = SPINCOUNT_DEDICATED if _state["dedicated"] else SPINCOUNT
+        os.environ["GOMP_SPINCOUNT"] = spin
+        why = "set by svp, SVP_CPU_DEDICATED" if _state["dedicated"] else "set by svp"
+        _state["omp_wait_policy"] = f"GOMP_SPINCOUNT={spin} ({why})"
     else:
         _state["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") or (
             f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT")
@@ -141,5 +167,6 @@ def freeze_imports() -> bool:
 
 def status() -> dict:
     """What ``configure`` found and did: {'omp_wait_policy': ..., 'applied_before_torch': ...,
-    'malloc': ..., 'gc': ...}."""
+    'malloc': ..., 'gc': ..., 'dedicated': ...} (whether SVP_CPU_DEDICATED was set; which threads
+    the kernels run on is ``svp.ops.scan_cpu.THREADING_LAYER`` / ``SHARED_OPENMP``)."""
     return dict(_state)

@@ -65,6 +65,7 @@ x86 where a denormal occurs.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -159,6 +160,8 @@ import numba  # noqa: E402
 # thread: 2 us per empty launch, and the 2-thread SVP step went from 783-815 to 726-747 ms
 # (docs/benchmarks.md, seventh round). So: 'tbb' when it loads (the `tbb` wheel is a
 # dependency on Linux x86-64), else 'workqueue'; NUMBA_THREADING_LAYER set by the user wins.
+# SVP_CPU_DEDICATED (svp.runtime) asks for 'omp' bound to torch's own libgomp instead: one
+# OpenMP runtime, whose threads serve torch's ops and the kernels alike.
 def _tbb_wheel_library():
     """The path of the `tbb` wheel's libtbb.so.12, or None when the wheel is not installed."""
     from importlib import metadata
@@ -188,14 +191,62 @@ def _tbb_loads() -> bool:
         return False
 
 
+def _torch_libgomp():
+    """The path of the libgomp torch's wheel bundles (torch/lib/libgomp*.so*; Linux), when torch
+    has loaded it, else None."""
+    import glob
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    for lib in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))):
+        try:
+            ctypes.CDLL(lib, mode=os.RTLD_NOLOAD)   # loaded already (by libtorch_cpu), or fails
+            return lib
+        except OSError:
+            continue
+    return None
+
+
+def _share_torch_openmp():
+    """Make numba's 'omp' layer run on torch's OpenMP threads (SVP_CPU_DEDICATED, see
+    svp.runtime). numba's omppool extension is linked against the system's libgomp, which then
+    loads beside torch's; its OpenMP calls bind to whichever libgomp comes first in the dynamic
+    linker's global search. With torch imported first that was torch's in both wheels checked
+    (torch 2.1 with numba 0.58, 2.14 with 0.68; LD_DEBUG=bindings), and the system library sat
+    unused; used before torch, numba bound to the system's, a second runtime with threads of its
+    own. svp makes torch's libgomp global itself before omppool loads, so the binding does not
+    rest on how torch loaded it (tests/test_scan_backends.py checks the binding). Returns torch's
+    libgomp's path, or None (no bundled libgomp, or omppool does not load)."""
+    lib = _torch_libgomp()
+    if lib is None:
+        return None
+    import ctypes
+    try:
+        ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+        from numba.np.ufunc import omppool  # noqa: F401  (binds its OpenMP symbols now)
+    except (OSError, ImportError):
+        return None
+    return lib
+
+
+SHARED_OPENMP = None   # torch's libgomp, when the kernels run on torch's OpenMP threads
+
+
 def _pick_threading_layer(environ=os.environ):
     """The layer svp asks numba for, or None when the user chose one (NUMBA_THREADING_LAYER;
-    a choice of 'tbb' still needs the wheel's library loaded for numba to find it)."""
+    a choice of 'tbb' still needs the wheel's library loaded for numba to find it). With
+    SVP_CPU_DEDICATED, 'omp' on torch's own OpenMP runtime where that can be arranged."""
+    global SHARED_OPENMP
     user = environ.get("NUMBA_THREADING_LAYER", "")
     if user:
         if user.lower().startswith("tbb"):
             _tbb_loads()
         return None
+    from ..runtime import dedicated
+    if dedicated(environ):
+        SHARED_OPENMP = _share_torch_openmp()
+        if SHARED_OPENMP is not None:
+            return "omp"
     return "tbb" if _tbb_loads() else "workqueue"
 
 
