@@ -26,15 +26,16 @@ imported (before torch), and only where the user has not chosen them.
   both), and libgomp spins 100,000 rounds (``SPINCOUNT_DEDICATED``) instead of 1,000. Between a
   numba kernel and the torch op after it (and back), the other thread is then awake and
   spinning in the same pool, instead of asleep in another pool and woken (~50-120 us a kernel
-  call measured inside a Vim-Tiny step). Measured (docs/benchmarks.md, "Twenty-fourth round"):
-  training steps 5-10% faster, batch-32 prediction 4-5%; but beside one busy process the long
-  spin takes the cores it needs: a Vim-Tiny SVP step 1.6-1.7 s against 0.96-1.0 s with the
-  default (3x its quiet time; the default stays within 2x). Hence not the default. And a process
-  forked after the kernels ran cannot run them: numba's OpenMP layer ends such a child ("fork()
-  called from a process already using GNU OpenMP"), where the default TBB layer runs them (data-
-  loader workers, which only load data, are unaffected; start such processes with 'spawn'). Where
-  torch has no bundled libgomp (macOS, Windows, builds on Intel's OpenMP) only the spin count
-  changes.
+  call measured inside a Vim-Tiny step). Measured on a 2-vCPU Xeon (docs/benchmarks.md,
+  "Twenty-fourth round"): Vim-Tiny SVP and LoRA training steps 8-12% faster, Vim-Small ~6%,
+  prediction 3-12%; but beside one busy process the long spin takes the cores it needs: a step
+  then took 3.3-5.0x its quiet time (the default 1.5-1.7x, the issue's target 2x). Hence not
+  the default. And a process forked after the kernels ran cannot run them: numba's OpenMP layer
+  ends such a child ("fork() called from a process already using GNU OpenMP"), where the
+  default TBB layer runs them (data-loader workers, which only load data, are unaffected; start
+  such processes with 'spawn'). Where torch has no bundled libgomp (macOS, Windows, builds on
+  Intel's OpenMP) only the spin count changes. Set it before the process starts, as the
+  variables above.
 
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
   on Linux with glibc, unless a ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable is set).
@@ -85,6 +86,8 @@ def dedicated(environ=os.environ) -> bool:
     """Whether the user declared the machine svp's own (``SVP_CPU_DEDICATED``, any value but
     empty, 0, false, no, off)."""
     return environ.get("SVP_CPU_DEDICATED", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 _MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
