@@ -107,12 +107,22 @@ print(json.dumps({{"status": status, "seen": seen, "pool": numba.config.NUMBA_NU
 
 
 @pytest.mark.slow  # starts a process
-def test_serve_threads_reach_the_kernels_in_the_inference_thread(tmp_path):
+@pytest.mark.parametrize("dedicated", [False, True])
+def test_serve_threads_reach_the_kernels_in_the_inference_thread(tmp_path, dedicated):
     """--threads sets torch's count; numba's is per thread, and the server's model thread never
-    set it: the kernels must follow torch's there too (they ran on every core before)."""
+    set it: the kernels must follow torch's there too (they ran on every core before). Also with
+    SVP_CPU_DEDICATED, where numba's OpenMP layer shares torch's thread count: started lazily in
+    the model thread, it set that thread's count to numba's pool size."""
     import json
+    if dedicated:
+        from svp.ops.scan_cpu import _torch_libgomp
+        if _torch_libgomp() is None:
+            pytest.skip("this torch has no bundled libgomp: SVP_CPU_DEDICATED changes only the spin count")
     code = THREADED.format(tests=os.path.join(ROOT, "tests"), root=str(tmp_path / "ad"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
+    env = {k: v for k, v in _env().items() if k != "SVP_CPU_DEDICATED"}
+    if dedicated:
+        env["SVP_CPU_DEDICATED"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["status"] == 200 and res["seen"] and set(res["seen"]) == {1}, res

@@ -246,6 +246,14 @@ def _pick_threading_layer(environ=os.environ):
     if dedicated(environ):
         SHARED_OPENMP = _share_torch_openmp()
         if SHARED_OPENMP is not None:
+            # Start numba's layer now, in this thread. Its start sets the OpenMP thread count of
+            # the thread it starts in to numba's pool size, and that count is now torch's too:
+            # started lazily in a server's inference thread it overrode `svp serve --threads 1`
+            # there (tests/test_serve_cli.py). Here torch's count is put back right after.
+            n = torch.get_num_threads()
+            numba.config.THREADING_LAYER = "omp"
+            numba.get_num_threads()
+            torch.set_num_threads(n)
             return "omp"
     return "tbb" if _tbb_loads() else "workqueue"
 
