@@ -20,9 +20,9 @@ compiling now or loading its disk cache, or on the machine's vector width.
 Time steps from dt_proj's input (BiScanCPU's dt_w): the models' delta is dt_proj's product of
 a rank-R input, R = d_model / 16. Given that input (read in place from the x_proj output's rows,
 like B and C) and dt_proj's weight, the kernels form each block's time steps themselves (4R
-multiply-adds a step), and the backward sums the input's gradient over channels per block like
-dB; the (b, len, dim) time steps and their gradient are then never written to memory, where the
-two products that formed them ran at memory speed.
+multiply-adds a step), and the backward forms the input's gradient per chunk and block as one
+small product with W (_dlow_rows); the (b, len, dim) time steps and their gradient are then
+never written to memory, where the two products that formed them ran at memory speed.
 
 Memory: a task walks rows d floats apart, a stride the hardware prefetchers do not follow,
 so the kernels prefetch the rows they will read and write PF steps ahead (the output rows
@@ -246,14 +246,6 @@ def _pick_threading_layer(environ=os.environ):
     if dedicated(environ):
         SHARED_OPENMP = _share_torch_openmp()
         if SHARED_OPENMP is not None:
-            # Start numba's layer now, in this thread. Its start sets the OpenMP thread count of
-            # the thread it starts in to numba's pool size, and that count is now torch's too:
-            # started lazily in a server's inference thread it overrode `svp serve --threads 1`
-            # there (tests/test_serve_cli.py). Here torch's count is put back right after.
-            n = torch.get_num_threads()
-            numba.config.THREADING_LAYER = "omp"
-            numba.get_num_threads()
-            torch.set_num_threads(n)
             return "omp"
     return "tbb" if _tbb_loads() else "workqueue"
 
@@ -261,6 +253,14 @@ def _pick_threading_layer(environ=os.environ):
 THREADING_LAYER = _pick_threading_layer()
 if THREADING_LAYER is not None:
     numba.config.THREADING_LAYER = THREADING_LAYER  # read at the first parallel launch
+if SHARED_OPENMP is not None:
+    # Start numba's layer now, in this thread. Its start sets the OpenMP thread count of the
+    # thread it starts in to numba's pool size, and that count is torch's too here: started
+    # lazily in a server's inference thread it overrode `svp serve --threads 1` there
+    # (tests/test_serve_cli.py). torch's count is put back right after.
+    _n = torch.get_num_threads()
+    numba.get_num_threads()
+    torch.set_num_threads(_n)
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
