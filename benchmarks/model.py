@@ -136,8 +136,13 @@ def child(spec):
     low_rank = getattr(vim_module, "_low_rank_delta", None)
     if low_rank is not None:
         vim_module._low_rank_delta = lambda mixer, grad: False
+    # in-place products (h's gradient accumulated by a second product, beta = 1: svp.models.vim's
+    # _InProj, svp.ops.prompt_cpu's SVPPromptsCPU) count as products too; the counter's table
+    # has addmm but not addmm_
+    def addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
     try:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as fc:
             step()
     finally:
         if low_rank is not None:

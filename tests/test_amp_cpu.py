@@ -63,6 +63,13 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
         linears.append((weight.shape[1], weight.shape[0], out.dtype))
         return out
     monkeypatch.setattr(F, "linear", linear_spy)
+    real_in_proj = vim._InProj.apply
+
+    def in_proj_spy(h, w, E):   # the mixer's in_proj without a bias: its two halves' products
+        x, z = real_in_proj(h, w, E)
+        linears.extend([(w.shape[1], E, x.dtype), (w.shape[1], E, z.dtype)])
+        return x, z
+    monkeypatch.setattr(vim._InProj, "apply", in_proj_spy)
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -179,6 +186,12 @@ def test_a_frozen_backbones_weights_are_cast_once_under_autocast_and_again_when_
             seen.append((shapes[tuple(weight.shape)], weight.dtype, weight.untyped_storage().data_ptr()))
         return real_linear(inp, weight, bias)
     monkeypatch.setattr(F, "linear", linear_spy)
+    real_in_proj = vim._InProj.apply
+
+    def in_proj_spy(h, w, E):   # the mixer's in_proj without a bias: its two halves' products
+        seen.extend([("in_proj half", w.dtype, w.untyped_storage().data_ptr())] * 2)
+        return real_in_proj(h, w, E)
+    monkeypatch.setattr(vim._InProj, "apply", in_proj_spy)
 
     def run(model):
         seen.clear()

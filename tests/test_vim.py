@@ -384,8 +384,31 @@ def test_a_frozen_out_proj_keeps_its_halved_weight_and_follows_its_changes():
     assert torch.equal(got[0], want[0]) and torch.equal(w.grad, ref.layers[0].mixer.out_proj.weight.grad)
 
 
+@pytest.mark.parametrize("used", ["both", "x", "z"])
+def test_in_proj_node_forms_the_inputs_gradient_once_with_the_halves_products(used):
+    """_InProj: x and z with the bits of the two halves' products; backward, the input's gradient
+    formed by one product and the second added in place, and the weight's gradient written by
+    halves (a half whose output is unused gets zeros), against autograd through two products."""
+    from svp.models.vim import _InProj
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(2, 9, 12, generator=g), torch.randn(2 * 20, 12, generator=g)
+    hr, wr, hg, wg = (t.clone().requires_grad_() for t in (h, w, h, w))
+    x, z = _InProj.apply(hg, wg, 20)
+    xr, zr = F.linear(hr, wr[:20]), F.linear(hr, wr[20:])
+    assert torch.equal(x, xr) and torch.equal(z, zr) and x.is_contiguous() and z.is_contiguous()
+    gx, gz = torch.randn(x.shape, generator=g), torch.randn(z.shape, generator=g)
+    loss = {"both": lambda a, b: (a * gx).sum() + (b * gz).sum(), "x": lambda a, b: (a * gx).sum(),
+            "z": lambda a, b: (b * gz).sum()}[used]
+    loss(x, z).backward()
+    loss(xr, zr).backward()
+    torch.testing.assert_close(hg.grad, hr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wg.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    if used != "both":
+        assert not wg.grad[20:].any() if used == "x" else not wg.grad[:20].any()
+
+
 def test_in_proj_halves_train_like_the_whole_product():
-    """The mixer multiplies by in_proj's two row halves (split views of the weight); with a hook on
+    """The mixer multiplies by in_proj's two row halves (_InProj); with a hook on
     in_proj it runs the module and chunks its output. Both give the same output and the same
     gradients of in_proj's weight (full fine-tuning), to rounding."""
     model = _small_vim()

@@ -168,6 +168,51 @@ def _bf16_fused(t) -> bool:
     return _fused_cpu(t, dtypes=(torch.bfloat16,))
 
 
+class _InProj(torch.autograd.Function):
+    """in_proj without a bias, as two products on the weight's row halves: x = h Wx^T and
+    z = h Wz^T, each contiguous, so the conv and the scan read them in place (one product and a
+    chunk gave strided halves, which were copied). Backward forms h's gradient once, in place:
+    dx Wx, then dz Wz added by the second product itself (beta = 1), where autograd formed the
+    two and added them, one more pass over (b, l, d) per layer (~5 ms a Vim-Tiny batch-8
+    step, every method; docs/benchmarks.md, "Twenty-fifth round"). A weight that trains (full fine-tuning, LoRA
+    through its parametrization) gets its gradient as one (2E, d) tensor whose halves the two
+    products write."""
+
+    @staticmethod
+    def forward(ctx, h, w, E):
+        h2 = h.reshape(-1, h.shape[-1])
+        x = torch.mm(h2, w[:E].t()).view(*h.shape[:-1], E)
+        z = torch.mm(h2, w[E:].t()).view(*h.shape[:-1], E)
+        ctx.save_for_backward(h, w)
+        ctx.E = E
+        ctx.set_materialize_grads(False)   # an unused half's gradient: None, not zeros multiplied
+        return x, z
+
+    @staticmethod
+    def backward(ctx, dx, dz):
+        h, w = ctx.saved_tensors
+        E = ctx.E
+        if dx is None and dz is None:
+            return None, None, None
+        dx = None if dx is None else dx.reshape(-1, E)
+        dz = None if dz is None else dz.reshape(-1, E)
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            if dx is None or dz is None:
+                dh = torch.mm(dz, w[E:]) if dx is None else torch.mm(dx, w[:E])
+            else:
+                dh = torch.mm(dx, w[:E]).addmm_(dz, w[E:])
+            dh = dh.view(h.shape)
+        if ctx.needs_input_grad[1]:
+            h2 = h.reshape(-1, h.shape[-1])
+            dw = torch.zeros_like(w) if dx is None or dz is None else torch.empty_like(w)
+            if dx is not None:
+                torch.mm(dx.t(), h2, out=dw[:E])
+            if dz is not None:
+                torch.mm(dz.t(), h2, out=dw[E:])
+        return dh, dw, None
+
+
 class BiMambaMixer(nn.Module):
     """Bidirectional Mamba mixer ("bimamba v2"): a forward and a backward selective
     SSM with separate conv1d / x_proj / dt_proj / A / D, outputs averaged."""
@@ -306,20 +351,23 @@ class BiMambaMixer(nn.Module):
         if ip._forward_hooks or ip._forward_pre_hooks:
             x, z = ip(hidden).chunk(2, dim=-1)
         else:
-            # Two products on the weight's row halves instead of one product and a chunk:
-            # x and z come out contiguous, so the conv and the scan read them in place
-            # (the chunk's halves were strided and copied), and backward has no concatenation
-            # of activations. The halves come from split, not two slices: a weight that trains
-            # (full fine-tuning, LoRA) then gets its gradient as one concatenation of the halves'
-            # gradients instead of two zero-filled full-size tensors added (~8 ms a Vim-Tiny step).
+            # Two products on the weight's row halves instead of one product and a chunk (see
+            # _InProj). With a bias (not the Vim models'), off the CPU, or with an input and a
+            # weight of different dtypes, the halves come from split, not two slices: a weight
+            # that trains (full fine-tuning, LoRA) then gets its gradient as one concatenation
+            # of the halves' gradients instead of two zero-filled full-size tensors added (~8 ms
+            # a Vim-Tiny step).
             E = self.d_inner
             w = _autocast_weight(ip.weight) if amp else ip.weight
-            wx, wz = w.split(E)
-            bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
             # under CPU autocast, the input cast once, not by each product (and once backward)
             h = hidden.to(cpu_autocast_dtype()) if amp else hidden
-            x = F.linear(h, wx, bx)
-            z = F.linear(h, wz, bz)
+            if ip.bias is None and h.device.type == "cpu" and h.dtype == w.dtype:
+                x, z = _InProj.apply(h, w, E)
+            else:
+                wx, wz = w.split(E)
+                bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
+                x = F.linear(h, wx, bx)
+                z = F.linear(h, wz, bz)
         if self.in_proj_hook is not None:
             x, z = self.in_proj_hook(self, hidden, x, z)
         if amp:
