@@ -65,7 +65,7 @@ def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
     assert err <= doctor.TOLERANCE_FUSED_MODEL and n > 2
     from svp.ops import conv_cpu, norm_cpu, prompt_cpu
     mod, name = {"norm": (norm_cpu, "add_rms_norm_cpu"), "conv": (conv_cpu, "bi_conv_proj_cpu"),
-                 "prompts": (prompt_cpu, "add_silu_prompts_cpu")}[kernel]
+                 "prompts": (prompt_cpu, "svp_prompts_cpu")}[kernel]
     real = getattr(mod, name)
 
     def off(*a, **k):   # 0.1% off in its first output

@@ -17,6 +17,12 @@ backward). Here it is one pass forward (read h, a1, a2; write out) and one backw
 incoming gradient, a1, a2; write the gradients of a1 and a2, whose class-token rows are zero,
 and the scales' sums: float32 over each task's rows, float64 across tasks in task order, so
 the bits do not depend on the number of threads). The gradient of h is the incoming gradient itself.
+
+Two nodes use the kernels: ``add_silu_prompts_cpu`` takes the pre-activations (float32, or the
+prompters' bfloat16 products under CPU autocast), and ``svp_prompts_cpu`` is SVP's whole step, the
+prompters' products included (SVPPromptsCPU, the products in float32 or bfloat16): the kernels
+then also add per-channel biases to the pre-activations, sum the biases' gradients like the
+scales', and write h's gradient into a buffer the prompters' input-gradient products add to.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ TB = 16  # tokens per task (a task owns whole rows)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _prompt_fwd(h, a1, s1, a2, s2, use1, use2, skip, out):
+def _prompt_fwd(h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
     b, L, d = h.shape
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
@@ -49,77 +55,127 @@ def _prompt_fwd(h, a1, s1, a2, s2, use1, use2, skip, out):
                 x1 = a1[bi, t]
                 x2 = a2[bi, t]
                 for c in range(d):
-                    u = as_f32(x1[c])
-                    v = as_f32(x2[c])
+                    u = as_f32(x1[c]) + c1[c]
+                    v = as_f32(x2[c]) + c2[c]
                     o[c] = hr[c] + (s1[c] * (u * _sigmoid(u)) + s2[c] * (v * _sigmoid(v)))
             elif use1:
                 x1 = a1[bi, t]
                 for c in range(d):
-                    u = as_f32(x1[c])
+                    u = as_f32(x1[c]) + c1[c]
                     o[c] = hr[c] + s1[c] * (u * _sigmoid(u))
             else:
                 x2 = a2[bi, t]
                 for c in range(d):
-                    v = as_f32(x2[c])
+                    v = as_f32(x2[c]) + c2[c]
                     o[c] = hr[c] + s2[c] * (v * _sigmoid(v))
 
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _term_bwd(g, x, s, need_s, da, ds):
-    """da = g * s * silu'(x); ds += g * silu(x). One loop: the sigmoid once per element. ds is the
-    task's float32 partial (a float64 one here took as long as the rest of the kernel). x and da
-    may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem)."""
+def _term_bwd(g, x, cb, s, need_s, da, ds, db):
+    """da = g * s * silu'(x + cb); ds += g * silu(x + cb); db += da (before any rounding to
+    bfloat16). One loop: the sigmoid once per element. ds and db are the task's float32
+    partials (a float64 one here took as long as the rest of the kernel). x and da may be
+    bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem)."""
     d = g.shape[0]
     if need_s:
         for c in range(d):
-            u = as_f32(x[c])
+            u = as_f32(x[c]) + cb[c]
             sg = _sigmoid(u)
             gc = g[c]
-            da[c] = to_elem((gc * s[c]) * (sg * (_ONE + u * (_ONE - sg))), da)
+            v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
+            da[c] = to_elem(v, da)
             ds[c] += gc * (u * sg)
+            db[c] += v
     else:
         for c in range(d):
-            u = as_f32(x[c])
+            u = as_f32(x[c]) + cb[c]
             sg = _sigmoid(u)
-            da[c] = to_elem((g[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg))), da)
+            v = (g[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
+            da[c] = to_elem(v, da)
+            db[c] += v
+
+
+@njit(inline="always")
+def _put_sums(p, v):
+    for c in range(v.shape[0]):
+        p[c] = v[c]
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _prompt_bwd(g, a1, s1, a2, s2, use1, use2, skip, need_s1, need_s2, da1, da2, ds1p, ds2p):
+def _prompt_bwd(g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1, da2, ds1p,
+                ds2p, db1p, db2p, dh):
     b, L, d = g.shape
     ntb = (L + TB - 1) // TB
     for task in prange(b * ntb):
         _wide_vectors()
         bi = task // ntb
         t0 = (task - bi * ntb) * TB
-        # the scales' sums: float32 over the task's (at most TB) rows, then float64 across tasks
+        # the scales' and biases' sums: float32 over the task's (at most TB) rows, then float64
+        # across tasks
         ds1 = np.zeros(d, np.float32)
         ds2 = np.zeros(d, np.float32)
+        db1 = np.zeros(d, np.float32)
+        db2 = np.zeros(d, np.float32)
         for t in range(t0, min(L, t0 + TB)):
+            gr = g[bi, t]
+            if need_h:   # the stream's gradient, into a buffer the prompters' products then add to
+                o = dh[bi, t]
+                for c in range(d):
+                    o[c] = gr[c]
             if t == skip:   # (zero bits: 0.0 in float32 and in bfloat16 alike)
                 if use1:
                     da1[bi, t, :] = 0
                 if use2:
                     da2[bi, t, :] = 0
                 continue
-            gr = g[bi, t]
             if use1:
-                _term_bwd(gr, a1[bi, t], s1, need_s1, da1[bi, t], ds1)
+                _term_bwd(gr, a1[bi, t], c1, s1, need_s1, da1[bi, t], ds1, db1)
             if use2:
-                _term_bwd(gr, a2[bi, t], s2, need_s2, da2[bi, t], ds2)
+                _term_bwd(gr, a2[bi, t], c2, s2, need_s2, da2[bi, t], ds2, db2)
         if need_s1:
-            p1 = ds1p[task]
-            for c in range(d):
-                p1[c] = ds1[c]
+            _put_sums(ds1p[task], ds1)
         if need_s2:
-            p2 = ds2p[task]
-            for c in range(d):
-                p2[c] = ds2[c]
+            _put_sums(ds2p[task], ds2)
+        if need_b and use1:
+            _put_sums(db1p[task], db1)
+        if need_b and use2:
+            _put_sums(db2p[task], db2)
 
 
 def _c(t):
     t = t.detach()
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _step_fwd(hc, x1, c1, v1, x2, c2, v2, use1, use2, skip):
+    """The kernel's forward on contiguous (b, l, d) h and pre-activations (an absent one: any
+    stand-in of the other's dtype) and (d,) biases and scales; returns the float32 output."""
+    out = torch.empty(hc.shape, dtype=torch.float32)
+    with _dynamic_tasks():
+        _prompt_fwd(hc.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2), c2.numpy(), v2.numpy(), use1, use2,
+                    int(skip), out.numpy())
+    return out
+
+
+def _step_bwd(g, x1, c1, v1, x2, c2, v2, use1, use2, skip, need_s1, need_s2, need_b, need_h):
+    """The kernel's backward: (da1, da2, ds1, ds2, db1, db2, dh), the sums float32 (None where
+    not asked for), dh a fresh copy of g when ``need_h`` (else None)."""
+    g = _c(g)
+    b, L, d = g.shape
+    ntask = b * ((L + TB - 1) // TB)
+    da1 = torch.empty(b, L, d, dtype=x1.dtype) if use1 else x1
+    da2 = torch.empty(b, L, d, dtype=x2.dtype) if use2 else x2
+    # per-task partial sums, float64 across tasks (left unwritten when not asked for)
+    ds1p, ds2p, db1p, db2p = (torch.empty(ntask if need else 1, d, dtype=torch.float64)
+                              for need in (need_s1, need_s2, need_b and use1, need_b and use2))
+    dh = torch.empty(b, L, d, dtype=torch.float32) if need_h else g
+    with _dynamic_tasks():
+        _prompt_bwd(g.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2), c2.numpy(), v2.numpy(), use1, use2,
+                    int(skip), need_s1, need_s2, need_b, need_h, _nd(da1), _nd(da2), ds1p.numpy(), ds2p.numpy(),
+                    db1p.numpy(), db2p.numpy(), dh.numpy())
+    total = lambda p, need: p.sum(0).to(torch.float32) if need else None  # noqa: E731
+    return (da1 if use1 else None, da2 if use2 else None, total(ds1p, need_s1), total(ds2p, need_s2),
+            total(db1p, need_b and use1), total(db2p, need_b and use2), dh if need_h else None)
 
 
 class AddSiluPromptsCPU(torch.autograd.Function):
@@ -134,35 +190,147 @@ class AddSiluPromptsCPU(torch.autograd.Function):
         dummy = torch.zeros(1, 1, d, dtype=(a1 if use1 else a2).dtype)
         x1 = _c(a1) if use1 else dummy
         x2 = _c(a2) if use2 else dummy
-        v1 = _c(s1) if use1 else hc.new_zeros(d)
-        v2 = _c(s2) if use2 else hc.new_zeros(d)
-        out = torch.empty(hc.shape, dtype=torch.float32)
-        with _dynamic_tasks():
-            _prompt_fwd(hc.numpy(), _nd(x1), v1.numpy(), _nd(x2), v2.numpy(), use1, use2, int(skip),
-                        out.numpy())
-        ctx.save_for_backward(x1, v1, x2, v2)
+        zero = hc.new_zeros(d)   # an absent scale; and the biases (the products' outputs are the pre-activations)
+        v1 = _c(s1) if use1 else zero
+        v2 = _c(s2) if use2 else zero
+        out = _step_fwd(hc, x1, zero, v1, x2, zero, v2, use1, use2, skip)
+        ctx.save_for_backward(x1, v1, x2, v2, zero)
         ctx.cfg = (use1, use2, int(skip))
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x1, v1, x2, v2 = ctx.saved_tensors
+        x1, v1, x2, v2, zero = ctx.saved_tensors
         use1, use2, skip = ctx.cfg
         need = ctx.needs_input_grad
-        g = _c(g)
-        b, L, d = g.shape
-        ntask = b * ((L + TB - 1) // TB)
         need_s1, need_s2 = bool(use1 and need[2]), bool(use2 and need[4])
-        da1 = torch.empty(b, L, d, dtype=x1.dtype) if use1 else x1
-        da2 = torch.empty(b, L, d, dtype=x2.dtype) if use2 else x2
-        ds1p = torch.empty(ntask, d, dtype=torch.float64)   # per-task partial sums (left unwritten
-        ds2p = torch.empty(ntask, d, dtype=torch.float64)   # when that scale has no gradient)
-        with _dynamic_tasks():
-            _prompt_bwd(g.numpy(), _nd(x1), v1.numpy(), _nd(x2), v2.numpy(), use1, use2, skip, need_s1,
-                        need_s2, _nd(da1), _nd(da2), ds1p.numpy(), ds2p.numpy())
-        return (g if need[0] else None, da1 if (use1 and need[1]) else None,
-                ds1p.sum(0).to(torch.float32) if need_s1 else None, da2 if (use2 and need[3]) else None,
-                ds2p.sum(0).to(torch.float32) if need_s2 else None, None)
+        da1, da2, ds1, ds2, _, _, _ = _step_bwd(g, x1, zero, v1, x2, zero, v2, use1, use2, skip, need_s1,
+                                                need_s2, False, False)
+        return (g if need[0] else None, da1 if (use1 and need[1]) else None, ds1,
+                da2 if (use2 and need[3]) else None, ds2, None)
+
+
+class SVPPromptsCPU(torch.autograd.Function):
+    """SVP's whole paper-mode prompt step in one node: the prompters' products and the fused
+    step above. What it saves against the modules' path (a Vim-Tiny batch-8 step's profile,
+    docs/benchmarks.md): the biases go into the kernel instead of each product (a product with
+    a bias first copies the broadcast bias into its output, ~0.2 ms per (b, l, d) output in a
+    step), their gradients are summed by the kernel from the values it forms (not by another
+    pass over each gradient), and the stream's gradient is formed once: the kernel writes the
+    incoming gradient into a buffer to which the two prompters' input gradients are added, in
+    float32 by their products themselves (beta = 1), instead of autograd adding three
+    gradients of the stream in two more passes.
+
+    The Inner prompter's down bias b0 is folded: Up(Down(x)) = W1 (W0 x) + (W1 b0 + b1), so the
+    down product has no bias either; W1's gradient then gets the outer product of the up
+    bias's gradient with b0, and b0's is W1^T times it. Same values as the modules' path up to
+    rounding (tests/test_prompt_cpu.py). Inputs: h, skip, the products' dtype (float32, or
+    bfloat16 under CPU autocast: h and the weights cast once, the products' outputs read by the
+    kernel as they are and their gradients written in bfloat16, the biases, scales, sums and the
+    stream's gradient float32), then (W, b, alpha) of the Cross prompter and (W0, b0, W1, b1,
+    beta) of the Inner one, each group all None when absent."""
+
+    @staticmethod
+    def forward(ctx, h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
+        use1, use2 = wc is not None, w0 is not None
+        hc = _c(h)
+        b, L, d = hc.shape
+        zero = hc.new_zeros(d)
+        vec = lambda t: zero if t is None else _c(t)  # noqa: E731
+        low = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        with torch.autocast("cpu", enabled=False):   # (the dtypes are explicit here)
+            H = hc.view(b * L, d).to(dtype)
+            wcl, w0l, w1l = low(wc), low(w0), low(w1)
+            a1 = a2 = z0 = dummy = torch.zeros(1, 1, d, dtype=dtype)
+            if use1:
+                a1 = torch.mm(H, wcl.t()).view(b, L, d)
+            if use2:
+                z0 = torch.mm(H, w0l.t())
+                a2 = torch.mm(z0, w1l.t()).view(b, L, d)
+            c1 = vec(bc)
+            c2 = vec(b1)
+            if b0 is not None:   # W1 b0 + b1 in float32 (elementwise and a sum: BLAS's gemv took ~0.1 ms in a step)
+                c2 = (w1 * b0).sum(1) + c2
+        s1, s2 = vec(alpha), vec(beta)
+        out = _step_fwd(hc, a1, c1, s1, a2, c2, s2, use1, use2, skip)
+        ctx.save_for_backward(H, a1, a2, z0, c1, c2, s1, s2,
+                              *(dummy if t is None else t for t in (wcl, w0l, w1l, w1, b0)))
+        ctx.cfg = (use1, use2, int(skip), b0 is not None, (b, L, d))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        H, a1, a2, z0, c1, c2, s1, s2, wc, w0, w1, w1_32, b0 = ctx.saved_tensors
+        use1, use2, skip, has_b0, (b, L, d) = ctx.cfg
+        need = ctx.needs_input_grad   # (h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+        need_h = bool(need[0])
+        need_b = bool((use1 and need[4]) or (use2 and (need[7] or need[8] or need[9])))
+        da1, da2, ds1, ds2, db1, db2, dh = _step_bwd(g, a1, c1, s1, a2, c2, s2, use1, use2, skip,
+                                                     bool(use1 and need[5]), bool(use2 and need[10]), need_b, need_h)
+        f32 = H.dtype == torch.float32
+        dH = dh.view(b * L, d) if need_h else None
+        parts = []   # h's gradient is the kernel's dh plus x w over these (x, w)
+        grads = [None] * 11
+        grads[0], grads[5], grads[10] = dh, ds1, ds2
+        with torch.autocast("cpu", enabled=False):
+            if use1:
+                da1 = da1.view(b * L, d)
+                grads[3] = torch.mm(da1.t(), H).float() if need[3] else None
+                grads[4] = db1 if need[4] else None
+                if need_h:
+                    parts.append((da1, wc))
+            if use2:
+                da2 = da2.view(b * L, d)
+                if need[8]:
+                    grads[8] = torch.mm(da2.t(), z0).float()
+                    if has_b0:
+                        grads[8].add_(torch.outer(db2, b0))
+                grads[9] = db2 if need[9] else None
+                grads[7] = (w1_32 * db2[:, None]).sum(0) if need[7] else None   # W1^T db2 (see forward)
+                if need_h or need[6]:
+                    dz0 = torch.mm(da2, w1)
+                    grads[6] = torch.mm(dz0.t(), H).float() if need[6] else None
+                    if need_h:
+                        parts.append((dz0, w0))
+            if parts and f32:   # in the products themselves (beta = 1)
+                for x, w in parts:
+                    dH.addmm_(x, w)
+            elif parts:   # bfloat16: summed in bfloat16 first, as autograd sums a bfloat16 input's gradients
+                low = torch.mm(*parts[0])
+                for x, w in parts[1:]:
+                    low.addmm_(x, w)
+                dH.add_(low)   # (in place: torch.add of a float32 and a bfloat16 tensor took 20x longer)
+        return tuple(grads)
+
+
+def svp_prompts_cpu(h, skip, cross=None, inner=None, dtype=torch.float32):
+    """SVP's paper-mode prompt step, ``h + alpha * silu(Wc h + bc) + beta * silu(W1 (W0 h + b0) + b1)``
+    on every row but ``skip`` of the (b, l, d) float32 CPU tensor h, with its gradients (see
+    SVPPromptsCPU). ``cross``: (Wc (d, d), bc, alpha) or None; ``inner``: (W0 (r, d), b0, W1
+    (d, r), b1, beta) or None, not both None; biases may be None; every tensor float32 on the CPU.
+    ``dtype``: the products' dtype, float32 or bfloat16 (what CPU autocast runs them in)."""
+    if cross is None and inner is None:
+        raise ValueError("svp_prompts_cpu needs the Cross or the Inner prompter")
+    if h.dim() != 3:
+        raise ValueError(f"expected h (batch, len, dim), got {tuple(h.shape)}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"svp_prompts_cpu runs its products in float32 or bfloat16, not {dtype}")
+    d = h.shape[-1]
+    wc, bc, alpha = cross if cross is not None else (None, None, None)
+    w0, b0, w1, b1, beta = inner if inner is not None else (None,) * 5
+    r = None if w0 is None else w0.shape[0]
+    for name, t, shape in (("h", h, h.shape), ("Wc", wc, (d, d)), ("bc", bc, (d,)), ("alpha", alpha, (d,)),
+                           ("W0", w0, (r, d)), ("b0", b0, (r,)), ("W1", w1, (d, r)), ("b1", b1, (d,)),
+                           ("beta", beta, (d,))):
+        if t is None:
+            if name in ("Wc", "alpha") and cross is not None or name in ("W0", "W1", "beta") and inner is not None:
+                raise ValueError(f"svp_prompts_cpu: {name} is None")
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"svp_prompts_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"svp_prompts_cpu: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return SVPPromptsCPU.apply(h, int(skip), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
 
 
 def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):

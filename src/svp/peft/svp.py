@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..models.loading import mismatch_lines
 from ..ops import get_backend
 from .base import PeftConfig, PeftMethod
@@ -135,8 +136,22 @@ class SVP(PeftMethod):
             # leaves the class token's row alone (its prompt gradient is zero). Same floats as
             # the path below up to rounding (tests/test_prompt_cpu.py).
             # Under CPU autocast (train.amp) the products run in bfloat16 and the fused step
-            # reads their outputs as they are (and writes their gradients in bfloat16): the
-            # bits of casting them to float32 first, two passes over the stream less each way.
+            # reads their outputs as they are (and writes their gradients in bfloat16), two
+            # passes over the stream less each way than casting them to float32 first.
+            amp = cpu_autocast()
+            if _plain_linears(cross, inner) and (not amp or cpu_autocast_dtype() == torch.bfloat16):
+                # the prompters' products inside the fused node too (in bfloat16 under
+                # autocast), which takes the biases into the kernel and forms the stream's
+                # gradient once (SVPPromptsCPU)
+                from ..ops.prompt_cpu import svp_prompts_cpu
+                c = i = None
+                if cross is not None:
+                    lin = cross[0]._modules["0"]
+                    c = (lin.weight, lin.bias, cross[1])
+                if inner is not None:
+                    down, up = inner[0]._modules["0"], inner[0]._modules["1"]
+                    i = (down.weight, down.bias, up.weight, up.bias, inner[1])
+                return svp_prompts_cpu(hidden, cls_pos, c, i, dtype=torch.bfloat16 if amp else torch.float32)
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
@@ -233,6 +248,20 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
                 or s.dtype != torch.float32 or s.device.type != "cpu"):
             return False
     return get_backend(hidden.device) == "cpu"
+
+
+def _plain_linears(cross, inner) -> bool:
+    """Whether the prompters' Linear layers are plain ``nn.Linear`` forwards without hooks,
+    float32 on the CPU, so that SVPPromptsCPU may run their products itself (a weight
+    parametrization, e.g. LoRA, still applies: the weight is read through it)."""
+    lins = ([] if cross is None else [cross[0]._modules["0"]]) + \
+        ([] if inner is None else [inner[0]._modules["0"], inner[0]._modules["1"]])
+    for lin in lins:
+        if (type(lin).forward is not nn.Linear.forward or lin._forward_hooks or lin._forward_pre_hooks
+                or lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu"
+                or (lin.bias is not None and lin.bias.dtype != torch.float32)):
+            return False
+    return True
 
 
 register_method("svp", SVPConfig, SVP)
