@@ -47,6 +47,7 @@ def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
 
 
 @pytest.mark.slow  # starts processes
+@pytest.mark.floor   # the oldest uvicorn's shutdown
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
     H.make_adapters(str(tmp_path / "ad"), names=["svp", "lora"])
