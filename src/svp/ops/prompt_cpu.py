@@ -70,32 +70,44 @@ def _prompt_fwd(h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
                     o[c] = hr[c] + s2[c] * (v * _sigmoid(v))
 
 
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
-def _term_bwd(g, x, cb, s, need_s, da, ds, db):
-    """da = g * s * silu'(x + cb); ds += g * silu(x + cb); db += da (before any rounding to
-    bfloat16). One loop: the sigmoid once per element. ds and db are the task's float32
-    partials (a float64 one here took as long as the rest of the kernel). x and da may be
-    bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem)."""
-    d = g.shape[0]
-    if need_s:
-        for c in range(d):
-            u = as_f32(x[c]) + cb[c]
-            sg = _sigmoid(u)
-            gc = g[c]
-            v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
-            da[c] = to_elem(v, da)
-            ds[c] += gc * (u * sg)
-            db[c] += v
-    else:
-        for c in range(d):
-            u = as_f32(x[c]) + cb[c]
-            sg = _sigmoid(u)
-            v = (g[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
-            da[c] = to_elem(v, da)
-            db[c] += v
+@njit(fastmath=_FM_SAFE, error_model="numpy")
+def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
+    """One prompt term over rows t0..t1-1 of sample bi: da = g * s * silu'(x + cb);
+    ds += g * silu(x + cb); db += da (before any rounding to bfloat16); row ``skip`` gets da = 0
+    (zero bits in float32 and bfloat16 alike). One loop per row: the sigmoid once per element.
+    ds and db are the task's float32 partials (a float64 one here took as long as the rest of the
+    kernel). x and da may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
+    A call per task and term, not inlined into the kernel: inlined (per row, at two sites) it
+    made numba 0.58 (the floor) compile each backward variant in ~36 s instead of ~8."""
+    _wide_vectors()   # (a function attribute: this function's own loops, see scan_cpu)
+    d = g.shape[2]
+    for t in range(t0, t1):
+        dr = da[bi, t]
+        if t == skip:
+            for c in range(d):
+                dr[c] = 0
+            continue
+        gr = g[bi, t]
+        xr = x[bi, t]
+        if need_s:
+            for c in range(d):
+                u = as_f32(xr[c]) + cb[c]
+                sg = _sigmoid(u)
+                gc = gr[c]
+                v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
+                dr[c] = to_elem(v, dr)
+                ds[c] += gc * (u * sg)
+                db[c] += v
+        else:
+            for c in range(d):
+                u = as_f32(xr[c]) + cb[c]
+                sg = _sigmoid(u)
+                v = (gr[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
+                dr[c] = to_elem(v, dr)
+                db[c] += v
 
 
-@njit(inline="always")
+@njit
 def _put_sums(p, v):
     for c in range(v.shape[0]):
         p[c] = v[c]
@@ -110,36 +122,28 @@ def _prompt_bwd(g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, n
         _wide_vectors()
         bi = task // ntb
         t0 = (task - bi * ntb) * TB
-        # the scales' and biases' sums: float32 over the task's (at most TB) rows, then float64
-        # across tasks
-        ds1 = np.zeros(d, np.float32)
-        ds2 = np.zeros(d, np.float32)
-        db1 = np.zeros(d, np.float32)
-        db2 = np.zeros(d, np.float32)
-        for t in range(t0, min(L, t0 + TB)):
-            gr = g[bi, t]
-            if need_h:   # the stream's gradient, into a buffer the prompters' products then add to
+        t1 = min(L, t0 + TB)
+        if need_h:   # the stream's gradient, into a buffer the prompters' products then add to
+            for t in range(t0, t1):
+                gr = g[bi, t]
                 o = dh[bi, t]
                 for c in range(d):
                     o[c] = gr[c]
-            if t == skip:   # (zero bits: 0.0 in float32 and in bfloat16 alike)
-                if use1:
-                    da1[bi, t, :] = 0
-                if use2:
-                    da2[bi, t, :] = 0
-                continue
-            if use1:
-                _term_bwd(gr, a1[bi, t], c1, s1, need_s1, da1[bi, t], ds1, db1)
-            if use2:
-                _term_bwd(gr, a2[bi, t], c2, s2, need_s2, da2[bi, t], ds2, db2)
+        # the scales' and biases' sums: float32 over the task's (at most TB) rows, then float64
+        # across tasks
+        sums = np.zeros((4, d), np.float32)
+        if use1:
+            _rows_bwd(g, a1, c1, s1, need_s1, da1, sums[0], sums[1], bi, t0, t1, skip)
+        if use2:
+            _rows_bwd(g, a2, c2, s2, need_s2, da2, sums[2], sums[3], bi, t0, t1, skip)
         if need_s1:
-            _put_sums(ds1p[task], ds1)
-        if need_s2:
-            _put_sums(ds2p[task], ds2)
+            _put_sums(ds1p[task], sums[0])
         if need_b and use1:
-            _put_sums(db1p[task], db1)
+            _put_sums(db1p[task], sums[1])
+        if need_s2:
+            _put_sums(ds2p[task], sums[2])
         if need_b and use2:
-            _put_sums(db2p[task], db2)
+            _put_sums(db2p[task], sums[3])
 
 
 def _c(t):
