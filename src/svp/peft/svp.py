@@ -139,26 +139,21 @@ class SVP(PeftMethod):
             # reads their outputs as they are (and writes their gradients in bfloat16), two
             # passes over the stream less each way than casting them to float32 first.
             amp = cpu_autocast()
-            if _plain_linears(cross, inner) and (not amp or cpu_autocast_dtype() == torch.bfloat16):
+            lin, down, up = _linears(cross, inner)
+            if _plain_linears(lin, down, up) and (not amp or cpu_autocast_dtype() == torch.bfloat16):
                 # the prompters' products inside the fused node too (in bfloat16 under
                 # autocast), which takes the biases into the kernel and forms the stream's
                 # gradient once (SVPPromptsCPU)
                 from ..ops.prompt_cpu import svp_prompts_cpu
-                c = i = None
-                if cross is not None:
-                    lin = cross[0]._modules["0"]
-                    c = (lin.weight, lin.bias, cross[1])
-                if inner is not None:
-                    down, up = inner[0]._modules["0"], inner[0]._modules["1"]
-                    i = (down.weight, down.bias, up.weight, up.bias, inner[1])
+                c = None if cross is None else (lin.weight, lin.bias, cross[1])
+                i = None if inner is None else (down.weight, down.bias, up.weight, up.bias, inner[1])
                 return svp_prompts_cpu(hidden, cls_pos, c, i, dtype=torch.bfloat16 if amp else torch.float32)
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
-                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
+                a1, s1 = lin(hidden), cross[1]
             if inner is not None:
-                m = inner[0]._modules
-                a2, s2 = m["1"](m["0"](hidden)), inner[1]
+                a2, s2 = up(down(hidden)), inner[1]
             if not all(a is None or a.dtype == torch.bfloat16 for a in (a1, a2)):
                 a1, a2 = (None if a is None else a.float() for a in (a1, a2))
             return add_silu_prompts_cpu(hidden, a1, s1, a2, s2, skip=cls_pos)
@@ -250,13 +245,20 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
     return get_backend(hidden.device) == "cpu"
 
 
-def _plain_linears(cross, inner) -> bool:
-    """Whether the prompters' Linear layers are plain ``nn.Linear`` forwards without hooks,
-    float32 on the CPU, so that SVPPromptsCPU may run their products itself (a weight
+def _linears(cross, inner):
+    """The prompters' Linear layers: (Cross's, Inner's down, Inner's up), None where absent."""
+    lin = None if cross is None else cross[0]._modules["0"]
+    down, up = (None, None) if inner is None else (inner[0]._modules["0"], inner[0]._modules["1"])
+    return lin, down, up
+
+
+def _plain_linears(*lins) -> bool:
+    """Whether the given Linear layers (None: absent) are plain ``nn.Linear`` forwards without
+    hooks, float32 on the CPU, so that SVPPromptsCPU may run their products itself (a weight
     parametrization, e.g. LoRA, still applies: the weight is read through it)."""
-    lins = ([] if cross is None else [cross[0]._modules["0"]]) + \
-        ([] if inner is None else [inner[0]._modules["0"], inner[0]._modules["1"]])
     for lin in lins:
+        if lin is None:
+            continue
         if (type(lin).forward is not nn.Linear.forward or lin._forward_hooks or lin._forward_pre_hooks
                 or lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu"
                 or (lin.bias is not None and lin.bias.dtype != torch.float32)):
