@@ -19,7 +19,13 @@ training configuration, in the same process:
   actually runs (forward and the backward autograd needs for this method: counted with
   ``torch.utils.flop_counter.FlopCounterMode`` over one real step, plus the depthwise conv1d,
   which runs in a fused kernel the counter cannot see: 2 W flops per element and pass), divided
-  by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads).
+  by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads),
+  five products before the timed steps and five after them: the bound takes the faster burst, and
+  both are reported (``matmul_gflops_before`` / ``_after``), so a machine whose speed moved during
+  the measurement shows it (a note is printed when the two differ by more than 10%). With one burst
+  only, a rate caught in a slow moment of a noisy VM made a step look closer to its bound than it was
+  (VPT-deep at Vim-Tiny: 3.1x at 190 GFLOP/s, the step 689 ms, against 4.5x at 321 GFLOP/s and 591 ms
+  the run before; docs/benchmarks.md, twenty-sixth round).
 * x bound: ms / step over matmul-bound ms (the issue's target: within 3x). CPU x bound: CPU ms
   over the flops at the matmul rate per CPU-second (both in process CPU time, so it holds on a
   shared machine; with --threads 1 it is the robust one).
@@ -96,8 +102,7 @@ def child(spec):
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
     rate, rate_cpu = _matmul_rate()
-    out = {"cpu": cpu_name(), "matmul_gflops": rate / 1e9, "matmul_gflops_per_cpu_s": rate_cpu / 1e9,
-           "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
+    out = {"cpu": cpu_name(), "matmul_gflops_before": rate / 1e9, "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     def autocast(amp):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -151,7 +156,7 @@ def child(spec):
     conv_trained = any(p.requires_grad for n, p in pm.base_model.named_parameters() if ".conv1d" in n)
     fwd1d, total1d = _conv1d_flops(pm, b, tokens, conv_trained)
     flops = fc.get_total_flops() + (total1d if train else fwd1d)
-    out.update(flops=flops, bound_seconds=flops / rate, bound_cpu_seconds=flops / rate_cpu)
+    out["flops"] = flops
     try:   # the layer numba's kernels ran on (after the steps above launched its threads)
         import numba
         out["numba_layer"] = numba.threading_layer()
@@ -168,6 +173,10 @@ def child(spec):
             step(True)
             amp_walls.append(time.perf_counter() - t0)
     out.update(seconds=min(walls), cpu_seconds=min(cpus), load_end=os.getloadavg()[0])
+    after, after_cpu = _matmul_rate()   # the second burst: the steps ran between the two
+    rate, rate_cpu = max(rate, after), max(rate_cpu, after_cpu)
+    out.update(matmul_gflops_after=after / 1e9, matmul_gflops=rate / 1e9, matmul_gflops_per_cpu_s=rate_cpu / 1e9,
+               bound_seconds=flops / rate, bound_cpu_seconds=flops / rate_cpu)
     if amp_walls:
         out["amp_seconds"] = min(amp_walls)
     if spec.get("contend"):
@@ -250,6 +259,11 @@ def main(argv=None):
               f"{res['cpu_seconds'] / res['bound_cpu_seconds']:.1f}x the bound at "
               f"{res['matmul_gflops_per_cpu_s']:.0f} GFLOP/CPU-s{extra}; "
               f"load {res['load_start']:.1f}-{res['load_end']:.1f}; numba layer {res.get('numba_layer')}", flush=True)
+        lo, hi = sorted((res["matmul_gflops_before"], res["matmul_gflops_after"]))
+        if hi > 1.1 * lo:
+            print(f"  note: the matmul rate moved from {res['matmul_gflops_before']:.0f} to "
+                  f"{res['matmul_gflops_after']:.0f} GFLOP/s across the steps (the bound uses {hi:.0f}): "
+                  "the machine's speed changed during this measurement", flush=True)
         if prof:
             print(prof, flush=True)
     print()
