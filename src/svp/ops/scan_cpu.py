@@ -610,56 +610,246 @@ def _prefetch_put(a, a16, prev, acc, off):
         _prefetch_out(a, off)   # (a is prev)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
-              hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+# Each kernel's work is one task per (batch row, group, 64-channel block), and the task's code is a
+# function of its own, called from a one-line prange: numba types a prange body twice (inside the
+# kernel, then again as its parallel body) and its parfor passes deep-copy the body's IR, which
+# made the backward's first compile ~12 s per variant on a quiet Emerald Rapids; as a function,
+# 8 s (the forward 4.3 -> 3.8 s). The task index is cast to one type at the call: the kernel's
+# typing sees an int64 and the parallel body a uint64, and numba would compile the task for both.
+# Same bits and speed as the body inlined (docs/benchmarks.md, twenty-sixth round), given the
+# lane sums in _bwd_task (see _store_sums).
+@njit(error_model="numpy")
+def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16,
+              hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D: the time steps are formed here from dt_proj's input rows (Lm, row stride ls) and
     # W^T (R, d), not read from dl (see _fwd's dt_w)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
     NV = N * BW
-    for task in prange(b * g * nbg):
-        _wide_vectors()
-        fpc = flush_denormals()   # see the module docstring, Denormals
-        # a constant of the task's code only when evaluated here: numba passes what the prange
-        # body uses from outside it as a runtime argument (as a kernel-level flag this one cost
-        # the float32 backward ~10%)
-        lowr = is_2d(Wt)
-        bi = task // (g * nbg)
-        rem = task - bi * (g * nbg)
-        gi = rem // nbg
-        blk = rem - gi * nbg
-        c0 = gi * dg + blk * BW
-        A2b = empty64(NV)
-        h = zeros64(NV)
+    _wide_vectors()
+    fpc = flush_denormals()   # see the module docstring, Denormals
+    # a constant of the task's code (Wt's type): as a flag passed in, a runtime value, it cost the
+    # float32 backward ~10%
+    lowr = is_2d(Wt)
+    bi = task // (g * nbg)
+    rem = task - bi * (g * nbg)
+    gi = rem // nbg
+    blk = rem - gi * nbg
+    c0 = gi * dg + blk * BW
+    A2b = empty64(NV)
+    h = zeros64(NV)
+    for n in range(N):
+        vstore(A2b, n * BW, vload(A2t, n * d + c0))
+        vstore(A2b, n * BW + VL, vload(A2t, n * d + c0 + VL))
+        vstore(A2b, n * BW + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+        vstore(A2b, n * BW + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+    D0 = vload(Dv, c0)
+    D1 = vload(Dv, c0 + VL)
+    D2 = vload(Dv, c0 + 2 * VL)
+    D3 = vload(Dv, c0 + 3 * VL)
+    b0 = vload(bias, c0)
+    b1 = vload(bias, c0 + VL)
+    b2 = vload(bias, c0 + 2 * VL)
+    b3 = vload(bias, c0 + 3 * VL)
+    m0 = vload(dtmax, c0)
+    m1 = vload(dtmax, c0 + VL)
+    m2 = vload(dtmax, c0 + 2 * VL)
+    m3 = vload(dtmax, c0 + 3 * VL)
+    Wb, R = _w_block(Wt, c0, d)
+    X = empty64(BW)
+    for s in range(L):
+        if s % K == 0:
+            hb = (bi * nchunk + s // K) * N
+            for n in range(N):
+                _out(hs, (hb + n) * d + c0, stream, vload(h, n * BW))
+                _out(hs, (hb + n) * d + c0 + VL, stream, vload(h, n * BW + VL))
+                _out(hs, (hb + n) * d + c0 + 2 * VL, stream, vload(h, n * BW + 2 * VL))
+                _out(hs, (hb + n) * d + c0 + 3 * VL, stream, vload(h, n * BW + 3 * VL))
+        t = L - 1 - s if reverse else s
+        row = (bi * L + t) * d + c0
+        br = (bi * L + t) * bs + gi * N
+        cr = (bi * L + t) * cs + gi * N
+        if s + PF < L:
+            tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
+            _prefetch_rows(u, dl, z, has_z, tp)
+            _prefetch_put(out, out16, prev, acc, tp)
+            if lowr:
+                prefetch(Lm, (bi * L + (t - PF if reverse else t + PF)) * ls)
+        # The next chunk's state rows (written all at once at its first step), one state's
+        # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
+        # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
+        # Streamed (the backward reads them much later), they need no line first.
+        jc = s % K
+        if not stream and jc < N and s - jc + K < L:
+            _prefetch_out(hs, ((bi * nchunk + s // K + 1) * N + jc) * d + c0)
+        u0 = vload(u, row)
+        u1 = vload(u, row + VL)
+        u2 = vload(u, row + 2 * VL)
+        u3 = vload(u, row + 3 * VL)
+        if lowr:
+            _low_rank(Lm, (bi * L + t) * ls, Wb, R, X, 0)
+            dt0 = _softplus_of(vload(X, 0) + b0, softplus)
+            dt1 = _softplus_of(vload(X, VL) + b1, softplus)
+            dt2 = _softplus_of(vload(X, 2 * VL) + b2, softplus)
+            dt3 = _softplus_of(vload(X, 3 * VL) + b3, softplus)
+        else:
+            dt0 = _delta(dl, row, b0, softplus)
+            dt1 = _delta(dl, row + VL, b1, softplus)
+            dt2 = _delta(dl, row + 2 * VL, b2, softplus)
+            dt3 = _delta(dl, row + 3 * VL, b3, softplus)
+        dtu0 = dt0 * u0
+        dtu1 = dt1 * u1
+        dtu2 = dt2 * u2
+        dtu3 = dt3 * u3
+        dc0 = vmin(dt0, m0)
+        dc1 = vmin(dt1, m1)
+        dc2 = vmin(dt2, m2)
+        dc3 = vmin(dt3, m3)
+        y0 = zeros()
+        y1 = zeros()
+        y2 = zeros()
+        y3 = zeros()
         for n in range(N):
-            vstore(A2b, n * BW, vload(A2t, n * d + c0))
-            vstore(A2b, n * BW + VL, vload(A2t, n * d + c0 + VL))
-            vstore(A2b, n * BW + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
-            vstore(A2b, n * BW + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
-        D0 = vload(Dv, c0)
-        D1 = vload(Dv, c0 + VL)
-        D2 = vload(Dv, c0 + 2 * VL)
-        D3 = vload(Dv, c0 + 3 * VL)
-        b0 = vload(bias, c0)
-        b1 = vload(bias, c0 + VL)
-        b2 = vload(bias, c0 + 2 * VL)
-        b3 = vload(bias, c0 + 3 * VL)
-        m0 = vload(dtmax, c0)
-        m1 = vload(dtmax, c0 + VL)
-        m2 = vload(dtmax, c0 + 2 * VL)
-        m3 = vload(dtmax, c0 + 3 * VL)
-        Wb, R = _w_block(Wt, c0, d)
-        X = empty64(BW)
-        for s in range(L):
-            if s % K == 0:
-                hb = (bi * nchunk + s // K) * N
-                for n in range(N):
-                    _out(hs, (hb + n) * d + c0, stream, vload(h, n * BW))
-                    _out(hs, (hb + n) * d + c0 + VL, stream, vload(h, n * BW + VL))
-                    _out(hs, (hb + n) * d + c0 + 2 * VL, stream, vload(h, n * BW + 2 * VL))
-                    _out(hs, (hb + n) * d + c0 + 3 * VL, stream, vload(h, n * BW + 3 * VL))
+            o = n * BW
+            bn = Bm[br + n]
+            cn = splat(Cm[cr + n])
+            a = vload(A2b, o)
+            e0 = _decay(fast, dt0, dc0, a)
+            a = vload(A2b, o + VL)
+            e1 = _decay(fast, dt1, dc1, a)
+            a = vload(A2b, o + 2 * VL)
+            e2 = _decay(fast, dt2, dc2, a)
+            a = vload(A2b, o + 3 * VL)
+            e3 = _decay(fast, dt3, dc3, a)
+            h0 = fma(e0, vload(h, o), dtu0 * bn)
+            h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
+            h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
+            h3 = fma(e3, vload(h, o + 3 * VL), dtu3 * bn)
+            vstore(h, o, h0)
+            vstore(h, o + VL, h1)
+            vstore(h, o + 2 * VL, h2)
+            vstore(h, o + 3 * VL, h3)
+            y0 = fma(h0, cn, y0)
+            y1 = fma(h1, cn, y1)
+            y2 = fma(h2, cn, y2)
+            y3 = fma(h3, cn, y3)
+        if has_z:
+            z0 = vload(z, row)
+            z1 = vload(z, row + VL)
+            z2 = vload(z, row + 2 * VL)
+            z3 = vload(z, row + 3 * VL)
+            _put(out, out16, prev, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)), acc)
+            _put(out, out16, prev, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)), acc)
+            _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)), acc)
+            _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)), acc)
+        else:
+            _put(out, out16, prev, row, fma(D0, u0, y0), acc)
+            _put(out, out16, prev, row + VL, fma(D1, u1, y1), acc)
+            _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2), acc)
+            _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3), acc)
+    for n in range(N):
+        vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
+        vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
+        vstore(hlast, (bi * N + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
+        vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
+    restore_fp(fpc)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
+              hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    for task in prange(b * g * ((d // g) // BW)):
+        _wide_vectors()   # (in case LLVM inlines the task here)
+        _fwd_task(np.uint64(task), u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev,
+                  out, out16, hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+
+
+@njit(error_model="numpy")
+def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
+              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp, need_da,
+              need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
+    # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and d_delta
+    # (ddl_o) is written only when need_ddl (W's own gradient is formed from it)
+    dg = d // g
+    nbg = dg // BW
+    nchunk = (L + K - 1) // K
+    NG = (N + VL - 1) // VL
+    NV = N * BW
+    _wide_vectors()
+    fpc = flush_denormals()   # see the module docstring, Denormals
+    # a constant of the task's code (Wt's type): as a flag passed in, a runtime value, it cost the
+    # float32 backward ~10%
+    lowr = is_2d(Wt)
+    bi = task // (g * nbg)
+    rem = task - bi * (g * nbg)
+    gi = rem // nbg
+    blk = rem - gi * nbg
+    c0 = gi * dg + blk * BW
+    Ab = empty64(NV)
+    A2b = empty64(NV)
+    dh = zeros64(NV)
+    for n in range(N):
+        o = n * BW
+        vstore(Ab, o, vload(At, n * d + c0))
+        vstore(Ab, o + VL, vload(At, n * d + c0 + VL))
+        vstore(Ab, o + 2 * VL, vload(At, n * d + c0 + 2 * VL))
+        vstore(Ab, o + 3 * VL, vload(At, n * d + c0 + 3 * VL))
+        vstore(A2b, o, vload(A2t, n * d + c0))
+        vstore(A2b, o + VL, vload(A2t, n * d + c0 + VL))
+        vstore(A2b, o + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
+        vstore(A2b, o + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
+        if has_dlast:   # else the state gradient starts at zero (zeros64)
+            for k in range(0, BW, VL):
+                vstore(dh, o + k, vload(dlast, (bi * N + n) * d + c0 + k))
+    # chunk buffers, written before they are read (dAc is zeroed per chunk)
+    Hb = empty64((K + 1) * NV)
+    Eb = empty64(K * NV)
+    Tb = empty64(K * BW)
+    Gb = empty64(K * BW)
+    P = empty64(VL * VL)
+    tmp = empty64(VL)
+    dAc = empty64(NV)
+    dAacc = np.zeros(NV, np.float64)
+    dDacc = np.zeros(BW, np.float64)
+    dbacc = np.zeros(BW, np.float64)
+    D0 = vload(Dv, c0)
+    D1 = vload(Dv, c0 + VL)
+    D2 = vload(Dv, c0 + 2 * VL)
+    D3 = vload(Dv, c0 + 3 * VL)
+    b0 = vload(bias, c0)
+    b1 = vload(bias, c0 + VL)
+    b2 = vload(bias, c0 + 2 * VL)
+    b3 = vload(bias, c0 + 3 * VL)
+    m0 = vload(dtmax, c0)
+    m1 = vload(dtmax, c0 + VL)
+    m2 = vload(dtmax, c0 + 2 * VL)
+    m3 = vload(dtmax, c0 + 3 * VL)
+    Wb, R = _w_block(Wt, c0, d)
+    Sb = empty64(K * BW if lowr else BW)   # the softplus arguments of the chunk's steps
+    # the gradient of the time steps per chunk step, and W's block as (BW, Rp) rows
+    Rp = (R + VL - 1) // VL * VL
+    Db = empty64(K * BW if lowr and need_dlow else VL)
+    Wc = _w_cols(Wb, R, Rp) if lowr and need_dlow else Db
+    pbase = ((bi * g + gi) * nbg + blk) * L
+    for kk in range(nchunk - 1, -1, -1):
+        s0 = kk * K
+        s1_ = min(L, s0 + K)
+        hbase = (bi * nchunk + kk) * N
+        for n in range(N):
+            o = n * BW
+            vstore(Hb, o, vload(hs, (hbase + n) * d + c0))
+            vstore(Hb, o + VL, vload(hs, (hbase + n) * d + c0 + VL))
+            vstore(Hb, o + 2 * VL, vload(hs, (hbase + n) * d + c0 + 2 * VL))
+            vstore(Hb, o + 3 * VL, vload(hs, (hbase + n) * d + c0 + 3 * VL))
+            if need_da:
+                vstore(dAc, o, zeros())
+                vstore(dAc, o + VL, zeros())
+                vstore(dAc, o + 2 * VL, zeros())
+                vstore(dAc, o + 3 * VL, zeros())
+        for s in range(s0, s1_):
+            j = s - s0
             t = L - 1 - s if reverse else s
             row = (bi * L + t) * d + c0
             br = (bi * L + t) * bs + gi * N
@@ -667,31 +857,38 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
             if s + PF < L:
                 tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
                 _prefetch_rows(u, dl, z, has_z, tp)
-                _prefetch_put(out, out16, prev, acc, tp)
+                _prefetch_rows(dout, dout, dout, False, tp)
                 if lowr:
                     prefetch(Lm, (bi * L + (t - PF if reverse else t + PF)) * ls)
-            # The next chunk's state rows (written all at once at its first step), one state's
-            # row per step ahead of it: unowned, those N x 4 lines stalled the stores behind them
-            # (the forward's calls in a Vim-Tiny b8 step -5%: docs/benchmarks.md, twelfth round).
-            # Streamed (the backward reads them much later), they need no line first.
-            jc = s % K
-            if not stream and jc < N and s - jc + K < L:
-                _prefetch_out(hs, ((bi * nchunk + s // K + 1) * N + jc) * d + c0)
+                if has_z:
+                    _prefetch_put(dz_o, dz16, dz_prev, acc, tp)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
             u2 = vload(u, row + 2 * VL)
             u3 = vload(u, row + 3 * VL)
             if lowr:
-                _low_rank(Lm, (bi * L + t) * ls, Wb, R, X, 0)
-                dt0 = _softplus_of(vload(X, 0) + b0, softplus)
-                dt1 = _softplus_of(vload(X, VL) + b1, softplus)
-                dt2 = _softplus_of(vload(X, 2 * VL) + b2, softplus)
-                dt3 = _softplus_of(vload(X, 3 * VL) + b3, softplus)
+                _low_rank(Lm, (bi * L + t) * ls, Wb, R, Sb, j * BW)
+                x0 = vload(Sb, j * BW) + b0
+                x1 = vload(Sb, j * BW + VL) + b1
+                x2 = vload(Sb, j * BW + 2 * VL) + b2
+                x3 = vload(Sb, j * BW + 3 * VL) + b3
+                vstore(Sb, j * BW, x0)
+                vstore(Sb, j * BW + VL, x1)
+                vstore(Sb, j * BW + 2 * VL, x2)
+                vstore(Sb, j * BW + 3 * VL, x3)
+                dt0 = _softplus_of(x0, softplus)
+                dt1 = _softplus_of(x1, softplus)
+                dt2 = _softplus_of(x2, softplus)
+                dt3 = _softplus_of(x3, softplus)
             else:
                 dt0 = _delta(dl, row, b0, softplus)
                 dt1 = _delta(dl, row + VL, b1, softplus)
                 dt2 = _delta(dl, row + 2 * VL, b2, softplus)
                 dt3 = _delta(dl, row + 3 * VL, b3, softplus)
+            vstore(Tb, j * BW, dt0)
+            vstore(Tb, j * BW + VL, dt1)
+            vstore(Tb, j * BW + 2 * VL, dt2)
+            vstore(Tb, j * BW + 3 * VL, dt3)
             dtu0 = dt0 * u0
             dtu1 = dt1 * u1
             dtu2 = dt2 * u2
@@ -700,6 +897,8 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
             dc1 = vmin(dt1, m1)
             dc2 = vmin(dt2, m2)
             dc3 = vmin(dt3, m3)
+            hp0 = j * NV
+            hn0 = hp0 + NV
             y0 = zeros()
             y1 = zeros()
             y2 = zeros()
@@ -716,409 +915,243 @@ def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reve
                 e2 = _decay(fast, dt2, dc2, a)
                 a = vload(A2b, o + 3 * VL)
                 e3 = _decay(fast, dt3, dc3, a)
-                h0 = fma(e0, vload(h, o), dtu0 * bn)
-                h1 = fma(e1, vload(h, o + VL), dtu1 * bn)
-                h2 = fma(e2, vload(h, o + 2 * VL), dtu2 * bn)
-                h3 = fma(e3, vload(h, o + 3 * VL), dtu3 * bn)
-                vstore(h, o, h0)
-                vstore(h, o + VL, h1)
-                vstore(h, o + 2 * VL, h2)
-                vstore(h, o + 3 * VL, h3)
+                h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
+                h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
+                h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
+                h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
+                vstore(Eb, hp0 + o, e0)
+                vstore(Eb, hp0 + o + VL, e1)
+                vstore(Eb, hp0 + o + 2 * VL, e2)
+                vstore(Eb, hp0 + o + 3 * VL, e3)
+                vstore(Hb, hn0 + o, h0)
+                vstore(Hb, hn0 + o + VL, h1)
+                vstore(Hb, hn0 + o + 2 * VL, h2)
+                vstore(Hb, hn0 + o + 3 * VL, h3)
                 y0 = fma(h0, cn, y0)
                 y1 = fma(h1, cn, y1)
                 y2 = fma(h2, cn, y2)
                 y3 = fma(h3, cn, y3)
+            g0 = vload(dout, row)
+            g1 = vload(dout, row + VL)
+            g2 = vload(dout, row + 2 * VL)
+            g3 = vload(dout, row + 3 * VL)
             if has_z:
                 z0 = vload(z, row)
                 z1 = vload(z, row + VL)
                 z2 = vload(z, row + 2 * VL)
                 z3 = vload(z, row + 3 * VL)
-                _put(out, out16, prev, row, fma(D0, u0, y0) * (z0 * _vsigmoid(z0)), acc)
-                _put(out, out16, prev, row + VL, fma(D1, u1, y1) * (z1 * _vsigmoid(z1)), acc)
-                _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2) * (z2 * _vsigmoid(z2)), acc)
-                _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3) * (z3 * _vsigmoid(z3)), acc)
+                sg0 = _vsigmoid(z0)
+                sg1 = _vsigmoid(z1)
+                sg2 = _vsigmoid(z2)
+                sg3 = _vsigmoid(z3)
+                _put(dz_o, dz16, dz_prev, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)), acc)
+                _put(dz_o, dz16, dz_prev, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)), acc)
+                _put(dz_o, dz16, dz_prev, row + 2 * VL,
+                     g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)), acc)
+                _put(dz_o, dz16, dz_prev, row + 3 * VL,
+                     g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)), acc)
+                gv0 = g0 * z0 * sg0
+                gv1 = g1 * z1 * sg1
+                gv2 = g2 * z2 * sg2
+                gv3 = g3 * z3 * sg3
             else:
-                _put(out, out16, prev, row, fma(D0, u0, y0), acc)
-                _put(out, out16, prev, row + VL, fma(D1, u1, y1), acc)
-                _put(out, out16, prev, row + 2 * VL, fma(D2, u2, y2), acc)
-                _put(out, out16, prev, row + 3 * VL, fma(D3, u3, y3), acc)
-        for n in range(N):
-            vstore(hlast, (bi * N + n) * d + c0, vload(h, n * BW))
-            vstore(hlast, (bi * N + n) * d + c0 + VL, vload(h, n * BW + VL))
-            vstore(hlast, (bi * N + n) * d + c0 + 2 * VL, vload(h, n * BW + 2 * VL))
-            vstore(hlast, (bi * N + n) * d + c0 + 3 * VL, vload(h, n * BW + 3 * VL))
-        restore_fp(fpc)
+                gv0 = g0
+                gv1 = g1
+                gv2 = g2
+                gv3 = g3
+            vstore(Gb, j * BW, gv0)
+            vstore(Gb, j * BW + VL, gv1)
+            vstore(Gb, j * BW + 2 * VL, gv2)
+            vstore(Gb, j * BW + 3 * VL, gv3)
+            if need_ddb:
+                vacc_f64(dDacc, 0, gv0 * u0)
+                vacc_f64(dDacc, VL, gv1 * u1)
+                vacc_f64(dDacc, 2 * VL, gv2 * u2)
+                vacc_f64(dDacc, 3 * VL, gv3 * u3)
+            for ng in range(NG):
+                n0 = ng * VL
+                n1 = min(N, n0 + VL)
+                for n in range(n0, n1):
+                    o = hn0 + n * BW
+                    p = fma(gv1, vload(Hb, o + VL), gv0 * vload(Hb, o))
+                    p = fma(gv2, vload(Hb, o + 2 * VL), p)
+                    vstore(P, (n - n0) * VL, fma(gv3, vload(Hb, o + 3 * VL), p))
+                if n1 - n0 == VL:   # the models' case, not through _store_sums: see there
+                    vstore(dCp, (pbase + t) * N + n0, vhsum16(P, 0))
+                else:
+                    _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
+        for s in range(s1_ - 1, s0 - 1, -1):
+            j = s - s0
+            t = L - 1 - s if reverse else s
+            row = (bi * L + t) * d + c0
+            br = (bi * L + t) * bs + gi * N
+            cr = (bi * L + t) * cs + gi * N
+            if s >= PF and not stream:   # this walk runs backwards: step s - PF comes PF steps later
+                tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
+                _prefetch_out(du_o, tq)
+                if need_ddl or not lowr:
+                    _prefetch_out(ddl_o, tq)
+            u0 = vload(u, row)
+            u1 = vload(u, row + VL)
+            u2 = vload(u, row + 2 * VL)
+            u3 = vload(u, row + 3 * VL)
+            dt0 = vload(Tb, j * BW)
+            dt1 = vload(Tb, j * BW + VL)
+            dt2 = vload(Tb, j * BW + 2 * VL)
+            dt3 = vload(Tb, j * BW + 3 * VL)
+            gv0 = vload(Gb, j * BW)
+            gv1 = vload(Gb, j * BW + VL)
+            gv2 = vload(Gb, j * BW + 2 * VL)
+            gv3 = vload(Gb, j * BW + 3 * VL)
+            dtu0 = dt0 * u0
+            dtu1 = dt1 * u1
+            dtu2 = dt2 * u2
+            dtu3 = dt3 * u3
+            hp0 = j * NV
+            # Two copies of the state loop, with and without dA's sums: a test of need_da inside
+            # it cost the full backward ~2%, and a helper numba inlined twice made numba 0.58
+            # compile the backward in 44 s instead of 11.5.
+            sa0 = zeros()
+            sa1 = zeros()
+            sa2 = zeros()
+            sa3 = zeros()
+            sb0 = zeros()
+            sb1 = zeros()
+            sb2 = zeros()
+            sb3 = zeros()
+            if need_da:
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        o = n * BW
+                        cn = splat(Cm[cr + n])
+                        bn = splat(Bm[br + n])
+                        dhv0 = fma(gv0, cn, vload(dh, o))
+                        dhv1 = fma(gv1, cn, vload(dh, o + VL))
+                        dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
+                        dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
+                        e0 = vload(Eb, hp0 + o)
+                        e1 = vload(Eb, hp0 + o + VL)
+                        e2 = vload(Eb, hp0 + o + 2 * VL)
+                        e3 = vload(Eb, hp0 + o + 3 * VL)
+                        q0 = dhv0 * vload(Hb, hp0 + o) * e0
+                        q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
+                        q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
+                        q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
+                        vstore(dh, o, e0 * dhv0)
+                        vstore(dh, o + VL, e1 * dhv1)
+                        vstore(dh, o + 2 * VL, e2 * dhv2)
+                        vstore(dh, o + 3 * VL, e3 * dhv3)
+                        sa0 = fma(dhv0, bn, sa0)
+                        sa1 = fma(dhv1, bn, sa1)
+                        sa2 = fma(dhv2, bn, sa2)
+                        sa3 = fma(dhv3, bn, sa3)
+                        sb0 = fma(q0, vload(Ab, o), sb0)
+                        sb1 = fma(q1, vload(Ab, o + VL), sb1)
+                        sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
+                        sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
+                        vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
+                        vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
+                        vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
+                        vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
+                        vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
+                    if n1 - n0 == VL:   # the models' case, not through _store_sums: see there
+                        vstore(dBp, (pbase + t) * N + n0, vhsum16(P, 0))
+                    else:
+                        _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+            else:
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for n in range(n0, n1):
+                        o = n * BW
+                        cn = splat(Cm[cr + n])
+                        bn = splat(Bm[br + n])
+                        dhv0 = fma(gv0, cn, vload(dh, o))
+                        dhv1 = fma(gv1, cn, vload(dh, o + VL))
+                        dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
+                        dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
+                        e0 = vload(Eb, hp0 + o)
+                        e1 = vload(Eb, hp0 + o + VL)
+                        e2 = vload(Eb, hp0 + o + 2 * VL)
+                        e3 = vload(Eb, hp0 + o + 3 * VL)
+                        q0 = dhv0 * vload(Hb, hp0 + o) * e0
+                        q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
+                        q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
+                        q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
+                        vstore(dh, o, e0 * dhv0)
+                        vstore(dh, o + VL, e1 * dhv1)
+                        vstore(dh, o + 2 * VL, e2 * dhv2)
+                        vstore(dh, o + 3 * VL, e3 * dhv3)
+                        sa0 = fma(dhv0, bn, sa0)
+                        sa1 = fma(dhv1, bn, sa1)
+                        sa2 = fma(dhv2, bn, sa2)
+                        sa3 = fma(dhv3, bn, sa3)
+                        sb0 = fma(q0, vload(Ab, o), sb0)
+                        sb1 = fma(q1, vload(Ab, o + VL), sb1)
+                        sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
+                        sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
+                        vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
+                    if n1 - n0 == VL:   # the models' case, not through _store_sums: see there
+                        vstore(dBp, (pbase + t) * N + n0, vhsum16(P, 0))
+                    else:
+                        _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+            _out(du_o, row, stream, fma(gv0, D0, sa0 * dt0))
+            _out(du_o, row + VL, stream, fma(gv1, D1, sa1 * dt1))
+            _out(du_o, row + 2 * VL, stream, fma(gv2, D2, sa2 * dt2))
+            _out(du_o, row + 3 * VL, stream, fma(gv3, D3, sa3 * dt3))
+            dd0 = fma(sa0, u0, sb0)
+            dd1 = fma(sa1, u1, sb1)
+            dd2 = fma(sa2, u2, sb2)
+            dd3 = fma(sa3, u3, sb3)
+            if softplus and lowr:
+                dd0 = dd0 * _vsigmoid(vload(Sb, j * BW))
+                dd1 = dd1 * _vsigmoid(vload(Sb, j * BW + VL))
+                dd2 = dd2 * _vsigmoid(vload(Sb, j * BW + 2 * VL))
+                dd3 = dd3 * _vsigmoid(vload(Sb, j * BW + 3 * VL))
+            elif softplus:
+                dd0 = dd0 * _vsigmoid(vload(dl, row) + b0)
+                dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
+                dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
+                dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
+            if lowr and need_dlow:   # kept for the chunk's product with W (_dlow_rows)
+                vstore(Db, j * BW, dd0)
+                vstore(Db, j * BW + VL, dd1)
+                vstore(Db, j * BW + 2 * VL, dd2)
+                vstore(Db, j * BW + 3 * VL, dd3)
+            if need_ddl or not lowr:
+                _out(ddl_o, row, stream, dd0)
+                _out(ddl_o, row + VL, stream, dd1)
+                _out(ddl_o, row + 2 * VL, stream, dd2)
+                _out(ddl_o, row + 3 * VL, stream, dd3)
+            if need_ddb:
+                vacc_f64(dbacc, 0, dd0)
+                vacc_f64(dbacc, VL, dd1)
+                vacc_f64(dbacc, 2 * VL, dd2)
+                vacc_f64(dbacc, 3 * VL, dd3)
+            if need_da and j % DA_RUN == 0:   # dA: DA_RUN steps in float32, then into float64
+                _flush_da(dAacc, dAc, N)
+        if lowr and need_dlow:
+            _dlow_rows(Db, Wc, Rp, s0, s1_ - s0, L, reverse, dLp, pbase)
+    for n in range(N):
+        for c in range(BW):
+            dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
+    for c in range(BW):
+        dDp[bi * d + c0 + c] = dDacc[c]
+        dbp[bi * d + c0 + c] = dbacc[c]
+    restore_fp(fpc)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
               dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
               need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
-    # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
-    # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and d_delta
-    # (ddl_o) is written only when need_ddl (W's own gradient is formed from it)
-    dg = d // g
-    nbg = dg // BW
-    nchunk = (L + K - 1) // K
-    NG = (N + VL - 1) // VL
-    NV = N * BW
-    for task in prange(b * g * nbg):
-        _wide_vectors()
-        fpc = flush_denormals()   # see the module docstring, Denormals
-        # a constant of the task's code only when evaluated here: numba passes what the prange
-        # body uses from outside it as a runtime argument (as a kernel-level flag this one cost
-        # the float32 backward ~10%)
-        lowr = is_2d(Wt)
-        bi = task // (g * nbg)
-        rem = task - bi * (g * nbg)
-        gi = rem // nbg
-        blk = rem - gi * nbg
-        c0 = gi * dg + blk * BW
-        Ab = empty64(NV)
-        A2b = empty64(NV)
-        dh = zeros64(NV)
-        for n in range(N):
-            o = n * BW
-            vstore(Ab, o, vload(At, n * d + c0))
-            vstore(Ab, o + VL, vload(At, n * d + c0 + VL))
-            vstore(Ab, o + 2 * VL, vload(At, n * d + c0 + 2 * VL))
-            vstore(Ab, o + 3 * VL, vload(At, n * d + c0 + 3 * VL))
-            vstore(A2b, o, vload(A2t, n * d + c0))
-            vstore(A2b, o + VL, vload(A2t, n * d + c0 + VL))
-            vstore(A2b, o + 2 * VL, vload(A2t, n * d + c0 + 2 * VL))
-            vstore(A2b, o + 3 * VL, vload(A2t, n * d + c0 + 3 * VL))
-            if has_dlast:   # else the state gradient starts at zero (zeros64)
-                for k in range(0, BW, VL):
-                    vstore(dh, o + k, vload(dlast, (bi * N + n) * d + c0 + k))
-        # chunk buffers, written before they are read (dAc is zeroed per chunk)
-        Hb = empty64((K + 1) * NV)
-        Eb = empty64(K * NV)
-        Tb = empty64(K * BW)
-        Gb = empty64(K * BW)
-        P = empty64(VL * VL)
-        tmp = empty64(VL)
-        dAc = empty64(NV)
-        dAacc = np.zeros(NV, np.float64)
-        dDacc = np.zeros(BW, np.float64)
-        dbacc = np.zeros(BW, np.float64)
-        D0 = vload(Dv, c0)
-        D1 = vload(Dv, c0 + VL)
-        D2 = vload(Dv, c0 + 2 * VL)
-        D3 = vload(Dv, c0 + 3 * VL)
-        b0 = vload(bias, c0)
-        b1 = vload(bias, c0 + VL)
-        b2 = vload(bias, c0 + 2 * VL)
-        b3 = vload(bias, c0 + 3 * VL)
-        m0 = vload(dtmax, c0)
-        m1 = vload(dtmax, c0 + VL)
-        m2 = vload(dtmax, c0 + 2 * VL)
-        m3 = vload(dtmax, c0 + 3 * VL)
-        Wb, R = _w_block(Wt, c0, d)
-        Sb = empty64(K * BW if lowr else BW)   # the softplus arguments of the chunk's steps
-        # the gradient of the time steps per chunk step, and W's block as (BW, Rp) rows
-        Rp = (R + VL - 1) // VL * VL
-        Db = empty64(K * BW if lowr and need_dlow else VL)
-        Wc = _w_cols(Wb, R, Rp) if lowr and need_dlow else Db
-        pbase = ((bi * g + gi) * nbg + blk) * L
-        for kk in range(nchunk - 1, -1, -1):
-            s0 = kk * K
-            s1_ = min(L, s0 + K)
-            hbase = (bi * nchunk + kk) * N
-            for n in range(N):
-                o = n * BW
-                vstore(Hb, o, vload(hs, (hbase + n) * d + c0))
-                vstore(Hb, o + VL, vload(hs, (hbase + n) * d + c0 + VL))
-                vstore(Hb, o + 2 * VL, vload(hs, (hbase + n) * d + c0 + 2 * VL))
-                vstore(Hb, o + 3 * VL, vload(hs, (hbase + n) * d + c0 + 3 * VL))
-                if need_da:
-                    vstore(dAc, o, zeros())
-                    vstore(dAc, o + VL, zeros())
-                    vstore(dAc, o + 2 * VL, zeros())
-                    vstore(dAc, o + 3 * VL, zeros())
-            for s in range(s0, s1_):
-                j = s - s0
-                t = L - 1 - s if reverse else s
-                row = (bi * L + t) * d + c0
-                br = (bi * L + t) * bs + gi * N
-                cr = (bi * L + t) * cs + gi * N
-                if s + PF < L:
-                    tp = (bi * L + (t - PF if reverse else t + PF)) * d + c0
-                    _prefetch_rows(u, dl, z, has_z, tp)
-                    _prefetch_rows(dout, dout, dout, False, tp)
-                    if lowr:
-                        prefetch(Lm, (bi * L + (t - PF if reverse else t + PF)) * ls)
-                    if has_z:
-                        _prefetch_put(dz_o, dz16, dz_prev, acc, tp)
-                u0 = vload(u, row)
-                u1 = vload(u, row + VL)
-                u2 = vload(u, row + 2 * VL)
-                u3 = vload(u, row + 3 * VL)
-                if lowr:
-                    _low_rank(Lm, (bi * L + t) * ls, Wb, R, Sb, j * BW)
-                    x0 = vload(Sb, j * BW) + b0
-                    x1 = vload(Sb, j * BW + VL) + b1
-                    x2 = vload(Sb, j * BW + 2 * VL) + b2
-                    x3 = vload(Sb, j * BW + 3 * VL) + b3
-                    vstore(Sb, j * BW, x0)
-                    vstore(Sb, j * BW + VL, x1)
-                    vstore(Sb, j * BW + 2 * VL, x2)
-                    vstore(Sb, j * BW + 3 * VL, x3)
-                    dt0 = _softplus_of(x0, softplus)
-                    dt1 = _softplus_of(x1, softplus)
-                    dt2 = _softplus_of(x2, softplus)
-                    dt3 = _softplus_of(x3, softplus)
-                else:
-                    dt0 = _delta(dl, row, b0, softplus)
-                    dt1 = _delta(dl, row + VL, b1, softplus)
-                    dt2 = _delta(dl, row + 2 * VL, b2, softplus)
-                    dt3 = _delta(dl, row + 3 * VL, b3, softplus)
-                vstore(Tb, j * BW, dt0)
-                vstore(Tb, j * BW + VL, dt1)
-                vstore(Tb, j * BW + 2 * VL, dt2)
-                vstore(Tb, j * BW + 3 * VL, dt3)
-                dtu0 = dt0 * u0
-                dtu1 = dt1 * u1
-                dtu2 = dt2 * u2
-                dtu3 = dt3 * u3
-                dc0 = vmin(dt0, m0)
-                dc1 = vmin(dt1, m1)
-                dc2 = vmin(dt2, m2)
-                dc3 = vmin(dt3, m3)
-                hp0 = j * NV
-                hn0 = hp0 + NV
-                y0 = zeros()
-                y1 = zeros()
-                y2 = zeros()
-                y3 = zeros()
-                for n in range(N):
-                    o = n * BW
-                    bn = Bm[br + n]
-                    cn = splat(Cm[cr + n])
-                    a = vload(A2b, o)
-                    e0 = _decay(fast, dt0, dc0, a)
-                    a = vload(A2b, o + VL)
-                    e1 = _decay(fast, dt1, dc1, a)
-                    a = vload(A2b, o + 2 * VL)
-                    e2 = _decay(fast, dt2, dc2, a)
-                    a = vload(A2b, o + 3 * VL)
-                    e3 = _decay(fast, dt3, dc3, a)
-                    h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
-                    h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
-                    h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
-                    h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
-                    vstore(Eb, hp0 + o, e0)
-                    vstore(Eb, hp0 + o + VL, e1)
-                    vstore(Eb, hp0 + o + 2 * VL, e2)
-                    vstore(Eb, hp0 + o + 3 * VL, e3)
-                    vstore(Hb, hn0 + o, h0)
-                    vstore(Hb, hn0 + o + VL, h1)
-                    vstore(Hb, hn0 + o + 2 * VL, h2)
-                    vstore(Hb, hn0 + o + 3 * VL, h3)
-                    y0 = fma(h0, cn, y0)
-                    y1 = fma(h1, cn, y1)
-                    y2 = fma(h2, cn, y2)
-                    y3 = fma(h3, cn, y3)
-                g0 = vload(dout, row)
-                g1 = vload(dout, row + VL)
-                g2 = vload(dout, row + 2 * VL)
-                g3 = vload(dout, row + 3 * VL)
-                if has_z:
-                    z0 = vload(z, row)
-                    z1 = vload(z, row + VL)
-                    z2 = vload(z, row + 2 * VL)
-                    z3 = vload(z, row + 3 * VL)
-                    sg0 = _vsigmoid(z0)
-                    sg1 = _vsigmoid(z1)
-                    sg2 = _vsigmoid(z2)
-                    sg3 = _vsigmoid(z3)
-                    _put(dz_o, dz16, dz_prev, row, g0 * fma(D0, u0, y0) * sg0 * (_ONE + z0 * (_ONE - sg0)), acc)
-                    _put(dz_o, dz16, dz_prev, row + VL, g1 * fma(D1, u1, y1) * sg1 * (_ONE + z1 * (_ONE - sg1)), acc)
-                    _put(dz_o, dz16, dz_prev, row + 2 * VL,
-                         g2 * fma(D2, u2, y2) * sg2 * (_ONE + z2 * (_ONE - sg2)), acc)
-                    _put(dz_o, dz16, dz_prev, row + 3 * VL,
-                         g3 * fma(D3, u3, y3) * sg3 * (_ONE + z3 * (_ONE - sg3)), acc)
-                    gv0 = g0 * z0 * sg0
-                    gv1 = g1 * z1 * sg1
-                    gv2 = g2 * z2 * sg2
-                    gv3 = g3 * z3 * sg3
-                else:
-                    gv0 = g0
-                    gv1 = g1
-                    gv2 = g2
-                    gv3 = g3
-                vstore(Gb, j * BW, gv0)
-                vstore(Gb, j * BW + VL, gv1)
-                vstore(Gb, j * BW + 2 * VL, gv2)
-                vstore(Gb, j * BW + 3 * VL, gv3)
-                if need_ddb:
-                    vacc_f64(dDacc, 0, gv0 * u0)
-                    vacc_f64(dDacc, VL, gv1 * u1)
-                    vacc_f64(dDacc, 2 * VL, gv2 * u2)
-                    vacc_f64(dDacc, 3 * VL, gv3 * u3)
-                for ng in range(NG):
-                    n0 = ng * VL
-                    n1 = min(N, n0 + VL)
-                    for n in range(n0, n1):
-                        o = hn0 + n * BW
-                        p = fma(gv1, vload(Hb, o + VL), gv0 * vload(Hb, o))
-                        p = fma(gv2, vload(Hb, o + 2 * VL), p)
-                        vstore(P, (n - n0) * VL, fma(gv3, vload(Hb, o + 3 * VL), p))
-                    _store_sums(P, n1 - n0, dCp, (pbase + t) * N + n0, tmp)
-            for s in range(s1_ - 1, s0 - 1, -1):
-                j = s - s0
-                t = L - 1 - s if reverse else s
-                row = (bi * L + t) * d + c0
-                br = (bi * L + t) * bs + gi * N
-                cr = (bi * L + t) * cs + gi * N
-                if s >= PF and not stream:   # this walk runs backwards: step s - PF comes PF steps later
-                    tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
-                    _prefetch_out(du_o, tq)
-                    if need_ddl or not lowr:
-                        _prefetch_out(ddl_o, tq)
-                u0 = vload(u, row)
-                u1 = vload(u, row + VL)
-                u2 = vload(u, row + 2 * VL)
-                u3 = vload(u, row + 3 * VL)
-                dt0 = vload(Tb, j * BW)
-                dt1 = vload(Tb, j * BW + VL)
-                dt2 = vload(Tb, j * BW + 2 * VL)
-                dt3 = vload(Tb, j * BW + 3 * VL)
-                gv0 = vload(Gb, j * BW)
-                gv1 = vload(Gb, j * BW + VL)
-                gv2 = vload(Gb, j * BW + 2 * VL)
-                gv3 = vload(Gb, j * BW + 3 * VL)
-                dtu0 = dt0 * u0
-                dtu1 = dt1 * u1
-                dtu2 = dt2 * u2
-                dtu3 = dt3 * u3
-                hp0 = j * NV
-                # Two copies of the state loop, with and without dA's sums: a test of need_da inside
-                # it cost the full backward ~2%, and a helper numba inlined twice made numba 0.58
-                # compile the backward in 44 s instead of 11.5.
-                sa0 = zeros()
-                sa1 = zeros()
-                sa2 = zeros()
-                sa3 = zeros()
-                sb0 = zeros()
-                sb1 = zeros()
-                sb2 = zeros()
-                sb3 = zeros()
-                if need_da:
-                    for ng in range(NG):
-                        n0 = ng * VL
-                        n1 = min(N, n0 + VL)
-                        for n in range(n0, n1):
-                            o = n * BW
-                            cn = splat(Cm[cr + n])
-                            bn = splat(Bm[br + n])
-                            dhv0 = fma(gv0, cn, vload(dh, o))
-                            dhv1 = fma(gv1, cn, vload(dh, o + VL))
-                            dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
-                            dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
-                            e0 = vload(Eb, hp0 + o)
-                            e1 = vload(Eb, hp0 + o + VL)
-                            e2 = vload(Eb, hp0 + o + 2 * VL)
-                            e3 = vload(Eb, hp0 + o + 3 * VL)
-                            q0 = dhv0 * vload(Hb, hp0 + o) * e0
-                            q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
-                            q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
-                            q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
-                            vstore(dh, o, e0 * dhv0)
-                            vstore(dh, o + VL, e1 * dhv1)
-                            vstore(dh, o + 2 * VL, e2 * dhv2)
-                            vstore(dh, o + 3 * VL, e3 * dhv3)
-                            sa0 = fma(dhv0, bn, sa0)
-                            sa1 = fma(dhv1, bn, sa1)
-                            sa2 = fma(dhv2, bn, sa2)
-                            sa3 = fma(dhv3, bn, sa3)
-                            sb0 = fma(q0, vload(Ab, o), sb0)
-                            sb1 = fma(q1, vload(Ab, o + VL), sb1)
-                            sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
-                            sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
-                            vstore(dAc, o, fma(q0, dt0, vload(dAc, o)))
-                            vstore(dAc, o + VL, fma(q1, dt1, vload(dAc, o + VL)))
-                            vstore(dAc, o + 2 * VL, fma(q2, dt2, vload(dAc, o + 2 * VL)))
-                            vstore(dAc, o + 3 * VL, fma(q3, dt3, vload(dAc, o + 3 * VL)))
-                            vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
-                        _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
-                else:
-                    for ng in range(NG):
-                        n0 = ng * VL
-                        n1 = min(N, n0 + VL)
-                        for n in range(n0, n1):
-                            o = n * BW
-                            cn = splat(Cm[cr + n])
-                            bn = splat(Bm[br + n])
-                            dhv0 = fma(gv0, cn, vload(dh, o))
-                            dhv1 = fma(gv1, cn, vload(dh, o + VL))
-                            dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
-                            dhv3 = fma(gv3, cn, vload(dh, o + 3 * VL))
-                            e0 = vload(Eb, hp0 + o)
-                            e1 = vload(Eb, hp0 + o + VL)
-                            e2 = vload(Eb, hp0 + o + 2 * VL)
-                            e3 = vload(Eb, hp0 + o + 3 * VL)
-                            q0 = dhv0 * vload(Hb, hp0 + o) * e0
-                            q1 = dhv1 * vload(Hb, hp0 + o + VL) * e1
-                            q2 = dhv2 * vload(Hb, hp0 + o + 2 * VL) * e2
-                            q3 = dhv3 * vload(Hb, hp0 + o + 3 * VL) * e3
-                            vstore(dh, o, e0 * dhv0)
-                            vstore(dh, o + VL, e1 * dhv1)
-                            vstore(dh, o + 2 * VL, e2 * dhv2)
-                            vstore(dh, o + 3 * VL, e3 * dhv3)
-                            sa0 = fma(dhv0, bn, sa0)
-                            sa1 = fma(dhv1, bn, sa1)
-                            sa2 = fma(dhv2, bn, sa2)
-                            sa3 = fma(dhv3, bn, sa3)
-                            sb0 = fma(q0, vload(Ab, o), sb0)
-                            sb1 = fma(q1, vload(Ab, o + VL), sb1)
-                            sb2 = fma(q2, vload(Ab, o + 2 * VL), sb2)
-                            sb3 = fma(q3, vload(Ab, o + 3 * VL), sb3)
-                            vstore(P, (n - n0) * VL, fma(dhv3, dtu3, fma(dhv2, dtu2, fma(dhv1, dtu1, dhv0 * dtu0))))
-                        _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
-                _out(du_o, row, stream, fma(gv0, D0, sa0 * dt0))
-                _out(du_o, row + VL, stream, fma(gv1, D1, sa1 * dt1))
-                _out(du_o, row + 2 * VL, stream, fma(gv2, D2, sa2 * dt2))
-                _out(du_o, row + 3 * VL, stream, fma(gv3, D3, sa3 * dt3))
-                dd0 = fma(sa0, u0, sb0)
-                dd1 = fma(sa1, u1, sb1)
-                dd2 = fma(sa2, u2, sb2)
-                dd3 = fma(sa3, u3, sb3)
-                if softplus and lowr:
-                    dd0 = dd0 * _vsigmoid(vload(Sb, j * BW))
-                    dd1 = dd1 * _vsigmoid(vload(Sb, j * BW + VL))
-                    dd2 = dd2 * _vsigmoid(vload(Sb, j * BW + 2 * VL))
-                    dd3 = dd3 * _vsigmoid(vload(Sb, j * BW + 3 * VL))
-                elif softplus:
-                    dd0 = dd0 * _vsigmoid(vload(dl, row) + b0)
-                    dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
-                    dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
-                    dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-                if lowr and need_dlow:   # kept for the chunk's product with W (_dlow_rows)
-                    vstore(Db, j * BW, dd0)
-                    vstore(Db, j * BW + VL, dd1)
-                    vstore(Db, j * BW + 2 * VL, dd2)
-                    vstore(Db, j * BW + 3 * VL, dd3)
-                if need_ddl or not lowr:
-                    _out(ddl_o, row, stream, dd0)
-                    _out(ddl_o, row + VL, stream, dd1)
-                    _out(ddl_o, row + 2 * VL, stream, dd2)
-                    _out(ddl_o, row + 3 * VL, stream, dd3)
-                if need_ddb:
-                    vacc_f64(dbacc, 0, dd0)
-                    vacc_f64(dbacc, VL, dd1)
-                    vacc_f64(dbacc, 2 * VL, dd2)
-                    vacc_f64(dbacc, 3 * VL, dd3)
-                if need_da and j % DA_RUN == 0:   # dA: DA_RUN steps in float32, then into float64
-                    _flush_da(dAacc, dAc, N)
-            if lowr and need_dlow:
-                _dlow_rows(Db, Wc, Rp, s0, s1_ - s0, L, reverse, dLp, pbase)
-        for n in range(N):
-            for c in range(BW):
-                dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
-        for c in range(BW):
-            dDp[bi * d + c0 + c] = dDacc[c]
-            dbp[bi * d + c0 + c] = dbacc[c]
-        restore_fp(fpc)
+    for task in prange(b * g * ((d // g) // BW)):
+        _wide_vectors()   # (in case LLVM inlines the task here)
+        _bwd_task(np.uint64(task), u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs,
+                  dout, has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl,
+                  dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream)
 
 
 @njit
@@ -1184,7 +1217,13 @@ def _dlow_rows(Db, Wc, Rp, s0, m, L, reverse, dLp, pbase):
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
 def _store_sums(P, m, out, off, tmp):
-    """out[off:off+m] = lane sums of the first m vectors of P (zeroing P's other vectors first)."""
+    """out[off:off+m] = lane sums of the first m vectors of P (zeroing P's other vectors first).
+
+    _bwd_task stores a full group (m == 16, the models' 16 states) itself and calls this only for a
+    partial one: with every call inside its step loop, numba kept a reference-count increment and
+    decrement of out and tmp around each (its pruning does not see through the loop's branches),
+    out-of-line calls that spill every vector register: the backward ran ~10-20% slower
+    (docs/benchmarks.md, twenty-sixth round)."""
     if m == VL:
         vstore(out, off, vhsum16(P, 0))
     else:
