@@ -19,7 +19,9 @@ training configuration, in the same process:
   actually runs (forward and the backward autograd needs for this method: counted with
   ``torch.utils.flop_counter.FlopCounterMode`` over one real step, plus the depthwise conv1d,
   which runs in a fused kernel the counter cannot see: 2 W flops per element and pass), divided
-  by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads),
+  by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads;
+  the faster of torch's own product and oneDNN's, which svp.ops.matmul_cpu runs where torch's is
+  slow: on an AMD Zen 5 torch's MKL reaches half oneDNN's rate, docs/benchmarks.md, twenty-seventh round),
   five products before the timed steps and five after them: the bound takes the faster burst, and
   both are reported (``matmul_gflops_before`` / ``_after``), so a machine whose speed moved during
   the measurement shows it (a note is printed when the two differ by more than 10%). With one burst
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,19 +61,32 @@ METHODS = ("svp", "vpt_deep", "lora", "linear", "full")
 SETTINGS = {"svp": {"shared_layers": 6, "hidden": 64}}
 
 
-def _matmul_rate(reps=5, n=2048, dtype=None):
+def _matmul_rate(reps=5, n=2048, dtype=None, paths=None):
     """float32 (or ``dtype``) matmul flop/s by wall clock and per CPU-second (process CPU time,
-    all threads)."""
+    all threads): the faster of torch's own product and, in float32 where this torch has it,
+    oneDNN's (svp.ops.matmul_cpu: on an AMD Zen 5 torch's MKL runs at half the rate oneDNN
+    reaches, and svp's products take oneDNN there, so a bound at MKL's rate would be half as
+    tight). Each path's rates go into ``paths`` (a dict) when given."""
     import torch
+    from svp.ops import matmul_cpu
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best, best_cpu = 1e9, 1e9
+    prods = {"blas": lambda: a @ b}
+    if dtype in (None, torch.float32) and matmul_cpu.onednn_available():
+        bt = b.t()
+        prods["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    best = dict.fromkeys(prods, 1e9)
+    best_cpu = dict.fromkeys(prods, 1e9)
+    for f in prods.values():
+        f()
     for _ in range(reps):
-        c0, t0 = time.process_time(), time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return 2 * n ** 3 / best, 2 * n ** 3 / best_cpu
+        for k, f in prods.items():   # alternating: both see the same machine
+            c0, t0 = time.process_time(), time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+            best_cpu[k] = min(best_cpu[k], time.process_time() - c0)
+    if paths is not None:
+        paths.update({k: 2 * n ** 3 / best[k] / 1e9 for k in prods})
+    return 2 * n ** 3 / min(best.values()), 2 * n ** 3 / min(best_cpu.values())
 
 
 def _conv1d_flops(model, batch, tokens, conv_trained):
@@ -101,8 +117,12 @@ def child(spec):
     pm = get_peft_model(model, make_config(method, num_classes=100, **SETTINGS.get(method, {})))
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
-    rate, rate_cpu = _matmul_rate()
-    out = {"cpu": cpu_name(), "matmul_gflops_before": rate / 1e9, "load_start": os.getloadavg()[0], "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
+    paths_before, paths_after = {}, {}
+    rate, rate_cpu = _matmul_rate(paths=paths_before)
+    from svp.ops import matmul_cpu
+    out = {"cpu": cpu_name(), "matmul_gflops_before": rate / 1e9, "matmul_paths_before": paths_before,
+           "products": matmul_cpu.status(), "load_start": os.getloadavg()[0],
+           "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     def autocast(amp):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -146,8 +166,15 @@ def child(spec):
     # has addmm but not addmm_
     def addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs):
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    counted = {torch.ops.aten.addmm_: addmm_flops}
+    # the products svp.ops.matmul_cpu sends to oneDNN, which the counter's table does not have
+    # (input (.., k), weight (n, k))
+    def linear_flops(x_shape, w_shape, *args, **kwargs):
+        return 2 * math.prod(x_shape) * w_shape[0]
+    if matmul_cpu.onednn_available():
+        counted[torch.ops.mkldnn._linear_pointwise] = linear_flops
     try:
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as fc:
+        with FlopCounterMode(display=False, custom_mapping=counted) as fc:
             step()
     finally:
         if low_rank is not None:
@@ -173,14 +200,17 @@ def child(spec):
             step(True)
             amp_walls.append(time.perf_counter() - t0)
     out.update(seconds=min(walls), cpu_seconds=min(cpus), load_end=os.getloadavg()[0])
-    after, after_cpu = _matmul_rate()   # the second burst: the steps ran between the two
+    after, after_cpu = _matmul_rate(paths=paths_after)   # the second burst: the steps ran between the two
+    out["matmul_paths_after"] = paths_after
     rate, rate_cpu = max(rate, after), max(rate_cpu, after_cpu)
     out.update(matmul_gflops_after=after / 1e9, matmul_gflops=rate / 1e9, matmul_gflops_per_cpu_s=rate_cpu / 1e9,
                bound_seconds=flops / rate, bound_cpu_seconds=flops / rate_cpu)
     if amp_walls:
         out["amp_seconds"] = min(amp_walls)
     if spec.get("contend"):
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # the busy process spins until this one is gone, so an interrupted run leaves no spinner
+        # behind (one did, and slowed every measurement after it)
+        hog = subprocess.Popen([sys.executable, "-c", f"import os\nwhile os.getppid() == {os.getpid()}: pass"])
         try:
             time.sleep(0.5)
             w = []
@@ -245,7 +275,7 @@ def main(argv=None):
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
         if not rows:   # a child names the CPU: this process does not import svp (the children set its runtime defaults)
-            print(f"# cpu: {res['cpu']}", flush=True)
+            print(f"# cpu: {res['cpu']}; products: {res['products']}", flush=True)
         prof = res.pop("profile", None)
         rows.append({**spec, **res})
         extra = f", beside a busy process {res['seconds_contended'] * 1e3:.0f} ms" if "seconds_contended" in res else ""
@@ -259,6 +289,9 @@ def main(argv=None):
               f"{res['cpu_seconds'] / res['bound_cpu_seconds']:.1f}x the bound at "
               f"{res['matmul_gflops_per_cpu_s']:.0f} GFLOP/CPU-s{extra}; "
               f"load {res['load_start']:.1f}-{res['load_end']:.1f}; numba layer {res.get('numba_layer')}", flush=True)
+        print("  matmul rates (GFLOP/s, before / after the steps): " + ", ".join(
+            f"{k} {res['matmul_paths_before'][k]:.0f} / {res['matmul_paths_after'][k]:.0f}"
+            for k in res["matmul_paths_before"]), flush=True)
         lo, hi = sorted((res["matmul_gflops_before"], res["matmul_gflops_after"]))
         if hi > 1.1 * lo:
             print(f"  note: the matmul rate moved from {res['matmul_gflops_before']:.0f} to "

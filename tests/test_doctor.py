@@ -26,6 +26,9 @@ def test_doctor_passes(capsys):
     found = cpu_bf16_instructions()
     row = next(line for line in out.splitlines() if line.strip().startswith("CPU bfloat16"))
     assert (", ".join(found) + ":" in row) if found else ("slower" in row or "unknown" in row), row
+    # what float32 products run on (oneDNN or torch's BLAS, and why)
+    from svp.ops import matmul_cpu
+    assert f"{'CPU products':14s} {matmul_cpu.status()}" in out, out
     from svp.ops import available_backends
     if "cpu" in available_backends():
         # the fused kernels checked inside a model (conv, norm, prompts too), against plain PyTorch

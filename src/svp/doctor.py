@@ -57,6 +57,15 @@ def _bf16() -> str:
     return "no avx512_bf16 or amx_bf16: train.amp / --amp would likely be slower than float32 here"
 
 
+def _products() -> str:
+    """What float32 CPU products run on (svp.ops.matmul_cpu: oneDNN where torch's MKL is slow)."""
+    from svp.ops import matmul_cpu
+    try:
+        return matmul_cpu.status()
+    except Exception as e:   # a bad SVP_CPU_MATMUL: say so here, the model raises it when it runs
+        return f"{type(e).__name__}: {e}"
+
+
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name as the OS reports it (Linux: the first "model name" of
     /proc/cpuinfo; elsewhere ``platform.processor()``), else the architecture. Speed numbers
@@ -76,6 +85,7 @@ def _versions():
             ("libgomp wait", _wait_policy()),
             ("collector", _collector()),
             ("CPU bfloat16", _bf16()),
+            ("CPU products", _products()),
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]

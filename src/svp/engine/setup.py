@@ -176,6 +176,11 @@ class Precision:
                 log.warning("train.amp: %s", no_bf16_warning(found))
         elif self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             dtype = torch.float16
+        if device.type == "cpu":
+            # which float32 products run (the bits depend on it), and a bad SVP_CPU_MATMUL
+            # stopped here rather than at the first step
+            from ..ops import matmul_cpu
+            log.info("float32 products on the CPU: %s", matmul_cpu.status())
         self.dtype = dtype
         use_scaler = self.enabled and device.type == "cuda" and dtype == torch.float16
         # torch >= 2.3 has torch.amp.GradScaler; a disabled scaler is a no-op

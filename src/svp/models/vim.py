@@ -28,6 +28,7 @@ from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
 from ..ops.kept import kept_unless_trained
+from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
 
@@ -181,8 +182,8 @@ class _InProj(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, E):
         h2 = h.reshape(-1, h.shape[-1])
-        x = torch.mm(h2, w[:E].t()).view(*h.shape[:-1], E)
-        z = torch.mm(h2, w[E:].t()).view(*h.shape[:-1], E)
+        x = mm(h2, w[:E].t()).view(*h.shape[:-1], E)
+        z = mm(h2, w[E:].t()).view(*h.shape[:-1], E)
         ctx.save_for_backward(h, w)
         ctx.E = E
         ctx.set_materialize_grads(False)   # an unused half's gradient: None, not zeros multiplied
@@ -199,17 +200,17 @@ class _InProj(torch.autograd.Function):
         dh = dw = None
         if ctx.needs_input_grad[0]:
             if dx is None or dz is None:
-                dh = torch.mm(dz, w[E:]) if dx is None else torch.mm(dx, w[:E])
+                dh = mm(dz, w[E:]) if dx is None else mm(dx, w[:E])
             else:
-                dh = torch.mm(dx, w[:E]).addmm_(dz, w[E:])
+                dh = addmm_(mm(dx, w[:E]), dz, w[E:])
             dh = dh.view(h.shape)
         if ctx.needs_input_grad[1]:
             h2 = h.reshape(-1, h.shape[-1])
             dw = torch.zeros_like(w) if dx is None or dz is None else torch.empty_like(w)
             if dx is not None:
-                torch.mm(dx.t(), h2, out=dw[:E])
+                mm(dx.t(), h2, out=dw[:E])
             if dz is not None:
-                torch.mm(dz.t(), h2, out=dw[E:])
+                mm(dz.t(), h2, out=dw[E:])
         return dh, dw, None
 
 
@@ -428,9 +429,12 @@ class BiMambaMixer(nn.Module):
                 # thread hand-off). Not in training: addmm's backward scales its gradient by alpha
                 # in a pass of its own.
                 y2 = y.reshape(-1, y.shape[-1])
-                out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
+                if onednn_takes(y2, op.weight.t()):   # (svp.ops.matmul_cpu; the halving exact too)
+                    out = mm(y2, op.weight.t()).mul_(0.5)
+                else:
+                    out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
-            return F.linear(y, self._half(op.weight), None if op.bias is None else op.bias)
+            return linear(y, self._half(op.weight), None if op.bias is None else op.bias)
         return op(y / 2 if self.divide_out else y)
 
     @staticmethod

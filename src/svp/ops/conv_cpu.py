@@ -15,6 +15,7 @@ import torch
 
 from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
+from .matmul_cpu import mm
 from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, _wide_vectors, \
     drop_stale_caches
 from .simd import as_f32, is_bf16, to_elem
@@ -256,8 +257,8 @@ def _mm(a, b):
     backward may run inside an autocast region."""
     if cpu_autocast():
         with torch.autocast("cpu", enabled=False):
-            return torch.mm(a, b)
-    return torch.mm(a, b)
+            return mm(a, b)
+    return mm(a, b)
 
 
 def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
+from .matmul_cpu import addmm_, mm
 from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _nd, _sigmoid, _wide_vectors, drop_stale_caches
 from .simd import as_f32, to_elem
 from numba import njit, prange
@@ -247,10 +248,10 @@ class SVPPromptsCPU(torch.autograd.Function):
             wcl, w0l, w1l = low(wc), low(w0), low(w1)
             a1 = a2 = z0 = dummy = torch.zeros(1, 1, d, dtype=dtype)
             if use1:
-                a1 = torch.mm(H, wcl.t()).view(b, L, d)
+                a1 = mm(H, wcl.t()).view(b, L, d)
             if use2:
-                z0 = torch.mm(H, w0l.t())
-                a2 = torch.mm(z0, w1l.t()).view(b, L, d)
+                z0 = mm(H, w0l.t())
+                a2 = mm(z0, w1l.t()).view(b, L, d)
             c1 = vec(bc)
             c2 = vec(b1)
             if b0 is not None:   # W1 b0 + b1 in float32 (elementwise and a sum: BLAS's gemv took ~0.1 ms in a step)
@@ -279,30 +280,30 @@ class SVPPromptsCPU(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             if use1:
                 da1 = da1.view(b * L, d)
-                grads[3] = torch.mm(da1.t(), H).float() if need[3] else None
+                grads[3] = mm(da1.t(), H).float() if need[3] else None
                 grads[4] = db1 if need[4] else None
                 if need_h:
                     parts.append((da1, wc))
             if use2:
                 da2 = da2.view(b * L, d)
                 if need[8]:
-                    grads[8] = torch.mm(da2.t(), z0).float()
+                    grads[8] = mm(da2.t(), z0).float()
                     if has_b0:
                         grads[8].add_(torch.outer(db2, b0))
                 grads[9] = db2 if need[9] else None
                 grads[7] = (w1_32 * db2[:, None]).sum(0) if need[7] else None   # W1^T db2 (see forward)
                 if need_h or need[6]:
-                    dz0 = torch.mm(da2, w1)
-                    grads[6] = torch.mm(dz0.t(), H).float() if need[6] else None
+                    dz0 = mm(da2, w1)
+                    grads[6] = mm(dz0.t(), H).float() if need[6] else None
                     if need_h:
                         parts.append((dz0, w0))
             if parts and f32:   # in the products themselves (beta = 1)
                 for x, w in parts:
-                    dH.addmm_(x, w)
+                    addmm_(dH, x, w)
             elif parts:   # bfloat16: summed in bfloat16 first, as autograd sums a bfloat16 input's gradients
-                low = torch.mm(*parts[0])
+                low = mm(*parts[0])
                 for x, w in parts[1:]:
-                    low.addmm_(x, w)
+                    addmm_(low, x, w)
                 dH.add_(low)   # (in place: torch.add of a float32 and a bfloat16 tensor took 20x longer)
         return tuple(grads)
 
