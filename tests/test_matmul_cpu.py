@@ -54,6 +54,17 @@ def test_explicit_modes_and_a_bad_value(monkeypatch):
             pass
 
 
+def test_doctor_names_a_bad_setting_and_fails_on_it(monkeypatch):
+    from svp import doctor
+    monkeypatch.setitem(matmul_cpu._state, "on", None)   # decided again, from the variable below
+    monkeypatch.setitem(matmul_cpu._state, "why", None)  # (both restored after the test)
+    monkeypatch.setenv("SVP_CPU_MATMUL", "mkl")
+    row = doctor._products()
+    assert row.startswith("FAIL") and "SVP_CPU_MATMUL='mkl'" in row and "auto, onednn, blas" in row
+    monkeypatch.setenv("SVP_CPU_MATMUL", "blas")
+    assert doctor._products() == "torch BLAS for float32 products (SVP_CPU_MATMUL=blas)"
+
+
 def _err(t, ref):
     return ((t.double() - ref).abs().max() / ref.abs().max()).item()
 

@@ -59,11 +59,12 @@ def _bf16() -> str:
 
 def _products() -> str:
     """What float32 CPU products run on (svp.ops.matmul_cpu: oneDNN where torch's MKL is slow)."""
+    from svp.errors import BackendError
     from svp.ops import matmul_cpu
     try:
         return matmul_cpu.status()
-    except Exception as e:   # a bad SVP_CPU_MATMUL: say so here, the model raises it when it runs
-        return f"{type(e).__name__}: {e}"
+    except BackendError as e:   # a bad SVP_CPU_MATMUL: said here, and doctor fails (run)
+        return f"FAIL: {e}"
 
 
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -312,6 +313,8 @@ def run(args) -> int:
     print("parity against selective_scan_ref in float64 (outputs, last state, gradients of all 8 inputs; "
           "max|x-x64|/max|x64|):")
     failed = []
+    if _products().startswith("FAIL"):
+        failed.append("SVP_CPU_MATMUL (the 'CPU products' row above)")
     timings = []
     skip_ref_timing = not getattr(args, "time_reference", False)
     runs = [(dev, nm, False) for dev in devices for nm in avail
