@@ -266,7 +266,6 @@ from numba.extending import intrinsic  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .kept import kept  # noqa: E402
-from .matmul_cpu import mm  # noqa: E402
 
 from .simd import VL, fma, is_2d, is_bf16, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
     vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, \
@@ -1587,7 +1586,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
         ddelta = bc(dLp, 1, False, dt_delta)[:, :R] if need_low else None
         # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
         low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
-        dw = mm(unpad(dd).reshape(b * L, d).t(), low.reshape(b * L, R)).to(dt_w) if need_w else None
+        dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
     else:
         ddelta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
         dw = None
