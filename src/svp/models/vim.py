@@ -175,7 +175,8 @@ class _InProj(torch.autograd.Function):
     chunk gave strided halves, which were copied). Backward forms h's gradient once, in place:
     dx Wx, then dz Wz added by the second product itself (beta = 1), where autograd formed the
     two and added them, one more pass over (b, l, d) per layer (~5 ms a Vim-Tiny batch-8
-    step, every method; docs/benchmarks.md, "Twenty-fifth round"). A weight that trains (full fine-tuning, LoRA
+    step, every method; docs/benchmarks.md, "Twenty-fifth round"; where the products run on oneDNN,
+    svp.ops.matmul_cpu, the second is added in a pass of its own). A weight that trains (full fine-tuning, LoRA
     through its parametrization) gets its gradient as one (2E, d) tensor whose halves the two
     products write."""
 

@@ -297,7 +297,7 @@ class SVPPromptsCPU(torch.autograd.Function):
                     grads[6] = mm(dz0.t(), H).float() if need[6] else None
                     if need_h:
                         parts.append((dz0, w0))
-            if parts and f32:   # in the products themselves (beta = 1)
+            if parts and f32:   # in the products themselves (beta = 1; on oneDNN an add after each)
                 for x, w in parts:
                     addmm_(dH, x, w)
             elif parts:   # bfloat16: summed in bfloat16 first, as autograd sums a bfloat16 input's gradients
