@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -161,20 +160,9 @@ def child(spec):
     low_rank = getattr(vim_module, "_low_rank_delta", None)
     if low_rank is not None:
         vim_module._low_rank_delta = lambda mixer, grad: False
-    # in-place products (h's gradient accumulated by a second product, beta = 1: svp.models.vim's
-    # _InProj, svp.ops.prompt_cpu's SVPPromptsCPU) count as products too; the counter's table
-    # has addmm but not addmm_
-    def addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs):
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    counted = {torch.ops.aten.addmm_: addmm_flops}
-    # the products svp.ops.matmul_cpu sends to oneDNN, which the counter's table does not have
-    # (input (.., k), weight (n, k))
-    def linear_flops(x_shape, w_shape, *args, **kwargs):
-        return 2 * math.prod(x_shape) * w_shape[0]
-    if matmul_cpu.onednn_available():
-        counted[torch.ops.mkldnn._linear_pointwise] = linear_flops
+    # in-place products (addmm_) and oneDNN's count as products too (the counter's table has neither)
     try:
-        with FlopCounterMode(display=False, custom_mapping=counted) as fc:
+        with FlopCounterMode(display=False, custom_mapping=matmul_cpu.flop_mapping()) as fc:
             step()
     finally:
         if low_rank is not None:

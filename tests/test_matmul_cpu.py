@@ -1,7 +1,6 @@
 """svp.ops.matmul_cpu: float32 CPU products through oneDNN (the fast op) held against torch's own
 products and a float64 reference (the slow op), the choice per machine, and a whole training
 step with every routed product on oneDNN."""
-import math
 
 import pytest
 import timm
@@ -146,12 +145,7 @@ def _step(method, on, monkeypatch):
             if p.requires_grad and not n.startswith("base_model.head."):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     x = torch.randn(2, 3, 32, 32, generator=g)
-
-    def linear_flops(x_shape, w_shape, *args, **kwargs):
-        return 2 * math.prod(x_shape) * w_shape[0]
-    with matmul_cpu.forced(on), FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten.addmm_: lambda s, a, b, *r, **k: 2 * a[0] * a[1] * b[1],
-            torch.ops.mkldnn._linear_pointwise: linear_flops}) as fc:
+    with matmul_cpu.forced(on), FlopCounterMode(display=False, custom_mapping=matmul_cpu.flop_mapping()) as fc:
         out, grads = output_and_grads(pm, x, seed=5)
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     return out, grads, counts

@@ -11,8 +11,9 @@ layer's products 2.2-2.4x faster at one thread (~220 against ~100 GFLOP/s), 1.8-
 ``SVP_CPU_MATMUL`` chooses, read once when this module is first used:
 
 * ``auto`` (the default): oneDNN on an AMD processor of family 26 (Zen 5) or later with AVX-512
-  (as /proc/cpuinfo says: Linux), where it was measured; torch's BLAS everywhere else (Intel: MKL runs its AVX-512 code there;
-  Zen 4, whose AVX-512 runs at the AVX2 rate, and older AMD: not measured, so unchanged).
+  (as /proc/cpuinfo says: Linux), where it was measured; torch's BLAS everywhere else (Intel:
+  MKL runs its AVX-512 code there; Zen 4, whose AVX-512 runs at the AVX2 rate, and older AMD: not
+  measured, so unchanged).
 * ``onednn``: oneDNN wherever torch has it (an error where it has not: no silent fallback).
 * ``blas``: torch's own products (``torch.mm``), as before this module.
 
@@ -28,6 +29,7 @@ oneDNN (a call costs ~10 us more than torch's: a (1, 192) x (192, 100) head prod
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 from typing import Optional
@@ -171,6 +173,23 @@ class _Linear(torch.autograd.Function):
         dw = mm(dy2.t(), x2) if need[1] else None
         db = dy2.sum(0) if ctx.has_b and need[2] else None
         return dx, dw, db
+
+
+def flop_mapping() -> dict:
+    """``custom_mapping`` for ``torch.utils.flop_counter.FlopCounterMode``: the products svp runs
+    that the counter's table does not have, so a step's products are all counted (benchmarks,
+    tests): in-place ``addmm_`` (a second product accumulated with beta = 1, as ``_InProj`` and
+    ``SVPPromptsCPU`` form an input's gradient; the table has ``addmm`` only) and, where torch
+    has it, oneDNN's ``_linear_pointwise`` (input (.., k), weight (n, k))."""
+    def addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    def linear_flops(x_shape, w_shape, *args, **kwargs):
+        return 2 * math.prod(x_shape) * w_shape[0]
+    mapping = {torch.ops.aten.addmm_: addmm_flops}
+    if onednn_available():
+        mapping[torch.ops.mkldnn._linear_pointwise] = linear_flops
+    return mapping
 
 
 def linear(x, w, b=None):
