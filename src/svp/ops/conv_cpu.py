@@ -78,132 +78,153 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
                   + w3[c] * as_f32(x3[c]))
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _conv_fwd(x, w, bias, reverse, silu, out):
+# Each kernel's task (TB rows of one sample) is a function called from a one-line prange, as
+# in scan_cpu (see _fwd_task there): numba types a prange body twice and deep-copies its IR in
+# the parfor passes. Inline, the backward's three variants (float32 / bfloat16 x and dx) took
+# 66 s to compile under numba 0.58 (the floor) and 28-31 s under 0.68; as functions 41 s and
+# 16-27 s (one cold run each, a host of varying speed), with the same bits and speed
+# (docs/benchmarks.md, "CI time"). The task index is passed as one type (int64), so the task
+# compiles once per variant.
+@njit(error_model="numpy", fastmath=_FM_SAFE)
+def _fwd_task(task, x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
     # kept LLVM from vectorising well and the kernel was 6x slower than this.
+    _wide_vectors()
     b, L, d = x.shape
     ntb = (L + TB - 1) // TB
-    for task in prange(b * ntb):
-        _wide_vectors()
-        bi, t0, t1 = _rows(task, ntb, L)
-        acc = np.empty(d, np.float32)
-        W = w.shape[0]
-        brow = bias[bi] if bias.shape[0] > 1 else bias[0]
-        for t in range(t0, t1):
-            if _full4(t, L, W, reverse):
-                _preact4(x, w, brow, bi, t, reverse, acc)
-            else:
-                _preact(x, w, bias, bi, t, reverse, acc)
-            o = out[bi, t]
-            if silu:
-                for c in range(d):
-                    a = acc[c]
-                    o[c] = a * _sigmoid(a)
-            else:
-                for c in range(d):
-                    o[c] = acc[c]
+    bi, t0, t1 = _rows(task, ntb, L)
+    acc = np.empty(d, np.float32)
+    W = w.shape[0]
+    brow = bias[bi] if bias.shape[0] > 1 else bias[0]
+    for t in range(t0, t1):
+        if _full4(t, L, W, reverse):
+            _preact4(x, w, brow, bi, t, reverse, acc)
+        else:
+            _preact(x, w, bias, bi, t, reverse, acc)
+        o = out[bi, t]
+        if silu:
+            for c in range(d):
+                a = acc[c]
+                o[c] = a * _sigmoid(a)
+        else:
+            for c in range(d):
+                o[c] = acc[c]
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
+@njit(error_model="numpy", fastmath=_FM_SAFE)
+def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
     # gb (when has_gb): a second gradient of the output, added to g as it is read (the
     # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU).
     # add_dx: dx = dxp + this gradient (dxp float32: the other direction's input gradient, see
     # BiConvProjCPU; a float32 dx is dxp itself and is added to in place, a bfloat16 one is new).
     # x and dx may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
+    _wide_vectors()
     b, L, d = x.shape
     W = w.shape[0]
     ntb = (L + TB - 1) // TB
-    for task in prange(b * ntb):
-        _wide_vectors()
-        bi, t0, t1 = _rows(task, ntb, L)
-        # rows of dL/d(pre-activation) that dx[t0:t1] needs (this block plus a halo)
-        lo = max(0, t0 - W + 1) if reverse else t0
-        hi = t1 if reverse else min(L, t1 + W - 1)
-        ga = np.empty((hi - lo, d), np.float32)
-        acc = np.empty(d, np.float32)
-        dw = dwp[task]
-        db = dbp[task]
-        brow = bias[bi] if bias.shape[0] > 1 else bias[0]
-        if need_dw:
-            dw[:] = 0.0
-            db[:] = 0.0
-        for t in range(lo, hi):
-            gt = ga[t - lo]
-            gr = g[bi, t]
-            gbr = gb[bi, t]
-            if silu:
-                if _full4(t, L, W, reverse):
-                    _preact4(x, w, brow, bi, t, reverse, acc)
-                else:
-                    _preact(x, w, bias, bi, t, reverse, acc)
-                if has_gb:
-                    for c in range(d):
-                        a = acc[c]
-                        sg = _sigmoid(a)
-                        gt[c] = (gr[c] + gbr[c]) * sg * (_ONE + a * (_ONE - sg))
-                else:
-                    for c in range(d):
-                        a = acc[c]
-                        sg = _sigmoid(a)
-                        gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
-            elif has_gb:
+    bi, t0, t1 = _rows(task, ntb, L)
+    # rows of dL/d(pre-activation) that dx[t0:t1] needs (this block plus a halo)
+    lo = max(0, t0 - W + 1) if reverse else t0
+    hi = t1 if reverse else min(L, t1 + W - 1)
+    ga = np.empty((hi - lo, d), np.float32)
+    acc = np.empty(d, np.float32)
+    dw = dwp[task]
+    db = dbp[task]
+    brow = bias[bi] if bias.shape[0] > 1 else bias[0]
+    if need_dw:
+        dw[:] = 0.0
+        db[:] = 0.0
+    for t in range(lo, hi):
+        gt = ga[t - lo]
+        gr = g[bi, t]
+        gbr = gb[bi, t]
+        if silu:
+            if _full4(t, L, W, reverse):
+                _preact4(x, w, brow, bi, t, reverse, acc)
+            else:
+                _preact(x, w, bias, bi, t, reverse, acc)
+            if has_gb:
                 for c in range(d):
-                    gt[c] = gr[c] + gbr[c]
+                    a = acc[c]
+                    sg = _sigmoid(a)
+                    gt[c] = (gr[c] + gbr[c]) * sg * (_ONE + a * (_ONE - sg))
             else:
                 for c in range(d):
-                    gt[c] = gr[c]
-            if need_dw and t >= t0 and t < t1:   # weight/bias sums over this block's own rows
-                for c in range(d):
-                    db[c] += gt[c]
-                for k in range(W):
-                    s = _tap_src(t, k, W, reverse)
-                    if s >= 0 and s < L:
-                        xr = x[bi, s]
-                        dwk = dw[k]
-                        for c in range(d):
-                            dwk[c] += np.float64(gt[c]) * np.float64(as_f32(xr[c]))
-        for s in range(t0, t1):
-            dxr = dx[bi, s]
-            pr = dxp[bi, s]
-            if W == 4 and ((s - 3 >= lo) if reverse else (s + 3 < hi)):
-                # all four output rows fed by x[s] are in ga: one loop, same order as below
-                if reverse:
-                    g0, g1, g2, g3 = ga[s - 3 - lo], ga[s - 2 - lo], ga[s - 1 - lo], ga[s - lo]
-                else:
-                    g0, g1, g2, g3 = ga[s + 3 - lo], ga[s + 2 - lo], ga[s + 1 - lo], ga[s - lo]
-                w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-                if add_dx and is_bf16(dx):   # (a constant of the compiled kernel: see simd.is_bf16)
-                    for c in range(d):
-                        dxr[c] = to_elem(pr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c])
-                                                  + w3[c] * g3[c]), dxr)
-                elif add_dx:
-                    for c in range(d):
-                        dxr[c] = to_elem(as_f32(dxr[c]) + ((((w0[c] * g0[c]) + w1[c] * g1[c])
-                                                            + w2[c] * g2[c]) + w3[c] * g3[c]), dxr)
-                else:
-                    for c in range(d):
-                        dxr[c] = to_elem((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c], dxr)
-                continue
+                    a = acc[c]
+                    sg = _sigmoid(a)
+                    gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
+        elif has_gb:
             for c in range(d):
-                acc[c] = 0.0
+                gt[c] = gr[c] + gbr[c]
+        else:
+            for c in range(d):
+                gt[c] = gr[c]
+        if need_dw and t >= t0 and t < t1:   # weight/bias sums over this block's own rows
+            for c in range(d):
+                db[c] += gt[c]
             for k in range(W):
-                t = s - (W - 1 - k) if reverse else s + (W - 1 - k)   # output fed by x[s] via tap k
-                if t >= lo and t < hi:
-                    gt = ga[t - lo]
-                    wk = w[k]
+                s = _tap_src(t, k, W, reverse)
+                if s >= 0 and s < L:
+                    xr = x[bi, s]
+                    dwk = dw[k]
                     for c in range(d):
-                        acc[c] += wk[c] * gt[c]
-            if add_dx and is_bf16(dx):
+                        dwk[c] += np.float64(gt[c]) * np.float64(as_f32(xr[c]))
+    for s in range(t0, t1):
+        dxr = dx[bi, s]
+        pr = dxp[bi, s]
+        if W == 4 and ((s - 3 >= lo) if reverse else (s + 3 < hi)):
+            # all four output rows fed by x[s] are in ga: one loop, same order as below
+            if reverse:
+                g0, g1, g2, g3 = ga[s - 3 - lo], ga[s - 2 - lo], ga[s - 1 - lo], ga[s - lo]
+            else:
+                g0, g1, g2, g3 = ga[s + 3 - lo], ga[s + 2 - lo], ga[s + 1 - lo], ga[s - lo]
+            w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+            if add_dx and is_bf16(dx):   # (a constant of the compiled kernel: see simd.is_bf16)
                 for c in range(d):
-                    dxr[c] = to_elem(pr[c] + acc[c], dxr)
+                    dxr[c] = to_elem(pr[c] + ((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c])
+                                              + w3[c] * g3[c]), dxr)
             elif add_dx:
                 for c in range(d):
-                    dxr[c] = to_elem(as_f32(dxr[c]) + acc[c], dxr)
+                    dxr[c] = to_elem(as_f32(dxr[c]) + ((((w0[c] * g0[c]) + w1[c] * g1[c])
+                                                        + w2[c] * g2[c]) + w3[c] * g3[c]), dxr)
             else:
                 for c in range(d):
-                    dxr[c] = to_elem(acc[c], dxr)
+                    dxr[c] = to_elem((((w0[c] * g0[c]) + w1[c] * g1[c]) + w2[c] * g2[c]) + w3[c] * g3[c], dxr)
+            continue
+        for c in range(d):
+            acc[c] = 0.0
+        for k in range(W):
+            t = s - (W - 1 - k) if reverse else s + (W - 1 - k)   # output fed by x[s] via tap k
+            if t >= lo and t < hi:
+                gt = ga[t - lo]
+                wk = w[k]
+                for c in range(d):
+                    acc[c] += wk[c] * gt[c]
+        if add_dx and is_bf16(dx):
+            for c in range(d):
+                dxr[c] = to_elem(pr[c] + acc[c], dxr)
+        elif add_dx:
+            for c in range(d):
+                dxr[c] = to_elem(as_f32(dxr[c]) + acc[c], dxr)
+        else:
+            for c in range(d):
+                dxr[c] = to_elem(acc[c], dxr)
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _conv_fwd(x, w, bias, reverse, silu, out):
+    ntb = (x.shape[1] + TB - 1) // TB
+    for task in prange(x.shape[0] * ntb):
+        _wide_vectors()   # (in case LLVM inlines the task here)
+        _fwd_task(np.int64(task), x, w, bias, reverse, silu, out)
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _conv_bwd(x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
+    ntb = (x.shape[1] + TB - 1) // TB
+    for task in prange(x.shape[0] * ntb):
+        _wide_vectors()   # (in case LLVM inlines the task here)
+        _bwd_task(np.int64(task), x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp)
 
 
 def _np(x: torch.Tensor):
