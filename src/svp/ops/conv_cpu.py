@@ -81,10 +81,10 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
 # Each kernel's task (TB rows of one sample) is a function called from a one-line prange, as
 # in scan_cpu (see _fwd_task there): numba types a prange body twice and deep-copies its IR in
 # the parfor passes. Inline, the backward's three variants (float32 / bfloat16 x and dx) took
-# 66 s to compile under numba 0.58 (the floor) and 28-31 s under 0.68; as functions 41 s and
-# 16-27 s (one cold run each, a host of varying speed), with the same bits and speed
-# (docs/benchmarks.md, "CI time"). The task index is passed as one type (int64), so the task
-# compiles once per variant.
+# 66 s to compile under numba 0.58 (the floor); as functions 41 s. Under numba 0.68, 21-31 s
+# against 16-27 s in cold runs on a host whose speed moved (0.90-1.03x against 0.62-0.74x the
+# unchanged scan kernels' compile in the same runs). Same bits and speed (docs/benchmarks.md,
+# "CI time"). The task index is passed as one type (int64), so the task compiles once per variant.
 @njit(error_model="numpy", fastmath=_FM_SAFE)
 def _fwd_task(task, x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
