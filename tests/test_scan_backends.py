@@ -756,18 +756,53 @@ def test_a_changed_dependency_drops_a_cached_kernels_index(tmp_path):
             "    for k, o in vars(m).items():\n"
             "        c = getattr(getattr(o, '_cache', None), '_cache_file', None)\n"
             "        if c is not None and getattr(o, '__module__', None) == m.__name__:\n"
-            "            out.append([m.__name__, k, c._index_path])\n"
+            "            out.append([m.__name__, k, c._index_path, getattr(c, '_svp_locked', False)])\n"
             "print(json.dumps(out))\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
     tag = hashlib.sha256(b"".join(open(p, "rb").read() for p in _DEPS)).hexdigest()
-    assert {m for m, _, _ in kernels} == {f"svp.ops.{n}" for n in ("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")}
-    for m, name, index in kernels:
+    assert {m for m, _, _, _ in kernels} == {f"svp.ops.{n}" for n in ("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")}
+    for m, name, index, locked in kernels:
         assert index.startswith(str(tmp_path / "cache"))
         with open(index + ".deps") as f:
             assert f.read() == tag, (m, name)
+        assert locked, f"{m}.{name}'s cache saves and loads without svp's lock (see lock_cache_file)"
+
+
+def test_two_processes_saving_one_kernels_cache_at_once_keep_each_signatures_code(tmp_path):
+    """numba reads a kernel's cache index, takes the first free data file and writes the index
+    back, unlocked: two processes saving two signatures at once both take data file 1, and one
+    signature's entry is lost or names the other's machine code. lock_cache_file serialises the
+    saves. Two threads stand for the processes (flock locks conflict between separately opened
+    descriptors of one process too), each with its own cache-file object, the window between
+    reading and writing the index widened to 0.3 s."""
+    import threading
+    import time
+    from numba.core.caching import IndexDataCacheFile
+    from svp.ops.scan_cpu import lock_cache_file
+
+    def opened():   # as each process opens the kernel's cache
+        cf = IndexDataCacheFile(str(tmp_path), "kern-1.py3", "source stamp")
+        read = cf._load_index
+
+        def slow_read():
+            index = read()
+            time.sleep(0.3)
+            return index
+        cf._load_index = slow_read
+        lock_cache_file(cf)
+        lock_cache_file(cf)   # idempotent: one lock, not two nested
+        return cf
+    saves = [threading.Thread(target=opened().save, args=(sig, f"code of {sig}")) for sig in ("sig A", "sig B")]
+    for t in saves:
+        t.start()
+        time.sleep(0.05)
+    for t in saves:
+        t.join(timeout=30)
+    fresh = IndexDataCacheFile(str(tmp_path), "kern-1.py3", "source stamp")
+    assert fresh.load("sig A") == "code of sig A" and fresh.load("sig B") == "code of sig B"
 
 
 def _tbb_installed():

@@ -17,7 +17,7 @@ from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import mm
 from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, _wide_vectors, \
-    drop_stale_caches
+    guard_caches
 from .simd import as_f32, is_bf16, to_elem
 from numba import njit, prange
 
@@ -441,4 +441,4 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
     return CausalConv1dCPU.apply(x, weight, bias, reverse, activation is not None)
 
 
-drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files
+guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
-from .scan_cpu import _FM_SAFE, _dynamic_tasks, drop_stale_caches
+from .scan_cpu import _FM_SAFE, _dynamic_tasks, guard_caches
 from numba import njit, prange
 
 RB = 16   # rows (tokens) per task
@@ -178,4 +178,4 @@ def add_rms_norm_cpu(hidden, residual, weight, eps):
     return AddRMSNormCPU.apply(hidden, residual, weight, eps)
 
 
-drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files
+guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

@@ -31,7 +31,7 @@ import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import addmm_, mm
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _nd, _sigmoid, _wide_vectors, drop_stale_caches
+from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _nd, _sigmoid, _wide_vectors, guard_caches
 from .simd import as_f32, to_elem
 from numba import njit, prange
 
@@ -364,4 +364,4 @@ def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
     return AddSiluPromptsCPU.apply(h, a1, s1, a2, s2, int(skip))
 
 
-drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files
+guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

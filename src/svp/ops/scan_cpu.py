@@ -64,6 +64,7 @@ x86 where a denormal occurs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -106,7 +107,6 @@ def drop_stale_caches(namespace, deps=_DEPS):
     whose dependencies (``deps``, file paths) changed since the index was noted; returns the
     indexes removed. Best effort: a read-only cache directory is left alone."""
     import hashlib
-    from numba.core.dispatcher import Dispatcher
     digest = hashlib.sha256()
     try:
         for path in deps:
@@ -116,13 +116,8 @@ def drop_stale_caches(namespace, deps=_DEPS):
         return []
     tag = digest.hexdigest()
     removed = []
-    for obj in list(namespace.values()):
-        if not isinstance(obj, Dispatcher):
-            continue
-        try:
-            index = obj._cache._cache_file._index_path    # cache=True (else numba's NullCache)
-        except AttributeError:
-            continue
+    for _, cache_file in _cache_files(namespace):
+        index = cache_file._index_path
         note = index + ".deps"
         try:
             with open(note) as f:
@@ -142,6 +137,70 @@ def drop_stale_caches(namespace, deps=_DEPS):
         except OSError:
             continue
     return removed
+
+
+# numba's cache is not safe for processes that compile one kernel at the same time (numba issue
+# #4807, open): saving a signature reads the kernel's index, takes the first free data-file
+# number, writes the index back, then the data file. Two processes saving two signatures at once
+# both take number 1: the index keeps one signature, and its data file may hold the other's
+# machine code, which a later process would load and call with the wrong types. Runs start
+# together on a cold cache often enough (torchrun's ranks, two `svp tune` runs, pytest-xdist's
+# workers), so each kernel's save holds an exclusive lock on a file beside its index and each
+# load a shared one: a save sees every earlier one, and no load reads an index whose data file
+# is still being written. POSIX only (fcntl); elsewhere, or where the lock file cannot be opened
+# (a read-only cache), numba's own unlocked behaviour.
+@contextlib.contextmanager
+def _flocked(path, exclusive):
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
+def lock_cache_file(cache_file):
+    """Make a numba ``IndexDataCacheFile``'s ``save`` and ``load`` hold a lock on
+    ``<index>.lock`` (exclusive for saves, shared for loads); idempotent."""
+    if getattr(cache_file, "_svp_locked", False):
+        return
+    lock = cache_file._index_path + ".lock"
+    save, load = cache_file.save, cache_file.load
+
+    def locked_save(key, data):
+        with _flocked(lock, exclusive=True):
+            return save(key, data)
+
+    def locked_load(key):
+        with _flocked(lock, exclusive=False):
+            return load(key)
+
+    cache_file.save, cache_file.load, cache_file._svp_locked = locked_save, locked_load, True
+
+
+def _cache_files(namespace):
+    """(dispatcher, numba cache file) of every kernel in ``namespace`` compiled with cache=True."""
+    from numba.core.dispatcher import Dispatcher
+    for obj in list(namespace.values()):
+        if isinstance(obj, Dispatcher):
+            cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)   # else NullCache
+            if cache_file is not None:
+                yield obj, cache_file
+
+
+def guard_caches(namespace, deps=_DEPS):
+    """What every kernel module does once its kernels are defined: drop the cache indexes made
+    stale by a change in ``deps`` (drop_stale_caches), and lock each kernel's cache file
+    (lock_cache_file)."""
+    drop_stale_caches(namespace, deps)
+    for _, cache_file in _cache_files(namespace):
+        lock_cache_file(cache_file)
+
 
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -1716,4 +1775,4 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, last) if return_last_state else out
 
 
-drop_stale_caches(globals())   # see drop_stale_caches: numba cannot see what they inline from other files
+guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked
