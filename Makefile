@@ -38,16 +38,11 @@ browser-deps:
 	    >/dev/null 2>&1 || echo "note: apt-get could not install chromium; the browser test will be skipped"; \
 	else echo "note: no chromium (and not root with apt-get); the browser test will be skipped"; fi
 
-# The suites run on TEST_WORKERS pytest-xdist worker processes (0: in pytest's own process), one
-# torch thread each unless OMP_NUM_THREADS says otherwise; tests/conftest.py compiles the CPU
-# kernels before the workers start, so they load them from numba's cache instead of each
-# compiling them.
-TEST_WORKERS ?= 2
 test: $(STAMP) browser-deps
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q
 
 test-oldest: $(OLDEST)/.installed browser-deps
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(OLDEST)/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow or floor"
+	$(OLDEST)/bin/python -m pytest -q -m "not slow or floor"
 
 demo: $(STAMP)
 	$(BIN)/svp demo

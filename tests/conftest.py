@@ -16,46 +16,13 @@ _cold = []   # (temporary folder, the process)
 
 def pytest_collection_finish(session):
     """The compiling process of test_scan_backends' cache test takes ~25 s of one core: start it
-    once the selected tests are known, so it overlaps the tests that run before it. (Not in a
-    pytest-xdist worker: each collects every test, and which one runs it is not known yet; the
-    test then starts the process itself, beside the other worker's tests.)"""
-    if hasattr(session.config, "workerinput"):
-        return
+    once the selected tests are known, so it overlaps the tests that run before it."""
     for item in session.items:
         if item.name == _COLD_TEST:
             import tempfile
             tmp = tempfile.mkdtemp(prefix="svp-cold-cache-")
             _cold.append((tmp, item.module.start_cold_process(tmp)))
             return
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session):
-    """On two or more pytest-xdist workers (`make test`), compile the CPU kernels first, in two
-    processes side by side (tests/kernel_warmup.py), before xdist starts the workers: each
-    worker then loads them from numba's disk cache instead of compiling the same ones as the
-    other. In one process (no -n) the tests compile them as they reach them."""
-    config = session.config
-    workers = getattr(config.option, "numprocesses", None)   # None without pytest-xdist
-    if hasattr(config, "workerinput") or not isinstance(workers, int) or workers < 2:
-        return
-    import subprocess
-    import time
-    script = os.path.join(os.path.dirname(__file__), "kernel_warmup.py")
-    t0 = time.perf_counter()
-    procs = [(part, subprocess.Popen([sys.executable, script, part], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True))
-             for part in ("float32", "bfloat16")]
-    notes = []
-    for part, proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:   # not fatal here: the tests that use the kernel show the failure
-            notes.append(f"kernel warm-up ({part}) exited {proc.returncode}:\n{out[-3000:]}")
-    report = config.pluginmanager.get_plugin("terminalreporter")
-    if report is not None:
-        for note in notes:
-            report.write_line(note)
-        report.write_line(f"kernel warm-up (tests/kernel_warmup.py, 2 processes): {time.perf_counter() - t0:.0f} s")
 
 
 def pytest_sessionfinish(session):
