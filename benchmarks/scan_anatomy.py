@@ -101,7 +101,7 @@ _JUMP = re.compile(r"^\s+(j[a-z]+)\s+(\.LBB\d+_\d+)")
 
 
 def kernel_asm():
-    """{'fwd': lines, 'bwd': lines}: the two parallel kernels' bodies, in compile order."""
+    """{'fwd': lines, 'bwd': lines}: the machine code of the two kernels' tasks."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_DUMP_ASSEMBLY="1", NUMBA_CACHE_DIR=cache, PYTHONPATH=SRC)
         res = subprocess.run([sys.executable, os.path.abspath(__file__), "--dump-child"], env=env,
@@ -114,13 +114,11 @@ def kernel_asm():
             sections.append((name, []))
         elif name is not None:
             sections[-1][1].append(line)
-    # the parallel bodies in compile order; the scan kernels' are the ones that scale by 2^k,
-    # from integer bits or with vscalefps (the block sums' kernel has no decay factors)
-    gufuncs = [lines for n, lines in sections if n.startswith("__numba_parfor_gufunc")
-               and any("vpslld" in ln or "vscalefps" in ln for ln in lines)]
-    if len(gufuncs) != 2:
-        raise SystemExit(f"expected the forward and backward kernels' parallel bodies, found {len(gufuncs)}")
-    return dict(zip(("fwd", "bwd"), gufuncs))
+    # the kernels' tasks, compiled on their own (the kernels call them through their addresses)
+    tasks = {kind: [lines for n, lines in sections if n == f"_{kind}_task"] for kind in ("fwd", "bwd")}
+    if any(len(v) != 1 for v in tasks.values()):
+        raise SystemExit(f"expected one forward and one backward task, found {({k: len(v) for k, v in tasks.items()})}")
+    return {kind: v[0] for kind, v in tasks.items()}
 
 
 def _loop_spans(lines):

@@ -45,8 +45,8 @@ def test_a_strided_input_is_copied_so_the_kernels_are_compiled_for_one_layout():
     w, bias = torch.randn(16, 4, generator=g), torch.randn(16, generator=g)
     causal_conv1d_cpu(x, w, bias, "silu").sum().backward()
     causal_conv1d_proj_cpu(x, w, bias, torch.randn(5, 16, generator=g), "silu")[1].sum().backward()
-    for kernel in (conv_cpu._conv_fwd, conv_cpu._conv_bwd):
-        assert kernel.signatures and {sig[0].layout for sig in kernel.signatures} == {"C"}
+    for task in (conv_cpu._fwd_task, conv_cpu._bwd_task):   # (x after the task index)
+        assert task.signatures and {sig[1].layout for sig in task.signatures} == {"C"}
 
 
 def test_frozen_conv_gets_no_weight_gradient_and_same_input_gradient():

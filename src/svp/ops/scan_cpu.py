@@ -322,6 +322,7 @@ if SHARED_OPENMP is not None:
     torch.set_num_threads(_n)
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 
 from .kept import kept  # noqa: E402
@@ -446,6 +447,79 @@ def _wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# A kernel's task is compiled on its own (cache=True) and called through its address, which the
+# kernel gets as an argument, instead of as a numba function call: numba links a callee's
+# optimised code into the caller's module and optimises and emits it again, for a parallel kernel
+# twice (the parfor's gufunc, then the kernel), so each task went through LLVM three times. The
+# backward's first compile (float32, time steps passed in) took 16.8 s, 7.7 s of it in the
+# kernel around the task; through the address 8.8 s. The call itself is one indirect call per
+# task (a task is a block of 64 channels over the whole sequence), and the task's machine code
+# is what its own compile emits: same bits, same speed.
+def _sig_hash(argtypes):
+    """A hash of numba argument types that is the same in every process."""
+    import zlib
+    return zlib.crc32(", ".join(str(t) for t in argtypes).encode())
+
+
+@intrinsic
+def _task_sig_is(typingctx, h, index, args):
+    """Whether ``h`` is the _sig_hash of (index, *args)'s types: a kernel checks the task address
+    it was given against the types it was compiled for before it calls it."""
+    if not isinstance(args, types.BaseTuple):
+        return None
+    want = _sig_hash((index,) + tuple(args.types))
+
+    def codegen(context, builder, signature, llargs):
+        return builder.icmp_unsigned("==", llargs[0], ir.Constant(llargs[0].type, want))
+    return types.boolean(h, index, args), codegen
+
+
+@intrinsic
+def _call_task(typingctx, addr, index, args):
+    """Call the numba function at ``addr`` (numba's calling convention, returning None) with
+    (index, *args). Its exceptions are not raised: the tasks raise none."""
+    if not isinstance(args, types.BaseTuple):
+        return None
+    argtys = [index] + list(args.types)
+
+    def codegen(context, builder, signature, llargs):
+        cc = context.call_conv
+        fnty = cc.get_function_type(types.none, argtys)
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        vals = [llargs[1]] + [builder.extract_value(llargs[2], i) for i in range(len(argtys) - 1)]
+        ret = cgutils.alloca_once(builder, cc.get_return_type(types.none).pointee)
+        exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
+        builder.call(fn, [ret, exc] + list(cc._get_arg_packer(argtys).as_arguments(builder, vals)))
+        return context.get_dummy_value()
+    return types.none(addr, index, args), codegen
+
+
+_TASKS = {}
+
+
+def _task_address(task, index, args, fresh=False):
+    """(address, _sig_hash) of numba function ``task`` compiled (or loaded from numba's cache)
+    for (``index``'s numba type, *args' types); remembered per task and the args' dtypes and ranks."""
+    key = (task, index, tuple((getattr(a, "dtype", None), getattr(a, "ndim", type(a))) for a in args))
+    hit = None if fresh else _TASKS.get(key)
+    if hit is None:
+        sig = (index,) + tuple(numba.typeof(a) for a in args)
+        task.compile(sig)
+        cres = task.overloads[sig]
+        hit = _TASKS[key] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_hash(sig))
+    return hit
+
+
+def run_tasks(kernel, task, index, *args):
+    """``kernel(address, hash, *args)``: a parallel kernel that calls numba function ``task``
+    with (its task number as numba type ``index``, *args) through the task's address."""
+    addr, h = _task_address(task, index, args)
+    if not kernel(addr, h, *args):   # the same dtypes and ranks, other types (layout, read-only)
+        addr, h = _task_address(task, index, args, fresh=True)
+        if not kernel(addr, h, *args):
+            raise RuntimeError(f"{kernel.__name__}: its task {task.__name__} was compiled for other argument types")
 
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
@@ -673,11 +747,11 @@ def _prefetch_put(a, a16, prev, acc, off):
 # function of its own, called from a one-line prange: numba types a prange body twice (inside the
 # kernel, then again as its parallel body) and its parfor passes deep-copy the body's IR, which
 # made the backward's first compile ~12 s per variant on a quiet Emerald Rapids; as a function,
-# 8 s (the forward 4.3 -> 3.8 s). The task index is cast to one type at the call: the kernel's
-# typing sees an int64 and the parallel body a uint64, and numba would compile the task for both.
-# Same bits and speed as the body inlined (docs/benchmarks.md, twenty-sixth round), given the
-# lane sums in _bwd_task (see _store_sums).
-@njit(error_model="numpy")
+# 8 s (the forward 4.3 -> 3.8 s). Same bits and speed as the body inlined (docs/benchmarks.md,
+# twenty-sixth round), given the lane sums in _bwd_task (see _store_sums). Since the
+# twenty-ninth round the prange calls the task through its address (run_tasks, _call_task), so
+# its code is compiled once, not again inside the kernel.
+@njit(cache=True, error_model="numpy")
 def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16,
               hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D: the time steps are formed here from dt_proj's input rows (Lm, row stride ls) and
@@ -816,15 +890,18 @@ def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_fwd(u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
-              hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+def _scan_fwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out,
+              out16, hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    args = (u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
+            hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+    if not _task_sig_is(thash, np.uint64(0), args):
+        return False
     for task in prange(b * g * ((d // g) // BW)):
-        _wide_vectors()   # (in case LLVM inlines the task here)
-        _fwd_task(np.uint64(task), u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev,
-                  out, out16, hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+        _call_task(taddr, np.uint64(task), args)
+    return True
 
 
-@njit(error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
               dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp, need_da,
               need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
@@ -1203,14 +1280,17 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _scan_bwd(u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
-              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
-              need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+def _scan_bwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout,
+              has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp,
+              dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    args = (u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
+            dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
+            need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+    if not _task_sig_is(thash, np.uint64(0), args):
+        return False
     for task in prange(b * g * ((d // g) // BW)):
-        _wide_vectors()   # (in case LLVM inlines the task here)
-        _bwd_task(np.uint64(task), u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs,
-                  dout, has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl,
-                  dAp, dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+        _call_task(taddr, np.uint64(task), args)
+    return True
 
 
 @njit
@@ -1551,9 +1631,9 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
-    _scan_fwd(f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z,
-              bool(softplus), bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs), f(hlast), fast,
-              f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
+    run_tasks(_scan_fwd, _fwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(A2t),
+              f(Dv), f(bias), has_z, bool(softplus), bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs),
+              f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
               (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs), ls),
@@ -1619,11 +1699,11 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dbp = torch.empty(b, dp, dtype=torch.float64)
     f = _flat
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
-        _scan_bwd(f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z,
-                  softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_), acc is not None and has_z,
-                  f(dz32), f(du), f(dd), f(dz32), f(dz16_),
-                  f(dBp), f(dCp), f(dLp), need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast,
-                  f(dtmax), b, L, dp, g, N, bs, cs, _streamable(du, dd))
+        run_tasks(_scan_bwd, _bwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm),
+                  f(At), f(A2t), f(Dv), f(bias), has_z, softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_),
+                  acc is not None and has_z, f(dz32), f(du), f(dd), f(dz32), f(dz16_), f(dBp), f(dCp), f(dLp),
+                  need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs,
+                  cs, _streamable(du, dd))
 
     def bc(P, gX, is4, dtype):   # (also the low-rank delta's, n = R)
         n = P.shape[-1]
