@@ -456,7 +456,9 @@ def _wide_vectors(typingctx):
 # backward's first compile (float32, time steps passed in) took 16.8 s, 7.7 s of it in the
 # kernel around the task; through the address 8.8 s. The call itself is one indirect call per
 # task (a task is a block of 64 channels over the whole sequence), and the task's machine code
-# is what its own compile emits: same bits, same speed.
+# is what its own compile emits: the same bits; at two threads the same speed, at one the
+# backward ~3% slower (its state loops keep one more value on the stack; docs/benchmarks.md,
+# twenty-ninth round). run_tasks' lookup of the address costs ~4 us a call.
 def _sig_hash(argtypes):
     """A hash of numba argument types that is the same in every process."""
     import zlib
@@ -502,7 +504,7 @@ _TASKS = {}
 def _task_address(task, index, args, fresh=False):
     """(address, _sig_hash) of numba function ``task`` compiled (or loaded from numba's cache)
     for (``index``'s numba type, *args' types); remembered per task and the args' dtypes and ranks."""
-    key = (task, index, tuple((getattr(a, "dtype", None), getattr(a, "ndim", type(a))) for a in args))
+    key = (task, index, tuple([(a.dtype, a.ndim) if type(a) is np.ndarray else type(a) for a in args]))
     hit = None if fresh else _TASKS.get(key)
     if hit is None:
         sig = (index,) + tuple(numba.typeof(a) for a in args)
