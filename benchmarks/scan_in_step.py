@@ -5,9 +5,8 @@
 
 Builds the model the way the engine does (``get_peft_model(timm.create_model(...),
 make_config(method))``), runs warm-up steps, then times every call of the scan's forward and
-backward kernels (``svp.ops.scan_cpu.run_tasks`` of ``_fwd_task`` / ``_bwd_task``, its address
-lookup, ~4 us, included) in --steps steps, and the time of the autograd nodes around them (the
-wrapper: layouts, allocations, the block sums).
+backward kernels (``svp.ops.scan_cpu._scan_fwd`` / ``_scan_bwd``) in --steps steps, and the
+time of the autograd nodes around them (the wrapper: layouts, allocations, the block sums).
 Each call of a mixer's first direction is then run a second time on the same buffers (the
 second direction adds into the first's output, so it cannot be repeated in place): the
 difference between the two is what the call loses to its data not being in cache in the step.
@@ -56,24 +55,23 @@ def main(argv=None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     rec = {k: [] for k in ("fwd", "bwd", "fwd again", "bwd again", "fwd node", "bwd node")}
-    run_tasks = sc.run_tasks
-    kinds = {sc._fwd_task: "fwd", sc._bwd_task: "bwd"}
-    # the position of the tasks' `acc` flag (the second direction adds in) in run_tasks' arguments
-    # after the task (n, index, then the task's own after its number), from their signatures
-    acc_arg = {t: 1 + t.py_func.__code__.co_varnames.index("acc") for t in kinds}
+    kernels = {"fwd": sc._scan_fwd, "bwd": sc._scan_bwd}
+    # the position of the kernels' `acc` flag (the second direction adds in), from their signatures
+    acc_arg = {k: fn.py_func.__code__.co_varnames.index("acc") for k, fn in kernels.items()}
 
-    def timed_run_tasks(task, *a):
-        name = kinds.get(task)
-        if name is None:
-            return run_tasks(task, *a)
-        t0 = time.perf_counter()
-        r = run_tasks(task, *a)
-        t1 = time.perf_counter()
-        rec[name].append(t1 - t0)
-        if not a[acc_arg[task]]:   # overwrites its outputs with the same values
-            run_tasks(task, *a)
-            rec[name + " again"].append(time.perf_counter() - t1)
-        return r
+    def timed_kernel(name):
+        fn = kernels[name]
+
+        def call(*a):
+            t0 = time.perf_counter()
+            r = fn(*a)
+            t1 = time.perf_counter()
+            rec[name].append(t1 - t0)
+            if not a[acc_arg[name]]:   # overwrites its outputs with the same values
+                fn(*a)
+                rec[name + " again"].append(time.perf_counter() - t1)
+            return r
+        return call
 
     def timed_node(name, fn):
         def call(ctx, *a):
@@ -83,7 +81,7 @@ def main(argv=None):
             return r
         return staticmethod(call)
 
-    sc.run_tasks = timed_run_tasks
+    sc._scan_fwd, sc._scan_bwd = timed_kernel("fwd"), timed_kernel("bwd")
     sc.BiScanCPU.forward = timed_node("fwd node", sc.BiScanCPU.forward)
     sc.BiScanCPU.backward = timed_node("bwd node", sc.BiScanCPU.backward)
 

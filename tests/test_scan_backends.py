@@ -806,34 +806,38 @@ def test_two_processes_saving_one_kernels_cache_at_once_keep_each_signatures_cod
 
 
 
-def test_run_tasks_calls_a_task_only_through_an_address_compiled_for_its_types():
-    """run_tasks runs a task through an address it looks up by the arguments' dtypes and ranks;
-    the parallel kernel checks a hash of the types the task was compiled for first, so an address
-    for other types is refused (never called), and run_tasks then looks it up afresh (here: a
-    read-only array, the same dtype and rank as a writable one). The task gets its number as the
-    integer type asked for."""
+def test_a_kernel_calls_its_task_only_through_an_address_compiled_for_its_types():
+    """The kernels call their tasks through an address run_tasks looks up by the arguments'
+    dtypes and ranks; the kernel checks a hash of the types the task was compiled for first, so
+    an address for other types is refused (never called), and run_tasks then looks it up afresh
+    (here: a read-only array, the same dtype and rank as a writable one)."""
     import numpy as np
-    from numba import njit, types
-    from svp.ops.scan_cpu import _parallel_tasks, _task_address, run_tasks
+    from numba import njit, prange, types
+    from svp.ops.scan_cpu import _call_task, _task_address, _task_sig_is, run_tasks
 
     @njit
-    def task(i, x, out, kind):
+    def task(i, x, out):
         out[i] = 2 * x[i]
-        kind[i] = ~i > 0   # unsigned: 2^64 - 1 - i; signed: -1 - i
 
-    x, out, kind = np.arange(1.0, 6.0), np.zeros(5), np.zeros(5, np.bool_)
-    run_tasks(task, 5, types.int64, x, out, kind)
-    assert (out == 2 * x).all() and not kind.any()
-    run_tasks(task, 5, types.uint64, x, out, kind)
-    assert kind.all()
-    addr32, h32, izero = _task_address(task, types.int64, (x.astype(np.float32), out.astype(np.float32), kind))
+    @njit(parallel=True)
+    def kernel(taddr, thash, x, out):
+        args = (x, out)
+        if not _task_sig_is(thash, np.int64(0), args):
+            return False
+        for i in prange(x.size):
+            _call_task(taddr, np.int64(i), args)
+        return True
+
+    x, out = np.arange(1.0, 6.0), np.zeros(5)
+    run_tasks(kernel, task, types.int64, x, out)
+    assert (out == 2 * x).all()
+    addr32, h32 = _task_address(task, types.int64, (x.astype(np.float32), out.astype(np.float32)))
     out[:] = 0
-    assert _parallel_tasks(addr32, h32, izero, 5, x, out, kind) is False and not out.any()
+    assert kernel(addr32, h32, x, out) is False and not out.any()
     xr = x.copy()
     xr.flags.writeable = False
-    run_tasks(task, 5, types.int64, xr, out, kind)
+    run_tasks(kernel, task, types.int64, xr, out)
     assert (out == 2 * x).all()
-
 
 def _tbb_installed():
     from svp.ops.scan_cpu import _tbb_wheel_library

@@ -16,10 +16,10 @@ import torch
 from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import mm
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, _wide_vectors, \
-    guard_caches, run_tasks
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
+    _task_sig_is, _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, is_bf16, to_elem
-from numba import njit, types
+from numba import njit, prange, types
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
 
@@ -78,12 +78,14 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
                   + w3[c] * as_f32(x3[c]))
 
 
-# Each kernel's work is one task per TB rows of one sample, a function run in parallel by
-# scan_cpu.run_tasks through its address, as the scan's are (see _fwd_task there): as a prange
-# body inlined, numba typed it twice and deep-copied its IR in the parfor passes, and the
-# backward's three variants (float32 / bfloat16 x and dx) took 66 s to compile under numba 0.58
-# (the floor); as functions 41 s; through their addresses each task's code is compiled once
-# (docs/benchmarks.md, "CI time"; same bits and speed). The task's index is an int64.
+# Each kernel's task (TB rows of one sample) is a function called from a one-line prange, as
+# in scan_cpu (see _fwd_task there): numba types a prange body twice and deep-copies its IR in
+# the parfor passes. Inline, the backward's three variants (float32 / bfloat16 x and dx) took
+# 66 s to compile under numba 0.58 (the floor); as functions 41 s. Under numba 0.68, 21-31 s
+# against 16-27 s in cold runs on a host whose speed moved (0.90-1.03x against 0.62-0.74x the
+# unchanged scan kernels' compile in the same runs). Same bits and speed (docs/benchmarks.md,
+# "CI time"). The prange calls each task through its address (scan_cpu.run_tasks), so the task's
+# code is compiled once, not again inside the kernel; its index is an int64.
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
 def _fwd_task(task, x, w, bias, reverse, silu, out):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
@@ -210,9 +212,27 @@ def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, d
                 dxr[c] = to_elem(acc[c], dxr)
 
 
-def _ntasks(x):
-    """The tasks (TB rows of one sample) of a (b, L, d) x."""
-    return x.shape[0] * ((x.shape[1] + TB - 1) // TB)
+# (the tasks are called through their addresses, scan_cpu.run_tasks: see _call_task there)
+@njit(parallel=True, cache=True, error_model="numpy")
+def _conv_fwd(taddr, thash, x, w, bias, reverse, silu, out):
+    args = (x, w, bias, reverse, silu, out)
+    if not _task_sig_is(thash, np.int64(0), args):
+        return False
+    ntb = (x.shape[1] + TB - 1) // TB
+    for task in prange(x.shape[0] * ntb):
+        _call_task(taddr, np.int64(task), args)
+    return True
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _conv_bwd(taddr, thash, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
+    args = (x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp)
+    if not _task_sig_is(thash, np.int64(0), args):
+        return False
+    ntb = (x.shape[1] + TB - 1) // TB
+    for task in prange(x.shape[0] * ntb):
+        _call_task(taddr, np.int64(task), args)
+    return True
 
 
 def _np(x: torch.Tensor):
@@ -234,7 +254,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         with _dynamic_tasks():
-            run_tasks(_fwd_task, _ntasks(xn), types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu),
+            run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu),
                       out.numpy())
         ctx.save_for_backward(xs, wt, bs)
         ctx.cfg = (bool(reverse), bool(silu), bias is not None)
@@ -254,7 +274,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
         with _dynamic_tasks():
-            run_tasks(_bwd_task, ntask, types.int64, xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
+            run_tasks(_conv_bwd, _bwd_task, types.int64, xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
                       dy.numpy(), dy.numpy(), False, False, dx.numpy(), dx.numpy(), dwp.numpy(), dbp.numpy())
         dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
         db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
@@ -279,8 +299,7 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
     # (callers: _dynamic_tasks)
-    run_tasks(_fwd_task, _ntasks(xn), types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu),
-              out.numpy())
+    run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
     pw = proj_w.detach()
     proj = _mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
@@ -317,7 +336,7 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None, dx_dtype=torch.float32)
     dbp = torch.empty(ntask, d, dtype=torch.float64)
     need_dw = bool(need[1] or (has_bias and need[2]))
     # (callers: _dynamic_tasks)
-    run_tasks(_bwd_task, ntask, types.int64, _nd(xs), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
+    run_tasks(_conv_bwd, _bwd_task, types.int64, _nd(xs), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
               dy.numpy(), (dy if g2 is None else g2).numpy(), g2 is not None, add, prev.numpy(), _nd(dx),
               dwp.numpy(), dbp.numpy())
     dw = dwp.sum(0).t().to(torch.float32) if need[1] else None

@@ -479,10 +479,10 @@ def _task_sig_is(typingctx, h, index, args):
 
 
 @intrinsic
-def _call_task(typingctx, addr, index, task, args):
+def _call_task(typingctx, addr, index, args):
     """Call the numba function at ``addr`` (numba's calling convention, returning None) with
-    (``task`` as ``index``'s type, *args). Its exceptions are not raised: the tasks raise none."""
-    if not isinstance(args, types.BaseTuple) or not isinstance(index, types.Integer):
+    (index, *args). Its exceptions are not raised: the tasks raise none."""
+    if not isinstance(args, types.BaseTuple):
         return None
     argtys = [index] + list(args.types)
 
@@ -490,54 +490,38 @@ def _call_task(typingctx, addr, index, task, args):
         cc = context.call_conv
         fnty = cc.get_function_type(types.none, argtys)
         fn = builder.inttoptr(llargs[0], fnty.as_pointer())
-        vals = [context.cast(builder, llargs[2], signature.args[2], index)]
-        vals += [builder.extract_value(llargs[3], i) for i in range(len(argtys) - 1)]
+        vals = [llargs[1]] + [builder.extract_value(llargs[2], i) for i in range(len(argtys) - 1)]
         ret = cgutils.alloca_once(builder, cc.get_return_type(types.none).pointee)
         exc = cgutils.alloca_once(builder, fnty.args[1].pointee)
         builder.call(fn, [ret, exc] + list(cc._get_arg_packer(argtys).as_arguments(builder, vals)))
         return context.get_dummy_value()
-    return types.none(addr, index, task, args), codegen
-
-
-# The one parallel kernel of the scan and conv modules: it runs tasks 0 .. n-1 of the task at
-# taddr. ``index`` is a zero of the type the task takes its number as (the scan's tasks uint64,
-# whose divisions are cheaper; the conv's int64); the kernel is compiled once per argument types.
-@njit(parallel=True, cache=True, error_model="numpy")
-def _parallel_tasks(taddr, thash, index, n, *args):
-    if not _task_sig_is(thash, index, args):
-        return False
-    for task in prange(n):
-        _call_task(taddr, index, task, args)
-    return True
+    return types.none(addr, index, args), codegen
 
 
 _TASKS = {}
 
 
 def _task_address(task, index, args, fresh=False):
-    """(address, _sig_hash, a zero of ``index``) of numba function ``task`` compiled (or loaded
-    from numba's cache) for (``index``'s numba type, *args' types); remembered per task and the
-    args' dtypes and ranks."""
+    """(address, _sig_hash) of numba function ``task`` compiled (or loaded from numba's cache)
+    for (``index``'s numba type, *args' types); remembered per task and the args' dtypes and ranks."""
     key = (task, index, tuple([(a.dtype, a.ndim) if type(a) is np.ndarray else type(a) for a in args]))
     hit = None if fresh else _TASKS.get(key)
     if hit is None:
         sig = (index,) + tuple(numba.typeof(a) for a in args)
         task.compile(sig)
         cres = task.overloads[sig]
-        hit = _TASKS[key] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_hash(sig),
-                             numba.np.numpy_support.as_dtype(index).type(0))
+        hit = _TASKS[key] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_hash(sig))
     return hit
 
 
-def run_tasks(task, n, index, *args):
-    """Run numba function ``task`` as tasks 0 .. n-1 in parallel, each called with (its number as
-    numba integer type ``index``, *args), through the task's address (_parallel_tasks)."""
-    # the kernel refuses (False) an address compiled for the same dtypes and ranks but other
-    # types (layout, read-only): looked up afresh once
-    for fresh in (False, True):
-        if _parallel_tasks(*_task_address(task, index, args, fresh), n, *args):
-            return
-    raise RuntimeError(f"run_tasks: the task {task.__name__} was compiled for other argument types")
+def run_tasks(kernel, task, index, *args):
+    """``kernel(address, hash, *args)``: a parallel kernel that calls numba function ``task``
+    with (its task number as numba type ``index``, *args) through the task's address."""
+    addr, h = _task_address(task, index, args)
+    if not kernel(addr, h, *args):   # the same dtypes and ranks, other types (layout, read-only)
+        addr, h = _task_address(task, index, args, fresh=True)
+        if not kernel(addr, h, *args):
+            raise RuntimeError(f"{kernel.__name__}: its task {task.__name__} was compiled for other argument types")
 
 
 @njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
@@ -762,13 +746,13 @@ def _prefetch_put(a, a16, prev, acc, off):
 
 
 # Each kernel's work is one task per (batch row, group, 64-channel block), and the task's code is a
-# function of its own, run in parallel by run_tasks: as a prange body inlined, numba typed it
-# twice (inside the kernel, then again as its parallel body) and its parfor passes deep-copied the
-# body's IR, which made the backward's first compile ~12 s per variant on a quiet Emerald Rapids;
-# as a function called from a one-line prange, 8 s (the forward 4.3 -> 3.8 s). Same bits and
-# speed as the body inlined (docs/benchmarks.md, twenty-sixth round), given the lane sums in
-# _bwd_task (see _store_sums). Since the twenty-ninth round the prange (_parallel_tasks) calls the
-# task through its address, so its code is compiled once, not again inside the kernel.
+# function of its own, called from a one-line prange: numba types a prange body twice (inside the
+# kernel, then again as its parallel body) and its parfor passes deep-copy the body's IR, which
+# made the backward's first compile ~12 s per variant on a quiet Emerald Rapids; as a function,
+# 8 s (the forward 4.3 -> 3.8 s). Same bits and speed as the body inlined (docs/benchmarks.md,
+# twenty-sixth round), given the lane sums in _bwd_task (see _store_sums). Since the
+# twenty-ninth round the prange calls the task through its address (run_tasks, _call_task), so
+# its code is compiled once, not again inside the kernel.
 @njit(cache=True, error_model="numpy")
 def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16,
               hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
@@ -907,11 +891,23 @@ def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus
     restore_fp(fpc)
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_fwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out,
+              out16, hs, hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    args = (u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus, reverse, K, acc, prev, out, out16, hs,
+            hlast, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+    if not _task_sig_is(thash, np.uint64(0), args):
+        return False
+    for task in prange(b * g * ((d // g) // BW)):
+        _call_task(taddr, np.uint64(task), args)
+    return True
+
+
 @njit(cache=True, error_model="numpy")
 def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
               dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp, need_da,
               need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
-    # Wt 2-D (see _fwd_task): the time steps are recomputed from Lm and W^T, the gradient of
+    # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
     # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and d_delta
     # (ddl_o) is written only when need_ddl (W's own gradient is formed from it)
     dg = d // g
@@ -1285,6 +1281,20 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
     restore_fp(fpc)
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def _scan_bwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout,
+              has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp,
+              dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+    args = (u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
+            dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
+            need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream)
+    if not _task_sig_is(thash, np.uint64(0), args):
+        return False
+    for task in prange(b * g * ((d // g) // BW)):
+        _call_task(taddr, np.uint64(task), args)
+    return True
+
+
 @njit
 def _w_cols(Wb, R, Rp):
     """The block's W (Wb: its R x BW rows of W^T) as BW rows of Rp floats, zero past R."""
@@ -1623,9 +1633,9 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
-    run_tasks(_fwd_task, b * G * ((dp // G) // BW), types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3),
-              f(Bm), f(Cm), f(A2t), f(Dv), f(bias), has_z, bool(softplus), bool(reverse), K, acc is not None,
-              f(o32), f(o32), f(o16), f(hs), f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
+    run_tasks(_scan_fwd, _fwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(A2t),
+              f(Dv), f(bias), has_z, bool(softplus), bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs),
+              f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
               (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs), ls),
@@ -1691,11 +1701,11 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dbp = torch.empty(b, dp, dtype=torch.float64)
     f = _flat
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
-        run_tasks(_bwd_task, b * g * ((dp // g) // BW), types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(),
-                  f(z3), f(Bm), f(Cm), f(At), f(A2t), f(Dv), f(bias), has_z, softplus, reverse, K, f(hs), f(g3),
-                  has_dlast, f(dl_), acc is not None and has_z, f(dz32), f(du), f(dd), f(dz32), f(dz16_), f(dBp),
-                  f(dCp), f(dLp), need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L,
-                  dp, g, N, bs, cs, _streamable(du, dd))
+        run_tasks(_scan_bwd, _bwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm),
+                  f(At), f(A2t), f(Dv), f(bias), has_z, softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_),
+                  acc is not None and has_z, f(dz32), f(du), f(dd), f(dz32), f(dz16_), f(dBp), f(dCp), f(dLp),
+                  need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs,
+                  cs, _streamable(du, dd))
 
     def bc(P, gX, is4, dtype):   # (also the low-rank delta's, n = R)
         n = P.shape[-1]
