@@ -46,3 +46,28 @@ def test_the_kernels_follow_torchs_thread_count_in_every_thread():
     assert out["main_2"] == min(2, pool) and out["thread_2"] == min(2, pool)
     assert out["asked_64"] == pool                               # never more than numba's pool
     assert out["layer"] == (out["picked"] or out["layer"])       # the layer svp picked
+
+
+def test_a_kernel_launch_hands_out_tasks_one_at_a_time_and_puts_the_chunk_size_back(monkeypatch):
+    """scan_cpu._dynamic_tasks (around every kernel launch) sets numba's chunk size to 1 and the
+    thread count to torch's, and puts the chunk size back after; through numba's threading-layer
+    functions (what svp uses: the public ones take a process-wide lock on every call) and
+    through the public functions alike."""
+    import numba
+    import torch
+    from svp.ops import scan_cpu
+    assert scan_cpu._thread_fns() is not None   # this numba has them (else slower, not wrong)
+    before = torch.get_num_threads()
+    numba.set_parallel_chunksize(3)
+    try:
+        for fns in (scan_cpu._thread_fns(), None):
+            monkeypatch.setattr(scan_cpu, "_THREAD_FNS", [fns])
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with scan_cpu._dynamic_tasks():
+                    assert numba.get_parallel_chunksize() == 1
+                    assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+                assert numba.get_parallel_chunksize() == 3
+    finally:
+        numba.set_parallel_chunksize(0)
+        torch.set_num_threads(before)

@@ -1475,14 +1475,38 @@ def _a_tables(A, dg, dgp, softplus, At, A2t, dtmax):
 _POOL = int(numba.config.NUMBA_NUM_THREADS)   # numba's pool, fixed when numba was imported
 
 
+_THREAD_FNS = []   # numba's own per-thread count and chunk-size functions, once its threads run
+
+
+def _thread_fns():
+    """(get count, set count, set chunk size): the ctypes functions of numba's threading layer,
+    which numba's public ``get_num_threads`` / ``set_num_threads`` / ``set_parallel_chunksize``
+    call after taking numba's process-wide start-up lock (a multiprocessing RLock: two semaphore
+    system calls). Inside a training step, setting the count and chunk size around a node and
+    putting the chunk size back took 46-61 us through the public functions, 11-18 us through
+    these: 218 times in a Vim-Tiny SVP batch-8 step, ~8-10 ms of it (docs/benchmarks.md,
+    thirtieth round). None where numba has not the functions under these names (then the
+    public ones)."""
+    if not _THREAD_FNS:
+        numba.get_num_threads()   # starts numba's threads (the functions exist from then on)
+        from numba.np.ufunc import parallel as p
+        fns = tuple(getattr(p, n, None) for n in ("_get_num_threads", "_set_num_threads", "_set_parallel_chunksize"))
+        _THREAD_FNS.append(fns if all(callable(f) for f in fns) else None)
+    return _THREAD_FNS[0]
+
+
 def follow_torch_threads():
     """Run the calling thread's kernels on as many threads as torch's operators (at most numba's
     pool): however the user set torch's count (``torch.set_num_threads``, ``OMP_NUM_THREADS``,
     torchrun's one thread per worker, ``svp serve --threads``), the kernels take the same.
     numba's own count is per thread and starts at the whole pool, one thread per core: a serving
-    thread or a worker limited to one thread ran its kernels on every core. ~0.7 µs per node."""
+    thread or a worker limited to one thread ran its kernels on every core."""
     n = min(torch.get_num_threads(), _POOL)
-    if numba.get_num_threads() != n:
+    fns = _thread_fns()
+    if fns is not None:
+        if fns[0]() != n:
+            fns[1](n)
+    elif numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
 
@@ -1494,11 +1518,19 @@ class _dynamic_tasks:
 
     def __enter__(self):
         follow_torch_threads()
-        self.old = numba.set_parallel_chunksize(1) if hasattr(numba, "set_parallel_chunksize") else None
+        fns = _thread_fns()
+        if fns is not None:
+            self.old = fns[2](1)
+        else:
+            self.old = numba.set_parallel_chunksize(1) if hasattr(numba, "set_parallel_chunksize") else None
 
     def __exit__(self, *exc):
         if self.old is not None:
-            numba.set_parallel_chunksize(self.old)
+            fns = _thread_fns()
+            if fns is not None:
+                fns[2](self.old)
+            else:
+                numba.set_parallel_chunksize(self.old)
 
 
 def _dynamic_tasks_in(fn):
