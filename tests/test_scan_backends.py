@@ -839,6 +839,7 @@ def test_a_kernel_calls_its_task_only_through_an_address_compiled_for_its_types(
     run_tasks(kernel, task, types.int64, xr, out)
     assert (out == 2 * x).all()
 
+
 def test_no_kernel_is_called_with_a_tuple_from_python():
     """numba 0.58 (the floor) dispatches a call whose arguments include a long tuple of arrays to
     another specialisation of the function (about half of the calls when two specialisations
@@ -846,6 +847,8 @@ def test_no_kernel_is_called_with_a_tuple_from_python():
     seen in svp serve's tests). The kernels build their tasks' argument tuples inside, from their
     own arguments: after a tiny SVP Vim's step in float32 and under bfloat16 autocast, no svp
     numba function has been compiled with a tuple argument."""
+    import gc
+
     import timm
     from numba.core import types
     from numba.core.dispatcher import Dispatcher
@@ -859,7 +862,6 @@ def test_no_kernel_is_called_with_a_tuple_from_python():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = peft(torch.randn(2, 3, 32, 32))
         out.float().square().sum().backward()
-    import gc
     kernels = [d for d in gc.get_objects()   # (type(): gc also holds dead weak proxies)
                if issubclass(type(d), Dispatcher) and d.py_func.__module__.startswith("svp.") and d.signatures]
     names = {d.py_func.__name__ for d in kernels}

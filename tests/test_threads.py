@@ -58,7 +58,7 @@ def test_a_kernel_launch_hands_out_tasks_one_at_a_time_and_puts_the_chunk_size_b
     from svp.ops import scan_cpu
     assert scan_cpu._thread_fns() is not None   # this numba has them (else slower, not wrong)
     before = torch.get_num_threads()
-    numba.set_parallel_chunksize(3)
+    chunk = numba.set_parallel_chunksize(3)
     try:
         for fns in (scan_cpu._thread_fns(), None):
             monkeypatch.setattr(scan_cpu, "_THREAD_FNS", [fns])
@@ -69,5 +69,5 @@ def test_a_kernel_launch_hands_out_tasks_one_at_a_time_and_puts_the_chunk_size_b
                     assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
                 assert numba.get_parallel_chunksize() == 3
     finally:
-        numba.set_parallel_chunksize(0)
+        numba.set_parallel_chunksize(chunk)
         torch.set_num_threads(before)
