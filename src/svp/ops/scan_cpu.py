@@ -1482,11 +1482,11 @@ def _thread_fns():
     """(get count, set count, set chunk size): the ctypes functions of numba's threading layer,
     which numba's public ``get_num_threads`` / ``set_num_threads`` / ``set_parallel_chunksize``
     call after taking numba's process-wide start-up lock (where processes fork, as on Linux, a
-    multiprocessing RLock: two semaphore system calls). Inside a training step, setting the count and chunk size around a node and
-    putting the chunk size back took 46-61 us through the public functions, 11-18 us through
-    these: 218 times in a Vim-Tiny SVP batch-8 step, ~8-10 ms of it (docs/benchmarks.md,
-    thirtieth round). None where numba has not the functions under these names (then the
-    public ones)."""
+    multiprocessing RLock: two semaphore system calls). Inside a training step, setting the
+    count and chunk size around a node and putting the chunk size back took 46-61 us through
+    the public functions, 11-18 us through these: 218 times in a Vim-Tiny SVP batch-8 step,
+    ~8-10 ms of it (docs/benchmarks.md, thirtieth round). None where numba has not the
+    functions under these names (then the public ones)."""
     if not _THREAD_FNS:
         numba.get_num_threads()   # starts numba's threads (the functions exist from then on)
         from numba.np.ufunc import parallel as p
