@@ -805,7 +805,6 @@ def test_two_processes_saving_one_kernels_cache_at_once_keep_each_signatures_cod
     assert fresh.load("sig A") == "code of sig A" and fresh.load("sig B") == "code of sig B"
 
 
-
 def test_a_kernel_calls_its_task_only_through_an_address_compiled_for_its_types():
     """The kernels call their tasks through an address run_tasks looks up by the arguments'
     dtypes and ranks; the kernel checks a hash of the types the task was compiled for first, so

@@ -1485,14 +1485,20 @@ def _thread_fns():
     multiprocessing RLock: two semaphore system calls). Inside a training step, setting the
     count and chunk size around a node and putting the chunk size back took 46-61 us through
     the public functions, 11-18 us through these: 218 times in a Vim-Tiny SVP batch-8 step,
-    ~8-10 ms of it (docs/benchmarks.md, thirtieth round). None where numba has not the
-    functions under these names (then the public ones)."""
+    ~8-10 ms of it (docs/benchmarks.md, thirtieth round). The public functions where numba has
+    not these under their names."""
     if not _THREAD_FNS:
         numba.get_num_threads()   # starts numba's threads (the functions exist from then on)
         from numba.np.ufunc import parallel as p
         fns = tuple(getattr(p, n, None) for n in ("_get_num_threads", "_set_num_threads", "_set_parallel_chunksize"))
-        _THREAD_FNS.append(fns if all(callable(f) for f in fns) else None)
+        _THREAD_FNS.append(fns if all(callable(f) for f in fns) else _public_thread_fns())
     return _THREAD_FNS[0]
+
+
+def _public_thread_fns():
+    """_thread_fns' three through numba's public functions (a numba without chunk sizes: a setter
+    that returns None, i.e. nothing to put back)."""
+    return numba.get_num_threads, numba.set_num_threads, getattr(numba, "set_parallel_chunksize", lambda n: None)
 
 
 def follow_torch_threads():
@@ -1502,12 +1508,9 @@ def follow_torch_threads():
     numba's own count is per thread and starts at the whole pool, one thread per core: a serving
     thread or a worker limited to one thread ran its kernels on every core."""
     n = min(torch.get_num_threads(), _POOL)
-    fns = _thread_fns()
-    if fns is not None:
-        if fns[0]() != n:
-            fns[1](n)
-    elif numba.get_num_threads() != n:
-        numba.set_num_threads(n)
+    get, set_, _ = _thread_fns()
+    if get() != n:
+        set_(n)
 
 
 class _dynamic_tasks:
@@ -1518,19 +1521,11 @@ class _dynamic_tasks:
 
     def __enter__(self):
         follow_torch_threads()
-        fns = _thread_fns()
-        if fns is not None:
-            self.old = fns[2](1)
-        else:
-            self.old = numba.set_parallel_chunksize(1) if hasattr(numba, "set_parallel_chunksize") else None
+        self.old = _thread_fns()[2](1)
 
     def __exit__(self, *exc):
         if self.old is not None:
-            fns = _thread_fns()
-            if fns is not None:
-                fns[2](self.old)
-            else:
-                numba.set_parallel_chunksize(self.old)
+            _thread_fns()[2](self.old)
 
 
 def _dynamic_tasks_in(fn):
