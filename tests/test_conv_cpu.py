@@ -121,6 +121,35 @@ def test_conv_with_projection_matches_conv_then_linear(reverse, used):
         torch.testing.assert_close(q.grad, r.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("L", [1, 2, 3, 19, 40])
+@pytest.mark.parametrize("d", [40, 64, 130])
+def test_projection_gradient_formed_in_the_conv_kernel_matches_float64_and_not_the_threads(L, d):
+    """x_proj's input gradient, formed per task row and halo inside the conv's backward kernel
+    (conv_cpu._proj_rows: pairs of rows, the last pair overlapping, a single row formed twice,
+    pw padded to whole 64-channel blocks), against the float64 conv + product, and the same
+    bits on one thread as on two (rows formed in different tasks by different threads)."""
+    from svp.ops.conv_cpu import causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(L * 1000 + d)
+    x, w, bias = torch.randn(2, L, d, generator=g), torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+    pw, gy, gp = torch.randn(9, d, generator=g), torch.randn(2, L, d, generator=g), torch.randn(2, L, 9, generator=g)
+    ref = x.double().requires_grad_()
+    yr = causal_conv1d_bld(ref, w.double(), bias.double(), "silu")
+    ((yr * gy.double()).sum() + (torch.nn.functional.linear(yr, pw.double()) * gp.double()).sum()).backward()
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xx = x.clone().requires_grad_()
+            y, p = causal_conv1d_proj_cpu(xx, w, bias, pw, "silu")
+            ((y * gy).sum() + (p * gp).sum()).backward()
+            grads.append(xx.grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(grads[0].double(), ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     """A small Vim, every gradient, with conv + x_proj as one node against the separate conv and

@@ -18,7 +18,7 @@ from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM op
 from .matmul_cpu import mm
 from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
     _task_sig_is, _wide_vectors, guard_caches, run_tasks
-from .simd import as_f32, is_bf16, to_elem
+from .simd import as_f32, fma, is_bf16, splat, to_elem, vload, vstore, zeros
 from numba import njit, prange, types
 
 TB = 16  # time steps per task; a task owns whole (contiguous) rows of every channel
@@ -78,6 +78,77 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
                   + w3[c] * as_f32(x3[c]))
 
 
+PB = 64  # channels per block of _proj_rows (four 16-lane vectors); its pw is padded to whole blocks
+
+
+@njit(inline="always", error_model="numpy")
+def _proj_rows(pd, pw, row0, nr):
+    """x_proj's input gradient for rows row0 .. row0 + nr - 1 of pd (b * L, n): a flat
+    (max(nr, 2), dp) float32 buffer G with G[i * dp + c] = sum over r of pd[row0 + i, r] *
+    pw[r, c], pw (n, dp) with dp a multiple of PB. Each element is one fma chain over r in
+    order, the same whichever pair of rows it is formed in (the last pair overlaps the one
+    before it, a single row is formed twice), so its bits do not depend on the task's rows or
+    the threads. Two rows per pass over a PB-channel block of pw (n * PB floats, in L1).
+
+    Formed in the conv's backward kernel instead of by a product into a (b, L, d) tensor that
+    the kernel then read: the product wrote and the kernel read that tensor through memory,
+    and the node took 0.88x the time this way in a Vim-Tiny step (docs/benchmarks.md,
+    thirty-first round). For the Vim models' shapes it gave the bits of oneDNN's product (there, AMD Zen 5)."""
+    n, dp = pw.shape
+    G = np.empty(max(nr, 2) * dp, np.float32)
+    for c0 in range(0, dp, PB):
+        for i0 in range(0, nr, 2):
+            i = max(0, min(i0, nr - 2))
+            ra = row0 + i
+            rb = row0 + min(i + 1, nr - 1)
+            a0 = zeros()
+            a1 = zeros()
+            a2 = zeros()
+            a3 = zeros()
+            b0 = zeros()
+            b1 = zeros()
+            b2 = zeros()
+            b3 = zeros()
+            for r in range(n):
+                o = r * dp + c0
+                w0 = vload(pw, o)
+                w1 = vload(pw, o + 16)
+                w2 = vload(pw, o + 32)
+                w3 = vload(pw, o + 48)
+                s = splat(pd[ra, r])
+                a0 = fma(s, w0, a0)
+                a1 = fma(s, w1, a1)
+                a2 = fma(s, w2, a2)
+                a3 = fma(s, w3, a3)
+                s = splat(pd[rb, r])
+                b0 = fma(s, w0, b0)
+                b1 = fma(s, w1, b1)
+                b2 = fma(s, w2, b2)
+                b3 = fma(s, w3, b3)
+            o = i * dp + c0
+            vstore(G, o, a0)
+            vstore(G, o + 16, a1)
+            vstore(G, o + 32, a2)
+            vstore(G, o + 48, a3)
+            o += dp
+            vstore(G, o, b0)
+            vstore(G, o + 16, b1)
+            vstore(G, o + 32, b2)
+            vstore(G, o + 48, b3)
+    return G
+
+
+_NO_PD = _NO_PW = np.empty((0, 0), np.float32)   # _bwd_task's pd and pw without x_proj's gradient
+
+
+def _padded_pw(pw: torch.Tensor) -> torch.Tensor:
+    """pw (n, d) as _proj_rows reads it: contiguous, its columns padded with zeros to a
+    multiple of PB (the Vim models' widths need no padding)."""
+    d = pw.shape[1]
+    pad = -d % PB
+    return (torch.nn.functional.pad(pw, (0, pad)) if pad else pw).contiguous()
+
+
 # Each kernel's task (TB rows of one sample) is a function called from a one-line prange, as
 # in scan_cpu (see _fwd_task there): numba types a prange body twice and deep-copies its IR in
 # the parfor passes. Inline, the backward's three variants (float32 / bfloat16 x and dx) took
@@ -113,9 +184,11 @@ def _fwd_task(task, x, w, bias, reverse, silu, out):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
-    # gb (when has_gb): a second gradient of the output, added to g as it is read (the
-    # output's two consumers in the mixer: the scan and x_proj; see CausalConv1dProjCPU).
+def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_dx, dxp, dx, dwp, dbp):
+    # With has_gb, a second gradient of the output is added to g as it is read: x_proj's input
+    # gradient pd @ pw (the output's two consumers in the mixer: the scan and x_proj; see
+    # CausalConv1dProjCPU), formed here for the task's rows and halo (_proj_rows) rather than
+    # by a product into a (b, L, d) tensor this kernel then read.
     # add_dx: dx = dxp + this gradient (dxp float32: the other direction's input gradient, see
     # BiConvProjCPU; a float32 dx is dxp itself and is added to in place, a bfloat16 one is new).
     # x and dx may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
@@ -135,10 +208,12 @@ def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, d
     if need_dw:
         dw[:] = 0.0
         db[:] = 0.0
+    G2 = _proj_rows(pd, pw, bi * L + lo, hi - lo) if has_gb else acc
+    dpw = pw.shape[1]
     for t in range(lo, hi):
         gt = ga[t - lo]
         gr = g[bi, t]
-        gbr = gb[bi, t]
+        gbr = G2[(t - lo) * dpw:] if has_gb else acc
         if silu:
             if _full4(t, L, W, reverse):
                 _preact4(x, w, brow, bi, t, reverse, acc)
@@ -225,8 +300,8 @@ def _conv_fwd(taddr, thash, x, w, bias, reverse, silu, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _conv_bwd(taddr, thash, x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp):
-    args = (x, w, bias, reverse, silu, need_dw, g, gb, has_gb, add_dx, dxp, dx, dwp, dbp)
+def _conv_bwd(taddr, thash, x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_dx, dxp, dx, dwp, dbp):
+    args = (x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_dx, dxp, dx, dwp, dbp)
     if not _task_sig_is(thash, np.int64(0), args):
         return False
     ntb = (x.shape[1] + TB - 1) // TB
@@ -275,7 +350,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         need_dw = bool(need[1] or (has_bias and need[2]))  # False for a frozen conv: no sums
         with _dynamic_tasks():
             run_tasks(_conv_bwd, _bwd_task, types.int64, xs.numpy(), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
-                      dy.numpy(), dy.numpy(), False, False, dx.numpy(), dx.numpy(), dwp.numpy(), dbp.numpy())
+                      dy.numpy(), _NO_PD, _NO_PW, False, False, dx.numpy(), dx.numpy(), dwp.numpy(), dbp.numpy())
         dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
         db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
         return dx if need[0] else None, dw, db, None, None
@@ -314,14 +389,13 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None, dx_dtype=torch.float32)
     b, L, d = xs.shape
     W = wt.shape[0]
     dpw = None
-    g2 = None
+    dp = None
     if dproj is not None:
-        dp = dproj.reshape(-1, pw.shape[0])
+        dp = dproj.reshape(-1, pw.shape[0]).to(torch.float32).contiguous()
         if need[3]:
             dpw = _mm(dp.t(), out.view(-1, d))
-        g2 = _mm(dp, pw).view(b, L, d)
-    if dy is None:
-        dy, g2 = g2, None
+    if dy is None and dp is not None:   # only x_proj's output is used: its gradient is dy
+        dy, dp = _mm(dp, pw).view(b, L, d), None
     if dy is None:
         return dx, None, None, dpw
     dy = dy.contiguous()
@@ -336,9 +410,9 @@ def _conv_proj_bwd(saved, cfg, need, dy, dproj, dx=None, dx_dtype=torch.float32)
     dbp = torch.empty(ntask, d, dtype=torch.float64)
     need_dw = bool(need[1] or (has_bias and need[2]))
     # (callers: _dynamic_tasks)
+    pd, pwp = (_NO_PD, _NO_PW) if dp is None else (dp.numpy(), _padded_pw(pw).numpy())
     run_tasks(_conv_bwd, _bwd_task, types.int64, _nd(xs), wt.numpy(), bs.numpy(), reverse, silu, need_dw,
-              dy.numpy(), (dy if g2 is None else g2).numpy(), g2 is not None, add, prev.numpy(), _nd(dx),
-              dwp.numpy(), dbp.numpy())
+              dy.numpy(), pd, pwp, dp is not None, add, prev.numpy(), _nd(dx), dwp.numpy(), dbp.numpy())
     dw = dwp.sum(0).t().to(torch.float32) if need[1] else None
     db = dbp.sum(0).to(torch.float32) if (has_bias and need[2]) else None
     return dx, dw, db, dpw
