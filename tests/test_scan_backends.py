@@ -473,7 +473,8 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     rows, and the kernels form dt_w @ delta themselves: the output and every gradient (dt_proj's
     input and weight included) as with the time steps formed by F.linear and passed in, up to
     the order of the R-term sums; padded widths, more than 16 ranks, a bfloat16 z; bits that do
-    not depend on the thread count; and a frozen weight or input gets no gradient formed."""
+    not depend on the thread count; a frozen weight or input gets no gradient formed; and the
+    x_dbl form (the x_proj output whole, B and C None) gives the bits of its column views."""
     from svp.ops.scan_cpu import bidirectional_scan_cpu
     b, L, N = 2, 45, 16   # two backward chunks (CHUNK 32), the second of 13 steps
     gen = torch.Generator().manual_seed(31)
@@ -490,7 +491,7 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     z = r(b, L, d).transpose(1, 2).to(zdt)
     go = torch.randn(b, d, L, generator=gen).to(zdt)
 
-    def run(low_rank, w_grad=True, x_grad=True):
+    def run(low_rank, w_grad=True, x_grad=True, dbl=False):
         leaves, sides = [], []
         for args, x_dbl in ((fa, xf), (ba, xb)):
             x = x_dbl.clone().requires_grad_(x_grad)
@@ -498,7 +499,8 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
             w = args[7].detach().clone().requires_grad_(w_grad)
             low, B, C = x.split([R, N, N], -1)
             delta = low.transpose(1, 2) if low_rank else torch.nn.functional.linear(low, w).transpose(1, 2)
-            sides.append([u, delta, args[2], B.transpose(1, 2), C.transpose(1, 2), args[5], args[6]]
+            sides.append([u, x, args[2], None, None, args[5], args[6], w] if dbl else
+                         [u, delta, args[2], B.transpose(1, 2), C.transpose(1, 2), args[5], args[6]]
                          + ([w] if low_rank else []))
             leaves += ([x] if x_grad else []) + [u] + ([w] if w_grad else [])
         zz = z.detach().clone().requires_grad_()
@@ -524,6 +526,10 @@ def test_cpu_bidirectional_scan_forms_the_time_steps_from_dt_projs_input_and_wei
     assert all(torch.equal(a, c) for a, c in zip(g3, [g1[0], g1[1], g1[2], g1[4], g1[5]]))
     _, g4 = run(True, w_grad=False, x_grad=False)   # nor the sums of dt_proj's input gradient
     assert all(torch.equal(a, c) for a, c in zip(g4, [g1[0], g1[2], g1[5]]))
+    for kw in ({}, {"w_grad": False}, {"x_grad": False}):
+        y5, g5 = run(True, dbl=True, **kw)
+        y6, g6 = run(True, **kw)
+        assert torch.equal(y5, y1) and len(g5) == len(g6) and all(torch.equal(a, c) for a, c in zip(g5, g6)), kw
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
@@ -533,6 +539,23 @@ def test_cpu_bidirectional_scan_rejects_a_dt_w_of_the_wrong_shape():
     side = [fa[0], fa[3][:, :4], fa[2], fa[3], fa[4], fa[5], fa[7], torch.randn(64, 5)]
     with pytest.raises(ValueError, match=r"bwd's dt_w \(64, 5\) must be \(d, R\)"):
         bidirectional_scan_cpu(fa[6], [fa[i] for i in (0, 1, 2, 3, 4, 5, 7)], side)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_bidirectional_scan_rejects_a_wrong_x_dbl_form():
+    from svp.ops.scan_cpu import bidirectional_scan_cpu
+    b, d, L, N, R = 1, 64, 5, 16, 4
+    u, A, D, bias = torch.randn(b, d, L), -torch.rand(d, N) - 0.1, torch.randn(d), torch.randn(d)
+    x_dbl, w = torch.randn(b, L, R + 2 * N), torch.randn(d, R)
+    good = (u, x_dbl, A, None, None, D, bias, w)
+    assert bidirectional_scan_cpu(torch.randn(b, d, L), good, good).shape == (b, d, L)
+    with pytest.raises(ValueError, match=r"bwd's x_dbl form .* got x_dbl \(1, 5, 35\), dt_w \(64, 4\)"):
+        bidirectional_scan_cpu(u, good, (u, x_dbl[..., :-1], A, None, None, D, bias, w))
+    with pytest.raises(ValueError, match=r"fwd's x_dbl form .* dt_w None"):
+        bidirectional_scan_cpu(u, (u, x_dbl, A, None, None, D, bias), good)
+    low, B, C = x_dbl.split([R, N, N], -1)
+    with pytest.raises(ValueError, match="must both pass B and C, or both the x_dbl form"):
+        bidirectional_scan_cpu(u, good, (u, low.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, bias, w))
 
 
 def _recompiled(module, name):
@@ -1021,8 +1044,10 @@ def test_vim_mixers_let_the_fused_scan_form_the_time_steps(monkeypatch, method):
     x = torch.randn(2, 3, 32, 32)
     widths = []
     real = scan_cpu.BiScanCPU.forward
-    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward",
-                        staticmethod(lambda ctx, *a: widths.append(a[2].shape[1]) or real(ctx, *a)))
+    # (the time steps' input width: R in the x_dbl form (B None; delta the x_proj output, (b, L,
+    # R + 2N)) as from dt_w, d_inner when the time steps come formed)
+    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward", staticmethod(
+        lambda ctx, *a: widths.append(a[8].shape[1] if a[4] is None else a[2].shape[1]) or real(ctx, *a)))
     got = output_and_grads(peft, x)
     assert widths == [model.layers[0].mixer.dt_rank] * 2
     real_low_rank = vim._low_rank_delta

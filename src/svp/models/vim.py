@@ -334,10 +334,16 @@ class BiMambaMixer(nn.Module):
                 x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
                 (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
             cp_f, cp_b = (xf, dbl_f), (xb, dbl_b)
+        cp_f = cp_f or self._conv_proj(x, fwd[0], fwd[1], fwd[5])
+        cp_b = cp_b or self._conv_proj(x, bwd[0], bwd[1], bwd[5])
         sf = self._scan_inputs(x, *fwd, conv_proj=cp_f, low_rank=True)
         sb = self._scan_inputs(x, *bwd, conv_proj=cp_b, low_rank=True)
         zt = z.transpose(1, 2)
         if all(t.dtype == torch.float32 for t in sf + sb):
+            if len(sf) == len(sb) == 8:
+                # low rank: the x_proj outputs whole (BiScanCPU's x_dbl form; their gradients
+                # then come as one tensor each, not three for autograd to concatenate)
+                sf, sb = ((s[0], cp[1], s[2], None, None, *s[5:]) for s, cp in ((sf, cp_f), (sb, cp_b)))
             return bidirectional_scan_cpu(zt, sf, sb).transpose(1, 2)
         # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them), the time
         # steps formed as without low_rank

@@ -1408,6 +1408,33 @@ def _sum_blocks(P, out):
                 out[bi, gi, t0 + j, n] = acc[j, n]
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def _sum_blocks_dbl(PL, PB, PC, out):
+    """_sum_blocks of the low-rank delta's, dB's and dC's partial sums (one group) in one
+    launch, into the rows of one (b, L, R + 2N) gradient, laid out as the x_proj output the
+    three are column ranges of: out[b, t] = (dL[:R], dB, dC) summed over channel blocks, the
+    same bits as three _sum_blocks calls (each element summed in float64 over the blocks in
+    order, rounded once). BiScanCPU's x_dbl form (see there)."""
+    b, _, nb, L, N = PB.shape
+    R = out.shape[2] - 2 * N
+    ntb = (L + _TB - 1) // _TB
+    for task in prange(b * ntb):
+        bi = task // ntb
+        t0 = (task % ntb) * _TB
+        m = min(_TB, L - t0)
+        acc = np.zeros((_TB, R + 2 * N), np.float64)
+        for k in range(nb):
+            for j in range(m):
+                for n in range(R):
+                    acc[j, n] += np.float64(PL[bi, 0, k, t0 + j, n])
+                for n in range(N):
+                    acc[j, R + n] += np.float64(PB[bi, 0, k, t0 + j, n])
+                    acc[j, R + N + n] += np.float64(PC[bi, 0, k, t0 + j, n])
+        for j in range(m):
+            for n in range(R + 2 * N):
+                out[bi, t0 + j, n] = acc[j, n]
+
+
 @njit(cache=True, error_model="numpy")
 def _sum_batch(dAp, dDp, dbp, dg, dgp, dA, dD, db):
     """The per-batch-row float64 sums of dA (b, N, padded d), dD and delta_bias's gradient
@@ -1689,14 +1716,16 @@ def _streamable(*ts):
     return all(t.data_ptr() % 64 == 0 for t in ts)
 
 
-def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
+def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=False):
     """One direction's backward: the gradients of (u, delta, A, B, C, D, z, delta_bias, dt_w).
     dout (b, L, dp) float32 or bfloat16, padded, or None; ``acc``: a padded float32 z gradient
     to add this one to. The z gradient comes in ``dz_dtype`` (default: z's), written in it by
     the kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction). With
     a dt_w (_fwd), delta's gradient is that of dt_proj's input (b, R, L), formed in the kernel
     per chunk and channel block (_dlow_rows) and summed over the blocks like dB, and dt_w's is
-    formed from the time steps' gradient, which is otherwise not written."""
+    formed from the time steps' gradient, which is otherwise not written. With ``dbl`` (a dt_w,
+    one group, need[1]: BiScanCPU's x_dbl form), delta's gradient is that of the whole x_proj
+    output (b, L, R + 2N), dt_proj's input, B and C in one tensor, and B's and C's are None."""
     u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt = saved
     has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs), ls = cfg
     lowr = Wt.dim() == 2
@@ -1757,8 +1786,13 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None):
     dA, dD, db = torch.empty(d, N), torch.empty(d), torch.empty(d)
     if need_da or need_ddb:
         _sum_batch(dAp.numpy(), dDp.numpy(), dbp.numpy(), dg, dgp, dA.numpy(), dD.numpy(), db.numpy())
+    if dbl:
+        ddelta = torch.empty(b, L, R + 2 * N, dtype=torch.float32)
+        _sum_blocks_dbl(dLp.numpy(), dBp.numpy(), dCp.numpy(), ddelta.numpy())
+        need = (*need[:3], False, False, *need[5:])
     if lowr:
-        ddelta = bc(dLp, 1, False, dt_delta)[:, :R] if need_low else None
+        if not dbl:
+            ddelta = bc(dLp, 1, False, dt_delta)[:, :R] if need_low else None
         # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
         low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
         dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
@@ -1830,11 +1864,20 @@ class BiScanCPU(torch.autograd.Function):
     A bfloat16 z (the mixer's in_proj under CPU autocast, train.amp) is read as it is, and the
     output is then bfloat16 too, as are the output gradient read and the z gradient written
     backward: the bits of casting z to float32, running this, and casting the output to
-    bfloat16 (what out_proj's autocast did), each cast a pass over (b, L, d) less."""
+    bfloat16 (what out_proj's autocast did), each cast a pass over (b, L, d) less.
+
+    The x_dbl form (B and C None, a dt_w, delta the whole x_proj output (b, L, R + 2N): dt_proj's
+    input, B and C as its column ranges) takes the x_proj output as one input and gives its
+    gradient as one tensor, written by one kernel (_sum_blocks_dbl): the same values as the
+    three column views' gradients, without autograd's split backward concatenating them (a
+    copy per direction and layer) or two of the three block-sum launches."""
 
     @staticmethod
     @_dynamic_tasks_in
     def forward(ctx, z, u, delta, A, B, C, D, bias, w, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, w_b):
+        ctx.dbl = B is None
+        if ctx.dbl:
+            (delta, B, C), (delta_b, B_b, C_b) = _dbl_views(delta, w, A), _dbl_views(delta_b, w_b, A_b)
         out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True, dt_w=w)
         out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype,
                           z_bf16=True, dt_w=w_b)
@@ -1852,10 +1895,19 @@ class BiScanCPU(torch.autograd.Function):
         # (u, delta, A, B, C, D, z, bias, w) order for _bwd; the second call's kernel adds its z
         # gradient to the first's (padded again: a view of the first's buffer when unpadded),
         # float32 until that sum
-        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, *nf[6:]), g3, None, dz_dtype=torch.float32)
+        dbl_f, dbl_b = ctx.dbl and nf[1], ctx.dbl and nb[1]
+        gf = _bwd(sf, ctx.cfg[0], ctx.dtypes[0], (*nf[:6], need_z, *nf[6:]), g3, None, dz_dtype=torch.float32,
+                  dbl=dbl_f)
         acc = _padc(gf[6].transpose(1, 2), *_layout(sf, ctx.cfg[0])).contiguous() if need_z else None
-        gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, *nb[6:]), g3, None, acc=acc)
+        gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, *nb[6:]), g3, None, acc=acc, dbl=dbl_b)
         return (gb[6], *gf[:6], *gf[7:], *gb[:6], *gb[7:])
+
+
+def _dbl_views(x_dbl, w, A):
+    """(delta, B, C) of the x_dbl form (see BiScanCPU): dt_proj's input (b, R, L), B and C
+    (b, N, L), views of the x_proj output's column ranges, as the models pass them."""
+    R, N = w.shape[1], A.shape[1]
+    return tuple(t.transpose(1, 2) for t in x_dbl.split([R, N, N], dim=-1))
 
 
 def bidirectional_scan_cpu(z, fwd, bwd):
@@ -1863,13 +1915,28 @@ def bidirectional_scan_cpu(z, fwd, bwd):
     delta_softplus, in one autograd node (see BiScanCPU). fwd, bwd: (u, delta, A, B, C, D,
     delta_bias) or (u, delta, A, B, C, D, delta_bias, dt_w), float32 CPU tensors laid out as for
     selective_scan_cpu, with a dt_w (d, R) meaning that delta is (b, R, L) and the time steps
-    are dt_w @ delta; z float32 or bfloat16 (then so is the result); returns (b, d, L)."""
+    are dt_w @ delta; z float32 or bfloat16 (then so is the result); returns (b, d, L).
+
+    Or both (u, x_dbl, A, None, None, D, delta_bias, dt_w): BiScanCPU's x_dbl form, x_dbl the
+    x_proj output (b, L, R + 2N) whose column ranges are dt_proj's input, B and C (as the Vim
+    mixer splits it), its gradient one tensor."""
     fwd, bwd = (tuple(s) + (None,) * (8 - len(s)) for s in (fwd, bwd))
     for t in (z, *fwd, *bwd):
         ok = (torch.float32, torch.bfloat16) if t is z else (torch.float32,)
         if t is not None and (t.device.type != "cpu" or t.dtype not in ok):
             raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors (z: float32 or bfloat16); "
                              f"got {t.dtype} on {t.device}")
+    forms = {s[3] is None and s[4] is None for s in (fwd, bwd)}
+    if forms == {True}:
+        for name, (u, x_dbl, A, *_, w) in (("fwd", fwd), ("bwd", bwd)):
+            want = None if w is None or w.dim() != 2 else (u.shape[0], u.shape[2], w.shape[1] + 2 * A.shape[1])
+            if want is None or tuple(x_dbl.shape) != want or w.shape[0] != u.shape[1]:
+                raise ValueError(f"bidirectional_scan_cpu: {name}'s x_dbl form (B and C None) needs a dt_w (d, R) "
+                                 f"and an x_dbl (b, L, R + 2N) for u {tuple(u.shape)} and A {tuple(A.shape)}; got "
+                                 f"x_dbl {tuple(x_dbl.shape)}, dt_w {None if w is None else tuple(w.shape)}")
+        return BiScanCPU.apply(z, *fwd, *bwd)
+    if len(forms) > 1:
+        raise ValueError("bidirectional_scan_cpu: fwd and bwd must both pass B and C, or both the x_dbl form")
     for name, (u, delta, *_, w) in (("fwd", fwd), ("bwd", bwd)):
         if w is not None and (w.dim() != 2 or delta.dim() != 3 or tuple(w.shape) != (u.shape[1], delta.shape[1])):
             raise ValueError(f"bidirectional_scan_cpu: {name}'s dt_w {tuple(w.shape)} must be (d, R) for u "
