@@ -150,6 +150,32 @@ def test_projection_gradient_formed_in_the_conv_kernel_matches_float64_and_not_t
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 19, 37])
+@pytest.mark.parametrize("n", [9, 44, 56, 100])
+def test_projection_formed_in_the_conv_kernel_matches_float64_and_not_the_threads(L, n):
+    """x_proj's product, formed by the conv's forward kernel from the rows each task has just
+    written (conv_cpu._proj_out_rows: four rows at a time, the last four overlapping, fewer
+    repeated; 48- and 16-column tiles), against the float64 conv + product, and the same bits
+    on one thread as on two."""
+    from svp.ops.conv_cpu import causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(L * 1000 + n)
+    d = 40
+    x, w, bias = torch.randn(2, L, d, generator=g), torch.randn(d, 4, generator=g) * 0.5, torch.randn(d, generator=g)
+    pw = torch.randn(n, d, generator=g)
+    want = torch.nn.functional.linear(causal_conv1d_bld(x.double(), w.double(), bias.double(), "silu"), pw.double())
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            outs.append(causal_conv1d_proj_cpu(x, w, bias, pw, "silu")[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].shape == (2, L, n)
+    torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     """A small Vim, every gradient, with conv + x_proj as one node against the separate conv and

@@ -149,6 +149,124 @@ def _padded_pw(pw: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.pad(pw, (0, pad)) if pad else pw).contiguous()
 
 
+@njit(inline="always")
+def _tile3(pwT, k0, oa, ob, oc, od, tmp):
+    """tmp[i * npd + k0 .. + 48] for the four rows oa..od: 48 columns of the rows' products
+    with pwT (d, npd), each an fma chain over the channels in order."""
+    npd = pwT.shape[1]
+    a0 = zeros()
+    a1 = zeros()
+    a2 = zeros()
+    b0 = zeros()
+    b1 = zeros()
+    b2 = zeros()
+    c0 = zeros()
+    c1 = zeros()
+    c2 = zeros()
+    d0 = zeros()
+    d1 = zeros()
+    d2 = zeros()
+    for c in range(oa.shape[0]):
+        o = c * npd + k0
+        w0 = vload(pwT, o)
+        w1 = vload(pwT, o + 16)
+        w2 = vload(pwT, o + 32)
+        s = splat(oa[c])
+        a0 = fma(s, w0, a0)
+        a1 = fma(s, w1, a1)
+        a2 = fma(s, w2, a2)
+        s = splat(ob[c])
+        b0 = fma(s, w0, b0)
+        b1 = fma(s, w1, b1)
+        b2 = fma(s, w2, b2)
+        s = splat(oc[c])
+        c0 = fma(s, w0, c0)
+        c1 = fma(s, w1, c1)
+        c2 = fma(s, w2, c2)
+        s = splat(od[c])
+        d0 = fma(s, w0, d0)
+        d1 = fma(s, w1, d1)
+        d2 = fma(s, w2, d2)
+    vstore(tmp, k0, a0)
+    vstore(tmp, k0 + 16, a1)
+    vstore(tmp, k0 + 32, a2)
+    vstore(tmp, npd + k0, b0)
+    vstore(tmp, npd + k0 + 16, b1)
+    vstore(tmp, npd + k0 + 32, b2)
+    vstore(tmp, 2 * npd + k0, c0)
+    vstore(tmp, 2 * npd + k0 + 16, c1)
+    vstore(tmp, 2 * npd + k0 + 32, c2)
+    vstore(tmp, 3 * npd + k0, d0)
+    vstore(tmp, 3 * npd + k0 + 16, d1)
+    vstore(tmp, 3 * npd + k0 + 32, d2)
+
+
+@njit(inline="always")
+def _tile1(pwT, k0, oa, ob, oc, od, tmp):
+    """_tile3 for 16 columns (the last ones, when npd is not a multiple of 48)."""
+    npd = pwT.shape[1]
+    a0 = zeros()
+    b0 = zeros()
+    c0 = zeros()
+    d0 = zeros()
+    for c in range(oa.shape[0]):
+        w0 = vload(pwT, c * npd + k0)
+        a0 = fma(splat(oa[c]), w0, a0)
+        b0 = fma(splat(ob[c]), w0, b0)
+        c0 = fma(splat(oc[c]), w0, c0)
+        d0 = fma(splat(od[c]), w0, d0)
+    vstore(tmp, k0, a0)
+    vstore(tmp, npd + k0, b0)
+    vstore(tmp, 2 * npd + k0, c0)
+    vstore(tmp, 3 * npd + k0, d0)
+
+
+@njit(inline="always", error_model="numpy")
+def _proj_out_rows(out, bi, t0, t1, pwT, proj):
+    """proj[bi, t] = out[bi, t] @ pwT[:, :n] for the task's rows t0 .. t1 - 1 (x_proj's
+    product of the conv's output rows the task has just written, while they are in cache),
+    pwT (d, npd) x_proj's weight transposed, its columns padded to whole 16-lane vectors.
+    Each element is one fma chain over the channels in order, whichever four rows it is formed
+    with (the last four overlap the ones before, fewer rows are repeated), so its bits do not
+    depend on the task's rows or the threads; for Vim-Tiny's shape (d 384, n 44) they were
+    oneDNN's bits here (docs/benchmarks.md, thirty-first round)."""
+    npd = pwT.shape[1]
+    n = proj.shape[2]
+    nr = t1 - t0
+    tmp = np.empty(4 * npd, np.float32)
+    for i0 in range(0, nr, 4):
+        i = max(0, min(i0, nr - 4))
+        ra = t0 + i
+        rb = t0 + min(i + 1, nr - 1)
+        rc = t0 + min(i + 2, nr - 1)
+        rd = t0 + min(i + 3, nr - 1)
+        oa, ob, oc, od = out[bi, ra], out[bi, rb], out[bi, rc], out[bi, rd]
+        k0 = 0
+        while k0 + 48 <= npd:
+            _tile3(pwT, k0, oa, ob, oc, od, tmp)
+            k0 += 48
+        while k0 < npd:
+            _tile1(pwT, k0, oa, ob, oc, od, tmp)
+            k0 += 16
+        for j, r in enumerate((ra, rb, rc, rd)):
+            pr = proj[bi, r]
+            for k in range(n):
+                pr[k] = tmp[j * npd + k]
+
+
+_NO_PWT = np.empty((0, 0), np.float32)   # _fwd_task's pwT and proj without x_proj's product
+_NO_PROJ = np.empty((0, 0, 0), np.float32)
+
+
+def _padded_pwT(pw: torch.Tensor) -> torch.Tensor:
+    """pw (n, d) as _proj_out_rows reads it: transposed (d, npd), contiguous, its columns
+    padded with zeros to whole 16-lane vectors."""
+    n, d = pw.shape
+    out = torch.zeros(d, -(-n // 16) * 16)
+    out[:, :n] = pw.t()
+    return out
+
+
 # Each kernel's task (TB rows of one sample) is a function called from a one-line prange, as
 # in scan_cpu (see _fwd_task there): numba types a prange body twice and deep-copies its IR in
 # the parfor passes. Inline, the backward's three variants (float32 / bfloat16 x and dx) took
@@ -158,7 +276,7 @@ def _padded_pw(pw: torch.Tensor) -> torch.Tensor:
 # "CI time"). The prange calls each task through its address (scan_cpu.run_tasks), so the task's
 # code is compiled once, not again inside the kernel; its index is an int64.
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _fwd_task(task, x, w, bias, reverse, silu, out):
+def _fwd_task(task, x, w, bias, reverse, silu, out, pwT, proj):
     # Tasks own whole rows: with channel blocks (c0 + c indexing) numba's index arithmetic
     # kept LLVM from vectorising well and the kernel was 6x slower than this.
     _wide_vectors()
@@ -181,6 +299,8 @@ def _fwd_task(task, x, w, bias, reverse, silu, out):
         else:
             for c in range(d):
                 o[c] = acc[c]
+    if pwT.shape[1] > 0:   # x_proj's product (CausalConv1dProjCPU)
+        _proj_out_rows(out, bi, t0, t1, pwT, proj)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
@@ -289,8 +409,8 @@ def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_d
 
 # (the tasks are called through their addresses, scan_cpu.run_tasks: see _call_task there)
 @njit(parallel=True, cache=True, error_model="numpy")
-def _conv_fwd(taddr, thash, x, w, bias, reverse, silu, out):
-    args = (x, w, bias, reverse, silu, out)
+def _conv_fwd(taddr, thash, x, w, bias, reverse, silu, out, pwT, proj):
+    args = (x, w, bias, reverse, silu, out, pwT, proj)
     if not _task_sig_is(thash, np.int64(0), args):
         return False
     ntb = (x.shape[1] + TB - 1) // TB
@@ -330,7 +450,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=torch.float32)
         with _dynamic_tasks():
             run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu),
-                      out.numpy())
+                      out.numpy(), _NO_PWT, _NO_PROJ)
         ctx.save_for_backward(xs, wt, bs)
         ctx.cfg = (bool(reverse), bool(silu), bias is not None)
         return out
@@ -373,10 +493,11 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     d = x.shape[-1]
     bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
-    # (callers: _dynamic_tasks)
-    run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy())
     pw = proj_w.detach()
-    proj = _mm(out.view(-1, d), pw.t()).view(*x.shape[:-1], pw.shape[0])
+    proj = torch.empty(*x.shape[:-1], pw.shape[0], dtype=torch.float32)
+    # (callers: _dynamic_tasks)
+    run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy(),
+              _padded_pwT(pw).numpy(), proj.numpy())
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))
 
 
