@@ -17,8 +17,10 @@ training configuration, in the same process:
   of the same step (all threads); the machine's load average beside it.
 * matmul-bound ms: the floating-point work of every matrix product and convolution the step
   actually runs (forward and the backward autograd needs for this method: counted with
-  ``torch.utils.flop_counter.FlopCounterMode`` over one real step, plus the depthwise conv1d,
-  which runs in a fused kernel the counter cannot see: 2 W flops per element and pass), divided
+  ``torch.utils.flop_counter.FlopCounterMode`` over one real step, with dt_proj's and x_proj's
+  products run as F.linear for it (the fused kernels form them where the counter cannot see),
+  plus the depthwise conv1d, which runs in a fused kernel the counter cannot see either: 2 W
+  flops per element and pass), divided
   by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads;
   the faster of torch's own product and oneDNN's, which svp.ops.matmul_cpu runs where torch's is
   slow: on an AMD Zen 5 torch's MKL reaches half oneDNN's rate, docs/benchmarks.md, twenty-seventh round),
@@ -156,19 +158,22 @@ def child(spec):
         step(True)
         out["matmul_gflops_bf16"] = _matmul_rate(dtype=torch.bfloat16)[0] / 1e9
     from torch.utils.flop_counter import FlopCounterMode
-    # dt_proj's product counted as a product wherever it runs: the fused scan forms it in its
-    # kernels (svp.models.vim._low_rank_delta), where the counter would not see it
+    # dt_proj's and x_proj's products counted as products wherever they run: the fused scan
+    # forms dt_proj's in its kernels (svp.models.vim._low_rank_delta), the fused conv x_proj's
+    # forward and its input gradient (svp.ops.conv_cpu._proj_out_rows / _proj_rows), where the
+    # counter would not see them; for the counted step they run as F.linear
     import svp.models.vim as vim_module
-    low_rank = getattr(vim_module, "_low_rank_delta", None)
-    if low_rank is not None:
-        vim_module._low_rank_delta = lambda mixer, grad: False
+    saved = {name: getattr(vim_module, name) for name in ("_low_rank_delta", "_fused_conv_proj")
+             if hasattr(vim_module, name)}
+    for name in saved:
+        setattr(vim_module, name, lambda *a, **k: False)
     # in-place products (addmm_) and oneDNN's count as products too (the counter's table has neither)
     try:
         with FlopCounterMode(display=False, custom_mapping=matmul_cpu.flop_mapping()) as fc:
             step()
     finally:
-        if low_rank is not None:
-            vim_module._low_rank_delta = low_rank
+        for name, f in saved.items():
+            setattr(vim_module, name, f)
     tokens = pm.base_model.patch_embed.num_patches + 1
     conv_trained = any(p.requires_grad for n, p in pm.base_model.named_parameters() if ".conv1d" in n)
     fwd1d, total1d = _conv1d_flops(pm, b, tokens, conv_trained)
