@@ -176,6 +176,20 @@ def test_projection_formed_in_the_conv_kernel_matches_float64_and_not_the_thread
     assert torch.equal(outs[0], outs[1])
 
 
+def test_projection_follows_its_weight_changed_in_place():
+    """The fused forward keeps x_proj's weight transposed on the weight (svp.ops.kept); an
+    in-place change (an optimizer step) makes it form it again."""
+    from svp.ops.conv_cpu import causal_conv1d_proj_cpu
+    g = torch.Generator().manual_seed(2)
+    x, w, bias, pw = (torch.randn(2, 9, 64, generator=g), torch.randn(64, 4, generator=g), torch.randn(64, generator=g),
+                      torch.randn(44, 64, generator=g))
+    p1 = causal_conv1d_proj_cpu(x, w, bias, pw, "silu")[1]
+    assert torch.equal(causal_conv1d_proj_cpu(x, w, bias, pw, "silu")[1], p1)
+    with torch.no_grad():
+        pw.mul_(2.0)   # (every product and sum exactly doubled)
+    assert torch.equal(causal_conv1d_proj_cpu(x, w, bias, pw, "silu")[1], 2 * p1)
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     """A small Vim, every gradient, with conv + x_proj as one node against the separate conv and
