@@ -76,7 +76,8 @@ def test_mm_through_onednn_is_as_accurate_as_torchs_in_every_layout_the_nodes_us
     w = torch.randn(n, k, generator=g)
     dy = torch.randn(m, n, generator=g)
     layouts = {"a b": (a, b), "a w^T (a forward)": (a, w.t()), "dy w (an input gradient)": (dy, w),
-               "dy^T a (a weight gradient)": (dy.t(), a)}
+               "dy^T a (a weight gradient)": (dy.t(), a),
+               "a^T dy (a weight gradient formed transposed)": (a.t(), dy)}
     with matmul_cpu.forced(True):
         for name, (x, y) in layouts.items():
             assert matmul_cpu.onednn_takes(x, y), name
@@ -103,6 +104,31 @@ def test_mm_through_onednn_is_as_accurate_as_torchs_in_every_layout_the_nodes_us
         assert r.grad_fn is not None and torch.equal(r, torch.mm(leaf, b))
     with matmul_cpu.forced(False):
         assert not matmul_cpu.onednn_takes(a, b) and torch.equal(matmul_cpu.mm(a, b), torch.mm(a, b))
+
+
+@needs_onednn
+def test_a_weight_gradient_copies_the_narrower_operand_with_the_same_bits(monkeypatch):
+    """oneDNN's product makes its input operand contiguous: for dY^T X (a transposed a) with
+    fewer columns in X than in dY, mm forms (X^T dY)^T, so the copy is of X; the result is
+    row-major, with the bits of the product formed the other way."""
+    g = torch.Generator().manual_seed(1)
+    rows, wide, narrow = 1576, 192, 64
+    dy, x = torch.randn(rows, wide, generator=g), torch.randn(rows, narrow, generator=g)
+    real = torch.ops.mkldnn._linear_pointwise
+    want = real(dy.t(), x.t(), None, "none", [], "")   # input dY^T: its copy is (192, 1576)
+    inputs = []
+
+    class Spy:
+        def __call__(self, inp, *a):
+            inputs.append(tuple(inp.shape))
+            return real(inp, *a)
+    with matmul_cpu.forced(True):
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
+        got = matmul_cpu.mm(dy.t(), x)
+        back = matmul_cpu.mm(x.t(), dy)   # (64, 192): dY would be the larger copy; as it is
+    assert inputs == [(narrow, rows), (narrow, rows)]
+    assert got.is_contiguous() and torch.equal(got, want)
+    assert back.is_contiguous() and torch.equal(back, real(x.t(), dy.t(), None, "none", [], ""))
 
 
 @needs_onednn
