@@ -177,8 +177,9 @@ def test_projection_formed_in_the_conv_kernel_matches_float64_and_not_the_thread
 
 
 def test_projection_follows_its_weight_changed_in_place():
-    """The fused forward keeps x_proj's weight transposed on the weight (svp.ops.kept); an
-    in-place change (an optimizer step) makes it form it again."""
+    """The fused forward keeps a frozen x_proj weight transposed on the weight (svp.ops.kept); an
+    in-place change makes it form it again, and a trained weight (which torch's fused AdamW steps
+    without bumping its version counter) is formed anew each call."""
     from svp.ops.conv_cpu import causal_conv1d_proj_cpu
     g = torch.Generator().manual_seed(2)
     x, w, bias, pw = (torch.randn(2, 9, 64, generator=g), torch.randn(64, 4, generator=g), torch.randn(64, generator=g),
@@ -188,6 +189,17 @@ def test_projection_follows_its_weight_changed_in_place():
     with torch.no_grad():
         pw.mul_(2.0)   # (every product and sum exactly doubled)
     assert torch.equal(causal_conv1d_proj_cpu(x, w, bias, pw, "silu")[1], 2 * p1)
+    # a trained weight stepped by torch's fused AdamW, which leaves its version counter as it was
+    tw = torch.nn.Parameter(pw.clone())
+    opt = torch.optim.AdamW([tw], lr=0.5, fused=True)
+    causal_conv1d_proj_cpu(x, w, bias, tw, "silu")[1].sum().backward()
+    version = tw._version
+    opt.step()
+    assert tw._version == version and not torch.equal(tw, pw)   # (what makes keeping it unsafe)
+    with torch.no_grad():
+        got = causal_conv1d_proj_cpu(x, w, bias, tw, "silu")[1]
+        want = torch.nn.functional.linear(causal_conv1d_bld(x, w, bias, "silu"), tw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -1078,16 +1078,18 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
     """The tables the 'cpu' scan derives from A are kept on A (scan_cpu._tables, svp.ops.kept): the second
     call with the same A reuses them, and a change of A's values (in place: its version
     counter; a new storage through .data) is a miss, giving the bits of a fresh tensor with
-    the new values, output and every gradient."""
+    the new values, output and every other gradient. An A that requires grad keeps nothing
+    (svp.ops.kept: a fused optimizer step would leave no trace)."""
     from svp.ops.scan_cpu import selective_scan_cpu
     args = make(2, 70, 19, 16, seed=21)
     A = args[2].clone()
 
     def go(a):
         xs = [None if x is None else x.detach().clone().requires_grad_() for x in args]
-        xs[2] = a.requires_grad_() if a.is_leaf else a
+        xs[2] = a
         out = selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True)
-        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), [x for x in xs if x is not None]))
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(),
+                                                         [x for x in xs if x is not None and x.requires_grad]))
 
     def same(r, s):
         return all(torch.equal(a, b) for a, b in zip(r, s))
@@ -1108,6 +1110,9 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
     with torch.no_grad():
         A[0, 0] = 0.5        # a positive entry: the general decay path, decided per table
     assert same(go(A), go(A.detach().clone()))
+    trained = A.detach().clone().requires_grad_()
+    go(trained)
+    assert not any(k[0] == "scan_cpu tables" for k in getattr(trained, "_svp_kept", {}))
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

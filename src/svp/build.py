@@ -209,6 +209,8 @@ def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init)
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir).to(dev).eval()
+    # nothing trains here: frozen, the mixers keep what they derive from their weights (svp.ops.kept)
+    model.requires_grad_(False)
     if spec.img_size is None:  # no backbone.json: the model's own input size
         spec.img_size = int(getattr(model, "base_model", model).patch_embed.img_size[0])
     return model, spec, dev

@@ -496,9 +496,10 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     out = torch.empty(x.shape, dtype=torch.float32)
     pw = proj_w.detach()
     proj = torch.empty(*x.shape[:-1], pw.shape[0], dtype=torch.float32)
-    # (callers: _dynamic_tasks)
-    # (kept on x_proj's weight while it is unchanged: forming it took ~20 us a call in a step, under cProfile)
+    # kept on a frozen x_proj weight (formed per call it took ~20 us a call in a step, under
+    # cProfile); a trained one gets it formed anew (svp.ops.kept)
     pwT = kept(proj_w, "conv_cpu x_proj^T", lambda: _padded_pwT(pw))
+    # (callers: _dynamic_tasks)
     run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu), out.numpy(),
               pwT.numpy(), proj.numpy())
     return out, proj, ((xs, wt, bs, pw, out), (bool(reverse), bool(silu), bias is not None))

@@ -7,8 +7,12 @@ its version counter (every in-place change: optimizer steps, ``load_state_dict``
 under ``no_grad``), data pointer, shape and dtype. A replaced parameter is another object and
 carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry along with a
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
-the version counter (no code in svp does that; ``torch.optim`` does not). Inference tensors have
-no version counter and keep nothing.
+the version counter (no code in svp does that), and torch's fused optimizers: ``torch.optim.AdamW
+(fused=True)`` on the CPU (the engine's default, ``train.opt_fused``) steps its parameters without
+bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing: a
+trained parameter evaluated under ``no_grad`` between fused steps got the values kept at the
+first evaluation (full fine-tuning's A, out_proj's halved weight), until 2026-12 (docs/
+benchmarks.md, thirty-first round). Inference tensors have no version counter and keep nothing.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ T = TypeVar("T")
 
 
 def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
-    """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on)."""
-    if t.is_inference():
+    """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on),
+    for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
+    if t.is_inference() or t.requires_grad:
         return make()
     key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
     store = getattr(t, "_svp_kept", None)
@@ -40,11 +45,12 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
 
 def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tensor], T]) -> T:
     """``fn(t)`` for a parameter the model derives a value from (the mixers' A from A_log, the
-    halved out_proj weight). While ``t`` needs no gradient here (a frozen backbone, or gradients
-    off) the value is kept on ``t`` (see ``kept``), formed without autograd and outside inference
-    mode even inside it: a normal tensor serves both (an inference tensor could not be saved by
-    autograd later, and keeps nothing). A trained ``t`` gets ``fn(t)`` on every call, which
-    autograd sees."""
+    halved out_proj weight). While ``t`` does not require grad (a frozen backbone, a model loaded
+    for inference) the value is kept on ``t`` (see ``kept``), formed without autograd and outside
+    inference mode even inside it: a normal tensor serves both (an inference tensor could not be
+    saved by autograd later, and keeps nothing). A ``t`` that requires grad gets ``fn(t)`` on
+    every call (which autograd sees where gradients are on), also under ``no_grad``: a fused
+    optimizer step leaves no trace ``kept`` could see."""
     if t.requires_grad and torch.is_grad_enabled():
         return fn(t)
 
