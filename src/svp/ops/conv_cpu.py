@@ -151,55 +151,39 @@ def _padded_pw(pw: torch.Tensor) -> torch.Tensor:
 
 
 @njit(inline="always")
+def _fma3(x, w0, w1, w2, a0, a1, a2):
+    """(a0, a1, a2) + x * (w0, w1, w2): one row's step of _tile3, x a scalar of that row."""
+    s = splat(x)
+    return fma(s, w0, a0), fma(s, w1, a1), fma(s, w2, a2)
+
+
+@njit(inline="always")
+def _store3(tmp, o, a0, a1, a2):
+    vstore(tmp, o, a0)
+    vstore(tmp, o + 16, a1)
+    vstore(tmp, o + 32, a2)
+
+
+@njit(inline="always")
 def _tile3(pwT, k0, oa, ob, oc, od, tmp):
     """tmp[i * npd + k0 .. + 48] for the four rows oa..od: 48 columns of the rows' products
-    with pwT (d, npd), each an fma chain over the channels in order."""
+    with pwT (d, npd), each an fma chain over the channels in order (four rows of three
+    16-lane accumulators: 12 of the 16 or 32 vector registers)."""
     npd = pwT.shape[1]
-    a0 = zeros()
-    a1 = zeros()
-    a2 = zeros()
-    b0 = zeros()
-    b1 = zeros()
-    b2 = zeros()
-    c0 = zeros()
-    c1 = zeros()
-    c2 = zeros()
-    d0 = zeros()
-    d1 = zeros()
-    d2 = zeros()
+    a0 = a1 = a2 = b0 = b1 = b2 = c0 = c1 = c2 = d0 = d1 = d2 = zeros()
     for c in range(oa.shape[0]):
         o = c * npd + k0
         w0 = vload(pwT, o)
         w1 = vload(pwT, o + 16)
         w2 = vload(pwT, o + 32)
-        s = splat(oa[c])
-        a0 = fma(s, w0, a0)
-        a1 = fma(s, w1, a1)
-        a2 = fma(s, w2, a2)
-        s = splat(ob[c])
-        b0 = fma(s, w0, b0)
-        b1 = fma(s, w1, b1)
-        b2 = fma(s, w2, b2)
-        s = splat(oc[c])
-        c0 = fma(s, w0, c0)
-        c1 = fma(s, w1, c1)
-        c2 = fma(s, w2, c2)
-        s = splat(od[c])
-        d0 = fma(s, w0, d0)
-        d1 = fma(s, w1, d1)
-        d2 = fma(s, w2, d2)
-    vstore(tmp, k0, a0)
-    vstore(tmp, k0 + 16, a1)
-    vstore(tmp, k0 + 32, a2)
-    vstore(tmp, npd + k0, b0)
-    vstore(tmp, npd + k0 + 16, b1)
-    vstore(tmp, npd + k0 + 32, b2)
-    vstore(tmp, 2 * npd + k0, c0)
-    vstore(tmp, 2 * npd + k0 + 16, c1)
-    vstore(tmp, 2 * npd + k0 + 32, c2)
-    vstore(tmp, 3 * npd + k0, d0)
-    vstore(tmp, 3 * npd + k0 + 16, d1)
-    vstore(tmp, 3 * npd + k0 + 32, d2)
+        a0, a1, a2 = _fma3(oa[c], w0, w1, w2, a0, a1, a2)
+        b0, b1, b2 = _fma3(ob[c], w0, w1, w2, b0, b1, b2)
+        c0, c1, c2 = _fma3(oc[c], w0, w1, w2, c0, c1, c2)
+        d0, d1, d2 = _fma3(od[c], w0, w1, w2, d0, d1, d2)
+    _store3(tmp, k0, a0, a1, a2)
+    _store3(tmp, npd + k0, b0, b1, b2)
+    _store3(tmp, 2 * npd + k0, c0, c1, c2)
+    _store3(tmp, 3 * npd + k0, d0, d1, d2)
 
 
 @njit(inline="always")
