@@ -24,10 +24,12 @@ def _cpuinfo(tmp_path, vendor, family, flags):
     return str(p)
 
 
-def test_auto_takes_onednn_only_on_amd_zen5_or_later_with_avx512(tmp_path, monkeypatch):
+def test_auto_takes_onednn_only_on_amd_with_avx512(tmp_path, monkeypatch):
     monkeypatch.setattr(matmul_cpu, "onednn_available", lambda: True)
     cases = [("AuthenticAMD", 26, "avx512f avx512bw", True), ("AuthenticAMD", 27, "avx512f", True),
-             ("AuthenticAMD", 25, "avx512f avx512bw", False),   # Zen 4: not measured, unchanged
+             ("AuthenticAMD", 25, "avx512f avx512bw", True),    # Zen 4
+             ("AuthenticAMD", 25, "", False),                   # Zen 3: no AVX-512, not measured
+             ("AuthenticAMD", 23, "avx512f", False),
              ("AuthenticAMD", 26, "", False), ("GenuineIntel", 6, "avx512f avx512bw", False)]
     for vendor, family, flags, want in cases:
         on, why = matmul_cpu.decide("auto", cpuinfo=_cpuinfo(tmp_path, vendor, family, flags))
@@ -36,6 +38,31 @@ def test_auto_takes_onednn_only_on_amd_zen5_or_later_with_avx512(tmp_path, monke
     monkeypatch.setattr(matmul_cpu, "onednn_available", lambda: False)
     on, why = matmul_cpu.decide("auto", cpuinfo=_cpuinfo(tmp_path, "AuthenticAMD", 26, "avx512f"))
     assert not on and "no oneDNN" in why
+
+
+def test_auto_on_a_zen4_leaves_small_products_to_torch(tmp_path, monkeypatch):
+    """On a Zen 4 torch's products were the faster below ~15 M multiply-adds (batch-1 prediction's
+    layer products), so auto sends oneDNN only larger ones there; forced / SVP_CPU_MATMUL=onednn
+    keep MIN_MACS everywhere."""
+    zen4 = _cpuinfo(tmp_path, "AuthenticAMD", 25, "avx512f avx512bw")
+    assert matmul_cpu.auto_min_macs(zen4) == matmul_cpu.MIN_MACS_ZEN4 > matmul_cpu.MIN_MACS
+    assert matmul_cpu.auto_min_macs(_cpuinfo(tmp_path, "AuthenticAMD", 26, "avx512f")) == matmul_cpu.MIN_MACS
+    monkeypatch.setattr(matmul_cpu, "onednn_available", lambda: True)
+    monkeypatch.setattr(matmul_cpu, "decide", lambda: (True, "auto: oneDNN (a Zen 4)"))
+    monkeypatch.setattr(matmul_cpu, "auto_min_macs", lambda: matmul_cpu.MIN_MACS_ZEN4)
+    for key in ("on", "why", "min_macs"):
+        monkeypatch.setitem(matmul_cpu._state, key, None)   # decided again, restored after
+    small = (torch.randn(197, 192), torch.randn(192, 384))     # 14.5 M: a batch-1 in_proj half
+    large = (torch.randn(394, 192), torch.randn(192, 384))     # 29 M
+    assert matmul_cpu.use_onednn() and matmul_cpu.min_macs() == matmul_cpu.MIN_MACS_ZEN4
+    assert not matmul_cpu.onednn_takes(*small) and matmul_cpu.onednn_takes(*large)
+    assert "16 M multiply-adds or more" in matmul_cpu.status()
+    with matmul_cpu.forced(True):
+        assert matmul_cpu.min_macs() == matmul_cpu.MIN_MACS and matmul_cpu.onednn_takes(*small)
+    assert matmul_cpu.min_macs() == matmul_cpu.MIN_MACS_ZEN4
+    monkeypatch.setattr(matmul_cpu, "decide", lambda: (True, "SVP_CPU_MATMUL=onednn"))
+    matmul_cpu._state["on"] = None
+    assert matmul_cpu.use_onednn() and matmul_cpu.min_macs() == matmul_cpu.MIN_MACS
 
 
 def test_explicit_modes_and_a_bad_value(monkeypatch):
@@ -56,7 +83,8 @@ def test_explicit_modes_and_a_bad_value(monkeypatch):
 def test_doctor_names_a_bad_setting_and_fails_on_it(monkeypatch):
     from svp import doctor
     monkeypatch.setitem(matmul_cpu._state, "on", None)   # decided again, from the variable below
-    monkeypatch.setitem(matmul_cpu._state, "why", None)  # (both restored after the test)
+    monkeypatch.setitem(matmul_cpu._state, "why", None)  # (all three restored after the test)
+    monkeypatch.setitem(matmul_cpu._state, "min_macs", None)
     monkeypatch.setenv("SVP_CPU_MATMUL", "mkl")
     row = doctor._products()
     assert row.startswith("FAIL") and "SVP_CPU_MATMUL='mkl'" in row and "auto, onednn, blas" in row

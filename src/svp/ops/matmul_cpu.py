@@ -6,14 +6,16 @@ processors; on an AMD one it takes its AVX2 code, which on a Zen 5 core (two ful
 FMA pipes) reaches half the core's FMA peak. oneDNN, which torch also ships (its convolutions and
 bfloat16 products run on it), picks its code by the instructions the CPU has, not by vendor.
 Measured on a 2-vCPU AMD EPYC, Zen 5 (docs/benchmarks.md, "Twenty-seventh round"): a Vim-Tiny
-layer's products 2.2-2.4x faster at one thread (~220 against ~100 GFLOP/s), 1.8-2.2x at two.
+layer's products 2.2-2.4x faster at one thread (~220 against ~100 GFLOP/s), 1.8-2.2x at two. On a
+Zen 4 (AVX-512 at the AVX2 rate; "Thirty-second round") the gap is small but on oneDNN's side: a
+training step's products 0.84-0.98x the time (every method, Vim-Tiny and Vim-Small, 2 threads).
 
 ``SVP_CPU_MATMUL`` chooses, read once when this module is first used:
 
-* ``auto`` (the default): oneDNN on an AMD processor of family 26 (Zen 5) or later with AVX-512
-  (as /proc/cpuinfo says: Linux), where it was measured; torch's BLAS everywhere else (Intel:
-  MKL runs its AVX-512 code there; Zen 4, whose AVX-512 runs at the AVX2 rate, and older AMD: not
-  measured, so unchanged).
+* ``auto`` (the default): oneDNN on an AMD processor with AVX-512 (as /proc/cpuinfo says:
+  Linux), that is Zen 4 (family 25) and later, where it was measured; torch's BLAS everywhere else
+  (Intel: MKL runs its AVX-512 code there; AMD without AVX-512, Zen 3 and older: not measured, so
+  unchanged).
 * ``onednn``: oneDNN wherever torch has it (an error where it has not: no silent fallback).
 * ``blas``: torch's own products (``torch.mm``), as before this module.
 
@@ -21,7 +23,9 @@ The two give the same results up to float32 rounding (a product's sums run in an
 a machine's bits depend on its choice; on one machine and thread count each is reproducible. Only
 float32 products with both operands on the CPU and at least ``MIN_MACS`` multiply-adds take
 oneDNN (a call costs ~10 us more than torch's: a (1, 192) x (192, 100) head product 2.8 against
-13 us); bfloat16 products already run on oneDNN in torch.
+13 us); under ``auto`` on a Zen 4, at least ``MIN_MACS_ZEN4``, since there torch's products were
+the faster up to ~15 M (a batch-1 Vim-Tiny in_proj half, (197, 192) x (192, 384): 277 against
+300 us at 2 threads). bfloat16 products already run on oneDNN in torch.
 
 ``mm`` is ``torch.mm`` with the same signature, for the inside of autograd Functions (no graph);
 ``linear`` is ``F.linear``, differentiable, its backward products through ``mm`` too.
@@ -41,8 +45,9 @@ from ..compat import cpu_autocast, cpuinfo_field
 from ..errors import BackendError
 
 MIN_MACS = 1 << 21     # smaller products: oneDNN's per-call cost is larger than what it saves
+MIN_MACS_ZEN4 = 1 << 24   # the same where its AVX-512 runs at the AVX2 rate (auto only)
 MODES = ("auto", "onednn", "blas")
-_state = {"on": None, "why": None}
+_state = {"on": None, "why": None, "min_macs": None}
 
 
 def onednn_available() -> bool:
@@ -53,16 +58,23 @@ def onednn_available() -> bool:
         return False
 
 
-def _amd_zen5_or_later(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+def _amd_avx512(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     """Why auto picks oneDNN on this CPU, or None where it does not."""
     vendor = cpuinfo_field("vendor_id", cpuinfo) or platform.processor()
     if "AuthenticAMD" not in (vendor or ""):
         return None
     family = cpuinfo_field("cpu family", cpuinfo)
     flags = (cpuinfo_field("flags", cpuinfo) or "").split()
-    if family is None or not family.isdigit() or int(family) < 26 or "avx512f" not in flags:
+    # family 25 holds Zen 3 (no AVX-512: not measured) as well as Zen 4, hence the flag
+    if family is None or not family.isdigit() or int(family) < 25 or "avx512f" not in flags:
         return None
     return f"AMD family {family} with AVX-512: MKL runs its AVX2 code here"
+
+
+def auto_min_macs(cpuinfo: str = "/proc/cpuinfo") -> int:
+    """The smallest product (multiply-adds) ``auto`` sends to oneDNN on this CPU."""
+    family = cpuinfo_field("cpu family", cpuinfo)
+    return MIN_MACS_ZEN4 if family == "25" else MIN_MACS
 
 
 def decide(mode: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo") -> tuple:
@@ -78,9 +90,9 @@ def decide(mode: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo") -> tuple:
             raise BackendError("SVP_CPU_MATMUL=onednn, but this torch has no oneDNN float32 product "
                                "(torch.ops.mkldnn._linear_pointwise); set it to 'auto' or 'blas'")
         return True, "SVP_CPU_MATMUL=onednn"
-    why = _amd_zen5_or_later(cpuinfo)
+    why = _amd_avx512(cpuinfo)
     if why is None:
-        return False, "auto: torch's BLAS (not an AMD Zen 5 or later with AVX-512)"
+        return False, "auto: torch's BLAS (not an AMD processor with AVX-512)"
     if not onednn_available():
         return False, f"auto: torch's BLAS ({why}, but this torch has no oneDNN float32 product)"
     return True, f"auto: oneDNN ({why})"
@@ -90,19 +102,26 @@ def use_onednn() -> bool:
     """This process's choice (decided once, at first use)."""
     if _state["on"] is None:
         _state["on"], _state["why"] = decide()
+        _state["min_macs"] = auto_min_macs() if _state["on"] and _state["why"].startswith("auto") else None
     return _state["on"]
+
+
+def min_macs() -> int:
+    """The smallest product oneDNN takes in this process (after ``use_onednn()``)."""
+    return _state["min_macs"] or MIN_MACS
 
 
 @contextlib.contextmanager
 def forced(on: bool):
     """Within the block, products take oneDNN (``on``) or torch's BLAS whatever the machine, as
-    ``SVP_CPU_MATMUL=onednn`` / ``blas`` would (tests, benchmarks comparing the two)."""
+    ``SVP_CPU_MATMUL=onednn`` / ``blas`` would (tests, benchmarks comparing the two): oneDNN from
+    ``MIN_MACS`` up, as there."""
     if on and not onednn_available():
         raise BackendError("oneDNN products forced on, but this torch has no oneDNN float32 product "
                            "(torch.ops.mkldnn._linear_pointwise)")
     use_onednn()
     old = dict(_state)
-    _state.update(on=bool(on), why=f"forced {'on' if on else 'off'} (svp.ops.matmul_cpu.forced)")
+    _state.update(on=bool(on), why=f"forced {'on' if on else 'off'} (svp.ops.matmul_cpu.forced)", min_macs=None)
     try:
         yield
     finally:
@@ -111,8 +130,9 @@ def forced(on: bool):
 
 def status() -> str:
     """What products run on, and why (``svp doctor``)."""
-    use_onednn()
-    return f"{'oneDNN' if _state['on'] else 'torch BLAS'} for float32 products ({_state['why']})"
+    if not use_onednn():
+        return f"torch BLAS for float32 products ({_state['why']})"
+    return f"oneDNN for float32 products of {min_macs() / 2**20:g} M multiply-adds or more ({_state['why']})"
 
 
 def _plain(t) -> bool:
@@ -129,11 +149,11 @@ def onednn_takes(a, b, macs=None) -> bool:
             return False
         macs = a.shape[0] * a.shape[1] * b.shape[1]
     return (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
-            and b.device.type == "cpu" and macs >= MIN_MACS and not cpu_autocast() and use_onednn())
+            and b.device.type == "cpu" and not cpu_autocast() and use_onednn() and macs >= min_macs())
 
 
 def mm(a, b, out=None):
-    """``torch.mm(a, b, out=out)``; float32 CPU products of at least ``MIN_MACS`` multiply-adds
+    """``torch.mm(a, b, out=out)``; float32 CPU products of at least ``min_macs()`` multiply-adds
     through oneDNN where ``use_onednn()``. Not differentiable on that path: for the inside of
     autograd Functions (where grad mode is off), or tensors that need no gradient."""
     if not onednn_takes(a, b) or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
