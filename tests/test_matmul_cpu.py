@@ -40,29 +40,36 @@ def test_auto_takes_onednn_only_on_amd_with_avx512(tmp_path, monkeypatch):
     assert not on and "no oneDNN" in why
 
 
-def test_auto_on_a_zen4_leaves_small_products_to_torch(tmp_path, monkeypatch):
+def test_auto_on_a_zen4_leaves_small_products_and_weight_gradients_to_torch(tmp_path, monkeypatch):
     """On a Zen 4 torch's products were the faster below ~15 M multiply-adds (batch-1 prediction's
-    layer products), so auto sends oneDNN only larger ones there; forced / SVP_CPU_MATMUL=onednn
-    keep MIN_MACS everywhere."""
+    layer products) and for weight gradients (dY^T X: oneDNN copies the transpose first), so auto
+    sends neither to oneDNN there; forced / SVP_CPU_MATMUL=onednn send both everywhere."""
     zen4 = _cpuinfo(tmp_path, "AuthenticAMD", 25, "avx512f avx512bw")
-    assert matmul_cpu.auto_min_macs(zen4) == matmul_cpu.MIN_MACS_ZEN4 > matmul_cpu.MIN_MACS
-    assert matmul_cpu.auto_min_macs(_cpuinfo(tmp_path, "AuthenticAMD", 26, "avx512f")) == matmul_cpu.MIN_MACS
+    assert matmul_cpu.auto_limits(zen4) == (matmul_cpu.MIN_MACS_ZEN4, False)
+    assert matmul_cpu.MIN_MACS_ZEN4 > matmul_cpu.MIN_MACS
+    assert matmul_cpu.auto_limits(_cpuinfo(tmp_path, "AuthenticAMD", 26, "avx512f")) == (matmul_cpu.MIN_MACS, True)
     monkeypatch.setattr(matmul_cpu, "onednn_available", lambda: True)
     monkeypatch.setattr(matmul_cpu, "decide", lambda: (True, "auto: oneDNN (a Zen 4)"))
-    monkeypatch.setattr(matmul_cpu, "auto_min_macs", lambda: matmul_cpu.MIN_MACS_ZEN4)
-    for key in ("on", "why", "min_macs"):
+    monkeypatch.setattr(matmul_cpu, "auto_limits", lambda: (matmul_cpu.MIN_MACS_ZEN4, False))
+    for key in ("on", "why", "limits"):
         monkeypatch.setitem(matmul_cpu._state, key, None)   # decided again, restored after
     small = (torch.randn(197, 192), torch.randn(192, 384))     # 14.5 M: a batch-1 in_proj half
     large = (torch.randn(394, 192), torch.randn(192, 384))     # 29 M
-    assert matmul_cpu.use_onednn() and matmul_cpu.min_macs() == matmul_cpu.MIN_MACS_ZEN4
-    assert not matmul_cpu.onednn_takes(*small) and matmul_cpu.onednn_takes(*large)
-    assert "16 M multiply-adds or more" in matmul_cpu.status()
+    dy, x = torch.randn(1576, 192), torch.randn(1576, 64)
+    wgrad, wgrad_t = (dy.t(), x), (x.t(), dy)                  # 19 M each, the first a transpose
+    assert matmul_cpu.use_onednn() and matmul_cpu.limits() == (matmul_cpu.MIN_MACS_ZEN4, False)
+    assert matmul_cpu.onednn_takes(*large)
+    assert not any(matmul_cpu.onednn_takes(*ab) for ab in (small, wgrad, wgrad_t))
+    assert torch.equal(matmul_cpu.mm(*wgrad), torch.mm(*wgrad))   # torch's product, its bits
+    assert "16 M multiply-adds or more but weight gradients" in matmul_cpu.status()
     with matmul_cpu.forced(True):
-        assert matmul_cpu.min_macs() == matmul_cpu.MIN_MACS and matmul_cpu.onednn_takes(*small)
-    assert matmul_cpu.min_macs() == matmul_cpu.MIN_MACS_ZEN4
+        assert matmul_cpu.limits() == (matmul_cpu.MIN_MACS, True)
+        assert all(matmul_cpu.onednn_takes(*ab) for ab in (small, large, wgrad, wgrad_t))
+    assert matmul_cpu.limits() == (matmul_cpu.MIN_MACS_ZEN4, False)
     monkeypatch.setattr(matmul_cpu, "decide", lambda: (True, "SVP_CPU_MATMUL=onednn"))
     matmul_cpu._state["on"] = None
-    assert matmul_cpu.use_onednn() and matmul_cpu.min_macs() == matmul_cpu.MIN_MACS
+    assert matmul_cpu.use_onednn() and matmul_cpu.limits() == (matmul_cpu.MIN_MACS, True)
+    assert matmul_cpu.onednn_takes(*wgrad)
 
 
 def test_explicit_modes_and_a_bad_value(monkeypatch):
@@ -84,7 +91,7 @@ def test_doctor_names_a_bad_setting_and_fails_on_it(monkeypatch):
     from svp import doctor
     monkeypatch.setitem(matmul_cpu._state, "on", None)   # decided again, from the variable below
     monkeypatch.setitem(matmul_cpu._state, "why", None)  # (all three restored after the test)
-    monkeypatch.setitem(matmul_cpu._state, "min_macs", None)
+    monkeypatch.setitem(matmul_cpu._state, "limits", None)
     monkeypatch.setenv("SVP_CPU_MATMUL", "mkl")
     row = doctor._products()
     assert row.startswith("FAIL") and "SVP_CPU_MATMUL='mkl'" in row and "auto, onednn, blas" in row

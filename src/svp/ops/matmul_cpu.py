@@ -7,8 +7,9 @@ FMA pipes) reaches half the core's FMA peak. oneDNN, which torch also ships (its
 bfloat16 products run on it), picks its code by the instructions the CPU has, not by vendor.
 Measured on a 2-vCPU AMD EPYC, Zen 5 (docs/benchmarks.md, "Twenty-seventh round"): a Vim-Tiny
 layer's products 2.2-2.4x faster at one thread (~220 against ~100 GFLOP/s), 1.8-2.2x at two. On a
-Zen 4 (AVX-512 at the AVX2 rate; "Thirty-second round") the gap is small but on oneDNN's side: a
-training step's products 0.84-0.98x the time (every method, Vim-Tiny and Vim-Small, 2 threads).
+Zen 4 (AVX-512 at the AVX2 rate; "Thirty-second round") the gap is small but on oneDNN's side for
+the products it takes there (below): a training step's products 0.83-0.96x the time (every
+method, Vim-Tiny and Vim-Small, 2 threads), batch-32 prediction 0.81-0.94x.
 
 ``SVP_CPU_MATMUL`` chooses, read once when this module is first used:
 
@@ -23,9 +24,12 @@ The two give the same results up to float32 rounding (a product's sums run in an
 a machine's bits depend on its choice; on one machine and thread count each is reproducible. Only
 float32 products with both operands on the CPU and at least ``MIN_MACS`` multiply-adds take
 oneDNN (a call costs ~10 us more than torch's: a (1, 192) x (192, 100) head product 2.8 against
-13 us); under ``auto`` on a Zen 4, at least ``MIN_MACS_ZEN4``, since there torch's products were
-the faster up to ~15 M (a batch-1 Vim-Tiny in_proj half, (197, 192) x (192, 384): 277 against
-300 us at 2 threads). bfloat16 products already run on oneDNN in torch.
+13 us). Under ``auto`` on a Zen 4 (``auto_limits``), only products of at least ``MIN_MACS_ZEN4``,
+since there torch's products were the faster up to ~15 M (a batch-1 Vim-Tiny in_proj half,
+(197, 192) x (192, 384): 277 against 300 us at 2 threads), and not weight gradients (a first
+operand that is a transpose, dY^T X): oneDNN copies it to row-major first, and MKL, which reads
+it as it is, was as fast or faster there (a step's products 0.93-0.98x the time with them on
+MKL, every method). bfloat16 products already run on oneDNN in torch.
 
 ``mm`` is ``torch.mm`` with the same signature, for the inside of autograd Functions (no graph);
 ``linear`` is ``F.linear``, differentiable, its backward products through ``mm`` too.
@@ -47,7 +51,7 @@ from ..errors import BackendError
 MIN_MACS = 1 << 21     # smaller products: oneDNN's per-call cost is larger than what it saves
 MIN_MACS_ZEN4 = 1 << 24   # the same where its AVX-512 runs at the AVX2 rate (auto only)
 MODES = ("auto", "onednn", "blas")
-_state = {"on": None, "why": None, "min_macs": None}
+_state = {"on": None, "why": None, "limits": None}
 
 
 def onednn_available() -> bool:
@@ -71,10 +75,14 @@ def _amd_avx512(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     return f"AMD family {family} with AVX-512: MKL runs its AVX2 code here"
 
 
-def auto_min_macs(cpuinfo: str = "/proc/cpuinfo") -> int:
-    """The smallest product (multiply-adds) ``auto`` sends to oneDNN on this CPU."""
-    family = cpuinfo_field("cpu family", cpuinfo)
-    return MIN_MACS_ZEN4 if family == "25" else MIN_MACS
+def auto_limits(cpuinfo: str = "/proc/cpuinfo") -> tuple:
+    """(the smallest product, in multiply-adds, ``auto`` sends to oneDNN on this CPU; whether
+    it sends weight gradients, a first operand that is a transpose): on a Zen 4 (family 25; its
+    AVX-512 at the AVX2 rate, so MKL's AVX2 code is less far behind) neither small products nor
+    weight gradients (see the module doc)."""
+    if cpuinfo_field("cpu family", cpuinfo) == "25":
+        return MIN_MACS_ZEN4, False
+    return MIN_MACS, True
 
 
 def decide(mode: Optional[str] = None, cpuinfo: str = "/proc/cpuinfo") -> tuple:
@@ -102,26 +110,27 @@ def use_onednn() -> bool:
     """This process's choice (decided once, at first use)."""
     if _state["on"] is None:
         _state["on"], _state["why"] = decide()
-        _state["min_macs"] = auto_min_macs() if _state["on"] and _state["why"].startswith("auto") else None
+        _state["limits"] = auto_limits() if _state["on"] and _state["why"].startswith("auto") else None
     return _state["on"]
 
 
-def min_macs() -> int:
-    """The smallest product oneDNN takes in this process (after ``use_onednn()``)."""
-    return _state["min_macs"] or MIN_MACS
+def limits() -> tuple:
+    """(smallest product in multiply-adds, weight gradients too) for oneDNN in this process, after
+    ``use_onednn()``: ``auto_limits()`` under auto, else (``MIN_MACS``, True)."""
+    return _state["limits"] or (MIN_MACS, True)
 
 
 @contextlib.contextmanager
 def forced(on: bool):
     """Within the block, products take oneDNN (``on``) or torch's BLAS whatever the machine, as
     ``SVP_CPU_MATMUL=onednn`` / ``blas`` would (tests, benchmarks comparing the two): oneDNN from
-    ``MIN_MACS`` up, as there."""
+    ``MIN_MACS`` up, weight gradients too, as there."""
     if on and not onednn_available():
         raise BackendError("oneDNN products forced on, but this torch has no oneDNN float32 product "
                            "(torch.ops.mkldnn._linear_pointwise)")
     use_onednn()
     old = dict(_state)
-    _state.update(on=bool(on), why=f"forced {'on' if on else 'off'} (svp.ops.matmul_cpu.forced)", min_macs=None)
+    _state.update(on=bool(on), why=f"forced {'on' if on else 'off'} (svp.ops.matmul_cpu.forced)", limits=None)
     try:
         yield
     finally:
@@ -132,7 +141,9 @@ def status() -> str:
     """What products run on, and why (``svp doctor``)."""
     if not use_onednn():
         return f"torch BLAS for float32 products ({_state['why']})"
-    return f"oneDNN for float32 products of {min_macs() / 2**20:g} M multiply-adds or more ({_state['why']})"
+    least, wgrads = limits()
+    return (f"oneDNN for float32 products of {least / 2**20:g} M multiply-adds or more"
+            f"{'' if wgrads else ' but weight gradients'} ({_state['why']})")
 
 
 def _plain(t) -> bool:
@@ -143,19 +154,25 @@ def _plain(t) -> bool:
 
 
 def onednn_takes(a, b, macs=None) -> bool:
-    """Whether the product of a (.., k) and b (k, n) goes to oneDNN."""
+    """Whether the product of a (.., k) and b (k, n) goes to oneDNN (``mm``'s two matrices; with
+    ``macs``, ``linear``'s input and weight)."""
+    if not (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
+            and b.device.type == "cpu" and not cpu_autocast() and use_onednn()):
+        return False
+    least, wgrads = limits()
     if macs is None:
         if a.dim() != 2 or b.dim() != 2 or not (_plain(a) and _plain(b)):
             return False
+        if not (wgrads or a.is_contiguous()):   # a weight gradient, dY^T X, where MKL takes those
+            return False
         macs = a.shape[0] * a.shape[1] * b.shape[1]
-    return (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
-            and b.device.type == "cpu" and not cpu_autocast() and use_onednn() and macs >= min_macs())
+    return macs >= least
 
 
 def mm(a, b, out=None):
-    """``torch.mm(a, b, out=out)``; float32 CPU products of at least ``min_macs()`` multiply-adds
-    through oneDNN where ``use_onednn()``. Not differentiable on that path: for the inside of
-    autograd Functions (where grad mode is off), or tensors that need no gradient."""
+    """``torch.mm(a, b, out=out)``; float32 CPU products through oneDNN where ``onednn_takes``
+    them. Not differentiable on that path: for the inside of autograd Functions (where grad mode
+    is off), or tensors that need no gradient."""
     if not onednn_takes(a, b) or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     # oneDNN's linear takes the weight as (out, in): b.t(), a view, read as it is; torch makes
