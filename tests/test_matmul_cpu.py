@@ -190,10 +190,10 @@ def test_linear_through_onednn_and_its_gradients_against_float64(bias, frozen_w)
             assert _err(t.grad, r.grad) < 1e-6
 
 
-def _step(method, on, monkeypatch):
+def _step(method, on, monkeypatch, wgrads=True):
     """An SVP-style training step's output and gradients, with every product svp routes on
-    oneDNN (``on``; MIN_MACS 0 so the small test model's products count) or torch's, and the
-    product FLOPs per op."""
+    oneDNN (``on``; MIN_MACS 0 so the small test model's products count; with ``wgrads`` False,
+    as auto on a Zen 4, the weight gradients on torch's) or torch's, and the product FLOPs per op."""
     monkeypatch.setattr(matmul_cpu, "MIN_MACS", 0)
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=4,
@@ -207,6 +207,8 @@ def _step(method, on, monkeypatch):
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     x = torch.randn(2, 3, 32, 32, generator=g)
     with matmul_cpu.forced(on), FlopCounterMode(display=False, custom_mapping=matmul_cpu.flop_mapping()) as fc:
+        if not wgrads:
+            matmul_cpu._state["limits"] = (0, False)   # (forced puts the state back on exit)
         out, grads = output_and_grads(pm, x, seed=5)
     counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     return out, grads, counts
@@ -222,6 +224,24 @@ def test_a_training_step_with_its_products_on_onednn_matches_torchs(method, monk
     # none added or lost: the same FLOPs in all
     assert onednn > 0.5 * sum(flops.values()) and not any("_linear_pointwise" in k for k in ref_flops)
     assert sum(flops.values()) == sum(ref_flops.values())
+    assert ((out - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-5
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        scale = ref_grads[n].abs().max().clamp_min(1e-12)
+        assert ((grads[n] - ref_grads[n]).abs().max() / scale).item() < 1e-4, n
+
+
+@needs_onednn
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_step_with_weight_gradients_left_to_torch_matches_too(method, monkeypatch):
+    """auto on a Zen 4: every product on oneDNN but the weight gradients (dY^T X), which stay
+    torch's; the same step, the same FLOPs, split between the two."""
+    out, grads, flops = _step(method, True, monkeypatch, wgrads=False)
+    all_out, _, all_flops = _step(method, True, monkeypatch)
+    ref_out, ref_grads, ref_flops = _step(method, False, monkeypatch)
+    on = lambda f: sum(v for k, v in f.items() if "_linear_pointwise" in k)  # noqa: E731
+    assert 0 < on(flops) < on(all_flops) and sum(flops.values()) == sum(ref_flops.values())
+    assert torch.equal(out, all_out)   # the forward's products are the same calls either way
     assert ((out - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-5
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
