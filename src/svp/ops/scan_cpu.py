@@ -1416,23 +1416,34 @@ def _sum_blocks_dbl(PL, PB, PC, out):
     same bits as three _sum_blocks calls (each element summed in float64 over the blocks in
     order, rounded once). BiScanCPU's x_dbl form (see there)."""
     b, _, nb, L, N = PB.shape
+    RP = PL.shape[4]   # R padded to whole vectors: rows of whole vectors in every sum below
     R = out.shape[2] - 2 * N
     ntb = (L + _TB - 1) // _TB
     for task in prange(b * ntb):
         bi = task // ntb
         t0 = (task % ntb) * _TB
         m = min(_TB, L - t0)
-        acc = np.zeros((_TB, R + 2 * N), np.float64)
+        # one accumulator per input, each row whole vectors: the sums vectorise (one (_TB, R + 2N)
+        # accumulator, its rows 44 wide at Vim-Tiny, ran 1.3x slower; docs/benchmarks.md,
+        # thirty-second round). The padding columns of PL are summed and dropped.
+        accL = np.zeros((_TB, RP), np.float64)
+        accB = np.zeros((_TB, N), np.float64)
+        accC = np.zeros((_TB, N), np.float64)
         for k in range(nb):
             for j in range(m):
-                for n in range(R):
-                    acc[j, n] += np.float64(PL[bi, 0, k, t0 + j, n])
+                for n in range(RP):
+                    accL[j, n] += np.float64(PL[bi, 0, k, t0 + j, n])
                 for n in range(N):
-                    acc[j, R + n] += np.float64(PB[bi, 0, k, t0 + j, n])
-                    acc[j, R + N + n] += np.float64(PC[bi, 0, k, t0 + j, n])
+                    accB[j, n] += np.float64(PB[bi, 0, k, t0 + j, n])
+                for n in range(N):
+                    accC[j, n] += np.float64(PC[bi, 0, k, t0 + j, n])
         for j in range(m):
-            for n in range(R + 2 * N):
-                out[bi, t0 + j, n] = acc[j, n]
+            for n in range(R):
+                out[bi, t0 + j, n] = accL[j, n]
+            for n in range(N):
+                out[bi, t0 + j, R + n] = accB[j, n]
+            for n in range(N):
+                out[bi, t0 + j, R + N + n] = accC[j, n]
 
 
 @njit(cache=True, error_model="numpy")
