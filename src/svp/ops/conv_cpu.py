@@ -164,7 +164,12 @@ def _store3(tmp, o, a0, a1, a2):
     vstore(tmp, o + 32, a2)
 
 
-@njit(inline="always")
+# _tile3, _tile1 and _proj_out_rows are functions LLVM links in, not inlined into the task by
+# numba (inline="always" copies and types their IR at every call site): inlined, the forward
+# task took 50-55 s to compile per variant under numba 0.58 (the floor), nearly half of its
+# test suite's first amp test; as functions 9 s (0.68: 2-3 s either way). Same bits and speed
+# (docs/benchmarks.md, thirty-second round).
+@njit
 def _tile3(pwT, k0, oa, ob, oc, od, tmp):
     """tmp[i * npd + k0 .. + 48] for the four rows oa..od: 48 columns of the rows' products
     with pwT (d, npd), each an fma chain over the channels in order (four rows of three
@@ -186,7 +191,7 @@ def _tile3(pwT, k0, oa, ob, oc, od, tmp):
     _store3(tmp, 3 * npd + k0, d0, d1, d2)
 
 
-@njit(inline="always")
+@njit
 def _tile1(pwT, k0, oa, ob, oc, od, tmp):
     """_tile3 for 16 columns (the last ones, when npd is not a multiple of 48)."""
     npd = pwT.shape[1]
@@ -206,7 +211,7 @@ def _tile1(pwT, k0, oa, ob, oc, od, tmp):
     vstore(tmp, 3 * npd + k0, d0)
 
 
-@njit(inline="always", error_model="numpy")
+@njit(error_model="numpy")
 def _proj_out_rows(out, bi, t0, t1, pwT, proj):
     """proj[bi, t] = out[bi, t] @ pwT[:, :n] for the task's rows t0 .. t1 - 1 (x_proj's
     product of the conv's output rows the task has just written, while they are in cache),
