@@ -1424,7 +1424,7 @@ def _sum_blocks_dbl(PL, PB, PC, out):
         t0 = (task % ntb) * _TB
         m = min(_TB, L - t0)
         # one accumulator per input, each row whole vectors: the sums vectorise (one (_TB, R + 2N)
-        # accumulator, its rows 44 wide at Vim-Tiny, ran 1.3x slower; docs/benchmarks.md,
+        # accumulator, its rows 44 wide at Vim-Tiny, took 1.1-1.2x as long; docs/benchmarks.md,
         # thirty-second round). The padding columns of PL are summed and dropped.
         accL = np.zeros((_TB, RP), np.float64)
         accB = np.zeros((_TB, N), np.float64)
