@@ -887,7 +887,8 @@ def test_no_kernel_is_called_with_a_tuple_from_python():
     kernels = [d for d in gc.get_objects()   # (type(): gc also holds dead weak proxies)
                if issubclass(type(d), Dispatcher) and d.py_func.__module__.startswith("svp.") and d.signatures]
     names = {d.py_func.__name__ for d in kernels}
-    assert {"_scan_fwd", "_scan_bwd", "_conv_fwd", "_conv_bwd", "_fwd_task", "_bwd_task"} <= names
+    assert {"_scan_fwd", "_scan_bwd", "_conv_fwd", "_conv_bwd", "_prompt_fwd", "_prompt_bwd", "_fwd_task",
+            "_bwd_task"} <= names
     with_tuples = [(d.py_func.__qualname__, str(sig)) for d in kernels for sig in d.signatures
                    if any(isinstance(t, types.BaseTuple) for t in sig)]
     assert not with_tuples

@@ -31,44 +31,70 @@ import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import addmm_, mm
-from .scan_cpu import _FM_SAFE, _ONE, _dynamic_tasks, _nd, _sigmoid, _wide_vectors, guard_caches
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, _wide_vectors, \
+    guard_caches, run_tasks
 from .simd import as_f32, to_elem
-from numba import njit, prange
+from numba import njit, prange, types
 
 TB = 16  # tokens per task (a task owns whole rows)
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _prompt_fwd(h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
+# Each kernel's task (TB rows of one sample) is a function the one-line prange calls through its
+# address (scan_cpu.run_tasks; see _call_task there), as the scan's and the conv's are: numba
+# then compiles the task once, where a prange body is typed twice, its IR deep-copied in the
+# parfor passes and its code optimised again inside the kernel. And the tasks call the sigmoid
+# through _sig, a plain function LLVM inlines (it does: no call is left in the tasks' code),
+# not scan_cpu's inline="always" _sigmoid itself, which numba inlines into the caller's IR at
+# each site (four in the forward), slowly under numba 0.58. Under 0.58 (the floor) the two
+# kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as
+# tasks, 11 s as tasks calling _sig; under 0.68 12 s inline, 7 s so. Same bits; the forward 1-5%
+# faster, the backward 1-6% slower (docs/benchmarks.md, thirty-third round).
+@njit(fastmath=_FM_SAFE, error_model="numpy")
+def _sig(x):
+    return _sigmoid(x)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
+    _wide_vectors()
     b, L, d = h.shape
     ntb = (L + TB - 1) // TB
-    for task in prange(b * ntb):
-        _wide_vectors()
-        bi = task // ntb
-        t0 = (task - bi * ntb) * TB
-        for t in range(t0, min(L, t0 + TB)):
-            hr = h[bi, t]
-            o = out[bi, t]
-            if t == skip:
-                for c in range(d):
-                    o[c] = hr[c]
-            elif use1 and use2:
-                x1 = a1[bi, t]
-                x2 = a2[bi, t]
-                for c in range(d):
-                    u = as_f32(x1[c]) + c1[c]
-                    v = as_f32(x2[c]) + c2[c]
-                    o[c] = hr[c] + (s1[c] * (u * _sigmoid(u)) + s2[c] * (v * _sigmoid(v)))
-            elif use1:
-                x1 = a1[bi, t]
-                for c in range(d):
-                    u = as_f32(x1[c]) + c1[c]
-                    o[c] = hr[c] + s1[c] * (u * _sigmoid(u))
-            else:
-                x2 = a2[bi, t]
-                for c in range(d):
-                    v = as_f32(x2[c]) + c2[c]
-                    o[c] = hr[c] + s2[c] * (v * _sigmoid(v))
+    bi = task // ntb
+    t0 = (task - bi * ntb) * TB
+    for t in range(t0, min(L, t0 + TB)):
+        hr = h[bi, t]
+        o = out[bi, t]
+        if t == skip:
+            for c in range(d):
+                o[c] = hr[c]
+        elif use1 and use2:
+            x1 = a1[bi, t]
+            x2 = a2[bi, t]
+            for c in range(d):
+                u = as_f32(x1[c]) + c1[c]
+                v = as_f32(x2[c]) + c2[c]
+                o[c] = hr[c] + (s1[c] * (u * _sig(u)) + s2[c] * (v * _sig(v)))
+        elif use1:
+            x1 = a1[bi, t]
+            for c in range(d):
+                u = as_f32(x1[c]) + c1[c]
+                o[c] = hr[c] + s1[c] * (u * _sig(u))
+        else:
+            x2 = a2[bi, t]
+            for c in range(d):
+                v = as_f32(x2[c]) + c2[c]
+                o[c] = hr[c] + s2[c] * (v * _sig(v))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _prompt_fwd(taddr, thash, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
+    args = (h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out)
+    if not _task_sig_is(thash, np.int64(0), args):
+        return False
+    ntb = (h.shape[1] + TB - 1) // TB
+    for task in prange(h.shape[0] * ntb):
+        _call_task(taddr, np.int64(task), args)
+    return True
 
 
 @njit(fastmath=_FM_SAFE, error_model="numpy")
@@ -93,7 +119,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         if need_s:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sigmoid(u)
+                sg = _sig(u)
                 gc = gr[c]
                 v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
@@ -102,7 +128,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         else:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sigmoid(u)
+                sg = _sig(u)
                 v = (gr[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
                 db[c] += v
@@ -114,37 +140,49 @@ def _put_sums(p, v):
         p[c] = v[c]
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FM_SAFE)
-def _prompt_bwd(g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1, da2, ds1p,
-                ds2p, db1p, db2p, dh):
+@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
+def _bwd_task(task, g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1, da2, ds1p,
+              ds2p, db1p, db2p, dh):
+    _wide_vectors()
     b, L, d = g.shape
     ntb = (L + TB - 1) // TB
-    for task in prange(b * ntb):
-        _wide_vectors()
-        bi = task // ntb
-        t0 = (task - bi * ntb) * TB
-        t1 = min(L, t0 + TB)
-        if need_h:   # the stream's gradient, into a buffer the prompters' products then add to
-            for t in range(t0, t1):
-                gr = g[bi, t]
-                o = dh[bi, t]
-                for c in range(d):
-                    o[c] = gr[c]
-        # the scales' and biases' sums: float32 over the task's (at most TB) rows, then float64
-        # across tasks
-        sums = np.zeros((4, d), np.float32)
-        if use1:
-            _rows_bwd(g, a1, c1, s1, need_s1, da1, sums[0], sums[1], bi, t0, t1, skip)
-        if use2:
-            _rows_bwd(g, a2, c2, s2, need_s2, da2, sums[2], sums[3], bi, t0, t1, skip)
-        if need_s1:
-            _put_sums(ds1p[task], sums[0])
-        if need_b and use1:
-            _put_sums(db1p[task], sums[1])
-        if need_s2:
-            _put_sums(ds2p[task], sums[2])
-        if need_b and use2:
-            _put_sums(db2p[task], sums[3])
+    bi = task // ntb
+    t0 = (task - bi * ntb) * TB
+    t1 = min(L, t0 + TB)
+    if need_h:   # the stream's gradient, into a buffer the prompters' products then add to
+        for t in range(t0, t1):
+            gr = g[bi, t]
+            o = dh[bi, t]
+            for c in range(d):
+                o[c] = gr[c]
+    # the scales' and biases' sums: float32 over the task's (at most TB) rows, then float64
+    # across tasks
+    sums = np.zeros((4, d), np.float32)
+    if use1:
+        _rows_bwd(g, a1, c1, s1, need_s1, da1, sums[0], sums[1], bi, t0, t1, skip)
+    if use2:
+        _rows_bwd(g, a2, c2, s2, need_s2, da2, sums[2], sums[3], bi, t0, t1, skip)
+    if need_s1:
+        _put_sums(ds1p[task], sums[0])
+    if need_b and use1:
+        _put_sums(db1p[task], sums[1])
+    if need_s2:
+        _put_sums(ds2p[task], sums[2])
+    if need_b and use2:
+        _put_sums(db2p[task], sums[3])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _prompt_bwd(taddr, thash, g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1,
+                da2, ds1p, ds2p, db1p, db2p, dh):
+    args = (g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1, da2, ds1p, ds2p,
+            db1p, db2p, dh)
+    if not _task_sig_is(thash, np.int64(0), args):
+        return False
+    ntb = (g.shape[1] + TB - 1) // TB
+    for task in prange(g.shape[0] * ntb):
+        _call_task(taddr, np.int64(task), args)
+    return True
 
 
 def _c(t):
@@ -157,8 +195,8 @@ def _step_fwd(hc, x1, c1, v1, x2, c2, v2, use1, use2, skip):
     stand-in of the other's dtype) and (d,) biases and scales; returns the float32 output."""
     out = torch.empty(hc.shape, dtype=torch.float32)
     with _dynamic_tasks():
-        _prompt_fwd(hc.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2), c2.numpy(), v2.numpy(), use1, use2,
-                    int(skip), out.numpy())
+        run_tasks(_prompt_fwd, _fwd_task, types.int64, hc.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2),
+                  c2.numpy(), v2.numpy(), use1, use2, int(skip), out.numpy())
     return out
 
 
@@ -175,9 +213,9 @@ def _step_bwd(g, x1, c1, v1, x2, c2, v2, use1, use2, skip, need_s1, need_s2, nee
                               for need in (need_s1, need_s2, need_b and use1, need_b and use2))
     dh = torch.empty(b, L, d, dtype=torch.float32) if need_h else g
     with _dynamic_tasks():
-        _prompt_bwd(g.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2), c2.numpy(), v2.numpy(), use1, use2,
-                    int(skip), need_s1, need_s2, need_b, need_h, _nd(da1), _nd(da2), ds1p.numpy(), ds2p.numpy(),
-                    db1p.numpy(), db2p.numpy(), dh.numpy())
+        run_tasks(_prompt_bwd, _bwd_task, types.int64, g.numpy(), _nd(x1), c1.numpy(), v1.numpy(), _nd(x2),
+                  c2.numpy(), v2.numpy(), use1, use2, int(skip), need_s1, need_s2, need_b, need_h, _nd(da1), _nd(da2),
+                  ds1p.numpy(), ds2p.numpy(), db1p.numpy(), db2p.numpy(), dh.numpy())
     total = lambda p, need: p.sum(0).to(torch.float32) if need else None  # noqa: E731
     return (da1 if use1 else None, da2 if use2 else None, total(ds1p, need_s1), total(ds2p, need_s2),
             total(db1p, need_b and use1), total(db2p, need_b and use2), dh if need_h else None)
