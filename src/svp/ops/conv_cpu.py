@@ -17,7 +17,7 @@ from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .kept import kept
 from .matmul_cpu import mm
-from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid_linked, \
     _task_sig_is, _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, fma, is_bf16, splat, to_elem, vload, vstore, zeros
 from numba import njit, prange, types
@@ -39,7 +39,13 @@ def _rows(task, ntb, L):
     return bi, t0, min(L, t0 + TB)
 
 
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+# _preact, _preact4 and the sigmoid (scan_cpu._sigmoid_linked) are functions LLVM links in, not
+# inline="always" (numba copies and types the IR of those at every call site, two each in the
+# backward task): under numba 0.58 (the floor) the backward's three variants then took 24 s to
+# compile instead of 55 s and the forward's two 9 s instead of 19 s (0.68: 6.5 s and 4.2 s
+# instead of 10.8 s and 5.5 s). Same bits; the node's time 0.99-1.03x (docs/benchmarks.md,
+# thirty-third round).
+@njit(fastmath=_FM_SAFE, error_model="numpy")
 def _preact(x, w, bias, bi, t, reverse, acc):
     """acc = bias + the conv's output row t (before the activation). bias is (1, d), or
     (b, d) with one row per sample (svp serve's BitFit rows in a mixed-adapter batch)."""
@@ -63,7 +69,7 @@ def _full4(t, L, W, reverse):
     return W == 4 and ((t + 3 < L) if reverse else (t >= 3))
 
 
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+@njit(fastmath=_FM_SAFE, error_model="numpy")
 def _preact4(x, w, brow, bi, t, reverse, acc):
     """_preact for W == 4 and a row with all four inputs: the four taps in one loop over the
     channels (same operations in the same order), not four passes through acc. ~10% off the
@@ -285,7 +291,7 @@ def _fwd_task(task, x, w, bias, reverse, silu, out, pwT, proj):
         if silu:
             for c in range(d):
                 a = acc[c]
-                o[c] = a * _sigmoid(a)
+                o[c] = a * _sigmoid_linked(a)
         else:
             for c in range(d):
                 o[c] = acc[c]
@@ -332,12 +338,12 @@ def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_d
             if has_gb:
                 for c in range(d):
                     a = acc[c]
-                    sg = _sigmoid(a)
+                    sg = _sigmoid_linked(a)
                     gt[c] = (gr[c] + gbr[c]) * sg * (_ONE + a * (_ONE - sg))
             else:
                 for c in range(d):
                     a = acc[c]
-                    sg = _sigmoid(a)
+                    sg = _sigmoid_linked(a)
                     gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
         elif has_gb:
             for c in range(d):

@@ -31,8 +31,8 @@ import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import addmm_, mm
-from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, _wide_vectors, \
-    guard_caches, run_tasks
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid_linked, _task_sig_is, \
+    _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, to_elem
 from numba import njit, prange, types
 
@@ -42,18 +42,11 @@ TB = 16  # tokens per task (a task owns whole rows)
 # Each kernel's task (TB rows of one sample) is a function the one-line prange calls through its
 # address (scan_cpu.run_tasks; see _call_task there), as the scan's and the conv's are: numba
 # then compiles the task once, where a prange body is typed twice, its IR deep-copied in the
-# parfor passes and its code optimised again inside the kernel. And the tasks call the sigmoid
-# through _sig, a plain function LLVM inlines (it does: no call is left in the tasks' code),
-# not scan_cpu's inline="always" _sigmoid itself, which numba inlines into the caller's IR at
-# each site (four in the forward), slowly under numba 0.58. Under 0.58 (the floor) the two
-# kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as
-# tasks, 11 s as tasks calling _sig; under 0.68 12 s inline, 7 s so. Same bits; the forward 1-5%
-# faster, the backward 1-6% slower (docs/benchmarks.md, thirty-third round).
-@njit(fastmath=_FM_SAFE, error_model="numpy")
-def _sig(x):
-    return _sigmoid(x)
-
-
+# parfor passes and its code optimised again inside the kernel; and the tasks call the sigmoid
+# as a function LLVM inlines (scan_cpu._sigmoid_linked). Under numba 0.58 (the floor) the two
+# kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as tasks,
+# 11 s as tasks calling _sigmoid_linked; under 0.68 12 s inline, 7 s so. Same bits; the forward
+# 1-5% faster, the backward 1-6% slower (docs/benchmarks.md, thirty-third round).
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
 def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
     _wide_vectors()
@@ -73,17 +66,17 @@ def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
             for c in range(d):
                 u = as_f32(x1[c]) + c1[c]
                 v = as_f32(x2[c]) + c2[c]
-                o[c] = hr[c] + (s1[c] * (u * _sig(u)) + s2[c] * (v * _sig(v)))
+                o[c] = hr[c] + (s1[c] * (u * _sigmoid_linked(u)) + s2[c] * (v * _sigmoid_linked(v)))
         elif use1:
             x1 = a1[bi, t]
             for c in range(d):
                 u = as_f32(x1[c]) + c1[c]
-                o[c] = hr[c] + s1[c] * (u * _sig(u))
+                o[c] = hr[c] + s1[c] * (u * _sigmoid_linked(u))
         else:
             x2 = a2[bi, t]
             for c in range(d):
                 v = as_f32(x2[c]) + c2[c]
-                o[c] = hr[c] + s2[c] * (v * _sig(v))
+                o[c] = hr[c] + s2[c] * (v * _sigmoid_linked(v))
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -119,7 +112,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         if need_s:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sig(u)
+                sg = _sigmoid_linked(u)
                 gc = gr[c]
                 v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
@@ -128,7 +121,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         else:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sig(u)
+                sg = _sigmoid_linked(u)
                 v = (gr[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
                 db[c] += v
