@@ -46,7 +46,8 @@ TB = 16  # tokens per task (a task owns whole rows)
 # as a function LLVM inlines (scan_cpu._sigmoid_linked). Under numba 0.58 (the floor) the two
 # kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as tasks,
 # 11 s as tasks calling _sigmoid_linked; under 0.68 12 s inline, 7 s so. Same bits; the forward
-# 1-5% faster, the backward 1-6% slower (docs/benchmarks.md, thirty-third round).
+# 1-5% faster, the backward up to 6% slower in float32 and 10% in bfloat16 (docs/benchmarks.md,
+# thirty-third round).
 @njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
 def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
     _wide_vectors()
