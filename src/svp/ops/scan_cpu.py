@@ -459,10 +459,11 @@ def _wide_vectors(typingctx):
 # is what its own compile emits: the same bits; at two threads the same speed, at one the
 # backward ~3% slower (its state loops keep one more value on the stack; docs/benchmarks.md,
 # twenty-ninth round). run_tasks' lookup of the address costs ~4 us a call.
-# The four parallel kernels (_scan_fwd and _scan_bwd here, conv_cpu's _conv_fwd and _conv_bwd)
-# stay four: one kernel for all would take its task's arguments as a tuple (or *args) from
-# Python, and numba 0.58 (the floor) dispatches a call with a long tuple of arrays to another
-# specialisation of the kernel: ~half of 20,000 calls when two specialisations differed in one
+# The parallel kernels (_scan_fwd and _scan_bwd here, conv_cpu's _conv_fwd and _conv_bwd,
+# prompt_cpu's _prompt_fwd and _prompt_bwd) stay one per task, the same few lines each: one
+# kernel for all would take its task's arguments as a tuple (or *args) from Python, and numba
+# 0.58 (the floor) dispatches a call with a long tuple of arrays to another specialisation of
+# the kernel: ~half of 20,000 calls when two specialisations differed in one
 # array's rank (none under numba 0.68; docs/benchmarks.md, thirtieth round). Built inside each
 # kernel from its own arguments, the tuple never crosses the dispatcher (tested: no svp kernel
 # is compiled with a tuple argument).
