@@ -46,9 +46,13 @@ TB = 16  # tokens per task (a task owns whole rows)
 # as a function LLVM inlines (scan_cpu._sigmoid_linked). Under numba 0.58 (the floor) the two
 # kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as tasks,
 # 11 s as tasks calling _sigmoid_linked; under 0.68 12 s inline, 7 s so. Same bits; the forward
-# 1-5% faster, the backward up to 6% slower in float32 and 10% in bfloat16 (docs/benchmarks.md,
-# thirty-third round).
-@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
+# 1-5% faster, the backward up to 6% slower in float32 and 10% in bfloat16 until the tasks took
+# `_svp_noalias` (scan_cpu: LLVM `noalias` on their array arguments, which the prange bodies had
+# from numba; docs/benchmarks.md, thirty-third round). Their arrays never overlap where written:
+# every output (out; da1, da2, the four partial sums, dh) is a fresh tensor of its own; the
+# arguments that may share memory are read only (the zero vector standing for absent biases and
+# scales) or never touched (an absent term's stand-ins; dh and g without need_h).
+@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE, _svp_noalias=True)
 def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
     _wide_vectors()
     b, L, d = h.shape
@@ -91,7 +95,7 @@ def _prompt_fwd(taddr, thash, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
     return True
 
 
-@njit(fastmath=_FM_SAFE, error_model="numpy")
+@njit(fastmath=_FM_SAFE, error_model="numpy", _svp_noalias=True)
 def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
     """One prompt term over rows t0..t1-1 of sample bi: da = g * s * silu'(x + cb);
     ds += g * silu(x + cb); db += da (before any rounding to bfloat16); row ``skip`` gets da = 0
@@ -99,7 +103,10 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
     ds and db are the task's float32 partials (a float64 one here took as long as the rest of the
     kernel). x and da may be bfloat16 (uint16 bits: svp.ops.simd.as_f32 / to_elem).
     A call per task and term, not inlined into the kernel: inlined (per row, at two sites) it
-    made numba 0.58 (the floor) compile each backward variant in ~36 s instead of ~8."""
+    made numba 0.58 (the floor) compile each backward variant in ~36 s instead of ~8.
+    `_svp_noalias` (see _fwd_task): da is a fresh tensor, ds and db disjoint rows of the task's
+    own sums, indexed element by element here (no view of them, so their shared meminfo is not
+    touched); without it the backward ran up to 1.1x the time (docs/benchmarks.md, thirty-third round)."""
     _wide_vectors()   # (a function attribute: this function's own loops, see scan_cpu)
     d = g.shape[2]
     for t in range(t0, t1):
@@ -134,7 +141,7 @@ def _put_sums(p, v):
         p[c] = v[c]
 
 
-@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE)
+@njit(cache=True, error_model="numpy", fastmath=_FM_SAFE, _svp_noalias=True)
 def _bwd_task(task, g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_s1, need_s2, need_b, need_h, da1, da2, ds1p,
               ds2p, db1p, db2p, dh):
     _wide_vectors()
