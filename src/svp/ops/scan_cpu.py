@@ -513,8 +513,9 @@ def _call_task(typingctx, addr, index, args):
 # arguments never overlap in memory that is written (checked by hand for each task given it)
 # takes `_svp_noalias=True` in its decorator. SVP's prompt backward, a prange body before the
 # thirty-third round, ran 1.01-1.10x the time as a task without it and 0.95-1.04x (2 threads)
-# with it on the task and its row function, the same bits (docs/benchmarks.md, thirty-third round). numba 0.58 to 0.68 map decorator options to flags
-# through these class attributes (TargetOptions._apply).
+# with it on the task and its row function, the same bits (docs/benchmarks.md, thirty-third
+# round). numba 0.58 to 0.68 map decorator options to flags through these class attributes
+# (TargetOptions._apply).
 if not hasattr(numba.core.cpu.CPUTargetOptions, "_svp_noalias"):
     numba.core.cpu.CPUTargetOptions._svp_noalias = numba.core.options.TargetOptions.Mapping("noalias")
 
