@@ -17,7 +17,7 @@ from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .kept import kept
 from .matmul_cpu import mm
-from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid_linked, \
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
     _task_sig_is, _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, fma, is_bf16, splat, to_elem, vload, vstore, zeros
 from numba import njit, prange, types
@@ -39,7 +39,7 @@ def _rows(task, ntb, L):
     return bi, t0, min(L, t0 + TB)
 
 
-# _preact, _preact4 and the sigmoid (scan_cpu._sigmoid_linked) are functions LLVM links in, not
+# _preact, _preact4 and the sigmoid (scan_cpu._sigmoid) are functions LLVM links in, not
 # inline="always" (numba copies and types the IR of those at every call site, two each in the
 # backward task): under numba 0.58 (the floor) the backward's three variants then took 24 s to
 # compile instead of 55 s and the forward's two 9 s instead of 19 s (0.68: 6.5 s and 4.2 s
@@ -291,7 +291,7 @@ def _fwd_task(task, x, w, bias, reverse, silu, out, pwT, proj):
         if silu:
             for c in range(d):
                 a = acc[c]
-                o[c] = a * _sigmoid_linked(a)
+                o[c] = a * _sigmoid(a)
         else:
             for c in range(d):
                 o[c] = acc[c]
@@ -338,12 +338,12 @@ def _bwd_task(task, x, w, bias, reverse, silu, need_dw, g, pd, pw, has_gb, add_d
             if has_gb:
                 for c in range(d):
                     a = acc[c]
-                    sg = _sigmoid_linked(a)
+                    sg = _sigmoid(a)
                     gt[c] = (gr[c] + gbr[c]) * sg * (_ONE + a * (_ONE - sg))
             else:
                 for c in range(d):
                     a = acc[c]
-                    sg = _sigmoid_linked(a)
+                    sg = _sigmoid(a)
                     gt[c] = gr[c] * sg * (_ONE + a * (_ONE - sg))
         elif has_gb:
             for c in range(d):

@@ -31,7 +31,7 @@ import torch
 
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import addmm_, mm
-from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid_linked, _task_sig_is, \
+from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, \
     _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, to_elem
 from numba import njit, prange, types
@@ -43,9 +43,9 @@ TB = 16  # tokens per task (a task owns whole rows)
 # address (scan_cpu.run_tasks; see _call_task there), as the scan's and the conv's are: numba
 # then compiles the task once, where a prange body is typed twice, its IR deep-copied in the
 # parfor passes and its code optimised again inside the kernel; and the tasks call the sigmoid
-# as a function LLVM inlines (scan_cpu._sigmoid_linked). Under numba 0.58 (the floor) the two
+# as a function LLVM inlines (scan_cpu._sigmoid). Under numba 0.58 (the floor) the two
 # kernels, float32 and bfloat16 each, took 51 s to compile with the bodies inline, 39 s as tasks,
-# 11 s as tasks calling _sigmoid_linked; under 0.68 12 s inline, 7 s so. Same bits; the forward
+# 11 s as tasks calling it; under 0.68 12 s inline, 7 s so. Same bits; the forward
 # 1-5% faster, the backward up to 6% slower in float32 and 10% in bfloat16 until the tasks took
 # `_svp_noalias` (scan_cpu: LLVM `noalias` on their array arguments, which the prange bodies had
 # from numba; docs/benchmarks.md, thirty-third round). Their arrays never overlap where written:
@@ -71,17 +71,17 @@ def _fwd_task(task, h, a1, c1, s1, a2, c2, s2, use1, use2, skip, out):
             for c in range(d):
                 u = as_f32(x1[c]) + c1[c]
                 v = as_f32(x2[c]) + c2[c]
-                o[c] = hr[c] + (s1[c] * (u * _sigmoid_linked(u)) + s2[c] * (v * _sigmoid_linked(v)))
+                o[c] = hr[c] + (s1[c] * (u * _sigmoid(u)) + s2[c] * (v * _sigmoid(v)))
         elif use1:
             x1 = a1[bi, t]
             for c in range(d):
                 u = as_f32(x1[c]) + c1[c]
-                o[c] = hr[c] + s1[c] * (u * _sigmoid_linked(u))
+                o[c] = hr[c] + s1[c] * (u * _sigmoid(u))
         else:
             x2 = a2[bi, t]
             for c in range(d):
                 v = as_f32(x2[c]) + c2[c]
-                o[c] = hr[c] + s2[c] * (v * _sigmoid_linked(v))
+                o[c] = hr[c] + s2[c] * (v * _sigmoid(v))
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -120,7 +120,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         if need_s:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sigmoid_linked(u)
+                sg = _sigmoid(u)
                 gc = gr[c]
                 v = (gc * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
@@ -129,7 +129,7 @@ def _rows_bwd(g, x, cb, s, need_s, da, ds, db, bi, t0, t1, skip):
         else:
             for c in range(d):
                 u = as_f32(xr[c]) + cb[c]
-                sg = _sigmoid_linked(u)
+                sg = _sigmoid(u)
                 v = (gr[c] * s[c]) * (sg * (_ONE + u * (_ONE - sg)))
                 dr[c] = to_elem(v, dr)
                 db[c] += v

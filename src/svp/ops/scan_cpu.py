@@ -546,19 +546,14 @@ def run_tasks(kernel, task, index, *args):
             raise RuntimeError(f"{kernel.__name__}: its task {task.__name__} was compiled for other argument types")
 
 
-@njit(inline="always", fastmath=_FM_SAFE, error_model="numpy")
+# A plain function, not inline="always": the conv's and the prompt kernels' tasks call it and LLVM
+# inlines it (no call is left in their code), where numba inlines an inline="always" function into
+# the caller's IR and types it again at every call site, which numba 0.58 (the floor) does slowly:
+# the prompt kernels' forward task (four sites) took 11 s to compile per variant under 0.58 with
+# it inline="always", 2 s so. Same bits (docs/benchmarks.md, thirty-third round).
+@njit(fastmath=_FM_SAFE, error_model="numpy")
 def _sigmoid(x):
     return _ONE / (_ONE + _exp(-x))
-
-
-# _sigmoid as a plain function, for the conv's and the prompt kernels' tasks: LLVM inlines it
-# (no call is left in their code), where numba inlines an inline="always" function into the
-# caller's IR and types it again at every call site, which numba 0.58 (the floor) does slowly:
-# the prompt kernels' forward task (four sites) took 11 s to compile per variant under 0.58
-# calling _sigmoid, 2 s calling this. Same bits (docs/benchmarks.md, thirty-third round).
-@njit(fastmath=_FM_SAFE, error_model="numpy")
-def _sigmoid_linked(x):
-    return _sigmoid(x)
 
 
 # --- 16-lane vector versions of the helpers (svp.ops.simd: exact float32, explicit fma) ---
