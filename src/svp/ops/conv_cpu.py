@@ -88,7 +88,10 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
 PB = 64  # channels per block of _proj_rows (four 16-lane vectors); its pw is padded to whole blocks
 
 
-@njit(inline="always", error_model="numpy")
+# forceinline: LLVM inlines it (its `alwaysinline`), where numba's inline="always" copied and typed
+# its IR into the task: numba 0.58 (the floor) compiled the backward's variants in 20 s instead of
+# 38 s; same bits and speed (docs/benchmarks.md, thirty-fourth round)
+@njit(error_model="numpy", forceinline=True)
 def _proj_rows(pd, pw, row0, nr):
     """x_proj's input gradient for rows row0 .. row0 + nr - 1 of pd (b * L, n): a flat
     (max(nr, 2), dp) float32 buffer G with G[i * dp + c] = sum over r of pd[row0 + i, r] *
