@@ -5,13 +5,15 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# extra flags for installing the package (.ci/run: --no-compile)
+PIP_INSTALL_FLAGS ?=
 
 .PHONY: install test test-oldest demo bench clean browser-deps triton-compat
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q $(PIP_INSTALL_FLAGS) -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,7 +26,7 @@ PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 	$(PY_OLDEST) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install -q --upgrade pip
-	$(OLDEST)/bin/pip install -q -c constraints-oldest.txt -e ".[test]"
+	$(OLDEST)/bin/pip install -q $(PIP_INSTALL_FLAGS) -c constraints-oldest.txt -e ".[test]"
 	touch $@
 
 # The web-page test of `svp serve` drives headless Chromium: install Debian's chromium and
