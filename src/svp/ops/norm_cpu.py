@@ -28,8 +28,8 @@ _LANES = 8
 
 
 # forceinline (LLVM inlines them), not numba's inline="always" (which copies and types their IR
-# into the prange bodies): see conv_cpu._proj_rows; numba 0.58 compiled the two kernels in 8.3-9.3 s
-# instead of 11.2-11.8 s, same bits and speed
+# into the prange bodies): see conv_cpu._proj_rows; numba 0.58 compiled the two kernels in 8.4-9.3 s
+# instead of 11.3-11.8 s, same bits and speed
 @njit(fastmath=_FM_SAFE, error_model="numpy", forceinline=True)
 def _sumsq(x, acc):
     """sum of x[c]^2 in float64: lane-wise partial sums, then a fixed-order tree."""
