@@ -40,8 +40,8 @@ browser-deps:
 	    >/dev/null 2>&1 || echo "note: apt-get could not install chromium; the browser test will be skipped"; \
 	else echo "note: no chromium (and not root with apt-get); the browser test will be skipped"; fi
 
-# The suites write Python's bytecode even where PYTHONDONTWRITEBYTECODE is set (as on the CI
-# machines): every process the slow tests start imports svp afresh, and compiled each of its
+# The suites write Python's bytecode even where PYTHONDONTWRITEBYTECODE is set (as on this
+# project's machines): every process the slow tests start imports svp afresh, and compiled each of its
 # modules from source every time (four subprocess-heavy test files 191 -> 168 s, one run each, on
 # a 2-vCPU Zen 3; docs/benchmarks.md, thirty-fourth round). Only __pycache__ folders (git ignores them).
 test: $(STAMP) browser-deps
