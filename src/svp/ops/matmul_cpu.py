@@ -15,8 +15,9 @@ method, Vim-Tiny and Vim-Small, 2 threads), batch-32 prediction 0.81-0.94x.
 
 * ``auto`` (the default): oneDNN on an AMD processor with AVX-512 (as /proc/cpuinfo says:
   Linux), that is Zen 4 (family 25) and later, where it was measured; torch's BLAS everywhere else
-  (Intel: MKL runs its AVX-512 code there; AMD without AVX-512, Zen 3 and older: not measured, so
-  unchanged).
+  (Intel: MKL runs its AVX-512 code there; AMD without AVX-512: on a Zen 3 MKL was the faster for
+  every product measured, oneDNN 1.07-1.58x its time at 2 threads, 1.04-1.60x at 1, weight
+  gradients the most: docs/benchmarks.md, thirty-fourth round).
 * ``onednn``: oneDNN wherever torch has it (an error where it has not: no silent fallback).
 * ``blas``: torch's own products (``torch.mm``), as before this module.
 
@@ -69,7 +70,7 @@ def _amd_avx512(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
         return None
     family = cpuinfo_field("cpu family", cpuinfo)
     flags = (cpuinfo_field("flags", cpuinfo) or "").split()
-    # family 25 holds Zen 3 (no AVX-512: not measured) as well as Zen 4, hence the flag
+    # family 25 holds Zen 3 (no AVX-512; MKL measured the faster there) as well as Zen 4, hence the flag
     if family is None or not family.isdigit() or int(family) < 25 or "avx512f" not in flags:
         return None
     return f"AMD family {family} with AVX-512: MKL runs its AVX2 code here"
