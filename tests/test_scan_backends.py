@@ -602,6 +602,35 @@ def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monke
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_backward_gives_the_same_bits_with_its_narrow_and_wide_state_loops(monkeypatch):
+    """Targets without AVX-512 run the backward's state loops one vector at a time
+    (scan_cpu._NARROW), the others four side by side: the backward compiled the other way gives
+    the same gradients bit for bit, with every gradient (dA's sums) and with a frozen A, D and
+    delta_bias, over a partial group of states (N = 20) and a partial channel block."""
+    from svp.ops import scan_cpu
+    args = make(2, 130, 45, 20, seed=5)
+
+    def run(frozen):
+        xs = [a.detach().clone().requires_grad_(not (frozen and i in (2, 5, 7))) for i, a in enumerate(args)]
+        out = scan_cpu.selective_scan_cpu(*xs[:7], delta_bias=xs[7], delta_softplus=True)
+        g = torch.autograd.grad(out.square().sum(), [x for x in xs if x.requires_grad])
+        return [out, *g]
+
+    default = [run(False), run(True)]
+    narrow = scan_cpu._NARROW
+    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
+    other_task = _recompiled(scan_cpu, "_bwd_task")
+    assert other_task.py_func.__globals__["_NARROW"] is (not narrow)
+    monkeypatch.setattr(scan_cpu, "_bwd_task", other_task)
+    other = [run(False), run(True)]
+    assert len(other_task.overloads) == 1       # the task that ran is the other loops' compile
+    for want, got in zip(default, other):
+        assert len(want) == len(got)
+        for a, b in zip(want, got):
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_scan_flushes_denormals_and_leaves_the_callers_mode_alone():
     """An output gradient at the last position only (the last block of a class-token model)
     makes the state gradient halve per step back through float32's denormal range, where x86

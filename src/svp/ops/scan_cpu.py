@@ -35,6 +35,15 @@ than two). Channel counts per group that are not a multiple of 64 are padded wit
 zero channels and cut off again. ``reverse`` only changes the time index (no flips or
 copies).
 
+Narrow registers: AVX-512 has 32 vector registers that hold a 16-lane vector each; AVX2 has 16
+that hold half of one (ARM's NEON: 32 that hold a quarter). There the backward's state loops,
+which keep 12-20 vectors live across their iterations with all four vectors side by side,
+spilled most of them to the stack, so on targets without AVX-512 (``_NARROW``) they take the block's
+four vectors one at a time, each over all states (the same operations in the same order per
+lane: the same bits). On a Zen 3 the backward took 0.91-0.94x the time with every gradient
+and 0.93-1.03x with a frozen backbone (1 thread; docs/benchmarks.md, thirty-fifth round). The
+forward keeps its four side by side: one or two at a time took 1.00-1.17x its time there.
+
 Backward: the forward stores the state at the start of every chunk of K steps. The
 backward walks the chunks from last to first: it recomputes the chunk's states and
 decay factors exp(delta*A) into task-local buffers (bit for bit the forward's: same
@@ -329,7 +338,7 @@ from .kept import kept  # noqa: E402
 
 from .simd import VL, fma, is_2d, is_bf16, prefetch, prefetch_write, splat, vacc_f64, vhsum16, vload, vmax, vmin, \
     vscale_biased, vscale_pow2i, vpow2_from_magic, vfloor, vround_magic, vselect_ge, vstore, vstream, zeros, \
-    zeros64, empty64, flush_denormals, restore_fp  # noqa: E402
+    zeros64, empty64, flush_denormals, restore_fp, _target_has_avx512f  # noqa: E402
 
 # The package's auto-vectorised kernels (conv_cpu, norm_cpu, prompt_cpu; the scan kernels use
 # explicit vectors) have loops over several arrays that numba cannot mark as non-aliasing;
@@ -343,6 +352,9 @@ except Exception:  # pragma: no cover - an LLVM without the option: slower, stil
 BW = 4 * VL      # channels per task: four 16-lane vectors side by side
 DA_RUN = 8       # backward steps dA sums in float32 before adding them in float64
 PF = 4           # rows prefetched this many steps ahead (see simd.prefetch)
+# The backward's state loops one vector at a time (module docstring, Narrow registers): a constant
+# of the compiled code, from the features numba compiles for (which its disk cache keys on).
+_NARROW = not _target_has_avx512f(numba.core.registry.cpu_target.target_context)
 CHUNK = 32       # time steps per backward chunk (8, 16 and 32 measured the same)
 
 _f32 = np.float32
@@ -976,6 +988,7 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
     P = empty64(VL * VL)
     tmp = empty64(VL)
     dAc = empty64(NV)
+    S4 = empty64(2 * BW)   # _NARROW's loops: the four vectors' y, or their sums of dh B and q A
     dAacc = np.zeros(NV, np.float64)
     dDacc = np.zeros(BW, np.float64)
     dbacc = np.zeros(BW, np.float64)
@@ -1064,38 +1077,57 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             dc3 = vmin(dt3, m3)
             hp0 = j * NV
             hn0 = hp0 + NV
-            y0 = zeros()
-            y1 = zeros()
-            y2 = zeros()
-            y3 = zeros()
-            for n in range(N):
-                o = n * BW
-                bn = Bm[br + n]
-                cn = splat(Cm[cr + n])
-                a = vload(A2b, o)
-                e0 = _decay(fast, dt0, dc0, a)
-                a = vload(A2b, o + VL)
-                e1 = _decay(fast, dt1, dc1, a)
-                a = vload(A2b, o + 2 * VL)
-                e2 = _decay(fast, dt2, dc2, a)
-                a = vload(A2b, o + 3 * VL)
-                e3 = _decay(fast, dt3, dc3, a)
-                h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
-                h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
-                h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
-                h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
-                vstore(Eb, hp0 + o, e0)
-                vstore(Eb, hp0 + o + VL, e1)
-                vstore(Eb, hp0 + o + 2 * VL, e2)
-                vstore(Eb, hp0 + o + 3 * VL, e3)
-                vstore(Hb, hn0 + o, h0)
-                vstore(Hb, hn0 + o + VL, h1)
-                vstore(Hb, hn0 + o + 2 * VL, h2)
-                vstore(Hb, hn0 + o + 3 * VL, h3)
-                y0 = fma(h0, cn, y0)
-                y1 = fma(h1, cn, y1)
-                y2 = fma(h2, cn, y2)
-                y3 = fma(h3, cn, y3)
+            if _NARROW:   # one vector at a time (module docstring, Narrow registers)
+                for k in range(0, BW, VL):
+                    dtk = vload(Tb, j * BW + k)
+                    dck = vmin(dtk, vload(dtmax, c0 + k))
+                    dtuk = dtk * vload(u, row + k)
+                    yk = zeros()
+                    for n in range(N):
+                        o = n * BW + k
+                        ek = _decay(fast, dtk, dck, vload(A2b, o))
+                        hk = fma(ek, vload(Hb, hp0 + o), dtuk * Bm[br + n])
+                        vstore(Eb, hp0 + o, ek)
+                        vstore(Hb, hn0 + o, hk)
+                        yk = fma(hk, splat(Cm[cr + n]), yk)
+                    vstore(S4, k, yk)
+                y0 = vload(S4, 0)
+                y1 = vload(S4, VL)
+                y2 = vload(S4, 2 * VL)
+                y3 = vload(S4, 3 * VL)
+            else:
+                y0 = zeros()
+                y1 = zeros()
+                y2 = zeros()
+                y3 = zeros()
+                for n in range(N):
+                    o = n * BW
+                    bn = Bm[br + n]
+                    cn = splat(Cm[cr + n])
+                    a = vload(A2b, o)
+                    e0 = _decay(fast, dt0, dc0, a)
+                    a = vload(A2b, o + VL)
+                    e1 = _decay(fast, dt1, dc1, a)
+                    a = vload(A2b, o + 2 * VL)
+                    e2 = _decay(fast, dt2, dc2, a)
+                    a = vload(A2b, o + 3 * VL)
+                    e3 = _decay(fast, dt3, dc3, a)
+                    h0 = fma(e0, vload(Hb, hp0 + o), dtu0 * bn)
+                    h1 = fma(e1, vload(Hb, hp0 + o + VL), dtu1 * bn)
+                    h2 = fma(e2, vload(Hb, hp0 + o + 2 * VL), dtu2 * bn)
+                    h3 = fma(e3, vload(Hb, hp0 + o + 3 * VL), dtu3 * bn)
+                    vstore(Eb, hp0 + o, e0)
+                    vstore(Eb, hp0 + o + VL, e1)
+                    vstore(Eb, hp0 + o + 2 * VL, e2)
+                    vstore(Eb, hp0 + o + 3 * VL, e3)
+                    vstore(Hb, hn0 + o, h0)
+                    vstore(Hb, hn0 + o + VL, h1)
+                    vstore(Hb, hn0 + o + 2 * VL, h2)
+                    vstore(Hb, hn0 + o + 3 * VL, h3)
+                    y0 = fma(h0, cn, y0)
+                    y1 = fma(h1, cn, y1)
+                    y2 = fma(h2, cn, y2)
+                    y3 = fma(h3, cn, y3)
             g0 = vload(dout, row)
             g1 = vload(dout, row + VL)
             g2 = vload(dout, row + 2 * VL)
@@ -1173,9 +1205,9 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             dtu2 = dt2 * u2
             dtu3 = dt3 * u3
             hp0 = j * NV
-            # Two copies of the state loop, with and without dA's sums: a test of need_da inside
-            # it cost the full backward ~2%, and a helper numba inlined twice made numba 0.58
-            # compile the backward in 44 s instead of 11.5.
+            # The wide loops: two copies of the state loop, with and without dA's sums (a test of
+            # need_da inside it cost the full backward ~2%, and a helper numba inlined twice made
+            # numba 0.58 compile the backward in 44 s instead of 11.5).
             sa0 = zeros()
             sa1 = zeros()
             sa2 = zeros()
@@ -1184,7 +1216,46 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             sb1 = zeros()
             sb2 = zeros()
             sb3 = zeros()
-            if need_da:
+            if _NARROW:   # one vector at a time, need_da tested inside (a second copy measured no faster)
+                for k in range(0, 2 * BW, VL):
+                    vstore(S4, k, zeros())
+                for ng in range(NG):
+                    n0 = ng * VL
+                    n1 = min(N, n0 + VL)
+                    for k in range(0, BW, VL):
+                        gvk = vload(Gb, j * BW + k)
+                        dtk = vload(Tb, j * BW + k)
+                        dtuk = dtk * vload(u, row + k)
+                        sak = vload(S4, k)
+                        sbk = vload(S4, BW + k)
+                        for n in range(n0, n1):
+                            o = n * BW + k
+                            dhv = fma(gvk, splat(Cm[cr + n]), vload(dh, o))
+                            ek = vload(Eb, hp0 + o)
+                            qk = dhv * vload(Hb, hp0 + o) * ek
+                            vstore(dh, o, ek * dhv)
+                            sak = fma(dhv, splat(Bm[br + n]), sak)
+                            sbk = fma(qk, vload(Ab, o), sbk)
+                            if need_da:
+                                vstore(dAc, o, fma(qk, dtk, vload(dAc, o)))
+                            # P's vector n: the chain over the four vectors of the wide loop below
+                            pn = (n - n0) * VL
+                            vstore(P, pn, dhv * dtuk if k == 0 else fma(dhv, dtuk, vload(P, pn)))
+                        vstore(S4, k, sak)
+                        vstore(S4, BW + k, sbk)
+                    if n1 - n0 == VL:   # the models' case, not through _store_sums: see there
+                        vstore(dBp, (pbase + t) * N + n0, vhsum16(P, 0))
+                    else:
+                        _store_sums(P, n1 - n0, dBp, (pbase + t) * N + n0, tmp)
+                sa0 = vload(S4, 0)
+                sa1 = vload(S4, VL)
+                sa2 = vload(S4, 2 * VL)
+                sa3 = vload(S4, 3 * VL)
+                sb0 = vload(S4, BW)
+                sb1 = vload(S4, BW + VL)
+                sb2 = vload(S4, BW + 2 * VL)
+                sb3 = vload(S4, BW + 3 * VL)
+            elif need_da:
                 for ng in range(NG):
                     n0 = ng * VL
                     n1 = min(N, n0 + VL)
