@@ -1067,14 +1067,6 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             vstore(Tb, j * BW + VL, dt1)
             vstore(Tb, j * BW + 2 * VL, dt2)
             vstore(Tb, j * BW + 3 * VL, dt3)
-            dtu0 = dt0 * u0
-            dtu1 = dt1 * u1
-            dtu2 = dt2 * u2
-            dtu3 = dt3 * u3
-            dc0 = vmin(dt0, m0)
-            dc1 = vmin(dt1, m1)
-            dc2 = vmin(dt2, m2)
-            dc3 = vmin(dt3, m3)
             hp0 = j * NV
             hn0 = hp0 + NV
             if _NARROW:   # one vector at a time (module docstring, Narrow registers)
@@ -1096,6 +1088,14 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                 y2 = vload(S4, 2 * VL)
                 y3 = vload(S4, 3 * VL)
             else:
+                dtu0 = dt0 * u0
+                dtu1 = dt1 * u1
+                dtu2 = dt2 * u2
+                dtu3 = dt3 * u3
+                dc0 = vmin(dt0, m0)
+                dc1 = vmin(dt1, m1)
+                dc2 = vmin(dt2, m2)
+                dc3 = vmin(dt3, m3)
                 y0 = zeros()
                 y1 = zeros()
                 y2 = zeros()
