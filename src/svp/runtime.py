@@ -38,7 +38,8 @@ imported (before torch), and only where the user has not chosen them.
   variables above.
 
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
-  on Linux with glibc, unless a ``MALLOC_*_`` variable or a ``glibc.malloc`` tunable is set).
+  on Linux with glibc, unless a ``MALLOC_*_`` variable or one of the ``glibc.malloc`` tunables
+  ``mmap_threshold``, ``trim_threshold``, ``top_pad``, ``mmap_max`` is set).
   glibc's defaults return freed memory to the kernel as soon as 2x its (adaptive) mmap
   threshold is free at the top of the heap; the scan's backward frees three (b, l, E) buffers
   at once, so the next call page-faults them back in. Measured (``benchmarks/scan.py``'s
@@ -48,6 +49,17 @@ imported (before torch), and only where the user has not chosen them.
   A whole Vim-Tiny SVP step moved by less than the machine's noise (batch 8, 2 threads:
   781-796 -> 759-777 ms). The cost: the process keeps up to 256 MiB of freed heap for reuse.
   Applied whenever ``svp`` is imported (malloc reads it at each call, so order does not matter).
+  Other ``glibc.malloc`` tunables (``hugetlb``, ``arena_max``, ...) leave these two in place.
+
+* Huge pages for malloc's heap: opt-in, not set by svp (glibc reads ``GLIBC_TUNABLES`` once, as
+  the process starts). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35 or later, the
+  kernel's transparent huge pages 'madvise' or 'always') asks for 2 MiB pages for the heap svp's
+  thresholds keep the activations on; ``status()`` says when it was set. Measured on a 2-vCPU AMD
+  Zen 3 (docs/benchmarks.md, "Thirty-sixth round"): the scan's backward (Vim-Tiny batch 8, 1
+  thread, median of 60 calls, one process each) took 1.10-1.15x the median time in 5 of 17
+  processes with 4 KiB pages and at most 1.05x in 17 with huge pages; a Vim-Tiny SVP training
+  step at batch 8, 2 threads, 13 processes each: 903-953 ms (median 916) -> 899-923 (906); 1 thread
+  the same (1646-1810 -> 1653-1702 ms, medians 1661 / 1664); peak memory the same.
 
 * Python's cyclic garbage collector, around svp's own imports (``imports_outside_gc``). Importing
   torch, timm (which imports torchvision, which imports torch._dynamo) and svp makes ~630,000
@@ -89,10 +101,34 @@ def dedicated(environ=os.environ) -> bool:
 
 
 _MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+# the tunables that set what svp sets (or decide the same trade-off); others, such as
+# glibc.malloc.hugetlb (see the module docstring) or arena_max, leave svp's thresholds in place
+_MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad",
+                    "glibc.malloc.mmap_max")
+
+
+def _tunables(value: str) -> dict:
+    """A GLIBC_TUNABLES value as {name: value} (name=value pairs joined by colons)."""
+    pairs = (item.partition("=") for item in value.split(":") if item)
+    return {name.strip(): v for name, _, v in pairs}
+
+
+def _tunables_at_start() -> dict:
+    """The tunables glibc read: GLIBC_TUNABLES as the process started (/proc/self/environ keeps
+    the environment it was started with; setting the variable later changes nothing)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"GLIBC_TUNABLES="):
+                    return _tunables(item.split(b"=", 1)[1].decode(errors="replace"))
+        return {}
+    except OSError:
+        return _tunables(os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def _malloc_defaults() -> str:
-    if any(os.environ.get(k) for k in _MALLOC_VARS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = _tunables(os.environ.get("GLIBC_TUNABLES", ""))
+    if any(os.environ.get(k) for k in _MALLOC_VARS) or any(t in tunables for t in _MALLOC_TUNABLES):
         return "left to the user's MALLOC_* / GLIBC_TUNABLES setting"
     if not sys.platform.startswith("linux"):
         return "system default (not Linux)"
@@ -106,7 +142,9 @@ def _malloc_defaults() -> str:
         return "system default (not glibc)"
     if not ok:
         return f"glibc {version} refused mallopt; its defaults apply"
-    return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp)"
+    hugetlb = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
+    huge = f"; glibc.malloc.hugetlb={hugetlb} (huge pages for the heap)" if hugetlb not in ("", "0") else ""
+    return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp){huge}"
 
 
 def configure() -> dict:
