@@ -46,6 +46,12 @@ def _collector() -> str:
     return str(runtime.status()["gc"] or "not configured")
 
 
+def _malloc() -> str:
+    """svp.runtime's malloc thresholds (or who chose them) and the heap's huge pages."""
+    from svp import runtime
+    return f"{runtime.status()['malloc'] or 'not configured'}; {runtime.huge_pages()}"
+
+
 def _bf16() -> str:
     """Whether ``train.amp`` / ``--amp`` (bfloat16 autocast) pays on this CPU."""
     from svp.compat import cpu_bf16_instructions
@@ -85,6 +91,7 @@ def _versions():
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
             ("collector", _collector()),
+            ("malloc", _malloc()),
             ("CPU bfloat16", _bf16()),
             ("CPU products", _products()),
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "

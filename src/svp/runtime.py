@@ -54,7 +54,8 @@ imported (before torch), and only where the user has not chosen them.
 * Huge pages for malloc's heap: opt-in, not set by svp (glibc reads ``GLIBC_TUNABLES`` once, as
   the process starts). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35 or later, the
   kernel's transparent huge pages 'madvise' or 'always') asks for 2 MiB pages for the heap svp's
-  thresholds keep the activations on; ``status()`` says when it was set. Measured on a 2-vCPU AMD
+  thresholds keep the activations on; ``status()`` says when it was set, and ``svp doctor``'s
+  malloc row (``huge_pages()``) gives the kernel's mode and whether the heap asked. Measured on a 2-vCPU AMD
   Zen 3 (docs/benchmarks.md, "Thirty-sixth round"): the scan's backward (Vim-Tiny batch 8, 1
   thread, median of 60 calls, one process each) took 1.10-1.15x the median time in 5 of 17
   processes with 4 KiB pages and at most 1.05x in 17 with huge pages; a Vim-Tiny SVP training
@@ -204,6 +205,39 @@ def freeze_imports() -> bool:
     gc.freeze()
     _state["gc"] = "imports frozen for the command's process (svp.cli.run)"
     return True
+
+
+def huge_pages() -> str:
+    """The kernel's transparent huge page mode ('always', 'madvise' or 'never'), and whether the
+    heap asked for them (``glibc.malloc.hugetlb`` at the process's start, read by glibc 2.35 and
+    later; the module docstring's opt-in): one line for ``svp doctor``."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "no transparent huge pages here"
+    line = f"transparent huge pages '{mode}'"
+    if mode == "never":
+        return line
+    hugetlb = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
+    glibc = _glibc_version()
+    if hugetlb not in ("", "0"):
+        if glibc is not None and glibc < (2, 35):
+            return f"{line}; glibc.malloc.hugetlb={hugetlb} set, but glibc {glibc[0]}.{glibc[1]} ignores it (2.35+)"
+        return f"{line}; the heap asks for them (glibc.malloc.hugetlb={hugetlb})"
+    if mode == "always":
+        return f"{line}: the kernel gives the heap huge pages where it can"
+    return f"{line}; the heap on 4 KiB pages (opt-in: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35+)"
+
+
+def _glibc_version():
+    """(major, minor) of the glibc this process runs on, or None (not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        return tuple(int(x) for x in libc.gnu_get_libc_version().decode().split(".")[:2])
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def status() -> dict:
