@@ -12,3 +12,20 @@ def output_and_grads(model, x, seed=None):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out, grads
+
+
+def recompiled(module, name):
+    """``module.name`` compiled anew with every numba function of ``module`` it calls (fresh
+    dispatchers over a copy of the module's globals, no disk cache): the module's own
+    dispatchers and numba's cache stay as they are."""
+    import types as pytypes
+    import numba
+    from numba.core.registry import CPUDispatcher
+    g = dict(vars(module))
+    for key, obj in vars(module).items():
+        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == module.__name__:
+            f = obj.py_func
+            opts = {k: v for k, v in obj.targetoptions.items() if k != "nopython"}
+            g[key] = numba.njit(**opts, cache=False)(
+                pytypes.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__))
+    return g[name]

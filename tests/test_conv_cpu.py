@@ -8,7 +8,7 @@ if "cpu" not in available_backends():
     pytest.fail("the numba cpu backend is not available", pytrace=False)
 
 from svp.ops.conv_cpu import causal_conv1d_cpu, causal_conv1d_proj_cpu  # noqa: E402
-from fused_helpers import output_and_grads  # noqa: E402
+from fused_helpers import output_and_grads, recompiled  # noqa: E402
 
 
 def _check_against_pytorch(x, w, bias, act, reverse, g):
@@ -174,6 +174,53 @@ def test_projection_formed_in_the_conv_kernel_matches_float64_and_not_the_thread
     assert outs[0].shape == (2, L, n)
     torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_projection_products_have_the_same_bits_in_their_narrow_and_wide_forms(monkeypatch):
+    """Where a vector is two registers (scan_cpu._NARROW) x_proj's products in the conv's kernels
+    take fewer accumulators at a time (_proj_rows two vectors of a block, _proj_out_rows 16-column
+    tiles instead of 48): each element is the same fma chain in the same order, so both forms,
+    compiled side by side, give the same bits, over partial row groups, padded columns and
+    several blocks; and they match float64."""
+    import numpy as np
+    from svp.ops import conv_cpu
+    rng = np.random.default_rng(11)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    probe = f32(2, 3, 64)
+    conv_cpu._proj_rows(f32(2, 3), f32(3, 64), 0, 2)   # the module's own, compiled with the real flag
+    conv_cpu._proj_out_rows(probe, 0, 0, 2, f32(64, 16), np.zeros((2, 3, 9), np.float32))
+    narrow = conv_cpu._NARROW
+    monkeypatch.setattr(conv_cpu, "_NARROW", not narrow)
+    other_rows, other_out = recompiled(conv_cpu, "_proj_rows"), recompiled(conv_cpu, "_proj_out_rows")
+    monkeypatch.setattr(conv_cpu, "_NARROW", narrow)
+    assert other_rows.py_func.__globals__["_NARROW"] is (not narrow)
+    # the input gradient's rows: pd (rows, n) @ pw (n, dp), rows row0 .. row0 + nr - 1
+    for n, dp in ((9, 64), (44, 192)):
+        pd, pw = f32(20, n), f32(n, dp)
+        for row0, nr in ((0, 1), (2, 2), (1, 3), (0, 16), (3, 17)):
+            got = [fn(pd, pw, row0, nr)[:nr * dp] for fn in (conv_cpu._proj_rows, other_rows)]
+            assert np.array_equal(got[0], got[1]), (n, dp, row0, nr)
+            want = pd[row0:row0 + nr].astype(np.float64) @ pw.astype(np.float64)
+            np.testing.assert_allclose(got[0].reshape(nr, dp), want, rtol=1e-5, atol=1e-4)
+    # the forward's product: out[bi, t] @ pwT (d, npd), into proj (b, L, n)
+    d, L = 96, 23
+    out = f32(2, L, d)
+    for n in (9, 44, 56, 100):
+        npd = -(-n // 16) * 16
+        pwT = np.zeros((d, npd), np.float32)
+        pwT[:, :n] = f32(d, n)
+        for t0, t1 in ((0, 1), (0, 3), (5, 9), (2, 23)):
+            got = []
+            for fn in (conv_cpu._proj_out_rows, other_out):
+                proj = np.full((2, L, n), np.nan, np.float32)
+                fn(out, 1, t0, t1, pwT, proj)
+                got.append(proj)
+            assert np.array_equal(got[0], got[1], equal_nan=True), (n, t0, t1)
+            want = out[1, t0:t1].astype(np.float64) @ pwT[:, :n].astype(np.float64)
+            np.testing.assert_allclose(got[0][1, t0:t1], want, rtol=1e-5, atol=1e-4)
 
 
 def test_projection_follows_its_weight_changed_in_place():

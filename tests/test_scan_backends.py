@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from svp.errors import BackendError
 from svp.ops import dispatch, selective_scan, set_backend, get_backend, available_backends
 
+from fused_helpers import recompiled
+
 BACKENDS = [n for n in ("cpu", "torch", "reference") if n in available_backends()]
 TOL = {"cpu": 5e-7, "torch": 2e-6, "reference": 2e-6, "triton": 1e-6}
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -558,23 +560,6 @@ def test_cpu_bidirectional_scan_rejects_a_wrong_x_dbl_form():
         bidirectional_scan_cpu(u, good, (u, low.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, bias, w))
 
 
-def _recompiled(module, name):
-    """``module.name`` compiled anew with every numba function of ``module`` it calls (fresh
-    dispatchers over a copy of the module's globals, no disk cache): the module's own
-    dispatchers and numba's cache stay as they are."""
-    import types as pytypes
-    import numba
-    from numba.core.registry import CPUDispatcher
-    g = dict(vars(module))
-    for key, obj in vars(module).items():
-        if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == module.__name__:
-            f = obj.py_func
-            opts = {k: v for k, v in obj.targetoptions.items() if k != "nopython"}
-            g[key] = numba.njit(**opts, cache=False)(
-                pytypes.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__))
-    return g[name]
-
-
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monkeypatch):
     """On AVX-512 the decay factors and softplus/gate exponentials end in vscalefps
@@ -593,7 +578,7 @@ def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monke
 
     default = run()
     monkeypatch.setattr(simd, "_SCALEF", False)
-    portable = _recompiled(scan_cpu, "_fwd_task")   # (the kernel calls its task through its address)
+    portable = recompiled(scan_cpu, "_fwd_task")   # (the kernel calls its task through its address)
     monkeypatch.setattr(scan_cpu, "_fwd_task", portable)
     other = run()
     assert "vscalefps" not in "".join(portable.inspect_asm().values())
@@ -619,7 +604,7 @@ def test_cpu_backward_gives_the_same_bits_with_its_narrow_and_wide_state_loops(m
     default = [run(False), run(True)]
     narrow = scan_cpu._NARROW
     monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
-    other_task = _recompiled(scan_cpu, "_bwd_task")
+    other_task = recompiled(scan_cpu, "_bwd_task")
     assert other_task.py_func.__globals__["_NARROW"] is (not narrow)
     monkeypatch.setattr(scan_cpu, "_bwd_task", other_task)
     other = [run(False), run(True)]
@@ -628,6 +613,41 @@ def test_cpu_backward_gives_the_same_bits_with_its_narrow_and_wide_state_loops(m
         assert len(want) == len(got)
         for a, b in zip(want, got):
             assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_steps_at_a_time(monkeypatch):
+    """The gradient of dt_proj's input per chunk (scan_cpu._dlow_rows) is formed eight steps at a
+    time, four where a vector is two registers (_NARROW): both give the same rows bit for bit,
+    forward and reverse, for chunks of 1-32 steps (every mix of eight-, four- and one-step
+    groups) and one or three vectors of R, and match the float64 product."""
+    import numpy as np
+    from svp.ops import scan_cpu
+    BW, L = scan_cpu.BW, 40
+    one = np.zeros(BW * 16, np.float32)
+    scan_cpu._dlow_rows(one[:BW], one, 16, 0, 1, 1, False, one.copy(), 0)   # compiled with the real flag
+    narrow = scan_cpu._NARROW
+    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
+    other = recompiled(scan_cpu, "_dlow_rows")
+    monkeypatch.setattr(scan_cpu, "_NARROW", narrow)
+    assert other.py_func.__globals__["_NARROW"] is (not narrow)
+    rng = np.random.default_rng(7)
+    for Rp in (16, 48):
+        Wc = rng.standard_normal(BW * Rp).astype(np.float32)
+        for m in (1, 3, 4, 5, 7, 8, 12, 13, 32):
+            Db = rng.standard_normal(m * BW).astype(np.float32)
+            for reverse in (False, True):
+                outs = []
+                for fn in (scan_cpu._dlow_rows, other):
+                    dLp = np.full(L * Rp, np.nan, np.float32)
+                    fn(Db, Wc, Rp, 3, m, L, reverse, dLp, 0)
+                    outs.append(dLp)
+                assert np.array_equal(outs[0], outs[1], equal_nan=True), (Rp, m, reverse)
+                rows = [L - 1 - (3 + j) if reverse else 3 + j for j in range(m)]
+                want = Db.reshape(m, BW).astype(np.float64) @ Wc.reshape(BW, Rp).astype(np.float64)
+                got = outs[0].reshape(L, Rp)[rows]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+                assert np.isnan(np.delete(outs[0].reshape(L, Rp), rows, axis=0)).all()   # no other row
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

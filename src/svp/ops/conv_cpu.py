@@ -17,7 +17,7 @@ from ..compat import cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .kept import kept
 from .matmul_cpu import mm
-from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
+from .scan_cpu import _FM_SAFE, _NARROW, _ONE, _call_task, _dynamic_tasks, _dynamic_tasks_in, _nd, _sigmoid, \
     _task_sig_is, _wide_vectors, guard_caches, run_tasks
 from .simd import as_f32, fma, is_bf16, splat, to_elem, vload, vstore, zeros
 from numba import njit, prange, types
@@ -98,7 +98,9 @@ def _proj_rows(pd, pw, row0, nr):
     pw[r, c], pw (n, dp) with dp a multiple of PB. Each element is one fma chain over r in
     order, the same whichever pair of rows it is formed in (the last pair overlaps the one
     before it, a single row is formed twice), so its bits do not depend on the task's rows or
-    the threads. Two rows per pass over a PB-channel block of pw (n * PB floats, in L1).
+    the threads. Two rows per pass over a PB-channel block of pw (n * PB floats, in L1); where
+    a vector is two registers (scan_cpu._NARROW) over half a block, so that the accumulators and
+    pw's vectors fit in the 16 registers (the same chains: the same bits).
 
     Formed in the conv's backward kernel instead of by a product into a (b, L, d) tensor that
     the kernel then read: the product wrote and the kernel read that tensor through memory,
@@ -106,6 +108,32 @@ def _proj_rows(pd, pw, row0, nr):
     thirty-first round). For the Vim models' shapes it gave the bits of oneDNN's product (there, AMD Zen 5)."""
     n, dp = pw.shape
     G = np.empty(max(nr, 2) * dp, np.float32)
+    if _NARROW:   # two vectors of the block at a time (scan_cpu's module docstring, Narrow registers)
+        for c0 in range(0, dp, 32):
+            for i0 in range(0, nr, 2):
+                i = max(0, min(i0, nr - 2))
+                ra = row0 + i
+                rb = row0 + min(i + 1, nr - 1)
+                a0 = zeros()
+                a1 = zeros()
+                b0 = zeros()
+                b1 = zeros()
+                for r in range(n):
+                    o = r * dp + c0
+                    w0 = vload(pw, o)
+                    w1 = vload(pw, o + 16)
+                    s = splat(pd[ra, r])
+                    a0 = fma(s, w0, a0)
+                    a1 = fma(s, w1, a1)
+                    s = splat(pd[rb, r])
+                    b0 = fma(s, w0, b0)
+                    b1 = fma(s, w1, b1)
+                o = i * dp + c0
+                vstore(G, o, a0)
+                vstore(G, o + 16, a1)
+                vstore(G, o + dp, b0)
+                vstore(G, o + dp + 16, b1)
+        return G
     for c0 in range(0, dp, PB):
         for i0 in range(0, nr, 2):
             i = max(0, min(i0, nr - 2))
@@ -228,7 +256,8 @@ def _proj_out_rows(out, bi, t0, t1, pwT, proj):
     Each element is one fma chain over the channels in order, whichever four rows it is formed
     with (the last four overlap the ones before, fewer rows are repeated), so its bits do not
     depend on the task's rows or the threads; for Vim-Tiny's shape (d 384, n 44) they were
-    oneDNN's bits here (docs/benchmarks.md, thirty-first round)."""
+    oneDNN's bits here (docs/benchmarks.md, thirty-first round). Where a vector is two registers
+    (scan_cpu._NARROW) only 16-column tiles: _tile3's 12 accumulators would spill."""
     npd = pwT.shape[1]
     n = proj.shape[2]
     nr = t1 - t0
@@ -241,7 +270,7 @@ def _proj_out_rows(out, bi, t0, t1, pwT, proj):
         rd = t0 + min(i + 3, nr - 1)
         oa, ob, oc, od = out[bi, ra], out[bi, rb], out[bi, rc], out[bi, rd]
         k0 = 0
-        while k0 + 48 <= npd:
+        while k0 + 48 <= npd and not _NARROW:   # narrow: _tile3's 12 accumulators would spill
             _tile3(pwT, k0, oa, ob, oc, od, tmp)
             k0 += 48
         while k0 < npd:

@@ -42,7 +42,14 @@ spilled most of them to the stack, so on targets without AVX-512 (``_NARROW``) t
 four vectors one at a time, each over all states (the same operations in the same order per
 lane: the same bits). On a Zen 3 the backward took 0.91-0.94x the time with every gradient
 and 0.93-1.03x with a frozen backbone (1 thread; docs/benchmarks.md, thirty-fifth round). The
-forward keeps its four side by side: one or two at a time took 1.00-1.17x its time there.
+forward keeps its four side by side: one or two at a time took 1.00-1.17x its time there. The
+same holds for the small products inside the kernels, which keep several accumulators side by
+side: there they take fewer at a time, each element's chain unchanged (the same bits):
+``_dlow_rows`` four steps instead of eight (the backward 0.95-0.97x its time at Vim-Tiny's
+rank, 0.90-0.93x at Vim-Small's), ``conv_cpu._proj_rows`` two vectors of a block instead of
+four and ``conv_cpu._proj_out_rows`` 16-column tiles instead of 48 (the conv + x_proj node
+0.50-0.70x its forward time, 0.69-0.81x forward and backward; docs/benchmarks.md,
+thirty-sixth round).
 
 Backward: the forward stores the state at the start of every chunk of K steps. The
 backward walks the chunks from last to first: it recomputes the chunk's states and
@@ -1412,7 +1419,7 @@ def _dlow_rows(Db, Wc, Rp, s0, m, L, reverse, dLp, pbase):
     form made the Vim-Small backward 11-15% slower, Vim-Tiny's 4-7%)."""
     for rv in range(0, Rp, VL):
         j = 0
-        while j + 8 <= m:
+        while j + 8 <= m and not _NARROW:
             a0 = zeros()
             a1 = zeros()
             a2 = zeros()
@@ -1446,7 +1453,31 @@ def _dlow_rows(Db, Wc, Rp, s0, m, L, reverse, dLp, pbase):
             vstore(dLp, (pbase + t + 6 * step) * Rp + rv, a6)
             vstore(dLp, (pbase + t + 7 * step) * Rp + rv, a7)
             j += 8
-        for jj in range(j, m):   # the chunk's last steps (L = 197: five)
+        # four steps at a time: where a vector is two registers (_NARROW), eight accumulators
+        # and W's vector would need 18 of the 16 (they spilled); elsewhere a chunk's last 4-7 steps
+        while j + 4 <= m:
+            a0 = zeros()
+            a1 = zeros()
+            a2 = zeros()
+            a3 = zeros()
+            for c in range(BW):
+                w = vload(Wc, c * Rp + rv)
+                o = j * BW + c
+                a0 = fma(splat(Db[o]), w, a0)
+                a1 = fma(splat(Db[o + BW]), w, a1)
+                a2 = fma(splat(Db[o + 2 * BW]), w, a2)
+                a3 = fma(splat(Db[o + 3 * BW]), w, a3)
+            t = s0 + j
+            step = 1
+            if reverse:
+                t = L - 1 - t
+                step = -1
+            vstore(dLp, (pbase + t) * Rp + rv, a0)
+            vstore(dLp, (pbase + t + step) * Rp + rv, a1)
+            vstore(dLp, (pbase + t + 2 * step) * Rp + rv, a2)
+            vstore(dLp, (pbase + t + 3 * step) * Rp + rv, a3)
+            j += 4
+        for jj in range(j, m):   # the chunk's last steps (L = 197: one)
             a0 = zeros()
             for c in range(BW):
                 a0 = fma(splat(Db[jj * BW + c]), vload(Wc, c * Rp + rv), a0)
