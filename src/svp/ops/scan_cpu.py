@@ -48,7 +48,7 @@ side: there they take fewer at a time, each element's chain unchanged (the same 
 ``_dlow_rows`` four steps instead of eight (the backward 0.95-0.97x its time at Vim-Tiny's
 rank, 0.90-0.93x at Vim-Small's), ``conv_cpu._proj_rows`` two vectors of a block instead of
 four and ``conv_cpu._proj_out_rows`` 16-column tiles instead of 48 (the conv + x_proj node
-0.50-0.70x its forward time, 0.69-0.81x forward and backward; docs/benchmarks.md,
+0.50-0.72x its forward time, 0.69-0.82x forward and backward; docs/benchmarks.md,
 thirty-sixth round).
 
 Backward: the forward stores the state at the start of every chunk of K steps. The
