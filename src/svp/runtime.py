@@ -127,24 +127,32 @@ def _tunables_at_start() -> dict:
         return _tunables(os.environ.get("GLIBC_TUNABLES", ""))
 
 
+def _hugetlb_at_start():
+    """glibc.malloc.hugetlb's value as the process started when it asks for huge pages (not
+    unset, empty or 0), else None."""
+    value = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
+    return None if value in ("", "0") else value
+
+
 def _malloc_defaults() -> str:
     tunables = _tunables(os.environ.get("GLIBC_TUNABLES", ""))
     if any(os.environ.get(k) for k in _MALLOC_VARS) or any(t in tunables for t in _MALLOC_TUNABLES):
         return "left to the user's MALLOC_* / GLIBC_TUNABLES setting"
     if not sys.platform.startswith("linux"):
         return "system default (not Linux)"
+    version = _glibc_version()
+    if version is None:
+        return "system default (not glibc)"
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        version = libc.gnu_get_libc_version().decode()
         ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
                                                                                   TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):
         return "system default (not glibc)"
     if not ok:
-        return f"glibc {version} refused mallopt; its defaults apply"
-    hugetlb = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
-    huge = f"; glibc.malloc.hugetlb={hugetlb} (huge pages for the heap)" if hugetlb not in ("", "0") else ""
+        return f"glibc {version[0]}.{version[1]} refused mallopt; its defaults apply"
+    hugetlb = _hugetlb_at_start()
+    huge = f"; glibc.malloc.hugetlb={hugetlb} (huge pages for the heap)" if hugetlb else ""
     return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp){huge}"
 
 
@@ -219,12 +227,12 @@ def huge_pages() -> str:
     line = f"transparent huge pages '{mode}'"
     if mode == "never":
         return line
-    hugetlb = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
+    hugetlb = _hugetlb_at_start()
     glibc = _glibc_version()
-    if hugetlb not in ("", "0"):
+    if hugetlb:
         if glibc is not None and glibc < (2, 35):
             return f"{line}; glibc.malloc.hugetlb={hugetlb} set, but glibc {glibc[0]}.{glibc[1]} ignores it (2.35+)"
-        return f"{line}; the heap asks for them (glibc.malloc.hugetlb={hugetlb})"
+        return f"{line}; the heap asks for them"   # (status()['malloc'] gives the tunable's value)
     if mode == "always":
         return f"{line}: the kernel gives the heap huge pages where it can"
     return f"{line}; the heap on 4 KiB pages (opt-in: GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35+)"
