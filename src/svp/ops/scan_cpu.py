@@ -24,6 +24,12 @@ multiply-adds a step), and the backward forms the input's gradient per chunk and
 small product with W (_dlow_rows); the (b, len, dim) time steps and their gradient are then
 never written to memory, where the two products that formed them ran at memory speed.
 
+Indexing: the B and C values a state loop reads per state are taken with an unsigned index
+(``Bm[np.uint64(br + n)]``): with a signed one numba emits Python's negative-index wraparound
+(a shift, a mask and an add per read) that LLVM cannot drop for an offset from the arguments;
+in the narrow loops, which read them once per vector and state, that was 2-5% of the backward's
+time at one thread and ~7% at two on a Zen 3 (docs/benchmarks.md, thirty-seventh round). Same bits.
+
 Memory: a task walks rows d floats apart, a stride the hardware prefetchers do not follow,
 so the kernels prefetch the rows they will read and write PF steps ahead (the output rows
 with ``prefetch_write``: unowned output lines stalled the stores behind them).
@@ -893,8 +899,8 @@ def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus
         y3 = zeros()
         for n in range(N):
             o = n * BW
-            bn = Bm[br + n]
-            cn = splat(Cm[cr + n])
+            bn = Bm[np.uint64(br + n)]
+            cn = splat(Cm[np.uint64(cr + n)])
             a = vload(A2b, o)
             e0 = _decay(fast, dt0, dc0, a)
             a = vload(A2b, o + VL)
@@ -1085,10 +1091,10 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                     for n in range(N):
                         o = n * BW + k
                         ek = _decay(fast, dtk, dck, vload(A2b, o))
-                        hk = fma(ek, vload(Hb, hp0 + o), dtuk * Bm[br + n])
+                        hk = fma(ek, vload(Hb, hp0 + o), dtuk * Bm[np.uint64(br + n)])
                         vstore(Eb, hp0 + o, ek)
                         vstore(Hb, hn0 + o, hk)
-                        yk = fma(hk, splat(Cm[cr + n]), yk)
+                        yk = fma(hk, splat(Cm[np.uint64(cr + n)]), yk)
                     vstore(S4, k, yk)
                 y0 = vload(S4, 0)
                 y1 = vload(S4, VL)
@@ -1109,8 +1115,8 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                 y3 = zeros()
                 for n in range(N):
                     o = n * BW
-                    bn = Bm[br + n]
-                    cn = splat(Cm[cr + n])
+                    bn = Bm[np.uint64(br + n)]
+                    cn = splat(Cm[np.uint64(cr + n)])
                     a = vload(A2b, o)
                     e0 = _decay(fast, dt0, dc0, a)
                     a = vload(A2b, o + VL)
@@ -1237,11 +1243,11 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                         sbk = vload(S4, BW + k)
                         for n in range(n0, n1):
                             o = n * BW + k
-                            dhv = fma(gvk, splat(Cm[cr + n]), vload(dh, o))
+                            dhv = fma(gvk, splat(Cm[np.uint64(cr + n)]), vload(dh, o))
                             ek = vload(Eb, hp0 + o)
                             qk = dhv * vload(Hb, hp0 + o) * ek
                             vstore(dh, o, ek * dhv)
-                            sak = fma(dhv, splat(Bm[br + n]), sak)
+                            sak = fma(dhv, splat(Bm[np.uint64(br + n)]), sak)
                             sbk = fma(qk, vload(Ab, o), sbk)
                             if need_da:
                                 vstore(dAc, o, fma(qk, dtk, vload(dAc, o)))
@@ -1268,8 +1274,8 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
                         o = n * BW
-                        cn = splat(Cm[cr + n])
-                        bn = splat(Bm[br + n])
+                        cn = splat(Cm[np.uint64(cr + n)])
+                        bn = splat(Bm[np.uint64(br + n)])
                         dhv0 = fma(gv0, cn, vload(dh, o))
                         dhv1 = fma(gv1, cn, vload(dh, o + VL))
                         dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
@@ -1309,8 +1315,8 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                     n1 = min(N, n0 + VL)
                     for n in range(n0, n1):
                         o = n * BW
-                        cn = splat(Cm[cr + n])
-                        bn = splat(Bm[br + n])
+                        cn = splat(Cm[np.uint64(cr + n)])
+                        bn = splat(Bm[np.uint64(br + n)])
                         dhv0 = fma(gv0, cn, vload(dh, o))
                         dhv1 = fma(gv1, cn, vload(dh, o + VL))
                         dhv2 = fma(gv2, cn, vload(dh, o + 2 * VL))
