@@ -27,7 +27,7 @@ never written to memory, where the two products that formed them ran at memory s
 Indexing: the B and C values a state loop reads per state are taken with an unsigned index
 (``Bm[np.uint64(br + n)]``): with a signed one numba emits Python's negative-index wraparound
 (a shift, a mask and an add per read) that LLVM cannot drop for an offset from the arguments;
-in the narrow loops, which read them once per vector and state, that was 2-5% of the backward's
+in the narrow loops, which read them once per vector and state, that was 1-5% of the backward's
 time at one thread and ~7% at two on a Zen 3 (docs/benchmarks.md, thirty-seventh round). Same bits.
 
 Memory: a task walks rows d floats apart, a stride the hardware prefetchers do not follow,
