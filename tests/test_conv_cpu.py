@@ -250,6 +250,33 @@ def test_projection_follows_its_weight_changed_in_place():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_weight_is_kept_transposed_on_its_parameter_through_fresh_views():
+    """The model hands the conv its (d, 1, W) weight as a fresh squeeze view on every call; the
+    transposed weight the kernels read is kept on the view's base (svp.ops.kept): the next view's
+    call reuses it, an in-place change of the parameter forms it again (the result then that of
+    the new values), and a parameter that requires grad keeps nothing."""
+    g = torch.Generator().manual_seed(4)
+    x, bias, pw = torch.randn(2, 9, 64, generator=g), torch.randn(64, generator=g), torch.randn(5, 64, generator=g)
+    param = torch.randn(64, 1, 4, generator=g)
+
+    def kept_wt(p):
+        return [v[1] for k, v in getattr(p, "_svp_kept", {}).items() if k[0] == "conv_cpu w^T"]
+
+    y0, p0 = causal_conv1d_proj_cpu(x, param.squeeze(1), bias, pw, "silu")
+    first = kept_wt(param)
+    assert len(first) == 1 and torch.equal(first[0], param.squeeze(1).t())
+    assert torch.equal(causal_conv1d_cpu(x, param.squeeze(1), bias, "silu"), y0) and kept_wt(param)[0] is first[0]
+    with torch.no_grad():
+        param.mul_(0.5)
+    y1, _ = causal_conv1d_proj_cpu(x, param.squeeze(1), bias, pw, "silu")
+    assert kept_wt(param)[0] is not first[0]
+    assert torch.equal(y1, causal_conv1d_cpu(x, param.squeeze(1).clone(), bias, "silu"))
+    torch.testing.assert_close(y1, causal_conv1d_bld(x, param.squeeze(1), bias, "silu"), rtol=1e-5, atol=1e-5)
+    trained = param.clone().requires_grad_()
+    causal_conv1d_proj_cpu(x, trained.squeeze(1), bias, pw, "silu")[1].sum().backward()
+    assert not kept_wt(trained) and trained.grad is not None
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_vim_with_fused_conv_projection_matches_unfused(monkeypatch, method):
     """A small Vim, every gradient, with conv + x_proj as one node against the separate conv and

@@ -1194,6 +1194,41 @@ def test_cpu_scan_tables_kept_on_A_follow_its_values():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_scan_keeps_a_frozen_dt_w_transposed_and_follows_its_values():
+    """dt_proj's weight as the kernels read it (transposed, padded) is kept on a frozen weight
+    (svp.ops.kept): reused by the next call (and by the other direction), formed again after an
+    in-place change, with the bits of a fresh tensor holding the new values; a weight that
+    requires grad keeps nothing."""
+    from svp.ops.scan_cpu import bidirectional_scan_cpu
+    b, L, d, R, N = 2, 21, 70, 4, 16   # 70: padded to 128 channels
+    gen = torch.Generator().manual_seed(8)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    u, x_dbl, z = r(b, L, d).transpose(1, 2), r(b, L, R + 2 * N), r(b, L, d).transpose(1, 2)
+    A, D, bias = -(torch.rand(d, N, generator=gen) + 0.05), r(d), r(d) * 0.3 - 1.0
+    w = r(d, R) * 0.5
+
+    def go(ww):
+        side = (u, x_dbl, A, None, None, D, bias, ww)
+        return bidirectional_scan_cpu(z, side, side)
+
+    def wt():
+        return [v[1] for k, v in getattr(w, "_svp_kept", {}).items() if k[0] == "scan_cpu dt_w^T"]
+
+    y = go(w)
+    first = wt()
+    assert len(first) == 1 and torch.equal(first[0][:, :d], w.t())
+    assert torch.equal(go(w), y) and wt()[0] is first[0]
+    with torch.no_grad():
+        w.mul_(-1.5)
+    changed = go(w)
+    assert wt()[0] is not first[0] and not torch.equal(changed, y)
+    assert torch.equal(changed, go(w.detach().clone()))
+    trained = w.detach().clone().requires_grad_()
+    assert torch.equal(go(trained).detach(), changed)
+    assert not any(k[0] == "scan_cpu dt_w^T" for k in getattr(trained, "_svp_kept", {}))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_kernels_stream_states_and_input_gradients_with_the_same_bits(monkeypatch):
     """The forward writes its chunk states, the backward du and d_delta, with streaming stores
     when they are 64-byte aligned (scan_cpu._streamable; torch's allocations are), through the

@@ -1817,7 +1817,11 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     if dt_w is None:
         dl3, Lm, ls, Wt = pad(_as_bld(delta)), _NO32, 0, _NO32
     else:   # no (b, L, d) time steps: the kernels read delta's rows and W^T
-        (Lm, ls), Wt = _bc_rows(delta, 1), pad(dt_w.detach().to(torch.float32).t()).contiguous()
+        # W^T kept on a frozen dt_proj weight: transposing it took ~47 µs a call (Vim-Small), ~2% of a
+        # batch-1 forward (svp.ops.kept; docs/benchmarks.md, thirty-eighth round)
+        (Lm, ls) = _bc_rows(delta, 1)
+        Wt = kept(dt_w, ("scan_cpu dt_w^T", G, dg, dgp),
+                  lambda: pad(dt_w.detach().to(torch.float32).t()).contiguous())
         dl3 = u3   # (a placeholder the kernels do not read)
     has_z = z is not None
     z3 = pad(_as_bld(z, keep_bf16=z_bf16)) if has_z else u3
