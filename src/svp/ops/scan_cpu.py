@@ -1817,8 +1817,9 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     if dt_w is None:
         dl3, Lm, ls, Wt = pad(_as_bld(delta)), _NO32, 0, _NO32
     else:   # no (b, L, d) time steps: the kernels read delta's rows and W^T
-        # W^T kept on a frozen dt_proj weight: transposing it took ~47 µs a call (Vim-Small), ~2% of a
-        # batch-1 forward (svp.ops.kept; docs/benchmarks.md, thirty-eighth round)
+        # W^T kept on a frozen dt_proj weight (svp.ops.kept): transposing it took ~47 µs a call at
+        # Vim-Small's (768, 24), 2% of a batch-1 forward's py-spy samples; the node 0.95x its time at
+        # batch 1 (docs/benchmarks.md, thirty-eighth round)
         (Lm, ls) = _bc_rows(delta, 1)
         Wt = kept(dt_w, ("scan_cpu dt_w^T", G, dg, dgp),
                   lambda: pad(dt_w.detach().to(torch.float32).t()).contiguous())
