@@ -260,7 +260,7 @@ def test_conv_weight_is_kept_transposed_on_its_parameter_through_fresh_views():
     param = torch.randn(64, 1, 4, generator=g)
 
     def kept_wt(p):
-        return [v[1] for k, v in getattr(p, "_svp_kept", {}).items() if k[0] == "conv_cpu w^T"]
+        return [v[1] for k, v in getattr(p, "_svp_kept", {}).items() if k == "conv_cpu w^T"]
 
     y0, p0 = causal_conv1d_proj_cpu(x, param.squeeze(1), bias, pw, "silu")
     first = kept_wt(param)

@@ -516,13 +516,10 @@ def _mm(a, b):
 
 def _kept_wt(weight: torch.Tensor) -> torch.Tensor:
     """The conv weight (d, W) as the kernels read it, (W, d) contiguous, kept on a frozen weight
-    (svp.ops.kept): transposing it took ~11 µs a call (timeit), 48 calls a Vim-Small batch-1
-    forward (~0.3% of its ~160 ms; 1.2% of its py-spy samples). The
-    model passes a fresh view of its (d, 1, W) parameter on every call (a squeeze), so the value
-    is kept on the view's base, keyed on the view's layout too."""
-    base = weight if weight._base is None else weight._base
-    return kept(base, ("conv_cpu w^T", tuple(weight.shape), weight.stride(), weight.storage_offset()),
-                lambda: weight.detach().t().contiguous())
+    (svp.ops.kept; on the parameter behind the fresh squeeze view the model passes): transposing it
+    took ~11 µs a call (timeit), 48 calls a Vim-Small batch-1 forward (~0.3% of its ~160 ms; 1.2%
+    of its py-spy samples)."""
+    return kept(weight, "conv_cpu w^T", lambda: weight.detach().t().contiguous())
 
 
 def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):

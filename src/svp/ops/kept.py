@@ -4,7 +4,9 @@ A frozen backbone passes the same parameters to every call, and some of what the
 from them costs more than the call's own work at batch 1 (the mixers' A = -exp(A_log), the CPU
 scan's tables of A). ``kept`` stores such a value as an attribute of the source tensor, keyed on
 its version counter (every in-place change: optimizer steps, ``load_state_dict``, ``copy_``
-under ``no_grad``), data pointer, shape and dtype. A replaced parameter is another object and
+under ``no_grad``), data pointer, shape, strides and dtype. A view is often made afresh on every call
+(the model's squeeze of the conv's (d, 1, W) weight): its value is kept on the view's base, which
+shares its version counter, keyed on the view's own layout. A replaced parameter is another object and
 carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry along with a
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
 the version counter (no code in svp does that), and torch's fused optimizers: ``torch.optim.AdamW
@@ -28,15 +30,16 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
     if t.is_inference() or t.requires_grad:
         return make()
-    key = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
-    store = getattr(t, "_svp_kept", None)
+    key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    owner = t if t._base is None else t._base
+    store = getattr(owner, "_svp_kept", None)
     hit = None if store is None else store.get(tag)
     if hit is not None and hit[0] == key:
         return hit[1]
     value = make()
     if store is None:
         try:
-            store = t._svp_kept = {}
+            store = owner._svp_kept = {}
         except (AttributeError, RuntimeError):   # a tensor subclass without attributes: nothing kept
             return value
     store[tag] = (key, value)

@@ -1820,7 +1820,7 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
         # W^T kept on a frozen dt_proj weight (svp.ops.kept): transposing it took ~47 µs a call at
         # Vim-Small's (768, 24), 2% of a batch-1 forward's py-spy samples; the node 0.95x its time at
         # batch 1 (docs/benchmarks.md, thirty-eighth round)
-        (Lm, ls) = _bc_rows(delta, 1)
+        Lm, ls = _bc_rows(delta, 1)
         Wt = kept(dt_w, ("scan_cpu dt_w^T", G, dg, dgp),
                   lambda: pad(dt_w.detach().to(torch.float32).t()).contiguous())
         dl3 = u3   # (a placeholder the kernels do not read)
