@@ -101,6 +101,13 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert mine[0] == "mmap" and int(mine[1]) < 2000, mine
     assert theirs[0] == "None" and int(theirs[1]) > 20000, theirs
     assert _run(RUNTIME_ONLY + FAULTS, MALLOC_TRIM_THRESHOLD_="1000000")[0] == "left"
+    # set from inside the process, after glibc read its settings: glibc's defaults are still in
+    # place, so svp's thresholds apply (and keep the heap); removed from inside, the user's stays
+    late = "import os\nos.environ['MALLOC_TRIM_THRESHOLD_'] = '1000000'\n"
+    late_set = _run(late + RUNTIME_ONLY + FAULTS)
+    assert late_set[0] == "mmap" and int(late_set[-1]) < 2000, late_set
+    gone = "import os\ndel os.environ['MALLOC_TRIM_THRESHOLD_']\n"
+    assert _run(gone + RUNTIME_ONLY + FAULTS, MALLOC_TRIM_THRESHOLD_="1000000")[0] == "left"
     user = "glibc.malloc.hugetlb=0:glibc.malloc.top_pad=1000000"
     assert _run(RUNTIME_ONLY + FAULTS, GLIBC_TUNABLES=user)[0] == "left"
     # a tunable that is not one of the thresholds (huge pages, below) keeps svp's
@@ -146,6 +153,9 @@ def test_glibc_hugetlb_puts_the_heap_on_huge_pages_with_svps_thresholds():
     neither claims it."""
     on = _run(RUNTIME_ONLY + HUGE, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
     assert int(on[0]) >= 60 and on[1:] == ["True", "True"], on        # MiB of the 90 MiB touched
+    # with another tunable before it (glibc 2.36 splits the variable's memory at the colon)
+    after = _run(RUNTIME_ONLY + HUGE, GLIBC_TUNABLES="glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1")
+    assert int(after[0]) >= 60 and after[1:] == ["True", "True"], after
     off = _run(RUNTIME_ONLY + HUGE)
     assert off[1:] == ["False", "False"], off
     late = _run("import os\nos.environ['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'\n" + RUNTIME_ONLY + HUGE)

@@ -39,7 +39,9 @@ imported (before torch), and only where the user has not chosen them.
 
 * glibc malloc: ``M_MMAP_THRESHOLD`` 32 MiB and ``M_TRIM_THRESHOLD`` 256 MiB (``mallopt``,
   on Linux with glibc, unless a ``MALLOC_*_`` variable or one of the ``glibc.malloc`` tunables
-  ``mmap_threshold``, ``trim_threshold``, ``top_pad``, ``mmap_max`` is set).
+  ``mmap_threshold``, ``trim_threshold``, ``top_pad``, ``mmap_max`` was set as the process
+  started: glibc reads them then, and only then, so one set later from inside the process is
+  not the user's setting and svp's apply).
   glibc's defaults return freed memory to the kernel as soon as 2x its (adaptive) mmap
   threshold is free at the top of the heap; the scan's backward frees three (b, l, E) buffers
   at once, so the next call page-faults them back in. Measured (``benchmarks/scan.py``'s
@@ -114,17 +116,34 @@ def _tunables(value: str) -> dict:
     return {name.strip(): v for name, _, v in pairs}
 
 
-def _tunables_at_start() -> dict:
-    """The tunables glibc read: GLIBC_TUNABLES as the process started (/proc/self/environ keeps
-    the environment it was started with; setting the variable later changes nothing)."""
+def _environ_at_start() -> dict:
+    """The environment the process started with, which glibc read its malloc settings from
+    (MALLOC_*_ and GLIBC_TUNABLES, once, at start): /proc/self/environ keeps it, and a variable
+    set or removed later, from inside the process, changes nothing for malloc. Where /proc is
+    not there, os.environ.
+
+    glibc 2.36 (Debian 12; other versions not checked) parses GLIBC_TUNABLES in that memory:
+    each ':' between two tunables becomes a NUL there (the process's ``environ`` gets a copy), so
+    "a=1:b=2" reads back as the item "GLIBC_TUNABLES=a=1" followed by an item "b=2". Every tunable
+    is named glibc.*, so the items after GLIBC_TUNABLES that start so are joined back to it."""
     try:
         with open("/proc/self/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"GLIBC_TUNABLES="):
-                    return _tunables(item.split(b"=", 1)[1].decode(errors="replace"))
-        return {}
+            items = [item.decode(errors="replace") for item in f.read().split(b"\0") if item]
     except OSError:
-        return _tunables(os.environ.get("GLIBC_TUNABLES", ""))
+        return dict(os.environ)
+    env, last = {}, None
+    for item in items:
+        if last == "GLIBC_TUNABLES" and item.startswith("glibc."):
+            env[last] += ":" + item
+            continue
+        name, _, value = item.partition("=")
+        env[name], last = value, name
+    return env
+
+
+def _tunables_at_start() -> dict:
+    """The tunables glibc read: GLIBC_TUNABLES as the process started (see _environ_at_start)."""
+    return _tunables(_environ_at_start().get("GLIBC_TUNABLES", ""))
 
 
 def _hugetlb_at_start():
@@ -135,8 +154,10 @@ def _hugetlb_at_start():
 
 
 def _malloc_defaults() -> str:
-    tunables = _tunables(os.environ.get("GLIBC_TUNABLES", ""))
-    if any(os.environ.get(k) for k in _MALLOC_VARS) or any(t in tunables for t in _MALLOC_TUNABLES):
+    # the user's choice is what glibc read as the process started, not os.environ now
+    start = _environ_at_start()
+    tunables = _tunables(start.get("GLIBC_TUNABLES", ""))
+    if any(start.get(k) for k in _MALLOC_VARS) or any(t in tunables for t in _MALLOC_TUNABLES):
         return "left to the user's MALLOC_* / GLIBC_TUNABLES setting"
     if not sys.platform.startswith("linux"):
         return "system default (not Linux)"
