@@ -28,6 +28,7 @@ from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
 from ..ops.kept import kept_unless_trained
+from ..ops.low_rank import low_rank_products
 from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
 
@@ -167,6 +168,28 @@ def _bf16_fused(t) -> bool:
     """Whether ``t`` is a bfloat16 CPU tensor and the fused CPU kernels run (the 'cpu' scan
     backend): under CPU autocast they read in_proj's bfloat16 outputs as they are."""
     return _fused_cpu(t, dtypes=(torch.bfloat16,))
+
+
+# LoRA's update kept factored in training products (svp.ops.low_rank; False: the parametrization's
+# merged weight, W + s B A formed per call, and its full gradient, as before: tests compare the two)
+LORA_FACTORED = True
+
+
+def _low_rank(lin, x):
+    """(W, A, B, scale) when ``lin``'s weight is W + scale * B @ A through one parametrization that
+    gives its factors (svp.peft.lora: ``factors``), W frozen, in a training forward (grad mode) on
+    float32 CPU tensors; else None. With grad mode off (inference) the merged weight's one
+    product is the cheaper: the parametrization forms it."""
+    if not (LORA_FACTORED and torch.is_grad_enabled()):
+        return None
+    plist = getattr(getattr(lin, "parametrizations", None), "weight", None)
+    if plist is None or len(plist) != 1 or not hasattr(plist[0], "factors"):
+        return None
+    w = plist.original
+    a, b, scale = plist[0].factors()
+    if w.requires_grad or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w, a, b)):
+        return None
+    return w, a, b, scale
 
 
 class _InProj(torch.autograd.Function):
@@ -359,23 +382,11 @@ class BiMambaMixer(nn.Module):
         if ip._forward_hooks or ip._forward_pre_hooks:
             x, z = ip(hidden).chunk(2, dim=-1)
         else:
-            # Two products on the weight's row halves instead of one product and a chunk (see
-            # _InProj). With a bias (not the Vim models'), off the CPU, or with an input and a
-            # weight of different dtypes, the halves come from split, not two slices: a weight
-            # that trains (full fine-tuning, LoRA) then gets its gradient as one concatenation
-            # of the halves' gradients instead of two zero-filled full-size tensors added (~8 ms
-            # a Vim-Tiny step).
-            E = self.d_inner
-            w = _autocast_weight(ip.weight) if amp else ip.weight
-            # under CPU autocast, the input cast once, not by each product (and once backward)
-            h = hidden.to(cpu_autocast_dtype()) if amp else hidden
-            if ip.bias is None and h.device.type == "cpu" and h.dtype == w.dtype:
-                x, z = _InProj.apply(h, w, E)
+            lr = None if amp or ip.bias is not None else _low_rank(ip, hidden)
+            if lr is not None:   # LoRA training: the update kept factored (svp.ops.low_rank)
+                x, z = low_rank_products(hidden, *lr, (self.d_inner, self.d_inner))
             else:
-                wx, wz = w.split(E)
-                bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
-                x = F.linear(h, wx, bx)
-                z = F.linear(h, wz, bz)
+                x, z = self._in_proj_halves(hidden, amp)
         if self.in_proj_hook is not None:
             x, z = self.in_proj_hook(self, hidden, x, z)
         if amp:
@@ -419,6 +430,23 @@ class BiMambaMixer(nn.Module):
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
         return y
 
+    def _in_proj_halves(self, hidden, amp):
+        """Two products on the weight's row halves instead of one product and a chunk (see
+        _InProj). With a bias (not the Vim models'), off the CPU, or with an input and a weight of
+        different dtypes, the halves come from split, not two slices: a weight that trains (full
+        fine-tuning, LoRA under autocast) then gets its gradient as one concatenation of the
+        halves' gradients instead of two zero-filled full-size tensors added (~8 ms a Vim-Tiny
+        step)."""
+        ip, E = self.in_proj, self.d_inner
+        w = _autocast_weight(ip.weight) if amp else ip.weight
+        # under CPU autocast, the input cast once, not by each product (and once backward)
+        h = hidden.to(cpu_autocast_dtype()) if amp else hidden
+        if ip.bias is None and h.device.type == "cpu" and h.dtype == w.dtype:
+            return _InProj.apply(h, w, E)
+        wx, wz = w.split(E)
+        bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
+        return F.linear(h, wx, bx), F.linear(h, wz, bz)
+
     def _out_proj(self, y, hidden, amp):
         op = self.out_proj
         if not amp:   # (under autocast y is bfloat16 or cast to it by the product)
@@ -441,6 +469,10 @@ class BiMambaMixer(nn.Module):
                 else:
                     out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
+            lr = None if op.bias is not None else _low_rank(op, y)
+            if lr is not None:   # LoRA training: the update factored, its scale halved too (exact)
+                w, a, b, scale = lr
+                return low_rank_products(y, self._half(w), a, b, 0.5 * scale, (w.shape[0],))[0]
             return linear(y, self._half(op.weight), None if op.bias is None else op.bias)
         return op(y / 2 if self.divide_out else y)
 

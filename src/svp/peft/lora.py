@@ -57,6 +57,11 @@ class LoRAParametrization(nn.Module):
     def forward(self, weight):
         return weight + self.scale * (self.lora_B @ self.lora_A)
 
+    def factors(self):
+        """(A, B, scale): the update is scale * B @ A. Training products that keep it factored
+        (svp.ops.low_rank, through svp.models.vim) read these instead of ``forward``'s sum."""
+        return self.lora_A, self.lora_B, self.scale
+
     def delta(self, x):
         """The low-rank part of ``F.linear(x, forward(W))`` for inputs ``x`` (..., in), computed
         without forming the update: ``scale * x A^T B^T``. svp.serve adds it to the frozen

@@ -1,0 +1,95 @@
+"""svp.ops.low_rank: a frozen weight plus a factored LoRA update, W + s B A, in products that never
+form it; and the Vim mixer's LoRA training path through it (svp.models.vim.LORA_FACTORED)."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import svp.models.vim as vim
+from svp.ops.low_rank import low_rank_products
+from svp.peft import get_peft_model, make_config
+from svp.peft.lora import LoRAParametrization
+
+
+@pytest.mark.parametrize("sizes", [(16, 16), (20,), (7, 13)])
+def test_blocks_equal_the_merged_weights_product_and_their_gradients_are_exact(sizes):
+    torch.manual_seed(0)
+    out, d, r, s = sum(sizes), 24, 4, 0.7
+    x = torch.randn(3, 10, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, d, dtype=torch.float64)
+    a = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out, r, dtype=torch.float64, requires_grad=True)
+    ys = low_rank_products(x, w, a, b, s, sizes)
+    ref = F.linear(x, w + s * b @ a).split(list(sizes), -1)
+    assert [y.shape for y in ys] == [q.shape for q in ref]
+    for y, q in zip(ys, ref):
+        torch.testing.assert_close(y, q, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, a, b: low_rank_products(x, w, a, b, s, sizes), (x, a, b))
+    # a block whose output is not used: its rows of B's gradient are zero, the others exact
+    assert torch.autograd.gradcheck(lambda x, a, b: low_rank_products(x, w, a, b, s, sizes)[-1], (x, a, b))
+
+
+def test_bad_shapes_name_what_was_expected():
+    w, a, b = torch.zeros(8, 4), torch.zeros(2, 4), torch.zeros(8, 2)
+    with pytest.raises(ValueError, match=r"blocks \[4, 3\] of w \(8, 4\)"):
+        low_rank_products(torch.zeros(3, 4), w, a, b, 1.0, (4, 3))
+    with pytest.raises(ValueError, match="b \\(8, 3\\)"):
+        low_rank_products(torch.zeros(3, 4), w, a, torch.zeros(8, 3), 1.0, (8,))
+
+
+def _lora_model(targets=("in_proj", "out_proj", "x_proj", "dt_proj")):
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=3,
+                              embed_dim=32, num_classes=5)
+    pm = get_peft_model(model, make_config("lora", num_classes=5, r=2, targets=targets)).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # nonzero B (zero-initialised, the update would vanish)
+        for n, p in pm.named_parameters():
+            if p.requires_grad and "lora_" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return pm, torch.randn(2, 3, 32, 32, generator=g)
+
+
+def _step(pm, x):
+    pm.zero_grad(set_to_none=True)
+    out = pm(x)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+
+def test_lora_training_keeps_in_and_out_proj_updates_factored_with_the_merged_results(monkeypatch):
+    """In training the mixers' in_proj and out_proj never form W + s B A (the parametrization's
+    forward is not called for them), so no full-size weight gradient either; the outputs and every
+    gradient match the merged weight's path up to float32 rounding. Inference (no grad) keeps the
+    merged weight's single product."""
+    pm, x = _lora_model()
+    calls = []
+    real = LoRAParametrization.forward
+
+    def spy(self, weight):
+        calls.append(tuple(weight.shape))
+        return real(self, weight)
+    monkeypatch.setattr(LoRAParametrization, "forward", spy)
+    mixer = pm.base_model.layers[0].mixer
+    in_shape, out_shape = tuple(mixer.in_proj.weight.shape), tuple(mixer.out_proj.weight.shape)
+
+    monkeypatch.setattr(vim, "LORA_FACTORED", False)
+    calls.clear()
+    merged = _step(pm, x)
+    assert calls.count(in_shape) == 3 and calls.count(out_shape) == 3, calls
+
+    monkeypatch.setattr(vim, "LORA_FACTORED", True)
+    calls.clear()
+    factored = _step(pm, x)
+    assert in_shape not in calls and out_shape not in calls, calls
+    assert calls, "x_proj and dt_proj stay merged (the fused kernels read their weights)"
+
+    torch.testing.assert_close(factored[0], merged[0], rtol=1e-5, atol=1e-6)
+    assert set(factored[1]) == set(merged[1])
+    for n, g in merged[1].items():
+        scale = g.abs().max().clamp_min(1e-12)
+        assert ((factored[1][n] - g).abs().max() / scale) < 1e-4, n
+    with torch.no_grad():
+        calls.clear()
+        pm.eval()(x)
+        assert calls.count(in_shape) == 3, "inference forms the merged weight"
