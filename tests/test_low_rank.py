@@ -35,6 +35,8 @@ def test_bad_shapes_name_what_was_expected():
         low_rank_products(torch.zeros(3, 4), w, a, b, 1.0, (4, 3))
     with pytest.raises(ValueError, match="b \\(8, 3\\)"):
         low_rank_products(torch.zeros(3, 4), w, a, torch.zeros(8, 3), 1.0, (8,))
+    with pytest.raises(ValueError, match="w requires grad"):   # its gradient would be silently missing
+        low_rank_products(torch.zeros(3, 4), w.requires_grad_(), a, b, 1.0, (8,))
 
 
 def _lora_model(targets=("in_proj", "out_proj", "x_proj", "dt_proj")):

@@ -86,8 +86,12 @@ def low_rank_products(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torc
                       sizes: Sequence[int]) -> tuple:
     """``F.linear(x, w_k + scale * b_k @ a)`` for each block k of ``sizes`` rows of ``w`` (out, in)
     and ``b`` (out, r), ``a`` (r, in): one output (..., size_k) per block. ``w`` gets no gradient
-    (a frozen weight); x, a and b get theirs. float32 tensors on one device."""
+    (a frozen weight: one that requires grad is refused, since its gradient is not formed here); x, a
+    and b get theirs. Tensors of one floating dtype on one device (the model: float32 on the CPU)."""
     if sum(sizes) != w.shape[0] or b.shape != (w.shape[0], a.shape[0]) or a.shape[1] != w.shape[1]:
         raise ValueError(f"low_rank_products: blocks {list(sizes)} of w {tuple(w.shape)}, b {tuple(b.shape)}, "
                          f"a {tuple(a.shape)}: expected blocks summing to w's rows, b (out, r), a (r, in)")
+    if w.requires_grad and torch.is_grad_enabled():
+        raise ValueError("low_rank_products: w requires grad, but its gradient is not formed here; "
+                         "expected a frozen weight (train it through the merged weight instead)")
     return _LowRankProducts.apply(x, w.detach(), a, b, float(scale), tuple(sizes))
