@@ -146,15 +146,15 @@ def _tunables_at_start() -> dict:
     return _tunables(_environ_at_start().get("GLIBC_TUNABLES", ""))
 
 
-def _hugetlb_at_start():
+def _hugetlb_at_start(tunables=None):
     """glibc.malloc.hugetlb's value as the process started when it asks for huge pages (not
-    unset, empty or 0), else None."""
-    value = _tunables_at_start().get("glibc.malloc.hugetlb", "0")
+    unset, empty or 0), else None. ``tunables``: _tunables_at_start()'s, when the caller has them."""
+    value = (_tunables_at_start() if tunables is None else tunables).get("glibc.malloc.hugetlb", "0")
     return None if value in ("", "0") else value
 
 
 def _malloc_defaults() -> str:
-    # the user's choice is what glibc read as the process started, not os.environ now
+    # the user's choice is what glibc read as the process started, not os.environ now (read once)
     start = _environ_at_start()
     tunables = _tunables(start.get("GLIBC_TUNABLES", ""))
     if any(start.get(k) for k in _MALLOC_VARS) or any(t in tunables for t in _MALLOC_TUNABLES):
@@ -172,7 +172,7 @@ def _malloc_defaults() -> str:
         return "system default (not glibc)"
     if not ok:
         return f"glibc {version[0]}.{version[1]} refused mallopt; its defaults apply"
-    hugetlb = _hugetlb_at_start()
+    hugetlb = _hugetlb_at_start(tunables)
     huge = f"; glibc.malloc.hugetlb={hugetlb} (huge pages for the heap)" if hugetlb else ""
     return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp){huge}"
 
