@@ -1072,6 +1072,47 @@ def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer):
     assert out.stdout.strip().splitlines()[-1] == want
 
 
+_NO_SCIPY = """import json, sys, torch
+from svp.ops import selective_scan, set_backend
+set_backend('cpu')
+selective_scan(torch.randn(1, 64, 5), torch.randn(1, 64, 5), -torch.rand(64, 4), torch.randn(1, 4, 5),
+               torch.randn(1, 4, 5))
+from svp.ops import scan_cpu
+from numba.np import arraymath, linalg
+out = {"ours": scan_cpu.ARRAYMATH_WITHOUT_SCIPY, "installed": scan_cpu._scipy_blas_installed(),
+       "linalg_after_kernels": "scipy.linalg" in sys.modules, "have_blas": arraymath._HAVE_BLAS,
+       "restored": arraymath.ensure_blas is linalg.ensure_blas}
+try:
+    linalg.ensure_blas()   # numba's own check, as its import would have run it
+    out["numba_says"] = True
+except ImportError:
+    out["numba_says"] = False
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow    # starts a process
+@pytest.mark.floor   # numba 0.58's arraymath too
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_the_kernels_first_call_does_not_import_scipy_linalg_and_numba_keeps_its_blas():
+    """A process's first kernel call used to import scipy.linalg (numba's array-math module asking
+    whether a BLAS is there; ~0.3 s of `svp predict`). svp answers that check from scipy's files:
+    the same answer numba's own check gives, and numba's function put back (so user code's first
+    np.dot in numba runs the full check, as before)."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _NO_SCIPY], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["have_blas"] == out["numba_says"], out   # the answer numba's own check gives
+    assert out["restored"], out
+    if out["installed"]:
+        assert out["ours"] and not out["linalg_after_kernels"], out
+    else:   # no scipy BLAS: numba's own check ran (and found none)
+        assert not out["ours"] and not out["numba_says"], out
+
+
 # one SVP training step of the bundled mini Vim on the fused kernels (scan, conv, add+RMSNorm,
 # prompts), 2 threads: the numba layer, then a hash of the loss and every gradient's bits
 _STEP_BITS = """import hashlib, sys, torch, timm, numba, svp

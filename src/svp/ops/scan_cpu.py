@@ -228,6 +228,60 @@ import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
 
+
+# numba's first compile, or first load from its cache, in a process imports its array-math
+# implementations (numba.np.arraymath), and that module asks once whether scipy's BLAS is there
+# by importing scipy.linalg, only to pick how *user* code's np.dot-like inner products compile.
+# None of svp's kernels uses it, yet every process paid the import on its first kernel call:
+# 0.27-0.34 s of `svp predict`'s first forward on a 2-vCPU Zen 3 (0.48-0.56 -> 0.17-0.21 s for
+# numba's set-up; docs/benchmarks.md, forty-first round). So svp imports arraymath itself, with
+# numba's check answered from the files scipy installed (the compiled cython_blas beside
+# scipy.linalg) instead of importing them. Where that file is missing numba's own check runs
+# (and finds no BLAS, as before); numba's BLAS functions still run the full check (the import
+# and the integer-width test) when user code first compiles one.
+def _scipy_blas_installed() -> bool:
+    import importlib.machinery
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("scipy")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    for root in spec.submodule_search_locations:
+        try:
+            if any(f.startswith("cython_blas.") and f.endswith(suffixes)
+                   for f in os.listdir(os.path.join(root, "linalg"))):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _import_arraymath_without_scipy() -> bool:
+    """Import numba.np.arraymath with its BLAS check answered by _scipy_blas_installed; True
+    when done this way (False: already imported, or numba's own check ran)."""
+    if "numba.np.arraymath" in sys.modules:
+        return False
+    try:
+        from numba.np import linalg as nplinalg
+        real = nplinalg.ensure_blas
+    except (ImportError, AttributeError):   # pragma: no cover - a numba laid out otherwise
+        return False
+    if not _scipy_blas_installed():
+        return False
+    nplinalg.ensure_blas = lambda: None
+    try:
+        from numba.np import arraymath
+    finally:
+        nplinalg.ensure_blas = real
+    arraymath.ensure_blas = real   # (its `from numba.np.linalg import ensure_blas` took ours)
+    return True
+
+
+ARRAYMATH_WITHOUT_SCIPY = _import_arraymath_without_scipy()
+
 # Threading layer. numba's 'omp' layer loads the system libgomp, a second OpenMP runtime
 # beside torch's. Measured here (2 vCPUs, torch 1 thread, another process on the other
 # core): after one OpenMP-parallel scan, *every* following torch op took ~7.6 ms whatever its
