@@ -1045,43 +1045,18 @@ def _tbb_installed():
     return _tbb_wheel_library() is not None
 
 
-@pytest.mark.slow
-@pytest.mark.floor   # numba's and tbb's oldest releases pick the layer too
-@pytest.mark.parametrize("user_layer", [None, "tbb"])
-def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer):
-    """Never numba's OpenMP layer (a second OpenMP runtime beside torch's: after an OpenMP-parallel
-    scan every torch op stalled for milliseconds, see scan_cpu). With the `tbb` wheel installed
-    (a dependency on Linux x86-64) the kernels run on numba's TBB layer, which numba cannot load
-    from a pip environment on its own, also when the user asks for it by name; without the wheel,
-    on numba's own 'workqueue' threads."""
-    import os
-    import subprocess
-    import sys
-    if user_layer == "tbb" and not _tbb_installed():
-        pytest.skip("the tbb wheel is not installed here (it is a dependency on Linux x86-64 only)")
-    code = ("import torch, numba, svp\nfrom svp.ops import selective_scan, set_backend\nset_backend('cpu')\n"
-            "selective_scan(torch.randn(1, 8, 5), torch.randn(1, 8, 5), -torch.rand(8, 4), torch.randn(1, 4, 5),"
-            " torch.randn(1, 4, 5))\nprint(numba.threading_layer())")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH", "LD_PRELOAD", "SVP_CPU_DEDICATED")}
-    if user_layer:
-        env["NUMBA_THREADING_LAYER"] = user_layer
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    want = "tbb" if _tbb_installed() else "workqueue"
-    assert out.stdout.strip().splitlines()[-1] == want
-
-
-_NO_SCIPY = """import json, sys, torch
+# A fresh process that runs one kernel call, then reports what the tests below look at: numba's
+# threading layer, and what numba's set-up imported (see _import_arraymath_without_scipy).
+_FRESH = """import json, sys, torch, numba, svp
 from svp.ops import selective_scan, set_backend
 set_backend('cpu')
-selective_scan(torch.randn(1, 64, 5), torch.randn(1, 64, 5), -torch.rand(64, 4), torch.randn(1, 4, 5),
+selective_scan(torch.randn(1, 8, 5), torch.randn(1, 8, 5), -torch.rand(8, 4), torch.randn(1, 4, 5),
                torch.randn(1, 4, 5))
 from svp.ops import scan_cpu
 from numba.np import arraymath, linalg
-out = {"ours": scan_cpu.ARRAYMATH_WITHOUT_SCIPY, "installed": scan_cpu._scipy_blas_installed(),
-       "linalg_after_kernels": "scipy.linalg" in sys.modules, "have_blas": arraymath._HAVE_BLAS,
-       "restored": arraymath.ensure_blas is linalg.ensure_blas}
+out = {"layer": numba.threading_layer(), "ours": scan_cpu.ARRAYMATH_WITHOUT_SCIPY,
+       "installed": scan_cpu._scipy_blas_installed(), "linalg_after_kernels": "scipy.linalg" in sys.modules,
+       "have_blas": arraymath._HAVE_BLAS, "restored": arraymath.ensure_blas is linalg.ensure_blas}
 try:
     linalg.ensure_blas()   # numba's own check, as its import would have run it
     out["numba_says"] = True
@@ -1091,20 +1066,51 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow    # starts a process
+def _fresh_kernel_process(user_layer=None):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_THREADING_LAYER", "LD_LIBRARY_PATH", "LD_PRELOAD", "SVP_CPU_DEDICATED")}
+    if user_layer:
+        env["NUMBA_THREADING_LAYER"] = user_layer
+    out = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fresh_kernel_process():
+    """One such process with the default layer, shared by the tests that read it."""
+    return _fresh_kernel_process()
+
+
+@pytest.mark.slow
+@pytest.mark.floor   # numba's and tbb's oldest releases pick the layer too
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("user_layer", [None, "tbb"])
+def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer, request):
+    """Never numba's OpenMP layer (a second OpenMP runtime beside torch's: after an OpenMP-parallel
+    scan every torch op stalled for milliseconds, see scan_cpu). With the `tbb` wheel installed
+    (a dependency on Linux x86-64) the kernels run on numba's TBB layer, which numba cannot load
+    from a pip environment on its own, also when the user asks for it by name; without the wheel,
+    on numba's own 'workqueue' threads."""
+    if user_layer == "tbb" and not _tbb_installed():
+        pytest.skip("the tbb wheel is not installed here (it is a dependency on Linux x86-64 only)")
+    out = _fresh_kernel_process(user_layer) if user_layer else request.getfixturevalue("fresh_kernel_process")
+    assert out["layer"] == ("tbb" if _tbb_installed() else "workqueue")
+
+
+@pytest.mark.slow    # reads a fresh process
 @pytest.mark.floor   # numba 0.58's arraymath too
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
-def test_the_kernels_first_call_does_not_import_scipy_linalg_and_numba_keeps_its_blas():
+def test_the_kernels_first_call_does_not_import_scipy_linalg_and_numba_keeps_its_blas(fresh_kernel_process):
     """A process's first kernel call used to import scipy.linalg (numba's array-math module asking
     whether a BLAS is there; ~0.3 s of `svp predict`). svp answers that check from scipy's files:
     the same answer numba's own check gives, and numba's function put back (so user code's first
     np.dot in numba runs the full check, as before)."""
-    import json
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-c", _NO_SCIPY], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = fresh_kernel_process
     assert out["have_blas"] == out["numba_says"], out   # the answer numba's own check gives
     assert out["restored"], out
     if out["installed"]:
