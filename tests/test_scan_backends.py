@@ -1107,7 +1107,7 @@ def test_numba_runs_on_tbb_when_installed_else_workqueue(user_layer, request):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_the_kernels_first_call_does_not_import_scipy_linalg_and_numba_keeps_its_blas(fresh_kernel_process):
     """A process's first kernel call used to import scipy.linalg (numba's array-math module asking
-    whether a BLAS is there; ~0.3 s of `svp predict`). svp answers that check from scipy's files:
+    whether a BLAS is there; ~0.2-0.3 s of a command's first forward). svp answers that check from scipy's files:
     the same answer numba's own check gives, and numba's function put back (so user code's first
     np.dot in numba runs the full check, as before)."""
     out = fresh_kernel_process

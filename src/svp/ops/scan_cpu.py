@@ -233,12 +233,14 @@ import numba  # noqa: E402
 # implementations (numba.np.arraymath), and that module asks once whether scipy's BLAS is there
 # by importing scipy.linalg, only to pick how *user* code's np.dot-like inner products compile.
 # None of svp's kernels uses it, yet every process paid the import on its first kernel call:
-# 0.27-0.34 s of `svp predict`'s first forward on a 2-vCPU Zen 3 (0.48-0.56 -> 0.17-0.21 s for
-# numba's set-up; docs/benchmarks.md, forty-first round). So svp imports arraymath itself, with
-# numba's check answered from the files scipy installed (the compiled cython_blas beside
-# scipy.linalg) instead of importing them. Where that file is missing numba's own check runs
-# (and finds no BLAS, as before); numba's BLAS functions still run the full check (the import
-# and the integer-width test) when user code first compiles one.
+# ~0.2-0.3 s of a command's first forward on a 2-vCPU Zen 3 (numba's set-up 0.48-0.56 -> 0.17-0.21
+# s; docs/benchmarks.md, forty-first round). So svp imports arraymath itself, with numba's check
+# answered from the files scipy installed (the compiled cython_blas beside scipy.linalg) instead of
+# importing them. Where that file is missing numba's own check runs (and finds no BLAS, as
+# before); numba's BLAS functions still run the full check (the import and the integer-width
+# test) when user code first compiles one. (So a scipy whose BLAS is installed but fails to
+# import gets that check's clear error where np.correlate / np.convolve in numba code would
+# otherwise have fallen back to a plain loop.)
 def _scipy_blas_installed() -> bool:
     import importlib.machinery
     import importlib.util
