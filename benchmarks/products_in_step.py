@@ -30,8 +30,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import svp  # noqa: E402,F401  (before torch: svp.runtime's settings)
 import torch  # noqa: E402
 
+from model import SETTINGS  # noqa: E402  (benchmarks/model.py: the issue's SVP setting)
+from scan import make_inputs, set_threads  # noqa: E402  (benchmarks/scan.py: the model's scan layout)
+
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_")
-SETTINGS = {"svp": {"shared_layers": 6, "hidden": 64}}   # the issue's SVP setting
 
 
 def _flops(name, shapes):
@@ -43,6 +45,7 @@ def _flops(name, shapes):
 
 
 def step_products(model_name, method, batch):
+    """(the step's products by (name, operand shapes): [calls, ms, flops], the mixers' d_inner)"""
     import timm
     from svp.peft import get_peft_model, make_config
     from torch.profiler import ProfilerActivity, profile
@@ -70,7 +73,7 @@ def step_products(model_name, method, batch):
             a[0] += 1
             a[1] += e.self_cpu_time_total / 1e3
             a[2] += _flops(e.name, shapes)
-    return agg
+    return agg, m.base_model.layers[0].mixer.d_inner
 
 
 def alone_rate(shapes, reps=20):
@@ -91,14 +94,10 @@ def after_kernel(shapes, d_inner, batch, reps):
     from svp.ops.scan_cpu import selective_scan_cpu
     (m, k), (_, n) = shapes
     a, w = torch.randn(m, k), torch.randn(k, n)
-    L, N = 197, 16
-    u, dl, z = (torch.randn(batch, d_inner, L) for _ in range(3))
-    A = -torch.rand(d_inner, N) - 0.5
-    B, C = torch.randn(batch, N, L), torch.randn(batch, N, L)
-    D, db = torch.randn(d_inner), torch.randn(d_inner)
+    u, dl, A, B, C, D, z, db = make_inputs(batch, d_inner)
 
     def scan():
-        selective_scan_cpu(u, dl, A, B, C, D, z, db, True)
+        selective_scan_cpu(u, dl, A, B, C, D, z, db, delta_softplus=True)
 
     def busy(s):
         t = time.perf_counter()
@@ -127,9 +126,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=150, help="alternations of part 2")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"# {args.model} {args.method} batch {args.batch}, {args.threads} threads, load {os.getloadavg()[0]:.1f}")
-    agg = step_products(args.model, args.method, args.batch)
+    agg, d_inner = step_products(args.model, args.method, args.batch)
     tot_ms = sum(v[1] for v in agg.values())
     tot_fl = sum(v[2] for v in agg.values())
     print(f"\nproducts in one step: {tot_ms:.0f} ms, {tot_fl / 1e9:.2f} GFLOP, {tot_fl / 1e6 / tot_ms:.0f} GFLOP/s\n")
@@ -141,8 +140,6 @@ def main(argv=None):
         print(f"| {name} | {' x '.join(str(s) for s in shapes)} | {calls} | {fl / 1e9:.2f} | {ms:.1f} "
               f"| {fl / 1e6 / ms:.0f} | {alone_rate(shapes):.0f} |")
     shapes = max(agg.items(), key=lambda kv: kv[1][0])[0][1]
-    import timm
-    d_inner = timm.create_model(args.model).layers[0].mixer.d_inner
     times = after_kernel(shapes, d_inner, args.batch, args.reps)
     print(f"\none {' x '.join(str(s) for s in shapes)} product, {args.reps} alternations (ms):\n")
     print("| right after | median | quartiles |")
