@@ -21,8 +21,10 @@ Time steps from dt_proj's input (BiScanCPU's dt_w): the models' delta is dt_proj
 a rank-R input, R = d_model / 16. Given that input (read in place from the x_proj output's rows,
 like B and C) and dt_proj's weight, the kernels form each block's time steps themselves (4R
 multiply-adds a step), and the backward forms the input's gradient per chunk and block as one
-small product with W (_dlow_rows); the (b, len, dim) time steps and their gradient are then
-never written to memory, where the two products that formed them ran at memory speed.
+small product with W (_dlow_rows), and, where dt_proj's weight is trained (LoRA, full
+fine-tuning), that weight's gradient as one small product with the input rows (_dw_rows); the
+(b, len, dim) time steps and their gradient are then never written to memory, where the
+products that formed them, and the weight gradient's read of them, ran at memory speed.
 
 Indexing: the B and C values a state loop reads per state are taken with an unsigned index
 (``Bm[np.uint64(br + n)]``): with a signed one numba emits Python's negative-index wraparound
@@ -1013,11 +1015,12 @@ def _scan_fwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, 
 
 @njit(cache=True, error_model="numpy")
 def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
-              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp, need_da,
-              need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+              dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, dWp, need_dlow, need_dw, dAp, dDp, dbp,
+              need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     # Wt 2-D (see _scan_fwd): the time steps are recomputed from Lm and W^T, the gradient of
-    # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and d_delta
-    # (ddl_o) is written only when need_ddl (W's own gradient is formed from it)
+    # Lm's rows is formed per chunk and block into dLp (_dlow_rows) when need_dlow, and W's own
+    # gradient per chunk into the task's rows of dWp (_dw_rows) when need_dw; d_delta (ddl_o) is
+    # then never written (Wt 1-D: it always is)
     dg = d // g
     nbg = dg // BW
     nchunk = (L + K - 1) // K
@@ -1077,8 +1080,10 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
     Sb = empty64(K * BW if lowr else BW)   # the softplus arguments of the chunk's steps
     # the gradient of the time steps per chunk step, and W's block as (BW, Rp) rows
     Rp = (R + VL - 1) // VL * VL
-    Db = empty64(K * BW if lowr and need_dlow else VL)
+    keep_db = lowr and (need_dlow or need_dw)
+    Db = empty64(K * BW if keep_db else VL)
     Wc = _w_cols(Wb, R, Rp) if lowr and need_dlow else Db
+    dWacc = np.zeros(R * BW if lowr and need_dw else 1, np.float64)
     pbase = ((bi * g + gi) * nbg + blk) * L
     for kk in range(nchunk - 1, -1, -1):
         s0 = kk * K
@@ -1255,7 +1260,7 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             if s >= PF and not stream:   # this walk runs backwards: step s - PF comes PF steps later
                 tq = (bi * L + (t + PF if reverse else t - PF)) * d + c0
                 _prefetch_out(du_o, tq)
-                if need_ddl or not lowr:
+                if not lowr:
                     _prefetch_out(ddl_o, tq)
             u0 = vload(u, row)
             u1 = vload(u, row + VL)
@@ -1420,12 +1425,12 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                 dd1 = dd1 * _vsigmoid(vload(dl, row + VL) + b1)
                 dd2 = dd2 * _vsigmoid(vload(dl, row + 2 * VL) + b2)
                 dd3 = dd3 * _vsigmoid(vload(dl, row + 3 * VL) + b3)
-            if lowr and need_dlow:   # kept for the chunk's product with W (_dlow_rows)
+            if keep_db:   # kept for the chunk's products with W (_dlow_rows) and Lm (_dw_rows)
                 vstore(Db, j * BW, dd0)
                 vstore(Db, j * BW + VL, dd1)
                 vstore(Db, j * BW + 2 * VL, dd2)
                 vstore(Db, j * BW + 3 * VL, dd3)
-            if need_ddl or not lowr:
+            if not lowr:
                 _out(ddl_o, row, stream, dd0)
                 _out(ddl_o, row + VL, stream, dd1)
                 _out(ddl_o, row + 2 * VL, stream, dd2)
@@ -1439,21 +1444,27 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                 _flush_da(dAacc, dAc, N)
         if lowr and need_dlow:
             _dlow_rows(Db, Wc, Rp, s0, s1_ - s0, L, reverse, dLp, pbase)
+        if lowr and need_dw:
+            _dw_rows(Db, Lm, ls, bi * L, s0, s1_ - s0, L, reverse, R, dWacc)
     for n in range(N):
         for c in range(BW):
             dAp[(bi * N + n) * d + c0 + c] = dAacc[n * BW + c]
     for c in range(BW):
         dDp[bi * d + c0 + c] = dDacc[c]
         dbp[bi * d + c0 + c] = dbacc[c]
+    if lowr and need_dw:
+        for r in range(R):
+            for c in range(BW):
+                dWp[(bi * R + r) * d + c0 + c] = dWacc[r * BW + c]
     restore_fp(fpc)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _scan_bwd(taddr, thash, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout,
-              has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp,
-              dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
+              has_dlast, dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, dWp, need_dlow, need_dw, dAp,
+              dDp, dbp, need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream):
     args = (u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, softplus, reverse, K, hs, dout, has_dlast,
-            dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, need_dlow, need_ddl, dAp, dDp, dbp,
+            dlast, acc, dz_prev, du_o, ddl_o, dz_o, dz16, dBp, dCp, dLp, dWp, need_dlow, need_dw, dAp, dDp, dbp,
             need_da, need_ddb, fast, dtmax, b, L, d, g, N, bs, cs, stream)
     if not _task_sig_is(thash, np.uint64(0), args):
         return False
@@ -1545,6 +1556,41 @@ def _dlow_rows(Db, Wc, Rp, s0, m, L, reverse, dLp, pbase):
                 a0 = fma(splat(Db[jj * BW + c]), vload(Wc, c * Rp + rv), a0)
             t = L - 1 - (s0 + jj) if reverse else s0 + jj
             vstore(dLp, (pbase + t) * Rp + rv, a0)
+
+
+@njit   # a call per chunk, as _dlow_rows
+def _dw_rows(Db, Lm, ls, lbase, s0, m, L, reverse, R, dWacc):
+    """dt_proj's weight gradient from a chunk's m steps, into the block's R x BW float64 rows:
+    dWacc[r, c] += sum_j Db[j, c] Lm[row of step s0 + j, r], j in order (a float32 sum per chunk).
+    dt_proj's backward formed it as a product, d_delta (b*L, d)^T (b*L, R), from a (b, L, d)
+    d_delta the kernel wrote for it alone; here the chunk's time-step gradients are still in
+    Db, and four ranks at a time keep one vector of Db per step for four products."""
+    for cv in range(0, BW, VL):
+        r0 = 0
+        while r0 + 4 <= R:
+            a0 = zeros()
+            a1 = zeros()
+            a2 = zeros()
+            a3 = zeros()
+            for j in range(m):
+                t = L - 1 - (s0 + j) if reverse else s0 + j
+                lo = (lbase + t) * ls + r0
+                dv = vload(Db, j * BW + cv)
+                a0 = fma(dv, splat(Lm[np.uint64(lo)]), a0)
+                a1 = fma(dv, splat(Lm[np.uint64(lo + 1)]), a1)
+                a2 = fma(dv, splat(Lm[np.uint64(lo + 2)]), a2)
+                a3 = fma(dv, splat(Lm[np.uint64(lo + 3)]), a3)
+            vacc_f64(dWacc, r0 * BW + cv, a0)
+            vacc_f64(dWacc, (r0 + 1) * BW + cv, a1)
+            vacc_f64(dWacc, (r0 + 2) * BW + cv, a2)
+            vacc_f64(dWacc, (r0 + 3) * BW + cv, a3)
+            r0 += 4
+        for r in range(r0, R):   # (R not a multiple of 4)
+            a0 = zeros()
+            for j in range(m):
+                t = L - 1 - (s0 + j) if reverse else s0 + j
+                a0 = fma(vload(Db, j * BW + cv), splat(Lm[np.uint64((lbase + t) * ls + r)]), a0)
+            vacc_f64(dWacc, r * BW + cv, a0)
 
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
@@ -1923,9 +1969,10 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=Fal
     the kernel when that is bfloat16 and ``acc`` is given (BiScanCPU's second direction). With
     a dt_w (_fwd), delta's gradient is that of dt_proj's input (b, R, L), formed in the kernel
     per chunk and channel block (_dlow_rows) and summed over the blocks like dB, and dt_w's is
-    formed from the time steps' gradient, which is otherwise not written. With ``dbl`` (a dt_w,
-    one group, need[1]: BiScanCPU's x_dbl form), delta's gradient is that of the whole x_proj
-    output (b, L, R + 2N), dt_proj's input, B and C in one tensor, and B's and C's are None."""
+    formed in the kernel too, per task (_dw_rows), and added over the batch rows here. With
+    ``dbl`` (a dt_w, one group, need[1]: BiScanCPU's x_dbl form), delta's gradient is that of the
+    whole x_proj output (b, L, R + 2N), dt_proj's input, B and C in one tensor, and B's and C's
+    are None."""
     u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt = saved
     has_z, softplus, reverse, K, (gB, gC), has_D, has_bias, (b4, c4), (dg, dgp), fast, (g, N, bs, cs), ls = cfg
     lowr = Wt.dim() == 2
@@ -1938,7 +1985,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=Fal
     has_dlast = dlast is not None
     dl_ = pad(dlast.detach().transpose(1, 2).to(torch.float32)).contiguous() if has_dlast else hs
     du = torch.empty(b, L, dp, dtype=torch.float32)
-    dd = torch.empty(b, L, dp, dtype=torch.float32) if need_w or not lowr else du
+    dd = du if lowr else torch.empty(b, L, dp, dtype=torch.float32)   # (lowr: d_delta is never written)
     dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias, dt_w = dtypes
     dt_z = dt_z if dz_dtype is None else dz_dtype
     dz16 = has_z and acc is not None and dt_z == torch.bfloat16
@@ -1962,13 +2009,14 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=Fal
     dAp = torch.empty(b, N, dp, dtype=torch.float64)
     dDp = torch.empty(b, dp, dtype=torch.float64)
     dbp = torch.empty(b, dp, dtype=torch.float64)
+    dWp = torch.empty(b, R, dp, dtype=torch.float64) if need_w else dbp   # dt_w's, per batch row
     f = _flat
     with _dynamic_tasks():   # (not around the block sums below: their many short tasks ran 10% slower)
         run_tasks(_scan_bwd, _bwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm),
                   f(At), f(A2t), f(Dv), f(bias), has_z, softplus, reverse, K, f(hs), f(g3), has_dlast, f(dl_),
                   acc is not None and has_z, f(dz32), f(du), f(dd), f(dz32), f(dz16_), f(dBp), f(dCp), f(dLp),
-                  need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N, bs,
-                  cs, _streamable(du, dd))
+                  f(dWp), need_low, need_w, f(dAp), f(dDp), f(dbp), need_da, need_ddb, fast, f(dtmax), b, L, dp, g, N,
+                  bs, cs, _streamable(du, dd))
 
     def bc(P, gX, is4, dtype):   # (also the low-rank delta's, n = R)
         n = P.shape[-1]
@@ -1993,9 +2041,14 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=Fal
     if lowr:
         if not dbl:
             ddelta = bc(dLp, 1, False, dt_delta)[:, :R] if need_low else None
-        # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r], as dt_proj's backward forms it
-        low = Lm.as_strided((b, L, R), (L * ls, ls, 1))
-        dw = (unpad(dd).reshape(b * L, d).t() @ low.reshape(b * L, R)).to(dt_w) if need_w else None
+        # dt_w's gradient, sum over (b, l) of d_delta[c] * low[r]: the kernel's per-row sums
+        # (_dw_rows), added over the batch rows in order (the same bits at any thread count)
+        dw = None
+        if need_w:
+            dw = dWp[0].clone()
+            for i in range(1, b):
+                dw += dWp[i]
+            dw = unpad(dw).t().to(dt_w)
     else:
         ddelta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
         dw = None
