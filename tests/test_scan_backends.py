@@ -654,6 +654,42 @@ def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_st
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+def test_cpu_backward_dt_proj_weight_gradient_rows_have_the_same_bits_one_or_two_vectors_at_a_time(monkeypatch):
+    """dt_proj's weight gradient per chunk (scan_cpu._dw_rows) adds sum_j Db[j, c] Lm[row, r] to
+    the block's float64 rows, two channel vectors at a time for four ranks, one where a vector is
+    two registers (_NARROW): both give the same rows bit for bit, forward and reverse, for ranks
+    that are and are not a multiple of four and chunks of 1-32 steps; the rows match the float64
+    product, read the right input rows (row stride ls > R) and add to what was there."""
+    import numpy as np
+    from svp.ops import scan_cpu
+    BW, L, ls = scan_cpu.BW, 40, 27
+    one = np.zeros(BW * 32, np.float32)
+    scan_cpu._dw_rows(one, one, ls, 0, 0, 1, 1, False, 4, np.zeros(4 * BW))   # compiled with the real flag
+    narrow = scan_cpu._NARROW
+    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
+    other = recompiled(scan_cpu, "_dw_rows")
+    monkeypatch.setattr(scan_cpu, "_NARROW", narrow)
+    assert other.py_func.__globals__["_NARROW"] is (not narrow)
+    rng = np.random.default_rng(11)
+    Lm = rng.standard_normal(2 * L * ls).astype(np.float32)
+    for R in (4, 6, 12, 20):
+        for m in (1, 5, 8, 32):
+            Db = rng.standard_normal(m * BW).astype(np.float32)
+            for reverse in (False, True):
+                start = rng.standard_normal(R * BW)
+                outs = []
+                for fn in (scan_cpu._dw_rows, other):
+                    acc = start.copy()
+                    fn(Db, Lm, ls, L, 3, m, L, reverse, R, acc)   # batch row 1 (lbase = L), steps 3 onwards
+                    outs.append(acc)
+                assert np.array_equal(outs[0], outs[1]), (R, m, reverse)
+                rows = [L + (L - 1 - (3 + j) if reverse else 3 + j) for j in range(m)]
+                low = Lm.reshape(2 * L, ls)[rows, :R].astype(np.float64)
+                want = start.reshape(R, BW) + low.T @ Db.reshape(m, BW).astype(np.float64)
+                np.testing.assert_allclose(outs[0].reshape(R, BW), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_scan_flushes_denormals_and_leaves_the_callers_mode_alone():
     """An output gradient at the last position only (the last block of a class-token model)
     makes the state gradient halve per step back through float32's denormal range, where x86

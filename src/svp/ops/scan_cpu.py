@@ -1564,33 +1564,79 @@ def _dw_rows(Db, Lm, ls, lbase, s0, m, L, reverse, R, dWacc):
     dWacc[r, c] += sum_j Db[j, c] Lm[row of step s0 + j, r], j in order (a float32 sum per chunk).
     dt_proj's backward formed it as a product, d_delta (b*L, d)^T (b*L, R), from a (b, L, d)
     d_delta the kernel wrote for it alone; here the chunk's time-step gradients are still in
-    Db, and four ranks at a time keep one vector of Db per step for four products."""
-    for cv in range(0, BW, VL):
+    Db, and four ranks at a time keep one vector of Db per step for four products (two vectors
+    for eight where the registers are wide: four chains of 4-cycle multiply-adds left half the
+    FMA units idle)."""
+    for cv in range(0, BW, 2 * VL):
         r0 = 0
-        while r0 + 4 <= R:
+        while r0 + 4 <= R and not _NARROW:
             a0 = zeros()
             a1 = zeros()
             a2 = zeros()
             a3 = zeros()
+            b0 = zeros()
+            b1 = zeros()
+            b2 = zeros()
+            b3 = zeros()
             for j in range(m):
                 t = L - 1 - (s0 + j) if reverse else s0 + j
                 lo = (lbase + t) * ls + r0
                 dv = vload(Db, j * BW + cv)
-                a0 = fma(dv, splat(Lm[np.uint64(lo)]), a0)
-                a1 = fma(dv, splat(Lm[np.uint64(lo + 1)]), a1)
-                a2 = fma(dv, splat(Lm[np.uint64(lo + 2)]), a2)
-                a3 = fma(dv, splat(Lm[np.uint64(lo + 3)]), a3)
+                dw = vload(Db, j * BW + cv + VL)
+                l0 = splat(Lm[np.uint64(lo)])
+                l1 = splat(Lm[np.uint64(lo + 1)])
+                l2 = splat(Lm[np.uint64(lo + 2)])
+                l3 = splat(Lm[np.uint64(lo + 3)])
+                a0 = fma(dv, l0, a0)
+                a1 = fma(dv, l1, a1)
+                a2 = fma(dv, l2, a2)
+                a3 = fma(dv, l3, a3)
+                b0 = fma(dw, l0, b0)
+                b1 = fma(dw, l1, b1)
+                b2 = fma(dw, l2, b2)
+                b3 = fma(dw, l3, b3)
             vacc_f64(dWacc, r0 * BW + cv, a0)
             vacc_f64(dWacc, (r0 + 1) * BW + cv, a1)
             vacc_f64(dWacc, (r0 + 2) * BW + cv, a2)
             vacc_f64(dWacc, (r0 + 3) * BW + cv, a3)
+            vacc_f64(dWacc, r0 * BW + cv + VL, b0)
+            vacc_f64(dWacc, (r0 + 1) * BW + cv + VL, b1)
+            vacc_f64(dWacc, (r0 + 2) * BW + cv + VL, b2)
+            vacc_f64(dWacc, (r0 + 3) * BW + cv + VL, b3)
             r0 += 4
-        for r in range(r0, R):   # (R not a multiple of 4)
-            a0 = zeros()
-            for j in range(m):
-                t = L - 1 - (s0 + j) if reverse else s0 + j
-                a0 = fma(vload(Db, j * BW + cv), splat(Lm[np.uint64((lbase + t) * ls + r)]), a0)
-            vacc_f64(dWacc, r * BW + cv, a0)
+        if r0 == R:
+            continue
+        _dw_cols(Db, Lm, ls, lbase, s0, m, L, reverse, R, dWacc, cv, r0)
+        _dw_cols(Db, Lm, ls, lbase, s0, m, L, reverse, R, dWacc, cv + VL, r0)
+
+
+@njit
+def _dw_cols(Db, Lm, ls, lbase, s0, m, L, reverse, R, dWacc, cv, r0):
+    """_dw_rows for one vector of channels, ranks r0 onwards (the same sums in the same order)."""
+    while r0 + 4 <= R:
+        a0 = zeros()
+        a1 = zeros()
+        a2 = zeros()
+        a3 = zeros()
+        for j in range(m):
+            t = L - 1 - (s0 + j) if reverse else s0 + j
+            lo = (lbase + t) * ls + r0
+            dv = vload(Db, j * BW + cv)
+            a0 = fma(dv, splat(Lm[np.uint64(lo)]), a0)
+            a1 = fma(dv, splat(Lm[np.uint64(lo + 1)]), a1)
+            a2 = fma(dv, splat(Lm[np.uint64(lo + 2)]), a2)
+            a3 = fma(dv, splat(Lm[np.uint64(lo + 3)]), a3)
+        vacc_f64(dWacc, r0 * BW + cv, a0)
+        vacc_f64(dWacc, (r0 + 1) * BW + cv, a1)
+        vacc_f64(dWacc, (r0 + 2) * BW + cv, a2)
+        vacc_f64(dWacc, (r0 + 3) * BW + cv, a3)
+        r0 += 4
+    for r in range(r0, R):   # (R not a multiple of 4)
+        a0 = zeros()
+        for j in range(m):
+            t = L - 1 - (s0 + j) if reverse else s0 + j
+            a0 = fma(vload(Db, j * BW + cv), splat(Lm[np.uint64((lbase + t) * ls + r)]), a0)
+        vacc_f64(dWacc, r * BW + cv, a0)
 
 
 @njit(inline="always")   # called per step from the backward: see _flush_da
