@@ -618,6 +618,17 @@ def test_cpu_backward_gives_the_same_bits_with_its_narrow_and_wide_state_loops(m
             assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+def _compiled_the_other_way(monkeypatch, scan_cpu, name):
+    """scan_cpu's ``name`` compiled afresh with the opposite _NARROW (the module's own flag left as
+    it is)."""
+    narrow = scan_cpu._NARROW
+    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
+    other = recompiled(scan_cpu, name)
+    monkeypatch.setattr(scan_cpu, "_NARROW", narrow)
+    assert other.py_func.__globals__["_NARROW"] is (not narrow)
+    return other
+
+
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_steps_at_a_time(monkeypatch):
     """The gradient of dt_proj's input per chunk (scan_cpu._dlow_rows) is formed eight steps at a
@@ -629,11 +640,7 @@ def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_st
     BW, L = scan_cpu.BW, 40
     one = np.zeros(BW * 16, np.float32)
     scan_cpu._dlow_rows(one[:BW], one, 16, 0, 1, 1, False, one.copy(), 0)   # compiled with the real flag
-    narrow = scan_cpu._NARROW
-    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
-    other = recompiled(scan_cpu, "_dlow_rows")
-    monkeypatch.setattr(scan_cpu, "_NARROW", narrow)
-    assert other.py_func.__globals__["_NARROW"] is (not narrow)
+    other = _compiled_the_other_way(monkeypatch, scan_cpu, "_dlow_rows")
     rng = np.random.default_rng(7)
     for Rp in (16, 48):
         Wc = rng.standard_normal(BW * Rp).astype(np.float32)
@@ -665,11 +672,7 @@ def test_cpu_backward_dt_proj_weight_gradient_rows_have_the_same_bits_one_or_two
     BW, L, ls = scan_cpu.BW, 40, 27
     one = np.zeros(BW * 32, np.float32)
     scan_cpu._dw_rows(one, one, ls, 0, 0, 1, 1, False, 4, np.zeros(4 * BW))   # compiled with the real flag
-    narrow = scan_cpu._NARROW
-    monkeypatch.setattr(scan_cpu, "_NARROW", not narrow)
-    other = recompiled(scan_cpu, "_dw_rows")
-    monkeypatch.setattr(scan_cpu, "_NARROW", narrow)
-    assert other.py_func.__globals__["_NARROW"] is (not narrow)
+    other = _compiled_the_other_way(monkeypatch, scan_cpu, "_dw_rows")
     rng = np.random.default_rng(11)
     Lm = rng.standard_normal(2 * L * ls).astype(np.float32)
     for R in (4, 6, 12, 20):
