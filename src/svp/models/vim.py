@@ -129,19 +129,23 @@ def _fused_bi_scan(x, z) -> bool:
     return _fused_cpu(x, z)
 
 
-_LOW_RANK_TRAIN_MAX = 16
+# the largest rank measured (Vim-Base's): above it, what the backward's per-chunk products cost
+# against what they save is not known
+_LOW_RANK_TRAIN_MAX = 48
 
 
 def _low_rank_delta(mixer, grad) -> bool:
     """Whether the fused scan forms the time steps from dt_proj's input and weight itself
     (svp.ops.scan_cpu.BiScanCPU's dt_w), the same values as dt_proj's product but for the order
     of its R-term sums (the tests hold them close): unless a hook is to see or change them, and,
-    when a gradient flows back through them (``grad``), only up to rank _LOW_RANK_TRAIN_MAX. The
-    backward then sums the input's gradient over channels per step, 4R multiply-adds per block
-    of 64 channels, which grows with R while what it saves does not (docs/benchmarks.md,
-    twenty-third round: forward + backward of the two scans 1.16-1.18x faster at Vim-Tiny's
-    R = 12, 0.95-1.02x at Vim-Small's 24, 0.94x at Vim-Base's 48, and Vim-Small's training
-    steps 3-5% slower with it; the forward alone 1.25-1.5x faster at every rank)."""
+    when a gradient flows back through them (``grad``), only up to rank _LOW_RANK_TRAIN_MAX.
+    The backward then forms the input's gradient, and dt_proj's weight gradient where that is
+    trained, as small products per chunk of steps (scan_cpu._dlow_rows, _dw_rows), and the
+    (b, L, d) time steps and their gradient are never in memory. At first the input's gradient
+    was a per-step sum over channels, and Vim-Small's training steps (R = 24) were 3-5% slower
+    this way, so training took it only up to R = 16; since the per-chunk products, Vim-Small and
+    Vim-Base (R = 48) training steps take the same time or less and Vim-Small's peak memory
+    at batch 8 is ~10% lower (docs/benchmarks.md, twenty-third and forty-second rounds)."""
     if mixer.delta_hook is not None or mixer.gate_hook is not None:
         return False
     return not grad or mixer.dt_rank <= _LOW_RANK_TRAIN_MAX
