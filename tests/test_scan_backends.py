@@ -1297,7 +1297,7 @@ def test_vim_mixers_let_the_fused_scan_form_the_time_steps(monkeypatch, method):
         hooked = output_and_grads(peft, x)
     assert widths == [model.layers[0].mixer.d_inner] * 2
     assert torch.equal(hooked[0], want[0])
-    # above the rank where the backward's sums cost more than they save, only without a gradient
+    # above _LOW_RANK_TRAIN_MAX (the largest rank measured), only without a gradient
     monkeypatch.setattr(vim, "_LOW_RANK_TRAIN_MAX", model.layers[0].mixer.dt_rank - 1)
     widths.clear()
     assert torch.equal(output_and_grads(peft, x)[0], want[0])

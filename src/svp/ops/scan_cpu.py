@@ -2094,7 +2094,7 @@ def _bwd(saved, cfg, dtypes, need, dout, dlast, acc=None, dz_dtype=None, dbl=Fal
             dw = dWp[0].clone()
             for i in range(1, b):
                 dw += dWp[i]
-            dw = unpad(dw).t().to(dt_w)
+            dw = unpad(dw).to(dt_w).t().contiguous()   # (d, R), laid out as dt_proj's weight
     else:
         ddelta = unpad(dd).transpose(1, 2).to(dt_delta) if need[1] else None
         dw = None
