@@ -1,18 +1,24 @@
-"""svp.ops.low_rank: a frozen weight plus a factored LoRA update, W + s B A, in products that never
-form it; and the Vim mixer's LoRA training path through it (svp.models.vim.LORA_FACTORED)."""
+"""svp.ops.low_rank: a frozen weight plus a LoRA update, W + s B A, in products that never form its
+(out, in) gradient; and the Vim mixer's LoRA training path through it (svp.models.vim.LORA_FACTORED)."""
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import svp.models.vim as vim
+import svp.ops.low_rank as low_rank
 from svp.ops.low_rank import low_rank_products
 from svp.peft import get_peft_model, make_config
 from svp.peft.lora import LoRAParametrization
 
 
+@pytest.mark.parametrize("merged", [True, False], ids=["merged block weights", "update products apart"])
 @pytest.mark.parametrize("sizes", [(16, 16), (20,), (7, 13)])
-def test_blocks_equal_the_merged_weights_product_and_their_gradients_are_exact(sizes):
+def test_blocks_equal_the_merged_weights_product_and_their_gradients_are_exact(sizes, merged, monkeypatch):
+    """Both forms of the products (low_rank.MERGED): the block weights W_k + s B_k A formed for the
+    forward product and X's gradient, or the update's own (M, r) products added to each."""
+    monkeypatch.setattr(low_rank, "MERGED", merged)
     torch.manual_seed(0)
     out, d, r, s = sum(sizes), 24, 4, 0.7
     x = torch.randn(3, 10, d, dtype=torch.float64, requires_grad=True)
@@ -52,6 +58,21 @@ def _lora_model(targets=("in_proj", "out_proj", "x_proj", "dt_proj")):
     return pm, torch.randn(2, 3, 32, 32, generator=g)
 
 
+class _Products(TorchDispatchMode):
+    """Records (output shape, inner dimension) of every matrix product run under it."""
+
+    def __enter__(self):
+        self.shapes = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a = args[0] if func.overloadpacket is torch.ops.aten.mm else args[1]
+            self.shapes.append((tuple(out.shape), a.shape[1]))
+        return out
+
+
 def _step(pm, x):
     pm.zero_grad(set_to_none=True)
     out = pm(x)
@@ -60,10 +81,10 @@ def _step(pm, x):
 
 
 def test_lora_training_keeps_in_and_out_proj_updates_factored_with_the_merged_results(monkeypatch):
-    """In training the mixers' in_proj and out_proj never form W + s B A (the parametrization's
-    forward is not called for them), so no full-size weight gradient either; the outputs and every
-    gradient match the merged weight's path up to float32 rounding. Inference (no grad) keeps the
-    merged weight's single product."""
+    """In training the mixers' in_proj and out_proj do not go through the parametrization's forward,
+    and no product of the backward forms an (out, in) weight gradient for them (a sum over the
+    tokens); the outputs and every gradient match the parametrization's path up to float32
+    rounding. Inference (no grad) keeps the merged weight's single product."""
     pm, x = _lora_model()
     calls = []
     real = LoRAParametrization.forward
@@ -82,8 +103,14 @@ def test_lora_training_keeps_in_and_out_proj_updates_factored_with_the_merged_re
 
     monkeypatch.setattr(vim, "LORA_FACTORED", True)
     calls.clear()
-    factored = _step(pm, x)
+    tokens = x.shape[0] * (pm.base_model.patch_embed.num_patches + 1)
+    weights = {in_shape, (in_shape[0] // 2, in_shape[1]), out_shape}   # (in_proj's halves too)
+    with _Products() as products:
+        factored = _step(pm, x)
     assert in_shape not in calls and out_shape not in calls, calls
+    assert products.shapes, "the step's products were recorded"
+    full = [(o, k) for o, k in products.shapes if o in weights and k == tokens]
+    assert not full, f"(out, in) weight gradients formed over the {tokens} tokens: {full}"
     assert calls, "x_proj and dt_proj stay merged (the fused kernels read their weights)"
 
     torch.testing.assert_close(factored[0], merged[0], rtol=1e-5, atol=1e-6)

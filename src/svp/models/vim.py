@@ -174,8 +174,9 @@ def _bf16_fused(t) -> bool:
     return _fused_cpu(t, dtypes=(torch.bfloat16,))
 
 
-# LoRA's update kept factored in training products (svp.ops.low_rank; False: the parametrization's
-# merged weight, W + s B A formed per call, and its full gradient, as before: tests compare the two)
+# LoRA's in_proj and out_proj in training products through svp.ops.low_rank, which never forms the
+# (out, in) gradient of W + s B A (False: the parametrization's merged weight and autograd's full
+# gradient of it, as before: tests compare the two)
 LORA_FACTORED = True
 
 

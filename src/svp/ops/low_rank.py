@@ -1,18 +1,25 @@
-"""Products with a frozen weight plus a trained low-rank update, W + s B A, without forming it.
+"""Products with a frozen weight plus a trained low-rank update, W + s B A, without its full gradient.
 
 A LoRA-adapted projection trained through its parametrization (svp.peft.lora) forms W' = W + s B A
 on every call and takes its product; autograd then forms the whole weight's gradient, dY^T X (out x
 in), only to reduce it to A's and B's (B^T dW', dW' A^T). That gradient is as many FLOPs as the
 forward product itself: without in_proj's and out_proj's, a Vim-Tiny batch-8 LoRA step's products
 come to 39.6 GFLOP instead of 53.8 (Vim-Small 153.5 instead of 215.9), and on a 2-vCPU Zen 3 they
-took 115 ms of a profiled step at 2 threads (docs/benchmarks.md, thirty-ninth round). Here the
-update stays factored,
+took 115 ms of a profiled step at 2 threads (docs/benchmarks.md, thirty-ninth round). Here A's and
+B's gradients come from products with r columns or rows only,
 
-    Y = X W^T + (s X A^T) B^T,
+    dA = (s dY B)^T X,   dB = (s X A^T)^T dY transposed,
 
-and the backward needs only products with r columns or rows: dX = dY W + (s dY B) A,
-dA = (s dY B)^T X, dB = (s X A^T)^T dY transposed. Same sums up to float32 rounding (the
-update's terms are added in another order than in X (W + s B A)^T).
+and the outputs and X's gradient from the merged weight of each block, formed per call (out x in
+x r multiply-adds, small beside the M x out x in of the product; M = batch x tokens):
+
+    Y_k = X (W_k + s B_k A)^T,   dX = sum over k of dY_k (W_k + s B_k A).
+
+``MERGED = False`` keeps the update factored there too, Y = X W^T + (s X A^T) B^T and dX = dY W +
+(s dY B) A: the same sums up to float32 rounding, but two more products per block, (M, r) x (r,
+out) and (M, r) x (r, in), which run at memory speed (each reads and writes an (M, out) or (M, in)
+tensor for 2 r flops per element): merging made a Vim-Tiny batch-8 LoRA step 0.97-0.98x its time
+(in-process alternation; Vim-Small the same time; docs/benchmarks.md, forty-third round).
 
 ``low_rank_products`` takes W's rows in blocks (in_proj's x and z halves, each contiguous for the
 kernels that read them; out_proj in one block) and gives one output per block, as svp.models.vim's
@@ -31,6 +38,10 @@ import torch
 
 from .matmul_cpu import addmm_, mm
 
+# The outputs and X's gradient through the merged block weights (see the module doc); False: the
+# update's own products added to them
+MERGED = True
+
 
 class _LowRankProducts(torch.autograd.Function):
     @staticmethod
@@ -39,12 +50,15 @@ class _LowRankProducts(torch.autograd.Function):
         xa = torch.mm(x2, a.t()).mul_(scale)          # s X A^T, (M, r): kept for B's gradient
         outs, row = [], 0
         for n in sizes:
-            y = mm(x2, w[row:row + n].t())
-            y.addmm_(xa, b[row:row + n].t())
+            if MERGED:
+                y = mm(x2, _merged(w, a, b, scale, row, n).t())
+            else:
+                y = mm(x2, w[row:row + n].t())
+                y.addmm_(xa, b[row:row + n].t())
             outs.append(y.view(*x.shape[:-1], n))
             row += n
         ctx.save_for_backward(x, w, a, b, xa)
-        ctx.scale, ctx.sizes = scale, tuple(sizes)
+        ctx.scale, ctx.sizes, ctx.merged = scale, tuple(sizes), MERGED
         ctx.set_materialize_grads(False)   # an unused block's gradient: None, not zeros multiplied
         return tuple(outs)
 
@@ -58,16 +72,18 @@ class _LowRankProducts(torch.autograd.Function):
         dx = g = db = None
         if need_b:   # (an unused block's rows: zero)
             db = (torch.zeros_like if any(d is None for d in douts) else torch.empty_like)(b)
+        merged = ctx.merged
         row = 0
         for n, dy in zip(ctx.sizes, douts):
             if dy is not None:
                 dy = dy.reshape(-1, n)
-                if need_x or need_a:
+                if need_a or (need_x and not merged):
                     bt = b[row:row + n].t().contiguous()         # (r, n): see the module doc
                     gi = torch.mm(dy, bt.t())                    # dY_k B_k, (M, r)
                     g = gi if g is None else g.add_(gi)
                 if need_x:
-                    wk = w[row:row + n]
+                    # merged: dY_k (W_k + s B_k A), the forward's weight formed again (no copy kept)
+                    wk = _merged(w, a, b, ctx.scale, row, n) if merged else w[row:row + n]
                     dx = mm(dy, wk) if dx is None else addmm_(dx, dy, wk)
                 if need_b:
                     db[row:row + n] = torch.mm(xa.t(), dy).t()   # ((s X A^T)^T dY_k)^T
@@ -75,11 +91,19 @@ class _LowRankProducts(torch.autograd.Function):
         da = None
         if g is not None:
             g.mul_(ctx.scale)                                    # s dY B
-            if need_x:
-                dx = dx.addmm_(g, a).view(x.shape)
+            if need_x and not merged:
+                dx = dx.addmm_(g, a)
             if need_a:
                 da = torch.mm(g.t(), x2)
+        if dx is not None:
+            dx = dx.view(x.shape)
         return dx, None, da, db, None, None
+
+
+def _merged(w, a, b, scale, row, n):
+    """W_k + s B_k A for the block of rows row .. row + n - 1, (n, in): out x in x r multiply-adds,
+    against the M x out x r of adding the update's product to each output (M = batch x tokens)."""
+    return torch.addmm(w[row:row + n], b[row:row + n], a, alpha=scale)
 
 
 def low_rank_products(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
