@@ -80,9 +80,9 @@ def _step(pm, x):
     return out.detach(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
 
 
-def test_lora_training_keeps_in_and_out_proj_updates_factored_with_the_merged_results(monkeypatch):
+def test_lora_training_forms_no_full_in_or_out_proj_weight_gradient_and_matches_the_parametrization(monkeypatch):
     """In training the mixers' in_proj and out_proj do not go through the parametrization's forward,
-    and no product of the backward forms an (out, in) weight gradient for them (a sum over the
+    and no product of the step forms an (out, in) weight gradient for them (a sum over the
     tokens); the outputs and every gradient match the parametrization's path up to float32
     rounding. Inference (no grad) keeps the merged weight's single product."""
     pm, x = _lora_model()

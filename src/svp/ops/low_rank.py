@@ -18,8 +18,9 @@ x r multiply-adds, small beside the M x out x in of the product; M = batch x tok
 ``MERGED = False`` keeps the update factored there too, Y = X W^T + (s X A^T) B^T and dX = dY W +
 (s dY B) A: the same sums up to float32 rounding, but two more products per block, (M, r) x (r,
 out) and (M, r) x (r, in), which run at memory speed (each reads and writes an (M, out) or (M, in)
-tensor for 2 r flops per element): merging made a Vim-Tiny batch-8 LoRA step 0.97-0.98x its time
-(in-process alternation; Vim-Small the same time; docs/benchmarks.md, forty-third round).
+tensor for 2 r flops per element): merging made a Vim-Tiny batch-8 LoRA step 0.97-0.98x its time at
+1 thread and ~0.99x its CPU time at 2 (in-process alternation; Vim-Small's within the noise;
+docs/benchmarks.md, forty-third round).
 
 ``low_rank_products`` takes W's rows in blocks (in_proj's x and z halves, each contiguous for the
 kernels that read them; out_proj in one block) and gives one output per block, as svp.models.vim's
