@@ -46,8 +46,8 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
     ref_out, ref_grads = output_and_grads(pm, x, seed=5)
 
     kernels, linears = [], []
-    for mod, name in ((scan_cpu, "bidirectional_scan_cpu"), (conv_cpu, "bi_conv_proj_cpu"),
-                      (norm_cpu, "add_rms_norm_cpu")):
+    # (the checked entries the model calls: the public *_cpu functions check, then call these)
+    for mod, name in ((scan_cpu, "bidirectional_scan"), (conv_cpu, "bi_conv_proj"), (norm_cpu, "add_rms_norm")):
         real = getattr(mod, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -63,13 +63,13 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
         linears.append((weight.shape[1], weight.shape[0], out.dtype))
         return out
     monkeypatch.setattr(F, "linear", linear_spy)
-    real_in_proj = vim._InProj.apply
+    real_in_proj = vim._InProj.products
 
     def in_proj_spy(h, w, E):   # the mixer's in_proj without a bias: its two halves' products
         x, z = real_in_proj(h, w, E)
         linears.extend([(w.shape[1], E, x.dtype), (w.shape[1], E, z.dtype)])
         return x, z
-    monkeypatch.setattr(vim._InProj, "apply", in_proj_spy)
+    monkeypatch.setattr(vim._InProj, "products", staticmethod(in_proj_spy))
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -80,17 +80,17 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
     # the fused kernels ran, every layer, on float32 inputs, outside autocast, but for in_proj's
     # outputs, which they read in bfloat16 as they are: z the scan (which gives y in bfloat16),
     # x the convs (the bits of the casts: below)
-    for name in ("bidirectional_scan_cpu", "bi_conv_proj_cpu", "add_rms_norm_cpu"):
+    for name in ("bidirectional_scan", "bi_conv_proj", "add_rms_norm"):
         calls = [k for k in kernels if k[0] == name]
         assert len(calls) >= DEPTH, (name, len(calls))
-        want = {torch.float32} if name == "add_rms_norm_cpu" else {torch.float32, torch.bfloat16}
+        want = {torch.float32} if name == "add_rms_norm" else {torch.float32, torch.bfloat16}
         assert all(k[1] == want for k in calls), (name, calls)
-    assert not any(on for name, _, on, _ in kernels if name != "add_rms_norm_cpu")
+    assert not any(on for name, _, on, _ in kernels if name != "add_rms_norm")
     # in_proj's two halves (D -> E) in bfloat16, dt_proj (R -> E) in float32: a product, or the
     # scan's own, from its float32 weight (its dt_w: the float32 sets above)
     in_proj = [d for i, o, d in linears if (i, o) == (DIM, E)]
     dt_proj = [d for i, o, d in linears if (i, o) == (R, E)]
-    in_scan = [len(side) == 8 for name, *_, sides in kernels if name == "bidirectional_scan_cpu" for side in sides]
+    in_scan = [side[7] is not None for name, *_, sides in kernels if name == "bidirectional_scan" for side in sides]
     assert len(in_proj) >= 2 * DEPTH and set(in_proj) == {torch.bfloat16}   # (+ adapters of that shape)
     assert len(dt_proj) + sum(in_scan) == 2 * DEPTH and set(dt_proj) <= {torch.float32}
     # a bfloat16 step, close to the float32 one (not equal: autocast did something)
@@ -104,7 +104,7 @@ def test_every_method_under_cpu_autocast_runs_the_large_products_in_bfloat16_and
     kernels.clear()
     with vim.amp_casts():
         cast_out, cast_grads = run()
-    assert all(k[1] == {torch.float32} for k in kernels if k[0] != "add_rms_norm_cpu")
+    assert all(k[1] == {torch.float32} for k in kernels if k[0] != "add_rms_norm")
     assert torch.equal(out, cast_out) and cast_grads.keys() == grads.keys()
     for n in grads:
         assert torch.equal(grads[n], cast_grads[n]), n
@@ -186,12 +186,12 @@ def test_a_frozen_backbones_weights_are_cast_once_under_autocast_and_again_when_
             seen.append((shapes[tuple(weight.shape)], weight.dtype, weight.untyped_storage().data_ptr()))
         return real_linear(inp, weight, bias)
     monkeypatch.setattr(F, "linear", linear_spy)
-    real_in_proj = vim._InProj.apply
+    real_in_proj = vim._InProj.products
 
     def in_proj_spy(h, w, E):   # the mixer's in_proj without a bias: its two halves' products
         seen.extend([("in_proj half", w.dtype, w.untyped_storage().data_ptr())] * 2)
         return real_in_proj(h, w, E)
-    monkeypatch.setattr(vim._InProj, "apply", in_proj_spy)
+    monkeypatch.setattr(vim._InProj, "products", staticmethod(in_proj_spy))
 
     def run(model):
         seen.clear()

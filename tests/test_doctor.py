@@ -69,8 +69,9 @@ def test_the_fused_model_check_finds_a_wrong_kernel(kernel, monkeypatch):
     assert torch.equal(torch.random.get_rng_state(), state)   # and its random state untouched
     assert err <= doctor.TOLERANCE_FUSED_MODEL and n > 2
     from svp.ops import conv_cpu, norm_cpu, prompt_cpu
-    mod, name = {"norm": (norm_cpu, "add_rms_norm_cpu"), "conv": (conv_cpu, "bi_conv_proj_cpu"),
-                 "prompts": (prompt_cpu, "svp_prompts_cpu")}[kernel]
+    # (the checked entries the model calls: the public *_cpu functions check, then call these)
+    mod, name = {"norm": (norm_cpu, "add_rms_norm"), "conv": (conv_cpu, "bi_conv_proj"),
+                 "prompts": (prompt_cpu, "svp_prompts")}[kernel]
     real = getattr(mod, name)
 
     def off(*a, **k):   # 0.1% off in its first output
@@ -95,12 +96,12 @@ def test_the_amp_check_finds_a_kernel_that_handles_bfloat16_wrongly(monkeypatch)
     differ, n = doctor.check_fused_cpu_amp()
     assert differ == [] and n > 2
     assert torch.equal(torch.random.get_rng_state(), state) and dispatch._forced is None
-    real = scan_cpu.bidirectional_scan_cpu
+    real = scan_cpu.bidirectional_scan
 
     def off(z, fwd, bwd):
         out = real(z, fwd, bwd)
         return out * 1.01 if z.dtype == torch.bfloat16 else out   # (0.1% would round away in bfloat16)
-    monkeypatch.setattr(scan_cpu, "bidirectional_scan_cpu", off)
+    monkeypatch.setattr(scan_cpu, "bidirectional_scan", off)
     differ, n = doctor.check_fused_cpu_amp()
     assert "output" in differ and len(differ) > 1, differ
 

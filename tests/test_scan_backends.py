@@ -1045,6 +1045,14 @@ def test_a_kernel_calls_its_task_only_through_an_address_compiled_for_its_types(
     xr.flags.writeable = False
     run_tasks(kernel, task, types.int64, xr, out)
     assert (out == 2 * x).all()
+    # run_tasks tries the task's last address first: a call with other types (float32, then
+    # float64 again) is refused by the kernel, looked up and run through its own address
+    x32, out32 = x.astype(np.float32), np.zeros(5, np.float32)
+    run_tasks(kernel, task, types.int64, x32, out32)
+    assert (out32 == 2 * x32).all()
+    out[:] = 0
+    run_tasks(kernel, task, types.int64, x, out)
+    assert (out == 2 * x).all()
 
 
 def test_no_kernel_is_called_with_a_tuple_from_python():
@@ -1276,11 +1284,12 @@ def test_vim_mixers_let_the_fused_scan_form_the_time_steps(monkeypatch, method):
     peft = get_peft_model(model, make_config(method, num_classes=5, **kw)).eval()
     x = torch.randn(2, 3, 32, 32)
     widths = []
-    real = scan_cpu.BiScanCPU.forward
+    real = scan_cpu._bi_fwd
     # (the time steps' input width: R in the x_dbl form (B None; delta the x_proj output, (b, L,
-    # R + 2N)) as from dt_w, d_inner when the time steps come formed)
-    monkeypatch.setattr(scan_cpu.BiScanCPU, "forward", staticmethod(
-        lambda ctx, *a: widths.append(a[8].shape[1] if a[4] is None else a[2].shape[1]) or real(ctx, *a)))
+    # R + 2N)) as from dt_w, d_inner when the time steps come formed; _bi_fwd is the node's
+    # forward, and all of it without a gradient to record)
+    monkeypatch.setattr(scan_cpu, "_bi_fwd", lambda z, fwd, bwd, keep=True: widths.append(
+        fwd[7].shape[1] if fwd[3] is None else fwd[1].shape[1]) or real(z, fwd, bwd, keep))
     got = output_and_grads(peft, x)
     assert widths == [model.layers[0].mixer.dt_rank] * 2
     real_low_rank = vim._low_rank_delta
@@ -1304,6 +1313,46 @@ def test_vim_mixers_let_the_fused_scan_form_the_time_steps(monkeypatch, method):
     with torch.no_grad():
         assert rel(peft(x), want[0]) < 1e-5
     assert widths == [model.layers[0].mixer.d_inner] * 2 + [model.layers[0].mixer.dt_rank] * 2
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
+@pytest.mark.parametrize("method", ["svp", "vpt_deep", "full", "linear"])
+def test_without_a_gradient_the_fused_kernels_run_without_their_nodes_and_give_the_same_bits(monkeypatch, method):
+    """Under no_grad the mixer, the blocks' norm and SVP's prompt step call the fused kernels'
+    forwards directly (no autograd node, no argument checks: ~150 us a Vim-Tiny layer at batch 1,
+    docs/benchmarks.md, forty-fourth round): the same bits as the nodes' forwards, which run
+    where a gradient is recorded, and every node skipped. (Not LoRA: its training forward keeps
+    the update apart from in_proj's weight by design, svp.ops.low_rank.)"""
+    import timm
+
+    import svp.models.vim as vim
+    from svp.ops import conv_cpu, norm_cpu, prompt_cpu, scan_cpu
+    from svp.peft import get_peft_model, make_config
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                              num_classes=5)
+    kw = {"shared_layers": 2, "hidden": 8} if method == "svp" else {}
+    peft = get_peft_model(model, make_config(method, num_classes=5, **kw)).eval()
+    with torch.no_grad():   # parameters away from their initial values (zero prompts, LoRA's B = 0)
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    nodes = []
+    for cls in (scan_cpu.BiScanCPU, conv_cpu.BiConvProjCPU, norm_cpu.AddRMSNormCPU, prompt_cpu.SVPPromptsCPU,
+                vim._InProj):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", staticmethod(
+            lambda ctx, *a, _real=real, _cls=cls: nodes.append(_cls.__name__) or _real(ctx, *a)))
+    with_nodes = peft(x)
+    ran = set(nodes)
+    assert {"BiScanCPU", "BiConvProjCPU", "AddRMSNormCPU", "_InProj"} <= ran
+    assert ("SVPPromptsCPU" in ran) == (method == "svp")
+    nodes.clear()
+    with torch.no_grad():
+        without = peft(x)
+    assert nodes == []
+    assert torch.equal(with_nodes.detach(), without)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")

@@ -85,10 +85,24 @@ def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
     return get_backend(ts[0].device) == "cpu"
 
 
+class _CPUOps:
+    """svp.ops' numba modules (conv_cpu, norm_cpu, scan_cpu), imported at their first use (numba
+    is optional, like the 'cpu' scan backend) and kept as attributes: an import statement in the
+    per-layer path took ~1.5 us a call, several a layer."""
+
+    def __getattr__(self, name):   # (only until the module is an attribute)
+        import importlib
+        mod = importlib.import_module(f"..ops.{name}", __package__)
+        setattr(self, name, mod)
+        return mod
+
+
+_cpu_ops = _CPUOps()
+
+
 def _add_rms_norm(hidden, residual, norm):
-    """The fused kernel (imported here: numba is optional, like the 'cpu' scan backend)."""
-    from ..ops.norm_cpu import add_rms_norm_cpu
-    return add_rms_norm_cpu(hidden, residual, norm.weight, norm.eps)
+    """The fused kernel (its arguments checked by _fused_norm)."""
+    return _cpu_ops.norm_cpu.add_rms_norm(hidden, residual, norm.weight, norm.eps)
 
 
 def _conv(x, weight, bias, reverse):
@@ -209,10 +223,14 @@ class _InProj(torch.autograd.Function):
     products write."""
 
     @staticmethod
-    def forward(ctx, h, w, E):
+    def products(h, w, E):
+        """(x, z): the forward's products (without a gradient to record, they run alone)."""
         h2 = h.reshape(-1, h.shape[-1])
-        x = mm(h2, w[:E].t()).view(*h.shape[:-1], E)
-        z = mm(h2, w[E:].t()).view(*h.shape[:-1], E)
+        return mm(h2, w[:E].t()).view(*h.shape[:-1], E), mm(h2, w[E:].t()).view(*h.shape[:-1], E)
+
+    @staticmethod
+    def forward(ctx, h, w, E):
+        x, z = _InProj.products(h, w, E)
         ctx.save_for_backward(h, w)
         ctx.E = E
         ctx.set_materialize_grads(False)   # an unused half's gradient: None, not zeros multiplied
@@ -326,14 +344,14 @@ class BiMambaMixer(nn.Module):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
         delta_bias), laid out (b, E, l) / (b, N, l) as views of the (b, l, *) products.
         ``conv_proj``: the (conv output, x_proj output) pair when already computed. With
-        ``low_rank`` (BiScanCPU's inputs) and where _low_rank_delta allows, delta is dt_proj's
-        input (b, R, l) and its weight comes last: the fused scan forms the time steps itself."""
+        ``low_rank`` (BiScanCPU's inputs) and where _low_rank_delta allows, BiScanCPU's x_dbl
+        form: (u, the x_proj output (b, l, R + 2N), A, None, None, D, delta_bias, dt_proj's
+        weight); the fused scan forms the time steps itself, from the output's first R columns."""
         x, x_dbl = conv_proj or self._conv_proj(x, conv, x_proj, reverse)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         w = dt_proj.weight
         if low_rank and _low_rank_delta(self, torch.is_grad_enabled() and (x_dbl.requires_grad or w.requires_grad)):
-            return (x.transpose(1, 2), dt.transpose(1, 2), self._neg_exp(A_log), B.transpose(1, 2),
-                    C.transpose(1, 2), D.float(), dt_proj.bias.float(), w)
+            return (x.transpose(1, 2), x_dbl, self._neg_exp(A_log), None, None, D.float(), dt_proj.bias.float(), w)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, w)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
             delta = self.delta_hook(self, name, dt, delta)
@@ -354,32 +372,41 @@ class BiMambaMixer(nn.Module):
         node, the second adding its output (and in backward its z gradient) to the first's, and
         when both convs fuse with x_proj, the two convs in one node, the second adding its x
         gradient to the first's: three passes over (b, l, E) fewer, the same bits."""
-        from ..ops.scan_cpu import bidirectional_scan_cpu
         cp_f = cp_b = None
         if self._convs_fuse(x):
-            from ..ops.conv_cpu import bi_conv_proj_cpu
-            xf, dbl_f, xb, dbl_b = bi_conv_proj_cpu(
+            xf, dbl_f, xb, dbl_b = _cpu_ops.conv_cpu.bi_conv_proj(   # (_convs_fuse checked its arguments)
                 x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
                 (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
             cp_f, cp_b = (xf, dbl_f), (xb, dbl_b)
         cp_f = cp_f or self._conv_proj(x, fwd[0], fwd[1], fwd[5])
         cp_b = cp_b or self._conv_proj(x, bwd[0], bwd[1], bwd[5])
+        # low rank: the x_proj outputs whole (BiScanCPU's x_dbl form; their gradients then come
+        # as one tensor each, not three for autograd to concatenate)
         sf = self._scan_inputs(x, *fwd, conv_proj=cp_f, low_rank=True)
         sb = self._scan_inputs(x, *bwd, conv_proj=cp_b, low_rank=True)
         zt = z.transpose(1, 2)
-        if all(t.dtype == torch.float32 for t in sf + sb):
-            if len(sf) == len(sb) == 8:
-                # low rank: the x_proj outputs whole (BiScanCPU's x_dbl form; their gradients
-                # then come as one tensor each, not three for autograd to concatenate)
-                sf, sb = ((s[0], cp[1], s[2], None, None, *s[5:]) for s, cp in ((sf, cp_f), (sb, cp_b)))
-            return bidirectional_scan_cpu(zt, sf, sb).transpose(1, 2)
+        if all(t is None or t.dtype == torch.float32 for t in sf + sb):
+            if len(sf) != len(sb):   # (rank above _LOW_RANK_TRAIN_MAX, one direction trained)
+                sf, sb = self._unfold_dbl(sf), self._unfold_dbl(sb)
+            if len(sf) == 7:
+                sf, sb = sf + (None,), sb + (None,)
+            # (checked here: every tensor float32 on the CPU, _fused_bi_scan and the modules' shapes)
+            return _cpu_ops.scan_cpu.bidirectional_scan(zt, sf, sb).transpose(1, 2)
         # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them), the time
         # steps formed as without low_rank
-        sf, sb = ((*s[:1], F.linear(s[1].transpose(1, 2), s[7]).transpose(1, 2), *s[2:7]) if len(s) == 8 else s
-                  for s in (sf, sb))
+        sf, sb = self._unfold_dbl(sf), self._unfold_dbl(sb)
         y = (selective_scan(*sf[:6], z=zt.float(), delta_bias=sf[6], delta_softplus=True)
              + selective_scan(*sb[:6], z=zt.float(), delta_bias=sb[6], delta_softplus=True, reverse=True))
         return (y.to(z.dtype) if z.dtype == torch.bfloat16 else y).transpose(1, 2)
+
+    def _unfold_dbl(self, s):
+        """_scan_inputs' x_dbl form as (u, delta, A, B, C, D, delta_bias), the time steps formed
+        by dt_proj's product; any other form as it is."""
+        if len(s) == 7:
+            return s
+        u, x_dbl, A, _, _, D, bias, w = s
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return u, F.linear(dt, w).transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, bias
 
     def forward(self, hidden):
         ip = self.in_proj
@@ -447,7 +474,7 @@ class BiMambaMixer(nn.Module):
         # under CPU autocast, the input cast once, not by each product (and once backward)
         h = hidden.to(cpu_autocast_dtype()) if amp else hidden
         if ip.bias is None and h.device.type == "cpu" and h.dtype == w.dtype:
-            return _InProj.apply(h, w, E)
+            return _InProj.apply(h, w, E) if torch.is_grad_enabled() else _InProj.products(h, w, E)
         wx, wz = w.split(E)
         bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
         return F.linear(h, wx, bx), F.linear(h, wz, bz)
@@ -472,7 +499,7 @@ class BiMambaMixer(nn.Module):
                 if onednn_takes(y2, op.weight.t()):   # (svp.ops.matmul_cpu; the halving exact too)
                     out = mm(y2, op.weight.t()).mul_(0.5)
                 else:
-                    out = torch.addmm(y2.new_zeros(()), y2, op.weight.t(), beta=0, alpha=0.5)
+                    out = torch.addmm(_zero_of(y2.dtype), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
             lr = None if op.bias is not None else _low_rank(op, y)
             if lr is not None:   # LoRA training: the update factored, its scale halved too (exact)
@@ -496,6 +523,18 @@ class BiMambaMixer(nn.Module):
         (halving and rounding to bfloat16 commute), kept on a frozen weight."""
         dtype = cpu_autocast_dtype()
         return kept_unless_trained(w, ("half", dtype), lambda t: (t * 0.5).to(dtype))
+
+
+_ZERO = {}
+
+
+def _zero_of(dtype):
+    """A 0-d zero, made once per dtype: addmm's ignored input (beta = 0) in inference's out_proj,
+    where a fresh one cost a fill, ~5 us with its code out of the caches."""
+    z = _ZERO.get(dtype)
+    if z is None:
+        z = _ZERO[dtype] = torch.zeros((), dtype=dtype)
+    return z
 
 
 class Block(nn.Module):

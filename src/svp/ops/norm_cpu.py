@@ -126,24 +126,30 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _add_norm(hidden, residual, weight, eps):
+    """AddRMSNormCPU's forward: (out, the residual stream r, the tensors its backward reads)."""
+    shape = hidden.shape
+    h = _rows(hidden)
+    n, d = h.shape
+    has_res = residual is not None
+    res = _rows(residual) if has_res else h
+    w = weight.detach().contiguous()
+    out = torch.empty(shape, dtype=torch.float32)
+    r = torch.empty(shape, dtype=torch.float32) if has_res else hidden.detach()
+    rstd = torch.empty(n, dtype=torch.float32)
+    with _dynamic_tasks():
+        _add_norm_fwd(h.numpy(), res.numpy(), w.numpy(), float(eps), has_res, out.view(n, d).numpy(),
+                      _rows(r).numpy(), rstd.numpy())
+    return out, r, (r, w, rstd)
+
+
 class AddRMSNormCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, residual, weight, eps):
-        shape = hidden.shape
-        h = _rows(hidden)
-        n, d = h.shape
-        has_res = residual is not None
-        res = _rows(residual) if has_res else h
-        w = weight.detach().contiguous()
-        out = torch.empty(shape, dtype=torch.float32)
-        r = torch.empty(shape, dtype=torch.float32) if has_res else hidden.detach()
-        rstd = torch.empty(n, dtype=torch.float32)
-        with _dynamic_tasks():
-            _add_norm_fwd(h.numpy(), res.numpy(), w.numpy(), float(eps), has_res, out.view(n, d).numpy(),
-                          _rows(r).numpy(), rstd.numpy())
-        ctx.save_for_backward(r, w, rstd)
-        ctx.has_res = has_res
-        return (out, r) if has_res else out
+        out, r, saved = _add_norm(hidden, residual, weight, eps)
+        ctx.save_for_backward(*saved)
+        ctx.has_res = residual is not None
+        return (out, r) if ctx.has_res else out
 
     @staticmethod
     def backward(ctx, g, *rest):
@@ -178,7 +184,17 @@ def add_rms_norm_cpu(hidden, residual, weight, eps):
         raise ValueError(f"residual {tuple(residual.shape)} and hidden {tuple(hidden.shape)} differ")
     if weight.dim() != 1 or weight.shape[0] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of {tuple(hidden.shape)}")
-    return AddRMSNormCPU.apply(hidden, residual, weight, eps)
+    return add_rms_norm(hidden, residual, weight, eps)
+
+
+def add_rms_norm(hidden, residual, weight, eps):
+    """add_rms_norm_cpu on arguments already checked (the Vim blocks check them as they pick it,
+    svp.models.vim._fused_norm): an autograd node where a gradient is recorded, else the
+    forward alone."""
+    if torch.is_grad_enabled():
+        return AddRMSNormCPU.apply(hidden, residual, weight, eps)
+    out, r, _ = _add_norm(hidden, residual, weight, eps)
+    return out if residual is None else (out, r)
 
 
 guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

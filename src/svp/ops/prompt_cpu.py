@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..compat import no_cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
 from .matmul_cpu import addmm_, mm
 from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, \
@@ -186,6 +187,29 @@ def _prompt_bwd(taddr, thash, g, a1, c1, s1, a2, c2, s2, use1, use2, skip, need_
     return True
 
 
+@njit(cache=True, error_model="numpy")
+def _fold_bias(w1, b0, b1, out):
+    """out = W1 b0 + b1, float32: the Inner prompter's down bias folded into its up bias (see
+    SVPPromptsCPU). Each row's sum in four interleaved partial sums added in a fixed order, so
+    the bits are the same on every machine. As three torch operations ((W1 * b0).sum(1) + b1)
+    it took ~25 us a layer at batch 1, where their code was out of the caches after the
+    kernels (~8 us run again right after), against ~2 us here."""
+    d, r = w1.shape
+    for c in range(d):
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        k = 0
+        while k + 4 <= r:
+            s0 += w1[c, k] * b0[k]
+            s1 += w1[c, k + 1] * b0[k + 1]
+            s2 += w1[c, k + 2] * b0[k + 2]
+            s3 += w1[c, k + 3] * b0[k + 3]
+            k += 4
+        while k < r:
+            s0 += w1[c, k] * b0[k]
+            k += 1
+        out[c] = ((s0 + s1) + (s2 + s3)) + b1[c]
+
+
 def _c(t):
     t = t.detach()
     return t if t.is_contiguous() else t.contiguous()
@@ -254,6 +278,50 @@ class AddSiluPromptsCPU(torch.autograd.Function):
                 da2 if (use2 and need[3]) else None, ds2, None)
 
 
+_ZEROS = {}
+
+
+def _zeros(shape, dtype=torch.float32):
+    """A tensor of zeros the kernels only read (an absent bias, scale or pre-activation), made
+    once per shape and dtype: a fresh one is a fill, ~5 us at a layer's start where its code
+    is out of the caches."""
+    key = (shape, dtype)
+    t = _ZEROS.get(key)
+    if t is None:
+        t = _ZEROS[key] = torch.zeros(shape, dtype=dtype)
+    return t
+
+
+def _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
+    """SVPPromptsCPU's forward: (out, the tensors its backward reads, its cfg). Without a
+    gradient to record (svp_prompts_cpu under no_grad) it runs alone, not as a node."""
+    use1, use2 = wc is not None, w0 is not None
+    hc = _c(h)
+    b, L, d = hc.shape
+    zero = _zeros((d,))
+    vec = lambda t: zero if t is None else _c(t)  # noqa: E731
+    low = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    with no_cpu_autocast():   # (the dtypes are explicit here)
+        H = hc.view(b * L, d)
+        H = H if dtype == torch.float32 else H.to(dtype)
+        wcl, w0l, w1l = low(wc), low(w0), low(w1)
+        a1 = a2 = z0 = dummy = _zeros((1, 1, d), dtype)
+        if use1:
+            a1 = mm(H, wcl.t()).view(b, L, d)
+        if use2:
+            z0 = mm(H, w0l.t())
+            a2 = mm(z0, w1l.t()).view(b, L, d)
+        c1 = vec(bc)
+        c2 = vec(b1)
+        if b0 is not None:   # W1 b0 + b1 in float32 (BLAS's gemv took ~0.1 ms in a step)
+            c2, b1c = torch.empty(d, dtype=torch.float32), c2
+            _fold_bias(_c(w1).numpy(), _c(b0).numpy(), b1c.numpy(), c2.numpy())
+    s1, s2 = vec(alpha), vec(beta)
+    out = _step_fwd(hc, a1, c1, s1, a2, c2, s2, use1, use2, skip)
+    saved = (H, a1, a2, z0, c1, c2, s1, s2, *(dummy if t is None else t for t in (wcl, w0l, w1l, w1, b0)))
+    return out, saved, (use1, use2, int(skip), b0 is not None, (b, L, d))
+
+
 class SVPPromptsCPU(torch.autograd.Function):
     """SVP's whole paper-mode prompt step in one node: the prompters' products and the fused
     step above. What it saves against the modules' path (a Vim-Tiny batch-8 step's profile,
@@ -276,30 +344,8 @@ class SVPPromptsCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
-        use1, use2 = wc is not None, w0 is not None
-        hc = _c(h)
-        b, L, d = hc.shape
-        zero = hc.new_zeros(d)
-        vec = lambda t: zero if t is None else _c(t)  # noqa: E731
-        low = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        with torch.autocast("cpu", enabled=False):   # (the dtypes are explicit here)
-            H = hc.view(b * L, d).to(dtype)
-            wcl, w0l, w1l = low(wc), low(w0), low(w1)
-            a1 = a2 = z0 = dummy = torch.zeros(1, 1, d, dtype=dtype)
-            if use1:
-                a1 = mm(H, wcl.t()).view(b, L, d)
-            if use2:
-                z0 = mm(H, w0l.t())
-                a2 = mm(z0, w1l.t()).view(b, L, d)
-            c1 = vec(bc)
-            c2 = vec(b1)
-            if b0 is not None:   # W1 b0 + b1 in float32 (elementwise and a sum: BLAS's gemv took ~0.1 ms in a step)
-                c2 = (w1 * b0).sum(1) + c2
-        s1, s2 = vec(alpha), vec(beta)
-        out = _step_fwd(hc, a1, c1, s1, a2, c2, s2, use1, use2, skip)
-        ctx.save_for_backward(H, a1, a2, z0, c1, c2, s1, s2,
-                              *(dummy if t is None else t for t in (wcl, w0l, w1l, w1, b0)))
-        ctx.cfg = (use1, use2, int(skip), b0 is not None, (b, L, d))
+        out, saved, ctx.cfg = _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
@@ -316,7 +362,7 @@ class SVPPromptsCPU(torch.autograd.Function):
         parts = []   # h's gradient is the kernel's dh plus x w over these (x, w)
         grads = [None] * 11
         grads[0], grads[5], grads[10] = dh, ds1, ds2
-        with torch.autocast("cpu", enabled=False):
+        with no_cpu_autocast():
             if use1:
                 da1 = da1.view(b * L, d)
                 grads[3] = mm(da1.t(), H).float() if need[3] else None
@@ -347,6 +393,15 @@ class SVPPromptsCPU(torch.autograd.Function):
         return tuple(grads)
 
 
+def svp_prompts(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
+    """svp_prompts_cpu's step on arguments already checked (SVP's model path checks them
+    as it picks this path, svp.peft.svp._fused_prompts): an autograd node where a gradient is
+    recorded, else the forward alone (its checks and the node cost ~20 us a layer at batch 1)."""
+    if torch.is_grad_enabled():
+        return SVPPromptsCPU.apply(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+    return _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)[0]
+
+
 def svp_prompts_cpu(h, skip, cross=None, inner=None, dtype=torch.float32):
     """SVP's paper-mode prompt step, ``h + alpha * silu(Wc h + bc) + beta * silu(W1 (W0 h + b0) + b1)``
     on every row but ``skip`` of the (b, l, d) float32 CPU tensor h, with its gradients (see
@@ -374,7 +429,7 @@ def svp_prompts_cpu(h, skip, cross=None, inner=None, dtype=torch.float32):
             raise ValueError(f"svp_prompts_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"svp_prompts_cpu: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return SVPPromptsCPU.apply(h, int(skip), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+    return svp_prompts(h, int(skip), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
 
 
 def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):

@@ -619,14 +619,26 @@ def _task_address(task, index, args, fresh=False):
     return hit
 
 
+_LAST_TASK = {}   # task -> the (address, hash) its last call ran
+
+
 def run_tasks(kernel, task, index, *args):
     """``kernel(address, hash, *args)``: a parallel kernel that calls numba function ``task``
-    with (its task number as numba type ``index``, *args) through the task's address."""
+    with (its task number as numba type ``index``, *args) through the task's address.
+
+    The task's last address is tried first: the kernel checks it against the types it was
+    compiled for and runs nothing when they differ (returns False), so a call with other types
+    falls through to the lookup by dtypes and ranks. Forming that lookup's key over a scan
+    call's 31 arguments took ~2 us, seven launches a layer."""
+    last = _LAST_TASK.get(task)
+    if last is not None and kernel(last[0], last[1], *args):
+        return
     addr, h = _task_address(task, index, args)
     if not kernel(addr, h, *args):   # the same dtypes and ranks, other types (layout, read-only)
         addr, h = _task_address(task, index, args, fresh=True)
         if not kernel(addr, h, *args):
             raise RuntimeError(f"{kernel.__name__}: its task {task.__name__} was compiled for other argument types")
+    _LAST_TASK[task] = (addr, h)
 
 
 # A plain function, not inline="always": the conv's and the prompt kernels' tasks call it and LLVM
@@ -1944,19 +1956,58 @@ def _tables(A, dg, dgp, softplus):
     return kept(A, ("scan_cpu tables", dg, dgp, softplus), make)
 
 
+def _flat_kept(t: torch.Tensor):
+    """_flat of a tensor the kernels take on every call unchanged (the values svp.ops.kept keeps:
+    W^T, the tables of A), made once and kept on the tensor: a numpy view takes ~0.7 us, and
+    _fwd passes five such tensors."""
+    a = getattr(t, "_svp_flat", None)
+    if a is None:
+        a = t._svp_flat = _flat(t)
+    return a
+
+
+def _np_kept(t: torch.Tensor):
+    """t.numpy() (float32), made once and kept on the tensor, as _flat_kept."""
+    a = getattr(t, "_svp_np", None)
+    if a is None:
+        a = t._svp_np = t.numpy()
+    return a
+
+
+def _dbl_rows(x_dbl: torch.Tensor, w: torch.Tensor, A: torch.Tensor):
+    """The x_dbl form's (B, row stride, C, row stride, dt_proj's input, row stride) as _bc_rows
+    gives each column range's view, read in place from one flat view of x_dbl (b, L, R + 2N)
+    float32 with contiguous rows: one tensor call instead of a split, three transposes and three
+    _bc_rows (~7 us a direction at batch 1); None for any other layout (_dbl_views then)."""
+    if x_dbl.dtype != torch.float32 or x_dbl.dim() != 3:
+        return None
+    b, L, W = x_dbl.shape
+    sb, sl, sc = x_dbl.stride()
+    R, N = w.shape[1], A.shape[1]
+    if sc != 1 or b * L == 0 or not (b == 1 or sb == L * sl) or sl < W or W != R + 2 * N:
+        return None
+    flat = x_dbl.detach().as_strided(((b * L - 1) * sl + W,), (1,))
+    return flat[R:], sl, flat[R + N:], sl, flat, sl
+
+
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None, out_dtype=torch.float32,
-         z_bf16=False, dt_w=None):
+         z_bf16=False, dt_w=None, rows=None, keep=True):
     """One direction's forward. Returns (out, last, state): out the padded (b, L, dp) output
-    (``acc``'s buffer, added to, when given: see _put), state what _bwd needs. With ``z_bf16``
-    a bfloat16 z is read as it is (else cast to float32 first), and with ``out_dtype`` bfloat16
-    the output (the sum with ``acc``, when given, float32) is written in bfloat16: the bits of
-    casting the float32 output. With ``dt_w`` (d, R), ``delta`` is dt_proj's input (b, R, L) and
-    the time steps are ``dt_w @ delta``, formed in the kernels (see BiScanCPU). All three for
-    BiScanCPU only."""
+    (``acc``'s buffer, added to, when given: see _put), state what _bwd needs (None without
+    ``keep``). With ``z_bf16`` a bfloat16 z is read as it is (else cast to float32 first), and with
+    ``out_dtype`` bfloat16 the output (the sum with ``acc``, when given, float32) is written in
+    bfloat16: the bits of casting the float32 output. With ``dt_w`` (d, R), ``delta`` is dt_proj's
+    input (b, R, L) and the time steps are ``dt_w @ delta``, formed in the kernels (see
+    BiScanCPU); with ``rows`` (_dbl_rows) too, ``delta`` is the whole x_dbl (B and C None) and
+    ``rows`` its column ranges as the kernels read them. All four for BiScanCPU only."""
     b, d, L = u.shape
     N = A.shape[1]
-    gB, gC, G = scan_groups(B, C, d)
-    (Bm, bs), (Cm, cs) = _bc_rows(B, G), _bc_rows(C, G)
+    if rows is None:
+        gB, gC, G = scan_groups(B, C, d)
+        (Bm, bs), (Cm, cs) = _bc_rows(B, G), _bc_rows(C, G)
+    else:
+        gB = gC = G = 1
+        Bm, bs, Cm, cs, Lm, ls = rows
     dg = d // G
     dgp = -(-dg // BW) * BW
     dp = G * dgp
@@ -1968,7 +2019,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
         # W^T kept on a frozen dt_proj weight (svp.ops.kept): transposing it took ~47 µs a call at
         # Vim-Small's (768, 24), 2% of a batch-1 forward's py-spy samples; the node 0.95x its time at
         # batch 1 (docs/benchmarks.md, thirty-eighth round)
-        Lm, ls = _bc_rows(delta, 1)
+        if rows is None:
+            Lm, ls = _bc_rows(delta, 1)
         Wt = kept(dt_w, ("scan_cpu dt_w^T", G, dg, dgp),
                   lambda: pad(dt_w.detach().to(torch.float32).t()).contiguous())
         dl3 = u3   # (a placeholder the kernels do not read)
@@ -1986,13 +2038,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, chunk, acc=None
     hs = torch.empty(b, nchunk, N, dp, dtype=torch.float32)
     hlast = torch.empty(b, N, dp, dtype=torch.float32)
     f = _flat
-    run_tasks(_scan_fwd, _fwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, Wt.numpy(), f(z3), f(Bm), f(Cm), f(A2t),
-              f(Dv), f(bias), has_z, bool(softplus), bool(reverse), K, acc is not None, f(o32), f(o32), f(o16), f(hs),
-              f(hlast), fast, f(dtmax), b, L, dp, G, N, bs, cs, _streamable(hs))
+    fo32 = f(o32)
+    run_tasks(_scan_fwd, _fwd_task, types.uint64, f(u3), f(dl3), f(Lm), ls, _np_kept(Wt), f(z3), f(Bm), f(Cm),
+              _flat_kept(A2t), f(Dv), f(bias), has_z, bool(softplus),
+              bool(reverse), K, acc is not None, fo32, fo32, f(o16), f(hs), f(hlast), fast, _flat_kept(dtmax), b, L,
+              dp, G, N, bs, cs, _streamable(hs))
+    if not keep:
+        return out, None, None
+    Bd, Cd = (B, C) if rows is None else (delta, delta)
     state = ((u3, dl3, z3, Bm, Cm, At, A2t, Dv, bias, hs, dtmax, Lm, Wt),
              (has_z, bool(softplus), bool(reverse), K, (gB, gC), D is not None, delta_bias is not None,
-              (B.dim() == 4, C.dim() == 4), (dg, dgp), fast, (G, N, bs, cs), ls),
-             tuple(None if x is None else x.dtype for x in (u, delta, A, B, C, D, z, delta_bias, dt_w)))
+              (Bd.dim() == 4, Cd.dim() == 4), (dg, dgp), fast, (G, N, bs, cs), ls),
+             tuple(None if x is None else x.dtype for x in (u, delta, A, Bd, Cd, D, z, delta_bias, dt_w)))
     return out, _unpadc(hlast, G, dg, dgp).transpose(1, 2), state
 
 
@@ -2175,14 +2232,10 @@ class BiScanCPU(torch.autograd.Function):
     @_dynamic_tasks_in
     def forward(ctx, z, u, delta, A, B, C, D, bias, w, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, w_b):
         ctx.dbl = B is None
-        if ctx.dbl:
-            (delta, B, C), (delta_b, B_b, C_b) = _dbl_views(delta, w, A), _dbl_views(delta_b, w_b, A_b)
-        out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True, dt_w=w)
-        out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype,
-                          z_bf16=True, dt_w=w_b)
+        y, sf, sb = _bi_fwd(z, (u, delta, A, B, C, D, bias, w), (u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, w_b))
         ctx.save_for_backward(*sf[0], *sb[0])
         ctx.cfg, ctx.dtypes, ctx.n = (sf[1], sb[1]), (sf[2], sb[2]), len(sf[0])
-        return _unpadc(out, *_layout(sf[0], sf[1])).transpose(1, 2)
+        return y
 
     @staticmethod
     def backward(ctx, dout):
@@ -2200,6 +2253,38 @@ class BiScanCPU(torch.autograd.Function):
         acc = _padc(gf[6].transpose(1, 2), *_layout(sf, ctx.cfg[0])).contiguous() if need_z else None
         gb = _bwd(sb, ctx.cfg[1], ctx.dtypes[1], (*nb[:6], need_z, *nb[6:]), g3, None, acc=acc, dbl=dbl_b)
         return (gb[6], *gf[:6], *gf[7:], *gb[:6], *gb[7:])
+
+
+def _bi_fwd(z, fwd, bwd, keep=True):
+    """BiScanCPU's forward: (y (b, d, L), the forward direction's _fwd state, the backward's;
+    None without ``keep``). fwd, bwd: (u, delta, A, B, C, D, delta_bias, dt_w), B and C None in
+    the x_dbl form."""
+    (u, delta, A, B, C, D, bias, w), (u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, w_b) = fwd, bwd
+    rows = rows_b = None
+    if B is None:
+        rows, rows_b = _dbl_rows(delta, w, A), _dbl_rows(delta_b, w_b, A_b)
+        if rows is None or rows_b is None:
+            rows = rows_b = None
+            (delta, B, C), (delta_b, B_b, C_b) = _dbl_views(delta, w, A), _dbl_views(delta_b, w_b, A_b)
+    out, _, sf = _fwd(u, delta, A, B, C, D, z, bias, True, False, CHUNK, z_bf16=True, dt_w=w, rows=rows, keep=keep)
+    out, _, sb = _fwd(u_b, delta_b, A_b, B_b, C_b, D_b, z, bias_b, True, True, CHUNK, acc=out, out_dtype=z.dtype,
+                      z_bf16=True, dt_w=w_b, rows=rows_b, keep=keep)
+    d = u.shape[1]
+    if out.shape[-1] != d:   # channels padded to whole blocks (_padc)
+        G = 1 if rows is not None else scan_groups(B, C, d)[2]
+        out = _unpadc(out, G, d // G, out.shape[-1] // G)
+    return out.transpose(1, 2), sf, sb
+
+
+def bidirectional_scan(z, fwd, bwd):
+    """bidirectional_scan_cpu on arguments already checked, both 8-tuples (the Vim mixer forms
+    them, svp.models.vim.BiMambaMixer._both_directions_fused): an autograd node where a
+    gradient is recorded, else the forward alone (the checks of 17 tensors and the node took
+    ~20 us a layer at batch 1)."""
+    if torch.is_grad_enabled():
+        return BiScanCPU.apply(z, *fwd, *bwd)
+    with _dynamic_tasks():
+        return _bi_fwd(z, fwd, bwd, keep=False)[0]
 
 
 def _dbl_views(x_dbl, w, A):
@@ -2233,14 +2318,14 @@ def bidirectional_scan_cpu(z, fwd, bwd):
                 raise ValueError(f"bidirectional_scan_cpu: {name}'s x_dbl form (B and C None) needs a dt_w (d, R) "
                                  f"and an x_dbl (b, L, R + 2N) for u {tuple(u.shape)} and A {tuple(A.shape)}; got "
                                  f"x_dbl {tuple(x_dbl.shape)}, dt_w {None if w is None else tuple(w.shape)}")
-        return BiScanCPU.apply(z, *fwd, *bwd)
+        return bidirectional_scan(z, fwd, bwd)
     if len(forms) > 1:
         raise ValueError("bidirectional_scan_cpu: fwd and bwd must both pass B and C, or both the x_dbl form")
     for name, (u, delta, *_, w) in (("fwd", fwd), ("bwd", bwd)):
         if w is not None and (w.dim() != 2 or delta.dim() != 3 or tuple(w.shape) != (u.shape[1], delta.shape[1])):
             raise ValueError(f"bidirectional_scan_cpu: {name}'s dt_w {tuple(w.shape)} must be (d, R) for u "
                              f"{tuple(u.shape)} and a (b, R, L) delta, got delta {tuple(delta.shape)}")
-    return BiScanCPU.apply(z, *fwd, *bwd)
+    return bidirectional_scan(z, fwd, bwd)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -144,10 +144,12 @@ class SVP(PeftMethod):
                 # the prompters' products inside the fused node too (in bfloat16 under
                 # autocast), which takes the biases into the kernel and forms the stream's
                 # gradient once (SVPPromptsCPU)
-                from ..ops.prompt_cpu import svp_prompts_cpu
-                c = None if cross is None else (lin.weight, lin.bias, cross[1])
-                i = None if inner is None else (down.weight, down.bias, up.weight, up.bias, inner[1])
-                return svp_prompts_cpu(hidden, cls_pos, c, i, dtype=torch.bfloat16 if amp else torch.float32)
+                # (svp_prompts_cpu's step without its checks: the ones above cover them)
+                wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
+                w0, b0, w1, b1, beta = ((None,) * 5 if inner is None
+                                        else (down.weight, down.bias, up.weight, up.bias, inner[1]))
+                return _prompt_cpu().svp_prompts(hidden, int(cls_pos), torch.bfloat16 if amp else torch.float32,
+                                                 wc, bc, alpha, w0, b0, w1, b1, beta)
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
@@ -243,6 +245,18 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
                 or s.dtype != torch.float32 or s.device.type != "cpu"):
             return False
     return get_backend(hidden.device) == "cpu"
+
+
+_PROMPT_CPU = []
+
+
+def _prompt_cpu():
+    """svp.ops.prompt_cpu, imported at its first use (numba is optional) and kept: an import
+    statement in the per-layer path took ~1.5 us a call."""
+    if not _PROMPT_CPU:
+        from ..ops import prompt_cpu
+        _PROMPT_CPU.append(prompt_cpu)
+    return _PROMPT_CPU[0]
 
 
 def _linears(cross, inner):
