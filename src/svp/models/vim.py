@@ -91,6 +91,8 @@ class _CPUOps:
     per-layer path took ~1.5 us a call, several a layer."""
 
     def __getattr__(self, name):   # (only until the module is an attribute)
+        if name not in ("conv_cpu", "norm_cpu", "scan_cpu"):
+            raise AttributeError(name)
         import importlib
         mod = importlib.import_module(f"..ops.{name}", __package__)
         setattr(self, name, mod)
