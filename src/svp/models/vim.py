@@ -80,9 +80,9 @@ def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
     of ``dtypes``) on the CPU, and the scan itself on the fused 'cpu' backend (forcing another
     backend, e.g. 'reference', then runs the whole model in plain PyTorch)."""
     for t in ts:
-        if t is not None and (t.device.type != "cpu" or t.dtype not in dtypes):
+        if t is not None and (not t.is_cpu or t.dtype not in dtypes):
             return False
-    return get_backend(ts[0].device) == "cpu"
+    return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
 
 
 class _CPUOps:
@@ -208,7 +208,7 @@ def _low_rank(lin, x):
         return None
     w = plist.original
     a, b, scale = plist[0].factors()
-    if w.requires_grad or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, w, a, b)):
+    if w.requires_grad or not all(t.is_cpu and t.dtype == torch.float32 for t in (x, w, a, b)):
         return None
     return w, a, b, scale
 
@@ -412,7 +412,7 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden):
         ip = self.in_proj
-        amp = hidden.device.type == "cpu" and cpu_autocast()
+        amp = hidden.is_cpu and cpu_autocast()
         if ip._forward_hooks or ip._forward_pre_hooks:
             x, z = ip(hidden).chunk(2, dim=-1)
         else:
@@ -475,7 +475,7 @@ class BiMambaMixer(nn.Module):
         w = _autocast_weight(ip.weight) if amp else ip.weight
         # under CPU autocast, the input cast once, not by each product (and once backward)
         h = hidden.to(cpu_autocast_dtype()) if amp else hidden
-        if ip.bias is None and h.device.type == "cpu" and h.dtype == w.dtype:
+        if ip.bias is None and h.is_cpu and h.dtype == w.dtype:
             return _InProj.apply(h, w, E) if torch.is_grad_enabled() else _InProj.products(h, w, E)
         wx, wz = w.split(E)
         bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)

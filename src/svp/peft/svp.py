@@ -233,7 +233,7 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
     everything in plain PyTorch), and prompters whose forward is the one defined here, without
     hooks on them (hooks on their Linear layers still run). Under CPU autocast the products
     still run in bfloat16; the SiLUs, scales and adds then run in float32, not bfloat16."""
-    if hidden.dim() != 3 or hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+    if hidden.dim() != 3 or not hidden.is_cpu or hidden.dtype != torch.float32:
         return False
     if not 0 <= cls_pos < hidden.shape[1]:
         return False
@@ -242,9 +242,9 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
             continue
         m, s = part
         if (type(m).forward is not cls.forward or m._forward_hooks or m._forward_pre_hooks
-                or s.dtype != torch.float32 or s.device.type != "cpu"):
+                or s.dtype != torch.float32 or not s.is_cpu):
             return False
-    return get_backend(hidden.device) == "cpu"
+    return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
 
 
 _PROMPT_CPU = []
@@ -274,7 +274,7 @@ def _plain_linears(*lins) -> bool:
         if lin is None:
             continue
         if (type(lin).forward is not nn.Linear.forward or lin._forward_hooks or lin._forward_pre_hooks
-                or lin.weight.dtype != torch.float32 or lin.weight.device.type != "cpu"
+                or lin.weight.dtype != torch.float32 or not lin.weight.is_cpu
                 or (lin.bias is not None and lin.bias.dtype != torch.float32)):
             return False
     return True
