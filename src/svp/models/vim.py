@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
-from ..ops import RMSNorm, causal_conv1d_bld, get_backend, selective_scan
+from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan
 from ..ops.kept import kept_unless_trained
 from ..ops.low_rank import low_rank_products
 from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
@@ -85,26 +85,9 @@ def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
     return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
 
 
-class _CPUOps:
-    """svp.ops' numba modules (conv_cpu, norm_cpu, scan_cpu), imported at their first use (numba
-    is optional, like the 'cpu' scan backend) and kept as attributes: an import statement in the
-    per-layer path took ~1.5 us a call, several a layer."""
-
-    def __getattr__(self, name):   # (only until the module is an attribute)
-        if name not in ("conv_cpu", "norm_cpu", "scan_cpu"):
-            raise AttributeError(name)
-        import importlib
-        mod = importlib.import_module(f"..ops.{name}", __package__)
-        setattr(self, name, mod)
-        return mod
-
-
-_cpu_ops = _CPUOps()
-
-
 def _add_rms_norm(hidden, residual, norm):
     """The fused kernel (its arguments checked by _fused_norm)."""
-    return _cpu_ops.norm_cpu.add_rms_norm(hidden, residual, norm.weight, norm.eps)
+    return cpu_kernels.norm_cpu.add_rms_norm(hidden, residual, norm.weight, norm.eps)
 
 
 def _conv(x, weight, bias, reverse):
@@ -376,7 +359,7 @@ class BiMambaMixer(nn.Module):
         gradient to the first's: three passes over (b, l, E) fewer, the same bits."""
         cp_f = cp_b = None
         if self._convs_fuse(x):
-            xf, dbl_f, xb, dbl_b = _cpu_ops.conv_cpu.bi_conv_proj(   # (_convs_fuse checked its arguments)
+            xf, dbl_f, xb, dbl_b = cpu_kernels.conv_cpu.bi_conv_proj(   # (_convs_fuse checked its arguments)
                 x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
                 (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
             cp_f, cp_b = (xf, dbl_f), (xb, dbl_b)
@@ -393,7 +376,7 @@ class BiMambaMixer(nn.Module):
             if len(sf) == 7:
                 sf, sb = sf + (None,), sb + (None,)
             # (checked here: every tensor float32 on the CPU, _fused_bi_scan and the modules' shapes)
-            return _cpu_ops.scan_cpu.bidirectional_scan(zt, sf, sb).transpose(1, 2)
+            return cpu_kernels.scan_cpu.bidirectional_scan(zt, sf, sb).transpose(1, 2)
         # a hook changed a dtype: two scans (float32, with a bfloat16 z cast for them), the time
         # steps formed as without low_rank
         sf, sb = self._unfold_dbl(sf), self._unfold_dbl(sb)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..models.loading import mismatch_lines
-from ..ops import get_backend
+from ..ops import cpu_kernels, get_backend
 from .base import PeftConfig, PeftMethod
 from .registry import register_method
 
@@ -148,8 +148,9 @@ class SVP(PeftMethod):
                 wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
                 w0, b0, w1, b1, beta = ((None,) * 5 if inner is None
                                         else (down.weight, down.bias, up.weight, up.bias, inner[1]))
-                return _prompt_cpu().svp_prompts(hidden, int(cls_pos), torch.bfloat16 if amp else torch.float32,
-                                                 wc, bc, alpha, w0, b0, w1, b1, beta)
+                dtype = torch.bfloat16 if amp else torch.float32
+                return cpu_kernels.prompt_cpu.svp_prompts(hidden, int(cls_pos), dtype, wc, bc, alpha, w0, b0, w1, b1,
+                                                          beta)
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
@@ -245,18 +246,6 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
                 or s.dtype != torch.float32 or not s.is_cpu):
             return False
     return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
-
-
-_PROMPT_CPU = []
-
-
-def _prompt_cpu():
-    """svp.ops.prompt_cpu, imported at its first use (numba is optional) and kept: an import
-    statement in the per-layer path took ~1.5 us a call."""
-    if not _PROMPT_CPU:
-        from ..ops import prompt_cpu
-        _PROMPT_CPU.append(prompt_cpu)
-    return _PROMPT_CPU[0]
 
 
 def _linears(cross, inner):
