@@ -372,7 +372,8 @@ class SVPPromptsCPU(torch.autograd.Function):
 def svp_prompts(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
     """svp_prompts_cpu's step on arguments already checked (SVP's model path checks them
     as it picks this path, svp.peft.svp._fused_prompts): an autograd node where a gradient is
-    recorded, else the forward alone (its checks and the node cost ~20 us a layer at batch 1)."""
+    recorded, else the forward alone (its checks took 6.6 us and a node ~2 us, timed in a loop; more
+    in a forward)."""
     if torch.is_grad_enabled():
         return SVPPromptsCPU.apply(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
     return _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta)[0]
