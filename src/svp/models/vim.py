@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan
-from ..ops.kept import kept_unless_trained
+from ..ops.kept import constant_zeros, kept_unless_trained
 from ..ops.low_rank import low_rank_products
 from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
@@ -484,7 +484,7 @@ class BiMambaMixer(nn.Module):
                 if onednn_takes(y2, op.weight.t()):   # (svp.ops.matmul_cpu; the halving exact too)
                     out = mm(y2, op.weight.t()).mul_(0.5)
                 else:
-                    out = torch.addmm(_zero_of(y2.dtype), y2, op.weight.t(), beta=0, alpha=0.5)
+                    out = torch.addmm(constant_zeros((), y2.dtype), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
             lr = None if op.bias is not None else _low_rank(op, y)
             if lr is not None:   # LoRA training: the update factored, its scale halved too (exact)
@@ -508,18 +508,6 @@ class BiMambaMixer(nn.Module):
         (halving and rounding to bfloat16 commute), kept on a frozen weight."""
         dtype = cpu_autocast_dtype()
         return kept_unless_trained(w, ("half", dtype), lambda t: (t * 0.5).to(dtype))
-
-
-_ZERO = {}
-
-
-def _zero_of(dtype):
-    """A 0-d zero, made once per dtype: addmm's ignored input (beta = 0) in inference's out_proj,
-    where a fresh one cost a fill, ~5 us with its code out of the caches."""
-    z = _ZERO.get(dtype)
-    if z is None:
-        z = _ZERO[dtype] = torch.zeros((), dtype=dtype)
-    return z
 
 
 class Block(nn.Module):

@@ -31,6 +31,7 @@ import torch
 
 from ..compat import no_cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
+from .kept import constant_zeros
 from .matmul_cpu import addmm_, mm
 from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, \
     _wide_vectors, guard_caches, run_tasks
@@ -255,34 +256,20 @@ class AddSiluPromptsCPU(torch.autograd.Function):
                 da2 if (use2 and need[3]) else None, ds2, None)
 
 
-_ZEROS = {}
-
-
-def _zeros(shape, dtype=torch.float32):
-    """A tensor of zeros the kernels only read (an absent bias, scale or pre-activation), made
-    once per shape and dtype: a fresh one is a fill, ~5 us at a layer's start where its code
-    is out of the caches."""
-    key = (shape, dtype)
-    t = _ZEROS.get(key)
-    if t is None:
-        t = _ZEROS[key] = torch.zeros(shape, dtype=dtype)
-    return t
-
-
 def _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
     """SVPPromptsCPU's forward: (out, the tensors its backward reads, its cfg). Without a
     gradient to record (svp_prompts_cpu under no_grad) it runs alone, not as a node."""
     use1, use2 = wc is not None, w0 is not None
     hc = _c(h)
     b, L, d = hc.shape
-    zero = _zeros((d,))
+    zero = constant_zeros((d,))
     vec = lambda t: zero if t is None else _c(t)  # noqa: E731
     low = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
     with no_cpu_autocast():   # (the dtypes are explicit here)
         H = hc.view(b * L, d)
         H = H if dtype == torch.float32 else H.to(dtype)
         wcl, w0l, w1l = low(wc), low(w0), low(w1)
-        a1 = a2 = z0 = dummy = _zeros((1, 1, d), dtype)
+        a1 = a2 = z0 = dummy = constant_zeros((1, 1, d), dtype)
         if use1:
             a1 = mm(H, wcl.t()).view(b, L, d)
         if use2:
