@@ -46,6 +46,10 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("data.val_split", "val", "split used for model selection (null: no selection, last epoch is used)"),
     ("data.test_split", "test", "split used for the reported test accuracy (null: no test)"),
     ("data.num_workers", 0, "data-loader worker processes per rank"),
+    ("data.cache_images", "auto", "keep decoded images in memory after their first read where the recipe gives "
+     "them the same pixels every epoch (vtab, plain without flips, every evaluation): auto (training and "
+     "validation splits, and test with eval.test_every_epoch, within 2 GiB or an eighth of the memory), "
+     "true (every such split), false; the tensors are the same bits either way (docs/training.md)"),
     ("data.max_train_samples", None, "use only the first N training samples (debugging / tests)"),
     ("data.max_eval_samples", None, "use only the first N val/test samples (debugging / tests)"),
     # --- optimisation
@@ -356,6 +360,9 @@ def validate(cfg: dict) -> None:
     fused = cfg["train"]["opt_fused"]
     if not (fused == "auto" or isinstance(fused, bool)):
         raise ConfigError(f"train.opt_fused={fused!r} is not one of auto, true, false")
+    kept = cfg["data"]["cache_images"]
+    if not (kept == "auto" or isinstance(kept, bool)):
+        raise ConfigError(f"data.cache_images={kept!r} is not one of auto, true, false")
     betas = cfg["train"]["opt_betas"]
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers, e.g. [0.9, 0.999]")

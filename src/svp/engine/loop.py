@@ -31,7 +31,7 @@ from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import load_run_config, load_trainable, run_session
-from .setup import build_run, check_data, param_counts, pick_device
+from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, interrupted)
 
@@ -86,6 +86,7 @@ class Trainer:
         cfg, t, dinfo = self.cfg, self.cfg["train"], self.dist
         vars(self).update(vars(build_run(cfg, self.device, dinfo)))  # data, model, optimizer, ...
         check_data(self.train_ds, self.val, self.test, self.dist)
+        fill_kept(cfg, [(self.train_ds, None), self.val, self.test])
         self.guard = DivergenceGuard(self.model, self.optimizer, self.ema,
                                      check_grads=not self.prec.scaler.is_enabled())
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,

@@ -34,13 +34,16 @@ def set_deterministic(on: bool) -> None:
 
 
 class Limited(torch.utils.data.Dataset):
-    """The first ``limit`` items of a dataset (all when ``limit`` is None)."""
+    """The first ``limit`` items of a dataset (all when ``limit`` is None); with ``cache``
+    (a :class:`svp.data.cache.PixelCache`, set by :func:`keep_pixels`) the items' images
+    after the recipe's fixed steps, kept from their first read."""
 
     def __init__(self, ds, limit):
         self.ds = ds
         self.n = len(ds) if not limit else min(len(ds), int(limit))
         self.classes = list(getattr(ds, "classes", []))
         self.num_classes = int(getattr(ds, "num_classes", len(self.classes)))
+        self.cache = None
 
     def __len__(self):
         return self.n
@@ -48,6 +51,8 @@ class Limited(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if i >= self.n:
             raise IndexError(i)
+        if self.cache is not None:
+            return self.cache.item(i, self.ds.__getitem__)
         return self.ds[i]
 
 
@@ -67,6 +72,75 @@ def build_datasets(cfg: dict):
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
     return make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+
+
+def cache_limit_bytes() -> int:
+    """``data.cache_images: auto``'s limit for one process: 2 GiB, or an eighth of the
+    machine's memory where that is less."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not POSIX (Windows)
+        ram = 16 << 30
+    return min(2 << 30, ram // 8)
+
+
+def keep_pixels(cfg: dict, splits: dict) -> dict:
+    """Decoded images kept in memory (``data.cache_images``; svp/data/cache.py).
+
+    ``splits``: name -> (Limited, transform) or None, in the order to consider them. Returns
+    the same mapping, where a split is kept as (its Limited with a PixelCache, the transform's
+    steps from ToTensor on). auto keeps the training and validation splits, and the test split
+    when it is evaluated after every epoch (``eval.test_every_epoch``; otherwise it is read
+    once or twice), while their pixels together stay within :func:`cache_limit_bytes`; true
+    keeps every split whose recipe allows it, however large; false none. A recipe with a
+    random step before ToTensor (``svp``'s training augmentation) is never kept. Nothing is
+    read here unless the fixed steps keep the aspect ratio (then one image, for the size);
+    :func:`fill_kept` reads the kept splits for data-loader workers."""
+    from ..data.cache import PixelCache, fixed_bytes, split_fixed
+
+    mode = cfg["data"]["cache_images"]
+    out = dict(splits)
+    if mode is False:
+        return out
+    read_more_than_once = {"train", "val"} | ({"test"} if cfg["eval"]["test_every_epoch"] else set())
+    budget = cache_limit_bytes() if mode == "auto" else None
+    for name, pair in splits.items():
+        if pair is None or len(pair[0]) == 0 or (mode == "auto" and name not in read_more_than_once):
+            continue
+        ds, tf = pair
+        parts = split_fixed(tf)
+        if parts is None:
+            continue
+        fixed, rest = parts
+        one = fixed_bytes(fixed)
+        if one is None:
+            first = fixed(ds.ds[0][0])
+            one = np.asarray(first).nbytes if hasattr(first, "mode") else 0
+        size = len(ds) * one
+        if budget is not None:
+            if size > budget:
+                log.info("data: %s split not kept in memory (~%d MB of decoded images, over the %d MB "
+                         "data.cache_images=auto has left; data.cache_images=true keeps it)",
+                         name, size >> 20, budget >> 20)
+                continue
+            budget -= size
+        ds.cache = PixelCache(fixed, len(ds))
+        out[name] = (ds, rest)
+        log.info("data: %s split kept in memory after its first read (%d images, ~%d MB)",
+                 name, len(ds), size >> 20)
+    return out
+
+
+def fill_kept(cfg: dict, splits) -> None:
+    """With data-loader workers, read the kept splits here, in the process that starts them:
+    each worker inherits the pixels, where a cache filled in a worker would be lost with it
+    at the epoch's end. Runs after check_data, so a bad image is reported the usual way."""
+    if int(cfg["data"]["num_workers"]) == 0:
+        return
+    for pair in splits:
+        ds = pair[0] if pair is not None else None
+        if ds is not None and ds.cache is not None:
+            ds.cache.fill(ds.ds.__getitem__)
 
 
 def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec:
@@ -214,6 +288,8 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     seed_everything(int(t["seed"]))
     r = types.SimpleNamespace()
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
+    kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
+    (r.train_ds, train_tf), r.val, r.test = kept["train"], kept["val"], kept["test"]
     r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
     r.model = model = build_train_model(cfg, r.spec).to(device)
     model.train()
