@@ -148,3 +148,13 @@ def test_transforms_that_draw_nothing_run_without_seeding_and_give_the_same_tens
     for i in range(len(ds)):
         assert torch.equal(fast[(i, 7 + i)][0], seeded[(i, 7 + i)][0])
     assert fast.seeded is False and seeds == [7, 8, 9]   # only the seeded wrapper drew its seeds
+
+
+def test_the_auto_limit_is_shared_by_the_processes_of_a_node(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    one = S.cache_limit_bytes()
+    assert 0 < one <= 2 << 30
+    monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (16 << 30) // 4096}[k])
+    assert S.cache_limit_bytes() == 2 << 30          # 16 GiB / 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert S.cache_limit_bytes() == (16 << 30) // 32  # shared by four ranks

@@ -48,7 +48,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("data.num_workers", 0, "data-loader worker processes per rank"),
     ("data.cache_images", "auto", "keep decoded images in memory after their first read where the recipe gives "
      "them the same pixels every epoch (vtab, plain without flips, every evaluation): auto (training and "
-     "validation splits, and test with eval.test_every_epoch, within 2 GiB or an eighth of the memory), "
+     "validation splits, and test with eval.test_every_epoch, within 2 GiB a process or an eighth of the "
+     "memory shared by the node's processes), "
      "true (every such split), false; the tensors are the same bits either way (docs/training.md)"),
     ("data.max_train_samples", None, "use only the first N training samples (debugging / tests)"),
     ("data.max_eval_samples", None, "use only the first N val/test samples (debugging / tests)"),

@@ -76,12 +76,14 @@ def build_datasets(cfg: dict):
 
 def cache_limit_bytes() -> int:
     """``data.cache_images: auto``'s limit for one process: 2 GiB, or an eighth of the
-    machine's memory where that is less."""
+    machine's memory shared among the processes torchrun started on it (each rank keeps
+    the images its batches read, over the epochs all of them) where that is less."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # not POSIX (Windows)
         ram = 16 << 30
-    return min(2 << 30, ram // 8)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(2 << 30, ram // (8 * local))
 
 
 def keep_pixels(cfg: dict, splits: dict) -> dict:
