@@ -233,10 +233,11 @@ class AddSiluPromptsCPU(torch.autograd.Function):
         hc = _c(h)
         d = hc.shape[-1]
         # an absent pre-activation's stand-in has the other's dtype: one kernel type per dtype
-        dummy = torch.zeros(1, 1, d, dtype=(a1 if use1 else a2).dtype)
+        dummy = constant_zeros((1, 1, d), (a1 if use1 else a2).dtype)
         x1 = _c(a1) if use1 else dummy
         x2 = _c(a2) if use2 else dummy
-        zero = hc.new_zeros(d)   # an absent scale; and the biases (the products' outputs are the pre-activations)
+        # an absent scale; and the biases (the products' outputs are the pre-activations)
+        zero = constant_zeros((d,), hc.dtype)
         v1 = _c(s1) if use1 else zero
         v2 = _c(s2) if use2 else zero
         out = _step_fwd(hc, x1, zero, v1, x2, zero, v2, use1, use2, skip)
