@@ -3,10 +3,11 @@
 A recipe whose steps before ``ToTensor`` are fixed (``Resize`` and ``CenterCrop``: the
 ``vtab`` recipe for training and evaluation, every recipe's evaluation, ``plain`` without
 flips) gives an image the same pixels every epoch, so reading and decoding its file and
-resizing it again each time is repeated work: 0.8 ms for a 32 x 32 JPEG and 3.0 ms for a
-400 x 300 one at 224 px, where a Vim-Tiny SVP training step at batch 8 takes ~0.58 s on two
-cores (docs/benchmarks.md, "Forty-fifth round"); on a GPU, where the step is much shorter,
-the loader is often what the step waits for.
+resizing it again each time is repeated work: with ToTensor and Normalize 0.9 ms for a
+32 x 32 JPEG and 2.5-2.8 ms for a 400 x 300 one at 224 px (``benchmarks/loader.py``), eight of
+which a Vim-Tiny SVP training step at batch 8 waited for, in a ~0.58 s step on two cores
+(docs/benchmarks.md, "Forty-fifth round"); on a GPU, where the step is much shorter, the loader
+is often what the step waits for.
 
 :class:`PixelCache` keeps the fixed steps' output as uint8 pixels (150 KB an image at
 224 px) after an image's first read and gives the rest of the recipe (``ToTensor``,
@@ -53,15 +54,13 @@ def split_fixed(transform) -> Optional[Tuple[T.Compose, T.Compose]]:
 
 def fixed_bytes(fixed: T.Compose) -> Optional[int]:
     """Bytes of one RGB image out of ``fixed`` where its last step sets both sides
-    (``CenterCrop``, or ``Resize`` to a pair), else None (it keeps the aspect ratio)."""
-    size = getattr(fixed.transforms[-1], "size", None)
-    if isinstance(size, int):
-        size = (size,) * 2 if type(fixed.transforms[-1]) is T.CenterCrop else None
-    if isinstance(size, (tuple, list)) and len(size) == 1:
-        size = (size[0],) * 2 if type(fixed.transforms[-1]) is T.CenterCrop else None
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[0]) * int(size[1]) * 3
-    return None
+    (``CenterCrop``, or ``Resize`` to a pair), else None (a ``Resize`` to one side keeps the
+    aspect ratio)."""
+    last = fixed.transforms[-1]
+    size = [last.size] if isinstance(last.size, int) else list(last.size)
+    if len(size) == 1 and type(last) is T.CenterCrop:
+        size = size * 2
+    return int(size[0]) * int(size[1]) * 3 if len(size) == 2 else None
 
 
 class PixelCache:
