@@ -387,3 +387,43 @@ def test_table_title_says_when_there_was_no_validation_split():
     assert "no validation split" in md and "selected on the validation split" not in md
     rows[0]["selection"] = "epoch with the best validation top1 on split 'val'"
     assert "selected on the validation split" in markdown_table("mini", rows, [("digits", "mini")], ["svp"], [0])
+
+
+# ---------------------------------------------------------------- evaluation on the CPU
+def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypatch):
+    import importlib
+
+    from svp.engine.distributed import DistInfo
+    E = importlib.import_module("svp.engine.evaluate")   # svp.engine.evaluate is also the function
+
+    class Rows(torch.nn.Module):   # each row's logits from that row alone, exactly
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.shape[0])
+            return x[:, :5] * 2.0
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 70
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return torch.randn(5, generator=g), i % 5
+
+    model = Rows()
+    x = torch.randn(70, 5)
+    assert torch.equal(E.forward_in_chunks(model, x), x * 2.0)
+    assert model.seen == [24, 23, 23]           # ceil(70 / 32) chunks, no small remainder
+    model.seen.clear()
+    assert torch.equal(E.forward_in_chunks(model, x[:32]), x[:32] * 2.0) and model.seen == [32]
+    # evaluate: the loader's batch (70) reaches the model in chunks; the metrics do not change
+    model.seen.clear()
+    chunked = E.evaluate(model, DS(), None, 70, "cpu", DistInfo())
+    assert model.seen == [24, 23, 23]
+    monkeypatch.setattr(E, "CPU_CHUNK", 1000)
+    model.seen.clear()
+    whole = E.evaluate(model, DS(), None, 70, "cpu", DistInfo())
+    assert model.seen == [70] and chunked == whole and whole["n"] == 70

@@ -288,6 +288,7 @@ def cmd_predict(args) -> int:
 
     import svp.data as data
 
+    from .evaluate import forward_in_chunks
 
     if args.topk < 1:
         raise C.ConfigError(f"--topk must be >= 1, got {args.topk}")
@@ -303,7 +304,7 @@ def cmd_predict(args) -> int:
         for i in range(0, len(args.images), args.batch_size):
             xs = [_open_image(path, tf) for path in args.images[i:i + args.batch_size]]
             with autocast():
-                logits = model(torch.stack(xs).to(dev))
+                logits = forward_in_chunks(model, torch.stack(xs).to(dev))
             probs.append(logits.float().softmax(dim=1).cpu())
     probs = torch.cat(probs)
     k = min(args.topk, probs.shape[1])

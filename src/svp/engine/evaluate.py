@@ -10,6 +10,22 @@ import torch.nn.functional as F
 
 from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, comm_device
 
+# On the CPU a forward over many images at once is slower per image than over a few dozen: at
+# batch 144 (train.eval_batch_size's default, the official GPU value) Vim-Small took 1.4-1.6x the
+# time per image of batches of 16-64 and Vim-Tiny 1.16x on 2 vCPUs, every op slower as its
+# tensors outgrew the caches (docs/benchmarks.md, "Forty-fifth round"). So on the CPU the model
+# runs over near-equal chunks of at most this many images; the loader's batch is unchanged.
+CPU_CHUNK = 32
+
+
+def forward_in_chunks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, on the CPU over near-equal chunks of at most CPU_CHUNK images (near-equal:
+    no chunk of one or two images, whose products take another path)."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n <= CPU_CHUNK:
+        return model(x)
+    return torch.cat([model(c) for c in x.tensor_split(-(-n // CPU_CHUNK))])
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist_info: DistInfo,
@@ -28,7 +44,7 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
     for x, y in loader:
         x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
         with (autocast() if autocast else contextlib.nullcontext()):
-            logits = model(x)
+            logits = forward_in_chunks(model, x)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         acc += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double(),
