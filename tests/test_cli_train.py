@@ -257,8 +257,10 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    """Same global batch (1 x 8 vs 2 x 4). Mixup and drop path off: with them on, each rank
-    draws its own mixing/drop masks, which is correct but not comparable sample by sample.
+    """Same global batch (1 x 8 vs 2 x 4, the two ranks each accumulating over chunks of 2:
+    train.micro_batch, DDP averaging the gradients once per step). Mixup and drop path off: with
+    them on, each rank draws its own mixing/drop masks, which is correct but not comparable
+    sample by sample.
     Tolerance: train/val loss 1e-4 relative, adapter weights 1e-4 absolute (Adam magnifies rounding
     differences of near-zero gradients; seen: 1.2e-5); accuracies may differ by
     at most one sample (an untrained tiny model has near-tied logits, so float rounding can flip one
@@ -269,7 +271,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                              "lr": 0.02})
     assert svp_main(["train", "-c", cfg, "--name", "one"]) == 0
     # no --name: rank 0 draws the default name and the other rank uses it (broadcast)
-    rc, logs, out_dir = _torchrun_two(tmp_path, ["-m", "svp", "train", "-c", cfg, "train.batch_size=4"], "run.output")
+    rc, logs, out_dir = _torchrun_two(tmp_path, ["-m", "svp", "train", "-c", cfg, "train.batch_size=4",
+                                                 "train.micro_batch=2"], "run.output")
     assert rc == 0, logs
     two = os.listdir(out_dir)
     assert len(two) == 1 and two[0].startswith("digits-svp-s0-"), two
@@ -288,6 +291,36 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(a2["last"][k], a1["last"][k], atol=1e-4, rtol=0)
     # only rank 0 wrote: one line per epoch
     assert len((tmp_path / "runs" / "two" / "metrics.jsonl").read_text().strip().splitlines()) == 2
+
+
+def test_micro_batches_accumulate_the_whole_batchs_update(tmp_path, monkeypatch):
+    """train.micro_batch: forward and backward over chunks, one optimizer step: the same run up to
+    rounding (drop path and mixup off, as they draw per forward)."""
+    import svp.engine.loop as L
+    cfg = tiny_config(tmp_path, model={"drop_path_rate": 0.0}, data={"max_train_samples": 16, "recipe": "plain"},
+                      train={"epochs": 2, "batch_size": 8, "mixup": 0.0, "cutmix": 0.0, "lr": 0.02})
+    seen = []
+    real = L.Trainer._accumulate
+
+    def spy(self, x, y, chunks):
+        seen.append((x.shape[0], chunks))
+        return real(self, x, y, chunks)
+
+    monkeypatch.setattr(L.Trainer, "_accumulate", spy)
+    assert svp_main(["train", "-c", cfg, "--name", "whole"]) == 0
+    assert seen == []
+    assert svp_main(["train", "-c", cfg, "--name", "micro", "train.micro_batch=3"]) == 0
+    assert seen == [(8, 3)] * 4          # 2 epochs x 2 steps, each batch of 8 in chunks of 3, 3, 2
+    (r1, m1, a1), (r2, m2, a2) = (_read_run(str(tmp_path / "runs" / n)) for n in ("whole", "micro"))
+    for x, y in zip(m1, m2):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-5)
+    for k in a1["last"]:
+        torch.testing.assert_close(a2["last"][k], a1["last"][k], atol=1e-5, rtol=0)
+    saved = yaml.safe_load((tmp_path / "runs" / "micro" / "config.yaml").read_text())
+    assert saved["train"]["micro_batch"] == 3
+    with pytest.raises(C.ConfigError, match="train.micro_batch=0: expected null or a positive integer"):
+        C.resolve(overrides=("train.micro_batch=0",))
 
 
 # ---------------------------------------------------------------- eval / predict

@@ -13,6 +13,7 @@ run bit-identical to an uninterrupted one on CPU, wherever it was stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -47,6 +48,11 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     cfg = C.resolve(base=config or {}, overrides=overrides or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
     return Trainer(cfg).run()
+
+
+def _chunks(n: int, micro) -> int:
+    """How many near-equal chunks a batch of ``n`` runs in (train.micro_batch; 1: all at once)."""
+    return 1 if micro is None or n <= int(micro) else -(-n // int(micro))
 
 
 class Trainer:
@@ -142,9 +148,13 @@ class Trainer:
             torch.manual_seed(s)
             x, y = x.to(dev, non_blocking=cuda), y.to(dev, non_blocking=cuda)
             x_in, y_in = self.mixup(x, y) if self.mixup is not None else (x, y)
-            with self.prec.autocast():
-                out = self.ddp_model(x_in)
-            loss = self.hooks.on_loss(step_no, self.criterion(out.float(), y_in))
+            chunks = _chunks(x_in.shape[0], t["micro_batch"])
+            if chunks == 1:
+                with self.prec.autocast():
+                    out = self.ddp_model(x_in)
+                loss = self.hooks.on_loss(step_no, self.criterion(out.float(), y_in))
+            else:   # train.micro_batch: the backward runs here, chunk by chunk
+                loss = self.hooks.on_loss(step_no, self._accumulate(x_in, y_in, chunks))
             if cuda and not dinfo.enabled:
                 loss_val, flag = None, 0.0
                 dev_loss += loss.detach().double()
@@ -155,7 +165,7 @@ class Trainer:
                                   1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)
             if red[1] > 0:
                 stop_nonfinite(self, st, step_no, f"non-finite loss ({loss_val})", x_in, y)
-            self._step(loss, st, step_no, loss_val, x_in, y)
+            self._step(loss, st, step_no, loss_val, x_in, y, accumulated=chunks > 1)
             if self.ema is not None:
                 self.ema.update(self.model, step=st["global_step"])
             st["global_step"] += 1
@@ -205,12 +215,34 @@ class Trainer:
         st["epoch_loss_sum"] += total
         return st["epoch_loss_sum"] / max(st["epoch_steps"], 1)
 
-    def _step(self, loss, st, step_no, loss_val, x, y) -> None:
-        """Backward and optimizer step, guarded: a step that makes the gradients, the weights or
-        the optimizer state non-finite is undone and stops the run (engine/divergence.py)."""
-        t, scaler, guard = self.cfg["train"], self.prec.scaler, self.guard
+    def _accumulate(self, x, y, chunks: int) -> torch.Tensor:
+        """Forward and backward over ``chunks`` near-equal chunks of the batch (train.micro_batch),
+        each chunk's mean loss weighted by its share of the batch, so the accumulated gradients are
+        the whole batch's up to rounding; DDP averages them across ranks once, with the last chunk.
+        Returns the batch's mean loss (detached)."""
+        scaler, n = self.prec.scaler, x.shape[0]
         self.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        xs, ys = x.tensor_split(chunks), y.tensor_split(chunks)
+        for i, (xc, yc) in enumerate(zip(xs, ys)):
+            last = i == chunks - 1
+            sync = contextlib.nullcontext() if last or self.ddp_model is self.model else self.ddp_model.no_sync()
+            with sync:
+                with self.prec.autocast():
+                    out = self.ddp_model(xc)
+                loss = self.criterion(out.float(), yc) * (xc.shape[0] / n)
+                scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def _step(self, loss, st, step_no, loss_val, x, y, accumulated: bool = False) -> None:
+        """Backward and optimizer step, guarded: a step that makes the gradients, the weights or
+        the optimizer state non-finite is undone and stops the run (engine/divergence.py). With
+        ``accumulated`` the gradients are already there (train.micro_batch)."""
+        t, scaler, guard = self.cfg["train"], self.prec.scaler, self.guard
+        if not accumulated:
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
         if t["clip_grad"]:
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
