@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, comm_device
 
 # On the CPU a forward over many images at once is slower per image than over a few dozen: at
-# batch 144 (train.eval_batch_size's default, the official GPU value) Vim-Small took 1.4-1.6x the
-# time per image of batches of 16-64 and Vim-Tiny 1.16x on 2 vCPUs, every op slower as its
+# batch 144 (train.eval_batch_size's default, the official GPU value) Vim-Small took 1.4-1.65x the
+# time per image of batches of 16-64 and Vim-Tiny 1.07-1.18x on 2 vCPUs, every op slower as its
 # tensors outgrew the caches (docs/benchmarks.md, "Forty-fifth round"). So on the CPU the model
 # runs over near-equal chunks of at most this many images; the loader's batch is unchanged.
 CPU_CHUNK = 32
