@@ -18,13 +18,19 @@ from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, 
 CPU_CHUNK = 32
 
 
+def chunk_count(n: int, most: Optional[int]) -> int:
+    """How many near-equal chunks of at most ``most`` items ``n`` items split into (``most``
+    None: one). Near-equal: no chunk of one or two images beside larger ones, whose products
+    take another path. Evaluation's chunks here and train.micro_batch's (engine/loop.py)."""
+    return 1 if most is None or n <= int(most) else -(-n // int(most))
+
+
 def forward_in_chunks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``, on the CPU over near-equal chunks of at most CPU_CHUNK images (near-equal:
-    no chunk of one or two images, whose products take another path)."""
-    n = x.shape[0]
-    if x.device.type != "cpu" or n <= CPU_CHUNK:
+    """``model(x)``, on the CPU over near-equal chunks of at most CPU_CHUNK images."""
+    chunks = chunk_count(x.shape[0], CPU_CHUNK) if x.device.type == "cpu" else 1
+    if chunks == 1:
         return model(x)
-    return torch.cat([model(c) for c in x.tensor_split(-(-n // CPU_CHUNK))])
+    return torch.cat([model(c) for c in x.tensor_split(chunks)])
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from . import resume_overrides as RO
 from . import select
 from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
 from .divergence import DivergenceGuard, check_saved_state, stop_nonfinite
-from .evaluate import evaluate
+from .evaluate import chunk_count, evaluate
 from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
@@ -48,11 +48,6 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     cfg = C.resolve(base=config or {}, overrides=overrides or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
     return Trainer(cfg).run()
-
-
-def _chunks(n: int, micro) -> int:
-    """How many near-equal chunks a batch of ``n`` runs in (train.micro_batch; 1: all at once)."""
-    return 1 if micro is None or n <= int(micro) else -(-n // int(micro))
 
 
 class Trainer:
@@ -148,7 +143,7 @@ class Trainer:
             torch.manual_seed(s)
             x, y = x.to(dev, non_blocking=cuda), y.to(dev, non_blocking=cuda)
             x_in, y_in = self.mixup(x, y) if self.mixup is not None else (x, y)
-            chunks = _chunks(x_in.shape[0], t["micro_batch"])
+            chunks = chunk_count(x_in.shape[0], t["micro_batch"])
             if chunks == 1:
                 with self.prec.autocast():
                     out = self.ddp_model(x_in)
