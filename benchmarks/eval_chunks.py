@@ -8,7 +8,9 @@ batch in near-equal chunks of at most ``CPU_CHUNK`` images, in one process, alte
 Each model is built as the engine builds it (``get_peft_model`` with SVP, random backbone,
 100 classes) in eval mode; ``--batch`` random 224 px images. Reports images/s of the whole batch
 and of the chunked forward (best of ``--reps``, the two alternating), their ratio, and whether
-the logits are bitwise equal.
+the logits are bitwise equal. Both run with the heap held, as ``evaluate`` holds it
+(``svp.runtime.held_heap``); ``--no-held-heap``: with svp's import-time malloc thresholds alone,
+where a whole batch's activations above 32 MiB are page-faulted in afresh every forward.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import svp  # noqa: E402,F401  (before torch: svp.runtime; registers the Vim mod
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+from svp import runtime  # noqa: E402
 from svp.peft import get_peft_model, make_config  # noqa: E402
 
 E = importlib.import_module("svp.engine.evaluate")   # svp.engine.evaluate is also the function
@@ -36,10 +39,17 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=144)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    ap.add_argument("--no-held-heap", action="store_true", help="svp's import-time malloc thresholds alone")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"# batch {a.batch}, chunks of at most {E.CPU_CHUNK}, {torch.get_num_threads()} threads")
+    with runtime.held_heap(not a.no_held_heap):
+        compare(a)
+
+
+def compare(a):
+    print(f"# batch {a.batch}, chunks of at most {E.CPU_CHUNK}, {torch.get_num_threads()} threads, "
+          f"heap {'held' if runtime.heap_held() else 'not held'}")
     print("| model | whole batch (images/s) | chunked (images/s) | ratio | same bits |")
     print("|---|---|---|---|---|")
     for name in a.models:

@@ -10,7 +10,8 @@ training step (forward, loss, backward, AdamW step) on random 224 px images, and
     python benchmarks/model.py --methods svp vpt_deep --amp   # + the same step with train.amp (bfloat16)
 
 Every configuration runs in its own subprocess (peak RSS is that configuration's alone; svp
-is imported before torch there, as the CLI does, so ``svp.runtime`` applies). Reported per
+is imported before torch there, as the CLI does, so ``svp.runtime`` applies, and the steps run with
+the heap held, as the engine's: ``svp.runtime.held_heap``). Reported per
 training configuration, in the same process:
 
 * ms / step: best wall clock of --reps steps after one warm-up step; CPU ms: process CPU time
@@ -103,6 +104,15 @@ def _conv1d_flops(model, batch, tokens, conv_trained):
 
 
 def child(spec):
+    sys.path.insert(0, SRC)
+    import svp  # noqa: F401  (before torch)
+    # the heap held, as the engine's training and evaluation hold it on the CPU (svp.runtime.held_heap;
+    # benchmarks/heap.py compares the two)
+    with svp.runtime.held_heap():
+        return _child(spec)
+
+
+def _child(spec):
     import resource
 
     sys.path.insert(0, SRC)
@@ -125,7 +135,7 @@ def child(spec):
     from svp.ops import matmul_cpu
     out = {"cpu": cpu_name(), "matmul_gflops_before": rate / 1e9, "matmul_paths_before": paths_before,
            "products": matmul_cpu.status(), "load_start": os.getloadavg()[0],
-           "runtime": getattr(svp, "runtime", None) and svp.runtime.status(),
+           "runtime": getattr(svp, "runtime", None) and svp.runtime.status(), "heap_held": svp.runtime.heap_held(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     def autocast(amp):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()

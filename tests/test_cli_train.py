@@ -441,6 +441,31 @@ def test_backbone_from_an_official_style_checkpoint(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- Python API
+def test_a_cpu_run_holds_the_heap_for_its_steps_and_evaluations_and_lets_it_go_after(tmp_path):
+    """svp.runtime.held_heap around a CPU run: every step (and the evaluations inside the run)
+    see the heap held; once the run has ended, nothing is held. Where svp's malloc settings do
+    not apply in this process (the user's MALLOC_* / glibc.malloc tunables), nothing is held."""
+    from svp import runtime
+    from svp.engine.hooks import Hooks
+    from svp.engine.loop import Trainer
+
+    class Seen(Hooks):
+        def __init__(self):
+            self.held = []
+
+        def after_step(self, global_step):
+            self.held.append(runtime.heap_held())
+
+    cfg = C.resolve([tiny_config(tmp_path)], ["train.max_steps=2", "run.name=held"])
+    hooks = Seen()
+    Trainer(cfg, hooks=hooks).run()
+    applies = runtime.holds_heap()
+    if sys.platform.startswith("linux") and not any(k.startswith(("MALLOC_", "GLIBC_TUNABLES", "SVP_NO_RUNTIME"))
+                                                    for k in os.environ):
+        assert applies    # (svp's settings, glibc: CI's case)
+    assert hooks.held == [applies, applies] and not runtime.heap_held()
+
+
 def test_python_api_takes_a_partial_config(tmp_path):
     from svp.engine import train
     res = train({"model": {"name": "vim_tiny_patch16_224", "random_init": True,

@@ -18,8 +18,10 @@ def test_doctor_passes(capsys):
     assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
     # and what it did with the cyclic collector around svp's imports
     assert svp.runtime.status()["gc"] and f"{'collector':14s} {svp.runtime.status()['gc']}" in out, out
-    # malloc's thresholds as svp.runtime set them (or found them), and the heap's huge pages
-    assert f"{'malloc':14s} {svp.runtime.status()['malloc']}; {svp.runtime.huge_pages()}" in out, out
+    # malloc's thresholds as svp.runtime set them (or found them), whether CPU runs hold the heap,
+    # and the heap's huge pages
+    held = "; CPU runs hold the heap (svp.runtime.held_heap)" if svp.runtime.holds_heap() else ""
+    assert f"{'malloc':14s} {svp.runtime.status()['malloc']}{held}; {svp.runtime.huge_pages()}" in out, out
     # which CPU: speed depends on it more than on anything else
     from svp.doctor import cpu_name
     assert f"{'CPU':14s} {cpu_name()}, " in out, out

@@ -393,6 +393,7 @@ def test_table_title_says_when_there_was_no_validation_split():
 def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypatch):
     import importlib
 
+    from svp import runtime
     from svp.engine.distributed import DistInfo
     E = importlib.import_module("svp.engine.evaluate")   # svp.engine.evaluate is also the function
 
@@ -421,8 +422,12 @@ def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypat
     assert torch.equal(E.forward_in_chunks(model, x[:32]), x[:32] * 2.0) and model.seen == [32]
     # evaluate: the loader's batch (70) reaches the model in chunks; the metrics do not change
     model.seen.clear()
+    held = []
+    model.register_forward_hook(lambda *a: held.append(runtime.heap_held()))
     chunked = E.evaluate(model, DS(), None, 70, "cpu", DistInfo())
     assert model.seen == [24, 23, 23]
+    # on the CPU the evaluation holds the heap (svp.runtime.held_heap), where svp's malloc settings apply
+    assert held == [runtime.holds_heap()] * 3 and not runtime.heap_held()
     monkeypatch.setattr(E, "CPU_CHUNK", 1000)
     model.seen.clear()
     whole = E.evaluate(model, DS(), None, 70, "cpu", DistInfo())

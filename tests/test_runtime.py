@@ -115,6 +115,60 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert kept[0] == "mmap" and int(kept[-1]) < 2000, kept
 
 
+HELD = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+def rounds(n):
+    counts = []
+    for i in range(n):
+        f0 = faults()
+        size = (64 - 2 * i) << 20    # above the largest mmap threshold glibc takes (32 MiB)
+        bufs = [libc.malloc(size) for _ in range(3)]
+        for p in bufs:
+            ctypes.memset(p, 1, size)
+        for p in bufs:
+            libc.free(p)
+        counts.append(faults() - f0)
+    return sum(counts[1:])           # the rounds after the first
+outside = rounds(4)
+with rt.held_heap():
+    with rt.held_heap():
+        inner = rounds(4)
+    still = rt.heap_held()           # an inner exit keeps the outer hold
+    nested = rounds(3)
+    held = rss_mib()
+after = rss_mib()
+with rt.held_heap(active=False):
+    inactive = rounds(3)
+print(outside, inner, nested, int(still), int(rt.heap_held()), held - after, inactive)
+"""
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_held_heap_reuses_buffers_above_the_mmap_threshold_and_gives_them_back_after():
+    """Buffers of 58-64 MiB, above the largest mmap threshold glibc accepts: with svp's thresholds
+    alone each is its own mapping, returned when freed and faulted in again (~46,000 pages a
+    round); within held_heap (nested, as training holds it around its evaluations) the rounds
+    after the first reuse the heap; the outermost exit gives the free heap back to the kernel.
+    Where svp's malloc settings do not apply, held_heap holds nothing."""
+    out = [int(v) for v in _run(RUNTIME_ONLY + HELD)]
+    outside, inner, nested, still, after, returned, inactive = out
+    assert outside > 20000 and inactive > 20000, out
+    assert inner < 2000 and nested < 1000 and still == 1 and after == 0, out
+    assert returned >= 150, out                       # of the 3 x 64 MiB the heap kept
+    for env in ({"SVP_NO_RUNTIME_DEFAULTS": "1"}, {"MALLOC_MMAP_MAX_": "65536"}):
+        theirs = [int(v) for v in _run(RUNTIME_ONLY + HELD, **env)]
+        assert theirs[1] > 20000 and theirs[3] == 0, (env, theirs)
+
+
 HUGE = """
 import ctypes
 libc = ctypes.CDLL(None)

@@ -47,9 +47,11 @@ def _collector() -> str:
 
 
 def _malloc() -> str:
-    """svp.runtime's malloc thresholds (or who chose them) and the heap's huge pages."""
+    """svp.runtime's malloc thresholds (or who chose them), whether runs hold the heap, and the
+    heap's huge pages."""
     from svp import runtime
-    return f"{runtime.status()['malloc'] or 'not configured'}; {runtime.huge_pages()}"
+    held = "; CPU runs hold the heap (svp.runtime.held_heap)" if runtime.holds_heap() else ""
+    return f"{runtime.status()['malloc'] or 'not configured'}{held}; {runtime.huge_pages()}"
 
 
 def _bf16() -> str:

@@ -53,6 +53,23 @@ imported (before torch), and only where the user has not chosen them.
   Applied whenever ``svp`` is imported (malloc reads it at each call, so order does not matter).
   Other ``glibc.malloc`` tunables (``hugetlb``, ``arena_max``, ...) leave these two in place.
 
+* The heap held while svp trains, evaluates or predicts on the CPU (``held_heap``, where svp
+  set the thresholds above). 32 MiB is as high as glibc lets the mmap threshold go, so a larger
+  buffer is its own mapping, given back to the kernel when freed and page-faulted in afresh the
+  next time: at the recipes' batch of 96, Vim-Small's (b, l, E) activations are 58 MiB (from
+  batch 56 on; Vim-Base's from batch 28), and a Vim-Small SVP step faulted ~1.6 million pages
+  back in: on a 2-vCPU VM 10.5 of its ~37 CPU-seconds in the kernel, 19.5 s a step
+  (``benchmarks/heap.py``; docs/benchmarks.md, "Forty-sixth round"). While held, no buffer gets
+  a mapping of its own (``M_MMAP_MAX`` 0) and the heap is never trimmed, so from the third step
+  on a step reuses its own memory: 13.8 s, 0.4 s in the kernel (0.69-0.72x); `svp train` end to
+  end, the last of three epochs 18.8-19.7 -> 13.4-13.7 s. The costs: the first step is slower
+  (the heap grows to its size over two steps, in fresh memory: a few seconds at batch 96), and
+  the peak memory grows by the heap's free pieces between live buffers (Vim-Small batch 96
+  15.0 -> 16.8 GB). Below 32 MiB nothing changes (batch 8: the same times). When the outermost
+  run ends, svp's settings come back and the free heap goes back to the kernel (``malloc_trim``:
+  0.4 s for a 16 GB heap). Not in ``svp serve``, which runs for long and gives memory back as it
+  goes.
+
 * Huge pages for malloc's heap: opt-in, not set by svp (glibc reads ``GLIBC_TUNABLES`` once, as
   the process starts). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35 or later, the
   kernel's transparent huge pages 'madvise' or 'always') asks for 2 MiB pages for the heap svp's
@@ -88,9 +105,11 @@ import ctypes
 import gc
 import os
 import sys
+import threading
 
 _state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None, "gc": None, "dedicated": None}
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc's malloc.h
+_DEFAULT_MMAP_MAX = 65536      # glibc's default count of separate mappings
 MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit (half its heap size)
 TRIM_THRESHOLD = 256 * 2**20
 SPINCOUNT = "1000"             # libgomp's spin rounds before a thread sleeps (see above)
@@ -172,6 +191,7 @@ def _malloc_defaults() -> str:
         return "system default (not glibc)"
     if not ok:
         return f"glibc {version[0]}.{version[1]} refused mallopt; its defaults apply"
+    _heap["libc"] = libc
     hugetlb = _hugetlb_at_start(tunables)
     huge = f"; glibc.malloc.hugetlb={hugetlb} (huge pages for the heap)" if hugetlb else ""
     return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp){huge}"
@@ -267,6 +287,47 @@ def _glibc_version():
         return tuple(int(x) for x in libc.gnu_get_libc_version().decode().split(".")[:2])
     except (OSError, AttributeError, ValueError):
         return None
+
+
+_heap = {"libc": None, "depth": 0, "lock": threading.Lock()}   # libc: set where svp's thresholds apply
+
+
+def holds_heap() -> bool:
+    """Whether ``held_heap`` holds anything in this process (svp's malloc settings apply)."""
+    return _heap["libc"] is not None
+
+
+def heap_held() -> bool:
+    """Whether a ``held_heap`` is in effect now."""
+    return _heap["depth"] > 0 and holds_heap()
+
+
+@contextlib.contextmanager
+def held_heap(active: bool = True):
+    """Within it, glibc malloc keeps every freed buffer for reuse: none gets a mapping of its own
+    (``M_MMAP_MAX`` 0) and the heap is never trimmed (see the module docstring). Re-entrant and
+    process-wide: the outermost exit restores svp's thresholds and gives the free memory back
+    (``malloc_trim``). Does nothing with ``active`` False (a run on a GPU), nor where svp's malloc
+    settings do not apply (the user's own MALLOC_* / glibc.malloc tunables, SVP_NO_RUNTIME_DEFAULTS,
+    not glibc)."""
+    libc = _heap["libc"] if active else None
+    if libc is None:
+        yield
+        return
+    with _heap["lock"]:
+        if _heap["depth"] == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, -1)   # (as size_t: the largest, never trim)
+        _heap["depth"] += 1
+    try:
+        yield
+    finally:
+        with _heap["lock"]:
+            _heap["depth"] -= 1
+            if _heap["depth"] == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                libc.malloc_trim(0)
 
 
 def status() -> dict:

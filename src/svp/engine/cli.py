@@ -287,6 +287,7 @@ def cmd_predict(args) -> int:
     import torch
 
     import svp.data as data
+    from svp import runtime
 
     from .evaluate import forward_in_chunks
 
@@ -300,7 +301,7 @@ def cmd_predict(args) -> int:
     # batch by batch: a thousand images in one batch would hold a thousand images' activations
     probs = []
     autocast = _autocast(args.amp, dev)
-    with torch.no_grad():
+    with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
         for i in range(0, len(args.images), args.batch_size):
             xs = [_open_image(path, tf) for path in args.images[i:i + args.batch_size]]
             with autocast():

@@ -8,13 +8,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import runtime
 from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, comm_device
 
-# On the CPU a forward over many images at once is slower per image than over a few dozen: at
-# batch 144 (train.eval_batch_size's default, the official GPU value) Vim-Small took 1.4-1.65x the
-# time per image of batches of 16-64 and Vim-Tiny 1.07-1.18x on 2 vCPUs, every op slower as its
-# tensors outgrew the caches (docs/benchmarks.md, "Forty-fifth round"). So on the CPU the model
-# runs over near-equal chunks of at most this many images; the loader's batch is unchanged.
+# On the CPU the model runs over near-equal chunks of at most this many images (the loader's batch
+# is unchanged; the same logits, bit for bit). At batch 144 (train.eval_batch_size's default, the
+# official GPU value) a Vim-Small forward's activations are 87 MB each, above glibc's largest mmap
+# threshold, so without a held heap (svp.runtime.held_heap, which evaluate holds) every forward
+# page-faulted them in afresh: 11.4 images/s against 17.5 in chunks on 2 vCPUs. With the heap held
+# the two run alike (18.1 and 17.6; docs/benchmarks.md, "Forty-sixth round"); the chunks keep a
+# forward's memory to 32 images' worth, and the speed where the heap cannot be held (the user's
+# own malloc settings, not glibc).
 CPU_CHUNK = 32
 
 
@@ -47,15 +51,16 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
         SeededDataset(dataset, transform), batch_size=batch_size, pin_memory=cuda,
         sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers)
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
-        with (autocast() if autocast else contextlib.nullcontext()):
-            logits = forward_in_chunks(model, x)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        acc += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double(),
-                            F.cross_entropy(logits, y, reduction="sum").double(),
-                            torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+    with runtime.held_heap(device.type == "cpu"):   # (the loader's batches too: 87 MB at 144 images)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+            with (autocast() if autocast else contextlib.nullcontext()):
+                logits = forward_in_chunks(model, x)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            acc += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double(),
+                                F.cross_entropy(logits, y, reduction="sum").double(),
+                                torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
     correct1, correct5, loss_sum, n = all_reduce_sum(acc.tolist(), dist_info,
                                                      device=comm_device(device, dist_info))
     model.train(was_training)

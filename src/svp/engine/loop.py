@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import runtime
 from . import config as C
 from . import resume_overrides as RO
 from . import select
@@ -64,7 +65,10 @@ class Trainer:
         self.device = maybe_device(device_kind, self.dist)
         self.signals = Signals()
         try:
-            with run_session(self):  # the run folder: locked, logged, cleaned up (engine/rundir.py)
+            # on the CPU, buffers larger than glibc's mmap threshold reused from step to step
+            # instead of page-faulted in again each time (svp.runtime.held_heap)
+            with runtime.held_heap(self.device.type == "cpu"), run_session(self):
+                # (run_session: the run folder locked, logged, cleaned up; engine/rundir.py)
                 return self._run()
         finally:
             shutdown(self.dist)
