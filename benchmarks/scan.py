@@ -6,7 +6,10 @@ machine's memory-bandwidth and FMA-peak lower bounds (measured in the same run).
 Shapes: one direction of one Vim mixer, L=197, N=16, d_inner 384 (Vim-Tiny) and 768
 (Vim-Small), float32, inputs laid out as the model passes them ((b, d, l) views of
 (b, l, d) tensors; B, C sliced from one x_proj output), delta_softplus with delta_bias,
-D skip and SiLU(z) gate. Times are the best of --reps wall-clock runs.
+D skip and SiLU(z) gate. Times are the best of --reps wall-clock runs, with the heap held as
+svp's training holds it (``svp.runtime.held_heap``; before 2026-12-04 it was not, and from Vim-Small
+batch 56 on, where the scan's buffers pass glibc's 32 MiB mmap threshold, every call page-faulted
+them in afresh: ``--no-held-heap``).
 
 Lower bounds:
 * bandwidth: bytes the scan must move (fwd: read u, delta, z, B, C, write out; fwd+bwd
@@ -192,7 +195,16 @@ def main(argv=None):
                          "machine when --threads 1; the bandwidth/FMA measurements stay wall-clock)")
     ap.add_argument("--frozen", action="store_true",
                     help="A, D and delta_bias without gradients (a frozen backbone's backward)")
+    ap.add_argument("--no-held-heap", action="store_true",
+                    help="svp's import-time malloc thresholds alone (default: the heap held, as svp's training "
+                         "holds it: svp.runtime.held_heap)")
     a = ap.parse_args(argv)
+    from svp import runtime
+    with runtime.held_heap(not a.no_held_heap):
+        run(a)
+
+
+def run(a):
     global clock
     ops_bwd = OPS_BWD - 1 if a.frozen else OPS_BWD
     if a.cpu_time:

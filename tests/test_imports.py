@@ -178,7 +178,7 @@ ALLOWED = {
     "peft": BASE | {"ops", "models"},
     "build": BASE | {"ops", "models", "peft"},
     "data": BASE,
-    "engine": BASE | {"ops", "models", "peft", "build", "data"},
+    "engine": BASE | {"ops", "models", "peft", "build", "data", "runtime"},   # (runtime.held_heap)
     "viz": BASE | {"ops", "models", "peft", "build", "data"},
     "serve": BASE | {"ops", "models", "peft", "build", "data", "viz"},
     "pretrain": BASE | {"ops", "models", "peft", "build", "data", "engine"},
