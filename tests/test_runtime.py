@@ -67,7 +67,8 @@ def test_a_dedicated_machine_spins_longer_unless_the_user_chose():
         [True, True, False, False, False, False]
 
 
-FAULTS = """
+# malloc and free through ctypes, and the process's page faults so far
+LIBC = """
 import ctypes, resource
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -75,6 +76,8 @@ libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+"""
+FAULTS = LIBC + """
 counts = []
 for i in range(6):
     f0 = faults()
@@ -115,14 +118,7 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert kept[0] == "mmap" and int(kept[-1]) < 2000, kept
 
 
-HELD = """
-import ctypes, resource
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+HELD = LIBC + """
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
 def rounds(n):
