@@ -105,7 +105,7 @@ def _conv1d_flops(model, batch, tokens, conv_trained):
 
 def child(spec):
     sys.path.insert(0, SRC)
-    import svp  # noqa: F401  (before torch)
+    import svp  # (before torch: svp.runtime)
     # the heap held, as the engine's training and evaluation hold it on the CPU (svp.runtime.held_heap;
     # benchmarks/heap.py compares the two)
     with svp.runtime.held_heap():

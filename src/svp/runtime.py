@@ -61,7 +61,7 @@ imported (before torch), and only where the user has not chosen them.
   back in: on a 2-vCPU VM 10.5 of its ~37 CPU-seconds in the kernel, 19.5 s a step
   (``benchmarks/heap.py``; docs/benchmarks.md, "Forty-sixth round"). While held, no buffer gets
   a mapping of its own (``M_MMAP_MAX`` 0) and the heap is never trimmed, so from the third step
-  on a step reuses its own memory: 13.8 s, 0.4 s in the kernel (0.69-0.72x); `svp train` end to
+  on a step reuses its own memory: 13.8 s, 0.4 s in the kernel (0.69-0.72x); ``svp train`` end to
   end, the last of three epochs 18.8-19.7 -> 13.4-13.7 s. The costs: the first step is slower
   (the heap grows to its size over two steps, in fresh memory: a few seconds at batch 96), and
   the peak memory grows by the heap's free pieces between live buffers (Vim-Small batch 96
