@@ -17,6 +17,7 @@ of the median steps, round by round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,25 +37,16 @@ def child(spec):
     import timm
     import torch
     from svp import runtime
-    from svp.engine.config import defaults
-    from svp.engine.optim import build_optimizer
     from svp.peft import get_peft_model, make_config
 
-    from model import SETTINGS      # (this folder is on sys.path: the child runs as a script)
+    from model import SETTINGS, training_step   # (this folder is on sys.path: the child runs as a script)
     from scan import set_threads
     set_threads(spec["threads"])
     torch.manual_seed(0)
-    method, b = spec["method"], spec["batch"]
+    method = spec["method"]
     pm = get_peft_model(timm.create_model(spec["model"], num_classes=100),
-                        make_config(method, num_classes=100, **SETTINGS.get(method, {}))).train()
-    opt = build_optimizer(pm, defaults(), lr=1e-3)   # the engine's optimizer
-    x, y = torch.randn(b, 3, 224, 224), torch.randint(0, 100, (b,))
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(pm(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+                        make_config(method, num_classes=100, **SETTINGS.get(method, {})))
+    step = training_step(pm, torch.randn(spec["batch"], 3, 224, 224), lambda amp: contextlib.nullcontext())
 
     def timed():
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

@@ -112,11 +112,32 @@ def child(spec):
         return _child(spec)
 
 
+def training_step(pm, x, autocast):
+    """One training step of ``pm`` on ``x`` (random labels of 100 classes) as the engine runs it:
+    the engine's optimizer (AdamW, timm's decay grouping, train.opt_fused's default), the loss in
+    float32, backward outside autocast. Returns ``step(amp=False)``; ``autocast(amp)`` gives the
+    context the forward runs in. (benchmarks/heap.py times the same step.)"""
+    import torch
+    from svp.engine.config import defaults
+    from svp.engine.optim import build_optimizer
+    pm.train()
+    opt = build_optimizer(pm, defaults(), lr=1e-3)
+    yt = torch.randint(0, 100, (x.shape[0],))
+
+    def step(amp=False):
+        with autocast(amp):
+            logits = pm(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), yt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def _child(spec):
     import resource
 
-    sys.path.insert(0, SRC)
-    import svp  # noqa: F401  (before torch: svp.runtime; registers the Vim models)
+    import svp  # (child imported it first, before torch: svp.runtime; registers the Vim models)
     import timm
     import torch
     from svp.doctor import cpu_name
@@ -135,7 +156,7 @@ def _child(spec):
     from svp.ops import matmul_cpu
     out = {"cpu": cpu_name(), "matmul_gflops_before": rate / 1e9, "matmul_paths_before": paths_before,
            "products": matmul_cpu.status(), "load_start": os.getloadavg()[0],
-           "runtime": getattr(svp, "runtime", None) and svp.runtime.status(), "heap_held": svp.runtime.heap_held(),
+           "runtime": svp.runtime.status(), "heap_held": svp.runtime.heap_held(),
            "trainable": sum(p.numel() for p in pm.parameters() if p.requires_grad)}
     def autocast(amp):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -148,20 +169,7 @@ def _child(spec):
                 pm(x)
         train = False
     else:
-        pm.train()
-        # the engine's optimizer (AdamW, timm's decay grouping, train.opt_fused's default)
-        from svp.engine.config import defaults
-        from svp.engine.optim import build_optimizer
-        opt = build_optimizer(pm, defaults(), lr=1e-3)
-        yt = torch.randint(0, 100, (b,))
-
-        def step(amp=False):   # as the engine's loop: the loss in float32, backward outside autocast
-            with autocast(amp):
-                logits = pm(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), yt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = training_step(pm, x, autocast)
         train = True
     step()  # warm-up (numba compiles or loads its cache here)
     if spec.get("amp"):
