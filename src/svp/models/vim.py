@@ -484,7 +484,7 @@ class BiMambaMixer(nn.Module):
                 if onednn_takes(y2, op.weight.t()):   # (svp.ops.matmul_cpu; the halving exact too)
                     out = mm(y2, op.weight.t()).mul_(0.5)
                 else:
-                    out = torch.addmm(constant_zeros((), y2.dtype), y2, op.weight.t(), beta=0, alpha=0.5)
+                    out = torch.addmm(constant_zeros((), y2.dtype, y2.device), y2, op.weight.t(), beta=0, alpha=0.5)
                 return out.view(*y.shape[:-1], out.shape[-1])
             lr = None if op.bias is not None else _low_rank(op, y)
             if lr is not None:   # LoRA training: the update factored, its scale halved too (exact)

@@ -182,7 +182,10 @@ def get_backend(device=None) -> str:
         elif dev == "cuda" and _unavailable("triton") is None:
             name = "triton"
         else:
+            # pure PyTorch, always importable; loaded here since nothing above did (a fresh
+            # process on CUDA without Triton, as on Windows, or on another device)
             name = "torch"
+            _load(name)
     key = (dev, name, source)
     if key not in _logged:
         _logged.add(key)

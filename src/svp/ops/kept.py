@@ -66,12 +66,14 @@ def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tens
 _ZEROS = {}
 
 
-def constant_zeros(shape, dtype=torch.float32) -> torch.Tensor:
+def constant_zeros(shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """A tensor of zeros that its users only read (an absent bias, scale or pre-activation the
-    fused kernels take; addmm's ignored input at beta = 0), made once per shape and dtype: a fresh
-    one is a fill, ~5 us in a forward where its code is out of the caches."""
-    key = (tuple(shape), dtype)
+    fused kernels take; addmm's ignored input at beta = 0), made once per shape, dtype and device
+    (default: the CPU): a fresh one is a fill, ~5 us in a forward where its code is out of the
+    caches."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (tuple(shape), dtype, device)
     t = _ZEROS.get(key)
     if t is None:
-        t = _ZEROS[key] = torch.zeros(key[0], dtype=dtype)
+        t = _ZEROS[key] = torch.zeros(key[0], dtype=dtype, device=device)
     return t
