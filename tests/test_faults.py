@@ -632,6 +632,78 @@ def test_weights_broken_by_a_step_with_finite_loss_are_caught_and_undone(tmp_pat
         assert torch_equal(v, resume[f"s/model/{k}"]), k
 
 
+def test_finite_check_auto_skips_the_per_step_syncs_on_one_cuda_device_only():
+    from svp.engine.divergence import finite_check_mode
+    cuda, cpu = torch_device("cuda"), torch_device("cpu")
+    assert finite_check_mode("auto", cuda, False) == "interval"
+    assert finite_check_mode("auto", cuda, True) == "step"     # DDP reads each step's loss anyway
+    assert finite_check_mode("auto", cpu, False) == "step"
+    assert finite_check_mode("step", cuda, False) == "step" and finite_check_mode("interval", cpu, False) == "interval"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken_after", [3, 4])
+def test_interval_checks_put_back_the_last_checked_state_and_save_nothing_broken(tmp_path, capsys, monkeypatch,
+                                                                                 broken_after):
+    """train.finite_check=interval (auto on one CUDA device), here on the CPU: a weight goes NaN
+    after step 3 or 4, where no check runs. Either step 4's loss (NaN, read every step on the
+    CPU) or the check after step 4 (the end of epoch 2) finds it; the state of the previous
+    check (step 2, the end of epoch 1) is put back and the run stops, naming steps 3-4. The
+    per-step checks never ran; nothing non-finite is saved, no resume point is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from svp.engine.checkpoint import load_state
+    from svp.engine.divergence import DivergenceGuard
+    from svp.engine.hooks import Hooks
+
+    class Break(Hooks):
+        def after_optimizer_step(self, step_no, model):
+            if step_no == broken_after:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    _hooks(monkeypatch, Break())
+    calls = []
+    orig = DivergenceGuard.bad_gradients
+    monkeypatch.setattr(DivergenceGuard, "bad_gradients", lambda self: calls.append(1) or orig(self))
+    out = tmp_path / "runs"
+    rc = svp_main(["train", *MINI, *DIVERGE, "train.finite_check=interval", "run.log_every=10",
+                   "--output", str(out), "--name", "i"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert calls == []
+    what = ("non-finite loss (nan)" if broken_after == 3 else
+            "non-finite weights/optimizer state (base_model.head.weight)")
+    assert what in err and "at step 4 (epoch 2, batch 2/2" in err and "steps 3-4 undone" in err, err
+    run = out / "i"
+    assert load_state(str(run / "resume.safetensors"))["global_step"] == 2   # epoch 1's point, kept
+    assert not (run / "nonfinite" / "resume_before_step.safetensors").exists()
+    resume = load_file(str(run / "resume.safetensors"))
+    dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))
+    weights = {k[len("param/"):]: v for k, v in dump.items() if k.startswith("param/")}
+    assert weights and _all_finite(run / "nonfinite" / "batch_and_weights.safetensors")
+    for k, v in weights.items():   # put back: the weights as after step 2
+        assert torch_equal(v, resume[f"s/model/{k}"]), k
+    info = json.loads((run / "nonfinite" / "nonfinite.json").read_text())
+    assert info["weights_as_after_step"] == 2 and info["step"] == 4
+
+
+@pytest.mark.slow
+def test_interval_checks_train_the_same_bits_as_per_step_checks(tmp_path):
+    from safetensors.torch import load_file
+    out = tmp_path / "runs"
+    for mode in ("step", "interval"):
+        assert svp_main(["train", *MINI, *DIVERGE, f"train.finite_check={mode}", "run.log_every=3",
+                         "--output", str(out), "--name", mode]) == 0
+    a, b = (load_file(str(out / m / "final_state.safetensors")) for m in ("step", "interval"))
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_device(name):
+    import torch
+    return torch.device(name)
+
+
 @pytest.mark.slow
 def test_diverged_run_resumes_with_a_lower_lr_exactly(tmp_path, capsys):
     """Warm-up epochs at 1e-3, then a rate of 1e20: epoch 3 breaks (exit 3). Resuming with

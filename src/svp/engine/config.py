@@ -96,6 +96,11 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.seed", 0, "seed: data order and augmentation are a pure function of (seed, epoch, sample)"),
     ("train.deterministic", False, "deterministic algorithms (torch.use_deterministic_algorithms)"),
     ("train.device", "auto", "auto, cpu, cuda or cuda:N"),
+    ("train.finite_check", "auto", "when the divergence guard looks for inf/NaN in the gradients, weights and "
+                                   "optimizer state: step (around every optimizer step, undoing the step that broke "
+                                   "them; a host sync per step), interval (every run.log_every steps and before every "
+                                   "save; no host sync per step; a divergence puts back the state of the last check) "
+                                   "or auto (interval on one CUDA device, step elsewhere)"),
     ("train.ddp_find_unused", False, "DistributedDataParallel find_unused_parameters"),
     ("train.max_steps", None, "stop training after this many optimizer steps in total (debugging)"),
     # --- evaluation
@@ -316,6 +321,7 @@ _CHOICES = {
     "train.sched_step": ("epoch", "step"),
     "train.mixup_mode": ("batch", "pair", "elem"),
     "train.amp_dtype": ("bfloat16", "float16"),
+    "train.finite_check": ("auto", "step", "interval"),
     "eval.metric": ("top1", "loss"),
     "run.progress": ("auto", "bar", "lines", "none"),
     "data.recipe": ("svp", "vtab", "plain"),

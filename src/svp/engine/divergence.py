@@ -18,6 +18,13 @@ one before the step, finite, from which a run continues with a lower ``train.lr`
 copy costs the trainable weights and their optimizer state once more in memory (small
 for the PEFT methods; about three times the model for full fine-tuning with AdamW), a
 copy per step and one device sync per step.
+
+On one CUDA device that sync per step is what train.finite_check=interval (its ``auto``
+there) avoids: the loop then asks the guard about the state only every ``run.log_every``
+steps and before every save, where it reads the loss sum anyway; the copy is taken at each
+check that passes, and a check that fails puts it back and stops, naming the steps between
+the two checks (a non-finite gradient always reaches the weights or the optimizer's moments, so
+checking the state finds it too).
 """
 from __future__ import annotations
 
@@ -49,6 +56,15 @@ def nonfinite_names(named: Named, limit: int = 5) -> List[str]:
         return []
     bad = (~flags).nonzero().flatten().tolist()
     return [items[i][0] for i in bad[:limit]]
+
+
+def finite_check_mode(setting: str, device: torch.device, distributed: bool) -> str:
+    """train.finite_check resolved: "step" or "interval". ``auto`` is "interval" on one CUDA
+    device, where each per-step check is a host sync (a distributed run reads every step's
+    loss on the host anyway), and "step" elsewhere, where a check costs no sync."""
+    if setting != "auto":
+        return setting
+    return "interval" if device.type == "cuda" and not distributed else "step"
 
 
 def trainable(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -146,15 +162,24 @@ def check_saved_state(run, st) -> None:
         raise NonFiniteLoss(msg, run.folder.path, st["global_step"])
 
 
-def stop_nonfinite(run, st, step_no, what, x, y):
+def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, batch: Optional[int] = None):
     """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
     are as before the step (finite): they go to the dump with the batch. The last resume
     point is kept (the state before the step may already be spoilt by a too-high rate,
     finite but useless): the state before the step becomes the resume point only when
-    there is none yet, else it is kept in the dump."""
+    there is none yet, else it is kept in the dump. ``batch``: the step's place in its
+    epoch (default: the one after ``st['batch']``, the step not yet counted).
+
+    ``checked``: with train.finite_check=interval the loop has put back the state as after
+    step ``checked``, the last check that found it finite. That state goes to the dump with
+    the last batch; it never becomes a resume point (the run's counters, data order and
+    schedule are at ``step_no``)."""
     sched, folder = run.sched, run.folder
-    info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": st["batch"] + 1,
+    batch = st["batch"] + 1 if batch is None else batch
+    info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": batch,
             "batches_per_epoch": run.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": run.dist.rank}
+    if checked is not None:
+        info["weights_as_after_step"] = checked
     out_dir = folder.file("nonfinite")
     resume = folder.file(ck.RESUME_FILE)
     kept = os.path.isfile(resume)
@@ -162,9 +187,21 @@ def stop_nonfinite(run, st, step_no, what, x, y):
     finite = not run.guard.bad_state()
     if run.dist.is_main:
         folder.dump_nonfinite(info, x, y, run.model)
-        if finite:
+        if finite and checked is None:
             folder.save_resume(st, run.model, run.optimizer, sched, run.prec.scaler, run.ema, path=before)
     barrier(run.dist)
+    where_at = f"at step {step_no} (epoch {st['epoch'] + 1}, batch {batch}/{run.steps_per_epoch}, lr {sched.lr():.3e})"
+    if checked is not None:
+        where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
+                 f"svp train --resume {folder.path} train.lr=..." if kept else
+                 "no resume point was written (the run's counters are past those weights): start again with a "
+                 "lower train.lr")
+        msg = (f"{what} {where_at}; training stopped. train.finite_check=interval checks the state every "
+               f"run.log_every steps and last found it finite after step {checked}: that state is put back, steps "
+               f"{checked + 1}-{step_no} undone (train.finite_check=step finds the step that broke it, at a host "
+               f"sync per step). The last batch and the weights as after step {checked} are in {out_dir}; {where}")
+        log.error(msg)
+        raise NonFiniteLoss(msg, folder.path, step_no)
     if kept:
         where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
                  f"svp train --resume {folder.path} train.lr=...")
@@ -175,8 +212,7 @@ def stop_nonfinite(run, st, step_no, what, x, y):
                  f"svp train --resume {folder.path} train.lr=...)")
     else:
         where = "the state was not finite before the step, so no resume point was written"
-    msg = (f"{what} at step {step_no} (epoch {st['epoch'] + 1}, batch {st['batch'] + 1}/"
-           f"{run.steps_per_epoch}, lr {sched.lr():.3e}); training stopped. The batch and the weights "
-           f"before the step are in {out_dir}; {where}")
+    msg = (f"{what} {where_at}; training stopped. The batch and the weights before the step are in "
+           f"{out_dir}; {where}")
     log.error(msg)
     raise NonFiniteLoss(msg, folder.path, step_no)

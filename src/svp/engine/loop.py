@@ -27,7 +27,7 @@ from . import config as C
 from . import resume_overrides as RO
 from . import select
 from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
-from .divergence import DivergenceGuard, check_saved_state, stop_nonfinite
+from .divergence import DivergenceGuard, check_saved_state, finite_check_mode, stop_nonfinite
 from .evaluate import chunk_count, evaluate
 from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
@@ -94,6 +94,8 @@ class Trainer:
         fill_kept(cfg, [(self.train_ds, None), self.val, self.test])
         self.guard = DivergenceGuard(self.model, self.optimizer, self.ema,
                                      check_grads=not self.prec.scaler.is_enabled())
+        self.check_each_step = finite_check_mode(t["finite_check"], self.device, dinfo.enabled) == "step"
+        self.log_every = int(cfg["run"]["log_every"])
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
               "train_seconds": 0.0, "nonfinite": None, "lr_phases": []}
@@ -109,6 +111,9 @@ class Trainer:
             if dinfo.is_main:  # drop metric lines written after the resume point
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
+        if not self.check_each_step:   # the state the first interval check falls back on
+            self.guard.snapshot()
+            self.checked_step = st["global_step"]
         RO.start_phase(st, self.lr, epochs)
         if dinfo.is_main:
             log_start(cfg, self.folder.path, self.model, self.spec, len(self.train_ds), self.device,
@@ -163,7 +168,7 @@ class Trainer:
             red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag,
                                   1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)
             if red[1] > 0:
-                stop_nonfinite(self, st, step_no, f"non-finite loss ({loss_val})", x_in, y)
+                self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
             self._step(loss, st, step_no, loss_val, x_in, y, accumulated=chunks > 1)
             if self.ema is not None:
                 self.ema.update(self.model, step=st["global_step"])
@@ -176,6 +181,9 @@ class Trainer:
             stop_req = red[2] > 0 or self.hooks.stop_requested(st["global_step"])
             save_now = save_every and st["global_step"] % save_every == 0 and st["batch"] < self.steps_per_epoch
             mean_loss = red[0] / dinfo.world_size
+            if not self.check_each_step and (st["batch"] % self.log_every == 0 or stop_req or save_now
+                                             or reached_max or st["batch"] == self.steps_per_epoch):
+                self._check_interval(st, x_in, y)
             if dev_loss is None:
                 st["epoch_loss_sum"] += mean_loss
             elif (self.progress.wants(st["batch"]) or stop_req or save_now or reached_max
@@ -204,13 +212,32 @@ class Trainer:
         self.progress.close()
         return False
 
+    def _check_interval(self, st, x, y) -> None:
+        """train.finite_check=interval: is the state finite after ``st['global_step']`` steps?
+        Yes: it becomes the state a later failed check puts back. No: put back the last
+        checked state and stop (engine/divergence.py)."""
+        bad = self.guard.bad_state()
+        if bad:
+            self._nonfinite(st, st["global_step"], f"non-finite weights/optimizer state ({', '.join(bad)})", x, y,
+                            batch=st["batch"])
+        self.guard.snapshot()
+        self.checked_step = st["global_step"]
+
+    def _nonfinite(self, st, step_no, what, x, y, batch=None):
+        """Stop for non-finite numbers (engine/divergence.py); with interval checks the state of
+        the last check is put back first."""
+        if not self.check_each_step:
+            self.guard.restore()
+            stop_nonfinite(self, st, step_no, what, x, y, checked=self.checked_step, batch=batch)
+        stop_nonfinite(self, st, step_no, what, x, y, batch=batch)
+
     def _drain(self, st, dev_loss, step_no, x, y) -> float:
         """CUDA: add the device-side loss sum to the epoch's (one host sync); a non-finite
         sum stops the run like a non-finite step does."""
         total = float(dev_loss.item())
         dev_loss.zero_()
         if not np.isfinite(total):
-            stop_nonfinite(self, st, step_no, f"non-finite loss ({total})", x, y)
+            self._nonfinite(st, step_no, f"non-finite loss ({total})", x, y, batch=st["batch"])
         st["epoch_loss_sum"] += total
         return st["epoch_loss_sum"] / max(st["epoch_steps"], 1)
 
@@ -246,13 +273,14 @@ class Trainer:
             scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                            float(t["clip_grad"]))
-        bad = guard.bad_gradients()
-        if bad:
-            stop_nonfinite(self, st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
-        guard.snapshot()
+        if self.check_each_step:
+            bad = guard.bad_gradients()
+            if bad:
+                stop_nonfinite(self, st, step_no, f"non-finite gradient ({', '.join(bad)})", x, y)
+            guard.snapshot()
         scaler.step(self.optimizer)
         self.hooks.after_optimizer_step(step_no, self.model)
-        bad = guard.bad_state()
+        bad = guard.bad_state() if self.check_each_step else None
         if bad:
             guard.restore()
             loss_txt = "" if loss_val is None else f"; the step's loss was finite ({loss_val:.4g})"
