@@ -179,25 +179,97 @@ def part_c(dev, backends, dry, deadline):
             if dev.type == "cuda":
                 row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
-            model.eval()
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                for i in range(n_steps + 1):
-                    if i == 1:
-                        sync(dev)
-                        t0 = time.perf_counter()
-                    model(x)
-            sync(dev)
-            row["infer_img_s"] = batch * n_steps / (time.perf_counter() - t0)
-            if dev.type == "cuda":
-                row["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
             row["timed_steps"] = n_steps
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {e}"
+            row["error"] = f"training: {type(e).__name__}: {e}"
+        try:       # inference apart: its own code paths (grad mode off), its own failures
+            if "error" not in row:
+                model.eval()
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                    for i in range(n_steps + 1):
+                        if i == 1:
+                            sync(dev)
+                            t0 = time.perf_counter()
+                        model(x)
+                sync(dev)
+                row["infer_img_s"] = batch * n_steps / (time.perf_counter() - t0)
+                if dev.type == "cuda":
+                    row["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as e:
+            row["error"] = f"inference: {type(e).__name__}: {e}"
         finally:
             dispatch.set_backend(None)
         rows.append(row)
         del model, opt
     return rows
+
+
+def part_d(dev, dry):
+    """``svp train`` end to end (the CLI, its data loaders and engine) on the device: Vim-S from
+    random weights on the embedded digits upsampled to 224 px, batch 128, bfloat16 autocast,
+    two epochs. On CUDA, torch's sync debug mode counts the host synchronisations and where in
+    svp they happen (the innermost svp frame), to compare with the number of steps."""
+    import traceback
+    import warnings
+
+    import yaml
+    from svp.cli import main as svp_main
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="svp-gpu-check-")     # run folder: only its numbers are kept
+    runs = os.path.join(scratch, "runs")
+    if dry:
+        cfg = {"model": {"name": "vim_tiny_patch16_224", "random_init": True,
+                         "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
+               "data": {"dataset": "digits", "img_size": 32, "max_train_samples": 16, "max_eval_samples": 8},
+               "train": {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "device": "cpu"}}
+    else:
+        cfg = {"model": {"name": "vim_small_patch16_224", "random_init": True},
+               "data": {"dataset": "digits", "img_size": 224, "num_workers": 8, "max_eval_samples": 256},
+               "train": {"epochs": 2, "batch_size": 128, "eval_batch_size": 256, "device": "cuda"}}
+    cfg["train"].update(amp=True, warmup_epochs=0, lr_scale=False)
+    cfg["run"] = {"output": runs, "progress": "lines", "log_every": 5}
+    path = os.path.join(scratch, "train_check.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    syncs: dict = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}svp{os.sep}" in f.filename]
+        where = f"{os.path.relpath(frames[-1].filename, HERE + '/../src')}:{frames[-1].lineno} ({frames[-1].name})" \
+            if frames else f"{filename}:{lineno}"
+        syncs[where] = syncs.get(where, 0) + 1
+
+    row = dict(config=cfg)
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            row["rc"] = svp_main(["train", "-c", path, "--name", "gpu"])
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    row["wall_s"] = time.monotonic() - t0
+    row["syncs"] = dict(sorted(syncs.items(), key=lambda kv: -kv[1]))
+    row["scan_backend"] = dispatch.get_backend(dev)
+    try:
+        folder = os.path.join(runs, "gpu")
+        with open(os.path.join(folder, "results.json")) as f:
+            res = json.load(f)
+        row.update({k: res.get(k) for k in ("steps", "images_per_s", "train_seconds", "device", "optimizer")})
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            row["history"] = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(folder, "train.log")) as f:
+            row["log"] = f.read().splitlines()[-24:]
+    except (OSError, ValueError) as e:
+        row.setdefault("error", f"no run results: {e}")
+    return row
 
 
 def _fmt(v, spec=".2f"):
@@ -235,11 +307,26 @@ def markdown(res):
               "| model | batch | backend | train img/s | train peak GiB | infer img/s | infer peak GiB | steps |",
               "|---|---|---|---|---|---|---|---|"]
     for r in res.get("c", []):
-        if _note(lines, r, (r['model'], r['batch'], r['backend']), 5):
+        if "train_img_s" not in r and _note(lines, r, (r['model'], r['batch'], r['backend']), 5):
             continue
+        infer = _fmt(r.get('infer_img_s'), '.1f') if "infer_img_s" in r else r.get("error", "-")
         lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {_fmt(r['train_img_s'], '.1f')} | "
-                     f"{_fmt(r.get('train_peak_GiB'))} | {_fmt(r['infer_img_s'], '.1f')} | "
-                     f"{_fmt(r.get('infer_peak_GiB'))} | {r['timed_steps']} |")
+                     f"{_fmt(r.get('train_peak_GiB'))} | {infer} | "
+                     f"{_fmt(r.get('infer_peak_GiB'))} | {r.get('timed_steps', '-')} |")
+    d = res.get("d")
+    if d:
+        lines += ["", "## (d) svp train end to end (Vim-S random init, digits at 224 px, batch 128, "
+                  "bfloat16 autocast)", ""]
+        if d.get("error"):
+            lines.append(f"error: {d['error']}")
+        lines.append(f"exit code {d.get('rc')}, scan backend {d.get('scan_backend')}, {d.get('steps')} steps, "
+                     f"wall {d.get('wall_s', 0):.0f} s")
+        lines += ["", "| epoch | steps | train img/s | train s | eval s | loss |", "|---|---|---|---|---|---|"]
+        for h in d.get("history") or []:
+            lines.append(f"| {h['epoch']} | {h['step']} | {h['images_per_s']:.1f} | {h['train_seconds']:.2f} | "
+                         f"{h.get('eval_seconds', 0):.2f} | {h['train_loss']:.4f} |")
+        lines += ["", "host synchronisations (torch's sync debug mode), by innermost svp frame:", ""]
+        lines += [f"- {n} x {where}" for where, n in (d.get("syncs") or {}).items()] or ["- none"]
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +364,8 @@ def main(argv=None):
 
     for part, fn in (("a", lambda: part_a(dev, backends, a.dry_run)),
                      ("b", lambda: part_b(dev, backends, env["copy_GBps"] * 1e9, a.dry_run, deadline)),
-                     ("c", lambda: part_c(dev, backends, a.dry_run, deadline))):
+                     ("c", lambda: part_c(dev, backends, a.dry_run, deadline)),
+                     ("d", lambda: part_d(dev, a.dry_run))):
         t0 = time.monotonic()
         res[part] = fn()
         print(f"gpu_check: part ({part}) done in {time.monotonic() - t0:.0f} s", flush=True)

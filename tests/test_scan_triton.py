@@ -159,23 +159,25 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile both kernels for sm_90 (bf16 inputs, every option on) to PTX and a cubin; no GPU
-    needed. Returns the kernels' asm dicts."""
+    """Compile both kernels for sm_90 (bf16 inputs, every option on, each with the launch
+    geometry it gets for a Vim-S mixer) to PTX and a cubin; no GPU needed. Returns the kernels'
+    asm dicts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
     from svp.ops import scan_triton as st
-    consts = dict(N=16, BLOCK_D=64, BLOCK_N=16, K=st.CHUNK, HAS_Z=True, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True,
+    consts = dict(N=16, BLOCK_N=16, K=st.CHUNK, HAS_Z=True, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True,
                   REVERSE=True, STAGES=st.STAGES)
     bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
     asm = []
-    for fn, extra in ((st._fwd, {}), (st._bwd, {"HAS_GLAST": True})):
+    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True})):
         jf = JITFunction(fn)
-        c = dict(consts, **extra)
+        _, _, block_d, _, warps, _ = st._plan(kind, 768, 16, 1)
+        c = dict(consts, BLOCK_D=block_d, **extra)
         sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
                for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=st._warps(64, 16)))
+                           options=dict(num_warps=warps))
         asm.append(k.asm)
     return asm
 

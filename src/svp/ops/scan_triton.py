@@ -400,9 +400,27 @@ def _geometry(d, N, G):
 
 
 def _warps(BD, BN):
-    # 8 state floats per thread: ptxas (Triton 3.8, sm_90, bf16 inputs, BD=64, N=16) reports
-    # 106 / 204 registers and no spills for the forward / backward at 8 warps, spills at 4.
-    return max(1, min(8, BD * BN // 128))
+    # 8 state floats per thread. Measured on an H200 (Triton 3.6, Vim-S mixer at batch 128,
+    # bf16 inputs; benchmarks/triton_sweep.py, docs/benchmarks.md "GPU, first run"): with 8 per
+    # thread the forward took 0.45 ms and the backward 1.9-2.1 ms whatever the block (16 to 64
+    # channels), against 0.57 / 2.8 ms with 4 per thread (64 channels, 8 warps); 2 per thread
+    # was slower still. ptxas (sm_90) then reports 110-120 registers and no spills for the
+    # forward, 255 registers and 116-140 (Triton 3.8) or 452-476 (3.6) spilled bytes for the
+    # backward: faster all the same.
+    return max(1, min(8, BD * BN // 256))
+
+
+def _plan(kind: str, d: int, N: int, G: int):
+    """Launch geometry of the ``kind`` ("fwd" or "bwd") kernel: (dg, BLOCK_N, BLOCK_D, nblk,
+    num_warps, stages). The forward takes blocks of up to 64 channels, the backward of
+    256 / BLOCK_N (16 at d_state 16: 1.94 against 2.08 ms at 64, the same measurement as
+    _warps'). One function so that benchmarks/triton_sweep.py can try others; the chunk length
+    is not here (the backward must use the forward's: it reads its saved states)."""
+    dg, BN, BD, nblk = _geometry(d, N, G)
+    if kind == "bwd":
+        BD = max(1, min(256 // BN, BD))
+        nblk = (dg + BD - 1) // BD
+    return dg, BN, BD, nblk, _warps(BD, BN), STAGES
 
 
 def _bld(like, dtype):
@@ -421,7 +439,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         b, d, L = u.shape
         N = A.shape[1]
         gB, gC, G = scan_groups(B, C, d)
-        dg, BN, BD, nblk = _geometry(d, N, G)
+        dg, BN, BD, nblk, warps, stages = _plan("fwd", d, N, G)
         K = int(chunk)
         nchunk = (L + K - 1) // K
         B4 = B if B.dim() == 4 else B.unsqueeze(1)
@@ -438,7 +456,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             *_strides(out),
             N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-            STAGES=STAGES, num_warps=_warps(BD, BN))
+            STAGES=stages, num_warps=warps)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
         ctx.cfg = (bool(delta_softplus), bool(reverse), K)
         return out, last
@@ -450,7 +468,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         b, d, L = u.shape
         N = A.shape[1]
         gB, gC, G = scan_groups(B, C, d)
-        dg, BN, BD, nblk = _geometry(d, N, G)
+        dg, BN, BD, nblk, warps, stages = _plan("bwd", d, N, G)
         dev = u.device
         B4 = B if B.dim() == 4 else B.unsqueeze(1)
         C4 = C if C.dim() == 4 else C.unsqueeze(1)
@@ -476,7 +494,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             *_strides(dout), *_strides(du),
             N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
-            STAGES=STAGES, num_warps=_warps(BD, BN))
+            STAGES=stages, num_warps=warps)
         need = ctx.needs_input_grad
 
         def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums

@@ -1,0 +1,79 @@
+"""Where a Vim-S SVP training step spends its GPU time (issue 11): torch.profiler over one
+step (forward, backward, AdamW) at batch 128, 224 px, bfloat16 autocast, after two warm-up
+steps; prints the kernels by total CUDA time and the scan kernels' share.
+
+    PYTHONPATH=src python benchmarks/gpu_profile.py [--backend triton] [--batch 128]
+    PYTHONPATH=src python benchmarks/gpu_profile.py --dry-run      # CPU, mini Vim: logic only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+import torch  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args(argv)
+    if a.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    import svp.models  # noqa: F401  (registers the Vim models)
+    from svp.ops import dispatch
+    from svp.peft import get_peft_model, make_config
+    if not a.dry_run and not torch.cuda.is_available():
+        print("gpu_profile: no CUDA GPU here (use --dry-run to check the script on a CPU)", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if a.dry_run else "cuda")
+    if a.dry_run:
+        arch, kw, svp_kw, batch, px = "vim_mini_patch4_32", dict(depth=2), dict(shared_layers=2, hidden=8), 2, 12
+    else:
+        arch, kw, svp_kw, batch, px = "vim_small_patch16_224", {}, {}, a.batch, 224
+    torch.manual_seed(0)
+    model = get_peft_model(timm.create_model(arch, pretrained=False, num_classes=100, **kw),
+                           make_config("svp", num_classes=100, **svp_kw)).to(dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(batch, 3, px, px, device=dev)
+    y = torch.randint(0, 100, (batch,), device=dev)
+    dispatch.set_backend(a.backend)
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    if dev.type == "cuda":
+        # device time per kernel (self), the scan's kernels named _fwd / _bwd
+        events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+        total = sum(e.self_device_time_total for e in events)
+        scan = sum(e.self_device_time_total for e in events if e.key in ("_fwd", "_bwd"))
+        print(f"device time in the step: {total / 1e3:.2f} ms; scan kernels (_fwd, _bwd): {scan / 1e3:.2f} ms "
+              f"({100 * scan / max(total, 1):.1f}%)")
+        key = "self_device_time_total" if events else key
+    print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

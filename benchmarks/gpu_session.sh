@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything issue 11 measures on a GPU, in one call (a lent GPU machine's session is short):
+# the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (launch
+# geometries, the exp-only floor), benchmarks/gpu_profile.py (a Vim-S step's kernels) and
+# `svp doctor`, each under its own time limit, all output under OUTDIR (about 4 minutes on an
+# H200; at most 9). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
+#
+#   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
+set -u
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:?usage: benchmarks/gpu_session.sh OUTDIR}"
+py="${PYTHON:-python3}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
+L="$out/log.txt"
+t0=$(date +%s)
+stamp() { echo "== $1 at +$(( $(date +%s) - t0 )) s" | tee -a "$L"; }
+stamp env
+{ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.total --format=csv; nproc
+  "$py" -c "import sys, torch, triton, timm, numba, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__)"
+} >> "$L" 2>&1
+stamp gpu_check
+PYTHON="$py" timeout 270 bash "$here/gpu_check.sh" "$out/gc" --budget-s "${GC_BUDGET:-150}" >> "$L" 2>&1
+echo "gpu_check rc $?" >> "$L"
+stamp sweep
+timeout 120 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-80}" >> "$L" 2>&1
+echo "sweep rc $?" >> "$L"
+stamp profile
+timeout 60 "$py" "$here/gpu_profile.py" > "$out/prof.txt" 2>&1
+echo "profile rc $?" >> "$L"
+stamp doctor
+# the fused CPU kernels compile cold on a fresh machine (numba): longer than the GPU checks
+timeout "${DOCTOR_S:-120}" "$py" -m svp doctor >> "$L" 2>&1
+echo "doctor rc $?" >> "$L"
+stamp end

@@ -1,0 +1,199 @@
+"""Launch-geometry sweep of the Triton selective scan (issue 11): which channel block,
+warp count, pipelining depth and chunk length are fastest on this GPU.
+
+    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120]
+    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR --dry-run   # CPU interpreter, tiny
+
+One direction of one Vim-S mixer (d_inner 768, L 197, N 16) at batch 128, bfloat16 inputs
+(benchmarks/scan.py's layout: (b, d, l) views of (b, l, d) tensors), the shape of issue 11's
+targets. For each geometry the forward and the backward are timed apart (CUDA events around
+20 launches, best of 3), each beside the HBM-bandwidth bound of gpu_check.py (bytes the pass
+must move / bandwidth of a large device-to-device copy measured in this run), and the output
+and every gradient are compared with the default geometry's (a geometry changes summation
+order only). The default geometry is svp.ops.scan_triton._plan; the sweep replaces it.
+Writes OUTDIR/triton_sweep.json and .md after every geometry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from gpu_check import copy_bandwidth, scan_bytes, sync  # noqa: E402
+from scan import make_inputs  # noqa: E402
+from svp.io import atomic_write_text  # noqa: E402
+from svp.ops import scan_triton as st  # noqa: E402
+
+# (BLOCK_D, num_warps) pairs: 1 to 16 state floats per thread at N = 16
+GEOMETRIES = [(8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8),
+              (64, 4), (64, 8), (64, 16), (128, 8), (128, 16)]
+STAGES = (1, 3)
+CHUNKS = (8, 32, 64)
+
+
+def plan_with(block_d, warps, stages):
+    def plan(kind, d, N, G):
+        dg, BN, _, _ = st._geometry(d, N, G)
+        BD = min(block_d, st._pow2(dg))
+        return dg, BN, BD, (dg + BD - 1) // BD, warps, stages
+    return plan
+
+
+def timed(fn, dev, reps):
+    """Best of 3 mean times (ms) of ``reps`` calls of fn."""
+    fn()
+    sync(dev)
+    best = float("inf")
+    for _ in range(3):
+        if dev.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(reps):
+                fn()
+            t1.record()
+            torch.cuda.synchronize()
+            best = min(best, t0.elapsed_time(t1) / reps)
+        else:
+            w = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - w) * 1e3 / reps)
+    return best
+
+
+def _exp_floor(x_ptr, out_ptr, L, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # exp(delta * A) for every (channel, step, state), as the scan's forward computes it, with
+    # no memory traffic: the floor of any kernel that takes one exp per state element
+    c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    a = tl.load(x_ptr + c)
+    A = -(tl.arange(0, N) + 1).to(tl.float32)
+    acc = tl.zeros((BLOCK_D, N), tl.float32)
+    for t in range(0, L):
+        dt = a + t * 1e-3
+        acc += tl.exp(dt[:, None] * A[None, :])
+    tl.store(out_ptr + c, tl.sum(acc, axis=1))
+
+
+def exp_floor_ms(b, d, L, n, dev, reps):
+    """Time (ms) of b*d*L*n exps (and one FMA each) in registers, 64 channels per program."""
+    from triton.runtime.jit import JITFunction
+    if st.interpreting():
+        from triton.runtime.interpreter import InterpretedFunction
+        kernel = InterpretedFunction(_exp_floor)
+    else:
+        kernel = JITFunction(_exp_floor)
+    x = torch.rand(b * d, device=dev)
+    out = torch.empty_like(x)
+    BD = 64 if (b * d) % 64 == 0 else 1
+    return timed(lambda: st._launch(kernel, ((b * d) // BD,), x, out, L, N=n, BLOCK_D=BD, num_warps=8), dev, reps)
+
+
+def run_one(args, dev, chunk, reps):
+    xs = [a.detach().clone().requires_grad_() for a in args]
+    out = st.selective_scan_triton(*xs[:7], delta_bias=xs[7], delta_softplus=True, chunk=chunk)
+    g = torch.ones_like(out)
+
+    def fwd():
+        with torch.no_grad():
+            st.selective_scan_triton(*xs[:7], delta_bias=xs[7], delta_softplus=True, chunk=chunk)
+
+    def bwd():
+        torch.autograd.grad(out, xs, g, retain_graph=True)
+
+    tf, tb = timed(fwd, dev, reps), timed(bwd, dev, reps)
+    grads = torch.autograd.grad(out, xs, g, retain_graph=True)
+    return tf, tb, [out.detach().float()] + [x.float() for x in grads]
+
+
+def rel_err(a, b):
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
+
+
+def markdown(res):
+    lines = [f"# triton_sweep ({'DRY RUN: CPU interpreter, numbers meaningless' if res['dry_run'] else res['device']})",
+             "", f"torch {res['torch']}, Triton {res['triton']}; shape {res['shape']}; copy bandwidth "
+             f"{res['copy_GBps']:.1f} GB/s; bounds: fwd {res['bound_fwd_ms']:.4f} ms, bwd {res['bound_bwd_ms']:.4f} ms "
+             f"(bytes / copy bandwidth); the forward's exps alone, in registers: "
+             f"{res.get('exp_floor_ms', float('nan')):.4f} ms",
+             "", "| BLOCK_D | warps | stages | chunk | fwd ms | fwd / bound | bwd ms | bwd / bound | "
+             "max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['block_d']} | {r['warps']} | {r['stages']} | {r['chunk']} | "
+                         f"{r.get('error') or r.get('skipped')} | | | | |")
+            continue
+        lines.append(f"| {r['block_d']} | {r['warps']} | {r['stages']} | {r['chunk']} | {r['fwd_ms']:.4f} | "
+                     f"{r['fwd_x_bound']:.2f}x | {r['bwd_ms']:.4f} | {r['bwd_x_bound']:.2f}x | {r['diff']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("outdir")
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter + tiny shape (logic check)")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="stop trying geometries after this long")
+    a = ap.parse_args(argv)
+    t_start = time.monotonic()
+    if a.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        dev, (b, d, L, n), reps = torch.device("cpu"), (1, 32, 9, 4), 1
+        geoms = [(8, 1), (16, 2)]
+    else:
+        if not torch.cuda.is_available():
+            print("triton_sweep: no CUDA GPU here (use --dry-run to check the script on a CPU)", file=sys.stderr)
+            return 2
+        dev, (b, d, L, n), reps = torch.device("cuda"), (128, 768, 197, 16), 20
+        geoms = GEOMETRIES
+    args = [x.to(dev) for x in make_inputs(b, d, L=L, n=n)]
+    for i in (0, 1, 3, 4, 6):                      # u, delta, B, C, z in bfloat16
+        args[i] = args[i].to(torch.bfloat16)
+    bw = copy_bandwidth(dev, 16 if a.dry_run else 2048)
+    bf, bfb = scan_bytes(b, d, L, n, 2)
+    dg, BN, BD0, _, W0, S0 = st._plan("fwd", d, n, 1)
+    res = dict(dry_run=a.dry_run, device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+               torch=torch.__version__, triton=st.version(), shape=f"b={b} d={d} L={L} N={n} bfloat16",
+               copy_GBps=bw / 1e9, bound_fwd_ms=bf / bw * 1e3, bound_bwd_ms=(bfb - bf) / bw * 1e3,
+               default=dict(block_d=BD0, warps=W0, stages=S0, chunk=st.CHUNK), rows=[])
+    try:
+        res["exp_floor_ms"] = exp_floor_ms(b, d, L, n, dev, reps)
+    except Exception as e:
+        res["exp_floor_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    os.makedirs(a.outdir, exist_ok=True)
+    trials = [(BD0, W0, S0, st.CHUNK)] + [(g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
+    trials += [(BD0, W0, s, st.CHUNK) for s in STAGES] + [(BD0, W0, S0, k) for k in CHUNKS]
+    default_plan, ref = st._plan, None
+    for block_d, warps, stages, chunk in trials:
+        row = dict(block_d=block_d, warps=warps, stages=stages, chunk=chunk)
+        if time.monotonic() - t_start > a.budget_s:
+            row["skipped"] = "time budget"
+        else:
+            st._plan = plan_with(block_d, warps, stages)
+            try:
+                tf, tb, outs = run_one(args, dev, chunk, reps)
+                ref = ref or outs
+                row.update(fwd_ms=tf, bwd_ms=tb, fwd_x_bound=tf / res["bound_fwd_ms"],
+                           bwd_x_bound=tb / res["bound_bwd_ms"], diff=rel_err(outs, ref))
+            except Exception as e:      # one geometry failing to compile must not end the sweep
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            finally:
+                st._plan = default_plan
+        res["rows"].append(row)
+        res["wall_s"] = time.monotonic() - t_start
+        atomic_write_text(os.path.join(a.outdir, "triton_sweep.json"), json.dumps(res, indent=1) + "\n")
+        atomic_write_text(os.path.join(a.outdir, "triton_sweep.md"), markdown(res))
+        print(f"triton_sweep: {row}", flush=True)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
