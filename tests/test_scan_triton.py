@@ -54,6 +54,29 @@ def test_half_and_double_inputs():
     grid.test_half_and_double_inputs("triton")
 
 
+@pytest.fixture
+def tiled_forward(monkeypatch):
+    """The experimental forward (scan_triton.FORWARD = "tiled": a chunk at a time through a
+    parallel scan over time) with the default backward."""
+    from svp.ops import scan_triton as st
+    monkeypatch.setattr(st, "FORWARD", "tiled")
+    assert st._kernels()[0].fn is st._fwd_tiled
+
+
+# the grid's shapes but its largest (several blocks of 8 channels come with d = 24 and 40)
+@pytest.mark.parametrize("shape", grid.SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_tiled_forward_parity_shapes(shape, tiled_forward):
+    grid.test_parity_shapes("triton", shape)
+
+
+def test_tiled_forward_large_delta_A_and_half_inputs(tiled_forward):
+    grid.test_large_delta_A("triton")
+    grid.test_half_and_double_inputs("triton")
+    args = grid.make(1, 8, 5, 4)
+    with pytest.raises(BackendError, match="power of two; got 6"):
+        dispatch.scan_with("triton", *args[:7], delta_bias=args[7], delta_softplus=True, chunk=6)
+
+
 def test_one_chunk_and_default_chunk_agree_and_repeat_bit_for_bit():
     """The chunked backward gives the same result at any chunk size; two runs give the same bits
     (channel sums are per-block partials reduced in a fixed order, no atomics)."""
@@ -159,9 +182,9 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile both kernels for sm_90 (bf16 inputs, every option on, each with the launch
-    geometry it gets for a Vim-S mixer) to PTX and a cubin; no GPU needed. Returns the kernels'
-    asm dicts."""
+    """Compile the kernels (forward, backward, the experimental tiled forward) for sm_90 (bf16
+    inputs, every option on, each with the launch geometry it gets for a Vim-S mixer) to PTX
+    and a cubin; no GPU needed. Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -170,9 +193,14 @@ def compile_kernels_for_sm90():
                   REVERSE=True, STAGES=st.STAGES)
     bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
     asm = []
-    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True})):
+    tiled = st.FORWARD
+    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True}), (st._fwd_tiled, "fwd", {})):
         jf = JITFunction(fn)
-        _, _, block_d, _, warps, _ = st._plan(kind, 768, 16, 1)
+        st.FORWARD = "tiled" if fn is st._fwd_tiled else "loop"
+        try:
+            _, _, block_d, _, warps, _ = st._plan(kind, 768, 16, 1)
+        finally:
+            st.FORWARD = tiled
         c = dict(consts, BLOCK_D=block_d, **extra)
         sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
                for a in jf.arg_names}

@@ -37,6 +37,10 @@ from .scan_ref import scan_groups, sum_to_groups
 CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
 MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
 STAGES = 2           # tl.range pipelining of the time loops (the backward's scratch tile loads)
+# which forward kernel runs: "loop" (_fwd, step by step) or "tiled" (_fwd_tiled, a chunk at a
+# time through a parallel scan: an experiment, not measured on a GPU yet; benchmarks/triton_sweep.py
+# times both)
+FORWARD = "loop"
 _TILE = 2048         # largest BLOCK_D * BLOCK_N (8 float32 of state per thread at 8 warps)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -162,6 +166,66 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
             if HAS_Z:
                 y = y * zv / (1.0 + tl.exp(-zv))
             tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=cm)
+    tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
+
+
+@_device_fn
+def _linear_combine(a1, b1, a2, b2):
+    # h -> a2 * (a1 * h + b1) + b2: two steps of h_t = a_t h_{t-1} + b_t as one
+    return a1 * a2, a2 * b1 + b2
+
+
+def _fwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs_ptr, last_ptr,
+               L, d, dg, nblk, rB, rC,
+               su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
+               N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+               HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               REVERSE: tl.constexpr, STAGES: tl.constexpr):
+    """The forward a chunk of K steps at a time (an experiment, not the default: FORWARD).
+    _fwd walks the steps one by one, each waiting on loads issued one step ahead; on an H200
+    that loop, not memory, set its time (docs/benchmarks.md, "GPU, first run"). Here each chunk
+    loads (channels x K) tiles of u, delta, z and (K x d_state) tiles of B and C at once and
+    forms the chunk's states with a parallel scan over time (tl.associative_scan of
+    h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t), from the state the previous chunk left.
+    Same outputs, last state and saved chunk-start states as _fwd (K must be the backward's
+    chunk); the same exps, in (BLOCK_D, K, d_state) tiles."""
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    o_row = out_ptr + bi * so_b + c * so_d
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    j = tl.arange(0, K)
+    for k in range(0, nchunk):
+        tl.store(hs_tile + k * d * N, h, mask=m2)
+        s = k * K + j
+        ok = s < L
+        if REVERSE:
+            t = L - 1 - s
+        else:
+            t = s
+        mt = cm[:, None] & ok[None, :]                    # (BLOCK_D, K)
+        mbc = ok[:, None] & nm[None, :]                   # (K, BLOCK_N)
+        uv = tl.load(u_row[:, None] + t[None, :] * su_l, mask=mt, other=0.0).to(tl.float32)
+        x = tl.load(dl_row[:, None] + t[None, :] * sd_l, mask=mt, other=0.0).to(tl.float32) + bias[:, None]
+        Bv = tl.load(B_row[None, :] + t[:, None] * sB_l, mask=mbc, other=0.0).to(tl.float32)
+        Cv = tl.load(C_row[None, :] + t[:, None] * sC_l, mask=mbc, other=0.0).to(tl.float32)
+        if SOFTPLUS:
+            x = _softplus(x)
+        dt = tl.where(mt, x, 0.0)          # steps past the end: exp(0) = 1, nothing added
+        a = tl.exp(dt[:, :, None] * A[:, None, :])
+        b = (dt * uv)[:, :, None] * Bv[None, :, :]
+        ac, bc = tl.associative_scan((a, b), axis=1, combine_fn=_linear_combine)
+        hh = ac * h[:, None, :] + bc                      # the state after each step of the chunk
+        y = tl.sum(hh * Cv[None, :, :], axis=2) + Dv[:, None] * uv
+        if HAS_Z:
+            zv = tl.load(z_row[:, None] + t[None, :] * sz_l, mask=mt, other=0.0).to(tl.float32)
+            y = y * zv / (1.0 + tl.exp(-zv))
+        tl.store(o_row[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mt)
+        h = tl.sum(tl.where((j == K - 1)[None, :, None], hh, 0.0), axis=1)
     tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
 
 
@@ -298,10 +362,11 @@ def _kernels():
     if interp not in _jitted:
         if interp:
             from triton.runtime.interpreter import InterpretedFunction
-            _jitted[interp] = (InterpretedFunction(_fwd), InterpretedFunction(_bwd))
+            _jitted[interp] = (InterpretedFunction(_fwd), InterpretedFunction(_bwd), InterpretedFunction(_fwd_tiled))
         else:
-            _jitted[interp] = (JITFunction(_fwd), JITFunction(_bwd))
-    return _jitted[interp]
+            _jitted[interp] = (JITFunction(_fwd), JITFunction(_bwd), JITFunction(_fwd_tiled))
+    fwd, bwd, tiled = _jitted[interp]
+    return (tiled if FORWARD == "tiled" else fwd), bwd
 
 
 class _library_interpreted:
@@ -417,6 +482,11 @@ def _plan(kind: str, d: int, N: int, G: int):
     _warps'). One function so that benchmarks/triton_sweep.py can try others; the chunk length
     is not here (the backward must use the forward's: it reads its saved states)."""
     dg, BN, BD, nblk = _geometry(d, N, G)
+    if kind == "fwd" and FORWARD == "tiled":
+        # five (BLOCK_D, CHUNK, BLOCK_N) float32 tiles live at once: 8 channels at 16 x 16
+        BD = max(1, min(2048 // (BN * CHUNK), BD))
+        nblk = (dg + BD - 1) // BD
+        return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
     if kind == "bwd":
         BD = max(1, min(256 // BN, BD))
         nblk = (dg + BD - 1) // BD
@@ -441,6 +511,9 @@ class SelectiveScanTriton(torch.autograd.Function):
         gB, gC, G = scan_groups(B, C, d)
         dg, BN, BD, nblk, warps, stages = _plan("fwd", d, N, G)
         K = int(chunk)
+        if FORWARD == "tiled" and K & (K - 1):
+            raise BackendError(f"the tiled Triton forward (scan_triton.FORWARD) takes a chunk that is a power of "
+                               f"two; got {K}")
         nchunk = (L + K - 1) // K
         B4 = B if B.dim() == 4 else B.unsqueeze(1)
         C4 = C if C.dim() == 4 else C.unsqueeze(1)
