@@ -147,8 +147,14 @@ def part_c(dev, backends, dry, deadline):
         arch, kw, svp_kw, batch, px, steps = "vim_small_patch16_224", {}, {}, 128, 224, 5
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    for name in backends:
-        row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16", backend=name)
+    # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD)
+    from svp.ops import scan_triton
+    runs = [(name, "loop") for name in backends] + ([("triton", "tiled")] if "triton" in backends else [])
+    for name, kernels in runs:
+        row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16",
+                   backend=name if kernels == "loop" else f"{name} ({kernels})")
+        if name == "triton":
+            scan_triton.FORWARD = scan_triton.BACKWARD = kernels
         model = opt = None
         if time.monotonic() > deadline:
             row["skipped"] = "time budget"
@@ -199,6 +205,7 @@ def part_c(dev, backends, dry, deadline):
             row["error"] = f"inference: {type(e).__name__}: {e}"
         finally:
             dispatch.set_backend(None)
+            scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
         rows.append(row)
         del model, opt
     return rows

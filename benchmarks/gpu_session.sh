@@ -3,7 +3,7 @@
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (launch
 # geometries, the exp-only floor), benchmarks/gpu_profile.py (a Vim-S step's kernels) and
 # `svp doctor`, each under its own time limit, all output under OUTDIR (about 4 minutes on an
-# H200; at most 9). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
+# H200; at most 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
 #
 #   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
 set -u
@@ -23,10 +23,10 @@ stamp gpu_check
 PYTHON="$py" timeout 270 bash "$here/gpu_check.sh" "$out/gc" --budget-s "${GC_BUDGET:-150}" >> "$L" 2>&1
 echo "gpu_check rc $?" >> "$L"
 stamp sweep
-timeout 120 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-80}" >> "$L" 2>&1
+timeout 150 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-110}" >> "$L" 2>&1
 echo "sweep rc $?" >> "$L"
 stamp profile
-timeout 60 "$py" "$here/gpu_profile.py" > "$out/prof.txt" 2>&1
+{ timeout 60 "$py" "$here/gpu_profile.py"; timeout 60 "$py" "$here/gpu_profile.py" --kernels tiled; } > "$out/prof.txt" 2>&1
 echo "profile rc $?" >> "$L"
 stamp doctor
 # the fused CPU kernels compile cold on a fresh machine (numba): longer than the GPU checks

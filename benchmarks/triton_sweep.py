@@ -1,6 +1,6 @@
 """Launch-geometry sweep of the Triton selective scan (issue 11): which channel block,
 warp count, pipelining depth and chunk length are fastest on this GPU, and how the
-experimental tiled forward (scan_triton.FORWARD = "tiled") compares.
+experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled") compare.
 
     PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120]
     PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR --dry-run   # CPU interpreter, tiny
@@ -38,18 +38,19 @@ from svp.ops import scan_triton as st  # noqa: E402
 # tried 1 to 8: docs/benchmarks.md, "GPU, first run"; 8 was fastest)
 GEOMETRIES = [(8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (16, 4), (16, 8), (32, 1), (32, 2), (32, 4), (32, 8),
               (64, 2), (64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (128, 16)]
-# the experimental tiled forward (scan_triton.FORWARD = "tiled"), (BLOCK_D, num_warps); its
-# rows time the default backward
-TILED = [(4, 2), (8, 2), (8, 4), (16, 4), (16, 8)]
+# the experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled"), (BLOCK_D,
+# num_warps); a tiled forward's rows time the default backward and the other way round
+TILED_FWD = [(4, 2), (8, 2), (8, 4), (16, 4), (16, 8)]
+TILED_BWD = [(2, 1), (2, 2), (4, 2), (4, 4), (8, 4)]
 STAGES = (1, 3)
 CHUNKS = (8, 32, 64)
 
 
-def plan_with(block_d, warps, stages, forward="loop", default=None):
-    """A scan_triton._plan giving (block_d, warps, stages) to both kernels, or with ``forward``
-    "tiled" to the forward only (the backward keeps ``default``'s)."""
+def plan_with(block_d, warps, stages, only=None, default=None):
+    """A scan_triton._plan giving (block_d, warps, stages) to both kernels, or to the ``only``
+    one ("fwd" or "bwd"; the other keeps ``default``'s)."""
     def plan(kind, d, N, G):
-        if forward == "tiled" and kind == "bwd":
+        if only is not None and kind != only:
             return default(kind, d, N, G)
         dg, BN, _, _ = st._geometry(d, N, G)
         BD = min(block_d, st._pow2(dg))
@@ -133,10 +134,11 @@ def markdown(res):
              f"{res['copy_GBps']:.1f} GB/s; bounds: fwd {res['bound_fwd_ms']:.4f} ms, bwd {res['bound_bwd_ms']:.4f} ms "
              f"(bytes / copy bandwidth); the forward's exps alone, in registers: "
              f"{res.get('exp_floor_ms', float('nan')):.4f} ms",
-             "", "| forward | BLOCK_D | warps | stages | chunk | fwd ms | fwd / bound | bwd ms | bwd / bound | "
-             "max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| forward | backward | BLOCK_D | warps | stages | chunk | fwd ms | fwd / bound | bwd ms | "
+             "bwd / bound | max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        head = f"| {r.get('forward', 'loop')} | {r['block_d']} | {r['warps']} | {r['stages']} | {r['chunk']} |"
+        head = (f"| {r.get('forward', 'loop')} | {r.get('backward', 'loop')} | {r['block_d']} | {r['warps']} | "
+                f"{r['stages']} | {r['chunk']} |")
         if "error" in r or "skipped" in r:
             lines.append(f"{head} {r.get('error') or r.get('skipped')} | | | | |")
             continue
@@ -155,19 +157,19 @@ def main(argv=None):
     if a.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
         dev, (b, d, L, n), reps = torch.device("cpu"), (1, 32, 9, 4), 1
-        geoms, tiled = [(8, 1), (16, 2)], [(8, 2)]
+        geoms, tiled_f, tiled_b = [(8, 1), (16, 2)], [(8, 2)], [(4, 2)]
     else:
         if not torch.cuda.is_available():
             print("triton_sweep: no CUDA GPU here (use --dry-run to check the script on a CPU)", file=sys.stderr)
             return 2
         dev, (b, d, L, n), reps = torch.device("cuda"), (128, 768, 197, 16), 20
-        geoms, tiled = GEOMETRIES, TILED
+        geoms, tiled_f, tiled_b = GEOMETRIES, TILED_FWD, TILED_BWD
     args = [x.to(dev) for x in make_inputs(b, d, L=L, n=n)]
     for i in (0, 1, 3, 4, 6):                      # u, delta, B, C, z in bfloat16
         args[i] = args[i].to(torch.bfloat16)
     bw = copy_bandwidth(dev, 16 if a.dry_run else 2048)
     bf, bfb = scan_bytes(b, d, L, n, 2)
-    st.FORWARD = "loop"
+    st.FORWARD = st.BACKWARD = "loop"
     dg, BN, BD0, _, W0, S0 = st._plan("fwd", d, n, 1)
     res = dict(dry_run=a.dry_run, device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
                torch=torch.__version__, triton=st.version(), shape=f"b={b} d={d} L={L} N={n} bfloat16",
@@ -178,19 +180,23 @@ def main(argv=None):
     except Exception as e:
         res["exp_floor_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     os.makedirs(a.outdir, exist_ok=True)
-    # the default first (the reference of the diff column), then the tiled forward (the
-    # experiment the first run pointed to), then the loop kernel's other geometries
-    trials = [("loop", BD0, W0, S0, st.CHUNK)] + [("tiled", g, w, S0, st.CHUNK) for g, w in tiled]
-    trials += [("loop", g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
-    trials += [("loop", BD0, W0, s, st.CHUNK) for s in STAGES] + [("loop", BD0, W0, S0, k) for k in CHUNKS]
-    default_plan, default_forward, ref = st._plan, st.FORWARD, None
-    for forward, block_d, warps, stages, chunk in trials:
-        row = dict(forward=forward, block_d=block_d, warps=warps, stages=stages, chunk=chunk)
+    # the default first (the reference of the diff column), then the tiled kernels (the
+    # experiment the first run pointed to), then the loop kernels' other geometries
+    trials = [("loop", "loop", BD0, W0, S0, st.CHUNK)]
+    trials += [("tiled", "loop", g, w, S0, st.CHUNK) for g, w in tiled_f]
+    trials += [("loop", "tiled", g, w, S0, st.CHUNK) for g, w in tiled_b]
+    trials += [("loop", "loop", g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
+    trials += [("loop", "loop", BD0, W0, s, st.CHUNK) for s in STAGES]
+    trials += [("loop", "loop", BD0, W0, S0, k) for k in CHUNKS]
+    default_plan, default_kernels, ref = st._plan, (st.FORWARD, st.BACKWARD), None
+    for forward, backward, block_d, warps, stages, chunk in trials:
+        row = dict(forward=forward, backward=backward, block_d=block_d, warps=warps, stages=stages, chunk=chunk)
         if time.monotonic() - t_start > a.budget_s:
             row["skipped"] = "time budget"
         else:
-            st._plan = plan_with(block_d, warps, stages, forward, default_plan)
-            st.FORWARD = forward
+            only = "fwd" if forward == "tiled" else "bwd" if backward == "tiled" else None
+            st._plan = plan_with(block_d, warps, stages, only, default_plan)
+            st.FORWARD, st.BACKWARD = forward, backward
             try:
                 tf, tb, outs = run_one(args, dev, chunk, reps)
                 ref = ref or outs
@@ -199,7 +205,7 @@ def main(argv=None):
             except Exception as e:      # one geometry failing to compile must not end the sweep
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             finally:
-                st._plan, st.FORWARD = default_plan, default_forward
+                st._plan, (st.FORWARD, st.BACKWARD) = default_plan, default_kernels
         res["rows"].append(row)
         res["wall_s"] = time.monotonic() - t_start
         atomic_write_text(os.path.join(a.outdir, "triton_sweep.json"), json.dumps(res, indent=1) + "\n")

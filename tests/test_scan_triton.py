@@ -54,27 +54,45 @@ def test_half_and_double_inputs():
     grid.test_half_and_double_inputs("triton")
 
 
-@pytest.fixture
-def tiled_forward(monkeypatch):
-    """The experimental forward (scan_triton.FORWARD = "tiled": a chunk at a time through a
-    parallel scan over time) with the default backward."""
+TILED = {"fwd": ("tiled", "loop"), "bwd": ("loop", "tiled"), "both": ("tiled", "tiled")}
+
+
+def _tiled(monkeypatch, which):
+    """The experimental kernels (scan_triton.FORWARD / BACKWARD = "tiled": a chunk of steps at
+    a time through parallel scans over time): ``which`` of them, the other the default."""
     from svp.ops import scan_triton as st
-    monkeypatch.setattr(st, "FORWARD", "tiled")
-    assert st._kernels()[0].fn is st._fwd_tiled
+    fwd, bwd = TILED[which]
+    monkeypatch.setattr(st, "FORWARD", fwd)
+    monkeypatch.setattr(st, "BACKWARD", bwd)
+    kf, kb = st._kernels()
+    assert (kf.fn is st._fwd_tiled) == (fwd == "tiled") and (kb.fn is st._bwd_tiled) == (bwd == "tiled")
 
 
-# the grid's shapes but its largest (several blocks of 8 channels come with d = 24 and 40)
-@pytest.mark.parametrize("shape", grid.SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
-def test_tiled_forward_parity_shapes(shape, tiled_forward):
+# both tiled over the grid's shapes but its largest (several blocks of 4 and 8 channels come
+# with d = 24 and 40); each alone beside the other's default kernel (the saved chunk-start
+# states are the interface) on the first
+@pytest.mark.parametrize("which,shape", [("both", s) for s in grid.SHAPES[:4]]
+                         + [("fwd", grid.SHAPES[0]), ("bwd", grid.SHAPES[0])],
+                         ids=lambda v: v if isinstance(v, str) else "x".join(map(str, v)))
+def test_tiled_kernels_parity_shapes(which, shape, monkeypatch):
+    _tiled(monkeypatch, which)
     grid.test_parity_shapes("triton", shape)
 
 
-def test_tiled_forward_large_delta_A_and_half_inputs(tiled_forward):
+def test_tiled_kernels_large_delta_A_and_half_inputs(monkeypatch):
+    _tiled(monkeypatch, "both")
     grid.test_large_delta_A("triton")
     grid.test_half_and_double_inputs("triton")
     args = grid.make(1, 8, 5, 4)
     with pytest.raises(BackendError, match="power of two; got 6"):
         dispatch.scan_with("triton", *args[:7], delta_bias=args[7], delta_softplus=True, chunk=6)
+
+
+@pytest.mark.slow  # 16 interpreted runs; the shapes above run every option on
+@pytest.mark.parametrize("flags", grid.FLAGS, ids=lambda f: "z%dD%dbias%dsp%d" % f)
+def test_tiled_kernels_parity_options(flags, monkeypatch):
+    _tiled(monkeypatch, "both")
+    grid.test_parity_options("triton", flags)
 
 
 def test_one_chunk_and_default_chunk_agree_and_repeat_bit_for_bit():
@@ -182,7 +200,7 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile the kernels (forward, backward, the experimental tiled forward) for sm_90 (bf16
+    """Compile the kernels (forward, backward and their experimental tiled forms) for sm_90 (bf16
     inputs, every option on, each with the launch geometry it gets for a Vim-S mixer) to PTX
     and a cubin; no GPU needed. Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
@@ -193,14 +211,15 @@ def compile_kernels_for_sm90():
                   REVERSE=True, STAGES=st.STAGES)
     bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
     asm = []
-    tiled = st.FORWARD
-    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True}), (st._fwd_tiled, "fwd", {})):
+    modes = st.FORWARD, st.BACKWARD
+    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True}),
+                            (st._fwd_tiled, "fwd", {}), (st._bwd_tiled, "bwd", {"HAS_GLAST": True})):
         jf = JITFunction(fn)
-        st.FORWARD = "tiled" if fn is st._fwd_tiled else "loop"
+        st.FORWARD = st.BACKWARD = "tiled" if fn in (st._fwd_tiled, st._bwd_tiled) else "loop"
         try:
             _, _, block_d, _, warps, _ = st._plan(kind, 768, 16, 1)
         finally:
-            st.FORWARD = tiled
+            st.FORWARD, st.BACKWARD = modes
         c = dict(consts, BLOCK_D=block_d, **extra)
         sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
                for a in jf.arg_names}

@@ -41,6 +41,7 @@ STAGES = 2           # tl.range pipelining of the time loops (the backward's scr
 # time through a parallel scan: an experiment, not measured on a GPU yet; benchmarks/triton_sweep.py
 # times both)
 FORWARD = "loop"
+BACKWARD = "loop"    # the same for the backward (_bwd or _bwd_tiled)
 _TILE = 2048         # largest BLOCK_D * BLOCK_N (8 float32 of state per thread at 8 warps)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -352,6 +353,121 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
     tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
 
 
+def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
+               du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, scr_ptr,
+               L, d, dg, nblk, rB, rC,
+               su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l,
+               sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, sg_b, sg_d, sg_l,
+               so_b, so_d, so_l,
+               N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
+               HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
+    """The backward a chunk of K steps at a time (an experiment, not the default: BACKWARD),
+    chunks from last to first as _bwd, with no scratch: each chunk loads its inputs as tiles
+    (and again shifted by one step either way), forms the states before each step by a
+    parallel scan over time from the saved chunk-start state, and dL/dh for each step by a
+    reversed parallel scan of lam_s = exp(delta_{s+1} A) lam_{s+1} + C_s g_s from what the
+    chunk after left. Three exps per state element (steps s-1, s, s+1) where _bwd takes one."""
+    bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
+        su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
+        N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
+    G = tl.num_programs(1) // nblk
+    g_row = go_ptr + bi * sg_b + c * sg_d
+    du_row = du_ptr + bi * so_b + c * so_d
+    ddl_row = ddl_ptr + bi * so_b + c * so_d
+    dz_row = dz_ptr + bi * so_b + c * so_d
+    part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    if HAS_GLAST:
+        carry = tl.load(glast_ptr + bi * d * N + c[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    db_acc = tl.zeros((BLOCK_D,), tl.float32)
+    j = tl.arange(0, K)
+    for kk in range(0, nchunk):
+        k = nchunk - 1 - kk
+        s = k * K + j
+        kn = tl.minimum(K, L - k * K)
+        ok = j < kn
+        okp = (j >= 1) & ok                  # step s - 1 inside the chunk
+        okn = (j + 1) < kn                   # step s + 1 inside the chunk
+        if REVERSE:
+            t = L - 1 - s
+            tp = t + 1
+            tn = t - 1
+        else:
+            t = s
+            tp = t - 1
+            tn = t + 1
+        mt = cm[:, None] & ok[None, :]
+        mp = cm[:, None] & okp[None, :]
+        mn = cm[:, None] & okn[None, :]
+        # this step's inputs, (BLOCK_D, K) and (K, BLOCK_N)
+        uv = tl.load(u_row[:, None] + t[None, :] * su_l, mask=mt, other=0.0).to(tl.float32)
+        xr = tl.load(dl_row[:, None] + t[None, :] * sd_l, mask=mt, other=0.0).to(tl.float32) + bias[:, None]
+        Bv = tl.load(B_row[None, :] + t[:, None] * sB_l, mask=ok[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        Cv = tl.load(C_row[None, :] + t[:, None] * sC_l, mask=ok[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        gv = tl.load(g_row[:, None] + t[None, :] * sg_l, mask=mt, other=0.0).to(tl.float32)
+        # the previous step's (for the states before each step) and the next step's delta
+        up = tl.load(u_row[:, None] + tp[None, :] * su_l, mask=mp, other=0.0).to(tl.float32)
+        xp = tl.load(dl_row[:, None] + tp[None, :] * sd_l, mask=mp, other=0.0).to(tl.float32) + bias[:, None]
+        Bp = tl.load(B_row[None, :] + tp[:, None] * sB_l, mask=okp[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        xn = tl.load(dl_row[:, None] + tn[None, :] * sd_l, mask=mn, other=0.0).to(tl.float32) + bias[:, None]
+        x = xr
+        if SOFTPLUS:
+            x = _softplus(x)
+            xp = _softplus(xp)
+            xn = _softplus(xn)
+        dt = tl.where(mt, x, 0.0)
+        dtp = tl.where(mp, xp, 0.0)          # outside the chunk: exp(0) = 1, nothing added
+        dtn = tl.where(mn, xn, 0.0)
+        e = tl.exp(dt[:, :, None] * A[:, None, :])
+        # states before each step: an inclusive scan of the previous steps' updates
+        ap, bp = tl.associative_scan((tl.exp(dtp[:, :, None] * A[:, None, :]),
+                                      (dtp * up)[:, :, None] * Bp[None, :, :]), axis=1, combine_fn=_linear_combine)
+        h0 = tl.load(hs_tile + k * d * N, mask=m2, other=0.0)
+        hp = ap * h0[:, None, :] + bp
+        dtu = dt * uv
+        h = e * hp + dtu[:, :, None] * Bv[None, :, :]
+        if HAS_Z:
+            zv = tl.load(z_row[:, None] + t[None, :] * sz_l, mask=mt, other=0.0).to(tl.float32)
+            sg = 1.0 / (1.0 + tl.exp(-zv))
+            y = tl.sum(h * Cv[None, :, :], axis=2) + Dv[:, None] * uv
+            tl.store(dz_row[:, None] + t[None, :] * so_l,
+                     (gv * y * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=mt)
+            gv = gv * zv * sg
+        dD_acc += tl.sum(gv * uv, axis=1)
+        tl.store(partC[None, :] + t[:, None] * N, tl.sum(gv[:, :, None] * h, axis=0), mask=ok[:, None] & nm[None, :])
+        # dL/dh_s: lam_s = exp(delta_{s+1} A) lam_{s+1} + C_s g_s, the chunk's last step taking
+        # what the chunk after left (already multiplied by its first step's exp)
+        pa, pb = tl.associative_scan((tl.exp(dtn[:, :, None] * A[:, None, :]), gv[:, :, None] * Cv[None, :, :]),
+                                     axis=1, combine_fn=_linear_combine, reverse=True)
+        lam = pa * carry[:, None, :] + pb
+        q = lam * hp * e                                  # dL/d(delta*A), per state
+        tl.store(part[None, :] + t[:, None] * N, tl.sum(lam * dtu[:, :, None], axis=0),
+                 mask=ok[:, None] & nm[None, :])
+        s1 = tl.sum(lam * Bv[None, :, :], axis=2)
+        s2 = tl.sum(q * A[:, None, :], axis=2)
+        dA_acc += tl.sum(q * dt[:, :, None], axis=1)
+        ddt = s2 + s1 * uv
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-xr))
+        ddt = tl.where(mt, ddt, 0.0)
+        db_acc += tl.sum(ddt, axis=1)
+        tl.store(du_row[:, None] + t[None, :] * so_l, (gv * Dv[:, None] + s1 * dt).to(du_ptr.dtype.element_ty),
+                 mask=mt)
+        tl.store(ddl_row[:, None] + t[None, :] * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=mt)
+        carry = tl.sum(tl.where((j == 0)[None, :, None], e * lam, 0.0), axis=1)
+    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
+    tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
+    tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
+
+
 _jitted: dict = {}
 
 
@@ -362,11 +478,11 @@ def _kernels():
     if interp not in _jitted:
         if interp:
             from triton.runtime.interpreter import InterpretedFunction
-            _jitted[interp] = (InterpretedFunction(_fwd), InterpretedFunction(_bwd), InterpretedFunction(_fwd_tiled))
+            _jitted[interp] = tuple(map(InterpretedFunction, (_fwd, _bwd, _fwd_tiled, _bwd_tiled)))
         else:
-            _jitted[interp] = (JITFunction(_fwd), JITFunction(_bwd), JITFunction(_fwd_tiled))
-    fwd, bwd, tiled = _jitted[interp]
-    return (tiled if FORWARD == "tiled" else fwd), bwd
+            _jitted[interp] = tuple(map(JITFunction, (_fwd, _bwd, _fwd_tiled, _bwd_tiled)))
+    fwd, bwd, fwd_tiled, bwd_tiled = _jitted[interp]
+    return (fwd_tiled if FORWARD == "tiled" else fwd), (bwd_tiled if BACKWARD == "tiled" else bwd)
 
 
 class _library_interpreted:
@@ -487,6 +603,11 @@ def _plan(kind: str, d: int, N: int, G: int):
         BD = max(1, min(2048 // (BN * CHUNK), BD))
         nblk = (dg + BD - 1) // BD
         return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
+    if kind == "bwd" and BACKWARD == "tiled":
+        # a dozen (BLOCK_D, CHUNK, BLOCK_N) tiles live at once: 4 channels at 16 x 16
+        BD = max(1, min(1024 // (BN * CHUNK), BD))
+        nblk = (dg + BD - 1) // BD
+        return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
     if kind == "bwd":
         BD = max(1, min(256 // BN, BD))
         nblk = (dg + BD - 1) // BD
@@ -511,9 +632,9 @@ class SelectiveScanTriton(torch.autograd.Function):
         gB, gC, G = scan_groups(B, C, d)
         dg, BN, BD, nblk, warps, stages = _plan("fwd", d, N, G)
         K = int(chunk)
-        if FORWARD == "tiled" and K & (K - 1):
-            raise BackendError(f"the tiled Triton forward (scan_triton.FORWARD) takes a chunk that is a power of "
-                               f"two; got {K}")
+        if "tiled" in (FORWARD, BACKWARD) and K & (K - 1):
+            raise BackendError(f"the tiled Triton kernels (scan_triton.FORWARD, BACKWARD) take a chunk that is a "
+                               f"power of two; got {K}")
         nchunk = (L + K - 1) // K
         B4 = B if B.dim() == 4 else B.unsqueeze(1)
         C4 = C if C.dim() == 4 else C.unsqueeze(1)
@@ -557,7 +678,8 @@ class SelectiveScanTriton(torch.autograd.Function):
         dAp = torch.empty(b, d, N, **f32)
         dDp = torch.empty(b, d, **f32)
         dbp = torch.empty(b, d, **f32)
-        scr = torch.empty(b * G * nblk, K, BD, BN, **f32)
+        # the loop backward's per-program scratch (the tiled one keeps the chunk in registers)
+        scr = torch.empty(1 if BACKWARD == "tiled" else b * G * nblk * K * BD * BN, **f32)
         glast = dlast.contiguous() if dlast is not None else hs
         _, bwd = _kernels()
         _launch(bwd, (b, G * nblk),
