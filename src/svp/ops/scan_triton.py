@@ -230,6 +230,37 @@ def _fwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_p
     tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
 
 
+@_device_fn
+def _bwd_rows(go_ptr, du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, hs_ptr, glast_ptr, bi, gi, blk, c, n, m2, nblk,
+              L, d, sg_b, sg_d, so_b, so_d, N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              K: tl.constexpr, HAS_GLAST: tl.constexpr):
+    """A backward program's row pointers (dy; du, ddelta, dz, which share one layout, strides
+    so_*; its dB/dC partials, (b, G, nblk, L, N) contiguous), its chunk-start states, and
+    dL/d(last state) (zeros without one)."""
+    G = tl.num_programs(1) // nblk
+    g_row = go_ptr + bi * sg_b + c * sg_d
+    du_row = du_ptr + bi * so_b + c * so_d
+    ddl_row = ddl_ptr + bi * so_b + c * so_d
+    dz_row = dz_ptr + bi * so_b + c * so_d
+    part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    nchunk = tl.cdiv(L, K)
+    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
+    if HAS_GLAST:
+        glast = tl.load(glast_ptr + bi * d * N + c[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
+    else:
+        glast = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    return g_row, du_row, ddl_row, dz_row, part, partC, nchunk, hs_tile, glast
+
+
+@_device_fn
+def _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N: tl.constexpr):
+    """The program's sums over time of dA, dD and d delta_bias (per batch row: torch sums them)."""
+    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
+    tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
+    tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
+
+
 def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
          du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, scr_ptr,
          L, d, dg, nblk, rB, rC,
@@ -239,27 +270,15 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
          N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
          HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
          REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
-    # du, ddelta, dz share one layout (strides so_*)
     bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
         u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
         su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
         N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
-    G = tl.num_programs(1) // nblk
-    g_row = go_ptr + bi * sg_b + c * sg_d
-    du_row = du_ptr + bi * so_b + c * so_d
-    ddl_row = ddl_ptr + bi * so_b + c * so_d
-    dz_row = dz_ptr + bi * so_b + c * so_d
-    # dB/dC partials: (b, G, nblk, L, N) contiguous
-    part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
-    partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
+    g_row, du_row, ddl_row, dz_row, part, partC, nchunk, hs_tile, lam = _bwd_rows(
+        go_ptr, du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, hs_ptr, glast_ptr, bi, gi, blk, c, n, m2, nblk,
+        L, d, sg_b, sg_d, so_b, so_d, N, BLOCK_D, BLOCK_N, K, HAS_GLAST)
     scr = scr_ptr + (bi * tl.num_programs(1) + pid) * K * BLOCK_D * BLOCK_N \
         + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-    nchunk = tl.cdiv(L, K)
-    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
-    if HAS_GLAST:
-        lam = tl.load(glast_ptr + bi * d * N + c[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
-    else:
-        lam = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     db_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -348,9 +367,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             tl.store(du_row + t * so_l, (gv * Dv + s1 * dt).to(du_ptr.dtype.element_ty), mask=cm)
             tl.store(ddl_row + t * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=cm)
         tl.debug_barrier()  # before the next chunk overwrites the scratch
-    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
-    tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
-    tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
+    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
 
 
 def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
@@ -372,19 +389,9 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
         u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
         su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
         N, BLOCK_D, BLOCK_N, HAS_D, HAS_BIAS)
-    G = tl.num_programs(1) // nblk
-    g_row = go_ptr + bi * sg_b + c * sg_d
-    du_row = du_ptr + bi * so_b + c * so_d
-    ddl_row = ddl_ptr + bi * so_b + c * so_d
-    dz_row = dz_ptr + bi * so_b + c * so_d
-    part = dBp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
-    partC = dCp_ptr + ((bi * G + gi) * nblk + blk) * L * N + n
-    nchunk = tl.cdiv(L, K)
-    hs_tile = hs_ptr + bi * nchunk * d * N + c[:, None] * N + n[None, :]
-    if HAS_GLAST:
-        carry = tl.load(glast_ptr + bi * d * N + c[:, None] * N + n[None, :], mask=m2, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    g_row, du_row, ddl_row, dz_row, part, partC, nchunk, hs_tile, carry = _bwd_rows(
+        go_ptr, du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, hs_ptr, glast_ptr, bi, gi, blk, c, n, m2, nblk,
+        L, d, sg_b, sg_d, so_b, so_d, N, BLOCK_D, BLOCK_N, K, HAS_GLAST)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     db_acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -463,9 +470,7 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
                  mask=mt)
         tl.store(ddl_row[:, None] + t[None, :] * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=mt)
         carry = tl.sum(tl.where((j == 0)[None, :, None], e * lam, 0.0), axis=1)
-    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
-    tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
-    tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
+    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
 
 
 _jitted: dict = {}
