@@ -71,8 +71,7 @@ def constant_zeros(shape, dtype=torch.float32, device=None) -> torch.Tensor:
     fused kernels take; addmm's ignored input at beta = 0), made once per shape, dtype and device
     (default: the CPU): a fresh one is a fill, ~5 us in a forward where its code is out of the
     caches."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    key = (tuple(shape), dtype, device)
+    key = (tuple(shape), dtype, device)   # (None and the CPU's device: two equal copies, no conversion per call)
     t = _ZEROS.get(key)
     if t is None:
         t = _ZEROS[key] = torch.zeros(key[0], dtype=dtype, device=device)
