@@ -148,8 +148,9 @@ def part_c(dev, backends, dry, deadline):
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD)
-    from svp.ops import scan_triton
     runs = [(name, "loop") for name in backends] + ([("triton", "tiled")] if "triton" in backends else [])
+    if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
+        from svp.ops import scan_triton
     for name, kernels in runs:
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16",
                    backend=name if kernels == "loop" else f"{name} ({kernels})")
@@ -205,7 +206,8 @@ def part_c(dev, backends, dry, deadline):
             row["error"] = f"inference: {type(e).__name__}: {e}"
         finally:
             dispatch.set_backend(None)
-            scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
+            if name == "triton":
+                scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
         rows.append(row)
         del model, opt
     return rows

@@ -95,7 +95,6 @@ class Trainer:
         self.guard = DivergenceGuard(self.model, self.optimizer, self.ema,
                                      check_grads=not self.prec.scaler.is_enabled())
         self.check_each_step = finite_check_mode(t["finite_check"], self.device, dinfo.enabled) == "step"
-        self.log_every = int(cfg["run"]["log_every"])
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
               "train_seconds": 0.0, "nonfinite": None, "lr_phases": []}
@@ -181,7 +180,7 @@ class Trainer:
             stop_req = red[2] > 0 or self.hooks.stop_requested(st["global_step"])
             save_now = save_every and st["global_step"] % save_every == 0 and st["batch"] < self.steps_per_epoch
             mean_loss = red[0] / dinfo.world_size
-            if not self.check_each_step and (st["batch"] % self.log_every == 0 or stop_req or save_now
+            if not self.check_each_step and (st["batch"] % self.progress.log_every == 0 or stop_req or save_now
                                              or reached_max or st["batch"] == self.steps_per_epoch):
                 self._check_interval(st, x_in, y)
             if dev_loss is None:
