@@ -147,15 +147,20 @@ def part_c(dev, backends, dry, deadline):
         arch, kw, svp_kw, batch, px, steps = "vim_small_patch16_224", {}, {}, 128, 224, 5
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD)
-    runs = [(name, "loop") for name in backends] + ([("triton", "tiled")] if "triton" in backends else [])
+    # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD),
+    # and with the mixer's conv in its PyTorch form instead of conv_triton's kernels (the A/B
+    # of that change: conv_triton.ENABLED)
+    runs = [(name, "loop", True) for name in backends]
     if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
-        from svp.ops import scan_triton
-    for name, kernels in runs:
+        from svp.ops import conv_triton, scan_triton
+        runs += [("triton", "tiled", True), ("triton", "loop", False)]
+    for name, kernels, conv in runs:
+        label = name if kernels == "loop" else f"{name} ({kernels})"
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16",
-                   backend=name if kernels == "loop" else f"{name} ({kernels})")
+                   backend=label if conv else f"{label} (PyTorch conv)")
         if name == "triton":
             scan_triton.FORWARD = scan_triton.BACKWARD = kernels
+            conv_triton.ENABLED = conv
         model = opt = None
         if time.monotonic() > deadline:
             row["skipped"] = "time budget"
@@ -208,6 +213,7 @@ def part_c(dev, backends, dry, deadline):
             dispatch.set_backend(None)
             if name == "triton":
                 scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
+                conv_triton.ENABLED = True
         rows.append(row)
         del model, opt
     return rows

@@ -98,7 +98,21 @@ def _conv(x, weight, bias, reverse):
     if (bias is None or bias.dim() == 1 or not bias.requires_grad) and _fused_cpu(x):
         from ..ops.conv_cpu import causal_conv1d_cpu
         return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
+    if (bias is None or bias.dim() == 1) and _triton_conv(x):
+        return _conv_triton().causal_conv1d_triton(x, weight, bias, "silu", reverse=reverse)
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
+
+
+def _triton_conv(x) -> bool:
+    """Whether the conv runs as svp.ops.conv_triton's kernels: where the scan runs on the
+    'triton' backend (a CUDA GPU by default; CPU tensors under TRITON_INTERPRET=1 with the backend
+    forced), unless ``conv_triton.ENABLED`` is off. Its PyTorch form moves ~14x the bytes."""
+    return get_backend(x.device) == "triton" and _conv_triton().ENABLED
+
+
+def _conv_triton():
+    from ..ops import conv_triton   # (imported at first use: Triton is optional)
+    return conv_triton
 
 
 def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:

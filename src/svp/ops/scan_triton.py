@@ -476,17 +476,23 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
 _jitted: dict = {}
 
 
-def _kernels():
-    """(forward, backward) compiled for the GPU, or wrapped for Triton's interpreter when
-    TRITON_INTERPRET=1 at call time (triton.jit reads it once, at decoration)."""
-    interp = interpreting()
-    if interp not in _jitted:
-        if interp:
-            from triton.runtime.interpreter import InterpretedFunction
-            _jitted[interp] = tuple(map(InterpretedFunction, (_fwd, _bwd, _fwd_tiled, _bwd_tiled)))
+def jitted(*fns):
+    """Kernels (plain functions) compiled for the GPU, or wrapped for Triton's interpreter when
+    TRITON_INTERPRET=1 at call time (triton.jit reads it once, at decoration); made once each
+    way, and shared by every module's kernels (conv_triton's too)."""
+    key = (interpreting(),) + fns
+    if key not in _jitted:
+        if key[0]:
+            from triton.runtime.interpreter import InterpretedFunction as wrap
         else:
-            _jitted[interp] = tuple(map(JITFunction, (_fwd, _bwd, _fwd_tiled, _bwd_tiled)))
-    fwd, bwd, fwd_tiled, bwd_tiled = _jitted[interp]
+            wrap = JITFunction
+        _jitted[key] = tuple(map(wrap, fns))
+    return _jitted[key]
+
+
+def _kernels():
+    """(forward, backward): the loop or the tiled kernels, as FORWARD and BACKWARD say."""
+    fwd, bwd, fwd_tiled, bwd_tiled = jitted(_fwd, _bwd, _fwd_tiled, _bwd_tiled)
     return (fwd_tiled if FORWARD == "tiled" else fwd), (bwd_tiled if BACKWARD == "tiled" else bwd)
 
 

@@ -1,0 +1,136 @@
+"""What a training step on the GPU code path moves through memory, counted without a GPU.
+
+Runs one training step (forward, cross-entropy, backward, AdamW) of a Vim with a method on
+PyTorch's meta device (shapes only, no data), with the scan on the 'triton' backend as on a
+CUDA GPU and the Triton kernels not launched, and counts under a TorchDispatchMode every
+PyTorch operator that touches memory (views and allocations left out): how many run, and the
+bytes of their tensor arguments and results, each counted once as read or written. That is
+what the step's PyTorch ops move at the least (a GPU kernel reads each input at least once);
+the Triton launches are listed apart with the bytes of their tensor arguments. Counts, not
+times: the same on every machine. The meta device has no autocast, so every activation is
+float32 here; under bfloat16 autocast on a GPU the products' outputs and what follows them
+move about half as many bytes.
+
+    python benchmarks/gpu_bytes.py [--model vim_small_patch16_224] [--method svp] [--batch 128]
+                                   [--conv both|triton|torch] [--top 12]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+os.environ["TRITON_INTERPRET"] = "1"   # lets the 'triton' backend take meta tensors; nothing runs
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+# no memory traffic of their own
+FREE = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze",
+        "split", "split_with_sizes", "chunk", "permute", "detach", "alias", "unbind", "reshape", "empty",
+        "empty_like", "new_empty", "new_empty_strided", "empty_strided", "_reshape_alias", "lift_fresh"}
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+class Traffic(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.bytes = collections.Counter()
+        self.place = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in FREE:
+            return out
+        n = sum(_nbytes(t) for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        self.ops[name] += 1
+        self.bytes[name] += n
+        frames = [f for f in traceback.extract_stack()[:-1] if os.sep + "svp" + os.sep in f.filename]
+        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "(autograd)"
+        self.place[(name, where)] += n
+        return out
+
+
+def count(model_name, method, batch, conv_on):
+    import timm
+
+    import svp.models  # noqa: F401  (registers the Vim models)
+    from svp.ops import conv_triton, dispatch, scan_triton
+    from svp.peft import get_peft_model, make_config
+
+    launches = collections.Counter()
+    launch_bytes = collections.Counter()
+
+    def fake_launch(kernel, grid, *args, **kwargs):
+        name = getattr(kernel, "fn", kernel).__name__
+        launches[name] += 1
+        launch_bytes[name] += sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor))
+
+    scan_triton._launch = conv_triton._launch = fake_launch
+    conv_triton.ENABLED = conv_on
+    torch.manual_seed(0)
+    model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
+                           make_config(method, num_classes=100)).to("meta")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    x = torch.empty(batch, 3, 224, 224, device="meta")
+    y = torch.zeros(batch, dtype=torch.long, device="meta")
+    dispatch.set_backend("triton")
+
+    def step():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()      # AdamW's state is made in the first step
+    launches.clear()
+    launch_bytes.clear()
+    with Traffic() as t:
+        step()
+    dispatch.set_backend(None)
+    return t, launches, launch_bytes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="vim_small_patch16_224")
+    ap.add_argument("--method", default="svp")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--conv", choices=("both", "triton", "torch"), default="both",
+                    help="the mixer's conv: conv_triton's kernels, its PyTorch form, or each in turn")
+    ap.add_argument("--top", type=int, default=12, help="rows of the largest operators and places")
+    a = ap.parse_args(argv)
+    rows = []
+    for conv in (("torch", "triton") if a.conv == "both" else (a.conv,)):
+        t, launches, launch_bytes = count(a.model, a.method, a.batch, conv == "triton")
+        total = sum(t.bytes.values())
+        rows.append((conv, sum(t.ops.values()), total, sum(launches.values()), sum(launch_bytes.values())))
+        print(f"\n## {a.model}, {a.method}, batch {a.batch}, conv: {conv}")
+        print(f"PyTorch operators: {sum(t.ops.values())}, {total / 1e9:.2f} GB "
+              f"({total / a.batch / 1e6:.1f} MB an image)")
+        print("Triton launches: " + ", ".join(f"{k} {v} ({launch_bytes[k] / 1e9:.2f} GB of arguments)"
+                                              for k, v in sorted(launches.items())))
+        print("largest operators:")
+        for k, v in t.bytes.most_common(a.top):
+            print(f"  {k:24s} {t.ops[k]:6d} calls {v / 1e9:8.2f} GB")
+        print("largest places (the svp line that called them):")
+        for (k, where), v in t.place.most_common(a.top):
+            print(f"  {v / 1e9:8.2f} GB  {k:20s} {where}")
+    if len(rows) == 2:
+        (_, n0, b0, l0, _), (_, n1, b1, l1, _) = rows
+        print(f"\nconv as Triton kernels against its PyTorch form: PyTorch operators {n0} -> {n1} ({n1 / n0:.2f}x), "
+              f"their bytes {b0 / 1e9:.1f} -> {b1 / 1e9:.1f} GB ({b1 / b0:.2f}x); Triton launches {l0} -> {l1}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
