@@ -12,7 +12,11 @@ float32 here; under bfloat16 autocast on a GPU the products' outputs and what fo
 move about half as many bytes.
 
     python benchmarks/gpu_bytes.py [--model vim_small_patch16_224] [--method svp] [--batch 128]
-                                   [--conv both|triton|torch] [--top 12]
+                                   [--configs none conv conv+norm] [--top 12]
+
+A configuration names the Triton kernels the step runs beside the scan's: ``none`` (the mixer's
+conv and the blocks' add + RMSNorm in PyTorch, as before 2026-12-04), ``conv``
+(svp.ops.conv_triton), ``conv+norm`` (and svp.ops.norm_triton: what the 'triton' backend runs).
 """
 from __future__ import annotations
 
@@ -61,11 +65,11 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def count(model_name, method, batch, conv_on):
+def count(model_name, method, batch, kernels):
     import timm
 
     import svp.models  # noqa: F401  (registers the Vim models)
-    from svp.ops import conv_triton, dispatch, scan_triton
+    from svp.ops import conv_triton, dispatch, norm_triton, scan_triton
     from svp.peft import get_peft_model, make_config
 
     launches = collections.Counter()
@@ -76,8 +80,9 @@ def count(model_name, method, batch, conv_on):
         launches[name] += 1
         launch_bytes[name] += sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor))
 
-    scan_triton._launch = conv_triton._launch = fake_launch
-    conv_triton.ENABLED = conv_on
+    scan_triton._launch = conv_triton._launch = norm_triton._launch = fake_launch
+    conv_triton.ENABLED = "conv" in kernels
+    norm_triton.ENABLED = "norm" in kernels
     torch.manual_seed(0)
     model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
                            make_config(method, num_classes=100)).to("meta")
@@ -105,16 +110,17 @@ def main(argv=None):
     ap.add_argument("--model", default="vim_small_patch16_224")
     ap.add_argument("--method", default="svp")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--conv", choices=("both", "triton", "torch"), default="both",
-                    help="the mixer's conv: conv_triton's kernels, its PyTorch form, or each in turn")
+    ap.add_argument("--configs", nargs="+", choices=("none", "conv", "conv+norm", "norm"),
+                    default=["none", "conv", "conv+norm"],
+                    help="the Triton kernels beside the scan's, one step counted for each")
     ap.add_argument("--top", type=int, default=12, help="rows of the largest operators and places")
     a = ap.parse_args(argv)
     rows = []
-    for conv in (("torch", "triton") if a.conv == "both" else (a.conv,)):
-        t, launches, launch_bytes = count(a.model, a.method, a.batch, conv == "triton")
+    for conv in a.configs:
+        t, launches, launch_bytes = count(a.model, a.method, a.batch, conv.split("+"))
         total = sum(t.bytes.values())
         rows.append((conv, sum(t.ops.values()), total, sum(launches.values()), sum(launch_bytes.values())))
-        print(f"\n## {a.model}, {a.method}, batch {a.batch}, conv: {conv}")
+        print(f"\n## {a.model}, {a.method}, batch {a.batch}, Triton kernels beside the scan's: {conv}")
         print(f"PyTorch operators: {sum(t.ops.values())}, {total / 1e9:.2f} GB "
               f"({total / a.batch / 1e6:.1f} MB an image)")
         print("Triton launches: " + ", ".join(f"{k} {v} ({launch_bytes[k] / 1e9:.2f} GB of arguments)"
@@ -125,10 +131,11 @@ def main(argv=None):
         print("largest places (the svp line that called them):")
         for (k, where), v in t.place.most_common(a.top):
             print(f"  {v / 1e9:8.2f} GB  {k:20s} {where}")
-    if len(rows) == 2:
-        (_, n0, b0, l0, _), (_, n1, b1, l1, _) = rows
-        print(f"\nconv as Triton kernels against its PyTorch form: PyTorch operators {n0} -> {n1} ({n1 / n0:.2f}x), "
-              f"their bytes {b0 / 1e9:.1f} -> {b1 / 1e9:.1f} GB ({b1 / b0:.2f}x); Triton launches {l0} -> {l1}")
+    print("\n| kernels beside the scan | PyTorch operators | their GB | x the first | Triton launches | "
+          "their argument GB |")
+    print("|---|---|---|---|---|---|")
+    for conv, n, b, la, lb in rows:
+        print(f"| {conv} | {n} | {b / 1e9:.1f} | {b / rows[0][2]:.2f}x | {la} | {lb / 1e9:.1f} |")
     return 0
 
 

@@ -148,19 +148,19 @@ def part_c(dev, backends, dry, deadline):
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD),
-    # and with the mixer's conv in its PyTorch form instead of conv_triton's kernels (the A/B
-    # of that change: conv_triton.ENABLED)
+    # and with the mixer's conv and the blocks' add + RMSNorm in their PyTorch forms instead of
+    # conv_triton's and norm_triton's kernels (the A/B of that change: their ENABLED flags)
     runs = [(name, "loop", True) for name in backends]
     if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
-        from svp.ops import conv_triton, scan_triton
+        from svp.ops import conv_triton, norm_triton, scan_triton
         runs += [("triton", "tiled", True), ("triton", "loop", False)]
     for name, kernels, conv in runs:
         label = name if kernels == "loop" else f"{name} ({kernels})"
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16",
-                   backend=label if conv else f"{label} (PyTorch conv)")
+                   backend=label if conv else f"{label} (PyTorch conv, norm)")
         if name == "triton":
             scan_triton.FORWARD = scan_triton.BACKWARD = kernels
-            conv_triton.ENABLED = conv
+            conv_triton.ENABLED = norm_triton.ENABLED = conv
         model = opt = None
         if time.monotonic() > deadline:
             row["skipped"] = "time budget"
@@ -213,7 +213,7 @@ def part_c(dev, backends, dry, deadline):
             dispatch.set_backend(None)
             if name == "triton":
                 scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
-                conv_triton.ENABLED = True
+                conv_triton.ENABLED = norm_triton.ENABLED = True
         rows.append(row)
         del model, opt
     return rows

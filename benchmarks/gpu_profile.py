@@ -22,8 +22,9 @@ def main(argv=None):
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--kernels", choices=("loop", "tiled"), default="loop",
                     help="the Triton backend's kernels (scan_triton.FORWARD and BACKWARD)")
-    ap.add_argument("--conv", choices=("triton", "torch"), default="triton",
-                    help="the mixer's conv on the triton backend: conv_triton's kernels or its PyTorch form")
+    ap.add_argument("--around", choices=("triton", "torch"), default="triton",
+                    help="the mixer's conv and the blocks' add + RMSNorm on the triton backend: their Triton "
+                         "kernels (conv_triton, norm_triton) or their PyTorch forms")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--dry-run", action="store_true")
@@ -52,9 +53,9 @@ def main(argv=None):
     y = torch.randint(0, 100, (batch,), device=dev)
     dispatch.set_backend(a.backend)
     if a.backend == "triton":
-        from svp.ops import conv_triton, scan_triton
+        from svp.ops import conv_triton, norm_triton, scan_triton
         scan_triton.FORWARD = scan_triton.BACKWARD = a.kernels
-        conv_triton.ENABLED = a.conv == "triton"
+        conv_triton.ENABLED = norm_triton.ENABLED = a.around == "triton"
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -79,10 +80,11 @@ def main(argv=None):
             total = sum(e.time_range.elapsed_us() for e in kern)
             names = ("_fwd", "_bwd", "_fwd_tiled", "_bwd_tiled")
             scan = sum(e.time_range.elapsed_us() for e in kern if e.name in names)
-            conv = sum(e.time_range.elapsed_us() for e in kern if e.name in ("_conv_fwd", "_conv_bwd"))
+            around = ("_conv_fwd", "_conv_bwd", "_norm_fwd", "_norm_bwd")
+            conv = sum(e.time_range.elapsed_us() for e in kern if e.name in around)
             print(f"kernel time in the step: {total / 1e3:.2f} ms; the scan's ({', '.join(names)}): "
-                  f"{scan / 1e3:.2f} ms ({100 * scan / max(total, 1):.1f}%); the conv's Triton kernels: "
-                  f"{conv / 1e3:.2f} ms")
+                  f"{scan / 1e3:.2f} ms ({100 * scan / max(total, 1):.1f}%); the conv's and norm's "
+                  f"({', '.join(around)}): {conv / 1e3:.2f} ms")
         except Exception as e:     # the table below matters more than this line
             print(f"(no kernel-time summary: {type(e).__name__}: {e})")
     print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=60))

@@ -2,7 +2,7 @@
 # Everything issue 11 measures on a GPU, in one call (a lent GPU machine's session is short):
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (launch
 # geometries, the exp-only floor), benchmarks/gpu_profile.py (a Vim-S step's kernels: as it
-# runs, with the tiled scan kernels, and with the mixer's conv in its PyTorch form) and
+# runs, with the tiled scan kernels, and with the conv and add + RMSNorm in their PyTorch forms) and
 # `svp doctor`, each under its own time limit, all output under OUTDIR (about 4-5 minutes on an
 # H200; at most 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
 #
@@ -28,7 +28,7 @@ timeout 150 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-110
 echo "sweep rc $?" >> "$L"
 stamp profile
 { timeout 60 "$py" "$here/gpu_profile.py"; timeout 60 "$py" "$here/gpu_profile.py" --kernels tiled
-  timeout 60 "$py" "$here/gpu_profile.py" --conv torch; } > "$out/prof.txt" 2>&1
+  timeout 60 "$py" "$here/gpu_profile.py" --around torch; } > "$out/prof.txt" 2>&1
 echo "profile rc $?" >> "$L"
 stamp doctor
 # the fused CPU kernels compile cold on a fresh machine (numba): longer than the GPU checks

@@ -200,8 +200,8 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile the kernels (forward, backward and their experimental tiled forms, and the conv's
-    two) for sm_90 (bf16 inputs, every option on, each with the launch geometry it gets for a
+    """Compile the kernels (forward, backward and their experimental tiled forms, the conv's two
+    and the add + RMSNorm's two) for sm_90 (bf16 inputs, every option on, each with the launch geometry it gets for a
     Vim-S mixer) to PTX and a cubin; no GPU needed. Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -236,6 +236,16 @@ def compile_kernels_for_sm90():
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=ct.WARPS))
         asm.append(k.asm)
+    # the add + RMSNorm's (svp.ops.norm_triton) at Vim-S's width, a bf16 mixer output
+    from svp.ops import norm_triton as nt
+    for fn, flag in ((nt._norm_fwd, "HAS_RES"), (nt._norm_bwd, "HAS_GX")):
+        jf = JITFunction(fn)
+        c = {"BLOCK": 512, "ROWS": nt.ROWS, flag: True}
+        sig = {a: "constexpr" if a in c else ("*bf16" if a == "h_ptr" else "*fp32") if a.endswith("_ptr")
+               else "fp32" if a == "eps" else "i32" for a in jf.arg_names}
+        k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=nt._warps(512)))
+        asm.append(k.asm)
     return asm
 
 
@@ -257,10 +267,10 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([here, src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         code = ("import test_scan_triton as t; asm = t.compile_kernels_for_sm90(); "
-                "print(len(asm) == 6 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
+                "print(len(asm) == 8 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.split()[-1:] == ["True"], r.stdout + r.stderr
         return
-    assert len(asm) == 6    # the scan's four kernels and the conv's two
+    assert len(asm) == 8    # the scan's four kernels, the conv's two and the norm's two
     for a in asm:
         assert "cubin" in a and "atom" not in a["ptx"]   # deterministic: no atomics

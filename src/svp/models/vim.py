@@ -85,9 +85,9 @@ def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
     return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
 
 
-def _add_rms_norm(hidden, residual, norm):
-    """The fused kernel (its arguments checked by _fused_norm)."""
-    return cpu_kernels.norm_cpu.add_rms_norm(hidden, residual, norm.weight, norm.eps)
+def _add_rms_norm(kernel, hidden, residual, norm):
+    """The fused kernel _fused_norm chose (it checked the arguments)."""
+    return kernel(hidden, residual, norm.weight, norm.eps)
 
 
 def _conv(x, weight, bias, reverse):
@@ -538,11 +538,13 @@ class Block(nn.Module):
         if residual is not None:
             hidden = self.drop_path(hidden)
         norm = self.norm
-        if _fused_norm(norm, hidden, residual):
-            # one numba pass each way instead of ~7 PyTorch ops forward and ~12 backward
+        kernel = _fused_norm(norm, hidden, residual)
+        if kernel is not None:
+            # one pass each way (numba on the CPU, Triton on a GPU) instead of ~7 PyTorch ops
+            # forward and ~12 backward
             if residual is None:
-                return self.mixer(_add_rms_norm(hidden, None, norm)), hidden
-            out, residual = _add_rms_norm(hidden, residual, norm)
+                return self.mixer(_add_rms_norm(kernel, hidden, None, norm)), hidden
+            out, residual = _add_rms_norm(kernel, hidden, residual, norm)
             return self.mixer(out), residual
         residual = hidden if residual is None else residual + hidden
         if self.residual_in_fp32:
@@ -551,13 +553,29 @@ class Block(nn.Module):
         return hidden, residual
 
 
-def _fused_norm(norm, hidden, residual) -> bool:
-    """The fused add+RMSNorm computes exactly what ``RMSNorm(residual + hidden)`` does (in
-    float32, as residual_in_fp32 asks) when everything is float32 on the CPU; a norm with hooks,
-    or one a method replaced by another module, keeps the module call."""
-    return (isinstance(norm, RMSNorm) and type(norm).forward is RMSNorm.forward
+def _fused_norm(norm, hidden, residual):
+    """The fused add+RMSNorm kernel for these tensors, or None. It computes what
+    ``RMSNorm(residual + hidden)`` does (in float32, as residual_in_fp32 asks): the numba one
+    when everything is float32 on the CPU, the Triton one (svp.ops.norm_triton) where the scan
+    runs on 'triton' and the residual stream is float32 (hidden, the mixer's output, may be
+    bfloat16 under autocast); a norm with hooks, or one a method replaced by another module,
+    keeps the module call."""
+    if not (isinstance(norm, RMSNorm) and type(norm).forward is RMSNorm.forward
             and not (norm._forward_hooks or norm._forward_pre_hooks)
-            and (residual is None or residual.shape == hidden.shape) and _fused_cpu(hidden, residual, norm.weight))
+            and (residual is None or residual.shape == hidden.shape)):
+        return None
+    if _fused_cpu(hidden, residual, norm.weight):
+        return cpu_kernels.norm_cpu.add_rms_norm
+    if (norm.weight.dtype == torch.float32 and (hidden.dtype == torch.float32 if residual is None
+                                                 else residual.dtype == torch.float32)
+            and get_backend(hidden.device) == "triton" and _norm_triton().ENABLED):
+        return _norm_triton().add_rms_norm_triton
+    return None
+
+
+def _norm_triton():
+    from ..ops import norm_triton   # (imported at first use: Triton is optional)
+    return norm_triton
 
 
 class VisionMamba(nn.Module):
@@ -653,8 +671,9 @@ class VisionMamba(nn.Module):
                 hidden, residual, cls_pos = hook(i, hidden, residual, cls_pos)
             hidden, residual = layer(hidden, residual)
         hidden = self.drop_path(hidden)
-        if _fused_norm(self.norm_f, hidden, residual):
-            out = _add_rms_norm(hidden, residual, self.norm_f)[0]
+        kernel = _fused_norm(self.norm_f, hidden, residual)
+        if kernel is not None:
+            out = _add_rms_norm(kernel, hidden, residual, self.norm_f)[0]
         else:
             out = self.norm_f((residual + hidden).float()).to(self.norm_f.weight.dtype)
         return (out, cls_pos) if return_cls_pos else out
