@@ -11,24 +11,14 @@ import pytest
 import torch
 
 from svp.errors import BackendError
-from svp.ops import dispatch, set_backend
+from svp.ops import set_backend
 from svp.ops.conv import causal_conv1d_bld, causal_conv1d_ref
+from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with Linux CUDA torch wheels)")
-if dispatch._load("triton") is None:  # a Triton too old for the backend (Triton 2, torch < 2.4)
-    pytest.skip(dispatch.unavailable_backends()["triton"], allow_module_level=True)
+triton = require_triton()
 
 from svp.ops import conv_triton  # noqa: E402
 from svp.ops.conv_triton import causal_conv1d_triton  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
-    set_backend(None)
-    yield
-    set_backend(None)
 
 
 def _reference(x, w, bias, act, reverse):

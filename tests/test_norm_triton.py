@@ -9,26 +9,16 @@ import pytest
 import torch
 
 from svp.errors import BackendError
-from svp.ops import dispatch, set_backend
+from svp.ops import set_backend
 from svp.ops.norm import rms_norm_ref
+from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with Linux CUDA torch wheels)")
-if dispatch._load("triton") is None:  # a Triton too old for the backend (Triton 2, torch < 2.4)
-    pytest.skip(dispatch.unavailable_backends()["triton"], allow_module_level=True)
+triton = require_triton()
 
 from svp.ops import norm_triton  # noqa: E402
 from svp.ops.norm_triton import add_rms_norm_triton  # noqa: E402
 
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
-    set_backend(None)
-    yield
-    set_backend(None)
 
 
 def _inputs(shape, hdtype, residual, seed):
@@ -88,7 +78,7 @@ def test_same_bits_on_every_run():
 
 def test_bad_input_is_named(monkeypatch):
     h = torch.randn(2, 3, 8)
-    with pytest.raises(BackendError, match="float32 residual; got torch.bfloat16"):
+    with pytest.raises(BackendError, match="takes float32 tensors; residual is torch.bfloat16"):
         add_rms_norm_triton(h, h.bfloat16(), torch.ones(8), EPS)
     with pytest.raises(BackendError, match="without a residual takes a float32 hidden"):
         add_rms_norm_triton(h.bfloat16(), None, torch.ones(8), EPS)

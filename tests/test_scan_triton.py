@@ -16,19 +16,9 @@ import torch
 import test_scan_backends as grid
 from svp.errors import BackendError
 from svp.ops import dispatch, get_backend, set_backend
+from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
-triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with Linux CUDA torch wheels)")
-if dispatch._load("triton") is None:  # a Triton too old for the backend (Triton 2, torch < 2.4)
-    pytest.skip(dispatch.unavailable_backends()["triton"], allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
-    set_backend(None)
-    yield
-    set_backend(None)
+triton = require_triton()
 
 
 @pytest.mark.parametrize("shape", grid.SHAPES, ids=lambda s: "x".join(map(str, s)))

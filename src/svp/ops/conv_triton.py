@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import BackendError
-from .scan_triton import DTYPES, _device_fn, _launch, interpreting, jitted
+from .scan_triton import _device_fn, _launch, check_tensors, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
 # backend (models/vim.py's _conv); False gives the pure-PyTorch conv there, for an A/B on a GPU
@@ -142,17 +141,7 @@ def _check(x, weight, bias, activation):
                          f"{tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[-1],):
         raise ValueError(f"the Triton conv takes a (dim,) bias; got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype not in DTYPES:
-            raise BackendError(f"the Triton conv takes float32, bfloat16 or float16 tensors; {name} is {t.dtype}")
-        if t.device != x.device:
-            raise BackendError(f"the Triton conv needs every tensor on one device; x is on {x.device}, "
-                               f"{name} on {t.device}")
-    if x.device.type != "cuda" and not interpreting():
-        raise BackendError(f"the Triton conv runs on CUDA tensors (x is on {x.device}); set TRITON_INTERPRET=1 "
-                           f"to run it on CPU tensors through Triton's interpreter")
+    check_tensors("the Triton conv", (("x", x), ("weight", weight), ("bias", bias)))
 
 
 def _grid(x):

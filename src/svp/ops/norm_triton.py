@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendError
-from .scan_triton import DTYPES, _launch, interpreting, jitted
+from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
 
 # Whether the Vim blocks run their add + RMSNorm through these kernels where the scan runs on
 # the 'triton' backend (models/vim.py's _triton_norm); False gives the PyTorch form back.
@@ -27,12 +27,17 @@ ENABLED = True
 ROWS = 16     # rows (tokens) a program: Vim-S at batch 128 has 25,216, so 1,576 programs
 
 
-def _norm_fwd(h_ptr, r_ptr, w_ptr, out_ptr, x_ptr, rstd_ptr, M, D, eps,
-              BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+@_device_fn
+def _program(w_ptr, D, BLOCK: tl.constexpr):
+    """This program's number, the row's columns and their mask, and the weight in float32."""
     cols = tl.arange(0, BLOCK)
     cm = cols < D
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    return tl.program_id(0).to(tl.int64), cols, cm, tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+
+
+def _norm_fwd(h_ptr, r_ptr, w_ptr, out_ptr, x_ptr, rstd_ptr, M, D, eps,
+              BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr):
+    pid, cols, cm, w = _program(w_ptr, D, BLOCK)
     for i in range(ROWS):
         row = pid * ROWS + i
         m = cm & (row < M)
@@ -47,10 +52,7 @@ def _norm_fwd(h_ptr, r_ptr, w_ptr, out_ptr, x_ptr, rstd_ptr, M, D, eps,
 
 def _norm_bwd(x_ptr, w_ptr, rstd_ptr, g_ptr, gx_ptr, dx_ptr, dwp_ptr, M, D,
               BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_GX: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    cm = cols < D
-    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    pid, cols, cm, w = _program(w_ptr, D, BLOCK)
     dw = tl.zeros((BLOCK,), tl.float32)
     for i in range(ROWS):
         row = pid * ROWS + i
@@ -122,22 +124,13 @@ def add_rms_norm_triton(hidden, residual, weight, eps):
     """(RMSNorm(residual + hidden) * weight, residual + hidden) in float32, for a (..., D) hidden
     in float32, bfloat16 or float16 and a float32 residual of its shape on one device, weight
     (D,) float32; with ``residual=None`` the normalised float32 ``hidden`` alone."""
-    for name, t in (("hidden", hidden), ("residual", residual), ("weight", weight)):
-        if t is None:
-            continue
-        if t.dtype not in (DTYPES if name == "hidden" else (torch.float32,)):
-            raise BackendError(f"the Triton add + RMSNorm takes a float32 {name}"
-                               f"{' (or bfloat16, float16)' if name == 'hidden' else ''}; got {t.dtype}")
-        if t.device != hidden.device:
-            raise BackendError(f"the Triton add + RMSNorm needs every tensor on one device; hidden is on "
-                               f"{hidden.device}, {name} on {t.device}")
+    # (the mixer's output may be reduced-precision; the residual stream and the weight are float32)
+    check_tensors("the Triton add + RMSNorm", (("hidden", hidden), ("residual", residual), ("weight", weight)),
+                  dtypes=lambda name: DTYPES if name == "hidden" else (torch.float32,))
     if residual is None and hidden.dtype != torch.float32:
         raise BackendError(f"the Triton RMSNorm without a residual takes a float32 hidden; got {hidden.dtype}")
     if residual is not None and residual.shape != hidden.shape:
         raise ValueError(f"residual {tuple(residual.shape)} and hidden {tuple(hidden.shape)} differ")
     if weight.dim() != 1 or weight.shape[0] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of {tuple(hidden.shape)}")
-    if hidden.device.type != "cuda" and not interpreting():
-        raise BackendError(f"the Triton add + RMSNorm runs on CUDA tensors (hidden is on {hidden.device}); "
-                           f"set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter")
     return AddRMSNormTriton.apply(hidden, residual, weight, eps)

@@ -566,20 +566,32 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias):
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_bias", delta_bias)):
+def check_tensors(op: str, named, dtypes=DTYPES, advice: str = "") -> None:
+    """What every Triton op here asks of its tensors: raise BackendError unless each of ``named``
+    ((name, tensor or None) pairs) has one of ``dtypes`` (a tuple, or a function of the name
+    giving one), all sit on the first one's device, and that device is CUDA or Triton's
+    interpreter runs. ``op`` begins each message ("the Triton conv")."""
+    first_name, first = next((n, t) for n, t in named if t is not None)
+    for name, x in named:
         if x is None:
             continue
-        if x.dtype not in DTYPES:
-            raise BackendError(f"the 'triton' scan backend takes float32, bfloat16 or float16 tensors; "
-                               f"{name} is {x.dtype} (use the 'torch' or 'cpu' backend for it)")
-        if x.device != u.device:
-            raise BackendError(f"the 'triton' scan backend needs every tensor on one device; u is on {u.device}, "
+        ok = dtypes(name) if callable(dtypes) else dtypes
+        if x.dtype not in ok:
+            kinds = ", ".join(str(d).replace("torch.", "") for d in ok)
+            kinds = " or ".join(kinds.rsplit(", ", 1))
+            raise BackendError(f"{op} takes {kinds} tensors; {name} is {x.dtype}{advice}")
+        if x.device != first.device:
+            raise BackendError(f"{op} needs every tensor on one device; {first_name} is on {first.device}, "
                                f"{name} on {x.device}")
-        if x.device.type != "cuda" and not interpreting():
-            raise BackendError(f"the 'triton' scan backend runs on CUDA tensors ({name} is on {x.device}); "
-                               f"set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter")
+    if first.device.type != "cuda" and not interpreting():
+        raise BackendError(f"{op} runs on CUDA tensors ({first_name} is on {first.device}); "
+                           f"set TRITON_INTERPRET=1 to run it on CPU tensors through Triton's interpreter")
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias):
+    check_tensors("the 'triton' scan backend", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
+                                                ("D", D), ("z", z), ("delta_bias", delta_bias)),
+                  advice=" (use the 'torch' or 'cpu' backend for it)")
     if A.shape[1] > MAX_D_STATE:
         raise BackendError(f"the 'triton' scan backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}")
 
