@@ -10,7 +10,9 @@ source tree (PYTHONPATH=src); mamba_ssm is used when it imports, never required.
 (a) correctness: every CUDA backend (``triton``; ``cuda`` if mamba_ssm imports) against
     ``selective_scan_ref`` in float64 (``svp doctor``'s cases: both directions, delta*|A|
     large enough that exp underflows, N=1): worst relative error of the output, the last
-    state and the gradients of all eight inputs, beside the backend's tolerance.
+    state and the gradients of all eight inputs, beside the backend's tolerance; with
+    ``triton``, also the conv's and the add + RMSNorm's Triton kernels against their PyTorch
+    forms in float64 (outputs and every gradient, at a Vim-S mixer's shapes).
 (b) scan speed: one direction of one Vim mixer (L=197, N=16, d_inner 384 = Vim-T and
     768 = Vim-S), batch 64 and 128, float32 and bfloat16 inputs, forward and
     forward+backward, for ``triton``, ``torch`` and ``cuda``; beside each time the
@@ -104,7 +106,67 @@ def part_a(dev, backends, dry):
             rows.append(dict(backend=name, worst=err, where=where, tolerance=tol, ok=bool(err <= tol)))
         except Exception as e:  # reported, not fatal: the other parts still run
             rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=tol, ok=False))
+    if "triton" in backends:
+        for name, check in (("triton conv", check_conv), ("triton add+RMSNorm", check_norm)):
+            try:
+                err, where = check(dev, dry)
+                rows.append(dict(backend=name, worst=err, where=where, tolerance=AROUND_TOL,
+                                 ok=bool(err <= AROUND_TOL)))
+            except Exception as e:
+                rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=AROUND_TOL,
+                                 ok=False))
     return rows
+
+
+# the conv's and add + RMSNorm's Triton kernels (svp.ops.conv_triton, norm_triton) against their
+# PyTorch forms in float64: float32 arithmetic, within 2e-6 under the interpreter (the tests)
+AROUND_TOL = 1e-5
+
+
+def _worst(got, want, names):
+    errs = [((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want)]
+    i = max(range(len(errs)), key=errs.__getitem__)
+    return errs[i], names[i]
+
+
+def check_conv(dev, dry):
+    """Worst relative error of the conv + SiLU's output and its x, weight and bias gradients,
+    both directions, at a Vim-S mixer's shape (batch 4)."""
+    from svp.ops.conv import causal_conv1d_bld
+    from svp.ops.conv_triton import causal_conv1d_triton
+    b, L, d = (1, 9, 16) if dry else (4, 197, 768)
+    gen = torch.Generator().manual_seed(0)
+    worst = (0.0, "")
+    for reverse in (False, True):
+        x, w, bias, g = (torch.randn(*s, generator=gen).to(dev) for s in ((b, L, d), (d, 4), (d,), (b, L, d)))
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+        out = causal_conv1d_triton(*leaves, "silu", reverse=reverse)
+        got = (out, *torch.autograd.grad(out, leaves, g))
+        ref = [t.double().requires_grad_() for t in (x, w, bias)]
+        want_out = causal_conv1d_bld(*ref, "silu", reverse=reverse)
+        want = (want_out, *torch.autograd.grad(want_out, ref, g.double()))
+        dirn = "reverse" if reverse else "forward"
+        worst = max(worst, _worst(got, want, [f"{k} ({dirn})" for k in ("out", "dx", "dweight", "dbias")]))
+    return worst
+
+
+def check_norm(dev, dry):
+    """Worst relative error of the add + RMSNorm's two outputs and its gradients, with a
+    gradient on the residual stream, at Vim-S's width (batch 4)."""
+    from svp.ops.norm import rms_norm_ref
+    from svp.ops.norm_triton import add_rms_norm_triton
+    shape = (1, 9, 16) if dry else (4, 197, 384)
+    gen = torch.Generator().manual_seed(1)
+    h, r, g, gx = (torch.randn(*shape, generator=gen).to(dev) for _ in range(4))
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(dev)
+    leaves = [t.clone().requires_grad_() for t in (h, r, w)]
+    out, x = add_rms_norm_triton(leaves[0], leaves[1], leaves[2], 1e-5)
+    got = (out, x, *torch.autograd.grad((out * g).sum() + (x * gx).sum(), leaves))
+    ref = [t.double().requires_grad_() for t in (h, r, w)]
+    x64 = ref[0] + ref[1]
+    o64 = rms_norm_ref(x64, ref[2], eps=1e-5)
+    want = (o64, x64, *torch.autograd.grad((o64 * g.double()).sum() + (x64 * gx.double()).sum(), ref))
+    return _worst(got, want, ["out", "residual", "dhidden", "dresidual", "dweight"])
 
 
 def part_b(dev, backends, bw, dry, deadline):
