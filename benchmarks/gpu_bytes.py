@@ -12,11 +12,12 @@ float32 here; under bfloat16 autocast on a GPU the products' outputs and what fo
 move about half as many bytes.
 
     python benchmarks/gpu_bytes.py [--model vim_small_patch16_224] [--method svp] [--batch 128]
-                                   [--configs none conv conv+norm] [--top 12]
+                                   [--configs none conv conv+norm conv+norm+prompt] [--top 12]
 
 A configuration names the Triton kernels the step runs beside the scan's: ``none`` (the mixer's
-conv and the blocks' add + RMSNorm in PyTorch, as before 2026-12-04), ``conv``
-(svp.ops.conv_triton), ``conv+norm`` (and svp.ops.norm_triton: what the 'triton' backend runs).
+conv, the blocks' add + RMSNorm and SVP's prompt step in PyTorch, as before 2026-12-04), ``conv``
+(svp.ops.conv_triton), ``norm`` (svp.ops.norm_triton), ``prompt`` (svp.ops.prompt_triton), joined
+by ``+``; ``conv+norm+prompt`` is what the 'triton' backend runs.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def count(model_name, method, batch, kernels):
     import timm
 
     import svp.models  # noqa: F401  (registers the Vim models)
-    from svp.ops import conv_triton, dispatch, norm_triton, scan_triton
+    from svp.ops import conv_triton, dispatch, norm_triton, prompt_triton, scan_triton
     from svp.peft import get_peft_model, make_config
 
     launches = collections.Counter()
@@ -80,9 +81,10 @@ def count(model_name, method, batch, kernels):
         launches[name] += 1
         launch_bytes[name] += sum(_nbytes(a) for a in args if isinstance(a, torch.Tensor))
 
-    scan_triton._launch = conv_triton._launch = norm_triton._launch = fake_launch
+    scan_triton._launch = conv_triton._launch = norm_triton._launch = prompt_triton._launch = fake_launch
     conv_triton.ENABLED = "conv" in kernels
     norm_triton.ENABLED = "norm" in kernels
+    prompt_triton.ENABLED = "prompt" in kernels
     torch.manual_seed(0)
     model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
                            make_config(method, num_classes=100)).to("meta")
@@ -110,8 +112,7 @@ def main(argv=None):
     ap.add_argument("--model", default="vim_small_patch16_224")
     ap.add_argument("--method", default="svp")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--configs", nargs="+", choices=("none", "conv", "conv+norm", "norm"),
-                    default=["none", "conv", "conv+norm"],
+    ap.add_argument("--configs", nargs="+", default=["none", "conv", "conv+norm", "conv+norm+prompt"],
                     help="the Triton kernels beside the scan's, one step counted for each")
     ap.add_argument("--top", type=int, default=12, help="rows of the largest operators and places")
     a = ap.parse_args(argv)

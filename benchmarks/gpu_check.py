@@ -11,8 +11,8 @@ source tree (PYTHONPATH=src); mamba_ssm is used when it imports, never required.
     ``selective_scan_ref`` in float64 (``svp doctor``'s cases: both directions, delta*|A|
     large enough that exp underflows, N=1): worst relative error of the output, the last
     state and the gradients of all eight inputs, beside the backend's tolerance; with
-    ``triton``, also the conv's and the add + RMSNorm's Triton kernels against their PyTorch
-    forms in float64 (outputs and every gradient, at a Vim-S mixer's shapes).
+    ``triton``, also the conv's, the add + RMSNorm's and SVP's prompt step's Triton kernels
+    against their PyTorch forms in float64 (outputs and every gradient, at Vim-S's shapes).
 (b) scan speed: one direction of one Vim mixer (L=197, N=16, d_inner 384 = Vim-T and
     768 = Vim-S), batch 64 and 128, float32 and bfloat16 inputs, forward and
     forward+backward, for ``triton``, ``torch`` and ``cuda``; beside each time the
@@ -107,7 +107,8 @@ def part_a(dev, backends, dry):
         except Exception as e:  # reported, not fatal: the other parts still run
             rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=tol, ok=False))
     if "triton" in backends:
-        for name, check in (("triton conv", check_conv), ("triton add+RMSNorm", check_norm)):
+        for name, check in (("triton conv", check_conv), ("triton add+RMSNorm", check_norm),
+                            ("triton SVP prompt step", check_prompt)):
             try:
                 err, where = check(dev, dry)
                 rows.append(dict(backend=name, worst=err, where=where, tolerance=AROUND_TOL,
@@ -118,8 +119,8 @@ def part_a(dev, backends, dry):
     return rows
 
 
-# the conv's and add + RMSNorm's Triton kernels (svp.ops.conv_triton, norm_triton) against their
-# PyTorch forms in float64: float32 arithmetic, within 2e-6 under the interpreter (the tests)
+# the Triton kernels around the scan (svp.ops.conv_triton, norm_triton, prompt_triton) against
+# their PyTorch forms in float64: float32 arithmetic, within 2e-6 under the interpreter (the tests)
 AROUND_TOL = 1e-5
 
 
@@ -169,6 +170,26 @@ def check_norm(dev, dry):
     return _worst(got, want, ["out", "residual", "dhidden", "dresidual", "dweight"])
 
 
+def check_prompt(dev, dry):
+    """Worst relative error of SVP's prompt step (both prompters, the class token in the middle)
+    and its gradients, at Vim-S's width and 197 tokens (batch 4)."""
+    from svp.ops.prompt_triton import add_silu_prompts_triton
+    b, L, d = (1, 9, 16) if dry else (4, 197, 384)
+    gen = torch.Generator().manual_seed(2)
+    h, a1, a2, g = (torch.randn(b, L, d, generator=gen).to(dev) for _ in range(4))
+    s1, s2 = (torch.randn(d, generator=gen).to(dev) for _ in range(2))
+    skip = L // 2
+    leaves = [t.clone().requires_grad_() for t in (h, a1, s1, a2, s2)]
+    out = add_silu_prompts_triton(*leaves, skip=skip)
+    got = (out, *torch.autograd.grad(out, leaves, g))
+    ref = [t.double().requires_grad_() for t in (h, a1, s1, a2, s2)]
+    p = ref[2] * torch.nn.functional.silu(ref[1]) + ref[4] * torch.nn.functional.silu(ref[3])
+    keep = (torch.arange(L, device=dev) != skip)[None, :, None]
+    o64 = torch.where(keep, ref[0] + p, ref[0])
+    want = (o64, *torch.autograd.grad(o64, ref, g.double()))
+    return _worst(got, want, ["out", "dh", "da1", "ds1", "da2", "ds2"])
+
+
 def part_b(dev, backends, bw, dry, deadline):
     rows = []
     shapes = {"tiny-16": 16, "tiny-32": 32} if dry else MODELS
@@ -210,19 +231,20 @@ def part_c(dev, backends, dry, deadline):
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     # and the Triton backend with its experimental tiled kernels (scan_triton.FORWARD/BACKWARD),
-    # and with the mixer's conv and the blocks' add + RMSNorm in their PyTorch forms instead of
-    # conv_triton's and norm_triton's kernels (the A/B of that change: their ENABLED flags)
+    # and with the mixer's conv, the blocks' add + RMSNorm and SVP's prompt step in their PyTorch
+    # forms instead of conv_triton's, norm_triton's and prompt_triton's kernels (the A/B of that
+    # change: their ENABLED flags)
     runs = [(name, "loop", True) for name in backends]
     if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
-        from svp.ops import conv_triton, norm_triton, scan_triton
+        from svp.ops import conv_triton, norm_triton, prompt_triton, scan_triton
         runs += [("triton", "tiled", True), ("triton", "loop", False)]
     for name, kernels, conv in runs:
         label = name if kernels == "loop" else f"{name} ({kernels})"
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16",
-                   backend=label if conv else f"{label} (PyTorch conv, norm)")
+                   backend=label if conv else f"{label} (PyTorch conv, norm, prompts)")
         if name == "triton":
             scan_triton.FORWARD = scan_triton.BACKWARD = kernels
-            conv_triton.ENABLED = norm_triton.ENABLED = conv
+            conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = conv
         model = opt = None
         if time.monotonic() > deadline:
             row["skipped"] = "time budget"
@@ -275,7 +297,7 @@ def part_c(dev, backends, dry, deadline):
             dispatch.set_backend(None)
             if name == "triton":
                 scan_triton.FORWARD = scan_triton.BACKWARD = "loop"
-                conv_triton.ENABLED = norm_triton.ENABLED = True
+                conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = True
         rows.append(row)
         del model, opt
     return rows

@@ -23,8 +23,9 @@ def main(argv=None):
     ap.add_argument("--kernels", choices=("loop", "tiled"), default="loop",
                     help="the Triton backend's kernels (scan_triton.FORWARD and BACKWARD)")
     ap.add_argument("--around", choices=("triton", "torch"), default="triton",
-                    help="the mixer's conv and the blocks' add + RMSNorm on the triton backend: their Triton "
-                         "kernels (conv_triton, norm_triton) or their PyTorch forms")
+                    help="the mixer's conv, the blocks' add + RMSNorm and SVP's prompt step on the triton "
+                         "backend: their Triton kernels (conv_triton, norm_triton, prompt_triton) or their PyTorch "
+                         "forms")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--dry-run", action="store_true")
@@ -53,9 +54,9 @@ def main(argv=None):
     y = torch.randint(0, 100, (batch,), device=dev)
     dispatch.set_backend(a.backend)
     if a.backend == "triton":
-        from svp.ops import conv_triton, norm_triton, scan_triton
+        from svp.ops import conv_triton, norm_triton, prompt_triton, scan_triton
         scan_triton.FORWARD = scan_triton.BACKWARD = a.kernels
-        conv_triton.ENABLED = norm_triton.ENABLED = a.around == "triton"
+        conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = a.around == "triton"
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -80,10 +81,10 @@ def main(argv=None):
             total = sum(e.time_range.elapsed_us() for e in kern)
             names = ("_fwd", "_bwd", "_fwd_tiled", "_bwd_tiled")
             scan = sum(e.time_range.elapsed_us() for e in kern if e.name in names)
-            around = ("_conv_fwd", "_conv_bwd", "_norm_fwd", "_norm_bwd")
+            around = ("_conv_fwd", "_conv_bwd", "_norm_fwd", "_norm_bwd", "_prompt_fwd", "_prompt_bwd")
             conv = sum(e.time_range.elapsed_us() for e in kern if e.name in around)
             print(f"kernel time in the step: {total / 1e3:.2f} ms; the scan's ({', '.join(names)}): "
-                  f"{scan / 1e3:.2f} ms ({100 * scan / max(total, 1):.1f}%); the conv's and norm's "
+                  f"{scan / 1e3:.2f} ms ({100 * scan / max(total, 1):.1f}%); the kernels around it "
                   f"({', '.join(around)}): {conv / 1e3:.2f} ms")
         except Exception as e:     # the table below matters more than this line
             print(f"(no kernel-time summary: {type(e).__name__}: {e})")

@@ -2,7 +2,7 @@
 # Everything issue 11 measures on a GPU, in one call (a lent GPU machine's session is short):
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (launch
 # geometries, the exp-only floor), benchmarks/gpu_profile.py (a Vim-S step's kernels: as it
-# runs, with the tiled scan kernels, and with the conv and add + RMSNorm in their PyTorch forms) and
+# runs, with the tiled scan kernels, and with the conv, add + RMSNorm and prompt step in PyTorch) and
 # `svp doctor`, each under its own time limit, all output under OUTDIR (about 4-5 minutes on an
 # H200; at most 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
 #

@@ -1,5 +1,7 @@
-"""Shared by the tests that hold a fused CPU path to the module path it replaces."""
+"""Shared by the tests that hold a fused path (numba on the CPU, Triton) to the module path it
+replaces."""
 import torch
+import torch.nn.functional as F
 
 
 def output_and_grads(model, x, seed=None):
@@ -29,3 +31,17 @@ def recompiled(module, name):
             g[key] = numba.njit(**opts, cache=False)(
                 pytypes.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__))
     return g[name]
+
+
+def prompt_step_reference(h, a1, s1, a2, s2, skip):
+    """SVP's prompt step written out: h + s1 * silu(a1) + s2 * silu(a2) on every token but
+    ``skip`` (which keeps h's row); either (a, s) pair may be None."""
+    p = 0
+    if a1 is not None:
+        p = p + s1 * F.silu(a1)
+    if a2 is not None:
+        p = p + s2 * F.silu(a2)
+    out = h + p
+    if 0 <= skip < h.shape[1]:
+        out = torch.cat([out[:, :skip], h[:, skip:skip + 1], out[:, skip + 1:]], dim=1)
+    return out

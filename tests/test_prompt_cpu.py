@@ -14,19 +14,7 @@ if "cpu" not in available_backends():
     pytest.fail("the numba cpu backend is not available", pytrace=False)
 
 from svp.ops.prompt_cpu import add_silu_prompts_cpu, svp_prompts_cpu  # noqa: E402
-from fused_helpers import output_and_grads  # noqa: E402
-
-
-def _reference(h, a1, s1, a2, s2, skip):
-    p = 0
-    if a1 is not None:
-        p = p + s1 * F.silu(a1)
-    if a2 is not None:
-        p = p + s2 * F.silu(a2)
-    out = h + p
-    if 0 <= skip < h.shape[1]:
-        out = torch.cat([out[:, :skip], h[:, skip:skip + 1], out[:, skip + 1:]], dim=1)
-    return out
+from fused_helpers import output_and_grads, prompt_step_reference as _reference  # noqa: E402
 
 
 @pytest.mark.parametrize("shape,skip", [((2, 13, 40), 6), ((3, 37, 192), 18), ((1, 1, 7), 0), ((2, 5, 8), -1),

@@ -190,9 +190,10 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile the kernels (forward, backward and their experimental tiled forms, the conv's two
-    and the add + RMSNorm's two) for sm_90 (bf16 inputs, every option on, each with the launch geometry it gets for a
-    Vim-S mixer) to PTX and a cubin; no GPU needed. Returns the kernels' asm dicts."""
+    """Compile the kernels (forward, backward and their experimental tiled forms; the conv's, the
+    add + RMSNorm's and SVP's prompt step's two each) for sm_90 (bf16 inputs, every option on,
+    each with the launch geometry it gets for a Vim-S mixer) to PTX and a cubin; no GPU needed.
+    Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -236,6 +237,17 @@ def compile_kernels_for_sm90():
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=nt._warps(512)))
         asm.append(k.asm)
+    # SVP's prompt step (svp.ops.prompt_triton), both prompters, a bf16 stream
+    from svp.ops import prompt_triton as pt
+    for fn in (pt._prompt_fwd, pt._prompt_bwd):
+        jf = JITFunction(fn)
+        c = dict(HAS1=True, HAS2=True, ROWS=pt.ROWS, BLOCK_D=pt.BLOCK_D)
+        f32 = ("s1_ptr", "s2_ptr", "ds1p_ptr", "ds2p_ptr")
+        sig = {a: "constexpr" if a in c else ("*fp32" if a in f32 else "*bf16") if a.endswith("_ptr") else "i32"
+               for a in jf.arg_names}
+        k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=pt.WARPS))
+        asm.append(k.asm)
     return asm
 
 
@@ -257,10 +269,10 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([here, src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         code = ("import test_scan_triton as t; asm = t.compile_kernels_for_sm90(); "
-                "print(len(asm) == 8 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
+                "print(len(asm) == 10 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.split()[-1:] == ["True"], r.stdout + r.stderr
         return
-    assert len(asm) == 8    # the scan's four kernels, the conv's two and the norm's two
+    assert len(asm) == 10   # the scan's four kernels; the conv's, the norm's and the prompt step's two
     for a in asm:
         assert "cubin" in a and "atom" not in a["ptx"]   # deterministic: no atomics

@@ -160,6 +160,16 @@ class SVP(PeftMethod):
             if not all(a is None or a.dtype == torch.bfloat16 for a in (a1, a2)):
                 a1, a2 = (None if a is None else a.float() for a in (a1, a2))
             return add_silu_prompts_cpu(hidden, a1, s1, a2, s2, skip=cls_pos)
+        if not self.official and _triton_prompts(hidden, cls_pos, cross, inner):
+            # the same on a GPU (the 'triton' backend): the prompters' products on the whole
+            # sequence by torch (under autocast in its dtype), the SiLUs, scales and adds as one
+            # Triton kernel each way (svp.ops.prompt_triton)
+            a1 = s1 = a2 = s2 = None
+            if cross is not None:
+                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
+            if inner is not None:
+                a2, s2 = inner[0]._modules["1"](inner[0]._modules["0"](hidden)), inner[1]
+            return _prompt_triton().add_silu_prompts_triton(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
         if self.official:
@@ -246,6 +256,30 @@ def _fused_prompts(hidden, cls_pos, cross, inner) -> bool:
                 or s.dtype != torch.float32 or not s.is_cpu):
             return False
     return get_backend() == "cpu"   # (CPU tensors: the default device's backend)
+
+
+def _triton_prompts(hidden, cls_pos, cross, inner) -> bool:
+    """Whether svp.ops.prompt_triton's kernels take the paper-mode prompt step: where the scan
+    runs on the 'triton' backend (a GPU by default), its ENABLED flag on, the prompters' forwards
+    the ones defined here without hooks (hooks on their Linear layers still run), float32
+    scales, and a float32, bfloat16 or float16 stream."""
+    if hidden.dim() != 3 or not 0 <= cls_pos < hidden.shape[1]:
+        return False
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    for part, cls in ((cross, CrossPrompter), (inner, InnerPrompter)):
+        if part is None:
+            continue
+        m, s = part
+        if type(m).forward is not cls.forward or m._forward_hooks or m._forward_pre_hooks or s.dtype != torch.float32:
+            return False
+    return (cross is not None or inner is not None) and get_backend(hidden.device) == "triton" and (
+        _prompt_triton().ENABLED)
+
+
+def _prompt_triton():
+    from ..ops import prompt_triton   # (imported at first use: Triton is optional)
+    return prompt_triton
 
 
 def _linears(cross, inner):
