@@ -106,88 +106,12 @@ def part_a(dev, backends, dry):
             rows.append(dict(backend=name, worst=err, where=where, tolerance=tol, ok=bool(err <= tol)))
         except Exception as e:  # reported, not fatal: the other parts still run
             rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=tol, ok=False))
-    if "triton" in backends:
-        for name, check in (("triton conv", check_conv), ("triton add+RMSNorm", check_norm),
-                            ("triton SVP prompt step", check_prompt)):
-            try:
-                err, where = check(dev, dry)
-                rows.append(dict(backend=name, worst=err, where=where, tolerance=AROUND_TOL,
-                                 ok=bool(err <= AROUND_TOL)))
-            except Exception as e:
-                rows.append(dict(backend=name, worst=None, where=f"{type(e).__name__}: {e}", tolerance=AROUND_TOL,
-                                 ok=False))
+    if "triton" in backends:   # the Triton kernels around the scan, at Vim-S's shapes (svp doctor's check)
+        tol = doctor.TOLERANCE_TRITON_OPS
+        for name, err, where in doctor.check_triton_ops(dev, big=not dry):
+            rows.append(dict(backend=f"triton {name}", worst=err, where=where, tolerance=tol,
+                             ok=bool(err is not None and err <= tol)))
     return rows
-
-
-# the Triton kernels around the scan (svp.ops.conv_triton, norm_triton, prompt_triton) against
-# their PyTorch forms in float64: float32 arithmetic, within 2e-6 under the interpreter (the tests)
-AROUND_TOL = 1e-5
-
-
-def _worst(got, want, names):
-    errs = [((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for g, w in zip(got, want)]
-    i = max(range(len(errs)), key=errs.__getitem__)
-    return errs[i], names[i]
-
-
-def check_conv(dev, dry):
-    """Worst relative error of the conv + SiLU's output and its x, weight and bias gradients,
-    both directions, at a Vim-S mixer's shape (batch 4)."""
-    from svp.ops.conv import causal_conv1d_bld
-    from svp.ops.conv_triton import causal_conv1d_triton
-    b, L, d = (1, 9, 16) if dry else (4, 197, 768)
-    gen = torch.Generator().manual_seed(0)
-    worst = (0.0, "")
-    for reverse in (False, True):
-        x, w, bias, g = (torch.randn(*s, generator=gen).to(dev) for s in ((b, L, d), (d, 4), (d,), (b, L, d)))
-        leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
-        out = causal_conv1d_triton(*leaves, "silu", reverse=reverse)
-        got = (out, *torch.autograd.grad(out, leaves, g))
-        ref = [t.double().requires_grad_() for t in (x, w, bias)]
-        want_out = causal_conv1d_bld(*ref, "silu", reverse=reverse)
-        want = (want_out, *torch.autograd.grad(want_out, ref, g.double()))
-        dirn = "reverse" if reverse else "forward"
-        worst = max(worst, _worst(got, want, [f"{k} ({dirn})" for k in ("out", "dx", "dweight", "dbias")]))
-    return worst
-
-
-def check_norm(dev, dry):
-    """Worst relative error of the add + RMSNorm's two outputs and its gradients, with a
-    gradient on the residual stream, at Vim-S's width (batch 4)."""
-    from svp.ops.norm import rms_norm_ref
-    from svp.ops.norm_triton import add_rms_norm_triton
-    shape = (1, 9, 16) if dry else (4, 197, 384)
-    gen = torch.Generator().manual_seed(1)
-    h, r, g, gx = (torch.randn(*shape, generator=gen).to(dev) for _ in range(4))
-    w = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(dev)
-    leaves = [t.clone().requires_grad_() for t in (h, r, w)]
-    out, x = add_rms_norm_triton(leaves[0], leaves[1], leaves[2], 1e-5)
-    got = (out, x, *torch.autograd.grad((out * g).sum() + (x * gx).sum(), leaves))
-    ref = [t.double().requires_grad_() for t in (h, r, w)]
-    x64 = ref[0] + ref[1]
-    o64 = rms_norm_ref(x64, ref[2], eps=1e-5)
-    want = (o64, x64, *torch.autograd.grad((o64 * g.double()).sum() + (x64 * gx.double()).sum(), ref))
-    return _worst(got, want, ["out", "residual", "dhidden", "dresidual", "dweight"])
-
-
-def check_prompt(dev, dry):
-    """Worst relative error of SVP's prompt step (both prompters, the class token in the middle)
-    and its gradients, at Vim-S's width and 197 tokens (batch 4)."""
-    from svp.ops.prompt_triton import add_silu_prompts_triton
-    b, L, d = (1, 9, 16) if dry else (4, 197, 384)
-    gen = torch.Generator().manual_seed(2)
-    h, a1, a2, g = (torch.randn(b, L, d, generator=gen).to(dev) for _ in range(4))
-    s1, s2 = (torch.randn(d, generator=gen).to(dev) for _ in range(2))
-    skip = L // 2
-    leaves = [t.clone().requires_grad_() for t in (h, a1, s1, a2, s2)]
-    out = add_silu_prompts_triton(*leaves, skip=skip)
-    got = (out, *torch.autograd.grad(out, leaves, g))
-    ref = [t.double().requires_grad_() for t in (h, a1, s1, a2, s2)]
-    p = ref[2] * torch.nn.functional.silu(ref[1]) + ref[4] * torch.nn.functional.silu(ref[3])
-    keep = (torch.arange(L, device=dev) != skip)[None, :, None]
-    o64 = torch.where(keep, ref[0] + p, ref[0])
-    want = (o64, *torch.autograd.grad(o64, ref, g.double()))
-    return _worst(got, want, ["out", "dh", "da1", "ds1", "da2", "ds2"])
 
 
 def part_b(dev, backends, bw, dry, deadline):

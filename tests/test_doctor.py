@@ -46,6 +46,10 @@ def test_doctor_passes(capsys):
         if dispatch._load("triton") is not None:
             assert any(line.split()[:3] in (["cpu", "triton", "ok"], ["cuda", "triton", "ok"])
                        for line in out.splitlines()), out
+            # and the model's Triton kernels around the scan
+            for name in ("conv", "add+RMSNorm", "SVP prompts"):
+                assert any(line.split()[0] in ("cpu", "cuda") and f" {name:11s} ok  " in line
+                           for line in out.splitlines() if line.strip()), (name, out)
         else:  # a Triton too old for the backend (Triton 2, with torch < 2.4): doctor says why
             assert any(line.split()[:2] == ["triton", "unavailable:"] and "too old" in line
                        for line in out.splitlines()), out
@@ -122,3 +126,31 @@ def test_cpu_name_reads_the_model_name_else_says_the_platform(tmp_path):
     fallback = platform.processor() or platform.machine() or "unknown"
     assert cpu_name(str(arm)) == fallback
     assert cpu_name(str(tmp_path / "missing")) == fallback
+
+
+@pytest.mark.parametrize("module,fn,row", [("conv_triton", "causal_conv1d_triton", "conv"),
+                                           ("norm_triton", "add_rms_norm_triton", "add+RMSNorm"),
+                                           ("prompt_triton", "add_silu_prompts_triton", "SVP prompts")])
+def test_the_triton_ops_check_finds_a_wrong_kernel(module, fn, row, monkeypatch):
+    """Each Triton kernel around the scan, its output made 1e-4 wrong, fails its own row of
+    doctor's check and no other (under the interpreter, as doctor runs it without a GPU)."""
+    import importlib
+
+    import torch
+    from svp import doctor
+    from svp.ops import dispatch
+    pytest.importorskip("triton")
+    if dispatch._load("triton") is None:
+        pytest.skip(dispatch.unavailable_backends()["triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = importlib.import_module(f"svp.ops.{module}")
+    real = getattr(mod, fn)
+
+    def wrong(*a, **k):
+        out = real(*a, **k)
+        return (out[0] * (1 + 1e-4), out[1]) if isinstance(out, tuple) else out * (1 + 1e-4)
+
+    monkeypatch.setattr(mod, fn, wrong)
+    for name, err, where in doctor.check_triton_ops(torch.device("cpu")):
+        assert err is not None, where
+        assert (err > doctor.TOLERANCE_TRITON_OPS) == (name == row), (name, err, where)

@@ -190,6 +190,99 @@ def check_backend(name, device, cases=None):
     return worst, where
 
 
+# the Triton kernels around the scan against their PyTorch forms in float64 (float32 arithmetic:
+# within 2e-6 under the interpreter in the tests; their exp on a GPU is the hardware's)
+TOLERANCE_TRITON_OPS = 1e-5
+
+
+def check_triton_ops(device, big=False):
+    """The Triton kernels around the scan (svp.ops.conv_triton, norm_triton, prompt_triton) on
+    ``device`` against their PyTorch forms in float64: [(name, worst relative error of the outputs
+    and every gradient, where)], err None and the exception as ``where`` for one that raised.
+    ``big``: Vim-S's shapes at batch 4 (benchmarks/gpu_check.py), else small ones."""
+    import torch
+    out = []
+    for name, check in (("conv", _check_conv), ("add+RMSNorm", _check_norm), ("SVP prompts", _check_prompt)):
+        try:
+            with torch.random.fork_rng(devices=[]):
+                err, where = check(device, big)
+        except Exception as e:
+            err, where = None, f"{type(e).__name__}: {e}"
+        out.append((name, err, where))
+    return out
+
+
+def _worst_of(got, want, names):
+    errs = [_rel_err(g.detach().cpu().double(), w.detach().cpu()) for g, w in zip(got, want)]
+    i = max(range(len(errs)), key=errs.__getitem__)
+    return errs[i], names[i]
+
+
+def _randn(gen, device, *shape):
+    import torch
+    return torch.randn(*shape, generator=gen).to(device)
+
+
+def _check_conv(dev, big):
+    """The conv + SiLU's output and x, weight and bias gradients, both directions."""
+    import torch
+    from svp.ops.conv import causal_conv1d_bld
+    from svp.ops.conv_triton import causal_conv1d_triton
+    b, L, d = (4, 197, 768) if big else (2, 37, 70)
+    gen = torch.Generator().manual_seed(0)
+    worst = (0.0, "")
+    for reverse in (False, True):
+        x, w, bias, g = (_randn(gen, dev, *s) for s in ((b, L, d), (d, 4), (d,), (b, L, d)))
+        xs = [t.clone().requires_grad_() for t in (x, w, bias)]
+        y = causal_conv1d_triton(*xs, "silu", reverse=reverse)
+        refs = [t.double().requires_grad_() for t in (x, w, bias)]
+        y64 = causal_conv1d_bld(*refs, "silu", reverse=reverse)
+        got = (y, *torch.autograd.grad(y, xs, g))
+        want = (y64, *torch.autograd.grad(y64, refs, g.double()))
+        names = [f"{k}{' reversed' if reverse else ''}" for k in ("out", "dx", "dweight", "dbias")]
+        worst = max(worst, _worst_of(got, want, names))
+    return worst
+
+
+def _check_norm(dev, big):
+    """The residual add + RMSNorm's two outputs and its gradients, the residual stream's too."""
+    import torch
+    from svp.ops.norm import rms_norm_ref
+    from svp.ops.norm_triton import add_rms_norm_triton
+    shape = (4, 197, 384) if big else (2, 37, 48)
+    gen = torch.Generator().manual_seed(1)
+    h, r, g, gx = (_randn(gen, dev, *shape) for _ in range(4))
+    w = 1 + 0.3 * _randn(gen, dev, shape[-1])
+    xs = [t.clone().requires_grad_() for t in (h, r, w)]
+    y, x = add_rms_norm_triton(xs[0], xs[1], xs[2], 1e-5)
+    refs = [t.double().requires_grad_() for t in (h, r, w)]
+    x64 = refs[0] + refs[1]
+    y64 = rms_norm_ref(x64, refs[2], eps=1e-5)
+    got = (y, x, *torch.autograd.grad((y * g).sum() + (x * gx).sum(), xs))
+    want = (y64, x64, *torch.autograd.grad((y64 * g.double()).sum() + (x64 * gx.double()).sum(), refs))
+    return _worst_of(got, want, ["out", "residual", "dhidden", "dresidual", "dweight"])
+
+
+def _check_prompt(dev, big):
+    """SVP's prompt step, both prompters, the class token in the middle, and its gradients."""
+    import torch
+    import torch.nn.functional as F
+    from svp.ops.prompt_triton import add_silu_prompts_triton
+    b, L, d = (4, 197, 384) if big else (2, 17, 48)
+    gen = torch.Generator().manual_seed(2)
+    h, a1, a2, g = (_randn(gen, dev, b, L, d) for _ in range(4))
+    s1, s2 = (_randn(gen, dev, d) for _ in range(2))
+    skip = L // 2
+    xs = [t.clone().requires_grad_() for t in (h, a1, s1, a2, s2)]
+    y = add_silu_prompts_triton(*xs, skip=skip)
+    refs = [t.double().requires_grad_() for t in (h, a1, s1, a2, s2)]
+    keep = (torch.arange(L, device=dev) != skip)[None, :, None]
+    y64 = torch.where(keep, refs[0] + refs[2] * F.silu(refs[1]) + refs[4] * F.silu(refs[3]), refs[0])
+    got = (y, *torch.autograd.grad(y, xs, g))
+    want = (y64, *torch.autograd.grad(y64, refs, g.double()))
+    return _worst_of(got, want, ["out", "dh", "da1", "ds1", "da2", "ds2"])
+
+
 def check_fused_cpu_model():
     """Worst relative error (max |x - y| / max |y| per tensor) of a tiny Vim with an SVP adapter,
     its output and every trained parameter's gradient after one backward, with the fused CPU
@@ -345,6 +438,21 @@ def run(args) -> int:
             failed.append(f"{nm} on {dev.type}")
         elif not (interpreted or getattr(args, "no_timing", False) or (nm == "reference" and skip_ref_timing)):
             timings.append((dev.type, nm) + time_backend(nm, dev))
+    if "triton" in avail or interp_triton:
+        # the model's other Triton kernels, where the scan runs on 'triton' (a GPU; else under
+        # the interpreter, small shapes)
+        dev = torch.device("cuda") if "triton" in avail else torch.device("cpu")
+        print("Triton kernels around the scan (conv + SiLU, add + RMSNorm, SVP prompts) against their PyTorch "
+              "forms in float64 (outputs and every gradient):")
+        with _triton_interpreter() if "triton" not in avail else contextlib.nullcontext():
+            results = check_triton_ops(dev)
+        for name, err, where in results:
+            ok = err is not None and err <= TOLERANCE_TRITON_OPS
+            msg = (f"worst {err:.2e} ({where}), tolerance {TOLERANCE_TRITON_OPS:.0e}" if err is not None
+                   else f"error: {where}") + ("" if "triton" in avail else " [interpreter]")
+            print(f"  {dev.type:5s} {name:11s} {'ok  ' if ok else 'FAIL'} {msg}")
+            if not ok:
+                failed.append(f"the Triton {name} kernels on {dev.type}")
     if "cpu" in avail:
         try:
             err, where, n = check_fused_cpu_model()
