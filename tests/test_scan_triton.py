@@ -276,3 +276,37 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
     assert len(asm) == 10   # the scan's four kernels; the conv's, the norm's and the prompt step's two
     for a in asm:
         assert "cubin" in a and "atom" not in a["ptx"]   # deterministic: no atomics
+
+
+def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device; _launch makes that the device of the kernel's
+    tensors (a model on cuda:1 in a process whose current device is cuda:0). No GPU here: the
+    tensor is a fake one on cuda:1, torch.cuda.device a recorder, and the kernel a stub that
+    sees which device was current when it ran."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from svp.ops import scan_triton
+    monkeypatch.delenv("TRITON_INTERPRET")
+    current = [None]
+
+    @contextlib.contextmanager
+    def device(d):
+        old, current[0] = current[0], d
+        try:
+            yield
+        finally:
+            current[0] = old
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(current[0])
+
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:1")
+    scan_triton._launch(Kernel(), (1,), 7, x, BLOCK=4)
+    scan_triton._launch(Kernel(), (1,), torch.empty(2), BLOCK=4)   # a CPU tensor: no device switch
+    assert seen == [torch.device("cuda:1"), None] and current[0] is None

@@ -23,6 +23,7 @@ give the same bits on every run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -558,7 +559,12 @@ def _launch(kernel, grid, *args, **kwargs):
     if interpreting():
         with _library_interpreted():
             kernel[grid](*args, **kwargs)
-    else:
+        return
+    # Triton launches on the current CUDA device, not on its tensors' one: a model on cuda:1 in a
+    # process whose current device is cuda:0 (no torch.cuda.set_device, as in a notebook) would
+    # otherwise run its kernels on the wrong GPU
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    with torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **kwargs)
 
 
