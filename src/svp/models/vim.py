@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
-from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan
+from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan, triton_kernels
 from ..ops.kept import constant_zeros, kept_unless_trained
 from ..ops.low_rank import low_rank_products
 from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
@@ -99,7 +99,7 @@ def _conv(x, weight, bias, reverse):
         from ..ops.conv_cpu import causal_conv1d_cpu
         return causal_conv1d_cpu(x, weight, bias, "silu", reverse=reverse)
     if (bias is None or bias.dim() == 1) and _triton_conv(x):
-        return _conv_triton().causal_conv1d_triton(x, weight, bias, "silu", reverse=reverse)
+        return triton_kernels.conv_triton.causal_conv1d_triton(x, weight, bias, "silu", reverse=reverse)
     return causal_conv1d_bld(x, weight, bias, "silu", reverse=reverse)
 
 
@@ -107,12 +107,7 @@ def _triton_conv(x) -> bool:
     """Whether the conv runs as svp.ops.conv_triton's kernels: where the scan runs on the
     'triton' backend (a CUDA GPU by default; CPU tensors under TRITON_INTERPRET=1 with the backend
     forced), unless ``conv_triton.ENABLED`` is off. Its PyTorch form moves ~14x the bytes."""
-    return get_backend(x.device) == "triton" and _conv_triton().ENABLED
-
-
-def _conv_triton():
-    from ..ops import conv_triton   # (imported at first use: Triton is optional)
-    return conv_triton
+    return get_backend(x.device) == "triton" and triton_kernels.conv_triton.ENABLED
 
 
 def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
@@ -568,14 +563,9 @@ def _fused_norm(norm, hidden, residual):
         return cpu_kernels.norm_cpu.add_rms_norm
     if (norm.weight.dtype == torch.float32 and (hidden.dtype == torch.float32 if residual is None
                                                  else residual.dtype == torch.float32)
-            and get_backend(hidden.device) == "triton" and _norm_triton().ENABLED):
-        return _norm_triton().add_rms_norm_triton
+            and get_backend(hidden.device) == "triton" and triton_kernels.norm_triton.ENABLED):
+        return triton_kernels.norm_triton.add_rms_norm_triton
     return None
-
-
-def _norm_triton():
-    from ..ops import norm_triton   # (imported at first use: Triton is optional)
-    return norm_triton
 
 
 class VisionMamba(nn.Module):

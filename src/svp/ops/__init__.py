@@ -11,19 +11,20 @@ from .dispatch import selective_scan, available_backends, get_backend, set_backe
 __all__ = [
     "selective_scan", "selective_scan_ref", "available_backends", "get_backend", "set_backend",
     "causal_conv1d", "causal_conv1d_bld", "causal_conv1d_ref", "RMSNorm", "rms_norm_ref", "cpu_kernels",
+    "triton_kernels",
 ]
 
 
-class _CPUKernels:
-    """The fused numba CPU modules (``cpu_kernels.scan_cpu``, ``conv_cpu``, ``norm_cpu``,
-    ``prompt_cpu``), each imported at its first use (numba is optional, like the 'cpu' scan
-    backend) and then an attribute: the model's per-layer calls reach them without an import
-    statement (~1.5 us a call, several a layer)."""
+class _KernelModules:
+    """Kernel modules of an optional dependency, each imported at its first use and then an
+    attribute: the model's per-layer calls reach them without an import statement (~1.5 us a
+    call, several a layer)."""
 
-    _NAMES = ("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")
+    def __init__(self, *names):
+        self._names = names
 
     def __getattr__(self, name):   # (only until the module is an attribute)
-        if name not in self._NAMES:
+        if name.startswith("_") or name not in self._names:
             raise AttributeError(name)
         import importlib
         mod = importlib.import_module(f"{__name__}.{name}")
@@ -31,4 +32,8 @@ class _CPUKernels:
         return mod
 
 
-cpu_kernels = _CPUKernels()
+# the fused numba CPU modules (numba is optional, like the 'cpu' scan backend)
+cpu_kernels = _KernelModules("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")
+# the Triton modules around the scan (Triton is optional; the model takes them where the scan
+# runs on the 'triton' backend)
+triton_kernels = _KernelModules("conv_triton", "norm_triton", "prompt_triton")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..compat import cpu_autocast, cpu_autocast_dtype
 from ..models.loading import mismatch_lines
-from ..ops import cpu_kernels, get_backend
+from ..ops import cpu_kernels, get_backend, triton_kernels
 from .base import PeftConfig, PeftMethod
 from .registry import register_method
 
@@ -169,7 +169,7 @@ class SVP(PeftMethod):
                 a1, s1 = cross[0]._modules["0"](hidden), cross[1]
             if inner is not None:
                 a2, s2 = inner[0]._modules["1"](inner[0]._modules["0"](hidden)), inner[1]
-            return _prompt_triton().add_silu_prompts_triton(hidden, a1, s1, a2, s2, skip=cls_pos)
+            return triton_kernels.prompt_triton.add_silu_prompts_triton(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
         if self.official:
@@ -274,12 +274,7 @@ def _triton_prompts(hidden, cls_pos, cross, inner) -> bool:
         if type(m).forward is not cls.forward or m._forward_hooks or m._forward_pre_hooks or s.dtype != torch.float32:
             return False
     return (cross is not None or inner is not None) and get_backend(hidden.device) == "triton" and (
-        _prompt_triton().ENABLED)
-
-
-def _prompt_triton():
-    from ..ops import prompt_triton   # (imported at first use: Triton is optional)
-    return prompt_triton
+        triton_kernels.prompt_triton.ENABLED)
 
 
 def _linears(cross, inner):
