@@ -2,7 +2,7 @@
 step (forward, backward, AdamW) at batch 128, 224 px, bfloat16 autocast, after two warm-up
 steps; prints the kernels by total CUDA time and the scan kernels' share.
 
-    PYTHONPATH=src python benchmarks/gpu_profile.py [--backend triton] [--batch 128]
+    PYTHONPATH=src python benchmarks/gpu_profile.py [--backend triton] [--batch 128] [--shapes 40]
     PYTHONPATH=src python benchmarks/gpu_profile.py --dry-run      # CPU, mini Vim: logic only
 """
 from __future__ import annotations
@@ -28,6 +28,9 @@ def main(argv=None):
                          "forms")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--shapes", type=int, default=0, metavar="N",
+                    help="also print the N operators with the most CUDA time grouped by input shapes (which "
+                         "copies, multiplies and adds: where in the model they come from)")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(argv)
     if a.dry_run:
@@ -68,7 +71,7 @@ def main(argv=None):
     for _ in range(2):
         step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=a.shapes > 0) as prof:
         step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -81,7 +84,7 @@ def main(argv=None):
             total = sum(e.time_range.elapsed_us() for e in kern)
             names = ("_fwd", "_bwd", "_fwd_tiled", "_bwd_tiled")
             scan = sum(e.time_range.elapsed_us() for e in kern if e.name in names)
-            around = ("_conv_fwd", "_conv_bwd", "_norm_fwd", "_norm_bwd", "_prompt_fwd", "_prompt_bwd")
+            around = ("_conv_fwd", "_conv_bwd", "_conv_dpre", "_norm_fwd", "_norm_bwd", "_prompt_fwd", "_prompt_bwd")
             conv = sum(e.time_range.elapsed_us() for e in kern if e.name in around)
             print(f"kernel time in the step: {total / 1e3:.2f} ms; the scan's ({', '.join(names)}): "
                   f"{scan / 1e3:.2f} ms ({100 * scan / max(total, 1):.1f}%); the kernels around it "
@@ -89,6 +92,9 @@ def main(argv=None):
         except Exception as e:     # the table below matters more than this line
             print(f"(no kernel-time summary: {type(e).__name__}: {e})")
     print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=60))
+    if a.shapes:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=a.shapes,
+                                                                 max_name_column_width=40, max_shapes_column_width=80))
     return 0
 
 

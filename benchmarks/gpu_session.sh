@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything issue 11 measures on a GPU, in one call (a lent GPU machine's session is short):
-# the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (launch
-# geometries, the exp-only floor), benchmarks/gpu_profile.py (a Vim-S step's kernels: as it
-# runs, with the tiled scan kernels, and with the conv, add + RMSNorm and prompt step in PyTorch) and
-# `svp doctor`, each under its own time limit, all output under OUTDIR (about 4-5 minutes on an
-# H200; at most 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
+# the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (the scan's
+# launch geometries and the exp-only floor, the conv's tiles, the tiled scan kernels last),
+# benchmarks/gpu_profile.py (a Vim-S step's kernels: as it runs, with the operators grouped by
+# input shape, and with the conv, add + RMSNorm and prompt step in PyTorch) and `svp doctor`,
+# each under its own time limit, all output under OUTDIR (about 4-5 minutes on an H200; at most
+# 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
 #
 #   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
 set -u
@@ -27,8 +28,8 @@ stamp sweep
 timeout 150 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-110}" >> "$L" 2>&1
 echo "sweep rc $?" >> "$L"
 stamp profile
-{ timeout 60 "$py" "$here/gpu_profile.py"; timeout 60 "$py" "$here/gpu_profile.py" --kernels tiled
-  timeout 60 "$py" "$here/gpu_profile.py" --around torch; } > "$out/prof.txt" 2>&1
+{ timeout 60 "$py" "$here/gpu_profile.py" --shapes 45; timeout 60 "$py" "$here/gpu_profile.py" --around torch
+} > "$out/prof.txt" 2>&1
 echo "profile rc $?" >> "$L"
 stamp doctor
 # the fused CPU kernels compile cold on a fresh machine (numba): longer than the GPU checks

@@ -1,8 +1,9 @@
 """Launch-geometry sweep of the Triton selective scan (issue 11): which channel block,
 warp count, pipelining depth and chunk length are fastest on this GPU, and how the
-experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled") compare.
+experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled") compare; and the tiles
+and the two backward forms of the mixer's conv (svp.ops.conv_triton).
 
-    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120]
+    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120] [--parts loop,tiled,conv]
     PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR --dry-run   # CPU interpreter, tiny
 
 One direction of one Vim-S mixer (d_inner 768, L 197, N 16) at batch 128, bfloat16 inputs
@@ -12,6 +13,9 @@ targets. For each geometry the forward and the backward are timed apart (CUDA ev
 must move / bandwidth of a large device-to-device copy measured in this run), and the output
 and every gradient are compared with the default geometry's (a geometry changes summation
 order only). The default geometry is svp.ops.scan_triton._plan; the sweep replaces it.
+The conv part times the conv + SiLU of the same mixer (x a strided bf16 view, as in_proj's
+output gives it) for each (BLOCK_L, BLOCK_D, num_warps) tile and backward form, beside the
+bytes it must move (forward: read x, write out; backward: read x and dout, write dx).
 Writes OUTDIR/triton_sweep.json and .md after every geometry.
 """
 from __future__ import annotations
@@ -34,16 +38,21 @@ from scan import make_inputs  # noqa: E402
 from svp.io import atomic_write_text  # noqa: E402
 from svp.ops import scan_triton as st  # noqa: E402
 
-# (BLOCK_D, num_warps) pairs: 1 to 16 state floats per thread at N = 16 (the first GPU run
-# tried 1 to 8: docs/benchmarks.md, "GPU, first run"; 8 was fastest)
-GEOMETRIES = [(8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (16, 4), (16, 8), (32, 1), (32, 2), (32, 4), (32, 8),
-              (64, 2), (64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (128, 16)]
+# (BLOCK_D, num_warps) pairs: 2 to 32 state floats per thread at N = 16 (the first GPU run
+# tried 1 to 8, the second 1 to 16: docs/benchmarks.md, "GPU, first run", "GPU, second run";
+# 16 was fastest, 32 channels on one warp)
+GEOMETRIES = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 1), (64, 2), (64, 4), (128, 2), (128, 4),
+              (256, 4), (256, 8)]
 # the experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled"), (BLOCK_D,
 # num_warps); a tiled forward's rows time the default backward and the other way round
 TILED_FWD = [(4, 2), (8, 2), (8, 4), (16, 4), (16, 8)]
 TILED_BWD = [(2, 1), (2, 2), (4, 2), (4, 4), (8, 4)]
 STAGES = (1, 3)
 CHUNKS = (8, 32, 64)
+# the conv's (BLOCK_L, BLOCK_D, num_warps) tiles, each with both backward forms
+CONV_TILES = [(32, 64, 8), (32, 64, 4), (16, 64, 4), (16, 64, 2), (64, 64, 8), (8, 128, 4), (16, 128, 4),
+              (32, 128, 8), (8, 256, 8), (64, 32, 4), (32, 32, 2)]
+PARTS = ("loop", "tiled", "conv")
 
 
 def plan_with(block_d, warps, stages, only=None, default=None):
@@ -124,6 +133,58 @@ def run_one(args, dev, chunk, reps):
     return tf, tb, [out.detach().float()] + [x.float() for x in grads]
 
 
+def conv_one(x, w, bias, g, dev, reps):
+    from svp.ops.conv_triton import causal_conv1d_triton
+    xs = [t.detach().clone().requires_grad_() for t in (x, w, bias)]
+    out = causal_conv1d_triton(xs[0], xs[1], xs[2], "silu")
+
+    def fwd():
+        with torch.no_grad():
+            causal_conv1d_triton(x, w, bias, "silu")
+
+    def bwd():
+        torch.autograd.grad(out, xs, g, retain_graph=True)
+
+    tf, tb = timed(fwd, dev, reps), timed(bwd, dev, reps)
+    grads = torch.autograd.grad(out, xs, g, retain_graph=True)
+    return tf, tb, [out.detach().float()] + [t.float() for t in grads]
+
+
+def conv_part(res, dev, b, d, L, reps, bw, tiles, t_start, budget_s, save):
+    """Rows of res["conv"]: each tile with each backward form, the first row the default."""
+    from svp.ops import conv_triton as ct
+    gen = torch.Generator(device=dev).manual_seed(0)
+    xz = torch.randn(b, L, 2 * d, device=dev, generator=gen).to(torch.bfloat16)
+    x = xz[..., :d]                               # in_proj's output: a strided view, read in place
+    w = torch.randn(d, 4, device=dev, generator=gen) * 0.5
+    bias = torch.randn(d, device=dev, generator=gen) * 0.1
+    g = torch.randn(b, L, d, device=dev, generator=gen).to(torch.bfloat16)
+    n = b * L * d
+    res["conv_bound_fwd_ms"], res["conv_bound_bwd_ms"] = 2 * n * 2 / bw * 1e3, 3 * n * 2 / bw * 1e3
+    default = (ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD)
+    trials = [default] + [(bl, bd, wp, form) for bl, bd, wp in tiles for form in ("split", "fused")
+                          if (bl, bd, wp, form) != default]
+    ref, res["conv"] = None, []
+    for bl, bd, wp, form in trials:
+        row = dict(block_l=bl, block_d=bd, warps=wp, backward=form)
+        if time.monotonic() - t_start > budget_s:
+            row["skipped"] = "time budget"
+        else:
+            ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD = bl, bd, wp, form
+            try:
+                tf, tb, outs = conv_one(x, w, bias, g, dev, reps)
+                ref = ref or outs
+                row.update(fwd_ms=tf, bwd_ms=tb, fwd_x_bound=tf / res["conv_bound_fwd_ms"],
+                           bwd_x_bound=tb / res["conv_bound_bwd_ms"], diff=rel_err(outs, ref))
+            except Exception as e:      # one tile failing to compile must not end the sweep
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            finally:
+                ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD = default
+        res["conv"].append(row)
+        save()
+        print(f"triton_sweep: conv {row}", flush=True)
+
+
 def rel_err(a, b):
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
 
@@ -144,6 +205,18 @@ def markdown(res):
             continue
         lines.append(f"{head} {r['fwd_ms']:.4f} | {r['fwd_x_bound']:.2f}x | {r['bwd_ms']:.4f} | "
                      f"{r['bwd_x_bound']:.2f}x | {r['diff']:.1e} |")
+    if res.get("conv"):
+        lines += ["", f"conv + SiLU (svp.ops.conv_triton), the same mixer, width 4, bf16 x; bounds: fwd "
+                  f"{res['conv_bound_fwd_ms']:.4f} ms, bwd {res['conv_bound_bwd_ms']:.4f} ms", "",
+                  "| BLOCK_L | BLOCK_D | warps | backward | fwd ms | fwd / bound | bwd ms | bwd / bound | "
+                  "max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["conv"]:
+            head = f"| {r['block_l']} | {r['block_d']} | {r['warps']} | {r['backward']} |"
+            if "error" in r or "skipped" in r:
+                lines.append(f"{head} {r.get('error') or r.get('skipped')} | | | | |")
+                continue
+            lines.append(f"{head} {r['fwd_ms']:.4f} | {r['fwd_x_bound']:.2f}x | {r['bwd_ms']:.4f} | "
+                         f"{r['bwd_x_bound']:.2f}x | {r['diff']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,18 +225,25 @@ def main(argv=None):
     ap.add_argument("outdir")
     ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter + tiny shape (logic check)")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop trying geometries after this long")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="what to sweep, comma-separated: loop (the scan's loop kernels' geometries), tiled "
+                         "(the experimental tiled kernels), conv (the conv's tiles and backward forms)")
     a = ap.parse_args(argv)
+    parts = [p for p in a.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"--parts takes {', '.join(PARTS)}; got {', '.join(bad)}")
     t_start = time.monotonic()
     if a.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
         dev, (b, d, L, n), reps = torch.device("cpu"), (1, 32, 9, 4), 1
-        geoms, tiled_f, tiled_b = [(8, 1), (16, 2)], [(8, 2)], [(4, 2)]
+        geoms, tiled_f, tiled_b, conv_tiles = [(8, 1), (16, 2)], [(8, 2)], [(4, 2)], [(8, 16, 1)]
     else:
         if not torch.cuda.is_available():
             print("triton_sweep: no CUDA GPU here (use --dry-run to check the script on a CPU)", file=sys.stderr)
             return 2
         dev, (b, d, L, n), reps = torch.device("cuda"), (128, 768, 197, 16), 20
-        geoms, tiled_f, tiled_b = GEOMETRIES, TILED_FWD, TILED_BWD
+        geoms, tiled_f, tiled_b, conv_tiles = GEOMETRIES, TILED_FWD, TILED_BWD, CONV_TILES
     args = [x.to(dev) for x in make_inputs(b, d, L=L, n=n)]
     for i in (0, 1, 3, 4, 6):                      # u, delta, B, C, z in bfloat16
         args[i] = args[i].to(torch.bfloat16)
@@ -180,16 +260,25 @@ def main(argv=None):
     except Exception as e:
         res["exp_floor_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     os.makedirs(a.outdir, exist_ok=True)
-    # the default first (the reference of the diff column), then the tiled kernels (the
-    # experiment the first run pointed to), then the loop kernels' other geometries
+
+    def save():
+        res["wall_s"] = time.monotonic() - t_start
+        atomic_write_text(os.path.join(a.outdir, "triton_sweep.json"), json.dumps(res, indent=1) + "\n")
+        atomic_write_text(os.path.join(a.outdir, "triton_sweep.md"), markdown(res))
+
+    # the default first (the reference of the diff column), then the loop kernels' other
+    # geometries, then the tiled kernels (3x slower in the second run: last, budget allowing);
+    # the conv's tiles between them
     trials = [("loop", "loop", BD0, W0, S0, st.CHUNK)]
-    trials += [("tiled", "loop", g, w, S0, st.CHUNK) for g, w in tiled_f]
-    trials += [("loop", "tiled", g, w, S0, st.CHUNK) for g, w in tiled_b]
-    trials += [("loop", "loop", g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
-    trials += [("loop", "loop", BD0, W0, s, st.CHUNK) for s in STAGES]
-    trials += [("loop", "loop", BD0, W0, S0, k) for k in CHUNKS]
+    if "loop" in parts:
+        trials += [("loop", "loop", g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
+        trials += [("loop", "loop", BD0, W0, s, st.CHUNK) for s in STAGES]
+        trials += [("loop", "loop", BD0, W0, S0, k) for k in CHUNKS]
+    if "tiled" in parts:
+        trials += [("tiled", "loop", g, w, S0, st.CHUNK) for g, w in tiled_f]
+        trials += [("loop", "tiled", g, w, S0, st.CHUNK) for g, w in tiled_b]
     default_plan, default_kernels, ref = st._plan, (st.FORWARD, st.BACKWARD), None
-    for forward, backward, block_d, warps, stages, chunk in trials:
+    for i, (forward, backward, block_d, warps, stages, chunk) in enumerate(trials):
         row = dict(forward=forward, backward=backward, block_d=block_d, warps=warps, stages=stages, chunk=chunk)
         if time.monotonic() - t_start > a.budget_s:
             row["skipped"] = "time budget"
@@ -207,10 +296,13 @@ def main(argv=None):
             finally:
                 st._plan, (st.FORWARD, st.BACKWARD) = default_plan, default_kernels
         res["rows"].append(row)
-        res["wall_s"] = time.monotonic() - t_start
-        atomic_write_text(os.path.join(a.outdir, "triton_sweep.json"), json.dumps(res, indent=1) + "\n")
-        atomic_write_text(os.path.join(a.outdir, "triton_sweep.md"), markdown(res))
+        save()
         print(f"triton_sweep: {row}", flush=True)
+        if "conv" in parts and forward == backward == "loop" and (i + 1 == len(trials) or trials[i + 1][0] == "tiled"
+                                                                 or trials[i + 1][1] == "tiled"):
+            conv_part(res, dev, b, d, L, reps, bw, conv_tiles, t_start, a.budget_s, save)
+    if "conv" in parts and "conv" not in res:
+        conv_part(res, dev, b, d, L, reps, bw, conv_tiles, t_start, a.budget_s, save)
     print(markdown(res))
     return 0
 

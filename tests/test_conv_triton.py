@@ -21,6 +21,13 @@ from svp.ops import conv_triton  # noqa: E402
 from svp.ops.conv_triton import causal_conv1d_triton  # noqa: E402
 
 
+@pytest.fixture(params=["split", "fused"])
+def backward_form(request, monkeypatch):
+    """Each test that takes it runs with both forms of the backward (conv_triton.BACKWARD)."""
+    monkeypatch.setattr(conv_triton, "BACKWARD", request.param)
+    return request.param
+
+
 def _reference(x, w, bias, act, reverse):
     """float64, through F.conv1d on the (flipped, for reverse) (b, d, l) layout: another route
     than causal_conv1d_bld's shifted multiply-adds."""
@@ -52,7 +59,7 @@ SHAPES = [(2, 37, 70, 4), (1, 5, 8, 3), (3, 65, 129, 4), (2, 33, 64, 2), (1, 2, 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias,act,reverse", list(itertools.product([True, False], [None, "silu"], [False, True])))
-def test_matches_the_float64_reference(shape, bias, act, reverse):
+def test_matches_the_float64_reference(shape, bias, act, reverse, backward_form):
     b, L, d, W = shape
     # (a seed of the case's own, the same in every process: str hashes are salted per process)
     gen = torch.Generator().manual_seed(SHAPES.index(shape) * 8 + 4 * bias + 2 * (act is not None) + reverse)
@@ -70,7 +77,7 @@ def test_matches_the_float64_reference(shape, bias, act, reverse):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_input_gives_its_dtype_and_float32_sums(dtype):
+def test_reduced_precision_input_gives_its_dtype_and_float32_sums(dtype, backward_form):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 72, generator=gen).to(dtype).requires_grad_()
     w = torch.randn(72, 4, generator=gen, requires_grad=True)
@@ -84,7 +91,7 @@ def test_reduced_precision_input_gives_its_dtype_and_float32_sums(dtype):
     assert _worst(got[2:], want[2:]) < 1e-5
 
 
-def test_strided_input_and_gradient_are_read_in_place():
+def test_strided_input_and_gradient_are_read_in_place(backward_form):
     gen = torch.Generator().manual_seed(4)
     big = torch.randn(2, 30, 100, generator=gen)
     x = big[:, :, 10:80].requires_grad_()            # (b, l, d) with a row stride of 100
@@ -96,7 +103,7 @@ def test_strided_input_and_gradient_are_read_in_place():
     assert _worst(got, want) < 2e-6
 
 
-def test_same_bits_on_every_run():
+def test_same_bits_on_every_run(backward_form):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 50, 70, generator=gen, requires_grad=True)
     w = torch.randn(70, 4, generator=gen, requires_grad=True)
@@ -116,6 +123,10 @@ def test_bad_input_is_named(monkeypatch):
         causal_conv1d_triton(x, torch.randn(7, 4))
     with pytest.raises(BackendError, match="x is torch.float64"):
         causal_conv1d_triton(x.double(), torch.randn(8, 4))
+    monkeypatch.setattr(conv_triton, "BACKWARD", "fast")
+    x1 = torch.randn(1, 4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="conv_triton.BACKWARD must be 'split' or 'fused'; got 'fast'"):
+        causal_conv1d_triton(x1, torch.randn(8, 4)).sum().backward()
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(BackendError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
         causal_conv1d_triton(x, torch.randn(8, 4))

@@ -190,8 +190,8 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile the kernels (forward, backward and their experimental tiled forms; the conv's, the
-    add + RMSNorm's and SVP's prompt step's two each) for sm_90 (bf16 inputs, every option on,
+    """Compile the kernels (forward, backward and their experimental tiled forms; the conv's
+    three; the add + RMSNorm's and SVP's prompt step's two each) for sm_90 (bf16 inputs, every option on,
     each with the launch geometry it gets for a Vim-S mixer) to PTX and a cubin; no GPU needed.
     Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
@@ -219,7 +219,7 @@ def compile_kernels_for_sm90():
         asm.append(k.asm)
     # the conv's kernels (svp.ops.conv_triton), bf16 x as the model gives them under autocast
     from svp.ops import conv_triton as ct
-    for fn in (ct._conv_fwd, ct._conv_bwd):
+    for fn in (ct._conv_fwd, ct._conv_bwd, ct._conv_dpre):
         jf = JITFunction(fn)
         c = dict(W=4, BLOCK_L=ct.BLOCK_L, BLOCK_D=ct.BLOCK_D, HAS_BIAS=True, SILU=True, REVERSE=True)
         sig = {a: "constexpr" if a in c else ("*bf16" if a in ("x_ptr", "out_ptr", "go_ptr", "dx_ptr") else "*fp32")
@@ -269,11 +269,11 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([here, src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         code = ("import test_scan_triton as t; asm = t.compile_kernels_for_sm90(); "
-                "print(len(asm) == 10 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
+                "print(len(asm) == 11 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.split()[-1:] == ["True"], r.stdout + r.stderr
         return
-    assert len(asm) == 10   # the scan's four kernels; the conv's, the norm's and the prompt step's two
+    assert len(asm) == 11   # the scan's four kernels; the conv's three; the norm's and the prompt step's two
     for a in asm:
         assert "cubin" in a and "atom" not in a["ptx"]   # deterministic: no atomics
 

@@ -15,11 +15,15 @@ path"), where the same work needs two forward (read x, write out) and three back
 and dout, write dx). Here each program takes a (BLOCK_L steps x BLOCK_D channels) tile and
 computes in float32; outputs come back in x's dtype.
 
-The backward recomputes the pre-activation instead of saving it: dx[u] = sum_k w[k] dpre[u +/-
-(W-1-k)] needs dpre at W shifted times, each from W loads of x that mostly hit the cache.
-dweight and dbias are written per (batch row, time block) and summed afterwards in float64 in
-a fixed order: no atomics, so the same inputs give the same bits on every run (as the Triton
-scan's sums).
+The backward recomputes the pre-activation instead of saving it. Two forms (``BACKWARD``):
+"split" (the default) runs two kernels: the first computes dL/d(pre-activation) once per time
+(float32, a (b, l, E) scratch) with the weight's and bias' partial sums, the second is this
+module's forward kernel run the other way in time over it (dx[u] = sum_k w[k] dpre[u +/-
+(W-1-k)] is the conv in the opposite direction, no bias, no activation). "fused" does it in one
+kernel that recomputes dpre at each of the W shifted times, from W loads of x each: fewer
+bytes, W times the arithmetic and ~200 registers a thread. dweight and dbias are written per
+(batch row, time block) and summed afterwards in float64 in a fixed order: no atomics, so the
+same inputs give the same bits on every run (as the Triton scan's sums).
 """
 from __future__ import annotations
 
@@ -34,13 +38,20 @@ from .scan_triton import _device_fn, _launch, check_tensors, jitted
 # backend (models/vim.py's _conv); False gives the pure-PyTorch conv there, for an A/B on a GPU
 # (benchmarks/gpu_profile.py --conv torch, gpu_check.py part (c)).
 ENABLED = True
-# Tile of one program. Not tuned on a GPU (none was lent when these were written): 32 steps x
-# 64 channels (128-byte rows of bfloat16) at 8 warps, 8 values a thread. ptxas (sm_90a, bf16 x,
-# width 4) then reports 48 registers for the forward and 197 for the backward, no spills; at
-# 4 warps the backward spilled ~320 bytes.
-BLOCK_L = 32
-BLOCK_D = 64
-WARPS = 8
+# Tile of one program: BLOCK_L steps x BLOCK_D channels on WARPS warps, 16 values a thread.
+# Measured on an H200 (Triton 3.6, Vim-S mixer at batch 128, bf16 x; benchmarks/triton_sweep.py
+# --parts conv, docs/benchmarks.md "GPU, second run"): 64 x 32 at 4 warps took 0.060 ms forward
+# and 0.298 ms backward (split), against 0.104 / 0.588 ms for the first choice, 32 x 64 at 8
+# warps; 32 x 32 at 2 warps was as fast; wider tiles (128-256 channels) were slower backward.
+# ptxas (sm_90a, Triton 3.8, bf16 x, width 4) gives the forward 78 registers and the split
+# backward's first kernel 255 with a 24-byte spill; faster all the same.
+BLOCK_L = 64
+BLOCK_D = 32
+WARPS = 4
+# The backward's form, "split" or "fused" (module docstring); the same results within float32
+# rounding. At the tile above the split backward took 0.298 ms, the fused 0.364; in the whole
+# Vim-S step at the first tile the two were within noise (895 / 901 img/s).
+BACKWARD = "split"
 
 
 @_device_fn
@@ -133,6 +144,40 @@ def _conv_bwd(x_ptr, w_ptr, b_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
     tl.store(dx_ptr + bi * sdx_b + u[:, None] * sdx_l + c[None, :] * sdx_d, dx.to(dx_ptr.dtype.element_ty), mask=mu)
 
 
+def _conv_dpre(x_ptr, w_ptr, b_ptr, go_ptr, dp_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
+               sx_b, sx_l, sx_d, sw_d, sw_w, sg_b, sg_l, sg_d,
+               W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+               HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr):
+    """The split backward's first kernel: dpre = dL/d(pre-activation) at this tile's times
+    into a contiguous float32 (b, l, d) scratch (zero past the end), and the weight's and
+    bias' partial sums of this (batch row, time block)."""
+    bi = tl.program_id(0).to(tl.int64)
+    lb = tl.program_id(1)
+    t = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = c < d
+    m = (t < L)[:, None] & cm[None, :]
+    x_row = x_ptr + bi * sx_b + c * sx_d
+    g = tl.load(go_ptr + bi * sg_b + t[:, None] * sg_l + c[None, :] * sg_d, mask=m, other=0.0).to(tl.float32)
+    if SILU:
+        bias = _bias(b_ptr, c, cm, BLOCK_D, HAS_BIAS)
+        v = _pre(x_row, w_ptr, t, c, cm, L, sx_l, sw_d, sw_w, bias, W, BLOCK_L, BLOCK_D, HAS_BIAS, REVERSE)
+        s = 1.0 / (1.0 + tl.exp(-v))
+        g = g * s * (1.0 + v * (1.0 - s))
+    tl.store(dp_ptr + (bi * L + t[:, None]) * d + c[None, :], g, mask=m)
+    row = bi * nlb + lb
+    for j in tl.static_range(W):
+        if REVERSE:
+            tj = t + (W - 1 - j)
+        else:
+            tj = t - (W - 1 - j)
+        mj = ((tj >= 0) & (tj < L))[:, None] & cm[None, :]
+        xj = tl.load(x_row[None, :] + tj[:, None] * sx_l, mask=mj, other=0.0).to(tl.float32)
+        tl.store(dwp_ptr + (row * W + j) * d + c, tl.sum(g * xj, axis=0), mask=cm)
+    if HAS_BIAS:
+        tl.store(dbp_ptr + row * d + c, tl.sum(g, axis=0), mask=cm)
+
+
 def _check(x, weight, bias, activation):
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None, 'silu' or 'swish'; got {activation!r}")
@@ -149,16 +194,23 @@ def _grid(x):
     return b, triton.cdiv(L, BLOCK_L), triton.cdiv(d, BLOCK_D)
 
 
+def _kernels():
+    return jitted(_conv_fwd, _conv_bwd, _conv_dpre)
+
+
+def _conv(fwd, x, weight, bias, out, silu, reverse):
+    _launch(fwd, _grid(x), x, weight, bias if bias is not None else x, out, x.shape[1], x.shape[2],
+            *x.stride(), *weight.stride(), *out.stride(),
+            W=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None,
+            SILU=bool(silu), REVERSE=bool(reverse), num_warps=WARPS)
+
+
 class CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu, reverse):
         b, L, d = x.shape
         out = torch.empty(b, L, d, dtype=x.dtype, device=x.device)
-        fwd, _ = jitted(_conv_fwd, _conv_bwd)
-        _launch(fwd, _grid(x), x, weight, bias if bias is not None else x, out, L, d,
-                *x.stride(), *weight.stride(), *out.stride(),
-                W=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None,
-                SILU=bool(silu), REVERSE=bool(reverse), num_warps=WARPS)
+        _conv(_kernels()[0], x, weight, bias, out, silu, reverse)
         ctx.save_for_backward(x, weight, bias)
         ctx.cfg = (bool(silu), bool(reverse))
         return out
@@ -175,11 +227,21 @@ class CausalConv1dTriton(torch.autograd.Function):
         dx = torch.empty(b, L, d, dtype=x.dtype, device=x.device)
         dwp = torch.empty(b * nlb, W, d, **f32)
         dbp = torch.empty(b * nlb, d, **f32) if bias is not None else dwp
-        _, bwd = jitted(_conv_fwd, _conv_bwd)
-        _launch(bwd, grid, x, weight, bias if bias is not None else x, dout, dx, dwp, dbp, L, d, nlb,
-                *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(),
-                W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
-                REVERSE=reverse, num_warps=WARPS)
+        fwd, bwd, dpre = _kernels()
+        if BACKWARD == "split":
+            dp = torch.empty(b, L, d, **f32)
+            _launch(dpre, grid, x, weight, bias if bias is not None else x, dout, dp, dwp, dbp, L, d, nlb,
+                    *x.stride(), *weight.stride(), *dout.stride(),
+                    W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
+                    REVERSE=reverse, num_warps=WARPS)
+            _conv(fwd, dp, weight, None, dx, False, not reverse)
+        elif BACKWARD == "fused":
+            _launch(bwd, grid, x, weight, bias if bias is not None else x, dout, dx, dwp, dbp, L, d, nlb,
+                    *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(),
+                    W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
+                    REVERSE=reverse, num_warps=WARPS)
+        else:
+            raise ValueError(f"conv_triton.BACKWARD must be 'split' or 'fused'; got {BACKWARD!r}")
         need = ctx.needs_input_grad
         dw = dwp.sum(0, dtype=torch.float64).t().to(weight.dtype).contiguous() if need[1] else None
         db = dbp.sum(0, dtype=torch.float64).to(bias.dtype) if bias is not None and need[2] else None

@@ -43,7 +43,7 @@ STAGES = 2           # tl.range pipelining of the time loops (the backward's scr
 # times both)
 FORWARD = "loop"
 BACKWARD = "loop"    # the same for the backward (_bwd or _bwd_tiled)
-_TILE = 2048         # largest BLOCK_D * BLOCK_N (8 float32 of state per thread at 8 warps)
+_TILE = 512          # BLOCK_D * BLOCK_N of the loop backward (16 float32 of state a thread on one warp; _plan)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -602,45 +602,34 @@ def _check(u, delta, A, B, C, D, z, delta_bias):
         raise BackendError(f"the 'triton' scan backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}")
 
 
-def _geometry(d, N, G):
+def _geometry(d, N, G, tile=_TILE):
     dg = d // G
     BN = _pow2(N)
-    BD = max(1, min(_TILE // BN, _pow2(dg), 64))
+    BD = max(1, min(tile // BN, _pow2(dg)))
     return dg, BN, BD, (dg + BD - 1) // BD
-
-
-def _warps(BD, BN):
-    # 8 state floats per thread. Measured on an H200 (Triton 3.6, Vim-S mixer at batch 128,
-    # bf16 inputs; benchmarks/triton_sweep.py, docs/benchmarks.md "GPU, first run"): with 8 per
-    # thread the forward took 0.45 ms and the backward 1.9-2.1 ms whatever the block (16 to 64
-    # channels), against 0.57 / 2.8 ms with 4 per thread (64 channels, 8 warps); 2 per thread
-    # was slower still. ptxas (sm_90) then reports 110-120 registers and no spills for the
-    # forward, 255 registers and 116-140 (Triton 3.8) or 452-476 (3.6) spilled bytes for the
-    # backward: faster all the same.
-    return max(1, min(8, BD * BN // 256))
 
 
 def _plan(kind: str, d: int, N: int, G: int):
     """Launch geometry of the ``kind`` ("fwd" or "bwd") kernel: (dg, BLOCK_N, BLOCK_D, nblk,
-    num_warps, stages). The forward takes blocks of up to 64 channels, the backward of
-    256 / BLOCK_N (16 at d_state 16: 1.94 against 2.08 ms at 64, the same measurement as
-    _warps'). One function so that benchmarks/triton_sweep.py can try others; the chunk length
-    is not here (the backward must use the forward's: it reads its saved states)."""
-    dg, BN, BD, nblk = _geometry(d, N, G)
+    num_warps, stages). One warp a program: the forward takes blocks of 1024 / BLOCK_N channels
+    (64 at d_state 16: 32 state floats a thread), the backward of 512 / BLOCK_N (32: 16 a
+    thread). Measured on an H200 (Triton 3.6, Vim-S mixer at batch 128, bf16 inputs;
+    benchmarks/triton_sweep.py, docs/benchmarks.md "GPU, second run"): the forward took 0.244
+    ms at 64 channels on one warp, 0.284 at 32, 0.445-0.55 at 32 on 2 or 4 warps; the backward
+    1.25 ms at 32 on one warp, 1.51-1.55 at 64 on 1 or 2, 1.92-2.44 at 16 or at 32 on 2-4 warps
+    (the first run's choice, 64 at 4 warps forward and 16 at 1 backward, took 0.45 / 1.92 ms).
+    One function so that benchmarks/triton_sweep.py can try others; the chunk length is not
+    here (the backward must use the forward's: it reads its saved states)."""
     if kind == "fwd" and FORWARD == "tiled":
         # five (BLOCK_D, CHUNK, BLOCK_N) float32 tiles live at once: 8 channels at 16 x 16
-        BD = max(1, min(2048 // (BN * CHUNK), BD))
-        nblk = (dg + BD - 1) // BD
+        dg, BN, BD, nblk = _geometry(d, N, G, 2048 // CHUNK)
         return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
     if kind == "bwd" and BACKWARD == "tiled":
         # a dozen (BLOCK_D, CHUNK, BLOCK_N) tiles live at once: 4 channels at 16 x 16
-        BD = max(1, min(1024 // (BN * CHUNK), BD))
-        nblk = (dg + BD - 1) // BD
+        dg, BN, BD, nblk = _geometry(d, N, G, 1024 // CHUNK)
         return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
-    if kind == "bwd":
-        BD = max(1, min(256 // BN, BD))
-        nblk = (dg + BD - 1) // BD
-    return dg, BN, BD, nblk, _warps(BD, BN), STAGES
+    dg, BN, BD, nblk = _geometry(d, N, G, 2 * _TILE if kind == "fwd" else _TILE)
+    return dg, BN, BD, nblk, 1, STAGES
 
 
 def _bld(like, dtype):
