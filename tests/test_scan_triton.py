@@ -190,9 +190,10 @@ def test_mini_vim_with_svp_matches_the_cpu_backend():
 
 
 def compile_kernels_for_sm90():
-    """Compile the kernels (forward, backward and their experimental tiled forms; the conv's
-    three; the add + RMSNorm's and SVP's prompt step's two each) for sm_90 (bf16 inputs, every option on,
-    each with the launch geometry it gets for a Vim-S mixer) to PTX and a cubin; no GPU needed.
+    """Compile the kernels (forward, backward and their experimental tiled forms, the backward's
+    sums; the conv's three; the add + RMSNorm's and SVP's prompt step's two each) for sm_90
+    (bf16 inputs, every option on, each with the launch geometry it gets for a Vim-S mixer) to
+    PTX and a cubin; no GPU needed.
     Returns the kernels' asm dicts."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -217,6 +218,12 @@ def compile_kernels_for_sm90():
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps))
         asm.append(k.asm)
+    # the backward's fixed-order float64 sums (scan_triton.fixed_sum), into bfloat16
+    jf = JITFunction(st._sum_mid)
+    sig = {"p_ptr": "*fp32", "out_ptr": "*bf16", "NS": "i32", "INNER": "i32", "BLOCK": "constexpr",
+           "F64": "constexpr"}
+    asm.append(triton.compile(ASTSource(jf, sig, constexprs=dict(BLOCK=st.SUM_BLOCK, F64=False)),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm)
     # the conv's kernels (svp.ops.conv_triton), bf16 x as the model gives them under autocast
     from svp.ops import conv_triton as ct
     for fn in (ct._conv_fwd, ct._conv_bwd, ct._conv_dpre):
@@ -269,11 +276,11 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([here, src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         code = ("import test_scan_triton as t; asm = t.compile_kernels_for_sm90(); "
-                "print(len(asm) == 11 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
+                "print(len(asm) == 12 and all('cubin' in a and 'atom' not in a['ptx'] for a in asm))")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0 and r.stdout.split()[-1:] == ["True"], r.stdout + r.stderr
         return
-    assert len(asm) == 11   # the scan's four kernels; the conv's three; the norm's and the prompt step's two
+    assert len(asm) == 12   # the scan's four and its sums'; the conv's three; the norm's and the prompt step's two
     for a in asm:
         assert "cubin" in a and "atom" not in a["ptx"]   # deterministic: no atomics
 
@@ -310,3 +317,38 @@ def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
     scan_triton._launch(Kernel(), (1,), 7, x, BLOCK=4)
     scan_triton._launch(Kernel(), (1,), torch.empty(2), BLOCK=4)   # a CPU tensor: no device switch
     assert seen == [torch.device("cuda:1"), None] and current[0] is None
+
+
+def test_fixed_sum_is_the_float64_sum_in_one_kernel():
+    """scan_triton.fixed_sum, the backward's reduction of its per-program partials: the float64
+    sum over one dimension, rounded to the dtype asked for. The float64 sums of these few
+    float32 terms (magnitudes 1e-3 to 1e3 along the kept dimensions) are exact in any order, so
+    the kernel's in-order sum must equal torch's bit for bit in float32 and float64. In
+    bfloat16, within one unit in the last place: Triton's interpreter narrows float32 to
+    bfloat16 by truncation (a GPU rounds to nearest, as torch does)."""
+    from svp.ops.scan_triton import fixed_sum
+    gen = torch.Generator().manual_seed(7)
+    scale = torch.logspace(-3, 3, 37).view(1, 1, 1, 37, 1)
+    P = torch.randn(3, 2, 5, 37, 4, generator=gen) * scale
+    for dim, dtype in ((2, torch.float32), (2, torch.bfloat16), (2, torch.float64), (0, torch.float32),
+                       (4, torch.float32)):
+        got = fixed_sum(P, dim, dtype)
+        want = P.double().sum(dim).to(dtype)
+        assert got.dtype == dtype and got.shape == want.shape, (dim, dtype)
+        if dtype == torch.bfloat16:
+            assert ((got.double() - want.double()).abs() <= want.double().abs() * 2.0 ** -7).all(), dim
+        else:
+            assert torch.equal(got, want), (dim, dtype)
+    # a strided input is read as its values (made contiguous first), an empty one gives zeros' shape
+    assert torch.equal(fixed_sum(P.transpose(0, 3), 1, torch.float32), P.transpose(0, 3).double().sum(1).float())
+    assert fixed_sum(torch.empty(0, 4, 3), 1, torch.float32).shape == (0, 3)
+
+
+def test_shared_B_beside_grouped_C():
+    """B shared by every channel, (b, n, l), beside C in two groups: the scan runs two groups and
+    B's gradient sums both groups' partials (the reduction's group path)."""
+    args = grid.make(2, 24, 21, 8, groups=2)
+    args[3] = args[3][:, 0].clone()
+    grid.check("triton", args, reverse=True, last=True)
+    args[3], args[4] = args[4], args[3]            # and C shared beside a grouped B
+    grid.check("triton", args, reverse=False)

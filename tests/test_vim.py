@@ -449,3 +449,36 @@ def test_inference_halves_the_mixer_output_in_the_product_with_the_same_bits(bat
     with torch.no_grad():
         got = model(x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_out_proj_takes_the_scan_output_as_a_devices_autocast_gives_it(training):
+    """Under a device's autocast (a GPU's; here the CPU's, on the path a GPU takes: amp is the
+    CPU mixer's own bfloat16 path) the scan's bfloat16 y reaches out_proj as it is. It was cast
+    to the float32 stream and back to bfloat16 by the product: the same bits after two passes
+    over a (b, l, E) tensor forward and two backward (4 ms of a Vim-S step on an H200)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from svp.models.vim import BiMambaMixer
+    torch.manual_seed(0)
+    m = BiMambaMixer(16, d_state=4, expand=2)
+    hidden = torch.randn(2, 5, 16)
+    y = torch.randn(2, 5, m.d_inner).to(torch.bfloat16).requires_grad_()
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == tuple(y.shape):
+                casts.append((args[0].dtype, (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        out = m._out_proj(y, hidden, amp=False)
+        if training:
+            (gy,) = torch.autograd.grad(out.float().square().sum(), [y])
+    assert casts == []
+    # what autocast's product computes on y cast up and back: the weight halved, cast to bfloat16
+    w = (m.out_proj.weight * 0.5).to(torch.bfloat16)
+    want = F.linear(y.detach().float().to(torch.bfloat16), w)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    if training:
+        assert gy.dtype == torch.bfloat16

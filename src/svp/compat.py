@@ -1,6 +1,7 @@
 """What the oldest supported stack (torch 2.1, numpy 1.23; see constraints-oldest.txt) lacks.
 
-``cpu_autocast`` asks whether CPU autocast is on and ``cpu_autocast_dtype`` in which dtype:
+``cpu_autocast`` asks whether CPU autocast is on and ``cpu_autocast_dtype`` in which dtype
+(``autocast_enabled`` whether autocast is on for any device type):
 ``torch.is_autocast_enabled("cpu")`` and ``torch.get_autocast_dtype("cpu")`` exist from torch
 2.4, ``torch.is_autocast_cpu_enabled`` and ``torch.get_autocast_cpu_dtype`` (deprecated since)
 before.
@@ -116,6 +117,18 @@ def cpu_autocast() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on in this thread for ``device_type`` ("cpu", "cuda", ...)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no argument means CUDA
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta: "unknown device type")
+        return False
 
 
 _NO_CONTEXT = contextlib.nullcontext()

@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..compat import cpu_autocast, cpu_autocast_dtype
+from ..compat import autocast_enabled, cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan, triton_kernels
 from ..ops.kept import constant_zeros, kept_unless_trained
@@ -475,7 +475,12 @@ class BiMambaMixer(nn.Module):
 
     def _out_proj(self, y, hidden, amp):
         op = self.out_proj
-        if not amp:   # (under autocast y is bfloat16 or cast to it by the product)
+        # y in the stream's dtype, unless autocast runs the product: under CPU autocast (amp) the
+        # product takes y as it is, and under a GPU's autocast y (bfloat16 from the scan) would
+        # be cast to float32 here and back to bfloat16 by the product, the same bits after two
+        # passes over a (b, l, E) tensor forward and two backward (4 ms of a Vim-S step at
+        # batch 128 on an H200, docs/benchmarks.md "GPU, second run")
+        if not amp and not autocast_enabled(y.device.type):
             y = y.to(hidden.dtype)
         if self.divide_out and not (op._forward_hooks or op._forward_pre_hooks):
             if amp:

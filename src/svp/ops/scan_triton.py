@@ -474,6 +474,45 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
     _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
 
 
+def _sum_mid(p_ptr, out_ptr, NS, INNER, BLOCK: tl.constexpr, F64: tl.constexpr):
+    # out[o, i] = sum over s of p[o, s, i], in float64 and in the order of s; rounded through
+    # float32 unless the output is float64 (as torch rounds a double to bfloat16 or half)
+    o = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < INNER
+    src = p_ptr + o * NS * INNER + i
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for s in range(0, NS):
+        acc += tl.load(src + s * INNER, mask=m, other=0.0).to(tl.float64)
+    if F64:
+        tl.store(out_ptr + o * INNER + i, acc, mask=m)
+    else:
+        tl.store(out_ptr + o * INNER + i, acc.to(tl.float32).to(out_ptr.dtype.element_ty), mask=m)
+
+
+SUM_BLOCK = 1024
+
+
+def fixed_sum(P: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """P (float32) summed over ``dim`` in float64, in index order, as ``dtype``: the backward's
+    per-program partial sums reduced without atomics, so the same bits on every run. One kernel
+    reading P once, where ``P.sum(dim, dtype=torch.float64).to(dtype)`` first writes P as float64
+    (at Vim-S batch 128 the dB / dC partials: 43 + 25 us a call against the copy's ~10 us of
+    reading, docs/benchmarks.md "GPU, second run")."""
+    P = P.contiguous()
+    shape = P.shape[:dim] + P.shape[dim + 1:]
+    outer = 1
+    for n in P.shape[:dim]:
+        outer *= n
+    inner = P[(0,) * (dim + 1)].numel() if P.numel() else 0
+    out = torch.empty(shape, dtype=dtype, device=P.device)
+    if out.numel():
+        (kernel,) = jitted(_sum_mid)
+        _launch(kernel, (outer, triton.cdiv(inner, SUM_BLOCK)), P, out, P.shape[dim], inner,
+                BLOCK=SUM_BLOCK, F64=dtype == torch.float64, num_warps=4)
+    return out
+
+
 _jitted: dict = {}
 
 
@@ -711,17 +750,18 @@ class SelectiveScanTriton(torch.autograd.Function):
         need = ctx.needs_input_grad
 
         def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
-            return sum_to_groups(P.sum(2, dtype=torch.float64).transpose(2, 3), X.shape, X.dtype)
+            if (1 if X.dim() == 3 else X.shape[1]) == G:     # X has every scan group: no group sums
+                return fixed_sum(P, 2, X.dtype).transpose(2, 3).reshape(X.shape)
+            return sum_to_groups(fixed_sum(P, 2, torch.float64).transpose(2, 3), X.shape, X.dtype)
 
         return (du if need[0] else None,
                 ddelta if need[1] else None,
-                dAp.sum(0, dtype=torch.float64).to(A.dtype) if need[2] else None,
+                fixed_sum(dAp, 0, A.dtype) if need[2] else None,
                 chan_sum(dBp, B) if need[3] else None,
                 chan_sum(dCp, C) if need[4] else None,
-                dDp.sum(0, dtype=torch.float64).to(D.dtype) if (D is not None and need[5]) else None,
+                fixed_sum(dDp, 0, D.dtype) if (D is not None and need[5]) else None,
                 dz if (z is not None and need[6]) else None,
-                dbp.sum(0, dtype=torch.float64).to(delta_bias.dtype) if (delta_bias is not None and need[7])
-                else None,
+                fixed_sum(dbp, 0, delta_bias.dtype) if (delta_bias is not None and need[7]) else None,
                 None, None, None)
 
 
