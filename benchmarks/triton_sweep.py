@@ -172,17 +172,28 @@ def conv_part(res, dev, b, d, L, reps, bw, tiles, t_start, budget_s, save):
         else:
             ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD = bl, bd, wp, form
             try:
-                tf, tb, outs = conv_one(x, w, bias, g, dev, reps)
-                ref = ref or outs
-                row.update(fwd_ms=tf, bwd_ms=tb, fwd_x_bound=tf / res["conv_bound_fwd_ms"],
-                           bwd_x_bound=tb / res["conv_bound_bwd_ms"], diff=rel_err(outs, ref))
-            except Exception as e:      # one tile failing to compile must not end the sweep
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                ref = measure(row, lambda: conv_one(x, w, bias, g, dev, reps), res["conv_bound_fwd_ms"],
+                              res["conv_bound_bwd_ms"], ref)
             finally:
                 ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD = default
         res["conv"].append(row)
         save()
         print(f"triton_sweep: conv {row}", flush=True)
+
+
+def measure(row, fn, bound_fwd, bound_bwd, ref):
+    """Runs fn() -> (forward ms, backward ms, outputs) into ``row``: the times beside their bounds
+    and the outputs' largest relative difference from ``ref`` (the first row's). Returns the
+    reference for the next rows. One geometry or tile failing to compile must not end the
+    sweep: its row says why."""
+    try:
+        tf, tb, outs = fn()
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return ref
+    ref = ref or outs
+    row.update(fwd_ms=tf, bwd_ms=tb, fwd_x_bound=tf / bound_fwd, bwd_x_bound=tb / bound_bwd, diff=rel_err(outs, ref))
+    return ref
 
 
 def rel_err(a, b):
@@ -287,12 +298,8 @@ def main(argv=None):
             st._plan = plan_with(block_d, warps, stages, only, default_plan)
             st.FORWARD, st.BACKWARD = forward, backward
             try:
-                tf, tb, outs = run_one(args, dev, chunk, reps)
-                ref = ref or outs
-                row.update(fwd_ms=tf, bwd_ms=tb, fwd_x_bound=tf / res["bound_fwd_ms"],
-                           bwd_x_bound=tb / res["bound_bwd_ms"], diff=rel_err(outs, ref))
-            except Exception as e:      # one geometry failing to compile must not end the sweep
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                ref = measure(row, lambda: run_one(args, dev, chunk, reps), res["bound_fwd_ms"],
+                              res["bound_bwd_ms"], ref)
             finally:
                 st._plan, (st.FORWARD, st.BACKWARD) = default_plan, default_kernels
         res["rows"].append(row)

@@ -22,8 +22,9 @@ module's forward kernel run the other way in time over it (dx[u] = sum_k w[k] dp
 (W-1-k)] is the conv in the opposite direction, no bias, no activation). "fused" does it in one
 kernel that recomputes dpre at each of the W shifted times, from W loads of x each: fewer
 bytes, W times the arithmetic and ~200 registers a thread. dweight and dbias are written per
-(batch row, time block) and summed afterwards in float64 in a fixed order: no atomics, so the
-same inputs give the same bits on every run (as the Triton scan's sums).
+(batch row, time block) and summed afterwards in float64 in a fixed order
+(``scan_triton.fixed_sum``): no atomics, so the same inputs give the same bits on every run (as
+the Triton scan's sums).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_triton import _device_fn, _launch, check_tensors, jitted
+from .scan_triton import _device_fn, _launch, check_tensors, fixed_sum, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
 # backend (models/vim.py's _conv); False gives the pure-PyTorch conv there, for an A/B on a GPU
@@ -82,6 +83,24 @@ def _bias(b_ptr, c, cm, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr):
     return bias
 
 
+@_device_fn
+def _weight_sums(x_row, dwp_ptr, dbp_ptr, g, t, c, cm, row, L, d, sx_l, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 REVERSE: tl.constexpr):
+    """This (batch row, time block)'s partial sums of the weight's gradient, sum over t of g[t] *
+    x[t_k] for each tap k, and of the bias', sum of g[t]: g the gradient of the pre-activation at
+    the tile's times t, into row ``row`` of the (rows, W, d) and (rows, d) partials."""
+    for j in tl.static_range(W):
+        if REVERSE:
+            tj = t + (W - 1 - j)
+        else:
+            tj = t - (W - 1 - j)
+        mj = ((tj >= 0) & (tj < L))[:, None] & cm[None, :]
+        xj = tl.load(x_row[None, :] + tj[:, None] * sx_l, mask=mj, other=0.0).to(tl.float32)
+        tl.store(dwp_ptr + (row * W + j) * d + c, tl.sum(g * xj, axis=0), mask=cm)
+    if HAS_BIAS:
+        tl.store(dbp_ptr + row * d + c, tl.sum(g, axis=0), mask=cm)
+
+
 def _conv_fwd(x_ptr, w_ptr, b_ptr, out_ptr, L, d,
               sx_b, sx_l, sx_d, sw_d, sw_w, so_b, so_l, so_d,
               W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -129,17 +148,7 @@ def _conv_bwd(x_ptr, w_ptr, b_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
         dx += g * wk[None, :]
         if k == W - 1:
             # t == u: this program's own output times; the weight's and bias' partial sums
-            row = bi * nlb + lb
-            for j in tl.static_range(W):
-                if REVERSE:
-                    tj = u + (W - 1 - j)
-                else:
-                    tj = u - (W - 1 - j)
-                mj = ((tj >= 0) & (tj < L))[:, None] & cm[None, :]
-                xj = tl.load(x_row[None, :] + tj[:, None] * sx_l, mask=mj, other=0.0).to(tl.float32)
-                tl.store(dwp_ptr + (row * W + j) * d + c, tl.sum(g * xj, axis=0), mask=cm)
-            if HAS_BIAS:
-                tl.store(dbp_ptr + row * d + c, tl.sum(g, axis=0), mask=cm)
+            _weight_sums(x_row, dwp_ptr, dbp_ptr, g, u, c, cm, bi * nlb + lb, L, d, sx_l, W, HAS_BIAS, REVERSE)
     mu = (u < L)[:, None] & cm[None, :]
     tl.store(dx_ptr + bi * sdx_b + u[:, None] * sdx_l + c[None, :] * sdx_d, dx.to(dx_ptr.dtype.element_ty), mask=mu)
 
@@ -165,17 +174,7 @@ def _conv_dpre(x_ptr, w_ptr, b_ptr, go_ptr, dp_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
         s = 1.0 / (1.0 + tl.exp(-v))
         g = g * s * (1.0 + v * (1.0 - s))
     tl.store(dp_ptr + (bi * L + t[:, None]) * d + c[None, :], g, mask=m)
-    row = bi * nlb + lb
-    for j in tl.static_range(W):
-        if REVERSE:
-            tj = t + (W - 1 - j)
-        else:
-            tj = t - (W - 1 - j)
-        mj = ((tj >= 0) & (tj < L))[:, None] & cm[None, :]
-        xj = tl.load(x_row[None, :] + tj[:, None] * sx_l, mask=mj, other=0.0).to(tl.float32)
-        tl.store(dwp_ptr + (row * W + j) * d + c, tl.sum(g * xj, axis=0), mask=cm)
-    if HAS_BIAS:
-        tl.store(dbp_ptr + row * d + c, tl.sum(g, axis=0), mask=cm)
+    _weight_sums(x_row, dwp_ptr, dbp_ptr, g, t, c, cm, bi * nlb + lb, L, d, sx_l, W, HAS_BIAS, REVERSE)
 
 
 def _check(x, weight, bias, activation):
@@ -243,8 +242,8 @@ class CausalConv1dTriton(torch.autograd.Function):
         else:
             raise ValueError(f"conv_triton.BACKWARD must be 'split' or 'fused'; got {BACKWARD!r}")
         need = ctx.needs_input_grad
-        dw = dwp.sum(0, dtype=torch.float64).t().to(weight.dtype).contiguous() if need[1] else None
-        db = dbp.sum(0, dtype=torch.float64).to(bias.dtype) if bias is not None and need[2] else None
+        dw = fixed_sum(dwp, 0, weight.dtype).t().contiguous() if need[1] else None
+        db = fixed_sum(dbp, 0, bias.dtype) if bias is not None and need[2] else None
         return dx if need[0] else None, dw, db, None, None
 
 

@@ -497,8 +497,8 @@ def fixed_sum(P: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """P (float32) summed over ``dim`` in float64, in index order, as ``dtype``: the backward's
     per-program partial sums reduced without atomics, so the same bits on every run. One kernel
     reading P once, where ``P.sum(dim, dtype=torch.float64).to(dtype)`` first writes P as float64
-    (at Vim-S batch 128 the dB / dC partials: 43 + 25 us a call against the copy's ~10 us of
-    reading, docs/benchmarks.md "GPU, second run")."""
+    (at Vim-S batch 128 the dB / dC partials took 43 us to copy and 25 us to sum a call on an
+    H200, docs/benchmarks.md "GPU, second run"; reading them once is ~10 us of HBM bandwidth)."""
     P = P.contiguous()
     shape = P.shape[:dim] + P.shape[dim + 1:]
     outer = 1
