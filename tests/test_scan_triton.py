@@ -220,7 +220,7 @@ def compile_kernels_for_sm90():
         asm.append(k.asm)
     # the backward's fixed-order float64 sums (scan_triton.fixed_sum), into bfloat16
     jf = JITFunction(st._sum_mid)
-    sig = {"p_ptr": "*fp32", "out_ptr": "*bf16", "NS": "i32", "INNER": "i32", "BLOCK": "constexpr",
+    sig = {"p_ptr": "*fp32", "out_ptr": "*bf16", "NS": "i32", "INNER": "i32", "SPAN": "i32", "BLOCK": "constexpr",
            "F64": "constexpr"}
     asm.append(triton.compile(ASTSource(jf, sig, constexprs=dict(BLOCK=st.SUM_BLOCK, F64=False)),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm)
@@ -339,9 +339,16 @@ def test_fixed_sum_is_the_float64_sum_in_one_kernel():
             assert ((got.double() - want.double()).abs() <= want.double().abs() * 2.0 ** -7).all(), dim
         else:
             assert torch.equal(got, want), (dim, dtype)
-    # a strided input is read as its values (made contiguous first), an empty one gives zeros' shape
+    # a strided input is read as its values (made contiguous first); an empty one gives zeros
     assert torch.equal(fixed_sum(P.transpose(0, 3), 1, torch.float32), P.transpose(0, 3).double().sum(1).float())
     assert fixed_sum(torch.empty(0, 4, 3), 1, torch.float32).shape == (0, 3)
+    assert torch.equal(fixed_sum(torch.empty(2, 0, 3), 1, torch.float32), torch.zeros(2, 3))
+    # a long sum over a small grid goes in two stages (spans of SUM_SPAN terms, then the spans'
+    # sums; 3 and 70 spans here, the second 70 in two stages again), the same value
+    for rows in (70, 2240):
+        Q = torch.randn(rows, 5, generator=gen) * torch.logspace(-2, 2, rows).view(rows, 1)
+        assert torch.equal(fixed_sum(Q, 0, torch.float64), Q.double().sum(0)), rows
+        assert torch.equal(fixed_sum(Q, 0, torch.float32), Q.double().sum(0).float()), rows
 
 
 def test_shared_B_beside_grouped_C():

@@ -474,42 +474,59 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
     _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
 
 
-def _sum_mid(p_ptr, out_ptr, NS, INNER, BLOCK: tl.constexpr, F64: tl.constexpr):
-    # out[o, i] = sum over s of p[o, s, i], in float64 and in the order of s; rounded through
-    # float32 unless the output is float64 (as torch rounds a double to bfloat16 or half)
+def _sum_mid(p_ptr, out_ptr, NS, INNER, SPAN, BLOCK: tl.constexpr, F64: tl.constexpr):
+    # out[o, k, i] = sum of p[o, s, i] over s in span k = [k SPAN, (k + 1) SPAN), in float64 and
+    # in the order of s; rounded through float32 unless the output is float64 (as torch rounds
+    # a double to bfloat16 or half)
     o = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k = tl.program_id(2)
     m = i < INNER
     src = p_ptr + o * NS * INNER + i
     acc = tl.zeros((BLOCK,), tl.float64)
-    for s in range(0, NS):
+    for s in range(k * SPAN, tl.minimum(NS, k * SPAN + SPAN)):
         acc += tl.load(src + s * INNER, mask=m, other=0.0).to(tl.float64)
+    dst = out_ptr + (o * tl.num_programs(2) + k) * INNER + i
     if F64:
-        tl.store(out_ptr + o * INNER + i, acc, mask=m)
+        tl.store(dst, acc, mask=m)
     else:
-        tl.store(out_ptr + o * INNER + i, acc.to(tl.float32).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(dst, acc.to(tl.float32).to(out_ptr.dtype.element_ty), mask=m)
 
 
-SUM_BLOCK = 1024
+SUM_BLOCK = 1024     # columns a program
+SUM_SPAN = 32        # the most terms one program adds in turn when the grid would be small
+SUM_PROGRAMS = 512   # below this many (outer x column blocks) programs, long sums go in two stages
 
 
 def fixed_sum(P: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """P (float32) summed over ``dim`` in float64, in index order, as ``dtype``: the backward's
-    per-program partial sums reduced without atomics, so the same bits on every run. One kernel
+    """P (float32) summed over ``dim`` in float64, in a fixed order, as ``dtype``: the backward's
+    per-program partial sums reduced without atomics, so the same bits on every run. A kernel
     reading P once, where ``P.sum(dim, dtype=torch.float64).to(dtype)`` first writes P as float64
     (at Vim-S batch 128 the dB / dC partials took 43 us to copy and 25 us to sum a call on an
-    H200, docs/benchmarks.md "GPU, second run"; reading them once is ~10 us of HBM bandwidth)."""
+    H200, docs/benchmarks.md "GPU, second run"; reading them once is ~10 us of HBM bandwidth).
+    Each program adds its terms in turn, one load's latency each; a long sum over a small grid
+    (dD's over the batch: one program would add 128 rows in turn) goes in two stages instead,
+    spans of SUM_SPAN terms and then the spans' sums, each in index order."""
     P = P.contiguous()
     shape = P.shape[:dim] + P.shape[dim + 1:]
     outer = 1
     for n in P.shape[:dim]:
         outer *= n
+    ns = P.shape[dim]
     inner = P[(0,) * (dim + 1)].numel() if P.numel() else 0
+    if not (outer and inner):
+        return torch.zeros(shape, dtype=dtype, device=P.device)
+    (kernel,) = jitted(_sum_mid)
+    cols = triton.cdiv(inner, SUM_BLOCK)
+    if ns > SUM_SPAN and outer * cols < SUM_PROGRAMS:
+        spans = triton.cdiv(ns, SUM_SPAN)
+        part = torch.empty(outer, spans, inner, dtype=torch.float64, device=P.device)
+        _launch(kernel, (outer, cols, spans), P, part, ns, inner, SUM_SPAN, BLOCK=SUM_BLOCK, F64=True,
+                num_warps=4)
+        return fixed_sum(part, 1, dtype).reshape(shape)
     out = torch.empty(shape, dtype=dtype, device=P.device)
-    if out.numel():
-        (kernel,) = jitted(_sum_mid)
-        _launch(kernel, (outer, triton.cdiv(inner, SUM_BLOCK)), P, out, P.shape[dim], inner,
-                BLOCK=SUM_BLOCK, F64=dtype == torch.float64, num_warps=4)
+    _launch(kernel, (outer, cols, 1), P, out, ns, inner, ns, BLOCK=SUM_BLOCK, F64=dtype == torch.float64,
+            num_warps=4)
     return out
 
 
