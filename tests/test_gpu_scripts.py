@@ -1,0 +1,62 @@
+"""The GPU benchmark scripts run: a GPU is lent to few sessions, for minutes, and a script that
+fails there wastes the loan. Each runs here in its --dry-run form (the CPU, Triton's
+interpreter, tiny shapes), in a fresh process as on the GPU machine, and must write what the
+docs read from it. The numbers are meaningless here; the rows, their fields and the reference
+rows' zero differences are not."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from triton_helpers import require_triton
+
+require_triton()
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(name, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SVP_SCAN_BACKEND")}
+    env["PYTHONPATH"] = os.path.join(ROOT, "src")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_triton_sweep_times_the_scan_and_the_conv(tmp_path):
+    script("triton_sweep.py", str(tmp_path), "--dry-run", "--parts", "conv")
+    res = json.loads((tmp_path / "triton_sweep.json").read_text())
+    (default,) = res["rows"]                   # --parts conv: the scan's default row alone
+    assert default["diff"] == 0 and default["fwd_ms"] > 0 and default["bwd_ms"] > 0
+    from svp.ops import conv_triton as ct
+    first, *rest = res["conv"]
+    assert (first["block_l"], first["block_d"], first["warps"], first["backward"]) == (
+        ct.BLOCK_L, ct.BLOCK_D, ct.WARPS, ct.BACKWARD)
+    assert first["diff"] == 0 and {r["backward"] for r in rest} == {"split", "fused"}
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["diff"] < 1e-6 for r in res["conv"])
+    md = (tmp_path / "triton_sweep.md").read_text()
+    assert "conv + SiLU" in md and md.count("| split |") + md.count("| fused |") == len(res["conv"])
+
+
+def test_gpu_check_times_the_scan_beside_its_bound(tmp_path):
+    script("gpu_check.py", str(tmp_path), "--dry-run", "--parts", "b")
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "a" not in res and "c" not in res
+    rows = res["b"]
+    assert {r["backend"] for r in rows} >= {"triton", "torch"}
+    for r in rows:
+        assert "error" not in r, r
+        assert 0 < r["fwd_ms"] < r["fwdbwd_ms"], r           # the forward is part of forward + backward
+        assert abs(r["fwd_x_bound"] - r["fwd_ms"] / r["bound_fwd_ms"]) <= 1e-9 * r["fwd_x_bound"], r
+    assert "## (b) scan" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_profile_prints_the_step_and_its_shapes():
+    out = script("gpu_profile.py", "--dry-run", "--backend", "torch", "--rows", "3", "--shapes", "3")
+    assert out.count("Self CPU time total") == 2 and "Input Shapes" in out
