@@ -113,10 +113,7 @@ def restricted_torch_load(path, mmap: bool = False) -> Any:
 
 def cpu_autocast() -> bool:
     """Whether CPU autocast (``torch.autocast("cpu", ...)``) is on in this thread."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+    return autocast_enabled("cpu")
 
 
 def autocast_enabled(device_type: str) -> bool:
