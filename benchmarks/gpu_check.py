@@ -154,28 +154,25 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
         arch, kw, svp_kw, batch, px = "vim_small_patch16_224", {}, {}, 128, 224
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    # and the Triton backend's A/B rows: the scan's launch geometry of the first GPU run (64
-    # channels at 4 warps forward, 16 at 1 backward), the conv's fused backward
+    # and the Triton backend's A/B rows: the mixer's nodes per direction (models/vim.py's
+    # GPU_JOINT_NODES off: autograd adds the two directions' outputs and gradients, and in_proj's
+    # halves are cast by autocast, as before 2026-12-04's evening), the conv's fused backward
     # (conv_triton.BACKWARD), and the mixer's conv, the blocks' add + RMSNorm and SVP's prompt
     # step in their PyTorch forms instead of conv_triton's, norm_triton's and prompt_triton's
     # kernels (their ENABLED flags). The tiled scan kernels, 2.5x slower here in the second run,
-    # are left to benchmarks/triton_sweep.py.
+    # are left to benchmarks/triton_sweep.py, and the first run's scan geometry (0.76-0.84x the
+    # default's img/s in four calls of the second run) to its sweep.
     runs = [(name, name) for name in backends]
     if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
-        from svp.ops import conv_triton, norm_triton, prompt_triton, scan_triton
+        from svp.models import vim
+        from svp.ops import conv_triton, norm_triton, prompt_triton
         # (and the default once more, last: the drift between the first row and the last)
-        runs += [("triton", "triton (first run's scan geometry)"), ("triton", "triton (fused conv backward)"),
+        runs += [("triton", "triton (mixer nodes per direction)"), ("triton", "triton (fused conv backward)"),
                  ("triton", "triton (PyTorch conv, norm, prompts)"), ("triton", "triton (again, last)")]
-        default_plan = scan_triton._plan
-
-        def first_run_plan(kind, d, N, G):
-            dg, BN, BD, nblk, warps, stages = default_plan(kind, d, N, G)
-            BD = min(64 if kind == "fwd" else 16, scan_triton._pow2(dg))
-            return dg, BN, BD, (dg + BD - 1) // BD, max(1, min(8, BD * BN // 256)), stages
     for name, label in runs:
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16", backend=label)
         if name == "triton":
-            scan_triton._plan = first_run_plan if "geometry" in label else default_plan
+            vim.GPU_JOINT_NODES = "per direction" not in label
             conv_triton.BACKWARD = "fused" if "fused" in label else "split"
             conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = "PyTorch" not in label
         model = opt = None
@@ -230,7 +227,7 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
         finally:
             dispatch.set_backend(None)
             if name == "triton":
-                scan_triton._plan, conv_triton.BACKWARD = default_plan, "split"
+                vim.GPU_JOINT_NODES, conv_triton.BACKWARD = True, "split"
                 conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = True
         rows.append(row)
         del model, opt

@@ -26,6 +26,9 @@ def main(argv=None):
                     help="the mixer's conv, the blocks' add + RMSNorm and SVP's prompt step on the triton "
                          "backend: their Triton kernels (conv_triton, norm_triton, prompt_triton) or their PyTorch "
                          "forms")
+    ap.add_argument("--nodes", choices=("joint", "per-direction"), default="joint",
+                    help="the mixer's joint nodes on the GPU path (models/vim.py's GPU_JOINT_NODES) or its nodes "
+                         "per direction with autograd's sums")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--shapes", type=int, default=0, metavar="N",
@@ -60,6 +63,8 @@ def main(argv=None):
         from svp.ops import conv_triton, norm_triton, prompt_triton, scan_triton
         scan_triton.FORWARD = scan_triton.BACKWARD = a.kernels
         conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = a.around == "triton"
+    from svp.models import vim
+    vim.GPU_JOINT_NODES = a.nodes == "joint"
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):

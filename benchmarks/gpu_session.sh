@@ -3,7 +3,8 @@
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (the scan's
 # launch geometries and the exp-only floor, the conv's tiles, the tiled scan kernels last),
 # benchmarks/gpu_profile.py (a Vim-S step's kernels: as it runs, with the operators grouped by
-# input shape, and with the conv, add + RMSNorm and prompt step in PyTorch) and `svp doctor`,
+# input shape; with the mixer's nodes per direction; and with the conv, add + RMSNorm and prompt
+# step in PyTorch) and `svp doctor`,
 # each under its own time limit, all output under OUTDIR (about 4-5 minutes on an H200; at most
 # 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
 #
@@ -28,7 +29,8 @@ stamp sweep
 timeout 150 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-110}" >> "$L" 2>&1
 echo "sweep rc $?" >> "$L"
 stamp profile
-{ timeout 60 "$py" "$here/gpu_profile.py" --shapes 45; timeout 60 "$py" "$here/gpu_profile.py" --around torch
+{ timeout 60 "$py" "$here/gpu_profile.py" --shapes 45; timeout 60 "$py" "$here/gpu_profile.py" --nodes per-direction
+  timeout 60 "$py" "$here/gpu_profile.py" --around torch
 } > "$out/prof.txt" 2>&1
 echo "profile rc $?" >> "$L"
 stamp doctor

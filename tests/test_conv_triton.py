@@ -13,7 +13,7 @@ import torch
 from svp.errors import BackendError
 from svp.ops import set_backend
 from svp.ops.conv import causal_conv1d_bld, causal_conv1d_ref
-from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
+from triton_helpers import Fills, interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
 triton = require_triton()
 
@@ -139,16 +139,17 @@ def _mixer():
 
 
 def test_the_mixer_takes_it_where_the_scan_runs_on_triton(monkeypatch):
-    """models/vim.py's conv: the Triton kernels with the 'triton' scan backend, their values
-    those of the PyTorch form; with conv_triton.ENABLED off, or another backend, never."""
+    """models/vim.py's conv + x_proj: the Triton kernels as one node with the 'triton' scan
+    backend, their values those of the PyTorch form; with conv_triton.ENABLED off, or another
+    backend, never."""
     calls = []
-    real = conv_triton.causal_conv1d_triton
+    real = conv_triton.causal_conv1d_proj_triton
 
     def spy(*a, **k):
         calls.append(k.get("reverse"))
         return real(*a, **k)
 
-    monkeypatch.setattr(conv_triton, "causal_conv1d_triton", spy)
+    monkeypatch.setattr(conv_triton, "causal_conv1d_proj_triton", spy)
     m = _mixer()
     x = torch.randn(2, 9, m.d_inner, requires_grad=True)
     outs = {}
@@ -159,8 +160,91 @@ def test_the_mixer_takes_it_where_the_scan_runs_on_triton(monkeypatch):
         for reverse, conv, proj in ((False, m.conv1d, m.x_proj), (True, m.conv1d_b, m.x_proj_b)):
             y, dbl = m._conv_proj(x, conv, proj, reverse)
             (dx,) = torch.autograd.grad((y * dbl[..., :1]).sum(), [x])
-            outs[backend, enabled, reverse] = y.detach(), dx
+            outs[backend, enabled, reverse] = y.detach(), dbl.detach(), dx
         assert calls == ([False, True] if (backend, enabled) == ("triton", True) else []), (backend, enabled)
     for reverse in (False, True):
         for a, b in zip(outs["triton", True, reverse], outs["torch", True, reverse]):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def _conv_then_proj(x, w, bias, pw, reverse):
+    """What the joint node replaces: the conv's node, then x_proj's product of its output."""
+    u = causal_conv1d_triton(x, w, bias, "silu", reverse=reverse)
+    return u, torch.nn.functional.linear(u, pw)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_and_projection_as_one_node_match_the_two_nodes(reverse, backward_form):
+    """causal_conv1d_proj_triton: the conv's output and x_proj's product of it, with every
+    gradient, equal to the two nodes autograd joins (the same forward bits; the gradients to
+    float32 rounding: x_proj's input gradient is added to the scan's by the product itself),
+    and no zero tensor where one output's gradient is unused."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, bias, pw = (torch.randn(2, 19, 24, generator=gen), torch.randn(24, 4, generator=gen) * 0.5,
+                      torch.randn(24, generator=gen) * 0.1, torch.randn(7, 24, generator=gen) * 0.3)
+    gu, gp = torch.randn(2, 19, 24, generator=gen), torch.randn(2, 19, 7, generator=gen)
+    res = []
+    for fn in (conv_triton.causal_conv1d_proj_triton, None):
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias, pw)]
+        outs = (fn(*leaves, "silu", reverse=reverse) if fn else _conv_then_proj(*leaves, reverse))
+        res.append((*[o.detach() for o in outs], *torch.autograd.grad(outs, leaves, (gu, gp))))
+    for i, (a, b) in enumerate(zip(*res)):
+        if i < 2:
+            assert torch.equal(a, b), i
+        else:
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max(), i
+    # only the projection used (the scan's gradient absent): its gradient alone reaches the conv
+    leaves = [t.clone().requires_grad_() for t in (x, w, bias, pw)]
+    with Fills() as fills:
+        got = torch.autograd.grad(conv_triton.causal_conv1d_proj_triton(*leaves, "silu", reverse=reverse)[1],
+                                  leaves, gp)
+    assert fills.count == 0
+    want = torch.autograd.grad(_conv_then_proj(*leaves, reverse)[1], leaves, gp)
+    assert all((a - b).abs().max() <= 1e-6 * b.abs().max() for a, b in zip(got, want))
+
+
+def test_conv_and_projection_under_autocast_cast_as_autocast_does():
+    """Under autocast (bfloat16 x, as in_proj gives it; the CPU's autocast here, a GPU's in a
+    run) the joint node's product takes autocast's casts: the same output bits as x_proj's
+    product under autocast, and gradients to bfloat16 rounding, the weight's in float32."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 21, 32, generator=gen).bfloat16()
+    w, bias, pw = torch.randn(32, 4, generator=gen) * 0.5, torch.randn(32, generator=gen) * 0.1, \
+        torch.randn(9, 32, generator=gen) * 0.3
+    gu, gp = torch.randn(2, 21, 32, generator=gen).bfloat16(), torch.randn(2, 21, 9, generator=gen).bfloat16()
+    res = []
+    for fn in (conv_triton.causal_conv1d_proj_triton, None):
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias, pw)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = (fn(*leaves, "silu") if fn else _conv_then_proj(*leaves, False))
+        assert outs[1].dtype == torch.bfloat16
+        res.append((*[o.detach() for o in outs], *torch.autograd.grad(outs, leaves, (gu, gp))))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert res[0][5].dtype == torch.float32    # x_proj's weight gradient in the weight's dtype
+    for a, b in zip(res[0][2:], res[1][2:]):
+        assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
+def test_both_directions_conv_and_projection_as_one_node_match_two_nodes_and_their_sum(backward_form):
+    """bi_conv_proj_triton (BiConvProjTriton, the mixer's two convs + x_projs of one x): the
+    reverse direction's conv adds its input gradient to the forward direction's in the kernel.
+    In float32 that is the one addition autograd made of the same two numbers: the same bits
+    as two causal_conv1d_proj_triton nodes, every output and gradient."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 19, 24, generator=gen)
+    dirs = [(torch.randn(24, 4, generator=gen) * 0.5, torch.randn(24, generator=gen) * 0.1,
+             torch.randn(7, 24, generator=gen) * 0.3) for _ in range(2)]
+    grads = [torch.randn(2, 19, n, generator=gen) for n in (24, 7, 24, 7)]
+    res = []
+    for joint in (True, False):
+        xx = x.clone().requires_grad_()
+        leaves = [[t.clone().requires_grad_() for t in d] for d in dirs]
+        if joint:
+            outs = conv_triton.bi_conv_proj_triton(xx, *leaves)
+        else:
+            outs = (conv_triton.causal_conv1d_proj_triton(xx, *leaves[0], "silu")
+                    + conv_triton.causal_conv1d_proj_triton(xx, *leaves[1], "silu", reverse=True))
+        flat = [xx] + leaves[0] + leaves[1]
+        res.append([o.detach() for o in outs] + list(torch.autograd.grad(outs, flat, grads)))
+    for i, (a, b) in enumerate(zip(*res)):
+        assert torch.equal(a, b), i

@@ -11,7 +11,7 @@ import torch
 from svp.errors import BackendError
 from svp.ops import set_backend
 from svp.ops.norm import rms_norm_ref
-from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
+from triton_helpers import Fills, interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
 triton = require_triton()
 
@@ -124,3 +124,18 @@ def test_the_blocks_take_it_where_the_scan_runs_on_triton(monkeypatch):
     assert n1.keys() == n2.keys() and len(n1) == 3
     for k in n1:
         assert (n1[k] - n2[k]).abs().max() <= 1e-4 * n2[k].abs().max(), k
+
+
+def test_an_unused_output_gets_no_zero_filled_gradient():
+    """The final norm's residual stream is unused: its gradient comes as None, with no zero
+    tensor filled and read, and the gradients are those of a zero gradient given for it. The
+    other way round (only the stream used) the output's gradient is zero."""
+    h, r, w, g, gx = _inputs((2, 9, 24), torch.float32, True, 5)
+    with Fills() as fills:
+        a = _grads(add_rms_norm_triton(h, r, w, EPS), [h, w, r], g, gx, False)
+    assert fills.count == 0
+    b = _grads(add_rms_norm_triton(h, r, w, EPS), [h, w, r], g, torch.zeros_like(gx), True)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    _, x = add_rms_norm_triton(h, r, w, EPS)
+    dh, dw, dr = torch.autograd.grad((x * gx).sum(), [h, w, r], allow_unused=True)
+    assert torch.equal(dh, gx) and torch.equal(dr, gx) and not dw.any()

@@ -16,7 +16,7 @@ import torch
 import test_scan_backends as grid
 from svp.errors import BackendError
 from svp.ops import dispatch, get_backend, set_backend
-from triton_helpers import interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
+from triton_helpers import Fills, interpreter, require_triton  # noqa: F401  (interpreter: an autouse fixture)
 
 triton = require_triton()
 
@@ -204,8 +204,10 @@ def compile_kernels_for_sm90():
     bf16 = {"u_ptr", "dl_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr", "go_ptr", "du_ptr", "ddl_ptr", "dz_ptr"}
     asm = []
     modes = st.FORWARD, st.BACKWARD
-    for fn, kind, extra in ((st._fwd, "fwd", {}), (st._bwd, "bwd", {"HAS_GLAST": True}),
-                            (st._fwd_tiled, "fwd", {}), (st._bwd_tiled, "bwd", {"HAS_GLAST": True})):
+    # (the reverse direction's forms, which add to the other direction's output and z gradient)
+    fx, bx = {"ACC_OUT": True}, {"HAS_GLAST": True, "ACC_DZ": True}
+    for fn, kind, extra in ((st._fwd, "fwd", fx), (st._bwd, "bwd", bx), (st._fwd_tiled, "fwd", fx),
+                            (st._bwd_tiled, "bwd", bx)):
         jf = JITFunction(fn)
         st.FORWARD = st.BACKWARD = "tiled" if fn in (st._fwd_tiled, st._bwd_tiled) else "loop"
         try:
@@ -228,7 +230,8 @@ def compile_kernels_for_sm90():
     from svp.ops import conv_triton as ct
     for fn in (ct._conv_fwd, ct._conv_bwd, ct._conv_dpre):
         jf = JITFunction(fn)
-        c = dict(W=4, BLOCK_L=ct.BLOCK_L, BLOCK_D=ct.BLOCK_D, HAS_BIAS=True, SILU=True, REVERSE=True)
+        c = dict(W=4, BLOCK_L=ct.BLOCK_L, BLOCK_D=ct.BLOCK_D, HAS_BIAS=True, SILU=True, REVERSE=True,
+                 **({} if fn is ct._conv_dpre else {"ACC": True}))   # (the reverse direction's dx added)
         sig = {a: "constexpr" if a in c else ("*bf16" if a in ("x_ptr", "out_ptr", "go_ptr", "dx_ptr") else "*fp32")
                if a.endswith("_ptr") else "i32" for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
@@ -359,3 +362,94 @@ def test_shared_B_beside_grouped_C():
     grid.check("triton", args, reverse=True, last=True)
     args[3], args[4] = args[4], args[3]            # and C shared beside a grouped B
     grid.check("triton", args, reverse=False)
+
+
+def test_an_unused_last_state_costs_no_zero_filled_gradient():
+    """The models never use the scan's last state. Its gradient comes to the backward as None:
+    no (b, d, N) zero tensor filled by autograd and read by the kernel. The gradients are those
+    of the same call whose last state is used with a zero gradient."""
+    from svp.ops.scan_triton import selective_scan_triton
+    args = grid.make(2, 20, 9, 8, seed=3)
+    g = torch.randn(2, 20, 9, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for use_last in (False, True):
+        xs = [a.detach().clone().requires_grad_() for a in args]
+        out, last = selective_scan_triton(*xs[:7], delta_bias=xs[7], delta_softplus=True, return_last_state=True)
+        with Fills() as fills:
+            if use_last:
+                torch.autograd.backward([out, last], [g, torch.zeros_like(last)])
+            else:
+                out.backward(g)
+        if not use_last:
+            assert fills.count == 0
+        grads.append([x.grad for x in xs])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def _two_directions(dtype=torch.float32):
+    """Each direction's (u, delta, A, B, C, D, delta_bias) from grid.make, and one z (b, d, l),
+    the (b, *, l) tensors in ``dtype``."""
+    a = grid.make(2, 40, 13, 8, seed=21)     # 40 channels: blocks of the plan's size and a partial one
+    b = grid.make(2, 40, 13, 8, seed=22)
+    z = a[6]
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dim() == 3 else t
+
+    fwd = [cast(t) for t in a[:6]] + [a[7]]
+    bwd = [cast(t) for t in b[:6]] + [b[7]]
+    return cast(z), fwd, bwd
+
+
+@pytest.mark.parametrize("kind", ["loop", "tiled"])
+def test_both_directions_as_one_node_match_two_scans_and_their_sums(kind, monkeypatch):
+    """bidirectional_scan_triton (BiScanTriton, the mixer's two scans as one node): the second
+    direction adds its output, and backward its z gradient, to the first's in the kernel. In
+    float32 that is one addition of the same two numbers, so the output and every gradient have
+    the bits of two selective_scan_triton calls and autograd's sums."""
+    from svp.ops import scan_triton as st
+    if kind == "tiled":
+        _tiled(monkeypatch, "both")
+    z, fwd, bwd = _two_directions()
+    g = torch.randn(2, 40, 13, generator=torch.Generator().manual_seed(23))
+    res = []
+    for joint in (True, False):
+        zz = z.detach().clone().requires_grad_()
+        f = [t.detach().clone().requires_grad_() for t in fwd]
+        b = [t.detach().clone().requires_grad_() for t in bwd]
+        if joint:
+            out = st.bidirectional_scan_triton(zz, f, b)
+        else:
+            out = (st.selective_scan_triton(*f[:6], z=zz, delta_bias=f[6], delta_softplus=True)
+                   + st.selective_scan_triton(*b[:6], z=zz, delta_bias=b[6], delta_softplus=True, reverse=True))
+        out.backward(g)
+        res.append([out.detach(), zz.grad] + [t.grad for t in f + b])
+    for i, (a, c) in enumerate(zip(*res)):
+        assert torch.equal(a, c), i
+
+
+def test_both_directions_as_one_node_in_bfloat16_round_the_sums_once():
+    """With bfloat16 u, delta and z (a GPU's autocast) the node's output and z gradient are the
+    sums rounded once; against the two scans (each rounded, then their sum rounded) within
+    bfloat16's rounding, and the other gradients the two scans' own."""
+    from svp.ops import scan_triton as st
+    z, fwd, bwd = _two_directions(torch.bfloat16)
+    g = torch.randn(2, 40, 13, generator=torch.Generator().manual_seed(24)).bfloat16()
+    res = []
+    for joint in (True, False):
+        zz = z.detach().clone().requires_grad_()
+        f = [t.detach().clone().requires_grad_() for t in fwd]
+        b = [t.detach().clone().requires_grad_() for t in bwd]
+        out = (st.bidirectional_scan_triton(zz, f, b) if joint else
+               st.selective_scan_triton(*f[:6], z=zz, delta_bias=f[6], delta_softplus=True)
+               + st.selective_scan_triton(*b[:6], z=zz, delta_bias=b[6], delta_softplus=True, reverse=True))
+        out.backward(g)
+        res.append([out.detach(), zz.grad] + [t.grad for t in f + b])
+    assert res[0][0].dtype == res[0][1].dtype == torch.bfloat16
+    for i, (a, c) in enumerate(zip(*res)):
+        if i < 2:
+            assert (a.float() - c.float()).abs().max() <= 2 ** -7 * c.float().abs().max(), i
+        else:
+            assert torch.equal(a, c), i
+    with pytest.raises(ValueError, match="two directions' u differ"):
+        st.bidirectional_scan_triton(z, fwd, [bwd[0].float()] + bwd[1:])

@@ -417,6 +417,46 @@ def test_in_proj_node_forms_the_inputs_gradient_once_with_the_halves_products(us
         assert not wg.grad[20:].any() if used == "x" else not wg.grad[:20].any()
 
 
+def test_in_proj_node_under_autocast_casts_the_input_once():
+    """_InProj.cast_once, the mixer's in_proj under a GPU's autocast (here the CPU's, on the
+    GPU's path): the input cast once forward and its gradient once backward, with nothing
+    added, where autocast's two half products cast the input twice, and autograd cast both
+    gradients back and added them. The same outputs and gradients, to bfloat16 rounding (the
+    node's second product adds its gradient to the first's in float32 before rounding)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from svp.models.vim import _InProj
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(2, 9, 12, generator=g), torch.randn(2 * 20, 12, generator=g)
+    gx, gz = torch.randn(2, 9, 20, generator=g), torch.randn(2, 9, 20, generator=g)
+    ops = {}
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("_to_copy", "add", "add_") and tuple(out.shape) == tuple(h.shape):
+                ops[name] = ops.get(name, 0) + 1
+            return out
+
+    res = []
+    for node in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        hn = hh * 1.0   # not a leaf, as the norm's output in the model (autocast caches a leaf's cast)
+        ops.clear()
+        with Ops():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x, z = _InProj.cast_once(hn, ww, 20, torch.bfloat16) if node else \
+                    (F.linear(hn, ww[:20]), F.linear(hn, ww[20:]))
+            assert x.dtype == z.dtype == torch.bfloat16
+            torch.autograd.backward([x, z], [gx.bfloat16(), gz.bfloat16()])
+        res.append((ops.copy(), x.detach(), z.detach(), hh.grad, ww.grad))
+    assert res[0][0] == {"_to_copy": 2}, res[0][0]   # forward and backward, once each
+    assert res[1][0]["_to_copy"] == 4 and res[1][0]["add"] == 1, res[1][0]
+    assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])
+    for a, b in zip(res[0][3:], res[1][3:]):
+        assert a.dtype == b.dtype == torch.float32 and (a - b).abs().max() <= 1e-2 * b.abs().max()
+
+
 def test_in_proj_halves_train_like_the_whole_product():
     """The mixer multiplies by in_proj's two row halves (_InProj); with a hook on
     in_proj it runs the module and chunks its output. Both give the same output and the same

@@ -145,6 +145,18 @@ def cpu_autocast_dtype() -> torch.dtype:
     return torch.get_autocast_cpu_dtype()  # torch < 2.4
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs products in on ``device_type`` in this thread, or None where it
+    is off (or unknown to autocast, as for the meta device)."""
+    if not autocast_enabled(device_type):
+        return None
+    if device_type == "cpu":
+        return cpu_autocast_dtype()
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype()  # torch < 2.4: CUDA
+
+
 def cpu_bf16_instructions() -> Optional[List[str]]:
     """The bfloat16 dot-product instruction sets this CPU has, of avx512_bf16 (e.g. AMD Zen 4,
     Intel Cooper Lake) and amx_bf16 (Intel Sapphire Rapids and later): what makes bfloat16

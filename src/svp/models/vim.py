@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..compat import autocast_enabled, cpu_autocast, cpu_autocast_dtype
+from ..compat import autocast_dtype, autocast_enabled, cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan, triton_kernels
 from ..ops.kept import constant_zeros, kept_unless_trained
@@ -110,14 +110,26 @@ def _triton_conv(x) -> bool:
     return get_backend(x.device) == "triton" and triton_kernels.conv_triton.ENABLED
 
 
+def _plain_proj(x_proj) -> bool:
+    """x_proj as the fused conv + x_proj nodes take it: a bias-free Linear without hooks (its
+    weight may be parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor)."""
+    return (isinstance(x_proj, nn.Linear) and type(x_proj).forward is nn.Linear.forward and x_proj.bias is None
+            and not (x_proj._forward_hooks or x_proj._forward_pre_hooks))
+
+
+def _triton_conv_proj(x, conv, x_proj) -> bool:
+    """Whether conv + x_proj run as one node of svp.ops.conv_triton (CausalConv1dProjTriton):
+    where _conv would take the Triton conv, with a (dim,) conv bias and a plain x_proj."""
+    return _triton_conv(x) and (conv.bias is None or conv.bias.dim() == 1) and _plain_proj(x_proj)
+
+
 def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
     """Whether conv + x_proj can run as one fused CPU node: what _conv would run fused, with a
     (dim,) conv bias, and an x_proj that is a bias-free Linear without hooks (its weight may be
     parametrized, e.g. by LoRA: it is read, and gets its gradient, like any tensor). With
     ``bf16_x``, x may be bfloat16 too (svp.ops.conv_cpu.BiConvProjCPU reads it as it is)."""
     x_dtypes = (torch.float32, torch.bfloat16) if bf16_x else (torch.float32,)
-    return (isinstance(x_proj, nn.Linear) and type(x_proj).forward is nn.Linear.forward and x_proj.bias is None
-            and not (x_proj._forward_hooks or x_proj._forward_pre_hooks)
+    return (_plain_proj(x_proj)
             and (conv.bias is None or conv.bias.dim() == 1) and _fused_cpu(x, dtypes=x_dtypes)
             and _fused_cpu(x_proj.weight))
 
@@ -129,6 +141,24 @@ def _autocast_weight(w):
     the same bits, one cast per weight value."""
     dtype = cpu_autocast_dtype()
     return kept_unless_trained(w, dtype, lambda t: t.to(dtype))
+
+
+# The mixer's joint nodes off the CPU (docs/benchmarks.md, "GPU, after the second run"): in_proj's
+# halves with autocast's casts made once (_InProj.cast_once), both directions' conv + x_proj
+# (svp.ops.conv_triton.BiConvProjTriton) and both scans (svp.ops.scan_triton.BiScanTriton) as
+# one node each, adding inside the kernels what autograd added in passes of its own. False gives
+# the per-direction nodes and autograd's sums, for an A/B on a GPU (benchmarks/gpu_check.py part
+# (c), benchmarks/gpu_profile.py --nodes).
+GPU_JOINT_NODES = True
+
+
+def _triton_bi_scan(x, z) -> bool:
+    """Whether the two directions' scans run as one node of svp.ops.scan_triton
+    (BiScanTriton): where the scan runs on the 'triton' backend with its loop kernels (the
+    tiled ones, an experiment, take no second direction's sum) and x and z share a dtype."""
+    st = triton_kernels.scan_triton
+    return (GPU_JOINT_NODES and get_backend(x.device) == "triton" and st.FORWARD == st.BACKWARD == "loop"
+            and z is not None and x.dtype == z.dtype)
 
 
 def _fused_bi_scan(x, z) -> bool:
@@ -221,6 +251,20 @@ class _InProj(torch.autograd.Function):
         """(x, z): the forward's products (without a gradient to record, they run alone)."""
         h2 = h.reshape(-1, h.shape[-1])
         return mm(h2, w[:E].t()).view(*h.shape[:-1], E), mm(h2, w[E:].t()).view(*h.shape[:-1], E)
+
+    @staticmethod
+    def cast_once(h, w, E, dtype):
+        """The node under autocast (a GPU's, in the model): the input and the weight cast to
+        autocast's ``dtype`` once, here, and the products run on the casts. Left to autocast,
+        each half's product cast the input again, and autograd cast both halves' gradients
+        back to the input's dtype and added them: three passes over (b, l, d) a layer more
+        (docs/benchmarks.md, "GPU, after the second run"). The input's gradient is then formed
+        in ``dtype`` and cast once, as the official code's one in_proj product gives it (here
+        rounded once more, after the first half's product), where autograd summed the two
+        halves' gradients in the input's dtype."""
+        run = _InProj.apply if torch.is_grad_enabled() else _InProj.products
+        with torch.autocast(h.device.type, enabled=False):
+            return run(h.to(dtype), w.to(dtype), E)
 
     @staticmethod
     def forward(ctx, h, w, E):
@@ -323,6 +367,10 @@ class BiMambaMixer(nn.Module):
             from ..ops.conv_cpu import causal_conv1d_proj_cpu
             return causal_conv1d_proj_cpu(x, conv.weight.squeeze(1), conv.bias, x_proj.weight, "silu",
                                           reverse=reverse)
+        if _triton_conv_proj(x, conv, x_proj):
+            # the same one node on the GPU: x_proj's input gradient added by its own product
+            return triton_kernels.conv_triton.causal_conv1d_proj_triton(
+                x, conv.weight.squeeze(1), conv.bias, x_proj.weight, "silu", reverse=reverse)
         x = _conv(x, conv.weight.squeeze(1), conv.bias, reverse)
         return x, x_proj(x)
 
@@ -452,23 +500,45 @@ class BiMambaMixer(nn.Module):
         bwd = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, True, "backward")
         if _fused_bi_scan(x, z) or (amp and z.dtype == torch.bfloat16):
             y = self._both_directions_fused(x, z, fwd, bwd)
+        elif _triton_bi_scan(x, z):
+            # on the GPU as on the CPU, each pair as one node: both convs + x_projs (the second's x
+            # gradient added to the first's in the kernel) and both scans (the second's output,
+            # and backward its z gradient, added to the first's), where autograd added them in
+            # passes of their own
+            cp_f = cp_b = None
+            if _triton_conv_proj(x, self.conv1d, self.x_proj) and _triton_conv_proj(x, self.conv1d_b, self.x_proj_b):
+                uf, df, ub, db = triton_kernels.conv_triton.bi_conv_proj_triton(
+                    x, (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight),
+                    (self.conv1d_b.weight.squeeze(1), self.conv1d_b.bias, self.x_proj_b.weight))
+                cp_f, cp_b = (uf, df), (ub, db)
+            sf = self._scan_inputs(x, *fwd, conv_proj=cp_f)
+            sb = self._scan_inputs(x, *bwd, conv_proj=cp_b)
+            y = triton_kernels.scan_triton.bidirectional_scan_triton(z.transpose(1, 2), sf, sb).transpose(1, 2)
         else:
             y = self._direction(x, z, *fwd) + self._direction(x, z, *bwd)
         return y
 
     def _in_proj_halves(self, hidden, amp):
-        """Two products on the weight's row halves instead of one product and a chunk (see
-        _InProj). With a bias (not the Vim models'), off the CPU, or with an input and a weight of
-        different dtypes, the halves come from split, not two slices: a weight that trains (full
-        fine-tuning, LoRA under autocast) then gets its gradient as one concatenation of the
-        halves' gradients instead of two zero-filled full-size tensors added (~8 ms a Vim-Tiny
-        step)."""
+        """Two products on the weight's row halves instead of one product and a chunk, as one
+        node (_InProj) where in_proj has no bias (the Vim models): on the CPU for an input and a
+        weight of one dtype, and off it, where under autocast the node takes autocast's casts
+        (_InProj.cast_once). Otherwise (a bias; dtypes that differ on the CPU) the halves come
+        from split, not two slices: a weight that trains (full fine-tuning, LoRA under autocast)
+        then gets its gradient as one concatenation of the halves' gradients instead of two
+        zero-filled full-size tensors added (~8 ms a Vim-Tiny step)."""
         ip, E = self.in_proj, self.d_inner
         w = _autocast_weight(ip.weight) if amp else ip.weight
         # under CPU autocast, the input cast once, not by each product (and once backward)
         h = hidden.to(cpu_autocast_dtype()) if amp else hidden
+        run = _InProj.apply if torch.is_grad_enabled() else _InProj.products
         if ip.bias is None and h.is_cpu and h.dtype == w.dtype:
-            return _InProj.apply(h, w, E) if torch.is_grad_enabled() else _InProj.products(h, w, E)
+            return run(h, w, E)
+        if ip.bias is None and not h.is_cpu and GPU_JOINT_NODES:
+            dtype = autocast_dtype(h.device.type)
+            if dtype is not None:
+                return _InProj.cast_once(h, w, E, dtype)
+            if h.dtype == w.dtype:
+                return run(h, w, E)
         wx, wz = w.split(E)
         bx, bz = (None, None) if ip.bias is None else ip.bias.split(E)
         return F.linear(h, wx, bx), F.linear(h, wz, bz)

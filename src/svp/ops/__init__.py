@@ -36,4 +36,4 @@ class _KernelModules:
 cpu_kernels = _KernelModules("scan_cpu", "conv_cpu", "norm_cpu", "prompt_cpu")
 # the Triton modules around the scan (Triton is optional; the model takes them where the scan
 # runs on the 'triton' backend)
-triton_kernels = _KernelModules("conv_triton", "norm_triton", "prompt_triton")
+triton_kernels = _KernelModules("scan_triton", "conv_triton", "norm_triton", "prompt_triton")

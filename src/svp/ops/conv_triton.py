@@ -29,10 +29,12 @@ the Triton scan's sums).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import triton
 import triton.language as tl
 
+from ..compat import autocast_dtype
 from .scan_triton import _device_fn, _launch, check_tensors, fixed_sum, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
@@ -104,7 +106,7 @@ def _weight_sums(x_row, dwp_ptr, dbp_ptr, g, t, c, cm, row, L, d, sx_l, W: tl.co
 def _conv_fwd(x_ptr, w_ptr, b_ptr, out_ptr, L, d,
               sx_b, sx_l, sx_d, sw_d, sw_w, so_b, so_l, so_d,
               W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
     bi = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -115,13 +117,16 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, out_ptr, L, d,
     if SILU:
         v = v / (1.0 + tl.exp(-v))
     m = (t < L)[:, None] & cm[None, :]
-    tl.store(out_ptr + bi * so_b + t[:, None] * so_l + c[None, :] * so_d, v.to(out_ptr.dtype.element_ty), mask=m)
+    o = out_ptr + bi * so_b + t[:, None] * so_l + c[None, :] * so_d
+    if ACC:   # added to what is there: the other direction's dx (BiConvProjTriton's split backward)
+        v += tl.load(o, mask=m, other=0.0).to(tl.float32)
+    tl.store(o, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _conv_bwd(x_ptr, w_ptr, b_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
               sx_b, sx_l, sx_d, sw_d, sw_w, sg_b, sg_l, sg_d, sdx_b, sdx_l, sdx_d,
               W: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SILU: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
     bi = tl.program_id(0).to(tl.int64)
     lb = tl.program_id(1)
     u = lb * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -150,7 +155,10 @@ def _conv_bwd(x_ptr, w_ptr, b_ptr, go_ptr, dx_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
             # t == u: this program's own output times; the weight's and bias' partial sums
             _weight_sums(x_row, dwp_ptr, dbp_ptr, g, u, c, cm, bi * nlb + lb, L, d, sx_l, W, HAS_BIAS, REVERSE)
     mu = (u < L)[:, None] & cm[None, :]
-    tl.store(dx_ptr + bi * sdx_b + u[:, None] * sdx_l + c[None, :] * sdx_d, dx.to(dx_ptr.dtype.element_ty), mask=mu)
+    dxp = dx_ptr + bi * sdx_b + u[:, None] * sdx_l + c[None, :] * sdx_d
+    if ACC:   # added to the other direction's dx (BiConvProjTriton)
+        dx += tl.load(dxp, mask=mu, other=0.0).to(tl.float32)
+    tl.store(dxp, dx.to(dx_ptr.dtype.element_ty), mask=mu)
 
 
 def _conv_dpre(x_ptr, w_ptr, b_ptr, go_ptr, dp_ptr, dwp_ptr, dbp_ptr, L, d, nlb,
@@ -197,11 +205,11 @@ def _kernels():
     return jitted(_conv_fwd, _conv_bwd, _conv_dpre)
 
 
-def _conv(fwd, x, weight, bias, out, silu, reverse):
+def _conv(fwd, x, weight, bias, out, silu, reverse, acc=False):
     _launch(fwd, _grid(x), x, weight, bias if bias is not None else x, out, x.shape[1], x.shape[2],
             *x.stride(), *weight.stride(), *out.stride(),
             W=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None,
-            SILU=bool(silu), REVERSE=bool(reverse), num_warps=WARPS)
+            SILU=bool(silu), REVERSE=bool(reverse), ACC=bool(acc), num_warps=WARPS)
 
 
 class CausalConv1dTriton(torch.autograd.Function):
@@ -217,34 +225,130 @@ class CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
-        silu, reverse = ctx.cfg
-        b, L, d = x.shape
-        W = weight.shape[1]
-        grid = _grid(x)
-        nlb = grid[1]
-        f32 = dict(dtype=torch.float32, device=x.device)
+        return (*_backward(x, weight, bias, *ctx.cfg, dout, ctx.needs_input_grad), None, None)
+
+
+def _backward(x, weight, bias, silu, reverse, dout, need, dx=None):
+    """(dx, dweight, dbias) of the conv for the output gradient ``dout`` (b, l, d); each None
+    where ``need`` (the node's needs_input_grad, x first) says so. With ``dx`` given (the other
+    direction's, BiConvProjTriton) this conv's input gradient is added to it in the kernel."""
+    b, L, d = x.shape
+    W = weight.shape[1]
+    grid = _grid(x)
+    nlb = grid[1]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    acc = dx is not None
+    if dx is None:
         dx = torch.empty(b, L, d, dtype=x.dtype, device=x.device)
-        dwp = torch.empty(b * nlb, W, d, **f32)
-        dbp = torch.empty(b * nlb, d, **f32) if bias is not None else dwp
-        fwd, bwd, dpre = _kernels()
-        if BACKWARD == "split":
-            dp = torch.empty(b, L, d, **f32)
-            _launch(dpre, grid, x, weight, bias if bias is not None else x, dout, dp, dwp, dbp, L, d, nlb,
-                    *x.stride(), *weight.stride(), *dout.stride(),
-                    W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
-                    REVERSE=reverse, num_warps=WARPS)
-            _conv(fwd, dp, weight, None, dx, False, not reverse)
-        elif BACKWARD == "fused":
-            _launch(bwd, grid, x, weight, bias if bias is not None else x, dout, dx, dwp, dbp, L, d, nlb,
-                    *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(),
-                    W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
-                    REVERSE=reverse, num_warps=WARPS)
+    dwp = torch.empty(b * nlb, W, d, **f32)
+    dbp = torch.empty(b * nlb, d, **f32) if bias is not None else dwp
+    fwd, bwd, dpre = _kernels()
+    if BACKWARD == "split":
+        dp = torch.empty(b, L, d, **f32)
+        _launch(dpre, grid, x, weight, bias if bias is not None else x, dout, dp, dwp, dbp, L, d, nlb,
+                *x.stride(), *weight.stride(), *dout.stride(),
+                W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
+                REVERSE=reverse, num_warps=WARPS)
+        _conv(fwd, dp, weight, None, dx, False, not reverse, acc)
+    elif BACKWARD == "fused":
+        _launch(bwd, grid, x, weight, bias if bias is not None else x, dout, dx, dwp, dbp, L, d, nlb,
+                *x.stride(), *weight.stride(), *dout.stride(), *dx.stride(),
+                W=W, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, HAS_BIAS=bias is not None, SILU=silu,
+                REVERSE=reverse, ACC=acc, num_warps=WARPS)
+    else:
+        raise ValueError(f"conv_triton.BACKWARD must be 'split' or 'fused'; got {BACKWARD!r}")
+    dw = fixed_sum(dwp, 0, weight.dtype).t().contiguous() if need[1] else None
+    db = fixed_sum(dbp, 0, bias.dtype) if bias is not None and need[2] else None
+    return dx if need[0] else None, dw, db
+
+
+def _proj_fwd(x, weight, bias, proj_w, silu, reverse):
+    """One direction's conv output u and x_proj's product of it, with the product's operands
+    as its backward needs them: (u, u @ proj_w^T, u_in, w_in). The product runs as ``F.linear``
+    under the caller's autocast, as ``x_proj(u)`` did: the same bits."""
+    b, L, d = x.shape
+    u = torch.empty(b, L, d, dtype=x.dtype, device=x.device)
+    _conv(_kernels()[0], x, weight, bias, u, silu, reverse)
+    dt = autocast_dtype(x.device.type)
+    if dt is None:
+        u_in, w_in = u, proj_w
+        dbl = F.linear(u_in, w_in)
+    else:   # autocast's casts, made here once so that the backward has the cast weight
+        u_in, w_in = u.to(dt), proj_w.to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            dbl = F.linear(u_in, w_in)
+    return u, dbl, u_in, w_in
+
+
+def _proj_bwd(x, weight, bias, u_in, w_in, proj_dtype, silu, reverse, du, ddbl, need, dx=None):
+    """One direction's (dx, dweight, dbias, dproj_w) from the gradients of u and of the product:
+    x_proj's input gradient added to u's by the product itself (addmm, beta = 1) where both
+    are in the product's dtype, before the conv's backward reads the sum. ``dx`` as in
+    _backward."""
+    b, L, d = x.shape
+    g = du
+    if ddbl is not None:
+        d2 = ddbl.reshape(-1, ddbl.shape[-1])
+        if du is None:
+            g = (d2 @ w_in).view(b, L, d).to(x.dtype)
+        elif du.dtype == d2.dtype == w_in.dtype and du.is_contiguous():
+            g = torch.addmm(du.view(-1, d), d2, w_in).view(b, L, d)
         else:
-            raise ValueError(f"conv_triton.BACKWARD must be 'split' or 'fused'; got {BACKWARD!r}")
+            g = du + (d2 @ w_in).view(b, L, d).to(du.dtype)
+    if g is None:
+        g = torch.zeros_like(x)
+    dx, dw, db = _backward(x, weight, bias, silu, reverse, g, need, dx)
+    dproj = (d2.t() @ u_in.reshape(-1, d)).to(proj_dtype) if need[3] and ddbl is not None else None
+    return dx, dw, db, dproj
+
+
+class CausalConv1dProjTriton(torch.autograd.Function):
+    """The conv (+ SiLU) and x_proj's product of its output as one node: (u, u @ proj_w^T).
+    The mixer's conv output has two consumers, the scan and x_proj; as separate nodes autograd
+    adds their two gradients, a pass over three (b, l, E) tensors and a launch per direction
+    and layer. Here x_proj's input gradient is added by its own product to the scan's
+    (_proj_bwd) before the conv's backward reads it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj_w, silu, reverse):
+        u, dbl, u_in, w_in = _proj_fwd(x, weight, bias, proj_w, silu, reverse)
+        ctx.save_for_backward(x, weight, bias, u_in, w_in)
+        ctx.cfg = (proj_w.dtype, bool(silu), bool(reverse))
+        ctx.set_materialize_grads(False)   # an unused output's gradient: None, not zeros
+        return u, dbl
+
+    @staticmethod
+    def backward(ctx, du, ddbl):
+        return (*_proj_bwd(*ctx.saved_tensors, *ctx.cfg, du, ddbl, ctx.needs_input_grad), None, None)
+
+
+class BiConvProjTriton(torch.autograd.Function):
+    """Both directions' conv + x_proj (CausalConv1dProjTriton's work) from one x as one node:
+    backward, the reverse direction's conv adds its input gradient to the forward direction's
+    in the kernel, where autograd added the two in a pass of its own (read two (b, l, E)
+    tensors, write one) and a launch a layer. Arguments: x, then each direction's (conv
+    weight, conv bias, x_proj weight); returns (u, dbl, u_b, dbl_b)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, proj_w, weight_b, bias_b, proj_w_b, silu):
+        u, dbl, u_in, w_in = _proj_fwd(x, weight, bias, proj_w, silu, False)
+        ub, dblb, ub_in, wb_in = _proj_fwd(x, weight_b, bias_b, proj_w_b, silu, True)
+        ctx.save_for_backward(x, weight, bias, u_in, w_in, weight_b, bias_b, ub_in, wb_in)
+        ctx.cfg = (proj_w.dtype, proj_w_b.dtype, bool(silu))
+        ctx.set_materialize_grads(False)
+        return u, dbl, ub, dblb
+
+    @staticmethod
+    def backward(ctx, du, ddbl, dub, ddblb):
+        x, weight, bias, u_in, w_in, weight_b, bias_b, ub_in, wb_in = ctx.saved_tensors
+        pdt, pdt_b, silu = ctx.cfg
         need = ctx.needs_input_grad
-        dw = fixed_sum(dwp, 0, weight.dtype).t().contiguous() if need[1] else None
-        db = fixed_sum(dbp, 0, bias.dtype) if bias is not None and need[2] else None
-        return dx if need[0] else None, dw, db, None, None
+        # x's gradient always formed by the first direction (the second adds its own to it)
+        dx, dw, db, dp = _proj_bwd(x, weight, bias, u_in, w_in, pdt, silu, False, du, ddbl,
+                                   (True,) + need[1:4])
+        _, dwb, dbb, dpb = _proj_bwd(x, weight_b, bias_b, ub_in, wb_in, pdt_b, silu, True, dub, ddblb,
+                                     (True,) + need[4:7], dx=dx)
+        return dx if need[0] else None, dw, db, dp, dwb, dbb, dpb, None
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -253,3 +357,25 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     :func:`svp.ops.conv.causal_conv1d_bld` (bias (dim,) only)."""
     _check(x, weight, bias, activation)
     return CausalConv1dTriton.apply(x, weight, bias, activation is not None, reverse)
+
+
+def causal_conv1d_proj_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              proj_w: torch.Tensor, activation: str | None = "silu",
+                              reverse: bool = False):
+    """(conv, conv @ proj_w^T): :func:`causal_conv1d_triton` and a bias-free product of its
+    output with ``proj_w`` (n, dim), as one node (CausalConv1dProjTriton)."""
+    _check(x, weight, bias, activation)
+    if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
+        raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
+    return CausalConv1dProjTriton.apply(x, weight, bias, proj_w, activation is not None, reverse)
+
+
+def bi_conv_proj_triton(x: torch.Tensor, fwd, bwd, activation: str | None = "silu"):
+    """Both directions' :func:`causal_conv1d_proj_triton` from one x, the second reversed, as
+    one node (BiConvProjTriton): ``fwd`` and ``bwd`` are each direction's (conv weight (dim,
+    width), conv bias or None, x_proj weight (n, dim)). Returns (u, dbl, u_b, dbl_b)."""
+    for weight, bias, proj_w in (fwd, bwd):
+        _check(x, weight, bias, activation)
+        if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
+            raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
+    return BiConvProjTriton.apply(x, *fwd, *bwd, activation is not None)

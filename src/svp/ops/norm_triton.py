@@ -92,6 +92,9 @@ class AddRMSNormTriton(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rstd)
         ctx.has_res = residual is not None
         ctx.shape = hidden.shape
+        # the final norm's residual stream is unused: its gradient comes as None, not as zeros
+        # autograd fills and the kernel reads
+        ctx.set_materialize_grads(False)
         out = out.view(hidden.shape)
         return (out, x.view(hidden.shape)) if residual is not None else out
 
@@ -100,6 +103,8 @@ class AddRMSNormTriton(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         gx = rest[0] if ctx.has_res else None
         M, D = x.shape
+        if g is None:   # only the residual stream used
+            g = torch.zeros(ctx.shape, dtype=torch.float32, device=x.device)
         g2 = _rows(g)
         gx2 = _rows(gx) if gx is not None else g2
         nprog = triton.cdiv(M, ROWS)

@@ -130,7 +130,7 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
          sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
          N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
          HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         REVERSE: tl.constexpr, STAGES: tl.constexpr):
+         REVERSE: tl.constexpr, ACC_OUT: tl.constexpr, STAGES: tl.constexpr):
     bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
         u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
         su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
@@ -167,6 +167,8 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
             y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
             if HAS_Z:
                 y = y * zv / (1.0 + tl.exp(-zv))
+            if ACC_OUT:   # the other direction's output, already there (BiScanTriton)
+                y += tl.load(o_row + t * so_l, mask=cm, other=0.0).to(tl.float32)
             tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=cm)
     tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
 
@@ -183,7 +185,7 @@ def _fwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_p
                sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sA_d, sA_n, so_b, so_d, so_l,
                N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               REVERSE: tl.constexpr, STAGES: tl.constexpr):
+               REVERSE: tl.constexpr, ACC_OUT: tl.constexpr, STAGES: tl.constexpr):
     """The forward a chunk of K steps at a time (an experiment, not the default: FORWARD).
     _fwd walks the steps one by one, each waiting on loads issued one step ahead; on an H200
     that loop, not memory, set its time (docs/benchmarks.md, "GPU, first run"). Here each chunk
@@ -226,6 +228,8 @@ def _fwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_p
         if HAS_Z:
             zv = tl.load(z_row[:, None] + t[None, :] * sz_l, mask=mt, other=0.0).to(tl.float32)
             y = y * zv / (1.0 + tl.exp(-zv))
+        if ACC_OUT:
+            y += tl.load(o_row[:, None] + t[None, :] * so_l, mask=mt, other=0.0).to(tl.float32)
         tl.store(o_row[:, None] + t[None, :] * so_l, y.to(out_ptr.dtype.element_ty), mask=mt)
         h = tl.sum(tl.where((j == K - 1)[None, :, None], hh, 0.0), axis=1)
     tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
@@ -270,7 +274,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
          so_b, so_d, so_l,
          N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
          HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
+         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, STAGES: tl.constexpr):
     bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
         u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
         su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
@@ -317,8 +321,10 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             if HAS_Z:
                 sg = 1.0 / (1.0 + tl.exp(-zv))
                 y = tl.sum(h * Cv[None, :], axis=1) + Dv * uv
-                tl.store(dz_row + t * so_l, (gv * y * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
-                         mask=cm)
+                dzv = gv * y * sg * (1.0 + zv * (1.0 - sg))
+                if ACC_DZ:   # the other direction's dz, already there (BiScanTriton)
+                    dzv += tl.load(dz_row + t * so_l, mask=cm, other=0.0).to(tl.float32)
+                tl.store(dz_row + t * so_l, dzv.to(dz_ptr.dtype.element_ty), mask=cm)
                 gv = gv * zv * sg
             dD_acc += gv * uv
             tl.store(partC + t * N, tl.sum(gv[:, None] * h, axis=0), mask=nm)
@@ -379,7 +385,7 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
                so_b, so_d, so_l,
                N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, STAGES: tl.constexpr):
+               REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, STAGES: tl.constexpr):
     """The backward a chunk of K steps at a time (an experiment, not the default: BACKWARD),
     chunks from last to first as _bwd, with no scratch: each chunk loads its inputs as tiles
     (and again shifted by one step either way), forms the states before each step by a
@@ -446,8 +452,10 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
             zv = tl.load(z_row[:, None] + t[None, :] * sz_l, mask=mt, other=0.0).to(tl.float32)
             sg = 1.0 / (1.0 + tl.exp(-zv))
             y = tl.sum(h * Cv[None, :, :], axis=2) + Dv[:, None] * uv
-            tl.store(dz_row[:, None] + t[None, :] * so_l,
-                     (gv * y * sg * (1.0 + zv * (1.0 - sg))).to(dz_ptr.dtype.element_ty), mask=mt)
+            dzv = gv * y * sg * (1.0 + zv * (1.0 - sg))
+            if ACC_DZ:
+                dzv += tl.load(dz_row[:, None] + t[None, :] * so_l, mask=mt, other=0.0).to(tl.float32)
+            tl.store(dz_row[:, None] + t[None, :] * so_l, dzv.to(dz_ptr.dtype.element_ty), mask=mt)
             gv = gv * zv * sg
         dD_acc += tl.sum(gv * uv, axis=1)
         tl.store(partC[None, :] + t[:, None] * N, tl.sum(gv[:, :, None] * h, axis=0), mask=ok[:, None] & nm[None, :])
@@ -698,88 +706,143 @@ def _strides(x):
     return tuple(x.stride())
 
 
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, K, out=None):
+    """One direction's forward launch: (out, last state, chunk-start states). With ``out``
+    given (the other direction's output, BiScanTriton), this direction's output is added to it
+    in the kernel."""
+    b, d, L = u.shape
+    N = A.shape[1]
+    gB, gC, G = scan_groups(B, C, d)
+    dg, BN, BD, nblk, warps, stages = _plan("fwd", d, N, G)
+    if "tiled" in (FORWARD, BACKWARD) and K & (K - 1):
+        raise BackendError(f"the tiled Triton kernels (scan_triton.FORWARD, BACKWARD) take a chunk that is a "
+                           f"power of two; got {K}")
+    nchunk = (L + K - 1) // K
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    acc = out is not None
+    out = _bld(u, u.dtype) if out is None else out
+    hs = torch.empty(b, nchunk, d, N, dtype=torch.float32, device=u.device)
+    last = torch.empty(b, d, N, dtype=torch.float32, device=u.device)
+    zz = z if z is not None else u
+    fwd, _ = _kernels()
+    _launch(fwd, (b, G * nblk),
+        u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
+        out, hs, last, L, d, dg, nblk, G // gB, G // gC,
+        *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
+        *_strides(out),
+        N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse), ACC_OUT=acc,
+        STAGES=stages, num_warps=warps)
+    return out, last, hs
+
+
+def _scan_bwd(saved, softplus, reverse, K, dout, dlast, need, dz=None):
+    """One direction's backward launch and its sums: the gradients of (u, delta, A, B, C, D,
+    z, delta_bias), each None where ``need`` says so. With ``dz`` given (the other direction's
+    z gradient, BiScanTriton), this direction's is added to it in the kernel."""
+    u, delta, A, B, C, D, z, delta_bias, hs = saved
+    b, d, L = u.shape
+    N = A.shape[1]
+    gB, gC, G = scan_groups(B, C, d)
+    dg, BN, BD, nblk, warps, stages = _plan("bwd", d, N, G)
+    dev = u.device
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    if dout is None:
+        dout = torch.zeros_like(u)
+    zz = z if z is not None else u
+    du = _bld(u, u.dtype)
+    ddelta = _bld(u, delta.dtype)
+    acc_dz = dz is not None
+    if dz is None:
+        dz = _bld(u, z.dtype) if z is not None else du
+    f32 = dict(dtype=torch.float32, device=dev)
+    dBp = torch.empty(b, G, nblk, L, N, **f32)
+    dCp = torch.empty(b, G, nblk, L, N, **f32)
+    dAp = torch.empty(b, d, N, **f32)
+    dDp = torch.empty(b, d, **f32)
+    dbp = torch.empty(b, d, **f32)
+    # the loop backward's per-program scratch (the tiled one keeps the chunk in registers)
+    scr = torch.empty(1 if BACKWARD == "tiled" else b * G * nblk * K * BD * BN, **f32)
+    glast = dlast.contiguous() if dlast is not None else hs
+    _, bwd = _kernels()
+    _launch(bwd, (b, G * nblk),
+        u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
+        hs, dout, glast, du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, scr, L, d, dg, nblk, G // gB, G // gC,
+        *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
+        *_strides(dout), *_strides(du),
+        N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
+        ACC_DZ=acc_dz, STAGES=stages, num_warps=warps)
+
+    def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
+        if (1 if X.dim() == 3 else X.shape[1]) == G:     # X has every scan group: no group sums
+            return fixed_sum(P, 2, X.dtype).transpose(2, 3).reshape(X.shape)
+        return sum_to_groups(fixed_sum(P, 2, torch.float64).transpose(2, 3), X.shape, X.dtype)
+
+    return (du if need[0] else None,
+            ddelta if need[1] else None,
+            fixed_sum(dAp, 0, A.dtype) if need[2] else None,
+            chan_sum(dBp, B) if need[3] else None,
+            chan_sum(dCp, C) if need[4] else None,
+            fixed_sum(dDp, 0, D.dtype) if (D is not None and need[5]) else None,
+            dz if (z is not None and need[6]) else None,
+            fixed_sum(dbp, 0, delta_bias.dtype) if (delta_bias is not None and need[7]) else None)
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-        b, d, L = u.shape
-        N = A.shape[1]
-        gB, gC, G = scan_groups(B, C, d)
-        dg, BN, BD, nblk, warps, stages = _plan("fwd", d, N, G)
         K = int(chunk)
-        if "tiled" in (FORWARD, BACKWARD) and K & (K - 1):
-            raise BackendError(f"the tiled Triton kernels (scan_triton.FORWARD, BACKWARD) take a chunk that is a "
-                               f"power of two; got {K}")
-        nchunk = (L + K - 1) // K
-        B4 = B if B.dim() == 4 else B.unsqueeze(1)
-        C4 = C if C.dim() == 4 else C.unsqueeze(1)
-        out = _bld(u, u.dtype)
-        hs = torch.empty(b, nchunk, d, N, dtype=torch.float32, device=u.device)
-        last = torch.empty(b, d, N, dtype=torch.float32, device=u.device)
-        zz = z if z is not None else u
-        fwd, _ = _kernels()
-        _launch(fwd, (b, G * nblk),
-            u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
-            out, hs, last, L, d, dg, nblk, G // gB, G // gC,
-            *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
-            *_strides(out),
-            N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-            STAGES=stages, num_warps=warps)
+        out, last, hs = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, K)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
         ctx.cfg = (bool(delta_softplus), bool(reverse), K)
+        # The last state, which the models never use, gets None in backward, not a zero tensor
+        # autograd fills and the kernel reads (one memset of (b, d, N) float32 per call: 48 a
+        # Vim-S step, docs/benchmarks.md "GPU, after the second run")
+        ctx.set_materialize_grads(False)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
-        softplus, reverse, K = ctx.cfg
-        b, d, L = u.shape
-        N = A.shape[1]
-        gB, gC, G = scan_groups(B, C, d)
-        dg, BN, BD, nblk, warps, stages = _plan("bwd", d, N, G)
-        dev = u.device
-        B4 = B if B.dim() == 4 else B.unsqueeze(1)
-        C4 = C if C.dim() == 4 else C.unsqueeze(1)
-        if dout is None:
-            dout = torch.zeros_like(u)
-        zz = z if z is not None else u
-        du = _bld(u, u.dtype)
-        ddelta = _bld(u, delta.dtype)
-        dz = _bld(u, z.dtype) if z is not None else du
-        f32 = dict(dtype=torch.float32, device=dev)
-        dBp = torch.empty(b, G, nblk, L, N, **f32)
-        dCp = torch.empty(b, G, nblk, L, N, **f32)
-        dAp = torch.empty(b, d, N, **f32)
-        dDp = torch.empty(b, d, **f32)
-        dbp = torch.empty(b, d, **f32)
-        # the loop backward's per-program scratch (the tiled one keeps the chunk in registers)
-        scr = torch.empty(1 if BACKWARD == "tiled" else b * G * nblk * K * BD * BN, **f32)
-        glast = dlast.contiguous() if dlast is not None else hs
-        _, bwd = _kernels()
-        _launch(bwd, (b, G * nblk),
-            u, delta, zz, B4, C4, A, D if D is not None else u, delta_bias if delta_bias is not None else u,
-            hs, dout, glast, du, ddelta, dz, dBp, dCp, dAp, dDp, dbp, scr, L, d, dg, nblk, G // gB, G // gC,
-            *_strides(u), *_strides(delta), *_strides(zz), *_strides(B4), *_strides(C4), *_strides(A),
-            *_strides(dout), *_strides(du),
-            N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
-            STAGES=stages, num_warps=warps)
+        return (*_scan_bwd(ctx.saved_tensors, *ctx.cfg, dout, dlast, ctx.needs_input_grad), None, None, None)
+
+
+class BiScanTriton(torch.autograd.Function):
+    """Both directions of a bidirectional mixer as one node, gated by one z: the forward
+    direction's scan, then the reverse direction's adding its output to the first's in the
+    kernel; backward, the second adds its z gradient to the first's the same way. As two nodes
+    the outputs were added by a separate pass (read two, write one) and autograd added the two
+    z gradients the same way: two passes over three (b, l, E) tensors and two launches a layer
+    fewer. In float32 the same bits as the two nodes and their sums (one addition of the same
+    two numbers); in a reduced-precision output the sum is rounded once, not three times.
+    Arguments: z (b, E, l), then each direction's (u, delta, A, B, C, D, delta_bias)."""
+
+    @staticmethod
+    def forward(ctx, z, u, delta, A, B, C, D, delta_bias, ub, deltab, Ab, Bb, Cb, Db, delta_biasb,
+                delta_softplus, chunk):
+        K = int(chunk)
+        sp = bool(delta_softplus)
+        out, _, hs = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, sp, False, K)
+        out, _, hsb = _scan_fwd(ub, deltab, Ab, Bb, Cb, Db, z, delta_biasb, sp, True, K, out=out)
+        ctx.save_for_backward(z, u, delta, A, B, C, D, delta_bias, hs, ub, deltab, Ab, Bb, Cb, Db, delta_biasb, hsb)
+        ctx.cfg = (sp, K)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, u, delta, A, B, C, D, delta_bias, hs, ub, deltab, Ab, Bb, Cb, Db, delta_biasb, hsb = ctx.saved_tensors
+        sp, K = ctx.cfg
         need = ctx.needs_input_grad
-
-        def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
-            if (1 if X.dim() == 3 else X.shape[1]) == G:     # X has every scan group: no group sums
-                return fixed_sum(P, 2, X.dtype).transpose(2, 3).reshape(X.shape)
-            return sum_to_groups(fixed_sum(P, 2, torch.float64).transpose(2, 3), X.shape, X.dtype)
-
-        return (du if need[0] else None,
-                ddelta if need[1] else None,
-                fixed_sum(dAp, 0, A.dtype) if need[2] else None,
-                chan_sum(dBp, B) if need[3] else None,
-                chan_sum(dCp, C) if need[4] else None,
-                fixed_sum(dDp, 0, D.dtype) if (D is not None and need[5]) else None,
-                dz if (z is not None and need[6]) else None,
-                fixed_sum(dbp, 0, delta_bias.dtype) if (delta_bias is not None and need[7]) else None,
-                None, None, None)
+        # each direction's needs as _scan_bwd orders them (u, delta, A, B, C, D, z, delta_bias); z's
+        # gradient always formed: the first direction writes it, the second adds its own to it
+        gf = _scan_bwd((u, delta, A, B, C, D, z, delta_bias, hs), sp, False, K, dout, None,
+                       need[1:7] + (True, need[7]))
+        dz = gf[6]
+        gb = _scan_bwd((ub, deltab, Ab, Bb, Cb, Db, z, delta_biasb, hsb), sp, True, K, dout, None,
+                       need[8:14] + (True, need[14]), dz=dz)
+        return (dz if need[0] else None, *gf[:6], gf[7], *gb[:6], gb[7], None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -788,3 +851,17 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     _check(u, delta, A, B, C, D, z, delta_bias)
     out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
     return (out, last) if return_last_state else out
+
+
+def bidirectional_scan_triton(z, fwd, bwd, delta_softplus=True, chunk=CHUNK):
+    """out_f + out_b of two scans gated by one ``z`` (b, E, l): ``fwd`` and ``bwd`` are each
+    direction's (u, delta, A, B, C, D, delta_bias) in ``selective_scan_triton``'s layout, the
+    second scanned in reverse; one node, BiScanTriton. Returns (b, E, l) in u's dtype."""
+    if z is None or len(fwd) != 7 or len(bwd) != 7:
+        raise ValueError("bidirectional_scan_triton takes z and two (u, delta, A, B, C, D, delta_bias)")
+    for u, delta, A, B, C, D, bias in (fwd, bwd):
+        _check(u, delta, A, B, C, D, z, bias)
+    if fwd[0].shape != bwd[0].shape or fwd[0].dtype != bwd[0].dtype:
+        raise ValueError(f"the two directions' u differ: {tuple(fwd[0].shape)} {fwd[0].dtype}, "
+                         f"{tuple(bwd[0].shape)} {bwd[0].dtype}")
+    return BiScanTriton.apply(z, *fwd, *bwd, delta_softplus, chunk)
