@@ -147,6 +147,7 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
     import timm
     import svp.models  # noqa: F401  (registers the Vim models)
     from svp.peft import get_peft_model, make_config
+    from svp.engine.optim import fused_available
     rows = []
     if dry:
         arch, kw, svp_kw, batch, px, steps = "vim_mini_patch4_32", dict(depth=2), dict(shared_layers=2, hidden=8), 2, 12, 1
@@ -184,7 +185,9 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
             torch.manual_seed(0)
             base = timm.create_model(arch, pretrained=False, num_classes=100, **kw)
             model = get_peft_model(base, make_config("svp", num_classes=100, **svp_kw)).to(dev)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            # fused where torch has it, as `svp train` steps (svp.engine.optim, train.opt_fused=auto)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                    fused=fused_available(dev.type) or None)
             dispatch.set_backend(name)
             n_steps = 1 if dry else max(1, steps // 5) if name == "torch" else steps
             if dev.type == "cuda":

@@ -55,7 +55,10 @@ def main(argv=None):
     torch.manual_seed(0)
     model = get_peft_model(timm.create_model(arch, pretrained=False, num_classes=100, **kw),
                            make_config("svp", num_classes=100, **svp_kw)).to(dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # fused where torch has it, as `svp train` steps (svp.engine.optim, train.opt_fused=auto)
+    from svp.engine.optim import fused_available
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                            fused=fused_available(dev.type) or None)
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     dispatch.set_backend(a.backend)

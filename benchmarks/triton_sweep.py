@@ -3,7 +3,7 @@ warp count, pipelining depth and chunk length are fastest on this GPU, and how t
 experimental tiled kernels (scan_triton.FORWARD / BACKWARD = "tiled") compare; and the tiles
 and the two backward forms of the mixer's conv (svp.ops.conv_triton).
 
-    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120] [--parts loop,tiled,conv]
+    PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR [--budget-s 120] [--parts loop,tiled,conv,regs]
     PYTHONPATH=src python benchmarks/triton_sweep.py OUTDIR --dry-run   # CPU interpreter, tiny
 
 One direction of one Vim-S mixer (d_inner 768, L 197, N 16) at batch 128, bfloat16 inputs
@@ -12,7 +12,9 @@ targets. For each geometry the forward and the backward are timed apart (CUDA ev
 20 launches, best of 3), each beside the HBM-bandwidth bound of gpu_check.py (bytes the pass
 must move / bandwidth of a large device-to-device copy measured in this run), and the output
 and every gradient are compared with the default geometry's (a geometry changes summation
-order only). The default geometry is svp.ops.scan_triton._plan; the sweep replaces it.
+order only). The default geometry is svp.ops.scan_triton._plan (the first row: each kernel's
+own); the sweep replaces it. The regs part caps the registers a thread of both kernels may use
+(scan_triton.MAXNREG) at the default geometry.
 The conv part times the conv + SiLU of the same mixer (x a strided bf16 view, as in_proj's
 output gives it) for each (BLOCK_L, BLOCK_D, num_warps) tile and backward form, beside the
 bytes it must move (forward: read x, write out; backward: read x and dout, write dx).
@@ -52,7 +54,11 @@ CHUNKS = (8, 32, 64)
 # the conv's (BLOCK_L, BLOCK_D, num_warps) tiles, each with both backward forms
 CONV_TILES = [(32, 64, 8), (32, 64, 4), (16, 64, 4), (16, 64, 2), (64, 64, 8), (8, 128, 4), (16, 128, 4),
               (32, 128, 8), (8, 256, 8), (64, 32, 4), (32, 32, 2)]
-PARTS = ("loop", "tiled", "conv")
+# register caps a thread (scan_triton.MAXNREG, Triton's maxnreg) for both loop kernels at their
+# default geometry: ptxas gives both 255 (8 warps an SM at one warp a program); the backward with
+# a frozen A spills 40 bytes at 192 and 80 at 168 (docs/benchmarks.md "GPU, after the second run")
+REG_CAPS = (192, 168, 128)
+PARTS = ("loop", "tiled", "conv", "regs")
 
 
 def plan_with(block_d, warps, stages, only=None, default=None):
@@ -206,11 +212,11 @@ def markdown(res):
              f"{res['copy_GBps']:.1f} GB/s; bounds: fwd {res['bound_fwd_ms']:.4f} ms, bwd {res['bound_bwd_ms']:.4f} ms "
              f"(bytes / copy bandwidth); the forward's exps alone, in registers: "
              f"{res.get('exp_floor_ms', float('nan')):.4f} ms",
-             "", "| forward | backward | BLOCK_D | warps | stages | chunk | fwd ms | fwd / bound | bwd ms | "
-             "bwd / bound | max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| forward | backward | BLOCK_D | warps | stages | chunk | maxnreg | fwd ms | fwd / bound | bwd ms | "
+             "bwd / bound | max rel. diff vs default |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         head = (f"| {r.get('forward', 'loop')} | {r.get('backward', 'loop')} | {r['block_d']} | {r['warps']} | "
-                f"{r['stages']} | {r['chunk']} |")
+                f"{r['stages']} | {r['chunk']} | {r.get('maxnreg', '-')} |")
         if "error" in r or "skipped" in r:
             lines.append(f"{head} {r.get('error') or r.get('skipped')} | | | | |")
             continue
@@ -238,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop trying geometries after this long")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="what to sweep, comma-separated: loop (the scan's loop kernels' geometries), tiled "
-                         "(the experimental tiled kernels), conv (the conv's tiles and backward forms)")
+                         "(the experimental tiled kernels), conv (the conv's tiles and backward forms), regs "
+                         "(register caps a thread for the loop kernels)")
     a = ap.parse_args(argv)
     parts = [p for p in a.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
@@ -280,28 +287,36 @@ def main(argv=None):
     # the default first (the reference of the diff column), then the loop kernels' other
     # geometries, then the tiled kernels (3x slower in the second run: last, budget allowing);
     # the conv's tiles between them
-    trials = [("loop", "loop", BD0, W0, S0, st.CHUNK)]
+    # (a block_d of None: each kernel's default geometry, _plan as it is)
+    trials = [("loop", "loop", None, None, S0, st.CHUNK, None)]
+    if "regs" in parts:
+        trials += [("loop", "loop", None, None, S0, st.CHUNK, cap) for cap in REG_CAPS]
     if "loop" in parts:
-        trials += [("loop", "loop", g, w, S0, st.CHUNK) for g, w in geoms if (g, w) != (BD0, W0)]
-        trials += [("loop", "loop", BD0, W0, s, st.CHUNK) for s in STAGES]
-        trials += [("loop", "loop", BD0, W0, S0, k) for k in CHUNKS]
+        trials += [("loop", "loop", g, w, S0, st.CHUNK, None) for g, w in geoms]
+        trials += [("loop", "loop", BD0, W0, s, st.CHUNK, None) for s in STAGES]
+        trials += [("loop", "loop", BD0, W0, S0, k, None) for k in CHUNKS]
     if "tiled" in parts:
-        trials += [("tiled", "loop", g, w, S0, st.CHUNK) for g, w in tiled_f]
-        trials += [("loop", "tiled", g, w, S0, st.CHUNK) for g, w in tiled_b]
+        trials += [("tiled", "loop", g, w, S0, st.CHUNK, None) for g, w in tiled_f]
+        trials += [("loop", "tiled", g, w, S0, st.CHUNK, None) for g, w in tiled_b]
     default_plan, default_kernels, ref = st._plan, (st.FORWARD, st.BACKWARD), None
-    for i, (forward, backward, block_d, warps, stages, chunk) in enumerate(trials):
-        row = dict(forward=forward, backward=backward, block_d=block_d, warps=warps, stages=stages, chunk=chunk)
+    default_caps = dict(st.MAXNREG)
+    for i, (forward, backward, block_d, warps, stages, chunk, cap) in enumerate(trials):
+        row = dict(forward=forward, backward=backward, block_d=block_d or "default", warps=warps or "default",
+                   stages=stages, chunk=chunk, maxnreg=cap or "-")
         if time.monotonic() - t_start > a.budget_s:
             row["skipped"] = "time budget"
         else:
             only = "fwd" if forward == "tiled" else "bwd" if backward == "tiled" else None
-            st._plan = plan_with(block_d, warps, stages, only, default_plan)
+            if block_d is not None:
+                st._plan = plan_with(block_d, warps, stages, only, default_plan)
             st.FORWARD, st.BACKWARD = forward, backward
+            st.MAXNREG.update(fwd=cap, bwd=cap)
             try:
                 ref = measure(row, lambda: run_one(args, dev, chunk, reps), res["bound_fwd_ms"],
                               res["bound_bwd_ms"], ref)
             finally:
                 st._plan, (st.FORWARD, st.BACKWARD) = default_plan, default_kernels
+                st.MAXNREG.update(default_caps)
         res["rows"].append(row)
         save()
         print(f"triton_sweep: {row}", flush=True)

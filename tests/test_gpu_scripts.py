@@ -30,10 +30,13 @@ def script(name, *args, timeout=300):
 
 
 def test_triton_sweep_times_the_scan_and_the_conv(tmp_path):
-    script("triton_sweep.py", str(tmp_path), "--dry-run", "--parts", "conv")
+    script("triton_sweep.py", str(tmp_path), "--dry-run", "--parts", "conv,regs")
     res = json.loads((tmp_path / "triton_sweep.json").read_text())
-    (default,) = res["rows"]                   # --parts conv: the scan's default row alone
+    # --parts conv,regs: the scan's default row, then its register caps (the same arithmetic)
+    default, *caps = res["rows"]
+    assert default["block_d"] == "default" and default["maxnreg"] == "-"
     assert default["diff"] == 0 and default["fwd_ms"] > 0 and default["bwd_ms"] > 0
+    assert caps and all(isinstance(r["maxnreg"], int) and r["diff"] == 0 for r in caps), caps
     from svp.ops import conv_triton as ct
     first, *rest = res["conv"]
     assert (first["block_l"], first["block_d"], first["warps"], first["backward"]) == (

@@ -205,7 +205,7 @@ def compile_kernels_for_sm90():
     asm = []
     modes = st.FORWARD, st.BACKWARD
     # (the reverse direction's forms, which add to the other direction's output and z gradient)
-    fx, bx = {"ACC_OUT": True}, {"HAS_GLAST": True, "ACC_DZ": True}
+    fx, bx = {"ACC_OUT": True}, {"HAS_GLAST": True, "ACC_DZ": True, "NEED_DA": True}
     for fn, kind, extra in ((st._fwd, "fwd", fx), (st._bwd, "bwd", bx), (st._fwd_tiled, "fwd", fx),
                             (st._bwd_tiled, "bwd", bx)):
         jf = JITFunction(fn)
@@ -386,11 +386,11 @@ def test_an_unused_last_state_costs_no_zero_filled_gradient():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def _two_directions(dtype=torch.float32):
+def _two_directions(dtype=torch.float32, shape=(2, 40, 13, 8)):
     """Each direction's (u, delta, A, B, C, D, delta_bias) from grid.make, and one z (b, d, l),
-    the (b, *, l) tensors in ``dtype``."""
-    a = grid.make(2, 40, 13, 8, seed=21)     # 40 channels: blocks of the plan's size and a partial one
-    b = grid.make(2, 40, 13, 8, seed=22)
+    the (b, *, l) tensors in ``dtype``. 40 channels: blocks of the plan's size and a partial one."""
+    a = grid.make(*shape, seed=21)
+    b = grid.make(*shape, seed=22)
     z = a[6]
 
     def cast(t):
@@ -408,10 +408,12 @@ def test_both_directions_as_one_node_match_two_scans_and_their_sums(kind, monkey
     float32 that is one addition of the same two numbers, so the output and every gradient have
     the bits of two selective_scan_triton calls and autograd's sums."""
     from svp.ops import scan_triton as st
-    if kind == "tiled":
+    shape = (2, 40, 13, 8)
+    if kind == "tiled":   # (slow in the interpreter: a smaller case)
         _tiled(monkeypatch, "both")
-    z, fwd, bwd = _two_directions()
-    g = torch.randn(2, 40, 13, generator=torch.Generator().manual_seed(23))
+        shape = (1, 20, 9, 8)
+    z, fwd, bwd = _two_directions(shape=shape)
+    g = torch.randn(*shape[:3], generator=torch.Generator().manual_seed(23))
     res = []
     for joint in (True, False):
         zz = z.detach().clone().requires_grad_()
@@ -453,3 +455,23 @@ def test_both_directions_as_one_node_in_bfloat16_round_the_sums_once():
             assert torch.equal(a, c), i
     with pytest.raises(ValueError, match="two directions' u differ"):
         st.bidirectional_scan_triton(z, fwd, [bwd[0].float()] + bwd[1:])
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_frozen_A_skips_its_gradient_and_keeps_every_other_bit(tiled, monkeypatch):
+    """Where A takes no gradient (a frozen backbone: every method but full fine-tuning) the
+    backward kernel neither accumulates nor writes dA (NEED_DA, a constant of the kernel: a
+    (channels x d_state) tile fewer in registers); every other gradient keeps its bits."""
+    from svp.ops import scan_triton as st
+    shape = (1, 20, 9, 8) if tiled else (2, 40, 13, 8)   # (the tiled kernels are slow in the interpreter)
+    if tiled:
+        _tiled(monkeypatch, "both")
+    args = grid.make(*shape, seed=31)
+    g = torch.randn(*shape[:3], generator=torch.Generator().manual_seed(32))
+    res = []
+    for train_A in (True, False):
+        xs = [a.detach().clone().requires_grad_(i != 2 or train_A) for i, a in enumerate(args)]
+        st.selective_scan_triton(*xs[:7], delta_bias=xs[7], delta_softplus=True, reverse=True).backward(g)
+        res.append([x.grad for x in xs])
+    assert res[0][2] is not None and res[1][2] is None
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(*res)) if i != 2)

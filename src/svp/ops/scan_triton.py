@@ -43,6 +43,12 @@ STAGES = 2           # tl.range pipelining of the time loops (the backward's scr
 # times both)
 FORWARD = "loop"
 BACKWARD = "loop"    # the same for the backward (_bwd or _bwd_tiled)
+# A cap on the registers a thread of the scan's kernels may use (Triton's ``maxnreg``), per kernel;
+# None leaves ptxas its choice. On sm_90a both loop kernels take all 255 (8 warps an SM at one
+# warp a program, the second run's profile); the backward with a frozen A fits 192 with a 40-byte
+# spill, 168 with 80 bytes (ptxas, docs/benchmarks.md "GPU, after the second run"). Not timed
+# yet: benchmarks/triton_sweep.py --parts regs tries them on a GPU. (The interpreter ignores it.)
+MAXNREG = {"fwd": None, "bwd": None}
 _TILE = 512          # BLOCK_D * BLOCK_N of the loop backward (16 float32 of state a thread on one warp; _plan)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -259,9 +265,11 @@ def _bwd_rows(go_ptr, du_ptr, ddl_ptr, dz_ptr, dBp_ptr, dCp_ptr, hs_ptr, glast_p
 
 
 @_device_fn
-def _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N: tl.constexpr):
+def _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N: tl.constexpr,
+                    NEED_DA: tl.constexpr):
     """The program's sums over time of dA, dD and d delta_bias (per batch row: torch sums them)."""
-    tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
+    if NEED_DA:
+        tl.store(dAp_ptr + bi * d * N + c[:, None] * N + n[None, :], dA_acc, mask=m2)
     tl.store(dDp_ptr + bi * d + c, dD_acc, mask=cm)
     tl.store(dbp_ptr + bi * d + c, db_acc, mask=cm)
 
@@ -274,7 +282,8 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
          so_b, so_d, so_l,
          N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
          HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, STAGES: tl.constexpr):
+         REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, NEED_DA: tl.constexpr,
+         STAGES: tl.constexpr):
     bi, pid, gi, blk, c, cm, n, nm, m2, A, Dv, bias, u_row, dl_row, z_row, B_row, C_row = _program_rows(
         u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg, nblk, rB, rC,
         su_b, su_d, sd_b, sd_d, sz_b, sz_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sA_d, sA_n,
@@ -364,7 +373,8 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             tl.store(part + t * N, tl.sum(lam * dtu[:, None], axis=0), mask=nm)
             s1 = tl.sum(lam * Bv[None, :], axis=1)
             s2 = tl.sum(q * A, axis=1)
-            dA_acc += q * dt[:, None]
+            if NEED_DA:   # (a frozen A, every method but full fine-tuning: not kept in registers)
+                dA_acc += q * dt[:, None]
             lam = e * lam
             ddt = s2 + s1 * uv
             if SOFTPLUS:
@@ -374,7 +384,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             tl.store(du_row + t * so_l, (gv * Dv + s1 * dt).to(du_ptr.dtype.element_ty), mask=cm)
             tl.store(ddl_row + t * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=cm)
         tl.debug_barrier()  # before the next chunk overwrites the scratch
-    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
+    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N, NEED_DA)
 
 
 def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_ptr, glast_ptr,
@@ -385,7 +395,8 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
                so_b, so_d, so_l,
                N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-               REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, STAGES: tl.constexpr):
+               REVERSE: tl.constexpr, HAS_GLAST: tl.constexpr, ACC_DZ: tl.constexpr, NEED_DA: tl.constexpr,
+               STAGES: tl.constexpr):
     """The backward a chunk of K steps at a time (an experiment, not the default: BACKWARD),
     chunks from last to first as _bwd, with no scratch: each chunk loads its inputs as tiles
     (and again shifted by one step either way), forms the states before each step by a
@@ -469,7 +480,8 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
                  mask=ok[:, None] & nm[None, :])
         s1 = tl.sum(lam * Bv[None, :, :], axis=2)
         s2 = tl.sum(q * A[:, None, :], axis=2)
-        dA_acc += tl.sum(q * dt[:, :, None], axis=1)
+        if NEED_DA:
+            dA_acc += tl.sum(q * dt[:, :, None], axis=1)
         ddt = s2 + s1 * uv
         if SOFTPLUS:
             ddt = ddt / (1.0 + tl.exp(-xr))
@@ -479,7 +491,7 @@ def _bwd_tiled(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_pt
                  mask=mt)
         tl.store(ddl_row[:, None] + t[None, :] * so_l, ddt.to(ddl_ptr.dtype.element_ty), mask=mt)
         carry = tl.sum(tl.where((j == 0)[None, :, None], e * lam, 0.0), axis=1)
-    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N)
+    _bwd_store_sums(dAp_ptr, dDp_ptr, dbp_ptr, bi, d, c, n, cm, m2, dA_acc, dD_acc, db_acc, N, NEED_DA)
 
 
 def _sum_mid(p_ptr, out_ptr, NS, INNER, SPAN, BLOCK: tl.constexpr, F64: tl.constexpr):
@@ -706,6 +718,10 @@ def _strides(x):
     return tuple(x.stride())
 
 
+def _reg_cap(kind):
+    return {"maxnreg": MAXNREG[kind]} if MAXNREG[kind] else {}
+
+
 def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, K, out=None):
     """One direction's forward launch: (out, last state, chunk-start states). With ``out``
     given (the other direction's output, BiScanTriton), this direction's output is added to it
@@ -733,7 +749,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, K, out=Non
         *_strides(out),
         N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), REVERSE=bool(reverse), ACC_OUT=acc,
-        STAGES=stages, num_warps=warps)
+        STAGES=stages, num_warps=warps, **_reg_cap("fwd"))
     return out, last, hs
 
 
@@ -760,7 +776,7 @@ def _scan_bwd(saved, softplus, reverse, K, dout, dlast, need, dz=None):
     f32 = dict(dtype=torch.float32, device=dev)
     dBp = torch.empty(b, G, nblk, L, N, **f32)
     dCp = torch.empty(b, G, nblk, L, N, **f32)
-    dAp = torch.empty(b, d, N, **f32)
+    dAp = torch.empty(b, d, N, **f32) if need[2] else hs   # (not written without need[2])
     dDp = torch.empty(b, d, **f32)
     dbp = torch.empty(b, d, **f32)
     # the loop backward's per-program scratch (the tiled one keeps the chunk in registers)
@@ -774,7 +790,7 @@ def _scan_bwd(saved, softplus, reverse, K, dout, dlast, need, dz=None):
         *_strides(dout), *_strides(du),
         N=N, BLOCK_D=BD, BLOCK_N=BN, K=K, HAS_Z=z is not None, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, REVERSE=reverse, HAS_GLAST=dlast is not None,
-        ACC_DZ=acc_dz, STAGES=stages, num_warps=warps)
+        ACC_DZ=acc_dz, NEED_DA=bool(need[2]), STAGES=stages, num_warps=warps, **_reg_cap("bwd"))
 
     def chan_sum(P, X):        # (b, G, nblk, L, N) -> shape of X, fixed-order sums
         if (1 if X.dim() == 3 else X.shape[1]) == G:     # X has every scan group: no group sums
