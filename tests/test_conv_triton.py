@@ -165,6 +165,15 @@ def test_the_mixer_takes_it_where_the_scan_runs_on_triton(monkeypatch):
     for reverse in (False, True):
         for a, b in zip(outs["triton", True, reverse], outs["torch", True, reverse]):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # models/vim.py's GPU_JOINT_NODES off (the A/B of benchmarks/gpu_check.py): the conv's node
+    # and x_proj's apart, as before
+    from svp.models import vim
+    monkeypatch.setattr(vim, "GPU_JOINT_NODES", False)
+    monkeypatch.setattr(conv_triton, "ENABLED", True)
+    set_backend("triton")
+    calls.clear()
+    m._conv_proj(x, m.conv1d, m.x_proj, False)
+    assert calls == []
 
 
 def _conv_then_proj(x, w, bias, pw, reverse):

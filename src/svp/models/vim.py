@@ -119,8 +119,10 @@ def _plain_proj(x_proj) -> bool:
 
 def _triton_conv_proj(x, conv, x_proj) -> bool:
     """Whether conv + x_proj run as one node of svp.ops.conv_triton (CausalConv1dProjTriton):
-    where _conv would take the Triton conv, with a (dim,) conv bias and a plain x_proj."""
-    return _triton_conv(x) and (conv.bias is None or conv.bias.dim() == 1) and _plain_proj(x_proj)
+    where _conv would take the Triton conv, with a (dim,) conv bias and a plain x_proj, unless
+    GPU_JOINT_NODES is off."""
+    return (GPU_JOINT_NODES and _triton_conv(x) and (conv.bias is None or conv.bias.dim() == 1)
+            and _plain_proj(x_proj))
 
 
 def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
@@ -144,11 +146,12 @@ def _autocast_weight(w):
 
 
 # The mixer's joint nodes off the CPU (docs/benchmarks.md, "GPU, after the second run"): in_proj's
-# halves with autocast's casts made once (_InProj.cast_once), both directions' conv + x_proj
-# (svp.ops.conv_triton.BiConvProjTriton) and both scans (svp.ops.scan_triton.BiScanTriton) as
-# one node each, adding inside the kernels what autograd added in passes of its own. False gives
-# the per-direction nodes and autograd's sums, for an A/B on a GPU (benchmarks/gpu_check.py part
-# (c), benchmarks/gpu_profile.py --nodes).
+# halves with autocast's casts made once (_InProj.cast_once), each direction's conv + x_proj
+# (svp.ops.conv_triton.CausalConv1dProjTriton; both directions' as BiConvProjTriton) and both
+# scans (svp.ops.scan_triton.BiScanTriton) as one node each, adding inside the kernels and
+# products what autograd added in passes of its own. False gives the nodes of before (conv,
+# x_proj and scan per direction, autograd's sums), for an A/B on a GPU (benchmarks/gpu_check.py
+# part (c), benchmarks/gpu_profile.py --nodes).
 GPU_JOINT_NODES = True
 
 
