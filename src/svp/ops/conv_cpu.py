@@ -49,6 +49,10 @@ def _rows(task, ntb, L):
 def _preact(x, w, bias, bi, t, reverse, acc):
     """acc = bias + the conv's output row t (before the activation). bias is (1, d), or
     (b, d) with one row per sample (svp serve's BitFit rows in a mixed-adapter batch)."""
+    # a function of its own in the task's code, so its loops take this attribute, not the task's:
+    # without it LLVM vectorised them at 256 bits on AVX-512 (the same bits either way; the
+    # conv + x_proj node 0.9x the time at Vim-Tiny b8, docs/benchmarks.md, forty-seventh round)
+    _wide_vectors()
     L, d = x.shape[1], x.shape[2]
     W = w.shape[0]
     brow = bias[bi] if bias.shape[0] > 1 else bias[0]
@@ -74,6 +78,7 @@ def _preact4(x, w, brow, bi, t, reverse, acc):
     """_preact for W == 4 and a row with all four inputs: the four taps in one loop over the
     channels (same operations in the same order), not four passes through acc. ~10% off the
     forward and ~15% off the backward kernel at the Vim-Tiny shape."""
+    _wide_vectors()   # (as in _preact)
     d = x.shape[2]
     if reverse:
         x0, x1, x2, x3 = x[bi, t + 3], x[bi, t + 2], x[bi, t + 1], x[bi, t]
