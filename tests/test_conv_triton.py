@@ -232,6 +232,11 @@ def test_conv_and_projection_under_autocast_cast_as_autocast_does():
     assert res[0][5].dtype == torch.float32    # x_proj's weight gradient in the weight's dtype
     for a, b in zip(res[0][2:], res[1][2:]):
         assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+    # a frozen x_proj weight (every method but full fine-tuning and LoRA) is cast once, then kept
+    from dispatch_helpers import casts_of
+    with casts_of(pw.shape) as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [conv_triton.causal_conv1d_proj_triton(x, w, bias, pw, "silu")[1] for _ in range(2)]
+    assert casts.count == 1 and torch.equal(outs[0], outs[1]) and torch.equal(outs[0], res[0][1])
 
 
 def test_both_directions_conv_and_projection_as_one_node_match_two_nodes_and_their_sum(backward_form):

@@ -455,6 +455,13 @@ def test_in_proj_node_under_autocast_casts_the_input_once():
     assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])
     for a, b in zip(res[0][3:], res[1][3:]):
         assert a.dtype == b.dtype == torch.float32 and (a - b).abs().max() <= 1e-2 * b.abs().max()
+    # a frozen weight (every method but full fine-tuning) is cast once, then its cast is kept
+    from dispatch_helpers import casts_of
+    frozen = w.clone()
+    with casts_of(w.shape) as casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        a = _InProj.cast_once(h, frozen, 20, torch.bfloat16)
+        b = _InProj.cast_once(h, frozen, 20, torch.bfloat16)
+    assert casts.count == 1 and all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 def test_in_proj_halves_train_like_the_whole_product():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from dispatch_helpers import CountOps
 from svp.ops import dispatch, set_backend
 
 
@@ -26,28 +27,11 @@ def interpreter(monkeypatch):
     set_backend(None)
 
 
-class Fills:
-    """Counts the zero-filled tensors made while it is entered (``zeros``, ``zero_``,
-    ``fill_``, ``zeros_like``, ``new_zeros``), autograd's included: where a Function lets
-    autograd materialise the gradient of an output nobody used, a zero tensor appears here."""
+FILLS = ("zeros", "zero_", "fill_", "zeros_like", "new_zeros")
 
-    NAMES = ("zeros", "zero_", "fill_", "zeros_like", "new_zeros")
 
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.overloadpacket.__name__ in Fills.NAMES:
-                    outer.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self.count = 0
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+def Fills() -> CountOps:   # noqa: N802  (used as ``with Fills() as fills``, like a class)
+    """Counts the zero-filled tensors made while it is entered, autograd's included: where a
+    Function lets autograd materialise the gradient of an output nobody used, a zero tensor
+    appears here."""
+    return CountOps(lambda func, args: func.overloadpacket.__name__ in FILLS)

@@ -136,12 +136,12 @@ def _fused_conv_proj(x, conv, x_proj, bf16_x=False) -> bool:
             and _fused_cpu(x_proj.weight))
 
 
-def _autocast_weight(w):
-    """A product's weight in CPU autocast's dtype. Autocast keeps its cast of a weight only for
-    a leaf that requires grad; a frozen backbone's weights (every method but full fine-tuning,
-    and inference) were cast again on every call. Kept here instead (svp.ops.kept_unless_trained):
-    the same bits, one cast per weight value."""
-    dtype = cpu_autocast_dtype()
+def _autocast_weight(w, dtype=None):
+    """A product's weight in autocast's ``dtype`` (default: CPU autocast's). Autocast keeps its
+    cast of a weight only for a leaf that requires grad; a frozen backbone's weights (every
+    method but full fine-tuning, and inference) were cast again on every call. Kept here instead
+    (svp.ops.kept_unless_trained): the same bits, one cast per weight value."""
+    dtype = dtype or cpu_autocast_dtype()
     return kept_unless_trained(w, dtype, lambda t: t.to(dtype))
 
 
@@ -264,10 +264,11 @@ class _InProj(torch.autograd.Function):
         (docs/benchmarks.md, "GPU, after the second run"). The input's gradient is then formed
         in ``dtype`` and cast once, as the official code's one in_proj product gives it (here
         rounded once more, after the first half's product), where autograd summed the two
-        halves' gradients in the input's dtype."""
+        halves' gradients in the input's dtype. A frozen weight's cast is kept (_autocast_weight),
+        as on the CPU."""
         run = _InProj.apply if torch.is_grad_enabled() else _InProj.products
         with torch.autocast(h.device.type, enabled=False):
-            return run(h.to(dtype), w.to(dtype), E)
+            return run(h.to(dtype), _autocast_weight(w, dtype), E)
 
     @staticmethod
     def forward(ctx, h, w, E):

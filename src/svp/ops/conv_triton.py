@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..compat import autocast_dtype
+from .kept import kept_unless_trained
 from .scan_triton import _device_fn, _launch, check_tensors, fixed_sum, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
@@ -273,8 +274,9 @@ def _proj_fwd(x, weight, bias, proj_w, silu, reverse):
     if dt is None:
         u_in, w_in = u, proj_w
         dbl = F.linear(u_in, w_in)
-    else:   # autocast's casts, made here once so that the backward has the cast weight
-        u_in, w_in = u.to(dt), proj_w.to(dt)
+    else:   # autocast's casts, made here so that the backward has the cast weight; a frozen
+        # weight's cast kept on it (svp.ops.kept_unless_trained), where autocast cast it every call
+        u_in, w_in = u.to(dt), kept_unless_trained(proj_w, dt, lambda t: t.to(dt))
         with torch.autocast(x.device.type, enabled=False):
             dbl = F.linear(u_in, w_in)
     return u, dbl, u_in, w_in
