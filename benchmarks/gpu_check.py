@@ -143,7 +143,42 @@ def part_b(dev, backends, bw, dry, deadline):
     return rows
 
 
-def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
+class _EagerGraph:
+    """--dry-run's stand-in for torch.cuda.CUDAGraph (a CPU has none): "capture" runs the
+    callable once, as a capture records it, and each replay runs it again. It checks the
+    script's logic around the graph (static inputs, the optimizer inside the step), not capture."""
+
+    def capture(self, fn):
+        self.fn = fn
+        return fn()
+
+    def replay(self):
+        self.fn()
+
+
+def captured(fn, dev, warm):
+    """``fn`` (no arguments; it reads static tensors) run ``warm`` times on a side stream, then
+    captured in one CUDA graph (torch's whole-network capture). Returns the graph (``replay()``
+    runs ``fn``'s kernels again, with no Python and no launches from the host) and what the
+    captured call returned: tensors the replays overwrite in place."""
+    if dev.type != "cuda":
+        for _ in range(warm - 1):     # as many steps before the replays as on a GPU (a capture runs nothing)
+            fn()
+        g = _EagerGraph()
+        return g, g.capture(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):     # Triton's compiles, autotuning, the kept casts: before capture
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
     import timm
     import svp.models  # noqa: F401  (registers the Vim models)
     from svp.peft import get_peft_model, make_config
@@ -163,6 +198,13 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
     # kernels (their ENABLED flags). The tiled scan kernels, 2.5x slower here in the second run,
     # are left to benchmarks/triton_sweep.py, and the first run's scan geometry (0.76-0.84x the
     # default's img/s in four calls of the second run) to its sweep.
+    # With graph_rows (--graph BACKEND) only two rows: the backend's step, and the same step replayed
+    # whole (forward, backward, AdamW) from one CUDA graph. The second run found the GPU idle
+    # 19-27% of a step while the host launched its ~1,900 kernels; a replay launches none from
+    # Python. Its "param sum" (the trainable parameters' sum after as many steps) should match
+    # the default row's up to the capturable AdamW's rounding: a capture that recorded less than
+    # the step would show there. In a process of its own (gpu_session.sh): a failed capture can
+    # leave the CUDA context unusable for what follows.
     runs = [(name, name) for name in backends]
     if "triton" in backends:   # (imports triton: not where it is missing, as with CUDA on Windows)
         from svp.models import vim
@@ -170,9 +212,11 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
         # (and the default once more, last: the drift between the first row and the last)
         runs += [("triton", "triton (mixer nodes per direction)"), ("triton", "triton (fused conv backward)"),
                  ("triton", "triton (PyTorch conv, norm, prompts)"), ("triton", "triton (again, last)")]
+    if graph_rows:
+        runs = [(graph_rows, graph_rows), (graph_rows, f"{graph_rows} (whole step in a CUDA graph)")]
     for name, label in runs:
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16", backend=label)
-        if name == "triton":
+        if name == "triton" and not graph_rows:
             vim.GPU_JOINT_NODES = "per direction" not in label
             conv_triton.BACKWARD = "fused" if "fused" in label else "split"
             conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = "PyTorch" not in label
@@ -181,13 +225,18 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
             row["skipped"] = "time budget"
             rows.append(row)
             continue
+        graph = "CUDA graph" in label
         try:
             torch.manual_seed(0)
             base = timm.create_model(arch, pretrained=False, num_classes=100, **kw)
             model = get_peft_model(base, make_config("svp", num_classes=100, **svp_kw)).to(dev)
-            # fused where torch has it, as `svp train` steps (svp.engine.optim, train.opt_fused=auto)
+            # fused where torch has it, as `svp train` steps (svp.engine.optim, train.opt_fused=auto);
+            # in a graph capturable (its step count on the device, its learning rate read there)
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                    fused=fused_available(dev.type) or None)
+                                    fused=fused_available(dev.type) or None,
+                                    **(dict(capturable=True) if graph and dev.type == "cuda" else {}))
+            trained = [p for p in model.parameters() if p.requires_grad]
+            row["param_sum_start"] = sum(p.detach().double().sum().item() for p in trained)
             dispatch.set_backend(name)
             n_steps = 1 if dry else max(1, steps // 5) if name == "torch" else steps
             if dev.type == "cuda":
@@ -195,32 +244,68 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
                 torch.cuda.reset_peak_memory_stats()
             model.train()
             warm = 1 if (dry or name == "torch") else warmup
-            for i in range(n_steps + warm):         # the first steps compile and warm up
-                if i == warm:
-                    sync(dev)
-                    t0 = time.perf_counter()
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
+            # autocast's cache of cast weights stays on in the graph: the autocast region opens and
+            # closes inside the capture, so the cache lives only there (torch's advice to turn it off
+            # is for make_graphed_callables, where autocast is entered outside the graphed part). Off,
+            # a shared Cross prompter's weight gradient would come out in other bits: its uses' bfloat16
+            # gradients are then cast and summed in float32, where the one cached cast sums them in
+            # bfloat16 first.
+            amp = dict(device_type=dev.type, dtype=torch.bfloat16)
+
+            def train_step():
+                with torch.autocast(**amp):
                     loss = torch.nn.functional.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
-                opt.zero_grad(set_to_none=True)
+                return loss
+
+            if graph:
+                # the gradients are allocated inside the capture (set to None first), so each
+                # replay writes them afresh instead of adding to them
+                def zeroed_step():
+                    opt.zero_grad(set_to_none=True)
+                    return train_step()
+                g, _ = captured(lambda: zeroed_step(), dev, warm)
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(n_steps):
+                    g.replay()
+            else:
+                for i in range(n_steps + warm):         # the first steps compile and warm up
+                    if i == warm:
+                        sync(dev)
+                        t0 = time.perf_counter()
+                    train_step()
+                    opt.zero_grad(set_to_none=True)
             sync(dev)
             row["train_img_s"] = batch * n_steps / (time.perf_counter() - t0)
             if dev.type == "cuda":
                 row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
             row["timed_steps"] = n_steps
+            row["param_sum"] = sum(p.detach().double().sum().item() for p in trained)
         except Exception as e:
             row["error"] = f"training: {type(e).__name__}: {e}"
         try:       # inference apart: its own code paths (grad mode off), its own failures
             if "error" not in row:
                 model.eval()
-                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+
+                def forward():
+                    with torch.no_grad(), torch.autocast(**amp):
+                        return model(x)
+
+                if graph:
+                    g, _ = captured(forward, dev, warm)
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    for _ in range(n_steps):
+                        g.replay()
+                else:
                     for i in range(n_steps + warm):
                         if i == warm:
                             sync(dev)
                             t0 = time.perf_counter()
-                        model(x)
+                        forward()
                 sync(dev)
                 row["infer_img_s"] = batch * n_steps / (time.perf_counter() - t0)
                 if dev.type == "cuda":
@@ -229,11 +314,11 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3):
             row["error"] = f"inference: {type(e).__name__}: {e}"
         finally:
             dispatch.set_backend(None)
-            if name == "triton":
+            if name == "triton" and not graph_rows:
                 vim.GPU_JOINT_NODES, conv_triton.BACKWARD = True, "split"
                 conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = True
         rows.append(row)
-        del model, opt
+        model = opt = None   # (freed before the next row builds its own)
     return rows
 
 
@@ -331,21 +416,22 @@ def markdown(res):
               "| shape | batch | dtype | backend | fwd | fwd bound | fwd / bound | fwd+bwd | fwd+bwd bound | "
               "fwd+bwd / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("b", []):
-        if _note(lines, r, (r['shape'], r['batch'], r['dtype'], r['backend']), 6):
+        if _note(lines, r, (r['shape'], r['batch'], r['dtype'], r['backend']), 5):
             continue
         lines.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['backend']} | {_fmt(r['fwd_ms'], '.3f')} | "
                      f"{_fmt(r['bound_fwd_ms'], '.3f')} | {_fmt(r['fwd_x_bound'])}x | {_fmt(r['fwdbwd_ms'], '.3f')} | "
                      f"{_fmt(r['bound_fwdbwd_ms'], '.3f')} | {_fmt(r['fwdbwd_x_bound'])}x |")
     lines += ["", "## (c) whole model, SVP, bfloat16 autocast", "",
-              "| model | batch | backend | train img/s | train peak GiB | infer img/s | infer peak GiB | steps |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | batch | backend | train img/s | train peak GiB | infer img/s | infer peak GiB | steps | "
+              "param sum |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("c", []):
         if "train_img_s" not in r and _note(lines, r, (r['model'], r['batch'], r['backend']), 5):
             continue
         infer = _fmt(r.get('infer_img_s'), '.1f') if "infer_img_s" in r else r.get("error", "-")
         lines.append(f"| {r['model']} | {r['batch']} | {r['backend']} | {_fmt(r['train_img_s'], '.1f')} | "
                      f"{_fmt(r.get('train_peak_GiB'))} | {infer} | "
-                     f"{_fmt(r.get('infer_peak_GiB'))} | {r.get('timed_steps', '-')} |")
+                     f"{_fmt(r.get('infer_peak_GiB'))} | {r.get('timed_steps', '-')} | "
+                     f"{_fmt(r.get('param_sum'), '.9g')} |")
     d = res.get("d")
     if d:
         lines += ["", "## (d) svp train end to end (Vim-S random init, digits at 224 px, batch 128, "
@@ -376,6 +462,10 @@ def main(argv=None):
                     help="part (c): untimed steps before the timed ones (the torch backend: 1); with one, the "
                          "first row of a process ran ~10%% slow on an H200")
     ap.add_argument("--parts", default="abcd", help="which parts to run (default abcd)")
+    ap.add_argument("--graph", nargs="?", const="triton", default=None, metavar="BACKEND",
+                    help="part (c): only two rows, BACKEND's step (default triton) and the same step captured whole "
+                         "in a CUDA graph (run in a process of its own: a failed capture can leave the CUDA context "
+                         "unusable)")
     a = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + a.budget_s
@@ -404,7 +494,7 @@ def main(argv=None):
 
     for part, fn in (("a", lambda: part_a(dev, backends, a.dry_run)),
                      ("b", lambda: part_b(dev, backends, env["copy_GBps"] * 1e9, a.dry_run, deadline)),
-                     ("c", lambda: part_c(dev, backends, a.dry_run, deadline, a.steps, a.warmup)),
+                     ("c", lambda: part_c(dev, backends, a.dry_run, deadline, a.steps, a.warmup, a.graph)),
                      ("d", lambda: part_d(dev, a.dry_run))):
         if part not in a.parts:
             continue

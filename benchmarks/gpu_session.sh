@@ -2,11 +2,13 @@
 # Everything issue 11 measures on a GPU, in one call (a lent GPU machine's session is short):
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (the scan's
 # launch geometries and the exp-only floor, the conv's tiles, the tiled scan kernels last),
+# gpu_check.py --graph (a Vim-S SVP step eager and captured whole in a CUDA graph),
 # benchmarks/gpu_profile.py (a Vim-S step's kernels: as it runs, with the operators grouped by
 # input shape; with the mixer's nodes per direction; and with the conv, add + RMSNorm and prompt
 # step in PyTorch) and `svp doctor`,
-# each under its own time limit, all output under OUTDIR (about 4-5 minutes on an H200; at most
-# 10). Six files: log.txt, prof.txt, gc/gpu_check.{json,md}, sw/triton_sweep.{json,md}.
+# each under its own time limit, all output under OUTDIR (about 5 minutes on an H200; at most
+# 10). Eight files: log.txt, prof.txt, gc/gpu_check.{json,md}, graph/gpu_check.{json,md},
+# sw/triton_sweep.{json,md}.
 #
 #   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
 set -u
@@ -25,6 +27,11 @@ stamp env
 stamp gpu_check
 PYTHON="$py" timeout 270 bash "$here/gpu_check.sh" "$out/gc" --budget-s "${GC_BUDGET:-150}" >> "$L" 2>&1
 echo "gpu_check rc $?" >> "$L"
+stamp graph
+# the step captured whole in a CUDA graph, beside the same step eager: a process of its own (a failed
+# capture can leave the CUDA context unusable)
+PYTHON="$py" timeout 90 bash "$here/gpu_check.sh" "$out/graph" --parts c --graph --budget-s 60 >> "$L" 2>&1
+echo "graph rc $?" >> "$L"
 stamp sweep
 timeout 150 "$py" "$here/triton_sweep.py" "$out/sw" --budget-s "${SW_BUDGET:-110}" >> "$L" 2>&1
 echo "sweep rc $?" >> "$L"

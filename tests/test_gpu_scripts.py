@@ -63,3 +63,16 @@ def test_gpu_check_times_the_scan_beside_its_bound(tmp_path):
 def test_gpu_profile_prints_the_step_and_its_shapes():
     out = script("gpu_profile.py", "--dry-run", "--backend", "torch", "--rows", "3", "--shapes", "3")
     assert out.count("Self CPU time total") == 2 and "Input Shapes" in out
+
+
+def test_gpu_check_replays_the_captured_step(tmp_path):
+    # --graph's two rows (the torch backend: the interpreter would take minutes); on a CPU the
+    # "graph" runs the step eagerly (there is no capture to test here), so this holds the script's
+    # logic: as many steps as the eager row, each of them training
+    script("gpu_check.py", str(tmp_path), "--dry-run", "--parts", "c", "--graph", "torch")
+    eager, graph = json.loads((tmp_path / "gpu_check.json").read_text())["c"]
+    assert graph["backend"] == "torch (whole step in a CUDA graph)", graph
+    for r in (eager, graph):
+        assert "error" not in r and r["train_img_s"] > 0 and r["infer_img_s"] > 0, r
+    assert graph["param_sum_start"] == eager["param_sum_start"] != graph["param_sum"] == eager["param_sum"]
+    assert "whole step in a CUDA graph" in (tmp_path / "gpu_check.md").read_text()
