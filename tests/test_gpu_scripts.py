@@ -76,3 +76,21 @@ def test_gpu_check_replays_the_captured_step(tmp_path):
         assert "error" not in r and r["train_img_s"] > 0 and r["infer_img_s"] > 0, r
     assert graph["param_sum_start"] == eager["param_sum_start"] != graph["param_sum"] == eager["param_sum"]
     assert "whole step in a CUDA graph" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_triton_asm_compiles_every_kernel_of_a_step_as_its_launch_specialises_it(tmp_path):
+    # one Vim-Tiny SVP step on fake CUDA tensors: every kernel it launches, compiled for sm_90 with
+    # the launch's specialisation (alignment, divisibility by 16) and put through ptxas
+    out = tmp_path / "asm.json"
+    script("triton_asm.py", "--model", "vim_tiny_patch16_224", "--batch", "8", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"_fwd", "_bwd", "_sum_mid", "_conv_fwd", "_conv_dpre", "_norm_fwd",
+                                           "_norm_bwd", "_prompt_fwd", "_prompt_bwd"}
+    for name in ("_fwd", "_bwd"):   # both directions of each of the 24 blocks, forward and backward
+        scan = [r for r in rows if r["kernel"] == name]
+        assert sum(r["launches"] for r in scan) == 48, scan
+        # B and C are slices of x_proj's bfloat16 output 12 and 28 columns in (24 and 56 bytes):
+        # not 16-byte aligned, as on a GPU; u is a tensor of its own
+        assert all("u_ptr" in r["aligned"] and "B_ptr" not in r["aligned"] and "C_ptr" not in r["aligned"]
+                   for r in scan), scan
+    assert all(r["registers"] > 0 and r["spill_bytes"] is not None for r in rows), rows
