@@ -44,10 +44,13 @@ STAGES = 2           # tl.range pipelining of the time loops (the backward's scr
 FORWARD = "loop"
 BACKWARD = "loop"    # the same for the backward (_bwd or _bwd_tiled)
 # A cap on the registers a thread of the scan's kernels may use (Triton's ``maxnreg``), per kernel;
-# None leaves ptxas its choice. On sm_90a both loop kernels take all 255 (8 warps an SM at one
-# warp a program, the second run's profile); the backward with a frozen A fits 192 with a 40-byte
-# spill, 168 with 80 bytes (ptxas, docs/benchmarks.md "GPU, after the second run"). Not timed
-# yet: benchmarks/triton_sweep.py --parts regs tries them on a GPU. (The interpreter ignores it.)
+# None leaves ptxas its choice. Compiled for sm_90a as a Vim-S step's launches compile them
+# (benchmarks/triton_asm.py, Triton 3.8): the forward takes 163 registers, 225 where it adds to the
+# other direction's output (8 warps an SM at one warp a program), the backward 157 (208 with dA);
+# no spills. Capped at 168 all fit without a spill (12 warps an SM), at 144 the adding forward
+# spills 16 bytes (14 warps), at 128 they spill 32-80 (16 warps); a cap above a kernel's own
+# count can raise it (192: the backward takes 184). Not timed yet: benchmarks/triton_sweep.py
+# --parts regs tries them on a GPU. (The interpreter ignores it.)
 MAXNREG = {"fwd": None, "bwd": None}
 _TILE = 512          # BLOCK_D * BLOCK_N of the loop backward (16 float32 of state a thread on one warp; _plan)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
