@@ -51,9 +51,15 @@ TILED_FWD = [(4, 2), (8, 2), (8, 4), (16, 4), (16, 8)]
 TILED_BWD = [(2, 1), (2, 2), (4, 2), (4, 4), (8, 4)]
 STAGES = (1, 3)
 CHUNKS = (8, 32, 64)
-# the conv's (BLOCK_L, BLOCK_D, num_warps) tiles, each with both backward forms
-CONV_TILES = [(32, 64, 8), (32, 64, 4), (16, 64, 4), (16, 64, 2), (64, 64, 8), (8, 128, 4), (16, 128, 4),
-              (32, 128, 8), (8, 256, 8), (64, 32, 4), (32, 32, 2)]
+# the conv's (BLOCK_L, BLOCK_D, num_warps) tiles, each with both backward forms (after the default
+# tile, in this order: a sweep cut short by its time budget has the newest). The first three are
+# tall: a program's time steps cover half or all of Vim's 197, so the backward's weight and bias
+# sums (five reductions over the tile's time steps across lanes and warps, 200-240 shuffles and
+# 33-37 barriers in its first kernel's code: benchmarks/triton_asm.py) run once or twice per batch
+# row and channel block instead of four times. Compiled as a Vim-S launch (sm_90a, Triton 3.8):
+# 88 registers at 128 x 32 on 8 warps, 206 at 256 x 32 on 8 and 202 at 256 x 16 on 4, no spills.
+CONV_TILES = [(128, 32, 8), (256, 32, 8), (256, 16, 4), (32, 64, 8), (32, 64, 4), (16, 64, 4), (16, 64, 2),
+              (64, 64, 8), (8, 128, 4), (16, 128, 4), (32, 128, 8), (8, 256, 8), (64, 32, 4), (32, 32, 2)]
 # register caps a thread (scan_triton.MAXNREG, Triton's maxnreg) for both loop kernels at their
 # default geometry. As a Vim-S step's launches compile them (benchmarks/triton_asm.py, sm_90a,
 # Triton 3.8) the forward takes 163-225 registers, the backward 157, without spills: at 168 all
