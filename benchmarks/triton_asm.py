@@ -13,7 +13,7 @@ for sm_<arch> the way Triton's launcher compiles it: its arguments specialised b
 rules (a pointer 16-byte aligned, an integer divisible by 16, an integer equal to 1 made a
 constant), which decide the kernel's layouts and so its registers. Compiled without that
 specialisation (every integer and pointer plain, as tests/test_scan_triton.py's compile check
-does) the scan's kernels get other layouts: 255 registers each, where a launch's take 157-225
+does) the scan's kernels get other layouts: 255 registers each, where a launch's take 157-168
 (Triton 3.8; docs/benchmarks.md, "The Triton kernels as a launch compiles them").
 
 Registers and spills come from ptxas -v (Triton's own ptxas); the counts are of instructions in

@@ -62,10 +62,10 @@ CONV_TILES = [(128, 32, 8), (256, 32, 8), (256, 16, 4), (32, 64, 8), (32, 64, 4)
               (64, 64, 8), (8, 128, 4), (16, 128, 4), (32, 128, 8), (8, 256, 8), (64, 32, 4), (32, 32, 2)]
 # register caps a thread (scan_triton.MAXNREG, Triton's maxnreg) for both loop kernels at their
 # default geometry. As a Vim-S step's launches compile them (benchmarks/triton_asm.py, sm_90a,
-# Triton 3.8) the forward takes 163-225 registers, the backward 157, without spills: at 168 all
-# fit with none (12 warps an SM at one warp a program, where the adding forward has 8), at 144 one
-# spills 16 bytes (14 warps), at 128 32-80 bytes (16 warps). (192, the first choice here, would
-# have raised the backward to 184: docs/benchmarks.md, "The Triton kernels as a launch compiles them")
+# Triton 3.8) the forward takes 163-168 registers, the backward 157, without spills (12 warps an
+# SM at one warp a program): at 168 all fit with none, at 144 one spills 12 bytes (14 warps), at
+# 128 32-76 bytes (16 warps). (192, the first choice here, would have raised the backward to 184:
+# docs/benchmarks.md, "The Triton kernels as a launch compiles them")
 REG_CAPS = (168, 144, 128)
 PARTS = ("loop", "tiled", "conv", "regs")
 

@@ -38,6 +38,11 @@ from .scan_ref import scan_groups, sum_to_groups
 CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
 MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
 STAGES = 2           # tl.range pipelining of the time loops (the backward's scratch tile loads)
+# The loop forward's: it prefetches every input by hand one step ahead, so the pipeliner had only
+# the other direction's output to stage where a direction adds to it (ACC_OUT), and held it at
+# 225 registers a thread against 163 (8 warps an SM against 12; sm_90a as a Vim-S launch compiles
+# it, benchmarks/triton_asm.py). That load is prefetched by hand too now: 1 gives both forms ~163.
+FWD_STAGES = 1
 # which forward kernel runs: "loop" (_fwd, step by step) or "tiled" (_fwd_tiled, a chunk at a
 # time through a parallel scan: an experiment, not measured on a GPU yet; benchmarks/triton_sweep.py
 # times both)
@@ -45,12 +50,11 @@ FORWARD = "loop"
 BACKWARD = "loop"    # the same for the backward (_bwd or _bwd_tiled)
 # A cap on the registers a thread of the scan's kernels may use (Triton's ``maxnreg``), per kernel;
 # None leaves ptxas its choice. Compiled for sm_90a as a Vim-S step's launches compile them
-# (benchmarks/triton_asm.py, Triton 3.8): the forward takes 163 registers, 225 where it adds to the
-# other direction's output (8 warps an SM at one warp a program), the backward 157 (208 with dA);
-# no spills. Capped at 168 all fit without a spill (12 warps an SM), at 144 the adding forward
-# spills 16 bytes (14 warps), at 128 they spill 32-80 (16 warps); a cap above a kernel's own
-# count can raise it (192: the backward takes 184). Not timed yet: benchmarks/triton_sweep.py
-# --parts regs tries them on a GPU. (The interpreter ignores it.)
+# (benchmarks/triton_asm.py, Triton 3.8): the forward takes 163-168 registers, the backward 157
+# (208 with dA), no spills: 12 warps an SM at one warp a program. Capped at 168 all fit without a
+# spill, at 144 one forward spills 12 bytes (14 warps), at 128 they spill 32-76 (16 warps); a cap
+# above a kernel's own count can raise it (192: the backward takes 184). Not timed yet:
+# benchmarks/triton_sweep.py --parts regs tries them on a GPU. (The interpreter ignores it.)
 MAXNREG = {"fwd": None, "bwd": None}
 _TILE = 512          # BLOCK_D * BLOCK_N of the loop backward (16 float32 of state a thread on one warp; _plan)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -156,6 +160,12 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
         t = 0
     un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, t, L > 0, cm, nm,
                                     su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+    # (and the other direction's output, where this one adds to it: prefetched the same way, not
+    # by Triton's pipeliner, which held it at a cost of ~60 registers a thread; FWD_STAGES)
+    if ACC_OUT:
+        on = tl.load(o_row + t * so_l, mask=cm & (L > 0), other=0.0)
+    else:
+        on = un
     for k in range(0, nchunk):
         tl.store(hs_tile + k * d * N, h, mask=m2)
         for j in tl.range(0, tl.minimum(K, L - k * K), num_stages=STAGES):
@@ -167,8 +177,11 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
                 t = s
                 tn = t + 1
             uv, x, Bv, Cv, zv = _f32_step(un, xn, Bn, Cn, zn, bias)
+            ov = on
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, s + 1 < L, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
+            if ACC_OUT:
+                on = tl.load(o_row + tn * so_l, mask=cm & (s + 1 < L), other=0.0)
             if SOFTPLUS:
                 x = _softplus(x)
             dt = tl.where(cm, x, 0.0)
@@ -177,7 +190,7 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
             if HAS_Z:
                 y = y * zv / (1.0 + tl.exp(-zv))
             if ACC_OUT:   # the other direction's output, already there (BiScanTriton)
-                y += tl.load(o_row + t * so_l, mask=cm, other=0.0).to(tl.float32)
+                y += ov.to(tl.float32)
             tl.store(o_row + t * so_l, y.to(out_ptr.dtype.element_ty), mask=cm)
     tl.store(last_ptr + bi * d * N + c[:, None] * N + n[None, :], h, mask=m2)
 
@@ -708,7 +721,7 @@ def _plan(kind: str, d: int, N: int, G: int):
         dg, BN, BD, nblk = _geometry(d, N, G, 1024 // CHUNK)
         return dg, BN, BD, nblk, max(1, min(8, BD * BN * CHUNK // 512)), STAGES
     dg, BN, BD, nblk = _geometry(d, N, G, 2 * _TILE if kind == "fwd" else _TILE)
-    return dg, BN, BD, nblk, 1, STAGES
+    return dg, BN, BD, nblk, 1, FWD_STAGES if kind == "fwd" else STAGES
 
 
 def _bld(like, dtype):
