@@ -265,7 +265,7 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
                 def zeroed_step():
                     opt.zero_grad(set_to_none=True)
                     return train_step()
-                g, _ = captured(lambda: zeroed_step(), dev, warm)
+                g, _ = captured(zeroed_step, dev, warm)
                 sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(n_steps):

@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,6 +151,7 @@ def capture(model_name, method, batch):
         _materialize[id(ctx)] = bool(value)
         return smg(ctx, value)
 
+    _materialize.clear()   # (keyed on the nodes' ids, which a finished capture's may share)
     saved = {m: m._launch for m in (scan_triton, conv_triton, norm_triton, prompt_triton)}
     for m in saved:
         m._launch = record
@@ -191,7 +193,10 @@ def _ptxas(arch):
     return get_ptxas(arch).path
 
 
-def compile_one(key, fn, arch, keep=None):
+def compile_one(key, fn, arch, keep=None, tag=None):
+    """``key``'s kernel compiled for sm_<arch>: ptxas's registers and spill bytes, and the PTX's
+    counts (COUNTS) and the TTGIR's layout conversions. ``keep``: a folder for its PTX and TTGIR,
+    named ``tag`` (default the kernel's name)."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
@@ -211,7 +216,9 @@ def compile_one(key, fn, arch, keep=None):
     row = {n: len(re.findall(p, ptx)) for n, p in COUNTS.items()}
     row["convert_layout"] = ttgir.count("ttg.convert_layout")
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    path = os.path.join(keep or "/tmp", f"svp_triton_asm_{os.getpid()}_{name}.ptx")
+    tag = tag or name
+    path = os.path.join(keep, f"{tag}.ptx") if keep else os.path.join(tempfile.gettempdir(),
+                                                                      f"svp_triton_asm_{os.getpid()}_{tag}.ptx")
     with open(path, "w") as f:
         f.write(re.sub(r"^\.target sm_\d+a?$", f".target {sm}", ptx, flags=re.M))
     r = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={sm}", path, "-o", os.devnull], capture_output=True, text=True)
@@ -223,7 +230,7 @@ def compile_one(key, fn, arch, keep=None):
     spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
     row.update(registers=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None)
     if keep:
-        with open(os.path.join(keep, f"{name}.ttgir"), "w") as f:
+        with open(os.path.join(keep, f"{tag}.ttgir"), "w") as f:
             f.write(ttgir)
     return row
 
@@ -260,7 +267,7 @@ def main(argv=None):
         name, sig, const, attrs, options = key
         row = dict(kernel=name, variant=_variant(const), launches=n, warps=dict(options).get("num_warps", 4),
                    maxnreg=dict(options).get("maxnreg"), aligned=[k for k, _ in attrs])
-        row.update(compile_one(key, fn, a.arch, a.keep))
+        row.update(compile_one(key, fn, a.arch, a.keep, f"{name}-{len(rows)}"))
         rows.append(row)
     print(f"# {a.model}, {a.method}, one training step at batch {a.batch} under bfloat16 autocast; sm_{a.arch}; "
           f"scan register caps {scan_caps()}; "
