@@ -16,8 +16,10 @@ specialisation (every integer and pointer plain, as tests/test_scan_triton.py's 
 does) the scan's kernels get other layouts: 255 registers each, where a launch's take 157-168
 (Triton 3.8; docs/benchmarks.md, "The Triton kernels as a launch compiles them").
 
-Registers and spills come from ptxas -v (Triton's own ptxas); the counts are of instructions in
-the PTX (static: an instruction inside a loop counts once). Nothing here is timed.
+Registers and spills come from ptxas -v (Triton's own ptxas), shared memory from Triton's
+metadata, and the warps an SM holds of each kernel from those by CUDA's occupancy rules (sm_80 and
+sm_90); the counts are of instructions in the PTX (static: an instruction inside a loop counts
+once). Nothing here is timed.
 """
 from __future__ import annotations
 
@@ -45,6 +47,24 @@ import triton  # noqa: E402
 # what is counted in the PTX
 COUNTS = {"shfl": r"shfl\.sync", "ld.shared": r"ld\.shared", "st.shared": r"st\.shared", "bar": r"bar\.sync",
           "ex2": r"ex2\.approx", "ld.global": r"ld\.global", "st.global": r"st\.global"}
+
+
+# an SM's limits by compute capability (CUDA's occupancy tables): registers, warps, blocks, shared
+# memory bytes (of which 1 KiB a block is the system's)
+SM_LIMITS = {80: (65536, 64, 32, 167936), 90: (65536, 64, 32, 233472)}
+
+
+def warps_per_sm(arch, registers, warps, shared):
+    """The warps of one kernel an SM holds at once (registers allocated 256 a warp), or None for
+    an arch not in SM_LIMITS."""
+    if arch not in SM_LIMITS or not registers:
+        return None
+    regs, max_warps, max_blocks, smem = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(max_blocks, regs // (per_warp * warps), max_warps // warps)
+    if shared:
+        blocks = min(blocks, smem // (shared + 1024))
+    return blocks * warps
 
 
 class _Pointer:
@@ -228,7 +248,9 @@ def compile_one(key, fn, arch, keep=None, tag=None):
         raise RuntimeError(f"ptxas failed on {name}: {r.stderr[-2000:]}")
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
-    row.update(registers=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None)
+    row.update(registers=int(regs[-1]) if regs else None, spill_bytes=int(spill[-1]) if spill else None,
+               shared_bytes=k.metadata.shared)
+    row["warps_per_sm"] = warps_per_sm(arch, row["registers"], dict(options).get("num_warps", 4), row["shared_bytes"])
     if keep:
         with open(os.path.join(keep, f"{tag}.ttgir"), "w") as f:
             f.write(ttgir)
@@ -272,8 +294,8 @@ def main(argv=None):
     print(f"# {a.model}, {a.method}, one training step at batch {a.batch} under bfloat16 autocast; sm_{a.arch}; "
           f"scan register caps {scan_caps()}; "
           f"Triton {triton.__version__}, torch {torch.__version__}")
-    cols = ["kernel", "variant", "launches", "warps", "registers", "spill_bytes", "shfl", "convert_layout",
-            "ld.shared", "st.shared", "bar", "ex2"]
+    cols = ["kernel", "variant", "launches", "warps", "registers", "spill_bytes", "shared_bytes", "warps_per_sm",
+            "shfl", "convert_layout", "ld.shared", "st.shared", "bar", "ex2"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -94,3 +94,5 @@ def test_triton_asm_compiles_every_kernel_of_a_step_as_its_launch_specialises_it
         assert all("u_ptr" in r["aligned"] and "B_ptr" not in r["aligned"] and "C_ptr" not in r["aligned"]
                    for r in scan), scan
     assert all(r["registers"] > 0 and r["spill_bytes"] is not None for r in rows), rows
+    # and each fits an SM at least once, by CUDA's occupancy rules for sm_90
+    assert all(r["warps"] <= r["warps_per_sm"] <= 64 for r in rows), rows
