@@ -3,12 +3,13 @@
 # the environment, benchmarks/gpu_check.sh (parts a-d), benchmarks/triton_sweep.py (the scan's
 # launch geometries and the exp-only floor, the conv's tiles, the tiled scan kernels last),
 # gpu_check.py --graph (a Vim-S SVP step eager and captured whole in a CUDA graph),
+# benchmarks/triton_asm.py (the kernels' registers and occupancy as this Triton compiles them),
 # benchmarks/gpu_profile.py (a Vim-S step's kernels: as it runs, with the operators grouped by
 # input shape; with the mixer's nodes per direction; and with the conv, add + RMSNorm and prompt
 # step in PyTorch) and `svp doctor`,
 # each under its own time limit, all output under OUTDIR (about 5 minutes on an H200; at most
-# 10). Eight files: log.txt, prof.txt, gc/gpu_check.{json,md}, graph/gpu_check.{json,md},
-# sw/triton_sweep.{json,md}.
+# 10). Ten files: log.txt, prof.txt, gc/gpu_check.{json,md}, graph/gpu_check.{json,md},
+# sw/triton_sweep.{json,md}, asm.{json,md}.
 #
 #   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
 set -u
@@ -40,6 +41,11 @@ stamp profile
   timeout 60 "$py" "$here/gpu_profile.py" --around torch
 } > "$out/prof.txt" 2>&1
 echo "profile rc $?" >> "$L"
+stamp asm
+# the kernels' registers, spills and occupancy as this machine's Triton compiles a step's launches
+# (benchmarks/triton_asm.py: no GPU needed, but the Triton here may not be the one the docs used)
+timeout 90 "$py" "$here/triton_asm.py" --json "$out/asm.json" > "$out/asm.md" 2>> "$L"
+echo "asm rc $?" >> "$L"
 stamp doctor
 # the fused CPU kernels compile cold on a fresh machine (numba): longer than the GPU checks
 timeout "${DOCTOR_S:-120}" "$py" -m svp doctor >> "$L" 2>&1

@@ -81,6 +81,31 @@ class _Pointer:
         return 256 + self.offset
 
 
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+           torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def _specialize(a):
+    """(type, attribute) of one launch argument, as Triton's launcher specialises it: Triton's own
+    function where it has one (3.4 and later), else its rules written out."""
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:
+        pass
+    else:
+        return native_specialize_impl(BaseBackend, a, False, True, True)
+    if isinstance(a, bool):
+        return "i1", ""
+    if isinstance(a, int):
+        if a == 1:
+            return "constexpr", 1
+        return ("i32" if -2**31 <= a < 2**31 else "i64"), ("D" if a % 16 == 0 else "")
+    if isinstance(a, float):
+        return "fp32", ""
+    return "*" + _DTYPES[a.dtype], ("D" if a.data_ptr() % 16 == 0 else "")
+
+
 _materialize = {}
 
 
@@ -136,9 +161,6 @@ def capture(model_name, method, batch):
     import svp.models  # noqa: F401  (registers the Vim models)
     from svp.ops import conv_triton, dispatch, norm_triton, prompt_triton, scan_triton
     from svp.peft import get_peft_model, make_config
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     launches: dict = collections.OrderedDict()
 
     def record(kernel, grid, *args, **kwargs):
@@ -151,8 +173,7 @@ def capture(model_name, method, batch):
             raise RuntimeError(f"{fn.__name__}: {len(args)} positional arguments for {len(free)} parameters")
         sig, attrs = {}, {}
         for n, a in zip(free, args):
-            a = _Pointer(a) if isinstance(a, torch.Tensor) else a
-            kind, attr = native_specialize_impl(BaseBackend, a, False, True, True)
+            kind, attr = _specialize(_Pointer(a) if isinstance(a, torch.Tensor) else a)
             if kind == "constexpr":          # an integer equal to 1
                 const[n] = attr
                 continue
