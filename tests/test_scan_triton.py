@@ -263,7 +263,10 @@ def compile_kernels_for_sm90():
 
 def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
     """The interpreter does not type-check like the compiler does: compile both kernels for
-    sm_90 to PTX and a cubin, which needs no GPU. If TRITON_INTERPRET was set when triton was
+    sm_90 to PTX and a cubin, which needs no GPU. (Every integer and pointer plain here, without
+    the alignment and divisibility a launch specialises on: registers read from these compiles
+    are not a launch's; benchmarks/triton_asm.py compiles what a step launches, and its test
+    runs in tests/test_gpu_scripts.py.) If TRITON_INTERPRET was set when triton was
     imported (``TRITON_INTERPRET=1 pytest ...``), Triton's own library functions (tl.cdiv,
     tl.sum, ...) were made interpreter-only and the compiler cannot use them in this process
     (on every Triton 3 release), so the compile runs in a fresh process without it."""
