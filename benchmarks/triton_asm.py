@@ -161,6 +161,7 @@ def capture(model_name, method, batch):
     import svp.models  # noqa: F401  (registers the Vim models)
     from svp.ops import conv_triton, dispatch, norm_triton, prompt_triton, scan_triton
     from svp.peft import get_peft_model, make_config
+
     launches: dict = collections.OrderedDict()
 
     def record(kernel, grid, *args, **kwargs):
