@@ -178,6 +178,24 @@ def captured(fn, dev, warm):
     return g, out
 
 
+def timed_calls(fn, dev, warm, n, graph):
+    """Seconds ``n`` calls of ``fn`` take after ``warm`` untimed ones (compiles, warm-up); with
+    ``graph`` the calls are replays of ``fn`` captured whole in one CUDA graph (captured)."""
+    if graph:
+        g, _ = captured(fn, dev, warm)
+        call = g.replay
+    else:
+        for _ in range(warm):
+            fn()
+        call = fn
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    sync(dev)
+    return time.perf_counter() - t0
+
+
 def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
     import timm
     import svp.models  # noqa: F401  (registers the Vim models)
@@ -253,32 +271,16 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
             amp = dict(device_type=dev.type, dtype=torch.bfloat16)
 
             def train_step():
+                # the gradients set to None first: in a graph they are then allocated inside the
+                # capture, so each replay writes them afresh instead of adding to them
+                opt.zero_grad(set_to_none=True)
                 with torch.autocast(**amp):
                     loss = torch.nn.functional.cross_entropy(model(x), y)
                 loss.backward()
                 opt.step()
                 return loss
 
-            if graph:
-                # the gradients are allocated inside the capture (set to None first), so each
-                # replay writes them afresh instead of adding to them
-                def zeroed_step():
-                    opt.zero_grad(set_to_none=True)
-                    return train_step()
-                g, _ = captured(zeroed_step, dev, warm)
-                sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(n_steps):
-                    g.replay()
-            else:
-                for i in range(n_steps + warm):         # the first steps compile and warm up
-                    if i == warm:
-                        sync(dev)
-                        t0 = time.perf_counter()
-                    train_step()
-                    opt.zero_grad(set_to_none=True)
-            sync(dev)
-            row["train_img_s"] = batch * n_steps / (time.perf_counter() - t0)
+            row["train_img_s"] = batch * n_steps / timed_calls(train_step, dev, warm, n_steps, graph)
             if dev.type == "cuda":
                 row["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
@@ -294,20 +296,7 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
                     with torch.no_grad(), torch.autocast(**amp):
                         return model(x)
 
-                if graph:
-                    g, _ = captured(forward, dev, warm)
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    for _ in range(n_steps):
-                        g.replay()
-                else:
-                    for i in range(n_steps + warm):
-                        if i == warm:
-                            sync(dev)
-                            t0 = time.perf_counter()
-                        forward()
-                sync(dev)
-                row["infer_img_s"] = batch * n_steps / (time.perf_counter() - t0)
+                row["infer_img_s"] = batch * n_steps / timed_calls(forward, dev, warm, n_steps, graph)
                 if dev.type == "cuda":
                     row["infer_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         except Exception as e:
