@@ -41,7 +41,7 @@ STAGES = 2           # tl.range pipelining of the time loops (the backward's scr
 # The loop forward's: it prefetches every input by hand one step ahead, so the pipeliner had only
 # the other direction's output to stage where a direction adds to it (ACC_OUT), and held it at
 # 225 registers a thread against 163 (8 warps an SM against 12; sm_90a as a Vim-S launch compiles
-# it, benchmarks/triton_asm.py). That load is prefetched by hand too now: 1 gives both forms ~163.
+# it, benchmarks/triton_asm.py). That load is prefetched by hand too now: with 1 they take 163 and 168.
 FWD_STAGES = 1
 # which forward kernel runs: "loop" (_fwd, step by step) or "tiled" (_fwd_tiled, a chunk at a
 # time through a parallel scan: an experiment, not measured on a GPU yet; benchmarks/triton_sweep.py
