@@ -17,7 +17,9 @@ move about half as many bytes.
 A configuration names the Triton kernels the step runs beside the scan's: ``none`` (the mixer's
 conv, the blocks' add + RMSNorm and SVP's prompt step in PyTorch, as before 2026-12-04), ``conv``
 (svp.ops.conv_triton), ``norm`` (svp.ops.norm_triton), ``prompt`` (svp.ops.prompt_triton), joined
-by ``+``; ``conv+norm+prompt`` is what the 'triton' backend runs.
+by ``+``; ``conv+norm+prompt`` is what the 'triton' backend runs. A ``+apart`` token turns the joint
+nodes off (models/vim.py's GPU_JOINT_NODES: the mixer's nodes per direction and SVP's prompters as
+modules, with autograd's sums), for the A/B of what they save.
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ def count(model_name, method, batch, kernels):
     conv_triton.ENABLED = "conv" in kernels
     norm_triton.ENABLED = "norm" in kernels
     prompt_triton.ENABLED = "prompt" in kernels
+    from svp.models import vim
+    vim.GPU_JOINT_NODES = "apart" not in kernels
     torch.manual_seed(0)
     model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
                            make_config(method, num_classes=100)).to("meta")

@@ -208,9 +208,10 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
         arch, kw, svp_kw, batch, px = "vim_small_patch16_224", {}, {}, 128, 224
     x = torch.randn(batch, 3, px, px, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
-    # and the Triton backend's A/B rows: the mixer's nodes per direction (models/vim.py's
-    # GPU_JOINT_NODES off: autograd adds the two directions' outputs and gradients, and in_proj's
-    # halves are cast by autocast, as before 2026-12-04's evening), the conv's fused backward
+    # and the Triton backend's A/B rows: the joint nodes off (models/vim.py's GPU_JOINT_NODES:
+    # the mixer's nodes per direction, autograd adding the two directions' outputs and gradients,
+    # in_proj's halves cast by autocast, as before 2026-12-04's evening; SVP's prompters as
+    # modules beside the prompt step's node, as before 2026-12-04's night), the conv's fused backward
     # (conv_triton.BACKWARD), and the mixer's conv, the blocks' add + RMSNorm and SVP's prompt
     # step in their PyTorch forms instead of conv_triton's, norm_triton's and prompt_triton's
     # kernels (their ENABLED flags). The tiled scan kernels, 2.5x slower here in the second run,
@@ -228,14 +229,14 @@ def part_c(dev, backends, dry, deadline, steps=10, warmup=3, graph_rows=None):
         from svp.models import vim
         from svp.ops import conv_triton, norm_triton, prompt_triton
         # (and the default once more, last: the drift between the first row and the last)
-        runs += [("triton", "triton (mixer nodes per direction)"), ("triton", "triton (fused conv backward)"),
+        runs += [("triton", "triton (joint nodes off)"), ("triton", "triton (fused conv backward)"),
                  ("triton", "triton (PyTorch conv, norm, prompts)"), ("triton", "triton (again, last)")]
     if graph_rows:
         runs = [(graph_rows, graph_rows), (graph_rows, f"{graph_rows} (whole step in a CUDA graph)")]
     for name, label in runs:
         row = dict(model=arch, method="svp", batch=batch, image=px, autocast="bfloat16", backend=label)
         if name == "triton" and not graph_rows:
-            vim.GPU_JOINT_NODES = "per direction" not in label
+            vim.GPU_JOINT_NODES = "joint nodes off" not in label
             conv_triton.BACKWARD = "fused" if "fused" in label else "split"
             conv_triton.ENABLED = norm_triton.ENABLED = prompt_triton.ENABLED = "PyTorch" not in label
         model = opt = None

@@ -27,8 +27,9 @@ def main(argv=None):
                          "backend: their Triton kernels (conv_triton, norm_triton, prompt_triton) or their PyTorch "
                          "forms")
     ap.add_argument("--nodes", choices=("joint", "per-direction"), default="joint",
-                    help="the mixer's joint nodes on the GPU path (models/vim.py's GPU_JOINT_NODES) or its nodes "
-                         "per direction with autograd's sums")
+                    help="the joint nodes on the GPU path (models/vim.py's GPU_JOINT_NODES: the mixer's, and SVP's "
+                         "prompt step with its products) or the mixer's nodes per direction and the prompters' "
+                         "modules, with autograd's sums")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--shapes", type=int, default=0, metavar="N",

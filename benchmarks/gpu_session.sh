@@ -5,7 +5,8 @@
 # gpu_check.py --graph (a Vim-S SVP step eager and captured whole in a CUDA graph),
 # benchmarks/triton_asm.py (the kernels' registers and occupancy as this Triton compiles them),
 # benchmarks/gpu_profile.py (a Vim-S step's kernels: as it runs, with the operators grouped by
-# input shape; with the mixer's nodes per direction; and with the conv, add + RMSNorm and prompt
+# input shape; with the joint nodes off (the mixer's per direction, the prompters as modules); and
+# with the conv, add + RMSNorm and prompt
 # step in PyTorch) and `svp doctor`,
 # each under its own time limit, all output under OUTDIR (about 5 minutes on an H200; at most
 # 10). Ten files: log.txt, prof.txt, gc/gpu_check.{json,md}, graph/gpu_check.{json,md},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,3 +97,27 @@ def test_triton_asm_compiles_every_kernel_of_a_step_as_its_launch_specialises_it
     assert all(r["registers"] > 0 and r["spill_bytes"] is not None for r in rows), rows
     # and each fits an SM at least once, by CUDA's occupancy rules for sm_90
     assert all(r["warps"] <= r["warps_per_sm"] <= 64 for r in rows), rows
+
+
+def test_gpu_bytes_counts_what_the_joint_nodes_save():
+    """benchmarks/gpu_bytes.py on the meta device (a Vim-Tiny SVP step at batch 2, the 'triton'
+    backend's path): with the joint nodes the step runs fewer PyTorch operators than with them
+    apart; autograd's sums of the stream's three gradients at each prompted layer but the first
+    (whose stream needs none) are gone, at least 2 x 23 adds of a (2, 197, 192) float32 tensor
+    reading two and writing one; and so are the sums over rows of the Cross and Inner-up biases'
+    gradients, 2 x 24, which SVP's prompt node forms in its kernel (the mixer's nodes have no
+    such sums: this part fails if the prompt step's node is not taken)."""
+    stdout = script("gpu_bytes.py", "--model", "vim_tiny_patch16_224", "--batch", "2", "--configs",
+                    "conv+norm+prompt+apart", "conv+norm+prompt", "--top", "60")
+    sections = stdout.split("\n## ")[1:]
+    assert len(sections) == 2
+
+    def op(section, name):
+        m = re.search(rf"^  {name}\s+(\d+) calls\s+([\d.]+) GB", section, re.M)
+        return (int(m.group(1)), float(m.group(2)) * 1e9) if m else (0, 0.0)
+    rows = re.findall(r"^\| (conv\+norm\+prompt\S*) \| (\d+) \| ([\d.]+) \|", stdout, re.M)
+    (apart, n_apart, _), (joint, n_joint, _) = rows
+    assert (apart, joint) == ("conv+norm+prompt+apart", "conv+norm+prompt")
+    assert int(n_joint) < int(n_apart)
+    assert op(sections[0], "add")[1] - op(sections[1], "add")[1] >= 2 * 23 * 3 * 2 * 197 * 192 * 4 * 0.99
+    assert op(sections[0], "sum")[0] - op(sections[1], "sum")[0] >= 2 * 24

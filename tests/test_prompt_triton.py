@@ -96,18 +96,24 @@ def test_bad_input_is_named(monkeypatch):
         add_silu_prompts_triton(h, h, torch.ones(8))
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["joint-node", "modules"])
 @pytest.mark.parametrize("compat", ["paper", "official"])
-def test_svp_takes_it_where_the_scan_runs_on_triton(monkeypatch, compat):
+def test_svp_takes_it_where_the_scan_runs_on_triton(monkeypatch, compat, joint):
     """SVP's prompt step (a layer of a small Vim's adapter): the Triton kernels in paper mode
     with the 'triton' scan backend, with the PyTorch path's output and gradients (the stream
-    and every prompter parameter); never with ENABLED off, another backend, or official mode."""
+    and every prompter parameter); never with ENABLED off, another backend, or official mode.
+    With models/vim.py's GPU_JOINT_NODES on, the step and the prompters' products as one node
+    (SVPPromptsTriton), else the modules' products and the step's kernels alone."""
     import timm
 
     import svp.models  # noqa: F401  (registers the Vim models)
+    from svp.models import vim
     from svp.peft import get_peft_model, make_config
     calls = []
-    real = prompt_triton.add_silu_prompts_triton
-    monkeypatch.setattr(prompt_triton, "add_silu_prompts_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step, node = prompt_triton.add_silu_prompts_triton, prompt_triton.svp_prompts
+    monkeypatch.setattr(prompt_triton, "add_silu_prompts_triton", lambda *a, **k: calls.append("step") or step(*a, **k))
+    monkeypatch.setattr(prompt_triton, "svp_prompts", lambda *a, **k: calls.append("node") or node(*a, **k))
+    monkeypatch.setattr(vim, "GPU_JOINT_NODES", joint)
     torch.manual_seed(0)
     model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32)
     peft = get_peft_model(model, make_config("svp", shared_layers=1, hidden=8, compat=compat))
@@ -127,7 +133,7 @@ def test_svp_takes_it_where_the_scan_runs_on_triton(monkeypatch, compat):
         grads = torch.autograd.grad(out, [hi] + params, g, allow_unused=True)
         res[backend, enabled] = out.detach(), grads
         taken = (backend, enabled, compat) == ("triton", True, "paper")
-        assert calls == ([1] if taken else []), (backend, enabled, compat)
+        assert calls == ([("node" if joint else "step")] if taken else []), (backend, enabled, compat)
     (o1, g1), (o2, g2) = res["triton", True], res["torch", True]
     assert (o1 - o2).abs().max() <= 1e-5 * o2.abs().max()
     assert sum(a is not None for a in g2) > 4
@@ -135,3 +141,112 @@ def test_svp_takes_it_where_the_scan_runs_on_triton(monkeypatch, compat):
         assert (a is None) == (b is None)
         if b is not None:
             assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-12)
+
+
+def _prompters(d, r, use, biases, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).requires_grad_()
+    cross = (t(d, d, scale=d ** -0.5), t(d) if biases else None, t(d)) if "cross" in use else None
+    inner = ((t(r, d, scale=d ** -0.5), t(r) if biases else None, t(d, r, scale=r ** -0.5),
+              t(d) if biases else None, t(d)) if "inner" in use else None)
+    return cross, inner
+
+
+def _node_reference(h, cross, inner, skip):
+    """The step written out from the prompters' formulas (float64 where its inputs are)."""
+    lin = torch.nn.functional.linear
+    a1 = s1 = a2 = s2 = None
+    if cross is not None:
+        a1, s1 = lin(h, cross[0], cross[1]), cross[2]
+    if inner is not None:
+        a2, s2 = lin(lin(h, inner[0], inner[1]), inner[2], inner[3]), inner[4]
+    return prompt_step_reference(h, a1, s1, a2, s2, skip)
+
+
+def _flat(cross, inner):
+    return [t for part in (cross, inner) if part is not None for t in part]
+
+
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
+@pytest.mark.parametrize("use", ["cross+inner", "cross", "inner"])
+def test_the_node_with_its_products_matches_the_float64_formula(use, biases):
+    """svp_prompts_triton: the output and the gradients of the stream, both prompters' weights
+    and biases and the scales against the step written out in float64; the class token's row
+    is the stream's own and gets no gradient from the prompters."""
+    from svp.ops.prompt_triton import svp_prompts_triton
+    d, r, skip = 48, 8, 6
+    cross, inner = _prompters(d, r, use, biases, 7)
+    h = torch.randn(3, 13, d, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    g = torch.randn(3, 13, d, generator=torch.Generator().manual_seed(2))
+    out = svp_prompts_triton(h, skip, cross, inner)
+    leaves = [h] + [t for t in _flat(cross, inner) if t is not None]
+    got = (out, *torch.autograd.grad(out, leaves, g))
+    c64, i64 = ([None if t is None else t.detach().double().requires_grad_() for t in part] if part else None
+                for part in (cross, inner))
+    h64 = h.detach().double().requires_grad_()
+    want_out = _node_reference(h64, c64, i64, skip)
+    want = (want_out, *torch.autograd.grad(want_out, [h64] + [t for t in _flat(c64, i64) if t is not None],
+                                           g.double()))
+    assert [t.dtype for t in got] == [torch.float32] * len(got)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+    assert torch.equal(out[:, skip], h[:, skip])
+    assert torch.equal(got[1][:, skip], g[:, skip])   # the stream's gradient there: the incoming one
+
+
+@pytest.mark.parametrize("stream", [torch.float32, torch.bfloat16])
+def test_the_node_under_autocast_runs_bfloat16_products_close_to_the_modules(monkeypatch, stream):
+    """Under autocast (the CPU's here, as the interpreter runs on CPU tensors) the node's
+    products run in bfloat16 like the modules' and its values stay within bfloat16's rounding
+    of theirs; the weights' gradients are float32, the stream's in its dtype. A float32 stream
+    (a GPU autocast's first layer) takes the path where the products' sum is added to the
+    incoming gradient, a bfloat16 one the path where the products add to the kernel's copy."""
+    from svp.ops.prompt_triton import svp_prompts_triton
+    d, r, skip = 40, 8, 5
+    cross, inner = _prompters(d, r, "cross+inner", True, 3)
+    h = torch.randn(2, 11, d, generator=torch.Generator().manual_seed(4)).to(stream).requires_grad_()
+    g = torch.randn(2, 11, d, generator=torch.Generator().manual_seed(5)).to(stream)
+    leaves = [h] + _flat(cross, inner)
+    mods = []
+    real_mm = torch.mm
+    monkeypatch.setattr(prompt_triton, "mm", lambda a, b: mods.append(a.dtype) or real_mm(a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = svp_prompts_triton(h, skip, cross, inner, dtype=torch.bfloat16)
+        got = (out, *torch.autograd.grad(out, leaves, g))
+        a1 = torch.nn.functional.linear(h, cross[0], cross[1])
+        a2 = torch.nn.functional.linear(torch.nn.functional.linear(h, inner[0], inner[1]), inner[2], inner[3])
+        ref = add_silu_prompts_triton(h, a1, cross[2], a2, inner[4], skip=skip)
+        want = (ref, *torch.autograd.grad(ref, leaves, g))
+    assert mods and set(mods) == {torch.bfloat16}
+    assert [t.dtype for t in got] == [stream] * 2 + [torch.float32] * (len(got) - 2)
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 2e-2
+
+
+def test_the_node_gives_the_same_bits_on_every_run():
+    from svp.ops.prompt_triton import svp_prompts_triton
+    cross, inner = _prompters(150, 16, "cross+inner", True, 9)
+    h = torch.randn(3, 41, 150, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    g = torch.randn(3, 41, 150, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for _ in range(2):
+        out = svp_prompts_triton(h, 20, cross, inner)
+        runs.append((out, *torch.autograd.grad(out, [h] + _flat(cross, inner), g)))
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_the_node_names_bad_input():
+    from svp.ops.prompt_triton import svp_prompts_triton
+    h = torch.randn(2, 5, 8)
+    cross, inner = _prompters(8, 4, "cross+inner", True, 0)
+    with pytest.raises(ValueError, match="needs the Cross or the Inner prompter"):
+        svp_prompts_triton(h, 2)
+    with pytest.raises(ValueError, match=r"W1 has shape \(4, 8\), expected \(8, 4\)"):
+        svp_prompts_triton(h, 2, None, (inner[0], inner[1], inner[2].t(), inner[3], inner[4]))
+    with pytest.raises(ValueError, match="Wc is None"):
+        svp_prompts_triton(h, 2, (None, None, cross[2]))
+    with pytest.raises(BackendError, match="takes float32 tensors; alpha is torch.bfloat16"):
+        svp_prompts_triton(h, 2, (cross[0], cross[1], cross[2].bfloat16()))

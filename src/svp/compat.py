@@ -138,6 +138,13 @@ def no_cpu_autocast():
     return torch.autocast("cpu", enabled=False) if cpu_autocast() else _NO_CONTEXT
 
 
+def no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on for ``device_type``,
+    else a context that does nothing (also for a device type autocast does not know, such as
+    meta, whose autocast context would raise)."""
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else _NO_CONTEXT
+
+
 def cpu_autocast_dtype() -> torch.dtype:
     """The dtype CPU autocast runs its lower-precision ops in (bfloat16 unless set otherwise)."""
     if hasattr(torch, "get_autocast_dtype"):

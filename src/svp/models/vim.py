@@ -149,9 +149,10 @@ def _autocast_weight(w, dtype=None):
 # halves with autocast's casts made once (_InProj.cast_once), each direction's conv + x_proj
 # (svp.ops.conv_triton.CausalConv1dProjTriton; both directions' as BiConvProjTriton) and both
 # scans (svp.ops.scan_triton.BiScanTriton) as one node each, adding inside the kernels and
-# products what autograd added in passes of its own. False gives the nodes of before (conv,
-# x_proj and scan per direction, autograd's sums), for an A/B on a GPU (benchmarks/gpu_check.py
-# part (c), benchmarks/gpu_profile.py --nodes).
+# products what autograd added in passes of its own; and SVP's prompt step with its prompters'
+# products (svp.ops.prompt_triton.SVPPromptsTriton, taken by svp.peft.svp). False gives the nodes
+# of before (conv, x_proj and scan per direction, the prompters' modules, autograd's sums), for an
+# A/B on a GPU (benchmarks/gpu_check.py part (c), benchmarks/gpu_profile.py --nodes).
 GPU_JOINT_NODES = True
 
 

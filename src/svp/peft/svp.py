@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..compat import cpu_autocast, cpu_autocast_dtype
+from ..compat import autocast_dtype, cpu_autocast, cpu_autocast_dtype
 from ..models.loading import mismatch_lines
 from ..ops import cpu_kernels, get_backend, triton_kernels
 from .base import PeftConfig, PeftMethod
@@ -140,7 +140,7 @@ class SVP(PeftMethod):
             # passes over the stream less each way than casting them to float32 first.
             amp = cpu_autocast()
             lin, down, up = _linears(cross, inner)
-            if _plain_linears(lin, down, up) and (not amp or cpu_autocast_dtype() == torch.bfloat16):
+            if _plain_linears(hidden.device, lin, down, up) and (not amp or cpu_autocast_dtype() == torch.bfloat16):
                 # the prompters' products inside the fused node too (in bfloat16 under
                 # autocast), which takes the biases into the kernel and forms the stream's
                 # gradient once (SVPPromptsCPU)
@@ -163,7 +163,18 @@ class SVP(PeftMethod):
         if not self.official and _triton_prompts(hidden, cls_pos, cross, inner):
             # the same on a GPU (the 'triton' backend): the prompters' products on the whole
             # sequence by torch (under autocast in its dtype), the SiLUs, scales and adds as one
-            # Triton kernel each way (svp.ops.prompt_triton)
+            # Triton kernel each way (svp.ops.prompt_triton); with plain Linear layers the
+            # products inside the node, which adds the biases in the kernel, casts the stream
+            # once and forms its gradient in one buffer (SVPPromptsTriton; models/vim.py's
+            # GPU_JOINT_NODES off: the modules' products and autograd's sums)
+            lin, down, up = _linears(cross, inner)
+            dtype = _gpu_products_dtype(hidden, lin, down, up)
+            if dtype is not None:
+                wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
+                w0, b0, w1, b1, beta = ((None,) * 5 if inner is None
+                                        else (down.weight, down.bias, up.weight, up.bias, inner[1]))
+                return triton_kernels.prompt_triton.svp_prompts(hidden, int(cls_pos), dtype, wc, bc, alpha, w0, b0,
+                                                                w1, b1, beta)
             a1 = s1 = a2 = s2 = None
             if cross is not None:
                 a1, s1 = cross[0]._modules["0"](hidden), cross[1]
@@ -277,6 +288,21 @@ def _triton_prompts(hidden, cls_pos, cross, inner) -> bool:
         triton_kernels.prompt_triton.ENABLED)
 
 
+def _gpu_products_dtype(hidden, *lins):
+    """The dtype SVPPromptsTriton runs the prompters' products in, or None where the modules run
+    them: the mixer's joint nodes on (models/vim.py's GPU_JOINT_NODES), the given Linear layers
+    (None: absent) plain ``nn.Linear`` forwards without hooks, with float32 parameters on the
+    stream's device, and the products' dtype the one the modules would take: autocast's on the
+    stream's device, else a float32 stream's."""
+    from ..models import vim
+    if not vim.GPU_JOINT_NODES or not _plain_linears(hidden.device, *lins):
+        return None
+    dtype = autocast_dtype(hidden.device.type)
+    if dtype is not None:
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return torch.float32 if hidden.dtype == torch.float32 else None
+
+
 def _linears(cross, inner):
     """The prompters' Linear layers: (Cross's, Inner's down, Inner's up), None where absent."""
     lin = None if cross is None else cross[0]._modules["0"]
@@ -284,15 +310,16 @@ def _linears(cross, inner):
     return lin, down, up
 
 
-def _plain_linears(*lins) -> bool:
+def _plain_linears(device, *lins) -> bool:
     """Whether the given Linear layers (None: absent) are plain ``nn.Linear`` forwards without
-    hooks, float32 on the CPU, so that SVPPromptsCPU may run their products itself (a weight
-    parametrization, e.g. LoRA, still applies: the weight is read through it)."""
+    hooks, float32 on ``device``, so that SVPPromptsCPU (or SVPPromptsTriton) may run their
+    products itself (a weight parametrization, e.g. LoRA, still applies: the weight is read
+    through it)."""
     for lin in lins:
         if lin is None:
             continue
         if (type(lin).forward is not nn.Linear.forward or lin._forward_hooks or lin._forward_pre_hooks
-                or lin.weight.dtype != torch.float32 or not lin.weight.is_cpu
+                or lin.weight.dtype != torch.float32 or lin.weight.device != device
                 or (lin.bias is not None and lin.bias.dtype != torch.float32)):
             return False
     return True
