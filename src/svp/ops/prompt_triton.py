@@ -13,8 +13,8 @@ beta. In PyTorch (the split at the class token, the SiLUs, scales, adds and the 
 writes out, the backward reads the output's gradient, a1, a2 and writes their gradients (h's
 gradient is the output's own, or in the node a copy the products add to). A program takes a
 tile of ROWS tokens x BLOCK_D channels; the scales' and biases' gradients are summed per
-program and then over programs in float64 in a fixed order (one fixed_sum for all of them): no
-atomics, the same bits on every run. Arithmetic in float32; out in h's dtype, each gradient in
+program and then over programs in float64 (one reduction for all of them): no atomics, the same
+bits on every run. Arithmetic in float32; out in h's dtype, each gradient in
 its tensor's.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import triton.language as tl
 from ..compat import no_autocast
 from .kept import constant_zeros, kept_unless_trained
 from .matmul_cpu import mm
-from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, fixed_sum, jitted
+from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
 
 # Whether SVP's paper-mode prompt step runs through these kernels where the scan runs on the
 # 'triton' backend (svp.peft.svp's _triton_prompts); False gives the PyTorch form back.
@@ -135,8 +135,8 @@ def _step_fwd(h2, b, L, skip, a1, c1, s1, a2, c2, s2):
 
 def _step_bwd(g2, L, skip, a1, c1, s1, a2, c2, s2, need_b, dh_dtype):
     """The step's kernel backward: (da1, da2, sums, dh). ``sums``: the float32 (K, d) gradients of
-    s1 (and c1 with need_b), then s2 (and c2), each reduced over the programs in float64 in a
-    fixed order, all in one fixed_sum; dh: the incoming gradient written into a fresh (M, d)
+    s1 (and c1 with need_b), then s2 (and c2), each reduced over the programs in float64, all in
+    one reduction; dh: the incoming gradient written into a fresh (M, d)
     buffer of ``dh_dtype`` for the prompters' products to add to (None: not written)."""
     M, d = g2.shape
     nprog = triton.cdiv(M, ROWS)
@@ -152,7 +152,9 @@ def _step_bwd(g2, L, skip, a1, c1, s1, a2, c2, s2, need_b, dh_dtype):
             dh if dh is not None else g2, M, L, d, skip, nprog, per if a1 is not None else 0,
             HAS1=a1 is not None, HAS2=a2 is not None, HAS_C=c1 is not None or c2 is not None, NEED_B=need_b,
             NEED_H=dh is not None, ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=WARPS)
-    return da1, da2, fixed_sum(P, 1, torch.float32), dh
+    # (torch's reduction, not scan_triton.fixed_sum: a long sum over few columns, which a
+    # fixed_sum does in three launches of small grids; docs/benchmarks.md, "GPU, second run")
+    return da1, da2, P.sum(1, dtype=torch.float64).to(torch.float32), dh
 
 
 class AddSiluPromptsTriton(torch.autograd.Function):
