@@ -130,7 +130,8 @@ def test_cpu_name_reads_the_model_name_else_says_the_platform(tmp_path):
 
 @pytest.mark.parametrize("module,fn,row", [("conv_triton", "causal_conv1d_triton", "conv"),
                                            ("norm_triton", "add_rms_norm_triton", "add+RMSNorm"),
-                                           ("prompt_triton", "add_silu_prompts_triton", "SVP prompts")])
+                                           ("prompt_triton", "add_silu_prompts_triton", "SVP prompts"),
+                                           ("prompt_triton", "svp_prompts_triton", "SVP prompts")])
 def test_the_triton_ops_check_finds_a_wrong_kernel(module, fn, row, monkeypatch):
     """Each Triton kernel around the scan, its output made 1e-4 wrong, fails its own row of
     doctor's check and no other (under the interpreter, as doctor runs it without a GPU)."""

@@ -264,23 +264,44 @@ def _check_norm(dev, big):
 
 
 def _check_prompt(dev, big):
-    """SVP's prompt step, both prompters, the class token in the middle, and its gradients."""
+    """SVP's prompt step, both prompters, the class token in the middle, and its gradients: the
+    step's kernels on given pre-activations, and the node with the prompters' products that SVP's
+    model path takes (svp_prompts_triton: every weight's, bias's and scale's gradient too)."""
     import torch
     import torch.nn.functional as F
-    from svp.ops.prompt_triton import add_silu_prompts_triton
+    from svp.ops.prompt_triton import add_silu_prompts_triton, svp_prompts_triton
     b, L, d = (4, 197, 384) if big else (2, 17, 48)
+    r = 64 if big else 8
     gen = torch.Generator().manual_seed(2)
     h, a1, a2, g = (_randn(gen, dev, b, L, d) for _ in range(4))
     s1, s2 = (_randn(gen, dev, d) for _ in range(2))
     skip = L // 2
+    keep = (torch.arange(L, device=dev) != skip)[None, :, None]
+
+    def step64(h, a1, s1, a2, s2):
+        return torch.where(keep, h + s1 * F.silu(a1) + s2 * F.silu(a2), h)
     xs = [t.clone().requires_grad_() for t in (h, a1, s1, a2, s2)]
     y = add_silu_prompts_triton(*xs, skip=skip)
     refs = [t.double().requires_grad_() for t in (h, a1, s1, a2, s2)]
-    keep = (torch.arange(L, device=dev) != skip)[None, :, None]
-    y64 = torch.where(keep, refs[0] + refs[2] * F.silu(refs[1]) + refs[4] * F.silu(refs[3]), refs[0])
+    y64 = step64(*refs)
     got = (y, *torch.autograd.grad(y, xs, g))
     want = (y64, *torch.autograd.grad(y64, refs, g.double()))
-    return _worst_of(got, want, ["out", "dh", "da1", "ds1", "da2", "ds2"])
+    worst = _worst_of(got, want, ["out", "dh", "da1", "ds1", "da2", "ds2"])
+    # the node: Wc (d, d), bc; W0 (r, d), b0; W1 (d, r), b1 (weights scaled to keep the
+    # pre-activations near 1)
+    ws = [_randn(gen, dev, d, d) * d ** -0.5, _randn(gen, dev, d), _randn(gen, dev, r, d) * d ** -0.5,
+          _randn(gen, dev, r), _randn(gen, dev, d, r) * r ** -0.5, _randn(gen, dev, d)]
+    xs = [t.clone().requires_grad_() for t in (h, *ws, s1, s2)]
+    hh, wc, bc, w0, b0, w1, b1, t1, t2 = xs
+    y = svp_prompts_triton(hh, skip, (wc, bc, t1), (w0, b0, w1, b1, t2))
+    refs = [t.double().requires_grad_() for t in (h, *ws, s1, s2)]
+    hh, wc, bc, w0, b0, w1, b1, t1, t2 = refs
+    y64 = step64(hh, F.linear(hh, wc, bc), t1, F.linear(F.linear(hh, w0, b0), w1, b1), t2)
+    got = (y, *torch.autograd.grad(y, xs, g))
+    want = (y64, *torch.autograd.grad(y64, refs, g.double()))
+    node = _worst_of(got, want, [f"node {k}" for k in ("out", "dh", "dWc", "dbc", "dW0", "db0", "dW1", "db1",
+                                                         "dalpha", "dbeta")])
+    return max(worst, node)
 
 
 def check_fused_cpu_model():
