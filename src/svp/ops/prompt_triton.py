@@ -136,8 +136,8 @@ def _step_fwd(h2, b, L, skip, a1, c1, s1, a2, c2, s2):
 def _step_bwd(g2, L, skip, a1, c1, s1, a2, c2, s2, need_b, dh_dtype):
     """The step's kernel backward: (da1, da2, sums, dh). ``sums``: the float32 (K, d) gradients of
     s1 (and c1 with need_b), then s2 (and c2), each reduced over the programs in float64, all in
-    one reduction; dh: the incoming gradient written into a fresh (M, d)
-    buffer of ``dh_dtype`` for the prompters' products to add to (None: not written)."""
+    one reduction; dh: the incoming gradient written into a fresh (M, d) buffer of ``dh_dtype``
+    for the prompters' products to add to (None: not written)."""
     M, d = g2.shape
     nprog = triton.cdiv(M, ROWS)
     per = 2 if need_b else 1
@@ -276,7 +276,8 @@ class SVPPromptsTriton(torch.autograd.Function):
                 low = mm(*parts[0])
                 for x, w in parts[1:]:
                     low.addmm_(x, w)
-                dh = torch.add(_rows(g), low).to(hdtype)   # (one pass: torch.add promotes to g's dtype)
+                # (torch.add promotes: one pass for a float32 g, the case this branch is for)
+                dh = torch.add(_rows(g), low).to(hdtype)
         grads[0] = None if not need_h else dh.view(b, L, d)
         return tuple(grads)
 

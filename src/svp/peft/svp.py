@@ -290,7 +290,7 @@ def _triton_prompts(hidden, cls_pos, cross, inner) -> bool:
 
 def _gpu_products_dtype(hidden, *lins):
     """The dtype SVPPromptsTriton runs the prompters' products in, or None where the modules run
-    them: the mixer's joint nodes on (models/vim.py's GPU_JOINT_NODES), the given Linear layers
+    them: the joint nodes on (models/vim.py's GPU_JOINT_NODES), the given Linear layers
     (None: absent) plain ``nn.Linear`` forwards without hooks, with float32 parameters on the
     stream's device, and the products' dtype the one the modules would take: autocast's on the
     stream's device, else a float32 stream's."""
