@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ..compat import autocast_dtype, autocast_enabled, cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan, triton_kernels
-from ..ops.kept import constant_zeros, kept_unless_trained
+from ..ops.kept import constant_zeros, kept_cast, kept_unless_trained
 from ..ops.low_rank import low_rank_products
 from ..ops.matmul_cpu import addmm_, linear, mm, onednn_takes
 from .loading import checkpoint_filter_fn, load_checkpoint_into, resample_pos_embed_midcls
@@ -140,9 +140,9 @@ def _autocast_weight(w, dtype=None):
     """A product's weight in autocast's ``dtype`` (default: CPU autocast's). Autocast keeps its
     cast of a weight only for a leaf that requires grad; a frozen backbone's weights (every
     method but full fine-tuning, and inference) were cast again on every call. Kept here instead
-    (svp.ops.kept_unless_trained): the same bits, one cast per weight value."""
+    (svp.ops.kept.kept_cast): the same bits, one cast per weight value."""
     dtype = dtype or cpu_autocast_dtype()
-    return kept_unless_trained(w, dtype, lambda t: t.to(dtype))
+    return kept_cast(w, dtype)
 
 
 # The mixer's joint nodes off the CPU (docs/benchmarks.md, "GPU, after the second run"): in_proj's

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..compat import autocast_dtype
-from .kept import kept_unless_trained
+from .kept import kept_cast
 from .scan_triton import _device_fn, _launch, check_tensors, fixed_sum, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
@@ -275,8 +275,8 @@ def _proj_fwd(x, weight, bias, proj_w, silu, reverse):
         u_in, w_in = u, proj_w
         dbl = F.linear(u_in, w_in)
     else:   # autocast's casts, made here so that the backward has the cast weight; a frozen
-        # weight's cast kept on it (svp.ops.kept_unless_trained), where autocast cast it every call
-        u_in, w_in = u.to(dt), kept_unless_trained(proj_w, dt, lambda t: t.to(dt))
+        # weight's cast kept on it (svp.ops.kept.kept_cast), where autocast cast it every call
+        u_in, w_in = u.to(dt), kept_cast(proj_w, dt)
         with torch.autocast(x.device.type, enabled=False):
             dbl = F.linear(u_in, w_in)
     return u, dbl, u_in, w_in

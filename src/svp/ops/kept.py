@@ -63,6 +63,13 @@ def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tens
     return kept(t, tag, make)
 
 
+def kept_cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` cast to ``dtype`` as a product under autocast takes it: kept on a frozen weight
+    (``kept_unless_trained``), where autocast casts a weight that needs no gradient again on every
+    call; ``w`` itself where it already has that dtype."""
+    return w if w.dtype == dtype else kept_unless_trained(w, dtype, lambda t: t.to(dtype))
+
+
 _ZEROS = {}
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..compat import no_autocast
-from .kept import constant_zeros, kept_unless_trained
+from .kept import constant_zeros, kept_cast
 from .matmul_cpu import mm
 from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
 
@@ -178,12 +178,6 @@ class AddSiluPromptsTriton(torch.autograd.Function):
                 None if da2 is None else da2.view(shape), None if a2 is None else sums[-1], None)
 
 
-def _cast(w, dtype):
-    """A prompter's weight in the products' dtype (kept on a frozen weight, as the mixer's are:
-    svp.ops.kept_unless_trained)."""
-    return w if w is None or w.dtype == dtype else kept_unless_trained(w, dtype, lambda t: t.to(dtype))
-
-
 def _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
     """SVPPromptsTriton's forward: (out, the tensors its backward reads, its cfg). Without a
     gradient to record it runs alone, not as a node."""
@@ -191,7 +185,7 @@ def _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
     h2 = _rows(h)
     with no_autocast(h.device.type):   # (the dtypes are explicit here)
         H = h2 if h2.dtype == dtype else h2.to(dtype)   # cast once for both prompters' products
-        wcl, w0l, w1l = _cast(wc, dtype), _cast(w0, dtype), _cast(w1, dtype)
+        wcl, w0l, w1l = (None if w is None else kept_cast(w, dtype) for w in (wc, w0, w1))
         a1 = z0 = a2 = None
         if wc is not None:
             a1 = mm(H, wcl.t())
