@@ -145,12 +145,9 @@ class SVP(PeftMethod):
                 # autocast), which takes the biases into the kernel and forms the stream's
                 # gradient once (SVPPromptsCPU)
                 # (svp_prompts_cpu's step without its checks: the ones above cover them)
-                wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
-                w0, b0, w1, b1, beta = ((None,) * 5 if inner is None
-                                        else (down.weight, down.bias, up.weight, up.bias, inner[1]))
                 dtype = torch.bfloat16 if amp else torch.float32
-                return cpu_kernels.prompt_cpu.svp_prompts(hidden, int(cls_pos), dtype, wc, bc, alpha, w0, b0, w1, b1,
-                                                          beta)
+                return cpu_kernels.prompt_cpu.svp_prompts(hidden, int(cls_pos), dtype,
+                                                          *_node_args(cross, inner, lin, down, up))
             from ..ops.prompt_cpu import add_silu_prompts_cpu
             a1 = s1 = a2 = s2 = None
             if cross is not None:
@@ -170,16 +167,13 @@ class SVP(PeftMethod):
             lin, down, up = _linears(cross, inner)
             dtype = _gpu_products_dtype(hidden, lin, down, up)
             if dtype is not None:
-                wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
-                w0, b0, w1, b1, beta = ((None,) * 5 if inner is None
-                                        else (down.weight, down.bias, up.weight, up.bias, inner[1]))
-                return triton_kernels.prompt_triton.svp_prompts(hidden, int(cls_pos), dtype, wc, bc, alpha, w0, b0,
-                                                                w1, b1, beta)
+                return triton_kernels.prompt_triton.svp_prompts(hidden, int(cls_pos), dtype,
+                                                                *_node_args(cross, inner, lin, down, up))
             a1 = s1 = a2 = s2 = None
             if cross is not None:
-                a1, s1 = cross[0]._modules["0"](hidden), cross[1]
+                a1, s1 = lin(hidden), cross[1]
             if inner is not None:
-                a2, s2 = inner[0]._modules["1"](inner[0]._modules["0"](hidden)), inner[1]
+                a2, s2 = up(down(hidden)), inner[1]
             return triton_kernels.prompt_triton.add_silu_prompts_triton(hidden, a1, s1, a2, s2, skip=cls_pos)
         first, cls, second = hidden[:, :cls_pos], hidden[:, cls_pos:cls_pos + 1], hidden[:, cls_pos + 1:]
         first_p = first + self._prompt(first, first, cross, inner)
@@ -308,6 +302,14 @@ def _linears(cross, inner):
     lin = None if cross is None else cross[0]._modules["0"]
     down, up = (None, None) if inner is None else (inner[0]._modules["0"], inner[0]._modules["1"])
     return lin, down, up
+
+
+def _node_args(cross, inner, lin, down, up):
+    """The prompt nodes' tensor arguments (SVPPromptsCPU, SVPPromptsTriton): (W, b, alpha) of the
+    Cross prompter, then (W0, b0, W1, b1, beta) of the Inner one, each group all None when absent."""
+    wc, bc, alpha = (None,) * 3 if cross is None else (lin.weight, lin.bias, cross[1])
+    w0, b0, w1, b1, beta = (None,) * 5 if inner is None else (down.weight, down.bias, up.weight, up.bias, inner[1])
+    return wc, bc, alpha, w0, b0, w1, b1, beta
 
 
 def _plain_linears(device, *lins) -> bool:
