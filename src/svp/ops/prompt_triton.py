@@ -134,10 +134,11 @@ def _step_fwd(h2, b, L, skip, a1, c1, s1, a2, c2, s2):
 
 
 def _step_bwd(g2, L, skip, a1, c1, s1, a2, c2, s2, need_b, dh_dtype):
-    """The step's kernel backward: (da1, da2, sums, dh). ``sums``: the float32 (K, d) gradients of
-    s1 (and c1 with need_b), then s2 (and c2), each reduced over the programs in float64, all in
-    one reduction; dh: the incoming gradient written into a fresh (M, d) buffer of ``dh_dtype``
-    for the prompters' products to add to (None: not written)."""
+    """The step's kernel backward: (da1, da2, (ds1, dc1, ds2, dc2), dh). The float32 (d,)
+    gradients of the scales and, with need_b, the biases (None: a term absent, or a bias without
+    need_b), each reduced over the programs in float64, all in one reduction; dh: the incoming
+    gradient written into a fresh (M, d) buffer of ``dh_dtype`` for the prompters' products to add
+    to (None: not written)."""
     M, d = g2.shape
     nprog = triton.cdiv(M, ROWS)
     per = 2 if need_b else 1
@@ -154,7 +155,9 @@ def _step_bwd(g2, L, skip, a1, c1, s1, a2, c2, s2, need_b, dh_dtype):
             NEED_H=dh is not None, ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=WARPS)
     # (torch's reduction, not scan_triton.fixed_sum: a long sum over few columns, which a
     # fixed_sum does in three launches of small grids; docs/benchmarks.md, "GPU, second run")
-    return da1, da2, P.sum(1, dtype=torch.float64).to(torch.float32), dh
+    sums = iter(P.sum(1, dtype=torch.float64).to(torch.float32))
+    per_term = [(next(sums), next(sums) if need_b else None) if a is not None else (None, None) for a in (a1, a2)]
+    return da1, da2, (*per_term[0], *per_term[1]), dh
 
 
 class AddSiluPromptsTriton(torch.autograd.Function):
@@ -172,10 +175,10 @@ class AddSiluPromptsTriton(torch.autograd.Function):
     def backward(ctx, g):
         a1, s1, a2, s2 = ctx.saved_tensors
         b, L, d, skip, hdtype = ctx.cfg
-        da1, da2, sums, _ = _step_bwd(_rows(g), L, skip, a1, None, s1, a2, None, s2, False, None)
+        da1, da2, (ds1, _, ds2, _), _ = _step_bwd(_rows(g), L, skip, a1, None, s1, a2, None, s2, False, None)
         shape = (b, L, d)
-        return (g.to(hdtype), None if da1 is None else da1.view(shape), None if a1 is None else sums[0],
-                None if da2 is None else da2.view(shape), None if a2 is None else sums[-1], None)
+        return (g.to(hdtype), None if da1 is None else da1.view(shape), ds1,
+                None if da2 is None else da2.view(shape), ds2, None)
 
 
 def _svp_prompts_fwd(h, skip, dtype, wc, bc, alpha, w0, b0, w1, b1, beta):
@@ -238,17 +241,11 @@ class SVPPromptsTriton(torch.autograd.Function):
         need_h = bool(need[0])
         need_b = bool((use1 and need[4]) or (use2 and need[9]))
         in_place = need_h and H.dtype == hdtype   # the products add to the kernel's copy of g
-        da1, da2, sums, dh = _step_bwd(_rows(g), L, skip, a1, c1, alpha, a2, c2, beta, need_b,
-                                       hdtype if in_place else None)
-        per = 2 if need_b else 1
+        da1, da2, (ds1, dc1, ds2, dc2), dh = _step_bwd(_rows(g), L, skip, a1, c1, alpha, a2, c2, beta, need_b,
+                                                       hdtype if in_place else None)
         grads = [None] * 11
-        if use1:
-            grads[5] = sums[0] if need[5] else None
-            grads[4] = sums[1] if need_b and need[4] else None
-        if use2:
-            k = per if use1 else 0
-            grads[10] = sums[k] if need[10] else None
-            grads[9] = sums[k + 1] if need_b and need[9] else None
+        grads[4], grads[5] = (dc1 if need[4] else None), (ds1 if need[5] else None)
+        grads[9], grads[10] = (dc2 if need[9] else None), (ds2 if need[10] else None)
         parts = []   # h's gradient is g plus x w over these (x, w)
         with no_autocast(H.device.type):
             if use1:
