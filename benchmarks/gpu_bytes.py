@@ -90,8 +90,10 @@ def count(model_name, method, batch, kernels):
     from svp.models import vim
     vim.GPU_JOINT_NODES = "apart" not in kernels
     torch.manual_seed(0)
+    # .train(): in the mode `svp train` steps in (svp.engine.setup), where a frozen backbone keeps its
+    # DropPath off (PeftModel.train); a fresh model is all in training mode, DropPath on
     model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
-                           make_config(method, num_classes=100)).to("meta")
+                           make_config(method, num_classes=100)).to("meta").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
     x = torch.empty(batch, 3, 224, 224, device="meta")
     y = torch.zeros(batch, dtype=torch.long, device="meta")

@@ -55,7 +55,7 @@ def main(argv=None):
         arch, kw, svp_kw, batch, px = "vim_small_patch16_224", {}, {}, a.batch, 224
     torch.manual_seed(0)
     model = get_peft_model(timm.create_model(arch, pretrained=False, num_classes=100, **kw),
-                           make_config("svp", num_classes=100, **svp_kw)).to(dev)
+                           make_config("svp", num_classes=100, **svp_kw)).to(dev).train()   # (as gpu_bytes)
     # fused where torch has it, as `svp train` steps (svp.engine.optim, train.opt_fused=auto)
     from svp.engine.optim import fused_available
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,

@@ -206,7 +206,7 @@ def capture(model_name, method, batch):
     try:
         torch.manual_seed(0)
         model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
-                               make_config(method, num_classes=100))
+                               make_config(method, num_classes=100)).train()   # (as gpu_bytes)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = model.to("cuda")
             x = torch.empty(batch, 3, 224, 224, device="cuda")
