@@ -162,7 +162,9 @@ def _child(spec):
         return torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
     if spec["mode"] == "infer":
-        pm.eval()
+        # as `svp predict`, `eval` and `serve` load a model (svp.build.load_for_inference): frozen, so
+        # what the model derives from its weights is kept (svp.ops.kept) for the method's too
+        pm.eval().requires_grad_(False)
 
         def step(amp=False):
             with torch.no_grad(), autocast(amp):
