@@ -54,6 +54,42 @@ def test_user_choice_and_opt_out_are_kept():
 
 
 @pytest.mark.slow  # starts processes
+def test_cpu_kernels_warn_once_when_torch_came_first():
+    """torch imported before svp, no spin setting of the user's: libgomp keeps its long spin, and
+    svp's CPU kernels say so once, when first imported (not at `import svp`), where torch runs on
+    its bundled libgomp."""
+    code = ("import warnings, torch, svp\nwarnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    from svp.ops import scan_cpu, conv_cpu, norm_cpu, prompt_cpu\n"
+            "print(bool(scan_cpu._torch_libgomp()), "
+            "[issubclass(x.category, svp.runtime.LongSpinWarning) for x in w].count(True))")
+    has_gomp, n = _run(code)
+    assert n == ("1" if has_gomp == "True" else "0")
+
+
+def test_long_spin_only_where_torch_came_first_and_the_user_chose_nothing(monkeypatch):
+    from svp import runtime
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setitem(runtime._state, "dedicated", False)
+    monkeypatch.setitem(runtime._state, "applied_before_torch", False)
+    assert "import svp before torch" in runtime.long_spin().lower()
+    monkeypatch.setitem(runtime._state, "applied_before_torch", True)   # svp first
+    assert runtime.long_spin() is None
+    monkeypatch.setitem(runtime._state, "applied_before_torch", None)   # SVP_NO_RUNTIME_DEFAULTS
+    assert runtime.long_spin() is None
+    monkeypatch.setitem(runtime._state, "applied_before_torch", False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")   # the user's own choice
+    assert runtime.long_spin() is None
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert runtime.long_spin() is None
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setitem(runtime._state, "dedicated", True)   # the kernels share torch's spinning threads
+    assert runtime.long_spin() is None
+
+
+@pytest.mark.slow  # starts processes
 def test_a_dedicated_machine_spins_longer_unless_the_user_chose():
     """SVP_CPU_DEDICATED: libgomp spins 100,000 rounds (svp's kernels then share torch's OpenMP
     threads: tests/test_scan_backends.py); the user's own settings still win, and 0 means no."""

@@ -18,7 +18,12 @@ imported (before torch), and only where the user has not chosen them.
   2x target met either way). 10,000 rounds broke that target (2.0-2.1x), ACTIVE (spin
   forever) is slower even on a quiet machine beside numba's TBB threads. libgomp reads
   the variable once, when torch loads it, so this only works if ``svp`` is imported before
-  ``torch``; ``status()`` says whether it took effect.
+  ``torch`` (and before ``timm``, which imports torch); ``status()`` says whether it took effect.
+  Where it did not and the user set neither variable, svp's CPU kernels warn once, when first
+  imported (``LongSpinWarning``, ``long_spin()``): torch's threads then spin 300,000 rounds after
+  every operator, on the cores the kernels' threads need. Measured on a 2-vCPU Xeon
+  (docs/benchmarks.md, "Batch-1 prediction on the AMX Xeon"): a Vim-Tiny SVP training step at
+  batch 8 1.15-1.19x its time with svp first, batch-1 prediction 1.17-1.21x.
 
 * ``SVP_CPU_DEDICATED=1`` (opt-in, for a machine svp has to itself): svp's numba kernels run
   on torch's own OpenMP threads instead of numba's TBB threads (``svp.ops.scan_cpu``: numba's
@@ -114,6 +119,28 @@ MMAP_THRESHOLD = 32 * 2**20    # the largest glibc accepts on 64-bit (half its h
 TRIM_THRESHOLD = 256 * 2**20
 SPINCOUNT = "1000"             # libgomp's spin rounds before a thread sleeps (see above)
 SPINCOUNT_DEDICATED = "100000"  # the same with SVP_CPU_DEDICATED (10,000: half the gain, see above)
+
+
+class LongSpinWarning(RuntimeWarning):
+    """svp's CPU kernels run beside libgomp's long spin: torch was imported before svp (``long_spin``)."""
+
+
+def long_spin():
+    """Why this process's CPU runs are slower than they need be, or None: torch was imported
+    before svp (``configure`` found it loaded) and the user set neither ``OMP_WAIT_POLICY`` nor
+    ``GOMP_SPINCOUNT``, so torch's libgomp keeps its default spin. None where svp's defaults are
+    off (``SVP_NO_RUNTIME_DEFAULTS``) or with ``SVP_CPU_DEDICATED``, whose kernels share torch's
+    spinning threads. Whether torch runs on libgomp at all is for the caller to check
+    (``svp.ops.scan_cpu``: torch's bundled libgomp, Linux)."""
+    if _state["applied_before_torch"] is not False or _state["dedicated"]:
+        return None
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
+        return None
+    return ("torch was imported before svp, so torch's OpenMP threads (libgomp) spin 300,000 rounds after "
+            "every operator before they sleep, on the cores svp's CPU kernels need: CPU training and "
+            "prediction run slower (~1.15-1.2x measured on 2 vCPUs) and several times slower beside "
+            "another busy process. Import svp before torch and timm, or set GOMP_SPINCOUNT=1000 in the "
+            "environment before Python starts (svp.runtime).")
 
 
 def dedicated(environ=os.environ) -> bool:

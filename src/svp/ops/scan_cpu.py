@@ -91,8 +91,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
+
+from .. import runtime as _runtime
 
 from .scan_ref import scan_groups, sum_to_groups
 
@@ -381,8 +384,7 @@ def _pick_threading_layer(environ=os.environ):
         if user.lower().startswith("tbb"):
             _tbb_loads()
         return None
-    from ..runtime import dedicated
-    if dedicated(environ):
+    if _runtime.dedicated(environ):
         SHARED_OPENMP = _share_torch_openmp()
         if SHARED_OPENMP is not None:
             return "omp"
@@ -390,6 +392,11 @@ def _pick_threading_layer(environ=os.environ):
 
 
 THREADING_LAYER = _pick_threading_layer()
+# torch imported before svp left libgomp's long spin in place: say so once, where it costs (the CPU
+# kernels' first import), not at `import svp` (a GPU run does not mind)
+_SPIN = _torch_libgomp() and _runtime.long_spin()
+if _SPIN:
+    warnings.warn(_SPIN, _runtime.LongSpinWarning)
 if THREADING_LAYER is not None:
     numba.config.THREADING_LAYER = THREADING_LAYER  # read at the first parallel launch
 if SHARED_OPENMP is not None:
