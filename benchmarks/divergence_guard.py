@@ -27,9 +27,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
+    import svp.peft as peft   # (before torch: the short spin of its OpenMP threads, svp.runtime)
     import torch
-
-    import svp.peft as peft
     from svp.build import ModelSpec, build_model
     from svp.engine.divergence import DivergenceGuard
 

@@ -32,7 +32,7 @@ SRC = os.path.abspath(os.path.join(HERE, "..", "src"))
 
 CHILD = r"""
 import inspect, json, resource, sys, time  # noqa: E401
-import torch, svp
+import svp, torch  # (svp first: svp.runtime)
 from svp.build import ModelSpec, build_backbone
 torch.set_num_threads(2)
 model, path, mode = sys.argv[1:4]

@@ -36,9 +36,10 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+import svp  # noqa: E402,F401  (before torch: the short spin of torch's OpenMP threads, svp.runtime)
+import torch  # noqa: E402
 
 from svp.doctor import cpu_name  # noqa: E402
 from svp.ops import available_backends, selective_scan, set_backend  # noqa: E402

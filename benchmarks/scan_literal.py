@@ -19,11 +19,11 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(__file__))
-from scan import make_inputs, set_threads  # noqa: E402
+from scan import make_inputs, set_threads  # noqa: E402  (imports svp before torch: svp.runtime)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from svp.ops import selective_scan, set_backend  # noqa: E402
 
