@@ -394,8 +394,8 @@ def _pick_threading_layer(environ=os.environ):
 THREADING_LAYER = _pick_threading_layer()
 # torch imported before svp left libgomp's long spin in place: say so once, where it costs (the CPU
 # kernels' first import), not at `import svp` (a GPU run does not mind)
-_SPIN = _torch_libgomp() and _runtime.long_spin()
-if _SPIN:
+_SPIN = _runtime.long_spin()   # (None in the usual case, svp first: no look for torch's libgomp then)
+if _SPIN and _torch_libgomp():
     warnings.warn(_SPIN, _runtime.LongSpinWarning)
 if THREADING_LAYER is not None:
     numba.config.THREADING_LAYER = THREADING_LAYER  # read at the first parallel launch
