@@ -26,6 +26,12 @@ docs/benchmarks.md, forty-third round).
 kernels that read them; out_proj in one block) and gives one output per block, as svp.models.vim's
 _InProj does for the plain weight: X's gradient is formed once, the blocks' products adding into it.
 
+Tried and not kept (docs/benchmarks.md, forty-ninth round): s B as r more columns of the merged
+weights, kept from the forward, so that one product a block gives dX and s dY B together. It took
+0.87-0.92x the time of these products alone, but a LoRA training step was no faster (0.98-1.00x):
+most of what it removed was waiting for torch's other thread (presumably then paid by the next
+operator instead).
+
 The narrow products run on torch's own ``mm`` in the layouts MKL takes fastest (measured on the
 Zen 3 at Vim-Tiny in_proj's shapes, (1656, 768) x (768, 8): dY B with B read through a contiguous
 (r, out) copy of its transpose 0.36 ms against 0.85 ms from B as it is; B's gradient as an (r, M) x (M, n)
