@@ -29,7 +29,7 @@ _InProj does for the plain weight: X's gradient is formed once, the blocks' prod
 Tried and not kept (docs/benchmarks.md, forty-ninth round): s B as r more columns of the merged
 weights, kept from the forward, so that one product a block gives dX and s dY B together. It took
 0.87-0.92x the time of these products alone, but a LoRA training step was no faster (0.98-1.00x):
-most of what it removed was waiting for torch's other thread (presumably then paid by the next
+much of what it removed was waiting for torch's other thread (presumably then paid by the next
 operator instead).
 
 The narrow products run on torch's own ``mm`` in the layouts MKL takes fastest (measured on the
