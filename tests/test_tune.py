@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import svp.engine.loop as loop
+from svp.engine import config as C
 from svp.engine import tune as T
 from svp.engine.config import ConfigError
 from svp.engine.sweep import sweep
@@ -51,6 +52,9 @@ def _fake_trainer(monkeypatch, val_of, test_of, calls, interrupt_at=None):
         lr = float(cfg["train"]["lr"])
         run_dir = os.path.join(cfg["run"]["output"], cfg["run"]["name"])
         os.makedirs(run_dir, exist_ok=True)
+        # what the engine writes first: the sweep reuses a run only when this matches
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(C.dump(cfg))
         val = val_of(lr, cfg) if cfg["data"]["val_split"] else None
         res = {"dataset": cfg["data"]["dataset"], "method": cfg["method"]["name"], "seed": cfg["train"]["seed"],
                "val_selected": {"epoch": 1, "val_top1": val, "test_top1": test_of(lr, cfg)},

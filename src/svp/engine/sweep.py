@@ -1,11 +1,15 @@
 """``svp sweep``: a suite of datasets x methods x seeds, then ``results.csv`` and a
 Markdown table.
 
-Suites: ``mini`` (the embedded offline datasets), ``vtab`` (the 19 VTAB-1k tasks, with
-the Natural / Specialized / Structured group means), ``hta`` (the 10 HTA datasets).
+Suites: ``mini`` (the embedded offline datasets, on the bundled mini Vim: the bundled
+``svp/assets/mini_suite.yaml`` is its base configuration, under the user's ``-c`` files
+and overrides), ``vtab`` (the 19 VTAB-1k tasks, with the Natural / Specialized /
+Structured group means), ``hta`` (the 10 HTA datasets).
 Each run gets its own run folder ``<output>/<dataset>/<method>/seed<k>``; a finished
 run (``results.json`` present) is reused and an interrupted one resumed, so a sweep
-can be restarted at will.
+can be restarted at will. Only when the folder's ``config.yaml`` matches the run the
+sweep asks for now: a folder made with another configuration is refused (a failed row
+naming the differing keys; :func:`svp.engine.tune.check_same_config`).
 """
 from __future__ import annotations
 
@@ -43,28 +47,60 @@ def suite_datasets(suite: str) -> List[Tuple[str, str]]:
     raise C.ConfigError(f"unknown suite {suite!r}; expected mini, vtab or hta")
 
 
+MINI_SUITE_ASSET = "mini_suite.yaml"
+
+
+def suite_base(suite: str, config_files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Optional[dict]:
+    """The suite's own base configuration, merged under the user's ``-c`` files and
+    overrides (None: the engine's defaults). ``mini``: the bundled ``mini_suite.yaml``
+    (the bundled mini Vim and the suite's budget), so ``svp sweep --suite mini`` runs as
+    documented without a config file; giving the file again with ``-c`` changes nothing."""
+    if suite != "mini":
+        return None
+    from svp.models.vim_mini import mini_asset_path
+    path = mini_asset_path(MINI_SUITE_ASSET)
+    base = C.load_yaml(path)
+    if not isinstance(base, dict) or not isinstance(base.get("model"), dict):
+        raise C.ConfigError(f"{path}: expected the mini suite's configuration (a mapping with a model "
+                            f"section); the package install is incomplete or the file was edited")
+    base = {sec: dict(body) if isinstance(body, dict) else body for sec, body in base.items()}
+    # the file's model.pretrained=true belongs to its backbone (the bundled mini Vim, whose
+    # weights are bundled): on another --model, or with model.random_init, it would turn the
+    # user's choice into a download of timm's weights, which take precedence (svp.build)
+    try:
+        probe = C.resolve(config_files, overrides, base=base)
+    except C.ConfigError:
+        return base  # a bad file or override: every run reports it
+    if probe["model"]["name"] != base["model"].get("name") or probe["model"]["random_init"]:
+        base["model"].pop("pretrained", None)
+    return base
+
+
 def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
 def run_config(dataset: str, method: str, seed: int, output: str, run_name: str, config_files: Sequence[str],
-               overrides: Sequence[str]) -> dict:
+               overrides: Sequence[str], base: Optional[dict] = None) -> dict:
     # the sweep decides dataset/method/seed/run folder, whatever the config files say; as
-    # overrides they also pick the right dataset preset and method file
+    # overrides they also pick the right dataset preset and method file. base: the suite's
+    # own configuration (suite_base), under the files and overrides
     forced = [f"data.dataset={json.dumps(dataset)}", f"method.name={json.dumps(method)}",
               f"train.seed={int(seed)}", f"run.output={json.dumps(output)}", f"run.name={json.dumps(run_name)}"]
-    return C.resolve(config_files, list(overrides) + forced)
+    return C.resolve(config_files, list(overrides) + forced, base=base)
 
 
 def run_one(dataset: str, method: str, seed: int, output: str, config_files: Sequence[str],
-            overrides: Sequence[str]) -> Dict[str, Any]:
+            overrides: Sequence[str], base: Optional[dict] = None) -> Dict[str, Any]:
     from .loop import train
 
     run_name = os.path.join(_slug(dataset), method, f"seed{seed}")
-    res = load_or_resume(os.path.join(output, run_name))
+    cfg = run_config(dataset, method, seed, output, run_name, config_files, overrides, base)
+    # a finished or interrupted run is taken over only when it was made with this configuration
+    res = load_or_resume(os.path.join(output, run_name), cfg)
     if res is not None:
         return res
-    res = train(run_config(dataset, method, seed, output, run_name, config_files, overrides))
+    res = train(cfg)
     res["status"] = "ok"
     return res
 
@@ -272,14 +308,17 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     """Run a suite. With ``tune`` (``["train.lr=1e-3,1e-2", ...]``) each method x dataset
     first selects its setting on the validation split (:mod:`svp.engine.tune`)."""
     all_ds = _select_datasets(suite, datasets)
+    base = suite_base(suite, config_files, overrides)
     if tune:
-        return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit, jobs)
+        return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit, jobs,
+                           base)
     if tune_refit:
         raise C.ConfigError("--tune-refit needs --tune (the grid to select from)")
     os.makedirs(output, exist_ok=True)
     rows: List[Dict[str, Any]] = []
     if jobs > 1:
-        return _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs)
+        return _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs,
+                               base)
     total = len(all_ds) * len(methods) * len(seeds)
     k = 0
     for ds, group in all_ds:
@@ -288,7 +327,7 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                 k += 1
                 log.info("[%d/%d] %s / %s / seed %d", k, total, ds, m, s)
                 try:
-                    res = run_one(ds, m, int(s), output, config_files, overrides)
+                    res = run_one(ds, m, int(s), output, config_files, overrides, base)
                     rows.append(row_from_results(suite, group, ds, m, s, res))
                 except Exception as e:  # keep going; the row says what failed
                     from .tune import stop_requested
@@ -302,7 +341,7 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
-def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs):
+def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs, base=None):
     from .tune import Runner
     if fail_fast:
         raise C.ConfigError("--fail-fast works one run at a time; leave out --jobs")
@@ -311,7 +350,8 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
     for ds, _g, m, s in combos:
         name = os.path.join(_slug(ds), m, f"seed{s}")
         tasks.append((os.path.join(output, name),
-                      lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides)))
+                      lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides,
+                                                                    base)))
     with Runner(jobs) as runner:
         results = runner.run_all(tasks)
     rows = [row_from_results(suite, g, ds, m, s, res, err) for (ds, g, m, s), (res, err) in zip(combos, results)]
@@ -341,7 +381,7 @@ def _tuned_rows(suite, plans, cells, seeds, protocol) -> List[Dict[str, Any]]:
 
 def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
                 all_ds: List[Tuple[str, str]], config_files: Sequence[str], overrides: Sequence[str],
-                tune: Sequence[str], refit: bool, jobs: int = 1) -> Dict[str, Any]:
+                tune: Sequence[str], refit: bool, jobs: int = 1, base: Optional[dict] = None) -> Dict[str, Any]:
     from . import tune as T
 
     spec = T.parse_tune(tune)
@@ -354,20 +394,20 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
     probe = all_ds[0][0] if all_ds else "digits"
     for p in points:
         run_config(probe, methods[0], seeds[0], output, "probe", config_files,
-                   list(overrides) + T.point_overrides(p))
+                   list(overrides) + T.point_overrides(p), base)
     os.makedirs(output, exist_ok=True)
     tuning: Dict[str, Any] = {"suite": suite, "protocol": protocol, "grid_seed": seeds[0], "seeds": seeds,
                               "grid_spec": spec, "overrides": list(overrides),
-                              "config_files": list(config_files), "cells": []}
+                              "config_files": list(config_files), "suite_base": base, "cells": []}
     plans = []
     for ds, group in all_ds:
         for m in methods:
-            base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides)
+            base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides, base)
             val_split = T.selection_val_split(ds, base_cfg)
 
             def make_config(point, seed, run_dir, refit_run, ds=ds, m=m, val_split=val_split):
                 ov = list(overrides) + T.point_overrides(point) + [f"data.val_split={val_split}"]
-                cfg = run_config(ds, m, seed, output, os.path.relpath(run_dir, output), config_files, ov)
+                cfg = run_config(ds, m, seed, output, os.path.relpath(run_dir, output), config_files, ov, base)
                 if refit_run:
                     cfg["data"]["train_split"] = T.refit_split(cfg)
                     cfg["data"]["max_train_samples"] = None

@@ -17,8 +17,10 @@ the choice is made. The chosen point is then run with every requested seed:
 Folders: ``<output>/<dataset>/<method>/grid/<point>/seed<k>`` (grid and, for ``val``,
 final runs) and ``<output>/<dataset>/<method>/refit/<point>/seed<k>``. A finished run
 (``results.json``) is reused and an interrupted one resumed, so a tuning sweep can be
-interrupted and restarted at will; ``tuning.json`` in the output folder records every
-grid score and choice.
+interrupted and restarted at will, as long as the run folder's ``config.yaml`` matches the
+configuration the sweep asks for now (:func:`check_same_config`; a folder made with another
+one is refused, not reused); ``tuning.json`` in the output folder records every grid score
+and choice.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import checkpoint as ck
 from . import config as C
+from . import resume_overrides as RO
 
 log = logging.getLogger("svp.engine.sweep")
 
@@ -155,19 +158,129 @@ def selection_val_split(dataset: str, cfg: dict) -> str:
                         f"training split with data.options.val_from_train=0.1 (or set data.val_split)")
 
 
-def load_or_resume(run_dir: str, resume: bool = True) -> Optional[Dict[str, Any]]:
+# where a run lives and the record of its resumes: the folder itself is the run's identity
+# (the same folder may be reached through another --output spelling)
+_PLACE_KEYS = ("run.output", "run.name", "run.changes")
+_UNSET = object()
+
+
+def _free(key: str) -> bool:
+    """May ``key`` differ between a run folder and the configuration a sweep asks for now?
+    Where the run lives, its resume record, and whatever ``svp train --resume`` may change
+    without changing what is learned (how the run is watched and saved, where the data
+    lives, the device, ``debug.*``: engine/resume_overrides.py). Not ``train.lr`` /
+    ``train.epochs`` / ``train.max_steps``: ``--resume`` accepts them, but the run would then
+    be two schedules glued together, or one cut short, not the run the sweep asks for."""
+    return key in _PLACE_KEYS or (RO.accepted(key) and key not in RO.TRAINING_KEYS)
+
+
+def _flatten(cfg: dict) -> Dict[str, Any]:
+    """``{dotted key: value}``; the free-form mappings (method.settings, data.options,
+    model.kwargs) down to their leaves, so a difference names the leaf. Blocks of
+    method.settings named after another method are left out: they do not apply to this
+    run (engine/setup.py build_method), and a sweep over several methods shares them."""
+    import svp.peft as peft
+    known = set(peft.list_methods())
+    method = cfg.get("method", {}).get("name")
+    out: Dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any, mapping: bool) -> None:
+        if mapping and isinstance(v, dict):
+            for k, sub in v.items():
+                if prefix == "method.settings" and k in known and k != method and isinstance(sub, dict):
+                    continue
+                walk(f"{prefix}.{k}", sub, True)
+        else:
+            out[prefix] = v
+
+    for sec, body in cfg.items():
+        for name, v in (body or {}).items():
+            walk(f"{sec}.{name}", v, f"{sec}.{name}" in C.MAPPING_KEYS)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    # YAML round trips keep types, except that 1 and 1.0 are one number; True == 1 is not one value
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def _show(v: Any) -> str:
+    return "(unset)" if v is _UNSET else json.dumps(v, default=str)
+
+
+def config_differences(saved: dict, cfg: dict) -> Dict[str, str]:
+    """``{key: "old -> new"}`` for every key that is not :func:`_free` and differs between a
+    run folder's configuration ``saved`` and ``cfg``. A training key changed by an earlier
+    ``svp train --resume`` (``run.changes``) differs unless every value it ran with is ``cfg``'s."""
+    old, new = _flatten(saved), _flatten(cfg)
+    out: Dict[str, str] = {}
+    for key in list(old) + [k for k in new if k not in old]:
+        if _free(key):
+            continue
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if not _same(a, b):
+            out[key] = f"{_show(a)} -> {_show(b)}"
+    history: Dict[str, List[Tuple[str, Any]]] = {}
+    for ch in (saved.get("run") or {}).get("changes") or []:
+        for key, pair in ((ch or {}).get("changes") or {}).items():
+            if isinstance(pair, (list, tuple)) and len(pair) == 2 and not _free(key):
+                vals = history.setdefault(key, [("start", pair[0])])
+                vals.append((f"step {ch.get('step')}", pair[1]))
+    for key, vals in history.items():
+        b = new.get(key, _UNSET)
+        if not all(_same(v, b) for _, v in vals):
+            used = ", then ".join(f"{_show(v)} (from {at})" for at, v in vals)
+            out[key] = f"{used} -> {_show(b)}"
+    return out
+
+
+def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
+    """Refuse (:class:`ConfigError`) to reuse or resume the run in ``run_dir`` when its
+    ``config.yaml`` differs from ``cfg``, the configuration the sweep would run there now,
+    in anything but the keys :func:`_free` lists. Returns the overrides that carry ``cfg``'s
+    values of the keys ``svp train --resume`` accepts into a resume of the run (so a
+    restarted sweep resumes on its own device, progress display, stop step, ...)."""
+    from .rundir import load_run_config
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise C.ConfigError(f"run folder {run_dir} holds {'results.json' if finished else ck.RESUME_FILE} but no "
+                            f"config.yaml, so the sweep cannot tell which configuration made it and does not "
+                            f"take it over; use another --output, or delete the folder to train it again")
+    # the saved configuration as the engine's resume reads it (keys added since the run
+    # started filled in with the behaviour it had; debug.* reset)
+    saved = load_run_config(run_dir)
+    diff = config_differences(saved, cfg)
+    if diff:
+        raise C.ConfigError(
+            f"run folder {run_dir} holds a {'finished' if finished else 'interrupted'} run made with another "
+            f"configuration than this sweep's (run folder -> sweep: "
+            f"{'; '.join(f'{k}: {v}' for k, v in diff.items())}), so it "
+            f"is not {'reused' if finished else 'resumed'}; use another --output for the new configuration, "
+            f"or delete the folder to train it again")
+    before = _flatten(saved)
+    return [f"{k}={_show(v)}" for k, v in _flatten(cfg).items()
+            if RO.accepted(k) and not _same(before.get(k, _UNSET), v)]
+
+
+def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dict[str, Any]]:
     """The results of a finished run (status ``reused``), of an interrupted one after
-    resuming it (``resumed``, only with ``resume``), or None when the run has not started."""
+    resuming it (``resumed``, only with ``resume``), or None when the run has not started.
+    ``cfg``: the configuration the sweep would run in ``run_dir``; a run made with
+    another one raises :class:`ConfigError` (:func:`check_same_config`)."""
     from .loop import train
 
     done = os.path.join(run_dir, "results.json")
     if os.path.isfile(done):
+        check_same_config(run_dir, cfg, finished=True)
         with open(done) as f:
             res = json.load(f)
         res["status"] = "reused"
         return res
     if resume and os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
-        res = train(resume=run_dir)
+        res = train(resume=run_dir, overrides=check_same_config(run_dir, cfg, finished=False))
         res["status"] = "resumed"
         return res
     return None
@@ -198,14 +311,18 @@ class Runner:
         out: List[Optional[Tuple[Optional[dict], str]]] = [None] * len(tasks)
         todo = []
         for i, (run_dir, make_cfg) in enumerate(tasks):
-            res = load_or_resume(run_dir, resume=False)
+            try:
+                cfg = make_cfg()
+                res = load_or_resume(run_dir, cfg, resume=False)
+            except Exception as e:  # a bad configuration, or a run folder made with another one,
+                # fails its runs, not the sweep
+                log.error("run %s failed: %s: %s", run_dir, type(e).__name__, e)
+                out[i] = (None, f"{type(e).__name__}: {e}")
+                continue
             if res is not None:
                 out[i] = (res, "")
             else:
-                try:
-                    todo.append((i, run_dir, make_cfg()))
-                except Exception as e:  # a bad configuration fails its runs, not the sweep
-                    out[i] = (None, f"{type(e).__name__}: {e}")
+                todo.append((i, run_dir, cfg))
         if todo:
             log.info("%d run(s) to train, %d reused", len(todo), len(tasks) - len(todo))
         if self.jobs == 1 or len(todo) <= 1:
@@ -233,7 +350,7 @@ def stop_requested(e: BaseException) -> bool:
 def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
     from .loop import train
     try:
-        res = load_or_resume(run_dir, resume=True)
+        res = load_or_resume(run_dir, cfg, resume=True)
         if res is None:
             res = train(cfg)
             res["status"] = "ok"

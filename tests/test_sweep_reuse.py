@@ -1,0 +1,199 @@
+"""`svp sweep` takes over a run folder (reuses a finished run, resumes an interrupted one)
+only when the folder's config.yaml is the configuration the sweep asks for now; and
+`--suite mini` runs on its bundled base configuration (svp/assets/mini_suite.yaml)."""
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+import svp.engine.loop as loop
+from svp.engine import config as C
+from svp.engine import tune as T
+from svp.engine.sweep import sweep
+from svp.models.vim_mini import mini_asset_path
+
+# on top of the mini suite's base (bundled mini Vim, 32 px, plain recipe, CPU): the tiniest budget
+REAL = ["data.max_train_samples=32", "data.max_eval_samples=32", "train.epochs=1", "train.batch_size=16",
+        "train.eval_batch_size=64", "run.progress=none"]
+
+
+def _rows(out):
+    with open(os.path.join(out, "results.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _fake_trainer(monkeypatch, calls):
+    """Stands in for the engine's train(): records the configuration, writes the files
+    the sweep reads (config.yaml first, as the engine does, then results.json)."""
+    def fake_train(cfg=None, *, resume=None, overrides=None):
+        calls.append(cfg)
+        run_dir = os.path.join(cfg["run"]["output"], cfg["run"]["name"])
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(C.dump(cfg))
+        val = 50.0 + 100 * float(cfg["train"]["lr"]) if cfg["data"]["val_split"] else None
+        res = {"val_selected": {"epoch": 1, "val_top1": val, "test_top1": 40.0},
+               "final": {"epoch": 1, "val_top1": val, "test_top1": 40.0}, "epochs_run": cfg["train"]["epochs"],
+               "trainable_params": 10, "trainable_params_without_head": 0, "run_dir": run_dir}
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(res, f)
+        return dict(res)
+    monkeypatch.setattr(loop, "train", fake_train)
+
+
+# ---------------------------------------------------------------- defect A: reuse only the same run
+@pytest.mark.slow  # trains one tiny run
+def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(tmp_path):
+    out = str(tmp_path / "sw")
+    args = ("mini", ["linear"], [0], out, ["digits"], ())
+    first = sweep(*args, REAL)
+    assert [r["status"] for r in first["rows"]] == ["ok"]
+    run_dir = first["rows"][0]["run_dir"]
+    results = open(os.path.join(run_dir, "results.json")).read()
+    # the same configuration (how it is watched, and where the output folder is spelled, aside): reused
+    again = sweep("mini", ["linear"], [0], os.path.relpath(out), ["digits"], (),
+                  REAL + ["run.progress=lines", "run.log_every=3", "data.num_workers=0"])
+    assert [r["status"] for r in again["rows"]] == ["reused"]
+    # another number of epochs: not the run asked for; refused, the old results left alone
+    other = sweep(*args, REAL + ["train.epochs=2"])
+    (row,) = other["rows"]
+    assert row["status"] == "failed" and row["epochs_run"] in ("", None)
+    assert run_dir in row["error"] and "train.epochs: 1 -> 2" in row["error"] and "another --output" in row["error"]
+    assert _rows(out)[0]["status"] == "failed"
+    assert "1 run(s) failed" in open(other["markdown"]).read()
+    assert open(os.path.join(run_dir, "results.json")).read() == results
+    with pytest.raises(C.ConfigError, match=r"train\.epochs: 1 -> 2"):
+        sweep(*args, REAL + ["train.epochs=2"], fail_fast=True)
+    # runs at a time (worker processes): the same check, before any worker starts
+    par = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.batch_size=8"], jobs=2)
+    assert [r["status"] for r in par["rows"]] == ["failed"]
+    assert "train.batch_size: 16 -> 8" in par["rows"][0]["error"]
+
+
+def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch):
+    out = str(tmp_path / "sw")
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    sweep("mini", ["linear"], [0], out, ["digits"], (), REAL)
+    res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.epochs=3"])
+    assert len(calls) == 1
+    assert [(r["status"], r["epochs_run"], r["final_test_top1"]) for r in _rows(out)] == [("failed", "", "")]
+    assert "train.epochs: 1 -> 3" in res["rows"][0]["error"]
+    assert "digits/linear/seed0" in res["rows"][0]["error"].replace(os.sep, "/")
+
+
+@pytest.mark.slow  # trains one step, then resumes it
+def test_an_interrupted_run_resumes_only_under_its_own_configuration(tmp_path):
+    out = str(tmp_path / "sw")
+    args = ("mini", ["linear"], [0], out, ["digits"], ())
+    first = sweep(*args, REAL + ["debug.stop_at_step=1"])
+    assert [r["status"] for r in first["rows"]] == ["failed"]
+    run_dir = os.path.join(out, "digits", "linear", "seed0")
+    assert os.path.isfile(os.path.join(run_dir, "resume.safetensors"))
+    other = sweep(*args, REAL + ["train.lr=0.5"])
+    assert other["rows"][0]["status"] == "failed"
+    assert "interrupted run" in other["rows"][0]["error"] and "train.lr: 0.003 -> 0.5" in other["rows"][0]["error"]
+    assert os.path.isfile(os.path.join(run_dir, "resume.safetensors"))       # left for a matching sweep
+    # the debug stop is not part of the run; how it is watched is taken from the new sweep
+    res = sweep(*args, REAL + ["run.log_every=7"])
+    assert [r["status"] for r in res["rows"]] == ["resumed"]
+    saved = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
+    assert saved["run"]["log_every"] == 7 and saved["debug"]["stop_at_step"] is None
+    assert saved["run"]["changes"] == []
+
+
+def test_a_tuning_sweep_does_not_select_among_runs_of_another_configuration(tmp_path, monkeypatch):
+    out = str(tmp_path / "sw")
+    tiny = REAL + ["eval.every=1"]
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    grid = ["train.lr=1e-3,1e-2"]
+    sweep("mini", ["svp"], [0], out, ["digits"], (), tiny, tune=grid)
+    assert len(calls) == 2
+    # a block of another method's settings does not apply to these runs: still reused
+    same = sweep("mini", ["svp"], [0], out, ["digits"], (), tiny + ["method.settings.lora.r=8"], tune=grid)
+    assert len(calls) == 2 and {r["status"] for r in same["rows"]} == {"reused"}
+    # another weight decay: every grid run refused, nothing trained, nothing chosen
+    other = sweep("mini", ["svp"], [0], out, ["digits"], (), tiny + ["train.weight_decay=0.5"], tune=grid)
+    assert len(calls) == 2
+    grid_rows = [r for r in other["rows"] if r["role"] == "grid"]
+    assert [r["status"] for r in grid_rows] == ["failed", "failed"]
+    assert all("train.weight_decay: 0.0001 -> 0.5" in r["error"] for r in grid_rows)
+    assert other["tuning"]["cells"][0]["chosen"] is None
+    # svp's own settings are part of its runs
+    mine = sweep("mini", ["svp"], [0], out, ["digits"], (), tiny + ["method.settings.svp.hidden=8"], tune=grid)
+    assert all("method.settings.svp.hidden: 16 -> 8" in r["error"] for r in mine["rows"] if r["role"] == "grid")
+
+
+def test_differences_leave_out_what_a_resume_may_change_and_see_earlier_resumes():
+    cfg = C.resolve(overrides=["method.name=svp", "method.settings.lora.r=2"])
+    saved = C.resolve(overrides=["method.name=svp", "method.settings.lora.r=4", "run.output=elsewhere",
+                                 "run.name=x", "train.device=cpu", "data.num_workers=2", "debug.stop_at_step=3",
+                                 "run.progress=none"])
+    assert T.config_differences(saved, cfg) == {}
+    saved["train"]["max_steps"] = 5  # a run cut short is not the run asked for
+    assert T.config_differences(saved, cfg) == {"train.max_steps": "5 -> null"}
+    saved["train"]["max_steps"] = None
+    saved["method"]["settings"]["head"] = 1
+    cfg["method"]["settings"]["head"] = True
+    n = cfg["train"]["epochs"]
+    saved["train"]["epochs"] = n + 1
+    assert T.config_differences(saved, cfg) == {"method.settings.head": "1 -> true", "train.epochs": f"{n + 1} -> {n}"}
+    # a run whose lr was changed by `svp train --resume` ran with both values: not the run asked for
+    saved = C.resolve(overrides=["train.lr=0.01"])
+    saved["run"]["changes"] = [{"step": 12, "epoch": 1, "batch": 0, "changes": {"train.lr": [0.001, 0.01]}}]
+    diff = T.config_differences(saved, C.resolve(overrides=["train.lr=0.01"]))
+    assert diff == {"train.lr": "0.001 (from start), then 0.01 (from step 12) -> 0.01"}
+
+
+def test_a_finished_run_without_its_config_is_not_reused(tmp_path, monkeypatch):
+    out = str(tmp_path / "sw")
+    run_dir = os.path.join(out, "digits", "linear", "seed0")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump({"final": {"test_top1": 99.0}}, f)
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL)
+    assert calls == [] and res["rows"][0]["status"] == "failed"
+    assert "no config.yaml" in res["rows"][0]["error"] and run_dir in res["rows"][0]["error"]
+
+
+# ---------------------------------------------------------------- defect B: --suite mini needs no -c
+def test_suite_mini_runs_on_its_bundled_configuration_under_the_users(tmp_path, monkeypatch):
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    sweep("mini", ["linear"], [0], str(tmp_path / "a"), ["digits"], (), ["train.epochs=1"])
+    cfg = calls[-1]
+    suite = yaml.safe_load(open(mini_asset_path("mini_suite.yaml")))
+    assert cfg["model"]["name"] == "vim_mini_patch4_32" and cfg["model"]["pretrained"] is True
+    assert cfg["data"]["max_train_samples"] == suite["data"]["max_train_samples"] and cfg["data"]["img_size"] == 32
+    assert cfg["train"]["epochs"] == 1                                  # the override wins over the base
+    # the file given again with -c: the same runs; a user's file goes over the base
+    sweep("mini", ["linear"], [0], str(tmp_path / "a"), ["digits"], [mini_asset_path("mini_suite.yaml")],
+          ["train.epochs=1"])
+    assert len(calls) == 1                                              # the same configuration: reused
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train: {batch_size: 8}\n")
+    sweep("mini", ["linear"], [0], str(tmp_path / "b"), ["digits"], [str(mine)], ["train.epochs=1"])
+    assert calls[-1]["train"]["batch_size"] == 8 and calls[-1]["model"]["name"] == "vim_mini_patch4_32"
+    # another backbone does not inherit the mini Vim's model.pretrained (a hub download)
+    sweep("mini", ["linear"], [0], str(tmp_path / "c"), ["digits"], (),
+          ["model.name=vim_tiny_patch16_224", "model.random_init=true"])
+    assert calls[-1]["model"]["pretrained"] is False and calls[-1]["data"]["img_size"] == 32
+
+
+def test_the_documented_suite_mini_command_builds_mini_vim_runs(tmp_path, monkeypatch, capsys):
+    from svp.cli import main as svp_main
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    out = tmp_path / "sw"
+    rc = svp_main(["sweep", "--suite", "mini", "--datasets", "digits,faces", "--methods", "svp,linear",
+                   "--seeds", "0", "--output", str(out), "train.epochs=10"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(calls) == 4 and {c["model"]["name"] for c in calls} == {"vim_mini_patch4_32"}
+    assert {c["train"]["epochs"] for c in calls} == {10}
+    svp_cfg = next(c for c in calls if c["method"]["name"] == "svp")
+    assert svp_cfg["method"]["settings"]["svp"] == {"shared_layers": 4, "hidden": 16}
