@@ -137,3 +137,97 @@ def test_a_model_with_a_buffer_no_checkpoint_holds_is_built_the_ordinary_way(tmp
     model = build_backbone(spec, skip_init=True)
     assert torch.equal(model.table, torch.arange(4.0))
     assert torch.equal(model.state_dict()["layers.0.mixer.D"], build_backbone(spec).state_dict()["layers.0.mixer.D"])
+
+
+def _mini_adapter(tmp_path, class_names=None):
+    import svp.peft as peft
+    base = build_model(ModelSpec("vim_mini_patch4_32", num_classes=4))
+    model = peft.get_peft_model(base, peft.make_config("linear", num_classes=4))
+    d = tmp_path / "ad"
+    model.save(str(d), base_model_name="vim_mini_patch4_32", class_names=class_names or list("abcd"))
+    return d
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{bad", "not a readable backbone description"),
+    ('{"model": 5}', "'model' must be a timm model name"),
+    ('{"model": "vim_mini_patch4_32", "kwargs": [1]}', "'kwargs' must be a mapping"),
+])
+def test_a_damaged_backbone_json_is_one_error_naming_it(tmp_path, text, words):
+    from svp.errors import AdapterError
+    d = _mini_adapter(tmp_path)
+    (d / "backbone.json").write_text(text)
+    with pytest.raises(AdapterError, match=words) as e:
+        adapter_spec(str(d))
+    assert "backbone.json" in str(e.value)
+
+
+def test_an_unknown_image_recipe_in_backbone_json_is_one_error(tmp_path, capsys):
+    from PIL import Image
+    d = _mini_adapter(tmp_path)
+    (d / "backbone.json").write_text(json.dumps(ModelSpec("vim_mini_patch4_32", extra={"recipe": "bogus"}).to_dict()))
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert svp_main(["predict", str(d), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert "backbone.json: image recipe 'bogus'" in err and "Traceback" not in err
+
+
+def test_class_names_that_do_not_match_the_class_count_are_refused(tmp_path):
+    from svp.errors import AdapterError
+    d = _mini_adapter(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["class_names"] = cfg["class_names"][:2]  # 2 names for 4 classes: predict --topk 4 indexed past them
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="2 class names for 4 classes"):
+        adapter_spec(str(d))
+
+
+@pytest.mark.parametrize("kwargs", [{"nonsense_kw": 1}, {"img_size": "abc"}])
+def test_model_arguments_that_do_not_fit_are_a_config_error(kwargs):
+    with pytest.raises(ConfigError, match="its arguments"):
+        build_model(ModelSpec("vim_mini_patch4_32", kwargs=kwargs))
+
+
+def test_a_checkpoint_of_another_width_reports_the_files_shapes(tmp_path):
+    """The position embedding is resampled only across grids of one width; another model's
+    embedding is reported with the shape the file holds, not a resampled one."""
+    from safetensors.torch import save_file
+
+    from svp.errors import CheckpointError
+    # another grid too (64 px: 257 tokens against the mini's 65), which is what used to be resampled
+    tiny = build_model(ModelSpec("vim_tiny_patch16_224", kwargs=dict(TINY, img_size=64), random_init=True))
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
+    width = tiny.pos_embed.shape[-1]
+    mini = build_model(ModelSpec("vim_mini_patch4_32"))
+    assert mini.pos_embed.shape[-1] != width and mini.pos_embed.shape[1] != tiny.pos_embed.shape[1]
+    from svp.models import load_checkpoint_into
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint_into(mini, str(path))
+    assert f"pos_embed has shape {tuple(tiny.pos_embed.shape)}" in str(e.value)
+
+
+def test_a_refused_pickle_does_not_advise_running_it(tmp_path):
+    import os
+
+    from svp.errors import CheckpointError
+    from svp.models.loading import read_checkpoint
+
+    class Evil:
+        def __reduce__(self):
+            return (os.getcwd, ())
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, str(path))
+    with pytest.raises(CheckpointError, match="getcwd") as e:
+        read_checkpoint(str(path))
+    assert "weights_only=False" not in str(e.value) and "weights_only` set to `False" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [("[1]", "JSON object"), ("{bad", "not valid JSON")])
+def test_convert_official_svp_model_kwargs_must_be_a_json_object(tmp_path, capsys, text, words):
+    assert svp_main(["convert-official-svp", str(tmp_path / "none.pth"), "--model", "vim_mini_patch4_32",
+                     "--shared-layers", "1", "--prompt-hidden", "4", "--num-classes", "3",
+                     "--out", str(tmp_path / "out"), "--model-kwargs", text]) == 2
+    err = capsys.readouterr().err
+    assert "--model-kwargs" in err and words in err and "Traceback" not in err

@@ -380,11 +380,16 @@ def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| Method | digits | faces | Mean (2 datasets) |" in md
     assert f"| linear | {cell} |" in md
-    assert md.count("±") >= 6 and "selected on the validation split" in md and "after the last epoch" in md
-    # a second call reuses the finished runs
+    # the mini suite's base configuration (svp/assets/mini_suite.yaml) selects no epoch on a validation split
+    assert md.count("±") >= 6 and "no validation split" in md and "after the last epoch" in md
+    # a second call with the same configuration reuses the finished runs; with another, it refuses them
     assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
-                     "--output", str(out), "-c", cfg]) == 0
+                     "--output", str(out), "-c", cfg, "train.max_steps=1"]) == 0
     assert list(csv.DictReader(open(out / "results.csv")))[0]["status"] == "reused"
+    assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
+                     "--output", str(out), "-c", cfg]) == 1
+    row = list(csv.DictReader(open(out / "results.csv")))[0]
+    assert row["status"] == "failed" and "train.max_steps: 1 -> null" in row["error"]
 
 
 # ---------------------------------------------------------------- help and errors
@@ -438,6 +443,9 @@ def test_backbone_from_an_official_style_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(res["val_selected"]["test_top1"])
     assert svp_main(["eval", best, "--dataset", "digits", "--checkpoint", str(tmp_path / "other.pth")]) == 2
     assert "hash" in capsys.readouterr().err
+    for n in ("0", "-1"):  # 0 used to evaluate every sample, -1 to end in a traceback
+        assert svp_main(["eval", best, "--dataset", "digits", "--max-samples", n]) == 2
+        assert f"--max-samples must be >= 1 (or left out for every sample), got {n}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- Python API

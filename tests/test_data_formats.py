@@ -299,3 +299,61 @@ def test_dataloader_with_workers(fake):
         here = [ds[i] for i in range(4)]
         assert torch.equal(x, torch.stack([img for img, _ in here])), name
         assert y.tolist() == [label for _, label in here], name
+
+
+def test_an_empty_split_is_refused_and_a_bom_is_read_through(fake, tmp_path, capsys):
+    """An empty list file would train on nothing or report a NaN accuracy as a result; a UTF-8
+    byte-order mark (list files saved on Windows) is not part of the first path."""
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/clevr_count")
+    task = os.path.join(r, "VTAB/vtab-1k/clevr_count")
+    n = len(build_dataset("vtab/clevr_count", "train800", root=r))
+    lst = os.path.join(task, "train800.txt")
+    with open(lst, "rb") as f:
+        raw = f.read()
+    with open(lst, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + raw)
+    assert len(build_dataset("vtab/clevr_count", "train800", root=r)) == n
+    open(os.path.join(task, "test.txt"), "w").close()
+    with pytest.raises(DatasetError, match=r"clevr_count/test: no images listed in .*test\.txt"):
+        build_dataset("vtab/clevr_count", "test", root=r)
+    assert svp_main(["data", "check", "vtab/clevr_count", "--root", r]) != 0
+    assert "test.txt" in capsys.readouterr().out
+
+
+def test_cifar_batches_are_read_without_running_pickled_code(fake, tmp_path):
+    import pickle
+
+    r = _copy(fake, tmp_path, "cifar-10-batches-py")
+    assert len(build_dataset("cifar10", "test", root=r)) > 0  # numpy arrays, bytes, lists: allowed
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    with open(os.path.join(r, "cifar-10-batches-py", "test_batch"), "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(DatasetError, match="not allowed in a CIFAR batch"):
+        build_dataset("cifar10", "test", root=r)
+    assert not marker.exists()
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(monkeypatch, capsys):
+    """`svp data list | head -1`: the listing's next write meets a closed pipe; the command
+    ends with exit 0 and no traceback, as a Unix filter does."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert svp_main(["data", "list"]) == 0
+
+
+def test_data_grid_makes_its_output_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "grid.png"
+    assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "afile").write_text("x")
+    assert svp_main(["data", "grid", "digits", "--out", str(tmp_path / "afile" / "g.png")]) == 1
+    assert "cannot create its folder" in capsys.readouterr().err

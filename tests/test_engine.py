@@ -38,6 +38,22 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert C.resolve(overrides=["train.amp=true"], use_presets=False)["train"]["amp"] is True
 
 
+@pytest.mark.parametrize("override, words", [
+    ("model.drop_path_rate=1", r"model.drop_path_rate=1: expected a number in \[0, 1\)"),
+    ("train.opt_betas=[a, b]", "train.opt_betas=.*two numbers in"),
+    ("train.opt_betas=[0.9, 1.5]", "train.opt_betas=.*two numbers in"),
+    ("train.ema_decay=2", r"train.ema_decay=2: expected a number in \(0, 1\)"),
+    ("train.ema_decay=-1", "train.ema_decay=-1"),
+    ("train.lr=.inf", "train.lr=inf: expected a non-negative"),
+    ("train.weight_decay=.nan", "train.weight_decay=nan: expected a non-negative"),
+])
+def test_values_that_would_fail_only_in_training_are_refused_up_front(override, words):
+    """Each used to pass validation and then stop the first step (a raw traceback, a divergence
+    exit) or, for the EMA decay, train on silently."""
+    with pytest.raises(C.ConfigError, match=words):
+        C.resolve(overrides=[override], use_presets=False)
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: 1\n  bogus: 2\n")

@@ -741,6 +741,27 @@ def torch_equal(a, b):
     return a.shape == b.shape and torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_resume_refuses_an_end_before_its_resume_point_and_stops_at_one_on_it(tmp_path, capsys):
+    """Stopped one batch into epoch 2 (step 3): lowering train.epochs to 1 or train.max_steps to 2
+    would report the step-3 weights as those of an end the run went past, so both are refused;
+    train.max_steps=3 ends the run where it stands, with no step beyond it."""
+    out = tmp_path / "runs"
+    assert svp_main(["train", *MINI, "--epochs", "3", "--output", str(out), "--name", "r",
+                     "debug.stop_at_step=3"]) == 75
+    run = out / "r"
+    before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    line = _one_line_error(capsys, svp_main(["train", "--resume", str(run), "train.epochs=1"]), 2)
+    assert "train.epochs=1" in line and "expected train.epochs >= 2" in line
+    line = _one_line_error(capsys, svp_main(["train", "--resume", str(run), "train.max_steps=2"]), 2)
+    assert "train.max_steps=2" in line and "at step 3" in line
+    assert (run / "config.yaml").read_text() == before  # a refused resume leaves the record as it was
+    assert svp_main(["train", "--resume", str(run), "train.max_steps=3", "debug.stop_at_step=null"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["steps"] == 3 and res["epochs_run"] == 2
+
+
 def test_resume_refuses_overrides_it_cannot_apply_exactly(tmp_path, capsys, mini_run):
     line = _one_line_error(capsys, svp_main(["train", "--resume", str(mini_run), "train.opt=sgd",
                                              "train.lr=0.1"]), 2, "train.opt")

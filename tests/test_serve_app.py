@@ -119,6 +119,8 @@ def _bomb_png():
     ("malformed json", 400, "malformed"),
     ("bad base64", 400, "base64"),
     ("json not object", 400, "object"),
+    ("json nested too deep", 400, "malformed"),
+    ("json integer too long", 400, "malformed"),
     ("wrong content type", 415, "Content-Type"),
 ])
 def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case, status, words):
@@ -151,6 +153,10 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case
         got = H.http("POST", url, json.dumps({"image": "***not base64***", "adapter": "svp"}).encode(), jhead)
     elif case == "json not object":
         got = H.http("POST", url, b"[1, 2]", jhead)
+    elif case == "json nested too deep":  # Python's decoder runs out of recursion, not of input
+        got = H.http("POST", url, b"[" * 20000 + b"]" * 20000, jhead)
+    elif case == "json integer too long":  # past Python's limit on integer digits
+        got = H.http("POST", url, b'{"adapter": "svp", "topk": 1' + b"0" * 5000 + b', "image": "x"}', jhead)
     else:
         got = H.http("POST", url, img, {"Content-Type": "image/png"})
     code, body = got
@@ -236,9 +242,51 @@ def test_a_corrupt_adapter_file_is_refused_by_reload_not_a_crash(server):
     try:
         status, body = H.http("POST", server.url + "/v1/adapters/reload")
         assert status == 422 and list(body["refused"]) == ["corrupt"], body
+        assert "adapter.safetensors" in body["refused"]["corrupt"], body  # the file is named
     finally:
         shutil.rmtree(server.root / "corrupt")
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+def test_an_adapter_trained_with_another_image_recipe_is_refused(server):
+    """One preprocessing per server: an adapter whose backbone.json names another recipe would be
+    answered on images prepared in a way it never saw, so reload refuses it, saying why."""
+    from svp.build import ModelSpec
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "plain_recipe")
+    (server.root / "plain_recipe" / "backbone.json").write_text(
+        json.dumps(ModelSpec(H.MINI, extra={"recipe": "plain"}).to_dict()))
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422 and list(body["refused"]) == ["plain_recipe"], body
+        assert "'plain'" in body["refused"]["plain_recipe"] and "'svp'" in body["refused"]["plain_recipe"]
+    finally:
+        shutil.rmtree(server.root / "plain_recipe")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_high_bit_depth_uploads_are_read_as_training_reads_them(tmp_path, mode):
+    """16-bit and float images are scaled to 8 bits as svp.data.load_image does (svp train,
+    predict), not clipped at 255 by PIL's convert("RGB")."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from svp.data.base import load_image
+    from svp.data.transforms import build_transform
+    ramp = np.linspace(0, 1, 48 * 48).reshape(48, 48)
+    a = (ramp * 65535).astype(np.uint16) if mode == "I;16" else ramp.astype(np.float32)
+    im = Image.fromarray(a)  # uint16 -> I;16, float32 -> F
+    fmt = "PNG" if mode == "I;16" else "TIFF"
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(buf.getvalue())
+    tf = build_transform("svp", False, img_size=32)
+    got = decode_image(buf.getvalue(), ServeConfig(), tf)
+    assert torch.equal(got, tf(load_image(str(path))))
+    assert not torch.equal(got, tf(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))  # the clipped read
 
 
 def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, monkeypatch):

@@ -1,6 +1,7 @@
 """`svp serve` as a process: SIGTERM / Ctrl-C let the in-flight request finish, then exit 0."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,7 +56,7 @@ def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
     url = f"http://127.0.0.1:{port}"
     # a 1.5 s batching window keeps the request in flight while the signal arrives
     proc = subprocess.Popen([sys.executable, "-m", "svp", "serve", "--adapters", str(tmp_path / "ad"),
-                             "--port", str(port), "--window-ms", "1500"],
+                             "--port", str(port), "--window-ms", "1500", "--shutdown-timeout", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.monotonic() + 120
@@ -71,17 +72,29 @@ def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
         result = []
         t = threading.Thread(target=lambda: result.append(H.predict(url, H.png_bytes(40), "lora", timeout=60)))
         t.start()
+        # a client that stalls mid-upload: without --shutdown-timeout it held the server forever
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100000\r\n\r\n{\"adapter\": \"svp\", ")
         time.sleep(0.5)  # the request is waiting in the batcher now
+        t0 = time.monotonic()
         proc.send_signal(sig)
         t.join(60)
         rc = proc.wait(60)
+        took = time.monotonic() - t0
         out, err = proc.communicate()
+        stalled.settimeout(10)
+        answer = stalled.recv(4096)
+        stalled.close()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert result and result[0][0] == 200, (result, err)
     assert rc == 0, err
+    assert took < 30, (took, err)  # the shutdown timeout (4 s) ended the stalled request
+    assert b" 503 " in answer.split(b"\r\n", 1)[0] and b"shutting down" in answer, answer
+    assert "Traceback" not in err, err
 
 
 THREADED = """import json, os, sys

@@ -152,5 +152,35 @@ def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
     spec = backbone_spec(str(root))
     assert spec.img_size == 32 and spec.extra["recipe"] == "plain" and spec.num_classes is None
     assert backbone_spec(str(root), model_name="vim_tiny_patch16_224", checkpoint="x.pth").checkpoint == "x.pth"
-    with pytest.raises(ConfigError, match="--model"):
+    with pytest.raises(ConfigError, match="no such folder"):
+        backbone_spec(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no subfolders.*--model"):
         backbone_spec(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="one adapter folder"):  # an adapter given instead of its parent
+        backbone_spec(str(root / "a"))
+
+
+def test_a_broken_first_adapter_does_not_choose_or_stop_the_server(adapters, tmp_path):
+    """The backbone comes from the first adapter that can be read: a damaged one that sorts first
+    (bad JSON, a backbone.json of the wrong shape) is skipped here and refused when adapters load."""
+    import json
+    import shutil
+
+    from svp.build import ModelSpec
+    from svp.errors import ConfigError
+    from svp.serve import backbone_spec
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(adapters, "lora"), root / "b_good")
+    (root / "b_good" / "backbone.json").write_text(json.dumps(ModelSpec(H.MINI, img_size=32).to_dict()))
+    for name, fname, text in (("a_json", "adapter_config.json", "{not json"),
+                              ("a_spec", "backbone.json", "{bad"),
+                              ("a_type", "backbone.json", '{"model": 5}')):
+        shutil.copytree(os.path.join(adapters, "lora"), root / name)
+        (root / name / fname).write_text(text)
+    spec = backbone_spec(str(root))
+    assert spec.model == H.MINI and spec.img_size == 32
+    shutil.rmtree(root / "b_good")
+    with pytest.raises(ConfigError, match="none of its 3 subfolders") as e:
+        backbone_spec(str(root))
+    assert "a_spec" in str(e.value) and "backbone.json" in str(e.value)

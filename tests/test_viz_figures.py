@@ -96,12 +96,16 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
     assert sorted(os.path.basename(p) for p in printed) == ["scene_curves.json", "scene_curves.png",
                                                            "scene_frozen_maps.png"]
     check_png(out / "scene_frozen_maps.png", 288, 264)
+    (tmp_path / "afile").write_text("x")
     for bad, msg in ((["--box", "20,8,80,30"], "--box"), (["--layers", "7"], "out of range"),
-                     (["--quantities", "gates"], "unknown"), (["--mask", str(tmp_path / "nope.png")], "no such file")):
+                     (["--quantities", "gates"], "unknown"), (["--mask", str(tmp_path / "nope.png")], "no such file"),
+                     (["--dpi", "0"], "--dpi 0"), (["--alpha", "2"], "--alpha 2.0"),
+                     (["--alpha", "nan"], "--alpha nan"),
+                     (["--out", str(tmp_path / "afile" / "sub")], "cannot create the output folder")):
         rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init",
                        "--out", str(out)] + bad)
-        assert rc == 2
-        assert msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, err
     assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON, "--random-init"]) == 2
     assert "no such file" in capsys.readouterr().err
     # a dataset sample instead of a file

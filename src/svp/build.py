@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError, CheckpointError, ConfigError
+from .errors import AdapterError, CheckpointError, ConfigError, SVPError
 
 BUNDLED_MODEL = "vim_mini_patch4_32"
 WEIGHTS_HELP = (f"the bundled {BUNDLED_MODEL} uses its bundled weights unless a checkpoint is given; "
@@ -71,6 +71,13 @@ class ModelSpec:
     def from_dict(cls, d: Dict[str, Any], source: str = "backbone spec") -> "ModelSpec":
         if not isinstance(d, dict) or not d.get("model"):
             raise ConfigError(f"{source}: expected a mapping with a 'model' name, got {d!r}")
+        if not isinstance(d["model"], str):
+            raise ConfigError(f"{source}: 'model' must be a timm model name (a string), got {d['model']!r}")
+        for key, types, what in (("kwargs", dict, "a mapping of model arguments"),
+                                 ("class_names", list, "a list of class names"),
+                                 ("checkpoint", str, "a file path")):
+            if d.get(key) is not None and not isinstance(d[key], types):
+                raise ConfigError(f"{source}: {key!r} must be {what}, got {d[key]!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         # backbone.json files written before random_init existed: no weights recorded means random
@@ -129,8 +136,16 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         if weights in ("pretrained", "bundled"):
             raise CheckpointError(f"model {spec.model!r}: its {weights} weights do not fit ({e})") from None
         raise
+    except (TypeError, ValueError) as e:
+        if isinstance(e, SVPError) or not spec.kwargs:  # nothing the user passed: a bug, keep its traceback
+            raise
+        # an unknown or mistyped model argument (model.kwargs, --model-args, backbone.json's kwargs)
+        raise ConfigError(f"model {spec.model!r}: its arguments {spec.kwargs} do not fit "
+                          f"({type(e).__name__}: {e})") from None
     except (FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e})") from None
+        hint = ("; with no network, download them elsewhere and pass --checkpoint, or set HF_HUB_OFFLINE=1 "
+                "to read only the local hub cache without waiting on the network" if weights == "pretrained" else "")
+        raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e}){hint}") from None
     finally:
         if rng is not None:
             torch.set_rng_state(rng)
@@ -187,8 +202,16 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
         raise AdapterError(str(e)) from None
     spec_path = os.path.join(adapter_dir, "backbone.json")
     if os.path.isfile(spec_path):
-        with open(spec_path, encoding="utf-8") as f:
-            spec = ModelSpec.from_dict(json.load(f), spec_path)
+        try:
+            with open(spec_path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+            raise AdapterError(f"{spec_path}: not a readable backbone description ({e}); expected the "
+                               f"JSON file svp train writes") from None
+        try:
+            spec = ModelSpec.from_dict(d, spec_path)
+        except ConfigError as e:
+            raise AdapterError(str(e)) from None
     else:
         name = model or info.get("base_model_name")
         if not name:
@@ -200,6 +223,9 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     spec.num_classes = int(info["num_classes"])
     spec.class_names = list(info.get("class_names") or spec.class_names or
                             [str(i) for i in range(spec.num_classes)])
+    if len(spec.class_names) != spec.num_classes:
+        raise AdapterError(f"{adapter_dir}: {len(spec.class_names)} class names for {spec.num_classes} classes "
+                           f"(adapter_config.json's class_names, else backbone.json's); expected one per class")
     return spec
 
 

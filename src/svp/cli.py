@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import SVPError
@@ -45,7 +46,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
+    try:
+        sys.stdout.flush()  # a pipe closed early fails here, at exit, if not above
+    except BrokenPipeError:
+        _quiet_stdout()
     return int(rc or 0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's own flush at exit does not print a
+    second BrokenPipeError (the recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in a test)
+        pass
 
 
 def run() -> None:

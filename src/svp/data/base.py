@@ -225,6 +225,11 @@ class FileListDataset(VisionDataset):
                         f"{name}/{split}: {len(absent)} of {len(samples) } listed image(s) "
                         f"missing{where}:\n  {shown}{more}\n({DOCS_HINT}; pass "
                         f"skip_bad_images=True to drop them with a logged count)")
+        if not samples:  # an empty split would train on nothing or report a NaN accuracy, not fail
+            raise DatasetError(f"{name}/{split}: no images"
+                               + (f" left after dropping the missing ones (listed in {source})" if self.skipped
+                                  else f" listed in {source}" if source else "")
+                               + f"; expected at least one ({DOCS_HINT})")
         self.samples = samples
         super().__init__(classes, [t for _, t in samples], transform, name, split)
         n = len(self.classes)

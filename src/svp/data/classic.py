@@ -58,12 +58,36 @@ CIFAR_LAYOUT = {
 }
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles of a dict of bytes, lists and one numpy array; a file under a
+    data root is not trusted, so only the globals such a dict needs resolve (numpy's array
+    rebuild, and ``_codecs.encode``, which protocol 2 writes bytes with). Anything else, e.g.
+    a function a crafted file would call, is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch "
+                                         f"(only numpy arrays, bytes, lists and dicts are)")
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own rebuild function, whatever its module
+        return getattr(np, name)
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _CifarUnpickler(f, encoding="latin1").load()
     except Exception as e:
         raise DatasetError(f"unreadable CIFAR batch file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"unreadable CIFAR batch file {path}: expected a pickled dict, got {type(d).__name__}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -112,7 +136,7 @@ def _dtd_dir(root: str) -> str:
 
 def _dtd_list(path: str) -> List[str]:
     out = []
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "r", encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             s = line.strip()
             if not s:
@@ -167,7 +191,7 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
         csvp = require_file(os.path.join(base, "GT-final_test.csv"), "GTSRB test labels",
                             GTSRB_LAYOUT)
         samples = []
-        with open(csvp, "r", encoding="utf-8", newline="") as f:
+        with open(csvp, "r", encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f, delimiter=";"))
         if not rows or "Filename" not in rows[0] or "ClassId" not in rows[0]:
             raise DatasetError(f"{csvp}:1: header must contain 'Filename' and 'ClassId' "
@@ -245,7 +269,7 @@ FOOD_LAYOUT = """\
 
 def _food_meta(path: str) -> Dict[str, List[str]]:
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}) ({DOCS_HINT})") from None
@@ -326,7 +350,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
 
 def _read_csv(path: str) -> List[Tuple[str, str, int]]:
     rows = []
-    with open(path, "r", encoding="utf-8", newline="") as f:
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip():
                 continue
@@ -412,7 +436,7 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
     listed = None
     if classes is None and os.path.isfile(os.path.join(cdir, "classes.txt")):
         listed = os.path.join(cdir, "classes.txt")
-        with open(listed, "r", encoding="utf-8") as f:
+        with open(listed, "r", encoding="utf-8-sig") as f:
             classes = [ln.strip() for ln in f if ln.strip()]
     elif classes is not None:
         listed = "classes="

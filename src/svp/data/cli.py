@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import List
@@ -172,6 +173,15 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
 
 
 def cmd_grid(args) -> int:
+    if args.n < 1 or args.cols < 1:
+        print(f"error: --n and --cols must be >= 1, got {args.n} and {args.cols}", file=sys.stderr)
+        return 1
+    parent = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot create its folder {parent} ({e.strerror or e})", file=sys.stderr)
+        return 1
     try:
         save_grid(args.name, args.out, split=args.split, n=args.n, cols=args.cols,
                   root=args.root, seed=args.seed)

@@ -54,7 +54,7 @@ def _dataset_dir(root: str, key: str) -> str:
 
 def _load_json(path: str) -> Dict[str, object]:
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}); expected one object "
@@ -76,7 +76,7 @@ def _sort_key(v):
 
 def _read_class_names(path: str) -> Dict[int, str]:
     names: Dict[int, str] = {}
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "r", encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

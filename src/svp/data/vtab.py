@@ -80,7 +80,7 @@ def read_list_file(path: str, base_dir: str, sep: str = " ") -> List[Tuple[str, 
     """Parse ``<path><sep><int label>`` lines; blank lines are ignored, anything
     else malformed raises with file and line number."""
     samples = []
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "r", encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
             if not line.strip():

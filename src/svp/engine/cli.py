@@ -14,6 +14,7 @@ from . import config as C
 EXIT_CONFIG = 2
 
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
+from ..errors import AdapterError  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -32,7 +33,8 @@ def _config_epilog() -> str:
               "examples:",
               "  svp train --dataset digits --method svp --model vim_mini_patch4_32   (bundled weights)",
               "  svp train --dataset digits --method svp --model vim_tiny_patch16_224 \\",
-              "      model.kwargs.img_size=32 model.kwargs.patch_size=4 model.kwargs.stride=4 train.epochs=5",
+              "      --random-init model.kwargs.img_size=32 model.kwargs.patch_size=4 model.kwargs.stride=4 \\",
+              "      train.epochs=5   (a random backbone, for a quick look; no weights needed)",
               "  svp train --dataset hta/cub200 --method svp --model vim_small_patch16_224 \\",
               "      --checkpoint vim_s_midclstok_80p5acc.pth --data-root /data",
               "  svp train --resume runs/digits-svp-s0-20250101-120000",
@@ -129,12 +131,15 @@ def register(subparsers) -> None:
     s = subparsers.add_parser(
         "sweep", help="run a suite over methods and seeds; write results.csv and a Markdown table",
         description="Train every (dataset, method, seed) of a suite (finished runs are reused, interrupted "
-                    "ones resumed) and write <output>/results.csv and <output>/results.md: per-dataset "
+                    "ones resumed, when the configuration a run folder saved is the one asked for; a folder "
+                    "made with another is refused, naming the keys) and write <output>/results.csv and "
+                    "<output>/results.md: per-dataset "
                     "test top-1 as mean ± std over seeds (val-selected epoch and last epoch), trainable "
                     "parameters with and without the head, adapter size; for VTAB the 19-task mean and "
                     "the mean of the Natural/Specialized/Structured group means.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  svp sweep --suite mini --methods svp,linear --seeds 0,1,2 train.epochs=5\n"
+        epilog="examples:\n  svp sweep --suite mini --methods svp,linear --seeds 0,1,2 train.epochs=5"
+               "   (the mini suite's base: svp/assets/mini_suite.yaml)\n"
                "  svp sweep --suite vtab --methods svp --seeds 0 --data-root /data --model vim_small_patch16_224 "
                "--checkpoint vim_s.pth")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides for every run")
@@ -258,6 +263,18 @@ def _check_batch_size(n: int) -> None:
         raise C.ConfigError(f"--batch-size must be >= 1, got {n}")
 
 
+def _eval_transform(spec, adapter_dir: str):
+    """The evaluation transform of the recipe an adapter was trained with (its backbone.json)."""
+    import svp.data as data
+    from svp.data.transforms import RECIPES
+
+    recipe = spec.extra.get("recipe", "svp")
+    if recipe not in RECIPES:
+        raise AdapterError(f"{os.path.join(adapter_dir, 'backbone.json')}: image recipe {recipe!r} is not one "
+                           f"of {', '.join(RECIPES)}")
+    return data.build_transform(recipe, False, img_size=spec.img_size)
+
+
 def cmd_eval(args) -> int:
     import svp.data as data
 
@@ -266,13 +283,15 @@ def cmd_eval(args) -> int:
     from .setup import Limited
 
     _check_batch_size(args.batch_size)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise C.ConfigError(f"--max-samples must be >= 1 (or left out for every sample), got {args.max_samples}")
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
     ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
-    tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
+    tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split})
     if args.json:
@@ -296,7 +315,7 @@ def cmd_predict(args) -> int:
     _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
-    tf = data.build_transform(spec.extra.get("recipe", "svp"), False, img_size=spec.img_size)
+    tf = _eval_transform(spec, args.adapter_dir)
     names = spec.class_names
     # batch by batch: a thousand images in one batch would hold a thousand images' activations
     probs = []

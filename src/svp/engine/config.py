@@ -37,7 +37,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
     ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden); a block named after a method (method.settings.svp.hidden=32) applies to that method only"),
     # --- data
-    ("data.dataset", "digits", "dataset name from the registry (`svp datasets` / svp.data.list_datasets())"),
+    ("data.dataset", "digits", "dataset name from the registry (`svp data list` / svp.data.list_datasets())"),
     ("data.root", None, "data root for datasets stored on disk (embedded datasets need none)"),
     ("data.options", {}, "extra keyword arguments for svp.data.build_dataset"),
     ("data.img_size", 224, "input resolution"),
@@ -344,8 +344,9 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{key}={v!r}: expected a positive integer")
     for key in _NONNEG_NUM:
         v = get_key(cfg, key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{key}={v!r}: expected a non-negative number")
+        # `not v >= 0` also refuses nan; inf would only surface as a divergence at the first step
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
+            raise ConfigError(f"{key}={v!r}: expected a non-negative (finite) number")
     micro = cfg["train"]["micro_batch"]
     if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
         raise ConfigError(f"train.micro_batch={micro!r}: expected null or a positive integer")
@@ -362,7 +363,7 @@ def validate(cfg: dict) -> None:
         if not isinstance(get_key(cfg, key), dict):
             raise ConfigError(f"{key} must be a mapping, got {get_key(cfg, key)!r}")
     for key, top, closed in (("train.smoothing", 1, False), ("train.mixup_prob", 1, True),
-                             ("train.mixup_switch_prob", 1, True)):
+                             ("train.mixup_switch_prob", 1, True), ("model.drop_path_rate", 1, False)):
         v = get_key(cfg, key)
         if v > top or (v == top and not closed):
             raise ConfigError(f"{key}={v!r}: expected a number in [0, {top}{']' if closed else ')'}")
@@ -379,8 +380,12 @@ def validate(cfg: dict) -> None:
     if not (kept == "auto" or isinstance(kept, bool)):
         raise ConfigError(f"data.cache_images={kept!r} is not one of auto, true, false")
     betas = cfg["train"]["opt_betas"]
-    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
-        raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers, e.g. [0.9, 0.999]")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    ema = cfg["train"]["ema_decay"]
+    if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 < ema < 1:
+        raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 

@@ -103,6 +103,7 @@ class Trainer:
             st = self.folder.load_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
+            RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             if self.changes:
                 RO.record(cfg, self.changes, st)
                 log.info("from global step %d on: %s (recorded in config.yaml run.changes)", st["global_step"],
@@ -119,7 +120,8 @@ class Trainer:
                       dinfo.world_size, self.lr, self.steps_per_epoch)
         self.tb = tensorboard(cfg, self.folder.path, dinfo.is_main)
         self.progress = Progress(cfg["run"]["progress"], dinfo.is_main, int(cfg["run"]["log_every"]))
-        stop = False
+        # resumed at an epoch's end exactly at a (lowered) train.max_steps: nothing left to run
+        stop = t["max_steps"] is not None and st["global_step"] >= int(t["max_steps"]) and st["batch"] == 0
         while st["epoch"] < epochs and not stop:
             stop = self.train_one_epoch(st, epochs)
             self._end_epoch(st, epochs, stop)
@@ -140,6 +142,8 @@ class Trainer:
         t_epoch, seconds_before = time.time(), st["epoch_seconds"]
         # on CUDA the loss sum stays on the device and is read at the logging interval
         dev_loss = torch.zeros((), dtype=torch.float64, device=dev) if cuda else None
+        if max_steps is not None and st["global_step"] >= int(max_steps):
+            return True  # resumed mid-epoch exactly at a (lowered) train.max_steps: the epoch ends here
         for x, y in self.loader:
             step_no = st["global_step"] + 1  # 1-based number of the step being run
             self.stepped = True

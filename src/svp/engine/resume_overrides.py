@@ -59,6 +59,18 @@ def changes(saved: dict, cfg: dict) -> Dict[str, List[Any]]:
     return out
 
 
+def check_reachable(st: dict, epochs: int, max_steps, run_dir: str) -> None:
+    """Refuse a resume whose (changed) end lies before its resume point: the run would stop at
+    once and report the resume point's weights as those of an end it went past."""
+    if st["epoch"] > epochs or (st["epoch"] == epochs and st["batch"] > 0):
+        raise ResumeError(f"svp train --resume {run_dir}: train.epochs={epochs}, but the resume point is "
+                          f"already {st['batch']} batches into epoch {st['epoch'] + 1}; expected train.epochs >= "
+                          f"{st['epoch'] + 1}")
+    if max_steps is not None and st["global_step"] > int(max_steps):
+        raise ResumeError(f"svp train --resume {run_dir}: train.max_steps={max_steps}, but the resume point is "
+                          f"at step {st['global_step']}; expected train.max_steps >= {st['global_step']} (or null)")
+
+
 def record(cfg: dict, diff: Dict[str, List[Any]], st: dict) -> None:
     """Append a change made at the resume point ``st`` to ``cfg['run']['changes']``."""
     if diff:

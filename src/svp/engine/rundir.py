@@ -75,9 +75,11 @@ class RunFolder:
         if self.dist.is_main:
             # temporaries of writes killed in an earlier process (the lock says none is running)
             remove_stale_temps(self.path)
-            self.write_config()
             if fresh:  # a fresh run never appends to stale metric lines
+                self.write_config()
                 ck.rewrite_jsonl(self.file("metrics.jsonl"), [])
+            # a resumed run writes its config (overrides, run.changes) once its resume point is
+            # loaded and checked: a refused or failed resume leaves the run's record as it was
 
     def write_config(self) -> None:
         ck.atomic_write_text(self.file("config.yaml"), C.dump(self.cfg))

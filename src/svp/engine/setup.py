@@ -69,6 +69,8 @@ def build_datasets(cfg: dict):
             return None
         ds = data.build_dataset(d["dataset"], split, root=d["root"], transform=None, **opts)
         limit = d["max_train_samples"] if training else d["max_eval_samples"]
+        if len(ds) == 0:  # nothing to train on, or a NaN accuracy reported as a result
+            raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
     return make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import zipfile
-from typing import List, Mapping
+from typing import List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -52,8 +52,15 @@ def read_checkpoint(path) -> dict:
     except Exception as e:  # an UnpicklingError names the forbidden global
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "
-            f"argparse.Namespace are allowed; arbitrary pickled code is never run): "
-            f"{' '.join(str(e).split())}") from e  # torch's message spans lines; the CLI prints one
+            f"argparse.Namespace are allowed; arbitrary pickled code is never run): {_unpickle_reason(e)}") from e
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """torch's refusal in one line, without its advice to load with ``weights_only=False``
+    (which would run whatever the file holds; svp never offers that)."""
+    paragraphs = [" ".join(p.split()) for p in str(e).split("\n\n") if p.strip()]
+    kept = [p for p in paragraphs if "weights_only" not in p and "documentation of torch.load" not in p]
+    return " ".join(kept or paragraphs[-1:]) or type(e).__name__
 
 
 def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:
@@ -117,7 +124,9 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
                      len(prompts))
         for k in prompts:
             del out[k]
-    if "pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape:
+    # resampled only across grids of the same width: another width is reported as the file has it
+    if ("pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape
+            and out["pos_embed"].shape[-1] == model.pos_embed.shape[-1]):
         out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
     head = model.head
     for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
@@ -149,11 +158,13 @@ def strict_load(model: nn.Module, state_dict: dict, source: str = "<checkpoint>"
     model.load_state_dict(state_dict, strict=False)
 
 
-def load_checkpoint_into(model, checkpoint, strict: bool = True):
+def load_checkpoint_into(model, checkpoint, strict: bool = True, source: Optional[str] = None):
     """Read ``checkpoint`` (a path, a checkpoint dict or a state dict), adapt it to
     ``model`` (see ``checkpoint_filter_fn``) and load it strictly; the head may be
-    absent (it was dropped because the class count differs)."""
-    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
+    absent (it was dropped because the class count differs). ``source`` names an
+    already-read dict in errors."""
+    if source is None:
+        source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state_dict = checkpoint_filter_fn(extract_state_dict(ckpt, source), model)
     if strict:

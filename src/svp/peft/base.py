@@ -258,8 +258,9 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
         if have != want:
             raise AdapterError(
                 f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
-                f"{want}, but the model given has weight hash {have}; load the same base weights "
-                f"(or pass check_hash=False to force it)")
+                f"{want}, but the model given has weight hash {have}; load the same base weights, built "
+                f"the same way: another img_size resamples the position embedding, so its weights differ "
+                f"too (or pass check_hash=False to force it)")
     config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
     peft = _attach(model, config, base_hash=have)
     try:

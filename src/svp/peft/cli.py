@@ -11,6 +11,11 @@ def _run(args) -> int:
 
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    except ValueError as e:
+        raise ConfigError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from None
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object of model arguments, got {args.model_kwargs!r}")
+    try:
         peft = convert_official_svp(
             args.checkpoint, args.model, args.shared_layers, args.prompt_hidden, args.num_classes, args.out,
             simam=args.simam, two_layer_head=args.two_layer_head, backbone_checkpoint=args.backbone_checkpoint,

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..build import ModelSpec, build_model
+from ..errors import ConfigError
 from ..models.loading import (CheckpointError, extract_state_dict, load_checkpoint_into, mismatch_lines,
                               read_checkpoint)
 from .base import get_peft_model
@@ -92,7 +93,7 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     else:
         if not backbone:
             raise CheckpointError(f"{source}: holds no backbone weights; pass --backbone-checkpoint")
-        load_checkpoint_into(model, {"model": backbone})
+        load_checkpoint_into(model, {"model": backbone}, source=f"{source} (its backbone tensors)")
 
     config = make_config("svp", shared_layers=int(shared_layers), hidden=int(prompt_hidden), compat="official",
                          simam=bool(simam), head="two_layer" if two_layer_head else "linear",
@@ -133,11 +134,15 @@ def official_state_dict(peft_model) -> dict:
 def _read_class_names(path):
     if path is None:
         return None
-    with open(path) as f:
-        if path.endswith(".json"):
-            names = json.load(f)
-        else:
-            names = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                names = json.load(f)
+            else:
+                names = [line.strip() for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--class-names {path}: cannot be read ({e}); expected a JSON list or one class "
+                          f"name per line") from None
     if not isinstance(names, list):
-        raise ValueError(f"{path}: expected a JSON list or one class name per line")
+        raise ConfigError(f"--class-names {path}: expected a JSON list or one class name per line")
     return names

@@ -81,9 +81,12 @@ def _stamp(path: str):
                  for f in ("adapter.safetensors", "adapter_config.json"))
 
 
-def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple]) -> dict:
+def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
+                  recipe: Optional[str] = None) -> dict:
     """Make ``model``'s adapters those of the subfolders of ``root``: load new or changed ones,
-    drop vanished ones. Returns {"loaded", "unchanged", "removed", "refused": {name: why}}."""
+    drop vanished ones. Returns {"loaded", "unchanged", "removed", "refused": {name: why}}.
+    With ``recipe`` (the server's one preprocessing), an adapter trained with another is refused:
+    its answers would come from images prepared in a way it never saw."""
     if not os.path.isdir(root):
         raise AdapterError(f"adapters folder {root!r} does not exist")
     report = {"loaded": [], "unchanged": [], "removed": [], "refused": {}}
@@ -101,6 +104,13 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple])
             if stamps.get(name) == stamp and name in model.adapters:
                 report["unchanged"].append(name)
                 continue
+            if recipe is not None:
+                from ..build import adapter_spec
+                own = adapter_spec(real).extra.get("recipe", "svp")
+                if own != recipe:
+                    raise AdapterError(f"{real}: trained with the image recipe {own!r}, but this server "
+                                       f"prepares every image with {recipe!r} (its first adapter's); serve "
+                                       f"it from a server of its own")
             model.add_adapter(name, real)
             stamps[name] = stamp
             report["loaded"].append(name)
@@ -142,13 +152,19 @@ def finish_image(im, transform: Callable) -> torch.Tensor:
     """Decode an ``open_image`` result and apply ``transform`` -> model input (C, H, W)."""
     from PIL import Image
 
+    from ..data.base import to_rgb
+    from ..errors import DatasetError
+
     try:
         im.load()
-        rgb = im.convert("RGB")
+        # as training and svp predict read images: 16-bit and float pixels scaled, not clipped at 255
+        rgb = to_rgb(im, "the image")
     except Image.DecompressionBombError as e:
         raise RequestError(f"the image is too large: {e}", 413) from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise RequestError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
+    except DatasetError as e:  # a pixel layout no RGB can be made of
+        raise RequestError(str(e), 415) from None
     return transform(rgb)
 
 
@@ -339,8 +355,9 @@ def _metrics():
 
 def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform: Callable,
                cfg: Optional[ServeConfig] = None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-               stamps: Optional[Dict[str, tuple]] = None):
-    """The ASGI app serving ``model``; ``adapters_dir`` is rescanned by POST /v1/adapters/reload."""
+               stamps: Optional[Dict[str, tuple]] = None, recipe: Optional[str] = None):
+    """The ASGI app serving ``model``; ``adapters_dir`` is rescanned by POST /v1/adapters/reload
+    (refusing adapters trained with an image ``recipe`` other than the one ``transform`` applies)."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -401,8 +418,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         if ctype.startswith("application/json"):
             try:
                 obj = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"the JSON body is malformed: {e}") from None
+            except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an over-long integer, deep nesting
+                raise RequestError(f"the JSON body is malformed: {type(e).__name__}: {e}") from None
             if not isinstance(obj, dict):
                 raise RequestError(f"the JSON body must be an object with keys image, adapter, topk; "
                                    f"got {type(obj).__name__}")
@@ -465,6 +482,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                     return await fn(request)
                 except RequestError as e:
                     return error(endpoint, e.status, str(e))
+                except asyncio.CancelledError:  # uvicorn's shutdown timeout (--shutdown-timeout) ran out
+                    return error(endpoint, 503, "the server is shutting down")
                 except (SVPError, ValueError) as e:  # the adapter cannot run this input
                     return error(endpoint, 422, str(e))
                 except Exception as e:  # a bug: still one JSON answer, and the server keeps serving
@@ -502,7 +521,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         if adapters_dir is None:
             raise RequestError("this server was started without an adapters folder", 409)
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(executor, sync_adapters, model, adapters_dir, stamps)
+        report = await loop.run_in_executor(executor, sync_adapters, model, adapters_dir, stamps, recipe)
         metrics["adapters"].set(len(model.adapters))
         if report["refused"]:
             return error("reload", 422, "some adapter folders were refused: " + "; ".join(
@@ -576,11 +595,11 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
     mean = tuple(pcfg.get("mean") or IMAGENET_DEFAULT_MEAN)
     std = tuple(pcfg.get("std") or IMAGENET_DEFAULT_STD)
     img_size = int(vim.patch_embed.img_size[0])
-    transform = FastEvalTransform.wrap(
-        build_transform(spec.extra.get("recipe", "svp"), False, img_size=img_size, mean=mean, std=std))
+    recipe = spec.extra.get("recipe", "svp")
+    transform = FastEvalTransform.wrap(build_transform(recipe, False, img_size=img_size, mean=mean, std=std))
     model = MultiAdapterModel(vim, amp=amp)
     stamps: Dict[str, tuple] = {}
-    report = sync_adapters(model, adapters_dir, stamps)
+    report = sync_adapters(model, adapters_dir, stamps, recipe)
     report["backbone"] = {"model": spec.model, "checkpoint": spec.checkpoint, "weights": spec.weights}
-    app = create_app(model, adapters_dir, transform, cfg, mean=mean, std=std, stamps=stamps)
+    app = create_app(model, adapters_dir, transform, cfg, mean=mean, std=std, stamps=stamps, recipe=recipe)
     return app, report

@@ -6,7 +6,9 @@ import os
 from typing import Optional
 
 from ..build import ModelSpec, adapter_spec
-from ..errors import ConfigError
+from ..data.transforms import RECIPES
+from ..errors import AdapterError, ConfigError, SVPError
+from ..peft.io import ADAPTER_CONFIG
 
 
 def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
@@ -16,16 +18,30 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
     overriding it; with no adapter folder, ``--model`` alone."""
     from .model import check_adapter_dir
 
-    names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith(".")) if os.path.isdir(adapters_dir) else []
+    if not os.path.isdir(adapters_dir):
+        raise ConfigError(f"--adapters {adapters_dir}: no such folder (expected a folder whose subfolders are "
+                          f"adapters)")
+    names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith("."))
+    refused = []
     for name in names:
         try:
             real = check_adapter_dir(adapters_dir, name)
-        except Exception:  # refused folders are reported when the adapters load
+            spec = adapter_spec(real, model_name, checkpoint)
+            recipe = spec.extra.get("recipe", "svp")
+            if recipe not in RECIPES:  # it would become the server's one preprocessing
+                raise AdapterError(f"{os.path.join(real, 'backbone.json')}: image recipe {recipe!r} is not one "
+                                   f"of {', '.join(RECIPES)}")
+        except SVPError as e:  # a refused folder is reported when the adapters load; the next one decides
+            refused.append(f"{name}: {e}")
             continue
-        spec = adapter_spec(real, model_name, checkpoint)
         spec.num_classes = None  # the backbone keeps its own head; each adapter brings its own
         return spec
     if not model_name:
-        raise ConfigError(f"{adapters_dir}: no adapter folder to take the backbone from; pass --model "
-                          f"(and --checkpoint)")
+        if os.path.isfile(os.path.join(adapters_dir, ADAPTER_CONFIG)):
+            raise ConfigError(f"--adapters {adapters_dir}: this is one adapter folder; pass the folder that "
+                              f"holds it (each subfolder is served as one adapter)")
+        found = ("no subfolders" if not names else f"none of its {len(names)} subfolders is a readable adapter ("
+                 + "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else "") + ")")
+        raise ConfigError(f"--adapters {adapters_dir}: {found}, so no backbone to take; pass --model "
+                          f"(and --checkpoint), or add adapter folders (adapter_config.json + adapter.safetensors)")
     return ModelSpec(model=model_name, checkpoint=checkpoint, init_seed=0, extra={"recipe": "svp"})

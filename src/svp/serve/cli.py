@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                    help="mixed: any mix of adapters in one batch; per_adapter: one pass per adapter (comparison)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for inference: torch's, which svp's CPU kernels follow (default: one per core)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="on Ctrl-C / SIGTERM, how long in-flight requests may take to finish before they are "
+                        "cancelled (a client that stalls mid-upload cannot hold the server)")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the large products, the scan in float32 (as svp predict --amp; "
                         "pays on a CPU with avx512_bf16 or amx_bf16, see svp doctor and docs/training.md)")
@@ -68,6 +71,10 @@ def run(args) -> int:
 
     if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise ConfigError("--max-batch must be >= 1, --window-ms >= 0, --max-upload-mb and --max-pixels > 0")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: expected 0-65535")
+    if not args.shutdown_timeout >= 0:
+        raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
@@ -90,6 +97,7 @@ def run(args) -> int:
           f"{len(report['loaded'])} adapters ({', '.join(report['loaded'])}), "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     import uvicorn
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
     _server_class()(config).run()
     return 0

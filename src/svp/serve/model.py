@@ -103,8 +103,11 @@ def _in_place_names(weights_path: str) -> List[str]:
     its ``base_model.*`` tensors that are not LoRA factors."""
     from safetensors import safe_open
 
-    with safe_open(weights_path, framework="pt") as f:
-        keys = list(f.keys())
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # SafetensorError (truncated, empty, not safetensors), an unreadable file
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
     return [k[len("base_model."):] for k in keys
             if k.startswith("base_model.") and ".parametrizations." not in k]
 
@@ -189,7 +192,8 @@ class MultiAdapterModel(nn.Module):
         if info["base_model_hash"] != self.base_hash:
             raise AdapterError(
                 f"{directory}: adapter was trained on base model {info.get('base_model_name')!r} with weight hash "
-                f"{info['base_model_hash']}, but the served backbone has weight hash {self.base_hash}")
+                f"{info['base_model_hash']}, but the served backbone has weight hash {self.base_hash} (other "
+                f"weights, or the same built at another input size: the resampled position embedding differs)")
         own = [n for n in _in_place_names(os.path.join(directory, ADAPTER_WEIGHTS))]
         own += [n for n, _ in self._template.named_parameters() if n.startswith("head.")]
         template_memo = _shared_memo(self._template, own)

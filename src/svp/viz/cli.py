@@ -135,6 +135,14 @@ def run(args) -> int:
         raise VizError(f"--model-args is not valid JSON: {e}") from None
     if not isinstance(model_args, dict):
         raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
+    if args.dpi < 1:
+        raise VizError(f"--dpi {args.dpi}: expected a resolution >= 1")
+    if not 0.0 <= args.alpha <= 1.0:  # also refuses nan
+        raise VizError(f"--alpha {args.alpha}: expected an opacity in 0..1")
+    try:  # before any model is built: a folder that cannot be made fails in a second, not after
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise VizError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from None
     image, stem = load_input_image(args)
     models: Dict[str, torch.nn.Module] = {}
     if not args.no_frozen:
