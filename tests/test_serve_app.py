@@ -255,12 +255,19 @@ def test_an_adapter_trained_with_another_image_recipe_is_refused(server):
     shutil.copytree(os.path.join(server.src, "svp"), server.root / "plain_recipe")
     (server.root / "plain_recipe" / "backbone.json").write_text(
         json.dumps(ModelSpec(H.MINI, extra={"recipe": "plain"}).to_dict()))
+    # an adapter saved from Python (no backbone.json, no base model name) was made with the default recipe
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "bare")
+    cfg = json.loads((server.root / "bare" / "adapter_config.json").read_text())
+    cfg.pop("base_model_name", None)
+    (server.root / "bare" / "adapter_config.json").write_text(json.dumps(cfg))
     try:
         status, body = H.http("POST", server.url + "/v1/adapters/reload")
         assert status == 422 and list(body["refused"]) == ["plain_recipe"], body
         assert "'plain'" in body["refused"]["plain_recipe"] and "'svp'" in body["refused"]["plain_recipe"]
+        assert body["loaded"] == ["bare"], body
     finally:
         shutil.rmtree(server.root / "plain_recipe")
+        shutil.rmtree(server.root / "bare")
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
 
 

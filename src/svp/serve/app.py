@@ -106,7 +106,9 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
                 continue
             if recipe is not None:
                 from ..build import adapter_spec
-                own = adapter_spec(real).extra.get("recipe", "svp")
+                # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
+                has_spec = os.path.isfile(os.path.join(real, "backbone.json"))
+                own = adapter_spec(real).extra.get("recipe", "svp") if has_spec else "svp"
                 if own != recipe:
                     raise AdapterError(f"{real}: trained with the image recipe {own!r}, but this server "
                                        f"prepares every image with {recipe!r} (its first adapter's); serve "
