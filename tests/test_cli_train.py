@@ -415,6 +415,19 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
     assert "nosuch" in capsys.readouterr().err
     assert svp_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    # with a flag as well: still what is wrong first (it said "cannot change data.dataset")
+    assert svp_main(["train", "--resume", str(tmp_path / "nothing"), "--dataset", "digits"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert svp_main(["train", "--dataset", "nonsense", "--print-config"]) == 2
+    assert "unknown dataset 'nonsense'" in capsys.readouterr().err
+    # values only the dataset or the model can judge: one line naming them, no traceback, no run folder
+    for override, words in (("data.options.foo=1", "data.options={'foo': 1}"),
+                            ("data.options.val_from_train=2", "val_from_train must be in (0, 1)"),
+                            ("model.kwargs.depth=0", "depth=0; expected positive integers")):
+        assert svp_main(["train", "-c", cfg, "--name", "bad", override]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        assert not (tmp_path / "runs" / "bad").exists()
 
 
 # ---------------------------------------------------------------- official checkpoint

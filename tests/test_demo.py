@@ -33,11 +33,22 @@ def test_demo_smoke_prints_table_run_folders_and_figure(tmp_path, capsys, predic
     pngs = [f for f in summary["figures"] if f.endswith(".png")]
     assert pngs and all(os.path.isfile(f) for f in pngs)
     assert "gate-activation figures" in text
+    assert "10 classes, 32 train / 32 test)" in text  # the samples it ran on, not digits' whole splits
 
 
 def test_demo_rejects_unknown_method(capsys):
     assert main(["demo", "--methods", "linear,nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--methods", ""], "names no method"), (["--methods", "svp,svp"], "names a method twice"),
+    (["--lr", "-1"], "--lr must be > 0"), (["--max-train-samples", "0"], "--max-train-samples must be >= 1"),
+    (["--max-eval-samples", "-2"], "--max-eval-samples must be >= 1"),
+])
+def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, words):
+    assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow
@@ -50,8 +61,12 @@ def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr()   # was: "run folder ... already holds a run", exit 1
     text = capsys.readouterr().out
-    assert f"set aside in {out / 'previous'} (linear)" in text and "failed" not in text
+    assert f"set aside in {out / 'previous'} (linear, demo_results.json)" in text and "failed" not in text
     again = json.load(open(out / "linear" / "results.json"))
     assert json.load(open(out / "previous" / "linear" / "results.json")) == first
     assert again["final"]["test_top1"] == first["final"]["test_top1"]  # same seed, a fresh run
     assert sorted(os.listdir(out)) == ["demo_results.json", "linear", "previous"]
+    # another method: the previous demo's folders all go, not only those of the methods run now
+    assert main(args[:-3] + ["bitfit", "--no-figure", "--quiet"]) == 0
+    assert sorted(os.listdir(out)) == ["bitfit", "demo_results.json", "previous"]
+    assert sorted(os.listdir(out / "previous")) == ["demo_results.json", "linear"]

@@ -46,12 +46,35 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     ("train.ema_decay=-1", "train.ema_decay=-1"),
     ("train.lr=.inf", "train.lr=inf: expected a non-negative"),
     ("train.weight_decay=.nan", "train.weight_decay=nan: expected a non-negative"),
+    ("train.seed=abc", "train.seed='abc': expected a non-negative integer"),
+    ("model.init_seed=x", "model.init_seed='x': expected a non-negative integer"),
+    ("train.opt_eps=x", "train.opt_eps='x': expected a small positive number"),
+    ("train.lr_scale_base=0", "train.lr_scale_base=0: expected a positive number"),
+    ("run.name=../outside", "run.name='../outside': expected a folder name inside run.output"),
+    ("run.name=/abs/run", "run.name='/abs/run': expected a folder name inside run.output"),
+    ("train.ema_eval=true", "train.ema_eval=true needs train.ema=true"),
 ])
 def test_values_that_would_fail_only_in_training_are_refused_up_front(override, words):
     """Each used to pass validation and then stop the first step (a raw traceback, a divergence
     exit) or, for the EMA decay, train on silently."""
     with pytest.raises(C.ConfigError, match=words):
         C.resolve(overrides=[override], use_presets=False)
+
+
+def test_run_names_may_nest_inside_the_output_folder():
+    # svp sweep names its runs <dataset>/<method>/seed<k>
+    assert C.resolve(overrides=["run.name=digits/svp/seed0"], use_presets=False)["run"]["name"] == "digits/svp/seed0"
+
+
+def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch):
+    from svp.engine.signals import interrupted, resume_command
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_command("R") == "svp train --resume R"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert "torchrun --nproc_per_node=2 -m svp train --resume R" in str(interrupted("R", "SIGINT", "step 3"))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two: the same torchrun command
+    assert resume_command("R") == "the same torchrun command (4 processes) with: -m svp train --resume R"
 
 
 def test_config_file_errors_name_the_file(tmp_path):

@@ -762,6 +762,16 @@ def test_resume_refuses_an_end_before_its_resume_point_and_stops_at_one_on_it(tm
     assert res["steps"] == 3 and res["epochs_run"] == 2
 
 
+def test_only_the_first_process_prints_why_a_run_stopped(tmp_path, capsys, monkeypatch):
+    """Under torchrun every process stops; the message (with its resume command) is printed once."""
+    monkeypatch.setenv("RANK", "1")  # (no WORLD_SIZE: the run itself is one process)
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "a", "debug.stop_at_step=1"]) == 75
+    assert "stopped after step 1" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "b", "debug.stop_at_step=1"]) == 75
+    assert "stopped after step 1" in capsys.readouterr().err
+
+
 def test_resume_refuses_overrides_it_cannot_apply_exactly(tmp_path, capsys, mini_run):
     line = _one_line_error(capsys, svp_main(["train", "--resume", str(mini_run), "train.opt=sgd",
                                              "train.lr=0.1"]), 2, "train.opt")

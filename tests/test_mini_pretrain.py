@@ -1,5 +1,7 @@
 """The procedural source data and the `svp pretrain` loop (tiny configurations)."""
 import argparse
+
+from svp.errors import ConfigError
 import json
 
 import numpy as np
@@ -98,7 +100,13 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
         mod.lr_at = orig
     with open(tmp_path / "resume" / "checkpoint.json") as f:
         assert json.load(f)["step"] == 3
-    pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True), log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"--epochs 2 -> 3"):  # another schedule: not this run's steps
+        pt.pretrain(_args(tmp_path / "resume", epochs=3, ckpt_every=3, resume=True), log=lambda m: None)
+    resumed = pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True, command_line="again"),
+                          log=lambda m: None)
+    # the epoch finished before the resume point stays in the history, with its logged loss
+    assert [h["epoch"] for h in resumed["history"]] == [h["epoch"] for h in full["history"]] == [0, 1]
+    assert resumed["history"][0] == full["history"][0]
 
     a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resume" / "checkpoint.safetensors"))

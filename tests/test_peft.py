@@ -168,6 +168,87 @@ def test_bad_settings_are_clear():
         make_config("vpt_deep", placement="left")
 
 
+@pytest.mark.parametrize("method, settings, words", [
+    ("svp", dict(backbone_train_mode="false"), "backbone_train_mode='false'; expected true or false"),
+    ("svp", dict(use_cross="false"), "use_cross='false'; expected true or false"),
+    ("svp", dict(shared_layers=2.5), "shared_layers=2.5; expected an integer"),
+    ("lora", dict(r=2.9), "r=2.9; expected an integer"),
+    ("vpt_deep", dict(num_tokens=1.5), "num_tokens=1.5; expected an integer"),
+    ("linear", dict(num_classes=True), "num_classes=True; expected an integer"),
+    ("bitfit", dict(patch_embed=1), "patch_embed=1; expected true or false"),
+])
+def test_settings_of_the_wrong_type_are_refused(method, settings, words):
+    """"false" used to switch a setting on and 2.5 to become 2 (recorded as 2.5 in the adapter)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make_config(method, **settings)
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.num_classes, type(model.head),
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [type(m).__name__ for m in model.modules()])
+
+
+def _same_state(a, b):
+    return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+            and a[1:] == b[1:])
+
+
+def test_a_refused_attach_or_load_leaves_the_model_as_it_was(tmp_path):
+    """A config the model cannot take, a damaged adapter file, tensors of another method: each
+    is refused, and the model can still take the right one (no stale head, hooks, flags)."""
+    model = tiny(num_classes=10)
+    before = _state(model)
+    with pytest.raises(ValueError, match="does not divide"):
+        get_peft_model(model, make_config("svp", shared_layers=3, num_classes=5))
+    assert _same_state(before, _state(model))  # the 10-class head was replaced before the refusal
+    lora = get_peft_model(tiny(), make_config("lora", r=2))
+    perturb_method_params(lora)
+    lora.save(tmp_path / "lora")
+    import shutil
+    shutil.copytree(tmp_path / "lora", tmp_path / "damaged")
+    (tmp_path / "damaged" / "adapter.safetensors").write_bytes(b"\0" * 64)
+    other = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    other.save(tmp_path / "svp")
+    shutil.copy(tmp_path / "svp" / "adapter.safetensors", tmp_path / "mixed_up")
+    shutil.copytree(tmp_path / "lora", tmp_path / "mixed")
+    shutil.copy(tmp_path / "mixed_up", tmp_path / "mixed" / "adapter.safetensors")  # lora config, svp tensors
+    model = tiny()
+    before = _state(model)
+    with pytest.raises(AdapterError, match="not a readable safetensors"):
+        load_adapter(model, tmp_path / "damaged")
+    assert _same_state(before, _state(model))
+    with pytest.raises(ValueError, match="does not fit this lora model"):
+        load_adapter(model, tmp_path / "mixed")
+    assert _same_state(before, _state(model))
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(load_adapter(model, tmp_path / "lora")(x), lora.eval()(x))  # no hash error now
+
+
+def test_unload_gives_back_the_backbone_as_trainable_as_it_was():
+    model = tiny()
+    model.layers[0].requires_grad_(False)  # the user's own choice, kept through attach and unload
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    peft = get_peft_model(model, make_config("lora", r=2))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("head.")
+                   and "parametrizations" not in n)
+    back = peft.unload()
+    assert {n: p.requires_grad for n, p in back.named_parameters()} == flags
+
+
+def test_load_adapter_refuses_a_peft_model_and_an_edited_method(tmp_path):
+    peft = get_peft_model(tiny(), make_config("lora", r=2))
+    peft.save(tmp_path / "ad")
+    with pytest.raises(TypeError, match="bare backbone"):
+        load_adapter(peft, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg["method"] = "svp"  # the top-level name no longer matches the settings
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="'method' is 'svp' but 'config' describes 'lora'"):
+        load_adapter(tiny(), tmp_path / "ad")
+
+
 def test_trainable_report_format():
     peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
     lines = peft.trainable_report().splitlines()

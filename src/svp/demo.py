@@ -151,8 +151,13 @@ def set_aside_previous(out: str, methods, echo=print) -> List[str]:
 
     from svp.engine.runlock import describe_holder, holder
 
+    import svp.peft as peft
+
+    # every folder a previous demo wrote, whatever methods it ran: its runs, its figures and its
+    # summary, so that what stays beside the new demo_results.json is this demo's only
+    names = list(dict.fromkeys(list(methods) + list(peft.list_methods()) + ["figures", "demo_results.json"]))
     moved = []
-    for m in methods:
+    for m in names:
         src, dst = os.path.join(out, m), os.path.join(out, "previous", m)
         if not os.path.exists(src):
             continue
@@ -160,7 +165,10 @@ def set_aside_previous(out: str, methods, echo=print) -> List[str]:
         if busy:
             echo(f"{src} is in use by {describe_holder(busy)}; not moved")
             continue
-        shutil.rmtree(dst, ignore_errors=True)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst, ignore_errors=True)
+        elif os.path.exists(dst):
+            os.remove(dst)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         moved.append(dst)
@@ -228,7 +236,9 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
     _atomic_json(os.path.join(out, "demo_results.json"), summary)
 
     echo("\n" + "=" * 84)
-    echo(f"svp demo: digits (sklearn, 10 classes, 1000 train / 500 test), backbone {BACKBONE} "
+    n_train = 1000 if max_train_samples is None else min(1000, max_train_samples)  # digits' splits: 1000 / 500
+    n_test = 500 if max_eval_samples is None else min(500, max_eval_samples)
+    echo(f"svp demo: digits (sklearn, 10 classes, {n_train} train / {n_test} test), backbone {BACKBONE} "
          f"(bundled, pre-trained on IFS fractals)")
     echo(f"same budget for every method: {epochs} epoch(s), batch {batch_size}, cosine, seed {seed}; "
          f"learning rate per method:")
@@ -285,6 +295,19 @@ def _main(args) -> int:
               file=sys.stderr)
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    problems = []
+    if not methods:
+        problems.append(f"--methods {args.methods!r} names no method")
+    if len(set(methods)) != len(methods):
+        problems.append(f"--methods {args.methods!r} names a method twice")
+    if args.lr is not None and not args.lr > 0:
+        problems.append(f"--lr must be > 0, got {args.lr}")
+    for flag, v in (("--max-train-samples", args.max_train_samples), ("--max-eval-samples", args.max_eval_samples)):
+        if v is not None and v < 1:
+            problems.append(f"{flag} must be >= 1, got {v}")
+    if problems:  # before any run starts, not as a table of failed runs
+        print("svp demo: " + "; ".join(problems), file=sys.stderr)
+        return 2
     import svp.peft as peft
     unknown = [m for m in methods if m not in peft.list_methods()]
     if unknown:

@@ -90,7 +90,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue the interrupted run in RUN_DIR with its saved config.yaml (overrides may "
                         "change only train.lr, train.epochs, train.max_steps, train.device, data.root, "
-                        "data.num_workers, run.progress/log_every/tensorboard/save_every_steps and debug.*; "
+                        "data.num_workers, data.cache_images, run.progress/log_every/tensorboard/"
+                        "save_every_steps and debug.*; "
                         "refused while another process trains in RUN_DIR)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-step progress (run.progress=none)")
@@ -241,12 +242,15 @@ def cmd_train(args) -> int:
             return 0
         cfg = C.resolve(args.config, overrides)
         if args.print_config:
+            import svp.data as data
+            data.dataset_info(cfg["data"]["dataset"])  # a name no run could use is an error here too
             print(C.dump(cfg), end="")
             return 0
         train(cfg)
         return 0
     except TrainingStopped as e:
-        _err(str(e))
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, one message, not one a process
+            _err(str(e))
         return e.code
 
 
@@ -305,7 +309,6 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
-    import svp.data as data
     from svp import runtime
 
     from .evaluate import forward_in_chunks

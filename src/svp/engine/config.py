@@ -383,9 +383,28 @@ def validate(cfg: dict) -> None:
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for key in ("train.seed", "model.init_seed"):
+        v = get_key(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{key}={v!r}: expected a non-negative integer")
+    eps = cfg["train"]["opt_eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):
+        raise ConfigError(f"train.opt_eps={eps!r}: expected a small positive number, e.g. 1e-8")
+    base = cfg["train"]["lr_scale_base"]
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or not 0 < base < float("inf"):
+        raise ConfigError(f"train.lr_scale_base={base!r}: expected a positive number (the batch size the "
+                          f"learning rate is given for, e.g. 512)")
+    name = cfg["run"]["name"]
+    if name is not None:
+        norm = os.path.normpath(str(name))
+        if not isinstance(name, str) or not name.strip() or os.path.isabs(norm) or norm.split(os.sep)[0] == "..":
+            raise ConfigError(f"run.name={name!r}: expected a folder name inside run.output (sub-folders "
+                              f"allowed, not an absolute path or one that leaves run.output through '..')")
     ema = cfg["train"]["ema_decay"]
     if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 < ema < 1:
         raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")
+    if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
+        raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 

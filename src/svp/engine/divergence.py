@@ -37,7 +37,7 @@ import torch
 from . import checkpoint as ck
 from .distributed import barrier
 from .progress import log
-from .signals import NonFiniteLoss
+from .signals import NonFiniteLoss, resume_command
 
 Named = Iterable[Tuple[str, torch.Tensor]]
 
@@ -193,7 +193,7 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     where_at = f"at step {step_no} (epoch {st['epoch'] + 1}, batch {batch}/{run.steps_per_epoch}, lr {sched.lr():.3e})"
     if checked is not None:
         where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
-                 f"svp train --resume {folder.path} train.lr=..." if kept else
+                 f"{resume_command(folder.path)} train.lr=..." if kept else
                  "no resume point was written (the run's counters are past those weights): start again with a "
                  "lower train.lr")
         msg = (f"{what} {where_at}; training stopped. train.finite_check=interval checks the state every "
@@ -204,7 +204,7 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
         raise NonFiniteLoss(msg, folder.path, step_no)
     if kept:
         where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
-                 f"svp train --resume {folder.path} train.lr=...")
+                 f"{resume_command(folder.path)} train.lr=...")
         if finite:
             where += f" (the state just before the step is in {before})"
     elif finite:

@@ -35,7 +35,7 @@ from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import load_run_config, load_trainable, run_session
 from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
-                      TrainingStopped, interrupted)
+                      TrainingStopped, interrupted, resume_command)
 
 
 def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
@@ -204,7 +204,7 @@ class Trainer:
                 if red[2] > 0:
                     raise interrupted(self.folder.path, self.signals.name, f"step {st['global_step']}")
                 raise TrainingStopped(f"stopped after step {st['global_step']} (debug.stop_at_step); "
-                                      f"continue with: svp train --resume {self.folder.path}",
+                                      f"continue with: {resume_command(self.folder.path)}",
                                       EXIT_STOPPED, self.folder.path)
             if save_now:
                 self.save_resume(st)

@@ -33,10 +33,10 @@ def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLo
 def load_run_config(run_dir: str, overrides=()) -> dict:
     """The saved ``config.yaml`` of a run with ``debug.*`` reset and ``overrides`` applied
     (only those ``--resume`` can apply exactly: engine/resume_overrides.py)."""
-    check_overrides(C.parse_overrides(overrides), run_dir)
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
+    check_overrides(C.parse_overrides(overrides), run_dir)
     saved = C.load_yaml(path)
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run

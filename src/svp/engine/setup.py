@@ -67,7 +67,12 @@ def build_datasets(cfg: dict):
     def make(split, training):
         if split is None:
             return None
-        ds = data.build_dataset(d["dataset"], split, root=d["root"], transform=None, **opts)
+        try:
+            ds = data.build_dataset(d["dataset"], split, root=d["root"], transform=None, **opts)
+        except (TypeError, ValueError) as e:  # an option the dataset does not take, or a bad value of one
+            if isinstance(e, ConfigError) or not opts:
+                raise
+            raise ConfigError(f"data.options={opts} for dataset {d['dataset']!r}: {e}") from None
         limit = d["max_train_samples"] if training else d["max_eval_samples"]
         if len(ds) == 0:  # nothing to train on, or a NaN accuracy reported as a result
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")

@@ -6,6 +6,7 @@ up at once (``KeyboardInterrupt``).
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Optional
@@ -58,6 +59,18 @@ class Signals:
         self.old = {}
 
 
+def resume_command(run_dir: str) -> str:
+    """The command that continues ``run_dir`` as it was started: a run saved by several
+    processes resumes only with as many (svp refuses another world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return f"svp train --resume {run_dir}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    if local == world:
+        return f"torchrun --nproc_per_node={world} -m svp train --resume {run_dir}"
+    return f"the same torchrun command ({world} processes) with: -m svp train --resume {run_dir}"
+
+
 def interrupted(run_dir: str, signal_name: str, where: str) -> TrainingStopped:
     return TrainingStopped(f"{signal_name} received: stopped after {where}; resume point saved. "
-                           f"Continue with: svp train --resume {run_dir}", EXIT_INTERRUPTED, run_dir)
+                           f"Continue with: {resume_command(run_dir)}", EXIT_INTERRUPTED, run_dir)

@@ -661,6 +661,11 @@ class VisionMamba(nn.Module):
             raise ValueError(f"VisionMamba supports only the middle class token as pooling, got {global_pool!r}")
         if weight_init not in ("official", "skip"):
             raise ValueError(f"VisionMamba weight_init must be 'official' or 'skip', got {weight_init!r}")
+        sizes = dict(patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                     d_state=d_state, d_conv=d_conv, expand=expand)
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:  # depth=0 used to build, then fail in the first forward
+            raise ValueError(f"VisionMamba: {', '.join(bad)}; expected positive integers")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,23 @@ from .io import ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_c
 from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
+
+
+_TYPES = {"int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+          "float": ((int, float), "a number"), "str": ((str,), "a string")}
+
+
+def _check_type(method: str, name: str, annotation, value) -> None:
+    """Refuse a setting whose value is not of its field's type (annotations are strings here:
+    ``from __future__ import annotations``). bool is no int here, and no int is a bool."""
+    kind = str(annotation)
+    optional = kind.startswith("Optional[")
+    kind = kind[len("Optional["):-1] if optional else kind
+    if kind not in _TYPES or (optional and value is None):
+        return
+    types, what = _TYPES[kind]
+    if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+        raise ValueError(f"{method}: {name}={value!r}; expected {what}{' or null' if optional else ''}")
 
 
 @dataclasses.dataclass
@@ -50,6 +67,8 @@ class PeftConfig:
     method = "base"  # class attribute, set by each subclass
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # "false" or 2.5 would otherwise be taken as True or 2
+            _check_type(self.method, f.name, f.type, getattr(self, f.name))
         if self.head not in HEAD_KINDS:
             raise ValueError(f"{self.method}: head={self.head!r}; expected one of {HEAD_KINDS}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
@@ -104,12 +123,15 @@ def _set_head(model: nn.Module, config: PeftConfig):
 class PeftModel(nn.Module):
     """A VisionMamba with one adaptation method applied. ``forward(images) -> logits``."""
 
-    def __init__(self, base_model: nn.Module, config: PeftConfig, method: PeftMethod, base_hash: str):
+    def __init__(self, base_model: nn.Module, config: PeftConfig, method: PeftMethod, base_hash: str,
+                 requires_grad: Optional[Dict[str, bool]] = None):
         super().__init__()
         self.base_model = base_model
         self.method = method
         self.config = config
         self.base_hash = base_hash
+        # the backbone's requires_grad flags before the method froze it, which unload() gives back
+        self._requires_grad = dict(requires_grad or {})
 
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -195,6 +217,9 @@ class PeftModel(nn.Module):
         Parameters the method trained in place (BitFit, full) keep their trained values."""
         self.method.detach(self.base_model)
         setattr(self.base_model, _ATTACHED, False)
+        for n, p in self.base_model.named_parameters():  # as trainable as before the method froze it
+            if n in self._requires_grad:
+                p.requires_grad_(self._requires_grad[n])
         return self.base_model
 
 
@@ -215,6 +240,26 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     return _attach(model, config)
 
 
+class _Snapshot:
+    """What attaching a method changes on a backbone before it can fail: its head, class count
+    and requires_grad flags. ``restore`` puts them back and takes off a half-attached method."""
+
+    def __init__(self, model: nn.Module):
+        self.head, self.num_classes = model.head, getattr(model, "num_classes", None)
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def restore(self, model: nn.Module, method: Optional[PeftMethod] = None) -> None:
+        if method is not None:
+            method.detach(model)
+        setattr(model, _ATTACHED, False)
+        model.head = self.head
+        if self.num_classes is not None:
+            model.num_classes = self.num_classes
+        for n, p in model.named_parameters():
+            if n in self.requires_grad:
+                p.requires_grad_(self.requires_grad[n])
+
+
 def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None) -> PeftModel:
     # base_hash: the pristine backbone's, when the caller has just computed it (hashing Vim-B's
     # weights takes ~0.3 s; load_adapter needs it to check the adapter first)
@@ -228,13 +273,19 @@ def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = Non
     _, method_cls = get_method(config.method)
     if base_hash is None:
         base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
-    _set_head(model, config)
-    method = method_cls(config, model)
-    freeze_for(model, method)
+    before = _Snapshot(model)
+    method = None
+    try:
+        _set_head(model, config)
+        method = method_cls(config, model)
+        freeze_for(model, method)
+    except BaseException:  # a refused config leaves the model as it was (its head, hooks, flags)
+        before.restore(model, method)
+        raise
     for p in method.parameters():
         p.requires_grad_(True)
     setattr(model, _ATTACHED, True)
-    peft = PeftModel(model, config, method, base_hash)
+    peft = PeftModel(model, config, method, base_hash, before.requires_grad)
     # match device/dtype of the backbone for the new parameters
     ref = next(iter(model.parameters()))
     method.to(device=ref.device, dtype=ref.dtype)
@@ -246,6 +297,9 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
     holding the same base weights the adapter was trained on) and return the PeftModel in
     eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
+    if isinstance(model, PeftModel):
+        raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass "
+                        "peft_model.unload(), or a freshly built backbone")
     directory = os.fspath(directory)
     cfg = read_adapter_config(directory)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
@@ -262,13 +316,18 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
                 f"the same way: another img_size resamples the position embedding, so its weights differ "
                 f"too (or pass check_hash=False to force it)")
     config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
-    peft = _attach(model, config, base_hash=have)
-    try:
+    try:  # read before anything is attached: a damaged file leaves the model as it was
         state = load_file(weights, device="cpu")
     except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
         raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
                            f"damaged, save or copy it again") from None
-    peft.load_adapter_state(state, source=weights)
+    before = _Snapshot(model)
+    peft = _attach(model, config, base_hash=have)
+    try:
+        peft.load_adapter_state(state, source=weights)
+    except BaseException:  # tensors that do not fit: take the method off again
+        before.restore(model, peft.method)
+        raise
     peft.class_names = cfg.get("class_names")
     peft.base_model_name = cfg.get("base_model_name")
     return peft.eval()

@@ -92,9 +92,15 @@ def read_adapter_config(directory) -> dict:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("method", "config", "base_model_hash", "num_classes"):
         if key not in cfg:
             raise AdapterError(f"{path}: missing key {key!r}")
+    inner = cfg["config"].get("method") if isinstance(cfg["config"], dict) else None
+    if not isinstance(cfg["config"], dict) or inner != cfg["method"]:
+        raise AdapterError(f"{path}: 'method' is {cfg['method']!r} but 'config' describes "
+                           f"{inner!r}; the file was edited or damaged")
     if cfg.get("format_version", 1) > FORMAT_VERSION:
         raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
                            f"understands ({FORMAT_VERSION})")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..errors import ConfigError
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .fractals import generate_split, make_categories
 
@@ -130,13 +131,19 @@ def pretrain(args, log=print) -> dict:
     step = 0
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     state_json = os.path.join(args.out, "checkpoint.json")
+    history, loss_avg = [], None
     if args.resume and os.path.isfile(ckpt) and os.path.isfile(state_json):
         from safetensors.torch import load_file
+        with open(state_json) as f:
+            saved = json.load(f)
+        _check_resume_args(saved.get("args") or {}, vars_of(args), state_json)
         tensors = load_file(ckpt)
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_optim_state(opt, names, tensors)
-        with open(state_json) as f:
-            step = int(json.load(f)["step"])
+        step = int(saved["step"])
+        # the epochs before the resume point and the loss average: the summary and the model card
+        # report the whole run, and the logged loss goes on as if never stopped
+        history, loss_avg = list(saved.get("history") or []), saved.get("loss_avg")
         log(f"resumed from {ckpt} at step {step}/{total}")
     from .. import ops
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} params; scan backend "
@@ -147,11 +154,11 @@ def pretrain(args, log=print) -> dict:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(_optim_state(opt, names))
         atomic_save_safetensors(ckpt, tensors)
-        atomic_write_json(state_json, {"step": step, "total": total, "args": vars_of(args)})
+        atomic_write_json(state_json, {"step": step, "total": total, "args": vars_of(args), "history": history,
+                                       "loss_avg": loss_avg})
 
-    history = []
     model.train()
-    t_start, loss_avg = time.time(), None
+    t_start = time.time()
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -177,13 +184,13 @@ def pretrain(args, log=print) -> dict:
             el = time.time() - t_start
             log(f"step {step}/{total} epoch {epoch} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{el:.0f}s elapsed")
-        if step % args.ckpt_every == 0 or step == total:
-            save_ckpt()
         if step % steps_per_epoch == 0 or step == total:
             acc = evaluate(model, held_x, held_y)
             history.append({"step": step, "epoch": epoch, "heldout_acc": acc, "loss": loss_avg})
             log(f"epoch {epoch} done: held-out accuracy {acc:.4f}")
             model.train()
+        if step % args.ckpt_every == 0 or step == total:  # after the epoch's record, which it keeps
+            save_ckpt()
     acc = evaluate(model, held_x, held_y)
     summary = {"steps": total, "heldout_accuracy": acc, "heldout_images": int(len(held_y)),
                "chance": 1.0 / args.num_classes, "train_seconds_this_run": round(time.time() - t_start, 1),
@@ -193,6 +200,20 @@ def pretrain(args, log=print) -> dict:
     if args.export:
         export(model, args, summary, cats, log)
     return summary
+
+
+# what may differ between a run and its resume: where it writes, how often it saves, its threads
+_RESUME_FREE = ("out", "resume", "export", "ckpt_every", "threads", "func", "command_line")
+
+
+def _check_resume_args(saved: dict, now: dict, source: str) -> None:
+    """Refuse a resume whose arguments would make another run than the one saved (another
+    schedule, data or model): its steps would not continue the saved ones."""
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}" for k in sorted(saved)
+            if k not in _RESUME_FREE and saved[k] != now.get(k)]
+    if diff:
+        raise ConfigError(f"--resume: {source} was saved by a run with other arguments ({'; '.join(diff)}); "
+                          f"resume with the same ones, or start a new --out")
 
 
 def vars_of(args) -> dict:
