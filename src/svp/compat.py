@@ -72,25 +72,38 @@ def _allowed_globals() -> Dict[str, Any]:
     return rc
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only allow-listed globals (see the module docstring)."""
+class AllowListUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves a global only if ``allowed()`` (``"module.name"`` ->
+    object) holds it; anything else is refused before it can be called. ``refusal`` ends the
+    error message."""
 
-    _allowed: Dict[str, Any] = {}
+    refusal = "(no globals are)"
+
+    def allowed(self) -> Dict[str, Any]:
+        return {}
 
     def find_class(self, module: str, name: str) -> Any:
-        # torch.save writes protocol 2, which spells Python 3 names the Python 2 way
+        # protocol 2 (torch.save's, Python 2's) spells Python 3 names the Python 2 way
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         else:
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return self.allowed()[f"{module}.{name}"]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed {self.refusal}") from None
+
+
+class RestrictedUnpickler(AllowListUnpickler):
+    """torch's weights-only allow-list plus ``argparse.Namespace`` (see the module docstring)."""
+
+    refusal = "(only tensors, containers and argparse.Namespace are)"
+    _allowed: Dict[str, Any] = {}
+
+    def allowed(self) -> Dict[str, Any]:
         if not RestrictedUnpickler._allowed:
             RestrictedUnpickler._allowed = _allowed_globals()
-        try:
-            return RestrictedUnpickler._allowed[f"{module}.{name}"]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"global '{module}.{name}' is not allowed (only tensors, containers and "
-                f"argparse.Namespace are)") from None
+        return RestrictedUnpickler._allowed
 
 
 def _restricted_load(file, **kwargs) -> Any:

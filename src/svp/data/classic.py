@@ -17,15 +17,16 @@ Splits (``train`` / ``val`` / ``test`` / ``trainval``):
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
-import pickle
 import re
 from typing import Dict, List, Tuple
 
 import numpy as np
 
+from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
                    log, missing, require_dir, require_file, seeded_shuffle)
 
@@ -58,26 +59,21 @@ CIFAR_LAYOUT = {
 }
 
 
-class _CifarUnpickler(pickle.Unpickler):
+_REBUILD = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own array rebuild, whatever its module
+
+
+class _CifarUnpickler(AllowListUnpickler):
     """CIFAR's batches are pickles of a dict of bytes, lists and one numpy array; a file under a
     data root is not trusted, so only the globals such a dict needs resolve (numpy's array
     rebuild, and ``_codecs.encode``, which protocol 2 writes bytes with). Anything else, e.g.
     a function a crafted file would call, is refused before it runs."""
 
-    def find_class(self, module: str, name: str):
-        allowed = {
-            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch "
-                                         f"(only numpy arrays, bytes, lists and dicts are)")
-        if module == "_codecs":
-            import codecs
-            return codecs.encode
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own rebuild function, whatever its module
-        return getattr(np, name)
+    refusal = "in a CIFAR batch (only numpy arrays, bytes, lists and dicts are)"
+    _ALLOWED = {"numpy.core.multiarray._reconstruct": _REBUILD, "numpy._core.multiarray._reconstruct": _REBUILD,
+                "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "_codecs.encode": codecs.encode}
+
+    def allowed(self):
+        return self._ALLOWED
 
 
 def _unpickle(path: str) -> dict:

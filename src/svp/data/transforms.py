@@ -19,6 +19,7 @@ Any image size works (``img_size``); all recipes take ``mean``/``std`` overrides
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -26,7 +27,19 @@ from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ..errors import AdapterError
+
 RECIPES = ("svp", "vtab", "plain")
+
+
+def adapter_recipe(extra: dict, adapter_dir: str) -> str:
+    """The recipe an adapter was trained with (its ``backbone.json``'s ``recipe``; ``svp``
+    without one), refused by name when it is none of :data:`RECIPES`."""
+    recipe = extra.get("recipe", "svp")
+    if recipe not in RECIPES:
+        raise AdapterError(f"{os.path.join(adapter_dir, 'backbone.json')}: image recipe {recipe!r} is not one "
+                           f"of {', '.join(RECIPES)}")
+    return recipe
 
 # arguments of timm create_transform used by the official SVP training script
 SVP_TRAIN_ARGS = dict(

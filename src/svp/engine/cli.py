@@ -14,7 +14,6 @@ from . import config as C
 EXIT_CONFIG = 2
 
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
-from ..errors import AdapterError  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -270,13 +269,9 @@ def _check_batch_size(n: int) -> None:
 def _eval_transform(spec, adapter_dir: str):
     """The evaluation transform of the recipe an adapter was trained with (its backbone.json)."""
     import svp.data as data
-    from svp.data.transforms import RECIPES
+    from svp.data.transforms import adapter_recipe
 
-    recipe = spec.extra.get("recipe", "svp")
-    if recipe not in RECIPES:
-        raise AdapterError(f"{os.path.join(adapter_dir, 'backbone.json')}: image recipe {recipe!r} is not one "
-                           f"of {', '.join(RECIPES)}")
-    return data.build_transform(recipe, False, img_size=spec.img_size)
+    return data.build_transform(adapter_recipe(spec.extra, adapter_dir), False, img_size=spec.img_size)
 
 
 def cmd_eval(args) -> int:

@@ -217,9 +217,7 @@ class PeftModel(nn.Module):
         Parameters the method trained in place (BitFit, full) keep their trained values."""
         self.method.detach(self.base_model)
         setattr(self.base_model, _ATTACHED, False)
-        for n, p in self.base_model.named_parameters():  # as trainable as before the method froze it
-            if n in self._requires_grad:
-                p.requires_grad_(self._requires_grad[n])
+        _set_requires_grad(self.base_model, self._requires_grad)  # as trainable as before the method froze it
         return self.base_model
 
 
@@ -255,9 +253,13 @@ class _Snapshot:
         model.head = self.head
         if self.num_classes is not None:
             model.num_classes = self.num_classes
-        for n, p in model.named_parameters():
-            if n in self.requires_grad:
-                p.requires_grad_(self.requires_grad[n])
+        _set_requires_grad(model, self.requires_grad)
+
+
+def _set_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
 
 
 def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None) -> PeftModel:

@@ -6,8 +6,8 @@ import os
 from typing import Optional
 
 from ..build import ModelSpec, adapter_spec
-from ..data.transforms import RECIPES
-from ..errors import AdapterError, ConfigError, SVPError
+from ..data.transforms import adapter_recipe
+from ..errors import ConfigError, SVPError
 from ..peft.io import ADAPTER_CONFIG
 
 
@@ -27,10 +27,7 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
         try:
             real = check_adapter_dir(adapters_dir, name)
             spec = adapter_spec(real, model_name, checkpoint)
-            recipe = spec.extra.get("recipe", "svp")
-            if recipe not in RECIPES:  # it would become the server's one preprocessing
-                raise AdapterError(f"{os.path.join(real, 'backbone.json')}: image recipe {recipe!r} is not one "
-                                   f"of {', '.join(RECIPES)}")
+            adapter_recipe(spec.extra, real)  # it would become the server's one preprocessing
         except SVPError as e:  # a refused folder is reported when the adapters load; the next one decides
             refused.append(f"{name}: {e}")
             continue
