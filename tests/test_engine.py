@@ -53,6 +53,11 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     ("run.name=../outside", "run.name='../outside': expected a folder name inside run.output"),
     ("run.name=/abs/run", "run.name='/abs/run': expected a folder name inside run.output"),
     ("train.ema_eval=true", "train.ema_eval=true needs train.ema=true"),
+    # counts were truncated where used: 0.5 samples kept none, 2.5 steps ran 2
+    ("data.max_train_samples=0.5", "data.max_train_samples=0.5: expected null or a positive integer"),
+    ("train.max_steps=2.5", "train.max_steps=2.5: expected null or a positive integer"),
+    ("debug.stop_at_step=1.5", "debug.stop_at_step=1.5: expected null or a positive integer"),
+    ("train.clip_grad=.nan", r"train.clip_grad=nan: expected null or a positive \(finite\) number"),
 ])
 def test_values_that_would_fail_only_in_training_are_refused_up_front(override, words):
     """Each used to pass validation and then stop the first step (a raw traceback, a divergence

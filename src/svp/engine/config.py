@@ -333,6 +333,14 @@ _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_l
                "train.warmup_epochs", "data.num_workers", "run.save_every_steps", "model.drop_path_rate")
 
 
+_INF = float("inf")
+
+
+def _is_num(v, integer: bool = False) -> bool:
+    """A YAML number (bools are ints in Python, and never a size or a rate here)."""
+    return isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+
+
 def validate(cfg: dict) -> None:
     for key, choices in _CHOICES.items():
         v = get_key(cfg, key)
@@ -340,21 +348,22 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{key}={v!r} is not one of {', '.join(map(str, choices))}")
     for key in _POSITIVE_INT:
         v = get_key(cfg, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not _is_num(v, integer=True) or v < 1:
             raise ConfigError(f"{key}={v!r}: expected a positive integer")
     for key in _NONNEG_NUM:
         v = get_key(cfg, key)
         # `not v >= 0` also refuses nan; inf would only surface as a divergence at the first step
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
+        if not (_is_num(v) and 0 <= v < _INF):
             raise ConfigError(f"{key}={v!r}: expected a non-negative (finite) number")
-    micro = cfg["train"]["micro_batch"]
-    if micro is not None and (not isinstance(micro, int) or isinstance(micro, bool) or micro < 1):
-        raise ConfigError(f"train.micro_batch={micro!r}: expected null or a positive integer")
-    for key in ("train.clip_grad", "train.max_steps", "data.max_train_samples", "data.max_eval_samples",
+    # counts: a fraction was truncated where it was used (max_train_samples=0.5 kept no sample)
+    for key in ("train.micro_batch", "train.max_steps", "data.max_train_samples", "data.max_eval_samples",
                 "debug.nan_at_step", "debug.kill_at_step", "debug.stop_at_step"):
         v = get_key(cfg, key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
-            raise ConfigError(f"{key}={v!r}: expected null or a positive number")
+        if v is not None and not (_is_num(v, integer=True) and v >= 1):
+            raise ConfigError(f"{key}={v!r}: expected null or a positive integer")
+    clip = cfg["train"]["clip_grad"]
+    if clip is not None and not (_is_num(clip) and 0 < clip < _INF):
+        raise ConfigError(f"train.clip_grad={clip!r}: expected null or a positive (finite) number")
     for key in _BOOL:
         v = get_key(cfg, key)
         if not isinstance(v, bool):
@@ -368,7 +377,7 @@ def validate(cfg: dict) -> None:
         if v > top or (v == top and not closed):
             raise ConfigError(f"{key}={v!r}: expected a number in [0, {top}{']' if closed else ')'}")
     img = cfg["data"]["img_size"]
-    if not isinstance(img, int) or isinstance(img, bool) or img < 1:
+    if not _is_num(img, integer=True) or img < 1:
         raise ConfigError(f"data.img_size={img!r}: expected a positive integer (pixels)")
     if not isinstance(cfg["run"].get("changes", []), list):
         raise ConfigError(f"run.changes={cfg['run']['changes']!r}: expected a list (it is written by "
@@ -381,17 +390,17 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"data.cache_images={kept!r} is not one of auto, true, false")
     betas = cfg["train"]["opt_betas"]
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            and all(_is_num(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     for key in ("train.seed", "model.init_seed"):
         v = get_key(cfg, key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not _is_num(v, integer=True) or v < 0:
             raise ConfigError(f"{key}={v!r}: expected a non-negative integer")
     eps = cfg["train"]["opt_eps"]
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < float("inf"):
+    if not (_is_num(eps) and 0 < eps < _INF):
         raise ConfigError(f"train.opt_eps={eps!r}: expected a small positive number, e.g. 1e-8")
     base = cfg["train"]["lr_scale_base"]
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or not 0 < base < float("inf"):
+    if not (_is_num(base) and 0 < base < _INF):
         raise ConfigError(f"train.lr_scale_base={base!r}: expected a positive number (the batch size the "
                           f"learning rate is given for, e.g. 512)")
     name = cfg["run"]["name"]
@@ -401,7 +410,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"run.name={name!r}: expected a folder name inside run.output (sub-folders "
                               f"allowed, not an absolute path or one that leaves run.output through '..')")
     ema = cfg["train"]["ema_decay"]
-    if not isinstance(ema, (int, float)) or isinstance(ema, bool) or not 0 < ema < 1:
+    if not (_is_num(ema) and 0 < ema < 1):
         raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")
     if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
         raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
