@@ -5,12 +5,16 @@ fused CPU paths outside the scan against the module paths they replace.
     python benchmarks/step_ab.py --profile 30                # top ops by self time, and by input shape
     python benchmarks/step_ab.py --ab prompts conv_proj --reps 10
     python benchmarks/step_ab.py --ab all --reps 10 --method svp --batch 8
+    python benchmarks/step_ab.py --droppath-ab --reps 10 --threads 2   # what training in train mode costs
 
 --ab NAME alternates steps with the named fused path switched off (A: the module path) and on
 (B), order flipped every rep, and reports process CPU time per step (min, median): the robust
 comparison on a shared machine. NAME: prompts (SVP's fused prompt step, peft/svp.py), conv_proj
 (the mixer's conv + x_proj node, models/vim.py), all (both). Before the timed steps it runs one
 forward/backward each way and prints the largest relative difference of the gradients.
+--droppath-ab alternates steps with the frozen backbone in eval mode (A: DropPath off) and in train
+mode (B: DropPath drawing its masks, SVP's default since 2026-12-05, as the official recipe), and
+reports process CPU time and wall clock per step (min, median).
 Profiler self times are wall clock: on a loaded machine they include time the process waited.
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--profile", type=int, nargs="?", const=30, default=0)
     ap.add_argument("--ab", nargs="+", default=[], choices=sorted(_REAL) + ["all"])
+    ap.add_argument("--droppath-ab", action="store_true")
     a = ap.parse_args(argv)
     from scan import set_threads   # (this folder is on sys.path: run as a script)
     set_threads(a.threads)
@@ -72,7 +77,20 @@ def main(argv=None):
     step()
     print(f"# {a.model} {a.method} batch {a.batch}, {a.threads} thread(s), load {os.getloadavg()[0]:.1f}")
     names = sorted(_REAL) if "all" in a.ab else a.ab
-    if names:
+    if a.droppath_ab:
+        ts = {False: [], True: []}
+        for i in range(a.reps):
+            for on in ((False, True) if i % 2 == 0 else (True, False)):
+                pm.config.backbone_train_mode = on
+                pm.train()
+                c0, w0 = time.process_time(), time.perf_counter()
+                step()
+                ts[on].append((time.process_time() - c0, time.perf_counter() - w0))
+        for on, label in ((False, "A (backbone in eval mode, DropPath off)"), (True, "B (train mode, DropPath on)")):
+            cpu, wall = [c for c, _ in ts[on]], [w for _, w in ts[on]]
+            print(f"  {label}: CPU ms per step min {min(cpu) * 1e3:.0f}, median {statistics.median(cpu) * 1e3:.0f}; "
+                  f"wall ms min {min(wall) * 1e3:.0f}, median {statistics.median(wall) * 1e3:.0f}")
+    elif names:
         def grads():
             loss = torch.nn.functional.cross_entropy(pm(x), y)
             return torch.autograd.grad(loss, params)

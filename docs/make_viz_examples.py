@@ -7,7 +7,8 @@ The models are exactly those of ``svp demo``: the bundled pre-trained mini Vim
 (``vim_mini_patch4_32``, frozen) and the SVP and VPT-deep adapters the demo trains on
 scikit-learn digits (``<demo-dir>/svp/last``, ``<demo-dir>/vpt_deep/last``). When
 ``--demo-dir`` holds no finished demo, the demo is run into it (``svp demo --methods
-vpt_deep,svp --no-figure`` with the demo's default budget).
+vpt_deep,svp --epochs 3 --batch-size 64 --lr 3e-3 --no-figure``: the budget the pictures of
+docs/visualize.md were made with, which was the demo's default then).
 
 The pictures are drawn by ``svp.viz.cli.visualize`` (the code behind ``svp
 visualize``) for a few digits test images; the object mask is the digit's ink (grey
@@ -33,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BACKBONE = "vim_mini_patch4_32"
 ADAPTERS = {"SVP": "svp", "VPT-deep": "vpt_deep"}  # label -> demo method
+BUDGET = dict(epochs=3, batch_size=64, lr=3e-3, seed=0)  # docs/visualize.md's pictures
 # the figures docs/visualize.md shows (suffixes after viz_digits<i>_)
 KEEP = ("SVP_maps", "compare_update", "diff_update", "diff_forget", "diff_propagation", "curves")
 
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     if runs is None:
         from svp.demo import run_demo
         print(f"no finished demo in {args.demo_dir}: running it (vpt_deep, svp)", flush=True)
-        run_demo(args.demo_dir, methods=tuple(ADAPTERS.values()), figure=False, progress="none")
+        run_demo(args.demo_dir, methods=tuple(ADAPTERS.values()), figure=False, progress="none", **BUDGET)
         runs, summary = demo_runs(args.demo_dir)
         if runs is None:
             print(f"the demo in {args.demo_dir} did not produce both adapters", file=sys.stderr)

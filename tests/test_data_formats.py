@@ -106,11 +106,16 @@ def test_val_from_train(fake, caplog):
     assert again.indices == va.indices
     assert build_dataset("cifar100", "val", root=root, val_from_train=0.5, seed=4).indices != va.indices
     # VTAB: carved from the official training list train800val200
-    v = build_dataset("vtab/cifar", "val", root=root, val_from_train=0.25)
-    t = build_dataset("vtab/cifar", "train", root=root, val_from_train=0.25)
-    assert len(v) + len(t) == 8
-    t2 = build_dataset("vtab/cifar", "train800val200", root=root, val_from_train=0.25)
+    v = build_dataset("vtab/patch_camelyon", "val", root=root, val_from_train=0.25)
+    t = build_dataset("vtab/patch_camelyon", "train", root=root, val_from_train=0.25)
+    assert len(v) == 2 and len(v) + len(t) == 8
+    t2 = build_dataset("vtab/patch_camelyon", "train800val200", root=root, val_from_train=0.25)
     assert t2.indices == t.indices and set(t2.indices).isdisjoint(v.indices)
+    # the fake's 8 images of 100-class CIFAR are alone in their classes: nothing to carve, refused
+    # (an empty validation split used to be returned, and selected epochs on NaN)
+    assert len(build_dataset("vtab/cifar", "train", root=root, val_from_train=0.25)) == 8
+    with pytest.raises(DatasetError, match="leaves the 'val' split empty"):
+        build_dataset("vtab/cifar", "val", root=root, val_from_train=0.25)
     assert len(build_dataset("vtab/cifar", "test", root=root, val_from_train=0.25)) == 4
     # file-backed subsets read their images through the transform
     x, y = build_dataset("dtd", "val", root=root, val_from_train=0.1,
@@ -357,3 +362,74 @@ def test_data_grid_makes_its_output_folder(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert svp_main(["data", "grid", "digits", "--out", str(tmp_path / "afile" / "g.png")]) == 1
     assert "cannot create its folder" in capsys.readouterr().err
+
+
+def test_food101_test_labels_follow_train_json_classes(fake, tmp_path):
+    """The test split numbered test.json's own keys: one key spelled differently shifted every
+    label after it, with no error (a wrong accuracy)."""
+    r = _copy(fake, tmp_path, "food-101")
+    train, test = build_dataset("food101", "train", root=r), build_dataset("food101", "test", root=r)
+    assert test.classes == train.classes
+    meta = os.path.join(r, "food-101", "meta", "test.json")
+    d = json.load(open(meta))
+    last = sorted(d)[-1]
+    d[last.capitalize() if last != last.capitalize() else last + "_x"] = d.pop(last)
+    json.dump(d, open(meta, "w"))
+    with pytest.raises(DatasetError, match=r"test.json lists classes that .*train.json does not"):
+        build_dataset("food101", "test", root=r)
+
+
+def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake, tmp_path, caplog):
+    """macOS's ._x.ppm resource forks were read as images (and failed the check); other files
+    were dropped silently, so a class of .png files ended with no images and check said ok."""
+    r = _copy(fake, tmp_path, "gtsrb", "custom_imagefolder")
+    tdir = os.path.join(r, "gtsrb", "GTSRB", "Training")
+    n = len(build_dataset("gtsrb", "trainval", root=r))
+    open(os.path.join(tdir, "00003", "._00000_00000.ppm"), "wb").write(b"\0\5\26\7 junk")
+    open(os.path.join(tdir, "00003", "notes.txt"), "w").write("x")
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        assert len(build_dataset("gtsrb", "trainval", root=r)) == n  # the GT-*.csv files are not counted
+    assert "ignored 1 file(s) that are not .ppm images" in caplog.text and "notes.txt" in caplog.text
+    for fn in os.listdir(os.path.join(tdir, "00007")):
+        if fn.endswith(".ppm"):
+            os.rename(os.path.join(tdir, "00007", fn), os.path.join(tdir, "00007", fn[:-4] + ".png"))
+    with pytest.raises(DatasetError, match=r"no .ppm images in the class folder\(s\) 00007"):
+        build_dataset("gtsrb", "trainval", root=r)
+    sdir = os.path.join(r, "custom_imagefolder", "train")
+    cls = sorted(os.listdir(sdir))[0]
+    n = len(build_dataset("imagefolder", "train", root=os.path.join(r, "custom_imagefolder")))
+    open(os.path.join(sdir, cls, "._a.jpg"), "wb").write(b"\0\5\26\7 junk")
+    assert len(build_dataset("imagefolder", "train", root=os.path.join(r, "custom_imagefolder"))) == n
+
+
+def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):
+    """One error for a missing image folder (not one per image), the VTAB folder (not HTA's folder
+    of the same name) for a missing task, file:line for a label out of range, the file that
+    differs only in case, and a carved split left empty."""
+    r = _copy(fake, tmp_path, "FGVC/stanford-cars", "dtd", "VTAB/vtab-1k/kitti")
+    # one training image per class (the fake Cars): carving a validation split takes none
+    assert len(build_dataset("cars", "train", root=r)) == 196
+    with pytest.raises(DatasetError, match=r"val_from_train=0.5 of its 196 training items \(train\) leaves the "
+                                           r"'val' split empty"):
+        build_dataset("cars", "val", root=r, val_from_train=0.5)
+    shutil.rmtree(os.path.join(r, "FGVC/stanford-cars/car_ims"))
+    with pytest.raises(DatasetError, match=r"cars image folder 'car_ims' \(named by test.json\) not found") as e:
+        build_dataset("cars", "test", root=r)
+    assert str(e.value).count("car_ims") <= 3  # the folder, not each image
+    with pytest.raises(DatasetError, match=r"VTAB-1k task folder for 'dtd' not found: .*VTAB/vtab-1k/dtd"):
+        build_dataset("vtab/dtd", "test", root=r)
+    lst = os.path.join(r, "VTAB/vtab-1k/kitti/test.txt")
+    lines = open(lst).read().splitlines()
+    path0 = lines[1].rsplit(" ", 1)[0]
+    open(lst, "w").write("\n".join([lines[0], "", f"{path0} 4"] + lines[2:]) + "\n")
+    with pytest.raises(DatasetError, match=r"test.txt:3: label 4 outside 0..3: vtab/kitti has 4 classes"):
+        build_dataset("vtab/kitti", "test", root=r)
+    open(lst, "w").write("\n".join(lines) + "\n")
+    img = os.path.join(r, "VTAB/vtab-1k/kitti", path0)
+    os.rename(img, img[:-4] + ".JPG")
+    with pytest.raises(DatasetError, match=r"\.JPG exists: file names are case-sensitive"):
+        build_dataset("vtab/kitti", "test", root=r)
+    # svp data check: an option the dataset does not take is an ERROR line, not a traceback
+    assert svp_main(["data", "check", "cub200", "--root", r, "--partition", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "unknown option(s) partition" in out

@@ -419,6 +419,8 @@ def test_vtab_table_reports_both_averages_labelled():
     assert cells["Mean of group means"].startswith(f"{60.5:.2f} ± ")
     assert cells["Natural mean"].startswith("80.50 ± 0.71")
     assert cells["dtd"] == "80.50 ± 0.71"
+    from svp.engine.select import mean_std  # one seed: no spread to show ("± 0.00" read as a measured one)
+    assert (mean_std([81.25]), mean_std([]), mean_std([80.0, 81.0])) == ("81.25", "-", "80.50 ± 0.71")
     assert cells["Trainable params (with head)"] == "1,000" and cells["Adapter size"] == "2.0 KiB"
     assert "selected on the validation split" in md
 
@@ -476,3 +478,35 @@ def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypat
     model.seen.clear()
     whole = E.evaluate(model, DS(), None, 70, "cpu", DistInfo())
     assert model.seen == [70] and chunked == whole and whole["n"] == 70
+
+
+def test_a_selection_split_inside_the_training_split_is_warned_about(caplog):
+    """VTAB-1k's val200 is part of train800val200 under other file names (the exporter writes each
+    split's images again): selecting on it while training on train800val200 ran without a word."""
+    import logging
+    import types
+
+    from svp.engine.setup import warn_overlap
+
+    def split(*paths):
+        return types.SimpleNamespace(ds=types.SimpleNamespace(samples=[(p, 0) for p in paths])), None
+    train = split("images/train800val200/0.jpg", "images/train800val200/1.jpg")[0]
+    with caplog.at_level(logging.WARNING, logger="svp.engine"):
+        warn_overlap("vtab/kitti", train, "train800val200", (("data.val_split", "val200", split("images/val200/0.jpg")),
+                                                             ("data.test_split", "test", split("images/test/0.jpg"))))
+    assert "data.val_split=val200 is part of data.train_split=train800val200" in caplog.text
+    assert "data.test_split" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svp.engine"):  # train800 + val200: the tuning protocol, quiet
+        warn_overlap("vtab/kitti", train, "train800", (("data.val_split", "val", split("images/val200/0.jpg")),))
+        assert not caplog.text
+        # any other dataset: by file; a test split sharing training images is a leak
+        warn_overlap("imagefolder", train, "train", (("data.test_split", "test", split("images/train800val200/1.jpg",
+                                                                                      "t/2.jpg")),))
+    assert "data.test_split=test: 1 of its 2 images are also in the training split" in caplog.text
+
+
+def test_the_second_accuracy_is_top2_below_five_classes():
+    """As the official evaluator: top-5 of a 4-class task was always 100%."""
+    from svp.engine.evaluate import top_k
+    assert [top_k(c) for c in (2, 4, 5, 10)] == [2, 2, 5, 5]

@@ -107,8 +107,8 @@ def test_gpu_bytes_counts_what_the_joint_nodes_save():
     reading two and writing one; and so are the sums over rows of the Cross and Inner-up biases'
     gradients, 2 x 24, which SVP's prompt node forms in its kernel (the mixer's nodes have no
     such sums: this part fails if the prompt step's node is not taken). The step is counted in the
-    mode `svp train` runs it in: SVP's frozen backbone with its DropPath off, so no mask is drawn; a
-    fully fine-tuned backbone, in train mode, draws one per DropPath."""
+    mode `svp train` runs it in: SVP's and full fine-tuning's backbones in train mode, where each
+    DropPath draws one mask, and a frozen backbone of another method (LoRA) in eval mode, drawing none."""
     stdout = script("gpu_bytes.py", "--model", "vim_tiny_patch16_224", "--batch", "2", "--configs",
                     "conv+norm+prompt+apart", "conv+norm+prompt", "--top", "60")
     sections = stdout.split("\n## ")[1:]
@@ -123,13 +123,17 @@ def test_gpu_bytes_counts_what_the_joint_nodes_save():
     assert int(n_joint) < int(n_apart)
     assert op(sections[0], "add")[1] - op(sections[1], "add")[1] >= 2 * 23 * 3 * 2 * 197 * 192 * 4 * 0.99
     assert op(sections[0], "sum")[0] - op(sections[1], "sum")[0] >= 2 * 24
-    assert op(sections[0], "bernoulli_") == op(sections[1], "bernoulli_") == (0, 0.0)
-    # where `svp train` runs the backbone in train mode (full fine-tuning), each DropPath draws its mask
+    # SVP trains its frozen backbone in train mode (the official recipe), as full fine-tuning does:
+    # each DropPath draws its mask; LoRA's frozen backbone stays in eval mode and draws none
     import timm
     from timm.layers import DropPath
 
     import svp.models  # noqa: F401  (registers the Vim models)
     n_drop = sum(isinstance(m, DropPath) for m in timm.create_model("vim_tiny_patch16_224", num_classes=100).modules())
+    assert n_drop > 0 and op(sections[0], "bernoulli_")[0] == op(sections[1], "bernoulli_")[0] == n_drop
     full = script("gpu_bytes.py", "--model", "vim_tiny_patch16_224", "--batch", "2", "--method", "full",
                   "--configs", "conv+norm+prompt", "--top", "60")
-    assert n_drop > 0 and op(full, "bernoulli_")[0] == n_drop
+    assert op(full, "bernoulli_")[0] == n_drop
+    lora = script("gpu_bytes.py", "--model", "vim_tiny_patch16_224", "--batch", "2", "--method", "lora",
+                  "--configs", "conv+norm+prompt", "--top", "60")
+    assert op(lora, "bernoulli_") == (0, 0.0)

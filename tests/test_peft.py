@@ -271,14 +271,20 @@ def test_svp_untrained_equals_frozen_backbone(compat):
         ref = tiny()(x)
         peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, compat=compat))
         assert torch.equal(peft.eval()(x), ref)
-        if compat == "paper":  # default: the frozen backbone stays in eval mode (no DropPath) while training
-            peft.train()
-            assert not peft.base_model.layers[-1].drop_path.training
-            assert peft.method.training and peft.base_model.head.training
-            assert torch.equal(peft(x), ref)
-        else:  # official: DropPath active in the frozen backbone during training
-            peft.train()
-            assert peft.base_model.layers[-1].drop_path.training
+        # both modes train as the official recipe does (spec 1.2, 7.5): DropPath active in the frozen
+        # backbone, so two training forwards differ
+        peft.train()
+        assert peft.base_model.layers[-1].drop_path.training
+        assert peft.method.training and peft.base_model.head.training
+        torch.manual_seed(0)
+        a = peft(x)
+        torch.manual_seed(1)
+        assert not torch.equal(peft(x), a)
+        # the switch keeps the frozen backbone in eval mode: the backbone's function in training too
+        clean = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8, compat=compat,
+                                                   backbone_train_mode=False)).train()
+        assert not clean.base_model.layers[-1].drop_path.training and clean.method.training
+        assert torch.equal(clean(x), ref)
 
 
 def test_svp_parameter_count_vim_small():

@@ -149,3 +149,52 @@ def test_conversion_errors_are_clear(tmp_path):
     model = timm.create_model("vim_tiny_patch16_224", img_size=IMG, depth=4, num_classes=3)
     with pytest.raises(AdapterError, match="weight hash"):
         load_adapter(model, tmp_path / "o")
+
+
+def test_a_converted_adapter_records_its_backbone_for_eval_and_predict(tmp_path, capsys):
+    """convert-official-svp at another img_size used to write no backbone.json, so svp eval /
+    predict / serve rebuilt the default 224-px backbone and refused the adapter's weight hash,
+    with no flag to pass the model arguments. The folder now names the checkpoint and the
+    arguments; a folder converted before (no backbone.json) takes them from adapter_config.json."""
+    import os
+
+    from svp.build import load_for_inference
+
+    sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=11)
+    ckpt = tmp_path / "c.pth"
+    torch.save({"model": sd}, ckpt)
+    out = tmp_path / "o"
+    assert svp_main(["convert-official-svp", str(ckpt), "--model", "vim_tiny_patch16_224", "--num-classes", "3",
+                     "--shared-layers", "2", "--prompt-hidden", "64", "--out", str(out),
+                     "--model-kwargs", json.dumps({"img_size": IMG, "depth": 4})]) == 0
+    spec = json.loads((out / "backbone.json").read_text())
+    assert spec["checkpoint"] == os.path.abspath(ckpt) and spec["kwargs"] == {"img_size": IMG, "depth": 4}
+    x = torch.from_numpy(vimref.images(2, IMG, seed=3))
+    model, spec, _ = load_for_inference(str(out))
+    assert spec.img_size == IMG
+    with torch.no_grad():
+        want = official_reference(model.base_model, sd, x, 4, 2, False, False)
+        assert torch.allclose(model(x), want, atol=1e-4, rtol=0)
+    os.remove(out / "backbone.json")  # as written before: the model arguments from adapter_config.json
+    model, spec, _ = load_for_inference(str(out), checkpoint=str(ckpt))
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-4, rtol=0)
+
+
+def test_the_backbone_check_names_every_kind_of_difference(tmp_path):
+    """--backbone-checkpoint compared only the tensors both files share with the model's shapes:
+    a CKPT backbone with a tensor of another shape, or one the model does not have, passed."""
+    from svp.peft.convert import convert_official_svp
+    from svp.models.loading import CheckpointError
+
+    sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=12)
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("prompt_", "head"))}
+    torch.save({"model": backbone}, tmp_path / "bb.pth")
+    bad = dict(sd, foo=torch.zeros(3))
+    bad["layers.0.mixer.in_proj.weight"] = torch.zeros(700, 192)
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"in_proj.weight \(shape \(700, 192\), expected \(768, 192\)\), "
+                                              r"foo \(not a tensor of vim_tiny_patch16_224\)"):
+        convert_official_svp(str(tmp_path / "bad.pth"), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o",
+                             backbone_checkpoint=str(tmp_path / "bb.pth"), model_kwargs={"img_size": IMG, "depth": 4})
+    assert not (tmp_path / "o").exists()

@@ -159,6 +159,16 @@ def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
         backbone_spec(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="one adapter folder"):  # an adapter given instead of its parent
         backbone_spec(str(root / "a"))
+    # a backbone with no weights recorded: the answer is --checkpoint (svp serve has no --pretrained
+    # or --random-init, which the builder's own message named)
+    (root / "a" / "backbone.json").unlink()
+    for kw in ({"model_name": "vim_tiny_patch16_224"}, {}):
+        if not kw:
+            cfg = json.loads((root / "a" / "adapter_config.json").read_text())
+            (root / "a" / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name="vim_tiny_patch16_224")))
+        with pytest.raises(ConfigError, match="vim_tiny_patch16_224.*no weights given.*pass --checkpoint") as e:
+            backbone_spec(str(root), **kw)
+        assert "--pretrained" not in str(e.value) and "--random-init" not in str(e.value)
 
 
 def test_a_broken_first_adapter_does_not_choose_or_stop_the_server(adapters, tmp_path):

@@ -220,6 +220,58 @@ def test_missing_file_and_bad_content_errors(tmp_path):
         load_checkpoint_into(model, str(path))
 
 
+class Foreign:
+    pass
+
+
+def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
+    """A foreign pickled class used to be refused without its name (torch's paragraph naming it
+    was dropped with its advice); a text file ended in a bare ': 101', an empty file in
+    ': EOFError', a folder in 'file not found'."""
+    from svp.models.loading import read_checkpoint
+    torch.save({"model": Foreign()}, tmp_path / "foreign.pth")
+    (tmp_path / "notes.pth").write_text("e\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "adir.pth").mkdir()
+    for name, words in (("foreign.pth", r"it pickles test_vim\.Foreign, which is not on the allow-list"),
+                        ("notes.pth", r"notes.pth: not a readable torch checkpoint \(\w+Error"),
+                        ("empty.pth", "the file is empty"), ("adir.pth", "is a folder; expected a checkpoint file")):
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"layers.0.mixer.D": "text"}, r"\['model'\]: expected a name -> tensor mapping; not tensors: layers.0.mixer.D \(str\)"),
+    ({"pos_embed": torch.zeros(1, 20, 32)}, r"pos_embed has shape \(1, 20, 32\), expected \(1, 17, 32\)"),
+    ({"pos_embed": torch.zeros(17, 32)}, r"pos_embed has shape \(17, 32\), expected \(1, 17, 32\)"),
+])
+def test_malformed_tensors_are_a_checkpoint_error(tmp_path, change, words):
+    """A non-tensor value (AttributeError) and a position embedding that is no square grid or of
+    another rank (ValueError from the resampler) used to end in tracebacks."""
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=64, patch_size=16, stride=16))
+    sd = dict(model.state_dict(), **change)
+    torch.save({"model": sd}, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint_into(timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=64, patch_size=16,
+                                                                                      stride=16)),
+                             str(tmp_path / "m.pth"))
+
+
+def test_a_stride8_grid_loaded_into_a_stride16_model_warns(caplog):
+    """The official *_ft_* files are stride 8 (27 x 27 at 224 px): loaded into the stride-16 model
+    they were resampled silently. Another image size's grid still resamples without a word."""
+    import logging
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=64, patch_size=16, stride=16))
+    sd = model.state_dict()
+    with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
+        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 7 * 7 + 1, 32)))  # (64 - 16) / 8 + 1 = 7
+    assert "7x7 grid is that of a stride-8 model at 64 px" in caplog.text and "_stride8_" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
+        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 3 * 3 + 1, 32)))  # a 48-px grid
+    assert "stride" not in caplog.text
+
+
 def test_train_mode_drop_path_is_stochastic_and_eval_is_deterministic():
     model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(depth=3), drop_path_rate=0.5)
     x = torch.randn(4, 3, 32, 32)

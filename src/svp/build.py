@@ -118,7 +118,8 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     if spec.num_classes is not None:
         kwargs["num_classes"] = int(spec.num_classes)
     if spec.checkpoint and not os.path.isfile(spec.checkpoint):
-        raise CheckpointError(f"checkpoint {spec.checkpoint!r}: file not found")
+        what = "is a folder; expected a checkpoint file" if os.path.isdir(spec.checkpoint) else "file not found"
+        raise CheckpointError(f"checkpoint {spec.checkpoint!r}: {what}")
     lazy = skip_init and weights == "checkpoint"
     if lazy:
         kwargs["weight_init"] = "skip"
@@ -216,7 +217,10 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
         name = model or info.get("base_model_name")
         if not name:
             raise ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
-        spec = ModelSpec(model=name, init_seed=0, extra={"recipe": "svp"})
+        # adapters converted before convert-official-svp wrote backbone.json keep their model arguments here
+        kw = (info.get("extra") or {}).get("model_kwargs") if isinstance(info.get("extra"), dict) else None
+        spec = ModelSpec(model=name, init_seed=0, kwargs=dict(kw) if isinstance(kw, dict) else {},
+                         extra={"recipe": "svp"})
     if model or checkpoint or pretrained or random_init:
         spec.model = model or spec.model
         spec.checkpoint, spec.pretrained, spec.random_init = checkpoint, pretrained, random_init

@@ -131,7 +131,7 @@ def load_image(path: str) -> Image.Image:
             im.load()
             return to_rgb(im, path)
     except FileNotFoundError:
-        raise DatasetError(f"image not found: {path} ({DOCS_HINT})") from None
+        raise DatasetError(f"image not found: {path}{_case_hint(path)} ({DOCS_HINT})") from None
     except DatasetError:
         raise
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError
@@ -189,6 +189,18 @@ class VisionDataset(torch.utils.data.Dataset):
                 f"items={len(self)}, classes={self.num_classes})")
 
 
+def _case_hint(path: str) -> str:
+    """' (... exists ...)' when a file differing from ``path`` only in case does (000001.JPG listed as
+    000001.jpg: a copy made on a case-insensitive file system), else ''."""
+    folder, base = os.path.split(path)
+    try:
+        near = [n for n in os.listdir(folder or ".") if n.lower() == base.lower() and n != base]
+    except OSError:
+        return ""
+    return (f" ({os.path.join(folder, near[0])} exists: file names are case-sensitive here; rename the files "
+            f"or fix the list)") if near else ""
+
+
 class FileListDataset(VisionDataset):
     """Images listed as (path, label) pairs.
 
@@ -221,6 +233,8 @@ class FileListDataset(VisionDataset):
                 else:
                     shown = "\n  ".join(absent[:10])
                     more = f"\n  ... and {len(absent) - 10} more" if len(absent) > 10 else ""
+                    hint = _case_hint(absent[0]).strip()
+                    more += f"\n  {hint}" if hint else ""
                     raise DatasetError(
                         f"{name}/{split}: {len(absent)} of {len(samples) } listed image(s) "
                         f"missing{where}:\n  {shown}{more}\n({DOCS_HINT}; pass "

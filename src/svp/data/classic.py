@@ -213,11 +213,23 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
         raise DatasetError(f"gtsrb: {tdir} must hold the 43 class folders 00000..00042 "
                            f"(docs/datasets.md, All datasets); missing: {', '.join(miss[:10]) or 'none'}; "
                            f"unexpected: {', '.join(sorted(set(found) - set(classes))) or 'none'}")
-    samples = []
+    samples, ignored, empty = [], [], []
     for i, c in enumerate(classes):
+        n = len(samples)
         for fn in sorted(os.listdir(os.path.join(tdir, c))):
+            if fn.startswith("."):  # hidden, e.g. macOS's ._x.ppm resource forks: no images
+                continue
             if fn.lower().endswith(".ppm"):
                 samples.append((os.path.join(tdir, c, fn), i))
+            elif not re.fullmatch(r"GT-\d{5}\.csv", fn):  # each class folder's own annotation file
+                ignored.append(os.path.join(tdir, c, fn))
+        if len(samples) == n:
+            empty.append(c)
+    if empty:
+        raise DatasetError(f"gtsrb: no .ppm images in the class folder(s) {', '.join(empty[:10])} of {tdir} "
+                           f"(docs/datasets.md, All datasets)")
+    if ignored:
+        log.warning("hta/gtsrb: ignored %d file(s) that are not .ppm images, e.g. %s", len(ignored), ignored[0])
     keep = _pick(split, len(samples), seed, shuffle=True)
     samples = [samples[i] for i in keep]
     return FileListDataset(samples, classes, transform, name="hta/gtsrb", split=split,
@@ -278,16 +290,28 @@ def build_food101(root: str, split: str, transform=None, seed: int = 0,
                   skip_bad_images=False, check_files=True, **_) -> FileListDataset:
     _check_split("food101", split)
     base = require_dir(os.path.join(root, "food-101"), "Food-101 folder", FOOD_LAYOUT)
-    which = "test" if split == "test" else "train"
-    mp = require_file(os.path.join(base, "meta", f"{which}.json"),
-                      f"Food-101 split file 'meta/{which}.json'", FOOD_LAYOUT)
-    meta = _food_meta(mp)
-    classes = sorted(meta)
+    # the classes are train.json's for every split: numbering test.json's own keys would shift
+    # every test label after a key that differs (silently wrong accuracy)
+    tp = require_file(os.path.join(base, "meta", "train.json"), "Food-101 split file 'meta/train.json'",
+                      FOOD_LAYOUT)
+    train_meta = _food_meta(tp)
+    classes = sorted(train_meta)
     if len(classes) != 101:
-        raise DatasetError(f"food101: {mp} lists {len(classes)} classes, expected 101 "
+        raise DatasetError(f"food101: {tp} lists {len(classes)} classes, expected 101 "
                            f"(docs/datasets.md, All datasets)")
-    samples = [(os.path.join(base, "images", rel + ".jpg"), i)
-               for i, c in enumerate(classes) for rel in meta[c]]
+    mp, meta = tp, train_meta
+    if split == "test":
+        mp = require_file(os.path.join(base, "meta", "test.json"), "Food-101 split file 'meta/test.json'",
+                          FOOD_LAYOUT)
+        meta = _food_meta(mp)
+        unknown = sorted(set(meta) - set(classes))
+        if unknown:
+            raise DatasetError(f"food101: {mp} lists classes that {tp} does not: {', '.join(unknown[:5])}"
+                               f"{' ...' if len(unknown) > 5 else ''}; expected the same 101 class names "
+                               f"(docs/datasets.md, Food-101)")
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(os.path.join(base, "images", rel + ".jpg"), index[c])
+               for c in sorted(meta) for rel in meta[c]]
     if split != "test":
         samples = [samples[i] for i in _pick(split, len(samples), seed, shuffle=True)]
     return FileListDataset(samples, classes, transform, name="hta/food101", split=split,
@@ -332,9 +356,11 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         for dirpath, _dirs, files in sorted(os.walk(cdir)):
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
+                if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images
+                    continue
                 if fn.lower().endswith(IMG_EXTENSIONS):
                     samples.append((p, i))
-                elif not fn.startswith("."):
+                else:
                     ignored.append(p)
     if ignored:
         log.warning(

@@ -91,7 +91,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
         t0 = time.time()
         try:
             ds = build_dataset(info.name, split, root=root_dir, check_files=False, **options)
-        except (DatasetError, KeyError, ValueError) as e:
+        except (DatasetError, KeyError, ValueError, TypeError) as e:  # TypeError: an option it does not take
             ds = e
         built[split] = (ds, time.time() - t0)
     counts = sorted({ds.num_classes for ds, _ in built.values() if not isinstance(ds, Exception)})

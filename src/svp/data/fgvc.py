@@ -135,6 +135,13 @@ def build_fgvc(key: str, root: str, split: str, transform=None, skip_bad_images:
     index = {i: n for n, i in enumerate(ids)}
     classes = _class_names(ddir, ids, union)
     data = loaded[split]
+    # a missing folder (Flowers' jpg/, Cars' car_ims/, a class folder) is one error, not one per image
+    tops = sorted({p.replace("\\", "/").split("/")[0] for p in data if "/" in p.replace("\\", "/")})
+    absent = [t for t in tops if not os.path.isdir(os.path.join(imgdir, t))]
+    if absent:
+        raise missing(os.path.join(imgdir, absent[0]), f"{key} image folder '{absent[0]}' (named by "
+                      f"{os.path.basename(files[split])}{f' with {len(absent) - 1} more' if len(absent) > 1 else ''})",
+                      fgvc_layout(key))
     samples: List[Tuple[str, int]] = [(os.path.join(imgdir, p), index[str(v)])
                                       for p, v in data.items()]
     if split == "val" and "train" in loaded:

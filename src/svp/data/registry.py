@@ -247,6 +247,10 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
         # train_split=train800val200 + val_from_train never overlaps the carved val
         full = builder(root, official_train, None, **kw)
         tr, va = carve_validation(full.targets, float(val_from_train), seed)
+        if not (va if split == "val" else tr):  # as FileListDataset refuses an empty list
+            raise DatasetError(f"{info.name}: val_from_train={val_from_train} of its {len(full)} training items "
+                               f"({official_train}) leaves the {split!r} split empty; expected a fraction that "
+                               f"keeps images on both sides")
         log.info("%s: carved %d validation items (%.0f%%, seed %d) out of %d training items "
                  "(%s)", info.name, len(va), 100 * float(val_from_train), seed, len(full),
                  official_train)

@@ -12,7 +12,7 @@ path relative to the task folder.
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .base import DOCS_HINT, DatasetError, FileListDataset, missing
 
@@ -51,6 +51,14 @@ VTAB_TEST_SIZES = {
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 # generic names: train/val are the disjoint tuning pair, trainval the official training list
 VTAB_SPLIT_ALIASES = {"train": "train800", "val": "val200", "trainval": "train800val200"}
+# the exporter writes each split's images again under images/<split>/: the same images, other paths
+VTAB_SPLIT_PARTS = {"train800val200": ("train800", "val200")}
+
+
+def vtab_splits_share_images(a: str, b: str) -> bool:
+    """Whether VTAB-1k splits ``a`` and ``b`` (names or aliases) hold the same images."""
+    a, b = VTAB_SPLIT_ALIASES.get(a, a), VTAB_SPLIT_ALIASES.get(b, b)
+    return a == b or b in VTAB_SPLIT_PARTS.get(a, ()) or a in VTAB_SPLIT_PARTS.get(b, ())
 
 VTAB_LAYOUT = """\
 <root>/VTAB/vtab-1k/{task}/
@@ -69,16 +77,20 @@ def vtab_task_dir(root: str, task: str) -> str:
         if os.path.isfile(os.path.join(c, "test.txt")) or os.path.isfile(
                 os.path.join(c, "train800val200.txt")):
             return c
-    for c in candidates:
+    # a task folder without its lists: report the missing list there. The bare <root>/<task> only
+    # counts with a list in it: with VTAB and HTA under one root it is HTA's folder of that name
+    for c in candidates[:2]:
         if os.path.isdir(c):
             return c
     raise missing(candidates[0], f"VTAB-1k task folder for '{task}'",
                   VTAB_LAYOUT.format(task=task))
 
 
-def read_list_file(path: str, base_dir: str, sep: str = " ") -> List[Tuple[str, int]]:
+def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Optional[int] = None,
+                   name: str = "") -> List[Tuple[str, int]]:
     """Parse ``<path><sep><int label>`` lines; blank lines are ignored, anything
-    else malformed raises with file and line number."""
+    else malformed (and, given ``num_classes``, a label outside 0..num_classes-1) raises
+    with file and line number."""
     samples = []
     with open(path, "r", encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(f, 1):
@@ -95,6 +107,9 @@ def read_list_file(path: str, base_dir: str, sep: str = " ") -> List[Tuple[str, 
             except ValueError:
                 raise DatasetError(f"{path}:{lineno}: label {lab!r} is not an integer in line "
                                    f"{line!r} ({DOCS_HINT})") from None
+            if num_classes is not None and not 0 <= label < num_classes:
+                raise DatasetError(f"{path}:{lineno}: label {label} outside 0..{num_classes - 1}: {name} has "
+                                   f"{num_classes} classes (docs/datasets.md, All datasets)")
             samples.append((os.path.join(base_dir, rel), label))
     return samples
 
@@ -110,11 +125,7 @@ def build_vtab(task: str, num_classes: int, root: str, split: str, transform=Non
     lst = os.path.join(tdir, f"{split}.txt")
     if not os.path.isfile(lst):
         raise missing(lst, f"VTAB-1k split list '{split}.txt'", VTAB_LAYOUT.format(task=task))
-    samples = read_list_file(lst, tdir)
-    for i, (_, lab) in enumerate(samples):
-        if not 0 <= lab < num_classes:
-            raise DatasetError(f"{lst}: label {lab} (item {i}) outside 0..{num_classes - 1}: "
-                               f"vtab/{task} has {num_classes} classes (docs/datasets.md, All datasets)")
+    samples = read_list_file(lst, tdir, num_classes=num_classes, name=f"vtab/{task}")
     classes = [str(i) for i in range(num_classes)]
     return FileListDataset(samples, classes, transform, name=f"vtab/{task}", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files, source=lst)

@@ -278,7 +278,7 @@ def cmd_eval(args) -> int:
     import svp.data as data
 
     from .distributed import DistInfo
-    from .evaluate import evaluate
+    from .evaluate import evaluate, top_k
     from .setup import Limited
 
     _check_batch_size(args.batch_size)
@@ -292,11 +292,13 @@ def cmd_eval(args) -> int:
                             f"{args.adapter_dir} predicts {spec.num_classes}")
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
-    r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split})
+    r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
+              "top5_k": top_k(spec.num_classes)})
     if args.json:
         print(json.dumps(r, indent=2))
     else:
-        print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  "
+        print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  "
+              f"top-{top_k(spec.num_classes)} {r['top5']:.2f}%  "
               f"loss {r['loss']:.4f}")
     return 0
 

@@ -31,7 +31,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.pretrained", False, "ask timm for the model's pretrained weights (may download from the hub); the bundled vim_mini_patch4_32 always gets its bundled weights unless model.checkpoint or model.random_init is set"),
     ("model.random_init", False, "a randomly initialised backbone (tests only); without it, a model other than the bundled mini Vim needs model.checkpoint or model.pretrained"),
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
-    ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP compat=official, method.settings.backbone_train_mode=true); a frozen backbone keeps it off"),
+    ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP, method.settings.backbone_train_mode=true); the other frozen backbones keep it off"),
     ("model.init_seed", 0, "seed used when the backbone (or parts missing from the checkpoint) is randomly initialised"),
     # --- method
     ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),

@@ -209,7 +209,7 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
             where += f" (the state just before the step is in {before})"
     elif finite:
         where = (f"a resume point before the step is in {resume} (continue with a lower rate: "
-                 f"svp train --resume {folder.path} train.lr=...)")
+                 f"{resume_command(folder.path)} train.lr=...)")
     else:
         where = "the state was not finite before the step, so no resume point was written"
     msg = (f"{what} {where_at}; training stopped. The batch and the weights before the step are in "

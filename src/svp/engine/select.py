@@ -74,9 +74,11 @@ def results(cfg: dict, history: List[dict], best_epoch: Optional[int], final_tes
 
 
 def mean_std(values: List[float], digits: int = 2) -> str:
-    """``mean ± sample std`` of ``values`` (std 0 for one value; ``-`` for none)."""
+    """``mean ± sample std`` of ``values``; the value alone for one (a sample std of one value is
+    undefined, and "± 0.00" would read as a measured spread); ``-`` for none."""
     if not values:
         return "-"
     import statistics
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {s:.{digits}f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"

@@ -78,7 +78,36 @@ def build_datasets(cfg: dict):
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
-    return make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+    built = make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+    warn_overlap(d["dataset"], built[0][0], d["train_split"],
+                 (("data.val_split", d["val_split"], built[1]), ("data.test_split", d["test_split"], built[2])))
+    return built
+
+
+def warn_overlap(dataset: str, train, train_split: str, others) -> None:
+    """Warn when a split that selects or reports holds images the model trains on (VTAB-1k's
+    val200 is part of train800val200, under other file names): an epoch chosen on it is chosen
+    on training images."""
+    from svp.data import dataset_info
+    from svp.data.vtab import vtab_splits_share_images
+
+    dataset = dataset_info(dataset).name  # 'cub200' -> 'hta/cub200'
+    seen = {p for p, _ in getattr(train.ds, "samples", ())}
+    for key, split, item in others:
+        if item is None:
+            continue
+        if str(dataset).startswith("vtab/") and vtab_splits_share_images(train_split, split):
+            log.warning("%s=%s is part of data.train_split=%s (VTAB-1k): results on it are on training images; "
+                        "select on val200 while training on train800, then refit on train800val200",
+                        key, split, train_split)
+            continue
+        if str(dataset).startswith("hta/") and split == "val":
+            continue  # the FGVC reader has said it already, with its advice (val_from_train)
+        mine = [p for p, _ in getattr(item[0].ds, "samples", ())]
+        both = sum(p in seen for p in mine)
+        if both:
+            log.warning("%s=%s: %d of its %d images are also in the training split (data.train_split=%s): "
+                        "results on it are on training images", key, split, both, len(mine), train_split)
 
 
 def cache_limit_bytes() -> int:

@@ -8,6 +8,8 @@ import argparse
 import logging
 import math
 import os
+import pickle
+import re
 import zipfile
 from typing import List, Mapping, Optional
 
@@ -33,8 +35,12 @@ def read_checkpoint(path) -> dict:
     its weights (model, EMA, two AdamW moments), and only the tensors a caller touches are read
     (Vim-B's 1.5 GB file: 1.2-3.3 s read whole, 0.14 s mapped)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder; expected a checkpoint file (.pth, .pt or .safetensors)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty; expected a checkpoint (.pth, .pt or .safetensors)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -50,15 +56,36 @@ def read_checkpoint(path) -> dict:
         from ..compat import restricted_torch_load
         return restricted_torch_load(path, mmap=mmap)
     except Exception as e:  # an UnpicklingError names the forbidden global
+        if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse
+            first = str(e).split(". ")[0].strip() or "no message"
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); "
+                                  f"expected a whole .pth/.pt written by torch.save, or a .safetensors file") from e
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "
             f"argparse.Namespace are allowed; arbitrary pickled code is never run): {_unpickle_reason(e)}") from e
 
 
+def _refused(e: Exception) -> bool:
+    """Whether the allow-list refused the file (torch's weights-only unpickler, or svp's own on
+    torch < 2.5), as opposed to bytes that are no checkpoint at all."""
+    text = str(e)
+    return isinstance(e, pickle.UnpicklingError) and ("Weights only load failed" in text or "GLOBAL" in text
+                                                      or " is not allowed (" in text)
+
+
 def _unpickle_reason(e: Exception) -> str:
-    """torch's refusal in one line, without its advice to load with ``weights_only=False``
-    (which would run whatever the file holds; svp never offers that)."""
-    paragraphs = [" ".join(p.split()) for p in str(e).split("\n\n") if p.strip()]
+    """torch's refusal in one line, naming the global the file wanted, without torch's advice to
+    load with ``weights_only=False`` (which would run whatever the file holds; svp never offers
+    that)."""
+    text = str(e)
+    found = (re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+             or re.search(r"global '([\w.]+)' is not allowed \(", text))  # svp.compat.AllowListUnpickler's
+    if found:
+        return f"it pickles {found.group(1)}, which is not on the allow-list"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", text)
+    if found:
+        return found.group(1).strip()
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
     kept = [p for p in paragraphs if "weights_only" not in p and "documentation of torch.load" not in p]
     return " ".join(kept or paragraphs[-1:]) or type(e).__name__
 
@@ -72,11 +99,19 @@ def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:
         if isinstance(ckpt.get(key), Mapping):
             if key in ("model_ema", "state_dict_ema"):
                 _logger.warning("%s: no 'model' weights, loading the EMA weights under %r", source, key)
-            return dict(ckpt[key])
+            return _tensors_only(dict(ckpt[key]), f"{source}[{key!r}]")
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt)
     raise CheckpointError(f"{source}: no state dict found; expected one of the keys {list(STATE_DICT_KEYS)} "
                           f"or a bare name->tensor dict, found keys {sorted(ckpt)[:10]}")
+
+
+def _tensors_only(state_dict: dict, source: str) -> dict:
+    bad = [f"{k} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: expected a name -> tensor mapping; not tensors: " + ", ".join(bad[:8])
+                              + (" ..." if len(bad) > 8 else ""))
+    return state_dict
 
 
 def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
@@ -124,16 +159,38 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
                      len(prompts))
         for k in prompts:
             del out[k]
-    # resampled only across grids of the same width: another width is reported as the file has it
-    if ("pos_embed" in out and out["pos_embed"].shape != model.pos_embed.shape
-            and out["pos_embed"].shape[-1] == model.pos_embed.shape[-1]):
-        out["pos_embed"] = resample_pos_embed_midcls(out["pos_embed"], model.patch_embed.grid_size)
+    # resampled only across square grids of the same width: another width, a grid that is not
+    # square, or a tensor of another rank is reported by the strict load as the file has it
+    pos = out.get("pos_embed")
+    if (pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3 and pos.shape[0] == 1
+            and pos.shape[-1] == model.pos_embed.shape[-1] and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
+        _warn_other_stride(math.isqrt(pos.shape[1] - 1), model)
+        out["pos_embed"] = resample_pos_embed_midcls(pos, model.patch_embed.grid_size)
     head = model.head
     for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
         param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
         if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
             del out[name]
     return out
+
+
+def _warn_other_stride(side: int, model: nn.Module) -> None:
+    """A file's grid that is exactly the grid of this model's image size at the other official
+    stride (16 <-> 8) is most likely a checkpoint of the other variant (the ``_ft_`` files are
+    stride 8): resampling it runs, and gives a backbone the file was never trained as."""
+    pe = model.patch_embed
+    img, patch = _pair(getattr(pe, "img_size", 0))[0], _pair(getattr(pe, "patch_size", 0))[0]
+    stride = _pair(getattr(pe, "stride", None) or getattr(getattr(pe, "proj", None), "stride", 0))[0]
+    for other in (8, 16):
+        if img and patch and stride and other != stride and (img - patch) // other + 1 == side:
+            _logger.warning("pos_embed: the checkpoint's %dx%d grid is that of a stride-%d model at %d px, this "
+                            "model has stride %d; resampled to %s. If the file is a stride-%d checkpoint (the "
+                            "official *_ft_* files), build the *_stride%d_* model instead", side, side, other,
+                            img, stride, tuple(pe.grid_size), other, other)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: int = 20) -> List[str]:

@@ -55,9 +55,9 @@ class PeftConfig:
         docs/methods.md, note D6).
     simam: apply parameter-free SimAM to the input image before the patch embedding (docs/methods.md, note D7).
     backbone_train_mode: whether the backbone's own stochastic layers (DropPath) run in training
-        mode while the PeftModel trains. None = the method's default (False for every method
-        that freezes the backbone, i.e. the frozen backbone stays in eval mode; True for full
-        fine-tuning and for SVP with compat='official', as the official code does).
+        mode while the PeftModel trains. None = the method's default (True for full fine-tuning
+        and for SVP, as the official SVP code trains; False for the other methods that freeze
+        the backbone, i.e. their frozen backbone stays in eval mode).
     """
     num_classes: Optional[int] = None
     head: str = "linear"

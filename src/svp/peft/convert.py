@@ -17,6 +17,7 @@ import torch
 
 from ..build import ModelSpec, build_model
 from ..errors import ConfigError
+from ..io import atomic_write_json
 from ..models.loading import (CheckpointError, extract_state_dict, load_checkpoint_into, mismatch_lines,
                               read_checkpoint)
 from .base import get_peft_model
@@ -82,7 +83,13 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
         own = model.state_dict()
         diffs = []
         for k, v in backbone.items():
-            if k in own and tuple(own[k].shape) == tuple(v.shape):
+            if not isinstance(v, torch.Tensor):
+                diffs.append(f"{k} (not a tensor: {type(v).__name__})")
+            elif k not in own:
+                diffs.append(f"{k} (not a tensor of {model_name})")
+            elif tuple(own[k].shape) != tuple(v.shape):
+                diffs.append(f"{k} (shape {tuple(v.shape)}, expected {tuple(own[k].shape)})")
+            else:
                 d = (own[k].float() - v.float()).abs().max().item() if v.numel() else 0.0
                 if d > atol:
                     diffs.append(f"{k} (max |diff| {d:.3g})")
@@ -107,6 +114,15 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
              "backbone_checkpoint": os.fspath(backbone_checkpoint) if backbone_checkpoint is not None else None,
              "model_kwargs": model_kwargs or {}}
     peft.save(out_dir, base_model_name=model_name, class_names=class_names, extra=extra)
+    # the backbone to rebuild for svp eval/predict/serve: the file whose weights the hash is of,
+    # built with the same model arguments (another img_size resamples pos_embed: another hash)
+    weights = backbone_checkpoint if backbone_checkpoint is not None else checkpoint
+    if isinstance(weights, (str, os.PathLike)):
+        kw = dict(model_kwargs or {})
+        spec = ModelSpec(model_name, checkpoint=os.path.abspath(os.fspath(weights)), kwargs=kw,
+                         num_classes=int(num_classes),
+                         class_names=list(class_names or []), extra={"recipe": "svp"})
+        atomic_write_json(os.path.join(os.fspath(out_dir), "backbone.json"), spec.to_dict())
     return peft.eval()
 
 

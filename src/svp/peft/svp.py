@@ -16,8 +16,10 @@ and passes through that block's DropPath when DropPath is active).
 compat='paper' (default): each token's Cross prompt is computed from that token.
 compat='official' (docs/methods.md, note D1): the first half (indices < cls_pos) is prompted as above;
 the second half's Cross prompt at index cls_pos+1+k is G^C of the *already prompted*
-first-half token k, as the official code computes it in place. It also defaults the
-backbone to train mode (DropPath active) while training, as the official recipe does.
+first-half token k, as the official code computes it in place.
+
+In both modes the backbone trains in train mode (its DropPath schedule active), as the official
+recipe does (spec sections 1.2 and 7.5); ``backbone_train_mode=False`` keeps it in eval mode.
 """
 from __future__ import annotations
 
@@ -98,7 +100,9 @@ class SVP(PeftMethod):
         self.depth, self.dim, self.S = depth, dim, S
         self.groups = depth // S
         self.official = config.compat == "official"
-        self.default_backbone_train_mode = self.official
+        # the official recipe puts the whole model in train mode: DropPath drops the frozen
+        # blocks' mixer outputs, and with them the prompts they carry (D2)
+        self.default_backbone_train_mode = True
         # Parameters are created after the backbone, so nn.Linear's default init (as the
         # official code, whose prompters are built after the model's custom init).
         if config.use_inner:

@@ -32,7 +32,7 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             refused.append(f"{name}: {e}")
             continue
         spec.num_classes = None  # the backbone keeps its own head; each adapter brings its own
-        return spec
+        return _with_weights(spec, f"adapter {name}")
     if not model_name:
         if os.path.isfile(os.path.join(adapters_dir, ADAPTER_CONFIG)):
             raise ConfigError(f"--adapters {adapters_dir}: this is one adapter folder; pass the folder that "
@@ -41,4 +41,17 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
                  + "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else "") + ")")
         raise ConfigError(f"--adapters {adapters_dir}: {found}, so no backbone to take; pass --model "
                           f"(and --checkpoint), or add adapter folders (adapter_config.json + adapter.safetensors)")
-    return ModelSpec(model=model_name, checkpoint=checkpoint, init_seed=0, extra={"recipe": "svp"})
+    return _with_weights(ModelSpec(model=model_name, checkpoint=checkpoint, init_seed=0, extra={"recipe": "svp"}),
+                         "--model")
+
+
+def _with_weights(spec: ModelSpec, where: str) -> ModelSpec:
+    """The builder's own message names train's and eval's --pretrained and --random-init, which a
+    server (serving trained adapters) does not take: here the answer is a checkpoint."""
+    try:
+        spec.weights
+    except ConfigError:
+        raise ConfigError(f"model {spec.model!r} ({where}): no weights given, and none recorded (no backbone.json "
+                          f"naming a checkpoint); pass --checkpoint FILE, the backbone the adapters were "
+                          f"trained on") from None
+    return spec
