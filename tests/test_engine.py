@@ -480,13 +480,16 @@ def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypat
     assert model.seen == [70] and chunked == whole and whole["n"] == 70
 
 
-def test_a_selection_split_inside_the_training_split_is_warned_about(caplog):
+def test_a_selection_split_inside_the_training_split_is_warned_about(caplog, monkeypatch):
     """VTAB-1k's val200 is part of train800val200 under other file names (the exporter writes each
     split's images again): selecting on it while training on train800val200 ran without a word."""
     import logging
     import types
 
     from svp.engine.setup import warn_overlap
+
+    # an earlier run's console handler may have stopped svp.engine's records at its own handler
+    monkeypatch.setattr(logging.getLogger("svp.engine"), "propagate", True)
 
     def split(*paths):
         return types.SimpleNamespace(ds=types.SimpleNamespace(samples=[(p, 0) for p in paths])), None
