@@ -5,7 +5,7 @@ Before every layer l, every patch token x (never the class token) becomes
 with the Cross prompter G^C_j(x) = SiLU(W x + b) (D -> D, one per group of S layers),
 the Inner prompter G^I_l(x) = SiLU(Up(Down(x))) (D -> r -> D, no activation between,
 one per layer), and element-wise factors alpha (per group) and beta (per layer),
-both zero-initialised so that an untrained SVP model is exactly the frozen backbone.
+both zero-initialised so that an untrained SVP model is exactly the frozen backbone (in eval mode).
 
 Which stream (docs/methods.md, note D2; as in the official code, in both modes): before layer 0 the
 prompter reads and writes the embedded tokens; before layer l > 0 it reads and writes
