@@ -123,6 +123,8 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
                          num_classes=int(num_classes),
                          class_names=list(class_names or []), extra={"recipe": "svp"})
         atomic_write_json(os.path.join(os.fspath(out_dir), "backbone.json"), spec.to_dict())
+    elif os.path.isfile(os.path.join(os.fspath(out_dir), "backbone.json")):  # from an earlier conversion
+        os.remove(os.path.join(os.fspath(out_dir), "backbone.json"))
     return peft.eval()
 
 
