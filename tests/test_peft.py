@@ -514,3 +514,25 @@ def test_deepcopy_is_independent(method):
                 p.mul_(3.0)
         assert torch.equal(peft(x), before)
         assert not torch.equal(twin(x), before)
+
+
+def test_lora_unload_of_a_deepcopy_leaves_the_other_copy_working():
+    """torch's parametrisation gives the module a class of its own, which a deepcopy (an EMA copy)
+    shares; unload() took the `weight` property off that class and broke the other copy
+    (AttributeError). Repeated targets are refused (the second one was frozen, dead weight)."""
+    import copy
+
+    x = images()
+    with torch.no_grad():
+        ref = tiny()(x)
+        peft = get_peft_model(tiny(), make_config("lora", r=2, targets=("in_proj", "out_proj")))
+        for p in peft.method.parameters():
+            p.add_(0.05)  # a trained adapter: the two copies differ from the backbone
+        twin = copy.deepcopy(peft)
+        want = peft(x)
+        back = twin.unload()
+        assert torch.equal(back(x), ref) and type(back.layers[0].mixer.in_proj) is torch.nn.Linear
+        assert torch.equal(peft(x), want)          # the original still runs, with its adapter
+        assert torch.equal(peft.unload()(x), ref)
+    with pytest.raises(ValueError, match="name in_proj more than once"):
+        make_config("lora", targets=("in_proj", "in_proj"))

@@ -42,6 +42,10 @@ class LoRAConfig(PeftConfig):
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"lora: targets {list(self.targets)} invalid; choose from {TARGETS}")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:  # a second parametrisation would be frozen (only the first is trained) and dead weight
+            raise ValueError(f"lora: targets {list(self.targets)} name {', '.join(twice)} more than once; "
+                             f"expected each at most once")
         if int(self.r) <= 0:
             raise ValueError(f"lora: r must be positive, got {self.r}")
 
@@ -99,6 +103,11 @@ class LoRA(PeftMethod):
         """Remove the parametrisations, keeping the original (un-merged) weights."""
         for _, lin in self._targets:
             if parametrize.is_parametrized(lin, "weight"):
+                # a deepcopy (an EMA copy) shares the class torch made for the parametrised module;
+                # removing the parametrisation deletes its `weight` property from that class, which
+                # would break the other copy: this module gets a class of its own first
+                cls = type(lin)
+                lin.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
         self._targets = []
 
