@@ -258,17 +258,20 @@ def test_malformed_tensors_are_a_checkpoint_error(tmp_path, change, words):
 
 
 def test_a_stride8_grid_loaded_into_a_stride16_model_warns(caplog):
-    """The official *_ft_* files are stride 8 (27 x 27 at 224 px): loaded into the stride-16 model
-    they were resampled silently. Another image size's grid still resamples without a word."""
+    """The official *_ft_* files are stride 8 (27 x 27 at 224 px): loaded into a stride-16 model
+    they were resampled silently. A 224-px stride-16 file (14 x 14) into a model of another size,
+    or the mini's 8 x 8 grid into a 64-px mini (patch 4), resamples without a word."""
     import logging
     model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=64, patch_size=16, stride=16))
     sd = model.state_dict()
     with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
-        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 7 * 7 + 1, 32)))  # (64 - 16) / 8 + 1 = 7
-    assert "7x7 grid is that of a stride-8 model at 64 px" in caplog.text and "_stride8_" in caplog.text
+        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 27 * 27 + 1, 32)))
+    assert "27x27 grid is that of an official stride-8 model at 224 px" in caplog.text and "_stride8_" in caplog.text
     caplog.clear()
+    mini = timm.create_model("vim_mini_patch4_32", img_size=64)
     with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
-        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 3 * 3 + 1, 32)))  # a 48-px grid
+        load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 14 * 14 + 1, 32)))
+        load_checkpoint_into(mini, dict(mini.state_dict(), pos_embed=torch.randn(1, 8 * 8 + 1, mini.embed_dim)))
     assert "stride" not in caplog.text
 
 

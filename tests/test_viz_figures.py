@@ -144,3 +144,36 @@ def test_cli_with_adapter_dirs(tmp_path, image, capsys):
     assert svp_main(common + ["--adapter", str(tmp_path / "svp_adapter")]) == 2  # random base weights
     err = capsys.readouterr().err
     assert "--adapter" in err and "hash" in err
+
+
+def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_nothing(tmp_path):
+    """A patch is object when at least half of its pixels are: the mask was resized to the model
+    input with a nearest-neighbour filter first, so at 224 px a box covering 43% of a patch
+    (12 of 28 pixel columns) counted; and a refused mask left the figures it had already drawn."""
+    vim = tiny_vim(0)  # 32 px, patches of 4: each patch spans 28 x 28 pixels of a 224-px image
+    for cols, want in ((14, 1.0), (13, 0.0), (12, 0.0)):
+        mask = np.zeros((224, 224), np.float32)
+        mask[:, 28 - cols:28] = 1
+        _, grid = mask_to_grid(mask, (32, 32), vim)
+        assert grid[0, 0] == want, (cols, grid[0, 0])
+    mask = np.zeros((40, 40), np.float32)  # 40 -> 32 px: a patch spans 5 pixels, the box 2 of them
+    mask[:, 3:5] = 1
+    assert mask_to_grid(mask, (32, 32), vim)[1][0, 0] == 0
+    from svp.viz.figures import VizError
+    img = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    with pytest.raises(VizError, match="covers 0 of 64 patches"):
+        visualize(img, {"a": vim, "b": tiny_vim(1)}, str(tmp_path / "out"), "x", mask=np.zeros((32, 32)))
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_analyze_restores_every_submodule_mode_and_names_bad_arguments():
+    vim = tiny_vim(0).train()
+    vim.layers[0].eval()  # a caller's mixed modes (a PeftModel trains with its backbone in eval mode)
+    modes = {n: m.training for n, m in vim.named_modules()}
+    maps = analyze(vim, torch.randn(1, 3, 32, 32))
+    assert {n: m.training for n, m in vim.named_modules()} == modes
+    for call, words in ((lambda: maps.region_means(torch.ones(8, 8), "nope"), "unknown quantity 'nope'"),
+                        (lambda: maps.region_means(torch.ones(8, 8), "update", "sideways"), "unknown direction"),
+                        (lambda: maps.map("update", 0, image=3), r"image 3 out of range: 1 image\(s\)")):
+        with pytest.raises(ValueError, match=words):
+            call()

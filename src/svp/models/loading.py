@@ -175,18 +175,20 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
 
 
 def _warn_other_stride(side: int, model: nn.Module) -> None:
-    """A file's grid that is exactly the grid of this model's image size at the other official
-    stride (16 <-> 8) is most likely a checkpoint of the other variant (the ``_ft_`` files are
-    stride 8): resampling it runs, and gives a backbone the file was never trained as."""
+    """The official files are 224 px, patch 16, stride 16 or 8 (the ``_ft_`` ones): a file whose
+    grid is that of the other stride at 224 px (27 against 14) is most likely a checkpoint of the
+    other variant; resampling it runs, and gives a backbone the file was never trained as."""
     pe = model.patch_embed
-    img, patch = _pair(getattr(pe, "img_size", 0))[0], _pair(getattr(pe, "patch_size", 0))[0]
+    patch = _pair(getattr(pe, "patch_size", 0))[0]
     stride = _pair(getattr(pe, "stride", None) or getattr(getattr(pe, "proj", None), "stride", 0))[0]
-    for other in (8, 16):
-        if img and patch and stride and other != stride and (img - patch) // other + 1 == side:
-            _logger.warning("pos_embed: the checkpoint's %dx%d grid is that of a stride-%d model at %d px, this "
-                            "model has stride %d; resampled to %s. If the file is a stride-%d checkpoint (the "
-                            "official *_ft_* files), build the *_stride%d_* model instead", side, side, other,
-                            img, stride, tuple(pe.grid_size), other, other)
+    if patch != 16 or stride not in (8, 16):
+        return
+    other = 24 - stride  # 16 <-> 8
+    if side == (224 - 16) // other + 1 != (224 - 16) // stride + 1:
+        _logger.warning("pos_embed: the checkpoint's %dx%d grid is that of an official stride-%d model at 224 px, "
+                        "this model has stride %d; resampled to %s. If the file is a stride-%d checkpoint (the "
+                        "official *_ft_* files), build the *_stride%d_* model instead", side, side, other,
+                        stride, tuple(pe.grid_size), other, other)
 
 
 def _pair(v):

@@ -316,7 +316,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
                 f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
                 f"{want}, but the model given has weight hash {have}; load the same base weights, built "
                 f"the same way: another img_size resamples the position embedding, so its weights differ "
-                f"too (or pass check_hash=False to force it)")
+                f"too (from Python, load_adapter(..., check_hash=False) forces it)")
     config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
     try:  # read before anything is attached: a damaged file leaves the model as it was
         state = load_file(weights, device="cpu")

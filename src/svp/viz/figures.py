@@ -39,14 +39,26 @@ def prepare_image(img, size: Tuple[int, int], mean, std) -> Tuple[torch.Tensor, 
 
 def mask_to_grid(mask: np.ndarray, size: Tuple[int, int], vim) -> Tuple[np.ndarray, np.ndarray]:
     """Object mask in original pixels -> (mask at model input size, (gh, gw) 0/1 patch mask:
-    a patch is 'object' when at least half of its pixels are)."""
-    from PIL import Image
-    m = Image.fromarray((mask * 255).astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST)
-    m = (np.asarray(m) > 127).astype(np.float32)
+    a patch is 'object' when at least half of its pixels are).
+
+    The coverage is the exact area average of the original pixels, so a patch's share counts
+    every pixel it spans; a nearest-neighbour resize first kept only sampled pixels (a box
+    covering 43% of a patch counted as object at 224 px)."""
+    m = (np.asarray(mask) > 0.5).astype(np.float64)
+    frac = (_area_weights(m.shape[0], size[0]) @ m @ _area_weights(m.shape[1], size[1]).T).astype(np.float32)
     pe = vim.patch_embed
-    cover = torch.nn.functional.avg_pool2d(torch.from_numpy(m)[None, None], kernel_size=pe.patch_size,
+    cover = torch.nn.functional.avg_pool2d(torch.from_numpy(frac)[None, None], kernel_size=pe.patch_size,
                                            stride=pe.stride)[0, 0].numpy()
-    return m, (cover >= 0.5).astype(np.float32)
+    return (frac >= 0.5).astype(np.float32), (cover >= 0.5 - 1e-6).astype(np.float32)
+
+
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in): row i holds the share of each input pixel in output pixel i's span
+    [i n_in / n_out, (i + 1) n_in / n_out): a resize that averages areas exactly."""
+    lo = np.arange(n_out)[:, None] * n_in / n_out
+    hi = lo + n_in / n_out
+    j = np.arange(n_in)[None, :]
+    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0, None) * n_out / n_in
 
 
 def default_layers(depth: int, n: int = 4) -> List[int]:
@@ -84,10 +96,13 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     mean, std = model_mean_std(first)
     x, disp = prepare_image(image, size, mean, std)
     layers = list(layers) if layers is not None else default_layers(depth)
-    maps: Dict[str, GateMaps] = {k: analyze(m, x) for k, m in models.items()}
     mask_in, mask_grid = (None, None)
-    if mask is not None:
+    if mask is not None:  # checked before anything is drawn: a refused mask leaves no figures behind
         mask_in, mask_grid = mask_to_grid(mask, size, first)
+        if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
+            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "
+                           "need object and background patches for the curves")
+    maps: Dict[str, GateMaps] = {k: analyze(m, x) for k, m in models.items()}
     written = []
     for k, g in maps.items():
         written.append(plot_model_heatmaps(g, disp, os.path.join(out_dir, f"{prefix}_{_safe(k)}_maps.png"), layers,
@@ -100,9 +115,6 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
             written.append(plot_difference(maps, disp, os.path.join(out_dir, f"{prefix}_diff_{q}.png"), layers,
                                            q, direction, mask_outline=mask_in, dpi=dpi))
     if mask_grid is not None:
-        if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
-            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "
-                           "need object and background patches for the curves")
         curves = region_curves(maps, mask_grid, quantities, direction)
         written.append(plot_region_curves(curves, os.path.join(out_dir, f"{prefix}_curves.png"), quantities,
                                           direction, dpi=dpi))

@@ -262,13 +262,18 @@ class GateMaps:
 
     def map(self, quantity: str, layer: int, direction: str = "both", image: int = 0) -> torch.Tensor:
         """(gh, gw) map of one quantity, layer, direction and image."""
+        self._check(quantity, direction, image)
+        if not -self.depth <= layer < self.depth:
+            raise ValueError(f"layer {layer} out of range for a model of depth {self.depth}")
+        return self.grid[quantity][image, layer, DIRECTIONS.index(direction)]
+
+    def _check(self, quantity: str, direction: str, image: int) -> None:
         if quantity not in QUANTITIES:
             raise ValueError(f"unknown quantity {quantity!r}; choose from {', '.join(QUANTITIES)}")
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
-        if not -self.depth <= layer < self.depth:
-            raise ValueError(f"layer {layer} out of range for a model of depth {self.depth}")
-        return self.grid[quantity][image, layer, DIRECTIONS.index(direction)]
+        if not -self.num_images <= image < self.num_images:
+            raise ValueError(f"image {image} out of range: {self.num_images} image(s) were analysed")
 
     def extra_tokens(self, layer: int) -> int:
         return int((self.layout[layer] == EXTRA).sum())
@@ -320,6 +325,7 @@ class GateMaps:
         """Per-layer mean over patches inside / outside ``mask`` ((gh, gw) weights in [0, 1],
         e.g. the fraction of each patch covered by the object). Returns two (depth,) tensors.
         For ``propagation`` the mean is taken over finite values only."""
+        self._check(quantity, direction, image)
         mask = torch.as_tensor(mask, dtype=torch.float32)
         if tuple(mask.shape) != tuple(self.grid_size):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the patch grid {self.grid_size}")
@@ -340,10 +346,11 @@ class GateMaps:
 @torch.no_grad()
 def analyze(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> GateMaps:
     """Run ``model`` (eval mode, no grad) on normalised ``images`` (n, 3, H, W) and return
-    the recorded :class:`GateMaps`. The model's train/eval mode is restored afterwards."""
+    the recorded :class:`GateMaps`. The train/eval mode of every submodule is restored afterwards
+    (a PeftModel trains with parts in eval mode; so may a caller's model)."""
     if images.ndim != 4:
         raise ValueError(f"images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with GateRecorder(model) as rec:
@@ -351,4 +358,5 @@ def analyze(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> Gat
                 model(images[start:start + batch_size])
         return rec.result()
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training

@@ -183,7 +183,8 @@ def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
                              squeeze=False, gridspec_kw={"height_ratios": [1] * len(others) + [0.08]})
     for c, layer in enumerate(layers):
         base = models[ref].grid[quantity][0, layer, d].numpy()
-        diffs = [models[m].grid[quantity][0, layer, d].numpy() - base for m in others]
+        with np.errstate(invalid="ignore"):  # -inf - -inf where a patch cannot reach the class token: nan, drawn clear
+            diffs = [models[m].grid[quantity][0, layer, d].numpy() - base for m in others]
         fin = np.concatenate([x[np.isfinite(x)].ravel() for x in diffs])
         lim = float(np.abs(fin).max()) if fin.size else 0.0
         lim = lim if lim > 0 else 1e-12
