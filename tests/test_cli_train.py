@@ -502,3 +502,19 @@ def test_python_api_takes_a_partial_config(tmp_path):
     import svp.data
     assert saved["data"]["img_size"] == svp.data.load_preset("faces")["img_size"]  # preset filled the rest
     assert res["final"]["test_samples"] == 4 and res["run_dir"] == str(tmp_path / "api")
+
+
+def test_the_ema_decays_from_its_first_update(tmp_path):
+    """As the official ModelEma: at decay 0.99996 the average after two steps is still (almost) the
+    initial weights. Given the step, timm's ModelEmaV3 used decay 0 for steps 0 and 1, so the EMA
+    became the weights after step 1 (one AdamW step of lr 0.05 away)."""
+    cfg = tiny_config(tmp_path, method={"settings": METHOD_SETTINGS})
+    assert svp_main(["train", "-c", cfg, "--name", "init", "train.max_steps=2", "train.lr=0"]) == 0
+    assert svp_main(["train", "-c", cfg, "--name", "ema", "train.max_steps=2", "train.ema=true",
+                     "train.ema_eval=true", "train.ema_decay=0.99996"]) == 0
+    assert svp_main(["train", "-c", cfg, "--name", "plain", "train.max_steps=2"]) == 0
+    (_, _, init), (_, _, ema), (_, _, plain) = (_read_run(str(tmp_path / "runs" / n)) for n in ("init", "ema", "plain"))
+    moved = max((plain["last"][k] - init["last"][k]).abs().max().item() for k in init["last"])
+    assert moved > 0.01   # the weights themselves moved
+    for k in init["last"]:
+        assert (ema["last"][k] - init["last"][k]).abs().max().item() < 1e-3 * moved, k

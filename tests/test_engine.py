@@ -513,3 +513,34 @@ def test_the_second_accuracy_is_top2_below_five_classes():
     """As the official evaluator: top-5 of a 4-class task was always 100%."""
     from svp.engine.evaluate import top_k
     assert [top_k(c) for c in (2, 4, 5, 10)] == [2, 2, 5, 5]
+
+
+def test_each_seed_starts_from_its_own_head():
+    """The linear head was drawn under model.init_seed (default 0) whatever train.seed said, so the
+    seeds of a sweep differed only in data order: a too small spread over seeds."""
+    from svp.build import build_backbone
+    from svp.engine.setup import model_spec
+
+    def head(*overrides):
+        cfg = C.resolve(overrides=["data.dataset=digits", "model.name=vim_tiny_patch16_224", "model.random_init=true",
+                                   "model.kwargs={img_size: 32, patch_size: 8, stride: 8, depth: 1, embed_dim: 16}",
+                                   *overrides], use_presets=False)
+        spec = model_spec(cfg, 10, [str(i) for i in range(10)])
+        return spec.init_seed, build_backbone(spec).head.weight
+    (s0, h0), (s1, h1) = head("train.seed=0"), head("train.seed=1")
+    assert (s0, s1) == (0, 1) and not torch.equal(h0, h1)
+    (a, ha), (b, hb) = head("train.seed=0", "model.init_seed=5"), head("train.seed=1", "model.init_seed=5")
+    assert a == b == 5 and torch.equal(ha, hb)
+
+
+def test_mixup_in_batch_mode_refuses_an_odd_batch_up_front():
+    """timm's Mixup asserts an even batch in every mode: batch mode (the presets') crashed at the
+    first step with a bare AssertionError and left the run folder."""
+    from svp.engine.setup import build_mixup
+    for mode in ("batch", "pair", "elem"):
+        cfg = C.resolve(overrides=["data.dataset=digits", "train.mixup=0.8", "train.batch_size=33",
+                                   f"train.mixup_mode={mode}"], use_presets=False)
+        with pytest.raises(C.ConfigError, match="need an even train.batch_size .* got 33"):
+            build_mixup(cfg, 10)
+    cfg = C.resolve(overrides=["data.dataset=digits", "train.mixup=0.8", "train.batch_size=32"], use_presets=False)
+    assert build_mixup(cfg, 10) is not None

@@ -32,7 +32,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.random_init", False, "a randomly initialised backbone (tests only); without it, a model other than the bundled mini Vim needs model.checkpoint or model.pretrained"),
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
     ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP, method.settings.backbone_train_mode=true); the other frozen backbones keep it off"),
-    ("model.init_seed", 0, "seed used when the backbone (or parts missing from the checkpoint) is randomly initialised"),
+    ("model.init_seed", None, "seed the model's random parts (a new head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head"),
     # --- method
     ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
     ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden); a block named after a method (method.settings.svp.hidden=32) applies to that method only"),
@@ -394,8 +394,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     for key in ("train.seed", "model.init_seed"):
         v = get_key(cfg, key)
-        if not _is_num(v, integer=True) or v < 0:
-            raise ConfigError(f"{key}={v!r}: expected a non-negative integer")
+        if (v is not None or key == "train.seed") and (not _is_num(v, integer=True) or v < 0):
+            raise ConfigError(f"{key}={v!r}: expected a non-negative integer" + (" or null" if "init" in key else ""))
     eps = cfg["train"]["opt_eps"]
     if not (_is_num(eps) and 0 < eps < _INF):
         raise ConfigError(f"train.opt_eps={eps!r}: expected a small positive number, e.g. 1e-8")

@@ -173,8 +173,8 @@ class Trainer:
             if red[1] > 0:
                 self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
             self._step(loss, st, step_no, loss_val, x_in, y, accumulated=chunks > 1)
-            if self.ema is not None:
-                self.ema.update(self.model, step=st["global_step"])
+            if self.ema is not None:  # no step: the decay from the first update, as the official
+                self.ema.update(self.model)  # ModelEma (given a step, ModelEmaV3 copies the weights twice)
             st["global_step"] += 1
             st["batch"] += 1
             st["epoch_steps"] += 1

@@ -188,8 +188,16 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
     return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,
                      pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
                      img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),
-                     kwargs=dict(m["kwargs"] or {}), init_seed=int(m["init_seed"]),
+                     kwargs=dict(m["kwargs"] or {}), init_seed=init_seed(cfg),
                      extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"]})
+
+
+def init_seed(cfg: dict) -> int:
+    """The seed the model's random parts are drawn under: ``model.init_seed``, else ``train.seed``,
+    so that each seed of a sweep starts from its own head (the official code seeds before it
+    builds the model); backbone.json records the number, for svp eval/predict."""
+    s = cfg["model"]["init_seed"]
+    return int(cfg["train"]["seed"] if s is None else s)
 
 
 def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
@@ -252,9 +260,9 @@ def build_mixup(cfg: dict, num_classes: int):
         return None
     from timm.data import Mixup
 
-    if t["mixup_mode"] in ("pair", "elem") and int(t["batch_size"]) % 2:
-        raise ConfigError(f"train.mixup_mode={t['mixup_mode']!r} needs an even train.batch_size, "
-                          f"got {t['batch_size']}")
+    if int(t["batch_size"]) % 2:  # timm's Mixup asserts it at the first step, in every mode
+        raise ConfigError(f"train.mixup / train.cutmix need an even train.batch_size (timm's Mixup mixes "
+                          f"pairs of images), got {t['batch_size']}; or set train.mixup=0 train.cutmix=0")
     return Mixup(mixup_alpha=float(t["mixup"]), cutmix_alpha=float(t["cutmix"]), prob=float(t["mixup_prob"]),
                  switch_prob=float(t["mixup_switch_prob"]), mode=t["mixup_mode"],
                  label_smoothing=float(t["smoothing"]), num_classes=num_classes)
