@@ -271,6 +271,37 @@ def test_an_adapter_trained_with_another_image_recipe_is_refused(server):
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
 
 
+def test_reload_rechecks_an_adapter_whose_recipe_changed(server):
+    """A reload compared only the weight and config files: an adapter whose backbone.json changed to
+    another recipe stayed served (a fresh server refused it)."""
+    from svp.build import ModelSpec
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "moving")
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 200 and body["loaded"] == ["moving"], body
+        (server.root / "moving" / "backbone.json").write_text(
+            json.dumps(ModelSpec(H.MINI, extra={"recipe": "plain"}).to_dict()))
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422 and list(body["refused"]) == ["moving"], body
+        assert H.predict(server.url, H.png_bytes(40), "moving")[0] == 404  # no longer served
+    finally:
+        shutil.rmtree(server.root / "moving")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+
+
+def test_media_types_are_case_insensitive_and_only_raster_formats_are_opened(server):
+    img = H.png_bytes(40)
+    body = json.dumps({"image": base64.b64encode(img).decode(), "adapter": "svp"}).encode()
+    assert H.http("POST", server.url + "/v1/predict", body, {"Content-Type": "Application/JSON"})[0] == 200
+    # PostScript would go to Ghostscript where it is installed: refused before PIL's EPS plugin reads it
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    code, out = H.predict(server.url, eps, "svp")
+    assert code == 415 and "served format" in out["error"], out
+    body = json.dumps({"image": base64.b64encode(img).decode(), "adapter": 5}).encode()
+    code, out = H.http("POST", server.url + "/v1/predict", body, {"Content-Type": "application/json"})
+    assert code == 400 and "'adapter' must be a string" in out["error"], out
+
+
 @pytest.mark.parametrize("mode", ["I;16", "F"])
 def test_high_bit_depth_uploads_are_read_as_training_reads_them(tmp_path, mode):
     """16-bit and float images are scaled to 8 bits as svp.data.load_image does (svp train,

@@ -77,8 +77,15 @@ class ServeConfig:
 
 # -- adapters folder -----------------------------------------------------------------------
 def _stamp(path: str):
-    return tuple((os.stat(os.path.join(path, f)).st_mtime_ns, os.stat(os.path.join(path, f)).st_size)
-                 for f in ("adapter.safetensors", "adapter_config.json"))
+    """What a reload compares: the adapter's files, and its backbone.json (its image recipe, which
+    the server checks), absent or not."""
+    def one(f):
+        full = os.path.join(path, f)
+        if f == "backbone.json" and not os.path.exists(full):
+            return None
+        st = os.stat(full)
+        return st.st_mtime_ns, st.st_size
+    return tuple(one(f) for f in ("adapter.safetensors", "adapter_config.json", "backbone.json"))
 
 
 def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
@@ -129,6 +136,16 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
 
 
 # -- images ------------------------------------------------------------------------------------
+SERVED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO", "TGA")
+
+
+def _served_formats():
+    from PIL import Image
+
+    Image.init()  # every plugin registered (Image.open with formats= looks them up)
+    return [f for f in SERVED_FORMATS if f in Image.OPEN]
+
+
 def open_image(data: bytes, cfg: ServeConfig):
     """Bytes of an image file -> a PIL image whose header was read and checked (size limits),
     not yet decoded."""
@@ -138,10 +155,11 @@ def open_image(data: bytes, cfg: ServeConfig):
         raise RequestError("the image is empty (0 bytes)")
     if len(data) > cfg.max_upload_bytes:
         raise RequestError(f"the image is {len(data)} bytes; the limit is {cfg.max_upload_bytes}", 413)
-    try:
-        im = Image.open(io.BytesIO(data))
+    try:  # raster formats only: EPS would hand a client's PostScript to Ghostscript where it is installed
+        im = Image.open(io.BytesIO(data), formats=_served_formats())
     except UnidentifiedImageError:
-        raise RequestError("the upload is not an image PIL can read (expected PNG, JPEG, ...)", 415) from None
+        raise RequestError(f"the upload is not an image of a served format ({', '.join(SERVED_FORMATS)})",
+                           415) from None
     except Image.DecompressionBombError as e:
         raise RequestError(f"the image is too large: {e}", 413) from None
     w, h = im.size
@@ -417,7 +435,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         """(image bytes, adapter name, topk) from a multipart form or a JSON body."""
         body = await read_body(request)
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("application/json"):
+        kind = ctype.split(";")[0].strip().lower()  # media types are case-insensitive
+        if kind == "application/json":
             try:
                 obj = json.loads(body)
             except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an over-long integer, deep nesting
@@ -435,7 +454,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             except (binascii.Error, ValueError) as e:
                 raise RequestError(f"'image' is not valid base64: {e}") from None
             adapter, topk = obj.get("adapter"), obj.get("topk", 5)
-        elif ctype.startswith("multipart/form-data"):
+        elif kind == "multipart/form-data":
             sent = {"done": False}
 
             async def replay():
@@ -456,8 +475,11 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         else:
             raise RequestError(f"Content-Type {ctype or '(none)'!r}: send multipart/form-data (fields image, "
                                f"adapter, topk) or application/json (image in base64)", 415)
-        if not isinstance(adapter, str) or not adapter:
+        if adapter is None or adapter == "":
             raise RequestError("missing 'adapter': the name of a loaded adapter (GET /v1/adapters)")
+        if not isinstance(adapter, str):
+            raise RequestError(f"'adapter' must be a string, the name of a loaded adapter (GET /v1/adapters); "
+                               f"got {type(adapter).__name__} {adapter!r}")
         if adapter not in model.adapters:
             raise RequestError(f"unknown adapter {adapter!r}; loaded: {sorted(model.adapters)}", 404)
         if want_topk:
