@@ -203,3 +203,21 @@ def test_demo_preset_holds_the_best_validation_lr_of_each_method():
     assert lrs["svp"][0] == preset["lr"]["svp"] and "validation" in lrs["svp"][1]
     assert lrs["lora"] == (SHARED_LR, "no preset for this method: shared default, not tuned")
     assert method_lrs(["svp"], lr=0.5)["svp"][0] == 0.5
+
+
+def test_vtab_tuning_trains_on_train800_and_scores_on_val200():
+    """The VTAB presets train on train800val200, which holds val200: the grid was scored on its
+    own training images, and the refit trained on train800val200+val (val200 twice)."""
+    from svp.engine import config as C
+    from svp.engine import tune as T
+
+    def pair(ds, *overrides):
+        cfg = C.resolve(overrides=[f"data.dataset={ds}", *overrides])
+        return T.selection_splits(ds, cfg), cfg
+    (train, val), cfg = pair("vtab/dtd")
+    assert cfg["data"]["train_split"] == "train800val200" and (train, val) == ("train800", "val")
+    cfg["data"].update(train_split=train, val_split=val, max_train_samples=None, max_eval_samples=None)
+    assert T.refit_split(cfg) == "train800+val"
+    assert pair("cub200")[0] == ("train", "val")                       # HTA: its own train / val
+    assert pair("vtab/dtd", "data.train_split=train800")[0] == ("train800", "val")
+    assert pair("vtab/dtd", "data.val_split=val200")[0] == ("train800val200", "val200")  # the user's pair stays

@@ -403,10 +403,11 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
     for ds, group in all_ds:
         for m in methods:
             base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides, base)
-            val_split = T.selection_val_split(ds, base_cfg)
+            train_split, val_split = T.selection_splits(ds, base_cfg)
 
-            def make_config(point, seed, run_dir, refit_run, ds=ds, m=m, val_split=val_split):
-                ov = list(overrides) + T.point_overrides(point) + [f"data.val_split={val_split}"]
+            def make_config(point, seed, run_dir, refit_run, ds=ds, m=m, train_split=train_split, val_split=val_split):
+                ov = list(overrides) + T.point_overrides(point) + [f"data.train_split={train_split}",
+                                                                   f"data.val_split={val_split}"]
                 cfg = run_config(ds, m, seed, output, os.path.relpath(run_dir, output), config_files, ov, base)
                 if refit_run:
                     cfg["data"]["train_split"] = T.refit_split(cfg)

@@ -145,15 +145,25 @@ def refit_split(cfg: dict) -> str:
     return f"{tr}+{va}"
 
 
-def selection_val_split(dataset: str, cfg: dict) -> str:
-    """The validation split the grid is scored on: the configuration's, or the
-    dataset's own selection split when the configuration has none (mini suite)."""
-    if cfg["data"]["val_split"]:
-        return str(cfg["data"]["val_split"])
+def selection_splits(dataset: str, cfg: dict) -> Tuple[str, str]:
+    """(training split, validation split) of the grid: the configuration's own validation split
+    with its training split; else the dataset's selection pair, its training part in place of the
+    official training split (VTAB-1k: train800 / val200, where the presets train on
+    train800val200, which holds val200: scored on its own training images and refit on val200
+    twice); a training split the user chose stays; else a validation split carved by val_from_train, whose remainder
+    the configured training split returns."""
+    d = cfg["data"]
+    if d["val_split"]:
+        return str(d["train_split"]), str(d["val_split"])
     import svp.data as data
     info = data.dataset_info(dataset)
-    if info.selection_splits.get("val") or (cfg["data"]["options"] or {}).get("val_from_train"):
-        return "val"
+    if info.selection_splits.get("val"):
+        train = d["train_split"]
+        if train == info.default_splits.get("train") and info.selection_splits.get("train"):
+            train = info.selection_splits["train"]  # the official training split: its selection part
+        return str(train), "val"
+    if (d["options"] or {}).get("val_from_train"):
+        return str(d["train_split"]), "val"
     raise C.ConfigError(f"--tune needs a validation split and {info.name} has none: carve one out of the "
                         f"training split with data.options.val_from_train=0.1 (or set data.val_split)")
 
