@@ -197,3 +197,26 @@ def test_the_documented_suite_mini_command_builds_mini_vim_runs(tmp_path, monkey
     assert {c["train"]["epochs"] for c in calls} == {10}
     svp_cfg = next(c for c in calls if c["method"]["name"] == "svp")
     assert svp_cfg["method"]["settings"]["svp"] == {"shared_layers": 4, "hidden": 16}
+
+
+def test_an_interrupted_plain_sweep_exits_130_with_advice_and_bad_lists_are_refused(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a run of a sweep without --tune ended in a traceback and exit 1 ("some runs
+    failed"); --seeds a named no flag; an empty or repeated list ran nothing or a run twice."""
+    from svp.cli import main as svp_main
+    from svp.engine.signals import EXIT_INTERRUPTED, TrainingStopped
+
+    def stopped(cfg=None, *, resume=None, overrides=None):
+        raise TrainingStopped("SIGINT received: stopped after step 3; resume point saved. Continue with: "
+                              "svp train --resume x", EXIT_INTERRUPTED, "x")
+    monkeypatch.setattr(loop, "train", stopped)
+    base = ["sweep", "--suite", "mini", "--methods", "linear", "--datasets", "digits", "--output", str(tmp_path / "s")]
+    assert svp_main(base) == EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert "sweep interrupted" in err and "run the same svp sweep command again" in err and "Traceback" not in err
+    for extra, words in ((["--seeds", "a"], "--seeds 'a': expected comma-separated integers"),
+                         (["--seeds", ","], "--seeds ',': expected at least one value"),
+                         (["--seeds", "0,0"], "--seeds names 0 more than once"),
+                         (["--methods", "linear,linear"], "--methods names linear more than once"),
+                         (["--jobs", "0"], "--jobs 0: expected a positive number")):
+        assert svp_main(base + extra) == 2
+        assert words in capsys.readouterr().err

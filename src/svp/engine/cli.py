@@ -344,28 +344,53 @@ def cmd_predict(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    # the command's own console handler, for as long as it runs (one left behind would write to
+    # the stderr of the first call: a closed stream when called again from Python or a test)
+    sweep_log = logging.getLogger("svp.engine.sweep")
+    sweep_log.setLevel(logging.INFO)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("sweep: %(message)s"))
+    sweep_log.addHandler(h)
+    try:
+        return _sweep(args)
+    finally:
+        sweep_log.removeHandler(h)
+
+
+def _sweep(args) -> int:
     from .sweep import sweep
 
-    logging.getLogger("svp.engine.sweep").setLevel(logging.INFO)
-    if not logging.getLogger("svp.engine.sweep").handlers:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("sweep: %(message)s"))
-        logging.getLogger("svp.engine.sweep").addHandler(h)
     overrides = list(args.overrides or [])
     for flag, key in (("data_root", "data.root"), ("model", "model.name"), ("checkpoint", "model.checkpoint")):
         v = getattr(args, flag)
         if v is not None:
             overrides.insert(0, f"{key}={json.dumps(v)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
+    except ValueError:
+        raise C.ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
+    for flag, values in (("--methods", methods), ("--seeds", seeds), ("--datasets", datasets or [None])):
+        if not values:
+            raise C.ConfigError(f"{flag} {getattr(args, flag[2:])!r}: expected at least one value")
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # the same run twice: duplicate rows, and a spread over copies
+            raise C.ConfigError(f"{flag} names {', '.join(twice)} more than once")
+    if args.jobs is not None and args.jobs < 1:
+        raise C.ConfigError(f"--jobs {args.jobs}: expected a positive number of worker processes")
+    from .signals import TrainingStopped
+    try:
         out = sweep(args.suite, methods, seeds, args.output or os.path.join("sweeps", args.suite), datasets,
                     args.config, overrides, args.fail_fast, args.tune, args.tune_refit, args.jobs)
     except ValueError as e:
         if isinstance(e, C.ConfigError):
             raise
         raise C.ConfigError(str(e)) from None
+    except TrainingStopped as e:  # Ctrl-C / SIGTERM inside a run: its resume point is saved
+        _err(f"sweep interrupted ({e.__class__.__name__}: {str(e).split('.')[0]}); run the same svp sweep "
+             f"command again: finished runs are reused, the interrupted one resumes")
+        return e.code
     print(open(out["markdown"], encoding="utf-8").read())
     print(f"wrote {out['csv']} and {out['markdown']}" + (f" and {out['json']}" if out.get("json") else ""))
     failed = sum(r["status"] == "failed" for r in out["rows"])

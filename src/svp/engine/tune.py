@@ -265,7 +265,7 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
     diff = config_differences(saved, cfg)
     if diff:
         raise C.ConfigError(
-            f"run folder {run_dir} holds a {'finished' if finished else 'interrupted'} run made with another "
+            f"run folder {run_dir} holds {'a finished' if finished else 'an interrupted'} run made with another "
             f"configuration than this sweep's (run folder -> sweep: "
             f"{'; '.join(f'{k}: {v}' for k, v in diff.items())}), so it "
             f"is not {'reused' if finished else 'resumed'}; use another --output for the new configuration, "
@@ -334,7 +334,9 @@ class Runner:
             else:
                 todo.append((i, run_dir, cfg))
         if todo:
-            log.info("%d run(s) to train, %d reused", len(todo), len(tasks) - len(todo))
+            failed = sum(o is not None and o[0] is None for o in out)  # refused folders, bad configurations
+            log.info("%d run(s) to train, %d reused%s", len(todo), len(tasks) - len(todo) - failed,
+                     f", {failed} failed before training" if failed else "")
         if self.jobs == 1 or len(todo) <= 1:
             for i, run_dir, cfg in todo:
                 out[i] = _run_safely(run_dir, cfg)
