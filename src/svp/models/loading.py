@@ -15,7 +15,7 @@ from typing import List, Mapping, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, to_2tuple
 
 _logger = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def _warn_other_stride(side: int, model: nn.Module) -> None:
     grid is that of the other stride at 224 px (27 against 14) is most likely a checkpoint of the
     other variant; resampling it runs, and gives a backbone the file was never trained as."""
     pe = model.patch_embed
-    patch = _pair(getattr(pe, "patch_size", 0))[0]
-    stride = _pair(getattr(pe, "stride", None) or getattr(getattr(pe, "proj", None), "stride", 0))[0]
+    patch, stride = to_2tuple(pe.patch_size)[0], to_2tuple(pe.stride)[0]
     if patch != 16 or stride not in (8, 16):
         return
     other = 24 - stride  # 16 <-> 8
@@ -189,10 +188,6 @@ def _warn_other_stride(side: int, model: nn.Module) -> None:
                         "this model has stride %d; resampled to %s. If the file is a stride-%d checkpoint (the "
                         "official *_ft_* files), build the *_stride%d_* model instead", side, side, other,
                         stride, tuple(pe.grid_size), other, other)
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: int = 20) -> List[str]:

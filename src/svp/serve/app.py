@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import functools
 import io
 import json
 import logging
@@ -139,11 +140,12 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
 SERVED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "ICO", "TGA")
 
 
-def _served_formats():
+@functools.lru_cache(maxsize=None)
+def _served_formats() -> tuple:
     from PIL import Image
 
     Image.init()  # every plugin registered (Image.open with formats= looks them up)
-    return [f for f in SERVED_FORMATS if f in Image.OPEN]
+    return tuple(f for f in SERVED_FORMATS if f in Image.OPEN)
 
 
 def open_image(data: bytes, cfg: ServeConfig):
