@@ -191,6 +191,42 @@ def test_sigterm_saves_a_resume_point(tmp_path):
     assert st["global_step"] >= 2 and len(st["history"]) >= 1
 
 
+@pytest.mark.slow
+def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_path):
+    """A process manager may signal the sweep's process, not its group: the workers, which
+    get no signal, stop at the sweep's request after their step, with resume points."""
+    out = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "svp", "sweep", "--suite", "mini", "--methods", "linear",
+                             "--seeds", "0,1", "--datasets", "digits", "--jobs", "2", "--output", str(out),
+                             "train.epochs=2000", "data.max_train_samples=8", "data.max_eval_samples=8",
+                             "train.batch_size=4", "eval.every=1", "run.progress=none"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    runs = [out / "digits" / "linear" / f"seed{s}" for s in (0, 1)]
+    try:
+        t0 = time.time()
+        while not all((r / "metrics.jsonl").exists() and (r / "metrics.jsonl").read_text().strip() for r in runs):
+            assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = descendants(proc.pid)
+        assert workers
+        proc.send_signal(signal.SIGTERM)  # to the sweep alone
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGTERM received: the running runs stop" in err and "run the same svp sweep command again" in err
+    from svp.engine.checkpoint import load_state
+    for r in runs:
+        st = load_state(str(r / "resume.safetensors"))
+        assert st["global_step"] >= 2 and not (r / "results.json").exists()
+    time.sleep(0.5)
+    left = [p for p in workers if os.path.exists(f"/proc/{p}") and
+            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not left, f"worker processes still running: {left}"
+
+
 # ---------------------------------------------------------------- non-finite loss
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
     cfg = tiny_config(tmp_path)

@@ -391,6 +391,10 @@ def _sweep(args) -> int:
         _err(f"sweep interrupted ({e.__class__.__name__}: {str(e).split('.')[0]}); run the same svp sweep "
              f"command again: finished runs are reused, the interrupted one resumes")
         return e.code
+    except KeyboardInterrupt as e:  # --jobs N: the workers' runs stopped (svp.engine.tune.Runner)
+        _err(f"sweep interrupted ({str(e).split(';')[0] or 'KeyboardInterrupt'}); run the same svp sweep "
+             f"command again: finished runs are reused, interrupted ones resume from their resume points")
+        return 130
     print(open(out["markdown"], encoding="utf-8").read())
     print(f"wrote {out['csv']} and {out['markdown']}" + (f" and {out['json']}" if out.get("json") else ""))
     failed = sum(r["status"] == "failed" for r in out["rows"])

@@ -3,6 +3,11 @@
 A first signal only sets a flag: the loop finishes its step (or evaluation), writes a
 resume point and raises :class:`TrainingStopped` with exit code 130. A second one gives
 up at once (``KeyboardInterrupt``).
+
+A run in a worker process of ``svp sweep --jobs N`` also stops, the same way, when the
+sweep asks it to through a shared stop value (:func:`use_stop_value`): a signal sent to
+the sweep's process alone does not reach its workers, and forwarding it would give them a
+second signal whenever the whole process group was signalled as well.
 """
 from __future__ import annotations
 
@@ -30,12 +35,32 @@ class NonFiniteLoss(TrainingStopped):
         self.step = step
 
 
+_stop_value = None  # a multiprocessing Value('i'): the signal number the sweep received, 0 before
+
+
+def use_stop_value(value) -> None:
+    """In a sweep's worker process: read ``value`` (set by the sweep, :class:`StopRequest`)
+    as a signal received."""
+    global _stop_value
+    _stop_value = value
+
+
+def stop_value_signal() -> Optional[int]:
+    """The signal the sweep asked this worker to stop for, if it did."""
+    return (_stop_value.value or None) if _stop_value is not None else None
+
+
 class Signals:
-    """Records the first SIGINT/SIGTERM while installed (main thread only)."""
+    """Records the first SIGINT/SIGTERM while installed (main thread only); in a sweep's
+    worker also the sweep's stop request."""
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self._received: Optional[int] = None
         self.old = {}
+
+    @property
+    def received(self) -> Optional[int]:
+        return self._received or stop_value_signal()
 
     def install(self) -> "Signals":
         if threading.current_thread() is threading.main_thread():
@@ -45,13 +70,41 @@ class Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # second signal: give up immediately
+        if self._received is not None:  # second signal: give up immediately
             raise KeyboardInterrupt
-        self.received = signum
+        self._received = signum
 
     @property
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "signal"
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+class StopRequest:
+    """The sweep's side (``--jobs N``): while installed, a first SIGINT/SIGTERM sets the
+    shared stop value its workers read, so each running run stops after its step with a
+    resume point; a second one raises ``KeyboardInterrupt`` (main thread only)."""
+
+    def __init__(self, value, on_first=None):
+        self.value, self.on_first, self.old = value, on_first, {}
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.value.value:
+            raise KeyboardInterrupt
+        self.value.value = int(signum)
+        if self.on_first is not None:
+            self.on_first(signal.Signals(signum).name)
 
     def restore(self) -> None:
         for s, h in self.old.items():

@@ -304,6 +304,7 @@ class Runner:
     def __init__(self, jobs: int = 1):
         self.jobs = max(1, int(jobs))
         self._pool = None
+        self._stop = None
 
     def __enter__(self):
         return self
@@ -343,13 +344,36 @@ class Runner:
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
+            from .signals import StopRequest
             if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
-            futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
-            for k, f in enumerate(cf.as_completed(futs), 1):
-                out[futs[f]] = f.result()
-                log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
+                ctx = mp.get_context("spawn")
+                # the workers' stop request: a signal sent to this process alone does not reach them
+                self._stop = ctx.RawValue("i", 0)
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
+                                                    initializer=_worker_init, initargs=(self._stop,))
+            stop = StopRequest(self._stop, on_first=lambda name: log.warning(
+                "%s received: the running runs stop after their step and write their resume points "
+                "(a second signal stops the sweep without waiting for them)", name)).install()
+            try:
+                self._check_stop()
+                futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
+                for k, f in enumerate(cf.as_completed(futs), 1):
+                    out[futs[f]] = f.result()
+                    log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
+            finally:
+                stop.restore()
+            self._check_stop()  # every run finished before it could stop: start nothing more
         return [o if o is not None else (None, "not run") for o in out]
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.value:
+            import signal
+            raise KeyboardInterrupt(f"{signal.Signals(self._stop.value).name} received")
+
+
+def _worker_init(stop_value) -> None:
+    from .signals import use_stop_value
+    use_stop_value(stop_value)
 
 
 def stop_requested(e: BaseException) -> bool:
@@ -361,6 +385,9 @@ def stop_requested(e: BaseException) -> bool:
 
 def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
     from .loop import train
+    from .signals import stop_value_signal
+    if stop_value_signal():  # the sweep was asked to stop before this run started
+        raise KeyboardInterrupt(f"not started: the sweep was stopped ({run_dir})")
     try:
         res = load_or_resume(run_dir, cfg, resume=True)
         if res is None:
