@@ -220,3 +220,29 @@ def test_an_interrupted_plain_sweep_exits_130_with_advice_and_bad_lists_are_refu
                          (["--jobs", "0"], "--jobs 0: expected a positive number")):
         assert svp_main(base + extra) == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_bad_method_or_setting_fails_the_sweep_before_any_run(tmp_path, monkeypatch, jobs):
+    """A plain sweep trained every good run first and reported the bad method or setting
+    as a failed row of each run it touched (exit 1); now it stops before any training
+    (exit 2), naming the dataset and method."""
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    out = tmp_path / "s"
+    with pytest.raises(C.ConfigError, match=r"digits / nope: .*unknown adaptation method 'nope'"):
+        sweep("mini", ["linear", "nope"], [0], str(out), ["digits"], (), REAL, jobs=jobs)
+    with pytest.raises(C.ConfigError, match=r"digits / lora: .*rank"):
+        sweep("mini", ["linear", "lora"], [0], str(out), ["digits"], (), REAL + ["method.settings.lora.rank=2.5"],
+              jobs=jobs)
+    assert calls == [] and not out.exists()
+
+
+def test_a_short_dataset_name_means_the_suites_dataset_of_that_name():
+    """`--suite vtab --datasets dtd` resolved dtd to the HTA dataset and was refused as not
+    in the suite."""
+    from svp.engine.sweep import _select_datasets
+    assert [d for d, _ in _select_datasets("vtab", ["dtd", "vtab/cifar"])] == ["vtab/dtd", "vtab/cifar"]
+    assert [d for d, _ in _select_datasets("hta", ["dtd"])] == ["hta/dtd"]
+    with pytest.raises(C.ConfigError, match="'digits' is not in suite 'vtab'"):
+        _select_datasets("vtab", ["digits"])

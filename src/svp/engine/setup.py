@@ -203,6 +203,20 @@ def init_seed(cfg: dict) -> int:
 def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
     import svp.peft as peft
 
+    mc, name, settings = method_config(cfg, num_classes)
+    try:
+        return peft.get_peft_model(backbone, mc)  # checks the settings against the model (depth, width)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
+
+
+def method_config(cfg: dict, num_classes: Optional[int]):
+    """The run's method configuration (``svp.peft.make_config``), its name and settings; a bad
+    name or setting is a ConfigError naming them (before any model is built)."""
+    import svp.peft as peft
+
     name = cfg["method"]["name"]
     raw = dict(cfg["method"]["settings"] or {})
     # per-method blocks (method.settings.<method>.<key>) apply only to that method, so one
@@ -211,10 +225,10 @@ def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
     settings = {k: v for k, v in raw.items() if not (k in known and isinstance(v, dict))}
     if isinstance(raw.get(name), dict):
         settings.update(raw[name])
-    settings.setdefault("num_classes", num_classes)
+    if num_classes is not None:
+        settings.setdefault("num_classes", num_classes)
     try:
-        mc = peft.make_config(name, **settings)
-        return peft.get_peft_model(backbone, mc)  # checks the settings against the model (depth, width)
+        return peft.make_config(name, **settings), name, settings
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise

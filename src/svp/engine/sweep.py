@@ -70,7 +70,7 @@ def suite_base(suite: str, config_files: Sequence[str] = (), overrides: Sequence
     try:
         probe = C.resolve(config_files, overrides, base=base)
     except C.ConfigError:
-        return base  # a bad file or override: every run reports it
+        return base  # a bad file or override: check_configs / the tuned sweep's probe reports it
     if probe["model"]["name"] != base["model"].get("name") or probe["model"]["random_init"]:
         base["model"].pop("pretrained", None)
     return base
@@ -290,8 +290,11 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
     if datasets:
         import svp.data as data
         wanted = []
+        in_suite = {n for n, _ in all_ds}
         for d in datasets:
-            name = data.dataset_info(d).name
+            # a short name means the suite's dataset of that name (`--suite vtab --datasets dtd`
+            # is vtab/dtd, not the HTA dataset the name alone stands for)
+            name = f"{suite}/{d}" if f"{suite}/{d}" in in_suite else data.dataset_info(d).name
             match = [p for p in all_ds if p[0] == name]
             if not match:
                 raise C.ConfigError(f"dataset {d!r} is not in suite {suite!r} "
@@ -299,6 +302,21 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
             wanted += match
         all_ds = wanted
     return all_ds
+
+
+def check_configs(all_ds, methods, seeds, output, config_files, overrides, base) -> None:
+    """A bad method, key or value fails the sweep before any training, naming the run
+    (a run folder made with another configuration still fails its run only)."""
+    from .setup import method_config
+    if not seeds:
+        raise C.ConfigError("--seeds: at least one seed is needed")
+    for ds, _ in all_ds:
+        for m in methods:
+            try:
+                cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files, overrides, base)
+                method_config(cfg, None)  # the method's name and settings
+            except C.ConfigError as e:
+                raise C.ConfigError(f"{ds} / {m}: {e}") from None
 
 
 def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
@@ -309,6 +327,7 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     first selects its setting on the validation split (:mod:`svp.engine.tune`)."""
     all_ds = _select_datasets(suite, datasets)
     base = suite_base(suite, config_files, overrides)
+    check_configs(all_ds, methods, seeds, output, config_files, overrides, base)
     if tune:
         return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit, jobs,
                            base)
