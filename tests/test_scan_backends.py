@@ -230,6 +230,51 @@ def test_large_delta_A(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_every_backend_refuses_inputs_of_the_wrong_shape(name):
+    """The fast kernels index their inputs by u's and A's sizes: the cpu and triton backends
+    read past a shorter delta, z or C (or a batch-1 B) and returned garbage, different from
+    call to call; the torch backend broadcast a batch-1 B. Each now checks what the reference does."""
+    b, d, L, n = 2, 6, 9, 4
+    cases = [("delta", 1, (b, d, L - 2), r"u and delta must both be \(batch, dim, len\)"),
+             ("A", 2, (d - 1, n), r"A must be \(dim=6, d_state\)"),
+             ("B", 3, (1, n, L), r"B must be \(batch=2, d_state=4, len=9\)"),
+             ("C", 4, (b, n, L - 2), r"C must be \(batch=2"),
+             ("D", 5, (d + 1,), r"D must be \(6,\)"),
+             ("z", 6, (b, d, L - 1), r"z must match u"),
+             ("delta_bias", 7, (d - 1,), r"delta_bias must be \(6,\)"),
+             ("groups", 3, (b, 4, n, L), r"B's groups \(4\) must divide dim=6")]
+    for what, i, shape, words in cases:
+        args = make(b, d, L, n)
+        args[i] = torch.randn(shape) if what not in ("A",) else -torch.rand(shape)
+        if what == "groups":
+            args[4] = torch.randn(shape)
+        with pytest.raises(ValueError, match=words):
+            run(name, args, True, False, False)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it(name):
+    """The cpu kernels capped the time step with min(dt, cap), which gives the cap for a NaN
+    dt: the decay came out ~0, cut the backward recurrence, and the steps before the NaN
+    got finite gradients where every other backend gives NaN."""
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = 1, 16, 6, 2
+    u, B, C = (torch.randn(*s, generator=g) for s in ((b, d, L), (b, n, L), (b, n, L)))
+    A = -torch.rand(d, n, generator=g) - 0.5
+    delta = torch.rand(b, d, L, generator=g)
+    delta[0, :, 3] = float("nan")
+    for softplus in (True, False):
+        grads = {}
+        for be in ("reference", name):
+            ts = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+            dispatch.scan_with(be, *ts, delta_softplus=softplus, **KW.get(be, {})).sum().backward()
+            grads[be] = [torch.isnan(t.grad) for t in ts]
+        for k, (a, r) in enumerate(zip(grads[name], grads["reference"])):
+            assert torch.equal(a, r), (softplus, NAMES[k], a.flatten().tolist(), r.flatten().tolist())
+        assert grads["reference"][0][0, :, :3].all()   # the steps before the NaN: NaN gradients
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_half_and_double_inputs(name):
     args = make(2, 16, 9, 4)
     a64 = [None if a is None else a.double() for a in args]
@@ -237,8 +282,8 @@ def test_half_and_double_inputs(name):
         with pytest.raises(BackendError, match="float32, bfloat16 or float16.*float64"):
             run(name, a64, True, False, False)
     else:
-        xs, out, _ = run(name, a64, True, False, False)
-        assert out.dtype == torch.float64
+        xs, out, last = run(name, a64, True, False, True)
+        assert out.dtype == last.dtype == torch.float64   # the cpu backend's last state was float32
         o64, _ = ref64(*a64, delta_softplus=True)
         assert rel(out, o64) < 2e-6
         out.sum().backward()

@@ -44,6 +44,14 @@ def test_half_and_double_inputs():
     grid.test_half_and_double_inputs("triton")
 
 
+def test_wrong_shapes_refused():
+    grid.test_every_backend_refuses_inputs_of_the_wrong_shape("triton")
+
+
+def test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it():
+    grid.test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it("triton")
+
+
 TILED = {"fwd": ("tiled", "loop"), "bwd": ("loop", "tiled"), "both": ("tiled", "tiled")}
 
 

@@ -97,7 +97,7 @@ import torch
 
 from .. import runtime as _runtime
 
-from .scan_ref import scan_groups, sum_to_groups
+from .scan_ref import check_scan_args, scan_groups, sum_to_groups
 
 
 def _default_cache_dir():
@@ -966,10 +966,10 @@ def _fwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, A2t, Dv, bias, has_z, softplus
         dtu1 = dt1 * u1
         dtu2 = dt2 * u2
         dtu3 = dt3 * u3
-        dc0 = vmin(dt0, m0)
-        dc1 = vmin(dt1, m1)
-        dc2 = vmin(dt2, m2)
-        dc3 = vmin(dt3, m3)
+        dc0 = vmin(m0, dt0)   # the time step second: vmin gives it when it is NaN, so NaN stays NaN
+        dc1 = vmin(m1, dt1)
+        dc2 = vmin(m2, dt2)
+        dc3 = vmin(m3, dt3)
         y0 = zeros()
         y1 = zeros()
         y2 = zeros()
@@ -1165,7 +1165,7 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
             if _NARROW:   # one vector at a time (module docstring, Narrow registers)
                 for k in range(0, BW, VL):
                     dtk = vload(Tb, j * BW + k)
-                    dck = vmin(dtk, vload(dtmax, c0 + k))
+                    dck = vmin(vload(dtmax, c0 + k), dtk)
                     dtuk = dtk * vload(u, row + k)
                     yk = zeros()
                     for n in range(N):
@@ -1185,10 +1185,10 @@ def _bwd_task(task, u, dl, Lm, ls, Wt, z, Bm, Cm, At, A2t, Dv, bias, has_z, soft
                 dtu1 = dt1 * u1
                 dtu2 = dt2 * u2
                 dtu3 = dt3 * u3
-                dc0 = vmin(dt0, m0)
-                dc1 = vmin(dt1, m1)
-                dc2 = vmin(dt2, m2)
-                dc3 = vmin(dt3, m3)
+                dc0 = vmin(m0, dt0)
+                dc1 = vmin(m1, dt1)
+                dc2 = vmin(m2, dt2)
+                dc3 = vmin(m3, dt3)
                 y0 = zeros()
                 y1 = zeros()
                 y2 = zeros()
@@ -2319,20 +2319,28 @@ def bidirectional_scan_cpu(z, fwd, bwd):
             raise ValueError(f"bidirectional_scan_cpu needs float32 CPU tensors (z: float32 or bfloat16); "
                              f"got {t.dtype} on {t.device}")
     forms = {s[3] is None and s[4] is None for s in (fwd, bwd)}
-    if forms == {True}:
-        for name, (u, x_dbl, A, *_, w) in (("fwd", fwd), ("bwd", bwd)):
-            want = None if w is None or w.dim() != 2 else (u.shape[0], u.shape[2], w.shape[1] + 2 * A.shape[1])
-            if want is None or tuple(x_dbl.shape) != want or w.shape[0] != u.shape[1]:
-                raise ValueError(f"bidirectional_scan_cpu: {name}'s x_dbl form (B and C None) needs a dt_w (d, R) "
-                                 f"and an x_dbl (b, L, R + 2N) for u {tuple(u.shape)} and A {tuple(A.shape)}; got "
-                                 f"x_dbl {tuple(x_dbl.shape)}, dt_w {None if w is None else tuple(w.shape)}")
-        return bidirectional_scan(z, fwd, bwd)
     if len(forms) > 1:
         raise ValueError("bidirectional_scan_cpu: fwd and bwd must both pass B and C, or both the x_dbl form")
-    for name, (u, delta, *_, w) in (("fwd", fwd), ("bwd", bwd)):
-        if w is not None and (w.dim() != 2 or delta.dim() != 3 or tuple(w.shape) != (u.shape[1], delta.shape[1])):
+    for name, (u, delta, A, B, C, D, bias, w) in (("fwd", fwd), ("bwd", bwd)):
+        if u.dim() != 3 or A.dim() != 2:
+            raise ValueError(f"bidirectional_scan_cpu: {name}'s u must be (b, d, L) and A (d, N); got u "
+                             f"{tuple(u.shape)}, A {tuple(A.shape)}")
+        if B is None and C is None:   # the x_dbl form
+            want = None if w is None or w.dim() != 2 else (u.shape[0], u.shape[2], w.shape[1] + 2 * A.shape[1])
+            if want is None or tuple(delta.shape) != want or w.shape[0] != u.shape[1]:
+                raise ValueError(f"bidirectional_scan_cpu: {name}'s x_dbl form (B and C None) needs a dt_w (d, R) "
+                                 f"and an x_dbl (b, L, R + 2N) for u {tuple(u.shape)} and A {tuple(A.shape)}; got "
+                                 f"x_dbl {tuple(delta.shape)}, dt_w {None if w is None else tuple(w.shape)}")
+            # B and C are column ranges of x_dbl, of the right shape by the check above
+            B = C = u.new_zeros(()).expand(u.shape[0], A.shape[1], u.shape[2])
+        elif w is not None and (w.dim() != 2 or delta.dim() != 3 or tuple(w.shape) != (u.shape[1], delta.shape[1])
+                                or (delta.shape[0], delta.shape[2]) != (u.shape[0], u.shape[2])):
             raise ValueError(f"bidirectional_scan_cpu: {name}'s dt_w {tuple(w.shape)} must be (d, R) for u "
                              f"{tuple(u.shape)} and a (b, R, L) delta, got delta {tuple(delta.shape)}")
+        try:   # with a dt_w, delta (b, R, L) or x_dbl was checked above
+            check_scan_args(u, u if w is not None else delta, A, B, C, D, z, bias)
+        except ValueError as e:
+            raise ValueError(f"bidirectional_scan_cpu: {name}: {e}") from None
     return bidirectional_scan(z, fwd, bwd)
 
 
@@ -2346,8 +2354,14 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             raise ValueError(f"the 'cpu' scan backend needs CPU tensors; {name} is on {x.device}")
         if x is not None and x.is_complex():
             raise ValueError("the 'cpu' scan backend supports real tensors only")
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if u.dtype == torch.float64:
+        warnings.warn("the 'cpu' scan backend computes in float32: float64 inputs get float32 accuracy (their "
+                      "outputs and gradients come back as float64); the 'torch' and 'reference' backends compute "
+                      "float64 in float64 (svp.ops.set_backend / scan_with)", stacklevel=2)
     out, last = SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
-    return (out, last) if return_last_state else out
+    # the last state in the reference's dtype (float32 for half inputs, float64 for float64)
+    return (out, last.to(torch.promote_types(u.dtype, torch.float32))) if return_last_state else out
 
 
 guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

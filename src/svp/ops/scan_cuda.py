@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
+from .scan_ref import check_scan_args
 
 _fn = None
 _err = None
@@ -42,4 +43,5 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C)):
         if x.device.type != "cuda":
             raise BackendError(f"the 'cuda' scan backend needs CUDA tensors; {name} is on {x.device}")
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     return _fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -53,6 +53,8 @@ def sum_to_groups(grad: torch.Tensor, shape, dtype) -> torch.Tensor:
 
 
 def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """The shapes every scan backend takes (each checks them: the fast kernels index their
+    inputs by these sizes and would read past a shorter tensor)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, dim, len); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
     b, d, l = u.shape
@@ -64,6 +66,8 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None):
         if not ok:
             raise ValueError(f"{name} must be (batch={b}, d_state={n}, len={l}) or (batch, groups, d_state, len); "
                              f"got {tuple(X.shape)}")
+        if X.dim() == 4 and (X.shape[1] < 1 or d % X.shape[1]):
+            raise ValueError(f"{name}'s groups ({X.shape[1]}) must divide dim={d}; got {tuple(X.shape)}")
     if D is not None and D.shape != (d,):
         raise ValueError(f"D must be ({d},); got {tuple(D.shape)}")
     if delta_bias is not None and delta_bias.shape != (d,):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .scan_ref import scan_groups, sum_to_groups
+from .scan_ref import check_scan_args, scan_groups, sum_to_groups
 
 CHUNK = 64
 
@@ -170,5 +170,6 @@ def _chunk_states(h0, dt, Ag, Bc, uc):
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, chunk=CHUNK):
     """Pure-PyTorch selective scan (any device). Same arguments as ``selective_scan_ref``."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     out, last = SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
     return (out, last) if return_last_state else out

@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from ..errors import BackendError
-from .scan_ref import scan_groups, sum_to_groups
+from .scan_ref import check_scan_args, scan_groups, sum_to_groups
 
 CHUNK = 16           # steps per backward chunk: scratch per program = CHUNK * BLOCK_D * d_state floats
 MAX_D_STATE = 256    # the state tile (BLOCK_D x d_state) must fit in registers
@@ -687,6 +687,7 @@ def check_tensors(op: str, named, dtypes=DTYPES, advice: str = "") -> None:
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias):
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_tensors("the 'triton' scan backend", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
                                                 ("D", D), ("z", z), ("delta_bias", delta_bias)),
                   advice=" (use the 'torch' or 'cpu' backend for it)")
