@@ -33,6 +33,12 @@ def test_doctor_passes(capsys):
     # what float32 products run on (oneDNN or torch's BLAS, and why)
     from svp.ops import matmul_cpu
     assert f"{'CPU products':14s} {matmul_cpu.status()}" in out, out
+    # the threads the CPU kernels run on: as many as torch's, not numba's whole pool
+    import numba
+    import torch
+    used = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    assert f"(kernels on {used} of a pool of {numba.config.NUMBA_NUM_THREADS} threads" in out, out
+    assert "automatic choice on cpu:" in out, out
     from svp.ops import available_backends
     if "cpu" in available_backends():
         # the fused kernels checked inside a model (conv, norm, prompts too), against plain PyTorch
@@ -155,3 +161,13 @@ def test_the_triton_ops_check_finds_a_wrong_kernel(module, fn, row, monkeypatch)
     for name, err, where in doctor.check_triton_ops(torch.device("cpu")):
         assert err is not None, where
         assert (err > doctor.TOLERANCE_TRITON_OPS) == (name == row), (name, err, where)
+
+
+def test_doctor_says_a_forced_backend_is_forced(capsys, monkeypatch):
+    """SVP_SCAN_BACKEND=torch printed "automatic choice on cpu: torch"."""
+    from svp.ops import dispatch
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
+    monkeypatch.setattr(dispatch, "_forced", None)
+    main(["doctor", "--no-timing"])
+    out = capsys.readouterr().out
+    assert "forced by SVP_SCAN_BACKEND on cpu: torch" in out and "automatic choice" not in out, out

@@ -250,6 +250,9 @@ def test_every_backend_refuses_inputs_of_the_wrong_shape(name):
             args[4] = torch.randn(shape)
         with pytest.raises(ValueError, match=words):
             run(name, args, True, False, False)
+    if name in ("cpu", "torch"):   # chunk=0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match="chunk must be a positive number of steps; got 0"):
+            dispatch.scan_with(name, *make(b, d, L, n)[:5], chunk=0)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

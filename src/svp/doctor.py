@@ -110,7 +110,10 @@ def _versions():
         chosen = "chosen by svp" if scan_cpu.THREADING_LAYER else "set by NUMBA_THREADING_LAYER"
         if scan_cpu.SHARED_OPENMP:   # SVP_CPU_DEDICATED (svp.runtime)
             chosen += f", SVP_CPU_DEDICATED: torch's OpenMP threads, {os.path.basename(scan_cpu.SHARED_OPENMP)}"
-        rows.append(("numba", f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads on the {layer} layer, "
+        import torch
+        used = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)   # scan_cpu.follow_torch_threads
+        rows.append(("numba", f"{numba.__version__} (kernels on {used} of a pool of {numba.config.NUMBA_NUM_THREADS} "
+                              f"threads, as many as torch's; {layer} layer, "
                               f"{chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})"))
     except Exception as e:
         rows.append(("numba", f"not importable ({type(e).__name__}: {e})"))
@@ -432,8 +435,11 @@ def run(args) -> int:
             state = "unavailable: " + missing.get(nm, "?")
         print(f"  {nm:10s} {state}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    # get_backend's order: set_backend, then SVP_SCAN_BACKEND, then its own choice
+    how = ("forced by set_backend" if dispatch._forced is not None else
+           "forced by SVP_SCAN_BACKEND" if os.environ.get("SVP_SCAN_BACKEND") else "automatic choice")
     for dev in devices:
-        print(f"  automatic choice on {dev.type}: {dispatch.get_backend(dev)}")
+        print(f"  {how} on {dev.type}: {dispatch.get_backend(dev)}")
     print("parity against selective_scan_ref in float64 (outputs, last state, gradients of all 8 inputs; "
           "max|x-x64|/max|x64|):")
     failed = []

@@ -2355,6 +2355,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         if x is not None and x.is_complex():
             raise ValueError("the 'cpu' scan backend supports real tensors only")
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan_cpu: chunk must be a positive number of steps; got {chunk!r}")
     if u.dtype == torch.float64:
         warnings.warn("the 'cpu' scan backend computes in float32: float64 inputs get float32 accuracy (their "
                       "outputs and gradients come back as float64); the 'torch' and 'reference' backends compute "

@@ -171,5 +171,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                          return_last_state=False, chunk=CHUNK):
     """Pure-PyTorch selective scan (any device). Same arguments as ``selective_scan_ref``."""
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan_torch: chunk must be a positive number of steps; got {chunk!r}")
     out, last = SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
     return (out, last) if return_last_state else out
