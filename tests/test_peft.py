@@ -218,7 +218,7 @@ def test_a_refused_attach_or_load_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(AdapterError, match="not a readable safetensors"):
         load_adapter(model, tmp_path / "damaged")
     assert _same_state(before, _state(model))
-    with pytest.raises(ValueError, match="does not fit this lora model"):
+    with pytest.raises(AdapterError, match="does not fit this lora model"):
         load_adapter(model, tmp_path / "mixed")
     assert _same_state(before, _state(model))
     x = images()
@@ -247,6 +247,49 @@ def test_load_adapter_refuses_a_peft_model_and_an_edited_method(tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="'method' is 'svp' but 'config' describes 'lora'"):
         load_adapter(tiny(), tmp_path / "ad")
+
+
+def test_an_edited_adapter_config_is_an_adapter_error_naming_the_file(tmp_path):
+    """From Python, a bad setting, class count or format version in adapter_config.json was a
+    plain ValueError / TypeError, mostly without the file; a string for the model an
+    AttributeError from the hash."""
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    peft.save(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    good = json.loads(path.read_text())
+    edits = [(lambda c: c["config"].update(hidden="8"), "hidden='8'; expected an integer"),
+             (lambda c: c["config"].update(colour=1), "unknown setting"),
+             (lambda c: c.update(num_classes="three"), "num_classes is 'three', expected an integer"),
+             (lambda c: c.update(format_version="2"), "format_version is '2', expected an integer"),
+             (lambda c: c["config"].update(shared_layers=3), "does not divide the model depth")]
+    for edit, words in edits:
+        cfg = json.loads(json.dumps(good))
+        edit(cfg)
+        path.write_text(json.dumps(cfg))
+        model = tiny()
+        before = _state(model)
+        with pytest.raises(AdapterError, match=re.escape(words)) as e:
+            load_adapter(model, tmp_path / "ad")
+        assert str(tmp_path / "ad") in str(e.value)
+        assert _same_state(before, _state(model))
+    for wrong in ("tiny", None):
+        with pytest.raises(TypeError, match=f"expects a svp VisionMamba as its first argument, got {type(wrong).__name__}"):
+            load_adapter(wrong, tmp_path / "ad")
+
+
+@pytest.mark.parametrize("method, settings, words", [
+    ("lora", dict(targets=None), "targets=None; expected a list of layer names"),
+    ("lora", dict(targets="in_proj"), "targets='in_proj'; expected a list"),
+    ("visual_prompt", dict(image_size=32.9), "image_size=32.9; expected a positive integer or (height, width)"),
+    ("visual_prompt", dict(image_size="abc"), "image_size='abc'"),
+    ("visual_prompt", dict(image_size=(32, 32, 32)), "image_size=(32, 32, 32)"),
+])
+def test_list_settings_are_checked_too(method, settings, words):
+    """targets=None was "'NoneType' object is not iterable", a string was split into letters;
+    image_size=32.9 became 32 and "abc" an int() error that named no setting."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make_config(method, **settings)
+    assert make_config("visual_prompt", image_size=[32, 48]).image_size == (32, 48)
 
 
 def test_trainable_report_format():

@@ -1,4 +1,5 @@
 """The Vim backbone: parity with the official implementation, loading, resampling, errors."""
+import re
 import argparse
 import copy
 import json
@@ -103,6 +104,12 @@ def test_official_training_checkpoint_loads_model_not_ema(tmp_path):
         model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(), **kw)
         for k, v in model.state_dict().items():
             assert torch.equal(v, sd[k]), (kw, k)
+    # timm's public loader too (it took model_ema, silently)
+    for load in (timm.models.load_checkpoint, timm.models._helpers.load_checkpoint):
+        model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+        load(model, str(path))
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, sd[k]), k
 
 
 def test_load_save_load_round_trip(tmp_path):
@@ -267,6 +274,13 @@ def test_a_stride8_grid_loaded_into_a_stride16_model_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
         load_checkpoint_into(model, dict(sd, pos_embed=torch.randn(1, 27 * 27 + 1, 32)))
     assert "27x27 grid is that of an official stride-8 model at 224 px" in caplog.text and "_stride8_" in caplog.text
+    caplog.clear()
+    # the other way: the advice named a *_stride16_* model, which does not exist
+    fine = timm.create_model("vim_tiny_patch16_stride8_224", **tiny_kwargs(img_size=64, patch_size=16, stride=8))
+    with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
+        load_checkpoint_into(fine, dict(fine.state_dict(), pos_embed=torch.randn(1, 14 * 14 + 1, 32)))
+    assert "14x14 grid is that of an official stride-16 model" in caplog.text
+    assert "build the model without _stride8_" in caplog.text and "stride16_" not in caplog.text
     caplog.clear()
     mini = timm.create_model("vim_mini_patch4_32", img_size=64)
     with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
@@ -584,3 +598,19 @@ def test_out_proj_takes_the_scan_output_as_a_devices_autocast_gives_it(training)
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
     if training:
         assert gy.dtype == torch.bfloat16
+
+
+def test_bad_sizes_and_unbatched_images_are_named():
+    """img_size="64" / num_classes="10" were comparison TypeErrors, num_classes=-1 built a
+    headless model claiming -1 classes, and one (3, H, W) image failed in a concatenation."""
+    for kw, words in ((dict(img_size="64"), "img_size='64'"), (dict(img_size=(32, 32, 32)), "img_size=(32, 32, 32)"),
+                      (dict(num_classes="10"), "num_classes='10'"), (dict(num_classes=-1), "num_classes=-1")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            timm.create_model("vim_tiny_patch16_224", **dict(tiny_kwargs(), **kw))
+    model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
+    with pytest.raises(ValueError, match="num_classes=-1"):
+        model.reset_classifier(-1)
+    with pytest.raises(ValueError, match=r"got shape \(3, 32, 32\) \(one image: add a batch dimension"):
+        model(torch.randn(3, 32, 32))
+    assert timm.create_model("vim_tiny_patch16_224", **dict(tiny_kwargs(), num_classes=0))(
+        torch.randn(1, 3, 32, 32)).shape == (1, 32)

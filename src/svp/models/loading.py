@@ -184,10 +184,13 @@ def _warn_other_stride(side: int, model: nn.Module) -> None:
         return
     other = 24 - stride  # 16 <-> 8
     if side == (224 - 16) // other + 1 != (224 - 16) // stride + 1:
+        advice = ("If the file is a stride-8 checkpoint (the official *_ft_* files), build the *_stride8_* model "
+                  "instead" if other == 8 else
+                  "That is how a stride-8 model starts from a stride-16 file (as the official *_ft_* models did); "
+                  "to use the file as it was trained, build the model without _stride8_")
         _logger.warning("pos_embed: the checkpoint's %dx%d grid is that of an official stride-%d model at 224 px, "
-                        "this model has stride %d; resampled to %s. If the file is a stride-%d checkpoint (the "
-                        "official *_ft_* files), build the *_stride%d_* model instead", side, side, other,
-                        stride, tuple(pe.grid_size), other, other)
+                        "this model has stride %d; resampled to %s. %s", side, side, other, stride,
+                        tuple(pe.grid_size), advice)
 
 
 def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: int = 20) -> List[str]:

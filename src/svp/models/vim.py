@@ -71,8 +71,16 @@ class PatchEmbed(nn.Module):
         return tuple(grid)
 
     def forward(self, x):
+        if x.dim() != 4:  # an unbatched (3, H, W) image failed later, in a concatenation
+            raise ValueError(f"expected images as (batch, channels, height, width); got shape {tuple(x.shape)}"
+                             + (" (one image: add a batch dimension, x[None])" if x.dim() == 3 else ""))
         grid = self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2), grid
+
+
+def _check_num_classes(n) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"VisionMamba: num_classes={n!r}; expected a class count, or 0 for no head (features)")
 
 
 def _fused_cpu(*ts, dtypes=(torch.float32,)) -> bool:
@@ -666,6 +674,10 @@ class VisionMamba(nn.Module):
         bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
         if bad:  # depth=0 used to build, then fail in the first forward
             raise ValueError(f"VisionMamba: {', '.join(bad)}; expected positive integers")
+        sides = img_size if isinstance(img_size, (tuple, list)) else (img_size,)
+        if len(sides) not in (1, 2) or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
+            raise ValueError(f"VisionMamba: img_size={img_size!r}; expected a positive integer or (height, width)")
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
@@ -718,6 +730,7 @@ class VisionMamba(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool not in (None, "token"):
             raise ValueError(f"VisionMamba supports only global_pool='token', got {global_pool!r}")
+        _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
@@ -834,19 +847,26 @@ def vim_base_patch16_224(pretrained=False, **kwargs) -> VisionMamba:
 
 
 def _patch_timm_checkpoint_path():
-    """``timm.create_model(..., checkpoint_path=P)`` calls timm's ``load_checkpoint``,
-    which prefers EMA weights and cannot resample the middle class token. For Vim
-    models, route it through :func:`load_checkpoint_into`; other models are untouched."""
+    """timm's ``load_checkpoint`` (``timm.models.load_checkpoint``, and the one
+    ``timm.create_model(..., checkpoint_path=P)`` calls) prefers EMA weights and cannot
+    resample the middle class token. For Vim models, route it through
+    :func:`load_checkpoint_into`; other models are untouched."""
+    import timm.models
     import timm.models._factory as factory
+    import timm.models._helpers as helpers
 
-    original = factory.load_checkpoint
+    original = helpers.load_checkpoint
     if getattr(original, "_svp_patched", False):
         return
 
     def load_checkpoint(model, checkpoint_path, *args, **kwargs):
         if isinstance(model, VisionMamba):
-            return load_checkpoint_into(model, checkpoint_path, strict=kwargs.get("strict", True))
+            # timm's order: (model, path, use_ema, device, strict, ...)
+            strict = kwargs.get("strict", args[2] if len(args) > 2 else True)
+            return load_checkpoint_into(model, checkpoint_path, strict=strict)
         return original(model, checkpoint_path, *args, **kwargs)
 
     load_checkpoint._svp_patched = True
-    factory.load_checkpoint = load_checkpoint
+    for module in (helpers, factory, timm.models):
+        if getattr(module, "load_checkpoint", None) is original:
+            module.load_checkpoint = load_checkpoint

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
-from .io import ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
+from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
 from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
@@ -302,6 +302,8 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     if isinstance(model, PeftModel):
         raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass "
                         "peft_model.unload(), or a freshly built backbone")
+    if not isinstance(model, nn.Module) or not hasattr(model, "forward_features") or not hasattr(model, "layers"):
+        raise TypeError(f"load_adapter expects a svp VisionMamba as its first argument, got {type(model).__name__}")
     directory = os.fspath(directory)
     cfg = read_adapter_config(directory)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
@@ -317,18 +319,29 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
                 f"{want}, but the model given has weight hash {have}; load the same base weights, built "
                 f"the same way: another img_size resamples the position embedding, so its weights differ "
                 f"too (from Python, load_adapter(..., check_hash=False) forces it)")
-    config = config_from_dict(dict(cfg["config"], num_classes=int(cfg["num_classes"])))
+    try:  # a setting edited or damaged in the file: named with the folder, before anything is attached
+        n = cfg["num_classes"]
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ValueError(f"num_classes is {n!r}, expected an integer")
+        config = config_from_dict(dict(cfg["config"], num_classes=n))
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"{os.path.join(directory, ADAPTER_CONFIG)}: {e}") from None
     try:  # read before anything is attached: a damaged file leaves the model as it was
         state = load_file(weights, device="cpu")
     except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
         raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
                            f"damaged, save or copy it again") from None
     before = _Snapshot(model)
-    peft = _attach(model, config, base_hash=have)
+    try:
+        peft = _attach(model, config, base_hash=have)
+    except ValueError as e:  # settings that do not fit this backbone (its depth, width)
+        raise AdapterError(f"{directory}: {e}") from None
     try:
         peft.load_adapter_state(state, source=weights)
-    except BaseException:  # tensors that do not fit: take the method off again
+    except BaseException as e:  # tensors that do not fit: take the method off again
         before.restore(model, peft.method)
+        if isinstance(e, ValueError) and not isinstance(e, AdapterError):
+            raise AdapterError(str(e)) from None   # the message names the file
         raise
     peft.class_names = cfg.get("class_names")
     peft.base_model_name = cfg.get("base_model_name")

@@ -101,7 +101,10 @@ def read_adapter_config(directory) -> dict:
     if not isinstance(cfg["config"], dict) or inner != cfg["method"]:
         raise AdapterError(f"{path}: 'method' is {cfg['method']!r} but 'config' describes "
                            f"{inner!r}; the file was edited or damaged")
-    if cfg.get("format_version", 1) > FORMAT_VERSION:
+    version = cfg.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterError(f"{path}: format_version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
         raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
                            f"understands ({FORMAT_VERSION})")
     return cfg

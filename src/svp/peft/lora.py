@@ -38,6 +38,8 @@ class LoRAConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.targets, (list, tuple)):  # a string would be split into letters
+            raise ValueError(f"lora: targets={self.targets!r}; expected a list of layer names from {TARGETS}")
         self.targets = tuple(self.targets)
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:

@@ -27,8 +27,11 @@ class VisualPromptConfig(PeftConfig):
         if int(self.pad) <= 0:
             raise ValueError(f"visual_prompt: pad must be positive, got {self.pad}")
         if self.image_size is not None:
-            self.image_size = tuple(int(s) for s in (self.image_size if isinstance(self.image_size, (list, tuple))
-                                                     else (self.image_size, self.image_size)))
+            sides = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
+            if len(sides) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
+                raise ValueError(f"visual_prompt: image_size={self.image_size!r}; expected a positive integer "
+                                 f"or (height, width)")
+            self.image_size = tuple(sides)
 
 
 class VisualPrompt(PeftMethod):
