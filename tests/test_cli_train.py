@@ -275,7 +275,8 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
         # torchrun failed to bind it in the second (seen; torch 2.14's did not)
         proc = subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master-port={free_port()}",
                                  "--log-dir", str(log_dir), "--redirects", "3",
-                                 *args, f"{output_key}={out_dir}"], env=_env(), stdout=subprocess.PIPE,
+                                 *args, *([f"{output_key}={out_dir}"] if output_key else [])], env=_env(),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
             _, err = proc.communicate(timeout=timeout)
@@ -291,6 +292,37 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
             if attempt == 0:
                 warnings.warn("torchrun hung; killed and launched again. " + hung[-1])
     pytest.fail("torchrun hung twice:\n" + "\n".join(hung))
+
+
+@pytest.mark.slow
+def test_torchrun_refusals_of_the_main_rank_reach_the_other_rank(tmp_path):
+    """A run folder refused by rank 0 (taken name, folder in use): rank 1 waited for its name in
+    a broadcast and died with a connection error and a traceback, or checked the folder on its
+    own and said "nothing to resume" of a folder another job was training. A second Ctrl-C's
+    advice named `svp train --resume`, which refuses another world size."""
+    cfg = tiny_config(tmp_path, data={"max_train_samples": 8})
+    assert svp_main(["train", "-c", cfg, "--name", "t", "debug.stop_at_step=1"]) == 75
+    run = tmp_path / "runs" / "t"
+    rc, logs, _ = _torchrun_two(tmp_path, ["-m", "svp", "train", "-c", cfg, "--name", "t"], None)
+    assert rc != 0 and "already holds a run" in logs, logs
+    assert "svp train (rank 1): error: the main rank (0) stopped: ConfigError: run folder" in logs, logs
+    rank1 = logs.split("/1/stderr.log", 1)[1].split("\n--- ", 1)[0]
+    assert "Traceback" not in rank1 and "Connection" not in rank1, logs   # rank 1: its one line
+    from svp.engine.runlock import RunLock
+    lock = RunLock(str(run)).acquire("train")   # another job training it
+    try:
+        rc, logs, _ = _torchrun_two(tmp_path, ["-m", "svp", "train", "--resume", str(run)], None)
+    finally:
+        lock.release()
+    assert rc != 0 and "nothing to resume" not in logs, logs
+    assert "svp train (rank 1): error: the main rank (0) stopped: ResumeError:" in logs, logs
+    from svp.engine.rundir import interrupted_at_once
+    os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    try:
+        assert "torchrun --nproc_per_node=2 -m svp train --resume" in str(interrupted_at_once(str(run)))
+    finally:
+        for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(k)
 
 
 @pytest.mark.slow

@@ -119,3 +119,21 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     assert card["architecture"]["depth"] == 2 and card["architecture"]["embed_dim"] == 32
     assert card["source_task"]["num_classes"] == 3
     assert card["command"] == "svp pretrain (test)"
+
+
+def test_pretrain_resume_of_a_damaged_checkpoint_is_one_error_naming_the_file(tmp_path):
+    """A cut-off checkpoint.safetensors was a SafetensorError traceback, a damaged
+    checkpoint.json a JSONDecodeError (exit 1)."""
+    from svp.errors import ResumeError
+    out = tmp_path / "run"
+    pt.pretrain(_args(out, epochs=1, ckpt_every=1), log=lambda m: None)
+    ckpt, state = out / "checkpoint.safetensors", out / "checkpoint.json"
+    good_ckpt, good_state = ckpt.read_bytes(), state.read_text()
+    for damage, name in ((lambda: ckpt.write_bytes(good_ckpt[:100]), "checkpoint.safetensors"),
+                         (lambda: state.write_text(good_state[:20]), "checkpoint.json"),
+                         (lambda: state.write_text("[]"), "checkpoint.json")):
+        ckpt.write_bytes(good_ckpt)
+        state.write_text(good_state)
+        damage()
+        with pytest.raises(ResumeError, match=f"--resume: .*{name}"):
+            pt.pretrain(_args(out, epochs=1, ckpt_every=1, resume=True), log=lambda m: None)

@@ -40,8 +40,11 @@ def main(argv=None) -> int:
     try:
         rc = args.func(args)
     except SVPError as e:
-        # A user's mistake: one line that names the file/key/value, no traceback.
-        print(f"svp {args.command}: error: {e}", file=sys.stderr)
+        # A user's mistake: one line that names the file/key/value, no traceback. Under torchrun
+        # every process prints its own (a check that fails on one fails on all): the others say
+        # which rank they are
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)

@@ -44,5 +44,14 @@ class BackendError(SVPError, RuntimeError):
     """A scan backend was asked for that cannot run here (missing package, device, dtype, shape)."""
 
 
+class PeerError(SVPError):
+    """Under torchrun: the main rank refused the run (its own message says why); the other
+    ranks stop with this, and the same exit code, instead of a connection error."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class VizError(SVPError):
     """A visualisation input (image, mask, box, layer) is invalid."""

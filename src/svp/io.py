@@ -109,7 +109,32 @@ def atomic_write_json(path, obj: Any, sort_keys: bool = False) -> str:
 def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> str:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        if metadata and len(metadata) > 1:
+            sort_safetensors_metadata(tmp)
+    return atomic_write(path, write)
+
+
+def sort_safetensors_metadata(path) -> None:
+    """Put the header's ``__metadata__`` keys in sorted order, in place: safetensors writes them
+    in its hash map's order, which changes from process to process, so the same tensors and
+    metadata gave files of other bytes (and another sha256). Same length: only the order moves."""
+    import json
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n or new.strip() != new or len(new) != len(raw.rstrip(b" ")):
+            return  # not the compact form this expects: leave the file as safetensors wrote it
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
 
 
 def atomic_replace_dir(write: Callable[[str], None], final_dir: str) -> str:

@@ -63,6 +63,28 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def on_main_rank(fn, info: DistInfo, shared=lambda result: result):
+    """``fn()`` on the main rank only (claiming or locking the run folder); ``shared(result)``
+    reaches the other ranks, which return it. A failure there reaches them as a PeerError: they
+    would otherwise wait in the broadcast and fail with a connection error, or check on their
+    own and say something else."""
+    if not info.enabled:
+        return fn()
+    from ..errors import PeerError, SVPError
+    result, refused = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            code = e.exit_code if isinstance(e, SVPError) else 1
+            broadcast_object((None, (f"{type(e).__name__}: {e}", code)), info)
+            raise
+    value, refused = broadcast_object((shared(result) if info.is_main else None, None), info)
+    if refused is not None:
+        raise PeerError(f"the main rank (0) stopped: {refused[0]}", refused[1])
+    return result if info.is_main else value
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -14,9 +14,9 @@ from . import checkpoint as ck
 from . import config as C
 from ..errors import ConfigError, ResumeError, SVPError
 from ..io import remove_stale_temps
-from .distributed import DistInfo, broadcast_object, unwrap
+from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
-from .signals import EXIT_INTERRUPTED, TrainingStopped
+from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
 from .progress import log_fatal, setup_logging, teardown_logging
 from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume  # noqa: F401 (default_run_name re-exported)
 
@@ -24,10 +24,8 @@ from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume  
 def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], bool]:
     """Claim and lock a fresh run folder on the main rank; every rank gets its path (so a
     generated name is the main rank's). Returns ``(run_dir, lock or None, created)``."""
-    run_dir, lock, created = None, None, False
-    if dist_info.is_main:
-        run_dir, lock, created = claim_run_dir(cfg)
-    return broadcast_object(run_dir, dist_info), lock, created
+    claimed = on_main_rank(lambda: claim_run_dir(cfg), dist_info, shared=lambda c: c[0])
+    return claimed if dist_info.is_main else (claimed, None, False)
 
 
 def load_run_config(run_dir: str, overrides=()) -> dict:
@@ -55,6 +53,16 @@ def check_resumable(run_dir: str) -> None:
     if not os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
         raise ResumeError(f"{run_dir}: nothing to resume (no {ck.RESUME_FILE}; "
                           f"the run finished or never saved a resume point)")
+
+
+def _lock_resumable(run_dir: str) -> RunLock:
+    lock = lock_for_resume(run_dir)
+    try:
+        check_resumable(run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def load_trainable(model, state: Dict[str, torch.Tensor], what: str) -> None:
@@ -162,7 +170,7 @@ def interrupted_at_once(path) -> TrainingStopped:
     """A second Ctrl-C (or one before the handler was in place): stop now, saying where to resume."""
     if path and os.path.isfile(os.path.join(path, ck.RESUME_FILE)):
         hint = (f"without a new resume point; continue from the last one with: "
-                f"svp train --resume {path}")
+                f"{resume_command(path)}")
     else:
         hint = "before any resume point was written; start the run again"
     return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
@@ -187,8 +195,9 @@ def run_session(run):
     try:
         try:
             if run.resume_dir:
-                if run.dist.is_main:
-                    lock = lock_for_resume(run_dir)
+                # the folder locked and checked by the main rank first: another rank checking on
+                # its own said "nothing to resume" of a folder another job was still training
+                lock = on_main_rank(lambda: _lock_resumable(run_dir), run.dist, shared=lambda _: None)
                 check_resumable(run_dir)
             else:
                 run_dir, lock, created = prepare_run_dir(run.cfg, run.dist)

@@ -40,7 +40,8 @@ class VisualPrompt(PeftMethod):
         h, w = config.image_size or tuple(model.patch_embed.img_size)
         p = int(config.pad)
         if 2 * p >= min(h, w):
-            raise ValueError(f"visual_prompt: pad {p} leaves no interior in a {h}x{w} image")
+            raise ValueError(f"visual_prompt: pad {p} leaves no interior in a {h}x{w} image; choose a pad below "
+                             f"{(min(h, w) + 1) // 2} (svp train: method.settings.pad=N)")
         c = model.patch_embed.proj.in_channels
         self.size, self.pad = (h, w), p
         self.pad_top = nn.Parameter(torch.zeros(1, c, p, w))

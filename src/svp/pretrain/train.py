@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeError
 from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .fractals import generate_split, make_categories
 
@@ -134,12 +134,22 @@ def pretrain(args, log=print) -> dict:
     history, loss_avg = [], None
     if args.resume and os.path.isfile(ckpt) and os.path.isfile(state_json):
         from safetensors.torch import load_file
-        with open(state_json) as f:
-            saved = json.load(f)
+        try:
+            with open(state_json) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+                raise ValueError("expected an object with an integer 'step'")
+        except ValueError as e:   # JSONDecodeError too: cut off by a full disk, edited
+            raise ResumeError(f"--resume: {state_json} is damaged ({e}); start a new --out") from None
         _check_resume_args(saved.get("args") or {}, vars_of(args), state_json)
-        tensors = load_file(ckpt)
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optim_state(opt, names, tensors)
+        try:
+            tensors = load_file(ckpt)
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            _load_optim_state(opt, names, tensors)
+        except Exception as e:   # SafetensorError (truncated, empty), tensors that do not fit
+            raise ResumeError(f"--resume: {ckpt} cannot be read or does not fit this model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"start a new --out") from None
         step = int(saved["step"])
         # the epochs before the resume point and the loss average: the summary and the model card
         # report the whole run, and the logged loss goes on as if never stopped
