@@ -235,6 +235,9 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 2 (epoch 1, batch 2/3" in err
     run = tmp_path / "runs" / "nan"
+    # once on stderr (the log line and the exit line both printed it), once in train.log
+    assert err.count("non-finite loss (nan) at step 2") == 1, err
+    assert (run / "train.log").read_text().count("non-finite loss (nan) at step 2") == 1
     info = json.loads((run / "nonfinite" / "nonfinite.json").read_text())
     assert info["step"] == 2 and info["epoch"] == 1
     dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))

@@ -544,3 +544,16 @@ def test_mixup_in_batch_mode_refuses_an_odd_batch_up_front():
             build_mixup(cfg, 10)
     cfg = C.resolve(overrides=["data.dataset=digits", "train.mixup=0.8", "train.batch_size=32"], use_presets=False)
     assert build_mixup(cfg, 10) is not None
+
+
+def test_a_signal_sent_to_another_rank_is_named_by_the_rank_that_reports_it():
+    """SIGTERM sent to rank 1 of a torchrun job alone: rank 0, which reports the stop, said
+    "signal received"; the ranks now sum their signal numbers, not flags."""
+    import signal as sg
+    from svp.engine.signals import Signals
+    s = Signals()
+    assert s.flags() == [0.0, 0.0]
+    assert s.name_of([0.0, 1.0]) == "SIGTERM (sent to another rank)"
+    assert s.name_of([2.0, 1.0]) == "SIGINT/SIGTERM (sent to another rank)"
+    s._received = sg.SIGINT
+    assert s.flags() == [1.0, 0.0] and s.name_of([1.0, 1.0]) == "SIGINT"

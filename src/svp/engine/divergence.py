@@ -36,7 +36,6 @@ import torch
 
 from . import checkpoint as ck
 from .distributed import barrier
-from .progress import log
 from .signals import NonFiniteLoss, resume_command
 
 Named = Iterable[Tuple[str, torch.Tensor]]
@@ -158,7 +157,6 @@ def check_saved_state(run, st) -> None:
     if bad:
         msg = (f"non-finite state ({', '.join(bad)}) at step {st['global_step']}; nothing was saved (the "
                f"last resume point is kept in {run.folder.file('resume.safetensors')})")
-        log.error(msg)
         raise NonFiniteLoss(msg, run.folder.path, st["global_step"])
 
 
@@ -200,7 +198,6 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
                f"run.log_every steps and last found it finite after step {checked}: that state is put back, steps "
                f"{checked + 1}-{step_no} undone (train.finite_check=step finds the step that broke it, at a host "
                f"sync per step). The last batch and the weights as after step {checked} are in {out_dir}; {where}")
-        log.error(msg)
         raise NonFiniteLoss(msg, folder.path, step_no)
     if kept:
         where = (f"the last resume point ({resume}) is kept: continue from it with a lower rate, "
@@ -214,5 +211,4 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
         where = "the state was not finite before the step, so no resume point was written"
     msg = (f"{what} {where_at}; training stopped. The batch and the weights before the step are in "
            f"{out_dir}; {where}")
-    log.error(msg)
     raise NonFiniteLoss(msg, folder.path, step_no)

@@ -169,7 +169,7 @@ class Trainer:
                 loss_val = float(loss.item())
                 flag = 0.0 if np.isfinite(loss_val) else 1.0
             red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag,
-                                  1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)
+                                  *self.signals.flags()], dinfo, self.comm_dev)
             if red[1] > 0:
                 self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
             self._step(loss, st, step_no, loss_val, x_in, y, accumulated=chunks > 1)
@@ -181,7 +181,7 @@ class Trainer:
             st["epoch_images"] += x.shape[0] * dinfo.world_size
             st["epoch_seconds"] = seconds_before + (time.time() - t_epoch)
             reached_max = max_steps is not None and st["global_step"] >= int(max_steps)
-            stop_req = red[2] > 0 or self.hooks.stop_requested(st["global_step"])
+            stop_req = red[2] + red[3] > 0 or self.hooks.stop_requested(st["global_step"])
             save_now = save_every and st["global_step"] % save_every == 0 and st["batch"] < self.steps_per_epoch
             mean_loss = red[0] / dinfo.world_size
             if not self.check_each_step and (st["batch"] % self.progress.log_every == 0 or stop_req or save_now
@@ -201,8 +201,8 @@ class Trainer:
             if stop_req:
                 self.progress.close()
                 self.save_resume(st)
-                if red[2] > 0:
-                    raise interrupted(self.folder.path, self.signals.name, f"step {st['global_step']}")
+                if red[2] + red[3] > 0:
+                    raise interrupted(self.folder.path, self.signals.name_of(red[2:]), f"step {st['global_step']}")
                 raise TrainingStopped(f"stopped after step {st['global_step']} (debug.stop_at_step); "
                                       f"continue with: {resume_command(self.folder.path)}",
                                       EXIT_STOPPED, self.folder.path)
@@ -323,9 +323,9 @@ class Trainer:
                    "epoch_seconds": 0.0, "epoch_images": 0})
         self.save_resume(st)
         # a signal that arrived during evaluation: the epoch's resume point is written
-        if all_reduce_sum([1.0 if self.signals.received else 0.0], dinfo, self.comm_dev)[0] > 0 \
-                and st["epoch"] < epochs and not stop:
-            raise interrupted(self.folder.path, self.signals.name, f"epoch {st['epoch']}")
+        sig = all_reduce_sum(self.signals.flags(), dinfo, self.comm_dev)
+        if sum(sig) > 0 and st["epoch"] < epochs and not stop:
+            raise interrupted(self.folder.path, self.signals.name_of(sig), f"epoch {st['epoch']}")
 
     def _finish(self, st, stopped_early) -> Dict[str, Any]:
         cfg, dinfo, hist = self.cfg, self.dist, st["history"]

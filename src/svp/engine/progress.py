@@ -81,10 +81,8 @@ def log_fatal(handlers, exc: BaseException) -> None:
     """Write why the run ended to ``train.log`` only (stderr gets it from the CLI): the
     message of a user's error or a stop, the traceback of anything else."""
     from ..errors import SVPError
-    from .signals import NonFiniteLoss, TrainingStopped
+    from .signals import TrainingStopped
 
-    if isinstance(exc, NonFiniteLoss):
-        return  # already logged where it was found
     files = [h for h in handlers if isinstance(h, logging.FileHandler)]
     if not files:
         return

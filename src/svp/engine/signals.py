@@ -78,6 +78,18 @@ class Signals:
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "signal"
 
+    def flags(self) -> list:
+        """[SIGINT received, SIGTERM received] as 0/1: summed over the ranks (all_reduce_sum)."""
+        return [float(self.received == signal.SIGINT), float(self.received == signal.SIGTERM)]
+
+    def name_of(self, counts) -> str:
+        """The signal's name from the ranks' summed ``flags``: this rank's own, else another
+        rank's (SIGTERM sent to one process of a torchrun job)."""
+        if self.received:
+            return self.name
+        got = [n for n, c in zip(("SIGINT", "SIGTERM"), counts) if c > 0]
+        return f"{'/'.join(got) or 'signal'} (sent to another rank)"
+
     def restore(self) -> None:
         for s, h in self.old.items():
             signal.signal(s, h)
