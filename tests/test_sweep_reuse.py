@@ -246,3 +246,16 @@ def test_a_short_dataset_name_means_the_suites_dataset_of_that_name():
     assert [d for d, _ in _select_datasets("hta", ["dtd"])] == ["hta/dtd"]
     with pytest.raises(C.ConfigError, match="'digits' is not in suite 'vtab'"):
         _select_datasets("vtab", ["digits"])
+
+
+def test_a_folder_from_before_init_seeds_followed_the_seed_is_reused_where_it_drew_the_same_head(tmp_path, monkeypatch):
+    """Folders made when model.init_seed defaulted to 0 were all refused (init_seed: 0 -> null);
+    for seed 0 that is the same run (null means train.seed), for seed 1 it is not."""
+    out = str(tmp_path / "sw")
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    sweep("mini", ["linear"], [0, 1], out, ["digits"], (), REAL + ["model.init_seed=0"])
+    assert len(calls) == 2
+    res = sweep("mini", ["linear"], [0, 1], out, ["digits"], (), REAL)
+    assert [r["status"] for r in res["rows"]] == ["reused", "failed"]
+    assert "model.init_seed: 0 -> 1" in res["rows"][1]["error"] and len(calls) == 2

@@ -225,6 +225,9 @@ def config_differences(saved: dict, cfg: dict) -> Dict[str, str]:
     run folder's configuration ``saved`` and ``cfg``. A training key changed by an earlier
     ``svp train --resume`` (``run.changes``) differs unless every value it ran with is ``cfg``'s."""
     old, new = _flatten(saved), _flatten(cfg)
+    for flat in (old, new):   # the seed the head was drawn under: null means train.seed
+        if flat.get("model.init_seed", _UNSET) is None:
+            flat["model.init_seed"] = flat.get("train.seed")
     out: Dict[str, str] = {}
     for key in list(old) + [k for k in new if k not in old]:
         if _free(key):
