@@ -1,5 +1,6 @@
 """Unit tests of the training engine pieces (no training): configuration, schedule,
 optimizer grouping, sampler, resume-state files, sweep tables."""
+import json
 import math
 import os
 
@@ -557,3 +558,27 @@ def test_a_signal_sent_to_another_rank_is_named_by_the_rank_that_reports_it():
     assert s.name_of([2.0, 1.0]) == "SIGINT/SIGTERM (sent to another rank)"
     s._received = sg.SIGINT
     assert s.flags() == [1.0, 0.0] and s.name_of([1.0, 1.0]) == "SIGINT"
+
+
+def test_training_replaces_a_checkpoint_head_of_the_tasks_class_count(tmp_path):
+    """The official fine-tuning deletes head.* before it loads the backbone: a task with the
+    checkpoint's class count (1000 for the official files) kept the pretrained head."""
+    import timm
+    from safetensors.torch import save_file
+    import svp.models  # noqa: F401
+    from svp.engine import config as C
+    from svp.engine.setup import build_train_model, model_spec
+    kw = {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}
+    src = timm.create_model("vim_tiny_patch16_224", num_classes=3, **kw)
+    with torch.no_grad():
+        src.head.weight.fill_(7.0)
+    ckpt = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(ckpt))
+    cfg = C.resolve(overrides=["data.dataset=textures", "method.name=linear", f"model.checkpoint={ckpt}",
+                               "model.kwargs=" + json.dumps(kw), "data.img_size=32"])
+    spec = model_spec(cfg, 3, ["a", "b", "c"])
+    a, b = build_train_model(cfg, spec), build_train_model(cfg, spec)
+    head = a.base_model.head.weight
+    assert not torch.equal(head, src.head.weight) and torch.equal(head, b.base_model.head.weight)
+    assert abs(head.std().item() - 0.02) < 0.01   # the official head init (trunc normal, std 0.02)
+    assert torch.equal(a.base_model.layers[0].mixer.in_proj.weight, src.layers[0].mixer.in_proj.weight)

@@ -246,6 +246,15 @@ def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
         kw = cfg["model"]["kwargs"] or {}
         key, v = ("model.kwargs.img_size", kw["img_size"]) if "img_size" in kw else ("data.img_size", spec.img_size)
         raise ConfigError(f"{key}={v}: {e}") from None
+    if getattr(backbone, "head_from_checkpoint", False):
+        # a task with the checkpoint's class count (1000 for the official files) got its
+        # pretrained head; the official fine-tuning deletes head.* and trains a new one
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed(cfg))
+            backbone.reset_classifier(int(spec.num_classes))
+        backbone.head_from_checkpoint = False
+        log.info("the checkpoint's %d-class head replaced by a new one (as the official fine-tuning "
+                 "deletes head.*)", int(spec.num_classes))
     return build_method(backbone, cfg, int(spec.num_classes))
 
 

@@ -171,6 +171,9 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
         param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
         if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
             del out[name]
+    # whether the model's head is about to take the file's (same class count): svp train
+    # replaces it, as the official fine-tuning deletes head.* (svp.engine.setup.build_train_model)
+    model.head_from_checkpoint = any(k.startswith("head.") for k in out)
     return out
 
 
