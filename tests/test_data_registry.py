@@ -183,3 +183,23 @@ def test_missing_root_message(monkeypatch):
         build_dataset("cub200", "train", root="/nonexistent/x")
     with pytest.raises(TypeError, match="unknown option"):
         build_dataset("digits", "train", partition=2)
+
+
+def test_the_svp_recipe_posterizes_at_the_clipped_magnitude_as_pillow_before_13_did():
+    """RandAugment's magnitude (drawn around 9, clipped at 10) asks "PosterizeIncreasing" for
+    0 bits at 10, which Pillow 13 refuses: about one training image in 2,000 raised, at the
+    same step again on every resume. 0 bits is every channel 0, as in Pillow < 13."""
+    import numpy as np
+    from PIL import Image
+    from svp.data.transforms import build_transform
+    t = build_transform("svp", True, 32)
+    ops = [op for tt in t.transforms for op in getattr(tt, "ops", ()) if op.name == "PosterizeIncreasing"]
+    assert ops
+    op = ops[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (8, 8, 3), dtype=np.uint8))
+    out = op(img)
+    assert out.mode == "RGB" and not np.asarray(out).any()
+    op.magnitude = 5   # 2 bits: Pillow's own posterize
+    from PIL import ImageOps
+    assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 2)))

@@ -53,6 +53,28 @@ SVP_TRAIN_ARGS = dict(
 SVP_EVAL_CROP_RATIO = 0.875
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits as Pillow < 13 did it: every channel 0. RandAugment's
+    magnitude is drawn around 9 and clipped at 10, where "PosterizeIncreasing" keeps 0 bits;
+    Pillow 13 refuses that (ValueError in about one image in 2,000), which stopped training
+    at the same step on every resume."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    from PIL import ImageOps
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_any_bits(transform):
+    """The RandAugment inside timm's training transform, its posterize ops on :func:`_posterize`."""
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if str(getattr(op, "name", "")).startswith("Posterize"):
+                op.aug_fn = _posterize
+    return transform
+
+
 def _size(img_size) -> int:
     if isinstance(img_size, (tuple, list)):
         img_size = img_size[-1]
@@ -75,7 +97,8 @@ def build_transform(recipe: str, is_training: bool, img_size: int = 224,
             from timm.data import create_transform
             args = dict(SVP_TRAIN_ARGS)
             args.update(kw)
-            return create_transform(input_size=size, is_training=True, mean=mean, std=std, **args)
+            return _posterize_any_bits(create_transform(input_size=size, is_training=True, mean=mean, std=std,
+                                                        **args))
         if kw:
             raise TypeError(f"unexpected arguments for the svp eval transform: {sorted(kw)}")
         return T.Compose([
