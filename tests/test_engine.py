@@ -582,3 +582,16 @@ def test_training_replaces_a_checkpoint_head_of_the_tasks_class_count(tmp_path):
     assert not torch.equal(head, src.head.weight) and torch.equal(head, b.base_model.head.weight)
     assert abs(head.std().item() - 0.02) < 0.01   # the official head init (trunc normal, std 0.02)
     assert torch.equal(a.base_model.layers[0].mixer.in_proj.weight, src.layers[0].mixer.in_proj.weight)
+
+
+def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path):
+    """`svp train --resume RUN --seed 0` on a run made with seed 0 was refused ("cannot change
+    train.seed"), so the command that started a run, with --resume added, failed."""
+    from svp.engine.rundir import load_run_config
+    from svp.errors import ResumeError
+    cfg = C.resolve(overrides=["train.seed=0", "data.dataset=digits"], use_presets=False)
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    assert load_run_config(str(tmp_path), ["train.seed=0", "data.dataset=digits"])["train"]["seed"] == 0
+    for override in ("train.seed=1", "data.dataset=faces", "train.seed=true"):
+        with pytest.raises(ResumeError, match=f"cannot change {override.split('=')[0]}"):
+            load_run_config(str(tmp_path), [override])

@@ -922,3 +922,27 @@ def test_forked_children_do_not_keep_the_lock(tmp_path):
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
+
+
+def test_resume_refuses_a_training_split_that_changed_since_the_resume_point(tmp_path, capsys):
+    """Images added to or removed from the training split between a stop and --resume went
+    unnoticed: the epoch's order is drawn from the split's size, so the resumed epoch skipped
+    the wrong batches."""
+    root = tmp_path / "if"
+    for split, n in (("train", 8), ("test", 2)):
+        for c in ("p", "q"):
+            for i in range(n):
+                _png8(str(root / split / c / f"{i}.png"), 30 * i)
+    args = ["--dataset", "imagefolder", "--data-root", str(root), "--method", "linear", "--model",
+            "vim_mini_patch4_32", "--epochs", "2", "--batch-size", "4", "train.warmup_epochs=0", "data.recipe=plain",
+            "run.progress=none", "train.device=cpu", "data.val_split=null", "--output", str(tmp_path / "runs")]
+    assert svp_main(["train", *args, "--name", "r", "debug.stop_at_step=2"]) == 75
+    run = str(tmp_path / "runs" / "r")
+    extra = _png8(str(root / "train" / "p" / "extra.png"), 7)
+    capsys.readouterr()
+    _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "the training split changed", "16 -> 17 images")
+    os.remove(extra)
+    os.rename(root / "train" / "q" / "0.png", root / "train" / "p" / "zz.png")   # one image to another class
+    _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "other labels or classes in their order")
+    os.rename(root / "train" / "p" / "zz.png", root / "train" / "q" / "0.png")
+    assert svp_main(["train", "--resume", run]) == 0

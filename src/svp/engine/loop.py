@@ -14,6 +14,7 @@ run bit-identical to an uninterrupted one on CPU, wherever it was stopped.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import runtime
+from ..errors import ResumeError
 from . import config as C
 from . import resume_overrides as RO
 from . import select
@@ -49,6 +51,24 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     cfg = C.resolve(base=config or {}, overrides=overrides or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
     return Trainer(cfg).run()
+
+
+def train_data_id(ds) -> dict:
+    """What a resume point records of the training split: its size and a digest of its class
+    names and labels in order. The data order of every epoch is drawn from the size, so a split
+    that changed since would skip the wrong batches of a resumed epoch."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([list(ds.classes), list(ds.targets)]).encode())
+    return {"samples": len(ds), "labels_sha256": h.hexdigest()[:16]}
+
+
+def check_same_train_data(saved: Optional[dict], now: dict, run_dir: str) -> None:
+    if saved is None or saved == now:   # resume points written before the record: not checked
+        return
+    what = (f"{saved.get('samples')} -> {now['samples']} images" if saved.get("samples") != now["samples"]
+            else "the same number of images, other labels or classes in their order")
+    raise ResumeError(f"{run_dir}: the training split changed since the resume point ({what}); a resumed run "
+                      f"must see the images it started with, in the same order. Restore them, or start a new run")
 
 
 class Trainer:
@@ -97,10 +117,12 @@ class Trainer:
         self.check_each_step = finite_check_mode(t["finite_check"], self.device, dinfo.enabled) == "step"
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
-              "train_seconds": 0.0, "nonfinite": None, "lr_phases": []}
+              "train_seconds": 0.0, "nonfinite": None, "lr_phases": [], "train_data": None}
         epochs = int(t["epochs"])
+        data_id = train_data_id(self.train_ds)
         if self.resume_dir:
             st = self.folder.load_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
+            check_same_train_data(st.get("train_data"), data_id, self.folder.path)
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
@@ -111,6 +133,7 @@ class Trainer:
             if dinfo.is_main:  # drop metric lines written after the resume point
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
+        st["train_data"] = data_id
         if not self.check_each_step:   # the state the first interval check falls back on
             self.guard.snapshot()
             self.checked_step = st["global_step"]

@@ -38,9 +38,23 @@ def accepted(key: str) -> bool:
     return key in TRAINING_KEYS or key in WATCH_KEYS or key.startswith("debug.")
 
 
-def check_overrides(parsed: Iterable[Tuple[str, Any]], run_dir: str) -> None:
-    """Refuse (one line) any override ``--resume`` cannot apply exactly."""
-    bad = [k for k, _ in parsed if not accepted(k)]
+_MISSING = object()
+
+
+def _saved_value(saved: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(saved, dict) or part not in saved:
+            return _MISSING
+        saved = saved[part]
+    return saved
+
+
+def check_overrides(parsed: Iterable[Tuple[str, Any]], run_dir: str, saved: Any = None) -> None:
+    """Refuse (one line) any override ``--resume`` cannot apply exactly; one that repeats the
+    saved configuration's value (``saved``: its config.yaml) changes nothing and passes (the
+    command that started the run, with ``--resume`` added)."""
+    bad = [k for k, v in parsed if not accepted(k)
+           and not (saved is not None and _saved_value(saved, k) == v and type(_saved_value(saved, k)) is type(v))]
     if bad:
         raise ResumeError(f"svp train --resume {run_dir}: cannot change {', '.join(bad)} of a started run "
                           f"(its saved state was made with the old value); --resume accepts only "

@@ -34,8 +34,8 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
-    check_overrides(C.parse_overrides(overrides), run_dir)
     saved = C.load_yaml(path)
+    check_overrides(C.parse_overrides(overrides), run_dir, saved)
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
         train = saved.get("train")

@@ -48,6 +48,10 @@ class Limited(torch.utils.data.Dataset):
     def __len__(self):
         return self.n
 
+    @property
+    def targets(self):
+        return list(getattr(self.ds, "targets", []))[:self.n]
+
     def __getitem__(self, i):
         if i >= self.n:
             raise IndexError(i)
