@@ -54,8 +54,10 @@ def compare(a):
     print("|---|---|---|---|---|")
     for name in a.models:
         torch.manual_seed(0)
-        model = get_peft_model(timm.create_model(name, num_classes=100),
-                               make_config("svp", num_classes=100, shared_layers=6, hidden=64)).eval()
+        from model import method_settings   # benchmarks/model.py's settings
+        backbone = timm.create_model(name, num_classes=100)
+        model = get_peft_model(backbone, make_config("svp", num_classes=100,
+                                                     **method_settings("svp", backbone))).eval()
         x = torch.randn(a.batch, 3, 224, 224)
         runs = {"whole": (model, []), "chunked": (lambda t: E.forward_in_chunks(model, t), [])}
         outs = {}

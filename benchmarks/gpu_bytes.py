@@ -90,8 +90,8 @@ def count(model_name, method, batch, kernels):
     from svp.models import vim
     vim.GPU_JOINT_NODES = "apart" not in kernels
     torch.manual_seed(0)
-    # .train(): in the mode `svp train` steps in (svp.engine.setup), where a frozen backbone keeps its
-    # DropPath off (PeftModel.train); a fresh model is all in training mode, DropPath on
+    # .train(): in the mode `svp train` steps in (svp.engine.setup): PeftModel.train keeps a frozen
+    # backbone's DropPath off, except for methods that train it in train mode (SVP, full fine-tuning)
     model = get_peft_model(timm.create_model(model_name, pretrained=False, num_classes=100),
                            make_config(method, num_classes=100)).to("meta").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
@@ -122,6 +122,11 @@ def main(argv=None):
                     help="the Triton kernels beside the scan's, one step counted for each")
     ap.add_argument("--top", type=int, default=12, help="rows of the largest operators and places")
     a = ap.parse_args(argv)
+    known = {"none", "conv", "norm", "prompt", "apart"}
+    for conv in a.configs:   # a misspelt kernel was counted as off and labelled as asked
+        bad = [k for k in conv.split("+") if k not in known]
+        if bad:
+            ap.error(f"--configs {conv}: unknown {', '.join(bad)}; expected + joined names from {sorted(known)}")
     rows = []
     for conv in a.configs:
         t, launches, launch_bytes = count(a.model, a.method, a.batch, conv.split("+"))

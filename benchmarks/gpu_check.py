@@ -457,6 +457,8 @@ def main(argv=None):
                          "in a CUDA graph (run in a process of its own: a failed capture can leave the CUDA context "
                          "unusable)")
     a = ap.parse_args(argv)
+    if not a.parts or set(a.parts) - set("abcd"):   # --parts x ran nothing and returned 0
+        ap.error(f"--parts {a.parts!r}: expected letters from abcd")
     t_start = time.monotonic()
     deadline = t_start + a.budget_s
     if a.dry_run:

@@ -9,6 +9,7 @@
 # Runs from the source tree (PYTHONPATH=src) with torch (and the Triton it ships), timm and
 # numpy; no network, no mamba_ssm needed (used when it imports). PYTHON=... picks the interpreter.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:?usage: benchmarks/gpu_check.sh OUTDIR [--dry-run]}"
 shift

@@ -14,9 +14,15 @@
 #
 #   benchmarks/gpu_session.sh OUTDIR      # PYTHON=... picks the interpreter (default python3)
 set -u
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:?usage: benchmarks/gpu_session.sh OUTDIR}"
 py="${PYTHON:-python3}"
+# every part but the doctor needs a CUDA GPU: say so once, up front, instead of one failure a part
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "benchmarks/gpu_session.sh: no CUDA GPU here (torch.cuda.is_available() is false); it measures on a GPU" >&2
+  exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
 L="$out/log.txt"

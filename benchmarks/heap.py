@@ -39,13 +39,13 @@ def child(spec):
     from svp import runtime
     from svp.peft import get_peft_model, make_config
 
-    from model import SETTINGS, training_step   # (this folder is on sys.path: the child runs as a script)
+    from model import method_settings, training_step   # (this folder is on sys.path: the child runs as a script)
     from scan import set_threads
     set_threads(spec["threads"])
     torch.manual_seed(0)
     method = spec["method"]
-    pm = get_peft_model(timm.create_model(spec["model"], num_classes=100),
-                        make_config(method, num_classes=100, **SETTINGS.get(method, {})))
+    model = timm.create_model(spec["model"], num_classes=100)
+    pm = get_peft_model(model, make_config(method, num_classes=100, **method_settings(method, model)))
     step = training_step(pm, torch.randn(spec["batch"], 3, 224, 224), lambda amp: contextlib.nullcontext())
 
     def timed():

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import svp  # noqa: E402,F401  (before torch: svp.runtime's settings)
 import torch  # noqa: E402
 
-from model import SETTINGS  # noqa: E402  (benchmarks/model.py: the issue's SVP setting)
+from model import method_settings  # noqa: E402  (benchmarks/model.py: the issue's SVP setting)
 from scan import make_inputs, set_threads  # noqa: E402  (benchmarks/scan.py: the model's scan layout)
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_")
@@ -50,8 +50,8 @@ def step_products(model_name, method, batch):
     from svp.peft import get_peft_model, make_config
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
-    m = get_peft_model(timm.create_model(model_name),
-                       make_config(method, num_classes=100, **SETTINGS.get(method, {})))
+    backbone = timm.create_model(model_name)
+    m = get_peft_model(backbone, make_config(method, num_classes=100, **method_settings(method, backbone)))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
 

@@ -47,9 +47,10 @@ def main(argv=None):
 
     set_threads(args.threads)
     torch.manual_seed(0)
-    extra = {"shared_layers": 6, "hidden": 64} if args.method == "svp" else {}
-    model = get_peft_model(timm.create_model(args.model, num_classes=100),
-                           make_config(args.method, num_classes=100, **extra)).train()
+    from model import method_settings   # benchmarks/model.py's settings
+    backbone = timm.create_model(args.model, num_classes=100)
+    model = get_peft_model(backbone, make_config(args.method, num_classes=100,
+                                                 **method_settings(args.method, backbone))).train()
     x = torch.randn(args.batch, 3, 224, 224)
     y = torch.randint(0, 100, (args.batch,))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # serve_helpers: the adapters' settings
 
+import svp  # noqa: E402,F401  (before torch, which serve's helpers import: svp.runtime sets torch's OpenMP spin)
 from serve import MIXED8  # noqa: E402  (this folder is on sys.path: the script runs from it)
 
 

@@ -36,7 +36,7 @@ import svp.models.vim as vim  # noqa: E402
 import svp.peft.svp as svp_method  # noqa: E402
 from svp.peft import get_peft_model, make_config  # noqa: E402
 
-SETTINGS = {"svp": {"shared_layers": 6, "hidden": 64}}   # as benchmarks/model.py
+from model import method_settings  # noqa: E402  (benchmarks/model.py's settings; this folder is on sys.path)
 _REAL = {"prompts": (svp_method, "_fused_prompts", svp_method._fused_prompts),
          "conv_proj": (vim, "_fused_conv_proj", vim._fused_conv_proj)}
 
@@ -44,7 +44,7 @@ _REAL = {"prompts": (svp_method, "_fused_prompts", svp_method._fused_prompts),
 def _switch(names, on):
     for n in names:
         mod, attr, real = _REAL[n]
-        setattr(mod, attr, real if on else (lambda *a: False))
+        setattr(mod, attr, real if on else (lambda *a, **k: False))
 
 
 def main(argv=None):
@@ -58,11 +58,13 @@ def main(argv=None):
     ap.add_argument("--ab", nargs="+", default=[], choices=sorted(_REAL) + ["all"])
     ap.add_argument("--droppath-ab", action="store_true")
     a = ap.parse_args(argv)
+    if a.droppath_ab and a.ab:
+        ap.error("--ab and --droppath-ab measure different things; give one of them")
     from scan import set_threads   # (this folder is on sys.path: run as a script)
     set_threads(a.threads)
     torch.manual_seed(0)
     model = timm.create_model(a.model, num_classes=100)
-    pm = get_peft_model(model, make_config(a.method, num_classes=100, **SETTINGS.get(a.method, {}))).train()
+    pm = get_peft_model(model, make_config(a.method, num_classes=100, **method_settings(a.method, model))).train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     x, y = torch.randn(a.batch, 3, 224, 224), torch.randint(0, 100, (a.batch,))

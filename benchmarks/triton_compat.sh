@@ -18,6 +18,7 @@
 # Not part of `make test` or CI (minutes of downloads and a slow interpreter). Needs PyPI and a
 # Python 3.11 (PY=...). Exit status: non-zero if any step failed for any release.
 set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 PY="${PY:-$(command -v python3.11 || echo python3)}"
