@@ -360,8 +360,29 @@ def test_data_grid_makes_its_output_folder(tmp_path, capsys):
     assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "afile").write_text("x")
-    assert svp_main(["data", "grid", "digits", "--out", str(tmp_path / "afile" / "g.png")]) == 1
+    assert svp_main(["data", "grid", "digits", "--out", str(tmp_path / "afile" / "g.png")]) == 2
     assert "cannot create its folder" in capsys.readouterr().err
+
+
+def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write(tmp_path, capsys, monkeypatch):
+    """grid exited 1 for bad values and printed --out as given while matplotlib wrote <out>.png
+    (an existing folder g became ./g.png); check counted --val-from-train 2 as missing data;
+    list --group bogus printed nothing, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("g")
+    for argv, words in ((["grid", "digits", "--n", "0", "--out", "x.png"], "--n and --cols must be >= 1"),
+                        (["grid", "nosuch", "--out", "x.png"], "unknown dataset 'nosuch'"),
+                        (["grid", "digits", "--split", "nope", "--out", "x.png"], "unknown split 'nope'"),
+                        (["grid", "digits", "--out", "g"], "--out 'g': expected the path of the PNG file"),
+                        (["grid", "digits", "--out", ""], "--out '': expected the path"),
+                        (["check", "digits", "--val-from-train", "2"], "--val-from-train 2.0: expected a fraction"),
+                        (["check", "digits", "--workers", "0"], "--workers 0: expected a positive number"),
+                        (["list", "--group", "bogus"], "--group 'bogus': no such group")):
+        assert svp_main(["data", *argv]) == 2, argv
+        assert words in capsys.readouterr().err, argv
+    assert svp_main(["data", "grid", "digits", "--n", "2", "--out", "sub/grid"]) == 0
+    assert capsys.readouterr().out.strip() == "sub/grid.png" and os.path.isfile("sub/grid.png")
+    assert not os.path.exists("x.png") and not os.path.exists("g.png")
 
 
 def test_food101_test_labels_follow_train_json_classes(fake, tmp_path):

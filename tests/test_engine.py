@@ -1,5 +1,6 @@
 """Unit tests of the training engine pieces (no training): configuration, schedule,
 optimizer grouping, sampler, resume-state files, sweep tables."""
+import re
 import json
 import math
 import os
@@ -595,3 +596,47 @@ def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path):
     for override in ("train.seed=1", "data.dataset=faces", "train.seed=true"):
         with pytest.raises(ResumeError, match=f"cannot change {override.split('=')[0]}"):
             load_run_config(str(tmp_path), [override])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.dataset=null", "data.dataset=None: expected a non-empty string"),
+    ("train.device=5", "train.device=5: expected a non-empty string"),
+    ("data.train_split=null", "data.train_split=None"),
+    ("data.test_split=5", "data.test_split=5: expected a non-empty string or null"),
+    ("model.checkpoint=123", "model.checkpoint=123"),
+    ("run.output=null", "run.output=None"),
+    ("data.root=123", "data.root=123"),
+    ("data.num_workers=0.5", "data.num_workers=0.5: expected a non-negative integer"),
+    ("run.save_every_steps=0.5", "run.save_every_steps=0.5: expected a non-negative integer"),
+])
+def test_text_keys_and_counts_of_the_wrong_type_are_named(override, words):
+    """These crashed with a traceback where they were used (exit 1), or were truncated
+    (save_every_steps=0.5 turned mid-epoch resume points off)."""
+    with pytest.raises(C.ConfigError, match=re.escape(words)):
+        C.resolve(overrides=[override])
+
+
+def test_config_files_merge_per_method_blocks_key_by_key(tmp_path):
+    """A later -c file's method.settings.svp: {hidden: 99} replaced the whole svp block of an
+    earlier file (or of the mini suite's base), dropping shared_layers."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("method:\n  settings:\n    svp: {hidden: 8, shared_layers: 1}\n")
+    b.write_text("method:\n  settings:\n    svp: {hidden: 99}\n")
+    cfg = C.resolve([str(a), str(b)], use_presets=False)
+    assert cfg["method"]["settings"]["svp"] == {"hidden": 99, "shared_layers": 1}
+    import pathlib
+    assert C.resolve(overrides=[], base={"run": {"output": pathlib.Path("x")}})["run"]["output"] == "x"
+
+
+def test_print_config_checks_the_method_and_shows_a_resumes_overrides(tmp_path, capsys):
+    from svp.cli import main as svp_main
+    for extra, words in ((["--method", "bogus"], "unknown adaptation method 'bogus'"),
+                         (["method.settings.bogus=1"], "unknown setting(s) ['bogus']")):
+        assert svp_main(["train", "--print-config", *extra]) == 2
+        assert words in capsys.readouterr().err
+    cfg = C.resolve(overrides=["data.dataset=digits"], use_presets=False)
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    assert svp_main(["train", "--resume", str(tmp_path), "--print-config", "train.lr=0.5"]) == 0
+    assert "  lr: 0.5\n" in capsys.readouterr().out
+    assert svp_main(["train", "--resume", str(tmp_path), "--print-config", "model.name=foo"]) == 2
+    assert "cannot change model.name" in capsys.readouterr().err

@@ -946,3 +946,17 @@ def test_resume_refuses_a_training_split_that_changed_since_the_resume_point(tmp
     _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "other labels or classes in their order")
     os.rename(root / "train" / "p" / "zz.png", root / "train" / "q" / "0.png")
     assert svp_main(["train", "--resume", run]) == 0
+
+
+def test_a_bad_scan_backend_or_model_name_is_one_line_before_any_run_folder(tmp_path, capsys, monkeypatch):
+    """A bad SVP_SCAN_BACKEND was found at the first step's forward, after the run folder was
+    written; an unknown model name was reported as "no weights given"."""
+    out = tmp_path / "runs"
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "bogus")
+    _one_line_error(capsys, svp_main(["train", *MINI, "--output", str(out)]), 2, "unknown scan backend 'bogus'")
+    assert _no_stub(out)
+    monkeypatch.delenv("SVP_SCAN_BACKEND")
+    args = [a if a != "vim_mini_patch4_32" else "vim_nosuch" for a in MINI]
+    _one_line_error(capsys, svp_main(["train", *args, "--output", str(out)]), 2,
+                    "model 'vim_nosuch': no such model; the Vim models:")
+    assert _no_stub(out)

@@ -316,3 +316,13 @@ def test_the_svp_command_freezes_its_imports_and_main_does_not():
     assert after_main == 0 and at_exit > 100_000      # torch, timm, svp
     assert _freeze_counts(RUN_CHECK + RUN_MODULE)[1] > 100_000
     assert _freeze_counts(RUN_CHECK + RUN_ENTRY, SVP_NO_RUNTIME_DEFAULTS="1") == [0, 0]
+
+
+def test_on_off_switches_read_0_false_no_off_as_off():
+    """SVP_NO_RUNTIME_DEFAULTS=0 (or false) turned svp's defaults off: any value counted."""
+    from svp import runtime
+    for v, on in (("", False), ("0", False), ("false", False), (" Off ", False), ("no", False),
+                  ("1", True), ("yes", True), ("true", True)):
+        assert runtime.no_defaults({"SVP_NO_RUNTIME_DEFAULTS": v}) is on, v
+        assert runtime.dedicated({"SVP_CPU_DEDICATED": v}) is on, v
+    assert runtime.no_defaults({}) is False

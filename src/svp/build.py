@@ -57,6 +57,12 @@ class ModelSpec:
             return "bundled"
         if self.random_init:
             return "random"
+        import timm
+
+        import svp.models  # noqa: F401  (registers vim_* with timm)
+        if not timm.is_model(self.model):   # say what is wrong first: the name, not its weights
+            raise ConfigError(f"model {self.model!r}: no such model; the Vim models: "
+                              f"{', '.join(timm.list_models('vim_*'))}")
         raise ConfigError(
             f"model {self.model!r}: no weights given. Pass a checkpoint (--checkpoint / model.checkpoint), "
             f"ask for timm's pretrained weights (--pretrained / model.pretrained=true; may download), or ask "
@@ -196,7 +202,7 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     import svp.peft as peft
 
     if not os.path.isdir(adapter_dir):
-        raise ConfigError(f"{adapter_dir}: not a folder")
+        raise ConfigError(f"adapter folder {adapter_dir!r}: not a folder")
     try:
         info = peft.read_adapter_config(adapter_dir)
     except FileNotFoundError as e:

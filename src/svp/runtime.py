@@ -143,10 +143,19 @@ def long_spin():
             "environment before Python starts (svp.runtime).")
 
 
+def env_flag(name: str, environ=os.environ) -> bool:
+    """An on/off environment switch: on for any value but empty, 0, false, no, off."""
+    return environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def dedicated(environ=os.environ) -> bool:
-    """Whether the user declared the machine svp's own (``SVP_CPU_DEDICATED``, any value but
-    empty, 0, false, no, off)."""
-    return environ.get("SVP_CPU_DEDICATED", "").strip().lower() not in ("", "0", "false", "no", "off")
+    """Whether the user declared the machine svp's own (``SVP_CPU_DEDICATED``, :func:`env_flag`)."""
+    return env_flag("SVP_CPU_DEDICATED", environ)
+
+
+def no_defaults(environ=os.environ) -> bool:
+    """``SVP_NO_RUNTIME_DEFAULTS`` (:func:`env_flag`; ``=0`` turned the defaults off too)."""
+    return env_flag("SVP_NO_RUNTIME_DEFAULTS", environ)
 
 
 _MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
@@ -226,7 +235,7 @@ def _malloc_defaults() -> str:
 
 def configure() -> dict:
     """Apply the defaults above (idempotent). Returns ``status()``."""
-    if _state["applied_before_torch"] is not None or os.environ.get("SVP_NO_RUNTIME_DEFAULTS"):
+    if _state["applied_before_torch"] is not None or no_defaults():
         return status()
     before_torch = "torch" not in sys.modules
     _state["dedicated"] = dedicated()
@@ -249,9 +258,9 @@ def imports_outside_gc():
     """Run the ``with`` body (svp's imports) with automatic collection paused, then move every
     tracked object to the oldest generation and resume (see the module docstring). Where the
     collector is off, or SVP_NO_RUNTIME_DEFAULTS is set, the body runs as it is."""
-    if os.environ.get("SVP_NO_RUNTIME_DEFAULTS") or not gc.isenabled():
+    if no_defaults() or not gc.isenabled():
         if _state["gc"] is None:
-            _state["gc"] = ("left alone (SVP_NO_RUNTIME_DEFAULTS)" if os.environ.get("SVP_NO_RUNTIME_DEFAULTS")
+            _state["gc"] = ("left alone (SVP_NO_RUNTIME_DEFAULTS)" if no_defaults()
                             else "left alone (the collector was off)")
         yield
         return
@@ -276,7 +285,7 @@ def freeze_imports() -> bool:
     for the rest of the process, so later full collections and the interpreter's shutdown skip
     them. Not for a library call: garbage frozen now is never collected. Returns whether it froze
     (not with SVP_NO_RUNTIME_DEFAULTS set, nor with the collector off)."""
-    if os.environ.get("SVP_NO_RUNTIME_DEFAULTS") or not gc.isenabled():
+    if no_defaults() or not gc.isenabled():
         return False
     gc.freeze()
     _state["gc"] = "imports frozen for the command's process (svp.cli.run)"

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import List
 
+from ..errors import ConfigError
 from .base import DatasetError
 from .check import find_bad_images
 from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
@@ -53,6 +54,9 @@ def register(subparsers) -> None:
 
 def cmd_list(args) -> int:
     names = list_datasets(args.group)
+    if not names:   # a misspelt group printed nothing and exited 0
+        groups = sorted({dataset_info(n).group.split("-")[0] for n in list_datasets()})
+        raise ConfigError(f"--group {args.group!r}: no such group; expected one of {', '.join(groups)}")
     for n in names:
         i = dataset_info(n)
         nc = str(i.num_classes) if i.num_classes else "-"
@@ -127,6 +131,10 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
 
 def cmd_check(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected a positive number of reader threads")
+    if args.val_from_train is not None and not 0 < args.val_from_train < 1:   # not a data problem (exit 1)
+        raise ConfigError(f"--val-from-train {args.val_from_train}: expected a fraction in (0, 1)")
     opts = {}
     if args.val_from_train is not None:
         opts["val_from_train"] = args.val_from_train
@@ -173,20 +181,23 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
 
 
 def cmd_grid(args) -> int:
+    # a user's mistake is one line and exit 2, as in every command (SVPError)
     if args.n < 1 or args.cols < 1:
-        print(f"error: --n and --cols must be >= 1, got {args.n} and {args.cols}", file=sys.stderr)
-        return 1
-    parent = os.path.dirname(os.path.abspath(args.out))
+        raise ConfigError(f"--n and --cols must be >= 1, got {args.n} and {args.cols}")
+    out = args.out
+    if not out.strip() or os.path.isdir(out):
+        raise ConfigError(f"--out {out!r}: expected the path of the PNG file to write"
+                          + (" (that is a folder)" if out.strip() else ""))
+    if os.path.splitext(out)[1].lower() != ".png":   # matplotlib would add .png: say the file it writes
+        out += ".png"
+    parent = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        print(f"error: --out {args.out}: cannot create its folder {parent} ({e.strerror or e})", file=sys.stderr)
-        return 1
+        raise ConfigError(f"--out {out}: cannot create its folder {parent} ({e.strerror or e})") from None
     try:
-        save_grid(args.name, args.out, split=args.split, n=args.n, cols=args.cols,
-                  root=args.root, seed=args.seed)
-    except (DatasetError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(args.out)
+        save_grid(args.name, out, split=args.split, n=args.n, cols=args.cols, root=args.root, seed=args.seed)
+    except KeyError as e:   # an unknown dataset or split
+        raise ConfigError(str(e.args[0] if e.args else e)) from None
+    print(out)
     return 0

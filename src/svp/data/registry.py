@@ -193,8 +193,9 @@ def _resolve_root(info: DatasetInfo, root) -> Optional[str]:
     if root is None:
         root = os.environ.get(DATA_ENV)
         if not root:
-            raise DatasetError(f"{info.name} is read from disk: pass root=<data root> "
-                               f"(--root DIR) or set ${DATA_ENV}\nexpected layout:\n"
+            raise DatasetError(f"{info.name} is read from disk: pass its data root (svp train/eval/sweep: "
+                               f"--data-root DIR or data.root=DIR; svp data: --root DIR; Python: root=...) "
+                               f"or set ${DATA_ENV}\nexpected layout:\n"
                                f"{info.layout}\n({DOCS_HINT})")
     root = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root):

@@ -234,15 +234,18 @@ def cmd_train(args) -> int:
         if args.resume:
             if args.config:
                 raise C.ConfigError("--resume uses the run's own config.yaml; --config cannot be combined with it")
-            if args.print_config:
-                print(C.dump(load_run_config(args.resume)), end="")
+            if args.print_config:   # with the overrides the resume would apply (and refuse)
+                print(C.dump(load_run_config(args.resume, overrides)), end="")
                 return 0
             train(resume=args.resume, overrides=overrides)
             return 0
         cfg = C.resolve(args.config, overrides)
         if args.print_config:
             import svp.data as data
+
+            from .setup import method_config
             data.dataset_info(cfg["data"]["dataset"])  # a name no run could use is an error here too
+            method_config(cfg, None)                   # and so is a method, or a setting of it
             print(C.dump(cfg), end="")
             return 0
         train(cfg)

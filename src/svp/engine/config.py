@@ -203,12 +203,21 @@ def merge(cfg: dict, partial: dict, source: str) -> dict:
                     value = {}
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-                merged = dict(cfg[sec].get(name) or {})
-                merged.update(copy.deepcopy(value))
-                cfg[sec][name] = merged
+                # merged key by key, nested blocks too (a later file's method.settings.svp: {hidden: 8}
+                # replaced the whole svp block of an earlier file or the suite's base)
+                cfg[sec][name] = _merge_mapping(dict(cfg[sec].get(name) or {}), value)
             else:
                 cfg[sec][name] = copy.deepcopy(value)
     return cfg
+
+
+def _merge_mapping(into: dict, value: dict) -> dict:
+    for k, v in value.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            into[k] = _merge_mapping(dict(into[k]), v)
+        else:
+            into[k] = copy.deepcopy(v)
+    return into
 
 
 def load_yaml(path: str) -> dict:
@@ -330,7 +339,10 @@ _BOOL = tuple(key for key, default, _ in SCHEMA if isinstance(default, bool))
 _POSITIVE_INT = ("train.epochs", "train.batch_size", "train.eval_batch_size", "eval.every", "run.log_every")
 _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_lr", "train.smoothing",
                "train.mixup", "train.cutmix", "train.mixup_prob", "train.mixup_switch_prob",
-               "train.warmup_epochs", "data.num_workers", "run.save_every_steps", "model.drop_path_rate")
+               "train.warmup_epochs", "model.drop_path_rate")
+# names, paths and split names: text (null, a number or an empty string crashed where they were used)
+_TEXT = ("model.name", "method.name", "data.dataset", "data.train_split", "train.opt", "train.device", "run.output")
+_TEXT_OR_NULL = ("model.checkpoint", "data.root", "data.val_split", "data.test_split")
 
 
 _INF = float("inf")
@@ -355,6 +367,17 @@ def validate(cfg: dict) -> None:
         # `not v >= 0` also refuses nan; inf would only surface as a divergence at the first step
         if not (_is_num(v) and 0 <= v < _INF):
             raise ConfigError(f"{key}={v!r}: expected a non-negative (finite) number")
+    for key in _TEXT + _TEXT_OR_NULL:
+        v = get_key(cfg, key)
+        if isinstance(v, os.PathLike):   # from Python: a pathlib.Path is a path
+            v = os.fspath(v)
+            set_key(cfg, key, v)
+        if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))
+    for key in ("data.num_workers", "run.save_every_steps"):   # 0.5 was truncated to 0 (no mid-epoch saves)
+        v = get_key(cfg, key)
+        if not (_is_num(v, integer=True) and v >= 0):
+            raise ConfigError(f"{key}={v!r}: expected a non-negative integer")
     # counts: a fraction was truncated where it was used (max_train_samples=0.5 kept no sample)
     for key in ("train.micro_batch", "train.max_steps", "data.max_train_samples", "data.max_eval_samples",
                 "debug.nan_at_step", "debug.kill_at_step", "debug.stop_at_step"):

@@ -328,6 +328,10 @@ class Precision:
             # stopped here rather than at the first step
             from ..ops import matmul_cpu
             log.info("float32 products on the CPU: %s", matmul_cpu.status())
+        # a bad SVP_SCAN_BACKEND (or one that cannot run on this device) stops here too, not in the
+        # first step's forward, which left the fresh run folder behind
+        from ..ops import dispatch
+        dispatch.get_backend(device)
         self.dtype = dtype
         use_scaler = self.enabled and device.type == "cuda" and dtype == torch.float16
         # torch >= 2.3 has torch.amp.GradScaler; a disabled scaler is a no-op
