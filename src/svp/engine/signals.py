@@ -99,7 +99,8 @@ class Signals:
 class StopRequest:
     """The sweep's side (``--jobs N``): while installed, a first SIGINT/SIGTERM sets the
     shared stop value its workers read, so each running run stops after its step with a
-    resume point; a second one raises ``KeyboardInterrupt`` (main thread only)."""
+    resume point; a second one raises ``KeyboardInterrupt`` in the sweep, which still waits
+    for its workers as it shuts its pool down (main thread only)."""
 
     def __init__(self, value, on_first=None):
         self.value, self.on_first, self.old = value, on_first, {}

@@ -355,8 +355,8 @@ class Runner:
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
                                                     initializer=_worker_init, initargs=(self._stop,))
             stop = StopRequest(self._stop, on_first=lambda name: log.warning(
-                "%s received: the running runs stop after their step and write their resume points "
-                "(a second signal stops the sweep without waiting for them)", name)).install()
+                "%s received: the running runs stop after their step and write their resume points; the "
+                "sweep exits when they have", name)).install()
             try:
                 self._check_stop()
                 futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
