@@ -163,11 +163,16 @@ def test_the_triton_ops_check_finds_a_wrong_kernel(module, fn, row, monkeypatch)
         assert (err > doctor.TOLERANCE_TRITON_OPS) == (name == row), (name, err, where)
 
 
-def test_doctor_says_a_forced_backend_is_forced(capsys, monkeypatch):
+def test_doctor_says_a_forced_backend_is_forced(monkeypatch):
     """SVP_SCAN_BACKEND=torch printed "automatic choice on cpu: torch"."""
+    import torch
+    from svp.doctor import backend_choice
     from svp.ops import dispatch
-    monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
     monkeypatch.setattr(dispatch, "_forced", None)
-    main(["doctor", "--no-timing"])
-    out = capsys.readouterr().out
-    assert "forced by SVP_SCAN_BACKEND on cpu: torch" in out and "automatic choice" not in out, out
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
+    assert backend_choice(torch.device("cpu")) == "forced by SVP_SCAN_BACKEND on cpu: torch"
+    monkeypatch.setattr(dispatch, "_forced", "reference")
+    assert backend_choice(torch.device("cpu")) == "forced by set_backend on cpu: reference"
+    monkeypatch.setattr(dispatch, "_forced", None)
+    monkeypatch.delenv("SVP_SCAN_BACKEND")
+    assert backend_choice(torch.device("cpu")).startswith("automatic choice on cpu: ")

@@ -75,6 +75,15 @@ def _products() -> str:
         return f"FAIL: {e}"
 
 
+def backend_choice(dev) -> str:
+    """The doctor's line for the scan backend calls on ``dev`` get, and who chose it
+    (get_backend's order: set_backend, then SVP_SCAN_BACKEND, then its own choice)."""
+    from svp.ops import dispatch
+    how = ("forced by set_backend" if dispatch._forced is not None else
+           "forced by SVP_SCAN_BACKEND" if os.environ.get("SVP_SCAN_BACKEND") else "automatic choice")
+    return f"{how} on {dev.type}: {dispatch.get_backend(dev)}"
+
+
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name as the OS reports it (Linux: the first "model name" of
     /proc/cpuinfo; elsewhere ``platform.processor()``), else the architecture. Speed numbers
@@ -435,11 +444,8 @@ def run(args) -> int:
             state = "unavailable: " + missing.get(nm, "?")
         print(f"  {nm:10s} {state}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    # get_backend's order: set_backend, then SVP_SCAN_BACKEND, then its own choice
-    how = ("forced by set_backend" if dispatch._forced is not None else
-           "forced by SVP_SCAN_BACKEND" if os.environ.get("SVP_SCAN_BACKEND") else "automatic choice")
     for dev in devices:
-        print(f"  {how} on {dev.type}: {dispatch.get_backend(dev)}")
+        print(f"  {backend_choice(dev)}")
     print("parity against selective_scan_ref in float64 (outputs, last state, gradients of all 8 inputs; "
           "max|x-x64|/max|x64|):")
     failed = []
