@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -79,7 +80,7 @@ class PatchEmbed(nn.Module):
 
 
 def _check_num_classes(n) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:   # numpy's integers too
         raise ValueError(f"VisionMamba: num_classes={n!r}; expected a class count, or 0 for no head (features)")
 
 
@@ -675,7 +676,8 @@ class VisionMamba(nn.Module):
         if bad:  # depth=0 used to build, then fail in the first forward
             raise ValueError(f"VisionMamba: {', '.join(bad)}; expected positive integers")
         sides = img_size if isinstance(img_size, (tuple, list)) else (img_size,)
-        if len(sides) not in (1, 2) or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in sides):
+        if len(sides) not in (1, 2) or any(not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1
+                                           for v in sides):
             raise ValueError(f"VisionMamba: img_size={img_size!r}; expected a positive integer or (height, width)")
         _check_num_classes(num_classes)
         self.num_classes = num_classes
