@@ -27,7 +27,6 @@ from serve import MIXED8  # noqa: E402  (this folder is on sys.path: the script 
 
 
 def measure(name: str, threads: int, reps: int) -> dict:
-    import svp  # noqa: F401  (before torch: svp.runtime; registers the Vim models)
     import timm
     import torch
     import serve_helpers as H

@@ -50,7 +50,29 @@ def stop_value_signal() -> Optional[int]:
     return (_stop_value.value or None) if _stop_value is not None else None
 
 
-class Signals:
+class _Handler:
+    """``_handle`` on SIGINT and SIGTERM while installed (main thread only), the old handlers back
+    on ``restore``."""
+
+    old: dict
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # pragma: no cover - each subclass has its own
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+
+class Signals(_Handler):
     """Records the first SIGINT/SIGTERM while installed (main thread only); in a sweep's
     worker also the sweep's stop request."""
 
@@ -61,13 +83,6 @@ class Signals:
     @property
     def received(self) -> Optional[int]:
         return self._received or stop_value_signal()
-
-    def install(self) -> "Signals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.getsignal(s)
-                signal.signal(s, self._handle)
-        return self
 
     def _handle(self, signum, frame):
         if self._received is not None:  # second signal: give up immediately
@@ -90,13 +105,8 @@ class Signals:
         got = [n for n, c in zip(("SIGINT", "SIGTERM"), counts) if c > 0]
         return f"{'/'.join(got) or 'signal'} (sent to another rank)"
 
-    def restore(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        self.old = {}
 
-
-class StopRequest:
+class StopRequest(_Handler):
     """The sweep's side (``--jobs N``): while installed, a first SIGINT/SIGTERM sets the
     shared stop value its workers read, so each running run stops after its step with a
     resume point; a second one raises ``KeyboardInterrupt`` in the sweep, which still waits
@@ -105,24 +115,12 @@ class StopRequest:
     def __init__(self, value, on_first=None):
         self.value, self.on_first, self.old = value, on_first, {}
 
-    def install(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.old[s] = signal.getsignal(s)
-                signal.signal(s, self._handle)
-        return self
-
     def _handle(self, signum, frame):
         if self.value.value:
             raise KeyboardInterrupt
         self.value.value = int(signum)
         if self.on_first is not None:
             self.on_first(signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        self.old = {}
 
 
 def resume_command(run_dir: str) -> str:
