@@ -1,5 +1,7 @@
 """The CPU benchmark scripts that docs/benchmarks.md quotes run as quoted (a record whose
-command no longer runs cannot be reproduced). Numbers are meaningless here."""
+command no longer runs cannot be reproduced). Numbers are meaningless here. (Named to run after
+the kernels' own tests: its process then loads the compiled kernels from the cache instead of
+compiling them, a minute or more of a cold CI run.)"""
 from __future__ import annotations
 
 import os
