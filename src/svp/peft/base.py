@@ -262,11 +262,15 @@ def _set_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
             p.requires_grad_(flags[n])
 
 
+def _check_backbone(model, who: str) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "forward_features") or not hasattr(model, "layers"):
+        raise TypeError(f"{who} expects a svp VisionMamba as its first argument, got {type(model).__name__}")
+
+
 def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None) -> PeftModel:
     # base_hash: the pristine backbone's, when the caller has just computed it (hashing Vim-B's
     # weights takes ~0.3 s; load_adapter needs it to check the adapter first)
-    if not hasattr(model, "forward_features") or not hasattr(model, "layers"):
-        raise TypeError(f"get_peft_model expects a svp VisionMamba, got {type(model).__name__}")
+    _check_backbone(model, "get_peft_model")
     if getattr(model, _ATTACHED, False):
         raise ValueError("this model already carries an adaptation method; build a fresh model "
                          "(or call PeftModel.unload()) before applying another")
@@ -302,8 +306,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     if isinstance(model, PeftModel):
         raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass "
                         "peft_model.unload(), or a freshly built backbone")
-    if not isinstance(model, nn.Module) or not hasattr(model, "forward_features") or not hasattr(model, "layers"):
-        raise TypeError(f"load_adapter expects a svp VisionMamba as its first argument, got {type(model).__name__}")
+    _check_backbone(model, "load_adapter")   # before the hash reads its weights
     directory = os.fspath(directory)
     cfg = read_adapter_config(directory)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
