@@ -1,5 +1,6 @@
 """The fused numba SVP prompt step against the PyTorch reference, forward and every gradient, and
 an SVP model with the fused path against the same model through the module path."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -141,6 +142,25 @@ def test_svp_prompt_node_refuses_bad_inputs_by_name():
         svp_prompts_cpu(h, 2, (w, v, v.double()))
     with pytest.raises(ValueError, match="beta is None"):
         svp_prompts_cpu(h, 2, None, (torch.randn(4, 8), None, torch.randn(8, 4), None, None))
+
+
+@pytest.mark.parametrize("skip", [-2, 5, 2.0, True, None])
+def test_prompt_steps_refuse_a_skip_row_they_would_never_meet(skip):
+    """The kernels compare each row's index with ``skip``: -2 (Python's second-to-last row) or
+    5 of 5 rows prompted every row, silently; a float or None was cast or crashed inside."""
+    h, v = torch.randn(2, 5, 8), torch.randn(8)
+    words = r"skip must be a row index in \[0, 5\) or -1 for none; got "
+    with pytest.raises(ValueError, match="svp_prompts_cpu: " + words):
+        svp_prompts_cpu(h, skip, (torch.randn(8, 8), v, v))
+    with pytest.raises(ValueError, match="add_silu_prompts_cpu: " + words):
+        add_silu_prompts_cpu(h, torch.randn(2, 5, 8), v, skip=skip)
+
+
+def test_prompt_step_skip_minus_one_prompts_every_row():
+    h, a, s = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(8)
+    torch.testing.assert_close(add_silu_prompts_cpu(h, a, s, skip=-1), h + s * torch.nn.functional.silu(a))
+    kept = add_silu_prompts_cpu(h, a, s, skip=np.int64(4))
+    torch.testing.assert_close(kept[:, 4], h[:, 4])
 
 
 @pytest.mark.parametrize("kw", [{}, dict(use_cross=False), dict(use_inner=False), dict(compat="official")], ids=str)

@@ -89,6 +89,9 @@ def test_bad_input_is_named(monkeypatch):
         add_silu_prompts_triton(h, h)
     with pytest.raises(ValueError, match=r"a1 has shape \(2, 4, 8\), expected \(2, 5, 8\)"):
         add_silu_prompts_triton(h, torch.randn(2, 4, 8), torch.ones(8))
+    for skip in (-2, 5, 1.5):   # a row the kernel never meets prompted every row
+        with pytest.raises(ValueError, match=r"add_silu_prompts_triton: skip must be a row index in \[0, 5\)"):
+            add_silu_prompts_triton(h, h, torch.ones(8), skip=skip)
     with pytest.raises(BackendError, match="takes float32 tensors; s1 is torch.bfloat16"):
         add_silu_prompts_triton(h, h, torch.ones(8, dtype=torch.bfloat16))
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -248,5 +251,7 @@ def test_the_node_names_bad_input():
         svp_prompts_triton(h, 2, None, (inner[0], inner[1], inner[2].t(), inner[3], inner[4]))
     with pytest.raises(ValueError, match="Wc is None"):
         svp_prompts_triton(h, 2, (None, None, cross[2]))
+    with pytest.raises(ValueError, match=r"svp_prompts_triton: skip must be a row index in \[0, 5\) or -1"):
+        svp_prompts_triton(h, -3, cross, inner)
     with pytest.raises(BackendError, match="takes float32 tensors; alpha is torch.bfloat16"):
         svp_prompts_triton(h, 2, (cross[0], cross[1], cross[2].bfloat16()))

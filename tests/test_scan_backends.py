@@ -250,9 +250,27 @@ def test_every_backend_refuses_inputs_of_the_wrong_shape(name):
             args[4] = torch.randn(shape)
         with pytest.raises(ValueError, match=words):
             run(name, args, True, False, False)
+    # no time step: the reference and torch crashed inside (torch.stack, torch.cat), cpu returned
+    # an empty output
+    args = make(b, d, L, n)
+    for i in (0, 1, 3, 4, 6):
+        args[i] = args[i][..., :0]
+    with pytest.raises(ValueError, match=r"at least one time step \(len >= 1\); got \(2, 6, 0\)"):
+        run(name, args, True, False, False)
     if name in ("cpu", "torch"):   # chunk=0 was a ZeroDivisionError
         with pytest.raises(ValueError, match="chunk must be a positive number of steps; got 0"):
             dispatch.scan_with(name, *make(b, d, L, n)[:5], chunk=0)
+
+
+def test_scan_with_names_a_keyword_its_backend_does_not_take():
+    """``scan_with`` passes keywords on to the backend; the reference takes none, and its
+    TypeError came from the wrapped function without saying which backend or what it takes."""
+    args = make(1, 4, 5, 3)[:5]
+    with pytest.raises(TypeError, match=r"backend 'reference' takes no keyword 'chunk'; its own keywords: none"):
+        dispatch.scan_with("reference", *args, chunk=4)
+    with pytest.raises(TypeError, match=r"backend 'torch' takes no keyword 'chunks'; its own keywords: \['chunk'\]"):
+        dispatch.scan_with("torch", *args, chunks=4)
+    torch.testing.assert_close(dispatch.scan_with("torch", *args, chunk=2), dispatch.scan_with("reference", *args))
 
 
 @pytest.mark.parametrize("name", BACKENDS)

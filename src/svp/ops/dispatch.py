@@ -25,6 +25,7 @@ the time axis for the backends that cannot index time backwards themselves (``re
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 
@@ -41,6 +42,7 @@ _MODULES = {"cpu": ("svp.ops.scan_cpu", "selective_scan_cpu"),
             "triton": ("svp.ops.scan_triton", "selective_scan_triton"),
             "cuda": ("svp.ops.scan_cuda", "selective_scan_cuda")}
 NATIVE_REVERSE = ("cpu", "triton")
+_CONTRACT = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state", "reverse")
 
 
 def _time_reversed(fn):
@@ -210,4 +212,14 @@ def scan_with(name: str, u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """Run the named backend directly (no automatic choice), with the same contract;
     ``kw`` reaches the backend (e.g. ``chunk``)."""
     _check_name(name, "scan_with")
-    return _loaded[name](u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, **kw)
+    fn = _loaded[name]
+    if kw:
+        # the contract's arguments, then each backend's own keywords (``chunk`` for cpu, torch,
+        # triton); named here, where the wrapped function's TypeError would not say which backend
+        params = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
+        own = [k for k in params if k not in _CONTRACT]
+        unknown = sorted(set(kw) - set(own))
+        if unknown:
+            raise TypeError(f"scan backend {name!r} takes no keyword {', '.join(map(repr, unknown))}; "
+                            f"its own keywords: {own or 'none'}")
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse, **kw)

@@ -31,6 +31,7 @@ import torch
 
 from ..compat import no_cpu_autocast
 from . import scan_cpu  # noqa: F401  (numba cache dir, threading layer, LLVM options)
+from .args import check_skip
 from .kept import constant_zeros
 from .matmul_cpu import addmm_, mm
 from .scan_cpu import _FM_SAFE, _ONE, _call_task, _dynamic_tasks, _nd, _sigmoid, _task_sig_is, \
@@ -394,7 +395,7 @@ def svp_prompts_cpu(h, skip, cross=None, inner=None, dtype=torch.float32):
             raise ValueError(f"svp_prompts_cpu needs float32 CPU tensors; {name} is {t.dtype} on {t.device}")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"svp_prompts_cpu: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return svp_prompts(h, int(skip), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+    return svp_prompts(h, check_skip(skip, h.shape[1], "svp_prompts_cpu"), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
 
 
 def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
@@ -420,7 +421,7 @@ def add_silu_prompts_cpu(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
                              f"{name} is {t.dtype} on {t.device}")
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return AddSiluPromptsCPU.apply(h, a1, s1, a2, s2, int(skip))
+    return AddSiluPromptsCPU.apply(h, a1, s1, a2, s2, check_skip(skip, h.shape[1], "add_silu_prompts_cpu"))
 
 
 guard_caches(globals())   # see drop_stale_caches (numba cannot see what they inline from other files) and _flocked

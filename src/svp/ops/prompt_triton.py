@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..compat import no_autocast
+from .args import check_skip
 from .kept import constant_zeros, kept_cast
 from .matmul_cpu import mm
 from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
@@ -311,7 +312,8 @@ def svp_prompts_triton(h, skip, cross=None, inner=None, dtype=None):
             raise ValueError(f"svp_prompts_triton: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     check_tensors("the Triton SVP prompt step", named,
                   dtypes=lambda name: DTYPES if name == "h" else (torch.float32,))
-    return svp_prompts(h, int(skip), dtype, wc, bc, alpha, w0, b0, w1, b1, beta)
+    return svp_prompts(h, check_skip(skip, h.shape[1], "svp_prompts_triton"), dtype, wc, bc, alpha, w0, b0, w1,
+                       b1, beta)
 
 
 def add_silu_prompts_triton(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
@@ -331,4 +333,4 @@ def add_silu_prompts_triton(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     check_tensors("the Triton SVP prompt step", (("h", h), ("a1", a1), ("s1", s1), ("a2", a2), ("s2", s2)),
                   dtypes=lambda name: (torch.float32,) if name in ("s1", "s2") else DTYPES)
-    return AddSiluPromptsTriton.apply(h, a1, s1, a2, s2, int(skip))
+    return AddSiluPromptsTriton.apply(h, a1, s1, a2, s2, check_skip(skip, h.shape[1], "add_silu_prompts_triton"))

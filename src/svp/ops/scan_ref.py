@@ -58,6 +58,8 @@ def check_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, dim, len); got u {tuple(u.shape)}, delta {tuple(delta.shape)}")
     b, d, l = u.shape
+    if l < 1:
+        raise ValueError(f"u and delta must hold at least one time step (len >= 1); got {tuple(u.shape)}")
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must be (dim={d}, d_state); got {tuple(A.shape)}")
     n = A.shape[1]
