@@ -93,6 +93,22 @@ def test_config_file_errors_name_the_file(tmp_path):
         C.resolve([str(tmp_path / "missing.yaml")])
 
 
+def test_a_wrong_value_is_reported_with_the_config_file_that_set_it(tmp_path):
+    """Validation runs on the merged configuration: a wrong type read from a -c file was reported
+    without the file. The last file that set the key is named; an override names the key itself."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text('train:\n  epochs: "3"\n  ema_eval: true\n')
+    b.write_text("train:\n  epochs: 0\n  lr: 0.1\n")
+    with pytest.raises(C.ConfigError, match=r"^\S*b\.yaml: train\.epochs=0: expected a positive integer"):
+        C.resolve([str(a), str(b)], use_presets=False)
+    with pytest.raises(C.ConfigError, match=r"^\S*a\.yaml: train\.epochs='3'"):
+        C.resolve([str(b), str(a)], use_presets=False)
+    with pytest.raises(C.ConfigError, match=r"^train\.epochs='x'"):
+        C.resolve([str(a)], ["train.epochs=x"], use_presets=False)
+    with pytest.raises(C.ConfigError, match=r"^\S*a\.yaml: train\.ema_eval=true needs train\.ema=true"):
+        C.resolve([str(a)], ["train.epochs=2"], use_presets=False)
+
+
 def test_resolution_order_defaults_preset_file_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data: {dataset: digits}\ntrain: {epochs: 7, lr: 0.5}\n")

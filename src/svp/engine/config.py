@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
@@ -137,7 +138,7 @@ def defaults() -> Dict[str, Dict[str, Any]]:
     return cfg
 
 
-_SCI = __import__("re").compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def parse_value(text: str) -> Any:
@@ -316,8 +317,28 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         merge(cfg, dataset_preset(str(probe["data"]["dataset"]), str(probe["method"]["name"])),
               f"preset of dataset {probe['data']['dataset']!r}")
     apply_user(cfg)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        src = _source_of(str(e), user, parsed)
+        if src is None:
+            raise
+        raise ConfigError(f"{src}: {e}") from None
     return cfg
+
+
+def _source_of(message: str, user: List[Tuple[str, dict]], parsed: List[Tuple[str, Any]]) -> Optional[str]:
+    """The config file that set the key a validation message starts with, when the last value
+    came from one (validation runs on the merged config, so a wrong type from a -c file was
+    reported without the file)."""
+    m = re.match(r"([a-z_]+)\.([a-z_]+)\b", message)
+    if not m or any(k.split(".")[:2] == [m.group(1), m.group(2)] for k, _ in parsed):
+        return None   # an override names its key itself
+    for src, part in reversed(user):
+        body = part.get(m.group(1)) if isinstance(part, dict) else None
+        if isinstance(body, dict) and m.group(2) in body:
+            return src
+    return None
 
 
 def is_complete(config: dict) -> bool:
