@@ -178,7 +178,12 @@ def test_truncated_and_unreadable_images(fake, tmp_path, caplog):
         img, y = ds[0]                                  # -> item 2, the next readable one
     assert y == ds.targets[2] and img.size == (8, 8)
     assert len(ds.skipped) == 2 and first in caplog.text and second in caplog.text
-    assert "2 bad image(s) so far" in caplog.text
+    assert "2 bad image(s) met so far" in caplog.text
+    # met again (every epoch): neither counted nor logged again (the count grew by one a read)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        ds[1], ds[0]
+    assert len(ds.skipped) == 2 and caplog.text == ""
     # the check command names both files and fails
     rc = svp_main(["data", "check", "vtab/eurosat", "--root", r, "--split", "test"])
     assert rc == 1

@@ -208,8 +208,9 @@ class FileListDataset(VisionDataset):
     ``os.path.isfile`` per file). Missing files raise :class:`DatasetError` naming
     them, unless ``skip_bad_images`` is set: then they are dropped and the count is
     logged. Unreadable/truncated images raise when read; with ``skip_bad_images``
-    the item is replaced by the next readable one and every skip is logged and
-    counted in ``self.skipped``.
+    the item is replaced by the next readable one, and each bad file is logged and listed in
+    ``self.skipped`` the first time this process meets it (a loader's workers each keep
+    their own list; the log line names the worker).
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], classes: Sequence[str],
@@ -267,9 +268,14 @@ class FileListDataset(VisionDataset):
             try:
                 img = self._load(j)
             except DatasetError as e:
-                self.skipped.append(self.samples[j][0])
-                log.warning("%s (skipped; %d bad image(s) so far in %s/%s)",
-                            e, len(self.skipped), self.name, self.split)
+                path = self.samples[j][0]
+                if path not in self.skipped:   # each file once (it is met again every epoch)
+                    self.skipped.append(path)
+                    # a loader's workers each hold their own copy of this list: the count is
+                    # what this process met, and says so (svp data check counts them all)
+                    worker = torch.utils.data.get_worker_info()
+                    log.warning("%s (skipped; %d bad image(s) met so far in %s/%s%s)", e, len(self.skipped),
+                                self.name, self.split, f" by data worker {worker.id}" if worker else "")
                 continue
             if self.transform is not None:
                 img = self.transform(img)
