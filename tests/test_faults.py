@@ -4,6 +4,7 @@ needs it. (Data cases first; engine cases follow.)"""
 import json
 import logging
 import os
+import shutil
 import struct
 import zlib
 
@@ -946,6 +947,23 @@ def test_resume_refuses_a_training_split_that_changed_since_the_resume_point(tmp
     _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "other labels or classes in their order")
     os.rename(root / "train" / "p" / "zz.png", root / "train" / "q" / "0.png")
     assert svp_main(["train", "--resume", run]) == 0
+
+
+def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys):
+    """A resume.safetensors copied from another run of the same method was taken: the run went
+    on from the other run's weights and step under its own configuration. The resume point
+    records its run's config.yaml; an override passed to --resume is still taken."""
+    args = [*MINI, "--epochs", "2", "--output", str(tmp_path / "runs"), "debug.stop_at_step=1"]
+    assert svp_main(["train", *args, "--name", "a", "train.seed=1"]) == 75
+    assert svp_main(["train", *args, "--name", "b", "train.seed=2"]) == 75
+    a, b = (str(tmp_path / "runs" / n) for n in ("a", "b"))
+    kept = open(os.path.join(b, "resume.safetensors"), "rb").read()
+    shutil.copyfile(os.path.join(a, "resume.safetensors"), os.path.join(b, "resume.safetensors"))
+    capsys.readouterr()
+    _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, "was not saved with this run's config.yaml")
+    open(os.path.join(b, "resume.safetensors"), "wb").write(kept)
+    assert svp_main(["train", "--resume", b, "train.lr=0.02", "debug.stop_at_step=3"]) == 75
+    assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml
 
 
 def test_a_bad_scan_backend_or_model_name_is_one_line_before_any_run_folder(tmp_path, capsys, monkeypatch):

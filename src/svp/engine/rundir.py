@@ -3,6 +3,7 @@ the non-finite dump and the final files. Only the main rank writes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import time
@@ -120,10 +121,27 @@ class RunFolder:
         state["world_size"] = self.dist.world_size
         state["batch_size"] = int(self.cfg["train"]["batch_size"])
         state["time"] = time.time()
+        state["config_sha256"] = self._config_digest()
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
+
+    def _config_digest(self) -> Optional[str]:
+        """The digest of the run's config.yaml as it stands: a resume point binds to its run (a
+        resume.safetensors copied from another run of the same method was taken, and trained on
+        with this run's configuration)."""
+        try:
+            with open(self.file("config.yaml"), "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()[:16]
+        except FileNotFoundError:
+            return None
 
     def load_resume(self, st: dict, model, optimizer, sched, scaler, ema) -> dict:
         state = ck.load_state(self.file(ck.RESUME_FILE))
+        saved = state.get("config_sha256")   # (resume points from before the record: not checked)
+        if saved is not None and saved != self._config_digest():
+            raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
+                              f"from another run, or config.yaml edited since); resume the run it came from, or "
+                              f"restore config.yaml. To change a setting, pass it to --resume: "
+                              f"`svp train --resume {self.path} section.key=value`")
         bs = int(self.cfg["train"]["batch_size"])
         if state["world_size"] != self.dist.world_size or state["batch_size"] != bs:
             raise ResumeError(
