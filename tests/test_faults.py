@@ -978,3 +978,24 @@ def test_a_bad_scan_backend_or_model_name_is_one_line_before_any_run_folder(tmp_
     _one_line_error(capsys, svp_main(["train", *args, "--output", str(out)]), 2,
                     "model 'vim_nosuch': no such model; the Vim models:")
     assert _no_stub(out)
+
+
+def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch):
+    """A kill -9 of one torchrun worker left gloo's traceback in the other's train.log and on its
+    stderr (checked by hand with two processes: "stopped: rank 0 lost its connection ..." now).
+    Without torchrun, or for other errors, nothing is converted."""
+    from svp.engine.distributed import DistInfo
+    from svp.engine.rundir import lost_peer
+    from svp.errors import PeerError
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:14556: Connection reset by "
+                        "peer. This is typically caused by a remote worker hanging or bugs in the application.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    e = lost_peer(gloo, DistInfo(rank=1, world_size=2, enabled=True), "/runs/r")
+    assert isinstance(e, PeerError) and e.exit_code == 1
+    assert str(e).startswith("rank 1 lost its connection to another process of this torchrun job "
+                             "(Connection reset by peer)")
+    assert str(e).endswith("torchrun --nproc_per_node=2 -m svp train --resume /runs/r")
+    assert lost_peer(gloo, DistInfo(), "/runs/r") is None
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                     DistInfo(rank=0, world_size=2, enabled=True), "/runs/r") is None

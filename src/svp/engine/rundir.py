@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -13,7 +14,7 @@ import torch
 
 from . import checkpoint as ck
 from . import config as C
-from ..errors import ConfigError, ResumeError, SVPError
+from ..errors import ConfigError, PeerError, ResumeError, SVPError
 from ..io import remove_stale_temps
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
@@ -202,6 +203,21 @@ def user_io_error(e: OSError, path) -> Exception:
     return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
 
 
+# what gloo (and NCCL) raise in a collective whose peer process is gone
+_PEER_GONE = re.compile(r"Connection (?:reset|closed) by peer|Broken pipe|NCCL communicator was aborted")
+
+
+def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
+    """Under torchrun, a collective whose peer process died (killed, out of memory): one line
+    naming what happened and the resume command, instead of gloo's traceback in train.log."""
+    found = _PEER_GONE.search(str(e)) if dist.enabled and not isinstance(e, SVPError) else None
+    if found is None:
+        return None
+    return PeerError(f"rank {dist.rank} lost its connection to another process of this torchrun job "
+                     f"({found.group(0)}): that process stopped, and its own output says why. The run folder "
+                     f"keeps its last resume point: {resume_command(path)}", exit_code=1)
+
+
 @contextlib.contextmanager
 def run_session(run):
     """The run folder for the whole of a run (``run`` is the loop's Trainer): claimed and
@@ -228,6 +244,11 @@ def run_session(run):
             raise interrupted_at_once(run.folder.path if run.folder else run_dir) from None
         except OSError as e:
             raise user_io_error(e, run.folder.path if run.folder else run_dir) from None
+        except RuntimeError as e:
+            lost = lost_peer(e, run.dist, run.folder.path if run.folder else run_dir)
+            if lost is None:
+                raise
+            raise lost from None
     except BaseException as e:
         discard = created and not run.stepped and not isinstance(e, TrainingStopped)
         if not discard:
