@@ -235,6 +235,10 @@ def test_a_bad_method_or_setting_fails_the_sweep_before_any_run(tmp_path, monkey
     with pytest.raises(C.ConfigError, match=r"digits / lora: .*rank"):
         sweep("mini", ["linear", "lora"], [0], str(out), ["digits"], (), REAL + ["method.settings.lora.rank=2.5"],
               jobs=jobs)
+    # a value that only the model refuses (its depth, 8): found on a model without storage
+    with pytest.raises(C.ConfigError, match=r"digits / svp: .*shared_layers=3 does not divide the model depth 8"):
+        sweep("mini", ["linear", "svp"], [0], str(out), ["digits"], (), REAL + ["method.settings.svp.shared_layers=3"],
+              jobs=jobs)
     assert calls == [] and not out.exists()
 
 

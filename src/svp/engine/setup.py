@@ -239,6 +239,48 @@ def method_config(cfg: dict, num_classes: Optional[int]):
         raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
 
 
+_META_MODELS: dict = {}
+
+
+def check_method_fits(cfg: dict) -> None:
+    """The run's method settings against its model's architecture (depth, width, patch grid),
+    on a model without storage (the meta device): a sweep checks every run before the first
+    trains, where a setting that does not fit the model (an SVP ``shared_layers`` that does not
+    divide the depth) failed its runs one by one while the others trained. Models are built once
+    a process (Vim-S ~0.15 s) and copied; anything but a refused setting is left to the run."""
+    import copy
+
+    import timm
+
+    import svp.models  # noqa: F401  (registers vim_* with timm)
+    from ..models.vim import PatchGridError
+    from ..peft.base import check_fits
+
+    mc, name, settings = method_config(cfg, None)
+    m = cfg["model"]
+    kwargs = dict(m["kwargs"] or {})
+    kwargs.setdefault("img_size", int(cfg["data"]["img_size"]))
+    key = (m["name"], repr(sorted(kwargs.items())))
+    if key not in _META_MODELS:
+        try:
+            with torch.device("meta"):
+                _META_MODELS[key] = timm.create_model(m["name"], pretrained=False, **kwargs)
+        except PatchGridError as e:
+            where = ("model.kwargs.img_size", kwargs["img_size"]) if "img_size" in (m["kwargs"] or {}) \
+                else ("data.img_size", kwargs["img_size"])
+            raise ConfigError(f"{where[0]}={where[1]}: {e}") from None
+        except Exception:   # an unknown model or argument: the run says so, as without the check
+            _META_MODELS[key] = None
+    if _META_MODELS[key] is None:
+        return
+    try:
+        check_fits(copy.deepcopy(_META_MODELS[key]), mc)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
+
+
 def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
     """Backbone (with the run's drop path) + method."""
     import dataclasses

@@ -307,7 +307,7 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
 def check_configs(all_ds, methods, seeds, output, config_files, overrides, base) -> None:
     """A bad method, key or value fails the sweep before any training, naming the run
     (a run folder made with another configuration still fails its run only)."""
-    from .setup import method_config
+    from .setup import check_method_fits, method_config
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
     for ds, _ in all_ds:
@@ -315,6 +315,7 @@ def check_configs(all_ds, methods, seeds, output, config_files, overrides, base)
             try:
                 cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files, overrides, base)
                 method_config(cfg, None)  # the method's name and settings
+                check_method_fits(cfg)    # ... and against the model (depth, width)
             except C.ConfigError as e:
                 raise C.ConfigError(f"{ds} / {m}: {e}") from None
 

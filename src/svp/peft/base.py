@@ -238,6 +238,13 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     return _attach(model, config)
 
 
+def check_fits(model: nn.Module, config: PeftConfig) -> None:
+    """Raise what ``get_peft_model(model, config)`` would raise for the settings against the
+    model (depth, width, ...), without hashing its weights: ``model`` may be built on the meta
+    device, and is left carrying the method (use a throwaway)."""
+    _attach(model, config, base_hash="")
+
+
 class _Snapshot:
     """What attaching a method changes on a backbone before it can fail: its head, class count
     and requires_grad flags. ``restore`` puts them back and takes off a half-attached method."""
