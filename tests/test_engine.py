@@ -644,6 +644,33 @@ def test_config_files_merge_per_method_blocks_key_by_key(tmp_path):
     assert C.resolve(overrides=[], base={"run": {"output": pathlib.Path("x")}})["run"]["output"] == "x"
 
 
+def test_a_later_generic_method_setting_beats_an_earlier_methods_block(tmp_path):
+    """"Later sources win": a command-line method.settings.shared_layers=8 was ignored, silently,
+    under a -c file's (or the mini suite's) svp: {shared_layers: 4}. Within one source the
+    method's block still wins (it is the more specific)."""
+    from svp.engine.setup import method_config
+    c, d = tmp_path / "c.yaml", tmp_path / "d.yaml"
+    c.write_text("method: {settings: {svp: {shared_layers: 4, hidden: 8}}}\n")
+    d.write_text("method: {settings: {shared_layers: 2, svp: {shared_layers: 1}}}\n")
+
+    def settings(files, overrides=()):
+        cfg = C.resolve([str(f) for f in files], ["method.name=svp", *overrides], use_presets=False)
+        return method_config(cfg, None)[2]
+
+    assert settings([c])["shared_layers"] == 4
+    assert settings([c], ["method.settings.shared_layers=8"]) == dict(settings([c]), shared_layers=8)
+    assert settings([c, d])["shared_layers"] == 1 and settings([c, d])["hidden"] == 8
+    assert settings([c, d], ["method.settings.svp.shared_layers=6"])["shared_layers"] == 6
+    e = tmp_path / "e.yaml"
+    e.write_text("method: {settings: {shared_layers: 3}}\n")
+    assert settings([c, e])["shared_layers"] == 3
+    # the mini suite's base holds per-method blocks: an override of the generic key now reaches the run
+    from svp.engine.sweep import run_config, suite_base
+    over = ["method.settings.shared_layers=2"]
+    cfg = run_config("digits", "svp", 0, str(tmp_path), "x", (), over, suite_base("mini", (), over))
+    assert method_config(cfg, None)[2]["shared_layers"] == 2
+
+
 def test_print_config_checks_the_method_and_shows_a_resumes_overrides(tmp_path, capsys):
     from svp.cli import main as svp_main
     for extra, words in ((["--method", "bogus"], "unknown adaptation method 'bogus'"),

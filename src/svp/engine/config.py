@@ -167,9 +167,30 @@ def _check_key(key: str, source: str) -> Tuple[str, str]:
     return sec, name
 
 
+def _method_names() -> set:
+    import svp.peft as peft
+    return set(peft.list_methods())
+
+
+def _drop_shadowed(settings: dict, names: Iterable[str]) -> None:
+    """A generic ``method.settings.<name>`` from a later source wins over the same name in a
+    method's block from an earlier one (the block applies to its method only, and beat the
+    generic key whatever its source: a command-line ``method.settings.shared_layers=3`` was
+    ignored, silently, under the mini suite's ``svp: {shared_layers: 4}``)."""
+    methods = _method_names()
+    for name in names:
+        if name in methods:
+            continue
+        for block, body in settings.items():
+            if block in methods and isinstance(body, dict):
+                body.pop(name, None)
+
+
 def set_key(cfg: dict, key: str, value: Any, source: str = "override") -> None:
     sec, name = _check_key(key, source)
     parts = name.split(".")
+    if key.startswith("method.settings.") and len(parts) == 2 and isinstance(cfg[sec].get("settings"), dict):
+        _drop_shadowed(cfg[sec]["settings"], parts[1:])
     node = cfg[sec]
     for p in parts[:-1]:
         if not isinstance(node.get(p), dict):
@@ -206,7 +227,10 @@ def merge(cfg: dict, partial: dict, source: str) -> dict:
                     raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
                 # merged key by key, nested blocks too (a later file's method.settings.svp: {hidden: 8}
                 # replaced the whole svp block of an earlier file or the suite's base)
-                cfg[sec][name] = _merge_mapping(dict(cfg[sec].get(name) or {}), value)
+                into = copy.deepcopy(dict(cfg[sec].get(name) or {}))
+                if key == "method.settings":   # before this source's own blocks are merged
+                    _drop_shadowed(into, value)
+                cfg[sec][name] = _merge_mapping(into, value)
             else:
                 cfg[sec][name] = copy.deepcopy(value)
     return cfg
