@@ -94,6 +94,10 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
 
 
+class _Skip(Exception):
+    """The rest of a row's checks skipped (with its text, when the row is not written yet)."""
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
@@ -110,8 +114,18 @@ def _versions():
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]
     try:
         import numba
-
-        from svp.ops import scan_cpu  # picks the threading layer (tbb where the wheel is installed)
+    except ImportError as e:
+        numba = None
+        rows.append(("numba", f"not installed ({e}): `pip install numba` gives svp's fused CPU kernels; without "
+                              f"them the CPU runs the pure-PyTorch scan, several times slower"))
+    try:
+        if numba is None:
+            raise _Skip
+        try:
+            from svp.ops import scan_cpu  # picks the threading layer (tbb where the wheel is installed)
+        except Exception as e:
+            raise _Skip(f"{numba.__version__} installed, but svp's CPU kernels cannot load ({type(e).__name__}: "
+                        f"{e})") from None
         try:
             layer = numba.threading_layer()           # threads already started
         except ValueError:
@@ -124,6 +138,9 @@ def _versions():
         rows.append(("numba", f"{numba.__version__} (kernels on {used} of a pool of {numba.config.NUMBA_NUM_THREADS} "
                               f"threads, as many as torch's; {layer} layer, "
                               f"{chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})"))
+    except _Skip as e:
+        if e.args:
+            rows.append(("numba", e.args[0]))
     except Exception as e:
         rows.append(("numba", f"not importable ({type(e).__name__}: {e})"))
     try:
@@ -356,6 +373,15 @@ def _step(pm, x):
     return res
 
 
+def check_model_step():
+    """One training step of the tiny Vim with an SVP adapter on the backend the CPU gets:
+    (tensors, finite ones) over its output and every gradient."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        res = _step(*_tiny_svp_model())
+    return len(res), sum(bool(torch.isfinite(t).all()) for _, t in res)
+
+
 def _check_fused_cpu_model():
     from svp.ops import dispatch, set_backend
     forced = dispatch._forced   # a backend the caller set, restored after
@@ -486,6 +512,19 @@ def run(args) -> int:
             print(f"  {dev.type:5s} {name:11s} {'ok  ' if ok else 'FAIL'} {msg}")
             if not ok:
                 failed.append(f"the Triton {name} kernels on {dev.type}")
+    if "cpu" not in avail:
+        # the model as it runs here, on the backend the CPU gets (the 'torch' scan without numba):
+        # a crash in the model's other paths showed nowhere else (it needed Triton, 2026-12-05)
+        try:
+            n, finite = check_model_step()
+            ok = finite == n
+            msg = f"{finite} of {n} tensors finite (output and gradients)"
+        except Exception as e:
+            ok, msg = False, f"error: {type(e).__name__}: {e}"
+        print(f"a tiny Vim with an SVP adapter, one training step, {backend_choice(torch.device('cpu'))}:")
+        print(f"  cpu   {'model':10s} {'ok  ' if ok else 'FAIL'} {msg}")
+        if not ok:
+            failed.append("a training step of the model on the CPU")
     if "cpu" in avail:
         try:
             err, where, n = check_fused_cpu_model()

@@ -373,7 +373,7 @@ class Precision:
         # a bad SVP_SCAN_BACKEND (or one that cannot run on this device) stops here too, not in the
         # first step's forward, which left the fresh run folder behind
         from ..ops import dispatch
-        dispatch.get_backend(device)
+        log.info("selective scan: %s", dispatch.describe(device))
         self.dtype = dtype
         use_scaler = self.enabled and device.type == "cuda" and dtype == torch.float16
         # torch >= 2.3 has torch.amp.GradScaler; a disabled scaler is a no-op

@@ -169,9 +169,12 @@ def _triton_bi_scan(x, z) -> bool:
     """Whether the two directions' scans run as one node of svp.ops.scan_triton
     (BiScanTriton): where the scan runs on the 'triton' backend with its loop kernels (the
     tiled ones, an experiment, take no second direction's sum) and x and z share a dtype."""
+    # the backend first: reading triton_kernels imports Triton, which the other backends never
+    # need (a machine without it, as macOS, crashed here on the 'torch' backend)
+    if not (GPU_JOINT_NODES and get_backend(x.device) == "triton" and z is not None and x.dtype == z.dtype):
+        return False
     st = triton_kernels.scan_triton
-    return (GPU_JOINT_NODES and get_backend(x.device) == "triton" and st.FORWARD == st.BACKWARD == "loop"
-            and z is not None and x.dtype == z.dtype)
+    return st.FORWARD == st.BACKWARD == "loop"
 
 
 def _fused_bi_scan(x, z) -> bool:

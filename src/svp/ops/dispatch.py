@@ -108,12 +108,16 @@ def _load(name: str):
         f = getattr(mod, fn)
         _loaded[name] = f if name in NATIVE_REVERSE else _time_reversed(f)
     except ImportError as e:  # numba / triton / mamba_ssm missing: backend unavailable
-        _errors[name] = (f"Triton is not installed ({e})"
-                         if name == "triton" and isinstance(e, ModuleNotFoundError) and "triton" in str(e)
+        missing = isinstance(e, ModuleNotFoundError)
+        _errors[name] = (f"Triton is not installed ({e})" if name == "triton" and missing and "triton" in str(e)
+                         else f"numba is not installed ({e}); `pip install numba` gives svp's fused CPU kernels"
+                         if name == "cpu" and missing and "numba" in str(e)
                          else f"{type(e).__name__}: {e}")
         return None
     except Exception as e:  # a broken install: unavailable, with the reason
         _errors[name] = f"{type(e).__name__}: {e}"
+        if "no locator available" in str(e):   # numba found no writable folder for its cache
+            _errors[name] += "; set NUMBA_CACHE_DIR to a writable folder"
         return None
     return _loaded[name]
 
@@ -191,11 +195,24 @@ def get_backend(device=None) -> str:
     key = (dev, name, source)
     if key not in _logged:
         _logged.add(key)
-        why = "" if source != "auto" else "".join(
-            f"; {n} unavailable ({_errors[n]})" for n in ("cpu", "triton", "cuda") if n in _errors
-            and _DEVICES[n] and dev in _DEVICES[n])
-        log.info("selective scan on %s tensors: backend %r (%s%s)", dev, name, source, why)
+        log.info("selective scan on %s tensors: %s", dev, _describe(dev, name, source))
     return name
+
+
+def _describe(dev: str, name: str, source: str) -> str:
+    why = "" if source != "auto" else "".join(
+        f"; {n} unavailable ({_errors[n]})" for n in ("cpu", "triton", "cuda") if n in _errors
+        and _DEVICES[n] and dev in _DEVICES[n])
+    return f"backend {name!r} ({source}{why})"
+
+
+def describe(device=None) -> str:
+    """The backend calls on ``device`` get, who chose it, and why the faster ones are not used
+    (for a run's log: the scan's speed differs by up to ~5x between them)."""
+    name = get_backend(device)
+    source = "set_backend" if _forced is not None else "SVP_SCAN_BACKEND" if os.environ.get(
+        "SVP_SCAN_BACKEND") else "auto"
+    return _describe(_device_type(device), name, source)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -100,20 +100,42 @@ from .. import runtime as _runtime
 from .scan_ref import check_scan_args, scan_groups, sum_to_groups
 
 
+def _writable(folder: str, private: bool = False) -> bool:
+    """Whether ``folder`` exists (made if not) and can be written. ``private``: also owned by
+    this user and not writable by others, for a folder in the shared temp folder (numba's cache
+    index is a pickle: one planted there by another user would run as this one)."""
+    try:
+        os.makedirs(folder, mode=0o700 if private else 0o777, exist_ok=True)
+        if private and hasattr(os, "getuid"):
+            st = os.stat(folder)
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return False
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 def _default_cache_dir():
-    """numba caches next to this file; if the package dir is read-only use a user dir."""
+    """Where numba caches the kernels: next to this file (numba's own choice, __pycache__);
+    where the package is read-only, the user's cache folder; where that is not writable either
+    (a service account without a home, ``docker --user``), a folder of this user's in the temp
+    folder. numba refuses to decorate a ``cache=True`` kernel with nowhere to write, so without
+    the last step the CPU kernels were unavailable there, silently slower."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
     here = os.path.dirname(os.path.abspath(__file__))
-    pyc = os.path.join(here, "__pycache__")
-    try:
-        os.makedirs(pyc, exist_ok=True)
-        ok = os.access(pyc, os.W_OK)
-    except OSError:
-        ok = False
-    if not ok:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "svp", "numba")
+    if _writable(os.path.join(here, "__pycache__")):
+        return
+    import tempfile
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    for folder, private in ((os.path.join(base, "svp", "numba"), False),
+                            (os.path.join(tempfile.gettempdir(), f"svp-numba-{uid}"), True)):
+        if _writable(folder, private):
+            os.environ["NUMBA_CACHE_DIR"] = folder
+            if "numba" in sys.modules:   # imported before svp (a user's script): it read its config then
+                sys.modules["numba"].config.CACHE_DIR = folder
+            return
 
 
 _default_cache_dir()
