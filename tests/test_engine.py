@@ -181,6 +181,21 @@ def test_per_step_schedule_warms_up_over_steps():
     assert lrs[-1] < lrs[10] and len(set(lrs)) > 30
 
 
+def test_a_one_step_schedule_is_constant_without_timms_warning(caplog):
+    """A one-step cosine (a one-epoch run of one batch) is constant, as it should be; timm's
+    warning that it "will have no effect" reached the console of every such run. Its other
+    warnings are left alone (the logger's level is put back)."""
+    import logging
+    from timm.scheduler import cosine_lr
+    cfg = _sched_cfg(sched_step="step", epochs=1, warmup_epochs=0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with caplog.at_level(logging.WARNING):
+        s = Schedule(opt, cfg, steps_per_epoch=1)
+        s.before_step(0)
+    assert "no effect" not in caplog.text and s.lr() == pytest.approx(0.1)
+    assert logging.getLogger(cosine_lr.__name__).level == logging.NOTSET
+
+
 # ---------------------------------------------------------------- optimizer
 def test_adamw_grouping_no_decay_on_bias_and_1d():
     class M(torch.nn.Module):

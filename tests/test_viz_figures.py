@@ -118,6 +118,17 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
     assert "unknown dataset" in capsys.readouterr().err
 
 
+def test_help_states_each_default_once(capsys):
+    """--help printed "(default: None)" after options without one, and a second default after
+    --prefix's own."""
+    with pytest.raises(SystemExit):
+        svp_main(["visualize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and out.count("(default:") >= 5
+    assert "(default: image name or dataset_split_index) (default" not in out
+    assert "--dpi DPI PNG resolution (default: 100)" in out
+
+
 def test_default_layers():
     assert default_layers(24) == [0, 8, 15, 23]
     assert default_layers(3) == [0, 1, 2]

@@ -150,8 +150,11 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         raise ConfigError(f"model {spec.model!r}: its arguments {spec.kwargs} do not fit "
                           f"({type(e).__name__}: {e})") from None
     except (FileNotFoundError, OSError) as e:
-        hint = ("; with no network, download them elsewhere and pass --checkpoint, or set HF_HUB_OFFLINE=1 "
-                "to read only the local hub cache without waiting on the network" if weights == "pretrained" else "")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = ("" if weights != "pretrained" else
+                "; with no network, download them elsewhere and pass --checkpoint" + (
+                    " (HF_HUB_OFFLINE is set: only the local hub cache was read)" if offline else
+                    ", or set HF_HUB_OFFLINE=1 to read only the local hub cache without waiting on the network"))
         raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e}){hint}") from None
     finally:
         if rng is not None:

@@ -131,7 +131,9 @@ def load_image(path: str) -> Image.Image:
             im.load()
             return to_rgb(im, path)
     except FileNotFoundError:
-        raise DatasetError(f"image not found: {path}{_case_hint(path)} ({DOCS_HINT})") from None
+        # (no pointer to the dataset layouts: a dataset's files are checked when it is built, so
+        # this is a single image given by name, `svp predict` / `svp visualize`)
+        raise DatasetError(f"image not found: {path}{_case_hint(path)}") from None
     except DatasetError:
         raise
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError

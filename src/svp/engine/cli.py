@@ -221,8 +221,9 @@ def _overrides_from_flags(args) -> List[str]:
     return out + list(args.overrides or [])
 
 
-def _err(msg: str) -> None:
-    print(f"svp: error: {msg}", file=sys.stderr)
+def _err(msg: str, command: str = "train") -> None:
+    # the same prefix as svp.cli.main's one-line errors ("svp train: error: ...")
+    print(f"svp {command}: error: {msg}", file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -392,11 +393,11 @@ def _sweep(args) -> int:
         raise C.ConfigError(str(e)) from None
     except TrainingStopped as e:  # Ctrl-C / SIGTERM inside a run: its resume point is saved
         _err(f"sweep interrupted ({e.__class__.__name__}: {str(e).split('.')[0]}); run the same svp sweep "
-             f"command again: finished runs are reused, the interrupted one resumes")
+             f"command again: finished runs are reused, the interrupted one resumes", "sweep")
         return e.code
     except KeyboardInterrupt as e:  # --jobs N: the workers' runs stopped (svp.engine.tune.Runner)
         _err(f"sweep interrupted ({str(e).split(';')[0] or 'KeyboardInterrupt'}); run the same svp sweep "
-             f"command again: finished runs are reused, interrupted ones resume from their resume points")
+             f"command again: finished runs are reused, interrupted ones resume from their resume points", "sweep")
         return 130
     print(open(out["markdown"], encoding="utf-8").read())
     print(f"wrote {out['csv']} and {out['markdown']}" + (f" and {out['json']}" if out.get("json") else ""))

@@ -14,6 +14,8 @@ scheduler state (it is saved anyway).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from timm.scheduler import CosineLRScheduler
 
@@ -30,10 +32,19 @@ class Schedule:
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.sched = None
         if self.kind == "cosine":
-            self.sched = CosineLRScheduler(
-                optimizer, t_initial=epochs * per, lr_min=float(t["min_lr"]),
-                warmup_t=int(round(float(t["warmup_epochs"]) * per)), warmup_lr_init=float(t["warmup_lr"]),
-                warmup_prefix=False, cycle_limit=1, t_in_epochs=(self.mode == "epoch"))
+            # a schedule of one step (one epoch stepped per epoch) is constant, as it should be:
+            # timm's warning that the cosine "will have no effect" reached every such run's console
+            quiet = logging.getLogger(CosineLRScheduler.__module__)
+            level = quiet.level
+            if epochs * per == 1:
+                quiet.setLevel(logging.ERROR)
+            try:
+                self.sched = CosineLRScheduler(
+                    optimizer, t_initial=epochs * per, lr_min=float(t["min_lr"]),
+                    warmup_t=int(round(float(t["warmup_epochs"]) * per)), warmup_lr_init=float(t["warmup_lr"]),
+                    warmup_prefix=False, cycle_limit=1, t_in_epochs=(self.mode == "epoch"))
+            finally:
+                quiet.setLevel(level)
 
     def start_epoch(self, epoch: int) -> None:
         if self.sched is not None and self.mode == "epoch":

@@ -19,8 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="backbone timm name (default: from the adapters' backbone.json / base_model_name)")
     p.add_argument("--checkpoint", default=None, help="backbone checkpoint file (.pth or .safetensors)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--window-ms", type=float, default=5.0,
                    help="how long a request waits for others to batch with")
     p.add_argument("--max-batch", type=int, default=16,
