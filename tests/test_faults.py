@@ -74,6 +74,31 @@ def test_csv_one_bad_label_among_integers_names_file_and_line(tmp_path, bad, cap
     assert "train.csv:5" in capsys.readouterr().out
 
 
+def test_csv_a_huge_class_index_is_refused_at_its_line(tmp_path):
+    """A label such as 99999999999 (without a class list) built the class names 0..label and filled
+    the machine's memory (22.6 GB, killed) before anything was said."""
+    root = _csv_root(tmp_path / "a", {"train": ["0", "1", "99999999999", "1"]})
+    with pytest.raises(DatasetError, match=r"train\.csv:4: label 99999999999 as a class index means "
+                                           r"100,000,000,000 classes .*at most 100,000"):
+        build_dataset("csv", "train", root=root)
+    ds = build_dataset("csv", "train", root=_csv_root(tmp_path / "b", {"train": ["0", "99999"]}))
+    assert len(ds.classes) == 100_000
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_list_file_not_in_utf8_names_the_file_and_line(tmp_path, encoding, capsys):
+    """A csv or VTAB list in another encoding ended in a UnicodeDecodeError traceback (svp
+    train) or a message without the file (svp data check)."""
+    root = _csv_root(tmp_path, {"train": ["0", "1"], "test": ["0"]})
+    text = "path,label\nimg/train_0.png,0\nimg/caf\u00e9.png,1\n"
+    open(os.path.join(root, "train.csv"), "wb").write(text.encode(encoding))
+    line = 1 if encoding == "utf-16" else 3
+    with pytest.raises(DatasetError, match=rf"train\.csv:{line}: not UTF-8 text .*save it as UTF-8"):
+        build_dataset("csv", "train", root=root)
+    assert svp_main(["data", "check", "csv", "--root", root, "--split", "train"]) == 1
+    assert f"train.csv:{line}: not UTF-8" in capsys.readouterr().out
+
+
 def test_csv_integer_and_name_files_still_load(tmp_path):
     ints = _csv_root(tmp_path / "a", {"train": ["0", "3", "1"], "val": ["2"]})
     ds = build_dataset("csv", "train", root=ints)

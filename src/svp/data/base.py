@@ -8,6 +8,7 @@ label order), ``.num_classes`` and ``.targets`` (one int per item).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -24,6 +25,29 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 from ..errors import DatasetError  # noqa: F401 (re-exported; the message names the path, see docs/datasets.md)
+
+
+@contextlib.contextmanager
+def open_text(path, newline=None):
+    """A dataset's list or label file, opened as UTF-8 text (a byte-order mark is dropped). A file
+    in another encoding (UTF-16, Latin-1) is a DatasetError naming it and the line, not a
+    UnicodeDecodeError from wherever the text was read."""
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as f:
+            data = f.read()
+        skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        at = skip
+        try:
+            data[skip:].decode("utf-8")
+        except UnicodeDecodeError as whole:   # its offset counts from the file's start, e's from a chunk
+            at = skip + whole.start
+        line = data.count(b"\n", 0, at) + 1
+        bom16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}"
+                           f"{'; the file starts like UTF-16' if bom16 else ''}); save it as UTF-8") from None
 
 
 def missing(path, what: str, layout: str = "") -> DatasetError:

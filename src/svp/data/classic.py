@@ -28,7 +28,7 @@ import numpy as np
 
 from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
-                   log, missing, require_dir, require_file, seeded_shuffle)
+                   log, missing, open_text, require_dir, require_file, seeded_shuffle)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 
@@ -132,7 +132,7 @@ def _dtd_dir(root: str) -> str:
 
 def _dtd_list(path: str) -> List[str]:
     out = []
-    with open(path, "r", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             s = line.strip()
             if not s:
@@ -187,7 +187,7 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
         csvp = require_file(os.path.join(base, "GT-final_test.csv"), "GTSRB test labels",
                             GTSRB_LAYOUT)
         samples = []
-        with open(csvp, "r", encoding="utf-8-sig", newline="") as f:
+        with open_text(csvp, newline="") as f:
             rows = list(csv.reader(f, delimiter=";"))
         if not rows or "Filename" not in rows[0] or "ClassId" not in rows[0]:
             raise DatasetError(f"{csvp}:1: header must contain 'Filename' and 'ClassId' "
@@ -277,7 +277,7 @@ FOOD_LAYOUT = """\
 
 def _food_meta(path: str) -> Dict[str, List[str]]:
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
+        with open_text(path) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}) ({DOCS_HINT})") from None
@@ -372,7 +372,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
 
 def _read_csv(path: str) -> List[Tuple[str, str, int]]:
     rows = []
-    with open(path, "r", encoding="utf-8-sig", newline="") as f:
+    with open_text(path, newline="") as f:
         for lineno, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip():
                 continue
@@ -386,6 +386,8 @@ def _read_csv(path: str) -> List[Tuple[str, str, int]]:
 
 
 _INT_LABEL = re.compile(r"[0-9]+")
+# class indices of a csv dataset without a class list: ImageNet-21k has 21,841 classes
+MAX_INDEX_CLASSES = 100_000
 _NUMBER_LIKE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -412,6 +414,14 @@ def _csv_label_mode(labelled, classes, listed):
         is_index = [bool(_INT_LABEL.fullmatch(lab)) and int(lab) < len(classes) for lab in labels]
     if all(is_index) and not (classes is not None and all(is_name)):
         if classes is None:
+            top = max(range(len(labels)), key=lambda i: int(labels[i]), default=None)
+            if top is not None and int(labels[top]) >= MAX_INDEX_CLASSES:
+                # the classes would be "0".."label": a typo such as 99999999999 built 10^11 names
+                # and filled the machine's memory before anything was said
+                path, lab, lineno = labelled[top]
+                raise DatasetError(f"{path}:{lineno}: label {lab} as a class index means {int(lab) + 1:,} classes "
+                                   f"(0..{lab}); at most {MAX_INDEX_CLASSES:,} are read without a class list. Check "
+                                   f"the label, or list the classes in classes.txt ({DOCS_HINT})")
             classes = [str(i) for i in range(max((int(v) for v in labels), default=-1) + 1)]
         return classes, int
     if all(is_name):
@@ -458,7 +468,7 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
     listed = None
     if classes is None and os.path.isfile(os.path.join(cdir, "classes.txt")):
         listed = os.path.join(cdir, "classes.txt")
-        with open(listed, "r", encoding="utf-8-sig") as f:
+        with open_text(listed) as f:
             classes = [ln.strip() for ln in f if ln.strip()]
     elif classes is not None:
         listed = "classes="

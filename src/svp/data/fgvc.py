@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, missing
+from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text
 
 log = logging.getLogger("svp.data")
 
@@ -54,7 +54,7 @@ def _dataset_dir(root: str, key: str) -> str:
 
 def _load_json(path: str) -> Dict[str, object]:
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
+        with open_text(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}); expected one object "
@@ -76,7 +76,7 @@ def _sort_key(v):
 
 def _read_class_names(path: str) -> Dict[int, str]:
     names: Dict[int, str] = {}
-    with open(path, "r", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, missing
+from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text
 
 # (task folder, classes, group) in the usual VTAB-1k order (natural, specialized, structured)
 VTAB_TASKS = [
@@ -92,7 +92,7 @@ def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Option
     else malformed (and, given ``num_classes``, a label outside 0..num_classes-1) raises
     with file and line number."""
     samples = []
-    with open(path, "r", encoding="utf-8-sig") as f:
+    with open_text(path) as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
             if not line.strip():
