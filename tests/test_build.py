@@ -152,6 +152,13 @@ def _mini_adapter(tmp_path, class_names=None):
     ("{bad", "not a readable backbone description"),
     ('{"model": 5}', "'model' must be a timm model name"),
     ('{"model": "vim_mini_patch4_32", "kwargs": [1]}', "'kwargs' must be a mapping"),
+    # sizes no Vim has: depth 1000000 built modules until the memory ran out; -1 was a traceback
+    ('{"model": "vim_mini_patch4_32", "kwargs": {"depth": 1000000}}', r"model argument depth=1000000: expected an "
+                                                                      r"integer in 1\.\.1024"),
+    ('{"model": "vim_mini_patch4_32", "kwargs": {"img_size": [32, 0]}}', r"img_size=\[32, 0\]"),
+    ('{"model": "vim_mini_patch4_32", "img_size": -1}', r"'img_size' must be an integer in 1\.\.8192, got -1"),
+    ('{"model": "vim_mini_patch4_32", "img_size": "32"}', r"'img_size' must be an integer"),
+    ('{"model": "vim_mini_patch4_32", "random_init": "yes"}', r"'random_init' must be true or false, got 'yes'"),
 ])
 def test_a_damaged_backbone_json_is_one_error_naming_it(tmp_path, text, words):
     from svp.errors import AdapterError

@@ -986,6 +986,18 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
     shutil.copyfile(os.path.join(a, "resume.safetensors"), os.path.join(b, "resume.safetensors"))
     capsys.readouterr()
     _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, "was not saved with this run's config.yaml")
+    # its record damaged (JSON, or a part missing) was a JSONDecodeError / KeyError traceback
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(os.path.join(a, "resume.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for edit, words in ((lambda m: m.update(state="{not json"), "damaged resume state (JSONDecodeError"),
+                        (lambda m: m.update(state=m["state"].replace('"s:optimizer"', '"s:optimiser"')),
+                         "damaged resume state (no optimizer)")):
+        m = dict(meta)
+        edit(m)
+        save_file(tensors, os.path.join(b, "resume.safetensors"), metadata=m)
+        _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, words)
     open(os.path.join(b, "resume.safetensors"), "wb").write(kept)
     assert svp_main(["train", "--resume", b, "train.lr=0.02", "debug.stop_at_step=3"]) == 75
     assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml

@@ -277,6 +277,37 @@ def test_an_edited_adapter_config_is_an_adapter_error_naming_the_file(tmp_path):
             load_adapter(wrong, tmp_path / "ad")
 
 
+def test_an_adapter_is_held_to_its_files_before_anything_is_allocated(tmp_path):
+    """A hostile or damaged adapter_config.json (hidden=10**9) made load_adapter allocate 256 GB,
+    or try to, before the shapes were compared; int32 tensors were truncated into the weights and
+    NaN ones loaded (svp predict printed "nan%")."""
+    from safetensors.torch import load_file, save_file
+    peft = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    peft.save(tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["config"]["hidden"] = 10**9
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"adapter\.safetensors does not fit this svp model, as .*adapter_config\.json "
+                                           r"sets it up:\n.*shape"):
+        load_adapter(tiny(), tmp_path / "ad")
+    cfg["config"]["hidden"] = 8
+    path.write_text(json.dumps(cfg))
+    weights = tmp_path / "ad" / "adapter.safetensors"
+    good = load_file(str(weights))
+    name = sorted(good)[0]
+    for bad, words in ((good[name].to(torch.int32), "is torch.int32; expected floating-point weights"),
+                       (torch.full_like(good[name], float("nan")), "holds NaN or infinite values")):
+        save_file(dict(good, **{name: bad}), str(weights), metadata={"format": "pt"})
+        model = tiny()
+        before = _state(model)
+        with pytest.raises(AdapterError, match=re.escape(f"tensor {name!r} ") + ".*" + re.escape(words)):
+            load_adapter(model, tmp_path / "ad")
+        assert _same_state(before, _state(model))
+    save_file(good, str(weights), metadata={"format": "pt"})
+    assert load_adapter(tiny(), tmp_path / "ad") is not None
+
+
 @pytest.mark.parametrize("method, settings, words", [
     ("lora", dict(targets=None), "targets=None; expected a list of layer names"),
     ("lora", dict(targets="in_proj"), "targets='in_proj'; expected a list"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Dict, List, Optional
 
@@ -84,6 +85,16 @@ class ModelSpec:
                                  ("checkpoint", str, "a file path")):
             if d.get(key) is not None and not isinstance(d[key], types):
                 raise ConfigError(f"{source}: {key!r} must be {what}, got {d[key]!r}")
+        for key in ("pretrained", "random_init"):
+            if key in d and not isinstance(d[key], bool):
+                raise ConfigError(f"{source}: {key!r} must be true or false, got {d[key]!r}")
+        for key, top in (("img_size", _SIZE_BOUNDS["img_size"]), ("num_classes", _SIZE_BOUNDS["num_classes"]),
+                         ("init_seed", 2**63 - 1)):
+            v = d.get(key)
+            if v is not None and not _bounded_int(v, 0 if key == "init_seed" else 1, top):
+                raise ConfigError(f"{source}: {key!r} must be an integer in {0 if key == 'init_seed' else 1}..{top}, "
+                                  f"got {v!r}")
+        check_model_kwargs(d.get("kwargs") or {}, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         # backbone.json files written before random_init existed: no weights recorded means random
@@ -91,6 +102,28 @@ class ModelSpec:
         known["kwargs"] = dict(known.get("kwargs") or {})
         known["class_names"] = list(known.get("class_names") or [])
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+# The largest sizes a backbone read from a file may ask for (Vim-B: depth 24, width 768, 224 px):
+# a damaged or hostile backbone.json with depth 1000000 built modules until the machine's memory
+# ran out (svp serve reached 9.7 GB in 46 s) before anything was compared with the weights.
+_SIZE_BOUNDS = {"depth": 1024, "embed_dim": 16384, "img_size": 8192, "patch_size": 1024, "stride": 1024,
+                "d_state": 1024, "d_conv": 64, "expand": 16, "in_chans": 64, "num_classes": 1_000_000}
+
+
+def _bounded_int(v, low: int, high: int) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high
+
+
+def check_model_kwargs(kwargs: Dict[str, Any], source: str) -> None:
+    """The backbone's size arguments read from a file (backbone.json, an adapter's record) within
+    what any Vim could use; the other arguments are the model's to check."""
+    for key, top in _SIZE_BOUNDS.items():
+        v = kwargs.get(key)
+        sides = v if key == "img_size" and isinstance(v, (list, tuple)) and len(v) in (1, 2) else [v]
+        if v is not None and not all(_bounded_int(x, 1, top) for x in sides):
+            raise ConfigError(f"{source}: model argument {key}={kwargs[key]!r}: expected an integer in 1..{top} "
+                              f"(a damaged file?)")
 
 
 def pick_device(kind: str) -> str:
@@ -228,8 +261,12 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
             raise ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
         # adapters converted before convert-official-svp wrote backbone.json keep their model arguments here
         kw = (info.get("extra") or {}).get("model_kwargs") if isinstance(info.get("extra"), dict) else None
-        spec = ModelSpec(model=name, init_seed=0, kwargs=dict(kw) if isinstance(kw, dict) else {},
-                         extra={"recipe": "svp"})
+        kw = dict(kw) if isinstance(kw, dict) else {}
+        try:
+            check_model_kwargs(kw, os.path.join(adapter_dir, "adapter_config.json"))
+        except ConfigError as e:
+            raise AdapterError(str(e)) from None
+        spec = ModelSpec(model=name, init_seed=0, kwargs=kw, extra={"recipe": "svp"})
     if model or checkpoint or pretrained or random_init:
         spec.model = model or spec.model
         spec.checkpoint, spec.pretrained, spec.random_init = checkpoint, pretrained, random_init

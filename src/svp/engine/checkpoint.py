@@ -118,7 +118,17 @@ def load_state(path: str) -> Dict[str, Any]:
         raise ResumeError(f"{path}: unreadable resume state ({e})") from None
     if meta.get("format") != FORMAT:
         raise ResumeError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return _unflatten(json.loads(meta["state"]), tensors)
+    try:
+        state = _unflatten(json.loads(meta["state"]), tensors)
+    except (ValueError, KeyError, TypeError) as e:   # the record of the state (JSON) damaged
+        raise ResumeError(f"{path}: damaged resume state ({type(e).__name__}: {e}); the file is not as "
+                          f"`svp train` wrote it") from None
+    missing = [k for k in ("model", "optimizer", "rng", "world_size", "batch_size")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ResumeError(f"{path}: damaged resume state (no {', '.join(missing)}); the file is not as "
+                          f"`svp train` wrote it")
+    return state
 
 
 # ------------------------------------------------------------------ RNG states

@@ -207,6 +207,16 @@ class PeftModel(nn.Module):
         lines = mismatch_lines(expected, tensors)
         if lines:
             raise ValueError("\n".join([f"{source} does not fit this {self.config.method} model:"] + lines))
+        # values a saved adapter never holds (they are cast, or checked, before svp writes them): an
+        # integer tensor was truncated into the weights and a NaN one predicted "nan%", silently
+        for k in expected:
+            t = tensors[k]
+            if not t.is_floating_point():
+                raise ValueError(f"{source}: tensor {k!r} is {t.dtype}; expected floating-point weights "
+                                 f"(the file is damaged or was not written by svp)")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged "
+                                 f"(svp checks weights are finite before it writes them)")
         with torch.no_grad():
             for k in expected:
                 own[k].copy_(tensors[k].to(dtype=own[k].dtype, device=own[k].device))
@@ -274,7 +284,8 @@ def _check_backbone(model, who: str) -> None:
         raise TypeError(f"{who} expects a svp VisionMamba as its first argument, got {type(model).__name__}")
 
 
-def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None) -> PeftModel:
+def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None,
+            materialize: bool = True) -> PeftModel:
     # base_hash: the pristine backbone's, when the caller has just computed it (hashing Vim-B's
     # weights takes ~0.3 s; load_adapter needs it to check the adapter first)
     _check_backbone(model, "get_peft_model")
@@ -299,6 +310,8 @@ def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = Non
         p.requires_grad_(True)
     setattr(model, _ATTACHED, True)
     peft = PeftModel(model, config, method, base_hash, before.requires_grad)
+    if not materialize:   # (a dry run on the meta device: its tensors' shapes only)
+        return peft
     # match device/dtype of the backbone for the new parameters
     ref = next(iter(model.parameters()))
     method.to(device=ref.device, dtype=ref.dtype)
@@ -342,6 +355,20 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
         raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
                            f"damaged, save or copy it again") from None
     before = _Snapshot(model)
+    # the settings' tensors first built without storage and held to the file's: a damaged or
+    # hostile adapter_config.json (svp's hidden=10**9) allocated 256 GB, or tried to, before the
+    # shapes were compared
+    try:
+        with torch.device("meta"):
+            dry = _attach(model, config, base_hash="", materialize=False)
+    except ValueError as e:  # settings that do not fit this backbone (its depth, width)
+        raise AdapterError(f"{directory}: {e}") from None
+    shapes = {n: p.shape for n, p in dry.named_parameters() if p.requires_grad}
+    before.restore(model, dry.method)
+    lines = mismatch_lines(shapes, state)
+    if lines:
+        raise AdapterError("\n".join([f"{weights} does not fit this {config.method} model, as "
+                                       f"{os.path.join(directory, ADAPTER_CONFIG)} sets it up:"] + lines))
     try:
         peft = _attach(model, config, base_hash=have)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)
