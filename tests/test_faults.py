@@ -99,6 +99,17 @@ def test_a_list_file_not_in_utf8_names_the_file_and_line(tmp_path, encoding, cap
     assert f"train.csv:{line}: not UTF-8" in capsys.readouterr().out
 
 
+def test_csv_an_image_listed_twice_is_kept_and_said(tmp_path, caplog):
+    """Duplicate lines (often a list concatenated twice) were kept without a word."""
+    import logging
+    root = _csv_root(tmp_path, {"train": ["0", "1", "1"]})
+    path = os.path.join(root, "train.csv")
+    open(path, "a").write("img/train_1.png,1\n")
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        ds = build_dataset("csv", "train", root=root)
+    assert len(ds) == 4 and "1 line(s) of" in caplog.text and "(line 5 repeats line 3)" in caplog.text
+
+
 def test_csv_integer_and_name_files_still_load(tmp_path):
     ints = _csv_root(tmp_path / "a", {"train": ["0", "3", "1"], "val": ["2"]})
     ds = build_dataset("csv", "train", root=ints)
@@ -343,9 +354,22 @@ def test_claiming_a_finished_or_read_only_folder_is_one_error(tmp_path, monkeypa
     cfg["run"].update(output=str(tmp_path / "runs"), name="r")
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "results.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"already holds a run"):
+    # finished: --resume would say "nothing to resume", so the advice is another name
+    with pytest.raises(ConfigError, match=r"already holds a run; it has nothing to resume; choose another run\.name"):
         claim_run_dir(cfg)
     assert not (tmp_path / "runs" / "r" / "run.lock").exists()  # the refusal released its lock
+    (tmp_path / "runs" / "r" / "resume.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"already holds a run; use `svp train --resume .*runs/r` to continue it"):
+        claim_run_dir(cfg)
+    # the output, or the run folder, a file: said so (it was "File exists" / "cannot create its lock file")
+    (tmp_path / "runs" / "f").write_text("")
+    cfg["run"]["name"] = "f"
+    with pytest.raises(ConfigError, match=r"run folder .*runs/f is a file, not a folder"):
+        claim_run_dir(cfg)
+    cfg["run"].update(output=str(tmp_path / "runs" / "f"), name=None)
+    with pytest.raises(ConfigError, match=r"run\.output=.*runs/f' is a file, not a folder"):
+        claim_run_dir(cfg)
+    cfg["run"]["name"] = "r"
     # --output under a file, and a read-only file system (simulated: the tests may run as root,
     # which ignores folder permissions)
     (tmp_path / "afile").write_text("")

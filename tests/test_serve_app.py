@@ -116,6 +116,7 @@ def _bomb_png():
     ("topk text", 400, "not an integer"),
     ("topk fraction", 400, "not an integer"),
     ("no image field", 400, "'image'"),
+    ("two image fields", 400, "the form has 2 fields 'image'; send one"),
     ("malformed json", 400, "malformed"),
     ("bad base64", 400, "base64"),
     ("json not object", 400, "object"),
@@ -146,6 +147,13 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case
         got = H.predict(server.url, img, "svp", topk={"topk zero": 0, "topk huge": 1000, "topk text": "abc"}[case])
     elif case == "no image field":
         body, ctype = H.multipart({"adapter": "svp"}, {})
+        got = H.http("POST", url, body, {"Content-Type": ctype})
+    elif case == "two image fields":   # one of them was used, without a word
+        body, ctype = H.multipart({"adapter": "svp"}, {"image": ("a.png", img)})
+        boundary = ctype.split("boundary=")[1]
+        second = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="b.png"\r\n'
+                  f'Content-Type: application/octet-stream\r\n\r\n').encode() + H.png_bytes(40, seed=3) + b"\r\n"
+        body = body.replace(f"--{boundary}--".encode(), second + f"--{boundary}--".encode())
         got = H.http("POST", url, body, {"Content-Type": ctype})
     elif case == "malformed json":
         got = H.http("POST", url, b'{"image": "abc", ', jhead)

@@ -478,6 +478,19 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
     classes, to_index = _csv_label_mode(labelled, classes, listed)
     samples = [(rel if os.path.isabs(rel) else os.path.join(cdir, rel), to_index(lab))
                for rel, lab, _ in rows[split]]
+    # an image listed twice is two samples (weighted twice in training and in the accuracy): kept,
+    # as listed, but said, since it is more often a list concatenated twice than a choice
+    first: Dict[str, int] = {}
+    repeats = []
+    for (path, _), (_, _, lineno) in zip(samples, rows[split]):
+        p = os.path.normpath(path)
+        if p in first:
+            repeats.append((lineno, first[p]))
+        else:
+            first[p] = lineno
+    if repeats:
+        log.warning("csv/%s: %d line(s) of %s list an image already listed (line %d repeats line %d); each line is "
+                    "a sample of its own", split, len(repeats), files[split], *repeats[0])
     return FileListDataset(samples, classes, transform, name="csv", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files,
                            source=files[split])

@@ -188,6 +188,8 @@ def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, bool]:
     only and broadcast the path (``distributed.broadcast_object``): the other ranks then
     agree on the name even when it is generated."""
     out = cfg["run"]["output"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"run.output={out!r} is a file, not a folder; choose a folder for the runs")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -202,6 +204,8 @@ def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, bool]:
         except FileExistsError:
             if not name:
                 continue  # a generated name that is taken: draw another
+            if not os.path.isdir(run_dir):
+                raise ConfigError(f"run folder {run_dir} is a file, not a folder; choose another run.name") from None
             created = False
         except OSError as e:
             raise ConfigError(f"run.output={out!r}: cannot create run folder {run_dir} "
@@ -212,8 +216,12 @@ def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, bool]:
     lock = RunLock(run_dir).acquire("train")
     if not created and _holds_a_run(run_dir):
         lock.release()
-        raise ConfigError(f"run folder {run_dir} already holds a run; use `svp train --resume {run_dir}` "
-                          f"or choose another run.name")
+        from .checkpoint import RESUME_FILE
+        if os.path.isfile(os.path.join(run_dir, RESUME_FILE)):
+            advice = f"use `svp train --resume {run_dir}` to continue it, or choose another run.name"
+        else:   # finished (results.json), or never saved: --resume would say "nothing to resume"
+            advice = "it has nothing to resume; choose another run.name (or remove the folder to train it again)"
+        raise ConfigError(f"run folder {run_dir} already holds a run; {advice}")
     return run_dir, lock, created
 
 

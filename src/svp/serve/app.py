@@ -469,6 +469,9 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                                                                  max_part_size=cfg.max_upload_bytes)
             except Exception as e:  # starlette's parser errors (bad boundary, too many parts, ...)
                 raise RequestError(f"the multipart form cannot be parsed: {getattr(e, 'detail', e)}") from None
+            for field in ("image", "adapter", "topk"):   # which of two would be used is not the client's to guess
+                if len(form.getlist(field)) > 1:
+                    raise RequestError(f"the form has {len(form.getlist(field))} fields {field!r}; send one")
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise RequestError("the form needs a file field 'image'")

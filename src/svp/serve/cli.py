@@ -96,6 +96,12 @@ def run(args) -> int:
           f"{' (bfloat16 autocast)' if args.amp else ''}, "
           f"{len(report['loaded'])} adapters ({', '.join(report['loaded'])}), "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    import logging
+
+    # the multipart parser logs each malformed upload as a warning on stderr before it raises, and
+    # the client is answered 400 with the same words: the server's console holds only its own lines
+    for name in ("python_multipart", "multipart"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import uvicorn
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_timeout)
