@@ -35,7 +35,7 @@ def open_text(path, newline=None):
     try:
         with open(path, "r", encoding="utf-8-sig", newline=newline) as f:
             yield f
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError:
         with open(path, "rb") as f:
             data = f.read()
         skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
