@@ -137,6 +137,11 @@ class RunFolder:
 
     def load_resume(self, st: dict, model, optimizer, sched, scaler, ema) -> dict:
         state = ck.load_state(self.file(ck.RESUME_FILE))
+        missing = [k for k in ("model", "optimizer", "rng", "world_size", "batch_size")
+                   if not isinstance(state, dict) or k not in state]
+        if missing:   # (every resume point svp train wrote holds them)
+            raise ResumeError(f"{self.file(ck.RESUME_FILE)}: damaged resume state (no {', '.join(missing)}); the "
+                              f"file is not as `svp train` wrote it")
         saved = state.get("config_sha256")   # (resume points from before the record: not checked)
         if saved is not None and saved != self._config_digest():
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
