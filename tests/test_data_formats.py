@@ -214,8 +214,16 @@ def test_malformed_lines_give_file_and_line(fake, tmp_path):
         build_dataset("dtd", "test", root=r)
 
     gt = os.path.join(r, "gtsrb/GT-final_test.csv")
-    with open(gt, "a") as f:
-        f.write("00999.ppm;8;8\n")
+    good = open(gt).read()
+    header = good.splitlines()[0].split(";")
+    row = ["0"] * len(header)
+    row[header.index("Filename")], row[header.index("ClassId")] = "00998.ppm", "43"
+    with open(gt, "a") as f:   # a ClassId past the 43 classes: named at its line (it had none)
+        f.write(";".join(row) + "\n")
+    with pytest.raises(DatasetError, match=rf"{gt}:88: ClassId 43 outside 0\.\.42"):
+        build_dataset("gtsrb", "test", root=r)
+    with open(gt, "w") as f:
+        f.write(good + "00999.ppm;8;8\n")
     with pytest.raises(DatasetError, match=rf"{gt}:88: malformed row"):
         build_dataset("gtsrb", "test", root=r)
 
@@ -328,6 +336,20 @@ def test_an_empty_split_is_refused_and_a_bom_is_read_through(fake, tmp_path, cap
         build_dataset("vtab/clevr_count", "test", root=r)
     assert svp_main(["data", "check", "vtab/clevr_count", "--root", r]) != 0
     assert "test.txt" in capsys.readouterr().out
+
+
+def test_check_of_a_vtab_export_of_what_svp_reads_passes(fake, tmp_path, capsys):
+    """A task folder with only train800val200.txt and test.txt (what SVP reads) trains, but
+    `svp data check` reported train800 and val200 as two problems (exit 1)."""
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/eurosat")
+    task = os.path.join(r, "VTAB/vtab-1k/eurosat")
+    for f in ("train800.txt", "val200.txt"):
+        os.remove(os.path.join(task, f))
+    assert svp_main(["data", "check", "vtab/eurosat", "--root", r, "--no-read"]) == 0
+    out = capsys.readouterr().out
+    assert "train800        absent (SVP trains on train800val200" in out and "val200          absent" in out
+    assert svp_main(["data", "check", "vtab/eurosat", "--root", r, "--no-read", "--split", "val200"]) == 1
+    assert "val200.txt" in capsys.readouterr().out
 
 
 def test_cifar_batches_are_read_without_running_pickled_code(fake, tmp_path):

@@ -201,6 +201,8 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
             except (IndexError, ValueError):
                 raise DatasetError(f"{csvp}:{lineno}: malformed row {';'.join(row)!r} "
                                    f"({DOCS_HINT})") from None
+            if not 0 <= lab < len(classes):   # here, where its line is known
+                raise DatasetError(f"{csvp}:{lineno}: ClassId {lab} outside 0..{len(classes) - 1}")
             samples.append((os.path.join(imgdir, fn), lab))
         return FileListDataset(samples, classes, transform, name="hta/gtsrb", split=split,
                                skip_bad_images=skip_bad_images, check_files=check_files,
