@@ -140,3 +140,39 @@ def test_serve_threads_reach_the_kernels_in_the_inference_thread(tmp_path, dedic
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["status"] == 200 and res["seen"] and set(res["seen"]) == {1}, res
+
+
+def test_a_second_ctrl_c_is_a_quiet_stop():
+    """A second Ctrl-C makes uvicorn exit at once and cancel the tasks it did not wait for: the
+    application's lifespan came out as a ~30-line CancelledError traceback (starlette sends it as
+    text), and the batcher's stop raised the loop task's cancellation. (Timed by hand with two
+    SIGINTs 0.02-1 s apart: exit 0, one line on stderr.)"""
+    import asyncio
+    import logging
+    import traceback
+
+    from svp.serve.app import Batcher, ServeConfig
+    from svp.serve.cli import _forced_exit_cancellation
+
+    def record(msg, exc=None):
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, msg, None,
+                                 (type(exc), exc, None) if exc else None)
+
+    try:
+        raise asyncio.CancelledError()
+    except asyncio.CancelledError as e:
+        text = traceback.format_exc()
+        assert not _forced_exit_cancellation(record(text))
+        assert not _forced_exit_cancellation(record("Exception in 'lifespan' protocol\n", e))
+    assert _forced_exit_cancellation(record("Traceback (most recent call last):\n ... ValueError: x\n"))
+    assert _forced_exit_cancellation(record("Application shutdown failed. Exiting."))
+
+    async def cancelled_loop():
+        b = Batcher(lambda *a: None, None, ServeConfig(), metrics=None)
+        b.start()
+        await asyncio.sleep(0)
+        b._task.cancel()          # what uvicorn's forced exit does to every task
+        await b.stop()            # was: CancelledError
+        return b._task.cancelled()
+
+    assert asyncio.run(cancelled_loop())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from .errors import SVPError
@@ -77,7 +78,11 @@ def run() -> None:
     from . import runtime
 
     runtime.freeze_imports()
-    sys.exit(main())
+    rc = main()
+    # the command has finished and said how: a Ctrl-C now (a second press while `svp serve` shut
+    # down) killed the process by SIGINT as the interpreter exited, losing its exit status
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,14 @@ class Batcher:
         self._closing = True
         await self.queue.put(None)
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                # a forced exit (a second Ctrl-C: uvicorn cancels every task) cancelled the loop,
+                # and the requests it held are dropped with it: a stop, not an error (uvicorn
+                # printed a CancelledError traceback from the lifespan)
+                if not self._task.cancelled():
+                    raise   # this coroutine itself was cancelled
 
     async def submit(self, x: torch.Tensor, name: str):
         if self._closing:

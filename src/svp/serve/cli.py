@@ -105,5 +105,20 @@ def run(args) -> int:
     import uvicorn
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_timeout)
+    # (after Config, which sets up uvicorn's loggers) a second Ctrl-C makes uvicorn exit at once
+    # and cancel the tasks it did not wait for, the application's lifespan among them, which it
+    # then logged as a ~30-line CancelledError traceback: that cancellation is the exit asked for
+    logging.getLogger("uvicorn.error").addFilter(_forced_exit_cancellation)
     _server_class()(config).run()
     return 0
+
+
+def _forced_exit_cancellation(record) -> bool:
+    """False for uvicorn's report of a cancelled lifespan: starlette sends its traceback as text
+    ("lifespan.shutdown.failed"); uvicorn's own handler logs the exception."""
+    import asyncio
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, asyncio.CancelledError):
+        return False
+    text = str(record.msg)
+    return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
