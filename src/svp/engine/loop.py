@@ -130,6 +130,9 @@ class Trainer:
                 RO.record(cfg, self.changes, st)
                 log.info("from global step %d on: %s (recorded in config.yaml run.changes)", st["global_step"],
                          ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items()))
+            # every rank has read config.yaml for the resume point's check (load_resume) before
+            # the main rank rewrites it: a rank that read the new file refused the resume
+            barrier(dinfo)
             if dinfo.is_main:  # drop metric lines written after the resume point
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
