@@ -159,6 +159,10 @@ def _mini_adapter(tmp_path, class_names=None):
     ('{"model": "vim_mini_patch4_32", "img_size": -1}', r"'img_size' must be an integer in 1\.\.8192, got -1"),
     ('{"model": "vim_mini_patch4_32", "img_size": "32"}', r"'img_size' must be an integer"),
     ('{"model": "vim_mini_patch4_32", "random_init": "yes"}', r"'random_init' must be true or false, got 'yes'"),
+    # each size within its bound, together 34 GB (or 17 GB of position embedding)
+    ('{"model": "vim_mini_patch4_32", "kwargs": {"embed_dim": 16384, "depth": 1024, "expand": 16}}',
+     r"make a Vim of about [\d,]+ parameters; expected at most 500,000,000"),
+    ('{"model": "vim_mini_patch4_32", "img_size": 8192, "kwargs": {"patch_size": 4}}', r"make a Vim of about"),
 ])
 def test_a_damaged_backbone_json_is_one_error_naming_it(tmp_path, text, words):
     from svp.errors import AdapterError
@@ -167,6 +171,25 @@ def test_a_damaged_backbone_json_is_one_error_naming_it(tmp_path, text, words):
     with pytest.raises(AdapterError, match=words) as e:
         adapter_spec(str(d))
     assert "backbone.json" in str(e.value)
+
+
+def test_the_size_estimate_matches_the_official_variants_and_command_lines_are_checked(tmp_path, capsys):
+    """The bound on a backbone's sizes together rests on an estimate of its parameters; --model-args
+    (svp visualize) and --model-kwargs (convert-official-svp) reached timm unchecked (depth
+    1000000: 5 GB and 31 s before the allocator gave up)."""
+    import timm
+    import torch
+    from svp.build import vim_params_estimate
+    from svp.cli import main as svp_main
+    for name, kw in (("vim_tiny_patch16_224", dict(embed_dim=192, stride=16)),
+                     ("vim_small_patch16_stride8_224", dict(embed_dim=384, stride=8)),
+                     ("vim_base_patch16_224", dict(embed_dim=768, stride=16))):
+        with torch.device("meta"):
+            real = sum(p.numel() for p in timm.create_model(name).parameters())
+        assert abs(vim_params_estimate(kw) / real - 1) < 0.01, name
+    rc = svp_main(["visualize", "--dataset", "digits", "--random-init", "--model-args", '{"depth": 1000000}',
+                   "--out", str(tmp_path)])
+    assert rc == 2 and "model argument depth=1000000: expected an integer in 1..1024" in capsys.readouterr().err
 
 
 def test_an_unknown_image_recipe_in_backbone_json_is_one_error(tmp_path, capsys):
@@ -190,9 +213,10 @@ def test_class_names_that_do_not_match_the_class_count_are_refused(tmp_path):
         adapter_spec(str(d))
 
 
-@pytest.mark.parametrize("kwargs", [{"nonsense_kw": 1}, {"img_size": "abc"}])
-def test_model_arguments_that_do_not_fit_are_a_config_error(kwargs):
-    with pytest.raises(ConfigError, match="its arguments"):
+@pytest.mark.parametrize("kwargs, words", [({"nonsense_kw": 1}, "its arguments"),
+                                           ({"img_size": "abc"}, "model argument img_size='abc': expected an integer")])
+def test_model_arguments_that_do_not_fit_are_a_config_error(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
         build_model(ModelSpec("vim_mini_patch4_32", kwargs=kwargs))
 
 

@@ -4,6 +4,7 @@ needs it. (Data cases first; engine cases follow.)"""
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -1017,7 +1018,9 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     for edit, words in ((lambda m: m.update(state="{not json"), "damaged resume state (JSONDecodeError"),
                         (lambda m: m.update(state=m["state"].replace('"s:optimizer"', '"s:optimiser"')),
-                         "damaged resume state (no optimizer)")):
+                         "damaged resume state (no optimizer)"),
+                        (lambda m: m.update(state=re.sub(r'"s:global_step": \d+', '"s:global_step": "x"', m["state"])),
+                         "damaged resume state (global_step='x', expected a count)")):
         m = dict(meta)
         edit(m)
         save_file(tensors, os.path.join(b, "resume.safetensors"), metadata=m)

@@ -293,6 +293,16 @@ def test_an_adapter_is_held_to_its_files_before_anything_is_allocated(tmp_path):
         load_adapter(tiny(), tmp_path / "ad")
     cfg["config"]["hidden"] = 8
     path.write_text(json.dumps(cfg))
+    # LoRA places its factors on the backbone's device: checked on a twin whose tensors have none
+    get_peft_model(tiny(), make_config("lora", r=2)).save(tmp_path / "lora")
+    lora = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    for key, value, words in (("r", 10**9, "does not fit this lora model"),
+                              ("alpha", float("nan"), "alpha=nan; expected a finite number"),
+                              ("alpha", 1e308, "expected a number of magnitude at most 1e6")):
+        (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(dict(lora, config=dict(lora["config"],
+                                                                                                 **{key: value}))))
+        with pytest.raises(AdapterError, match=re.escape(words)):
+            load_adapter(tiny(), tmp_path / "lora")
     weights = tmp_path / "ad" / "adapter.safetensors"
     good = load_file(str(weights))
     name = sorted(good)[0]

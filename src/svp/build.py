@@ -94,7 +94,13 @@ class ModelSpec:
             if v is not None and not _bounded_int(v, 0 if key == "init_seed" else 1, top):
                 raise ConfigError(f"{source}: {key!r} must be an integer in {0 if key == 'init_seed' else 1}..{top}, "
                                   f"got {v!r}")
-        check_model_kwargs(d.get("kwargs") or {}, source)
+        # the sizes together, as build_backbone will use them (a folder refused here is skipped by
+        # svp serve, where one that failed to build stopped the server)
+        sizes = dict(d.get("kwargs") or {})
+        for key in ("img_size", "num_classes"):
+            if d.get(key) is not None:
+                sizes.setdefault(key, d[key])
+        check_model_kwargs(sizes, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         # backbone.json files written before random_init existed: no weights recorded means random
@@ -115,15 +121,39 @@ def _bounded_int(v, low: int, high: int) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high
 
 
+# ... and together: five times Vim-B's 98 million parameters (2 GB in float32). Each size within
+# its bound still made 34 GB together (width 16384, depth 1024, expand 16).
+MAX_BACKBONE_PARAMS = 500_000_000
+
+
+def vim_params_estimate(kwargs: Dict[str, Any]) -> int:
+    """About how many parameters a Vim built with ``kwargs`` holds (within ~10%), where a size
+    not given takes the largest of the official variants' (Vim-B's width, stride 8)."""
+    d, depth = int(kwargs.get("embed_dim", 768)), int(kwargs.get("depth", 24))
+    n, expand, width = int(kwargs.get("d_state", 16)), int(kwargs.get("expand", 2)), int(kwargs.get("d_conv", 4))
+    p = int(kwargs.get("patch_size", 16))
+    stride = int(kwargs.get("stride", min(p, 8)))
+    img = kwargs.get("img_size", 224)
+    h, w = (img * 2)[:2] if isinstance(img, (list, tuple)) else (img, img)
+    e, r = expand * d, -(-d // 16)
+    block = 3 * d * e + 2 * e * (r + 2 * n) + 2 * r * e + 2 * e * (n + width + 3) + d
+    tokens = (max(int(h) - p, 0) // stride + 1) * (max(int(w) - p, 0) // stride + 1) + 1
+    return depth * block + tokens * d + int(kwargs.get("num_classes", 1000)) * d + int(kwargs.get("in_chans", 3)) * p * p * d
+
+
 def check_model_kwargs(kwargs: Dict[str, Any], source: str) -> None:
-    """The backbone's size arguments read from a file (backbone.json, an adapter's record) within
-    what any Vim could use; the other arguments are the model's to check."""
+    """The backbone's size arguments read from a file (backbone.json, an adapter's record) or given
+    as JSON on a command line, within what any Vim could use, one by one and together; the other
+    arguments are the model's to check."""
     for key, top in _SIZE_BOUNDS.items():
         v = kwargs.get(key)
         sides = v if key == "img_size" and isinstance(v, (list, tuple)) and len(v) in (1, 2) else [v]
         if v is not None and not all(_bounded_int(x, 1, top) for x in sides):
-            raise ConfigError(f"{source}: model argument {key}={kwargs[key]!r}: expected an integer in 1..{top} "
-                              f"(a damaged file?)")
+            raise ConfigError(f"{source}: model argument {key}={kwargs[key]!r}: expected an integer in 1..{top}")
+    sized = {k: v for k, v in kwargs.items() if k in _SIZE_BOUNDS and v is not None}
+    if sized and vim_params_estimate(sized) > MAX_BACKBONE_PARAMS:
+        raise ConfigError(f"{source}: model arguments {sized} make a Vim of about {vim_params_estimate(sized):,} "
+                          f"parameters; expected at most {MAX_BACKBONE_PARAMS:,} (Vim-B has 98 million)")
 
 
 def pick_device(kind: str) -> str:
@@ -156,6 +186,9 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         kwargs.setdefault("img_size", int(spec.img_size))
     if spec.num_classes is not None:
         kwargs["num_classes"] = int(spec.num_classes)
+    # sizes from a file or a command line (--model-args, --model-kwargs, model.kwargs): one that no
+    # Vim could use built modules until the machine's memory ran out
+    check_model_kwargs(kwargs, f"model {spec.model!r}")
     if spec.checkpoint and not os.path.isfile(spec.checkpoint):
         what = "is a folder; expected a checkpoint file" if os.path.isdir(spec.checkpoint) else "file not found"
         raise CheckpointError(f"checkpoint {spec.checkpoint!r}: {what}")

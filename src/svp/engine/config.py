@@ -348,6 +348,15 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         if src is None:
             raise
         raise ConfigError(f"{src}: {e}") from None
+    from .setup import method_config
+    try:   # the method's name and settings (types, ranges; the model's own checks come when it is built)
+        method_config(cfg, None)
+    except ConfigError as e:
+        files = [src for src, part in user if isinstance(part, dict) and isinstance(part.get("method"), dict)
+                 and part["method"].get("settings")]
+        if not files:
+            raise
+        raise ConfigError(f"{e} (method.settings from {', '.join(files)})") from None
     return cfg
 
 

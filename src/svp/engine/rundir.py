@@ -142,6 +142,11 @@ class RunFolder:
         if missing:   # (every resume point svp train wrote holds them)
             raise ResumeError(f"{self.file(ck.RESUME_FILE)}: damaged resume state (no {', '.join(missing)}); the "
                               f"file is not as `svp train` wrote it")
+        for k in ("epoch", "batch", "global_step", "world_size", "batch_size"):   # read as counts below
+            v = state.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**53:
+                raise ResumeError(f"{self.file(ck.RESUME_FILE)}: damaged resume state ({k}={v!r}, expected a count); "
+                                  f"the file is not as `svp train` wrote it")
         saved = state.get("config_sha256")   # (resume points from before the record: not checked)
         if saved is not None and saved != self._config_digest():
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "

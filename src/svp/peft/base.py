@@ -14,6 +14,7 @@ through ``torch.nn.utils.parametrize`` or forward hooks, and only once per model
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -44,6 +45,10 @@ def _check_type(method: str, name: str, annotation, value) -> None:
     types, what = _TYPES[kind]
     if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
         raise ValueError(f"{method}: {name}={value!r}; expected {what}{' or null' if optional else ''}")
+    if kind == "float" and not math.isfinite(value):   # a NaN scale predicted "nan%" for every image
+        raise ValueError(f"{method}: {name}={value!r}; expected a finite number")
+    if kind == "float" and abs(value) > 1e6:   # (1e308 overflowed to inf in the first product)
+        raise ValueError(f"{method}: {name}={value!r}; expected a number of magnitude at most 1e6")
 
 
 @dataclasses.dataclass
@@ -319,6 +324,18 @@ def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = Non
     return peft
 
 
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers live on the meta device
+    (shapes only: nothing is copied or allocated; methods that place their tensors on the
+    backbone's device, as LoRA's factors, place them there too)."""
+    import copy
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        m = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(model, memo)
+
+
 def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
     holding the same base weights the adapter was trained on) and return the PeftModel in
@@ -355,16 +372,15 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
         raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
                            f"damaged, save or copy it again") from None
     before = _Snapshot(model)
-    # the settings' tensors first built without storage and held to the file's: a damaged or
-    # hostile adapter_config.json (svp's hidden=10**9) allocated 256 GB, or tried to, before the
-    # shapes were compared
+    # the settings' tensors first built without storage, on a twin of the backbone whose tensors
+    # have none either, and held to the file's: a damaged or hostile adapter_config.json (svp's
+    # hidden=10**9, LoRA's r=10**9) allocated 256 GB, or tried to, before the shapes were compared
     try:
         with torch.device("meta"):
-            dry = _attach(model, config, base_hash="", materialize=False)
+            dry = _attach(_meta_twin(model), config, base_hash="", materialize=False)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)
         raise AdapterError(f"{directory}: {e}") from None
     shapes = {n: p.shape for n, p in dry.named_parameters() if p.requires_grad}
-    before.restore(model, dry.method)
     lines = mismatch_lines(shapes, state)
     if lines:
         raise AdapterError("\n".join([f"{weights} does not fit this {config.method} model, as "
