@@ -1026,6 +1026,12 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
         save_file(tensors, os.path.join(b, "resume.safetensors"), metadata=m)
         _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, words)
     open(os.path.join(b, "resume.safetensors"), "wb").write(kept)
+    # a comment is no change of a value; a value edited by hand is
+    cfg_path = os.path.join(b, "config.yaml")
+    text = open(cfg_path).read()
+    open(cfg_path, "w").write("# a note of my own\n" + text.replace("seed: 2", "seed: 3"))
+    _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, "was not saved with this run's config.yaml")
+    open(cfg_path, "w").write("# a note of my own\n" + text)
     assert svp_main(["train", "--resume", b, "train.lr=0.02", "debug.stop_at_step=3"]) == 75
     assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml
 

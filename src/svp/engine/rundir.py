@@ -126,14 +126,16 @@ class RunFolder:
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
     def _config_digest(self) -> Optional[str]:
-        """The digest of the run's config.yaml as it stands: a resume point binds to its run (a
-        resume.safetensors copied from another run of the same method was taken, and trained on
-        with this run's configuration)."""
+        """The digest of the run's config.yaml as it stands, its values (not its comments or
+        layout): a resume point binds to its run (a resume.safetensors copied from another run
+        of the same method was taken, and trained on with this run's configuration)."""
+        import json
         try:
-            with open(self.file("config.yaml"), "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()[:16]
-        except FileNotFoundError:
+            values = C.load_yaml(self.file("config.yaml"))
+        except ConfigError:   # missing or not YAML: what resume says of it is said elsewhere
             return None
+        text = json.dumps(values, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def load_resume(self, st: dict, model, optimizer, sched, scaler, ema) -> dict:
         state = ck.load_state(self.file(ck.RESUME_FILE))
@@ -150,9 +152,9 @@ class RunFolder:
         saved = state.get("config_sha256")   # (resume points from before the record: not checked)
         if saved is not None and saved != self._config_digest():
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
-                              f"from another run, or config.yaml edited since); resume the run it came from, or "
-                              f"restore config.yaml. To change a setting, pass it to --resume: "
-                              f"`svp train --resume {self.path} section.key=value`")
+                              f"from another run, or a value in config.yaml edited since); resume the run it came "
+                              f"from, or restore config.yaml. --resume takes the changes that apply exactly from a "
+                              f"resume point (`svp train --resume {self.path} train.lr=...`; docs/training.md)")
         bs = int(self.cfg["train"]["batch_size"])
         if state["world_size"] != self.dist.world_size or state["batch_size"] != bs:
             raise ResumeError(
