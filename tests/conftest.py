@@ -36,10 +36,19 @@ def pytest_sessionfinish(session):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# what a test may not leave changed for the tests after it: numba's cache folder (a test that left
+# NUMBA_CACHE_DIR set made every later test's process compile the kernels afresh, minutes of CI,
+# and failed the compiled-or-cached test), and the scan backend forced
+_KEPT_ENV = ("NUMBA_CACHE_DIR", "SVP_SCAN_BACKEND", "TRITON_INTERPRET")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+    env = {k: os.environ.get(k) for k in _KEPT_ENV}
     yield
+    changed = {k: (v, os.environ.get(k)) for k, v in env.items() if os.environ.get(k) != v}
+    assert not changed, f"the test left the environment changed (before, after): {changed}"
 
 
 @pytest.fixture

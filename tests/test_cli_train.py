@@ -497,7 +497,7 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
     # values only the dataset or the model can judge: one line naming them, no traceback, no run folder
     for override, words in (("data.options.foo=1", "data.options={'foo': 1}"),
                             ("data.options.val_from_train=2", "val_from_train must be in (0, 1)"),
-                            ("model.kwargs.depth=0", "depth=0; expected positive integers")):
+                            ("model.kwargs.depth=0", "model argument depth=0: expected an integer in 1..1024")):
         assert svp_main(["train", "-c", cfg, "--name", "bad", override]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err

@@ -82,7 +82,9 @@ def test_numba_cache_falls_back_to_a_private_temp_folder(tmp_path, monkeypatch):
     from svp.ops import scan_cpu
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    # (set, so that teardown restores its absence: delenv of an absent name records nothing, and
+    # the folder chosen below leaked into every later test's processes, which compiled afresh)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp))
     monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)
     real = scan_cpu._writable
@@ -92,6 +94,6 @@ def test_numba_cache_falls_back_to_a_private_temp_folder(tmp_path, monkeypatch):
     assert os.environ["NUMBA_CACHE_DIR"] == want and numba.config.CACHE_DIR == want
     assert os.stat(want).st_mode & 0o777 == 0o700
     os.chmod(want, 0o777)   # writable by others: refused, nothing set
-    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "")
     scan_cpu._default_cache_dir()
-    assert "NUMBA_CACHE_DIR" not in os.environ
+    assert os.environ["NUMBA_CACHE_DIR"] == ""
