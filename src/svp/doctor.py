@@ -94,8 +94,32 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
 
 
-class _Skip(Exception):
-    """The rest of a row's checks skipped (with its text, when the row is not written yet)."""
+def _numba_row() -> str:
+    """The doctor's numba row: the version, the threads and cache the kernels use, or why there
+    are no kernels (numba missing, or installed but svp's kernels cannot load)."""
+    try:
+        import numba
+    except ImportError as e:
+        return (f"not installed ({e}): `pip install numba` gives svp's fused CPU kernels; without them the "
+                f"CPU runs the pure-PyTorch scan, several times slower")
+    try:
+        from svp.ops import scan_cpu  # picks the threading layer (tbb where the wheel is installed)
+    except Exception as e:
+        return f"{numba.__version__} installed, but svp's CPU kernels cannot load ({type(e).__name__}: {e})"
+    try:
+        try:
+            layer = numba.threading_layer()           # threads already started
+        except ValueError:
+            layer = str(numba.config.THREADING_LAYER)  # what the first parallel call will load
+        chosen = "chosen by svp" if scan_cpu.THREADING_LAYER else "set by NUMBA_THREADING_LAYER"
+        if scan_cpu.SHARED_OPENMP:   # SVP_CPU_DEDICATED (svp.runtime)
+            chosen += f", SVP_CPU_DEDICATED: torch's OpenMP threads, {os.path.basename(scan_cpu.SHARED_OPENMP)}"
+        import torch
+        used = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)   # scan_cpu.follow_torch_threads
+        return (f"{numba.__version__} (kernels on {used} of a pool of {numba.config.NUMBA_NUM_THREADS} threads, as "
+                f"many as torch's; {layer} layer, {chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})")
+    except Exception as e:
+        return f"not importable ({type(e).__name__}: {e})"
 
 
 def _versions():
@@ -112,37 +136,7 @@ def _versions():
             ("CUDA", f"{torch.version.cuda} ({torch.cuda.device_count()} device(s): "
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]
-    try:
-        import numba
-    except ImportError as e:
-        numba = None
-        rows.append(("numba", f"not installed ({e}): `pip install numba` gives svp's fused CPU kernels; without "
-                              f"them the CPU runs the pure-PyTorch scan, several times slower"))
-    try:
-        if numba is None:
-            raise _Skip
-        try:
-            from svp.ops import scan_cpu  # picks the threading layer (tbb where the wheel is installed)
-        except Exception as e:
-            raise _Skip(f"{numba.__version__} installed, but svp's CPU kernels cannot load ({type(e).__name__}: "
-                        f"{e})") from None
-        try:
-            layer = numba.threading_layer()           # threads already started
-        except ValueError:
-            layer = str(numba.config.THREADING_LAYER)  # what the first parallel call will load
-        chosen = "chosen by svp" if scan_cpu.THREADING_LAYER else "set by NUMBA_THREADING_LAYER"
-        if scan_cpu.SHARED_OPENMP:   # SVP_CPU_DEDICATED (svp.runtime)
-            chosen += f", SVP_CPU_DEDICATED: torch's OpenMP threads, {os.path.basename(scan_cpu.SHARED_OPENMP)}"
-        import torch
-        used = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)   # scan_cpu.follow_torch_threads
-        rows.append(("numba", f"{numba.__version__} (kernels on {used} of a pool of {numba.config.NUMBA_NUM_THREADS} "
-                              f"threads, as many as torch's; {layer} layer, "
-                              f"{chosen}; cache {numba.config.CACHE_DIR or 'next to the package'})"))
-    except _Skip as e:
-        if e.args:
-            rows.append(("numba", e.args[0]))
-    except Exception as e:
-        rows.append(("numba", f"not importable ({type(e).__name__}: {e})"))
+    rows.append(("numba", _numba_row()))
     try:
         import triton
         rows.append(("triton", triton.__version__))
