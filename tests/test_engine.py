@@ -109,7 +109,8 @@ def test_a_wrong_value_is_reported_with_the_config_file_that_set_it(tmp_path):
         C.resolve([str(a)], ["train.epochs=2"], use_presets=False)
     neg = tmp_path / "neg.yaml"   # a method setting: checked when resolved, naming the files that set them
     neg.write_text("method:\n  settings:\n    hidden: -1\n")
-    with pytest.raises(C.ConfigError, match=r"hidden must be positive, got 2, -1 \(method\.settings from \S*neg\.yaml\)"):
+    with pytest.raises(C.ConfigError,
+                       match=r"hidden must be positive, got 2, -1 \(method\.settings from \S*neg\.yaml\)"):
         C.resolve([str(neg)], ["method.name=svp", "method.settings.shared_layers=2"], use_presets=False)
 
 

