@@ -198,3 +198,11 @@ def test_the_backbone_check_names_every_kind_of_difference(tmp_path):
         convert_official_svp(str(tmp_path / "bad.pth"), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o",
                              backbone_checkpoint=str(tmp_path / "bb.pth"), model_kwargs={"img_size": IMG, "depth": 4})
     assert not (tmp_path / "o").exists()
+    # the same backbone at another img_size: CKPT's 197 positions were compared with the other
+    # file's, resampled to the model's 17, and equal backbones were reported as different
+    gen = torch.Generator().manual_seed(3)
+    sd224 = dict(sd, pos_embed=torch.randn(1, 197, sd["pos_embed"].shape[-1], generator=gen))
+    torch.save({"model": {k: v for k, v in sd224.items() if not k.startswith(("prompt_", "head"))}}, tmp_path / "bb.pth")
+    pm = convert_official_svp(sd224, "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "same",
+                              backbone_checkpoint=str(tmp_path / "bb.pth"), model_kwargs={"img_size": IMG, "depth": 4})
+    assert pm.base_model.pos_embed.shape[1] == 17

@@ -142,6 +142,23 @@ def test_head_dropped_when_class_count_differs(tmp_path):
     assert not torch.equal(model.head.weight[:7], src.head.weight[:7])
 
 
+def test_a_head_of_the_right_class_count_but_other_shapes_is_an_error(tmp_path):
+    """The head was dropped tensor by tensor on their shapes: a head of the model's class count but
+    another width vanished silently, and one of mixed shapes came in half (the file's bias beside a
+    random weight). Only a different class count drops it (all of it)."""
+    from svp.errors import CheckpointError
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(num_classes=1000)).state_dict()
+    for name, shape in (("head.weight", (1000, 5)), ("head.weight", (10, 32))):
+        bad = dict(src, **{name: torch.zeros(shape)})
+        path = tmp_path / "bad.pth"
+        torch.save({"model": bad}, path)
+        with pytest.raises(CheckpointError, match=r"head\.weight"):
+            timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs(num_classes=1000))
+    # another class count (the bias says 1000, the model 7): the whole head is dropped, as before
+    model = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs(num_classes=7))
+    assert model.head.weight.shape == (7, 32) and not model.head_from_checkpoint
+
+
 def test_pos_embed_resampling_keeps_class_row_224_to_160():
     torch.manual_seed(0)
     pe = torch.randn(1, 197, 8)

@@ -166,10 +166,18 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
             and pos.shape[-1] == model.pos_embed.shape[-1] and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
         _warn_other_stride(math.isqrt(pos.shape[1] - 1), model)
         out["pos_embed"] = resample_pos_embed_midcls(pos, model.patch_embed.grid_size)
-    head = model.head
-    for name in [k for k in out if k.startswith("head.") or k.startswith("head_dist.")]:
-        param = head.state_dict().get(name[len("head."):]) if isinstance(head, nn.Module) else None
-        if name.startswith("head_dist.") or param is None or param.shape != out[name].shape:
+    # The head is dropped, all of it, when its class count differs from the model's (or the model
+    # has none); with the same count it is loaded, and the strict load names a tensor of another
+    # shape. Dropped tensor by tensor on their shapes, a head of the right count but another width
+    # vanished silently, and one of mixed shapes came in half (the bias kept, the weight random).
+    for name in [k for k in out if k.startswith("head_dist.")]:
+        del out[name]
+    heads = [k for k in out if k.startswith("head.")]
+    counted = out.get("head.bias", out.get("head.weight"))
+    file_classes = counted.shape[0] if counted is not None and counted.dim() >= 1 else None
+    has_head = isinstance(model.head, nn.Module) and bool(model.head.state_dict())
+    if heads and (not has_head or file_classes != getattr(model, "num_classes", None)):
+        for name in heads:
             del out[name]
     # whether the model's head is about to take the file's (same class count): svp train
     # replaces it, as the official fine-tuning deletes head.* (svp.engine.setup.build_train_model)

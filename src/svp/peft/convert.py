@@ -18,8 +18,8 @@ import torch
 from ..build import ModelSpec, build_model
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from ..models.loading import (CheckpointError, extract_state_dict, load_checkpoint_into, mismatch_lines,
-                              read_checkpoint)
+from ..models.loading import (CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint_into,
+                              mismatch_lines, read_checkpoint)
 from .base import get_peft_model
 from .registry import make_config
 
@@ -82,7 +82,13 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
         load_checkpoint_into(model, backbone_checkpoint)
         own = model.state_dict()
         diffs = []
-        for k, v in backbone.items():
+        # compared as loaded: through the same filter as the other file (the position embedding
+        # resampled to the model's grid; the raw 197 positions against the other file's resampled
+        # ones reported equal backbones as different under another img_size)
+        kept = model.head_from_checkpoint
+        compared = checkpoint_filter_fn(dict(backbone), model)
+        model.head_from_checkpoint = kept
+        for k, v in compared.items():
             if k not in own:  # (extract_state_dict has refused anything but tensors)
                 diffs.append(f"{k} (not a tensor of {model_name})")
             elif tuple(own[k].shape) != tuple(v.shape):
