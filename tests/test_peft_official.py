@@ -202,7 +202,8 @@ def test_the_backbone_check_names_every_kind_of_difference(tmp_path):
     # file's, resampled to the model's 17, and equal backbones were reported as different
     gen = torch.Generator().manual_seed(3)
     sd224 = dict(sd, pos_embed=torch.randn(1, 197, sd["pos_embed"].shape[-1], generator=gen))
-    torch.save({"model": {k: v for k, v in sd224.items() if not k.startswith(("prompt_", "head"))}}, tmp_path / "bb.pth")
+    backbone224 = {k: v for k, v in sd224.items() if not k.startswith(("prompt_", "head"))}
+    torch.save({"model": backbone224}, tmp_path / "bb.pth")
     pm = convert_official_svp(sd224, "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "same",
                               backbone_checkpoint=str(tmp_path / "bb.pth"), model_kwargs={"img_size": IMG, "depth": 4})
     assert pm.base_model.pos_embed.shape[1] == 17
