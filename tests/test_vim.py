@@ -110,6 +110,11 @@ def test_official_training_checkpoint_loads_model_not_ema(tmp_path):
         load(model, str(path))
         for k, v in model.state_dict().items():
             assert torch.equal(v, sd[k]), k
+    # asked for by name or place, use_ema=True is not followed: said so (it was dropped silently)
+    for args, kwargs in (((), {"use_ema": True}), ((True,), {})):
+        with pytest.warns(UserWarning, match="use_ema=True is not followed"):
+            timm.models.load_checkpoint(timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()), str(path),
+                                        *args, **kwargs)
 
 
 def test_load_save_load_round_trip(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -868,6 +869,10 @@ def _patch_timm_checkpoint_path():
         if isinstance(model, VisionMamba):
             # timm's order: (model, path, use_ema, device, strict, ...)
             strict = kwargs.get("strict", args[2] if len(args) > 2 else True)
+            if kwargs.get("use_ema", args[0] if args else False):   # asked for by name or place (not timm's default)
+                warnings.warn("svp loads a Vim checkpoint's 'model' weights, as the official fine-tuning does: "
+                              "use_ema=True is not followed (to load the EMA weights, load_checkpoint_into(model, "
+                              "{'model': checkpoint['model_ema']}))", stacklevel=2)
             return load_checkpoint_into(model, checkpoint_path, strict=strict)
         return original(model, checkpoint_path, *args, **kwargs)
 
