@@ -664,6 +664,30 @@ def test_config_files_merge_per_method_blocks_key_by_key(tmp_path):
     assert C.resolve(overrides=[], base={"run": {"output": pathlib.Path("x")}})["run"]["output"] == "x"
 
 
+def test_settings_that_were_silently_ignored_or_rounded_are_refused():
+    """eval.report_best_test without a test split was ignored; a fractional warm-up stepped per epoch
+    was rounded half to even (0.5: no warm-up; 1.5 and 2.5: both two epochs)."""
+    with pytest.raises(C.ConfigError, match=r"report_best_test=true needs a test split \(data\.test_split is null\)"):
+        C.resolve(overrides=["eval.report_best_test=true", "data.test_split=null"], use_presets=False)
+    with pytest.raises(C.ConfigError, match=r"warmup_epochs=0\.5 with train\.sched_step=epoch: .*whole number"):
+        C.resolve(overrides=["train.warmup_epochs=0.5"], use_presets=False)
+    C.resolve(overrides=["train.warmup_epochs=0.5", "train.sched_step=step"], use_presets=False)
+    C.resolve(overrides=["train.warmup_epochs=2.0"], use_presets=False)
+
+
+def test_the_best_mark_sits_by_the_validation_number(caplog):
+    """It followed the test number (selection is on validation), and without a validation split,
+    where nothing is compared, it marked every epoch."""
+    import logging
+    from svp.engine.progress import log_epoch
+    base = {"epoch": 1, "train_loss": 1.0, "lr": 0.1, "images_per_s": 1.0, "train_seconds": 1.0}
+    with caplog.at_level(logging.INFO, logger="svp.engine"):
+        log_epoch(dict(base, val_top1=25.0, test_top1=55.0), 2, True)
+        log_epoch(dict(base, test_top1=35.0), 2, True)
+    first, second = caplog.messages[-2:]
+    assert first.endswith("val top1 25.00 (best) | test top1 55.00") and "(best)" not in second
+
+
 def test_a_later_generic_method_setting_beats_an_earlier_methods_block(tmp_path):
     """"Later sources win": a command-line method.settings.shared_layers=8 was ignored, silently,
     under a -c file's (or the mini suite's) svp: {shared_layers: 4}. Within one source the

@@ -1036,6 +1036,24 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
     assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml
 
 
+def test_a_run_ended_by_max_steps_and_one_repeated_from_a_resumed_config_say_so(tmp_path, capsys):
+    """A run stopped by train.max_steps finished silently (only results.json said so), and its
+    --resume said "the run finished or never saved a resume point"; `--config <run>/config.yaml`
+    of a run an earlier --resume changed trained one schedule from step 0, without a word."""
+    out = tmp_path / "runs"
+    args = [*MINI, "--epochs", "2", "--output", str(out)]
+    assert svp_main(["train", *args, "--name", "m", "train.max_steps=3"]) == 0
+    assert "stopped at train.max_steps=3 (step 3), in epoch 2 of 2" in open(out / "m" / "train.log").read()
+    capsys.readouterr()
+    _one_line_error(capsys, svp_main(["train", "--resume", str(out / "m"), "train.max_steps=4"]), 2,
+                    "the run finished at train.max_steps (step 3); a finished run is not extended")
+    assert svp_main(["train", *args, "--name", "r", "debug.stop_at_step=1"]) == 75
+    assert svp_main(["train", "--resume", str(out / "r"), "train.lr=0.002"]) == 0
+    assert svp_main(["train", "--config", str(out / "r" / "config.yaml"), "--name", "again"]) == 0
+    log = open(out / "again" / "train.log").read()
+    assert "records 1 change(s) a --resume made mid-run (run.changes)" in log
+
+
 def test_a_bad_scan_backend_or_model_name_is_one_line_before_any_run_folder(tmp_path, capsys, monkeypatch):
     """A bad SVP_SCAN_BACKEND was found at the first step's forward, after the run folder was
     written; an unknown model name was reported as "no weights given"."""

@@ -491,6 +491,13 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")
     if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
         raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
+    if cfg["eval"]["report_best_test"] and cfg["data"]["test_split"] is None:   # it was ignored, silently
+        raise ConfigError("eval.report_best_test=true needs a test split (data.test_split is null)")
+    warm = cfg["train"]["warmup_epochs"]
+    if cfg["train"]["sched_step"] == "epoch" and float(warm) != int(warm):
+        # the rate changes once an epoch: 0.5 was rounded to no warm-up, 1.5 and 2.5 both to 2
+        raise ConfigError(f"train.warmup_epochs={warm!r} with train.sched_step=epoch: the rate changes once an "
+                          f"epoch, so warm-up is a whole number of epochs; train.sched_step=step takes fractions")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 

@@ -49,8 +49,9 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
         cfg = load_run_config(resume, overrides or [])  # refuses what --resume cannot apply exactly
         return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg)).run()
     cfg = C.resolve(base=config or {}, overrides=overrides or [])
+    replayed = len(cfg["run"]["changes"] or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
-    return Trainer(cfg).run()
+    return Trainer(cfg, replayed_changes=replayed).run()
 
 
 def train_data_id(ds) -> dict:
@@ -73,11 +74,12 @@ def check_same_train_data(saved: Optional[dict], now: dict, run_dir: str) -> Non
 
 class Trainer:
     def __init__(self, cfg: dict, resume_dir: Optional[str] = None, hooks: Optional[Hooks] = None,
-                 changes: Optional[dict] = None):
+                 changes: Optional[dict] = None, replayed_changes: int = 0):
         self.cfg = cfg
         self.resume_dir = os.path.abspath(resume_dir) if resume_dir else None
         self.hooks = hooks or hooks_for(cfg)
         self.changes = changes or {}
+        self.replayed_changes = replayed_changes
 
     def run(self) -> Dict[str, Any]:
         device_kind = pick_device(self.cfg["train"]["device"])
@@ -144,6 +146,11 @@ class Trainer:
         if dinfo.is_main:
             log_start(cfg, self.folder.path, self.model, self.spec, len(self.train_ds), self.device,
                       dinfo.world_size, self.lr, self.steps_per_epoch)
+            if self.replayed_changes:
+                # (svp train --config <run>/config.yaml of a run an earlier --resume changed)
+                log.warning("the configuration records %d change(s) a --resume made mid-run (run.changes): this "
+                            "run trains one schedule with the last values from step 0, not the run that made them",
+                            self.replayed_changes)
         self.tb = tensorboard(cfg, self.folder.path, dinfo.is_main)
         self.progress = Progress(cfg["run"]["progress"], dinfo.is_main, int(cfg["run"]["log_every"]))
         # resumed at an epoch's end exactly at a (lowered) train.max_steps: nothing left to run
@@ -369,6 +376,9 @@ class Trainer:
                     load_trainable(eval_model, best["state"], "best weights")
                     best_test = self._evaluate(eval_model, self.test)
                     load_trainable(eval_model, last_state, "last weights")
+        if stopped_early and dinfo.is_main:   # (only results.json said so)
+            log.info("stopped at train.max_steps=%s (step %d), in epoch %d of %d", cfg["train"]["max_steps"],
+                     st["global_step"], hist[-1]["epoch"], int(cfg["train"]["epochs"]))
         res = select.results(cfg, hist, best["epoch"] if best else None, final_test, best_test,
                              st["global_step"], stopped_early, self.val is not None)
         res.update(param_counts(eval_model))

@@ -131,10 +131,12 @@ def log_epoch(record: dict, epochs: int, improved: bool, tb=None) -> None:
     msg = (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
            f"{record['images_per_s']:.1f} img/s {record['train_seconds']:.1f}s")
     if "val_top1" in record:
-        msg += f" | val top1 {record['val_top1']:.2f}"
+        # the mark beside the validation number it was selected on (it sat after the test number,
+        # and without a validation split, where nothing is compared, on every epoch)
+        msg += f" | val top1 {record['val_top1']:.2f}" + (" (best)" if improved else "")
     if "test_top1" in record:
         msg += f" | test top1 {record['test_top1']:.2f}"
-    log.info(msg + (" (best)" if improved else ""))
+    log.info(msg)
     if tb is not None:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("epoch", "step"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -52,9 +53,22 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
 
 
 def check_resumable(run_dir: str) -> None:
-    if not os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
-        raise ResumeError(f"{run_dir}: nothing to resume (no {ck.RESUME_FILE}; "
-                          f"the run finished or never saved a resume point)")
+    if os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
+        return
+    why = "the run finished or never saved a resume point"
+    try:
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+            done = json.load(f)
+        if isinstance(done, dict) and done.get("stopped_early"):
+            # train.max_steps ends a run as finished: --resume's train.max_steps is for a run
+            # interrupted before it (a kill, a signal, debug.stop_at_step)
+            why = (f"the run finished at train.max_steps (step {done.get('steps', '?')}); a finished "
+                   f"run is not extended: train a new run with the larger train.max_steps")
+        elif isinstance(done, dict):
+            why = "the run finished"
+    except (OSError, ValueError):
+        pass
+    raise ResumeError(f"{run_dir}: nothing to resume (no {ck.RESUME_FILE}; {why})")
 
 
 def _lock_resumable(run_dir: str) -> RunLock:
