@@ -143,7 +143,6 @@ class RunFolder:
         """The digest of the run's config.yaml as it stands, its values (not its comments or
         layout): a resume point binds to its run (a resume.safetensors copied from another run
         of the same method was taken, and trained on with this run's configuration)."""
-        import json
         try:
             values = C.load_yaml(self.file("config.yaml"))
         except ConfigError:   # missing or not YAML: what resume says of it is said elsewhere
