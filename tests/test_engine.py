@@ -675,16 +675,27 @@ def test_settings_that_were_silently_ignored_or_rounded_are_refused():
     C.resolve(overrides=["train.warmup_epochs=2.0"], use_presets=False)
 
 
-def test_the_best_mark_sits_by_the_validation_number(caplog):
+def test_the_best_mark_sits_by_the_validation_number():
     """It followed the test number (selection is on validation), and without a validation split,
     where nothing is compared, it marked every epoch."""
     import logging
-    from svp.engine.progress import log_epoch
+    from svp.engine.progress import log, log_epoch
     base = {"epoch": 1, "train_loss": 1.0, "lr": 0.1, "images_per_s": 1.0, "train_seconds": 1.0}
-    with caplog.at_level(logging.INFO, logger="svp.engine"):
+    seen = []
+    handler = logging.Handler(logging.INFO)   # on the logger itself: an earlier test may have set it
+    handler.emit = lambda record: seen.append(record.getMessage())   # not to propagate (caplog's root)
+    level, disabled = log.level, log.disabled
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.disabled = False
+    try:
         log_epoch(dict(base, val_top1=25.0, test_top1=55.0), 2, True)
         log_epoch(dict(base, test_top1=35.0), 2, True)
-    first, second = caplog.messages[-2:]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.disabled = disabled
+    first, second = seen[-2:]
     assert first.endswith("val top1 25.00 (best) | test top1 55.00") and "(best)" not in second
 
 
