@@ -244,9 +244,8 @@ def cmd_train(args) -> int:
         if args.print_config:
             import svp.data as data
 
-            from .setup import method_config
+            # (a method, or a setting of it, no run could use: refused when resolved)
             data.dataset_info(cfg["data"]["dataset"])  # a name no run could use is an error here too
-            method_config(cfg, None)                   # and so is a method, or a setting of it
             print(C.dump(cfg), end="")
             return 0
         train(cfg)

@@ -247,14 +247,12 @@ def check_method_fits(cfg: dict) -> None:
     on a model without storage (the meta device): a sweep checks every run before the first
     trains, where a setting that does not fit the model (an SVP ``shared_layers`` that does not
     divide the depth) failed its runs one by one while the others trained. Models are built once
-    a process (Vim-S ~0.15 s) and copied; anything but a refused setting is left to the run."""
-    import copy
-
+    a process (Vim-S ~0.15 s); anything but a refused setting is left to the run."""
     import timm
 
     import svp.models  # noqa: F401  (registers vim_* with timm)
     from ..models.vim import PatchGridError
-    from ..peft.base import check_fits
+    from ..peft.base import dry_run
 
     mc, name, settings = method_config(cfg, None)
     m = cfg["model"]
@@ -274,7 +272,7 @@ def check_method_fits(cfg: dict) -> None:
     if _META_MODELS[key] is None:
         return
     try:
-        check_fits(copy.deepcopy(_META_MODELS[key]), mc)
+        dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -307,15 +307,15 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
 def check_configs(all_ds, methods, seeds, output, config_files, overrides, base) -> None:
     """A bad method, key or value fails the sweep before any training, naming the run
     (a run folder made with another configuration still fails its run only)."""
-    from .setup import check_method_fits, method_config
+    from .setup import check_method_fits
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
     for ds, _ in all_ds:
         for m in methods:
             try:
+                # (resolving checks the method's name and settings; then the settings against the model)
                 cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files, overrides, base)
-                method_config(cfg, None)  # the method's name and settings
-                check_method_fits(cfg)    # ... and against the model (depth, width)
+                check_method_fits(cfg)
             except C.ConfigError as e:
                 raise C.ConfigError(f"{ds} / {m}: {e}") from None
 

@@ -253,11 +253,13 @@ def get_peft_model(model: nn.Module, config: PeftConfig) -> PeftModel:
     return _attach(model, config)
 
 
-def check_fits(model: nn.Module, config: PeftConfig) -> None:
-    """Raise what ``get_peft_model(model, config)`` would raise for the settings against the
-    model (depth, width, ...), without hashing its weights: ``model`` may be built on the meta
-    device, and is left carrying the method (use a throwaway)."""
-    _attach(model, config, base_hash="")
+def dry_run(model: nn.Module, config: PeftConfig) -> "PeftModel":
+    """``config`` attached to a twin of ``model`` without storage (the meta device, also for the
+    method's own tensors): what ``get_peft_model`` would raise for the settings against the model
+    (depth, width, ...), and the shapes of the tensors it would make, without allocating them or
+    hashing weights; ``model`` itself is not changed."""
+    with torch.device("meta"):
+        return _attach(_meta_twin(model), config, base_hash="", materialize=False)
 
 
 class _Snapshot:
@@ -376,8 +378,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     # have none either, and held to the file's: a damaged or hostile adapter_config.json (svp's
     # hidden=10**9, LoRA's r=10**9) allocated 256 GB, or tried to, before the shapes were compared
     try:
-        with torch.device("meta"):
-            dry = _attach(_meta_twin(model), config, base_hash="", materialize=False)
+        dry = dry_run(model, config)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)
         raise AdapterError(f"{directory}: {e}") from None
     shapes = {n: p.shape for n, p in dry.named_parameters() if p.requires_grad}
