@@ -259,7 +259,11 @@ def test_an_edited_adapter_config_is_an_adapter_error_naming_the_file(tmp_path):
     good = json.loads(path.read_text())
     edits = [(lambda c: c["config"].update(hidden="8"), "hidden='8'; expected an integer"),
              (lambda c: c["config"].update(colour=1), "unknown setting"),
-             (lambda c: c.update(num_classes="three"), "num_classes is 'three', expected an integer"),
+             (lambda c: c.update(num_classes="three"), "num_classes is 'three', expected a positive integer"),
+             # save_adapter writes the class count twice, and the class names: an edit of one was ignored
+             (lambda c: c.update(num_classes=7), "'num_classes' is 7 but 'config' has num_classes 5"),
+             (lambda c: c.update(class_names=[0, 1, 2, 3, 4]), "'class_names' must be null or a list of 5 strings"),
+             (lambda c: c.update(class_names=["a", "b"]), "'class_names' must be null or a list of 5 strings"),
              (lambda c: c.update(format_version="2"), "format_version is '2', expected an integer"),
              (lambda c: c["config"].update(shared_layers=3), "does not divide the model depth")]
     for edit, words in edits:
@@ -620,3 +624,60 @@ def test_lora_unload_of_a_deepcopy_leaves_the_other_copy_working():
         assert torch.equal(peft.unload()(x), ref)
     with pytest.raises(ValueError, match="name in_proj more than once"):
         make_config("lora", targets=("in_proj", "in_proj"))
+
+
+@pytest.mark.parametrize("method, field, value, words", [
+    ("lora", "r", "8", "r='8'; expected an integer"),
+    ("vpt_deep", "num_tokens", 2.5, "num_tokens=2.5; expected an integer"),
+    ("adapter", "scale", "0.1", "scale='0.1'; expected a number"),
+    ("vpt_shallow", "placement", "bogus", "placement"),
+])
+def test_a_setting_changed_after_the_config_was_made_is_checked_when_applied(method, field, value, words):
+    """Settings were checked only when the config was made: one set afterwards trained (as int("8"),
+    2 tokens, or VPT's suffix for an unknown placement) and saved an adapter load_adapter refused."""
+    cfg = make_config(method)
+    setattr(cfg, field, value)
+    model = tiny()
+    before = _state(model)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        get_peft_model(model, cfg)
+    assert _same_state(before, _state(model))
+    assert get_peft_model(model, make_config(method)) is not None   # nothing half attached
+
+
+def test_the_saved_adapter_is_what_the_method_made_trainable_whatever_the_flags_at_save(tmp_path):
+    """A head frozen by hand before save() was left out of the file, which load_adapter refused; a
+    backbone tensor made trainable by hand is not the adapter's: not saved, with a warning."""
+    peft = get_peft_model(tiny(), make_config("vpt_shallow", num_classes=3))
+    names = peft.adapter_parameter_names()
+    assert "base_model.head.weight" in names and names == peft.trainable_parameter_names()
+    with torch.no_grad():
+        peft.base_model.head.weight.add_(1.0)
+    peft.base_model.head.requires_grad_(False)
+    peft.save(tmp_path / "frozen_head")
+    back = load_adapter(tiny(), tmp_path / "frozen_head")
+    assert torch.equal(back.base_model.head.weight, peft.base_model.head.weight)
+    peft.base_model.head.requires_grad_(True)
+    peft.base_model.norm_f.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) trainable now are not part of the vpt_shallow adapter "
+                                         r"and are not saved .*base_model\.norm_f\.weight"):
+        peft.save(tmp_path / "extra")
+    load_adapter(tiny(), tmp_path / "extra")
+
+
+def test_settings_of_a_method_written_without_future_annotations_are_checked():
+    """_check_type read annotations as the strings `from __future__ import annotations` leaves;
+    a new method's file without that import had its settings' types (float, Optional[int])
+    unchecked: init='abc' was accepted."""
+    import dataclasses
+    from typing import Optional
+
+    from svp.peft.base import PeftConfig
+    cls = dataclasses.make_dataclass("NoFutureConfig", [("init", float, 1.0), ("depth", Optional[int], None)],
+                                     bases=(PeftConfig,), namespace={"method": "nofuture"})
+    assert cls(init=2, depth=None).init == 2
+    for kw, words in ((dict(init="abc"), "init='abc'; expected a number"),
+                      (dict(depth=2.5), "depth=2.5; expected an integer or null"),
+                      (dict(simam="false"), "simam='false'; expected true or false")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            cls(**kw)

@@ -450,6 +450,31 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
 
 
+def test_values_kept_while_frozen_are_dropped_once_the_tensors_train():
+    """A fused optimizer steps without bumping version counters, so what a frozen backbone kept
+    (A, the halved out_proj weight) matched again once it was frozen after full fine-tuning
+    (PeftModel.unload()): its outputs were the old weights' (0.35 off in a QA run)."""
+    import copy
+    model = _small_vim()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model(x)   # keeps values on the frozen tensors
+    assert "-exp" in model.layers[0].mixer.A_log._svp_kept
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.requires_grad_(False)
+    clean = copy.deepcopy(model)
+    for t in list(clean.parameters()) + list(clean.buffers()):
+        t.__dict__.pop("_svp_kept", None)
+    with torch.no_grad():
+        assert torch.equal(model(x), clean(x))
+
+
 def test_a_frozen_out_proj_keeps_its_halved_weight_and_follows_its_changes():
     """Training a frozen backbone, each mixer multiplies y + y_b by a halved out_proj weight kept
     on the weight (BiMambaMixer._half): the same output and input gradient, bit for bit, as the

@@ -11,10 +11,12 @@ carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
 the version counter (no code in svp does that), and torch's fused optimizers: ``torch.optim.AdamW
 (fused=True)`` on the CPU (the engine's default, ``train.opt_fused``) steps its parameters without
-bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing: a
-trained parameter evaluated under ``no_grad`` between fused steps got the values kept at the
-first evaluation (full fine-tuning's A, out_proj's halved weight), until 2026-12 (docs/
-benchmarks.md, thirty-first round). Inference tensors have no version counter and keep nothing.
+bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing, and
+drops what it kept while frozen (``_forget``): a trained parameter evaluated under ``no_grad``
+between fused steps got the values kept at the first evaluation (full fine-tuning's A, out_proj's
+halved weight), until 2026-12 (docs/benchmarks.md, thirty-first round); one frozen again after
+fused steps (``PeftModel.unload()`` after full fine-tuning) matched its old entry, until
+2026-12-05. Inference tensors have no version counter and keep nothing.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ T = TypeVar("T")
 def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on),
     for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
-    if t.is_inference() or t.requires_grad:
+    if t.is_inference():
+        return make()
+    if t.requires_grad:
+        _forget(t)
         return make()
     key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
     owner = t if t._base is None else t._base
@@ -46,6 +51,16 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     return value
 
 
+def _forget(t: torch.Tensor) -> None:
+    """Drop what ``t`` kept while it was frozen: a tensor that requires grad may be stepped by a
+    fused optimizer, which ``kept``'s key cannot see, and frozen again later (``PeftModel.unload()``
+    after full fine-tuning; a user's own freeze): its old entry then matched and its old values
+    were used. Every forward of a trained tensor passes here, so the entry goes before the first
+    fused step."""
+    owner = t if t._base is None else t._base
+    getattr(owner, "__dict__", {}).pop("_svp_kept", None)
+
+
 def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tensor], T]) -> T:
     """``fn(t)`` for a parameter the model derives a value from (the mixers' A from A_log, the
     halved out_proj weight). While ``t`` does not require grad (a frozen backbone, a model loaded
@@ -55,6 +70,7 @@ def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tens
     every call (which autograd sees where gradients are on), also under ``no_grad``: a fused
     optimizer step leaves no trace ``kept`` could see."""
     if t.requires_grad and torch.is_grad_enabled():
+        _forget(t)
         return fn(t)
 
     def make():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -34,10 +35,27 @@ _TYPES = {"int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
           "float": ((int, float), "a number"), "str": ((str,), "a string")}
 
 
+def _type_name(annotation) -> str:
+    """A field's annotation as text: ``"float"``, ``"Optional[int]"``; the string that ``from
+    __future__ import annotations`` leaves, or the type itself in a file without it (a new
+    method's settings were not checked at all then)."""
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.split("|")]
+        if len(parts) == 2 and "None" in parts:   # "float | None"
+            return f"Optional[{[p for p in parts if p != 'None'][0]}]"
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    args = typing.get_args(annotation)
+    if len(args) == 2 and type(None) in args:   # Optional[X], X | None
+        return f"Optional[{_type_name([a for a in args if a is not type(None)][0])}]"
+    return str(annotation)
+
+
 def _check_type(method: str, name: str, annotation, value) -> None:
-    """Refuse a setting whose value is not of its field's type (annotations are strings here:
-    ``from __future__ import annotations``). bool is no int here, and no int is a bool."""
-    kind = str(annotation)
+    """Refuse a setting whose value is not of its field's type. bool is no int here, and no int
+    is a bool."""
+    kind = _type_name(annotation)
     optional = kind.startswith("Optional[")
     kind = kind[len("Optional["):-1] if optional else kind
     if kind not in _TYPES or (optional and value is None):
@@ -79,6 +97,12 @@ class PeftConfig:
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
             raise ValueError(f"{self.method}: num_classes must be a positive int or None, got {self.num_classes!r}")
 
+    def validate(self) -> None:
+        """Check the settings again: they are checked when the config is made, and a field set
+        afterwards (``cfg.r = "8"``) is checked when a model is built from it, not after a run
+        has trained and saved an adapter that load_adapter refuses."""
+        self.__post_init__()
+
     def to_dict(self) -> dict:
         d = {"method": self.method}
         for f in dataclasses.fields(self):
@@ -94,6 +118,11 @@ class PeftMethod(nn.Module):
 
     uses_hook = False  # whether forward_features must be given self.hook
     default_backbone_train_mode = False
+    # svp serve may run this method's samples in one backbone pass beside other adapters' samples
+    # (each adapter's transform_input and hook on its own rows): true for a method that acts only
+    # through those two, keeps the token sequence's length and class position, and trains no
+    # backbone tensor in place. Otherwise each of its adapters is served on its own model.
+    serve_shared = False
 
     def __init__(self, config: PeftConfig, model: nn.Module):
         super().__init__()
@@ -137,6 +166,10 @@ class PeftModel(nn.Module):
         self.base_hash = base_hash
         # the backbone's requires_grad flags before the method froze it, which unload() gives back
         self._requires_grad = dict(requires_grad or {})
+        # the adapter: what the method made trainable when it was attached. save() writes these and
+        # load_adapter expects them, whatever the flags are when saved: a head frozen before save()
+        # was left out of the file, which load_adapter then refused
+        self._adapter_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -174,9 +207,15 @@ class PeftModel(nn.Module):
     def trainable_parameter_names(self) -> List[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
+    def adapter_parameter_names(self) -> List[str]:
+        """The adapter's tensors: those the method made trainable when it was attached (its
+        parameters and the head), whatever their ``requires_grad`` flags are now."""
+        return list(self._adapter_names)
+
     def adapter_state_dict(self) -> dict:
-        """Only the trainable tensors (method parameters + head), detached, on CPU."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        """The adapter's tensors (``adapter_parameter_names``), detached, on CPU."""
+        own = dict(self.named_parameters())
+        return {n: own[n].detach().cpu().contiguous() for n in self._adapter_names}
 
     def trainable_counts(self) -> dict:
         params = dict(self.named_parameters())
@@ -208,7 +247,7 @@ class PeftModel(nn.Module):
     def load_adapter_state(self, tensors: dict, source: str = "<adapter>"):
         """Load a trainable-tensor dict saved by ``save`` (exact name and shape match)."""
         own = dict(self.named_parameters())
-        expected = {k: own[k].shape for k in self.trainable_parameter_names()}
+        expected = {k: own[k].shape for k in self._adapter_names}
         lines = mismatch_lines(expected, tensors)
         if lines:
             raise ValueError("\n".join([f"{source} does not fit this {self.config.method} model:"] + lines))
@@ -301,6 +340,7 @@ def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = Non
                          "(or call PeftModel.unload()) before applying another")
     if not isinstance(config, PeftConfig):
         raise TypeError(f"config must be a PeftConfig (see svp.peft.make_config), got {type(config).__name__}")
+    config.validate()
     _, method_cls = get_method(config.method)
     if base_hash is None:
         base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
@@ -381,7 +421,8 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
         dry = dry_run(model, config)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)
         raise AdapterError(f"{directory}: {e}") from None
-    shapes = {n: p.shape for n, p in dry.named_parameters() if p.requires_grad}
+    own = dict(dry.named_parameters())
+    shapes = {n: own[n].shape for n in dry.adapter_parameter_names()}
     lines = mismatch_lines(shapes, state)
     if lines:
         raise AdapterError("\n".join([f"{weights} does not fit this {config.method} model, as "

@@ -1,5 +1,6 @@
-"""Adapter directories: ``adapter.safetensors`` (only the trainable tensors) and
-``adapter_config.json`` (method, settings, base model name and weight hash, classes).
+"""Adapter directories: ``adapter.safetensors`` (only the adapter's tensors: what the method made
+trainable when it was attached) and ``adapter_config.json`` (method, settings, base model name
+and weight hash, classes).
 Both are written atomically (temp file in the same directory, then ``os.replace``).
 The file format only: applying a loaded adapter to a model is ``base.load_adapter``."""
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -63,6 +65,12 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         cfg = getattr(base, "pretrained_cfg", None) or {}
         base_model_name = cfg.get("architecture")
     tensors = peft_model.adapter_state_dict()
+    extra_trained = sorted(set(peft_model.trainable_parameter_names()) - set(tensors))
+    if extra_trained:   # made trainable by hand after the method was attached: not the adapter's
+        warnings.warn(f"save_adapter: {len(extra_trained)} tensor(s) trainable now are not part of the "
+                      f"{peft_model.config.method} adapter and are not saved (made trainable after the "
+                      f"method was attached): {', '.join(extra_trained[:5])}"
+                      + (", ..." if len(extra_trained) > 5 else ""), stacklevel=3)
     config = {
         "format_version": FORMAT_VERSION,
         "method": peft_model.config.method,
@@ -83,15 +91,20 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
     return directory
 
 
+def _brief(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_adapter_config(directory) -> dict:
     path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON in UTF-8: {e}") from e
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     for key in ("method", "config", "base_model_hash", "num_classes"):
@@ -101,6 +114,17 @@ def read_adapter_config(directory) -> dict:
     if not isinstance(cfg["config"], dict) or inner != cfg["method"]:
         raise AdapterError(f"{path}: 'method' is {cfg['method']!r} but 'config' describes "
                            f"{inner!r}; the file was edited or damaged")
+    n, n_inner = cfg["num_classes"], cfg["config"].get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise AdapterError(f"{path}: num_classes is {_brief(n)}, expected a positive integer")
+    if n_inner is not None and n_inner != n:   # save_adapter writes both, equal
+        raise AdapterError(f"{path}: 'num_classes' is {n!r} but 'config' has num_classes {n_inner!r}; the file "
+                           f"was edited or damaged")
+    names = cfg.get("class_names")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(c, str) for c in names)
+                              or len(names) != n):
+        raise AdapterError(f"{path}: 'class_names' must be null or a list of {n!r} strings (one per class), "
+                           f"got {_brief(names)}")
     version = cfg.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise AdapterError(f"{path}: format_version is {version!r}, expected an integer")
