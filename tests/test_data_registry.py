@@ -1,4 +1,6 @@
 """Registry, embedded datasets, transforms and presets (no data root needed)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,20 @@ def test_presets():
         if n in ("imagefolder", "csv"):
             continue
         assert set(PRESET_KEYS) <= set(load_preset(n)), n
+
+
+def test_a_dataset_registered_without_a_preset_file_trains_at_its_registry_recipe(monkeypatch):
+    """docs/architecture.md: a dataset's registry entry carries its image recipe and size; one
+    added without a preset yaml trained at 224 px on the svp recipe, whatever its entry said."""
+    from svp.data import registry
+    from svp.engine.config import resolve
+    info, builder = registry._REGISTRY["digits"]
+    mine = dataclasses.replace(info, name="tinyset_test", aliases=(), recipe="plain", img_size=48)
+    monkeypatch.setitem(registry._REGISTRY, "tinyset_test", (mine, builder))
+    p = load_preset("tinyset_test")
+    assert (p["source"], p["recipe"], p["img_size"], p["num_classes"]) == ("registry", "plain", 48, 10)
+    cfg = resolve(overrides=["data.dataset=tinyset_test", "method.name=linear"])
+    assert (cfg["data"]["recipe"], cfg["data"]["img_size"]) == ("plain", 48)
 
 
 def test_missing_root_message(monkeypatch):

@@ -194,3 +194,57 @@ def test_a_broken_first_adapter_does_not_choose_or_stop_the_server(adapters, tmp
     with pytest.raises(ConfigError, match="none of its 3 subfolders") as e:
         backbone_spec(str(root))
     assert "a_spec" in str(e.value) and "backbone.json" in str(e.value)
+
+
+def test_a_new_layer_hook_method_that_says_so_shares_the_pass(tmp_path, monkeypatch):
+    """docs/architecture.md, adding a method: svp serve ran a new layer-hook method on its own
+    model (a hard-coded list of methods); one whose class sets serve_shared now shares the base
+    pass, its rows equal to the adapter run alone. One that does not set it, or that trains a
+    backbone tensor in place, keeps its own model."""
+    import dataclasses
+
+    import torch.nn as nn
+
+    from svp.peft import registry
+    from svp.peft.base import PeftConfig, PeftMethod
+
+    @dataclasses.dataclass
+    class ScaleConfig(PeftConfig):
+        init: float = 1.0
+        method = "scale_test"
+
+    class Scale(PeftMethod):
+        uses_hook = True
+        serve_shared = True
+
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            self.scales = nn.Parameter(torch.full((len(model.layers), model.embed_dim), config.init))
+
+        def hook(self, i, hidden, residual, cls_pos):
+            return hidden * self.scales[i], residual, cls_pos
+
+    monkeypatch.setitem(registry._METHODS, "scale_test", (ScaleConfig, Scale))
+    H.make_adapter(tmp_path / "scale", "scale_test", dict(num_classes=3))
+    H.make_adapter(tmp_path / "svp", "svp", dict(shared_layers=4, hidden=16, num_classes=10))
+    model = MultiAdapterModel(H.mini_backbone())
+    for name in ("scale", "svp"):
+        model.add_adapter(name, str(tmp_path / name))
+    assert model.adapters["scale"].describe()["batching"] == "shared pass base"
+    names = ["scale", "svp", "scale", "svp"]
+    x = torch.randn(4, 3, 32, 32)
+    passes = []
+    hook = model.backbone.norm_f.register_forward_hook(lambda m, a, o: passes.append(o.shape))
+    out = model(x, names)
+    hook.remove()
+    assert len(passes) == 1
+    for name in ("scale", "svp"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        ref = svp.load_adapter(H.mini_backbone(), tmp_path / name)(x[rows])
+        assert (torch.stack([out[i] for i in rows]) - ref).abs().max().item() < 1e-5, name
+    monkeypatch.setattr(Scale, "serve_shared", False)
+    assert model.add_adapter("scale", str(tmp_path / "scale")).describe()["batching"] == "own model"
+    monkeypatch.setattr(Scale, "serve_shared", True)
+    monkeypatch.setattr(Scale, "trainable_base_names", lambda self, m: ["norm_f.weight"])
+    H.make_adapter(tmp_path / "scale_norm", "scale_test", dict(num_classes=3))
+    assert model.add_adapter("scale_norm", str(tmp_path / "scale_norm")).describe()["batching"] == "own model"

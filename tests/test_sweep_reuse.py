@@ -263,3 +263,28 @@ def test_a_folder_from_before_init_seeds_followed_the_seed_is_reused_where_it_dr
     res = sweep("mini", ["linear"], [0, 1], out, ["digits"], (), REAL)
     assert [r["status"] for r in res["rows"]] == ["reused", "failed"]
     assert "model.init_seed: 0 -> 1" in res["rows"][1]["error"] and len(calls) == 2
+
+
+def test_suite_any_sweeps_a_dataset_registered_outside_the_suites(tmp_path, monkeypatch, capsys):
+    """docs/architecture.md, adding a dataset: a dataset outside the mini/vtab/hta groups could not
+    be swept ("not in suite"); `--suite any --datasets NAME` sweeps any registered dataset, on the
+    engine's defaults and the dataset's preset (or its registry recipe)."""
+    import dataclasses
+
+    from svp.cli import main as svp_main
+    from svp.data import registry
+    info, builder = registry._REGISTRY["digits"]
+    mine = dataclasses.replace(info, name="tinyset_test", group="custom", aliases=(), img_size=48)
+    monkeypatch.setitem(registry._REGISTRY, "tinyset_test", (mine, builder))
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    out = tmp_path / "sw"
+    rc = svp_main(["sweep", "--suite", "any", "--datasets", "tinyset_test,digits", "--methods", "linear",
+                   "--output", str(out), "--model", "vim_mini_patch4_32"])
+    assert rc == 0, capsys.readouterr().err
+    assert [(c["data"]["dataset"], c["data"]["img_size"]) for c in calls] == [("tinyset_test", 48), ("digits", 32)]
+    assert [(r["suite"], r["group"], r["dataset"]) for r in _rows(out)] == [
+        ("any", "custom", "tinyset_test"), ("any", "embedded", "digits")]
+    assert "Mean (2 datasets)" in (out / "results.md").read_text()
+    assert svp_main(["sweep", "--suite", "any", "--methods", "linear", "--output", str(tmp_path / "x")]) == 2
+    assert "--suite any sweeps the datasets --datasets names" in capsys.readouterr().err

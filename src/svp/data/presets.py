@@ -46,9 +46,15 @@ def _read(path: str) -> Dict[str, Any]:
 
 
 def load_preset(name: str) -> Dict[str, Any]:
-    """The preset of dataset ``name`` as a fresh dict (safe to modify)."""
+    """The preset of dataset ``name`` as a fresh dict (safe to modify). A registered dataset
+    without a preset file gets its registry entry's image recipe and size (a dataset added
+    without one trained at 224 px on the ``svp`` recipe, whatever its entry said)."""
     info = dataset_info(name)
-    data = copy.deepcopy(_read(preset_file(name)))
+    path = preset_file(name)
+    if os.path.isfile(path):
+        data = copy.deepcopy(_read(path))
+    else:
+        data = {"source": "registry", "recipe": info.recipe, "img_size": info.img_size}
     data["dataset"] = info.name
     if info.num_classes:
         data["num_classes"] = info.num_classes

@@ -51,7 +51,7 @@ TRAIN_FLAGS = [
     ("--dataset", "data.dataset", str, "dataset name (embedded: digits, textures, faces, dsprites_loc, ...; "
                                        "vtab/<task>, hta/<name>; see `svp data list`)"),
     ("--data-root", "data.root", str, "folder holding the datasets on disk (default $SVP_DATA)"),
-    ("--method", "method.name", str, "svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
+    ("--method", "method.name", str, "adaptation method: {methods}"),
     ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224); " + WEIGHTS_HELP),
     ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
@@ -78,7 +78,9 @@ def register(subparsers) -> None:
                    help="configuration overrides, e.g. train.lr=1e-3 method.settings.shared_layers=6")
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
                    help="YAML configuration file (repeatable; later files win)")
+    from ..peft import list_methods   # the registered ones: a method added to svp.peft is listed
     for flag, key, typ, help_ in TRAIN_FLAGS:
+        help_ = help_.replace("{methods}", ", ".join(list_methods()))
         p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
     p.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
@@ -143,10 +145,14 @@ def register(subparsers) -> None:
                "  svp sweep --suite vtab --methods svp --seeds 0 --data-root /data --model vim_small_patch16_224 "
                "--checkpoint vim_s.pth")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides for every run")
-    s.add_argument("--suite", required=True, choices=["mini", "vtab", "hta"])
+    s.add_argument("--suite", required=True, choices=["mini", "vtab", "hta", "any"],
+                   help="mini (embedded datasets, bundled mini Vim), vtab (VTAB-1k), hta (FGVC/HTA), or any "
+                        "(the registered datasets --datasets names, e.g. one you added; engine defaults and "
+                        "each dataset's preset)")
     s.add_argument("--methods", default="svp", help="comma-separated methods (default svp)")
     s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    s.add_argument("--datasets", default=None, help="comma-separated subset of the suite's datasets")
+    s.add_argument("--datasets", default=None,
+                   help="comma-separated subset of the suite's datasets (required with --suite any)")
     s.add_argument("--output", default=None, help="sweep folder (default sweeps/<suite>)")
     s.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="YAML config for every run")
     s.add_argument("--data-root", default=None, help="data root [data.root]")

@@ -35,7 +35,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP, method.settings.backbone_train_mode=true); the other frozen backbones keep it off"),
     ("model.init_seed", None, "seed the model's random parts (a new head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head"),
     # --- method
-    ("method.name", "svp", "PEFT method: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter"),
+    ("method.name", "svp", "PEFT method, one of svp.peft.list_methods(): the built-in svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter, and any registered with svp.peft.register_method"),
     ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden); a block named after a method (method.settings.svp.hidden=32) applies to that method only"),
     # --- data
     ("data.dataset", "digits", "dataset name from the registry (`svp data list` / svp.data.list_datasets())"),

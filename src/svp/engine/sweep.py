@@ -44,7 +44,9 @@ def suite_datasets(suite: str) -> List[Tuple[str, str]]:
         return [(n, data.dataset_info(n).group) for n in data.list_datasets() if n.startswith("vtab/")]
     if suite == "hta":
         return [(n, "hta") for n in data.list_datasets("hta")]
-    raise C.ConfigError(f"unknown suite {suite!r}; expected mini, vtab or hta")
+    if suite == "any":   # every registered dataset: one added outside the suites, or several suites' ones
+        return [(n, data.dataset_info(n).group) for n in data.list_datasets()]
+    raise C.ConfigError(f"unknown suite {suite!r}; expected mini, vtab, hta or any")
 
 
 MINI_SUITE_ASSET = "mini_suite.yaml"
@@ -287,6 +289,9 @@ def write_outputs(output: str, suite: str, rows, datasets, methods, seeds,
 
 def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
     all_ds = suite_datasets(suite)
+    if suite == "any" and not datasets:
+        raise C.ConfigError("--suite any sweeps the datasets --datasets names (any registered dataset, "
+                            "see `svp data list`); give --datasets")
     if datasets:
         import svp.data as data
         wanted = []

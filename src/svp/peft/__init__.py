@@ -6,7 +6,8 @@
     model.save('out/adapter', class_names=classes)
     model2 = load_adapter(fresh_vim, 'out/adapter')  # refuses other base weights
 
-Methods: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter.
+Built-in methods: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter;
+``list_methods()`` gives every registered one (``register_method``; docs/architecture.md).
 """
 from .base import PeftConfig, PeftMethod, PeftModel, get_peft_model, load_adapter
 from .heads import build_head, simam

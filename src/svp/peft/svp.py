@@ -89,6 +89,7 @@ class CrossPrompter(nn.Module):
 
 class SVP(PeftMethod):
     uses_hook = True
+    serve_shared = True   # prompts computed from each row's own tokens, added in place
 
     def __init__(self, config: SVPConfig, model: nn.Module):
         super().__init__(config, model)

@@ -35,6 +35,7 @@ class VisualPromptConfig(PeftConfig):
 
 
 class VisualPrompt(PeftMethod):
+    serve_shared = True   # a frame added to each row's own image
     def __init__(self, config: VisualPromptConfig, model: nn.Module):
         super().__init__(config, model)
         h, w = config.image_size or tuple(model.patch_embed.img_size)

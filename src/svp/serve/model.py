@@ -44,11 +44,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
-from ..peft.base import load_adapter
+from ..peft.base import PeftMethod, load_adapter
 from ..peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_weights_hash, read_adapter_config
 
-# Methods whose samples share the backbone pass; anything else runs on its own model.
-SHARED_METHODS = ("svp", "linear", "vpt_shallow", "vpt_deep", "visual_prompt", "bitfit", "lora", "adapter")
+# Methods whose samples share the backbone pass through code of this module's own (their token
+# layout, LoRA's products, BitFit's biases, the adapters' mixer hooks); besides them, any method
+# whose class sets ``PeftMethod.serve_shared`` (svp, linear, visual_prompt, a new layer-hook
+# method). Anything else runs on its own model.
+SHARED_METHODS = ("vpt_shallow", "vpt_deep", "bitfit", "lora", "adapter")
 # Files that may hold pickled code; an adapter directory holding one is refused outright.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 _LORA_LINEARS = ("in_proj", "x_proj", "x_proj_b", "out_proj")
@@ -215,11 +218,13 @@ class MultiAdapterModel(nn.Module):
     def _describe(self, name, directory, peft, info) -> Adapter:
         kind = peft.config.method
         method = peft.method
-        if kind not in SHARED_METHODS:
+        generic = method.serve_shared and not method.trainable_base_names(peft.base_model)
+        if kind not in SHARED_METHODS and not generic:
             return Adapter(name, directory, peft, info, layout=None)
         layout = ("vpt", int(peft.config.num_tokens), peft.config.placement) if kind.startswith("vpt") else ("base",)
+        overrides_input = type(method).transform_input is not PeftMethod.transform_input
         e = Adapter(name, directory, peft, info, layout=layout,
-                    prepares_input=bool(peft.config.simam) or kind == "visual_prompt")
+                    prepares_input=bool(peft.config.simam) or overrides_input)
         master = self._params
         if kind == "lora":
             for path, lin in method._targets:
