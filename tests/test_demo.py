@@ -45,6 +45,9 @@ def test_demo_rejects_unknown_method(capsys):
     (["--methods", ""], "names no method"), (["--methods", "svp,svp"], "names a method twice"),
     (["--lr", "-1"], "--lr must be > 0"), (["--max-train-samples", "0"], "--max-train-samples must be >= 1"),
     (["--max-eval-samples", "-2"], "--max-eval-samples must be >= 1"),
+    (["--max-train-samples", "16"], "--batch-size 32 is larger than the 16 training images (--max-train-samples)"),
+    (["--batch-size", "1001"], "--batch-size 1001 is larger than the 1000 training images"),
+    (["--max-train-samples", "16", "--select-lr", "0.1"], "use --batch-size 16 or less"),
 ])
 def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, words):
     assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2

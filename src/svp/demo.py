@@ -83,6 +83,13 @@ def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int =
     return preset
 
 
+DIGITS_TRAIN = 1000  # digits' train split (its test split: 500)
+
+
+def _train_images(max_train_samples: Optional[int]) -> int:
+    return DIGITS_TRAIN if max_train_samples is None else min(DIGITS_TRAIN, max_train_samples)
+
+
 def demo_config(method: str, out: str, epochs: int, batch_size: int, lr: float, seed: int,
                 max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
                 progress: str = "auto") -> dict:
@@ -236,7 +243,7 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
     _atomic_json(os.path.join(out, "demo_results.json"), summary)
 
     echo("\n" + "=" * 84)
-    n_train = 1000 if max_train_samples is None else min(1000, max_train_samples)  # digits' splits: 1000 / 500
+    n_train = _train_images(max_train_samples)
     n_test = 500 if max_eval_samples is None else min(500, max_eval_samples)
     echo(f"svp demo: digits (sklearn, 10 classes, {n_train} train / {n_test} test), backbone {BACKBONE} "
          f"(bundled, pre-trained on IFS fractals)")
@@ -280,7 +287,8 @@ def register(subparsers):
                    help="where --select-lr writes the preset (default <out>/demo_preset.json)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--methods", default="linear,vpt_deep,svp", help="comma-separated (default linear,vpt_deep,svp)")
-    p.add_argument("--max-train-samples", type=int, default=None, help="use only N training images (smoke test)")
+    p.add_argument("--max-train-samples", type=int, default=None,
+                   help="use only N training images (smoke test; at least --batch-size)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only N val/test images (smoke test)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads: torch's, which svp's kernels follow (default: one per core)")
@@ -305,6 +313,11 @@ def _main(args) -> int:
     for flag, v in (("--max-train-samples", args.max_train_samples), ("--max-eval-samples", args.max_eval_samples)):
         if v is not None and v < 1:
             problems.append(f"{flag} must be >= 1, got {v}")
+    n_train = _train_images(args.max_train_samples)
+    if not problems and args.batch_size > n_train:  # every run would refuse it, one by one
+        problems.append(f"--batch-size {args.batch_size} is larger than the {n_train} training images"
+                        + (" (--max-train-samples)" if args.max_train_samples is not None else "")
+                        + f"; use --batch-size {n_train} or less")
     if problems:  # before any run starts, not as a table of failed runs
         print("svp demo: " + "; ".join(problems), file=sys.stderr)
         return 2

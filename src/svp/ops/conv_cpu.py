@@ -668,14 +668,19 @@ def _check_conv_proj(x, weight, bias, proj_w, x_dtypes=(torch.float32,)):
         raise ValueError(f"expected bias ({x.shape[-1]},), got {tuple(bias.shape)}")
     if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
         raise ValueError(f"expected proj_w (n, {x.shape[-1]}), got {tuple(proj_w.shape)}")
-    f32 = (torch.float32, torch.float64)   # float64 weights are read as float32, as before
-    for name, t, ok in (("x", x, x_dtypes), ("proj_w", proj_w, (torch.float32,)), ("weight", weight, f32),
-                        ("bias", bias, f32)):
-        if t is None:
-            continue
-        if t.dtype not in ok or t.device.type != "cpu":
+    _check_cpu_dtypes("causal_conv1d_proj_cpu", (("x", x, x_dtypes), ("proj_w", proj_w, (torch.float32,)),
+                                                 ("weight", weight, _WEIGHT_DTYPES), ("bias", bias, _WEIGHT_DTYPES)))
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.float64)   # float64 weights are read as float32, as before
+
+
+def _check_cpu_dtypes(fn: str, tensors):
+    """Each ``(name, tensor or None, allowed dtypes)`` a CPU tensor of an allowed dtype."""
+    for name, t, ok in tensors:
+        if t is not None and (t.dtype not in ok or t.device.type != "cpu"):
             want = " or ".join(str(d).replace("torch.", "") for d in ok)
-            raise ValueError(f"causal_conv1d_proj_cpu needs {name} as a {want} CPU tensor; got {t.dtype} on {t.device}")
+            raise ValueError(f"{fn} needs {name} as a {want} CPU tensor; got {t.dtype} on {t.device}")
 
 
 def causal_conv1d_proj_cpu(x, weight, bias, proj_w, activation=None, reverse=False):
@@ -703,11 +708,8 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
         if bias.requires_grad:
             raise ValueError("a per-sample (batch, 1, dim) bias has no gradient in the fused conv; "
                              "use svp.ops.conv.causal_conv1d_bld")
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"causal_conv1d_cpu needs float32 CPU tensors, got {x.dtype} on {x.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype not in (torch.float32, torch.float64) or t.device.type != "cpu"):
-            raise ValueError(f"causal_conv1d_cpu needs {name} as a float32 CPU tensor; got {t.dtype} on {t.device}")
+    _check_cpu_dtypes("causal_conv1d_cpu", (("x", x, (torch.float32,)), ("weight", weight, _WEIGHT_DTYPES),
+                                            ("bias", bias, _WEIGHT_DTYPES)))
     return CausalConv1dCPU.apply(x, weight, bias, reverse, activation is not None)
 
 
