@@ -675,6 +675,16 @@ def test_settings_that_were_silently_ignored_or_rounded_are_refused():
     C.resolve(overrides=["train.warmup_epochs=2.0"], use_presets=False)
 
 
+def test_a_validation_split_that_is_the_test_split_is_refused():
+    """data.val_split=test selected the kept epoch, and svp sweep --tune's choice, on the test split
+    while results.md said "test accuracy is not used for the choice"."""
+    for ov in (["data.val_split=test"], ["data.val_split=val", "data.test_split=val"]):
+        with pytest.raises(C.ConfigError, match=r"data\.val_split='(test|val)' is also data\.test_split: .*selected "
+                                                r"on the test split"):
+            C.resolve(overrides=ov, use_presets=False)
+    C.resolve(overrides=["data.val_split=null", "data.test_split=test"], use_presets=False)
+
+
 def test_the_best_mark_sits_by_the_validation_number():
     """It followed the test number (selection is on validation), and without a validation split,
     where nothing is compared, it marked every epoch."""

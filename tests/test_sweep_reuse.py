@@ -288,3 +288,70 @@ def test_suite_any_sweeps_a_dataset_registered_outside_the_suites(tmp_path, monk
     assert "Mean (2 datasets)" in (out / "results.md").read_text()
     assert svp_main(["sweep", "--suite", "any", "--methods", "linear", "--output", str(tmp_path / "x")]) == 2
     assert "--suite any sweeps the datasets --datasets names" in capsys.readouterr().err
+
+
+def test_a_sweep_folder_is_one_sweeps_at_a_time_and_a_file_is_refused(tmp_path, monkeypatch):
+    """Two sweeps on one --output each recorded the other's runs as failed and wrote results.csv
+    last-writer-wins; an --output that is a file was a FileExistsError traceback."""
+    from svp.engine.runlock import RunLock
+    from svp.engine.sweep import SWEEP_LOCK
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    out = tmp_path / "sw"
+    out.mkdir()
+    other = RunLock(str(out), SWEEP_LOCK).acquire("sweep")   # another sweep holds the folder
+    try:
+        with pytest.raises(C.ConfigError, match=r"sweep folder .*sw is in use by process \d+.*one `svp sweep` at a"):
+            sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL)
+    finally:
+        other.release()
+    assert calls == []
+    sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL)
+    assert len(calls) == 1 and not (out / SWEEP_LOCK).exists()   # released at the end
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(C.ConfigError, match=r"--output .*f is a file; expected a folder"):
+        sweep("mini", ["linear"], [0], str(tmp_path / "f"), ["digits"], (), REAL)
+
+
+def test_every_grid_point_is_checked_before_any_run_and_datasets_are_named_once(tmp_path, monkeypatch):
+    """--tune points were checked on the first dataset and method only, and not against the model:
+    shared_layers=16 on a depth-8 model trained the other points, then failed its own (and it could
+    not win); --fail-fast was ignored with --tune; digits,embedded/digits ran and counted twice."""
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    out = tmp_path / "s"
+    with pytest.raises(C.ConfigError, match=r"digits / svp / method\.settings\.svp\.shared_layers=16: .*does not "
+                                            r"divide the model depth 8"):
+        sweep("mini", ["svp"], [0], str(out), ["digits"], (), REAL, tune=["method.settings.svp.shared_layers=4,16"])
+    with pytest.raises(C.ConfigError, match=r"digits / linear / method\.settings\.hidden=4: .*unknown setting"):
+        sweep("mini", ["svp", "linear"], [0], str(out), ["digits"], (), REAL, tune=["method.settings.hidden=4,8"])
+    with pytest.raises(C.ConfigError, match="--fail-fast stops a plain sweep"):
+        sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL, fail_fast=True, tune=["train.lr=1e-3,1e-2"])
+    with pytest.raises(C.ConfigError, match=r"--datasets names digits twice \('digits' and 'embedded/digits'\)"):
+        sweep("mini", ["linear"], [0], str(out), ["digits", "embedded/digits"], (), REAL)
+    assert calls == [] and not out.exists()
+
+
+def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
+    """kill -9 of a --jobs sweep left its workers training with their run folders locked (the
+    restart recorded those runs as failed), then idle forever; a worker now asks its run to stop
+    (resume point written) once its parent is gone, and exits when the run has returned."""
+    import subprocess
+    import sys
+    script = (
+        "import multiprocessing as mp, time, svp.engine.tune as T\n"
+        "v = mp.get_context('spawn').RawValue('i', 0)\n"
+        "T._RUNS_IN_PROGRESS[0] = 1\n"
+        "T._watch_parent(v, -1, every_s=0.05)\n"   # a parent pid that is not ours: as if it died
+        "t0 = time.time()\n"
+        "while not v.value and time.time() - t0 < 20: time.sleep(0.01)\n"
+        "print('stop', v.value, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "print('still running', flush=True)\n"
+        "T._RUNS_IN_PROGRESS[0] = 0\n"
+        "time.sleep(20)\n"
+        "print('not exited', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    import signal
+    assert r.stdout.split("\n")[:2] == [f"stop {int(signal.SIGTERM)}", "still running"], r.stdout + r.stderr
+    assert "not exited" not in r.stdout and r.returncode == 1

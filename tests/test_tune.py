@@ -28,6 +28,11 @@ def test_grid_parsing_order_and_errors():
     assert len(points) == 4
     # 1e-2 and 0.01 are one value, so one folder
     assert T.point_slug((("train.lr", "1e-2"),)) == T.point_slug((("train.lr", "0.01"),))
+    # whole numbers without ".0" (an adapter of hidden=4 was in a folder hidden=4.0)
+    assert T.point_slug((("method.settings.hidden", "4"),)) == "method.settings.hidden=4" \
+        == T.point_slug((("method.settings.hidden", "4.0"),))
+    two = T.point_slug((("train.lr", "1e-2"), ("train.opt_betas", "[0.9,0.99]")))
+    assert two.startswith("train.lr=0.01,train.opt_betas")
     for bad, word in (("train.lr", "expected"), ("train.nope=1,2", "unknown"), ("train.lr=1e-3,0.001", "twice"), ("train.lr=1,1.0", "twice"),
                       ("train.seed=0,1", "cannot be tuned"), ("train.lr=1e-3,", "empty")):
         with pytest.raises(ConfigError, match=word):
@@ -221,3 +226,14 @@ def test_vtab_tuning_trains_on_train800_and_scores_on_val200():
     assert pair("cub200")[0] == ("train", "val")                       # HTA: its own train / val
     assert pair("vtab/dtd", "data.train_split=train800")[0] == ("train800", "val")
     assert pair("vtab/dtd", "data.val_split=val200")[0] == ("train800val200", "val200")  # the user's pair stays
+
+
+def test_a_grid_folder_of_the_old_name_is_reused(tmp_path):
+    """A sweep restarted after the folder names changed (hidden=4.0 -> hidden=4) finds the runs it
+    made under the old name; a new sweep uses the new one."""
+    point = (("method.settings.hidden", "4"),)
+    assert T.point_dir(str(tmp_path), point) == str(tmp_path / "method.settings.hidden=4")
+    (tmp_path / "method.settings.hidden=4.0").mkdir()
+    assert T.point_dir(str(tmp_path), point) == str(tmp_path / "method.settings.hidden=4.0")
+    (tmp_path / "method.settings.hidden=4").mkdir()
+    assert T.point_dir(str(tmp_path), point) == str(tmp_path / "method.settings.hidden=4")

@@ -491,6 +491,12 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")
     if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
         raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
+    val, test = cfg["data"]["val_split"], cfg["data"]["test_split"]
+    if val is not None and val == test:   # an epoch (or svp sweep --tune's choice) selected on test, unsaid
+        raise ConfigError(f"data.val_split={val!r} is also data.test_split: the epoch kept, and a --tune choice, "
+                          f"would be selected on the test split; select on a validation split (or none: "
+                          f"data.val_split=null), and eval.report_best_test=true reports the official "
+                          f"protocol's best test epoch, labelled as such")
     if cfg["eval"]["report_best_test"] and cfg["data"]["test_split"] is None:   # it was ignored, silently
         raise ConfigError("eval.report_best_test=true needs a test split (data.test_split is null)")
     warm = cfg["train"]["warmup_epochs"]

@@ -86,9 +86,12 @@ class RunLock:
     """An exclusive, non-blocking lock on one run folder. ``acquire`` raises
     :class:`ResumeError` naming the holder when another process has it."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, lock_file: str = LOCK_FILE, what: str = "run folder",
+                 advice: str = "a run folder belongs to one `svp train` at a time (wait for it to end, or use "
+                               "another run.name)"):
         self.run_dir = os.path.abspath(run_dir)
-        self.path = os.path.join(self.run_dir, LOCK_FILE)
+        self.path = os.path.join(self.run_dir, lock_file)
+        self.what, self.advice = what, advice   # (svp sweep locks its folder with another file and words)
         self.fd: Optional[int] = None
 
     def acquire(self, purpose: str = "train") -> "RunLock":
@@ -96,16 +99,16 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # the folder was removed under us (a failed run cleaning up)
-                raise ResumeError(f"run folder {self.run_dir} disappeared while it was being claimed") from None
+                raise ResumeError(f"{self.what} {self.run_dir} disappeared while it was being claimed") from None
             except OSError as e:
-                raise ResumeError(f"run folder {self.run_dir}: cannot create its lock file {LOCK_FILE} "
-                                  f"({e.strerror or e}); is the folder writable?") from None
+                raise ResumeError(f"{self.what} {self.run_dir}: cannot create its lock file "
+                                  f"{os.path.basename(self.path)} ({e.strerror or e}); is the folder "
+                                  f"writable?") from None
             if not _try_lock(fd):
                 os.close(fd)
                 raise ResumeError(
-                    f"run folder {self.run_dir} is in use by {describe_holder(_read_holder(self.path))}; "
-                    f"a run folder belongs to one `svp train` at a time (wait for it to end, or use "
-                    f"another run.name)")
+                    f"{self.what} {self.run_dir} is in use by {describe_holder(_read_holder(self.path))}; "
+                    f"{self.advice}")
             # the holder we waited for may have unlinked the file between our open and our lock:
             # then we locked an orphan inode and must start over on the current file
             try:
@@ -122,7 +125,7 @@ class RunLock:
                 os.write(fd, record)
                 return self
             os.close(fd)
-        raise ResumeError(f"run folder {self.run_dir}: could not take its lock (it kept changing hands)")
+        raise ResumeError(f"{self.what} {self.run_dir}: could not take its lock (it kept changing hands)")
 
     @property
     def held(self) -> bool:

@@ -23,6 +23,7 @@ import statistics
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import ResumeError
 from . import checkpoint as ck
 from . import config as C
 from .select import mean_std
@@ -294,7 +295,7 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
                             "see `svp data list`); give --datasets")
     if datasets:
         import svp.data as data
-        wanted = []
+        wanted, given = [], {}
         in_suite = {n for n, _ in all_ds}
         for d in datasets:
             # a short name means the suite's dataset of that name (`--suite vtab --datasets dtd`
@@ -304,25 +305,39 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
             if not match:
                 raise C.ConfigError(f"dataset {d!r} is not in suite {suite!r} "
                                     f"({', '.join(n for n, _ in all_ds)})")
+            if name in given:   # one dataset twice: its runs twice, its column counted twice in the means
+                raise C.ConfigError(f"--datasets names {name} twice ({given[name]!r} and {d!r})")
+            given[name] = d
             wanted += match
         all_ds = wanted
     return all_ds
 
 
-def check_configs(all_ds, methods, seeds, output, config_files, overrides, base) -> None:
+def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
+                  points: Sequence[Sequence[str]] = ((),)) -> None:
     """A bad method, key or value fails the sweep before any training, naming the run
-    (a run folder made with another configuration still fails its run only)."""
+    (a run folder made with another configuration still fails its run only). ``points``: the
+    overrides of each --tune grid point (every point of every dataset and method is checked)."""
     from .setup import check_method_fits
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
+    fits_checked = set()
     for ds, _ in all_ds:
         for m in methods:
-            try:
-                # (resolving checks the method's name and settings; then the settings against the model)
-                cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files, overrides, base)
-                check_method_fits(cfg)
-            except C.ConfigError as e:
-                raise C.ConfigError(f"{ds} / {m}: {e}") from None
+            for point in points:
+                try:
+                    # (resolving checks the method's name and settings; then the settings against the model)
+                    cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files,
+                                     list(overrides) + list(point), base)
+                    # the model and the method's settings decide whether they fit (a dataset only
+                    # its head's size): one check per combination, not per dataset
+                    key = C.dump({"model": cfg["model"], "method": cfg["method"], "data": cfg["data"]["img_size"]})
+                    if key not in fits_checked:
+                        check_method_fits(cfg)
+                        fits_checked.add(key)
+                except C.ConfigError as e:
+                    where = f"{ds} / {m}" + (f" / {', '.join(point)}" if point else "")
+                    raise C.ConfigError(f"{where}: {e}") from None
 
 
 def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
@@ -333,13 +348,78 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     first selects its setting on the validation split (:mod:`svp.engine.tune`)."""
     all_ds = _select_datasets(suite, datasets)
     base = suite_base(suite, config_files, overrides)
-    check_configs(all_ds, methods, seeds, output, config_files, overrides, base)
-    if tune:
-        return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit, jobs,
-                           base)
-    if tune_refit:
+    if tune_refit and not tune:
         raise C.ConfigError("--tune-refit needs --tune (the grid to select from)")
-    os.makedirs(output, exist_ok=True)
+    if tune and fail_fast:   # a failed grid point is recorded and cannot win; the others go on
+        raise C.ConfigError("--fail-fast stops a plain sweep at its first failing run; a --tune sweep records "
+                            "a failed grid point and selects among the others: leave out one of them")
+    if fail_fast and jobs > 1:
+        raise C.ConfigError("--fail-fast works one run at a time; leave out --jobs")
+    points = [()]
+    if tune:
+        from . import tune as T
+        points = [T.point_overrides(p) for p in T.grid_points(T.parse_tune(tune))]
+    check_configs(all_ds, methods, seeds, output, config_files, overrides, base, points)
+    lock = _claim_output(output)
+    try:
+        if tune:
+            return tuned_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, tune, tune_refit,
+                               jobs, base)
+        return _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs, base)
+    finally:
+        lock.release()
+
+
+SWEEP_LOCK = "sweep.lock"
+
+
+def _claim_output(output: str):
+    """The sweep folder, made and locked for this process: two sweeps writing one folder each
+    found the other's runs locked, recorded them as failed, and wrote results.csv last-writer-wins."""
+    from .runlock import RunLock
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise C.ConfigError(f"--output {output} is a file; expected a folder for the sweep's runs and tables")
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise C.ConfigError(f"--output {output}: cannot create the sweep folder ({e.strerror or e})") from None
+    try:
+        lock = RunLock(output, SWEEP_LOCK, "sweep folder",
+                       "a sweep folder belongs to one `svp sweep` at a time (wait for it to end, or give "
+                       "another --output)").acquire("sweep")
+    except ResumeError as e:
+        raise C.ConfigError(str(e)) from None
+    _wait_for_runs_held(output)
+    return lock
+
+
+def _wait_for_runs_held(output: str, timeout_s: float = 60.0) -> None:
+    """Wait (at most ``timeout_s``) for the processes that still hold run folders of this sweep:
+    the workers of an earlier ``--jobs`` sweep killed a moment ago stop their runs within a step
+    of their parent's death (tune._watch_parent), and a restart at once found those folders in
+    use and recorded their runs as failed (a failed grid point cannot win). A holder still there
+    after the wait fails its run as before, naming it."""
+    import time
+
+    from .runlock import LOCK_FILE, describe_holder, holder
+    held = []
+    for folder, _, files in os.walk(output):
+        if LOCK_FILE in files and holder(folder) is not None:
+            held.append(folder)
+    deadline, said = time.monotonic() + timeout_s, set()
+    while held and time.monotonic() < deadline:
+        for folder in held:
+            info = holder(folder)
+            if info is not None and folder not in said:
+                log.warning("waiting for %s to leave run folder %s (a run of an earlier sweep of this folder "
+                            "stopping?)", describe_holder(info), folder)
+                said.add(folder)
+        held = [f for f in held if holder(f) is not None]
+        if held:
+            time.sleep(0.5)
+
+
+def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs, base):
     rows: List[Dict[str, Any]] = []
     if jobs > 1:
         return _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs,
@@ -415,12 +495,7 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
     seeds = [int(x) for x in seeds]
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
-    # fail on a bad key or value before any training
-    probe = all_ds[0][0] if all_ds else "digits"
-    for p in points:
-        run_config(probe, methods[0], seeds[0], output, "probe", config_files,
-                   list(overrides) + T.point_overrides(p), base)
-    os.makedirs(output, exist_ok=True)
+    os.makedirs(output, exist_ok=True)   # (sweep() checked every point's configuration and claimed the folder)
     tuning: Dict[str, Any] = {"suite": suite, "protocol": protocol, "grid_seed": seeds[0], "seeds": seeds,
                               "grid_spec": spec, "overrides": list(overrides),
                               "config_files": list(config_files), "suite_base": base, "cells": []}

@@ -109,14 +109,32 @@ def point_label(point: Point) -> str:
     return ", ".join(f"{k}={v}" for k, v in point)
 
 
-def point_slug(point: Point) -> str:
+def _folder_value(text: str) -> str:
+    """A value as a folder name writes it: ``_canon``'s spelling, a whole number without its
+    ``.0`` (``hidden=4``, not ``hidden=4.0``; 4, 4.0 and 4e0 are one value either way)."""
+    v = C.parse_value(text)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return _canon(text)
+
+
+def point_slug(point: Point, legacy: bool = False) -> str:
     """A folder name for a point; values are normalised (1e-2, 0.01 and 1.0e-2 share a
-    folder), and a short hash keeps sanitised names apart."""
-    raw = ",".join(f"{k}={_canon(v)}" for k, v in point)
+    folder), and a short hash keeps sanitised names apart. ``legacy``: the name before
+    2026-12-05, whole numbers as ``4.0`` (point_dir still finds such folders)."""
+    raw = ",".join(f"{k}={_canon(v) if legacy else _folder_value(v)}" for k, v in point)
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
     if safe != raw or len(safe) > 100:
         safe = safe[:80] + "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
     return safe
+
+
+def point_dir(parent: str, point: Point) -> str:
+    """``parent/<point_slug>``, or the folder an earlier sweep made under the old name of the
+    point (``hidden=4.0``) when only that one exists: a restarted sweep reuses its runs."""
+    new = os.path.join(parent, point_slug(point))
+    old = os.path.join(parent, point_slug(point, legacy=True))
+    return old if old != new and os.path.isdir(old) and not os.path.exists(new) else new
 
 
 def choose(scores: Sequence[Optional[float]]) -> Optional[int]:
@@ -377,6 +395,31 @@ class Runner:
 def _worker_init(stop_value) -> None:
     from .signals import use_stop_value
     use_stop_value(stop_value)
+    _watch_parent(stop_value, os.getppid())
+
+
+_RUNS_IN_PROGRESS = [0]   # in a worker: runs of _run_safely not yet returned
+
+
+def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 600.0) -> None:
+    """A worker whose sweep died (kill -9, the out-of-memory killer) trained on with its run
+    folder locked, so the restarted sweep recorded that run as failed, and then waited for work
+    forever (~1 GB each). Once its parent is gone it stops its run as a stop request would (after
+    the step, resume point written) and exits; after ``grace_s`` it exits anyway (the operating
+    system releases the run's lock)."""
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == ppid:
+            time.sleep(every_s)
+        stop_value.value = int(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _RUNS_IN_PROGRESS[0] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, name="svp-sweep-parent-watch", daemon=True).start()
 
 
 def stop_requested(e: BaseException) -> bool:
@@ -387,6 +430,14 @@ def stop_requested(e: BaseException) -> bool:
 
 
 def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
+    _RUNS_IN_PROGRESS[0] += 1
+    try:
+        return _run(run_dir, cfg)
+    finally:
+        _RUNS_IN_PROGRESS[0] -= 1
+
+
+def _run(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
     from .loop import train
     from .signals import stop_value_signal
     if stop_value_signal():  # the sweep was asked to stop before this run started
@@ -407,7 +458,7 @@ def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
 def grid_tasks(points: List[Point], seed0: int, folder: str,
                make_config: Callable[[Point, int, str, bool], dict]) -> List[Tuple[str, Callable[[], dict]]]:
     """The grid runs of one (dataset, method): (run folder, config maker) per point."""
-    dirs = [os.path.join(folder, "grid", point_slug(p), f"seed{seed0}") for p in points]
+    dirs = [os.path.join(point_dir(os.path.join(folder, "grid"), p), f"seed{seed0}") for p in points]
     return [(d, (lambda p=p, d=d: make_config(p, seed0, d, False))) for p, d in zip(points, dirs)]
 
 
@@ -433,7 +484,7 @@ def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str
     cell["chosen"], cell["chosen_label"] = dict(chosen), point_label(chosen)
     log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
     sub = "grid" if protocol == "val" else "refit"
-    dirs = [os.path.join(folder, sub, point_slug(chosen), f"seed{int(s)}") for s in seeds]
+    dirs = [os.path.join(point_dir(os.path.join(folder, sub), chosen), f"seed{int(s)}") for s in seeds]
     return cell, [(d, (lambda s=s, d=d: make_config(chosen, int(s), d, protocol == "refit")))
                   for s, d in zip(seeds, dirs)]
 
