@@ -188,3 +188,33 @@ def test_analyze_restores_every_submodule_mode_and_names_bad_arguments():
                         (lambda: maps.map("update", 0, image=3), r"image 3 out of range: 1 image\(s\)")):
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_files_stay_in_out_the_curves_are_strict_json_and_labels_do_not_collide(tmp_path, image):
+    """A forward-only box whose patches the class token cannot be reached from wrote bare NaN into
+    P_curves.json; a dataset's "/" in the prefix made a subfolder and "../" left --out; labels
+    a/b and a_b wrote one file; a killed run's temporary files stayed in --out."""
+    from svp.io import TEMP_PREFIX
+    from svp.viz.cli import VizError
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = out / f"{TEMP_PREFIX}999999999-0a0b0c0d-x_maps.png"   # a writer that no longer lives
+    dead.write_bytes(b"partial")
+    live = out / f"{TEMP_PREFIX}{os.getpid()}-0a0b0c0d-y_maps.png"
+    live.write_bytes(b"in progress")
+    mask = np.zeros((32, 32), np.float32)
+    mask[16:, :] = 1   # the bottom half: after the middle class token in a forward scan
+    img = Image.new("RGB", (32, 32), (120, 30, 200))
+    m = tiny_vim()
+    written = visualize(img, {"a/b": m}, str(out), "../../vtab/dtd_test_0", [0], ["propagation"], "forward", mask,
+                        dpi=30)
+    assert all(os.path.dirname(p) == str(out) for p in written), written
+    assert os.path.basename(written[0]) == ".._.._vtab_dtd_test_0_a_b_maps.png"
+    text = open([p for p in written if p.endswith(".json")][0]).read()
+    curves = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["curves"]
+    assert curves["a/b"]["propagation"]["object"] == [None] * 4   # (every layer)
+    assert isinstance(curves["a/b"]["propagation"]["background"][0], float)
+    with pytest.raises(VizError, match=r"labels 'a/b' and 'a_b' both give files named 'a_b'"):
+        visualize(img, {"a/b": m, "a_b": tiny_vim(1)}, str(out), "p", [0], ["update"], dpi=30)
+    from svp.io import remove_dead_writers_temps
+    assert remove_dead_writers_temps(str(out)) == [str(dead)] and live.exists()

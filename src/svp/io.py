@@ -16,7 +16,8 @@ import shutil
 from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps", "TEMP_PREFIX"]
+           "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps",
+           "remove_dead_writers_temps", "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".svp-tmp-"
 # what svp <= 0.1's atomic writes left (mkstemp(prefix=".tmp-", suffix="-<name>")): removed too
@@ -31,6 +32,41 @@ def temp_name(target: str) -> str:
 
 def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) or name.startswith(_LEGACY_PREFIX)
+
+
+def remove_dead_writers_temps(folder: str) -> List[str]:
+    """Remove the temporary files that atomic writes of processes no longer alive on this host
+    left directly in ``folder`` (killed mid-write): for a folder several processes may write at
+    once (``svp visualize --out``), where ``remove_stale_temps`` could take a live write's file."""
+    removed: List[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # (another user's process: alive)
+        return True
+    return True
 
 
 def _dir_temps(final_dir: str):

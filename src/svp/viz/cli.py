@@ -143,6 +143,8 @@ def run(args) -> int:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise VizError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from None
+    from ..io import remove_dead_writers_temps
+    remove_dead_writers_temps(args.out)   # what a run killed mid-write left (its figures are atomic)
     image, stem = load_input_image(args)
     models: Dict[str, torch.nn.Module] = {}
     if not args.no_frozen:

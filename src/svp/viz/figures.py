@@ -2,6 +2,7 @@
 ``svp visualize`` and ``svp demo``)."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -72,7 +73,19 @@ def _safe(label: str) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    atomic_write_json(path, obj)
+    """``obj`` as strict JSON: a non-finite number (a propagation mean over patches the class
+    token cannot be reached from, all -inf) is written null, not NaN (which JSON has not)."""
+    atomic_write_json(path, _finite_or_none(obj))
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: str,
@@ -85,6 +98,13 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     from .plots import plot_comparison, plot_difference, plot_model_heatmaps, plot_region_curves, region_curves
     if not models:
         raise VizError("no model to visualise")
+    names: Dict[str, str] = {}
+    for k in models:   # labels are file names too: two that sanitise alike overwrote one file
+        if _safe(k) in names:
+            raise VizError(f"the labels {names[_safe(k)]!r} and {k!r} both give files named {_safe(k)!r}; "
+                           f"label one of them otherwise (--adapter LABEL=DIR)")
+        names[_safe(k)] = k
+    prefix = _safe(prefix)   # a dataset name's "/" made a subfolder; "../" left out_dir
     vims = {k: find_vim(m) for k, m in models.items()}
     first = next(iter(vims.values()))
     size = model_input_size(first)
