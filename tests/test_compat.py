@@ -99,6 +99,37 @@ def test_restricted_load_refuses_every_other_global(tmp_path, payload, writer):
     assert not marker.exists()
 
 
+def test_restricted_load_sets_no_state_on_a_class(tmp_path):
+    """BUILD on the allowed class argparse.Namespace (not an instance) set its attributes for the
+    whole process: a crafted .pth replaced Namespace.__init__ (torch's own weights-only
+    unpickler refuses it)."""
+    import io
+    import struct
+    import zipfile
+
+    def text(s):
+        b = s.encode()
+        return b"X" + struct.pack("<I", len(b)) + b
+    # GLOBAL argparse.Namespace; state (None, {"__init__": _codecs.encode}); BUILD; then {"model": {}}
+    evil = (b"\x80\x02" + b"cargparse\nNamespace\n" + b"N}" + text("__init__") + b"c_codecs\nencode\n" + b"s"
+            + b"\x86b0" + b"}" + text("model") + b"}" + b"s.")
+    buf = io.BytesIO()
+    torch.save({"model": {}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            z.writestr(info, evil if info.filename.endswith("/data.pkl") else src.read(info))
+    init = argparse.Namespace.__init__
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="setting the state of the class Namespace is not allowed"):
+            restricted_torch_load(path)
+    finally:
+        if argparse.Namespace.__init__ is not init:   # (the old unpickler's harm, undone for the next tests)
+            argparse.Namespace.__init__ = init
+            pytest.fail("the class's attribute was set")
+
+
 def test_unsigned_arrays_round_trip_bit_identical_through_signed_entries(tmp_path):
     rng = np.random.RandomState(3)
     state = {"rng": rng.get_state(), "u16": np.array([0, 65535], np.uint16),

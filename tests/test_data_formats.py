@@ -367,6 +367,22 @@ def test_cifar_batches_are_read_without_running_pickled_code(fake, tmp_path):
     with pytest.raises(DatasetError, match="not allowed in a CIFAR batch"):
         build_dataset("cifar10", "test", root=r)
     assert not marker.exists()
+    # an 89-byte file that calls numpy.ndarray((N, 3072), 'u1') itself: N images of uninitialised
+    # memory (gigabytes), where numpy's own rebuild reads its data from the file
+    import struct
+
+    def text(v):
+        b = v.encode()
+        return b"X" + struct.pack("<I", len(b)) + b
+    n = 300_000
+    arr2 = (b"cnumpy\nndarray\nJ" + struct.pack("<i", n) + b"M" + struct.pack("<H", 3072) + b"\x86" + text("u1")
+            + b"\x86\x81")
+    arr1 = b"cnumpy\nndarray\nJ" + struct.pack("<i", n) + b"\x85" + text("u1") + b"\x86\x81"
+    with open(os.path.join(r, "cifar-10-batches-py", "test_batch"), "wb") as f:
+        f.write(b"\x80\x02}" + text("data") + arr2 + b"s" + text("labels") + arr1 + b"s.")
+    with pytest.raises(DatasetError, match=r"test_batch: UnpicklingError: an array of 921,600,000 values, more than a "
+                                           r"CIFAR file holds"):
+        build_dataset("cifar10", "test", root=r)
 
 
 def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(monkeypatch, capsys):

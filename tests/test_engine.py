@@ -748,3 +748,24 @@ def test_print_config_checks_the_method_and_shows_a_resumes_overrides(tmp_path, 
     assert "  lr: 0.5\n" in capsys.readouterr().out
     assert svp_main(["train", "--resume", str(tmp_path), "--print-config", "model.name=foo"]) == 2
     assert "cannot change model.name" in capsys.readouterr().err
+
+
+def test_a_yaml_bomb_is_refused_and_configs_are_written_without_aliases(tmp_path):
+    """A 2 KB config.yaml of nested aliases (a "billion laughs") in a shared run folder loaded as
+    shared objects, and the resume digest's json.dumps spelled it out until memory ran out."""
+    import time
+    lines = ["a0: &a0 [" + ",".join(['"lol"'] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(C.ConfigError, match=r"bomb\.yaml: not valid YAML: its aliases \(\*name\) expand it past "
+                                            r"1,000,000 values"):
+        C.load_yaml(str(bomb))
+    assert time.perf_counter() - t0 < 30
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train: &t {lr: 0.01}\neval: {every: 1}\n")   # a small alias is still fine
+    assert C.load_yaml(str(ok))["train"] == {"lr": 0.01}
+    shared = [0.9, 0.999]
+    text = C.dump({"train": {"opt_betas": shared}, "x": {"y": shared}})
+    assert "&" not in text and "*" not in text and text.count("0.999") == 2

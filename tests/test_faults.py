@@ -210,6 +210,38 @@ def test_rgb_float_tiff_pillow_cannot_open_is_read(tmp_path):
                                   np.rint(a.astype(np.float64) * 255).astype(np.uint8))
 
 
+def test_a_tiff_over_the_pixel_bound_is_not_decoded_by_the_fallback(tmp_path, monkeypatch):
+    """Pillow refused a 1 MB TIFF of 196 million pixels as a decompression bomb, and the tifffile
+    fallback then decoded it (2 GB, and copies) without any bound."""
+    tifffile = pytest.importorskip("tifffile")
+    called = []
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # 36 pixels
+    p16 = str(tmp_path / "rgb16.tif")   # Pillow reads it, and refuses it as a bomb
+    tifffile.imwrite(p16, np.zeros((6, 6, 3), np.uint16), compression="zlib")
+    with pytest.raises(DatasetError, match=r"rgb16\.tif: Image size \(36 pixels\) exceeds limit"):
+        load_image(p16)
+    pf = str(tmp_path / "rgbf.tif")   # Pillow cannot decode it: the fallback's own bound
+    tifffile.imwrite(pf, np.zeros((6, 6, 3), np.float32), photometric="rgb")
+    with pytest.raises(DatasetError, match=r"rgbf\.tif: 36 pixels \(6x6x3\) exceed the decompression-bomb limit"):
+        load_image(pf)
+    assert called == []
+
+
+def test_postscript_named_as_an_image_is_not_opened(tmp_path, monkeypatch):
+    """load_image opened every format Pillow knows: a file evil.jpg holding PostScript went to
+    Ghostscript where it is installed (svp serve already opened raster formats only)."""
+    from PIL import EpsImagePlugin
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(1))
+    p = tmp_path / "evil.jpg"
+    p.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto showpage\n%%EOF\n")
+    with pytest.raises(DatasetError, match=r"evil\.jpg: UnidentifiedImageError"):
+        load_image(str(p))
+    assert ran == []
+
+
 def test_datasets_and_viz_read_high_bit_depth_images_through_the_same_reader(tmp_path):
     from types import SimpleNamespace
 

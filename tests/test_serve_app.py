@@ -378,3 +378,28 @@ def test_an_amp_server_answers_under_bfloat16_autocast(server):
             assert got != f32 and all(abs(got[i] - f32[i]) < 0.02 for i in got)
     finally:
         s.stop()
+
+
+def test_cross_origin_requests_and_foreign_host_names_are_refused(server):
+    """A web page on another origin could POST to the API without a CORS preflight (multipart,
+    text/plain): reload the adapters, or keep the inference thread drawing gate maps; a page whose
+    own name resolves to 127.0.0.1 (DNS rebinding) could read the answers."""
+    from svp.serve.app import request_refusal
+    from svp.serve.cli import allowed_hosts
+    status, body = H.http("POST", server.url + "/v1/adapters/reload", b"x",
+                          {"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert status == 403 and "cross-origin request refused" in body["error"], body
+    body_mp, ctype = H.multipart({"adapter": "svp"}, {"image": ("x.png", H.png_bytes(40))})
+    status, body = H.http("POST", server.url + "/v1/gates", body_mp, {"Origin": "null", "Content-Type": ctype})
+    assert status == 403, body
+    own = server.url.rstrip("/")   # the page at / is same-origin: its requests carry this Origin
+    status, body = H.http("POST", server.url + "/v1/predict", body_mp, {"Origin": own, "Content-Type": ctype})
+    assert status == 200, body
+    assert H.http("GET", server.url + "/healthz")[0] == 200   # no Origin: curl, scripts
+    names = allowed_hosts("127.0.0.1", None)
+    assert set(names) == {"localhost", "127.0.0.1", "::1"} and allowed_hosts("0.0.0.0", None) is None
+    assert allowed_hosts("0.0.0.0", ["svp.lan"]) == ("svp.lan", "0.0.0.0")
+    assert request_refusal("127.0.0.1:8000", None, names) is None
+    assert request_refusal("[::1]:8000", None, names) is None
+    assert "is not a name this server answers to" in request_refusal("evil.example:8000", None, names)
+    assert request_refusal("evil.example:8000", None, None) is None

@@ -74,7 +74,7 @@ def test_signal_finishes_in_flight_requests_then_exits_0(tmp_path, sig):
         t.start()
         # a client that stalls mid-upload: without --shutdown-timeout it held the server forever
         stalled = socket.create_connection(("127.0.0.1", port))
-        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         b"Content-Length: 100000\r\n\r\n{\"adapter\": \"svp\", ")
         time.sleep(0.5)  # the request is waiting in the batcher now
         t0 = time.monotonic()

@@ -325,6 +325,10 @@ def test_every_grid_point_is_checked_before_any_run_and_datasets_are_named_once(
         sweep("mini", ["svp"], [0], str(out), ["digits"], (), REAL, tune=["method.settings.svp.shared_layers=4,16"])
     with pytest.raises(C.ConfigError, match=r"digits / linear / method\.settings\.hidden=4: .*unknown setting"):
         sweep("mini", ["svp", "linear"], [0], str(out), ["digits"], (), REAL, tune=["method.settings.hidden=4,8"])
+    # the grid runs' splits as tuned_sweep sets them: a test split that is the one --tune selects on
+    with pytest.raises(C.ConfigError, match=r"--tune selects on the split 'val' .*data\.test_split='val' also names"):
+        sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL + ["data.test_split=val"],
+              tune=["train.lr=1e-3,1e-2"])
     with pytest.raises(C.ConfigError, match="--fail-fast stops a plain sweep"):
         sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL, fail_fast=True, tune=["train.lr=1e-3,1e-2"])
     with pytest.raises(C.ConfigError, match=r"--datasets names digits twice \('digits' and 'embedded/digits'\)"):

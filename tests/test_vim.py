@@ -450,11 +450,17 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
 
 
-def test_values_kept_while_frozen_are_dropped_once_the_tensors_train():
+@pytest.mark.parametrize("low_rank_max", [48, 0])
+def test_values_kept_while_frozen_are_dropped_once_the_tensors_train(monkeypatch, low_rank_max):
     """A fused optimizer steps without bumping version counters, so what a frozen backbone kept
     (A, the halved out_proj weight) matched again once it was frozen after full fine-tuning
-    (PeftModel.unload()): its outputs were the old weights' (0.35 off in a QA run)."""
+    (PeftModel.unload()): its outputs were the old weights' (0.35 off in a QA run). Above rank 48
+    (here forced with 0) dt_proj trains through F.linear, which never passed its kept transpose
+    through kept(): dropped after each optimizer step (3.9 off at dt_rank 50)."""
     import copy
+
+    import svp.models.vim as vim
+    monkeypatch.setattr(vim, "_LOW_RANK_TRAIN_MAX", low_rank_max)
     model = _small_vim()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     model.requires_grad_(False)

@@ -72,15 +72,31 @@ def _allowed_globals() -> Dict[str, Any]:
     return rc
 
 
-class AllowListUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves a global only if ``allowed()`` (``"module.name"`` ->
-    object) holds it; anything else is refused before it can be called. ``refusal`` ends the
-    error message."""
+class AllowListUnpickler(pickle._Unpickler):
+    """An unpickler that resolves a global only if ``allowed()`` (``"module.name"`` -> object)
+    holds it; anything else is refused before it can be called. ``refusal`` ends the error
+    message. It sets state (BUILD) only on instances of the allowed classes (and tensors), never
+    on a class: BUILD on the class ``argparse.Namespace`` set its attributes for the whole
+    process (a crafted .pth replaced ``Namespace.__init__``), which torch's weights-only
+    unpickler refuses too. Python's own implementation, whose opcodes can be overridden (the C
+    one's cannot); the pickles it reads are small (tensor data is stored apart) or one bytes
+    object (a CIFAR batch)."""
 
     refusal = "(no globals are)"
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def allowed(self) -> Dict[str, Any]:
         return {}
+
+    def load_build(self) -> None:
+        inst = self.stack[-2]   # (the state is on top)
+        classes = tuple(v for v in self.allowed().values() if isinstance(v, type))
+        if isinstance(inst, type) or not isinstance(inst, classes + (torch.Tensor,)):
+            what = f"the class {inst.__name__}" if isinstance(inst, type) else f"a {type(inst).__name__}"
+            raise pickle.UnpicklingError(f"setting the state of {what} is not allowed {self.refusal}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 2 (torch.save's, Python 2's) spells Python 3 names the Python 2 way

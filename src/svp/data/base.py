@@ -139,10 +139,31 @@ def _read_tiff(path: str) -> Image.Image:
     """TIFFs Pillow cannot decode (multi-channel float, some 16-bit layouts) via tifffile,
     which scikit-image (a dependency) brings along."""
     import tifffile
-    a = np.asarray(tifffile.imread(path))
+    with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        shape = tuple(series.shape)
+        # Pillow's decompression-bomb bound, from the header: a 1 MB compressed TIFF decoded to
+        # 2 GB (and to several copies of it in _to_uint8) when Pillow had refused it
+        hw = [d for d in shape if d not in (1, 2, 3, 4)][:2] if len(shape) > 2 else list(shape)
+        pixels = int(np.prod(hw)) if hw else 0
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and pixels > limit:
+            raise DatasetError(f"unreadable image: {path}: {pixels:,} pixels ({'x'.join(map(str, shape))}) exceed "
+                               f"the decompression-bomb limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS)")
+        a = np.asarray(series.asarray())
     if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[2] not in (3, 4):
         a = np.moveaxis(a, 0, -1)  # planar (C, H, W)
     return _array_to_rgb(a, path)
+
+
+_NOT_OPENED = ("EPS",)   # PostScript: Pillow hands it to Ghostscript where that is installed
+
+
+def _raster_formats():
+    """Every format Pillow opens but PostScript: a dataset file or an image given to svp predict
+    named evil.jpg that holds PostScript ran Ghostscript on it (svp serve opens a shorter list)."""
+    Image.init()
+    return [f for f in Image.OPEN if f not in _NOT_OPENED]
 
 
 def load_image(path: str) -> Image.Image:
@@ -151,7 +172,7 @@ def load_image(path: str) -> Image.Image:
     and ``svp viz`` come through here (``svp predict`` is to, too)."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=_raster_formats()) as im:
             im.load()
             return to_rgb(im, path)
     except FileNotFoundError:
@@ -160,6 +181,8 @@ def load_image(path: str) -> Image.Image:
         raise DatasetError(f"image not found: {path}{_case_hint(path)}") from None
     except DatasetError:
         raise
+    except Image.DecompressionBombError as e:   # (not retried through tifffile, which has no bound)
+        raise DatasetError(f"unreadable image: {path}: {e}") from None
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError
         if path.lower().endswith(_TIFF_EXTENSIONS):
             try:

@@ -21,6 +21,7 @@ import codecs
 import csv
 import json
 import os
+import pickle
 import re
 from typing import Dict, List, Tuple
 
@@ -62,6 +63,22 @@ CIFAR_LAYOUT = {
 _REBUILD = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own array rebuild, whatever its module
 
 
+MAX_CIFAR_VALUES = 50_000 * 3072   # the largest array of a CIFAR file (CIFAR-100's train: 50,000 images)
+
+
+class _BoundedArray(np.ndarray):
+    """numpy.ndarray as a CIFAR pickle may name it: an 89-byte file that called
+    ``numpy.ndarray((N, 3072), 'u1')`` itself (not numpy's rebuild, whose data is in the file)
+    made an array of N images of uninitialised memory, gigabytes for a large N."""
+
+    def __new__(cls, shape=(0,), *args, **kwargs):
+        n = int(np.prod(shape, dtype=np.float64)) if np.ndim(shape) else int(shape)
+        if n > MAX_CIFAR_VALUES:
+            raise pickle.UnpicklingError(f"an array of {n:,} values, more than a CIFAR file holds "
+                                         f"({MAX_CIFAR_VALUES:,})")
+        return np.ndarray.__new__(cls, shape, *args, **kwargs)
+
+
 class _CifarUnpickler(AllowListUnpickler):
     """CIFAR's batches are pickles of a dict of bytes, lists and one numpy array; a file under a
     data root is not trusted, so only the globals such a dict needs resolve (numpy's array
@@ -70,7 +87,7 @@ class _CifarUnpickler(AllowListUnpickler):
 
     refusal = "in a CIFAR batch (only numpy arrays, bytes, lists and dicts are)"
     _ALLOWED = {"numpy.core.multiarray._reconstruct": _REBUILD, "numpy._core.multiarray._reconstruct": _REBUILD,
-                "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "_codecs.encode": codecs.encode}
+                "numpy.ndarray": _BoundedArray, "numpy.dtype": np.dtype, "_codecs.encode": codecs.encode}
 
     def allowed(self):
         return self._ALLOWED

@@ -147,7 +147,7 @@ def parse_value(text: str) -> Any:
     if _SCI.match(text.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
         return float(text)
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError:
         return text
 
@@ -245,14 +245,61 @@ def _merge_mapping(into: dict, value: dict) -> dict:
     return into
 
 
+MAX_YAML_NODES = 1_000_000   # a configuration spelled out, aliases (*name) expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand it past MAX_YAML_NODES: a
+    2 KB config.yaml of nested aliases (a "billion laughs") loads as shared objects, and the
+    first walk of it (the resume digest's json.dumps) spelled out billions of strings until
+    memory ran out."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            n = _expanded_size(node, {})
+            if n > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"its aliases (*name) expand it past {MAX_YAML_NODES:,} values; refused (a "
+                                f"configuration file is far smaller)", node.start_mark)
+        return node
+
+
+def _expanded_size(node, memo: dict) -> int:
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1   # (a recursive alias counts once)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(c, memo) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def safe_load(stream) -> Any:
+    """``yaml.safe_load`` bounded in what its aliases expand to (see _BoundedLoader)."""
+    return yaml.load(stream, Loader=_BoundedLoader)   # noqa: S506 (a SafeLoader subclass)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):   # a value written twice is written out twice, not as *id001
+        return True
+
+
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, "r", encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     return data or {}
 
 
@@ -509,4 +556,4 @@ def validate(cfg: dict) -> None:
 
 
 def dump(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    return yaml.dump(cfg, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None)

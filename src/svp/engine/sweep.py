@@ -314,10 +314,11 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
 
 
 def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
-                  points: Sequence[Sequence[str]] = ((),)) -> None:
+                  points: Sequence[Sequence[str]] = ((),), tuning: bool = False) -> None:
     """A bad method, key or value fails the sweep before any training, naming the run
     (a run folder made with another configuration still fails its run only). ``points``: the
-    overrides of each --tune grid point (every point of every dataset and method is checked)."""
+    overrides of each --tune grid point (every point of every dataset and method is checked);
+    ``tuning``: with the training and validation splits the grid runs get (tuned_sweep)."""
     from .setup import check_method_fits
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
@@ -329,6 +330,9 @@ def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
                     # (resolving checks the method's name and settings; then the settings against the model)
                     cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files,
                                      list(overrides) + list(point), base)
+                    if tuning:
+                        _check_selection_splits(ds, m, int(seeds[0]), output, config_files,
+                                                list(overrides) + list(point), base, cfg)
                     # the model and the method's settings decide whether they fit (a dataset only
                     # its head's size): one check per combination, not per dataset
                     key = C.dump({"model": cfg["model"], "method": cfg["method"], "data": cfg["data"]["img_size"]})
@@ -359,7 +363,7 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     if tune:
         from . import tune as T
         points = [T.point_overrides(p) for p in T.grid_points(T.parse_tune(tune))]
-    check_configs(all_ds, methods, seeds, output, config_files, overrides, base, points)
+    check_configs(all_ds, methods, seeds, output, config_files, overrides, base, points, tuning=bool(tune))
     lock = _claim_output(output)
     try:
         if tune:
@@ -368,6 +372,19 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
         return _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs, base)
     finally:
         lock.release()
+
+
+def _check_selection_splits(ds, m, seed, output, config_files, overrides, base, cfg) -> None:
+    """The grid runs' configuration as tuned_sweep makes it (the selection splits added): a
+    data.test_split that names the split --tune selects on failed every grid run, one by one."""
+    from . import tune as T
+    train_split, val_split = T.selection_splits(ds, cfg)
+    if val_split == cfg["data"]["test_split"]:
+        raise C.ConfigError(f"--tune selects on the split {val_split!r} (data.val_split, or the dataset's own "
+                            f"validation split), which data.test_split={cfg['data']['test_split']!r} also names: "
+                            f"the choice would be made on the test split; give data.test_split another split")
+    run_config(ds, m, seed, output, "probe", config_files,
+               list(overrides) + [f"data.train_split={train_split}", f"data.val_split={val_split}"], base)
 
 
 SWEEP_LOCK = "sweep.lock"

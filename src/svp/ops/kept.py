@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Hashable, TypeVar
 
 import torch
+import torch.optim.optimizer as _optimizer
 
 T = TypeVar("T")
 
@@ -59,6 +60,21 @@ def _forget(t: torch.Tensor) -> None:
     fused step."""
     owner = t if t._base is None else t._base
     getattr(owner, "__dict__", {}).pop("_svp_kept", None)
+
+
+def _drop_kept_of_stepped(optimizer, args, kwargs) -> None:
+    """After any optimizer's step, its parameters drop what they kept: a training forward does not
+    pass every kept value through ``kept`` (dt_proj's transposed weight above rank 48 trains
+    through F.linear), so ``_forget`` alone left such an entry, which matched again once the
+    weight was frozen after fused steps (3.9 off on a dt_rank-50 model, QA 2026-12-05)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _forget(p)
+
+
+_register_step_hook = getattr(_optimizer, "register_optimizer_step_post_hook", None)   # (torch >= 2.0)
+if _register_step_hook is not None:
+    _register_step_hook(_drop_kept_of_stepped)
 
 
 def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tensor], T]) -> T:

@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -70,6 +70,10 @@ class ServeConfig:
     # 'mixed': one batch for any mix of adapters; 'per_adapter': a collected batch is split into
     # one pass per adapter (what serving each adapter as its own model gives; for comparison)
     batching: str = "mixed"
+    # Host header names accepted (None: any). svp serve on a loopback address accepts loopback
+    # names only: a web page whose own name resolves to 127.0.0.1 (DNS rebinding) is same-origin
+    # with the server in the browser's eyes, and could read its answers otherwise.
+    allowed_hosts: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self):
         if self.batching not in ("mixed", "per_adapter"):
@@ -590,11 +594,56 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         Route("/v1/gates", gates, methods=["POST"]),
     ]
     from starlette.exceptions import HTTPException
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    from starlette.middleware import Middleware
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found},
+                    middleware=[Middleware(OriginGuard, allowed_hosts=cfg.allowed_hosts)])
     app.state.model = model
     app.state.transform = transform
     app.state.metrics = metrics
     return app
+
+
+def _host_name(netloc: str) -> str:
+    """``host`` of ``host[:port]`` / ``[v6]:port``, lower case."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def request_refusal(host: str, origin: Optional[str], allowed_hosts: Optional[Sequence[str]]) -> Optional[str]:
+    """Why a request is refused (403), or None. A browser attaches ``Origin`` to the requests a
+    page makes; one from another origin may not call the API: a multipart or text/plain POST
+    needs no CORS preflight, so any web page the user opened could reload the adapters or keep
+    the inference thread drawing gate maps. Clients without an Origin (curl, scripts) and the
+    page at / (same origin) are served."""
+    if allowed_hosts is not None and _host_name(host) not in {h.lower() for h in allowed_hosts}:
+        return (f"Host {host!r} is not a name this server answers to ({', '.join(allowed_hosts)}); "
+                f"start svp serve with --allowed-host NAME to add one")
+    if origin is not None:
+        from urllib.parse import urlsplit
+        parts = urlsplit(origin.strip())
+        if origin.strip() == "null" or not parts.netloc or parts.netloc.lower() != host.strip().lower():
+            return (f"cross-origin request refused: Origin {origin!r} is not this server ({host}); svp serve "
+                    f"answers its own page and clients that send no Origin header (no CORS)")
+    return None
+
+
+class OriginGuard:
+    """ASGI middleware: ``request_refusal`` before any route runs (404s and the page included)."""
+
+    def __init__(self, app, allowed_hosts: Optional[Sequence[str]] = None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            why = request_refusal(headers.get("host", ""), headers.get("origin"), self.allowed_hosts)
+            if why is not None:
+                from starlette.responses import JSONResponse
+                await JSONResponse({"error": why, "status": 403}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _gate_pngs(model: MultiAdapterModel, x: torch.Tensor, name: str, mean, std) -> Dict[str, str]:

@@ -21,6 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, help="backbone checkpoint file (.pth or .safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name the server answers to (repeat). Default: on a loopback --host, the "
+                        "loopback names (localhost, 127.0.0.1, ::1) only, against DNS rebinding; on any "
+                        "other --host, every name")
     p.add_argument("--window-ms", type=float, default=5.0,
                    help="how long a request waits for others to batch with")
     p.add_argument("--max-batch", type=int, default=16,
@@ -38,6 +42,22 @@ def register(subparsers) -> None:
                    help="bfloat16 autocast for the large products, the scan in float32 (as svp predict --amp; "
                         "pays on a CPU with avx512_bf16 or amx_bf16, see svp doctor and docs/training.md)")
     p.set_defaults(func=run)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_hosts(host: str, given):
+    """The Host names served: those given (with the bind address), else on a loopback address
+    the loopback names, else any (None)."""
+    import ipaddress
+    if given:
+        return tuple(dict.fromkeys([*given, host]))
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return tuple(dict.fromkeys([*LOOPBACK_NAMES, host.strip("[]")])) if loopback else None
 
 
 def _server_class():
@@ -80,7 +100,8 @@ def run(args) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
-                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, batching=args.batching)
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
+                      batching=args.batching, allowed_hosts=allowed_hosts(args.host, args.allowed_host))
     if args.amp:
         from ..compat import cpu_bf16_instructions, no_bf16_warning
         found = cpu_bf16_instructions()
