@@ -73,3 +73,20 @@ def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(
     assert main(args[:-3] + ["bitfit", "--no-figure", "--quiet"]) == 0
     assert sorted(os.listdir(out)) == ["bitfit", "demo_results.json", "previous"]
     assert sorted(os.listdir(out / "previous")) == ["demo_results.json", "linear"]
+
+
+def test_select_lr_run_again_reuses_its_finished_runs(tmp_path, capsys, caplog):
+    """The documented way to finish an interrupted `svp demo --select-lr` is to run it again; each
+    finished grid run was refused as "made with another configuration" (its config.yaml resolved,
+    the demo's a partial dict), so the rerun wrote an empty preset over the shipped one."""
+    import json
+    import logging
+    args = ["demo", "--out", str(tmp_path / "d"), "--select-lr", "0.1", "--methods", "linear",
+            "--max-train-samples", "32", "--max-eval-samples", "32", "--epochs", "1", "--quiet"]
+    with caplog.at_level(logging.ERROR):
+        assert main(args) == 0
+        first = json.loads((tmp_path / "d" / "demo_preset.json").read_text())
+        assert main(args) == 0
+    assert not [r for r in caplog.records if "failed" in r.getMessage()], [r.getMessage() for r in caplog.records]
+    again = json.loads((tmp_path / "d" / "demo_preset.json").read_text())
+    assert first["lr"] == again["lr"] == {"linear": 0.1} and first["val_top1"] == again["val_top1"]

@@ -1119,3 +1119,16 @@ def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch):
     assert lost_peer(gloo, DistInfo(), "/runs/r") is None
     assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
                      DistInfo(rank=0, world_size=2, enabled=True), "/runs/r") is None
+
+
+def test_a_default_run_name_of_a_dataset_with_a_slash_is_one_folder(tmp_path):
+    """runs/hta/cub200-svp-... (a subfolder per benchmark, an empty runs/hta left after a failed
+    start) where training.md and --help show runs/hta_cub200-svp-..."""
+    from svp.engine.config import defaults
+    from svp.engine.runlock import claim_run_dir
+    cfg = defaults()
+    cfg["run"]["output"] = str(tmp_path)
+    cfg["data"]["dataset"] = "hta/cub200"
+    run_dir, lock, created = claim_run_dir(cfg)
+    lock.release()
+    assert os.path.dirname(run_dir) == str(tmp_path) and os.path.basename(run_dir).startswith("hta_cub200-svp-s0-")

@@ -52,6 +52,16 @@ def test_bad_arguments_are_named():
         fr.generate_split("test", 4, 2)
 
 
+def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys):
+    """`svp pretrain --threads 0` trained on one thread and recorded threads 0 (svp demo and svp
+    serve refuse it)."""
+    from svp.cli import main
+    for flag in ("--threads", "--epochs"):
+        assert main(["pretrain", "--out", str(tmp_path / "p"), flag, "0"]) == 2
+        assert f"svp pretrain: {flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def _args(out, **kw):
     d = dict(pt.DEFAULTS, out=str(out), num_classes=3, per_class=8, heldout_per_class=4, epochs=2,
              batch_size=8, warmup_steps=2, ckpt_every=2, threads=1, resume=False, export=None,

@@ -72,7 +72,11 @@ def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int =
         def mk(point, s, run_dir, refit, m=m):
             cfg = make_config(point, s, run_dir, refit)
             cfg["method"] = {"name": m, "settings": dict(METHOD_SETTINGS.get(m, {}))}
-            return cfg
+            # resolved as the engine resolves it: a finished grid run's config.yaml is compared with
+            # this one, and the partial dict differed in every key it left out, so each finished
+            # run was refused ("made with another configuration") and a rerun wrote an empty preset
+            from svp.engine import config as C
+            return C.resolve(base=cfg)
         cell = T.tune_cell(points, [seed], os.path.join(out, m), "val", mk, T.Runner(jobs), label=f"demo / {m}")
         preset["val_top1"][m] = {g["label"].split("=", 1)[1]: g["val_top1"] for g in cell["grid"]}
         if cell["chosen"] is not None:

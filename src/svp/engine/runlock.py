@@ -175,8 +175,10 @@ def default_run_name(cfg: dict, token: Optional[str] = None) -> str:
     """``<dataset>-<method>-s<seed>-<YYYYmmdd-HHMMSS>-<6 hex>``: the random tail keeps two runs
     started in the same second apart (and :func:`claim_run_dir` retries on the rare clash)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return (f"{cfg['data']['dataset']}-{cfg['method']['name']}-s{cfg['train']['seed']}-{stamp}-"
-            f"{token or secrets.token_hex(3)}")
+    # a dataset's "/" (hta/cub200) made a subfolder: runs/hta/cub200-svp-..., not the documented
+    # runs/hta_cub200-svp-...
+    dataset = str(cfg["data"]["dataset"]).replace("/", "_").replace(os.sep, "_")
+    return f"{dataset}-{cfg['method']['name']}-s{cfg['train']['seed']}-{stamp}-{token or secrets.token_hex(3)}"
 
 
 def _holds_a_run(run_dir: str) -> bool:

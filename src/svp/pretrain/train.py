@@ -362,8 +362,8 @@ def register(subparsers):
 def _main(args) -> int:
     args.command_line = "svp pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else None
-    for k in ("num_classes", "per_class", "heldout_per_class", "epochs", "batch_size", "ckpt_every"):
-        if getattr(args, k) < 1:
+    for k in ("num_classes", "per_class", "heldout_per_class", "epochs", "batch_size", "ckpt_every", "threads"):
+        if getattr(args, k) < 1:   # (--threads 0 ran on one thread, and recorded 0)
             print(f"svp pretrain: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}", file=sys.stderr)
             return 2
     if args.per_class * args.num_classes < args.batch_size:
