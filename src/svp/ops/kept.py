@@ -16,7 +16,9 @@ drops what it kept while frozen (``_forget``): a trained parameter evaluated und
 between fused steps got the values kept at the first evaluation (full fine-tuning's A, out_proj's
 halved weight), until 2026-12 (docs/benchmarks.md, thirty-first round); one frozen again after
 fused steps (``PeftModel.unload()`` after full fine-tuning) matched its old entry, until
-2026-12-05. Inference tensors have no version counter and keep nothing.
+2026-12-05: now every optimizer step also drops its parameters' entries (a global step hook,
+``_drop_kept_of_stepped``; torch >= 2.0). Inference tensors have no version counter and keep
+nothing.
 """
 from __future__ import annotations
 
