@@ -144,8 +144,10 @@ def _read_tiff(path: str) -> Image.Image:
         shape = tuple(series.shape)
         # Pillow's decompression-bomb bound, from the header: a 1 MB compressed TIFF decoded to
         # 2 GB (and to several copies of it in _to_uint8) when Pillow had refused it
-        hw = [d for d in shape if d not in (1, 2, 3, 4)][:2] if len(shape) > 2 else list(shape)
-        pixels = int(np.prod(hw)) if hw else 0
+        channels = 1
+        if len(shape) > 2:   # (H, W, C) or planar (C, H, W); more pages count as more pixels
+            channels = shape[-1] if shape[-1] <= 4 else (shape[0] if shape[0] <= 4 else 1)
+        pixels = int(np.prod(shape, dtype=np.float64)) // max(1, channels)
         limit = Image.MAX_IMAGE_PIXELS
         if limit and pixels > limit:
             raise DatasetError(f"unreadable image: {path}: {pixels:,} pixels ({'x'.join(map(str, shape))}) exceed "
