@@ -226,6 +226,10 @@ def test_a_tiff_over_the_pixel_bound_is_not_decoded_by_the_fallback(tmp_path, mo
     tifffile.imwrite(pf, np.zeros((6, 6, 3), np.float32), photometric="rgb")
     with pytest.raises(DatasetError, match=r"rgbf\.tif: 36 pixels \(6x6x3\) exceed the decompression-bomb limit"):
         load_image(pf)
+    thin = str(tmp_path / "thin.tif")   # a side of 4 or less is a side, not channels (4 x 9: 36 pixels)
+    tifffile.imwrite(thin, np.zeros((4, 9, 3), np.float32), photometric="rgb")
+    with pytest.raises(DatasetError, match=r"thin\.tif: 36 pixels \(4x9x3\) exceed"):
+        load_image(thin)
     assert called == []
 
 
