@@ -11,14 +11,14 @@ carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
 the version counter (no code in svp does that), and torch's fused optimizers: ``torch.optim.AdamW
 (fused=True)`` on the CPU (the engine's default, ``train.opt_fused``) steps its parameters without
-bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing, and
-drops what it kept while frozen (``_forget``): a trained parameter evaluated under ``no_grad``
-between fused steps got the values kept at the first evaluation (full fine-tuning's A, out_proj's
-halved weight), until 2026-12 (docs/benchmarks.md, thirty-first round); one frozen again after
-fused steps (``PeftModel.unload()`` after full fine-tuning) matched its old entry, until
-2026-12-05: now every optimizer step also drops its parameters' entries (a global step hook,
-``_drop_kept_of_stepped``; torch >= 2.0). Inference tensors have no version counter and keep
-nothing.
+bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing: a
+trained parameter evaluated under ``no_grad`` between fused steps got the values kept at the
+first evaluation (full fine-tuning's A, out_proj's halved weight), until 2026-12 (docs/
+benchmarks.md, thirty-first round). And every optimizer step drops what its parameters kept
+while frozen (a global step hook, ``_drop_kept_of_stepped``): one frozen again after fused steps
+(``PeftModel.unload()`` after full fine-tuning) matched its old entry, until 2026-12-05. (The
+hook exists from torch 2.0; a CPU fused step only from 2.4.) Inference tensors have no version
+counter and keep nothing.
 """
 from __future__ import annotations
 
@@ -33,10 +33,7 @@ T = TypeVar("T")
 def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on),
     for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
-    if t.is_inference():
-        return make()
-    if t.requires_grad:
-        _forget(t)
+    if t.is_inference() or t.requires_grad:
         return make()
     key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
     owner = t if t._base is None else t._base
@@ -54,24 +51,17 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     return value
 
 
-def _forget(t: torch.Tensor) -> None:
-    """Drop what ``t`` kept while it was frozen: a tensor that requires grad may be stepped by a
-    fused optimizer, which ``kept``'s key cannot see, and frozen again later (``PeftModel.unload()``
-    after full fine-tuning; a user's own freeze): its old entry then matched and its old values
-    were used. Every forward of a trained tensor passes here, so the entry goes before the first
-    fused step."""
-    owner = t if t._base is None else t._base
-    getattr(owner, "__dict__", {}).pop("_svp_kept", None)
-
-
 def _drop_kept_of_stepped(optimizer, args, kwargs) -> None:
-    """After any optimizer's step, its parameters drop what they kept: a training forward does not
-    pass every kept value through ``kept`` (dt_proj's transposed weight above rank 48 trains
-    through F.linear), so ``_forget`` alone left such an entry, which matched again once the
-    weight was frozen after fused steps (3.9 off on a dt_rank-50 model, QA 2026-12-05)."""
+    """After any optimizer's step, its parameters drop what they kept while frozen: a fused step,
+    which ``kept``'s key cannot see, left the entries of a tensor kept while frozen, trained, then
+    frozen again (``PeftModel.unload()`` after full fine-tuning; a user's own freeze), and its old
+    values were used (0.35 off on the mini Vim, 3.9 at dt_rank 50, QA 2026-12-05). Every step,
+    whatever path the training forward took (dt_proj's transpose above rank 48 is kept by the
+    scan, not by the mixer's forward)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            _forget(p)
+            owner = p if p._base is None else p._base
+            getattr(owner, "__dict__", {}).pop("_svp_kept", None)
 
 
 _register_step_hook = getattr(_optimizer, "register_optimizer_step_post_hook", None)   # (torch >= 2.0)
@@ -88,7 +78,6 @@ def kept_unless_trained(t: torch.Tensor, tag: Hashable, fn: Callable[[torch.Tens
     every call (which autograd sees where gradients are on), also under ``no_grad``: a fused
     optimizer step leaves no trace ``kept`` could see."""
     if t.requires_grad and torch.is_grad_enabled():
-        _forget(t)
         return fn(t)
 
     def make():
