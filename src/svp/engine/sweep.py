@@ -419,21 +419,15 @@ def _wait_for_runs_held(output: str, timeout_s: float = 60.0) -> None:
     import time
 
     from .runlock import LOCK_FILE, describe_holder, holder
-    held = []
-    for folder, _, files in os.walk(output):
-        if LOCK_FILE in files and holder(folder) is not None:
-            held.append(folder)
-    deadline, said = time.monotonic() + timeout_s, set()
+    held = {folder: holder(folder) for folder, _, files in os.walk(output) if LOCK_FILE in files}
+    held = {folder: info for folder, info in held.items() if info is not None}
+    for folder, info in held.items():
+        log.warning("waiting for %s to leave run folder %s (a run of an earlier sweep of this folder "
+                    "stopping?)", describe_holder(info), folder)
+    deadline = time.monotonic() + timeout_s
     while held and time.monotonic() < deadline:
-        for folder in held:
-            info = holder(folder)
-            if info is not None and folder not in said:
-                log.warning("waiting for %s to leave run folder %s (a run of an earlier sweep of this folder "
-                            "stopping?)", describe_holder(info), folder)
-                said.add(folder)
-        held = [f for f in held if holder(f) is not None]
-        if held:
-            time.sleep(0.5)
+        time.sleep(0.5)
+        held = {folder: info for folder in held if (info := holder(folder)) is not None}
 
 
 def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides, fail_fast, jobs, base):
