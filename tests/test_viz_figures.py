@@ -170,6 +170,13 @@ def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_noth
     mask = np.zeros((40, 40), np.float32)  # 40 -> 32 px: a patch spans 5 pixels, the box 2 of them
     mask[:, 3:5] = 1
     assert mask_to_grid(mask, (32, 32), vim)[1][0, 0] == 0
+    # A box of fractional pixels covers its edge pixels in part: x 2.45-4.9 spans 2.45 of the
+    # first patch's 5 pixels (49%, background); rounded to pixels 2-5 it spanned 60% (object).
+    from svp.viz.cli import parse_box
+    box = parse_box("2.45,0,4.9,40", 40, 40)
+    assert box.sum() == pytest.approx(2.45 * 40, rel=1e-6) and box[0, 2] == pytest.approx(0.55)
+    assert mask_to_grid(box, (32, 32), vim)[1][0, 0] == 0
+    assert mask_to_grid(parse_box("2.4,0,4.9,40", 40, 40), (32, 32), vim)[1][0, 0] == 1  # 50%
     from svp.viz.figures import VizError
     img = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
     with pytest.raises(VizError, match="covers 0 of 64 patches"):

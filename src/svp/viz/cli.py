@@ -75,9 +75,14 @@ def parse_box(text: str, width: int, height: int) -> np.ndarray:
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise VizError(f"--box {text!r}: need 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} "
                        f"(the image is {width}x{height})")
-    mask = np.zeros((height, width), dtype=np.float32)
-    mask[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))] = 1.0
-    return mask
+    # Each pixel holds the share of its area inside the box: a box of fractional pixels covers
+    # its edge pixels in part (rounding them moved a small image's box by up to half a pixel).
+    return np.outer(_span_cover(y0, y1, height), _span_cover(x0, x1, width)).astype(np.float32)
+
+
+def _span_cover(lo: float, hi: float, n: int) -> np.ndarray:
+    j = np.arange(n, dtype=np.float64)
+    return np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, 1.0)
 
 
 def load_mask(path: str, width: int, height: int) -> np.ndarray:

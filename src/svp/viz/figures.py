@@ -40,12 +40,14 @@ def prepare_image(img, size: Tuple[int, int], mean, std) -> Tuple[torch.Tensor, 
 
 def mask_to_grid(mask: np.ndarray, size: Tuple[int, int], vim) -> Tuple[np.ndarray, np.ndarray]:
     """Object mask in original pixels -> (mask at model input size, (gh, gw) 0/1 patch mask:
-    a patch is 'object' when at least half of its pixels are).
+    a patch is 'object' when at least half of its pixels are). A mask value is the share of
+    that pixel inside the object: 0/1 for a drawn mask, a fraction on a box's edge pixels
+    (values are clipped to [0, 1]).
 
     The coverage is the exact area average of the original pixels, so a patch's share counts
     every pixel it spans; a nearest-neighbour resize first kept only sampled pixels (a box
     covering 43% of a patch counted as object at 224 px)."""
-    m = (np.asarray(mask) > 0.5).astype(np.float64)
+    m = np.clip(np.asarray(mask, dtype=np.float64), 0.0, 1.0)
     frac = (_area_weights(m.shape[0], size[0]) @ m @ _area_weights(m.shape[1], size[1]).T).astype(np.float32)
     pe = vim.patch_embed
     cover = torch.nn.functional.avg_pool2d(torch.from_numpy(frac)[None, None], kernel_size=pe.patch_size,
@@ -93,7 +95,8 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
               direction: str = "both", mask: Optional[np.ndarray] = None, dpi: int = 100,
               alpha: float = 1.0) -> List[str]:
     """Analyse ``image`` (PIL) with every model in ``models`` (label -> module) and write the
-    figures into ``out_dir``. ``mask``: optional (H, W) 0/1 object mask in the image's pixels.
+    figures into ``out_dir``. ``mask``: optional (H, W) object mask in the image's pixels: 1 inside,
+    0 outside, a fraction for a pixel partly inside (a box's edges).
     Returns the written paths."""
     from .plots import plot_comparison, plot_difference, plot_model_heatmaps, plot_region_curves, region_curves
     if not models:
