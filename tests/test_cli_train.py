@@ -502,6 +502,14 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
         assert not (tmp_path / "runs" / "bad").exists()
+    # nor the folders made for it: run.output and a run.name's "a/b" (an empty "a" was left), while
+    # a folder that was there before stays, empty or not
+    (tmp_path / "kept").mkdir()
+    for out, name in ((tmp_path / "fresh" / "runs", "a/b/bad"), (tmp_path / "kept", "c/bad")):
+        assert svp_main(["train", "-c", cfg, "--name", name, f"run.output={out}", "model.kwargs.depth=0"]) == 2
+        assert "depth=0" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    assert (tmp_path / "kept").is_dir() and not os.listdir(tmp_path / "kept")
 
 
 # ---------------------------------------------------------------- official checkpoint

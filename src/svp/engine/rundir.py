@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -21,14 +21,15 @@ from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
 from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
 from .progress import log_fatal, setup_logging, teardown_logging
-from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume  # noqa: F401 (default_run_name re-exported)
+from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume, remove_made_folders  # noqa: F401 (default_run_name re-exported)
 
 
-def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], bool]:
+def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], List[str]]:
     """Claim and lock a fresh run folder on the main rank; every rank gets its path (so a
-    generated name is the main rank's). Returns ``(run_dir, lock or None, created)``."""
+    generated name is the main rank's). Returns ``(run_dir, lock or None, created)``:
+    ``created`` lists the folders made for it (``claim_run_dir``; empty on other ranks)."""
     claimed = on_main_rank(lambda: claim_run_dir(cfg), dist_info, shared=lambda c: c[0])
-    return claimed if dist_info.is_main else (claimed, None, False)
+    return claimed if dist_info.is_main else (claimed, None, [])
 
 
 def load_run_config(run_dir: str, overrides=()) -> dict:
@@ -249,7 +250,7 @@ def run_session(run):
     locked (one process per folder), logged to, and on the way out unlocked; a fresh folder
     that never saw a training step is removed when the run fails, any other failure is
     written to train.log. A second Ctrl-C and an unwritable folder become one-line errors."""
-    handlers, lock, created, discard, run_dir = [], None, False, False, run.resume_dir
+    handlers, lock, created, discard, run_dir = [], None, [], False, run.resume_dir
     run.folder, run.stepped = None, False
     try:
         try:
@@ -275,7 +276,7 @@ def run_session(run):
                 raise
             raise lost from None
     except BaseException as e:
-        discard = created and not run.stepped and not isinstance(e, TrainingStopped)
+        discard = bool(created) and not run.stepped and not isinstance(e, TrainingStopped)
         if not discard:
             log_fatal(handlers, e)
         raise
@@ -286,3 +287,5 @@ def run_session(run):
             shutil.rmtree(run.folder.path if run.folder else run_dir, ignore_errors=True)
         if lock is not None:
             lock.release()
+        if discard:   # the folders made for it too (run.output, a run.name's "a/b"), when empty
+            remove_made_folders(created[:-1])

@@ -21,7 +21,7 @@ import os
 import secrets
 import socket
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ..errors import ConfigError, ResumeError
 
@@ -186,32 +186,67 @@ def _holds_a_run(run_dir: str) -> bool:
     return any(os.path.exists(os.path.join(run_dir, f)) for f in (RESUME_FILE, "results.json"))
 
 
-def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, bool]:
+def _makedirs(path: str) -> List[str]:
+    """``os.makedirs(path, exist_ok=True)`` that returns the folders it made, outermost first."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):
+        made.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    made.reverse()
+    for i, d in enumerate(made):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            made[i] = ""   # made by someone else meanwhile: not ours to remove
+    return [d for d in made if d]
+
+
+def remove_made_folders(folders: List[str]) -> None:
+    """Remove the folders :func:`claim_run_dir` made for a run that never started, innermost
+    first, each only if still empty (another run may have put its folder beside it)."""
+    for d in reversed(folders):
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, List[str]]:
     """Create (or take over an empty) run folder for a fresh run and lock it.
-    Returns ``(run_dir, lock, created)``; ``created`` is True when this call made the folder
-    (so a run that fails before it writes anything may remove it). Call on the main rank
-    only and broadcast the path (``distributed.broadcast_object``): the other ranks then
-    agree on the name even when it is generated."""
+    Returns ``(run_dir, lock, created)``; ``created`` lists the folders this call made,
+    outermost first and the run folder last (empty when it took over an existing folder), so a
+    run that fails before it writes anything may remove them: ``run.output`` and the folders of
+    a ``run.name`` with ``/`` included. Call on the main rank only and broadcast the path
+    (``distributed.broadcast_object``): the other ranks then agree on the name even when it is
+    generated."""
     out = cfg["run"]["output"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"run.output={out!r} is a file, not a folder; choose a folder for the runs")
     try:
-        os.makedirs(out, exist_ok=True)
+        made = _makedirs(out)
     except OSError as e:
         raise ConfigError(f"run.output={out!r}: cannot create the folder ({e.strerror or e})") from None
     name = cfg["run"]["name"]
     for _ in range(100):
         run_dir = os.path.abspath(os.path.join(out, name or default_run_name(cfg)))
         try:
-            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+            parents = _makedirs(os.path.dirname(run_dir))
+            made += parents
             os.mkdir(run_dir)
-            created = True
+            created = made + [run_dir]
+        except FileNotFoundError:
+            continue   # a parent removed by a run that failed to start beside this one: make it again
         except FileExistsError:
             if not name:
                 continue  # a generated name that is taken: draw another
             if not os.path.isdir(run_dir):
                 raise ConfigError(f"run folder {run_dir} is a file, not a folder; choose another run.name") from None
-            created = False
+            created = []
         except OSError as e:
             raise ConfigError(f"run.output={out!r}: cannot create run folder {run_dir} "
                               f"({e.strerror or e})") from None
