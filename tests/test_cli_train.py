@@ -230,14 +230,20 @@ def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_pat
 # ---------------------------------------------------------------- non-finite loss
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
+    # the folder of an earlier attempt killed before its first resume point: taken over, and its
+    # log set aside (the two attempts' lines were in one train.log)
+    (tmp_path / "runs" / "nan").mkdir(parents=True)
+    (tmp_path / "runs" / "nan" / "train.log").write_text("an earlier attempt\n")
     rc = svp_main(["train", "-c", cfg, "--name", "nan", "debug.nan_at_step=2"])
     assert rc == 3
+    assert (tmp_path / "runs" / "nan" / "train.log.1").read_text() == "an earlier attempt\n"
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 2 (epoch 1, batch 2/3" in err
     run = tmp_path / "runs" / "nan"
     # once on stderr (the log line and the exit line both printed it), once in train.log
     assert err.count("non-finite loss (nan) at step 2") == 1, err
     assert (run / "train.log").read_text().count("non-finite loss (nan) at step 2") == 1
+    assert "an earlier attempt" not in (run / "train.log").read_text()
     info = json.loads((run / "nonfinite" / "nonfinite.json").read_text())
     assert info["step"] == 2 and info["epoch"] == 1
     dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))

@@ -244,6 +244,15 @@ def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
                      f"keeps its last resume point: {resume_command(path)}", exit_code=1)
 
 
+def _set_aside_earlier_log(run_dir: str) -> None:
+    """A fresh run in a folder an earlier attempt left without a resume point (killed before its
+    first, then trained again, e.g. by a restarted sweep) starts its own ``train.log``: the
+    earlier attempt's becomes ``train.log.1`` (metrics.jsonl and config.yaml are rewritten)."""
+    log_file = os.path.join(run_dir, "train.log")
+    if os.path.isfile(log_file):
+        os.replace(log_file, log_file + ".1")
+
+
 @contextlib.contextmanager
 def run_session(run):
     """The run folder for the whole of a run (``run`` is the loop's Trainer): claimed and
@@ -261,6 +270,8 @@ def run_session(run):
                 check_resumable(run_dir)
             else:
                 run_dir, lock, created = prepare_run_dir(run.cfg, run.dist)
+                if run.dist.is_main and not created:
+                    _set_aside_earlier_log(run_dir)
             handlers = setup_logging(run_dir if run.dist.is_main else None, run.dist.is_main)
             run.folder = RunFolder(run_dir, run.cfg, run.dist)
             run.folder.start(fresh=not run.resume_dir)
