@@ -27,3 +27,22 @@ def descendants(pid):
             out.append(c)
             todo.append(c)
     return out
+
+
+class SignalsItself:
+    """A dataset whose worker receives a SIGINT while reading item 1, as every process of a
+    terminal's process group does on a Ctrl-C (picklable: DataLoader workers under spawn)."""
+
+    def __init__(self, n=4):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import signal
+
+        import torch
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.full((3,), float(i)), i % 2

@@ -662,6 +662,13 @@ def test_config_files_merge_per_method_blocks_key_by_key(tmp_path):
     assert cfg["method"]["settings"]["svp"] == {"hidden": 99, "shared_layers": 1}
     import pathlib
     assert C.resolve(overrides=[], base={"run": {"output": pathlib.Path("x")}})["run"]["output"] == "x"
+    # `run.output=~/runs` reaches svp unexpanded (bash expands ~ only at a word's start): it made a
+    # folder named "~" in the working directory, while data.root expanded it
+    home = os.path.expanduser("~")
+    cfg = C.resolve(overrides=["run.output=~/runs", "model.checkpoint=~/v.pth", "data.root=~/data"],
+                    use_presets=False)
+    assert cfg["run"]["output"] == os.path.join(home, "runs") and cfg["data"]["root"] == os.path.join(home, "data")
+    assert cfg["model"]["checkpoint"] == os.path.join(home, "v.pth")
 
 
 def test_settings_that_were_silently_ignored_or_rounded_are_refused():

@@ -1136,3 +1136,40 @@ def test_a_default_run_name_of_a_dataset_with_a_slash_is_one_folder(tmp_path):
     run_dir, lock, created = claim_run_dir(cfg)
     lock.release()
     assert os.path.dirname(run_dir) == str(tmp_path) and os.path.basename(run_dir).startswith("hta_cub200-svp-s0-")
+
+
+def test_a_spawned_loader_worker_lets_a_first_ctrl_c_pass_as_a_forked_one_does():
+    """macOS and Windows start DataLoader workers with spawn: a worker then had Python's default
+    SIGINT handler, not the run's (which a forked worker inherits), and died on a terminal's
+    Ctrl-C, which reaches every process of the group: the main process lost the batch it waited
+    for and the run crashed with no resume point. Every loader svp makes sets the workers'
+    handlers itself (here evaluate's, with num_workers=1, under spawn)."""
+    import multiprocessing as mp
+
+    import torch
+    from proc_helpers import SignalsItself
+    from svp.engine.distributed import DistInfo
+    from svp.engine.evaluate import evaluate
+    old = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
+    try:
+        res = evaluate(torch.nn.Linear(3, 2), SignalsItself(4), None, 2, "cpu", DistInfo(), num_workers=1)
+    finally:
+        mp.set_start_method(old, force=True)
+    assert res["n"] == 4
+
+
+def test_the_svp_command_escapes_what_the_consoles_code_page_lacks(monkeypatch):
+    """Windows writes redirected output in its ANSI code page (cp1252 here): `svp predict`
+    stopped with a UnicodeEncodeError at the first image named outside it. The command's
+    streams write such a character as an escape."""
+    import io
+    import sys
+
+    from svp.cli import _lenient_output
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    _lenient_output()
+    print("imgs/图.png\tcat", file=sys.stdout)
+    out.flush()
+    assert out.buffer.getvalue() == b"imgs/\\u56fe.png\tcat\n"

@@ -1,5 +1,6 @@
 """Atomic writes: the target is either the old file or the complete new one."""
 import json
+import logging
 import os
 import stat
 
@@ -30,6 +31,37 @@ def test_written_files_are_complete_and_readable_by_others(tmp_path):
     atomic_save_safetensors(path, {"x": torch.arange(6.0).view(2, 3).t()}, metadata={"k": "v"})
     assert torch.equal(load_file(str(path))["x"], torch.arange(6.0).view(2, 3).t())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_writes_flush_through_a_handle_that_may_write_and_keep_a_c_locale_paths_bytes(tmp_path, monkeypatch):
+    """Windows flushes a file only through a handle open for writing (FlushFileBuffers): svp
+    fsynced a read-only one, so every write it makes failed there with EBADF (simulated: an fsync
+    refusing read-only descriptors). A path Python decoded under LC_ALL=C holds its non-ASCII bytes
+    as lone surrogates: writing it (results.csv's run_dir column) failed 'surrogates not allowed'."""
+    import errno
+    import fcntl
+
+    import svp.io as sio
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+    monkeypatch.setattr(sio.os, "fsync", windows_fsync)
+    name = "r\udcc3\udcbcn"   # "rün" as Python decodes it under LC_ALL=C
+    path = sio.atomic_write_text(tmp_path / "a.csv", f"run_dir\n{name}\n")
+    with open(path, "rb") as f:
+        assert f.read() == "run_dir\nrün\n".encode("utf-8")
+    # train.log's "run folder: ..." line: a logging error and the line lost
+    from svp.engine.progress import log, setup_logging, teardown_logging
+    handlers = setup_logging(str(tmp_path), True)
+    try:
+        monkeypatch.setattr(logging, "raiseExceptions", False)   # a lost line, not a traceback on stderr
+        log.info("run folder: %s", name)
+    finally:
+        teardown_logging(handlers)
+    assert (tmp_path / "train.log").read_bytes().endswith("run folder: rün\n".encode("utf-8"))
 
 
 def test_safetensors_files_of_the_same_content_have_the_same_bytes(tmp_path):

@@ -70,6 +70,15 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _lenient_output() -> None:
+    """A character the output's encoding lacks is written as an escape, not an error: Windows
+    writes redirected output in its ANSI code page, where `svp predict` stopped with a
+    UnicodeEncodeError at the first image named outside it (the rest of the answers lost)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run() -> None:
     """The ``svp`` console script and ``python -m svp``: one command in a process of its own.
     What is imported by now (torch, timm, svp) is frozen out of the cyclic collector for the
@@ -78,6 +87,7 @@ def run() -> None:
     from . import runtime
 
     runtime.freeze_imports()
+    _lenient_output()
     rc = main()
     # the command has finished and said how: a Ctrl-C now (a second press while `svp serve` shut
     # down) killed the process by SIGINT as the interpreter exited, losing its exit status. Ignored,

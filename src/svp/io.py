@@ -115,7 +115,9 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+        # opened for writing: Windows flushes a file only through a handle that may write
+        # (os.fsync of a read-only one fails there with EBADF, at every write svp makes)
+        fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)
         finally:
@@ -137,7 +139,9 @@ def atomic_write_bytes(path, data: bytes) -> str:
 
 
 def atomic_write_text(path, text: str) -> str:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a path Python decoded under a non-UTF-8 locale (LC_ALL=C) holds its
+    # undecodable bytes as lone surrogates; they are written back as those bytes, not refused
+    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_write_json(path, obj: Any, sort_keys: bool = False) -> str:

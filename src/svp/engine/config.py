@@ -444,6 +444,7 @@ _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_l
 # names, paths and split names: text (null, a number or an empty string crashed where they were used)
 _TEXT = ("model.name", "method.name", "data.dataset", "data.train_split", "train.opt", "train.device", "run.output")
 _TEXT_OR_NULL = ("model.checkpoint", "data.root", "data.val_split", "data.test_split")
+_PATHS = ("run.output", "model.checkpoint", "data.root")
 
 
 _INF = float("inf")
@@ -472,6 +473,10 @@ def validate(cfg: dict) -> None:
         v = get_key(cfg, key)
         if isinstance(v, os.PathLike):   # from Python: a pathlib.Path is a path
             v = os.fspath(v)
+            set_key(cfg, key, v)
+        if key in _PATHS and isinstance(v, str) and v.startswith("~"):
+            # `run.output=~/runs` reaches svp unexpanded (the shell expands ~ at a word's start only)
+            v = os.path.expanduser(v)
             set_key(cfg, key, v)
         if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))

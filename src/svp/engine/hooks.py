@@ -46,7 +46,7 @@ class DebugHooks(Hooks):
 
     def after_step(self, global_step):
         if self.kill_at is not None and global_step == int(self.kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))   # (Windows has no SIGKILL)
 
 
 def hooks_for(cfg: dict) -> Hooks:

@@ -69,7 +69,8 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
         sh.setFormatter(logging.Formatter("%(message)s"))
         handlers.append(sh)
         if run_dir:
-            fh = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8")
+            # (a run folder's name under a non-UTF-8 locale holds lone surrogates: their bytes)
+            fh = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="surrogateescape")
             fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             handlers.append(fh)
     for h in handlers:

@@ -399,6 +399,7 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     from .distributed import EpochSampler, SeededDataset, comm_device
     from .optim import build_optimizer, scaled_lr
     from .sched import Schedule
+    from .signals import loader_worker_init
 
     t = cfg["train"]
     set_deterministic(bool(t["deterministic"]))
@@ -418,7 +419,8 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     cuda = device.type == "cuda"
     r.loader = torch.utils.data.DataLoader(
         SeededDataset(r.train_ds, train_tf), batch_size=int(t["batch_size"]), sampler=r.sampler,
-        num_workers=int(cfg["data"]["num_workers"]), pin_memory=cuda, persistent_workers=False)
+        num_workers=int(cfg["data"]["num_workers"]), pin_memory=cuda, persistent_workers=False,
+        worker_init_fn=loader_worker_init)
     r.lr = scaled_lr(cfg, dinfo.world_size)
     r.optimizer = build_optimizer(model, cfg, r.lr)
     r.sched = Schedule(r.optimizer, cfg, r.steps_per_epoch)

@@ -123,6 +123,28 @@ class StopRequest(_Handler):
             self.on_first(signal.Signals(signum).name)
 
 
+_worker_signals = 0
+
+
+def _worker_handle(signum, frame):
+    global _worker_signals
+    _worker_signals += 1
+    if _worker_signals > 1:
+        raise KeyboardInterrupt
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader svp makes: a worker lets a first SIGINT/SIGTERM
+    pass (the main process, which got it too, finishes its step, saves and ends its workers)
+    and gives up on a second, as the main process does. A forked worker inherited that
+    behaviour from the main process's handler; a spawned one (macOS and Windows start workers
+    so) had Python's default and died on a terminal's Ctrl-C with the batch the main process
+    was waiting for (the run crashed with no resume point)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _worker_handle)
+
+
 def resume_command(run_dir: str) -> str:
     """The command that continues ``run_dir`` as it was started: a run saved by several
     processes resumes only with as many (svp refuses another world size)."""
