@@ -668,3 +668,43 @@ def test_bad_sizes_and_unbatched_images_are_named():
         model(torch.randn(3, 32, 32))
     assert timm.create_model("vim_tiny_patch16_224", **dict(tiny_kwargs(), num_classes=0))(
         torch.randn(1, 3, 32, 32)).shape == (1, 32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_float64_model_computes_in_float64(backend):
+    """`.double()` on the float64 backends ('reference', 'torch'): the residual stream, A, D and
+    dt_proj's bias were cast with .float(), so the model was float32-accurate and gradcheck of
+    the image gradient failed (saliency checks in float64, as the cpu backend's float64 warning
+    advises)."""
+    from svp.ops import set_backend
+    from svp.peft import get_peft_model, make_config
+    torch.manual_seed(0)
+    vim = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=8, patch_size=4, stride=4, embed_dim=16))
+    model = get_peft_model(vim, make_config("svp", num_classes=5, shared_layers=1)).double().eval()
+    dtypes = set()
+    model.base_model.layers[1].norm.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    set_backend(backend)
+    try:
+        assert torch.autograd.gradcheck(model, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    finally:
+        set_backend(None)
+    assert dtypes == {torch.float64}
+
+
+def test_a_hook_the_mixer_cannot_call_is_said_once():
+    """The mixer reads conv1d's and dt_proj's weights itself: a forward hook on them (feature
+    extraction, ablations) was never called and changed nothing, silently."""
+    import warnings
+    vim = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen = []
+    h = vim.layers[0].mixer.x_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vim(x)   # x_proj's hook is called, nothing said
+    assert seen
+    h.remove()
+    vim.layers[1].mixer.dt_proj_b.register_forward_hook(lambda m, i, o: o.zero_())
+    with pytest.warns(UserWarning, match=r"conv1d/conv1d_b or dt_proj/dt_proj_b is never called.*delta_hook"):
+        vim(x)

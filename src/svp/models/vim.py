@@ -398,7 +398,7 @@ class BiMambaMixer(nn.Module):
         needs no gradient here (a frozen backbone, inference; svp.ops.kept_unless_trained): the
         exp is not recomputed, and the CPU scan keeps the tables it derives from A on it
         (svp.ops.scan_cpu._tables; ~40 µs per direction and layer at batch 1)."""
-        return kept_unless_trained(A_log, "-exp", lambda a: -torch.exp(a.float()))
+        return kept_unless_trained(A_log, "-exp", lambda a: -torch.exp(_wide(a)))
 
     def _scan_inputs(self, x, conv, x_proj, dt_proj, A_log, D, reverse, name, conv_proj=None, low_rank=False):
         """One direction's conv, x_proj and dt_proj: the scan's (u, delta, A, B, C, D,
@@ -410,7 +410,7 @@ class BiMambaMixer(nn.Module):
         x, x_dbl = conv_proj or self._conv_proj(x, conv, x_proj, reverse)
         w = dt_proj.weight
         if low_rank and _low_rank_delta(self, torch.is_grad_enabled() and (x_dbl.requires_grad or w.requires_grad)):
-            return (x.transpose(1, 2), x_dbl, self._neg_exp(A_log), None, None, D.float(), dt_proj.bias.float(), w)
+            return (x.transpose(1, 2), x_dbl, self._neg_exp(A_log), None, None, _wide(D), _wide(dt_proj.bias), w)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, w)  # bias and softplus are fused into the scan
         if self.delta_hook is not None:
@@ -418,8 +418,8 @@ class BiMambaMixer(nn.Module):
         A = self._neg_exp(A_log)
         if self.gate_hook is not None:
             self.gate_hook(self, name, delta, dt_proj.bias, A, B, C)
-        return (x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(),
-                dt_proj.bias.float())
+        return (x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), _wide(D),
+                _wide(dt_proj.bias))
 
     def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, reverse, name):
         u, delta, A, B, C, Dv, bias = self._scan_inputs(x, conv, x_proj, dt_proj, A_log, D, reverse, name)
@@ -471,6 +471,9 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden):
         ip = self.in_proj
         amp = hidden.is_cpu and cpu_autocast()
+        if any(m._forward_hooks or m._forward_pre_hooks
+               for m in (self.conv1d, self.conv1d_b, self.dt_proj, self.dt_proj_b)):
+            _warn_unread_hooks()
         if ip._forward_hooks or ip._forward_pre_hooks:
             x, z = ip(hidden).chunk(2, dim=-1)
         else:
@@ -636,9 +639,24 @@ class Block(nn.Module):
             return self.mixer(out), residual
         residual = hidden if residual is None else residual + hidden
         if self.residual_in_fp32:
-            residual = residual.float()
+            residual = _wide(residual)
         hidden = self.mixer(norm(residual).to(norm.weight.dtype))
         return hidden, residual
+
+
+def _warn_unread_hooks() -> None:
+    warnings.warn("a forward hook on a Vim mixer's conv1d/conv1d_b or dt_proj/dt_proj_b is never called: the "
+                  "mixer reads those modules' weights itself (as mamba_ssm's fused path does; the time step's bias "
+                  "and softplus happen inside the scan). To observe or change the time steps, set "
+                  "mixer.delta_hook or mixer.gate_hook (docs/architecture.md); hooks on in_proj, x_proj, x_proj_b "
+                  "and out_proj are called", UserWarning, stacklevel=3)
+
+
+def _wide(t):
+    """``t`` in float32, or float64 when it is: a ``.double()`` model (gradcheck, float64 checks
+    on the 'torch' and 'reference' backends) computes in float64 throughout; ``.float()`` here
+    made it float32-accurate, silently."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _fused_norm(norm, hidden, residual):
@@ -769,7 +787,7 @@ class VisionMamba(nn.Module):
         if kernel is not None:
             out = _add_rms_norm(kernel, hidden, residual, self.norm_f)[0]
         else:
-            out = self.norm_f((residual + hidden).float()).to(self.norm_f.weight.dtype)
+            out = self.norm_f(_wide(residual + hidden)).to(self.norm_f.weight.dtype)
         return (out, cls_pos) if return_cls_pos else out
 
     def forward_head(self, x, pre_logits: bool = False, cls_pos: Optional[int] = None):
