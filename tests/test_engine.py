@@ -743,6 +743,18 @@ def test_a_later_generic_method_setting_beats_an_earlier_methods_block(tmp_path)
     assert method_config(cfg, None)[2]["shared_layers"] == 2
 
 
+def test_a_sweeps_seeds_count_from_the_datasets_own_seed():
+    """DTD's official recipe pins seed 3407 (svp train --dataset hta/dtd used it), but a sweep
+    wrote --seeds' 0 over it: `svp sweep --suite hta` did not run DTD's recipe. Seed k of a
+    sweep is the dataset's own seed + k."""
+    from svp.engine.sweep import run_config
+    seeds = {(ds, k): run_config(ds, "svp", k, "out", "x", (), [])["train"]["seed"]
+             for ds in ("hta/dtd", "hta/cub200", "digits") for k in (0, 2)}
+    assert seeds == {("hta/dtd", 0): 3407, ("hta/dtd", 2): 3409, ("hta/cub200", 0): 0, ("hta/cub200", 2): 2,
+                     ("digits", 0): 0, ("digits", 2): 2}
+    assert run_config("digits", "svp", 1, "out", "x", (), ["train.seed=10"])["train"]["seed"] == 11
+
+
 def test_print_config_checks_the_method_and_shows_a_resumes_overrides(tmp_path, capsys):
     from svp.cli import main as svp_main
     for extra, words in ((["--method", "bogus"], "unknown adaptation method 'bogus'"),

@@ -150,7 +150,8 @@ def register(subparsers) -> None:
                         "(the registered datasets --datasets names, e.g. one you added; engine defaults and "
                         "each dataset's preset)")
     s.add_argument("--methods", default="svp", help="comma-separated methods (default svp)")
-    s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds k (default 0): each run's train.seed is its "
+                   "dataset's own seed + k (0 + k; DTD's preset: 3407 + k, as the official recipe)")
     s.add_argument("--datasets", default=None,
                    help="comma-separated subset of the suite's datasets (required with --suite any)")
     s.add_argument("--output", default=None, help="sweep folder (default sweeps/<suite>)")
