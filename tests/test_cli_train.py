@@ -228,15 +228,47 @@ def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_pat
 
 
 # ---------------------------------------------------------------- non-finite loss
+@pytest.mark.slow
+def test_a_ctrl_c_while_spawned_workers_start_stops_the_run_with_a_resume_point(tmp_path, capsys, monkeypatch):
+    """macOS and Windows spawn DataLoader workers: one runs under Python's default SIGINT handler
+    until it has started (seconds: imports, the dataset unpickled), so a terminal's Ctrl-C, which
+    reaches the whole group, killed it: the run crashed with no resume point, or hung writing
+    the dataset into the dead worker's pipe. It now stops as after a step, and resumes."""
+    import multiprocessing as mp
+
+    from proc_helpers import signal_then_rebuild
+    from svp.engine.distributed import SeededDataset
+    marker = str(tmp_path / "signalled")
+    monkeypatch.setattr(SeededDataset, "__reduce_ex__",
+                        lambda self, proto: (signal_then_rebuild, (marker, SeededDataset, dict(self.__dict__))),
+                        raising=False)
+    cfg = tiny_config(tmp_path, data={"num_workers": 1})
+    old = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
+    try:
+        rc = svp_main(["train", "-c", cfg, "--name", "sp"])
+        err = capsys.readouterr().err
+        assert rc == 130 and "SIGINT" in err and os.path.exists(marker), err
+        run = tmp_path / "runs" / "sp"
+        assert (run / "resume.safetensors").is_file() and not (run / "results.json").exists()
+        assert svp_main(["train", "--resume", str(run)]) == 0
+    finally:
+        mp.set_start_method(old, force=True)
+    assert (run / "results.json").is_file()
+
+
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     # the folder of an earlier attempt killed before its first resume point: taken over, and its
     # log set aside (the two attempts' lines were in one train.log)
+    # (two earlier attempts: the first's log was overwritten by the second's)
     (tmp_path / "runs" / "nan").mkdir(parents=True)
+    (tmp_path / "runs" / "nan" / "train.log.1").write_text("the first attempt\n")
     (tmp_path / "runs" / "nan" / "train.log").write_text("an earlier attempt\n")
     rc = svp_main(["train", "-c", cfg, "--name", "nan", "debug.nan_at_step=2"])
     assert rc == 3
-    assert (tmp_path / "runs" / "nan" / "train.log.1").read_text() == "an earlier attempt\n"
+    assert (tmp_path / "runs" / "nan" / "train.log.1").read_text() == "the first attempt\n"
+    assert (tmp_path / "runs" / "nan" / "train.log.2").read_text() == "an earlier attempt\n"
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 2 (epoch 1, batch 2/3" in err
     run = tmp_path / "runs" / "nan"
@@ -442,7 +474,7 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- sweep
-def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys):
+def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path)
     out = tmp_path / "sweep"
     rc = svp_main(["sweep", "--suite", "mini", "--datasets", "digits,faces", "--methods", "linear",
@@ -462,9 +494,13 @@ def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys):
     assert f"| linear | {cell} |" in md
     # the mini suite's base configuration (svp/assets/mini_suite.yaml) selects no epoch on a validation split
     assert md.count("±") >= 6 and "no validation split" in md and "after the last epoch" in md
-    # a second call with the same configuration reuses the finished runs; with another, it refuses them
+    # a second call with the same configuration reuses the finished runs; with another, it refuses them.
+    # (`--output=~/sweep`, which the shell leaves as it is: the runs' run.output expanded the ~ and the
+    # sweep's own files did not, so it looked for its finished runs in ./~/sweep)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
-                     "--output", str(out), "-c", cfg, "train.max_steps=1"]) == 0
+                     "--output=~/sweep", "-c", cfg, "train.max_steps=1"]) == 0
     assert list(csv.DictReader(open(out / "results.csv")))[0]["status"] == "reused"
     assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
                      "--output", str(out), "-c", cfg]) == 1

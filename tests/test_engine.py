@@ -621,7 +621,7 @@ def test_training_replaces_a_checkpoint_head_of_the_tasks_class_count(tmp_path):
     assert torch.equal(a.base_model.layers[0].mixer.in_proj.weight, src.layers[0].mixer.in_proj.weight)
 
 
-def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path):
+def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path, monkeypatch):
     """`svp train --resume RUN --seed 0` on a run made with seed 0 was refused ("cannot change
     train.seed"), so the command that started a run, with --resume added, failed."""
     from svp.engine.rundir import load_run_config
@@ -632,6 +632,11 @@ def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path):
     for override in ("train.seed=1", "data.dataset=faces", "train.seed=true"):
         with pytest.raises(ResumeError, match=f"cannot change {override.split('=')[0]}"):
             load_run_config(str(tmp_path), [override])
+    # a path setting given with ~ is saved expanded: the same override repeated was "cannot change"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ov = ["run.output=~/runs", "model.checkpoint=~/v.pth"]
+    (tmp_path / "config.yaml").write_text(C.dump(C.resolve(overrides=ov, use_presets=False)))
+    assert load_run_config(str(tmp_path), ov)["run"]["output"] == str(tmp_path / "home" / "runs")
 
 
 @pytest.mark.parametrize("override, words", [

@@ -361,6 +361,19 @@ def test_run_lock_names_the_holder_and_dies_with_it(tmp_path):
     assert not (run / "run.lock").exists() and holder(str(run)) is None
 
 
+def test_a_run_folder_that_cannot_be_made_leaves_no_folder_made_for_it(tmp_path):
+    """run.output's new folders stayed when the run folder itself could not be made (a name
+    too long for the file system) or locked."""
+    from svp.engine.config import defaults
+    from svp.engine.runlock import claim_run_dir
+    from svp.errors import ConfigError
+    cfg = defaults()
+    cfg["run"].update(output=str(tmp_path / "n" / "deep" / "new"), name="x" * 300)
+    with pytest.raises(ConfigError, match="cannot create run folder"):
+        claim_run_dir(cfg)
+    assert os.listdir(tmp_path) == []
+
+
 def test_default_run_names_differ_within_one_second(tmp_path):
     from svp.engine.config import defaults
     from svp.engine.runlock import claim_run_dir, default_run_name
@@ -1163,7 +1176,7 @@ def test_a_spawned_loader_worker_lets_a_first_ctrl_c_pass_as_a_forked_one_does()
         res = evaluate(torch.nn.Linear(3, 2), SignalsItself(4), None, 2, "cpu", DistInfo(), num_workers=1)
     finally:
         mp.set_start_method(old, force=True)
-    assert res["n"] == 4
+    assert res["n"] == 4   # (a Ctrl-C while a worker starts: test_cli_train's spawned-workers test)
 
 
 def test_the_svp_command_escapes_what_the_consoles_code_page_lacks(monkeypatch):

@@ -277,7 +277,9 @@ def register(subparsers):
         description="Adapt the bundled pre-trained mini Vim to the real scikit-learn digits task with SVP, "
                     "linear probing and VPT-deep under the same budget; print test accuracy and trainable "
                     "parameters, and draw the gate-activation figure. A few minutes on a CPU.")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
+    # (expanded as the runs' run.output is: `--out=~/demo` reaches svp unexpanded)
+    p.add_argument("--out", default=os.path.join("runs", "demo"), type=os.path.expanduser,
+                   help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=8, help="epochs per method (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=float, default=None,

@@ -447,6 +447,14 @@ _TEXT_OR_NULL = ("model.checkpoint", "data.root", "data.val_split", "data.test_s
 _PATHS = ("run.output", "model.checkpoint", "data.root")
 
 
+def path_value(key: str, value: Any) -> Any:
+    """``value`` as svp keeps it for ``key``: a path setting's leading ``~`` is the home folder
+    (`run.output=~/runs` reaches svp unexpanded: the shell expands ~ at a word's start only)."""
+    if key in _PATHS and isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return value
+
+
 _INF = float("inf")
 
 
@@ -474,9 +482,8 @@ def validate(cfg: dict) -> None:
         if isinstance(v, os.PathLike):   # from Python: a pathlib.Path is a path
             v = os.fspath(v)
             set_key(cfg, key, v)
-        if key in _PATHS and isinstance(v, str) and v.startswith("~"):
-            # `run.output=~/runs` reaches svp unexpanded (the shell expands ~ at a word's start only)
-            v = os.path.expanduser(v)
+        if path_value(key, v) is not v:
+            v = path_value(key, v)
             set_key(cfg, key, v)
         if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))

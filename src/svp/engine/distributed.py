@@ -172,6 +172,23 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.idx)
 
 
+class Loader(torch.utils.data.DataLoader):
+    """The DataLoader of every loader svp makes: its workers handle SIGINT/SIGTERM as the run
+    does once started, forked or spawned, and a first signal while they start is raised in the
+    run's process (engine.signals: ``loader_worker_init``, ``starting_workers``)."""
+
+    def __init__(self, *args, **kwargs):
+        from .signals import loader_worker_init
+        super().__init__(*args, worker_init_fn=loader_worker_init, **kwargs)
+
+    def __iter__(self):
+        if not self.num_workers:
+            return super().__iter__()
+        from .signals import starting_workers
+        with starting_workers():
+            return super().__iter__()
+
+
 class SeededDataset(torch.utils.data.Dataset):
     """Applies ``transform`` to ``base[index]`` with every RNG (python, numpy, torch)
     seeded from the sampler's per-sample seed; the caller's RNG states are restored. A

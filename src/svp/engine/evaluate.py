@@ -9,8 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import runtime
-from .distributed import DistInfo, SeededDataset, ShardSampler, all_reduce_sum, comm_device
-from .signals import loader_worker_init
+from .distributed import DistInfo, Loader, SeededDataset, ShardSampler, all_reduce_sum, comm_device
 
 # On the CPU the model runs over near-equal chunks of at most this many images (the loader's batch
 # is unchanged; the same logits, bit for bit). At batch 144 (train.eval_batch_size's default, the
@@ -48,10 +47,9 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
     was_training = model.training
     model.eval()
     cuda = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
+    loader = Loader(
         SeededDataset(dataset, transform), batch_size=batch_size, pin_memory=cuda,
-        sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers,
-        worker_init_fn=loader_worker_init)
+        sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers)
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n
     with runtime.held_heap(device.type == "cpu"):   # (the loader's batches too: 87 MB at 144 images)
         for x, y in loader:

@@ -37,7 +37,7 @@ from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import load_run_config, load_trainable, run_session
 from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
-                      TrainingStopped, interrupted, resume_command)
+                      TrainingStopped, WorkersInterrupted, interrupted, resume_command)
 
 
 def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
@@ -105,8 +105,20 @@ class Trainer:
         return self.ema.module if (self.ema is not None and self.cfg["train"]["ema_eval"]) else self.model
 
     def _evaluate(self, model, split):
-        return evaluate(model, split[0], split[1], int(self.cfg["train"]["eval_batch_size"]), self.device,
-                        self.dist, self.prec.autocast, int(self.cfg["data"]["num_workers"]))
+        workers = int(self.cfg["data"]["num_workers"])
+        args = (model, split[0], split[1], int(self.cfg["train"]["eval_batch_size"]), self.device,
+                self.dist, self.prec.autocast)
+        was_training = model.training
+        try:
+            return evaluate(*args, workers)
+        except (WorkersInterrupted, RuntimeError):
+            if not (workers and self.signals.received):
+                raise
+        # a stop signal took the workers down as they started (_batches): the run stops after this
+        # evaluation, which is done again in this process (the same numbers). (Out of the except
+        # block: the failed loader, freed with the exception, has ended its workers.)
+        model.train(was_training)
+        return evaluate(*args, 0)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> Dict[str, Any]:
@@ -177,7 +189,7 @@ class Trainer:
         dev_loss = torch.zeros((), dtype=torch.float64, device=dev) if cuda else None
         if max_steps is not None and st["global_step"] >= int(max_steps):
             return True  # resumed mid-epoch exactly at a (lowered) train.max_steps: the epoch ends here
-        for x, y in self.loader:
+        for x, y in self._batches(st):
             step_no = st["global_step"] + 1  # 1-based number of the step being run
             self.stepped = True
             self.sched.before_step(st["global_step"])
@@ -247,6 +259,33 @@ class Trainer:
                 return True
         self.progress.close()
         return False
+
+    def _batches(self, st):
+        """The loader's batches. A stop signal that took its workers down (spawned workers, as
+        on macOS and Windows, run under Python's default handler while they start: the
+        terminal's Ctrl-C kills them) stops the run here, between two steps, as a signal after
+        the last step does: resume point, exit 130 (the run crashed with no resume point, or
+        hung, engine.signals.starting_workers)."""
+        batches = None
+        try:
+            batches = iter(self.loader)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                yield batch
+        except (WorkersInterrupted, RuntimeError) as e:
+            if not (self.signals.received and (isinstance(e, WorkersInterrupted) or self.loader.num_workers)):
+                raise
+            # its other workers ended first: torch's SIGCHLD handler raises for each worker that
+            # dies while the loader is alive, wherever this process then is (the save below)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self.progress.close()
+            self.save_resume(st)
+            raise interrupted(self.folder.path, self.signals.name, f"step {st['global_step']}") from None
 
     def _check_interval(self, st, x, y) -> None:
         """train.finite_check=interval: is the state finite after ``st['global_step']`` steps?

@@ -39,7 +39,7 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
     if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
     saved = C.load_yaml(path)
-    check_overrides(C.parse_overrides(overrides), run_dir, saved)
+    check_overrides([(k, C.path_value(k, v)) for k, v in C.parse_overrides(overrides)], run_dir, saved)
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
         train = saved.get("train")
@@ -245,12 +245,16 @@ def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
 
 
 def _set_aside_earlier_log(run_dir: str) -> None:
-    """A fresh run in a folder an earlier attempt left without a resume point (killed before its
+    """A fresh run in a folder earlier attempts left without a resume point (killed before its
     first, then trained again, e.g. by a restarted sweep) starts its own ``train.log``: the
-    earlier attempt's becomes ``train.log.1`` (metrics.jsonl and config.yaml are rewritten)."""
+    earlier attempts' are ``train.log.1``, ``.2``, ... in the order they ran (metrics.jsonl and
+    config.yaml are rewritten)."""
     log_file = os.path.join(run_dir, "train.log")
     if os.path.isfile(log_file):
-        os.replace(log_file, log_file + ".1")
+        n = 1
+        while os.path.exists(f"{log_file}.{n}"):
+            n += 1
+        os.replace(log_file, f"{log_file}.{n}")
 
 
 @contextlib.contextmanager

@@ -186,24 +186,24 @@ def _holds_a_run(run_dir: str) -> bool:
     return any(os.path.exists(os.path.join(run_dir, f)) for f in (RESUME_FILE, "results.json"))
 
 
-def _makedirs(path: str) -> List[str]:
-    """``os.makedirs(path, exist_ok=True)`` that returns the folders it made, outermost first."""
-    made, p = [], os.path.abspath(path)
+def _makedirs(path: str, made: List[str]) -> None:
+    """``os.makedirs(path, exist_ok=True)`` that appends the folders it makes to ``made``,
+    outermost first, as it makes them (so a failure part-way still says what it made)."""
+    todo, p = [], os.path.abspath(path)
     while not os.path.isdir(p):
-        made.append(p)
+        todo.append(p)
         parent = os.path.dirname(p)
         if parent == p:
             break
         p = parent
-    made.reverse()
-    for i, d in enumerate(made):
+    for d in reversed(todo):
         try:
             os.mkdir(d)
-        except FileExistsError:
+            if d not in made:   # (made again after a run beside this one removed it)
+                made.append(d)
+        except FileExistsError:   # made by someone else meanwhile: not ours to remove
             if not os.path.isdir(d):
                 raise
-            made[i] = ""   # made by someone else meanwhile: not ours to remove
-    return [d for d in made if d]
 
 
 def remove_made_folders(folders: List[str]) -> None:
@@ -224,21 +224,30 @@ def claim_run_dir(cfg: dict) -> Tuple[str, RunLock, List[str]]:
     a ``run.name`` with ``/`` included. Call on the main rank only and broadcast the path
     (``distributed.broadcast_object``): the other ranks then agree on the name even when it is
     generated."""
+    made: List[str] = []
+    try:
+        return _claim_run_dir(cfg, made)
+    except BaseException:
+        remove_made_folders(made)   # a run that could not even claim its folder leaves none made for it
+        raise
+
+
+def _claim_run_dir(cfg: dict, made: List[str]) -> Tuple[str, RunLock, List[str]]:
     out = cfg["run"]["output"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"run.output={out!r} is a file, not a folder; choose a folder for the runs")
     try:
-        made = _makedirs(out)
+        _makedirs(out, made)
     except OSError as e:
         raise ConfigError(f"run.output={out!r}: cannot create the folder ({e.strerror or e})") from None
     name = cfg["run"]["name"]
     for _ in range(100):
         run_dir = os.path.abspath(os.path.join(out, name or default_run_name(cfg)))
         try:
-            parents = _makedirs(os.path.dirname(run_dir))
-            made += parents
+            _makedirs(os.path.dirname(run_dir), made)
             os.mkdir(run_dir)
-            created = made + [run_dir]
+            made.append(run_dir)
+            created = list(made)
         except FileNotFoundError:
             continue   # a parent removed by a run that failed to start beside this one: make it again
         except FileExistsError:

@@ -396,10 +396,9 @@ def ema_for(cfg: dict, model: nn.Module) -> Optional[nn.Module]:
 def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     """Everything a run trains with: datasets and loader, spec, model (and its DDP wrapper),
     optimizer, schedule, precision, EMA, mixup and loss."""
-    from .distributed import EpochSampler, SeededDataset, comm_device
+    from .distributed import EpochSampler, Loader, SeededDataset, comm_device
     from .optim import build_optimizer, scaled_lr
     from .sched import Schedule
-    from .signals import loader_worker_init
 
     t = cfg["train"]
     set_deterministic(bool(t["deterministic"]))
@@ -417,10 +416,9 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
         raise ConfigError(f"train.batch_size={t['batch_size']} x world size {dinfo.world_size} is larger than "
                           f"the training set ({len(r.train_ds)} samples of {cfg['data']['dataset']!r})")
     cuda = device.type == "cuda"
-    r.loader = torch.utils.data.DataLoader(
+    r.loader = Loader(
         SeededDataset(r.train_ds, train_tf), batch_size=int(t["batch_size"]), sampler=r.sampler,
-        num_workers=int(cfg["data"]["num_workers"]), pin_memory=cuda, persistent_workers=False,
-        worker_init_fn=loader_worker_init)
+        num_workers=int(cfg["data"]["num_workers"]), pin_memory=cuda, persistent_workers=False)
     r.lr = scaled_lr(cfg, dinfo.world_size)
     r.optimizer = build_optimizer(model, cfg, r.lr)
     r.sched = Schedule(r.optimizer, cfg, r.steps_per_epoch)

@@ -11,6 +11,7 @@ second signal whenever the whole process group was signalled as well.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -88,6 +89,8 @@ class Signals(_Handler):
         if self._received is not None:  # second signal: give up immediately
             raise KeyboardInterrupt
         self._received = signum
+        if _starting_here():
+            raise WorkersInterrupted(signal.Signals(signum).name)
 
     @property
     def name(self) -> str:
@@ -133,15 +136,48 @@ def _worker_handle(signum, frame):
         raise KeyboardInterrupt
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+class WorkersInterrupted(Exception):
+    """A first SIGINT/SIGTERM while this process started DataLoader workers: raised by the run's
+    handler (see :func:`starting_workers`); the run stops there with a resume point."""
+
+
+_starting = {"depth": 0, "pid": None}
+
+
+@contextlib.contextmanager
+def starting_workers():
+    """While this process starts DataLoader workers, a first SIGINT/SIGTERM is raised by the run's
+    handler (:class:`WorkersInterrupted`) instead of only recorded. A spawned worker (macOS,
+    Windows) runs under Python's default handler until it has started: the terminal's Ctrl-C
+    kills it, and this process, writing the pickled dataset into the worker's pipe, waited for a
+    reader that was gone (the run hung). Raised, the signal ends that write; the loop then
+    stops as it does after a step (engine.loop)."""
+    _starting["depth"] += 1
+    _starting["pid"] = os.getpid()
+    try:
+        yield
+    finally:
+        _starting["depth"] -= 1
+
+
+def _starting_here() -> bool:
+    # (a forked worker inherits the flag and the run's handler: not its business)
+    return _starting["depth"] > 0 and _starting["pid"] == os.getpid()
+
+
 def loader_worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of every DataLoader svp makes: a worker lets a first SIGINT/SIGTERM
     pass (the main process, which got it too, finishes its step, saves and ends its workers)
     and gives up on a second, as the main process does. A forked worker inherited that
     behaviour from the main process's handler; a spawned one (macOS and Windows start workers
     so) had Python's default and died on a terminal's Ctrl-C with the batch the main process
-    was waiting for (the run crashed with no resume point)."""
+    was waiting for (the run crashed with no resume point). Before this runs, a spawned worker
+    still has the default: engine.loop stops the run when a signal takes workers down."""
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in _STOPS:
             signal.signal(s, _worker_handle)
 
 

@@ -354,6 +354,9 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
           tune_refit: bool = False, jobs: int = 1) -> Dict[str, Any]:
     """Run a suite. With ``tune`` (``["train.lr=1e-3,1e-2", ...]``) each method x dataset
     first selects its setting on the validation split (:mod:`svp.engine.tune`)."""
+    # the runs' run.output expands a leading ~ (engine.config.path_value): so do the sweep's own
+    # files, or `--output=~/sw` put results.csv in ./~/sw and the runs in $HOME/sw
+    output = C.path_value("run.output", os.fspath(output))
     all_ds = _select_datasets(suite, datasets)
     base = suite_base(suite, config_files, overrides)
     if tune_refit and not tune:
