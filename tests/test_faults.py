@@ -1088,6 +1088,15 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
     open(cfg_path, "w").write("# a note of my own\n" + text.replace("seed: 2", "seed: 3"))
     _one_line_error(capsys, svp_main(["train", "--resume", b]), 2, "was not saved with this run's config.yaml")
     open(cfg_path, "w").write("# a note of my own\n" + text)
+    # a resume rewrites config.yaml with what it may change (train.epochs, run.changes; debug.* dropped)
+    # before its first resume point: killed before that point, the run could not be resumed again
+    import yaml
+    from svp.engine import config as C
+    killed = yaml.safe_load(text)
+    killed.pop("debug", None)
+    killed["train"]["epochs"] = 3
+    killed["run"]["changes"] = [{"step": 1, "epoch": 0, "batch": 1, "changes": {"train.epochs": [2, 3]}}]
+    open(cfg_path, "w").write(C.dump(killed))
     assert svp_main(["train", "--resume", b, "train.lr=0.02", "debug.stop_at_step=3"]) == 75
     assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml
 
@@ -1193,3 +1202,75 @@ def test_the_svp_command_escapes_what_the_consoles_code_page_lacks(monkeypatch):
     print("imgs/图.png\tcat", file=sys.stdout)
     out.flush()
     assert out.buffer.getvalue() == b"imgs/\\u56fe.png\tcat\n"
+
+
+def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, monkeypatch):
+    """ENOSPC from a write()/fsync() names no file, and safetensors raises its own error for
+    it: both ended `svp train` with a traceback and exit 1; a read-only folder's one line was
+    buried under a traceback from removing the lock; a failed train.log line printed logging's
+    traceback each time; a sweep whose results.csv could not be written, a traceback."""
+    import errno
+
+    import torch
+
+    import svp.io as sio
+    from svp.engine import sweep as S
+    from svp.engine.progress import log, setup_logging, teardown_logging
+    from svp.engine.runlock import RunLock
+    from svp.errors import ConfigError
+    full = OSError(errno.ENOSPC, "No space left on device")
+    real_fsync = os.fsync
+
+    def fsync(fd):   # the resume point at the end of the epoch, after the adapters
+        fsync.calls += 1
+        if fsync.calls > 4:
+            raise full
+        real_fsync(fd)
+    fsync.calls = 0
+    monkeypatch.setattr(sio.os, "fsync", fsync)
+    _one_line_error(capsys, svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "f"]), 2,
+                    "run folder", "No space left on device")
+    monkeypatch.setattr(sio.os, "fsync", real_fsync)
+    # safetensors' error for it: an OSError naming the file
+    import safetensors.torch
+
+    class SafetensorError(Exception):
+        pass
+
+    def save_file(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OSError) as e:
+        sio.atomic_save_safetensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "a.safetensors")
+    # the lock of a folder made read-only: released, its file left
+    lock = RunLock(str(tmp_path)).acquire("train")
+    monkeypatch.setattr("svp.engine.runlock.os.unlink", lambda p: (_ for _ in ()).throw(PermissionError(13, "no")))
+    lock.release()
+    assert not lock.held
+    monkeypatch.undo()
+    # train.log: said once on stderr
+    handlers = setup_logging(str(tmp_path), True)
+    try:
+        class FullDisk:
+            def write(self, text):
+                raise full
+
+            def flush(self):
+                pass
+
+            def close(self):
+                pass
+        [fh] = [h for h in handlers if isinstance(h, logging.FileHandler)]
+        fh.stream.close()
+        fh.stream = FullDisk()
+        log.info("one")
+        log.info("two")
+    finally:
+        teardown_logging(handlers)
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "Logging error" not in err and "No space left" in err
+    # the sweep's tables
+    monkeypatch.setattr(S.ck, "atomic_write_text", lambda *a: (_ for _ in ()).throw(full))
+    with pytest.raises(ConfigError, match=r"cannot write the sweep's results \(No space left on device\).*reuses them"):
+        S.write_outputs(str(tmp_path), "mini", [], [("digits", "mini")], ["linear"], [0])

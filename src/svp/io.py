@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Callable, Dict, List, Optional
@@ -153,7 +154,15 @@ def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Di
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
     def write(tmp):
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as e:
+            # safetensors' own error for a failed write (a full disk: "... (os error 28)"): an
+            # OSError naming the file, as every other write's
+            m = re.search(r"\(os error (\d+)\)", str(e))
+            if isinstance(e, OSError) or m is None:
+                raise
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), os.fspath(path)) from e
         if metadata and len(metadata) > 1:
             sort_safetensors_metadata(tmp)
     return atomic_write(path, write)

@@ -60,6 +60,20 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}:{(s % 3600) // 60:02d}:{s % 60:02d}"
 
 
+class _RunLog(logging.FileHandler):
+    """train.log: a line it cannot write (a full disk) is said once on stderr, not as logging's
+    traceback for every line; the run goes on (its other files say whether they were written)."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        if not self.failed:
+            self.failed = True
+            e = sys.exc_info()[1]
+            sys.stderr.write(f"svp: cannot write {self.baseFilename} ({getattr(e, 'strerror', None) or e}); "
+                             f"lines from here on are missing from it\n")
+
+
 def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler]:
     handlers: List[logging.Handler] = []
     log.setLevel(logging.INFO)
@@ -70,7 +84,7 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
         handlers.append(sh)
         if run_dir:
             # (a run folder's name under a non-UTF-8 locale holds lone surrogates: their bytes)
-            fh = logging.FileHandler(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="surrogateescape")
+            fh = _RunLog(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="surrogateescape")
             fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             handlers.append(fh)
     for h in handlers:

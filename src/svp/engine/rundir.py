@@ -3,6 +3,8 @@ the non-finite dump and the final files. Only the main rank writes."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +17,7 @@ import torch
 
 from . import checkpoint as ck
 from . import config as C
+from . import resume_overrides as RO
 from ..errors import ConfigError, PeerError, ResumeError, SVPError
 from ..io import remove_stale_temps
 from .distributed import DistInfo, on_main_rank, unwrap
@@ -137,17 +140,28 @@ class RunFolder:
         state["world_size"] = self.dist.world_size
         state["batch_size"] = int(self.cfg["train"]["batch_size"])
         state["time"] = time.time()
-        state["config_sha256"] = self._config_digest()
+        state["config_fixed_sha256"] = self._config_digest(fixed=True)
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
-    def _config_digest(self) -> Optional[str]:
+    def _config_digest(self, fixed: bool) -> Optional[str]:
         """The digest of the run's config.yaml as it stands, its values (not its comments or
         layout): a resume point binds to its run (a resume.safetensors copied from another run
-        of the same method was taken, and trained on with this run's configuration)."""
+        of the same method was taken, and trained on with this run's configuration). With
+        ``fixed``, of the values a --resume cannot change: a resume that changed what it may
+        (train.epochs, run.changes, debug.* dropped, ...) rewrites config.yaml before its first
+        resume point, and killed before that point, the run could not be resumed again (the
+        digest of the whole file, kept by resume points written before 2026-12-05, changed)."""
         try:
             values = C.load_yaml(self.file("config.yaml"))
         except ConfigError:   # missing or not YAML: what resume says of it is said elsewhere
             return None
+        if fixed and isinstance(values, dict):
+            values = copy.deepcopy(values)
+            values.pop("debug", None)
+            for key in RO.TRAINING_KEYS + RO.WATCH_KEYS + ("run.changes",):
+                sec, name = key.split(".", 1)
+                if isinstance(values.get(sec), dict):
+                    values[sec].pop(name, None)
         text = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -163,8 +177,10 @@ class RunFolder:
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**53:
                 raise ResumeError(f"{self.file(ck.RESUME_FILE)}: damaged resume state ({k}={v!r}, expected a count); "
                                   f"the file is not as `svp train` wrote it")
-        saved = state.get("config_sha256")   # (resume points from before the record: not checked)
-        if saved is not None and saved != self._config_digest():
+        # (resume points from before the record: not checked; before 2026-12-05: the whole file's)
+        fixed = "config_fixed_sha256" in state
+        saved = state.get("config_fixed_sha256" if fixed else "config_sha256")
+        if saved is not None and saved != self._config_digest(fixed):
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
                               f"from another run, or a value in config.yaml edited since); resume the run it came "
                               f"from, or restore config.yaml. --resume takes the changes that apply exactly from a "
@@ -221,12 +237,20 @@ def interrupted_at_once(path) -> TrainingStopped:
     return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
 
 
+# what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
+_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
+
 def user_io_error(e: OSError, path) -> Exception:
     """An unwritable run folder (read-only, full, removed) is the user's to fix: one line."""
     name = e.filename if isinstance(e.filename, str) else None
-    if isinstance(e, SVPError) or not (path and name and os.path.abspath(name).startswith(path)):
+    if isinstance(e, SVPError) or not path:
         return e
-    return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
+    if name and os.path.abspath(name).startswith(path):
+        return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
+    if e.errno in _DISK:
+        return ConfigError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e})")
+    return e
 
 
 # what gloo (and NCCL) raise in a collective whose peer process is gone

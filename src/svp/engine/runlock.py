@@ -139,7 +139,7 @@ class RunLock:
             # inode change after it gets the lock and retries on a fresh file
             try:
                 os.unlink(self.path)
-            except FileNotFoundError:
+            except OSError:   # gone, or a folder made read-only: the file stays, unlocked, harmless
                 pass
         _HELD.discard(self.fd)
         os.close(self.fd)  # releases the lock

@@ -265,6 +265,16 @@ def selection_table(tuning: Dict[str, Any]) -> str:
 
 def write_outputs(output: str, suite: str, rows, datasets, methods, seeds,
                   tuning: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+    try:
+        return _write_outputs(output, suite, rows, datasets, methods, seeds, tuning)
+    except OSError as e:   # a full disk: one line, not a traceback; every file is whole or as before
+        raise C.ConfigError(f"{output}: cannot write the sweep's results ({e.strerror or e}"
+                            f"{': ' + e.filename if isinstance(e.filename, str) else ''}); its finished runs "
+                            f"are kept: the same svp sweep, run again once it can write there, reuses them "
+                            f"and writes the tables") from None
+
+
+def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tuple[str, str]:
     official = any(r.get("official_best_test_top1") not in ("", None) for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
