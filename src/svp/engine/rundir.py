@@ -24,7 +24,8 @@ from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
 from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
 from .progress import log_fatal, setup_logging, teardown_logging
-from .runlock import RunLock, claim_run_dir, default_run_name, lock_for_resume, remove_made_folders  # noqa: F401 (default_run_name re-exported)
+from .runlock import (RunLock, claim_run_dir, default_run_name,  # noqa: F401 (default_run_name re-exported)
+                      lock_for_resume, remove_made_folders)
 
 
 def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLock], List[str]]:
