@@ -403,3 +403,62 @@ def test_cross_origin_requests_and_foreign_host_names_are_refused(server):
     assert request_refusal("[::1]:8000", None, names) is None
     assert "is not a name this server answers to" in request_refusal("evil.example:8000", None, names)
     assert request_refusal("evil.example:8000", None, None) is None
+
+
+def test_a_folder_replaced_while_it_loads_is_loaded_again_whole(tmp_path, monkeypatch):
+    """An adapter's files are read more than once as it loads (its config, its tensors): a
+    folder replaced meanwhile was served with one adapter's weights under the other's class
+    names, and recorded as loaded. Files copied over with their old times and sizes (cp -p of
+    another adapter of the same method) were taken as unchanged."""
+    from svp.serve.app import sync_adapters
+    from svp.serve.model import MultiAdapterModel
+    p = H.make_adapter(tmp_path / "src" / "p", "svp", dict(shared_layers=4, hidden=16, num_classes=10), seed=1)
+    q = H.make_adapter(tmp_path / "src" / "q", "linear", dict(num_classes=7), seed=2)
+    p2 = H.make_adapter(tmp_path / "src" / "p2", "svp", dict(shared_layers=4, hidden=16, num_classes=10), seed=3)
+    root = tmp_path / "served"
+    shutil.copytree(p, root / "x")
+    model, stamps = MultiAdapterModel(H.mini_backbone()), {}
+    assert sync_adapters(model, str(root), stamps)["loaded"] == ["x"]
+    # p2 over p, the times and sizes kept (cp -p): changed
+    for f in os.listdir(p2):
+        st = os.stat(root / "x" / f)
+        shutil.copyfile(os.path.join(p2, f), root / "x" / f)
+        os.utime(root / "x" / f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sync_adapters(model, str(root), stamps)["loaded"] == ["x"]
+    # replaced by q while p2's files load
+    real_add, swaps = MultiAdapterModel.add_adapter, []
+
+    def add(self, name, path):
+        out = real_add(self, name, path)
+        if not swaps:
+            swaps.append(name)
+            shutil.rmtree(root / "x")
+            shutil.copytree(q, root / "x")
+        return out
+    monkeypatch.setattr(MultiAdapterModel, "add_adapter", add)
+    shutil.rmtree(root / "x")
+    shutil.copytree(p, root / "x")
+    report = sync_adapters(model, str(root), stamps)
+    assert report["loaded"] == ["x"] and swaps == ["x"], report
+    assert model.adapters["x"].peft.config.method == "linear"   # q's, whole (it was p's, recorded as loaded)
+    monkeypatch.undo()
+    assert sync_adapters(model, str(root), stamps)["unchanged"] == ["x"]
+
+
+def test_an_unreadable_adapters_folder_is_one_error(tmp_path, monkeypatch):
+    """os.listdir's PermissionError (a folder chmod 000 to the server's user) was a traceback at
+    start and '500 internal error' (a bug, by serving.md) on reload."""
+    import svp.serve.app as A
+    import svp.serve.backbone as B
+    from svp.errors import AdapterError, ConfigError
+    from svp.serve.model import MultiAdapterModel
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+    (tmp_path / "a").mkdir()
+    monkeypatch.setattr(A.os, "listdir", denied)
+    with pytest.raises(AdapterError, match=r"cannot read it \(Permission denied\)"):
+        A.sync_adapters(MultiAdapterModel(H.mini_backbone()), str(tmp_path / "a"), {})
+    monkeypatch.setattr(B.os, "listdir", denied)
+    with pytest.raises(ConfigError, match=r"--adapters .*: cannot read the folder \(Permission denied\)"):
+        B.backbone_spec(str(tmp_path / "a"))

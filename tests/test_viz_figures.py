@@ -108,6 +108,22 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
         assert rc == 2 and msg in err and "Traceback" not in err, err
     assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON, "--random-init"]) == 2
     assert "no such file" in capsys.readouterr().err
+    # a full disk (or a read-only folder) as the figures are written: one line, not a traceback
+    import errno
+
+    import svp.io as sio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_fsync, sio.os.fsync = sio.os.fsync, full
+    try:
+        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+                       "--random-init", "--out", str(tmp_path / "full"), "--layers", "1", "--dpi", "40"])
+    finally:
+        sio.os.fsync = real_fsync
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write the figures (No space left on device)" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path / "full") == []   # no temporary left
     # a dataset sample instead of a file
     common = ["visualize", "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init", "--out", str(out),
               "--layers", "1", "--quantities", "forget", "--dpi", "40"]

@@ -89,8 +89,27 @@ def _stamp(path: str):
         if f == "backbone.json" and not os.path.exists(full):
             return None
         st = os.stat(full)
-        return st.st_mtime_ns, st.st_size
+        # (the inode and ctime too: files copied with their old times and sizes, `cp -p` of
+        # another adapter of the same method, kept the old adapter served)
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
     return tuple(one(f) for f in ("adapter.safetensors", "adapter_config.json", "backbone.json"))
+
+
+# a folder whose files change while it loads is loaded again, this many times in all
+_LOAD_TRIES = 3
+
+
+def _check_recipe(real: str, recipe: Optional[str]) -> None:
+    if recipe is None:
+        return
+    from ..build import adapter_spec
+    # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
+    has_spec = os.path.isfile(os.path.join(real, "backbone.json"))
+    own = adapter_spec(real).extra.get("recipe", "svp") if has_spec else "svp"
+    if own != recipe:
+        raise AdapterError(f"{real}: trained with the image recipe {own!r}, but this server "
+                           f"prepares every image with {recipe!r} (its first adapter's); serve "
+                           f"it from a server of its own")
 
 
 def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
@@ -103,7 +122,11 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
         raise AdapterError(f"adapters folder {root!r} does not exist")
     report = {"loaded": [], "unchanged": [], "removed": [], "refused": {}}
     present = []
-    for name in sorted(os.listdir(root)):
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as e:   # (unreadable: the adapters served stay as they are)
+        raise AdapterError(f"adapters folder {root!r}: cannot read it ({e.strerror or e})") from None
+    for name in names:
         if name.startswith("."):
             continue
         full = os.path.join(root, name)
@@ -116,16 +139,20 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
             if stamps.get(name) == stamp and name in model.adapters:
                 report["unchanged"].append(name)
                 continue
-            if recipe is not None:
-                from ..build import adapter_spec
-                # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
-                has_spec = os.path.isfile(os.path.join(real, "backbone.json"))
-                own = adapter_spec(real).extra.get("recipe", "svp") if has_spec else "svp"
-                if own != recipe:
-                    raise AdapterError(f"{real}: trained with the image recipe {own!r}, but this server "
-                                       f"prepares every image with {recipe!r} (its first adapter's); serve "
-                                       f"it from a server of its own")
-            model.add_adapter(name, real)
+            for _ in range(_LOAD_TRIES):
+                _check_recipe(real, recipe)
+                model.add_adapter(name, real)
+                # the files are read more than once as an adapter loads (its config, its tensors):
+                # a folder replaced meanwhile gave one adapter's weights under the other's class
+                # names. The same files before and after, or it is loaded again
+                real_after = check_adapter_dir(root, name)
+                after = (real_after, _stamp(real_after))
+                if after == stamp:
+                    break
+                real, stamp = real_after, after
+            else:
+                raise AdapterError(f"{real}: its files changed while it loaded, {_LOAD_TRIES} times; reload "
+                                   f"once they are all in place")
             stamps[name] = stamp
             report["loaded"].append(name)
         except Exception as e:  # any folder that cannot be served is refused, never the reload itself

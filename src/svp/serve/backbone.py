@@ -21,7 +21,10 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
     if not os.path.isdir(adapters_dir):
         raise ConfigError(f"--adapters {adapters_dir}: no such folder (expected a folder whose subfolders are "
                           f"adapters)")
-    names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith("."))
+    try:
+        names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith("."))
+    except OSError as e:
+        raise ConfigError(f"--adapters {adapters_dir}: cannot read the folder ({e.strerror or e})") from None
     refused = []
     for name in names:
         try:

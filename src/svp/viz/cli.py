@@ -173,8 +173,12 @@ def run(args) -> int:
         mask = load_mask(args.mask, *image.size)
     elif args.box:
         mask = parse_box(args.box, *image.size)
-    written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
-                        mask, dpi=args.dpi, alpha=args.alpha)
+    try:
+        written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
+                            mask, dpi=args.dpi, alpha=args.alpha)
+    except OSError as e:   # a read-only or full disk: one line (the figures written before are whole)
+        raise VizError(f"--out {args.out}: cannot write the figures ({e.strerror or e}"
+                       f"{': ' + e.filename if isinstance(e.filename, str) else ''})") from None
     for p in written:
         print(p)
     return 0
