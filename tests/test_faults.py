@@ -1256,11 +1256,11 @@ def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, mon
             def write(self, text):
                 raise full
 
-            def flush(self):
-                pass
+            def flush(self):   # (what it could not write is still buffered: closing flushes again)
+                raise full
 
             def close(self):
-                pass
+                raise full
         [fh] = [h for h in handlers if isinstance(h, logging.FileHandler)]
         fh.stream.close()
         fh.stream = FullDisk()

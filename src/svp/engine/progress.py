@@ -67,9 +67,17 @@ class _RunLog(logging.FileHandler):
     failed = False
 
     def handleError(self, record) -> None:
+        self._said(sys.exc_info()[1])
+
+    def close(self) -> None:
+        try:   # (the lines it could not take are still buffered: closing flushes them again)
+            super().close()
+        except OSError as e:
+            self._said(e)
+
+    def _said(self, e) -> None:
         if not self.failed:
             self.failed = True
-            e = sys.exc_info()[1]
             sys.stderr.write(f"svp: cannot write {self.baseFilename} ({getattr(e, 'strerror', None) or e}); "
                              f"lines from here on are missing from it\n")
 

@@ -182,10 +182,17 @@ class RunFolder:
         fixed = "config_fixed_sha256" in state
         saved = state.get("config_fixed_sha256" if fixed else "config_sha256")
         if saved is not None and saved != self._config_digest(fixed):
+            # (a resume point written before 2026-12-05 binds the whole file, which a --resume with
+            # changes rewrote before its first resume point)
+            older = "" if fixed else (
+                "; or, as this resume point is older than svp's record of the values --resume may change, "
+                "an interrupted `svp train --resume ... key=value` rewrote config.yaml before its first resume "
+                "point: put back the values it changed (run.changes lists them; a debug: block it dropped)")
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
-                              f"from another run, or a value in config.yaml edited since); resume the run it came "
-                              f"from, or restore config.yaml. --resume takes the changes that apply exactly from a "
-                              f"resume point (`svp train --resume {self.path} train.lr=...`; docs/training.md)")
+                              f"from another run, or a value in config.yaml edited since{older}); resume the run it "
+                              f"came from, or restore config.yaml. --resume takes the changes that apply exactly "
+                              f"from a resume point (`svp train --resume {self.path} train.lr=...`; "
+                              f"docs/training.md)")
         bs = int(self.cfg["train"]["batch_size"])
         if state["world_size"] != self.dist.world_size or state["batch_size"] != bs:
             raise ResumeError(

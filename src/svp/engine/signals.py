@@ -140,32 +140,51 @@ _STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 class WorkersInterrupted(Exception):
-    """A first SIGINT/SIGTERM while this process started DataLoader workers: raised by the run's
-    handler (see :func:`starting_workers`); the run stops there with a resume point."""
+    """A first SIGINT/SIGTERM while this process started DataLoader workers, where a spawned
+    worker cannot be started with them ignored (see :func:`starting_workers`): raised by the run's
+    handler; the run stops there with a resume point."""
 
 
-_starting = {"depth": 0, "pid": None}
+_starting = {"depth": 0, "pid": None, "raise": False}
 
 
 @contextlib.contextmanager
 def starting_workers():
-    """While this process starts DataLoader workers, a first SIGINT/SIGTERM is raised by the run's
-    handler (:class:`WorkersInterrupted`) instead of only recorded. A spawned worker (macOS,
-    Windows) runs under Python's default handler until it has started: the terminal's Ctrl-C
-    kills it, and this process, writing the pickled dataset into the worker's pipe, waited for a
-    reader that was gone (the run hung). Raised, the signal ends that write; the loop then
-    stops as it does after a step (engine.loop)."""
-    _starting["depth"] += 1
-    _starting["pid"] = os.getpid()
+    """While this process starts DataLoader workers. A spawned worker (macOS, Windows) runs
+    under Python's default handler until it has started (seconds: the interpreter, imports, the
+    dataset unpickled): a terminal's Ctrl-C, which reaches the whole group, killed it, printing
+    its traceback, and the run crashed with no resume point, or hung writing the pickled dataset
+    into the dead worker's pipe. Where workers are spawned by fork + exec (Linux, macOS), each
+    starts with SIGINT/SIGTERM ignored, which exec keeps and Python's start leaves alone, until
+    :func:`loader_worker_init` installs its handler: this process ignores them for the
+    milliseconds of each fork + exec (a signal in those is lost). Elsewhere a first signal
+    meanwhile is raised by the run's handler (:class:`WorkersInterrupted`), which ends the
+    write, and the loop stops as after a step (engine.loop)."""
+    import multiprocessing.util as mpu
+    real = getattr(mpu, "spawnv_passfds", None)
+    shim = real is not None and threading.current_thread() is threading.main_thread()
+    if shim:
+        def spawnv_passfds(*args, **kwargs):
+            old = {s: signal.signal(s, signal.SIG_IGN) for s in _STOPS}
+            try:
+                return real(*args, **kwargs)
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        mpu.spawnv_passfds = spawnv_passfds
+    saved = dict(_starting)
+    _starting.update(depth=saved["depth"] + 1, pid=os.getpid(), **{"raise": not shim})
     try:
         yield
     finally:
-        _starting["depth"] -= 1
+        _starting.update(saved)
+        if shim:
+            mpu.spawnv_passfds = real
 
 
 def _starting_here() -> bool:
     # (a forked worker inherits the flag and the run's handler: not its business)
-    return _starting["depth"] > 0 and _starting["pid"] == os.getpid()
+    return _starting["depth"] > 0 and _starting["raise"] and _starting["pid"] == os.getpid()
 
 
 def loader_worker_init(worker_id: int) -> None:
