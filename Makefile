@@ -44,8 +44,9 @@ browser-deps:
 # project's machines): every process the slow tests start imports svp afresh, and compiled each of its
 # modules from source every time (four subprocess-heavy test files 191 -> 168 s, one run each, on
 # a 2-vCPU Zen 3; docs/benchmarks.md, thirty-fourth round). Only __pycache__ folders (git ignores them).
+# PYTEST_ARGS: a part of the suite (CI runs it in two parts, one on each core: .ci/run).
 test: $(STAMP) browser-deps
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-oldest: $(OLDEST)/.installed browser-deps
 	env -u PYTHONDONTWRITEBYTECODE $(OLDEST)/bin/python -m pytest -q -m "not slow or floor"
