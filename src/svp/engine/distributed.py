@@ -173,9 +173,9 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 class Loader(torch.utils.data.DataLoader):
-    """The DataLoader of every loader svp makes: its workers handle SIGINT/SIGTERM as the run
-    does once started, forked or spawned, and a first signal while they start is raised in the
-    run's process (engine.signals: ``loader_worker_init``, ``starting_workers``)."""
+    """The DataLoader of every loader svp makes: its workers let a first SIGINT/SIGTERM pass, as
+    the run does, forked or spawned, also while they start (engine.signals:
+    ``loader_worker_init``, ``starting_workers``)."""
 
     def __init__(self, *args, **kwargs):
         from .signals import loader_worker_init

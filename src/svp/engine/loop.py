@@ -261,11 +261,11 @@ class Trainer:
         return False
 
     def _batches(self, st):
-        """The loader's batches. A stop signal that took its workers down (spawned workers, as
-        on macOS and Windows, run under Python's default handler while they start: the
-        terminal's Ctrl-C kills them) stops the run here, between two steps, as a signal after
-        the last step does: resume point, exit 130 (the run crashed with no resume point, or
-        hung, engine.signals.starting_workers)."""
+        """The loader's batches. A stop signal that took its workers down anyway (spawned
+        workers start with the signals ignored where they are started by fork + exec; elsewhere,
+        e.g. on Windows, they have Python's default handler while they start:
+        engine.signals.starting_workers) stops the run here, between two steps, as a signal after
+        the last step does: resume point, exit 130 (the run crashed with no resume point)."""
         batches = None
         try:
             batches = iter(self.loader)

@@ -246,7 +246,7 @@ def interrupted_at_once(path) -> TrainingStopped:
 
 
 # what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
-_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+_DISK = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EROFS") if hasattr(errno, n)}
 
 
 def user_io_error(e: OSError, path) -> Exception:

@@ -165,12 +165,15 @@ def starting_workers():
     shim = real is not None and threading.current_thread() is threading.main_thread()
     if shim:
         def spawnv_passfds(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                return real(*args, **kwargs)   # (another thread's process: signal.signal is the main thread's)
             old = {s: signal.signal(s, signal.SIG_IGN) for s in _STOPS}
             try:
                 return real(*args, **kwargs)
             finally:
                 for s, h in old.items():
-                    signal.signal(s, h)
+                    if h is not None:   # (None: a handler set outside Python, which cannot be put back)
+                        signal.signal(s, h)
         mpu.spawnv_passfds = spawnv_passfds
     saved = dict(_starting)
     _starting.update(depth=saved["depth"] + 1, pid=os.getpid(), **{"raise": not shim})
@@ -193,8 +196,8 @@ def loader_worker_init(worker_id: int) -> None:
     and gives up on a second, as the main process does. A forked worker inherited that
     behaviour from the main process's handler; a spawned one (macOS and Windows start workers
     so) had Python's default and died on a terminal's Ctrl-C with the batch the main process
-    was waiting for (the run crashed with no resume point). Before this runs, a spawned worker
-    still has the default: engine.loop stops the run when a signal takes workers down."""
+    was waiting for (the run crashed with no resume point). Until this runs, a spawned worker
+    ignores the signals (:func:`starting_workers`)."""
     if threading.current_thread() is threading.main_thread():
         for s in _STOPS:
             signal.signal(s, _worker_handle)
