@@ -398,13 +398,25 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(monkeypatc
     assert svp_main(["data", "list"]) == 0
 
 
-def test_data_grid_makes_its_output_folder(tmp_path, capsys):
+def test_data_grid_makes_its_output_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "new" / "sub" / "grid.png"
     assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "afile").write_text("x")
     assert svp_main(["data", "grid", "digits", "--out", str(tmp_path / "afile" / "g.png")]) == 2
     assert "cannot create its folder" in capsys.readouterr().err
+    # a full disk as it writes: one line (it was a traceback), and no cut-off PNG
+    import errno
+
+    import svp.io as sio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sio.os, "fsync", full)
+    assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write it (No space left on device)" in err and "Traceback" not in err
+    assert not any(p.name.endswith("f.png") for p in tmp_path.iterdir())
 
 
 def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write(tmp_path, capsys, monkeypatch):

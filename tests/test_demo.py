@@ -48,6 +48,9 @@ def test_demo_rejects_unknown_method(capsys):
     (["--max-train-samples", "16"], "--batch-size 32 is larger than the 16 training images (--max-train-samples)"),
     (["--batch-size", "1001"], "--batch-size 1001 is larger than the 1000 training images"),
     (["--max-train-samples", "16", "--select-lr", "0.1"], "use --batch-size 16 or less"),
+    (["--seed", "-1"], "--seed must be >= 0"),   # (each method failed in turn)
+    (["--select-lr", "0,0.1"], "expected comma-separated rates > 0"),   # (a rate of 0 won and was the preset)
+    (["--select-lr", "0.1", "--preset-out", "."], "--preset-out .: expected a file"),   # (after the whole grid)
 ])
 def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, words):
     assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
@@ -90,3 +93,18 @@ def test_select_lr_run_again_reuses_its_finished_runs(tmp_path, capsys, caplog):
     assert not [r for r in caplog.records if "failed" in r.getMessage()], [r.getMessage() for r in caplog.records]
     again = json.loads((tmp_path / "d" / "demo_preset.json").read_text())
     assert first["lr"] == again["lr"] == {"linear": 0.1} and first["val_top1"] == again["val_top1"]
+
+
+def test_a_ctrl_c_stops_the_demo_not_one_method(tmp_path, capsys, monkeypatch):
+    """The demo caught every run's exception to fill its table: a Ctrl-C (the run's
+    TrainingStopped, resume point written) only skipped to the next method, exit 1."""
+    import svp.engine
+    from svp.engine.signals import EXIT_INTERRUPTED, TrainingStopped
+    runs = []
+
+    def train(cfg):
+        runs.append(cfg["method"]["name"])
+        raise TrainingStopped("SIGINT received: stopped after step 3; resume point saved", EXIT_INTERRUPTED, "r")
+    monkeypatch.setattr(svp.engine, "train", train)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--no-figure"]) == EXIT_INTERRUPTED
+    assert runs == ["linear"] and "svp demo: SIGINT received" in capsys.readouterr().err

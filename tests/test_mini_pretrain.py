@@ -60,6 +60,19 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
         assert main(["pretrain", "--out", str(tmp_path / "p"), flag, "0"]) == 2
         assert f"svp pretrain: {flag} must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+    # rates, smoothing and the paths, before any training: they were torch's tracebacks, at the first
+    # step or, for an --export folder, after the whole run
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    for flags, words in ((["--lr", "-1"], "--lr must be > 0"), (["--label-smoothing", "2"], "--label-smoothing"),
+                         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+                         (["--export", str(tmp_path / "adir")], "a folder, expected a .safetensors file")):
+        assert main(["pretrain", "--out", str(tmp_path / "p"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert main(["pretrain", "--out", str(tmp_path / "afile")]) == 2
+    assert "a file, expected a folder" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 def _args(out, **kw):
@@ -139,11 +152,30 @@ def test_pretrain_resume_of_a_damaged_checkpoint_is_one_error_naming_the_file(tm
     pt.pretrain(_args(out, epochs=1, ckpt_every=1), log=lambda m: None)
     ckpt, state = out / "checkpoint.safetensors", out / "checkpoint.json"
     good_ckpt, good_state = ckpt.read_bytes(), state.read_text()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(ckpt), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert json.loads(meta["state"]) == json.loads(good_state)   # the state in the weights' own file
+
+    def old_format(state_text):   # a checkpoint of an earlier version: the state in checkpoint.json only
+        save_file(tensors, str(ckpt))
+        state.write_text(state_text)
     for damage, name in ((lambda: ckpt.write_bytes(good_ckpt[:100]), "checkpoint.safetensors"),
-                         (lambda: state.write_text(good_state[:20]), "checkpoint.json"),
-                         (lambda: state.write_text("[]"), "checkpoint.json")):
+                         (lambda: save_file(tensors, str(ckpt), metadata={"state": "{cut"}), "checkpoint.safetensors"),
+                         (lambda: old_format(good_state[:20]), "checkpoint.json"),
+                         (lambda: old_format("[]"), "checkpoint.json")):
         ckpt.write_bytes(good_ckpt)
         state.write_text(good_state)
         damage()
         with pytest.raises(ResumeError, match=f"--resume: .*{name}"):
             pt.pretrain(_args(out, epochs=1, ckpt_every=1, resume=True), log=lambda m: None)
+    # a kill between the two files left the weights of a later step beside an earlier checkpoint.json,
+    # resumed as that earlier step: the weights' own state is read
+    ckpt.write_bytes(good_ckpt)
+    earlier = json.loads(good_state)
+    earlier["step"] = 0
+    state.write_text(json.dumps(earlier))
+    logged = []
+    pt.pretrain(_args(out, epochs=1, ckpt_every=1, resume=True), log=logged.append)
+    assert any(f"at step {json.loads(good_state)['step']}/" in m for m in logged), logged

@@ -209,6 +209,7 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
              echo=print, preset: Optional[dict] = None) -> dict:
     from svp.engine import train
+    from svp.engine.signals import TrainingStopped
 
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
@@ -222,6 +223,8 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
                           progress)
         try:
             res = train(cfg)
+        except TrainingStopped:   # Ctrl-C / SIGTERM: the demo stops (each press skipped one method)
+            raise
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
@@ -316,6 +319,11 @@ def _main(args) -> int:
         problems.append(f"--methods {args.methods!r} names a method twice")
     if args.lr is not None and not args.lr > 0:
         problems.append(f"--lr must be > 0, got {args.lr}")
+    if args.seed < 0:
+        problems.append(f"--seed must be >= 0, got {args.seed}")
+    for flag, path, want in (("--out", args.out, "a folder"), ("--preset-out", args.preset_out, "a file")):
+        if path and os.path.exists(path) and os.path.isdir(path) != (want == "a folder"):
+            problems.append(f"{flag} {path}: expected {want}")
     for flag, v in (("--max-train-samples", args.max_train_samples), ("--max-eval-samples", args.max_eval_samples)):
         if v is not None and v < 1:
             problems.append(f"{flag} must be >= 1, got {v}")
@@ -343,7 +351,9 @@ def _main(args) -> int:
         try:
             grid = [float(v) for v in args.select_lr.split(",") if v.strip()]
         except ValueError:
-            print(f"svp demo: --select-lr {args.select_lr!r}: expected comma-separated numbers", file=sys.stderr)
+            grid = []
+        if not grid or not all(v > 0 for v in grid):   # (a rate of 0 "won" and was written to the preset)
+            print(f"svp demo: --select-lr {args.select_lr!r}: expected comma-separated rates > 0", file=sys.stderr)
             return 2
         command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
@@ -356,7 +366,15 @@ def _main(args) -> int:
             path))) == "assets" else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
         print(f"wrote {path}{hint}")
         return 0 if len(preset["lr"]) == len(methods) else 1
-    summary = run_demo(args.out, args.epochs, args.batch_size, args.lr, args.seed, methods,
-                       args.max_train_samples, args.max_eval_samples, not args.no_figure,
-                       "none" if args.quiet else "auto")
+    from svp.engine.signals import TrainingStopped
+    try:
+        summary = run_demo(args.out, args.epochs, args.batch_size, args.lr, args.seed, methods,
+                           args.max_train_samples, args.max_eval_samples, not args.no_figure,
+                           "none" if args.quiet else "auto")
+    except TrainingStopped as e:   # as `svp train` says it: the run's resume point, exit 130
+        print(f"svp demo: {e}", file=sys.stderr)
+        return e.code
+    except OSError as e:   # a full or read-only disk: one line
+        print(f"svp demo: cannot write {e.filename or args.out} ({e.strerror or e})", file=sys.stderr)
+        return 2
     return 0 if all(r.get("test_top1") is not None for r in summary["rows"]) else 1

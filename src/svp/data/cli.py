@@ -182,8 +182,11 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
         ax.set_title(ds.classes[y], fontsize=7, pad=2)
     fig.suptitle(f"{dataset_info(name).name} / {split}", fontsize=9)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path)
-    plt.close(fig)
+    from ..io import atomic_write
+    try:   # (atomic: a full disk left a cut-off PNG)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -206,5 +209,7 @@ def cmd_grid(args) -> int:
         save_grid(args.name, out, split=args.split, n=args.n, cols=args.cols, root=args.root, seed=args.seed)
     except KeyError as e:   # an unknown dataset or split
         raise ConfigError(str(e.args[0] if e.args else e)) from None
+    except OSError as e:   # a full or read-only disk as the PNG is written
+        raise ConfigError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     print(out)
     return 0

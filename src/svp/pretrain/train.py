@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import ConfigError, ResumeError
-from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, remove_dead_writers_temps
 from .fractals import generate_split, make_categories
 
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
@@ -132,16 +132,31 @@ def pretrain(args, log=print) -> dict:
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     state_json = os.path.join(args.out, "checkpoint.json")
     history, loss_avg = [], None
-    if args.resume and os.path.isfile(ckpt) and os.path.isfile(state_json):
+    if args.resume and os.path.isfile(ckpt):
+        from safetensors import safe_open
         from safetensors.torch import load_file
         try:
-            with open(state_json) as f:
-                saved = json.load(f)
+            # the state in the weights' own file (one atomic write): a kill between the two files
+            # left step 8's weights beside step 4's checkpoint.json, resumed as step 4. Files of
+            # earlier versions hold it in checkpoint.json only
+            source = ckpt
+            try:
+                with safe_open(ckpt, framework="pt") as f:
+                    text = (f.metadata() or {}).get("state")
+            except Exception:   # unreadable: said below, where the tensors are read
+                text = ""
+            if text is None:
+                source = state_json
+                if not os.path.isfile(state_json):
+                    raise ValueError("no step recorded")
+                with open(state_json) as f:
+                    text = f.read()
+            saved = json.loads(text) if text else {"step": 0}
             if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
                 raise ValueError("expected an object with an integer 'step'")
         except ValueError as e:   # JSONDecodeError too: cut off by a full disk, edited
-            raise ResumeError(f"--resume: {state_json} is damaged ({e}); start a new --out") from None
-        _check_resume_args(saved.get("args") or {}, vars_of(args), state_json)
+            raise ResumeError(f"--resume: {source} is damaged ({e}); start a new --out") from None
+        _check_resume_args(saved.get("args") or {}, vars_of(args), source)
         try:
             tensors = load_file(ckpt)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -163,9 +178,9 @@ def pretrain(args, log=print) -> dict:
     def save_ckpt():
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(_optim_state(opt, names))
-        atomic_save_safetensors(ckpt, tensors)
-        atomic_write_json(state_json, {"step": step, "total": total, "args": vars_of(args), "history": history,
-                                       "loss_avg": loss_avg})
+        state = {"step": step, "total": total, "args": vars_of(args), "history": history, "loss_avg": loss_avg}
+        atomic_save_safetensors(ckpt, tensors, metadata={"state": json.dumps(state)})
+        atomic_write_json(state_json, state)   # (the same, to read; --resume reads the weights' file)
 
     model.train()
     t_start = time.time()
@@ -370,18 +385,49 @@ def _main(args) -> int:
         print(f"svp pretrain: {args.per_class * args.num_classes} training images are fewer than one batch "
               f"({args.batch_size})", file=sys.stderr)
         return 2
-    logf = open(os.path.join(_mk(args.out), "pretrain.log"), "a")
+    # (before any training: an --export folder failed after the whole run, a bad rate at its first step)
+    problems = []
+    if not args.lr > 0:
+        problems.append(f"--lr must be > 0, got {args.lr}")
+    if not args.min_lr >= 0 or not args.weight_decay >= 0:
+        problems.append(f"--min-lr and --weight-decay must be >= 0, got {args.min_lr}, {args.weight_decay}")
+    if not 0 <= args.label_smoothing < 1:
+        problems.append(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        problems.append(f"--out {args.out}: a file, expected a folder")
+    if args.export and os.path.isdir(args.export):
+        problems.append(f"--export {args.export}: a folder, expected a .safetensors file to write")
+    if problems:
+        print("svp pretrain: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        logf = open(os.path.join(_mk(args.out), "pretrain.log"), "a")
+        # temporaries of writes a kill cut off (a checkpoint-sized file each)
+        remove_dead_writers_temps(args.out)
+    except OSError as e:
+        print(f"svp pretrain: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
 
     def log(msg):
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
-        logf.write(line + "\n")
-        logf.flush()
+        try:
+            logf.write(line + "\n")
+            logf.flush()
+        except OSError:   # a full disk: the line is printed; the error comes from the next checkpoint
+            pass
 
     try:
         pretrain(args, log)
+    except OSError as e:   # a full or read-only disk: one line (the last checkpoint is whole)
+        print(f"svp pretrain: cannot write {e.filename or args.out} ({e.strerror or e}); --resume continues "
+              f"from the last checkpoint once it can", file=sys.stderr)
+        return 2
     finally:
-        logf.close()
+        try:
+            logf.close()
+        except OSError:
+            pass
     return 0
 
 
