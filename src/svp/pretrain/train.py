@@ -4,9 +4,10 @@ The loop is deliberately small and self-contained (no dependency on the fine-tun
 engine, whose recipes are for adaptation): in-memory uint8 images, per-epoch seeded
 shuffling, random mirror as the only augmentation (pose, colour and shape jitter are
 already in the generator), AdamW with linear warm-up then cosine decay per step,
-label smoothing. A checkpoint (weights + optimiser state + position, safetensors +
-JSON) is written atomically every ``--ckpt-every`` steps and at the end; ``--resume``
-continues from it and reproduces the uninterrupted run's data order.
+label smoothing. A checkpoint (weights + optimiser state, with the position in the
+safetensors file's metadata, and the position again as JSON to read) is written
+atomically every ``--ckpt-every`` steps and at the end; ``--resume`` continues from it
+and reproduces the uninterrupted run's data order.
 
 ``--export`` writes the released asset: the model's weights in safetensors (fp32)
 plus a JSON model card next to it holding the recipe, the exact command, the data
