@@ -1274,3 +1274,22 @@ def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, mon
     monkeypatch.setattr(S.ck, "atomic_write_text", lambda *a: (_ for _ in ()).throw(full))
     with pytest.raises(ConfigError, match=r"cannot write the sweep's results \(No space left on device\).*reuses them"):
         S.write_outputs(str(tmp_path), "mini", [], [("digits", "mini")], ["linear"], [0])
+
+
+def test_a_second_signal_while_workers_start_stops_once_they_have_started():
+    """A second Ctrl-C raised mid-start (spawned workers) left a half-built loader and a cut-off
+    pickle that a worker, ignoring the signal while it starts, read and printed a traceback for:
+    it is raised once the start is done."""
+    import signal
+
+    from svp.engine.signals import Signals, starting_workers
+    s = Signals()
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with starting_workers():
+            s._handle(signal.SIGINT, None)
+            s._handle(signal.SIGINT, None)
+            reached.append("the rest of the start")
+    assert reached and s.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):   # elsewhere: at once
+        s._handle(signal.SIGINT, None)

@@ -87,6 +87,12 @@ class Signals(_Handler):
 
     def _handle(self, signum, frame):
         if self._received is not None:  # second signal: give up immediately
+            if _starting["depth"] > 0 and _starting["pid"] == os.getpid():
+                # ... once the workers being started have their whole state: raised mid-start, it
+                # left a half-built loader and a cut-off pickle that a worker (ignoring the signal
+                # while it starts) read, printing its traceback
+                _starting["interrupt"] = True
+                return
             raise KeyboardInterrupt
         self._received = signum
         if _starting_here():
@@ -180,9 +186,13 @@ def starting_workers():
     try:
         yield
     finally:
+        interrupt = _starting.pop("interrupt", False)
+        _starting.clear()
         _starting.update(saved)
         if shim:
             mpu.spawnv_passfds = real
+        if interrupt:   # a second signal while the workers started (Signals._handle)
+            raise KeyboardInterrupt
 
 
 def _starting_here() -> bool:
