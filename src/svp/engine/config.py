@@ -482,8 +482,9 @@ def validate(cfg: dict) -> None:
         if isinstance(v, os.PathLike):   # from Python: a pathlib.Path is a path
             v = os.fspath(v)
             set_key(cfg, key, v)
-        if path_value(key, v) is not v:
-            v = path_value(key, v)
+        expanded = path_value(key, v)
+        if expanded is not v:
+            v = expanded
             set_key(cfg, key, v)
         if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))
