@@ -398,6 +398,29 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(monkeypatc
     assert svp_main(["data", "list"]) == 0
 
 
+def test_output_on_a_full_disk_ends_the_command_with_one_line(monkeypatch, capsys):
+    """`svp data list > /dev/full`, or any command whose own words for a full disk do not cover
+    the write that failed: one line naming the error, exit 2 (it was a traceback, exit 1)."""
+    import errno
+    import io
+    import sys
+
+    class FullDisk(io.StringIO):
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    assert svp_main(["data", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err == "svp data: error: a write failed (No space left on device)\n"
+
+    class Denied(io.StringIO):  # not a disk's state: a bug to report, with its traceback
+        def write(self, s):
+            raise OSError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(sys, "stdout", Denied())
+    with pytest.raises(PermissionError):
+        svp_main(["data", "list"])
+
+
 def test_data_grid_makes_its_output_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "new" / "sub" / "grid.png"
     assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0

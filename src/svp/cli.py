@@ -9,6 +9,7 @@ import signal
 import sys
 
 from .errors import SVPError
+from .io import DISK_ERRNOS
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
@@ -53,11 +54,33 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
         _quiet_stdout()
         return 0
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return _disk_error(args.command, e)
     try:
         sys.stdout.flush()  # a pipe closed early fails here, at exit, if not above
     except BrokenPipeError:
         _quiet_stdout()
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return _disk_error(args.command, e)
     return int(rc or 0)
+
+
+def _disk_error(command: str, e: OSError) -> int:
+    """A full or failing disk where a command has no words of its own for it (its output
+    redirected to a full disk, a cache it writes): one line, not a traceback. The commands that
+    write run folders, tables or figures say more (which file, how to go on) before this."""
+    name = e.filename if isinstance(e.filename, str) else None
+    what = f"cannot write {name}" if name else "a write failed"
+    print(f"svp {command}: error: {what} ({e.strerror or e})", file=sys.stderr)
+    try:
+        sys.stdout.flush()
+    except OSError:  # stdout itself is on the full disk: what it still buffers would fail again at exit
+        _quiet_stdout()
+    return 2
 
 
 def _quiet_stdout() -> None:

@@ -9,6 +9,7 @@ and removed (:func:`remove_stale_temps`; the engine does it when a run starts, r
 and ends, while it holds the run folder's lock)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,9 +19,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps",
-           "remove_dead_writers_temps", "TEMP_PREFIX"]
+           "remove_dead_writers_temps", "TEMP_PREFIX", "DISK_ERRNOS"]
 
 TEMP_PREFIX = ".svp-tmp-"
+# what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
+DISK_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EROFS") if hasattr(errno, n))
 # what svp <= 0.1's atomic writes left (mkstemp(prefix=".tmp-", suffix="-<name>")): removed too
 _LEGACY_PREFIX = ".tmp-"
 

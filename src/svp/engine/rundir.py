@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
 from ..errors import ConfigError, PeerError, ResumeError, SVPError
-from ..io import remove_stale_temps
+from ..io import DISK_ERRNOS, remove_stale_temps
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
 from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
@@ -245,8 +244,6 @@ def interrupted_at_once(path) -> TrainingStopped:
     return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
 
 
-# what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
-_DISK = {getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EROFS") if hasattr(errno, n)}
 
 
 def user_io_error(e: OSError, path) -> Exception:
@@ -256,7 +253,7 @@ def user_io_error(e: OSError, path) -> Exception:
         return e
     if name and os.path.abspath(name).startswith(path):
         return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
-    if e.errno in _DISK:
+    if e.errno in DISK_ERRNOS:
         return ConfigError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e})")
     return e
 
