@@ -904,6 +904,45 @@ def test_second_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypa
     assert svp_main(["train", "--resume", str(run)]) == 0           # and the hint works
 
 
+@pytest.mark.parametrize("during", ["last_validation", "final_test"])
+def test_a_signal_during_the_last_evaluations_stops_the_run_at_its_last_resume_point(tmp_path, capsys, monkeypatch,
+                                                                                      during):
+    """A SIGTERM while the last epoch's validation or the final test evaluations ran was ignored
+    (exit 0 after them): a scheduler's grace period shorter than those evaluations then killed
+    the run. It stops after the evaluation under way (exit 130), and --resume runs the end."""
+    import signal
+
+    from svp.engine import loop
+
+    cmd = [*MINI, "--epochs", "2", "data.max_eval_samples=16", "--output", str(tmp_path)]
+    assert svp_main(["train", *cmd, "--name", "whole"]) == 0
+    evaluate, finish, seen = loop.Trainer._evaluate, loop.Trainer._finish, {"val": 0, "finishing": False}
+
+    def _finish(self, *a):
+        seen["finishing"] = True
+        return finish(self, *a)
+
+    def _evaluate(self, model, split):
+        out = evaluate(self, model, split)
+        seen["val"] += split is self.val
+        if not seen.get("sent") and ((during == "last_validation" and split is self.val and seen["val"] == 2)
+                                     or (during == "final_test" and seen["finishing"])):
+            seen["sent"] = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(loop.Trainer, "_evaluate", _evaluate)
+    monkeypatch.setattr(loop.Trainer, "_finish", _finish)
+    run = tmp_path / "cut"
+    _one_line_error(capsys, svp_main(["train", *cmd, "--name", "cut"]), 130,
+                    "SIGTERM received: stopped after epoch 2; resume point saved")
+    assert not (run / "results.json").exists() and not (run / "last").exists()
+    monkeypatch.undo()
+    assert svp_main(["train", "--resume", str(run)]) == 0
+    whole, cut = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "cut"))
+    timeless = lambda res: {k: v for k, v in res.items() if not k.endswith(("seconds", "per_s", "run_dir"))}  # noqa: E731
+    assert timeless(cut) == timeless(whole)
+
+
 def test_errors_after_training_started_are_in_train_log_and_keep_the_folder(tmp_path, capsys, monkeypatch):
     from svp.engine.hooks import Hooks
     from svp.errors import DatasetError

@@ -394,10 +394,15 @@ class Trainer:
         st.update({"epoch": epoch + 1, "batch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0,
                    "epoch_seconds": 0.0, "epoch_images": 0})
         self.save_resume(st)
-        # a signal that arrived during evaluation: the epoch's resume point is written
-        sig = all_reduce_sum(self.signals.flags(), dinfo, self.comm_dev)
-        if sum(sig) > 0 and st["epoch"] < epochs and not stop:
-            raise interrupted(self.folder.path, self.signals.name_of(sig), f"epoch {st['epoch']}")
+        # a signal that arrived during evaluation: the epoch's resume point is written. After the
+        # last epoch too: the final test evaluations can take minutes (a scheduler's grace period
+        # ran out on them), and --resume from this point runs them
+        self._stop_if_signalled(f"epoch {st['epoch']}")
+
+    def _stop_if_signalled(self, where: str) -> None:
+        sig = all_reduce_sum(self.signals.flags(), self.dist, self.comm_dev)
+        if sum(sig) > 0:
+            raise interrupted(self.folder.path, self.signals.name_of(sig), where)
 
     def _finish(self, st, stopped_early) -> Dict[str, Any]:
         cfg, dinfo, hist = self.cfg, self.dist, st["history"]
@@ -415,6 +420,8 @@ class Trainer:
                     load_trainable(eval_model, best["state"], "best weights")
                     best_test = self._evaluate(eval_model, self.test)
                     load_trainable(eval_model, last_state, "last weights")
+            # a signal during them: stopped before anything of the end is written, at the last resume point
+            self._stop_if_signalled(f"epoch {hist[-1]['epoch']}")
         if stopped_early and dinfo.is_main:   # (only results.json said so)
             log.info("stopped at train.max_steps=%s (step %d), in epoch %d of %d", cfg["train"]["max_steps"],
                      st["global_step"], hist[-1]["epoch"], int(cfg["train"]["epochs"]))
