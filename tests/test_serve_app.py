@@ -425,24 +425,94 @@ def test_a_folder_replaced_while_it_loads_is_loaded_again_whole(tmp_path, monkey
         shutil.copyfile(os.path.join(p2, f), root / "x" / f)
         os.utime(root / "x" / f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert sync_adapters(model, str(root), stamps)["loaded"] == ["x"]
-    # replaced by q while p2's files load
-    real_add, swaps = MultiAdapterModel.add_adapter, []
+    # replaced while its files are read, after its config: removed and copied anew (`rm -r; cp -r`),
+    # or moved aside for another (`mv x old; mv new x`) or swapped with another (two renames);
+    # each time the adapter loaded is one folder's, whole, and the next reload has the other
+    import svp.peft.io as pio
+    real_identity = pio._identity
 
-    def add(self, name, path):
-        out = real_add(self, name, path)
-        if not swaps:
-            swaps.append(name)
-            shutil.rmtree(root / "x")
-            shutil.copytree(q, root / "x")
-        return out
-    monkeypatch.setattr(MultiAdapterModel, "add_adapter", add)
-    shutil.rmtree(root / "x")
-    shutil.copytree(p, root / "x")
-    report = sync_adapters(model, str(root), stamps)
-    assert report["loaded"] == ["x"] and swaps == ["x"], report
-    assert model.adapters["x"].peft.config.method == "linear"   # q's, whole (it was p's, recorded as loaded)
-    monkeypatch.undo()
-    assert sync_adapters(model, str(root), stamps)["unchanged"] == ["x"]
+    def replace_during_reading(how):
+        calls = []
+
+        def identity(st):
+            calls.append(st)
+            if len(calls) == 2:   # the config read and checked; the tensors next
+                if how == "rm":
+                    shutil.rmtree(root / "x")
+                    shutil.copytree(q, root / "x")
+                else:
+                    os.rename(root / "x", root / "old")
+                    shutil.copytree(q, root / "x")
+                    if how == "swap":
+                        os.rename(root / "old", root / "x2")   # x2 is what x was, whole
+            return real_identity(st)
+        return identity
+
+    for how in ("rm", "mv", "swap"):
+        shutil.rmtree(root / "x")
+        shutil.rmtree(root / "old", ignore_errors=True)
+        shutil.rmtree(root / "x2", ignore_errors=True)
+        shutil.copytree(p, root / "x")
+        assert sync_adapters(model, str(root), stamps)["loaded"] == ["x"]
+        shutil.rmtree(root / "x")
+        shutil.copytree(p2, root / "x")   # changed: the reload reads it, and meanwhile it is replaced
+        monkeypatch.setattr(pio, "_identity", replace_during_reading(how))
+        report = sync_adapters(model, str(root), stamps)
+        monkeypatch.undo()
+        assert report["loaded"][:1] == ["x"] and not report["refused"], (how, report)
+        got = model.adapters["x"]   # one folder's config and tensors: p2's (svp, 10 classes) or q's (linear, 7)
+        assert (got.peft.config.method, got.info["num_classes"]) in (("svp", 10), ("linear", 7)), how
+        report = sync_adapters(model, str(root), stamps)
+        assert "x" in report["loaded"] + report["unchanged"] and not report["refused"], (how, report)
+        assert (model.adapters["x"].peft.config.method, model.adapters["x"].info["num_classes"]) == ("linear", 7)
+    assert sync_adapters(model, str(root), stamps)["unchanged"][:1] == ["x"]
+
+
+def test_folders_swapped_again_and_again_are_never_served_mixed(tmp_path):
+    """Two adapters of the same shapes, their folders swapped (renames) while the server reloads:
+    the config (class names) and the tensors of an adapter were read at different moments, and a
+    swap there and one back left one adapter's weights under the other's class names, recorded as
+    unchanged (the QA loop: a third of the answers mixed). Each loaded adapter is one folder's."""
+    from safetensors.torch import load_file
+
+    from svp.peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from svp.serve.app import sync_adapters
+    from svp.serve.model import MultiAdapterModel
+    src = {k: H.make_adapter(tmp_path / "src" / k, "linear", dict(num_classes=10), seed=s)
+           for k, s in (("p", 1), ("q", 2))}
+    cfg_file = os.path.join(src["q"], ADAPTER_CONFIG)
+    cfg = json.loads(open(cfg_file).read())
+    cfg["class_names"] = [f"q{i}" for i in range(10)]
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    heads = {k: load_file(os.path.join(d, ADAPTER_WEIGHTS)) for k, d in src.items()}
+    root = tmp_path / "served"
+    shutil.copytree(src["p"], root / "x")
+    shutil.copytree(src["q"], root / "y")
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            os.rename(root / "x", tmp_path / "t")
+            os.rename(root / "y", root / "x")
+            os.rename(tmp_path / "t", root / "y")
+    model, stamps = MultiAdapterModel(H.mini_backbone()), {}
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    checked = rounds = 0
+    try:
+        while checked < 40 and rounds < 400:   # (a reload amid a swap refuses what is missing then)
+            rounds += 1
+            sync_adapters(model, str(root), stamps)
+            for name, a in list(model.adapters.items()):
+                own = "q" if a.info["class_names"][0] == "q0" else "p"
+                state = a.peft.adapter_state_dict()
+                assert all(torch.equal(state[k], v) for k, v in heads[own].items()), (name, own)
+                checked += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert checked >= 40
 
 
 def test_an_unreadable_adapters_folder_is_one_error(tmp_path, monkeypatch):
@@ -462,3 +532,43 @@ def test_an_unreadable_adapters_folder_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(B.os, "listdir", denied)
     with pytest.raises(ConfigError, match=r"--adapters .*: cannot read the folder \(Permission denied\)"):
         B.backbone_spec(str(tmp_path / "a"))
+    monkeypatch.undo()
+
+
+def test_an_unreadable_adapter_folder_or_file_is_refused_saying_why(tmp_path, monkeypatch):
+    """An adapter folder the server may not list that sorted first stopped `svp serve` at its
+    start with a traceback; a file it may not read was refused as 'No such file', a folder it
+    may not search as 'no adapter_config.json'."""
+    import svp.peft.io as pio
+    import svp.serve.backbone as B
+    import svp.serve.model as M
+    from svp.serve.model import MultiAdapterModel
+    root = tmp_path / "served"
+    for name, seed in (("a", 1), ("b", 2)):
+        H.make_adapter(root / name, "linear", dict(num_classes=10), seed=seed)
+    listdir, os_open = os.listdir, os.open
+
+    def denied_listing(path):
+        if os.path.basename(os.fspath(path)) == "a":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listdir(path)
+    monkeypatch.setattr(M.os, "listdir", denied_listing)
+    spec = B.backbone_spec(str(root))   # b's: a is refused when the adapters load, saying why
+    assert spec.model == H.MINI
+    report = _sync(MultiAdapterModel(H.mini_backbone()), str(root))
+    assert report["loaded"] == ["b"] and "cannot read" in report["refused"]["a"] and \
+        "(Permission denied)" in report["refused"]["a"], report
+    monkeypatch.undo()
+
+    def denied_file(path, flags, *a, **kw):
+        if os.path.basename(os.fspath(path)) == pio.ADAPTER_WEIGHTS:
+            raise PermissionError(13, "Permission denied")
+        return os_open(path, flags, *a, **kw)
+    monkeypatch.setattr(pio.os, "open", denied_file)
+    report = _sync(MultiAdapterModel(H.mini_backbone()), str(root))
+    assert report["refused"]["a"] == f"{root / 'a' / pio.ADAPTER_WEIGHTS}: cannot read it (Permission denied)", report
+
+
+def _sync(model, root):
+    from svp.serve.app import sync_adapters
+    return sync_adapters(model, root, {})

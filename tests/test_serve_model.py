@@ -248,3 +248,53 @@ def test_a_new_layer_hook_method_that_says_so_shares_the_pass(tmp_path, monkeypa
     monkeypatch.setattr(Scale, "trainable_base_names", lambda self, m: ["norm_f.weight"])
     H.make_adapter(tmp_path / "scale_norm", "scale_test", dict(num_classes=3))
     assert model.add_adapter("scale_norm", str(tmp_path / "scale_norm")).describe()["batching"] == "own model"
+
+
+_REWRITTEN_WHILE_LOADING = r"""
+import os, sys, threading
+import svp  # noqa: F401
+import serve_helpers as H
+from svp.errors import AdapterError
+from svp.serve.model import MultiAdapterModel
+root = sys.argv[1]
+a = H.make_adapter(os.path.join(root, "a"), "full", dict(num_classes=10), seed=1)
+b = H.make_adapter(os.path.join(root, "b"), "full", dict(num_classes=10), seed=2)
+data = [open(os.path.join(d, "adapter.safetensors"), "rb").read() for d in (a, b)]
+stop = threading.Event()
+
+def rewrite():   # as `cp b/adapter.safetensors a/` does it: truncate, then write
+    k = 0
+    while not stop.is_set():
+        with open(os.path.join(a, "adapter.safetensors"), "r+b") as f:
+            f.truncate(0)
+            f.write(data[k % 2])
+        k += 1
+        stop.wait(0.002)
+t = threading.Thread(target=rewrite)
+t.start()
+model, loaded = MultiAdapterModel(H.mini_backbone()), 0
+try:
+    for _ in range(60):
+        try:
+            model.add_adapter("a", a)
+            loaded += 1
+        except AdapterError:   # caught mid-write: refused until whole
+            pass
+finally:
+    stop.set()
+    t.join()
+print("loaded", loaded)
+"""
+
+
+def test_a_file_copied_over_an_adapter_as_it_loads_does_not_kill_the_server(tmp_path):
+    """safetensors memory-mapped the adapter's file: `cp` over it while `svp serve` reloaded
+    truncated the mapping, and the server died of SIGBUS (exit 135, nothing said). The files are
+    read into memory: an adapter caught mid-write is refused, the process lives."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _REWRITTEN_WHILE_LOADING, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "loaded" in r.stdout, (r.returncode, r.stderr[-2000:])

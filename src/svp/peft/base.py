@@ -21,11 +21,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
-from .io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, base_weights_hash, read_adapter_config, save_adapter
+from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterFiles, base_weights_hash, read_adapter_config,
+                 read_adapter_files, save_adapter)
 from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
@@ -382,15 +383,25 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     """Apply the adapter saved in ``directory`` to ``model`` (a freshly built VisionMamba
     holding the same base weights the adapter was trained on) and return the PeftModel in
     eval mode. Refuses a model whose base-weight hash differs from the recorded one."""
+    _check_bare_backbone(model)   # before the files are read
+    return load_adapter_files(model, read_adapter_files(directory), check_hash)
+
+
+def _check_bare_backbone(model: nn.Module) -> None:
     if isinstance(model, PeftModel):
         raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass "
                         "peft_model.unload(), or a freshly built backbone")
     _check_backbone(model, "load_adapter")   # before the hash reads its weights
-    directory = os.fspath(directory)
-    cfg = read_adapter_config(directory)
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
+
+
+def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool = True):
+    """:func:`load_adapter` from an adapter folder's files already read
+    (:func:`svp.peft.io.read_adapter_files`; ``svp serve`` compares them with the folder it
+    serves)."""
+    _check_bare_backbone(model)
+    directory = files.directory
+    cfg = read_adapter_config(directory, files.data[ADAPTER_CONFIG])
+    weights = files.path(ADAPTER_WEIGHTS)
     have = None
     if check_hash:
         have = base_weights_hash(model)
@@ -409,7 +420,7 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     except (ValueError, TypeError) as e:
         raise AdapterError(f"{os.path.join(directory, ADAPTER_CONFIG)}: {e}") from None
     try:  # read before anything is attached: a damaged file leaves the model as it was
-        state = load_file(weights, device="cpu")
+        state = safetensors_load(files.data[ADAPTER_WEIGHTS])
     except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
         raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
                            f"damaged, save or copy it again") from None

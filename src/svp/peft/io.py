@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import warnings
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +21,7 @@ from ..io import atomic_write_json as _atomic_write_json
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+BACKBONE_SPEC = "backbone.json"   # written by svp train beside the two: the backbone and image recipe
 FORMAT_VERSION = 1
 
 
@@ -96,13 +99,14 @@ def _brief(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_adapter_config(directory) -> dict:
+def read_adapter_config(directory, data: Optional[bytes] = None) -> dict:
+    """``<directory>/adapter_config.json``, checked; ``data``: its bytes, already read
+    (:func:`read_adapter_files`)."""
     path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
+    if data is None:
+        data = _read(path, f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{path}: not valid JSON in UTF-8: {e}") from e
     if not isinstance(cfg, dict):
@@ -132,3 +136,145 @@ def read_adapter_config(directory) -> dict:
         raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
                            f"understands ({FORMAT_VERSION})")
     return cfg
+
+
+def _read(path: str, missing: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(missing) from None
+    except IsADirectoryError:
+        raise AdapterError(f"{path}: a folder, expected a file") from None
+    except OSError as e:   # (a folder that cannot be searched said "no such file" before)
+        raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _identity(st: os.stat_result) -> tuple:
+    # the inode and ctime too: files copied over with their old times and sizes (`cp -p`) change
+    # the ctime, a folder swapped for another the inodes
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
+# the files of an adapter folder as read, in this order (backbone.json may be absent)
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BACKBONE_SPEC)
+_READ_TRIES = 3
+
+
+def adapter_files_stamp(directory) -> Tuple[Optional[tuple], ...]:
+    """What :func:`read_adapter_files` records of each file, by path, without reading them:
+    equal to a snapshot's ``stamp`` while the folder holds the same files, unchanged."""
+    out = []
+    for name in ADAPTER_FILES:
+        try:
+            out.append(_identity(os.stat(os.path.join(os.fspath(directory), name))))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter folder's files read into memory as one consistent state: every file's bytes
+    come from the same folder, and no file changed or was replaced while they were read (a
+    folder replaced while `svp serve` loaded it gave one adapter's weights under the other's
+    class names). Nothing is memory-mapped: a file truncated under a mapping (`cp` over it)
+    killed the process with SIGBUS."""
+    directory: str
+    data: Dict[str, Optional[bytes]]      # file name -> bytes; None: an optional file is absent
+    stamp: Tuple[Optional[tuple], ...]    # per ADAPTER_FILES: (dev, inode, mtime, ctime, size) or None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+
+class _Changed(Exception):
+    pass
+
+
+def _moved(directory: str, dir_fd: Optional[int]) -> bool:
+    """Is the folder opened as ``dir_fd`` no longer the one at ``directory``?"""
+    if dir_fd is None:
+        return False
+    try:
+        here, opened = os.stat(directory), os.fstat(dir_fd)
+    except OSError:
+        return True
+    return (here.st_dev, here.st_ino) != (opened.st_dev, opened.st_ino)
+
+
+def read_adapter_files(directory) -> AdapterFiles:
+    """Read ``directory``'s adapter files (:class:`AdapterFiles`). A folder whose files change
+    while they are read is read again, up to three times in all, then refused."""
+    directory = os.fspath(directory)
+    for _ in range(_READ_TRIES):
+        try:
+            return _read_once(directory)
+        except _Changed:
+            continue
+    raise AdapterError(f"{directory}: its files changed while they were read, {_READ_TRIES} times; load it once "
+                       f"they are all in place")
+
+
+def _read_once(directory: str) -> AdapterFiles:
+    # the files are opened through one descriptor of the folder where the system has them
+    # (Linux, macOS): a folder renamed or swapped meanwhile cannot mix two folders' files
+    dir_fd = None
+    if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no adapter folder {directory}") from None
+        except NotADirectoryError:
+            raise AdapterError(f"{directory}: not a folder") from None
+        except OSError as e:
+            raise AdapterError(f"{directory}: cannot read the folder ({e.strerror or e})") from None
+    try:
+        data, stamp = {}, []
+        for name in ADAPTER_FILES:
+            path = os.path.join(directory, name)
+            try:   # (not blocking: a FIFO in the folder's place of a file would hold the open forever)
+                fd = os.open(name if dir_fd is not None else path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0),
+                             dir_fd=dir_fd)
+            except FileNotFoundError:
+                if _moved(directory, dir_fd):
+                    raise _Changed() from None   # removed or replaced since the folder was opened
+                if name == BACKBONE_SPEC:
+                    data[name] = None
+                    stamp.append(None)
+                    continue
+                what = "(not an adapter directory)" if name == ADAPTER_CONFIG else ""
+                raise FileNotFoundError(f"no {name} in {directory} {what}".rstrip()) from None
+            except OSError as e:
+                raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise AdapterError(f"{path}: not a regular file")
+                before = _identity(st)
+                try:
+                    blob = f.read()
+                except IsADirectoryError:
+                    raise AdapterError(f"{path}: a folder, expected a file") from None
+                except OSError as e:
+                    raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
+                if _identity(os.fstat(f.fileno())) != before or len(blob) != before[-1]:
+                    raise _Changed()   # written while it was read
+            data[name] = blob
+            stamp.append(before)
+        # the folder still names the files read: none was replaced after it was read (a file
+        # renamed away and back has another ctime)
+        for name, ident in zip(ADAPTER_FILES, stamp):
+            try:
+                now = _identity(os.stat(name if dir_fd is not None else os.path.join(directory, name),
+                                        dir_fd=dir_fd))
+            except FileNotFoundError:
+                now = None
+            except OSError:
+                raise _Changed() from None
+            if now != ident:
+                raise _Changed()
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return AdapterFiles(directory, data, tuple(stamp))

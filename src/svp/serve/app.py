@@ -34,6 +34,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import AdapterError, SVPError
+from ..peft.io import BACKBONE_SPEC, AdapterFiles, adapter_files_stamp, read_adapter_files
 from .model import MultiAdapterModel, check_adapter_dir
 
 _log = logging.getLogger("svp.serve")
@@ -81,33 +82,21 @@ class ServeConfig:
 
 
 # -- adapters folder -----------------------------------------------------------------------
-def _stamp(path: str):
-    """What a reload compares: the adapter's files, and its backbone.json (its image recipe, which
-    the server checks), absent or not."""
-    def one(f):
-        full = os.path.join(path, f)
-        if f == "backbone.json" and not os.path.exists(full):
-            return None
-        st = os.stat(full)
-        # (the inode and ctime too: files copied with their old times and sizes, `cp -p` of
-        # another adapter of the same method, kept the old adapter served)
-        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
-    return tuple(one(f) for f in ("adapter.safetensors", "adapter_config.json", "backbone.json"))
-
-
-# a folder whose files change while it loads is loaded again, this many times in all
-_LOAD_TRIES = 3
-
-
-def _check_recipe(real: str, recipe: Optional[str]) -> None:
+def _check_recipe(files: AdapterFiles, recipe: Optional[str]) -> None:
     if recipe is None:
         return
-    from ..build import adapter_spec
+    from ..build import ModelSpec
     # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
-    has_spec = os.path.isfile(os.path.join(real, "backbone.json"))
-    own = adapter_spec(real).extra.get("recipe", "svp") if has_spec else "svp"
+    own = "svp"
+    raw = files.data[BACKBONE_SPEC]
+    if raw is not None:
+        path = files.path(BACKBONE_SPEC)
+        try:
+            own = ModelSpec.from_dict(json.loads(raw.decode("utf-8")), path).extra.get("recipe", "svp")
+        except (ValueError, SVPError) as e:   # not JSON, not UTF-8, not a backbone description
+            raise AdapterError(f"{path}: not a readable backbone description ({e})") from None
     if own != recipe:
-        raise AdapterError(f"{real}: trained with the image recipe {own!r}, but this server "
+        raise AdapterError(f"{files.directory}: trained with the image recipe {own!r}, but this server "
                            f"prepares every image with {recipe!r} (its first adapter's); serve "
                            f"it from a server of its own")
 
@@ -135,25 +124,16 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
         present.append(name)
         try:
             real = check_adapter_dir(root, name)
-            stamp = (real, _stamp(real))
-            if stamps.get(name) == stamp and name in model.adapters:
+            if stamps.get(name) == (real, adapter_files_stamp(real)) and name in model.adapters:
                 report["unchanged"].append(name)
                 continue
-            for _ in range(_LOAD_TRIES):
-                _check_recipe(real, recipe)
-                model.add_adapter(name, real)
-                # the files are read more than once as an adapter loads (its config, its tensors):
-                # a folder replaced meanwhile gave one adapter's weights under the other's class
-                # names. The same files before and after, or it is loaded again
-                real_after = check_adapter_dir(root, name)
-                after = (real_after, _stamp(real_after))
-                if after == stamp:
-                    break
-                real, stamp = real_after, after
-            else:
-                raise AdapterError(f"{real}: its files changed while it loaded, {_LOAD_TRIES} times; reload "
-                                   f"once they are all in place")
-            stamps[name] = stamp
+            # its files read once, as one state of one folder, and loaded from memory: a folder
+            # replaced or swapped while it loaded gave one adapter's weights under the other's
+            # class names; a file copied over a memory-mapped one killed the server (SIGBUS)
+            files = read_adapter_files(real)
+            _check_recipe(files, recipe)
+            model.add_adapter(name, real, files)
+            stamps[name] = (real, files.stamp)
             report["loaded"].append(name)
         except Exception as e:  # any folder that cannot be served is refused, never the reload itself
             report["refused"][name] = str(e) if isinstance(e, (SVPError, OSError)) else f"{type(e).__name__}: {e}"

@@ -31,8 +31,9 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             real = check_adapter_dir(adapters_dir, name)
             spec = adapter_spec(real, model_name, checkpoint)
             adapter_recipe(spec.extra, real)  # it would become the server's one preprocessing
-        except SVPError as e:  # a refused folder is reported when the adapters load; the next one decides
-            refused.append(f"{name}: {e}")
+        except (SVPError, OSError) as e:  # a refused folder is reported when the adapters load; the next decides
+            refused.append(f"{name}: {e}" if isinstance(e, SVPError) else
+                           f"{name}: cannot read {e.filename or name} ({e.strerror or e})")
             continue
         spec.num_classes = None  # the backbone keeps its own head; each adapter brings its own
         return _with_weights(spec, f"adapter {name}")

@@ -44,8 +44,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
-from ..peft.base import PeftMethod, load_adapter
-from ..peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_weights_hash, read_adapter_config
+from ..peft.base import PeftMethod, load_adapter_files
+from ..peft.io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, base_weights_hash, read_adapter_config,
+                       read_adapter_files)
 
 # Methods whose samples share the backbone pass through code of this module's own (their token
 # layout, LoRA's products, BitFit's biases, the adapters' mixer hooks); besides them, any method
@@ -72,7 +73,11 @@ def check_adapter_dir(root: str, name: str) -> str:
         raise AdapterError(f"adapter {name!r}: {path} resolves to {real}, outside the adapters folder {root_real}")
     if not os.path.isdir(real):
         raise AdapterError(f"adapter {name!r}: {path} is not a folder")
-    for entry in sorted(os.listdir(real)):
+    try:
+        entries = sorted(os.listdir(real))
+    except OSError as e:   # (a traceback at start when it sorted first)
+        raise AdapterError(f"adapter {name!r}: cannot read {path} ({e.strerror or e})") from None
+    for entry in entries:
         full = os.path.join(real, entry)
         target = os.path.realpath(full)
         if os.path.commonpath([real, target]) != real:
@@ -101,16 +106,15 @@ def shadow(module: nn.Module, own: Sequence[str] = ()) -> nn.Module:
     return copy.deepcopy(module, _shared_memo(module, own))
 
 
-def _in_place_names(weights_path: str) -> List[str]:
+def _in_place_names(files: AdapterFiles) -> List[str]:
     """Backbone parameters an adapter file overwrites (BitFit biases, full fine-tuning, the head):
     its ``base_model.*`` tensors that are not LoRA factors."""
-    from safetensors import safe_open
+    from safetensors.torch import load
 
     try:
-        with safe_open(weights_path, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:  # SafetensorError (truncated, empty, not safetensors), an unreadable file
-        raise AdapterError(f"{weights_path}: not a readable safetensors file ({e})") from None
+        keys = list(load(files.data[ADAPTER_WEIGHTS]))
+    except Exception as e:  # SafetensorError (truncated, empty, not safetensors)
+        raise AdapterError(f"{files.path(ADAPTER_WEIGHTS)}: not a readable safetensors file ({e})") from None
     return [k[len("base_model."):] for k in keys
             if k.startswith("base_model.") and ".parametrizations." not in k]
 
@@ -188,21 +192,23 @@ class MultiAdapterModel(nn.Module):
         self._lock = threading.Lock()
 
     # -- adapters -------------------------------------------------------------------------
-    def add_adapter(self, name: str, directory: str) -> Adapter:
-        """Load adapter ``directory`` under ``name`` (replacing one of that name). Raises
-        ``AdapterError`` for a directory that does not fit this backbone (hash, shapes)."""
-        info = read_adapter_config(directory)
+    def add_adapter(self, name: str, directory: str, files: Optional[AdapterFiles] = None) -> Adapter:
+        """Load adapter ``directory`` under ``name`` (replacing one of that name), from ``files``
+        where they are read already (svp.peft.io.read_adapter_files). Raises ``AdapterError`` for a
+        directory that does not fit this backbone (hash, shapes)."""
+        files = files if files is not None else read_adapter_files(directory)
+        info = read_adapter_config(directory, files.data[ADAPTER_CONFIG])
         if info["base_model_hash"] != self.base_hash:
             raise AdapterError(
                 f"{directory}: adapter was trained on base model {info.get('base_model_name')!r} with weight hash "
                 f"{info['base_model_hash']}, but the served backbone has weight hash {self.base_hash} (other "
                 f"weights, or the same built at another input size: the resampled position embedding differs)")
-        own = [n for n in _in_place_names(os.path.join(directory, ADAPTER_WEIGHTS))]
+        own = _in_place_names(files)
         own += [n for n, _ in self._template.named_parameters() if n.startswith("head.")]
         template_memo = _shared_memo(self._template, own)
         base = copy.deepcopy(self._template, template_memo)
         try:
-            peft = load_adapter(base, directory)
+            peft = load_adapter_files(base, files)
         except (ValueError, TypeError, RuntimeError) as e:
             if isinstance(e, AdapterError):
                 raise
