@@ -326,3 +326,36 @@ def test_on_off_switches_read_0_false_no_off_as_off():
         assert runtime.no_defaults({"SVP_NO_RUNTIME_DEFAULTS": v}) is on, v
         assert runtime.dedicated({"SVP_CPU_DEDICATED": v}) is on, v
     assert runtime.no_defaults({}) is False
+
+
+def test_the_command_is_told_from_other_programs_importing_svp():
+    from svp.runtime import started_as_command
+    assert started_as_command(["/venv/bin/svp", "train"], [])
+    assert started_as_command([r"C:\venv\Scripts\svp", "train"], [])
+    assert started_as_command(["-m", "data"], ["python", "-m", "svp", "data"])
+    assert not started_as_command(["-m", "x"], ["python", "-m", "mypkg", "x"])   # mypkg imports svp
+    assert not started_as_command(["train.py"], ["python", "train.py"])
+    assert not started_as_command(["-c"], ["python", "-c", "import svp"])
+    assert not started_as_command([], [])
+
+
+@pytest.mark.slow  # starts processes
+def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
+    """A Ctrl-C in the seconds `import svp` takes (torch, timm) printed Python's traceback through
+    the imports (15-70 lines); the command now says it was interrupted, as it does once running.
+    A program importing svp still gets its KeyboardInterrupt."""
+    import signal
+    import time
+
+    def interrupted(code):
+        p = subprocess.Popen([sys.executable, "-c", code, "data", "list"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4)   # in `import svp` (~1-3 s: torch, timm)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+        return p.returncode, err
+    # the console script (svp.cli:run; its argv[0] ends in "svp")
+    rc, err = interrupted("import sys; sys.argv[0] = '/venv/bin/svp'; from svp.cli import run; run()")
+    assert rc == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, (rc, err)
+    rc, err = interrupted("import svp")
+    assert rc != 0 and "KeyboardInterrupt" in err, (rc, err)

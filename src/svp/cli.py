@@ -111,7 +111,11 @@ def run() -> None:
 
     runtime.freeze_imports()
     _lenient_output()
-    rc = main()
+    try:
+        rc = main()
+    except KeyboardInterrupt:   # before a command ran: its modules importing, the arguments parsed
+        print("svp: interrupted", file=sys.stderr)
+        rc = 130
     # the command has finished and said how: a Ctrl-C now (a second press while `svp serve` shut
     # down) killed the process by SIGINT as the interpreter exited, losing its exit status. Ignored,
     # not handled: the interpreter's finalization (0.2-0.3 s after svp serve) puts a Python handler

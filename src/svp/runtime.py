@@ -108,6 +108,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import ntpath
 import os
 import sys
 import threading
@@ -277,6 +278,30 @@ def imports_outside_gc():
         if _state["gc"] is None:
             _state["gc"] = ("imports promoted to the oldest generation (set by svp)" if promote
                             else "collection paused during the imports (the user had frozen objects)")
+
+
+def started_as_command(argv=None, orig_argv=None) -> bool:
+    """Is this process the ``svp`` command (its console script, or ``python -m svp``)? While
+    ``import svp`` runs, before ``svp.cli`` exists to say so."""
+    argv = sys.argv if argv is None else argv
+    orig = getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv   # (Python >= 3.10)
+    if not argv:
+        return False
+    name = ntpath.basename(argv[0]).lower()   # (either separator: the Windows script's path too)
+    if name in ("svp", "svp.exe", "svp-script.py"):
+        return True
+    # python -m svp: runpy imports the package while argv[0] is still "-m" (Python 3.9, without
+    # sys.orig_argv, cannot tell which module was asked for: there any -m counts)
+    return argv[0] == "-m" and (not orig or any(a == "-m" and b == "svp" for a, b in zip(orig, orig[1:])))
+
+
+def interrupted_while_importing() -> None:
+    """A Ctrl-C in the seconds ``import svp`` takes (torch, timm): the ``svp`` command ends as it
+    does once running, one line and exit 130, not with Python's traceback through the imports.
+    Elsewhere (a notebook, a script importing svp) the KeyboardInterrupt goes on as raised."""
+    if started_as_command():
+        sys.stderr.write("svp: interrupted\n")
+        raise SystemExit(130)
 
 
 def freeze_imports() -> bool:
