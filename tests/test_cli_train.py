@@ -523,6 +523,13 @@ def test_train_help_documents_every_option(capsys):
         with pytest.raises(SystemExit):
             svp_main([sub, "--help"])
         assert "usage: svp " + sub in capsys.readouterr().out
+    # defaults said once, and not as "None" (serve's said "(default: one per core) (default: None)")
+    for sub in ("serve", "visualize"):
+        with pytest.raises(SystemExit):
+            svp_main([sub, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+        assert "(default: one per core) (default" not in text and "(default: 8000)" in text or sub != "serve", text
 
 
 def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):

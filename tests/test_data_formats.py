@@ -275,6 +275,12 @@ def test_data_check_command_on_every_fake_layout(fake, capsys):
     rc = svp_main(["data", "check", "cub200", "--root", root, "--per-class", "--split", "val"])
     out = capsys.readouterr().out
     assert rc == 0 and "001.Bird_species_001" in out and "val" in out and "test " not in out
+    # the val split --val-from-train makes is among every split (it was left out)
+    rc = svp_main(["data", "check", "cifar10", "--root", root, "--val-from-train", "0.5"])
+    lines = [ln.split()[:2] for ln in capsys.readouterr().out.splitlines()[1:-1]]
+    n = len(man["hta/cifar10"]["train"])
+    assert rc == 0 and lines == [["train", str(n - n // 2)], ["val", str(n // 2)],
+                                 ["test", str(len(man["hta/cifar10"]["test"]))]], lines
 
 
 def test_data_check_names_every_missing_file(fake, tmp_path, capsys):

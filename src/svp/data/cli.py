@@ -64,12 +64,15 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _check_splits(info, requested) -> List[str]:
+def _check_splits(info, requested, val_from_train: bool = False) -> List[str]:
     if requested:
         return requested
     if info.name.startswith("vtab/"):
         return ["train800", "val200", "train800val200", "test"]
-    return [s for s in info.splits if s != "trainval"]
+    splits = [s for s in info.splits if s != "trainval"]
+    if val_from_train and "val" not in splits:   # the split --val-from-train makes
+        splits.insert(splits.index("train") + 1 if "train" in splits else 0, "val")
+    return splits
 
 
 def check_dataset(name, root=None, splits=None, per_class=False, read=True, workers=4,
@@ -91,7 +94,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
     # Build every split first (cheap: no image is read) so that the header can give the
     # class count custom datasets only know once their lists are read.
     built = {}
-    for split in _check_splits(info, splits):
+    for split in _check_splits(info, splits, "val_from_train" in options):
         t0 = time.time()
         try:
             ds = build_dataset(info.name, split, root=root_dir, check_files=False, **options)

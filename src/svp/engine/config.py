@@ -111,7 +111,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("eval.report_best_test", False, "also report the official protocol's best test top-1 over epochs (selects on test; labelled)"),
     # --- run folder
     ("run.output", "runs", "parent folder of run folders"),
-    ("run.name", None, "run folder name (default: <dataset>-<method>-s<seed>-<time>-<6 hex>, unique)"),
+    ("run.name", None, "run folder name (default: <dataset>-<method>-s<seed>-<date>-<time>-<6 hex>, unique)"),
     ("run.save_every_steps", 0, "also write a resume point every N steps inside an epoch (0: only at epoch ends)"),
     ("run.tensorboard", False, "write TensorBoard scalars to <run>/tb (needs the tensorboard package)"),
     ("run.progress", "auto", "progress display: auto (bars on a terminal, lines otherwise), bar, lines, none"),

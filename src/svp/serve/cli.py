@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..errors import ConfigError
+from ..viz.cli import DefaultsFormatter   # (each option's default, where its help does not say it)
 
 
 def register(subparsers) -> None:
@@ -14,7 +15,7 @@ def register(subparsers) -> None:
                     "folder) from one frozen backbone: POST /v1/predict, GET /v1/adapters, POST "
                     "/v1/adapters/reload, GET /healthz, GET /metrics, and a web page at /. Needs the 'serve' "
                     "extra: pip install 'svp-vim[serve]'. See docs/serving.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     p.add_argument("--adapters", required=True, metavar="DIR", help="folder whose subfolders are adapters")
     p.add_argument("--model", default=None,
                    help="backbone timm name (default: from the adapters' backbone.json / base_model_name)")

@@ -184,11 +184,12 @@ def run(args) -> int:
     return 0
 
 
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default in its help, but not "None" or one its help already states."""
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, but not "None", a flag's False, or one its help
+    already states (`svp serve --help` said "(default: one per core) (default: None)")."""
 
     def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -199,7 +200,7 @@ def register(subparsers) -> None:
         description="Run the frozen backbone and/or adapters on one image and write PNG heat maps of the "
                     "Mamba update gate, forget gate and propagation to the class token per layer "
                     "(see docs/visualize.md).",
-        formatter_class=_Defaults)
+        formatter_class=DefaultsFormatter)
     p.add_argument("image", nargs="?", help="image file (or use --dataset/--index)")
     p.add_argument("--dataset", help="dataset name (svp.data), e.g. digits")
     p.add_argument("--index", type=int, default=0, help="sample index in --dataset")
