@@ -523,6 +523,12 @@ def test_train_help_documents_every_option(capsys):
         with pytest.raises(SystemExit):
             svp_main([sub, "--help"])
         assert "usage: svp " + sub in capsys.readouterr().out
+    # an argument the command does not take: its own usage and name (it was `svp`'s)
+    with pytest.raises(SystemExit) as e:
+        svp_main(["data", "check", "digits", "--split", "train", "val"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: svp data check" in err and \
+        "svp data check: error: unrecognized arguments: val" in err, err
     # defaults said once, and not as "None" (serve's said "(default: one per core) (default: None)")
     for sub in ("serve", "visualize"):
         with pytest.raises(SystemExit):
