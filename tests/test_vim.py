@@ -450,6 +450,27 @@ def test_A_kept_under_inference_mode_is_a_normal_tensor():
     assert torch.equal(out.detach(), y) and model.head.weight.grad is not None
 
 
+def test_a_gradient_through_the_frozen_backbone_after_an_inference_mode_forward():
+    """What the fused conv and scan keep on frozen weights (their transposes) was formed as an
+    inference tensor in an inference-mode forward (a validation pass), and the next training step
+    whose gradient runs through the backbone (SVP, LoRA, VPT, adapters, BitFit) stopped:
+    "Inference tensors cannot be saved for backward"."""
+    model = _small_vim()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        y = model(x)
+    for p in model.parameters():
+        for tag, (_, value) in getattr(p if p._base is None else p._base, "_svp_kept", {}).items():
+            if isinstance(value, torch.Tensor):
+                assert not value.is_inference(), tag
+    x.requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    assert torch.equal(out.detach(), y) and x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("low_rank_max", [48, 0])
 def test_values_kept_while_frozen_are_dropped_once_the_tensors_train(monkeypatch, low_rank_max):
     """A fused optimizer steps without bumping version counters, so what a frozen backbone kept

@@ -18,7 +18,8 @@ benchmarks.md, thirty-first round). And every optimizer step drops what its para
 while frozen (a global step hook, ``_drop_kept_of_stepped``): one frozen again after fused steps
 (``PeftModel.unload()`` after full fine-tuning) matched its old entry, until 2026-12-05. (The
 hook exists from torch 2.0; a CPU fused step only from 2.4.) Inference tensors have no version
-counter and keep nothing.
+counter and keep nothing; what a normal tensor keeps is formed outside inference mode, also in an
+inference-mode forward, so that a training step after it can save it for its backward.
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     hit = None if store is None else store.get(tag)
     if hit is not None and hit[0] == key:
         return hit[1]
-    value = make()
+    # formed outside inference mode even inside it: a value kept in an inference-mode forward (the
+    # conv's and x_proj's transposed weights) was an inference tensor, which autograd refused to
+    # save in a training step after it ("Inference tensors cannot be saved for backward")
+    with torch.inference_mode(False):
+        value = make()
     if store is None:
         try:
             store = owner._svp_kept = {}
