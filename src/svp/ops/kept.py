@@ -109,5 +109,6 @@ def constant_zeros(shape, dtype=torch.float32, device=None) -> torch.Tensor:
     key = (tuple(shape), dtype, device)   # (None and the CPU's device: two equal copies, no conversion per call)
     t = _ZEROS.get(key)
     if t is None:
-        t = _ZEROS[key] = torch.zeros(key[0], dtype=dtype, device=device)
+        with torch.inference_mode(False):   # (made in an inference-mode forward, kept for training too)
+            t = _ZEROS[key] = torch.zeros(key[0], dtype=dtype, device=device)
     return t
