@@ -515,6 +515,43 @@ def test_folders_swapped_again_and_again_are_never_served_mixed(tmp_path):
     assert checked >= 40
 
 
+def test_an_answer_names_the_classes_of_the_adapter_that_ran_it(tmp_path, monkeypatch):
+    """A reload between a batch and its answers (the class names were looked up after the batch)
+    gave the old weights' logits the new adapter's class names, or digits where it was dropped."""
+    import svp.serve.app as A
+    src_a = H.make_adapter(tmp_path / "src" / "a", "linear", dict(num_classes=10), seed=1)
+    src_b = H.make_adapter(tmp_path / "src" / "b", "linear", dict(num_classes=10), seed=2)
+    cfg_file = os.path.join(src_b, "adapter_config.json")
+    cfg = json.loads(open(cfg_file).read())
+    cfg["class_names"] = [f"b{i}" for i in range(10)]
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    root = tmp_path / "served"
+    shutil.copytree(src_a, root / "x")
+    real_run_batch = A._run_batch
+
+    def run_batch(model):
+        run = real_run_batch(model)
+
+        def then_reload(xs, names):   # the batch ran on a's weights; b's folder then replaces it
+            out = run(xs, names)
+            shutil.rmtree(root / "x")
+            shutil.copytree(src_b, root / "x")
+            A.sync_adapters(model, str(root), {})
+            return out
+        return then_reload
+    monkeypatch.setattr(A, "_run_batch", run_batch)
+    app, _ = build_app(str(root), cfg=ServeConfig(window_s=0.0))
+    s = H.ServerThread(app).start()
+    try:
+        body, ctype = H.multipart({"adapter": "x", "topk": "10"}, {"image": ("x.png", H.png_bytes(32))})
+        status, answer = H.http("POST", s.url + "/v1/predict", body, {"Content-Type": ctype})
+    finally:
+        s.stop()
+    assert status == 200, answer
+    assert sorted(t["class"] for t in answer["top"]) == [f"linear-class-{i}" for i in range(10)], answer
+
+
 def test_an_unreadable_adapters_folder_is_one_error(tmp_path, monkeypatch):
     """os.listdir's PermissionError (a folder chmod 000 to the server's user) was a traceback at
     start and '500 internal error' (a bug, by serving.md) on reload."""
@@ -558,6 +595,17 @@ def test_an_unreadable_adapter_folder_or_file_is_refused_saying_why(tmp_path, mo
     report = _sync(MultiAdapterModel(H.mini_backbone()), str(root))
     assert report["loaded"] == ["b"] and "cannot read" in report["refused"]["a"] and \
         "(Permission denied)" in report["refused"]["a"], report
+    monkeypatch.undo()
+    # a folder it may list but not enter (chmod -R 644): its files cannot be looked at
+    real_stat = M.os.stat
+
+    def unsearchable(path, *a, **kw):
+        if os.path.dirname(os.fspath(path)) == os.path.realpath(root / "a"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *a, **kw)
+    monkeypatch.setattr(M.os, "stat", unsearchable)
+    report = _sync(MultiAdapterModel(H.mini_backbone()), str(root))
+    assert "cannot read" in report["refused"]["a"] and "(Permission denied)" in report["refused"]["a"], report
     monkeypatch.undo()
 
     def denied_file(path, flags, *a, **kw):

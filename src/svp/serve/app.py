@@ -350,23 +350,27 @@ class Batcher:
 
 
 def _run_batch(model: MultiAdapterModel):
+    """Each request's (logits, class names), both of the adapter that ran it: a reload (on the same
+    thread, so never within a batch) that replaced or dropped the adapter before the answer was
+    written gave the old weights' logits the new class names, or digits."""
     def run(xs: List[torch.Tensor], names: List[str]):
         # An adapter removed by a reload after the request was accepted fails that request only.
         ok = [i for i, n in enumerate(names) if n in model.adapters]
         out: List[object] = [RequestError(f"adapter {n!r} was removed", 404) for n in names]
         if not ok:
             return out
+        classes = {n: model.adapters[n].class_names for n in dict.fromkeys(names[i] for i in ok)}
         try:
             for i, lg in zip(ok, model(torch.stack([xs[i] for i in ok]), [names[i] for i in ok])):
-                out[i] = lg
+                out[i] = (lg, classes[names[i]])
         except Exception:
             # One adapter that cannot run these inputs must not fail the others: rerun per adapter.
             _log.exception("mixed batch failed; running its adapters one by one")
-            for name in dict.fromkeys(names[i] for i in ok):
+            for name in classes:
                 mine = [i for i in ok if names[i] == name]
                 try:
                     for i, lg in zip(mine, model(torch.stack([xs[i] for i in mine]), [name] * len(mine))):
-                        out[i] = lg
+                        out[i] = (lg, classes[name])
                 except Exception as e:
                     for i in mine:
                         out[i] = e
@@ -544,9 +548,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         t0 = time.perf_counter()
         data, adapter, topk = await parse_input(request, want_topk=True)
         x = await to_input(data)
-        logits = await state["batcher"].submit(x, adapter)
-        entry = model.adapters.get(adapter)
-        classes = entry.class_names if entry is not None else [str(i) for i in range(logits.numel())]
+        logits, classes = await state["batcher"].submit(x, adapter)
         metrics["latency"].observe(time.perf_counter() - t0)
         metrics["predictions"].labels(adapter).inc()
         return ok("predict", {"adapter": adapter, "top": _topk(logits, classes, topk)})

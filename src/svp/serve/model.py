@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -86,8 +87,15 @@ def check_adapter_dir(root: str, name: str) -> str:
             raise AdapterError(f"adapter {name!r}: {full} may hold a pickle; refusing to serve a folder with "
                                f"pickled files (adapters are {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
     for need in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not os.path.isfile(os.path.join(real, need)):
-            raise AdapterError(f"adapter {name!r}: no {need} in {path}")
+        try:
+            st = os.stat(os.path.join(real, need))
+        except FileNotFoundError:
+            raise AdapterError(f"adapter {name!r}: no {need} in {path}") from None
+        except OSError as e:   # a folder it may list but not enter (chmod -R 644) said "no ..." too
+            raise AdapterError(f"adapter {name!r}: cannot read {os.path.join(path, need)} "
+                               f"({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterError(f"adapter {name!r}: {os.path.join(path, need)} is not a file")
     return real
 
 
