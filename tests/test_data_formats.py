@@ -418,6 +418,15 @@ def test_output_on_a_full_disk_ends_the_command_with_one_line(monkeypatch, capsy
     assert svp_main(["data", "list"]) == 2
     err = capsys.readouterr().err
     assert err == "svp data: error: a write failed (No space left on device)\n"
+    # --help too (argparse dropped its write's error: the text was lost with exit 0)
+    assert svp_main(["data", "list", "--help"]) == 2
+    assert capsys.readouterr().err == "svp: error: a write failed (No space left on device)\n"
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert svp_main(["train", "--help"]) == 0   # `svp train --help | head`
 
     class Denied(io.StringIO):  # not a disk's state: a bug to report, with its traceback
         def write(self, s):

@@ -339,6 +339,31 @@ def test_the_command_is_told_from_other_programs_importing_svp():
     assert not started_as_command([], [])
 
 
+def test_the_import_guard_leaves_an_ignored_or_own_sigint_alone(monkeypatch):
+    """A spawned DataLoader worker re-imports the command's main module, with its arguments, and
+    starts with SIGINT ignored until the run's handler is in place (engine.signals): the guard
+    must not put its own there. Installed, it is taken off before the command runs."""
+    import signal
+
+    from svp import runtime
+    monkeypatch.setattr(runtime, "started_as_command", lambda *a: True)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        for kept in (signal.SIG_IGN, lambda *a: None):
+            signal.signal(signal.SIGINT, kept)
+            runtime.guard_command_imports()
+            assert signal.getsignal(signal.SIGINT) is kept
+            runtime.end_command_imports()
+            assert signal.getsignal(signal.SIGINT) is kept
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        runtime.guard_command_imports()
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        runtime.end_command_imports()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.slow  # starts processes
 def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
     """A Ctrl-C in the seconds `import svp` takes (torch, timm) printed Python's traceback through
@@ -348,14 +373,19 @@ def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
     import time
 
     def interrupted(code):
-        p = subprocess.Popen([sys.executable, "-c", code, "data", "list"], stdout=subprocess.PIPE,
+        args = ["-m", "svp"] if code is None else ["-c", code]
+        p = subprocess.Popen([sys.executable, *args, "data", "list"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         time.sleep(0.4)   # in `import svp` (~1-3 s: torch, timm)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=300)
         return p.returncode, err
-    # the console script (svp.cli:run; its argv[0] ends in "svp")
+    # the console script (svp.cli:run; its argv[0] ends in "svp"), and python -m svp
     rc, err = interrupted("import sys; sys.argv[0] = '/venv/bin/svp'; from svp.cli import run; run()")
-    assert rc == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, (rc, err)
-    rc, err = interrupted("import svp")
-    assert rc != 0 and "KeyboardInterrupt" in err, (rc, err)
+    assert rc == 130 and err == "svp: interrupted\n", (rc, err)
+    rc, err = interrupted(None)
+    assert rc == 130 and err == "svp: interrupted\n", (rc, err)
+    # a program importing svp keeps Python's handler (its KeyboardInterrupt) throughout
+    code = "import signal, svp; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr

@@ -7,11 +7,8 @@ __version__ = "0.1.0"
 from . import runtime as _runtime
 
 _runtime.configure()  # before torch is imported: libgomp spin count (see svp.runtime)
+_runtime.guard_command_imports()  # the svp command: a Ctrl-C while it imports is one line, exit 130
 
-try:
-    with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections less (svp.runtime)
-        from . import models  # noqa: E402,F401  (registers vim_* with timm)
-        from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)
-except KeyboardInterrupt:
-    _runtime.interrupted_while_importing()   # the svp command: one line, exit 130
-    raise
+with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections less (svp.runtime)
+    from . import models  # noqa: E402,F401  (registers vim_* with timm)
+    from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)

@@ -7,6 +7,7 @@ import importlib
 import os
 import signal
 import sys
+from typing import Optional
 
 from .errors import SVPError
 from .io import DISK_ERRNOS
@@ -24,8 +25,18 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a failed write of its help or usage is raised: argparse drops it, and
+    `svp --help > /dev/full` lost the text with exit 0. (Subcommands' parsers are of this class
+    too: add_subparsers makes them of the parser's own.)"""
+
+    def _print_message(self, message, file=None):
+        if message:
+            (file or sys.stderr).write(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="svp", description="Selective Visual Prompting for Vision Mamba, and its baselines.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
@@ -45,12 +56,22 @@ def _innermost(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:   # said by the command's parser: `svp data check X --split a b` showed `svp`'s usage
-        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # said by the command's parser: `svp data check X --split a b` showed `svp`'s usage
+            _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except BrokenPipeError:   # `svp train --help | head`
+        _quiet_stdout()
+        return 0
+    except OSError as e:   # --help to a full disk (_Parser)
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return _disk_error(None, e)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from . import runtime
+    runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)
     try:
         rc = args.func(args)
     except SVPError as e:
@@ -81,13 +102,16 @@ def main(argv=None) -> int:
     return int(rc or 0)
 
 
-def _disk_error(command: str, e: OSError) -> int:
+def _disk_error(command: Optional[str], e: OSError) -> int:
     """A full or failing disk where a command has no words of its own for it (its output
     redirected to a full disk, a cache it writes): one line, not a traceback. The commands that
     write run folders, tables or figures say more (which file, how to go on) before this."""
     name = e.filename if isinstance(e.filename, str) else None
     what = f"cannot write {name}" if name else "a write failed"
-    print(f"svp {command}: error: {what} ({e.strerror or e})", file=sys.stderr)
+    try:
+        print(f"svp{' ' + command if command else ''}: error: {what} ({e.strerror or e})", file=sys.stderr)
+    except OSError:   # stderr on the full disk too: the exit status says it
+        pass
     try:
         sys.stdout.flush()
     except OSError:  # stdout itself is on the full disk: what it still buffers would fail again at exit
@@ -125,7 +149,7 @@ def run() -> None:
     _lenient_output()
     try:
         rc = main()
-    except KeyboardInterrupt:   # before a command ran: its modules importing, the arguments parsed
+    except KeyboardInterrupt:   # (a command that lets it out)
         print("svp: interrupted", file=sys.stderr)
         rc = 130
     # the command has finished and said how: a Ctrl-C now (a second press while `svp serve` shut

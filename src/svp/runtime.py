@@ -295,13 +295,45 @@ def started_as_command(argv=None, orig_argv=None) -> bool:
     return argv[0] == "-m" and (not orig or any(a == "-m" and b == "svp" for a, b in zip(orig, orig[1:])))
 
 
-def interrupted_while_importing() -> None:
-    """A Ctrl-C in the seconds ``import svp`` takes (torch, timm): the ``svp`` command ends as it
-    does once running, one line and exit 130, not with Python's traceback through the imports.
-    Elsewhere (a notebook, a script importing svp) the KeyboardInterrupt goes on as raised."""
-    if started_as_command():
-        sys.stderr.write("svp: interrupted\n")
-        raise SystemExit(130)
+_IMPORT_GUARD = {"old": None, "on": False}
+
+
+def guard_command_imports() -> None:
+    """The ``svp`` command's first seconds, while it imports torch, timm and its own modules: a
+    Ctrl-C ends the process at once with one line and exit 130, as a command's does once it
+    runs. A KeyboardInterrupt raised in the middle of an import (Python's default) printed a
+    traceback through the imports, or, landing in numpy's lazy imports, a RecursionError; and
+    under ``python -m svp`` the process could die by the signal. Nothing is written in those
+    seconds, so nothing is lost. Elsewhere (a program importing svp) nothing changes: it gets its
+    KeyboardInterrupt. Ended by :func:`end_command_imports` before a command runs."""
+    if not started_as_command() or threading.current_thread() is not threading.main_thread():
+        return
+    import signal
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        # ignored (a spawned DataLoader worker, which re-imports the command's main module with
+        # its arguments, starts with SIGINT ignored until the run's handler is in place:
+        # engine.signals), or someone's own: left as it is
+        return
+
+    def interrupted(signum, frame):
+        try:
+            sys.stderr.write("svp: interrupted\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
+    try:
+        _IMPORT_GUARD["old"] = signal.signal(signal.SIGINT, interrupted)
+        _IMPORT_GUARD["on"] = True
+    except (ValueError, OSError):   # (no signals here)
+        pass
+
+
+def end_command_imports() -> None:
+    """Put back the handler :func:`guard_command_imports` replaced (Python's default)."""
+    if _IMPORT_GUARD["on"]:
+        import signal
+        signal.signal(signal.SIGINT, _IMPORT_GUARD["old"])
+        _IMPORT_GUARD["on"] = False
 
 
 def freeze_imports() -> bool:
