@@ -374,8 +374,10 @@ def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
 
     def interrupted(code):
         args = ["-m", "svp"] if code is None else ["-c", code]
+        # (SIGINT as a terminal leaves it: a shell's background job, as CI runs the suites, ignores it)
         p = subprocess.Popen([sys.executable, *args, "data", "list"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(0.4)   # in `import svp` (~1-3 s: torch, timm)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=300)
