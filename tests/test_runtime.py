@@ -389,5 +389,6 @@ def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
     assert rc == 130 and err == "svp: interrupted\n", (rc, err)
     # a program importing svp keeps Python's handler (its KeyboardInterrupt) throughout
     code = "import signal, svp; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
