@@ -265,6 +265,23 @@ def build_model(spec: ModelSpec, adapter_dir: Optional[str] = None) -> nn.Module
         raise AdapterError(f"{adapter_dir}: {e}") from None
 
 
+def read_backbone_spec(path: str, data: Optional[bytes] = None) -> ModelSpec:
+    """An adapter folder's ``backbone.json`` (``data``: its bytes, where read already, as ``svp
+    serve`` reads an adapter's files) as a ``ModelSpec``; ``AdapterError`` naming the file else."""
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        d = json.loads(data.decode("utf-8"))
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+        raise AdapterError(f"{path}: not a readable backbone description ({e}); expected the "
+                           f"JSON file svp train writes") from None
+    try:
+        return ModelSpec.from_dict(d, path)
+    except ConfigError as e:
+        raise AdapterError(str(e)) from None
+
+
 def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
                  pretrained: bool = False, random_init: bool = False) -> ModelSpec:
     """The backbone an adapter was trained on: ``<adapter_dir>/backbone.json`` (written by
@@ -280,16 +297,7 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
         raise AdapterError(str(e)) from None
     spec_path = os.path.join(adapter_dir, "backbone.json")
     if os.path.isfile(spec_path):
-        try:
-            with open(spec_path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
-            raise AdapterError(f"{spec_path}: not a readable backbone description ({e}); expected the "
-                               f"JSON file svp train writes") from None
-        try:
-            spec = ModelSpec.from_dict(d, spec_path)
-        except ConfigError as e:
-            raise AdapterError(str(e)) from None
+        spec = read_backbone_spec(spec_path)
     else:
         name = model or info.get("base_model_name")
         if not name:

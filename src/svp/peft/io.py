@@ -161,13 +161,15 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BACKBONE_SPEC)
 _READ_TRIES = 3
 
 
-def adapter_files_stamp(directory) -> Tuple[Optional[tuple], ...]:
-    """What :func:`read_adapter_files` records of each file, by path, without reading them:
-    equal to a snapshot's ``stamp`` while the folder holds the same files, unchanged."""
+def adapter_files_stamp(directory, dir_fd: Optional[int] = None) -> Tuple[Optional[tuple], ...]:
+    """What :func:`read_adapter_files` records of each file, without reading them (``dir_fd``:
+    the folder opened, its files then named relative to it): equal to a snapshot's ``stamp``
+    while the folder holds the same files, unchanged."""
     out = []
     for name in ADAPTER_FILES:
         try:
-            out.append(_identity(os.stat(os.path.join(os.fspath(directory), name))))
+            out.append(_identity(os.stat(name if dir_fd is not None else os.path.join(os.fspath(directory), name),
+                                         dir_fd=dir_fd)))
         except FileNotFoundError:
             out.append(None)
     return tuple(out)
@@ -264,16 +266,11 @@ def _read_once(directory: str) -> AdapterFiles:
             stamp.append(before)
         # the folder still names the files read: none was replaced after it was read (a file
         # renamed away and back has another ctime)
-        for name, ident in zip(ADAPTER_FILES, stamp):
-            try:
-                now = _identity(os.stat(name if dir_fd is not None else os.path.join(directory, name),
-                                        dir_fd=dir_fd))
-            except FileNotFoundError:
-                now = None
-            except OSError:
-                raise _Changed() from None
-            if now != ident:
+        try:
+            if adapter_files_stamp(directory, dir_fd) != tuple(stamp):
                 raise _Changed()
+        except OSError:
+            raise _Changed() from None
     finally:
         if dir_fd is not None:
             os.close(dir_fd)

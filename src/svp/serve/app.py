@@ -85,16 +85,10 @@ class ServeConfig:
 def _check_recipe(files: AdapterFiles, recipe: Optional[str]) -> None:
     if recipe is None:
         return
-    from ..build import ModelSpec
+    from ..build import read_backbone_spec
     # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
-    own = "svp"
     raw = files.data[BACKBONE_SPEC]
-    if raw is not None:
-        path = files.path(BACKBONE_SPEC)
-        try:
-            own = ModelSpec.from_dict(json.loads(raw.decode("utf-8")), path).extra.get("recipe", "svp")
-        except (ValueError, SVPError) as e:   # not JSON, not UTF-8, not a backbone description
-            raise AdapterError(f"{path}: not a readable backbone description ({e})") from None
+    own = "svp" if raw is None else read_backbone_spec(files.path(BACKBONE_SPEC), raw).extra.get("recipe", "svp")
     if own != recipe:
         raise AdapterError(f"{files.directory}: trained with the image recipe {own!r}, but this server "
                            f"prepares every image with {recipe!r} (its first adapter's); serve "
