@@ -1140,6 +1140,46 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
     assert svp_main(["train", "--resume", b]) == 0   # saved after the change: bound to the new config.yaml
 
 
+def test_a_training_value_edited_by_hand_is_a_recorded_change_from_the_resume_point(tmp_path, capsys):
+    """train.lr edited by hand in config.yaml (the digest leaves out what --resume may change) was
+    taken unrecorded: the record said the run used it from step 0. It is now the same change as
+    `--resume RUN train.lr=...` (same bits, same run.changes), with a warning; and a --resume that
+    was stopped before its first resume point (config.yaml already rewritten) resumed again
+    records its change once."""
+    import yaml
+    from safetensors.torch import load_file
+    out = tmp_path / "runs"
+    args = [*MINI, "--epochs", "2", "--output", str(out), "train.lr=0.01"]
+    for name in ("hand", "flag", "twice"):
+        assert svp_main(["train", *args, "--name", name, "debug.stop_at_step=3"]) == 75
+    want = [{"step": 3, "epoch": 1, "batch": 1, "changes": {"train.lr": [0.01, 0.002]}}]
+    assert svp_main(["train", "--resume", str(out / "flag"), "train.lr=0.002", "debug.stop_at_step=null"]) == 0
+    cfg_path = out / "hand" / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("lr: 0.01", "lr: 0.002"))
+    assert svp_main(["train", "--resume", str(out / "hand"), "debug.stop_at_step=null"]) == 0
+    log = (out / "hand" / "train.log").read_text()
+    assert "config.yaml's train.lr changed since the resume point (edited by hand): taken from global step 3" in log
+    # the --resume killed before its first resume point: config.yaml rewritten, the old resume point kept
+    cfg_path = out / "twice" / "config.yaml"
+    killed = yaml.safe_load(cfg_path.read_text())
+    killed["train"]["lr"], killed["run"]["changes"] = 0.002, want
+    killed.pop("debug", None)
+    cfg_path.write_text(yaml.safe_dump(killed))
+    assert svp_main(["train", "--resume", str(out / "twice")]) == 0
+    assert "edited by hand" not in (out / "twice" / "train.log").read_text()
+    capsys.readouterr()
+    finals = {}
+    for name in ("hand", "flag", "twice"):
+        cfg = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == 0.002 and cfg["run"]["changes"] == want, (name, cfg["run"])
+        res = json.loads((out / name / "results.json").read_text())
+        assert [p["peak_lr"] for p in res["lr_phases"]] == [0.01, 0.002], name
+        finals[name] = load_file(str(out / name / "final_state.safetensors"))
+    for name in ("hand", "twice"):
+        assert finals[name].keys() == finals["flag"].keys()
+        assert all(torch_equal(finals[name][k], finals["flag"][k]) for k in finals["flag"]), name
+
+
 def test_a_run_ended_by_max_steps_and_one_repeated_from_a_resumed_config_say_so(tmp_path, capsys):
     """A run stopped by train.max_steps finished silently (only results.json said so), and its
     --resume said "the run finished or never saved a resume point"; `--config <run>/config.yaml`

@@ -131,7 +131,8 @@ class Trainer:
         self.check_each_step = finite_check_mode(t["finite_check"], self.device, dinfo.enabled) == "step"
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
-              "train_seconds": 0.0, "nonfinite": None, "lr_phases": [], "train_data": None}
+              "train_seconds": 0.0, "nonfinite": None, "lr_phases": [], "train_data": None,
+              "training_values": None}
         epochs = int(t["epochs"])
         data_id = train_data_id(self.train_ds)
         if self.resume_dir:
@@ -140,10 +141,16 @@ class Trainer:
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
-            if self.changes:
-                RO.record(cfg, self.changes, st)
+            held = st["training_values"]
+            diff, hand = RO.since_resume_point(held, cfg, self.changes, st)
+            RO.record(cfg, diff, st, replace=isinstance(held, dict))
+            if hand:
+                log.warning("config.yaml's %s changed since the resume point (edited by hand): taken from global "
+                            "step %d on, as `svp train --resume %s %s` would", ", ".join(hand), st["global_step"],
+                            self.folder.path, " ".join(f"{k}={diff[k][1]}" for k in hand))
+            if diff:
                 log.info("from global step %d on: %s (recorded in config.yaml run.changes)", st["global_step"],
-                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.changes.items()))
+                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
             # every rank has read config.yaml for the resume point's check (load_resume) before
             # the main rank rewrites it: a rank that read the new file refused the resume
             barrier(dinfo)
@@ -151,6 +158,7 @@ class Trainer:
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
         st["train_data"] = data_id
+        st["training_values"] = RO.training_values(cfg)   # what a hand edit of config.yaml is measured against
         if not self.check_each_step:   # the state the first interval check falls back on
             self.guard.snapshot()
             self.checked_step = st["global_step"]

@@ -85,12 +85,44 @@ def check_reachable(st: dict, epochs: int, max_steps, run_dir: str) -> None:
                           f"at step {st['global_step']}; expected train.max_steps >= {st['global_step']} (or null)")
 
 
-def record(cfg: dict, diff: Dict[str, List[Any]], st: dict) -> None:
-    """Append a change made at the resume point ``st`` to ``cfg['run']['changes']``."""
+def training_values(cfg: dict) -> Dict[str, Any]:
+    """The training keys' values a resume point is saved with (``st['training_values']``)."""
+    return {key: cfg[key.split(".")[0]][key.split(".", 1)[1]] for key in TRAINING_KEYS}
+
+
+def since_resume_point(held: Any, cfg: dict, overridden: Dict[str, List[Any]],
+                       st: dict) -> Tuple[Dict[str, List[Any]], List[str]]:
+    """The training keys' changes that take effect at the resume point ``st``, and those of them
+    made by editing config.yaml by hand. ``held``: the values the resume point was saved with
+    (None in resume points written before 2026-12-05: then the overrides' ``overridden``, and a
+    hand edit goes unseen). Measured against ``held``, a value edited by hand since is a change
+    from this step on, recorded as the override would have been (it was taken unrecorded, and
+    the record said the run had used it from step 0); an override a --resume made at this same
+    step before it was stopped (config.yaml rewritten, no resume point since) is not one."""
+    if not isinstance(held, dict):
+        return overridden, []
+    now = training_values(cfg)
+    diff = {k: [held.get(k), now[k]] for k in TRAINING_KEYS if held.get(k) != now[k]}
+    recorded = {}
+    for entry in cfg["run"].get("changes") or []:
+        if isinstance(entry, dict) and entry.get("step") == int(st["global_step"]):
+            recorded.update(entry.get("changes") or {})
+    hand = [k for k in diff if k not in overridden and recorded.get(k) != diff[k]]
+    return diff, hand
+
+
+def record(cfg: dict, diff: Dict[str, List[Any]], st: dict, replace: bool = False) -> None:
+    """Append a change made at the resume point ``st`` to ``cfg['run']['changes']``. With
+    ``replace`` (``diff`` measured against the values the resume point was saved with), an
+    entry at the same step is replaced: a --resume stopped before its first resume point made
+    it, and no step trained under it is kept."""
+    changes = list(cfg["run"].get("changes") or [])
+    if replace:
+        changes = [c for c in changes if not (isinstance(c, dict) and c.get("step") == int(st["global_step"]))]
     if diff:
-        cfg["run"]["changes"] = list(cfg["run"].get("changes") or []) + [
-            {"step": int(st["global_step"]), "epoch": int(st["epoch"]), "batch": int(st["batch"]),
-             "changes": diff}]
+        changes.append({"step": int(st["global_step"]), "epoch": int(st["epoch"]), "batch": int(st["batch"]),
+                        "changes": diff})
+    cfg["run"]["changes"] = changes
 
 
 def start_phase(st: dict, lr: float, epochs: int) -> None:
