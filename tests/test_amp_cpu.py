@@ -151,6 +151,18 @@ def test_precision_on_the_cpu_is_bfloat16_autocast_without_a_scaler(caplog):
         f16 = Precision(_cfg(amp=True, amp_dtype="float16"), torch.device("cpu"))
     assert f16.dtype == torch.bfloat16 and not f16.scaler.is_enabled()
     assert any("float16 is for CUDA" in r.getMessage() for r in caplog.records)
+    # train.amp_cpu=false: float32, and the log says so (it read as a run without train.amp);
+    # `svp eval/predict --amp` are named as what the user gave, not "train.amp"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="svp.engine"):
+        kept32 = Precision(_cfg(amp=True, amp_cpu=False), torch.device("cpu"))
+        flag = Precision(_cfg(amp=True), torch.device("cpu"), option="--amp")
+    with kept32.autocast():
+        assert (a @ a).dtype == torch.float32
+    assert flag.enabled and not kept32.enabled
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("train.amp: off on the CPU (train.amp_cpu=false)") for m in said), said
+    assert any(m.startswith("--amp: ") for m in said) and sum(m.startswith("train.amp: ") for m in said) == 1, said
 
 
 def test_cpu_bf16_instructions_agree_with_the_cpu_flags(monkeypatch):

@@ -211,7 +211,7 @@ def _autocast(amp: bool, device):
 
     from .setup import Precision
 
-    return Precision({"train": {"amp": amp, "amp_dtype": "bfloat16"}}, torch.device(device)).autocast
+    return Precision({"train": {"amp": amp, "amp_dtype": "bfloat16"}}, torch.device(device), option="--amp").autocast
 
 
 def _overrides_from_flags(args) -> List[str]:

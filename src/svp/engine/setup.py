@@ -347,20 +347,23 @@ class Precision:
     bfloat16 and says so. ``train.amp_cpu=false`` leaves the CPU in float32 (as svp did before
     that key existed, and as runs started then resume: engine/rundir.py)."""
 
-    def __init__(self, cfg: dict, device: torch.device):
+    def __init__(self, cfg: dict, device: torch.device, option: str = "train.amp"):
+        # option: what the user set, as the log names it (`svp eval`/`predict` pass "--amp")
         t = cfg["train"]
         self.device_type = device.type
         self.enabled = bool(t["amp"]) and (device.type != "cpu" or bool(t.get("amp_cpu", True)))
         dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
+        if t["amp"] and not self.enabled:   # (said nowhere: the log read as a float32 run's)
+            log.info("%s: off on the CPU (train.amp_cpu=false): float32, as CUDA-only amp", option)
         if self.enabled and device.type == "cpu":
             if dtype == torch.float16:
-                log.warning("train.amp_dtype=float16 is for CUDA; on the CPU train.amp runs bfloat16 autocast")
+                log.warning("train.amp_dtype=float16 is for CUDA; on the CPU %s runs bfloat16 autocast", option)
                 dtype = torch.bfloat16
             found = cpu_bf16_instructions()
             if found:
-                log.info("train.amp: bfloat16 products on the CPU (it has %s)", ", ".join(found))
+                log.info("%s: bfloat16 products on the CPU (it has %s)", option, ", ".join(found))
             else:
-                log.warning("train.amp: %s", no_bf16_warning(found))
+                log.warning("%s: %s", option, no_bf16_warning(found))
         elif self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             dtype = torch.float16
         if device.type == "cpu":
