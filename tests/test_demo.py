@@ -60,7 +60,7 @@ def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, word
 @pytest.mark.slow
 def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16",
+    args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16", "--batch-size", "8",
             "--max-eval-samples", "8", "--methods", "linear", "--no-figure", "--quiet"]
     assert main(args) == 0
     first = json.load(open(out / "linear" / "results.json"))
@@ -108,3 +108,29 @@ def test_a_ctrl_c_stops_the_demo_not_one_method(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(svp.engine, "train", train)
     assert main(["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--no-figure"]) == EXIT_INTERRUPTED
     assert runs == ["linear"] and "svp demo: SIGINT received" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_demo_in_one_line_not_each_method_in_turn(tmp_path, capsys, monkeypatch):
+    """A run folder the disk refuses: the demo went on to the next method (which failed the same
+    way), then failed again writing its table. Now the first such failure stops it: one line, exit 2."""
+    import errno
+
+    import svp.engine
+    from svp.engine.rundir import RunFolder
+    runs, real_train = [], svp.engine.train
+
+    def train(cfg):
+        runs.append(cfg["method"]["name"])
+        return real_train(cfg)
+
+    def full(self, fresh):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.path, "config.yaml"))
+    monkeypatch.setattr(svp.engine, "train", train)
+    monkeypatch.setattr(RunFolder, "start", full)
+    out = tmp_path / "d"
+    rc = main(["demo", "--out", str(out), "--epochs", "1", "--no-figure", "--max-train-samples", "16", "--batch-size", "8",
+               "--max-eval-samples", "8", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and runs == ["linear"], (rc, runs, err)
+    assert err[-1].startswith("svp demo: error: run folder ") and "(No space left on device)" in err[-1], err
+    assert "Traceback" not in "\n".join(err) and not (out / "demo_results.json").exists()

@@ -210,6 +210,7 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
              echo=print, preset: Optional[dict] = None) -> dict:
     from svp.engine import train
     from svp.engine.signals import TrainingStopped
+    from svp.errors import OutputError
 
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
@@ -223,8 +224,8 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
                           progress)
         try:
             res = train(cfg)
-        except TrainingStopped:   # Ctrl-C / SIGTERM: the demo stops (each press skipped one method)
-            raise
+        except (TrainingStopped, OutputError):   # Ctrl-C / SIGTERM (each press skipped one method), or
+            raise   # the demo's folder unwritable, full disk: the next method would fail the same way
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})

@@ -24,6 +24,11 @@ class ConfigError(SVPError, ValueError):
     """A configuration file, override or command-line value is invalid."""
 
 
+class OutputError(ConfigError):
+    """A run folder or output file cannot be written (full disk, read-only, removed): what runs
+    after it in the same place would fail the same way, so a demo stops there."""
+
+
 class DatasetError(SVPError):
     """A dataset on disk is missing, malformed or unreadable."""
 

@@ -17,7 +17,7 @@ import torch
 from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
-from ..errors import ConfigError, PeerError, ResumeError, SVPError
+from ..errors import ConfigError, OutputError, PeerError, ResumeError, SVPError
 from ..io import DISK_ERRNOS, remove_stale_temps
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
@@ -252,9 +252,9 @@ def user_io_error(e: OSError, path) -> Exception:
     if isinstance(e, SVPError) or not path:
         return e
     if name and os.path.abspath(name).startswith(path):
-        return ConfigError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
+        return OutputError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
     if e.errno in DISK_ERRNOS:
-        return ConfigError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e})")
+        return OutputError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e})")
     return e
 
 
