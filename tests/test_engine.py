@@ -553,6 +553,28 @@ def test_the_second_accuracy_is_top2_below_five_classes():
     assert [top_k(c) for c in (2, 4, 5, 10)] == [2, 2, 5, 5]
 
 
+def test_an_image_with_non_finite_logits_counts_as_wrong_and_is_counted():
+    """topk over a row of nan put the nan first: an image without a prediction could count as
+    right, and nothing said how many there were."""
+    from svp.engine.distributed import DistInfo
+    from svp.engine.evaluate import evaluate
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i)]), i % 3
+
+    class Model(torch.nn.Module):   # right on every image, nan logits for images 0 and 4
+        def forward(self, x):
+            i = x[:, 0].long()
+            out = torch.nn.functional.one_hot(i % 3, 3).float() * 5.0
+            return torch.where(((i == 0) | (i == 4))[:, None], torch.full_like(out, float("nan")), out)
+    r = evaluate(Model(), Data(), None, 4, "cpu", DistInfo())
+    assert (r["n"], r["nonfinite"]) == (6, 2) and r["top1"] == pytest.approx(400 / 6) and r["top5"] == r["top1"]
+
+
 def test_each_seed_starts_from_its_own_head():
     """The linear head was drawn under model.init_seed (default 0) whatever train.seed said, so the
     seeds of a sweep differed only in data order: a too small spread over seeds."""

@@ -570,6 +570,66 @@ def test_corrupt_adapter_weights_are_one_line(tmp_path, capsys, mini_run, damage
     _one_line_error(capsys, svp_main(["predict", str(ad), img]), 2, "adapter.safetensors")
 
 
+def _strict_json(text):
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_outputs_are_no_prediction_and_json_stays_strict(tmp_path, capsys, mini_run):
+    """Head weights of +-3e38 (finite: the loader takes them) overflow every logit: eval reported an
+    accuracy over nan logits, predict ranked nan probabilities, and --json wrote a bare NaN."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    ad = tmp_path / "ad"
+    shutil.copytree(mini_run / "best", ad)
+    w = ad / "adapter.safetensors"
+    with safe_open(str(w), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    head = tensors["base_model.head.weight"]
+    head.copy_(torch_sign_pattern(head) * 3e38)
+    save_file(tensors, str(w), metadata=meta)
+    capsys.readouterr()
+    assert svp_main(["eval", str(ad), "--dataset", "digits", "--max-samples", "6", "--json"]) == 1
+    out, err = capsys.readouterr()
+    r = _strict_json(out)
+    assert r["nonfinite"] == r["n"] == 6 and r["top1"] == r["top5"] == 0.0 and r["loss"] is None, r
+    assert "6 of 6 images gave non-finite outputs" in err and err.startswith("svp eval: error: "), err
+    img = _png8(str(tmp_path / "x.png"), 7)
+    assert svp_main(["predict", str(ad), img, img, "--json"]) == 1
+    out, err = capsys.readouterr()
+    answers = _strict_json(out)
+    assert [a["top"] for a in answers] == [[], []] and all("not finite" in a["error"] for a in answers), answers
+    assert err.startswith("svp predict: error: 2 of 2 images: no prediction"), err
+    assert svp_main(["predict", str(ad), img]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == img and out[1].startswith("  no prediction: the outputs are not finite") and len(out) == 2, out
+    # the healthy adapter: exit 0, and its JSON numbers are numbers
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--max-samples", "6", "--json"]) == 0
+    r = _strict_json(capsys.readouterr().out)
+    assert r["nonfinite"] == 0 and isinstance(r["loss"], float)
+
+
+def torch_sign_pattern(t):
+    import torch
+    return torch.where(torch.arange(t.numel()).reshape(t.shape) % 2 == 0, 1.0, -1.0)
+
+
+def test_every_json_writer_writes_non_finite_numbers_as_null(tmp_path):
+    from svp.engine.checkpoint import append_jsonl, read_jsonl, rewrite_jsonl
+    from svp.io import atomic_write_json
+    rec = {"val_loss": float("nan"), "hi": float("inf"), "lo": [-float("inf"), 1.5], "n": 3}
+    atomic_write_json(str(tmp_path / "r.json"), rec)
+    append_jsonl(str(tmp_path / "m.jsonl"), rec)
+    rewrite_jsonl(str(tmp_path / "w.jsonl"), [rec, rec])
+    want = {"val_loss": None, "hi": None, "lo": [None, 1.5], "n": 3}
+    assert _strict_json((tmp_path / "r.json").read_text()) == want
+    for name, k in (("m.jsonl", 1), ("w.jsonl", 2)):
+        lines = (tmp_path / name).read_text().splitlines()
+        assert [_strict_json(ln) for ln in lines] == [want] * k
+    assert read_jsonl(str(tmp_path / "w.jsonl")) == [want, want]
+
+
 def test_random_bytes_backbone_checkpoint_is_one_line(tmp_path, capsys):
     junk = tmp_path / "vim.safetensors"
     junk.write_bytes(np.random.RandomState(1).bytes(4096))
@@ -922,8 +982,8 @@ def test_a_signal_during_the_last_evaluations_stops_the_run_at_its_last_resume_p
         seen["finishing"] = True
         return finish(self, *a)
 
-    def _evaluate(self, model, split):
-        out = evaluate(self, model, split)
+    def _evaluate(self, model, split, what):
+        out = evaluate(self, model, split, what)
         seen["val"] += split is self.val
         if not seen.get("sent") and ((during == "last_validation" and split is self.val and seen["val"] == 2)
                                      or (during == "final_test" and seen["finishing"])):

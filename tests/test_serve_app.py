@@ -355,6 +355,34 @@ def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, 
     assert results["lora"][0] == 200 and results["linear2"][0] == 200
 
 
+def _counts(server):
+    import re
+    _, text = H.http("GET", server.url + "/metrics")
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(svp_[a-z_]+_total\{[^}]*\}) (\S+)$", text, re.M)}
+
+
+def test_non_finite_outputs_are_no_prediction_one_500_counted_once(server, monkeypatch):
+    """An adapter whose logits overflow: the answer was nan probabilities, which the JSON encoder
+    refused, answered as a 422 "cannot run this input" after the request was counted a 200."""
+    model = server.app.state.model
+    real = model.forward
+
+    def overflowing(images, names):
+        return [lg * float("inf") if n == "linear2" else lg for lg, n in zip(real(images, names), names)]
+    monkeypatch.setattr(model, "forward", overflowing)
+    before = _counts(server)
+    status, body = H.predict(server.url, H.png_bytes(40), "linear2", topk=3)
+    assert status == 500 and "not finite" in body["error"] and "linear2" in body["error"], body
+    status, body = H.predict(server.url, H.png_bytes(40), "lora", topk=3)
+    assert status == 200 and len(body["top"]) == 3
+    after = _counts(server)
+    grew = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert grew == {'svp_requests_total{code="500",endpoint="predict"}': 1.0,
+                    'svp_requests_total{code="200",endpoint="predict"}': 1.0,
+                    'svp_request_errors_total{code="500",endpoint="predict"}': 1.0,
+                    'svp_predictions_total{adapter="lora"}': 1.0}, grew
+
+
 def test_an_amp_server_answers_under_bfloat16_autocast(server):
     """build_app(amp=True) (svp serve --amp): /healthz says so, and each answer is the adapter
     alone under the same autocast (for LoRA up to bfloat16 rounding: the mixed pass adds the

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_text",
            "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps",
            "remove_dead_writers_temps", "TEMP_PREFIX", "DISK_ERRNOS"]
 
@@ -148,8 +149,26 @@ def atomic_write_text(path, text: str) -> str:
     return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with each non-finite float (nan, inf) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kw) -> str:
+    """Strict JSON, what every file and answer svp writes is: a non-finite number (the loss of a
+    run whose logits overflowed) is null. Python's default wrote a bare NaN, which jq, JavaScript's
+    JSON.parse and strict parsers refuse."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kw)
+
+
 def atomic_write_json(path, obj: Any, sort_keys: bool = False) -> str:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+    return atomic_write_text(path, json_text(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> str:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from ..io import (atomic_replace_dir, atomic_save_safetensors, atomic_write_json,  # noqa: F401 (re-exported)
-                  atomic_write_text)
+                  atomic_write_text, json_text)
 
 RESUME_FILE = "resume.safetensors"
 FORMAT = "svp-resume-1"
@@ -161,13 +161,13 @@ def read_jsonl(path: str):
 
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def rewrite_jsonl(path: str, records) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(path, "".join(json_text(r) + "\n" for r in records))
 
 
 def dir_size(path: str) -> int:

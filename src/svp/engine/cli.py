@@ -14,6 +14,7 @@ from . import config as C
 EXIT_CONFIG = 2
 
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
+from ..io import json_text  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -305,11 +306,15 @@ def cmd_eval(args) -> int:
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(json_text(r, indent=2))
     else:
         print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  "
               f"top-{top_k(spec.num_classes)} {r['top5']:.2f}%  "
               f"loss {r['loss']:.4f}")
+    if r["nonfinite"]:   # the accuracy over nan logits read as a number (argmax of nan)
+        _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong: "
+             f"the adapter's weights, or this input, overflow", "eval")
+        return 1
     return 0
 
 
@@ -332,7 +337,7 @@ def cmd_predict(args) -> int:
     # batch: a small tensor kept per batch among the freed activations pinned the heap around
     # it (+10 KB of resident memory per image, 160 MB at 16,000), and nothing was printed
     # until the last image, so a killed run lost every answer.
-    out = []
+    out, failed = [], 0
     autocast = _autocast(args.amp, dev)
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
         for i in range(0, len(args.images), args.batch_size):
@@ -342,21 +347,34 @@ def cmd_predict(args) -> int:
                 logits = forward_in_chunks(model, torch.stack(xs).to(dev))
             top = logits.float().softmax(dim=1).topk(min(args.topk, logits.shape[1]), dim=1)
             values, indices = top.values.tolist(), top.indices.tolist()
+            finite = torch.isfinite(logits).all(dim=1).tolist()
             del xs, logits, top
+            # an image whose logits are not all finite has no answer: topk ranked nan
+            # probabilities arbitrarily (and --json wrote a bare NaN)
             answers = [{"image": path, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
-                                               for v, j in zip(pv, pi)]}
-                       for path, pv, pi in zip(paths, values, indices)]
+                                               for v, j in zip(pv, pi)]} if ok else
+                       {"image": path, "top": [], "error": NONFINITE}
+                       for path, pv, pi, ok in zip(paths, values, indices, finite)]
+            failed += finite.count(False)
             if args.json:
                 out += answers   # one JSON document, printed once every image has its answer
                 continue
             for o in answers:
                 print(o["image"])
+                if "error" in o:
+                    print(f"  {o['error']}")
                 for rank, t in enumerate(o["top"], 1):
                     print(f"  {rank}. {t['class']}  {100 * t['prob']:.2f}%")
             sys.stdout.flush()
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json_text(out, indent=2))
+    if failed:
+        _err(f"{failed} of {len(args.images)} images: {NONFINITE}", "predict")
+        return 1
     return 0
+
+
+NONFINITE = "no prediction: the outputs are not finite (nan or inf logits); the adapter's weights, or this input, overflow"
 
 
 def cmd_sweep(args) -> int:

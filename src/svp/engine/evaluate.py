@@ -50,7 +50,7 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
     loader = Loader(
         SeededDataset(dataset, transform), batch_size=batch_size, pin_memory=cuda,
         sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers)
-    acc = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n
+    acc = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n, non-finite
     with runtime.held_heap(device.type == "cpu"):   # (the loader's batches too: 87 MB at 144 images)
         for x, y in loader:
             x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
@@ -58,15 +58,21 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
                 logits = forward_in_chunks(model, x)
             logits = logits.float()
             top = logits.topk(top_k(logits.shape[1]), dim=1).indices
-            acc += torch.stack([(top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double(),
+            # an image whose logits are not all finite has no prediction (topk's order among NaNs
+            # is arbitrary): counted wrong, and counted, so that eval and the run's log say so
+            finite = torch.isfinite(logits).all(dim=1)
+            acc += torch.stack([((top[:, 0] == y) & finite).sum().double(),
+                                ((top == y[:, None]).any(dim=1) & finite).sum().double(),
                                 F.cross_entropy(logits, y, reduction="sum").double(),
-                                torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-    correct1, correct5, loss_sum, n = all_reduce_sum(acc.tolist(), dist_info,
-                                                     device=comm_device(device, dist_info))
+                                torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                                (~finite).sum().double()])
+    correct1, correct5, loss_sum, n, nonfinite = all_reduce_sum(acc.tolist(), dist_info,
+                                                                device=comm_device(device, dist_info))
     model.train(was_training)
     if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n)}
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0, "nonfinite": 0}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n),
+            "nonfinite": int(nonfinite)}
 
 
 def top_k(num_classes: int) -> int:

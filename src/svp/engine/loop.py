@@ -104,7 +104,14 @@ class Trainer:
     def _eval_model(self):
         return self.ema.module if (self.ema is not None and self.cfg["train"]["ema_eval"]) else self.model
 
-    def _evaluate(self, model, split):
+    def _evaluate(self, model, split, what: str):
+        r = self._evaluate_once(model, split)
+        if r["nonfinite"] and self.dist.is_main:   # (the loss alone said nan, the accuracies looked like numbers)
+            log.warning("%s: %d of %d images gave non-finite outputs (nan or inf logits), counted as wrong",
+                        what, r["nonfinite"], r["n"])
+        return r
+
+    def _evaluate_once(self, model, split):
         workers = int(self.cfg["data"]["num_workers"])
         args = (model, split[0], split[1], int(self.cfg["train"]["eval_batch_size"]), self.device,
                 self.dist, self.prec.autocast)
@@ -382,10 +389,10 @@ class Trainer:
         t_eval = time.time()
         eval_model = self._eval_model()
         if self.val is not None and ((epoch + 1) % int(cfg["eval"]["every"]) == 0 or epoch == epochs - 1 or stop):
-            r = self._evaluate(eval_model, self.val)
+            r = self._evaluate(eval_model, self.val, f"epoch {epoch + 1} validation")
             record.update({"val_top1": r["top1"], "val_top5": r["top5"], "val_loss": r["loss"]})
         if self.test is not None and cfg["eval"]["test_every_epoch"]:
-            r = self._evaluate(eval_model, self.test)
+            r = self._evaluate(eval_model, self.test, f"epoch {epoch + 1} test")
             record.update({"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]})
         record["eval_seconds"] = time.time() - t_eval
         st["history"].append(record)
@@ -420,13 +427,13 @@ class Trainer:
         last_state = {k: v.clone() for k, v in eval_model.adapter_state_dict().items()}
         final_test = best_test = None
         if self.test is not None:
-            final_test = self._evaluate(eval_model, self.test)
+            final_test = self._evaluate(eval_model, self.test, "final test")
             if best is not None:
                 if best["epoch"] == hist[-1]["epoch"]:
                     best_test = final_test
                 else:
                     load_trainable(eval_model, best["state"], "best weights")
-                    best_test = self._evaluate(eval_model, self.test)
+                    best_test = self._evaluate(eval_model, self.test, "val-selected test")
                     load_trainable(eval_model, last_state, "last weights")
             # a signal during them: stopped before anything of the end is written, at the last resume point
             self._stop_if_signalled(f"epoch {hist[-1]['epoch']}")

@@ -24,6 +24,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ResumeError
+from ..io import json_text
 from . import checkpoint as ck
 from . import config as C
 from .select import mean_std
@@ -289,7 +290,7 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
         md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
                + "; ".join(f"`{k}` in {', '.join(v)}" for k, v in tuning["grid_spec"])
                + ". The tables report the chosen setting's final runs.", ""]
-        ck.atomic_write_text(os.path.join(output, "tuning.json"), json.dumps(tuning, indent=1, default=str))
+        ck.atomic_write_text(os.path.join(output, "tuning.json"), json_text(tuning, indent=1, default=str))
     report_rows = [r for r in rows if r.get("role") != "grid"]
     md += [markdown_table(suite, report_rows, datasets, methods, seeds, "val_selected_test_top1"), "",
            markdown_table(suite, report_rows, datasets, methods, seeds, "final_test_top1")]

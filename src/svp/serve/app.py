@@ -429,8 +429,9 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
 
     def ok(endpoint: str, body, status: int = 200) -> JSONResponse:
+        response = JSONResponse(body, status_code=status)   # counted once it is one (rendering can fail)
         metrics["requests"].labels(endpoint, str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return response
 
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -543,6 +544,10 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         data, adapter, topk = await parse_input(request, want_topk=True)
         x = await to_input(data)
         logits, classes = await state["batcher"].submit(x, adapter)
+        if not bool(torch.isfinite(logits).all()):   # (nan probabilities in an arbitrary order, then a
+            # 422 from the JSON encoder, the request counted as a success too)
+            raise RequestError(f"adapter {adapter!r}: no prediction, its outputs for this image are not finite "
+                               f"(nan or inf logits): the adapter's weights, or this input, overflow", 500)
         metrics["latency"].observe(time.perf_counter() - t0)
         metrics["predictions"].labels(adapter).inc()
         return ok("predict", {"adapter": adapter, "top": _topk(logits, classes, topk)})

@@ -2,7 +2,6 @@
 ``svp visualize`` and ``svp demo``)."""
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -76,18 +75,8 @@ def _safe(label: str) -> str:
 
 def write_json(path: str, obj) -> None:
     """``obj`` as strict JSON: a non-finite number (a propagation mean over patches the class
-    token cannot be reached from, all -inf) is written null, not NaN (which JSON has not)."""
-    atomic_write_json(path, _finite_or_none(obj))
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
+    token cannot be reached from, all -inf) is written null (svp.io.json_text)."""
+    atomic_write_json(path, obj)
 
 
 def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: str,
