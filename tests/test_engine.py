@@ -473,6 +473,29 @@ def test_table_title_says_when_there_was_no_validation_split():
     assert "selected on the validation split" in markdown_table("mini", rows, [("digits", "mini")], ["svp"], [0])
 
 
+def test_markdown_tables_keep_their_columns_with_any_name_or_tuned_value():
+    """A '|' in a --tune value (any key can be tuned, its values are YAML) split its cell: the
+    selection table's header had 9 cells and its rows 7; a backquote or '*' opened code or emphasis."""
+    import re
+
+    from svp.engine.sweep import markdown_table, selection_table
+    hostile = "/d/da|ta*`x`_<b>"
+    labels = ["train.lr=1e9, data.root=/d/data", f"train.lr=3, data.root={hostile}"]
+    tuning = {"protocol": "val", "grid_seed": 0, "cells": [
+        {"method": "svp", "dataset": "my|set", "chosen_label": labels[1],
+         "grid": [{"label": labels[0], "val_top1": None}, {"label": labels[1], "val_top1": 12.5}]}]}
+    rows = [{"method": "svp", "dataset": "my|set", "seed": 0, "status": "ok", "val_selected_test_top1": 50.0}]
+
+    def cells(line):   # GFM: a cell ends at a '|' not escaped by a backslash
+        return len(re.split(r"(?<!\\)\|", line.strip())) - 2
+    for md in (selection_table(tuning), markdown_table("mini", rows, [("my|set", "mini")], ["svp"], [0])):
+        table = [ln for ln in md.splitlines() if ln.startswith("|")]
+        assert len({cells(ln) for ln in table}) == 1, table
+        body = "\n".join(table)
+        assert "`" not in body.replace("\\`", "") and "*" not in body.replace("\\*", "").replace("**", ""), body
+    assert "da\\|ta\\*\\`x\\`\\_\\<b\\>" in selection_table(tuning)
+
+
 # ---------------------------------------------------------------- evaluation on the CPU
 def test_cpu_evaluation_runs_the_model_over_near_equal_chunks_in_order(monkeypatch):
     import importlib

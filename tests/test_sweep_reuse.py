@@ -60,6 +60,7 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
     other = sweep(*args, REAL + ["train.epochs=2"])
     (row,) = other["rows"]
     assert row["status"] == "failed" and row["epochs_run"] in ("", None)
+    assert os.path.samefile(row["run_dir"], run_dir)   # (a failed row's run_dir was empty)
     assert run_dir in row["error"] and "train.epochs: 1 -> 2" in row["error"] and "another --output" in row["error"]
     assert _rows(out)[0]["status"] == "failed"
     assert "1 run(s) failed" in open(other["markdown"]).read()
@@ -69,7 +70,8 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
     # runs at a time (worker processes): the same check, before any worker starts
     par = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.batch_size=8"], jobs=2)
     assert [r["status"] for r in par["rows"]] == ["failed"]
-    assert "train.batch_size: 16 -> 8" in par["rows"][0]["error"]
+    assert "train.batch_size: 16 -> 8" in par["rows"][0]["error"] and os.path.samefile(par["rows"][0]["run_dir"],
+                                                                                       run_dir)
 
 
 def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch):

@@ -148,6 +148,10 @@ def test_tiny_real_grid_picks_the_best_validation_point_and_resumes_a_stopped_ru
     assert all(r["status"] == "failed" for r in first["rows"])
     folder = os.path.join(out, "digits", "svp", "grid")
     assert all(os.path.isfile(os.path.join(folder, d, "seed0", "resume.safetensors")) for d in os.listdir(folder))
+    # a failed grid row names its run folder (results.csv left it empty)
+    failed_grid = [r for r in first["rows"] if r["role"] == "grid"]
+    assert len(failed_grid) == 2 and all(os.path.isfile(os.path.join(r["run_dir"], "resume.safetensors"))
+                                         for r in failed_grid)
     res = sweep("mini", ["svp"], [0, 1], out, ["digits"], (), TINY, tune=grid)
     grid_rows = [r for r in res["rows"] if r["role"] == "grid"]
     assert [r["status"] for r in grid_rows] == ["resumed", "resumed"]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -98,11 +99,16 @@ def run_config(dataset: str, method: str, seed: int, output: str, run_name: str,
     return C.resolve(config_files, list(overrides) + forced + [f"train.seed={int(own_seed) + int(seed)}"], base=base)
 
 
+def run_folder_name(dataset: str, method: str, seed: int) -> str:
+    """A plain sweep's run folder, under its output folder."""
+    return os.path.join(_slug(dataset), method, f"seed{seed}")
+
+
 def run_one(dataset: str, method: str, seed: int, output: str, config_files: Sequence[str],
             overrides: Sequence[str], base: Optional[dict] = None) -> Dict[str, Any]:
     from .loop import train
 
-    run_name = os.path.join(_slug(dataset), method, f"seed{seed}")
+    run_name = run_folder_name(dataset, method, seed)
     cfg = run_config(dataset, method, seed, output, run_name, config_files, overrides, base)
     # a finished or interrupted run is taken over only when it was made with this configuration
     res = load_or_resume(os.path.join(output, run_name), cfg)
@@ -120,14 +126,16 @@ CSV_FIELDS = ["suite", "group", "dataset", "method", "seed", "status", "selectio
 
 
 def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], error: str = "",
-                     role: str = "run", protocol: str = "", setting: str = "") -> Dict[str, Any]:
+                     role: str = "run", protocol: str = "", setting: str = "",
+                     run_dir: str = "") -> Dict[str, Any]:
     """One results.csv row. role: ``run`` (plain sweep), ``grid`` (a tuning grid point,
-    selection only) or ``final`` (the selected setting, the reported number)."""
+    selection only) or ``final`` (the selected setting, the reported number). ``run_dir``: the
+    folder of a run that failed (a finished one's results name it)."""
     row = {k: "" for k in CSV_FIELDS}
     row.update({"suite": suite, "group": group, "dataset": dataset, "method": method, "seed": seed,
                 "role": role, "protocol": protocol, "setting": setting})
     if res is None:
-        row.update({"status": "failed", "error": error})
+        row.update({"status": "failed", "error": error, "run_dir": run_dir})
         return row
     sel, fin = res.get("val_selected", {}), res.get("final", {})
     obt = res.get("official_best_test_top1")
@@ -168,6 +176,17 @@ def _fmt_bytes(v: Optional[float]) -> str:
         v /= 1024
 
 
+_MD_SPECIAL = re.compile(r"([\\`*|<>\[\]~])|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as literal Markdown text, in a table cell or a sentence: a '|' in a --tune value
+    split its cell in two (the header then had more columns than the rows), a backquote or '*'
+    opened code or emphasis. Intraword underscores (oxford_flowers102) are left as they are."""
+    text = " ".join(str(value).split())   # (a newline would end the table row)
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+
+
 def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[str, str]], methods: List[str],
                    seeds: List[int], metric: str = "val_selected_test_top1") -> str:
     """Per-dataset accuracy (mean ± std over seeds), averages, parameters, adapter size."""
@@ -186,7 +205,7 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     for d, g in datasets:
         groups.setdefault(g, []).append(d)
     cols = [d for d, _ in datasets]
-    short = {d: d.split("/")[-1] for d in cols}
+    short = {d: md_text(d.split("/")[-1]) for d in cols}
     avg_cols: List[Tuple[str, Any]] = []
     if suite == "vtab":
         for g in ("vtab-natural", "vtab-specialized", "vtab-structured"):
@@ -203,7 +222,7 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
            f"(only seeds with every dataset). Parameters and adapter size: mean over datasets.", "",
            "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for m in methods:
-        cells = [m]
+        cells = [md_text(m)]
         for d in cols:
             cells.append(_mean_std(list(by.get((m, d), {}).values())))
         for _, (kind, g) in avg_cols:
@@ -234,14 +253,14 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         out += ["", f"{len(failed)} run(s) failed: " + "; ".join(
-            f"{r['dataset']}/{r['method']}/seed{r['seed']}" for r in failed)]
+            md_text(f"{r['dataset']}/{r['method']}/seed{r['seed']}") for r in failed)]
     return "\n".join(out) + "\n"
 
 
 def selection_table(tuning: Dict[str, Any]) -> str:
     """Per method and dataset: the validation top-1 of every grid point, the choice."""
     from .tune import PROTOCOL_TITLES
-    labels: List[str] = []
+    labels: List[str] = []   # (grid order; written through md_text)
     for cell in tuning["cells"]:
         for g in cell["grid"]:
             if g["label"] not in labels:
@@ -250,7 +269,7 @@ def selection_table(tuning: Dict[str, Any]) -> str:
            f"trained with seed {tuning['grid_seed']} on the training split; the chosen point is in bold "
            f"(the highest validation top-1; a tie goes to the first in grid order). Test accuracy is not "
            f"used for the choice.", "",
-           "| Method | Dataset | " + " | ".join(labels) + " | Chosen |",
+           "| Method | Dataset | " + " | ".join(map(md_text, labels)) + " | Chosen |",
            "|---|---|" + "---:|" * len(labels) + "---|"]
     for cell in tuning["cells"]:
         by = {g["label"]: g for g in cell["grid"]}
@@ -259,8 +278,8 @@ def selection_table(tuning: Dict[str, Any]) -> str:
             g = by.get(lab)
             v = "-" if g is None else ("failed" if g["val_top1"] is None else f"{g['val_top1']:.2f}")
             cells.append(f"**{v}**" if g is not None and lab == cell["chosen_label"] else v)
-        out.append(f"| {cell['method']} | {cell['dataset']} | " + " | ".join(cells)
-                   + f" | {cell['chosen_label'] or 'none (all failed)'} |")
+        out.append(f"| {md_text(cell['method'])} | {md_text(cell['dataset'])} | " + " | ".join(cells)
+                   + f" | {md_text(cell['chosen_label']) if cell['chosen_label'] else 'none (all failed)'} |")
     return "\n".join(out) + "\n"
 
 
@@ -284,11 +303,11 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
         w.writerow(r)
     csv_path = os.path.join(output, "results.csv")
     ck.atomic_write_text(csv_path, buf.getvalue())
-    md = [f"# svp sweep: suite `{suite}`", ""]
+    md = [f"# svp sweep: suite {md_text(suite)}", ""]
     if tuning is not None:
         from .tune import PROTOCOL_TITLES
         md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
-               + "; ".join(f"`{k}` in {', '.join(v)}" for k, v in tuning["grid_spec"])
+               + "; ".join(f"{md_text(k)} in {', '.join(map(md_text, v))}" for k, v in tuning["grid_spec"])
                + ". The tables report the chosen setting's final runs.", ""]
         ck.atomic_write_text(os.path.join(output, "tuning.json"), json_text(tuning, indent=1, default=str))
     report_rows = [r for r in rows if r.get("role") != "grid"]
@@ -469,7 +488,8 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                         raise
                     log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
                     log.debug("%s", traceback.format_exc())
-                    rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}"))
+                    rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
+                                                 run_dir=os.path.join(output, run_folder_name(ds, m, int(s)))))
                 write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
@@ -482,13 +502,14 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
     combos = [(ds, g, m, int(s)) for ds, g in all_ds for m in methods for s in seeds]
     tasks = []
     for ds, _g, m, s in combos:
-        name = os.path.join(_slug(ds), m, f"seed{s}")
+        name = run_folder_name(ds, m, s)
         tasks.append((os.path.join(output, name),
                       lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides,
                                                                     base)))
     with Runner(jobs) as runner:
         results = runner.run_all(tasks)
-    rows = [row_from_results(suite, g, ds, m, s, res, err) for (ds, g, m, s), (res, err) in zip(combos, results)]
+    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir if res is None else "")
+            for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
@@ -503,10 +524,10 @@ def _tuned_rows(suite, plans, cells, seeds, protocol) -> List[Dict[str, Any]]:
                     res = json.load(f)
                 res["status"] = g["status"]
             rows.append(row_from_results(suite, group, ds, m, seeds[0], res, g["error"], "grid", protocol,
-                                         g["label"]))
+                                         g["label"], g["run_dir"]))
         for fin in cell["finals"]:
             rows.append(row_from_results(suite, group, ds, m, fin["seed"], fin["results"], fin["error"],
-                                         "final", protocol, cell["chosen_label"]))
+                                         "final", protocol, cell["chosen_label"], fin["run_dir"]))
         if cell["chosen"] is None:
             rows += [row_from_results(suite, group, ds, m, s, None, "every grid point failed", "final",
                                       protocol) for s in seeds]
