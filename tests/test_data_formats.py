@@ -457,6 +457,31 @@ def test_data_grid_makes_its_output_folder(tmp_path, capsys, monkeypatch):
     assert not any(p.name.endswith("f.png") for p in tmp_path.iterdir())
 
 
+def test_data_grid_draws_class_names_as_written_not_as_mathtext(tmp_path):
+    """A '$' in a folder name was matplotlib's mathtext: '$\\bad{$' crashed the grid with a
+    traceback, 'cost $5 and $6' was drawn as 'cost 5and6' in italics."""
+    import matplotlib.text
+    root = tmp_path / "r"
+    names = ["$\\bad{$", "cost $5 and $6"]
+    from PIL import Image
+    for name in names:
+        (root / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (90, 90, 90)).save(root / "test" / name / "0.png")
+    drawn = []
+    real = matplotlib.text.Text.draw
+
+    def draw(self, renderer):
+        drawn.append((self.get_text(), self.get_parse_math()))
+        return real(self, renderer)
+    matplotlib.text.Text.draw = draw
+    try:
+        assert svp_main(["data", "grid", "imagefolder", "--root", str(root), "--split", "test", "--n", "2",
+                         "--cols", "2", "--out", str(tmp_path / "g.png")]) == 0
+    finally:
+        matplotlib.text.Text.draw = real
+    assert {(n, False) for n in names} <= set(drawn), drawn
+
+
 def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write(tmp_path, capsys, monkeypatch):
     """grid exited 1 for bad values and printed --out as given while matplotlib wrote <out>.png
     (an existing folder g became ./g.png); check counted --val-from-train 2 as missing data;

@@ -200,6 +200,17 @@ def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_noth
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
+def test_labels_with_dollars_are_drawn_as_written(tmp_path):
+    """A label '$\\bad{$' (an --adapter label, any text) stopped svp visualize with matplotlib's
+    mathtext traceback; 'cost $5' was drawn in italics without its dollar."""
+    img = Image.new("RGB", (32, 32), (120, 30, 200))
+    mask = np.zeros((32, 32), np.float32)
+    mask[:, 16:] = 1
+    written = visualize(img, {"$\\bad{$": tiny_vim(), "cost $5": tiny_vim(1)}, str(tmp_path), "p", [0],
+                        ["update"], "both", mask, dpi=30)
+    assert any(p.endswith(".png") for p in written) and any(p.endswith(".json") for p in written), written
+
+
 def test_analyze_restores_every_submodule_mode_and_names_bad_arguments():
     vim = tiny_vim(0).train()
     vim.layers[0].eval()  # a caller's mixed modes (a PeftModel trains with its backbone in eval mode)

@@ -182,8 +182,8 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
     for ax, i in zip(axes, idx):
         img, y = ds[int(i)]
         ax.imshow(np.asarray(img), interpolation="nearest")
-        ax.set_title(ds.classes[y], fontsize=7, pad=2)
-    fig.suptitle(f"{dataset_info(name).name} / {split}", fontsize=9)
+        ax.set_title(ds.classes[y], fontsize=7, pad=2, parse_math=False)  # class names as written ('$5')
+    fig.suptitle(f"{dataset_info(name).name} / {split}", fontsize=9, parse_math=False)
     fig.tight_layout(pad=0.3)
     from ..io import atomic_write
     try:   # (atomic: a full disk left a cut-off PNG)

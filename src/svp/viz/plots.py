@@ -84,7 +84,7 @@ def _image_column(axes, image: np.ndarray, row_labels: Sequence[str], mask_outli
         _outline(axes[r, 0], mask_outline)
         axes[r, 0].set_xticks([])
         axes[r, 0].set_yticks([])
-        axes[r, 0].set_ylabel(label, fontsize=9)
+        axes[r, 0].set_ylabel(label, fontsize=9, parse_math=False)  # a '$' in a label is text
     axes[-1, 0].axis("off")
 
 
@@ -133,7 +133,8 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
             _tidy_colorbar(cb)
             if r == 0:
                 ax.set_title(_layer_title(layer, maps.depth), fontsize=9)
-    fig.suptitle(f"{title}  ({direction} scan{'s' if direction == 'both' else ''})".strip(), fontsize=10)
+    fig.suptitle(f"{title}  ({direction} scan{'s' if direction == 'both' else ''})".strip(), fontsize=10,
+                 parse_math=False)
     fig.tight_layout()
     return save_figure(fig, path, dpi)
 
@@ -196,7 +197,8 @@ def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
         _tidy_colorbar(cb, horizontal=True)
     _image_column(axes, image, [f"{m} - {ref}" for m in others], mask_outline)
-    fig.suptitle(f"{SHORT[quantity]} ({direction}): difference to {ref}; red = higher", fontsize=10)
+    fig.suptitle(f"{SHORT[quantity]} ({direction}): difference to {ref}; red = higher", fontsize=10,
+                 parse_math=False)
     fig.tight_layout()
     return save_figure(fig, path, dpi)
 
@@ -233,7 +235,8 @@ def plot_region_curves(curves: Dict[str, Dict[str, Dict[str, List[float]]]], pat
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
         if k == 0:
-            ax.legend(fontsize=7)
+            for text in ax.legend(fontsize=7).get_texts():
+                text.set_parse_math(False)
     fig.suptitle(f"mean over object vs background patches ({direction})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi)
