@@ -1341,6 +1341,14 @@ def test_the_svp_command_escapes_what_the_consoles_code_page_lacks(monkeypatch):
     print("imgs/图.png\tcat", file=sys.stdout)
     out.flush()
     assert out.buffer.getvalue() == b"imgs/\\u56fe.png\tcat\n"
+    # a C locale without UTF-8 mode: ASCII with surrogateescape, which failed on 'é' (svp predict
+    # stopped at the first such class name); a name Python could not decode keeps its bytes
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdout", out)
+    _lenient_output()
+    print("caf\udcc3\udca9.png\tcafé ±", file=sys.stdout)
+    out.flush()
+    assert out.buffer.getvalue() == b"caf\xc3\xa9.png\tcaf\\xe9 \\xb1\n"
 
 
 def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, monkeypatch):

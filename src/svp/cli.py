@@ -129,13 +129,29 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _bytes_or_escape(e: UnicodeError):
+    """surrogateescape's bytes back for a name Python could not decode, else backslashreplace's
+    escape (an encode error handler may answer bytes)."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    out = bytearray()
+    for ch in e.object[e.start:e.end]:
+        out += bytes([ord(ch) - 0xDC00]) if 0xDC80 <= ord(ch) <= 0xDCFF else ch.encode("ascii", "backslashreplace")
+    return bytes(out), e.end
+
+
 def _lenient_output() -> None:
     """A character the output's encoding lacks is written as an escape, not an error: Windows
     writes redirected output in its ANSI code page, where `svp predict` stopped with a
-    UnicodeEncodeError at the first image named outside it (the rest of the answers lost)."""
+    UnicodeEncodeError at the first image named outside it (the rest of the answers lost). An
+    ASCII stream of a C locale without UTF-8 mode has surrogateescape, which fails on 'é' all
+    the same (`svp predict`, `svp sweep`'s table): it keeps the bytes of undecodable names."""
+    import codecs
+    codecs.register_error("svp.bytes_or_escape", _bytes_or_escape)
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+        errors = getattr(stream, "errors", None)
+        if errors in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace" if errors == "strict" else "svp.bytes_or_escape")
 
 
 def run() -> None:

@@ -353,26 +353,50 @@ CSV_LAYOUT = """\
   or pass file=<one csv> to read a single list"""
 
 
+def _folder_name(entry: str) -> str:
+    """A folder's name as text: its bytes read as UTF-8. Where Python reads file names in another
+    encoding (a C locale without UTF-8 mode), 'café' came back as 'caf\\udcc3\\udca9', which
+    adapter files kept and no UTF-8 system reads back; a name that is not UTF-8 stays as listed."""
+    return os.fsencode(entry).decode("utf-8", "surrogateescape")
+
+
 def build_imagefolder(root: str, split: str, transform=None, classes=None,
                       skip_bad_images=False, check_files=True, **_) -> FileListDataset:
     sdir = os.path.join(root, split)
     require_dir(sdir, f"imagefolder split folder '{split}'", IMAGEFOLDER_LAYOUT)
+    folders: Dict[str, str] = {}   # class name -> its folder's entry in this split
+    found = set()
+    for s in {"train", "val", "test", "trainval", split}:
+        d = os.path.join(root, s)
+        if os.path.isdir(d):
+            for e in os.listdir(d):
+                if os.path.isdir(os.path.join(d, e)):
+                    found.add(_folder_name(e))
+                    if s == split:
+                        folders[_folder_name(e)] = e
     if classes is None:
-        names = set()
-        for s in {"train", "val", "test", "trainval", split}:
-            d = os.path.join(root, s)
-            if os.path.isdir(d):
-                names.update(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
-        classes = sorted(names)
+        classes = sorted(found)
+    else:
+        # a listed name without a folder was a class of no images, and the folder it meant was
+        # left out, both silently (a typo: 12 images fewer, no word)
+        missing = [c for c in classes if c not in found]
+        if missing:
+            raise DatasetError(f"imagefolder: classes= lists {', '.join(map(repr, missing[:5]))}"
+                               f"{' and more' if len(missing) > 5 else ''}, which no split folder of {root} "
+                               f"has a folder for; expected the names of its class folders "
+                               f"({', '.join(map(repr, sorted(found)[:5]))}{', ...' if len(found) > 5 else ''})")
+        unlisted = sorted(found - set(classes))
+        if unlisted:
+            log.warning("imagefolder/%s: %d class folder(s) not in classes= are left out: %s", split,
+                        len(unlisted), ", ".join(map(repr, unlisted[:5])) + (", ..." if len(unlisted) > 5 else ""))
     if not classes:
         raise DatasetError(f"imagefolder: no class folders in {sdir}\nexpected layout:\n"
                            f"{IMAGEFOLDER_LAYOUT}\n({DOCS_HINT})")
     samples, ignored = [], []
     for i, c in enumerate(classes):
-        cdir = os.path.join(sdir, c)
-        if not os.path.isdir(cdir):
+        if c not in folders:   # (a class of another split only)
             continue
-        for dirpath, _dirs, files in sorted(os.walk(cdir)):
+        for dirpath, _dirs, files in sorted(os.walk(os.path.join(sdir, folders[c]))):
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images
