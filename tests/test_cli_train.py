@@ -2,6 +2,7 @@
 (32 px, patch 4, depth 2, width 32) and the embedded `digits` dataset."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
     assert res["adapter_bytes"] > 4 * n_saved
     log = (run / "train.log").read_text()
     assert "trainable params" in log and "epoch 1/1" in log
+    # a record a line, each under its time stamp (the without-head count was a line without one)
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", ln) for ln in log.splitlines()), log
+    assert re.search(r"^\S+ \S+ +trainable params: [\d,]+ .*\(without head\)$", log, re.M), log
 
 
 def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):

@@ -82,6 +82,20 @@ class _RunLog(logging.FileHandler):
                              f"lines from here on are missing from it\n")
 
 
+class LineFormatter(logging.Formatter):
+    """train.log's records, each line of a message under its time stamp: a message of several
+    lines (a dataset error's expected layout, a traceback) left lines without one, which a
+    reader of one record per line took for records of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if "\n" not in text:
+            return text
+        stamp = self.formatTime(record, self.datefmt) + " "
+        first, *rest = text.split("\n")
+        return "\n".join([first] + [stamp + "  " + ln for ln in rest])
+
+
 def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler]:
     handlers: List[logging.Handler] = []
     log.setLevel(logging.INFO)
@@ -93,7 +107,7 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
         if run_dir:
             # (a run folder's name under a non-UTF-8 locale holds lone surrogates: their bytes)
             fh = _RunLog(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="surrogateescape")
-            fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            fh.setFormatter(LineFormatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             handlers.append(fh)
     for h in handlers:
         log.addHandler(h)
