@@ -54,6 +54,9 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     ("train.lr_scale_base=0", "train.lr_scale_base=0: expected a positive number"),
     ("run.name=../outside", "run.name='../outside': expected a folder name inside run.output"),
     ("run.name=/abs/run", "run.name='/abs/run': expected a folder name inside run.output"),
+    # run.output itself: the run's files were written among the other runs' folders
+    ("run.name=.", r"run.name='\.': expected a folder name inside run.output .*run.output itself"),
+    ("run.name=a/..", r"run.name='a/\.\.': expected a folder name inside run.output"),
     ("train.ema_eval=true", "train.ema_eval=true needs train.ema=true"),
     # counts were truncated where used: 0.5 samples kept none, 2.5 steps ran 2
     ("data.max_train_samples=0.5", "data.max_train_samples=0.5: expected null or a positive integer"),
@@ -66,6 +69,19 @@ def test_values_that_would_fail_only_in_training_are_refused_up_front(override, 
     exit) or, for the EMA decay, train on silently."""
     with pytest.raises(C.ConfigError, match=words):
         C.resolve(overrides=[override], use_presets=False)
+
+
+def test_flag_values_reach_the_config_as_written_and_new_runs_keep_absolute_paths(tmp_path, monkeypatch):
+    """--output 'out🙂' became JSON's surrogate-pair escape, which YAML read as two lone
+    surrogates (a traceback making the folder); a relative --checkpoint was kept as given, so the
+    run resumed only from the folder it started in."""
+    for v in ("out🙂", "caf\udcc3\udca9", 'a"b\\c\t\x07\x7f', "1e-3", "null", "~x"):
+        assert C.parse_overrides([f"run.output={C.quoted(v)}"]) == [("run.output", v)], v
+    monkeypatch.chdir(tmp_path)
+    cfg = C.absolute_paths(C.resolve(overrides=["model.checkpoint=ck.safetensors", "data.root=d🙂",
+                                                f"run.output={C.quoted('out🙂')}"], use_presets=False))
+    assert cfg["model"]["checkpoint"] == str(tmp_path / "ck.safetensors")
+    assert cfg["data"]["root"] == str(tmp_path / "d🙂") and cfg["run"]["output"] == "out🙂"
 
 
 def test_run_names_may_nest_inside_the_output_folder():

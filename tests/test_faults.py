@@ -1240,6 +1240,28 @@ def test_a_training_value_edited_by_hand_is_a_recorded_change_from_the_resume_po
         assert all(torch_equal(finals[name][k], finals["flag"][k]) for k in finals["flag"]), name
 
 
+def test_a_run_named_by_flags_with_an_emoji_and_a_relative_checkpoint_resumes_from_anywhere(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """--output 'out🙂' (a character outside the BMP) stopped with a UnicodeEncodeError traceback
+    making the folder; a relative --checkpoint was kept as given, and the printed --resume
+    command failed from any other folder (file not found), with no way to say where it is."""
+    import svp
+    bundled = os.path.join(os.path.dirname(svp.__file__), "assets", "vim_mini_patch4_32.safetensors")
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(bundled, start / "ck.safetensors")
+    monkeypatch.chdir(start)
+    args = [*MINI, "--epochs", "2", "--output", "out🙂", "--name", "r🙂", "--checkpoint", "ck.safetensors"]
+    assert svp_main(["train", *args, "debug.stop_at_step=3"]) == 75, capsys.readouterr().err
+    run = start / "out🙂" / "r🙂"
+    import yaml
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["checkpoint"] == str(start / "ck.safetensors")
+    monkeypatch.chdir(elsewhere)
+    assert svp_main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
+
+
 def test_a_run_ended_by_max_steps_and_one_repeated_from_a_resumed_config_say_so(tmp_path, capsys):
     """A run stopped by train.max_steps finished silently (only results.json said so), and its
     --resume said "the run finished or never saved a resume point"; `--config <run>/config.yaml`

@@ -78,3 +78,15 @@ def test_safetensors_files_of_the_same_content_have_the_same_bytes(tmp_path):
     assert len({f.read_bytes() for f in files}) == 1
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata() == meta and f.get_tensor("b").tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_target_named_near_the_file_name_limit_is_written(tmp_path):
+    """Its temporary's prefix (~25 bytes) took the name past 255 bytes: a valid --out of 231-255
+    bytes was refused as "File name too long"."""
+    from svp.io import is_temp_name, temp_name
+    for name in ("g" * 251 + ".png", "é" * 125 + ".png"):   # 255 and 254 bytes
+        atomic_write_json(tmp_path / name, {"n": len(name)})
+        assert json.loads((tmp_path / name).read_text()) == {"n": len(name)}
+        tmp = os.path.basename(temp_name(str(tmp_path / name)))
+        assert is_temp_name(tmp) and len(os.fsencode(tmp)) <= 255 and name[:100] in tmp
+    assert sorted(os.listdir(tmp_path)) == sorted(["g" * 251 + ".png", "é" * 125 + ".png"])

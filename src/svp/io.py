@@ -29,10 +29,23 @@ DISK_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "
 _LEGACY_PREFIX = ".tmp-"
 
 
+_NAME_MAX = 255   # bytes in a file name: Linux, macOS and Windows file systems alike
+
+
+def _fitted(prefix: str, base: str) -> str:
+    """``prefix + base``, the end of ``base`` cut off where the whole would pass ``_NAME_MAX``
+    bytes: a target named near the limit (valid) was refused as "File name too long", for
+    its temporary's prefix. The target's own name is what the temporary becomes."""
+    name = prefix + base
+    while len(os.fsencode(name)) > _NAME_MAX and len(name) > len(prefix):
+        name = name[:-1]
+    return name
+
+
 def temp_name(target: str) -> str:
     """A fresh temporary path next to ``target`` (same folder, so ``os.replace`` is atomic)."""
     d, base = os.path.split(os.path.abspath(os.fspath(target)))
-    return os.path.join(d, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{base}")
+    return os.path.join(d, _fitted(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-", base))
 
 
 def is_temp_name(name: str) -> bool:

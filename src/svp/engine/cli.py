@@ -220,7 +220,7 @@ def _overrides_from_flags(args) -> List[str]:
     for flag, key, _, _ in TRAIN_FLAGS:
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is not None:
-            out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+            out.append(f"{key}={C.quoted(v) if isinstance(v, str) else v}")
     if getattr(args, "quiet", False):
         out.append("run.progress=none")
     for flag, key in (("pretrained", "model.pretrained"), ("random_init", "model.random_init"), ("amp", "train.amp")):
@@ -398,7 +398,7 @@ def _sweep(args) -> int:
     for flag, key in (("data_root", "data.root"), ("model", "model.name"), ("checkpoint", "model.checkpoint")):
         v = getattr(args, flag)
         if v is not None:
-            overrides.insert(0, f"{key}={json.dumps(v)}")
+            overrides.insert(0, f"{key}={C.quoted(v)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -14,6 +14,7 @@ reproduced with ``svp train --config <run>/config.yaml``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -150,6 +151,19 @@ def parse_value(text: str) -> Any:
         return safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+# what YAML does not read as itself inside a double-quoted string (its reader refuses it raw)
+_NOT_YAML_PRINTABLE = re.compile("[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+
+
+def quoted(value: str) -> str:
+    """``value`` as an override's text that :func:`parse_value` reads back as the same string.
+    JSON's escapes of a character outside the BMP are a surrogate pair, which YAML read as two
+    lone surrogates (`--output 'out🙂'`: a traceback making the folder): such characters are
+    written as themselves, and what YAML cannot read raw (a lone surrogate, from a name Python
+    could not decode) as an escape."""
+    return _NOT_YAML_PRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
 
 
 def _check_key(key: str, source: str) -> Tuple[str, str]:
@@ -455,6 +469,18 @@ def path_value(key: str, value: Any) -> Any:
     return value
 
 
+def absolute_paths(cfg: dict) -> dict:
+    """A new run keeps ``model.checkpoint`` and ``data.root`` as absolute paths (relative to the
+    working folder it starts in): a relative --checkpoint was kept as given, and the run's
+    --resume, printed as an absolute command, failed from any other folder ("file not found"),
+    with no way to say where the file is (model.checkpoint cannot change at --resume)."""
+    for key in ("model.checkpoint", "data.root"):
+        v = get_key(cfg, key)
+        if isinstance(v, str) and v.strip() and not os.path.isabs(v):
+            set_key(cfg, key, os.path.abspath(v))
+    return cfg
+
+
 _INF = float("inf")
 
 
@@ -543,9 +569,12 @@ def validate(cfg: dict) -> None:
     name = cfg["run"]["name"]
     if name is not None:
         norm = os.path.normpath(str(name))
-        if not isinstance(name, str) or not name.strip() or os.path.isabs(norm) or norm.split(os.sep)[0] == "..":
+        # ('.' was run.output itself: the run's files among the other runs' folders)
+        if (not isinstance(name, str) or not name.strip() or os.path.isabs(norm) or norm.split(os.sep)[0] == ".."
+                or norm == "."):
             raise ConfigError(f"run.name={name!r}: expected a folder name inside run.output (sub-folders "
-                              f"allowed, not an absolute path or one that leaves run.output through '..')")
+                              f"allowed, not an absolute path, run.output itself ('.') or one that leaves "
+                              f"run.output through '..')")
     ema = cfg["train"]["ema_decay"]
     if not (_is_num(ema) and 0 < ema < 1):
         raise ConfigError(f"train.ema_decay={ema!r}: expected a number in (0, 1), e.g. 0.99996")

@@ -48,7 +48,7 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     if resume:
         cfg = load_run_config(resume, overrides or [])  # refuses what --resume cannot apply exactly
         return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg)).run()
-    cfg = C.resolve(base=config or {}, overrides=overrides or [])
+    cfg = C.absolute_paths(C.resolve(base=config or {}, overrides=overrides or []))
     replayed = len(cfg["run"]["changes"] or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
     return Trainer(cfg, replayed_changes=replayed).run()

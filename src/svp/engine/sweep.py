@@ -93,10 +93,11 @@ def run_config(dataset: str, method: str, seed: int, output: str, run_name: str,
     # `seed` is the replicate k: the run's train.seed is the seed the dataset's configuration
     # gives plus k (0 + k, and 3407 + k for DTD, whose official recipe pins 3407: a sweep ran
     # DTD at seed 0 while `svp train --dataset hta/dtd` used 3407)
-    forced = [f"data.dataset={json.dumps(dataset)}", f"method.name={json.dumps(method)}",
-              f"run.output={json.dumps(output)}", f"run.name={json.dumps(run_name)}"]
+    forced = [f"data.dataset={C.quoted(dataset)}", f"method.name={C.quoted(method)}",
+              f"run.output={C.quoted(output)}", f"run.name={C.quoted(run_name)}"]
     own_seed = C.resolve(config_files, list(overrides) + forced, base=base)["train"]["seed"]
-    return C.resolve(config_files, list(overrides) + forced + [f"train.seed={int(own_seed) + int(seed)}"], base=base)
+    return C.absolute_paths(C.resolve(config_files, list(overrides) + forced + [f"train.seed={int(own_seed) + int(seed)}"],
+                                      base=base))
 
 
 def run_folder_name(dataset: str, method: str, seed: int) -> str:
