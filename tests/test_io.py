@@ -90,3 +90,15 @@ def test_a_target_named_near_the_file_name_limit_is_written(tmp_path):
         tmp = os.path.basename(temp_name(str(tmp_path / name)))
         assert is_temp_name(tmp) and len(os.fsencode(tmp)) <= 255 and name[:100] in tmp
     assert sorted(os.listdir(tmp_path)) == sorted(["g" * 251 + ".png", "é" * 125 + ".png"])
+
+
+def test_a_folder_that_cannot_be_made_names_the_file_or_dangling_link_in_the_way(tmp_path):
+    from svp.io import mkdir_error
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling")
+    for path, words in ((tmp_path / "afile" / "sub" / "deeper", f"{tmp_path / 'afile'} is a file, not a folder"),
+                        (tmp_path / "dangling", f"{tmp_path / 'dangling'} is a link to nothing"),
+                        (tmp_path / "dangling" / "x", f"{tmp_path / 'dangling'} is a link to nothing")):
+        with pytest.raises(OSError) as e:
+            os.makedirs(path, exist_ok=True)
+        assert mkdir_error(path, e.value) == words, (path, e.value)

@@ -20,13 +20,30 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_text",
            "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps",
-           "remove_dead_writers_temps", "TEMP_PREFIX", "DISK_ERRNOS"]
+           "remove_dead_writers_temps", "TEMP_PREFIX", "DISK_ERRNOS", "mkdir_error"]
 
 TEMP_PREFIX = ".svp-tmp-"
 # what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
 DISK_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EROFS") if hasattr(errno, n))
 # what svp <= 0.1's atomic writes left (mkstemp(prefix=".tmp-", suffix="-<name>")): removed too
 _LEGACY_PREFIX = ".tmp-"
+
+
+def mkdir_error(path, e: OSError) -> str:
+    """Why ``os.makedirs(path)`` failed, in words that name the cause: for a file, or a link to
+    nothing, on the way, makedirs says "File exists" (or "Not a directory") of a folder that does
+    not exist."""
+    if isinstance(e, (FileExistsError, NotADirectoryError, FileNotFoundError)):
+        p = os.path.abspath(os.fspath(path))
+        while True:
+            if os.path.lexists(p) and not os.path.isdir(p):
+                return (f"{p} is a link to nothing" if os.path.islink(p) and not os.path.exists(p)
+                        else f"{p} is a file, not a folder")
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+    return e.strerror or str(e)
 
 
 _NAME_MAX = 255   # bytes in a file name: Linux, macOS and Windows file systems alike

@@ -8,6 +8,7 @@ import time
 from typing import List
 
 from ..errors import ConfigError
+from ..io import mkdir_error
 from .base import DatasetError
 from .check import find_bad_images
 from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
@@ -207,7 +208,7 @@ def cmd_grid(args) -> int:
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create its folder {parent} ({e.strerror or e})") from None
+        raise ConfigError(f"--out {out}: cannot create its folder {parent} ({mkdir_error(parent, e)})") from None
     try:
         save_grid(args.name, out, split=args.split, n=args.n, cols=args.cols, root=args.root, seed=args.seed)
     except KeyError as e:   # an unknown dataset or split

@@ -24,6 +24,7 @@ import time
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError, ResumeError
+from ..io import mkdir_error
 
 LOCK_FILE = "run.lock"
 _WIN_LOCK_OFFSET = 1 << 20  # lock a byte past the holder record so others can still read it
@@ -239,7 +240,7 @@ def _claim_run_dir(cfg: dict, made: List[str]) -> Tuple[str, RunLock, List[str]]
     try:
         _makedirs(out, made)
     except OSError as e:
-        raise ConfigError(f"run.output={out!r}: cannot create the folder ({e.strerror or e})") from None
+        raise ConfigError(f"run.output={out!r}: cannot create the folder ({mkdir_error(out, e)})") from None
     name = cfg["run"]["name"]
     for _ in range(100):
         run_dir = os.path.abspath(os.path.join(out, name or default_run_name(cfg)))
@@ -258,7 +259,7 @@ def _claim_run_dir(cfg: dict, made: List[str]) -> Tuple[str, RunLock, List[str]]
             created = []
         except OSError as e:
             raise ConfigError(f"run.output={out!r}: cannot create run folder {run_dir} "
-                              f"({e.strerror or e})") from None
+                              f"({mkdir_error(run_dir, e)})") from None
         break
     else:  # pragma: no cover - 100 clashes of 24 random bits
         raise ConfigError(f"run.output={out!r}: could not find a free run folder name")

@@ -25,7 +25,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ResumeError
-from ..io import json_text
+from ..io import json_text, mkdir_error
 from . import checkpoint as ck
 from . import config as C
 from .select import mean_std
@@ -437,7 +437,7 @@ def _claim_output(output: str):
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as e:
-        raise C.ConfigError(f"--output {output}: cannot create the sweep folder ({e.strerror or e})") from None
+        raise C.ConfigError(f"--output {output}: cannot create the sweep folder ({mkdir_error(output, e)})") from None
     try:
         lock = RunLock(output, SWEEP_LOCK, "sweep folder",
                        "a sweep folder belongs to one `svp sweep` at a time (wait for it to end, or give "

@@ -12,6 +12,7 @@ import torch
 
 from ..build import WEIGHTS_HELP
 from ..errors import ConfigError, SVPError, VizError  # noqa: F401 (VizError re-exported)
+from ..io import mkdir_error
 from .figures import (DEFAULT_QUANTITIES, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
                       model_mean_std, prepare_image, visualize)
 from .gates import DIRECTIONS, QUANTITIES, find_vim
@@ -147,7 +148,7 @@ def run(args) -> int:
     try:  # before any model is built: a folder that cannot be made fails in a second, not after
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise VizError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from None
+        raise VizError(f"--out {args.out}: cannot create the output folder ({mkdir_error(args.out, e)})") from None
     from ..io import remove_dead_writers_temps
     remove_dead_writers_temps(args.out)   # what a run killed mid-write left (its figures are atomic)
     image, stem = load_input_image(args)
