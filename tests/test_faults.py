@@ -1258,6 +1258,11 @@ def test_a_run_named_by_flags_with_an_emoji_and_a_relative_checkpoint_resumes_fr
     import yaml
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["checkpoint"] == str(start / "ck.safetensors")
     monkeypatch.chdir(elsewhere)
+    os.rename(start / "ck.safetensors", start / "moved.safetensors")   # moved: say how to go on
+    capsys.readouterr()
+    _one_line_error(capsys, svp_main(["train", "--resume", str(run)]), 2,
+                    f"model.checkpoint={str(start / 'ck.safetensors')!r} is not there", "a link to it, back")
+    os.symlink(start / "moved.safetensors", start / "ck.safetensors")
     assert svp_main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
 

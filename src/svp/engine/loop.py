@@ -34,7 +34,7 @@ from .evaluate import chunk_count, evaluate
 from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
-from .rundir import load_run_config, load_trainable, run_session
+from .rundir import check_checkpoint_there, load_run_config, load_trainable, run_session
 from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, WorkersInterrupted, interrupted, resume_command)
@@ -47,6 +47,7 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     used; ``overrides`` may change only what engine/resume_overrides.py lists)."""
     if resume:
         cfg = load_run_config(resume, overrides or [])  # refuses what --resume cannot apply exactly
+        check_checkpoint_there(cfg, resume)
         return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg)).run()
     cfg = C.absolute_paths(C.resolve(base=config or {}, overrides=overrides or []))
     replayed = len(cfg["run"]["changes"] or [])

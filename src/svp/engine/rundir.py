@@ -56,6 +56,16 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
     return C.resolve(overrides=overrides, base=saved, use_presets=False)
 
 
+def check_checkpoint_there(cfg: dict, run_dir: str) -> None:
+    """Before a --resume builds the backbone: a checkpoint that moved said only "file not found",
+    and model.checkpoint cannot change at --resume (the run's state was made on those weights)."""
+    ckpt = cfg["model"]["checkpoint"]
+    if isinstance(ckpt, str) and not os.path.exists(ckpt):
+        where = "" if os.path.isabs(ckpt) else f" (relative to this folder, {os.getcwd()}: the run kept it as given)"
+        raise ResumeError(f"{run_dir}: its backbone checkpoint model.checkpoint={ckpt!r} is not there{where}; "
+                          f"if the file moved, put it, or a link to it, back at that path to resume the run")
+
+
 def check_resumable(run_dir: str) -> None:
     if os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
         return
