@@ -854,3 +854,36 @@ def test_a_yaml_bomb_is_refused_and_configs_are_written_without_aliases(tmp_path
     shared = [0.9, 0.999]
     text = C.dump({"train": {"opt_betas": shared}, "x": {"y": shared}})
     assert "&" not in text and "*" not in text and text.count("0.999") == 2
+
+
+def test_workers_that_cannot_all_start_are_one_error_and_leave_no_process(monkeypatch):
+    """Too many open files (ulimit -n) or processes (ulimit -u) as the second worker started: a
+    traceback, then the process hung at exit, joining the first worker, which let the SIGTERM
+    that ends it pass (a first signal is the run's to handle)."""
+    import errno
+    import multiprocessing
+    import multiprocessing.process
+
+    from svp.engine.distributed import Loader
+    from svp.engine.signals import loader_worker_init  # noqa: F401 (the workers' handler, as in a run)
+    real, calls = multiprocessing.process.BaseProcess.start, []
+
+    def start(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = Loader(torch.utils.data.TensorDataset(torch.arange(8.0)), batch_size=2, num_workers=2)
+    import gc
+    import sys
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(C.ConfigError, match=r"cannot start 2 DataLoader worker processes \(Too many open files\)"
+                                            r": a limit .*data\.num_workers"):
+        iter(loader)
+    gc.collect()   # the half-made iterator's __del__ printed "Exception ignored ... '_workers_status'"
+    assert unraisable == [], [u.exc_value for u in unraisable]
+    assert len(calls) == 2 and [p for p in multiprocessing.active_children() if p.pid not in before] == []
+    assert calls[0].exitcode is not None   # the worker that had started is gone

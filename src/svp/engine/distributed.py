@@ -184,9 +184,43 @@ class Loader(torch.utils.data.DataLoader):
     def __iter__(self):
         if not self.num_workers:
             return super().__iter__()
+        import multiprocessing
+
         from .signals import starting_workers
-        with starting_workers():
-            return super().__iter__()
+        before = {p.pid for p in multiprocessing.active_children()}
+        try:
+            with starting_workers():
+                return super().__iter__()
+        except (OSError, RuntimeError) as e:
+            # a worker that could not start (too many open files or processes: os.pipe, fork):
+            # the ones that did waited for work, and ignored the SIGTERM that multiprocessing
+            # ends them with at exit (a first signal is the run's to handle): the process hung
+            for p in multiprocessing.active_children():
+                if p.pid not in before:
+                    p.kill()
+                    p.join(10)
+            _half_made_iterator_shut(e)
+            if isinstance(e, OSError) or "can't start new thread" in str(e):
+                from ..errors import ConfigError
+                raise ConfigError(f"cannot start {self.num_workers} DataLoader worker processes "
+                                  f"({getattr(e, 'strerror', None) or e}): a limit on open files or processes "
+                                  f"(ulimit -n, ulimit -u)? Use fewer workers (data.num_workers, 0 reads in this "
+                                  f"process) or raise the limit") from None
+            raise
+
+
+def _half_made_iterator_shut(e: BaseException) -> None:
+    """The iterator whose __init__ failed is freed with the exception, and its __del__ printed
+    "Exception ignored ... no attribute '_workers_status'" (torch shuts down what it never made):
+    its workers are ended above, so it is marked as shut down (its own flag, set early in its
+    __init__)."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+    tb = e.__traceback__
+    while tb is not None:
+        it = tb.tb_frame.f_locals.get("self")
+        if isinstance(it, _MultiProcessingDataLoaderIter) and hasattr(it, "_shutdown"):
+            it._shutdown = True
+        tb = tb.tb_next
 
 
 class SeededDataset(torch.utils.data.Dataset):
