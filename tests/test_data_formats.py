@@ -613,3 +613,24 @@ def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):
     assert svp_main(["data", "check", "cub200", "--root", r, "--partition", "2"]) == 1
     out = capsys.readouterr().out
     assert "unknown option(s) partition" in out
+
+
+def test_images_are_checked_in_this_thread_where_no_thread_can_start(tmp_path, monkeypatch):
+    """A process limit (ulimit -u) stopped svp train before its first step with a traceback,
+    RuntimeError: can't start new thread, from the image check's reader threads."""
+    import threading
+
+    from PIL import Image
+
+    from svp.data.check import find_bad_images
+    for k in range(3):
+        (tmp_path / "train" / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / "c" / f"{k}.png")
+    (tmp_path / "train" / "c" / "1.png").write_bytes(b"not a png")
+    ds = build_dataset("imagefolder", "train", root=str(tmp_path), check_files=False)
+
+    def no_threads(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", no_threads)
+    bad = find_bad_images(ds, workers=4)
+    assert len(bad) == 1 and "1.png" in bad[0], bad

@@ -43,8 +43,14 @@ def find_bad_images(ds, read: bool = True, workers: int = 4, count: Optional[int
             return []
         return [f"image not found: {p}" for p in (ds.describe(i) for i in range(n))
                 if not os.path.isfile(p)]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return [e for e in pool.map(lambda k: _read_one(ds, k), range(n)) if e]
+    if workers > 1:
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                return [e for e in pool.map(lambda k: _read_one(ds, k), range(n)) if e]
+        except RuntimeError as e:   # "can't start new thread" (a process limit, ulimit -u): read here
+            if "thread" not in str(e):
+                raise
+    return [e for e in (_read_one(ds, k) for k in range(n)) if e]
 
 
 def _file_backed(ds) -> bool:
