@@ -49,6 +49,9 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     ("train.lr=.inf", "train.lr=inf: expected a non-negative"),
     ("train.weight_decay=.nan", "train.weight_decay=nan: expected a non-negative"),
     ("train.seed=abc", "train.seed='abc': expected a non-negative integer"),
+    # torch's CPU generator and numpy keep 32 bits: 2**32 trained seed 0's run, 2**64 a traceback
+    ("train.seed=4294967296", r"train.seed=4294967296: expected a non-negative integer below 2\*\*32"),
+    ("model.init_seed=18446744073709551616", r"model.init_seed=18446744073709551616: expected a non-negative"),
     ("model.init_seed=x", "model.init_seed='x': expected a non-negative integer"),
     ("train.opt_eps=x", "train.opt_eps='x': expected a small positive number"),
     ("train.lr_scale_base=0", "train.lr_scale_base=0: expected a positive number"),

@@ -30,6 +30,23 @@ def test_serve_without_adapters_folder_is_one_clear_error(tmp_path, capsys):
     assert "missing" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--window-ms", "inf"], "--window-ms inf: expected milliseconds in 0..60000"),   # never answered a lone request
+    (["--window-ms", "nan"], "--window-ms nan: expected"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb nan: expected a size"),              # a traceback
+    (["--max-upload-mb", "1e-9"], "--max-upload-mb 1e-09: expected a size in MB of at least one byte"),
+    (["--max-batch", "0"], "--max-batch 0: expected >= 1"),
+    (["--shutdown-timeout", "inf"], "--shutdown-timeout inf: expected seconds"),
+])
+def test_serve_refuses_each_bad_limit_by_name_before_loading_anything(tmp_path, capsys, monkeypatch, flags, words):
+    import svp.serve.app as app
+    from svp.cli import main
+    monkeypatch.setattr(app, "build_app", lambda *a, **k: pytest.fail("built an app"))
+    assert main(["serve", "--adapters", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svp serve: error: ") and words in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("flags", [[], ["--amp"]], ids=["float32", "amp"])
 def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
     """--amp is handed to build_app (whose model then runs under autocast: test_serve_app); the

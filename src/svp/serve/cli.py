@@ -90,11 +90,20 @@ def run(args) -> int:
 
     from .app import ServeConfig, build_app
 
-    if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0 or args.max_pixels <= 0:
-        raise ConfigError("--max-batch must be >= 1, --window-ms >= 0, --max-upload-mb and --max-pixels > 0")
+    # each named alone (one message listed all four); nan and inf refused (--window-ms inf was
+    # accepted and a lone request never answered, --max-upload-mb nan a traceback)
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}: expected >= 1")
+    if not 0 <= args.window_ms <= 60_000:
+        raise ConfigError(f"--window-ms {args.window_ms}: expected milliseconds in 0..60000 (a lone request "
+                          f"waits this long for others)")
+    if not (0 < args.max_upload_mb < float("inf") and int(args.max_upload_mb * (1 << 20)) >= 1):
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: expected a size in MB of at least one byte")
+    if args.max_pixels <= 0:
+        raise ConfigError(f"--max-pixels {args.max_pixels}: expected > 0")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: expected 0-65535")
-    if not args.shutdown_timeout >= 0:
+    if not 0 <= args.shutdown_timeout < float("inf"):
         raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
     if args.threads is not None:
         if args.threads < 1:
