@@ -1267,6 +1267,19 @@ def test_a_run_named_by_flags_with_an_emoji_and_a_relative_checkpoint_resumes_fr
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
 
 
+def test_a_dataset_of_one_class_is_refused_before_any_step(tmp_path, capsys):
+    """It trained to loss 0 and top-1 100%, with nothing to tell apart, and said nothing."""
+    for split in ("train", "val", "test"):
+        for k in range(4):
+            _png8(str(tmp_path / "d" / split / "only" / f"{k}.png"), 40 * k)
+    args = [a for a in MINI if a not in ("digits",)]
+    args[args.index("--dataset") + 1:args.index("--dataset") + 1] = ["imagefolder"]
+    rc = svp_main(["train", *args, "--data-root", str(tmp_path / "d"), "--batch-size", "2",
+                   "--output", str(tmp_path / "runs"), "data.img_size=32"])
+    _one_line_error(capsys, rc, 2, "imagefolder: 1 class ('only'): a classifier needs at least 2")
+    assert _no_stub(tmp_path / "runs")
+
+
 def test_a_run_ended_by_max_steps_and_one_repeated_from_a_resumed_config_say_so(tmp_path, capsys):
     """A run stopped by train.max_steps finished silently (only results.json said so), and its
     --resume said "the run finished or never saved a resume point"; `--config <run>/config.yaml`

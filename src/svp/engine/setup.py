@@ -410,6 +410,9 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
     (r.train_ds, train_tf), r.val, r.test = kept["train"], kept["val"], kept["test"]
+    if r.train_ds.num_classes < 2:   # (trained to loss 0 and top-1 100%, on nothing to tell apart)
+        raise DatasetError(f"{cfg['data']['dataset']}: {r.train_ds.num_classes} class "
+                           f"({', '.join(map(repr, r.train_ds.classes))}): a classifier needs at least 2")
     r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
     r.model = model = build_train_model(cfg, r.spec).to(device)
     model.train()
