@@ -102,3 +102,22 @@ def test_a_folder_that_cannot_be_made_names_the_file_or_dangling_link_in_the_way
         with pytest.raises(OSError) as e:
             os.makedirs(path, exist_ok=True)
         assert mkdir_error(path, e.value) == words, (path, e.value)
+
+
+def test_a_folder_whose_write_fails_leaves_the_old_one_and_no_temporary(tmp_path):
+    """A file-size limit (ulimit -f) stopped writing best/: the empty .svp-tmp-new-best stayed."""
+    import errno
+
+    from svp.io import atomic_replace_dir
+
+    def good(d):
+        (open(os.path.join(d, "a.txt"), "w")).write("old")
+
+    def too_large(d):
+        open(os.path.join(d, "a.txt"), "w").write("partial")
+        raise OSError(errno.EFBIG, "File too large")
+    final = tmp_path / "best"
+    atomic_replace_dir(good, str(final))
+    with pytest.raises(OSError, match="File too large"):
+        atomic_replace_dir(too_large, str(final))
+    assert os.listdir(tmp_path) == ["best"] and (final / "a.txt").read_text() == "old"

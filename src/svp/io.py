@@ -253,7 +253,11 @@ def atomic_replace_dir(write: Callable[[str], None], final_dir: str) -> str:
         if os.path.exists(p):
             shutil.rmtree(p)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:   # (a file too large, a full disk: the half-written folder went with it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(final_dir):
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
