@@ -35,6 +35,23 @@ def test_no_weights_and_no_explicit_ask_is_one_clear_error():
         build_model(ModelSpec("vim_tiny_patch16_224", kwargs=TINY))
 
 
+@pytest.mark.parametrize("error,words", [
+    ("unable to open file </x/vim_mini.safetensors>: Too many open files (24)", "cannot read its bundled weights"),
+    ("Error(s) in loading state_dict: size mismatch for head.weight", "its bundled weights do not fit"),
+])
+def test_bundled_weights_that_cannot_be_read_are_not_said_not_to_fit(monkeypatch, error, words):
+    """Out of file descriptors (ulimit -n), the bundled weights "do not fit", which they do."""
+    import timm
+
+    from svp.errors import CheckpointError
+
+    def create_model(*a, **k):
+        raise RuntimeError(error)
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(CheckpointError, match=f"model 'vim_mini_patch4_32': {words} "):
+        build_model(ModelSpec("vim_mini_patch4_32", num_classes=4))
+
+
 def test_old_backbone_json_without_random_init_rebuilds_the_random_backbone():
     spec = ModelSpec.from_dict({"model": "vim_tiny_patch16_224", "checkpoint": None, "pretrained": False,
                                 "kwargs": TINY, "init_seed": 0, "img_size": 32, "recipe": "svp"})

@@ -1267,6 +1267,26 @@ def test_a_run_named_by_flags_with_an_emoji_and_a_relative_checkpoint_resumes_fr
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "1073741824 bytes. Error code 12 (Cannot allocate memory)")])
+def test_out_of_memory_is_one_line_and_the_run_log_keeps_the_traceback(tmp_path, capsys, monkeypatch, error):
+    """ulimit -v: a traceback through torch's allocator on stderr, exit 1."""
+    from svp.engine import loop
+
+    def oom(self):
+        raise error
+    monkeypatch.setattr(loop.Trainer, "_run", oom)
+    rc = svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("svp train: error: out of memory (") and "batch" in err[-1], err
+    assert not any("Traceback" in ln for ln in err), err
+    other = RuntimeError("some bug")
+    monkeypatch.setattr(loop.Trainer, "_run", lambda self: (_ for _ in ()).throw(other))
+    with pytest.raises(RuntimeError, match="some bug"):   # a bug keeps its traceback
+        svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "r2"])
+
+
 def test_a_dataset_of_one_class_is_refused_before_any_step(tmp_path, capsys):
     """It trained to loss 0 and top-1 100%, with nothing to tell apart, and said nothing."""
     for split in ("train", "val", "test"):

@@ -209,7 +209,10 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         if "Unknown model" in str(e):
             raise ConfigError(f"model {spec.model!r}: {e}") from None
         if weights in ("pretrained", "bundled"):
-            raise CheckpointError(f"model {spec.model!r}: its {weights} weights do not fit ({e})") from None
+            # (a process out of file descriptors or memory read "do not fit" of weights that do)
+            cannot_read = any(w in str(e) for w in ("unable to open", "open files", "allocate"))
+            what = f"cannot read its {weights} weights" if cannot_read else f"its {weights} weights do not fit"
+            raise CheckpointError(f"model {spec.model!r}: {what} ({e})") from None
         raise
     except (TypeError, ValueError) as e:
         if isinstance(e, SVPError) or not spec.kwargs:  # nothing the user passed: a bug, keep its traceback

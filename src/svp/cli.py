@@ -84,6 +84,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        # (a traceback through torch's allocator; a run's train.log keeps it)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"svp {args.command}: error: out of memory ({why}): a smaller batch (--batch-size, "
+              f"train.eval_batch_size), fewer DataLoader workers, or more memory (a limit: ulimit -v?)",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
         _quiet_stdout()
         return 0
@@ -100,6 +109,12 @@ def main(argv=None) -> int:
             raise
         return _disk_error(args.command, e)
     return int(rc or 0)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocators' RuntimeErrors (CPU and CUDA)."""
+    return isinstance(e, MemoryError) or any(
+        w in str(e) for w in ("can't allocate memory", "DefaultCPUAllocator", "CUDA out of memory"))
 
 
 def _disk_error(command: Optional[str], e: OSError) -> int:
