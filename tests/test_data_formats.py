@@ -634,3 +634,26 @@ def test_images_are_checked_in_this_thread_where_no_thread_can_start(tmp_path, m
     monkeypatch.setattr(threading.Thread, "start", no_threads)
     bad = find_bad_images(ds, workers=4)
     assert len(bad) == 1 and "1.png" in bad[0], bad
+
+
+def test_a_large_image_reads_without_a_raw_warning_and_a_float32_tiff_is_named_so(tmp_path, monkeypatch, caplog):
+    """Between half Pillow's bomb bound and the bound, its DecompressionBombWarning went raw to
+    stderr (a site-packages path); a float32 TIFF out of range was announced as float64."""
+    import warnings
+
+    from PIL import Image
+
+    from svp.data import load_image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # warns above 1000 pixels, refuses above 2000
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "big.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(str(tmp_path / "big.png")).size == (40, 40)
+    Image.new("RGB", (50, 50)).save(tmp_path / "bomb.png")
+    with pytest.raises(DatasetError, match="bomb.png"):
+        load_image(str(tmp_path / "bomb.png"))
+    monkeypatch.undo()
+    Image.fromarray(np.linspace(-3, 7, 64, dtype=np.float32).reshape(8, 8), mode="F").save(tmp_path / "f.tif")
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        load_image(str(tmp_path / "f.tif"))
+    assert "float32 pixels in -3..7 are outside the known range" in caplog.text, caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,6 +96,7 @@ def _to_uint8(a: np.ndarray, path: str) -> np.ndarray:
         return a.astype(np.uint8) * 255
     if a.dtype.kind not in "uif":
         raise DatasetError(f"unreadable image: {path}: pixel type {a.dtype} is not supported")
+    kind = a.dtype.name if a.dtype.kind == "f" else "integer"   # (the file's: a float32 TIFF said float64)
     if a.dtype.kind == "f":
         a = a.astype(np.float64)
         if not np.isfinite(a).all():
@@ -108,7 +110,7 @@ def _to_uint8(a: np.ndarray, path: str) -> np.ndarray:
         if lo >= 0 and hi <= 65535:
             return (a.astype(np.uint32) >> 8).astype(np.uint8)
         a = a.astype(np.float64)
-    _announce(f"{a.dtype.name if a.dtype.kind == 'f' else 'integer'} pixels in "
+    _announce(f"{kind} pixels in "
               f"{lo:g}..{hi:g} are outside the known range, scaled by the image's own min..max", path)
     if hi <= lo:
         return np.zeros(a.shape, np.uint8)
@@ -174,9 +176,13 @@ def load_image(path: str) -> Image.Image:
     and ``svp viz`` come through here (``svp predict`` is to, too)."""
     path = os.fspath(path)
     try:
-        with Image.open(path, formats=_raster_formats()) as im:
-            im.load()
-            return to_rgb(im, path)
+        with warnings.catch_warnings():
+            # below the bound Pillow refuses (DecompressionBombError, below), an image is read
+            # as it is: its warning between half that bound and the bound went raw to stderr
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_raster_formats()) as im:
+                im.load()
+                return to_rgb(im, path)
     except FileNotFoundError:
         # (no pointer to the dataset layouts: a dataset's files are checked when it is built, so
         # this is a single image given by name, `svp predict` / `svp visualize`)
@@ -185,6 +191,8 @@ def load_image(path: str) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:   # (not retried through tifffile, which has no bound)
         raise DatasetError(f"unreadable image: {path}: {e}") from None
+    except MemoryError:   # the process's, not the file's: "unreadable image: MemoryError" misled
+        raise
     except Exception as e:  # PIL raises OSError / UnidentifiedImageError / SyntaxError
         if path.lower().endswith(_TIFF_EXTENSIONS):
             try:

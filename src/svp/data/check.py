@@ -28,6 +28,8 @@ def _read_one(ds, i) -> str:
         return ""
     except DatasetError as e:
         return str(e)
+    except MemoryError:   # the process's, not the image's
+        raise
     except Exception as e:  # anything else a decoder may raise
         return f"unreadable image: {ds.describe(i)}: {type(e).__name__}: {e}"
 
