@@ -193,3 +193,10 @@ def test_a_second_ctrl_c_is_a_quiet_stop():
         return b._task.cancelled()
 
     assert asyncio.run(cancelled_loop())
+
+
+def test_the_start_line_names_the_first_ten_adapters_and_counts_the_rest():
+    from svp.serve.cli import _some
+    names = [f"a{k}" for k in range(12)]
+    assert _some(names) == ", ".join(names[:10]) + ", and 2 more (GET /v1/adapters)"
+    assert _some(names[:10]) == ", ".join(names[:10])

@@ -125,7 +125,7 @@ def run(args) -> int:
     b = report["backbone"]
     print(f"svp serve: backbone {b['model']}{' + ' + b['checkpoint'] if b['checkpoint'] else ''}"
           f"{' (bfloat16 autocast)' if args.amp else ''}, "
-          f"{len(report['loaded'])} adapters ({', '.join(report['loaded'])}), "
+          f"{len(report['loaded'])} adapters ({_some(report['loaded'])}), "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     import logging
 
@@ -153,3 +153,11 @@ def _forced_exit_cancellation(record) -> bool:
         return False
     text = str(record.msg)
     return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
+def _some(names, shown: int = 10) -> str:
+    """The first names, then how many more (300 adapters made one start-up line of 300 names:
+    GET /v1/adapters lists them all)."""
+    names = list(names)
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f", and {more} more (GET /v1/adapters)" if more > 0 else "")
