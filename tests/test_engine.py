@@ -890,3 +890,19 @@ def test_workers_that_cannot_all_start_are_one_error_and_leave_no_process(monkey
     assert unraisable == [], [u.exc_value for u in unraisable]
     assert len(calls) == 2 and [p for p in multiprocessing.active_children() if p.pid not in before] == []
     assert calls[0].exitcode is not None   # the worker that had started is gone
+
+
+def test_a_schedule_that_never_reaches_its_peak_is_said_in_the_log():
+    """warmup_epochs >= epochs stayed at train.warmup_lr the whole run; train.lr=0 stepped at the
+    warm-up and floor rates; both silently."""
+    from svp.engine.sched import lr_at_epoch, schedule_notes
+
+    def cfg(**train):
+        return C.resolve(overrides=[f"train.{k}={v}" for k, v in train.items()], use_presets=False)
+    long_warmup = cfg(epochs=2, warmup_epochs=10, lr=0.1)
+    (note,) = schedule_notes(long_warmup, 0.1)
+    assert "warmup_epochs=10 is not shorter than train.epochs=2" in note
+    assert max(lr_at_epoch(long_warmup, e, 0.1) for e in range(2)) < 0.01   # what the note says
+    (note,) = schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0), 0.0)
+    assert "below train.warmup_lr/train.min_lr" in note
+    assert schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0.1), 0.1) == []

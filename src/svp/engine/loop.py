@@ -28,6 +28,7 @@ from ..errors import ResumeError
 from . import config as C
 from . import resume_overrides as RO
 from . import select
+from .sched import schedule_notes
 from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
 from .divergence import DivergenceGuard, check_saved_state, finite_check_mode, stop_nonfinite
 from .evaluate import chunk_count, evaluate
@@ -174,6 +175,8 @@ class Trainer:
         if dinfo.is_main:
             log_start(cfg, self.folder.path, self.model, self.spec, len(self.train_ds), self.device,
                       dinfo.world_size, self.lr, self.steps_per_epoch)
+            for note in schedule_notes(cfg, self.lr):
+                log.warning("%s", note)
             if self.replayed_changes:
                 # (svp train --config <run>/config.yaml of a run an earlier --resume changed)
                 log.warning("the configuration records %d change(s) a --resume made mid-run (run.changes): this "

@@ -15,6 +15,7 @@ scheduler state (it is saved anyway).
 from __future__ import annotations
 
 import logging
+from typing import List
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -73,3 +74,21 @@ def lr_at_epoch(cfg: dict, epoch: int, peak: float) -> float:
     s = Schedule(opt, cfg, 1)
     s.start_epoch(epoch)
     return s.lr()
+
+
+def schedule_notes(cfg: dict, peak: float) -> List[str]:
+    """What a run's log should say of a schedule that does not do what its numbers suggest
+    (each trained as asked, silently: a warm-up as long as the run stayed at train.warmup_lr,
+    train.lr=0 stepped at the warm-up and floor rates)."""
+    t, notes = cfg["train"], []
+    if t["sched"] != "cosine":
+        return notes
+    if float(t["warmup_epochs"]) >= int(t["epochs"]):
+        notes.append(f"train.warmup_epochs={t['warmup_epochs']} is not shorter than train.epochs={t['epochs']}: "
+                     f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']} and never "
+                     f"reaching the peak {peak:.4g}")
+    floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0, float(t["min_lr"]))
+    if peak < floor:
+        notes.append(f"the peak rate {peak:.4g} is below train.warmup_lr/train.min_lr ({floor:.4g}): the schedule "
+                     f"steps at those rates, higher than the peak")
+    return notes
