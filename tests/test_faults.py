@@ -1500,3 +1500,14 @@ def test_a_second_signal_while_workers_start_stops_once_they_have_started():
     assert reached and s.received == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):   # elsewhere: at once
         s._handle(signal.SIGINT, None)
+
+
+def test_an_image_size_other_than_the_weights_own_is_said_in_the_log(tmp_path, capsys):
+    """The mini Vim on an imagefolder dataset trained at data.img_size's default 224 px (its
+    weights are 32 px ones: 49x the cost of a step), without a word."""
+    args = [*MINI, "--output", str(tmp_path), "train.max_steps=1"]
+    assert svp_main(["train", *args, "--name", "big", "data.img_size=64"]) == 0
+    assert svp_main(["train", *args, "--name", "own"]) == 0
+    big, own = ((tmp_path / n / "train.log").read_text() for n in ("big", "own"))
+    assert "data.img_size=64, while vim_mini_patch4_32's weights were trained at 32 px" in big
+    assert "weights were trained at" not in own

@@ -290,6 +290,14 @@ def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
         kw = cfg["model"]["kwargs"] or {}
         key, v = ("model.kwargs.img_size", kw["img_size"]) if "img_size" in kw else ("data.img_size", spec.img_size)
         raise ConfigError(f"{key}={v}: {e}") from None
+    native = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
+    if (spec.weights != "random" and native and int(native[-1]) != int(spec.img_size)
+            and "img_size" not in (cfg["model"]["kwargs"] or {})):
+        # (the mini Vim on an imagefolder ran at data.img_size's default 224, 49x its 32 px cost)
+        log.warning("data.img_size=%d, while %s's weights were trained at %d px: its position embedding is "
+                    "resampled, and a step costs what %d px costs; data.img_size=%d (--img-size) trains at the "
+                    "weights' own size", int(spec.img_size), spec.model, int(native[-1]), int(spec.img_size),
+                    int(native[-1]))
     if getattr(backbone, "head_from_checkpoint", False):
         # a task with the checkpoint's class count (1000 for the official files) got its
         # pretrained head; the official fine-tuning deletes head.* and trains a new one
