@@ -1296,8 +1296,21 @@ def test_a_dataset_of_one_class_is_refused_before_any_step(tmp_path, capsys):
     args[args.index("--dataset") + 1:args.index("--dataset") + 1] = ["imagefolder"]
     rc = svp_main(["train", *args, "--data-root", str(tmp_path / "d"), "--batch-size", "2",
                    "--output", str(tmp_path / "runs"), "data.img_size=32"])
-    _one_line_error(capsys, rc, 2, "imagefolder: 1 class ('only'): a classifier needs at least 2")
+    _one_line_error(capsys, rc, 2, "imagefolder: the training split has images of 1 class ('only') of 1: "
+                                   "a classifier needs images of at least 2")
     assert _no_stub(tmp_path / "runs")
+    # a second class with images in val and test only: still one class to learn from
+    for split in ("val", "test"):
+        _png8(str(tmp_path / "d" / split / "other" / "0.png"), 200)
+    rc = svp_main(["train", *args, "--data-root", str(tmp_path / "d"), "--batch-size", "2",
+                   "--output", str(tmp_path / "runs"), "data.img_size=32"])
+    _one_line_error(capsys, rc, 2, "the training split has images of 1 class ('only') of 2")
+    # the first N of a split ordered by class (faces: 60 faces, then 60 others): a debugging run's
+    # choice, trained, with a warning
+    args = [a if a != "digits" else "faces" for a in MINI]
+    assert svp_main(["train", *args, "--output", str(tmp_path / "runs"), "--name", "f"]) == 0
+    assert ("data.max_train_samples=16 keeps images of 1 class of the 2 the training split has"
+            in (tmp_path / "runs" / "f" / "train.log").read_text())
 
 
 def test_a_run_ended_by_max_steps_and_one_repeated_from_a_resumed_config_say_so(tmp_path, capsys):

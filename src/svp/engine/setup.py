@@ -404,6 +404,26 @@ def ema_for(cfg: dict, model: nn.Module) -> Optional[nn.Module]:
     return ModelEmaV3(model, decay=float(cfg["train"]["ema_decay"]))
 
 
+def check_classes_to_learn(cfg: dict, train_ds: "Limited") -> None:
+    """A training split with images of one class: trained to loss 0 and top-1 100% on a one-class
+    set, and silently on one whose other classes had images only in val/test (or only a name in
+    classes=). Refused; where data.max_train_samples (the first N) made it so, on a split ordered
+    by class, a warning: a debugging run's choice."""
+    present = sorted(set(train_ds.targets))
+    full = sorted(set(getattr(train_ds.ds, "targets", None) or [])) or present
+    if not present:   # (a dataset without targets: nothing to tell)
+        return
+    names = [train_ds.classes[i] for i in full if i < len(train_ds.classes)]
+    if len(full) < 2:
+        raise DatasetError(f"{cfg['data']['dataset']}: the training split has images of {len(full)} class "
+                           f"({', '.join(map(repr, names))}) of {train_ds.num_classes}: a classifier needs "
+                           f"images of at least 2")
+    if len(present) < 2:
+        log.warning("data.max_train_samples=%d keeps images of %d class of the %d the training split has (the "
+                    "first %d of a split ordered by class): nothing to tell apart", len(train_ds), len(present),
+                    len(full), len(train_ds))
+
+
 def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     """Everything a run trains with: datasets and loader, spec, model (and its DDP wrapper),
     optimizer, schedule, precision, EMA, mixup and loss."""
@@ -418,9 +438,7 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
     (r.train_ds, train_tf), r.val, r.test = kept["train"], kept["val"], kept["test"]
-    if r.train_ds.num_classes < 2:   # (trained to loss 0 and top-1 100%, on nothing to tell apart)
-        raise DatasetError(f"{cfg['data']['dataset']}: {r.train_ds.num_classes} class "
-                           f"({', '.join(map(repr, r.train_ds.classes))}): a classifier needs at least 2")
+    check_classes_to_learn(cfg, r.train_ds)
     r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
     r.model = model = build_train_model(cfg, r.spec).to(device)
     model.train()
