@@ -496,9 +496,16 @@ def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write
                         (["grid", "digits", "--out", ""], "--out '': expected the path"),
                         (["check", "digits", "--val-from-train", "2"], "--val-from-train 2.0: expected a fraction"),
                         (["check", "digits", "--workers", "0"], "--workers 0: expected a positive number"),
+
                         (["list", "--group", "bogus"], "--group 'bogus': no such group")):
         assert svp_main(["data", *argv]) == 2, argv
         assert words in capsys.readouterr().err, argv
+    for argv, words in ((["grid", "digits", "--seed", "4294967296", "--out", "x.png"],   # numpy's seeds are 32 bits:
+                         "argument --seed: expected an integer in 0..4294967295, got '4294967296'"),  # a traceback
+                        (["check", "digits", "--seed", "-1"], "argument --seed: expected an integer in 0..")):
+        with pytest.raises(SystemExit) as e:
+            svp_main(["data", *argv])
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
     assert svp_main(["data", "grid", "digits", "--n", "2", "--out", "sub/grid"]) == 0
     assert capsys.readouterr().out.strip() == "sub/grid.png" and os.path.isfile("sub/grid.png")
     assert not os.path.exists("x.png") and not os.path.exists("g.png")
@@ -535,6 +542,11 @@ def test_imagefolder_refuses_a_listed_class_without_a_folder_and_says_what_it_le
     assert ds.classes == ["dog", "case"] and sorted(ds.targets) == [0]
     assert "1 class folder(s) not in classes= are left out: 'Case'" in caplog.text
     assert build_dataset("imagefolder", "test", root=str(root)).classes == ["Case", "case", "dog"]
+    # a name twice labelled its images twice; a string was read letter by letter
+    with pytest.raises(DatasetError, match=r"classes= lists 'dog' more than once"):
+        build_dataset("imagefolder", "train", root=str(root), classes=["dog", "case", "dog"])
+    with pytest.raises(DatasetError, match=r"classes='dog': expected a list of class folder names"):
+        build_dataset("imagefolder", "train", root=str(root), classes="dog")
 
 
 def test_imagefolder_reads_utf8_class_names_where_python_reads_file_names_as_ascii(tmp_path):
@@ -549,14 +561,17 @@ def test_imagefolder_reads_utf8_class_names_where_python_reads_file_names_as_asc
         for k in range(2):
             (root / "train" / name).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8)).save(root / "train" / name / f"{k}.png")
-    code = ("import sys; from svp.data import build_dataset as b; r = sys.argv[1]; "
+    code = ("import sys; from svp.data import build_dataset as b; from svp.engine.config import parse_overrides; "
+            "r = sys.argv[1]; "
             "print(sys.getfilesystemencoding(), ascii(b('imagefolder', 'train', root=r).classes), "
-            "len(b('imagefolder', 'train', root=r)), len(b('imagefolder', 'train', root=r, classes=['caf\\xe9'])))")
+            "len(b('imagefolder', 'train', root=r)), len(b('imagefolder', 'train', root=r, classes=['caf\\xe9'])), "
+            # the list as a command line gives it: argv decoded as ASCII, 'é' as two lone surrogates
+            "len(b('imagefolder', 'train', root=r, classes=parse_overrides(['data.options=' + sys.argv[2]])[0][1]['classes'])))")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-    out = subprocess.run([sys.executable, "-c", code, str(root)], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, str(root), "{classes: ['café', 'plain']}"], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["ascii", "['caf\\xe9',", "'plain']", "4", "2"], out.stdout
+    assert out.stdout.split() == ["ascii", "['caf\\xe9',", "'plain']", "4", "2", "4"], out.stdout
 
 
 def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake, tmp_path, caplog):

@@ -357,7 +357,10 @@ def _folder_name(entry: str) -> str:
     """A folder's name as text: its bytes read as UTF-8. Where Python reads file names in another
     encoding (a C locale without UTF-8 mode), 'café' came back as 'caf\\udcc3\\udca9', which
     adapter files kept and no UTF-8 system reads back; a name that is not UTF-8 stays as listed."""
-    return os.fsencode(entry).decode("utf-8", "surrogateescape")
+    try:
+        return os.fsencode(entry).decode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:   # text beyond the file system's encoding: a name given as text already
+        return entry
 
 
 def build_imagefolder(root: str, split: str, transform=None, classes=None,
@@ -377,6 +380,14 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     if classes is None:
         classes = sorted(found)
     else:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise DatasetError(f"imagefolder: classes={classes!r}: expected a list of class folder names, "
+                               f"e.g. classes=['cat', 'dog']")
+        # names given where Python reads text as ASCII (a C locale without UTF-8 mode) as the folders'
+        classes = [_folder_name(c) for c in classes]
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:   # (the folder's images were labelled twice, as two classes)
+            raise DatasetError(f"imagefolder: classes= lists {', '.join(map(repr, twice))} more than once")
         # a listed name without a folder was a class of no images, and the folder it meant was
         # left out, both silently (a typo: 12 images fewer, no word)
         missing = [c for c in classes if c not in found]

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     pc.add_argument("--no-read", action="store_true",
                     help="only check that files exist, do not decode them")
     pc.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
-    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--seed", type=seed_arg, default=0)
     pc.add_argument("--val-from-train", type=float, default=None)
     pc.add_argument("--partition", type=int, default=None, help="DTD partition (default 1)")
     pc.add_argument("--file", default=None, help="csv: one list file instead of <root>/<split>.csv")
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     pg.add_argument("--split", default="train")
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
     pg.add_argument("--cols", type=int, default=8)
-    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--seed", type=seed_arg, default=0)
     pg.add_argument("--out", required=True, help="output PNG")
     pg.set_defaults(func=cmd_grid)
 
@@ -192,6 +192,18 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
     finally:
         plt.close(fig)
     return path
+
+
+def seed_arg(text: str) -> int:
+    """--seed: numpy's and torch's seeds are 32 bits (2**32 or -1 stopped with a traceback)."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{2**32 - 1}, got {text!r}")
+    return v
 
 
 def cmd_grid(args) -> int:

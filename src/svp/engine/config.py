@@ -147,10 +147,33 @@ def parse_value(text: str) -> Any:
     ``'"nan"'`` -> the string ``nan``)."""
     if _SCI.match(text.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
         return float(text)
+    if _LONE_SURROGATE.search(text):
+        # an argument Python decoded as ASCII (a C locale without UTF-8 mode) holds its other bytes as
+        # lone surrogates, which YAML refuses: "['café']" became one string. Read as the UTF-8 text it
+        # is, its strings given back in the form Python keeps file names in (paths still reach their bytes)
+        try:
+            utf8 = os.fsencode(text).decode("utf-8")
+        except UnicodeError:
+            utf8 = None
+        if utf8 is not None:
+            return _map_strings(parse_value(utf8), lambda v: os.fsdecode(v.encode("utf-8")))
     try:
         return safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _map_strings(value: Any, fn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    return value
 
 
 # what YAML does not read as itself inside a double-quoted string (its reader refuses it raw)
