@@ -498,7 +498,7 @@ def test_markdown_tables_keep_their_columns_with_any_name_or_tuned_value():
     import re
 
     from svp.engine.sweep import markdown_table, selection_table
-    hostile = "/d/da|ta*`x`_<b>"
+    hostile = "/d/da|ta*`x`_<b>&amp;$y$"
     labels = ["train.lr=1e9, data.root=/d/data", f"train.lr=3, data.root={hostile}"]
     tuning = {"protocol": "val", "grid_seed": 0, "cells": [
         {"method": "svp", "dataset": "my|set", "chosen_label": labels[1],
@@ -512,7 +512,7 @@ def test_markdown_tables_keep_their_columns_with_any_name_or_tuned_value():
         assert len({cells(ln) for ln in table}) == 1, table
         body = "\n".join(table)
         assert "`" not in body.replace("\\`", "") and "*" not in body.replace("\\*", "").replace("**", ""), body
-    assert "da\\|ta\\*\\`x\\`\\_\\<b\\>" in selection_table(tuning)
+    assert "da\\|ta\\*\\`x\\`\\_\\<b\\>\\&amp;\\$y\\$" in selection_table(tuning)
 
 
 # ---------------------------------------------------------------- evaluation on the CPU

@@ -177,13 +177,14 @@ def _fmt_bytes(v: Optional[float]) -> str:
         v /= 1024
 
 
-_MD_SPECIAL = re.compile(r"([\\`*|<>\[\]~])|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+_MD_SPECIAL = re.compile(r"([\\`*|<>\[\]~&$])|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
 
 
 def md_text(value: Any) -> str:
     """``value`` as literal Markdown text, in a table cell or a sentence: a '|' in a --tune value
     split its cell in two (the header then had more columns than the rows), a backquote or '*'
-    opened code or emphasis. Intraword underscores (oxford_flowers102) are left as they are."""
+    opened code or emphasis, '&amp;' read as an entity, '$' as math (GitHub). Intraword underscores
+    (oxford_flowers102) are left as they are."""
     text = " ".join(str(value).split())   # (a newline would end the table row)
     return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
 
@@ -490,7 +491,8 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
-                                                 run_dir=os.path.join(output, run_folder_name(ds, m, int(s)))))
+                                                 run_dir=os.path.abspath(os.path.join(output,
+                                                                                      run_folder_name(ds, m, int(s))))))
                 write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
@@ -509,7 +511,7 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
                                                                     base)))
     with Runner(jobs) as runner:
         results = runner.run_all(tasks)
-    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir if res is None else "")
+    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=os.path.abspath(run_dir) if res is None else "")
             for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
