@@ -60,7 +60,7 @@ def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, word
 @pytest.mark.slow
 def test_demo_twice_in_the_same_folder_starts_fresh_and_sets_the_old_runs_aside(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16", "--batch-size", "8",
+    args = ["demo", "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-train-samples", "16",
             "--max-eval-samples", "8", "--methods", "linear", "--no-figure", "--quiet"]
     assert main(args) == 0
     first = json.load(open(out / "linear" / "results.json"))

@@ -1,7 +1,6 @@
 """``svp serve``: one backbone, every adapter folder of --adapters, over HTTP."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..errors import ConfigError
