@@ -906,3 +906,27 @@ def test_a_schedule_that_never_reaches_its_peak_is_said_in_the_log():
     (note,) = schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0), 0.0)
     assert "below train.warmup_lr/train.min_lr" in note
     assert schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0.1), 0.1) == []
+
+
+def test_a_change_recorded_at_the_resume_points_step_is_measured_from_the_value_before_it():
+    """A resume point written at the step of a --resume's change (stopped before any step after
+    it) holds the new values: measured against them alone, the next resume dropped the record."""
+    from svp.engine import resume_overrides as RO
+    cfg = C.resolve(overrides=["train.lr=0.5", "train.epochs=3"], use_presets=False)
+    st = {"global_step": 4, "epoch": 2, "batch": 0}
+    cfg["run"]["changes"] = [{"step": 4, "epoch": 2, "batch": 0, "changes": {"train.lr": [0.1, 0.5]}}]
+    held_after = {"train.lr": 0.5, "train.epochs": 3, "train.max_steps": None}    # written after the change
+    held_before = {"train.lr": 0.1, "train.epochs": 3, "train.max_steps": None}   # the point before it
+    for held in (held_after, held_before):   # (the first: a point written so before 2026-12-05's fix)
+        diff, hand, before = RO.since_resume_point(held, cfg, {}, st)
+        assert diff == {"train.lr": [0.1, 0.5]} and hand == [] and before["train.lr"] == 0.1, (held, diff, hand)
+        RO.record(cfg, diff, st, replace=True)
+        assert cfg["run"]["changes"] == [{"step": 4, "epoch": 2, "batch": 0, "changes": {"train.lr": [0.1, 0.5]}}]
+    cfg["train"]["lr"] = 0.1   # edited back by hand: no change at that step after all
+    diff, hand, before = RO.since_resume_point(held_after, cfg, {}, st)
+    assert diff == {} and hand == [] and before["train.lr"] == 0.1
+    RO.record(cfg, diff, st, replace=True)
+    assert cfg["run"]["changes"] == []
+    cfg["train"]["lr"] = 0.2   # by hand, another value, from the point a resume then wrote (before: 0.1)
+    diff, hand, _ = RO.since_resume_point(before, cfg, {}, st)
+    assert diff == {"train.lr": [0.1, 0.2]} and hand == ["train.lr"]

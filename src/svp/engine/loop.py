@@ -28,7 +28,6 @@ from ..errors import ResumeError
 from . import config as C
 from . import resume_overrides as RO
 from . import select
-from .sched import schedule_notes
 from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
 from .divergence import DivergenceGuard, check_saved_state, finite_check_mode, stop_nonfinite
 from .evaluate import chunk_count, evaluate
@@ -36,6 +35,7 @@ from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import check_checkpoint_there, load_run_config, load_trainable, run_session
+from .sched import schedule_notes
 from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, WorkersInterrupted, interrupted, resume_command)
@@ -81,6 +81,7 @@ class Trainer:
         self.resume_dir = os.path.abspath(resume_dir) if resume_dir else None
         self.hooks = hooks or hooks_for(cfg)
         self.changes = changes or {}
+        self.resumed_at, self.values_before = None, {}   # (save_resume)
         self.replayed_changes = replayed_changes
 
     def run(self) -> Dict[str, Any]:
@@ -99,6 +100,11 @@ class Trainer:
 
     def save_resume(self, st) -> None:
         check_saved_state(self, st)  # never replace a finite resume point with a non-finite one
+        # the training keys' values the steps before this point ran with: at the step a --resume
+        # changed them, before any step ran, the values before the change (else a resume from this
+        # point, with the change edited back, measured it from the new values and dropped its record)
+        now = RO.training_values(self.cfg)
+        st["training_values"] = ({**now, **self.values_before} if st["global_step"] == self.resumed_at else now)
         if self.dist.is_main:
             self.folder.save_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
         barrier(self.dist)
@@ -151,7 +157,8 @@ class Trainer:
                      st["batch"], st["global_step"])
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             held = st["training_values"]
-            diff, hand = RO.since_resume_point(held, cfg, self.changes, st)
+            diff, hand, self.values_before = RO.since_resume_point(held, cfg, self.changes, st)
+            self.resumed_at = st["global_step"]
             RO.record(cfg, diff, st, replace=isinstance(held, dict))
             if hand:
                 log.warning("config.yaml's %s changed since the resume point (edited by hand): taken from global "
@@ -167,7 +174,6 @@ class Trainer:
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
         st["train_data"] = data_id
-        st["training_values"] = RO.training_values(cfg)   # what a hand edit of config.yaml is measured against
         if not self.check_each_step:   # the state the first interval check falls back on
             self.guard.snapshot()
             self.checked_step = st["global_step"]

@@ -91,31 +91,39 @@ def training_values(cfg: dict) -> Dict[str, Any]:
 
 
 def since_resume_point(held: Any, cfg: dict, overridden: Dict[str, List[Any]],
-                       st: dict) -> Tuple[Dict[str, List[Any]], List[str]]:
+                       st: dict) -> Tuple[Dict[str, List[Any]], List[str], Dict[str, Any]]:
     """The training keys' changes that take effect at the resume point ``st``, and those of them
     made by editing config.yaml by hand. ``held``: the values the resume point was saved with
     (None in resume points written before 2026-12-05: then the overrides' ``overridden``, and a
     hand edit goes unseen). Measured against ``held``, a value edited by hand since is a change
     from this step on, recorded as the override would have been (it was taken unrecorded, and
     the record said the run had used it from step 0); an override a --resume made at this same
-    step before it was stopped (config.yaml rewritten, no resume point since) is not one."""
+    step before it was stopped (config.yaml rewritten, no resume point since) is not one. The third
+    value: the keys' values before this step, what a resume point written at it, before any step
+    ran under the change, is to hold (:meth:`Trainer.save_resume`)."""
     if not isinstance(held, dict):
-        return overridden, []
+        return overridden, [], {k: v[0] for k, v in overridden.items()}
     now = training_values(cfg)
-    diff = {k: [held.get(k), now[k]] for k in TRAINING_KEYS if held.get(k) != now[k]}
-    recorded = {}
+    # what the keys were before this step: a change recorded at this very step says (the resume point
+    # may have been written before it, or after it with no step in between: either way it is this
+    # step's change, measured from the value before it)
+    before, recorded = dict(held), {}
     for entry in cfg["run"].get("changes") or []:
         if isinstance(entry, dict) and entry.get("step") == int(st["global_step"]):
-            recorded.update(entry.get("changes") or {})
+            for k, pair in (entry.get("changes") or {}).items():
+                if k in before and isinstance(pair, list) and len(pair) == 2:
+                    old = recorded[k][0] if k in recorded else pair[0]
+                    recorded[k] = [old, pair[1]]
+                    before[k] = old
+    diff = {k: [before.get(k), now[k]] for k in TRAINING_KEYS if before.get(k) != now[k]}
     hand = [k for k in diff if k not in overridden and recorded.get(k) != diff[k]]
-    return diff, hand
+    return diff, hand, before
 
 
 def record(cfg: dict, diff: Dict[str, List[Any]], st: dict, replace: bool = False) -> None:
     """Append a change made at the resume point ``st`` to ``cfg['run']['changes']``. With
-    ``replace`` (``diff`` measured against the values the resume point was saved with), an
-    entry at the same step is replaced: a --resume stopped before its first resume point made
-    it, and no step trained under it is kept."""
+    ``replace`` (``diff`` from :func:`since_resume_point`, which takes in a change recorded at
+    the same step), an entry at the same step is replaced: no step trained under it is kept."""
     changes = list(cfg["run"].get("changes") or [])
     if replace:
         changes = [c for c in changes if not (isinstance(c, dict) and c.get("step") == int(st["global_step"]))]
