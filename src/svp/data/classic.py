@@ -18,6 +18,7 @@ Splits (``train`` / ``val`` / ``test`` / ``trainval``):
 from __future__ import annotations
 
 import codecs
+import collections
 import csv
 import json
 import os
@@ -385,7 +386,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
                                f"e.g. classes=['cat', 'dog']")
         # names given where Python reads text as ASCII (a C locale without UTF-8 mode) as the folders'
         classes = [_folder_name(c) for c in classes]
-        twice = sorted({c for c in classes if classes.count(c) > 1})
+        twice = sorted(c for c, k in collections.Counter(classes).items() if k > 1)   # (21,841 classes: no count())
         if twice:   # (the folder's images were labelled twice, as two classes)
             raise DatasetError(f"imagefolder: classes= lists {', '.join(map(repr, twice))} more than once")
         # a listed name without a folder was a class of no images, and the folder it meant was

@@ -409,8 +409,9 @@ def check_classes_to_learn(cfg: dict, train_ds: "Limited") -> None:
     set, and silently on one whose other classes had images only in val/test (or only a name in
     classes=). Refused; where data.max_train_samples (the first N) made it so, on a split ordered
     by class, a warning: a debugging run's choice."""
-    present = sorted(set(train_ds.targets))
-    full = sorted(set(getattr(train_ds.ds, "targets", None) or [])) or present
+    present = sorted(set(int(t) for t in train_ds.targets))
+    every = getattr(train_ds.ds, "targets", None)   # (a list or an array)
+    full = sorted(set(int(t) for t in every)) if every is not None and len(every) else present
     if not present:   # (a dataset without targets: nothing to tell)
         return
     names = [train_ds.classes[i] for i in full if i < len(train_ds.classes)]
