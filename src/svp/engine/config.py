@@ -53,7 +53,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
      "validation splits, and test with eval.test_every_epoch, within 2 GiB a process or an eighth of the "
      "memory shared by the node's processes), "
      "true (every such split), false; the tensors are the same bits either way (docs/training.md)"),
-    ("data.max_train_samples", None, "use only the first N training samples (debugging / tests)"),
+    ("data.max_train_samples", None, "use only the first N training samples (debugging / tests; on a split ordered by class they may be of one class: the log warns)"),
     ("data.max_eval_samples", None, "use only the first N val/test samples (debugging / tests)"),
     # --- optimisation
     ("train.epochs", 100, "number of epochs"),
