@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .errors import AdapterError, CheckpointError, ConfigError, SVPError
+from .errors import AdapterError, CheckpointError, ConfigError, SVPError, out_of_memory
 
 BUNDLED_MODEL = "vim_mini_patch4_32"
 WEIGHTS_HELP = (f"the bundled {BUNDLED_MODEL} uses its bundled weights unless a checkpoint is given; "
@@ -210,7 +210,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             raise ConfigError(f"model {spec.model!r}: {e}") from None
         if weights in ("pretrained", "bundled"):
             # (a process out of file descriptors or memory read "do not fit" of weights that do)
-            cannot_read = any(w in str(e) for w in ("unable to open", "open files", "allocate"))
+            cannot_read = out_of_memory(e) or any(w in str(e) for w in ("unable to open", "open files"))
             what = f"cannot read its {weights} weights" if cannot_read else f"its {weights} weights do not fit"
             raise CheckpointError(f"model {spec.model!r}: {what} ({e})") from None
         raise

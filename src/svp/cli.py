@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Optional
 
-from .errors import SVPError
+from .errors import SVPError, out_of_memory
 from .io import DISK_ERRNOS
 
 # module that provides register(subparsers); order is the order in --help
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         print(f"svp {args.command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -109,12 +109,6 @@ def main(argv=None) -> int:
             raise
         return _disk_error(args.command, e)
     return int(rc or 0)
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError, or torch's allocators' RuntimeErrors (CPU and CUDA)."""
-    return isinstance(e, MemoryError) or any(
-        w in str(e) for w in ("can't allocate memory", "DefaultCPUAllocator", "CUDA out of memory"))
 
 
 def _disk_error(command: Optional[str], e: OSError) -> int:

@@ -60,3 +60,10 @@ class PeerError(SVPError):
 
 class VizError(SVPError):
     """A visualisation input (image, mask, box, layer) is invalid."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or a RuntimeError of torch's allocators (CPU and CUDA) or of a file
+    mapped without memory left ("Cannot allocate memory"): the process's state, not the input's."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        w in str(e) for w in ("allocate memory", "DefaultCPUAllocator", "CUDA out of memory")))
