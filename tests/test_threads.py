@@ -72,3 +72,40 @@ def test_a_kernel_launch_hands_out_tasks_one_at_a_time_and_puts_the_chunk_size_b
     finally:
         numba.set_parallel_chunksize(chunk)
         torch.set_num_threads(before)
+
+
+LIMITED = """import threading
+import torch
+import svp
+import numba
+from svp.errors import BackendError
+from svp.ops.norm_cpu import add_rms_norm_cpu
+def refuse(self):   # as under a limit on processes and threads (ulimit -u, non-root)
+    raise RuntimeError("can't start new thread")
+start, threading.Thread.start = threading.Thread.start, refuse
+try:
+    add_rms_norm_cpu(torch.randn(2, 9, 64), None, torch.ones(64), 1e-5)
+except BackendError as e:
+    print("refused:", e)
+try:
+    numba.threading_layer()
+    print("layer started")
+except ValueError:
+    print("layer not started")
+threading.Thread.start = start
+print(add_rms_norm_cpu(torch.ones(2, 9, 64), None, torch.ones(64), 1e-5)[0].shape)
+"""
+
+
+@pytest.mark.slow  # starts a process
+def test_threads_that_cannot_start_are_one_error_before_numba_starts_its_pool():
+    """numba's threading layers cannot start their threads under a limit on processes (ulimit -u
+    as non-root): TBB's aborted the process, the workqueue layer hung. svp checks first that a
+    pool's worth of threads can start, and says so in a line naming the limit, before numba
+    tries; where threads can start again, the kernels run."""
+    out = subprocess.run([sys.executable, "-c", LIMITED], capture_output=True, text=True, timeout=300, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("refused: svp's CPU kernels cannot start numba's pool of ")
+    assert "ulimit -u" in lines[0] and "SVP_SCAN_BACKEND=torch" in lines[0]
+    assert lines[1] == "layer not started"
+    assert lines[2] == "torch.Size([9, 64])"

@@ -254,6 +254,7 @@ def guard_caches(namespace, deps=_DEPS):
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 import numba  # noqa: E402
+_POOL = int(numba.config.NUMBA_NUM_THREADS)   # numba's pool, fixed when numba was imported
 
 
 # numba's first compile, or first load from its cache, in a process imports its array-math
@@ -396,6 +397,36 @@ def _share_torch_openmp():
 SHARED_OPENMP = None   # torch's libgomp, when the kernels run on torch's OpenMP threads
 
 
+def _start_numba_threads():
+    """Start numba's threading layer, after checking that this process may start the threads it
+    starts. Where it cannot (a limit on a user's processes and threads: ``ulimit -u``), TBB's
+    layer aborted the process ("pthread_create has failed"), the workqueue layer hung in its first
+    parallel launch and OpenMP's exited: no word of svp's. A pool's worth of Python threads
+    started and ended first says it in a line (as a non-root user under ``ulimit -u``, the
+    workqueue layer needed as many free as its pool, TBB's one fewer, at least one)."""
+    import threading
+
+    from ..errors import BackendError
+
+    go, started = threading.Event(), []
+    try:
+        for _ in range(_POOL):
+            t = threading.Thread(target=go.wait, name="svp-thread-check", daemon=True)
+            t.start()
+            started.append(t)
+    except RuntimeError as e:   # "can't start new thread"
+        fewer = f", give numba fewer threads (NUMBA_NUM_THREADS=1; {_POOL} now)" if _POOL > 1 else ""
+        raise BackendError(
+            f"svp's CPU kernels cannot start numba's pool of {_POOL} thread{'s' * (_POOL > 1)} ({e}): "
+            f"a limit on processes and threads (ulimit -u)? Raise the limit{fewer}, or run without "
+            f"svp's CPU kernels (SVP_SCAN_BACKEND=torch)") from None
+    finally:
+        go.set()
+        for t in started:
+            t.join()
+    numba.get_num_threads()
+
+
 def _pick_threading_layer(environ=os.environ):
     """The layer svp asks numba for, or None when the user chose one (NUMBA_THREADING_LAYER;
     a choice of 'tbb' still needs the wheel's library loaded for numba to find it). With
@@ -427,7 +458,7 @@ if SHARED_OPENMP is not None:
     # lazily in a server's inference thread it overrode `svp serve --threads 1` there
     # (tests/test_serve_cli.py). torch's count is put back right after.
     _n = torch.get_num_threads()
-    numba.get_num_threads()
+    _start_numba_threads()
     torch.set_num_threads(_n)
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
@@ -1827,7 +1858,6 @@ def _a_tables(A, dg, dgp, softplus, At, A2t, dtmax):
 
 
 # ---------------------------------------------------------------------------------------
-_POOL = int(numba.config.NUMBA_NUM_THREADS)   # numba's pool, fixed when numba was imported
 
 
 _THREAD_FNS = []   # numba's own per-thread count and chunk-size functions, once its threads run
@@ -1843,7 +1873,7 @@ def _thread_fns():
     ~8-10 ms of it (docs/benchmarks.md, thirtieth round). The public functions where numba has
     not these under their names."""
     if not _THREAD_FNS:
-        numba.get_num_threads()   # starts numba's threads (the functions exist from then on)
+        _start_numba_threads()   # (the functions exist from then on)
         from numba.np.ufunc import parallel as p
         fns = tuple(getattr(p, n, None) for n in ("_get_num_threads", "_set_num_threads", "_set_parallel_chunksize"))
         _THREAD_FNS.append(fns if all(callable(f) for f in fns) else _public_thread_fns())
