@@ -589,6 +589,9 @@ def test_non_finite_outputs_are_no_prediction_and_json_stays_strict(tmp_path, ca
     head = tensors["base_model.head.weight"]
     head.copy_(torch_sign_pattern(head) * 3e38)
     save_file(tensors, str(w), metadata=meta)
+    from svp.peft.io import tensors_hash   # (as a save of these weights binds them)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps(dict(cfg, weights_hash=tensors_hash(tensors))))
     capsys.readouterr()
     assert svp_main(["eval", str(ad), "--dataset", "digits", "--max-samples", "6", "--json"]) == 1
     out, err = capsys.readouterr()

@@ -226,6 +226,51 @@ def test_a_refused_attach_or_load_leaves_the_model_as_it_was(tmp_path):
         assert torch.equal(load_adapter(model, tmp_path / "lora")(x), lora.eval()(x))  # no hash error now
 
 
+def test_a_save_is_one_pair_of_files(tmp_path):
+    """adapter.safetensors and adapter_config.json are replaced one at a time: a save whose
+    config could not be written (an `extra` JSON cannot hold) left the new weights under the old
+    config and class names, and that folder loaded; a model with NaN weights was saved, and its
+    folder then called damaged. Now nothing is written unless both can be, and a folder whose two
+    files come from two saves (a save stopped between them) is refused at load."""
+    x = images()
+    a = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    perturb_method_params(a, seed=1)
+    a.save(tmp_path / "ad", class_names=[f"a{i}" for i in range(5)])
+    b = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
+    perturb_method_params(b, seed=2)
+    with pytest.raises(AdapterError, match=r"not saved: extra=\{'when': <object .*cannot be written as JSON"):
+        b.save(tmp_path / "ad", extra={"when": object()})
+    name = sorted(n for n, p in b.named_parameters() if p.requires_grad)[0]
+    with torch.no_grad():
+        dict(b.named_parameters())[name][0] = float("nan")
+    with pytest.raises(AdapterError, match=re.escape(f"not saved: 1 tensor(s) hold NaN or infinite values ({name})")):
+        b.save(tmp_path / "ad")
+    with torch.no_grad():
+        loaded = load_adapter(tiny(), tmp_path / "ad")
+        assert torch.equal(loaded(x), a.eval()(x))   # a's, whole
+    # the weights of another save of the same method and shapes beside a's config
+    with torch.no_grad():
+        dict(b.named_parameters())[name][0] = 0.5
+    b.save(tmp_path / "b")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["weights_hash"].startswith("sha256:") and cfg["weights_hash"] != cfg["base_model_hash"]
+    (tmp_path / "ad" / "adapter.safetensors").write_bytes((tmp_path / "b" / "adapter.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"adapter\.safetensors is not the file adapter_config\.json was saved "
+                                           r"with .*a save stopped between the two files"):
+        load_adapter(tiny(), tmp_path / "ad")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(dict(cfg, weights_hash=12)))
+    with pytest.raises(AdapterError, match="weights_hash is 12, expected 'sha256:'"):
+        load_adapter(tiny(), tmp_path / "ad")
+    (tmp_path / "afile").write_text("")   # was "[Errno 17] File exists: 'afile'"
+    with pytest.raises(AdapterError, match=r"afile: cannot create the adapter folder \(.*afile is a file, not a fo"):
+        a.save(tmp_path / "afile")
+    # a folder in the weights' place: os.fdopen's "[Errno 21] Is a directory: 4" before
+    (tmp_path / "ad" / "adapter.safetensors").unlink()
+    (tmp_path / "ad" / "adapter.safetensors").mkdir()
+    with pytest.raises(AdapterError, match=r"adapter\.safetensors: a folder, expected a file"):
+        load_adapter(tiny(), tmp_path / "ad")
+
+
 def test_unload_gives_back_the_backbone_as_trainable_as_it_was():
     model = tiny()
     model.layers[0].requires_grad_(False)  # the user's own choice, kept through attach and unload
@@ -310,6 +355,9 @@ def test_an_adapter_is_held_to_its_files_before_anything_is_allocated(tmp_path):
     weights = tmp_path / "ad" / "adapter.safetensors"
     good = load_file(str(weights))
     name = sorted(good)[0]
+    # a folder saved before svp wrote weights_hash: the tensors' own checks (with it, the hash
+    # refuses any edited tensor first: test_a_save_is_one_pair_of_files)
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "weights_hash"}))
     for bad, words in ((good[name].to(torch.int32), "is torch.int32; expected floating-point weights"),
                        (torch.full_like(good[name], float("nan")), "holds NaN or infinite values")):
         save_file(dict(good, **{name: bad}), str(weights), metadata={"format": "pt"})

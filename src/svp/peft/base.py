@@ -26,7 +26,7 @@ from safetensors.torch import load as safetensors_load
 from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
 from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterFiles, base_weights_hash, read_adapter_config,
-                 read_adapter_files, save_adapter)
+                 read_adapter_files, save_adapter, tensors_hash)
 from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
@@ -438,6 +438,13 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     if lines:
         raise AdapterError("\n".join([f"{weights} does not fit this {config.method} model, as "
                                        f"{os.path.join(directory, ADAPTER_CONFIG)} sets it up:"] + lines))
+    # tensors of the right shapes that are not the ones saved with this config (folders saved
+    # before svp wrote weights_hash have none)
+    digest = cfg.get("weights_hash")
+    if digest is not None and tensors_hash(state) != digest:
+        raise AdapterError(f"{weights} is not the file {ADAPTER_CONFIG} was saved with (its tensors' hash is "
+                           f"{tensors_hash(state)}, the config's weights_hash {digest}): a save stopped between "
+                           f"the two files, or one of them was replaced? Save or copy the adapter again")
     try:
         peft = _attach(model, config, base_hash=have)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)

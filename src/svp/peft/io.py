@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..io import atomic_save_safetensors  # noqa: F401 (re-exported)
 from ..io import atomic_write_json as _atomic_write_json
+from ..io import DISK_ERRNOS, atomic_write_text, json_text, mkdir_error
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,11 +34,16 @@ def base_weights_hash(model: nn.Module) -> str:
     tensor in sorted name order, its name, dtype, shape and raw little-endian bytes
     (contiguous, on CPU). Deterministic for equal weights; any changed value, shape,
     dtype or name changes it."""
-    h = hashlib.sha256()
     sd = model.state_dict()
+    return tensors_hash({k: v for k, v in sd.items() if not k.startswith("head.")})
+
+
+def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
+    """:func:`base_weights_hash`'s sha256 over any name -> tensor dict (an adapter's own:
+    ``weights_hash`` in adapter_config.json binds the config to the tensors saved with it)."""
+    h = hashlib.sha256()
+    sd = tensors
     for name in sorted(sd):
-        if name.startswith("head."):
-            continue
         t = sd[name].detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -57,7 +63,12 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
     """Write ``directory/adapter.safetensors`` + ``directory/adapter_config.json``."""
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:   # a file in the way was "[Errno 17] File exists: 'common.txt'"
+        if e.errno in DISK_ERRNOS:
+            raise
+        raise AdapterError(f"{directory}: cannot create the adapter folder ({mkdir_error(directory, e)})") from None
     base = peft_model.base_model
     num_classes = int(base.num_classes)
     if class_names is not None:
@@ -68,6 +79,12 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         cfg = getattr(base, "pretrained_cfg", None) or {}
         base_model_name = cfg.get("architecture")
     tensors = peft_model.adapter_state_dict()
+    # values a load refuses (load_adapter_state): a diverged model from a user's own loop was
+    # written, and its folder then called damaged
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"{directory}: not saved: {len(bad)} tensor(s) hold NaN or infinite values "
+                           f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the training diverged?")
     extra_trained = sorted(set(peft_model.trainable_parameter_names()) - set(tensors))
     if extra_trained:   # made trainable by hand after the method was attached: not the adapter's
         warnings.warn(f"save_adapter: {len(extra_trained)} tensor(s) trainable now are not part of the "
@@ -84,13 +101,23 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         "class_names": class_names,
         "trainable_tensors": len(tensors),
         "trainable_params": int(sum(t.numel() for t in tensors.values())),
+        "weights_hash": tensors_hash(tensors),
     }
     config["config"]["num_classes"] = num_classes
     if extra:
         config["extra"] = extra
+    # Each file is replaced atomically, the pair is not: the config's text is made before either
+    # is written (an `extra` JSON cannot hold wrote the new weights beside the old config, and that
+    # folder loaded, one save's weights under another's class names), and ``weights_hash`` makes a
+    # pair a save left half-replaced (a crash, a full disk) an error at load.
+    try:
+        text = json_text(config, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{directory}: not saved: extra={_brief(extra)} cannot be written as JSON ({e}); "
+                           f"expected strings, numbers, booleans, None, lists and dicts of them") from None
     atomic_save_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors,
                             metadata={"method": peft_model.config.method, "base_model_hash": peft_model.base_hash})
-    atomic_write_json(os.path.join(directory, ADAPTER_CONFIG), config)
+    atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), text)
     return directory
 
 
@@ -129,6 +156,9 @@ def read_adapter_config(directory, data: Optional[bytes] = None) -> dict:
                               or len(names) != n):
         raise AdapterError(f"{path}: 'class_names' must be null or a list of {n!r} strings (one per class), "
                            f"got {_brief(names)}")
+    digest = cfg.get("weights_hash")
+    if digest is not None and not (isinstance(digest, str) and digest.startswith("sha256:")):
+        raise AdapterError(f"{path}: weights_hash is {_brief(digest)}, expected 'sha256:' and a hex digest")
     version = cfg.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise AdapterError(f"{path}: format_version is {version!r}, expected an integer")
@@ -249,15 +279,17 @@ def _read_once(directory: str) -> AdapterFiles:
                 raise FileNotFoundError(f"no {name} in {directory} {what}".rstrip()) from None
             except OSError as e:
                 raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
+            # (what it is before a file object is made of it: fdopen refuses a folder with
+            # "[Errno 21] Is a directory: 4", naming the descriptor)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise AdapterError(f"{path}: " + ("a folder, expected a file" if stat.S_ISDIR(st.st_mode)
+                                                  else "not a regular file"))
             with os.fdopen(fd, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise AdapterError(f"{path}: not a regular file")
                 before = _identity(st)
                 try:
                     blob = f.read()
-                except IsADirectoryError:
-                    raise AdapterError(f"{path}: a folder, expected a file") from None
                 except OSError as e:
                     raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
                 if _identity(os.fstat(f.fileno())) != before or len(blob) != before[-1]:
