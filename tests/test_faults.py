@@ -956,6 +956,8 @@ def test_second_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypa
                 os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGINT)   # the impatient second one
     _hooks(monkeypatch, CtrlC())
+    from svp.engine import signals
+    monkeypatch.setattr(signals, "SAME_SIGNAL_S", 0.0)   # (a second press, not the first's copy)
     out = tmp_path / "runs"
     rc = svp_main(["train", *MINI, "--epochs", "3", "--output", str(out), "--name", "c"])
     run = out / "c"
@@ -1499,13 +1501,15 @@ def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, mon
         S.write_outputs(str(tmp_path), "mini", [], [("digits", "mini")], ["linear"], [0])
 
 
-def test_a_second_signal_while_workers_start_stops_once_they_have_started():
+def test_a_second_signal_while_workers_start_stops_once_they_have_started(monkeypatch):
     """A second Ctrl-C raised mid-start (spawned workers) left a half-built loader and a cut-off
     pickle that a worker, ignoring the signal while it starts, read and printed a traceback for:
     it is raised once the start is done."""
     import signal
 
+    from svp.engine import signals
     from svp.engine.signals import Signals, starting_workers
+    monkeypatch.setattr(signals, "SAME_SIGNAL_S", 0.0)   # (second presses, not copies)
     s = Signals()
     reached = []
     with pytest.raises(KeyboardInterrupt):
@@ -1516,6 +1520,38 @@ def test_a_second_signal_while_workers_start_stops_once_they_have_started():
     assert reached and s.received == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):   # elsewhere: at once
         s._handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("kind", ["run", "sweep", "worker"])
+def test_copies_of_the_first_signal_are_not_a_second_one(monkeypatch, kind):
+    """One Ctrl-C reached a run two or three times when a wrapper passed it on to the group it was
+    already in (`timeout 600 svp train`, `torchrun`: SIGINT, then SIGTERM on its own second copy),
+    and each copy was taken as a second press: the run stopped at once, without the resume point
+    of the step under way. Signals within SAME_SIGNAL_S of the first are that one; later, a second."""
+    import signal
+    import types
+
+    from svp.engine import signals
+    now = [100.0]
+    monkeypatch.setattr(signals, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    if kind == "run":
+        s = signals.Signals()
+        handle = s._handle
+    elif kind == "sweep":
+        s = signals.StopRequest(types.SimpleNamespace(value=0))
+        handle = s._handle
+    else:
+        monkeypatch.setattr(signals, "_worker_first_at", None)
+        handle = signals._worker_handle
+    handle(signal.SIGINT, None)
+    for dt, sig in ((0.001, signal.SIGINT), (0.2, signal.SIGTERM), (signals.SAME_SIGNAL_S - 0.01, signal.SIGINT)):
+        now[0] = 100.0 + dt
+        handle(sig, None)   # the same press: nothing raised
+    if kind == "run":
+        assert s.received == signal.SIGINT
+    now[0] = 100.0 + signals.SAME_SIGNAL_S
+    with pytest.raises(KeyboardInterrupt):
+        handle(signal.SIGINT, None)
 
 
 def test_an_image_size_other_than_the_weights_own_is_said_in_the_log(tmp_path, capsys):

@@ -2,7 +2,11 @@
 
 A first signal only sets a flag: the loop finishes its step (or evaluation), writes a
 resume point and raises :class:`TrainingStopped` with exit code 130. A second one gives
-up at once (``KeyboardInterrupt``).
+up at once (``KeyboardInterrupt``), unless it comes within :data:`SAME_SIGNAL_S` of the
+first: one Ctrl-C reaches a process several times when a wrapper passes it on to the
+group it is already in (``timeout``; ``torchrun``, which sends its workers SIGINT, then
+SIGTERM on the copy it got itself), and each copy was taken as a second press: the run
+stopped at once, losing the steps since its last resume point.
 
 A run in a worker process of ``svp sweep --jobs N`` also stops, the same way, when the
 sweep asks it to through a shared stop value (:func:`use_stop_value`): a signal sent to
@@ -15,11 +19,21 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 EXIT_STOPPED = 75       # stopped on request (debug.stop_at_step), resume point written
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM, resume point written
 EXIT_NONFINITE = 3
+
+# A signal this soon after the first is the same one, passed on: the copies a wrapper sends came
+# within milliseconds (timeout, torchrun); a second press a person means comes later, or again.
+SAME_SIGNAL_S = 1.0
+
+
+def _again(first_at: Optional[float]) -> bool:
+    """Whether a signal now is a second one, after a first at ``first_at`` (time.monotonic)."""
+    return first_at is None or time.monotonic() - first_at >= SAME_SIGNAL_S
 
 
 class TrainingStopped(Exception):
@@ -79,6 +93,7 @@ class Signals(_Handler):
 
     def __init__(self):
         self._received: Optional[int] = None
+        self._first_at: Optional[float] = None
         self.old = {}
 
     @property
@@ -87,6 +102,8 @@ class Signals(_Handler):
 
     def _handle(self, signum, frame):
         if self._received is not None:  # second signal: give up immediately
+            if not _again(self._first_at):
+                return   # the first one's copy (SAME_SIGNAL_S)
             if _starting["depth"] > 0 and _starting["pid"] == os.getpid():
                 # ... once the workers being started have their whole state: raised mid-start, it
                 # left a half-built loader and a cut-off pickle that a worker (ignoring the signal
@@ -94,7 +111,7 @@ class Signals(_Handler):
                 _starting["interrupt"] = True
                 return
             raise KeyboardInterrupt
-        self._received = signum
+        self._received, self._first_at = signum, time.monotonic()
         if _starting_here():
             raise WorkersInterrupted(signal.Signals(signum).name)
 
@@ -123,22 +140,26 @@ class StopRequest(_Handler):
 
     def __init__(self, value, on_first=None):
         self.value, self.on_first, self.old = value, on_first, {}
+        self._first_at: Optional[float] = None
 
     def _handle(self, signum, frame):
         if self.value.value:
+            if not _again(self._first_at):
+                return   # the first one's copy (SAME_SIGNAL_S)
             raise KeyboardInterrupt
-        self.value.value = int(signum)
+        self.value.value, self._first_at = int(signum), time.monotonic()
         if self.on_first is not None:
             self.on_first(signal.Signals(signum).name)
 
 
-_worker_signals = 0
+_worker_first_at: Optional[float] = None
 
 
 def _worker_handle(signum, frame):
-    global _worker_signals
-    _worker_signals += 1
-    if _worker_signals > 1:
+    global _worker_first_at
+    if _worker_first_at is None:
+        _worker_first_at = time.monotonic()
+    elif _again(_worker_first_at):
         raise KeyboardInterrupt
 
 
