@@ -72,7 +72,31 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
         assert words in err and "Traceback" not in err, err
     assert main(["pretrain", "--out", str(tmp_path / "afile")]) == 2
     assert "a file, expected a folder" in capsys.readouterr().err
+    # one class was the fractal generator's traceback; a negative warm-up started part-way along
+    # the cosine, silently; 10**9 classes drew categories for minutes, then ran out of memory
+    for flags, words in ((["--num-classes", "1"], "--num-classes must be >= 2, got 1"),
+                         (["--warmup-steps", "-5"], "--warmup-steps must be >= 0, got -5"),
+                         (["--num-classes", str(10**9)], f"{10**9} classes x (500 + 50) images are ")):
+        assert main(["pretrain", "--out", str(tmp_path / "p"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "p").exists()
+
+
+def test_out_of_memory_in_pretrain_names_what_to_lower(tmp_path, capsys, monkeypatch):
+    """The one line named the batch and train.eval_batch_size, not pretrain's image counts (what
+    --per-class 10**9 had made too many of)."""
+    from svp.cli import main
+    from svp.pretrain import train as pt
+
+    def oom(args, log=print):
+        raise MemoryError("Unable to allocate 119. GiB")
+    monkeypatch.setattr(pt, "pretrain", oom)
+    assert main(["pretrain", "--out", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("svp pretrain: error: out of memory (Unable to allocate 119. GiB): fewer images "
+                              "(--num-classes, --per-class"), err
+    assert "eval_batch_size" not in err[-1]
 
 
 def _args(out, **kw):
@@ -142,6 +166,36 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     assert card["architecture"]["depth"] == 2 and card["architecture"]["embed_dim"] == 32
     assert card["source_task"]["num_classes"] == 3
     assert card["command"] == "svp pretrain (test)"
+
+
+def test_a_signal_saves_the_step_under_way_and_resume_finishes_the_same_run(tmp_path, monkeypatch):
+    """A Ctrl-C ended `svp pretrain` without a checkpoint: every step since the last --ckpt-every
+    one was lost. Now the step under way ends, is saved, and the run stops (exit 130); a copy of
+    the signal (a wrapper passing it on) is not a second one."""
+    import os
+    import signal
+
+    full = pt.pretrain(_args(tmp_path / "full", ckpt_every=100), log=lambda m: None)
+    orig = pt.lr_at
+
+    def ctrl_c(step, total, args):
+        if step == 4:   # in epoch 1's second step, no checkpoint due until the end
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(step, total, args)
+    monkeypatch.setattr(pt, "lr_at", ctrl_c)
+    with pytest.raises(pt.Interrupted, match=r"SIGINT received: stopped after step 5/6; checkpoint saved"):
+        pt.pretrain(_args(tmp_path / "cut", ckpt_every=100), log=lambda m: None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # put back
+    with open(tmp_path / "cut" / "checkpoint.json") as f:
+        assert json.load(f)["step"] == 5
+    monkeypatch.setattr(pt, "lr_at", orig)
+    resumed = pt.pretrain(_args(tmp_path / "cut", ckpt_every=100, resume=True), log=lambda m: None)
+    assert resumed["history"] == full["history"]
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_pretrain_resume_of_a_damaged_checkpoint_is_one_error_naming_the_file(tmp_path):

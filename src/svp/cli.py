@@ -24,6 +24,12 @@ COMMAND_MODULES = [
     "svp.serve.cli",
 ]
 
+# what to lower when a command runs out of memory, where the batch is not the cause
+OOM_ADVICE = {
+    "pretrain": "fewer images (--num-classes, --per-class, --heldout-per-class: all are made in memory), a "
+                "smaller --batch-size",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a failed write of its help or usage is raised: argparse drops it, and
@@ -89,8 +95,9 @@ def main(argv=None) -> int:
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"svp {args.command}: error: out of memory ({why}): a smaller batch (--batch-size, "
-              f"train.eval_batch_size), fewer DataLoader workers, or more memory (a limit: ulimit -v?)",
+        lower = (OOM_ADVICE.get(args.command) or "a smaller batch (--batch-size, train.eval_batch_size), fewer "
+                 "DataLoader workers")
+        print(f"svp {args.command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
               file=sys.stderr)
         return 1
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted

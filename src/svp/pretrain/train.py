@@ -6,8 +6,9 @@ shuffling, random mirror as the only augmentation (pose, colour and shape jitter
 already in the generator), AdamW with linear warm-up then cosine decay per step,
 label smoothing. A checkpoint (weights + optimiser state, with the position in the
 safetensors file's metadata, and the position again as JSON to read) is written
-atomically every ``--ckpt-every`` steps and at the end; ``--resume`` continues from it
-and reproduces the uninterrupted run's data order.
+atomically every ``--ckpt-every`` steps, at the end, and after the step under way when a
+SIGINT/SIGTERM comes (:class:`Interrupted`; a Ctrl-C lost the steps since the last one);
+``--resume`` continues from it and reproduces the uninterrupted run's data order.
 
 ``--export`` writes the released asset: the model's weights in safetensors (fp32)
 plus a JSON model card next to it holding the recipe, the exact command, the data
@@ -185,38 +186,49 @@ def pretrain(args, log=print) -> dict:
 
     model.train()
     t_start = time.time()
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        perm = torch.randperm(n, generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
-        idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-        x = to_input(train_x[idx.numpy()])
-        fl = flips[idx]
-        x[fl] = x[fl].flip(-1)
-        y = torch.from_numpy(train_y[idx.numpy()])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, args)
-        loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}: {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
-        if step % 10 == 0 or step == total:
-            el = time.time() - t_start
-            log(f"step {step}/{total} epoch {epoch} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{el:.0f}s elapsed")
-        if step % steps_per_epoch == 0 or step == total:
-            acc = evaluate(model, held_x, held_y)
-            history.append({"step": step, "epoch": epoch, "heldout_acc": acc, "loss": loss_avg})
-            log(f"epoch {epoch} done: held-out accuracy {acc:.4f}")
-            model.train()
-        if step % args.ckpt_every == 0 or step == total:  # after the epoch's record, which it keeps
-            save_ckpt()
+    # a first SIGINT/SIGTERM ends the step under way and saves it; a second one, later, stops
+    # at once (svp.engine.signals, as svp train)
+    from ..engine.signals import Signals
+    signals = Signals().install()
+    try:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            perm = torch.randperm(n, generator=g)
+            flips = torch.rand(n, generator=g) < 0.5
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            x = to_input(train_x[idx.numpy()])
+            fl = flips[idx]
+            x[fl] = x[fl].flip(-1)
+            y = torch.from_numpy(train_y[idx.numpy()])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, args)
+            loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss at step {step}: {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
+            if step % 10 == 0 or step == total:
+                el = time.time() - t_start
+                log(f"step {step}/{total} epoch {epoch} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"{el:.0f}s elapsed")
+            if step % steps_per_epoch == 0 or step == total:
+                acc = evaluate(model, held_x, held_y)
+                history.append({"step": step, "epoch": epoch, "heldout_acc": acc, "loss": loss_avg})
+                log(f"epoch {epoch} done: held-out accuracy {acc:.4f}")
+                model.train()
+            # (after the epoch's record, which it keeps)
+            if step % args.ckpt_every == 0 or step == total or signals.received:
+                save_ckpt()
+            if signals.received and step < total:
+                raise Interrupted(f"{signals.name} received: stopped after step {step}/{total}; checkpoint saved. "
+                                  f"Continue with the same command and --resume")
+    finally:
+        signals.restore()
     acc = evaluate(model, held_x, held_y)
     summary = {"steps": total, "heldout_accuracy": acc, "heldout_images": int(len(held_y)),
                "chance": 1.0 / args.num_classes, "train_seconds_this_run": round(time.time() - t_start, 1),
@@ -230,6 +242,10 @@ def pretrain(args, log=print) -> dict:
 
 # what may differ between a run and its resume: where it writes, how often it saves, its threads
 _RESUME_FREE = ("out", "resume", "export", "ckpt_every", "threads", "func", "command_line")
+
+
+class Interrupted(Exception):
+    """A signal stopped the run after a step, its checkpoint saved (exit 130)."""
 
 
 def _check_resume_args(saved: dict, now: dict, source: str) -> None:
@@ -378,10 +394,18 @@ def register(subparsers):
 def _main(args) -> int:
     args.command_line = "svp pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else None
-    for k in ("num_classes", "per_class", "heldout_per_class", "epochs", "batch_size", "ckpt_every", "threads"):
-        if getattr(args, k) < 1:   # (--threads 0 ran on one thread, and recorded 0)
-            print(f"svp pretrain: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}", file=sys.stderr)
+    for k, least in (("num_classes", 2), ("per_class", 1), ("heldout_per_class", 1), ("epochs", 1),
+                     ("batch_size", 1), ("ckpt_every", 1), ("threads", 1), ("warmup_steps", 0)):
+        if getattr(args, k) < least:   # (--threads 0 ran on one thread, and recorded 0)
+            print(f"svp pretrain: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
+                  file=sys.stderr)
             return 2
+    need, have = _images_bytes(args), _memory_bytes()
+    if have and need > have // 2:   # (--num-classes 10**9: minutes of drawing categories, then out of memory)
+        print(f"svp pretrain: {args.num_classes} classes x ({args.per_class} + {args.heldout_per_class}) images "
+              f"are {need / 2**30:.3g} GiB in memory, more than half this machine's {have / 2**30:.3g} GiB; "
+              f"fewer --num-classes, --per-class or --heldout-per-class", file=sys.stderr)
+        return 2
     if args.per_class * args.num_classes < args.batch_size:
         print(f"svp pretrain: {args.per_class * args.num_classes} training images are fewer than one batch "
               f"({args.batch_size})", file=sys.stderr)
@@ -420,6 +444,10 @@ def _main(args) -> int:
 
     try:
         pretrain(args, log)
+    except Interrupted as e:
+        log(str(e))
+        print(f"svp pretrain: {e}", file=sys.stderr)
+        return 130
     except OSError as e:   # a full or read-only disk: one line (the last checkpoint is whole)
         print(f"svp pretrain: cannot write {e.filename or args.out} ({e.strerror or e}); --resume continues "
               f"from the last checkpoint once it can", file=sys.stderr)
@@ -430,6 +458,20 @@ def _main(args) -> int:
         except OSError:
             pass
     return 0
+
+
+def _images_bytes(args) -> int:
+    """What the generated images take in memory: both splits are made whole, as uint8 RGB at the
+    fractals' 32 px (fractals.generate_split), before the first step."""
+    return args.num_classes * (args.per_class + args.heldout_per_class) * 32 * 32 * 3
+
+
+def _memory_bytes() -> int:
+    """This machine's memory; 0 where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _json_dict(text: str) -> dict:
