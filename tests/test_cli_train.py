@@ -341,6 +341,23 @@ def _torchrun_two(tmp_path, args, output_key, timeout=120):
     pytest.fail("torchrun hung twice:\n" + "\n".join(hung))
 
 
+def test_commands_other_than_train_refuse_torchrun(tmp_path, capsys, monkeypatch):
+    """Under torchrun each process ran the whole command: `svp eval` printed its result once per
+    process (--json: two documents, which no parser reads as one), `svp sweep`'s second rank found
+    the sweep folder locked by the first and stopped both."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, label in (("0", ""), ("1", " (rank 1)")):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["eval", str(tmp_path / "ad"), "--dataset", "digits", "--json"], ["doctor", "--no-timing"],
+                     ["sweep", "--suite", "mini", "--output", str(tmp_path / "sw")]):
+            assert svp_main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err == (f"svp {argv[0]}{label}: error: runs in one process; under torchrun "
+                                         f"(WORLD_SIZE=2) each process would run all of it: run it without "
+                                         f"torchrun (of svp's commands, only `svp train` runs distributed)\n"), err
+    assert not (tmp_path / "sw").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_refusals_of_the_main_rank_reach_the_other_rank(tmp_path):
     """A run folder refused by rank 0 (taken name, folder in use): rank 1 waited for its name in

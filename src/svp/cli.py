@@ -78,6 +78,15 @@ def main(argv=None) -> int:
         return 2
     from . import runtime
     runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "train" and world not in ("", "1"):
+        # each process ran the whole command: `svp eval` printed every result once per process
+        # (--json: two documents, no longer JSON), `svp sweep` refused its own other rank's lock
+        rank = os.environ.get("RANK", "0")
+        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: runs in one process; "
+              f"under torchrun (WORLD_SIZE={world}) each process would run all of it: run it without "
+              f"torchrun (of svp's commands, only `svp train` runs distributed)", file=sys.stderr)
+        return 2
     try:
         rc = args.func(args)
     except SVPError as e:
