@@ -176,3 +176,19 @@ def test_doctor_says_a_forced_backend_is_forced(monkeypatch):
     monkeypatch.setattr(dispatch, "_forced", None)
     monkeypatch.delenv("SVP_SCAN_BACKEND")
     assert backend_choice(torch.device("cpu")).startswith("automatic choice on cpu: ")
+
+
+def test_a_numba_whose_import_breaks_is_a_row_not_a_traceback(monkeypatch):
+    """A broken llvmlite install makes `import numba` raise an OSError (its shared library), not
+    an ImportError: `svp doctor` stopped in a traceback there, while `svp train` fell back."""
+    import builtins
+    from svp import doctor
+    real = builtins.__import__
+
+    def broken(name, *a, **kw):
+        if name == "numba":
+            raise OSError("Could not find/load shared object file: libllvmlite.so")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    row = doctor._numba_row()
+    assert row.startswith("installed, but its import fails (OSError: Could not find/load shared object"), row
