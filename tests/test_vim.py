@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import pickle
+import warnings
 
 import pytest
 import timm
@@ -262,6 +263,13 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
     (tmp_path / "notes.pth").write_text("e\n")
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "adir.pth").mkdir()
+    # a plain pickle (not torch.save's zip): torch's reason came after a blank line, and was dropped
+    with open(tmp_path / "plain.pth", "wb") as f:
+        pickle.dump({"model": {"w": torch.zeros(2)}}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # torch's "Detected pickle protocol 4" went raw to stderr
+        with pytest.raises(CheckpointError, match=r"never run\): Unsupported operand \d+ \(a plain pickle\?"):
+            read_checkpoint(str(tmp_path / "plain.pth"))
     for name, words in (("foreign.pth", r"it pickles test_vim\.Foreign, which is not on the allow-list"),
                         ("notes.pth", r"notes.pth: not a readable torch checkpoint \(\w+Error"),
                         ("empty.pth", "the file is empty"), ("adir.pth", "is a folder; expected a checkpoint file")):
@@ -687,6 +695,15 @@ def test_bad_sizes_and_unbatched_images_are_named():
         model.reset_classifier(-1)
     with pytest.raises(ValueError, match=r"got shape \(3, 32, 32\) \(one image: add a batch dimension"):
         model(torch.randn(3, 32, 32))
+    # an HWC batch was "image width 3 does not fit the patch grid"; integer pixels torch's words
+    # on the conv's bias
+    with pytest.raises(ValueError, match=re.escape("got shape (2, 32, 32, 3), 32 channels (channels last? "
+                                                   "x.permute(0, 3, 1, 2))")):
+        model(torch.randn(2, 32, 32, 3))
+    with pytest.raises(ValueError, match=re.escape("(batch, 3, height, width); got shape (2, 1, 32, 32), 1 ch")):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="expected floating-point images .*; got torch.uint8"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert timm.create_model("vim_tiny_patch16_224", **dict(tiny_kwargs(), num_classes=0))(
         torch.randn(1, 3, 32, 32)).shape == (1, 32)
 

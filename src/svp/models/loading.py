@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from typing import List, Mapping, Optional
 
@@ -50,7 +51,9 @@ def read_checkpoint(path) -> dict:
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
     try:
         if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            # (torch's warning on a plain pickle's protocol went raw to stderr before the refusal)
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         # torch < 2.5 cannot allow Namespace in weights_only=True: the same allow-list, our unpickler
         from ..compat import restricted_torch_load
@@ -82,9 +85,12 @@ def _unpickle_reason(e: Exception) -> str:
              or re.search(r"global '([\w.]+)' is not allowed \(", text))  # svp.compat.AllowListUnpickler's
     if found:
         return f"it pickles {found.group(1)}, which is not on the allow-list"
-    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", text)
-    if found:
-        return found.group(1).strip()
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", text)   # (torch 2.14: a blank line first)
+    if found and found.group(1).strip():
+        reason = found.group(1).strip()
+        if reason.startswith("Unsupported operand"):   # an opcode torch.save never writes
+            reason += " (a plain pickle? torch.save's files and .safetensors are read)"
+        return reason
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
     kept = [p for p in paragraphs if "weights_only" not in p and "documentation of torch.load" not in p]
     return " ".join(kept or paragraphs[-1:]) or type(e).__name__

@@ -76,6 +76,14 @@ class PatchEmbed(nn.Module):
         if x.dim() != 4:  # an unbatched (3, H, W) image failed later, in a concatenation
             raise ValueError(f"expected images as (batch, channels, height, width); got shape {tuple(x.shape)}"
                              + (" (one image: add a batch dimension, x[None])" if x.dim() == 3 else ""))
+        c = self.proj.in_channels
+        if x.shape[1] != c:   # (B, H, W, C) was reported as a width off the patch grid
+            last = " (channels last? x.permute(0, 3, 1, 2))" if x.shape[-1] == c else ""
+            raise ValueError(f"expected images as (batch, {c}, height, width); got shape {tuple(x.shape)}, "
+                             f"{x.shape[1]} channels{last}")
+        if not x.is_floating_point():   # torch's own words named the conv's bias, not the input
+            raise ValueError(f"expected floating-point images (the recipe's normalised values: svp's "
+                             f"transforms make them); got {x.dtype}")
         grid = self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2), grid
 
