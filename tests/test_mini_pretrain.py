@@ -233,3 +233,25 @@ def test_pretrain_resume_of_a_damaged_checkpoint_is_one_error_naming_the_file(tm
     logged = []
     pt.pretrain(_args(out, epochs=1, ckpt_every=1, resume=True), log=logged.append)
     assert any(f"at step {json.loads(good_state)['step']}/" in m for m in logged), logged
+
+
+def test_a_pretrain_runs_own_checkpoint_loads_as_backbone_weights(tmp_path, caplog):
+    """`svp train --checkpoint OUT/checkpoint.safetensors` read 'model.*' and AdamW's 'exp_avg.*'
+    as weights ("141 missing ... 572 unexpected"): its model.* weights load, as the export's do."""
+    import logging
+
+    from svp.models.loading import load_checkpoint_into
+    said = []
+    pt.pretrain(_args(tmp_path / "p", epochs=1, resume=True, export=str(tmp_path / "w.safetensors")),
+                log=said.append)
+    assert f"--resume: no {tmp_path / 'p' / 'checkpoint.safetensors'} yet; starting at step 0" in said   # (was silent)
+
+    def mini():
+        return timm.create_model("vim_mini_patch4_32", num_classes=3, depth=2, embed_dim=32)
+    from_export, from_run = mini(), mini()
+    load_checkpoint_into(from_export, str(tmp_path / "w.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="svp.models.loading"):
+        load_checkpoint_into(from_run, str(tmp_path / "p" / "checkpoint.safetensors"))
+    assert "an svp pretrain checkpoint: loading its model.* weights" in caplog.text
+    a, b = from_export.state_dict(), from_run.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

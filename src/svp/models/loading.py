@@ -107,6 +107,12 @@ def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:
                 _logger.warning("%s: no 'model' weights, loading the EMA weights under %r", source, key)
             return _tensors_only(dict(ckpt[key]), f"{source}[{key!r}]")
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if any(k.startswith("exp_avg.") for k in ckpt) and any(k.startswith("model.") for k in ckpt):
+            # `svp pretrain`'s own checkpoint (weights and AdamW's moments, for its --resume): its
+            # weights were read as "141 missing ... 572 unexpected: exp_avg...."
+            _logger.warning("%s: an svp pretrain checkpoint: loading its model.* weights (its --export file "
+                            "holds the same)", source)
+            return {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
         return dict(ckpt)
     raise CheckpointError(f"{source}: no state dict found; expected one of the keys {list(STATE_DICT_KEYS)} "
                           f"or a bare name->tensor dict, found keys {sorted(ckpt)[:10]}")

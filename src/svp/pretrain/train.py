@@ -172,6 +172,8 @@ def pretrain(args, log=print) -> dict:
         # report the whole run, and the logged loss goes on as if never stopped
         history, loss_avg = list(saved.get("history") or []), saved.get("loss_avg")
         log(f"resumed from {ckpt} at step {step}/{total}")
+    elif args.resume:   # (the help's "if present": said, not silent)
+        log(f"--resume: no {ckpt} yet; starting at step 0")
     from .. import ops
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} params; scan backend "
         f"{ops.get_backend()} (available: {', '.join(ops.available_backends())}); {total} steps of "
