@@ -254,6 +254,21 @@ def test_a_corrupt_adapter_file_is_refused_by_reload_not_a_crash(server):
     finally:
         shutil.rmtree(server.root / "corrupt")
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
+    # files copied over one by one, caught between the two: another save's tensors (same method,
+    # same shapes) under this config were served so until the next reload
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(os.path.join(server.src, "svp"), server.root / "mixed")
+    weights = str(server.root / "mixed" / "adapter.safetensors")
+    tensors = load_file(weights)
+    tensors = {k: (v + 0.01 if k == sorted(tensors)[0] else v) for k, v in tensors.items()}
+    save_file(tensors, weights)
+    try:
+        status, body = H.http("POST", server.url + "/v1/adapters/reload")
+        assert status == 422 and list(body["refused"]) == ["mixed"], body
+        assert "is not the file adapter_config.json was saved with" in body["refused"]["mixed"], body
+    finally:
+        shutil.rmtree(server.root / "mixed")
+    assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
 
 
 def test_an_adapter_trained_with_another_image_recipe_is_refused(server):
