@@ -1554,6 +1554,26 @@ def test_copies_of_the_first_signal_are_not_a_second_one(monkeypatch, kind):
         handle(signal.SIGINT, None)
 
 
+def test_a_copy_that_comes_while_a_stopping_run_puts_its_handlers_back_is_not_a_second_press():
+    """A run that saved and stops puts the old handlers back: a copy of the first signal still on
+    its way (torchrun's SIGTERM comes after its own second copy) would then be taken by Python's
+    default handler as a second press. restore() waits COPIES_WAIT_S after the first, taking any
+    signal meanwhile as a copy."""
+    import signal
+    import threading
+    import time
+
+    from svp.engine import signals
+    before = signal.getsignal(signal.SIGINT)
+    s = signals.Signals().install()
+    s._handle(signal.SIGINT, None)   # the first (as its handler would take it)
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    s.restore()   # nothing raised
+    assert time.monotonic() - t0 >= signals.COPIES_WAIT_S - 0.01
+    assert signal.getsignal(signal.SIGINT) is before and s.received == signal.SIGINT
+
+
 def test_an_image_size_other_than_the_weights_own_is_said_in_the_log(tmp_path, capsys):
     """The mini Vim on an imagefolder dataset trained at data.img_size's default 224 px (its
     weights are 32 px ones: 49x the cost of a step), without a word."""

@@ -27,8 +27,13 @@ EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM, resume point written
 EXIT_NONFINITE = 3
 
 # A signal this soon after the first is the same one, passed on: the copies a wrapper sends came
-# within milliseconds (timeout, torchrun); a second press a person means comes later, or again.
-SAME_SIGNAL_S = 1.0
+# within milliseconds (timeout, torchrun), but Python runs a handler only between bytecodes, so a
+# copy that came during an operator is handled when it ends (a few hundred ms at most in a CPU
+# step of Vim-Small at batch 96); a second press a person means comes later, or again.
+SAME_SIGNAL_S = 2.0
+# How long after the first signal's handler a run that stops waits before it puts the old handlers
+# back: the copies still on their way left their senders within milliseconds of the first.
+COPIES_WAIT_S = 0.25
 
 
 def _again(first_at: Optional[float]) -> bool:
@@ -70,6 +75,8 @@ class _Handler:
     on ``restore``."""
 
     old: dict
+    _first_at: Optional[float] = None   # when the first signal came (time.monotonic)
+    _closing = False                    # restore() waits out COPIES_WAIT_S: every signal is a copy
 
     def install(self):
         if threading.current_thread() is threading.main_thread():
@@ -82,6 +89,16 @@ class _Handler:
         raise NotImplementedError
 
     def restore(self) -> None:
+        if self.old and self._first_at is not None:
+            # copies of the first signal still on their way (torchrun's SIGTERM follows its own
+            # handling of its second copy) meet this handler, not the old one, which would take a
+            # copy as a second press once the run had saved (a run whose step ended within
+            # milliseconds of the signal: svp pretrain's mini steps). Short sleeps: the handler
+            # runs between them
+            self._closing = True
+            end = self._first_at + COPIES_WAIT_S
+            while time.monotonic() < end:
+                time.sleep(min(0.01, max(0.0, end - time.monotonic())))
         for s, h in self.old.items():
             signal.signal(s, h)
         self.old = {}
@@ -102,7 +119,7 @@ class Signals(_Handler):
 
     def _handle(self, signum, frame):
         if self._received is not None:  # second signal: give up immediately
-            if not _again(self._first_at):
+            if self._closing or not _again(self._first_at):
                 return   # the first one's copy (SAME_SIGNAL_S)
             if _starting["depth"] > 0 and _starting["pid"] == os.getpid():
                 # ... once the workers being started have their whole state: raised mid-start, it
@@ -144,7 +161,7 @@ class StopRequest(_Handler):
 
     def _handle(self, signum, frame):
         if self.value.value:
-            if not _again(self._first_at):
+            if self._closing or not _again(self._first_at):
                 return   # the first one's copy (SAME_SIGNAL_S)
             raise KeyboardInterrupt
         self.value.value, self._first_at = int(signum), time.monotonic()
