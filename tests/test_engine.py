@@ -908,6 +908,28 @@ def test_a_schedule_that_never_reaches_its_peak_is_said_in_the_log():
     assert schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0.1), 0.1) == []
 
 
+def test_a_hand_edit_since_a_resume_point_without_its_values_is_seen_through_its_lr_phase():
+    """Resume points written before 2026-12-05 hold no training_values: a train.lr edited by hand
+    in config.yaml since was taken with no warning and no run.changes entry (QA, a 65e79ac run
+    resumed by this code). The last learning-rate phase says what the run used: its peak rate (the
+    base rate times the batch's scaling) and epochs."""
+    from svp.engine import resume_overrides as RO
+    cfg = C.resolve(overrides=["train.lr=0.002", "train.epochs=3"], use_presets=False)
+    st = {"global_step": 40, "epoch": 2, "batch": 3,
+          "lr_phases": [{"from_step": 0, "peak_lr": 0.004, "epochs": 3, "lr_min": 1e-5, "lr_max": 0.004}]}
+    held = RO.held_from_phases(st, cfg, 0.004)   # the base now scaled by 2 is the phase's: nothing changed
+    assert held == {"train.lr": 0.002, "train.epochs": 3, "train.max_steps": None}
+    assert RO.since_resume_point(held, cfg, {}, st)[:2] == ({}, [])
+    cfg["train"]["lr"], cfg["train"]["epochs"] = 0.003, 5   # edited by hand: now scaled to 0.006
+    held = RO.held_from_phases(st, cfg, 0.006)
+    diff, hand, before = RO.since_resume_point(held, cfg, {}, st)
+    assert diff == {"train.lr": [0.002, 0.003], "train.epochs": [3, 5]} and hand == ["train.lr", "train.epochs"]
+    # with --resume train.epochs=5: a change, not a hand edit
+    diff, hand, _ = RO.since_resume_point(held, cfg, {"train.epochs": [3, 5]}, st)
+    assert hand == ["train.lr"]
+    assert RO.held_from_phases({"lr_phases": []}, cfg, 0.006) is None   # nothing to say: as before
+
+
 def test_a_change_recorded_at_the_resume_points_step_is_measured_from_the_value_before_it():
     """A resume point written at the step of a --resume's change (stopped before any step after
     it) holds the new values: measured against them alone, the next resume dropped the record."""

@@ -157,6 +157,8 @@ class Trainer:
                      st["batch"], st["global_step"])
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             held = st["training_values"]
+            if held is None:   # a resume point written before it was saved
+                held = RO.held_from_phases(st, cfg, self.lr)
             diff, hand, self.values_before = RO.since_resume_point(held, cfg, self.changes, st)
             self.resumed_at = st["global_step"]
             RO.record(cfg, diff, st, replace=isinstance(held, dict))

@@ -90,12 +90,33 @@ def training_values(cfg: dict) -> Dict[str, Any]:
     return {key: cfg[key.split(".")[0]][key.split(".", 1)[1]] for key in TRAINING_KEYS}
 
 
+def held_from_phases(st: dict, cfg: dict, lr_used: float) -> Any:
+    """For a resume point written before svp saved ``training_values`` (2026-12-05): the values it
+    was saved with, as its last learning-rate phase records them, so that a hand edit since is
+    seen (it was taken unrecorded). ``train.lr`` from the phase's peak rate, which is the base
+    rate times the batch's scaling (a resume keeps the batch: ``lr_used`` over the base now is that
+    factor); ``train.epochs`` from the phase; ``train.max_steps``, which no phase holds, as it is
+    now (an edit of it still goes unseen). None where the resume point has no phase."""
+    phases = st.get("lr_phases") or []
+    if not phases or not isinstance(phases[-1], dict):
+        return None
+    last, held = phases[-1], training_values(cfg)
+    try:
+        peak, base = float(last["peak_lr"]), float(held["train.lr"])
+        held["train.epochs"] = int(last["epochs"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if peak != lr_used and lr_used and base:
+        held["train.lr"] = float(f"{peak * base / lr_used:.12g}")
+    return held
+
+
 def since_resume_point(held: Any, cfg: dict, overridden: Dict[str, List[Any]],
                        st: dict) -> Tuple[Dict[str, List[Any]], List[str], Dict[str, Any]]:
     """The training keys' changes that take effect at the resume point ``st``, and those of them
     made by editing config.yaml by hand. ``held``: the values the resume point was saved with
-    (None in resume points written before 2026-12-05: then the overrides' ``overridden``, and a
-    hand edit goes unseen). Measured against ``held``, a value edited by hand since is a change
+    (None in resume points written before 2026-12-05, where :func:`held_from_phases` cannot say
+    them either: then the overrides' ``overridden``, and a hand edit goes unseen). Measured against ``held``, a value edited by hand since is a change
     from this step on, recorded as the override would have been (it was taken unrecorded, and
     the record said the run had used it from step 0); an override a --resume made at this same
     step before it was stopped (config.yaml rewritten, no resume point since) is not one. The third
