@@ -150,6 +150,21 @@ def test_differences_leave_out_what_a_resume_may_change_and_see_earlier_resumes(
     assert diff == {"train.lr": "0.001 (from start), then 0.01 (from step 12) -> 0.01"}
 
 
+def test_a_moved_sweeps_reused_rows_name_the_folders_it_read(tmp_path, monkeypatch):
+    """results.csv took a reused run's folder from its results.json, which names the folder it was
+    trained in: after `mv sweep moved`, every reused row pointed at a folder that was gone."""
+    import shutil
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    first = sweep("mini", ["linear"], [0, 1], str(tmp_path / "sw"), ["digits"], (), REAL)
+    shutil.move(str(tmp_path / "sw"), str(tmp_path / "moved"))
+    again = sweep("mini", ["linear"], [0, 1], str(tmp_path / "moved"), ["digits"], (), REAL)
+    assert len(calls) == 2 and [r["status"] for r in again["rows"]] == ["reused", "reused"]
+    for row, before in zip(_rows(str(tmp_path / "moved")), first["rows"]):
+        assert row["run_dir"] == str(tmp_path / "moved" / os.path.relpath(before["run_dir"], tmp_path / "sw"))
+        assert os.path.isfile(os.path.join(row["run_dir"], "results.json"))
+
+
 def test_a_finished_run_without_its_config_is_not_reused(tmp_path, monkeypatch):
     out = str(tmp_path / "sw")
     run_dir = os.path.join(out, "digits", "linear", "seed0")

@@ -131,7 +131,8 @@ def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], e
                      run_dir: str = "") -> Dict[str, Any]:
     """One results.csv row. role: ``run`` (plain sweep), ``grid`` (a tuning grid point,
     selection only) or ``final`` (the selected setting, the reported number). ``run_dir``: the
-    folder of a run that failed (a finished one's results name it)."""
+    run's folder, as the sweep found it (a finished run's results.json names the folder it was
+    trained in, which a sweep folder moved since no longer is); else the one results.json names."""
     row = {k: "" for k in CSV_FIELDS}
     row.update({"suite": suite, "group": group, "dataset": dataset, "method": method, "seed": seed,
                 "role": role, "protocol": protocol, "setting": setting})
@@ -147,7 +148,8 @@ def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], e
                 "trainable_params": res.get("trainable_params"),
                 "trainable_params_without_head": res.get("trainable_params_without_head"),
                 "adapter_bytes": res.get("adapter_bytes"), "epochs_run": res.get("epochs_run"),
-                "train_seconds": res.get("train_seconds"), "run_dir": res.get("run_dir")})
+                "train_seconds": res.get("train_seconds"),
+                "run_dir": os.path.abspath(run_dir) if run_dir else res.get("run_dir")})
     return row
 
 
@@ -483,7 +485,8 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                 log.info("[%d/%d] %s / %s / seed %d", k, total, ds, m, s)
                 try:
                     res = run_one(ds, m, int(s), output, config_files, overrides, base)
-                    rows.append(row_from_results(suite, group, ds, m, s, res))
+                    rows.append(row_from_results(suite, group, ds, m, s, res,
+                                                 run_dir=os.path.join(output, run_folder_name(ds, m, int(s)))))
                 except Exception as e:  # keep going; the row says what failed
                     from .tune import stop_requested
                     if fail_fast or stop_requested(e):
@@ -511,7 +514,7 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
                                                                     base)))
     with Runner(jobs) as runner:
         results = runner.run_all(tasks)
-    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=os.path.abspath(run_dir) if res is None else "")
+    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir)
             for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
