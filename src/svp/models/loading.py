@@ -85,7 +85,8 @@ def _unpickle_reason(e: Exception) -> str:
              or re.search(r"global '([\w.]+)' is not allowed \(", text))  # svp.compat.AllowListUnpickler's
     if found:
         return f"it pickles {found.group(1)}, which is not on the allow-list"
-    found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", text)   # (torch 2.14: a blank line first)
+    # (torch 2.14 puts a blank line before the reason)
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please|\n|$)", text)
     if found and found.group(1).strip():
         reason = found.group(1).strip()
         if reason.startswith("Unsupported operand"):   # an opcode torch.save never writes

@@ -42,9 +42,8 @@ def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
     """:func:`base_weights_hash`'s sha256 over any name -> tensor dict (an adapter's own:
     ``weights_hash`` in adapter_config.json binds the config to the tensors saved with it)."""
     h = hashlib.sha256()
-    sd = tensors
-    for name in sorted(sd):
-        t = sd[name].detach()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
