@@ -40,10 +40,11 @@ def _config_epilog() -> str:
               "  svp train --resume runs/digits-svp-s0-20250101-120000-3f9a1c",
               "  torchrun --nproc_per_node=2 -m svp train --dataset digits ...   (DDP; batch is per process)",
               "",
-              "exit codes: 0 done, 2 bad configuration/data/checkpoint or run folder in use,",
-              "3 divergence (non-finite loss, gradients, weights or optimizer state), 75 stopped by",
-              "debug.stop_at_step, 130 interrupted by SIGINT/SIGTERM (resume point saved; a second",
-              "signal stops at once)."]
+              "exit codes: 0 done, 1 out of memory (one line saying what to lower), 2 bad",
+              "configuration/data/checkpoint or run folder in use, 3 divergence (non-finite loss,",
+              "gradients, weights or optimizer state), 75 stopped by debug.stop_at_step, 130",
+              "interrupted by SIGINT/SIGTERM (resume point saved; a second signal, two seconds or",
+              "more after the first, stops at once)."]
     return "\n".join(lines)
 
 
