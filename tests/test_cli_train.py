@@ -352,10 +352,15 @@ def test_commands_other_than_train_refuse_torchrun(tmp_path, capsys, monkeypatch
                      ["sweep", "--suite", "mini", "--output", str(tmp_path / "sw")]):
             assert svp_main(argv) == 2
             out, err = capsys.readouterr()
-            assert out == "" and err == (f"svp {argv[0]}{label}: error: runs in one process; under torchrun "
-                                         f"(WORLD_SIZE=2) each process would run all of it: run it without "
-                                         f"torchrun (of svp's commands, only `svp train` runs distributed)\n"), err
+            assert out == "" and err == (f"svp {argv[0]}{label}: error: runs in one process, and WORLD_SIZE=2 "
+                                         f"is set: under torchrun (or another launcher) each process would run "
+                                         f"all of it. Run it without torchrun, or with WORLD_SIZE unset (of "
+                                         f"svp's commands, only `svp train` runs distributed)\n"), err
     assert not (tmp_path / "sw").exists()
+    for world in ("1", "", " 1", "0"):   # one process, as svp train reads them
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert svp_main(["data", "list"]) == 0, world
+        capsys.readouterr()
 
 
 @pytest.mark.slow

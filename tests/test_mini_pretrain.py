@@ -255,3 +255,36 @@ def test_a_pretrain_runs_own_checkpoint_loads_as_backbone_weights(tmp_path, capl
     assert "an svp pretrain checkpoint: loading its model.* weights" in caplog.text
     a, b = from_export.state_dict(), from_run.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+STAGE_CHILD = """import signal, sys, time
+def stop(signum, frame):
+    time.sleep(0.6)                       # the step under way, then its save
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+SUITE_PARENT = """import sys
+from svp.pretrain import mini_suite
+mini_suite._run_stage([sys.executable, "-c", sys.argv[1], sys.argv[2]], None)
+"""
+
+
+@pytest.mark.slow   # starts processes
+def test_a_ctrl_c_of_the_mini_suite_lets_the_stage_under_way_save(tmp_path):
+    """The suite ran each stage with subprocess.call, which kills the command 0.25 s after a
+    Ctrl-C: `svp pretrain` or `svp sweep`, stopping after its step with a resume point, was
+    killed before it had saved. A signal sent to the suite alone is passed on."""
+    import signal
+    import subprocess
+    import sys
+    marker = tmp_path / "saved"
+    parent = subprocess.Popen([sys.executable, "-c", SUITE_PARENT, STAGE_CHILD, str(marker)],
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "ready"
+    parent.send_signal(signal.SIGINT)    # to the suite alone
+    assert parent.wait(timeout=60) == 130
+    assert marker.read_text() == "saved"

@@ -163,6 +163,10 @@ def test_a_moved_sweeps_reused_rows_name_the_folders_it_read(tmp_path, monkeypat
     for row, before in zip(_rows(str(tmp_path / "moved")), first["rows"]):
         assert row["run_dir"] == str(tmp_path / "moved" / os.path.relpath(before["run_dir"], tmp_path / "sw"))
         assert os.path.isfile(os.path.join(row["run_dir"], "results.json"))
+    from svp.engine.sweep import row_from_results   # a failed row's too, given relative (--jobs)
+    monkeypatch.chdir(tmp_path)
+    assert row_from_results("mini", "g", "d", "m", 0, None, "boom", run_dir="out/d/m/seed0")["run_dir"] == \
+        str(tmp_path / "out" / "d" / "m" / "seed0")
 
 
 def test_a_finished_run_without_its_config_is_not_reused(tmp_path, monkeypatch):

@@ -94,6 +94,10 @@ except ValueError:
     print("layer not started")
 threading.Thread.start = start
 print(add_rms_norm_cpu(torch.ones(2, 9, 64), None, torch.ones(64), 1e-5)[0].shape)
+threading.Thread.start = refuse   # the layer runs: not checked again (SVP_CPU_DEDICATED started it at import)
+from svp.ops import scan_cpu
+scan_cpu._start_numba_threads()
+print("checked once")
 """
 
 
@@ -108,4 +112,4 @@ def test_threads_that_cannot_start_are_one_error_before_numba_starts_its_pool():
     assert lines[0].startswith("refused: svp's CPU kernels cannot start numba's pool of ")
     assert "ulimit -u" in lines[0] and "SVP_SCAN_BACKEND=torch" in lines[0]
     assert lines[1] == "layer not started"
-    assert lines[2] == "torch.Size([9, 64])"
+    assert lines[2] == "torch.Size([9, 64])" and lines[3] == "checked once"

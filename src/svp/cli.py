@@ -60,6 +60,14 @@ def _innermost(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
         parser = actions[0].choices[chosen]
 
 
+def _world_size() -> int:
+    """WORLD_SIZE as svp train reads it (svp.engine.distributed); 1 where it is unset or not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -78,14 +86,15 @@ def main(argv=None) -> int:
         return 2
     from . import runtime
     runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)
-    world = os.environ.get("WORLD_SIZE", "1")
-    if args.command != "train" and world not in ("", "1"):
+    world = _world_size()
+    if args.command != "train" and world > 1:
         # each process ran the whole command: `svp eval` printed every result once per process
         # (--json: two documents, no longer JSON), `svp sweep` refused its own other rank's lock
         rank = os.environ.get("RANK", "0")
-        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: runs in one process; "
-              f"under torchrun (WORLD_SIZE={world}) each process would run all of it: run it without "
-              f"torchrun (of svp's commands, only `svp train` runs distributed)", file=sys.stderr)
+        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: runs in one process, "
+              f"and WORLD_SIZE={world} is set: under torchrun (or another launcher) each process would run "
+              f"all of it. Run it without torchrun, or with WORLD_SIZE unset (of svp's commands, only "
+              f"`svp train` runs distributed)", file=sys.stderr)
         return 2
     try:
         rc = args.func(args)

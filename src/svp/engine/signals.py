@@ -28,8 +28,10 @@ EXIT_NONFINITE = 3
 
 # A signal this soon after the first is the same one, passed on: the copies a wrapper sends came
 # within milliseconds (timeout, torchrun), but Python runs a handler only between bytecodes, so a
-# copy that came during an operator is handled when it ends (a few hundred ms at most in a CPU
-# step of Vim-Small at batch 96); a second press a person means comes later, or again.
+# copy that came during an operator is handled when it ends (~50 ms a kernel call in a CPU step of
+# Vim-Small at batch 96); a second press a person means comes later, or again. The limit: a copy
+# that came while the main thread had just entered one operator of two seconds or more still
+# counts as a second press (the window is timed from when the handlers run).
 SAME_SIGNAL_S = 2.0
 # How long after the first signal's handler a run that stops waits before it puts the old handlers
 # back: the copies still on their way left their senders within milliseconds of the first.

@@ -137,7 +137,7 @@ def row_from_results(suite, group, dataset, method, seed, res: Optional[dict], e
     row.update({"suite": suite, "group": group, "dataset": dataset, "method": method, "seed": seed,
                 "role": role, "protocol": protocol, "setting": setting})
     if res is None:
-        row.update({"status": "failed", "error": error, "run_dir": run_dir})
+        row.update({"status": "failed", "error": error, "run_dir": os.path.abspath(run_dir) if run_dir else ""})
         return row
     sel, fin = res.get("val_selected", {}), res.get("final", {})
     obt = res.get("official_best_test_top1")

@@ -111,8 +111,9 @@ def extract_state_dict(ckpt, source: str = "<checkpoint>") -> dict:
         if any(k.startswith("exp_avg.") for k in ckpt) and any(k.startswith("model.") for k in ckpt):
             # `svp pretrain`'s own checkpoint (weights and AdamW's moments, for its --resume): its
             # weights were read as "141 missing ... 572 unexpected: exp_avg...."
-            _logger.warning("%s: an svp pretrain checkpoint: loading its model.* weights (its --export file "
-                            "holds the same)", source)
+            _logger.warning("%s: an svp pretrain checkpoint: loading its model.* weights, those of the step it "
+                            "was saved at (a --resume of that run rewrites the file, and adapters trained on "
+                            "it then refuse its new weights: give --checkpoint the run's --export file)", source)
             return {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
         return dict(ckpt)
     raise CheckpointError(f"{source}: no state dict found; expected one of the keys {list(STATE_DICT_KEYS)} "

@@ -397,6 +397,9 @@ def _share_torch_openmp():
 SHARED_OPENMP = None   # torch's libgomp, when the kernels run on torch's OpenMP threads
 
 
+_THREADS_CHECKED = []   # non-empty once numba's layer has started after the check
+
+
 def _start_numba_threads():
     """Start numba's threading layer, after checking that this process may start the threads it
     starts. Where it cannot (a limit on a user's processes and threads: ``ulimit -u``), TBB's
@@ -408,6 +411,8 @@ def _start_numba_threads():
 
     from ..errors import BackendError
 
+    if _THREADS_CHECKED:   # (SVP_CPU_DEDICATED starts the layer at import: once is enough)
+        return
     go, started = threading.Event(), []
     try:
         for _ in range(_POOL):
@@ -418,13 +423,14 @@ def _start_numba_threads():
         fewer = f", give numba fewer threads (NUMBA_NUM_THREADS=1; {_POOL} now)" if _POOL > 1 else ""
         raise BackendError(
             f"svp's CPU kernels cannot start numba's pool of {_POOL} thread{'s' * (_POOL > 1)} ({e}): "
-            f"a limit on processes and threads (ulimit -u)? Raise the limit{fewer}, or run without "
-            f"svp's CPU kernels (SVP_SCAN_BACKEND=torch)") from None
+            f"a limit on processes and threads (ulimit -u; in a container its pids limit)? Raise the "
+            f"limit{fewer}, or run without svp's CPU kernels (SVP_SCAN_BACKEND=torch)") from None
     finally:
         go.set()
         for t in started:
             t.join()
     numba.get_num_threads()
+    _THREADS_CHECKED.append(True)
 
 
 def _pick_threading_layer(environ=os.environ):

@@ -440,11 +440,15 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
                                        f"{os.path.join(directory, ADAPTER_CONFIG)} sets it up:"] + lines))
     # tensors of the right shapes that are not the ones saved with this config (folders saved
     # before svp wrote weights_hash have none)
-    digest = cfg.get("weights_hash")
-    if digest is not None and tensors_hash(state) != digest:
+    # (check_hash=False forces this too: tensors edited on purpose, e.g. re-saved in float16)
+    digest = cfg.get("weights_hash") if check_hash else None
+    found = tensors_hash(state) if digest is not None else None
+    if found != digest:
         raise AdapterError(f"{weights} is not the file {ADAPTER_CONFIG} was saved with (its tensors' hash is "
-                           f"{tensors_hash(state)}, the config's weights_hash {digest}): a save stopped between "
-                           f"the two files, or one of them was replaced? Save or copy the adapter again")
+                           f"{found}, the config's weights_hash {digest}): a save stopped between the two files, "
+                           f"or one of them was replaced? Save or copy the adapter again; tensors edited on "
+                           f"purpose load with weights_hash removed from the config (from Python, "
+                           f"load_adapter(..., check_hash=False))")
     try:
         peft = _attach(model, config, base_hash=have)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)

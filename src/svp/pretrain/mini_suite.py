@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -298,8 +299,28 @@ def main(argv=None) -> int:
             continue
         print(f"== stage {i}/{len(cmds)}: {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         if not args.dry_run:
-            rc = subprocess.call(cmd, env=env) or rc
+            rc = _run_stage(cmd, env) or rc
     return rc
+
+
+def _run_stage(cmd, env) -> int:
+    """One stage's command, to its end. A Ctrl-C ends the stage as the command ends on it: it
+    finishes its step and saves (subprocess.call killed it 0.25 s after the signal, losing that);
+    it is passed on to the command too, for a signal sent to this process alone (a copy the
+    command got from the terminal as well counts as one: svp.engine.signals). A second one kills
+    the command. The suite stops there."""
+    child = subprocess.Popen(cmd, env=env)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            child.kill()
+            child.wait()
+            raise
+        raise SystemExit(code or 130) from None
 
 
 if __name__ == "__main__":

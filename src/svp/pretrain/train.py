@@ -226,6 +226,8 @@ def pretrain(args, log=print) -> dict:
             # (after the epoch's record, which it keeps)
             if step % args.ckpt_every == 0 or step == total or signals.received:
                 save_ckpt()
+            if signals.received and step == total:   # the run is done: finished, not stopped
+                log(f"{signals.name} received in the last step: finishing (held-out evaluation, export)")
             if signals.received and step < total:
                 raise Interrupted(f"{signals.name} received: stopped after step {step}/{total}; checkpoint saved. "
                                   f"Continue with the same command and --resume")
