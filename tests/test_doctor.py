@@ -185,10 +185,14 @@ def test_a_numba_whose_import_breaks_is_a_row_not_a_traceback(monkeypatch):
     from svp import doctor
     real = builtins.__import__
 
+    raised = [OSError("Could not find/load shared object file: libllvmlite.so")]
+
     def broken(name, *a, **kw):
         if name == "numba":
-            raise OSError("Could not find/load shared object file: libllvmlite.so")
+            raise raised[0]
         return real(name, *a, **kw)
     monkeypatch.setattr(builtins, "__import__", broken)
     row = doctor._numba_row()
     assert row.startswith("installed, but its import fails (OSError: Could not find/load shared object"), row
+    raised[0] = SystemExit(3)   # (a module that exits as it is imported: the doctor ended there, silently)
+    assert doctor._numba_row().startswith("installed, but its import fails (SystemExit: 3)")

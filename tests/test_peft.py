@@ -240,6 +240,8 @@ def test_a_save_is_one_pair_of_files(tmp_path):
     perturb_method_params(b, seed=2)
     with pytest.raises(AdapterError, match=r"not saved: extra=\{'when': <object .*cannot be written as JSON"):
         b.save(tmp_path / "ad", extra={"when": object()})
+    with pytest.raises(AdapterError, match=r"not saved: extra=\{'loss': nan\} cannot be written as JSON"):
+        b.save(tmp_path / "ad", extra={"loss": float("nan")})   # (was written as null, silently)
     name = sorted(n for n, p in b.named_parameters() if p.requires_grad)[0]
     with torch.no_grad():
         dict(b.named_parameters())[name][0] = float("nan")
@@ -266,6 +268,25 @@ def test_a_save_is_one_pair_of_files(tmp_path):
     (tmp_path / "afile").write_text("")   # was "[Errno 17] File exists: 'afile'"
     with pytest.raises(AdapterError, match=r"afile: cannot create the adapter folder \(.*afile is a file, not a fo"):
         a.save(tmp_path / "afile")
+    # a save stopped between its two files, over a folder whose config has no weights_hash (saved
+    # before svp wrote it): the weights went first, and that pair loaded, b's weights under a's names
+    import svp.peft.io as pio
+    a.save(tmp_path / "old", class_names=[f"a{i}" for i in range(5)])
+    old_cfg = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({k: v for k, v in old_cfg.items()
+                                                                     if k != "weights_hash"}))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    real = pio.atomic_save_safetensors
+    pio.atomic_save_safetensors = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            b.save(tmp_path / "old", class_names=[f"b{i}" for i in range(5)])
+    finally:
+        pio.atomic_save_safetensors = real
+    with pytest.raises(AdapterError, match="is not the file adapter_config.json was saved with"):
+        load_adapter(tiny(), tmp_path / "old")
     # a folder in the weights' place: os.fdopen's "[Errno 21] Is a directory: 4" before
     (tmp_path / "ad" / "adapter.safetensors").unlink()
     (tmp_path / "ad" / "adapter.safetensors").mkdir()

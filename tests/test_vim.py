@@ -704,6 +704,23 @@ def test_bad_sizes_and_unbatched_images_are_named():
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="expected floating-point images .*; got torch.uint8"):
         model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=re.escape("expected torch.float32 images, the model's dtype; got "
+                                                   "torch.float16")):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.float16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # mixed precision takes them
+        assert model(torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16)).shape == (2, 5)
+    # the methods check before they transform the input: SimAM's mean failed on integers, the pixel
+    # prompt said "built for 32x32 images, got 32x3" of an HWC batch and took one unbatched image
+    from svp.peft import get_peft_model, make_config
+    for cfg, bad, words in ((make_config("svp", shared_layers=1, simam=True), torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                             "expected floating-point images"),
+                            (make_config("visual_prompt", image_size=32, pad=4), torch.zeros(2, 32, 32, 3),
+                             "(channels last? x.permute(0, 3, 1, 2))"),
+                            (make_config("visual_prompt", image_size=32, pad=4), torch.zeros(3, 32, 32),
+                             "add a batch dimension")):
+        peft = get_peft_model(timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()), cfg)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            peft(bad)
     assert timm.create_model("vim_tiny_patch16_224", **dict(tiny_kwargs(), num_classes=0))(
         torch.randn(1, 3, 32, 32)).shape == (1, 32)
 

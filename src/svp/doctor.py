@@ -102,7 +102,7 @@ def _numba_row() -> str:
     except ImportError as e:
         return (f"not installed ({e}): `pip install numba` gives svp's fused CPU kernels; without them the "
                 f"CPU runs the pure-PyTorch scan, several times slower")
-    except Exception as e:   # a broken install (llvmlite's shared library: an OSError)
+    except (Exception, SystemExit) as e:   # a broken install (llvmlite's shared library: an OSError)
         return (f"installed, but its import fails ({type(e).__name__}: {e}): reinstall numba and llvmlite; "
                 f"without them the CPU runs the pure-PyTorch scan, several times slower")
     try:

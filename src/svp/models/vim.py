@@ -72,7 +72,9 @@ class PatchEmbed(nn.Module):
             grid.append((size - p) // s + 1)
         return tuple(grid)
 
-    def forward(self, x):
+    def check_images(self, x: torch.Tensor) -> None:
+        """Refuse, in words, a batch this embedding cannot take (also called by the PEFT methods
+        before they transform the input: SimAM and the pixel prompt failed on it first)."""
         if x.dim() != 4:  # an unbatched (3, H, W) image failed later, in a concatenation
             raise ValueError(f"expected images as (batch, channels, height, width); got shape {tuple(x.shape)}"
                              + (" (one image: add a batch dimension, x[None])" if x.dim() == 3 else ""))
@@ -81,9 +83,17 @@ class PatchEmbed(nn.Module):
             last = " (channels last? x.permute(0, 3, 1, 2))" if x.shape[-1] == c else ""
             raise ValueError(f"expected images as (batch, {c}, height, width); got shape {tuple(x.shape)}, "
                              f"{x.shape[1]} channels{last}")
-        if not x.is_floating_point():   # torch's own words named the conv's bias, not the input
+        # torch's own words named the conv's bias, not the input
+        if not x.is_floating_point():
             raise ValueError(f"expected floating-point images (the recipe's normalised values: svp's "
                              f"transforms make them); got {x.dtype}")
+        w = self.proj.weight
+        if x.dtype != w.dtype and not autocast_enabled(x.device.type) and w.device.type != "meta":
+            raise ValueError(f"expected {w.dtype} images, the model's dtype; got {x.dtype} (x.to({w.dtype}), "
+                             f"or the model .to({x.dtype}), or mixed precision under torch.autocast)")
+
+    def forward(self, x):
+        self.check_images(x)
         grid = self.grid_for(x.shape[-2:])
         return self.proj(x).flatten(2).transpose(1, 2), grid
 

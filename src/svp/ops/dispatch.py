@@ -114,7 +114,7 @@ def _load(name: str):
                          if name == "cpu" and missing and "numba" in str(e)
                          else f"{type(e).__name__}: {e}")
         return None
-    except Exception as e:  # a broken install: unavailable, with the reason
+    except (Exception, SystemExit) as e:  # a broken install (one module's import even exits): unavailable
         _errors[name] = f"{type(e).__name__}: {e}"
         if "no locator available" in str(e):   # numba found no writable folder for its cache
             _errors[name] += "; set NUMBA_CACHE_DIR to a writable folder"

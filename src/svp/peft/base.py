@@ -174,6 +174,7 @@ class PeftModel(nn.Module):
 
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
+        self.base_model.patch_embed.check_images(images)   # (before SimAM and the pixel prompt see it)
         x = simam(images) if self.config.simam else images
         return self.method.transform_input(x)
 

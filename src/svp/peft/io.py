@@ -107,16 +107,19 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         config["extra"] = extra
     # Each file is replaced atomically, the pair is not: the config's text is made before either
     # is written (an `extra` JSON cannot hold wrote the new weights beside the old config, and that
-    # folder loaded, one save's weights under another's class names), and ``weights_hash`` makes a
-    # pair a save left half-replaced (a crash, a full disk) an error at load.
+    # folder loaded, one save's weights under another's class names), and the config, which binds
+    # its tensors by ``weights_hash``, is written first: a save stopped between the two leaves the
+    # new config beside the old tensors, refused at load, also over a folder whose old config had
+    # no hash (saved by an svp before it; weights first, that pair loaded).
     try:
+        json.dumps(extra, allow_nan=False)   # (json_text would write a nan as null, silently)
         text = json_text(config, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory}: not saved: extra={_brief(extra)} cannot be written as JSON ({e}); "
-                           f"expected strings, numbers, booleans, None, lists and dicts of them") from None
+                           f"expected strings, finite numbers, booleans, None, lists and dicts of them") from None
+    atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), text)
     atomic_save_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors,
                             metadata={"method": peft_model.config.method, "base_model_hash": peft_model.base_hash})
-    atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), text)
     return directory
 
 
