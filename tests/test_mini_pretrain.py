@@ -176,7 +176,7 @@ def test_a_signal_saves_the_step_under_way_and_resume_finishes_the_same_run(tmp_
     import signal
 
     full = pt.pretrain(_args(tmp_path / "full", ckpt_every=100), log=lambda m: None)
-    orig = pt.lr_at
+    orig, before = pt.lr_at, signal.getsignal(signal.SIGINT)   # (ignored under CI's background jobs)
 
     def ctrl_c(step, total, args):
         if step == 4:   # in epoch 1's second step, no checkpoint due until the end
@@ -186,7 +186,7 @@ def test_a_signal_saves_the_step_under_way_and_resume_finishes_the_same_run(tmp_
     monkeypatch.setattr(pt, "lr_at", ctrl_c)
     with pytest.raises(pt.Interrupted, match=r"SIGINT received: stopped after step 5/6; checkpoint saved"):
         pt.pretrain(_args(tmp_path / "cut", ckpt_every=100), log=lambda m: None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # put back
+    assert signal.getsignal(signal.SIGINT) is before   # put back
     with open(tmp_path / "cut" / "checkpoint.json") as f:
         assert json.load(f)["step"] == 5
     monkeypatch.setattr(pt, "lr_at", orig)
@@ -282,8 +282,10 @@ def test_a_ctrl_c_of_the_mini_suite_lets_the_stage_under_way_save(tmp_path):
     import subprocess
     import sys
     marker = tmp_path / "saved"
+    # (SIGINT as a terminal leaves it: CI's background jobs start with it ignored, kept by children)
     parent = subprocess.Popen([sys.executable, "-c", SUITE_PARENT, STAGE_CHILD, str(marker)],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert parent.stdout.readline().strip() == "ready"
     parent.send_signal(signal.SIGINT)    # to the suite alone
     assert parent.wait(timeout=60) == 130
