@@ -117,8 +117,9 @@ def since_resume_point(held: Any, cfg: dict, overridden: Dict[str, List[Any]],
     made by editing config.yaml by hand. ``held``: the values the resume point was saved with
     (None in resume points written before 2026-12-05, where :func:`held_from_phases` cannot say
     them either: then the overrides' ``overridden``, and a hand edit goes unseen). Measured
-    against ``held``, a value edited by hand since is a change from this step on, recorded as the override would have been (it was taken unrecorded, and
-    the record said the run had used it from step 0); an override a --resume made at this same
+    against ``held``, a value edited by hand since is a change from this step on, recorded as the
+    override would have been (it was taken unrecorded, and the record said the run had used it
+    from step 0); an override a --resume made at this same
     step before it was stopped (config.yaml rewritten, no resume point since) is not one. The third
     value: the keys' values before this step, what a resume point written at it, before any step
     ran under the change, is to hold (:meth:`Trainer.save_resume`)."""

@@ -112,7 +112,6 @@ class Signals(_Handler):
 
     def __init__(self):
         self._received: Optional[int] = None
-        self._first_at: Optional[float] = None
         self.old = {}
 
     @property
@@ -159,7 +158,6 @@ class StopRequest(_Handler):
 
     def __init__(self, value, on_first=None):
         self.value, self.on_first, self.old = value, on_first, {}
-        self._first_at: Optional[float] = None
 
     def _handle(self, signum, frame):
         if self.value.value:

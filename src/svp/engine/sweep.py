@@ -483,10 +483,10 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
             for s in seeds:
                 k += 1
                 log.info("[%d/%d] %s / %s / seed %d", k, total, ds, m, s)
+                run_dir = os.path.join(output, run_folder_name(ds, m, int(s)))
                 try:
                     res = run_one(ds, m, int(s), output, config_files, overrides, base)
-                    rows.append(row_from_results(suite, group, ds, m, s, res,
-                                                 run_dir=os.path.join(output, run_folder_name(ds, m, int(s)))))
+                    rows.append(row_from_results(suite, group, ds, m, s, res, run_dir=run_dir))
                 except Exception as e:  # keep going; the row says what failed
                     from .tune import stop_requested
                     if fail_fast or stop_requested(e):
@@ -494,8 +494,7 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
-                                                 run_dir=os.path.abspath(os.path.join(output,
-                                                                                      run_folder_name(ds, m, int(s))))))
+                                                 run_dir=run_dir))
                 write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}

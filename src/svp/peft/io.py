@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from ..io import atomic_save_safetensors  # noqa: F401 (re-exported)
-from ..io import atomic_write_json as _atomic_write_json
 from ..io import DISK_ERRNOS, atomic_write_text, json_text, mkdir_error
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -52,10 +51,6 @@ def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
             t = t.view(torch.int16)
         h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
     return "sha256:" + h.hexdigest()
-
-
-def atomic_write_json(path: str, obj):
-    _atomic_write_json(path, obj, sort_keys=True)
 
 
 def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
