@@ -1,6 +1,10 @@
 """Adaptation methods on one harness: freezing, gradients, save/load, SVP and VPT semantics."""
+import errno
 import json
+import os
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -230,8 +234,9 @@ def test_a_save_is_one_pair_of_files(tmp_path):
     """adapter.safetensors and adapter_config.json are replaced one at a time: a save whose
     config could not be written (an `extra` JSON cannot hold) left the new weights under the old
     config and class names, and that folder loaded; a model with NaN weights was saved, and its
-    folder then called damaged. Now nothing is written unless both can be, and a folder whose two
-    files come from two saves (a save stopped between them) is refused at load."""
+    folder then called damaged. Now nothing is written unless both can be, a save stopped while
+    writing keeps the old pair, and a folder whose two files come from two saves (a kill between
+    the two renames, files copied over one by one) is refused at load."""
     x = images()
     a = get_peft_model(tiny(), make_config("svp", shared_layers=2, hidden=8))
     perturb_method_params(a, seed=1)
@@ -268,25 +273,75 @@ def test_a_save_is_one_pair_of_files(tmp_path):
     (tmp_path / "afile").write_text("")   # was "[Errno 17] File exists: 'afile'"
     with pytest.raises(AdapterError, match=r"afile: cannot create the adapter folder \(.*afile is a file, not a fo"):
         a.save(tmp_path / "afile")
-    # a save stopped between its two files, over a folder whose config has no weights_hash (saved
-    # before svp wrote it): the weights went first, and that pair loaded, b's weights under a's names
+    # a save stopped while writing the weights, over a folder whose config has no weights_hash
+    # (saved before svp wrote it): the weights went first, and that pair loaded, b's weights under
+    # a's names; then the config went first, and the folder was refused, a's adapter lost
+    import svp.io as sio
     import svp.peft.io as pio
     a.save(tmp_path / "old", class_names=[f"a{i}" for i in range(5)])
     old_cfg = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
     (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({k: v for k, v in old_cfg.items()
                                                                      if k != "weights_hash"}))
+    real_writer, real_replace = pio.safetensors_writer, os.replace
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-    real = pio.atomic_save_safetensors
-    pio.atomic_save_safetensors = killed
+    def killed_writer(path, *args, **kwargs):
+        def write(tmp):
+            open(tmp, "wb").write(b"half")
+            raise KeyboardInterrupt
+        return write
+    pio.safetensors_writer = killed_writer
     try:
         with pytest.raises(KeyboardInterrupt):
             b.save(tmp_path / "old", class_names=[f"b{i}" for i in range(5)])
     finally:
-        pio.atomic_save_safetensors = real
+        pio.safetensors_writer = real_writer
+    with torch.no_grad():
+        loaded = load_adapter(tiny(), tmp_path / "old")
+        assert torch.equal(loaded(x), a.eval()(x)) and loaded.class_names == [f"a{i}" for i in range(5)]
+    assert sorted(os.listdir(tmp_path / "old")) == ["adapter.safetensors", "adapter_config.json"]
+    # a Ctrl-C just after the first rename: the second goes in too, the folder is b's whole
+    calls = []
+
+    def interrupted_after_first(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+    sio.os.replace = interrupted_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            b.save(tmp_path / "old", class_names=[f"b{i}" for i in range(5)])
+    finally:
+        sio.os.replace = real_replace
+    assert [os.path.basename(c) for c in calls] == ["adapter_config.json", "adapter.safetensors"]
+    with torch.no_grad():
+        loaded = load_adapter(tiny(), tmp_path / "old")
+        assert torch.equal(loaded(x), b.eval()(x)) and loaded.class_names == [f"b{i}" for i in range(5)]
+    # the second rename failing (a kill between the two renames is the same): split, refused
+    a.save(tmp_path / "split")
+
+    def second_fails(src, dst):
+        if dst.endswith(".safetensors"):
+            raise OSError(errno.EIO, "Input/output error", dst)
+        real_replace(src, dst)
+    sio.os.replace = second_fails
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            b.save(tmp_path / "split")
+    finally:
+        sio.os.replace = real_replace
+    assert sorted(os.listdir(tmp_path / "split")) == ["adapter.safetensors", "adapter_config.json"]
     with pytest.raises(AdapterError, match="is not the file adapter_config.json was saved with"):
-        load_adapter(tiny(), tmp_path / "old")
+        load_adapter(tiny(), tmp_path / "split")
+    # a save killed outright (SIGKILL) leaves its temporaries: the next save removes them
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "split" / f".svp-tmp-{dead.pid}-0badc0de-adapter.safetensors"
+    stale.write_bytes(b"half")
+    b.save(tmp_path / "split")
+    assert not stale.exists()
+    with torch.no_grad():
+        assert torch.equal(load_adapter(tiny(), tmp_path / "split")(x), b.eval()(x))
     # a folder in the weights' place: os.fdopen's "[Errno 21] Is a directory: 4" before
     (tmp_path / "ad" / "adapter.safetensors").unlink()
     (tmp_path / "ad" / "adapter.safetensors").mkdir()

@@ -16,11 +16,12 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_text",
-           "atomic_save_safetensors", "atomic_replace_dir", "temp_name", "is_temp_name", "remove_stale_temps",
-           "remove_dead_writers_temps", "TEMP_PREFIX", "DISK_ERRNOS", "mkdir_error"]
+__all__ = ["atomic_write", "atomic_write_group", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "json_text", "atomic_save_safetensors", "bytes_writer", "safetensors_writer", "atomic_replace_dir",
+           "temp_name", "is_temp_name", "remove_stale_temps", "remove_dead_writers_temps", "TEMP_PREFIX",
+           "DISK_ERRNOS", "mkdir_error"]
 
 TEMP_PREFIX = ".svp-tmp-"
 # what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
@@ -141,9 +142,8 @@ def remove_stale_temps(folder: str) -> List[str]:
     return sorted(removed)
 
 
-def atomic_write(path, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp_path)`` to produce the file, then move it into place atomically."""
-    path = os.fspath(path)
+def _write_temp(path: str, write: Callable[[str], None]) -> str:
+    """``write(tmp)`` into a fresh temporary next to ``path``, fsync'ed: ready to be moved in."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = temp_name(path)
@@ -158,6 +158,18 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
         finally:
             os.close(fd)
         os.chmod(tmp, 0o644)  # created 0600 while partial; results are meant to be shared
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` to produce the file, then move it into place atomically."""
+    path = os.fspath(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -166,11 +178,47 @@ def atomic_write(path, write: Callable[[str], None]) -> str:
     return path
 
 
+def atomic_write_group(writes: Sequence[Tuple[Any, Callable[[str], None]]]) -> List[str]:
+    """Several files that belong together (an adapter's weights and config): every one is written
+    to its temporary first, then all are moved in, in the order given, one rename after the other.
+    A failure or an interruption while any is being written leaves every old file in place; once
+    the first is moved in, the rest are moved in too (renames: microseconds) before a
+    KeyboardInterrupt goes on, so only a kill in those microseconds splits the group."""
+    paths = [os.fspath(p) for p, _ in writes]
+    temps: List[str] = []
+    try:
+        for path, (_, write) in zip(paths, writes):
+            temps.append(_write_temp(path, write))
+    except BaseException:
+        for t in temps:
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
+    try:
+        _move_in(temps, paths)
+    except BaseException:
+        # a KeyboardInterrupt (or a signal handler's exception) after the first rename ran: the
+        # rest go in too, so the group stays whole; before it, every old file still stands
+        if not os.path.exists(temps[0]):
+            try:
+                _move_in(temps, paths)
+            except OSError:   # (the rename that failed fails again: the original error is reported)
+                pass
+        for t in temps:
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
+    return paths
+
+
+def _move_in(temps: List[str], paths: List[str]) -> None:
+    for tmp, path in zip(temps, paths):
+        if os.path.exists(tmp):   # (gone: moved in already, before an interrupt)
+            os.replace(tmp, path)
+
+
 def atomic_write_bytes(path, data: bytes) -> str:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return atomic_write(path, write)
+    return atomic_write(path, bytes_writer(data))
 
 
 def atomic_write_text(path, text: str) -> str:
@@ -201,7 +249,17 @@ def atomic_write_json(path, obj: Any, sort_keys: bool = False) -> str:
     return atomic_write_text(path, json_text(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> str:
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """A ``write(tmp)`` for :func:`atomic_write` / :func:`atomic_write_group` of ``data``."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return write
+
+
+def safetensors_writer(path, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None
+                       ) -> Callable[[str], None]:
+    """A ``write(tmp)`` that saves ``tensors`` as ``path``'s safetensors file (errors name ``path``)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
@@ -217,7 +275,11 @@ def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Di
             raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), os.fspath(path)) from e
         if metadata and len(metadata) > 1:
             sort_safetensors_metadata(tmp)
-    return atomic_write(path, write)
+    return write
+
+
+def atomic_save_safetensors(path, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> str:
+    return atomic_write(path, safetensors_writer(path, tensors, metadata))
 
 
 def sort_safetensors_metadata(path) -> None:

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..io import atomic_save_safetensors  # noqa: F401 (re-exported)
-from ..io import DISK_ERRNOS, atomic_write_text, json_text, mkdir_error
+from ..io import (DISK_ERRNOS, atomic_write_group, bytes_writer, json_text, mkdir_error, remove_dead_writers_temps,
+                  safetensors_writer)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -100,21 +101,27 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
     config["config"]["num_classes"] = num_classes
     if extra:
         config["extra"] = extra
-    # Each file is replaced atomically, the pair is not: the config's text is made before either
-    # is written (an `extra` JSON cannot hold wrote the new weights beside the old config, and that
-    # folder loaded, one save's weights under another's class names), and the config, which binds
-    # its tensors by ``weights_hash``, is written first: a save stopped between the two leaves the
-    # new config beside the old tensors, refused at load, also over a folder whose old config had
-    # no hash (saved by an svp before it; weights first, that pair loaded).
+    # The pair is written as one group (atomic_write_group): both files go to temporaries, then
+    # are moved in one rename after the other, so a save stopped while writing (a SIGKILL in a
+    # large `full` adapter's weights) leaves the old pair whole and loadable. The config's text is
+    # made before anything is written (an `extra` JSON cannot hold wrote the new weights beside the
+    # old config, and that folder loaded, one save's weights under another's class names), and
+    # the config, which binds its tensors by ``weights_hash``, goes in first: a kill between the
+    # two renames leaves the new config beside the old tensors, refused at load, also over a folder
+    # whose old config had no hash (saved by an svp before it).
     try:
         json.dumps(extra, allow_nan=False)   # (json_text would write a nan as null, silently)
         text = json_text(config, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory}: not saved: extra={_brief(extra)} cannot be written as JSON ({e}); "
                            f"expected strings, finite numbers, booleans, None, lists and dicts of them") from None
-    atomic_write_text(os.path.join(directory, ADAPTER_CONFIG), text)
-    atomic_save_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors,
-                            metadata={"method": peft_model.config.method, "base_model_hash": peft_model.base_hash})
+    remove_dead_writers_temps(directory)   # what a save killed while writing left
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    atomic_write_group([
+        (os.path.join(directory, ADAPTER_CONFIG), bytes_writer(text.encode("utf-8", "surrogateescape"))),
+        (weights, safetensors_writer(weights, tensors, metadata={"method": peft_model.config.method,
+                                                                  "base_model_hash": peft_model.base_hash})),
+    ])
     return directory
 
 
