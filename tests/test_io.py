@@ -121,3 +121,35 @@ def test_a_folder_whose_write_fails_leaves_the_old_one_and_no_temporary(tmp_path
     with pytest.raises(OSError, match="File too large"):
         atomic_replace_dir(too_large, str(final))
     assert os.listdir(tmp_path) == ["best"] and (final / "a.txt").read_text() == "old"
+
+
+def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
+    """The shell expands ``~`` only at a word's start: ``--out=~/runs`` and a quoted "~/x" reached
+    svp as a folder named ``~`` under the current one (a run written to ./~/runs)."""
+    from svp.cli import build_parser
+    from svp.viz.cli import _parse_adapter
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    parser = build_parser()
+    cases = [
+        (["train", "--config=~/c.yaml", "--resume=~/run"], {"config": [f"{home}/c.yaml"], "resume": f"{home}/run"}),
+        (["eval", "~/ad", "--dataset", "digits", "--data-root=~/data"], {"adapter_dir": f"{home}/ad", "data_root": f"{home}/data"}),
+        (["predict", "~/ad", "~/a.png", "b.png", "--checkpoint=~/w.pth"],
+         {"adapter_dir": f"{home}/ad", "images": [f"{home}/a.png", "b.png"], "checkpoint": f"{home}/w.pth"}),
+        (["sweep", "--suite", "vtab", "--output=~/sw", "--config=~/c.yaml", "--data-root=~/d", "--checkpoint=~/w.pth"],
+         {"output": f"{home}/sw", "config": [f"{home}/c.yaml"], "data_root": f"{home}/d", "checkpoint": f"{home}/w.pth"}),
+        (["serve", "--adapters=~/ads", "--checkpoint=~/w.pth"], {"adapters": f"{home}/ads", "checkpoint": f"{home}/w.pth"}),
+        (["visualize", "~/i.png", "--root=~/d", "--checkpoint=~/w", "--mask=~/m.png", "--out=~/viz"],
+         {"image": f"{home}/i.png", "data_root": f"{home}/d", "checkpoint": f"{home}/w", "mask": f"{home}/m.png",
+          "out": f"{home}/viz"}),
+        (["pretrain", "--out=~/pre", "--export=~/pre.safetensors"],
+         {"out": f"{home}/pre", "export": f"{home}/pre.safetensors"}),
+        (["data", "check", "digits", "--root=~/d", "--file=~/l.csv"], {"root": f"{home}/d", "file": f"{home}/l.csv"}),
+        (["data", "grid", "digits", "--root=~/d", "--out=~/g.png"], {"root": f"{home}/d", "out": f"{home}/g.png"}),
+    ]
+    for argv, want in cases:
+        args = parser.parse_args(argv)
+        assert {k: getattr(args, k) for k in want} == want, argv
+    assert _parse_adapter("a=~/ad") == ("a", f"{home}/ad")
+    assert _parse_adapter("~/ad") == ("ad", f"{home}/ad")
+    assert parser.parse_args(["eval", "runs/~x", "--dataset", "digits"]).adapter_dir == "runs/~x"   # only a leading ~

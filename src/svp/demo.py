@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from .io import user_path
+
 BACKBONE = "vim_mini_patch4_32"
 # SVP sized for the mini backbone (width 64, depth 8) in the paper's proportions: the
 # Inner bottleneck r ~ width / 6 (paper: 64 of 384) and Cross prompters shared over a
@@ -282,7 +284,7 @@ def register(subparsers):
                     "linear probing and VPT-deep under the same budget; print test accuracy and trainable "
                     "parameters, and draw the gate-activation figure. A few minutes on a CPU.")
     # (expanded as the runs' run.output is: `--out=~/demo` reaches svp unexpanded)
-    p.add_argument("--out", default=os.path.join("runs", "demo"), type=os.path.expanduser,
+    p.add_argument("--out", default=os.path.join("runs", "demo"), type=user_path,
                    help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=8, help="epochs per method (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")

@@ -21,13 +21,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 __all__ = ["atomic_write", "atomic_write_group", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "json_text", "atomic_save_safetensors", "bytes_writer", "safetensors_writer", "atomic_replace_dir",
            "temp_name", "is_temp_name", "remove_stale_temps", "remove_dead_writers_temps", "TEMP_PREFIX",
-           "DISK_ERRNOS", "mkdir_error"]
+           "DISK_ERRNOS", "mkdir_error", "user_path"]
 
 TEMP_PREFIX = ".svp-tmp-"
 # what a full or failing disk says, whichever write it stopped (a write()/fsync() names no file)
 DISK_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EIO", "EROFS") if hasattr(errno, n))
 # what svp <= 0.1's atomic writes left (mkstemp(prefix=".tmp-", suffix="-<name>")): removed too
 _LEGACY_PREFIX = ".tmp-"
+
+
+def user_path(value: str) -> str:
+    """A path given on the command line with its leading ``~`` (or ``~user``) as the home folder:
+    the shell expands ``~`` only at a word's start, so ``--out=~/runs`` and a quoted ``"~/runs"``
+    reached svp as a folder named ``~`` (argparse ``type=`` for every path argument)."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def mkdir_error(path, e: OSError) -> str:

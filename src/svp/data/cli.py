@@ -8,7 +8,7 @@ import time
 from typing import List
 
 from ..errors import ConfigError
-from ..io import mkdir_error
+from ..io import mkdir_error, user_path
 from .base import DatasetError
 from .check import find_bad_images
 from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
     pc = sub.add_parser("check", help="count images per split (and class) and read every image")
     pc.add_argument("name", help="dataset name, e.g. vtab/dtd, cub200, digits")
-    pc.add_argument("--root", default=None, help="data root (default $SVP_DATA; not needed for "
+    pc.add_argument("--root", default=None, type=user_path, help="data root (default $SVP_DATA; not needed for "
                                                   "embedded datasets)")
     pc.add_argument("--split", action="append", default=None,
                     help="split to check (repeatable; default: every split of the dataset)")
@@ -37,17 +37,17 @@ def register(subparsers) -> None:
     pc.add_argument("--seed", type=seed_arg, default=0)
     pc.add_argument("--val-from-train", type=float, default=None)
     pc.add_argument("--partition", type=int, default=None, help="DTD partition (default 1)")
-    pc.add_argument("--file", default=None, help="csv: one list file instead of <root>/<split>.csv")
+    pc.add_argument("--file", default=None, type=user_path, help="csv: one list file instead of <root>/<split>.csv")
     pc.set_defaults(func=cmd_check)
 
     pg = sub.add_parser("grid", help="save a batch of a dataset as an image grid (PNG)")
     pg.add_argument("name")
-    pg.add_argument("--root", default=None)
+    pg.add_argument("--root", default=None, type=user_path)
     pg.add_argument("--split", default="train")
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
     pg.add_argument("--cols", type=int, default=8)
     pg.add_argument("--seed", type=seed_arg, default=0)
-    pg.add_argument("--out", required=True, help="output PNG")
+    pg.add_argument("--out", required=True, type=user_path, help="output PNG")
     pg.set_defaults(func=cmd_grid)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

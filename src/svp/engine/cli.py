@@ -14,7 +14,7 @@ from . import config as C
 EXIT_CONFIG = 2
 
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
-from ..io import json_text  # noqa: E402
+from ..io import json_text, user_path  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
         epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="configuration overrides, e.g. train.lr=1e-3 method.settings.shared_layers=6")
-    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", type=user_path,
                    help="YAML configuration file (repeatable; later files win)")
     from ..peft import list_methods   # the registered ones: a method added to svp.peft is listed
     for flag, key, typ, help_ in TRAIN_FLAGS:
@@ -90,7 +90,7 @@ def register(subparsers) -> None:
                    help="a randomly initialised backbone (tests only) [model.random_init=true]")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast on CUDA and CPU (docs/training.md) [train.amp=true]")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, type=user_path,
                    help="continue the interrupted run in RUN_DIR with its saved config.yaml (overrides may "
                         "change only train.lr, train.epochs, train.max_steps, train.device, data.root, "
                         "data.num_workers, data.cache_images, run.progress/log_every/tensorboard/"
@@ -106,10 +106,10 @@ def register(subparsers) -> None:
         "eval", help="evaluate an adapter directory on a dataset split",
         description="Rebuild the backbone recorded in ADAPTER_DIR/backbone.json (or given by --model/"
                     "--checkpoint), apply the adapter and report top-1/top-5 accuracy.")
-    e.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="an adapter folder, e.g. runs/<run>/best")
+    e.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path, help="an adapter folder, e.g. runs/<run>/best")
     e.add_argument("--dataset", required=True, help="dataset name")
     e.add_argument("--split", default="test", help="split to evaluate (default test)")
-    e.add_argument("--data-root", default=None, help="data root for datasets on disk")
+    e.add_argument("--data-root", default=None, type=user_path, help="data root for datasets on disk")
     _backbone_args(e)
     e.add_argument("--batch-size", type=int, default=144, help="evaluation batch size (default 144)")
     e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
@@ -121,8 +121,8 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("predict", help="top-k classes (names) for image files",
                               description="Classify image files with an adapter; prints the top-k class "
                                           "names and probabilities per image.")
-    q.add_argument("adapter_dir", metavar="ADAPTER_DIR")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path)
+    q.add_argument("images", nargs="+", metavar="IMAGE", type=user_path)
     q.add_argument("--topk", type=int, default=5, help="number of classes to print (default 5)")
     q.add_argument("--batch-size", type=int, default=32,
                    help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
@@ -156,11 +156,12 @@ def register(subparsers) -> None:
                    "dataset's own seed + k (0 + k; DTD's preset: 3407 + k, as the official recipe)")
     s.add_argument("--datasets", default=None,
                    help="comma-separated subset of the suite's datasets (required with --suite any)")
-    s.add_argument("--output", default=None, help="sweep folder (default sweeps/<suite>)")
-    s.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="YAML config for every run")
-    s.add_argument("--data-root", default=None, help="data root [data.root]")
+    s.add_argument("--output", default=None, type=user_path, help="sweep folder (default sweeps/<suite>)")
+    s.add_argument("--config", "-c", action="append", default=[], metavar="FILE", type=user_path,
+                   help="YAML config for every run")
+    s.add_argument("--data-root", default=None, type=user_path, help="data root [data.root]")
     s.add_argument("--model", default=None, help="backbone timm name [model.name]")
-    s.add_argument("--checkpoint", default=None, help="backbone checkpoint [model.checkpoint]")
+    s.add_argument("--checkpoint", default=None, type=user_path, help="backbone checkpoint [model.checkpoint]")
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
     s.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="select KEY per method and dataset on the validation split (several --tune: their "
@@ -194,7 +195,8 @@ def _intermixed(parser: argparse.ArgumentParser) -> None:
 def _backbone_args(p):
     p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json; "
                                                   + WEIGHTS_HELP + ")")
-    p.add_argument("--checkpoint", default=None, help="backbone checkpoint (default: from backbone.json)")
+    p.add_argument("--checkpoint", default=None, type=user_path,
+                   help="backbone checkpoint (default: from backbone.json)")
     p.add_argument("--pretrained", action="store_true",
                    help="with --model: timm's pretrained weights (may download from the hub)")
     p.add_argument("--random-init", action="store_true", help="with --model: a random backbone (tests only)")

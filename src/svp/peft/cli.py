@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import ConfigError, SVPError
+from ..io import user_path
 
 
 def _run(args) -> int:
@@ -36,12 +37,12 @@ def register(subparsers):
         description="Read an official SVP checkpoint ({'model': backbone + prompt_* + head}, loaded with "
                     "weights_only=True) and write adapter.safetensors + adapter_config.json. Load it with "
                     "svp.load_adapter(model, OUT) on a model holding the same backbone weights.")
-    p.add_argument("checkpoint", metavar="CKPT", help="official SVP checkpoint (.pth or .safetensors)")
+    p.add_argument("checkpoint", metavar="CKPT", type=user_path, help="official SVP checkpoint (.pth or .safetensors)")
     p.add_argument("--model", required=True, help="backbone architecture, e.g. vim_small_patch16_224")
     p.add_argument("--shared-layers", type=int, required=True, help="S, layers per Cross-prompter group")
     p.add_argument("--prompt-hidden", type=int, required=True, help="r, the Inner prompter's width (64 in the script)")
     p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument("--out", required=True, type=user_path, help="adapter directory to write")
     p.add_argument("--simam", action="store_true", help="the checkpoint was trained with --input_relu True (SimAM)")
     p.add_argument("--two-layer-head", action="store_true", help="head is Linear(D, D/2) -> Linear(D/2, C)")
     p.add_argument("--backbone-checkpoint", default=None,

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from ..io import user_path
+
 METHODS = ["linear", "full", "vpt_shallow", "vpt_deep", "lora", "adapter", "svp"]
 ABLATION_DATASETS = ["digits", "textures", "dsprites_loc"]
 # name -> (methods, overrides); "both", S=4, r=16 and VPT prefix are the main-table SVP / VPT-deep runs
@@ -264,7 +266,7 @@ def report(out: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m svp.pretrain.mini_suite", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("sweeps", "mini"))
+    ap.add_argument("--out", default=os.path.join("sweeps", "mini"), type=user_path)
     ap.add_argument("--dry-run", action="store_true", help="print the svp sweep commands only")
     ap.add_argument("--report", action="store_true", help="print the Markdown tables of the finished runs")
     ap.add_argument("--stages", default=None, help="stages to run, e.g. 1-11 or 12,13 (1-based; default all)")

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import ConfigError, ResumeError
-from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, remove_dead_writers_temps
+from ..io import (atomic_save_safetensors, atomic_write_bytes, atomic_write_json, remove_dead_writers_temps,
+                  user_path)
 from .fractals import generate_split, make_categories
 
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
@@ -380,7 +381,7 @@ def register(subparsers):
         "pretrain", help="pre-train a (mini) Vim on procedural IFS fractal categories",
         description="Pre-train a Vim on formula-driven IFS fractal categories (FractalDB-style, no natural "
                     "images) and optionally export the weights + model card. Deterministic given --seed.")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, summary.json, log)")
+    p.add_argument("--out", required=True, type=user_path, help="run folder (checkpoints, summary.json, log)")
     p.add_argument("--model", default=DEFAULTS["model"], help="registered timm model name (default %(default)s)")
     for k in ("num_classes", "per_class", "heldout_per_class", "seed", "epochs", "batch_size", "warmup_steps",
               "ckpt_every", "threads"):
@@ -390,7 +391,7 @@ def register(subparsers):
     p.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
                    help='extra timm.create_model arguments, e.g. \'{"depth": 2}\' (default none)')
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
-    p.add_argument("--export", default=None, metavar="FILE.safetensors",
+    p.add_argument("--export", default=None, metavar="FILE.safetensors", type=user_path,
                    help="write the final weights here plus a JSON model card beside it")
     p.set_defaults(func=_main)
 

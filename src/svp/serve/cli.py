@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ConfigError
+from ..io import user_path
 from ..viz.cli import DefaultsFormatter   # (each option's default, where its help does not say it)
 
 
@@ -15,10 +16,11 @@ def register(subparsers) -> None:
                     "/v1/adapters/reload, GET /healthz, GET /metrics, and a web page at /. Needs the 'serve' "
                     "extra: pip install 'svp-vim[serve]'. See docs/serving.md.",
         formatter_class=DefaultsFormatter)
-    p.add_argument("--adapters", required=True, metavar="DIR", help="folder whose subfolders are adapters")
+    p.add_argument("--adapters", required=True, type=user_path, metavar="DIR",
+                   help="folder whose subfolders are adapters")
     p.add_argument("--model", default=None,
                    help="backbone timm name (default: from the adapters' backbone.json / base_model_name)")
-    p.add_argument("--checkpoint", default=None, help="backbone checkpoint file (.pth or .safetensors)")
+    p.add_argument("--checkpoint", default=None, type=user_path, help="backbone checkpoint file (.pth or .safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",

@@ -12,7 +12,7 @@ import torch
 
 from ..build import WEIGHTS_HELP
 from ..errors import ConfigError, SVPError, VizError  # noqa: F401 (VizError re-exported)
-from ..io import mkdir_error
+from ..io import mkdir_error, user_path
 from .figures import (DEFAULT_QUANTITIES, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
                       model_mean_std, prepare_image, visualize)
 from .gates import DIRECTIONS, QUANTITIES, find_vim
@@ -128,9 +128,10 @@ def parse_quantities(text: Optional[str]) -> List[str]:
 
 
 def _parse_adapter(spec: str) -> Tuple[str, str]:
-    if "=" in spec and not os.path.exists(spec):
+    if "=" in spec and not os.path.exists(user_path(spec)):
         label, path = spec.split("=", 1)
-        return label, path
+        return label, user_path(path)
+    spec = user_path(spec)
     return os.path.basename(os.path.normpath(spec)), spec
 
 
@@ -202,11 +203,11 @@ def register(subparsers) -> None:
                     "Mamba update gate, forget gate and propagation to the class token per layer "
                     "(see docs/visualize.md).",
         formatter_class=DefaultsFormatter)
-    p.add_argument("image", nargs="?", help="image file (or use --dataset/--index)")
+    p.add_argument("image", nargs="?", type=user_path, help="image file (or use --dataset/--index)")
     p.add_argument("--dataset", help="dataset name (svp.data), e.g. digits")
     p.add_argument("--index", type=int, default=0, help="sample index in --dataset")
     p.add_argument("--split", default="test", help="dataset split")
-    p.add_argument("--root", "--data-root", dest="data_root", default=None,
+    p.add_argument("--root", "--data-root", dest="data_root", default=None, type=user_path,
                    help="data root for datasets read from disk (or $SVP_DATA; see docs/datasets.md)")
     p.add_argument("--model", default="vim_mini_patch4_32",
                    help="timm name of the backbone (the bundled mini Vim by default); " + WEIGHTS_HELP)
@@ -214,7 +215,7 @@ def register(subparsers) -> None:
                    help="timm's pretrained weights (hub download for models other than the bundled mini Vim)")
     p.add_argument("--random-init", action="store_true", help="a randomly initialised backbone (tests only)")
     p.add_argument("--model-args", default=None, help='JSON kwargs for the backbone, e.g. \'{"img_size": 32}\'')
-    p.add_argument("--checkpoint", default=None, help="backbone weights (.pth / .safetensors)")
+    p.add_argument("--checkpoint", default=None, type=user_path, help="backbone weights (.pth / .safetensors)")
     p.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
                    help="adapter directory (PeftModel.save); repeat for several; label defaults to the dir name")
     p.add_argument("--no-frozen", action="store_true", help="do not show the frozen backbone itself")
@@ -224,9 +225,10 @@ def register(subparsers) -> None:
     p.add_argument("--quantities", default=",".join(DEFAULT_QUANTITIES),
                    help=f"comma-separated from {', '.join(QUANTITIES)}, or 'all'")
     p.add_argument("--direction", default="both", choices=DIRECTIONS, help="scan direction to show")
-    p.add_argument("--mask", default=None, help="object mask PNG (same size as the image; >127 = object)")
+    p.add_argument("--mask", default=None, type=user_path,
+                   help="object mask PNG (same size as the image; >127 = object)")
     p.add_argument("--box", default=None, help="object box x0,y0,x1,y1 in image pixels")
-    p.add_argument("--out", default="viz", help="output directory")
+    p.add_argument("--out", default="viz", type=user_path, help="output directory")
     p.add_argument("--prefix", default=None, help="file name prefix (default: image name or dataset_split_index)")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
     p.add_argument("--alpha", type=float, default=1.0,
