@@ -118,6 +118,44 @@ def test_official_training_checkpoint_loads_model_not_ema(tmp_path):
                                         *args, **kwargs)
 
 
+def test_the_mini_backbone_loads_a_file_as_the_full_models_do(tmp_path):
+    """vim_mini_patch4_32 went through timm's own loader: a file overlay took model_ema, and a
+    mismatched file was timm's RuntimeError instead of svp's CheckpointError naming each tensor."""
+    src = timm.create_model("vim_mini_patch4_32", num_classes=7)
+    sd = src.state_dict()
+    path = tmp_path / "mini.pth"
+    write_training_checkpoint(path, sd, {k: v + 1.0 for k, v in sd.items()})
+    model = timm.create_model("vim_mini_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              num_classes=7)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("layers.3.")}}, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match=r"cut\.pth does not match VisionMamba:\n  \d+ missing: layers\.3\."):
+        timm.create_model("vim_mini_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path /
+                                                                                                   "cut.pth")))
+
+
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_a_pretrained_backbone_takes_another_input_channel_count(tmp_path, in_chans):
+    """timm adapts a pretrained first conv to in_chans (the sum for one channel, repeated and scaled
+    for more); the full models' files bypass timm's loader and were refused ("wrong shape:
+    patch_embed.proj.weight"), the mini's went through it."""
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs())
+    w = src.patch_embed.proj.weight.detach()
+    want = w.sum(1, keepdim=True) if in_chans == 1 else w.repeat(1, 2, 1, 1)[:, :in_chans] * (3 / in_chans)
+    path = tmp_path / "w.pth"
+    torch.save({"model": src.state_dict()}, path)
+    for kw in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))), dict(checkpoint_path=str(path))):
+        model = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(), in_chans=in_chans, **kw)
+        assert torch.allclose(model.patch_embed.proj.weight, want, atol=1e-6), kw
+        assert torch.equal(model.layers[1].mixer.in_proj.weight, src.layers[1].mixer.in_proj.weight)
+        assert model(torch.randn(1, in_chans, 32, 32)).shape == (1, 5)
+    mini = timm.create_model("vim_mini_patch4_32", pretrained=True, in_chans=in_chans)
+    base = timm.create_model("vim_mini_patch4_32", pretrained=True).patch_embed.proj.weight
+    base = base.sum(1, keepdim=True) if in_chans == 1 else base.repeat(1, 2, 1, 1)[:, :in_chans] * (3 / in_chans)
+    assert torch.allclose(mini.patch_embed.proj.weight, base, atol=1e-6)
+
+
 def test_load_save_load_round_trip(tmp_path):
     src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -173,6 +173,16 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
                      len(prompts))
         for k in prompts:
             del out[k]
+    # another input channel count (grey-scale, 4 bands): timm's rule for a first conv, as its
+    # own loader applies it (the sum for one channel, repeated and scaled for more); the full
+    # models' files come through here, not through timm's loader, which did it for the mini only
+    proj = out.get("patch_embed.proj.weight")
+    want = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
+    if (proj is not None and want is not None and proj.dim() == 4 and want.dim() == 4 and proj.shape[1] == 3
+            and want.shape[1] != 3 and proj.shape[0] == want.shape[0] and proj.shape[2:] == want.shape[2:]):
+        from timm.models import adapt_input_conv
+        _logger.info("patch_embed.proj.weight: the checkpoint's 3 input channels adapted to %d", want.shape[1])
+        out["patch_embed.proj.weight"] = adapt_input_conv(int(want.shape[1]), proj)
     # resampled only across square grids of the same width: another width, a grid that is not
     # square, or a tensor of another rank is reported by the strict load as the file has it
     pos = out.get("pos_embed")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from .vim import VisionMamba, checkpoint_filter_fn
+from .vim import VisionMamba, _create_vim
 
 __all__ = ["MINI_ARCH", "MINI_ASSET", "mini_asset_path", "vim_mini_patch4_32"]
 
@@ -40,6 +40,9 @@ default_cfgs = generate_default_cfgs({
         # the pretraining normalised with timm's ImageNet statistics, as the data recipes do by default
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        # through VisionMamba.load_pretrained, as the full models' files: svp's checks, errors and
+        # adaptations (another channel count, grid or head), not timm's loader
+        "custom_load": True,
     },
 })
 
@@ -50,5 +53,4 @@ def vim_mini_patch4_32(pretrained=False, **kwargs) -> VisionMamba:
     if pretrained and not os.path.isfile(mini_asset_path()):
         raise FileNotFoundError(f"bundled mini Vim weights not found at {mini_asset_path()}; the package "
                                 f"install is incomplete (svp/assets must be package data)")
-    return build_model_with_cfg(VisionMamba, "vim_mini_patch4_32", pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs))
+    return _create_vim("vim_mini_patch4_32", pretrained, **dict(args, **kwargs))
