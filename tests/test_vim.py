@@ -803,3 +803,45 @@ def test_a_hook_the_mixer_cannot_call_is_said_once():
     vim.layers[1].mixer.dt_proj_b.register_forward_hook(lambda m, i, o: o.zero_())
     with pytest.warns(UserWarning, match=r"conv1d/conv1d_b or dt_proj/dt_proj_b is never called.*delta_hook"):
         vim(x)
+
+
+@pytest.mark.parametrize("method", [None, "svp"])
+def test_trace_and_export_record_pytorch_operators(method, monkeypatch):
+    """torch.jit.trace failed inside numba ("Cannot determine Numba type of torch.Tensor") and
+    torch.export on the fake tensors' .numpy(): while they record, the automatic choice is the
+    pure-PyTorch backend, and what the model derives from its weights is recorded, not kept."""
+    from svp.errors import BackendError
+    from svp.peft import get_peft_model, make_config
+    monkeypatch.delenv("SVP_SCAN_BACKEND", raising=False)
+    torch.manual_seed(0)
+    model = timm.create_model("vim_mini_patch4_32", depth=2, num_classes=5)
+    if method:
+        model = get_peft_model(model, make_config(method, shared_layers=1))
+    model.eval()
+    with torch.no_grad():   # (a random init's logits barely move with the weights below)
+        (model.base_model if method else model).head.weight.mul_(100.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)   # (the fused CPU kernels: what the model keeps is made here)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # (TracerWarnings of shape-dependent Python values)
+            traced = torch.jit.trace(model, x, check_trace=False)
+        assert "PythonOp" not in str(traced.inlined_graph)   # no autograd Function of svp's kernels
+        assert torch.allclose(traced(x), ref, atol=1e-4)
+        assert torch.allclose(traced(torch.cat([x, x]))[2:], ref, atol=1e-4)
+        # (~2 s a block to export; torch < 2.5 cannot say that it exports: the floor's 2.1 records
+        # the fused kernels and fails, as README says)
+        if method is None and getattr(getattr(torch, "compiler", None), "is_exporting", None) is not None:
+            exported = torch.export.export(model, (x,)).module()
+            assert torch.allclose(exported(x), ref, atol=1e-4)
+        # the weights are the module's, not constants of the recording: A = -exp(A_log) included
+        model.base_model.layers[0].mixer.A_log.sub_(3.0) if method else model.layers[0].mixer.A_log.sub_(3.0)
+        now = model(x)
+        assert (now - ref).abs().max() > 1e-3, (now - ref).abs().max()
+        assert torch.allclose(traced(x), now, atol=1e-4)
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "cpu")
+    with pytest.raises(BackendError, match=r"scan backend 'cpu' \(forced by SVP_SCAN_BACKEND\) cannot be recorded by "
+                                           r"torch\.jit\.trace or torch\.export.*\['torch', 'reference'\]"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(model, x, check_trace=False)

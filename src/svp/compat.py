@@ -13,6 +13,9 @@ below resolves a global only if it is in the allow-list (what torch's own weight
 unpickler allows by default, plus ``argparse.Namespace``); everything else, ``os.system``
 included, is refused before it can be called.
 
+``recording`` asks whether ``torch.jit.trace`` or ``torch.export`` is recording the model
+(``torch.compiler.is_exporting`` exists from torch 2.5; before, only tracing is seen).
+
 ``cpu_bf16_instructions`` asks which bfloat16 instructions the CPU has: torch's probes exist
 from torch 2.2; before, ``/proc/cpuinfo`` is read.
 """
@@ -138,6 +141,18 @@ def restricted_torch_load(path, mmap: bool = False) -> Any:
     above is what keeps arbitrary code from running."""
     return torch.load(os.fspath(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
                       mmap=mmap)  # torch 2.1 maps only a str path
+
+
+def recording() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording operators now: svp's fused
+    kernels (numba on numpy views of the tensors, Triton launches) run outside PyTorch's
+    operators, so a recording of them would hold nothing (trace) or fail (export's fake
+    tensors have no numpy view). ``torch.compile`` is not recording in this sense: it breaks
+    its graph around them and runs them."""
+    if torch.jit.is_tracing():
+        return True
+    exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(exporting is not None and exporting())
 
 
 def cpu_autocast() -> bool:

@@ -29,6 +29,7 @@ import inspect
 import logging
 import os
 
+from ..compat import recording
 from ..errors import BackendError
 from .scan_ref import selective_scan_ref
 
@@ -37,6 +38,8 @@ log = logging.getLogger("svp.ops.scan")
 NAMES = ("reference", "cpu", "torch", "triton", "cuda")
 # which device types each backend runs on (None: any); triton: see _devices
 _DEVICES = {"reference": None, "torch": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
+# the backends made of PyTorch operators alone, which torch.jit.trace and torch.export can record
+_RECORDABLE = ("torch", "reference")
 _MODULES = {"cpu": ("svp.ops.scan_cpu", "selective_scan_cpu"),
             "torch": ("svp.ops.scan_torch", "selective_scan_torch"),
             "triton": ("svp.ops.scan_triton", "selective_scan_triton"),
@@ -172,7 +175,18 @@ def get_backend(device=None) -> str:
         name, source = os.environ["SVP_SCAN_BACKEND"].strip(), "SVP_SCAN_BACKEND"
     else:
         name, source = None, "auto"
-    if name is not None:
+    if recording() and name not in _RECORDABLE:
+        # what torch.jit.trace / torch.export record must be PyTorch operators: the pure-PyTorch
+        # scan, and with it every fused kernel around it (they follow this choice)
+        if name is not None:
+            _check_name(name, source)
+            raise BackendError(f"scan backend {name!r} (forced by {source}) cannot be recorded by torch.jit.trace "
+                               f"or torch.export: its kernels run outside PyTorch's operators; unset it (a "
+                               f"recording then runs the pure-PyTorch 'torch' backend) or force one of "
+                               f"{list(_RECORDABLE)}")
+        name, source = "torch", "auto, while torch.jit.trace or torch.export records"
+        _load(name)
+    elif name is not None:
         _check_name(name, source)
         ok = _devices(name)
         if ok is not None and dev not in ok:

@@ -28,13 +28,15 @@ from typing import Callable, Hashable, TypeVar
 import torch
 import torch.optim.optimizer as _optimizer
 
+from ..compat import recording
+
 T = TypeVar("T")
 
 
 def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
     """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on),
     for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
-    if t.is_inference() or t.requires_grad:
+    if t.is_inference() or t.requires_grad or recording():   # (a recording must hold how it is made)
         return make()
     key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
     owner = t if t._base is None else t._base
