@@ -845,3 +845,41 @@ def test_trace_and_export_record_pytorch_operators(method, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.trace(model, x, check_trace=False)
+
+
+def test_timm_training_helpers_group_blocks_and_checkpoint_gradients():
+    """Without group_matcher, timm's layer decay split the parameter list evenly (one block's
+    in_proj and out_proj at different scales); set_grad_checkpointing was missing (timm's
+    --grad-checkpointing failed); features_only died on a missing attribute."""
+    from timm.optim import create_optimizer_v2
+    from svp.peft import get_peft_model, make_config
+    model = timm.create_model("vim_mini_patch4_32", num_classes=5)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    for i, layer in enumerate(model.layers):
+        block = {scale[id(p)] for p in layer.parameters()}
+        assert block == {0.5 ** (len(model.layers) + 1 - (i + 1))}, (i, block)   # (stem is group 0)
+    assert scale[id(named["pos_embed"])] == scale[id(named["patch_embed.proj.weight"])] == 0.5 ** 9
+    # timm's convention (its ViT's final norm): the final norm with the last block, the head at 1
+    assert scale[id(named["norm_f.weight"])] == scale[id(named["layers.7.mixer.in_proj.weight"])] == 0.5
+    assert scale[id(named["head.weight"])] == 1.0
+    # the same gradients, bit for bit, with each block recomputed in the backward (DropPath on)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for method in (None, "svp"):
+        grads = []
+        for enable in (False, True):
+            torch.manual_seed(0)
+            m = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=5, drop_path_rate=0.1)
+            if method:
+                m = get_peft_model(m, make_config(method))
+            (m.base_model if method else m).set_grad_checkpointing(enable)
+            m.train()
+            torch.manual_seed(1)
+            F.cross_entropy(m(x), y).backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for n in grads[0]:
+            assert torch.equal(grads[0][n], grads[1][n]), (method, n)
+    with pytest.raises(ValueError, match="features_only is not supported: a Vim has one token sequence"):
+        timm.create_model("vim_tiny_patch16_224", features_only=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
 
 from ..compat import autocast_dtype, autocast_enabled, cpu_autocast, cpu_autocast_dtype
 from ..errors import ConfigError
@@ -698,6 +699,8 @@ def _fused_norm(norm, hidden, residual):
 
 
 class VisionMamba(nn.Module):
+    grad_checkpointing = False   # (set_grad_checkpointing; a class default, so pickled models have it)
+
     def __init__(self, img_size=224, patch_size=16, stride=16, in_chans=3, num_classes=1000,
                  embed_dim=192, depth=24, d_state=16, d_conv=4, expand=2, drop_rate=0.0,
                  drop_path_rate=0.1, norm_eps=1e-5, residual_in_fp32=True, divide_out=True,
@@ -765,6 +768,20 @@ class VisionMamba(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's parameter groups (layer-wise lr decay: ``create_optimizer_v2(..., layer_decay=)``):
+        the embeddings, then one group per block, then the final norm and the head."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block's forward in the backward instead of keeping its activations
+        (``torch.utils.checkpoint``, non-reentrant; the RNG state is restored, so DropPath draws
+        the same): less memory for full fine-tuning at large batches, one more forward's time."""
+        self.grad_checkpointing = bool(enable)
+
     # -- timm classifier API ------------------------------------------------------
     def get_classifier(self):
         return self.head
@@ -799,7 +816,10 @@ class VisionMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             if hook is not None:
                 hidden, residual, cls_pos = hook(i, hidden, residual, cls_pos)
-            hidden, residual = layer(hidden, residual)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
         hidden = self.drop_path(hidden)
         kernel = _fused_norm(self.norm_f, hidden, residual)
         if kernel is not None:
@@ -848,6 +868,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vim(variant, pretrained=False, **kwargs):
+    if kwargs.get("features_only"):   # (timm's error was "no attribute 'feature_info'")
+        raise ValueError(f"{variant}: features_only is not supported: a Vim has one token sequence, not a feature "
+                         f"pyramid; use model.forward_features(x) (the tokens after the final norm, the class "
+                         f"token at the middle) or a LayerHook (svp.models.vim) for each block's input")
     # timm resets custom_load when a file/url/hub overlay is given and would then read the
     # file with its own loader (EMA weights first, no class-token-aware resampling).
     # Our checkpoints always go through VisionMamba.load_pretrained.
