@@ -457,6 +457,27 @@ def test_A_is_kept_while_A_log_is_unchanged_and_follows_every_change():
             assert torch.equal(model(x), fresh())
 
 
+def test_forget_drops_what_weights_edited_through_data_kept():
+    """``p.data.mul_()`` bypasses the version counter ``kept`` keys on: the next forward used the
+    values kept before the edit (A from the old A_log, 1.4e-2 off; the halved out_proj, the conv's
+    and dt_proj's transposes); ``svp.ops.kept.forget(model)`` is the documented way out."""
+    from svp.ops.kept import forget
+    model = _small_vim().requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        mixer = model.layers[0].mixer
+        for p in (mixer.A_log, mixer.out_proj.weight, mixer.conv1d.weight, mixer.dt_proj.weight):
+            p.data.mul_(1.5)
+        other = copy.deepcopy(model)
+        forget(other)   # (a deep copy may carry entries along)
+        fresh = other(x)
+        assert not torch.equal(model(x), fresh)   # (what forget is for)
+        assert forget(model) > 0
+        assert torch.equal(model(x), fresh)
+        assert forget(mixer.A_log) == 1 and forget([mixer, model.layers[1]]) >= 1
+
+
 def test_a_model_with_kept_A_pickles_and_deep_copies(tmp_path):
     """What the mixers keep (A, the scan's tables on it) goes along with torch.save of the
     whole module and copy.deepcopy, and the copies give the same output, also after their own

@@ -9,7 +9,7 @@ under ``no_grad``), data pointer, shape, strides and dtype. A view is often made
 shares its version counter, keyed on the view's own layout. A replaced parameter is another object and
 carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry along with a
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
-the version counter (no code in svp does that), and torch's fused optimizers: ``torch.optim.AdamW
+the version counter (no code in svp does that; ``forget(model)`` after such an edit), and torch's fused optimizers: ``torch.optim.AdamW
 (fused=True)`` on the CPU (the engine's default, ``train.opt_fused``) steps its parameters without
 bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing: a
 trained parameter evaluated under ``no_grad`` between fused steps got the values kept at the
@@ -69,6 +69,25 @@ def _drop_kept_of_stepped(optimizer, args, kwargs) -> None:
         for p in group["params"]:
             owner = p if p._base is None else p._base
             getattr(owner, "__dict__", {}).pop("_svp_kept", None)
+
+
+def forget(obj) -> int:
+    """Drop what the tensors of ``obj`` (a module, a tensor, or an iterable of either) keep: for
+    weights changed in place through ``.data`` (``p.data.mul_(2)``), which ``kept``'s key cannot
+    see; the next forward derives everything afresh. Returns how many tensors held entries."""
+    if isinstance(obj, torch.nn.Module):
+        tensors = list(obj.parameters()) + list(obj.buffers())
+    elif isinstance(obj, torch.Tensor):
+        tensors = [obj]
+    else:
+        tensors = [t for o in obj for t in ((list(o.parameters()) + list(o.buffers()))
+                                            if isinstance(o, torch.nn.Module) else [o])]
+    dropped = 0
+    for t in tensors:
+        owner = t if t._base is None else t._base
+        if getattr(owner, "__dict__", {}).pop("_svp_kept", None) is not None:
+            dropped += 1
+    return dropped
 
 
 _register_step_hook = getattr(_optimizer, "register_optimizer_step_post_hook", None)   # (torch >= 2.0)
