@@ -107,6 +107,23 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
     assert re.search(r"^\S+ \S+ +trainable params: [\d,]+ .*\(without head\)$", log, re.M), log
 
 
+def test_grad_checkpointing_trains_to_the_same_bits(tmp_path, capsys, monkeypatch):
+    """model.grad_checkpointing recomputes each block in the backward: the same run, bit for bit
+    (full fine-tuning, DropPath on); the switch is kept in config.yaml."""
+    import svp.models.vim as V
+    calls = []
+    real = V.checkpoint
+    monkeypatch.setattr(V, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny_config(tmp_path)
+    for name, extra in (("plain", []), ("ckpt", ["model.grad_checkpointing=true"])):
+        assert svp_main(["train", "-c", cfg, "--method", "full", "--name", name, "train.max_steps=2"] + extra) == 0
+        assert (len(calls) > 0) == (name == "ckpt")   # 2 blocks x 2 steps (not in evaluation)
+    a, b = (load_file(str(tmp_path / "runs" / n / "last" / "adapter.safetensors")) for n in ("plain", "ckpt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = yaml.safe_load((tmp_path / "runs" / "ckpt" / "config.yaml").read_text())
+    assert saved["model"]["grad_checkpointing"] is True
+
+
 def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):
     """train.amp on the CPU: bfloat16 autocast in the loop (the weights come out different from
     a float32 run's, the metrics close to them), said in the run's log; and --amp of eval/predict.

@@ -34,6 +34,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.random_init", False, "a randomly initialised backbone (tests only); without it, a model other than the bundled mini Vim needs model.checkpoint or model.pretrained"),
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
     ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP, method.settings.backbone_train_mode=true); the other frozen backbones keep it off"),
+    ("model.grad_checkpointing", False, "recompute each backbone block's forward in the backward instead of keeping its activations (VisionMamba.set_grad_checkpointing): less memory for full fine-tuning at large batches, about one more forward's time a step; the same gradients, bit for bit"),
     ("model.init_seed", None, "seed the model's random parts (a new head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head"),
     # --- method
     ("method.name", "svp", "PEFT method, one of svp.peft.list_methods(): the built-in svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter, and any registered with svp.peft.register_method"),

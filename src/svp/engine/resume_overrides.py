@@ -11,8 +11,9 @@ takes effect exactly from the resume point on:
 * how the run is watched or saved (``run.progress``, ``run.log_every``, ``run.tensorboard``,
   ``run.save_every_steps``), where the data lives and how it is read (``data.root``,
   ``data.num_workers``, ``data.cache_images``: the data order, the augmentation and the
-  tensors do not depend on them), the device (``train.device``), and the fault injections
-  (``debug.*``).
+  tensors do not depend on them), the device (``train.device``), activation checkpointing
+  (``model.grad_checkpointing``: the same gradients, bit for bit; a run out of memory resumes
+  with it on), and the fault injections (``debug.*``).
 
 Anything else (the model, the method, the data, the optimizer, the batch, the seed, ...)
 would leave a run whose saved state and record disagree, so it is refused with one line
@@ -29,7 +30,7 @@ from ..errors import ResumeError
 # keys whose change reshapes training from the resume point on (recorded in run.changes)
 TRAINING_KEYS = ("train.lr", "train.epochs", "train.max_steps")
 # keys that change nothing that is learned (not recorded)
-WATCH_KEYS = ("train.device", "data.root", "data.num_workers", "data.cache_images", "run.progress", "run.log_every",
+WATCH_KEYS = ("train.device", "model.grad_checkpointing", "data.root", "data.num_workers", "data.cache_images", "run.progress", "run.log_every",
               "run.tensorboard", "run.save_every_steps")
 ACCEPTED = TRAINING_KEYS + WATCH_KEYS + ("debug.*",)
 

@@ -298,6 +298,10 @@ def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
                     "resampled, and a step costs what %d px costs; data.img_size=%d (--img-size) trains at the "
                     "weights' own size", int(spec.img_size), spec.model, int(native[-1]), int(spec.img_size),
                     int(native[-1]))
+    if cfg["model"].get("grad_checkpointing"):
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise ConfigError(f"model.grad_checkpointing=true: {spec.model} has no set_grad_checkpointing")
+        backbone.set_grad_checkpointing(True)
     if getattr(backbone, "head_from_checkpoint", False):
         # a task with the checkpoint's class count (1000 for the official files) got its
         # pretrained head; the official fine-tuning deletes head.* and trains a new one
