@@ -1159,6 +1159,31 @@ def test_resume_refuses_a_training_split_that_changed_since_the_resume_point(tmp
     assert svp_main(["train", "--resume", run]) == 0
 
 
+def test_resume_refuses_a_backbone_file_that_changed_since_the_run_started(tmp_path, capsys):
+    """--resume reads model.checkpoint again: a file replaced at that path was trained on without
+    a word, and the run ended with best/ and last/ bound to two backbones (QA 2026-12-06)."""
+    from safetensors.torch import load_file, save_file
+    from svp.models.vim_mini import mini_asset_path
+    weights = str(tmp_path / "w.safetensors")
+    shutil.copyfile(mini_asset_path(), weights)
+    args = [*MINI, "--epochs", "2", "--output", str(tmp_path / "runs"), "--checkpoint", weights]
+    assert svp_main(["train", *args, "--name", "r", "debug.stop_at_step=3"]) == 75
+    run = str(tmp_path / "runs" / "r")
+    original = open(weights, "rb").read()
+    sd = load_file(weights)
+    sd["layers.3.mixer.in_proj.weight"] = sd["layers.3.mixer.in_proj.weight"] * 1.01
+    save_file(sd, weights)
+    capsys.readouterr()
+    line = _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "the run trained on a backbone with weight "
+                           "hash sha256:", f"{weights} now gives sha256:", "the file changed since the run started")
+    assert re.search(r"hash (sha256:\w+), and .* now gives (sha256:\w+)", line).group(1) != \
+        re.search(r"now gives (sha256:\w+)", line).group(1)
+    open(weights, "wb").write(original)
+    assert svp_main(["train", "--resume", run]) == 0
+    hashes = {json.load(open(os.path.join(run, d, "adapter_config.json")))["base_model_hash"] for d in ("best", "last")}
+    assert len(hashes) == 1
+
+
 def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys):
     """A resume.safetensors copied from another run of the same method was taken: the run went
     on from the other run's weights and step under its own configuration. The resume point

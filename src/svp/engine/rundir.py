@@ -151,6 +151,9 @@ class RunFolder:
         state["batch_size"] = int(self.cfg["train"]["batch_size"])
         state["time"] = time.time()
         state["config_fixed_sha256"] = self._config_digest(fixed=True)
+        # the backbone the run trains on (its weights as loaded, before any training): a --resume
+        # reads model.checkpoint again, and a file changed at that path was trained on unseen
+        state["base_model_hash"] = unwrap(model).base_hash
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
     def _config_digest(self, fixed: bool) -> Optional[str]:
@@ -202,6 +205,15 @@ class RunFolder:
                               f"came from, or restore config.yaml. --resume takes the changes that apply exactly "
                               f"from a resume point (`svp train --resume {self.path} train.lr=...`; "
                               f"docs/training.md)")
+        saved_base, base = state.get("base_model_hash"), unwrap(model).base_hash
+        if isinstance(saved_base, str) and saved_base != base:   # (resume points before 2026-12-06: not checked)
+            where = self.cfg["model"].get("checkpoint") or (
+                f"{self.cfg['model']['name']}'s pretrained weights" if self.cfg["model"].get("pretrained")
+                else f"{self.cfg['model']['name']}'s bundled or random weights")
+            raise ResumeError(f"{self.file(ck.RESUME_FILE)}: the run trained on a backbone with weight hash "
+                              f"{saved_base}, and {where} now gives {base}: the file changed since the run "
+                              f"started (replaced, re-downloaded, edited). Put the file the run started from back "
+                              f"at that path to resume; its adapters are bound to it")
         bs = int(self.cfg["train"]["batch_size"])
         if state["world_size"] != self.dist.world_size or state["batch_size"] != bs:
             raise ResumeError(
