@@ -3,6 +3,7 @@ import argparse
 
 from svp.errors import ConfigError
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,6 +82,33 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
     assert not (tmp_path / "p").exists()
+
+
+def test_one_pretrain_a_folder_and_a_fresh_run_does_not_overwrite_another(tmp_path, capsys, monkeypatch):
+    """Two `svp pretrain` wrote one --out at once (a --resume beside the running one, a fresh run
+    with another seed), and a fresh run overwrote a finished run's checkpoint and summary."""
+    from svp.cli import main
+    from svp.engine.runlock import RunLock
+    from svp.pretrain import train as pt
+    ran = []
+    monkeypatch.setattr(pt, "pretrain", lambda args, log=print: ran.append(args.out) or
+                        open(os.path.join(args.out, "checkpoint.safetensors"), "wb").close())
+    out = str(tmp_path / "p")
+    os.makedirs(out)
+    holder = RunLock(out, "pretrain.lock").acquire("pretrain")
+    try:
+        for flags in ([], ["--resume"]):
+            assert main(["pretrain", "--out", out, *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"pretrain folder {out} is in use by process {os.getpid()}" in err, err
+    finally:
+        holder.release()
+    assert ran == []
+    assert main(["pretrain", "--out", out]) == 0 and ran == [out]
+    assert not os.path.exists(os.path.join(out, "pretrain.lock"))   # (released)
+    assert main(["pretrain", "--out", out, "--seed", "1"]) == 2
+    assert "holds a pretraining run" in capsys.readouterr().err and ran == [out]
+    assert main(["pretrain", "--out", out, "--resume"]) == 0 and ran == [out, out]
 
 
 def test_out_of_memory_in_pretrain_names_what_to_lower(tmp_path, capsys, monkeypatch):

@@ -430,6 +430,30 @@ def _main(args) -> int:
     if problems:
         print("svp pretrain: " + "; ".join(problems), file=sys.stderr)
         return 2
+    from ..engine.runlock import RunLock
+    lock = RunLock(args.out, "pretrain.lock", what="pretrain folder",
+                   advice="a folder belongs to one `svp pretrain` at a time (wait for it to end, or use another --out)")
+    try:
+        _mk(args.out)
+        lock.acquire("pretrain")   # (three processes wrote one folder, its log and checkpoint, at once)
+    except OSError as e:
+        print(f"svp pretrain: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    except ResumeError as e:
+        print(f"svp pretrain: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _locked_main(args)
+    finally:
+        lock.release()
+
+
+def _locked_main(args) -> int:
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    if not args.resume and os.path.isfile(ckpt):   # (a fresh run overwrote another's checkpoint and summary)
+        print(f"svp pretrain: --out {args.out} holds a pretraining run ({ckpt}); --resume continues it, another "
+              f"--out starts a new one", file=sys.stderr)
+        return 2
     try:
         logf = open(os.path.join(_mk(args.out), "pretrain.log"), "a")
         # temporaries of writes a kill cut off (a checkpoint-sized file each)
