@@ -153,3 +153,58 @@ def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
     assert _parse_adapter("a=~/ad") == ("a", f"{home}/ad")
     assert _parse_adapter("~/ad") == ("ad", f"{home}/ad")
     assert parser.parse_args(["eval", "runs/~x", "--dataset", "digits"]).adapter_dir == "runs/~x"   # only a leading ~
+
+
+def test_a_folder_swap_never_leaves_the_folder_missing(tmp_path, monkeypatch):
+    """atomic_replace_dir renamed the old folder away, then the new one in: a reader between the
+    two renames (svp eval/predict of runs/<run>/best while the run saved it) found no folder. On
+    Linux the two are swapped in one step (renameat2 RENAME_EXCHANGE); elsewhere, or where the
+    file system refuses it, the two renames remain."""
+    import sys
+    import svp.io as sio
+    final = str(tmp_path / "best")
+
+    def write(text):
+        return lambda d: open(os.path.join(d, "x"), "w").write(text)
+    sio.atomic_replace_dir(write("1"), final)
+    real_replace = os.replace
+    missing = []
+
+    def watched(src, dst):   # (each rename: is the folder there just before it)
+        missing.append(not os.path.isdir(final))
+        real_replace(src, dst)
+    monkeypatch.setattr(sio.os, "replace", watched)
+    real_rmtree = sio.shutil.rmtree
+    monkeypatch.setattr(sio.shutil, "rmtree", lambda p, *a, **k: missing.append(not os.path.isdir(final))
+                        or real_rmtree(p, *a, **k))
+    sio.atomic_replace_dir(write("2"), final)
+    assert open(os.path.join(final, "x")).read() == "2" and os.listdir(tmp_path) == ["best"]
+    if sys.platform.startswith("linux"):
+        assert sio._exchange is not None and missing == [False], missing   # one rmtree, of the old folder
+    # the fallback: two renames, the same result
+    monkeypatch.setattr(sio, "_exchange", lambda a, b: False)
+    sio.atomic_replace_dir(write("3"), final)
+    assert open(os.path.join(final, "x")).read() == "3" and os.listdir(tmp_path) == ["best"]
+    # killed after the swap, before the old folder was removed: the new one stands, the old is a
+    # temporary that remove_stale_temps clears
+    monkeypatch.undo()
+
+    def killed(p, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sio.shutil, "rmtree", killed)
+    if sys.platform.startswith("linux"):
+        with pytest.raises(KeyboardInterrupt):
+            sio.atomic_replace_dir(write("4"), final)
+        monkeypatch.undo()
+        assert open(os.path.join(final, "x")).read() == "4"
+        assert sio.remove_stale_temps(str(tmp_path)) and os.listdir(tmp_path) == ["best"]
+
+
+def test_a_missing_adapter_folder_is_called_missing(tmp_path):
+    from svp.build import adapter_spec
+    from svp.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"'.*nothing': no such folder"):
+        adapter_spec(str(tmp_path / "nothing"))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"'.*f': a file, not a folder"):
+        adapter_spec(str(tmp_path / "f"))

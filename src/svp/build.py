@@ -292,8 +292,10 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     only the weights asked for: ``checkpoint``, ``pretrained``, ``random_init`` or bundled)."""
     import svp.peft as peft
 
-    if not os.path.isdir(adapter_dir):
-        raise ConfigError(f"adapter folder {adapter_dir!r}: not a folder")
+    if not os.path.isdir(adapter_dir):   # (a missing one was "not a folder" too)
+        what = ("no such folder" if not os.path.lexists(adapter_dir) else "a link to nothing"
+                if os.path.islink(adapter_dir) and not os.path.exists(adapter_dir) else "a file, not a folder")
+        raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
     try:
         info = peft.read_adapter_config(adapter_dir)
     except FileNotFoundError as e:
