@@ -904,3 +904,23 @@ def test_timm_training_helpers_group_blocks_and_checkpoint_gradients():
             assert torch.equal(grads[0][n], grads[1][n]), (method, n)
     with pytest.raises(ValueError, match="features_only is not supported: a Vim has one token sequence"):
         timm.create_model("vim_tiny_patch16_224", features_only=True)
+
+
+def test_global_pool_empty_returns_every_token():
+    """timm's idiom for unpooled features, num_classes=0 and global_pool='', was refused."""
+    from svp.peft import get_peft_model, make_config
+    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=0, global_pool="").eval()
+    pooled = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        tokens = model(x)
+        assert tokens.shape == (2, 65, 64) and torch.equal(tokens, pooled.forward_features(x))
+        assert torch.equal(tokens[:, 32], pooled(x))   # the middle class token is what 'token' pools
+        pooled.reset_classifier(0, "")
+        assert torch.equal(pooled(x), tokens)
+        pooled.reset_classifier(3, "token")
+        assert pooled(x).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"global_pool='avg'"):
+        timm.create_model("vim_mini_patch4_32", global_pool="avg")
+    with pytest.raises(ValueError, match=r"returns every token \(global_pool=''\); the methods classify"):
+        get_peft_model(model, make_config("linear"))

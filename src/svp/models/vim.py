@@ -709,8 +709,9 @@ class VisionMamba(nn.Module):
         # builds on the meta device and then loads every tensor (svp.build, a checkpoint
         # under an adapter); the official init costs Vim-B 0.7 s of CPU.
         super().__init__()
-        if global_pool != "token":
-            raise ValueError(f"VisionMamba supports only the middle class token as pooling, got {global_pool!r}")
+        if global_pool not in ("token", ""):
+            raise ValueError(f"VisionMamba pools the middle class token ('token'), or returns every token "
+                             f"(''), got global_pool={global_pool!r}")
         if weight_init not in ("official", "skip"):
             raise ValueError(f"VisionMamba weight_init must be 'official' or 'skip', got {weight_init!r}")
         sizes = dict(patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
@@ -787,9 +788,12 @@ class VisionMamba(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        if global_pool not in (None, "token"):
-            raise ValueError(f"VisionMamba supports only global_pool='token', got {global_pool!r}")
+        if global_pool not in (None, "token", ""):
+            raise ValueError(f"VisionMamba pools the middle class token ('token'), or returns every token "
+                             f"(''), got global_pool={global_pool!r}")
         _check_num_classes(num_classes)
+        if global_pool is not None:
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
@@ -830,8 +834,11 @@ class VisionMamba(nn.Module):
 
     def forward_head(self, x, pre_logits: bool = False, cls_pos: Optional[int] = None):
         """Class-token feature (pre_logits) or logits from a forward_features output.
-        Without ``cls_pos`` the class token is taken at the middle, (L - 1) // 2."""
-        x = x[:, (x.shape[1] - 1) // 2 if cls_pos is None else cls_pos]
+        Without ``cls_pos`` the class token is taken at the middle, (L - 1) // 2. With
+        ``global_pool=''`` every token is kept (timm's ``num_classes=0, global_pool=''`` gives
+        the (B, L, D) tokens; a head then applies to each)."""
+        if self.global_pool == "token":
+            x = x[:, (x.shape[1] - 1) // 2 if cls_pos is None else cls_pos]
         return x if pre_logits else self.head(x)
 
     def forward(self, x):

@@ -330,6 +330,9 @@ def _set_requires_grad(model: nn.Module, flags: Dict[str, bool]) -> None:
 def _check_backbone(model, who: str) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "forward_features") or not hasattr(model, "layers"):
         raise TypeError(f"{who} expects a svp VisionMamba as its first argument, got {type(model).__name__}")
+    if getattr(model, "global_pool", "token") != "token":   # (every token's logits, not one image's)
+        raise ValueError(f"{who}: the backbone returns every token (global_pool={model.global_pool!r}); the "
+                         f"methods classify the class token: build it with the default global_pool='token'")
 
 
 def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = None,
