@@ -1,6 +1,7 @@
 """Every on-disk format, through the registry, on tiny fake copies (real file and
 folder names, generated images), and every failure mode with its message."""
 import json
+import re
 import logging
 import os
 import shutil
@@ -256,6 +257,66 @@ def test_class_counts_checked_against_spec(fake, tmp_path):
     shutil.rmtree(os.path.join(r, "gtsrb/GTSRB/Training/00042"))
     with pytest.raises(DatasetError, match=r"43 class folders.*missing: 00042"):
         build_dataset("gtsrb", "train", root=r)
+
+
+def test_lists_naming_an_image_twice_and_class_ids_out_of_place_are_named(fake, tmp_path, caplog):
+    """A VTAB or DTD list naming an image twice (even under two labels) and an FGVC json giving a
+    key twice (the last entry silently won) were taken without a word; a class id or DTD class
+    name out of place was a count of classes, naming no entry (QA 14c)."""
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/patch_camelyon", "dtd", "FGVC/OxfordFlower", "FGVC/nabirds")
+    lst = os.path.join(r, "VTAB/vtab-1k/patch_camelyon/test.txt")
+    lines = open(lst).read().splitlines()
+    path, label = lines[0].rsplit(" ", 1)
+    open(lst, "a").write(f"{path} {1 - int(label)}\n{lines[1]}\n")
+    n = len(lines)
+    with caplog.at_level("WARNING", logger="svp.data"):
+        ds = build_dataset("vtab/patch_camelyon", "test", root=r)
+    assert len(ds) == n + 2
+    assert f"1 line(s) of {lst} list an image already listed with another label (line {n + 1}: " \
+           f"{1 - int(label)}, line 1: {label})" in caplog.text
+    assert f"1 line(s) of {lst} list an image already listed (line {n + 2} repeats line 2)" in caplog.text
+    # DTD: a repeat said; a space in a file name is part of it; a class name typo named with its line
+    labels = os.path.join(r, "dtd/dtd/labels/test1.txt")
+    first = open(labels).read().splitlines()[0]
+    cls = first.split("/")[0]
+    shutil.copy(os.path.join(r, "dtd/dtd/images", first), os.path.join(r, "dtd/dtd/images", cls, "a copy.jpg"))
+    open(labels, "a").write(f"{first}\n{cls}/a copy.jpg\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svp.data"):
+        ds = build_dataset("dtd", "test", root=r)
+    assert "a copy.jpg" in ds.samples[-1][0] and "list an image already listed (line" in caplog.text
+    text = open(labels).read().splitlines()
+    text[2] = "bandedd/" + text[2].split("/", 1)[1]
+    open(labels, "w").write("\n".join(text) + "\n")
+    with pytest.raises(DatasetError, match=r"found 48 classes .*expected 47; classes without an images/<class>/ "
+                                           r"folder: 'bandedd' \(labels/test1\.txt:3\)"):
+        build_dataset("dtd", "test", root=r)
+    # FGVC: a key given twice (the last wins, as json.load and the official loader read it), said
+    test_json = os.path.join(r, "FGVC/OxfordFlower/test.json")
+    d = json.load(open(test_json))
+    key, cid = next(iter(d.items()))
+    other = next(v for v in d.values() if v != cid)
+    raw = open(test_json).read().rstrip().rstrip("}") + f', "{key}": {other}}}'
+    open(test_json, "w").write(raw)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="svp.data"):
+        ds = build_dataset("flowers", "test", root=r)
+    assert f"{test_json}: 1 image(s) listed more than once, 1 with another class id (e.g. {key!r}: {cid!r}, " \
+           f"then {other!r})" in caplog.text
+    assert len(ds) == len(d)
+    # an id out of range: named with its file and entry
+    d[key] = 103
+    json.dump(d, open(test_json, "w"))
+    with pytest.raises(DatasetError, match=r"found 103 distinct class ids .*expected 102; class ids used by one split "
+                                           r"file only: '103' \(test\.json: '" + re.escape(key)):
+        build_dataset("flowers", "test", root=r)
+    nab = os.path.join(r, "FGVC/nabirds/val.json")
+    d = json.load(open(nab))
+    key = next(iter(d))
+    d[key] = 9999
+    json.dump(d, open(nab, "w"))
+    with pytest.raises(DatasetError, match=r"class ids not in classes\.txt: '9999' \(val\.json: '"):
+        build_dataset("nabirds", "test", root=r)
 
 
 def test_data_check_command_on_every_fake_layout(fake, capsys):

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +75,29 @@ def require_file(path, what: str, layout: str = "") -> str:
 
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 _logged_rules: set = set()  # scaling rules already announced once in this process
+
+
+def warn_repeats(name: str, source: str, entries: Sequence[Tuple[str, int, object]]) -> None:
+    """Say (one warning) when a list names an image more than once: ``entries`` are (image path,
+    line number, label) in the list's order. Each line stays a sample of its own, as the official
+    loaders read it (weighted twice in training and in the accuracy), but it is more often a list
+    concatenated twice, or an edit gone wrong where the two labels differ, than a choice."""
+    first: Dict[str, Tuple[int, object]] = {}
+    repeats, conflicts = [], []
+    for path, lineno, label in entries:
+        p = os.path.normpath(path)
+        if p in first:
+            (conflicts if first[p][1] != label else repeats).append((lineno, first[p][0], label, first[p][1]))
+        else:
+            first[p] = (lineno, label)
+    if conflicts:
+        ln, first_ln, lab, first_lab = conflicts[0]
+        log.warning("%s: %d line(s) of %s list an image already listed with another label (line %d: %s, line %d: "
+                    "%s); each line is a sample of its own, under its own label", name, len(conflicts), source, ln,
+                    lab, first_ln, first_lab)
+    if repeats:
+        log.warning("%s: %d line(s) of %s list an image already listed (line %d repeats line %d); each line is a "
+                    "sample of its own", name, len(repeats), source, repeats[0][0], repeats[0][1])
 
 
 def _announce(rule: str, path: str) -> None:

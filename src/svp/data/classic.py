@@ -30,7 +30,7 @@ import numpy as np
 
 from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
-                   log, missing, open_text, require_dir, require_file, seeded_shuffle)
+                   log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 
@@ -148,17 +148,19 @@ def _dtd_dir(root: str) -> str:
     raise missing(os.path.join(root, "dtd", "dtd"), "DTD folder", DTD_LAYOUT)
 
 
-def _dtd_list(path: str) -> List[str]:
+def _dtd_list(path: str) -> List[Tuple[str, int]]:
+    """(``<class>/<file>``, line number) of each line. A space is part of the name (there is no
+    separator in this format: a re-packed copy's 'class00/class00 copy.jpg' was refused)."""
     out = []
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             s = line.strip()
             if not s:
                 continue
-            if "/" not in s or " " in s:
+            if "/" not in s or s.startswith("/") or s.endswith("/"):
                 raise DatasetError(f"{path}:{lineno}: malformed line {s!r}; expected "
                                    f"'<class>/<file>.jpg' ({DOCS_HINT})")
-            out.append(s)
+            out.append((s, lineno))
     return out
 
 
@@ -174,12 +176,23 @@ def build_dtd(root: str, split: str, transform=None, partition: int = 1,
             require_file(p, f"DTD split list '{s}{partition}.txt'", DTD_LAYOUT)
         if os.path.isfile(p):
             lists[s] = _dtd_list(p)
-    classes = sorted({e.split("/")[0] for v in lists.values() for e in v})
+    classes = sorted({e.split("/")[0] for v in lists.values() for e, _ in v})
     if len(classes) != 47:
+        # name the lines whose class has no images/<class>/ folder: a typo among 47 names
+        where = {}
+        for s in ("train", "val", "test"):
+            for e, lineno in lists.get(s, []):
+                where.setdefault(e.split("/")[0], f"labels/{s}{partition}.txt:{lineno}")
+        stray = [c for c in classes if not os.path.isdir(os.path.join(d, "images", c))]
+        named = "; classes without an images/<class>/ folder: " + ", ".join(
+            f"{c!r} ({where[c]})" for c in stray[:5]) + (" ..." if len(stray) > 5 else "") if stray else ""
         raise DatasetError(f"dtd: found {len(classes)} classes in {d}/labels/*{partition}.txt, "
-                           f"expected 47 (docs/datasets.md, All datasets)")
+                           f"expected 47{named} (docs/datasets.md, All datasets)")
     idx = {c: i for i, c in enumerate(classes)}
-    samples = [(os.path.join(d, "images", e), idx[e.split("/")[0]]) for s in parts for e in lists[s]]
+    for s in parts:
+        warn_repeats(f"dtd/{s}", os.path.join(d, "labels", f"{s}{partition}.txt"),
+                     [(e, lineno, e.split("/")[0]) for e, lineno in lists[s]])
+    samples = [(os.path.join(d, "images", e), idx[e.split("/")[0]]) for s in parts for e, _ in lists[s]]
     return FileListDataset(samples, classes, transform, name="hta/dtd", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files,
                            source=os.path.join(d, "labels", f"{parts[0]}{partition}.txt"))
@@ -535,17 +548,8 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
                for rel, lab, _ in rows[split]]
     # an image listed twice is two samples (weighted twice in training and in the accuracy): kept,
     # as listed, but said, since it is more often a list concatenated twice than a choice
-    first: Dict[str, int] = {}
-    repeats = []
-    for (path, _), (_, _, lineno) in zip(samples, rows[split]):
-        p = os.path.normpath(path)
-        if p in first:
-            repeats.append((lineno, first[p]))
-        else:
-            first[p] = lineno
-    if repeats:
-        log.warning("csv/%s: %d line(s) of %s list an image already listed (line %d repeats line %d); each line is "
-                    "a sample of its own", split, len(repeats), files[split], *repeats[0])
+    warn_repeats(f"csv/{split}", files[split], [(path, lineno, label) for (path, label), (_, _, lineno)
+                                               in zip(samples, rows[split])])
     return FileListDataset(samples, classes, transform, name="csv", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files,
                            source=files[split])

@@ -53,9 +53,20 @@ def _dataset_dir(root: str, key: str) -> str:
 
 
 def _load_json(path: str) -> Dict[str, object]:
+    repeated: List[Tuple[str, object, object]] = []
+
+    def pairs(items):
+        # a key given twice: json.load keeps the last, as the official loader reads it, and says
+        # nothing (an image listed twice in test.json became the last entry's class, silently)
+        out: Dict[str, object] = {}
+        for k, v in items:
+            if k in out:
+                repeated.append((k, out[k], v))
+            out[k] = v
+        return out
     try:
         with open_text(path) as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}); expected one object "
                            f"{{\"<image path>\": <class id>}} ({DOCS_HINT})") from None
@@ -66,7 +77,42 @@ def _load_json(path: str) -> Dict[str, object]:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise DatasetError(f"{path}: entry {k!r} has class id {v!r}; expected an int or a "
                                f"string id ({DOCS_HINT})")
+    if repeated:
+        other = [r for r in repeated if r[1] != r[2]]
+        k, was, now = (other or repeated)[0]
+        log.warning("%s: %d image(s) listed more than once%s (e.g. %r: %r, then %r); the last entry of each is "
+                    "used, as the official loader reads the file", path, len(repeated),
+                    f", {len(other)} with another class id" if other else "", k, was, now)
     return data
+
+
+def _odd_ids(ddir: str, loaded: Dict[str, Dict[str, object]], files: Dict[str, str]) -> str:
+    """The class ids a count mismatch most likely comes from, each with one entry naming it: ids
+    missing from classes.txt where the dataset has one, else ids that only one split file uses
+    (an edited id among 102 or 555 was a count alone)."""
+    where: Dict[str, Tuple[str, str]] = {}
+    used_in: Dict[str, set] = {}
+    for s, d in loaded.items():
+        for k, v in d.items():
+            where.setdefault(str(v), (os.path.basename(files[s]), k))
+            used_in.setdefault(str(v), set()).add(s)
+    txt = os.path.join(ddir, "classes.txt")
+    odd, why = [], ""
+    if os.path.isfile(txt):
+        try:
+            table = _read_class_names(txt)
+        except DatasetError:
+            table = {}
+        odd = [i for i in where if table and not (_sort_key(i)[0] == 0 and int(i) in table)]
+        why = "not in classes.txt"
+    if not odd and len(loaded) > 1:
+        odd = [i for i in where if len(used_in[i]) == 1]
+        why = "used by one split file only"
+    if not odd:
+        return ""
+    odd = sorted(odd, key=_sort_key)
+    return (f"; class ids {why}: " + ", ".join(f"{i!r} ({where[i][0]}: {where[i][1]!r})" for i in odd[:5])
+            + (" ..." if len(odd) > 5 else ""))
 
 
 def _sort_key(v):
@@ -131,7 +177,7 @@ def build_fgvc(key: str, root: str, split: str, transform=None, skip_bad_images:
     if expected and len(ids) != expected:
         raise DatasetError(f"{key}: found {len(ids)} distinct class ids in "
                            f"{', '.join(sorted(os.path.basename(p) for p in loaded))} under {ddir}, "
-                           f"expected {expected} (docs/datasets.md, FGVC)")
+                           f"expected {expected}{_odd_ids(ddir, loaded, files)} (docs/datasets.md, FGVC)")
     index = {i: n for n, i in enumerate(ids)}
     classes = _class_names(ddir, ids, union)
     data = loaded[split]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text
+from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text, warn_repeats
 
 # (task folder, classes, group) in the usual VTAB-1k order (natural, specialized, structured)
 VTAB_TASKS = [
@@ -91,7 +91,7 @@ def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Option
     """Parse ``<path><sep><int label>`` lines; blank lines are ignored, anything
     else malformed (and, given ``num_classes``, a label outside 0..num_classes-1) raises
     with file and line number."""
-    samples = []
+    samples, lines = [], []
     with open_text(path) as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.rstrip("\r\n")
@@ -111,6 +111,8 @@ def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Option
                 raise DatasetError(f"{path}:{lineno}: label {label} outside 0..{num_classes - 1}: {name} has "
                                    f"{num_classes} classes (docs/datasets.md, All datasets)")
             samples.append((os.path.join(base_dir, rel), label))
+            lines.append(lineno)
+    warn_repeats(name or os.path.basename(path), path, [(p, ln, lab) for (p, lab), ln in zip(samples, lines)])
     return samples
 
 
