@@ -3,6 +3,7 @@ macOS and Windows do not have). Each case runs in a fresh process in which impor
 packages fails, as it does on such a machine."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,9 +66,11 @@ def test_doctor_checks_the_model_without_numba_and_says_how_to_get_the_kernels()
     """svp doctor without numba checked the scan alone (the model's crash above passed it), and
     without Triton it failed its fused-model check on the same crash; numba's row said only
     "not importable"."""
-    r = _run("from svp.cli import main\nsys.exit(main(['doctor', '--no-timing']))\n", ("numba", "triton"))
+    # (llvmlite too: pip installs neither where numba has no wheel, and the reason named llvmlite)
+    r = _run("from svp.cli import main\nsys.exit(main(['doctor', '--no-timing']))\n", ("numba", "llvmlite", "triton"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "`pip install numba` gives svp's fused CPU kernels" in r.stdout
+    assert re.search(r"cpu +unavailable: numba is not installed \(.*\); `pip install numba`", r.stdout), r.stdout
     assert "automatic choice on cpu: torch" in r.stdout
     assert "cpu   model      ok   15 of 15 tensors finite" in r.stdout, r.stdout
 

@@ -114,7 +114,8 @@ def _load(name: str):
         missing = isinstance(e, ModuleNotFoundError)
         _errors[name] = (f"Triton is not installed ({e})" if name == "triton" and missing and "triton" in str(e)
                          else f"numba is not installed ({e}); `pip install numba` gives svp's fused CPU kernels"
-                         if name == "cpu" and missing and "numba" in str(e)
+                         if name == "cpu" and missing and (getattr(e, "name", None) in ("numba", "llvmlite")
+                                                           or "numba" in str(e))
                          else f"{type(e).__name__}: {e}")
         return None
     except (Exception, SystemExit) as e:  # a broken install (one module's import even exits): unavailable

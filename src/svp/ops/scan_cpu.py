@@ -252,8 +252,8 @@ def guard_caches(namespace, deps=_DEPS):
 
 
 import numpy as np  # noqa: E402
+import numba  # noqa: E402  (first: without numba pip installed no llvmlite either, and that error named llvmlite)
 from llvmlite import ir  # noqa: E402
-import numba  # noqa: E402
 _POOL = int(numba.config.NUMBA_NUM_THREADS)   # numba's pool, fixed when numba was imported
 
 
