@@ -27,7 +27,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from ..compat import autocast_dtype, autocast_enabled, cpu_autocast, cpu_autocast_dtype
+from ..compat import autocast_dtype, autocast_enabled, cpu_autocast, cpu_autocast_dtype, recording
 from ..errors import ConfigError
 from ..ops import RMSNorm, causal_conv1d_bld, cpu_kernels, get_backend, selective_scan, triton_kernels
 from ..ops.kept import constant_zeros, kept_cast, kept_unless_trained
@@ -259,7 +259,7 @@ def _low_rank(lin, x):
     gives its factors (svp.peft.lora: ``factors``), W frozen, in a training forward (grad mode) on
     float32 CPU tensors; else None. With grad mode off (inference) the merged weight's one
     product is the cheaper: the parametrization forms it."""
-    if not (LORA_FACTORED and torch.is_grad_enabled()):
+    if not (LORA_FACTORED and torch.is_grad_enabled()) or recording():   # (a recording: plain operators)
         return None
     plist = getattr(getattr(lin, "parametrizations", None), "weight", None)
     if plist is None or len(plist) != 1 or not hasattr(plist[0], "factors"):
@@ -299,7 +299,7 @@ class _InProj(torch.autograd.Function):
         rounded once more, after the first half's product), where autograd summed the two
         halves' gradients in the input's dtype. A frozen weight's cast is kept (_autocast_weight),
         as on the CPU."""
-        run = _InProj.apply if torch.is_grad_enabled() else _InProj.products
+        run = _InProj.apply if torch.is_grad_enabled() and not recording() else _InProj.products
         with torch.autocast(h.device.type, enabled=False):
             return run(h.to(dtype), _autocast_weight(w, dtype), E)
 
@@ -570,7 +570,7 @@ class BiMambaMixer(nn.Module):
         w = _autocast_weight(ip.weight) if amp else ip.weight
         # under CPU autocast, the input cast once, not by each product (and once backward)
         h = hidden.to(cpu_autocast_dtype()) if amp else hidden
-        run = _InProj.apply if torch.is_grad_enabled() else _InProj.products
+        run = _InProj.apply if torch.is_grad_enabled() and not recording() else _InProj.products
         if ip.bias is None and h.is_cpu and h.dtype == w.dtype:
             return run(h, w, E)
         if ip.bias is None and not h.is_cpu and GPU_JOINT_NODES:
@@ -599,7 +599,9 @@ class BiMambaMixer(nn.Module):
                 return F.linear(y, self._half_cast(op.weight), op.bias)
             # out_proj((y + y_b) / 2) == (y + y_b) @ (W / 2)^T bit for bit (scaling by 2^-1 is
             # exact) with one elementwise pass less forward and backward
-            if op.bias is None and not torch.is_grad_enabled():
+            # (not while recording: a trace under no_grad, checked by tracing again, took the
+            # other branch and differed)
+            if op.bias is None and not torch.is_grad_enabled() and not recording():
                 # inference: the halving as the product's alpha, at no cost (the same bits, as
                 # above; 59 µs of ~100 per layer at batch 1 went to the weight's multiply and its
                 # thread hand-off). Not in training: addmm's backward scales its gradient by alpha

@@ -29,6 +29,8 @@ import inspect
 import logging
 import os
 
+import torch
+
 from ..compat import recording
 from ..errors import BackendError
 from .scan_ref import selective_scan_ref
@@ -185,7 +187,11 @@ def get_backend(device=None) -> str:
                                f"or torch.export: its kernels run outside PyTorch's operators; unset it (a "
                                f"recording then runs the pure-PyTorch 'torch' backend) or force one of "
                                f"{list(_RECORDABLE)}")
-        name, source = "torch", "auto, while torch.jit.trace or torch.export records"
+        # torch.export records through the 'torch' scan's autograd Function; a jit trace keeps it
+        # as a Python call (prim::PythonOp) that torch.jit.save cannot write: 'reference', plain
+        # operators (a traced graph unrolls the time loop either way)
+        name = "reference" if torch.jit.is_tracing() else "torch"
+        source = "auto, while torch.jit.trace or torch.export records"
         _load(name)
     elif name is not None:
         _check_name(name, source)

@@ -9,7 +9,8 @@ under ``no_grad``), data pointer, shape, strides and dtype. A view is often made
 shares its version counter, keyed on the view's own layout. A replaced parameter is another object and
 carries nothing; copies made by ``torch.save``/``copy.deepcopy`` carry the entry along with a
 key that still describes them or that misses. Not seen: writes through ``t.data``, which bypass
-the version counter (no code in svp does that; ``forget(model)`` after such an edit), and torch's fused optimizers: ``torch.optim.AdamW
+the version counter (no code in svp does that; ``forget(model)`` after such an edit), and
+torch's fused optimizers: ``torch.optim.AdamW
 (fused=True)`` on the CPU (the engine's default, ``train.opt_fused``) steps its parameters without
 bumping their version counters (torch 2.14). So a tensor that requires grad keeps nothing: a
 trained parameter evaluated under ``no_grad`` between fused steps got the values kept at the
@@ -127,6 +128,8 @@ def constant_zeros(shape, dtype=torch.float32, device=None) -> torch.Tensor:
     fused kernels take; addmm's ignored input at beta = 0), made once per shape, dtype and device
     (default: the CPU): a fresh one is a fill, ~5 us in a forward where its code is out of the
     caches."""
+    if recording():   # (an export's fake tensor kept here broke every later forward)
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
     key = (tuple(shape), dtype, device)   # (None and the CPU's device: two equal copies, no conversion per call)
     t = _ZEROS.get(key)
     if t is None:

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..compat import cpu_autocast, cpuinfo_field
+from ..compat import cpu_autocast, cpuinfo_field, recording
 from ..errors import BackendError
 
 MIN_MACS = 1 << 21     # smaller products: oneDNN's per-call cost is larger than what it saves
@@ -158,8 +158,8 @@ def onednn_takes(a, b, macs=None) -> bool:
     """Whether the product of a (.., k) and b (k, n) goes to oneDNN (``mm``'s two matrices; with
     ``macs``, ``linear``'s input and weight)."""
     if not (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
-            and b.device.type == "cpu" and not cpu_autocast() and use_onednn()):
-        return False
+            and b.device.type == "cpu" and not cpu_autocast() and use_onednn()) or recording():
+        return False   # (torch.jit.trace / torch.export record torch's own operators)
     least, wgrads = limits()
     if macs is None:
         if a.dim() != 2 or b.dim() != 2 or not (_plain(a) and _plain(b)):
