@@ -1159,7 +1159,7 @@ def test_resume_refuses_a_training_split_that_changed_since_the_resume_point(tmp
     assert svp_main(["train", "--resume", run]) == 0
 
 
-def test_resume_refuses_a_backbone_file_that_changed_since_the_run_started(tmp_path, capsys):
+def test_resume_refuses_a_backbone_file_that_changed_since_the_run_started(tmp_path, capsys, monkeypatch):
     """--resume reads model.checkpoint again: a file replaced at that path was trained on without
     a word, and the run ended with best/ and last/ bound to two backbones (QA 2026-12-06)."""
     from safetensors.torch import load_file, save_file
@@ -1175,13 +1175,22 @@ def test_resume_refuses_a_backbone_file_that_changed_since_the_run_started(tmp_p
     save_file(sd, weights)
     capsys.readouterr()
     line = _one_line_error(capsys, svp_main(["train", "--resume", run]), 2, "the run trained on a backbone with weight "
-                           "hash sha256:", f"{weights} now gives sha256:", "the file changed since the run started")
+                           "hash sha256:", f"{weights} now gives sha256:", "the file changed since the run started",
+                           "Put the file the run started from back")
     assert re.search(r"hash (sha256:\w+), and .* now gives (sha256:\w+)", line).group(1) != \
         re.search(r"now gives (sha256:\w+)", line).group(1)
     open(weights, "wb").write(original)
     assert svp_main(["train", "--resume", run]) == 0
     hashes = {json.load(open(os.path.join(run, d, "adapter_config.json")))["base_model_hash"] for d in ("best", "last")}
     assert len(hashes) == 1
+    # the bundled weights (no file of the user's): said as another svp/torch/timm having made them
+    import svp.peft.base as pbase
+    args = [*MINI, "--epochs", "2", "--output", str(tmp_path / "runs")]
+    assert svp_main(["train", *args, "--name", "b", "debug.stop_at_step=3"]) == 75
+    monkeypatch.setattr(pbase, "base_weights_hash", lambda model: "sha256:" + "0" * 64)   # (another svp's weights)
+    capsys.readouterr()
+    _one_line_error(capsys, svp_main(["train", "--resume", str(tmp_path / "runs" / "b")]), 2,
+                    "vim_mini_patch4_32's bundled weights now give sha256:", "another svp, torch or timm made them")
 
 
 def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys):

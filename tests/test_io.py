@@ -150,6 +150,11 @@ def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
          {"out": f"{home}/pre", "export": f"{home}/pre.safetensors"}),
         (["data", "check", "digits", "--root=~/d", "--file=~/l.csv"], {"root": f"{home}/d", "file": f"{home}/l.csv"}),
         (["data", "grid", "digits", "--root=~/d", "--out=~/g.png"], {"root": f"{home}/d", "out": f"{home}/g.png"}),
+        (["demo", "--out=~/demo", "--preset-out=~/p.json"], {"out": f"{home}/demo", "preset_out": f"{home}/p.json"}),
+        (["convert-official-svp", "~/c.pth", "--model", "m", "--shared-layers", "1", "--prompt-hidden", "1",
+          "--num-classes", "2", "--out=~/o", "--backbone-checkpoint=~/b.pth", "--class-names=~/n.txt"],
+         {"checkpoint": f"{home}/c.pth", "out": f"{home}/o", "backbone_checkpoint": f"{home}/b.pth",
+          "class_names": f"{home}/n.txt"}),
     ]
     for argv, want in cases:
         args = parser.parse_args(argv)

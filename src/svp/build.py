@@ -15,10 +15,12 @@ backbone is built, unless asked for.
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import json
 import numbers
 import os
+import stat
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -293,8 +295,12 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     import svp.peft as peft
 
     if not os.path.isdir(adapter_dir):   # (a missing one was "not a folder" too)
-        what = ("no such folder" if not os.path.lexists(adapter_dir) else "a link to nothing"
-                if os.path.islink(adapter_dir) and not os.path.exists(adapter_dir) else "a file, not a folder")
+        try:
+            st = os.lstat(adapter_dir)
+            what = ("a link to nothing" if stat.S_ISLNK(st.st_mode) and not os.path.exists(adapter_dir)
+                    else "a file, not a folder")
+        except OSError as e:   # (a parent the user may not search is EACCES, not "no such folder")
+            what = "no such folder" if e.errno == errno.ENOENT else (e.strerror or str(e))
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
     try:
         info = peft.read_adapter_config(adapter_dir)

@@ -295,7 +295,7 @@ def register(subparsers):
                    help="instead of the demo: choose each method's lr from this list on the digits validation "
                         "split and write the preset (--preset-out)")
     p.add_argument("--jobs", type=int, default=1, help="--select-lr: grid runs at a time, each in its own process")
-    p.add_argument("--preset-out", default=None,
+    p.add_argument("--preset-out", default=None, type=user_path,
                    help="where --select-lr writes the preset (default <out>/demo_preset.json)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--methods", default="linear,vpt_deep,svp", help="comma-separated (default linear,vpt_deep,svp)")

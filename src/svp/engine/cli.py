@@ -10,6 +10,7 @@ import textwrap
 from typing import List
 
 from . import config as C
+from . import resume_overrides as RO
 
 EXIT_CONFIG = 2
 
@@ -92,10 +93,8 @@ def register(subparsers) -> None:
                    help="bfloat16 autocast on CUDA and CPU (docs/training.md) [train.amp=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, type=user_path,
                    help="continue the interrupted run in RUN_DIR with its saved config.yaml (overrides may "
-                        "change only train.lr, train.epochs, train.max_steps, train.device, data.root, "
-                        "data.num_workers, data.cache_images, run.progress/log_every/tensorboard/"
-                        "save_every_steps and debug.*; "
-                        "refused while another process trains in RUN_DIR)")
+                        f"change only {', '.join(RO.ACCEPTED)}; refused while another process trains in "
+                        "RUN_DIR)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--quiet", "-q", action="store_true", help="no per-step progress (run.progress=none)")
     p.set_defaults(func=cmd_train)

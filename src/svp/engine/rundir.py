@@ -207,13 +207,20 @@ class RunFolder:
                               f"docs/training.md)")
         saved_base, base = state.get("base_model_hash"), unwrap(model).base_hash
         if isinstance(saved_base, str) and saved_base != base:   # (resume points before 2026-12-06: not checked)
-            where = self.cfg["model"].get("checkpoint") or (
-                f"{self.cfg['model']['name']}'s pretrained weights" if self.cfg["model"].get("pretrained")
-                else f"{self.cfg['model']['name']}'s bundled or random weights")
+            m = self.cfg["model"]
+            if m.get("checkpoint"):
+                why = (f"{m['checkpoint']} now gives {base}: the file changed since the run started (replaced, "
+                       f"re-downloaded, edited). Put the file the run started from back at that path to resume")
+            elif m.get("pretrained"):
+                why = (f"{m['name']}'s pretrained weights now give {base}: timm's cache holds another file than "
+                       f"the run started from (re-downloaded, another version). Put that file back in the cache "
+                       f"to resume")
+            else:
+                why = (f"{m['name']}'s {'random' if m.get('random_init') else 'bundled'} weights now give {base}: "
+                       f"another svp, torch or timm made them (an upgrade since the run started). Resume with "
+                       f"the versions the run started with")
             raise ResumeError(f"{self.file(ck.RESUME_FILE)}: the run trained on a backbone with weight hash "
-                              f"{saved_base}, and {where} now gives {base}: the file changed since the run "
-                              f"started (replaced, re-downloaded, edited). Put the file the run started from back "
-                              f"at that path to resume; its adapters are bound to it")
+                              f"{saved_base}, and {why}; its adapters are bound to those weights")
         bs = int(self.cfg["train"]["batch_size"])
         if state["world_size"] != self.dist.world_size or state["batch_size"] != bs:
             raise ResumeError(

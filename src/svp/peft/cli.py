@@ -45,8 +45,9 @@ def register(subparsers):
     p.add_argument("--out", required=True, type=user_path, help="adapter directory to write")
     p.add_argument("--simam", action="store_true", help="the checkpoint was trained with --input_relu True (SimAM)")
     p.add_argument("--two-layer-head", action="store_true", help="head is Linear(D, D/2) -> Linear(D/2, C)")
-    p.add_argument("--backbone-checkpoint", default=None,
+    p.add_argument("--backbone-checkpoint", default=None, type=user_path,
                    help="official Vim checkpoint to take the backbone from (must equal the one in CKPT)")
-    p.add_argument("--class-names", default=None, help="text file, one class name per line (or a JSON list)")
+    p.add_argument("--class-names", default=None, type=user_path,
+                   help="text file, one class name per line (or a JSON list)")
     p.add_argument("--model-kwargs", default=None, help='JSON dict of extra model arguments, e.g. \'{"img_size": 384}\'')
     p.set_defaults(func=_run)
