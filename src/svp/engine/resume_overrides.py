@@ -30,7 +30,8 @@ from ..errors import ResumeError
 # keys whose change reshapes training from the resume point on (recorded in run.changes)
 TRAINING_KEYS = ("train.lr", "train.epochs", "train.max_steps")
 # keys that change nothing that is learned (not recorded)
-WATCH_KEYS = ("train.device", "model.grad_checkpointing", "data.root", "data.num_workers", "data.cache_images", "run.progress", "run.log_every",
+WATCH_KEYS = ("train.device", "model.grad_checkpointing", "data.root", "data.num_workers", "data.cache_images",
+              "run.progress", "run.log_every",
               "run.tensorboard", "run.save_every_steps")
 ACCEPTED = TRAINING_KEYS + WATCH_KEYS + ("debug.*",)
 

@@ -774,7 +774,8 @@ class VisionMamba(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         """timm's parameter groups (layer-wise lr decay: ``create_optimizer_v2(..., layer_decay=)``):
-        the embeddings, then one group per block, then the final norm and the head."""
+        the embeddings, then one group per block, the final norm with the last block (as timm's
+        ViT groups its own); the head, matched by neither, gets the full rate."""
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
 

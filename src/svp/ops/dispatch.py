@@ -185,7 +185,7 @@ def get_backend(device=None) -> str:
             _check_name(name, source)
             raise BackendError(f"scan backend {name!r} (forced by {source}) cannot be recorded by torch.jit.trace "
                                f"or torch.export: its kernels run outside PyTorch's operators; unset it (a "
-                               f"recording then runs the pure-PyTorch 'torch' backend) or force one of "
+                               f"recording then runs a pure-PyTorch scan) or force one of "
                                f"{list(_RECORDABLE)}")
         # torch.export records through the 'torch' scan's autograd Function; a jit trace keeps it
         # as a Python call (prim::PythonOp) that torch.jit.save cannot write: 'reference', plain
