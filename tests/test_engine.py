@@ -696,6 +696,15 @@ def test_resume_accepts_an_override_that_repeats_the_saved_value(tmp_path, monke
     for override in ("train.seed=1", "data.dataset=faces", "train.seed=true"):
         with pytest.raises(ResumeError, match=f"cannot change {override.split('=')[0]}"):
             load_run_config(str(tmp_path), [override])
+    # a number repeated in another form (1 for a saved 1.0, 0 for a preset's 0.0) was refused; a
+    # boolean is not a number here, nor a number a boolean
+    cfg = C.resolve(overrides=["train.clip_grad=1.0", "train.mixup=0.0", "train.opt_betas=[0.0,0.5]"],
+                    use_presets=False)
+    (tmp_path / "config.yaml").write_text(C.dump(cfg))
+    load_run_config(str(tmp_path), ["train.clip_grad=1", "train.mixup=0", "train.opt_betas=[0,0.5]"])
+    for override in ("train.clip_grad=2", "train.mixup=false", "train.opt_betas=[0.1,0.5]"):
+        with pytest.raises(ResumeError, match=f"cannot change {override.split('=')[0]}"):
+            load_run_config(str(tmp_path), [override])
     # a path setting given with ~ is saved expanded: the same override repeated was "cannot change"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     ov = ["run.output=~/runs", "model.checkpoint=~/v.pth"]

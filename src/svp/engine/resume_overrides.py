@@ -51,12 +51,26 @@ def _saved_value(saved: Any, key: str) -> Any:
     return saved
 
 
+def _same(a: Any, b: Any) -> bool:
+    """The same value as the configuration means it: numbers by value (``train.clip_grad=1`` repeats
+    a saved 1.0, a preset's ``mixup: 0.0`` is ``train.mixup=0``; both were refused), a boolean only
+    as a boolean (``true`` is not 1), lists and mappings item by item."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
 def check_overrides(parsed: Iterable[Tuple[str, Any]], run_dir: str, saved: Any = None) -> None:
     """Refuse (one line) any override ``--resume`` cannot apply exactly; one that repeats the
     saved configuration's value (``saved``: its config.yaml) changes nothing and passes (the
     command that started the run, with ``--resume`` added)."""
-    bad = [k for k, v in parsed if not accepted(k)
-           and not (saved is not None and _saved_value(saved, k) == v and type(_saved_value(saved, k)) is type(v))]
+    bad = [k for k, v in parsed if not accepted(k) and not (saved is not None and _same(_saved_value(saved, k), v))]
     if bad:
         raise ResumeError(f"svp train --resume {run_dir}: cannot change {', '.join(bad)} of a started run "
                           f"(its saved state was made with the old value); --resume accepts only "
