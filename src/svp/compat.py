@@ -149,10 +149,12 @@ def recording() -> bool:
     operators, so a recording of them would hold nothing (trace) or fail (export's fake
     tensors have no numpy view). ``torch.compile`` is not recording in this sense: it breaks
     its graph around them and runs them."""
-    if torch.jit.is_tracing():
-        return True
-    exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return bool(exporting is not None and exporting())
+    # (called ~500 times a Vim-Tiny forward: the two functions looked up once, at import)
+    return _is_tracing() or (_is_exporting is not None and _is_exporting())
+
+
+_is_tracing = torch.jit.is_tracing
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
 
 
 def cpu_autocast() -> bool:
