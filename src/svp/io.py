@@ -175,15 +175,7 @@ def _write_temp(path: str, write: Callable[[str], None]) -> str:
 
 def atomic_write(path, write: Callable[[str], None]) -> str:
     """Call ``write(tmp_path)`` to produce the file, then move it into place atomically."""
-    path = os.fspath(path)
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_group([(path, write)])[0]
 
 
 def atomic_write_group(writes: Sequence[Tuple[Any, Callable[[str], None]]]) -> List[str]:
