@@ -16,6 +16,8 @@ included, is refused before it can be called.
 ``recording`` asks whether ``torch.jit.trace`` or ``torch.export`` is recording the model
 (``torch.compiler.is_exporting`` exists from torch 2.5; before, only tracing is seen).
 
+``memory_bytes`` is the machine's physical memory (0 where the system does not say: Windows).
+
 ``cpu_bf16_instructions`` asks which bfloat16 instructions the CPU has: torch's probes exist
 from torch 2.2; before, ``/proc/cpuinfo`` is read.
 """
@@ -229,6 +231,15 @@ def cpu_bf16_instructions() -> Optional[List[str]]:
     if flags is None:
         return None
     return [name for name in probes if name in flags.split()]
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes; 0 where the system does not say (not POSIX:
+    Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def cpuinfo_field(key: str, path: str = "/proc/cpuinfo") -> Optional[str]:

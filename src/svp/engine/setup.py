@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
-from ..compat import cpu_bf16_instructions, no_bf16_warning
+from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
 from ..errors import ConfigError, DatasetError
 
 log = logging.getLogger("svp.engine")
@@ -118,10 +118,7 @@ def cache_limit_bytes() -> int:
     """``data.cache_images: auto``'s limit for one process: 2 GiB, or an eighth of the
     machine's memory shared among the processes torchrun started on it (each rank keeps
     the images its batches read, over the epochs all of them) where that is less."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):   # not POSIX (Windows)
-        ram = 16 << 30
+    ram = memory_bytes() or 16 << 30   # (not said: Windows)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return min(2 << 30, ram // (8 * local))
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..compat import memory_bytes
 from ..errors import ConfigError, ResumeError
 from ..io import (atomic_save_safetensors, atomic_write_bytes, atomic_write_json, remove_dead_writers_temps,
                   user_path)
@@ -405,7 +406,7 @@ def _main(args) -> int:
             print(f"svp pretrain: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
                   file=sys.stderr)
             return 2
-    need, have = _images_bytes(args), _memory_bytes()
+    need, have = _images_bytes(args), memory_bytes()
     if have and need > have // 2:   # (--num-classes 10**9: minutes of drawing categories, then out of memory)
         print(f"svp pretrain: {args.num_classes} classes x ({args.per_class} + {args.heldout_per_class}) images "
               f"are {need / 2**30:.3g} GiB in memory, more than half this machine's {have / 2**30:.3g} GiB; "
@@ -455,7 +456,7 @@ def _locked_main(args) -> int:
               f"--out starts a new one", file=sys.stderr)
         return 2
     try:
-        logf = open(os.path.join(_mk(args.out), "pretrain.log"), "a")
+        logf = open(os.path.join(args.out, "pretrain.log"), "a")   # (the folder made before the lock)
         # temporaries of writes a kill cut off (a checkpoint-sized file each)
         remove_dead_writers_temps(args.out)
     except OSError as e:
@@ -493,14 +494,6 @@ def _images_bytes(args) -> int:
     """What the generated images take in memory: both splits are made whole, as uint8 RGB at the
     fractals' 32 px (fractals.generate_split), before the first step."""
     return args.num_classes * (args.per_class + args.heldout_per_class) * 32 * 32 * 3
-
-
-def _memory_bytes() -> int:
-    """This machine's memory; 0 where the system does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return 0
 
 
 def _json_dict(text: str) -> dict:
