@@ -380,6 +380,32 @@ def test_commands_other_than_train_refuse_torchrun(tmp_path, capsys, monkeypatch
         capsys.readouterr()
 
 
+def test_a_launcher_variable_that_is_not_a_number_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """svp train read WORLD_SIZE/RANK with int(): "abc" stopped in a ValueError traceback, a
+    WORLD_SIZE without RANK in a KeyError, while the other commands took "abc" as one process."""
+    from svp import runtime
+    cases = [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment: expected a whole number >= 0"),
+             ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+             ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK='2' in the environment: expected a whole number 0..1"),
+             ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE='3'"),
+             ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK='-1'")]
+    for env, said in cases:
+        for k in runtime._LAUNCH_VARS:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        for argv in (["train", "--dataset", "digits", "--model", "vim_mini_patch4_32", "--output", str(tmp_path),
+                      "--name", "w"], ["data", "list"]):
+            assert svp_main(argv) == 2, (env, argv)
+            out, err = capsys.readouterr()
+            assert err.startswith(f"svp {argv[0]}: error: {said}") and err.count("\n") == 1, (env, err)
+            assert "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+    assert runtime.launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (4, 3, 1, 2)
+    assert runtime.launch({"WORLD_SIZE": "4", "RANK": "3"}) == (4, 3, 0, 4)   # one machine, as torchrun's default
+    assert runtime.launch({"WORLD_SIZE": " ", "RANK": "x"}) == (1, 0, 0, 1)
+
+
 @pytest.mark.slow
 def test_torchrun_refusals_of_the_main_rank_reach_the_other_rank(tmp_path):
     """A run folder refused by rank 0 (taken name, folder in use): rank 1 waited for its name in
@@ -403,11 +429,11 @@ def test_torchrun_refusals_of_the_main_rank_reach_the_other_rank(tmp_path):
     assert rc != 0 and "nothing to resume" not in logs, logs
     assert "svp train (rank 1): error: the main rank (0) stopped: ResumeError:" in logs, logs
     from svp.engine.rundir import interrupted_at_once
-    os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK="0")
     try:
         assert "torchrun --nproc_per_node=2 -m svp train --resume" in str(interrupted_at_once(str(run)))
     finally:
-        for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
             os.environ.pop(k)
 
 

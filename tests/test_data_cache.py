@@ -156,5 +156,8 @@ def test_the_auto_limit_is_shared_by_the_processes_of_a_node(monkeypatch):
     assert 0 < one <= 2 << 30
     monkeypatch.setattr(os, "sysconf", lambda k: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (16 << 30) // 4096}[k])
     assert S.cache_limit_bytes() == 2 << 30          # 16 GiB / 8
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")   # (alone: one process, not a launch)
+    assert S.cache_limit_bytes() == 2 << 30
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
     assert S.cache_limit_bytes() == (16 << 30) // 32  # shared by four ranks

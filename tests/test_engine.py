@@ -98,8 +98,10 @@ def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch):
     assert resume_command("R") == "svp train --resume R"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     assert "torchrun --nproc_per_node=2 -m svp train --resume R" in str(interrupted("R", "SIGINT", "step 3"))
     monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two: the same torchrun command
+    monkeypatch.setenv("RANK", "3")
     assert resume_command("R") == "the same torchrun command (4 processes) with: -m svp train --resume R"
 
 

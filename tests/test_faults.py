@@ -927,10 +927,15 @@ def test_resume_refuses_an_end_before_its_resume_point_and_stops_at_one_on_it(tm
 
 def test_only_the_first_process_prints_why_a_run_stopped(tmp_path, capsys, monkeypatch):
     """Under torchrun every process stops; the message (with its resume command) is printed once."""
-    monkeypatch.setenv("RANK", "1")  # (no WORLD_SIZE: the run itself is one process)
+    from svp import runtime
+    from svp.engine import loop
+    from svp.engine.distributed import DistInfo
+    # rank 1 of two, as launch() reads it, while the run itself is one process
+    monkeypatch.setattr(runtime, "launch", lambda: runtime.Launch(2, 1, 1, 2))
+    monkeypatch.setattr(loop, "init_distributed", lambda kind: DistInfo())
     assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "a", "debug.stop_at_step=1"]) == 75
     assert "stopped after step 1" not in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(runtime, "launch", lambda: runtime.Launch(2, 0, 0, 2))
     assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "b", "debug.stop_at_step=1"]) == 75
     assert "stopped after step 1" in capsys.readouterr().err
 
@@ -1395,6 +1400,7 @@ def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch):
                         "peer. This is typically caused by a remote worker hanging or bugs in the application.")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
     e = lost_peer(gloo, DistInfo(rank=1, world_size=2, enabled=True), "/runs/r")
     assert isinstance(e, PeerError) and e.exit_code == 1
     assert str(e).startswith("rank 1 lost its connection to another process of this torchrun job "

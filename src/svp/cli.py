@@ -60,14 +60,6 @@ def _innermost(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser
         parser = actions[0].choices[chosen]
 
 
-def _world_size() -> int:
-    """WORLD_SIZE as svp train reads it (svp.engine.distributed); 1 where it is unset or not a number."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -86,12 +78,15 @@ def main(argv=None) -> int:
         return 2
     from . import runtime
     runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)
-    world = _world_size()
+    try:
+        world, rank = runtime.launch()[:2]
+    except SVPError as e:
+        print(f"svp {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     if args.command != "train" and world > 1:
         # each process ran the whole command: `svp eval` printed every result once per process
         # (--json: two documents, no longer JSON), `svp sweep` refused its own other rank's lock
-        rank = os.environ.get("RANK", "0")
-        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: runs in one process, "
+        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: runs in one process, "
               f"and WORLD_SIZE={world} is set: under torchrun (or another launcher) each process would run "
               f"all of it. Run it without torchrun, or with WORLD_SIZE unset (of svp's commands, only "
               f"`svp train` runs distributed)", file=sys.stderr)
@@ -102,8 +97,7 @@ def main(argv=None) -> int:
         # A user's mistake: one line that names the file/key/value, no traceback. Under torchrun
         # every process prints its own (a check that fails on one fails on all): the others say
         # which rank they are
-        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
-        print(f"svp {args.command}{f' (rank {rank})' if rank != '0' else ''}: error: {e}", file=sys.stderr)
+        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)

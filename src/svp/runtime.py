@@ -112,6 +112,7 @@ import ntpath
 import os
 import sys
 import threading
+from typing import NamedTuple
 
 _state = {"omp_wait_policy": None, "applied_before_torch": None, "malloc": None, "gc": None, "dedicated": None}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc's malloc.h
@@ -421,6 +422,50 @@ def held_heap(active: bool = True):
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                 libc.malloc_trim(0)
+
+
+class Launch(NamedTuple):
+    """This process's place among those a launcher (torchrun) started: :func:`launch`."""
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
+
+
+_LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def launch(environ=os.environ) -> Launch:
+    """WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them, read in one
+    place: one process, ``Launch(1, 0, 0, 1)``, where WORLD_SIZE is unset or empty. A value
+    that is not a whole number in range is a :class:`~svp.errors.ConfigError` naming the
+    variable (``svp train`` stopped in ``int()`` with a traceback while the other commands
+    took it as one process; a WORLD_SIZE without RANK, with a KeyError)."""
+    from .errors import ConfigError
+
+    def number(name, default, low, high=None):
+        text = environ.get(name, "").strip()
+        if not text:
+            if default is None:
+                raise ConfigError(f"WORLD_SIZE={world} is set but {name} is not: a launcher (torchrun) sets "
+                                  f"both; unset WORLD_SIZE to run one process")
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            where = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{name}={environ.get(name)!r} in the environment: expected a whole number {where} "
+                              f"(as torchrun sets it), or {name} unset")
+        return value
+
+    world = number("WORLD_SIZE", 1, 0)
+    if world <= 1:   # (0 too, as svp train always read it)
+        return Launch(1, 0, 0, 1)
+    local_world = number("LOCAL_WORLD_SIZE", world, 1, world)
+    return Launch(world, number("RANK", None, 0, world - 1), number("LOCAL_RANK", 0, 0, local_world - 1),
+                  local_world)
 
 
 def status() -> dict:

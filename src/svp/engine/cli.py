@@ -14,6 +14,7 @@ from . import resume_overrides as RO
 
 EXIT_CONFIG = 2
 
+from .. import runtime  # noqa: E402
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
 from ..io import json_text, user_path  # noqa: E402
 
@@ -261,7 +262,7 @@ def cmd_train(args) -> int:
         train(cfg)
         return 0
     except TrainingStopped as e:
-        if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun, one message, not one a process
+        if runtime.launch().rank == 0:  # under torchrun, one message, not one a process
             _err(str(e))
         return e.code
 
@@ -322,8 +323,6 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     import torch
-
-    from svp import runtime
 
     from .evaluate import forward_in_chunks
 

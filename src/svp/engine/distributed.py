@@ -7,12 +7,13 @@ metrics with :func:`all_reduce_sum` and let only rank 0 write files.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
+
+from .. import runtime
 
 
 @dataclass
@@ -28,11 +29,9 @@ class DistInfo:
 
 
 def init_distributed(device_kind: str) -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    world, rank, local_rank, _ = runtime.launch()
+    if world == 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
 from ..errors import ConfigError, DatasetError
@@ -119,7 +120,7 @@ def cache_limit_bytes() -> int:
     machine's memory shared among the processes torchrun started on it (each rank keeps
     the images its batches read, over the epochs all of them) where that is less."""
     ram = memory_bytes() or 16 << 30   # (not said: Windows)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = runtime.launch().local_world_size
     return min(2 << 30, ram // (8 * local))
 
 

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Optional
 
+from .. import runtime
+
 EXIT_STOPPED = 75       # stopped on request (debug.stop_at_step), resume point written
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM, resume point written
 EXIT_NONFINITE = 3
@@ -254,10 +256,9 @@ def loader_worker_init(worker_id: int) -> None:
 def resume_command(run_dir: str) -> str:
     """The command that continues ``run_dir`` as it was started: a run saved by several
     processes resumes only with as many (svp refuses another world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    world, _, _, local = runtime.launch()
+    if world == 1:
         return f"svp train --resume {run_dir}"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
     if local == world:
         return f"torchrun --nproc_per_node={world} -m svp train --resume {run_dir}"
     return f"the same torchrun command ({world} processes) with: -m svp train --resume {run_dir}"
