@@ -197,12 +197,14 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
 def seed_arg(text: str) -> int:
     """--seed: numpy's and torch's seeds are 32 bits (2**32 or -1 stopped with a traceback)."""
     import argparse
+
+    from ..engine.config import SEED_LIMIT
     try:
         v = int(text)
     except ValueError:
         v = -1
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{2**32 - 1}, got {text!r}")
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{SEED_LIMIT - 1}, got {text!r}")
     return v
 
 

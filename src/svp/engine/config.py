@@ -24,6 +24,10 @@ import yaml
 
 from ..errors import ConfigError, DatasetError  # noqa: F401 (ConfigError re-exported)
 
+# seeds are below 2**32: torch's CPU generator and numpy keep 32 bits, so 2**32 + s trained seed
+# s's run (a sweep over seeds s and s + 2**32 repeated one), and 2**64 stopped in torch.manual_seed
+SEED_LIMIT = 2**32
+
 
 # (dotted key, default, help). The order is the order of `svp train --help`.
 SCHEMA: List[Tuple[str, Any, str]] = [
@@ -581,10 +585,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
     for key in ("train.seed", "model.init_seed"):
         v = get_key(cfg, key)
-        # below 2**32: torch's CPU generator and numpy keep 32 bits, so 2**32 + s trained seed s's run
-        # (a sweep over seeds s and s + 2**32 repeated one), and 2**64 stopped in torch.manual_seed
-        if (v is not None or key == "train.seed") and (not _is_num(v, integer=True) or not 0 <= v < 2**32):
-            raise ConfigError(f"{key}={v!r}: expected a non-negative integer below 2**32 (4294967296)"
+        if (v is not None or key == "train.seed") and (not _is_num(v, integer=True) or not 0 <= v < SEED_LIMIT):
+            raise ConfigError(f"{key}={v!r}: expected a non-negative integer below 2**32 ({SEED_LIMIT})"
                               + (" or null" if "init" in key else ""))
     eps = cfg["train"]["opt_eps"]
     if not (_is_num(eps) and 0 < eps < _INF):

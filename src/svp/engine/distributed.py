@@ -240,6 +240,8 @@ class SeededDataset(torch.utils.data.Dataset):
         import random
 
         import numpy as np
+
+        from .setup import seed_everything
         idx, seed = item if isinstance(item, tuple) else (item, None)
         img, label = self.base[idx]
         if self.transform is None:
@@ -248,9 +250,7 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.transform(img), label
         py, npst, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            random.seed(seed)
-            np.random.seed(seed % (2 ** 32))
-            torch.manual_seed(seed)
+            seed_everything(seed)
             out = self.transform(img)
         finally:
             random.setstate(py)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import time
 from typing import Any, Dict, List, Optional
 
@@ -36,7 +35,7 @@ from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import check_checkpoint_there, load_run_config, load_trainable, run_session
 from .sched import schedule_notes
-from .setup import build_run, check_data, fill_kept, param_counts, pick_device
+from .setup import build_run, check_data, fill_kept, param_counts, pick_device, seed_everything
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, WorkersInterrupted, interrupted, resume_command)
 
@@ -222,9 +221,7 @@ class Trainer:
             self.sched.before_step(st["global_step"])
             RO.note_lr(st, self.sched.lr())
             s = derive_seed(seed, st["global_step"], dinfo.rank, 3)
-            random.seed(s)
-            np.random.seed(s % (2 ** 32))
-            torch.manual_seed(s)
+            seed_everything(s)
             x, y = x.to(dev, non_blocking=cuda), y.to(dev, non_blocking=cuda)
             x_in, y_in = self.mixup(x, y) if self.mixup is not None else (x, y)
             chunks = chunk_count(x_in.shape[0], t["micro_batch"])

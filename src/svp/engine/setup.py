@@ -16,13 +16,16 @@ from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
 from ..errors import ConfigError, DatasetError
+from . import config as C
 
 log = logging.getLogger("svp.engine")
 
 
 def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators from one seed (numpy's takes it modulo 2**32:
+    the per-step and per-sample seeds svp.engine.distributed.derive_seed draws are 64-bit)."""
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % C.SEED_LIMIT)
     torch.manual_seed(seed)
 
 
