@@ -171,7 +171,7 @@ BASE = {"errors", "io", "compat"}
 ALLOWED = {
     "errors": set(),
     "io": set(),
-    "runtime": set(),
+    "runtime": {"errors"},   # (launch's ConfigError; errors imports nothing)
     "compat": set(),
     "ops": BASE | {"runtime"},   # (scan_cpu reads SVP_CPU_DEDICATED through runtime.dedicated)
     "models": BASE | {"ops"},

@@ -20,6 +20,10 @@ included, is refused before it can be called.
 
 ``cpu_bf16_instructions`` asks which bfloat16 instructions the CPU has: torch's probes exist
 from torch 2.2; before, ``/proc/cpuinfo`` is read.
+
+``SEED_LIMIT`` bounds every seed a user gives (``train.seed``, ``model.init_seed``, ``svp data
+--seed``): torch's CPU generator and numpy's keep 32 bits, so 2**32 + s trained seed s's run (a
+sweep over seeds s and s + 2**32 repeated one), and 2**64 stopped in ``torch.manual_seed``.
 """
 from __future__ import annotations
 
@@ -231,6 +235,9 @@ def cpu_bf16_instructions() -> Optional[List[str]]:
     if flags is None:
         return None
     return [name for name in probes if name in flags.split()]
+
+
+SEED_LIMIT = 2**32
 
 
 def memory_bytes() -> int:

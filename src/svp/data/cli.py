@@ -198,7 +198,7 @@ def seed_arg(text: str) -> int:
     """--seed: numpy's and torch's seeds are 32 bits (2**32 or -1 stopped with a traceback)."""
     import argparse
 
-    from ..engine.config import SEED_LIMIT
+    from ..compat import SEED_LIMIT
     try:
         v = int(text)
     except ValueError:

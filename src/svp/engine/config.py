@@ -23,10 +23,7 @@ import yaml
 
 
 from ..errors import ConfigError, DatasetError  # noqa: F401 (ConfigError re-exported)
-
-# seeds are below 2**32: torch's CPU generator and numpy keep 32 bits, so 2**32 + s trained seed
-# s's run (a sweep over seeds s and s + 2**32 repeated one), and 2**64 stopped in torch.manual_seed
-SEED_LIMIT = 2**32
+from ..compat import SEED_LIMIT
 
 
 # (dotted key, default, help). The order is the order of `svp train --help`.

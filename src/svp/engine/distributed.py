@@ -241,7 +241,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
         import numpy as np
 
-        from .setup import seed_everything
+        from .seeds import seed_everything
         idx, seed = item if isinstance(item, tuple) else (item, None)
         img, label = self.base[idx]
         if self.transform is None:

@@ -35,7 +35,8 @@ from .optim import describe_optimizer
 from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
 from .rundir import check_checkpoint_there, load_run_config, load_trainable, run_session
 from .sched import schedule_notes
-from .setup import build_run, check_data, fill_kept, param_counts, pick_device, seed_everything
+from .seeds import seed_everything
+from .setup import build_run, check_data, fill_kept, param_counts, pick_device
 from .signals import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, Signals,  # noqa: F401
                       TrainingStopped, WorkersInterrupted, interrupted, resume_command)
 

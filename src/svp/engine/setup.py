@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import types
 from typing import List, Optional
 
@@ -16,17 +15,9 @@ from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
 from ..errors import ConfigError, DatasetError
-from . import config as C
+from .seeds import seed_everything
 
 log = logging.getLogger("svp.engine")
-
-
-def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's generators from one seed (numpy's takes it modulo 2**32:
-    the per-step and per-sample seeds svp.engine.distributed.derive_seed draws are 64-bit)."""
-    random.seed(seed)
-    np.random.seed(seed % C.SEED_LIMIT)
-    torch.manual_seed(seed)
 
 
 def set_deterministic(on: bool) -> None:
