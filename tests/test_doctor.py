@@ -196,3 +196,28 @@ def test_a_numba_whose_import_breaks_is_a_row_not_a_traceback(monkeypatch):
     assert row.startswith("installed, but its import fails (OSError: Could not find/load shared object"), row
     raised[0] = SystemExit(3)   # (a module that exits as it is imported: the doctor ended there, silently)
     assert doctor._numba_row().startswith("installed, but its import fails (SystemExit: 3)")
+
+
+def test_doctor_with_the_interpreter_set_checks_triton_on_cpu_tensors(capsys, monkeypatch):
+    """TRITON_INTERPRET=1 set by the user on a machine without a GPU (as docs/performance.md
+    says to run the triton backend on CPU): doctor dropped the Triton scan's parity row (it paired
+    'triton' with CUDA only) and checked the kernels around the scan on CUDA ("Found no NVIDIA
+    driver"): three FAIL rows and exit 1 (QA 15b)."""
+    import torch
+    from svp.ops import dispatch
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: Triton is checked on CUDA tensors")
+    if dispatch._load("triton") is None:
+        pytest.skip(dispatch.unavailable_backends()["triton"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rc = main(["doctor", "--no-timing"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    assert rc == 0 and "FAIL" not in out, out
+    assert not any(r[:1] == ["cuda"] and "ok" in r for r in rows), out   # nothing checked on CUDA
+    assert any(r[:3] == ["cpu", "triton", "ok"] and r[-1] == "[interpreter]" for r in rows), out
+    for name in ("conv", "add+RMSNorm", "SVP prompts"):
+        assert any(line.startswith(f"  cpu   {name:11s} ok  ") and line.endswith("[interpreter]")
+                   for line in out.splitlines()), (name, out)
+    assert "under Triton's interpreter (TRITON_INTERPRET=1 is set)" in out, out

@@ -273,6 +273,21 @@ def test_scan_with_names_a_keyword_its_backend_does_not_take():
     torch.testing.assert_close(dispatch.scan_with("torch", *args, chunk=2), dispatch.scan_with("reference", *args))
 
 
+def test_a_runs_log_says_when_the_triton_backend_runs_under_the_interpreter(monkeypatch):
+    """On CPU tensors the triton backend runs through Triton's interpreter, ~1000x slower than on
+    a GPU; a run's log said "backend 'triton' (SVP_SCAN_BACKEND)" and no more (QA 15b)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "triton")
+    monkeypatch.setattr(dispatch, "_forced", None)
+    if dispatch._load("triton") is None:
+        pytest.skip(dispatch.unavailable_backends()["triton"])
+    said = dispatch.describe("cpu")
+    assert said.startswith("backend 'triton' (SVP_SCAN_BACKEND; on CPU tensors through Triton's interpreter"), said
+    monkeypatch.setenv("SVP_SCAN_BACKEND", "torch")
+    assert dispatch.describe("cpu") == "backend 'torch' (SVP_SCAN_BACKEND)"
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it(name):
     """The cpu kernels capped the time step with min(dt, cap), which gives the cap for a NaN

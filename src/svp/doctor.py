@@ -455,11 +455,15 @@ def run(args) -> int:
         print(f"  {k:14s} {v}")
     avail = available_backends()
     missing = dispatch.unavailable_backends()
-    # no GPU: Triton can still be checked, through its interpreter on CPU tensors
-    interp_triton = "triton" not in avail and dispatch._load("triton") is not None
+    # no GPU: Triton can still be checked, through its interpreter on CPU tensors (with
+    # TRITON_INTERPRET=1 set by the user too: 'triton' is then available, but not on CUDA)
+    triton_gpu = "triton" in avail and torch.cuda.is_available()
+    interp_triton = not triton_gpu and dispatch._load("triton") is not None
     print("selective-scan backends:")
     for nm in dispatch.NAMES:
-        if nm in avail:
+        if nm == "triton" and interp_triton and nm in avail:
+            state = "no CUDA GPU; available on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 is set)"
+        elif nm in avail:
             state = "available"
         elif nm == "triton" and interp_triton:
             state = "no CUDA GPU; checked on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)"
@@ -477,7 +481,8 @@ def run(args) -> int:
     timings = []
     skip_ref_timing = not getattr(args, "time_reference", False)
     runs = [(dev, nm, False) for dev in devices for nm in avail
-            if dispatch._DEVICES[nm] is None or dev.type in dispatch._DEVICES[nm]]
+            if (dispatch._DEVICES[nm] is None or dev.type in dispatch._DEVICES[nm]) and not (nm == "triton"
+                                                                                        and interp_triton)]
     if interp_triton:
         runs.append((torch.device("cpu"), "triton", True))
     for dev, nm, interpreted in runs:
@@ -494,18 +499,18 @@ def run(args) -> int:
             failed.append(f"{nm} on {dev.type}")
         elif not (interpreted or getattr(args, "no_timing", False) or (nm == "reference" and skip_ref_timing)):
             timings.append((dev.type, nm) + time_backend(nm, dev))
-    if "triton" in avail or interp_triton:
+    if triton_gpu or interp_triton:
         # the model's other Triton kernels, where the scan runs on 'triton' (a GPU; else under
         # the interpreter, small shapes)
-        dev = torch.device("cuda") if "triton" in avail else torch.device("cpu")
+        dev = torch.device("cuda") if triton_gpu else torch.device("cpu")
         print("Triton kernels around the scan (conv + SiLU, add + RMSNorm, SVP prompts) against their PyTorch "
               "forms in float64 (outputs and every gradient):")
-        with _triton_interpreter() if "triton" not in avail else contextlib.nullcontext():
+        with _triton_interpreter() if interp_triton else contextlib.nullcontext():
             results = check_triton_ops(dev)
         for name, err, where in results:
             ok = err is not None and err <= TOLERANCE_TRITON_OPS
             msg = (f"worst {err:.2e} ({where}), tolerance {TOLERANCE_TRITON_OPS:.0e}" if err is not None
-                   else f"error: {where}") + ("" if "triton" in avail else " [interpreter]")
+                   else f"error: {where}") + (" [interpreter]" if interp_triton else "")
             print(f"  {dev.type:5s} {name:11s} {'ok  ' if ok else 'FAIL'} {msg}")
             if not ok:
                 failed.append(f"the Triton {name} kernels on {dev.type}")

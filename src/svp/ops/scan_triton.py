@@ -664,7 +664,12 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def check_tensors(op: str, named, dtypes=DTYPES, advice: str = "") -> None:
+# every Triton op runs because the scan backend is 'triton' (svp.ops.dispatch): a float64 model's
+# first refusal came from the conv, with no word of what to run it on instead (QA 15b)
+_OTHER_BACKEND = " (use the 'torch' or 'cpu' scan backend for it)"
+
+
+def check_tensors(op: str, named, dtypes=DTYPES, advice: str = _OTHER_BACKEND) -> None:
     """What every Triton op here asks of its tensors: raise BackendError unless each of ``named``
     ((name, tensor or None) pairs) has one of ``dtypes`` (a tuple, or a function of the name
     giving one), all sit on the first one's device, and that device is CUDA or Triton's
@@ -689,8 +694,7 @@ def check_tensors(op: str, named, dtypes=DTYPES, advice: str = "") -> None:
 def _check(u, delta, A, B, C, D, z, delta_bias):
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     check_tensors("the 'triton' scan backend", (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C),
-                                                ("D", D), ("z", z), ("delta_bias", delta_bias)),
-                  advice=" (use the 'torch' or 'cpu' backend for it)")
+                                                ("D", D), ("z", z), ("delta_bias", delta_bias)))
     if A.shape[1] > MAX_D_STATE:
         raise BackendError(f"the 'triton' scan backend supports d_state <= {MAX_D_STATE}; got {A.shape[1]}")
 
