@@ -142,7 +142,7 @@ def test_help_states_each_default_once(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out and out.count("(default:") >= 5
     assert "(default: image name or dataset_split_index) (default" not in out
-    assert "--dpi DPI PNG resolution (default: 100)" in out
+    assert "--dpi DPI PNG resolution, 10 to 1200 (default: 100)" in out
 
 
 def test_default_layers():
@@ -252,3 +252,70 @@ def test_files_stay_in_out_the_curves_are_strict_json_and_labels_do_not_collide(
         visualize(img, {"a/b": m, "a_b": tiny_vim(1)}, str(out), "p", [0], ["update"], dpi=30)
     from svp.io import remove_dead_writers_temps
     assert remove_dead_writers_temps(str(out)) == [str(dead)] and live.exists()
+
+
+def test_the_python_api_refuses_bad_arguments_by_name_before_any_model_runs(tmp_path):
+    """svp.viz.cli.visualize ran every model first and then stopped in an IndexError (layers=[8]),
+    a KeyError (quantities=['updte']) or tuple.index (direction='fwd'), each leaving a figure
+    open; --dpi 1 to 5 stopped in matplotlib's font engine, --dpi 6000 drew for minutes in ~21
+    GB; analyze and prepare_image took a PIL image / a tensor with AttributeErrors (QA 15a)."""
+    import matplotlib.pyplot as plt
+
+    from svp.errors import VizError
+    from svp.viz import plots
+    from svp.viz.cli import prepare_image
+    m = tiny_vim()
+    runs = []
+    m.register_forward_pre_hook(lambda mod, inp: runs.append(1))
+    img = Image.new("RGB", (32, 32), (120, 30, 200))
+    open_before = plt.get_fignums()
+    for kwargs, said in (({"layers": [8]}, "layers=[8]: layer 8 is out of range for depth 4 (from -4 to 3)"),
+                         ({"layers": 1}, "layers=1: expected a list of layer indices"),
+                         ({"quantities": ["updte"]}, "quantities: unknown 'updte'"),
+                         ({"quantities": "update"}, "quantities='update': expected a list"),
+                         ({"direction": "fwd"}, "direction='fwd': expected one of forward, backward, both"),
+                         ({"dpi": 5}, "dpi 5: expected a resolution from 10 to 1200 dots per inch"),
+                         ({"dpi": 6000}, "dpi 6000: expected"), ({"alpha": float("nan")}, "alpha nan")):
+        with pytest.raises(VizError) as e:
+            visualize(img, {"m": m}, str(tmp_path / "o"), "p", **kwargs)
+        assert str(e.value).startswith(said), (kwargs, str(e.value))
+    assert runs == [] and plt.get_fignums() == open_before
+    # a figure function that fails half-way closes its figure
+    real = plots._layer_title
+    try:
+        plots._layer_title = lambda *a: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            visualize(img, {"m": m}, str(tmp_path / "o"), "p", [0], ["update"], dpi=30)
+    finally:
+        plots._layer_title = real
+    assert plt.get_fignums() == open_before
+    # analyze and prepare_image name what they were given
+    for bad, said in ((img, "images: expected a normalised (n, 3, H, W) float tensor"),
+                      (torch.zeros(0, 3, 32, 32), "images: an empty batch, shape (0, 3, 32, 32)")):
+        with pytest.raises(VizError, match=r"^" + said.replace("(", r"\(").replace(")", r"\)")):
+            analyze(m, bad)
+    with pytest.raises(VizError, match="image: expected a PIL image or an image file's path; got Tensor"):
+        prepare_image(torch.zeros(3, 32, 32), (32, 32), (0.5,) * 3, (0.5,) * 3)
+    # a 16-bit image is scaled by its range, as svp visualize reads the file (Pillow's convert
+    # clipped it at 255: mostly white)
+    a16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(a16).save(path)
+    with Image.open(path) as im16:
+        assert im16.mode.startswith("I")
+        x_pil, _ = prepare_image(im16, (32, 32), (0.5,) * 3, (0.5,) * 3)
+    x_path, disp = prepare_image(str(path), (32, 32), (0.5,) * 3, (0.5,) * 3)
+    torch.testing.assert_close(x_pil, x_path, rtol=0, atol=0)
+    assert (disp >= 254.5 / 255).mean() < 0.05, (disp >= 254.5 / 255).mean()
+
+
+def test_cli_names_a_folder_and_a_dpi_out_of_range(tmp_path, image, capsys):
+    base = ["visualize", "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init",
+            "--out", str(tmp_path / "o")]
+    assert svp_main(base + [str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"image {tmp_path}: is a folder; svp visualize takes one image file per call" in err, err
+    for dpi in ("5", "1201"):
+        assert svp_main(base + [image, "--dpi", dpi]) == 2
+        err = capsys.readouterr().err
+        assert err == f"svp visualize: error: --dpi {dpi}: expected a resolution from 10 to 1200 dots per inch\n", err

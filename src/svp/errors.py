@@ -58,7 +58,7 @@ class PeerError(SVPError):
         self.exit_code = exit_code
 
 
-class VizError(SVPError):
+class VizError(SVPError, ValueError):
     """A visualisation input (image, mask, box, layer) is invalid."""
 
 

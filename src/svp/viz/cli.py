@@ -13,7 +13,7 @@ import torch
 from ..build import WEIGHTS_HELP
 from ..errors import ConfigError, SVPError, VizError  # noqa: F401 (VizError re-exported)
 from ..io import mkdir_error, user_path
-from .figures import (DEFAULT_QUANTITIES, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
+from .figures import (DEFAULT_QUANTITIES, DPI_RANGE, check_dpi, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
                       model_mean_std, prepare_image, visualize)
 from .gates import DIRECTIONS, QUANTITIES, find_vim
 
@@ -44,6 +44,9 @@ def load_input_image(args):
     if args.image and args.dataset:
         raise VizError("give either an image file or --dataset/--index, not both")
     if args.image:
+        if os.path.isdir(args.image):
+            raise VizError(f"image {args.image}: is a folder; svp visualize takes one image file per call "
+                           f"(docs/visualize.md, \"Limits\")")
         if not os.path.isfile(args.image):
             raise VizError(f"image {args.image}: no such file")
         try:
@@ -142,8 +145,7 @@ def run(args) -> int:
         raise VizError(f"--model-args is not valid JSON: {e}") from None
     if not isinstance(model_args, dict):
         raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
-    if args.dpi < 1:
-        raise VizError(f"--dpi {args.dpi}: expected a resolution >= 1")
+    check_dpi(args.dpi, "--dpi")
     if not 0.0 <= args.alpha <= 1.0:  # also refuses nan
         raise VizError(f"--alpha {args.alpha}: expected an opacity in 0..1")
     try:  # before any model is built: a folder that cannot be made fails in a second, not after
@@ -230,7 +232,7 @@ def register(subparsers) -> None:
     p.add_argument("--box", default=None, help="object box x0,y0,x1,y1 in image pixels")
     p.add_argument("--out", default="viz", type=user_path, help="output directory")
     p.add_argument("--prefix", default=None, help="file name prefix (default: image name or dataset_split_index)")
-    p.add_argument("--dpi", type=int, default=100, help="PNG resolution")
+    p.add_argument("--dpi", type=int, default=100, help=f"PNG resolution, {DPI_RANGE[0]} to {DPI_RANGE[1]}")
     p.add_argument("--alpha", type=float, default=1.0,
                    help="opacity of the maps; < 1 shows a grey copy of the image underneath (bright image "
                         "regions then look brighter whatever the value)")

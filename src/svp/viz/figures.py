@@ -11,9 +11,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import VizError
 from ..io import atomic_write_json
-from .gates import GateMaps, analyze, find_vim
+from .gates import DIRECTIONS, QUANTITIES, GateMaps, analyze, find_vim
 
 DEFAULT_QUANTITIES = ("update", "forget", "propagation")
+# below 10 dpi matplotlib's font engine fails ("invalid ppem value"); 6000 (a typo of 600) drew a
+# 72,000 x 39,600 px figure in ~21 GB for 154 s: refused at once instead
+DPI_RANGE = (10, 1200)
 
 
 def model_input_size(vim) -> Tuple[int, int]:
@@ -26,11 +29,24 @@ def model_mean_std(vim) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
 
 
 def prepare_image(img, size: Tuple[int, int], mean, std) -> Tuple[torch.Tensor, np.ndarray]:
-    """PIL image -> ((1, 3, H, W) normalised tensor, (H, W, 3) display array in [0, 1]).
-    The image is resized to exactly ``size`` (no crop), so boxes and masks given in the
-    original image's pixels map linearly onto the model input."""
+    """PIL image (or an image file's path) -> ((1, 3, H, W) normalised tensor, (H, W, 3) display
+    array in [0, 1]). The image is resized to exactly ``size`` (no crop), so boxes and masks
+    given in the original image's pixels map linearly onto the model input. 16-bit and float
+    images are scaled to 8 bits by their range, as ``svp visualize``, training and prediction
+    read them (``svp.data.load_image``); Pillow's ``convert("RGB")`` clipped them at 255."""
     from PIL import Image
-    img = img.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+
+    from ..data import DatasetError, load_image
+    from ..data.base import to_rgb
+    if isinstance(img, (str, os.PathLike)):
+        try:
+            img = load_image(img)
+        except (DatasetError, OSError) as e:
+            raise VizError(f"image {os.fspath(img)}: cannot be read as an image ({e})") from e
+    elif not isinstance(img, Image.Image):
+        raise VizError(f"image: expected a PIL image or an image file's path; got {type(img).__name__} (a "
+                       f"normalised tensor goes to svp.viz.analyze directly)")
+    img = to_rgb(img).resize((size[1], size[0]), Image.BICUBIC)
     disp = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(disp).permute(2, 0, 1)
     x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -69,6 +85,36 @@ def default_layers(depth: int, n: int = 4) -> List[int]:
     return sorted({int(round(i * (depth - 1) / (n - 1))) for i in range(n)})
 
 
+def check_dpi(dpi, name: str = "dpi") -> int:
+    lo, hi = DPI_RANGE
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not lo <= dpi <= hi:
+        raise VizError(f"{name} {dpi!r}: expected a resolution from {lo} to {hi} dots per inch")
+    return dpi
+
+
+def check_choices(layers, quantities, direction: str, depth: int) -> Tuple[List[int], List[str]]:
+    """``visualize``'s layers (negative from the end), quantities and direction, refused by name
+    before any model runs: a layer out of range was an IndexError, an unknown quantity a KeyError,
+    after every model had run, and each failure left its figure open."""
+    if layers is None:
+        layers = default_layers(depth)
+    elif isinstance(layers, (int, str)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise VizError(f"layers={layers!r}: expected a list of layer indices (integers, negative from the end)")
+    layers = list(layers)
+    for v in layers:
+        if not -depth <= v < depth:
+            raise VizError(f"layers={layers!r}: layer {v} is out of range for depth {depth} "
+                           f"(from {-depth} to {depth - 1})")
+    if isinstance(quantities, str) or not quantities:
+        raise VizError(f"quantities={quantities!r}: expected a list of one or more of {', '.join(QUANTITIES)}")
+    for q in quantities:
+        if q not in QUANTITIES:
+            raise VizError(f"quantities: unknown {q!r}; choose from {', '.join(QUANTITIES)}")
+    if direction not in DIRECTIONS:
+        raise VizError(f"direction={direction!r}: expected one of {', '.join(DIRECTIONS)}")
+    return [v % depth for v in layers], list(quantities)
+
+
 def _safe(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
 
@@ -90,6 +136,9 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     from .plots import plot_comparison, plot_difference, plot_model_heatmaps, plot_region_curves, region_curves
     if not models:
         raise VizError("no model to visualise")
+    check_dpi(dpi)
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):   # (nan too)
+        raise VizError(f"alpha {alpha!r}: expected an opacity in 0..1")
     names: Dict[str, str] = {}
     for k in models:   # labels are file names too: two that sanitise alike overwrote one file
         if _safe(k) in names:
@@ -105,9 +154,9 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
         if model_input_size(v) != size or len(v.layers) != depth:
             raise VizError(f"model {k!r} has input {model_input_size(v)} / depth {len(v.layers)}, "
                            f"but {next(iter(vims))!r} has {size} / {depth}; compare models of one backbone")
+    layers, quantities = check_choices(layers, quantities, direction, depth)
     mean, std = model_mean_std(first)
     x, disp = prepare_image(image, size, mean, std)
-    layers = list(layers) if layers is not None else default_layers(depth)
     mask_in, mask_grid = (None, None)
     if mask is not None:  # checked before anything is drawn: a refused mask leaves no figures behind
         mask_in, mask_grid = mask_to_grid(mask, size, first)

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import VizError
 from ..models.vim import VisionMamba
 
 __all__ = ["GateRecorder", "GateMaps", "record_gates", "analyze", "find_vim", "QUANTITIES",
@@ -348,8 +349,13 @@ def analyze(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> Gat
     """Run ``model`` (eval mode, no grad) on normalised ``images`` (n, 3, H, W) and return
     the recorded :class:`GateMaps`. The train/eval mode of every submodule is restored afterwards
     (a PeftModel trains with parts in eval mode; so may a caller's model)."""
+    if not isinstance(images, torch.Tensor):
+        raise VizError(f"images: expected a normalised (n, 3, H, W) float tensor (svp.viz.cli.prepare_image "
+                       f"makes one from a PIL image); got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(f"images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
+        raise VizError(f"images must be a (n, C, H, W) tensor, got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise VizError(f"images: an empty batch, shape {tuple(images.shape)}; give at least one image")
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

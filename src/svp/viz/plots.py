@@ -8,6 +8,7 @@ with ``alpha`` < 1 a grey copy of the image shows through.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +39,22 @@ def save_figure(fig, path: str, dpi: int = 100) -> str:
         return atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     finally:
         _plt().close(fig)
+
+
+def _closes_its_figures(plot):
+    """A figure function that fails (a bad argument, a full disk) closes the figures it opened:
+    each failed call kept one in pyplot's list, which held its memory for the process's life."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        plt = _plt()
+        before = set(plt.get_fignums())
+        try:
+            return plot(*args, **kwargs)
+        except BaseException:
+            for n in set(plt.get_fignums()) - before:
+                plt.close(n)
+            raise
+    return wrapper
 
 
 def _finite_range(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
@@ -106,6 +123,7 @@ def _layer_title(layer: int, depth: int) -> str:
     return f"layer {layer}" if layer >= 0 else f"layer {depth + layer}"
 
 
+@_closes_its_figures
 def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Sequence[int],
                         quantities: Sequence[str], direction: str = "both", title: str = "",
                         alpha: float = 1.0, mask_outline: Optional[np.ndarray] = None,
@@ -139,6 +157,7 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
     return save_figure(fig, path, dpi)
 
 
+@_closes_its_figures
 def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, layers: Sequence[int],
                     quantity: str, direction: str = "both", alpha: float = 1.0, panel: float = 2.0,
                     mask_outline: Optional[np.ndarray] = None, dpi: int = 100) -> str:
@@ -167,6 +186,7 @@ def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
     return save_figure(fig, path, dpi)
 
 
+@_closes_its_figures
 def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, layers: Sequence[int],
                     quantity: str, direction: str = "both", panel: float = 2.0,
                     mask_outline: Optional[np.ndarray] = None, dpi: int = 100) -> str:
@@ -215,6 +235,7 @@ def region_curves(models: Dict[str, GateMaps], mask_grid: np.ndarray, quantities
     return out
 
 
+@_closes_its_figures
 def plot_region_curves(curves: Dict[str, Dict[str, Dict[str, List[float]]]], path: str,
                        quantities: Sequence[str], direction: str = "both", panel: float = 3.0,
                        dpi: int = 100) -> str:
