@@ -270,7 +270,8 @@ def test_the_python_api_refuses_bad_arguments_by_name_before_any_model_runs(tmp_
     img = Image.new("RGB", (32, 32), (120, 30, 200))
     open_before = plt.get_fignums()
     for kwargs, said in (({"layers": [8]}, "layers=[8]: layer 8 is out of range for depth 4 (from -4 to 3)"),
-                         ({"layers": 1}, "layers=1: expected a list of layer indices"),
+                         ({"layers": 1}, "layers=1: expected a list of one or more layer indices"),
+                         ({"layers": (v for v in ())}, "layers=[]: expected a list of one or more"),
                          ({"quantities": ["updte"]}, "quantities: unknown 'updte'"),
                          ({"quantities": "update"}, "quantities='update': expected a list"),
                          ({"direction": "fwd"}, "direction='fwd': expected one of forward, backward, both"),
@@ -280,6 +281,13 @@ def test_the_python_api_refuses_bad_arguments_by_name_before_any_model_runs(tmp_
             visualize(img, {"m": m}, str(tmp_path / "o"), "p", **kwargs)
         assert str(e.value).startswith(said), (kwargs, str(e.value))
     assert runs == [] and plt.get_fignums() == open_before
+    # what the figures took before these checks: numpy layers and scalars, generators, float dpi
+    a = visualize(img, {"m": m}, str(tmp_path / "a"), "p", np.array([0, 3]), ["update"], dpi=np.int64(30),
+                  alpha=np.float32(0.5))
+    b = visualize(img, {"m": m}, str(tmp_path / "b"), "p", (v for v in (0, -1)), (q for q in ["update"]),
+                  dpi=30.0, alpha=0.5)
+    assert Image.open(a[0]).size == Image.open(b[0]).size and Image.open(a[0]).size[0] > 100
+    runs.clear()
     # a figure function that fails half-way closes its figure
     real = plots._layer_title
     try:

@@ -2,6 +2,7 @@
 ``svp visualize`` and ``svp demo``)."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -85,9 +86,10 @@ def default_layers(depth: int, n: int = 4) -> List[int]:
     return sorted({int(round(i * (depth - 1) / (n - 1))) for i in range(n)})
 
 
-def check_dpi(dpi, name: str = "dpi") -> int:
+def check_dpi(dpi, name: str = "dpi") -> float:
+    """A resolution in DPI_RANGE: an int, a float or a numpy scalar, as matplotlib takes it."""
     lo, hi = DPI_RANGE
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or not lo <= dpi <= hi:
+    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not lo <= dpi <= hi:   # (nan too)
         raise VizError(f"{name} {dpi!r}: expected a resolution from {lo} to {hi} dots per inch")
     return dpi
 
@@ -98,14 +100,19 @@ def check_choices(layers, quantities, direction: str, depth: int) -> Tuple[List[
     after every model had run, and each failure left its figure open."""
     if layers is None:
         layers = default_layers(depth)
-    elif isinstance(layers, (int, str)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-        raise VizError(f"layers={layers!r}: expected a list of layer indices (integers, negative from the end)")
-    layers = list(layers)
+    elif isinstance(layers, (numbers.Integral, str)):
+        raise VizError(f"layers={layers!r}: expected a list of one or more layer indices (integers, negative "
+                       f"from the end)")
+    layers = list(layers)   # (read once: a generator's items were used up by the check, and no layer drawn)
+    if not layers or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers):
+        raise VizError(f"layers={layers!r}: expected a list of one or more layer indices (integers, negative "
+                       f"from the end)")
+    layers = [int(v) for v in layers]
     for v in layers:
         if not -depth <= v < depth:
             raise VizError(f"layers={layers!r}: layer {v} is out of range for depth {depth} "
                            f"(from {-depth} to {depth - 1})")
-    if isinstance(quantities, str) or not quantities:
+    if isinstance(quantities, str) or not (quantities := list(quantities)):
         raise VizError(f"quantities={quantities!r}: expected a list of one or more of {', '.join(QUANTITIES)}")
     for q in quantities:
         if q not in QUANTITIES:
@@ -137,7 +144,7 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     if not models:
         raise VizError("no model to visualise")
     check_dpi(dpi)
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):   # (nan too)
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= alpha <= 1.0):   # (nan too)
         raise VizError(f"alpha {alpha!r}: expected an opacity in 0..1")
     names: Dict[str, str] = {}
     for k in models:   # labels are file names too: two that sanitise alike overwrote one file
