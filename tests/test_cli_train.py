@@ -402,7 +402,13 @@ def test_a_launcher_variable_that_is_not_a_number_is_one_line_naming_it(tmp_path
             assert "Traceback" not in err
     assert not (tmp_path / "w").exists()
     assert runtime.launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (4, 3, 1, 2)
-    assert runtime.launch({"WORLD_SIZE": "4", "RANK": "3"}) == (4, 3, 0, 4)   # one machine, as torchrun's default
+    # a launcher that sets no LOCAL_* (a Kubeflow PyTorchJob without torchrun: one process a pod)
+    assert runtime.launch({"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "0"}) == (8, 3, 0, 1)
+    assert runtime.launch({"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "5"}) == (8, 3, 5, 1)
+    from svp.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"RANK='9' in the environment: expected a whole number 0..7 \(as torchrun "
+                                          r"sets it\), or WORLD_SIZE unset to run one process"):
+        runtime.launch({"WORLD_SIZE": "8", "RANK": "9"})
     assert runtime.launch({"WORLD_SIZE": " ", "RANK": "x"}) == (1, 0, 0, 1)
 
 

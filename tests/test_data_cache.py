@@ -161,3 +161,5 @@ def test_the_auto_limit_is_shared_by_the_processes_of_a_node(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "5")
     assert S.cache_limit_bytes() == (16 << 30) // 32  # shared by four ranks
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")   # a launcher that does not say (Kubeflow without torchrun)
+    assert S.cache_limit_bytes() == 2 << 30       # one process a pod, as before launch() read it

@@ -425,7 +425,9 @@ def held_heap(active: bool = True):
 
 
 class Launch(NamedTuple):
-    """This process's place among those a launcher (torchrun) started: :func:`launch`."""
+    """This process's place among those a launcher (torchrun) started: :func:`launch`.
+    ``local_world_size`` is 1 where the launcher does not say it (a Kubeflow PyTorchJob without
+    torchrun runs one process a pod)."""
     world_size: int
     rank: int
     local_rank: int
@@ -456,15 +458,18 @@ def launch(environ=os.environ) -> Launch:
             value = None
         if value is None or value < low or (high is not None and value > high):
             where = f"{low}..{high}" if high is not None else f">= {low}"
+            # (RANK is needed beside a WORLD_SIZE above 1: "unset" it and the next error says so)
+            unset = "WORLD_SIZE unset to run one process" if default is None else f"{name} unset"
             raise ConfigError(f"{name}={environ.get(name)!r} in the environment: expected a whole number {where} "
-                              f"(as torchrun sets it), or {name} unset")
+                              f"(as torchrun sets it), or {unset}")
         return value
 
     world = number("WORLD_SIZE", 1, 0)
     if world <= 1:   # (0 too, as svp train always read it)
         return Launch(1, 0, 0, 1)
-    local_world = number("LOCAL_WORLD_SIZE", world, 1, world)
-    return Launch(world, number("RANK", None, 0, world - 1), number("LOCAL_RANK", 0, 0, local_world - 1),
+    local_world = number("LOCAL_WORLD_SIZE", 1, 1, world)
+    local_ranks = local_world if environ.get("LOCAL_WORLD_SIZE", "").strip() else world
+    return Launch(world, number("RANK", None, 0, world - 1), number("LOCAL_RANK", 0, 0, local_ranks - 1),
                   local_world)
 
 
