@@ -459,10 +459,15 @@ def run(args) -> int:
     # TRITON_INTERPRET=1 set by the user too: 'triton' is then available, but not on CUDA)
     triton_gpu = "triton" in avail and torch.cuda.is_available()
     interp_triton = not triton_gpu and dispatch._load("triton") is not None
+    # (a GPU with TRITON_INTERPRET=1 left set: its kernels run interpreted there too, not timed)
+    interp_gpu = triton_gpu and dispatch._interpreting()
     print("selective-scan backends:")
     for nm in dispatch.NAMES:
         if nm == "triton" and interp_triton and nm in avail:
             state = "no CUDA GPU; available on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 is set)"
+        elif nm == "triton" and interp_gpu:
+            state = "available, but TRITON_INTERPRET=1 is set: its kernels run through Triton's interpreter " \
+                    "(for testing, very slow); unset it to run them compiled"
         elif nm in avail:
             state = "available"
         elif nm == "triton" and interp_triton:
@@ -480,7 +485,7 @@ def run(args) -> int:
         failed.append("SVP_CPU_MATMUL (the 'CPU products' row above)")
     timings = []
     skip_ref_timing = not getattr(args, "time_reference", False)
-    runs = [(dev, nm, False) for dev in devices for nm in avail
+    runs = [(dev, nm, nm == "triton" and interp_gpu) for dev in devices for nm in avail
             if (dispatch._DEVICES[nm] is None or dev.type in dispatch._DEVICES[nm]) and not (nm == "triton"
                                                                                         and interp_triton)]
     if interp_triton:
@@ -510,7 +515,7 @@ def run(args) -> int:
         for name, err, where in results:
             ok = err is not None and err <= TOLERANCE_TRITON_OPS
             msg = (f"worst {err:.2e} ({where}), tolerance {TOLERANCE_TRITON_OPS:.0e}" if err is not None
-                   else f"error: {where}") + (" [interpreter]" if interp_triton else "")
+                   else f"error: {where}") + (" [interpreter]" if interp_triton or interp_gpu else "")
             print(f"  {dev.type:5s} {name:11s} {'ok  ' if ok else 'FAIL'} {msg}")
             if not ok:
                 failed.append(f"the Triton {name} kernels on {dev.type}")

@@ -224,8 +224,8 @@ def _describe(dev: str, name: str, source: str) -> str:
     why = "" if source != "auto" else "".join(
         f"; {n} unavailable ({_errors[n]})" for n in ("cpu", "triton", "cuda") if n in _errors
         and _DEVICES[n] and dev in _DEVICES[n])
-    if name == "triton" and dev != "cuda":   # ~1000x slower than on a GPU: a run's log should say so
-        why += "; on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1): for testing, very slow"
+    if name == "triton" and _interpreting():   # ~1000x slower than on a GPU (on a GPU too): the log says so
+        why += "; through Triton's interpreter (TRITON_INTERPRET=1): for testing, very slow"
     return f"backend {name!r} ({source}{why})"
 
 

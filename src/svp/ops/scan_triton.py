@@ -664,17 +664,17 @@ def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-# every Triton op runs because the scan backend is 'triton' (svp.ops.dispatch): a float64 model's
-# first refusal came from the conv, with no word of what to run it on instead (QA 15b)
-_OTHER_BACKEND = " (use the 'torch' or 'cpu' scan backend for it)"
-
-
-def check_tensors(op: str, named, dtypes=DTYPES, advice: str = _OTHER_BACKEND) -> None:
+def check_tensors(op: str, named, dtypes=DTYPES, advice: str | None = None) -> None:
     """What every Triton op here asks of its tensors: raise BackendError unless each of ``named``
     ((name, tensor or None) pairs) has one of ``dtypes`` (a tuple, or a function of the name
     giving one), all sit on the first one's device, and that device is CUDA or Triton's
     interpreter runs. ``op`` begins each message ("the Triton conv")."""
     first_name, first = next((n, t) for n, t in named if t is not None)
+    if advice is None:
+        # every Triton op runs because the scan backend is 'triton' (svp.ops.dispatch): a float64
+        # model's first refusal came from the conv, with no word of what to run it on instead
+        advice = (" (use the 'torch' scan backend for it)" if first.device.type == "cuda" else
+                  " (use the 'torch' or 'cpu' scan backend for it)")
     for name, x in named:
         if x is None:
             continue
