@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import svp  # noqa: F401
     from svp.data import build_dataset
     from svp.peft import load_adapter
-    from svp.viz.cli import visualize, write_json
+    from svp.viz.figures import visualize, write_json
 
     runs, summary = demo_runs(args.demo_dir)
     if runs is None:

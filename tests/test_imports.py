@@ -227,3 +227,35 @@ def test_the_layering_check_sees_an_upward_import(tmp_path):
     (pkg / "ops" / "scan.py").write_text("from .. import errors\n\ndef f():\n    from ..engine import x\n")
     assert layering_violations(package_modules(str(tmp_path))) == [
         "svp.ops.scan (line 4) imports svp.engine: room 'ops' may import only ['compat', 'errors', 'io', 'runtime']"]
+
+
+def test_the_scripts_beside_the_package_import_names_svp_has():
+    """docs/make_viz_examples.py (which docs/visualize.md says to rerun) imported write_json from
+    svp.viz.cli after it had moved, inside main(): it failed only when run (QA 15c). Every
+    `from svp... import name` in the scripts of docs/ and benchmarks/ must name what svp has."""
+    import ast
+    import glob
+    import importlib
+    root = os.path.dirname(SRC)
+    missing = []
+    scripts = sorted(glob.glob(os.path.join(root, "docs", "*.py")) + glob.glob(os.path.join(root, "benchmarks", "*.py")))
+    assert len(scripts) > 10, scripts
+    for path in scripts:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "svp":
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError as e:
+                    if "triton" in str(e) or "mamba_ssm" in str(e):
+                        continue   # (a GPU script's module on a machine without them)
+                    missing.append(f"{os.path.relpath(path, root)}:{node.lineno}: {node.module} ({e})")
+                    continue
+                for a in node.names:
+                    if a.name != "*" and not hasattr(mod, a.name):
+                        try:   # a submodule imported by name
+                            importlib.import_module(f"{node.module}.{a.name}")
+                        except ImportError:
+                            missing.append(f"{os.path.relpath(path, root)}:{node.lineno}: {node.module}.{a.name}")
+    assert not missing, "\n".join(missing)
