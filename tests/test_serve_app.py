@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -107,6 +108,8 @@ def _bomb_png():
 @pytest.mark.parametrize("case, status, words", [
     ("not an image", 415, "not an image"),
     ("truncated", 400, "truncated"),
+    ("header cut short", 400, "truncated"),
+    ("jpeg header cut short", 400, "truncated"),
     ("empty", 400, "empty"),
     ("too many bytes", 413, "limit"),
     ("too many pixels", 413, "pixels"),
@@ -132,6 +135,10 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case
         got = H.predict(server.url, b"hello, this is text", "svp")
     elif case == "truncated":
         got = H.predict(server.url, _truncated_png(), "svp")
+    elif case == "header cut short":   # Pillow's header reader ran out: a 500 "internal error" (QA 15d)
+        got = H.predict(server.url, H.png_bytes(60, seed=3)[:20], "svp")
+    elif case == "jpeg header cut short":
+        got = H.predict(server.url, H.png_bytes(60, seed=3, fmt="JPEG")[:10], "svp")
     elif case == "empty":
         got = H.predict(server.url, b"", "svp")
     elif case == "too many bytes":
@@ -187,6 +194,31 @@ def test_a_client_that_disconnects_does_not_break_the_batch(server):
     t.join(60)
     assert results and results[0][0] == 200
     assert H.predict(server.url, img, "lora", topk=1)[0] == 200
+
+
+def test_a_client_that_hangs_up_while_sending_is_a_499_not_a_500(server, caplog):
+    """Each hang-up mid-upload was counted as a 500 (the error rate an alert watches) and logged
+    a traceback, ~1 KB a hang-up (QA 15d)."""
+    img = H.png_bytes(40, seed=5)
+    body, ctype = H.multipart({"adapter": "svp", "topk": 1}, {"image": ("x.png", img)})
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def count(code):
+        text = H.http("GET", server.url + "/metrics")[1]
+        line = f'svp_requests_total{{code="{code}",endpoint="predict"}} '
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+    before, before_500 = count(499), count(500)
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(head + body[:len(body) // 2])
+        deadline = time.time() + 30
+        while count(499) < before + 3 and time.time() < deadline:
+            time.sleep(0.05)
+    assert count(499) == before + 3 and count(500) == before_500
+    assert "Traceback" not in caplog.text and "predict failed" not in caplog.text, caplog.text
+    assert H.predict(server.url, img, "svp", topk=1)[0] == 200
 
 
 def test_reload_adds_removes_and_refuses(server, tmp_path):

@@ -169,6 +169,8 @@ def open_image(data: bytes, cfg: ServeConfig):
                            415) from None
     except Image.DecompressionBombError as e:
         raise RequestError(f"the image is too large: {e}", 413) from None
+    except (OSError, SyntaxError, ValueError) as e:   # a header cut short: Pillow's reader ran out
+        raise RequestError(f"the image cannot be decoded (truncated or corrupt): {e}") from None
     w, h = im.size
     if w * h > cfg.max_pixels:
         raise RequestError(f"the image is {w}x{h} = {w * h} pixels; the limit is {cfg.max_pixels}", 413)
@@ -399,7 +401,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -528,6 +530,11 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                     return await fn(request)
                 except RequestError as e:
                     return error(endpoint, e.status, str(e))
+                except ClientDisconnect:
+                    # the client hung up before its request was read: nobody to answer, no fault
+                    # of the server (a 500 with a traceback each, ~1 KB of log a hang-up): counted
+                    # as nginx counts it, 499
+                    return error(endpoint, 499, "the client closed the connection before its request was read")
                 except asyncio.CancelledError:  # uvicorn's shutdown timeout (--shutdown-timeout) ran out
                     return error(endpoint, 503, "the server is shutting down")
                 except (SVPError, ValueError) as e:  # the adapter cannot run this input
