@@ -221,6 +221,33 @@ def test_a_client_that_hangs_up_while_sending_is_a_499_not_a_500(server, caplog)
     assert H.predict(server.url, img, "svp", topk=1)[0] == 200
 
 
+def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(server):
+    """A client that stalled half-way through its body held its connection (a descriptor) for as
+    long as it kept it open: 50 such held 50 descriptors, bounded only by the limit (QA 15d)."""
+    img = H.png_bytes(40, seed=5)
+    body, ctype = H.multipart({"adapter": "svp", "topk": 1}, {"image": ("x.png", img)})
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    saved, server.cfg.body_idle_s = server.cfg.body_idle_s, 0.5
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(head + body[:len(body) // 2])
+            t0 = time.time()
+            answer = b""
+            while True:
+                part = s.recv(65536)
+                if not part:   # the server closed the connection after its answer
+                    break
+                answer += part
+            waited = time.time() - t0
+    finally:
+        server.cfg.body_idle_s = saved
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"the request body stalled: nothing arrived for 0.5 s" in answer, answer
+    assert 0.4 < waited < 15, waited
+    assert H.predict(server.url, img, "svp", topk=1)[0] == 200
+
+
 def test_reload_adds_removes_and_refuses(server, tmp_path):
     root = server.root
     status, body = H.http("GET", server.url + "/v1/adapters")

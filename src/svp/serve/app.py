@@ -75,6 +75,9 @@ class ServeConfig:
     # names only: a web page whose own name resolves to 127.0.0.1 (DNS rebinding) is same-origin
     # with the server in the browser's eyes, and could read its answers otherwise.
     allowed_hosts: Optional[Tuple[str, ...]] = None
+    # a request body that sends nothing for this long is answered 408: a client that stalls
+    # half-way held its connection (a file descriptor) for as long as it stayed open
+    body_idle_s: float = 30.0
 
     def __post_init__(self):
         if self.batching not in ("mixed", "per_adapter"):
@@ -445,7 +448,15 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             if n > cfg.max_upload_bytes:
                 raise RequestError(f"the request body is {n} bytes; the limit is {cfg.max_upload_bytes}", 413)
         chunks, n = [], 0
-        async for chunk in request.stream():
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), cfg.body_idle_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise RequestError(f"the request body stalled: nothing arrived for {cfg.body_idle_s:g} s "
+                                   f"after {n} bytes", 408) from None
             n += len(chunk)
             if n > cfg.max_upload_bytes:
                 raise RequestError(f"the request body exceeds the limit of {cfg.max_upload_bytes} bytes", 413)
