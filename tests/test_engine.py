@@ -914,6 +914,18 @@ def test_a_schedule_that_never_reaches_its_peak_is_said_in_the_log():
     (note,) = schedule_notes(long_warmup, 0.1)
     assert "warmup_epochs=10 is not shorter than train.epochs=2" in note
     assert max(lr_at_epoch(long_warmup, e, 0.1) for e in range(2)) < 0.01   # what the note says
+    # the official epoch offset runs epochs 1 and 2 at warmup_lr: a warm-up one epoch shorter than
+    # the run never reaches the peak either (the digits preset at --epochs 2 trained at 1e-5; QA 15e)
+    (note,) = schedule_notes(cfg(epochs=2, warmup_epochs=1, lr=0.1), 0.1)
+    assert note.startswith("train.warmup_epochs=1 with train.epochs=2 and the official loop's epoch offset"), note
+    assert note.endswith("every epoch trains at train.warmup_lr=1e-05, never near the peak 0.1"), note
+    assert max(lr_at_epoch(cfg(epochs=2, warmup_epochs=1, lr=0.1), e, 0.1) for e in range(2)) == 1e-5
+    (note,) = schedule_notes(cfg(epochs=3, warmup_epochs=3, lr=0.1), 0.1)
+    assert "rising from train.warmup_lr=1e-05 to 0.0" in note and "never reaching the peak 0.1" in note, note
+    (note,) = schedule_notes(cfg(epochs=1, warmup_epochs=1, lr=0.1), 0.1)   # nothing rises in one epoch
+    assert "every epoch trains at train.warmup_lr" in note, note
+    assert schedule_notes(cfg(epochs=2, warmup_epochs=1, lr=0.1, official_epoch_offset="false"), 0.1) == []
+    assert schedule_notes(cfg(epochs=3, warmup_epochs=1, lr=0.1), 0.1) == []   # epoch 3 runs at the peak
     (note,) = schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0), 0.0)
     assert "below train.warmup_lr/train.min_lr" in note
     assert schedule_notes(cfg(epochs=5, warmup_epochs=1, lr=0.1), 0.1) == []
@@ -963,3 +975,34 @@ def test_a_change_recorded_at_the_resume_points_step_is_measured_from_the_value_
     cfg["train"]["lr"] = 0.2   # by hand, another value, from the point a resume then wrote (before: 0.1)
     diff, hand, _ = RO.since_resume_point(before, cfg, {}, st)
     assert diff == {"train.lr": [0.1, 0.2]} and hand == ["train.lr"]
+
+
+def test_the_bar_shows_the_loss_and_lr_first_and_compact(capsys):
+    """tqdm's set_postfix sorts its keys and the bar cuts its end at the terminal's width: at 80
+    columns the lr never showed, and often not the loss either (QA 15e)."""
+    from svp.engine.progress import Progress
+    p = Progress("bar", True, 1)
+    p.start(0, 3, 120, 0)
+    p.update(1, 2.3456789, 1.234e-3, 8)
+    assert p.bar.postfix.startswith("loss 2.3457 lr 1.2e-03 "), p.bar.postfix
+    assert p.bar.postfix.endswith(" img/s") and len(p.bar.postfix) <= 40, p.bar.postfix
+    p.close()
+    capsys.readouterr()
+
+
+def test_a_parallel_sweeps_worker_shows_lines_not_a_bar_on_a_terminal(monkeypatch):
+    """`svp sweep --jobs N` on a terminal: each worker drew its own bar on the one terminal line,
+    over the others' bars and log lines (QA 15e)."""
+    import io
+    import sys
+
+    from svp.engine import progress as P
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert P.Progress("auto", True, 1).mode == "bar"
+    monkeypatch.setattr(P, "worker_label", "digits/svp/seed0")
+    assert P.Progress("auto", True, 1).mode == "lines"
+    assert P.Progress("bar", True, 1).mode == "bar"   # (asked for: as asked)

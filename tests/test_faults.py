@@ -1623,3 +1623,53 @@ def test_an_image_size_other_than_the_weights_own_is_said_in_the_log(tmp_path, c
     big, own = ((tmp_path / n / "train.log").read_text() for n in ("big", "own"))
     assert "data.img_size=64, while vim_mini_patch4_32's weights were trained at 32 px" in big
     assert "weights were trained at" not in own
+
+
+def test_a_resumed_run_tells_tensorboard_to_drop_what_came_after_its_resume_point(tmp_path, monkeypatch, capsys):
+    """TensorBoard kept a stopped or killed attempt's steps after the resume point beside the
+    resumed ones (different values after --resume train.lr=...); epoch scalars were stepped by
+    epoch number, which no purge by step reaches (QA 15e). A stand-in for torch's SummaryWriter
+    (tensorboard is not a test dependency) records what the run asks of it; TensorBoard's own
+    purge_step discards events at or after it."""
+    import sys
+    import types
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.purge_step, self.scalars, self.closed = purge_step, [], False
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            self.closed = True
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "tb", "--epochs", "3", "run.tensorboard=true",
+            "run.log_every=1", "data.max_train_samples=24"]
+    assert svp_main(args + ["debug.stop_at_step=4"]) == 75
+    run = tmp_path / "tb"
+    assert svp_main(["train", "--resume", str(run)]) == 0
+    capsys.readouterr()
+    first, second = writers
+    assert first.purge_step is None and second.purge_step == 5 and first.closed and second.closed
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 9]
+    epoch_steps = sorted({s for w in writers for t, s in w.scalars if t.startswith("epoch/")})
+    assert epoch_steps == steps   # on the step axis the purge covers
+    assert sorted(s for t, s in second.scalars if t == "train/loss") == [5, 6, 7, 8, 9]
+
+
+def test_an_error_mid_epoch_is_said_on_a_line_of_its_own_not_after_the_bar(tmp_path, capsys):
+    """A non-finite stop (or a second signal) mid-epoch printed its message onto the end of the
+    progress bar's last frame: the bar was closed only when an epoch ended or was stopped on
+    request (QA 15e)."""
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "nan", "run.progress=bar", "run.log_every=1",
+            "debug.nan_at_step=2"]
+    assert svp_main(args) == 3
+    err = capsys.readouterr().err
+    at = err.index("svp train: error: non-finite loss")
+    assert "epoch 1/1" in err[:at] and err[at - 1] in "\r\n", repr(err[max(0, at - 120):at + 40])

@@ -189,11 +189,18 @@ def test_split_expressions_join_the_first_items_of_each_split():
 
 
 @pytest.mark.slow  # starts processes
-def test_two_runs_at_a_time_give_the_numbers_of_one_at_a_time(tmp_path):
-    """--jobs 2 trains in spawned worker processes; the runs are the same runs."""
+def test_two_runs_at_a_time_give_the_numbers_of_one_at_a_time(tmp_path, capfd):
+    """--jobs 2 trains in spawned worker processes; the runs are the same runs. Each worker's
+    stderr lines begin with its run's name within the sweep (two workers' lines interleaved and
+    nothing said which run an epoch line came from; on a terminal their bars overwrote each
+    other: QA 15e)."""
     args = (["linear"], [0, 1])
     serial = sweep("mini", *args, str(tmp_path / "serial"), ["faces"], (), TINY)
+    capfd.readouterr()
     parallel = sweep("mini", *args, str(tmp_path / "parallel"), ["faces"], (), TINY, jobs=2)
+    epoch_lines = [ln for ln in capfd.readouterr().err.splitlines() if " img/s " in ln]
+    assert epoch_lines and all(ln.startswith(("[seed0] epoch ", "[seed1] epoch ")) for ln in epoch_lines), epoch_lines
+    assert {ln.split()[0] for ln in epoch_lines} == {"[seed0]", "[seed1]"}
     key = ("seed", "status", "val_selected_test_top1", "final_test_top1", "trainable_params")
     assert [tuple(r[k] for k in key) for r in parallel["rows"]] == [tuple(r[k] for k in key) for r in serial["rows"]]
     assert all(r["status"] == "ok" for r in parallel["rows"])

@@ -190,16 +190,23 @@ class Trainer:
                 log.warning("the configuration records %d change(s) a --resume made mid-run (run.changes): this "
                             "run trains one schedule with the last values from step 0, not the run that made them",
                             self.replayed_changes)
-        self.tb = tensorboard(cfg, self.folder.path, dinfo.is_main)
+        self.tb = tensorboard(cfg, self.folder.path, dinfo.is_main, st["global_step"])
         self.progress = Progress(cfg["run"]["progress"], dinfo.is_main, int(cfg["run"]["log_every"]))
         # resumed at an epoch's end exactly at a (lowered) train.max_steps: nothing left to run
         stop = t["max_steps"] is not None and st["global_step"] >= int(t["max_steps"]) and st["batch"] == 0
-        while st["epoch"] < epochs and not stop:
-            stop = self.train_one_epoch(st, epochs)
-            self._end_epoch(st, epochs, stop)
-        res = self._finish(st, stop)
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            while st["epoch"] < epochs and not stop:
+                try:
+                    stop = self.train_one_epoch(st, epochs)
+                finally:
+                    # an error mid-epoch (a non-finite loss, a second signal) is said on a line of
+                    # its own: it was printed after the bar's last frame, on the same line
+                    self.progress.close()
+                self._end_epoch(st, epochs, stop)
+            res = self._finish(st, stop)
+        finally:
+            if self.tb is not None:
+                self.tb.close()   # (what a stopped run logged is flushed too)
         return res
 
     def train_one_epoch(self, st: dict, epochs: int) -> bool:

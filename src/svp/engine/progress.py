@@ -13,10 +13,17 @@ from ..errors import ConfigError
 log = logging.getLogger("svp.engine")
 
 
+# Set in a `svp sweep --jobs N` worker (svp.engine.tune) to its run's name within the sweep:
+# it begins each of the run's stderr lines, and the automatic progress display is lines, not a
+# bar (N workers drew their bars on one terminal line, over each other and over the log lines,
+# and nothing said which run a line came from).
+worker_label: Optional[str] = None
+
+
 class Progress:
     def __init__(self, mode: str, enabled: bool, log_every: int):
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "lines"
+            mode = "bar" if sys.stderr.isatty() and worker_label is None else "lines"
         self.mode = mode if enabled else "none"
         self.log_every = log_every
         self.bar = None
@@ -43,7 +50,9 @@ class Progress:
         dt = max(time.time() - self.t0, 1e-9)
         ips = self.images / dt
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+            # loss first, lr second, compact: tqdm's set_postfix sorts its keys and cuts the end at
+            # the terminal's width, so an 80-column bar never showed lr, and often not the loss
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.1e} {ips:.0f} img/s")
         elif self.mode == "lines":
             left = (self.total - step_in_epoch) * dt / max(step_in_epoch - self.done0, 1)
             log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", self.epoch + 1, self.epochs,
@@ -102,7 +111,8 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
     log.propagate = False
     if is_main:
         sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter("%(message)s"))
+        label = f"[{worker_label.replace('%', '%%')}] " if worker_label else ""
+        sh.setFormatter(logging.Formatter(label + "%(message)s"))
         handlers.append(sh)
         if run_dir:
             # (a run folder's name under a non-UTF-8 locale holds lone surrogates: their bytes)
@@ -137,7 +147,11 @@ def teardown_logging(handlers) -> None:
         h.close()
 
 
-def tensorboard(cfg: dict, run_dir: str, is_main: bool):
+def tensorboard(cfg: dict, run_dir: str, is_main: bool, resumed_at: int = 0):
+    """The run's TensorBoard writer (``run.tensorboard``). A run resumed at global step
+    ``resumed_at`` discards what a stopped or killed attempt wrote after it (``purge_step``):
+    TensorBoard showed those steps twice, the killed attempt's values beside the resumed
+    ones (different ones after ``--resume train.lr=...``), as metrics.jsonl does not."""
     if not (cfg["run"]["tensorboard"] and is_main):
         return None
     try:
@@ -145,7 +159,7 @@ def tensorboard(cfg: dict, run_dir: str, is_main: bool):
     except ImportError:
         raise ConfigError("run.tensorboard=true needs the tensorboard package "
                           "(pip install 'svp-vim[tensorboard]')") from None
-    return SummaryWriter(os.path.join(run_dir, "tb"))
+    return SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resumed_at + 1 if resumed_at else None)
 
 
 def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_size: int, lr: float,
@@ -175,9 +189,11 @@ def log_epoch(record: dict, epochs: int, improved: bool, tb=None) -> None:
         msg += f" | test top1 {record['test_top1']:.2f}"
     log.info(msg)
     if tb is not None:
+        # on the global step axis, as train/*: a resume's purge (tensorboard()) is by step, and
+        # epoch numbers would not reach the epochs a killed attempt logged after the resume point
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                tb.add_scalar(f"epoch/{k}", v, record["epoch"])
+                tb.add_scalar(f"epoch/{k}", v, record["step"])
 
 
 def log_done(res: dict, has_val: bool) -> None:

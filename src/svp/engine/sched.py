@@ -83,10 +83,24 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
     t, notes = cfg["train"], []
     if t["sched"] != "cosine":
         return notes
-    if float(t["warmup_epochs"]) >= int(t["epochs"]):
-        notes.append(f"train.warmup_epochs={t['warmup_epochs']} is not shorter than train.epochs={t['epochs']}: "
-                     f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']} and never "
-                     f"reaching the peak {peak:.4g}")
+    epochs, warmup = int(t["epochs"]), float(t["warmup_epochs"])
+    # stepped per epoch with the official loop's offset, epochs 0 and 1 both run at warmup_lr:
+    # a warm-up one epoch shorter than the run never reaches the peak either (computed, not guessed)
+    offset = t["sched_step"] == "epoch" and bool(t["official_epoch_offset"])
+    if warmup >= epochs - (1 if offset else 0):
+        highest = max(lr_at_epoch(cfg, e, peak) for e in range(epochs)) if t["sched_step"] == "epoch" else None
+        if highest is None or highest < peak * (1 - 1e-6):
+            why = (f"train.warmup_epochs={t['warmup_epochs']} is not shorter than train.epochs={t['epochs']}"
+                   if warmup >= epochs else
+                   f"train.warmup_epochs={t['warmup_epochs']} with train.epochs={t['epochs']} and the official "
+                   f"loop's epoch offset (train.official_epoch_offset: epochs 1 and 2 both run at train.warmup_lr)")
+            if highest is not None and highest <= float(t["warmup_lr"]) * (1 + 1e-6):
+                what = f"every epoch trains at train.warmup_lr={t['warmup_lr']}, never near the peak {peak:.4g}"
+            else:
+                what = (f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']}"
+                        + (f" to {highest:.4g}" if highest is not None else "") + f", never reaching the peak "
+                        f"{peak:.4g}")
+            notes.append(f"{why}: {what}")
     floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0, float(t["min_lr"]))
     if peak < floor:
         notes.append(f"the peak rate {peak:.4g} is below train.warmup_lr/train.min_lr ({floor:.4g}): the schedule "

@@ -375,9 +375,12 @@ class Runner:
             stop = StopRequest(self._stop, on_first=lambda name: log.warning(
                 "%s received: the running runs stop after their step and write their resume points; the "
                 "sweep exits when they have", name)).install()
+            # each run's name within the sweep begins its stderr lines (svp.engine.progress.worker_label)
+            root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
             try:
                 self._check_stop()
-                futs = {self._pool.submit(_run_safely, run_dir, cfg): i for i, run_dir, cfg in todo}
+                futs = {self._pool.submit(_run_safely, run_dir, cfg, os.path.relpath(os.path.abspath(run_dir), root)): i
+                        for i, run_dir, cfg in todo}
                 for k, f in enumerate(cf.as_completed(futs), 1):
                     out[futs[f]] = f.result()
                     log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
@@ -429,12 +432,16 @@ def stop_requested(e: BaseException) -> bool:
     return isinstance(e, TrainingStopped) and e.code == EXIT_INTERRUPTED
 
 
-def _run_safely(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:
+def _run_safely(run_dir: str, cfg: dict, label: Optional[str] = None) -> Tuple[Optional[dict], str]:
+    """One run; ``label``: in a worker of a parallel sweep, the run's name within the sweep."""
+    from . import progress
     _RUNS_IN_PROGRESS[0] += 1
+    progress.worker_label = label
     try:
         return _run(run_dir, cfg)
     finally:
         _RUNS_IN_PROGRESS[0] -= 1
+        progress.worker_label = None
 
 
 def _run(run_dir: str, cfg: dict) -> Tuple[Optional[dict], str]:

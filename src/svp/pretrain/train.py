@@ -189,6 +189,7 @@ def pretrain(args, log=print) -> dict:
         atomic_write_json(state_json, state)   # (the same, to read; --resume reads the weights' file)
 
     model.train()
+    epochs = -(-total // steps_per_epoch)
     t_start = time.time()
     # a first SIGINT/SIGTERM ends the step under way and saves it; a second one, later, stops
     # at once (svp.engine.signals, as svp train)
@@ -218,12 +219,14 @@ def pretrain(args, log=print) -> dict:
             loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
             if step % 10 == 0 or step == total:
                 el = time.time() - t_start
-                log(f"step {step}/{total} epoch {epoch} loss {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                    f"{el:.0f}s elapsed")
+                # epochs counted from 1, as svp train and the model card count them (summary.json's
+                # history keeps its 0-based "epoch" field, which the card and older files read)
+                log(f"step {step}/{total} epoch {epoch + 1}/{epochs} loss (EMA) {loss_avg:.4f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {el:.0f}s elapsed")
             if step % steps_per_epoch == 0 or step == total:
                 acc = evaluate(model, held_x, held_y)
                 history.append({"step": step, "epoch": epoch, "heldout_acc": acc, "loss": loss_avg})
-                log(f"epoch {epoch} done: held-out accuracy {acc:.4f}")
+                log(f"epoch {epoch + 1}/{epochs} done: held-out accuracy {acc:.4f}")
                 model.train()
             # (after the epoch's record, which it keeps)
             if step % args.ckpt_every == 0 or step == total or signals.received:
