@@ -1673,3 +1673,21 @@ def test_an_error_mid_epoch_is_said_on_a_line_of_its_own_not_after_the_bar(tmp_p
     err = capsys.readouterr().err
     at = err.index("svp train: error: non-finite loss")
     assert "epoch 1/1" in err[:at] and err[at - 1] in "\r\n", repr(err[max(0, at - 120):at + 40])
+
+
+def test_the_step_lines_show_the_epochs_mean_loss_so_far_as_on_cuda(tmp_path, capsys):
+    """On one CUDA device the losses are summed on the device and the shown loss is the epoch's
+    mean so far; the CPU showed the last step's loss under the same name (QA 15e). The last
+    step's line now gives the epoch's train_loss."""
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "m", "--epochs", "2", "run.progress=lines",
+            "run.log_every=1", "data.max_train_samples=32"]
+    assert svp_main(args) == 0
+    capsys.readouterr()
+    run = tmp_path / "m"
+    shown = re.findall(r"epoch (\d)/2 step (\d+)/(\d+) loss ([0-9.]+)", (run / "train.log").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:
+        last = [float(loss) for e, s, n, loss in shown if int(e) == rec["epoch"] and s == n]
+        assert last == [round(rec["train_loss"], 4)], (last, rec["train_loss"])
+    first_steps = [float(loss) for e, s, n, loss in shown if s == "1"]
+    assert len(first_steps) == 2 and all(f != round(r["train_loss"], 4) for f, r in zip(first_steps, records))

@@ -266,6 +266,10 @@ class Trainer:
                 self._check_interval(st, x_in, y)
             if dev_loss is None:
                 st["epoch_loss_sum"] += mean_loss
+                # shown and logged: the epoch's mean loss so far, as on one CUDA device, where the
+                # losses are summed on the device and read at the logging steps (the CPU showed
+                # the last step's loss, the same key meaning another thing: QA 15e)
+                mean_loss = st["epoch_loss_sum"] / max(st["epoch_steps"], 1)
             elif (self.progress.wants(st["batch"]) or stop_req or save_now or reached_max
                   or st["batch"] == self.steps_per_epoch):
                 mean_loss = self._drain(st, dev_loss, step_no, x_in, y)
