@@ -1,5 +1,6 @@
 """svp.build: one way to build a backbone and an adapted model."""
 import json
+import os
 import time
 
 import pytest
@@ -279,3 +280,34 @@ def test_convert_official_svp_model_kwargs_must_be_a_json_object(tmp_path, capsy
                      "--out", str(tmp_path / "out"), "--model-kwargs", text]) == 2
     err = capsys.readouterr().err
     assert "--model-kwargs" in err and words in err and "Traceback" not in err
+
+
+def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path):
+    """Offline, the error named neither the repository nor the file the user was told to
+    "download elsewhere"; TRANSFORMERS_OFFLINE (offline for huggingface_hub too) got the advice
+    to set HF_HUB_OFFLINE; an error page in the hub cache was "its pretrained weights do not fit"
+    (QA 15f). In a fresh process: huggingface_hub reads its offline switches at import."""
+    import subprocess
+    import sys
+    script = ("import svp\nfrom svp.build import ModelSpec, build_backbone\n"
+              "try:\n    build_backbone(ModelSpec('vim_tiny_patch16_224', pretrained=True))\n"
+              "except Exception as e:\n    print(type(e).__name__, e)\n")
+
+    def run(**env):
+        full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        full.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", **env)
+        return subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True,
+                              timeout=300).stdout
+    url = "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        out = run(**{var: "1"})
+        assert out.startswith("CheckpointError model 'vim_tiny_patch16_224': cannot get its pretrained weights"), out
+        assert f"download {url} elsewhere and pass it with --checkpoint ({var} is set" in out, out
+    snap = tmp_path / "hf" / "hub" / "models--hustvl--Vim-tiny-midclstok"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("0" * 40)
+    (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (snap / "snapshots" / ("0" * 40) / "vim_t_midclstok_76p1acc.pth").write_text("<html>502 Bad Gateway</html>")
+    out = run(HF_HUB_OFFLINE="1")
+    assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
+    assert "it is the hub cache's copy: delete it to download again, or pass --checkpoint" in out, out

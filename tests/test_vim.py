@@ -311,10 +311,41 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
                                                   r"it pickles torch\.storage\._load_from_bytes)"):
             read_checkpoint(str(tmp_path / "plain.pth"))
     for name, words in (("foreign.pth", r"it pickles test_vim\.Foreign, which is not on the allow-list"),
-                        ("notes.pth", r"notes.pth: not a readable torch checkpoint \(\w+Error"),
+                        ("notes.pth", r"notes.pth: no checkpoint format svp reads \(it begins b'e\\n'\)"),
                         ("empty.pth", "the file is empty"), ("adir.pth", "is a folder; expected a checkpoint file")):
         with pytest.raises(CheckpointError, match=words):
             read_checkpoint(str(tmp_path / name))
+
+
+def test_files_that_are_no_pickle_are_said_as_what_they_are(tmp_path, monkeypatch):
+    """An HTML page saved as .pth, a Git LFS pointer (a clone without git-lfs) and a safetensors
+    file named .bin were each "cannot be read with torch.load(weights_only=True) ... Unsupported
+    operand 60 (a plain pickle?": an allow-list refusal; an unreadable .safetensors was "No such
+    file or directory" (QA 15f)."""
+    from safetensors.torch import save_file
+
+    from svp.models.loading import UnreadableCheckpoint, read_checkpoint
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>")
+    (tmp_path / "vim_t_midclstok_76p1acc.pth").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 28000000\n")
+    save_file({"w": torch.arange(3.0)}, str(tmp_path / "weights.bin"))
+    for name, words in (("page.pth", "an HTML/XML page, not weights"),
+                        ("vim_t_midclstok_76p1acc.pth", r"a Git LFS pointer, not the weights .*git lfs pull")):
+        with pytest.raises(UnreadableCheckpoint, match=words) as e:
+            read_checkpoint(str(tmp_path / name))
+        assert "weights_only" not in str(e.value) and "operand" not in str(e.value)
+    assert torch.equal(read_checkpoint(str(tmp_path / "weights.bin"))["w"], torch.arange(3.0))
+    import builtins
+    real_open = builtins.open
+
+    def no_permission(path, *a, **k):
+        if str(path).endswith("locked.safetensors"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "locked.safetensors"))
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(UnreadableCheckpoint, match=r"locked.safetensors: cannot be read \(Permission denied\)"):
+        read_checkpoint(str(tmp_path / "locked.safetensors"))
 
 
 @pytest.mark.parametrize("change, words", [

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterError, CheckpointError, ConfigError, SVPError, out_of_memory
+from .models.loading import UnreadableCheckpoint
 
 BUNDLED_MODEL = "vim_mini_patch4_32"
 WEIGHTS_HELP = (f"the bundled {BUNDLED_MODEL} uses its bundled weights unless a checkpoint is given; "
@@ -170,6 +171,20 @@ def pick_device(kind: str) -> str:
     return kind
 
 
+def _hub_file(model: str) -> str:
+    """Where a variant's pretrained weights are (its pretrained_cfg), for the advice of a failed
+    download: the message named no repository or file, and offline nothing on screen did."""
+    try:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(model)
+    except Exception:   # (an unknown name is said elsewhere)
+        cfg = None
+    hub, name = getattr(cfg, "hf_hub_id", None), getattr(cfg, "hf_hub_filename", None)
+    if hub and name:
+        return f"https://huggingface.co/{hub}/resolve/main/{name}"
+    return getattr(cfg, "url", None) or "the weights"
+
+
 def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     """The timm model of ``spec`` with its weights (see the module docstring).
 
@@ -207,6 +222,11 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             model = timm.create_model(spec.model, pretrained=weights in ("pretrained", "bundled"), **kwargs)
         if lazy:
             model = _materialise(model, spec)
+    except UnreadableCheckpoint as e:
+        # (a CheckpointError, so a RuntimeError: read "do not fit" of a file that was never read)
+        cached = ("; it is the hub cache's copy: delete it to download again, or pass --checkpoint"
+                  if weights == "pretrained" else "")
+        raise CheckpointError(f"model {spec.model!r}: cannot read its {weights} weights ({e}){cached}") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"model {spec.model!r}: {e}") from None
@@ -223,10 +243,12 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         raise ConfigError(f"model {spec.model!r}: its arguments {spec.kwargs} do not fit "
                           f"({type(e).__name__}: {e})") from None
     except (FileNotFoundError, OSError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        # (huggingface_hub takes TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE too)
+        offline = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").strip().lower()
+                        in ("1", "true", "yes", "on")), None)
         hint = ("" if weights != "pretrained" else
-                "; with no network, download them elsewhere and pass --checkpoint" + (
-                    " (HF_HUB_OFFLINE is set: only the local hub cache was read)" if offline else
+                f"; with no network, download {_hub_file(spec.model)} elsewhere and pass it with --checkpoint" + (
+                    f" ({offline} is set: only the local hub cache was read)" if offline else
                     ", or set HF_HUB_OFFLINE=1 to read only the local hub cache without waiting on the network"))
         raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e}){hint}") from None
     finally:

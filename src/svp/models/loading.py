@@ -28,6 +28,37 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 from ..errors import CheckpointError  # noqa: F401 (re-exported)
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """The file is no checkpoint svp can read (empty, cut off, another format, unreadable), as
+    opposed to weights that do not fit the model: the model builder says "cannot read" of it,
+    not "do not fit"."""
+
+
+def _sniff(path: str) -> str:
+    """What the file's first bytes say it is: 'zip' (torch.save), 'pickle' (torch's legacy
+    format, or a plain pickle), 'safetensors' (whatever its extension), or a description of
+    what it is instead (a Git LFS pointer, an HTML page, ...). A file that cannot be opened is
+    said as the OS says it (an unreadable .safetensors was "No such file or directory")."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        return ("a Git LFS pointer, not the weights (a clone without git-lfs): fetch the file itself "
+                "(`git lfs pull`, or download it)")
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+        return "an HTML/XML page, not weights (a download that saved an error or login page?)"
+    return f"no checkpoint format svp reads (it begins {head[:16]!r})"
+
+
 def read_checkpoint(path) -> dict:
     """Load a .pth/.pt (``weights_only=True``, only ``argparse.Namespace`` allowed, for
     the pickled ``args`` of official training checkpoints) or a .safetensors file.
@@ -41,13 +72,18 @@ def read_checkpoint(path) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: the file is empty; expected a checkpoint (.pth, .pt or .safetensors)")
-    if path.endswith(".safetensors"):
+        raise UnreadableCheckpoint(f"{path}: the file is empty; expected a checkpoint (.pth, .pt or .safetensors)")
+    kind = _sniff(path)
+    if path.endswith(".safetensors") or kind == "safetensors":
         from safetensors.torch import load_file
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            what = "" if kind == "safetensors" else f"; the file is {kind}" if " " in kind else ""
+            raise UnreadableCheckpoint(f"{path}: not a readable safetensors file ({e}){what}") from None
+    if kind not in ("zip", "pickle"):   # the unpickler's "Unsupported operand 60" said nothing of it
+        raise UnreadableCheckpoint(f"{path}: {kind}; expected a checkpoint written by torch.save (.pth, .pt) "
+                                   f"or a .safetensors file")
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
     try:
         if hasattr(torch.serialization, "safe_globals"):
@@ -61,7 +97,7 @@ def read_checkpoint(path) -> dict:
     except Exception as e:  # an UnpicklingError names the forbidden global
         if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse
             first = str(e).split(". ")[0].strip() or "no message"
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); "
+            raise UnreadableCheckpoint(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); "
                                   f"expected a whole .pth/.pt written by torch.save, or a .safetensors file") from e
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "

@@ -36,7 +36,10 @@ def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optio
         raise
     except (SVPError, RuntimeError, ValueError, OSError) as e:
         where = f"--adapter {adapter_dir}" if adapter_dir else f"--model {name!r}{' (pretrained)' if pretrained else ''}"
-        raise VizError(f"{where}: {e}") from e
+        said = str(e)
+        if not adapter_dir and said.startswith(f"model {name!r}: "):   # (the name said once)
+            said = said[len(f"model {name!r}: "):]
+        raise VizError(f"{where}: {said}") from e
 
 
 def load_input_image(args):
