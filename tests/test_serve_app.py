@@ -238,13 +238,17 @@ def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(server):
                 part = s.recv(65536)
                 if not part:   # the server closed the connection after its answer
                     break
+                if not answer:
+                    # a byte after the answer restarted uvicorn's keep-alive wait: the connection
+                    # stayed open for as long as the client kept sending (review)
+                    s.sendall(b"x")
                 answer += part
             waited = time.time() - t0
     finally:
         server.cfg.body_idle_s = saved
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     assert b"the request body stalled: nothing arrived for 0.5 s" in answer, answer
-    assert 0.4 < waited < 15, waited
+    assert b"\r\nconnection: close\r\n" in answer.lower() and 0.4 < waited < 3, (waited, answer[:300])
     assert H.predict(server.url, img, "svp", topk=1)[0] == 200
 
 

@@ -431,7 +431,10 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
     def error(endpoint: str, status: int, message: str, **extra) -> JSONResponse:
         metrics["requests"].labels(endpoint, str(status)).inc()
         metrics["errors"].labels(endpoint, str(status)).inc()
-        return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+        # a body left unread (stalled, or over the limit): the connection closes after the answer.
+        # uvicorn otherwise kept it open, and each byte the client sent after restarted its wait
+        close = {"Connection": "close"} if status in (408, 413) else None
+        return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=close)
 
     def ok(endpoint: str, body, status: int = 200) -> JSONResponse:
         response = JSONResponse(body, status_code=status)   # counted once it is one (rendering can fail)
