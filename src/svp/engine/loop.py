@@ -74,6 +74,16 @@ def check_same_train_data(saved: Optional[dict], now: dict, run_dir: str) -> Non
                       f"must see the images it started with, in the same order. Restore them, or start a new run")
 
 
+def device_loss_sum(dev: torch.device, dinfo) -> Optional[torch.Tensor]:
+    """Where the epoch's losses are summed on the device (one CUDA process: read at the logging
+    steps, no host sync a step), the zero to add them to; else None (the CPU, and DDP, whose
+    every step's loss is reduced on the host: a device sum there, which nothing added to, made
+    the logged loss 0 on several GPUs)."""
+    if dev.type != "cuda" or dinfo.enabled:
+        return None
+    return torch.zeros((), dtype=torch.float64, device=dev)
+
+
 class Trainer:
     def __init__(self, cfg: dict, resume_dir: Optional[str] = None, hooks: Optional[Hooks] = None,
                  changes: Optional[dict] = None, replayed_changes: int = 0):
@@ -220,7 +230,7 @@ class Trainer:
         self.progress.start(st["epoch"], epochs, self.steps_per_epoch, st["batch"])
         t_epoch, seconds_before = time.time(), st["epoch_seconds"]
         # on CUDA the loss sum stays on the device and is read at the logging interval
-        dev_loss = torch.zeros((), dtype=torch.float64, device=dev) if cuda else None
+        dev_loss = device_loss_sum(dev, dinfo)
         if max_steps is not None and st["global_step"] >= int(max_steps):
             return True  # resumed mid-epoch exactly at a (lowered) train.max_steps: the epoch ends here
         for x, y in self._batches(st):
