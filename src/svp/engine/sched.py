@@ -84,23 +84,28 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
     if t["sched"] != "cosine":
         return notes
     epochs, warmup = int(t["epochs"]), float(t["warmup_epochs"])
-    # stepped per epoch with the official loop's offset, epochs 0 and 1 both run at warmup_lr:
-    # a warm-up one epoch shorter than the run never reaches the peak either (computed, not guessed)
-    offset = t["sched_step"] == "epoch" and bool(t["official_epoch_offset"])
-    if warmup >= epochs - (1 if offset else 0):
-        highest = max(lr_at_epoch(cfg, e, peak) for e in range(epochs)) if t["sched_step"] == "epoch" else None
-        if highest is None or highest < peak * (1 - 1e-6):
-            why = (f"train.warmup_epochs={t['warmup_epochs']} is not shorter than train.epochs={t['epochs']}"
-                   if warmup >= epochs else
-                   f"train.warmup_epochs={t['warmup_epochs']} with train.epochs={t['epochs']} and the official "
-                   f"loop's epoch offset (train.official_epoch_offset: epochs 1 and 2 both run at train.warmup_lr)")
-            if highest is not None and highest <= float(t["warmup_lr"]) * (1 + 1e-6):
-                what = f"every epoch trains at train.warmup_lr={t['warmup_lr']}, never near the peak {peak:.4g}"
-            else:
-                what = (f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']}"
-                        + (f" to {highest:.4g}" if highest is not None else "") + f", never reaching the peak "
-                        f"{peak:.4g}")
-            notes.append(f"{why}: {what}")
+    per_epoch = t["sched_step"] == "epoch"
+    if per_epoch:
+        # as Schedule steps it (whole epochs of warm-up: the config refuses fractions here): with
+        # the official loop's offset epochs 0 and 1 both at index 0, so that a warm-up one epoch
+        # shorter than the run never leaves the warm-up either (the digits preset at --epochs 2)
+        whole = int(warmup)
+        last = max(epochs - 1 - (1 if t["official_epoch_offset"] else 0), 0)   # the last epoch's index
+        all_warmup = last < whole
+    else:
+        whole, all_warmup = warmup, warmup >= epochs
+    if all_warmup:
+        said = f"train.warmup_epochs={t['warmup_epochs']}"
+        why = (f"{said} is not shorter than train.epochs={t['epochs']}" if whole >= epochs else
+               f"{said} with train.epochs={t['epochs']} and the official loop's epoch offset "
+               f"(train.official_epoch_offset: epochs 1 and 2 both run at train.warmup_lr)")
+        highest = max(lr_at_epoch(cfg, e, peak) for e in range(epochs)) if per_epoch else None
+        if highest is not None and highest <= float(t["warmup_lr"]) * (1 + 1e-6):
+            what = f"every epoch trains at train.warmup_lr={t['warmup_lr']}, never near the peak {peak:.4g}"
+        else:
+            what = (f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']}"
+                    + (f" to {highest:.4g}" if highest is not None else "") + f", never reaching the peak {peak:.4g}")
+        notes.append(f"{why}: {what}")
     floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0, float(t["min_lr"]))
     if peak < floor:
         notes.append(f"the peak rate {peak:.4g} is below train.warmup_lr/train.min_lr ({floor:.4g}): the schedule "
