@@ -311,3 +311,21 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
     out = run(HF_HUB_OFFLINE="1")
     assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
     assert "it is the hub cache's copy: delete it to download again, or pass --checkpoint" in out, out
+
+
+def test_the_offline_hint_reads_the_switches_as_huggingface_hub_does():
+    """HF_HUB_OFFLINE=0 beside TRANSFORMERS_OFFLINE=1 is online for huggingface_hub (the first
+    set wins), but svp said "TRANSFORMERS_OFFLINE is set: only the local hub cache was read"
+    (review)."""
+    from svp.build import _offline_switch
+    assert _offline_switch({}) is None
+    assert _offline_switch({"HF_HUB_OFFLINE": "1"}) == "HF_HUB_OFFLINE"
+    assert _offline_switch({"TRANSFORMERS_OFFLINE": "true"}) == "TRANSFORMERS_OFFLINE"
+    assert _offline_switch({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}) is None
+    try:   # (where huggingface_hub exposes its own reading of them)
+        from huggingface_hub.constants import _is_true
+    except ImportError:
+        return
+    for env in ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, {"TRANSFORMERS_OFFLINE": "yes"}, {}):
+        hub = _is_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE"))
+        assert (_offline_switch(env) is not None) == hub, env

@@ -975,3 +975,26 @@ def test_global_pool_empty_returns_every_token():
         timm.create_model("vim_mini_patch4_32", global_pool="avg")
     with pytest.raises(ValueError, match=r"returns every token \(global_pool=''\); the methods classify"):
         get_peft_model(model, make_config("linear"))
+
+
+def test_a_zip_that_is_not_torchs_and_a_torch_file_named_safetensors(tmp_path):
+    """A zipped .pth and an .npz renamed .pth were "not a readable torch checkpoint (RuntimeError:
+    [enforce fail at inline_container.cc:180])"; a torch.save file named .safetensors was "not a
+    readable safetensors file (header too large)" (review)."""
+    import zipfile
+
+    import numpy as np
+
+    from svp.models.loading import UnreadableCheckpoint, read_checkpoint
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "real.pth")
+    with zipfile.ZipFile(tmp_path / "zipped.pth", "w") as z:
+        z.write(tmp_path / "real.pth", "vim_t.pth")
+    np.savez(tmp_path / "arrays.npz", w=np.zeros(3))
+    os.replace(tmp_path / "arrays.npz", tmp_path / "arrays.pth")
+    for name, holds in (("zipped.pth", "vim_t.pth"), ("arrays.pth", "w.npy")):
+        with pytest.raises(UnreadableCheckpoint, match=rf"a zip archive, not a torch.save file \(it holds {holds}\)"):
+            read_checkpoint(str(tmp_path / name))
+    os.replace(tmp_path / "real.pth", tmp_path / "real.safetensors")
+    with pytest.raises(UnreadableCheckpoint, match="not a safetensors file: its content is torch.save's format; "
+                                                   "name it .pth"):
+        read_checkpoint(str(tmp_path / "real.safetensors"))

@@ -180,9 +180,17 @@ def _hub_file(model: str) -> str:
     except Exception:   # (an unknown name is said elsewhere)
         cfg = None
     hub, name = getattr(cfg, "hf_hub_id", None), getattr(cfg, "hf_hub_filename", None)
-    if hub and name:
-        return f"https://huggingface.co/{hub}/resolve/main/{name}"
+    if hub and name:   # (HF_ENDPOINT: a mirror, where huggingface_hub downloads from)
+        endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+        return f"{endpoint}/{hub}/resolve/main/{name}"
     return getattr(cfg, "url", None) or "the weights"
+
+
+def _offline_switch(environ=os.environ) -> Optional[str]:
+    """The variable that makes huggingface_hub read only its local cache, as it reads them
+    (HF_HUB_OFFLINE where set, =0 too, else TRANSFORMERS_OFFLINE), or None."""
+    var = "HF_HUB_OFFLINE" if environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    return var if environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE") else None
 
 
 def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
@@ -243,9 +251,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
         raise ConfigError(f"model {spec.model!r}: its arguments {spec.kwargs} do not fit "
                           f"({type(e).__name__}: {e})") from None
     except (FileNotFoundError, OSError) as e:
-        # (huggingface_hub takes TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE too)
-        offline = next((v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(v, "").strip().lower()
-                        in ("1", "true", "yes", "on")), None)
+        offline = _offline_switch()
         hint = ("" if weights != "pretrained" else
                 f"; with no network, download {_hub_file(spec.model)} elsewhere and pass it with --checkpoint" + (
                     f" ({offline} is set: only the local hub cache was read)" if offline else

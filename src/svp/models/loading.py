@@ -45,7 +45,15 @@ def _sniff(path: str) -> str:
     except OSError as e:
         raise UnreadableCheckpoint(f"{path}: cannot be read ({e.strerror or e})") from None
     if head.startswith(b"PK\x03\x04"):
-        return "zip"
+        try:   # torch.save's zip holds <name>/data.pkl; another zip (a zipped .pth, an .npz) is said as one
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "zip"   # (cut off: torch's reader says how)
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return "zip"
+        return (f"a zip archive, not a torch.save file (it holds {', '.join(names[:3]) or 'nothing'}"
+                f"{', ...' if len(names) > 3 else ''}): unpack it")
     if head[:1] == b"\x80":
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path):
@@ -74,7 +82,10 @@ def read_checkpoint(path) -> dict:
     if os.path.getsize(path) == 0:
         raise UnreadableCheckpoint(f"{path}: the file is empty; expected a checkpoint (.pth, .pt or .safetensors)")
     kind = _sniff(path)
-    if path.endswith(".safetensors") or kind == "safetensors":
+    if path.endswith(".safetensors") and kind in ("zip", "pickle"):   # (torch.load reads it as safetensors)
+        raise UnreadableCheckpoint(f"{path}: not a safetensors file: its content is torch.save's format; "
+                                   f"name it .pth")
+    if kind == "safetensors" or path.endswith(".safetensors"):   # (safetensors named .bin: read as what it is)
         from safetensors.torch import load_file
         try:
             return load_file(path, device="cpu")
