@@ -235,7 +235,10 @@ def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(server):
             t0 = time.time()
             answer = b""
             while True:
-                part = s.recv(65536)
+                try:
+                    part = s.recv(65536)
+                except ConnectionResetError:   # closed with the client's byte unread (uvicorn 0.30: a reset)
+                    break
                 if not part:   # the server closed the connection after its answer
                     break
                 if not answer:
