@@ -379,8 +379,8 @@ class Runner:
             root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
             try:
                 self._check_stop()
-                futs = {self._pool.submit(_run_safely, run_dir, cfg, os.path.relpath(os.path.abspath(run_dir), root)): i
-                        for i, run_dir, cfg in todo}
+                futs = {self._pool.submit(_run_safely, run_dir, cfg, os.path.relpath(os.path.abspath(run_dir), root)):
+                        i for i, run_dir, cfg in todo}
                 for k, f in enumerate(cf.as_completed(futs), 1):
                     out[futs[f]] = f.result()
                     log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])

@@ -52,8 +52,9 @@ def _sniff(path: str) -> str:
             return "zip"   # (cut off: torch's reader says how)
         if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
             return "zip"
+        inner = any(n.endswith((".pth", ".pt", ".safetensors")) for n in names)
         return (f"a zip archive, not a torch.save file (it holds {', '.join(names[:3]) or 'nothing'}"
-                f"{', ...' if len(names) > 3 else ''}): unpack it")
+                f"{', ...' if len(names) > 3 else ''}){': unpack it' if inner else ''}")
     if head[:1] == b"\x80":
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path):
@@ -61,8 +62,7 @@ def _sniff(path: str) -> str:
     if head.startswith(b"version https://git-lfs"):
         return ("a Git LFS pointer, not the weights (a clone without git-lfs): fetch the file itself "
                 "(`git lfs pull`, or download it)")
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<")):
+    if head.lstrip().startswith(b"<"):
         return "an HTML/XML page, not weights (a download that saved an error or login page?)"
     return f"no checkpoint format svp reads (it begins {head[:16]!r})"
 
@@ -108,8 +108,9 @@ def read_checkpoint(path) -> dict:
     except Exception as e:  # an UnpicklingError names the forbidden global
         if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse
             first = str(e).split(". ")[0].strip() or "no message"
-            raise UnreadableCheckpoint(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); "
-                                  f"expected a whole .pth/.pt written by torch.save, or a .safetensors file") from e
+            raise UnreadableCheckpoint(
+                f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); expected a whole "
+                f".pth/.pt written by torch.save, or a .safetensors file") from e
         raise CheckpointError(
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "
             f"argparse.Namespace are allowed; arbitrary pickled code is never run): {_unpickle_reason(e)}") from e
