@@ -13,8 +13,8 @@ import torch
 from ..build import WEIGHTS_HELP
 from ..errors import ConfigError, SVPError, VizError  # noqa: F401 (VizError re-exported)
 from ..io import mkdir_error, user_path
-from .figures import (DEFAULT_QUANTITIES, DPI_RANGE, check_dpi, default_layers, mask_to_grid, model_input_size,  # noqa: F401 (re-exported)
-                      model_mean_std, prepare_image, visualize)
+from .figures import (DEFAULT_QUANTITIES, DPI_RANGE, check_alpha, check_dpi,  # noqa: F401 (re-exported)
+                      default_layers, mask_to_grid, model_input_size, model_mean_std, prepare_image, visualize)
 from .gates import DIRECTIONS, QUANTITIES, find_vim
 
 
@@ -149,8 +149,7 @@ def run(args) -> int:
     if not isinstance(model_args, dict):
         raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
     check_dpi(args.dpi, "--dpi")
-    if not 0.0 <= args.alpha <= 1.0:  # also refuses nan
-        raise VizError(f"--alpha {args.alpha}: expected an opacity in 0..1")
+    check_alpha(args.alpha, "--alpha")
     try:  # before any model is built: a folder that cannot be made fails in a second, not after
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

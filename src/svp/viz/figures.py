@@ -94,17 +94,23 @@ def check_dpi(dpi, name: str = "dpi") -> float:
     return dpi
 
 
+def check_alpha(alpha, name: str = "alpha") -> float:
+    """An opacity in 0..1 (nan refused): a float, an int or a numpy scalar."""
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= alpha <= 1.0):
+        raise VizError(f"{name} {alpha!r}: expected an opacity in 0..1")
+    return alpha
+
+
 def check_choices(layers, quantities, direction: str, depth: int) -> Tuple[List[int], List[str]]:
     """``visualize``'s layers (negative from the end), quantities and direction, refused by name
     before any model runs: a layer out of range was an IndexError, an unknown quantity a KeyError,
     after every model had run, and each failure left its figure open."""
     if layers is None:
         layers = default_layers(depth)
-    elif isinstance(layers, (numbers.Integral, str)):
-        raise VizError(f"layers={layers!r}: expected a list of one or more layer indices (integers, negative "
-                       f"from the end)")
-    layers = list(layers)   # (read once: a generator's items were used up by the check, and no layer drawn)
-    if not layers or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers):
+    if not isinstance(layers, (numbers.Integral, str)):
+        layers = list(layers)   # (read once: a generator's items were used up by the check, and no layer drawn)
+    if isinstance(layers, (numbers.Integral, str)) or not layers or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers):
         raise VizError(f"layers={layers!r}: expected a list of one or more layer indices (integers, negative "
                        f"from the end)")
     layers = [int(v) for v in layers]
@@ -119,7 +125,7 @@ def check_choices(layers, quantities, direction: str, depth: int) -> Tuple[List[
             raise VizError(f"quantities: unknown {q!r}; choose from {', '.join(QUANTITIES)}")
     if direction not in DIRECTIONS:
         raise VizError(f"direction={direction!r}: expected one of {', '.join(DIRECTIONS)}")
-    return [v % depth for v in layers], list(quantities)
+    return [v % depth for v in layers], quantities
 
 
 def _safe(label: str) -> str:
@@ -144,8 +150,7 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     if not models:
         raise VizError("no model to visualise")
     check_dpi(dpi)
-    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= alpha <= 1.0):   # (nan too)
-        raise VizError(f"alpha {alpha!r}: expected an opacity in 0..1")
+    check_alpha(alpha)
     names: Dict[str, str] = {}
     for k in models:   # labels are file names too: two that sanitise alike overwrote one file
         if _safe(k) in names:
