@@ -103,6 +103,8 @@ def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two: the same torchrun command
     monkeypatch.setenv("RANK", "3")
     assert resume_command("R") == "the same torchrun command (4 processes) with: -m svp train --resume R"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher other than torchrun (a Kubeflow PyTorchJob)
+    assert resume_command("R") == "the same launcher (4 processes) running: svp train --resume R"
 
 
 def test_config_file_errors_name_the_file(tmp_path):

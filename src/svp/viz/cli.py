@@ -115,7 +115,8 @@ def parse_layers(text: Optional[str], depth: int) -> List[int]:
         except ValueError:
             raise VizError(f"--layers {text!r}: {part!r} is not an integer") from None
         if not -depth <= v < depth:
-            raise VizError(f"--layers {text!r}: layer {v} out of range for depth {depth}")
+            raise VizError(f"--layers {text!r}: layer {v} is out of range for depth {depth} "
+                           f"(from {-depth} to {depth - 1})")
         out.append(v % depth)
     return out
 
