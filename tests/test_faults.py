@@ -1691,3 +1691,28 @@ def test_the_step_lines_show_the_epochs_mean_loss_so_far_as_on_cuda(tmp_path, ca
         assert last == [round(rec["train_loss"], 4)], (last, rec["train_loss"])
     first_steps = [float(loss) for e, s, n, loss in shown if s == "1"]
     assert len(first_steps) == 2 and all(f != round(r["train_loss"], 4) for f, r in zip(first_steps, records))
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_before_its_first_resume_point_says_to_start_again(tmp_path, capsys):
+    """QA 16b: full fine-tuning at lr 1e3 breaks at step 2. The state before it comes after step 1
+    at that rate (|w| ~ 1e3): made the resume point, it broke again at any rate (train.lr=0 too),
+    against the message's advice. It stays in nonfinite/; no resume point is written, and the run
+    starts again under its name with a lower rate. A run broken by its first step keeps that
+    state, the run's start, as its resume point."""
+    out = tmp_path / "runs"
+    base = [*MINI, "--method", "full", "--epochs", "2", "--output", str(out), "--name", "f"]
+    rc = svp_main(["train", *base, "train.lr=1e3"])
+    err = capsys.readouterr().err
+    run = out / "f"
+    assert rc == 3 and "at step 2 (epoch 1" in err, err
+    assert "start the run again with a lower train.lr" in err and "may already be spoilt" in err, err
+    assert not (run / "resume.safetensors").exists()
+    assert _all_finite(run / "nonfinite" / "resume_before_step.safetensors")
+    assert svp_main(["train", *base, "train.lr=1e-4"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
+    rc = svp_main(["train", *MINI, "--method", "full", "--output", str(out), "--name", "g", "train.lr=1e39"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "at step 1 (epoch 1" in err and "a resume point before the step is in" in err, err
+    from svp.engine.checkpoint import load_state
+    assert load_state(str(out / "g" / "resume.safetensors"))["global_step"] == 0

@@ -165,7 +165,7 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     are as before the step (finite): they go to the dump with the batch. The last resume
     point is kept (the state before the step may already be spoilt by a too-high rate,
     finite but useless): the state before the step becomes the resume point only when
-    there is none yet, else it is kept in the dump. ``batch``: the step's place in its
+    there is none yet and it is the run's start (step 0), else it is kept in the dump. ``batch``: the step's place in its
     epoch (default: the one after ``st['batch']``, the step not yet counted).
 
     ``checked``: with train.finite_check=interval the loop has put back the state as after
@@ -181,7 +181,12 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     out_dir = folder.file("nonfinite")
     resume = folder.file(ck.RESUME_FILE)
     kept = os.path.isfile(resume)
-    before = os.path.join(out_dir, "resume_before_step.safetensors") if kept else resume
+    # with no resume point yet, the state before the step becomes one only when it is the run's
+    # start: after steps at the diverging rate it was often spoilt while still finite (QA 16b: a
+    # full fine-tune at lr 1e3 broke at step 2; resumed from the state after step 1, |w| ~ 1e3, it
+    # broke again at any rate, train.lr=0 too), so the advice to resume with a lower rate failed
+    start = st["global_step"] == 0
+    before = resume if not kept and start else os.path.join(out_dir, "resume_before_step.safetensors")
     finite = not run.guard.bad_state()
     if run.dist.is_main:
         folder.dump_nonfinite(info, x, y, run.model)
@@ -204,9 +209,13 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
                  f"{resume_command(folder.path)} train.lr=...")
         if finite:
             where += f" (the state just before the step is in {before})"
-    elif finite:
+    elif finite and start:
         where = (f"a resume point before the step is in {resume} (continue with a lower rate: "
                  f"{resume_command(folder.path)} train.lr=...)")
+    elif finite:
+        where = (f"the run had no resume point yet, and the state before the step, after {st['global_step']} "
+                 f"step(s) at this rate, may already be spoilt (it is in {before}): start the run again with a "
+                 f"lower train.lr (the folder holds nothing to resume: its run.name can train again)")
     else:
         where = "the state was not finite before the step, so no resume point was written"
     msg = (f"{what} {where_at}; training stopped. The batch and the weights before the step are in "
