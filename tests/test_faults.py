@@ -210,6 +210,23 @@ def test_rgb_float_tiff_pillow_cannot_open_is_read(tmp_path):
                                   np.rint(a.astype(np.float64) * 255).astype(np.uint8))
 
 
+def test_unsigned_32_bit_tiffs_keep_their_order_and_signed_ones_theirs(tmp_path):
+    """Pillow decodes a uint32 TIFF to its signed mode "I": values from 2**31 wrapped to negatives
+    and the brightest pixels came out darkest (QA 16b). An int32 TIFF stays signed."""
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.linspace(0, 2**32 - 1, 8).astype(np.uint32)[None].repeat(4, axis=0)
+    p = str(tmp_path / "u32.tif")
+    tifffile.imwrite(p, ramp)
+    want = np.rint(ramp.astype(np.float64) * (255.0 / (2**32 - 1))).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(p)), _rgb(want))
+    signed = np.linspace(-2**31, 2**31 - 1, 8).astype(np.int32)[None].repeat(4, axis=0)
+    p = str(tmp_path / "i32.tif")
+    tifffile.imwrite(p, signed)
+    s = signed.astype(np.float64)
+    want = np.rint((s - s.min()) * (255.0 / (s.max() - s.min()))).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(p)), _rgb(want))
+
+
 def test_a_tiff_over_the_pixel_bound_is_not_decoded_by_the_fallback(tmp_path, monkeypatch):
     """Pillow refused a 1 MB TIFF of 196 million pixels as a decompression bomb, and the tifffile
     fallback then decoded it (2 GB, and copies) without any bound."""

@@ -152,11 +152,23 @@ def _array_to_rgb(a: np.ndarray, path: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a[:, :, :3]), mode="RGB")
 
 
+def _unsigned_32(im: Image.Image) -> bool:
+    """A TIFF of unsigned 32-bit pixels, which Pillow decodes to its signed mode "I": values
+    from 2**31 up wrapped to negatives (the brightest pixels came out darkest, QA 16b). The
+    TIFF's SampleFormat (tag 339) is unsigned (1) unless it says otherwise."""
+    tags = getattr(im, "tag_v2", None)
+    if im.mode != "I" or tags is None:
+        return False
+    first = lambda v, default: (v[0] if isinstance(v, tuple) and v else default if v is None else v)  # noqa: E731
+    return first(tags.get(258), 0) == 32 and first(tags.get(339), 1) == 1
+
+
 def to_rgb(im: Image.Image, path: str = "<image>") -> Image.Image:
     """8-bit RGB of a decoded PIL image. Pillow's own ``convert("RGB")`` clips 16-bit and
     32-bit modes at 255 and truncates floats, so those go through :func:`_to_uint8`."""
     if im.mode.startswith("I") or im.mode == "F":
-        return _array_to_rgb(np.asarray(im), path)
+        a = np.asarray(im)
+        return _array_to_rgb(a.view(np.uint32) if _unsigned_32(im) else a, path)
     return im.convert("RGB")
 
 
