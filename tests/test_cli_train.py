@@ -303,7 +303,13 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, capsys):
     assert info["step"] == 2 and info["epoch"] == 1
     dump = load_file(str(run / "nonfinite" / "batch_and_weights.safetensors"))
     assert dump["inputs"].shape == (4, 3, 32, 32) and dump["targets"].shape == (4,)
-    assert not (run / "results.json").exists() and (run / "resume.safetensors").is_file()
+    assert not (run / "results.json").exists()
+    # no resume point yet, and the state before step 2 came after step 1 at the run's rate: kept in
+    # nonfinite/ (QA 16b); moved by hand to resume.safetensors, it resumes
+    assert not (run / "resume.safetensors").exists() and "may already be spoilt" in err
+    os.replace(run / "nonfinite" / "resume_before_step.safetensors", run / "resume.safetensors")
+    assert svp_main(["train", "--resume", str(run), "debug.nan_at_step=null"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text())["steps"] == 3
 
 
 # ---------------------------------------------------------------- torchrun

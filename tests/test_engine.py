@@ -116,6 +116,54 @@ def test_config_file_errors_name_the_file(tmp_path):
         C.resolve([str(tmp_path / "missing.yaml")])
 
 
+def test_config_files_read_yaml_1_2_floats_and_refuse_a_key_given_twice(tmp_path):
+    """PyYAML reads YAML 1.1, whose floats need a dot: `lr: 1e-3` in a file (and in JSON) was the
+    string '1e-3', refused as "expected a number"; a key written twice took its last value,
+    silently (QA 16a)."""
+    f = tmp_path / "a.yaml"
+    f.write_text("train: {lr: 1e-3, warmup_lr: 1E-6, min_lr: +2e-7}\nmethod:\n  settings: {alpha: 1e1}\n")
+    cfg = C.resolve([str(f)], ["method.name=lora"])
+    assert (cfg["train"]["lr"], cfg["train"]["warmup_lr"], cfg["train"]["min_lr"]) == (1e-3, 1e-6, 2e-7)
+    assert cfg["method"]["settings"]["alpha"] == 10.0
+    j = tmp_path / "a.json"
+    j.write_text(json.dumps({"train": {"lr": 0.001, "epochs": 3}}).replace("0.001", "1e-3"))
+    assert C.resolve([str(j)])["train"]["lr"] == 1e-3
+    assert C.safe_load("name: '1e-3'\nother: 1e3x") == {"name": "1e-3", "other": "1e3x"}   # quoted, not a number
+    f.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.02\n")
+    with pytest.raises(C.ConfigError, match=r"a\.yaml: not valid YAML: the key 'lr' is given twice in one mapping "
+                                            r"\(first on line 2\)[^$]*line 4"):
+        C.resolve([str(f)])
+    # a merge key's keys, overridden below it, are not a repetition
+    assert C.safe_load("b: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 5\n")["c"] == {"x": 5, "y": 2}
+
+
+def test_a_mapping_given_as_an_override_merges_as_a_files_does(tmp_path):
+    """'method.settings={svp: {hidden: 8}}' replaced the whole of method.settings: the suite's and
+    the preset's blocks went, and LoRA trained at its default rank (QA 16a). A mapping merges key
+    by key, as in a -c file."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("method:\n  settings: {shared_layers: 2, svp: {shared_layers: 4, hidden: 16}, lora: {r: 2}}\n")
+    by_file = tmp_path / "more.yaml"
+    by_file.write_text("method:\n  settings: {svp: {hidden: 8}}\n")
+    for over in (["method.settings={svp: {hidden: 8}}"], ["method.settings.svp={hidden: 8}"]):
+        got = C.resolve([str(suite)], over)["method"]["settings"]
+        assert got == C.resolve([str(suite), str(by_file)])["method"]["settings"], over
+        assert got["svp"] == {"shared_layers": 4, "hidden": 8} and got["lora"] == {"r": 2} and got["shared_layers"] == 2
+    # a generic key from a later source still wins over an earlier block's, in a mapping too
+    got = C.resolve([str(suite)], ["method.settings={hidden: 32}"])["method"]["settings"]
+    assert got["hidden"] == 32 and got["svp"] == {"shared_layers": 4}
+    assert C.resolve([], ["data.options={a: 1}", "data.options={b: 2}"])["data"]["options"] == {"a": 1, "b": 2}
+
+
+def test_another_methods_block_is_not_applied_but_its_names_are_checked():
+    """method.settings.lora.rr=4 under --method svp passed until a sweep ran LoRA (QA 16a)."""
+    with pytest.raises(C.ConfigError, match=r"method\.settings\.lora: unknown setting\(s\) \['rr'\] for method "
+                                            r"'lora'; valid settings: \[.*'r'"):
+        C.resolve([], ["method.name=svp", "method.settings.lora.rr=4"])
+    cfg = C.resolve([], ["method.name=svp", "method.settings.lora.r=4"])   # a right name: kept, not applied
+    assert cfg["method"]["settings"]["lora"] == {"r": 4}
+
+
 def test_a_wrong_value_is_reported_with_the_config_file_that_set_it(tmp_path):
     """Validation runs on the merged configuration: a wrong type read from a -c file was reported
     without the file. The last file that set the key is named; an override names the key itself."""

@@ -1348,6 +1348,23 @@ def test_out_of_memory_is_one_line_and_the_run_log_keeps_the_traceback(tmp_path,
         svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "r2"])
 
 
+def test_out_of_memory_building_a_method_names_its_settings_not_the_batch(tmp_path, capsys, monkeypatch):
+    """method.settings.hidden=10**9 ran out of memory building the method's tensors and was told to
+    use a smaller batch (QA 16a)."""
+    import svp.peft as peft
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(peft, "get_peft_model", oom)
+    rc = svp_main(["train", *MINI, "--method", "svp", "method.settings.hidden=8", "--output", str(tmp_path),
+                   "--name", "r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("svp train: error: out of memory (building method 'svp' with "
+                                          "method.settings={") and "'hidden': 8" in err[-1], err
+    assert "256000000000 bytes" in err[-1] and "smaller method.settings" in err[-1] and "batch" not in err[-1], err
+
+
 def test_a_dataset_of_one_class_is_refused_before_any_step(tmp_path, capsys):
     """It trained to loss 0 and top-1 100%, with nothing to tell apart, and said nothing."""
     for split in ("train", "val", "test"):

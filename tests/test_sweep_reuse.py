@@ -261,6 +261,11 @@ def test_a_bad_method_or_setting_fails_the_sweep_before_any_run(tmp_path, monkey
         sweep("mini", ["linear", "svp"], [0], str(out), ["digits"], (), REAL + ["method.settings.svp.shared_layers=3"],
               jobs=jobs)
     assert calls == [] and not out.exists()
+    # every replicate's train.seed (the configuration's plus its seed), not only the first's: seed 1
+    # was refused after seed 0 had trained (QA 16a)
+    with pytest.raises(C.ConfigError, match=r"digits / linear: train\.seed=4294967296: expected"):
+        sweep("mini", ["linear"], [0, 1], str(out), ["digits"], (), REAL + ["train.seed=4294967295"], jobs=jobs)
+    assert calls == [] and not out.exists()
 
 
 def test_a_short_dataset_name_means_the_suites_dataset_of_that_name():

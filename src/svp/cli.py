@@ -107,8 +107,8 @@ def main(argv=None) -> int:
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        lower = (OOM_ADVICE.get(args.command) or "a smaller batch (--batch-size, train.eval_batch_size), fewer "
-                 "DataLoader workers")
+        lower = (getattr(e, "advice", None) or OOM_ADVICE.get(args.command)
+                 or "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers")
         print(f"svp {args.command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
               file=sys.stderr)
         return 1

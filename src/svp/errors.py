@@ -62,6 +62,15 @@ class VizError(SVPError, ValueError):
     """A visualisation input (image, mask, box, layer) is invalid."""
 
 
+class OutOfMemoryIn(MemoryError):
+    """Out of memory in a step svp can name (building a method's own tensors): the CLI prints
+    its ``advice`` instead of the general one, which blamed the batch size (QA 16a)."""
+
+    def __init__(self, message: str, advice: str):
+        super().__init__(message)
+        self.advice = advice
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Python's MemoryError, or a RuntimeError of torch's allocators (CPU and CUDA) or of a file
     mapped without memory left ("Cannot allocate memory"): the process's state, not the input's."""

@@ -228,6 +228,14 @@ def _drop_shadowed(settings: dict, names: Iterable[str]) -> None:
 def set_key(cfg: dict, key: str, value: Any, source: str = "override") -> None:
     sec, name = _check_key(key, source)
     parts = name.split(".")
+    if isinstance(value, dict) and f"{sec}.{parts[0]}" in MAPPING_KEYS:
+        # a mapping merges key by key, as a config file's does: 'method.settings={svp: {hidden: 8}}'
+        # replaced the whole of method.settings, silently dropping the suite's and the preset's
+        # blocks (LoRA trained at its default rank: QA 16a)
+        for p in reversed(parts[1:]):
+            value = {p: value}
+        merge(cfg, {sec: {parts[0]: value}}, source)
+        return
     if key.startswith("method.settings.") and len(parts) == 2 and isinstance(cfg[sec].get("settings"), dict):
         _drop_shadowed(cfg[sec]["settings"], parts[1:])
     node = cfg[sec]
@@ -296,12 +304,43 @@ class _BoundedLoader(yaml.SafeLoader):
     def get_single_node(self):
         node = super().get_single_node()
         if node is not None:
+            _refuse_repeated_keys(node, set())
             n = _expanded_size(node, {})
             if n > MAX_YAML_NODES:
                 raise yaml.composer.ComposerError(
                     None, None, f"its aliases (*name) expand it past {MAX_YAML_NODES:,} values; refused (a "
                                 f"configuration file is far smaller)", node.start_mark)
         return node
+
+
+# YAML 1.2's floats: PyYAML reads YAML 1.1, whose floats need a dot, so `lr: 1e-3` in a config file
+# (and 1e-3 in a JSON one) was the string '1e-3', refused as "expected a number" (QA 16a)
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _refuse_repeated_keys(node, seen: set) -> None:
+    """A key written twice in one mapping (`train: {lr: 0.01, lr: 0.02}`) took the last value,
+    silently; YAML requires keys to be unique (QA 16a). Checked before construction, where a
+    merge key (<<: *base) has not yet added keys of its own."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key.value!r} is given twice in one mapping (first on line "
+                                    f"{lines[key.tag, key.value]}); keep one", key.start_mark)
+                lines[key.tag, key.value] = key.start_mark.line + 1
+            _refuse_repeated_keys(key, seen)
+            _refuse_repeated_keys(value, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _refuse_repeated_keys(child, seen)
 
 
 def _expanded_size(node, memo: dict) -> int:

@@ -214,8 +214,9 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
                  f"{resume_command(folder.path)} train.lr=...)")
     elif finite:
         where = (f"the run had no resume point yet, and the state before the step, after {st['global_step']} "
-                 f"step(s) at this rate, may already be spoilt (it is in {before}): start the run again with a "
-                 f"lower train.lr (the folder holds nothing to resume: its run.name can train again)")
+                 f"step(s) at this rate, may already be spoilt (it is in {before}; moved to {resume}, a --resume "
+                 f"continues from it): start the run again with a lower train.lr (the folder holds nothing to "
+                 f"resume: its run.name can train again)")
     else:
         where = "the state was not finite before the step, so no resume point was written"
     msg = (f"{what} {where_at}; training stopped. The batch and the weights before the step are in "

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, OutOfMemoryIn, out_of_memory
 from .seeds import seed_everything
 
 log = logging.getLogger("svp.engine")
@@ -206,6 +206,12 @@ def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OutOfMemoryIn(f"building method {name!r} with method.settings={settings}: {why}",
+                            "smaller method.settings (the method's own tensors did not fit)") from None
 
 
 def method_config(cfg: dict, num_classes: Optional[int]):
@@ -221,6 +227,15 @@ def method_config(cfg: dict, num_classes: Optional[int]):
     settings = {k: v for k, v in raw.items() if not (k in known and isinstance(v, dict))}
     if isinstance(raw.get(name), dict):
         settings.update(raw[name])
+    for other, block in raw.items():
+        # another method's block is not applied, but its names are checked: a typo in it
+        # (method.settings.lora.rr=4 under --method svp) passed until a sweep ran LoRA (QA 16a)
+        if other != name and other in known and isinstance(block, dict):
+            valid = peft.setting_names(other)
+            wrong = sorted(set(block) - valid)
+            if wrong:
+                raise ConfigError(f"method.settings.{other}: unknown setting(s) {wrong} for method {other!r}; "
+                                  f"valid settings: {sorted(valid)}")
     if num_classes is not None:
         settings.setdefault("num_classes", num_classes)
     try:

@@ -12,11 +12,11 @@ Built-in methods: svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfi
 from .base import PeftConfig, PeftMethod, PeftModel, get_peft_model, load_adapter
 from .heads import build_head, simam
 from .io import AdapterError, base_weights_hash, read_adapter_config, save_adapter
-from .registry import config_from_dict, get_method, list_methods, make_config, register_method
+from .registry import config_from_dict, get_method, list_methods, make_config, register_method, setting_names
 
 # The built-in methods register themselves on import.
 from . import adapter, bitfit, full, linear, lora, svp, visual_prompt, vpt  # noqa: E402,F401
 
 __all__ = ["PeftConfig", "PeftMethod", "PeftModel", "get_peft_model", "make_config", "config_from_dict",
-           "list_methods", "get_method", "register_method", "load_adapter", "save_adapter",
+           "list_methods", "setting_names", "get_method", "register_method", "load_adapter", "save_adapter",
            "read_adapter_config", "base_weights_hash", "AdapterError", "build_head", "simam"]

@@ -28,11 +28,17 @@ def get_method(name: str) -> Tuple[type, type]:
     return _METHODS[name]
 
 
+def setting_names(method_name: str) -> set:
+    """The settings ``make_config(method_name, ...)`` takes."""
+    config_cls, _ = get_method(method_name)
+    return {f.name for f in dataclasses.fields(config_cls) if f.init}
+
+
 def make_config(method_name: str, **settings):
     """The config dataclass of ``method_name`` with ``settings`` applied, e.g.
     ``make_config('svp', shared_layers=8, hidden=64, num_classes=100)``."""
     config_cls, _ = get_method(method_name)
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    names = setting_names(method_name)
     unknown = sorted(set(settings) - names)
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} for method {method_name!r}; valid settings: {sorted(names)}")
