@@ -129,6 +129,9 @@ def test_config_files_read_yaml_1_2_floats_and_refuse_a_key_given_twice(tmp_path
     j.write_text(json.dumps({"train": {"lr": 0.001, "epochs": 3}}).replace("0.001", "1e-3"))
     assert C.resolve([str(j)])["train"]["lr"] == 1e-3
     assert C.safe_load("name: '1e-3'\nother: 1e3x") == {"name": "1e-3", "other": "1e3x"}   # quoted, not a number
+    # what svp writes reads back the same: a run named 1e5 is written quoted (config.yaml)
+    values = {"run": {"name": "1e5", "other": "2E-3"}, "train": {"lr": 1e-5, "big": 1e20}}
+    assert C.safe_load(C.dump(values)) == values
     f.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.02\n")
     with pytest.raises(C.ConfigError, match=r"a\.yaml: not valid YAML: the key 'lr' is given twice in one mapping "
                                             r"\(first on line 2\)[^$]*line 4"):

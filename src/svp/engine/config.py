@@ -314,10 +314,11 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 # YAML 1.2's floats: PyYAML reads YAML 1.1, whose floats need a dot, so `lr: 1e-3` in a config file
-# (and 1e-3 in a JSON one) was the string '1e-3', refused as "expected a number" (QA 16a)
-_BoundedLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+# (and 1e-3 in a JSON one) was the string '1e-3', refused as "expected a number" (QA 16a). The
+# writer knows them too, so that a string such as a run named 1e5 is written quoted and read back
+# as the string it is
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
 
 
 def _refuse_repeated_keys(node, seen: set) -> None:
@@ -366,6 +367,9 @@ def safe_load(stream) -> Any:
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data):   # a value written twice is written out twice, not as *id001
         return True
+
+
+_NoAliasDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
 
 
 def load_yaml(path: str) -> dict:
