@@ -736,3 +736,66 @@ def test_the_ema_decays_from_its_first_update(tmp_path):
     assert moved > 0.01   # the weights themselves moved
     for k in init["last"]:
         assert (ema["last"][k] - init["last"][k]).abs().max().item() < 1e-3 * moved, k
+
+
+# ---------------------------------------------------------------- runs of older svp
+def _as_written_by_older_svp(run, drop_model=(), drop_state=()):
+    """Make an interrupted run look as an older svp left it: config.yaml without the model keys
+    ``drop_model``, its resume point without the records added since (digests, base hash) and
+    the names ``drop_state``."""
+    from svp.engine import checkpoint as ck
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for k in drop_model:
+        cfg["model"].pop(k)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    st = ck.load_state(str(run / "resume.safetensors"))
+    for k in ("config_fixed_sha256", "base_model_hash", "training_values", *drop_state):
+        st.pop(k, None)
+    ck.save_state(str(run / "resume.safetensors"), st)
+
+
+@pytest.mark.parametrize("case", ["random_init", "backbone_train_mode"])
+def test_a_run_of_an_older_svp_resumes_with_the_behaviour_it_started_with(tmp_path, capsys, case):
+    """QA 16c. A run started before model.random_init (2026-11-29) on the mini Vim was random: its
+    resume loaded the bundled weights under its adapters. An SVP run started before 2026-12-05
+    kept its frozen backbone in eval mode: its resume turned DropPath on. Each resumed silently,
+    unlike the uninterrupted run; now each resumes to that run's bits, and says so."""
+    common = ["train", "--dataset", "digits", "--model", "vim_mini_patch4_32", "--epochs", "2", "--batch-size", "8",
+              "data.max_train_samples=24", "data.max_eval_samples=8", "train.warmup_epochs=0", "--lr", "0.01",
+              "run.progress=none", "--output", str(tmp_path)]
+    if case == "random_init":   # (the older run: random, as its config said nothing of weights)
+        common += ["--method", "lora", "--random-init"]
+        drop, state, said = ("random_init",), (), "randomly initialised backbone"
+    else:
+        common += ["--method", "svp", "method.settings.backbone_train_mode=false", "model.drop_path_rate=0.3"]
+        drop, state, said = (), ("train_data",), "kept its frozen backbone in eval mode"
+    assert svp_main(common + ["--name", "whole"]) == 0
+    assert svp_main(common + ["--name", "cut", "debug.stop_at_step=4"]) == 75
+    run = tmp_path / "cut"
+    _as_written_by_older_svp(run, drop_model=drop, drop_state=state)
+    if case == "backbone_train_mode":   # the older config had no such setting
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["method"]["settings"].pop("backbone_train_mode")
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    capsys.readouterr()
+    assert svp_main(["train", "--resume", str(run)]) == 0
+    assert said in capsys.readouterr().err
+    a, b = (load_file(str(tmp_path / n / "last" / "adapter.safetensors")) for n in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_with_a_typo_in_another_methods_block_still_resumes(tmp_path, capsys):
+    """Another method's block has its names checked in a fresh run (QA 16a); a run an older svp
+    started with a typo there (method.settings.lora.rr under linear) still resumes (review)."""
+    common = ["train", "--dataset", "digits", "--model", "vim_mini_patch4_32", "--method", "linear", "--epochs", "1",
+              "--batch-size", "8", "data.max_train_samples=24", "data.max_eval_samples=8", "run.progress=none",
+              "--output", str(tmp_path)]
+    assert svp_main(common + ["method.settings.lora.rr=4", "--name", "fresh"]) == 2
+    assert "method.settings.lora: unknown setting(s) ['rr']" in capsys.readouterr().err
+    assert svp_main(common + ["--name", "old", "debug.stop_at_step=1"]) == 75
+    run = tmp_path / "old"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["method"]["settings"]["lora"] = {"rr": 4}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _as_written_by_older_svp(run)
+    assert svp_main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err

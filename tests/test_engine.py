@@ -105,6 +105,8 @@ def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch):
     assert resume_command("R") == "the same torchrun command (4 processes) with: -m svp train --resume R"
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher other than torchrun (a Kubeflow PyTorchJob)
     assert resume_command("R") == "the same launcher (4 processes) running: svp train --resume R"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", " ")   # (empty: unset, as runtime.launch reads it; review)
+    assert resume_command("R") == "the same launcher (4 processes) running: svp train --resume R"
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -131,7 +133,16 @@ def test_config_files_read_yaml_1_2_floats_and_refuse_a_key_given_twice(tmp_path
     assert C.safe_load("name: '1e-3'\nother: 1e3x") == {"name": "1e-3", "other": "1e3x"}   # quoted, not a number
     # what svp writes reads back the same: a run named 1e5 is written quoted (config.yaml)
     values = {"run": {"name": "1e5", "other": "2E-3"}, "train": {"lr": 1e-5, "big": 1e20}}
-    assert C.safe_load(C.dump(values)) == values
+    assert C.safe_load(C.dump(values)) == values and "'1e5'" in C.dump(values)
+    # ... and a config.yaml an older svp wrote, `name: 1e5` unquoted, is read as it was written: a
+    # text key keeps its string (a YAML 1.2 reader made it a number, and the run could not resume)
+    f.write_text("run: {name: 1e5, output: 2e3}\ntrain: {lr: 1e-3}\n")
+    cfg = C.resolve([str(f)])
+    assert (cfg["run"]["name"], cfg["run"]["output"].endswith("2e3"), cfg["train"]["lr"]) == ("1e5", True, 1e-3)
+    # a mapping given with a key twice in an override is named as such (it was "not a mapping")
+    with pytest.raises(C.ConfigError, match=r"override 'method.settings=\{svp: \{hidden: 8, hidden: 16\}\}': the key "
+                                            r"'hidden' is given twice"):
+        C.resolve([], ["method.settings={svp: {hidden: 8, hidden: 16}}"])
     f.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.02\n")
     with pytest.raises(C.ConfigError, match=r"a\.yaml: not valid YAML: the key 'lr' is given twice in one mapping "
                                             r"\(first on line 2\)[^$]*line 4"):

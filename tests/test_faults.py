@@ -1745,6 +1745,9 @@ def test_a_run_that_diverges_before_its_first_resume_point_says_to_start_again(t
     assert _all_finite(run / "nonfinite" / "resume_before_step.safetensors")
     assert svp_main(["train", *base, "train.lr=1e-4"]) == 0, capsys.readouterr().err
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 2
+    # the attempt's dump and log set aside, numbered alike: the finished run does not look diverged (review)
+    assert not (run / "nonfinite").exists() and (run / "nonfinite.1" / "nonfinite.json").is_file()
+    assert "non-finite loss" in (run / "train.log.1").read_text()
     rc = svp_main(["train", *MINI, "--method", "full", "--output", str(out), "--name", "g", "train.lr=1e39"])
     err = capsys.readouterr().err
     assert rc == 3 and "at step 1 (epoch 1" in err and "a resume point before the step is in" in err, err

@@ -171,6 +171,22 @@ def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
         assert "--pretrained" not in str(e.value) and "--random-init" not in str(e.value)
 
 
+def test_an_adapter_trained_on_a_random_backbone_is_served(tmp_path):
+    """svp serve drew a random backbone without the recorded head: a head of another size draws
+    other random numbers for the backbone after it, whose weight hash refused every adapter trained
+    on it, while svp predict served them (QA 16c)."""
+    import shutil
+
+    from svp.cli import main as svp_main
+    from svp.serve.app import build_app
+    assert svp_main(["train", "--dataset", "digits", "--model", H.MINI, "--method", "lora", "--epochs", "1",
+                     "--random-init", "--batch-size", "8", "data.max_train_samples=16", "data.max_eval_samples=8",
+                     "run.progress=none", "--output", str(tmp_path), "--name", "rnd"]) == 0
+    shutil.copytree(tmp_path / "rnd" / "best", tmp_path / "adapters" / "rnd")
+    _, report = build_app(str(tmp_path / "adapters"))
+    assert report["backbone"]["weights"] == "random" and "rnd" in report["loaded"], report
+
+
 def test_a_broken_first_adapter_does_not_choose_or_stop_the_server(adapters, tmp_path):
     """The backbone comes from the first adapter that can be read: a damaged one that sorts first
     (bad JSON, a backbone.json of the wrong shape) is skipped here and refused when adapters load."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -96,6 +96,19 @@ def save_state(path: str, state: Dict[str, Any]) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     structure = _flatten(state, "s", tensors)
     atomic_save_tensors(path, tensors, {"format": FORMAT, "state": json.dumps(structure)})
+
+
+def saved_names(path: str) -> Optional[set]:
+    """The top-level names of a saved state, from the file's metadata alone (no tensor read);
+    None where the file is missing or is not a resume state. Tells which svp wrote it: a name
+    added to the state at some date is missing from every file written before it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        structure = json.loads(meta["state"])
+        return {tag.split(":", 1)[1] for tag in structure["__dict__"]}
+    except Exception:
+        return None
 
 
 def load_state(path: str) -> Dict[str, Any]:

@@ -133,6 +133,12 @@ _DEFAULTS = {k: v for k, v, _ in SCHEMA}
 MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
 
 
+# keys whose values are text (names, paths, choices), data.options (a dataset's own, text too) and
+# run.changes (svp's record): strings there are kept as written, whatever they look like
+_TEXTUAL = frozenset([k for k, v, _ in SCHEMA if isinstance(v, str)]
+                     + ["model.checkpoint", "data.root", "run.name", "data.options", "run.changes"])
+
+
 def defaults() -> Dict[str, Dict[str, Any]]:
     cfg: Dict[str, Dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value, _ in SCHEMA:
@@ -161,6 +167,8 @@ def parse_value(text: str) -> Any:
             return _map_strings(parse_value(utf8), lambda v: os.fsdecode(v.encode("utf-8")))
     try:
         return safe_load(text)
+    except _RepeatedKey:
+        raise   # (a mapping written with a key twice is a mistake, not text: parse_overrides names it)
     except yaml.YAMLError:
         return text
 
@@ -225,9 +233,25 @@ def _drop_shadowed(settings: dict, names: Iterable[str]) -> None:
                 body.pop(name, None)
 
 
+def _yaml12_numbers(value: Any) -> Any:
+    """``value`` with strings that YAML 1.2 reads as floats (1e-3) made floats (see _FLOAT_12)."""
+    if isinstance(value, str) and _FLOAT_12.match(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    return value
+
+
+def _read_value(key: str, value: Any) -> Any:
+    return value if key in _TEXTUAL else _yaml12_numbers(value)
+
+
 def set_key(cfg: dict, key: str, value: Any, source: str = "override") -> None:
     sec, name = _check_key(key, source)
     parts = name.split(".")
+    value = _read_value(f"{sec}.{parts[0]}", value)
     if isinstance(value, dict) and f"{sec}.{parts[0]}" in MAPPING_KEYS:
         # a mapping merges key by key, as a config file's does: 'method.settings={svp: {hidden: 8}}'
         # replaced the whole of method.settings, silently dropping the suite's and the preset's
@@ -267,6 +291,7 @@ def merge(cfg: dict, partial: dict, source: str) -> dict:
         for name, value in body.items():
             key = f"{sec}.{name}"
             _check_key(key, source)
+            value = _read_value(key, value)
             if key in MAPPING_KEYS:
                 if value is None:
                     value = {}
@@ -295,6 +320,10 @@ def _merge_mapping(into: dict, value: dict) -> dict:
 MAX_YAML_NODES = 1_000_000   # a configuration spelled out, aliases (*name) expanded
 
 
+class _RepeatedKey(yaml.constructor.ConstructorError):
+    pass
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a document whose aliases expand it past MAX_YAML_NODES: a
     2 KB config.yaml of nested aliases (a "billion laughs") loads as shared objects, and the
@@ -313,12 +342,13 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-# YAML 1.2's floats: PyYAML reads YAML 1.1, whose floats need a dot, so `lr: 1e-3` in a config file
-# (and 1e-3 in a JSON one) was the string '1e-3', refused as "expected a number" (QA 16a). The
-# writer knows them too, so that a string such as a run named 1e5 is written quoted and read back
-# as the string it is
+# YAML 1.2's floats without a dot (1e-3): PyYAML reads YAML 1.1, where they are strings, so `lr: 1e-3`
+# in a config file (and 1e-3 in a JSON one) was refused as "expected a number" (QA 16a). The reader
+# stays YAML 1.1 (a config.yaml an older svp wrote holds `name: 1e5` unquoted, a run's name: a
+# YAML 1.2 reader made it a number, and the run could not resume); merge() and set_key() read
+# such strings as numbers where a key is not text (_yaml12_numbers). The writer quotes them, so
+# that YAML 1.2 readers (other tools) read svp's files as svp does.
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
 
 
 def _refuse_repeated_keys(node, seen: set) -> None:
@@ -333,7 +363,7 @@ def _refuse_repeated_keys(node, seen: set) -> None:
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                 if (key.tag, key.value) in lines:
-                    raise yaml.constructor.ConstructorError(
+                    raise _RepeatedKey(
                         None, None, f"the key {key.value!r} is given twice in one mapping (first on line "
                                     f"{lines[key.tag, key.value]}); keep one", key.start_mark)
                 lines[key.tag, key.value] = key.start_mark.line + 1
@@ -393,7 +423,10 @@ def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
         key, text = item.split("=", 1)
         key = key.strip()
         _check_key(key, f"override {item!r}")
-        out.append((key, parse_value(text)))
+        try:
+            out.append((key, parse_value(text)))
+        except _RepeatedKey as e:
+            raise ConfigError(f"override {item!r}: {e.problem}") from None
     return out
 
 
@@ -446,10 +479,11 @@ def dataset_preset(dataset: str, method: str) -> dict:
 
 
 def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
-            use_presets: bool = True) -> dict:
+            use_presets: bool = True, check_blocks: bool = True) -> dict:
     """Defaults <- method file <- dataset preset <- config files <- overrides. A complete
     ``base`` (every key of every section, e.g. what ``resolve`` returned) already holds its
-    presets: they are not merged again (their mappings would add keys)."""
+    presets: they are not merged again (their mappings would add keys). ``check_blocks=False``:
+    other methods' blocks are not checked (a run's own configuration, at --resume)."""
     if base and is_complete(base):
         use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
@@ -477,9 +511,11 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         if src is None:
             raise
         raise ConfigError(f"{src}: {e}") from None
-    from .setup import method_config
+    from .setup import check_other_blocks, method_config
     try:   # the method's name and settings (types, ranges; the model's own checks come when it is built)
         method_config(cfg, None)
+        if check_blocks:
+            check_other_blocks(cfg)
     except ConfigError as e:
         files = [src for src, part in user if isinstance(part, dict) and isinstance(part.get("method"), dict)
                  and part["method"].get("settings")]

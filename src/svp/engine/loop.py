@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,9 +47,10 @@ def train(config: Optional[dict] = None, *, resume: Optional[str] = None,
     to ``<run>/results.json``. ``resume``: a run folder to continue (its ``config.yaml`` is
     used; ``overrides`` may change only what engine/resume_overrides.py lists)."""
     if resume:
-        cfg = load_run_config(resume, overrides or [])  # refuses what --resume cannot apply exactly
+        notes: List[str] = []
+        cfg = load_run_config(resume, overrides or [], notes)  # refuses what --resume cannot apply exactly
         check_checkpoint_there(cfg, resume)
-        return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg)).run()
+        return Trainer(cfg, resume_dir=resume, changes=RO.changes(load_run_config(resume), cfg), notes=notes).run()
     cfg = C.absolute_paths(C.resolve(base=config or {}, overrides=overrides or []))
     replayed = len(cfg["run"]["changes"] or [])
     cfg["run"]["changes"] = []  # the record of a run's resumes starts empty, whatever config it came from
@@ -86,8 +87,9 @@ def device_loss_sum(dev: torch.device, dinfo) -> Optional[torch.Tensor]:
 
 class Trainer:
     def __init__(self, cfg: dict, resume_dir: Optional[str] = None, hooks: Optional[Hooks] = None,
-                 changes: Optional[dict] = None, replayed_changes: int = 0):
+                 changes: Optional[dict] = None, replayed_changes: int = 0, notes: Sequence[str] = ()):
         self.cfg = cfg
+        self.notes = list(notes)   # (load_run_config's, said once the run's log is open)
         self.resume_dir = os.path.abspath(resume_dir) if resume_dir else None
         self.hooks = hooks or hooks_for(cfg)
         self.changes = changes or {}
@@ -165,6 +167,9 @@ class Trainer:
             check_same_train_data(st.get("train_data"), data_id, self.folder.path)
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
+            for note in self.notes:
+                if dinfo.is_main:
+                    log.warning("%s", note)
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             held = st["training_values"]
             if held is None:   # a resume point written before it was saved

@@ -35,16 +35,20 @@ def prepare_run_dir(cfg: dict, dist_info: DistInfo) -> Tuple[str, Optional[RunLo
     return claimed if dist_info.is_main else (claimed, None, [])
 
 
-def load_run_config(run_dir: str, overrides=()) -> dict:
+def load_run_config(run_dir: str, overrides=(), notes: Optional[List[str]] = None) -> dict:
     """The saved ``config.yaml`` of a run with ``debug.*`` reset and ``overrides`` applied
-    (only those ``--resume`` can apply exactly: engine/resume_overrides.py)."""
+    (only those ``--resume`` can apply exactly: engine/resume_overrides.py). Keys added since
+    the run started are filled in with the behaviour it had; ``notes`` gets a line for each
+    such value that is not the new default's."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
     saved = C.load_yaml(path)
     check_overrides([(k, C.path_value(k, v)) for k, v in C.parse_overrides(overrides)], run_dir, saved)
+    notes = [] if notes is None else notes
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
+        _pin_old_behaviour(saved, run_dir, notes)
         train = saved.get("train")
         if isinstance(train, dict) and "opt_fused" not in train:
             # a run started before the key existed stepped with torch's per-tensor loop: keep it,
@@ -53,7 +57,40 @@ def load_run_config(run_dir: str, overrides=()) -> dict:
         if isinstance(train, dict) and "amp_cpu" not in train:
             # likewise: train.amp was ignored on the CPU before the key existed
             train["amp_cpu"] = False
-    return C.resolve(overrides=overrides, base=saved, use_presets=False)
+    return C.resolve(overrides=overrides, base=saved, use_presets=False, check_blocks=False)
+
+
+def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
+    """What a run started by an older svp did where that svp had no key for it (QA 16c: each
+    resumed silently with the new behaviour, unlike the uninterrupted run)."""
+    model = saved.get("model")
+    if isinstance(model, dict) and "random_init" not in model:
+        # before model.random_init (2026-11-29) a model without weights given was random, the
+        # bundled mini Vim too: a resume loaded the bundled weights under the run's adapters
+        model["random_init"] = not (model.get("checkpoint") or model.get("pretrained"))
+        if model["random_init"]:
+            notes.append("the run started (before 2026-11-29) on a randomly initialised backbone: resumed on one "
+                         "(model.random_init=true recorded)")
+    method = saved.get("method")
+    settings = method.get("settings") if isinstance(method, dict) else None
+    if isinstance(method, dict) and method.get("name") == "svp" and (settings is None or isinstance(settings, dict)):
+        settings = dict(settings or {})
+        block = settings.get("svp") if isinstance(settings.get("svp"), dict) else {}
+        names = None
+        for f in (ck.RESUME_FILE, "final_state.safetensors"):
+            names = ck.saved_names(os.path.join(run_dir, f)) if names is None else names
+        if "backbone_train_mode" not in block and "backbone_train_mode" not in settings and names is not None \
+                and "train_data" not in names:
+            # SVP trained its frozen backbone in eval mode (DropPath off) until 2026-12-05 05:21 UTC, but
+            # with compat='official'. A state without train_data was written before 07:37 that day: in
+            # the two hours between, the new default is taken for the old (runs of those hours resume
+            # with DropPath off unless method.settings.backbone_train_mode=true is set in config.yaml)
+            official = block.get("compat", settings.get("compat", "paper")) == "official"
+            settings["backbone_train_mode"] = official
+            method["settings"] = settings
+            if not official:
+                notes.append("the run's resume point predates 2026-12-05, when SVP kept its frozen backbone in eval "
+                             "mode (DropPath off): resumed so (method.settings.backbone_train_mode=false recorded)")
 
 
 def check_checkpoint_there(cfg: dict, run_dir: str) -> None:
@@ -302,17 +339,24 @@ def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
                      f"keeps its last resume point: {resume_command(path)}", exit_code=1)
 
 
+_ATTEMPT_FILES = ("train.log", "nonfinite", "tb")
+
+
 def _set_aside_earlier_log(run_dir: str) -> None:
     """A fresh run in a folder earlier attempts left without a resume point (killed before its
-    first, then trained again, e.g. by a restarted sweep) starts its own ``train.log``: the
-    earlier attempts' are ``train.log.1``, ``.2``, ... in the order they ran (metrics.jsonl and
-    config.yaml are rewritten)."""
-    log_file = os.path.join(run_dir, "train.log")
-    if os.path.isfile(log_file):
-        n = 1
-        while os.path.exists(f"{log_file}.{n}"):
-            n += 1
-        os.replace(log_file, f"{log_file}.{n}")
+    first, then trained again, e.g. by a restarted sweep; or diverged before it, as the message
+    then advises) starts its own ``train.log``: the earlier attempts' are ``train.log.1``, ``.2``,
+    ... in the order they ran, and with the same number their divergence dump (``nonfinite.N``: a
+    finished run looked as if it had diverged, review) and TensorBoard files (``tb.N``).
+    metrics.jsonl and config.yaml are rewritten."""
+    present = [f for f in _ATTEMPT_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if not present:
+        return
+    n = 1
+    while any(os.path.exists(os.path.join(run_dir, f"{f}.{n}")) for f in _ATTEMPT_FILES):
+        n += 1
+    for f in present:
+        os.replace(os.path.join(run_dir, f), os.path.join(run_dir, f"{f}.{n}"))
 
 
 @contextlib.contextmanager

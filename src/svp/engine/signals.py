@@ -259,7 +259,7 @@ def resume_command(run_dir: str) -> str:
     world, _, _, local = runtime.launch()
     if world == 1:
         return f"svp train --resume {run_dir}"
-    if "LOCAL_WORLD_SIZE" not in os.environ:
+    if not os.environ.get("LOCAL_WORLD_SIZE", "").strip():   # (empty is unset, as runtime.launch reads it)
         # torchrun always sets it; without it another launcher (a Kubeflow PyTorchJob, an MPI or
         # Slurm wrapper) started the processes, and "torchrun" would send the user the wrong way
         return f"the same launcher ({world} processes) running: svp train --resume {run_dir}"

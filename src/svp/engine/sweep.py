@@ -368,12 +368,11 @@ def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
                     # (resolving checks the method's name and settings; then the settings against the model)
                     cfg = run_config(ds, m, int(seeds[0]), output, "probe", config_files,
                                      list(overrides) + list(point), base)
-                    top = max(int(x) for x in seeds)
-                    if point is points[0] and top != int(seeds[0]):
-                        # each replicate's train.seed is the configuration's plus its seed: the largest
-                        # checked too (seed 1 was refused after seed 0 had trained: QA 16a)
-                        run_config(ds, m, top, output, "probe", config_files,
-                                   list(overrides) + list(point), base)
+                    # each replicate's train.seed is the configuration's plus its seed: the smallest
+                    # and the largest checked too (seed 1 was refused after seed 0 had trained: QA 16a)
+                    ends = {min(int(x) for x in seeds), max(int(x) for x in seeds)} - {int(seeds[0])}
+                    for k in sorted(ends) if point is points[0] else ():
+                        run_config(ds, m, k, output, "probe", config_files, list(overrides) + list(point), base)
                     if tuning:
                         _check_selection_splits(ds, m, int(seeds[0]), output, config_files,
                                                 list(overrides) + list(point), base, cfg)

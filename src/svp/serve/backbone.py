@@ -35,7 +35,11 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             refused.append(f"{name}: {e}" if isinstance(e, SVPError) else
                            f"{name}: cannot read {e.filename or name} ({e.strerror or e})")
             continue
-        spec.num_classes = None  # the backbone keeps its own head; each adapter brings its own
+        if not spec.random_init:
+            # the backbone keeps its own head; each adapter brings its own. (A random backbone is
+            # drawn with the recorded head: a head of another size draws other random numbers for
+            # the backbone after it, whose weight hash then refused every adapter, QA 16c)
+            spec.num_classes = None
         return _with_weights(spec, f"adapter {name}")
     if not model_name:
         if os.path.isfile(os.path.join(adapters_dir, ADAPTER_CONFIG)):
