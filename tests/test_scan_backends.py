@@ -308,6 +308,26 @@ def test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does(name):
+    """delta = +inf at one step, d_state 3 (not a power of two): the Triton kernels' state lanes
+    past d_state had A = 0, a decay exp(inf * 0) = NaN there, and the sums over the state carried
+    it into the gradients of every earlier step, where the reference's are finite (QA 16b). The
+    steps before it are compared (at the step itself and after, inf against NaN may differ: the
+    loss is not finite there anyway)."""
+    args = make(1, 4, 6, 3)
+    args[1] = args[1].clone()
+    args[1][0, 0, 3] = float("inf")
+    grads = {}
+    for be in ("reference", name):
+        ts = [t.clone().requires_grad_() for t in args]
+        dispatch.scan_with(be, *ts[:7], delta_bias=ts[7], delta_softplus=True, **KW.get(be, {})).sum().backward()
+        grads[be] = [torch.isfinite(ts[k].grad[..., :3]) for k in (0, 1, 3, 4, 6)]   # u, delta, B, C, z
+    for k, a, r in zip(("u", "delta", "B", "C", "z"), grads[name], grads["reference"]):
+        assert torch.equal(a, r), (k, a.flatten().tolist(), r.flatten().tolist())
+    assert grads["reference"][0].all()   # the steps before it: finite gradients
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_half_and_double_inputs(name):
     args = make(2, 16, 9, 4)
     a64 = [None if a is None else a.double() for a in args]

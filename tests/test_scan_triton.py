@@ -53,6 +53,13 @@ def test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it():
     grid.test_a_nan_time_step_reaches_the_gradients_of_the_steps_before_it("triton")
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does(tiled, monkeypatch):
+    if tiled:
+        _tiled(monkeypatch, "both")
+    grid.test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does("triton")
+
+
 TILED = {"fwd": ("tiled", "loop"), "bwd": ("loop", "tiled"), "both": ("tiled", "tiled")}
 
 
