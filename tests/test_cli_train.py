@@ -554,6 +554,21 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert svp_main(["predict", best, str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err
     assert "image not found" in err and "expected layout" not in err   # one image, not a dataset
+    # a dataset whose classes are not the adapter's, here the same ten in another order: refused
+    # (only the count was checked, and it got a plausible accuracy: QA 16d), unless asked for
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(best, other)
+    for f in ("backbone.json", "adapter_config.json"):
+        d = json.loads((other / f).read_text())
+        if "class_names" in d:
+            d["class_names"] = d["class_names"][1:] + d["class_names"][:1]
+        (other / f).write_text(json.dumps(d))
+    assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "its classes are not the adapter's" in err and "class 0 is '0' in the dataset, '1' in the adapter" in err
+    assert "another order" in err and "--ignore-class-names" in err
+    assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8", "--ignore-class-names"]) == 0
 
 
 # ---------------------------------------------------------------- sweep

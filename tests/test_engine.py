@@ -548,6 +548,20 @@ def test_vtab_table_reports_both_averages_labelled():
     assert "selected on the validation split" in md
 
 
+def test_a_cell_over_fewer_seeds_than_the_heading_says_so():
+    """A dataset whose seed 1 failed showed one seed's value under "mean ± std over seeds 0, 1, 2",
+    as a whole cell (QA 16d)."""
+    from svp.engine.sweep import markdown_table
+    rows = [{"method": "svp", "dataset": d, "seed": s, "status": "ok", "val_selected_test_top1": 70.0 + s}
+            for d in ("digits", "faces") for s in (0, 1, 2) if (d, s) != ("faces", 1)]
+    rows.append({"method": "svp", "dataset": "faces", "seed": 1, "status": "failed"})
+    md = markdown_table("mini", rows, [("digits", "mini"), ("faces", "mini")], ["svp"], [0, 1, 2])
+    row = md.strip().splitlines()[4]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "71.00 ± 1.00" and cells[2] == "71.00 ± 1.41 (n=2)" and cells[3] == "71.00 ± 1.41 (n=2)"
+    assert "(n=k): a cell over k of the seeds" in md
+
+
 def test_table_title_says_when_there_was_no_validation_split():
     from svp.engine.sweep import markdown_table
     rows = [{"method": "svp", "dataset": "digits", "seed": 0, "status": "ok", "val_selected_test_top1": 50.0,
@@ -681,6 +695,35 @@ def test_an_image_with_non_finite_logits_counts_as_wrong_and_is_counted():
             return torch.where(((i == 0) | (i == 4))[:, None], torch.full_like(out, float("nan")), out)
     r = evaluate(Model(), Data(), None, 4, "cpu", DistInfo())
     assert (r["n"], r["nonfinite"]) == (6, 2) and r["top1"] == pytest.approx(400 / 6) and r["top5"] == r["top1"]
+
+
+def test_equal_logits_rank_in_class_order_whatever_k():
+    """torch.topk broke ties by its algorithm, differently for different k: on a row of equal
+    logits `svp predict --topk 1` named class 8 and `--topk 10` class 5 first, and eval's top-1
+    came from topk(5) (QA 16d). Equal scores now rank lowest class first, for every k."""
+    from svp.engine.distributed import DistInfo
+    from svp.engine.evaluate import evaluate
+    from svp.peft.heads import top_classes
+
+    row = torch.zeros(2, 10)
+    row[1, [3, 7]] = 1.0                     # two tied leaders, then eight tied
+    for k in range(1, 11):
+        values, idx = top_classes(row, k)
+        assert idx[0].tolist() == list(range(k)) and idx[1].tolist() == ([3, 7] + [0, 1, 2, 4, 5, 6, 8, 9])[:k]
+        assert values.shape == (2, k) and torch.equal(values[1, :2], torch.ones(min(k, 2)))
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(1), 0 if i < 2 else 5
+
+    class Flat(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 10)
+    r = evaluate(Flat(), Data(), None, 3, "cpu", DistInfo())
+    assert r["top1"] == 50.0 and r["top5"] == 50.0   # class 0 first: right on the two labelled 0
 
 
 def test_each_seed_starts_from_its_own_head():

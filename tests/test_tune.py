@@ -73,6 +73,35 @@ def _fake_trainer(monkeypatch, val_of, test_of, calls, interrupt_at=None):
     monkeypatch.setattr(loop, "train", fake_train)
 
 
+def test_a_sweep_that_selects_by_loss_tunes_by_loss(tmp_path, monkeypatch):
+    """eval.metric=loss: each grid point was still scored by the top-1 of its loss-selected epoch,
+    and a point 10x worse by loss won on a tie in top-1 (QA 16d). Scored by the loss now."""
+    val = {3.0: 70.0, 0.3: 70.0, 0.03: 60.0}
+    vloss = {3.0: 15.8, 0.3: 1.46, 0.03: 2.0}
+    calls = []
+    _fake_trainer(monkeypatch, lambda lr, c: val[lr], lambda lr, c: 50.0, calls)
+    real = loop.train
+
+    def with_loss(cfg=None, **kw):
+        res = real(cfg, **kw)
+        res["selection_metric"] = cfg["eval"]["metric"]
+        res["val_selected"]["val_loss"] = vloss[float(cfg["train"]["lr"])]
+        run_dir = os.path.join(cfg["run"]["output"], cfg["run"]["name"])
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(res, f)
+        return res
+    monkeypatch.setattr(loop, "train", with_loss)
+    out = str(tmp_path / "sw")
+    res = sweep("mini", ["linear"], [0], out, ["digits"], (), TINY + ["eval.metric=loss"],
+                tune=["train.lr=3.0,0.3,0.03"])
+    cell = json.load(open(os.path.join(out, "tuning.json")))["cells"][0]
+    assert cell["chosen"] == {"train.lr": "0.3"} and cell["scored_by"] == "val_loss"
+    assert [g["val_loss"] for g in cell["grid"]] == [15.8, 1.46, 2.0] and [g["val_top1"] for g in cell["grid"]] == [
+        70.0, 70.0, 60.0]
+    md = open(res["markdown"]).read()
+    assert "validation loss of each grid point" in md and "| linear | digits | 15.8000 | **1.4600** | 2.0000 |" in md
+
+
 def _rows(out):
     with open(os.path.join(out, "results.csv")) as f:
         return list(csv.DictReader(f))

@@ -97,7 +97,8 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
                                                            "scene_frozen_maps.png"]
     check_png(out / "scene_frozen_maps.png", 288, 264)
     (tmp_path / "afile").write_text("x")
-    for bad, msg in ((["--box", "20,8,80,30"], "--box"), (["--layers", "7"], "layer 7 is out of range for depth 4 (from -4 to 3)"),
+    for bad, msg in ((["--box", "20,8,80,30"], "--box"),
+                     (["--layers", "7"], "layer 7 is out of range for depth 4 (from -4 to 3)"),
                      (["--quantities", "gates"], "unknown"), (["--mask", str(tmp_path / "nope.png")], "no such file"),
                      (["--dpi", "0"], "--dpi 0"), (["--alpha", "2"], "--alpha 2.0"),
                      (["--alpha", "nan"], "--alpha nan"),

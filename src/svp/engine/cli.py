@@ -115,6 +115,9 @@ def register(subparsers) -> None:
     e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
     _amp_arg(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--ignore-class-names", action="store_true",
+                   help="evaluate by class index although the dataset's class names (or their order) are not the "
+                        "adapter's (refused otherwise)")
     e.set_defaults(func=cmd_eval)
 
     # ---------------------------------------------------------------- predict
@@ -288,6 +291,22 @@ def _eval_transform(spec, adapter_dir: str):
     return data.build_transform(adapter_recipe(spec.extra, adapter_dir), False, img_size=spec.img_size)
 
 
+def _check_class_names(adapter_names, dataset_names, args) -> None:
+    """The dataset's classes, in order, must be those the adapter was trained on (its recorded
+    class names): only the count was checked, and a dataset of the same count with other classes,
+    or its classes in another order (a folder renamed), got a plausible accuracy, exit 0 (QA 16d).
+    An adapter that recorded no names (older files) is not checked."""
+    names, classes = [str(c) for c in adapter_names or []], [str(c) for c in dataset_names or []]
+    if not names or not classes or names == classes or args.ignore_class_names:
+        return
+    i = next(k for k, (a, b) in enumerate(zip(names, classes)) if a != b)
+    order = ("; the same classes in another order, so each label would be scored as another class"
+             if sorted(names) == sorted(classes) else "")
+    raise C.ConfigError(f"{args.dataset} [{args.split}]: its classes are not the adapter's ({args.adapter_dir}): "
+                        f"class {i} is {classes[i]!r} in the dataset, {names[i]!r} in the adapter{order}; "
+                        f"--ignore-class-names evaluates by class index anyway")
+
+
 def cmd_eval(args) -> int:
     import svp.data as data
 
@@ -304,6 +323,7 @@ def cmd_eval(args) -> int:
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
+    _check_class_names(spec.class_names, ds.classes, args)
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
@@ -324,6 +344,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
+    from ..peft.heads import top_classes
     from .evaluate import forward_in_chunks
 
     if args.topk < 1:
@@ -346,10 +367,9 @@ def cmd_predict(args) -> int:
             xs = [_open_image(path, tf) for path in paths]
             with autocast():
                 logits = forward_in_chunks(model, torch.stack(xs).to(dev))
-            top = logits.float().softmax(dim=1).topk(min(args.topk, logits.shape[1]), dim=1)
-            values, indices = top.values.tolist(), top.indices.tolist()
+            values, indices = (t.tolist() for t in top_classes(logits.float().softmax(dim=1), args.topk))
             finite = torch.isfinite(logits).all(dim=1).tolist()
-            del xs, logits, top
+            del xs, logits
             # an image whose logits are not all finite has no answer: topk ranked nan
             # probabilities arbitrarily (and --json wrote a bare NaN)
             answers = [{"image": path, "top": [{"class": names[j], "index": int(j), "prob": float(v)}

@@ -165,8 +165,9 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     are as before the step (finite): they go to the dump with the batch. The last resume
     point is kept (the state before the step may already be spoilt by a too-high rate,
     finite but useless): the state before the step becomes the resume point only when
-    there is none yet and it is the run's start (step 0), else it is kept in the dump. ``batch``: the step's place in its
-    epoch (default: the one after ``st['batch']``, the step not yet counted).
+    there is none yet and it is the run's start (step 0), else it is kept in the dump.
+    ``batch``: the step's place in its epoch (default: the one after ``st['batch']``, the
+    step not yet counted).
 
     ``checked``: with train.finite_check=interval the loop has put back the state as after
     step ``checked``, the last check that found it finite. That state goes to the dump with

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import runtime
+from ..peft.heads import top_classes
 from .distributed import DistInfo, Loader, SeededDataset, ShardSampler, all_reduce_sum, comm_device
 
 # On the CPU the model runs over near-equal chunks of at most this many images (the loader's batch
@@ -57,7 +58,7 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
             with (autocast() if autocast else contextlib.nullcontext()):
                 logits = forward_in_chunks(model, x)
             logits = logits.float()
-            top = logits.topk(top_k(logits.shape[1]), dim=1).indices
+            top = top_classes(logits, top_k(logits.shape[1]))[1]
             # an image whose logits are not all finite has no prediction (topk's order among NaNs
             # is arbitrary): counted wrong, and counted, so that eval and the run's log say so
             finite = torch.isfinite(logits).all(dim=1)

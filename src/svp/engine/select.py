@@ -56,7 +56,10 @@ def results(cfg: dict, history: List[dict], best_epoch: Optional[int], final_tes
         "stopped_early": bool(stopped_early),
         "selection": (f"epoch with the best validation {cfg['eval']['metric']} on split "
                       f"{cfg['data']['val_split']!r}" if has_val else "no validation split: the last epoch"),
+        # (the metric the epoch was selected by: svp sweep --tune scores its grid points by it)
+        "selection_metric": cfg["eval"]["metric"] if has_val else None,
         "val_selected": {"epoch": best_rec["epoch"], "val_top1": best_rec.get("val_top1"),
+                         "val_loss": best_rec.get("val_loss"),
                          "test_top1": best_test["top1"] if best_test else None,
                          "test_top5": best_test["top5"] if best_test else None},
         "final": {"epoch": last["epoch"], "val_top1": last.get("val_top1"),

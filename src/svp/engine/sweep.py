@@ -223,12 +223,18 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
               + ["Trainable params (with head)", "Trainable params (without head)", "Adapter size"])
     out = [f"**{titles.get(metric, metric)}**; mean ± std over seeds {', '.join(map(str, seeds))}; "
            f"averages are taken per seed over the datasets, then mean ± std over seeds "
-           f"(only seeds with every dataset). Parameters and adapter size: mean over datasets.", "",
+           f"(only seeds with every dataset); (n=k): a cell over k of the seeds, the others failed or "
+           f"missing. Parameters and adapter size: mean over datasets.", "",
            "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    def cell(values: List[float]) -> str:
+        # a cell over fewer seeds than the heading's says so (it read as a whole one: QA 16d)
+        short = values and len(values) < len(seeds)
+        return _mean_std(values) + (f" (n={len(values)})" if short else "")
+
     for m in methods:
         cells = [md_text(m)]
         for d in cols:
-            cells.append(_mean_std(list(by.get((m, d), {}).values())))
+            cells.append(cell(list(by.get((m, d), {}).values())))
         for _, (kind, g) in avg_cols:
             per_seed = []
             for s in seeds:
@@ -243,7 +249,7 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
                     gm = [statistics.fmean(vals[d] for d in groups[gg]) for gg in
                           ("vtab-natural", "vtab-specialized", "vtab-structured") if gg in groups]
                     per_seed.append(statistics.fmean(gm))
-            cells.append(_mean_std(per_seed))
+            cells.append(cell(per_seed))
         mrows = [r for r in rows if r["method"] == m and r["status"] != "failed"]
         for key, fmt in (("trainable_params", _fmt_params), ("trainable_params_without_head", _fmt_params),
                          ("adapter_bytes", _fmt_bytes)):
@@ -269,9 +275,12 @@ def selection_table(tuning: Dict[str, Any]) -> str:
         for g in cell["grid"]:
             if g["label"] not in labels:
                 labels.append(g["label"])
-    out = [f"**Selection** ({PROTOCOL_TITLES[tuning['protocol']]}): validation top-1 (%) of each grid point, "
+    loss = any(cell.get("scored_by") == "val_loss" for cell in tuning["cells"])
+    what, best = (("validation loss", "the lowest validation loss") if loss else
+                  ("validation top-1 (%)", "the highest validation top-1"))
+    out = [f"**Selection** ({PROTOCOL_TITLES[tuning['protocol']]}): {what} of each grid point, "
            f"trained with seed {tuning['grid_seed']} on the training split; the chosen point is in bold "
-           f"(the highest validation top-1; a tie goes to the first in grid order). Test accuracy is not "
+           f"({best}; a tie goes to the first in grid order). Test accuracy is not "
            f"used for the choice.", "",
            "| Method | Dataset | " + " | ".join(map(md_text, labels)) + " | Chosen |",
            "|---|---|" + "---:|" * len(labels) + "---|"]
@@ -280,7 +289,9 @@ def selection_table(tuning: Dict[str, Any]) -> str:
         cells = []
         for lab in labels:
             g = by.get(lab)
-            v = "-" if g is None else ("failed" if g["val_top1"] is None else f"{g['val_top1']:.2f}")
+            key = "val_loss" if cell.get("scored_by") == "val_loss" else "val_top1"
+            v = "-" if g is None else ("failed" if g.get(key) is None else
+                                       f"{g[key]:.4f}" if key == "val_loss" else f"{g[key]:.2f}")
             cells.append(f"**{v}**" if g is not None and lab == cell["chosen_label"] else v)
         out.append(f"| {md_text(cell['method'])} | {md_text(cell['dataset'])} | " + " | ".join(cells)
                    + f" | {md_text(cell['chosen_label']) if cell['chosen_label'] else 'none (all failed)'} |")

@@ -2,10 +2,12 @@
 
 For one (dataset, method): every point of a grid (``--tune train.lr=1e-3,1e-2``; several
 keys form their product, in the order given) is trained on the training split with the
-first requested seed and scored by its validation top-1 (``val_selected.val_top1``, the
-best validation accuracy over the evaluated epochs). The point with the highest score
-wins; a tie goes to the point that comes first in grid order (list the value you would
-rather keep first, e.g. the smaller learning rate). Test accuracy is never read before
+first requested seed and scored as its run selected its epoch (``eval.metric``): by the
+validation top-1 of the selected epoch (``val_selected.val_top1``, the best over the evaluated
+epochs), or with ``eval.metric=loss`` by its validation loss, lower better (until 2026-12-06
+top-1 whatever the metric). The point with the best score wins; a tie goes to the point
+that comes first in grid order (list the value you would rather keep first, e.g. the
+smaller learning rate). Test accuracy is never read before
 the choice is made. The chosen point is then run with every requested seed:
 
 - ``protocol="val"`` (default): trained on the training split, exactly as the grid run,
@@ -147,11 +149,21 @@ def choose(scores: Sequence[Optional[float]]) -> Optional[int]:
     return None if best is None else best["index"]
 
 
+def scored_by(res: Optional[dict]) -> str:
+    """What a grid run is scored by: ``val_loss`` where the run selected its epoch by the
+    validation loss (eval.metric=loss), else ``val_top1`` (results written before the record)."""
+    return "val_loss" if res and res.get("selection_metric") == "loss" else "val_top1"
+
+
 def val_score(res: Optional[dict]) -> Optional[float]:
+    """Higher is better: the selected epoch's validation top-1, or its loss negated."""
     if not res:
         return None
-    v = (res.get("val_selected") or {}).get("val_top1")
-    return float(v) if v is not None else None
+    key = scored_by(res)
+    v = (res.get("val_selected") or {}).get(key)
+    if v is None:
+        return None
+    return -float(v) if key == "val_loss" else float(v)
 
 
 def refit_split(cfg: dict) -> str:
@@ -478,18 +490,24 @@ def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str
         raise C.ConfigError(f"tuning protocol {protocol!r}: expected val or refit")
     scores = [val_score(res) for res, _ in grid_results]
     k = choose(scores)
+    by = next((scored_by(res) for res, _ in grid_results if res), "val_top1")
+    sel = [(res or {}).get("val_selected") or {} for res, _ in grid_results]
     cell: Dict[str, Any] = {
-        "label": label, "protocol": protocol, "grid_seed": int(seeds[0]),
-        "grid": [{"point": dict(p), "label": point_label(p), "val_top1": s, "run_dir": d,
+        "label": label, "protocol": protocol, "grid_seed": int(seeds[0]), "scored_by": by,
+        "grid": [{"point": dict(p), "label": point_label(p), "val_top1": v.get("val_top1") if s is not None else None,
+                  "val_loss": v.get("val_loss") if s is not None else None, "score": s, "run_dir": d,
                   "status": res.get("status", "ok") if res else "failed", "error": err}
-                 for p, (d, _), s, (res, err) in zip(points, grid, scores, grid_results)],
+                 for p, (d, _), s, v, (res, err) in zip(points, grid, scores, sel, grid_results)],
         "chosen": None, "chosen_label": None, "finals": []}
     if k is None:
         log.error("%s: every grid point failed; nothing to select", label)
         return cell, []
     chosen = points[k]
     cell["chosen"], cell["chosen_label"] = dict(chosen), point_label(chosen)
-    log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
+    if by == "val_loss":
+        log.info("%s: chose %s (val loss %.4f)", label, point_label(chosen), -scores[k])
+    else:
+        log.info("%s: chose %s (val top-1 %.2f)", label, point_label(chosen), scores[k])
     sub = "grid" if protocol == "val" else "refit"
     dirs = [os.path.join(point_dir(os.path.join(folder, sub), chosen), f"seed{int(s)}") for s in seeds]
     return cell, [(d, (lambda s=s, d=d: make_config(chosen, int(s), d, protocol == "refit")))

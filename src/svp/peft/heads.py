@@ -8,6 +8,15 @@ from timm.layers import trunc_normal_
 HEAD_KINDS = ("linear", "two_layer")
 
 
+def top_classes(scores: torch.Tensor, k: int):
+    """(values, indices) of the ``k`` highest ``scores`` along the last dimension, highest first,
+    equal scores in class order (lowest index first). ``torch.topk`` breaks ties by its own
+    algorithm, differently for different ``k``: on a row of equal logits `svp predict --topk 1`
+    named class 8 and `--topk 10` class 5 first (QA 16d); eval's top-1 came from topk(5)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def _init_linear(m: nn.Linear):
     # The official init of every head Linear: truncated normal std 0.02, bias 0.
     trunc_normal_(m.weight, std=0.02)

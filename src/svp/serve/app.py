@@ -34,6 +34,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import AdapterError, SVPError
+from ..peft.heads import top_classes
 from ..peft.io import BACKBONE_SPEC, AdapterFiles, adapter_files_stamp, read_adapter_files
 from .model import MultiAdapterModel, check_adapter_dir
 
@@ -246,10 +247,9 @@ class FastEvalTransform:
 
 
 def _topk(logits: torch.Tensor, classes: List[str], k: int) -> List[dict]:
-    probs = logits.float().softmax(-1)
-    top = probs.topk(min(k, probs.numel()))
+    values, indices = top_classes(logits.float().softmax(-1), k)
     return [{"class": classes[i], "index": int(i), "prob": float(p)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            for p, i in zip(values.tolist(), indices.tolist())]
 
 
 # -- batching ----------------------------------------------------------------------------------
