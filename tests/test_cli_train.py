@@ -554,6 +554,19 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert svp_main(["predict", best, str(tmp_path / "nope.png")]) == 2
     err = capsys.readouterr().err
     assert "image not found" in err and "expected layout" not in err   # one image, not a dataset
+    # an unreadable image among others is answered with its error, the others as usual: it stopped
+    # the command, and with --json every answer was lost (QA 16e)
+    (tmp_path / "bad.png").write_text("not an image")
+    assert svp_main(["predict", best, paths[0], str(tmp_path / "bad.png"), paths[1], "--topk", "3", "--json",
+                     "--batch-size", "2"]) == 2
+    out, err = capsys.readouterr()
+    again = json.loads(out)
+    assert [p["image"] for p in again] == [paths[0], str(tmp_path / "bad.png"), paths[1]]
+    for a, b in ((again[0], preds[0]), (again[2], preds[1])):   # (another batch: float32 rounding apart)
+        assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
+        assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
+    assert again[1]["top"] == []
+    assert again[1]["error"].startswith("unreadable image: ") and "(1 of 3 images; the others are answered)" in err
     # a dataset whose classes are not the adapter's, here the same ten in another order: refused
     # (only the count was checked, and it got a plausible accuracy: QA 16d), unless asked for
     import shutil
@@ -814,3 +827,13 @@ def test_a_run_with_a_typo_in_another_methods_block_still_resumes(tmp_path, caps
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     _as_written_by_older_svp(run)
     assert svp_main(["train", "--resume", str(run)]) == 0, capsys.readouterr().err
+
+
+def test_progress_counts_to_the_step_a_max_steps_ends_the_epoch_at(tmp_path):
+    """With train.max_steps=3 the lines said "step 1/10 ... eta" of an epoch of 10 steps, and
+    the bar ran to the epoch's end: "12/25 <00:12" at the run's last step (QA 16e)."""
+    cfg = tiny_config(tmp_path, data={"max_train_samples": 40})   # 10 steps an epoch at batch 4
+    assert svp_main(["train", "-c", cfg, "--name", "m", "train.max_steps=3", "run.progress=lines",
+                     "run.log_every=1"]) == 0
+    log = (tmp_path / "runs" / "m" / "train.log").read_text()
+    assert re.findall(r"step (\d+)/(\d+) loss", log) == [("1", "3"), ("2", "3"), ("3", "3")], log

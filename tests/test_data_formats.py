@@ -733,3 +733,17 @@ def test_a_large_image_reads_without_a_raw_warning_and_a_float32_tiff_is_named_s
     with caplog.at_level(logging.WARNING, logger="svp.data"):
         load_image(str(tmp_path / "f.tif"))
     assert "float32 pixels in -3..7 are outside the known range" in caplog.text, caplog.text
+
+
+def test_the_fake_root_command_takes_a_folder_and_says_its_usage(tmp_path, capsys, monkeypatch):
+    """Any first argument was the folder: `python -m svp.data.fake --help` wrote ~5,000 files
+    into ./--help (QA 16e)."""
+    from svp.data.fake import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "DIR" in capsys.readouterr().out and os.listdir(tmp_path) == []
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and os.listdir(tmp_path) == []
+    assert main([str(tmp_path / "fk")]) == 0 and os.path.isdir(tmp_path / "fk" / "VTAB" / "vtab-1k")

@@ -1109,13 +1109,15 @@ def test_predict_classifies_batch_by_batch_in_the_images_order(tmp_path, capsys,
         assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
     _one_line_error(capsys, svp_main(["predict", best, *paths, "--batch-size", "0"]), 2, "--batch-size", "0")
     _one_line_error(capsys, svp_main(["eval", best, "--dataset", "digits", "--batch-size", "-1"]), 2, "--batch-size")
-    # the text answers leave batch by batch: an unreadable image in the third batch keeps the
-    # first four's (nothing was printed before the last image had its answer)
+    # the text answers leave batch by batch, an unreadable image (in the third batch) among them
+    # with its error: the first four keep theirs (nothing was printed before the last image had
+    # its answer; until QA 16e the unreadable one stopped the command)
     (tmp_path / "bad.png").write_bytes(b"not a png")
     rc = svp_main(["predict", best, *paths[:4], str(tmp_path / "bad.png"), "--batch-size", "2"])
     got = capsys.readouterr()
     assert rc == 2 and "bad.png" in got.err
-    assert [line for line in got.out.splitlines() if not line.startswith(" ")] == paths[:4]
+    assert [line for line in got.out.splitlines() if not line.startswith(" ")] == paths[:4] + [str(tmp_path / "bad.png")]
+    assert got.out.splitlines()[-1].startswith("  unreadable image: ")
 
 
 def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypatch, mini_run):

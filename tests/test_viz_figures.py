@@ -174,6 +174,33 @@ def test_cli_with_adapter_dirs(tmp_path, image, capsys):
     assert "--adapter" in err and "hash" in err
 
 
+def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys):
+    """svp visualize put an adapter on the bundled mini Vim (or on --model drawn anew) whatever its
+    backbone.json said, as svp eval/predict/serve do not: an adapter trained with --random-init
+    could not be shown at all, and the refusal named no model (QA 16e)."""
+    kw = [f"model.kwargs.{k}={v}" for k, v in TINY.items() if k != "num_classes"]
+    assert svp_main(["train", "--dataset", "digits", "--method", "svp", "--model", "vim_tiny_patch16_224",
+                     "--random-init", *kw, "--batch-size", "8", "train.max_steps=2", "data.max_train_samples=16",
+                     "data.max_eval_samples=8", "run.progress=none", "--output", str(tmp_path / "runs"),
+                     "--name", "r"]) == 0
+    capsys.readouterr()
+    adapter = str(tmp_path / "runs" / "r" / "best")
+    out = tmp_path / "v"
+    common = ["visualize", image, "--out", str(out), "--layers", "0", "--quantities", "update", "--dpi", "40"]
+    assert svp_main(common + ["--adapter", f"A={adapter}"]) == 0, capsys.readouterr().err
+    names = sorted(os.path.basename(p) for p in capsys.readouterr().out.split())
+    assert "scene_A_maps.png" in names and "scene_frozen_maps.png" in names
+    # the frozen backbone is the adapter's: the same weights as the adapted model's base
+    from svp.build import adapter_spec, build_model
+    from svp.viz.cli import load_backbone
+    frozen = load_backbone(None, backbone_of=adapter)
+    base = build_model(adapter_spec(adapter)).eval()
+    assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), base.state_dict().values()))
+    assert svp_main(common + ["--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert f"--adapter {adapter} (on backbone 'vim_mini_patch4_32')" in err, err
+
+
 def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_nothing(tmp_path):
     """A patch is object when at least half of its pixels are: the mask was resized to the model
     input with a nearest-neighbour filter first, so at 224 px a box covering 43% of a patch

@@ -256,7 +256,20 @@ def make_fake_root(root: str, which: Sequence[str] = ALL, vtab_items: int = 4,
     return man, classes
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m svp.data.fake DIR``: a fake copy of every layout in DIR. (Any first argument was
+    taken for the folder: `--help` wrote ~5,000 files into ./--help, QA 16e.)"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m svp.data.fake",
+                                description="Write a tiny fake copy of every dataset layout of docs/datasets.md "
+                                            "(real file and folder names, a few random 8x8 images per class).")
+    p.add_argument("dir", metavar="DIR", help="the folder to write the fake data root in")
+    args = p.parse_args(argv)
+    make_fake_root(args.dir)
+    print(args.dir)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    out = sys.argv[1] if len(sys.argv) > 1 else "fake_data_root"
-    make_fake_root(out)
-    print(out)
+    sys.exit(main())

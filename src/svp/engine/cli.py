@@ -344,6 +344,7 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     import torch
 
+    from ..data import DatasetError
     from ..peft.heads import top_classes
     from .evaluate import forward_in_chunks
 
@@ -359,24 +360,36 @@ def cmd_predict(args) -> int:
     # batch: a small tensor kept per batch among the freed activations pinned the heap around
     # it (+10 KB of resident memory per image, 160 MB at 16,000), and nothing was printed
     # until the last image, so a killed run lost every answer.
-    out, failed = [], 0
+    out, failed, unreadable = [], 0, []
     autocast = _autocast(args.amp, dev)
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
         for i in range(0, len(args.images), args.batch_size):
             paths = args.images[i:i + args.batch_size]
-            xs = [_open_image(path, tf) for path in paths]
-            with autocast():
-                logits = forward_in_chunks(model, torch.stack(xs).to(dev))
-            values, indices = (t.tolist() for t in top_classes(logits.float().softmax(dim=1), args.topk))
-            finite = torch.isfinite(logits).all(dim=1).tolist()
-            del xs, logits
-            # an image whose logits are not all finite has no answer: topk ranked nan
-            # probabilities arbitrarily (and --json wrote a bare NaN)
-            answers = [{"image": path, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
-                                               for v, j in zip(pv, pi)]} if ok else
-                       {"image": path, "top": [], "error": NONFINITE}
-                       for path, pv, pi, ok in zip(paths, values, indices, finite)]
-            failed += finite.count(False)
+            # an image that cannot be read is answered with its error, the others as usual: it
+            # stopped the command, and with --json every image's answer was lost (QA 16e)
+            xs, read, errors = [], [], {}
+            for path in paths:
+                try:
+                    xs.append(_open_image(path, tf))
+                    read.append(path)
+                except DatasetError as e:
+                    errors[path] = str(e)
+            unreadable += errors.values()
+            answered = {}
+            if xs:
+                with autocast():
+                    logits = forward_in_chunks(model, torch.stack(xs).to(dev))
+                values, indices = (t.tolist() for t in top_classes(logits.float().softmax(dim=1), args.topk))
+                finite = torch.isfinite(logits).all(dim=1).tolist()
+                del xs, logits
+                # an image whose logits are not all finite has no answer: topk ranked nan
+                # probabilities arbitrarily (and --json wrote a bare NaN)
+                answered = {path: {"image": path, "top": [{"class": names[j], "index": int(j), "prob": float(v)}
+                                                          for v, j in zip(pv, pi)]} if ok else
+                            {"image": path, "top": [], "error": NONFINITE}
+                            for path, pv, pi, ok in zip(read, values, indices, finite)}
+                failed += finite.count(False)
+            answers = [answered.get(path) or {"image": path, "top": [], "error": errors[path]} for path in paths]
             if args.json:
                 out += answers   # one JSON document, printed once every image has its answer
                 continue
@@ -389,10 +402,13 @@ def cmd_predict(args) -> int:
             sys.stdout.flush()
     if args.json:
         print(json_text(out, indent=2))
+    if unreadable:   # (the input's fault: exit 2, as a user's mistake)
+        others = f" ({len(unreadable)} of {len(args.images)} images; the others are answered)" \
+            if len(args.images) > 1 else ""
+        _err(f"{unreadable[0]}{others}", "predict")
     if failed:
         _err(f"{failed} of {len(args.images)} images: {NONFINITE}", "predict")
-        return 1
-    return 0
+    return 2 if unreadable else 1 if failed else 0
 
 
 NONFINITE = "no prediction: the outputs are not finite (nan or inf logits); the adapter's weights, or this input, overflow"

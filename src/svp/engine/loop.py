@@ -232,7 +232,11 @@ class Trainer:
         save_every = int(self.cfg["run"]["save_every_steps"] or 0)
         self.sampler.set_epoch(st["epoch"], st["batch"])
         self.sched.start_epoch(st["epoch"])
-        self.progress.start(st["epoch"], epochs, self.steps_per_epoch, st["batch"])
+        # the steps this epoch runs: a train.max_steps within it ends it early (the bar and its ETA
+        # counted to the epoch's end: "12/25 <00:12" at the run's last step, QA 16e)
+        total = self.steps_per_epoch if max_steps is None else max(
+            st["batch"], min(self.steps_per_epoch, st["batch"] + int(max_steps) - st["global_step"]))
+        self.progress.start(st["epoch"], epochs, total, st["batch"])
         t_epoch, seconds_before = time.time(), st["epoch_seconds"]
         # on CUDA the loss sum stays on the device and is read at the logging interval
         dev_loss = device_loss_sum(dev, dinfo)

@@ -155,13 +155,13 @@ def keep_pixels(cfg: dict, splits: dict) -> dict:
             if size > budget:
                 log.info("data: %s split not kept in memory (~%d MB of decoded images, over the %d MB "
                          "data.cache_images=auto has left; data.cache_images=true keeps it)",
-                         name, size >> 20, budget >> 20)
+                         name, round(size / 1e6), round(budget / 1e6))
                 continue
             budget -= size
         ds.cache = PixelCache(fixed, len(ds))
         out[name] = (ds, rest)
         log.info("data: %s split kept in memory after its first read (%d images, ~%d MB)",
-                 name, len(ds), size >> 20)
+                 name, len(ds), round(size / 1e6))   # (MB: 10**6 bytes, as the docs count them)
     return out
 
 

@@ -20,25 +20,41 @@ from .gates import DIRECTIONS, QUANTITIES, find_vim
 
 # --------------------------------------------------------------------------- inputs
 
-def load_backbone(name: str, checkpoint: Optional[str] = None, model_args: Optional[dict] = None,
-                  pretrained: bool = False, random_init: bool = False, adapter_dir: Optional[str] = None):
-    """The backbone (with ``adapter_dir``: the adapted model) through :func:`svp.build.build_model`:
-    the bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
-    ``pretrained`` or ``random_init``."""
-    from ..build import ModelSpec, build_model
+DEFAULT_MODEL = "vim_mini_patch4_32"
+
+
+def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_args: Optional[dict] = None,
+                  pretrained: bool = False, random_init: bool = False, adapter_dir: Optional[str] = None,
+                  backbone_of: Optional[str] = None):
+    """The backbone (with ``adapter_dir``: the adapted model) through :func:`svp.build.build_model`.
+    An adapter's backbone is the one it recorded (its backbone.json, as svp eval/predict/serve
+    rebuild it), ``name``/``checkpoint``/... overriding it; without ``name``, the frozen backbone is
+    that of the adapter folder ``backbone_of`` (the first one given), else the bundled mini Vim.
+    The bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
+    ``pretrained`` or ``random_init``. (Until 2026-12-06 the adapters were put on the bundled mini
+    Vim, or on ``--model`` drawn anew, whatever they recorded: refused by their weight hash.)"""
+    from ..build import ModelSpec, adapter_spec, build_model
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
-    spec = ModelSpec(name, checkpoint=checkpoint, pretrained=pretrained, random_init=random_init,
-                     kwargs=dict(model_args or {}))
+    recorded = adapter_dir or (backbone_of if not name else None)
+    spec = None
     try:
+        if recorded:
+            spec = adapter_spec(recorded, name, checkpoint, pretrained, random_init)
+            spec.kwargs = dict(spec.kwargs, **(model_args or {}))
+        else:
+            spec = ModelSpec(name or DEFAULT_MODEL, checkpoint=checkpoint, pretrained=pretrained,
+                             random_init=random_init, kwargs=dict(model_args or {}))
         return build_model(spec, adapter_dir).eval()
     except ConfigError:
         raise
     except (SVPError, RuntimeError, ValueError, OSError) as e:
-        where = f"--adapter {adapter_dir}" if adapter_dir else f"--model {name!r}{' (pretrained)' if pretrained else ''}"
+        model = spec.model if spec is not None else name
+        where = (f"--adapter {adapter_dir} (on backbone {model!r})" if adapter_dir else
+                 f"--model {model!r}{' (pretrained)' if pretrained else ''}")
         said = str(e)
-        if not adapter_dir and said.startswith(f"model {name!r}: "):   # (the name said once)
-            said = said[len(f"model {name!r}: "):]
+        if not adapter_dir and said.startswith(f"model {model!r}: "):   # (the name said once)
+            said = said[len(f"model {model!r}: "):]
         raise VizError(f"{where}: {said}") from e
 
 
@@ -159,11 +175,11 @@ def run(args) -> int:
     remove_dead_writers_temps(args.out)   # what a run killed mid-write left (its figures are atomic)
     image, stem = load_input_image(args)
     models: Dict[str, torch.nn.Module] = {}
+    adapters = [_parse_adapter(spec) for spec in args.adapter or []]
     if not args.no_frozen:
         models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
-                                                  args.random_init)
-    for spec in args.adapter or []:
-        label, path = _parse_adapter(spec)
+                                                  args.random_init, backbone_of=adapters[0][1] if adapters else None)
+    for label, path in adapters:
         if label in models:
             raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
         models[label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
@@ -214,8 +230,9 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", help="dataset split")
     p.add_argument("--root", "--data-root", dest="data_root", default=None, type=user_path,
                    help="data root for datasets read from disk (or $SVP_DATA; see docs/datasets.md)")
-    p.add_argument("--model", default="vim_mini_patch4_32",
-                   help="timm name of the backbone (the bundled mini Vim by default); " + WEIGHTS_HELP)
+    p.add_argument("--model", default=None,
+                   help="timm name of the backbone (default: the one the first --adapter recorded in its "
+                        "backbone.json, else the bundled mini Vim, vim_mini_patch4_32); " + WEIGHTS_HELP)
     p.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights (hub download for models other than the bundled mini Vim)")
     p.add_argument("--random-init", action="store_true", help="a randomly initialised backbone (tests only)")
