@@ -566,7 +566,8 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
         assert [t["index"] for t in a["top"]] == [t["index"] for t in b["top"]]
         assert [t["prob"] for t in a["top"]] == pytest.approx([t["prob"] for t in b["top"]], abs=1e-6)
     assert again[1]["top"] == []
-    assert again[1]["error"].startswith("unreadable image: ") and "(1 of 3 images; the others are answered)" in err
+    assert again[1]["error"].startswith("unreadable image: ")
+    assert "1 of 3 images could not be read (the others are answered); the first: unreadable image: " in err
     # a dataset whose classes are not the adapter's, here the same ten in another order: refused
     # (only the count was checked, and it got a plausible accuracy: QA 16d), unless asked for
     import shutil
@@ -582,6 +583,15 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert "its classes are not the adapter's" in err and "class 0 is '0' in the dataset, '1' in the adapter" in err
     assert "another order" in err and "--ignore-class-names" in err
     assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8", "--ignore-class-names"]) == 0
+    # an adapter that recorded no names (convert-official-svp without --class-names, PeftModel.save
+    # without them) is not checked: the names "0".."n-1" filled in for it were (review)
+    from svp.build import recorded_class_names
+    assert recorded_class_names(best) == [str(i) for i in range(10)]
+    for f in ("backbone.json", "adapter_config.json"):
+        d = json.loads((other / f).read_text())
+        d["class_names"] = None if f == "adapter_config.json" else []
+        (other / f).write_text(json.dumps(d))
+    assert recorded_class_names(str(other)) == []
 
 
 # ---------------------------------------------------------------- sweep

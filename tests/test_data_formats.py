@@ -746,4 +746,8 @@ def test_the_fake_root_command_takes_a_folder_and_says_its_usage(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and os.listdir(tmp_path) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:   # (a NotADirectoryError traceback: review)
+        main([str(tmp_path / "afile")])
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert main([str(tmp_path / "fk")]) == 0 and os.path.isdir(tmp_path / "fk" / "VTAB" / "vtab-1k")

@@ -139,6 +139,11 @@ def test_config_files_read_yaml_1_2_floats_and_refuse_a_key_given_twice(tmp_path
     f.write_text("run: {name: 1e5, output: 2e3}\ntrain: {lr: 1e-3}\n")
     cfg = C.resolve([str(f)])
     assert (cfg["run"]["name"], cfg["run"]["output"].endswith("2e3"), cfg["train"]["lr"]) == ("1e5", True, 1e-3)
+    # ... and on the command line (the override's value was made a number before its key was read)
+    cfg = C.resolve([], ["run.name=1e5", "data.val_split=1e3", "data.options={val_from_train: 1e-1}",
+                         "train.lr=3e-4"])
+    assert (cfg["run"]["name"], cfg["data"]["val_split"], cfg["train"]["lr"]) == ("1e5", "1e3", 3e-4)
+    assert cfg["data"]["options"] == {"val_from_train": 0.1}
     # a mapping given with a key twice in an override is named as such (it was "not a mapping")
     with pytest.raises(C.ConfigError, match=r"override 'method.settings=\{svp: \{hidden: 8, hidden: 16\}\}': the key "
                                             r"'hidden' is given twice"):

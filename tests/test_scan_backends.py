@@ -328,6 +328,23 @@ def test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does(
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_a_large_negative_delta_without_softplus_stays_finite_as_the_reference(name):
+    """delta = -120 at one step without softplus, A = -0.5, d_state 3: the real lanes' decay is
+    exp(60), finite. The Triton kernels' state lanes past d_state, given A = -1 to mend the test
+    above, got exp(120) = inf there, and inf * 0 = NaN reached the output and every gradient (review)."""
+    args = make(1, 4, 6, 3)
+    args[2] = torch.full((4, 3), -0.5)
+    args[1] = args[1].clone()
+    args[1][0, :, 2] = -120.0
+    ts = [t.clone().requires_grad_() for t in args]
+    y = dispatch.scan_with(name, *ts[:7], delta_bias=ts[7], delta_softplus=False, **KW.get(name, {}))
+    y.sum().backward()
+    assert torch.isfinite(y).all() and y.detach().abs().max() > 1e20   # (the step's exp(60) is in it)
+    assert all(torch.isfinite(t.grad).all() for t in ts), [NAMES[k] for k, t in enumerate(ts)
+                                                          if not torch.isfinite(t.grad).all()]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_half_and_double_inputs(name):
     args = make(2, 16, 9, 4)
     a64 = [None if a is None else a.double() for a in args]

@@ -60,6 +60,13 @@ def test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does(
     grid.test_an_infinite_time_step_leaves_the_steps_before_it_as_the_reference_does("triton")
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_large_negative_delta_without_softplus_stays_finite_as_the_reference(tiled, monkeypatch):
+    if tiled:
+        _tiled(monkeypatch, "both")
+    grid.test_a_large_negative_delta_without_softplus_stays_finite_as_the_reference("triton")
+
+
 TILED = {"fwd": ("tiled", "loop"), "bwd": ("loop", "tiled"), "both": ("tiled", "tiled")}
 
 

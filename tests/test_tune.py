@@ -84,9 +84,14 @@ def test_a_sweep_that_selects_by_loss_tunes_by_loss(tmp_path, monkeypatch):
 
     def with_loss(cfg=None, **kw):
         res = real(cfg, **kw)
-        res["selection_metric"] = cfg["eval"]["metric"]
-        res["val_selected"]["val_loss"] = vloss[float(cfg["train"]["lr"])]
+        lr = float(cfg["train"]["lr"])
         run_dir = os.path.join(cfg["run"]["output"], cfg["run"]["name"])
+        if lr == 3.0:   # as an older svp finished it: no val_loss in results.json, the metric lines have it
+            with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+                f.write(json.dumps({"epoch": 1, "val_top1": val[lr], "val_loss": vloss[lr]}) + "\n")
+        else:
+            res["selection_metric"] = cfg["eval"]["metric"]
+            res["val_selected"]["val_loss"] = vloss[lr]
         with open(os.path.join(run_dir, "results.json"), "w") as f:
             json.dump(res, f)
         return res
@@ -100,6 +105,10 @@ def test_a_sweep_that_selects_by_loss_tunes_by_loss(tmp_path, monkeypatch):
         70.0, 70.0, 60.0]
     md = open(res["markdown"]).read()
     assert "validation loss of each grid point" in md and "| linear | digits | 15.8000 | **1.4600** | 2.0000 |" in md
+    with pytest.raises(C.ConfigError, match="eval.metric is set by the sweep itself"):   # (the points' scores
+        T.parse_tune(["eval.metric=top1,loss"])                                           # would not compare)
+    with pytest.raises(C.ConfigError, match=r"--tune .*the key 'hidden' is given twice"):   # (a traceback: review)
+        T.parse_tune(["method.settings.svp={hidden: 8, hidden: 9},{hidden: 4}"])
 
 
 def _rows(out):

@@ -199,6 +199,11 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     assert svp_main(common + ["--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {adapter} (on backbone 'vim_mini_patch4_32')" in err, err
+    # a folder that is no adapter: the frozen backbone it was to give is named as such, not "--model None"
+    (tmp_path / "empty").mkdir()
+    assert svp_main(common + ["--adapter", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"the frozen backbone (recorded by --adapter {tmp_path / 'empty'})" in err and "None" not in err, err
 
 
 def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_nothing(tmp_path):

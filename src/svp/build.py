@@ -361,6 +361,18 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     return spec
 
 
+def recorded_class_names(adapter_dir: str) -> List[str]:
+    """The class names an adapter folder records (adapter_config.json's, else backbone.json's),
+    or [] where it records none (``adapter_spec`` fills those in as "0".."n-1")."""
+    import svp.peft as peft
+
+    names = peft.read_adapter_config(adapter_dir).get("class_names")
+    spec_path = os.path.join(adapter_dir, "backbone.json")
+    if not names and os.path.isfile(spec_path):
+        names = read_backbone_spec(spec_path).class_names
+    return [str(n) for n in names or []]
+
+
 def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
                        device: str = "auto", pretrained: bool = False, random_init: bool = False):
     """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device)."""

@@ -266,6 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             "(real file and folder names, a few random 8x8 images per class).")
     p.add_argument("dir", metavar="DIR", help="the folder to write the fake data root in")
     args = p.parse_args(argv)
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        p.error(f"{args.dir} is a file, not a folder")
     make_fake_root(args.dir)
     print(args.dir)
     return 0

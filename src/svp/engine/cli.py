@@ -323,7 +323,8 @@ def cmd_eval(args) -> int:
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
-    _check_class_names(spec.class_names, ds.classes, args)
+    from ..build import recorded_class_names
+    _check_class_names(recorded_class_names(args.adapter_dir), ds.classes, args)
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
@@ -403,9 +404,11 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json_text(out, indent=2))
     if unreadable:   # (the input's fault: exit 2, as a user's mistake)
-        others = f" ({len(unreadable)} of {len(args.images)} images; the others are answered)" \
-            if len(args.images) > 1 else ""
-        _err(f"{unreadable[0]}{others}", "predict")
+        if len(args.images) > 1:
+            _err(f"{len(unreadable)} of {len(args.images)} images could not be read (the others are answered); "
+                 f"the first: {unreadable[0]}", "predict")
+        else:
+            _err(unreadable[0], "predict")
     if failed:
         _err(f"{failed} of {len(args.images)} images: {NONFINITE}", "predict")
     return 2 if unreadable else 1 if failed else 0

@@ -133,10 +133,10 @@ _DEFAULTS = {k: v for k, v, _ in SCHEMA}
 MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
 
 
-# keys whose values are text (names, paths, choices), data.options (a dataset's own, text too) and
-# run.changes (svp's record): strings there are kept as written, whatever they look like
+# keys whose values are text (names, paths, choices) and run.changes (svp's record): strings there
+# are kept as written, whatever they look like
 _TEXTUAL = frozenset([k for k, v, _ in SCHEMA if isinstance(v, str)]
-                     + ["model.checkpoint", "data.root", "run.name", "data.options", "run.changes"])
+                     + ["model.checkpoint", "data.root", "run.name", "run.changes"])
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
@@ -150,10 +150,15 @@ def defaults() -> Dict[str, Dict[str, Any]]:
 _SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-def parse_value(text: str) -> Any:
+class RepeatedKeyError(ConfigError):
+    """A value written as a mapping with a key twice (`{hidden: 8, hidden: 16}`)."""
+
+
+def parse_value(text: str, numbers: bool = True) -> Any:
     """A command-line value as YAML (``1e-3`` -> float, ``null`` -> None, ``[1,2]`` -> list,
-    ``'"nan"'`` -> the string ``nan``)."""
-    if _SCI.match(text.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
+    ``'"nan"'`` -> the string ``nan``). ``numbers=False``: ``1e5`` stays the text it is (a
+    text key's value: run.name=1e5 is a name, not 100000.0)."""
+    if numbers and _SCI.match(text.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
         return float(text)
     if _LONE_SURROGATE.search(text):
         # an argument Python decoded as ASCII (a C locale without UTF-8 mode) holds its other bytes as
@@ -164,11 +169,11 @@ def parse_value(text: str) -> Any:
         except UnicodeError:
             utf8 = None
         if utf8 is not None:
-            return _map_strings(parse_value(utf8), lambda v: os.fsdecode(v.encode("utf-8")))
+            return _map_strings(parse_value(utf8, numbers), lambda v: os.fsdecode(v.encode("utf-8")))
     try:
         return safe_load(text)
-    except _RepeatedKey:
-        raise   # (a mapping written with a key twice is a mistake, not text: parse_overrides names it)
+    except _RepeatedKey as e:   # (a mistake, not text: a ConfigError its caller names the value of)
+        raise RepeatedKeyError(e.problem) from None
     except yaml.YAMLError:
         return text
 
@@ -424,9 +429,9 @@ def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
         key = key.strip()
         _check_key(key, f"override {item!r}")
         try:
-            out.append((key, parse_value(text)))
-        except _RepeatedKey as e:
-            raise ConfigError(f"override {item!r}: {e.problem}") from None
+            out.append((key, parse_value(text, numbers=f"{key.split('.')[0]}.{key.split('.')[1]}" not in _TEXTUAL)))
+        except RepeatedKeyError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     return out
 
 

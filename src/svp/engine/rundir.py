@@ -89,8 +89,9 @@ def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
             settings["backbone_train_mode"] = official
             method["settings"] = settings
             if not official:
-                notes.append("the run's resume point predates 2026-12-05, when SVP kept its frozen backbone in eval "
-                             "mode (DropPath off): resumed so (method.settings.backbone_train_mode=false recorded)")
+                notes.append("the run's resume point predates 2026-12-05 07:37 UTC, and SVP kept its frozen backbone "
+                             "in eval mode (DropPath off) until that day's 05:21: resumed so "
+                             "(method.settings.backbone_train_mode=false recorded)")
 
 
 def check_checkpoint_there(cfg: dict, run_dir: str) -> None:

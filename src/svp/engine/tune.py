@@ -42,8 +42,9 @@ log = logging.getLogger("svp.engine.sweep")
 
 Point = Tuple[Tuple[str, str], ...]   # ((key, value text), ...) in grid order
 # keys the sweep itself decides per run; tuning them would break the protocol
+# (eval.metric: the grid points are scored by it, so every point must be scored alike)
 FORBIDDEN = ("data.dataset", "method.name", "train.seed", "run.output", "run.name", "data.train_split",
-             "data.val_split", "data.test_split", "eval.report_best_test", "eval.test_every_epoch")
+             "data.val_split", "data.test_split", "eval.report_best_test", "eval.test_every_epoch", "eval.metric")
 PROTOCOL_TITLES = {"val": "selected on the validation split, final runs trained on the training split",
                    "refit": "selected on the validation split, final runs retrained on training + validation "
                             "(VTAB-1k convention)"}
@@ -90,7 +91,10 @@ def parse_tune(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
         values = _split_values(text)
         if not all(values):
             raise C.ConfigError(f"--tune {item!r}: empty value in the list")
-        parsed = [_canon(v) for v in values]
+        try:
+            parsed = [_canon(v) for v in values]
+        except C.RepeatedKeyError as e:   # (a traceback: QA review)
+            raise C.ConfigError(f"--tune {item!r}: {e}") from None
         if len(set(parsed)) != len(parsed):
             raise C.ConfigError(f"--tune {item!r}: a value is listed twice")
         spec.append((key, values))
@@ -149,21 +153,39 @@ def choose(scores: Sequence[Optional[float]]) -> Optional[int]:
     return None if best is None else best["index"]
 
 
-def scored_by(res: Optional[dict]) -> str:
-    """What a grid run is scored by: ``val_loss`` where the run selected its epoch by the
-    validation loss (eval.metric=loss), else ``val_top1`` (results written before the record)."""
-    return "val_loss" if res and res.get("selection_metric") == "loss" else "val_top1"
+def scored_by(metric: str) -> str:
+    """What the grid runs are scored by under the sweep's ``eval.metric``."""
+    return "val_loss" if metric == "loss" else "val_top1"
 
 
-def val_score(res: Optional[dict]) -> Optional[float]:
-    """Higher is better: the selected epoch's validation top-1, or its loss negated."""
+def _selected_val_loss(res: dict) -> Optional[float]:
+    """The selected epoch's validation loss: results.json's (written since 2026-12-06), else the
+    run's metrics.jsonl at that epoch (a grid run an older svp finished; scored by top-1 it
+    beat every point scored by the loss: review)."""
+    sel = res.get("val_selected") or {}
+    if sel.get("val_loss") is not None:
+        return float(sel["val_loss"])
+    try:
+        with open(os.path.join(res["run_dir"], "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("epoch") == sel.get("epoch") and rec.get("val_loss") is not None:
+                    return float(rec["val_loss"])
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def val_score(res: Optional[dict], metric: str = "top1") -> Optional[float]:
+    """Higher is better: the selected epoch's validation top-1, or (``metric`` loss) its loss
+    negated; None where the run failed or its result lacks the number."""
     if not res:
         return None
-    key = scored_by(res)
-    v = (res.get("val_selected") or {}).get(key)
-    if v is None:
-        return None
-    return -float(v) if key == "val_loss" else float(v)
+    if metric == "loss":
+        v = _selected_val_loss(res)
+        return None if v is None else -v
+    v = (res.get("val_selected") or {}).get("val_top1")
+    return float(v) if v is not None else None
 
 
 def refit_split(cfg: dict) -> str:
@@ -488,14 +510,21 @@ def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str
     """The choice from the grid's validation scores, and the final runs it asks for."""
     if protocol not in PROTOCOL_TITLES:
         raise C.ConfigError(f"tuning protocol {protocol!r}: expected val or refit")
-    scores = [val_score(res) for res, _ in grid_results]
+    # the grid is scored by the sweep's own eval.metric (eval.metric cannot be tuned: FORBIDDEN)
+    metric = make_config(points[0], int(seeds[0]), grid[0][0], False)["eval"]["metric"] if points else "top1"
+    scores = [val_score(res, metric) for res, _ in grid_results]
+    for (res, _), s, (d, _) in zip(grid_results, scores, grid):
+        if res and s is None:
+            log.warning("%s: grid run %s has no validation %s to be scored by; it cannot be chosen",
+                        label, d, "loss" if metric == "loss" else "top-1")
     k = choose(scores)
-    by = next((scored_by(res) for res, _ in grid_results if res), "val_top1")
+    by = scored_by(metric)
     sel = [(res or {}).get("val_selected") or {} for res, _ in grid_results]
     cell: Dict[str, Any] = {
         "label": label, "protocol": protocol, "grid_seed": int(seeds[0]), "scored_by": by,
         "grid": [{"point": dict(p), "label": point_label(p), "val_top1": v.get("val_top1") if s is not None else None,
-                  "val_loss": v.get("val_loss") if s is not None else None, "score": s, "run_dir": d,
+                  "val_loss": (-s if by == "val_loss" else v.get("val_loss")) if s is not None else None,
+                  "score": s, "run_dir": d,
                   "status": res.get("status", "ok") if res else "failed", "error": err}
                  for p, (d, _), s, v, (res, err) in zip(points, grid, scores, sel, grid_results)],
         "chosen": None, "chosen_label": None, "finals": []}

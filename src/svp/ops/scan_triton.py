@@ -98,11 +98,14 @@ def _program_rows(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, dg
     n = tl.arange(0, BLOCK_N)
     nm = n < N
     m2 = cm[:, None] & nm[None, :]
-    # the state lanes past d_state (BLOCK_N is a power of two) take A = -1, not 0: their B and C
-    # are 0, so they stay 0 for any finite delta, and an infinite one (delta = +inf) gives them a
-    # decay exp(-inf) = 0, where A = 0 gave exp(inf * 0) = NaN, which the sums over the state then
-    # carried into the gradients of every earlier step (QA 16b; the reference's were finite)
-    A = tl.load(A_ptr + c[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=-1.0).to(tl.float32)
+    # the state lanes past d_state (BLOCK_N is a power of two) take A = -FLT_MIN, not 0: their B
+    # and C are 0, and the decay exp(delta * A) is 1 for any finite delta (no overflow: A = -1 gave
+    # exp(120) at delta = -120 without softplus, inf * 0 = NaN, review), and exp(-inf) = 0 for
+    # delta = +inf, where A = 0 gave exp(inf * 0) = NaN, which the sums over the state carried into
+    # the gradients of every earlier step (QA 16b; the reference's were finite). (Set in float32,
+    # after the load: a float16 A's `other` would round it to 0.)
+    A = tl.load(A_ptr + c[:, None] * sA_d + n[None, :] * sA_n, mask=m2, other=0.0).to(tl.float32)
+    A = tl.where(m2, A, -1.1754943508222875e-38)
     if HAS_D:
         Dv = tl.load(D_ptr + c, mask=cm, other=0.0).to(tl.float32)
     else:

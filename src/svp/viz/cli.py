@@ -50,8 +50,13 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
         raise
     except (SVPError, RuntimeError, ValueError, OSError) as e:
         model = spec.model if spec is not None else name
-        where = (f"--adapter {adapter_dir} (on backbone {model!r})" if adapter_dir else
-                 f"--model {model!r}{' (pretrained)' if pretrained else ''}")
+        if adapter_dir:
+            where = f"--adapter {adapter_dir}" + (f" (on backbone {model!r})" if spec is not None else "")
+        elif recorded:   # (the frozen backbone, as the first adapter recorded it: no --model was given)
+            where = f"the frozen backbone (recorded by --adapter {recorded}" + (
+                f": {model!r})" if spec is not None else ")")
+        else:
+            where = f"--model {model!r}{' (pretrained)' if pretrained else ''}"
         said = str(e)
         if not adapter_dir and said.startswith(f"model {model!r}: "):   # (the name said once)
             said = said[len(f"model {model!r}: "):]
