@@ -301,7 +301,9 @@ def _check_class_names(adapter_names, dataset_names, args) -> None:
         return
     i = next(k for k, (a, b) in enumerate(zip(names, classes)) if a != b)
     order = ("; the same classes in another order, so each label would be scored as another class"
-             if sorted(names) == sorted(classes) else "")
+             if sorted(names) == sorted(classes) else
+             "; the names differ in case or spaces only" if sorted(n.strip().lower() for n in names) == sorted(
+                 c.strip().lower() for c in classes) else "")
     raise C.ConfigError(f"{args.dataset} [{args.split}]: its classes are not the adapter's ({args.adapter_dir}): "
                         f"class {i} is {classes[i]!r} in the dataset, {names[i]!r} in the adapter{order}; "
                         f"--ignore-class-names evaluates by class index anyway")

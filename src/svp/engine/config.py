@@ -407,6 +407,16 @@ class _NoAliasDumper(yaml.SafeDumper):
 _NoAliasDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
 
 
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error on one line, with where it is: PyYAML's own text spans several (the file's
+    line quoted under a caret), which broke svp's one-line errors."""
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return " ".join(str(e).split())
+    said = "; ".join(p for p in (e.context, e.problem) if p) or type(e).__name__
+    mark = e.problem_mark or e.context_mark
+    return said + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
+
+
 def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
@@ -414,7 +424,7 @@ def load_yaml(path: str) -> dict:
         try:
             data = safe_load(f)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
     return data or {}
