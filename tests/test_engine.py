@@ -1134,3 +1134,17 @@ def test_the_loss_is_summed_on_the_device_only_for_one_cuda_process():
     assert device_loss_sum(torch.device("cpu"), DistInfo()) is None
     if torch.cuda.is_available():
         assert device_loss_sum(torch.device("cuda"), DistInfo()).device.type == "cuda"
+
+
+def test_the_class_check_says_when_names_differ_in_case_or_order_only():
+    import types
+
+    from svp.engine.cli import _check_class_names
+    args = types.SimpleNamespace(dataset="d", split="test", adapter_dir="A", ignore_class_names=False)
+    _check_class_names([], ["x"], args)                      # nothing recorded: not checked
+    _check_class_names(["a", "b"], ["a", "b"], args)
+    for names, said in ((["b", "a"], "another order"), (["A", "b "], "differ in case or spaces only"),
+                        (["a", "c"], "class 1 is 'b' in the dataset, 'c' in the adapter")):
+        with pytest.raises(C.ConfigError, match=said):
+            _check_class_names(names, ["a", "b"], args)
+    _check_class_names(["b", "a"], ["a", "b"], types.SimpleNamespace(**{**vars(args), "ignore_class_names": True}))
