@@ -568,6 +568,22 @@ def test_a_cell_over_fewer_seeds_than_the_heading_says_so():
     assert "(n=k): a cell over k of the seeds" in md
 
 
+def test_table_columns_stay_apart_and_say_which_had_no_validation_split():
+    """--suite any: vtab/dtd beside hta/dtd were two "dtd" columns; a whole --suite hta sweep's
+    CIFAR columns (no validation split: the last epoch) stood under "selected on the validation
+    split" unmarked (review)."""
+    from svp.engine.sweep import markdown_table
+    sel, last = "epoch with the best validation top1 on split 'val'", "no validation split: the last epoch"
+    rows = [{"method": "svp", "dataset": d, "seed": 0, "status": "ok", "val_selected_test_top1": v, "selection": s}
+            for d, v, s in (("vtab/dtd", 10.0, last), ("hta/dtd", 90.0, sel), ("hta/cifar10", 50.0, last))]
+    md = markdown_table("any", rows, [("vtab/dtd", "vtab"), ("hta/dtd", "hta"), ("hta/cifar10", "hta")], ["svp"], [0])
+    header = [h.strip() for h in md.strip().splitlines()[2].split("|")[1:-1]]
+    assert header[1:4] == ["vtab/dtd †", "hta/dtd", "cifar10 †"], header
+    assert "†: no validation split, so the last epoch's test top-1" in md
+    md = markdown_table("any", rows, [("hta/dtd", "hta")], ["svp"], [0])
+    assert "†" not in md
+
+
 def test_table_title_says_when_there_was_no_validation_split():
     from svp.engine.sweep import markdown_table
     rows = [{"method": "svp", "dataset": "digits", "seed": 0, "status": "ok", "val_selected_test_top1": 50.0,

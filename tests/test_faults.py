@@ -1120,6 +1120,66 @@ def test_predict_classifies_batch_by_batch_in_the_images_order(tmp_path, capsys,
     assert got.out.splitlines()[-1].startswith("  unreadable image: ")
 
 
+def test_predict_reads_the_adapter_folder_once(tmp_path, capsys, monkeypatch, mini_run):
+    """svp predict/eval read an adapter folder three times (its description, its weights, its
+    class names): a folder replaced meanwhile (a run's best/ at an epoch's end) gave one
+    adapter's weights under the other's class names (review). Replaced as the backbone is built,
+    the answer is now wholly the first folder's."""
+    import shutil
+
+    import torch
+
+    import svp
+    import svp.build as B
+    src, other = tmp_path / "ad", tmp_path / "other"
+    shutil.copytree(mini_run / "best", src)
+    pm = svp.load_adapter(B.build_backbone(B.adapter_spec(str(src)), skip_init=True), str(src))
+    with torch.no_grad():   # another head: class k of src is class 9-k here, named so
+        pm.base_model.head.weight.copy_(pm.base_model.head.weight.flip(0))
+        pm.base_model.head.bias.copy_(pm.base_model.head.bias.flip(0))
+    pm.save(str(other), base_model_name="vim_mini_patch4_32", class_names=[f"digit{9 - k}" for k in range(10)])
+    shutil.copy(src / "backbone.json", other)
+    image = str(tmp_path / "x.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    assert svp_main(["predict", str(src), image, "--topk", "1", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)[0]["top"][0]
+    real = B.build_backbone
+
+    def swapping(spec, skip_init=False):
+        if not getattr(swapping, "done", False):
+            swapping.done = True
+            os.rename(src, str(src) + ".old")
+            os.rename(other, src)
+        return real(spec, skip_init)
+    monkeypatch.setattr(B, "build_backbone", swapping)
+    assert svp_main(["predict", str(src), image, "--topk", "1", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["top"][0]
+    assert (got["class"], got["index"]) == (alone["class"], alone["index"])
+    assert got["prob"] == pytest.approx(alone["prob"], abs=1e-6)
+
+
+def test_a_moved_backbone_checkpoint_is_said_as_the_adapters_record(tmp_path, capsys):
+    """The checkpoint an adapter's backbone.json names, moved: "checkpoint '...': file not found"
+    said neither where the path came from nor the documented answer, --checkpoint (review)."""
+    import shutil
+
+    from svp.models.vim_mini import mini_asset_path
+    ck = tmp_path / "backbone.safetensors"
+    shutil.copy(mini_asset_path(), ck)
+    assert svp_main(["train", *MINI, "model.checkpoint=" + str(ck), "--output", str(tmp_path / "runs"),
+                     "--name", "c"]) == 0
+    image = str(tmp_path / "x.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    ck.rename(tmp_path / "moved.safetensors")
+    capsys.readouterr()
+    best = str(tmp_path / "runs" / "c" / "best")
+    assert svp_main(["predict", best, image]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(ck)!r} (recorded in {os.path.join(best, 'backbone.json')}): file not found" in err, err
+    assert "pass --checkpoint FILE" in err
+    assert svp_main(["predict", best, image, "--checkpoint", str(tmp_path / "moved.safetensors")]) == 0
+
+
 def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypatch, mini_run):
     import timm.models._builder as builder
 
@@ -1572,9 +1632,19 @@ def test_a_full_disk_is_one_line_wherever_it_stops_a_write(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert err.count("cannot write") == 1 and "Logging error" not in err and "No space left" in err
     # the sweep's tables
-    monkeypatch.setattr(S.ck, "atomic_write_text", lambda *a: (_ for _ in ()).throw(full))
+    S.write_outputs(str(tmp_path), "mini", [], [("digits", "mini")], ["linear"], [0])
+    before = {f: (tmp_path / f).read_bytes() for f in ("results.csv", "results.md")}
+    import svp.io as sio
+    real_temp = sio._write_temp
+    # the disk fills as results.md is written: the three files are one group, every old one stays
+    # (each was whole, but a results.csv of this sweep stood beside the results.md of the last: review)
+    monkeypatch.setattr(sio, "_write_temp", lambda path, write: (_ for _ in ()).throw(full)
+                        if path.endswith("results.md") else real_temp(path, write))
+    row = {"method": "linear", "dataset": "digits", "seed": 0, "status": "ok", "val_selected_test_top1": 50.0}
     with pytest.raises(ConfigError, match=r"cannot write the sweep's results \(No space left on device\).*reuses them"):
-        S.write_outputs(str(tmp_path), "mini", [], [("digits", "mini")], ["linear"], [0])
+        S.write_outputs(str(tmp_path), "mini", [row], [("digits", "mini")], ["linear"], [0])
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".svp-tmp")]   # no temporary left
 
 
 def test_a_second_signal_while_workers_start_stops_once_they_have_started(monkeypatch):

@@ -388,3 +388,23 @@ def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
     import signal
     assert r.stdout.split("\n")[:2] == [f"stop {int(signal.SIGTERM)}", "still running"], r.stdout + r.stderr
     assert "not exited" not in r.stdout and r.returncode == 1
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_fails_its_run_alone(tmp_path, caplog):
+    """--jobs 2: a worker killed by a signal (the out-of-memory killer; here debug.kill_at_step,
+    a SIGKILL after step 1's resume point) broke the pool: the sweep crashed with a traceback, the
+    run beside it was stopped, and no table was written (review). Each affected run now goes again
+    in a process of its own: the killed one resumes from its resume point (a resume drops debug.*)."""
+    import logging
+    out = str(tmp_path / "s")
+    with caplog.at_level(logging.WARNING, logger="svp.engine.sweep"):
+        res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["run.save_every_steps=1"], jobs=2,
+                    tune=["debug.kill_at_step=null,1"])
+    tuning = json.load(open(os.path.join(out, "tuning.json")))
+    grid = tuning["cells"][0]["grid"]
+    # (the run beside it was stopped with it, and resumed, or had finished first)
+    assert grid[0]["status"] in ("ok", "resumed") and grid[1]["status"] == "resumed", grid
+    assert all(g["val_top1"] is not None for g in grid), grid
+    assert "a worker process died (killed by a signal" in caplog.text
+    assert os.path.isfile(res["csv"]) and os.path.isfile(res["markdown"])

@@ -96,11 +96,16 @@ def test_a_sweep_that_selects_by_loss_tunes_by_loss(tmp_path, monkeypatch):
             json.dump(res, f)
         return res
     monkeypatch.setattr(loop, "train", with_loss)
-    out = str(tmp_path / "sw")
+    monkeypatch.chdir(tmp_path)
+    out = "sw"   # (relative: tuning.json's run folders are written absolute)
     res = sweep("mini", ["linear"], [0], out, ["digits"], (), TINY + ["eval.metric=loss"],
                 tune=["train.lr=3.0,0.3,0.03"])
     cell = json.load(open(os.path.join(out, "tuning.json")))["cells"][0]
     assert cell["chosen"] == {"train.lr": "0.3"} and cell["scored_by"] == "val_loss"
+    # (run folders as absolute paths: relative to where the sweep started they did not resolve
+    # from where tuning.json lives, review)
+    assert all(os.path.isabs(g["run_dir"]) for g in cell["grid"]) and all(
+        os.path.isabs(f["run_dir"]) for f in cell["finals"])
     assert [g["val_loss"] for g in cell["grid"]] == [15.8, 1.46, 2.0] and [g["val_top1"] for g in cell["grid"]] == [
         70.0, 70.0, 60.0]
     md = open(res["markdown"]).read()
@@ -275,6 +280,10 @@ def test_vtab_tuning_trains_on_train800_and_scores_on_val200():
     assert pair("cub200")[0] == ("train", "val")                       # HTA: its own train / val
     assert pair("vtab/dtd", "data.train_split=train800")[0] == ("train800", "val")
     assert pair("vtab/dtd", "data.val_split=val200")[0] == ("train800val200", "val200")  # the user's pair stays
+    # a validation split asked to be carved out of the training split is carved out of the split the
+    # grid trains on: with VTAB's own pair the grid trained on train800 and was scored on a carve of
+    # train800val200, mostly train800's images (review)
+    assert pair("vtab/dtd", "data.options.val_from_train=0.25")[0] == ("train800val200", "val")
 
 
 def test_a_grid_folder_of_the_old_name_is_reused(tmp_path):

@@ -49,6 +49,9 @@ class ModelSpec:
     drop_path_rate: Optional[float] = None
     init_seed: Optional[int] = None   # None: draw random parts from the global RNG
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # recipe, dataset, method, epoch...
+    # the class names an adapter folder recorded, before adapter_spec fills in "0".."n-1" for one
+    # without (svp eval checks these alone); not written by to_dict
+    recorded_class_names: List[str] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
     @property
     def weights(self) -> str:
@@ -73,7 +76,8 @@ class ModelSpec:
             f"for a random backbone (--random-init / model.random_init=true)")
 
     def to_dict(self) -> Dict[str, Any]:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "drop_path_rate")}
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if k not in ("extra", "drop_path_rate", "recorded_class_names")}
         d.update(self.extra)
         return d
 
@@ -104,7 +108,7 @@ class ModelSpec:
             if d.get(key) is not None:
                 sizes.setdefault(key, d[key])
         check_model_kwargs(sizes, source)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "recorded_class_names"}
         known = {k: v for k, v in d.items() if k in names}
         # backbone.json files written before random_init existed: no weights recorded means random
         known.setdefault("random_init", not (d.get("checkpoint") or d.get("pretrained")))
@@ -280,22 +284,27 @@ def _materialise(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return model
 
 
-def build_model(spec: ModelSpec, adapter_dir: Optional[str] = None) -> nn.Module:
+def build_model(spec: ModelSpec, adapter_dir: Optional[str] = None, files=None) -> nn.Module:
     """The backbone of ``spec``; with ``adapter_dir`` (written by ``PeftModel.save``) the
-    adapted :class:`~svp.peft.PeftModel` on it (refused when the base weights differ)."""
+    adapted :class:`~svp.peft.PeftModel` on it (refused when the base weights differ); ``files``:
+    that folder's files already read (:func:`svp.peft.io.read_adapter_files`)."""
     if adapter_dir is None:
         return build_backbone(spec)
     backbone = build_backbone(spec, skip_init=True)
     import svp.peft as peft
-    if not os.path.isdir(adapter_dir):
+    if files is None and not os.path.isdir(adapter_dir):
         raise AdapterError(f"{adapter_dir}: not an adapter folder (expected adapter.safetensors + "
                            f"adapter_config.json written by PeftModel.save)")
     try:
+        if files is not None:
+            from .peft.base import load_adapter_files
+            return load_adapter_files(backbone, files)
         return peft.load_adapter(backbone, adapter_dir)
     except (FileNotFoundError, ValueError) as e:  # a missing file, or tensors that do not fit
         if isinstance(e, AdapterError):
             raise
-        raise AdapterError(f"{adapter_dir}: {e}") from None
+        # (the folder once: "nw: no adapter.safetensors in nw", review)
+        raise AdapterError(str(e) if adapter_dir in str(e) else f"{adapter_dir}: {e}") from None
 
 
 def read_backbone_spec(path: str, data: Optional[bytes] = None) -> ModelSpec:
@@ -316,12 +325,34 @@ def read_backbone_spec(path: str, data: Optional[bytes] = None) -> ModelSpec:
 
 
 def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                 pretrained: bool = False, random_init: bool = False) -> ModelSpec:
+                 pretrained: bool = False, random_init: bool = False, files=None) -> ModelSpec:
     """The backbone an adapter was trained on: ``<adapter_dir>/backbone.json`` (written by
     ``svp train``), with ``model``/``checkpoint`` overriding it (another ``model`` takes
-    only the weights asked for: ``checkpoint``, ``pretrained``, ``random_init`` or bundled)."""
+    only the weights asked for: ``checkpoint``, ``pretrained``, ``random_init`` or bundled).
+    ``files``: the folder's files already read (:func:`svp.peft.io.read_adapter_files`), so that
+    the spec, the weights and the class names come from one state of the folder."""
     import svp.peft as peft
+    from .peft.io import ADAPTER_CONFIG, BACKBONE_SPEC
 
+    check_adapter_folder(adapter_dir)
+    if files is not None:
+        info = peft.read_adapter_config(adapter_dir, files.data[ADAPTER_CONFIG])
+        data = files.data.get(BACKBONE_SPEC)
+        spec = (read_backbone_spec(files.path(BACKBONE_SPEC), data=data) if data is not None
+                else _spec_without_backbone_json(adapter_dir, info, model))
+        return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+    try:
+        info = peft.read_adapter_config(adapter_dir)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
+    spec_path = os.path.join(adapter_dir, "backbone.json")
+    spec = (read_backbone_spec(spec_path) if os.path.isfile(spec_path)
+            else _spec_without_backbone_json(adapter_dir, info, model))
+    return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+
+
+def check_adapter_folder(adapter_dir: str) -> None:
+    """``adapter_dir`` is a folder, or a ConfigError saying what it is."""
     if not os.path.isdir(adapter_dir):   # (a missing one was "not a folder" too)
         try:
             st = os.lstat(adapter_dir)
@@ -330,25 +361,26 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
         except OSError as e:   # (a parent the user may not search is EACCES, not "no such folder")
             what = "no such folder" if e.errno == errno.ENOENT else (e.strerror or str(e))
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
+
+
+def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:
+    name = model or info.get("base_model_name")
+    if not name:
+        raise ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
+    # adapters converted before convert-official-svp wrote backbone.json keep their model arguments here
+    kw = (info.get("extra") or {}).get("model_kwargs") if isinstance(info.get("extra"), dict) else None
+    kw = dict(kw) if isinstance(kw, dict) else {}
     try:
-        info = peft.read_adapter_config(adapter_dir)
-    except FileNotFoundError as e:
+        check_model_kwargs(kw, os.path.join(adapter_dir, "adapter_config.json"))
+    except ConfigError as e:
         raise AdapterError(str(e)) from None
-    spec_path = os.path.join(adapter_dir, "backbone.json")
-    if os.path.isfile(spec_path):
-        spec = read_backbone_spec(spec_path)
-    else:
-        name = model or info.get("base_model_name")
-        if not name:
-            raise ConfigError(f"{adapter_dir}: no backbone.json; pass --model (and --checkpoint)")
-        # adapters converted before convert-official-svp wrote backbone.json keep their model arguments here
-        kw = (info.get("extra") or {}).get("model_kwargs") if isinstance(info.get("extra"), dict) else None
-        kw = dict(kw) if isinstance(kw, dict) else {}
-        try:
-            check_model_kwargs(kw, os.path.join(adapter_dir, "adapter_config.json"))
-        except ConfigError as e:
-            raise AdapterError(str(e)) from None
-        spec = ModelSpec(model=name, init_seed=0, kwargs=kw, extra={"recipe": "svp"})
+    return ModelSpec(model=name, init_seed=0, kwargs=kw, extra={"recipe": "svp"})
+
+
+def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, checkpoint, pretrained,
+                         random_init) -> ModelSpec:
+    # (the names the folder records, before any are filled in: svp eval checks those alone)
+    spec.recorded_class_names = [str(n) for n in (info.get("class_names") or spec.class_names or [])]
     if model or checkpoint or pretrained or random_init:
         spec.model = model or spec.model
         spec.checkpoint, spec.pretrained, spec.random_init = checkpoint, pretrained, random_init
@@ -364,21 +396,29 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
 def recorded_class_names(adapter_dir: str) -> List[str]:
     """The class names an adapter folder records (adapter_config.json's, else backbone.json's),
     or [] where it records none (``adapter_spec`` fills those in as "0".."n-1")."""
-    import svp.peft as peft
-
-    names = peft.read_adapter_config(adapter_dir).get("class_names")
-    spec_path = os.path.join(adapter_dir, "backbone.json")
-    if not names and os.path.isfile(spec_path):
-        names = read_backbone_spec(spec_path).class_names
-    return [str(n) for n in names or []]
+    return adapter_spec(adapter_dir).recorded_class_names
 
 
 def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
                        device: str = "auto", pretrained: bool = False, random_init: bool = False):
-    """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device)."""
-    spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init)
+    """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device). The
+    folder is read once: its backbone description, weights and class names come from one state
+    of it (read three times, a folder replaced meanwhile, e.g. a run's best/ at an epoch's end,
+    gave one adapter's weights under the other's class names: review)."""
+    from .peft.io import BACKBONE_SPEC, read_adapter_files
+
+    check_adapter_folder(adapter_dir)
+    try:
+        files = read_adapter_files(adapter_dir)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
+    spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
+    if not checkpoint and spec.checkpoint and not os.path.exists(spec.checkpoint):
+        # (the path came from the folder, not the user: say so, and what to do)
+        raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {os.path.join(adapter_dir, BACKBONE_SPEC)}):"
+                              f" file not found; if it moved, pass --checkpoint FILE")
     dev = torch.device(pick_device(device))
-    model = build_model(spec, adapter_dir).to(dev).eval()
+    model = build_model(spec, adapter_dir, files=files).to(dev).eval()
     # nothing trains here: frozen, the mixers keep what they derive from their weights (svp.ops.kept)
     model.requires_grad_(False)
     if spec.img_size is None:  # no backbone.json: the model's own input size

@@ -325,8 +325,7 @@ def cmd_eval(args) -> int:
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
-    from ..build import recorded_class_names
-    _check_class_names(recorded_class_names(args.adapter_dir), ds.classes, args)
+    _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,

@@ -25,8 +25,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ResumeError
-from ..io import json_text, mkdir_error
-from . import checkpoint as ck
+from ..io import atomic_write_group, json_text, mkdir_error
 from . import config as C
 from .select import mean_std
 from .tune import load_or_resume
@@ -209,7 +208,19 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     for d, g in datasets:
         groups.setdefault(g, []).append(d)
     cols = [d for d, _ in datasets]
-    short = {d: md_text(d.split("/")[-1]) for d in cols}
+    # the suite's prefix dropped (vtab/dtd -> dtd) unless two columns would then share a name
+    # (--suite any: vtab/dtd beside hta/dtd were two "dtd" columns, review)
+    tails = [d.split("/")[-1] for d in cols]
+    short = {d: md_text(t if tails.count(t) == 1 else d) for d, t in zip(cols, tails)}
+    # columns whose runs had no validation split under a title that says "selected on the
+    # validation split": marked (a whole --suite hta sweep's CIFAR columns were last-epoch numbers)
+    unselected = set()
+    if metric == "val_selected_test_top1" and not titles[metric].startswith("test top-1 (%) after the last"):
+        for d in cols:
+            runs = [r for r in rows if r.get("dataset") == d and r.get("status") != "failed"]
+            if runs and all(str(r.get("selection", "")).startswith("no validation") for r in runs):
+                unselected.add(d)
+                short[d] += " †"
     avg_cols: List[Tuple[str, Any]] = []
     if suite == "vtab":
         for g in ("vtab-natural", "vtab-specialized", "vtab-structured"):
@@ -224,7 +235,8 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     out = [f"**{titles.get(metric, metric)}**; mean ± std over seeds {', '.join(map(str, seeds))}; "
            f"averages are taken per seed over the datasets, then mean ± std over seeds "
            f"(only seeds with every dataset); (n=k): a cell over k of the seeds, the others failed or "
-           f"missing. Parameters and adapter size: mean over datasets.", "",
+           f"missing. Parameters and adapter size: mean over datasets."
+           + (" †: no validation split, so the last epoch's test top-1 (no selection)." if unselected else ""), "",
            "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     def cell(values: List[float]) -> str:
         # a cell over fewer seeds than the heading's says so (it read as a whole one: QA 16d)
@@ -317,14 +329,16 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
     for r in rows:
         w.writerow(r)
     csv_path = os.path.join(output, "results.csv")
-    ck.atomic_write_text(csv_path, buf.getvalue())
+    # the three files as one group: each was whole, but a failure part-way (a full disk) left a
+    # results.csv and tuning.json of this sweep beside the results.md of the last (review)
+    texts = [(csv_path, buf.getvalue())]
     md = [f"# svp sweep: suite {md_text(suite)}", ""]
     if tuning is not None:
         from .tune import PROTOCOL_TITLES
         md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
                + "; ".join(f"{md_text(k)} in {', '.join(map(md_text, v))}" for k, v in tuning["grid_spec"])
                + ". The tables report the chosen setting's final runs.", ""]
-        ck.atomic_write_text(os.path.join(output, "tuning.json"), json_text(tuning, indent=1, default=str))
+        texts.append((os.path.join(output, "tuning.json"), json_text(tuning, indent=1, default=str)))
     report_rows = [r for r in rows if r.get("role") != "grid"]
     md += [markdown_table(suite, report_rows, datasets, methods, seeds, "val_selected_test_top1"), "",
            markdown_table(suite, report_rows, datasets, methods, seeds, "final_test_top1")]
@@ -333,7 +347,14 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
     if tuning is not None:
         md += ["", selection_table(tuning)]
     md_path = os.path.join(output, "results.md")
-    ck.atomic_write_text(md_path, "\n".join(md))
+    texts.append((md_path, "\n".join(md)))
+
+    def writer(text):
+        def write(path):
+            with open(path, "wb") as f:
+                f.write(text.encode("utf-8", "surrogateescape"))
+        return write
+    atomic_write_group([(path, writer(text)) for path, text in texts])
     return csv_path, md_path
 
 

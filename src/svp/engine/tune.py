@@ -209,13 +209,16 @@ def selection_splits(dataset: str, cfg: dict) -> Tuple[str, str]:
         return str(d["train_split"]), str(d["val_split"])
     import svp.data as data
     info = data.dataset_info(dataset)
+    if (d["options"] or {}).get("val_from_train"):
+        # asked for: a validation split carved out of the configured training split, whose
+        # remainder that split then returns (first: with VTAB-1k's own pair the grid trained on
+        # train800, which the carve does not touch, and was scored on images of it, review)
+        return str(d["train_split"]), "val"
     if info.selection_splits.get("val"):
         train = d["train_split"]
         if train == info.default_splits.get("train") and info.selection_splits.get("train"):
             train = info.selection_splits["train"]  # the official training split: its selection part
         return str(train), "val"
-    if (d["options"] or {}).get("val_from_train"):
-        return str(d["train_split"]), "val"
     raise C.ConfigError(f"--tune needs a validation split and {info.name} has none: carve one out of the "
                         f"training split with data.options.val_from_train=0.1 (or set data.val_split)")
 
@@ -400,8 +403,8 @@ class Runner:
             import concurrent.futures as cf
             import multiprocessing as mp
             from .signals import StopRequest
+            ctx = mp.get_context("spawn")
             if self._pool is None:
-                ctx = mp.get_context("spawn")
                 # the workers' stop request: a signal sent to this process alone does not reach them
                 self._stop = ctx.RawValue("i", 0)
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
@@ -411,17 +414,50 @@ class Runner:
                 "sweep exits when they have", name)).install()
             # each run's name within the sweep begins its stderr lines (svp.engine.progress.worker_label)
             root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
+            label = {i: os.path.relpath(os.path.abspath(run_dir), root) for i, run_dir, _ in todo}
+            broken = []
             try:
                 self._check_stop()
-                futs = {self._pool.submit(_run_safely, run_dir, cfg, os.path.relpath(os.path.abspath(run_dir), root)):
-                        i for i, run_dir, cfg in todo}
+                futs = {self._pool.submit(_run_safely, run_dir, cfg, label[i]): i for i, run_dir, cfg in todo}
                 for k, f in enumerate(cf.as_completed(futs), 1):
-                    out[futs[f]] = f.result()
-                    log.info("[%d/%d] finished %s", k, len(todo), tasks[futs[f]][0])
+                    i = futs[f]
+                    try:
+                        out[i] = f.result()
+                    except cf.process.BrokenProcessPool:
+                        broken.append(i)
+                        continue
+                    if out[i][0] is None:
+                        log.info("[%d/%d] failed %s", k, len(todo), tasks[i][0])
+                    else:
+                        log.info("[%d/%d] finished %s", k, len(todo), tasks[i][0])
+                if broken:
+                    # a worker killed by a signal (the out-of-memory killer) broke the pool, which
+                    # ended the others: each affected run again in a process of its own, so that
+                    # the one that dies again fails alone (the sweep crashed with a traceback, its
+                    # other runs stopped and no table written: review)
+                    self._pool.shutdown(wait=True, cancel_futures=True)
+                    self._pool = None
+                    log.warning("a worker process died (killed by a signal: out of memory?), and the runs beside "
+                                "it stopped with it: %d run(s) again, each in a process of its own", len(broken))
+                    cfgs = {i: cfg for i, _, cfg in todo}
+                    for i in sorted(broken):
+                        self._check_stop()
+                        out[i] = self._run_alone(tasks[i][0], cfgs[i], label[i], ctx)
             finally:
                 stop.restore()
             self._check_stop()  # every run finished before it could stop: start nothing more
         return [o if o is not None else (None, "not run") for o in out]
+
+    def _run_alone(self, run_dir: str, cfg: dict, label: str, ctx) -> Tuple[Optional[dict], str]:
+        """One run in a worker process of its own; its death fails this run only."""
+        import concurrent.futures as cf
+        with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
+                                    initargs=(self._stop,)) as pool:
+            try:
+                return pool.submit(_run_safely, run_dir, cfg, label).result()
+            except cf.process.BrokenProcessPool:
+                log.error("run %s failed: its worker process died (killed by a signal: out of memory?)", run_dir)
+                return None, "its worker process died (killed by a signal: out of memory?)"
 
     def _check_stop(self) -> None:
         if self._stop is not None and self._stop.value:
@@ -524,7 +560,7 @@ def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str
         "label": label, "protocol": protocol, "grid_seed": int(seeds[0]), "scored_by": by,
         "grid": [{"point": dict(p), "label": point_label(p), "val_top1": v.get("val_top1") if s is not None else None,
                   "val_loss": (-s if by == "val_loss" else v.get("val_loss")) if s is not None else None,
-                  "score": s, "run_dir": d,
+                  "score": s, "run_dir": os.path.abspath(d),
                   "status": res.get("status", "ok") if res else "failed", "error": err}
                  for p, (d, _), s, v, (res, err) in zip(points, grid, scores, sel, grid_results)],
         "chosen": None, "chosen_label": None, "finals": []}
@@ -544,7 +580,7 @@ def select(points: List[Point], seeds: Sequence[int], folder: str, protocol: str
 
 
 def record_finals(cell: Dict[str, Any], seeds: Sequence[int], tasks, results) -> None:
-    cell["finals"] = [{"seed": int(s), "run_dir": d, "results": res, "error": err}
+    cell["finals"] = [{"seed": int(s), "run_dir": os.path.abspath(d), "results": res, "error": err}
                       for s, (d, _), (res, err) in zip(seeds, tasks, results)]
 
 

@@ -393,8 +393,9 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
 
 def _check_bare_backbone(model: nn.Module) -> None:
     if isinstance(model, PeftModel):
-        raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass "
-                        "peft_model.unload(), or a freshly built backbone")
+        raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass a freshly "
+                        "built backbone (or peft_model.unload() where its method changed no backbone weights: "
+                        "not BitFit or full fine-tuning, whose trained weights stay in place)")
     _check_backbone(model, "load_adapter")   # before the hash reads its weights
 
 

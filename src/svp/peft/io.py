@@ -270,8 +270,10 @@ def _read_once(directory: str) -> AdapterFiles:
         for name in ADAPTER_FILES:
             path = os.path.join(directory, name)
             try:   # (not blocking: a FIFO in the folder's place of a file would hold the open forever)
-                fd = os.open(name if dir_fd is not None else path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0),
-                             dir_fd=dir_fd)
+                # (O_BINARY: on Windows os.open is in text mode without it, which turned CR LF into LF
+                # and stopped at byte 0x1A, so every adapter read as changed while read: review)
+                fd = os.open(name if dir_fd is not None else path,
+                             os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
             except FileNotFoundError:
                 if _moved(directory, dir_fd):
                     raise _Changed() from None   # removed or replaced since the folder was opened
