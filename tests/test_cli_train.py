@@ -585,13 +585,13 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8", "--ignore-class-names"]) == 0
     # an adapter that recorded no names (convert-official-svp without --class-names, PeftModel.save
     # without them) is not checked: the names "0".."n-1" filled in for it were (review)
-    from svp.build import recorded_class_names
-    assert recorded_class_names(best) == [str(i) for i in range(10)]
+    from svp.build import adapter_spec
+    assert adapter_spec(best).recorded_class_names == [str(i) for i in range(10)]
     for f in ("backbone.json", "adapter_config.json"):
         d = json.loads((other / f).read_text())
         d["class_names"] = None if f == "adapter_config.json" else []
         (other / f).write_text(json.dumps(d))
-    assert recorded_class_names(str(other)) == []
+    assert adapter_spec(str(other)).recorded_class_names == []
 
 
 # ---------------------------------------------------------------- sweep

@@ -393,30 +393,34 @@ def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, c
     return spec
 
 
-def recorded_class_names(adapter_dir: str) -> List[str]:
-    """The class names an adapter folder records (adapter_config.json's, else backbone.json's),
-    or [] where it records none (``adapter_spec`` fills those in as "0".."n-1")."""
-    return adapter_spec(adapter_dir).recorded_class_names
+def read_adapter_folder(adapter_dir: str):
+    """An adapter folder's files read once (:func:`svp.peft.io.read_adapter_files`), for
+    :func:`adapter_spec` and :func:`build_model` to take the backbone description, the weights
+    and the class names from one state of it (read three times, a folder replaced meanwhile,
+    e.g. a run's best/ at an epoch's end, gave one adapter's weights under the other's class
+    names: review)."""
+    from .peft.io import read_adapter_files
+
+    check_adapter_folder(adapter_dir)
+    try:
+        return read_adapter_files(adapter_dir)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
 
 
 def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
                        device: str = "auto", pretrained: bool = False, random_init: bool = False):
-    """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device). The
-    folder is read once: its backbone description, weights and class names come from one state
-    of it (read three times, a folder replaced meanwhile, e.g. a run's best/ at an epoch's end,
-    gave one adapter's weights under the other's class names: review)."""
-    from .peft.io import BACKBONE_SPEC, read_adapter_files
+    """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device); the
+    folder read once (:func:`read_adapter_folder`)."""
+    from .peft.io import BACKBONE_SPEC
 
-    check_adapter_folder(adapter_dir)
-    try:
-        files = read_adapter_files(adapter_dir)
-    except FileNotFoundError as e:
-        raise AdapterError(str(e)) from None
+    files = read_adapter_folder(adapter_dir)
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
     if not checkpoint and spec.checkpoint and not os.path.exists(spec.checkpoint):
         # (the path came from the folder, not the user: say so, and what to do)
-        raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {os.path.join(adapter_dir, BACKBONE_SPEC)}):"
-                              f" file not found; if it moved, pass --checkpoint FILE")
+        recorded = os.path.join(adapter_dir, BACKBONE_SPEC)
+        raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {recorded}): file not found; if it "
+                              f"moved, pass --checkpoint FILE")
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir, files=files).to(dev).eval()
     # nothing trains here: frozen, the mixers keep what they derive from their weights (svp.ops.kept)

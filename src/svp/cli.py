@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Optional
 
-from .errors import SVPError, out_of_memory
+from .errors import SVPError, first_line, out_of_memory
 from .io import DISK_ERRNOS
 
 # module that provides register(subparsers); order is the order in --help
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         if not out_of_memory(e):
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         lower = (getattr(e, "advice", None) or OOM_ADVICE.get(args.command)
                  or "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers")
         print(f"svp {args.command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",

@@ -71,6 +71,12 @@ class OutOfMemoryIn(MemoryError):
         self.advice = advice
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text, or its type's name where it has none (torch's
+    allocator errors run over several lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Python's MemoryError, or a RuntimeError of torch's allocators (CPU and CUDA) or of a file
     mapped without memory left ("Cannot allocate memory"): the process's state, not the input's."""

@@ -437,9 +437,9 @@ def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-3)")
         key, text = item.split("=", 1)
         key = key.strip()
-        _check_key(key, f"override {item!r}")
+        sec, name = _check_key(key, f"override {item!r}")
         try:
-            out.append((key, parse_value(text, numbers=f"{key.split('.')[0]}.{key.split('.')[1]}" not in _TEXTUAL)))
+            out.append((key, parse_value(text, numbers=f"{sec}.{name.split('.')[0]}" not in _TEXTUAL)))
         except RepeatedKeyError as e:
             raise ConfigError(f"override {item!r}: {e}") from None
     return out

@@ -167,8 +167,8 @@ class Trainer:
             check_same_train_data(st.get("train_data"), data_id, self.folder.path)
             log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                      st["batch"], st["global_step"])
-            for note in self.notes:
-                if dinfo.is_main:
+            if dinfo.is_main:
+                for note in self.notes:
                     log.warning("%s", note)
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             held = st["training_values"]

@@ -49,20 +49,20 @@ def load_run_config(run_dir: str, overrides=(), notes: Optional[List[str]] = Non
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
         _pin_old_behaviour(saved, run_dir, notes)
-        train = saved.get("train")
-        if isinstance(train, dict) and "opt_fused" not in train:
-            # a run started before the key existed stepped with torch's per-tensor loop: keep it,
-            # so the resumed steps are the ones the uninterrupted run would have taken
-            train["opt_fused"] = False
-        if isinstance(train, dict) and "amp_cpu" not in train:
-            # likewise: train.amp was ignored on the CPU before the key existed
-            train["amp_cpu"] = False
     return C.resolve(overrides=overrides, base=saved, use_presets=False, check_blocks=False)
 
 
 def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
     """What a run started by an older svp did where that svp had no key for it (QA 16c: each
     resumed silently with the new behaviour, unlike the uninterrupted run)."""
+    train = saved.get("train")
+    if isinstance(train, dict) and "opt_fused" not in train:
+        # a run started before the key existed stepped with torch's per-tensor loop: keep it,
+        # so the resumed steps are the ones the uninterrupted run would have taken
+        train["opt_fused"] = False
+    if isinstance(train, dict) and "amp_cpu" not in train:
+        # likewise: train.amp was ignored on the CPU before the key existed
+        train["amp_cpu"] = False
     model = saved.get("model")
     if isinstance(model, dict) and "random_init" not in model:
         # before model.random_init (2026-11-29) a model without weights given was random, the
@@ -76,9 +76,10 @@ def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
     if isinstance(method, dict) and method.get("name") == "svp" and (settings is None or isinstance(settings, dict)):
         settings = dict(settings or {})
         block = settings.get("svp") if isinstance(settings.get("svp"), dict) else {}
-        names = None
-        for f in (ck.RESUME_FILE, "final_state.safetensors"):
-            names = ck.saved_names(os.path.join(run_dir, f)) if names is None else names
+        # (the resume point's names; a finished run's, from its final state)
+        names = ck.saved_names(os.path.join(run_dir, ck.RESUME_FILE))
+        if names is None:
+            names = ck.saved_names(os.path.join(run_dir, "final_state.safetensors"))
         if "backbone_train_mode" not in block and "backbone_train_mode" not in settings and names is not None \
                 and "train_data" not in names:
             # SVP trained its frozen backbone in eval mode (DropPath off) until 2026-12-05 05:21 UTC, but

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
-from ..errors import ConfigError, DatasetError, OutOfMemoryIn, out_of_memory
+from ..errors import ConfigError, DatasetError, OutOfMemoryIn, first_line, out_of_memory
 from .seeds import seed_everything
 
 log = logging.getLogger("svp.engine")
@@ -209,8 +209,7 @@ def build_method(backbone: nn.Module, cfg: dict, num_classes: int) -> nn.Module:
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OutOfMemoryIn(f"building method {name!r} with method.settings={settings}: {why}",
+        raise OutOfMemoryIn(f"building method {name!r} with method.settings={settings}: {first_line(e)}",
                             "smaller method.settings where they size the method's own tensors (SVP's hidden, VPT's "
                             "num_tokens, LoRA's r, the adapter's bottleneck)") from None
 

@@ -25,7 +25,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ResumeError
-from ..io import atomic_write_group, json_text, mkdir_error
+from ..io import atomic_write_group, bytes_writer, json_text, mkdir_error
 from . import config as C
 from .select import mean_std
 from .tune import load_or_resume
@@ -196,8 +196,12 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     titles = {"val_selected_test_top1": "test top-1 (%) of the epoch selected on the validation split",
               "final_test_top1": "test top-1 (%) after the last epoch",
               "official_best_test_top1": "OFFICIAL PROTOCOL: best test top-1 (%) over epochs (selected on test)"}
-    if metric == "val_selected_test_top1" and rows and all(
-            str(r.get("selection", "")).startswith("no validation") for r in rows if r.get("status") != "failed"):
+    live = [r for r in rows if r.get("status") != "failed"]
+
+    def last_epoch(r):   # a run without a validation split: its "selected" epoch is the last
+        return str(r.get("selection", "")).startswith("no validation")
+    all_last = metric == "val_selected_test_top1" and bool(rows) and all(last_epoch(r) for r in live)
+    if all_last:
         titles[metric] = "test top-1 (%) after the last epoch (no validation split, so no selection)"
     by = {}
     for r in rows:
@@ -214,12 +218,12 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
     short = {d: md_text(t if tails.count(t) == 1 else d) for d, t in zip(cols, tails)}
     # columns whose runs had no validation split under a title that says "selected on the
     # validation split": marked (a whole --suite hta sweep's CIFAR columns were last-epoch numbers)
-    unselected = set()
-    if metric == "val_selected_test_top1" and not titles[metric].startswith("test top-1 (%) after the last"):
+    marked = False
+    if metric == "val_selected_test_top1" and not all_last:
         for d in cols:
-            runs = [r for r in rows if r.get("dataset") == d and r.get("status") != "failed"]
-            if runs and all(str(r.get("selection", "")).startswith("no validation") for r in runs):
-                unselected.add(d)
+            runs = [r for r in live if r.get("dataset") == d]
+            if runs and all(last_epoch(r) for r in runs):
+                marked = True
                 short[d] += " †"
     avg_cols: List[Tuple[str, Any]] = []
     if suite == "vtab":
@@ -236,12 +240,11 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
            f"averages are taken per seed over the datasets, then mean ± std over seeds "
            f"(only seeds with every dataset); (n=k): a cell over k of the seeds, the others failed or "
            f"missing. Parameters and adapter size: mean over datasets."
-           + (" †: no validation split, so the last epoch's test top-1 (no selection)." if unselected else ""), "",
+           + (" †: no validation split, so the last epoch's test top-1 (no selection)." if marked else ""), "",
            "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     def cell(values: List[float]) -> str:
         # a cell over fewer seeds than the heading's says so (it read as a whole one: QA 16d)
-        short = values and len(values) < len(seeds)
-        return _mean_std(values) + (f" (n={len(values)})" if short else "")
+        return _mean_std(values) + (f" (n={len(values)})" if values and len(values) < len(seeds) else "")
 
     for m in methods:
         cells = [md_text(m)]
@@ -348,13 +351,7 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
         md += ["", selection_table(tuning)]
     md_path = os.path.join(output, "results.md")
     texts.append((md_path, "\n".join(md)))
-
-    def writer(text):
-        def write(path):
-            with open(path, "wb") as f:
-                f.write(text.encode("utf-8", "surrogateescape"))
-        return write
-    atomic_write_group([(path, writer(text)) for path, text in texts])
+    atomic_write_group([(path, bytes_writer(text.encode("utf-8", "surrogateescape"))) for path, text in texts])
     return csv_path, md_path
 
 

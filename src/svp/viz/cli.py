@@ -20,9 +20,6 @@ from .gates import DIRECTIONS, QUANTITIES, find_vim
 
 # --------------------------------------------------------------------------- inputs
 
-DEFAULT_MODEL = "vim_mini_patch4_32"
-
-
 def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_args: Optional[dict] = None,
                   pretrained: bool = False, random_init: bool = False, adapter_dir: Optional[str] = None,
                   backbone_of: Optional[str] = None):
@@ -33,19 +30,21 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     The bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
     ``pretrained`` or ``random_init``. (Until 2026-12-06 the adapters were put on the bundled mini
     Vim, or on ``--model`` drawn anew, whatever they recorded: refused by their weight hash.)"""
-    from ..build import ModelSpec, adapter_spec, build_model
+    from ..build import BUNDLED_MODEL, ModelSpec, adapter_spec, build_model, read_adapter_folder
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
     recorded = adapter_dir or (backbone_of if not name else None)
     spec = None
     try:
         if recorded:
-            spec = adapter_spec(recorded, name, checkpoint, pretrained, random_init)
+            # (an adapter's folder read once, as svp eval/predict read it: build.read_adapter_folder)
+            files = read_adapter_folder(adapter_dir) if adapter_dir else None
+            spec = adapter_spec(recorded, name, checkpoint, pretrained, random_init, files=files)
             spec.kwargs = dict(spec.kwargs, **(model_args or {}))
-        else:
-            spec = ModelSpec(name or DEFAULT_MODEL, checkpoint=checkpoint, pretrained=pretrained,
-                             random_init=random_init, kwargs=dict(model_args or {}))
-        return build_model(spec, adapter_dir).eval()
+            return build_model(spec, adapter_dir, files=files).eval()
+        spec = ModelSpec(name or BUNDLED_MODEL, checkpoint=checkpoint, pretrained=pretrained,
+                         random_init=random_init, kwargs=dict(model_args or {}))
+        return build_model(spec).eval()
     except ConfigError:
         raise
     except (SVPError, RuntimeError, ValueError, OSError) as e:
