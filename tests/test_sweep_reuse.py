@@ -408,3 +408,29 @@ def test_a_worker_killed_by_a_signal_fails_its_run_alone(tmp_path, caplog):
     assert all(g["val_top1"] is not None for g in grid), grid
     assert "a worker process died (killed by a signal" in caplog.text
     assert os.path.isfile(res["csv"]) and os.path.isfile(res["markdown"])
+
+
+def test_a_finished_run_is_not_reused_once_its_backbone_checkpoint_holds_other_weights(tmp_path):
+    """review of sweep.py: the configuration names the checkpoint file, not its contents; a
+    checkpoint replaced at the same path left finished runs on the old weights reused beside new
+    runs on the new ones, in one table. Rewritten with the same weights, the run is still reused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    ckpt = str(tmp_path / "backbone.safetensors")
+    shutil.copy(mini_asset_path("vim_mini_patch4_32.safetensors"), ckpt)
+    out = str(tmp_path / "sw")
+    args = ("mini", ["linear"], [0], out, ["digits"], (), REAL + [f"model.checkpoint={ckpt}"])
+    assert [r["status"] for r in sweep(*args)["rows"]] == ["ok"]
+    weights = load_file(ckpt)
+    save_file(weights, ckpt)   # another file (another mtime and inode), the same weights
+    assert [r["status"] for r in sweep(*args)["rows"]] == ["reused"]
+    name = next(k for k in sorted(weights) if k.endswith("norm_f.weight"))
+    weights[name] = weights[name] * 1.5
+    save_file(weights, ckpt)
+    (row,) = sweep(*args)["rows"]
+    assert row["status"] == "failed" and ckpt in row["error"] and "not reused" in row["error"], row
+    results = json.load(open(os.path.join(row["run_dir"], "results.json")))
+    assert results["epochs_run"] == 1   # left alone
+    with pytest.raises(C.ConfigError, match="replaced since the run"):
+        sweep(*args, fail_fast=True)

@@ -333,6 +333,53 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
             if RO.accepted(k) and not _same(before.get(k, _UNSET), v)]
 
 
+# (model, checkpoint file's identity, sizes) -> the base weights' hash, so that a sweep
+# reusing many finished runs of one backbone builds it once
+_BASE_HASHES: Dict[Tuple, str] = {}
+
+
+def check_same_backbone(run_dir: str) -> None:
+    """Refuse (:class:`ConfigError`) to reuse the finished run in ``run_dir`` when the backbone
+    checkpoint at its recorded path now holds other weights than its adapters were trained on
+    (``base_model_hash`` in ``last/adapter_config.json``). The configuration names the file, not
+    its contents: a checkpoint replaced at the same path left the sweep's table mixing runs on
+    two backbones. An interrupted run's resume point is checked by ``svp train --resume``;
+    hub weights (model.pretrained) and random backbones are not rebuilt here, and a checkpoint
+    no longer there cannot be compared (the run is reused)."""
+    from ..build import read_backbone_spec
+    from ..peft.io import base_weights_hash
+
+    last = os.path.join(run_dir, "last")
+    try:
+        with open(os.path.join(last, "adapter_config.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get("base_model_hash")
+        spec = read_backbone_spec(os.path.join(last, "backbone.json"))
+    except (OSError, ValueError, AttributeError):   # no last/ (an older layout): nothing to compare
+        return
+    if not recorded or spec.weights not in ("checkpoint", "bundled"):
+        return
+    if spec.weights == "checkpoint":
+        try:
+            st = os.stat(spec.checkpoint)
+        except OSError:
+            return
+        ident: Tuple = (spec.checkpoint, st.st_size, st.st_mtime_ns, st.st_ino)
+    else:
+        ident = ("bundled",)
+    key = (spec.model, ident, json.dumps(spec.kwargs, sort_keys=True, default=str), spec.img_size)
+    if key not in _BASE_HASHES:
+        from ..build import build_backbone
+        _BASE_HASHES[key] = base_weights_hash(build_backbone(spec, skip_init=True))
+    now = _BASE_HASHES[key]
+    if now != recorded:
+        where = f"the checkpoint {spec.checkpoint}" if spec.checkpoint else f"the bundled {spec.model}"
+        raise C.ConfigError(
+            f"run folder {run_dir} holds a finished run trained on backbone weights {recorded}, but "
+            f"{where} now holds weights {now} (replaced since the run?), so it is not reused: its results "
+            f"would sit in one table with runs on another backbone; use another --output for the new "
+            f"checkpoint, or delete the folder to train it again")
+
+
 def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dict[str, Any]]:
     """The results of a finished run (status ``reused``), of an interrupted one after
     resuming it (``resumed``, only with ``resume``), or None when the run has not started.
@@ -343,6 +390,7 @@ def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dic
     done = os.path.join(run_dir, "results.json")
     if os.path.isfile(done):
         check_same_config(run_dir, cfg, finished=True)
+        check_same_backbone(run_dir)
         with open(done) as f:
             res = json.load(f)
         res["status"] = "reused"
