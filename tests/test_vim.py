@@ -135,6 +135,30 @@ def test_the_mini_backbone_loads_a_file_as_the_full_models_do(tmp_path):
                                                                                                    "cut.pth")))
 
 
+def test_a_checkpoint_of_another_size_of_vim_names_both_sizes_and_the_model_to_build(tmp_path):
+    """A checkpoint of another Vim (the mini file given to the default Vim-S, an adapter's
+    backbone.json whose kwargs changed its depth) listed hundreds of tensors under "does not match
+    VisionMamba", blaming the file without saying which model it fits."""
+    sd = timm.create_model("vim_mini_patch4_32").state_dict()
+    path = tmp_path / "mini.pth"
+    torch.save({"model": sd}, path)
+    other = timm.create_model("vim_tiny_patch16_224", depth=2, num_classes=10)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint_into(other, str(path))
+    first = str(e.value).splitlines()[0]
+    assert "mini.pth does not match VisionMamba (the file holds a Vim of width 64, depth 8, patch 4" in first
+    assert "'vim_tiny_patch16_224' is one of width 192, depth 2, patch 16" in first
+    assert "build vim_mini_patch4_32 (--model / model.name)" in first and "unexpected: layers.2." in str(e.value)
+    shallow = timm.create_model("vim_mini_patch4_32", depth=3)
+    with pytest.raises(CheckpointError, match=r"depth 8, .*'vim_mini_patch4_32' is one of width 64, depth 3, .*"
+                                              r"built with arguments .* which is the file's\):\n  \d+ unexpected"):
+        load_checkpoint_into(shallow, str(path))
+    # a file of the model's own size with a tensor missing: the list alone, as before
+    torch.save({"model": {k: v for k, v in sd.items() if not k.startswith("layers.3.")}}, path)
+    with pytest.raises(CheckpointError, match=r"mini\.pth does not match VisionMamba:\n  \d+ missing: layers\.3\."):
+        load_checkpoint_into(timm.create_model("vim_mini_patch4_32"), str(path))
+
+
 @pytest.mark.parametrize("in_chans", [1, 4])
 def test_a_pretrained_backbone_takes_another_input_channel_count(tmp_path, in_chans):
     """timm adapts a pretrained first conv to in_chans (the sum for one channel, repeated and scaled

@@ -289,12 +289,65 @@ def mismatch_lines(expected: Mapping, given: Mapping, allow_missing=(), limit: i
             if items]
 
 
+def vim_shape(tensors: Mapping) -> Optional[dict]:
+    """A Vim state dict's (or model's) size as its tensors show it: width, depth, patch, state
+    size; None for tensors that are no Vim's."""
+    proj = tensors.get("patch_embed.proj.weight")
+    if proj is None or len(getattr(proj, "shape", ())) != 4:
+        return None
+    depths = [int(m.group(1)) for k in tensors for m in [re.match(r"layers\.(\d+)\.", k)] if m]
+    a_log = tensors.get("layers.0.mixer.A_log")
+    return {"width": int(proj.shape[0]), "depth": max(depths) + 1 if depths else 0,
+            "patch": int(proj.shape[-1]),
+            "d_state": int(a_log.shape[-1]) if a_log is not None and len(a_log.shape) == 2 else None}
+
+
+def _show_shape(shape: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in shape.items() if v is not None)
+
+
+def models_of_shape(shape: dict) -> List[str]:
+    """The registered vim_* models whose default size is ``shape`` (built on the meta device:
+    no memory, no weights)."""
+    import timm
+    names = []
+    for name in timm.list_models("vim_*"):
+        try:
+            with torch.device("meta"):
+                m = timm.create_model(name, pretrained=False, num_classes=0)
+        except Exception:  # noqa: BLE001  (a model that does not build so: not a candidate)
+            continue
+        if vim_shape(dict(m.state_dict())) == shape:
+            names.append(name)
+    return names
+
+
+def size_hint(model: nn.Module, state_dict: Mapping) -> str:
+    """Where a checkpoint does not fit because it is another size of Vim than ``model``: a
+    sentence saying both sizes and the models of the file's size; "" otherwise."""
+    have, want = vim_shape(state_dict), vim_shape(dict(model.state_dict()))
+    if have is None or want is None or have == want:
+        return ""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    which = models_of_shape(have)
+    if name in which:   # the model's own default size: the arguments it was built with made it another
+        advice = (f": {name} was built with arguments (model.kwargs, --model-args, or an adapter's "
+                  f"backbone.json) that change its size from its default, which is the file's")
+    else:
+        advice = f": build {' or '.join(which)} (--model / model.name) to load it" if which else ""
+    return (f"the file holds a Vim of {_show_shape(have)}; the model{f' {name!r}' if name else ''} is one of "
+            f"{_show_shape(want)}" + advice)
+
+
 def strict_load(model: nn.Module, state_dict: dict, source: str = "<checkpoint>",
                 allow_missing=()) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error."""
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor in one error
+    (with the sizes of both where the file is another size of Vim)."""
     lines = mismatch_lines({k: v.shape for k, v in model.state_dict().items()}, state_dict, allow_missing)
     if lines:
-        raise CheckpointError("\n".join([f"{source} does not match {type(model).__name__}:"] + lines))
+        hint = size_hint(model, state_dict)
+        raise CheckpointError("\n".join([f"{source} does not match {type(model).__name__}"
+                                          + (f" ({hint})" if hint else "") + ":"] + lines))
     model.load_state_dict(state_dict, strict=False)
 
 
