@@ -109,6 +109,15 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
         assert rc == 2 and msg in err and "Traceback" not in err, err
     assert svp_main(["visualize", str(tmp_path / "missing.png"), "--model-args", TINY_JSON, "--random-init"]) == 2
     assert "no such file" in capsys.readouterr().err
+    # arguments that cannot go together are refused before the output folder is made (it was left
+    # behind, empty) or any model built
+    for bad, msg in ((["--adapter", "frozen=" + str(tmp_path)], "two models are labelled 'frozen'"),
+                     (["--no-frozen"], "--no-frozen without --adapter"),
+                     (["--mask", image, "--box", "1,1,4,4"], "give --mask or --box, not both")):
+        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+                       "--random-init", "--out", str(tmp_path / "never")] + bad)
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and not (tmp_path / "never").exists(), err
     # a full disk (or a read-only folder) as the figures are written: one line, not a traceback
     import errno
 

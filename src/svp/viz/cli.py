@@ -171,6 +171,16 @@ def run(args) -> int:
         raise VizError(f"--model-args must be a JSON object, got {args.model_args!r}")
     check_dpi(args.dpi, "--dpi")
     check_alpha(args.alpha, "--alpha")
+    # the arguments alone, before the output folder is made or any model built
+    adapters = [_parse_adapter(spec) for spec in args.adapter or []]
+    labels = ([] if args.no_frozen else [args.frozen_label]) + [label for label, _ in adapters]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
+    if not labels:
+        raise VizError("--no-frozen without --adapter leaves nothing to show")
+    if args.mask and args.box:
+        raise VizError("give --mask or --box, not both")
     try:  # before any model is built: a folder that cannot be made fails in a second, not after
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -179,23 +189,16 @@ def run(args) -> int:
     remove_dead_writers_temps(args.out)   # what a run killed mid-write left (its figures are atomic)
     image, stem = load_input_image(args)
     models: Dict[str, torch.nn.Module] = {}
-    adapters = [_parse_adapter(spec) for spec in args.adapter or []]
     if not args.no_frozen:
         models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
                                                   args.random_init, backbone_of=adapters[0][1] if adapters else None)
     for label, path in adapters:
-        if label in models:
-            raise VizError(f"two models are labelled {label!r}; use --adapter LABEL=DIR")
         models[label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
                                       args.random_init, path)
-    if not models:
-        raise VizError("--no-frozen without --adapter leaves nothing to show")
     depth = len(find_vim(next(iter(models.values()))).layers)
     layers = parse_layers(args.layers, depth)
     quantities = parse_quantities(args.quantities)
     mask = None
-    if args.mask and args.box:
-        raise VizError("give --mask or --box, not both")
     if args.mask:
         mask = load_mask(args.mask, *image.size)
     elif args.box:
