@@ -264,11 +264,33 @@ class VisionDataset(torch.utils.data.Dataset):
     def _load(self, i: int) -> Image.Image:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def skip_bad_images(self) -> bool:
+        """Whether an unreadable image is replaced by the next readable item of this dataset."""
+        return False
+
+    def _met_bad(self, i: int, error: Exception) -> None:
+        """Item ``i`` could not be read and was skipped (recorded by the dataset that owns the file)."""
+
     def __getitem__(self, i: int):
-        img = self._load(i)
+        if not self.skip_bad_images:
+            j, img = i, self._load(i)
+        else:
+            # the next readable item of this dataset, not of the list it was cut from: a subset's
+            # neighbour in the whole list may belong to the other side of a train/val carve
+            n = len(self)
+            for k in range(n):
+                j = (i + k) % n
+                try:
+                    img = self._load(j)
+                    break
+                except DatasetError as e:
+                    self._met_bad(j, e)
+            else:
+                raise DatasetError(f"{self.name}/{self.split}: no readable image at all")
         if self.transform is not None:
             img = self.transform(img)
-        return img, self.targets[i]
+        return img, self.targets[j]
 
     def class_counts(self) -> List[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64),
@@ -312,7 +334,7 @@ class FileListDataset(VisionDataset):
                  skip_bad_images: bool = False, check_files: bool = True,
                  source: str = ""):
         samples = [(os.fspath(p), int(t)) for p, t in samples]
-        self.skip_bad_images = skip_bad_images
+        self._skip = bool(skip_bad_images)
         self.skipped: List[str] = []
         self.source = source
         if check_files:
@@ -347,34 +369,25 @@ class FileListDataset(VisionDataset):
             raise DatasetError(f"{name}/{split}: label {bad[0]} outside 0..{n - 1}"
                                + (f" in {source}" if source else ""))
 
+    @property
+    def skip_bad_images(self) -> bool:
+        return self._skip
+
     def describe(self, i: int) -> str:
         return self.samples[i][0]
 
     def _load(self, i: int) -> Image.Image:
         return load_image(self.samples[i][0])
 
-    def __getitem__(self, i: int):
-        if not self.skip_bad_images:
-            return super().__getitem__(i)
-        n = len(self.samples)
-        for k in range(n):
-            j = (i + k) % n
-            try:
-                img = self._load(j)
-            except DatasetError as e:
-                path = self.samples[j][0]
-                if path not in self.skipped:   # each file once (it is met again every epoch)
-                    self.skipped.append(path)
-                    # a loader's workers each hold their own copy of this list: the count is
-                    # what this process met, and says so (svp data check counts them all)
-                    worker = torch.utils.data.get_worker_info()
-                    log.warning("%s (skipped; %d bad image(s) met so far in %s/%s%s)", e, len(self.skipped),
-                                self.name, self.split, f" by data worker {worker.id}" if worker else "")
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, self.targets[j]
-        raise DatasetError(f"{self.name}/{self.split}: no readable image at all")
+    def _met_bad(self, i: int, error: Exception) -> None:
+        path = self.samples[i][0]
+        if path not in self.skipped:   # each file once (it is met again every epoch)
+            self.skipped.append(path)
+            # a loader's workers each hold their own copy of this list: the count is
+            # what this process met, and says so (svp data check counts them all)
+            worker = torch.utils.data.get_worker_info()
+            log.warning("%s (skipped; %d bad image(s) met so far in %s/%s%s)", error, len(self.skipped),
+                        self.name, self.split, f" by data worker {worker.id}" if worker else "")
 
 
 class ArrayDataset(VisionDataset):
@@ -408,8 +421,12 @@ class SubsetDataset(VisionDataset):
                          transform, base.name, split or base.split)
 
     @property
-    def skipped(self):
-        return getattr(self.base, "skipped", [])
+    def skipped(self) -> List[str]:
+        return list(getattr(self.base, "skipped", []))
+
+    @property
+    def skip_bad_images(self) -> bool:
+        return bool(getattr(self.base, "skip_bad_images", False))
 
     def describe(self, i: int) -> str:
         return self.base.describe(self.indices[i])
@@ -417,15 +434,9 @@ class SubsetDataset(VisionDataset):
     def _load(self, i: int) -> Image.Image:
         return self.base._load(self.indices[i])
 
-    def __getitem__(self, i: int):
-        if isinstance(self.base, FileListDataset) and self.base.skip_bad_images:
-            saved = self.base.transform
-            self.base.transform = self.transform
-            try:
-                return self.base[self.indices[i]]
-            finally:
-                self.base.transform = saved
-        return super().__getitem__(i)
+    def _met_bad(self, i: int, error: Exception) -> None:
+        if hasattr(self.base, "_met_bad"):
+            self.base._met_bad(self.indices[i], error)
 
 
 class ConcatSplits(VisionDataset):
@@ -443,6 +454,14 @@ class ConcatSplits(VisionDataset):
         super().__init__(classes, [t for p in self.parts for t in p.targets], transform,
                          parts[0].name, split)
 
+    @property
+    def skipped(self) -> List[str]:
+        return [p for part in self.parts for p in getattr(part, "skipped", [])]
+
+    @property
+    def skip_bad_images(self) -> bool:
+        return any(getattr(p, "skip_bad_images", False) for p in self.parts)
+
     def describe(self, i: int) -> str:
         k, j = self._where[i]
         return self.parts[k].describe(j)
@@ -450,6 +469,11 @@ class ConcatSplits(VisionDataset):
     def _load(self, i: int) -> Image.Image:
         k, j = self._where[i]
         return self.parts[k]._load(j)
+
+    def _met_bad(self, i: int, error: Exception) -> None:
+        k, j = self._where[i]
+        if hasattr(self.parts[k], "_met_bad"):
+            self.parts[k]._met_bad(j, error)
 
 
 def seeded_shuffle(n: int, seed: int) -> np.ndarray:

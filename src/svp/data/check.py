@@ -11,7 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Mapping, Optional
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, SubsetDataset
+from .base import DOCS_HINT, ConcatSplits, DatasetError, FileListDataset, SubsetDataset
 
 log = logging.getLogger("svp.data")
 
@@ -56,9 +56,12 @@ def find_bad_images(ds, read: bool = True, workers: int = 4, count: Optional[int
 
 
 def _file_backed(ds) -> bool:
-    # In-memory datasets (embedded, CIFAR, SVHN) were decoded when built.
-    while isinstance(ds, SubsetDataset):
-        ds = ds.base
+    # In-memory datasets (embedded, CIFAR, SVHN) were decoded when built; a split expression
+    # ('train800+val200', 'train[:512]') is file-backed where one of its parts is
+    if isinstance(ds, SubsetDataset):
+        return _file_backed(ds.base)
+    if isinstance(ds, ConcatSplits):
+        return any(_file_backed(p) for p in ds.parts)
     return isinstance(ds, FileListDataset)
 
 
@@ -92,9 +95,7 @@ def check_before_training(datasets: Mapping[str, object], max_images: int = PREC
         found[split] = bad
         if not bad:
             continue
-        skipping = getattr(ds, "skip_bad_images", False) or getattr(
-            getattr(ds, "base", None), "skip_bad_images", False)
-        if skipping:
+        if getattr(ds, "skip_bad_images", False):
             logger.warning("data: %s split: %d unreadable image(s), skipped when read, e.g. %s",
                            split, len(bad), bad[0])
         else:

@@ -130,6 +130,7 @@ def build_cifar(key: str, root: str, split: str, transform=None, **_) -> ArrayDa
                                f"{len(b[label_key])} labels")
         xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.extend(int(v) for v in b[label_key])
+        _check_labels(ys[len(ys) - len(x):], len(classes), p, f"'{label_key}'")
     return ArrayDataset(np.concatenate(xs), ys, classes, transform, name=f"hta/{key}", split=split)
 
 
@@ -240,7 +241,7 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
                                source=csvp)
     tdir = require_dir(os.path.join(base, "GTSRB", "Training"), "GTSRB training folder",
                        GTSRB_LAYOUT)
-    found = sorted(e for e in os.listdir(tdir) if os.path.isdir(os.path.join(tdir, e)))
+    found = sorted(e for e in os.listdir(tdir) if not e.startswith(".") and os.path.isdir(os.path.join(tdir, e)))
     if found != classes:
         miss = sorted(set(classes) - set(found))
         raise DatasetError(f"gtsrb: {tdir} must hold the 43 class folders 00000..00042 "
@@ -274,6 +275,15 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
 SVHN_LAYOUT = "<root>/\n    train_32x32.mat  test_32x32.mat   (directly in the data root)"
 
 
+def _check_labels(labels: List[int], n: int, path: str, what: str) -> None:
+    """An array file's labels within 0..n-1 (FileListDataset checks the listed ones): a label
+    past the class list was a class of its own in the counts, or an IndexError in the loss."""
+    bad = next((k for k, v in enumerate(labels) if not 0 <= v < n), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: {what}[{bad}] is {labels[bad]}, outside 0..{n - 1}; expected the "
+                           f"dataset's original file ({DOCS_HINT})")
+
+
 def build_svhn(root: str, split: str, transform=None, **_) -> ArrayDataset:
     _check_split("svhn", split)
     fn = "test_32x32.mat" if split == "test" else "train_32x32.mat"
@@ -291,6 +301,7 @@ def build_svhn(root: str, split: str, transform=None, **_) -> ArrayDataset:
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
         raise DatasetError(f"{path}: 'X' has shape {x.shape}, expected (32, 32, 3, N) with N = "
                            f"{len(y)} labels")
+    _check_labels(y.tolist(), 11, path, "'y'")   # (1..10, 10 for the digit 0)
     y[y == 10] = 0
     x = x.transpose(3, 0, 1, 2)
     if split != "test":
@@ -316,6 +327,11 @@ def _food_meta(path: str) -> Dict[str, List[str]]:
         raise DatasetError(f"{path}:{e.lineno}: malformed json ({e.msg}) ({DOCS_HINT})") from None
     if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
         raise DatasetError(f"{path}: expected {{\"<class>\": [\"<class>/<id>\", ...]}} ({DOCS_HINT})")
+    for c, entries in d.items():
+        bad = next((e for e in entries if not isinstance(e, str)), None)
+        if bad is not None:   # (a TypeError in a path join, naming nothing)
+            raise DatasetError(f"{path}: class {c!r} lists {bad!r}; expected image names \"<class>/<id>\" "
+                               f"(text) ({DOCS_HINT})")
     return d
 
 
@@ -387,7 +403,8 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         d = os.path.join(root, s)
         if os.path.isdir(d):
             for e in os.listdir(d):
-                if os.path.isdir(os.path.join(d, e)):
+                # (a hidden folder, e.g. Jupyter's .ipynb_checkpoints, became class 0)
+                if not e.startswith(".") and os.path.isdir(os.path.join(d, e)):
                     found.add(_folder_name(e))
                     if s == split:
                         folders[_folder_name(e)] = e
@@ -421,7 +438,10 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     for i, c in enumerate(classes):
         if c not in folders:   # (a class of another split only)
             continue
-        for dirpath, _dirs, files in sorted(os.walk(os.path.join(sdir, folders[c]))):
+        top = os.path.join(sdir, folders[c])
+        for dirpath, _dirs, files in sorted(os.walk(top)):
+            if any(part.startswith(".") for part in os.path.relpath(dirpath, top).split(os.sep) if part != "."):
+                continue   # a hidden folder's files (.thumbs/, .ipynb_checkpoints/): no images of the class
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images
@@ -534,12 +554,23 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
     rows = {s: _read_csv(p) for s, p in files.items() if os.path.isfile(p)}
     cdir = os.path.dirname(os.path.abspath(files[split]))
     listed = None
+    lines = None
     if classes is None and os.path.isfile(os.path.join(cdir, "classes.txt")):
         listed = os.path.join(cdir, "classes.txt")
         with open_text(listed) as f:
-            classes = [ln.strip() for ln in f if ln.strip()]
+            lines = [(k, ln.strip()) for k, ln in enumerate(f, 1) if ln.strip()]
+        classes = [c for _, c in lines]
     elif classes is not None:
         listed = "classes="
+    if classes is not None and not isinstance(classes, str):
+        # (the name's label was its last line's, and the first one's class held no images)
+        seen: Dict[str, int] = {}
+        for k, c in lines or enumerate(classes, 1):
+            if c in seen:
+                where = f"{listed}:{k}" if lines else f"{listed}"
+                raise DatasetError(f"{where}: class {c!r} is listed a second time (first at "
+                                   f"{'line' if lines else 'position'} {seen[c]}); expected each class once")
+            seen[c] = k
     # The requested split's file first, so that its lines are the ones an error names.
     labelled = [(files[s], lab, lineno) for s in [split] + sorted(set(rows) - {split})
                 for _, lab, lineno in rows[s]]

@@ -69,7 +69,8 @@ def _check_splits(info, requested, val_from_train: bool = False) -> List[str]:
     if requested:
         return requested
     if info.name.startswith("vtab/"):
-        return ["train800", "val200", "train800val200", "test"]
+        # (with --val-from-train, train800val200 is the remainder and 'val' the carve beside it)
+        return ["train800", "val200", "train800val200"] + (["val"] if val_from_train else []) + ["test"]
     splits = [s for s in info.splits if s != "trainval"]
     if val_from_train and "val" not in splits:   # the split --val-from-train makes
         splits.insert(splits.index("train") + 1 if "train" in splits else 0, "val")

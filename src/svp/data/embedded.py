@@ -265,6 +265,13 @@ VTAB_STYLE = {"dsprites_loc", "dsprites_ori", "shapes_count"}
 _VTAB_ALIASES = {"train800": ("train",), "val200": ("val",), "train800val200": ("train", "val")}
 
 
+def single_split_aliases(name: str) -> Dict[str, str]:
+    """The VTAB names that are one split of ``name`` (``train800`` is its ``train``)."""
+    if name not in VTAB_STYLE:
+        return {}
+    return {alias: parts[0] for alias, parts in _VTAB_ALIASES.items() if len(parts) == 1}
+
+
 def embedded_splits(name: str) -> Tuple[str, ...]:
     base = ("train", "val", "test", "trainval")
     return base + (tuple(_VTAB_ALIASES) if name in VTAB_STYLE else ())

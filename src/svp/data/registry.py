@@ -40,6 +40,7 @@ class DatasetInfo:
     needs_root: bool = True
     layout: str = ""               # expected layout under the data root (for docs/errors)
     aliases: Tuple[str, ...] = ()
+    split_aliases: Dict[str, str] = field(default_factory=dict)   # another name of one split -> its own
     description: str = ""
     options: Tuple[str, ...] = ()  # dataset-specific options of build_dataset
 
@@ -63,6 +64,7 @@ for _task, _nc, _group in vtab.VTAB_TASKS:
         splits=vtab.VTAB_SPLITS + tuple(vtab.VTAB_SPLIT_ALIASES),
         default_splits={"train": "train800val200", "test": "test"},
         selection_splits={"train": "train800", "val": "val200", "test": "test"},
+        split_aliases=dict(vtab.VTAB_SPLIT_ALIASES),
         recipe="vtab", img_size=224, layout=vtab.VTAB_LAYOUT.format(task=_task),
         description=f"VTAB-1k {_task} ({_group.split('-')[1]}), {_nc} classes, "
                     f"test ~{vtab.VTAB_TEST_SIZES[_task]:,} images",
@@ -143,6 +145,7 @@ for _name, (_gen, _classes) in embedded.EMBEDDED.items():
         splits=embedded.embedded_splits(_name),
         default_splits={"train": "train", "val": "val", "test": "test"},
         selection_splits={"train": "train", "val": "val", "test": "test"},
+        split_aliases=embedded.single_split_aliases(_name),
         recipe="plain", img_size=32, native_size=_EMB_DESC[_name][1], needs_root=False,
         aliases=(f"embedded/{_name}",), description=_EMB_DESC[_name][0]),
         (lambda n: lambda root, split, transform, seed=0, **kw: embedded.build_embedded(
@@ -243,20 +246,24 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
         if info.name in ("hta/gtsrb", "hta/food101"):
             kw["seed"] = seed
     official_train = info.default_splits["train"]
-    if val_from_train is not None and split in ("train", "val", official_train):
+    # (an alias means its split here too: VTAB's 'trainval' was the whole list beside the carve)
+    own = split if split in ("train", "val") else info.split_aliases.get(split, split)
+    if val_from_train is not None and own in ("train", "val", official_train):
         # the official training split itself also yields the remainder, so that
         # train_split=train800val200 + val_from_train never overlaps the carved val
         full = builder(root, official_train, None, **kw)
         tr, va = carve_validation(full.targets, float(val_from_train), seed)
-        if not (va if split == "val" else tr):  # as FileListDataset refuses an empty list
+        if not (va if own == "val" else tr):  # as FileListDataset refuses an empty list
             raise DatasetError(f"{info.name}: val_from_train={val_from_train} of its {len(full)} training items "
                                f"({official_train}) leaves the {split!r} split empty; expected a fraction that "
                                f"keeps images on both sides")
         log.info("%s: carved %d validation items (%.0f%%, seed %d) out of %d training items "
                  "(%s)", info.name, len(va), 100 * float(val_from_train), seed, len(full),
                  official_train)
-        return SubsetDataset(full, va if split == "val" else tr, split=split, transform=transform)
-    if split not in info.splits:
+        return SubsetDataset(full, va if own == "val" else tr, split=split, transform=transform)
+    # custom data: any folder or file name is a split (docs/datasets.md), as its reader takes it
+    custom = info.group == "custom" and re.fullmatch(r"[A-Za-z0-9_-]+", split) is not None
+    if split not in info.splits and not custom:
         hint = ""
         if split == "val":
             hint = " (no native validation split: pass val_from_train=<fraction>, e.g. 0.1)"
