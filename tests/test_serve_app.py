@@ -416,6 +416,77 @@ def test_high_bit_depth_uploads_are_read_as_training_reads_them(tmp_path, mode):
     assert not torch.equal(got, tf(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))  # the clipped read
 
 
+def test_an_image_its_resize_would_make_huge_is_refused_413(tmp_path):
+    """The pixel limit counted the upload alone: a 370-byte 300000 x 1 PNG passed, and the svp
+    recipe's resize (shorter side to the model's size) took the server from 1 to 3 GB (review)."""
+    import io
+
+    from PIL import Image
+
+    from svp.data.transforms import build_transform, resized_pixels
+    from svp.engine.cli import _open_image
+    from svp.errors import DatasetError
+    from svp.serve.app import RequestError
+    tf = build_transform("svp", False, img_size=32)   # Resize(36) + CenterCrop(32)
+    assert resized_pixels(tf, 300000, 1) == resized_pixels(tf, 1, 300000) == 36 * 36 * 300000
+    assert resized_pixels(tf, 500, 375) == 500 * 375 and resized_pixels(tf, 10, 10) == 36 * 36
+    assert resized_pixels(build_transform("vtab", False, img_size=224), 300000, 1) == 300000
+    buf = io.BytesIO()
+    Image.new("L", (3000, 1)).save(buf, format="PNG")   # 3000 pixels, 3.9 M once resized
+    cfg = ServeConfig(max_pixels=1_000_000)
+    with pytest.raises(RequestError, match=r"3000x1: resized for the model .* 3888000 pixels; the limit is "
+                                           r"1000000") as e:
+        decode_image(buf.getvalue(), cfg, tf)
+    assert e.value.status == 413
+    assert decode_image(buf.getvalue(), ServeConfig(max_pixels=4_000_000), tf).shape == (3, 32, 32)
+    # svp predict: against the decompression-bomb limit, naming the file
+    path = tmp_path / "thin.png"
+    path.write_bytes(buf.getvalue())
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 1_000_000
+    try:
+        with pytest.raises(DatasetError, match=r"thin\.png: the image is 3000x1: resized .* 3,888,000 pixels"):
+            _open_image(str(path), tf)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    assert _open_image(str(path), tf).shape == (3, 32, 32)
+
+
+def test_request_forms_clients_send_and_answers_http_expects(server, monkeypatch):
+    """Review of svp serve: MIME base64 (line breaks) was refused; a form's topk '3.0' refused where
+    JSON's 3.0 was taken; a 405 had no Allow header; /v1/gates answered 422 for an adapter a reload
+    removed meanwhile, where /v1/predict answers 404."""
+    import urllib.error
+    import urllib.request
+
+    import svp.serve.app as A
+    from svp.errors import AdapterError
+    img = H.png_bytes(40)
+    jhead = {"Content-Type": "application/json"}
+    mime = base64.encodebytes(img).decode()
+    assert "\n" in mime
+    code, body = H.http("POST", server.url + "/v1/predict",
+                        json.dumps({"image": mime, "adapter": "svp", "topk": 2}).encode(), jhead)
+    assert code == 200 and body == H.predict(server.url, img, "svp", topk=2)[1], body
+    code, body = H.predict(server.url, img, "svp", topk="3.0")
+    assert code == 200 and len(body["top"]) == 3, body
+    for bad in ("2.5", "nan", "inf", "abc"):
+        code, body = H.predict(server.url, img, "svp", topk=bad)
+        assert code == 400 and "not an integer" in body["error"], (bad, body)
+    try:
+        urllib.request.urlopen(server.url + "/v1/predict", timeout=60)
+        raise AssertionError("GET /v1/predict answered 2xx")
+    except urllib.error.HTTPError as e:
+        assert e.code == 405 and e.headers.get("allow") == "POST", dict(e.headers)
+
+    def removed_meanwhile(model, x, name, mean, std):
+        monkeypatch.delitem(model.adapters, name)   # (restored after the test)
+        raise AdapterError(f"unknown adapter {name!r}")
+    monkeypatch.setattr(A, "_gate_pngs", removed_meanwhile)
+    code, body = H.http("POST", server.url + "/v1/gates",
+                        json.dumps({"image": base64.b64encode(img).decode(), "adapter": "svp"}).encode(), jhead)
+    assert code == 404 and "adapter 'svp' was removed" in body["error"], body
+
+
 def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, monkeypatch):
     model = server.app.state.model
     method = model.adapters["svp"].peft.method

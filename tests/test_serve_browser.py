@@ -137,3 +137,9 @@ def test_page_shows_only_the_latest_clicks_answers_and_logs_no_console_error(ser
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     # (the 415 of the failed upload is the page's own request: the console says so too)
     assert [e for e in errors if "/v1/predict" not in e["message"]] == [], errors
+    # a file dialog cancelled empties the input: a TypeError in the console, and the button stayed
+    # enabled to send no file (review of the page)
+    browser.execute_script("const i = document.getElementById('file'); i.files = new DataTransfer().files;"
+                           "i.dispatchEvent(new Event('change'));")
+    assert not browser.find_element(By.ID, "go").is_enabled()
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

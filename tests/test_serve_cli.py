@@ -64,6 +64,25 @@ def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
     assert seen == [bool(flags)] and "stand-in" in capsys.readouterr().err
 
 
+def test_a_max_pixels_above_pillows_limit_is_the_servers(tmp_path, capsys, monkeypatch):
+    """A 225 M-pixel image under --max-pixels 400000000 was refused with Pillow's own limit
+    (178956970, twice PIL.Image.MAX_IMAGE_PIXELS), a 100 M one accepted with its warning (review)."""
+    from PIL import Image
+
+    import svp.serve.app as app
+    from svp.cli import main
+    from svp.errors import ConfigError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)   # (restored after the test)
+
+    def build_app(*a, **k):
+        raise ConfigError("stand-in")
+    monkeypatch.setattr(app, "build_app", build_app)
+    assert main(["serve", "--adapters", str(tmp_path), "--max-pixels", "1000"]) == 2
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485   # a lower limit is the server's own check
+    assert main(["serve", "--adapters", str(tmp_path), "--max-pixels", "400000000"]) == 2
+    assert Image.MAX_IMAGE_PIXELS == 400_000_000 and "stand-in" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # starts processes
 @pytest.mark.floor   # the oldest uvicorn's shutdown
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

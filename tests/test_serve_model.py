@@ -137,6 +137,33 @@ def test_adapter_folders_that_leave_the_root_or_hold_pickles_are_refused(adapter
         check_adapter_dir(str(root), "pickled")
 
 
+def test_a_folder_on_another_drive_is_outside_not_a_crash_and_files_are_no_subfolders(adapters, tmp_path,
+                                                                                       monkeypatch):
+    """On Windows os.path.commonpath raises ValueError for paths on two drives: an adapter linked to
+    another drive stopped svp serve with a traceback (simulated here); the start-up error counted
+    the files beside adapter folders as subfolders (review of svp serve)."""
+    import shutil
+
+    from svp.errors import ConfigError
+    from svp.serve.backbone import backbone_spec
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copytree(os.path.join(adapters, "svp"), root / "good")
+
+    def other_drive(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(os.path, "commonpath", other_drive)
+    with pytest.raises(AdapterError, match="outside the adapters folder"):
+        check_adapter_dir(str(root), "good")
+    monkeypatch.undo()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("x")
+    (notes / "notes.md").write_text("x")
+    with pytest.raises(ConfigError, match="no subfolders, so no backbone"):
+        backbone_spec(str(notes))
+
+
 def test_backbone_spec_comes_from_the_adapters_unless_given(adapters, tmp_path):
     import json
     import shutil

@@ -122,3 +122,30 @@ def build_transform(recipe: str, is_training: bool, img_size: int = 224,
         steps += [T.ToTensor(), T.Normalize(mean, std)]
         return T.Compose(steps)
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def resized_pixels(transform, width: int, height: int) -> int:
+    """The pixel count of the largest image ``transform``'s resize steps make of a ``width`` x
+    ``height`` one (``width * height`` without one). A Resize to one number scales the shorter
+    side to it, so an elongated image grows: the ``svp`` recipe's Resize(256) makes 36 GB-scale
+    images of a few-hundred-byte 1 x 300000 PNG before its crop (review: svp serve's pixel limit
+    counted the upload alone). Steps are read from a Compose's ``transforms`` (or ``geometric``,
+    svp serve's faster equivalent)."""
+    steps = getattr(transform, "transforms", None) or getattr(transform, "geometric", None) or []
+    w, h = int(width), int(height)
+    most = w * h
+    for t in steps:
+        if isinstance(t, T.Resize):
+            size = [t.size] if isinstance(t.size, int) else list(t.size)
+            if len(size) == 1:   # the shorter side to size[0], the longer in proportion (as torchvision)
+                short, long = sorted((w, h))
+                s = int(size[0])
+                other = int(s * long / max(short, 1))
+                w, h = (s, other) if w <= h else (other, s)
+            else:
+                h, w = int(size[0]), int(size[1])
+            most = max(most, w * h)
+        elif isinstance(t, T.CenterCrop):
+            ch, cw = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
+            w, h = int(cw), int(ch)   # (a crop larger than the image pads it to this size)
+    return most

@@ -181,6 +181,19 @@ def open_image(data: bytes, cfg: ServeConfig):
     return im
 
 
+def check_resized(size, transform: Callable, cfg: ServeConfig) -> None:
+    """The image as the transform's resize makes it, within ``max_pixels`` too: the shorter side
+    goes to the model's size, so a thin image grows by its aspect ratio (a 370-byte 300000 x 1 PNG
+    took the server from 1 to 3 GB)."""
+    from ..data.transforms import resized_pixels
+
+    n = resized_pixels(transform, *size)
+    if n > cfg.max_pixels:
+        raise RequestError(f"the image is {size[0]}x{size[1]}: resized for the model (its shorter side to the "
+                           f"model's size) it would be {n} pixels; the limit is {cfg.max_pixels} (crop an image "
+                           f"this elongated first)", 413)
+
+
 def finish_image(im, transform: Callable) -> torch.Tensor:
     """Decode an ``open_image`` result and apply ``transform`` -> model input (C, H, W)."""
     from PIL import Image
@@ -203,7 +216,9 @@ def finish_image(im, transform: Callable) -> torch.Tensor:
 
 def decode_image(data: bytes, cfg: ServeConfig, transform: Callable) -> torch.Tensor:
     """Bytes of an image file -> model input (C, H, W)."""
-    return finish_image(open_image(data, cfg), transform)
+    im = open_image(data, cfg)
+    check_resized(im.size, transform, cfg)
+    return finish_image(im, transform)
 
 
 class FastEvalTransform:
@@ -484,8 +499,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                 raise RequestError("the JSON body needs 'image': the image file in base64 (a string)")
             if b64.startswith("data:") and "," in b64:
                 b64 = b64.split(",", 1)[1]
-            try:
-                data = base64.b64decode(b64, validate=True)
+            try:   # (MIME base64, as `base64` without -w0 writes it, breaks its lines: not data)
+                data = base64.b64decode("".join(b64.split()), validate=True)
             except (binascii.Error, ValueError) as e:
                 raise RequestError(f"'image' is not valid base64: {e}") from None
             adapter, topk = obj.get("adapter"), obj.get("topk", 5)
@@ -522,6 +537,9 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             raise RequestError(f"unknown adapter {adapter!r}; loaded: {sorted(model.adapters)}", 404)
         if want_topk:
             try:
+                if isinstance(topk, str):   # a form's text: '3.0' as JSON's 3.0 (it was refused)
+                    text = topk.strip()
+                    topk = int(text) if text.lstrip("+-").isdigit() else float(text)
                 if isinstance(topk, bool) or (isinstance(topk, float) and not topk.is_integer()):
                     raise ValueError
                 topk = int(topk)
@@ -533,6 +551,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
 
     async def to_input(data: bytes) -> torch.Tensor:
         im = open_image(data, cfg)  # the header only: the size limits, before any decoding
+        check_resized(im.size, transform, cfg)
         if im.size[0] * im.size[1] <= cfg.inline_decode_pixels:
             return finish_image(im, transform)
         return await asyncio.get_running_loop().run_in_executor(decoder, finish_image, im, transform)
@@ -578,7 +597,13 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         data, adapter, _ = await parse_input(request, want_topk=False)
         x = await to_input(data)
         loop = asyncio.get_running_loop()
-        pngs = await loop.run_in_executor(executor, _gate_pngs, model, x, adapter, mean, std)
+        try:
+            pngs = await loop.run_in_executor(executor, _gate_pngs, model, x, adapter, mean, std)
+        except AdapterError:
+            if adapter in model.adapters:   # (an adapter that cannot draw its gates: 422 below)
+                raise
+            # a reload removed it after the request was read: as /v1/predict answers then (it was a 422)
+            raise RequestError(f"adapter {adapter!r} was removed", 404) from None
         return ok("gates", {"adapter": adapter, "maps": pngs})
 
     async def adapters(request: Request):
@@ -610,8 +635,9 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
 
     async def not_found(request: Request, exc):
         status = getattr(exc, "status_code", 500)
+        # (a 405 carries the Allow header HTTP requires, which starlette puts on the exception)
         return JSONResponse({"error": f"{request.method} {request.url.path}: {getattr(exc, 'detail', exc)}",
-                             "status": status}, status_code=status)
+                             "status": status}, status_code=status, headers=getattr(exc, "headers", None))
 
     routes = [
         Route("/", index, methods=["GET"]),

@@ -22,7 +22,10 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
         raise ConfigError(f"--adapters {adapters_dir}: no such folder (expected a folder whose subfolders are "
                           f"adapters)")
     try:
-        names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith("."))
+        # folders (and links: refused by check_adapter_dir if they leave the folder), as the adapters load:
+        # files beside them were counted as "subfolders" that are no adapters
+        names = sorted(n for n in os.listdir(adapters_dir) if not n.startswith(".") and (
+            os.path.isdir(os.path.join(adapters_dir, n)) or os.path.islink(os.path.join(adapters_dir, n))))
     except OSError as e:
         raise ConfigError(f"--adapters {adapters_dir}: cannot read the folder ({e.strerror or e})") from None
     refused = []

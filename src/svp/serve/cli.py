@@ -110,6 +110,11 @@ def run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
+    from PIL import Image
+    if Image.MAX_IMAGE_PIXELS and args.max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own decompression-bomb limit (89 M pixels, refused at twice that) is the
+        # server's: a --max-pixels above it was refused naming Pillow's number
+        Image.MAX_IMAGE_PIXELS = args.max_pixels
     cfg = ServeConfig(window_s=args.window_ms / 1000.0, max_batch=args.max_batch,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
                       batching=args.batching, allowed_hosts=allowed_hosts(args.host, args.allowed_host))

@@ -61,6 +61,16 @@ _DT = {"dt_proj": "forward", "dt_proj_b": "backward"}
 _CONV_BIAS = ("conv1d", "conv1d_b")
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or under it (both real paths). On Windows a path on another
+    drive is neither: commonpath raised ValueError ("Paths don't have the same drive") there, and
+    serve stopped with a traceback (review; read from the code, no Windows machine)."""
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:
+        return False
+
+
 def check_adapter_dir(root: str, name: str) -> str:
     """The real path of adapter ``name`` under ``root``; refuses a name that leaves ``root``
     (``..``, separators), a symlink (folder or file) that points out of it, a folder without
@@ -70,7 +80,7 @@ def check_adapter_dir(root: str, name: str) -> str:
     root_real = os.path.realpath(root)
     path = os.path.join(root, name)
     real = os.path.realpath(path)
-    if os.path.commonpath([root_real, real]) != root_real or real == root_real:
+    if not _inside(real, root_real) or real == root_real:
         raise AdapterError(f"adapter {name!r}: {path} resolves to {real}, outside the adapters folder {root_real}")
     if not os.path.isdir(real):
         raise AdapterError(f"adapter {name!r}: {path} is not a folder")
@@ -81,7 +91,7 @@ def check_adapter_dir(root: str, name: str) -> str:
     for entry in entries:
         full = os.path.join(real, entry)
         target = os.path.realpath(full)
-        if os.path.commonpath([real, target]) != real:
+        if not _inside(target, real):
             raise AdapterError(f"adapter {name!r}: {full} is a link to {target}, outside the adapter folder")
         if entry.lower().endswith(PICKLE_SUFFIXES):
             raise AdapterError(f"adapter {name!r}: {full} may hold a pickle; refusing to serve a folder with "
