@@ -1825,3 +1825,40 @@ def test_a_run_that_diverges_before_its_first_resume_point_says_to_start_again(t
     assert rc == 3 and "at step 1 (epoch 1" in err and "a resume point before the step is in" in err, err
     from svp.engine.checkpoint import load_state
     assert load_state(str(out / "g" / "resume.safetensors"))["global_step"] == 0
+
+
+def test_best_is_the_finished_runs_selection_after_a_kill_between_best_and_its_resume_point(tmp_path,
+                                                                                          monkeypatch):
+    """best/ is written before its epoch's resume point: a run killed between the two and resumed
+    with a change --resume accepts kept the killed attempt's best/ (epoch 2), while results.json
+    and metrics.jsonl selected epoch 1 (review of engine/loop.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from svp.engine import rundir
+
+    class Killed(BaseException):
+        pass
+
+    real = rundir.RunFolder.save_adapter
+
+    def save_adapter(self, model, name, spec, epoch):
+        real(self, model, name, spec, epoch)
+        if name == "best" and epoch >= 2:
+            raise Killed(epoch)   # as a kill -9 there: best/ written, the epoch's resume point not
+    monkeypatch.setattr(rundir.RunFolder, "save_adapter", save_adapter)
+    args = [*MINI, "--epochs", "3", "data.max_train_samples=64", "data.max_eval_samples=64", "eval.metric=loss",
+            "--lr", "0.05", "--output", str(tmp_path), "--name", "r"]
+    with pytest.raises(Killed):
+        svp_main(["train", *args])
+    run = tmp_path / "r"
+    assert json.loads((run / "best" / "backbone.json").read_text())["epoch"] == 2
+    killed = load_file(str(run / "best" / "adapter.safetensors"))
+    monkeypatch.setattr(rundir.RunFolder, "save_adapter", real)
+    assert svp_main(["train", "--resume", str(run), "train.epochs=1"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["val_selected"]["epoch"] == 1
+    assert json.loads((run / "best" / "backbone.json").read_text())["epoch"] == 1
+    best, last = (load_file(str(run / d / "adapter.safetensors")) for d in ("best", "last"))
+    assert all(torch.equal(best[k], last[k]) for k in best)   # epoch 1 is the last and the selected one
+    assert not all(torch.equal(best[k], killed[k]) for k in best)

@@ -488,7 +488,10 @@ class Trainer:
                     "optimizer": describe_optimizer(self.optimizer)})
         if dinfo.is_main:
             self.folder.save_adapter(eval_model, "last", self.spec, hist[-1]["epoch"])
-            if not os.path.isdir(self.folder.file("best")) and best is not None:
+            # best/ is written before its epoch's resume point: a run killed between the two and
+            # resumed with other settings (or not bit-identically) left the killed attempt's
+            # epoch there, one the finished run never selected (review)
+            if best is not None and self.folder.saved_epoch("best") != best["epoch"]:
                 load_trainable(eval_model, best["state"], "best weights")
                 self.folder.save_adapter(eval_model, "best", self.spec, best["epoch"])
                 load_trainable(eval_model, last_state, "last weights")

@@ -177,6 +177,16 @@ class RunFolder:
 
         ck.atomic_replace_dir(write, self.file(name))
 
+    def saved_epoch(self, name: str) -> Optional[int]:
+        """The epoch the adapter folder ``name`` (best/, last/) was saved at, per its backbone.json;
+        None when it is missing or unreadable."""
+        try:
+            with open(os.path.join(self.file(name), "backbone.json"), encoding="utf-8") as f:
+                epoch = json.load(f).get("epoch")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return epoch if isinstance(epoch, int) else None
+
     def save_resume(self, st: dict, model, optimizer, sched, scaler, ema, path: Optional[str] = None) -> None:
         state: Dict[str, Any] = dict(st)
         state["model"] = unwrap(model).adapter_state_dict()
