@@ -487,6 +487,34 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert len((tmp_path / "runs" / "two" / "metrics.jsonl").read_text().strip().splitlines()) == 2
 
 
+@pytest.mark.slow  # two processes
+def test_a_non_finite_loss_on_another_rank_names_that_rank_and_saves_its_batch(tmp_path):
+    """Under torchrun a NaN loss on rank 1 was reported by rank 0 as "non-finite loss (2.37)", its
+    own finite value, and the batch saved was rank 0's finite one (review of engine/loop.py)."""
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(
+        "import os, sys\n"
+        "import svp\n"
+        "from svp.engine import hooks\n"
+        "def on_loss(self, step_no, loss):\n"
+        "    return loss * float('nan') if os.environ['RANK'] == '1' and step_no == 2 else loss\n"
+        "hooks.Hooks.on_loss = hooks.DebugHooks.on_loss = on_loss\n"
+        "from svp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cfg = tiny_config(tmp_path, data={"max_train_samples": 16, "recipe": "plain"},
+                      train={"epochs": 1, "batch_size": 4})
+    rc, logs, out_dir = _torchrun_two(tmp_path, [str(script), "train", "-c", cfg, "--name", "n"], "run.output")
+    assert rc != 0, logs
+    run = os.path.join(out_dir, "n")
+    with open(os.path.join(run, "train.log")) as f:
+        log_text = f.read()
+    assert "non-finite loss on rank 1 of 2 at step 2" in log_text, log_text
+    info = json.loads(open(os.path.join(run, "nonfinite", "nonfinite.json")).read())
+    assert info["rank"] == 1 and info["step"] == 2 and info["what"] == "non-finite loss (nan) on rank 1 of 2", info
+    dump = load_file(os.path.join(run, "nonfinite", "batch_and_weights.safetensors"))
+    assert dump["inputs"].shape[0] == 4   # rank 1's own batch (train.batch_size is per rank)
+
+
 def test_micro_batches_accumulate_the_whole_batchs_update(tmp_path, monkeypatch):
     """train.micro_batch: forward and backward over chunks, one optimizer step: the same run up to
     rounding (drop path and mixup off, as they draw per forward)."""

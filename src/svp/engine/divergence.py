@@ -160,14 +160,16 @@ def check_saved_state(run, st) -> None:
         raise NonFiniteLoss(msg, run.folder.path, st["global_step"])
 
 
-def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, batch: Optional[int] = None):
+def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, batch: Optional[int] = None,
+                   dump_rank: int = 0):
     """Stop at step ``step_no`` whose ``what`` went non-finite. The model and optimizer
     are as before the step (finite): they go to the dump with the batch. The last resume
     point is kept (the state before the step may already be spoilt by a too-high rate,
     finite but useless): the state before the step becomes the resume point only when
     there is none yet and it is the run's start (step 0), else it is kept in the dump.
     ``batch``: the step's place in its epoch (default: the one after ``st['batch']``, the
-    step not yet counted).
+    step not yet counted). ``dump_rank``: the rank that writes the dump, its own batch (the one
+    whose loss was not finite; the weights are every rank's).
 
     ``checked``: with train.finite_check=interval the loop has put back the state as after
     step ``checked``, the last check that found it finite. That state goes to the dump with
@@ -176,7 +178,7 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     sched, folder = run.sched, run.folder
     batch = st["batch"] + 1 if batch is None else batch
     info = {"step": step_no, "epoch": st["epoch"] + 1, "batch_in_epoch": batch,
-            "batches_per_epoch": run.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": run.dist.rank}
+            "batches_per_epoch": run.steps_per_epoch, "what": what, "lr": sched.lr(), "rank": int(dump_rank)}
     if checked is not None:
         info["weights_as_after_step"] = checked
     out_dir = folder.file("nonfinite")
@@ -189,9 +191,11 @@ def stop_nonfinite(run, st, step_no, what, x, y, checked: Optional[int] = None, 
     start = st["global_step"] == 0
     before = resume if not kept and start else os.path.join(out_dir, "resume_before_step.safetensors")
     finite = not run.guard.bad_state()
-    if run.dist.is_main:
+    if run.dist.rank == dump_rank:
         folder.dump_nonfinite(info, x, y, run.model)
+    if run.dist.is_main:
         if finite and checked is None:
+            os.makedirs(out_dir, exist_ok=True)   # (another rank may be the one writing the dump)
             folder.save_resume(st, run.model, run.optimizer, sched, run.prec.scaler, run.ema, path=before)
     barrier(run.dist)
     where_at = f"at step {step_no} (epoch {st['epoch'] + 1}, batch {batch}/{run.steps_per_epoch}, lr {sched.lr():.3e})"

@@ -264,10 +264,20 @@ class Trainer:
             else:
                 loss_val = float(loss.item())
                 flag = 0.0 if np.isfinite(loss_val) else 1.0
-            red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag,
-                                  *self.signals.flags()], dinfo, self.comm_dev)
+            sig = self.signals.flags()
+            # one flag per rank after the signals': which rank's loss it was (rank 0 reported another
+            # rank's NaN as its own finite value, and saved its own finite batch: review)
+            mine = [0.0] * dinfo.world_size if dinfo.world_size > 1 else []
+            if mine:
+                mine[dinfo.rank] = flag
+            red = all_reduce_sum([loss_val if not flag and loss_val is not None else 0.0, flag, *sig, *mine],
+                                 dinfo, self.comm_dev)
             if red[1] > 0:
-                self._nonfinite(st, step_no, f"non-finite loss ({loss_val})", x_in, y)
+                bad = [r for r, f in enumerate(red[2 + len(sig):]) if f > 0] or [dinfo.rank]
+                what = f"non-finite loss ({loss_val})" if flag else "non-finite loss"
+                if mine:
+                    what += f" on rank {', '.join(map(str, bad))} of {dinfo.world_size}"
+                self._nonfinite(st, step_no, what, x_in, y, dump_rank=bad[0])
             self._step(loss, st, step_no, loss_val, x_in, y, accumulated=chunks > 1)
             if self.ema is not None:  # no step: the decay from the first update, as the official
                 self.ema.update(self.model)  # ModelEma (given a step, ModelEmaV3 copies the weights twice)
@@ -353,13 +363,14 @@ class Trainer:
         self.guard.snapshot()
         self.checked_step = st["global_step"]
 
-    def _nonfinite(self, st, step_no, what, x, y, batch=None):
+    def _nonfinite(self, st, step_no, what, x, y, batch=None, dump_rank: int = 0):
         """Stop for non-finite numbers (engine/divergence.py); with interval checks the state of
-        the last check is put back first."""
+        the last check is put back first. ``dump_rank``: the rank whose batch is saved."""
         if not self.check_each_step:
             self.guard.restore()
-            stop_nonfinite(self, st, step_no, what, x, y, checked=self.checked_step, batch=batch)
-        stop_nonfinite(self, st, step_no, what, x, y, batch=batch)
+            stop_nonfinite(self, st, step_no, what, x, y, checked=self.checked_step, batch=batch,
+                           dump_rank=dump_rank)
+        stop_nonfinite(self, st, step_no, what, x, y, batch=batch, dump_rank=dump_rank)
 
     def _drain(self, st, dev_loss, step_no, x, y) -> float:
         """CUDA: add the device-side loss sum to the epoch's (one host sync); a non-finite
