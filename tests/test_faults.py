@@ -378,6 +378,32 @@ def test_run_lock_names_the_holder_and_dies_with_it(tmp_path):
     assert not (run / "run.lock").exists() and holder(str(run)) is None
 
 
+def test_a_file_system_without_locks_is_said_not_a_false_holder(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (NFS without its lock daemon; simulated) was read as "in use by
+    another process (it has not recorded its PID yet)": every run on such a file system refused
+    with a holder that does not exist (review of engine/runlock.py)."""
+    import errno
+
+    from svp.engine import runlock
+    from svp.errors import ResumeError
+    if runlock.fcntl is None:
+        pytest.skip("Windows: msvcrt's locking has no errno to tell these apart")
+    real = runlock.fcntl.flock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with pytest.raises(ResumeError, match=r"its file system refuses file locks \(ENOLCK: ") as e:
+        runlock.RunLock(str(tmp_path)).acquire()
+    assert "in use" not in str(e.value)
+    (tmp_path / runlock.LOCK_FILE).write_text("{}")
+    assert runlock.holder(str(tmp_path)) is None
+    monkeypatch.setattr(runlock.fcntl, "flock", real)
+    with runlock.RunLock(str(tmp_path)):   # a held lock is still "in use"
+        with pytest.raises(ResumeError, match="is in use by process"):
+            runlock.RunLock(str(tmp_path)).acquire()
+
+
 def test_a_run_folder_that_cannot_be_made_leaves_no_folder_made_for_it(tmp_path):
     """run.output's new folders stayed when the run folder itself could not be made (a name
     too long for the file system) or locked."""

@@ -16,6 +16,7 @@ across hosts sharing the folder as long as the server supports locking.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -55,7 +56,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited)
 
 
+class LocksUnavailable(OSError):
+    """The file system refused the lock call itself (NFS without its lock daemon: ENOLCK), as
+    opposed to a lock another process holds."""
+
+
+# what flock says of a lock another process holds; any other error is the file system's
+_HELD_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+
+
 def _try_lock(fd: int) -> bool:
+    """True: locked; False: another process holds it; :class:`LocksUnavailable` else (every
+    failure read as "in use by another process" refused every run on such a file system with a
+    false holder: review)."""
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +76,9 @@ def _try_lock(fd: int) -> bool:
             os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return True
-    except OSError:
+    except OSError as e:
+        if fcntl is not None and e.errno not in _HELD_ERRNOS:
+            raise LocksUnavailable(e.errno, e.strerror) from None
         return False
 
 
@@ -105,7 +120,15 @@ class RunLock:
                 raise ResumeError(f"{self.what} {self.run_dir}: cannot create its lock file "
                                   f"{os.path.basename(self.path)} ({e.strerror or e}); is the folder "
                                   f"writable?") from None
-            if not _try_lock(fd):
+            try:
+                locked = _try_lock(fd)
+            except LocksUnavailable as e:
+                os.close(fd)
+                raise ResumeError(f"{self.what} {self.run_dir}: its file system refuses file locks "
+                                  f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}), which svp holds on a "
+                                  f"run folder while it trains (one process per folder); put the runs on a "
+                                  f"file system with locks (a local disk; NFS with its lock service)") from None
+            if not locked:
                 os.close(fd)
                 raise ResumeError(
                     f"{self.what} {self.run_dir} is in use by {describe_holder(_read_holder(self.path))}; "
@@ -167,6 +190,8 @@ def holder(run_dir: str) -> Optional[dict]:
         if _try_lock(fd):
             return None  # closing the descriptor drops our probe lock
         return _read_holder(path) or {"pid": None}
+    except LocksUnavailable:   # nobody can hold it: taking it says why (RunLock.acquire)
+        return None
     finally:
         os.close(fd)
 
