@@ -487,6 +487,44 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert len((tmp_path / "runs" / "two" / "metrics.jsonl").read_text().strip().splitlines()) == 2
 
 
+def test_the_starting_command_with_resume_added_resumes_with_a_relative_checkpoint(tmp_path, monkeypatch, capsys):
+    """model.checkpoint is kept absolute; the same relative --checkpoint repeated with --resume, from
+    the same folder, was "cannot change model.checkpoint" (review of engine/rundir.py)."""
+    import shutil
+
+    from svp.models.vim_mini import mini_asset_path
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(mini_asset_path("vim_mini_patch4_32.safetensors"), tmp_path / "mini.safetensors")
+    cmd = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32", "--checkpoint",
+           "mini.safetensors", "--epochs", "1", "--batch-size", "8", "data.max_train_samples=16",
+           "data.max_eval_samples=8", "run.progress=none", "--output", "runs", "--name", "r", "train.lr=0.01"]
+    assert svp_main(["train", *cmd, "debug.stop_at_step=1"]) == 75, capsys.readouterr().err
+    assert svp_main(["train", "--resume", "runs/r", *cmd]) == 0, capsys.readouterr().err
+    saved = yaml.safe_load((tmp_path / "runs" / "r" / "config.yaml").read_text())
+    assert saved["model"]["checkpoint"] == str(tmp_path / "mini.safetensors")
+    assert not saved["run"].get("changes")   # the repeated values changed nothing
+    assert json.loads((tmp_path / "runs" / "r" / "results.json").read_text())["steps"] == 2
+
+
+def test_a_resume_that_would_compute_in_another_precision_is_refused(tmp_path, monkeypatch, capsys):
+    """train.device may change at --resume, but train.amp resolves per device (amp_cpu=false is
+    float32 on the CPU, bfloat16 on CUDA; a CPU run's empty scaler state made a CUDA float16 scaler
+    raise): the resume point records what the steps computed in (simulated: no GPU here)."""
+    from svp.engine import setup
+    from svp.engine.checkpoint import load_state
+    cfg = tiny_config(tmp_path, data={"max_train_samples": 16, "recipe": "plain"}, train={"epochs": 2})
+    assert svp_main(["train", "-c", cfg, "--name", "p", "debug.stop_at_step=1"]) == 75
+    run = tmp_path / "runs" / "p"
+    assert load_state(str(run / "resume.safetensors"))["precision"] == "float32"
+    monkeypatch.setattr(setup.Precision, "describe", lambda self: "bfloat16 autocast")
+    capsys.readouterr()
+    assert svp_main(["train", "--resume", str(run), "train.device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the run trained in float32, and on 'cpu' it would train in bfloat16 autocast" in err, err
+    monkeypatch.undo()
+    assert svp_main(["train", "--resume", str(run)]) == 0
+
+
 @pytest.mark.slow  # two processes
 def test_a_non_finite_loss_on_another_rank_names_that_rank_and_saves_its_batch(tmp_path):
     """Under torchrun a NaN loss on rank 1 was reported by rank 0 as "non-finite loss (2.37)", its

@@ -379,6 +379,37 @@ def test_results_name_the_optimizer_implementation():
     assert describe_optimizer(build_optimizer(_two_params(), cfg, lr=1e-2)) == "Lookahead SGD (per-tensor loop)"
 
 
+def test_a_resumed_optimizer_is_described_by_the_implementation_it_loaded():
+    """torch's load_state_dict takes `fused` from the saved groups: a run saved with the loop and
+    resumed where opt_fused=auto builds the fused AdamW steps with the loop, and results.json said
+    "AdamW (fused)" (review of engine/optim.py)."""
+    from svp.engine.optim import describe_optimizer, fused_available
+    if not fused_available("cpu"):
+        pytest.skip("this torch has no fused AdamW on the CPU (torch < 2.4): nothing to load it into")
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    loop = torch.optim.AdamW([p], lr=1e-3, fused=False, foreach=False)
+    p.grad = torch.randn(4, 4)
+    loop.step()
+    fused = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    assert describe_optimizer(fused) == "AdamW (fused)"
+    fused.load_state_dict(loop.state_dict())
+    assert describe_optimizer(fused) == "AdamW (per-tensor loop)"
+
+
+def test_the_epochs_floor_of_a_resume_point_at_an_epochs_end_is_that_epoch():
+    """A resume point at the end of epoch 5 said "0 batches into epoch 6; expected train.epochs >= 6"
+    while 5 was accepted (review of engine/resume_overrides.py)."""
+    from svp.engine.resume_overrides import check_reachable
+    from svp.errors import ResumeError
+    end = {"epoch": 5, "batch": 0, "global_step": 50}
+    check_reachable(end, 5, None, "RUN")
+    with pytest.raises(ResumeError, match=r"the resume point is at the end of epoch 5; expected train\.epochs >= 5$"):
+        check_reachable(end, 4, None, "RUN")
+    mid = {"epoch": 5, "batch": 3, "global_step": 53}
+    with pytest.raises(ResumeError, match=r"already 3 batches into epoch 6; expected train\.epochs >= 6$"):
+        check_reachable(mid, 5, None, "RUN")
+
+
 def test_a_run_saved_before_amp_cpu_existed_resumes_in_float32_on_the_cpu(tmp_path):
     """train.amp was ignored on the CPU before train.amp_cpu existed: such a run, resumed, keeps
     stepping in float32 (no change of precision mid-run); a new run with train.amp autocasts."""

@@ -91,7 +91,9 @@ def describe_optimizer(opt: torch.optim.Optimizer) -> str:
     """e.g. ``AdamW (fused)`` / ``AdamW (per-tensor loop)``: results.json records which
     implementation stepped the run (train.opt_fused=auto depends on the torch and device)."""
     inner = getattr(opt, "_base_optimizer", opt)   # timm's Lookahead wraps the base optimizer
-    d = inner.defaults
+    # the groups', not the defaults': a resumed optimizer steps with the groups it loaded (a run
+    # saved with the loop resumed on a device where opt_fused=auto means fused still loops)
+    d = inner.param_groups[0] if inner.param_groups else inner.defaults
     impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "per-tensor loop"
     name = type(inner).__name__ if inner is opt else f"{type(opt).__name__} {type(inner).__name__}"
     return f"{name} ({impl})"

@@ -11,7 +11,8 @@ takes effect exactly from the resume point on:
 * how the run is watched or saved (``run.progress``, ``run.log_every``, ``run.tensorboard``,
   ``run.save_every_steps``), where the data lives and how it is read (``data.root``,
   ``data.num_workers``, ``data.cache_images``: the data order, the augmentation and the
-  tensors do not depend on them), the device (``train.device``), activation checkpointing
+  tensors do not depend on them), the device (``train.device``, unless the steps would compute in
+  another precision there: refused by the resume point's record), activation checkpointing
   (``model.grad_checkpointing``: the same gradients, bit for bit; a run out of memory resumes
   with it on), and the fault injections (``debug.*``).
 
@@ -93,9 +94,11 @@ def check_reachable(st: dict, epochs: int, max_steps, run_dir: str) -> None:
     """Refuse a resume whose (changed) end lies before its resume point: the run would stop at
     once and report the resume point's weights as those of an end it went past."""
     if st["epoch"] > epochs or (st["epoch"] == epochs and st["batch"] > 0):
+        # (a point at an epoch's end needs that epoch, not the next: "0 batches into epoch 6")
+        where, need = ((f"already {st['batch']} batches into epoch {st['epoch'] + 1}", st["epoch"] + 1)
+                       if st["batch"] > 0 else (f"at the end of epoch {st['epoch']}", st["epoch"]))
         raise ResumeError(f"svp train --resume {run_dir}: train.epochs={epochs}, but the resume point is "
-                          f"already {st['batch']} batches into epoch {st['epoch'] + 1}; expected train.epochs >= "
-                          f"{st['epoch'] + 1}")
+                          f"{where}; expected train.epochs >= {need}")
     if max_steps is not None and st["global_step"] > int(max_steps):
         raise ResumeError(f"svp train --resume {run_dir}: train.max_steps={max_steps}, but the resume point is "
                           f"at step {st['global_step']}; expected train.max_steps >= {st['global_step']} (or null)")

@@ -44,7 +44,16 @@ def load_run_config(run_dir: str, overrides=(), notes: Optional[List[str]] = Non
     if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
     saved = C.load_yaml(path)
-    check_overrides([(k, C.path_value(k, v)) for k, v in C.parse_overrides(overrides)], run_dir, saved)
+    overrides = list(overrides or ())
+    parsed = C.parse_overrides(overrides)
+    # a new run keeps model.checkpoint absolute (C.absolute_paths): the relative --checkpoint of the
+    # command that started it, repeated with --resume from the same folder, was "cannot change"
+    parsed = [(k, os.path.abspath(v) if k == "model.checkpoint" and isinstance(v, str) else v)
+              for k, v in ((k, C.path_value(k, v)) for k, v in parsed)]
+    check_overrides(parsed, run_dir, saved)
+    # what remains of the refused keys repeats the saved values: applied as given, it would write
+    # them back in their new spelling (a relative path, 1 for 1.0)
+    overrides = [o for o, (k, _) in zip(overrides, parsed) if RO.accepted(k)]
     notes = [] if notes is None else notes
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
@@ -144,6 +153,7 @@ def load_trainable(model, state: Dict[str, torch.Tensor], what: str) -> None:
 class RunFolder:
     def __init__(self, run_dir: str, cfg: dict, dist_info: DistInfo):
         self.path, self.cfg, self.dist = run_dir, cfg, dist_info
+        self.precision: Optional[str] = None   # Precision.describe() of the run, set by the trainer
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -203,6 +213,8 @@ class RunFolder:
         # the backbone the run trains on (its weights as loaded, before any training): a --resume
         # reads model.checkpoint again, and a file changed at that path was trained on unseen
         state["base_model_hash"] = unwrap(model).base_hash
+        if self.precision:
+            state["precision"] = self.precision
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
     def _config_digest(self, fixed: bool) -> Optional[str]:
@@ -275,6 +287,19 @@ class RunFolder:
             raise ResumeError(
                 f"{self.path}: the run used world size {state['world_size']} x batch {state['batch_size']}; "
                 f"resume it with the same (now {self.dist.world_size} x {bs})")
+        # train.device may change at --resume (the same numbers on another device), but not what the
+        # steps compute in: train.amp resolves per device (amp_cpu=false: float32 on the CPU, bfloat16
+        # on CUDA; float16 with a scaler on a CUDA device without bfloat16), and a CPU run's disabled
+        # scaler left an empty state that a CUDA scaler refused in a traceback (review)
+        now, was = self.precision, state.get("precision")
+        if isinstance(was, str) and now and was != now:
+            raise ResumeError(f"{self.path}: the run trained in {was}, and on {self.cfg['train']['device']!r} "
+                              f"it would train in {now}; resume it on the kind of device it trained on (its "
+                              f"train.device), or start a new run")
+        if scaler.is_enabled() and not state.get("scaler"):   # (resume points without the record)
+            raise ResumeError(f"{self.path}: the run trained without a gradient scaler, and on "
+                              f"{self.cfg['train']['device']!r} it would train in float16 with one; resume it on "
+                              f"the kind of device it trained on, or start a new run")
         load_trainable(model, state["model"], self.file(ck.RESUME_FILE))
         optimizer.load_state_dict(state["optimizer"])
         # the schedule is NOT reloaded: the rate is a pure function of the step (sched.py), and

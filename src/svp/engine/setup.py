@@ -410,6 +410,14 @@ class Precision:
         else:  # pragma: no cover - older torch
             self.scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
 
+    def describe(self) -> str:
+        """What the steps compute in, as a resume point records it (a resume on another device
+        may resolve train.amp otherwise: engine/rundir.py refuses it)."""
+        if not self.enabled:
+            return "float32"
+        dtype = str(self.dtype).replace("torch.", "")
+        return f"{dtype} autocast" + (" with a gradient scaler" if self.scaler.is_enabled() else "")
+
     def autocast(self):
         if not self.enabled:
             return contextlib.nullcontext()
