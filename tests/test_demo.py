@@ -107,7 +107,42 @@ def test_a_ctrl_c_stops_the_demo_not_one_method(tmp_path, capsys, monkeypatch):
         raise TrainingStopped("SIGINT received: stopped after step 3; resume point saved", EXIT_INTERRUPTED, "r")
     monkeypatch.setattr(svp.engine, "train", train)
     assert main(["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--no-figure"]) == EXIT_INTERRUPTED
-    assert runs == ["linear"] and "svp demo: SIGINT received" in capsys.readouterr().err
+    assert runs == ["linear"] and "svp demo: stopped during the linear run (SIGINT received: stopped after " \
+        "step 3)" in capsys.readouterr().err
+
+
+def test_an_interrupted_demo_says_what_continues_it_and_summarises_its_runs(tmp_path, capsys, monkeypatch):
+    """It printed svp train's advice (`svp train --resume RUN`), which finishes the run but never
+    the demo, and wrote no summary; a Ctrl-C while the figure was drawn lost the finished runs'
+    table (review of svp demo)."""
+    import svp.demo as D
+    import svp.engine
+    from svp.engine.signals import EXIT_INTERRUPTED, TrainingStopped
+    out = tmp_path / "d"
+
+    def train(cfg):
+        m = cfg["method"]["name"]
+        if m == "svp":
+            raise TrainingStopped("SIGINT received: stopped after step 3; resume point saved. Continue with: "
+                                  "svp train --resume r", EXIT_INTERRUPTED, "r")
+        return {"final": {"test_top1": 50.0}, "trainable_params": 650, "run_dir": str(out / m)}
+    monkeypatch.setattr(svp.engine, "train", train)
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--methods", "linear,svp"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "stopped during the svp run" in err and "`svp demo` again starts the demo over" in err, err
+    assert "svp train --resume" not in err
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert summary["interrupted"] == "svp" and [r["method"] for r in summary["rows"]] == ["linear"]
+
+    def interrupted_figure(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "gate_figure", interrupted_figure)
+    monkeypatch.setattr(svp.engine, "train", lambda cfg: {"final": {"test_top1": 50.0}, "run_dir": str(out / "x")})
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--methods", "linear,svp"]) == EXIT_INTERRUPTED
+    cap = capsys.readouterr()
+    assert "interrupted while drawing the gate figure" in cap.err and "50.00" in cap.out, cap
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert summary["interrupted"] == "figures" and [r["method"] for r in summary["rows"]] == ["linear", "svp"]
 
 
 def test_a_full_disk_stops_the_demo_in_one_line_not_each_method_in_turn(tmp_path, capsys, monkeypatch):

@@ -206,6 +206,21 @@ def method_lrs(methods, lr: Optional[float] = None, preset: Optional[dict] = Non
     return out
 
 
+def _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted: Optional[str] = None) -> dict:
+    summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size,
+               "lr": {m: v[0] for m, v in lrs.items()},
+               "seed": seed, "rows": rows, "full_finetune": full_finetune_params(10), "figures": figures,
+               "seconds": round(time.time() - t0, 1)}
+    if interrupted:   # the method whose run, or "figures", a Ctrl-C / SIGTERM stopped
+        summary["interrupted"] = interrupted
+    return summary
+
+
+def _write_summary(out: str, summary: dict) -> None:
+    from svp.io import atomic_write_json
+    atomic_write_json(os.path.join(out, "demo_results.json"), summary)
+
+
 def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float] = None, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
@@ -226,8 +241,12 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
                           progress)
         try:
             res = train(cfg)
-        except (TrainingStopped, OutputError):   # Ctrl-C / SIGTERM (each press skipped one method), or
-            raise   # the demo's folder unwritable, full disk: the next method would fail the same way
+        except TrainingStopped as e:   # Ctrl-C / SIGTERM: the demo stops; what ran so far is summarised
+            e.demo_method = m
+            _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
+            raise
+        except OutputError:   # the demo's folder unwritable, full disk: the next method would fail the same way
+            raise
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
@@ -239,18 +258,19 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
     full = full_finetune_params(10)
     figures: List[str] = []
     fig_note = ""
+    interrupted = None
     svp_row = next((r for r in rows if r["method"] == "svp" and r.get("run_dir")), None)
     if figure and svp_row:
+        # the runs' summary first: a Ctrl-C while the figure is drawn (half a minute) left none
+        _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0))
         try:
             figures = gate_figure(out, svp_row["run_dir"], seed)
+        except KeyboardInterrupt:   # the runs are done: their table still comes, then exit 130
+            fig_note, interrupted = "gate figure: interrupted (svp visualize draws it from the run folder)", "figures"
         except Exception as e:
             fig_note = f"gate figure failed: {type(e).__name__}: {e}"
-    summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size,
-               "lr": {m: v[0] for m, v in lrs.items()},
-               "seed": seed, "rows": rows, "full_finetune": full, "figures": figures,
-               "seconds": round(time.time() - t0, 1)}
-    from svp.io import atomic_write_json as _atomic_json
-    _atomic_json(os.path.join(out, "demo_results.json"), summary)
+    summary = _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted)
+    _write_summary(out, summary)
 
     echo("\n" + "=" * 84)
     n_train = _train_images(max_train_samples)
@@ -374,10 +394,20 @@ def _main(args) -> int:
         summary = run_demo(args.out, args.epochs, args.batch_size, args.lr, args.seed, methods,
                            args.max_train_samples, args.max_eval_samples, not args.no_figure,
                            "none" if args.quiet else "auto")
-    except TrainingStopped as e:   # as `svp train` says it: the run's resume point, exit 130
-        print(f"svp demo: {e}", file=sys.stderr)
+    except TrainingStopped as e:
+        # (svp train's words said to continue with `svp train --resume RUN`: that finishes the run,
+        # never the demo, and the next `svp demo` sets it aside and trains it again)
+        method = getattr(e, "demo_method", None)
+        print(f"svp demo: stopped{f' during the {method} run' if method else ''} ({str(e).split(';')[0]}); the "
+              f"runs so far are summarised in {os.path.join(args.out, 'demo_results.json')}. `svp demo` again "
+              f"starts the demo over (it sets these runs aside in {os.path.join(args.out, 'previous')})",
+              file=sys.stderr)
         return e.code
     except OSError as e:   # a full or read-only disk: one line
         print(f"svp demo: cannot write {e.filename or args.out} ({e.strerror or e})", file=sys.stderr)
         return 2
+    if summary.get("interrupted"):
+        print("svp demo: interrupted while drawing the gate figure; the runs' table above is complete",
+              file=sys.stderr)
+        return 130
     return 0 if all(r.get("test_top1") is not None for r in summary["rows"]) else 1
