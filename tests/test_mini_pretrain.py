@@ -84,6 +84,29 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
     assert not (tmp_path / "p").exists()
 
 
+def test_a_negative_seed_a_model_of_another_size_and_a_diverging_run_are_one_line(tmp_path, capsys):
+    """--seed -1 was numpy's traceback after the folder was made; a 64 px model trained on the
+    32 px fractals resampled, its card saying 64x64; a non-finite loss a RuntimeError traceback,
+    not in pretrain.log (review of svp pretrain)."""
+    from svp.cli import main
+    for flags, words in ((["--seed", "-1"], "--seed must be >= 0, got -1"),
+                         (["--seed", str(2**62)], "--seed must be <= "),
+                         (["--model-kwargs", '{"depth": 1, "img_size": 64}'],
+                          "--model vim_mini_patch4_32 takes 64x64 images, and the fractals are 32x32"),
+                         (["--model", "vim_tiny_patch16_224"], "takes 224x224 images")):
+        assert main(["pretrain", "--out", str(tmp_path / "p"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "p").exists()
+    out = tmp_path / "nan"
+    rc = main(["pretrain", "--out", str(out), "--num-classes", "2", "--per-class", "8", "--heldout-per-class", "1",
+               "--epochs", "1", "--batch-size", "8", "--lr", "1e30", "--warmup-steps", "0", "--threads", "1",
+               "--model-kwargs", '{"depth": 1, "embed_dim": 16}'])
+    err = capsys.readouterr().err
+    assert rc == 3 and "svp pretrain: non-finite loss" in err and "Traceback" not in err, err
+    assert "non-finite loss" in (out / "pretrain.log").read_text()
+
+
 def test_one_pretrain_a_folder_and_a_fresh_run_does_not_overwrite_another(tmp_path, capsys, monkeypatch):
     """Two `svp pretrain` wrote one --out at once (a --resume beside the running one, a fresh run
     with another seed), and a fresh run overwrote a finished run's checkpoint and summary."""

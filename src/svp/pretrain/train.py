@@ -65,6 +65,29 @@ def lr_at(step: int, total: int, args) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class Diverged(Exception):
+    """The loss went non-finite (svp pretrain exits 3, as svp train's NonFiniteLoss; it was a
+    RuntimeError traceback, not in pretrain.log)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _input_size(args):
+    """The model's input size as built with --model-kwargs (on the meta device: no memory), or
+    None when it does not build so (the real build then says why)."""
+    import timm
+
+    import svp.models  # noqa: F401  (registers vim_*)
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(args.model, num_classes=2, **dict(getattr(args, "model_kwargs", None) or {}))
+        return tuple(int(v) for v in m.patch_embed.img_size)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def build_model(args, num_classes: int):
     """The backbone to pre-train: random weights from the global RNG (seeded by the caller)."""
     from ..build import ModelSpec, build_model as build
@@ -210,7 +233,9 @@ def pretrain(args, log=print) -> dict:
                 group["lr"] = lr_at(step, total, args)
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {step}: {loss.item()}")
+                raise Diverged(f"non-finite loss ({loss.item()}) at step {step}, lr {lr_at(step, total, args):.3g}: "
+                               f"training stopped; start again in another --out with a lower --lr (or more "
+                               f"--warmup-steps)", step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -404,11 +429,15 @@ def _main(args) -> int:
     args.command_line = "svp pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "pretrain" else None
     for k, least in (("num_classes", 2), ("per_class", 1), ("heldout_per_class", 1), ("epochs", 1),
-                     ("batch_size", 1), ("ckpt_every", 1), ("threads", 1), ("warmup_steps", 0)):
+                     ("batch_size", 1), ("ckpt_every", 1), ("threads", 1), ("warmup_steps", 0), ("seed", 0)):
         if getattr(args, k) < least:   # (--threads 0 ran on one thread, and recorded 0)
             print(f"svp pretrain: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
                   file=sys.stderr)
             return 2
+    most = (2**63 - 1) // 1000 - args.epochs   # (the epochs' data order is seeded seed * 1000 + epoch)
+    if args.seed > most:
+        print(f"svp pretrain: --seed must be <= {most}, got {args.seed}", file=sys.stderr)
+        return 2
     need, have = _images_bytes(args), memory_bytes()
     if have and need > have // 2:   # (--num-classes 10**9: minutes of drawing categories, then out of memory)
         print(f"svp pretrain: {args.num_classes} classes x ({args.per_class} + {args.heldout_per_class}) images "
@@ -429,6 +458,11 @@ def _main(args) -> int:
         problems.append(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out {args.out}: a file, expected a folder")
+    size = _input_size(args)
+    if size is not None and size != (32, 32):
+        # (the fractals are drawn at 32 px: a 64 px model trained on them resampled, and its card said 64)
+        problems.append(f"--model {args.model} takes {size[0]}x{size[1]} images, and the fractals are 32x32; "
+                        f"add \"img_size\": 32 to --model-kwargs")
     if args.export and os.path.isdir(args.export):
         problems.append(f"--export {args.export}: a folder, expected a .safetensors file to write")
     if problems:
@@ -481,6 +515,10 @@ def _locked_main(args) -> int:
         log(str(e))
         print(f"svp pretrain: {e}", file=sys.stderr)
         return 130
+    except Diverged as e:
+        log(str(e))
+        print(f"svp pretrain: {e}", file=sys.stderr)
+        return 3
     except OSError as e:   # a full or read-only disk: one line (the last checkpoint is whole)
         print(f"svp pretrain: cannot write {e.filename or args.out} ({e.strerror or e}); --resume continues "
               f"from the last checkpoint once it can", file=sys.stderr)
