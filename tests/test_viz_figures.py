@@ -113,7 +113,9 @@ def test_cli_end_to_end_and_errors(tmp_path, image, capsys):
     # behind, empty) or any model built
     for bad, msg in ((["--adapter", "frozen=" + str(tmp_path)], "two models are labelled 'frozen'"),
                      (["--no-frozen"], "--no-frozen without --adapter"),
-                     (["--mask", image, "--box", "1,1,4,4"], "give --mask or --box, not both")):
+                     (["--mask", image, "--box", "1,1,4,4"], "give --mask or --box, not both"),
+                     (["--quantities", "bogus"], "unknown 'bogus'"), (["--box", "1,2,3"], "--box"),
+                     (["--mask", str(tmp_path / "nope.png")], "no such file")):
         rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
                        "--random-init", "--out", str(tmp_path / "never")] + bad)
         err = capsys.readouterr().err

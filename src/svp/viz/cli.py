@@ -181,13 +181,20 @@ def run(args) -> int:
         raise VizError("--no-frozen without --adapter leaves nothing to show")
     if args.mask and args.box:
         raise VizError("give --mask or --box, not both")
+    quantities = parse_quantities(args.quantities)
+    # the image and its region too (--layers alone needs the model's depth)
+    image, stem = load_input_image(args)
+    mask = None
+    if args.mask:
+        mask = load_mask(args.mask, *image.size)
+    elif args.box:
+        mask = parse_box(args.box, *image.size)
     try:  # before any model is built: a folder that cannot be made fails in a second, not after
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise VizError(f"--out {args.out}: cannot create the output folder ({mkdir_error(args.out, e)})") from None
     from ..io import remove_dead_writers_temps
     remove_dead_writers_temps(args.out)   # what a run killed mid-write left (its figures are atomic)
-    image, stem = load_input_image(args)
     models: Dict[str, torch.nn.Module] = {}
     if not args.no_frozen:
         models[args.frozen_label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
@@ -197,12 +204,6 @@ def run(args) -> int:
                                       args.random_init, path)
     depth = len(find_vim(next(iter(models.values()))).layers)
     layers = parse_layers(args.layers, depth)
-    quantities = parse_quantities(args.quantities)
-    mask = None
-    if args.mask:
-        mask = load_mask(args.mask, *image.size)
-    elif args.box:
-        mask = parse_box(args.box, *image.size)
     try:
         written = visualize(image, models, args.out, args.prefix or stem, layers, quantities, args.direction,
                             mask, dpi=args.dpi, alpha=args.alpha)
