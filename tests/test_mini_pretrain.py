@@ -341,3 +341,32 @@ def test_a_ctrl_c_of_the_mini_suite_lets_the_stage_under_way_save(tmp_path):
     parent.send_signal(signal.SIGINT)    # to the suite alone
     assert parent.wait(timeout=60) == 130
     assert marker.read_text() == "saved"
+
+
+def test_a_ctrl_c_of_a_stage_on_windows_waits_for_the_command_without_forwarding_it(monkeypatch):
+    """On Windows Popen.send_signal(SIGINT) raises ValueError, and the console already gave the
+    command the Ctrl-C: the suite waits for it instead (simulated: FORWARD_SIGINT off)."""
+    import svp.pretrain.mini_suite as ms
+
+    class Child:
+        waits, sent = 0, []
+
+        def __init__(self, cmd, env):
+            pass
+
+        def wait(self):
+            Child.waits += 1
+            if Child.waits == 1:
+                raise KeyboardInterrupt
+            return 130
+
+        def send_signal(self, sig):
+            raise ValueError(f"Unsupported signal: {sig}")   # as CPython's on Windows
+
+        def kill(self):
+            raise AssertionError("killed")
+    monkeypatch.setattr(ms.subprocess, "Popen", Child)
+    monkeypatch.setattr(ms, "FORWARD_SIGINT", False)
+    with pytest.raises(SystemExit) as e:
+        ms._run_stage(["svp", "sweep"], {})
+    assert e.value.code == 130 and Child.waits == 2

@@ -280,7 +280,8 @@ def main(argv=None) -> int:
     if args.report:
         print(report(args.out))
         return 0
-    svp_bin = os.path.join(os.path.dirname(sys.executable), "svp")
+    # (on Windows the console script is svp.exe: "svp" beside the interpreter never existed there)
+    svp_bin = os.path.join(os.path.dirname(sys.executable), "svp.exe" if os.name == "nt" else "svp")
     if not os.path.exists(svp_bin):
         svp_bin = "svp"
     split = (lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None)
@@ -305,6 +306,12 @@ def main(argv=None) -> int:
     return rc
 
 
+# Windows: Popen.send_signal takes no SIGINT (ValueError "Unsupported signal"), and the console
+# delivers a Ctrl-C to every process attached to it, the stage's command included (read from
+# CPython's subprocess.py; no Windows machine here)
+FORWARD_SIGINT = os.name != "nt"
+
+
 def _run_stage(cmd, env) -> int:
     """One stage's command, to its end. A Ctrl-C ends the stage as the command ends on it: it
     finishes its step and saves (subprocess.call killed it 0.25 s after the signal, losing that);
@@ -315,7 +322,8 @@ def _run_stage(cmd, env) -> int:
     try:
         return child.wait()
     except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
+        if FORWARD_SIGINT:
+            child.send_signal(signal.SIGINT)
         try:
             code = child.wait()
         except KeyboardInterrupt:
