@@ -328,7 +328,7 @@ def test_on_off_switches_read_0_false_no_off_as_off():
     assert runtime.no_defaults({}) is False
 
 
-def test_the_command_is_told_from_other_programs_importing_svp():
+def test_the_command_is_told_from_other_programs_importing_svp(monkeypatch):
     from svp.runtime import started_as_command
     assert started_as_command(["/venv/bin/svp", "train"], [])
     assert started_as_command([r"C:\venv\Scripts\svp", "train"], [])
@@ -337,6 +337,17 @@ def test_the_command_is_told_from_other_programs_importing_svp():
     assert not started_as_command(["train.py"], ["python", "train.py"])
     assert not started_as_command(["-c"], ["python", "-c", "import svp"])
     assert not started_as_command([], [])
+    # Python 3.9 has no sys.orig_argv: any -m counted, so `python -m mypkg` importing svp kept svp's
+    # Ctrl-C guard (exit 130, the program's finally blocks skipped: review); /proc tells them apart
+    from svp import runtime
+    real = runtime._proc_cmdline
+    monkeypatch.delattr(sys, "orig_argv", raising=False)
+    for cmdline, command in ((["python3.9", "-m", "mypkg.train"], False), (["python3.9", "-m", "svp", "train"], True),
+                             ([], False)):   # no /proc: not the command (the guard is for it alone)
+        monkeypatch.setattr(runtime, "_proc_cmdline", lambda c=cmdline: c)
+        assert started_as_command(["-m"]) is command, cmdline
+    if os.path.exists("/proc/self/cmdline"):
+        assert real()[:1] == [sys.executable] or os.path.basename(real()[0]).startswith("python")
 
 
 def test_the_import_guard_leaves_an_ignored_or_own_sigint_alone(monkeypatch):

@@ -285,15 +285,29 @@ def started_as_command(argv=None, orig_argv=None) -> bool:
     """Is this process the ``svp`` command (its console script, or ``python -m svp``)? While
     ``import svp`` runs, before ``svp.cli`` exists to say so."""
     argv = sys.argv if argv is None else argv
-    orig = getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv   # (Python >= 3.10)
+    orig = getattr(sys, "orig_argv", None) if orig_argv is None else orig_argv   # (Python >= 3.10)
     if not argv:
         return False
     name = ntpath.basename(argv[0]).lower()   # (either separator: the Windows script's path too)
     if name in ("svp", "svp.exe", "svp-script.py"):
         return True
-    # python -m svp: runpy imports the package while argv[0] is still "-m" (Python 3.9, without
-    # sys.orig_argv, cannot tell which module was asked for: there any -m counts)
-    return argv[0] == "-m" and (not orig or any(a == "-m" and b == "svp" for a, b in zip(orig, orig[1:])))
+    if argv[0] != "-m":
+        return False
+    # python -m svp: runpy imports the package while argv[0] is still "-m". Python 3.9 has no
+    # sys.orig_argv: the command line is read from /proc (Linux); where it cannot be, any -m
+    # counted, and a user's `python -m mypkg` importing svp kept svp's Ctrl-C guard (exit 130, its
+    # finally blocks skipped: review), so there none does
+    if orig is None:
+        orig = _proc_cmdline()
+    return any(a == "-m" and b == "svp" for a, b in zip(orig, orig[1:]))
+
+
+def _proc_cmdline() -> list:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 _IMPORT_GUARD = {"old": None, "on": False}
