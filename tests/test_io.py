@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svp.io import atomic_save_safetensors, atomic_write, atomic_write_json
+from svp.io import atomic_save_safetensors, atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -26,11 +26,52 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results.json"]
 
 
-def test_written_files_are_complete_and_readable_by_others(tmp_path):
+def test_written_files_are_complete_and_get_the_mode_open_would_give(tmp_path):
+    """Every file was 0644 whatever the umask: under umask 077 resume points and adapters were
+    world-readable, under a group project's 002 without group write; a replaced file keeps its
+    mode (review of svp.io)."""
     path = tmp_path / "sub" / "w.safetensors"
-    atomic_save_safetensors(path, {"x": torch.arange(6.0).view(2, 3).t()}, metadata={"k": "v"})
-    assert torch.equal(load_file(str(path))["x"], torch.arange(6.0).view(2, 3).t())
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    old = os.umask(0o022)
+    try:
+        atomic_save_safetensors(path, {"x": torch.arange(6.0).view(2, 3).t()}, metadata={"k": "v"})
+        assert torch.equal(load_file(str(path))["x"], torch.arange(6.0).view(2, 3).t())
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        for mask, mode in ((0o077, 0o600), (0o002, 0o664)):
+            os.umask(mask)
+            atomic_write_text(tmp_path / f"new{mask:o}.txt", "x")
+            assert stat.S_IMODE(os.stat(tmp_path / f"new{mask:o}.txt").st_mode) == mode
+        os.chmod(path, 0o640)
+        os.umask(0o022)
+        atomic_save_safetensors(path, {"x": torch.zeros(1)})
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_folder_replaced_over_a_link_or_a_file_leaves_no_temporary(tmp_path):
+    """atomic_replace_dir moved a link (or file) at the target aside, swapped the new folder in,
+    then failed in rmtree of the link; remove_stale_temps then said it removed that temporary,
+    which stayed (review of svp.io)."""
+    from svp.io import atomic_replace_dir, remove_stale_temps
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(elsewhere, run / "best")
+    (run / "last").write_text("a file where a folder goes")
+
+    def write(d):
+        with open(os.path.join(d, "adapter.txt"), "w") as f:
+            f.write("new")
+    for name in ("best", "last"):
+        atomic_replace_dir(write, run / name)
+        assert (run / name / "adapter.txt").read_text() == "new" and not (run / name).is_symlink()
+    assert sorted(os.listdir(run)) == ["best", "last"]
+    assert (elsewhere / "keep.txt").read_text() == "mine"   # the link went, not what it pointed to
+    os.symlink(elsewhere, run / ".svp-tmp-new-x")   # a new folder's temporary, a link here
+    assert remove_stale_temps(str(run)) == [str(run / ".svp-tmp-new-x")]
+    assert sorted(os.listdir(run)) == ["best", "last"] and (elsewhere / "keep.txt").exists()
 
 
 def test_writes_flush_through_a_handle_that_may_write_and_keep_a_c_locale_paths_bytes(tmp_path, monkeypatch):
@@ -217,3 +258,24 @@ def test_a_missing_adapter_folder_is_called_missing(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match=r"'.*f': a file, not a folder"):
         adapter_spec(str(tmp_path / "f"))
+
+
+def test_a_rename_is_made_durable_by_a_folder_fsync(tmp_path, monkeypatch):
+    """The temporary was fsync'ed, never the folder after the rename: after a power loss a resume
+    point reported saved could come back as the old one (review of svp.io). POSIX only."""
+    import svp.io as sio
+    if os.name == "nt":
+        pytest.skip("Windows has no folder fsync")
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}") or stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+    monkeypatch.setattr(sio.os, "fsync", fsync)
+    atomic_write_json(tmp_path / "a.json", {"a": 1})
+    assert os.stat(tmp_path).st_ino in synced
+    synced.clear()
+    sio.atomic_replace_dir(lambda d: open(os.path.join(d, "f"), "w").close(), tmp_path / "best")
+    assert os.stat(tmp_path).st_ino in synced and os.stat(tmp_path / "best").st_ino in synced

@@ -137,17 +137,75 @@ def remove_stale_temps(folder: str) -> List[str]:
                     os.replace(os.path.join(root, name), final)
     for root, dirs, files in os.walk(folder):
         for name in [d for d in dirs if is_temp_name(d)]:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            removed.append(os.path.join(root, name))
-            dirs.remove(name)  # do not descend into what was just removed
+            dirs.remove(name)  # do not descend into what is removed
+            if _remove_path(os.path.join(root, name)):
+                removed.append(os.path.join(root, name))
         for name in files:
-            if is_temp_name(name):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    removed.append(os.path.join(root, name))
-                except FileNotFoundError:
-                    pass
+            if is_temp_name(name) and _remove_path(os.path.join(root, name)):
+                removed.append(os.path.join(root, name))
     return sorted(removed)
+
+
+def _remove_path(path: str) -> bool:
+    """Remove a file, a link (not what it points to) or a folder tree; whether it is gone (a
+    link to a folder was "removed" while rmtree refused it, and stayed: review)."""
+    try:
+        if os.path.islink(path) or not os.path.isdir(path):
+            os.unlink(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return not os.path.lexists(path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux 4.7+), else
+    by setting and restoring it (a moment in which another thread's new files would get 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: str) -> int:
+    """The mode a written file gets: the replaced file's, else what open() would give a new one
+    (0666 less the umask). Every file was 0644 whatever the umask: a user's umask 077 gave
+    world-readable resume points and adapters, a group-shared project's 002 no group write."""
+    import stat
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a folder's entries (a rename into it) durable (POSIX; Windows has no folder fsync):
+    without it a power loss after a rename could bring back the old file while metrics.jsonl,
+    fsync'ed on each append, already listed what came after (review)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # (some file systems refuse a folder fsync: the rename stands as it is)
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_temp(path: str, write: Callable[[str], None]) -> str:
@@ -165,7 +223,7 @@ def _write_temp(path: str, write: Callable[[str], None]) -> str:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o644)  # created 0600 while partial; results are meant to be shared
+        os.chmod(tmp, _file_mode(path))  # created 0600 while partial
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -183,7 +241,9 @@ def atomic_write_group(writes: Sequence[Tuple[Any, Callable[[str], None]]]) -> L
     to its temporary first, then all are moved in, in the order given, one rename after the other.
     A failure or an interruption while any is being written leaves every old file in place; once
     the first is moved in, the rest are moved in too (renames: microseconds) before a
-    KeyboardInterrupt goes on, so only a kill in those microseconds splits the group."""
+    KeyboardInterrupt goes on, so only a kill in those microseconds splits the group, or a rename
+    that fails part-way (a target that is a folder; on Windows one another process holds open),
+    which is raised with the files before it moved in."""
     paths = [os.fspath(p) for p, _ in writes]
     temps: List[str] = []
     try:
@@ -215,6 +275,8 @@ def _move_in(temps: List[str], paths: List[str]) -> None:
     for tmp, path in zip(temps, paths):
         if os.path.exists(tmp):   # (gone: moved in already, before an interrupt)
             os.replace(tmp, path)
+    for d in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths):
+        _fsync_dir(d)
 
 
 def atomic_write_bytes(path, data: bytes) -> str:
@@ -309,27 +371,31 @@ def atomic_replace_dir(write: Callable[[str], None], final_dir: str) -> str:
     kill came between the two renames)."""
     final_dir = os.path.abspath(os.fspath(final_dir)).rstrip("/")
     tmp, old = _dir_temps(final_dir)
-    if os.path.exists(old) and not os.path.exists(final_dir):
+    if os.path.exists(old) and not os.path.lexists(final_dir):
         os.replace(old, final_dir)
     for p in (tmp, old):
-        if os.path.exists(p):
-            shutil.rmtree(p)
+        if os.path.lexists(p) and not _remove_path(p):
+            raise OSError(errno.EEXIST, "cannot remove a leftover temporary", p)
     os.makedirs(tmp)
     try:
         write(tmp)
     except BaseException:   # (a file too large, a full disk: the half-written folder went with it)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_dir(tmp)   # (its files' names, before it is swapped in)
+    parent = os.path.dirname(final_dir)
     if os.path.isdir(final_dir) and not os.path.islink(final_dir) and _exchange(tmp, final_dir):
         # one atomic swap: a reader never finds the folder missing (between the two renames
         # below, svp eval/predict of runs/<run>/best failed ~1 in 2,700 reads in a stress loop)
-        shutil.rmtree(tmp)   # (the old folder now; a kill here leaves a temporary, removed later)
+        _fsync_dir(parent)
+        _remove_path(tmp)   # (the old folder now; a kill here leaves a temporary, removed later)
         return final_dir
-    if os.path.exists(final_dir):
+    if os.path.lexists(final_dir):   # a folder, or a link or file in its place (replaced, not followed)
         os.replace(final_dir, old)
     os.replace(tmp, final_dir)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    _fsync_dir(parent)
+    if os.path.lexists(old):
+        _remove_path(old)
     return final_dir
 
 
