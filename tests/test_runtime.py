@@ -25,7 +25,7 @@ CODE_RT = RUNTIME_ONLY + f"print({ENV}, status['applied_before_torch'])"
 def _run(code, **env):
     base = {k: v for k, v in os.environ.items()
             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SVP_NO_RUNTIME_DEFAULTS", "GLIBC_TUNABLES",
-                         "SVP_CPU_DEDICATED")
+                         "SVP_CPU_DEDICATED", "SVP_SET_GOMP_SPINCOUNT")
             and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          timeout=300)
@@ -47,6 +47,13 @@ def test_user_choice_and_opt_out_are_kept():
     assert _run(CODE_RT, OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None", "True"]
     assert _run(CODE_RT, OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "None", "True"]
     assert _run(CODE_RT, GOMP_SPINCOUNT="20000") == ["None", "20000", "True"]
+    # a value svp put in a parent's environment (marked) is svp's, not the user's: a child in
+    # dedicated mode sets its own over it (it kept the inherited 1000: review)
+    from svp.runtime import SPINCOUNT, SPINCOUNT_DEDICATED
+    assert _run(CODE_RT, GOMP_SPINCOUNT=SPINCOUNT, SVP_SET_GOMP_SPINCOUNT=SPINCOUNT,
+                SVP_CPU_DEDICATED="1") == ["None", SPINCOUNT_DEDICATED, "True"]
+    assert _run(CODE_RT, GOMP_SPINCOUNT="20000", SVP_SET_GOMP_SPINCOUNT=SPINCOUNT,
+                SVP_CPU_DEDICATED="1") == ["None", "20000", "True"]   # changed since: the user's
     assert _run(CODE_RT, SVP_NO_RUNTIME_DEFAULTS="1")[:2] == ["None", "None"]
     # torch first: too late for libgomp, so svp leaves the environment alone and says so
     assert _run(f"import torch, os, svp; print({ENV}, svp.runtime.status()['applied_before_torch'])") == \

@@ -235,15 +235,24 @@ def _malloc_defaults() -> str:
     return f"mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB (set by svp){huge}"
 
 
+SPIN_MARK = "SVP_SET_GOMP_SPINCOUNT"   # the GOMP_SPINCOUNT svp itself put in the environment
+
+
 def configure() -> dict:
     """Apply the defaults above (idempotent). Returns ``status()``."""
     if _state["applied_before_torch"] is not None or no_defaults():
         return status()
     before_torch = "torch" not in sys.modules
     _state["dedicated"] = dedicated()
-    if before_torch and not (os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")):
+    # libgomp reads GOMP_SPINCOUNT from the environment as it loads, so svp sets it there, and
+    # the processes a program importing svp starts inherit it. The marker says the value is svp's,
+    # not the user's: an svp child (in SVP_CPU_DEDICATED mode, say) sets its own over it (it took
+    # the inherited 1000 for the user's choice: review)
+    inherited = os.environ.get("GOMP_SPINCOUNT")
+    ours = bool(inherited) and inherited == os.environ.get(SPIN_MARK)
+    if before_torch and not os.environ.get("OMP_WAIT_POLICY") and (not inherited or ours):
         spin = SPINCOUNT_DEDICATED if _state["dedicated"] else SPINCOUNT
-        os.environ["GOMP_SPINCOUNT"] = spin
+        os.environ["GOMP_SPINCOUNT"] = os.environ[SPIN_MARK] = spin
         why = "set by svp, SVP_CPU_DEDICATED" if _state["dedicated"] else "set by svp"
         _state["omp_wait_policy"] = f"GOMP_SPINCOUNT={spin} ({why})"
     else:
