@@ -221,3 +221,20 @@ def test_doctor_with_the_interpreter_set_checks_triton_on_cpu_tensors(capsys, mo
         assert any(line.startswith(f"  cpu   {name:11s} ok  ") and line.endswith("[interpreter]")
                    for line in out.splitlines()), (name, out)
     assert "under Triton's interpreter (TRITON_INTERPRET=1 is set)" in out, out
+
+
+@pytest.mark.slow  # a doctor in a process of its own (SVP_CPU_MATMUL is read once)
+def test_a_bad_cpu_matmul_setting_fails_its_row_not_the_kernels(tmp_path):
+    """SVP_CPU_MATMUL=bogus: the SVP prompts and fused-model checks, which stopped on it, were named
+    as failed kernels (review of svp doctor)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, SVP_CPU_MATMUL="bogus", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "svp", "doctor", "--no-timing"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 1, out.stderr
+    lines = out.stdout.splitlines()
+    assert "FAILED: SVP_CPU_MATMUL (the 'CPU products' row above)" in lines, out.stdout
+    assert any("not run SVP_CPU_MATMUL" in ln for ln in lines), out.stdout
+    assert not any(" FAIL " in ln for ln in lines if "CPU products" not in ln), out.stdout
