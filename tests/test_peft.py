@@ -826,3 +826,51 @@ def test_adapter_files_are_opened_in_binary_mode(tmp_path, monkeypatch):
     pio.read_adapter_files(tmp_path / "ad")
     files = [fl for fl in flags if not fl & getattr(os, "O_DIRECTORY", 0)]
     assert files and all(fl & 0o100000 for fl in files), flags
+
+
+def test_a_refused_lora_attach_leaves_no_lora_and_a_refused_save_no_folder(tmp_path):
+    """LoRA parametrised layer after layer and was refused part-way (a wrapped out_proj in layer 3):
+    layers 0-3 kept LoRA, the backbone's state-dict names and weight hash changed. A save refused
+    (class names of another count, a NaN) left a new, empty adapter folder (review of svp.peft)."""
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+
+    import svp.peft as peft
+    from svp.errors import AdapterError
+    from svp.peft import base_weights_hash
+
+    class Wrapped(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.inner = lin
+
+        def forward(self, x):
+            return self.inner(x)
+    vim = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=5)
+    vim.layers[3].mixer.out_proj = Wrapped(vim.layers[3].mixer.out_proj)
+    keys, h = set(vim.state_dict()), base_weights_hash(vim)
+    flags = {n: p.requires_grad for n, p in vim.named_parameters()}
+    with pytest.raises(TypeError, match=r"layers\.3\.mixer\.out_proj is Wrapped"):
+        peft.get_peft_model(vim, peft.make_config("lora"))
+    assert not any(parametrize.is_parametrized(m) for m in vim.modules())
+    assert set(vim.state_dict()) == keys and base_weights_hash(vim) == h
+    assert {n: p.requires_grad for n, p in vim.named_parameters()} == flags
+    model = peft.get_peft_model(timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=3),
+                                peft.make_config("linear"))
+    with pytest.raises(AdapterError, match=r"not saved: 2 class names given for a 3-class head"):
+        model.save(tmp_path / "a", class_names=["x", "y"])
+    with torch.no_grad():
+        model.base_model.head.weight[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        model.save(tmp_path / "b" / "c")
+    assert os.listdir(tmp_path) == []
+
+
+def test_converted_class_names_lose_a_byte_order_mark(tmp_path):
+    """A class-names file saved "UTF-8 with BOM" (Windows Notepad) kept the mark in the first name,
+    and svp eval then refused the converted adapter's classes (review of svp.peft.convert)."""
+    from svp.peft.convert import _read_class_names
+    for name, text in (("names.txt", "cat\ndog\n"), ("names.json", '["cat", "dog"]')):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8-sig")
+        assert _read_class_names(str(path)) == ["cat", "dog"], name

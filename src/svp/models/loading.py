@@ -331,8 +331,8 @@ def size_hint(model: nn.Module, state_dict: Mapping) -> str:
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     which = models_of_shape(have)
     if name in which:   # the model's own default size: the arguments it was built with made it another
-        advice = (f": {name} was built with arguments (model.kwargs, --model-args, or an adapter's "
-                  f"backbone.json) that change its size from its default, which is the file's")
+        advice = (f": {name} was built with arguments (model.kwargs, --model-args, --model-kwargs, or an "
+                  f"adapter's backbone.json) that change its size from its default, which is the file's")
     else:
         advice = f": build {' or '.join(which)} (--model / model.name) to load it" if which else ""
     return (f"the file holds a Vim of {_show_shape(have)}; the model{f' {name!r}' if name else ''} is one of "

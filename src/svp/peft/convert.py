@@ -157,7 +157,9 @@ def _read_class_names(path):
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: a file saved "UTF-8 with BOM" (Windows Notepad) kept the mark in the first name,
+        # and svp eval then refused the adapter's classes (as the dataset readers drop it: review)
+        with open(path, encoding="utf-8-sig") as f:
             if path.endswith(".json"):
                 names = json.load(f)
             else:

@@ -58,18 +58,13 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
     """Write ``directory/adapter.safetensors`` + ``directory/adapter_config.json``."""
     directory = os.fspath(directory)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:   # a file in the way was "[Errno 17] File exists: 'common.txt'"
-        if e.errno in DISK_ERRNOS:
-            raise
-        raise AdapterError(f"{directory}: cannot create the adapter folder ({mkdir_error(directory, e)})") from None
     base = peft_model.base_model
     num_classes = int(base.num_classes)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != num_classes:
-            raise AdapterError(f"{len(class_names)} class names given for a {num_classes}-class head")
+            raise AdapterError(f"{directory}: not saved: {len(class_names)} class names given for a "
+                               f"{num_classes}-class head")
     if base_model_name is None:
         cfg = getattr(base, "pretrained_cfg", None) or {}
         base_model_name = cfg.get("architecture")
@@ -115,6 +110,13 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{directory}: not saved: extra={_brief(extra)} cannot be written as JSON ({e}); "
                            f"expected strings, finite numbers, booleans, None, lists and dicts of them") from None
+    # the folder once everything is checked: a refused save left a new, empty one (review)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:   # a file in the way was "[Errno 17] File exists: 'common.txt'"
+        if e.errno in DISK_ERRNOS:
+            raise
+        raise AdapterError(f"{directory}: cannot create the adapter folder ({mkdir_error(directory, e)})") from None
     remove_dead_writers_temps(directory)   # what a save killed while writing left
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     atomic_write_group([

@@ -85,15 +85,25 @@ class LoRA(PeftMethod):
                 names.append(t + "_b")
         self._targets = []  # (module path, Linear) -- kept off the module tree on purpose
         scale = float(config.alpha) / int(config.r)
+        # every target is checked before any is parametrised: a refusal part-way (a wrapped
+        # out_proj in layer 3) left LoRA on layers 0-3, the backbone's names and hash changed
+        # (review); an interruption while registering takes off what was registered
+        targets = []
         for i, layer in enumerate(model.layers):
             for name in names:
                 lin = getattr(layer.mixer, name)
                 if not isinstance(lin, nn.Linear):
                     raise TypeError(f"lora: layers.{i}.mixer.{name} is {type(lin).__name__}, expected nn.Linear")
+                targets.append((f"layers.{i}.mixer.{name}", lin))
+        try:
+            for path, lin in targets:
                 w = lin.weight
                 param = LoRAParametrization(w.shape[0], w.shape[1], int(config.r), scale, w.device, w.dtype)
                 parametrize.register_parametrization(lin, "weight", param)
-                self._targets.append((f"layers.{i}.mixer.{name}", lin))
+                self._targets.append((path, lin))
+        except BaseException:
+            self.detach(model)
+            raise
 
     def trainable_base_names(self, model):
         out = []
