@@ -799,13 +799,19 @@ def test_each_seed_starts_from_its_own_head():
 
 def test_mixup_in_batch_mode_refuses_an_odd_batch_up_front():
     """timm's Mixup asserts an even batch in every mode: batch mode (the presets') crashed at the
-    first step with a bare AssertionError and left the run folder."""
+    first step with a bare AssertionError and left the run folder. Refused when the configuration
+    is resolved (a sweep had built and started every run before each failed: review)."""
     from svp.engine.setup import build_mixup
     for mode in ("batch", "pair", "elem"):
-        cfg = C.resolve(overrides=["data.dataset=digits", "train.mixup=0.8", "train.batch_size=33",
-                                   f"train.mixup_mode={mode}"], use_presets=False)
-        with pytest.raises(C.ConfigError, match="need an even train.batch_size .* got 33"):
-            build_mixup(cfg, 10)
+        for mix in ("train.mixup=0.8", "train.cutmix=1.0"):
+            with pytest.raises(C.ConfigError, match="need an even train.batch_size .* got 33"):
+                C.resolve(overrides=["data.dataset=digits", mix, "train.batch_size=33", f"train.mixup_mode={mode}"],
+                          use_presets=False)
+    odd = C.resolve(overrides=["data.dataset=digits", "train.mixup=0", "train.cutmix=0", "train.batch_size=33"],
+                    use_presets=False)
+    odd["train"]["mixup"] = 0.8   # (a configuration changed after it was resolved: still refused)
+    with pytest.raises(C.ConfigError, match="need an even train.batch_size .* got 33"):
+        build_mixup(odd, 10)
     cfg = C.resolve(overrides=["data.dataset=digits", "train.mixup=0.8", "train.batch_size=32"], use_presets=False)
     assert build_mixup(cfg, 10) is not None
 
@@ -1195,3 +1201,53 @@ def test_the_class_check_says_when_names_differ_in_case_or_order_only():
         with pytest.raises(C.ConfigError, match=said):
             _check_class_names(names, ["a", "b"], args)
     _check_class_names(["b", "a"], ["a", "b"], types.SimpleNamespace(**{**vars(args), "ignore_class_names": True}))
+
+
+def test_settings_the_run_would_misuse_are_refused_when_resolved():
+    """Review of engine/config.py: method.settings.num_classes replaced the dataset's count (a
+    traceback at the first step, or an epoch lost at the first save); model.kwargs.drop_path_rate
+    and num_classes were overwritten by svp, silently; a Windows drive in run.name left run.output;
+    on the command line the last of a method block and the same generic setting won, where in a
+    file the block does."""
+    from svp.engine.setup import method_config
+    cases = [(["method.settings.num_classes=12"], "method.settings.num_classes"),
+             (["method.name=svp", "method.settings.svp.num_classes=5"], "method.settings.num_classes"),
+             (["model.kwargs={drop_path_rate: 0.3}"], "model.kwargs.drop_path_rate: set by svp from "
+                                                       "model.drop_path_rate"),
+             (["model.kwargs={num_classes: 3}"], "model.kwargs.num_classes")]
+    if os.name == "nt":   # ('D:elsewhere' is a plain folder name elsewhere)
+        cases.append((["run.name=D:elsewhere"], "run.name='D:elsewhere'"))
+    for ov, words in cases:
+        with pytest.raises(C.ConfigError, match=re.escape(words)):
+            C.resolve(overrides=["data.dataset=digits"] + ov, use_presets=False)
+    for order in (["method.settings.svp.hidden=8", "method.settings.hidden=16"],
+                  ["method.settings.hidden=16", "method.settings.svp.hidden=8"]):
+        cfg = C.resolve(overrides=["data.dataset=digits", "method.name=svp"] + order, use_presets=False)
+        assert method_config(cfg, 10)[2]["hidden"] == 8, order
+
+
+def test_the_log_says_what_the_run_cannot_select_on(tmp_path, caplog):
+    """A carve (val_from_train) with data.val_split null left training and selected nothing, unsaid;
+    a test or validation split that is the training split itself was said only for datasets with
+    file paths (not digits); with eval.metric=loss the '(best)' mark sat beside a top-1 that fell
+    (review of engine/setup.py)."""
+    import logging
+
+    from svp.engine.progress import log_epoch
+    from svp.engine.setup import build_datasets
+    caplog.set_level(logging.WARNING, logger="svp")
+    cfg = C.resolve(overrides=["data.dataset=digits", "data.val_split=null", "data.options={val_from_train: 0.2}",
+                               "data.test_split=train"], use_presets=False)
+    build_datasets(cfg)
+    said = caplog.text
+    assert "val_from_train=0.2 carves a validation split out of train, but data.val_split is null" in said
+    assert "data.test_split=train is data.train_split itself" in said
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="svp")
+    rec = {"epoch": 2, "train_loss": 1.0, "lr": 0.1, "images_per_s": 10.0, "train_seconds": 1.0,
+           "val_top1": 20.0, "val_loss": 1.9, "step": 4}
+    log_epoch(rec, 4, True, metric="loss")
+    assert "val top1 20.00 val loss 1.9000 (best)" in caplog.text
+    caplog.clear()
+    log_epoch(rec, 4, True)
+    assert "val top1 20.00 (best)" in caplog.text and "val loss" not in caplog.text

@@ -503,6 +503,12 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
     parsed = parse_overrides(overrides)
+    # the command line is one source: its method blocks after its generic settings, so a block wins
+    # over the same generic name whatever their order (as in one file; the last given won: review)
+    methods = _method_names()
+    is_block = [k.split(".")[:2] == ["method", "settings"] and len(k.split(".")) >= 3
+                and k.split(".")[2] in methods for k, _ in parsed]
+    parsed = [kv for kv, b in zip(parsed, is_block) if not b] + [kv for kv, b in zip(parsed, is_block) if b]
     # which method/dataset? (needed to pick the method file and preset first)
     def apply_user(target: dict) -> dict:
         if base:
@@ -689,9 +695,10 @@ def validate(cfg: dict) -> None:
     name = cfg["run"]["name"]
     if name is not None:
         norm = os.path.normpath(str(name))
-        # ('.' was run.output itself: the run's files among the other runs' folders)
+        # ('.' was run.output itself: the run's files among the other runs' folders; a Windows drive,
+        # 'D:elsewhere', is not absolute there but joins to another drive)
         if (not isinstance(name, str) or not name.strip() or os.path.isabs(norm) or norm.split(os.sep)[0] == ".."
-                or norm == "."):
+                or norm == "." or os.path.splitdrive(norm)[0]):
             raise ConfigError(f"run.name={name!r}: expected a folder name inside run.output (sub-folders "
                               f"allowed, not an absolute path, run.output itself ('.') or one that leaves "
                               f"run.output through '..')")
@@ -713,6 +720,21 @@ def validate(cfg: dict) -> None:
         # the rate changes once an epoch: 0.5 was rounded to no warm-up, 1.5 and 2.5 both to 2
         raise ConfigError(f"train.warmup_epochs={warm!r} with train.sched_step=epoch: the rate changes once an "
                           f"epoch, so warm-up is a whole number of epochs; train.sched_step=step takes fractions")
+    t = cfg["train"]
+    if (float(t["mixup"]) > 0 or float(t["cutmix"]) > 0) and int(t["batch_size"]) % 2:
+        # (timm's Mixup asserts it at the first step; found when the run was built, a sweep had
+        # started every run before each failed)
+        raise ConfigError(f"train.mixup / train.cutmix need an even train.batch_size (timm's Mixup mixes "
+                          f"pairs of images), got {t['batch_size']}; or set train.mixup=0 train.cutmix=0")
+    m = cfg["model"]
+    for key, use in (("drop_path_rate", "model.drop_path_rate"), ("num_classes", "the dataset's class count")):
+        if key in (m["kwargs"] or {}):   # (overridden by the run's own value: silently ignored)
+            raise ConfigError(f"model.kwargs.{key}: set by svp from {use}; remove it from model.kwargs"
+                              + (" and set model.drop_path_rate" if key == "drop_path_rate" else ""))
+    settings = cfg["method"]["settings"] or {}
+    blocks = [settings] + [v for v in settings.values() if isinstance(v, dict)]
+    if any("num_classes" in b for b in blocks):   # (a head of another size: a crash, or an epoch lost)
+        raise ConfigError("method.settings.num_classes: the head's class count is the dataset's; remove it")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 

@@ -455,7 +455,7 @@ class Trainer:
                           "state": {k: v.clone() for k, v in eval_model.adapter_state_dict().items()}}
         if dinfo.is_main:
             self.folder.append_metrics(record)
-            log_epoch(record, epochs, improved, self.tb)
+            log_epoch(record, epochs, improved, self.tb, cfg["eval"]["metric"])
             if improved:
                 self.folder.save_adapter(eval_model, "best", self.spec, epoch + 1)
         st.update({"epoch": epoch + 1, "batch": 0, "epoch_loss_sum": 0.0, "epoch_steps": 0,

@@ -178,13 +178,17 @@ def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_
              f" / {t['lr_scale_base']}" if t["lr_scale"] else ", unscaled", steps_per_epoch, int(t["epochs"]))
 
 
-def log_epoch(record: dict, epochs: int, improved: bool, tb=None) -> None:
+def log_epoch(record: dict, epochs: int, improved: bool, tb=None, metric: str = "top1") -> None:
     msg = (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} lr {record['lr']:.3e} "
            f"{record['images_per_s']:.1f} img/s {record['train_seconds']:.1f}s")
     if "val_top1" in record:
         # the mark beside the validation number it was selected on (it sat after the test number,
-        # and without a validation split, where nothing is compared, on every epoch)
-        msg += f" | val top1 {record['val_top1']:.2f}" + (" (best)" if improved else "")
+        # and without a validation split, where nothing is compared, on every epoch; with
+        # eval.metric=loss beside a top-1 that fell while the loss it was chosen on went unshown)
+        best = " (best)" if improved else ""
+        msg += f" | val top1 {record['val_top1']:.2f}" + ("" if metric == "loss" else best)
+        if metric == "loss" and "val_loss" in record:
+            msg += f" val loss {record['val_loss']:.4f}" + best
     if "test_top1" in record:
         msg += f" | test top1 {record['test_top1']:.2f}"
     log.info(msg)

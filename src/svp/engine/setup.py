@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import types
 from typing import List, Optional
 
@@ -77,6 +78,12 @@ def build_datasets(cfg: dict):
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
+    if opts.get("val_from_train") and not d["val_split"] and "val" not in re.split(r"[+\[\]:]", str(d["train_split"])):
+        # (the HTA CIFAR presets say "val_split: null; use val_from_train": the carve left training,
+        # and the run still kept its last epoch: review)
+        log.warning("data.options.val_from_train=%s carves a validation split out of %s, but data.val_split is "
+                    "null: nothing selects on it, and its images are left out of training; set "
+                    "data.val_split=val to select on it", opts["val_from_train"], d["train_split"])
     built = make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
     warn_overlap(d["dataset"], built[0][0], d["train_split"],
                  (("data.val_split", d["val_split"], built[1]), ("data.test_split", d["test_split"], built[2])))
@@ -94,6 +101,9 @@ def warn_overlap(dataset: str, train, train_split: str, others) -> None:
     seen = {p for p, _ in getattr(train.ds, "samples", ())}
     for key, split, item in others:
         if item is None:
+            continue
+        if split == train_split:   # (datasets held in memory have no paths to compare: digits said nothing)
+            log.warning("%s=%s is data.train_split itself: results on it are on the training images", key, split)
             continue
         if str(dataset).startswith("vtab/") and vtab_splits_share_images(train_split, split):
             log.warning("%s=%s is part of data.train_split=%s (VTAB-1k): results on it are on training images; "
@@ -181,6 +191,11 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
     """The backbone of a run (saved as ``backbone.json`` for ``svp eval``/``svp predict``)."""
     m, d = cfg["model"], cfg["data"]
     ckpt = m["checkpoint"]
+    if m["random_init"] and (ckpt or m["pretrained"]):
+        # (layered configurations meet so, a suite's pretrained under a file's random_init: the
+        # weights win, as ModelSpec.weights says, and the log now says so: review)
+        log.warning("model.random_init=true is not used: %s gives the backbone its weights",
+                    "model.checkpoint" if ckpt else "model.pretrained=true")
     return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,
                      pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
                      img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),
