@@ -1022,3 +1022,34 @@ def test_a_zip_that_is_not_torchs_and_a_torch_file_named_safetensors(tmp_path):
     with pytest.raises(UnreadableCheckpoint, match="not a safetensors file: its content is torch.save's format; "
                                                    "name it .pth"):
         read_checkpoint(str(tmp_path / "real.safetensors"))
+
+
+def test_timm_conventions_a_whole_pretrained_cfg_factory_arguments_and_numpy_sizes(tmp_path, monkeypatch):
+    """Review of models/vim.py: a whole pretrained_cfg dict with a file went through timm's loader
+    (the EMA weights); timm's device=/dtype= factory arguments were a TypeError; numpy integers were
+    refused as sizes; a one-element img_size was an IndexError; the mini Vim wanted its bundled
+    file even when given one of the caller's."""
+    import numpy as np
+
+    import svp.models.vim_mini as vm
+    from svp.models.vim import VisionMamba
+    src = timm.create_model("vim_mini_patch4_32", pretrained=True)
+    sd = src.state_dict()
+    path = tmp_path / "train.pth"
+    write_training_checkpoint(path, sd, {k: v + 0.5 for k, v in sd.items()})
+    cfg = dict(timm.models.get_pretrained_cfg("vim_mini_patch4_32").to_dict(), file=str(path))
+    cfg.pop("custom_load", None)
+    m = timm.create_model("vim_mini_patch4_32", pretrained=True, pretrained_cfg=cfg)
+    assert torch.equal(m.cls_token, src.cls_token)   # 'model', not 'model_ema'
+    meta = timm.create_model("vim_mini_patch4_32", device="meta")
+    assert meta.cls_token.device.type == "meta"
+    half = timm.create_model("vim_mini_patch4_32", pretrained=True, dtype=torch.bfloat16)
+    assert half.cls_token.dtype == torch.bfloat16 and torch.equal(half.cls_token, src.cls_token.bfloat16())
+    v = VisionMamba(img_size=(np.int64(32),), patch_size=np.int64(4), stride=4, embed_dim=np.int32(16), depth=2,
+                    num_classes=3)
+    assert v.patch_embed.grid_size == (8, 8) and v(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    monkeypatch.setattr(vm, "mini_asset_path", lambda *a: str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="bundled mini Vim weights not found"):
+        timm.create_model("vim_mini_patch4_32", pretrained=True)
+    mine = timm.create_model("vim_mini_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(mine.cls_token, src.cls_token)

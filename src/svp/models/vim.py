@@ -718,13 +718,18 @@ class VisionMamba(nn.Module):
             raise ValueError(f"VisionMamba weight_init must be 'official' or 'skip', got {weight_init!r}")
         sizes = dict(patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                      d_state=d_state, d_conv=d_conv, expand=expand)
-        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        # (numpy's integers too, as img_size and num_classes took them)
+        bad = [f"{k}={v!r}" for k, v in sizes.items()
+               if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1]
         if bad:  # depth=0 used to build, then fail in the first forward
             raise ValueError(f"VisionMamba: {', '.join(bad)}; expected positive integers")
+        patch_size, stride, in_chans, embed_dim, depth, d_state, d_conv, expand = (int(v) for v in sizes.values())
         sides = img_size if isinstance(img_size, (tuple, list)) else (img_size,)
         if len(sides) not in (1, 2) or any(not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1
                                            for v in sides):
             raise ValueError(f"VisionMamba: img_size={img_size!r}; expected a positive integer or (height, width)")
+        # one side given as a sequence is a square (timm's to_2tuple kept (32,) as it is: an IndexError)
+        img_size = (int(sides[0]), int(sides[-1])) if isinstance(img_size, (tuple, list)) else int(img_size)
         _check_num_classes(num_classes)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -751,8 +756,13 @@ class VisionMamba(nn.Module):
         if weight_init != "skip":
             self.init_weights()
 
-    # -- initialisation (the official recipe: trunc-normal tokens and head, mamba's
-    # kaiming out_proj rescaled by sqrt(depth)) -------------------------------------
+    # -- initialisation (a random backbone: svp pretrain, model.random_init; trained checkpoints
+    # replace all of it). Like the official code: trunc-normal tokens and head, mamba's kaiming
+    # out_proj rescaled by sqrt(depth), the dt init of dt_proj (in BiMambaMixer). Unlike it, and
+    # kept (the bundled mini Vim was trained from this init): in_proj / x_proj / x_proj_b are
+    # trunc-normal 0.02 (official: nn.Linear's default), the patch conv keeps PyTorch's default
+    # (official: lecun-normal weight, zero bias), and dt_proj_b gets dt_proj's dt init (official:
+    # a zero bias, softplus 0.69) ------------------------------------------------------------
     def init_weights(self):
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -885,11 +895,21 @@ def _create_vim(variant, pretrained=False, **kwargs):
     # timm resets custom_load when a file/url/hub overlay is given and would then read the
     # file with its own loader (EMA weights first, no class-token-aware resampling).
     # Our checkpoints always go through VisionMamba.load_pretrained.
+    # A whole pretrained_cfg dict (timm documents it too) is forced the same way: given one with a
+    # file, timm's loader read the EMA weights (review).
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay:
         kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=overlay.get("custom_load", "hf"))
-    return build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+    whole = kwargs.get("pretrained_cfg")
+    if isinstance(whole, dict):
+        kwargs["pretrained_cfg"] = dict(whole, custom_load=whole.get("custom_load") or "hf")
+    # timm's factory arguments (timm >= 1.0.31 passes them to every model; a Vim refused them in a
+    # TypeError): the model is built on ``device`` and moved to ``dtype``
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                     **kwargs)
+    return model.to(dtype=dtype) if dtype is not None else model
 
 
 @register_model

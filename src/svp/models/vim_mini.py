@@ -50,7 +50,9 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def vim_mini_patch4_32(pretrained=False, **kwargs) -> VisionMamba:
     args = dict(MINI_ARCH, drop_path_rate=0.0)
-    if pretrained and not os.path.isfile(mini_asset_path()):
+    given = [c for c in (kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")) if isinstance(c, dict)]
+    own_file = any(c.get("file") or c.get("state_dict") is not None for c in given)   # (weights of the caller's)
+    if pretrained and not own_file and not os.path.isfile(mini_asset_path()):
         raise FileNotFoundError(f"bundled mini Vim weights not found at {mini_asset_path()}; the package "
                                 f"install is incomplete (svp/assets must be package data)")
     return _create_vim("vim_mini_patch4_32", pretrained, **dict(args, **kwargs))
