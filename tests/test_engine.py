@@ -1226,7 +1226,7 @@ def test_settings_the_run_would_misuse_are_refused_when_resolved():
         assert method_config(cfg, 10)[2]["hidden"] == 8, order
 
 
-def test_the_log_says_what_the_run_cannot_select_on(tmp_path, caplog):
+def test_the_log_says_what_the_run_cannot_select_on(tmp_path, caplog, monkeypatch):
     """A carve (val_from_train) with data.val_split null left training and selected nothing, unsaid;
     a test or validation split that is the training split itself was said only for datasets with
     file paths (not digits); with eval.metric=loss the '(best)' mark sat beside a top-1 that fell
@@ -1235,6 +1235,8 @@ def test_the_log_says_what_the_run_cannot_select_on(tmp_path, caplog):
 
     from svp.engine.progress import log_epoch
     from svp.engine.setup import build_datasets
+    # (a run earlier in this process left svp.engine not propagating: setup_logging)
+    monkeypatch.setattr(logging.getLogger("svp.engine"), "propagate", True)
     caplog.set_level(logging.WARNING, logger="svp")
     cfg = C.resolve(overrides=["data.dataset=digits", "data.val_split=null", "data.options={val_from_train: 0.2}",
                                "data.test_split=train"], use_presets=False)
