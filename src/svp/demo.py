@@ -206,10 +206,11 @@ def method_lrs(methods, lr: Optional[float] = None, preset: Optional[dict] = Non
     return out
 
 
-def _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted: Optional[str] = None) -> dict:
+def _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted: Optional[str] = None,
+             full: Optional[dict] = None) -> dict:
     summary = {"backbone": BACKBONE, "dataset": "digits", "epochs": epochs, "batch_size": batch_size,
                "lr": {m: v[0] for m, v in lrs.items()},
-               "seed": seed, "rows": rows, "full_finetune": full_finetune_params(10), "figures": figures,
+               "seed": seed, "rows": rows, "full_finetune": full or full_finetune_params(10), "figures": figures,
                "seconds": round(time.time() - t0, 1)}
     if interrupted:   # the method whose run, or "figures", a Ctrl-C / SIGTERM stopped
         summary["interrupted"] = interrupted
@@ -262,14 +263,14 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
     svp_row = next((r for r in rows if r["method"] == "svp" and r.get("run_dir")), None)
     if figure and svp_row:
         # the runs' summary first: a Ctrl-C while the figure is drawn (half a minute) left none
-        _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0))
+        _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, full=full))
         try:
             figures = gate_figure(out, svp_row["run_dir"], seed)
         except KeyboardInterrupt:   # the runs are done: their table still comes, then exit 130
             fig_note, interrupted = "gate figure: interrupted (svp visualize draws it from the run folder)", "figures"
         except Exception as e:
             fig_note = f"gate figure failed: {type(e).__name__}: {e}"
-    summary = _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted)
+    summary = _summary(lrs, epochs, batch_size, seed, rows, figures, t0, interrupted, full=full)
     _write_summary(out, summary)
 
     echo("\n" + "=" * 84)
