@@ -73,6 +73,14 @@ def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
         # likewise: train.amp was ignored on the CPU before the key existed
         train["amp_cpu"] = False
     model = saved.get("model")
+    kwargs = model.get("kwargs") if isinstance(model, dict) else None
+    for key in ("drop_path_rate", "num_classes"):
+        if isinstance(kwargs, dict) and key in kwargs:
+            # refused since 2026-12-06: svp overwrote it (model.drop_path_rate, the dataset's count),
+            # so the run never used it; dropped, the run resumes as it ran
+            del kwargs[key]
+            notes.append(f"model.kwargs.{key} dropped from the run's configuration: svp set it from "
+                         f"{'model.drop_path_rate' if key == 'drop_path_rate' else 'the dataset'} (the run never used it)")
     if isinstance(model, dict) and "random_init" not in model:
         # before model.random_init (2026-11-29) a model without weights given was random, the
         # bundled mini Vim too: a resume loaded the bundled weights under the run's adapters
