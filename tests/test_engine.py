@@ -1210,9 +1210,7 @@ def test_settings_the_run_would_misuse_are_refused_when_resolved():
     on the command line the last of a method block and the same generic setting won, where in a
     file the block does."""
     from svp.engine.setup import method_config
-    cases = [(["method.settings.num_classes=12"], "method.settings.num_classes"),
-             (["method.name=svp", "method.settings.svp.num_classes=5"], "method.settings.num_classes"),
-             (["model.kwargs={drop_path_rate: 0.3}"], "model.kwargs.drop_path_rate: set by svp from "
+    cases = [(["model.kwargs={drop_path_rate: 0.3}"], "model.kwargs.drop_path_rate: set by svp from "
                                                        "model.drop_path_rate"),
              (["model.kwargs={num_classes: 3}"], "model.kwargs.num_classes")]
     if os.name == "nt":   # ('D:elsewhere' is a plain folder name elsewhere)
@@ -1220,6 +1218,13 @@ def test_settings_the_run_would_misuse_are_refused_when_resolved():
     for ov, words in cases:
         with pytest.raises(C.ConfigError, match=re.escape(words)):
             C.resolve(overrides=["data.dataset=digits"] + ov, use_presets=False)
+    for ov in (["method.settings.num_classes=12"], ["method.name=svp", "method.settings.svp.num_classes=5"]):
+        cfg = C.resolve(overrides=["data.dataset=digits"] + ov, use_presets=False)
+        with pytest.raises(C.ConfigError, match=r"method\.settings\.num_classes=(12|5): the head's class count is "
+                                                r"the dataset's \(10\)"):
+            method_config(cfg, 10)
+    cfg = C.resolve(overrides=["data.dataset=digits", "method.settings.num_classes=10"], use_presets=False)
+    assert method_config(cfg, 10)[2]["num_classes"] == 10   # the dataset's own count, written out: fine
     for order in (["method.settings.svp.hidden=8", "method.settings.hidden=16"],
                   ["method.settings.hidden=16", "method.settings.svp.hidden=8"]):
         cfg = C.resolve(overrides=["data.dataset=digits", "method.name=svp"] + order, use_presets=False)

@@ -731,10 +731,6 @@ def validate(cfg: dict) -> None:
         if key in (m["kwargs"] or {}):   # (overridden by the run's own value: silently ignored)
             raise ConfigError(f"model.kwargs.{key}: set by svp from {use}; remove it from model.kwargs"
                               + (" and set model.drop_path_rate" if key == "drop_path_rate" else ""))
-    settings = cfg["method"]["settings"] or {}
-    blocks = [settings] + [v for v in settings.values() if isinstance(v, dict)]
-    if any("num_classes" in b for b in blocks):   # (a head of another size: a crash, or an epoch lost)
-        raise ConfigError("method.settings.num_classes: the head's class count is the dataset's; remove it")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 

@@ -243,7 +243,13 @@ def method_config(cfg: dict, num_classes: Optional[int]):
     if isinstance(raw.get(name), dict):
         settings.update(raw[name])
     if num_classes is not None:
-        settings.setdefault("num_classes", num_classes)
+        given = settings.get("num_classes", num_classes)
+        if not (isinstance(given, int) and not isinstance(given, bool) and given == num_classes):
+            # (a head of another size: an IndexError at the first step, or an epoch lost at the first
+            # save; the same count, as a config written out in full holds it, is fine: review)
+            raise ConfigError(f"method.settings.num_classes={given!r}: the head's class count is the dataset's "
+                              f"({num_classes}); remove it")
+        settings["num_classes"] = num_classes
     try:
         return peft.make_config(name, **settings), name, settings
     except (ValueError, TypeError) as e:
