@@ -509,3 +509,83 @@ def test_a_frozen_A_skips_its_gradient_and_keeps_every_other_bit(tiled, monkeypa
         res.append([x.grad for x in xs])
     assert res[0][2] is not None and res[1][2] is None
     assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(*res)) if i != 2)
+
+
+def test_strided_parameter_vectors_a_bad_chunk_and_a_long_chunk():
+    """Review of the Triton kernels: every kernel read its (d,) vectors (D, delta_bias, the conv bias,
+    the norm weight, the prompt scales) at unit stride, so D[::2] gave errors of 11 and an expanded
+    weight read past its storage; chunk=0 was a ZeroDivisionError, 2.5 taken as 2; chunk=65536 at
+    L=5 took 256 MiB of backward scratch."""
+    from svp.ops.conv import causal_conv1d_bld
+    from svp.ops.conv_triton import causal_conv1d_triton
+    from svp.ops.norm import rms_norm_ref
+    from svp.ops.norm_triton import add_rms_norm_triton
+    from svp.ops.prompt_triton import add_silu_prompts_triton
+    from svp.ops.scan_triton import selective_scan_triton
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = 2, 6, 5, 4
+    u, dl, z = (torch.randn(b, d, L, generator=g) for _ in range(3))
+    A = -torch.rand(d, n, generator=g) - 0.1
+    B, C = (torch.randn(b, n, L, generator=g) for _ in range(2))
+    D2, bias2 = torch.randn(2 * d, generator=g), torch.randn(2 * d, generator=g)
+    D, bias = D2[::2], bias2[::2]
+    want = dispatch.scan_with("reference", u, dl, A, B, C, D.contiguous(), z, bias.contiguous(), delta_softplus=True)
+    got = selective_scan_triton(u, dl, A, B, C, D, z, bias, delta_softplus=True)
+    assert (got - want).abs().max() < 1e-5
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive number of steps"):
+            selective_scan_triton(u, dl, A, B, C, D, z, bias, chunk=bad)
+    # a chunk longer than the sequence: one chunk either way, scratch for the sequence's steps
+    sizes, real_empty = [], torch.empty
+
+    def spy(*s, **kw):
+        t = real_empty(*s, **kw)
+        sizes.append(t.numel())
+        return t
+    grads = {}
+    for chunk in (8, 2**16):
+        xs = [t.clone().requires_grad_() for t in (u, dl, A, B, C)]
+        out = selective_scan_triton(*xs, D, z, bias, delta_softplus=True, chunk=chunk)
+        sizes.clear()
+        torch.empty = spy
+        try:
+            out.sum().backward()
+        finally:
+            torch.empty = real_empty
+        grads[chunk] = ([x.grad for x in xs], max(sizes))
+    assert grads[2**16][1] == grads[8][1]
+    assert all(torch.equal(a, c) for a, c in zip(grads[8][0], grads[2**16][0]))
+    x = torch.randn(b, L, d, generator=g)
+    w = torch.randn(d, 4, generator=g)
+    cb2 = torch.randn(2 * d, generator=g)
+    assert (causal_conv1d_triton(x, w, cb2[::2], "silu") - causal_conv1d_bld(x, w, cb2[::2].contiguous(), "silu")
+            ).abs().max() < 1e-5
+    h = torch.randn(b, L, d, generator=g)
+    for weight in (torch.randn(2 * d, generator=g)[::2], torch.tensor([1.5]).expand(d)):
+        assert (add_rms_norm_triton(h, None, weight, 1e-5) - rms_norm_ref(h, weight.contiguous())).abs().max() < 1e-5
+    a1 = torch.randn(b, L, d, generator=g)
+    s1 = torch.randn(2 * d, generator=g)[::2]
+    want = h + s1.contiguous() * torch.nn.functional.silu(a1)
+    want[:, 1] = h[:, 1]
+    assert (add_silu_prompts_triton(h, a1, s1, skip=1) - want).abs().max() < 1e-5
+
+
+def test_time_offsets_past_int32_are_read_from_a_contiguous_copy(monkeypatch):
+    """The kernels form ``t * stride`` in 32 bits: a time-major view with L*b*d >= 2**31 read wrong
+    steps or crashed (review; 4 GB to show for real): such an input is copied contiguous first.
+    The limit lowered here so that a small strided view crosses it."""
+    from svp.ops import conv_triton, scan_triton
+    from svp.ops.scan_triton import selective_scan_triton
+    g = torch.Generator().manual_seed(1)
+    b, d, L, n = 1, 4, 6, 3
+    u, dl = (torch.randn(L, b, d, generator=g).permute(1, 2, 0) for _ in range(2))   # time-major views
+    A = -torch.rand(d, n, generator=g) - 0.1
+    B, C = (torch.randn(b, n, L, generator=g) for _ in range(2))
+    monkeypatch.setattr(scan_triton, "OFFSET_LIMIT", 4)
+    monkeypatch.setattr(conv_triton, "OFFSET_LIMIT", 4)
+    assert scan_triton._time_safe(u).is_contiguous() and not u.is_contiguous()
+    assert scan_triton._time_safe(B) is B   # (time stride 1: as it is)
+    want = dispatch.scan_with("reference", u, dl, A, B, C)
+    assert (selective_scan_triton(u, dl, A, B, C) - want).abs().max() < 1e-5
+    x = torch.randn(L, b, d, generator=g).transpose(0, 1)   # (b, L, d), time stride b*d
+    assert conv_triton._safe(x, None)[0].is_contiguous()

@@ -353,11 +353,24 @@ class BiConvProjTriton(torch.autograd.Function):
         return dx if need[0] else None, dw, db, dp, dwb, dbb, dpb, None
 
 
+OFFSET_LIMIT = 2**31   # the int32 the kernels form time offsets in
+
+
+def _safe(x: torch.Tensor, bias):
+    """x (b, len, dim) copied contiguous where its time offsets would pass int32 (the kernel forms
+    ``t * stride`` in 32 bits: review), and a contiguous bias (read at unit stride: a strided
+    bias[::2] was read wrong); each as it is otherwise."""
+    if x.dim() == 3 and x.shape[1] > 1 and (x.shape[1] - 1) * abs(x.stride(1)) >= OFFSET_LIMIT:
+        x = x.contiguous()
+    return x, (bias.contiguous() if bias is not None else None)
+
+
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = None, reverse: bool = False) -> torch.Tensor:
     """Triton causal depthwise conv1d on (batch, len, dim); the arguments of
     :func:`svp.ops.conv.causal_conv1d_bld` (bias (dim,) only)."""
     _check(x, weight, bias, activation)
+    x, bias = _safe(x, bias)
     return CausalConv1dTriton.apply(x, weight, bias, activation is not None, reverse)
 
 
@@ -369,6 +382,7 @@ def causal_conv1d_proj_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
     _check(x, weight, bias, activation)
     if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
         raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
+    x, bias = _safe(x, bias)
     return CausalConv1dProjTriton.apply(x, weight, bias, proj_w, activation is not None, reverse)
 
 
@@ -380,4 +394,6 @@ def bi_conv_proj_triton(x: torch.Tensor, fwd, bwd, activation: str | None = "sil
         _check(x, weight, bias, activation)
         if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
             raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
+    x, _ = _safe(x, None)
+    fwd, bwd = ((w, _safe(x, b)[1], p) for w, b, p in (fwd, bwd))
     return BiConvProjTriton.apply(x, *fwd, *bwd, activation is not None)

@@ -138,4 +138,6 @@ def add_rms_norm_triton(hidden, residual, weight, eps):
         raise ValueError(f"residual {tuple(residual.shape)} and hidden {tuple(hidden.shape)} differ")
     if weight.dim() != 1 or weight.shape[0] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of {tuple(hidden.shape)}")
-    return AddRMSNormTriton.apply(hidden, residual, weight, eps)
+    # (the kernel reads the weight at unit stride: a strided or expanded one was read wrong, or
+    # past its storage: review; a contiguous one is passed as it is)
+    return AddRMSNormTriton.apply(hidden, residual, weight.contiguous(), eps)

@@ -17,9 +17,9 @@ on a GPU), then runs the reverse-time recurrence
 dh_{t-1} = exp(delta_t A) * (dh_t + C_t g_t) over it. Every time loop loads the next step's
 u, delta, z, B, C (and dy) one step ahead, so that their latency overlaps the current step's
 arithmetic. Sums over channels (dB, dC) are
-written per channel block and summed afterwards by torch in a fixed order (float64), and
-sums over batch (dA, dD, d delta_bias) likewise per batch: no atomics, so the same inputs
-give the same bits on every run.
+written per channel block and summed afterwards in a fixed order (the ``fixed_sum`` kernel;
+torch adds the scan groups' sums in float64), and sums over batch (dA, dD, d delta_bias)
+likewise per batch: no atomics, so the same inputs give the same bits on every run.
 """
 from __future__ import annotations
 
@@ -795,6 +795,7 @@ def _scan_bwd(saved, softplus, reverse, K, dout, dlast, need, dz=None):
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     if dout is None:
         dout = torch.zeros_like(u)
+    dout = _time_safe(dout)
     zz = z if z is not None else u
     du = _bld(u, u.dtype)
     ddelta = _bld(u, delta.dtype)
@@ -838,7 +839,7 @@ def _scan_bwd(saved, softplus, reverse, K, dout, dlast, need, dz=None):
 class SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk):
-        K = int(chunk)
+        K = _chunk_for(chunk, u.shape[-1])
         out, last, hs = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, K)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
         ctx.cfg = (bool(delta_softplus), bool(reverse), K)
@@ -866,7 +867,7 @@ class BiScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, u, delta, A, B, C, D, delta_bias, ub, deltab, Ab, Bb, Cb, Db, delta_biasb,
                 delta_softplus, chunk):
-        K = int(chunk)
+        K = _chunk_for(chunk, u.shape[-1])
         sp = bool(delta_softplus)
         out, _, hs = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, sp, False, K)
         out, _, hsb = _scan_fwd(ub, deltab, Ab, Bb, Cb, Db, z, delta_biasb, sp, True, K, out=out)
@@ -889,11 +890,42 @@ class BiScanTriton(torch.autograd.Function):
         return (dz if need[0] else None, *gf[:6], gf[7], *gb[:6], gb[7], None, None)
 
 
+def _chunk_for(chunk, L: int) -> int:
+    """The chunk the kernels run with: ``chunk`` (checked as the other backends check it), or,
+    where it is longer than the sequence, the smallest power of two that holds the sequence (one
+    chunk either way, the same steps): the loop backward's scratch is sized by the chunk, and
+    chunk=65536 at L=5 took 256 MiB of it (review)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan_triton: chunk must be a positive number of steps; got {chunk!r}")
+    return min(int(chunk), 1 << max(0, L - 1).bit_length()) if L > 0 else int(chunk)
+
+
+OFFSET_LIMIT = 2**31   # the int32 the kernels form time offsets in
+
+
+def _time_safe(t):
+    """``t`` (..., L), copied contiguous where its time offsets ``t * stride`` would pass int32 (the
+    kernels form them in 32 bits: a time-major view with L*b*d >= 2**31 read wrong steps, or
+    crashed: review); as it is otherwise (no copy)."""
+    if t is None or t.dim() == 0 or t.shape[-1] < 2 or (t.shape[-1] - 1) * abs(t.stride(-1)) < OFFSET_LIMIT:
+        return t
+    return t.contiguous()
+
+
+def _vec(t):
+    # the kernels read a (d,) vector at unit stride: a strided or expanded one (D[::2]) was read
+    # wrong, or past its storage (review); a contiguous one is returned as it is, no copy, no node
+    return t.contiguous() if t is not None else None
+
+
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, reverse=False, chunk=CHUNK):
     """Triton selective scan. Same arguments as ``selective_scan_ref`` plus ``reverse``."""
     _check(u, delta, A, B, C, D, z, delta_bias)
-    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
+    _chunk_for(chunk, u.shape[-1])   # (a bad chunk named before anything runs)
+    u, delta, B, C, z = (_time_safe(t) for t in (u, delta, B, C, z))
+    out, last = SelectiveScanTriton.apply(u, delta, A, B, C, _vec(D), z, _vec(delta_bias), delta_softplus, reverse,
+                                          chunk)
     return (out, last) if return_last_state else out
 
 
@@ -908,4 +940,7 @@ def bidirectional_scan_triton(z, fwd, bwd, delta_softplus=True, chunk=CHUNK):
     if fwd[0].shape != bwd[0].shape or fwd[0].dtype != bwd[0].dtype:
         raise ValueError(f"the two directions' u differ: {tuple(fwd[0].shape)} {fwd[0].dtype}, "
                          f"{tuple(bwd[0].shape)} {bwd[0].dtype}")
-    return BiScanTriton.apply(z, *fwd, *bwd, delta_softplus, chunk)
+    _chunk_for(chunk, fwd[0].shape[-1])
+    fwd, bwd = (tuple(_time_safe(t) if i in (0, 1, 3, 4) else t for i, t in enumerate(d[:5]))
+                + (_vec(d[5]), _vec(d[6])) for d in (fwd, bwd))
+    return BiScanTriton.apply(_time_safe(z), *fwd, *bwd, delta_softplus, chunk)
