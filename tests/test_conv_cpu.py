@@ -404,3 +404,24 @@ def test_weights_of_another_dtype_are_refused_by_name():
             causal_conv1d_cpu(x, **kw)
         with pytest.raises(ValueError, match=f"causal_conv1d_proj_cpu needs {name} as a float32 or float64"):
             causal_conv1d_proj_cpu(x, kw["weight"], kw["bias"], torch.randn(3, 16))
+
+
+def test_a_float64_weight_is_read_as_float32_and_a_bias_of_another_length_refused():
+    """Review of the CPU kernels: a float64 weight (accepted, "read as float32") reached the kernels
+    as float64: a float64 compile of the forward, and a numba TypingError in the backward; a (k*dim,)
+    bias became k per-sample ones, read past its end for the samples after them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 16, generator=g, requires_grad=True)
+    w = torch.randn(16, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, generator=g, dtype=torch.float64, requires_grad=True)
+    out = causal_conv1d_cpu(x, w, b, "silu")
+    want = causal_conv1d_bld(x.detach(), w.detach().float(), b.detach().float(), "silu")
+    assert out.dtype == torch.float32 and torch.allclose(out, want, atol=1e-5)
+    out.square().sum().backward()
+    assert w.grad.dtype == torch.float64 and b.grad.dtype == torch.float64 and x.grad is not None
+    wf, bf, xf = (t.detach().float().requires_grad_() for t in (w, b, x))
+    causal_conv1d_bld(xf, wf, bf, "silu").square().sum().backward()
+    for got, ref in ((x.grad, xf.grad), (w.grad, wf.grad), (b.grad, bf.grad)):
+        assert torch.allclose(got.float(), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"expected bias \(dim,\) = \(16,\) or \(batch, 1, dim\); got \(32,\)"):
+        causal_conv1d_cpu(x.detach(), w.detach().float(), torch.zeros(32))

@@ -122,3 +122,22 @@ def test_lora_training_forms_no_full_in_or_out_proj_weight_gradient_and_matches_
         calls.clear()
         pm.eval()(x)
         assert calls.count(in_shape) == 3, "inference forms the merged weight"
+
+
+def test_an_empty_block_has_no_gradient_rows_and_the_rest_theirs():
+    """A block of zero rows (sizes (0, 7)): the forward was right, the backward failed in a reshape
+    of 0 elements (review of the CPU kernels)."""
+    import svp.ops.low_rank as lr
+    for merged in (False, True):
+        lr_merged = lr.MERGED
+        lr.MERGED = merged
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+            w = torch.randn(7, 5, dtype=torch.float64, generator=g)
+            a = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+            b = torch.randn(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda x, a, b: lr.low_rank_products(x, w, a, b, 0.5, (0, 7)),
+                                            (x, a, b)), merged
+        finally:
+            lr.MERGED = lr_merged

@@ -41,3 +41,17 @@ def test_nan_propagates_like_reference(softplus, which):
     assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(last.isnan(), ref_last.isnan())
     assert out.isnan().any()
+
+
+def test_no_channels_give_empty_results_as_the_other_backends():
+    """d = 0 passes the argument check; the reference and torch scans return empty outputs, the
+    'cpu' scan divided by zero in its channel groups (review of the CPU kernels)."""
+    from svp.ops.scan_cpu import selective_scan_cpu
+    u = torch.randn(2, 0, 5, requires_grad=True)
+    dl = torch.randn(2, 0, 5, requires_grad=True)
+    A = torch.randn(0, 4)
+    B, C = torch.randn(2, 4, 5, requires_grad=True), torch.randn(2, 4, 5, requires_grad=True)
+    out, last = selective_scan_cpu(u, dl, A, B, C, return_last_state=True)
+    assert out.shape == (2, 0, 5) and last.shape == (2, 0, 4)
+    out.sum().backward()
+    assert u.grad.shape == (2, 0, 5) and torch.equal(B.grad, torch.zeros(2, 4, 5))

@@ -479,7 +479,7 @@ class CausalConv1dCPU(torch.autograd.Function):
         xs, xn = _np(x)
         wt = _kept_wt(weight)                                         # (W, d)
         d = x.shape[-1]
-        bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
+        bs = torch.zeros(1, d) if bias is None else bias.detach().to(torch.float32).reshape(-1, d).contiguous()
         out = torch.empty(x.shape, dtype=torch.float32)
         with _dynamic_tasks():
             run_tasks(_conv_fwd, _fwd_task, types.int64, xn, wt.numpy(), bs.numpy(), bool(reverse), bool(silu),
@@ -524,7 +524,9 @@ def _kept_wt(weight: torch.Tensor) -> torch.Tensor:
     (svp.ops.kept; on the parameter behind the fresh squeeze view the model passes): transposing it
     took ~11 µs a call (timeit), 48 calls a Vim-Small batch-1 forward (~0.3% of its ~160 ms; 1.2%
     of its py-spy samples)."""
-    return kept(weight, "conv_cpu w^T", lambda: weight.detach().t().contiguous())
+    # (float32: a float64 weight was handed to the kernels as it was, a float64 compile of the
+    # forward and a numba TypingError in the backward: review)
+    return kept(weight, "conv_cpu w^T", lambda: weight.detach().to(torch.float32).t().contiguous())
 
 
 def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
@@ -532,7 +534,7 @@ def _conv_proj_fwd(x, weight, bias, proj_w, reverse, silu):
     xs, xn = _np(x)
     wt = _kept_wt(weight)
     d = x.shape[-1]
-    bs = torch.zeros(1, d) if bias is None else bias.detach().reshape(-1, d).contiguous()
+    bs = torch.zeros(1, d) if bias is None else bias.detach().to(torch.float32).reshape(-1, d).contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
     pw = proj_w.detach()
     proj = torch.empty(*x.shape[:-1], pw.shape[0], dtype=torch.float32)
@@ -701,6 +703,9 @@ def causal_conv1d_cpu(x, weight, bias=None, activation=None, reverse=False):
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x (batch, len, dim) and weight (dim, width); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
+    if bias is not None and bias.dim() == 1 and bias.shape[0] != x.shape[-1]:
+        # (a (k*dim,) bias became k per-sample ones, read past its end for the samples after them)
+        raise ValueError(f"expected bias (dim,) = ({x.shape[-1]},) or (batch, 1, dim); got {tuple(bias.shape)}")
     if bias is not None and bias.dim() != 1:
         if tuple(bias.shape) != (x.shape[0], 1, x.shape[-1]):
             raise ValueError(f"expected bias (dim,) or (batch, 1, dim) = {(x.shape[0], 1, x.shape[-1])}; "

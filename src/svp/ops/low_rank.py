@@ -82,7 +82,7 @@ class _LowRankProducts(torch.autograd.Function):
         merged = ctx.merged
         row = 0
         for n, dy in zip(ctx.sizes, douts):
-            if dy is not None:
+            if dy is not None and n > 0:   # (an empty block: no rows, no gradient; its reshape failed)
                 dy = dy.reshape(-1, n)
                 if need_a or (need_x and not merged):
                     bt = b[row:row + n].t().contiguous()         # (r, n): see the module doc

@@ -2430,6 +2430,12 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         warnings.warn("the 'cpu' scan backend computes in float32: float64 inputs get float32 accuracy (their "
                       "outputs and gradients come back as float64); the 'torch' and 'reference' backends compute "
                       "float64 in float64 (svp.ops.set_backend / scan_with)", stacklevel=2)
+    if u.shape[1] == 0:
+        # no channel: nothing to scan (the kernels' channel groups divided by zero, where the other
+        # backends return empty results: review); the torch form gives the same empty outputs, with
+        # autograd's graph to them
+        from .scan_torch import selective_scan_torch
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out, last = SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, chunk)
     # the last state in the reference's dtype (float32 for half inputs, float64 for float64)
     return (out, last.to(torch.promote_types(u.dtype, torch.float32))) if return_last_state else out
