@@ -495,9 +495,10 @@ def dataset_preset(dataset: str, method: str) -> dict:
 
 def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
             use_presets: bool = True, check_blocks: bool = True) -> dict:
-    """Defaults <- method file <- dataset preset <- config files <- overrides. A complete
-    ``base`` (every key of every section, e.g. what ``resolve`` returned) already holds its
-    presets: they are not merged again (their mappings would add keys). ``check_blocks=False``:
+    """Defaults <- dataset preset <- config files <- overrides (the command line's method blocks
+    after its generic settings). A complete ``base`` (every key of every section, e.g. what
+    ``resolve`` returned) already holds its presets: they are not merged again (their mappings
+    would add keys). ``check_blocks=False``:
     other methods' blocks are not checked (a run's own configuration, at --resume)."""
     if base and is_complete(base):
         use_presets = False
@@ -509,7 +510,7 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     is_block = [k.split(".")[:2] == ["method", "settings"] and len(k.split(".")) >= 3
                 and k.split(".")[2] in methods for k, _ in parsed]
     parsed = [kv for kv, b in zip(parsed, is_block) if not b] + [kv for kv, b in zip(parsed, is_block) if b]
-    # which method/dataset? (needed to pick the method file and preset first)
+    # which method/dataset? (needed to pick the preset first)
     def apply_user(target: dict) -> dict:
         if base:
             merge(target, base, "config dict")
