@@ -701,7 +701,9 @@ def test_train_help_documents_every_option(capsys):
         svp_main(["train", "--help"])
     text = capsys.readouterr().out
     for key, _, _ in C.SCHEMA:
-        assert key in text, key
+        # each key as an entry of its own ("  train.lr [0.005]"): as a substring, train.lr passed
+        # inside train.lr_scale (six keys could drop out: review of the tests)
+        assert re.search(rf"^  {re.escape(key)} \[", text, re.M), key
     for flag in ("--config", "--resume", "--dataset", "--method", "--model", "--checkpoint", "--print-config"):
         assert flag in text
     for sub in ("eval", "predict", "sweep"):

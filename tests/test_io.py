@@ -262,20 +262,43 @@ def test_a_missing_adapter_folder_is_called_missing(tmp_path):
 
 def test_a_rename_is_made_durable_by_a_folder_fsync(tmp_path, monkeypatch):
     """The temporary was fsync'ed, never the folder after the rename: after a power loss a resume
-    point reported saved could come back as the old one (review of svp.io). POSIX only."""
+    point reported saved could come back as the old one (review of svp.io). POSIX only. The order
+    is what matters: the parent's fsync after the last rename (or folder exchange), on a first
+    write and on one that replaces what is there."""
     import svp.io as sio
     if os.name == "nt":
         pytest.skip("Windows has no folder fsync")
-    synced = []
-    real_fsync = os.fsync
+    events = []
+    real_fsync, real_replace, real_exchange = os.fsync, os.replace, sio._exchange
 
     def fsync(fd):
-        if os.path.isdir(f"/proc/self/fd/{fd}") or stat.S_ISDIR(os.fstat(fd).st_mode):
-            synced.append(os.fstat(fd).st_ino)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync", os.fstat(fd).st_ino))
         return real_fsync(fd)
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(("rename", os.path.basename(os.fspath(b))))
+
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        if done:
+            events.append(("rename", os.path.basename(os.fspath(b))))
+        return done
     monkeypatch.setattr(sio.os, "fsync", fsync)
-    atomic_write_json(tmp_path / "a.json", {"a": 1})
-    assert os.stat(tmp_path).st_ino in synced
-    synced.clear()
-    sio.atomic_replace_dir(lambda d: open(os.path.join(d, "f"), "w").close(), tmp_path / "best")
-    assert os.stat(tmp_path).st_ino in synced and os.stat(tmp_path / "best").st_ino in synced
+    monkeypatch.setattr(sio.os, "replace", replace)
+    monkeypatch.setattr(sio, "_exchange", exchange)
+    parent = os.stat(tmp_path).st_ino
+
+    def synced_after_last_rename():
+        last = max(i for i, e in enumerate(events) if e[0] == "rename")
+        return ("fsync", parent) in events[last + 1:]
+    for _ in range(2):   # a new file, then one replaced
+        events.clear()
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        assert synced_after_last_rename(), events
+    for _ in range(2):   # a new folder, then one swapped for the old
+        events.clear()
+        sio.atomic_replace_dir(lambda d: open(os.path.join(d, "f"), "w").close(), tmp_path / "best")
+        assert synced_after_last_rename(), events
+        assert ("fsync", os.stat(tmp_path / "best").st_ino) in events   # its own entries, before it went in

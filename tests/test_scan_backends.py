@@ -1203,8 +1203,17 @@ def test_no_kernel_is_called_with_a_tuple_from_python():
 
 
 def _tbb_installed():
+    """Whether numba should find the tbb wheel's library: decided apart from svp's own lookup
+    (asked of that lookup, a wheel whose library svp no longer found passed as "not installed",
+    the kernels on workqueue: review). The wheel installed, its library must be found."""
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
     from svp.ops.scan_cpu import _tbb_wheel_library
-    return _tbb_wheel_library() is not None
+    assert _tbb_wheel_library() is not None, "the tbb wheel is installed, but svp does not find its library"
+    return True
 
 
 # A fresh process that runs one kernel call, then reports what the tests below look at: numba's

@@ -583,9 +583,21 @@ def test_time_offsets_past_int32_are_read_from_a_contiguous_copy(monkeypatch):
     B, C = (torch.randn(b, n, L, generator=g) for _ in range(2))
     monkeypatch.setattr(scan_triton, "OFFSET_LIMIT", 4)
     monkeypatch.setattr(conv_triton, "OFFSET_LIMIT", 4)
-    assert scan_triton._time_safe(u).is_contiguous() and not u.is_contiguous()
+    from svp.ops.conv_triton import causal_conv1d_triton
+    seen = []
+
+    def spy(cls):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a: (seen.append((cls.__name__, a[0], a[1])), real(*a))[1])
+    spy(scan_triton.SelectiveScanTriton)
+    spy(conv_triton.CausalConv1dTriton)
     assert scan_triton._time_safe(B) is B   # (time stride 1: as it is)
     want = dispatch.scan_with("reference", u, dl, A, B, C)
     assert (selective_scan_triton(u, dl, A, B, C) - want).abs().max() < 1e-5
-    x = torch.randn(L, b, d, generator=g).transpose(0, 1)   # (b, L, d), time stride b*d
-    assert conv_triton._safe(x, None)[0].is_contiguous()
+    x = torch.randn(L, 2, d, generator=g).transpose(0, 1)   # (2, L, d), time stride 2*d
+    w = torch.randn(d, 4, generator=g)
+    causal_conv1d_triton(x, w, None)
+    # what reached the kernels: the copies, not the time-major views
+    assert [(name, t0.is_contiguous(), t1.is_contiguous() if name.startswith("Sel") else True)
+            for name, t0, t1 in seen] == [("SelectiveScanTriton", True, True), ("CausalConv1dTriton", True, True)]
+    assert not u.is_contiguous() and not x.is_contiguous()
