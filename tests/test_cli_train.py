@@ -917,24 +917,21 @@ def test_progress_counts_to_the_step_a_max_steps_ends_the_epoch_at(tmp_path):
     assert re.findall(r"step (\d+)/(\d+) loss", log) == [("1", "3"), ("2", "3"), ("3", "3")], log
 
 
-def test_a_run_whose_model_kwargs_held_a_key_svp_sets_resumes_without_it(tmp_path, monkeypatch, capsys):
-    """model.kwargs.drop_path_rate is refused since 2026-12-06 (svp overwrote it); a run an older svp
-    started with it resumes, the key dropped and said, not refused."""
+def test_a_run_whose_model_kwargs_held_a_key_svp_sets_resumes_as_it_ran(tmp_path, monkeypatch, capsys):
+    """model.kwargs.drop_path_rate is refused in new runs since 2026-12-06 (svp overwrote it); a run
+    an older svp started with it resumes, again and again: its config.yaml, which its resume point
+    is bound to, is left as it is (dropping the key there made a second resume refused: review)."""
     import svp.engine.config as C
-    real = C.validate
-
-    def older_validate(cfg):   # as svp did before the refusal
-        kw = dict(cfg["model"]["kwargs"] or {})
-        cfg["model"]["kwargs"] = {k: v for k, v in kw.items() if k != "drop_path_rate"}
-        real(cfg)
-        cfg["model"]["kwargs"] = kw
-    monkeypatch.setattr(C, "validate", older_validate)
+    real = C.check_model_kwargs_keys
+    monkeypatch.setattr(C, "check_model_kwargs_keys", lambda cfg: None)   # as svp did before the refusal
     args = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32", "--epochs", "1",
             "--batch-size", "8", "data.max_train_samples=16", "data.max_eval_samples=8", "run.progress=none",
             "--output", str(tmp_path), "--name", "r", "model.kwargs={drop_path_rate: 0.3}"]
     assert svp_main(["train", *args, "debug.stop_at_step=1"]) == 75
-    monkeypatch.setattr(C, "validate", real)
+    monkeypatch.setattr(C, "check_model_kwargs_keys", real)
     capsys.readouterr()
+    with pytest.raises(C.ConfigError, match="model.kwargs.drop_path_rate: set by svp"):
+        C.resolve(overrides=["data.dataset=digits", "model.kwargs={drop_path_rate: 0.3}"], use_presets=False)
+    assert svp_main(["train", "--resume", str(tmp_path / "r"), "debug.stop_at_step=2"]) == 75, capsys.readouterr().err
     assert svp_main(["train", "--resume", str(tmp_path / "r")]) == 0, capsys.readouterr().err
-    assert "model.kwargs.drop_path_rate dropped" in (tmp_path / "r" / "train.log").read_text()
-    assert "drop_path_rate" not in yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["model"]["kwargs"]
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["model"]["kwargs"] == {"drop_path_rate": 0.3}

@@ -31,7 +31,7 @@ def _pixels(img):
     return np.asarray(img).tobytes()
 
 
-def test_a_bad_image_of_a_carved_split_is_replaced_by_one_of_the_same_side(tmp_path):
+def test_a_bad_image_of_a_carved_split_is_replaced_by_one_of_the_same_side(tmp_path, caplog):
     """With val_from_train + skip_bad_images, an unreadable training image was replaced by the
     next item of the whole list, which could be a carved validation image (and the other way)."""
     make_fake_root(str(tmp_path), which=("vtab",), vtab_tasks=("eurosat",), vtab_items=20)
@@ -53,6 +53,13 @@ def test_a_bad_image_of_a_carved_split_is_replaced_by_one_of_the_same_side(tmp_p
         nxt = next(j for j in range(k + 1, len(train)) if j not in at)
         assert _pixels(img) == train_pixels[nxt] and label == train.targets[nxt]
     assert sorted(train.skipped) == sorted(train.describe(k) for k in at)
+    # a carved validation image is logged under the val split, not the list it was cut from
+    import logging
+    caplog.set_level(logging.WARNING, logger="svp.data")
+    with open(val.describe(0), "wb") as f:
+        f.write(b"broken")
+    val[0]
+    assert "met so far in vtab/eurosat/val)" in caplog.text, caplog.text
 
 
 def test_split_expressions_skip_bad_images_and_are_checked_before_training(tmp_path, caplog):

@@ -1266,3 +1266,23 @@ def test_the_log_says_what_the_run_cannot_select_on(tmp_path, caplog, monkeypatc
     caplog.clear()
     log_epoch(rec, 4, True)
     assert "val top1 20.00 (best)" in caplog.text and "val loss" not in caplog.text
+
+
+def test_vtab_native_splits_beside_a_carve_are_said_to_share_images(tmp_path, caplog, monkeypatch):
+    """val_from_train on VTAB-1k carves train800val200, which holds train800's and val200's images
+    under other names: training on train800 and selecting on the carved val selected on training
+    images (7 of 8 in the reviewer's root), unsaid (review of this session's fixes)."""
+    import logging
+
+    from svp.data.fake import make_fake_root
+    from svp.engine.setup import build_datasets
+    make_fake_root(str(tmp_path), which=("vtab",), vtab_tasks=("eurosat",), vtab_items=20)
+    monkeypatch.setattr(logging.getLogger("svp.engine"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="svp")
+    base = ["data.dataset=vtab/eurosat", f"data.root={tmp_path}", "data.val_split=val", "data.test_split=test",
+            "data.options={val_from_train: 0.25}"]
+    build_datasets(C.resolve(overrides=base + ["data.train_split=train800"], use_presets=False))
+    assert "data.val_split=val and data.train_split=train800 with data.options.val_from_train" in caplog.text
+    caplog.clear()
+    build_datasets(C.resolve(overrides=base + ["data.train_split=train"], use_presets=False))
+    assert "val_from_train" not in caplog.text

@@ -395,7 +395,17 @@ def test_a_file_system_without_locks_is_said_not_a_false_holder(tmp_path, monkey
     monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
     with pytest.raises(ResumeError, match=r"its file system refuses file locks \(ENOLCK: ") as e:
         runlock.RunLock(str(tmp_path)).acquire()
-    assert "in use" not in str(e.value)
+    assert "in use by" not in str(e.value) and not (tmp_path / runlock.LOCK_FILE).exists()
+    # svp train: the run folder made for the run is removed, lock file and all (both stayed)
+    rc = svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "r"])
+    assert rc == 2 and not (tmp_path / "runs").exists()
+    # svp demo stops at the first (each method failed the same way, then a table of failures)
+    import svp.engine
+    runs = []
+    real_train = svp.engine.train
+    monkeypatch.setattr(svp.engine, "train", lambda cfg: runs.append(cfg["method"]["name"]) or real_train(cfg))
+    assert svp_main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "1", "--no-figure", "--quiet"]) == 2
+    assert runs == ["linear"]
     (tmp_path / runlock.LOCK_FILE).write_text("{}")
     assert runlock.holder(str(tmp_path)) is None
     monkeypatch.setattr(runlock.fcntl, "flock", real)
@@ -1015,6 +1025,19 @@ def test_second_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypa
     assert "interrupted again" in (run / "train.log").read_text()   # the end is in the log too
     monkeypatch.undo()
     assert svp_main(["train", "--resume", str(run)]) == 0           # and the hint works
+
+
+def test_one_ctrl_c_while_the_run_starts_is_not_called_a_second(tmp_path, capsys, monkeypatch):
+    """A single Ctrl-C before the run's handler was in place said "interrupted again" (svp demo
+    printed it after one press: review)."""
+    import svp.engine.rundir as R
+
+    def pressed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R, "setup_logging", pressed)
+    rc = svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "s"])
+    line = _one_line_error(capsys, rc, 130, "interrupted while the run was starting")
+    assert "interrupted again" not in line
 
 
 @pytest.mark.parametrize("during", ["last_validation", "final_test"])

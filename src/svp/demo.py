@@ -228,6 +228,7 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
              echo=print, preset: Optional[dict] = None) -> dict:
     from svp.engine import train
     from svp.engine.signals import TrainingStopped
+    from svp.engine.runlock import LocksRefused
     from svp.errors import OutputError
 
     os.makedirs(out, exist_ok=True)
@@ -246,8 +247,8 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
             e.demo_method = m
             _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
             raise
-        except OutputError:   # the demo's folder unwritable, full disk: the next method would fail the same way
-            raise
+        except (OutputError, LocksRefused):   # the demo's folder unwritable, full disk, a file system
+            raise   # without locks: the next method would fail the same way
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})

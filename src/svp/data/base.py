@@ -269,8 +269,9 @@ class VisionDataset(torch.utils.data.Dataset):
         """Whether an unreadable image is replaced by the next readable item of this dataset."""
         return False
 
-    def _met_bad(self, i: int, error: Exception) -> None:
-        """Item ``i`` could not be read and was skipped (recorded by the dataset that owns the file)."""
+    def _met_bad(self, i: int, error: Exception, split: Optional[str] = None) -> None:
+        """Item ``i`` could not be read and was skipped (recorded by the dataset that owns the file;
+        ``split``: the name of the split it was read through, a carve's or an expression's)."""
 
     def __getitem__(self, i: int):
         if not self.skip_bad_images:
@@ -379,7 +380,7 @@ class FileListDataset(VisionDataset):
     def _load(self, i: int) -> Image.Image:
         return load_image(self.samples[i][0])
 
-    def _met_bad(self, i: int, error: Exception) -> None:
+    def _met_bad(self, i: int, error: Exception, split: Optional[str] = None) -> None:
         path = self.samples[i][0]
         if path not in self.skipped:   # each file once (it is met again every epoch)
             self.skipped.append(path)
@@ -387,7 +388,7 @@ class FileListDataset(VisionDataset):
             # what this process met, and says so (svp data check counts them all)
             worker = torch.utils.data.get_worker_info()
             log.warning("%s (skipped; %d bad image(s) met so far in %s/%s%s)", error, len(self.skipped),
-                        self.name, self.split, f" by data worker {worker.id}" if worker else "")
+                        self.name, split or self.split, f" by data worker {worker.id}" if worker else "")
 
 
 class ArrayDataset(VisionDataset):
@@ -434,9 +435,9 @@ class SubsetDataset(VisionDataset):
     def _load(self, i: int) -> Image.Image:
         return self.base._load(self.indices[i])
 
-    def _met_bad(self, i: int, error: Exception) -> None:
-        if hasattr(self.base, "_met_bad"):
-            self.base._met_bad(self.indices[i], error)
+    def _met_bad(self, i: int, error: Exception, split: Optional[str] = None) -> None:
+        if hasattr(self.base, "_met_bad"):   # (logged under this split's name: a carved val's under train)
+            self.base._met_bad(self.indices[i], error, split or self.split)
 
 
 class ConcatSplits(VisionDataset):
@@ -470,10 +471,10 @@ class ConcatSplits(VisionDataset):
         k, j = self._where[i]
         return self.parts[k]._load(j)
 
-    def _met_bad(self, i: int, error: Exception) -> None:
+    def _met_bad(self, i: int, error: Exception, split: Optional[str] = None) -> None:
         k, j = self._where[i]
         if hasattr(self.parts[k], "_met_bad"):
-            self.parts[k]._met_bad(j, error)
+            self.parts[k]._met_bad(j, error, split or self.split)
 
 
 def seeded_shuffle(n: int, seed: int) -> np.ndarray:

@@ -498,8 +498,8 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     """Defaults <- dataset preset <- config files <- overrides (the command line's method blocks
     after its generic settings). A complete ``base`` (every key of every section, e.g. what
     ``resolve`` returned) already holds its presets: they are not merged again (their mappings
-    would add keys). ``check_blocks=False``:
-    other methods' blocks are not checked (a run's own configuration, at --resume)."""
+    would add keys). ``check_blocks=False``: other methods' blocks are not checked, nor the
+    model.kwargs keys svp sets (a run's own configuration, at --resume)."""
     if base and is_complete(base):
         use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
@@ -528,6 +528,8 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     apply_user(cfg)
     try:
         validate(cfg)
+        if check_blocks:
+            check_model_kwargs_keys(cfg)
     except ConfigError as e:
         src = _source_of(str(e), user, parsed)
         if src is None:
@@ -727,13 +729,18 @@ def validate(cfg: dict) -> None:
         # started every run before each failed)
         raise ConfigError(f"train.mixup / train.cutmix need an even train.batch_size (timm's Mixup mixes "
                           f"pairs of images), got {t['batch_size']}; or set train.mixup=0 train.cutmix=0")
-    m = cfg["model"]
-    for key, use in (("drop_path_rate", "model.drop_path_rate"), ("num_classes", "the dataset's class count")):
-        if key in (m["kwargs"] or {}):   # (overridden by the run's own value: silently ignored)
-            raise ConfigError(f"model.kwargs.{key}: set by svp from {use}; remove it from model.kwargs"
-                              + (" and set model.drop_path_rate" if key == "drop_path_rate" else ""))
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
+
+
+def check_model_kwargs_keys(cfg: dict) -> None:
+    """model.kwargs keys svp sets itself are refused in a new run (svp overwrote them, silently:
+    review); not at --resume (``resolve(check_blocks=False)``): a run an older svp started with
+    one resumes as it ran, its config.yaml unchanged (the resume point is bound to it)."""
+    for key, use in (("drop_path_rate", "model.drop_path_rate"), ("num_classes", "the dataset's class count")):
+        if key in (cfg["model"]["kwargs"] or {}):
+            raise ConfigError(f"model.kwargs.{key}: set by svp from {use}; remove it from model.kwargs"
+                              + (" and set model.drop_path_rate" if key == "drop_path_rate" else ""))
 
 
 def dump(cfg: dict) -> str:

@@ -73,14 +73,6 @@ def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
         # likewise: train.amp was ignored on the CPU before the key existed
         train["amp_cpu"] = False
     model = saved.get("model")
-    kwargs = model.get("kwargs") if isinstance(model, dict) else None
-    for key in ("drop_path_rate", "num_classes"):
-        if isinstance(kwargs, dict) and key in kwargs:
-            # refused since 2026-12-06: svp overwrote it (model.drop_path_rate, the dataset's count),
-            # so the run never used it; dropped, the run resumes as it ran
-            del kwargs[key]
-            notes.append(f"model.kwargs.{key} dropped from the run's configuration: svp set it from "
-                         f"{'model.drop_path_rate' if key == 'drop_path_rate' else 'the dataset'} (the run never used it)")
     if isinstance(model, dict) and "random_init" not in model:
         # before model.random_init (2026-11-29) a model without weights given was random, the
         # bundled mini Vim too: a resume loaded the bundled weights under the run's adapters
@@ -345,14 +337,16 @@ class RunFolder:
         remove_stale_temps(self.path)
 
 
-def interrupted_at_once(path) -> TrainingStopped:
-    """A second Ctrl-C (or one before the handler was in place): stop now, saying where to resume."""
+def interrupted_at_once(path, again: bool = True) -> TrainingStopped:
+    """A second Ctrl-C (or one before the handler was in place, ``again=False``: a single press
+    while the run was starting read "interrupted again": review): stop now, saying where to resume."""
     if path and os.path.isfile(os.path.join(path, ck.RESUME_FILE)):
         hint = (f"without a new resume point; continue from the last one with: "
                 f"{resume_command(path)}")
     else:
         hint = "before any resume point was written; start the run again"
-    return TrainingStopped(f"interrupted again: stopped at once, {hint}", EXIT_INTERRUPTED, path)
+    what = "interrupted again: stopped at once" if again else "interrupted while the run was starting"
+    return TrainingStopped(f"{what}, {hint}", EXIT_INTERRUPTED, path)
 
 
 
@@ -429,7 +423,8 @@ def run_session(run):
             run.signals.install()
             yield run.folder
         except KeyboardInterrupt:  # a second Ctrl-C (or a first one before the handler was in place)
-            raise interrupted_at_once(run.folder.path if run.folder else run_dir) from None
+            raise interrupted_at_once(run.folder.path if run.folder else run_dir,
+                                      again=run.signals.received is not None) from None
         except OSError as e:
             raise user_io_error(e, run.folder.path if run.folder else run_dir) from None
         except RuntimeError as e:

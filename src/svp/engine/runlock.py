@@ -56,6 +56,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited)
 
 
+class LocksRefused(ResumeError):
+    """A folder's file system refuses locks: every folder there would be refused the same way."""
+
+
 class LocksUnavailable(OSError):
     """The file system refused the lock call itself (NFS without its lock daemon: ENOLCK), as
     opposed to a lock another process holds."""
@@ -112,6 +116,7 @@ class RunLock:
 
     def acquire(self, purpose: str = "train") -> "RunLock":
         for _ in range(10):
+            existed = os.path.exists(self.path)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # the folder was removed under us (a failed run cleaning up)
@@ -124,10 +129,15 @@ class RunLock:
                 locked = _try_lock(fd)
             except LocksUnavailable as e:
                 os.close(fd)
-                raise ResumeError(f"{self.what} {self.run_dir}: its file system refuses file locks "
+                if not existed:   # (the lock file made here: a folder made for the run is then removed empty)
+                    try:
+                        os.unlink(self.path)
+                    except OSError:
+                        pass
+                raise LocksRefused(f"{self.what} {self.run_dir}: its file system refuses file locks "
                                   f"({errno.errorcode.get(e.errno, e.errno)}: {e.strerror}), which svp holds on a "
-                                  f"run folder while it trains (one process per folder); put the runs on a "
-                                  f"file system with locks (a local disk; NFS with its lock service)") from None
+                                  f"{self.what} while it is in use (one process at a time); put it on a file "
+                                  f"system with locks (a local disk; NFS with its lock service)") from None
             if not locked:
                 os.close(fd)
                 raise ResumeError(
