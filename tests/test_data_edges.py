@@ -169,6 +169,9 @@ def test_custom_data_takes_any_split_name(tmp_path):
         build_dataset("csv", "nope", root=csv)
     with pytest.raises(DatasetError, match="unknown split '../test'"):
         build_dataset("csv", "../test", root=csv)
+    shutil.copy(os.path.join(csv, "test.csv"), os.path.join(csv, "my-test.csv"))   # in expressions too
+    assert len(build_dataset("csv", "my-test[:2]+holdout", root=csv)) == 2 + len(build_dataset("csv", "holdout",
+                                                                                              root=csv))
 
 
 def test_data_check_with_val_from_train_reads_the_carved_vtab_split(vtab_root):
@@ -179,3 +182,54 @@ def test_data_check_with_val_from_train_reads_the_carved_vtab_split(vtab_root):
     assert check_dataset("vtab/eurosat", root=vtab_root, val_from_train=0.25, out=out) == 0
     rows = [ln.split()[0] for ln in out.getvalue().splitlines()[1:-1]]
     assert rows == ["train800", "val200", "train800val200", "val", "test"], out.getvalue()
+
+
+def test_an_elongated_dataset_image_is_one_error_naming_it_in_eval_and_the_pixel_cache(tmp_path, monkeypatch):
+    """The refusal reached svp predict and serve only: svp eval of a folder with a 955-byte
+    300000 x 1 PNG went to 2.9 GB at a 32 px model, and under a memory limit blamed the batch size
+    (review). The evaluation's dataset wrapper and the pixel cache check before the resize."""
+    from PIL import Image
+
+    from svp.data.base import DatasetError, FileListDataset
+    from svp.data.cache import PixelCache, split_fixed
+    from svp.data.transforms import build_transform
+    from svp.engine.distributed import SeededDataset
+    thin, fine = tmp_path / "thin.png", tmp_path / "fine.png"
+    Image.new("L", (3000, 1)).save(thin)
+    Image.new("RGB", (40, 30)).save(fine)
+    ds = FileListDataset([(str(fine), 0), (str(thin), 1)], ["a", "b"])
+    tf = build_transform("svp", False, img_size=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)   # 3000x1 -> 3.9 M once resized
+    wrapped = SeededDataset(ds, tf)
+    assert wrapped[0][0].shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match=r"thin\.png: the image is 3000x1: resized .* 3,888,000 pixels"):
+        wrapped[1]
+    fixed, _ = split_fixed(tf)
+    cache = PixelCache(fixed, len(ds))
+    cache.item(0, ds.__getitem__, ds.describe)
+    with pytest.raises(DatasetError, match=r"thin\.png: the image is 3000x1"):
+        cache.item(1, ds.__getitem__, ds.describe)
+
+
+def test_custom_splits_of_other_classes_are_refused_before_training(tmp_path):
+    """Custom split names are taken since dd5728e, but the class list is each split's own when its
+    folders are not among train/val/test/trainval: a 'testing' split lacking 'dog' numbered zebra as
+    dog, and svp train scored it so, exit 0 (review)."""
+    import shutil
+
+    from svp.engine import config as C
+    from svp.engine.setup import build_datasets
+    make_fake_root(str(tmp_path), which=("imagefolder",))
+    root = tmp_path / "custom_imagefolder"
+    for old, new in (("train", "training"), ("test", "testing")):
+        shutil.move(str(root / old), str(root / new))
+    shutil.rmtree(root / "val")
+    classes = sorted(os.listdir(root / "testing"))
+    shutil.move(str(root / "testing" / classes[1]), str(tmp_path / "aside"))
+    ov = ["data.dataset=imagefolder", f"data.root={root}", "data.train_split=training", "data.val_split=null",
+          "data.test_split=testing"]
+    with pytest.raises(DatasetError, match=r"data.test_split=testing: its classes .* are not "
+                                           r"data.train_split=training's"):
+        build_datasets(C.resolve(overrides=ov, use_presets=False))
+    shutil.move(str(tmp_path / "aside"), str(root / "testing" / classes[1]))   # the same classes: fine
+    build_datasets(C.resolve(overrides=ov, use_presets=False))

@@ -800,3 +800,4 @@ def test_an_unreadable_adapter_folder_or_file_is_refused_saying_why(tmp_path, mo
 def _sync(model, root):
     from svp.serve.app import sync_adapters
     return sync_adapters(model, root, {})
+

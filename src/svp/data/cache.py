@@ -82,11 +82,14 @@ class PixelCache:
     def __len__(self) -> int:
         return len(self._pixels)
 
-    def item(self, i: int, load: Callable[[int], tuple]):
+    def item(self, i: int, load: Callable[[int], tuple], describe: Optional[Callable[[int], str]] = None):
         px = self._pixels[i]
         if px is not None:
             return Image.fromarray(px), self._labels[i]
         img, label = load(i)
+        if hasattr(img, "size") and not callable(img.size):   # (the fixed steps hold the resize: checked first)
+            from .transforms import check_resized_size
+            check_resized_size(self.fixed, *img.size, describe(i) if describe else f"item {i}")
         img = self.fixed(img)
         self.reads += 1
         if isinstance(img, Image.Image) and img.mode == "RGB":

@@ -276,7 +276,7 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     return ds
 
 
-_PART = re.compile(r"^([A-Za-z0-9_]+)(?:\[:(\d+)\])?$")
+_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[:(\d+)\])?$")   # (a custom split name may hold -)
 
 
 def _split_expression(info: DatasetInfo, split: str, root, transform, **kw) -> VisionDataset:

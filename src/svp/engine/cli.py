@@ -273,18 +273,12 @@ def cmd_train(args) -> int:
 def _open_image(path, tf):
     """Through svp.data's one image reader: 16-bit and float images are scaled by their real
     range, and an unreadable file is one error naming it."""
-    from PIL import Image
-
-    from ..data import DatasetError, load_image
-    from ..data.transforms import resized_pixels
+    from ..data import load_image
+    from ..data.transforms import check_resized_size
 
     im = load_image(path)
     # (the shorter side goes to the model's size: a 1 x 4000000 PNG of 4 KB would need ~20 GB)
-    n, limit = resized_pixels(tf, *im.size), Image.MAX_IMAGE_PIXELS
-    if limit and n > limit:
-        raise DatasetError(f"{path}: the image is {im.size[0]}x{im.size[1]}: resized for the model (its shorter "
-                           f"side to the model's size) it would be {n:,} pixels, over the decompression-bomb "
-                           f"limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS); crop an image this elongated first")
+    check_resized_size(tf, *im.size, path)
     return tf(im)
 
 

@@ -246,6 +246,13 @@ class SeededDataset(torch.utils.data.Dataset):
         img, label = self.base[idx]
         if self.transform is None:
             return img, label
+        if hasattr(img, "size") and not isinstance(img, torch.Tensor):
+            # an elongated image the resize would blow up (svp eval, training's evaluations): one line
+            # naming it, not gigabytes and an out-of-memory advice about batch sizes (review)
+            from ..data.transforms import check_resized_size
+            ds = getattr(self.base, "ds", self.base)
+            check_resized_size(self.transform, *img.size,
+                               ds.describe(idx) if hasattr(ds, "describe") else f"item {idx}")
         if seed is None or not self.seeded:
             return self.transform(img), label
         py, npst, th = random.getstate(), np.random.get_state(), torch.get_rng_state()

@@ -52,7 +52,7 @@ class Limited(torch.utils.data.Dataset):
         if i >= self.n:
             raise IndexError(i)
         if self.cache is not None:
-            return self.cache.item(i, self.ds.__getitem__)
+            return self.cache.item(i, self.ds.__getitem__, getattr(self.ds, "describe", None))
         return self.ds[i]
 
 
@@ -85,6 +85,17 @@ def build_datasets(cfg: dict):
                     "null: nothing selects on it, and its images are left out of training; set "
                     "data.val_split=val to select on it", opts["val_from_train"], d["train_split"])
     built = make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+    for key, split, item in (("data.val_split", d["val_split"], built[1]),
+                             ("data.test_split", d["test_split"], built[2])):
+        if item is not None and item[0].classes != built[0][0].classes:
+            # (custom data reads each split's class list from the folders it knows: a test split of
+            # other name, lacking a class, numbered the rest otherwise, and was scored so: review)
+            mine, theirs = item[0].classes, built[0][0].classes
+            raise DatasetError(f"{key}={split}: its classes ({', '.join(mine[:8])}{', ...' if len(mine) > 8 else ''}) "
+                               f"are not data.train_split={d['train_split']}'s ({', '.join(theirs[:8])}"
+                               f"{', ...' if len(theirs) > 8 else ''}): its labels would not be the model's; give "
+                               f"the class list (data.options.classes=[...], or classes.txt for csv) or splits "
+                               f"of the same classes")
     warn_overlap(d["dataset"], built[0][0], d["train_split"],
                  (("data.val_split", d["val_split"], built[1]), ("data.test_split", d["test_split"], built[2])),
                  carved=bool(opts.get("val_from_train")))
