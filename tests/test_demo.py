@@ -169,3 +169,41 @@ def test_a_full_disk_stops_the_demo_in_one_line_not_each_method_in_turn(tmp_path
     assert rc == 2 and runs == ["linear"], (rc, runs, err)
     assert err[-1].startswith("svp demo: error: run folder ") and "(No space left on device)" in err[-1], err
     assert "Traceback" not in "\n".join(err) and not (out / "demo_results.json").exists()
+
+
+def test_a_press_between_runs_or_while_the_figure_is_drawn_is_not_lost(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C just after a run ended landed in a garbage-collection callback, which Python ignores:
+    the demo drew its figures and exited 0 (review). Between runs and while the figure is drawn the
+    demo's own handler notes it (a second press raises); an ignored SIGINT stays ignored."""
+    import signal
+
+    import svp.demo as D
+    import svp.engine
+    from svp.engine.signals import EXIT_INTERRUPTED
+    out = tmp_path / "d"
+    ran, drawn = [], []
+
+    def train(cfg):
+        ran.append(cfg["method"]["name"])
+        os.kill(os.getpid(), signal.SIGINT)   # as the run is being torn down
+        return {"final": {"test_top1": 50.0}, "run_dir": str(out / cfg["method"]["name"])}
+
+    def figure(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)   # one press while it is drawn: it finishes
+        drawn.append(1)
+        return []
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)   # (CI's jobs ignore SIGINT)
+    try:
+        monkeypatch.setattr(svp.engine, "train", train)
+        assert main(["demo", "--out", str(out), "--epochs", "1", "--methods", "linear,svp"]) == EXIT_INTERRUPTED
+        err = capsys.readouterr().err
+        assert ran == ["linear"] and "SIGINT received between runs: stopped before the svp run" in err, err
+        assert json.loads((out / "demo_results.json").read_text())["interrupted"] == "svp"
+        monkeypatch.setattr(D, "gate_figure", figure)
+        monkeypatch.setattr(svp.engine, "train", lambda cfg: {"final": {"test_top1": 50.0},
+                                                              "run_dir": str(out / "x")})
+        assert main(["demo", "--out", str(out), "--epochs", "1", "--methods", "linear,svp"]) == EXIT_INTERRUPTED
+        assert drawn == [1] and json.loads((out / "demo_results.json").read_text())["interrupted"] == "figures"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # put back
+    finally:
+        signal.signal(signal.SIGINT, before)

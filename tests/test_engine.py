@@ -1234,7 +1234,9 @@ def test_settings_the_run_would_misuse_are_refused_when_resolved():
     cfg = C.resolve(overrides=["data.dataset=digits", "method.settings.num_classes=10"], use_presets=False)
     assert method_config(cfg, 10)[2]["num_classes"] == 10   # the dataset's own count, written out: fine
     for order in (["method.settings.svp.hidden=8", "method.settings.hidden=16"],
-                  ["method.settings.hidden=16", "method.settings.svp.hidden=8"]):
+                  ["method.settings.hidden=16", "method.settings.svp.hidden=8"],
+                  ["method.settings={svp: {hidden: 8}}", "method.settings.hidden=16"],   # (a mapping's block
+                  ["method.settings={svp: {hidden: 8}, hidden: 16}"]):                  # lost to a later key)
         cfg = C.resolve(overrides=["data.dataset=digits", "method.name=svp"] + order, use_presets=False)
         assert method_config(cfg, 10)[2]["hidden"] == 8, order
 
@@ -1284,5 +1286,6 @@ def test_vtab_native_splits_beside_a_carve_are_said_to_share_images(tmp_path, ca
     build_datasets(C.resolve(overrides=base + ["data.train_split=train800"], use_presets=False))
     assert "data.val_split=val and data.train_split=train800 with data.options.val_from_train" in caplog.text
     caplog.clear()
-    build_datasets(C.resolve(overrides=base + ["data.train_split=train"], use_presets=False))
-    assert "val_from_train" not in caplog.text
+    for train in ("train", "train800val200", "trainval"):   # the carve's remainder beside the carve: disjoint
+        build_datasets(C.resolve(overrides=base + [f"data.train_split={train}"], use_presets=False))
+        assert "val_from_train" not in caplog.text and "part of data.train_split" not in caplog.text, train

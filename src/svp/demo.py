@@ -12,6 +12,7 @@ backbone vs. the SVP-adapted one (:mod:`svp.viz`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -233,10 +234,55 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
 
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
+    with _presses() as pressed:
+        return _run_demo(out, epochs, batch_size, lr, seed, methods, max_train_samples, max_eval_samples, figure,
+                         progress, echo, preset, pressed, train, TrainingStopped, (OutputError, LocksRefused))
+
+
+@contextlib.contextmanager
+def _presses():
+    """A Ctrl-C or SIGTERM between the runs (each run has its own handler, which puts this one back)
+    is noted, and a second one raises: pressed while a finished run was being torn down, it was
+    raised in a garbage-collection callback, which Python ignores, and the demo went on (review)."""
+    import signal
+
+    pressed: List[int] = []
+
+    def note(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+    old = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:   # (ignored, as nohup and background jobs have it)
+                old[s] = signal.signal(s, note)
+    except ValueError:   # (not the main thread: the caller's handlers stay)
+        pass
+    try:
+        yield pressed
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stopped_between(pressed, m, out, TrainingStopped):
+    import signal
+    e = TrainingStopped(f"{signal.Signals(pressed[0]).name} received between runs: stopped before the {m} run",
+                        130, out)
+    e.demo_method = None   # (no run was under way)
+    return e
+
+
+def _run_demo(out, epochs, batch_size, lr, seed, methods, max_train_samples, max_eval_samples, figure, progress,
+              echo, preset, pressed, train, TrainingStopped, stop_errors) -> dict:
     t0 = time.time()
     lrs = method_lrs(methods, lr, preset)
     rows = []
     for i, m in enumerate(methods, 1):
+        if pressed:
+            _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
+            raise _stopped_between(pressed, m, out, TrainingStopped)
         echo(f"\n[{i}/{len(methods)}] {METHOD_TITLES.get(m, m)} on digits, {epochs} epoch(s), batch {batch_size}, "
              f"lr {lrs[m][0]:g} ({lrs[m][1]}), bundled backbone {BACKBONE}")
         cfg = demo_config(m, out, epochs, batch_size, lrs[m][0], seed, max_train_samples, max_eval_samples,
@@ -247,8 +293,8 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
             e.demo_method = m
             _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
             raise
-        except (OutputError, LocksRefused):   # the demo's folder unwritable, full disk, a file system
-            raise   # without locks: the next method would fail the same way
+        except stop_errors:   # the demo's folder unwritable, full disk, a file system without locks:
+            raise   # the next method would fail the same way
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})
@@ -266,7 +312,11 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
         # the runs' summary first: a Ctrl-C while the figure is drawn (half a minute) left none
         _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, full=full))
         try:
+            if pressed:
+                raise KeyboardInterrupt
             figures = gate_figure(out, svp_row["run_dir"], seed)
+            if pressed:   # (one press while it was drawn: noted, the figure finished)
+                raise KeyboardInterrupt
         except KeyboardInterrupt:   # the runs are done: their table still comes, then exit 130
             fig_note, interrupted = "gate figure: interrupted (svp visualize draws it from the run folder)", "figures"
         except Exception as e:

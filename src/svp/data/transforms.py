@@ -127,8 +127,8 @@ def build_transform(recipe: str, is_training: bool, img_size: int = 224,
 def resized_pixels(transform, width: int, height: int) -> int:
     """The pixel count of the largest image ``transform``'s resize steps make of a ``width`` x
     ``height`` one (``width * height`` without one). A Resize to one number scales the shorter
-    side to it, so an elongated image grows: the ``svp`` recipe's Resize(256) makes 36 GB-scale
-    images of a few-hundred-byte 1 x 300000 PNG before its crop (review: svp serve's pixel limit
+    side to it, so an elongated image grows: the ``svp`` recipe's Resize(256) makes ~20 G pixels
+    (~59 GB as RGB) of a few-hundred-byte 1 x 300000 PNG before its crop (review: svp serve's pixel limit
     counted the upload alone). Steps are read from a Compose's ``transforms`` (or ``geometric``,
     svp serve's faster equivalent)."""
     steps = getattr(transform, "transforms", None) or getattr(transform, "geometric", None) or []

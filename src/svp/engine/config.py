@@ -507,9 +507,22 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     # the command line is one source: its method blocks after its generic settings, so a block wins
     # over the same generic name whatever their order (as in one file; the last given won: review)
     methods = _method_names()
-    is_block = [k.split(".")[:2] == ["method", "settings"] and len(k.split(".")) >= 3
-                and k.split(".")[2] in methods for k, _ in parsed]
-    parsed = [kv for kv, b in zip(parsed, is_block) if not b] + [kv for kv, b in zip(parsed, is_block) if b]
+    generic, blocks = [], []
+    for k, v in parsed:
+        parts = k.split(".")
+        if parts[:2] == ["method", "settings"] and len(parts) >= 3 and parts[2] in methods:
+            blocks.append((k, v))
+        elif k == "method.settings" and isinstance(v, dict):
+            # a whole mapping: its method blocks go with the blocks (a later generic key dropped them)
+            own = {n: b for n, b in v.items() if n in methods and isinstance(b, dict)}
+            rest = {n: b for n, b in v.items() if n not in own}
+            if rest or not own:
+                generic.append((k, rest))
+            if own:
+                blocks.append((k, own))
+        else:
+            generic.append((k, v))
+    parsed = generic + blocks
     # which method/dataset? (needed to pick the preset first)
     def apply_user(target: dict) -> dict:
         if base:

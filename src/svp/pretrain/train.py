@@ -462,7 +462,7 @@ def _main(args) -> int:
     if size is not None and size != (32, 32):
         # (the fractals are drawn at 32 px: a 64 px model trained on them resampled, and its card said 64)
         problems.append(f"--model {args.model} takes {size[0]}x{size[1]} images, and the fractals are 32x32; "
-                        f"add \"img_size\": 32 to --model-kwargs")
+                        f"set \"img_size\": 32 in --model-kwargs")
     if args.export and os.path.isdir(args.export):
         problems.append(f"--export {args.export}: a folder, expected a .safetensors file to write")
     if problems:
