@@ -581,8 +581,7 @@ def test_time_offsets_past_int32_are_read_from_a_contiguous_copy(monkeypatch):
     u, dl = (torch.randn(L, b, d, generator=g).permute(1, 2, 0) for _ in range(2))   # time-major views
     A = -torch.rand(d, n, generator=g) - 0.1
     B, C = (torch.randn(b, n, L, generator=g) for _ in range(2))
-    monkeypatch.setattr(scan_triton, "OFFSET_LIMIT", 4)
-    monkeypatch.setattr(conv_triton, "OFFSET_LIMIT", 4)
+    monkeypatch.setattr(scan_triton, "OFFSET_LIMIT", 4)   # (the conv's copy is made by the same helper)
     from svp.ops.conv_triton import causal_conv1d_triton
     seen = []
 

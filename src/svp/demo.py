@@ -227,16 +227,11 @@ def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
              echo=print, preset: Optional[dict] = None) -> dict:
-    from svp.engine import train
-    from svp.engine.signals import TrainingStopped
-    from svp.engine.runlock import LocksRefused
-    from svp.errors import OutputError
-
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
     with _presses() as pressed:
         return _run_demo(out, epochs, batch_size, lr, seed, methods, max_train_samples, max_eval_samples, figure,
-                         progress, echo, preset, pressed, train, TrainingStopped, (OutputError, LocksRefused))
+                         progress, echo, preset, pressed)
 
 
 @contextlib.contextmanager
@@ -266,8 +261,10 @@ def _presses():
             signal.signal(s, h)
 
 
-def _stopped_between(pressed, m, out, TrainingStopped):
+def _stopped_between(pressed, m, out):
     import signal
+
+    from svp.engine.signals import TrainingStopped
     e = TrainingStopped(f"{signal.Signals(pressed[0]).name} received between runs: stopped before the {m} run",
                         130, out)
     e.demo_method = None   # (no run was under way)
@@ -275,14 +272,19 @@ def _stopped_between(pressed, m, out, TrainingStopped):
 
 
 def _run_demo(out, epochs, batch_size, lr, seed, methods, max_train_samples, max_eval_samples, figure, progress,
-              echo, preset, pressed, train, TrainingStopped, stop_errors) -> dict:
+              echo, preset, pressed) -> dict:
+    from svp.engine import train
+    from svp.engine.runlock import LocksRefused
+    from svp.engine.signals import TrainingStopped
+    from svp.errors import OutputError
+
     t0 = time.time()
     lrs = method_lrs(methods, lr, preset)
     rows = []
     for i, m in enumerate(methods, 1):
         if pressed:
             _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
-            raise _stopped_between(pressed, m, out, TrainingStopped)
+            raise _stopped_between(pressed, m, out)
         echo(f"\n[{i}/{len(methods)}] {METHOD_TITLES.get(m, m)} on digits, {epochs} epoch(s), batch {batch_size}, "
              f"lr {lrs[m][0]:g} ({lrs[m][1]}), bundled backbone {BACKBONE}")
         cfg = demo_config(m, out, epochs, batch_size, lrs[m][0], seed, max_train_samples, max_eval_samples,
@@ -293,8 +295,8 @@ def _run_demo(out, epochs, batch_size, lr, seed, methods, max_train_samples, max
             e.demo_method = m
             _write_summary(out, _summary(lrs, epochs, batch_size, seed, rows, [], t0, interrupted=m))
             raise
-        except stop_errors:   # the demo's folder unwritable, full disk, a file system without locks:
-            raise   # the next method would fail the same way
+        except (OutputError, LocksRefused):   # the demo's folder unwritable, full disk, a file system
+            raise   # without locks: the next method would fail the same way
         except Exception as e:  # keep going: the table says which one failed
             echo(f"  {m} failed: {type(e).__name__}: {e}")
             rows.append({"method": m, "error": f"{type(e).__name__}: {e}"})

@@ -190,10 +190,10 @@ class RunFolder:
     def saved_epoch(self, name: str) -> Optional[int]:
         """The epoch the adapter folder ``name`` (best/, last/) was saved at, per its backbone.json;
         None when it is missing or unreadable."""
+        from ..build import read_backbone_spec
         try:
-            with open(os.path.join(self.file(name), "backbone.json"), encoding="utf-8") as f:
-                epoch = json.load(f).get("epoch")
-        except (OSError, ValueError, AttributeError):
+            epoch = read_backbone_spec(os.path.join(self.file(name), "backbone.json")).extra.get("epoch")
+        except (OSError, ValueError):   # (AdapterError: unreadable)
             return None
         return epoch if isinstance(epoch, int) else None
 

@@ -151,8 +151,8 @@ def _vtab_carve_meets_native(a: str, b: str) -> bool:
     """With val_from_train on VTAB-1k: one split a side of the carve of train800val200 (its
     remainder 'train' / 'train800val200' / 'trainval', or the carve 'val'), the other train800 or
     val200 themselves."""
-    carve, native = {"train", "val", "train800val200", "trainval"}, {"train800", "val200"}
-    return (a in carve and b in native) or (a in native and b in carve)
+    native = ("train800", "val200")
+    return (_vtab_carve_side(a) and b in native) or (a in native and _vtab_carve_side(b))
 
 
 def cache_limit_bytes() -> int:

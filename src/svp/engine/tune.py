@@ -347,12 +347,11 @@ def check_same_backbone(run_dir: str) -> None:
     hub weights (model.pretrained) and random backbones are not rebuilt here, and a checkpoint
     no longer there cannot be compared (the run is reused)."""
     from ..build import read_backbone_spec
-    from ..peft.io import base_weights_hash
+    from ..peft.io import base_weights_hash, read_adapter_config
 
     last = os.path.join(run_dir, "last")
     try:
-        with open(os.path.join(last, "adapter_config.json"), encoding="utf-8") as f:
-            recorded = json.load(f).get("base_model_hash")
+        recorded = read_adapter_config(last)["base_model_hash"]
         spec = read_backbone_spec(os.path.join(last, "backbone.json"))
     except (OSError, ValueError, AttributeError):   # no last/ (an older layout): nothing to compare
         return

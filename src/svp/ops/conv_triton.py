@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..compat import autocast_dtype
 from .kept import kept_cast
-from .scan_triton import _device_fn, _launch, check_tensors, fixed_sum, jitted
+from .scan_triton import _device_fn, _launch, _time_safe, _vec, check_tensors, fixed_sum, jitted
 
 # Whether the model runs its conv through these kernels where the scan runs on the 'triton'
 # backend (models/vim.py's _conv); False gives the pure-PyTorch conv there, for an A/B on a GPU
@@ -353,24 +353,13 @@ class BiConvProjTriton(torch.autograd.Function):
         return dx if need[0] else None, dw, db, dp, dwb, dbb, dpb, None
 
 
-OFFSET_LIMIT = 2**31   # the int32 the kernels form time offsets in
-
-
-def _safe(x: torch.Tensor, bias):
-    """x (b, len, dim) copied contiguous where its time offsets would pass int32 (the kernel forms
-    ``t * stride`` in 32 bits: review), and a contiguous bias (read at unit stride: a strided
-    bias[::2] was read wrong); each as it is otherwise."""
-    if x.dim() == 3 and x.shape[1] > 1 and (x.shape[1] - 1) * abs(x.stride(1)) >= OFFSET_LIMIT:
-        x = x.contiguous()
-    return x, (bias.contiguous() if bias is not None else None)
-
-
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                          activation: str | None = None, reverse: bool = False) -> torch.Tensor:
     """Triton causal depthwise conv1d on (batch, len, dim); the arguments of
     :func:`svp.ops.conv.causal_conv1d_bld` (bias (dim,) only)."""
     _check(x, weight, bias, activation)
-    x, bias = _safe(x, bias)
+    # (time offsets past int32: a contiguous copy; the bias is read at unit stride: review)
+    x, bias = _time_safe(x, 1), _vec(bias)
     return CausalConv1dTriton.apply(x, weight, bias, activation is not None, reverse)
 
 
@@ -382,7 +371,7 @@ def causal_conv1d_proj_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch
     _check(x, weight, bias, activation)
     if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
         raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
-    x, bias = _safe(x, bias)
+    x, bias = _time_safe(x, 1), _vec(bias)
     return CausalConv1dProjTriton.apply(x, weight, bias, proj_w, activation is not None, reverse)
 
 
@@ -394,6 +383,6 @@ def bi_conv_proj_triton(x: torch.Tensor, fwd, bwd, activation: str | None = "sil
         _check(x, weight, bias, activation)
         if proj_w.dim() != 2 or proj_w.shape[1] != x.shape[-1]:
             raise ValueError(f"expected proj_w (n, {x.shape[-1]}); got {tuple(proj_w.shape)}")
-    x, _ = _safe(x, None)
-    fwd, bwd = ((w, _safe(x, b)[1], p) for w, b, p in (fwd, bwd))
+    x = _time_safe(x, 1)
+    fwd, bwd = ((w, _vec(b), p) for w, b, p in (fwd, bwd))
     return BiConvProjTriton.apply(x, *fwd, *bwd, activation is not None)

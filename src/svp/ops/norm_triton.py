@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendError
-from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
+from .scan_triton import DTYPES, _device_fn, _launch, _vec, check_tensors, jitted
 
 # Whether the Vim blocks run their add + RMSNorm through these kernels where the scan runs on
 # the 'triton' backend (models/vim.py's _triton_norm); False gives the PyTorch form back.
@@ -140,4 +140,4 @@ def add_rms_norm_triton(hidden, residual, weight, eps):
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of {tuple(hidden.shape)}")
     # (the kernel reads the weight at unit stride: a strided or expanded one was read wrong, or
     # past its storage: review; a contiguous one is passed as it is)
-    return AddRMSNormTriton.apply(hidden, residual, weight.contiguous(), eps)
+    return AddRMSNormTriton.apply(hidden, residual, _vec(weight), eps)

@@ -28,7 +28,7 @@ from ..compat import no_autocast
 from .args import check_skip
 from .kept import constant_zeros, kept_cast
 from .matmul_cpu import mm
-from .scan_triton import DTYPES, _device_fn, _launch, check_tensors, jitted
+from .scan_triton import DTYPES, _device_fn, _launch, _vec, check_tensors, jitted
 
 # Whether SVP's paper-mode prompt step runs through these kernels where the scan runs on the
 # 'triton' backend (svp.peft.svp's _triton_prompts); False gives the PyTorch form back.
@@ -313,8 +313,7 @@ def svp_prompts_triton(h, skip, cross=None, inner=None, dtype=None):
     check_tensors("the Triton SVP prompt step", named,
                   dtypes=lambda name: DTYPES if name == "h" else (torch.float32,))
     # (the kernels read the parameters at unit stride: strided ones were read wrong: review)
-    wc, bc, alpha, w0, b0, w1, b1, beta = (t.contiguous() if t is not None else None
-                                           for t in (wc, bc, alpha, w0, b0, w1, b1, beta))
+    wc, bc, alpha, w0, b0, w1, b1, beta = map(_vec, (wc, bc, alpha, w0, b0, w1, b1, beta))
     return svp_prompts(h, check_skip(skip, h.shape[1], "svp_prompts_triton"), dtype, wc, bc, alpha, w0, b0, w1,
                        b1, beta)
 
@@ -336,5 +335,5 @@ def add_silu_prompts_triton(h, a1=None, s1=None, a2=None, s2=None, skip=-1):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     check_tensors("the Triton SVP prompt step", (("h", h), ("a1", a1), ("s1", s1), ("a2", a2), ("s2", s2)),
                   dtypes=lambda name: (torch.float32,) if name in ("s1", "s2") else DTYPES)
-    s1, s2 = (s.contiguous() if s is not None else None for s in (s1, s2))   # (read at unit stride)
+    s1, s2 = _vec(s1), _vec(s2)   # (read at unit stride)
     return AddSiluPromptsTriton.apply(h, a1, s1, a2, s2, check_skip(skip, h.shape[1], "add_silu_prompts_triton"))

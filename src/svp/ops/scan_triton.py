@@ -903,18 +903,20 @@ def _chunk_for(chunk, L: int) -> int:
 OFFSET_LIMIT = 2**31   # the int32 the kernels form time offsets in
 
 
-def _time_safe(t):
-    """``t`` (..., L), copied contiguous where its time offsets ``t * stride`` would pass int32 (the
-    kernels form them in 32 bits: a time-major view with L*b*d >= 2**31 read wrong steps, or
-    crashed: review); as it is otherwise (no copy)."""
-    if t is None or t.dim() == 0 or t.shape[-1] < 2 or (t.shape[-1] - 1) * abs(t.stride(-1)) < OFFSET_LIMIT:
+def _time_safe(t, dim: int = -1):
+    """``t`` with time along ``dim`` (the scan's (..., L), the conv's (b, L, d): dim 1), copied
+    contiguous where its time offsets ``t * stride`` would pass int32 (the kernels form them in 32
+    bits: a time-major view with L*b*d >= 2**31 read wrong steps, or crashed: review); as it is
+    otherwise (no copy)."""
+    if t is None or t.dim() == 0 or t.shape[dim] < 2 or (t.shape[dim] - 1) * abs(t.stride(dim)) < OFFSET_LIMIT:
         return t
     return t.contiguous()
 
 
 def _vec(t):
-    # the kernels read a (d,) vector at unit stride: a strided or expanded one (D[::2]) was read
-    # wrong, or past its storage (review); a contiguous one is returned as it is, no copy, no node
+    # the kernels read a (d,) vector (and the prompts' weights) at unit stride: a strided or expanded
+    # one (D[::2]) was read wrong, or past its storage (review); a contiguous one is returned as it
+    # is, no copy, no node
     return t.contiguous() if t is not None else None
 
 
