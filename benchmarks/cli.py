@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", "src"))
 NUM_CLASSES = 10
@@ -157,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--commands", nargs="+", choices=COMMANDS, default=list(COMMANDS),
                     help="which commands to time (svp --help always)")
     ap.add_argument("--no-in-process", action="store_true", help="skip the in-process part")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     a = ap.parse_args(argv)
     trees = [None] + [os.path.abspath(s) for s in a.src]
     label = {None: "this tree"} | {s: s for s in trees[1:]}

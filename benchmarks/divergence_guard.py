@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 
@@ -33,6 +34,9 @@ def main() -> None:
     from svp.engine.divergence import DivergenceGuard
 
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("divergence_guard: no CUDA GPU here (--device cpu measures on the CPU)", file=sys.stderr)
+        raise SystemExit(2)
     settings = {"svp": {"shared_layers": 4, "hidden": 16}}
     for method in args.methods:
         backbone = build_model(ModelSpec(model=args.model, num_classes=10))

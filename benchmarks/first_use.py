@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
 
@@ -72,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--src", nargs="*", default=[], help="other trees' src folders, alternating with this one")
     ap.add_argument("--frozen", action="store_true",
                     help="each child freezes its imports first, as the svp command does")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", type=json_path, help="write the results here")
     args = ap.parse_args(argv)
     trees = [SRC] + [os.path.abspath(p) for p in args.src]
     child = [sys.executable, "-c", CHILD, args.model]

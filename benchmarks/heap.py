@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 MODES = ("held", "default")
@@ -39,7 +41,8 @@ def child(spec):
     from svp import runtime
     from svp.peft import get_peft_model, make_config
 
-    from model import method_settings, training_step   # (this folder is on sys.path: the child runs as a script)
+    # (this folder is on sys.path: the child runs as a script)
+    from model import method_settings, peak_rss_mib, training_step
     from scan import set_threads
     set_threads(spec["threads"])
     torch.manual_seed(0)
@@ -60,7 +63,7 @@ def child(spec):
         first = timed()
         steps = [timed() for _ in range(spec["steps"])]
     return {"held": held, "malloc": runtime.status()["malloc"], "first": first, "steps": steps,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": peak_rss_mib(),
             "load": os.getloadavg()[0]}
 
 
@@ -76,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first, per process")
     ap.add_argument("--rounds", type=int, default=2, help="processes per mode, alternating")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:

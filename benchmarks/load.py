@@ -14,8 +14,8 @@ process times ``svp.build.build_backbone`` on it, 10 classes (the head is droppe
 * ``adapter``: what ``svp predict`` / ``eval`` / ``serve`` / ``visualize`` build under an adapter
   (``skip_init=True`` where the tree has it; a tree without it builds as for training).
 
-Reported: the best wall time of --runs processes and the peak RSS of the child (``ru_maxrss``,
-the runtime's ~0.85 GB included). ``--src`` runs the same builds with ``PYTHONPATH`` set to
+Reported: the best wall time of --runs processes and the peak RSS of the child (VmHWM; ``ru_maxrss``
+where /proc is missing; the runtime's ~0.85 GB included). ``--src`` runs the same builds with ``PYTHONPATH`` set to
 another tree's ``src``, alternating with this one, for a before/after in the same minutes.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.abspath(os.path.join(HERE, "..", "src"))
@@ -42,7 +44,8 @@ t = time.perf_counter()
 build_backbone(spec, **kw)
 # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
-peak = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = int(hwm[0].split()[1]) if hwm else (   # KiB (ru_maxrss: bytes on macOS)
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1))
 print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": peak / 1024}))
 """
 
@@ -93,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["vim_small_patch16_224", "vim_base_patch16_224"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--src", nargs="*", default=[], help="other trees' src folders to run alongside")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     a = ap.parse_args(argv)
     trees = [SRC] + [os.path.abspath(s) for s in a.src]
     print(f"# {os.cpu_count()} cpus; load average {os.getloadavg()}", flush=True)

@@ -21,7 +21,8 @@ training configuration, in the same process:
   ``torch.utils.flop_counter.FlopCounterMode`` over one real step, with dt_proj's and x_proj's
   products run as F.linear for it (the fused kernels form them where the counter cannot see),
   plus the depthwise conv1d, which runs in a fused kernel the counter cannot see either: 2 W
-  flops per element and pass), divided
+  flops per element and pass, at the tokens each mixer read in that step, a forward pass, an input
+  gradient where the backward reaches the conv, a weight gradient where it is trained), divided
   by the float32 matmul rate measured in the same process (best of a 2048^3 product, same threads;
   the faster of torch's own product and oneDNN's, which svp.ops.matmul_cpu runs where torch's is
   slow: on an AMD Zen 5 torch's MKL reaches half oneDNN's rate, docs/benchmarks.md, twenty-seventh round),
@@ -55,6 +56,8 @@ import os
 import subprocess
 import sys
 import time
+
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
@@ -103,14 +106,45 @@ def _matmul_rate(reps=5, n=2048, dtype=None, paths=None):
     return 2 * n ** 3 / min(best.values()), 2 * n ** 3 / min(best_cpu.values())
 
 
-def _conv1d_flops(model, batch, tokens, conv_trained):
-    """Depthwise causal conv1d of every mixer direction: 2 W flops per (b, l, E) element for
-    the forward, the same for the input gradient, and again for the weight gradient if trained."""
-    per = 0
-    for layer in model.base_model.layers:
-        m = layer.mixer
-        per += 2 * 2 * batch * tokens * m.d_inner * m.d_conv    # two directions
-    return per, per * (2 if conv_trained else 1)
+def _conv1d_flops(seen, batch, train):
+    """Depthwise causal conv1d of every mixer direction, from what each mixer saw in the counted
+    step (``seen``: per layer, the conv's input's tokens, whether it needed a gradient and whether
+    the conv's weights were trained): 2 W flops per (b, l, E) element for the forward, the same
+    for the input gradient where the backward reaches the conv's input, and again for the weight
+    gradient where the conv is trained. Returns (forward flops, the step's flops)."""
+    fwd = total = 0
+    for tokens, E, d_conv, input_grad, trained in seen:
+        per = 2 * 2 * batch * tokens * E * d_conv    # two directions
+        fwd += per
+        total += per * (1 + (train and input_grad) + (train and trained))
+    return fwd, total
+
+
+def peak_rss_mib():
+    """This process's peak resident set, MiB (``ru_maxrss`` is in KiB on Linux, in bytes on macOS)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2 if sys.platform == "darwin" else 1024)
+
+
+def _watch_convs(pm, seen):
+    """Record, per mixer, the tokens its conv reads (a VPT prompt's included; the image size the
+    step runs, not the model's own) and whether the backward reaches the conv's input. Returns a
+    function that takes the watch off."""
+    mixers = [layer.mixer for layer in pm.base_model.layers]
+
+    def watch(m, ssm):
+        def watched(x, z, *a, **k):
+            trained = any(p.requires_grad for c in (m.conv1d, m.conv1d_b) for p in c.parameters())
+            seen.append((x.shape[1], m.d_inner, m.d_conv, x.requires_grad, trained))
+            return ssm(x, z, *a, **k)
+        return watched
+    for m in mixers:
+        m._ssm = watch(m, m._ssm)
+
+    def unwatch():
+        for m in mixers:
+            del m._ssm
+    return unwatch
 
 
 def child(spec):
@@ -145,8 +179,6 @@ def training_step(pm, x, autocast):
 
 
 def _child(spec):
-    import resource
-
     import svp  # (child imported it first, before torch: svp.runtime; registers the Vim models)
     import timm
     import torch
@@ -198,16 +230,16 @@ def _child(spec):
     for name in saved:
         setattr(vim_module, name, lambda *a, **k: False)
     # in-place products (addmm_) and oneDNN's count as products too (the counter's table has neither)
+    seen = []
+    unwatch = _watch_convs(pm, seen)
     try:
         with FlopCounterMode(display=False, custom_mapping=matmul_cpu.flop_mapping()) as fc:
             step()
     finally:
+        unwatch()
         for name, f in saved.items():
             setattr(vim_module, name, f)
-    tokens = pm.base_model.patch_embed.num_patches + 1
-    conv_trained = any(p.requires_grad for n, p in pm.base_model.named_parameters() if ".conv1d" in n)
-    fwd1d, total1d = _conv1d_flops(pm, b, tokens, conv_trained)
-    flops = fc.get_total_flops() + (total1d if train else fwd1d)
+    flops = fc.get_total_flops() + _conv1d_flops(seen, b, train)[1]
     out["flops"] = flops
     try:   # the layer numba's kernels ran on (after the steps above launched its threads)
         import numba
@@ -257,7 +289,7 @@ def _child(spec):
                 step(amp=True)
             out["profile"] += "\nthe same step under bfloat16 autocast:\n" + prof.key_averages().table(
                 sort_by="self_cpu_time_total", row_limit=spec["profile"])
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
@@ -276,7 +308,7 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, nargs="?", const=15, default=0,
                     help="print the top N ops (self CPU) of one step of each configuration "
                          "(with --amp, also of its bfloat16 step)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:

@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import svp  # noqa: E402,F401  (before torch: the short spin of torch's OpenMP threads, svp.runtime)
 import torch  # noqa: E402
@@ -179,7 +181,11 @@ def set_threads(n):
         import numba
     except ImportError:   # no numba: the fused CPU kernels are not there to thread
         return
-    numba.set_num_threads(n)
+    try:
+        numba.set_num_threads(n)
+    except ValueError as e:   # more than NUMBA_NUM_THREADS: numba's own words, without the traceback
+        raise SystemExit(f"{n} threads: {e} (NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')} "
+                         f"fixes numba's pool; unset it or lower --threads)") from None
 
 
 def main(argv=None):
@@ -189,17 +195,21 @@ def main(argv=None):
                     help="batches at which the (slow) reference runs; forward+backward at the first only")
     ap.add_argument("--backends", nargs="+", default=None)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all)")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="time the scans in process CPU time instead of wall clock (robust on a shared "
-                         "machine when --threads 1; the bandwidth/FMA measurements stay wall-clock)")
+                    help="time the scans and the FMA peak in process CPU time instead of wall clock "
+                         "(robust on a shared machine with --threads 1; with more threads the CPU time "
+                         "sums them; the copy bandwidth stays wall-clock)")
     ap.add_argument("--frozen", action="store_true",
                     help="A, D and delta_bias without gradients (a frozen backbone's backward)")
     ap.add_argument("--no-held-heap", action="store_true",
                     help="svp's import-time malloc thresholds alone (default: the heap held, as svp's training "
                          "holds it: svp.runtime.held_heap)")
     a = ap.parse_args(argv)
+    missing = [b for b in a.backends or () if b not in available_backends()]
+    if missing:   # before the bandwidth and FMA measurements, not after them
+        ap.error(f"--backends {' '.join(missing)}: not available here (available: {', '.join(available_backends())})")
     from svp import runtime
     with runtime.held_heap(not a.no_held_heap):
         run(a)

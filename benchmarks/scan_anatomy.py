@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 OPS = {"fwd": 12, "bwd": 20}     # lane operations per (b, l, d, n) element: benchmarks/scan.py
@@ -215,7 +217,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--mca", action="store_true", help="also the static llvm-mca view of the compiled loops")
     ap.add_argument("--mcpu", default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_path, default=None)
     ap.add_argument("--dump-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dump_child:

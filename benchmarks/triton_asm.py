@@ -33,6 +33,8 @@ import sys
 import tempfile
 import warnings
 
+from common import json_path   # (benchmarks/common.py: a script runs with its folder on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
     # Triton's library functions must be imported compiled (see tests/test_scan_triton.py); the
@@ -297,7 +299,7 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="compute capability as one number (90: H100/H200)")
     ap.add_argument("--maxnreg", type=int, nargs=2, metavar=("FWD", "BWD"),
                     help="the scan kernels' register caps (scan_triton.MAXNREG; 0: none) for this compile")
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--json", type=json_path, help="write the rows here")
     ap.add_argument("--keep", help="keep each kernel's PTX and TTGIR in this folder")
     a = ap.parse_args(argv)
     if a.keep:
