@@ -238,10 +238,13 @@ def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-3000:]
     assert "SIGTERM received: the running runs stop" in err and "run the same svp sweep command again" in err
+    # both runs named with the step each stopped after (one run's step alone was given: review36)
+    assert "SIGTERM received: 2 run(s) stopped (" in err, err[-3000:]
     from svp.engine.checkpoint import load_state
     for r in runs:
         st = load_state(str(r / "resume.safetensors"))
         assert st["global_step"] >= 2 and not (r / "results.json").exists()
+        assert re.search(rf"[(, ]{r.name} after (step {st['global_step']}|epoch \d+)[,)]", err), err[-3000:]
     time.sleep(0.5)
     left = [p for p in workers if os.path.exists(f"/proc/{p}") and
             open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
@@ -731,10 +734,14 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
     assert "train.learning_rate" in capsys.readouterr().err
     assert svp_main(["train", "-c", cfg, "--method", "nosuch", "--name", "x"]) == 2
     assert "nosuch" in capsys.readouterr().err
+    # a folder that does not exist (a typo) is not "not a run folder" (review36)
     assert svp_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert svp_main(["train", "--resume", str(tmp_path / "empty")]) == 2
+    assert "not a run folder (no config.yaml)" in capsys.readouterr().err
     # with a flag as well: still what is wrong first (it said "cannot change data.dataset")
-    assert svp_main(["train", "--resume", str(tmp_path / "nothing"), "--dataset", "digits"]) == 2
+    assert svp_main(["train", "--resume", str(tmp_path / "empty"), "--dataset", "digits"]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert svp_main(["train", "--dataset", "nonsense", "--print-config"]) == 2
     assert "unknown dataset 'nonsense'" in capsys.readouterr().err

@@ -332,7 +332,11 @@ def test_data_check_command_on_every_fake_layout(fake, capsys):
                                 else f"hta/{name}"].items():
             if split == "trainval":
                 continue
-            assert f"{len(items):8d} images" in out, (name, split, out)
+            # the classes the split holds, not the dataset's (review36: every line said all of them)
+            key = name if "/" in name or name in ("imagefolder", "csv") else f"hta/{name}"
+            held, total = len({label for _, label in items}), len(classes[key])
+            shown = f"{held}" if held == total else f"{held} of {total}"
+            assert f"{len(items):8d} images, {shown} classes" in out, (name, split, out)
     rc = svp_main(["data", "check", "cub200", "--root", root, "--per-class", "--split", "val"])
     out = capsys.readouterr().out
     assert rc == 0 and "001.Bird_species_001" in out and "val" in out and "test " not in out
@@ -658,16 +662,27 @@ def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake,
     assert len(build_dataset("imagefolder", "train", root=os.path.join(r, "custom_imagefolder"))) == n
 
 
+def test_cars_train_json_holds_the_val_images_and_reading_val_warns(fake, caplog):
+    """As the real Stanford Cars split files (the spec: train.json's 8,144 include val.json's 815),
+    so the warning docs/datasets.md promises for its val split is exercised (the fake's splits
+    were disjoint: review36)."""
+    root, man, _ = fake
+    train, val = build_dataset("cars", "train", root=root), build_dataset("cars", "val", root=root)
+    assert len(train) == len(man["hta/cars"]["train"]) == 2 * 196 and len(val) == 196
+    assert {p for p, _ in val.samples} <= {p for p, _ in train.samples}
+    assert "196 of 196 val.json images are also in train.json" in caplog.text
+
+
 def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):
     """One error for a missing image folder (not one per image), the VTAB folder (not HTA's folder
     of the same name) for a missing task, file:line for a label out of range, the file that
     differs only in case, and a carved split left empty."""
-    r = _copy(fake, tmp_path, "FGVC/stanford-cars", "dtd", "VTAB/vtab-1k/kitti")
-    # one training image per class (the fake Cars): carving a validation split takes none
-    assert len(build_dataset("cars", "train", root=r)) == 196
-    with pytest.raises(DatasetError, match=r"val_from_train=0.5 of its 196 training items \(train\) leaves the "
+    r = _copy(fake, tmp_path, "FGVC/stanford-cars", "FGVC/OxfordFlower", "dtd", "VTAB/vtab-1k/kitti")
+    # one training image per class (the fake Flowers): carving a validation split takes none
+    assert len(build_dataset("flowers", "train", root=r)) == 102
+    with pytest.raises(DatasetError, match=r"val_from_train=0.5 of its 102 training items \(train\) leaves the "
                                            r"'val' split empty"):
-        build_dataset("cars", "val", root=r, val_from_train=0.5)
+        build_dataset("flowers", "val", root=r, val_from_train=0.5)
     shutil.rmtree(os.path.join(r, "FGVC/stanford-cars/car_ims"))
     with pytest.raises(DatasetError, match=r"cars image folder 'car_ims' \(named by test.json\) not found") as e:
         build_dataset("cars", "test", root=r)

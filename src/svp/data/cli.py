@@ -127,10 +127,13 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
         problems += len(bad)
         status = "ok" if not bad else f"{len(bad)} missing/unreadable"
         what = "read" if read else "listed"
-        print(f"  {split:15s} {len(ds):8d} images, {ds.num_classes} classes, "
+        counts = ds.class_counts()
+        present = sum(k > 0 for k in counts)
+        # the classes this split holds: a split with images of 1 of 10 classes is not "10 classes"
+        held = f"{ds.num_classes}" if present == ds.num_classes else f"{present} of {ds.num_classes}"
+        print(f"  {split:15s} {len(ds):8d} images, {held} classes, "
               f"{what} in {seconds + time.time() - t0:.1f}s: {status}", file=out)
         if per_class:
-            counts = ds.class_counts()
             width = max(len(c) for c in ds.classes) if ds.classes else 1
             for ci, (c, k) in enumerate(zip(ds.classes, counts)):
                 print(f"      {ci:4d} {c:{width}s} {k:7d}", file=out)

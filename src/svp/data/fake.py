@@ -125,6 +125,14 @@ def make_fake_root(root: str, which: Sequence[str] = ALL, vtab_items: int = 4,
         fgvc("cars", "stanford-cars", "", ids,
              lambda ci, cid, s: f"car_ims/{cid * 10 + sidx[s]:06d}.jpg", int,
              [str(i) for i in ids])
+        # the real train.json (8,144) holds the 815 val.json images too (the spec's data formats)
+        ddir = os.path.join(root, "FGVC", "stanford-cars")
+        with open(os.path.join(ddir, "train.json"), encoding="utf-8") as f:
+            train = json.load(f)
+        with open(os.path.join(ddir, "val.json"), encoding="utf-8") as f:
+            train.update(json.load(f))
+        _write(os.path.join(ddir, "train.json"), json.dumps(train))
+        man["hta/cars"]["train"] += man["hta/cars"]["val"]
 
     # ---------------- CIFAR (python pickles), pixels = label
     def cifar_batch(labels, key):

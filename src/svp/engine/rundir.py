@@ -41,6 +41,8 @@ def load_run_config(run_dir: str, overrides=(), notes: Optional[List[str]] = Non
     the run started are filled in with the behaviour it had; ``notes`` gets a line for each
     such value that is not the new default's."""
     path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(run_dir):   # a typo, or a run killed before it made its folder
+        raise ResumeError(f"{run_dir}: no such folder (--resume takes the folder of a run: runs/NAME)")
     if not os.path.isfile(path):  # first: what to change matters only in a run folder
         raise ResumeError(f"{run_dir} is not a run folder (no config.yaml)")
     saved = C.load_yaml(path)

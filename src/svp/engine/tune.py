@@ -462,7 +462,7 @@ class Runner:
             # each run's name within the sweep begins its stderr lines (svp.engine.progress.worker_label)
             root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
             label = {i: os.path.relpath(os.path.abspath(run_dir), root) for i, run_dir, _ in todo}
-            broken = []
+            broken, stopped = [], []
             try:
                 self._check_stop()
                 futs = {self._pool.submit(_run_safely, run_dir, cfg, label[i]): i for i, run_dir, cfg in todo}
@@ -473,10 +473,17 @@ class Runner:
                     except cf.process.BrokenProcessPool:
                         broken.append(i)
                         continue
+                    except KeyboardInterrupt as e:
+                        # every running run stops after its step: wait for them all, and say which
+                        # stopped where (the first one's step alone was reported, as the sweep's)
+                        stopped.append((label[i], str(e)))
+                        continue
                     if out[i][0] is None:
                         log.info("[%d/%d] failed %s", k, len(todo), tasks[i][0])
                     else:
                         log.info("[%d/%d] finished %s", k, len(todo), tasks[i][0])
+                if stopped:
+                    raise KeyboardInterrupt(_stopped_summary(stopped, self._stop.value))
                 if broken:
                     # a worker killed by a signal (the out-of-memory killer) broke the pool, which
                     # ended the others: each affected run again in a process of its own, so that
@@ -510,6 +517,24 @@ class Runner:
         if self._stop is not None and self._stop.value:
             import signal
             raise KeyboardInterrupt(f"{signal.Signals(self._stop.value).name} received")
+
+
+def _stopped_summary(stopped: List[Tuple[str, str]], signum: int) -> str:
+    """One line (no ';': the command line prints up to the first) for the runs a stop request
+    ended: 'SIGINT received: 2 run(s) stopped (a/seed0 after step 131, b/seed0 after step 135),
+    resume points saved, 3 not started'."""
+    import re
+    import signal
+    name = signal.Signals(signum).name if signum else "stop request"
+    ran = []
+    for lab, msg in sorted(stopped):
+        if not msg.startswith("not started"):
+            m = re.search(r"stopped after ([^;.]+)", msg)
+            ran.append(f"{lab} after {m.group(1)}" if m else f"{lab}: {msg.split(';')[0]}")
+    parts = [f"{len(ran)} run(s) stopped ({', '.join(ran)}), resume points saved"] if ran else []
+    if len(stopped) > len(ran):
+        parts.append(f"{len(stopped) - len(ran)} not started")
+    return f"{name} received: " + ", ".join(parts)
 
 
 def _worker_init(stop_value) -> None:
