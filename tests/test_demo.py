@@ -107,7 +107,7 @@ def test_a_ctrl_c_stops_the_demo_not_one_method(tmp_path, capsys, monkeypatch):
         raise TrainingStopped("SIGINT received: stopped after step 3; resume point saved", EXIT_INTERRUPTED, "r")
     monkeypatch.setattr(svp.engine, "train", train)
     assert main(["demo", "--out", str(tmp_path / "d"), "--epochs", "1", "--no-figure"]) == EXIT_INTERRUPTED
-    assert runs == ["linear"] and "svp demo: stopped during the linear run (SIGINT received: stopped after " \
+    assert runs == ["linear"] and "svp demo: error: stopped during the linear run (SIGINT received: stopped after " \
         "step 3)" in capsys.readouterr().err
 
 

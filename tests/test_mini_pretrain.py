@@ -59,7 +59,7 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
     from svp.cli import main
     for flag in ("--threads", "--epochs"):
         assert main(["pretrain", "--out", str(tmp_path / "p"), flag, "0"]) == 2
-        assert f"svp pretrain: {flag} must be >= 1, got 0" in capsys.readouterr().err
+        assert f"svp pretrain: error: {flag} must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
     # rates, smoothing and the paths, before any training: they were torch's tracebacks, at the first
     # step or, for an --export folder, after the whole run
@@ -103,7 +103,7 @@ def test_a_negative_seed_a_model_of_another_size_and_a_diverging_run_are_one_lin
                "--epochs", "1", "--batch-size", "8", "--lr", "1e30", "--warmup-steps", "0", "--threads", "1",
                "--model-kwargs", '{"depth": 1, "embed_dim": 16}'])
     err = capsys.readouterr().err
-    assert rc == 3 and "svp pretrain: non-finite loss" in err and "Traceback" not in err, err
+    assert rc == 3 and "svp pretrain: error: non-finite loss" in err and "Traceback" not in err, err
     assert "non-finite loss" in (out / "pretrain.log").read_text()
 
 
