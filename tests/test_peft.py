@@ -874,3 +874,62 @@ def test_converted_class_names_lose_a_byte_order_mark(tmp_path):
         path = tmp_path / name
         path.write_text(text, encoding="utf-8-sig")
         assert _read_class_names(str(path)) == ["cat", "dog"], name
+
+
+# ---------------------------------------------------------------- a PeftModel used as a timm model (review39)
+SMALL = {"svp": {"shared_layers": 2, "hidden": 8}}   # (the tiny model's depth 4)
+
+
+@pytest.mark.parametrize("method, head", [("svp", "linear"), ("linear", "two_layer"), ("lora", "linear")])
+def test_reset_classifier_gives_a_head_of_the_adapters_kind_that_saves_and_loads(tmp_path, method, head):
+    """timm's API on the wrapper (num_classes, pretrained_cfg, reset_classifier,
+    set_grad_checkpointing) was an AttributeError; the backbone's reset_classifier left save() a
+    bare KeyError."""
+    peft = get_peft_model(tiny(), make_config(method, num_classes=5, head=head, **SMALL.get(method, {})))
+    assert peft.num_classes == 5 and peft.pretrained_cfg is peft.base_model.pretrained_cfg
+    assert peft.default_cfg is peft.base_model.pretrained_cfg and peft.get_classifier() is peft.base_model.head
+    peft.reset_classifier(7)
+    assert peft.num_classes == 7 and peft(images()).shape == (2, 7)
+    from svp.peft.heads import head_kind
+    assert head_kind(peft.base_model.head) == head and all(p.requires_grad for p in peft.base_model.head.parameters())
+    assert set(peft.head_parameter_names()) <= set(peft.adapter_parameter_names())
+    peft.save(tmp_path / "a")
+    back = load_adapter(tiny(), tmp_path / "a")
+    assert back.num_classes == 7 and torch.equal(back(images()), peft.eval()(images()))
+    with pytest.raises(ValueError, match="positive number of classes"):
+        peft.reset_classifier(0)
+    peft.set_grad_checkpointing(True)
+    assert peft.base_model.grad_checkpointing
+
+
+def test_a_head_removed_through_the_backbone_is_named_at_save(tmp_path):
+    peft = get_peft_model(tiny(), make_config("svp", num_classes=5, head="two_layer", **SMALL["svp"]))
+    peft.base_model.reset_classifier(3)   # timm's: a Linear where the adapter's head had two layers
+    with pytest.raises(AdapterError, match=r"adapter's tensors are no longer in the model \(base_model.head.0"):
+        peft.save(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("method", ["svp", "lora", "adapter"])
+def test_an_unloaded_peft_model_refuses_to_run_or_save(tmp_path, method):
+    """After unload() the wrapper ran on: SVP's still adapted, LoRA's and the adapter's silently
+    gave the bare backbone (whose method may be another by then); LoRA's save was a KeyError."""
+    peft = get_peft_model(tiny(), make_config(method, num_classes=5, **SMALL.get(method, {})))
+    back = peft.unload()
+    for call in (lambda: peft(images()), lambda: peft.save(tmp_path / "a"), peft.unload,
+                 lambda: peft.reset_classifier(3)):
+        with pytest.raises(RuntimeError, match=f"this {method} PeftModel was unloaded"):
+            call()
+    assert not (tmp_path / "a").exists()
+    get_peft_model(back, make_config("linear", num_classes=5))   # the backbone takes another method
+
+
+def test_a_hash_refusal_of_a_cast_backbone_says_the_dtype(tmp_path):
+    get_peft_model(tiny(), make_config("svp", num_classes=5, **SMALL["svp"])).save(tmp_path / "a")
+    with pytest.raises(AdapterError, match=r"holds bfloat16 weights; load the adapter on the backbone as built "
+                                           r"\(float32\), then cast"):
+        load_adapter(tiny().to(torch.bfloat16), tmp_path / "a")
+    with pytest.raises(AdapterError) as e:
+        load_adapter(tiny(seed=1), tmp_path / "a")
+    assert "dtype" not in str(e.value)   # float32 weights that differ: no dtype hint
+    assert load_adapter(tiny(), tmp_path / "a").to(torch.bfloat16)(images().bfloat16()).dtype == torch.bfloat16

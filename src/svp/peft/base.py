@@ -172,8 +172,56 @@ class PeftModel(nn.Module):
         # was left out of the file, which load_adapter then refused
         self._adapter_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 
+    def _check_attached(self, what: str) -> None:
+        # after unload() the backbone is bare (it may carry another method), and this wrapper
+        # computed, depending on the method, the adapted function, the bare backbone's, or failed
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError(f"{what}: this {self.config.method} PeftModel was unloaded (PeftModel.unload): "
+                               f"its method is no longer on the backbone; use the backbone unload() returned, "
+                               f"or attach the method again (get_peft_model / svp.load_adapter)")
+
+    # -- timm's model API, for scripts written against a timm model ------------------
+    @property
+    def num_classes(self) -> int:
+        return self.base_model.num_classes
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.base_model.pretrained_cfg
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.base_model.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.base_model.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head of the method's kind (``config.head``) for ``num_classes`` classes, trainable
+        and part of the adapter. (The backbone's own ``reset_classifier`` replaces it with timm's
+        Linear, ``0`` with none: the adapter's head tensors then no longer exist.)"""
+        self._check_attached("reset_classifier")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"reset_classifier({num_classes!r}): expected a positive number of classes (for the "
+                             f"features without a head: forward(images, pre_logits=True))")
+        old = self.base_model.head
+        ref = next(old.parameters(), None)
+        head = build_head(self.config.head, self.base_model.num_features, num_classes)
+        if ref is not None:
+            head = head.to(device=ref.device, dtype=ref.dtype)
+        before = set(self.head_parameter_names())
+        self.base_model.head = head
+        self.base_model.num_classes = num_classes
+        self.config.num_classes = num_classes
+        self._adapter_names = tuple(n for n in self._adapter_names if n not in before) + tuple(
+            self.head_parameter_names())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.base_model.set_grad_checkpointing(enable)
+
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_attached("forward")
         self.base_model.patch_embed.check_images(images)   # (before SimAM and the pixel prompt see it)
         x = simam(images) if self.config.simam else images
         return self.method.transform_input(x)
@@ -214,9 +262,23 @@ class PeftModel(nn.Module):
         parameters and the head), whatever their ``requires_grad`` flags are now."""
         return list(self._adapter_names)
 
+    def _own_adapter_tensors(self, what: str) -> dict:
+        """name -> parameter of each of the adapter's tensors; refused, naming them, where some
+        are gone (the head replaced through the backbone: a KeyError without context)."""
+        self._check_attached(what)
+        own = dict(self.named_parameters())
+        gone = [n for n in self._adapter_names if n not in own]
+        if gone:
+            raise AdapterError(f"{what}: {len(gone)} of the {self.config.method} adapter's tensors are no longer in "
+                               f"the model ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): its head was "
+                               f"replaced or removed after the method was attached (the backbone's "
+                               f"reset_classifier?); PeftModel.reset_classifier(n) gives a new head of the "
+                               f"adapter's kind ({self.config.head})")
+        return own
+
     def adapter_state_dict(self) -> dict:
         """The adapter's tensors (``adapter_parameter_names``), detached, on CPU."""
-        own = dict(self.named_parameters())
+        own = self._own_adapter_tensors("adapter_state_dict")
         return {n: own[n].detach().cpu().contiguous() for n in self._adapter_names}
 
     def trainable_counts(self) -> dict:
@@ -248,7 +310,7 @@ class PeftModel(nn.Module):
 
     def load_adapter_state(self, tensors: dict, source: str = "<adapter>"):
         """Load a trainable-tensor dict saved by ``save`` (exact name and shape match)."""
-        own = dict(self.named_parameters())
+        own = self._own_adapter_tensors("load_adapter_state")
         expected = {k: own[k].shape for k in self._adapter_names}
         lines = mismatch_lines(expected, tensors)
         if lines:
@@ -270,10 +332,13 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Detach the method from the backbone (remove hooks/parametrizations) and return it.
-        Parameters the method trained in place (BitFit, full) keep their trained values."""
+        Parameters the method trained in place (BitFit, full) keep their trained values. This
+        PeftModel refuses to run or save afterwards."""
+        self._check_attached("unload")
         self.method.detach(self.base_model)
         setattr(self.base_model, _ATTACHED, False)
         _set_requires_grad(self.base_model, self._requires_grad)  # as trainable as before the method froze it
+        self._unloaded = True
         return self.base_model
 
 
@@ -391,6 +456,17 @@ def load_adapter(model: nn.Module, directory, check_hash: bool = True):
     return load_adapter_files(model, read_adapter_files(directory), check_hash)
 
 
+def _dtype_hint(model: nn.Module) -> str:
+    """Where the backbone is not float32 (the hash covers dtypes): load on the backbone as built,
+    then cast."""
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for k, t in model.state_dict().items()
+                     if t.is_floating_point() and not k.startswith("head.")} - {"float32"})
+    if not dtypes:
+        return ""
+    return (f", and so does the dtype: the model given holds {'/'.join(dtypes)} weights; load the adapter on the "
+            f"backbone as built (float32), then cast the PeftModel (.to(torch.{dtypes[0]}))")
+
+
 def _check_bare_backbone(model: nn.Module) -> None:
     if isinstance(model, PeftModel):
         raise TypeError("load_adapter expects the bare backbone (a VisionMamba), got a PeftModel: pass a freshly "
@@ -416,7 +492,7 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
                 f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
                 f"{want}, but the model given has weight hash {have}; load the same base weights, built "
                 f"the same way: another img_size resamples the position embedding, so its weights differ "
-                f"too (from Python, load_adapter(..., check_hash=False) forces it)")
+                f"too{_dtype_hint(model)} (from Python, load_adapter(..., check_hash=False) forces it)")
     try:  # a setting edited or damaged in the file: named with the folder, before anything is attached
         n = cfg["num_classes"]
         if not isinstance(n, int) or isinstance(n, bool):
