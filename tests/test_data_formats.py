@@ -469,6 +469,19 @@ def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(monkeypatc
     assert svp_main(["data", "list"]) == 0
 
 
+def test_a_closed_stdout_or_stderr_drops_the_output_and_keeps_the_exit_status(tmp_path):
+    """`svp ... >&-` starts Python with sys.stdout None: a finished command ended in an
+    AttributeError at its last flush (exit 1); `2>&-` turned a usage error's exit 2 into 1
+    (review38)."""
+    import subprocess
+    import sys
+    py = f"{sys.executable} -m svp"
+    for cmd, rc in ((f"{py} data list >&-", 0), (f"{py} data list --bogus 2>&-", 2),
+                    (f"{py} data check digits >&- 2>&-", 0)):
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+        assert r.returncode == rc and "Traceback" not in r.stderr, (cmd, r.returncode, r.stderr[-2000:])
+
+
 def test_output_on_a_full_disk_ends_the_command_with_one_line(monkeypatch, capsys):
     """`svp data list > /dev/full`, or any command whose own words for a full disk do not cover
     the write that failed: one line naming the error, exit 2 (it was a traceback, exit 1)."""
@@ -637,6 +650,18 @@ def test_imagefolder_reads_utf8_class_names_where_python_reads_file_names_as_asc
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ascii", "['caf\\xe9',", "'plain']", "4", "2", "4"], out.stdout
+
+
+def test_an_error_under_a_c_locale_names_a_non_ascii_path_by_its_bytes(tmp_path):
+    """stderr's default escapes (backslashreplace) wrote an undecodable path as \\udcc3\\udcb6, in
+    the very command an error gives to paste (review38): its bytes now, as stdout writes them."""
+    import subprocess
+    import sys
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    run = os.fsencode(str(tmp_path)) + "/d\xc3\xb6nn\xc3\xa9es".encode("latin-1")
+    r = subprocess.run([sys.executable.encode(), b"-m", b"svp", b"train", b"--resume", run], env=env,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2 and run + b": no such folder" in r.stderr and b"\\udc" not in r.stderr, r.stderr
 
 
 def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake, tmp_path, caplog):

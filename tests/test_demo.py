@@ -207,3 +207,21 @@ def test_a_press_between_runs_or_while_the_figure_is_drawn_is_not_lost(tmp_path,
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # put back
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_reader_that_closes_the_pipe_early_does_not_stop_the_demo(tmp_path, monkeypatch, capsys):
+    """`svp demo | head`: the first line after the reader went stopped the demo after one run,
+    with no summary, blaming the output folder ("cannot write ... (Broken pipe)"; review38)."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "d"
+    rc = main(["demo", "--out", str(out), "--epochs", "1", "--no-figure", "--max-train-samples", "16",
+               "--batch-size", "8", "--max-eval-samples", "8", "--quiet", "--methods", "linear,svp"])
+    assert rc == 0 and "error" not in capsys.readouterr().err
+    summary = json.loads((out / "demo_results.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["linear", "svp"]

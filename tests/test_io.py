@@ -163,6 +163,12 @@ def test_a_folder_whose_write_fails_leaves_the_old_one_and_no_temporary(tmp_path
         atomic_replace_dir(too_large, str(final))
     assert os.listdir(tmp_path) == ["best"] and (final / "a.txt").read_text() == "old"
 
+    def full(d):   # the error names the file the user knows, not the temporary's (review38)
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(d, "adapter.safetensors"))
+    with pytest.raises(OSError) as e:
+        atomic_replace_dir(full, str(final))
+    assert e.value.filename == str(final / "adapter.safetensors")
+
 
 def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
     """The shell expands ``~`` only at a word's start: ``--out=~/runs`` and a quoted "~/x" reached

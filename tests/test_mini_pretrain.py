@@ -370,3 +370,44 @@ def test_a_ctrl_c_of_a_stage_on_windows_waits_for_the_command_without_forwarding
     with pytest.raises(SystemExit) as e:
         ms._run_stage(["svp", "sweep"], {})
     assert e.value.code == 130 and Child.waits == 2
+
+
+PRETRAIN_TINY = ["--num-classes", "2", "--per-class", "8", "--heldout-per-class", "1", "--epochs", "1",
+                 "--batch-size", "8", "--threads", "1", "--model-kwargs", '{"depth": 1, "embed_dim": 16}']
+
+
+def test_a_reader_that_closes_the_pipe_early_does_not_stop_pretraining(tmp_path, monkeypatch, capsys):
+    """`svp pretrain | head`: the first log line after the reader went stopped the run, and the
+    words blamed the output folder ("cannot write ... (Broken pipe)") and a checkpoint that did
+    not exist (review38)."""
+    import io
+    import sys
+
+    from svp.cli import main
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    out = tmp_path / "p"
+    assert main(["pretrain", "--out", str(out), *PRETRAIN_TINY, "--export", str(tmp_path / "w.safetensors")]) == 0
+    assert (out / "checkpoint.safetensors").exists() and (tmp_path / "w.safetensors").exists()
+    assert "error" not in capsys.readouterr().err
+
+
+def test_pretrain_under_a_c_locale_with_a_non_ascii_folder_exports_and_resumes(tmp_path):
+    """LANG=C without UTF-8 mode: the model card's strict UTF-8 and the log's ASCII refused a
+    non-ASCII --out (UnicodeEncodeError, and every --resume of the run failed the same way)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, LANG="C", LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", OMP_NUM_THREADS="1")
+    base = os.fsencode(str(tmp_path))
+    out, export = base + "/pr\xc3\xab".encode("latin-1"), base + b"/w\xc3\xa9.safetensors"
+    cmd = [sys.executable.encode(), b"-m", b"svp", b"pretrain", b"--out", out,
+           *[a.encode() for a in PRETRAIN_TINY], b"--export", export]
+    for extra in ([], [b"--resume"]):
+        r = subprocess.run(cmd + extra, env=env, capture_output=True, timeout=300)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-3000:]
+    assert os.path.isfile(out + b"/checkpoint.safetensors") and os.path.isfile(export)
+    assert out in open(base + b"/MODEL_CARD.md", "rb").read()   # the command, with the folder's own bytes
+    assert os.path.getsize(out + b"/pretrain.log") > 0

@@ -390,6 +390,41 @@ def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
     assert "not exited" not in r.stdout and r.returncode == 1
 
 
+def test_a_worker_that_starts_after_its_sweep_died_stops_too(tmp_path):
+    """A worker that started up after a kill -9 of its sweep had been adopted already, took its
+    new parent (init) for the sweep and watched it for ever, training on with the run locked
+    (review38). The sweep's pid now comes with the worker's start: here the parent starts the
+    worker and exits before the worker's initializer runs."""
+    import subprocess
+    import sys
+    import textwrap
+    out = tmp_path / "worker.out"
+    worker = textwrap.dedent(f"""
+        import multiprocessing as mp, os, sys, time, svp.engine.tune as T
+        sweep = int(sys.argv[1])
+        while os.getppid() == sweep: time.sleep(0.01)   # the sweep is gone before the initializer
+        v = mp.get_context('spawn').RawValue('i', 0)
+        T._RUNS_IN_PROGRESS[0] = 1   # a run: the watcher waits for it to return before it exits
+        T._worker_init(v, sweep)
+        t0 = time.time()
+        while not v.value and time.time() - t0 < 20: time.sleep(0.01)
+        open({str(out)!r}, 'w').write(f'stop {{v.value}}')
+        T._RUNS_IN_PROGRESS[0] = 0
+        time.sleep(20)
+        open({str(out)!r}, 'a').write(' not exited')
+        """)
+    sweep = ("import os, subprocess, sys\n"
+             f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())])\n")
+    subprocess.run([sys.executable, "-c", sweep], timeout=60, check=True)
+    import signal
+    import time
+    t0 = time.time()
+    while not (out.exists() and out.read_text()) and time.time() - t0 < 60:
+        time.sleep(0.1)
+    time.sleep(3)   # (the watcher's first look is one second in; the worker exits at once after it)
+    assert out.read_text() == f"stop {int(signal.SIGTERM)}"
+
+
 @pytest.mark.slow
 def test_a_worker_killed_by_a_signal_fails_its_run_alone(tmp_path, caplog):
     """--jobs 2: a worker killed by a signal (the out-of-memory killer; here debug.kill_at_step,

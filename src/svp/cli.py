@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from .errors import SVPError, first_line, out_of_memory
-from .io import DISK_ERRNOS
+from .io import DISK_ERRNOS, quiet_stdout
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         if extra:   # said by the command's parser: `svp data check X --split a b` showed `svp`'s usage
             _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     except BrokenPipeError:   # `svp train --help | head`
-        _quiet_stdout()
+        quiet_stdout()
         return 0
     except OSError as e:   # --help to a full disk (_Parser)
         if e.errno not in DISK_ERRNOS:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
-        _quiet_stdout()
+        quiet_stdout()
         return 0
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     try:
         sys.stdout.flush()  # a pipe closed early fails here, at exit, if not above
     except BrokenPipeError:
-        _quiet_stdout()
+        quiet_stdout()
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
@@ -143,18 +143,8 @@ def _disk_error(command: Optional[str], e: OSError) -> int:
     try:
         sys.stdout.flush()
     except OSError:  # stdout itself is on the full disk: what it still buffers would fail again at exit
-        _quiet_stdout()
+        quiet_stdout()
     return 2
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null so that the interpreter's own flush at exit does not print a
-    second BrokenPipeError (the recipe of Python's signal documentation)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is not a real file (captured in a test)
-        pass
 
 
 def _bytes_or_escape(e: UnicodeError):
@@ -166,6 +156,15 @@ def _bytes_or_escape(e: UnicodeError):
     for ch in e.object[e.start:e.end]:
         out += bytes([ord(ch) - 0xDC00]) if 0xDC80 <= ord(ch) <= 0xDCFF else ch.encode("ascii", "backslashreplace")
     return bytes(out), e.end
+
+
+def _closed_streams_to_devnull() -> None:
+    """`svp ... >&-` starts Python with sys.stdout None (2>&-: sys.stderr): a finished run then
+    ended in an AttributeError at its last flush (exit 1), and a usage error could not be
+    printed. What such a stream would get is dropped, as the shell asked."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
 
 
 def _lenient_output() -> None:
@@ -180,6 +179,10 @@ def _lenient_output() -> None:
         errors = getattr(stream, "errors", None)
         if errors in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace" if errors == "strict" else "svp.bytes_or_escape")
+        elif errors == "backslashreplace" and stream is sys.stderr and hasattr(stream, "reconfigure"):
+            # stderr's own default: an undecodable path's bytes came out as \udcc3\udcb6, in the
+            # resume command an error gives to paste; its bytes now, as stdout writes them
+            stream.reconfigure(errors="svp.bytes_or_escape")
 
 
 def run() -> None:
@@ -190,6 +193,7 @@ def run() -> None:
     from . import runtime
 
     runtime.freeze_imports()
+    _closed_streams_to_devnull()
     _lenient_output()
     try:
         rc = main()

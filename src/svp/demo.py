@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .io import user_path
+from .io import print_or_drop, user_path
 
 BACKBONE = "vim_mini_patch4_32"
 # SVP sized for the mini backbone (width 64, depth 8) in the paper's proportions: the
@@ -51,7 +51,7 @@ def load_preset(path: Optional[str] = None) -> dict:
 def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int = 0,
                methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
                max_eval_samples: Optional[int] = None, progress: str = "none", command: str = "",
-               jobs: int = 1, echo=print) -> dict:
+               jobs: int = 1, echo=print_or_drop) -> dict:
     """Pick each method's learning rate on the digits validation split with the sweep's
     tuning code (train on train, score val top-1, ties to the first lr listed); test
     accuracy is not looked at. Returns the preset (``{"lr": {method: lr}, ...}``)."""
@@ -156,7 +156,7 @@ def format_table(rows: List[dict], full: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def set_aside_previous(out: str, methods, echo=print) -> List[str]:
+def set_aside_previous(out: str, methods, echo=print_or_drop) -> List[str]:
     """The demo's run folders are its own: a new demo moves a previous demo's
     ``<out>/<method>`` to ``<out>/previous/<method>`` (replacing an older one there) and says
     so, so that ``make demo`` works every time. A folder another process is training in is
@@ -226,7 +226,7 @@ def _write_summary(out: str, summary: dict) -> None:
 def run_demo(out: str, epochs: int = 8, batch_size: int = 32, lr: Optional[float] = None, seed: int = 0,
              methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
              max_eval_samples: Optional[int] = None, figure: bool = True, progress: str = "auto",
-             echo=print, preset: Optional[dict] = None) -> dict:
+             echo=print_or_drop, preset: Optional[dict] = None) -> dict:
     os.makedirs(out, exist_ok=True)
     set_aside_previous(out, methods, echo)
     with _presses() as pressed:
@@ -430,7 +430,8 @@ def _main(args) -> int:
         except ValueError:
             grid = []
         if not grid or not all(v > 0 for v in grid):   # (a rate of 0 "won" and was written to the preset)
-            print(f"svp demo: error: --select-lr {args.select_lr!r}: expected comma-separated rates > 0", file=sys.stderr)
+            print(f"svp demo: error: --select-lr {args.select_lr!r}: expected comma-separated rates > 0",
+                  file=sys.stderr)
             return 2
         command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
@@ -441,7 +442,7 @@ def _main(args) -> int:
         atomic_write_json(path, preset)
         hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(os.path.abspath(
             path))) == "assets" else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
-        print(f"wrote {path}{hint}")
+        print_or_drop(f"wrote {path}{hint}")
         return 0 if len(preset["lr"]) == len(methods) else 1
     from svp.engine.signals import TrainingStopped
     try:

@@ -289,6 +289,25 @@ def atomic_write_text(path, text: str) -> str:
     return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that later writes, and the interpreter's own flush at exit,
+    do not raise BrokenPipeError again (the recipe of Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured in a test)
+        pass
+
+
+def print_or_drop(*args, **kwargs) -> None:
+    """``print`` to stdout for work that goes on whoever reads it: `svp demo | head -3` stopped
+    the demo at the next line (its runs and summary lost, "cannot write" blaming the folder)."""
+    try:
+        print(*args, **kwargs)
+    except BrokenPipeError:
+        quiet_stdout()
+
+
 def finite_or_none(obj: Any) -> Any:
     """``obj`` with each non-finite float (nan, inf) as None."""
     if isinstance(obj, float):
@@ -379,8 +398,12 @@ def atomic_replace_dir(write: Callable[[str], None], final_dir: str) -> str:
     os.makedirs(tmp)
     try:
         write(tmp)
-    except BaseException:   # (a file too large, a full disk: the half-written folder went with it)
+    except BaseException as e:   # (a file too large, a full disk: the half-written folder went with it)
         shutil.rmtree(tmp, ignore_errors=True)
+        name = e.filename if isinstance(e, OSError) and isinstance(e.filename, str) else None
+        if name is not None and (name == tmp or name.startswith(tmp + os.sep)):
+            # the file the user knows (runs/r/best/adapter.safetensors), not its temporary's name
+            e.filename = final_dir + name[len(tmp):]
         raise
     _fsync_dir(tmp)   # (its files' names, before it is swapped in)
     parent = os.path.dirname(final_dir)

@@ -131,7 +131,8 @@ def point_slug(point: Point, legacy: bool = False) -> str:
     raw = ",".join(f"{k}={_canon(v) if legacy else _folder_value(v)}" for k, v in point)
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
     if safe != raw or len(safe) > 100:
-        safe = safe[:80] + "-" + hashlib.sha1(raw.encode()).hexdigest()[:8]
+        # (surrogatepass: an undecodable path as a value)
+        safe = safe[:80] + "-" + hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe
 
 
@@ -455,7 +456,7 @@ class Runner:
                 # the workers' stop request: a signal sent to this process alone does not reach them
                 self._stop = ctx.RawValue("i", 0)
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
-                                                    initializer=_worker_init, initargs=(self._stop,))
+                                                    initializer=_worker_init, initargs=(self._stop, os.getpid()))
             stop = StopRequest(self._stop, on_first=lambda name: log.warning(
                 "%s received: the running runs stop after their step and write their resume points; the "
                 "sweep exits when they have", name)).install()
@@ -506,7 +507,7 @@ class Runner:
         """One run in a worker process of its own; its death fails this run only."""
         import concurrent.futures as cf
         with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
-                                    initargs=(self._stop,)) as pool:
+                                    initargs=(self._stop, os.getpid())) as pool:
             try:
                 return pool.submit(_run_safely, run_dir, cfg, label).result()
             except cf.process.BrokenProcessPool:
@@ -537,10 +538,12 @@ def _stopped_summary(stopped: List[Tuple[str, str]], signum: int) -> str:
     return f"{name} received: " + ", ".join(parts)
 
 
-def _worker_init(stop_value) -> None:
+def _worker_init(stop_value, sweep_pid: int) -> None:
     from .signals import use_stop_value
     use_stop_value(stop_value)
-    _watch_parent(stop_value, os.getppid())
+    # the sweep's pid as the sweep gave it: a worker that starts after a kill -9 of the sweep has
+    # been adopted already, and took its new parent (init) for the sweep, watching it for ever
+    _watch_parent(stop_value, sweep_pid)
 
 
 _RUNS_IN_PROGRESS = [0]   # in a worker: runs of _run_safely not yet returned

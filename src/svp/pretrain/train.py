@@ -33,8 +33,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..compat import memory_bytes
 from ..errors import ConfigError, ResumeError
-from ..io import (atomic_save_safetensors, atomic_write_bytes, atomic_write_json, remove_dead_writers_temps,
-                  user_path)
+from ..io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, print_or_drop,
+                  remove_dead_writers_temps, user_path)
 from .fractals import generate_split, make_categories
 
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
@@ -333,7 +333,7 @@ def export(model, args, summary: dict, cats, log=print) -> str:
     card_path = os.path.splitext(path)[0] + ".json"
     atomic_write_json(card_path, card)
     md_path = os.path.join(os.path.dirname(os.path.abspath(path)), "MODEL_CARD.md")
-    atomic_write_bytes(md_path, model_card_markdown(card).encode())
+    atomic_write_text(md_path, model_card_markdown(card))   # (surrogateescape: a non-UTF-8 --out in its command)
     log(f"exported {path} ({size / 1e6:.2f} MB, sha256 {digest}) and {card_path}; held-out accuracy "
         f"{summary['heldout_accuracy']:.4f}, test subset {test_acc:.4f}")
     return path
@@ -493,7 +493,9 @@ def _locked_main(args) -> int:
               f"--out starts a new one", file=sys.stderr)
         return 2
     try:
-        logf = open(os.path.join(args.out, "pretrain.log"), "a")   # (the folder made before the lock)
+        # (the folder made before the lock; UTF-8 whatever the locale: a C locale's ASCII failed on
+        # a non-ASCII --out in every line, and every --resume with it)
+        logf = open(os.path.join(args.out, "pretrain.log"), "a", encoding="utf-8", errors="surrogateescape")
         # temporaries of writes a kill cut off (a checkpoint-sized file each)
         remove_dead_writers_temps(args.out)
     except OSError as e:
@@ -502,7 +504,7 @@ def _locked_main(args) -> int:
 
     def log(msg):
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
+        print_or_drop(line, flush=True)   # (`svp pretrain | head`: the run goes on)
         try:
             logf.write(line + "\n")
             logf.flush()
@@ -520,8 +522,10 @@ def _locked_main(args) -> int:
         print(f"svp pretrain: error: {e}", file=sys.stderr)
         return 3
     except OSError as e:   # a full or read-only disk: one line (the last checkpoint is whole)
-        print(f"svp pretrain: error: cannot write {e.filename or args.out} ({e.strerror or e}); --resume continues "
-              f"from the last checkpoint once it can", file=sys.stderr)
+        then = ("--resume continues from the last checkpoint once it can" if os.path.isfile(ckpt) else
+                "no checkpoint was written yet: the same command starts the run again once it can")
+        print(f"svp pretrain: error: cannot write {e.filename or args.out} ({e.strerror or e}); {then}",
+              file=sys.stderr)
         return 2
     finally:
         try:
