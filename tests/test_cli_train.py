@@ -734,6 +734,16 @@ def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):
     assert "train.learning_rate" in capsys.readouterr().err
     assert svp_main(["train", "-c", cfg, "--method", "nosuch", "--name", "x"]) == 2
     assert "nosuch" in capsys.readouterr().err
+    # an empty path (--resume "$RUN" with RUN unset) started a new run; --output "" used the default (review40)
+    for argv, flag in ((["train", "--resume", "", "--dataset", "digits"], "--resume"),
+                       (["sweep", "--output", ""], "--output"), (["visualize", "--adapter", ""], "--adapter")):
+        try:
+            rc = svp_main(argv)
+        except SystemExit as e:   # (argparse's refusal)
+            rc = e.code
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert flag in err and "''" in err and "Traceback" not in err, err
     # a folder that does not exist (a typo) is not "not a run folder" (review36)
     assert svp_main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert f"{tmp_path / 'nothing'}: no such folder" in capsys.readouterr().err

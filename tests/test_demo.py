@@ -43,7 +43,10 @@ def test_demo_rejects_unknown_method(capsys):
 
 @pytest.mark.parametrize("flags, words", [
     (["--methods", ""], "names no method"), (["--methods", "svp,svp"], "names a method twice"),
-    (["--lr", "-1"], "--lr must be > 0"), (["--max-train-samples", "0"], "--max-train-samples must be >= 1"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"), (["--max-train-samples", "0"], "--max-train-samples must be >= 1"),
+    # (inf and a seed past 2**32: every method's run refused them in turn, a table of failures, exit 1)
+    (["--lr", "inf"], "--lr must be a finite number > 0"), (["--seed", str(2**32)], "below 2**32"),
+    (["--threads", "100000"], "--threads must be between 1 and "),   # (a segmentation fault)
     (["--max-eval-samples", "-2"], "--max-eval-samples must be >= 1"),
     (["--max-train-samples", "16"], "--batch-size 32 is larger than the 16 training images (--max-train-samples)"),
     (["--batch-size", "1001"], "--batch-size 1001 is larger than the 1000 training images"),

@@ -906,6 +906,45 @@ def test_text_keys_and_counts_of_the_wrong_type_are_named(override, words):
         C.resolve(overrides=[override])
 
 
+@pytest.mark.parametrize("override, words", [
+    # past a machine word: an OverflowError where it became a float, a ValueError where a slice
+    ("train.lr=1" + "0" * 400, "train.lr=1000"),
+    ("train.warmup_epochs=1" + "0" * 400, "train.warmup_epochs=1000"),
+    ("train.eval_batch_size=" + "9" * 30, "expected a positive integer"),
+    # an integer past Python's 4,300-digit conversion and a date that is none: a ValueError traceback
+    ("train.lr=1" + "0" * 5000, "expected a non-negative (finite) number"),
+    ("train.lr=2024-13-45", "train.lr='2024-13-45': expected a non-negative (finite) number"),
+    # nested past the parser's recursion: a RecursionError traceback
+    ("model.kwargs.x=" + "[" * 600 + "]" * 600, "nested too deeply"),
+    ("run.output=out\0x", "holds a NUL character"),
+    ("train.lr_scale=true train.lr_scale_base=1e-320", "lr x batch_size / lr_scale_base) is not a finite number"),
+])
+def test_values_past_what_python_or_yaml_can_hold_are_named(override, words):
+    """review40: each a traceback (exit 1) or a run that stopped as diverged, not one line."""
+    with pytest.raises(C.ConfigError, match=re.escape(words)):
+        C.resolve(overrides=override.split(" "), use_presets=False)
+    assert C.parse_value("1" * 5000) == "1" * 5000   # a name of digits stays the name it is
+
+
+def test_config_files_that_are_pipes_folders_or_hold_what_python_cannot_read(tmp_path):
+    """-c <(...) (a pipe) was "config file not found", a folder too; a file with a 5,000-digit
+    number, an impossible date or 400 levels of nesting was a traceback (review40)."""
+    r, w = os.pipe()
+    os.write(w, b"train: {lr: 0.25}\n")
+    os.close(w)
+    try:
+        assert C.load_yaml(f"/proc/self/fd/{r}") == {"train": {"lr": 0.25}}
+    finally:
+        os.close(r)
+    with pytest.raises(C.ConfigError, match="a folder, expected a YAML config file"):
+        C.load_yaml(str(tmp_path))
+    for text, words in (("a: 1" + "0" * 5000, "cannot be one"), ("a: 2024-13-45", "month must be in 1..12"),
+                        ("a: " + "[" * 600 + "]" * 600, "nested too deeply")):
+        (tmp_path / "c.yaml").write_text(text + "\n")
+        with pytest.raises(C.ConfigError, match=re.escape(words)):
+            C.load_yaml(str(tmp_path / "c.yaml"))
+
+
 def test_config_files_merge_per_method_blocks_key_by_key(tmp_path):
     """A later -c file's method.settings.svp: {hidden: 99} replaced the whole svp block of an
     earlier file (or of the mini suite's base), dropping shared_layers."""

@@ -65,8 +65,13 @@ def test_the_command_refuses_counts_below_one_threads_included(tmp_path, capsys)
     # step or, for an --export folder, after the whole run
     (tmp_path / "afile").write_text("")
     (tmp_path / "adir").mkdir()
-    for flags, words in ((["--lr", "-1"], "--lr must be > 0"), (["--label-smoothing", "2"], "--label-smoothing"),
-                         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    for flags, words in ((["--lr", "-1"], "--lr must be a finite number > 0"),
+                         (["--label-smoothing", "2"], "--label-smoothing"),
+                         (["--weight-decay", "-1"], "--weight-decay must be finite numbers >= 0"),
+                         # (inf trained, then stopped as a divergence; 100000 threads: a segfault)
+                         (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+                         (["--weight-decay", "inf"], "--weight-decay must be finite numbers >= 0"),
+                         (["--threads", "100000"], "--threads must be between 1 and "),
                          (["--export", str(tmp_path / "adir")], "a folder, expected a .safetensors file")):
         assert main(["pretrain", "--out", str(tmp_path / "p"), *flags]) == 2
         err = capsys.readouterr().err

@@ -579,6 +579,14 @@ def test_cross_origin_requests_and_foreign_host_names_are_refused(server):
     names = allowed_hosts("127.0.0.1", None)
     assert set(names) == {"localhost", "127.0.0.1", "::1"} and allowed_hosts("0.0.0.0", None) is None
     assert allowed_hosts("0.0.0.0", ["svp.lan"]) == ("svp.lan", "0.0.0.0")
+    # given as a Host header carries them, a port and brackets are the name's (review40: never matched)
+    given = allowed_hosts("0.0.0.0", ["Example.com:8000", "[::1]"])
+    assert given == ("example.com", "::1", "0.0.0.0")
+    assert request_refusal("example.com:8000", None, given) is None and request_refusal("[::1]:80", None, given) is None
+    from svp.errors import ConfigError
+    for bad in ("", " ", "http://x/", "a b"):
+        with pytest.raises(ConfigError, match="--allowed-host"):
+            allowed_hosts("0.0.0.0", [bad])
     assert request_refusal("127.0.0.1:8000", None, names) is None
     assert request_refusal("[::1]:8000", None, names) is None
     assert "is not a name this server answers to" in request_refusal("evil.example:8000", None, names)

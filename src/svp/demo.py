@@ -394,10 +394,11 @@ def _main(args) -> int:
         problems.append(f"--methods {args.methods!r} names no method")
     if len(set(methods)) != len(methods):
         problems.append(f"--methods {args.methods!r} names a method twice")
-    if args.lr is not None and not args.lr > 0:
-        problems.append(f"--lr must be > 0, got {args.lr}")
-    if args.seed < 0:
-        problems.append(f"--seed must be >= 0, got {args.seed}")
+    if args.lr is not None and not 0 < args.lr < float("inf"):   # (inf: every method's run refused it, exit 1)
+        problems.append(f"--lr must be a finite number > 0, got {args.lr}")
+    from svp.compat import SEED_LIMIT
+    if not 0 <= args.seed < SEED_LIMIT:
+        problems.append(f"--seed must be >= 0 and below 2**32, got {args.seed}")
     for flag, path, want in (("--out", args.out, "a folder"), ("--preset-out", args.preset_out, "a file")):
         if path and os.path.exists(path) and os.path.isdir(path) != (want == "a folder"):
             problems.append(f"{flag} {path}: expected {want}")
@@ -419,12 +420,13 @@ def _main(args) -> int:
               file=sys.stderr)
         return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"svp demo: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        from svp.runtime import threads_problem
+        if threads_problem(args.threads):
+            print(f"svp demo: error: {threads_problem(args.threads)}", file=sys.stderr)
             return 2
         import torch
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it
-    if args.select_lr:
+    if args.select_lr is not None:   # (--select-lr "" ran the demo instead)
         try:
             grid = [float(v) for v in args.select_lr.split(",") if v.strip()]
         except ValueError:

@@ -34,7 +34,12 @@ _LEGACY_PREFIX = ".tmp-"
 def user_path(value: str) -> str:
     """A path given on the command line with its leading ``~`` (or ``~user``) as the home folder:
     the shell expands ``~`` only at a word's start, so ``--out=~/runs`` and a quoted ``"~/runs"``
-    reached svp as a folder named ``~`` (argparse ``type=`` for every path argument)."""
+    reached svp as a folder named ``~`` (argparse ``type=`` for every path argument). An empty
+    one is refused: ``--resume "$RUN"`` with RUN unset started a new run, ``--output ""`` wrote
+    to the default folder (argparse names the flag)."""
+    if isinstance(value, str) and not value.strip():
+        import argparse
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a path, got an empty one")
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 

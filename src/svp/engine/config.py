@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
@@ -150,7 +152,11 @@ def defaults() -> Dict[str, Dict[str, Any]]:
 _SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-class RepeatedKeyError(ConfigError):
+class BadValueError(ConfigError):
+    """A command-line value YAML cannot take as written; its caller names the override."""
+
+
+class RepeatedKeyError(BadValueError):
     """A value written as a mapping with a key twice (`{hidden: 8, hidden: 16}`)."""
 
 
@@ -174,8 +180,12 @@ def parse_value(text: str, numbers: bool = True) -> Any:
         return safe_load(text)
     except _RepeatedKey as e:   # (a mistake, not text: a ConfigError its caller names the value of)
         raise RepeatedKeyError(e.problem) from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
+        # ValueError: what YAML reads as a number or a date but Python cannot make one of (an
+        # integer past 4,300 digits, 2024-13-45: a traceback): the text it is, as a name is
         return text
+    except RecursionError:
+        raise BadValueError("nested too deeply (hundreds of levels)") from None
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -418,8 +428,11 @@ def yaml_error_line(e: yaml.YAMLError) -> str:
 
 
 def load_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: a folder, expected a YAML config file")
+    # (a pipe is read as the file it stands for: -c <(...) was "not found")
     with open(path, "r", encoding="utf-8") as f:
         try:
             data = safe_load(f)
@@ -427,7 +440,17 @@ def load_yaml(path: str) -> dict:
             raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+        except ValueError as e:   # a number or a date Python cannot make (a traceback)
+            raise ConfigError(f"{path}: a value YAML reads as a number or a date cannot be one ({e}); quote it "
+                              f"if it is text") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply (hundreds of levels)") from None
     return data or {}
+
+
+def _brief_item(item: str) -> str:
+    """An override as an error quotes it: a deep or long one cut (it was quoted whole)."""
+    return repr(item) if len(item) <= 200 else repr(item[:120]) + f" ... ({len(item)} characters)"
 
 
 def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
@@ -440,8 +463,8 @@ def parse_overrides(items: Iterable[str]) -> List[Tuple[str, Any]]:
         sec, name = _check_key(key, f"override {item!r}")
         try:
             out.append((key, parse_value(text, numbers=f"{sec}.{name.split('.')[0]}" not in _TEXTUAL)))
-        except RepeatedKeyError as e:
-            raise ConfigError(f"override {item!r}: {e}") from None
+        except BadValueError as e:
+            raise ConfigError(f"override {_brief_item(item)}: {e}") from None
     return out
 
 
@@ -626,8 +649,11 @@ _INF = float("inf")
 
 
 def _is_num(v, integer: bool = False) -> bool:
-    """A YAML number (bools are ints in Python, and never a size or a rate here)."""
-    return isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+    """A YAML number (bools are ints in Python, and never a size or a rate here), an integer one
+    within a machine word (train.lr=1 followed by 400 zeros passed, and overflowed where it became
+    a float; eval_batch_size=10**30 where it became a slice)."""
+    return (isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+            and (not isinstance(v, int) or abs(v) <= sys.maxsize))
 
 
 def validate(cfg: dict) -> None:
@@ -655,6 +681,8 @@ def validate(cfg: dict) -> None:
             set_key(cfg, key, v)
         if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))
+        if isinstance(v, str) and "\0" in v:   # (a ValueError traceback where it became a path)
+            raise ConfigError(f"{key}={v!r}: holds a NUL character")
     for key in ("data.num_workers", "run.save_every_steps"):   # 0.5 was truncated to 0 (no mid-epoch saves)
         v = get_key(cfg, key)
         if not (_is_num(v, integer=True) and v >= 0):
@@ -708,13 +736,17 @@ def validate(cfg: dict) -> None:
     if not (_is_num(base) and 0 < base < _INF):
         raise ConfigError(f"train.lr_scale_base={base!r}: expected a positive number (the batch size the "
                           f"learning rate is given for, e.g. 512)")
+    t = cfg["train"]
+    if t["lr_scale"] and not math.isfinite(t["lr"] * t["batch_size"] / base):   # (1e-320: "lr used inf")
+        raise ConfigError(f"train.lr_scale_base={base!r}: the rate it scales train.lr={t['lr']!r} to "
+                          f"(lr x batch_size / lr_scale_base) is not a finite number")
     name = cfg["run"]["name"]
     if name is not None:
         norm = os.path.normpath(str(name))
         # ('.' was run.output itself: the run's files among the other runs' folders; a Windows drive,
         # 'D:elsewhere', is not absolute there but joins to another drive)
         if (not isinstance(name, str) or not name.strip() or os.path.isabs(norm) or norm.split(os.sep)[0] == ".."
-                or norm == "." or os.path.splitdrive(norm)[0]):
+                or norm == "." or os.path.splitdrive(norm)[0] or "\0" in name):
             raise ConfigError(f"run.name={name!r}: expected a folder name inside run.output (sub-folders "
                               f"allowed, not an absolute path, run.output itself ('.') or one that leaves "
                               f"run.output through '..')")

@@ -71,7 +71,10 @@ def _canon(text: str) -> str:
     """One spelling per value: 1, 1.0 and 1e0 are one number; others as sorted JSON."""
     v = C.parse_value(text)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return repr(float(v))
+        try:
+            return repr(float(v))
+        except OverflowError:   # an integer past float's range: itself (validation refuses it as a value)
+            return repr(v)
     return json.dumps(v, sort_keys=True)
 
 
@@ -93,7 +96,7 @@ def parse_tune(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
             raise C.ConfigError(f"--tune {item!r}: empty value in the list")
         try:
             parsed = [_canon(v) for v in values]
-        except C.RepeatedKeyError as e:   # (a traceback: QA review)
+        except C.BadValueError as e:   # (a traceback: QA review)
             raise C.ConfigError(f"--tune {item!r}: {e}") from None
         if len(set(parsed)) != len(parsed):
             raise C.ConfigError(f"--tune {item!r}: a value is listed twice")
@@ -119,7 +122,7 @@ def _folder_value(text: str) -> str:
     """A value as a folder name writes it: ``_canon``'s spelling, a whole number without its
     ``.0`` (``hidden=4``, not ``hidden=4.0``; 4, 4.0 and 4e0 are one value either way)."""
     v = C.parse_value(text)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and abs(v) < 1e15:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e15 and float(v).is_integer():
         return str(int(v))
     return _canon(text)
 

@@ -434,6 +434,10 @@ def _main(args) -> int:
             print(f"svp pretrain: error: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
                   file=sys.stderr)
             return 2
+    from ..runtime import threads_problem
+    if threads_problem(args.threads):
+        print(f"svp pretrain: error: {threads_problem(args.threads)}", file=sys.stderr)
+        return 2
     most = (2**63 - 1) // 1000 - args.epochs   # (the epochs' data order is seeded seed * 1000 + epoch)
     if args.seed > most:
         print(f"svp pretrain: error: --seed must be <= {most}, got {args.seed}", file=sys.stderr)
@@ -450,10 +454,12 @@ def _main(args) -> int:
         return 2
     # (before any training: an --export folder failed after the whole run, a bad rate at its first step)
     problems = []
-    if not args.lr > 0:
-        problems.append(f"--lr must be > 0, got {args.lr}")
-    if not args.min_lr >= 0 or not args.weight_decay >= 0:
-        problems.append(f"--min-lr and --weight-decay must be >= 0, got {args.min_lr}, {args.weight_decay}")
+    # (inf trained, then stopped as a divergence advising a lower --lr: --weight-decay inf too)
+    if not 0 < args.lr < float("inf"):
+        problems.append(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.min_lr < float("inf") or not 0 <= args.weight_decay < float("inf"):
+        problems.append(f"--min-lr and --weight-decay must be finite numbers >= 0, got {args.min_lr}, "
+                        f"{args.weight_decay}")
     if not 0 <= args.label_smoothing < 1:
         problems.append(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

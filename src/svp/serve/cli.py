@@ -54,7 +54,17 @@ def allowed_hosts(host: str, given):
     the loopback names, else any (None)."""
     import ipaddress
     if given:
-        return tuple(dict.fromkeys([*given, host]))
+        # as the Host header is compared, without port or brackets: example.com:8000 and [::1]
+        # were taken as given and never matched (403s naming the very name)
+        from .app import _host_name
+        names = []
+        for g in given:
+            name = _host_name(g)
+            if not name or any(c.isspace() or c in "/@" for c in g.strip()):
+                raise ConfigError(f"--allowed-host {g!r}: expected a host name or address (e.g. svp.lan, "
+                                  f"[::1]), without a scheme or a path")
+            names.append(name)
+        return tuple(dict.fromkeys([*names, host.strip("[]")]))
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -107,8 +117,9 @@ def run(args) -> int:
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        from ..runtime import threads_problem
+        if threads_problem(args.threads):
+            raise ConfigError(threads_problem(args.threads))
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
     from PIL import Image
     if Image.MAX_IMAGE_PIXELS and args.max_pixels > Image.MAX_IMAGE_PIXELS:
