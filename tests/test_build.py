@@ -60,6 +60,50 @@ def test_old_backbone_json_without_random_init_rebuilds_the_random_backbone():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_a_backbone_json_may_name_svps_vim_models_alone(tmp_path):
+    """A downloaded adapter folder's backbone.json named resnet18 with kwargs.checkpoint_path at a
+    pickle: timm's own loader read it, and before timm 1.0.31 unpickled anything (review41: code
+    ran on svp predict and svp serve)."""
+    import json
+
+    import timm
+
+    from svp.build import read_backbone_spec
+    from svp.models import MODEL_NAMES
+    from svp.peft import AdapterError
+    # the list is what svp registers with timm, no more and no less
+    ours = {n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("svp.models")}
+    assert set(MODEL_NAMES) == ours
+    path = tmp_path / "backbone.json"
+    path.write_text(json.dumps({"model": "resnet18", "random_init": True,
+                                "kwargs": {"checkpoint_path": str(tmp_path / "notes.txt")}}))
+    with pytest.raises(AdapterError, match=r"'model' 'resnet18' is not one of svp's Vim models"):
+        read_backbone_spec(str(path))
+    path.write_text(json.dumps({"model": "vim_mini_patch4_32", "random_init": True}))
+    assert read_backbone_spec(str(path)).model == "vim_mini_patch4_32"
+
+
+def test_class_names_from_an_adapter_reach_the_terminal_without_their_control_characters(tmp_path, capsys):
+    """A class name holding escape sequences set the terminal's title, cleared its screen and
+    printed fake lines through svp predict (review41); --json keeps the names as they are."""
+    import json
+
+    import svp.peft as peft
+    from svp.io import printable
+    evil = "\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE\x1b[0m"
+    model = peft.get_peft_model(build_model(ModelSpec("vim_mini_patch4_32", num_classes=2)),
+                                peft.make_config("linear", num_classes=2))
+    model.save(str(tmp_path / "ad"), base_model_name="vim_mini_patch4_32", class_names=[evil, "b\nc"])
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert svp_main(["predict", str(tmp_path / "ad"), str(tmp_path / "x.png")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and printable(evil) in out and "b\\x0ac" in out
+    assert printable(evil) == "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mFAKE\\x1b[0m"
+    assert svp_main(["predict", str(tmp_path / "ad"), str(tmp_path / "x.png"), "--json"]) == 0
+    assert {t["class"] for t in json.loads(capsys.readouterr().out)[0]["top"]} == {evil, "b\nc"}
+
+
 def test_predict_with_another_model_and_no_weights_fails_fast_without_the_hub(tmp_path, capsys):
     import svp.peft as peft
     base = build_model(ModelSpec("vim_mini_patch4_32", num_classes=4))

@@ -157,3 +157,31 @@ def test_a_state_with_uint32_entries_still_loads(tmp_path):
     save_numpy({"s/key": key}, str(path), metadata={"format": ck.FORMAT, "state": json.dumps(structure)})
     back = ck.load_state(str(path))
     assert back["key"].dtype == np.uint32 and np.array_equal(back["key"], key)
+
+
+def test_a_bytearray_larger_than_its_file_is_refused_on_every_path(tmp_path):
+    """An 818-byte .pth whose pickle is bytearray(2**31) allocated 2 GiB through both the
+    allow-list unpickler and torch's weights-only one (review41); a small bytearray still reads."""
+    import io
+    import struct
+    import zipfile
+
+    from svp.models import CheckpointError
+    from svp.models.loading import read_checkpoint
+
+    def pth(n, name):
+        pkl = b"\x80\x02cbuiltins\nbytearray\n\x8a\x08" + struct.pack("<q", n) + b"\x85R."
+        buf = io.BytesIO()
+        torch.save({"x": 1}, buf)
+        src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for info in src.infolist():
+                z.writestr(info, pkl if info.filename.endswith("data.pkl") else src.read(info))
+        return path
+    big = pth(2**31, "bomb.pth")
+    with pytest.raises(pickle.UnpicklingError, match=r"a bytearray of 2,147,483,648 bytes in a file of \d+ bytes"):
+        restricted_torch_load(big)
+    with pytest.raises(CheckpointError, match="a bytearray of 2,147,483,648 bytes"):
+        read_checkpoint(big)   # (torch >= 2.5: its own unpickler would allow it; the file goes through svp's)
+    assert read_checkpoint(pth(16, "small.pth")) == bytearray(16)

@@ -571,7 +571,6 @@ def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write
                         (["grid", "nosuch", "--out", "x.png"], "unknown dataset 'nosuch'"),
                         (["grid", "digits", "--split", "nope", "--out", "x.png"], "unknown split 'nope'"),
                         (["grid", "digits", "--out", "g"], "--out 'g': expected the path of the PNG file"),
-                        (["grid", "digits", "--out", ""], "--out '': expected the path"),
                         (["check", "digits", "--val-from-train", "2"], "--val-from-train 2.0: expected a fraction"),
                         (["check", "digits", "--workers", "0"], "--workers 0: expected a positive number"),
 
@@ -580,7 +579,8 @@ def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write
         assert words in capsys.readouterr().err, argv
     for argv, words in ((["grid", "digits", "--seed", "4294967296", "--out", "x.png"],   # numpy's seeds are 32 bits:
                          "argument --seed: expected an integer in 0..4294967295, got '4294967296'"),  # a traceback
-                        (["check", "digits", "--seed", "-1"], "argument --seed: expected an integer in 0..")):
+                        (["check", "digits", "--seed", "-1"], "argument --seed: expected an integer in 0.."),
+                        (["grid", "digits", "--out", ""], "argument --out: '': expected a path, got an empty one")):
         with pytest.raises(SystemExit) as e:
             svp_main(["data", *argv])
         assert e.value.code == 2 and words in capsys.readouterr().err, argv
@@ -696,6 +696,26 @@ def test_cars_train_json_holds_the_val_images_and_reading_val_warns(fake, caplog
     assert len(train) == len(man["hta/cars"]["train"]) == 2 * 196 and len(val) == 196
     assert {p for p, _ in val.samples} <= {p for p, _ in train.samples}
     assert "196 of 196 val.json images are also in train.json" in caplog.text
+
+
+@pytest.mark.parametrize("rel", ["../../../../secret/private.png", "/etc/passwd", "images/../../x.png", "C:/x.png"])
+def test_a_split_file_naming_an_image_outside_its_folder_is_refused(fake, tmp_path, rel):
+    """VTAB lists and FGVC json files name images relative to their folder; one that climbed out
+    (or was absolute) was read silently: a root prepared by someone else pulled the user's own
+    files into training (review41)."""
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/dtd", "FGVC/OxfordFlower")
+    lst = os.path.join(r, "VTAB/vtab-1k/dtd/test.txt")
+    lines = open(lst).read().splitlines()
+    open(lst, "w").write("\n".join(lines + [f"{rel} 0"]) + "\n")
+    with pytest.raises(DatasetError, match=rf"test.txt:{len(lines) + 1}: image path '{re.escape(rel)}' leaves the task "
+                                           r"folder"):
+        build_dataset("vtab/dtd", "test", root=r)
+    js = os.path.join(r, "FGVC/OxfordFlower/test.json")
+    data = json.load(open(js))
+    data[rel] = 1
+    json.dump(data, open(js, "w"))
+    with pytest.raises(DatasetError, match=rf"test.json: image path '{re.escape(rel)}' leaves "):
+        build_dataset("flowers", "test", root=r)
 
 
 def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):

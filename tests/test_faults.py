@@ -1347,7 +1347,10 @@ def test_resume_refuses_a_resume_point_copied_from_another_run(tmp_path, capsys)
                         (lambda m: m.update(state=m["state"].replace('"s:optimizer"', '"s:optimiser"')),
                          "damaged resume state (no optimizer)"),
                         (lambda m: m.update(state=re.sub(r'"s:global_step": \d+', '"s:global_step": "x"', m["state"])),
-                         "damaged resume state (global_step='x', expected a count)")):
+                         "damaged resume state (global_step='x', expected a count)"),
+                        # hostile records: AttributeError and RecursionError tracebacks (review41)
+                        (lambda m: m.update(state='{"__dict__": [1, 2]}'), "damaged resume state (AttributeError"),
+                        (lambda m: m.update(state="[" * 100000 + "]" * 100000), "damaged resume state (RecursionError")):
         m = dict(meta)
         edit(m)
         save_file(tensors, os.path.join(b, "resume.safetensors"), metadata=m)

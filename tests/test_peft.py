@@ -933,3 +933,29 @@ def test_a_hash_refusal_of_a_cast_backbone_says_the_dtype(tmp_path):
         load_adapter(tiny(seed=1), tmp_path / "a")
     assert "dtype" not in str(e.value)   # float32 weights that differ: no dtype hint
     assert load_adapter(tiny(), tmp_path / "a").to(torch.bfloat16)(images().bfloat16()).dtype == torch.bfloat16
+
+
+def test_an_adapter_file_larger_than_it_says_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A 4 GiB sparse adapter.safetensors (4 KiB on disk) was read whole, 4.7 GB of memory, before
+    it was found damaged (review41); an oversized JSON file the same. Refused from the header."""
+    import tracemalloc
+
+    import svp.peft.io as pio
+    peft = get_peft_model(tiny(), make_config("linear", num_classes=5))
+    peft.save(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size + 2**32)   # sparse: no disk, no memory unless read
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterError, match=r"not a readable safetensors file \([\d,]+ bytes, of which its "
+                                               r"header places [\d,]+\)"):
+            load_adapter(tiny(), tmp_path / "a")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**27, peak   # never the whole file
+    peft.save(tmp_path / "b")
+    monkeypatch.setattr(pio, "MAX_JSON_BYTES", 100)
+    with pytest.raises(AdapterError, match=r"adapter_config.json: [\d,]+ bytes; expected a JSON file of at most 100"):
+        load_adapter(tiny(), tmp_path / "b")

@@ -221,6 +221,40 @@ def test_a_client_that_hangs_up_while_sending_is_a_499_not_a_500(server, caplog)
     assert H.predict(server.url, img, "svp", topk=1)[0] == 200
 
 
+def test_a_body_that_trickles_is_answered_408_once_it_is_too_slow_on_the_whole(server):
+    """A byte every 29 s never stalled for body_idle_s: the client held its connection for as long
+    as it liked (review41). Past body_idle_s + its length at body_min_rate, 408."""
+    img = H.png_bytes(40, seed=5)
+    body, ctype = H.multipart({"adapter": "svp", "topk": 1}, {"image": ("x.png", img)})
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    saved = server.cfg.body_idle_s, server.cfg.body_min_rate
+    server.cfg.body_idle_s, server.cfg.body_min_rate = 0.5, len(body) / 1.0   # 1.5 s for the whole body
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+            s.sendall(head)
+            s.settimeout(0.2)
+            t0, answer = time.time(), b""
+            for i in range(len(body)):
+                try:
+                    s.sendall(body[i:i + 1])   # one byte each 0.2 s: never idle for 0.5 s
+                    part = s.recv(65536)
+                except socket.timeout:
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    break
+                if not part:
+                    break
+                answer += part
+                if time.time() - t0 > 10:
+                    break
+            waited = time.time() - t0
+    finally:
+        server.cfg.body_idle_s, server.cfg.body_min_rate = saved
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"the request body is too slow" in answer, answer[:300]
+    assert 1.2 < waited < 4, waited
+
+
 def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(server):
     """A client that stalled half-way through its body held its connection (a descriptor) for as
     long as it kept it open: 50 such held 50 descriptors, bounded only by the limit (QA 15d)."""

@@ -87,6 +87,12 @@ class ModelSpec:
             raise ConfigError(f"{source}: expected a mapping with a 'model' name, got {d!r}")
         if not isinstance(d["model"], str):
             raise ConfigError(f"{source}: 'model' must be a timm model name (a string), got {d['model']!r}")
+        from .models import MODEL_NAMES
+        if d["model"] not in MODEL_NAMES:
+            # (any other timm model read its checkpoint_path with timm's loader: pickled code ran on timm
+            # < 1.0.31; svp's methods adapt its Vim models alone)
+            raise ConfigError(f"{source}: 'model' {d['model']!r} is not one of svp's Vim models "
+                              f"({', '.join(MODEL_NAMES)})")
         for key, types, what in (("kwargs", dict, "a mapping of model arguments"),
                                  ("class_names", list, "a list of class names"),
                                  ("checkpoint", str, "a file path")):

@@ -16,7 +16,8 @@ included, is refused before it can be called.
 ``recording`` asks whether ``torch.jit.trace`` or ``torch.export`` is recording the model
 (``torch.compiler.is_exporting`` exists from torch 2.5; before, only tracing is seen).
 
-``memory_bytes`` is the machine's physical memory (0 where the system does not say: Windows).
+``memory_bytes`` is the machine's physical memory (0 where the system does not say: Windows);
+``threads_problem`` bounds a command's ``--threads`` by the machine's cores.
 
 ``cpu_bf16_instructions`` asks which bfloat16 instructions the CPU has: torch's probes exist
 from torch 2.2; before, ``/proc/cpuinfo`` is read.
@@ -119,15 +120,30 @@ class AllowListUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed {self.refusal}") from None
 
 
+# what a bytearray made while a checkpoint is read may hold: the file's size (restricted_torch_load
+# sets it). bytearray(N) is N zero bytes: an 818-byte .pth asked for 2 GiB, and one near the
+# machine's memory had the process killed (review41)
+_BYTES_LIMIT: List[Optional[int]] = [None]
+
+
+def _bounded_bytearray(*args) -> bytearray:
+    limit = _BYTES_LIMIT[0]
+    if limit is not None and args and isinstance(args[0], int) and args[0] > limit:
+        raise pickle.UnpicklingError(f"a bytearray of {args[0]:,} bytes in a file of {limit:,} bytes is not allowed "
+                                     f"(a checkpoint's pickle may not ask for more memory than its file holds)")
+    return bytearray(*args)
+
+
 class RestrictedUnpickler(AllowListUnpickler):
-    """torch's weights-only allow-list plus ``argparse.Namespace`` (see the module docstring)."""
+    """torch's weights-only allow-list plus ``argparse.Namespace`` (see the module docstring), a
+    bytearray bounded by the file's size."""
 
     refusal = "(only tensors, containers and argparse.Namespace are)"
     _allowed: Dict[str, Any] = {}
 
     def allowed(self) -> Dict[str, Any]:
         if not RestrictedUnpickler._allowed:
-            RestrictedUnpickler._allowed = _allowed_globals()
+            RestrictedUnpickler._allowed = dict(_allowed_globals(), **{"builtins.bytearray": _bounded_bytearray})
         return RestrictedUnpickler._allowed
 
 
@@ -145,8 +161,27 @@ def restricted_torch_load(path, mmap: bool = False) -> Any:
     """``torch.load(path)`` onto the CPU through ``RestrictedUnpickler``. ``weights_only`` must
     be False here only because torch refuses a custom ``pickle_module`` with it; the allow-list
     above is what keeps arbitrary code from running."""
-    return torch.load(os.fspath(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
-                      mmap=mmap)  # torch 2.1 maps only a str path
+    _BYTES_LIMIT[0] = os.path.getsize(path)
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
+                          mmap=mmap)  # torch 2.1 maps only a str path
+    finally:
+        _BYTES_LIMIT[0] = None
+
+
+def makes_bytearrays(path) -> bool:
+    """Whether the pickle of a torch checkpoint names ``bytearray`` (a zip's ``data.pkl``; a
+    legacy file whole): torch's own weights-only unpickler allows it unbounded, so such a file is
+    read through :func:`restricted_torch_load`, which bounds it. (torch.save writes bytes through
+    ``_codecs.encode``; a checkpoint of tensors and Namespaces holds no bytearray.)"""
+    import zipfile
+    path = os.fspath(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            return any(b"bytearray" in z.read(n) for n in pkl)
+    with open(path, "rb") as f:
+        return b"bytearray" in f.read()
 
 
 def recording() -> bool:
@@ -269,3 +304,13 @@ def no_bf16_warning(found: Optional[List[str]]) -> str:
     return ("this CPU has no bfloat16 dot-product instructions (avx512_bf16, amx_bf16)"
             f"{'' if found is not None else ' as far as svp can tell'}; bfloat16 products may be slower "
             "than float32 here")
+
+
+def threads_problem(n, flag: str = "--threads"):
+    """What is wrong with ``n`` as a command's thread count, or None: at least one, and a bound
+    (64, or 8 per core past 8 cores): --threads 100000 ended in a segmentation fault or an
+    out-of-memory traceback as the pools started."""
+    most = max(64, 8 * (os.cpu_count() or 1))
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        return f"{flag} must be between 1 and {most} (this machine has {os.cpu_count()} cores), got {n}"
+    return None

@@ -420,7 +420,7 @@ def _main(args) -> int:
               file=sys.stderr)
         return 2
     if args.threads is not None:
-        from svp.runtime import threads_problem
+        from svp.compat import threads_problem
         if threads_problem(args.threads):
             print(f"svp demo: error: {threads_problem(args.threads)}", file=sys.stderr)
             return 2

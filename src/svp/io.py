@@ -294,6 +294,16 @@ def atomic_write_text(path, text: str) -> str:
     return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (C0, DEL, C1: ESC among them) written as ``\\xNN``,
+    for names read from files that reach a terminal: a class name or an adapter folder holding
+    escape sequences set the window's title, cleared the screen and printed fake lines (review41)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def quiet_stdout() -> None:
     """Point stdout at /dev/null, so that later writes, and the interpreter's own flush at exit,
     do not raise BrokenPipeError again (the recipe of Python's signal documentation)."""

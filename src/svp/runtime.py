@@ -460,16 +460,6 @@ class Launch(NamedTuple):
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def threads_problem(n, flag: str = "--threads"):
-    """What is wrong with ``n`` as a command's thread count, or None: at least one, and a bound
-    (64, or 8 per core past 8 cores): --threads 100000 ended in a segmentation fault or an
-    out-of-memory traceback as the pools started."""
-    most = max(64, 8 * (os.cpu_count() or 1))
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
-        return f"{flag} must be between 1 and {most} (this machine has {os.cpu_count()} cores), got {n}"
-    return None
-
-
 def launch(environ=os.environ) -> Launch:
     """WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them, read in one
     place: one process, ``Launch(1, 0, 0, 1)``, where WORLD_SIZE is unset or empty. A value

@@ -8,7 +8,7 @@ import time
 from typing import List
 
 from ..errors import ConfigError
-from ..io import mkdir_error, user_path
+from ..io import mkdir_error, printable, user_path
 from .base import DatasetError
 from .check import find_bad_images
 from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
@@ -134,8 +134,9 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
         print(f"  {split:15s} {len(ds):8d} images, {held} classes, "
               f"{what} in {seconds + time.time() - t0:.1f}s: {status}", file=out)
         if per_class:
-            width = max(len(c) for c in ds.classes) if ds.classes else 1
-            for ci, (c, k) in enumerate(zip(ds.classes, counts)):
+            names = [printable(c) for c in ds.classes]   # (read from the data's files)
+            width = max(len(c) for c in names) if names else 1
+            for ci, (c, k) in enumerate(zip(names, counts)):
                 print(f"      {ci:4d} {c:{width}s} {k:7d}", file=out)
         for msg in bad:
             print(f"    {msg}", file=out)

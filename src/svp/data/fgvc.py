@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text
+from .base import DOCS_HINT, DatasetError, FileListDataset, leaves_folder, missing, open_text
 
 log = logging.getLogger("svp.data")
 
@@ -181,6 +181,11 @@ def build_fgvc(key: str, root: str, split: str, transform=None, skip_bad_images:
     index = {i: n for n, i in enumerate(ids)}
     classes = _class_names(ddir, ids, union)
     data = loaded[split]
+    outside = [p for p in data if leaves_folder(p)]
+    if outside:
+        raise DatasetError(f"{files[split]}: image path {outside[0]!r} leaves {imgdir}"
+                           f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}; expected paths "
+                           f"relative to it ({DOCS_HINT})")
     # a missing folder (Flowers' jpg/, Cars' car_ims/, a class folder) is one error, not one per image
     tops = sorted({p.replace("\\", "/").split("/")[0] for p in data if "/" in p.replace("\\", "/")})
     absent = [t for t in tops if not os.path.isdir(os.path.join(imgdir, t))]

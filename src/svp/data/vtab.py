@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, missing, open_text, warn_repeats
+from .base import DOCS_HINT, DatasetError, FileListDataset, leaves_folder, missing, open_text, warn_repeats
 
 # (task folder, classes, group) in the usual VTAB-1k order (natural, specialized, structured)
 VTAB_TASKS = [
@@ -110,6 +110,9 @@ def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Option
             if num_classes is not None and not 0 <= label < num_classes:
                 raise DatasetError(f"{path}:{lineno}: label {label} outside 0..{num_classes - 1}: {name} has "
                                    f"{num_classes} classes (docs/datasets.md, All datasets)")
+            if leaves_folder(rel):
+                raise DatasetError(f"{path}:{lineno}: image path {rel!r} leaves the task folder; expected a path "
+                                   f"relative to {base_dir} ({DOCS_HINT})")
             samples.append((os.path.join(base_dir, rel), label))
             lines.append(lineno)
     warn_repeats(name or os.path.basename(path), path, [(p, ln, lab) for (p, lab), ln in zip(samples, lines)])

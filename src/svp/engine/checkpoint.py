@@ -133,7 +133,7 @@ def load_state(path: str) -> Dict[str, Any]:
         raise ResumeError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
         state = _unflatten(json.loads(meta["state"]), tensors)
-    except (ValueError, KeyError, TypeError) as e:   # the record of the state (JSON) damaged
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:   # the record (JSON) damaged
         raise ResumeError(f"{path}: damaged resume state ({type(e).__name__}: {e}); the file is not as "
                           f"`svp train` wrote it") from None
     return state

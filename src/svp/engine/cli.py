@@ -16,7 +16,7 @@ EXIT_CONFIG = 2
 
 from .. import runtime  # noqa: E402
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
-from ..io import json_text, user_path  # noqa: E402
+from ..io import json_text, printable, user_path  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -404,7 +404,8 @@ def cmd_predict(args) -> int:
                 if "error" in o:
                     print(f"  {o['error']}")
                 for rank, t in enumerate(o["top"], 1):
-                    print(f"  {rank}. {t['class']}  {100 * t['prob']:.2f}%")
+                    # (a class name from the adapter's file, escape sequences and all: printable)
+                    print(f"  {rank}. {printable(t['class'])}  {100 * t['prob']:.2f}%")
             sys.stdout.flush()
     if args.json:
         print(json_text(out, indent=2))

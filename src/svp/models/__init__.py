@@ -6,6 +6,12 @@ from .vim import (BiMambaMixer, Block, PatchEmbed, VisionMamba, _patch_timm_chec
 from . import vim_mini  # noqa: F401  (registers vim_mini_patch4_32, the bundled backbone)
 _patch_timm_checkpoint_path()
 
+# the models svp registers with timm: what a backbone.json read from a folder may name (another of
+# timm's models would read its checkpoint with timm's own loader, which before timm 1.0.31 unpickled
+# anything: a downloaded adapter folder ran code)
+MODEL_NAMES = ("vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224", "vim_small_patch16_224",
+               "vim_small_patch16_stride8_224", "vim_base_patch16_224", "vim_mini_patch4_32")
+
 __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "checkpoint_filter_fn",
            "resample_pos_embed_midcls", "load_checkpoint_into", "read_checkpoint", "extract_state_dict",
-           "CheckpointError"]
+           "CheckpointError", "MODEL_NAMES"]

@@ -97,13 +97,14 @@ def read_checkpoint(path) -> dict:
                                    f"or a .safetensors file")
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
     try:
-        if hasattr(torch.serialization, "safe_globals"):
+        from ..compat import makes_bytearrays, restricted_torch_load
+        if hasattr(torch.serialization, "safe_globals") and not makes_bytearrays(path):
             # (torch's warning on a plain pickle's protocol went raw to stderr before the refusal)
             with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         # torch < 2.5 cannot allow Namespace in weights_only=True: the same allow-list, our unpickler
-        from ..compat import restricted_torch_load
+        # (which also bounds a bytearray by the file's size)
         return restricted_torch_load(path, mmap=mmap)
     except Exception as e:  # an UnpicklingError names the forbidden global
         if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse

@@ -254,6 +254,36 @@ def read_adapter_files(directory) -> AdapterFiles:
                        f"they are all in place")
 
 
+# the largest JSON file of an adapter folder read whole (svp writes a few KB; class names of a
+# million classes, ~30 MB, fit)
+MAX_JSON_BYTES = 64 << 20
+
+
+def _check_size(f, name: str, path: str, size: int) -> None:
+    """Refuse, before reading it whole, a file larger than what it says it holds: a 4 GiB sparse
+    adapter.safetensors (4 KiB on disk, a few in a tarball) took svp predict and svp serve past
+    4.7 GB of memory before it was found damaged (review41). A safetensors file is its 8-byte
+    header length, the header, then exactly the tensors' bytes the header places."""
+    if name != ADAPTER_WEIGHTS:
+        if size > MAX_JSON_BYTES:
+            raise AdapterError(f"{path}: {size:,} bytes; expected a JSON file of at most {MAX_JSON_BYTES:,} "
+                               f"(the folder is damaged, or not an adapter svp wrote)")
+        return
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = f.read(n) if 0 <= n <= min(size - 8, MAX_JSON_BYTES) else b""
+    f.seek(0)
+    try:
+        meta = json.loads(header.decode("utf-8")) if len(header) == n > 0 else None
+        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        meta = None
+    if meta is None or size != 8 + n + end:
+        raise AdapterError(f"{path}: not a readable safetensors file ({size:,} bytes" + (
+            f", of which its header places {8 + n + end:,}" if meta is not None else "") +
+            "); the adapter directory is damaged, save or copy it again")
+
+
 def _read_once(directory: str) -> AdapterFiles:
     # the files are opened through one descriptor of the folder where the system has them
     # (Linux, macOS): a folder renamed or swapped meanwhile cannot mix two folders' files
@@ -297,6 +327,7 @@ def _read_once(directory: str) -> AdapterFiles:
             with os.fdopen(fd, "rb") as f:
                 before = _identity(st)
                 try:
+                    _check_size(f, name, path, st.st_size)
                     blob = f.read()
                 except OSError as e:
                     raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None

@@ -434,7 +434,7 @@ def _main(args) -> int:
             print(f"svp pretrain: error: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
                   file=sys.stderr)
             return 2
-    from ..runtime import threads_problem
+    from ..compat import threads_problem
     if threads_problem(args.threads):
         print(f"svp pretrain: error: {threads_problem(args.threads)}", file=sys.stderr)
         return 2

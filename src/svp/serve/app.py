@@ -79,6 +79,10 @@ class ServeConfig:
     # a request body that sends nothing for this long is answered 408: a client that stalls
     # half-way held its connection (a file descriptor) for as long as it stayed open
     body_idle_s: float = 30.0
+    # ... and one that trickles (a byte every 29 s) is answered 408 once it is slower on the whole
+    # than this many bytes a second, after body_idle_s of grace (review41: it held its
+    # connection for as long as it liked)
+    body_min_rate: float = 16384.0
 
     def __post_init__(self):
         if self.batching not in ("mixed", "per_adapter"):
@@ -467,12 +471,20 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                 raise RequestError(f"the request body is {n} bytes; the limit is {cfg.max_upload_bytes}", 413)
         chunks, n = [], 0
         stream = request.stream().__aiter__()
+        expected = int(length) if length is not None else cfg.max_upload_bytes
+        deadline = time.monotonic() + cfg.body_idle_s + expected / cfg.body_min_rate
         while True:
+            wait = min(cfg.body_idle_s, deadline - time.monotonic())
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), cfg.body_idle_s)
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(stream.__anext__(), wait)
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise RequestError(f"the request body is too slow: {n} bytes in "
+                                       f"{cfg.body_idle_s + expected / cfg.body_min_rate:.0f} s", 408) from None
                 raise RequestError(f"the request body stalled: nothing arrived for {cfg.body_idle_s:g} s "
                                    f"after {n} bytes", 408) from None
             n += len(chunk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ConfigError
-from ..io import user_path
+from ..io import printable, user_path
 from ..viz.cli import DefaultsFormatter   # (each option's default, where its help does not say it)
 
 
@@ -117,7 +117,7 @@ def run(args) -> int:
     if not 0 <= args.shutdown_timeout < float("inf"):
         raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
     if args.threads is not None:
-        from ..runtime import threads_problem
+        from ..compat import threads_problem
         if threads_problem(args.threads):
             raise ConfigError(threads_problem(args.threads))
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
@@ -136,7 +136,7 @@ def run(args) -> int:
             print(f"svp serve: --amp: {no_bf16_warning(found)}", file=sys.stderr)
     app, report = build_app(args.adapters, args.model, args.checkpoint, cfg, amp=args.amp)
     for name, why in report["refused"].items():
-        print(f"svp serve: refused adapter {name}: {why}", file=sys.stderr)
+        print(f"svp serve: refused adapter {printable(name)}: {printable(why)}", file=sys.stderr)
     if not report["loaded"]:
         raise ConfigError(f"{args.adapters}: no adapter could be loaded")
     b = report["backbone"]
@@ -177,4 +177,4 @@ def _some(names, shown: int = 10) -> str:
     GET /v1/adapters lists them all)."""
     names = list(names)
     more = len(names) - shown
-    return ", ".join(names[:shown]) + (f", and {more} more (GET /v1/adapters)" if more > 0 else "")
+    return ", ".join(map(printable, names[:shown])) + (f", and {more} more (GET /v1/adapters)" if more > 0 else "")
