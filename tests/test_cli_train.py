@@ -253,6 +253,32 @@ def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_pat
 
 # ---------------------------------------------------------------- non-finite loss
 @pytest.mark.slow
+def test_a_ctrl_c_while_a_sweeps_workers_start_stops_it_in_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches the whole group: --jobs workers still importing torch died
+    with tracebacks, and the sweep took them for the out-of-memory killer's work ("2 run(s)
+    again, each in a process of its own"; review42). They start with SIGINT ignored now."""
+    out = tmp_path / "sw"
+    proc = subprocess.Popen([sys.executable, "-m", "svp", "sweep", "--suite", "mini", "--methods", "linear,bitfit",
+                             "--seeds", "0", "--datasets", "digits", "--jobs", "2", "--output", str(out),
+                             "train.epochs=1", "run.progress=none"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # (as a terminal's)
+    try:
+        t0 = time.time()
+        while len(descendants(proc.pid)) < 2:   # the workers spawned: importing
+            assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "out of memory" not in err, err[-3000:]
+    assert "sweep interrupted (SIGINT received: " in err, err[-3000:]
+
+
 def test_a_ctrl_c_while_spawned_workers_start_stops_the_run_with_a_resume_point(tmp_path, capfd, monkeypatch):
     """macOS and Windows spawn DataLoader workers: one runs under Python's default SIGINT handler
     until it has started (seconds: imports, the dataset unpickled), so a terminal's Ctrl-C, which

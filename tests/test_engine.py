@@ -1221,6 +1221,15 @@ def test_a_parallel_sweeps_worker_shows_lines_not_a_bar_on_a_terminal(monkeypatc
     monkeypatch.setattr(P, "worker_label", "digits/svp/seed0")
     assert P.Progress("auto", True, 1).mode == "lines"
     assert P.Progress("bar", True, 1).mode == "bar"   # (asked for: as asked)
+    # every line of a message of several lines begins with the run's name (review42: the first alone)
+    handlers = P.setup_logging(None, True)
+    try:
+        P.log.info("trainable params: 1 (with head)\ntrainable params: 0 (without head) 100%")
+    finally:
+        for h in handlers:
+            P.log.removeHandler(h)
+    assert sys.stderr.getvalue().splitlines()[-2:] == ["[digits/svp/seed0] trainable params: 1 (with head)",
+                                                       "[digits/svp/seed0] trainable params: 0 (without head) 100%"]
 
 
 def test_the_loss_is_summed_on_the_device_only_for_one_cuda_process():

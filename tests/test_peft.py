@@ -959,3 +959,28 @@ def test_an_adapter_file_larger_than_it_says_is_refused_before_it_is_read(tmp_pa
     monkeypatch.setattr(pio, "MAX_JSON_BYTES", 100)
     with pytest.raises(AdapterError, match=r"adapter_config.json: [\d,]+ bytes; expected a JSON file of at most 100"):
         load_adapter(tiny(), tmp_path / "b")
+
+
+@pytest.mark.parametrize("method", ["full", "linear", "svp", "lora"])
+def test_layer_wise_lr_decay_groups_a_peft_model_as_its_backbone(method):
+    """timm's create_optimizer_v2(peft_model, layer_decay=) grouped the wrapper's tensors twelve
+    at a time once PeftModel answered pretrained_cfg: the head trained at 0.004-0.04x its rate,
+    silently (review42). The backbone's groups under base_model., the head at the full rate."""
+    from timm.optim import create_optimizer_v2
+
+    def scales(model):
+        opt = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.75)
+        ids = {id(p): n for n, p in model.named_parameters()}
+        return ({ids[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]},
+                {ids[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]})
+    bare, bare_wd = scales(tiny())
+    peft = get_peft_model(tiny(), make_config(method, num_classes=5, **SMALL.get(method, {})))
+    got, wd = scales(peft)
+    assert {n for n in got if n.startswith("base_model.head.")} and all(
+        s == 1.0 for n, s in got.items() if n.startswith("base_model.head."))
+    for n, s in got.items():
+        if n.startswith("base_model.") and not n.startswith("base_model.head.") and "parametrizations" not in n:
+            assert s == pytest.approx(bare[n[len("base_model."):]]), n
+            assert wd[n] == bare_wd[n[len("base_model."):]], n
+    if method == "full":
+        assert wd["base_model.pos_embed"] == 0.0 and len(set(got.values())) == len(set(bare.values()))

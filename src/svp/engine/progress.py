@@ -105,14 +105,26 @@ class LineFormatter(logging.Formatter):
         return "\n".join([first] + [stamp + "  " + ln for ln in rest])
 
 
+class _LabelFormatter(logging.Formatter):
+    """A --jobs worker's stderr lines, each begun with its run's name: a message of several lines
+    (the trainable-parameter report) had it on its first line alone, and two runs' second lines
+    could not be told apart (review42)."""
+
+    def __init__(self, label: str):
+        super().__init__("%(message)s")
+        self.label = label
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(self.label + ln for ln in super().format(record).split("\n"))
+
+
 def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler]:
     handlers: List[logging.Handler] = []
     log.setLevel(logging.INFO)
     log.propagate = False
     if is_main:
         sh = logging.StreamHandler(sys.stderr)
-        label = f"[{worker_label.replace('%', '%%')}] " if worker_label else ""
-        sh.setFormatter(logging.Formatter(label + "%(message)s"))
+        sh.setFormatter(_LabelFormatter(f"[{worker_label}] ") if worker_label else logging.Formatter("%(message)s"))
         handlers.append(sh)
         if run_dir:
             # (a run folder's name under a non-UTF-8 locale holds lone surrogates: their bytes)

@@ -469,7 +469,13 @@ class Runner:
             broken, stopped = [], []
             try:
                 self._check_stop()
-                futs = {self._pool.submit(_run_safely, run_dir, cfg, label[i]): i for i, run_dir, cfg in todo}
+                # the workers start (at submit) with SIGINT/SIGTERM ignored until a run's own handler
+                # is in: a terminal's Ctrl-C reaches the whole group, and a worker still importing
+                # torch, or idle between runs, died with a traceback, which the sweep then took for
+                # the out-of-memory killer's work (review42)
+                from .signals import starting_workers
+                with starting_workers():
+                    futs = {self._pool.submit(_run_safely, run_dir, cfg, label[i]): i for i, run_dir, cfg in todo}
                 for k, f in enumerate(cf.as_completed(futs), 1):
                     i = futs[f]
                     try:
@@ -486,6 +492,8 @@ class Runner:
                         log.info("[%d/%d] failed %s", k, len(todo), tasks[i][0])
                     else:
                         log.info("[%d/%d] finished %s", k, len(todo), tasks[i][0])
+                if broken and self._stop.value:   # a worker a stop request ended, not the out-of-memory killer
+                    stopped += [(label[i], "not started: the sweep was stopped") for i in broken]
                 if stopped:
                     raise KeyboardInterrupt(_stopped_summary(stopped, self._stop.value))
                 if broken:
@@ -512,7 +520,10 @@ class Runner:
         with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
                                     initargs=(self._stop, os.getpid())) as pool:
             try:
-                return pool.submit(_run_safely, run_dir, cfg, label).result()
+                from .signals import starting_workers
+                with starting_workers():
+                    fut = pool.submit(_run_safely, run_dir, cfg, label)
+                return fut.result()
             except cf.process.BrokenProcessPool:
                 log.error("run %s failed: its worker process died (killed by a signal: out of memory?)", run_dir)
                 return None, "its worker process died (killed by a signal: out of memory?)"

@@ -219,6 +219,27 @@ class PeftModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.base_model.set_grad_checkpointing(enable)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise lr decay) on the wrapper's names: the backbone's,
+        under ``base_model.``; the head and the method's own tensors outside the blocks (SVP's
+        prompters, VPT's prompts) match none and get the full rate, LoRA's factors their block's.
+        Without it timm grouped the wrapper's tensors twelve at a time and the head trained at
+        0.004-0.04x its rate (review42)."""
+        inner = self.base_model.group_matcher(coarse)
+
+        def under(pattern: str) -> str:
+            return "|".join(r"^base_model\." + p[1:] if p.startswith("^") else r"^base_model\." + p
+                            for p in pattern.split("|"))
+        out = {}
+        for key, value in inner.items():
+            out[key] = under(value) if isinstance(value, str) else [(under(p), order) for p, order in value]
+        return out
+
+    def no_weight_decay(self) -> set:
+        """The backbone's no-decay tensors (position embedding, class token) under ``base_model.``,
+        for timm's optimizer factory given the wrapper."""
+        return {f"base_model.{n}" for n in self.base_model.no_weight_decay()}
+
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         self._check_attached("forward")
