@@ -77,10 +77,18 @@ def test_a_backbone_json_may_name_svps_vim_models_alone(tmp_path):
     path = tmp_path / "backbone.json"
     path.write_text(json.dumps({"model": "resnet18", "random_init": True,
                                 "kwargs": {"checkpoint_path": str(tmp_path / "notes.txt")}}))
-    with pytest.raises(AdapterError, match=r"'model' 'resnet18' is not one of svp's Vim models"):
+    with pytest.raises(AdapterError, match=r"'model' 'resnet18' is not one of svp's Vim models .*and its kwargs "
+                                           r"\['checkpoint_path'\] would have timm's own loader read a file"):
         read_backbone_spec(str(path))
-    path.write_text(json.dumps({"model": "vim_mini_patch4_32", "random_init": True}))
-    assert read_backbone_spec(str(path)).model == "vim_mini_patch4_32"
+    path.write_text(json.dumps({"model": "hf-hub:someone/evil", "pretrained": True}))
+    with pytest.raises(AdapterError, match=r"'model' 'hf-hub:someone/evil': a timm model name, not a hub"):
+        read_backbone_spec(str(path))
+    # svp's Vim models read such files through svp's loader; another name without them builds as before
+    for d in ({"model": "vim_mini_patch4_32", "random_init": True,
+               "kwargs": {"checkpoint_path": str(tmp_path / "notes.txt")}},
+              {"model": "my_vim_variant", "random_init": True, "kwargs": {"depth": 2}}):
+        path.write_text(json.dumps(d))
+        assert read_backbone_spec(str(path)).model == d["model"]
 
 
 def test_class_names_from_an_adapter_reach_the_terminal_without_their_control_characters(tmp_path, capsys):

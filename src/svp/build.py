@@ -88,11 +88,18 @@ class ModelSpec:
         if not isinstance(d["model"], str):
             raise ConfigError(f"{source}: 'model' must be a timm model name (a string), got {d['model']!r}")
         from .models import MODEL_NAMES
-        if d["model"] not in MODEL_NAMES:
-            # (any other timm model read its checkpoint_path with timm's loader: pickled code ran on timm
-            # < 1.0.31; svp's methods adapt its Vim models alone)
+        loader = sorted(k for k in (d.get("kwargs") or {}) if k in _TIMM_LOADER_KWARGS) \
+            if isinstance(d.get("kwargs"), dict) else []
+        if ":" in d["model"]:   # (hf-hub:, local-dir: fetch a config and weights timm's loader reads)
+            raise ConfigError(f"{source}: 'model' {d['model']!r}: a timm model name, not a hub or folder source "
+                              f"(svp's Vim models: {', '.join(MODEL_NAMES)})")
+        if d["model"] not in MODEL_NAMES and loader:
+            # another timm model reads such a file with timm's own loader, which unpickled anything before
+            # timm 1.0.31: a downloaded adapter folder's backbone.json ran code (svp's Vim models read
+            # every file through svp's loader; a user's own registered Vim variant builds as before)
             raise ConfigError(f"{source}: 'model' {d['model']!r} is not one of svp's Vim models "
-                              f"({', '.join(MODEL_NAMES)})")
+                              f"({', '.join(MODEL_NAMES)}), and its kwargs {loader} would have timm's own loader "
+                              f"read a file; give the weights as 'checkpoint' (read by svp's loader) instead")
         for key, types, what in (("kwargs", dict, "a mapping of model arguments"),
                                  ("class_names", list, "a list of class names"),
                                  ("checkpoint", str, "a file path")):
@@ -121,6 +128,10 @@ class ModelSpec:
         known["kwargs"] = dict(known.get("kwargs") or {})
         known["class_names"] = list(known.get("class_names") or [])
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+# timm.create_model's arguments that make timm read or fetch weights itself
+_TIMM_LOADER_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 # The largest sizes a backbone read from a file may ask for (Vim-B: depth 24, width 768, 224 px):

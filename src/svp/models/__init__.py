@@ -6,9 +6,9 @@ from .vim import (BiMambaMixer, Block, PatchEmbed, VisionMamba, _patch_timm_chec
 from . import vim_mini  # noqa: F401  (registers vim_mini_patch4_32, the bundled backbone)
 _patch_timm_checkpoint_path()
 
-# the models svp registers with timm: what a backbone.json read from a folder may name (another of
-# timm's models would read its checkpoint with timm's own loader, which before timm 1.0.31 unpickled
-# anything: a downloaded adapter folder ran code)
+# the models svp registers with timm, whose files svp's loader reads: a backbone.json read from a
+# folder may give timm's loader arguments (checkpoint_path, pretrained_cfg) to these alone (another
+# model's would be read by timm's own loader, which before timm 1.0.31 unpickled anything: svp.build)
 MODEL_NAMES = ("vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224", "vim_small_patch16_224",
                "vim_small_patch16_stride8_224", "vim_base_patch16_224", "vim_mini_patch4_32")
 
