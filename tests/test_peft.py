@@ -898,6 +898,9 @@ def test_reset_classifier_gives_a_head_of_the_adapters_kind_that_saves_and_loads
     assert back.num_classes == 7 and torch.equal(back(images()), peft.eval()(images()))
     with pytest.raises(ValueError, match="positive number of classes"):
         peft.reset_classifier(0)
+    with pytest.raises(ValueError, match="classify the class token"):
+        peft.reset_classifier(3, global_pool="avg")
+    peft.reset_classifier(7, global_pool="token")   # (timm's signature)
     peft.set_grad_checkpointing(True)
     assert peft.base_model.grad_checkpointing
 

@@ -196,11 +196,15 @@ class PeftModel(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.base_model.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new head of the method's kind (``config.head``) for ``num_classes`` classes, trainable
         and part of the adapter. (The backbone's own ``reset_classifier`` replaces it with timm's
-        Linear, ``0`` with none: the adapter's head tensors then no longer exist.)"""
+        Linear, ``0`` with none: the adapter's head tensors then no longer exist.) ``global_pool``
+        as timm's signature has it: the methods classify the class token, 'token'."""
         self._check_attached("reset_classifier")
+        if global_pool not in (None, "token"):
+            raise ValueError(f"reset_classifier(global_pool={global_pool!r}): svp's methods classify the class "
+                             f"token ('token')")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"reset_classifier({num_classes!r}): expected a positive number of classes (for the "
                              f"features without a head: forward(images, pre_logits=True))")
