@@ -169,8 +169,10 @@ def test_a_bytearray_larger_than_its_file_is_refused_on_every_path(tmp_path):
     from svp.models import CheckpointError
     from svp.models.loading import read_checkpoint
 
-    def pth(n, name):
+    def pth(n, name, opcode=False):
         pkl = b"\x80\x02cbuiltins\nbytearray\n\x8a\x08" + struct.pack("<q", n) + b"\x85R."
+        if opcode:   # protocol 5's BYTEARRAY8: no global to bound, it allocates before it reads (review43)
+            pkl = b"\x80\x05\x8c\x09bytearray0\x96" + struct.pack("<Q", n) + b"."
         buf = io.BytesIO()
         torch.save({"x": 1}, buf)
         src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
@@ -185,3 +187,7 @@ def test_a_bytearray_larger_than_its_file_is_refused_on_every_path(tmp_path):
     with pytest.raises(CheckpointError, match="a bytearray of 2,147,483,648 bytes"):
         read_checkpoint(big)   # (torch >= 2.5: its own unpickler would allow it; the file goes through svp's)
     assert read_checkpoint(pth(16, "small.pth")) == bytearray(16)
+    with pytest.raises(pickle.UnpicklingError, match=r"BYTEARRAY8 of 2,147,483,648 bytes in a file of \d+ bytes"):
+        restricted_torch_load(pth(2**31, "op.pth", opcode=True))
+    with pytest.raises(CheckpointError, match="2,147,483,648 bytes"):
+        read_checkpoint(pth(2**31, "op.pth", opcode=True))

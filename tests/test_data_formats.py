@@ -698,6 +698,17 @@ def test_cars_train_json_holds_the_val_images_and_reading_val_warns(fake, caplog
     assert "196 of 196 val.json images are also in train.json" in caplog.text
 
 
+def test_data_check_prints_file_names_from_split_files_without_their_control_characters(fake, tmp_path, capsys):
+    """A list naming 'images/x<ESC>]0;PWNED<BEL><ESC>[2J.jpg' set the terminal's title and cleared
+    it through svp data check's "image not found" line (review43)."""
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/dtd")
+    lst = os.path.join(r, "VTAB/vtab-1k/dtd/test.txt")
+    open(lst, "a").write("images/x\x1b]0;PWNED\x07\x1b[2J.jpg 0\n")
+    assert svp_main(["data", "check", "vtab/dtd", "--root", r, "--split", "test"]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "x\\x1b]0;PWNED\\x07\\x1b[2J.jpg" in out, out
+
+
 @pytest.mark.parametrize("rel", ["../../../../secret/private.png", "/etc/passwd", "images/../../x.png", "C:/x.png"])
 def test_a_split_file_naming_an_image_outside_its_folder_is_refused(fake, tmp_path, rel):
     """VTAB lists and FGVC json files name images relative to their folder; one that climbed out
@@ -716,6 +727,19 @@ def test_a_split_file_naming_an_image_outside_its_folder_is_refused(fake, tmp_pa
     json.dump(data, open(js, "w"))
     with pytest.raises(DatasetError, match=rf"test.json: image path '{re.escape(rel)}' leaves "):
         build_dataset("flowers", "test", root=r)
+    # DTD's label lists and Food-101's meta files likewise (review43: read from outside the root)
+    r = _copy(fake, tmp_path / "more", "dtd", "food-101")
+    lst = os.path.join(r, "dtd/dtd/labels/train1.txt")
+    open(lst, "a").write(f"texture00/../../../../{rel.lstrip('/')}\n")
+    with pytest.raises(DatasetError, match=r"train1.txt:\d+: malformed line .* inside images/"):
+        build_dataset("dtd", "train", root=r)
+    meta = os.path.join(r, "food-101/meta/train.json")
+    d = json.load(open(meta))
+    first = next(iter(d))
+    d[first].append(f"{first}/../../../{rel.lstrip('/')}")
+    json.dump(d, open(meta, "w"))
+    with pytest.raises(DatasetError, match=r"train.json: class .* which leaves images/"):
+        build_dataset("food101", "train", root=r)
 
 
 def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):

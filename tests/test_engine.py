@@ -934,6 +934,9 @@ def test_config_files_that_are_pipes_folders_or_hold_what_python_cannot_read(tmp
     os.close(w)
     try:
         assert C.load_yaml(f"/proc/self/fd/{r}") == {"train": {"lr": 0.25}}
+        # read once: svp sweep resolves its configuration once per run, and every run after the
+        # first trained without the pipe's settings, silently (review43)
+        assert C.load_yaml(f"/proc/self/fd/{r}") == {"train": {"lr": 0.25}}
     finally:
         os.close(r)
     with pytest.raises(C.ConfigError, match="a folder, expected a YAML config file"):

@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from .errors import SVPError, first_line, out_of_memory
-from .io import DISK_ERRNOS, quiet_stdout
+from .io import DISK_ERRNOS, printable, quiet_stdout
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
@@ -97,7 +97,9 @@ def main(argv=None) -> int:
         # A user's mistake: one line that names the file/key/value, no traceback. Under torchrun
         # every process prints its own (a check that fails on one fails on all): the others say
         # which rank they are
-        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: {e}", file=sys.stderr)
+        # (each line printable: a message names files and names read from files, escape sequences and all)
+        said = "\n".join(printable(line) for line in str(e).split("\n"))
+        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: {said}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)

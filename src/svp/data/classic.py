@@ -30,7 +30,7 @@ import numpy as np
 
 from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
-                   log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
+                   leaves_folder, log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 
@@ -158,9 +158,9 @@ def _dtd_list(path: str) -> List[Tuple[str, int]]:
             s = line.strip()
             if not s:
                 continue
-            if "/" not in s or s.startswith("/") or s.endswith("/"):
+            if "/" not in s or s.startswith("/") or s.endswith("/") or leaves_folder(s):
                 raise DatasetError(f"{path}:{lineno}: malformed line {s!r}; expected "
-                                   f"'<class>/<file>.jpg' ({DOCS_HINT})")
+                                   f"'<class>/<file>.jpg' inside images/ ({DOCS_HINT})")
             out.append((s, lineno))
     return out
 
@@ -332,6 +332,10 @@ def _food_meta(path: str) -> Dict[str, List[str]]:
         if bad is not None:   # (a TypeError in a path join, naming nothing)
             raise DatasetError(f"{path}: class {c!r} lists {bad!r}; expected image names \"<class>/<id>\" "
                                f"(text) ({DOCS_HINT})")
+        outside = next((e for e in entries if leaves_folder(e)), None)
+        if outside is not None:   # (read silently from outside the root: review43)
+            raise DatasetError(f"{path}: class {c!r} lists {outside!r}, which leaves images/; expected image "
+                               f"names \"<class>/<id>\" ({DOCS_HINT})")
     return d
 
 

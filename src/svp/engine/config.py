@@ -427,12 +427,28 @@ def yaml_error_line(e: yaml.YAMLError) -> str:
     return said + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
 
 
+# what a pipe given as -c held, by the pipe (device, inode): it can be read once, and svp sweep
+# resolves its configuration once per run (every run after the first trained without it, silently)
+_PIPES: Dict[Tuple[int, int], Any] = {}
+
+
 def load_yaml(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
     if os.path.isdir(path):
         raise ConfigError(f"{path}: a folder, expected a YAML config file")
     # (a pipe is read as the file it stands for: -c <(...) was "not found")
+    st = os.stat(path)
+    pipe = None if os.path.isfile(path) else (st.st_dev, st.st_ino)
+    if pipe in _PIPES:
+        return copy.deepcopy(_PIPES[pipe])
+    data = _read_yaml(path)
+    if pipe is not None:
+        _PIPES[pipe] = copy.deepcopy(data)
+    return data
+
+
+def _read_yaml(path: str) -> dict:
     with open(path, "r", encoding="utf-8") as f:
         try:
             data = safe_load(f)

@@ -471,10 +471,13 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                 raise RequestError(f"the request body is {n} bytes; the limit is {cfg.max_upload_bytes}", 413)
         chunks, n = [], 0
         stream = request.stream().__aiter__()
-        expected = int(length) if length is not None else cfg.max_upload_bytes
-        deadline = time.monotonic() + cfg.body_idle_s + expected / cfg.body_min_rate
+        t0 = time.monotonic()
         while True:
-            wait = min(cfg.body_idle_s, deadline - time.monotonic())
+            # by when the bytes so far must be joined by more: body_idle_s after the last chunk, and
+            # no later than the minimum rate allows after body_idle_s of grace (the size a client
+            # declares does not extend it: review43)
+            behind = t0 + cfg.body_idle_s + n / cfg.body_min_rate
+            wait = min(cfg.body_idle_s, behind - time.monotonic())
             try:
                 if wait <= 0:
                     raise asyncio.TimeoutError
@@ -482,9 +485,11 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise RequestError(f"the request body is too slow: {n} bytes in "
-                                       f"{cfg.body_idle_s + expected / cfg.body_min_rate:.0f} s", 408) from None
+                now = time.monotonic()
+                if now >= behind:
+                    raise RequestError(f"the request body is too slow: {n} bytes in {now - t0:.0f} s (at least "
+                                       f"{cfg.body_min_rate / 1024:g} KiB/s after {cfg.body_idle_s:g} s)",
+                                       408) from None
                 raise RequestError(f"the request body stalled: nothing arrived for {cfg.body_idle_s:g} s "
                                    f"after {n} bytes", 408) from None
             n += len(chunk)
@@ -671,11 +676,12 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
 
 
 def _host_name(netloc: str) -> str:
-    """``host`` of ``host[:port]`` / ``[v6]:port``, lower case."""
+    """``host`` of ``host[:port]`` / ``[v6]:port``, lower case, without the trailing dot of a fully
+    qualified name (``svp.lan.`` is ``svp.lan``)."""
     netloc = netloc.strip().lower()
     if netloc.startswith("["):
         return netloc[1:netloc.find("]")] if "]" in netloc else netloc
-    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    return (netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc).rstrip(".")
 
 
 def request_refusal(host: str, origin: Optional[str], allowed_hosts: Optional[Sequence[str]]) -> Optional[str]:

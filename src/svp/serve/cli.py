@@ -56,14 +56,18 @@ def allowed_hosts(host: str, given):
     if given:
         # as the Host header is compared, without port or brackets: example.com:8000 and [::1]
         # were taken as given and never matched (403s naming the very name)
+        import re
+
         from .app import _host_name
         names = []
         for g in given:
-            name = _host_name(g)
-            if not name or any(c.isspace() or c in "/@" for c in g.strip()):
+            text = g.strip()
+            if not (re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?", text) or re.fullmatch(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:"
+                                                                                  r"[0-9A-Fa-f:.]*", text)
+                    or re.fullmatch(r"[^\s/@:\[\]]+(:\d+)?", text)):
                 raise ConfigError(f"--allowed-host {g!r}: expected a host name or address (e.g. svp.lan, "
-                                  f"[::1]), without a scheme or a path")
-            names.append(name)
+                                  f"svp.lan:8000, [::1]), without a scheme or a path")
+            names.append(_host_name(text))
         return tuple(dict.fromkeys([*names, host.strip("[]")]))
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback

@@ -155,7 +155,7 @@ def parse_quantities(text: Optional[str]) -> List[str]:
 
 
 def _parse_adapter(spec: str) -> Tuple[str, str]:
-    if not spec.strip() or (spec.endswith("=") and not os.path.exists(user_path(spec))):
+    if not spec.strip() or ("=" in spec and not spec.split("=", 1)[1].strip() and not os.path.exists(spec)):
         # ('' and 'label=' named no folder: a traceback)
         raise VizError(f"--adapter {spec!r}: expected an adapter folder, or LABEL=FOLDER")
     if "=" in spec and not os.path.exists(user_path(spec)):
