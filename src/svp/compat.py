@@ -200,16 +200,33 @@ def makes_bytearrays(path) -> bool:
     """Whether the pickle of a torch checkpoint names ``bytearray`` (a zip's ``data.pkl``; a
     legacy file whole): torch's own weights-only unpickler allows it unbounded, so such a file is
     read through :func:`restricted_torch_load`, which bounds it. (torch.save writes bytes through
-    ``_codecs.encode``; a checkpoint of tensors and Namespaces holds no bytearray.)"""
+    ``_codecs.encode``; a checkpoint of tensors and Namespaces holds no bytearray. Protocol 5's
+    BYTEARRAY8 opcode needs no global: torch's own unpickler refuses it.) Read in pieces, never
+    more than the file's size: a legacy file holds its tensors' bytes too."""
     import zipfile
     path = os.fspath(path)
+    limit = os.path.getsize(path)
+
+    def scan(f) -> bool:
+        tail, seen = b"", 0
+        while seen <= limit:
+            piece = f.read(1 << 20)
+            if not piece:
+                return False
+            seen += len(piece)
+            if b"bytearray" in tail + piece:
+                return True
+            tail = piece[-8:]
+        return True   # (a member inflating past its archive: read through svp's unpickler)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
-            return any(b"bytearray" in z.read(n) for n in pkl)
+            for name in (n for n in z.namelist() if n.endswith("data.pkl")):
+                with z.open(name) as f:
+                    if scan(f):
+                        return True
+        return False
     with open(path, "rb") as f:
-        return b"bytearray" in f.read()
-    # (protocol 5's BYTEARRAY8 opcode needs no global: torch's own weights-only unpickler refuses it)
+        return scan(f)
 
 
 def recording() -> bool:
