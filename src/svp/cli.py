@@ -97,9 +97,9 @@ def main(argv=None) -> int:
         # A user's mistake: one line that names the file/key/value, no traceback. Under torchrun
         # every process prints its own (a check that fails on one fails on all): the others say
         # which rank they are
-        # (each line printable: a message names files and names read from files, escape sequences and all)
-        said = "\n".join(printable(line) for line in str(e).split("\n"))
-        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: {said}", file=sys.stderr)
+        # (printable: a message names files and names read from files, escape sequences and all)
+        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: {printable(e, lines=True)}",
+              file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)

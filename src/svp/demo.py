@@ -421,8 +421,9 @@ def _main(args) -> int:
         return 2
     if args.threads is not None:
         from svp.compat import threads_problem
-        if threads_problem(args.threads):
-            print(f"svp demo: error: {threads_problem(args.threads)}", file=sys.stderr)
+        problem = threads_problem(args.threads)
+        if problem:
+            print(f"svp demo: error: {problem}", file=sys.stderr)
             return 2
         import torch
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it

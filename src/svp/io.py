@@ -295,13 +295,15 @@ def atomic_write_text(path, text: str) -> str:
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
-def printable(text: str) -> str:
+def printable(text: str, lines: bool = False) -> str:
     """``text`` with its control characters (C0, DEL, C1: ESC among them) written as ``\\xNN``,
     for names read from files that reach a terminal: a class name or an adapter folder holding
-    escape sequences set the window's title, cleared the screen and printed fake lines (review41)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    escape sequences set the window's title, cleared the screen and printed fake lines (review41).
+    ``lines``: a message's own line breaks kept (an error of several lines)."""
+    return (_CONTROL_BUT_NEWLINE if lines else _CONTROL).sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def quiet_stdout() -> None:

@@ -55,10 +55,10 @@ def leaves_folder(rel: str) -> bool:
     """Whether a split file's image path is absolute or climbs out of the folder it is relative to
     (``../../secret.png``): a data root prepared by someone else pulled the user's own files into
     training, silently (review41). (Links inside the folder are the user's to make.)"""
-    norm = os.path.normpath(rel.replace("\\", "/"))
+    norm = os.path.normpath(rel.replace("\\", "/")).replace("\\", "/")   # ('/' on every system)
     return (os.path.isabs(rel) or rel.startswith(("/", "\\")) or bool(os.path.splitdrive(rel)[0])
             or (len(rel) > 2 and rel[1] == ":" and rel[0].isalpha() and rel[2] in "/\\")   # (C:/ on any system)
-            or norm == ".." or norm.startswith(".." + os.sep) or norm.startswith("../"))
+            or norm == ".." or norm.startswith("../"))
 
 
 def missing(path, what: str, layout: str = "") -> DatasetError:

@@ -88,7 +88,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             root_dir = _resolve_root(info, root)
         except DatasetError as e:
             print(f"{info.name}: {info.num_classes or '?'} classes ({info.group})", file=out)
-            print(f"  ERROR {_lines(e)}".replace("\n", "\n      "), file=out)
+            print(f"  ERROR {printable(e, lines=True)}".replace("\n", "\n      "), file=out)
             print("1 problem(s)", file=out)
             return 1
     else:
@@ -120,7 +120,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             continue
         if isinstance(ds, Exception):
             problems += 1
-            print(f"  {split:15s} ERROR {_lines(ds)}".replace("\n", "\n      "), file=out)
+            print(f"  {split:15s} ERROR {printable(ds, lines=True)}".replace("\n", "\n      "), file=out)
             continue
         t0 = time.time()
         bad = find_bad_images(ds, read=read, workers=workers)
@@ -143,11 +143,6 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
     print(f"{problems} problem(s)" if problems else "all images present and readable"
           if read else "all listed files present", file=out)
     return problems
-
-
-def _lines(e) -> str:
-    """An error's text, each line printable (file names from split files may hold escape sequences)."""
-    return "\n".join(printable(line) for line in str(e).split("\n"))
 
 
 def cmd_check(args) -> int:

@@ -435,8 +435,9 @@ def _main(args) -> int:
                   file=sys.stderr)
             return 2
     from ..compat import threads_problem
-    if threads_problem(args.threads):
-        print(f"svp pretrain: error: {threads_problem(args.threads)}", file=sys.stderr)
+    problem = threads_problem(args.threads)
+    if problem:
+        print(f"svp pretrain: error: {problem}", file=sys.stderr)
         return 2
     most = (2**63 - 1) // 1000 - args.epochs   # (the epochs' data order is seeded seed * 1000 + epoch)
     if args.seed > most:

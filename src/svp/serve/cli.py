@@ -47,6 +47,9 @@ def register(subparsers) -> None:
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# what --allowed-host takes: [v6 address][:port], a bare v6 address (two colons or more), a name or
+# v4 address[:port]; no scheme, path, user or space
+_HOST_FORMS = (r"\[[0-9A-Fa-f:.]+\](:\d+)?", r"[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*", r"[^\s/@:\[\]]+(:\d+)?")
 
 
 def allowed_hosts(host: str, given):
@@ -62,9 +65,7 @@ def allowed_hosts(host: str, given):
         names = []
         for g in given:
             text = g.strip()
-            if not (re.fullmatch(r"\[[0-9A-Fa-f:.]+\](:\d+)?", text) or re.fullmatch(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:"
-                                                                                  r"[0-9A-Fa-f:.]*", text)
-                    or re.fullmatch(r"[^\s/@:\[\]]+(:\d+)?", text)):
+            if not any(re.fullmatch(form, text) for form in _HOST_FORMS):
                 raise ConfigError(f"--allowed-host {g!r}: expected a host name or address (e.g. svp.lan, "
                                   f"svp.lan:8000, [::1]), without a scheme or a path")
             names.append(_host_name(text))
@@ -122,8 +123,9 @@ def run(args) -> int:
         raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: expected seconds >= 0")
     if args.threads is not None:
         from ..compat import threads_problem
-        if threads_problem(args.threads):
-            raise ConfigError(threads_problem(args.threads))
+        problem = threads_problem(args.threads)
+        if problem:
+            raise ConfigError(problem)
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it, in the inference thread too
     from PIL import Image
     if Image.MAX_IMAGE_PIXELS and args.max_pixels > Image.MAX_IMAGE_PIXELS:

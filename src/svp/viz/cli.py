@@ -155,14 +155,12 @@ def parse_quantities(text: Optional[str]) -> List[str]:
 
 
 def _parse_adapter(spec: str) -> Tuple[str, str]:
-    if not spec.strip() or ("=" in spec and not spec.split("=", 1)[1].strip() and not os.path.exists(spec)):
-        # ('' and 'label=' named no folder: a traceback)
+    label, path = (spec.split("=", 1) if "=" in spec and not os.path.exists(os.path.expanduser(spec))
+                   else (None, spec))
+    if not path.strip():   # ('' and 'label=' named no folder: a traceback)
         raise VizError(f"--adapter {spec!r}: expected an adapter folder, or LABEL=FOLDER")
-    if "=" in spec and not os.path.exists(user_path(spec)):
-        label, path = spec.split("=", 1)
-        return label, user_path(path)
-    spec = user_path(spec)
-    return os.path.basename(os.path.normpath(spec)), spec
+    path = user_path(path)
+    return (label if label is not None else os.path.basename(os.path.normpath(path))), path
 
 
 def run(args) -> int:
