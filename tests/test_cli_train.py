@@ -256,7 +256,8 @@ def test_sweep_with_jobs_stops_its_workers_on_a_sigterm_sent_to_it_alone(tmp_pat
 def test_a_ctrl_c_while_a_sweeps_workers_start_stops_it_in_one_line(tmp_path):
     """A terminal's Ctrl-C reaches the whole group: --jobs workers still importing torch died
     with tracebacks, and the sweep took them for the out-of-memory killer's work ("2 run(s)
-    again, each in a process of its own"; review42). They start with SIGINT ignored now."""
+    again, each in a process of its own"; review42). They start with SIGINT blocked, then ignored, now;
+    the sweep's own handler stops them (a Ctrl-C while the sweep forked one was lost: CI)."""
     out = tmp_path / "sw"
     proc = subprocess.Popen([sys.executable, "-m", "svp", "sweep", "--suite", "mini", "--methods", "linear,bitfit",
                              "--seeds", "0", "--datasets", "digits", "--jobs", "2", "--output", str(out),
@@ -284,7 +285,7 @@ def test_a_ctrl_c_while_spawned_workers_start_stops_the_run_with_a_resume_point(
     until it has started (seconds: imports, the dataset unpickled), so a terminal's Ctrl-C, which
     reaches the whole group, killed it (its traceback printed): the run crashed with no resume
     point, or hung writing the dataset into the dead worker's pipe. A worker now starts with the
-    signal ignored; the run stops after its step, as documented, and resumes."""
+    signal blocked until its handler is in; the run stops after its step, as documented, and resumes."""
     import multiprocessing as mp
 
     from proc_helpers import signal_then_rebuild

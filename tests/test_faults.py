@@ -1720,6 +1720,77 @@ def test_a_second_signal_while_workers_start_stops_once_they_have_started(monkey
         s._handle(signal.SIGINT, None)
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="no signal masks (Windows)")
+def test_a_signal_while_a_worker_is_spawned_is_handled_and_the_worker_starts_with_it_blocked(monkeypatch):
+    """The parent ignored SIGINT/SIGTERM for each worker's fork + exec, so that the worker started
+    with them ignored: a Ctrl-C in those milliseconds was lost, the sweep's workers ignoring it too,
+    and a sweep went on to its end (CI). Now the parent blocks them there (a signal waits) and the
+    child inherits the mask through exec."""
+    import multiprocessing.spawn as spawn
+    import multiprocessing.util as mpu
+    import signal
+
+    from svp.engine.signals import starting_workers
+    real = mpu.spawnv_passfds
+
+    def signalled_spawn(path, args, passfds):
+        os.kill(os.getpid(), signal.SIGINT)   # (as a terminal's Ctrl-C, to the process)
+        return real(path, args, passfds)
+    monkeypatch.setattr(mpu, "spawnv_passfds", signalled_spawn)
+    code = ("import signal, sys; m = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
+            "sys.exit((signal.SIGINT in m) + 2 * (signal.SIGTERM in m))")
+    got = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        with starting_workers():
+            exe = spawn.get_executable()   # (as multiprocessing gives it: bytes on Python >= 3.11)
+            pid = mpu.spawnv_passfds(exe, [exe, "-c", code], [])
+        _, status = os.waitpid(pid, 0)
+        for _ in range(100):   # (one another thread took is handled at the main thread's next bytecodes)
+            if got:
+                break
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert got == [signal.SIGINT]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, status   # both blocked in the child
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])   # and unblocked here again
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="no signal masks (Windows)")
+@pytest.mark.parametrize("kind", ["loader", "sweep"])
+def test_a_worker_unblocks_the_signals_it_started_with_once_its_handler_is_in(monkeypatch, kind):
+    """A spawned worker starts with SIGINT/SIGTERM blocked (above): a DataLoader worker then takes a
+    first signal as the run does (noted, a second one raises), a sweep's worker ignores them (the
+    sweep stops its runs through the stop value); one that came while it started is handled then."""
+    import signal
+    import types
+
+    from svp.engine import signals, tune
+    monkeypatch.setattr(signals, "_worker_first_at", None)
+    monkeypatch.setattr(signals, "_stop_value", None)
+    monkeypatch.setattr(tune, "_watch_parent", lambda *a: None)
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
+    try:
+        signal.raise_signal(signal.SIGINT)   # (to this thread: it waits)
+        if kind == "loader":
+            signals.loader_worker_init(0)
+            assert signals._worker_first_at is not None   # the signal that came while it started
+            assert signal.getsignal(signal.SIGTERM) is signals._worker_handle
+        else:
+            tune._worker_init(types.SimpleNamespace(value=0), os.getpid())
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        now = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.SIGINT not in now and signal.SIGTERM not in now
+    finally:
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)   # (a signal still waiting, where the worker left it blocked, is dropped)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("kind", ["run", "sweep", "worker"])
 def test_copies_of_the_first_signal_are_not_a_second_one(monkeypatch, kind):
     """One Ctrl-C reached a run two or three times when a wrapper passed it on to the group it was

@@ -358,9 +358,9 @@ def test_the_command_is_told_from_other_programs_importing_svp(monkeypatch):
 
 
 def test_the_import_guard_leaves_an_ignored_or_own_sigint_alone(monkeypatch):
-    """A spawned DataLoader worker re-imports the command's main module, with its arguments, and
-    starts with SIGINT ignored until the run's handler is in place (engine.signals): the guard
-    must not put its own there. Installed, it is taken off before the command runs."""
+    """A process started with SIGINT ignored (CI's background jobs, nohup) or with a handler of its
+    own keeps it: the guard must not put its own there. Installed, it is taken off before the
+    command runs."""
     import signal
 
     from svp import runtime

@@ -334,9 +334,9 @@ def guard_command_imports() -> None:
         return
     import signal
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        # ignored (a spawned DataLoader worker, which re-imports the command's main module with
-        # its arguments, starts with SIGINT ignored until the run's handler is in place:
-        # engine.signals), or someone's own: left as it is
+        # ignored (CI's background jobs, nohup), or someone's own: left as it is (a spawned
+        # DataLoader or sweep worker, which re-imports the command's main module with its
+        # arguments, starts with SIGINT blocked until its handler is in: engine.signals)
         return
 
     def interrupted(signum, frame):

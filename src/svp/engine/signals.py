@@ -201,25 +201,30 @@ def starting_workers():
     dataset unpickled): a terminal's Ctrl-C, which reaches the whole group, killed it, printing
     its traceback, and the run crashed with no resume point, or hung writing the pickled dataset
     into the dead worker's pipe. Where workers are spawned by fork + exec (Linux, macOS), each
-    starts with SIGINT/SIGTERM ignored, which exec keeps and Python's start leaves alone, until
-    :func:`loader_worker_init` installs its handler: this process ignores them for the
-    milliseconds of each fork + exec (a signal in those is lost). Elsewhere a first signal
-    meanwhile is raised by the run's handler (:class:`WorkersInterrupted`), which ends the
-    write, and the loop stops as after a step (engine.loop)."""
+    starts with SIGINT/SIGTERM blocked, a mask that fork and exec keep and Python's start leaves
+    alone, until :func:`worker_signals` (:func:`loader_worker_init`, the sweep's worker start)
+    sets its handlers and unblocks them: this thread blocks them for the milliseconds of each fork
+    + exec, so that the child inherits the mask. A signal meanwhile waits (or another thread takes
+    it) and this process handles it as at any other moment: they were ignored here before, and a
+    Ctrl-C in those milliseconds was lost, the sweep's workers ignoring it too (a sweep went on to
+    its end: CI). Elsewhere a first signal meanwhile is raised by the run's handler
+    (:class:`WorkersInterrupted`), which ends the write, and the loop stops as after a step
+    (engine.loop)."""
     import multiprocessing.util as mpu
     real = getattr(mpu, "spawnv_passfds", None)
-    shim = real is not None and threading.current_thread() is threading.main_thread()
+    shim = (real is not None and hasattr(signal, "pthread_sigmask")
+            and threading.current_thread() is threading.main_thread())
     if shim:
         def spawnv_passfds(*args, **kwargs):
             if threading.current_thread() is not threading.main_thread():
-                return real(*args, **kwargs)   # (another thread's process: signal.signal is the main thread's)
-            old = {s: signal.signal(s, signal.SIG_IGN) for s in _STOPS}
+                return real(*args, **kwargs)   # (another thread's process: not one svp starts)
+            # blocked, not ignored: an ignored signal is discarded, a blocked one waits, and
+            # only the mask, not a handler, passes through exec to the child
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
             try:
                 return real(*args, **kwargs)
             finally:
-                for s, h in old.items():
-                    if h is not None:   # (None: a handler set outside Python, which cannot be put back)
-                        signal.signal(s, h)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         mpu.spawnv_passfds = spawnv_passfds
     saved = dict(_starting)
     _starting.update(depth=saved["depth"] + 1, pid=os.getpid(), **{"raise": not shim})
@@ -247,10 +252,20 @@ def loader_worker_init(worker_id: int) -> None:
     behaviour from the main process's handler; a spawned one (macOS and Windows start workers
     so) had Python's default and died on a terminal's Ctrl-C with the batch the main process
     was waiting for (the run crashed with no resume point). Until this runs, a spawned worker
-    ignores the signals (:func:`starting_workers`)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in _STOPS:
-            signal.signal(s, _worker_handle)
+    has the signals blocked (:func:`starting_workers`)."""
+    worker_signals(_worker_handle)
+
+
+def worker_signals(handler) -> None:
+    """A worker process's first step: ``handler`` for SIGINT/SIGTERM, then the signals unblocked,
+    which a spawned worker started with (:func:`starting_workers`); one that came while it
+    started is handled now (an ignored one is dropped). Main thread only (the signals' owner)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in _STOPS:
+        signal.signal(s, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
 def resume_command(run_dir: str) -> str:

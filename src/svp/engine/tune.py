@@ -469,10 +469,10 @@ class Runner:
             broken, stopped = [], []
             try:
                 self._check_stop()
-                # the workers start (at submit) with SIGINT/SIGTERM ignored until a run's own handler
-                # is in: a terminal's Ctrl-C reaches the whole group, and a worker still importing
-                # torch, or idle between runs, died with a traceback, which the sweep then took for
-                # the out-of-memory killer's work (review42)
+                # the workers start (at submit) with SIGINT/SIGTERM blocked, then ignored until a
+                # run's own handler is in (_worker_init): a terminal's Ctrl-C reaches the whole
+                # group, and a worker still importing torch, or idle between runs, died with a
+                # traceback, which the sweep then took for the out-of-memory killer's work (review42)
                 from .signals import starting_workers
                 with starting_workers():
                     futs = {self._pool.submit(_run_safely, run_dir, cfg, label[i]): i for i, run_dir, cfg in todo}
@@ -553,8 +553,14 @@ def _stopped_summary(stopped: List[Tuple[str, str]], signum: int) -> str:
 
 
 def _worker_init(stop_value, sweep_pid: int) -> None:
-    from .signals import use_stop_value
+    import signal
+
+    from .signals import use_stop_value, worker_signals
     use_stop_value(stop_value)
+    # the sweep's own handler stops the runs, through the stop value: a signal the whole group got
+    # (a terminal's Ctrl-C) is not this worker's to act on, also one that came while it started
+    # (blocked since: engine.signals.starting_workers)
+    worker_signals(signal.SIG_IGN)
     # the sweep's pid as the sweep gave it: a worker that starts after a kill -9 of the sweep has
     # been adopted already, and took its new parent (init) for the sweep, watching it for ever
     _watch_parent(stop_value, sweep_pid)
