@@ -64,12 +64,7 @@ class ModelSpec:
             return "bundled"
         if self.random_init:
             return "random"
-        import timm
-
-        import svp.models  # noqa: F401  (registers vim_* with timm)
-        if not timm.is_model(self.model):   # say what is wrong first: the name, not its weights
-            raise ConfigError(f"model {self.model!r}: no such model; the Vim models: "
-                              f"{', '.join(timm.list_models('vim_*'))}")
+        check_model_name(self.model)   # say what is wrong first: the name, not its weights
         raise ConfigError(
             f"model {self.model!r}: no weights given. Pass a checkpoint (--checkpoint / model.checkpoint), "
             f"ask for timm's pretrained weights (--pretrained / model.pretrained=true; may download), or ask "
@@ -182,13 +177,27 @@ def check_model_kwargs(kwargs: Dict[str, Any], source: str) -> None:
                           f"parameters; expected at most {MAX_BACKBONE_PARAMS:,} (Vim-B has 98 million)")
 
 
+def check_model_name(name: str) -> None:
+    """A model timm knows (svp's Vim models among them), else one line naming them."""
+    import timm
+
+    import svp.models  # noqa: F401  (registers vim_* with timm)
+    if not timm.is_model(name):
+        raise ConfigError(f"model {name!r}: no such model; the Vim models: {', '.join(timm.list_models('vim_*'))}")
+
+
+def check_device_name(kind: str) -> None:
+    """The device's spelling, not whether it is on this machine."""
+    if kind != "auto" and kind != "cpu" and not kind.startswith("cuda"):
+        raise ConfigError(f"device {kind!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def pick_device(kind: str) -> str:
     if kind == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device_name(kind)
     if kind.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {kind!r} but CUDA is not available on this machine")
-    if kind != "cpu" and not kind.startswith("cuda"):
-        raise ConfigError(f"device {kind!r}: expected auto, cpu, cuda or cuda:N")
     return kind
 
 

@@ -260,6 +260,9 @@ def cmd_train(args) -> int:
 
             # (a method, or a setting of it, no run could use: refused when resolved)
             data.dataset_info(cfg["data"]["dataset"])  # a name no run could use is an error here too
+            from .setup import check_method_fits, check_names
+            check_names(cfg, weights=False)   # the model's, optimizer's and device's too
+            check_method_fits(cfg)   # and the method's settings and the image size against the model
             print(C.dump(cfg), end="")
             return 0
         train(cfg)

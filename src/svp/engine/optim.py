@@ -44,10 +44,7 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim
     # a wrapper that exposes only trainable parameters, so the grouping (which also
     # reads the model's no_weight_decay()) never hands frozen tensors to the optimizer
     name = str(t["opt"]).lower()
-    base = name.split("_")[-1]   # timm's spelling: lookahead_adamw -> adamw
-    if base not in list_optimizers():
-        raise ConfigError(f"train.opt={t['opt']!r}: not an optimizer timm knows; e.g. adamw, sgd, momentum, "
-                          f"lamb, lion (all: timm.optim.list_optimizers())")
+    base = check_opt_name(t["opt"])
     if _use_fused(t["opt_fused"], name, base, trainable[0].device):
         kwargs["fused"] = True
     try:
@@ -55,6 +52,16 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim
                                    weight_decay=float(t["weight_decay"]), foreach=False, **kwargs)
     except (ValueError, TypeError, ImportError) as e:  # e.g. an optimizer whose package is missing
         raise ConfigError(f"train.opt={t['opt']!r}: {e}") from None
+
+
+def check_opt_name(opt) -> str:
+    """An optimizer timm knows (its spelling: lookahead_adamw is adamw under lookahead); the base
+    name."""
+    base = str(opt).lower().split("_")[-1]
+    if base not in list_optimizers():
+        raise ConfigError(f"train.opt={opt!r}: not an optimizer timm knows; e.g. adamw, sgd, momentum, "
+                          f"lamb, lion (all: timm.optim.list_optimizers())")
+    return base
 
 
 _FUSED = ("adam", "adamw")   # timm names whose class is torch.optim.Adam / AdamW

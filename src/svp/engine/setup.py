@@ -509,6 +509,24 @@ def check_classes_to_learn(cfg: dict, train_ds: "Limited") -> None:
                     len(full), len(train_ds))
 
 
+def check_names(cfg: dict, weights: bool = True) -> None:
+    """What a run refused only once it had read its data (a minute or more of a real dataset, for
+    a typo), checked first: the model's name, where its weights come from (``weights``), the
+    optimizer's and the device's names. ``svp train --print-config`` checks the names alone (the
+    default configuration names no weights; whether CUDA is here is the machine's business, not
+    the configuration's)."""
+    from ..build import check_device_name, check_model_name
+    from .optim import check_opt_name
+
+    m = cfg["model"]
+    check_model_name(m["name"])
+    check_opt_name(cfg["train"]["opt"])
+    check_device_name(cfg["train"]["device"])
+    if weights:
+        ModelSpec(model=m["name"], checkpoint=m["checkpoint"], pretrained=bool(m["pretrained"]),
+                  random_init=bool(m["random_init"]), img_size=int(cfg["data"]["img_size"])).weights
+
+
 def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     """Everything a run trains with: datasets and loader, spec, model (and its DDP wrapper),
     optimizer, schedule, precision, EMA, mixup and loss."""
@@ -519,6 +537,7 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     t = cfg["train"]
     set_deterministic(bool(t["deterministic"]))
     seed_everything(int(t["seed"]))
+    check_names(cfg)
     r = types.SimpleNamespace()
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
