@@ -926,6 +926,19 @@ def test_values_past_what_python_or_yaml_can_hold_are_named(override, words):
     assert C.parse_value("1" * 5000) == "1" * 5000   # a name of digits stays the name it is
 
 
+def test_a_one_line_error_cuts_a_value_of_thousands_of_characters_to_its_ends(capsys):
+    """A 5,000-digit train.lr was quoted whole, twice: an error line of 10,092 characters (review40).
+    A path of a few hundred characters is kept whole."""
+    from svp.cli import main as svp_main
+    from svp.io import shortened
+    assert svp_main(["train", "--print-config", "train.lr=1" + "0" * 5000]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 400 and "...[4,8" in err and "characters]..." in err, err
+    assert "expected a non-negative (finite) number" in err
+    path = "/" + "/".join(["folder"] * 100)
+    assert shortened(f"{path}: no such file") == f"{path}: no such file"
+
+
 def test_config_files_that_are_pipes_folders_or_hold_what_python_cannot_read(tmp_path):
     """-c <(...) (a pipe) was "config file not found", a folder too; a file with a 5,000-digit
     number, an impossible date or 400 levels of nesting was a traceback (review40)."""
@@ -1063,6 +1076,35 @@ def test_print_config_checks_the_method_and_shows_a_resumes_overrides(tmp_path, 
     assert "  lr: 0.5\n" in capsys.readouterr().out
     assert svp_main(["train", "--resume", str(tmp_path), "--print-config", "model.name=foo"]) == 2
     assert "cannot change model.name" in capsys.readouterr().err
+
+
+def test_print_config_refuses_what_the_run_would_and_the_run_before_its_data(tmp_path, capsys, monkeypatch):
+    """--print-config exited 0 for a configuration the run refused at once (an unknown optimizer,
+    model or device, an image size off the patch grid, a setting that does not fit the model's
+    depth); and the run refused an optimizer's or a model's name only once it had read its data
+    (a minute or more of a real dataset, for a typo)."""
+    from svp.cli import main as svp_main
+    from svp.engine import setup
+    for extra, words in ((["train.opt=adamx"], "train.opt='adamx': not an optimizer timm knows"),
+                         (["train.device=tpu"], "device 'tpu': expected auto, cpu, cuda or cuda:N"),
+                         (["model.name=vim_tinny_patch16_224"], "model 'vim_tinny_patch16_224': no such model"),
+                         (["data.img_size=225"], "data.img_size=225: image height 225 does not fit the patch grid"),
+                         (["--method", "svp", "method.settings.shared_layers=7"], "shared_layers=7 does not divide")):
+        assert svp_main(["train", "--print-config", *extra]) == 2, extra
+        assert words in capsys.readouterr().err, extra
+    # the names alone: the default configuration names no weights, and CUDA is the machine's business
+    for extra in ([], ["train.device=cuda:1", "train.opt=lookahead_adamw"]):
+        assert svp_main(["train", "--print-config", *extra]) == 0, extra
+        capsys.readouterr()
+
+    def read(*a, **k):
+        raise AssertionError("the data was read")
+    monkeypatch.setattr(setup, "build_datasets", read)
+    for extra, words in ((["train.opt=adamx"], "not an optimizer timm knows"),
+                         (["model.name=vim_tinny_patch16_224", "--random-init"], "no such model"),
+                         (["model.name=vim_tiny_patch16_224"], "no weights given")):
+        assert svp_main(["train", "--dataset", "digits", "--name", "x", "run.output=" + str(tmp_path), *extra]) == 2
+        assert words in capsys.readouterr().err, extra
 
 
 def test_a_yaml_bomb_is_refused_and_configs_are_written_without_aliases(tmp_path):

@@ -306,6 +306,19 @@ def printable(text: str, lines: bool = False) -> str:
     return (_CONTROL_BUT_NEWLINE if lines else _CONTROL).sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
+_LONG_WORD = re.compile(r"\S{1001,}")
+
+
+def shortened(text: str) -> str:
+    """``text`` with each run of more than 1,000 characters without a space cut to its two ends,
+    for a one-line error: a 5,000-digit value was quoted whole, twice (10,092 characters; review40).
+    A path stays whole (PATH_MAX is 4,096, but no one's paths come near 1,000)."""
+    def cut(m):
+        w = m.group()
+        return f"{w[:100]}...[{len(w) - 140:,} characters]...{w[-40:]}"
+    return _LONG_WORD.sub(cut, str(text))
+
+
 def quiet_stdout() -> None:
     """Point stdout at /dev/null, so that later writes, and the interpreter's own flush at exit,
     do not raise BrokenPipeError again (the recipe of Python's signal documentation)."""
