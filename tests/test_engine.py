@@ -501,6 +501,30 @@ def test_seeded_dataset_augmentation_depends_only_on_the_sample_seed():
 
 
 # ---------------------------------------------------------------- resume state files
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+def test_a_resume_state_is_read_into_memory_not_kept_mapped(tmp_path):
+    """The tensors read were views of the file's mapped pages, which the optimizer kept as given:
+    on Windows a mapped file cannot be replaced, so a resumed run could never write its next resume
+    point (review45; svp pretrain's: test_mini_pretrain)."""
+    import gc
+
+    lin = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    path = tmp_path / "r.safetensors"
+    ck.save_state(str(path), {"optimizer": opt.state_dict()})
+
+    def mapped():
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            return str(path) in f.read()
+    opt2 = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    opt2.load_state_dict(ck.load_state(str(path))["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert not mapped()
+
+
 def test_resume_state_round_trip_is_exact(tmp_path):
     lin = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1)

@@ -1,5 +1,6 @@
 """The procedural source data and the `svp pretrain` loop (tiny configurations)."""
 import argparse
+import gc
 
 from svp.errors import ConfigError
 import json
@@ -205,8 +206,23 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
         assert json.load(f)["step"] == 3
     with pytest.raises(ConfigError, match=r"--epochs 2 -> 3"):  # another schedule: not this run's steps
         pt.pretrain(_args(tmp_path / "resume", epochs=3, ckpt_every=3, resume=True), log=lambda m: None)
-    resumed = pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True, command_line="again"),
-                          log=lambda m: None)
+    # the checkpoint it resumed from is no longer mapped when the next one replaces it: the tensors
+    # read stayed alive, views of the file's pages, and on Windows a mapped file cannot be replaced
+    ckpt_path, save, mapped_at_save = str(tmp_path / "resume" / "checkpoint.safetensors"), mod.atomic_save_safetensors, []
+
+    def checked_save(path, *a, **k):
+        if path == ckpt_path and os.path.exists("/proc/self/maps"):
+            gc.collect()
+            with open("/proc/self/maps") as f:
+                mapped_at_save.append(ckpt_path in f.read())
+        return save(path, *a, **k)
+    mod.atomic_save_safetensors = checked_save
+    try:
+        resumed = pt.pretrain(_args(tmp_path / "resume", epochs=2, ckpt_every=3, resume=True, command_line="again"),
+                              log=lambda m: None)
+    finally:
+        mod.atomic_save_safetensors = save
+    assert not any(mapped_at_save) and (mapped_at_save or not os.path.exists("/proc/self/maps"))
     # the epoch finished before the resume point stays in the history, with its logged loss
     assert [h["epoch"] for h in resumed["history"]] == [h["epoch"] for h in full["history"]] == [0, 1]
     assert resumed["history"][0] == full["history"][0]

@@ -117,16 +117,19 @@ def load_state(path: str) -> Dict[str, Any]:
     try:
         tensors: Dict[str, Any] = {}
         unsupported = []
+        # copies, not the file's mapped pages: the optimizer keeps the tensors it is given as they
+        # are, and on Windows a file mapped cannot be replaced, so a resumed run could never write
+        # its next resume point (review45)
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             for key in f.keys():
                 try:
-                    tensors[key] = f.get_tensor(key)
+                    tensors[key] = f.get_tensor(key).clone()
                 except Exception:  # a dtype this torch lacks (uint32 of files written by torch >= 2.3)
                     unsupported.append(key)
         if unsupported:
             with safe_open(path, framework="np") as f:
-                tensors.update((key, f.get_tensor(key)) for key in unsupported)
+                tensors.update((key, np.array(f.get_tensor(key), copy=True)) for key in unsupported)
     except Exception as e:
         raise ResumeError(f"{path}: unreadable resume state ({e})") from None
     if meta.get("format") != FORMAT:

@@ -188,6 +188,9 @@ def pretrain(args, log=print) -> dict:
             tensors = load_file(ckpt)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_optim_state(opt, names, tensors)
+            # (views of the file's mapped pages, kept for the whole run otherwise: on Windows a
+            # mapped file cannot be replaced, and the next checkpoint could not be written)
+            del tensors
         except Exception as e:   # SafetensorError (truncated, empty), tensors that do not fit
             raise ResumeError(f"--resume: {ckpt} cannot be read or does not fit this model "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
