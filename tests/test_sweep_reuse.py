@@ -390,6 +390,67 @@ def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
     assert "not exited" not in r.stdout and r.returncode == 1
 
 
+def test_a_worker_sees_its_sweep_die_where_getppid_keeps_the_dead_parents_pid(tmp_path):
+    """On Windows os.getppid() goes on answering the dead parent's pid: a worker watching it never
+    saw its sweep die and trained on with its run folder locked (review45). The parent's sentinel
+    (multiprocessing.parent_process) says so everywhere; here getppid is made to answer as there."""
+    import subprocess
+    import sys
+    (tmp_path / "wmod.py").write_text(
+        "import os, time, multiprocessing as mp\n"
+        "def child(out, ppid):\n"
+        "    import svp.engine.tune as T\n"
+        "    os.getppid = lambda: ppid\n"   # as on Windows: the dead parent's pid for ever
+        "    v = mp.get_context('spawn').RawValue('i', 0)\n"
+        "    T._RUNS_IN_PROGRESS[0] = 1\n"
+        "    T._watch_parent(v, ppid, every_s=0.05)\n"
+        "    open(out + '.ready', 'w').close()\n"
+        "    t0 = time.time()\n"
+        "    while not v.value and time.time() - t0 < 30: time.sleep(0.01)\n"
+        "    with open(out, 'w') as f: f.write(f'stop {v.value}')\n"
+        "    T._RUNS_IN_PROGRESS[0] = 0\n"
+        "    time.sleep(30)\n")
+    (tmp_path / "parent.py").write_text(
+        "import os, sys, time, signal, multiprocessing as mp\n"
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "import wmod\n"
+        "if __name__ == '__main__':\n"
+        "    out = sys.argv[1]\n"
+        "    p = mp.get_context('spawn').Process(target=wmod.child, args=(out, os.getpid()))\n"
+        "    p.start()\n"
+        "    t0 = time.time()\n"
+        "    while not os.path.exists(out + '.ready') and time.time() - t0 < 60: time.sleep(0.02)\n"
+        "    print(p.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = tmp_path / "stopped"
+    r = subprocess.run([sys.executable, str(tmp_path / "parent.py"), str(out)], capture_output=True, text=True,
+                       timeout=120)
+    child = int(r.stdout.split()[0])
+    import signal
+    import time
+    t0 = time.time()
+    while not (out.exists() and out.read_text()) and time.time() - t0 < 30:
+        time.sleep(0.05)
+    try:
+        assert out.exists() and out.read_text() == f"stop {int(signal.SIGTERM)}", r.stderr
+        while time.time() - t0 < 30:   # and it exits once its run has returned
+            try:
+                os.kill(child, 0)
+                with open(f"/proc/{child}/stat") as f:   # (a zombie a container's init has not reaped)
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except (ProcessLookupError, FileNotFoundError):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker did not exit")
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_worker_that_starts_after_its_sweep_died_stops_too(tmp_path):
     """A worker that started up after a kill -9 of its sweep had been adopted already, took its
     new parent (init) for the sweep and watched it for ever, training on with the run locked

@@ -574,13 +574,17 @@ def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 
     folder locked, so the restarted sweep recorded that run as failed, and then waited for work
     forever (~1 GB each). Once its parent is gone it stops its run as a stop request would (after
     the step, resume point written) and exits; after ``grace_s`` it exits anyway (the operating
-    system releases the run's lock)."""
+    system releases the run's lock). Gone: another parent pid (adopted), or the parent's sentinel
+    says so (on Windows getppid goes on answering the dead parent's pid: review45)."""
+    import multiprocessing
     import signal
     import threading
     import time
 
+    parent = multiprocessing.parent_process()   # (None where this process was not started so)
+
     def watch():
-        while os.getppid() == ppid:
+        while os.getppid() == ppid and (parent is None or parent.is_alive()):
             time.sleep(every_s)
         stop_value.value = int(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
