@@ -243,6 +243,36 @@ def test_an_interrupted_plain_sweep_exits_130_with_advice_and_bad_lists_are_refu
         assert words in capsys.readouterr().err
 
 
+def test_a_table_that_cannot_be_rewritten_between_runs_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    """The tables are rewritten after each run: a results.csv open in Excel (Windows refuses to
+    replace it) stopped the sweep there, and the runs after it never started (review45). Now said,
+    and the sweep goes on; the last write still counts."""
+    import errno
+
+    from svp.engine import sweep as S
+    calls, real, tries = [], S._write_outputs, []
+    _fake_trainer(monkeypatch, calls)
+
+    def busy_once(*a, **k):
+        tries.append(1)
+        if len(tries) == 1:
+            raise PermissionError(errno.EACCES, "Permission denied", os.path.join(a[0], "results.csv"))
+        return real(*a, **k)
+    monkeypatch.setattr(S, "_write_outputs", busy_once)
+    out = tmp_path / "s"
+    sweep("mini", ["linear"], [0, 1], str(out), ["digits"], (), [])
+    assert len(calls) == 2 and len(tries) == 3
+    assert [r["seed"] for r in _rows(out)] == ["0", "1"]
+    tries.clear()
+
+    def busy(*a, **k):
+        tries.append(1)
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(a[0], "results.csv"))
+    monkeypatch.setattr(S, "_write_outputs", busy)   # the last write failing is an error still
+    with pytest.raises(C.ConfigError, match="cannot write the sweep's results"):
+        sweep("mini", ["linear"], [0], str(tmp_path / "t"), ["digits"], (), [])
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_bad_method_or_setting_fails_the_sweep_before_any_run(tmp_path, monkeypatch, jobs):
     """A plain sweep trained every good run first and reported the bad method or setting

@@ -324,6 +324,16 @@ def write_outputs(output: str, suite: str, rows, datasets, methods, seeds,
                             f"and writes the tables") from None
 
 
+def write_outputs_meanwhile(*args) -> None:
+    """The tables so far, for a look while the sweep goes on: one that cannot be written (a
+    results.csv open in Excel, which Windows refuses to replace; a full disk) stopped the sweep
+    there, and the runs after it never started (review45). Said; the last write still counts."""
+    try:
+        write_outputs(*args)
+    except C.ConfigError as e:
+        log.warning("%s; the sweep goes on and writes them after its last run", str(e).split("; ")[0])
+
+
 def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tuple[str, str]:
     official = any(r.get("official_best_test_top1") not in ("", None) for r in rows)
     buf = io.StringIO()
@@ -529,7 +539,7 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
                                                  run_dir=run_dir))
-                write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+                write_outputs_meanwhile(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
@@ -621,8 +631,8 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
             cells.append(cell)
             finals.append(fin)
         tuning["cells"] = cells
-        write_outputs(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds, list(methods),
-                      seeds, tuning)
+        write_outputs_meanwhile(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds,
+                                list(methods), seeds, tuning)
         final_res = runner.run_all([t for f in finals for t in f])
     k = 0
     for cell, fin in zip(cells, finals):
