@@ -191,3 +191,22 @@ def test_a_bytearray_larger_than_its_file_is_refused_on_every_path(tmp_path):
         restricted_torch_load(pth(2**31, "op.pth", opcode=True))
     with pytest.raises(CheckpointError, match="2,147,483,648 bytes"):
         read_checkpoint(pth(2**31, "op.pth", opcode=True))
+
+
+def test_torch_without_a_numpy_bridge_is_one_import_error_naming_the_fix():
+    """torch before 2.3 (the newest for Intel Macs is 2.2.2) was built against NumPy 1.x: beside
+    NumPy 2 every batch failed with a traceback ("Numpy is not available"; review45). svp says so
+    at import, with the fix. Here torch's bridge is made to fail as it does there."""
+    import subprocess
+    import sys
+    script = ("import torch\n"
+              "def gone(*a): raise RuntimeError('Numpy is not available')\n"
+              "torch.from_numpy = gone\n"
+              "import svp\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: svp: torch ") and "(Numpy is not available)" in last, r.stderr
+    assert "pip install 'numpy<2'" in last
+    from svp.compat import numpy_bridge_problem
+    assert numpy_bridge_problem() is None   # (this torch and numpy: the bridge works)

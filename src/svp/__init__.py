@@ -10,5 +10,10 @@ _runtime.configure()  # before torch is imported: libgomp spin count (see svp.ru
 _runtime.guard_command_imports()  # the svp command: a Ctrl-C while it imports is one line, exit 130
 
 with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections less (svp.runtime)
+    from .compat import numpy_bridge_problem as _numpy_bridge_problem  # noqa: E402
+
+    _problem = _numpy_bridge_problem()
+    if _problem:   # (torch < 2.3 beside NumPy 2: every batch would fail)
+        raise ImportError(f"svp: {_problem}")
     from . import models  # noqa: E402,F401  (registers vim_* with timm)
     from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)

@@ -359,3 +359,18 @@ def threads_problem(n, flag: str = "--threads"):
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
         return f"{flag} must be between 1 and {most} (this machine has {os.cpu_count()} cores), got {n}"
     return None
+
+
+def numpy_bridge_problem() -> Optional[str]:
+    """Why torch cannot hand arrays to and from numpy here, if it cannot: torch before 2.3 was
+    built against NumPy 1.x and fails on NumPy 2 ("Numpy is not available"), and the newest torch
+    for Intel Macs is 2.2, beside which pip installs the newest numpy (review45). svp's data
+    pipeline and CPU kernels need the bridge: said at import, not as a traceback at the first batch."""
+    import numpy as np
+    try:
+        torch.from_numpy(np.zeros(1, dtype=np.float32)).numpy()
+        return None
+    except RuntimeError as e:
+        return (f"torch {torch.__version__} cannot exchange arrays with numpy {np.__version__} "
+                f"({str(e).strip() or type(e).__name__}): torch before 2.3 was built against NumPy 1.x (the newest "
+                f"torch for Intel Macs is 2.2). Install numpy<2 (pip install 'numpy<2'), or torch >= 2.3")
