@@ -378,6 +378,37 @@ def test_run_lock_names_the_holder_and_dies_with_it(tmp_path):
     assert not (run / "run.lock").exists() and holder(str(run)) is None
 
 
+def test_a_fresh_run_that_fails_before_its_first_step_leaves_no_folder_where_open_files_stay(tmp_path, monkeypatch):
+    """Windows cannot remove an open file: the failed fresh run's folder was removed while its
+    lock file was still open (held), so run.lock, and the folder, stayed (review45). Emulated: the
+    Windows branch's lock (the file stays at release) and a removal that leaves held files."""
+    import shutil
+    import types
+
+    from svp.engine import rundir, runlock, setup
+    from svp.errors import ConfigError
+    monkeypatch.setattr(runlock, "fcntl", None)
+    monkeypatch.setattr(runlock, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=lambda fd, mode, n: None),
+                        raising=False)
+    real_rmtree = shutil.rmtree
+
+    def windows_rmtree(path, ignore_errors=False):
+        held = os.path.join(path, runlock.LOCK_FILE)
+        if not runlock._HELD or not os.path.exists(held):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        for name in os.listdir(path):   # every other file goes; the open one, and the folder, stay
+            if name != runlock.LOCK_FILE:
+                p = os.path.join(path, name)
+                real_rmtree(p) if os.path.isdir(p) else os.unlink(p)
+    monkeypatch.setattr(rundir.shutil, "rmtree", windows_rmtree)
+
+    def fails(*a, **k):
+        raise ConfigError("a failure before the first step")
+    monkeypatch.setattr(setup, "build_datasets", fails)
+    assert svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "r"]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_file_system_without_locks_is_said_not_a_false_holder(tmp_path, monkeypatch):
     """flock failing with ENOLCK (NFS without its lock daemon; simulated) was read as "in use by
     another process (it has not recorded its PID yet)": every run on such a file system refused

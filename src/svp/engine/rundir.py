@@ -446,5 +446,7 @@ def run_session(run):
             shutil.rmtree(run.folder.path if run.folder else run_dir, ignore_errors=True)
         if lock is not None:
             lock.release()
+            if discard and lock.file_outlives_hold():   # (Windows: removed once closed: review45)
+                shutil.rmtree(run.folder.path if run.folder else run_dir, ignore_errors=True)
         if discard:   # the folders made for it too (run.output, a run.name's "a/b"), when empty
             remove_made_folders(created[:-1])

@@ -165,6 +165,12 @@ class RunLock:
     def held(self) -> bool:
         return self.fd is not None
 
+    @staticmethod
+    def file_outlives_hold() -> bool:
+        """Windows: the lock file cannot be removed while it is open (held), and stays after
+        release; a folder removed while held keeps it, and so itself."""
+        return fcntl is None
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -198,7 +204,11 @@ def holder(run_dir: str) -> Optional[dict]:
         return None
     try:
         if _try_lock(fd):
-            return None  # closing the descriptor drops our probe lock
+            if fcntl is None:  # pragma: no cover - Windows: a region is freed at close only "when
+                # system resources allow" (Microsoft): a run claiming the folder next was refused
+                os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            return None  # (POSIX: closing the descriptor drops our probe lock)
         return _read_holder(path) or {"pid": None}
     except LocksUnavailable:   # nobody can hold it: taking it says why (RunLock.acquire)
         return None
