@@ -308,3 +308,41 @@ def test_a_rename_is_made_durable_by_a_folder_fsync(tmp_path, monkeypatch):
         sio.atomic_replace_dir(lambda d: open(os.path.join(d, "f"), "w").close(), tmp_path / "best")
         assert synced_after_last_rename(), events
         assert ("fsync", os.stat(tmp_path / "best").st_ino) in events   # its own entries, before it went in
+
+
+def test_a_dead_writers_temporaries_are_found_dead_on_windows_too(tmp_path, monkeypatch):
+    """On Windows every writer counted as alive (os.kill(pid, 0) is no probe there), so a killed
+    writer's temporaries stayed for good (review45). Windows is asked through _winapi, emulated
+    here as it answers: an unknown pid is ERROR_INVALID_PARAMETER (87), a running process's exit
+    code STILL_ACTIVE (259), another user's process ERROR_ACCESS_DENIED (5)."""
+    import sys
+    import types
+
+    import svp.io as sio
+    exit_codes = {101: 259, 102: 0}   # 101 runs, 102 has exited (its handle still open somewhere)
+
+    def windows_error(code, text):
+        e = OSError(None, text)
+        e.winerror = code   # (set by the constructor on Windows alone)
+        return e
+
+    def open_process(access, inherit, pid):
+        if pid == 103:
+            raise windows_error(5, "Access is denied")
+        if pid not in exit_codes:
+            raise windows_error(87, "The parameter is incorrect")
+        return pid
+    closed = []
+    fake = types.SimpleNamespace(OpenProcess=open_process, GetExitCodeProcess=lambda h: exit_codes[h],
+                                 CloseHandle=closed.append)
+    monkeypatch.setitem(sys.modules, "_winapi", fake)
+    for pid in (101, 102, 103, 104):
+        (tmp_path / f"{sio.TEMP_PREFIX}{pid}-x.json").write_text("{}")
+    monkeypatch.setattr(sio.os, "name", "nt")
+    try:
+        removed = sio.remove_dead_writers_temps(str(tmp_path))
+    finally:
+        monkeypatch.undo()
+    assert sorted(os.path.basename(p) for p in removed) == [f"{sio.TEMP_PREFIX}102-x.json",
+                                                             f"{sio.TEMP_PREFIX}104-x.json"]
+    assert sorted(closed) == [101, 102]

@@ -109,8 +109,8 @@ def remove_dead_writers_temps(folder: str) -> List[str]:
 
 
 def _alive(pid: int) -> bool:
-    if os.name == "nt":   # os.kill(pid, 0) terminates the process there: every writer counts as alive
-        return True
+    if os.name == "nt":   # (os.kill(pid, 0) there sends CTRL_C_EVENT, whose value is 0, to a console group)
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,6 +118,20 @@ def _alive(pid: int) -> bool:
     except OSError:   # (another user's process: alive)
         return True
     return True
+
+
+def _alive_windows(pid: int) -> bool:
+    """Whether process ``pid`` runs, asked of Windows itself: every writer counted as alive there,
+    so a killed writer's temporaries were never removed (review45; not run on Windows)."""
+    import _winapi
+    try:
+        handle = _winapi.OpenProcess(0x1000, False, pid)   # PROCESS_QUERY_LIMITED_INFORMATION
+    except OSError as e:   # ERROR_INVALID_PARAMETER: no such process; else (access denied) another user's
+        return getattr(e, "winerror", None) != 87
+    try:
+        return _winapi.GetExitCodeProcess(handle) == 259   # STILL_ACTIVE
+    finally:
+        _winapi.CloseHandle(handle)
 
 
 def _dir_temps(final_dir: str):
