@@ -43,7 +43,10 @@ kw = {"skip_init": True} if mode == "adapter" and "skip_init" in inspect.signatu
 t = time.perf_counter()
 build_backbone(spec, **kw)
 # VmHWM, not ru_maxrss: Linux carries the forking parent's peak into ru_maxrss across exec
-hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+try:
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+except OSError:   # (no /proc: macOS)
+    hwm = []
 peak = int(hwm[0].split()[1]) if hwm else (   # KiB (ru_maxrss: bytes on macOS)
     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1))
 print(json.dumps({"build_s": time.perf_counter() - t, "peak_rss_mb": peak / 1024}))

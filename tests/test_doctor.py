@@ -238,3 +238,13 @@ def test_a_bad_cpu_matmul_setting_fails_its_row_not_the_kernels(tmp_path):
     assert "FAILED: SVP_CPU_MATMUL (the 'CPU products' row above)" in lines, out.stdout
     assert any("not run SVP_CPU_MATMUL" in ln for ln in lines), out.stdout
     assert not any(" FAIL " in ln for ln in lines if "CPU products" not in ln), out.stdout
+
+
+def test_the_openmp_spin_line_says_where_the_setting_is_read(monkeypatch):
+    """svp doctor said "GOMP_SPINCOUNT=1000 (set by svp)" on every system, but libgomp alone reads
+    it (Linux's torch; macOS's uses LLVM's libomp): elsewhere the line says it does nothing (review45)."""
+    import svp.doctor as d
+    if d.sys.platform.startswith("linux"):
+        assert "does not read it" not in d._wait_policy()
+    monkeypatch.setattr(d.sys, "platform", "darwin")
+    assert "read by libgomp (Linux's torch) alone" in d._wait_policy()

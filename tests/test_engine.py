@@ -96,6 +96,8 @@ def test_the_resume_hint_names_the_command_that_started_the_run(monkeypatch):
     from svp.engine.signals import interrupted, resume_command
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert resume_command("R") == "svp train --resume R"
+    # a path with spaces, to paste as one word (review45)
+    assert resume_command("/my runs/it's") == """svp train --resume '/my runs/it'"'"'s'"""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -970,10 +972,10 @@ def test_config_files_that_are_pipes_folders_or_hold_what_python_cannot_read(tmp
     os.write(w, b"train: {lr: 0.25}\n")
     os.close(w)
     try:
-        assert C.load_yaml(f"/proc/self/fd/{r}") == {"train": {"lr": 0.25}}
+        assert C.load_yaml(f"/dev/fd/{r}") == {"train": {"lr": 0.25}}
         # read once: svp sweep resolves its configuration once per run, and every run after the
         # first trained without the pipe's settings, silently (review43)
-        assert C.load_yaml(f"/proc/self/fd/{r}") == {"train": {"lr": 0.25}}
+        assert C.load_yaml(f"/dev/fd/{r}") == {"train": {"lr": 0.25}}
     finally:
         os.close(r)
     with pytest.raises(C.ConfigError, match="a folder, expected a YAML config file"):

@@ -208,7 +208,8 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
         pt.pretrain(_args(tmp_path / "resume", epochs=3, ckpt_every=3, resume=True), log=lambda m: None)
     # the checkpoint it resumed from is no longer mapped when the next one replaces it: the tensors
     # read stayed alive, views of the file's pages, and on Windows a mapped file cannot be replaced
-    ckpt_path, save, mapped_at_save = str(tmp_path / "resume" / "checkpoint.safetensors"), mod.atomic_save_safetensors, []
+    ckpt_path = str(tmp_path / "resume" / "checkpoint.safetensors")
+    save, mapped_at_save = mod.atomic_save_safetensors, []
 
     def checked_save(path, *a, **k):
         if path == ckpt_path and os.path.exists("/proc/self/maps"):

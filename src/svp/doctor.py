@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import sys
 import time
 from typing import Tuple
 
@@ -37,6 +38,9 @@ def _wait_policy() -> str:
     st = runtime.status()
     if st["applied_before_torch"] is None:
         return "not configured (SVP_NO_RUNTIME_DEFAULTS is set)"
+    if not sys.platform.startswith("linux"):   # (review45)
+        return (f"{st['omp_wait_policy']}; read by libgomp (Linux's torch) alone: torch here uses "
+                f"another OpenMP runtime, which does not read it")
     return str(st["omp_wait_policy"])
 
 

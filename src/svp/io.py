@@ -333,6 +333,16 @@ def shortened(text: str) -> str:
     return _LONG_WORD.sub(cut, str(text))
 
 
+def shell_word(path: str) -> str:
+    """``path`` as one word of the user's shell, for a command to paste (quoted where it has
+    spaces or a shell's specials)."""
+    if os.name == "nt":
+        import subprocess
+        return subprocess.list2cmdline([path])
+    import shlex
+    return shlex.quote(path)
+
+
 def quiet_stdout() -> None:
     """Point stdout at /dev/null, so that later writes, and the interpreter's own flush at exit,
     do not raise BrokenPipeError again (the recipe of Python's signal documentation)."""

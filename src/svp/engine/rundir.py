@@ -18,7 +18,7 @@ from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
 from ..errors import ConfigError, OutputError, PeerError, ResumeError, SVPError
-from ..io import DISK_ERRNOS, remove_stale_temps
+from ..io import DISK_ERRNOS, remove_stale_temps, shell_word
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
 from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
@@ -266,7 +266,7 @@ class RunFolder:
             raise ResumeError(f"{self.file(ck.RESUME_FILE)} was not saved with this run's config.yaml (copied "
                               f"from another run, or a value in config.yaml edited since{older}); resume the run it "
                               f"came from, or restore config.yaml. --resume takes the changes that apply exactly "
-                              f"from a resume point (`svp train --resume {self.path} train.lr=...`; "
+                              f"from a resume point (`svp train --resume {shell_word(self.path)} train.lr=...`; "
                               f"docs/training.md)")
         saved_base, base = state.get("base_model_hash"), unwrap(model).base_hash
         if isinstance(saved_base, str) and saved_base != base:   # (resume points before 2026-12-06: not checked)

@@ -25,7 +25,7 @@ import time
 from typing import List, Optional, Tuple
 
 from ..errors import ConfigError, ResumeError
-from ..io import mkdir_error
+from ..io import mkdir_error, shell_word
 
 LOCK_FILE = "run.lock"
 _WIN_LOCK_OFFSET = 1 << 20  # lock a byte past the holder record so others can still read it
@@ -313,7 +313,7 @@ def _claim_run_dir(cfg: dict, made: List[str]) -> Tuple[str, RunLock, List[str]]
         lock.release()
         from .checkpoint import RESUME_FILE
         if os.path.isfile(os.path.join(run_dir, RESUME_FILE)):
-            advice = f"use `svp train --resume {run_dir}` to continue it, or choose another run.name"
+            advice = f"use `svp train --resume {shell_word(run_dir)}` to continue it, or choose another run.name"
         else:   # finished (results.json), or never saved: --resume would say "nothing to resume"
             advice = "it has nothing to resume; choose another run.name (or remove the folder to train it again)"
         raise ConfigError(f"run folder {run_dir} already holds a run; {advice}")

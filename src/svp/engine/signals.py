@@ -23,6 +23,7 @@ import time
 from typing import Optional
 
 from .. import runtime
+from ..io import shell_word
 
 EXIT_STOPPED = 75       # stopped on request (debug.stop_at_step), resume point written
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM, resume point written
@@ -272,6 +273,7 @@ def resume_command(run_dir: str) -> str:
     """The command that continues ``run_dir`` as it was started: a run saved by several
     processes resumes only with as many (svp refuses another world size)."""
     world, _, _, local = runtime.launch()
+    run_dir = shell_word(run_dir)   # (a path with spaces, to paste: review45)
     if world == 1:
         return f"svp train --resume {run_dir}"
     if not os.environ.get("LOCAL_WORLD_SIZE", "").strip():   # (empty is unset, as runtime.launch reads it)
