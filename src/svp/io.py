@@ -182,7 +182,8 @@ def _remove_path(path: str) -> bool:
 
 def _umask() -> int:
     """The process's umask, read without changing it where /proc says it (Linux 4.7+), else
-    by setting and restoring it (a moment in which another thread's new files would get 0)."""
+    by setting and restoring it (macOS, Windows: a moment in which another thread's new files
+    would get the 022 mask)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
