@@ -2016,3 +2016,24 @@ def test_best_is_the_finished_runs_selection_after_a_kill_between_best_and_its_r
     best, last = (load_file(str(run / d / "adapter.safetensors")) for d in ("best", "last"))
     assert all(torch.equal(best[k], last[k]) for k in best)   # epoch 1 is the last and the selected one
     assert not all(torch.equal(best[k], killed[k]) for k in best)
+
+
+def test_svps_loaders_spawn_their_workers_where_the_start_method_is_forkserver():
+    """Under forkserver (Linux's default from Python 3.14) a server svp started while its workers
+    start (SIGINT/SIGTERM blocked: engine.signals) kept them blocked for the program's life, and a
+    later, unrelated child forked from it could not be terminated; a server started before svp
+    forked workers that ran their start unprotected, and a Ctrl-C ended the run as "cannot start
+    ... (Broken pipe)" (review44). svp's loaders spawn their workers there instead."""
+    import multiprocessing as mp
+
+    from svp.engine.distributed import Loader
+    old = mp.get_start_method(allow_none=True)
+    try:
+        for method, expected in (("forkserver", "spawn"), ("spawn", None), ("fork", None)):
+            mp.set_start_method(method, force=True)
+            loader = Loader(list(range(4)), batch_size=2, num_workers=1)
+            got = loader.multiprocessing_context
+            assert (got.get_start_method() if got is not None else None) == expected, method
+        assert Loader(list(range(4)), batch_size=2).multiprocessing_context is None   # (no workers)
+    finally:
+        mp.set_start_method(old, force=True)

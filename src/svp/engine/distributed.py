@@ -178,6 +178,8 @@ class Loader(torch.utils.data.DataLoader):
 
     def __init__(self, *args, **kwargs):
         from .signals import loader_worker_init
+        if kwargs.get("num_workers") and kwargs.get("multiprocessing_context") is None:
+            kwargs["multiprocessing_context"] = _worker_context()
         super().__init__(*args, worker_init_fn=loader_worker_init, **kwargs)
 
     def __iter__(self):
@@ -206,6 +208,17 @@ class Loader(torch.utils.data.DataLoader):
                                   f"(ulimit -n, ulimit -u)? Use fewer workers (data.num_workers, 0 reads in this "
                                   f"process) or raise the limit") from None
             raise
+
+
+def _worker_context():
+    """Where the start method is forkserver (Linux's default from Python 3.14), svp's workers are
+    spawned: a forkserver svp started (while its workers start, with SIGINT/SIGTERM blocked:
+    engine.signals) kept them blocked for the program's life, and every later child of the program
+    forked from it could not be stopped; one started before svp forks workers that run their start
+    unprotected, and a Ctrl-C then killed one, and the run ended as "cannot start ... (Broken
+    pipe)" (review44). A forkserver's child imports torch as a spawned one does: no slower."""
+    import multiprocessing
+    return "spawn" if multiprocessing.get_start_method() == "forkserver" else None
 
 
 def _half_made_iterator_shut(e: BaseException) -> None:
