@@ -560,3 +560,39 @@ def test_a_finished_run_is_not_reused_once_its_backbone_checkpoint_holds_other_w
     assert results["epochs_run"] == 1   # left alone
     with pytest.raises(C.ConfigError, match="replaced since the run"):
         sweep(*args, fail_fast=True)
+
+
+@pytest.mark.slow  # two tiny runs in two spawned workers
+def test_a_sigterm_after_a_jobs_sweeps_last_run_still_writes_its_tables(tmp_path):
+    """Once a --jobs sweep's last run had returned, its stop request was off again: a SIGTERM
+    before its tables were written killed it there (no tables; a Ctrl-C ended it as 'sweep
+    interrupted', no tables either) (review44). The runner's stop request now holds the signal
+    until the tables are written, and the sweep then exits 130 saying so."""
+    import subprocess
+    import sys
+    out = tmp_path / "sw"
+    script = (
+        "import os, signal, sys, time\n"
+        "import svp.engine.sweep as S\n"
+        "real = S.write_outputs\n"
+        "def write_outputs(*a, **k):\n"   # the signal comes as the tables are about to be written
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    return real(*a, **k)\n"
+        "S.write_outputs = write_outputs\n"
+        "from svp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script, "sweep", "--suite", "mini", "--methods", "linear",
+                        "--seeds", "0,1", "--datasets", "digits", "--jobs", "2", "--output", str(out),
+                        "train.epochs=1", "data.max_train_samples=8", "data.max_eval_samples=8",
+                        "train.batch_size=4", "run.progress=none"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "SIGTERM received: no run is training now" in r.stderr, r.stderr[-3000:]
+    assert ("svp sweep: error: sweep stopped: SIGTERM received after the last run had finished; its tables "
+            "are written") in r.stderr, r.stderr[-3000:]
+    rows = _rows(str(out))
+    assert sorted(row["seed"] for row in rows) == ["0", "1"]
+    assert all(row["status"] == "ok" and row["final_test_top1"] for row in rows), rows
+    assert (out / "results.md").is_file()

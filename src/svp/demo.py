@@ -80,7 +80,8 @@ def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int =
             # run was refused ("made with another configuration") and a rerun wrote an empty preset
             from svp.engine import config as C
             return C.resolve(base=cfg)
-        cell = T.tune_cell(points, [seed], os.path.join(out, m), "val", mk, T.Runner(jobs), label=f"demo / {m}")
+        with T.Runner(jobs) as runner:   # (its worker processes end with the method's grid)
+            cell = T.tune_cell(points, [seed], os.path.join(out, m), "val", mk, runner, label=f"demo / {m}")
         preset["val_top1"][m] = {g["label"].split("=", 1)[1]: g["val_top1"] for g in cell["grid"]}
         if cell["chosen"] is not None:
             preset["lr"][m] = float(cell["chosen"]["train.lr"])

@@ -464,7 +464,8 @@ def _sweep(args) -> int:
         raise C.ConfigError(f"--jobs {args.jobs}: expected a positive number of worker processes")
     from .signals import TrainingStopped
     try:
-        out = sweep(args.suite, methods, seeds, args.output or os.path.join("sweeps", args.suite), datasets,
+        out_dir = args.output or os.path.join("sweeps", args.suite)
+        out = sweep(args.suite, methods, seeds, out_dir, datasets,
                     args.config, overrides, args.fail_fast, args.tune, args.tune_refit, args.jobs)
     except ValueError as e:
         if isinstance(e, C.ConfigError):
@@ -475,6 +476,10 @@ def _sweep(args) -> int:
              f"command again: finished runs are reused, the interrupted one resumes", "sweep")
         return e.code
     except KeyboardInterrupt as e:  # --jobs N: the workers' runs stopped (svp.engine.tune.Runner)
+        if str(e).endswith("after the last run had finished"):   # (Runner's exit: the tables are written)
+            _err(f"sweep stopped: {e}; its tables are written (in {printable(out_dir)}: results.csv, "
+                 f"results.md); the same svp sweep command reuses every run and prints them", "sweep")
+            return 130
         _err(f"sweep interrupted ({str(e).split(';')[0] or 'KeyboardInterrupt'}); run the same svp sweep "
              f"command again: finished runs are reused, interrupted ones resume from their resume points", "sweep")
         return 130

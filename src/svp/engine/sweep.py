@@ -555,11 +555,12 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
         tasks.append((os.path.join(output, name),
                       lambda ds=ds, m=m, s=s, name=name: run_config(ds, m, s, output, name, config_files, overrides,
                                                                     base)))
+    # the tables within the runner's block: its stop request holds a signal until they are written
     with Runner(jobs) as runner:
         results = runner.run_all(tasks)
-    rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir)
-            for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
-    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+        rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir)
+                for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
+        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
@@ -634,14 +635,15 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
         write_outputs_meanwhile(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds,
                                 list(methods), seeds, tuning)
         final_res = runner.run_all([t for f in finals for t in f])
-    k = 0
-    for cell, fin in zip(cells, finals):
-        T.record_finals(cell, seeds, fin, final_res[k:k + len(fin)])
-        k += len(fin)
-    rows = _tuned_rows(suite, plans, cells, seeds, protocol)
-    for cell in cells:
-        for fin in cell["finals"]:
-            fin.pop("results", None)
-    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
+        k = 0
+        for cell, fin in zip(cells, finals):
+            T.record_finals(cell, seeds, fin, final_res[k:k + len(fin)])
+            k += len(fin)
+        rows = _tuned_rows(suite, plans, cells, seeds, protocol)
+        for cell in cells:
+            for fin in cell["finals"]:
+                fin.pop("results", None)
+        # (within the runner's block, as the plain sweep's tables)
+        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
     return {"csv": csv_path, "markdown": md_path, "rows": rows, "tuning": tuning,
             "json": os.path.join(output, "tuning.json")}

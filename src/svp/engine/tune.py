@@ -408,23 +408,46 @@ def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dic
 class Runner:
     """Runs (or reuses / resumes) training runs, one at a time or ``jobs`` at a time
     in spawned worker processes (each run's threads as the environment sets them).
-    The worker pool lives until :meth:`close` (use as a context manager)."""
+    The worker pool lives until :meth:`close` (use as a context manager).
+
+    Once it has workers, its stop request (:class:`~svp.engine.signals.StopRequest`) takes
+    SIGINT/SIGTERM until :meth:`close`, not only while runs train: what the caller does with the
+    results inside the ``with`` block (a sweep writes its tables) is not cut short by a first
+    signal, which Python's handler, back after the last run, turned into a KeyboardInterrupt there
+    (the tables lost), or SIGTERM's default into the process's death. Leaving the block with no
+    exception raises the stop then (KeyboardInterrupt), the tables written."""
 
     def __init__(self, jobs: int = 1):
         self.jobs = max(1, int(jobs))
         self._pool = None
         self._stop = None
+        self._stop_request = None
+        self._training = False   # whether workers are running runs (what a first signal's warning says)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self.close()
+        if exc_type is None:
+            self._check_stop(" after the last run had finished")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+        finally:
+            if self._stop_request is not None:
+                self._stop_request.restore()
+                self._stop_request = None
+
+    def _on_first_signal(self, name: str) -> None:
+        if self._training:
+            log.warning("%s received: the running runs stop after their step and write their resume points; the "
+                        "sweep exits when they have", name)
+        else:
+            log.warning("%s received: no run is training now; the sweep starts no other", name)
 
     def run_all(self, tasks: List[Tuple[str, Callable[[], dict]]]) -> List[Tuple[Optional[dict], str]]:
         """tasks: (run_dir, make_config). Returns (results or None, error text) per task."""
@@ -449,24 +472,25 @@ class Runner:
                      f", {failed} failed before training" if failed else "")
         if self.jobs == 1 or len(todo) <= 1:
             for i, run_dir, cfg in todo:
+                self._check_stop()   # (a signal the stop request took between runs)
                 out[i] = _run_safely(run_dir, cfg)
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
             from .signals import StopRequest
             ctx = mp.get_context("spawn")
-            if self._pool is None:
+            if self._stop is None:
                 # the workers' stop request: a signal sent to this process alone does not reach them
                 self._stop = ctx.RawValue("i", 0)
+                self._stop_request = StopRequest(self._stop, on_first=self._on_first_signal).install()
+            if self._pool is None:
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
                                                     initializer=_worker_init, initargs=(self._stop, os.getpid()))
-            stop = StopRequest(self._stop, on_first=lambda name: log.warning(
-                "%s received: the running runs stop after their step and write their resume points; the "
-                "sweep exits when they have", name)).install()
             # each run's name within the sweep begins its stderr lines (svp.engine.progress.worker_label)
             root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
             label = {i: os.path.relpath(os.path.abspath(run_dir), root) for i, run_dir, _ in todo}
             broken, stopped = [], []
+            self._training = True
             try:
                 self._check_stop()
                 # the workers start (at submit) with SIGINT/SIGTERM blocked, then ignored until a
@@ -510,7 +534,7 @@ class Runner:
                         self._check_stop()
                         out[i] = self._run_alone(tasks[i][0], cfgs[i], label[i], ctx)
             finally:
-                stop.restore()
+                self._training = False
             self._check_stop()  # every run finished before it could stop: start nothing more
         return [o if o is not None else (None, "not run") for o in out]
 
@@ -528,10 +552,10 @@ class Runner:
                 log.error("run %s failed: its worker process died (killed by a signal: out of memory?)", run_dir)
                 return None, "its worker process died (killed by a signal: out of memory?)"
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, when: str = "") -> None:
         if self._stop is not None and self._stop.value:
             import signal
-            raise KeyboardInterrupt(f"{signal.Signals(self._stop.value).name} received")
+            raise KeyboardInterrupt(f"{signal.Signals(self._stop.value).name} received{when}")
 
 
 def _stopped_summary(stopped: List[Tuple[str, str]], signum: int) -> str:
