@@ -835,3 +835,34 @@ def test_the_fake_root_command_takes_a_folder_and_says_its_usage(tmp_path, capsy
         main([str(tmp_path / "afile")])
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert main([str(tmp_path / "fk")]) == 0 and os.path.isdir(tmp_path / "fk" / "VTAB" / "vtab-1k")
+
+
+def test_split_files_written_on_windows_name_their_images_with_backslashes(fake, tmp_path):
+    """A VTAB list, an FGVC json or a csv list written on Windows (`images\\a.jpg`) was refused
+    image by image elsewhere, where a backslash is a character of the file's name (review45): the
+    '/' form is read where the name as written is missing."""
+    from svp.data.fake import make_fake_root
+    r = _copy(fake, tmp_path, "VTAB/vtab-1k/dtd", "FGVC/OxfordFlower")
+    make_fake_root(os.path.join(r, "c"), which=("csv",))
+    cases = [("vtab/dtd", "VTAB/vtab-1k/dtd/test.txt", {}), ("flowers", "FGVC/OxfordFlower/test.json", {}),
+             ("csv", "c/custom_csv/test.csv", {"root": os.path.join(r, "c/custom_csv")})]
+    for name, listed, kw in cases:
+        kw = kw or {"root": r}
+        before = build_dataset(name, "test", **kw)
+        lst = os.path.join(r, listed)
+        text = open(lst).read()
+        assert "/" in text and "\\" not in text, listed
+        if listed.endswith(".json"):
+            data = json.loads(text)
+            open(lst, "w").write(json.dumps({k.replace("/", "\\"): v for k, v in data.items()}))
+        else:   # (the csv's header and labels hold no '/')
+            open(lst, "w").write(text.replace("/", "\\"))
+        after = build_dataset(name, "test", **kw)
+        assert after.samples == before.samples and after.classes == before.classes, name
+        x, y = after[0]
+        assert y == before.samples[0][1]
+    # a file whose name holds the backslash itself is still the one read
+    odd = os.path.join(r, "VTAB/vtab-1k/dtd/images\\own.jpg")
+    shutil.copy(build_dataset("vtab/dtd", "test", root=r).samples[0][0], odd)
+    open(os.path.join(r, "VTAB/vtab-1k/dtd/test.txt"), "a").write("images\\own.jpg 3\n")
+    assert build_dataset("vtab/dtd", "test", root=r).samples[-1] == (odd, 3)

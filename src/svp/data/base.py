@@ -61,6 +61,19 @@ def leaves_folder(rel: str) -> bool:
             or norm == ".." or norm.startswith("../"))
 
 
+def listed_path(base_dir: str, rel: str) -> str:
+    """``base_dir`` joined with an image path a split file lists. A list written on Windows names
+    its images with backslashes (``img\\a.jpg``), which elsewhere are a file name's own
+    characters: every such image was refused as missing. Where the name as written is missing and
+    its '/' form exists, the '/' form is read (one more stat per such line only)."""
+    path = os.path.join(base_dir, rel)
+    if "\\" in rel and os.sep == "/" and not os.path.lexists(path):
+        alt = os.path.join(base_dir, rel.replace("\\", "/"))
+        if os.path.lexists(alt):
+            return alt
+    return path
+
+
 def missing(path, what: str, layout: str = "") -> DatasetError:
     msg = f"{what} not found: {path}"
     if layout:

@@ -29,8 +29,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..compat import AllowListUnpickler
-from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
-                   leaves_folder, log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
+from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset, leaves_folder,
+                   listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 
@@ -579,7 +579,7 @@ def build_csv(root: str, split: str, transform=None, file=None, classes=None,
     labelled = [(files[s], lab, lineno) for s in [split] + sorted(set(rows) - {split})
                 for _, lab, lineno in rows[s]]
     classes, to_index = _csv_label_mode(labelled, classes, listed)
-    samples = [(rel if os.path.isabs(rel) else os.path.join(cdir, rel), to_index(lab))
+    samples = [(rel if os.path.isabs(rel) else listed_path(cdir, rel), to_index(lab))
                for rel, lab, _ in rows[split]]
     # an image listed twice is two samples (weighted twice in training and in the accuracy): kept,
     # as listed, but said, since it is more often a list concatenated twice than a choice

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, leaves_folder, missing, open_text
+from .base import DOCS_HINT, DatasetError, FileListDataset, leaves_folder, listed_path, missing, open_text
 
 log = logging.getLogger("svp.data")
 
@@ -193,7 +193,7 @@ def build_fgvc(key: str, root: str, split: str, transform=None, skip_bad_images:
         raise missing(os.path.join(imgdir, absent[0]), f"{key} image folder '{absent[0]}' (named by "
                       f"{os.path.basename(files[split])}{f' with {len(absent) - 1} more' if len(absent) > 1 else ''})",
                       fgvc_layout(key))
-    samples: List[Tuple[str, int]] = [(os.path.join(imgdir, p), index[str(v)])
+    samples: List[Tuple[str, int]] = [(listed_path(imgdir, p), index[str(v)])
                                       for p, v in data.items()]
     if split == "val" and "train" in loaded:
         overlap = len(set(data) & set(loaded["train"]))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
-from .base import DOCS_HINT, DatasetError, FileListDataset, leaves_folder, missing, open_text, warn_repeats
+from .base import (DOCS_HINT, DatasetError, FileListDataset, leaves_folder, listed_path, missing, open_text,
+                   warn_repeats)
 
 # (task folder, classes, group) in the usual VTAB-1k order (natural, specialized, structured)
 VTAB_TASKS = [
@@ -113,7 +114,7 @@ def read_list_file(path: str, base_dir: str, sep: str = " ", num_classes: Option
             if leaves_folder(rel):
                 raise DatasetError(f"{path}:{lineno}: image path {rel!r} leaves the task folder; expected a path "
                                    f"relative to {base_dir} ({DOCS_HINT})")
-            samples.append((os.path.join(base_dir, rel), label))
+            samples.append((listed_path(base_dir, rel), label))
             lines.append(lineno)
     warn_repeats(name or os.path.basename(path), path, [(p, ln, lab) for (p, lab), ln in zip(samples, lines)])
     return samples
