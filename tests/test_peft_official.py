@@ -114,7 +114,7 @@ def test_converted_official_checkpoint_reproduces_official_logits(tmp_path, vari
         assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_conversion_errors_are_clear(tmp_path):
+def test_conversion_errors_are_clear(tmp_path, capsys):
     sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=5)
     ckpt = tmp_path / "c.pth"
     torch.save({"model": sd}, ckpt)
@@ -137,6 +137,22 @@ def test_conversion_errors_are_clear(tmp_path):
     with pytest.raises(RuntimeError, match="not an SVP checkpoint"):
         convert_official_svp(str(plain), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", **common)
     assert svp_main(base + ["--shared-layers", "3", "--prompt-hidden", "64"]) == 2  # 3 does not divide 4
+    # counts named by their flags (--num-classes 0 was 'model argument num_classes=0'), and a
+    # non-finite tensor by the file's key (it was named as the svp parameter it became: method.beta)
+    for flag, value, args in (("num-classes", "0", ["--shared-layers", "2", "--prompt-hidden", "64"]),
+                              ("shared-layers", "-1", ["--prompt-hidden", "64"]),
+                              ("prompt-hidden", "0", ["--shared-layers", "2"])):
+        argv = [a if a != "3" or flag != "num-classes" else value for a in base] + args
+        if flag != "num-classes":
+            argv += [f"--{flag}", value]
+        assert svp_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flag.replace('-', '_')}={value} (--{flag}): expected a positive integer" in err, err
+    bad = dict(sd, prompt_scale=sd["prompt_scale"].clone())
+    bad["prompt_scale"][3, 5] = float("nan")
+    torch.save({"model": bad}, tmp_path / "nan.pth")
+    with pytest.raises(RuntimeError, match=r"nan.pth: 1 tensor\(s\) hold NaN or infinite values \(prompt_scale\)"):
+        convert_official_svp(str(tmp_path / "nan.pth"), "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "o", **common)
     # a backbone file that differs from the backbone inside the SVP checkpoint is refused
     other = {k: v.clone() for k, v in sd.items() if not k.startswith(("prompt_", "head"))}
     other["norm_f.weight"] += 0.5

@@ -10,6 +10,7 @@ read with ``torch.load(weights_only=True)``; nothing in it is executed.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -41,6 +42,14 @@ def _split(sd: dict):
     return backbone, prompts, head
 
 
+def _check_counts(**counts) -> None:
+    """The command's counts (--num-classes, --shared-layers, --prompt-hidden) as positive
+    integers, named by their flags: num_classes=0 was refused as a model argument."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ConfigError(f"{name}={v!r} (--{name.replace('_', '-')}): expected a positive integer")
+
+
 def _check_head(head: dict, two_layer: bool, num_classes: int, dim: int, source: str):
     want = {"0.weight": (dim // 2, dim), "0.bias": (dim // 2,), "1.weight": (num_classes, dim // 2),
             "1.bias": (num_classes,)} if two_layer else {"weight": (num_classes, dim), "bias": (num_classes,)}
@@ -67,11 +76,20 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     with ``backbone_checkpoint``, of that file's weights (which must then equal the backbone
     tensors the SVP checkpoint carries, up to ``atol``)."""
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
+    _check_counts(num_classes=num_classes, shared_layers=shared_layers, prompt_hidden=prompt_hidden)
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    backbone, prompts, head = _split(extract_state_dict(ckpt, source))
+    sd = extract_state_dict(ckpt, source)
+    backbone, prompts, head = _split(sd)
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
+    # named as the file names them (the adapter's own check, at saving, named svp's parameter
+    # the tensor became: 'method.beta' for the file's prompt_scale)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:8])}"
+                              f"{' ...' if len(bad) > 8 else ''}); expected finite weights (the official run "
+                              f"diverged?)")
     # random parts are replaced by the checkpoint's backbone just below
     model = build_model(ModelSpec(model_name, num_classes=num_classes, kwargs=dict(model_kwargs or {}),
                                   random_init=True))
