@@ -248,3 +248,45 @@ def test_the_openmp_spin_line_says_where_the_setting_is_read(monkeypatch):
         assert "does not read it" not in d._wait_policy()
     monkeypatch.setattr(d.sys, "platform", "darwin")
     assert "read by libgomp (Linux's torch) alone" in d._wait_policy()
+
+
+def test_cpu_name_asks_macos_and_windows_for_the_brand_name(tmp_path, monkeypatch):
+    """platform.processor() says 'arm' or 'i386' on a Mac and 'Intel64 Family 6 ...' on Windows
+    (review45): there the OS's own brand string is read (emulated: no such machine here)."""
+    import subprocess
+    import sys
+    import types
+
+    from svp import doctor
+    missing = str(tmp_path / "missing")
+    calls = []
+
+    def sysctl(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="Apple M2 Pro\n", stderr="")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(subprocess, "run", sysctl)
+    assert doctor.cpu_name(missing) == "Apple M2 Pro"
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]
+
+    def no_sysctl(argv, **kw):
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+    monkeypatch.setattr(subprocess, "run", no_sysctl)
+    monkeypatch.setattr(doctor.platform, "processor", lambda: "arm")
+    assert doctor.cpu_name(missing) == "arm"   # (what there is left to say)
+
+    opened = []
+
+    class Key:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    reg = types.SimpleNamespace(HKEY_LOCAL_MACHINE="HKLM",
+                                OpenKey=lambda root, path: opened.append((root, path)) or Key(),
+                                QueryValueEx=lambda k, name: ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz  ", 1))
+    monkeypatch.setitem(sys.modules, "winreg", reg)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert doctor.cpu_name(missing) == "Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz"
+    assert opened == [("HKLM", r"HARDWARE\DESCRIPTION\System\CentralProcessor\0")]

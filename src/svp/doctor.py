@@ -91,12 +91,34 @@ def backend_choice(dev) -> str:
 
 def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name as the OS reports it (Linux: the first "model name" of
-    /proc/cpuinfo; elsewhere ``platform.processor()``), else the architecture. Speed numbers
+    /proc/cpuinfo; macOS: ``sysctl machdep.cpu.brand_string``; Windows: the registry's
+    ProcessorNameString; elsewhere ``platform.processor()``), else the architecture. Speed numbers
     depend on it more than on anything else (docs/benchmarks.md measures three kinds of 2-vCPU
     machine whose float32 matmul rates differ by up to 2.5x), so doctor and the benchmarks print it.
-    A VM reports what its hypervisor shows, which may be a generic name."""
+    A VM reports what its hypervisor shows, which may be a generic name. (platform.processor()
+    says 'arm' or 'i386' on a Mac, and 'Intel64 Family 6 Model 158 ...' on Windows.)"""
     from svp.compat import cpuinfo_field
-    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
+    return (cpuinfo_field("model name", cpuinfo) or _os_cpu_name() or platform.processor() or platform.machine()
+            or "unknown")
+
+
+def _os_cpu_name() -> str:
+    if sys.platform == "darwin":
+        import subprocess
+        try:
+            r = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return r.stdout.strip() if r.returncode == 0 else ""
+    if sys.platform == "win32":
+        try:
+            import winreg
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as k:
+                return str(winreg.QueryValueEx(k, "ProcessorNameString")[0]).strip()
+        except (ImportError, OSError):
+            return ""
+    return ""
 
 
 def _numba_row() -> str:
