@@ -987,3 +987,34 @@ def test_layer_wise_lr_decay_groups_a_peft_model_as_its_backbone(method):
             assert wd[n] == bare_wd[n[len("base_model."):]], n
     if method == "full":
         assert wd["base_model.pos_embed"] == 0.0 and len(set(got.values())) == len(set(bare.values()))
+
+
+@pytest.mark.parametrize("kw", [{"divide_out": False}, {"norm_eps": 1e-6}, {"residual_in_fp32": False}])
+def test_an_adapter_refuses_a_backbone_whose_weights_match_but_settings_differ(tmp_path, kw):
+    """The base hash covers the weights alone: an adapter trained on a backbone built with
+    divide_out=False or another norm eps loaded onto a default one with its outputs silently
+    different. It records the settings and such a load is refused, naming them."""
+    peft = get_peft_model(tiny(**kw), make_config("svp", num_classes=5, **SMALL["svp"]))
+    peft.save(tmp_path / "a")
+    recorded = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_settings"]
+    assert recorded == tiny(**kw).output_settings() != tiny().output_settings()
+    (name, value), = kw.items()
+    other = tiny()
+    assert base_weights_hash(other) == peft.base_hash   # the same weights
+    x = images()
+    with torch.no_grad():   # (residual_in_fp32 tells only where the blocks' inputs are not float32)
+        same = load_adapter(tiny(**kw), tmp_path / "a").eval()
+        forced = load_adapter(tiny(), tmp_path / "a", check_hash=False).eval()
+        if name == "residual_in_fp32":
+            same, forced, x = same.to(torch.bfloat16), forced.to(torch.bfloat16), x.bfloat16()
+        assert not torch.equal(same(x), forced(x))
+        x = x.float()
+    with pytest.raises(AdapterError, match=rf"built with .*{name}={value!r} \(the model given: "):
+        load_adapter(other, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(load_adapter(tiny(**kw), tmp_path / "a").eval()(x), peft(x))
+    # an adapter saved before the settings were recorded loads as before
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del cfg["base_model_settings"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    load_adapter(tiny(), tmp_path / "a")

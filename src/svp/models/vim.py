@@ -790,6 +790,17 @@ class VisionMamba(nn.Module):
                     blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
 
     @torch.jit.ignore
+    def output_settings(self) -> dict:
+        """The constructor arguments that change the outputs but no weight's name, shape or
+        value, so that the base-weights hash an adapter is bound to cannot see them: an adapter
+        records them (svp.peft.io.save_adapter) and a load onto a backbone built otherwise is
+        refused, where its outputs would differ silently."""
+        block = self.layers[0]
+        return {"norm_eps": float(block.norm.eps), "final_norm_eps": float(self.norm_f.eps),
+                "residual_in_fp32": bool(block.residual_in_fp32), "divide_out": bool(block.mixer.divide_out),
+                "global_pool": str(self.global_pool)}
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         """Recompute each block's forward in the backward instead of keeping its activations
         (``torch.utils.checkpoint``, non-reentrant; the RNG state is restored, so DropPath draws

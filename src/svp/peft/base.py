@@ -26,7 +26,7 @@ from safetensors.torch import load as safetensors_load
 from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
 from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterFiles, base_weights_hash, read_adapter_config,
-                 read_adapter_files, save_adapter, tensors_hash)
+                 read_adapter_files, save_adapter, settings_differences, tensors_hash)
 from .registry import config_from_dict, get_method
 
 _ATTACHED = "_svp_peft_attached"
@@ -518,6 +518,13 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
                 f"{want}, but the model given has weight hash {have}; load the same base weights, built "
                 f"the same way: another img_size resamples the position embedding, so its weights differ "
                 f"too{_dtype_hint(model)} (from Python, load_adapter(..., check_hash=False) forces it)")
+        differ = settings_differences(cfg.get("base_model_settings") or {}, model)
+        if differ:   # the same weights, other outputs (adapters saved before 2026-12-06 record none)
+            raise AdapterError(
+                f"{directory}: adapter was trained on a {cfg.get('base_model_name')!r} backbone built with "
+                f"{', '.join(differ)}; build the model with the adapter's settings (its outputs differ "
+                f"otherwise, the weights being the same), or from Python load_adapter(..., check_hash=False) "
+                f"forces it")
     try:  # a setting edited or damaged in the file: named with the folder, before anything is attached
         n = cfg["num_classes"]
         if not isinstance(n, int) or isinstance(n, bool):

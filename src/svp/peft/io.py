@@ -38,6 +38,21 @@ def base_weights_hash(model: nn.Module) -> str:
     return tensors_hash({k: v for k, v in sd.items() if not k.startswith("head.")})
 
 
+def base_output_settings(model: nn.Module) -> Optional[dict]:
+    """The backbone's settings its weight hash cannot see (``VisionMamba.output_settings``:
+    norm eps, divide_out, ...), or None for a backbone without them."""
+    get = getattr(model, "output_settings", None)
+    return get() if callable(get) else None
+
+
+def settings_differences(recorded: dict, model: nn.Module) -> list:
+    """'name=recorded (the model: value)' for each recorded setting the model has otherwise
+    (settings this svp does not know, or the model lacks, are not compared)."""
+    have = base_output_settings(model) or {}
+    return [f"{k}={recorded[k]!r} (the model given: {have[k]!r})"
+            for k in sorted(recorded) if k in have and have[k] != recorded[k]]
+
+
 def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
     """:func:`base_weights_hash`'s sha256 over any name -> tensor dict (an adapter's own:
     ``weights_hash`` in adapter_config.json binds the config to the tensors saved with it)."""
@@ -93,6 +108,9 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         "trainable_params": int(sum(t.numel() for t in tensors.values())),
         "weights_hash": tensors_hash(tensors),
     }
+    settings = base_output_settings(base)
+    if settings is not None:
+        config["base_model_settings"] = settings
     config["config"]["num_classes"] = num_classes
     if extra:
         config["extra"] = extra
@@ -162,6 +180,9 @@ def read_adapter_config(directory, data: Optional[bytes] = None) -> dict:
                               or len(names) != n):
         raise AdapterError(f"{path}: 'class_names' must be null or a list of {n!r} strings (one per class), "
                            f"got {_brief(names)}")
+    settings = cfg.get("base_model_settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise AdapterError(f"{path}: base_model_settings is {_brief(settings)}, expected an object")
     digest = cfg.get("weights_hash")
     if digest is not None and not (isinstance(digest, str) and digest.startswith("sha256:")):
         raise AdapterError(f"{path}: weights_hash is {_brief(digest)}, expected 'sha256:' and a hex digest")
