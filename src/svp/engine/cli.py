@@ -311,8 +311,21 @@ def _check_class_names(adapter_names, dataset_names, args) -> None:
              if sorted(names) == sorted(classes) else
              "; the names differ in case or spaces only" if sorted(n.strip().lower() for n in names) == sorted(
                  c.strip().lower() for c in classes) else "")
+    # how much differs, not only where first: a name renamed, against another dataset altogether
+    differ = sum(a != b for a, b in zip(names, classes))
+    only_data = [c for c in classes if c not in set(names)]
+    only_adapter = [n for n in names if n not in set(classes)]
+
+    def some(xs):
+        return ", ".join(repr(x) for x in xs[:3]) + (", ..." if len(xs) > 3 else "")
+    where = []
+    if only_data:
+        where.append(f"{len(only_data)} dataset class(es) the adapter does not name ({some(only_data)})")
+    if only_adapter:
+        where.append(f"{len(only_adapter)} adapter class(es) the dataset lacks ({some(only_adapter)})")
     raise C.ConfigError(f"{args.dataset} [{args.split}]: its classes are not the adapter's ({args.adapter_dir}): "
-                        f"class {i} is {classes[i]!r} in the dataset, {names[i]!r} in the adapter{order}; "
+                        f"{differ} of {len(names)} positions differ, the first class {i}: {classes[i]!r} in the "
+                        f"dataset, {names[i]!r} in the adapter{order}{'; ' if where else ''}{'; '.join(where)}; "
                         f"--ignore-class-names evaluates by class index anyway")
 
 
