@@ -1115,7 +1115,12 @@ def test_print_config_refuses_what_the_run_would_and_the_run_before_its_data(tmp
                          (["train.device=tpu"], "device 'tpu': expected auto, cpu, cuda or cuda:N"),
                          (["model.name=vim_tinny_patch16_224"], "model 'vim_tinny_patch16_224': no such model"),
                          (["data.img_size=225"], "data.img_size=225: image height 225 does not fit the patch grid"),
-                         (["--method", "svp", "method.settings.shared_layers=7"], "shared_layers=7 does not divide")):
+                         (["--method", "svp", "method.settings.shared_layers=7"], "shared_layers=7 does not divide"),
+                         # (review46: these passed)
+                         (["train.device=cudaXYZ"], "device 'cudaXYZ': expected auto, cpu, cuda or cuda:N"),
+                         (["train.device=cuda:-1"], "device 'cuda:-1': expected"),
+                         (["model.name=resnet18", "--random-init"], "model 'resnet18' cannot be built with "
+                                                                     "{'img_size': 32} (TypeError: ")):
         assert svp_main(["train", "--print-config", *extra]) == 2, extra
         assert words in capsys.readouterr().err, extra
     # the names alone: the default configuration names no weights, and CUDA is the machine's business
@@ -1128,7 +1133,16 @@ def test_print_config_refuses_what_the_run_would_and_the_run_before_its_data(tmp
     monkeypatch.setattr(setup, "build_datasets", read)
     for extra, words in ((["train.opt=adamx"], "not an optimizer timm knows"),
                          (["model.name=vim_tinny_patch16_224", "--random-init"], "no such model"),
-                         (["model.name=vim_tiny_patch16_224"], "no weights given")):
+                         (["model.name=vim_tiny_patch16_224"], "no weights given"),
+                         # (review46: each of these read the data first; resnet18 then gave a traceback)
+                         (["--model", "vim_mini_patch4_32", "data.img_size=30"], "does not fit the patch grid"),
+                         (["--model", "vim_mini_patch4_32", "--method", "svp", "method.settings.shared_layers=3"],
+                          "shared_layers=3 does not divide"),
+                         (["--model", "vim_mini_patch4_32", "--checkpoint", str(tmp_path / "nope.pth")],
+                          "nope.pth': file not found"),
+                         (["--model", "vim_mini_patch4_32", "--checkpoint", str(tmp_path)],
+                          "a folder, expected a checkpoint file"),
+                         (["--model", "resnet18", "--random-init"], "svp's methods adapt Vision Mamba backbones")):
         assert svp_main(["train", "--dataset", "digits", "--name", "x", "run.output=" + str(tmp_path), *extra]) == 2
         assert words in capsys.readouterr().err, extra
 

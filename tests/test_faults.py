@@ -2035,5 +2035,10 @@ def test_svps_loaders_spawn_their_workers_where_the_start_method_is_forkserver()
             got = loader.multiprocessing_context
             assert (got.get_start_method() if got is not None else None) == expected, method
         assert Loader(list(range(4)), batch_size=2).multiprocessing_context is None   # (no workers)
+        # a program that has not chosen still may after a Loader is built: asking fixed it (review46)
+        mp.set_start_method(None, force=True)
+        Loader(list(range(4)), batch_size=2, num_workers=1)
+        assert mp.get_start_method(allow_none=True) is None
+        mp.set_start_method("spawn")   # (raised "context has already been set")
     finally:
         mp.set_start_method(old, force=True)

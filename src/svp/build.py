@@ -20,6 +20,7 @@ import dataclasses
 import json
 import numbers
 import os
+import re
 import stat
 from typing import Any, Dict, List, Optional
 
@@ -187,8 +188,9 @@ def check_model_name(name: str) -> None:
 
 
 def check_device_name(kind: str) -> None:
-    """The device's spelling, not whether it is on this machine."""
-    if kind != "auto" and kind != "cpu" and not kind.startswith("cuda"):
+    """The device's spelling, not whether it is on this machine ('cudaXYZ' and 'cuda:-1' passed
+    as CUDA, and torch refused them only on a machine with one: review46)."""
+    if kind not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:[0-9]+", str(kind)):
         raise ConfigError(f"device {kind!r}: expected auto, cpu, cuda or cuda:N")
 
 

@@ -218,7 +218,11 @@ def _worker_context():
     unprotected, and a Ctrl-C then killed one, and the run ended as "cannot start ... (Broken
     pipe)" (review44). A forkserver's child imports torch as a spawned one does: no slower."""
     import multiprocessing
-    return "spawn" if multiprocessing.get_start_method() == "forkserver" else None
+    # (not get_start_method(): asking fixes the program's start method, and its own
+    # set_start_method failed after an svp Loader was built: review46. The first of
+    # get_all_start_methods() is the default, as documented)
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return "spawn" if method == "forkserver" else None
 
 
 def _half_made_iterator_shut(e: BaseException) -> None:

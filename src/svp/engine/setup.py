@@ -323,7 +323,7 @@ def check_method_fits(cfg: dict) -> None:
     import timm
 
     import svp.models  # noqa: F401  (registers vim_* with timm)
-    from ..models.vim import PatchGridError
+    from ..models.vim import PatchGridError, VisionMamba
     from ..peft.base import dry_run
 
     mc, name, settings = method_config(cfg, None)
@@ -339,10 +339,20 @@ def check_method_fits(cfg: dict) -> None:
             where = ("model.kwargs.img_size", kwargs["img_size"]) if "img_size" in (m["kwargs"] or {}) \
                 else ("data.img_size", kwargs["img_size"])
             raise ConfigError(f"{where[0]}={where[1]}: {e}") from None
-        except Exception:   # an unknown model or argument: the run says so, as without the check
+        except (TypeError, ValueError) as e:   # arguments the model does not take (kept as words)
+            _META_MODELS[key] = f"{type(e).__name__}: {e}"
+        except Exception:   # an unknown model: the run says so, as without the check
             _META_MODELS[key] = None
-    if _META_MODELS[key] is None:
+    built = _META_MODELS[key]
+    if built is None:
         return
+    # (a model that is no Vim was built by the run with svp's img_size, and failed there with a
+    # traceback after the data had been read: review46)
+    if isinstance(built, str) or not isinstance(built, VisionMamba):
+        what = f"cannot be built with {kwargs} ({built})" if isinstance(built, str) else \
+            f"is a {type(built).__name__}"
+        raise ConfigError(f"model {m['name']!r} {what}; svp's methods adapt Vision Mamba backbones (the Vim "
+                          f"models: {', '.join(timm.list_models('vim_*'))})")
     try:
         dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:
@@ -525,6 +535,11 @@ def check_names(cfg: dict, weights: bool = True) -> None:
     if weights:
         ModelSpec(model=m["name"], checkpoint=m["checkpoint"], pretrained=bool(m["pretrained"]),
                   random_init=bool(m["random_init"]), img_size=int(cfg["data"]["img_size"])).weights
+        ckpt = m["checkpoint"]
+        if ckpt and not os.path.isfile(str(ckpt)):   # (said after the data was read: review46)
+            from ..models.loading import CheckpointError
+            why = "a folder, expected a checkpoint file" if os.path.isdir(str(ckpt)) else "file not found"
+            raise CheckpointError(f"model.checkpoint {str(ckpt)!r}: {why}")
 
 
 def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
@@ -538,6 +553,7 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     set_deterministic(bool(t["deterministic"]))
     seed_everything(int(t["seed"]))
     check_names(cfg)
+    check_method_fits(cfg)   # (as --print-config and a sweep check it: before the data is read)
     r = types.SimpleNamespace()
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
