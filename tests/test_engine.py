@@ -965,6 +965,30 @@ def test_a_one_line_error_cuts_a_value_of_thousands_of_characters_to_its_ends(ca
     assert shortened(f"{path}: no such file") == f"{path}: no such file"
 
 
+def test_every_commands_own_error_lines_cut_a_giant_value(tmp_path, capsys, monkeypatch):
+    """The commands that print their own error lines (data check, demo, pretrain, predict, the
+    launcher's WORLD_SIZE check, argparse's refusals) quoted a 5,000-character value whole: lines
+    of 4,900-9,700 characters (review46)."""
+    from svp.cli import main as svp_main
+    x = "x" * 5000
+    deep = str(tmp_path) + "/" + "/".join(["d" * 200] * 24)
+    for argv, code in ((["data", "check", x], 2), (["demo", "--methods", x, "--out", str(tmp_path / "demo")], 2),
+                       (["pretrain", "--out", deep], 2), (["train", "--epochs", x], SystemExit),
+                       (["predict", str(tmp_path / "no_adapter" / x), "img.png"], 2)):
+        if code is SystemExit:
+            with pytest.raises(SystemExit):
+                svp_main(argv)
+        else:
+            assert svp_main(argv) == code, argv[:2]
+        err = capsys.readouterr().err
+        assert "error" in err and "characters]..." in err, (argv[:2], err[:300])
+        assert max(len(line) for line in err.splitlines()) < 1200, (argv[:2], err[:300])
+    monkeypatch.setenv("WORLD_SIZE", x)
+    assert svp_main(["doctor"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE" in err and max(len(line) for line in err.splitlines()) < 1200, err[:300]
+
+
 def test_config_files_that_are_pipes_folders_or_hold_what_python_cannot_read(tmp_path):
     """-c <(...) (a pipe) was "config file not found", a folder too; a file with a 5,000-digit
     number, an impossible date or 400 levels of nesting was a traceback (review40)."""

@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from .errors import SVPError, first_line, out_of_memory
-from .io import DISK_ERRNOS, printable, quiet_stdout, shortened
+from .io import DISK_ERRNOS, error_line, printable, quiet_stdout, shortened
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
@@ -39,6 +39,10 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         if message:
             (file or sys.stderr).write(message)
+
+    def error(self, message):
+        # argparse quotes the value it refused whole ("invalid int value: '999...'", 5,000 digits)
+        super().error(shortened(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     try:
         world, rank = runtime.launch()[:2]
     except SVPError as e:
-        print(f"svp {args.command}: error: {e}", file=sys.stderr)
+        error_line(args.command, e)
         return e.exit_code
     if args.command != "train" and world > 1:
         # each process ran the whole command: `svp eval` printed every result once per process

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .io import print_or_drop, user_path
+from .io import error_line, print_or_drop, user_path
 
 BACKBONE = "vim_mini_patch4_32"
 # SVP sized for the mini backbone (width 64, depth 8) in the paper's proportions: the
@@ -386,8 +386,7 @@ def register(subparsers):
 
 def _main(args) -> int:
     if args.epochs < 1 or args.batch_size < 1:
-        print(f"svp demo: error: --epochs and --batch-size must be >= 1 (got {args.epochs}, {args.batch_size})",
-              file=sys.stderr)
+        error_line("demo", f"--epochs and --batch-size must be >= 1 (got {args.epochs}, {args.batch_size})")
         return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     problems = []
@@ -412,19 +411,18 @@ def _main(args) -> int:
                         + (" (--max-train-samples)" if args.max_train_samples is not None else "")
                         + f"; use --batch-size {n_train} or less")
     if problems:  # before any run starts, not as a table of failed runs
-        print("svp demo: error: " + "; ".join(problems), file=sys.stderr)
+        error_line("demo", "; ".join(problems))
         return 2
     import svp.peft as peft
     unknown = [m for m in methods if m not in peft.list_methods()]
     if unknown:
-        print(f"svp demo: error: unknown method(s) {unknown}; choose from {', '.join(peft.list_methods())}",
-              file=sys.stderr)
+        error_line("demo", f"unknown method(s) {unknown}; choose from {', '.join(peft.list_methods())}")
         return 2
     if args.threads is not None:
         from svp.compat import threads_problem
         problem = threads_problem(args.threads)
         if problem:
-            print(f"svp demo: error: {problem}", file=sys.stderr)
+            error_line("demo", problem)
             return 2
         import torch
         torch.set_num_threads(args.threads)  # svp's CPU kernels follow it
@@ -434,8 +432,7 @@ def _main(args) -> int:
         except ValueError:
             grid = []
         if not grid or not all(v > 0 for v in grid):   # (a rate of 0 "won" and was written to the preset)
-            print(f"svp demo: error: --select-lr {args.select_lr!r}: expected comma-separated rates > 0",
-                  file=sys.stderr)
+            error_line("demo", f"--select-lr {args.select_lr!r}: expected comma-separated rates > 0")
             return 2
         command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
@@ -457,13 +454,12 @@ def _main(args) -> int:
         # (svp train's words said to continue with `svp train --resume RUN`: that finishes the run,
         # never the demo, and the next `svp demo` sets it aside and trains it again)
         method = getattr(e, "demo_method", None)
-        print(f"svp demo: error: stopped{f' during the {method} run' if method else ''} ({str(e).split(';')[0]}); the "
-              f"runs so far are summarised in {os.path.join(args.out, 'demo_results.json')}. `svp demo` again "
-              f"starts the demo over (it sets these runs aside in {os.path.join(args.out, 'previous')})",
-              file=sys.stderr)
+        error_line("demo", f"stopped{f' during the {method} run' if method else ''} ({str(e).split(';')[0]}); the "
+                   f"runs so far are summarised in {os.path.join(args.out, 'demo_results.json')}. `svp demo` again "
+                   f"starts the demo over (it sets these runs aside in {os.path.join(args.out, 'previous')})")
         return e.code
     except OSError as e:   # a full or read-only disk: one line
-        print(f"svp demo: error: cannot write {e.filename or args.out} ({e.strerror or e})", file=sys.stderr)
+        error_line("demo", f"cannot write {e.filename or args.out} ({e.strerror or e})")
         return 2
     if summary.get("interrupted"):
         print("svp demo: error: interrupted while drawing the gate figure; the runs' table above is complete",

@@ -334,6 +334,13 @@ def shortened(text: str) -> str:
     return _LONG_WORD.sub(cut, str(text))
 
 
+def error_line(command: str, message) -> None:
+    """``svp COMMAND: error: MESSAGE`` on stderr, the way every command says a user's mistake: its
+    control characters escaped and its over-long runs cut (:func:`printable`, :func:`shortened`;
+    the commands printing their own lines quoted a 5,000-character value or path whole: review46)."""
+    print(f"svp {command}: error: {printable(shortened(message), lines=True)}", file=sys.stderr)
+
+
 def shell_word(path: str) -> str:
     """``path`` as one word of the user's shell, for a command to paste (quoted where it has
     spaces or a shell's specials)."""

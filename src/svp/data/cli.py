@@ -8,7 +8,7 @@ import time
 from typing import List
 
 from ..errors import ConfigError
-from ..io import mkdir_error, printable, user_path
+from ..io import error_line, mkdir_error, printable, shortened, user_path
 from .base import DatasetError
 from .check import find_bad_images
 from .registry import _resolve_root, build_dataset, dataset_info, list_datasets
@@ -88,7 +88,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             root_dir = _resolve_root(info, root)
         except DatasetError as e:
             print(f"{info.name}: {info.num_classes or '?'} classes ({info.group})", file=out)
-            print(f"  ERROR {printable(e, lines=True)}".replace("\n", "\n      "), file=out)
+            print(f"  ERROR {printable(shortened(e), lines=True)}".replace("\n", "\n      "), file=out)
             print("1 problem(s)", file=out)
             return 1
     else:
@@ -120,7 +120,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             continue
         if isinstance(ds, Exception):
             problems += 1
-            print(f"  {split:15s} ERROR {printable(ds, lines=True)}".replace("\n", "\n      "), file=out)
+            print(f"  {split:15s} ERROR {printable(shortened(ds), lines=True)}".replace("\n", "\n      "), file=out)
             continue
         t0 = time.time()
         bad = find_bad_images(ds, read=read, workers=workers)
@@ -139,7 +139,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             for ci, (c, k) in enumerate(zip(names, counts)):
                 print(f"      {ci:4d} {c:{width}s} {k:7d}", file=out)
         for msg in bad:
-            print(f"    {printable(msg)}", file=out)   # (file names from split files: escape sequences)
+            print(f"    {printable(shortened(msg))}", file=out)   # (file names from split files: escape sequences)
     print(f"{problems} problem(s)" if problems else "all images present and readable"
           if read else "all listed files present", file=out)
     return problems
@@ -161,7 +161,7 @@ def cmd_check(args) -> int:
     try:
         info = dataset_info(args.name)
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
+        error_line("data check", e.args[0])   # (it lacked the command's prefix)
         return 2
     if info.group == "embedded" or info.name in ("hta/gtsrb", "hta/food101") or "val_from_train" in opts:
         opts["seed"] = args.seed

@@ -16,7 +16,7 @@ EXIT_CONFIG = 2
 
 from .. import runtime  # noqa: E402
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
-from ..io import json_text, printable, user_path  # noqa: E402
+from ..io import error_line, json_text, printable, user_path  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -237,7 +237,7 @@ def _overrides_from_flags(args) -> List[str]:
 
 def _err(msg: str, command: str = "train") -> None:
     # the same prefix as svp.cli.main's one-line errors ("svp train: error: ...")
-    print(f"svp {command}: error: {msg}", file=sys.stderr)
+    error_line(command, msg)
 
 
 def cmd_train(args) -> int:

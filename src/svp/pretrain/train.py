@@ -33,7 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..compat import memory_bytes
 from ..errors import ConfigError, ResumeError
-from ..io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, print_or_drop,
+from ..io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, error_line, print_or_drop,
                   remove_dead_writers_temps, user_path)
 from .fractals import generate_split, make_categories
 
@@ -434,27 +434,26 @@ def _main(args) -> int:
     for k, least in (("num_classes", 2), ("per_class", 1), ("heldout_per_class", 1), ("epochs", 1),
                      ("batch_size", 1), ("ckpt_every", 1), ("threads", 1), ("warmup_steps", 0), ("seed", 0)):
         if getattr(args, k) < least:   # (--threads 0 ran on one thread, and recorded 0)
-            print(f"svp pretrain: error: --{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}",
-                  file=sys.stderr)
+            error_line("pretrain", f"--{k.replace('_', '-')} must be >= {least}, got {getattr(args, k)}")
             return 2
     from ..compat import threads_problem
     problem = threads_problem(args.threads)
     if problem:
-        print(f"svp pretrain: error: {problem}", file=sys.stderr)
+        error_line("pretrain", problem)
         return 2
     most = (2**63 - 1) // 1000 - args.epochs   # (the epochs' data order is seeded seed * 1000 + epoch)
     if args.seed > most:
-        print(f"svp pretrain: error: --seed must be <= {most}, got {args.seed}", file=sys.stderr)
+        error_line("pretrain", f"--seed must be <= {most}, got {args.seed}")
         return 2
     need, have = _images_bytes(args), memory_bytes()
     if have and need > have // 2:   # (--num-classes 10**9: minutes of drawing categories, then out of memory)
-        print(f"svp pretrain: error: {args.num_classes} classes x ({args.per_class} + {args.heldout_per_class}) images "
-              f"are {need / 2**30:.3g} GiB in memory, more than half this machine's {have / 2**30:.3g} GiB; "
-              f"fewer --num-classes, --per-class or --heldout-per-class", file=sys.stderr)
+        error_line("pretrain", f"{args.num_classes} classes x ({args.per_class} + {args.heldout_per_class}) images "
+                   f"are {need / 2**30:.3g} GiB in memory, more than half this machine's {have / 2**30:.3g} GiB; "
+                   f"fewer --num-classes, --per-class or --heldout-per-class")
         return 2
     if args.per_class * args.num_classes < args.batch_size:
-        print(f"svp pretrain: error: {args.per_class * args.num_classes} training images are fewer than one batch "
-              f"({args.batch_size})", file=sys.stderr)
+        error_line("pretrain", f"{args.per_class * args.num_classes} training images are fewer than one batch "
+                   f"({args.batch_size})")
         return 2
     # (before any training: an --export folder failed after the whole run, a bad rate at its first step)
     problems = []
@@ -476,7 +475,7 @@ def _main(args) -> int:
     if args.export and os.path.isdir(args.export):
         problems.append(f"--export {args.export}: a folder, expected a .safetensors file to write")
     if problems:
-        print("svp pretrain: error: " + "; ".join(problems), file=sys.stderr)
+        error_line("pretrain", "; ".join(problems))
         return 2
     from ..engine.runlock import RunLock
     lock = RunLock(args.out, "pretrain.lock", what="pretrain folder",
@@ -485,10 +484,10 @@ def _main(args) -> int:
         _mk(args.out)
         lock.acquire("pretrain")   # (three processes wrote one folder, its log and checkpoint, at once)
     except OSError as e:
-        print(f"svp pretrain: error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        error_line("pretrain", f"--out {args.out}: cannot write ({e.strerror or e})")
         return 2
     except ResumeError as e:
-        print(f"svp pretrain: error: {e}", file=sys.stderr)
+        error_line("pretrain", e)
         return 2
     try:
         return _locked_main(args)
@@ -499,8 +498,8 @@ def _main(args) -> int:
 def _locked_main(args) -> int:
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     if not args.resume and os.path.isfile(ckpt):   # (a fresh run overwrote another's checkpoint and summary)
-        print(f"svp pretrain: error: --out {args.out} holds a pretraining run ({ckpt}); --resume continues it, another "
-              f"--out starts a new one", file=sys.stderr)
+        error_line("pretrain", f"--out {args.out} holds a pretraining run ({ckpt}); --resume continues it, another "
+                   f"--out starts a new one")
         return 2
     try:
         # (the folder made before the lock; UTF-8 whatever the locale: a C locale's ASCII failed on
@@ -509,7 +508,7 @@ def _locked_main(args) -> int:
         # temporaries of writes a kill cut off (a checkpoint-sized file each)
         remove_dead_writers_temps(args.out)
     except OSError as e:
-        print(f"svp pretrain: error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        error_line("pretrain", f"--out {args.out}: cannot write ({e.strerror or e})")
         return 2
 
     def log(msg):
@@ -525,17 +524,16 @@ def _locked_main(args) -> int:
         pretrain(args, log)
     except Interrupted as e:
         log(str(e))
-        print(f"svp pretrain: error: {e}", file=sys.stderr)
+        error_line("pretrain", e)
         return 130
     except Diverged as e:
         log(str(e))
-        print(f"svp pretrain: error: {e}", file=sys.stderr)
+        error_line("pretrain", e)
         return 3
     except OSError as e:   # a full or read-only disk: one line (the last checkpoint is whole)
         then = ("--resume continues from the last checkpoint once it can" if os.path.isfile(ckpt) else
                 "no checkpoint was written yet: the same command starts the run again once it can")
-        print(f"svp pretrain: error: cannot write {e.filename or args.out} ({e.strerror or e}); {then}",
-              file=sys.stderr)
+        error_line("pretrain", f"cannot write {e.filename or args.out} ({e.strerror or e}); {then}")
         return 2
     finally:
         try:
