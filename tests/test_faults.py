@@ -1874,6 +1874,36 @@ def test_a_copy_that_comes_while_a_stopping_run_puts_its_handlers_back_is_not_a_
     assert signal.getsignal(signal.SIGINT) is before and s.received == signal.SIGINT
 
 
+def test_a_second_signal_that_comes_inside_a_finalizer_is_raised_after_it_not_lost(monkeypatch, capfd):
+    """A second Ctrl-C raised its KeyboardInterrupt inside a DataLoader iterator's __del__ (joining
+    its workers as the run stopped): Python printed "Exception ignored in ..." with the traceback
+    and dropped it (review46, 1 of 7 double Ctrl-Cs). It is raised once the finalizer returned."""
+    import signal
+    import sys
+    import time
+
+    from svp.engine import signals
+    s = signals.Signals().install()
+    try:
+        s._handle(signal.SIGINT, None)   # the first
+        monkeypatch.setattr(signals, "SAME_SIGNAL_S", 0.0)
+
+        class JoinsItsWorkers:
+            def __del__(self):
+                s._handle(signal.SIGINT, sys._getframe())   # the second, as if it came in here
+
+        with pytest.raises(KeyboardInterrupt):
+            JoinsItsWorkers()   # (freed at once)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:
+                time.sleep(0.01)
+        assert time.monotonic() - t0 < 2
+        assert "Exception ignored" not in capfd.readouterr().err
+    finally:
+        monkeypatch.setattr(signals, "COPIES_WAIT_S", 0.0)
+        s.restore()
+
+
 def test_an_image_size_other_than_the_weights_own_is_said_in_the_log(tmp_path, capsys):
     """The mini Vim on an imagefolder dataset trained at data.img_size's default 224 px (its
     weights are 32 px ones: 49x the cost of a step), without a word."""

@@ -46,6 +46,25 @@ def _again(first_at: Optional[float]) -> bool:
     return first_at is None or time.monotonic() - first_at >= SAME_SIGNAL_S
 
 
+def _in_finalizer(frame) -> bool:
+    """Whether the signal came while a ``__del__`` ran (the handler's frame and its callers)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt_main_soon(after_s: float = 0.05) -> None:
+    """SIGINT's Python handler called again in the main thread in ``after_s`` (``_thread.
+    interrupt_main``): the handler then decides anew (or Python's default raises
+    KeyboardInterrupt, where the run has put its handlers back meanwhile)."""
+    import _thread
+    t = threading.Timer(after_s, _thread.interrupt_main)
+    t.daemon = True
+    t.start()
+
+
 class TrainingStopped(Exception):
     """Raised when the run stops early on purpose (signal, debug stop); ``code`` is the exit code."""
 
@@ -130,6 +149,12 @@ class Signals(_Handler):
                 # left a half-built loader and a cut-off pickle that a worker (ignoring the signal
                 # while it starts) read, printing its traceback
                 _starting["interrupt"] = True
+                return
+            if _in_finalizer(frame):
+                # a KeyboardInterrupt raised in a __del__ (a DataLoader iterator joining its workers
+                # as the run stops) is printed as "Exception ignored in ..." with its traceback, and
+                # lost (review46: 1 of 7 double Ctrl-Cs): raised once the finalizer has returned
+                _interrupt_main_soon()
                 return
             raise KeyboardInterrupt
         self._received, self._first_at = signum, time.monotonic()
