@@ -676,7 +676,8 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
         (other / f).write_text(json.dumps(d))
     assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8"]) == 2
     err = capsys.readouterr().err
-    assert "its classes are not the adapter's" in err and "10 of 10 positions differ, the first class 0: '0' in the dataset, '1' in the adapter" in err
+    assert "its classes are not the adapter's" in err
+    assert "10 of 10 positions differ, the first class 0: '0' in the dataset, '1' in the adapter" in err
     assert "another order" in err and "--ignore-class-names" in err
     assert svp_main(["eval", str(other), "--dataset", "digits", "--max-samples", "8", "--ignore-class-names"]) == 0
     # an adapter that recorded no names (convert-official-svp without --class-names, PeftModel.save
