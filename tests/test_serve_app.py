@@ -902,3 +902,30 @@ def test_a_body_over_the_limit_is_answered_413_to_a_client_that_sends_it_whole_f
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 4, (head, time.monotonic() - t0)
     assert H.predict(server.url, H.png_bytes(40), "svp")[0] == 200
+
+
+def test_the_drain_before_a_413_holds_at_limits_of_megabytes(server):
+    """The first version bounded the drain by the whole body at min(max(limit, 1 MiB), 16 MiB): at
+    or under the limit itself for limits of 1 MiB and more, so it never drained there, the default
+    10 MiB included (review48: 20 of 20 http.client posts 20% over it reset)."""
+    import urllib.parse
+    cfg = ServeConfig(window_s=0.0)   # (the default limit, 10 MiB)
+    app, _ = build_app(str(server.root), cfg=cfg)
+    s = H.ServerThread(app).start()
+    try:
+        body = b"x" * (cfg.max_upload_bytes + cfg.max_upload_bytes // 5)
+        u = urllib.parse.urlsplit(s.url)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as c:   # the answer waits
+            c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:1 << 20])
+            c.settimeout(0.5)
+            with pytest.raises(socket.timeout):
+                c.recv(4096)
+            c.settimeout(30)
+            c.sendall(body[1 << 20:])
+            assert c.recv(4096).startswith(b"HTTP/1.1 413")
+        for chunked in (False, True):
+            status, answer = _post_whole_body_then_read(s.url, body, chunked)
+            assert status == 413 and "limit" in answer["error"], answer
+    finally:
+        s.stop()

@@ -596,3 +596,12 @@ def test_a_sigterm_after_a_jobs_sweeps_last_run_still_writes_its_tables(tmp_path
     assert sorted(row["seed"] for row in rows) == ["0", "1"]
     assert all(row["status"] == "ok" and row["final_test_top1"] for row in rows), rows
     assert (out / "results.md").is_file()
+    # a rerun with one run left to train trains it in this process: its tables were not held
+    # (review48: killed by the SIGTERM, the tables left without the new run)
+    r = subprocess.run([sys.executable, "-c", script, "sweep", "--suite", "mini", "--methods", "linear",
+                        "--seeds", "0,1,2", "--datasets", "digits", "--jobs", "2", "--output", str(out),
+                        "train.epochs=1", "data.max_train_samples=8", "data.max_eval_samples=8",
+                        "train.batch_size=4", "run.progress=none"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130 and "its tables are written" in r.stderr, r.stderr[-3000:]
+    assert sorted(row["seed"] for row in _rows(str(out))) == ["0", "1", "2"]

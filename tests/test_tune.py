@@ -295,3 +295,30 @@ def test_a_grid_folder_of_the_old_name_is_reused(tmp_path):
     assert T.point_dir(str(tmp_path), point) == str(tmp_path / "method.settings.hidden=4.0")
     (tmp_path / "method.settings.hidden=4").mkdir()
     assert T.point_dir(str(tmp_path), point) == str(tmp_path / "method.settings.hidden=4")
+
+
+def test_a_runner_with_workers_takes_signals_until_it_closes_and_says_where_it_stopped():
+    """A --jobs runner's stop request took signals only while its pool trained: one between a
+    tuned sweep's stages was called an interruption of runs with resume points, and a rerun with
+    one run left (trained in this process) had no stop request at all (review48)."""
+    import signal
+
+    from svp.engine import signals
+    from svp.engine import tune as T
+    before = signal.getsignal(signal.SIGINT)
+    runner = T.Runner(2)
+    with pytest.raises(KeyboardInterrupt, match=r"^SIGINT received between runs: no run was training"):
+        with runner:
+            assert runner.run_all([]) == []   # nothing to train: the stop request is in all the same
+            assert isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), signals.StopRequest)
+            runner._stop.value = int(signal.SIGINT)   # as its handler sets it
+            runner.run_all([])
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt, match=r"^SIGTERM received after the last run had finished$"):
+        with T.Runner(2) as runner:
+            runner.run_all([])
+            runner._stop.value = int(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is before
+    with T.Runner(1) as runner:   # one at a time: no stop request (each run has its own handlers)
+        runner.run_all([])
+        assert signal.getsignal(signal.SIGINT) is before

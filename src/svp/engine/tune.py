@@ -451,6 +451,16 @@ class Runner:
 
     def run_all(self, tasks: List[Tuple[str, Callable[[], dict]]]) -> List[Tuple[Optional[dict], str]]:
         """tasks: (run_dir, make_config). Returns (results or None, error text) per task."""
+        if self.jobs > 1 and self._stop is None:
+            # from the first call on, whatever it trains: a rerun with one run left to train (or
+            # none) trains it in this process, and its tables went unprotected (review48)
+            import multiprocessing as mp
+
+            from .signals import StopRequest
+            # the workers' stop request: a signal sent to this process alone does not reach them
+            self._stop = mp.get_context("spawn").RawValue("i", 0)
+            self._stop_request = StopRequest(self._stop, on_first=self._on_first_signal).install()
+        self._check_stop(" between runs: no run was training, and none was started after it")
         out: List[Optional[Tuple[Optional[dict], str]]] = [None] * len(tasks)
         todo = []
         for i, (run_dir, make_cfg) in enumerate(tasks):
@@ -472,17 +482,12 @@ class Runner:
                      f", {failed} failed before training" if failed else "")
         if self.jobs == 1 or len(todo) <= 1:
             for i, run_dir, cfg in todo:
-                self._check_stop()   # (a signal the stop request took between runs)
+                self._check_stop(" between runs: no run was training, and none was started after it")
                 out[i] = _run_safely(run_dir, cfg)
         else:
             import concurrent.futures as cf
             import multiprocessing as mp
-            from .signals import StopRequest
             ctx = mp.get_context("spawn")
-            if self._stop is None:
-                # the workers' stop request: a signal sent to this process alone does not reach them
-                self._stop = ctx.RawValue("i", 0)
-                self._stop_request = StopRequest(self._stop, on_first=self._on_first_signal).install()
             if self._pool is None:
                 self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
                                                     initializer=_worker_init, initargs=(self._stop, os.getpid()))
