@@ -410,8 +410,9 @@ class Runner:
     in spawned worker processes (each run's threads as the environment sets them).
     The worker pool lives until :meth:`close` (use as a context manager).
 
-    Once it has workers, its stop request (:class:`~svp.engine.signals.StopRequest`) takes
-    SIGINT/SIGTERM until :meth:`close`, not only while runs train: what the caller does with the
+    With ``jobs`` > 1 its stop request (:class:`~svp.engine.signals.StopRequest`) takes
+    SIGINT/SIGTERM from its first :meth:`run_all` until :meth:`close`, not only while its workers
+    train (a run it trains in this process has its own handlers meanwhile): what the caller does with the
     results inside the ``with`` block (a sweep writes its tables) is not cut short by a first
     signal, which Python's handler, back after the last run, turned into a KeyboardInterrupt there
     (the tables lost), or SIGTERM's default into the process's death. Leaving the block with no
