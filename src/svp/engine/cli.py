@@ -313,8 +313,9 @@ def _check_class_names(adapter_names, dataset_names, args) -> None:
                  c.strip().lower() for c in classes) else "")
     # how much differs, not only where first: a name renamed, against another dataset altogether
     differ = sum(a != b for a, b in zip(names, classes))
-    only_data = [c for c in classes if c not in set(names)]
-    only_adapter = [n for n in names if n not in set(classes)]
+    named, listed = set(names), set(classes)   # (ImageNet-21k: 21,841 names a side)
+    only_data = [c for c in classes if c not in named]
+    only_adapter = [n for n in names if n not in listed]
 
     def some(xs):
         return ", ".join(repr(x) for x in xs[:3]) + (", ..." if len(xs) > 3 else "")
