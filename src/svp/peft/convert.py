@@ -22,6 +22,7 @@ from ..io import atomic_write_json
 from ..models.loading import (CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint_into,
                               mismatch_lines, read_checkpoint)
 from .base import get_peft_model
+from .io import nonfinite_tensors
 from .registry import make_config
 
 
@@ -85,7 +86,7 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
     # named as the file names them (the adapter's own check, at saving, named svp's parameter
     # the tensor became: 'method.beta' for the file's prompt_scale)
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(sd)
     if bad:
         raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:8])}"
                               f"{' ...' if len(bad) > 8 else ''}); expected finite weights (the official run "

@@ -53,6 +53,11 @@ def settings_differences(recorded: dict, model: nn.Module) -> list:
             for k in sorted(recorded) if k in have and have[k] != recorded[k]]
 
 
+def nonfinite_tensors(tensors: Dict[str, torch.Tensor]) -> list:
+    """The names of the floating-point tensors holding NaN or infinite values, in order."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
     """:func:`base_weights_hash`'s sha256 over any name -> tensor dict (an adapter's own:
     ``weights_hash`` in adapter_config.json binds the config to the tensors saved with it)."""
@@ -86,7 +91,7 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
     tensors = peft_model.adapter_state_dict()
     # values a load refuses (load_adapter_state): a diverged model from a user's own loop was
     # written, and its folder then called damaged
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(tensors)
     if bad:
         raise AdapterError(f"{directory}: not saved: {len(bad)} tensor(s) hold NaN or infinite values "
                            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the training diverged?")
