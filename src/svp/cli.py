@@ -10,7 +10,7 @@ import sys
 from typing import Optional
 
 from .errors import SVPError, first_line, out_of_memory
-from .io import DISK_ERRNOS, error_line, printable, quiet_stdout, shortened
+from .io import DISK_ERRNOS, error_line, quiet_stdout, shortened
 
 # module that provides register(subparsers); order is the order in --help
 COMMAND_MODULES = [
@@ -101,10 +101,9 @@ def main(argv=None) -> int:
         # A user's mistake: one line that names the file/key/value, no traceback. Under torchrun
         # every process prints its own (a check that fails on one fails on all): the others say
         # which rank they are
-        # (printable: a message names files and names read from files, escape sequences and all;
-        # shortened: and quotes values as given, 5,000 digits and all)
-        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: "
-              f"{printable(shortened(e), lines=True)}", file=sys.stderr)
+        # (error_line: a message names files and names read from files, escape sequences and all,
+        # and quotes values as given, 5,000 digits and all)
+        error_line(f"{args.command}{f' (rank {rank})' if rank else ''}", e)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"svp {args.command}: interrupted", file=sys.stderr)
