@@ -477,6 +477,7 @@ def _sweep(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise C.ConfigError(f"--jobs {args.jobs}: expected a positive number of worker processes")
     from .signals import TrainingStopped
+    from .tune import StoppedAfterRuns
     try:
         out_dir = args.output or os.path.join("sweeps", args.suite)
         out = sweep(args.suite, methods, seeds, out_dir, datasets,
@@ -489,11 +490,11 @@ def _sweep(args) -> int:
         _err(f"sweep interrupted ({e.__class__.__name__}: {str(e).split('.')[0]}); run the same svp sweep "
              f"command again: finished runs are reused, the interrupted one resumes", "sweep")
         return e.code
+    except StoppedAfterRuns as e:   # (held by the runner until the tables were written)
+        _err(f"sweep stopped: {e}; its tables are written (in {printable(out_dir)}: results.csv, "
+             f"results.md); the same svp sweep command reuses every run and prints them", "sweep")
+        return 130
     except KeyboardInterrupt as e:  # --jobs N: the workers' runs stopped (svp.engine.tune.Runner)
-        if str(e).endswith("after the last run had finished"):   # (Runner's exit: the tables are written)
-            _err(f"sweep stopped: {e}; its tables are written (in {printable(out_dir)}: results.csv, "
-                 f"results.md); the same svp sweep command reuses every run and prints them", "sweep")
-            return 130
         _err(f"sweep interrupted ({str(e).split(';')[0] or 'KeyboardInterrupt'}); run the same svp sweep "
              f"command again: finished runs are reused, interrupted ones resume from their resume points", "sweep")
         return 130

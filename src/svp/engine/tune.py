@@ -405,6 +405,11 @@ def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dic
     return None
 
 
+class StoppedAfterRuns(KeyboardInterrupt):
+    """A stop a :class:`Runner` held until its caller's block had ended: every run had finished,
+    and what the block did with them (a sweep's tables) is done."""
+
+
 class Runner:
     """Runs (or reuses / resumes) training runs, one at a time or ``jobs`` at a time
     in spawned worker processes (each run's threads as the environment sets them).
@@ -430,8 +435,10 @@ class Runner:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
-        if exc_type is None:
-            self._check_stop(" after the last run had finished")
+        if exc_type is None and self._stop is not None and self._stop.value:
+            import signal
+            name = signal.Signals(self._stop.value).name
+            raise StoppedAfterRuns(f"{name} received after the last run had finished")
 
     def close(self) -> None:
         try:
