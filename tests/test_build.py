@@ -341,26 +341,36 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
     (QA 15f). In a fresh process: huggingface_hub reads its offline switches at import."""
     import subprocess
     import sys
-    script = ("import svp\nfrom svp.build import ModelSpec, build_backbone\n"
-              "try:\n    build_backbone(ModelSpec('vim_tiny_patch16_224', pretrained=True))\n"
-              "except Exception as e:\n    print(type(e).__name__, e)\n")
+    # each try prints its error on a line of its own; with DAMAGE set, the hub cache then gets an
+    # error page for the file, and a second try reads it (one process for both: imports take seconds)
+    script = ("import os, svp\nfrom svp.build import ModelSpec, build_backbone\n"
+              "def once():\n"
+              "    try:\n        build_backbone(ModelSpec('vim_tiny_patch16_224', pretrained=True))\n"
+              "    except Exception as e:\n        print(type(e).__name__, str(e).replace(chr(10), ' '))\n"
+              "once()\n"
+              "if os.environ.get('DAMAGE'):\n"
+              "    snap = os.path.join(os.environ['HF_HOME'], 'hub', 'models--hustvl--Vim-tiny-midclstok')\n"
+              "    os.makedirs(os.path.join(snap, 'refs'))\n"
+              "    open(os.path.join(snap, 'refs', 'main'), 'w').write('0' * 40)\n"
+              "    os.makedirs(os.path.join(snap, 'snapshots', '0' * 40))\n"
+              "    with open(os.path.join(snap, 'snapshots', '0' * 40, 'vim_t_midclstok_76p1acc.pth'), 'w') as f:\n"
+              "        f.write('<html>502 Bad Gateway</html>')\n"
+              "    once()\n")
 
     def run(**env):
-        full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-        full.update(HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", **env)
+        full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DAMAGE")}
+        full.update(HF_HOME=str(tmp_path / "hf" / "-".join(env)), OMP_NUM_THREADS="1", **env)
         return subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True,
-                              timeout=300).stdout
+                              timeout=300).stdout.splitlines()
     url = "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth"
+    outs = {}
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        out = run(**{var: "1"})
+        outs[var] = run(**{var: "1"}, **({"DAMAGE": "1"} if var == "HF_HUB_OFFLINE" else {}))
+        out = outs[var][0]
         assert out.startswith("CheckpointError model 'vim_tiny_patch16_224': cannot get its pretrained weights"), out
         assert f"download {url} elsewhere and pass it with --checkpoint ({var} is set" in out, out
-    snap = tmp_path / "hf" / "hub" / "models--hustvl--Vim-tiny-midclstok"
-    (snap / "refs").mkdir(parents=True)
-    (snap / "refs" / "main").write_text("0" * 40)
-    (snap / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    (snap / "snapshots" / ("0" * 40) / "vim_t_midclstok_76p1acc.pth").write_text("<html>502 Bad Gateway</html>")
-    out = run(HF_HUB_OFFLINE="1")
+    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1
+    out = outs["HF_HUB_OFFLINE"][1]
     assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
     assert "it is the hub cache's copy: delete it to download again, or pass --checkpoint" in out, out
 

@@ -13,7 +13,7 @@ import svp.models  # noqa: F401  (registers the Vim models)
 from svp.ops import dispatch
 from svp.peft import get_peft_model, list_methods, make_config
 
-SETTINGS = {"visual_prompt": dict(pad=4), "svp": dict(shared_layers=2, hidden=8), "lora": dict(r=2),
+SETTINGS = {"visual_prompt": dict(pad=4, image_size=12), "svp": dict(shared_layers=2, hidden=8), "lora": dict(r=2),
             "adapter": dict(bottleneck=4)}
 
 
@@ -53,7 +53,7 @@ def test_no_cpu_tensor_meets_device_tensors(method, monkeypatch):
     base = timm.create_model("vim_mini_patch4_32", pretrained=False, num_classes=10)
     model = get_peft_model(base, make_config(method, num_classes=10, **SETTINGS.get(method, {}))).to("meta")
     assert dispatch.get_backend(torch.device("meta")) == "torch"
-    x = torch.empty(2, 3, 32, 32, device="meta")
+    x = torch.empty(2, 3, 12, 12, device="meta")   # (10 tokens: the scan of the torch backend loops over them)
     for training in (True, False):
         model.train(training)
         with MixedDevices() as mode, torch.set_grad_enabled(training):

@@ -29,14 +29,21 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     for n in NAMES:
         shutil.copytree(os.path.join(src, n), root / n)
-    # a wide window so that the concurrent requests below surely meet; small limits to test them
-    cfg = ServeConfig(window_s=0.2, max_batch=16, max_upload_bytes=64 * 1024, max_pixels=100 * 100)
+    # the default window (each lone request waits it: the tests whose concurrent requests must
+    # meet widen it, wide_window); small limits to test them
+    cfg = ServeConfig(max_batch=16, max_upload_bytes=64 * 1024, max_pixels=100 * 100)
     app, report = build_app(str(root), cfg=cfg)
     assert sorted(report["loaded"]) == sorted(NAMES) and not report["refused"]
     s = H.ServerThread(app).start()
     s.app, s.root, s.src, s.cfg = app, root, src, cfg
     yield s
     s.stop()
+
+
+def wide_window(server, monkeypatch):
+    """A 0.2 s batching window (the server reads it at each batch), so that the concurrent
+    requests of a test surely meet; the others keep the default (each lone request waited 0.2 s)."""
+    monkeypatch.setattr(server.cfg, "window_s", 0.2)
 
 
 def _expected_probs(server, image, adapter):
@@ -62,7 +69,8 @@ def test_predict_multipart_and_json_match_the_adapter_alone(server):
     assert body["top"][0]["index"] == int(_expected_probs(server, img, "svp").argmax())
 
 
-def test_concurrent_requests_for_different_adapters_are_batched(server):
+def test_concurrent_requests_for_different_adapters_are_batched(server, monkeypatch):
+    wide_window(server, monkeypatch)
     imgs = [H.png_bytes(36, seed=10 + i) for i in range(12)]
     adapters = [NAMES[i % len(NAMES)] for i in range(12)]
     results = [None] * 12
@@ -180,7 +188,8 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(server, case
     assert H.predict(server.url, img, "svp")[0] == 200  # still serving
 
 
-def test_a_client_that_disconnects_does_not_break_the_batch(server):
+def test_a_client_that_disconnects_does_not_break_the_batch(server, monkeypatch):
+    wide_window(server, monkeypatch)
     img = H.png_bytes(40, seed=5)
     body, ctype = H.multipart({"adapter": "lora", "topk": 1}, {"image": ("x.png", img)})
     raw = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
@@ -528,6 +537,7 @@ def test_request_forms_clients_send_and_answers_http_expects(server, monkeypatch
 
 
 def test_an_adapter_that_fails_on_its_input_fails_only_its_own_requests(server, monkeypatch):
+    wide_window(server, monkeypatch)
     model = server.app.state.model
     method = model.adapters["svp"].peft.method
 

@@ -499,10 +499,9 @@ def test_a_worker_that_starts_after_its_sweep_died_stops_too(tmp_path):
         T._worker_init(v, sweep)
         t0 = time.time()
         while not v.value and time.time() - t0 < 20: time.sleep(0.01)
-        open({str(out)!r}, 'w').write(f'stop {{v.value}}')
+        open({str(out)!r}, 'w').write(f'stop {{v.value}} {{os.getpid()}}')
         T._RUNS_IN_PROGRESS[0] = 0
         time.sleep(20)
-        open({str(out)!r}, 'a').write(' not exited')
         """)
     sweep = ("import os, subprocess, sys\n"
              f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())])\n")
@@ -511,9 +510,30 @@ def test_a_worker_that_starts_after_its_sweep_died_stops_too(tmp_path):
     import time
     t0 = time.time()
     while not (out.exists() and out.read_text()) and time.time() - t0 < 60:
-        time.sleep(0.1)
-    time.sleep(3)   # (the watcher's first look is one second in; the worker exits at once after it)
-    assert out.read_text() == f"stop {int(signal.SIGTERM)}"
+        time.sleep(0.05)
+    stop, pid = out.read_text().rsplit(" ", 1)
+    assert stop == f"stop {int(signal.SIGTERM)}"
+    # and it exits once its run has returned (the watcher looks every 0.2 s), not after its 20 s
+    try:
+        while time.time() - t0 < 15 and _alive(int(pid)):
+            time.sleep(0.05)
+        assert not _alive(int(pid)), "the worker did not exit"
+    finally:
+        if _alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie that a container's init has not reaped has exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:   # gone since, or no /proc (macOS: a zombie then counts as running)
+        return not os.path.isdir("/proc")
 
 
 @pytest.mark.slow
