@@ -20,7 +20,9 @@ install: $(STAMP)
 
 # The declared floor (constraints-oldest.txt, Python 3.9) in a second environment: the quick
 # suite and the slow tests marked `floor` (what the oldest releases change); the other slow,
-# end-to-end tests start processes of the same library and run on the main environment only.
+# end-to-end tests start processes of the same library, and the tests that compile a CPU kernel
+# in the form other CPUs take (AVX-512 or not) compare code paths, not releases: they run on the
+# main environment only.
 OLDEST ?= .venv-oldest
 PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9) python3.9)
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt

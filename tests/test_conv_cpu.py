@@ -177,6 +177,7 @@ def test_projection_formed_in_the_conv_kernel_matches_float64_and_not_the_thread
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.slow  # compiles the kernel in the form other CPUs take (main environment only: Makefile)
 def test_projection_products_have_the_same_bits_in_their_narrow_and_wide_forms(monkeypatch):
     """Where a vector is two registers (scan_cpu._NARROW) x_proj's products in the conv's kernels
     take fewer accumulators at a time (_proj_rows two vectors of a block, _proj_out_rows 16-column

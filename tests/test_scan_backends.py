@@ -675,6 +675,7 @@ def test_cpu_bidirectional_scan_rejects_a_wrong_x_dbl_form():
         bidirectional_scan_cpu(u, good, (u, low.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D, bias, w))
 
 
+@pytest.mark.slow  # compiles the kernel in the form other CPUs take (main environment only: Makefile)
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monkeypatch):
     """On AVX-512 the decay factors and softplus/gate exponentials end in vscalefps
@@ -704,6 +705,7 @@ def test_cpu_forward_kernel_gives_the_same_bits_with_and_without_vscalefps(monke
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+@pytest.mark.slow  # compiles the kernel in the form other CPUs take (main environment only: Makefile)
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_backward_gives_the_same_bits_with_its_narrow_and_wide_state_loops(monkeypatch):
     """Targets without AVX-512 run the backward's state loops one vector at a time
@@ -744,6 +746,7 @@ def _compiled_the_other_way(monkeypatch, scan_cpu, name):
     return other
 
 
+@pytest.mark.slow  # compiles the kernel in the form other CPUs take (main environment only: Makefile)
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_steps_at_a_time(monkeypatch):
     """The gradient of dt_proj's input per chunk (scan_cpu._dlow_rows) is formed eight steps at a
@@ -775,6 +778,7 @@ def test_cpu_backward_low_rank_gradient_rows_have_the_same_bits_four_or_eight_st
                 assert np.isnan(np.delete(outs[0].reshape(L, Rp), rows, axis=0)).all()   # no other row
 
 
+@pytest.mark.slow  # compiles the kernel in the form other CPUs take (main environment only: Makefile)
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="numba unavailable")
 def test_cpu_backward_dt_proj_weight_gradient_rows_have_the_same_bits_one_or_two_vectors_at_a_time(monkeypatch):
     """dt_proj's weight gradient per chunk (scan_cpu._dw_rows) adds sum_j Db[j, c] Lm[row, r] to
