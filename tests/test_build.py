@@ -360,8 +360,9 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
     def run(**env):
         full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DAMAGE")}
         full.update(HF_HOME=str(tmp_path / "hf" / "-".join(env)), OMP_NUM_THREADS="1", **env)
-        return subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True,
-                              timeout=300).stdout.splitlines()
+        r = subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.splitlines()
     url = "https://huggingface.co/hustvl/Vim-tiny-midclstok/resolve/main/vim_t_midclstok_76p1acc.pth"
     outs = {}
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -369,7 +370,7 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
         out = outs[var][0]
         assert out.startswith("CheckpointError model 'vim_tiny_patch16_224': cannot get its pretrained weights"), out
         assert f"download {url} elsewhere and pass it with --checkpoint ({var} is set" in out, out
-    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1
+    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1 and len(outs["HF_HUB_OFFLINE"]) == 2, outs
     out = outs["HF_HUB_OFFLINE"][1]
     assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
     assert "it is the hub cache's copy: delete it to download again, or pass --checkpoint" in out, out

@@ -514,6 +514,7 @@ def test_a_worker_that_starts_after_its_sweep_died_stops_too(tmp_path):
     stop, pid = out.read_text().rsplit(" ", 1)
     assert stop == f"stop {int(signal.SIGTERM)}"
     # and it exits once its run has returned (the watcher looks every 0.2 s), not after its 20 s
+    t0 = time.time()
     try:
         while time.time() - t0 < 15 and _alive(int(pid)):
             time.sleep(0.05)
