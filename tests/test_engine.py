@@ -1165,7 +1165,7 @@ def test_print_config_refuses_what_the_run_would_and_the_run_before_its_data(tmp
                          (["--model", "vim_mini_patch4_32", "--checkpoint", str(tmp_path / "nope.pth")],
                           "nope.pth': file not found"),
                          (["--model", "vim_mini_patch4_32", "--checkpoint", str(tmp_path)],
-                          "a folder, expected a checkpoint file"),
+                          "is a folder; expected a checkpoint file"),
                          (["--model", "resnet18", "--random-init"], "svp's methods adapt Vision Mamba backbones")):
         assert svp_main(["train", "--dataset", "digits", "--name", "x", "run.output=" + str(tmp_path), *extra]) == 2
         assert words in capsys.readouterr().err, extra

@@ -187,6 +187,14 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model {name!r}: no such model; the Vim models: {', '.join(timm.list_models('vim_*'))}")
 
 
+def check_checkpoint_file(path, key: str = "checkpoint") -> None:
+    """A checkpoint path names a file (a run checks it before reading its data, as the build does
+    before building): CheckpointError naming ``key`` and the path otherwise."""
+    if path and not os.path.isfile(str(path)):
+        what = "is a folder; expected a checkpoint file" if os.path.isdir(str(path)) else "file not found"
+        raise CheckpointError(f"{key} {str(path)!r}: {what}")
+
+
 def check_device_name(kind: str) -> None:
     """The device's spelling, not whether it is on this machine ('cudaXYZ' and 'cuda:-1' passed
     as CUDA, and torch refused them only on a machine with one: review46)."""
@@ -248,9 +256,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     # sizes from a file or a command line (--model-args, --model-kwargs, model.kwargs): one that no
     # Vim could use built modules until the machine's memory ran out
     check_model_kwargs(kwargs, f"model {spec.model!r}")
-    if spec.checkpoint and not os.path.isfile(spec.checkpoint):
-        what = "is a folder; expected a checkpoint file" if os.path.isdir(spec.checkpoint) else "file not found"
-        raise CheckpointError(f"checkpoint {spec.checkpoint!r}: {what}")
+    check_checkpoint_file(spec.checkpoint)
     lazy = skip_init and weights == "checkpoint"
     if lazy:
         kwargs["weight_init"] = "skip"

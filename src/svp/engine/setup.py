@@ -527,7 +527,7 @@ def check_names(cfg: dict, weights: bool = True) -> None:
     optimizer's and the device's names. ``svp train --print-config`` checks the names alone (the
     default configuration names no weights; whether CUDA is here is the machine's business, not
     the configuration's)."""
-    from ..build import check_device_name, check_model_name
+    from ..build import check_checkpoint_file, check_device_name, check_model_name
     from .optim import check_opt_name
 
     m = cfg["model"]
@@ -537,11 +537,7 @@ def check_names(cfg: dict, weights: bool = True) -> None:
     if weights:
         ModelSpec(model=m["name"], checkpoint=m["checkpoint"], pretrained=bool(m["pretrained"]),
                   random_init=bool(m["random_init"]), img_size=int(cfg["data"]["img_size"])).weights
-        ckpt = m["checkpoint"]
-        if ckpt and not os.path.isfile(str(ckpt)):   # (said after the data was read: review46)
-            from ..models.loading import CheckpointError
-            why = "a folder, expected a checkpoint file" if os.path.isdir(str(ckpt)) else "file not found"
-            raise CheckpointError(f"model.checkpoint {str(ckpt)!r}: {why}")
+        check_checkpoint_file(m["checkpoint"], "model.checkpoint")   # (said after the data was read: review46)
 
 
 def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
