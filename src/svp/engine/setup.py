@@ -350,7 +350,7 @@ def check_method_fits(cfg: dict) -> None:
         return
     # (a model that is no Vim was built by the run with svp's img_size, and failed there with a
     # traceback after the data had been read: review46)
-    if isinstance(built, str) or not isinstance(built, VisionMamba):
+    if not isinstance(built, VisionMamba):   # (a str: the words it failed with)
         what = f"cannot be built with {kwargs} ({built})" if isinstance(built, str) else \
             f"is a {type(built).__name__}"
         raise ConfigError(f"model {m['name']!r} {what}; svp's methods adapt Vision Mamba backbones (the Vim "
