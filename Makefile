@@ -29,8 +29,9 @@ PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9
 # Every package of the floor comes from the package index (no wheel of torch 2.1.0 for Python 3.9
 # lies on this project's machines; the environment is 5.1 GB, most of it torch's CUDA build), and
 # uv downloads and unpacks them in parallel: the same packages in 25 s and 31 CPU-s against pip's
-# 90 s and 87 CPU-s (docs/benchmarks.md, "CI time"). --seed: pip and setuptools, as `venv` gives
-# (Triton 2.1 imports setuptools; without it the Triton checks skip).
+# 90 s and 87 CPU-s (docs/benchmarks.md, "The floor's environment with uv"). --seed: pip and
+# setuptools, as `venv` gives (Triton 2.1 imports setuptools: without it the floor's Triton checks
+# skip and the benchmark scripts' import test fails).
 UV ?=
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 ifeq ($(UV),)
