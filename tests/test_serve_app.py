@@ -340,6 +340,46 @@ def test_reload_adds_removes_and_refuses(server, tmp_path):
     assert H.http("POST", server.url + "/v1/adapters/reload")[0] == 200
 
 
+def test_a_request_answered_as_a_reload_removes_its_adapter_leaves_no_series(server, monkeypatch):
+    """A prediction whose batch ran just before a reload removed its adapter was counted after the
+    reload had dropped the adapter's series: the series came back at 1, for a name no longer served,
+    and a later adapter of that name counted on top of it (review49: 3-7 rounds in 40 of a reload
+    loop beside six clients). Here the removal comes where that race puts it: after the batch,
+    before the request is counted."""
+    root, model, metrics = server.root, server.app.state.model, server.app.state.metrics
+    shutil.copytree(os.path.join(server.src, "adapter"), root / "racer")
+    try:
+        assert H.http("POST", server.url + "/v1/adapters/reload")[1]["loaded"] == ["racer"]
+        assert H.predict(server.url, H.png_bytes(40), "racer")[0] == 200
+        assert _counts(server)['svp_predictions_total{adapter="racer"}'] == 1.0
+        real = model.forward
+
+        def removed_after_the_batch(images, names):
+            out = real(images, names)
+            if "racer" in names:   # what the reload does, on the inference thread then the loop
+                model.remove_adapter("racer")
+                metrics["predictions"].remove("racer")
+            return out
+        monkeypatch.setattr(model, "forward", removed_after_the_batch)
+        assert H.predict(server.url, H.png_bytes(40), "racer")[0] == 200   # (its batch had run)
+        monkeypatch.undo()
+        counts = _counts(server)
+        assert not any("racer" in k for k in counts), counts
+        assert H.predict(server.url, H.png_bytes(40), "racer")[0] == 404
+    finally:
+        shutil.rmtree(root / "racer")
+        H.http("POST", server.url + "/v1/adapters/reload")
+    # served again under that name, it counts from 0
+    shutil.copytree(os.path.join(server.src, "adapter"), root / "racer")
+    try:
+        assert H.http("POST", server.url + "/v1/adapters/reload")[1]["loaded"] == ["racer"]
+        assert H.predict(server.url, H.png_bytes(40), "racer")[0] == 200
+        assert _counts(server)['svp_predictions_total{adapter="racer"}'] == 1.0
+    finally:
+        shutil.rmtree(root / "racer")
+        assert H.http("POST", server.url + "/v1/adapters/reload")[1]["removed"] == ["racer"]
+
+
 def test_metrics_health_page_and_gate_maps(server):
     assert H.http("GET", server.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES), "amp": False})
     H.predict(server.url, H.png_bytes(40), "svp")

@@ -632,7 +632,12 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             raise RequestError(f"adapter {adapter!r}: no prediction, its outputs for this image are not finite "
                                f"(nan or inf logits): the adapter's weights, or this input, overflow", 500)
         metrics["latency"].observe(time.perf_counter() - t0)
-        metrics["predictions"].labels(adapter).inc()
+        # a reload that removed the adapter after its batch ran has dropped its series: counting
+        # now would bring it back, at 1, for a name no longer served (review49). (The count and the
+        # reload's removal of the series both run on this event loop, and an adapter leaves
+        # model.adapters before its series goes.)
+        if adapter in model.adapters:
+            metrics["predictions"].labels(adapter).inc()
         return ok("predict", {"adapter": adapter, "top": _topk(logits, classes, topk)})
 
     @guard("gates")
