@@ -228,3 +228,42 @@ def test_a_reader_that_closes_the_pipe_early_does_not_stop_the_demo(tmp_path, mo
     assert rc == 0 and "error" not in capsys.readouterr().err
     summary = json.loads((out / "demo_results.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["linear", "svp"]
+
+
+@pytest.mark.slow
+def test_a_sigterm_between_two_methods_grids_of_select_lr_stops_it_in_one_line(tmp_path):
+    """`svp demo --select-lr --jobs 2` opened a runner per method, and each put the default
+    handlers back as it closed: a SIGTERM between two methods' grids (or as the preset was
+    written) killed the process without a word, exit 143 (review49). One runner now holds it
+    from the first grid until the preset is written."""
+    import subprocess
+    import sys
+    out = tmp_path / "d"
+    script = (
+        "import os, signal, sys, time\n"
+        "import svp.engine.tune as T\n"
+        "real, calls = T.tune_cell, []\n"
+        "def tune_cell(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"   # the second method's grid, about to start
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.2)\n"
+        "    return real(*a, **k)\n"
+        "T.tune_cell = tune_cell\n"
+        "from svp.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    # (one rate per method: each grid trains its one run in this process, no workers to start)
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script, "demo", "--out", str(out), "--select-lr", "0.1",
+                        "--jobs", "2", "--methods", "linear,bitfit", "--epochs", "1", "--batch-size", "8",
+                        "--max-train-samples", "8", "--max-eval-samples", "8", "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 130, (r.returncode, r.stderr[-3000:])   # (-15: killed by it)
+    assert "SIGTERM received: no run is training now" in r.stderr, r.stderr[-3000:]
+    assert r.stderr.rstrip().splitlines()[-1] == "svp demo: interrupted", r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    # linear's grid ran, bitfit's never started, and no preset claims a selection
+    def finished(method):
+        return [d for d, _, files in os.walk(out / "select_lr" / method) if "results.json" in files]
+    assert len(finished("linear")) == 1 and finished("bitfit") == []
+    assert not (out / "demo_preset.json").exists()

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .io import error_line, print_or_drop, user_path
 
@@ -51,10 +51,13 @@ def load_preset(path: Optional[str] = None) -> dict:
 def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int = 0,
                methods=("linear", "vpt_deep", "svp"), max_train_samples: Optional[int] = None,
                max_eval_samples: Optional[int] = None, progress: str = "none", command: str = "",
-               jobs: int = 1, echo=print_or_drop) -> dict:
+               jobs: int = 1, echo=print_or_drop, write: Optional[Callable[[dict], None]] = None) -> dict:
     """Pick each method's learning rate on the digits validation split with the sweep's
     tuning code (train on train, score val top-1, ties to the first lr listed); test
-    accuracy is not looked at. Returns the preset (``{"lr": {method: lr}, ...}``)."""
+    accuracy is not looked at. Returns the preset (``{"lr": {method: lr}, ...}``), given first
+    to ``write`` (which saves it) while the runner still holds a stop signal: with ``jobs`` > 1
+    a SIGINT/SIGTERM from the first grid on stops it once the preset is written
+    (:class:`svp.engine.tune.StoppedAfterRuns`), never between two methods' grids or in the write."""
     from svp.engine import tune as T
 
     points = T.grid_points([("train.lr", [f"{float(v):g}" for v in lrs])])
@@ -71,23 +74,28 @@ def select_lrs(out: str, lrs, epochs: int = 8, batch_size: int = 32, seed: int =
                            "after training on the train split; ties to the first lr listed; test accuracy "
                            "not used",
               "epochs": epochs, "batch_size": batch_size, "seed": seed, "command": command}
-    for m in methods:
-        def mk(point, s, run_dir, refit, m=m):
-            cfg = make_config(point, s, run_dir, refit)
-            cfg["method"] = {"name": m, "settings": dict(METHOD_SETTINGS.get(m, {}))}
-            # resolved as the engine resolves it: a finished grid run's config.yaml is compared with
-            # this one, and the partial dict differed in every key it left out, so each finished
-            # run was refused ("made with another configuration") and a rerun wrote an empty preset
-            from svp.engine import config as C
-            return C.resolve(base=cfg)
-        with T.Runner(jobs) as runner:   # (its worker processes end with the method's grid)
+    # one runner for every method's grid and the write: a runner puts the default handlers back
+    # as it closes, and with one per method a SIGTERM between two grids, or after the last one
+    # as the preset was written, killed the process without a word (exit 143; review49)
+    with T.Runner(jobs) as runner:
+        for m in methods:
+            def mk(point, s, run_dir, refit, m=m):
+                cfg = make_config(point, s, run_dir, refit)
+                cfg["method"] = {"name": m, "settings": dict(METHOD_SETTINGS.get(m, {}))}
+                # resolved as the engine resolves it: a finished grid run's config.yaml is compared with
+                # this one, and the partial dict differed in every key it left out, so each finished
+                # run was refused ("made with another configuration") and a rerun wrote an empty preset
+                from svp.engine import config as C
+                return C.resolve(base=cfg)
             cell = T.tune_cell(points, [seed], os.path.join(out, m), "val", mk, runner, label=f"demo / {m}")
-        preset["val_top1"][m] = {g["label"].split("=", 1)[1]: g["val_top1"] for g in cell["grid"]}
-        if cell["chosen"] is not None:
-            preset["lr"][m] = float(cell["chosen"]["train.lr"])
-        echo(f"{m}: val top-1 " + ", ".join(f"lr {k}: {'failed' if v is None else f'{v:.2f}'}"
-                                           for k, v in preset["val_top1"][m].items())
-             + f" -> lr {preset['lr'].get(m, 'none')}")
+            preset["val_top1"][m] = {g["label"].split("=", 1)[1]: g["val_top1"] for g in cell["grid"]}
+            if cell["chosen"] is not None:
+                preset["lr"][m] = float(cell["chosen"]["train.lr"])
+            echo(f"{m}: val top-1 " + ", ".join(f"lr {k}: {'failed' if v is None else f'{v:.2f}'}"
+                                               for k, v in preset["val_top1"][m].items())
+                 + f" -> lr {preset['lr'].get(m, 'none')}")
+        if write is not None:
+            write(preset)
     return preset
 
 
@@ -435,15 +443,18 @@ def _main(args) -> int:
             error_line("demo", f"--select-lr {args.select_lr!r}: expected comma-separated rates > 0")
             return 2
         command = "svp demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else ""
+        path = args.preset_out or os.path.join(args.out, PRESET_ASSET)
+
+        def write(preset):
+            from svp.io import atomic_write_json
+            atomic_write_json(path, preset)
+            hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(
+                os.path.abspath(path))) == "assets" else (f"; copy it to src/svp/assets/{PRESET_ASSET} to make it "
+                                                          "the demo's preset")
+            print_or_drop(f"wrote {path}{hint}")
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
                             methods, args.max_train_samples, args.max_eval_samples,
-                            "none" if args.quiet else "auto", command, args.jobs)
-        path = args.preset_out or os.path.join(args.out, PRESET_ASSET)
-        from svp.io import atomic_write_json
-        atomic_write_json(path, preset)
-        hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(os.path.abspath(
-            path))) == "assets" else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
-        print_or_drop(f"wrote {path}{hint}")
+                            "none" if args.quiet else "auto", command, args.jobs, write=write)
         return 0 if len(preset["lr"]) == len(methods) else 1
     from svp.engine.signals import TrainingStopped
     try:
