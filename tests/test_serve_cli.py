@@ -215,6 +215,24 @@ def test_a_second_ctrl_c_is_a_quiet_stop():
     assert asyncio.run(cancelled_loop())
 
 
+def test_a_second_sigterm_stops_the_server_at_once_as_a_second_ctrl_c_does():
+    """uvicorn forces its exit on a second SIGINT only: a second SIGTERM (`kill` twice, a
+    supervisor) waited out the whole --shutdown-timeout (review49: 10.5 s with the default)."""
+    import signal
+
+    import uvicorn
+
+    from svp.serve.cli import _server_class
+
+    for first, second in [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM),
+                          (signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT)]:
+        server = _server_class()(uvicorn.Config(app=None))
+        server.handle_exit(first, None)
+        assert server.should_exit and not server.force_exit, first   # the graceful shutdown
+        server.handle_exit(second, None)
+        assert server.force_exit, (first, second)
+
+
 def test_the_start_line_names_the_first_ten_adapters_and_counts_the_rest():
     from svp.serve.cli import _some
     names = [f"a{k}" for k in range(12)]

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                    help="threads for inference: torch's, which svp's CPU kernels follow (default: one per core)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C / SIGTERM, how long in-flight requests may take to finish before they are "
-                        "cancelled (a client that stalls mid-upload cannot hold the server)")
+                        "cancelled (a client that stalls mid-upload cannot hold the server); a second "
+                        "signal stops it at once")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast for the large products, the scan in float32 (as svp predict --amp; "
                         "pays on a CPU with avx512_bf16 or amx_bf16, see svp doctor and docs/training.md)")
@@ -82,10 +83,16 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown (the process then dies by the
-        signal); the in-flight requests have finished by then, so exit 0 instead."""
+        signal); the in-flight requests have finished by then, so exit 0 instead. A second signal
+        stops it at once, SIGTERM as well as SIGINT: uvicorn forces the exit on a second SIGINT
+        only, and a second `kill` (or a supervisor's) waited out the whole --shutdown-timeout
+        (review49)."""
 
         def handle_exit(self, sig, frame):
+            again = self.should_exit
             super().handle_exit(sig, frame)
+            if again:
+                self.force_exit = True
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
                 captured.clear()
@@ -159,7 +166,7 @@ def run(args) -> int:
     import uvicorn
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    # (after Config, which sets up uvicorn's loggers) a second Ctrl-C makes uvicorn exit at once
+    # (after Config, which sets up uvicorn's loggers) a second Ctrl-C or SIGTERM makes uvicorn exit at once
     # and cancel the tasks it did not wait for, the application's lifespan among them, which it
     # then logged as a ~30-line CancelledError traceback: that cancellation is the exit asked for
     logging.getLogger("uvicorn.error").addFilter(_forced_exit_cancellation)
