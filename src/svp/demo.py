@@ -448,9 +448,9 @@ def _main(args) -> int:
         def write(preset):
             from svp.io import atomic_write_json
             atomic_write_json(path, preset)
-            hint = "" if os.path.basename(path) == PRESET_ASSET and os.path.basename(os.path.dirname(
-                os.path.abspath(path))) == "assets" else (f"; copy it to src/svp/assets/{PRESET_ASSET} to make it "
-                                                          "the demo's preset")
+            shipped = os.path.basename(path) == PRESET_ASSET and \
+                os.path.basename(os.path.dirname(os.path.abspath(path))) == "assets"
+            hint = "" if shipped else f"; copy it to src/svp/assets/{PRESET_ASSET} to make it the demo's preset"
             print_or_drop(f"wrote {path}{hint}")
         preset = select_lrs(os.path.join(args.out, "select_lr"), grid, args.epochs, args.batch_size, args.seed,
                             methods, args.max_train_samples, args.max_eval_samples,
