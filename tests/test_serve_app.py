@@ -833,6 +833,37 @@ def test_an_answer_names_the_classes_of_the_adapter_that_ran_it(tmp_path, monkey
     assert sorted(t["class"] for t in answer["top"]) == [f"linear-class-{i}" for i in range(10)], answer
 
 
+def test_requests_of_an_adapter_removed_before_their_batch_are_not_counted_as_a_batch(tmp_path, monkeypatch):
+    """svp_batch_size ('samples per backbone batch') counted the requests of an adapter that a
+    reload removed after they were accepted: a batch of them that never reached the backbone."""
+    import svp.serve.app as A
+    src = H.make_adapter(tmp_path / "src" / "a", "linear", dict(num_classes=10), seed=1)
+    root = tmp_path / "served"
+    shutil.copytree(src, root / "x")
+    shutil.copytree(src, root / "y")
+    real_run_batch = A._run_batch
+
+    def run_batch(model):
+        run = real_run_batch(model)
+
+        def reload_first(xs, names):   # the reload lands between acceptance and the batch
+            if "x" in names:
+                shutil.rmtree(root / "x")
+                A.sync_adapters(model, str(root), {})
+            return run(xs, names)
+        return reload_first
+    monkeypatch.setattr(A, "_run_batch", run_batch)
+    app, _ = build_app(str(root), cfg=ServeConfig(window_s=0.0))
+    s = H.ServerThread(app).start()
+    try:
+        codes = [H.predict(s.url, H.png_bytes(32), name, topk=1)[0] for name in ("x", "y", "y")]
+        counted = _batch_count(s)
+    finally:
+        s.stop()
+    assert codes == [404, 200, 200]
+    assert counted == 2   # y's two batches; x's never ran
+
+
 def test_an_unreadable_adapters_folder_is_one_error(tmp_path, monkeypatch):
     """os.listdir's PermissionError (a folder chmod 000 to the server's user) was a traceback at
     start and '500 internal error' (a bug, by serving.md) on reload."""

@@ -51,6 +51,14 @@ class RequestError(SVPError):
         self.status = status
 
 
+class _AdapterRemoved(RequestError):
+    """A request accepted for an adapter that a reload removed before its batch ran: 404, and it
+    never reached the backbone."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} was removed", 404)
+
+
 DRAIN_S = 5.0   # (read_body's drain: how long a refused body's rest is read for)
 
 
@@ -354,13 +362,17 @@ class Batcher:
                 await self._run_group(loop, group)
 
     async def _run_group(self, loop, group):
-        self.metrics["batch_size"].observe(len(group))
         try:
             results = await loop.run_in_executor(self.executor, self.run,
                                                  [b[0] for b in group], [b[1] for b in group])
         except Exception as e:  # a bug: every request of the batch gets it
             _log.exception("batch of %d failed", len(group))
             results = [e] * len(group)
+        # what reached the backbone: the requests of an adapter removed meanwhile were counted
+        # as a batch (of 1 where all of it was, by a 404 after a reload)
+        ran = sum(not isinstance(r, _AdapterRemoved) for r in results)
+        if ran:
+            self.metrics["batch_size"].observe(ran)
         for (_, _, fut), res in zip(group, results):
             if fut.done():
                 continue
@@ -377,7 +389,7 @@ def _run_batch(model: MultiAdapterModel):
     def run(xs: List[torch.Tensor], names: List[str]):
         # An adapter removed by a reload after the request was accepted fails that request only.
         ok = [i for i, n in enumerate(names) if n in model.adapters]
-        out: List[object] = [RequestError(f"adapter {n!r} was removed", 404) for n in names]
+        out: List[object] = [_AdapterRemoved(n) for n in names]
         if not ok:
             return out
         classes = {n: model.adapters[n].class_names for n in dict.fromkeys(names[i] for i in ok)}
