@@ -340,6 +340,8 @@ def test_the_command_is_told_from_other_programs_importing_svp(monkeypatch):
     assert started_as_command(["/venv/bin/svp", "train"], [])
     assert started_as_command([r"C:\venv\Scripts\svp", "train"], [])
     assert started_as_command(["-m", "data"], ["python", "-m", "svp", "data"])
+    assert started_as_command(["-m", "data"], ["python", "-m", "svp.cli", "data"])
+    assert not started_as_command(["-m", "x"], ["python", "-m", "svp.tools", "x"])
     assert not started_as_command(["-m", "x"], ["python", "-m", "mypkg", "x"])   # mypkg imports svp
     assert not started_as_command(["train.py"], ["python", "train.py"])
     assert not started_as_command(["-c"], ["python", "-c", "import svp"])

@@ -308,7 +308,8 @@ def started_as_command(argv=None, orig_argv=None) -> bool:
     # finally blocks skipped: review), so there none does
     if orig is None:
         orig = _proc_cmdline()
-    return any(a == "-m" and b == "svp" for a, b in zip(orig, orig[1:]))
+    # (`python -m svp.cli` too: the module runs the command as `python -m svp` does)
+    return any(a == "-m" and b in ("svp", "svp.cli") for a, b in zip(orig, orig[1:]))
 
 
 def _proc_cmdline() -> list:
