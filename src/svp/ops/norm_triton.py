@@ -40,7 +40,9 @@ def _norm_fwd(h_ptr, r_ptr, w_ptr, out_ptr, x_ptr, rstd_ptr, M, D, eps,
     pid, cols, cm, w = _program(w_ptr, D, BLOCK)
     for i in range(ROWS):
         row = pid * ROWS + i
-        m = cm & (row < M)
+        # (not `cm & (row < M)`: Triton 3.9's interpreter broadcasts a scalar comparison as int32,
+        # and the mask it makes is then refused by tl.load: "mask has unsupported dtype")
+        m = tl.where(row < M, cm, False)
         x = tl.load(h_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             x += tl.load(r_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -56,7 +58,7 @@ def _norm_bwd(x_ptr, w_ptr, rstd_ptr, g_ptr, gx_ptr, dx_ptr, dwp_ptr, M, D,
     dw = tl.zeros((BLOCK,), tl.float32)
     for i in range(ROWS):
         row = pid * ROWS + i
-        m = cm & (row < M)
+        m = tl.where(row < M, cm, False)
         xhat = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row < M, other=0.0)
         xhat = xhat * rstd

@@ -132,11 +132,15 @@ def _f32_step(uv, x, Bv, Cv, zv, bias):
 def _load_step(u_row, dl_row, z_row, B_row, C_row, t, ok, cm, nm, su_l, sd_l, sz_l, sB_l, sC_l,
                HAS_Z: tl.constexpr):
     """u, delta, B, C, z of time step t (in their own dtypes; zeros where not ``ok``)."""
-    mc = cm & ok
+    # (a block mask and the scalar ok: tl.where, not `cm & ok`, which Triton 3.9's interpreter
+    # broadcasts as int32 data that tl.load then refuses, "mask has unsupported dtype"; the same
+    # below)
+    mc = tl.where(ok, cm, False)
+    mn = tl.where(ok, nm, False)
     uv = tl.load(u_row + t * su_l, mask=mc, other=0.0)
     x = tl.load(dl_row + t * sd_l, mask=mc, other=0.0)
-    Bv = tl.load(B_row + t * sB_l, mask=nm & ok, other=0.0)
-    Cv = tl.load(C_row + t * sC_l, mask=nm & ok, other=0.0)
+    Bv = tl.load(B_row + t * sB_l, mask=mn, other=0.0)
+    Cv = tl.load(C_row + t * sC_l, mask=mn, other=0.0)
     if HAS_Z:
         zv = tl.load(z_row + t * sz_l, mask=mc, other=0.0)
     else:
@@ -170,7 +174,7 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
     # (and the other direction's output, where this one adds to it: prefetched the same way, not
     # by Triton's pipeliner, which held it at a cost of ~60 registers a thread; FWD_STAGES)
     if ACC_OUT:
-        on = tl.load(o_row + t * so_l, mask=cm & (L > 0), other=0.0)
+        on = tl.load(o_row + t * so_l, mask=tl.where(L > 0, cm, False), other=0.0)
     else:
         on = un
     for k in range(0, nchunk):
@@ -188,7 +192,7 @@ def _fwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, out_ptr, hs
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, s + 1 < L, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
             if ACC_OUT:
-                on = tl.load(o_row + tn * so_l, mask=cm & (s + 1 < L), other=0.0)
+                on = tl.load(o_row + tn * so_l, mask=tl.where(s + 1 < L, cm, False), other=0.0)
             if SOFTPLUS:
                 x = _softplus(x)
             dt = tl.where(cm, x, 0.0)
@@ -344,7 +348,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             gv = gn.to(tl.float32)
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j + 1 < kn, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
-            gn = tl.load(g_row + tn * sg_l, mask=cm & (j + 1 < kn), other=0.0)
+            gn = tl.load(g_row + tn * sg_l, mask=tl.where(j + 1 < kn, cm, False), other=0.0)
             tl.store(scr + j * BLOCK_D * BLOCK_N, h)
             if SOFTPLUS:
                 x = _softplus(x)
@@ -381,7 +385,7 @@ def _bwd(u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, hs_ptr, go_
             gv = gn.to(tl.float32)
             un, xn, Bn, Cn, zn = _load_step(u_row, dl_row, z_row, B_row, C_row, tn, j > 0, cm, nm,
                                             su_l, sd_l, sz_l, sB_l, sC_l, HAS_Z)
-            gn = tl.load(g_row + tn * sg_l, mask=cm & (j > 0), other=0.0)
+            gn = tl.load(g_row + tn * sg_l, mask=tl.where(j > 0, cm, False), other=0.0)
             hp = tl.load(scr + j * BLOCK_D * BLOCK_N)
             x = xr
             if SOFTPLUS:
