@@ -252,14 +252,14 @@ def compile_kernels_for_sm90():
         sig = {a: "constexpr" if a in c else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr") else "i32"
                for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps))
+                           options=dict(num_warps=warps, **st.LAUNCH_OPTIONS))
         asm.append(k.asm)
     # the backward's fixed-order float64 sums (scan_triton.fixed_sum), into bfloat16
     jf = JITFunction(st._sum_mid)
     sig = {"p_ptr": "*fp32", "out_ptr": "*bf16", "NS": "i32", "INNER": "i32", "SPAN": "i32", "BLOCK": "constexpr",
            "F64": "constexpr"}
     asm.append(triton.compile(ASTSource(jf, sig, constexprs=dict(BLOCK=st.SUM_BLOCK, F64=False)),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm)
+                              target=GPUTarget("cuda", 90, 32), options=dict(**st.LAUNCH_OPTIONS, num_warps=4)).asm)
     # the conv's kernels (svp.ops.conv_triton), bf16 x as the model gives them under autocast
     from svp.ops import conv_triton as ct
     for fn in (ct._conv_fwd, ct._conv_bwd, ct._conv_dpre):
@@ -269,7 +269,7 @@ def compile_kernels_for_sm90():
         sig = {a: "constexpr" if a in c else ("*bf16" if a in ("x_ptr", "out_ptr", "go_ptr", "dx_ptr") else "*fp32")
                if a.endswith("_ptr") else "i32" for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=ct.WARPS))
+                           options=dict(**st.LAUNCH_OPTIONS, num_warps=ct.WARPS))
         asm.append(k.asm)
     # the add + RMSNorm's (svp.ops.norm_triton) at Vim-S's width, a bf16 mixer output
     from svp.ops import norm_triton as nt
@@ -279,7 +279,7 @@ def compile_kernels_for_sm90():
         sig = {a: "constexpr" if a in c else ("*bf16" if a == "h_ptr" else "*fp32") if a.endswith("_ptr")
                else "fp32" if a == "eps" else "i32" for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=nt._warps(512)))
+                           options=dict(**st.LAUNCH_OPTIONS, num_warps=nt._warps(512)))
         asm.append(k.asm)
     # SVP's prompt step (svp.ops.prompt_triton), both prompters, a bf16 stream
     from svp.ops import prompt_triton as pt
@@ -290,7 +290,7 @@ def compile_kernels_for_sm90():
         sig = {a: "constexpr" if a in c else ("*fp32" if a in f32 else "*bf16") if a.endswith("_ptr") else "i32"
                for a in jf.arg_names}
         k = triton.compile(ASTSource(jf, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=pt.WARPS))
+                           options=dict(**st.LAUNCH_OPTIONS, num_warps=pt.WARPS))
         asm.append(k.asm)
     return asm
 
@@ -348,15 +348,19 @@ def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     seen = []
 
+    options = []
+
     class Kernel:
         def __getitem__(self, grid):
-            return lambda *a, **k: seen.append(current[0])
+            return lambda *a, **k: (seen.append(current[0]), options.append(k))
 
     with FakeTensorMode():
         x = torch.empty(2, device="cuda:1")
     scan_triton._launch(Kernel(), (1,), 7, x, BLOCK=4)
     scan_triton._launch(Kernel(), (1,), torch.empty(2), BLOCK=4)   # a CPU tensor: no device switch
     assert seen == [torch.device("cuda:1"), None] and current[0] is None
+    # FMA contraction asked for, not left to Triton's default (off from Triton 3.10)
+    assert options == [dict(BLOCK=4, enable_fp_fusion=True)] * 2
 
 
 def test_fixed_sum_is_the_float64_sum_in_one_kernel():

@@ -658,7 +658,14 @@ class _library_interpreted:
             self.interpreter._patch_lang_tensor = self.patch_tensor
 
 
+# Compile options every launch asks for, whatever Triton's defaults: FMA contraction (a*b + c in
+# one rounding) is on by default up to Triton 3.9, which warns that 3.10 turns it off; the kernels'
+# registers, timings and bits were measured with it on (the interpreter ignores the option)
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
 def _launch(kernel, grid, *args, **kwargs):
+    kwargs = {**LAUNCH_OPTIONS, **kwargs}
     if interpreting():
         with _library_interpreted():
             kernel[grid](*args, **kwargs)
