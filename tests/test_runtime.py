@@ -325,6 +325,36 @@ def test_the_svp_command_freezes_its_imports_and_main_does_not():
     assert _freeze_counts(RUN_CHECK + RUN_ENTRY, SVP_NO_RUNTIME_DEFAULTS="1") == [0, 0]
 
 
+LEAK_REPORT = RUNTIME_ONLY.replace("status = rt.configure()\n", "") + """import atexit, sys, types
+def libtriton(module):   # nanobind: a bound class's metaclass has the metaclass nanobind.nb_meta
+    meta = type("nb_meta", (type,), {"__module__": module})
+    bound = meta("nb_type_0", (type,), {})
+    return types.SimpleNamespace(ir=types.SimpleNamespace(context=bound("context", (), {})))
+sys.modules["triton._C.libtriton"] = libtriton("nanobind")
+assert not rt.hide_frozen_leak_report()          # nothing frozen: nothing reported
+rt._state["gc"] = rt.FROZEN
+sys.modules["triton._C.libtriton"] = libtriton("builtins")
+assert not rt.hide_frozen_leak_report()          # Triton < 3.9: no nanobind, no report
+sys.modules["triton._C.libtriton"] = libtriton("nanobind")
+atexit.register(lambda: print("atexit line", file=sys.stderr))
+sys.stderr.write("before\\n")
+assert rt.hide_frozen_leak_report()
+os.write(2, b"nanobind: leaked 4 instances!\\n")  # C's stderr, as nanobind writes after the shutdown
+print("python line", file=sys.stderr)
+"""
+
+
+def test_a_frozen_commands_end_hides_nanobinds_leak_report_and_keeps_pythons_stderr():
+    """Triton 3.9 (torch 2.15's) built its library with nanobind, which reports every object still
+    alive when the process ends as a leak: the imports the svp command froze, 26 lines on stderr
+    after every command. At the command's end C's stderr goes to the null device; Python's
+    sys.stderr (atexit handlers, shutdown messages) still reaches the terminal. (A stand-in
+    library: this environment's Triton is not a nanobind one.)"""
+    out = subprocess.run([sys.executable, "-c", LEAK_REPORT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["before", "python line", "atexit line"]
+
+
 def test_on_off_switches_read_0_false_no_off_as_off():
     """SVP_NO_RUNTIME_DEFAULTS=0 (or false) turned svp's defaults off: any value counted."""
     from svp import runtime

@@ -100,6 +100,12 @@ imported (before torch), and only where the user has not chosen them.
   process, so no later collection, and not the interpreter's shutdown, walks it again. Measured
   (docs/benchmarks.md, "Seventeenth round"): ``import svp`` 2.84 -> 2.2-2.3 s; ``svp --help``
   4.17 -> 2.74 s; ``svp predict`` with one image, Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
+  What stays frozen is never freed, and Triton 3.9 (torch 2.15's; torch imports it) built its
+  library with nanobind, which reports every one of its objects still alive when the process ends
+  as a leak: 26 lines on stderr after every command (`svp data list`). ``hide_frozen_leak_report`` (at the command's
+  end) points C's stderr, where that report is printed after Python has shut down, at the null
+  device, and keeps Python's own ``sys.stderr`` on the terminal (unfreezing instead cost ~0.6-0.85 s
+  at every exit, measured).
 
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
@@ -361,6 +367,9 @@ def end_command_imports() -> None:
         _IMPORT_GUARD["on"] = False
 
 
+FROZEN = "imports frozen for the command's process (svp.cli.run)"
+
+
 def freeze_imports() -> bool:
     """For a process that runs one svp command and exits (``svp.cli.run``): freeze every object
     tracked now (the imported modules, their functions and classes) out of the cyclic collector
@@ -370,7 +379,37 @@ def freeze_imports() -> bool:
     if no_defaults() or not gc.isenabled():
         return False
     gc.freeze()
-    _state["gc"] = "imports frozen for the command's process (svp.cli.run)"
+    _state["gc"] = FROZEN
+    return True
+
+
+def hide_frozen_leak_report() -> bool:
+    """At the end of a command whose imports :func:`freeze_imports` froze, where Triton's library
+    is a nanobind one (Triton >= 3.9): file descriptor 2, which nanobind's leak report is written to
+    once the interpreter has shut down, goes to the null device; ``sys.stderr`` keeps writing to
+    the terminal through a copy of it, so what Python prints while it shuts down (atexit
+    handlers, "Exception ignored" lines) is still seen. Returns whether it did."""
+    lib = sys.modules.get("triton._C.libtriton")
+    context = getattr(getattr(lib, "ir", None), "context", None)
+    if _state["gc"] != FROZEN or context is None or type(type(context)).__module__ != "nanobind":
+        return False
+    stream = sys.stderr
+    try:
+        stream.flush()
+        if stream.fileno() != 2:
+            return False
+        kept = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):   # (no fd 2: `2>&-`, or a stream without one)
+        return False
+    import io
+    copy = io.TextIOWrapper(io.FileIO(kept, "w"), encoding=stream.encoding, errors=stream.errors,
+                            line_buffering=True)
+    os.dup2(null, 2)
+    os.close(null)
+    if sys.__stderr__ is stream:
+        sys.__stderr__ = copy
+    sys.stderr = copy
     return True
 
 
