@@ -102,10 +102,10 @@ imported (before torch), and only where the user has not chosen them.
   4.17 -> 2.74 s; ``svp predict`` with one image, Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
   What stays frozen is never freed, and Triton 3.9 (torch 2.15's; torch imports it) built its
   library with nanobind, which reports every one of its objects still alive when the process ends
-  as a leak: 26 lines on stderr after every command (`svp data list`). ``hide_frozen_leak_report`` (at the command's
-  end) points C's stderr, where that report is printed after Python has shut down, at the null
-  device, and keeps Python's own ``sys.stderr`` on the terminal (unfreezing instead cost ~0.6-0.85 s
-  at every exit, measured).
+  as a leak: 26 lines on stderr after every command (``svp data list``). At the command's end
+  ``hide_frozen_leak_report`` points C's stderr, where that report is printed after Python has
+  shut down, at the null device, and keeps Python's own ``sys.stderr`` on the terminal
+  (unfreezing instead cost ~0.6-0.85 s at every exit, measured).
 
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
