@@ -8,6 +8,7 @@ from . import runtime as _runtime
 
 _runtime.configure()  # before torch is imported: libgomp spin count (see svp.runtime)
 _runtime.guard_command_imports()  # the svp command: a Ctrl-C while it imports is one line, exit 130
+_runtime.hide_leak_report_at_exit()  # first: runs after torch's and the others' (svp.runtime)
 
 with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections less (svp.runtime)
     from .compat import numpy_bridge_problem as _numpy_bridge_problem  # noqa: E402

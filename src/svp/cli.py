@@ -211,7 +211,6 @@ def run() -> None:
     # not handled: the interpreter's finalization (0.2-0.3 s after svp serve) puts a Python handler
     # back to the default action, which kills; SIGTERM and SIGKILL still end a hung exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    runtime.hide_frozen_leak_report()   # (Triton 3.9's library reports the frozen imports as leaks)
     sys.exit(rc)
 
 

@@ -102,10 +102,10 @@ imported (before torch), and only where the user has not chosen them.
   4.17 -> 2.74 s; ``svp predict`` with one image, Vim-Small, 5.55 -> 3.85 s (``benchmarks/cli.py``).
   What stays frozen is never freed, and Triton 3.9 (torch 2.15's; torch imports it) built its
   library with nanobind, which reports every one of its objects still alive when the process ends
-  as a leak: 26 lines on stderr after every command (``svp data list``). At the command's end
-  ``hide_frozen_leak_report`` points C's stderr, where that report is printed after Python has
-  shut down, at the null device, and keeps Python's own ``sys.stderr`` on the terminal
-  (unfreezing instead cost ~0.6-0.85 s at every exit, measured).
+  as a leak: 26 lines on stderr after every command (``svp data list``). ``hide_frozen_leak_report``
+  points C's stderr, where that report is printed after Python has shut down, at the null device,
+  as the last of the process's atexit handlers, and keeps Python's own ``sys.stderr`` on the
+  terminal (unfreezing instead cost ~0.6-0.85 s at every exit, measured).
 
 Set ``SVP_NO_RUNTIME_DEFAULTS=1`` to leave the environment untouched.
 """
@@ -383,12 +383,30 @@ def freeze_imports() -> bool:
     return True
 
 
+_LEAK_HOOK: list = []
+
+
+def hide_leak_report_at_exit() -> None:
+    """Register :func:`hide_frozen_leak_report` with atexit, once; ``import svp`` does it first
+    thing, before torch and the rest register theirs, so that it runs after them (atexit runs
+    the last registered first): what they print at exit, through logging's handlers too, is
+    printed before it."""
+    if not _LEAK_HOOK:
+        import atexit
+        atexit.register(hide_frozen_leak_report)
+        _LEAK_HOOK.append(True)
+
+
 def hide_frozen_leak_report() -> bool:
-    """At the end of a command whose imports :func:`freeze_imports` froze, where Triton's library
-    is a nanobind one (Triton >= 3.9): file descriptor 2, which nanobind's leak report is written to
-    once the interpreter has shut down, goes to the null device; ``sys.stderr`` keeps writing to
-    the terminal through a copy of it, so what Python prints while it shuts down (atexit
-    handlers, "Exception ignored" lines) is still seen. Returns whether it did."""
+    """At the end of a process whose imports the svp command froze (:func:`freeze_imports`),
+    where Triton's library is a nanobind one (Triton >= 3.9): file descriptor 2, which nanobind's
+    leak report is written to once the interpreter has shut down, goes to the null device, and
+    ``sys.stderr`` writes on through a copy of it. Still seen: the command's own output, a
+    traceback, the other atexit handlers' (this one runs last: :func:`hide_leak_report_at_exit`),
+    and what Python writes to ``sys.stderr`` while it tears the modules down ("Exception ignored
+    in ..."). Not seen: what C code writes to the file descriptor after it (a crash there: its
+    faulthandler report; ``SVP_NO_RUNTIME_DEFAULTS=1`` freezes nothing and hides nothing).
+    Returns whether it did."""
     lib = sys.modules.get("triton._C.libtriton")
     context = getattr(getattr(lib, "ir", None), "context", None)
     if _state["gc"] != FROZEN or context is None or type(type(context)).__module__ != "nanobind":
