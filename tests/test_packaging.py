@@ -17,15 +17,17 @@ PACKAGE = os.path.join(ROOT, "src", "svp")
 
 
 def _tracked_files():
-    """The files a clean checkout has (git's list; without git, the tree less caches)."""
+    """The files a clean checkout has: git's tracked files; without git (a source archive, or a
+    repository git refuses), the tree less what builds and installs leave there (an editable
+    install's *.egg-info, whose SOURCES.txt setuptools would read back into the wheel, build/)."""
     try:
-        out = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached"], capture_output=True, check=True).stdout
         return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
     except (OSError, subprocess.CalledProcessError):
         found = []
         for dirpath, dirs, files in os.walk(ROOT):
-            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git") and not d.startswith(".venv")]
+            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git", "build", "dist", ".pytest_cache")
+                       and not d.startswith(".venv") and not d.endswith(".egg-info")]
             found += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in files]
         return found
 
