@@ -167,7 +167,7 @@ def capture(model_name, method, batch):
     launches: dict = collections.OrderedDict()
 
     def record(kernel, grid, *args, **kwargs):
-        kwargs = {**scan_triton.LAUNCH_OPTIONS, **kwargs}   # (what _launch adds)
+        kwargs = {**scan_triton.launch_options(), **kwargs}   # (what _launch adds)
         fn = getattr(kernel, "fn", kernel)
         names = list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
         const = {k: v for k, v in kwargs.items() if k in names}

@@ -359,8 +359,12 @@ def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
     scan_triton._launch(Kernel(), (1,), 7, x, BLOCK=4)
     scan_triton._launch(Kernel(), (1,), torch.empty(2), BLOCK=4)   # a CPU tensor: no device switch
     assert seen == [torch.device("cuda:1"), None] and current[0] is None
-    # FMA contraction asked for, not left to Triton's default (off from Triton 3.10)
+    # FMA contraction asked for, not left to Triton's default (off from Triton 3.10), unless the
+    # user set Triton's switch for that default
     assert options == [dict(BLOCK=4, enable_fp_fusion=True)] * 2
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    scan_triton._launch(Kernel(), (1,), torch.empty(2), BLOCK=4)
+    assert options[2:] == [dict(BLOCK=4)]
 
 
 def test_fixed_sum_is_the_float64_sum_in_one_kernel():

@@ -664,8 +664,14 @@ class _library_interpreted:
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
+def launch_options() -> dict:
+    """:data:`LAUNCH_OPTIONS`, unless the user set Triton's own switch for that default,
+    TRITON_DEFAULT_FP_FUSION (Triton >= 3.9): theirs then decides."""
+    return {} if "TRITON_DEFAULT_FP_FUSION" in os.environ else LAUNCH_OPTIONS
+
+
 def _launch(kernel, grid, *args, **kwargs):
-    kwargs = {**LAUNCH_OPTIONS, **kwargs}
+    kwargs = {**launch_options(), **kwargs}
     if interpreting():
         with _library_interpreted():
             kernel[grid](*args, **kwargs)
