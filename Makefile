@@ -73,8 +73,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scan.py
 	$(BIN)/python benchmarks/model.py
 
-# The Triton scan under the Triton of torch 2.11 and 2.12 (3.6, 3.7) on the CPU: builds a venv per
-# release from PyPI (~5 GB each, deleted after; KEEP=1 keeps them). Not part of `make test`.
+# The Triton kernels under the Triton of torch 2.11, 2.12 and 2.15 (3.6, 3.7, 3.9) on the CPU: builds a
+# venv per release from PyPI (~5 GB each, deleted after; KEEP=1 keeps them). Not part of `make test`.
 triton-compat:
 	benchmarks/triton_compat.sh $(TORCHES)
 
