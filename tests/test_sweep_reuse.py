@@ -420,6 +420,50 @@ def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
     assert "not exited" not in r.stdout and r.returncode == 1
 
 
+def test_an_idle_worker_of_a_broken_pool_exits_once_the_sweep_retires_it(tmp_path):
+    """A worker killed by a signal breaks the pool; Python >= 3.12 then ends the other workers by
+    SIGTERM alone (3.11 also queued them an end-of-work marker), which a worker between runs
+    ignores, and the sweep's shutdown waited for them for ever
+    (test_a_worker_killed_by_a_signal_fails_its_run_alone hung on Python 3.13). A worker started
+    as the sweep starts them, idle: SIGTERM leaves it running; the pool's retire flag, set by the
+    sweep, ends it, and a call the broken pool had queued is not started."""
+    import subprocess
+    import sys
+    (tmp_path / "wmod.py").write_text(
+        "import time\n"
+        "def worker(stop, retire, sweep_pid, out):\n"
+        "    import svp.engine.tune as T\n"
+        "    T._worker_init(stop, sweep_pid, retire)\n"
+        "    open(out + '.ready', 'w').close()\n"
+        "    while not retire.value: time.sleep(0.01)\n"
+        "    with open(out, 'w') as f: f.write(T._run_safely('never', {})[1])\n"
+        "    time.sleep(30)\n")
+    (tmp_path / "parent.py").write_text(
+        "import os, sys, time, signal, multiprocessing as mp\n"
+        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+        "import wmod\n"
+        "if __name__ == '__main__':\n"
+        "    out = sys.argv[1]\n"
+        "    ctx = mp.get_context('spawn')\n"
+        "    stop, retire = ctx.RawValue('i', 0), ctx.RawValue('b', 0)\n"
+        "    p = ctx.Process(target=wmod.worker, args=(stop, retire, os.getpid(), out))\n"
+        "    p.start()\n"
+        "    t0 = time.time()\n"
+        "    while not os.path.exists(out + '.ready') and time.time() - t0 < 60: time.sleep(0.02)\n"
+        "    os.kill(p.pid, signal.SIGTERM)\n"   # what a broken pool sends its other workers
+        "    time.sleep(0.5)\n"
+        "    print('alive after SIGTERM', p.is_alive(), flush=True)\n"
+        "    retire.value = 1\n"
+        "    p.join(20)\n"
+        "    print('exit code', p.exitcode, flush=True)\n"
+        "    p.kill()\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(tmp_path / "parent.py"), str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.splitlines() == ["alive after SIGTERM True", "exit code 0"], r.stdout + r.stderr
+    assert out.read_text() == "not started: the sweep's worker pool broke"
+
+
 def test_a_worker_sees_its_sweep_die_where_getppid_keeps_the_dead_parents_pid(tmp_path):
     """On Windows os.getppid() goes on answering the dead parent's pid: a worker watching it never
     saw its sweep die and trained on with its run folder locked (review45). The parent's sentinel

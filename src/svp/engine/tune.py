@@ -426,6 +426,7 @@ class Runner:
     def __init__(self, jobs: int = 1):
         self.jobs = max(1, int(jobs))
         self._pool = None
+        self._retire = None   # the pool's: set once it broke, so that its idle workers exit (_watch_parent)
         self._stop = None
         self._stop_request = None
         self._training = False   # whether workers are running runs (what a first signal's warning says)
@@ -497,8 +498,9 @@ class Runner:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
             if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
-                                                    initializer=_worker_init, initargs=(self._stop, os.getpid()))
+                self._retire = ctx.RawValue("b", 0)
+                self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_worker_init,
+                                                    initargs=(self._stop, os.getpid(), self._retire))
             # each run's name within the sweep begins its stderr lines (svp.engine.progress.worker_label)
             root = os.path.commonpath([os.path.abspath(d) for _, d, _ in todo])
             label = {i: os.path.relpath(os.path.abspath(run_dir), root) for i, run_dir, _ in todo}
@@ -529,6 +531,11 @@ class Runner:
                         log.info("[%d/%d] failed %s", k, len(todo), tasks[i][0])
                     else:
                         log.info("[%d/%d] finished %s", k, len(todo), tasks[i][0])
+                if broken:
+                    # Python >= 3.12 ends a broken pool's other workers by SIGTERM alone, which an idle
+                    # worker ignores, and its shutdown (here or at close) then waited for them for
+                    # ever: they exit themselves once this is set (_watch_parent)
+                    self._retire.value = 1
                 if broken and self._stop.value:   # a worker a stop request ended, not the out-of-memory killer
                     stopped += [(label[i], "not started: the sweep was stopped") for i in broken]
                 if stopped:
@@ -589,7 +596,7 @@ def _stopped_summary(stopped: List[Tuple[str, str]], signum: int) -> str:
     return f"{name} received: " + ", ".join(parts)
 
 
-def _worker_init(stop_value, sweep_pid: int) -> None:
+def _worker_init(stop_value, sweep_pid: int, retire=None) -> None:
     import signal
 
     from .signals import use_stop_value, worker_signals
@@ -600,19 +607,25 @@ def _worker_init(stop_value, sweep_pid: int) -> None:
     worker_signals(signal.SIG_IGN)
     # the sweep's pid as the sweep gave it: a worker that starts after a kill -9 of the sweep has
     # been adopted already, and took its new parent (init) for the sweep, watching it for ever
-    _watch_parent(stop_value, sweep_pid)
+    _RETIRE[0] = retire
+    _watch_parent(stop_value, sweep_pid, retire=retire)
 
 
 _RUNS_IN_PROGRESS = [0]   # in a worker: runs of _run_safely not yet returned
+_RETIRE = [None]          # in a worker: its pool's retire flag (set by the sweep once the pool broke)
 
 
-def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 600.0) -> None:
+def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 600.0, *, retire=None) -> None:
     """A worker whose sweep died (kill -9, the out-of-memory killer) trained on with its run
     folder locked, so the restarted sweep recorded that run as failed, and then waited for work
     forever (~1 GB each). Once its parent is gone it stops its run as a stop request would (after
     the step, resume point written) and exits; after ``grace_s`` it exits anyway (the operating
     system releases the run's lock). Gone: another parent pid (adopted), or the parent's sentinel
-    says so (on Windows getppid goes on answering the dead parent's pid: review45)."""
+    says so (on Windows getppid goes on answering the dead parent's pid: review45).
+    ``retire``: once the sweep sets it (its pool broke: a worker killed by a signal), an idle
+    worker exits. Python >= 3.12 ends a broken pool's other workers by SIGTERM alone (3.11 also
+    queued them an end-of-work marker), which a worker between runs ignores, and the sweep then
+    waited for them for ever (seen on Python 3.13)."""
     import multiprocessing
     import signal
     import threading
@@ -622,6 +635,8 @@ def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 
 
     def watch():
         while os.getppid() == ppid and (parent is None or parent.is_alive()):
+            if retire is not None and retire.value and not _RUNS_IN_PROGRESS[0]:
+                os._exit(0)
             time.sleep(every_s)
         stop_value.value = int(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -641,6 +656,8 @@ def stop_requested(e: BaseException) -> bool:
 def _run_safely(run_dir: str, cfg: dict, label: Optional[str] = None) -> Tuple[Optional[dict], str]:
     """One run; ``label``: in a worker of a parallel sweep, the run's name within the sweep."""
     from . import progress
+    if _RETIRE[0] is not None and _RETIRE[0].value:   # a call the broken pool had queued already
+        return None, "not started: the sweep's worker pool broke"
     _RUNS_IN_PROGRESS[0] += 1
     progress.worker_label = label
     try:
