@@ -52,8 +52,8 @@ class RequestError(SVPError):
 
 
 class _AdapterRemoved(RequestError):
-    """A request accepted for an adapter that a reload removed before its batch ran: 404, and it
-    never reached the backbone."""
+    """A request accepted for an adapter that a reload removed before it ran: 404 (in a batch: it
+    never reached the backbone)."""
 
     def __init__(self, name: str):
         super().__init__(f"adapter {name!r} was removed", 404)
@@ -663,7 +663,7 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
             if adapter in model.adapters:   # (an adapter that cannot draw its gates: 422 below)
                 raise
             # a reload removed it after the request was read: as /v1/predict answers then (it was a 422)
-            raise RequestError(f"adapter {adapter!r} was removed", 404) from None
+            raise _AdapterRemoved(adapter) from None
         return ok("gates", {"adapter": adapter, "maps": pngs})
 
     async def adapters(request: Request):
