@@ -1799,7 +1799,7 @@ def test_a_worker_unblocks_the_signals_it_started_with_once_its_handler_is_in(mo
     from svp.engine import signals, tune
     monkeypatch.setattr(signals, "_worker_first_at", None)
     monkeypatch.setattr(signals, "_stop_value", None)
-    monkeypatch.setattr(tune, "_watch_parent", lambda *a, **k: None)
+    monkeypatch.setattr(tune, "_watch_parent", lambda *a: None)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
     try:

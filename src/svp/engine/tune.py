@@ -608,24 +608,24 @@ def _worker_init(stop_value, sweep_pid: int, retire=None) -> None:
     # the sweep's pid as the sweep gave it: a worker that starts after a kill -9 of the sweep has
     # been adopted already, and took its new parent (init) for the sweep, watching it for ever
     _RETIRE[0] = retire
-    _watch_parent(stop_value, sweep_pid, retire=retire)
+    _watch_parent(stop_value, sweep_pid)
 
 
 _RUNS_IN_PROGRESS = [0]   # in a worker: runs of _run_safely not yet returned
 _RETIRE = [None]          # in a worker: its pool's retire flag (set by the sweep once the pool broke)
 
 
-def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 600.0, *, retire=None) -> None:
+def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 600.0) -> None:
     """A worker whose sweep died (kill -9, the out-of-memory killer) trained on with its run
     folder locked, so the restarted sweep recorded that run as failed, and then waited for work
     forever (~1 GB each). Once its parent is gone it stops its run as a stop request would (after
     the step, resume point written) and exits; after ``grace_s`` it exits anyway (the operating
     system releases the run's lock). Gone: another parent pid (adopted), or the parent's sentinel
     says so (on Windows getppid goes on answering the dead parent's pid: review45).
-    ``retire``: once the sweep sets it (its pool broke: a worker killed by a signal), an idle
-    worker exits. Python >= 3.12 ends a broken pool's other workers by SIGTERM alone (3.11 also
-    queued them an end-of-work marker), which a worker between runs ignores, and the sweep then
-    waited for them for ever (seen on Python 3.13)."""
+    Once the sweep sets its pool's retire flag (``_RETIRE``: the pool broke, a worker killed by
+    a signal), an idle worker exits. Python >= 3.12 ends a broken pool's other workers by SIGTERM
+    alone (3.11 also queued them an end-of-work marker), which a worker between runs ignores, and
+    the sweep then waited for them for ever (seen on Python 3.13)."""
     import multiprocessing
     import signal
     import threading
@@ -635,7 +635,7 @@ def _watch_parent(stop_value, ppid: int, every_s: float = 1.0, grace_s: float = 
 
     def watch():
         while os.getppid() == ppid and (parent is None or parent.is_alive()):
-            if retire is not None and retire.value and not _RUNS_IN_PROGRESS[0]:
+            if _RETIRE[0] is not None and _RETIRE[0].value and not _RUNS_IN_PROGRESS[0]:
                 os._exit(0)
             time.sleep(every_s)
         stop_value.value = int(signal.SIGTERM)
