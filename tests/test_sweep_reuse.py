@@ -420,6 +420,19 @@ def test_a_worker_whose_sweep_died_stops_its_run_and_exits(tmp_path):
     assert "not exited" not in r.stdout and r.returncode == 1
 
 
+# parent.py of the tests below: spawns a worker from wmod.py beside it, whose path it is given
+# (out); WAIT_READY waits for the worker's out + '.ready'
+SPAWNING_PARENT = (
+    "import os, sys, time, signal, multiprocessing as mp\n"
+    "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+    "import wmod\n"
+    "if __name__ == '__main__':\n"
+    "    out = sys.argv[1]\n")
+WAIT_READY = (
+    "    t0 = time.time()\n"
+    "    while not os.path.exists(out + '.ready') and time.time() - t0 < 60: time.sleep(0.02)\n")
+
+
 def test_an_idle_worker_of_a_broken_pool_exits_once_the_sweep_retires_it(tmp_path):
     """A worker killed by a signal breaks the pool; Python >= 3.12 then ends the other workers by
     SIGTERM alone (3.11 also queued them an end-of-work marker), which a worker between runs
@@ -439,18 +452,13 @@ def test_an_idle_worker_of_a_broken_pool_exits_once_the_sweep_retires_it(tmp_pat
         "    with open(out, 'w') as f: f.write(T._run_safely('never', {})[1])\n"
         "    time.sleep(30)\n")
     (tmp_path / "parent.py").write_text(
-        "import os, sys, time, signal, multiprocessing as mp\n"
-        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
-        "import wmod\n"
-        "if __name__ == '__main__':\n"
-        "    out = sys.argv[1]\n"
-        "    ctx = mp.get_context('spawn')\n"
+        SPAWNING_PARENT
+        + "    ctx = mp.get_context('spawn')\n"
         "    stop, retire = ctx.RawValue('i', 0), ctx.RawValue('b', 0)\n"
         "    p = ctx.Process(target=wmod.worker, args=(stop, retire, os.getpid(), out))\n"
         "    p.start()\n"
-        "    t0 = time.time()\n"
-        "    while not os.path.exists(out + '.ready') and time.time() - t0 < 60: time.sleep(0.02)\n"
-        "    os.kill(p.pid, signal.SIGTERM)\n"   # what a broken pool sends its other workers
+        + WAIT_READY
+        + "    os.kill(p.pid, signal.SIGTERM)\n"   # what a broken pool sends its other workers
         "    time.sleep(0.5)\n"
         "    print('alive after SIGTERM', p.is_alive(), flush=True)\n"
         "    retire.value = 1\n"
@@ -485,16 +493,11 @@ def test_a_worker_sees_its_sweep_die_where_getppid_keeps_the_dead_parents_pid(tm
         "    T._RUNS_IN_PROGRESS[0] = 0\n"
         "    time.sleep(30)\n")
     (tmp_path / "parent.py").write_text(
-        "import os, sys, time, signal, multiprocessing as mp\n"
-        "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
-        "import wmod\n"
-        "if __name__ == '__main__':\n"
-        "    out = sys.argv[1]\n"
-        "    p = mp.get_context('spawn').Process(target=wmod.child, args=(out, os.getpid()))\n"
+        SPAWNING_PARENT
+        + "    p = mp.get_context('spawn').Process(target=wmod.child, args=(out, os.getpid()))\n"
         "    p.start()\n"
-        "    t0 = time.time()\n"
-        "    while not os.path.exists(out + '.ready') and time.time() - t0 < 60: time.sleep(0.02)\n"
-        "    print(p.pid, flush=True)\n"
+        + WAIT_READY
+        + "    print(p.pid, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n")
     out = tmp_path / "stopped"
     r = subprocess.run([sys.executable, str(tmp_path / "parent.py"), str(out)], capture_output=True, text=True,
