@@ -10,10 +10,19 @@ PIP_INSTALL_FLAGS ?=
 
 .PHONY: install test test-oldest demo bench clean browser-deps triton-compat
 
+# UV: a uv executable to build it with instead of pip (.ci/run does, for time: the same packages
+# in ~10 s against pip's 70-100 s; pip's settings, such as a local index, passed as uv's: .ci/run).
+# A user's `make install` uses pip.
+UV ?=
 $(STAMP): pyproject.toml constraints.txt
+ifeq ($(UV),)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIP_INSTALL_FLAGS) -c constraints.txt -e ".[test]"
+else
+	$(UV) venv -q --seed --allow-existing -p $(PY) $(VENV)
+	$(UV) pip install -q -p $(BIN)/python -c constraints.txt -e ".[test]"
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,14 +34,13 @@ install: $(STAMP)
 # main environment only.
 OLDEST ?= .venv-oldest
 PY_OLDEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.9*/bin/python3.9) python3.9)
-# UV: a uv executable to build it with instead of pip (`make test-oldest UV=uv`; .ci/run does).
+# With UV (above) uv builds it instead of pip (`make test-oldest UV=uv`; .ci/run does).
 # Every package of the floor comes from the package index (no wheel of torch 2.1.0 for Python 3.9
 # lies on this project's machines; the environment is 5.1 GB, most of it torch's CUDA build), and
 # uv downloads and unpacks them in parallel: the same packages in 25 s and 31 CPU-s against pip's
 # 90 s and 87 CPU-s (docs/benchmarks.md, "The floor's environment with uv"). --seed: pip and
 # setuptools, as `venv` gives (Triton 2.1 imports setuptools: without it the floor's Triton checks
 # skip and the benchmark scripts' import test fails).
-UV ?=
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 ifeq ($(UV),)
 	$(PY_OLDEST) -m venv $(OLDEST)
