@@ -1,5 +1,6 @@
 """End-to-end tests of `svp train/eval/predict/sweep` on a tiny random-init Vim
 (32 px, patch 4, depth 2, width 32) and the embedded `digits` dataset."""
+import dataclasses
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from proc_helpers import descendants, free_port
 from svp.cli import main as svp_main
 from svp.engine import config as C
+from svp.peft import make_config
 
 TIMING_KEYS = {"images_per_s", "train_seconds", "eval_seconds", "run_dir"}
 METHODS = ["svp", "linear", "full", "vpt_shallow", "vpt_deep", "visual_prompt", "bitfit", "lora", "adapter"]
@@ -737,6 +739,12 @@ def test_train_help_documents_every_option(capsys):
         assert re.search(rf"^  {re.escape(key)} \[", text, re.M), key
     for flag in ("--config", "--resume", "--dataset", "--method", "--model", "--checkpoint", "--print-config"):
         assert flag in text
+    # method.settings names every built-in method's own settings (the official quirks' switches
+    # among them: compat, simam, head), as the method's name and the setting's (review 51)
+    settings = " ".join(text[text.index("  method.settings ["):text.index("  data.dataset [")].split())
+    for name in ("svp", "linear", "full", "vpt_shallow", "vpt_deep", "visual_prompt", "bitfit", "lora", "adapter"):
+        fields = [f.name for f in dataclasses.fields(make_config(name)) if f.name != "num_classes"]
+        assert all(re.search(rf"\b{f}\b", settings) for f in fields), (name, fields)
     for sub in ("eval", "predict", "sweep"):
         with pytest.raises(SystemExit):
             svp_main([sub, "--help"])

@@ -41,7 +41,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.init_seed", None, "seed the model's random parts (a new head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head"),
     # --- method
     ("method.name", "svp", "PEFT method, one of svp.peft.list_methods(): the built-in svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter, and any registered with svp.peft.register_method"),
-    ("method.settings", {}, "method settings passed to svp.peft.make_config (e.g. shared_layers, hidden); a block named after a method (method.settings.svp.hidden=32) applies to that method only"),
+    ("method.settings", {}, "method settings passed to svp.peft.make_config; a block named after a method (method.settings.svp.hidden=32) applies to that method only. Every method: head (linear, two_layer), simam, backbone_train_mode. svp: shared_layers, hidden, use_cross, use_inner, compat (paper; official: the official code's cross prompt, D1). vpt_shallow/vpt_deep: num_tokens, placement (prefix, middle, suffix). lora: r, alpha, targets. adapter: bottleneck, scale. bitfit: patch_embed. visual_prompt: pad, image_size. Meanings and defaults: docs/methods.md"),
     # --- data
     ("data.dataset", "digits", "dataset name from the registry (`svp data list` / svp.data.list_datasets())"),
     ("data.root", None, "data root for datasets stored on disk (embedded datasets need none)"),
