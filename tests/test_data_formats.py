@@ -740,6 +740,13 @@ def test_a_split_file_naming_an_image_outside_its_folder_is_refused(fake, tmp_pa
     json.dump(d, open(meta, "w"))
     with pytest.raises(DatasetError, match=r"train.json: class .* which leaves images/"):
         build_dataset("food101", "train", root=r)
+    # and GTSRB's test csv (review 52: the one list still read from anywhere)
+    r = _copy(fake, tmp_path / "gtsrb", "gtsrb")
+    gt = os.path.join(r, "gtsrb/GT-final_test.csv")
+    rows = open(gt).read().splitlines()
+    open(gt, "w").write("\n".join(rows + [f"{rel};32;32;0;0;31;31;0"]) + "\n")
+    with pytest.raises(DatasetError, match=rf"GT-final_test.csv:{len(rows) + 1}: image path '{re.escape(rel)}' leaves "):
+        build_dataset("gtsrb", "test", root=r)
 
 
 def test_layout_errors_point_at_the_right_place(fake, tmp_path, capsys):

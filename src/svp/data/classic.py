@@ -235,6 +235,9 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
                                    f"({DOCS_HINT})") from None
             if not 0 <= lab < len(classes):   # here, where its line is known
                 raise DatasetError(f"{csvp}:{lineno}: ClassId {lab} outside 0..{len(classes) - 1}")
+            if leaves_folder(fn):   # (as every other list's: read silently from outside the root, review 52)
+                raise DatasetError(f"{csvp}:{lineno}: image path {fn!r} leaves the test images' folder; "
+                                   f"expected a file name in {imgdir} ({DOCS_HINT})")
             samples.append((os.path.join(imgdir, fn), lab))
         return FileListDataset(samples, classes, transform, name="hta/gtsrb", split=split,
                                skip_bad_images=skip_bad_images, check_files=check_files,
