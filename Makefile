@@ -12,7 +12,8 @@ PIP_INSTALL_FLAGS ?=
 
 # UV: a uv executable to build it with instead of pip (.ci/run does, for time: the same packages
 # in ~10 s against pip's 70-100 s; pip's settings, such as a local index, passed as uv's: .ci/run).
-# A user's `make install` uses pip.
+# A user's `make install` uses pip. (uv is given the interpreter's path: a bare `python3` would
+# let it take a Python of its own.)
 UV ?=
 $(STAMP): pyproject.toml constraints.txt
 ifeq ($(UV),)
@@ -20,7 +21,7 @@ ifeq ($(UV),)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(PIP_INSTALL_FLAGS) -c constraints.txt -e ".[test]"
 else
-	$(UV) venv -q --seed --allow-existing -p $(PY) $(VENV)
+	$(UV) venv -q --seed --allow-existing -p "$$(command -v $(PY))" $(VENV)
 	$(UV) pip install -q -p $(BIN)/python -c constraints.txt -e ".[test]"
 endif
 	touch $(STAMP)
@@ -47,7 +48,7 @@ ifeq ($(UV),)
 	$(OLDEST)/bin/pip install -q --upgrade pip
 	$(OLDEST)/bin/pip install -q $(PIP_INSTALL_FLAGS) -c constraints-oldest.txt -e ".[test]"
 else
-	$(UV) venv -q --seed --allow-existing -p $(PY_OLDEST) $(OLDEST)
+	$(UV) venv -q --seed --allow-existing -p "$$(command -v $(PY_OLDEST))" $(OLDEST)
 	$(UV) pip install -q -p $(OLDEST)/bin/python -c constraints-oldest.txt -e ".[test]"
 endif
 	touch $@
