@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # extra flags for installing the package (.ci/run: --no-compile)
 PIP_INSTALL_FLAGS ?=
 
-.PHONY: install test test-oldest demo bench clean browser-deps triton-compat
+.PHONY: install test test-oldest demo bench clean browser-deps triton-compat newest
 
 # UV: a uv executable to build it with instead of pip (.ci/run does, for time: the same packages
 # in ~10 s against pip's 70-100 s; pip's settings, such as a local index, passed as uv's: .ci/run).
@@ -86,6 +86,12 @@ bench: $(STAMP)
 # venv per release from PyPI (~5 GB each, deleted after; KEEP=1 keeps them). Not part of `make test`.
 triton-compat:
 	benchmarks/triton_compat.sh $(TORCHES)
+
+# The quick and slow suites, `svp doctor` and `svp demo` under the newest releases on the package
+# index, without constraints, on the newest Python found (benchmarks/newest.sh 3.N to choose; ~5 GB
+# and ~12 minutes per Python, deleted after; KEEP=1 keeps them). Not part of `make test`.
+newest:
+	benchmarks/newest.sh $(PYTHONS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache
