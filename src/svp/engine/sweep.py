@@ -535,7 +535,8 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     from .tune import stop_requested
                     if fail_fast or stop_requested(e):
                         raise
-                    log.error("run %s/%s/seed%d failed: %s", ds, m, s, e)
+                    # (worded as the --jobs runner's: the run's folder and the error's kind)
+                    log.error("run %s failed: %s: %s", run_dir, type(e).__name__, e)
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
                                                  run_dir=run_dir))
