@@ -84,6 +84,7 @@ print(f"Python {sys.version.split()[0]}, torch {torch.__version__}, triton {t}, 
     run quick .venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
     run slow .venv/bin/python -m pytest -q -p no:cacheprovider -m slow
     run doctor .venv/bin/svp doctor --no-timing
+    rm -rf "$OUT/demo-$v"   # (a demo folder of an earlier check would be reused)
     run demo .venv/bin/svp demo --out "$OUT/demo-$v" --no-figure
     summary+=("$vers: ${res[*]}")
     [ -n "${KEEP:-}" ] || rm -rf "$tree"
