@@ -75,20 +75,27 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
                                                                                        run_dir)
 
 
-def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch, caplog):
+def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch):
     out = str(tmp_path / "sw")
     calls = []
     _fake_trainer(monkeypatch, calls)
     sweep("mini", ["linear"], [0], out, ["digits"], (), REAL)
-    caplog.set_level(logging.ERROR, logger="svp")
-    # (a run in this process before may have left svp.engine not propagating to caplog's handler)
-    monkeypatch.setattr(logging.getLogger("svp.engine"), "propagate", True)
-    res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.epochs=3"])
+    # (on the logger itself, not through caplog: earlier tests in this process may have left
+    # svp.engine not propagating, and a full suite showed the record twice through the root)
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    sweep_log = logging.getLogger("svp.engine.sweep")
+    monkeypatch.setattr(sweep_log, "disabled", False)
+    sweep_log.addHandler(handler)
+    try:
+        res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.epochs=3"])
+    finally:
+        sweep_log.removeHandler(handler)
     # the failure's line as a --jobs sweep words it: the run's folder and the error's kind
     run_dir = os.path.join(out, "digits", "linear", "seed0")
     assert res["rows"][0]["error"].startswith("ConfigError: ")
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == \
-        [f"run {run_dir} failed: {res['rows'][0]['error']}"]
+    assert errors == [f"run {run_dir} failed: {res['rows'][0]['error']}"]
     assert len(calls) == 1
     assert [(r["status"], r["epochs_run"], r["final_test_top1"]) for r in _rows(out)] == [("failed", "", "")]
     assert "train.epochs: 1 -> 3" in res["rows"][0]["error"]
