@@ -80,8 +80,9 @@ def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_numb
     calls = []
     _fake_trainer(monkeypatch, calls)
     sweep("mini", ["linear"], [0], out, ["digits"], (), REAL)
-    # (on the logger itself, not through caplog: earlier tests in this process may have left
-    # svp.engine not propagating, and a full suite showed the record twice through the root)
+    # (on the logger itself, not through caplog: a run earlier in this process leaves svp.engine
+    # not propagating, and pytest 8 then attaches its capture handlers to svp.engine as well as
+    # the root, so with propagation forced on they saw each record twice; older pytest does not)
     errors = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda record: errors.append(record.getMessage())
