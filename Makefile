@@ -88,8 +88,8 @@ triton-compat:
 	benchmarks/triton_compat.sh $(TORCHES)
 
 # The quick and slow suites, `svp doctor` and `svp demo` under the newest releases on the package
-# index, without constraints, on the newest Python found (benchmarks/newest.sh 3.N to choose; ~5 GB
-# and ~12 minutes per Python, deleted after; KEEP=1 keeps them). Not part of `make test`.
+# index, without constraints, on the newest Python found (`make newest PYTHONS="3.12 3.13"` to
+# choose; ~5 GB and ~12 minutes per Python, deleted after; KEEP=1 keeps them). Not part of `make test`.
 newest:
 	benchmarks/newest.sh $(PYTHONS)
 

@@ -739,8 +739,8 @@ def test_train_help_documents_every_option(capsys):
         assert re.search(rf"^  {re.escape(key)} \[", text, re.M), key
     for flag in ("--config", "--resume", "--dataset", "--method", "--model", "--checkpoint", "--print-config"):
         assert flag in text
-    # method.settings names every built-in method's own settings (the official quirks' switches
-    # among them: compat, simam, head), as the method's name and the setting's (review 51)
+    # method.settings names every setting of every built-in method's config (the official quirks'
+    # switches among them: compat, simam, head) (review 51)
     settings = " ".join(text[text.index("  method.settings ["):text.index("  data.dataset [")].split())
     for name in ("svp", "linear", "full", "vpt_shallow", "vpt_deep", "visual_prompt", "bitfit", "lora", "adapter"):
         fields = [f.name for f in dataclasses.fields(make_config(name)) if f.name != "num_classes"]
