@@ -52,6 +52,35 @@ def _seed_and_threads():
 
 
 @pytest.fixture
+def logged():
+    """``with logged(name, level) as messages:`` the messages logger ``name`` emits at ``level``
+    and above, read by a handler on that logger itself, its level and ``disabled`` set for the
+    block and put back after. Not caplog: a run earlier in the process leaves ``svp.engine`` not
+    propagating to caplog's root handler, and pytest 8 then attaches its capture handlers to such
+    loggers too, so caplog sees a record once or twice depending on what ran before."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def capture(name, level):
+        log = logging.getLogger(name)
+        messages = []
+        handler = logging.Handler(level)
+        handler.emit = lambda record: messages.append(record.getMessage())
+        old_level, disabled = log.level, log.disabled
+        log.addHandler(handler)
+        log.setLevel(level)
+        log.disabled = False
+        try:
+            yield messages
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+            log.disabled = disabled
+    return capture
+
+
+@pytest.fixture
 def predicted_test_metrics(tmp_path, capsys):
     """``f(adapter_dir, n) -> (top-1 %, top-5 %, mean cross-entropy)`` of an adapter folder on the
     first ``n`` digits test images, from `svp predict` on image files with every class's

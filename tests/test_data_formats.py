@@ -745,7 +745,8 @@ def test_a_split_file_naming_an_image_outside_its_folder_is_refused(fake, tmp_pa
     gt = os.path.join(r, "gtsrb/GT-final_test.csv")
     rows = open(gt).read().splitlines()
     open(gt, "w").write("\n".join(rows + [f"{rel};32;32;0;0;31;31;0"]) + "\n")
-    with pytest.raises(DatasetError, match=rf"GT-final_test.csv:{len(rows) + 1}: image path '{re.escape(rel)}' leaves "):
+    with pytest.raises(DatasetError,
+                       match=rf"GT-final_test.csv:{len(rows) + 1}: image path '{re.escape(rel)}' leaves "):
         build_dataset("gtsrb", "test", root=r)
 
 

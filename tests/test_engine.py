@@ -1051,26 +1051,15 @@ def test_a_validation_split_that_is_the_test_split_is_refused():
     C.resolve(overrides=["data.val_split=null", "data.test_split=test"], use_presets=False)
 
 
-def test_the_best_mark_sits_by_the_validation_number():
+def test_the_best_mark_sits_by_the_validation_number(logged):
     """It followed the test number (selection is on validation), and without a validation split,
     where nothing is compared, it marked every epoch."""
     import logging
     from svp.engine.progress import log, log_epoch
     base = {"epoch": 1, "train_loss": 1.0, "lr": 0.1, "images_per_s": 1.0, "train_seconds": 1.0}
-    seen = []
-    handler = logging.Handler(logging.INFO)   # on the logger itself: an earlier test may have set it
-    handler.emit = lambda record: seen.append(record.getMessage())   # not to propagate (caplog's root)
-    level, disabled = log.level, log.disabled
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.disabled = False
-    try:
+    with logged(log.name, logging.INFO) as seen:
         log_epoch(dict(base, val_top1=25.0, test_top1=55.0), 2, True)
         log_epoch(dict(base, test_top1=35.0), 2, True)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.disabled = disabled
     first, second = seen[-2:]
     assert first.endswith("val top1 25.00 (best) | test top1 55.00") and "(best)" not in second
 

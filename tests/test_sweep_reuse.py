@@ -75,24 +75,13 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
                                                                                        run_dir)
 
 
-def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch):
+def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch, logged):
     out = str(tmp_path / "sw")
     calls = []
     _fake_trainer(monkeypatch, calls)
     sweep("mini", ["linear"], [0], out, ["digits"], (), REAL)
-    # (on the logger itself, not through caplog: a run earlier in this process leaves svp.engine
-    # not propagating, and pytest 8 then attaches its capture handlers to svp.engine as well as
-    # the root, so with propagation forced on they saw each record twice; older pytest does not)
-    errors = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = lambda record: errors.append(record.getMessage())
-    sweep_log = logging.getLogger("svp.engine.sweep")
-    monkeypatch.setattr(sweep_log, "disabled", False)
-    sweep_log.addHandler(handler)
-    try:
+    with logged("svp.engine.sweep", logging.ERROR) as errors:   # (not caplog: conftest's logged)
         res = sweep("mini", ["linear"], [0], out, ["digits"], (), REAL + ["train.epochs=3"])
-    finally:
-        sweep_log.removeHandler(handler)
     # the failure's line as a --jobs sweep words it: the run's folder and the error's kind
     run_dir = os.path.join(out, "digits", "linear", "seed0")
     assert res["rows"][0]["error"].startswith("ConfigError: ")
