@@ -3,6 +3,7 @@ every torch: `make test` checks them on the pinned stack, `make test-oldest` on 
 import argparse
 import collections
 import json
+import os
 import pickle
 
 import numpy as np
@@ -210,3 +211,34 @@ def test_torch_without_a_numpy_bridge_is_one_import_error_naming_the_fix():
     assert "pip install 'numpy<2'" in last
     from svp.compat import numpy_bridge_problem
     assert numpy_bridge_problem() is None   # (this torch and numpy: the bridge works)
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """A CPU torch wheel beside PyPI's torchvision (spec checkpoints-and-install.md 1.2) made every
+    `svp` command, `svp doctor` too, a traceback through timm's imports ending in "operator
+    torchvision::nms does not exist" (review 54). The command now says it in one line with the
+    fix, exit 1; a program importing svp gets one ImportError. Here a torchvision on the path
+    raises what that one raises."""
+    import subprocess
+    import sys
+
+    from svp import runtime
+    from svp.compat import torchvision_problem
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    r = subprocess.run([sys.executable, "-m", "svp", "doctor"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    line, = r.stderr.splitlines()
+    assert line.startswith("svp: error: torchvision ") and "(operator torchvision::nms does not exist)" in line, line
+    assert f"Install the torchvision release made for torch {torch.__version__}" in line, line
+    # the library's form, and which errors are torchvision's
+    with pytest.raises(ImportError, match="^svp: torchvision is not installed; timm"):
+        runtime.install_problem(torchvision_problem(ModuleNotFoundError("no", name="torchvision")))
+    assert torchvision_problem(ModuleNotFoundError("no", name="tqdm")) is None
+    assert torchvision_problem(RuntimeError("operator aten::foo does not exist")) is None
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")   # the spec's case: the fix names its index
+    said = torchvision_problem(RuntimeError("operator torchvision::nms does not exist"))
+    assert "made for torch 2.13.0+cpu (torchvision 0.28); this torch is PyTorch's CPU build" in said, said
+    assert said.endswith("pip install torchvision --index-url https://download.pytorch.org/whl/cpu"), said

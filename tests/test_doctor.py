@@ -22,6 +22,10 @@ def test_doctor_passes(capsys):
     # and the heap's huge pages
     held = "; CPU runs hold the heap (svp.runtime.held_heap)" if svp.runtime.holds_heap() else ""
     assert f"{'malloc':14s} {svp.runtime.status()['malloc']}{held}; {svp.runtime.huge_pages()}" in out, out
+    # the trio whose builds must match (a torchvision of another torch breaks timm's import)
+    import timm
+    import torchvision
+    assert f"  {'torchvision':14s} {torchvision.__version__}\n  {'timm':14s} {timm.__version__}\n" in out, out
     # which CPU: speed depends on it more than on anything else
     from svp.doctor import cpu_name
     assert f"{'CPU':14s} {cpu_name()}, " in out, out
@@ -290,3 +294,32 @@ def test_cpu_name_asks_macos_and_windows_for_the_brand_name(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "platform", "win32")
     assert doctor.cpu_name(missing) == "Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz"
     assert opened == [("HKLM", r"HARDWARE\DESCRIPTION\System\CentralProcessor\0")]
+
+
+def test_the_mamba_ssm_row_tells_installed_but_broken_from_missing(tmp_path, monkeypatch):
+    """mamba_ssm installed without its CUDA extension (spec checkpoints-and-install.md 1.3) was
+    "not installed" in `svp doctor`; and one whose import exits ended the doctor silently, where
+    `svp train` went on (review 54)."""
+    import importlib
+    import sys
+
+    from svp.ops import scan_cuda
+    monkeypatch.delitem(sys.modules, "mamba_ssm", raising=False)
+    assert scan_cuda.version() == "not installed"   # (none here)
+    pkg = tmp_path / "mamba_ssm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import selective_scan_cuda\n")
+    meta = tmp_path / "mamba_ssm-1.1.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: mamba_ssm\nVersion: 1.1.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert scan_cuda.version() == ("1.1.1 installed, not importable (ModuleNotFoundError: No module named "
+                                   "'selective_scan_cuda')")
+    (pkg / "__init__.py").write_text("raise SystemExit(3)\n")
+    importlib.invalidate_caches()
+    assert scan_cuda.version() == "1.1.1 installed, not importable (SystemExit: 3)"
+    # the backend module's own import of it: unavailable, saying why (it exited the doctor)
+    spec = importlib.util.spec_from_file_location("svp.ops._scan_cuda_probe", scan_cuda.__file__)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert not probe.available() and probe.unavailable_reason() == "mamba_ssm not importable (SystemExit: 3)"

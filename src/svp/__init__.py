@@ -15,6 +15,14 @@ with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections l
 
     _problem = _numpy_bridge_problem()
     if _problem:   # (torch < 2.3 beside NumPy 2: every batch would fail)
-        raise ImportError(f"svp: {_problem}")
-    from . import models  # noqa: E402,F401  (registers vim_* with timm)
+        _runtime.install_problem(_problem)
+    try:
+        from . import models  # noqa: E402,F401  (registers vim_* with timm)
+    except (ImportError, RuntimeError) as _e:   # (timm imports torchvision: one built for another torch?)
+        from .compat import torchvision_problem as _torchvision_problem
+
+        _problem = _torchvision_problem(_e)
+        if not _problem:
+            raise
+        _runtime.install_problem(_problem, _e)
     from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)

@@ -374,3 +374,31 @@ def numpy_bridge_problem() -> Optional[str]:
         return (f"torch {torch.__version__} cannot exchange arrays with numpy {np.__version__} "
                 f"({str(e).strip() or type(e).__name__}): torch before 2.3 was built against NumPy 1.x (the newest "
                 f"torch for Intel Macs is 2.2). Install numpy<2 (pip install 'numpy<2'), or torch >= 2.3")
+
+
+def torchvision_problem(e: BaseException) -> Optional[str]:
+    """What ``e``, raised while svp imported timm (which imports torchvision), says of the
+    install, if it is torchvision's: torchvision missing, or a torchvision built for another torch
+    (a CPU torch wheel from PyTorch's index beside PyPI's torchvision: "operator torchvision::nms
+    does not exist", spec checkpoints-and-install.md 1.2). Said at import with the fix, where it
+    was a traceback through timm's imports (review 54); None for any other error."""
+    missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "torchvision"
+    if not missing and not (isinstance(e, RuntimeError) and "torchvision::" in str(e)):
+        return None
+    tv = ""
+    try:
+        from importlib.metadata import version
+        tv = f" {version('torchvision')}"
+    except Exception:
+        pass
+    # (torch 2.N pairs with torchvision 0.N+15: 2.1 with 0.16, 2.14 with 0.29)
+    parts = torch.__version__.split("+")[0].split(".")
+    pair = f" (torchvision 0.{int(parts[1]) + 15})" if parts[0] == "2" and parts[1:2] and parts[1].isdigit() else ""
+    index = ", from the index torch came from"
+    if "+cpu" in torch.__version__:
+        index = ("; this torch is PyTorch's CPU build, so from the same index: pip install torchvision "
+                 "--index-url https://download.pytorch.org/whl/cpu")
+    what = ("torchvision is not installed; timm (svp's model library) needs it" if missing else
+            f"torchvision{tv} does not load beside torch {torch.__version__} ({str(e).strip()}): it was built for "
+            f"another torch")
+    return f"{what}. Install the torchvision release made for torch {torch.__version__}{pair}{index}"

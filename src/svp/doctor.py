@@ -13,6 +13,7 @@ every CPU kernel a run uses, so a run after ``svp doctor`` does not pay numba's 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import platform
 import sys
@@ -152,11 +153,20 @@ def _numba_row() -> str:
         return f"not importable ({type(e).__name__}: {e})"
 
 
+def _version_of(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as e:
+        return f"not importable ({type(e).__name__}: {e})"
+
+
 def _versions():
     import torch
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
             ("CPU", f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
             ("torch", torch.__version__),
+            ("torchvision", _version_of("torchvision")),   # (the trio that must match: spec 1.1-1.2)
+            ("timm", _version_of("timm")),
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
             ("collector", _collector()),
@@ -173,7 +183,7 @@ def _versions():
     except Exception as e:
         rows.append(("triton", f"not importable ({type(e).__name__}: {e})"))
     from svp.ops import scan_cuda
-    rows.append(("mamba_ssm", scan_cuda.version() or "not installed"))
+    rows.append(("mamba_ssm", scan_cuda.version()))
     return rows
 
 

@@ -296,6 +296,19 @@ def imports_outside_gc():
                             else "collection paused during the imports (the user had frozen objects)")
 
 
+def install_problem(problem: str, cause: BaseException | None = None):
+    """``import svp`` found the install broken (``problem`` says how and what to install): the
+    ``svp`` command says it in one line and exits 1, where the traceback ran through the imports
+    of torch, timm and torchvision; a program importing svp gets an ImportError saying it."""
+    if started_as_command():
+        try:
+            sys.stderr.write(f"svp: error: {problem}\n")
+            sys.stderr.flush()
+        finally:
+            raise SystemExit(1)
+    raise ImportError(f"svp: {problem}") from cause
+
+
 def started_as_command(argv=None, orig_argv=None) -> bool:
     """Is this process the ``svp`` command (its console script, or ``python -m svp``)? While
     ``import svp`` runs, before ``svp.cli`` exists to say so."""

@@ -14,7 +14,7 @@ _fn = None
 _err = None
 try:  # pragma: no cover - needs a CUDA build of mamba_ssm
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _fn  # type: ignore
-except Exception as e:  # ImportError, or a broken extension build
+except (Exception, SystemExit) as e:  # ImportError, or a broken extension build (one even exits)
     _err = f"mamba_ssm not importable ({type(e).__name__}: {e})"
 
 
@@ -28,12 +28,25 @@ def unavailable_reason() -> str:
     return "no CUDA device"
 
 
-def version() -> str | None:
+def version() -> str:
+    """``svp doctor``'s row: mamba_ssm's version, or that it is installed but does not import (a
+    CPU-only install of it imports its CUDA extension, spec checkpoints-and-install.md 1.3) and
+    why, or "not installed"."""
     try:
         import mamba_ssm  # type: ignore
         return getattr(mamba_ssm, "__version__", "unknown")
-    except Exception:
-        return None
+    except ModuleNotFoundError as e:
+        if e.name == "mamba_ssm":
+            return "not installed"
+        why = f"{type(e).__name__}: {e}"
+    except (Exception, SystemExit) as e:
+        why = f"{type(e).__name__}: {e}"
+    try:
+        from importlib.metadata import version as dist_version
+        found = f"{dist_version('mamba_ssm')} installed"
+    except Exception:   # (a source folder on the path)
+        found = "found"
+    return f"{found}, not importable ({why})"
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
