@@ -666,6 +666,9 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert again[1]["top"] == []
     assert again[1]["error"].startswith("unreadable image: ")
     assert "1 of 3 images could not be read (the others are answered); the first: unreadable image: " in err
+    # the same unreadable image named twice is two of the answers without one (it counted once: review 55)
+    assert svp_main(["predict", best, paths[0], str(tmp_path / "bad.png"), str(tmp_path / "bad.png")]) == 2
+    assert "2 of 3 images could not be read" in capsys.readouterr().err
     # a dataset whose classes are not the adapter's, here the same ten in another order: refused
     # (only the count was checked, and it got a plausible accuracy: QA 16d), unless asked for
     import shutil
@@ -749,6 +752,11 @@ def test_train_help_documents_every_option(capsys):
         with pytest.raises(SystemExit):
             svp_main([sub, "--help"])
         assert "usage: svp " + sub in capsys.readouterr().out
+    # no command, or no action of `svp data`: a usage error, its help on stderr (it was on stdout: review 55)
+    for argv in ([], ["data"]):
+        assert svp_main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("usage: svp"), (argv, out, err)
     # an argument the command does not take: its own usage and name (it was `svp`'s)
     with pytest.raises(SystemExit) as e:
         svp_main(["data", "check", "digits", "--split", "train", "val"])

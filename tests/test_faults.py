@@ -624,6 +624,26 @@ def mini_run(tmp_path_factory):
     return out / "ok"
 
 
+def test_a_warning_during_a_run_is_in_its_log_and_shown_once(tmp_path, monkeypatch, recwarn):
+    """Python's warnings were missing from train.log, and one torch's DataLoader gives from two
+    places (at construction and at each iterator: `--num-workers` above the cores) was on stderr
+    twice (review 55). Here every DataLoader warns the same text from two places."""
+    import warnings
+
+    import torch.utils.data
+
+    def from_two_places(self):
+        warnings.warn("more workers than cores", UserWarning)
+        warnings.warn("more workers than cores", UserWarning)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "check_worker_number_rationality", from_two_places)
+    before = warnings.showwarning
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "w"]) == 0
+    assert [str(w.message) for w in recwarn].count("more workers than cores") == 1
+    log_lines = (tmp_path / "w" / "train.log").read_text().splitlines()
+    assert sum("UserWarning: more workers than cores" in ln for ln in log_lines) == 1, log_lines
+    assert warnings.showwarning is before   # (the run's hook is gone with it)
+
+
 def _no_stub(out):
     """Nothing is left behind by a run that failed before it trained."""
     return not os.path.exists(out) or os.listdir(out) == []

@@ -322,3 +322,32 @@ def test_a_runner_with_workers_takes_signals_until_it_closes_and_says_where_it_s
     with T.Runner(1) as runner:   # one at a time: no stop request (each run has its own handlers)
         runner.run_all([])
         assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_sweep_commands_exit_status_and_last_lines_say_what_failed(tmp_path, monkeypatch, capsys):
+    """A --tune sweep whose grid point diverged (documented: it cannot win) exited 1, saying
+    nothing of why; a --fail-fast sweep called a diverged run 'interrupted', cut its cause at the
+    first '.' (inside a weight's name) and advised a rerun, which diverges again (review 55)."""
+    from svp.cli import main as svp_main
+    calls = []
+    _fake_trainer(monkeypatch, lambda lr, c: 50.0, lambda lr, c: 40.0, calls)
+    fake = loop.train
+    why = "the step made the weights non-finite (base_model.head.weight); lower train.lr"
+
+    def diverging(cfg=None, **kw):
+        if float(cfg["train"]["lr"]) > 1e30:
+            raise loop.NonFiniteLoss(why, os.path.join(cfg["run"]["output"], cfg["run"]["name"]), 3)
+        return fake(cfg, **kw)
+    monkeypatch.setattr(loop, "train", diverging)
+    base = ["sweep", "--suite", "mini", "--methods", "linear", "--seeds", "0", "--datasets", "digits", *TINY]
+    assert svp_main([*base, "--output", str(tmp_path / "tuned"), "--tune", "train.lr=1e-3,1e38"]) == 0
+    err = capsys.readouterr().err
+    assert "sweep: 1 grid run(s) failed and could not be chosen" in err and ": error:" not in err, err
+    assert svp_main([*base, "train.lr=1e38", "--output", str(tmp_path / "plain")]) == 1
+    assert capsys.readouterr().err.endswith("svp sweep: error: 1 of 1 run(s) failed; results.csv's error column "
+                                            "says why\n")
+    rc = svp_main([*base, "train.lr=1e38", "--output", str(tmp_path / "fast"), "--fail-fast"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    run_dir = tmp_path / "fast" / "digits" / "linear" / "seed0"
+    assert rc == loop.EXIT_NONFINITE
+    assert line == f"svp sweep: error: run {run_dir} stopped the sweep (--fail-fast): {why}", line

@@ -77,8 +77,8 @@ def main(argv=None) -> int:
         if e.errno not in DISK_ERRNOS:
             raise
         return _disk_error(None, e)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):   # no command: a usage error, its help on stderr (review 55)
+        parser.print_help(sys.stderr)
         return 2
     from . import runtime
     runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)

@@ -34,23 +34,27 @@ def register(subparsers) -> None:
     pc.add_argument("--no-read", action="store_true",
                     help="only check that files exist, do not decode them")
     pc.add_argument("--workers", type=int, default=4, help="reader threads (default 4)")
-    pc.add_argument("--seed", type=seed_arg, default=0)
-    pc.add_argument("--val-from-train", type=float, default=None)
+    pc.add_argument("--seed", type=seed_arg, default=0,
+                    help="seed of the splits svp draws (the embedded sets, GTSRB's and Food-101's validation "
+                         "part, --val-from-train; default 0)")
+    pc.add_argument("--val-from-train", type=float, default=None, metavar="F",
+                    help="also make and check a val split of this fraction of train (data.options.val_from_train)")
     pc.add_argument("--partition", type=int, default=None, help="DTD partition (default 1)")
     pc.add_argument("--file", default=None, type=user_path, help="csv: one list file instead of <root>/<split>.csv")
     pc.set_defaults(func=cmd_check)
 
     pg = sub.add_parser("grid", help="save a batch of a dataset as an image grid (PNG)")
     pg.add_argument("name")
-    pg.add_argument("--root", default=None, type=user_path)
-    pg.add_argument("--split", default="train")
+    pg.add_argument("--root", default=None, type=user_path, help="the dataset's folder (the embedded sets need none)")
+    pg.add_argument("--split", default="train", help="split to draw from (default train)")
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
-    pg.add_argument("--cols", type=int, default=8)
-    pg.add_argument("--seed", type=seed_arg, default=0)
+    pg.add_argument("--cols", type=int, default=8, help="images per row (default 8)")
+    pg.add_argument("--seed", type=seed_arg, default=0, help="seed of the images drawn (default 0)")
     pg.add_argument("--out", required=True, type=user_path, help="output PNG")
     pg.set_defaults(func=cmd_grid)
 
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    # (no action: a usage error, its help on stderr as every usage error's)
+    p.set_defaults(func=lambda args: (p.print_help(sys.stderr), 2)[1])
 
 
 def cmd_list(args) -> int:

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 from typing import List
@@ -397,7 +398,7 @@ def cmd_predict(args) -> int:
                     read.append(path)
                 except DatasetError as e:
                     errors[path] = str(e)
-            unreadable += errors.values()
+            unreadable += [errors[p] for p in paths if p in errors]   # (each time a path is named)
             answered = {}
             if xs:
                 with autocast():
@@ -476,7 +477,7 @@ def _sweep(args) -> int:
             raise C.ConfigError(f"{flag} names {', '.join(twice)} more than once")
     if args.jobs is not None and args.jobs < 1:
         raise C.ConfigError(f"--jobs {args.jobs}: expected a positive number of worker processes")
-    from .signals import TrainingStopped
+    from .signals import EXIT_INTERRUPTED, TrainingStopped
     from .tune import StoppedAfterRuns
     try:
         out_dir = args.output or os.path.join("sweeps", args.suite)
@@ -486,9 +487,14 @@ def _sweep(args) -> int:
         if isinstance(e, C.ConfigError):
             raise
         raise C.ConfigError(str(e)) from None
-    except TrainingStopped as e:  # Ctrl-C / SIGTERM inside a run: its resume point is saved
-        _err(f"sweep interrupted ({e.__class__.__name__}: {str(e).split('.')[0]}); run the same svp sweep "
-             f"command again: finished runs are reused, the interrupted one resumes", "sweep")
+    except TrainingStopped as e:
+        if e.code == EXIT_INTERRUPTED:   # Ctrl-C / SIGTERM inside a run: its resume point is saved
+            # (the run's own advice, `svp train --resume`, left out: the sweep's command resumes it)
+            why = re.split(r"\. Continue with|; continue from", str(e))[0]
+            _err(f"sweep interrupted ({e.__class__.__name__}: {why}); run the "
+                 f"same svp sweep command again: finished runs are reused, the interrupted one resumes", "sweep")
+        else:   # --fail-fast: a run diverged or stopped on its own (rerun, it would again: review 55)
+            _err(f"run {printable(e.run_dir or '?')} stopped the sweep (--fail-fast): {e}", "sweep")
         return e.code
     except StoppedAfterRuns as e:   # (held by the runner until the tables were written)
         _err(f"sweep stopped: {e}; its tables are written (in {printable(out_dir)}: results.csv, "
@@ -500,5 +506,14 @@ def _sweep(args) -> int:
         return 130
     print(open(out["markdown"], encoding="utf-8").read())
     print(f"wrote {out['csv']} and {out['markdown']}" + (f" and {out['json']}" if out.get("json") else ""))
-    failed = sum(r["status"] == "failed" for r in out["rows"])
+    # a failed grid point of a tuned sweep is an outcome (it cannot be chosen; docs/training.md),
+    # not a failure of the sweep, whose reported runs are the final ones (review 55: it exited 1)
+    reported = [r for r in out["rows"] if r.get("role") != "grid"]
+    failed = sum(r["status"] == "failed" for r in reported)
+    grid_failed = sum(r["status"] == "failed" and r.get("role") == "grid" for r in out["rows"])
+    if grid_failed:
+        print(f"sweep: {grid_failed} grid run(s) failed and could not be chosen (the selection table says "
+              f"which; results.csv's error column why)", file=sys.stderr)
+    if failed:
+        _err(f"{failed} of {len(reported)} run(s) failed; results.csv's error column says why", "sweep")
     return 1 if failed else 0

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from ..errors import ConfigError
@@ -118,6 +119,39 @@ class _LabelFormatter(logging.Formatter):
         return "\n".join(self.label + ln for ln in super().format(record).split("\n"))
 
 
+class _RunWarnings(logging.Handler):
+    """While a run logs (in its handler list, so teardown_logging ends it): each Python warning
+    shown is written to train.log too, and a warning's text shown once per run. train.log had
+    none of them (a DataLoader's "will create 4 worker processes", bfloat16 on a CPU without its
+    instructions), and torch's DataLoader shows that one from two places, so stderr had it twice
+    (review 55). Shown as before otherwise (the hook found in place is called: pytest's too)."""
+
+    def __init__(self, files: List[logging.Handler]):
+        super().__init__()
+        self.files, self.seen = files, set()
+        self.previous = warnings.showwarning
+        warnings.showwarning = self._show
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.previous(message, category, filename, lineno, file, line)
+        text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        record = log.makeRecord(log.name, logging.WARNING, filename, lineno, "%s", (text,), None)
+        for h in self.files:
+            h.handle(record)
+
+    def emit(self, record):   # (never added to a logger: a handler only to be closed with the others)
+        pass
+
+    def close(self):
+        if warnings.showwarning == self._show:   # (else someone hooked after it: theirs stays)
+            warnings.showwarning = self.previous
+        super().close()
+
+
 def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler]:
     handlers: List[logging.Handler] = []
     log.setLevel(logging.INFO)
@@ -133,6 +167,8 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
             handlers.append(fh)
     for h in handlers:
         log.addHandler(h)
+    if is_main and run_dir:
+        handlers.append(_RunWarnings(handlers[1:]))
     return handlers
 
 
