@@ -668,7 +668,9 @@ def test_eval_and_predict_from_the_adapter_folder(tmp_path, capsys):
     assert "1 of 3 images could not be read (the others are answered); the first: unreadable image: " in err
     # the same unreadable image named twice is two of the answers without one (it counted once: review 55)
     assert svp_main(["predict", best, paths[0], str(tmp_path / "bad.png"), str(tmp_path / "bad.png")]) == 2
-    assert "2 of 3 images could not be read" in capsys.readouterr().err
+    assert "2 of 3 images could not be read (the others are answered)" in capsys.readouterr().err
+    assert svp_main(["predict", best, str(tmp_path / "bad.png"), str(tmp_path / "bad.png")]) == 2
+    assert "2 of 2 images could not be read; the first: " in capsys.readouterr().err   # (no "others")
     # a dataset whose classes are not the adapter's, here the same ten in another order: refused
     # (only the count was checked, and it got a plausible accuracy: QA 16d), unless asked for
     import shutil

@@ -237,6 +237,9 @@ def test_a_torchvision_built_for_another_torch_is_one_line_naming_the_fix(tmp_pa
     with pytest.raises(ImportError, match="^svp: torchvision is not installed; timm"):
         runtime.install_problem(torchvision_problem(ModuleNotFoundError("no", name="torchvision")))
     assert torchvision_problem(ModuleNotFoundError("no", name="tqdm")) is None
+    # one of its own modules missing: installed, not loading (it said "not installed": retest 56)
+    said = torchvision_problem(ModuleNotFoundError("No module named 'torchvision._C'", name="torchvision._C"))
+    assert said.startswith("torchvision") and "not installed" not in said and ": a broken install. " in said, said
     assert torchvision_problem(RuntimeError("operator aten::foo does not exist")) is None
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")   # the spec's case: the fix names its index
     said = torchvision_problem(RuntimeError("operator torchvision::nms does not exist"))

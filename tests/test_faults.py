@@ -627,7 +627,11 @@ def mini_run(tmp_path_factory):
 def test_a_warning_during_a_run_is_in_its_log_and_shown_once(tmp_path, monkeypatch, recwarn):
     """Python's warnings were missing from train.log, and one torch's DataLoader gives from two
     places (at construction and at each iterator: `--num-workers` above the cores) was on stderr
-    twice (review 55). Here every DataLoader warns the same text from two places."""
+    twice (review 55). Here every DataLoader warns the same text from two places. A second run
+    in the process logs its own (Python shows a warning once per place and process: retest 56
+    found only the first run of a sweep logging it), and with warning options given (-W,
+    PYTHONWARNINGS: here as if `-W always`) every one is shown, as Python would."""
+    import sys
     import warnings
 
     import torch.utils.data
@@ -637,11 +641,16 @@ def test_a_warning_during_a_run_is_in_its_log_and_shown_once(tmp_path, monkeypat
         warnings.warn("more workers than cores", UserWarning)
     monkeypatch.setattr(torch.utils.data.DataLoader, "check_worker_number_rationality", from_two_places)
     before = warnings.showwarning
-    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "w"]) == 0
-    assert [str(w.message) for w in recwarn].count("more workers than cores") == 1
-    log_lines = (tmp_path / "w" / "train.log").read_text().splitlines()
-    assert sum("UserWarning: more workers than cores" in ln for ln in log_lines) == 1, log_lines
-    assert warnings.showwarning is before   # (the run's hook is gone with it)
+    shown = []
+    for name, options, want in (("w", [], 1), ("w2", ["always"], 2)):
+        monkeypatch.setattr(sys, "warnoptions", options)
+        recwarn.clear()
+        assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", name]) == 0
+        shown.append([str(w.message) for w in recwarn].count("more workers than cores"))
+        log_lines = (tmp_path / name / "train.log").read_text().splitlines()
+        logged = sum("UserWarning: more workers than cores" in ln for ln in log_lines)
+        assert shown[-1] == logged == want, (name, shown, log_lines)
+        assert warnings.showwarning is before   # (the run's hook is gone with it)
 
 
 def _no_stub(out):

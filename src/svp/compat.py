@@ -382,8 +382,11 @@ def torchvision_problem(e: BaseException) -> Optional[str]:
     (a CPU torch wheel from PyTorch's index beside PyPI's torchvision: "operator torchvision::nms
     does not exist", spec checkpoints-and-install.md 1.2). Said at import with the fix, where it
     was a traceback through timm's imports (review 54); None for any other error."""
-    missing = isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "torchvision"
-    if not missing and not (isinstance(e, RuntimeError) and "torchvision::" in str(e)):
+    missing = isinstance(e, ModuleNotFoundError) and e.name == "torchvision"
+    # (one of its own modules missing: a broken install, retest 56 found it called "not installed")
+    partial = isinstance(e, ImportError) and (e.name or "").startswith("torchvision.")
+    other_torch = isinstance(e, RuntimeError) and "torchvision::" in str(e)
+    if not (missing or partial or other_torch):
         return None
     tv = ""
     try:
@@ -399,6 +402,6 @@ def torchvision_problem(e: BaseException) -> Optional[str]:
         index = ("; this torch is PyTorch's CPU build, so from the same index: pip install torchvision "
                  "--index-url https://download.pytorch.org/whl/cpu")
     what = ("torchvision is not installed; timm (svp's model library) needs it" if missing else
-            f"torchvision{tv} does not load beside torch {torch.__version__} ({str(e).strip()}): it was built for "
-            f"another torch")
+            f"torchvision{tv} does not load beside torch {torch.__version__} ({str(e).strip()}): "
+            + ("it was built for another torch" if other_torch else "a broken install"))
     return f"{what}. Install the torchvision release made for torch {torch.__version__}{pair}{index}"

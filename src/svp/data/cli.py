@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     pc.set_defaults(func=cmd_check)
 
     pg = sub.add_parser("grid", help="save a batch of a dataset as an image grid (PNG)")
-    pg.add_argument("name")
+    pg.add_argument("name", help="dataset name (svp data list)")
     pg.add_argument("--root", default=None, type=user_path, help="the dataset's folder (the embedded sets need none)")
     pg.add_argument("--split", default="train", help="split to draw from (default train)")
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")

@@ -429,7 +429,8 @@ def cmd_predict(args) -> int:
         print(json_text(out, indent=2))
     if unreadable:   # (the input's fault: exit 2, as a user's mistake)
         if len(args.images) > 1:
-            _err(f"{len(unreadable)} of {len(args.images)} images could not be read (the others are answered); "
+            others = " (the others are answered)" if len(unreadable) < len(args.images) else ""
+            _err(f"{len(unreadable)} of {len(args.images)} images could not be read{others}; "
                  f"the first: {unreadable[0]}", "predict")
         else:
             _err(unreadable[0], "predict")

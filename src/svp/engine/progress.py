@@ -121,20 +121,30 @@ class _LabelFormatter(logging.Formatter):
 
 class _RunWarnings(logging.Handler):
     """While a run logs (in its handler list, so teardown_logging ends it): each Python warning
-    shown is written to train.log too, and a warning's text shown once per run. train.log had
-    none of them (a DataLoader's "will create 4 worker processes", bfloat16 on a CPU without its
-    instructions), and torch's DataLoader shows that one from two places, so stderr had it twice
-    (review 55). Shown as before otherwise (the hook found in place is called: pytest's too)."""
+    shown in the run's process is written to train.log too. train.log had none of them (a
+    DataLoader's "will create 4 worker processes", bfloat16 on a CPU without its instructions)
+    (review 55). Python shows a warning once per place in the code for a whole process: the
+    places seen are forgotten as a run starts (CPython's ``warnings._filters_mutated``, what
+    changing a filter does), so each run of a sweep in one process shows, and logs, its own. Where
+    the user gave no warning options (``-W``, ``PYTHONWARNINGS``), a text is shown once a run:
+    torch's DataLoader gives that one from two places, and stderr had it twice. Shown as before
+    otherwise (the hook found in place is called: pytest's too); the data loader's worker
+    processes show theirs on stderr only (forked ones inherit the hook: each wrote the log)."""
 
     def __init__(self, files: List[logging.Handler]):
         super().__init__()
-        self.files, self.seen = files, set()
+        self.files, self.seen, self.pid = files, set(), os.getpid()
+        forget = getattr(warnings, "_filters_mutated", None)
+        if forget is not None:
+            forget()
         self.previous = warnings.showwarning
         warnings.showwarning = self._show
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
+        if os.getpid() != self.pid:   # (a forked worker)
+            return self.previous(message, category, filename, lineno, file, line)
         key = (category, str(message))
-        if key in self.seen:
+        if key in self.seen and not sys.warnoptions:
             return
         self.seen.add(key)
         self.previous(message, category, filename, lineno, file, line)
