@@ -177,11 +177,7 @@ def _versions():
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]
     rows.append(("numba", _numba_row()))
-    try:
-        import triton
-        rows.append(("triton", triton.__version__))
-    except Exception as e:
-        rows.append(("triton", f"not importable ({type(e).__name__}: {e})"))
+    rows.append(("triton", _version_of("triton")))
     from svp.ops import scan_cuda
     rows.append(("mamba_ssm", scan_cuda.version()))
     return rows
