@@ -323,3 +323,13 @@ def test_the_mamba_ssm_row_tells_installed_but_broken_from_missing(tmp_path, mon
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     assert not probe.available() and probe.unavailable_reason() == "mamba_ssm not importable (SystemExit: 3)"
+    # its metadata left where its folder is gone: a broken install, not "not installed"
+    import shutil
+    shutil.rmtree(pkg)
+    monkeypatch.delitem(sys.modules, "mamba_ssm", raising=False)
+    importlib.invalidate_caches()
+    assert scan_cuda.version() == "1.1.1 installed, not importable (ModuleNotFoundError: No module named 'mamba_ssm')"
+    # the doctor's other package rows say it in the same words (they said "not importable" of both)
+    from svp.compat import module_version
+    assert module_version("svp_no_such_package") == "not installed"
+    assert module_version("mamba_ssm") == scan_cuda.version()

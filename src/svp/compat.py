@@ -388,12 +388,7 @@ def torchvision_problem(e: BaseException) -> Optional[str]:
     other_torch = isinstance(e, RuntimeError) and "torchvision::" in str(e)
     if not (missing or partial or other_torch):
         return None
-    tv = ""
-    try:
-        from importlib.metadata import version
-        tv = f" {version('torchvision')}"
-    except Exception:
-        pass
+    tv = f" {installed_version('torchvision')}" if installed_version("torchvision") else ""
     # (torch 2.N pairs with torchvision 0.N+15: 2.1 with 0.16, 2.14 with 0.29)
     parts = torch.__version__.split("+")[0].split(".")
     pair = f" (torchvision 0.{int(parts[1]) + 15})" if parts[0] == "2" and parts[1:2] and parts[1].isdigit() else ""
@@ -405,3 +400,31 @@ def torchvision_problem(e: BaseException) -> Optional[str]:
             f"torchvision{tv} does not load beside torch {torch.__version__} ({str(e).strip()}): "
             + ("it was built for another torch" if other_torch else "a broken install"))
     return f"{what}. Install the torchvision release made for torch {torch.__version__}{pair}{index}"
+
+
+def installed_version(dist: str) -> Optional[str]:
+    """The version pip's metadata gives for distribution ``dist``, without importing it; None
+    where none is installed (a source folder on the path has no metadata)."""
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return None
+
+
+def module_version(module: str, dist: Optional[str] = None) -> str:
+    """``svp doctor``'s row for a package: its ``__version__``; "not installed"; or, where it is
+    installed and its import fails or exits (mamba_ssm without its CUDA extension, spec
+    checkpoints-and-install.md 1.3; a torchvision of another torch, 1.2), "<version> installed, not
+    importable (why)" ("found" for a folder without pip's metadata). ``dist`` is the
+    distribution's name where it is not the module's."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except (Exception, SystemExit) as e:   # (mamba_ssm's import can exit: review 54)
+        why = f"{type(e).__name__}: {e}"
+        missing = isinstance(e, ModuleNotFoundError) and e.name == module
+    version = installed_version(dist or module)
+    if missing and version is None:
+        return "not installed"
+    return f"{f'{version} installed' if version else 'found'}, not importable ({why})"

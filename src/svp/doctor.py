@@ -13,7 +13,6 @@ every CPU kernel a run uses, so a run after ``svp doctor`` does not pay numba's 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import platform
 import sys
@@ -153,20 +152,15 @@ def _numba_row() -> str:
         return f"not importable ({type(e).__name__}: {e})"
 
 
-def _version_of(module: str) -> str:
-    try:
-        return importlib.import_module(module).__version__
-    except Exception as e:
-        return f"not importable ({type(e).__name__}: {e})"
-
-
 def _versions():
     import torch
+
+    from svp.compat import module_version
     rows = [("python", platform.python_version()), ("platform", platform.platform()),
             ("CPU", f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
             ("torch", torch.__version__),
-            ("torchvision", _version_of("torchvision")),   # (the trio that must match: spec 1.1-1.2)
-            ("timm", _version_of("timm")),
+            ("torchvision", module_version("torchvision")),   # (the trio that must match: spec 1.1-1.2)
+            ("timm", module_version("timm")),
             ("torch threads", str(torch.get_num_threads())),
             ("libgomp wait", _wait_policy()),
             ("collector", _collector()),
@@ -177,7 +171,7 @@ def _versions():
                      f"{', '.join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))})"
              if torch.cuda.is_available() else f"not available (torch built with {torch.version.cuda})")]
     rows.append(("numba", _numba_row()))
-    rows.append(("triton", _version_of("triton")))
+    rows.append(("triton", module_version("triton")))
     from svp.ops import scan_cuda
     rows.append(("mamba_ssm", scan_cuda.version()))
     return rows

@@ -32,21 +32,8 @@ def version() -> str:
     """``svp doctor``'s row: mamba_ssm's version, or that it is installed but does not import (a
     CPU-only install of it imports its CUDA extension, spec checkpoints-and-install.md 1.3) and
     why, or "not installed"."""
-    try:
-        import mamba_ssm  # type: ignore
-        return getattr(mamba_ssm, "__version__", "unknown")
-    except ModuleNotFoundError as e:
-        if e.name == "mamba_ssm":
-            return "not installed"
-        why = f"{type(e).__name__}: {e}"
-    except (Exception, SystemExit) as e:
-        why = f"{type(e).__name__}: {e}"
-    try:
-        from importlib.metadata import version as dist_version
-        found = f"{dist_version('mamba_ssm')} installed"
-    except Exception:   # (a source folder on the path)
-        found = "found"
-    return f"{found}, not importable ({why})"
+    from ..compat import module_version
+    return module_version("mamba_ssm")
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
