@@ -758,6 +758,16 @@ def test_random_bytes_backbone_checkpoint_is_one_line(tmp_path, capsys):
         rc = svp_main(["convert-official-svp", str(ckpt), "--model", "vim_mini_patch4_32", "--shared-layers", "4",
                        "--prompt-hidden", "8", "--num-classes", "2", "--out", str(tmp_path / "conv")])
         _one_line_error(capsys, rc, 2, str(ckpt))
+    # a torch.save file with one flipped bit in a weight (it loaded silently: torch checks no sums)
+    import timm
+    import torch
+    from test_vim import _flip_a_byte
+    sd = timm.create_model("vim_mini_patch4_32").state_dict()
+    torch.save({"model": sd}, tmp_path / "flipped.pth")
+    _flip_a_byte(tmp_path / "flipped.pth", sd["pos_embed"].numel() * 4)
+    rc = svp_main(["train", *MINI, "--checkpoint", str(tmp_path / "flipped.pth"), "--output", str(tmp_path / "runs")])
+    _one_line_error(capsys, rc, 2, "flipped.pth: the file is damaged", "'pos_embed'")
+    assert _no_stub(tmp_path / "runs")
 
 
 @pytest.mark.parametrize("override,names", [

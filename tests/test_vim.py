@@ -135,6 +135,58 @@ def test_the_mini_backbone_loads_a_file_as_the_full_models_do(tmp_path):
                                                                                                    "cut.pth")))
 
 
+def _flip_a_byte(path, member_size):
+    """Flip one bit in the middle of the (only) zip member of ``member_size`` bytes, as a bad
+    disk or a resumed copy would; returns the member's name."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        (info,) = [i for i in z.infolist() if i.file_size == member_size]
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+        at = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+        f.seek(at + member_size // 2)
+        byte = f.read(1)[0]
+        f.seek(at + member_size // 2)
+        f.write(bytes([byte ^ 1]))
+    return info.filename
+
+
+def test_a_damaged_checkpoint_is_said_and_unread_parts_are_not_checked(tmp_path, monkeypatch):
+    """torch.load never checks the CRC-32 sums torch.save's zip stores: a file with a flipped bit
+    in a weight loaded silently, mapped or not. The weights read are checked against them; a
+    training checkpoint's optimizer state, never read, is not."""
+    import shutil
+
+    import svp.models.loading as loading
+    src = timm.create_model("vim_mini_patch4_32", num_classes=7)
+    sd = src.state_dict()
+    path = tmp_path / "mini.pth"
+    torch.save({"model": sd, "optimizer": {"state": {0: {"exp_avg": torch.ones(1234)}}}}, path)
+    # (pos_embed's and the moment's byte counts are their files' alone)
+    assert sum(v.numel() == sd["pos_embed"].numel() for v in sd.values()) == 1
+    for what, size, damaged in (("pos_embed", sd["pos_embed"].numel() * 4, True), ("optimizer", 1234 * 4, False)):
+        bad = tmp_path / f"bad_{what}.pth"
+        shutil.copy(path, bad)
+        member = _flip_a_byte(bad, size)
+        model = timm.create_model("vim_mini_patch4_32", num_classes=7)
+        if damaged:
+            with pytest.raises(loading.UnreadableCheckpoint, match=rf"bad_pos_embed\.pth: the file is damaged: the "
+                               rf"bytes of 'pos_embed' do not match the CRC-32 checksum .*member: {member}\).* again"):
+                load_checkpoint_into(model, str(bad))
+            with pytest.raises(loading.UnreadableCheckpoint, match="the file is damaged"):   # (convert's reader)
+                loading.read_state_dict(str(bad))
+        else:
+            load_checkpoint_into(model, str(bad))
+            assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    # a storage matching no stored sum in a file whose every member matches its sum is not called
+    # damaged (zipfile's own check has the last word)
+    monkeypatch.setattr(loading, "zlib", type("Z", (), {"crc32": staticmethod(lambda data: 1)}))
+    model = timm.create_model("vim_mini_patch4_32", num_classes=7)
+    load_checkpoint_into(model, str(path))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
 def test_a_checkpoint_of_another_size_of_vim_names_both_sizes_and_the_model_to_build(tmp_path):
     """A checkpoint of another Vim (the mini file given to the default Vim-S, an adapter's
     backbone.json whose kwargs changed its depth) listed hundreds of tensors under "does not match

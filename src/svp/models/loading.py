@@ -12,6 +12,7 @@ import pickle
 import re
 import warnings
 import zipfile
+import zlib
 from typing import List, Mapping, Optional
 
 import torch
@@ -175,6 +176,59 @@ def _tensors_only(state_dict: dict, source: str) -> dict:
         raise CheckpointError(f"{source}: expected a name -> tensor mapping; not tensors: " + ", ".join(bad[:8])
                               + (" ..." if len(bad) > 8 else ""))
     return state_dict
+
+
+def verify_checksums(path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the bytes of ``tensors`` (read from ``path``) against the CRC-32 checksums that
+    torch.save's zip format stores for every storage; torch.load never checks them, so a file
+    damaged after it was written (a bad disk, a copy cut short and resumed, a flipped bit) loaded
+    silently with wrong weights. Only the storages of ``tensors`` are read, so a training
+    checkpoint's optimizer state stays unread (mapped, see ``read_checkpoint``). A storage whose
+    (size, checksum) is no member's is confirmed with ``zipfile``'s own whole-file check before
+    the file is called damaged. The legacy format and safetensors store no checksums."""
+    path = os.fspath(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            stored = {(i.file_size, i.CRC) for i in z.infolist()}
+    except (zipfile.BadZipFile, OSError):
+        return   # (torch has read it; what it would say of its directory it has said)
+    matches, bad = {}, []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in matches:
+            data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
+            matches[key] = (storage.nbytes(), zlib.crc32(data)) in stored
+        if not matches[key]:
+            bad.append(name)
+    if not bad:
+        return
+    with zipfile.ZipFile(path) as z:
+        damaged = z.testzip()
+    if damaged is None:   # every member matches its checksum: the tensors were laid out otherwise
+        _logger.debug("%s: %d tensors matched no stored checksum, but every member does", path, len(bad))
+        return
+    more = f" and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+    raise UnreadableCheckpoint(
+        f"{path}: the file is damaged: the bytes of {bad[0]!r}{more} do not match the CRC-32 checksum "
+        f"torch.save stored for them (first damaged member: {damaged}); it changed after it was written "
+        f"(a bad disk, an interrupted download or copy): download or copy it again")
+
+
+def read_state_dict(checkpoint, source: Optional[str] = None) -> dict:
+    """The model weights of ``checkpoint`` (a path, or a checkpoint or state dict already read):
+    ``read_checkpoint`` and ``extract_state_dict``, and from a file in torch's zip format the
+    weights' bytes checked against the file's checksums (``verify_checksums``)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        state_dict = extract_state_dict(read_checkpoint(path), source or path)
+        verify_checksums(path, state_dict)
+        return state_dict
+    return extract_state_dict(checkpoint, source or "<state dict>")
 
 
 def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
@@ -359,8 +413,7 @@ def load_checkpoint_into(model, checkpoint, strict: bool = True, source: Optiona
     already-read dict in errors."""
     if source is None:
         source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    state_dict = checkpoint_filter_fn(extract_state_dict(ckpt, source), model)
+    state_dict = checkpoint_filter_fn(read_state_dict(checkpoint, source), model)
     if strict:
         strict_load(model, state_dict, source, allow_missing=("head.",))
     else:

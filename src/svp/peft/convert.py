@@ -19,8 +19,8 @@ import torch
 from ..build import ModelSpec, build_model
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from ..models.loading import (CheckpointError, checkpoint_filter_fn, extract_state_dict, load_checkpoint_into,
-                              mismatch_lines, read_checkpoint)
+from ..models.loading import (CheckpointError, checkpoint_filter_fn, load_checkpoint_into, mismatch_lines,
+                              read_state_dict)
 from .base import get_peft_model
 from .io import nonfinite_tensors
 from .registry import make_config
@@ -78,8 +78,7 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     tensors the SVP checkpoint carries, up to ``atol``)."""
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
     _check_counts(num_classes=num_classes, shared_layers=shared_layers, prompt_hidden=prompt_hidden)
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    sd = extract_state_dict(ckpt, source)
+    sd = read_state_dict(checkpoint, source)
     backbone, prompts, head = _split(sd)
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
@@ -156,8 +155,7 @@ def official_backbone(checkpoint) -> dict:
     the base model an imported adapter is loaded onto:
     ``load_checkpoint_into(vim, {'model': official_backbone(CKPT)})``."""
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    backbone, _, _ = _split(extract_state_dict(ckpt, source))
+    backbone, _, _ = _split(read_state_dict(checkpoint, source))
     if not backbone:
         raise CheckpointError(f"{source}: holds no backbone weights")
     return backbone
