@@ -1297,6 +1297,17 @@ def test_a_moved_backbone_checkpoint_is_said_as_the_adapters_record(tmp_path, ca
     assert f"checkpoint {str(ck)!r} (recorded in {os.path.join(best, 'backbone.json')}): file not found" in err, err
     assert "pass --checkpoint FILE" in err
     assert svp_main(["predict", best, image, "--checkpoint", str(tmp_path / "moved.safetensors")]) == 0
+    # svp serve said only "file not found" (review 57); a folder in the file's place, neither
+    from svp.build import CheckpointError
+    from svp.serve.backbone import backbone_spec
+    shutil.copytree(best, tmp_path / "adapters" / "c")
+    ck.mkdir()
+    recorded = os.path.join(str(tmp_path / "adapters" / "c"), "backbone.json")
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {str(ck)!r} (recorded in {recorded}): is a "
+                                                        f"folder; expected a checkpoint file; if it moved, pass "
+                                                        f"--checkpoint FILE")):
+        backbone_spec(str(tmp_path / "adapters"))
+    assert backbone_spec(str(tmp_path / "adapters"), checkpoint=str(tmp_path / "moved.safetensors")).checkpoint
 
 
 def test_predict_without_weights_fails_at_once_without_the_hub(capsys, monkeypatch, mini_run):

@@ -223,3 +223,102 @@ def test_the_backbone_check_names_every_kind_of_difference(tmp_path):
     pm = convert_official_svp(sd224, "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "same",
                               backbone_checkpoint=str(tmp_path / "bb.pth"), model_kwargs={"img_size": IMG, "depth": 4})
     assert pm.base_model.pos_embed.shape[1] == 17
+
+
+def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """Review 57: backbone.json was written after the adapter's two files, apart, so a stop
+    between left an adapter whose backbone was rebuilt from the default weights; a stop, or a
+    failure, after the folder was made left it; a folder holding another adapter, or anything,
+    was overwritten silently."""
+    import os
+
+    import svp.io
+
+    sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=21)
+    ckpt = tmp_path / "c.pth"
+    torch.save({"model": sd}, ckpt)
+    out = tmp_path / "new" / "o"   # (the folders it makes on the way are its own too)
+    argv = ["convert-official-svp", str(ckpt), "--model", "vim_tiny_patch16_224", "--num-classes", "3",
+            "--shared-layers", "2", "--prompt-hidden", "64", "--out", str(out),
+            "--model-kwargs", json.dumps({"img_size": IMG, "depth": 4})]
+    real_write_temp = svp.io._write_temp
+    for stop_at in ("backbone.json", "adapter.safetensors"):   # interrupted while writing either
+        def interrupted(path, write, stop_at=stop_at):
+            if path.endswith(stop_at):
+                raise KeyboardInterrupt
+            return real_write_temp(path, write)
+        monkeypatch.setattr(svp.io, "_write_temp", interrupted)
+        assert svp_main(argv) == 130
+        assert "svp convert-official-svp: interrupted" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists(), stop_at
+    monkeypatch.setattr(svp.io, "_write_temp", real_write_temp)
+    assert svp_main(argv) == 0
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "adapter_config.json", "backbone.json"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["extra"]["converted_from"] == os.path.abspath(ckpt)
+    # a second conversion there: refused, naming what the folder holds, unless --overwrite
+    capsys.readouterr()
+    assert svp_main(argv + ["--two-layer-head"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: already holds adapter.safetensors, adapter_config.json, backbone.json; choose a new " \
+           f"folder, or pass --overwrite" in err, err
+    assert svp_main(argv + ["--overwrite"]) == 0
+    # a folder where backbone.json goes: refused before anything moved in (it failed the third rename)
+    before = (out / "adapter.safetensors").read_bytes()
+    os.remove(out / "backbone.json")
+    (out / "backbone.json").mkdir()
+    assert svp_main(argv + ["--overwrite"]) == 2
+    assert "backbone.json: is a folder; not saved" in capsys.readouterr().err
+    assert (out / "adapter.safetensors").read_bytes() == before
+
+
+def test_conversion_inputs_that_passed_silently_are_refused(tmp_path, capsys, caplog):
+    """Review 57: a wrong --simam against the checkpoint's own args.input_relu, class names that
+    are not one string per class, an integer prompt tensor, two keys for one tensor, num_classes
+    in --model-kwargs were all converted; a head of another class count did not point at
+    --num-classes."""
+    import argparse
+    import logging
+
+    from svp.errors import ConfigError
+    from svp.models.loading import CheckpointError
+    from svp.peft.convert import convert_official_svp
+
+    sd = official_weights("vim_tiny", 4, 2, 64, 3, False, seed=22)
+    kw = dict(model_kwargs={"img_size": IMG, "depth": 4})
+
+    def convert(ckpt, out, **more):
+        return convert_official_svp(ckpt, "vim_tiny_patch16_224", 2, 64, more.pop("num_classes", 3),
+                                    tmp_path / out, **kw, **more)
+    for i, value in enumerate((True, "True")):   # (as pickled by argparse: a bool, or the string given)
+        ckpt = {"model": sd, "args": argparse.Namespace(input_relu=value, lr=5e-3)}
+        with pytest.raises(ConfigError, match=r"its args.input_relu is True \(SimAM was on in training\): pass "
+                                              r"--simam"):
+            convert(ckpt, "a")
+        assert convert(ckpt, f"simam_{i}", simam=True).config.simam
+    with pytest.raises(ConfigError, match="drop --simam"):
+        convert({"model": sd, "args": argparse.Namespace(input_relu=False)}, "b", simam=True)
+    with caplog.at_level(logging.WARNING, logger="svp.peft.convert"):
+        convert({"model": sd}, "c")
+    assert "records no args.input_relu (the official flag for SimAM), so --simam could not be checked" in caplog.text
+    for names, words in ((["a", "b"], r"names.txt: 2 class names, but --num-classes is 3"),
+                         (["a", "b", "a"], r"names.txt: the class name 'a' is given twice"),
+                         (["a", "", "c"], r"names.txt: class names must be non-empty strings; got ''")):
+        with pytest.raises(ConfigError, match=words):
+            convert({"model": sd}, "d", class_names=names, class_names_source="names.txt")
+    (tmp_path / "names.json").write_text(json.dumps([[1], {"a": 2}, "x"]))
+    assert svp_main(["convert-official-svp", "c.pth", "--model", "vim_tiny_patch16_224", "--num-classes", "3",
+                     "--shared-layers", "2", "--prompt-hidden", "64", "--out", str(tmp_path / "e"),
+                     "--class-names", str(tmp_path / "names.json")]) == 2
+    assert "names.json: expected a JSON list of strings or one class name per line" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"prompt_scale \(torch.int64\): expected floating-point weights"):
+        convert({"model": dict(sd, prompt_scale=sd["prompt_scale"].long())}, "f")
+    with pytest.raises(CheckpointError, match=r"'prompt_scale' and 'module.prompt_scale' are the same tensor"):
+        convert({"model": dict(sd, **{"module.prompt_scale": sd["prompt_scale"] + 1})}, "g")
+    with pytest.raises(ConfigError, match="'num_classes' is set by --num-classes"):
+        convert_official_svp({"model": sd}, "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "h",
+                             model_kwargs={"img_size": IMG, "depth": 4, "num_classes": 5})
+    with pytest.raises(CheckpointError, match="the checkpoint's head has 3 classes: pass --num-classes 3"):
+        convert({"model": sd}, "i", num_classes=5)
+    # the refused conversions left no folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "names.json", "simam_0", "simam_1"]

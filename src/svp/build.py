@@ -442,19 +442,26 @@ def read_adapter_folder(adapter_dir: str):
         raise AdapterError(str(e)) from None
 
 
+def check_recorded_checkpoint(spec: ModelSpec, adapter_dir: str, given: Optional[str]) -> None:
+    """Where the checkpoint path came from the adapter folder's backbone.json, not the user, and
+    names no file: said so, and what to do (``svp serve`` said only "file not found", and a
+    folder in its place was not said as the folder's record: review 57)."""
+    from .peft.io import BACKBONE_SPEC
+
+    if given or not spec.checkpoint or os.path.isfile(spec.checkpoint):
+        return
+    what = "is a folder; expected a checkpoint file" if os.path.isdir(spec.checkpoint) else "file not found"
+    raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {os.path.join(adapter_dir, BACKBONE_SPEC)}): "
+                          f"{what}; if it moved, pass --checkpoint FILE")
+
+
 def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
                        device: str = "auto", pretrained: bool = False, random_init: bool = False):
     """(adapted model in eval mode on ``device``, its :class:`ModelSpec`, torch device); the
     folder read once (:func:`read_adapter_folder`)."""
-    from .peft.io import BACKBONE_SPEC
-
     files = read_adapter_folder(adapter_dir)
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
-    if not checkpoint and spec.checkpoint and not os.path.exists(spec.checkpoint):
-        # (the path came from the folder, not the user: say so, and what to do)
-        recorded = os.path.join(adapter_dir, BACKBONE_SPEC)
-        raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {recorded}): file not found; if it "
-                              f"moved, pass --checkpoint FILE")
+    check_recorded_checkpoint(spec, adapter_dir, checkpoint)
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir, files=files).to(dev).eval()
     # nothing trains here: frozen, the mixers keep what they derive from their weights (svp.ops.kept)

@@ -223,12 +223,19 @@ def read_state_dict(checkpoint, source: Optional[str] = None) -> dict:
     """The model weights of ``checkpoint`` (a path, or a checkpoint or state dict already read):
     ``read_checkpoint`` and ``extract_state_dict``, and from a file in torch's zip format the
     weights' bytes checked against the file's checksums (``verify_checksums``)."""
+    return read_checkpoint_weights(checkpoint, source)[1]
+
+
+def read_checkpoint_weights(checkpoint, source: Optional[str] = None):
+    """(the checkpoint as read, its model weights): :func:`read_state_dict` that also gives what
+    else the file holds (an official training checkpoint's pickled ``args``)."""
     if isinstance(checkpoint, (str, os.PathLike)):
         path = os.fspath(checkpoint)
-        state_dict = extract_state_dict(read_checkpoint(path), source or path)
+        ckpt = read_checkpoint(path)
+        state_dict = extract_state_dict(ckpt, source or path)
         verify_checksums(path, state_dict)
-        return state_dict
-    return extract_state_dict(checkpoint, source or "<state dict>")
+        return ckpt, state_dict
+    return checkpoint, extract_state_dict(checkpoint, source or "<state dict>")
 
 
 def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,

@@ -1,7 +1,9 @@
 """``svp convert-official-svp``: import an official SVP checkpoint as an adapter directory."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 
 from ..errors import ConfigError, SVPError
 from ..io import user_path
@@ -17,10 +19,12 @@ def _run(args) -> int:
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise ConfigError(f"--model-kwargs must be a JSON object of model arguments, got {args.model_kwargs!r}")
     try:
-        peft = convert_official_svp(
-            args.checkpoint, args.model, args.shared_layers, args.prompt_hidden, args.num_classes, args.out,
-            simam=args.simam, two_layer_head=args.two_layer_head, backbone_checkpoint=args.backbone_checkpoint,
-            class_names=_read_class_names(args.class_names), model_kwargs=model_kwargs)
+        with _terminate_as_interrupt():
+            peft = convert_official_svp(
+                args.checkpoint, args.model, args.shared_layers, args.prompt_hidden, args.num_classes, args.out,
+                simam=args.simam, two_layer_head=args.two_layer_head, backbone_checkpoint=args.backbone_checkpoint,
+                class_names=_read_class_names(args.class_names), model_kwargs=model_kwargs, overwrite=args.overwrite,
+                class_names_source=f"--class-names {args.class_names}")
     except SVPError:
         raise  # one line and exit 2 from svp.cli.main
     except (OSError, ValueError, RuntimeError) as e:  # an unreadable file, a checkpoint that does not fit
@@ -28,6 +32,23 @@ def _run(args) -> int:
     print(peft.trainable_report())
     print(f"wrote {args.out} (base model hash {peft.base_hash})")
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """A SIGTERM while converting stops it as a Ctrl-C does, so that the folder it was making is
+    removed (the default action killed the process and left it: review 57)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # (not the main thread: a caller's own)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def register(subparsers):
@@ -49,5 +70,7 @@ def register(subparsers):
                    help="official Vim checkpoint to take the backbone from (must equal the one in CKPT)")
     p.add_argument("--class-names", default=None, type=user_path,
                    help="text file, one class name per line (or a JSON list)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the adapter in --out (by default --out must be new or empty)")
     p.add_argument("--model-kwargs", default=None, help='JSON dict of extra model arguments, e.g. \'{"img_size": 384}\'')
     p.set_defaults(func=_run)

@@ -10,28 +10,38 @@ read with ``torch.load(weights_only=True)``; nothing in it is executed.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
-from typing import Optional, Sequence
+import shutil
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..build import ModelSpec, build_model
 from ..errors import ConfigError
-from ..io import atomic_write_json
+from ..io import json_text
 from ..models.loading import (CheckpointError, checkpoint_filter_fn, load_checkpoint_into, mismatch_lines,
-                              read_state_dict)
+                              read_checkpoint_weights, read_state_dict)
 from .base import get_peft_model
-from .io import nonfinite_tensors
+from .io import BACKBONE_SPEC, nonfinite_tensors, save_adapter
 from .registry import make_config
 
+_logger = logging.getLogger(__name__)
 
-def _split(sd: dict):
+
+def _split(sd: dict, source: str = "<official checkpoint>"):
     backbone, prompts, head = {}, {}, {}
-    for k, v in sd.items():
+    named = {}
+    for key, v in sd.items():
+        k = key
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
+        if k in named:   # (the later one took the tensor's place, silently: review 57)
+            raise CheckpointError(f"{source}: {named[k]!r} and {key!r} are the same tensor once the wrapper's "
+                                  f"prefix is taken off; expected one of them")
+        named[k] = key
         if k.startswith("prompt_"):
             prompts[k] = v
         elif k.startswith("head."):
@@ -58,28 +68,92 @@ def _check_head(head: dict, two_layer: bool, num_classes: int, dim: int, source:
     if lines:
         layout = "two-layer head (head.0.*, head.1.*)" if two_layer else "linear head (head.weight, head.bias)"
         hint = ""
+        first, last = ("0.weight", "1.weight") if two_layer else ("weight", "weight")
         if not two_layer and "0.weight" in head:
             hint = "\nthe checkpoint has a two-layer head: pass --two-layer-head"
         elif two_layer and "weight" in head:
             hint = "\nthe checkpoint has a linear head: drop --two-layer-head"
+        elif getattr(head.get(first), "ndim", 0) == 2 and head[first].shape[1] != dim:
+            hint = (f"\nthe checkpoint's features are {head[first].shape[1]} wide, the model's {dim}: "
+                    f"check --model (and --model-kwargs)")
+        elif getattr(head.get(last), "ndim", 0) == 2 and head[last].shape[0] != num_classes:
+            n = head[last].shape[0]
+            hint = f"\nthe checkpoint's head has {n} classes: pass --num-classes {n}"
         raise CheckpointError("\n".join([f"{source}: expected a {layout} for {num_classes} classes and dim {dim}:"]
                                          + lines) + hint)
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """A conversion writes a new adapter folder: one already holding files (another adapter, the
+    user's notes) was overwritten silently (review 57); ``overwrite`` replaces the adapter files
+    of an earlier conversion there."""
+    if not os.path.isdir(out) or overwrite:
+        return
+    try:
+        names = sorted(os.listdir(out))
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot read the folder ({e.strerror or e})") from None
+    if names:
+        raise ConfigError(f"--out {out}: already holds {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}; "
+                          f"choose a new folder, or pass --overwrite (overwrite=True) to replace the adapter there")
+
+
+def _check_class_names(class_names, num_classes: int, source: str) -> None:
+    if class_names is None:
+        return
+    names = list(class_names)
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ConfigError(f"{source}: class names must be non-empty strings; got {bad[0]!r}")
+    if len(names) != num_classes:
+        raise ConfigError(f"{source}: {len(names)} class names, but --num-classes is {num_classes}; expected one "
+                          f"name per class")
+    seen = set()
+    twice = [n for n in names if n in seen or seen.add(n)]
+    if twice:
+        raise ConfigError(f"{source}: the class name {twice[0]!r} is given twice; expected one name per class")
+
+
+def _check_simam(ckpt, simam: bool, source: str) -> None:
+    """SimAM has no weights, so the tensors cannot tell a wrong --simam: an official training
+    checkpoint's pickled ``args`` can (``input_relu``, the official flag for it); without them
+    it is said that the flag could not be checked."""
+    args = ckpt.get("args") if isinstance(ckpt, Mapping) else None
+    value = args.get("input_relu") if isinstance(args, Mapping) else getattr(args, "input_relu", None)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"   # (parsed as the spec's table reads it: "--input_relu False")
+    if not isinstance(value, bool):
+        why = "records no args.input_relu" if value is None else f"has args.input_relu={value!r}"
+        _logger.warning("%s %s (the official flag for SimAM), so --simam could not be checked: SimAM has no "
+                        "weights, and a wrong flag gives other outputs without an error", source, why)
+        return
+    if value != bool(simam):
+        raise ConfigError(f"{source}: its args.input_relu is {value} (SimAM was {'on' if value else 'off'} in "
+                          f"training): {'pass' if value else 'drop'} --simam")
 
 
 def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt_hidden: int, num_classes: int,
                          out_dir, simam: bool = False, two_layer_head: bool = False,
                          backbone_checkpoint=None, class_names: Optional[Sequence[str]] = None,
-                         model_kwargs: Optional[dict] = None, atol: float = 0.0):
+                         model_kwargs: Optional[dict] = None, atol: float = 0.0, overwrite: bool = False,
+                         class_names_source: str = "class_names"):
     """Build the adapter directory ``out_dir`` from an official SVP checkpoint and return the
     loaded PeftModel (eval mode). ``checkpoint`` is a path or an already-read dict.
 
     The recorded base hash is that of the backbone weights inside the official checkpoint, or,
     with ``backbone_checkpoint``, of that file's weights (which must then equal the backbone
-    tensors the SVP checkpoint carries, up to ``atol``)."""
+    tensors the SVP checkpoint carries, up to ``atol``). ``out_dir`` must be new or empty, or
+    ``overwrite`` given; the folder is written whole or not at all (its files in one group; a
+    folder this call made is removed again if it stops)."""
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
+    out = os.fspath(out_dir)
     _check_counts(num_classes=num_classes, shared_layers=shared_layers, prompt_hidden=prompt_hidden)
-    sd = read_state_dict(checkpoint, source)
-    backbone, prompts, head = _split(sd)
+    _check_class_names(class_names, num_classes, class_names_source)
+    if model_kwargs and "num_classes" in model_kwargs:   # (recorded beside another head's count: review 57)
+        raise ConfigError(f"model_kwargs {dict(model_kwargs)!r}: 'num_classes' is set by --num-classes, not here")
+    _check_out(out, overwrite)
+    ckpt, sd = read_checkpoint_weights(checkpoint, source)
+    backbone, prompts, head = _split(sd, source)
     if not prompts:
         raise CheckpointError(f"{source}: no 'prompt_*' tensors; this is not an SVP checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in backbone})[:8]})")
@@ -90,6 +164,13 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
         raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:8])}"
                               f"{' ...' if len(bad) > 8 else ''}); expected finite weights (the official run "
                               f"diverged?)")
+    # (an integer tensor was cast into the adapter, which a load then calls damaged: review 57)
+    ints = [f"{k} ({v.dtype})" for k, v in {**prompts, **{"head." + k: v for k, v in head.items()}}.items()
+            if not v.is_floating_point()]
+    if ints:
+        raise CheckpointError(f"{source}: {', '.join(ints[:4])}{' ...' if len(ints) > 4 else ''}: expected "
+                              f"floating-point weights")
+    _check_simam(ckpt, simam, source)
     # random parts are replaced by the checkpoint's backbone just below
     model = build_model(ModelSpec(model_name, num_classes=num_classes, kwargs=dict(model_kwargs or {}),
                                   random_init=True))
@@ -132,21 +213,33 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     with torch.no_grad():
         for k, v in peft.base_model.head.state_dict().items():
             v.copy_(head[k])
-    extra = {"converted_from": source if isinstance(checkpoint, (str, os.PathLike)) else None,
-             "backbone_checkpoint": os.fspath(backbone_checkpoint) if backbone_checkpoint is not None else None,
+    extra = {"converted_from": os.path.abspath(source) if isinstance(checkpoint, (str, os.PathLike)) else None,
+             "backbone_checkpoint": os.path.abspath(os.fspath(backbone_checkpoint))
+             if backbone_checkpoint is not None else None,
              "model_kwargs": model_kwargs or {}}
-    peft.save(out_dir, base_model_name=model_name, class_names=class_names, extra=extra)
     # the backbone to rebuild for svp eval/predict/serve: the file whose weights the hash is of,
     # built with the same model arguments (another img_size resamples pos_embed: another hash)
     weights = backbone_checkpoint if backbone_checkpoint is not None else checkpoint
+    files = {}
     if isinstance(weights, (str, os.PathLike)):
-        kw = dict(model_kwargs or {})
-        spec = ModelSpec(model_name, checkpoint=os.path.abspath(os.fspath(weights)), kwargs=kw,
+        spec = ModelSpec(model_name, checkpoint=os.path.abspath(os.fspath(weights)), kwargs=dict(model_kwargs or {}),
                          num_classes=int(num_classes),
                          class_names=list(class_names or []), extra={"recipe": "svp"})
-        atomic_write_json(os.path.join(os.fspath(out_dir), "backbone.json"), spec.to_dict())
-    elif os.path.isfile(os.path.join(os.fspath(out_dir), "backbone.json")):  # from an earlier conversion
-        os.remove(os.path.join(os.fspath(out_dir), "backbone.json"))
+        files[BACKBONE_SPEC] = (json_text(spec.to_dict(), indent=2) + "\n").encode("utf-8", "surrogateescape")
+    made = None   # the outermost folder this call makes (--out a/b/c with no a: a)
+    top = os.path.abspath(out)
+    while not os.path.exists(top):
+        made, top = top, os.path.dirname(top)
+    try:
+        # backbone.json goes in with the adapter's two files: written after them, apart, a stop
+        # between left an adapter whose backbone was rebuilt from the default weights (review 57)
+        save_adapter(peft, out, base_model_name=model_name, class_names=class_names, extra=extra, extra_files=files)
+        if not files and os.path.isfile(os.path.join(out, BACKBONE_SPEC)):   # from an earlier conversion
+            os.remove(os.path.join(out, BACKBONE_SPEC))
+    except BaseException:
+        if made:   # (what this call made, and nothing else, is in it)
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     return peft.eval()
 
 
@@ -155,7 +248,7 @@ def official_backbone(checkpoint) -> dict:
     the base model an imported adapter is loaded onto:
     ``load_checkpoint_into(vim, {'model': official_backbone(CKPT)})``."""
     source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<official checkpoint>"
-    backbone, _, _ = _split(read_state_dict(checkpoint, source))
+    backbone, _, _ = _split(read_state_dict(checkpoint, source), source)
     if not backbone:
         raise CheckpointError(f"{source}: holds no backbone weights")
     return backbone
@@ -184,6 +277,6 @@ def _read_class_names(path):
     except (OSError, ValueError) as e:
         raise ConfigError(f"--class-names {path}: cannot be read ({e}); expected a JSON list or one class "
                           f"name per line") from None
-    if not isinstance(names, list):
-        raise ConfigError(f"--class-names {path}: expected a JSON list or one class name per line")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"--class-names {path}: expected a JSON list of strings or one class name per line")
     return names

@@ -75,8 +75,11 @@ def tensors_hash(tensors: Dict[str, torch.Tensor]) -> str:
 
 
 def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
-                 class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None) -> str:
-    """Write ``directory/adapter.safetensors`` + ``directory/adapter_config.json``."""
+                 class_names: Optional[Sequence[str]] = None, extra: Optional[dict] = None,
+                 extra_files: Optional[Dict[str, bytes]] = None) -> str:
+    """Write ``directory/adapter.safetensors`` + ``directory/adapter_config.json``, and
+    ``extra_files`` (name -> bytes: the ``backbone.json`` of a converted adapter) in the same
+    group, after them."""
     directory = os.fspath(directory)
     base = peft_model.base_model
     num_classes = int(base.num_classes)
@@ -142,11 +145,16 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
         raise AdapterError(f"{directory}: cannot create the adapter folder ({mkdir_error(directory, e)})") from None
     remove_dead_writers_temps(directory)   # what a save killed while writing left
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
-    atomic_write_group([
+    group = [
         (os.path.join(directory, ADAPTER_CONFIG), bytes_writer(text.encode("utf-8", "surrogateescape"))),
         (weights, safetensors_writer(weights, tensors, metadata={"method": peft_model.config.method,
                                                                   "base_model_hash": peft_model.base_hash})),
-    ])
+    ] + [(os.path.join(directory, name), bytes_writer(data)) for name, data in (extra_files or {}).items()]
+    # (a folder in a file's place failed its rename after the others had moved in: review 57)
+    for path, _ in group:
+        if os.path.isdir(path):
+            raise AdapterError(f"{path}: is a folder; not saved (an adapter file goes there)")
+    atomic_write_group(group)
     return directory
 
 

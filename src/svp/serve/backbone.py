@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..build import ModelSpec, adapter_spec
+from ..build import ModelSpec, adapter_spec, check_recorded_checkpoint
 from ..data.transforms import adapter_recipe
 from ..errors import ConfigError, SVPError
 from ..peft.io import ADAPTER_CONFIG
@@ -43,6 +43,7 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             # drawn with the recorded head: a head of another size draws other random numbers for
             # the backbone after it, whose weight hash then refused every adapter, QA 16c)
             spec.num_classes = None
+        check_recorded_checkpoint(spec, real, checkpoint)
         return _with_weights(spec, f"adapter {name}")
     if not model_name:
         if os.path.isfile(os.path.join(adapters_dir, ADAPTER_CONFIG)):
