@@ -782,6 +782,30 @@ def test_bad_values_found_late_are_one_line_and_leave_no_stub(tmp_path, capsys, 
     assert _no_stub(tmp_path / "runs")
 
 
+def test_a_full_disk_and_a_stray_config_are_said_with_what_to_do(tmp_path, capsys):
+    """Review 58: a full disk stopped a run without saying that its last resume point (written
+    whole or not at all) can be continued from; a config.yaml that is no svp configuration was
+    "config dict: unknown section 'x'", naming no file."""
+    import errno
+
+    from svp.engine import checkpoint as ck
+    from svp.engine.rundir import user_io_error
+    run = tmp_path / "r"
+    run.mkdir()
+    full = OSError(errno.ENOSPC, "No space left on device", str(run / "resume.safetensors"))
+    assert "continue with" not in str(user_io_error(full, str(run)))   # (nothing to continue from yet)
+    (run / ck.RESUME_FILE).write_bytes(b"")
+    said = str(user_io_error(full, str(run)))
+    assert said == (f"run folder {run}: cannot write {run / 'resume.safetensors'} (No space left on device); its "
+                    f"last resume point is whole: once the folder can be written, continue with: svp train --resume "
+                    f"{run}"), said
+    stray = tmp_path / "notarun"
+    stray.mkdir()
+    for text, words in (("x: 1\n", "unknown section 'x'"), ("[1, 2]\n", "expected a mapping of sections, got list")):
+        (stray / "config.yaml").write_text(text)
+        _one_line_error(capsys, svp_main(["train", "--resume", str(stray)]), 2, f"{stray / 'config.yaml'}: {words}")
+
+
 def test_unwritable_output_and_run_folder_are_one_line(tmp_path, capsys, monkeypatch, mini_run):
     (tmp_path / "afile").write_text("")
     rc = svp_main(["train", *MINI, "--output", str(tmp_path / "afile" / "runs")])
@@ -1108,6 +1132,22 @@ def test_one_ctrl_c_while_the_run_starts_is_not_called_a_second(tmp_path, capsys
     rc = svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "s"])
     line = _one_line_error(capsys, rc, 130, "interrupted while the run was starting")
     assert "interrupted again" not in line
+    # the folder made for it is not left as a stub (nothing to resume: "start the run again")
+    assert not (tmp_path / "runs" / "s").exists()
+    # a SIGTERM there killed the process with no word and left the folder's first files: until
+    # the run's handler is in place it stops the run as Ctrl-C does (called here, not sent: sent
+    # to a process without the handler, it would end the test run)
+    import signal
+
+    def terminated(*a, **k):
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), handler
+        handler(signal.SIGTERM, None)
+    monkeypatch.setattr(R, "setup_logging", terminated)
+    rc = svp_main(["train", *MINI, "--output", str(tmp_path / "runs"), "--name", "t"])
+    _one_line_error(capsys, rc, 130, "interrupted while the run was starting")
+    assert not (tmp_path / "runs" / "t").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # (put back)
 
 
 @pytest.mark.parametrize("during", ["last_validation", "final_test"])
@@ -1142,8 +1182,13 @@ def test_a_signal_during_the_last_evaluations_stops_the_run_at_its_last_resume_p
     _one_line_error(capsys, svp_main(["train", *cmd, "--name", "cut"]), 130,
                     "SIGTERM received: stopped after epoch 2; resume point saved")
     assert not (run / "results.json").exists() and not (run / "last").exists()
+    # said as it came (the run went on silently until its evaluation ended: review 58)
+    assert "SIGTERM received: the run stops once its current step (or evaluation) ends, writing a resume point; " \
+           "SIGTERM again stops it at once" in (run / "train.log").read_text()
     monkeypatch.undo()
     assert svp_main(["train", "--resume", str(run)]) == 0
+    # (it said "resumed ... at epoch 3" of a 2-epoch run)
+    assert "after its last epoch (2 of 2, global step 4): the final evaluation runs" in (run / "train.log").read_text()
     whole, cut = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("whole", "cut"))
     timeless = lambda res: {k: v for k, v in res.items() if not k.endswith(("seconds", "per_s", "run_dir"))}  # noqa: E731
     assert timeless(cut) == timeless(whole)

@@ -533,12 +533,13 @@ def dataset_preset(dataset: str, method: str) -> dict:
 
 
 def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
-            use_presets: bool = True, check_blocks: bool = True) -> dict:
+            use_presets: bool = True, check_blocks: bool = True, base_source: str = "config dict") -> dict:
     """Defaults <- dataset preset <- config files <- overrides (the command line's method blocks
     after its generic settings). A complete ``base`` (every key of every section, e.g. what
     ``resolve`` returned) already holds its presets: they are not merged again (their mappings
     would add keys). ``check_blocks=False``: other methods' blocks are not checked, nor the
-    model.kwargs keys svp sets (a run's own configuration, at --resume)."""
+    model.kwargs keys svp sets (a run's own configuration, at --resume). ``base_source`` names
+    ``base`` in errors (a run folder's config.yaml)."""
     if base and is_complete(base):
         use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
@@ -565,7 +566,7 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     # which method/dataset? (needed to pick the preset first)
     def apply_user(target: dict) -> dict:
         if base:
-            merge(target, base, "config dict")
+            merge(target, base, base_source)
         for src, part in user:
             merge(target, part, src)
         for k, v in parsed:

@@ -25,6 +25,7 @@ import torch
 from .. import runtime
 from ..errors import ResumeError
 from . import config as C
+from . import progress as run_progress
 from . import resume_overrides as RO
 from . import select
 from .distributed import all_reduce_sum, barrier, derive_seed, init_distributed, maybe_device, shutdown
@@ -96,11 +97,22 @@ class Trainer:
         self.resumed_at, self.values_before = None, {}   # (save_resume)
         self.replayed_changes = replayed_changes
 
+    def _stopping(self, name: str) -> None:
+        """Said as the first signal comes: the run went on silently until its step ended (25 s
+        where the first step compiled the CPU kernels), and a second press, the usual answer to
+        silence, stopped it at once without a new resume point (review 58). A sweep's worker
+        leaves it to the sweep, which says it once for all its runs; other ranks to the main one."""
+        if run_progress.worker_label is not None or not getattr(self, "dist", None) or not self.dist.is_main:
+            return
+        again = "Ctrl-C" if name == "SIGINT" else name
+        log.warning("%s received: the run stops once its current step (or evaluation) ends, writing a resume "
+                    "point; %s again stops it at once, without a new one", name, again)
+
     def run(self) -> Dict[str, Any]:
         device_kind = pick_device(self.cfg["train"]["device"])
         self.dist = init_distributed("cuda" if device_kind.startswith("cuda") else "cpu")
         self.device = maybe_device(device_kind, self.dist)
-        self.signals = Signals()
+        self.signals = Signals(on_first=self._stopping)
         try:
             # on the CPU, buffers larger than glibc's mmap threshold reused from step to step
             # instead of page-faulted in again each time (svp.runtime.held_heap)
@@ -166,8 +178,12 @@ class Trainer:
         if self.resume_dir:
             st = self.folder.load_resume(st, self.model, self.optimizer, self.sched, self.prec.scaler, self.ema)
             check_same_train_data(st.get("train_data"), data_id, self.folder.path)
-            log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
-                     st["batch"], st["global_step"])
+            if st["epoch"] >= epochs and not st["batch"]:   # ("at epoch 5" of a 4-epoch run: review 58)
+                log.info("resumed %s after its last epoch (%d of %d, global step %d): the final evaluation runs",
+                         self.folder.path, st["epoch"], epochs, st["global_step"])
+            else:
+                log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
+                         st["batch"], st["global_step"])
             if dinfo.is_main:
                 for note in self.notes:
                     log.warning("%s", note)

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -60,7 +62,7 @@ def load_run_config(run_dir: str, overrides=(), notes: Optional[List[str]] = Non
     if isinstance(saved, dict):
         saved.pop("debug", None)  # fault injections never carry over to a resumed run
         _pin_old_behaviour(saved, run_dir, notes)
-    return C.resolve(overrides=overrides, base=saved, use_presets=False, check_blocks=False)
+    return C.resolve(overrides=overrides, base=saved, use_presets=False, check_blocks=False, base_source=path)
 
 
 def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
@@ -358,10 +360,14 @@ def user_io_error(e: OSError, path) -> Exception:
     name = e.filename if isinstance(e.filename, str) else None
     if isinstance(e, SVPError) or not path:
         return e
+    # (the resume point is written whole or not at all: a full disk stopped the run without saying
+    # that the last one can be continued from: review 58)
+    later = (f"; its last resume point is whole: once the folder can be written, continue with: "
+             f"{resume_command(path)}" if os.path.isfile(os.path.join(path, ck.RESUME_FILE)) else "")
     if name and os.path.abspath(name).startswith(path):
-        return OutputError(f"run folder {path}: cannot write {name} ({e.strerror or e})")
+        return OutputError(f"run folder {path}: cannot write {name} ({e.strerror or e}){later}")
     if e.errno in DISK_ERRNOS:
-        return OutputError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e})")
+        return OutputError(f"run folder {path}: cannot write{' ' + name if name else ''} ({e.strerror or e}){later}")
     return e
 
 
@@ -400,6 +406,21 @@ def _set_aside_earlier_log(run_dir: str) -> None:
         os.replace(os.path.join(run_dir, f), os.path.join(run_dir, f"{f}.{n}"))
 
 
+def _setup_sigterm():
+    """Until the run's own handler is in place, a SIGTERM stops the run as a Ctrl-C does (a
+    one-line message, exit 130, the folder being made removed); its default action killed the
+    process mid-setup with no word and left the folder's first files (review 58). Returns the
+    handler to put back, or None where SIGTERM is not at its default (or not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, stop)
+
+
 @contextlib.contextmanager
 def run_session(run):
     """The run folder for the whole of a run (``run`` is the loop's Trainer): claimed and
@@ -408,6 +429,7 @@ def run_session(run):
     written to train.log. A second Ctrl-C and an unwritable folder become one-line errors."""
     handlers, lock, created, discard, run_dir = [], None, [], False, run.resume_dir
     run.folder, run.stepped = None, False
+    term = _setup_sigterm()
     try:
         try:
             if run.resume_dir:
@@ -435,12 +457,18 @@ def run_session(run):
                 raise
             raise lost from None
     except BaseException as e:
-        discard = bool(created) and not run.stepped and not isinstance(e, TrainingStopped)
+        # a stop before any step and any resume point leaves nothing to continue: no stub either
+        # (a Ctrl-C while the folder was set up left one: review 58)
+        where = run.folder.path if run.folder else run_dir
+        discard = bool(created) and not run.stepped and (
+            not isinstance(e, TrainingStopped) or not os.path.isfile(os.path.join(where, ck.RESUME_FILE)))
         if not discard:
             log_fatal(handlers, e)
         raise
     finally:
         run.signals.restore()
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
         teardown_logging(handlers)
         if discard:
             shutil.rmtree(run.folder.path if run.folder else run_dir, ignore_errors=True)

@@ -132,9 +132,9 @@ class Signals(_Handler):
     """Records the first SIGINT/SIGTERM while installed (main thread only); in a sweep's
     worker also the sweep's stop request."""
 
-    def __init__(self):
+    def __init__(self, on_first=None):
         self._received: Optional[int] = None
-        self.old = {}
+        self.old, self.on_first = {}, on_first
 
     @property
     def received(self) -> Optional[int]:
@@ -158,6 +158,8 @@ class Signals(_Handler):
                 return
             raise KeyboardInterrupt
         self._received, self._first_at = signum, time.monotonic()
+        if self.on_first is not None:
+            self.on_first(signal.Signals(signum).name)
         if _starting_here():
             raise WorkersInterrupted(signal.Signals(signum).name)
 
