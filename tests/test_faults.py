@@ -782,6 +782,31 @@ def test_bad_values_found_late_are_one_line_and_leave_no_stub(tmp_path, capsys, 
     assert _no_stub(tmp_path / "runs")
 
 
+def test_the_first_signal_is_said_on_a_line_of_its_own_by_the_main_process_only(caplog):
+    """The first signal's line was glued onto a live progress bar (retest 59); sweep workers and
+    other ranks leave it to the sweep and the main rank."""
+    import logging
+    from types import SimpleNamespace
+
+    from svp.engine import loop, progress
+    cleared = []
+    bar = SimpleNamespace(clear=lambda: cleared.append(True))
+    trainer = SimpleNamespace(progress=SimpleNamespace(bar=bar), dist=SimpleNamespace(is_main=True))
+    with caplog.at_level(logging.WARNING, logger=progress.log.name):
+        loop.Trainer._stopping(trainer, "SIGINT")
+        assert cleared == [True] and "Ctrl-C again stops it at once" in caplog.text
+        caplog.clear()
+        trainer.dist.is_main = False
+        loop.Trainer._stopping(trainer, "SIGTERM")
+        trainer.dist.is_main = True
+        progress.worker_label = "svp/s0"
+        try:
+            loop.Trainer._stopping(trainer, "SIGTERM")
+        finally:
+            progress.worker_label = None
+        assert caplog.text == ""
+
+
 def test_a_full_disk_and_a_stray_config_are_said_with_what_to_do(tmp_path, capsys):
     """Review 58: a full disk stopped a run without saying that its last resume point (written
     whole or not at all) can be continued from; a config.yaml that is no svp configuration was
@@ -801,7 +826,8 @@ def test_a_full_disk_and_a_stray_config_are_said_with_what_to_do(tmp_path, capsy
                     f"{run}"), said
     stray = tmp_path / "notarun"
     stray.mkdir()
-    for text, words in (("x: 1\n", "unknown section 'x'"), ("[1, 2]\n", "expected a mapping of sections, got list")):
+    for text, words in (("x: 1\n", "unknown section 'x'"), ("[1, 2]\n", "expected a mapping of sections, got list"),
+                        ("train:\n  epochs: four\n", "train.epochs='four': expected a positive integer")):
         (stray / "config.yaml").write_text(text)
         _one_line_error(capsys, svp_main(["train", "--resume", str(stray)]), 2, f"{stray / 'config.yaml'}: {words}")
 

@@ -231,6 +231,7 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     failure, after the folder was made left it; a folder holding another adapter, or anything,
     was overwritten silently."""
     import os
+    import shutil
 
     import svp.io
 
@@ -251,8 +252,25 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
         assert svp_main(argv) == 130
         assert "svp convert-official-svp: interrupted" in capsys.readouterr().err
         assert not (tmp_path / "new").exists(), stop_at
-    monkeypatch.setattr(svp.io, "_write_temp", real_write_temp)
+    # SIGTERM stops it as Ctrl-C does while it writes; a process that ignores SIGTERM keeps ignoring
+    # it (retest 59: the conversion replaced SIG_IGN)
+    import signal
+    seen = []
+
+    def record(path, write):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_write_temp(path, write)
+    monkeypatch.setattr(svp.io, "_write_temp", record)
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert svp_main(argv) == 0
+        assert set(seen) == {signal.SIG_IGN} and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    shutil.rmtree(tmp_path / "new")
+    seen.clear()
     assert svp_main(argv) == 0
+    assert seen and all(callable(h) for h in seen) and signal.getsignal(signal.SIGTERM) is old
     assert sorted(os.listdir(out)) == ["adapter.safetensors", "adapter_config.json", "backbone.json"]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["extra"]["converted_from"] == os.path.abspath(ckpt)
@@ -315,10 +333,14 @@ def test_conversion_inputs_that_passed_silently_are_refused(tmp_path, capsys, ca
         convert({"model": dict(sd, prompt_scale=sd["prompt_scale"].long())}, "f")
     with pytest.raises(CheckpointError, match=r"'prompt_scale' and 'module.prompt_scale' are the same tensor"):
         convert({"model": dict(sd, **{"module.prompt_scale": sd["prompt_scale"] + 1})}, "g")
+    # (torch.compile of a DDP model: both prefixes, in that order; the copy went into the backbone)
+    with pytest.raises(CheckpointError, match=r"'prompt_scale' and '_orig_mod.module.prompt_scale' are the same"):
+        convert({"model": dict(sd, **{"_orig_mod.module.prompt_scale": sd["prompt_scale"] + 1})}, "g")
+    assert convert({"model": {f"_orig_mod.module.{k}": v for k, v in sd.items()}}, "wrapped").config.shared_layers == 2
     with pytest.raises(ConfigError, match="'num_classes' is set by --num-classes"):
         convert_official_svp({"model": sd}, "vim_tiny_patch16_224", 2, 64, 3, tmp_path / "h",
                              model_kwargs={"img_size": IMG, "depth": 4, "num_classes": 5})
     with pytest.raises(CheckpointError, match="the checkpoint's head has 3 classes: pass --num-classes 3"):
         convert({"model": sd}, "i", num_classes=5)
     # the refused conversions left no folders
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "names.json", "simam_0", "simam_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "names.json", "simam_0", "simam_1", "wrapped"]

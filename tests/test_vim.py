@@ -157,6 +157,7 @@ def test_a_damaged_checkpoint_is_said_and_unread_parts_are_not_checked(tmp_path,
     in a weight loaded silently, mapped or not. The weights read are checked against them; a
     training checkpoint's optimizer state, never read, is not."""
     import shutil
+    import zipfile
 
     import svp.models.loading as loading
     src = timm.create_model("vim_mini_patch4_32", num_classes=7)
@@ -179,6 +180,42 @@ def test_a_damaged_checkpoint_is_said_and_unread_parts_are_not_checked(tmp_path,
         else:
             load_checkpoint_into(model, str(bad))
             assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    # its index, data.pkl, damaged: a key name's letter (on torch < 2.5 a flipped storage key pointed
+    # a weight at another storage of its size, and it loaded silently: retest 59)
+    bad = tmp_path / "bad_index.pth"
+    shutil.copy(path, bad)
+    with zipfile.ZipFile(bad) as z:
+        (info,) = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+    raw = bad.read_bytes()
+    at = raw.index(b"pos_embed", info.header_offset)
+    bad.write_bytes(raw[:at] + b"q" + raw[at + 1:])
+    with pytest.raises(loading.UnreadableCheckpoint, match=r"bad_index\.pth: the file is damaged: its index of the "
+                       r"tensors' bytes does not match the CRC-32 checksum .*member: mini/data\.pkl\).* again"):
+        load_checkpoint_into(timm.create_model("vim_mini_patch4_32", num_classes=7), str(bad))
+    # files with nothing to check load as torch reads them: a zip saved without checksums
+    # (torch.serialization.set_crc32_options(False): every stored CRC 0, which zipfile's reads
+    # refuse) and a legacy file whose bytes hold a zip's end-of-directory record (is_zipfile said yes)
+    nocrc = tmp_path / "nocrc.pth"
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        infos, at = z.infolist(), z.start_dir
+    for info in infos:
+        raw[info.header_offset + 14:info.header_offset + 18] = bytes(4)
+        assert raw[at:at + 4] == b"PK\x01\x02"
+        raw[at + 16:at + 20] = bytes(4)
+        at += 46 + sum(int.from_bytes(raw[at + o:at + o + 2], "little") for o in (28, 30, 32))
+    nocrc.write_bytes(bytes(raw))
+    assert torch.equal(torch.load(nocrc, weights_only=True)["model"]["pos_embed"], sd["pos_embed"])
+    model = timm.create_model("vim_mini_patch4_32", num_classes=7)
+    load_checkpoint_into(model, str(nocrc))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    legacy = tmp_path / "legacy.pth"   # (small: the record is within the 64 KB is_zipfile searches)
+    eocd = torch.frombuffer(bytearray(bytes(100) + b"PK\x05\x06" + bytes(118)), dtype=torch.uint8)
+    weights = {"w": torch.randn(4, 4), "buf": eocd.clone()}
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    assert zipfile.is_zipfile(legacy)
+    got = loading.read_state_dict(str(legacy))
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
     # a storage matching no stored sum in a file whose every member matches its sum is not called
     # damaged (zipfile's own check has the last word)
     monkeypatch.setattr(loading, "zlib", type("Z", (), {"crc32": staticmethod(lambda data: 1)}))

@@ -533,13 +533,13 @@ def dataset_preset(dataset: str, method: str) -> dict:
 
 
 def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), base: Optional[dict] = None,
-            use_presets: bool = True, check_blocks: bool = True, base_source: str = "config dict") -> dict:
+            use_presets: bool = True, check_blocks: bool = True, base_source: Optional[str] = None) -> dict:
     """Defaults <- dataset preset <- config files <- overrides (the command line's method blocks
     after its generic settings). A complete ``base`` (every key of every section, e.g. what
     ``resolve`` returned) already holds its presets: they are not merged again (their mappings
     would add keys). ``check_blocks=False``: other methods' blocks are not checked, nor the
     model.kwargs keys svp sets (a run's own configuration, at --resume). ``base_source`` names
-    ``base`` in errors (a run folder's config.yaml)."""
+    ``base`` in errors, as a config file is named (a run folder's config.yaml)."""
     if base and is_complete(base):
         use_presets = False
     user: List[Tuple[str, dict]] = [(p, load_yaml(p)) for p in config_files or []]
@@ -566,7 +566,7 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
     # which method/dataset? (needed to pick the preset first)
     def apply_user(target: dict) -> dict:
         if base:
-            merge(target, base, base_source)
+            merge(target, base, base_source or "config dict")
         for src, part in user:
             merge(target, part, src)
         for k, v in parsed:
@@ -584,7 +584,8 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         if check_blocks:
             check_model_kwargs_keys(cfg)
     except ConfigError as e:
-        src = _source_of(str(e), user, parsed)
+        # (a bad value in a run folder's config.yaml was said without the file: retest 59)
+        src = _source_of(str(e), ([(base_source, base)] if base_source else []) + user, parsed)
         if src is None:
             raise
         raise ConfigError(f"{src}: {e}") from None

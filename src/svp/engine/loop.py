@@ -105,6 +105,12 @@ class Trainer:
         if run_progress.worker_label is not None or not getattr(self, "dist", None) or not self.dist.is_main:
             return
         again = "Ctrl-C" if name == "SIGINT" else name
+        bar = getattr(getattr(self, "progress", None), "bar", None)
+        if bar is not None:   # (the line was glued onto a live bar: retest 59; it is drawn again at the next step)
+            try:
+                bar.clear()
+            except Exception:
+                pass
         log.warning("%s received: the run stops once its current step (or evaluation) ends, writing a resume "
                     "point; %s again stops it at once, without a new one", name, again)
 
@@ -181,6 +187,9 @@ class Trainer:
             if st["epoch"] >= epochs and not st["batch"]:   # ("at epoch 5" of a 4-epoch run: review 58)
                 log.info("resumed %s after its last epoch (%d of %d, global step %d): the final evaluation runs",
                          self.folder.path, st["epoch"], epochs, st["global_step"])
+            elif t["max_steps"] is not None and st["global_step"] >= int(t["max_steps"]):   # (retest 59)
+                log.info("resumed %s after its last step (train.max_steps=%d, global step %d): the final "
+                         "evaluation runs", self.folder.path, int(t["max_steps"]), st["global_step"])
             else:
                 log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                          st["batch"], st["global_step"])

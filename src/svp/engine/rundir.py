@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,7 +22,7 @@ from ..errors import ConfigError, OutputError, PeerError, ResumeError, SVPError
 from ..io import DISK_ERRNOS, remove_stale_temps, shell_word
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
-from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
+from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command, sigterm_as_interrupt
 from .progress import log_fatal, setup_logging, teardown_logging
 from .runlock import (RunLock, claim_run_dir, default_run_name,  # noqa: F401 (default_run_name re-exported)
                       lock_for_resume, remove_made_folders)
@@ -406,21 +405,6 @@ def _set_aside_earlier_log(run_dir: str) -> None:
         os.replace(os.path.join(run_dir, f), os.path.join(run_dir, f"{f}.{n}"))
 
 
-def _setup_sigterm():
-    """Until the run's own handler is in place, a SIGTERM stops the run as a Ctrl-C does (a
-    one-line message, exit 130, the folder being made removed); its default action killed the
-    process mid-setup with no word and left the folder's first files (review 58). Returns the
-    handler to put back, or None where SIGTERM is not at its default (or not the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, stop)
-
-
 @contextlib.contextmanager
 def run_session(run):
     """The run folder for the whole of a run (``run`` is the loop's Trainer): claimed and
@@ -429,7 +413,8 @@ def run_session(run):
     written to train.log. A second Ctrl-C and an unwritable folder become one-line errors."""
     handlers, lock, created, discard, run_dir = [], None, [], False, run.resume_dir
     run.folder, run.stepped = None, False
-    term = _setup_sigterm()
+    # (a SIGTERM while the folder is set up stops the run as Ctrl-C does: review 58)
+    term = sigterm_as_interrupt()
     try:
         try:
             if run.resume_dir:

@@ -96,7 +96,9 @@ def read_checkpoint(path) -> dict:
     if kind not in ("zip", "pickle"):   # the unpickler's "Unsupported operand 60" said nothing of it
         raise UnreadableCheckpoint(f"{path}: {kind}; expected a checkpoint written by torch.save (.pth, .pt) "
                                    f"or a .safetensors file")
-    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
+    # the legacy (pre-1.6) format cannot be mapped (known by its first bytes: is_zipfile finds a zip's
+    # end-of-directory bytes anywhere near the end, which a legacy file's tensors may hold: retest 59)
+    mmap = kind == "zip" and zipfile.is_zipfile(path)
     try:
         from ..compat import makes_bytearrays, restricted_torch_load
         if hasattr(torch.serialization, "safe_globals") and not makes_bytearrays(path):
@@ -109,6 +111,10 @@ def read_checkpoint(path) -> dict:
         return restricted_torch_load(path, mmap=mmap)
     except Exception as e:  # an UnpicklingError names the forbidden global
         if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse
+            infos = _checksummed_members(path)
+            member = _damaged_index(path, infos) if infos else None
+            if member is not None:   # (a flipped bit in data.pkl: said as what it is)
+                raise _damaged(path, "its index of the tensors' bytes does not match", member) from None
             first = str(e).split(". ")[0].strip() or "no message"
             raise UnreadableCheckpoint(
                 f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); expected a whole "
@@ -178,22 +184,62 @@ def _tensors_only(state_dict: dict, source: str) -> dict:
     return state_dict
 
 
-def verify_checksums(path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Check the bytes of ``tensors`` (read from ``path``) against the CRC-32 checksums that
-    torch.save's zip format stores for every storage; torch.load never checks them, so a file
-    damaged after it was written (a bad disk, a copy cut short and resumed, a flipped bit) loaded
-    silently with wrong weights. Only the storages of ``tensors`` are read, so a training
-    checkpoint's optimizer state stays unread (mapped, see ``read_checkpoint``). A storage whose
-    (size, checksum) is no member's is confirmed with ``zipfile``'s own whole-file check before
-    the file is called damaged. The legacy format and safetensors store no checksums."""
-    path = os.fspath(path)
+def _checksummed_members(path) -> Optional[list]:
+    """The members of a torch.save zip file (one that begins with a local header: a legacy file
+    may hold a zip's end-of-directory bytes anywhere, retest 59), or None: another format, or a
+    zip whose stored checksums are all 0 (``torch.serialization.set_crc32_options(False)``), which
+    has none to check."""
     try:
-        if not zipfile.is_zipfile(path):
-            return
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return None
         with zipfile.ZipFile(path) as z:
-            stored = {(i.file_size, i.CRC) for i in z.infolist()}
+            infos = z.infolist()
     except (zipfile.BadZipFile, OSError):
-        return   # (torch has read it; what it would say of its directory it has said)
+        return None
+    return infos if any(i.CRC for i in infos if i.file_size) else None
+
+
+def _damaged_index(path, infos) -> Optional[str]:
+    """The first of the small members (``data.pkl``, which says which stored bytes each tensor
+    reads; the version, the byte order) whose bytes fail their checksum: on torch < 2.5 a flipped
+    bit there pointed a weight at another storage of its size, and it loaded silently (retest 59).
+    The storages themselves are checked through the tensors read."""
+    with zipfile.ZipFile(path) as z:
+        for info in infos:
+            if "/data/" in info.filename or info.file_size > (64 << 20):
+                continue
+            try:
+                z.read(info)
+            except zipfile.BadZipFile:
+                return info.filename
+    return None
+
+
+def _damaged(path, what: str, member: str) -> UnreadableCheckpoint:
+    return UnreadableCheckpoint(
+        f"{path}: the file is damaged: {what} the CRC-32 checksum torch.save stored (first damaged member: "
+        f"{member}); it changed after it was written (a bad disk, an interrupted download or copy): download "
+        f"or copy it again")
+
+
+def verify_checksums(path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the bytes of ``tensors`` (read from ``path``), and the file's index of them, against
+    the CRC-32 checksums that torch.save's zip format stores for every member; torch.load never
+    checks them, so a file damaged after it was written (a bad disk, a copy cut short and resumed,
+    a flipped bit) loaded silently with wrong weights. Only the storages of ``tensors`` are read,
+    so a training checkpoint's optimizer state stays unread (mapped, see ``read_checkpoint``). A
+    storage whose (size, checksum) is no member's is confirmed with ``zipfile``'s own whole-file
+    check before the file is called damaged. The legacy format, safetensors and a zip saved
+    without checksums have none to check."""
+    path = os.fspath(path)
+    infos = _checksummed_members(path)
+    if infos is None:
+        return
+    member = _damaged_index(path, infos)
+    if member is not None:
+        raise _damaged(path, "its index of the tensors' bytes does not match", member)
+    stored = {(i.file_size, i.CRC) for i in infos}
     matches, bad = {}, []
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
@@ -208,15 +254,12 @@ def verify_checksums(path, tensors: Mapping[str, torch.Tensor]) -> None:
     if not bad:
         return
     with zipfile.ZipFile(path) as z:
-        damaged = z.testzip()
-    if damaged is None:   # every member matches its checksum: the tensors were laid out otherwise
+        member = z.testzip()
+    if member is None:   # every member matches its checksum: the tensors were laid out otherwise
         _logger.debug("%s: %d tensors matched no stored checksum, but every member does", path, len(bad))
         return
     more = f" and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
-    raise UnreadableCheckpoint(
-        f"{path}: the file is damaged: the bytes of {bad[0]!r}{more} do not match the CRC-32 checksum "
-        f"torch.save stored for them (first damaged member: {damaged}); it changed after it was written "
-        f"(a bad disk, an interrupted download or copy): download or copy it again")
+    raise _damaged(path, f"the bytes of {bad[0]!r}{more} do not match", member)
 
 
 def read_state_dict(checkpoint, source: Optional[str] = None) -> dict:

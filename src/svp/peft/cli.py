@@ -38,17 +38,13 @@ def _run(args) -> int:
 def _terminate_as_interrupt():
     """A SIGTERM while converting stops it as a Ctrl-C does, so that the folder it was making is
     removed (the default action killed the process and left it: review 57)."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, stop)
-    except ValueError:   # (not the main thread: a caller's own)
-        yield
-        return
+    from ..engine.signals import sigterm_as_interrupt
+    old = sigterm_as_interrupt()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def register(subparsers):

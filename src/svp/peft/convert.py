@@ -35,9 +35,8 @@ def _split(sd: dict, source: str = "<official checkpoint>"):
     named = {}
     for key, v in sd.items():
         k = key
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(("module.", "_orig_mod.")):   # (in any order: torch.compile of a DDP model)
+            k = k.split(".", 1)[1]
         if k in named:   # (the later one took the tensor's place, silently: review 57)
             raise CheckpointError(f"{source}: {named[k]!r} and {key!r} are the same tensor once the wrapper's "
                                   f"prefix is taken off; expected one of them")
