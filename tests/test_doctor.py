@@ -333,3 +333,10 @@ def test_the_mamba_ssm_row_tells_installed_but_broken_from_missing(tmp_path, mon
     from svp.compat import module_version
     assert module_version("svp_no_such_package") == "not installed"
     assert module_version("mamba_ssm") == scan_cuda.version()
+    # a package without __version__: pip's metadata's (it said "unknown")
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "mamba_ssm", raising=False)
+    importlib.invalidate_caches()
+    assert module_version("mamba_ssm") == "1.1.1"
+    monkeypatch.delitem(sys.modules, "mamba_ssm", raising=False)

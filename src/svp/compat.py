@@ -426,7 +426,9 @@ def module_version(module: str, dist: Optional[str] = None) -> str:
     distribution's name where it is not the module's."""
     import importlib
     try:
-        return getattr(importlib.import_module(module), "__version__", "unknown")
+        found = getattr(importlib.import_module(module), "__version__", None)
+        # (one without __version__ was "unknown" where pip's metadata knew it: retest 59)
+        return str(found) if found else installed_version(dist or module) or "unknown"
     except (Exception, SystemExit) as e:   # (mamba_ssm's import can exit: review 54)
         why = f"{type(e).__name__}: {e}"
         missing = isinstance(e, ModuleNotFoundError) and e.name == module

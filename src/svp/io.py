@@ -16,7 +16,9 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["atomic_write", "atomic_write_group", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
@@ -507,3 +509,19 @@ def _exchange(a: str, b: str) -> bool:
     if _renameat2 is False:
         return False
     return _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def sigterm_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, where it is at its default action
+    (which kills with no word and no cleanup: a run's folder half set up, a converted adapter's
+    folder half made: reviews 57-58). Returns the handler to put back (``signal.signal(
+    signal.SIGTERM, old)``), or None where SIGTERM is ignored or handled already (a process
+    started with it ignored keeps ignoring it: retest 59) or this is not the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, stop)

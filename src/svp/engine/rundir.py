@@ -19,10 +19,10 @@ from . import checkpoint as ck
 from . import config as C
 from . import resume_overrides as RO
 from ..errors import ConfigError, OutputError, PeerError, ResumeError, SVPError
-from ..io import DISK_ERRNOS, remove_stale_temps, shell_word
+from ..io import DISK_ERRNOS, remove_stale_temps, shell_word, sigterm_as_interrupt
 from .distributed import DistInfo, on_main_rank, unwrap
 from .resume_overrides import check_overrides
-from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command, sigterm_as_interrupt
+from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
 from .progress import log_fatal, setup_logging, teardown_logging
 from .runlock import (RunLock, claim_run_dir, default_run_name,  # noqa: F401 (default_run_name re-exported)
                       lock_for_resume, remove_made_folders)

@@ -296,22 +296,6 @@ def worker_signals(handler) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
 
 
-def sigterm_as_interrupt():
-    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, where it is at its default action
-    (which kills with no word and no cleanup: a run's folder half set up, a converted adapter's
-    folder half made: reviews 57-58). Returns the handler to put back (``signal.signal(
-    signal.SIGTERM, old)``), or None where SIGTERM is ignored or handled already (a process
-    started with it ignored keeps ignoring it: retest 59) or this is not the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, stop)
-
-
 def resume_command(run_dir: str) -> str:
     """The command that continues ``run_dir`` as it was started: a run saved by several
     processes resumes only with as many (svp refuses another world size)."""

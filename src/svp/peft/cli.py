@@ -38,7 +38,7 @@ def _run(args) -> int:
 def _terminate_as_interrupt():
     """A SIGTERM while converting stops it as a Ctrl-C does, so that the folder it was making is
     removed (the default action killed the process and left it: review 57)."""
-    from ..engine.signals import sigterm_as_interrupt
+    from ..io import sigterm_as_interrupt
     old = sigterm_as_interrupt()
     try:
         yield
