@@ -603,8 +603,9 @@ def test_a_worker_killed_by_a_signal_fails_its_run_alone(tmp_path, caplog):
                     tune=["debug.kill_at_step=null,1"])
     tuning = json.load(open(os.path.join(out, "tuning.json")))
     grid = tuning["cells"][0]["grid"]
-    # (the run beside it was stopped with it, and resumed, or had finished first)
-    assert grid[0]["status"] in ("ok", "resumed") and grid[1]["status"] == "resumed", grid
+    # (the run beside it was stopped with it, and resumed, or had finished first: reported by its
+    # worker, or, where the pool broke before its result came back, found finished in its folder)
+    assert grid[0]["status"] in ("ok", "resumed", "reused") and grid[1]["status"] == "resumed", grid
     assert all(g["val_top1"] is not None for g in grid), grid
     assert "a worker process died (killed by a signal" in caplog.text
     assert os.path.isfile(res["csv"]) and os.path.isfile(res["markdown"])
