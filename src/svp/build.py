@@ -187,11 +187,15 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model {name!r}: no such model; the Vim models: {', '.join(timm.list_models('vim_*'))}")
 
 
-def check_checkpoint_file(path, key: str = "checkpoint") -> None:
+def check_checkpoint_file(path, key: str = "checkpoint", recorded_in: Optional[str] = None) -> None:
     """A checkpoint path names a file (a run checks it before reading its data, as the build does
-    before building): CheckpointError naming ``key`` and the path otherwise."""
+    before building): CheckpointError naming ``key`` and the path otherwise, and the file that
+    recorded the path (``recorded_in``) with what to do."""
     if path and not os.path.isfile(str(path)):
         what = "is a folder; expected a checkpoint file" if os.path.isdir(str(path)) else "file not found"
+        if recorded_in:
+            raise CheckpointError(f"{key} {str(path)!r} (recorded in {recorded_in}): {what}; if it moved, "
+                                  f"pass --checkpoint FILE")
         raise CheckpointError(f"{key} {str(path)!r}: {what}")
 
 
@@ -448,11 +452,8 @@ def check_recorded_checkpoint(spec: ModelSpec, adapter_dir: str, given: Optional
     folder in its place was not said as the folder's record: review 57)."""
     from .peft.io import BACKBONE_SPEC
 
-    if given or not spec.checkpoint or os.path.isfile(spec.checkpoint):
-        return
-    what = "is a folder; expected a checkpoint file" if os.path.isdir(spec.checkpoint) else "file not found"
-    raise CheckpointError(f"checkpoint {spec.checkpoint!r} (recorded in {os.path.join(adapter_dir, BACKBONE_SPEC)}): "
-                          f"{what}; if it moved, pass --checkpoint FILE")
+    if not given:
+        check_checkpoint_file(spec.checkpoint, recorded_in=os.path.join(adapter_dir, BACKBONE_SPEC))
 
 
 def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,

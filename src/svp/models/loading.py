@@ -112,9 +112,9 @@ def read_checkpoint(path) -> dict:
     except Exception as e:  # an UnpicklingError names the forbidden global
         if not _refused(e):  # text, an image, a cut-off zip: bytes the unpickler cannot parse
             infos = _checksummed_members(path)
-            member = _damaged_index(path, infos) if infos else None
-            if member is not None:   # (a flipped bit in data.pkl: said as what it is)
-                raise _damaged(path, "its index of the tensors' bytes does not match", member) from None
+            damage = _index_damage(path, infos) if infos else None
+            if damage is not None:   # (a flipped bit in data.pkl: said as what it is)
+                raise damage from None
             first = str(e).split(". ")[0].strip() or "no message"
             raise UnreadableCheckpoint(
                 f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); expected a whole "
@@ -200,11 +200,11 @@ def _checksummed_members(path) -> Optional[list]:
     return infos if any(i.CRC for i in infos if i.file_size) else None
 
 
-def _damaged_index(path, infos) -> Optional[str]:
-    """The first of the small members (``data.pkl``, which says which stored bytes each tensor
-    reads; the version, the byte order) whose bytes fail their checksum: on torch < 2.5 a flipped
-    bit there pointed a weight at another storage of its size, and it loaded silently (retest 59).
-    The storages themselves are checked through the tensors read."""
+def _index_damage(path, infos) -> Optional[UnreadableCheckpoint]:
+    """The error for the first of the small members (``data.pkl``, which says which stored bytes
+    each tensor reads; the version, the byte order) whose bytes fail their checksum, or None: on
+    torch < 2.5 a flipped bit there pointed a weight at another storage of its size, and it loaded
+    silently (retest 59). The storages themselves are checked through the tensors read."""
     with zipfile.ZipFile(path) as z:
         for info in infos:
             if "/data/" in info.filename or info.file_size > (64 << 20):
@@ -212,7 +212,7 @@ def _damaged_index(path, infos) -> Optional[str]:
             try:
                 z.read(info)
             except zipfile.BadZipFile:
-                return info.filename
+                return _damaged(path, "its index of the tensors' bytes does not match", info.filename)
     return None
 
 
@@ -236,9 +236,9 @@ def verify_checksums(path, tensors: Mapping[str, torch.Tensor]) -> None:
     infos = _checksummed_members(path)
     if infos is None:
         return
-    member = _damaged_index(path, infos)
-    if member is not None:
-        raise _damaged(path, "its index of the tensors' bytes does not match", member)
+    damage = _index_damage(path, infos)
+    if damage is not None:
+        raise damage
     stored = {(i.file_size, i.CRC) for i in infos}
     matches, bad = {}, []
     for name, t in tensors.items():
