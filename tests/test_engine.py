@@ -619,6 +619,46 @@ def test_vtab_table_reports_both_averages_labelled():
     assert "selected on the validation split" in md
 
 
+def test_a_partial_vtab_sweep_labels_each_average_with_what_it_covers():
+    """With three of the 19 tasks, "Natural mean" (one of seven tasks) and "Mean of group means"
+    (two of three groups) read as the benchmark's numbers; a parameter mean over the datasets whose
+    runs finished was unmarked; one seed's header said "mean ± std" (review 62)."""
+    from svp.engine.sweep import _select_datasets, markdown_table
+    ds = _select_datasets("vtab", ["eurosat", "dtd", "caltech101"])
+    assert ds == [("vtab/caltech101", "vtab-natural"), ("vtab/dtd", "vtab-natural"),
+                  ("vtab/eurosat", "vtab-specialized")]   # the suite's order, not the one given
+    rows = [{"method": "svp", "dataset": d, "seed": 0, "status": "ok", "val_selected_test_top1": v,
+             "trainable_params": p, "trainable_params_without_head": p - 10, "adapter_bytes": 1024}
+            for (d, _), v, p in zip(ds, (10.0, 20.0, 60.0), (1000, 3001, 2000))]
+
+    def table(rows):
+        lines = markdown_table("vtab", rows, ds, ["svp"], [0]).strip().splitlines()
+        header = [h.strip() for h in lines[2].split("|")[1:-1]]
+        return lines, header, dict(zip(header, [c.strip() for c in lines[4].split("|")[1:-1]]))
+    lines, header, cells = table(rows)
+    assert header[4:8] == ["Natural mean (2 of 7 tasks)", "Specialized mean (1 of 4 tasks)", "Mean (3 of 19 tasks)",
+                           "Mean of 2 of 3 group means"]
+    assert [cells[h] for h in header[4:8]] == ["15.00", "60.00", "30.00", "37.50"]
+    assert "Partial benchmark: 3 of VTAB-1k's 19 tasks" in lines[0]
+    assert cells["Trainable params (with head)"] == "2,000"
+    rows[2] = {"method": "svp", "dataset": "vtab/eurosat", "seed": 0, "status": "failed"}
+    lines, header, cells = table(rows)
+    assert cells["Mean (3 of 19 tasks)"] == "-"   # (eurosat failed: no seed has every task)
+    assert cells["Trainable params (with head)"] == "2,001 (2 of 3 datasets)"   # (2000.5 rounds up)
+    assert "one seed (0), so no std" in lines[0] and "± std" not in lines[0]
+    full = markdown_table("vtab", rows[:2], ds[:2], ["svp"], [0, 1])
+    assert "mean ± sample std over seeds 0, 1" in full and "Mean (2 of 19 tasks)" in full
+    # every run failed: the title is still the validation-selected one (it said "no validation split")
+    failed = [{"method": "svp", "dataset": d, "seed": 0, "status": "failed"} for d, _ in ds]
+    assert "selected on the validation split" in markdown_table("vtab", failed, ds, ["svp"], [0])
+    # the whole benchmark keeps its plain labels (test_vtab_table_reports_both_averages_labelled)
+    from svp.engine.sweep import suite_datasets
+    assert [d for d, _ in suite_datasets("hta")] == [
+        "hta/cub200", "hta/cifar100", "hta/cifar10", "hta/dtd", "hta/dogs", "hta/gtsrb", "hta/nabirds",
+        "hta/svhn", "hta/flowers", "hta/food101"]   # the official HTA script's order (spec)
+    assert [d for d, _ in _select_datasets("hta", ["dtd", "cub200"])] == ["hta/cub200", "hta/dtd"]
+
+
 def test_a_cell_over_fewer_seeds_than_the_heading_says_so():
     """A dataset whose seed 1 failed showed one seed's value under "mean ± std over seeds 0, 1, 2",
     as a whole cell (QA 16d)."""
@@ -1046,9 +1086,17 @@ def test_a_validation_split_that_is_the_test_split_is_refused():
     while results.md said "test accuracy is not used for the choice"."""
     for ov in (["data.val_split=test"], ["data.val_split=val", "data.test_split=val"]):
         with pytest.raises(C.ConfigError, match=r"data\.val_split='(test|val)' is also data\.test_split: .*selected "
-                                                r"on the test split"):
+                                                r"on test images"):
             C.resolve(overrides=ov, use_presets=False)
     C.resolve(overrides=["data.val_split=null", "data.test_split=test"], use_presets=False)
+    # a slice of the test split, or a join that holds it, read test images too (review 62: compared
+    # as text, test[:64] beside test went through, and --tune chose on test images)
+    for val, test in (("test[:64]", "test"), ("val", "train+val[:10]"), ("train[:5]+test", "test[:100]")):
+        with pytest.raises(C.ConfigError, match=rf"data\.val_split='{re.escape(val)}' and data\.test_split="
+                                                rf"'{re.escape(test)}' both read split '(test|val)' from its start"):
+            C.resolve(overrides=[f"data.val_split={val}", f"data.test_split={test}"], use_presets=False)
+    C.resolve(overrides=["data.val_split=val[:64]", "data.test_split=test[:64]"], use_presets=False)
+    C.resolve(overrides=["data.val_split=test[:0]+val", "data.test_split=test"], use_presets=False)
 
 
 def test_the_best_mark_sits_by_the_validation_number(logged):

@@ -311,7 +311,8 @@ def test_a_short_dataset_name_means_the_suites_dataset_of_that_name():
     """`--suite vtab --datasets dtd` resolved dtd to the HTA dataset and was refused as not
     in the suite."""
     from svp.engine.sweep import _select_datasets
-    assert [d for d, _ in _select_datasets("vtab", ["dtd", "vtab/cifar"])] == ["vtab/dtd", "vtab/cifar"]
+    # (in the suite's order)
+    assert [d for d, _ in _select_datasets("vtab", ["dtd", "vtab/cifar"])] == ["vtab/cifar", "vtab/dtd"]
     assert [d for d, _ in _select_datasets("hta", ["dtd"])] == ["hta/dtd"]
     with pytest.raises(C.ConfigError, match="'digits' is not in suite 'vtab'"):
         _select_datasets("vtab", ["digits"])
@@ -391,8 +392,13 @@ def test_every_grid_point_is_checked_before_any_run_and_datasets_are_named_once(
     with pytest.raises(C.ConfigError, match=r"digits / linear / method\.settings\.hidden=4: .*unknown setting"):
         sweep("mini", ["svp", "linear"], [0], str(out), ["digits"], (), REAL, tune=["method.settings.hidden=4,8"])
     # the grid runs' splits as tuned_sweep sets them: a test split that is the one --tune selects on
-    with pytest.raises(C.ConfigError, match=r"--tune selects on the split 'val' .*data\.test_split='val' also names"):
+    with pytest.raises(C.ConfigError, match=r"--tune selects on the split 'val' .*data\.test_split='val' also reads"):
         sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL + ["data.test_split=val"],
+              tune=["train.lr=1e-3,1e-2"])
+    # (a slice of the split it selects on read the same images: review 62)
+    with pytest.raises(C.ConfigError, match=r"--tune selects on the split 'val' .*data\.test_split='val\[:20\]' also "
+                                            r"reads"):
+        sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL + ["data.test_split=val[:20]"],
               tune=["train.lr=1e-3,1e-2"])
     with pytest.raises(C.ConfigError, match="--fail-fast stops a plain sweep"):
         sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL, fail_fast=True, tune=["train.lr=1e-3,1e-2"])

@@ -774,9 +774,12 @@ def validate(cfg: dict) -> None:
     if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
         raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
     val, test = cfg["data"]["val_split"], cfg["data"]["test_split"]
-    if val is not None and val == test:   # an epoch (or svp sweep --tune's choice) selected on test, unsaid
-        raise ConfigError(f"data.val_split={val!r} is also data.test_split: the epoch kept, and a --tune choice, "
-                          f"would be selected on the test split; select on a validation split (or none: "
+    shared = splits_shared(val, test)
+    if shared:   # an epoch (or svp sweep --tune's choice) selected on test, unsaid
+        what = "is also data.test_split" if val == test else (
+            f"and data.test_split={test!r} both read split {shared[0]!r} from its start")
+        raise ConfigError(f"data.val_split={val!r} {what}: the epoch kept, and a --tune choice, "
+                          f"would be selected on test images; select on a validation split (or none: "
                           f"data.val_split=null), and eval.report_best_test=true reports the official "
                           f"protocol's best test epoch, labelled as such")
     if cfg["eval"]["report_best_test"] and cfg["data"]["test_split"] is None:   # it was ignored, silently
@@ -794,6 +797,25 @@ def validate(cfg: dict) -> None:
                           f"pairs of images), got {t['batch_size']}; or set train.mixup=0 train.cutmix=0")
     if cfg["eval"]["report_best_test"] and not cfg["eval"]["test_every_epoch"]:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
+
+
+def splits_shared(a, b) -> list:
+    """The splits two split expressions both read (``train[:512]+val``: a part is a split, or
+    the first N items of one): a slice starts at the split's first item, so two parts of one
+    split always share images, unless one is empty. Text compared, as the datasets' builders name
+    their splits; ``val_split='test[:64]'`` beside ``test_split='test'`` selected on test images
+    with nothing said (review 62)."""
+    def parts(expr):
+        if not isinstance(expr, str):
+            return []
+        out = []
+        for part in expr.split("+"):
+            m = re.fullmatch(r"\s*(.*?)\s*(?:\[:\s*(\d+)\s*\])?\s*", part)
+            if m and m.group(1) and m.group(2) != "0" and m.group(1) not in out:
+                out.append(m.group(1))
+        return out
+    theirs = parts(b)
+    return [p for p in parts(a) if p in theirs]
 
 
 def check_model_kwargs_keys(cfg: dict) -> None:

@@ -32,6 +32,8 @@ from .tune import load_or_resume
 
 log = logging.getLogger("svp.engine.sweep")
 
+HTA_ORDER = ("hta/cub200", "hta/cifar100", "hta/cifar10", "hta/dtd", "hta/dogs", "hta/gtsrb", "hta/nabirds",
+             "hta/svhn", "hta/flowers", "hta/food101")
 VTAB_GROUP_TITLES = {"vtab-natural": "Natural", "vtab-specialized": "Specialized", "vtab-structured": "Structured"}
 
 
@@ -44,8 +46,10 @@ def suite_datasets(suite: str) -> List[Tuple[str, str]]:
         return [(n, "mini") for n in names]
     if suite == "vtab":
         return [(n, data.dataset_info(n).group) for n in data.list_datasets() if n.startswith("vtab/")]
-    if suite == "hta":
-        return [(n, "hta") for n in data.list_datasets("hta")]
+    if suite == "hta":   # the official HTA script's order (the paper's own is not known)
+        names = data.list_datasets("hta")
+        return [(n, "hta") for n in sorted(names, key=lambda n: (HTA_ORDER.index(n) if n in HTA_ORDER
+                                                                  else len(HTA_ORDER)))]
     if suite == "any":   # every registered dataset: one added outside the suites, or several suites' ones
         return [(n, data.dataset_info(n).group) for n in data.list_datasets()]
     raise C.ConfigError(f"unknown suite {suite!r}; expected mini, vtab, hta or any")
@@ -166,7 +170,9 @@ _mean_std = mean_std
 def _fmt_params(v: Optional[float]) -> str:
     if v is None:
         return "-"
-    return f"{v / 1e6:.3f}M" if v >= 1e5 else f"{int(round(v)):,}"
+    # (exact below a million: 0.334M with and without the head hid the mini Vim's 650-parameter
+    # head; a mean over datasets rounds half up, not to even: review 62)
+    return f"{v / 1e6:.3f}M" if v >= 1e6 else f"{math.floor(v + 0.5):,}"
 
 
 def _fmt_bytes(v: Optional[float]) -> str:
@@ -200,7 +206,8 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
 
     def last_epoch(r):   # a run without a validation split: its "selected" epoch is the last
         return str(r.get("selection", "")).startswith("no validation")
-    all_last = metric == "val_selected_test_top1" and bool(rows) and all(last_epoch(r) for r in live)
+    # (with every run failed, no run said there was no validation split: review 62)
+    all_last = metric == "val_selected_test_top1" and bool(live) and all(last_epoch(r) for r in live)
     if all_last:
         titles[metric] = "test top-1 (%) after the last epoch (no validation split, so no selection)"
     by = {}
@@ -226,20 +233,36 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
                 marked = True
                 short[d] += " †"
     avg_cols: List[Tuple[str, Any]] = []
+    partial = ""
     if suite == "vtab":
-        for g in ("vtab-natural", "vtab-specialized", "vtab-structured"):
-            if g in groups:
-                avg_cols.append((f"{VTAB_GROUP_TITLES[g]} mean", ("group", g)))
-        avg_cols.append((f"Mean ({len(cols)} tasks)", ("all", None)))
-        avg_cols.append(("Mean of group means", ("groups", None)))
+        # a sweep over some of the tasks: each average says how much of the benchmark it covers
+        # ("Natural mean" over one of its seven tasks read as the benchmark's number: review 62)
+        whole: Dict[str, int] = {}
+        for _, g in suite_datasets("vtab"):
+            whole[g] = whole.get(g, 0) + 1
+        present = [g for g in ("vtab-natural", "vtab-specialized", "vtab-structured") if g in groups]
+        for g in present:
+            of = "" if len(groups[g]) == whole[g] else f" ({len(groups[g])} of {whole[g]} tasks)"
+            avg_cols.append((f"{VTAB_GROUP_TITLES[g]} mean{of}", ("group", g)))
+        n_all = sum(whole.values())
+        avg_cols.append((f"Mean ({len(cols)} tasks)" if len(cols) == n_all else f"Mean ({len(cols)} of {n_all} tasks)",
+                         ("all", None)))
+        avg_cols.append(("Mean of group means" if len(present) == len(whole)
+                         else f"Mean of {len(present)} of {len(whole)} group means", ("groups", None)))
+        if len(cols) < n_all:
+            partial = (f" Partial benchmark: {len(cols)} of VTAB-1k's {n_all} tasks, so these averages are "
+                       f"not the benchmark's.")
     else:
-        avg_cols.append((f"Mean ({len(cols)} datasets)", ("all", None)))
+        avg_cols.append((f"Mean ({len(cols)} dataset{'' if len(cols) == 1 else 's'})", ("all", None)))
     header = (["Method"] + [short[d] for d in cols] + [a for a, _ in avg_cols]
               + ["Trainable params (with head)", "Trainable params (without head)", "Adapter size"])
-    out = [f"**{titles.get(metric, metric)}**; mean ± std over seeds {', '.join(map(str, seeds))}; "
-           f"averages are taken per seed over the datasets, then mean ± std over seeds "
-           f"(only seeds with every dataset); (n=k): a cell over k of the seeds, the others failed or "
-           f"missing. Parameters and adapter size: mean over datasets."
+    spread = (f"mean ± sample std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
+              f"one seed ({seeds[0]}), so no std" if seeds else "no seeds")
+    averages = ("averages are taken per seed over the datasets, then mean ± std over seeds (only seeds "
+                "with every dataset); (n=k): a cell over k of the seeds, the others failed or missing"
+                if len(seeds) > 1 else "averages are taken over the datasets")
+    out = [f"**{titles.get(metric, metric)}**; {spread}; {averages}. Parameters and adapter size: mean "
+           f"over datasets ((k of D datasets): over the k whose runs finished)." + partial
            + (" †: no validation split, so the last epoch's test top-1 (no selection)." if marked else ""), "",
            "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     def cell(values: List[float]) -> str:
@@ -273,7 +296,10 @@ def markdown_table(suite: str, rows: List[Dict[str, Any]], datasets: List[Tuple[
                 v = _num(r.get(key))
                 if v is not None:
                     per_d.setdefault(r["dataset"], v)
-            cells.append(fmt(statistics.fmean(per_d.values())) if per_d else "-")
+            # (averaged over the datasets whose runs finished: said, where that is not all of them)
+            cells.append(fmt(statistics.fmean(per_d.values())) + ("" if len(per_d) == len(cols) else
+                                                                   f" ({len(per_d)} of {len(cols)} datasets)")
+                         if per_d else "-")
         out.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
@@ -386,7 +412,9 @@ def _select_datasets(suite: str, datasets: Optional[Sequence[str]]) -> List[Tupl
                 raise C.ConfigError(f"--datasets names {name} twice ({given[name]!r} and {d!r})")
             given[name] = d
             wanted += match
-        all_ds = wanted
+        # in the suite's column order, whatever order --datasets lists them in (VTAB's columns
+        # then stay grouped as their group means are: review 62); --suite any has no order but the one given
+        all_ds = wanted if suite == "any" else [p for p in all_ds if p in wanted]
     return all_ds
 
 
@@ -464,10 +492,10 @@ def _check_selection_splits(ds, m, seed, output, config_files, overrides, base, 
     data.test_split that names the split --tune selects on failed every grid run, one by one."""
     from . import tune as T
     train_split, val_split = T.selection_splits(ds, cfg)
-    if val_split == cfg["data"]["test_split"]:
+    if C.splits_shared(val_split, cfg["data"]["test_split"]):
         raise C.ConfigError(f"--tune selects on the split {val_split!r} (data.val_split, or the dataset's own "
-                            f"validation split), which data.test_split={cfg['data']['test_split']!r} also names: "
-                            f"the choice would be made on the test split; give data.test_split another split")
+                            f"validation split), which data.test_split={cfg['data']['test_split']!r} also reads: "
+                            f"the choice would be made on test images; give data.test_split another split")
     run_config(ds, m, seed, output, "probe", config_files,
                list(overrides) + [f"data.train_split={train_split}", f"data.val_split={val_split}"], base)
 
