@@ -433,3 +433,157 @@ def test_pretrain_under_a_c_locale_with_a_non_ascii_folder_exports_and_resumes(t
     assert os.path.isfile(out + b"/checkpoint.safetensors") and os.path.isfile(export)
     assert out in open(base + b"/MODEL_CARD.md", "rb").read()   # the command, with the folder's own bytes
     assert os.path.getsize(out + b"/pretrain.log") > 0
+
+
+def test_a_resume_with_drop_path_is_the_same_run_and_the_card_says_how_it_was_trained(tmp_path):
+    """With drop_path_rate in --model-kwargs a resume drew other masks than the run that never
+    stopped (the global RNG was not saved); the card said "no drop-path", kept the last segment's
+    seconds only (a resume that only exported said 0.2 s) and told users to load the bundled
+    weights with pretrained=True (review 60)."""
+    kw = {"depth": 2, "embed_dim": 32, "drop_path_rate": 0.3}
+    full = pt.pretrain(_args(tmp_path / "full", model_kwargs=kw, export=str(tmp_path / "w.safetensors")),
+                       log=lambda m: None)
+    import svp.pretrain.train as mod
+    orig = mod.lr_at
+
+    class Stop(Exception):
+        pass
+
+    def lr_stop(step, total, args):
+        if step == 3:
+            raise Stop
+        return orig(step, total, args)
+    mod.lr_at = lr_stop
+    try:
+        with pytest.raises(Stop):
+            pt.pretrain(_args(tmp_path / "resume", model_kwargs=kw, ckpt_every=3), log=lambda m: None)
+    finally:
+        mod.lr_at = orig
+    resumed = pt.pretrain(_args(tmp_path / "resume", model_kwargs=kw, ckpt_every=3, resume=True), log=lambda m: None)
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "resume" / "checkpoint.safetensors"))
+    for k in a:
+        if k.startswith("model."):
+            assert torch.equal(a[k], b[k]), k
+    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 3), (3, 6)]
+    assert resumed["train_seconds"] == pytest.approx(sum(s["seconds"] for s in resumed["segments"]), abs=0.11)
+
+    card = json.load(open(tmp_path / "w.json"))
+    assert card["drop_path_rate"] == 0.3 and card["model_kwargs"] == kw
+    assert card["train_seconds"] == full["train_seconds"] and card["segments"] == full["segments"]
+    md = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "drop-path 0.3" in md and "no drop-path" not in md and "pretrained=True" not in md
+    assert 'build_model(ModelSpec("vim_mini_patch4_32", checkpoint="w.safetensors", num_classes=10' in md
+    # a resume of the finished run that only exports keeps the run's training time
+    logged = []
+    again = pt.pretrain(_args(tmp_path / "full", model_kwargs=kw, resume=True, export=str(tmp_path / "w.safetensors")),
+                        log=logged.append)
+    assert again["train_seconds"] == full["train_seconds"] and again["train_seconds_this_run"] == 0.0
+    assert json.load(open(tmp_path / "w.json"))["train_seconds"] == full["train_seconds"]
+    assert any("resumed from" in m for m in logged)
+    # the card's own snippet builds the exported weights
+    from svp.build import ModelSpec, build_model
+    model = build_model(ModelSpec("vim_mini_patch4_32", checkpoint=str(tmp_path / "w.safetensors"),
+                                  num_classes=10, kwargs=kw))
+    w = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(model.layers[1].mixer.in_proj.weight, w["layers.1.mixer.in_proj.weight"])
+
+
+def test_a_resume_on_other_threads_says_its_bits_differ_and_a_short_warm_up_is_said(tmp_path):
+    logged = []
+    first = _args(tmp_path / "p", epochs=1, warmup_steps=50)
+    pt.pretrain(first, log=logged.append)
+    assert any("--warmup-steps 50 is not below the run's 3 steps" in m for m in logged), logged
+    import svp.pretrain.train as mod
+    orig = mod.lr_at
+
+    class Stop(Exception):
+        pass
+
+    def lr_stop(step, total, args):
+        if step == 2:
+            raise Stop
+        return orig(step, total, args)
+    mod.lr_at = lr_stop
+    try:
+        with pytest.raises(Stop):
+            pt.pretrain(_args(tmp_path / "q", epochs=1, ckpt_every=2), log=lambda m: None)
+    finally:
+        mod.lr_at = orig
+    logged.clear()
+    threads = torch.get_num_threads()
+    try:
+        done = pt.pretrain(_args(tmp_path / "q", epochs=1, ckpt_every=2, resume=True, threads=2), log=logged.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert any("ran on 1 thread(s)" in m and "these run on 2" in m for m in logged), logged
+    assert [s["threads"] for s in done["segments"]] == [1, 2]
+
+
+def test_an_export_that_cannot_be_written_as_asked_is_refused_before_the_run(tmp_path, capsys):
+    """Each was found after the whole run, or never: an export under a file, or equal to --out,
+    failed at the end; w.json had its card written over its weights (rc 0); an export named as
+    the run's checkpoint replaced it; a FIFO, link or /dev/null was replaced by a file; a user's own
+    MODEL_CARD.md was replaced; a non-Vim model failed its export with a traceback; num_classes in
+    --model-kwargs was ignored; a folder of other files took the run's files (review 60)."""
+    from svp.cli import main
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "MODEL_CARD.md").write_text("# my notes\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("x")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    os.symlink(tmp_path / "afile", tmp_path / "link.safetensors")
+    out = tmp_path / "p"
+    for flags, words in (
+            (["--export", str(tmp_path / "afile" / "w.safetensors")], f"{tmp_path / 'afile'} is a file, where a folder"),
+            (["--export", str(out)], "expected a file name ending in .safetensors"),
+            (["--export", str(out / "w.json")], "expected a file name ending in .safetensors"),
+            (["--export", str(out / "checkpoint.safetensors")], "checkpoint.safetensors is one of the run's own files"),
+            (["--export", str(tmp_path / "pipe.safetensors")], "is not a regular file"),
+            (["--export", str(tmp_path / "link.safetensors")], "is not a regular file"),
+            (["--export", str(tmp_path / "mine" / "w.safetensors")], "holds a MODEL_CARD.md that svp pretrain did not"),
+            (["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32}'],
+             "is a VisionTransformer, not a Vision Mamba"),
+            (["--model-kwargs", '{"num_classes": 10}'], "--model-kwargs sets num_classes (10)"),
+            (["--model-kwargs", '{"no_such_argument": 1}'], "does not build ("),
+            (["--model", "vim_nonexistent"], "--model vim_nonexistent does not build (")):
+        assert main(["pretrain", "--out", str(out), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (flags, err)
+        assert not out.exists(), flags
+    assert stat_is_fifo(tmp_path / "pipe.safetensors") and (tmp_path / "link.safetensors").is_symlink()
+    assert (tmp_path / "mine" / "MODEL_CARD.md").read_text() == "# my notes\n"
+    assert main(["pretrain", "--out", str(tmp_path / "notes")]) == 2
+    assert "holds other files (todo.txt); give a new or empty folder" in capsys.readouterr().err
+
+
+def stat_is_fifo(path) -> bool:
+    import stat
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def test_a_sigterm_while_the_data_are_made_is_an_interruption(tmp_path):
+    """SIGTERM before the loop's handler ended the process with no word and an empty log, where
+    SIGINT said "interrupted" (review 60). (In a process of its own: without the handler the
+    signal ends the process it reaches.)"""
+    import subprocess
+    import sys
+    script = f"""
+import os, signal, sys
+from svp.cli import main
+from svp.pretrain import fractals, train
+real = fractals.generate_split
+def term(*a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+train.generate_split = term
+rc = main(["pretrain", "--out", {str(tmp_path / "p")!r}, "--num-classes", "2", "--per-class", "8",
+           "--heldout-per-class", "1", "--epochs", "1", "--batch-size", "8",
+           "--model-kwargs", '{{"depth": 1, "embed_dim": 16}}'])
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "not put back"
+sys.exit(rc)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 130 and "svp pretrain: interrupted" in r.stderr, (r.returncode, r.stderr[-2000:])

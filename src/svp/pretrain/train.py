@@ -74,18 +74,93 @@ class Diverged(Exception):
         self.step = step
 
 
-def _input_size(args):
-    """The model's input size as built with --model-kwargs (on the meta device: no memory), or
-    None when it does not build so (the real build then says why)."""
+def _model_problem(args):
+    """What is wrong with --model and --model-kwargs, found by building the model on the meta
+    device (no memory) before any data is made, or None. (An unknown model or argument was said
+    after the data were generated, and a non-Vim model trained to the end, then failed its export
+    with a traceback: review 60.)"""
     import timm
 
     import svp.models  # noqa: F401  (registers vim_*)
+    from svp.models.vim import VisionMamba
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    if "num_classes" in kwargs:   # (overridden by --num-classes, silently)
+        return (f"--model-kwargs sets num_classes ({kwargs['num_classes']!r}): the head has --num-classes "
+                f"classes, one per fractal category; give --num-classes")
     try:
         with torch.device("meta"):
-            m = timm.create_model(args.model, num_classes=2, **dict(getattr(args, "model_kwargs", None) or {}))
-        return tuple(int(v) for v in m.patch_embed.img_size)
-    except Exception:  # noqa: BLE001
-        return None
+            m = timm.create_model(args.model, num_classes=2, **kwargs)
+    except Exception as e:  # noqa: BLE001  (unknown model, unknown or bad argument)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"--model {args.model}" + (f" with --model-kwargs {json.dumps(kwargs)}" if kwargs else "") \
+            + f" does not build ({first})"
+    if not isinstance(m, VisionMamba):
+        return (f"--model {args.model} is a {type(m).__name__}, not a Vision Mamba: svp pretrain trains and "
+                f"exports a Vim (e.g. vim_mini_patch4_32, or vim_tiny_patch16_224 with --model-kwargs)")
+    size = tuple(int(v) for v in m.patch_embed.img_size)
+    if size != (32, 32):
+        # (the fractals are drawn at 32 px: a 64 px model trained on them resampled, and its card said 64)
+        return (f"--model {args.model} takes {size[0]}x{size[1]} images, and the fractals are 32x32; "
+                f"set \"img_size\": 32 in --model-kwargs")
+    return None
+
+
+# the files of a pretraining run folder (an --export must not replace them)
+RUN_FILES = ("checkpoint.safetensors", "checkpoint.json", "summary.json", "pretrain.log", "pretrain.lock")
+CARD_TITLE = "# Model card: `"
+
+
+def card_paths(export: str):
+    """The JSON card and the Markdown card an export writes beside its weights."""
+    path = os.path.abspath(export)
+    return os.path.splitext(path)[0] + ".json", os.path.join(os.path.dirname(path), "MODEL_CARD.md")
+
+
+def _export_problem(args):
+    """What stops --export from being written, found before the run (each was said after the
+    whole run, or not at all: a card written over its own weights, an export over the run's
+    checkpoint, a FIFO or device replaced by a file: review 60), or None."""
+    import stat
+    path = os.path.abspath(args.export)
+    if not path.endswith(".safetensors"):   # (w.json: the JSON card was written over the weights)
+        return (f"--export {args.export}: expected a file name ending in .safetensors (its JSON card goes "
+                f"beside it, under the same name with .json)")
+    if path == os.path.abspath(args.out):
+        return (f"--export {args.export} is --out; give a file to write, e.g. "
+                f"{os.path.join(args.out, 'model.safetensors')}")
+    json_card, md_card = card_paths(path)
+    if os.path.dirname(path) == os.path.abspath(args.out):
+        clash = [os.path.basename(f) for f in (path, json_card) if os.path.basename(f) in RUN_FILES]
+        if clash:
+            return (f"--export {args.export}: {clash[0]} is one of the run's own files in --out; give "
+                    f"another file name")
+    top = os.path.dirname(path)
+    while not os.path.exists(top) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    if not os.path.isdir(top):
+        return f"--export {args.export}: {top} is a file, where a folder of the path was expected"
+    for f, what in ((path, "the export"), (json_card, "its JSON card"), (md_card, "its MODEL_CARD.md")):
+        try:
+            st = os.lstat(f)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return f"--export {args.export}: cannot read {f} ({e.strerror or e})"
+        if stat.S_ISDIR(st.st_mode):
+            return f"--export {args.export}: {f}, where {what} goes, is a folder"
+        if not stat.S_ISREG(st.st_mode):   # (replaced by a file through os.replace: /dev/null was)
+            return (f"--export {args.export}: {f}, where {what} goes, is not a regular file (a link, pipe "
+                    f"or device); give the path of a file to write")
+    if os.path.isfile(md_card):
+        try:
+            with open(md_card, encoding="utf-8", errors="replace") as fh:
+                first = fh.readline()
+        except OSError as e:
+            return f"--export {args.export}: cannot read {md_card} ({e.strerror or e})"
+        if not first.startswith(CARD_TITLE):   # (a user's own MODEL_CARD.md was replaced, silently)
+            return (f"--export {args.export}: its folder holds a MODEL_CARD.md that svp pretrain did not "
+                    f"write ({md_card}); export into another folder, or move that file")
+    return None
 
 
 def build_model(args, num_classes: int):
@@ -139,26 +214,37 @@ def _make_optimizer(model, args):
 
 def pretrain(args, log=print) -> dict:
     """Run (or resume) pretraining into ``args.out``; returns the final summary."""
+    import signal
+
+    from ..io import sigterm_as_interrupt
     torch.set_num_threads(max(1, int(args.threads)))
     os.makedirs(args.out, exist_ok=True)
-    t0 = time.time()
-    cats = make_categories(args.num_classes, args.seed)
-    train_x, train_y = generate_split("train", args.num_classes, args.per_class, args.seed, categories=cats)
-    held_x, held_y = generate_split("heldout", args.num_classes, args.heldout_per_class, args.seed,
-                                    categories=cats)
-    log(f"data: {len(train_y)} train / {len(held_y)} held-out IFS images, {args.num_classes} categories "
-        f"({time.time() - t0:.1f}s)")
+    # a SIGTERM before the loop's own handler (while the data are made) is a Ctrl-C: it ended the
+    # process with no word and an empty log (review 60)
+    old_term = sigterm_as_interrupt()
+    try:
+        return _pretrain(args, log)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
+
+def _pretrain(args, log) -> dict:
+    from .. import ops
     torch.manual_seed(args.seed)
     model = build_model(args, args.num_classes)
     opt, names = _make_optimizer(model, args)
-    n = len(train_y)
+    n = args.num_classes * args.per_class   # (generate_split makes per_class images of each class)
     steps_per_epoch = n // args.batch_size
     total = steps_per_epoch * args.epochs
     step = 0
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
     state_json = os.path.join(args.out, "checkpoint.json")
-    history, loss_avg = [], None
+    history, loss_avg, segments = [], None, []
+    # the part of the run this process trains: its threads and scan backend (the bits depend on
+    # both: a resume on others continues another run's arithmetic) and its seconds
+    segment = {"from_step": 0, "to_step": 0, "threads": torch.get_num_threads(), "scan_backend": ops.get_backend(),
+               "seconds": 0.0}
     if args.resume and os.path.isfile(ckpt):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -188,6 +274,8 @@ def pretrain(args, log=print) -> dict:
             tensors = load_file(ckpt)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_optim_state(opt, names, tensors)
+            if "rng.torch" in tensors:   # (drop-path draws from it: resumes differed from the run: review 60)
+                torch.set_rng_state(tensors["rng.torch"].clone())
             # (views of the file's mapped pages, kept for the whole run otherwise: on Windows a
             # mapped file cannot be replaced, and the next checkpoint could not be written)
             del tensors
@@ -199,18 +287,47 @@ def pretrain(args, log=print) -> dict:
         # the epochs before the resume point and the loss average: the summary and the model card
         # report the whole run, and the logged loss goes on as if never stopped
         history, loss_avg = list(saved.get("history") or []), saved.get("loss_avg")
+        # (None: a resume point of an earlier version, which kept no segments: the total time is not known)
+        segments = list(saved.get("segments") or []) if isinstance(saved.get("segments"), list) or step == 0 \
+            else None
+        segment["from_step"] = segment["to_step"] = step
         log(f"resumed from {ckpt} at step {step}/{total}")
+        before = (segments or [{}])[-1]
+        ran = (before.get("threads", (saved.get("args") or {}).get("threads")), before.get("scan_backend"))
+        now = (segment["threads"], segment["scan_backend"])
+        if step < total and any(a is not None and a != b for a, b in zip(ran, now)):
+            log(f"warning: the steps so far ran on {ran[0]} thread(s) with scan backend {ran[1] or '(not recorded)'}, "
+                f"these run on {now[0]} with {now[1]}: the weights will differ in their last bits from a run "
+                f"that never stopped (the sums' order changes); the model card records both")
     elif args.resume:   # (the help's "if present": said, not silent)
         log(f"--resume: no {ckpt} yet; starting at step 0")
-    from .. import ops
+    t0 = time.time()
+    cats = make_categories(args.num_classes, args.seed)
+    train_x, train_y = generate_split("train", args.num_classes, args.per_class, args.seed, categories=cats)
+    held_x, held_y = generate_split("heldout", args.num_classes, args.heldout_per_class, args.seed,
+                                    categories=cats)
+    assert len(train_y) == n, (len(train_y), n)
+    log(f"data: {len(train_y)} train / {len(held_y)} held-out IFS images, {args.num_classes} categories "
+        f"({time.time() - t0:.1f}s)")
+    if args.warmup_steps >= total and step < total:   # (the rate never reached --lr; the card said it did)
+        log(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {total} steps: the learning "
+            f"rate rises to {lr_at(total - 1, total, args):.3g} and never reaches --lr {args.lr}")
     log(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} params; scan backend "
         f"{ops.get_backend()} (available: {', '.join(ops.available_backends())}); {total} steps of "
         f"{args.batch_size}; threads {torch.get_num_threads()}")
 
+    def segments_now():
+        segment["to_step"], segment["seconds"] = step, round(time.time() - t_start, 1)
+        if segments is None:
+            return None
+        return segments + ([dict(segment)] if segment["to_step"] > segment["from_step"] else [])
+
     def save_ckpt():
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(_optim_state(opt, names))
-        state = {"step": step, "total": total, "args": vars_of(args), "history": history, "loss_avg": loss_avg}
+        tensors["rng.torch"] = torch.get_rng_state()
+        state = {"step": step, "total": total, "args": vars_of(args), "history": history, "loss_avg": loss_avg,
+                 "segments": segments_now()}
         atomic_save_safetensors(ckpt, tensors, metadata={"state": json.dumps(state)})
         atomic_write_json(state_json, state)   # (the same, to read; --resume reads the weights' file)
 
@@ -267,9 +384,12 @@ def pretrain(args, log=print) -> dict:
     finally:
         signals.restore()
     acc = evaluate(model, held_x, held_y)
+    done = segments_now()
+    # (the whole run's training time: after a resume that only exported, it said 0.2 s: review 60)
     summary = {"steps": total, "heldout_accuracy": acc, "heldout_images": int(len(held_y)),
-               "chance": 1.0 / args.num_classes, "train_seconds_this_run": round(time.time() - t_start, 1),
-               "history": history}
+               "chance": 1.0 / args.num_classes,
+               "train_seconds": None if done is None else round(sum(sg["seconds"] for sg in done), 1),
+               "train_seconds_this_run": segment["seconds"], "segments": done, "history": history}
     atomic_write_json(os.path.join(args.out, "summary.json"), summary)
     log(f"done: held-out accuracy {acc:.4f} (chance {1 / args.num_classes:.4f})")
     if args.export:
@@ -307,8 +427,11 @@ def export(model, args, summary: dict, cats, log=print) -> str:
     atomic_save_safetensors(path, model.state_dict(), metadata=meta)
     digest = sha256_file(path)
     size = os.path.getsize(path)
+    # (a second held-out draw, of 10 per class, that tests/test_mini_backbone.py regenerates: not
+    # a subset of the held-out split, whatever its name in the card's JSON says)
     test_x, test_y = generate_split("heldout", args.num_classes, 10, args.seed, categories=cats)
     test_acc = evaluate(model, test_x, test_y)
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
     card = {
         "model": args.model,
         "file": os.path.basename(path),
@@ -327,19 +450,50 @@ def export(model, args, summary: dict, cats, log=print) -> str:
         },
         "recipe": {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "min_lr", "weight_decay",
                                                   "warmup_steps", "label_smoothing", "threads")},
+        "model_kwargs": kwargs,
+        "drop_path_rate": float(kwargs.get("drop_path_rate", 0.0) or 0.0),
         "normalisation": {"mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist()},
         "command": getattr(args, "command_line", None),
         "history": summary.get("history", []),
         "train_seconds_last_run": summary.get("train_seconds_this_run"),
+        "train_seconds": summary.get("train_seconds"),
+        "segments": summary.get("segments"),
         "torch": torch.__version__,
     }
-    card_path = os.path.splitext(path)[0] + ".json"
+    card_path, md_path = card_paths(path)
     atomic_write_json(card_path, card)
-    md_path = os.path.join(os.path.dirname(os.path.abspath(path)), "MODEL_CARD.md")
+    replaced = _card_file(md_path)
     atomic_write_text(md_path, model_card_markdown(card))   # (surrogateescape: a non-UTF-8 --out in its command)
+    if replaced and replaced != card["file"]:   # (one MODEL_CARD.md a folder: said, not silent)
+        log(f"{md_path} described {replaced}; it now describes {card['file']} (the JSON card beside each "
+            f"file describes that file)")
     log(f"exported {path} ({size / 1e6:.2f} MB, sha256 {digest}) and {card_path}; held-out accuracy "
-        f"{summary['heldout_accuracy']:.4f}, test subset {test_acc:.4f}")
+        f"{summary['heldout_accuracy']:.4f}, a second held-out draw (10 per class) {test_acc:.4f}")
     return path
+
+
+def _card_file(md_path: str):
+    """The weights file an existing MODEL_CARD.md describes (its ``File:`` line), or None."""
+    try:
+        with open(md_path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("File: `"):
+                    return line[len("File: `"):].split("`")[0]
+    except OSError:
+        pass
+    return None
+
+
+def _card_segments(card: dict) -> str:
+    """Where the run trained, part by part (threads and scan backend set the weights' last bits)."""
+    segs = card.get("segments")
+    total = card.get("train_seconds")
+    if not segs:
+        return (f"Training time of the last run: {card.get('train_seconds_last_run')} s on {card['recipe']['threads']} "
+                f"CPU thread(s)")
+    parts = "; ".join(f"steps {sg['from_step']}-{sg['to_step']}: {sg['threads']} thread(s), scan backend "
+                      f"{sg['scan_backend']}, {sg['seconds']} s" for sg in segs)
+    return f"Training time: {total} s ({parts})"
 
 
 def model_card_markdown(card: dict) -> str:
@@ -347,22 +501,29 @@ def model_card_markdown(card: dict) -> str:
     a, st, r = card["architecture"], card["source_task"], card["recipe"]
     hist = "\n".join(f"| {h['epoch'] + 1} | {h['step']} | {h['loss']:.4f} | {100 * h['heldout_acc']:.2f}% |"
                      for h in card.get("history", []))
-    return f"""# Model card: `{card['model']}` (bundled with svp)
+    kwargs = card.get("model_kwargs") or {}
+    model, file = card["model"], card["file"]
+    spec = f'ModelSpec("{model}", checkpoint="{file}", num_classes=10' + (f", kwargs={kwargs!r})" if kwargs else ")")
+    drop = card.get("drop_path_rate") or 0.0
+    return f"""{CARD_TITLE}{card['model']}` (pre-trained by `svp pretrain`)
 
 File: `{card['file']}` ({card['bytes']:,} bytes, fp32 safetensors), sha256
-`{card['sha256']}` (checked by tests/test_mini_backbone.py against `{os.path.splitext(card['file'])[0]}.json`).
+`{card['sha256']}` (also in `{os.path.splitext(card['file'])[0]}.json`, the card this one is generated from).
 
 ## What it is
 A Vision Mamba (the same `svp.models.vim.VisionMamba` code as Vim-Tiny/Small, "midclstok"
 layout) sized for CPUs: {a['img_size']}x{a['img_size']} input, patch {a['patch_size']}, stride {a['stride']}
 ({a['num_patches']} patch tokens + the middle class token), width {a['embed_dim']}, depth {a['depth']},
 d_state {a['d_state']}, expand {a['expand']}; {card['params']:,} parameters including the
-{a['num_classes']}-class source head. Use:
+{a['num_classes']}-class source head. Model arguments: {json.dumps(kwargs) if kwargs else "the model's defaults"}.
+Use (a new head of 10 classes; the source head is dropped):
 
 ```python
-import timm, svp
-model = timm.create_model("{card['model']}", pretrained=True, num_classes=10)  # offline; new head
+from svp.build import ModelSpec, build_model
+model = build_model({spec})
 ```
+
+or `svp train --model {card['model']} --checkpoint {card['file']}`{" with model.kwargs as above" if kwargs else ""}.
 
 ## Source task and data
 {st['name']}: formula-driven images, no natural images and no task shared with the
@@ -376,7 +537,7 @@ random stream. Normalisation: mean {[round(v, 4) for v in card['normalisation'][
 | split | images | top-1 | chance |
 |---|---:|---:|---:|
 | heldout, {st['heldout']['per_class']} per class | {st['heldout']['per_class'] * st['num_classes']} | {100 * st['heldout']['accuracy']:.2f}% | {100 * st['chance']:.2f}% |
-| heldout, {st['heldout_test_subset']['per_class']} per class (regenerated by the test) | {st['heldout_test_subset']['per_class'] * st['num_classes']} | {100 * st['heldout_test_subset']['accuracy']:.2f}% | {100 * st['chance']:.2f}% |
+| a second held-out draw, {st['heldout_test_subset']['per_class']} per class | {st['heldout_test_subset']['per_class'] * st['num_classes']} | {100 * st['heldout_test_subset']['accuracy']:.2f}% | {100 * st['chance']:.2f}% |
 
 Per epoch:
 
@@ -387,11 +548,10 @@ Per epoch:
 ## Recipe
 AdamW (weight decay {r['weight_decay']} on matrices only), lr {r['lr']} with {r['warmup_steps']} linear warm-up steps then
 per-step cosine to {r['min_lr']}, batch {r['batch_size']}, {r['epochs']} epochs, label smoothing {r['label_smoothing']},
-gradient clipping at norm 1, random horizontal mirror, no drop-path; {r['threads']} CPU thread(s).
-Training time of the last run: {card.get('train_seconds_last_run')} s on a shared 2-core CPU; torch {card['torch']}.
+gradient clipping at norm 1, random horizontal mirror, {f"drop-path {drop}" if drop else "no drop-path"}.
+{_card_segments(card)}; torch {card['torch']}.
 
-Command (the exported `.safetensors` and `.json` were then copied into `src/svp/assets/`;
-`MODEL_CARD.md` is generated from the JSON by `svp.pretrain.train.model_card_markdown`):
+Command (`MODEL_CARD.md` is generated from the JSON by `svp.pretrain.train.model_card_markdown`):
 
 ```
 {card['command']}
@@ -412,7 +572,9 @@ def register(subparsers):
     p = subparsers.add_parser(
         "pretrain", help="pre-train a (mini) Vim on procedural IFS fractal categories",
         description="Pre-train a Vim on formula-driven IFS fractal categories (FractalDB-style, no natural "
-                    "images) and optionally export the weights + model card. Deterministic given --seed.")
+                    "images) and optionally export the weights + model card. Bit-identical for the same "
+                    "--seed, --threads and scan backend on one machine (a --resume on other threads "
+                    "continues with other sums: said, and recorded in the card).")
     p.add_argument("--out", required=True, type=user_path, help="run folder (checkpoints, summary.json, log)")
     p.add_argument("--model", default=DEFAULTS["model"], help="registered timm model name (default %(default)s)")
     for k in ("num_classes", "per_class", "heldout_per_class", "seed", "epochs", "batch_size", "warmup_steps",
@@ -424,7 +586,8 @@ def register(subparsers):
                    help='extra timm.create_model arguments, e.g. \'{"depth": 2}\' (default none)')
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
     p.add_argument("--export", default=None, metavar="FILE.safetensors", type=user_path,
-                   help="write the final weights here plus a JSON model card beside it")
+                   help="write the final weights here (a .safetensors file) plus a JSON model card beside it "
+                        "(the same name, .json) and MODEL_CARD.md in its folder")
     p.set_defaults(func=_main)
 
 
@@ -467,13 +630,21 @@ def _main(args) -> int:
         problems.append(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out {args.out}: a file, expected a folder")
-    size = _input_size(args)
-    if size is not None and size != (32, 32):
-        # (the fractals are drawn at 32 px: a 64 px model trained on them resampled, and its card said 64)
-        problems.append(f"--model {args.model} takes {size[0]}x{size[1]} images, and the fractals are 32x32; "
-                        f"set \"img_size\": 32 in --model-kwargs")
+    if os.path.isdir(args.out) and not any(
+            os.path.exists(os.path.join(args.out, f)) for f in RUN_FILES):
+        other = sorted(os.listdir(args.out))
+        if other:   # (another tool's folder, or notes: the run's files were mixed in: review 60)
+            problems.append(f"--out {args.out} holds other files ({', '.join(other[:3])}"
+                            f"{', ...' if len(other) > 3 else ''}); give a new or empty folder")
+    problem = _model_problem(args)
+    if problem:
+        problems.append(problem)
     if args.export and os.path.isdir(args.export):
         problems.append(f"--export {args.export}: a folder, expected a .safetensors file to write")
+    elif args.export:
+        problem = _export_problem(args)
+        if problem:
+            problems.append(problem)
     if problems:
         error_line("pretrain", "; ".join(problems))
         return 2
