@@ -383,6 +383,9 @@ def test_a_request_answered_as_a_reload_removes_its_adapter_leaves_no_series(ser
 def test_metrics_health_page_and_gate_maps(server):
     assert H.http("GET", server.url + "/healthz") == (200, {"status": "ok", "adapters": len(NAMES), "amp": False})
     H.predict(server.url, H.png_bytes(40), "svp")
+    # (an error of its own: the errors' counter has a sample only once one was answered, and the
+    # test passed only after others of the module had made one)
+    assert H.predict(server.url, H.png_bytes(40), "no_such_adapter")[0] >= 400
     status, text = H.http("GET", server.url + "/metrics")
     assert status == 200
     for name in ("svp_requests_total{", "svp_request_errors_total{", "svp_batch_size_bucket{",

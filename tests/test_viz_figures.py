@@ -371,3 +371,112 @@ def test_cli_names_a_folder_and_a_dpi_out_of_range(tmp_path, image, capsys):
         assert svp_main(base + [image, "--dpi", dpi]) == 2
         err = capsys.readouterr().err
         assert err == f"svp visualize: error: --dpi {dpi}: expected a resolution from 10 to 1200 dots per inch\n", err
+
+
+def _saved_adapter(tmp_path, name, seed):
+    """An SVP adapter saved on tiny_vim(seed), with a backbone.json naming that backbone's weights
+    (as svp train writes it), so that svp visualize rebuilds each adapter's own backbone."""
+    from safetensors.torch import save_file
+    from svp.peft import get_peft_model, make_config
+    base = tiny_vim(seed)
+    ckpt = tmp_path / f"base{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(ckpt))
+    peft = get_peft_model(base, make_config("svp", shared_layers=2, hidden=8, num_classes=5))
+    folder = tmp_path / name
+    peft.save(str(folder), base_model_name="vim_tiny_patch16_224")
+    (folder / "backbone.json").write_text(json.dumps({
+        "model": "vim_tiny_patch16_224", "checkpoint": str(ckpt), "num_classes": 5,
+        "kwargs": {k: v for k, v in TINY.items() if k != "num_classes"}}))
+    return str(folder)
+
+
+def test_adapters_on_different_base_weights_are_refused_before_any_model_runs(tmp_path, image, capsys):
+    """Each adapter went on its own recorded backbone, but "frozen" was the first one's: the
+    difference figure and curves of an adapter trained on another backbone showed the swap of
+    backbones as the adapter's effect (review61). Adapters on one base are drawn as before."""
+    a, b, c = (_saved_adapter(tmp_path, n, seed) for n, seed in (("a", 3), ("b", 4), ("c", 3)))
+    common = ["visualize", image, "--layers", "0", "--quantities", "update", "--box", "20,8,50,30", "--dpi", "30"]
+    rc = svp_main(common + ["--out", str(tmp_path / "never"), "--adapter", f"A={a}", "--adapter", f"B={b}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'A' (" + a + ")" in err and "'B' (" + b + ")" in err, err
+    assert "different base weights" in err and "separate runs" in err and "Traceback" not in err, err
+    assert not (tmp_path / "never").exists()   # refused before the output folder, before any model
+    out = tmp_path / "same"
+    assert svp_main(common + ["--out", str(out), "--adapter", f"A={a}", "--adapter", f"C={c}"]) == 0, \
+        capsys.readouterr().err
+    curves = json.loads((out / "scene_curves.json").read_text())["curves"]
+    assert curves["A"] == curves["frozen"] == curves["C"]   # zero-scale adapters on the frozen weights
+
+
+def test_an_input_size_the_patch_grid_refuses_names_model_args(image, tmp_path, capsys):
+    """--model-args '{"img_size": 30}' said only "image height 30 does not fit the patch grid"
+    (its ConfigError was passed on without the words naming the option and the model)."""
+    rc = svp_main(["visualize", image, "--model-args", '{"img_size": 30}', "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert "--model 'vim_mini_patch4_32' with --model-args '{\"img_size\": 30}': image height 30" in err, err
+
+
+def test_overlapping_patches_are_drawn_centred_on_their_pixels(tmp_path, monkeypatch):
+    """With stride < patch the cells were spread evenly over the whole image, each off the
+    pixels its patch covers (review61): patch k's centre is at p/2 + k*s."""
+    import svp.viz.plots as plots
+    vim = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=4, depth=2, embed_dim=32,
+                            num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    maps = analyze(vim, x)
+    assert maps.grid_size == (7, 7) and maps.patch_size == (8, 8) and maps.stride == (4, 4)
+    left, right, bottom, top = plots.cell_extent(maps, 32, 32)
+    assert (left, right, bottom, top) == (2.0, 30.0, 30.0, 2.0)
+    centres = left + (np.arange(7) + 0.5) * (right - left) / 7
+    assert np.allclose(centres, 8 / 2 + np.arange(7) * 4)
+    # a display copy at twice the input size: the same places, scaled
+    assert plots.cell_extent(maps, 64, 64) == (4.0, 60.0, 60.0, 4.0)
+    # patches that do not overlap fill the image, as before
+    assert plots.cell_extent(analyze(tiny_vim(), torch.randn(1, 3, 32, 32)), 32, 32) == (0.0, 32.0, 32.0, 0.0)
+    # and the figures draw the cells there
+    extents = []
+
+    def keep(fig, path, dpi=100):
+        extents.extend(tuple(im.get_extent()) for ax in fig.axes for im in ax.get_images()
+                       if im.get_array().shape == (7, 7))
+        plots._plt().close(fig)
+        return path
+    monkeypatch.setattr(plots, "save_figure", keep)
+    disp = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    plots.plot_model_heatmaps(maps, disp, str(tmp_path / "m.png"), [0, 1], ["update"])
+    plots.plot_comparison({"a": maps, "b": maps}, disp, str(tmp_path / "c.png"), [0], "update")
+    plots.plot_difference({"a": maps, "b": maps}, disp, str(tmp_path / "d.png"), [0], "update")
+    assert len(extents) == 5 and set(extents) == {(2.0, 30.0, 30.0, 2.0)}, extents
+
+
+def test_mask_threshold_repeated_layers_and_empty_quantities_are_said(tmp_path, image, capsys):
+    """A 0/1 mask PNG was "the object mask covers 0 of 64 patches", with no word of the >127
+    threshold; --layers 0,0,1 drew layer 0 twice; --quantities "" drew the defaults (review61)."""
+    mask01 = np.zeros((48, 64), np.uint8)
+    mask01[8:30, 20:50] = 1
+    Image.fromarray(mask01).save(tmp_path / "mask01.png")
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(tmp_path / "full.png")
+    for bad, msgs in (
+            (["--mask", str(tmp_path / "mask01.png")], ["no pixel is object (a pixel is object where its grey level "
+                                                        "is above 127 of 255", "saved as 0/1?", "mask01.png"]),
+            (["--mask", str(tmp_path / "full.png")], ["every pixel is object (a pixel is object where"]),
+            (["--layers", "0,0,1"], ["--layers '0,0,1': layer 0 is given twice"]),
+            (["--layers", "1,-3"], ["--layers '1,-3': layer -3 (layer 1 of 4) is given twice"]),
+            (["--layers", ""], ["--layers '': expected one or more layer indices"]),
+            (["--quantities", ""], ["--quantities '': expected one or more of update"]),
+            (["--quantities", " "], ["--quantities ' ': expected one or more of update"])):
+        rc = svp_main(["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON,
+                       "--random-init", "--out", str(tmp_path / "o")] + bad)
+        err = capsys.readouterr().err
+        assert rc == 2 and all(m in err for m in msgs) and "Traceback" not in err, (bad, err)
+    # the Python API: a repeated layer by name; a mask too small for any patch says the threshold
+    from svp.viz.figures import VizError
+    img = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    with pytest.raises(VizError, match=r"layer 0 is given twice"):
+        visualize(img, {"a": tiny_vim()}, str(tmp_path / "p"), "x", layers=[0, -4])
+    speck = np.zeros((32, 32), np.float32)
+    speck[0, 0] = 1
+    with pytest.raises(VizError, match=r"covers 0 of 64 patches \(a patch is object when at least half of its "
+                                        r"pixels are; a --mask PNG's pixel is object above grey level 127"):
+        visualize(img, {"a": tiny_vim()}, str(tmp_path / "p"), "x", mask=speck)

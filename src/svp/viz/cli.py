@@ -31,6 +31,7 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     ``pretrained`` or ``random_init``. (Until 2026-12-06 the adapters were put on the bundled mini
     Vim, or on ``--model`` drawn anew, whatever they recorded: refused by their weight hash.)"""
     from ..build import BUNDLED_MODEL, ModelSpec, adapter_spec, build_model, read_adapter_folder
+    from ..models.vim import PatchGridError
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
     recorded = adapter_dir or (backbone_of if not name else None)
@@ -45,21 +46,28 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
         spec = ModelSpec(name or BUNDLED_MODEL, checkpoint=checkpoint, pretrained=pretrained,
                          random_init=random_init, kwargs=dict(model_args or {}))
         return build_model(spec).eval()
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        # (the others name what they refuse; an input size the patch grid cannot take names
+        # neither the option nor the model: "image height 30 does not fit the patch grid")
+        if not isinstance(e, PatchGridError):
+            raise
+        error = e
     except (SVPError, RuntimeError, ValueError, OSError) as e:
-        model = spec.model if spec is not None else name
-        if adapter_dir:
-            where = f"--adapter {adapter_dir}" + (f" (on backbone {model!r})" if spec is not None else "")
-        elif recorded:   # (the frozen backbone, as the first adapter recorded it: no --model was given)
-            where = f"the frozen backbone (recorded by --adapter {recorded}" + (
-                f": {model!r})" if spec is not None else ")")
-        else:
-            where = f"--model {model!r}{' (pretrained)' if pretrained else ''}"
-        said = str(e)
-        if not adapter_dir and said.startswith(f"model {model!r}: "):   # (the name said once)
-            said = said[len(f"model {model!r}: "):]
-        raise VizError(f"{where}: {said}") from e
+        error = e
+    model = spec.model if spec is not None else name
+    if adapter_dir:
+        where = f"--adapter {adapter_dir}" + (f" (on backbone {model!r})" if spec is not None else "")
+    elif recorded:   # (the frozen backbone, as the first adapter recorded it: no --model was given)
+        where = f"the frozen backbone (recorded by --adapter {recorded}" + (
+            f": {model!r})" if spec is not None else ")")
+    else:
+        where = f"--model {model!r}{' (pretrained)' if pretrained else ''}"
+    if isinstance(error, PatchGridError) and model_args:
+        where += f" with --model-args '{json.dumps(model_args)}'"
+    said = str(error)
+    if not adapter_dir and said.startswith(f"model {model!r}: "):   # (the name said once)
+        said = said[len(f"model {model!r}: "):]
+    raise VizError(f"{where}: {said}") from error
 
 
 def load_input_image(args):
@@ -122,13 +130,24 @@ def load_mask(path: str, width: int, height: int) -> np.ndarray:
         raise VizError(f"--mask {path}: cannot be read as an image ({e})") from e
     if m.size != (width, height):
         raise VizError(f"--mask {path}: size {m.size[0]}x{m.size[1]} differs from the image's {width}x{height}")
-    return (np.asarray(m) > 127).astype(np.float32)
+    a = np.asarray(m)
+    # refused here, before any model is built, in the file's own grey levels: a mask saved with
+    # values 0/1 (not 0/255) was "the object mask covers 0 of 64 patches", with no word of why
+    if not (a > 127).any() or (a > 127).all():
+        what = "no pixel" if not (a > 127).any() else "every pixel"
+        hint = (f"; this mask's go up to {int(a.max())}: saved as 0/1? save the object as 255"
+                if 0 < a.max() <= 127 else "")
+        raise VizError(f"--mask {path}: {what} is object (a pixel is object where its grey level is above 127 "
+                       f"of 255{hint}); need object and background pixels for the curves")
+    return (a > 127).astype(np.float32)
 
 
 def parse_layers(text: Optional[str], depth: int) -> List[int]:
-    if not text:
+    if text is None:
         return default_layers(depth)
-    out = []
+    if not text.strip():   # ('' drew the default layers, as if --layers had not been given)
+        raise VizError(f"--layers {text!r}: expected one or more layer indices, e.g. 0,4,-1")
+    out: List[int] = []
     for part in text.split(","):
         try:
             v = int(part)
@@ -137,13 +156,18 @@ def parse_layers(text: Optional[str], depth: int) -> List[int]:
         if not -depth <= v < depth:
             raise VizError(f"--layers {text!r}: layer {v} is out of range for depth {depth} "
                            f"(from {-depth} to {depth - 1})")
+        if v % depth in out:   # (0,0,1 drew layer 0 twice)
+            same = "" if v >= 0 else f" (layer {v % depth} of {depth})"
+            raise VizError(f"--layers {text!r}: layer {v}{same} is given twice; name each layer once")
         out.append(v % depth)
     return out
 
 
 def parse_quantities(text: Optional[str]) -> List[str]:
-    if not text:
+    if text is None:
         return list(DEFAULT_QUANTITIES)
+    if not text.strip():   # ('' drew the default quantities, as if --quantities had not been given)
+        raise VizError(f"--quantities {text!r}: expected one or more of {', '.join(QUANTITIES)}, or 'all'")
     qs = QUANTITIES if text == "all" else [q.strip() for q in text.split(",")]
     for q in qs:
         if q not in QUANTITIES:
@@ -161,6 +185,31 @@ def _parse_adapter(spec: str) -> Tuple[str, str]:
         raise VizError(f"--adapter {spec!r}: expected an adapter folder, or LABEL=FOLDER")
     path = user_path(path)
     return (label if label is not None else os.path.basename(os.path.normpath(path))), path
+
+
+def check_one_base(adapters: List[Tuple[str, str]]) -> None:
+    """Refuse adapters trained on different base weights (``base_model_hash`` in their
+    adapter_config.json), before any model is built: the frozen backbone is the first adapter's,
+    so another adapter's difference figure and curves showed the swap of backbones as its effect.
+    A folder whose config cannot be read is left to its load, which says what is wrong with it."""
+    from ..peft import read_adapter_config
+    first: Optional[Tuple[str, str, str]] = None
+    for label, path in adapters:
+        try:
+            digest = read_adapter_config(path)["base_model_hash"]
+        except (SVPError, OSError, ValueError):
+            continue
+        if first is None:
+            first = (label, path, digest)
+        elif digest != first[2]:
+            raise VizError(f"--adapter: {first[0]!r} ({first[1]}) and {label!r} ({path}) were trained on different "
+                           f"base weights (base_model_hash {_short(first[2])} and {_short(digest)} in their "
+                           f"adapter_config.json); one call compares every model with one frozen backbone, so draw "
+                           f"them in separate runs of svp visualize")
+
+
+def _short(digest) -> str:
+    return str(digest)[:19] + "..." if len(str(digest)) > 22 else repr(digest)
 
 
 def run(args) -> int:
@@ -182,6 +231,7 @@ def run(args) -> int:
         raise VizError("--no-frozen without --adapter leaves nothing to show")
     if args.mask and args.box:
         raise VizError("give --mask or --box, not both")
+    check_one_base(adapters)
     quantities = parse_quantities(args.quantities)
     # the image and its region too (--layers alone needs the model's depth)
     image, stem = load_input_image(args)
@@ -258,7 +308,8 @@ def register(subparsers) -> None:
     p.add_argument("--direction", default="both", choices=DIRECTIONS, help="scan direction to show")
     p.add_argument("--mask", default=None, type=user_path,
                    help="object mask PNG (same size as the image; >127 = object)")
-    p.add_argument("--box", default=None, help="object box x0,y0,x1,y1 in image pixels")
+    p.add_argument("--box", default=None,
+                   help="object box x0,y0,x1,y1 in image pixels (0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
     p.add_argument("--out", default="viz", type=user_path, help="output directory")
     p.add_argument("--prefix", default=None, help="file name prefix (default: image name or dataset_split_index)")
     p.add_argument("--dpi", type=int, default=100, help=f"PNG resolution, {DPI_RANGE[0]} to {DPI_RANGE[1]}")

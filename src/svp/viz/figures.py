@@ -114,10 +114,12 @@ def check_choices(layers, quantities, direction: str, depth: int) -> Tuple[List[
         raise VizError(f"layers={layers!r}: expected a list of one or more layer indices (integers, negative "
                        f"from the end)")
     layers = [int(v) for v in layers]
-    for v in layers:
+    for i, v in enumerate(layers):
         if not -depth <= v < depth:
             raise VizError(f"layers={layers!r}: layer {v} is out of range for depth {depth} "
                            f"(from {-depth} to {depth - 1})")
+        if v % depth in [w % depth for w in layers[:i]]:   # ([0, 0, 1] drew layer 0 twice)
+            raise VizError(f"layers={layers!r}: layer {v % depth} is given twice; name each layer once")
     if isinstance(quantities, str) or not (quantities := list(quantities)):
         raise VizError(f"quantities={quantities!r}: expected a list of one or more of {', '.join(QUANTITIES)}")
     for q in quantities:
@@ -173,8 +175,9 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     if mask is not None:  # checked before anything is drawn: a refused mask leaves no figures behind
         mask_in, mask_grid = mask_to_grid(mask, size, first)
         if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
-            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches; "
-                           "need object and background patches for the curves")
+            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches (a patch is "
+                           f"object when at least half of its pixels are; a --mask PNG's pixel is object above grey "
+                           f"level 127 of 255); need object and background patches for the curves")
     maps: Dict[str, GateMaps] = {k: analyze(m, x) for k, m in models.items()}
     written = []
     for k, g in maps.items():

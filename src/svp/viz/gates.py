@@ -228,7 +228,11 @@ class GateRecorder:
         grids = {p.grid for p in self.passes}
         if len(grids) > 1:
             raise ValueError(f"recorded passes have different patch grids {sorted(grids)}; analyse one size at a time")
-        return GateMaps.from_passes(self.passes, len(self.mixers))
+        maps = GateMaps.from_passes(self.passes, len(self.mixers))
+        pe = self.vim.patch_embed
+        maps.patch_size = tuple(int(v) for v in pe.patch_size)
+        maps.stride = tuple(int(v) for v in getattr(pe, "stride", pe.patch_size))
+        return maps
 
 
 record_gates = GateRecorder
@@ -245,6 +249,9 @@ class GateMaps:
     ``tokens[q]``: per layer a (n_images, 2, L_l) tensor in sequence order (forward,
     backward), with ``layout[l]`` (L_l,) giving each position's patch index, CLS (-1)
     or EXTRA (-2, prompt tokens) and ``cls_pos[l]``.
+    ``patch_size``, ``stride``: (height, width) of the model's patches and of their step, in
+    input pixels (where a figure draws each patch: overlapping ones are a stride apart); None
+    where unknown.
     """
     grid_size: Tuple[int, int]
     grid: Dict[str, torch.Tensor]
@@ -252,6 +259,8 @@ class GateMaps:
     tokens: Dict[str, List[torch.Tensor]]
     layout: List[torch.Tensor]
     cls_pos: List[int]
+    patch_size: Optional[Tuple[int, int]] = None
+    stride: Optional[Tuple[int, int]] = None
 
     @property
     def depth(self) -> int:

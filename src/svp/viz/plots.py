@@ -75,16 +75,34 @@ def _outline(ax, mask: Optional[np.ndarray]):
     ax.contour(np.arange(ww) + 0.5, np.arange(hh) + 0.5, mask, levels=[0.5], colors="cyan", linewidths=1.0)
 
 
+def cell_extent(maps: GateMaps, height: int, width: int) -> Tuple[float, float, float, float]:
+    """``imshow`` extent (left, right, bottom, top) of ``maps``' patch grid over an image of
+    ``height`` x ``width`` pixels (the model input, or a resized copy of it), so that each cell
+    is centred on the pixels its patch covers: patch k's centre is at p/2 + k*s input pixels.
+    Overlapping patches (stride s < patch p, the Vim "+" models) leave a (p - s)/2 border no cell
+    is centred in; cells spread evenly over the whole image sat off their patches, up to that
+    much at the edges. The whole image where the geometry is unknown."""
+    if maps.patch_size is None or maps.stride is None:
+        return 0.0, float(width), float(height), 0.0
+    span = []
+    for n, g, p, s in zip((height, width), maps.grid_size, maps.patch_size, maps.stride):
+        size = p + (g - 1) * s   # the input pixels along this axis (the patch grid fits it exactly)
+        span.append(((p - s) / 2 * n / size, (size - (p - s) / 2) * n / size))
+    (top, bottom), (left, right) = span
+    return left, right, bottom, top
+
+
 def _overlay(ax, image: np.ndarray, values: np.ndarray, cmap: str, vmin: float, vmax: float, alpha: float,
-             outline: Optional[np.ndarray] = None):
-    """Patch values as blocks; ``alpha`` < 1 lets a grey copy of the image show through
-    (bright image regions then look brighter whatever the value: off by default)."""
+             outline: Optional[np.ndarray] = None, cells: Optional[Tuple[float, float, float, float]] = None):
+    """Patch values as blocks (``cells``: their extent, :func:`cell_extent`; the whole image
+    without); ``alpha`` < 1 lets a grey copy of the image show through (bright image regions
+    then look brighter whatever the value: off by default)."""
     h, w = image.shape[:2]
     if alpha < 1:
         grey = image.mean(-1) if image.ndim == 3 else image
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
-                   interpolation="nearest", extent=(0, w, h, 0))
+                   interpolation="nearest", extent=cells or (0, w, h, 0))
     _outline(ax, outline)
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
@@ -146,7 +164,7 @@ def plot_model_heatmaps(maps: GateMaps, image: np.ndarray, path: str, layers: Se
             ax = axes[r, c + 1]
             v = maps.grid[q][0, layer, d].numpy()
             lo, hi = _finite_range([v])
-            im = _overlay(ax, image, v, CMAPS[q], lo, hi, alpha, mask_outline)
+            im = _overlay(ax, image, v, CMAPS[q], lo, hi, alpha, mask_outline, cell_extent(maps, *image.shape[:2]))
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             _tidy_colorbar(cb)
             if r == 0:
@@ -175,7 +193,8 @@ def plot_comparison(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
         lo, hi = _finite_range(vals)
         im = None
         for r, m in enumerate(labels):
-            im = _overlay(axes[r, c + 1], image, vals[r], CMAPS[quantity], lo, hi, alpha, mask_outline)
+            im = _overlay(axes[r, c + 1], image, vals[r], CMAPS[quantity], lo, hi, alpha, mask_outline,
+                          cell_extent(models[m], *image.shape[:2]))
             if r == 0:
                 axes[r, c + 1].set_title(_layer_title(layer, models[m].depth), fontsize=9)
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
@@ -211,7 +230,8 @@ def plot_difference(models: Dict[str, GateMaps], image: np.ndarray, path: str, l
         lim = lim if lim > 0 else 1e-12
         im = None
         for r, diff in enumerate(diffs):
-            im = _overlay(axes[r, c + 1], image, diff, "RdBu_r", -lim, lim, 1.0, mask_outline)
+            im = _overlay(axes[r, c + 1], image, diff, "RdBu_r", -lim, lim, 1.0, mask_outline,
+                          cell_extent(models[ref], *image.shape[:2]))
             if r == 0:
                 axes[r, c + 1].set_title(_layer_title(layer, models[ref].depth), fontsize=9)
         cb = fig.colorbar(im, cax=axes[-1, c + 1], orientation="horizontal")
