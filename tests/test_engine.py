@@ -1091,12 +1091,24 @@ def test_a_validation_split_that_is_the_test_split_is_refused():
     C.resolve(overrides=["data.val_split=null", "data.test_split=test"], use_presets=False)
     # a slice of the test split, or a join that holds it, read test images too (review 62: compared
     # as text, test[:64] beside test went through, and --tune chose on test images)
-    for val, test in (("test[:64]", "test"), ("val", "train+val[:10]"), ("train[:5]+test", "test[:100]")):
+    for val, test in (("test[:64]", "test"), ("val", "train+val[:10]"), ("train[:5]+test", "test[:100]"),
+                      ("val", "trainval")):
         with pytest.raises(C.ConfigError, match=rf"data\.val_split='{re.escape(val)}' and data\.test_split="
-                                                rf"'{re.escape(test)}' both read split '(test|val)' from its start"):
+                                                rf"'{re.escape(test)}' both read images of split '(test|val)'"):
             C.resolve(overrides=[f"data.val_split={val}", f"data.test_split={test}"], use_presets=False)
     C.resolve(overrides=["data.val_split=val[:64]", "data.test_split=test[:64]"], use_presets=False)
     C.resolve(overrides=["data.val_split=test[:0]+val", "data.test_split=test"], use_presets=False)
+    # the dataset's own names: VTAB's val is val200, trainval holds it (retest 64: accepted, and the
+    # kept epoch, or a --tune choice, was selected on the test split's images)
+    vtab = ["data.dataset=vtab/dtd", "data.root=/nonexistent"]
+    for val, test in (("val", "val200"), ("val200", "trainval"), ("val", "train800val200"), ("train", "train800")):
+        with pytest.raises(C.ConfigError, match=r"both read images of split '(val200|train800)'"):
+            C.resolve(overrides=vtab + [f"data.val_split={val}", f"data.test_split={test}"], use_presets=False)
+    C.resolve(overrides=vtab + ["data.val_split=val", "data.test_split=test"], use_presets=False)
+    C.resolve(overrides=vtab + ["data.val_split=val200", "data.test_split=train800"], use_presets=False)
+    from svp.data import split_holds
+    assert split_holds("dsprites_loc", "train800val200") == {"train", "val"}
+    assert split_holds("hta/cub200", "val") == {"val"} and split_holds("no/such", "x") == {"x"}
 
 
 def test_the_best_mark_sits_by_the_validation_number(logged):

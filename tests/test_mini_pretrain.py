@@ -532,14 +532,21 @@ def test_an_export_that_cannot_be_written_as_asked_is_refused_before_the_run(tmp
     (tmp_path / "mine" / "MODEL_CARD.md").write_text("# my notes\n")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("x")
+    (tmp_path / "notes" / ".gitkeep").write_text("")   # (hidden files are not counted)
     os.mkfifo(tmp_path / "pipe.safetensors")
     os.symlink(tmp_path / "afile", tmp_path / "link.safetensors")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoint.safetensors").write_bytes(b"")
+    os.symlink(tmp_path / "other", tmp_path / "to_other")
     out = tmp_path / "p"
     for flags, words in (
             (["--export", str(tmp_path / "afile" / "w.safetensors")], f"{tmp_path / 'afile'} is a file, where a folder"),
             (["--export", str(out)], "expected a file name ending in .safetensors"),
             (["--export", str(out / "w.json")], "expected a file name ending in .safetensors"),
             (["--export", str(out / "checkpoint.safetensors")], "checkpoint.safetensors is one of the run's own files"),
+            # (through a link to --out: retest 64)
+            (["--out", str(tmp_path / "other"), "--resume", "--export",
+              str(tmp_path / "to_other" / "checkpoint.safetensors")], "is one of the run's own files"),
             (["--export", str(tmp_path / "pipe.safetensors")], "is not a regular file"),
             (["--export", str(tmp_path / "link.safetensors")], "is not a regular file"),
             (["--export", str(tmp_path / "mine" / "w.safetensors")], "holds a MODEL_CARD.md that svp pretrain did not"),

@@ -400,6 +400,11 @@ def test_every_grid_point_is_checked_before_any_run_and_datasets_are_named_once(
                                             r"reads"):
         sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL + ["data.test_split=val[:20]"],
               tune=["train.lr=1e-3,1e-2"])
+    # (or a split that holds it: retest 64)
+    with pytest.raises(C.ConfigError, match=r"--tune selects on the split 'val' .*data\.test_split='trainval' also "
+                                            r"reads"):
+        sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL + ["data.test_split=trainval"],
+              tune=["train.lr=1e-3,1e-2"])
     with pytest.raises(C.ConfigError, match="--fail-fast stops a plain sweep"):
         sweep("mini", ["linear"], [0], str(out), ["digits"], (), REAL, fail_fast=True, tune=["train.lr=1e-3,1e-2"])
     with pytest.raises(C.ConfigError, match=r"--datasets names digits twice \('digits' and 'embedded/digits'\)"):

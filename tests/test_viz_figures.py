@@ -461,8 +461,10 @@ def test_mask_threshold_repeated_layers_and_empty_quantities_are_said(tmp_path, 
             (["--mask", str(tmp_path / "mask01.png")], ["no pixel is object (a pixel is object where its grey level "
                                                         "is above 127 of 255", "saved as 0/1?", "mask01.png"]),
             (["--mask", str(tmp_path / "full.png")], ["every pixel is object (a pixel is object where"]),
-            (["--layers", "0,0,1"], ["--layers '0,0,1': layer 0 is given twice"]),
-            (["--layers", "1,-3"], ["--layers '1,-3': layer -3 (layer 1 of 4) is given twice"]),
+            (["--layers", "0,0,1"], ["--layers '0,0,1': layer 0 of 4 is given twice;"]),
+            (["--layers", "1,-3"], ["--layers '1,-3': layer 1 of 4 is given twice (as 1 and -3)"]),
+            # (either order; a list starting with '-' takes '=': retest 64)
+            (["--layers=-1,3"], ["--layers '-1,3': layer 3 of 4 is given twice (as -1 and 3)"]),
             (["--layers", ""], ["--layers '': expected one or more layer indices"]),
             (["--quantities", ""], ["--quantities '': expected one or more of update"]),
             (["--quantities", " "], ["--quantities ' ': expected one or more of update"])):
@@ -477,6 +479,6 @@ def test_mask_threshold_repeated_layers_and_empty_quantities_are_said(tmp_path, 
         visualize(img, {"a": tiny_vim()}, str(tmp_path / "p"), "x", layers=[0, -4])
     speck = np.zeros((32, 32), np.float32)
     speck[0, 0] = 1
-    with pytest.raises(VizError, match=r"covers 0 of 64 patches \(a patch is object when at least half of its "
-                                        r"pixels are; a --mask PNG's pixel is object above grey level 127"):
+    with pytest.raises(VizError, match=r"the object covers 0 of 64 patches \(a patch is object when at least half "
+                                        r"of its pixels are\)"):
         visualize(img, {"a": tiny_vim()}, str(tmp_path / "p"), "x", mask=speck)

@@ -15,7 +15,8 @@ See docs/datasets.md for every supported dataset, its on-disk layout and the
 """
 from .base import DatasetError, VisionDataset, load_image
 from .check import PRECHECK_MAX_IMAGES, check_before_training, find_bad_images
-from .registry import DATA_ENV, DatasetInfo, build_dataset, dataset_info, list_datasets, resolve_name
+from .registry import DATA_ENV, DatasetInfo, build_dataset, dataset_info, list_datasets, resolve_name, \
+    split_holds
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, RECIPES, build_transform
 from .presets import load_preset, lr_used
 
@@ -23,5 +24,5 @@ __all__ = [
     "DATA_ENV", "DatasetError", "DatasetInfo", "IMAGENET_MEAN", "IMAGENET_STD",
     "PRECHECK_MAX_IMAGES", "RECIPES", "VisionDataset", "build_dataset", "build_transform",
     "check_before_training", "dataset_info", "find_bad_images", "list_datasets", "load_image",
-    "load_preset", "lr_used", "resolve_name",
+    "load_preset", "lr_used", "resolve_name", "split_holds",
 ]

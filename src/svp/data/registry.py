@@ -276,6 +276,23 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     return ds
 
 
+def split_holds(dataset: str, split: str) -> frozenset:
+    """The splits whose images ``split`` of ``dataset`` holds, by their own names: an alias is
+    its split (VTAB's ``val`` is ``val200``), and ``trainval`` / ``train800val200`` hold the two
+    splits they join. For comparing a selection split with the test split (``val`` beside a
+    ``test_split`` of ``val200`` selected on test images: retest 64); a dataset not registered
+    keeps the names as they are."""
+    try:
+        aliases = dict(dataset_info(dataset).split_aliases)
+    except Exception:   # noqa: BLE001  (a name the configuration check reports itself)
+        aliases = {}
+    name = aliases.get(split, split)
+    if name in ("trainval", "train800val200"):
+        return frozenset(aliases.get(p, p) for p in (("train", "val") if name == "trainval" else
+                                                     ("train800", "val200")))
+    return frozenset({name})
+
+
 _PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[:(\d+)\])?$")   # (a custom split name may hold -)
 
 

@@ -38,7 +38,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),
     ("model.drop_path_rate", 0.1, "stochastic depth of the backbone; active in training only where the backbone trains in train mode (full, SVP, method.settings.backbone_train_mode=true); the other frozen backbones keep it off"),
     ("model.grad_checkpointing", False, "recompute each backbone block's forward in the backward instead of keeping its activations (VisionMamba.set_grad_checkpointing): less memory for full fine-tuning at large batches, about one more forward's time a step; the same gradients, bit for bit"),
-    ("model.init_seed", None, "seed the model's random parts (a new head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head"),
+    ("model.init_seed", None, "seed the model's random parts (a new linear head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head. A two-layer head (method.settings.head=two_layer) is the method's: drawn afterwards from train.seed's stream, as the prompters are"),
     # --- method
     ("method.name", "svp", "PEFT method, one of svp.peft.list_methods(): the built-in svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter, and any registered with svp.peft.register_method"),
     ("method.settings", {}, "method settings passed to svp.peft.make_config; a block named after a method (method.settings.svp.hidden=32) applies to that method only. Every method: head (linear, two_layer), simam, backbone_train_mode. svp: shared_layers, hidden, use_cross, use_inner, compat (paper; official: the official code's cross prompt, D1). vpt_shallow/vpt_deep: num_tokens, placement (prefix, middle, suffix). lora: r, alpha, targets. adapter: bottleneck, scale. bitfit: patch_embed. visual_prompt: pad, image_size. Meanings and defaults: docs/methods.md"),
@@ -774,10 +774,10 @@ def validate(cfg: dict) -> None:
     if cfg["train"]["ema_eval"] and not cfg["train"]["ema"]:  # it would evaluate the plain weights, silently
         raise ConfigError("train.ema_eval=true needs train.ema=true (the EMA weights it evaluates)")
     val, test = cfg["data"]["val_split"], cfg["data"]["test_split"]
-    shared = splits_shared(val, test)
+    shared = splits_shared(val, test, cfg["data"]["dataset"])
     if shared:   # an epoch (or svp sweep --tune's choice) selected on test, unsaid
         what = "is also data.test_split" if val == test else (
-            f"and data.test_split={test!r} both read split {shared[0]!r} from its start")
+            f"and data.test_split={test!r} both read images of split {shared[0]!r}")
         raise ConfigError(f"data.val_split={val!r} {what}: the epoch kept, and a --tune choice, "
                           f"would be selected on test images; select on a validation split (or none: "
                           f"data.val_split=null), and eval.report_best_test=true reports the official "
@@ -799,20 +799,25 @@ def validate(cfg: dict) -> None:
         cfg["eval"]["test_every_epoch"] = True  # the official number needs test every epoch
 
 
-def splits_shared(a, b) -> list:
+def splits_shared(a, b, dataset=None) -> list:
     """The splits two split expressions both read (``train[:512]+val``: a part is a split, or
     the first N items of one): a slice starts at the split's first item, so two parts of one
-    split always share images, unless one is empty. Text compared, as the datasets' builders name
-    their splits; ``val_split='test[:64]'`` beside ``test_split='test'`` selected on test images
-    with nothing said (review 62)."""
+    split always share images, unless one is empty; an alias is its split and a joined split
+    (``trainval``) holds its parts (``svp.data.split_holds``, with ``dataset``).
+    ``val_split='test[:64]'`` beside ``test_split='test'`` (review 62), and VTAB's ``val`` beside
+    ``val200`` (retest 64), selected on test images with nothing said."""
+    from svp.data import split_holds
+
     def parts(expr):
         if not isinstance(expr, str):
             return []
         out = []
         for part in expr.split("+"):
             m = re.fullmatch(r"\s*(.*?)\s*(?:\[:\s*(\d+)\s*\])?\s*", part)
-            if m and m.group(1) and m.group(2) != "0" and m.group(1) not in out:
-                out.append(m.group(1))
+            if m and m.group(1) and m.group(2) != "0":
+                for held in sorted(split_holds(dataset, m.group(1)) if dataset else {m.group(1)}):
+                    if held not in out:
+                        out.append(held)
         return out
     theirs = parts(b)
     return [p for p in parts(a) if p in theirs]

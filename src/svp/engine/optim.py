@@ -2,8 +2,9 @@
 
 timm's rule (as in the official code): when weight decay is on, parameters with a
 1-D shape or a name ending in ``.bias`` (and names the model lists in
-``no_weight_decay()``) get no decay; everything else (2-D weights, SVP's alpha/beta
-matrices) gets ``weight_decay``. Only parameters with ``requires_grad`` are given to
+``no_weight_decay()``) get no decay; every other tensor (2 or more dimensions: weights,
+SVP's alpha/beta, VPT's prompt tokens, visual_prompt's frame, LoRA's factors) gets
+``weight_decay``; BitFit, biases only, gets none. Only parameters with ``requires_grad`` are given to
 the optimizer.
 
 ``train.opt_fused`` (adam and adamw): torch's fused kernel updates every tensor in one pass

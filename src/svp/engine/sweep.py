@@ -492,7 +492,7 @@ def _check_selection_splits(ds, m, seed, output, config_files, overrides, base, 
     data.test_split that names the split --tune selects on failed every grid run, one by one."""
     from . import tune as T
     train_split, val_split = T.selection_splits(ds, cfg)
-    if C.splits_shared(val_split, cfg["data"]["test_split"]):
+    if C.splits_shared(val_split, cfg["data"]["test_split"], cfg["data"]["dataset"]):
         raise C.ConfigError(f"--tune selects on the split {val_split!r} (data.val_split, or the dataset's own "
                             f"validation split), which data.test_split={cfg['data']['test_split']!r} also reads: "
                             f"the choice would be made on test images; give data.test_split another split")

@@ -125,11 +125,14 @@ def _export_problem(args):
     if not path.endswith(".safetensors"):   # (w.json: the JSON card was written over the weights)
         return (f"--export {args.export}: expected a file name ending in .safetensors (its JSON card goes "
                 f"beside it, under the same name with .json)")
-    if path == os.path.abspath(args.out):
+    # (the folders as they are: link/checkpoint.safetensors with link -> --out replaced the
+    # run's checkpoint: retest 64)
+    real, out = os.path.realpath(path), os.path.realpath(args.out)
+    if real == out:
         return (f"--export {args.export} is --out; give a file to write, e.g. "
                 f"{os.path.join(args.out, 'model.safetensors')}")
     json_card, md_card = card_paths(path)
-    if os.path.dirname(path) == os.path.abspath(args.out):
+    if os.path.dirname(real) == out:
         clash = [os.path.basename(f) for f in (path, json_card) if os.path.basename(f) in RUN_FILES]
         if clash:
             return (f"--export {args.export}: {clash[0]} is one of the run's own files in --out; give "
@@ -632,7 +635,7 @@ def _main(args) -> int:
         problems.append(f"--out {args.out}: a file, expected a folder")
     if os.path.isdir(args.out) and not any(
             os.path.exists(os.path.join(args.out, f)) for f in RUN_FILES):
-        other = sorted(os.listdir(args.out))
+        other = sorted(f for f in os.listdir(args.out) if not f.startswith("."))   # (.gitkeep, .DS_Store)
         if other:   # (another tool's folder, or notes: the run's files were mixed in: review 60)
             problems.append(f"--out {args.out} holds other files ({', '.join(other[:3])}"
                             f"{', ...' if len(other) > 3 else ''}); give a new or empty folder")

@@ -148,6 +148,7 @@ def parse_layers(text: Optional[str], depth: int) -> List[int]:
     if not text.strip():   # ('' drew the default layers, as if --layers had not been given)
         raise VizError(f"--layers {text!r}: expected one or more layer indices, e.g. 0,4,-1")
     out: List[int] = []
+    given: List[int] = []
     for part in text.split(","):
         try:
             v = int(part)
@@ -156,10 +157,13 @@ def parse_layers(text: Optional[str], depth: int) -> List[int]:
         if not -depth <= v < depth:
             raise VizError(f"--layers {text!r}: layer {v} is out of range for depth {depth} "
                            f"(from {-depth} to {depth - 1})")
-        if v % depth in out:   # (0,0,1 drew layer 0 twice)
-            same = "" if v >= 0 else f" (layer {v % depth} of {depth})"
-            raise VizError(f"--layers {text!r}: layer {v}{same} is given twice; name each layer once")
+        if v % depth in out:   # (0,0,1 drew layer 0 twice; -1,7 at depth 8 is one layer, in either order)
+            first = given[out.index(v % depth)]
+            how = f" (as {first} and {v})" if first != v else ""
+            raise VizError(f"--layers {text!r}: layer {v % depth} of {depth} is given twice{how}; name each "
+                           f"layer once")
         out.append(v % depth)
+        given.append(v)
     return out
 
 

@@ -175,9 +175,10 @@ def visualize(image, models: Dict[str, torch.nn.Module], out_dir: str, prefix: s
     if mask is not None:  # checked before anything is drawn: a refused mask leaves no figures behind
         mask_in, mask_grid = mask_to_grid(mask, size, first)
         if mask_grid.sum() == 0 or mask_grid.sum() == mask_grid.size:
-            raise VizError(f"the object mask covers {int(mask_grid.sum())} of {mask_grid.size} patches (a patch is "
-                           f"object when at least half of its pixels are; a --mask PNG's pixel is object above grey "
-                           f"level 127 of 255); need object and background patches for the curves")
+            # (a --mask file's grey levels are checked where it is read: this is the patch grid's share)
+            raise VizError(f"the object covers {int(mask_grid.sum())} of {mask_grid.size} patches (a patch is "
+                           f"object when at least half of its pixels are); need object and background patches "
+                           f"for the curves")
     maps: Dict[str, GateMaps] = {k: analyze(m, x) for k, m in models.items()}
     written = []
     for k, g in maps.items():
