@@ -998,3 +998,25 @@ def test_a_run_whose_model_kwargs_held_a_key_svp_sets_resumes_as_it_ran(tmp_path
     assert svp_main(["train", "--resume", str(tmp_path / "r"), "debug.stop_at_step=2"]) == 75, capsys.readouterr().err
     assert svp_main(["train", "--resume", str(tmp_path / "r")]) == 0, capsys.readouterr().err
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["model"]["kwargs"] == {"drop_path_rate": 0.3}
+
+
+def test_under_torchrun_only_rank_0_prints_the_configuration_and_logs_warnings(monkeypatch, capfd):
+    """`svp train --print-config` under torchrun printed one copy a process; a rank other than 0
+    had no handler, so logging's last resort printed each of its warnings on stderr, unlabelled,
+    beside rank 0's (review 65)."""
+    import logging
+    from svp.engine.progress import setup_logging, teardown_logging
+    for rank, copies in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert svp_main(["train", "--dataset", "digits", "--print-config"]) == 0
+        out = capfd.readouterr().out
+        assert out.count("dataset: digits") == copies, (rank, out)
+    handlers = setup_logging(None, is_main=False)
+    try:
+        logging.getLogger("svp.engine.setup").warning("a warning of rank 1")
+    finally:
+        teardown_logging(handlers)
+    assert "a warning of rank 1" not in capfd.readouterr().err

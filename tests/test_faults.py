@@ -1694,7 +1694,7 @@ def test_a_bad_scan_backend_or_model_name_is_one_line_before_any_run_folder(tmp_
     assert _no_stub(out)
 
 
-def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch):
+def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch, tmp_path):
     """A kill -9 of one torchrun worker left gloo's traceback in the other's train.log and on its
     stderr (checked by hand with two processes: "stopped: rank 0 lost its connection ..." now).
     Without torchrun, or for other errors, nothing is converted."""
@@ -1710,7 +1710,15 @@ def test_a_lost_torchrun_peer_is_one_line_with_the_resume_command(monkeypatch):
     assert isinstance(e, PeerError) and e.exit_code == 1
     assert str(e).startswith("rank 1 lost its connection to another process of this torchrun job "
                              "(Connection reset by peer)")
-    assert str(e).endswith("torchrun --nproc_per_node=2 -m svp train --resume /runs/r")
+    # the resume command only where a resume point is there: one killed before the first said "resume", which then
+    # found nothing (review 65)
+    run = tmp_path / "r"
+    run.mkdir()
+    e = lost_peer(gloo, DistInfo(rank=1, world_size=2, enabled=True), str(run))
+    assert str(e).endswith("It stopped before any resume point was written; start the run again"), str(e)
+    (run / "resume.safetensors").write_bytes(b"")
+    e = lost_peer(gloo, DistInfo(rank=1, world_size=2, enabled=True), str(run))
+    assert str(e).endswith(f"torchrun --nproc_per_node=2 -m svp train --resume {run}"), str(e)
     assert lost_peer(gloo, DistInfo(), "/runs/r") is None
     assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
                      DistInfo(rank=0, world_size=2, enabled=True), "/runs/r") is None

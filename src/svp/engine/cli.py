@@ -251,7 +251,9 @@ def cmd_train(args) -> int:
             if args.config:
                 raise C.ConfigError("--resume uses the run's own config.yaml; --config cannot be combined with it")
             if args.print_config:   # with the overrides the resume would apply (and refuse)
-                print(C.dump(load_run_config(args.resume, overrides)), end="")
+                text = C.dump(load_run_config(args.resume, overrides))
+                if runtime.launch().rank == 0:   # (under torchrun: one copy, not one a process: review 65)
+                    print(text, end="")
                 return 0
             train(resume=args.resume, overrides=overrides)
             return 0
@@ -264,7 +266,8 @@ def cmd_train(args) -> int:
             from .setup import check_method_fits, check_names
             check_names(cfg, weights=False)   # the model's, optimizer's and device's too
             check_method_fits(cfg)   # and the method's settings and the image size against the model
-            print(C.dump(cfg), end="")
+            if runtime.launch().rank == 0:   # (under torchrun: one copy, not one a process: review 65)
+                print(C.dump(cfg), end="")
             return 0
         train(cfg)
         return 0

@@ -175,6 +175,10 @@ def setup_logging(run_dir: Optional[str], is_main: bool) -> List[logging.Handler
             fh = _RunLog(os.path.join(run_dir, "train.log"), encoding="utf-8", errors="surrogateescape")
             fh.setFormatter(LineFormatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
             handlers.append(fh)
+    if not is_main:
+        # (with no handler at all, logging's lastResort printed every warning of the other ranks
+        # on stderr, unlabelled, beside rank 0's: each warning twice under torchrun: review 65)
+        handlers.append(logging.NullHandler())
     for h in handlers:
         log.addHandler(h)
     if is_main and run_dir:

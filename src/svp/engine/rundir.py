@@ -380,9 +380,13 @@ def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
     found = _PEER_GONE.search(str(e)) if dist.enabled and not isinstance(e, SVPError) else None
     if found is None:
         return None
+    # (a folder with no resume point yet was told to resume, which then found nothing: review 65)
+    then = (f"The run folder keeps its last resume point: {resume_command(path)}"
+            if path and os.path.isfile(os.path.join(path, ck.RESUME_FILE))
+            else "It stopped before any resume point was written; start the run again")
     return PeerError(f"rank {dist.rank} lost its connection to another process of this torchrun job "
-                     f"({found.group(0)}): that process stopped, and its own output says why. The run folder "
-                     f"keeps its last resume point: {resume_command(path)}", exit_code=1)
+                     f"({found.group(0)}): that process stopped, and its own output says why. {then}",
+                     exit_code=1)
 
 
 _ATTEMPT_FILES = ("train.log", "nonfinite", "tb")
