@@ -164,6 +164,26 @@ def _args(out, **kw):
     return argparse.Namespace(**d)
 
 
+def _stopped_at(step, args):
+    """``pt.pretrain(args)`` stopped as a kill at the start of ``step`` would stop it: its last
+    checkpoint is what stays."""
+    orig = pt.lr_at
+
+    class Stop(Exception):
+        pass
+
+    def lr_stop(s, total, a):
+        if s == step:
+            raise Stop
+        return orig(s, total, a)
+    pt.lr_at = lr_stop
+    try:
+        with pytest.raises(Stop):
+            pt.pretrain(args, log=lambda m: None)
+    finally:
+        pt.lr_at = orig
+
+
 def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     # 3 classes x 8 = 24 images, batch 8 -> 3 steps/epoch, 6 steps in all
     full = pt.pretrain(_args(tmp_path / "full", export=str(tmp_path / "w.safetensors")), log=lambda m: None)
@@ -184,24 +204,8 @@ def test_pretrain_resume_reproduces_uninterrupted_run_and_export_card(tmp_path):
     assert card["source_task"]["heldout"]["accuracy"] == full["heldout_accuracy"]
 
     # the same run killed right after step 3 (its checkpoint), then resumed
-    first = _args(tmp_path / "resume", epochs=2, ckpt_every=3)
+    _stopped_at(3, _args(tmp_path / "resume", epochs=2, ckpt_every=3))
     import svp.pretrain.train as mod
-    orig = mod.lr_at
-
-    class Stop(Exception):
-        pass
-
-    def lr_stop(step, total, args):
-        if step == 3:
-            raise Stop
-        return orig(step, total, args)
-
-    mod.lr_at = lr_stop
-    try:
-        with pytest.raises(Stop):
-            pt.pretrain(first, log=lambda m: None)
-    finally:
-        mod.lr_at = orig
     with open(tmp_path / "resume" / "checkpoint.json") as f:
         assert json.load(f)["step"] == 3
     with pytest.raises(ConfigError, match=r"--epochs 2 -> 3"):  # another schedule: not this run's steps
@@ -443,22 +447,7 @@ def test_a_resume_with_drop_path_is_the_same_run_and_the_card_says_how_it_was_tr
     kw = {"depth": 2, "embed_dim": 32, "drop_path_rate": 0.3}
     full = pt.pretrain(_args(tmp_path / "full", model_kwargs=kw, export=str(tmp_path / "w.safetensors")),
                        log=lambda m: None)
-    import svp.pretrain.train as mod
-    orig = mod.lr_at
-
-    class Stop(Exception):
-        pass
-
-    def lr_stop(step, total, args):
-        if step == 3:
-            raise Stop
-        return orig(step, total, args)
-    mod.lr_at = lr_stop
-    try:
-        with pytest.raises(Stop):
-            pt.pretrain(_args(tmp_path / "resume", model_kwargs=kw, ckpt_every=3), log=lambda m: None)
-    finally:
-        mod.lr_at = orig
+    _stopped_at(3, _args(tmp_path / "resume", model_kwargs=kw, ckpt_every=3))
     resumed = pt.pretrain(_args(tmp_path / "resume", model_kwargs=kw, ckpt_every=3, resume=True), log=lambda m: None)
     a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "resume" / "checkpoint.safetensors"))
@@ -494,22 +483,7 @@ def test_a_resume_on_other_threads_says_its_bits_differ_and_a_short_warm_up_is_s
     first = _args(tmp_path / "p", epochs=1, warmup_steps=50)
     pt.pretrain(first, log=logged.append)
     assert any("--warmup-steps 50 is not below the run's 3 steps" in m for m in logged), logged
-    import svp.pretrain.train as mod
-    orig = mod.lr_at
-
-    class Stop(Exception):
-        pass
-
-    def lr_stop(step, total, args):
-        if step == 2:
-            raise Stop
-        return orig(step, total, args)
-    mod.lr_at = lr_stop
-    try:
-        with pytest.raises(Stop):
-            pt.pretrain(_args(tmp_path / "q", epochs=1, ckpt_every=2), log=lambda m: None)
-    finally:
-        mod.lr_at = orig
+    _stopped_at(2, _args(tmp_path / "q", epochs=1, ckpt_every=2))
     logged.clear()
     threads = torch.get_num_threads()
     try:
