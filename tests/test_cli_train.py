@@ -104,6 +104,7 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
     assert res["adapter_bytes"] > 4 * n_saved
     log = (run / "train.log").read_text()
     assert "trainable params" in log and "epoch 1/1" in log
+    assert "head linear, SimAM off\n" in log   # (a preset's two-layer head and SimAM: said, review 66)
     # a record a line, each under its time stamp (the without-head count was a line without one)
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", ln) for ln in log.splitlines()), log
     assert re.search(r"^\S+ \S+ +trainable params: [\d,]+ .*\(without head\)$", log, re.M), log
@@ -1020,3 +1021,28 @@ def test_under_torchrun_only_rank_0_prints_the_configuration_and_logs_warnings(m
     finally:
         teardown_logging(handlers)
     assert "a warning of rank 1" not in capfd.readouterr().err
+
+
+def test_a_presets_refused_setting_says_it_is_the_presets_and_a_whole_config_for_another_dataset_is_said(
+        tmp_path, capsys, caplog):
+    """hta/gtsrb's S=6 on the 8-layer mini Vim was refused naming a setting the user never gave;
+    a run's config.yaml given with another --dataset kept the first dataset's lr, seed and
+    settings with no word (review 66)."""
+    assert svp_main(["train", "--dataset", "hta/gtsrb", "--model", "vim_mini_patch4_32", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "shared_layers=6 does not divide the model depth 8" in err, err
+    assert "(shared_layers=6 is dataset hta/gtsrb's preset, the official recipe's; give " \
+           "method.settings.svp.shared_layers=... for this model)" in err, err
+    assert svp_main(["train", "--dataset", "hta/gtsrb", "--model", "vim_mini_patch4_32", "--print-config",
+                     "method.settings.svp.shared_layers=3"]) == 2
+    assert "preset" not in capsys.readouterr().err   # (the user's own value)
+    assert svp_main(["train", "--dataset", "hta/cub200", "--print-config"]) == 0
+    whole = tmp_path / "cub.yaml"
+    whole.write_text(capsys.readouterr().out)
+    with caplog.at_level("WARNING", logger="svp.engine.config"):
+        cfg = C.resolve([str(whole)], ["data.dataset=hta/dtd"])
+        assert cfg["train"]["seed"] == 0   # (cub's: the file's values hold, as documented)
+        assert f"{whole} is a whole configuration, resolved for dataset hta/cub200" in caplog.text
+        caplog.clear()
+        C.resolve([str(whole)])
+        assert caplog.text == ""

@@ -1018,3 +1018,22 @@ def test_an_adapter_refuses_a_backbone_whose_weights_match_but_settings_differ(t
     del cfg["base_model_settings"]
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     load_adapter(tiny(), tmp_path / "a")
+
+
+def test_a_backbone_on_the_meta_device_counts_and_is_not_saved(tmp_path):
+    """Counting a method's parameters without memory: get_peft_model on a meta backbone was
+    torch's "Cannot copy out of meta tensor" (the base-weight hash); its adapter cannot be bound
+    to weights, so saving is refused saying so (review 66)."""
+    import timm
+    import svp.models  # noqa: F401
+    from svp.errors import AdapterError
+    kw = dict(img_size=32, patch_size=8, stride=8, depth=4, embed_dim=32)
+    real = get_peft_model(timm.create_model("vim_tiny_patch16_224", **kw),
+                          make_config("svp", shared_layers=2, hidden=8, num_classes=5))
+    with torch.device("meta"):
+        backbone = timm.create_model("vim_tiny_patch16_224", **kw)
+    meta = get_peft_model(backbone, make_config("svp", shared_layers=2, hidden=8, num_classes=5))
+    assert meta.trainable_counts() == real.trainable_counts()
+    with pytest.raises(AdapterError, match="the backbone has no weights \\(built on the meta device\\)"):
+        meta.save(str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -574,6 +575,15 @@ def resolve(config_files: Iterable[str] = (), overrides: Iterable[str] = (), bas
         return target
 
     probe = apply_user(defaults())
+    for src, part in user:
+        # a run's config.yaml holds every key, its dataset's preset values among them: given with
+        # another --dataset, that dataset's preset never applied, silently (review 66)
+        theirs = part.get("data", {}).get("dataset") if is_complete(part) else None
+        if use_presets and theirs is not None and theirs != probe["data"]["dataset"]:
+            logging.getLogger("svp.engine.config").warning(
+                "%s is a whole configuration, resolved for dataset %s (its lr, seed, method settings, ...): "
+                "dataset %s's preset does not apply under it; to start from that preset, give a file with "
+                "only the keys you mean to keep", src, theirs, probe["data"]["dataset"])
     cfg = defaults()
     if use_presets:
         merge(cfg, dataset_preset(str(probe["data"]["dataset"]), str(probe["method"]["name"])),

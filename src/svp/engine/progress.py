@@ -235,6 +235,13 @@ def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_
                     "tests, meaningless for results. Use --checkpoint <official .pth> or the bundled "
                     "--model vim_mini_patch4_32", spec.model)
     log.info("%s", model.trainable_report())
+    mc = getattr(model, "config", None)
+    if mc is not None and hasattr(mc, "head"):
+        # (an HTA preset gives every method the official run's head kind and SimAM: the log did not
+        # say so, only config.yaml did: review 66)
+        log.info("head %s, SimAM %s%s", mc.head, "on" if getattr(mc, "simam", False) else "off",
+                 " (the dataset's preset, for every method: docs/methods.md, The harness)"
+                 if mc.head != "linear" or getattr(mc, "simam", False) else "")
     log.info("lr used %.4g (base %.4g, batch %d x world %d%s), %d steps/epoch, %d epochs", lr,
              float(t["lr"]), int(t["batch_size"]), world_size,
              f" / {t['lr_scale_base']}" if t["lr_scale"] else ", unscaled", steps_per_epoch, int(t["epochs"]))

@@ -358,9 +358,23 @@ def check_method_fits(cfg: dict) -> None:
     try:
         dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"method.name={name!r} / method.settings={settings}: {e}") from None
+        said = str(e) if isinstance(e, ConfigError) else f"method.name={name!r} / method.settings={settings}: {e}"
+        raise ConfigError(said + _from_preset(cfg, name, str(e))) from None
+
+
+def _from_preset(cfg: dict, method: str, message: str) -> str:
+    """Where a refused method setting came from when the user did not give it: the dataset's
+    preset (the official recipe's S for Vim-S, depth 24: 6 or 12 do not divide the mini Vim's 8,
+    and the error named a setting the user never set: review 66)."""
+    from .config import dataset_preset
+    preset = (dataset_preset(str(cfg["data"]["dataset"]), method).get("method") or {}).get("settings") or {}
+    used = cfg["method"]["settings"] or {}
+    for k, v in preset.items():
+        mine = used.get(method, {}).get(k, used.get(k)) if isinstance(used.get(method), dict) else used.get(k)
+        if re.search(rf"\b{re.escape(k)}\b", message) and mine == v:
+            return (f" ({k}={v!r} is dataset {cfg['data']['dataset']}'s preset, the official recipe's; give "
+                    f"method.settings.{method}.{k}=... for this model)")
+    return ""
 
 
 def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:

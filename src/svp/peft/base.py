@@ -438,7 +438,11 @@ def _attach(model: nn.Module, config: PeftConfig, base_hash: Optional[str] = Non
     config.validate()
     _, method_cls = get_method(config.method)
     if base_hash is None:
-        base_hash = base_weights_hash(model)  # of the pristine backbone, before anything is attached
+        # of the pristine backbone, before anything is attached; a backbone on the meta device
+        # (to count parameters without memory) has no bytes to hash: its adapter cannot be saved
+        # (it was torch's "Cannot copy out of meta tensor": review 66)
+        meta = any(t.is_meta for t in model.state_dict().values())
+        base_hash = "" if meta else base_weights_hash(model)
     before = _Snapshot(model)
     method = None
     try:

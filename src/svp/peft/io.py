@@ -82,6 +82,10 @@ def save_adapter(peft_model, directory, base_model_name: Optional[str] = None,
     group, after them."""
     directory = os.fspath(directory)
     base = peft_model.base_model
+    if not peft_model.base_hash:   # (a backbone built on the meta device: nothing to bind the adapter to)
+        raise AdapterError(f"{directory}: not saved: the backbone has no weights (built on the meta device), so "
+                           f"the adapter has no base-weight hash to be bound to; attach it to a backbone with its "
+                           f"weights to save it")
     num_classes = int(base.num_classes)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
