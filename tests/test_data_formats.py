@@ -843,6 +843,16 @@ def test_the_fake_root_command_takes_a_folder_and_says_its_usage(tmp_path, capsy
         main([str(tmp_path / "afile")])
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert main([str(tmp_path / "fk")]) == 0 and os.path.isdir(tmp_path / "fk" / "VTAB" / "vtab-1k")
+    # a folder that holds files (a real root) is not written over unless asked (review 67)
+    real = tmp_path / "real" / "VTAB" / "vtab-1k" / "dtd"
+    real.mkdir(parents=True)
+    (real / "test.txt").write_text("images/a.jpg 3\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "real")])
+    assert e.value.code == 2 and "already holds files (VTAB): a fake root replaces" in capsys.readouterr().err
+    assert (real / "test.txt").read_text() == "images/a.jpg 3\n"
+    assert main([str(tmp_path / "real"), "--overwrite"]) == 0
+    assert (real / "test.txt").read_text() != "images/a.jpg 3\n"
 
 
 def test_split_files_written_on_windows_name_their_images_with_backslashes(fake, tmp_path):
@@ -874,3 +884,37 @@ def test_split_files_written_on_windows_name_their_images_with_backslashes(fake,
     shutil.copy(build_dataset("vtab/dtd", "test", root=r).samples[0][0], odd)
     open(os.path.join(r, "VTAB/vtab-1k/dtd/test.txt"), "a").write("images\\own.jpg 3\n")
     assert build_dataset("vtab/dtd", "test", root=r).samples[-1] == (odd, 3)
+
+
+def test_data_check_says_a_shared_problem_once_and_names_the_root_it_read(fake, tmp_path, capsys, monkeypatch):
+    """One bad line of test.csv was an ERROR under train, val and test and "3 problem(s)"; a root
+    given as a task folder was "not found: .../dtd/VTAB/vtab-1k/dtd" once a split, a file as the
+    root "not found"; the header said "root $SVP_DATA", not the folder (review 67)."""
+    import shutil
+    root, _, _ = fake
+    csv_root = tmp_path / "csv"
+    shutil.copytree(os.path.join(root, "custom_csv"), csv_root)
+    (csv_root / "classes.txt").write_text("apple\nbanana\ncherry\n")
+    for s in ("train", "val", "test"):
+        f = csv_root / f"{s}.csv"
+        text = f.read_text()
+        for i, name in enumerate(("apple", "banana", "cherry")):
+            text = text.replace(f",{name}\n", f",{i}\n")
+        f.write_text(text)
+    lines = (csv_root / "test.csv").read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 1)[0] + ",7"
+    (csv_root / "test.csv").write_text("\n".join(lines) + "\n")
+    assert svp_main(["data", "check", "csv", "--root", str(csv_root)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("label '7' is outside 0..2") == 1 and "1 problem(s)" in out, out
+    assert out.count("ERROR (the same as train's, above)") == 2, out
+    task = os.path.join(root, "VTAB", "vtab-1k", "dtd")
+    assert svp_main(["data", "check", "vtab/dtd", "--root", task]) == 1
+    out = capsys.readouterr().out
+    assert "which holds a task's lists itself: give the folder that holds VTAB/vtab-1k/dtd/" in out, out
+    assert "1 problem(s)" in out, out
+    assert svp_main(["data", "check", "vtab/dtd", "--root", str(csv_root / "train.csv")]) == 1
+    assert "data root is a file, not a folder" in capsys.readouterr().out
+    monkeypatch.setenv("SVP_DATA", root)
+    assert svp_main(["data", "check", "vtab/dtd", "--split", "test"]) == 0
+    assert f"root {root} ($SVP_DATA)" in capsys.readouterr().out

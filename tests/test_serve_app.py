@@ -521,8 +521,14 @@ def test_an_image_its_resize_would_make_huge_is_refused_413(tmp_path):
     from svp.serve.app import RequestError
     tf = build_transform("svp", False, img_size=32)   # Resize(36) + CenterCrop(32)
     assert resized_pixels(tf, 300000, 1) == resized_pixels(tf, 1, 300000) == 36 * 36 * 300000
-    assert resized_pixels(tf, 500, 375) == 500 * 375 and resized_pixels(tf, 10, 10) == 36 * 36
-    assert resized_pixels(build_transform("vtab", False, img_size=224), 300000, 1) == 300000
+    assert resized_pixels(tf, 10, 10) == 36 * 36
+    # the decoded image itself is not counted where a resize follows (Pillow's bound judged it when
+    # read): a square 9500 x 9500 one, which the data check accepts, was refused after a run's last
+    # epoch as 90 M pixels (review 67); its resize makes 36 x 36
+    assert resized_pixels(tf, 500, 375) == 48 * 36 and resized_pixels(tf, 9500, 9500) == 36 * 36
+    from svp.data.transforms import check_resized_size
+    check_resized_size(tf, 9500, 9500, "big.png")
+    assert resized_pixels(build_transform("vtab", False, img_size=224), 300000, 1) == 224 * 224
     buf = io.BytesIO()
     Image.new("L", (3000, 1)).save(buf, format="PNG")   # 3000 pixels, 3.9 M once resized
     cfg = ServeConfig(max_pixels=1_000_000)

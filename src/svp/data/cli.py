@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
-from typing import List
+from typing import Dict, List
 
 from ..errors import ConfigError
 from ..io import error_line, mkdir_error, printable, shortened, user_path
@@ -111,9 +112,11 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
     nc = "/".join(map(str, counts)) if counts else str(info.num_classes or "?")
     header = f"{info.name}: {nc} classes ({info.group})"
     if info.needs_root:
-        header += f", root {root if root is not None else '$SVP_DATA'}"
+        # (the folder read: "root $SVP_DATA" named the variable, not the folder: review 67)
+        header += f", root {printable(root_dir)}" + (" ($SVP_DATA)" if root is None else "")
     print(header, file=out)
     problems = 0
+    said: Dict[str, str] = {}   # an error's text -> the split it was first counted under
     for split, (ds, seconds) in built.items():
         if (isinstance(ds, DatasetError) and not splits and info.name.startswith("vtab/")
                 and split in ("train800", "val200") and "split list" in str(ds) and "not found" in str(ds)
@@ -123,8 +126,19 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
             print(f"  {split:15s} absent (SVP trains on train800val200; --split {split} to require it)", file=out)
             continue
         if isinstance(ds, Exception):
+            # one file's problem (a bad csv line, a malformed json, a root a level too deep) fails
+            # every split that reads it: said and counted once (it was once a split: review 67)
+            text = printable(shortened(ds), lines=True)
+            # (by the file and line it names and what it says there: a csv's message also quotes
+            # an example line of the split's own file)
+            m = re.match(r"(\S+?:\d+|\S+?\.\w+): .{0,40}", text)
+            key = m.group(0) if m else text
+            if key in said:
+                print(f"  {split:15s} ERROR (the same as {said[key]}'s, above)", file=out)
+                continue
+            said[key] = split
             problems += 1
-            print(f"  {split:15s} ERROR {printable(shortened(ds), lines=True)}".replace("\n", "\n      "), file=out)
+            print(f"  {split:15s} ERROR {text}".replace("\n", "\n      "), file=out)
             continue
         t0 = time.time()
         bad = find_bad_images(ds, read=read, workers=workers)

@@ -272,10 +272,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m svp.data.fake",
                                 description="Write a tiny fake copy of every dataset layout of docs/datasets.md "
                                             "(real file and folder names, a few random 8x8 images per class).")
-    p.add_argument("dir", metavar="DIR", help="the folder to write the fake data root in")
+    p.add_argument("dir", metavar="DIR", help="the folder to write the fake data root in (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that already holds files (fake files replace those of their names)")
     args = p.parse_args(argv)
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
         p.error(f"{args.dir} is a file, not a folder")
+    # (pointed at $SVP_DATA, it replaced a real root's lists and images with fake ones: review 67)
+    held = sorted(os.listdir(args.dir)) if os.path.isdir(args.dir) else []
+    if held and not args.overwrite:
+        p.error(f"{args.dir} already holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): a fake "
+                f"root replaces files of the real layouts' names; give a new or empty folder, or --overwrite")
     make_fake_root(args.dir)
     print(args.dir)
     return 0

@@ -202,7 +202,8 @@ def _resolve_root(info: DatasetInfo, root) -> Optional[str]:
                                f"{info.layout}\n({DOCS_HINT})")
     root = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root):
-        raise DatasetError(f"data root not found: {root}\nexpected layout for {info.name}:\n"
+        what = "is a file, not a folder" if os.path.exists(root) else "not found"   # (review 67)
+        raise DatasetError(f"data root {what}: {root}\nexpected layout for {info.name}:\n"
                            f"{info.layout}\n({DOCS_HINT})")
     return root
 

@@ -130,10 +130,13 @@ def resized_pixels(transform, width: int, height: int) -> int:
     side to it, so an elongated image grows: the ``svp`` recipe's Resize(256) makes ~20 G pixels
     (~59 GB as RGB) of a few-hundred-byte 1 x 300000 PNG before its crop (review: svp serve's pixel limit
     counted the upload alone). Steps are read from a Compose's ``transforms`` (or ``geometric``,
-    svp serve's faster equivalent)."""
+    svp serve's faster equivalent). The decoded image itself is not counted where a resize
+    follows: Pillow's own bound judged it when it was read (a square 9500 x 9500 image, which the
+    data check and ``load_image`` accept, was refused as 90 M pixels after a run's last epoch,
+    though its resize makes 256 x 256: review 67)."""
     steps = getattr(transform, "transforms", None) or getattr(transform, "geometric", None) or []
     w, h = int(width), int(height)
-    most = w * h
+    most = None
     for t in steps:
         if isinstance(t, T.Resize):
             size = [t.size] if isinstance(t.size, int) else list(t.size)
@@ -144,11 +147,11 @@ def resized_pixels(transform, width: int, height: int) -> int:
                 w, h = (s, other) if w <= h else (other, s)
             else:
                 h, w = int(size[0]), int(size[1])
-            most = max(most, w * h)
+            most = max(most or 0, w * h)
         elif isinstance(t, T.CenterCrop):
             ch, cw = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
             w, h = int(cw), int(ch)   # (a crop larger than the image pads it to this size)
-    return most
+    return int(width) * int(height) if most is None else most
 
 
 def check_resized_size(transform, width: int, height: int, where: str) -> None:

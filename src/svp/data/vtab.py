@@ -83,6 +83,11 @@ def vtab_task_dir(root: str, task: str) -> str:
     for c in candidates[:2]:
         if os.path.isdir(c):
             return c
+    if any(os.path.isfile(os.path.join(root, f)) for f in ("test.txt", "train800val200.txt")):
+        # (the task folder itself given as the root: "not found: .../dtd/VTAB/vtab-1k/dtd": review 67)
+        raise DatasetError(f"VTAB-1k task folder for '{task}' not found under {root}, which holds a task's lists "
+                           f"itself: give the folder that holds VTAB/vtab-1k/{task}/ (or vtab-1k/) as the data "
+                           f"root, not a task's folder ({DOCS_HINT})")
     raise missing(candidates[0], f"VTAB-1k task folder for '{task}'",
                   VTAB_LAYOUT.format(task=task))
 
