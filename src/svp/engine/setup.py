@@ -366,7 +366,7 @@ def _from_preset(cfg: dict, method: str, message: str) -> str:
     """Where a refused method setting came from when the user did not give it: the dataset's
     preset (the official recipe's S for Vim-S, depth 24: 6 or 12 do not divide the mini Vim's 8,
     and the error named a setting the user never set: review 66)."""
-    from .config import dataset_preset
+    from .presets import dataset_preset
     preset = (dataset_preset(str(cfg["data"]["dataset"]), method).get("method") or {}).get("settings") or {}
     used = cfg["method"]["settings"] or {}
     for k, v in preset.items():
