@@ -116,7 +116,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
         header += f", root {printable(root_dir)}" + (" ($SVP_DATA)" if root is None else "")
     print(header, file=out)
     problems = 0
-    said: Dict[str, str] = {}   # an error's text -> the split it was first counted under
+    said: Dict[str, str] = {}   # an error's file, line and first words -> the split it was counted under
     for split, (ds, seconds) in built.items():
         if (isinstance(ds, DatasetError) and not splits and info.name.startswith("vtab/")
                 and split in ("train800", "val200") and "split list" in str(ds) and "not found" in str(ds)

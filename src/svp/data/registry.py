@@ -277,24 +277,33 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     return ds
 
 
-def split_holds(dataset: str, split: str) -> frozenset:
-    """The splits whose images ``split`` of ``dataset`` holds, by their own names: an alias is
-    its split (VTAB's ``val`` is ``val200``), and ``trainval`` / ``train800val200`` hold the two
-    splits they join. For comparing a selection split with the test split (``val`` beside a
-    ``test_split`` of ``val200`` selected on test images: retest 64); a dataset not registered
-    keeps the names as they are."""
+_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[:(\d+)\])?$")   # (a custom split name may hold -)
+# the splits that join two others under a name of their own
+_JOINED = {"trainval": ("train", "val"), **vtab.VTAB_SPLIT_PARTS}
+
+
+def split_holds(dataset: Optional[str], expression: str) -> List[str]:
+    """The splits whose images a split expression (``train[:512]+val``, as
+    ``_split_expression`` reads it) of ``dataset`` holds, by their own names, in order: an alias
+    is its split (VTAB's ``val`` is ``val200``), ``trainval`` / ``train800val200`` hold the two
+    splits they join, and an empty slice (``[:0]``) holds none (any other slice starts at its
+    split's first item). For comparing a selection split with the test split (``test[:64]``
+    beside ``test``: review 62; ``val`` beside ``val200``: retest 64); a dataset not registered
+    keeps the names as they are, and a part the builder would refuse is kept as written."""
     try:
-        aliases = dict(dataset_info(dataset).split_aliases)
+        aliases = dict(dataset_info(dataset).split_aliases) if dataset else {}
     except Exception:   # noqa: BLE001  (a name the configuration check reports itself)
         aliases = {}
-    name = aliases.get(split, split)
-    if name in ("trainval", "train800val200"):
-        return frozenset(aliases.get(p, p) for p in (("train", "val") if name == "trainval" else
-                                                     ("train800", "val200")))
-    return frozenset({name})
-
-
-_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[:(\d+)\])?$")   # (a custom split name may hold -)
+    out: List[str] = []
+    for text in str(expression).split("+"):
+        m = _PART.match(re.sub(r"\s+", "", text))
+        if m and m.group(2) == "0":
+            continue
+        name = aliases.get(m.group(1), m.group(1)) if m else text.strip()
+        for held in (aliases.get(p, p) for p in _JOINED.get(name, (name,))):
+            if held and held not in out:
+                out.append(held)
+    return out
 
 
 def _split_expression(info: DatasetInfo, split: str, root, transform, **kw) -> VisionDataset:

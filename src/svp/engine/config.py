@@ -765,27 +765,14 @@ def validate(cfg: dict) -> None:
 
 
 def splits_shared(a, b, dataset=None) -> list:
-    """The splits two split expressions both read (``train[:512]+val``: a part is a split, or
-    the first N items of one): a slice starts at the split's first item, so two parts of one
-    split always share images, unless one is empty; an alias is its split and a joined split
-    (``trainval``) holds its parts (``svp.data.split_holds``, with ``dataset``).
+    """The splits two split expressions of ``dataset`` both read (``svp.data.split_holds``):
     ``val_split='test[:64]'`` beside ``test_split='test'`` (review 62), and VTAB's ``val`` beside
     ``val200`` (retest 64), selected on test images with nothing said."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return []
     from svp.data import split_holds
-
-    def parts(expr):
-        if not isinstance(expr, str):
-            return []
-        out = []
-        for part in expr.split("+"):
-            m = re.fullmatch(r"\s*(.*?)\s*(?:\[:\s*(\d+)\s*\])?\s*", part)
-            if m and m.group(1) and m.group(2) != "0":
-                for held in sorted(split_holds(dataset, m.group(1)) if dataset else {m.group(1)}):
-                    if held not in out:
-                        out.append(held)
-        return out
-    theirs = parts(b)
-    return [p for p in parts(a) if p in theirs]
+    theirs = split_holds(dataset, b)
+    return [p for p in split_holds(dataset, a) if p in theirs]
 
 
 def check_model_kwargs_keys(cfg: dict) -> None:

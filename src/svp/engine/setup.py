@@ -359,20 +359,19 @@ def check_method_fits(cfg: dict) -> None:
         dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:
         said = str(e) if isinstance(e, ConfigError) else f"method.name={name!r} / method.settings={settings}: {e}"
-        raise ConfigError(said + _from_preset(cfg, name, str(e))) from None
+        raise ConfigError(said + _from_preset(cfg["data"]["dataset"], name, settings, str(e))) from None
 
 
-def _from_preset(cfg: dict, method: str, message: str) -> str:
-    """Where a refused method setting came from when the user did not give it: the dataset's
-    preset (the official recipe's S for Vim-S, depth 24: 6 or 12 do not divide the mini Vim's 8,
-    and the error named a setting the user never set: review 66)."""
+def _from_preset(dataset: str, method: str, settings: dict, message: str) -> str:
+    """Where a refused method setting came from when the run's value (``settings``, as
+    ``method_config`` resolved them) is the dataset's preset's: the official recipe's S for
+    Vim-S, depth 24, where 6 or 12 do not divide the mini Vim's 8, and the error named a setting
+    the user never set (review 66)."""
     from .presets import dataset_preset
-    preset = (dataset_preset(str(cfg["data"]["dataset"]), method).get("method") or {}).get("settings") or {}
-    used = cfg["method"]["settings"] or {}
+    preset = (dataset_preset(str(dataset), method).get("method") or {}).get("settings") or {}
     for k, v in preset.items():
-        mine = used.get(method, {}).get(k, used.get(k)) if isinstance(used.get(method), dict) else used.get(k)
-        if re.search(rf"\b{re.escape(k)}\b", message) and mine == v:
-            return (f" ({k}={v!r} is dataset {cfg['data']['dataset']}'s preset, the official recipe's; give "
+        if re.search(rf"\b{re.escape(k)}\b", message) and settings.get(k) == v:
+            return (f" ({k}={v!r} is dataset {dataset}'s preset, the official recipe's; give "
                     f"method.settings.{method}.{k}=... for this model)")
     return ""
 
