@@ -918,3 +918,52 @@ def test_data_check_says_a_shared_problem_once_and_names_the_root_it_read(fake, 
     monkeypatch.setenv("SVP_DATA", root)
     assert svp_main(["data", "check", "vtab/dtd", "--split", "test"]) == 0
     assert f"root {root} ($SVP_DATA)" in capsys.readouterr().out
+
+
+def test_review67_stray_files_and_short_grids_are_said_once_and_fake_roots_repeat_bit_for_bit(
+        fake, tmp_path, caplog, capsys, monkeypatch):
+    """An imagefolder class folder without images and an image beside the class folders were
+    dropped without a word; GTSRB's stray-file warning came once per split cut from the same
+    folder; --group VTAB listed nothing; a grid of fewer images than --n was silent; the fake
+    SVHN .mat files held their write time (two fake roots differed)."""
+    r = _copy(fake, tmp_path, "gtsrb", "custom_imagefolder")
+    open(os.path.join(r, "gtsrb", "GTSRB", "Training", "00003", "notes.txt"), "w").write("x")
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        build_dataset("gtsrb", "train", root=r)
+        build_dataset("gtsrb", "val", root=r)
+    assert caplog.text.count("ignored 1 file(s) that are not .ppm images") == 1, caplog.text
+    caplog.clear()
+    froot = os.path.join(r, "custom_imagefolder")
+    sdir = os.path.join(froot, "train")
+    first = sorted(os.listdir(sdir))[0]
+    n = len(build_dataset("imagefolder", "train", root=froot))
+    shutil.copy(os.path.join(sdir, first, sorted(os.listdir(os.path.join(sdir, first)))[0]),
+                os.path.join(sdir, "loose.png"))
+    os.mkdir(os.path.join(sdir, "zz_empty"))
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        ds = build_dataset("imagefolder", "train", root=froot)
+    assert len(ds) == n and "zz_empty" in ds.classes
+    assert "1 class folder(s) of" in caplog.text and "hold no image: 'zz_empty'" in caplog.text, caplog.text
+    assert "ignored 1 image(s) directly in" in caplog.text and "loose.png" in caplog.text, caplog.text
+
+    capsys.readouterr()
+    assert svp_main(["data", "list", "--group", "VTAB"]) == 0
+    upper = capsys.readouterr().out
+    assert svp_main(["data", "list", "--group", "vtab"]) == 0
+    assert upper == capsys.readouterr().out and upper.count("\n") == 19
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="svp.data"):
+        assert svp_main(["data", "grid", "svhn", "--root", fake[0], "--split", "test", "--n", "999",
+                         "--out", str(tmp_path / "g.png")]) == 0
+    assert "hta/svhn/test holds 20 image(s): the grid shows all of them, not 999" in caplog.text, caplog.text
+
+    import time
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, when in ((a, "Mon Dec  7 09:00:00 2026"), (b, "Tue Dec  8 10:00:01 2026")):
+        monkeypatch.setattr(time, "asctime", lambda *t, _w=when: _w)   # (scipy's header's clock)
+        make_fake_root(str(d), which=("svhn",))
+    monkeypatch.undo()
+    for fn in ("train_32x32.mat", "test_32x32.mat"):
+        assert (a / fn).read_bytes() == (b / fn).read_bytes()
+    from scipy.io import loadmat
+    assert loadmat(str(a / "test_32x32.mat"))["X"].shape == (32, 32, 3, 20)

@@ -33,6 +33,7 @@ from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileLi
                    listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
+_gtsrb_warned: set = set()   # GTSRB training folders whose stray files were already said in this process
 
 
 def _check_split(name, split, allowed=HTA_SPLITS):
@@ -265,7 +266,8 @@ def build_gtsrb(root: str, split: str, transform=None, seed: int = 0,
     if empty:
         raise DatasetError(f"gtsrb: no .ppm images in the class folder(s) {', '.join(empty[:10])} of {tdir} "
                            f"(docs/datasets.md, All datasets)")
-    if ignored:
+    if ignored and tdir not in _gtsrb_warned:   # (once: each split is cut from the same folder)
+        _gtsrb_warned.add(tdir)
         log.warning("hta/gtsrb: ignored %d file(s) that are not .ppm images, e.g. %s", len(ignored), ignored[0])
     keep = _pick(split, len(samples), seed, shuffle=True)
     samples = [samples[i] for i in keep]
@@ -461,6 +463,18 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         log.warning(
             "imagefolder/%s: ignored %d non-image file(s) (extensions %s), e.g. %s",
             split, len(ignored), " ".join(IMG_EXTENSIONS), ignored[0])
+    # a class folder of this split holding no image, and images beside the class folders (they
+    # have no class), were dropped without a word (review 67)
+    counts = collections.Counter(t for _, t in samples)
+    empty = [folders[c] for i, c in enumerate(classes) if c in folders and not counts[i]]
+    if empty:
+        log.warning("imagefolder/%s: %d class folder(s) of %s hold no image: %s", split, len(empty), sdir,
+                    ", ".join(map(repr, empty[:5])) + (", ..." if len(empty) > 5 else ""))
+    loose = sorted(e for e in os.listdir(sdir) if not e.startswith(".") and e.lower().endswith(IMG_EXTENSIONS)
+                   and os.path.isfile(os.path.join(sdir, e)))
+    if loose:
+        log.warning("imagefolder/%s: ignored %d image(s) directly in %s, outside any class folder, e.g. %s; "
+                    "expected <split>/<class>/<image>", split, len(loose), sdir, loose[0])
     return FileListDataset(samples, classes, transform, name="imagefolder", split=split,
                            skip_bad_images=skip_bad_images, check_files=check_files, source=sdir)
 

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 
 def cmd_list(args) -> int:
-    names = list_datasets(args.group)
+    names = list_datasets(args.group.lower() if args.group else None)   # (as dataset names: VTAB, HTA)
     if not names:   # a misspelt group printed nothing and exited 0
         groups = sorted({dataset_info(n).group.split("-")[0] for n in list_datasets()})
         raise ConfigError(f"--group {args.group!r}: no such group; expected one of {', '.join(groups)}")
@@ -198,6 +198,9 @@ def save_grid(name, path, split="train", n=32, cols=8, root=None, seed=0, **opti
 
     ds = build_dataset(name, split, root=root, **options)
     idx = np.random.RandomState(seed).choice(len(ds), size=min(n, len(ds)), replace=False)
+    if len(idx) < n:   # (a grid of fewer images than asked, without a word: review 67)
+        logging.getLogger("svp.data").warning("%s/%s holds %d image(s): the grid shows all of them, not %d",
+                                              dataset_info(name).name, split, len(idx), n)
     rows = (len(idx) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.0, rows * 1.15), dpi=80)
     axes = np.atleast_1d(axes).reshape(-1)
@@ -232,6 +235,7 @@ def seed_arg(text: str) -> int:
 
 
 def cmd_grid(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")   # (as check's)
     # a user's mistake is one line and exit 2, as in every command (SVPError)
     if args.n < 1 or args.cols < 1:
         raise ConfigError(f"--n and --cols must be >= 1, got {args.n} and {args.cols}")

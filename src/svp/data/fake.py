@@ -45,6 +45,7 @@ def make_fake_root(root: str, which: Sequence[str] = ALL, vtab_items: int = 4,
                    vtab_tasks: Optional[Sequence[str]] = None
                    ) -> Tuple[Manifest, Dict[str, List[str]]]:
     root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)   # (SVHN's files lie in the root itself: which=("svhn",) found no folder)
     man: Manifest = {}
     classes: Dict[str, List[str]] = {}
     seed = [0]
@@ -219,8 +220,10 @@ def make_fake_root(root: str, which: Sequence[str] = ALL, vtab_items: int = 4,
             X = np.repeat(digits.astype(np.uint8)[None, None, None, :], 32, 0)
             X = np.repeat(np.repeat(X, 32, 1), 3, 2)
             y = np.where(digits == 0, 10, digits).reshape(-1, 1).astype(np.uint8)
-            savemat(os.path.join(root, f"{'test' if split == 'test' else 'train'}_32x32.mat"),
-                    {"X": X, "y": y})
+            mat = os.path.join(root, f"{'test' if split == 'test' else 'train'}_32x32.mat")
+            savemat(mat, {"X": X, "y": y})
+            with open(mat, "r+b") as f:   # the header's 116 text bytes hold the write time: fixed text instead
+                f.write(b"MATLAB 5.0 MAT-file, written by svp.data.fake".ljust(116, b" "))
             man["hta/svhn"][split] = [(None, str(v)) for v in digits]
         classes["hta/svhn"] = [str(i) for i in range(10)]
 

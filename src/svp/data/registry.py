@@ -267,7 +267,8 @@ def build_dataset(name: str, split: str, root=None, transform=None, *,
     if split not in info.splits and not custom:
         hint = ""
         if split == "val":
-            hint = " (no native validation split: pass val_from_train=<fraction>, e.g. 0.1)"
+            hint = (" (no native validation split: carve one out of the training split with "
+                    "data.options.val_from_train=<fraction>, e.g. 0.1; svp data check: --val-from-train 0.1)")
         raise DatasetError(f"{info.name}: unknown split {split!r}; available: "
                            f"{', '.join(info.splits)}{hint}")
     ds = builder(root, split, transform, **kw)
