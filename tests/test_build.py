@@ -83,9 +83,21 @@ def test_a_backbone_json_may_name_svps_vim_models_alone(tmp_path):
     path.write_text(json.dumps({"model": "hf-hub:someone/evil", "pretrained": True}))
     with pytest.raises(AdapterError, match=r"'model' 'hf-hub:someone/evil': a timm model name, not a hub"):
         read_backbone_spec(str(path))
+    # nor may it choose where weights are downloaded from: any URL or hub repository was fetched,
+    # with HF_HUB_OFFLINE=1 too (timm fetches a url through torch.hub: review 70)
+    for key, cfg, named in (("pretrained_cfg_overlay", {"hf_hub_id": None, "url": "http://127.0.0.1:9/w.pth"}, "url"),
+                            ("pretrained_cfg_overlay", {"hf_hub_id": "someone/any", "hf_hub_filename": "w.pth"},
+                             "hf_hub_filename, hf_hub_id"),
+                            ("pretrained_cfg", {"url": "http://127.0.0.1:9/w.pth"}, "url")):
+        path.write_text(json.dumps({"model": "vim_tiny_patch16_224", "pretrained": True, "kwargs": {key: cfg}}))
+        with pytest.raises(AdapterError, match=rf"backbone.json: kwargs.{key} sets {named}: a backbone description "
+                                               rf"may not choose where weights are downloaded from"):
+            read_backbone_spec(str(path))
     # svp's Vim models read such files through svp's loader; another name without them builds as before
     for d in ({"model": "vim_mini_patch4_32", "random_init": True,
                "kwargs": {"checkpoint_path": str(tmp_path / "notes.txt")}},
+              {"model": "vim_tiny_patch16_224", "pretrained": True,   # (a local file: svp's loader reads it)
+               "kwargs": {"pretrained_cfg_overlay": {"file": str(tmp_path / "w.pth")}}},
               {"model": "my_vim_variant", "random_init": True, "kwargs": {"depth": 2}}):
         path.write_text(json.dumps(d))
         assert read_backbone_spec(str(path)).model == d["model"]
@@ -353,9 +365,14 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
               "    os.makedirs(os.path.join(snap, 'refs'))\n"
               "    open(os.path.join(snap, 'refs', 'main'), 'w').write('0' * 40)\n"
               "    os.makedirs(os.path.join(snap, 'snapshots', '0' * 40))\n"
-              "    with open(os.path.join(snap, 'snapshots', '0' * 40, 'vim_t_midclstok_76p1acc.pth'), 'w') as f:\n"
+              "    os.makedirs(os.path.join(snap, 'blobs'))\n"   # (as huggingface_hub lays it out: a link to a blob)
+              "    with open(os.path.join(snap, 'blobs', 'e' * 64), 'w') as f:\n"
               "        f.write('<html>502 Bad Gateway</html>')\n"
-              "    once()\n")
+              "    os.symlink(os.path.join('..', '..', 'blobs', 'e' * 64),\n"
+              "               os.path.join(snap, 'snapshots', '0' * 40, 'vim_t_midclstok_76p1acc.pth'))\n"
+              "    once()\n"
+              "    try:\n        build_backbone(ModelSpec('vim_tiny_patch16_224.nosuchtag', pretrained=True))\n"
+              "    except Exception as e:\n        print(type(e).__name__, str(e).replace(chr(10), ' '))\n")
 
     def run(**env):
         full = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DAMAGE")}
@@ -369,11 +386,21 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
         outs[var] = run(**{var: "1"}, **({"DAMAGE": "1"} if var == "HF_HUB_OFFLINE" else {}))
         out = outs[var][0]
         assert out.startswith("CheckpointError model 'vim_tiny_patch16_224': cannot get its pretrained weights"), out
-        assert f"download {url} elsewhere and pass it with --checkpoint ({var} is set" in out, out
-    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1 and len(outs["HF_HUB_OFFLINE"]) == 2, outs
+        assert f"download {url} elsewhere and pass it with --checkpoint, or" in out, out
+        assert f"to copy over) ({var} is set: only the local hub cache was read)" in out, out
+        # a resumed run refuses --checkpoint: the hub cache is its way (review 70)
+        assert "or, for a run resumed, put it in the hub cache this machine reads (HF_HUB_CACHE" in out, out
+    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1 and len(outs["HF_HUB_OFFLINE"]) == 3, outs
     out = outs["HF_HUB_OFFLINE"][1]
     assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
-    assert "it is the hub cache's copy: delete it to download again, or pass --checkpoint" in out, out
+    # deleting the snapshot's link alone did nothing: huggingface_hub linked it to the same blob again
+    snap = os.path.join(str(tmp_path / "hf" / "HF_HUB_OFFLINE-DAMAGE"), "hub", "models--hustvl--Vim-tiny-midclstok")
+    link = os.path.join(snap, "snapshots", "0" * 40, "vim_t_midclstok_76p1acc.pth")
+    blob = os.path.realpath(os.path.join(snap, "blobs", "e" * 64))
+    assert (f"it is the hub cache's copy: delete {link} and {blob}, the file it links to, to download again, "
+            f"or pass --checkpoint") in out, out
+    out = outs["HF_HUB_OFFLINE"][2]   # (an unknown tag was "its pretrained weights do not fit")
+    assert out.startswith("ConfigError model 'vim_tiny_patch16_224.nosuchtag': Invalid pretrained tag"), out
 
 
 def test_the_offline_hint_reads_the_switches_as_huggingface_hub_does():
@@ -389,6 +416,8 @@ def test_the_offline_hint_reads_the_switches_as_huggingface_hub_does():
         from huggingface_hub.constants import _is_true
     except ImportError:
         return
-    for env in ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, {"TRANSFORMERS_OFFLINE": "yes"}, {}):
+    assert _offline_switch({"HF_HUB_OFFLINE": "1 "}) is None   # (the hub does not strip: it went online)
+    for env in ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, {"TRANSFORMERS_OFFLINE": "yes"}, {},
+                {"HF_HUB_OFFLINE": "1 "}, {"HF_HUB_OFFLINE": " true"}):
         hub = _is_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE"))
         assert (_offline_switch(env) is not None) == hub, env

@@ -96,6 +96,16 @@ class ModelSpec:
             raise ConfigError(f"{source}: 'model' {d['model']!r} is not one of svp's Vim models "
                               f"({', '.join(MODEL_NAMES)}), and its kwargs {loader} would have timm's own loader "
                               f"read a file; give the weights as 'checkpoint' (read by svp's loader) instead")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+            cfg = (d.get("kwargs") or {}).get(key) if isinstance(d.get("kwargs"), dict) else None
+            remote = sorted(k for k in _REMOTE_CFG_KEYS if cfg.get(k)) if isinstance(cfg, dict) else []
+            if remote:
+                # a downloaded adapter folder chose where its weights were fetched from, any URL or hub
+                # repository, with HF_HUB_OFFLINE=1 too (timm fetches a url through torch.hub: review 70)
+                raise ConfigError(f"{source}: kwargs.{key} sets {', '.join(remote)}: a backbone description "
+                                  f"may not choose where weights are downloaded from; remove {key} from the "
+                                  f"file, and give the weights as 'checkpoint' (a local file) or 'pretrained' "
+                                  f"(the model's registered weights)")
         for key, types, what in (("kwargs", dict, "a mapping of model arguments"),
                                  ("class_names", list, "a list of class names"),
                                  ("checkpoint", str, "a file path")):
@@ -128,6 +138,8 @@ class ModelSpec:
 
 # timm.create_model's arguments that make timm read or fetch weights itself
 _TIMM_LOADER_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# the keys of a pretrained_cfg that name a source on the network
+_REMOTE_CFG_KEYS = ("url", "hf_hub_id", "hf_hub_filename")
 
 
 # The largest sizes a backbone read from a file may ask for (Vim-B: depth 24, width 768, 224 px):
@@ -215,26 +227,65 @@ def pick_device(kind: str) -> str:
     return kind
 
 
-def _hub_file(model: str) -> str:
-    """Where a variant's pretrained weights are (its pretrained_cfg), for the advice of a failed
-    download: the message named no repository or file, and offline nothing on screen did."""
+def _pretrained_source(model: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A variant's pretrained_cfg as timm resolves it for ``create_model(model, **kwargs)``: the
+    registered one (its tag included), replaced by a ``pretrained_cfg`` mapping and updated by a
+    ``pretrained_cfg_overlay`` (the hint named the registered file where an overlay fetched
+    another: review 70). Empty where timm knows none."""
+    kwargs = kwargs or {}
+    whole, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
     try:
         import timm
-        cfg = timm.models.get_pretrained_cfg(model)
-    except Exception:   # (an unknown name is said elsewhere)
-        cfg = None
-    hub, name = getattr(cfg, "hf_hub_id", None), getattr(cfg, "hf_hub_filename", None)
+        name = f"{model.split('.')[0]}.{whole}" if isinstance(whole, str) else model
+        cfg = timm.models.get_pretrained_cfg(name)
+        out = dict(cfg.to_dict()) if cfg is not None else {}
+    except Exception:   # (an unknown name or tag is said elsewhere)
+        out = {}
+    if isinstance(whole, dict):
+        out = dict(whole)
+    if isinstance(overlay, dict):
+        out.update(overlay)
+    return out
+
+
+def _hub_file(model: str, kwargs: Optional[Dict[str, Any]] = None) -> str:
+    """Where a variant's pretrained weights are (its pretrained_cfg), for the advice of a failed
+    download: the message named no repository or file, and offline nothing on screen did."""
+    cfg = _pretrained_source(model, kwargs)
+    hub, name = cfg.get("hf_hub_id"), cfg.get("hf_hub_filename")
     if hub and name:   # (HF_ENDPOINT: a mirror, where huggingface_hub downloads from)
         endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
         return f"{endpoint}/{hub}/resolve/main/{name}"
-    return getattr(cfg, "url", None) or "the weights"
+    return cfg.get("url") or "the weights"
+
+
+def _cached_copy(model: str, kwargs: Optional[Dict[str, Any]] = None) -> str:
+    """How to replace the hub cache's copy of a variant's weights. Deleting the snapshot's file
+    alone did nothing: huggingface_hub linked it again to the same damaged blob, which is named by
+    the file's ETag (review 70). Names both where the cache has them."""
+    cfg = _pretrained_source(model, kwargs)
+    hub, name = cfg.get("hf_hub_id"), cfg.get("hf_hub_filename")
+    link = None
+    if hub and name:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            link = try_to_load_from_cache(hub, name)
+        except Exception:   # noqa: BLE001  (an older huggingface_hub, a damaged cache: the general advice)
+            link = None
+    if isinstance(link, str):
+        blob = os.path.realpath(link)
+        files = f"{link} and {blob}, the file it links to," if blob != link else link
+        return f"; it is the hub cache's copy: delete {files} to download again, or pass --checkpoint"
+    return "; it is the hub cache's copy: delete it (and, in a huggingface_hub cache, the blob it links to) " \
+           "to download again, or pass --checkpoint"
 
 
 def _offline_switch(environ=os.environ) -> Optional[str]:
     """The variable that makes huggingface_hub read only its local cache, as it reads them
     (HF_HUB_OFFLINE where set, =0 too, else TRANSFORMERS_OFFLINE), or None."""
     var = "HF_HUB_OFFLINE" if environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
-    return var if environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE") else None
+    # (unstripped, as huggingface_hub reads it: "1 " went to the network while svp said offline)
+    return var if environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE") else None
 
 
 def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
@@ -274,11 +325,10 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             model = _materialise(model, spec)
     except UnreadableCheckpoint as e:
         # (a CheckpointError, so a RuntimeError: read "do not fit" of a file that was never read)
-        cached = ("; it is the hub cache's copy: delete it to download again, or pass --checkpoint"
-                  if weights == "pretrained" else "")
+        cached = _cached_copy(spec.model, kwargs) if weights == "pretrained" else ""
         raise CheckpointError(f"model {spec.model!r}: cannot read its {weights} weights ({e}){cached}") from None
     except RuntimeError as e:
-        if "Unknown model" in str(e):
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):   # (the tag: "do not fit" before)
             raise ConfigError(f"model {spec.model!r}: {e}") from None
         if weights in ("pretrained", "bundled"):
             # (a process out of file descriptors or memory read "do not fit" of weights that do)
@@ -294,10 +344,13 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
                           f"({type(e).__name__}: {e})") from None
     except (FileNotFoundError, OSError) as e:
         offline = _offline_switch()
+        # (a resumed run keeps model.pretrained and refuses --checkpoint: the cache is its way: review 70)
         hint = ("" if weights != "pretrained" else
-                f"; with no network, download {_hub_file(spec.model)} elsewhere and pass it with --checkpoint" + (
+                f"; with no network, download {_hub_file(spec.model, kwargs)} elsewhere and pass it with "
+                f"--checkpoint, or, for a run resumed, put it in the hub cache this machine reads (HF_HUB_CACHE, "
+                f"else $HF_HOME/hub, default ~/.cache/huggingface/hub; `hf download` fills one to copy over)" + (
                     f" ({offline} is set: only the local hub cache was read)" if offline else
-                    ", or set HF_HUB_OFFLINE=1 to read only the local hub cache without waiting on the network"))
+                    "; set HF_HUB_OFFLINE=1 to read only the local hub cache without waiting on the network"))
         raise CheckpointError(f"model {spec.model!r}: cannot get its {weights} weights ({e}){hint}") from None
     finally:
         if rng is not None:

@@ -276,7 +276,7 @@ class RunFolder:
                 why = (f"{m['checkpoint']} now gives {base}: the file changed since the run started (replaced, "
                        f"re-downloaded, edited). Put the file the run started from back at that path to resume")
             elif m.get("pretrained"):
-                why = (f"{m['name']}'s pretrained weights now give {base}: timm's cache holds another file than "
+                why = (f"{m['name']}'s pretrained weights now give {base}: the hub cache holds another file than "
                        f"the run started from (re-downloaded, another version). Put that file back in the cache "
                        f"to resume")
             else:

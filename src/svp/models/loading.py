@@ -119,7 +119,7 @@ def read_checkpoint(path) -> dict:
             raise UnreadableCheckpoint(
                 f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first}); expected a whole "
                 f".pth/.pt written by torch.save, or a .safetensors file") from e
-        raise CheckpointError(
+        raise UnreadableCheckpoint(   # (unread, so "cannot read", not "do not fit": review 70)
             f"{path}: cannot be read with torch.load(weights_only=True) (only tensors, containers and "
             f"argparse.Namespace are allowed; arbitrary pickled code is never run): {_unpickle_reason(e)}") from e
 
