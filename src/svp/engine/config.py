@@ -79,13 +79,13 @@ SCHEMA: List[Tuple[str, Any, str]] = [
      "the implementation svp used before)"),
     ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up) or constant"),
     ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
-    ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at warmup_lr)"),
-    ("train.warmup_epochs", 5, "linear warm-up epochs"),
-    ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up"),
-    ("train.min_lr", 1e-5, "floor of the cosine schedule"),
+    ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at epoch 0's rate: warmup_lr, or lr without warm-up)"),
+    ("train.warmup_epochs", 5, "linear warm-up epochs (cosine only: sched=constant has none)"),
+    ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up (cosine only)"),
+    ("train.min_lr", 1e-5, "floor of the cosine schedule (cosine only)"),
     ("train.clip_grad", None, "clip the global gradient norm to this value (null: off, official)"),
     ("train.micro_batch", None, "forward and backward over near-equal chunks of at most this many images per "
-     "process, the gradients accumulated for the batch's one optimizer step (null: the whole batch at once, "
+     "process, the gradients accumulated for the batch's one optimizer step (null, or the batch or more: the whole batch at once, "
      "official): the same update up to rounding, less activation memory (Vim-Small, batch 96, chunks of 32 "
      "on the CPU: 40% of the peak memory, the same step time once the heap has grown; docs/training.md). Drop "
      "path draws its masks per chunk, so a run's bits differ from the whole batch's"),

@@ -25,8 +25,9 @@ CPU_CHUNK = 32
 
 def chunk_count(n: int, most: Optional[int]) -> int:
     """How many near-equal chunks of at most ``most`` items ``n`` items split into (``most``
-    None: one). Near-equal: no chunk of one or two images beside larger ones, whose products
-    take another path. Evaluation's chunks here and train.micro_batch's (engine/loop.py)."""
+    None, or ``n`` or more: one). Near-equal: sizes differ by one at most (16 by at most 3:
+    3,3,3,3,2,2), so no lone image after full chunks (3,3,3,3,3,1), whose products take another
+    path. Evaluation's chunks here and train.micro_batch's (engine/loop.py)."""
     return 1 if most is None or n <= int(most) else -(-n // int(most))
 
 
