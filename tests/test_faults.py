@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from svp.cli import main as svp_main
+from svp.data.fake import make_fake_root
 from svp.data import DatasetError, build_dataset, check_before_training, load_image
 
 # ---------------------------------------------------------------------------- helpers
@@ -681,6 +682,49 @@ def test_corrupt_adapter_weights_are_one_line(tmp_path, capsys, mini_run, damage
     _one_line_error(capsys, svp_main(["eval", str(ad), "--dataset", "digits", "--max-samples", "4"]), 2,
                     "adapter.safetensors")
     _one_line_error(capsys, svp_main(["predict", str(ad), img]), 2, "adapter.safetensors")
+
+
+def test_eval_and_predict_say_what_an_adapter_folder_left_them_to_assume(tmp_path, capsys, mini_run):
+    """Review 69: a run folder was "not an adapter directory", not saying to pass its best/ or
+    last/; an adapter of another dataset with the same class names ('0'..'9', as every VTAB
+    task's) and a folder without backbone.json (another image recipe, another loss) were scored
+    with nothing said; a folder among predict's images was a raw errno; an image's path went to
+    stdout raw (a name with a line break was two records)."""
+    import shutil
+    line = _one_line_error(capsys, svp_main(["eval", str(mini_run), "--dataset", "digits"]), 2)
+    assert f"a run folder: pass the adapter folder it holds, {mini_run / 'best'} or {mini_run / 'last'}" in line
+    run = tmp_path / "started"
+    run.mkdir()
+    shutil.copy(mini_run / "config.yaml", run / "config.yaml")
+    assert "a run folder that has saved no adapter yet" in _one_line_error(
+        capsys, svp_main(["predict", str(run), _png8(str(tmp_path / "x.png"), 7)]), 2)
+    assert f"the run {run} has saved no best/ adapter yet" in _one_line_error(
+        capsys, svp_main(["eval", str(run / "best"), "--dataset", "digits"]), 2)
+
+    fake = tmp_path / "fake"
+    make_fake_root(str(fake), which=("svhn",))   # (its classes are '0'..'9', as digits')
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "svhn", "--data-root", str(fake),
+                     "--split", "test"]) == 0
+    err = capsys.readouterr().err
+    assert (f"svp eval: note: the adapter in {mini_run / 'best'} was trained on digits (its backbone.json); "
+            f"evaluated here on svhn") in err, err
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "embedded/digits", "--max-samples", "4"]) == 0
+    assert "note:" not in capsys.readouterr().err   # (another name of the same dataset)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("adapter_config.json", "adapter.safetensors"):
+        shutil.copy(mini_run / "best" / f, bare / f)
+    assert svp_main(["eval", str(bare), "--dataset", "digits", "--max-samples", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"svp eval: note: {bare} has no backbone.json, so the image recipe ('svp') and size (32 px) are " \
+           f"assumed, not the run's" in err, err
+
+    folder, odd = tmp_path / "imgs", _png8(str(tmp_path / "a\nb\x1b[2J.png"), 3)
+    folder.mkdir()
+    assert svp_main(["predict", str(mini_run / "best"), str(folder), odd]) == 2
+    out = capsys.readouterr().out
+    assert f"  {folder}: a folder, not an image; pass its image files (e.g. {folder}/*.jpg)" in out, out
+    assert f"{tmp_path}/a\\x0ab\\x1b[2J.png\n  1. " in out and "\x1b" not in out, out
 
 
 def _strict_json(text):

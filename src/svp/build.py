@@ -451,6 +451,12 @@ def check_adapter_folder(adapter_dir: str) -> None:
                     else "a file, not a folder")
         except OSError as e:   # (a parent the user may not search is EACCES, not "no such folder")
             what = "no such folder" if e.errno == errno.ENOENT else (e.strerror or str(e))
+            from .peft.io import RUN_ADAPTERS
+            run, name = os.path.split(os.path.normpath(adapter_dir))
+            if what == "no such folder" and name in RUN_ADAPTERS and os.path.isfile(os.path.join(run or ".",
+                                                                                                "config.yaml")):
+                what += f" (the run {run or '.'} has saved no {name}/ adapter yet: still training, or stopped " \
+                        f"before its first save)"
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
 
 

@@ -17,7 +17,7 @@ EXIT_CONFIG = 2
 
 from .. import runtime  # noqa: E402
 from ..build import WEIGHTS_HELP, load_for_inference  # noqa: E402,F401 (load_for_inference re-exported)
-from ..io import error_line, json_text, printable, user_path  # noqa: E402
+from ..io import error_line, json_text, printable, shortened, user_path  # noqa: E402
 
 
 def _config_epilog() -> str:
@@ -241,6 +241,31 @@ def _err(msg: str, command: str = "train") -> None:
     error_line(command, msg)
 
 
+def _note(msg: str, command: str) -> None:
+    """``svp COMMAND: note: MESSAGE`` on stderr: what the command assumed, its output unchanged."""
+    print(f"svp {command}: note: {printable(shortened(msg), lines=True)}", file=sys.stderr)
+
+
+def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None) -> None:
+    """Say what an adapter folder left to the command: the image recipe and size of a folder
+    without backbone.json (the 'svp' recipe, silently: a VTAB adapter's loss moved by 2e-3), and a
+    dataset other than the one the adapter was trained on (a VTAB task of the same class count
+    passed the class-name check, its names being '0'..'C-1': review 69)."""
+    if not os.path.isfile(os.path.join(adapter_dir, "backbone.json")):
+        _note(f"{adapter_dir} has no backbone.json, so the image recipe ({spec.extra.get('recipe')!r}) and size "
+              f"({spec.img_size} px) are assumed, not the run's", command)
+    trained = spec.extra.get("dataset")
+    if dataset and isinstance(trained, str):
+        import svp.data as data
+        try:
+            same = data.dataset_info(trained).name == data.dataset_info(dataset).name
+        except Exception:   # noqa: BLE001  (a name this svp does not register: compared as written)
+            same = trained == dataset
+        if not same:
+            _note(f"the adapter in {adapter_dir} was trained on {trained} (its backbone.json); evaluated here "
+                  f"on {dataset}", command)
+
+
 def cmd_train(args) -> int:
     from .loop import TrainingStopped, train
     from .rundir import load_run_config
@@ -283,6 +308,9 @@ def _open_image(path, tf):
     from ..data import load_image
     from ..data.transforms import check_resized_size
 
+    if os.path.isdir(path):   # (it was "unreadable image: ...: IsADirectoryError: [Errno 21]": review 69)
+        from ..data import DatasetError
+        raise DatasetError(f"{path}: a folder, not an image; pass its image files (e.g. {os.path.join(path, '*.jpg')})")
     im = load_image(path)
     # (the shorter side goes to the model's size: a 1 x 4000000 PNG of 4 KB would need ~20 GB)
     check_resized_size(tf, *im.size, path)
@@ -351,6 +379,7 @@ def cmd_eval(args) -> int:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
     _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
+    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset)
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
@@ -380,6 +409,7 @@ def cmd_predict(args) -> int:
     _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
+    _note_assumptions(spec, args.adapter_dir, "predict")
     tf = _eval_transform(spec, args.adapter_dir)
     names = spec.class_names
     # batch by batch: a thousand images in one batch would hold a thousand images' activations.
@@ -421,9 +451,11 @@ def cmd_predict(args) -> int:
                 out += answers   # one JSON document, printed once every image has its answer
                 continue
             for o in answers:
-                print(o["image"])
+                # (paths and errors escaped as the class names: a file 'a\nb.png' was two records, and
+                # an escape sequence in a name reached the terminal: review 69; --json keeps them whole)
+                print(printable(o["image"]))
                 if "error" in o:
-                    print(f"  {o['error']}")
+                    print(f"  {printable(o['error'])}")
                 for rank, t in enumerate(o["top"], 1):
                     # (a class name from the adapter's file, escape sequences and all: printable)
                     print(f"  {rank}. {printable(t['class'])}  {100 * t['prob']:.2f}%")

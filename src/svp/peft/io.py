@@ -172,7 +172,7 @@ def read_adapter_config(directory, data: Optional[bytes] = None) -> dict:
     (:func:`read_adapter_files`)."""
     path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
     if data is None:
-        data = _read(path, f"no {ADAPTER_CONFIG} in {directory} (not an adapter directory)")
+        data = _read(path, f"no {ADAPTER_CONFIG} in {directory} {not_an_adapter(directory)}")
     try:
         cfg = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -210,6 +210,24 @@ def read_adapter_config(directory, data: Optional[bytes] = None) -> dict:
         raise AdapterError(f"{path}: format_version {cfg['format_version']} is newer than this svp "
                            f"understands ({FORMAT_VERSION})")
     return cfg
+
+
+RUN_ADAPTERS = ("best", "last")   # the adapter folders svp train saves in a run folder
+
+
+def not_an_adapter(directory) -> str:
+    """Why a folder without adapter_config.json is no adapter, in parentheses: a run folder (its
+    config.yaml) names the adapters it holds, or says it has saved none yet; the message read
+    "not an adapter directory" of a run folder, not saying what to pass (review 69)."""
+    directory = os.fspath(directory)
+    if not os.path.isfile(os.path.join(directory, "config.yaml")):
+        return "(not an adapter directory)"
+    held = [os.path.join(directory, n) for n in RUN_ADAPTERS
+            if os.path.isfile(os.path.join(directory, n, ADAPTER_CONFIG))]
+    if held:
+        return f"(a run folder: pass the adapter folder it holds, {' or '.join(held)})"
+    return ("(a run folder that has saved no adapter yet: still training, or stopped before its first save; "
+            "`svp train --resume` it)")
 
 
 def _read(path: str, missing: str) -> bytes:
@@ -351,7 +369,7 @@ def _read_once(directory: str) -> AdapterFiles:
                     data[name] = None
                     stamp.append(None)
                     continue
-                what = "(not an adapter directory)" if name == ADAPTER_CONFIG else ""
+                what = not_an_adapter(directory) if name == ADAPTER_CONFIG else ""
                 raise FileNotFoundError(f"no {name} in {directory} {what}".rstrip()) from None
             except OSError as e:
                 raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
