@@ -97,6 +97,8 @@ def test_every_method_trains_through_the_cli(tmp_path, method, capsys, predicted
     assert (res["final"]["test_top1"], res["final"]["test_top5"]) == pytest.approx((top1, top5))
     assert res["final"]["test_loss"] == pytest.approx(loss, rel=1e-4)
     assert res["val_selected"]["epoch"] == 1 and res["method"] == method
+    # one epoch: the selected weights are the last ones, and both records hold the same keys
+    assert set(res["val_selected"]) == set(res["final"]) and res["val_selected"] == res["final"], res
     assert res["trainable_params"] > res["trainable_params_without_head"]
     assert (res["trainable_params_without_head"] == 0) == (method == "linear")  # linear probe: head only
     n_saved = sum(t.numel() for t in adapters["last"].values())

@@ -61,8 +61,12 @@ def results(cfg: dict, history: List[dict], best_epoch: Optional[int], final_tes
         "val_selected": {"epoch": best_rec["epoch"], "val_top1": best_rec.get("val_top1"),
                          "val_loss": best_rec.get("val_loss"),
                          "test_top1": best_test["top1"] if best_test else None,
-                         "test_top5": best_test["top5"] if best_test else None},
-        "final": {"epoch": last["epoch"], "val_top1": last.get("val_top1"),
+                         "test_top5": best_test["top5"] if best_test else None,
+                         # (the same keys in both records: the selected epoch's test loss and count
+                         # were only in the log, the last epoch's validation loss in metrics.jsonl)
+                         "test_loss": best_test["loss"] if best_test else None,
+                         "test_samples": best_test["n"] if best_test else 0},
+        "final": {"epoch": last["epoch"], "val_top1": last.get("val_top1"), "val_loss": last.get("val_loss"),
                   "test_top1": final_test["top1"] if final_test else None,
                   "test_top5": final_test["top5"] if final_test else None,
                   "test_loss": final_test["loss"] if final_test else None,
