@@ -379,6 +379,38 @@ def test_run_lock_names_the_holder_and_dies_with_it(tmp_path):
     assert not (run / "run.lock").exists() and holder(str(run)) is None
 
 
+def test_a_released_lock_leaves_another_process_lock_file_alone_and_a_sweep_names_a_live_run(tmp_path):
+    """Review 71: a fresh run that failed removed its folder while holding its lock, and its
+    release then unlinked the lock file by path, another run's in a folder made again meanwhile,
+    so a third process could lock the folder beside that run. A sweep that found a plain `svp
+    train` alive in one of its run folders called it "an interrupted run made with another
+    configuration"."""
+    import shutil
+
+    from svp.engine.runlock import RunLock, holder
+    from svp.engine.tune import load_or_resume
+    from svp.errors import ConfigError, ResumeError
+    run = tmp_path / "run"
+    run.mkdir()
+    a = RunLock(str(run)).acquire()
+    shutil.rmtree(run)   # (the failed run's clean-up) ...
+    run.mkdir()          # ... and another process's claim of the same name
+    b = RunLock(str(run)).acquire()
+    a.release()
+    try:
+        assert (run / "run.lock").exists() and holder(str(run))["pid"] == os.getpid()
+        with pytest.raises(ResumeError, match="is in use by"):
+            RunLock(str(run)).acquire()   # (it was taken: two holders of one folder)
+        (run / "resume.safetensors").write_bytes(b"")   # (as a run in its second epoch)
+        with pytest.raises(ConfigError, match=rf"run folder {run} is in use by process {os.getpid()} .*an `svp "
+                                              rf"train` of its own, or another sweep's run\), so this sweep does "
+                                              rf"not take it over"):
+            load_or_resume(str(run), {})
+    finally:
+        b.release()
+    assert not (run / "run.lock").exists()
+
+
 def test_a_fresh_run_that_fails_before_its_first_step_leaves_no_folder_where_open_files_stay(tmp_path, monkeypatch):
     """Windows cannot remove an open file: the failed fresh run's folder was removed while its
     lock file was still open (held), so run.lock, and the folder, stayed (review45). Emulated: the

@@ -568,3 +568,38 @@ sys.exit(rc)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 130 and "svp pretrain: interrupted" in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_two_exports_to_one_file_write_one_after_the_other(tmp_path):
+    """Review 71: two runs exporting to one --export at once left one run's weights beside the
+    other's JSON card (its sha256 not the file's), both saying "exported". The export holds a
+    lock file beside the weights while it writes them and their cards; a second export waits."""
+    import threading
+    import time as _time
+
+    from svp.pretrain.train import _export_lock
+    path = str(tmp_path / "w.safetensors")
+    order = []
+    first = _export_lock(path).__enter__()
+    assert os.path.isfile(str(tmp_path / ".w.safetensors.lock"))
+
+    def second():
+        with _export_lock(path, wait_s=30):
+            order.append(("second", _time.monotonic()))
+    t = threading.Thread(target=second)
+    t.start()
+    _time.sleep(0.6)
+    assert not order   # (waiting)
+    released = _time.monotonic()
+    order.append(("first released", released))
+    first.__exit__(None, None, None)
+    t.join(30)
+    assert [o[0] for o in order] == ["first released", "second"], order
+    assert not os.path.exists(str(tmp_path / ".w.safetensors.lock"))   # (nothing left beside the weights)
+    held = _export_lock(path).__enter__()
+    try:   # a wait that runs out names the holder
+        from svp.errors import ResumeError
+        with pytest.raises(ResumeError, match=r"export .* is in use by process \d+"):
+            _export_lock(path, wait_s=0.3).__enter__()
+    finally:
+        held.__exit__(None, None, None)

@@ -288,6 +288,23 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     assert svp_main(argv + ["--overwrite"]) == 2
     assert "backbone.json: is a folder; not saved" in capsys.readouterr().err
     assert (out / "adapter.safetensors").read_bytes() == before
+    # two conversions into one new --out at once: both said "wrote" while one adapter was lost,
+    # and a failing one removed the folder the other had written (review 71). Here the other
+    # process fills --out while this one writes its files.
+    other = tmp_path / "race" / "o"
+
+    def raced(path, write):
+        if not other.exists():
+            other.mkdir(parents=True)
+            (other / "adapter_config.json").write_text("the other process's")
+        return real_write_temp(path, write)
+    monkeypatch.setattr(svp.io, "_write_temp", raced)
+    capsys.readouterr()
+    assert svp_main(argv[:-4] + ["--out", str(other)] + argv[-2:]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {other}: another process wrote it while this conversion ran" in err, err
+    assert os.listdir(other.parent) == ["o"] and os.listdir(other) == ["adapter_config.json"]   # (no temporary)
+    assert (other / "adapter_config.json").read_text() == "the other process's"
 
 
 def test_conversion_inputs_that_passed_silently_are_refused(tmp_path, capsys, caplog):

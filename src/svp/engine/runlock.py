@@ -176,9 +176,13 @@ class RunLock:
             return
         if fcntl is not None:
             # unlink while still holding the lock: a waiter that opened the old file sees the
-            # inode change after it gets the lock and retries on a fresh file
+            # inode change after it gets the lock and retries on a fresh file. Only our own file:
+            # a run's folder removed (a fresh run that failed) and made again by another process
+            # holds that process's lock file at this path, and unlinking it let a third process
+            # lock the folder beside it (review 71)
             try:
-                os.unlink(self.path)
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.unlink(self.path)
             except OSError:   # gone, or a folder made read-only: the file stays, unlocked, harmless
                 pass
         _HELD.discard(self.fd)

@@ -536,7 +536,7 @@ def _wait_for_runs_held(output: str, timeout_s: float = 60.0) -> None:
     held = {folder: info for folder, info in held.items() if info is not None}
     for folder, info in held.items():
         log.warning("waiting for %s to leave run folder %s (a run of an earlier sweep of this folder "
-                    "stopping?)", describe_holder(info), folder)
+                    "stopping, or an `svp train` of its own there?)", describe_holder(info), folder)
     deadline = time.monotonic() + timeout_s
     while held and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -390,6 +390,12 @@ def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dic
     another one raises :class:`ConfigError` (:func:`check_same_config`)."""
     from .loop import train
 
+    from .runlock import describe_holder, holder
+    info = holder(run_dir)
+    if info is not None:   # (it was "an interrupted run made with another configuration": review 71)
+        raise C.ConfigError(f"run folder {run_dir} is in use by {describe_holder(info)} (an `svp train` of its "
+                            f"own, or another sweep's run), so this sweep does not take it over; let it end, "
+                            f"or use another --output")
     done = os.path.join(run_dir, "results.json")
     if os.path.isfile(done):
         check_same_config(run_dir, cfg, finished=True)

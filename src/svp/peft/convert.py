@@ -225,21 +225,63 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
                          num_classes=int(num_classes),
                          class_names=list(class_names or []), extra={"recipe": "svp"})
         files[BACKBONE_SPEC] = (json_text(spec.to_dict(), indent=2) + "\n").encode("utf-8", "surrogateescape")
-    made = None   # the outermost folder this call makes (--out a/b/c with no a: a)
-    top = os.path.abspath(out)
-    while not os.path.exists(top):
-        made, top = top, os.path.dirname(top)
-    try:
-        # backbone.json goes in with the adapter's two files: written after them, apart, a stop
-        # between left an adapter whose backbone was rebuilt from the default weights (review 57)
-        save_adapter(peft, out, base_model_name=model_name, class_names=class_names, extra=extra, extra_files=files)
-        if not files and os.path.isfile(os.path.join(out, BACKBONE_SPEC)):   # from an earlier conversion
-            os.remove(os.path.join(out, BACKBONE_SPEC))
-    except BaseException:
-        if made:   # (what this call made, and nothing else, is in it)
-            shutil.rmtree(made, ignore_errors=True)
-        raise
+    # backbone.json goes in with the adapter's two files: written after them, apart, a stop
+    # between left an adapter whose backbone was rebuilt from the default weights (review 57)
+    save = dict(base_model_name=model_name, class_names=class_names, extra=extra, extra_files=files)
+    if _new_folder(out):
+        _save_as_new_folder(peft, out, save)
+        return peft.eval()
+    save_adapter(peft, out, **save)   # (--overwrite of an earlier conversion's folder)
+    if not files and os.path.isfile(os.path.join(out, BACKBONE_SPEC)):   # from an earlier conversion
+        os.remove(os.path.join(out, BACKBONE_SPEC))
     return peft.eval()
+
+
+def _new_folder(out: str) -> bool:
+    """Whether ``out`` is missing or an empty folder of its own (not a link)."""
+    if not os.path.lexists(out):
+        return True
+    try:
+        return os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out)
+    except OSError:
+        return False
+
+
+def _save_as_new_folder(peft, out: str, save: dict) -> None:
+    """Write the adapter into a private folder beside ``out``, then rename it to ``out``. Two
+    conversions into one new --out both said "wrote" while one adapter was lost (and a failed one
+    removed the folder the other had just written): the rename takes a missing or empty ``out``
+    only, so the second is refused, and a failure removes only what this call made (review 71)."""
+    import secrets
+    out_abs = os.path.abspath(out)
+    parent = os.path.dirname(out_abs)
+    made = []   # the parents this call makes (--out a/b/c with no a: a, a/b), innermost last
+    top = parent
+    while not os.path.exists(top):
+        made.insert(0, top)
+        top = os.path.dirname(top)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_abs)}.{secrets.token_hex(6)}.tmp")
+    os.mkdir(tmp)
+    try:
+        save_adapter(peft, tmp, **save)
+        try:
+            os.rename(tmp, out_abs)
+        except OSError as e:
+            if os.name == "nt" and _new_folder(out_abs) and os.path.isdir(out_abs):   # (Windows: no rename
+                os.rmdir(out_abs)                                                       # onto a folder)
+                os.rename(tmp, out_abs)
+            else:
+                raise ConfigError(f"--out {out}: another process wrote it while this conversion ran "
+                                  f"({e.strerror or e}); this conversion's adapter was not kept") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):   # (empty ones only: another process's files stay)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
 
 
 def official_backbone(checkpoint) -> dict:

@@ -427,9 +427,6 @@ def export(model, args, summary: dict, cats, log=print) -> str:
     path = args.export
     meta = {"format": "pt", "model": args.model, "source_task": f"ifs_fractal_{args.num_classes}",
             "seed": str(args.seed)}
-    atomic_save_safetensors(path, model.state_dict(), metadata=meta)
-    digest = sha256_file(path)
-    size = os.path.getsize(path)
     # (a second held-out draw, of 10 per class, that tests/test_mini_backbone.py regenerates: not
     # a subset of the held-out split, whatever its name in the card's JSON says)
     test_x, test_y = generate_split("heldout", args.num_classes, 10, args.seed, categories=cats)
@@ -438,8 +435,8 @@ def export(model, args, summary: dict, cats, log=print) -> str:
     card = {
         "model": args.model,
         "file": os.path.basename(path),
-        "sha256": digest,
-        "bytes": size,
+        "sha256": None,   # (the file's, once written)
+        "bytes": None,
         "params": int(sum(p.numel() for p in model.parameters())),
         "architecture": {k: v for k, v in _arch(model).items()},
         "source_task": {
@@ -464,15 +461,51 @@ def export(model, args, summary: dict, cats, log=print) -> str:
         "torch": torch.__version__,
     }
     card_path, md_path = card_paths(path)
-    atomic_write_json(card_path, card)
-    replaced = _card_file(md_path)
-    atomic_write_text(md_path, model_card_markdown(card))   # (surrogateescape: a non-UTF-8 --out in its command)
+    with _export_lock(path):   # the weights, their sha256 and the cards, of one run (review 71)
+        atomic_save_safetensors(path, model.state_dict(), metadata=meta)
+        digest, size = sha256_file(path), os.path.getsize(path)
+        card.update(sha256=digest, bytes=size)
+        atomic_write_json(card_path, card)
+        replaced = _card_file(md_path)
+        atomic_write_text(md_path, model_card_markdown(card))   # (surrogateescape: a non-UTF-8 --out in its command)
     if replaced and replaced != card["file"]:   # (one MODEL_CARD.md a folder: said, not silent)
         log(f"{md_path} described {replaced}; it now describes {card['file']} (the JSON card beside each "
             f"file describes that file)")
     log(f"exported {path} ({size / 1e6:.2f} MB, sha256 {digest}) and {card_path}; held-out accuracy "
         f"{summary['heldout_accuracy']:.4f}, a second held-out draw (10 per class) {test_acc:.4f}")
     return path
+
+
+class _export_lock:
+    """Hold a lock file beside ``--export`` while the weights and their cards are written: two
+    runs exporting to one file at once left the weights of one and the JSON card (its sha256
+    not the file's) of the other, both saying "exported" (review 71). The second waits for the
+    first (a few seconds at most: the writes alone are inside), then writes its own whole. A file
+    system without locks exports without one, as before."""
+
+    def __init__(self, path: str, wait_s: float = 600.0):
+        from ..engine.runlock import RunLock
+        self.lock = RunLock(os.path.dirname(os.path.abspath(path)), lock_file=f".{os.path.basename(path)}.lock",
+                            what="export", advice="another svp pretrain is exporting to this file")
+        self.wait_s = wait_s
+
+    def __enter__(self):
+        from ..engine.runlock import LocksRefused
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                self.lock.acquire("export")
+                return self
+            except LocksRefused:
+                return self
+            except ResumeError as e:   # (held by another export: wait; a folder that refuses the file: say it)
+                if "is in use by" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
 
 
 def _card_file(md_path: str):
