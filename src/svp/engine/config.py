@@ -85,8 +85,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.min_lr", 1e-5, "floor of the cosine schedule (cosine only)"),
     ("train.clip_grad", None, "clip the global gradient norm to this value (null: off, official)"),
     ("train.micro_batch", None, "forward and backward over near-equal chunks of at most this many images per "
-     "process, the gradients accumulated for the batch's one optimizer step (null, or the batch or more: the whole batch at once, "
-     "official): the same update up to rounding, less activation memory (Vim-Small, batch 96, chunks of 32 "
+     "process, the gradients accumulated for the batch's one optimizer step (null, or the batch or more: the "
+     "whole batch at once, official): the same update up to rounding, less activation memory (Vim-Small, batch 96, chunks of 32 "
      "on the CPU: 40% of the peak memory, the same step time once the heap has grown; docs/training.md). Drop "
      "path draws its masks per chunk, so a run's bits differ from the whole batch's"),
     ("train.smoothing", 0.1, "label smoothing"),
