@@ -372,6 +372,9 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
               "               os.path.join(snap, 'snapshots', '0' * 40, 'vim_t_midclstok_76p1acc.pth'))\n"
               "    once()\n"
               "    try:\n        build_backbone(ModelSpec('vim_tiny_patch16_224.nosuchtag', pretrained=True))\n"
+              "    except Exception as e:\n        print(type(e).__name__, str(e).replace(chr(10), ' '))\n"
+              "    try:\n        build_backbone(ModelSpec('vim_tiny_patch16_224', pretrained=True, kwargs={\n"
+              "            'pretrained_cfg_overlay': {'file': '/no such dir/local.pth'}}))\n"
               "    except Exception as e:\n        print(type(e).__name__, str(e).replace(chr(10), ' '))\n")
 
     def run(**env):
@@ -390,7 +393,7 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
         assert f"to copy over) ({var} is set: only the local hub cache was read)" in out, out
         # a resumed run refuses --checkpoint: the hub cache is its way (review 70)
         assert "or, for a run resumed, put it in the hub cache this machine reads (HF_HUB_CACHE" in out, out
-    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1 and len(outs["HF_HUB_OFFLINE"]) == 3, outs
+    assert len(outs["TRANSFORMERS_OFFLINE"]) == 1 and len(outs["HF_HUB_OFFLINE"]) == 4, outs
     out = outs["HF_HUB_OFFLINE"][1]
     assert "cannot read its pretrained weights" in out and "an HTML/XML page, not weights" in out, out
     # deleting the snapshot's link alone did nothing: huggingface_hub linked it to the same blob again
@@ -401,6 +404,9 @@ def test_a_failed_or_damaged_hub_download_names_the_file_and_what_to_do(tmp_path
             f"or pass --checkpoint") in out, out
     out = outs["HF_HUB_OFFLINE"][2]   # (an unknown tag was "its pretrained weights do not fit")
     assert out.startswith("ConfigError model 'vim_tiny_patch16_224.nosuchtag': Invalid pretrained tag"), out
+    out = outs["HF_HUB_OFFLINE"][3]   # (a local file named by an overlay: no download to advise: retest 73)
+    assert "the model's pretrained_cfg names the local file '/no such dir/local.pth': check its path" in out, out
+    assert "huggingface.co" not in out and "hub cache" not in out, out
 
 
 def test_the_offline_hint_reads_the_switches_as_huggingface_hub_does():

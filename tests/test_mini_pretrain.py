@@ -603,3 +603,13 @@ def test_two_exports_to_one_file_write_one_after_the_other(tmp_path):
             _export_lock(path, wait_s=0.3).__enter__()
     finally:
         held.__exit__(None, None, None)
+    # an --export into a folder that does not exist yet: it is made (retest 73: the lock file,
+    # taken before the folder was made, stopped the export after the whole run)
+    import hashlib
+
+    from svp.cli import main
+    export = tmp_path / "new dir" / "w.safetensors"
+    assert main(["pretrain", "--out", str(tmp_path / "p"), *PRETRAIN_TINY, "--export", str(export)]) == 0
+    card = json.loads((tmp_path / "new dir" / "w.json").read_text())
+    assert card["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest() and card["bytes"] == export.stat().st_size
+    assert sorted(os.listdir(tmp_path / "new dir")) == ["MODEL_CARD.md", "w.json", "w.safetensors"]

@@ -305,6 +305,47 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     assert f"--out {other}: another process wrote it while this conversion ran" in err, err
     assert os.listdir(other.parent) == ["o"] and os.listdir(other) == ["adapter_config.json"]   # (no temporary)
     assert (other / "adapter_config.json").read_text() == "the other process's"
+    monkeypatch.setattr(svp.io, "_write_temp", real_write_temp)
+    # an existing empty folder is written in place: its mode kept (and a mount point or the working
+    # directory itself stays the folder written: retest 73) ...
+    own = tmp_path / "own"
+    own.mkdir()
+    os.chmod(own, 0o2750)
+    ino = os.stat(own).st_ino
+    outs = argv[:-4] + ["--out", str(own)] + argv[-2:]
+    assert svp_main(outs) == 0
+    assert os.stat(own).st_ino == ino and os.stat(own).st_mode & 0o7777 == 0o2750
+    assert sorted(os.listdir(own)) == ["adapter.safetensors", "adapter_config.json", "backbone.json"]
+    # ... but looked at again before it is written: another conversion that filled it since this
+    # one started was overwritten without --overwrite (retest 73)
+    import svp.peft.convert as conv
+    real_read = conv.read_checkpoint_weights
+    late = tmp_path / "late"
+    late.mkdir()
+
+    def filled_meanwhile(*a, **k):
+        (late / "adapter_config.json").write_text("the other process's")
+        return real_read(*a, **k)
+    monkeypatch.setattr(conv, "read_checkpoint_weights", filled_meanwhile)
+    capsys.readouterr()
+    assert svp_main(argv[:-4] + ["--out", str(late)] + argv[-2:]) == 2
+    assert f"--out {late}: already holds adapter_config.json" in capsys.readouterr().err
+    assert (late / "adapter_config.json").read_text() == "the other process's"
+    monkeypatch.setattr(conv, "read_checkpoint_weights", real_read)
+    # and one written over by another process while this one wrote is said, not "wrote"
+    real_save = conv.save_adapter
+    both = tmp_path / "both"
+    both.mkdir()
+
+    def overwritten(model, directory, **k):
+        real_save(model, directory, **k)
+        cfg = json.loads((both / "adapter_config.json").read_text())
+        cfg["weights_hash"] = "0" * 64   # (the other conversion's adapter, moved in last)
+        (both / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(conv, "save_adapter", overwritten)
+    assert svp_main(argv[:-4] + ["--out", str(both)] + argv[-2:]) == 2
+    assert f"--out {both}: another process wrote an adapter there while this conversion ran" in \
+        capsys.readouterr().err
 
 
 def test_conversion_inputs_that_passed_silently_are_refused(tmp_path, capsys, caplog):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .errors import AdapterError, CheckpointError, ConfigError, SVPError, out_of_memory
+from .io import shell_word
 from .models.loading import UnreadableCheckpoint
 
 BUNDLED_MODEL = "vim_mini_patch4_32"
@@ -264,6 +265,8 @@ def _cached_copy(model: str, kwargs: Optional[Dict[str, Any]] = None) -> str:
     alone did nothing: huggingface_hub linked it again to the same damaged blob, which is named by
     the file's ETag (review 70). Names both where the cache has them."""
     cfg = _pretrained_source(model, kwargs)
+    if cfg.get("file"):   # (timm reads a pretrained_cfg's local file before any hub: it is no cache's copy)
+        return f"; it is the file named by the model's pretrained_cfg ({shell_word(str(cfg['file']))})"
     hub, name = cfg.get("hf_hub_id"), cfg.get("hf_hub_filename")
     link = None
     if hub and name:
@@ -274,7 +277,8 @@ def _cached_copy(model: str, kwargs: Optional[Dict[str, Any]] = None) -> str:
             link = None
     if isinstance(link, str):
         blob = os.path.realpath(link)
-        files = f"{link} and {blob}, the file it links to," if blob != link else link
+        files = (f"{shell_word(link)} and {shell_word(blob)}, the file it links to," if blob != link
+                 else shell_word(link))
         return f"; it is the hub cache's copy: delete {files} to download again, or pass --checkpoint"
     return "; it is the hub cache's copy: delete it (and, in a huggingface_hub cache, the blob it links to) " \
            "to download again, or pass --checkpoint"
@@ -345,7 +349,10 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     except (FileNotFoundError, OSError) as e:
         offline = _offline_switch()
         # (a resumed run keeps model.pretrained and refuses --checkpoint: the cache is its way: review 70)
+        local = _pretrained_source(spec.model, kwargs).get("file")
         hint = ("" if weights != "pretrained" else
+                f"; the model's pretrained_cfg names the local file {shell_word(str(local))}: check its path, or "
+                f"pass the weights with --checkpoint" if local else
                 f"; with no network, download {_hub_file(spec.model, kwargs)} elsewhere and pass it with "
                 f"--checkpoint, or, for a run resumed, put it in the hub cache this machine reads (HF_HUB_CACHE, "
                 f"else $HF_HOME/hub, default ~/.cache/huggingface/hub; `hf download` fills one to copy over)" + (

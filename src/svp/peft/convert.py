@@ -228,34 +228,44 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     # backbone.json goes in with the adapter's two files: written after them, apart, a stop
     # between left an adapter whose backbone was rebuilt from the default weights (review 57)
     save = dict(base_model_name=model_name, class_names=class_names, extra=extra, extra_files=files)
-    if _new_folder(out):
+    if not os.path.lexists(out):
         _save_as_new_folder(peft, out, save)
         return peft.eval()
-    save_adapter(peft, out, **save)   # (--overwrite of an earlier conversion's folder)
+    # an existing folder is written in place (a folder the user made, with its mode and group; a
+    # mount point; the working directory itself), but looked at again first: another conversion may
+    # have filled it since this one started (it was then overwritten without --overwrite: retest 73)
+    _check_out(out, overwrite)
+    save_adapter(peft, out, **save)
     if not files and os.path.isfile(os.path.join(out, BACKBONE_SPEC)):   # from an earlier conversion
         os.remove(os.path.join(out, BACKBONE_SPEC))
+    _check_still_ours(peft, out)
     return peft.eval()
 
 
-def _new_folder(out: str) -> bool:
-    """Whether ``out`` is missing or an empty folder of its own (not a link)."""
-    if not os.path.lexists(out):
-        return True
+def _check_still_ours(peft, out: str) -> None:
+    """The adapter in ``out`` is the one this call wrote: two conversions into one empty folder
+    at once both said "wrote" while one adapter was lost (review 71)."""
+    from .io import ADAPTER_CONFIG, tensors_hash
     try:
-        return os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out)
-    except OSError:
-        return False
+        with open(os.path.join(out, ADAPTER_CONFIG), "rb") as f:
+            found = json.loads(f.read().decode("utf-8")).get("weights_hash")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != tensors_hash(peft.adapter_state_dict()):
+        raise ConfigError(f"--out {out}: another process wrote an adapter there while this conversion ran; "
+                          f"this conversion's adapter was not kept (run it again into another folder)")
 
 
 def _save_as_new_folder(peft, out: str, save: dict) -> None:
-    """Write the adapter into a private folder beside ``out``, then rename it to ``out``. Two
-    conversions into one new --out both said "wrote" while one adapter was lost (and a failed one
-    removed the folder the other had just written): the rename takes a missing or empty ``out``
-    only, so the second is refused, and a failure removes only what this call made (review 71)."""
+    """Write the adapter into a private folder beside a missing ``out``, then rename it to
+    ``out``. Two conversions into one new --out both said "wrote" while one adapter was lost (and
+    a failed one removed the folder the other had just written): the rename takes a missing (or
+    empty) ``out`` only, so the second is refused, and a failure removes only what this call made
+    (review 71)."""
     import secrets
     out_abs = os.path.abspath(out)
     parent = os.path.dirname(out_abs)
-    made = []   # the parents this call makes (--out a/b/c with no a: a, a/b), innermost last
+    made = []   # the parents this call makes (--out a/b/c with no a: a, a/b), outermost first
     top = parent
     while not os.path.exists(top):
         made.insert(0, top)
@@ -268,12 +278,19 @@ def _save_as_new_folder(peft, out: str, save: dict) -> None:
         try:
             os.rename(tmp, out_abs)
         except OSError as e:
-            if os.name == "nt" and _new_folder(out_abs) and os.path.isdir(out_abs):   # (Windows: no rename
-                os.rmdir(out_abs)                                                       # onto a folder)
+            try:
+                taken = bool(os.listdir(out_abs))
+            except OSError:
+                taken = False
+            if taken:
+                raise ConfigError(f"--out {out}: another process wrote it while this conversion ran; this "
+                                  f"conversion's adapter was not kept (run it again into another folder)") from None
+            if os.name == "nt" and os.path.isdir(out_abs):   # (Windows renames onto no folder, even an empty one)
+                os.rmdir(out_abs)
                 os.rename(tmp, out_abs)
             else:
-                raise ConfigError(f"--out {out}: another process wrote it while this conversion ran "
-                                  f"({e.strerror or e}); this conversion's adapter was not kept") from None
+                raise ConfigError(f"--out {out}: cannot move the written adapter in from {tmp} "
+                                  f"({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in reversed(made):   # (empty ones only: another process's files stay)

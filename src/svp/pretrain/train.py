@@ -461,6 +461,9 @@ def export(model, args, summary: dict, cats, log=print) -> str:
         "torch": torch.__version__,
     }
     card_path, md_path = card_paths(path)
+    # (the folder first: the lock file goes in it, and an --export into a new folder failed after the
+    # whole run: retest 73)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _export_lock(path):   # the weights, their sha256 and the cards, of one run (review 71)
         atomic_save_safetensors(path, model.state_dict(), metadata=meta)
         digest, size = sha256_file(path), os.path.getsize(path)
