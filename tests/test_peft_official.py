@@ -316,6 +316,21 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     assert svp_main(outs) == 0
     assert os.stat(own).st_ino == ino and os.stat(own).st_mode & 0o7777 == 0o2750
     assert sorted(os.listdir(own)) == ["adapter.safetensors", "adapter_config.json", "backbone.json"]
+    # an older svp's conversion wrote no backbone.json: the folder names the file it was converted from
+    # (predict offered a random or downloaded backbone: review 74)
+    older = tmp_path / "older"
+    older.mkdir()
+    for f in ("adapter.safetensors", "adapter_config.json"):
+        shutil.copy(own / f, older / f)
+    img = tmp_path / "img.png"
+    from PIL import Image
+    Image.new("RGB", (IMG, IMG)).save(img)
+    capsys.readouterr()
+    assert svp_main(["predict", str(older), str(img)]) == 2
+    err = capsys.readouterr().err
+    assert f"{older}: no backbone.json naming the weights the adapter was trained on" in err and \
+        f"it was converted from {ckpt}, which holds that backbone; pass the backbone with --checkpoint FILE" in err, err
+    assert svp_main(["predict", str(older), str(img), "--checkpoint", str(ckpt)]) == 0
     # ... but looked at again before it is written: another conversion that filled it since this
     # one started was overwritten without --overwrite (retest 73)
     import svp.peft.convert as conv

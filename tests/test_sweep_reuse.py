@@ -130,9 +130,9 @@ def test_a_tuning_sweep_does_not_select_among_runs_of_another_configuration(tmp_
     assert [r["status"] for r in grid_rows] == ["failed", "failed"]
     assert all("train.weight_decay: 0.0001 -> 0.5" in r["error"] for r in grid_rows)
     assert other["tuning"]["cells"][0]["chosen"] is None
-    # svp's own settings are part of its runs
+    # svp's own settings are part of its runs (named as the run gets them: its block over the flat keys)
     mine = sweep("mini", ["svp"], [0], out, ["digits"], (), tiny + ["method.settings.svp.hidden=8"], tune=grid)
-    assert all("method.settings.svp.hidden: 16 -> 8" in r["error"] for r in mine["rows"] if r["role"] == "grid")
+    assert all("method.settings.hidden: 16 -> 8" in r["error"] for r in mine["rows"] if r["role"] == "grid")
 
 
 def test_differences_leave_out_what_a_resume_may_change_and_see_earlier_resumes():
@@ -691,3 +691,33 @@ def test_a_sigterm_after_a_jobs_sweeps_last_run_still_writes_its_tables(tmp_path
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 130 and "its tables are written" in r.stderr, r.stderr[-3000:]
     assert sorted(row["seed"] for row in _rows(str(out))) == ["0", "1", "2"]
+
+
+def test_a_folder_of_an_older_svp_is_reused_with_the_behaviour_it_had_and_a_setting_spelled_either_way(
+        tmp_path, monkeypatch, logged):
+    """Review 74: after an upgrade, every finished run of an older sweep was refused as "made with
+    another configuration" (train.opt_fused: false -> "auto"; train.amp_cpu: false -> true), keys
+    the old config.yaml lacks, pinned to the old behaviour when it is read; and a setting in the
+    method's own block (method.settings.svp.hidden) differed from the same setting given flat."""
+    out = str(tmp_path / "sw")
+    calls = []
+    _fake_trainer(monkeypatch, calls)
+    sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.svp.hidden=4"])
+    assert len(calls) == 1
+    path = os.path.join(out, "digits", "svp", "seed0", "config.yaml")
+    cfg = yaml.safe_load(open(path))
+    for key in ("opt_fused", "amp_cpu"):   # (as an older svp wrote it)
+        del cfg["train"][key]
+    with open(path, "w") as f:
+        f.write(C.dump(cfg))
+    with logged("svp.engine.sweep", logging.INFO) as messages:
+        res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=4"])
+    assert [r["status"] for r in res["rows"]] == ["reused"] and len(calls) == 1, res["rows"]
+    assert any("was made by an older svp, without the key(s) train.opt_fused, train.amp_cpu: reused with the "
+               "behaviour it had" in m for m in messages), messages
+    # a value the sweep asks for explicitly is another run
+    res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=4",
+                                                                   "train.opt_fused=true"])
+    assert res["rows"][0]["status"] == "failed" and 'train.opt_fused: false -> true' in res["rows"][0]["error"]
+    res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=8"])
+    assert "method.settings.hidden: 4 -> 8" in res["rows"][0]["error"]

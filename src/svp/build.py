@@ -467,6 +467,28 @@ def check_adapter_folder(adapter_dir: str) -> None:
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
 
 
+def _weights_of_a_folder_without_backbone_json(spec: ModelSpec, adapter_dir: str, files) -> None:
+    """An adapter folder without backbone.json (an older convert-official-svp wrote none) records
+    no weights: the builder's "no weights given" offered a random or downloaded backbone, wrong
+    for an adapter bound to its base weights (review 74); say what the folder records instead."""
+    from .peft.io import ADAPTER_CONFIG, BACKBONE_SPEC
+    if files.data.get(BACKBONE_SPEC) is not None:
+        return
+    try:
+        spec.weights
+    except ConfigError:
+        try:
+            extra = (json.loads(files.data[ADAPTER_CONFIG].decode("utf-8")).get("extra") or {})
+        except (ValueError, AttributeError):
+            extra = {}
+        source = extra.get("converted_from") if isinstance(extra, dict) else None
+        origin = (f"; it was converted from {shell_word(str(source))}, which holds that backbone"
+                  if isinstance(source, str) else "")
+        raise ConfigError(f"{adapter_dir}: no backbone.json naming the weights the adapter was trained on (an "
+                          f"older svp's convert-official-svp wrote none){origin}; pass the backbone with --checkpoint FILE "
+                          f"(model {spec.model!r})") from None
+
+
 def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:
     name = model or info.get("base_model_name")
     if not name:
@@ -528,6 +550,7 @@ def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint
     folder read once (:func:`read_adapter_folder`)."""
     files = read_adapter_folder(adapter_dir)
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
+    _weights_of_a_folder_without_backbone_json(spec, adapter_dir, files)
     check_recorded_checkpoint(spec, adapter_dir, checkpoint)
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir, files=files).to(dev).eval()

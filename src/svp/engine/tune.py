@@ -264,6 +264,11 @@ def _flatten(cfg: dict) -> Dict[str, Any]:
 
     for sec, body in cfg.items():
         for name, v in (body or {}).items():
+            if f"{sec}.{name}" == "method.settings" and isinstance(v, dict) and isinstance(v.get(method), dict):
+                # the settings the run gets (its method's block over the shared keys, as
+                # setup.method_config reads them): one setting spelled in the block in one
+                # configuration and flat in the other differed (review 74)
+                v = {**{k: sub for k, sub in v.items() if k != method}, **v[method]}
             walk(f"{sec}.{name}", v, f"{sec}.{name}" in C.MAPPING_KEYS)
     return out
 
@@ -325,6 +330,21 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
     # started filled in with the behaviour it had; debug.* reset)
     saved = load_run_config(run_dir)
     diff = config_differences(saved, cfg)
+    # keys an older svp had not (its config.yaml lacks them): the run did what that svp did, which
+    # load_run_config pins (train.opt_fused=false, ...); where the sweep leaves the key at its
+    # default, that is the same run asked for, not another configuration (every run of a sweep
+    # from before 2026-12-05 was refused after an upgrade: review 74)
+    try:
+        written = _flatten(C.load_yaml(path))
+    except Exception:   # noqa: BLE001  (load_run_config read it above; a key-less file pins nothing)
+        written = {}
+    default = _flatten(C.defaults())
+    older = {k: diff.pop(k) for k in list(diff)
+             if k not in written and _same(_flatten(cfg).get(k, _UNSET), default.get(k, _UNSET))}
+    if older:
+        log.info("run folder %s was made by an older svp, without the key(s) %s: %s with the behaviour it had "
+                 "(%s)", run_dir, ", ".join(older), "reused" if finished else "resumed",
+                 "; ".join(f"{k}: {v}" for k, v in older.items()))
     if diff:
         raise C.ConfigError(
             f"run folder {run_dir} holds {'a finished' if finished else 'an interrupted'} run made with another "
@@ -334,7 +354,7 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
             f"or delete the folder to train it again")
     before = _flatten(saved)
     return [f"{k}={_show(v)}" for k, v in _flatten(cfg).items()
-            if RO.accepted(k) and not _same(before.get(k, _UNSET), v)]
+            if RO.accepted(k) and k not in older and not _same(before.get(k, _UNSET), v)]
 
 
 # (model, checkpoint file's identity, sizes) -> the base weights' hash, so that a sweep
