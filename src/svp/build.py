@@ -485,8 +485,8 @@ def _weights_of_a_folder_without_backbone_json(spec: ModelSpec, adapter_dir: str
         origin = (f"; it was converted from {shell_word(str(source))}, which holds that backbone"
                   if isinstance(source, str) else "")
         raise ConfigError(f"{adapter_dir}: no backbone.json naming the weights the adapter was trained on (an "
-                          f"older svp's convert-official-svp wrote none){origin}; pass the backbone with --checkpoint FILE "
-                          f"(model {spec.model!r})") from None
+                          f"older svp's convert-official-svp wrote none){origin}; pass the backbone with "
+                          f"--checkpoint FILE (model {spec.model!r})") from None
 
 
 def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:
