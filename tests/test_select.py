@@ -58,7 +58,10 @@ def test_results_record():
     final = {"top1": 70.0, "top5": 99.0, "loss": 0.5, "n": 8}
     best = {"top1": 50.0, "top5": 98.0, "loss": 0.6, "n": 8}
     res = select.results(cfg, hist, 2, final, best, steps=9, stopped_early=False, has_val=True)
-    assert res["val_selected"] == {"epoch": 2, "val_top1": 90.0, "val_loss": 1.0, "test_top1": 50.0, "test_top5": 98.0}
+    assert res["val_selected"] == {"epoch": 2, "val_top1": 90.0, "val_loss": 1.0, "test_top1": 50.0, "test_top5": 98.0,
+                                   "test_loss": 0.6, "test_samples": 8}
+    # the two records hold the same keys, each its own epoch's (the last's val_loss was missing)
+    assert set(res["final"]) == set(res["val_selected"]) and res["final"]["val_loss"] == hist[-1]["val_loss"]
     assert res["selection_metric"] == "top1"
     assert res["final"]["epoch"] == 3 and res["final"]["test_top1"] == 70.0 and res["final"]["test_samples"] == 8
     assert res["official_best_test_top1"]["value"] == 70.0 and res["epochs_run"] == 3 and res["steps"] == 9
