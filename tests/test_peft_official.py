@@ -331,6 +331,9 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     assert f"{older}: no backbone.json naming the weights the adapter was trained on" in err and \
         f"it was converted from {ckpt}, which holds that backbone; pass the backbone with --checkpoint FILE" in err, err
     assert svp_main(["predict", str(older), str(img), "--checkpoint", str(ckpt)]) == 0
+    capsys.readouterr()   # (visualize reads the folder through the same builder: retest 75)
+    assert svp_main(["visualize", str(img), "--adapter", str(older), "--out", str(tmp_path / "viz")]) == 2
+    assert f"it was converted from {ckpt}, which holds that backbone" in capsys.readouterr().err
     # ... but looked at again before it is written: another conversion that filled it since this
     # one started was overwritten without --overwrite (retest 73)
     import svp.peft.convert as conv

@@ -715,9 +715,19 @@ def test_a_folder_of_an_older_svp_is_reused_with_the_behaviour_it_had_and_a_sett
     assert [r["status"] for r in res["rows"]] == ["reused"] and len(calls) == 1, res["rows"]
     assert any("was made by an older svp, without the key(s) train.opt_fused, train.amp_cpu: reused with the "
                "behaviour it had" in m for m in messages), messages
-    # a value the sweep asks for explicitly is another run
-    res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=4",
-                                                                   "train.opt_fused=true"])
+    # a value the sweep asks for explicitly is another run (and the log says no "older svp" of it)
+    with logged("svp.engine.sweep", logging.INFO) as messages:
+        res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=4",
+                                                                       "train.opt_fused=true"])
     assert res["rows"][0]["status"] == "failed" and 'train.opt_fused: false -> true' in res["rows"][0]["error"]
+    assert not any("older svp" in m for m in messages), messages
+    # a folder from before model.random_init trained on a random backbone: another run than the bundled
+    # weights' (retest 75: it was reused as one)
+    del cfg["model"]["random_init"]
+    cfg["model"]["pretrained"] = False   # (the mini suite asks for the bundled weights as pretrained ones)
+    with open(path, "w") as f:
+        f.write(C.dump(cfg))
+    res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=4", "model.pretrained=false"])
+    assert res["rows"][0]["status"] == "failed" and "model.random_init: true -> false" in res["rows"][0]["error"]
     res = sweep("mini", ["svp"], [0], out, ["digits"], (), REAL + ["method.settings.hidden=8"])
     assert "method.settings.hidden: 4 -> 8" in res["rows"][0]["error"]

@@ -459,6 +459,11 @@ def test_files_that_are_no_pickle_are_said_as_what_they_are(tmp_path, monkeypatc
     shutil.copy(tmp_path / "odd.safetensors", tmp_path / "odd.pth")
     for name in ("odd.safetensors", "odd.pth"):
         assert torch.equal(read_checkpoint(str(tmp_path / name))["w"], torch.arange(3.0)), name
+    # cut off inside its header, it is said as such (retest 75: read as torch.save's format, a pickle)
+    for name in ("cut.safetensors", "cut.pth"):
+        (tmp_path / name).write_bytes((tmp_path / "odd.safetensors").read_bytes()[:40])
+        with pytest.raises(UnreadableCheckpoint, match=r"a safetensors file cut off inside its header"):
+            read_checkpoint(str(tmp_path / name))
     import builtins
     real_open = builtins.open
 

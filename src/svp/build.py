@@ -436,17 +436,23 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     if files is not None:
         info = peft.read_adapter_config(adapter_dir, files.data[ADAPTER_CONFIG])
         data = files.data.get(BACKBONE_SPEC)
-        spec = (read_backbone_spec(files.path(BACKBONE_SPEC), data=data) if data is not None
-                else _spec_without_backbone_json(adapter_dir, info, model))
-        return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
-    try:
-        info = peft.read_adapter_config(adapter_dir)
-    except FileNotFoundError as e:
-        raise AdapterError(str(e)) from None
-    spec_path = os.path.join(adapter_dir, "backbone.json")
-    spec = (read_backbone_spec(spec_path) if os.path.isfile(spec_path)
-            else _spec_without_backbone_json(adapter_dir, info, model))
-    return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+        if data is not None:
+            spec = read_backbone_spec(files.path(BACKBONE_SPEC), data=data)
+            return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+    else:
+        try:
+            info = peft.read_adapter_config(adapter_dir)
+        except FileNotFoundError as e:
+            raise AdapterError(str(e)) from None
+        spec_path = os.path.join(adapter_dir, "backbone.json")
+        if os.path.isfile(spec_path):
+            spec = read_backbone_spec(spec_path)
+            return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+    spec = _finish_adapter_spec(_spec_without_backbone_json(adapter_dir, info, model), info, adapter_dir, model,
+                                checkpoint, pretrained, random_init)
+    if not model:   # (another --model without weights: the builder's own "no weights given" says it)
+        _weights_of_a_folder_without_backbone_json(spec, adapter_dir, info)
+    return spec
 
 
 def check_adapter_folder(adapter_dir: str) -> None:
@@ -467,20 +473,17 @@ def check_adapter_folder(adapter_dir: str) -> None:
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
 
 
-def _weights_of_a_folder_without_backbone_json(spec: ModelSpec, adapter_dir: str, files) -> None:
+def _weights_of_a_folder_without_backbone_json(spec: ModelSpec, adapter_dir: str, info: dict) -> None:
     """An adapter folder without backbone.json (an older convert-official-svp wrote none) records
     no weights: the builder's "no weights given" offered a random or downloaded backbone, wrong
-    for an adapter bound to its base weights (review 74); say what the folder records instead."""
-    from .peft.io import ADAPTER_CONFIG, BACKBONE_SPEC
-    if files.data.get(BACKBONE_SPEC) is not None:
-        return
+    for an adapter bound to its base weights (review 74; every command that reads one: retest 75);
+    say what the folder records instead."""
     try:
         spec.weights
-    except ConfigError:
-        try:
-            extra = (json.loads(files.data[ADAPTER_CONFIG].decode("utf-8")).get("extra") or {})
-        except (ValueError, AttributeError):
-            extra = {}
+    except ConfigError as e:
+        if "no weights given" not in str(e):   # (an unknown model name says so itself)
+            raise
+        extra = info.get("extra") if isinstance(info, dict) else None
         source = extra.get("converted_from") if isinstance(extra, dict) else None
         origin = (f"; it was converted from {shell_word(str(source))}, which holds that backbone"
                   if isinstance(source, str) else "")
@@ -550,7 +553,6 @@ def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint
     folder read once (:func:`read_adapter_folder`)."""
     files = read_adapter_folder(adapter_dir)
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
-    _weights_of_a_folder_without_backbone_json(spec, adapter_dir, files)
     check_recorded_checkpoint(spec, adapter_dir, checkpoint)
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir, files=files).to(dev).eval()

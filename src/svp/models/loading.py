@@ -80,6 +80,10 @@ def _sniff(path: str) -> str:
     # read as a pickle once renamed as told (review 74)
     if _safetensors_header(path, head):
         return "safetensors"
+    n, size = int.from_bytes(head[:8], "little"), os.path.getsize(path)
+    if head[8:10] == b'{"' and size - 8 < n <= (100 << 20):   # (its header cut off: it read as a pickle)
+        return (f"a safetensors file cut off inside its header ({n:,} bytes of header, {size:,} bytes of file): "
+                f"download or copy it again")
     if head[:1] == b"\x80":
         return "pickle"
     if head.startswith(b"version https://git-lfs"):
