@@ -448,11 +448,8 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
         if os.path.isfile(spec_path):
             spec = read_backbone_spec(spec_path)
             return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
-    spec = _finish_adapter_spec(_spec_without_backbone_json(adapter_dir, info, model), info, adapter_dir, model,
+    return _finish_adapter_spec(_spec_without_backbone_json(adapter_dir, info, model), info, adapter_dir, model,
                                 checkpoint, pretrained, random_init)
-    if not model:   # (another --model without weights: the builder's own "no weights given" says it)
-        _weights_of_a_folder_without_backbone_json(spec, adapter_dir, info)
-    return spec
 
 
 def check_adapter_folder(adapter_dir: str) -> None:
@@ -473,11 +470,19 @@ def check_adapter_folder(adapter_dir: str) -> None:
         raise ConfigError(f"adapter folder {adapter_dir!r}: {what}")
 
 
-def _weights_of_a_folder_without_backbone_json(spec: ModelSpec, adapter_dir: str, info: dict) -> None:
+def check_recorded_weights(spec: ModelSpec, adapter_dir: str, files, model: Optional[str] = None) -> None:
     """An adapter folder without backbone.json (an older convert-official-svp wrote none) records
     no weights: the builder's "no weights given" offered a random or downloaded backbone, wrong
-    for an adapter bound to its base weights (review 74; every command that reads one: retest 75);
-    say what the folder records instead."""
+    for an adapter bound to its base weights (review 74; svp eval, predict and visualize: retest
+    75; svp serve says its own). Says what the folder records instead. Not where another
+    ``model`` was asked for: the builder's own message says it."""
+    from .peft.io import ADAPTER_CONFIG, BACKBONE_SPEC
+    if model or files.data.get(BACKBONE_SPEC) is not None:
+        return
+    try:
+        info = json.loads(files.data[ADAPTER_CONFIG].decode("utf-8"))
+    except (ValueError, KeyError):
+        info = {}
     try:
         spec.weights
     except ConfigError as e:
@@ -553,6 +558,7 @@ def load_for_inference(adapter_dir: str, model: Optional[str] = None, checkpoint
     folder read once (:func:`read_adapter_folder`)."""
     files = read_adapter_folder(adapter_dir)
     spec = adapter_spec(adapter_dir, model, checkpoint, pretrained, random_init, files=files)
+    check_recorded_weights(spec, adapter_dir, files, model)
     check_recorded_checkpoint(spec, adapter_dir, checkpoint)
     dev = torch.device(pick_device(device))
     model = build_model(spec, adapter_dir, files=files).to(dev).eval()

@@ -30,7 +30,8 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     The bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
     ``pretrained`` or ``random_init``. (Until 2026-12-06 the adapters were put on the bundled mini
     Vim, or on ``--model`` drawn anew, whatever they recorded: refused by their weight hash.)"""
-    from ..build import BUNDLED_MODEL, ModelSpec, adapter_spec, build_model, read_adapter_folder
+    from ..build import (BUNDLED_MODEL, ModelSpec, adapter_spec, build_model, check_recorded_weights,
+                         read_adapter_folder)
     from ..models.vim import PatchGridError
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
@@ -41,6 +42,8 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
             # (an adapter's folder read once, as svp eval/predict read it: build.read_adapter_folder)
             files = read_adapter_folder(adapter_dir) if adapter_dir else None
             spec = adapter_spec(recorded, name, checkpoint, pretrained, random_init, files=files)
+            check_recorded_weights(spec, recorded, files if files is not None else read_adapter_folder(recorded),
+                                   name)
             spec.kwargs = dict(spec.kwargs, **(model_args or {}))
             return build_model(spec, adapter_dir, files=files).eval()
         spec = ModelSpec(name or BUNDLED_MODEL, checkpoint=checkpoint, pretrained=pretrained,
