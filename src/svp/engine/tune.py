@@ -338,10 +338,12 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
         written = _flatten(C.load_yaml(path))
     except Exception:   # noqa: BLE001  (load_run_config read it above; a key-less file pins nothing)
         written = {}
-    default = _flatten(C.defaults())
+    default, now, then = _flatten(C.defaults()), _flatten(cfg), _flatten(saved)
+    # (backbone_train_mode turns DropPath on or off: the same run only without drop path)
+    no_drop = not then.get("model.drop_path_rate")
     older = {k: diff.pop(k) for k in list(diff)
-             if k in _PINNED_NUMERICS and k not in written
-             and _same(_flatten(cfg).get(k, _UNSET), default.get(k, _UNSET))}
+             if k in _PINNED_NUMERICS and k not in written and (no_drop or not k.endswith("backbone_train_mode"))
+             and _same(now.get(k, _UNSET), default.get(k, _UNSET))}
     if diff:
         raise C.ConfigError(
             f"run folder {run_dir} holds {'a finished' if finished else 'an interrupted'} run made with another "
@@ -353,16 +355,15 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
         log.info("run folder %s was made by an older svp, without the key(s) %s: %s with the behaviour it had "
                  "(%s)", run_dir, ", ".join(older), "reused" if finished else "resumed",
                  "; ".join(f"{k}: {v}" for k, v in older.items()))
-    before = _flatten(saved)
-    return [f"{k}={_show(v)}" for k, v in _flatten(cfg).items()
-            if RO.accepted(k) and k not in older and not _same(before.get(k, _UNSET), v)]
+    return [f"{k}={_show(v)}" for k, v in now.items()
+            if RO.accepted(k) and k not in older and not _same(then.get(k, _UNSET), v)]
 
 
 # Keys an older svp lacked whose pinned value (rundir._pin_old_behaviour) changes how a step is
 # computed, the run's data and model the same: the fused optimizer step (rounding), amp on the CPU
-# (nothing without train.amp), SVP's frozen-backbone mode (DropPath on or off; nothing at drop path
-# 0, the mini suite's). Not model.random_init: a random backbone is another run than the bundled
-# weights (retest 75).
+# (nothing without train.amp), SVP's frozen-backbone mode (DropPath on or off: allowed only at drop
+# path 0, the mini suite's). Not model.random_init: a random backbone is another run than the
+# bundled weights (retest 75).
 _PINNED_NUMERICS = frozenset({"train.opt_fused", "train.amp_cpu", "method.settings.backbone_train_mode"})
 
 
