@@ -436,20 +436,17 @@ def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Opti
     if files is not None:
         info = peft.read_adapter_config(adapter_dir, files.data[ADAPTER_CONFIG])
         data = files.data.get(BACKBONE_SPEC)
-        if data is not None:
-            spec = read_backbone_spec(files.path(BACKBONE_SPEC), data=data)
-            return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
-    else:
-        try:
-            info = peft.read_adapter_config(adapter_dir)
-        except FileNotFoundError as e:
-            raise AdapterError(str(e)) from None
-        spec_path = os.path.join(adapter_dir, "backbone.json")
-        if os.path.isfile(spec_path):
-            spec = read_backbone_spec(spec_path)
-            return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
-    return _finish_adapter_spec(_spec_without_backbone_json(adapter_dir, info, model), info, adapter_dir, model,
-                                checkpoint, pretrained, random_init)
+        spec = (read_backbone_spec(files.path(BACKBONE_SPEC), data=data) if data is not None
+                else _spec_without_backbone_json(adapter_dir, info, model))
+        return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
+    try:
+        info = peft.read_adapter_config(adapter_dir)
+    except FileNotFoundError as e:
+        raise AdapterError(str(e)) from None
+    spec_path = os.path.join(adapter_dir, "backbone.json")
+    spec = (read_backbone_spec(spec_path) if os.path.isfile(spec_path)
+            else _spec_without_backbone_json(adapter_dir, info, model))
+    return _finish_adapter_spec(spec, info, adapter_dir, model, checkpoint, pretrained, random_init)
 
 
 def check_adapter_folder(adapter_dir: str) -> None:
