@@ -289,6 +289,32 @@ def test_load_save_load_round_trip(tmp_path):
             assert torch.equal(m(x), ref)
 
 
+def test_checkpoint_variants_users_hold_load_as_their_float32_weights(tmp_path):
+    """Review 76: a torch.compile'd DDP model's keys (_orig_mod.module.*) were refused (each
+    wrapper prefix was stripped once, in a fixed order); a float16 file's position embedding was
+    resampled and rounded back to float16 before it went into the float32 model; a stray key
+    'layers.5.*' beside a depth-2 Vim made the size hint say "depth 6"."""
+    from svp.errors import CheckpointError
+    from svp.models.loading import vim_shape
+    src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs()).eval()
+    sd = src.state_dict()
+    path = tmp_path / "w.pth"
+    torch.save({"model": {"_orig_mod.module." + k: v for k, v in sd.items()}}, path)
+    m = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())
+    # a float16 file of an 8x8 grid into a 4x4 model: resampled from the file's values in float32
+    big = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(img_size=64)).state_dict()
+    torch.save({"model": {k: v.half() for k, v in big.items()}}, path)
+    m = timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
+    want = resample_pos_embed_midcls(big["pos_embed"].half().float(), m.patch_embed.grid_size)
+    assert torch.equal(m.pos_embed.detach(), want)
+    assert vim_shape(dict(sd, **{"layers.5.mixer.foo": torch.zeros(1)}))["depth"] == vim_shape(sd)["depth"]
+    torch.save({"model": dict(sd, **{"layers.5.mixer.foo": torch.zeros(1)})}, path)
+    with pytest.raises(CheckpointError, match=r"1 unexpected: layers\.5\.mixer\.foo") as e:
+        timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
+    assert "depth 6" not in str(e.value), e.value
+
+
 def test_head_dropped_when_class_count_differs(tmp_path):
     src = timm.create_model("vim_tiny_patch16_224", **tiny_kwargs(num_classes=1000))
     path = tmp_path / "w.pth"

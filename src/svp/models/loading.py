@@ -342,9 +342,12 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     drop the classifier when its class count differs, drop official SVP prompt tensors."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        stripped = None
+        while stripped != k:   # (every leading wrapper, in any order: compile(DDP(m)) gives _orig_mod.module.*)
+            stripped = k
+            for prefix in ("module.", "_orig_mod.", "backbone."):
+                if k.startswith(prefix):
+                    k = k[len(prefix):]
         out[k] = v
     prompts = [k for k in out if k.startswith("prompt_")]
     if prompts:  # an official SVP training checkpoint: the backbone is what we load here
@@ -368,7 +371,10 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     if (pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3 and pos.shape[0] == 1
             and pos.shape[-1] == model.pos_embed.shape[-1] and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
         _warn_other_stride(math.isqrt(pos.shape[1] - 1), model)
-        out["pos_embed"] = resample_pos_embed_midcls(pos, model.patch_embed.grid_size)
+        # (in the model's float32: timm casts its result back to the input's dtype, and a float16 file's
+        # grid was rounded to float16 again after the interpolation: review 76)
+        low = pos.is_floating_point() and pos.dtype in (torch.float16, torch.bfloat16)
+        out["pos_embed"] = resample_pos_embed_midcls(pos.float() if low else pos, model.patch_embed.grid_size)
     # The head is dropped, all of it, when its class count differs from the model's (or the model
     # has none); with the same count it is loaded, and the strict load names a tensor of another
     # shape. Dropped tensor by tensor on their shapes, a head of the right count but another width
@@ -426,7 +432,8 @@ def vim_shape(tensors: Mapping) -> Optional[dict]:
     proj = tensors.get("patch_embed.proj.weight")
     if proj is None or len(getattr(proj, "shape", ())) != 4:
         return None
-    depths = [int(m.group(1)) for k in tensors for m in [re.match(r"layers\.(\d+)\.", k)] if m]
+    # (layers with their A_log: a stray 'layers.5.mixer.foo' beside a depth-2 Vim read as depth 6: review 76)
+    depths = [int(m.group(1)) for k in tensors for m in [re.match(r"layers\.(\d+)\.mixer\.A_log$", k)] if m]
     a_log = tensors.get("layers.0.mixer.A_log")
     return {"width": int(proj.shape[0]), "depth": max(depths) + 1 if depths else 0,
             "patch": int(proj.shape[-1]),
