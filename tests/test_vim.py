@@ -313,6 +313,15 @@ def test_checkpoint_variants_users_hold_load_as_their_float32_weights(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 unexpected: layers\.5\.mixer\.foo") as e:
         timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
     assert "depth 6" not in str(e.value), e.value
+    # retest 77: one tensor missing does not shorten the depth the hint gives (no hint: same size) ...
+    torch.save({"model": {k: v for k, v in sd.items() if k != "layers.1.mixer.A_log"}}, path)
+    with pytest.raises(CheckpointError, match=r"1 missing: layers\.1\.mixer\.A_log") as e:
+        timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
+    assert "the file holds" not in str(e.value), e.value
+    # ... and two keys that are one tensor once the prefixes are off are refused, naming both
+    torch.save({"model": dict(sd, **{"backbone.module.pos_embed": sd["pos_embed"] + 1})}, path)
+    with pytest.raises(CheckpointError, match=r"keys 'pos_embed' and 'backbone.module.pos_embed' are the same tensor"):
+        timm.create_model("vim_tiny_patch16_224", checkpoint_path=str(path), **tiny_kwargs())
 
 
 def test_head_dropped_when_class_count_differs(tmp_path):

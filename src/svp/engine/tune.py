@@ -339,6 +339,18 @@ def check_same_config(run_dir: str, cfg: dict, finished: bool) -> List[str]:
     except Exception:   # noqa: BLE001  (load_run_config read it above; a key-less file pins nothing)
         written = {}
     default, now, then = _flatten(C.defaults()), _flatten(cfg), _flatten(saved)
+    # a frozen-backbone mode left unset means the method's own default (svp: train mode), which an
+    # older official-compat run pinned as true: the same run (retest 77)
+    mode = "method.settings.backbone_train_mode"
+    if mode in diff:
+        import svp.peft as peft
+        try:
+            own = bool(getattr(peft.get_method(cfg["method"]["name"])[1], "default_backbone_train_mode", False))
+        except (ValueError, KeyError, TypeError):
+            own = None
+        pick = [v if v not in (_UNSET, None) else own for v in (then.get(mode, _UNSET), now.get(mode, _UNSET))]
+        if own is not None and _same(*pick):
+            diff.pop(mode)
     # (backbone_train_mode turns DropPath on or off: the same run only without drop path)
     no_drop = not then.get("model.drop_path_rate")
     older = {k: diff.pop(k) for k in list(diff)

@@ -340,14 +340,19 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
     prefixes, resample the position embedding to the model's grid (class-token aware),
     drop the classifier when its class count differs, drop official SVP prompt tensors."""
-    out = {}
-    for k, v in state_dict.items():
-        stripped = None
+    out, named = {}, {}
+    for key, v in state_dict.items():
+        k, stripped = key, None
         while stripped != k:   # (every leading wrapper, in any order: compile(DDP(m)) gives _orig_mod.module.*)
             stripped = k
             for prefix in ("module.", "_orig_mod.", "backbone."):
-                if k.startswith(prefix):
+                if k.startswith(prefix) and len(k) > len(prefix):   # (a key that is only a prefix stays itself)
                     k = k[len(prefix):]
+        if k in named:   # (the later one won, silently: retest 77)
+            raise CheckpointError(f"the checkpoint's keys {named[k]!r} and {key!r} are the same tensor {k!r} once "
+                                  f"the wrappers' prefixes (module., _orig_mod., backbone.) are taken off; expected "
+                                  f"one of them")
+        named[k] = key
         out[k] = v
     prompts = [k for k in out if k.startswith("prompt_")]
     if prompts:  # an official SVP training checkpoint: the backbone is what we load here
@@ -432,9 +437,12 @@ def vim_shape(tensors: Mapping) -> Optional[dict]:
     proj = tensors.get("patch_embed.proj.weight")
     if proj is None or len(getattr(proj, "shape", ())) != 4:
         return None
-    # (layers with their A_log: a stray 'layers.5.mixer.foo' beside a depth-2 Vim read as depth 6: review 76)
-    depths = [int(m.group(1)) for k in tensors for m in [re.match(r"layers\.(\d+)\.mixer\.A_log$", k)] if m]
-    a_log = tensors.get("layers.0.mixer.A_log")
+    # (layers by their mixer's own tensors: a stray 'layers.5.mixer.foo' beside a depth-2 Vim read as
+    # depth 6 (review 76), and one missing tensor must not shorten it (retest 77))
+    depths = [int(m.group(1)) for k in tensors
+              for m in [re.match(r"layers\.(\d+)\.mixer\.(?:A_log|A_b_log|D|D_b|in_proj\.weight|out_proj\.weight|"
+                                 r"x_proj\.weight|dt_proj\.weight|conv1d\.weight)$", k)] if m]
+    a_log = next((tensors[k] for k in ("layers.0.mixer.A_log", "layers.0.mixer.A_b_log") if k in tensors), None)
     return {"width": int(proj.shape[0]), "depth": max(depths) + 1 if depths else 0,
             "patch": int(proj.shape[-1]),
             "d_state": int(a_log.shape[-1]) if a_log is not None and len(a_log.shape) == 2 else None}

@@ -88,6 +88,10 @@ class CrossPrompter(nn.Module):
 
 
 class SVP(PeftMethod):
+    # the official recipe puts the whole model in train mode: DropPath drops the frozen blocks'
+    # mixer outputs, and with them the prompts they carry (D2). (A class attribute: what a
+    # configuration without the setting means is known without building the method.)
+    default_backbone_train_mode = True
     uses_hook = True
     serve_shared = True   # prompts computed from each row's own tokens, added in place
 
@@ -101,9 +105,6 @@ class SVP(PeftMethod):
         self.depth, self.dim, self.S = depth, dim, S
         self.groups = depth // S
         self.official = config.compat == "official"
-        # the official recipe puts the whole model in train mode: DropPath drops the frozen
-        # blocks' mixer outputs, and with them the prompts they carry (D2)
-        self.default_backbone_train_mode = True
         # Parameters are created after the backbone, so nn.Linear's default init (as the
         # official code, whose prompters are built after the model's custom init).
         if config.use_inner:
