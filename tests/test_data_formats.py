@@ -574,7 +574,12 @@ def test_data_commands_refuse_bad_values_with_exit_2_and_say_the_file_they_write
                         (["check", "digits", "--val-from-train", "2"], "--val-from-train 2.0: expected a fraction"),
                         (["check", "digits", "--workers", "0"], "--workers 0: expected a positive number"),
 
-                        (["list", "--group", "bogus"], "--group 'bogus': no such group")):
+                        (["list", "--group", "bogus"], "--group 'bogus': no such group"),
+                        # options a dataset does not read: the command's mistake (review 78)
+                        (["check", "digits", "--partition", "2"], "--partition: digits takes no partition "
+                                                                  "(it is for hta/dtd)"),
+                        (["check", "dtd", "--partition", "11"], "--partition 11: expected one of DTD's partitions"),
+                        (["check", "digits", "--file", "x.csv"], "--file: digits takes no file (it is for csv)")):
         assert svp_main(["data", *argv]) == 2, argv
         assert words in capsys.readouterr().err, argv
     for argv, words in ((["grid", "digits", "--seed", "4294967296", "--out", "x.png"],   # numpy's seeds are 32 bits:
@@ -967,3 +972,12 @@ def test_review67_stray_files_and_short_grids_are_said_once_and_fake_roots_repea
         assert (a / fn).read_bytes() == (b / fn).read_bytes()
     from scipy.io import loadmat
     assert loadmat(str(a / "test_32x32.mat"))["X"].shape == (32, 32, 3, 20)
+
+
+def test_data_check_reads_one_list_file_once(fake, capsys):
+    """`--file` named one list, which was checked once per split (train, val, test), each problem
+    counted three times (review 78)."""
+    root = os.path.join(fake[0], "custom_csv")
+    assert svp_main(["data", "check", "csv", "--root", root, "--file", os.path.join(root, "train.csv")]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split()[0] for ln in out.splitlines()[1:-1]] == ["train"], out

@@ -54,6 +54,7 @@ def test_demo_rejects_unknown_method(capsys):
     (["--seed", "-1"], "--seed must be >= 0"),   # (each method failed in turn)
     (["--select-lr", "0,0.1"], "expected comma-separated rates > 0"),   # (a rate of 0 won and was the preset)
     (["--select-lr", "0.1", "--preset-out", "."], "--preset-out .: expected a file"),   # (after the whole grid)
+    (["--select-lr", "0.1", "--jobs", "-3"], "--jobs -3: expected a positive number"),   # (ran as 1: review 78)
 ])
 def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, flags, words):
     assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2

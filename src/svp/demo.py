@@ -413,6 +413,8 @@ def _main(args) -> int:
     for flag, v in (("--max-train-samples", args.max_train_samples), ("--max-eval-samples", args.max_eval_samples)):
         if v is not None and v < 1:
             problems.append(f"{flag} must be >= 1, got {v}")
+    if args.jobs < 1:   # (ran as --jobs 1, where svp sweep refuses it: review 78)
+        problems.append(f"--jobs {args.jobs}: expected a positive number of worker processes")
     n_train = _train_images(args.max_train_samples)
     if not problems and args.batch_size > n_train:  # every run would refuse it, one by one
         problems.append(f"--batch-size {args.batch_size} is larger than the {n_train} training images"

@@ -40,13 +40,14 @@ def register(subparsers) -> None:
                          "part, --val-from-train; default 0)")
     pc.add_argument("--val-from-train", type=float, default=None, metavar="F",
                     help="also make and check a val split of this fraction of train (data.options.val_from_train)")
-    pc.add_argument("--partition", type=int, default=None, help="DTD partition (default 1)")
+    pc.add_argument("--partition", type=int, default=None, help="hta/dtd: DTD partition 1..10 (default 1)")
     pc.add_argument("--file", default=None, type=user_path, help="csv: one list file instead of <root>/<split>.csv")
     pc.set_defaults(func=cmd_check)
 
     pg = sub.add_parser("grid", help="save a batch of a dataset as an image grid (PNG)")
     pg.add_argument("name", help="dataset name (svp data list)")
-    pg.add_argument("--root", default=None, type=user_path, help="the dataset's folder (the embedded sets need none)")
+    pg.add_argument("--root", default=None, type=user_path,
+                    help="data root (default $SVP_DATA; not needed for embedded datasets)")
     pg.add_argument("--split", default="train", help="split to draw from (default train)")
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
     pg.add_argument("--cols", type=int, default=8, help="images per row (default 8)")
@@ -70,9 +71,11 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _check_splits(info, requested, val_from_train: bool = False) -> List[str]:
+def _check_splits(info, requested, val_from_train: bool = False, one_file: bool = False) -> List[str]:
     if requested:
         return requested
+    if one_file:   # (--file: one list, checked once, not once a split: review 78)
+        return [info.splits[0]]
     if info.name.startswith("vtab/"):
         # (with --val-from-train, train800val200 is the remainder and 'val' the carve beside it)
         return ["train800", "val200", "train800val200"] + (["val"] if val_from_train else []) + ["test"]
@@ -101,7 +104,7 @@ def check_dataset(name, root=None, splits=None, per_class=False, read=True, work
     # Build every split first (cheap: no image is read) so that the header can give the
     # class count custom datasets only know once their lists are read.
     built = {}
-    for split in _check_splits(info, splits, "val_from_train" in options):
+    for split in _check_splits(info, splits, "val_from_train" in options, "file" in options):
         t0 = time.time()
         try:
             ds = build_dataset(info.name, split, root=root_dir, check_files=False, **options)
@@ -172,15 +175,22 @@ def cmd_check(args) -> int:
     opts = {}
     if args.val_from_train is not None:
         opts["val_from_train"] = args.val_from_train
-    if args.partition is not None:
-        opts["partition"] = args.partition
-    if args.file is not None:
-        opts["file"] = args.file
     try:
         info = dataset_info(args.name)
     except KeyError as e:
         error_line("data check", e.args[0])   # (it lacked the command's prefix)
         return 2
+    # options a dataset does not read are the command's mistake, said as one (exit 2), not a data
+    # problem of every split (review 78)
+    for flag, value, option in (("--partition", args.partition, "partition"), ("--file", args.file, "file")):
+        if value is None:
+            continue
+        if option not in info.options:
+            takers = ", ".join(n for n in list_datasets() if option in dataset_info(n).options)
+            raise ConfigError(f"{flag}: {info.name} takes no {option} (it is for {takers})")
+        opts[option] = value
+    if args.partition is not None and not 1 <= args.partition <= 10:
+        raise ConfigError(f"--partition {args.partition}: expected one of DTD's partitions 1..10")
     if info.group == "embedded" or info.name in ("hta/gtsrb", "hta/food101") or "val_from_train" in opts:
         opts["seed"] = args.seed
     problems = check_dataset(args.name, root=args.root, splits=args.split,
