@@ -14,7 +14,7 @@ import re
 import warnings
 import zipfile
 import zlib
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,22 +36,26 @@ class UnreadableCheckpoint(CheckpointError):
     not "do not fit"."""
 
 
-def _safetensors_header(path: str, head: bytes) -> bool:
-    """Whether the file is laid out as safetensors: an 8-byte little-endian length n, then n bytes
-    of a JSON object within the file. (A pickle never passes: its byte 8 is no '{', and a header
-    that does not parse is no safetensors header either.)"""
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    n = int.from_bytes(head[:8], "little")
+def _safetensors_layout(path: str, head: bytes) -> Optional[str]:
+    """'safetensors' where the file is laid out as one: an 8-byte little-endian length n, then n
+    bytes of a JSON object within the file; a description where such a header is cut off by the
+    file's end; None else. (A pickle never passes: its byte 8 is no '{', and a header that does
+    not parse is no safetensors header either.)"""
+    if len(head) < 10 or head[8:9] != b"{":
+        return None
+    n, size = int.from_bytes(head[:8], "little"), os.path.getsize(path)
+    if not 0 < n <= (100 << 20):   # (safetensors' own header limit)
+        return None
+    if n > size - 8:   # (its header cut off: it read as a pickle where its first byte is 0x80: retest 75)
+        return (f"a safetensors file cut off inside its header ({n:,} bytes of header, {size:,} bytes of file): "
+                f"download or copy it again") if head[9:10] == b'"' else None
     try:
-        if not 0 < n <= os.path.getsize(path) - 8 or n > (100 << 20):   # (safetensors' own header limit)
-            return False
         with open(path, "rb") as f:
             f.seek(8)
             header = json.loads(f.read(n).decode("utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(header, dict)
+        return None
+    return "safetensors" if isinstance(header, dict) else None
 
 
 def _sniff(path: str) -> str:
@@ -78,12 +82,9 @@ def _sniff(path: str) -> str:
     # safetensors before pickle: its first byte is the low byte of its header's length, 0x80 (a
     # pickle's first byte) in one file of 256: such a file was refused as torch.save's format, and
     # read as a pickle once renamed as told (review 74)
-    if _safetensors_header(path, head):
-        return "safetensors"
-    n, size = int.from_bytes(head[:8], "little"), os.path.getsize(path)
-    if head[8:10] == b'{"' and size - 8 < n <= (100 << 20):   # (its header cut off: it read as a pickle)
-        return (f"a safetensors file cut off inside its header ({n:,} bytes of header, {size:,} bytes of file): "
-                f"download or copy it again")
+    layout = _safetensors_layout(path, head)
+    if layout:
+        return layout
     if head[:1] == b"\x80":
         return "pickle"
     if head.startswith(b"version https://git-lfs"):
@@ -336,24 +337,36 @@ def resample_pos_embed_midcls(pos_embed: torch.Tensor, new_grid, old_grid=None,
 
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+
+
+def strip_wrappers(state_dict: Mapping, source: str = "the checkpoint",
+                   prefixes: Sequence[str] = WRAPPER_PREFIXES) -> dict:
+    """``state_dict`` with every leading wrapper prefix taken off its keys, in any order
+    (``compile(DDP(model))`` gives ``_orig_mod.module.*``); a key that is only a prefix stays
+    itself. Two keys that become one name are refused, naming both: the later one took the
+    tensor's place silently (review 57, retest 77)."""
+    out, named = {}, {}
+    for key, v in state_dict.items():
+        k, before = key, None
+        while before != k:
+            before = k
+            for prefix in prefixes:
+                if k.startswith(prefix) and len(k) > len(prefix):
+                    k = k[len(prefix):]
+        if k in named:
+            raise CheckpointError(f"{source}: keys {named[k]!r} and {key!r} are the same tensor {k!r} once the "
+                                  f"wrappers' prefixes ({', '.join(prefixes)}) are taken off; expected one of them")
+        named[k] = key
+        out[k] = v
+    return out
+
+
 def checkpoint_filter_fn(state_dict, model: nn.Module):
     """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
     prefixes, resample the position embedding to the model's grid (class-token aware),
     drop the classifier when its class count differs, drop official SVP prompt tensors."""
-    out, named = {}, {}
-    for key, v in state_dict.items():
-        k, stripped = key, None
-        while stripped != k:   # (every leading wrapper, in any order: compile(DDP(m)) gives _orig_mod.module.*)
-            stripped = k
-            for prefix in ("module.", "_orig_mod.", "backbone."):
-                if k.startswith(prefix) and len(k) > len(prefix):   # (a key that is only a prefix stays itself)
-                    k = k[len(prefix):]
-        if k in named:   # (the later one won, silently: retest 77)
-            raise CheckpointError(f"the checkpoint's keys {named[k]!r} and {key!r} are the same tensor {k!r} once "
-                                  f"the wrappers' prefixes (module., _orig_mod., backbone.) are taken off; expected "
-                                  f"one of them")
-        named[k] = key
-        out[k] = v
+    out = strip_wrappers(state_dict)
     prompts = [k for k in out if k.startswith("prompt_")]
     if prompts:  # an official SVP training checkpoint: the backbone is what we load here
         _logger.info("ignoring %d official SVP prompt tensors (load them with svp convert-official-svp)",

@@ -22,7 +22,7 @@ from ..build import ModelSpec, build_model
 from ..errors import ConfigError
 from ..io import json_text
 from ..models.loading import (CheckpointError, checkpoint_filter_fn, load_checkpoint_into, mismatch_lines,
-                              read_checkpoint_weights, read_state_dict)
+                              read_checkpoint_weights, read_state_dict, strip_wrappers)
 from .base import get_peft_model
 from .io import BACKBONE_SPEC, nonfinite_tensors, save_adapter
 from .registry import make_config
@@ -32,15 +32,7 @@ _logger = logging.getLogger(__name__)
 
 def _split(sd: dict, source: str = "<official checkpoint>"):
     backbone, prompts, head = {}, {}, {}
-    named = {}
-    for key, v in sd.items():
-        k = key
-        while k.startswith(("module.", "_orig_mod.")):   # (in any order: torch.compile of a DDP model)
-            k = k.split(".", 1)[1]
-        if k in named:   # (the later one took the tensor's place, silently: review 57)
-            raise CheckpointError(f"{source}: {named[k]!r} and {key!r} are the same tensor once the wrapper's "
-                                  f"prefix is taken off; expected one of them")
-        named[k] = key
+    for k, v in strip_wrappers(sd, source, ("module.", "_orig_mod.")).items():
         if k.startswith("prompt_"):
             prompts[k] = v
         elif k.startswith("head."):
