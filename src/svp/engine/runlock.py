@@ -60,10 +60,6 @@ class LocksRefused(ResumeError):
     """A folder's file system refuses locks: every folder there would be refused the same way."""
 
 
-class LockHeld(ResumeError):
-    """Another process holds the lock (the message names it): a caller may wait and try again."""
-
-
 class LocksUnavailable(OSError):
     """The file system refused the lock call itself (NFS without its lock daemon: ENOLCK), as
     opposed to a lock another process holds."""
@@ -144,7 +140,7 @@ class RunLock:
                                   f"system with locks (a local disk; NFS with its lock service)") from None
             if not locked:
                 os.close(fd)
-                raise LockHeld(
+                raise ResumeError(
                     f"{self.what} {self.run_dir} is in use by {describe_holder(_read_holder(self.path))}; "
                     f"{self.advice}")
             # the holder we waited for may have unlinked the file between our open and our lock:

@@ -493,7 +493,7 @@ class _export_lock:
         self.wait_s = wait_s
 
     def __enter__(self):
-        from ..engine.runlock import LockHeld, LocksRefused
+        from ..engine.runlock import LocksRefused
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
@@ -501,8 +501,8 @@ class _export_lock:
                 return self
             except LocksRefused:
                 return self
-            except LockHeld:   # (another export: wait; a folder that refuses the lock file is said as raised)
-                if time.monotonic() > deadline:
+            except ResumeError as e:   # (held by another export: wait; a folder that refuses the file: say it)
+                if "is in use by" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
