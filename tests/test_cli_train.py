@@ -439,7 +439,9 @@ def test_a_launcher_variable_that_is_not_a_number_is_one_line_naming_it(tmp_path
                       "--name", "w"], ["data", "list"]):
             assert svp_main(argv) == 2, (env, argv)
             out, err = capsys.readouterr()
-            assert err.startswith(f"svp {argv[0]}: error: {said}") and err.count("\n") == 1, (env, err)
+            # (the command's full name: `svp data list`, as its usage errors say)
+            command = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+            assert err.startswith(f"svp {command}: error: {said}") and err.count("\n") == 1, (env, err)
             assert "Traceback" not in err
     assert not (tmp_path / "w").exists()
     assert runtime.launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (4, 3, 1, 2)
@@ -775,6 +777,30 @@ def test_train_help_documents_every_option(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: None)" not in text and "(default: False)" not in text, text
         assert "(default: one per core) (default" not in text and "(default: 8000)" in text or sub != "serve", text
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--pretrained", "--random-init"], "--random-init: not allowed with argument --pretrained"),
+    (["eval", "x", "--dataset", "digits", "--random-init", "--pretrained"],
+     "--pretrained: not allowed with argument --random-init"),
+    (["predict", "x", "a.png", "--checkpoint", "f.pth", "--random-init"],
+     "--random-init: not allowed with argument --checkpoint"),
+    (["visualize", "--pretrained", "--checkpoint", "f.pth"], "--checkpoint: not allowed with argument --pretrained"),
+    (["doctor", "--no-timing", "--time-reference"], "--time-reference: not allowed with argument --no-timing"),
+])
+def test_two_flags_that_ask_for_opposite_things_are_refused(argv, said, capsys):
+    """Two sources of backbone weights, or --no-timing with --time-reference: all but one were
+    ignored without a word (review 78)."""
+    with pytest.raises(SystemExit) as e:
+        svp_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"svp {argv[0]}: error: argument {said}" in err, err
+
+
+def test_an_action_s_own_errors_name_the_action(tmp_path, capsys):
+    """`svp data check`'s usage errors said `svp data check:`, its other errors `svp data:`."""
+    assert svp_main(["data", "check", "digits", "--file", str(tmp_path / "a.csv")]) == 2
+    assert capsys.readouterr().err.startswith("svp data check: error: --file: digits takes no file")
 
 
 def test_bad_configuration_is_reported_with_the_key(tmp_path, capsys):

@@ -495,7 +495,7 @@ def test_output_on_a_full_disk_ends_the_command_with_one_line(monkeypatch, capsy
     monkeypatch.setattr(sys, "stdout", FullDisk())
     assert svp_main(["data", "list"]) == 2
     err = capsys.readouterr().err
-    assert err == "svp data: error: a write failed (No space left on device)\n"
+    assert err == "svp data list: error: a write failed (No space left on device)\n"
     # --help too (argparse dropped its write's error: the text was lost with exit 0)
     assert svp_main(["data", "list", "--help"]) == 2
     assert capsys.readouterr().err == "svp: error: a write failed (No space left on device)\n"

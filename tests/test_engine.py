@@ -432,8 +432,11 @@ def test_a_run_saved_before_amp_cpu_existed_resumes_in_float32_on_the_cpu(tmp_pa
     assert load_run_config(str(tmp_path))["train"]["amp_cpu"] is True
     del cfg["train"]["amp_cpu"]
     (tmp_path / "config.yaml").write_text(C.dump(cfg))
-    old = load_run_config(str(tmp_path))
+    notes = []
+    old = load_run_config(str(tmp_path), notes=notes)
     assert old["train"]["amp"] is True and old["train"]["amp_cpu"] is False
+    # and the run's train.log says so (it named the backbone_train_mode pin alone: review 74)
+    assert any("train.amp_cpu=false recorded" in n for n in notes), notes
     assert not Precision(old, torch.device("cpu")).enabled
     from svp.errors import ResumeError
     with pytest.raises(ResumeError, match="cannot change train.amp_cpu"):   # nor can --resume switch it on
@@ -448,7 +451,11 @@ def test_a_run_saved_before_opt_fused_existed_resumes_with_the_loop(tmp_path):
     assert load_run_config(str(tmp_path))["train"]["opt_fused"] == "auto"
     del cfg["train"]["opt_fused"]
     (tmp_path / "config.yaml").write_text(C.dump(cfg))
-    assert load_run_config(str(tmp_path))["train"]["opt_fused"] is False
+    notes = []
+    assert load_run_config(str(tmp_path), notes=notes)["train"]["opt_fused"] is False
+    assert any("train.opt_fused=false recorded" in n for n in notes), notes
+    # train.amp off: amp_cpu changes nothing, and is not said
+    assert not any("amp_cpu" in n for n in notes), notes
 
 
 # ---------------------------------------------------------------- sampler

@@ -935,6 +935,12 @@ def test_a_hash_refusal_of_a_cast_backbone_says_the_dtype(tmp_path):
     with pytest.raises(AdapterError) as e:
         load_adapter(tiny(seed=1), tmp_path / "a")
     assert "dtype" not in str(e.value)   # float32 weights that differ: no dtype hint
+    # a float32 backbone built from a float16 copy of the checkpoint: float32 weights, rounded
+    # (review 76: the refusal spoke of img_size alone)
+    rounded = tiny()
+    rounded.load_state_dict({k: v.half().float() for k, v in rounded.state_dict().items()})
+    with pytest.raises(AdapterError, match=r"a float16/bfloat16 copy of the checkpoint rounds every weight"):
+        load_adapter(rounded, tmp_path / "a")
     assert load_adapter(tiny(), tmp_path / "a").to(torch.bfloat16)(images().bfloat16()).dtype == torch.bfloat16
 
 

@@ -11,6 +11,7 @@ import svp
 import vimref
 from svp.cli import main as svp_main
 from svp.models import load_checkpoint_into
+from svp.errors import ConfigError
 from svp.peft import AdapterError, load_adapter
 from svp.peft.convert import official_backbone, official_state_dict
 
@@ -334,6 +335,17 @@ def test_a_conversion_writes_its_folder_whole_or_not_at_all(tmp_path, monkeypatc
     capsys.readouterr()   # (visualize reads the folder through the same builder: retest 75)
     assert svp_main(["visualize", str(img), "--adapter", str(older), "--out", str(tmp_path / "viz")]) == 2
     assert f"it was converted from {ckpt}, which holds that backbone" in capsys.readouterr().err
+    # with --model and --checkpoint the frozen backbone is the adapter's, with the model arguments
+    # the folder records (it was timm's default vim_tiny, 224 px and 24 layers: retest 77)
+    assert svp_main(["visualize", str(img), "--adapter", str(older), "--model", "vim_tiny_patch16_224",
+                     "--checkpoint", str(ckpt), "--out", str(tmp_path / "viz"), "--layers", "0"]) == 0, \
+        capsys.readouterr().err
+    # svp serve too (its answer named --checkpoint, not the file)
+    from svp.serve.backbone import backbone_spec
+    shutil.copytree(older, tmp_path / "served" / "older")
+    with pytest.raises(ConfigError, match=r"none recorded \(no backbone.json naming a checkpoint\); it was "
+                                          r"converted from .*, which holds that backbone; pass --checkpoint FILE"):
+        backbone_spec(str(tmp_path / "served"))
     # ... but looked at again before it is written: another conversion that filled it since this
     # one started was overwritten without --overwrite (retest 73)
     import svp.peft.convert as conv

@@ -173,14 +173,14 @@ def test_cli_with_adapter_dirs(tmp_path, image, capsys):
     peft = get_peft_model(base, make_config("svp", shared_layers=2, hidden=8, num_classes=5))
     peft.save(str(tmp_path / "svp_adapter"), base_model_name="vim_tiny_patch16_224")
     out = tmp_path / "ad"
-    common = ["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--random-init", "--out", str(out),
+    common = ["visualize", image, "--model", "vim_tiny_patch16_224", "--model-args", TINY_JSON, "--out", str(out),
               "--layers", "0,3", "--quantities", "update", "--box", "20,8,50,30", "--dpi", "40"]
     assert svp_main(common + ["--checkpoint", str(ckpt), "--adapter", f"SVP={tmp_path / 'svp_adapter'}"]) == 0
     names = sorted(os.path.basename(p) for p in capsys.readouterr().out.split())
     assert "scene_SVP_maps.png" in names and "scene_diff_update.png" in names
     curves = json.loads((out / "scene_curves.json").read_text())["curves"]
     assert curves["SVP"] == curves["frozen"]
-    assert svp_main(common + ["--adapter", str(tmp_path / "svp_adapter")]) == 2  # random base weights
+    assert svp_main(common + ["--random-init", "--adapter", str(tmp_path / "svp_adapter")]) == 2  # random base weights
     err = capsys.readouterr().err
     assert "--adapter" in err and "hash" in err
 
@@ -207,7 +207,12 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     frozen = load_backbone(None, backbone_of=adapter)
     base = build_model(adapter_spec(adapter)).eval()
     assert all(torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), base.state_dict().values()))
+    # --model overrides the recorded model for the adapters and for the frozen backbone alike, the
+    # folder's model arguments kept (as svp eval/predict do); here they do not fit the bundled weights
     assert svp_main(common + ["--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert f"the frozen backbone (recorded by --adapter {adapter}: 'vim_mini_patch4_32')" in err, err
+    assert svp_main(common + ["--no-frozen", "--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {adapter} (on backbone 'vim_mini_patch4_32')" in err, err
     # a folder that is no adapter: the frozen backbone it was to give is named as such, not "--model None"

@@ -485,13 +485,18 @@ def check_recorded_weights(spec: ModelSpec, adapter_dir: str, files, model: Opti
     except ConfigError as e:
         if "no weights given" not in str(e):   # (an unknown model name says so itself)
             raise
-        extra = info.get("extra") if isinstance(info, dict) else None
-        source = extra.get("converted_from") if isinstance(extra, dict) else None
-        origin = (f"; it was converted from {shell_word(str(source))}, which holds that backbone"
-                  if isinstance(source, str) else "")
         raise ConfigError(f"{adapter_dir}: no backbone.json naming the weights the adapter was trained on (an "
-                          f"older svp's convert-official-svp wrote none){origin}; pass the backbone with "
-                          f"--checkpoint FILE (model {spec.model!r})") from None
+                          f"older svp's convert-official-svp wrote none){converted_origin(info)}; pass the "
+                          f"backbone with --checkpoint FILE (model {spec.model!r})") from None
+
+
+def converted_origin(info) -> str:
+    """``"; it was converted from FILE, which holds that backbone"`` where an adapter config
+    (``adapter_config.json`` read as a dict) records the official checkpoint it was converted from,
+    else ``""``: that file is the ``--checkpoint`` to pass (svp eval, predict, visualize, serve)."""
+    extra = info.get("extra") if isinstance(info, dict) else None
+    source = extra.get("converted_from") if isinstance(extra, dict) else None
+    return f"; it was converted from {shell_word(source)}, which holds that backbone" if isinstance(source, str) else ""
 
 
 def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:

@@ -80,17 +80,20 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):   # no command: a usage error, its help on stderr (review 55)
         parser.print_help(sys.stderr)
         return 2
+    # the command's full name in its messages: `svp data check: error: ...`, as its usage errors
+    # say, where its own errors said `svp data:` (review 78)
+    command = _innermost(parser, args).prog.split(" ", 1)[-1]
     from . import runtime
     runtime.end_command_imports()   # the command's own handlers from here (svp.runtime)
     try:
         world, rank = runtime.launch()[:2]
     except SVPError as e:
-        error_line(args.command, e)
+        error_line(command, e)
         return e.exit_code
     if args.command != "train" and world > 1:
         # each process ran the whole command: `svp eval` printed every result once per process
         # (--json: two documents, no longer JSON), `svp sweep` refused its own other rank's lock
-        print(f"svp {args.command}{f' (rank {rank})' if rank else ''}: error: runs in one process, "
+        print(f"svp {command}{f' (rank {rank})' if rank else ''}: error: runs in one process, "
               f"and WORLD_SIZE={world} is set: under torchrun (or another launcher) each process would run "
               f"all of it. Run it without torchrun, or with WORLD_SIZE unset (of svp's commands, only "
               f"`svp train` runs distributed)", file=sys.stderr)
@@ -103,10 +106,10 @@ def main(argv=None) -> int:
         # which rank they are
         # (error_line: a message names files and names read from files, escape sequences and all,
         # and quotes values as given, 5,000 digits and all)
-        error_line(f"{args.command}{f' (rank {rank})' if rank else ''}", e)
+        error_line(f"{command}{f' (rank {rank})' if rank else ''}", e)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"svp {args.command}: interrupted", file=sys.stderr)
+        print(f"svp {command}: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         why = first_line(e)
         lower = (getattr(e, "advice", None) or OOM_ADVICE.get(args.command)
                  or "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers")
-        print(f"svp {args.command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
+        print(f"svp {command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
               file=sys.stderr)
         return 1
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        return _disk_error(args.command, e)
+        return _disk_error(command, e)
     try:
         sys.stdout.flush()  # a pipe closed early fails here, at exit, if not above
     except BrokenPipeError:
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        return _disk_error(args.command, e)
+        return _disk_error(command, e)
     return int(rc or 0)
 
 

@@ -619,8 +619,9 @@ def run(args) -> int:
 
 def register(subparsers):
     p = subparsers.add_parser("doctor", help="versions, available scan backends, and a correctness check of each")
-    p.add_argument("--no-timing", action="store_true", help="skip the timings")
-    p.add_argument("--time-reference", action="store_true", help="also time the slow reference backend")
+    timing = p.add_mutually_exclusive_group()   # (both: --time-reference was ignored without a word)
+    timing.add_argument("--no-timing", action="store_true", help="skip the timings")
+    timing.add_argument("--time-reference", action="store_true", help="also time the slow reference backend")
     p.add_argument("--amp", action="store_true",
                    help="also check the fused kernels' bfloat16 paths (train.amp, --amp) against float32 casts, "
                         "compiling them (~30 s once)")

@@ -87,10 +87,12 @@ def register(subparsers) -> None:
     for flag, key, typ, help_ in TRAIN_FLAGS:
         help_ = help_.replace("{methods}", ", ".join(list_methods()))
         p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
-    p.add_argument("--pretrained", action="store_true",
-                   help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
-    p.add_argument("--random-init", action="store_true",
-                   help="a randomly initialised backbone (tests only) [model.random_init=true]")
+    # (both at once: one of them was ignored without a word; review 78)
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
+    weights.add_argument("--random-init", action="store_true",
+                         help="a randomly initialised backbone (tests only) [model.random_init=true]")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast on CUDA and CPU (docs/training.md) [train.amp=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, type=user_path,
@@ -125,8 +127,10 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("predict", help="top-k classes (names) for image files",
                               description="Classify image files with an adapter; prints the top-k class "
                                           "names and probabilities per image.")
-    q.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path)
-    q.add_argument("images", nargs="+", metavar="IMAGE", type=user_path)
+    q.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path,
+                   help="an adapter folder, e.g. runs/<run>/best")
+    q.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
+                   help="image files (any format Pillow reads; folders are not searched)")
     q.add_argument("--topk", type=int, default=5, help="number of classes to print (default 5)")
     q.add_argument("--batch-size", type=int, default=32,
                    help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
@@ -199,11 +203,13 @@ def _intermixed(parser: argparse.ArgumentParser) -> None:
 def _backbone_args(p):
     p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json; "
                                                   + WEIGHTS_HELP + ")")
-    p.add_argument("--checkpoint", default=None, type=user_path,
-                   help="backbone checkpoint (default: from backbone.json)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="with --model: timm's pretrained weights (may download from the hub)")
-    p.add_argument("--random-init", action="store_true", help="with --model: a random backbone (tests only)")
+    # one source of weights: given two, all but one were ignored without a word (review 78)
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", default=None, type=user_path,
+                         help="backbone checkpoint (default: from backbone.json)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="with --model: timm's pretrained weights (may download from the hub)")
+    weights.add_argument("--random-init", action="store_true", help="with --model: a random backbone (tests only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 

@@ -116,7 +116,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     # --- evaluation
     ("eval.every", 1, "evaluate on the validation split every N epochs (and always after the last)"),
     ("eval.metric", "top1", "selection metric on the validation split: top1 or loss"),
-    ("eval.test_every_epoch", False, "also evaluate the test split after every epoch (needed for report_best_test)"),
+    ("eval.test_every_epoch", False, "also evaluate the test split after every epoch (report_best_test turns it on)"),
     ("eval.report_best_test", False, "also report the official protocol's best test top-1 over epochs (selects on test; labelled)"),
     # --- run folder
     ("run.output", "runs", "parent folder of run folders"),

@@ -72,9 +72,15 @@ def _pin_old_behaviour(saved: dict, run_dir: str, notes: List[str]) -> None:
         # a run started before the key existed stepped with torch's per-tensor loop: keep it,
         # so the resumed steps are the ones the uninterrupted run would have taken
         train["opt_fused"] = False
+        if str(train.get("opt", "adamw")).lower() in ("adam", "adamw"):   # (the others have no fused kernel)
+            notes.append("the run started before train.opt_fused existed, when Adam/AdamW stepped with torch's "
+                         "per-tensor loop: resumed so (train.opt_fused=false recorded)")
     if isinstance(train, dict) and "amp_cpu" not in train:
         # likewise: train.amp was ignored on the CPU before the key existed
         train["amp_cpu"] = False
+        if train.get("amp") is True:
+            notes.append("the run started before train.amp_cpu existed, when train.amp was CUDA only: resumed so, "
+                         "in float32 on a CPU (train.amp_cpu=false recorded)")
     model = saved.get("model")
     if isinstance(model, dict) and "random_init" not in model:
         # before model.random_init (2026-11-29) a model without weights given was random, the

@@ -520,8 +520,9 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
             raise AdapterError(
                 f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
                 f"{want}, but the model given has weight hash {have}; load the same base weights, built "
-                f"the same way: another img_size resamples the position embedding, so its weights differ "
-                f"too{_dtype_hint(model)} (from Python, load_adapter(..., check_hash=False) forces it)")
+                f"the same way: another img_size resamples the position embedding, and a float16/bfloat16 "
+                f"copy of the checkpoint rounds every weight, so either differs too{_dtype_hint(model)} "
+                f"(from Python, load_adapter(..., check_hash=False) forces it)")
         differ = settings_differences(cfg.get("base_model_settings") or {}, model)
         if differ:   # the same weights, other outputs (adapters saved before 2026-12-06 record none)
             raise AdapterError(

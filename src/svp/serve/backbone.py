@@ -2,10 +2,11 @@
 and frozen by ``MultiAdapterModel``."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
-from ..build import ModelSpec, adapter_spec, check_recorded_checkpoint
+from ..build import ModelSpec, adapter_spec, check_recorded_checkpoint, converted_origin
 from ..data.transforms import adapter_recipe
 from ..errors import ConfigError, SVPError
 from ..peft.io import ADAPTER_CONFIG
@@ -44,7 +45,7 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             # the backbone after it, whose weight hash then refused every adapter, QA 16c)
             spec.num_classes = None
         check_recorded_checkpoint(spec, real, checkpoint)
-        return _with_weights(spec, f"adapter {name}")
+        return _with_weights(spec, f"adapter {name}", real)
     if not model_name:
         if os.path.isfile(os.path.join(adapters_dir, ADAPTER_CONFIG)):
             raise ConfigError(f"--adapters {adapters_dir}: this is one adapter folder; pass the folder that "
@@ -57,13 +58,21 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
                          "--model")
 
 
-def _with_weights(spec: ModelSpec, where: str) -> ModelSpec:
+def _with_weights(spec: ModelSpec, where: str, adapter_dir: Optional[str] = None) -> ModelSpec:
     """The builder's own message names train's and eval's --pretrained and --random-init, which a
-    server (serving trained adapters) does not take: here the answer is a checkpoint."""
+    server (serving trained adapters) does not take: here the answer is a checkpoint, and the one
+    an older converted folder was converted from where it records it."""
     try:
         spec.weights
     except ConfigError:
+        info = None
+        if adapter_dir is not None:
+            try:
+                with open(os.path.join(adapter_dir, ADAPTER_CONFIG), "rb") as f:
+                    info = json.loads(f.read().decode("utf-8"))
+            except (OSError, ValueError):   # (read and checked again where the adapters load)
+                pass
         raise ConfigError(f"model {spec.model!r} ({where}): no weights given, and none recorded (no backbone.json "
-                          f"naming a checkpoint); pass --checkpoint FILE, the backbone the adapters were "
-                          f"trained on") from None
+                          f"naming a checkpoint){converted_origin(info)}; pass --checkpoint FILE, the backbone "
+                          f"the adapters were trained on") from None
     return spec

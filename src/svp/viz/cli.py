@@ -25,8 +25,11 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
                   backbone_of: Optional[str] = None):
     """The backbone (with ``adapter_dir``: the adapted model) through :func:`svp.build.build_model`.
     An adapter's backbone is the one it recorded (its backbone.json, as svp eval/predict/serve
-    rebuild it), ``name``/``checkpoint``/... overriding it; without ``name``, the frozen backbone is
-    that of the adapter folder ``backbone_of`` (the first one given), else the bundled mini Vim.
+    rebuild it), ``name``/``checkpoint``/... overriding it; the frozen backbone is that of the
+    adapter folder ``backbone_of`` (the first one given), overridden the same way, so that it is the
+    one the adapters are put on; without adapters, ``name`` or the bundled mini Vim. (With ``name``
+    it was ``name`` as timm builds it by default, without the model arguments the folder recorded:
+    retest 77.)
     The bundled mini Vim gets its bundled weights; other models need ``checkpoint``,
     ``pretrained`` or ``random_init``. (Until 2026-12-06 the adapters were put on the bundled mini
     Vim, or on ``--model`` drawn anew, whatever they recorded: refused by their weight hash.)"""
@@ -35,7 +38,7 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     from ..models.vim import PatchGridError
     if checkpoint and pretrained:
         raise VizError("give --checkpoint or --pretrained, not both")
-    recorded = adapter_dir or (backbone_of if not name else None)
+    recorded = adapter_dir or backbone_of
     spec = None
     try:
         if recorded:
@@ -299,11 +302,13 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None,
                    help="timm name of the backbone (default: the one the first --adapter recorded in its "
                         "backbone.json, else the bundled mini Vim, vim_mini_patch4_32); " + WEIGHTS_HELP)
-    p.add_argument("--pretrained", action="store_true",
-                   help="timm's pretrained weights (hub download for models other than the bundled mini Vim)")
-    p.add_argument("--random-init", action="store_true", help="a randomly initialised backbone (tests only)")
+    # one source of weights: given two, all but one were ignored without a word (review 78)
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="timm's pretrained weights (hub download for models other than the bundled mini Vim)")
+    weights.add_argument("--random-init", action="store_true", help="a randomly initialised backbone (tests only)")
     p.add_argument("--model-args", default=None, help='JSON kwargs for the backbone, e.g. \'{"img_size": 32}\'')
-    p.add_argument("--checkpoint", default=None, type=user_path, help="backbone weights (.pth / .safetensors)")
+    weights.add_argument("--checkpoint", default=None, type=user_path, help="backbone weights (.pth / .safetensors)")
     p.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
                    help="adapter directory (PeftModel.save); repeat for several; label defaults to the dir name")
     p.add_argument("--no-frozen", action="store_true", help="do not show the frozen backbone itself")
