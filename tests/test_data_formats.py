@@ -514,6 +514,19 @@ def test_output_on_a_full_disk_ends_the_command_with_one_line(monkeypatch, capsy
         svp_main(["data", "list"])
 
 
+def test_out_of_memory_in_svp_data_names_its_own_options(tmp_path, capsys, monkeypatch):
+    """`svp data grid` out of memory was told --batch-size and DataLoader workers, train's (retest 80)."""
+    import svp.data.cli as dcli
+
+    def oom(*a, **k):
+        raise MemoryError()
+    monkeypatch.setattr(dcli, "save_grid", oom)
+    assert svp_main(["data", "grid", "digits", "--n", "9999", "--out", str(tmp_path / "g.png")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("svp data grid: error: out of memory (MemoryError): fewer images (--n), or more memory (a limit: "
+                   "ulimit -v?)\n"), err
+
+
 def test_data_grid_makes_its_output_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "new" / "sub" / "grid.png"
     assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0

@@ -878,6 +878,22 @@ def test_each_seed_starts_from_its_own_head():
     assert a == b == 5 and torch.equal(ha, hb)
 
 
+def test_a_weight_source_that_another_overrides_is_said(logged):
+    """model.checkpoint beside model.pretrained=true: the checkpoint gives the weights, and only
+    random_init's loss was said (retest 80)."""
+    from svp.engine.setup import model_spec
+    cfg = C.resolve(overrides=["data.dataset=digits", "model.name=vim_tiny_patch16_224", "model.checkpoint=/w.pth",
+                               "model.pretrained=true"], use_presets=False)
+    with logged("svp.engine", "WARNING") as messages:
+        assert model_spec(cfg, 10, [str(i) for i in range(10)]).weights == "checkpoint"
+    assert any(m.startswith("model.pretrained=true is not used: model.checkpoint (/w.pth) gives") for m in messages), \
+        messages
+    cfg["model"]["pretrained"] = False
+    with logged("svp.engine", "WARNING") as messages:
+        model_spec(cfg, 10, [str(i) for i in range(10)])
+    assert not messages
+
+
 def test_mixup_in_batch_mode_refuses_an_odd_batch_up_front():
     """timm's Mixup asserts an even batch in every mode: batch mode (the presets') crashed at the
     first step with a bare AssertionError and left the run folder. Refused when the configuration

@@ -1179,6 +1179,35 @@ def test_resume_refuses_an_end_before_its_resume_point_and_stops_at_one_on_it(tm
     assert res["steps"] == 3 and res["epochs_run"] == 2
 
 
+def test_a_resume_on_another_thread_count_says_its_bits_differ(tmp_path, capsys):
+    """torch's CPU products sum in another order at another thread count: a run resumed so ends with
+    weights a few 1e-7 off the run never stopped, and nothing said so or recorded the count
+    (review 79). The log names the count of each segment, and the resume warns, naming the count
+    that gives the same bits."""
+    import torch
+    before = torch.get_num_threads()
+    out = tmp_path / "runs"
+    try:
+        torch.set_num_threads(2)
+        assert svp_main(["train", *MINI, "--epochs", "2", "--output", str(out), "--name", "r",
+                         "debug.stop_at_step=2"]) == 75
+        torch.set_num_threads(1)
+        assert svp_main(["train", "--resume", str(out / "r"), "debug.stop_at_step=null"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    log = (out / "r" / "train.log").read_text()
+    assert "device cpu (2 thread(s)), scan backend" in log and "device cpu (1 thread(s)), scan backend" in log, log
+    assert ("the steps so far ran on 2 CPU thread(s) with scan backend cpu, these run on 1 CPU thread(s) with "
+            "scan backend cpu: the weights will differ in their last bits from a run that never stopped (the "
+            "sums' order changes); resume with OMP_NUM_THREADS=2 for the same bits") in log, log
+    # the same count: not said
+    capsys.readouterr()
+    assert svp_main(["train", *MINI, "--epochs", "2", "--output", str(out), "--name", "s",
+                     "debug.stop_at_step=2"]) == 75
+    assert svp_main(["train", "--resume", str(out / "s"), "debug.stop_at_step=null"]) == 0
+    assert "the steps so far ran on" not in (out / "s" / "train.log").read_text()
+
+
 def test_only_the_first_process_prints_why_a_run_stopped(tmp_path, capsys, monkeypatch):
     """Under torchrun every process stops; the message (with its resume command) is printed once."""
     from svp import runtime

@@ -25,9 +25,12 @@ COMMAND_MODULES = [
 ]
 
 # what to lower when a command runs out of memory, where the batch is not the cause
-OOM_ADVICE = {
+OOM_ADVICE = {   # by the command's full name ("data grid"), else its first word
     "pretrain": "fewer images (--num-classes, --per-class, --heldout-per-class: all are made in memory), a "
                 "smaller --batch-size",
+    # (they were given train's advice, --batch-size and DataLoader workers, which they do not take: retest 80)
+    "data grid": "fewer images (--n)",
+    "data check": "fewer reader threads (--workers)",
 }
 
 
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
         why = first_line(e)
-        lower = (getattr(e, "advice", None) or OOM_ADVICE.get(args.command)
+        lower = (getattr(e, "advice", None) or OOM_ADVICE.get(command) or OOM_ADVICE.get(args.command)
                  or "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers")
         print(f"svp {command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
               file=sys.stderr)

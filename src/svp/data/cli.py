@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     pg.add_argument("--n", type=int, default=32, help="number of images (default 32)")
     pg.add_argument("--cols", type=int, default=8, help="images per row (default 8)")
     pg.add_argument("--seed", type=seed_arg, default=0, help="seed of the images drawn (default 0)")
-    pg.add_argument("--out", required=True, type=user_path, help="output PNG")
+    pg.add_argument("--out", required=True, type=user_path,
+                    help="output PNG (replaced if it exists; its folder is made)")
     pg.set_defaults(func=cmd_grid)
 
     # (no action: a usage error, its help on stderr as every usage error's)

@@ -8,7 +8,7 @@ metrics with :func:`all_reduce_sum` and let only rank 0 write files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -303,7 +303,24 @@ def maybe_device(kind: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+
+def arithmetic(model) -> Dict[str, Any]:
+    """What the last bits of a step depend on beyond the configuration: on the CPU, torch's thread
+    count (its products split their sums by it; svp's own kernels give the same bits at any
+    count), and the scan backend (``SVP_SCAN_BACKEND`` may choose another)."""
+    from .. import ops
+    params = unwrap(model).parameters()
+    first = next(params, None)
+    on_cpu = first is None or first.device.type == "cpu"
+    return {"threads": torch.get_num_threads() if on_cpu else None, "scan_backend": ops.get_backend()}
+
+
+def arithmetic_words(a: dict) -> str:
+    threads = a.get("threads")
+    return (f"{threads} CPU thread(s)" if threads is not None else "a GPU") + \
+        f" with scan backend {a.get('scan_backend') or '(not recorded)'}"
+
+
 __all__ = ["DistInfo", "init_distributed", "shutdown", "all_reduce_sum", "broadcast_object", "barrier",
            "EpochSampler", "ShardSampler", "SeededDataset", "derive_seed", "unwrap", "maybe_device",
-           "comm_device"]
-
+           "comm_device", "arithmetic", "arithmetic_words"]

@@ -194,7 +194,7 @@ class Trainer:
                 log.info("resumed %s at epoch %d, batch %d (global step %d)", self.folder.path, st["epoch"] + 1,
                          st["batch"], st["global_step"])
             if dinfo.is_main:
-                for note in self.notes:
+                for note in self.notes + self.folder.resume_notes:
                     log.warning("%s", note)
             RO.check_reachable(st, epochs, t["max_steps"], self.folder.path)
             held = st["training_values"]

@@ -20,7 +20,7 @@ from . import config as C
 from . import resume_overrides as RO
 from ..errors import ConfigError, OutputError, PeerError, ResumeError, SVPError
 from ..io import DISK_ERRNOS, remove_stale_temps, shell_word, sigterm_as_interrupt
-from .distributed import DistInfo, on_main_rank, unwrap
+from .distributed import DistInfo, arithmetic, arithmetic_words, on_main_rank, unwrap
 from .resume_overrides import check_overrides
 from .signals import EXIT_INTERRUPTED, TrainingStopped, resume_command
 from .progress import log_fatal, setup_logging, teardown_logging
@@ -163,6 +163,7 @@ class RunFolder:
     def __init__(self, run_dir: str, cfg: dict, dist_info: DistInfo):
         self.path, self.cfg, self.dist = run_dir, cfg, dist_info
         self.precision: Optional[str] = None   # Precision.describe() of the run, set by the trainer
+        self.resume_notes: List[str] = []   # what load_resume found worth a warning in the run's log
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -224,6 +225,7 @@ class RunFolder:
         state["base_model_hash"] = unwrap(model).base_hash
         if self.precision:
             state["precision"] = self.precision
+        state["arithmetic"] = arithmetic(model)
         ck.save_state(path or self.file(ck.RESUME_FILE), state)
 
     def _config_digest(self, fixed: bool) -> Optional[str]:
@@ -324,6 +326,19 @@ class RunFolder:
                 for n, v in state["ema"].items():
                     params[n].copy_(v.to(params[n].device))
         ck.set_rng_state(state["rng"])
+        # another thread count (torch's CPU products sum in another order) or scan backend: the
+        # resume goes on, as a run started so would, but its last bits are not those of the run
+        # never stopped, and a resume with other threads said nothing of it (review 79)
+        was, now = state.get("arithmetic"), arithmetic(model)
+        if isinstance(was, dict) and any(was.get(k) is not None and now[k] is not None and was.get(k) != now[k]
+                                         for k in now):
+            threads = was.get("threads")
+            hint = (f"; resume with OMP_NUM_THREADS={threads} for the same bits"
+                    if isinstance(threads, int) and now["threads"] not in (None, threads) else "")
+            self.resume_notes.append(
+                f"the steps so far ran on {arithmetic_words(was)}, these run on {arithmetic_words(now)}: the "
+                f"weights will differ in their last bits from a run that never stopped (the sums' order "
+                f"changes){hint}")
         return {k: state.get(k, v) for k, v in st.items()}
 
     def dump_nonfinite(self, info: dict, x, y, model) -> str:

@@ -232,6 +232,8 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
         # weights win, as ModelSpec.weights says, and the log now says so: review)
         log.warning("model.random_init=true is not used: %s gives the backbone its weights",
                     "model.checkpoint" if ckpt else "model.pretrained=true")
+    if ckpt and m["pretrained"]:   # (said of random_init only: retest 80)
+        log.warning("model.pretrained=true is not used: model.checkpoint (%s) gives the backbone its weights", ckpt)
     return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,
                      pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
                      img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),

@@ -41,14 +41,15 @@ def _safetensors_layout(path: str, head: bytes) -> Optional[str]:
     bytes of a JSON object within the file; a description where such a header is cut off by the
     file's end; None else. (A pickle never passes: its byte 8 is no '{', and a header that does
     not parse is no safetensors header either.)"""
-    if len(head) < 10 or head[8:9] != b"{":
+    if len(head) < 9 or head[8:9] != b"{":
         return None
     n, size = int.from_bytes(head[:8], "little"), os.path.getsize(path)
     if not 0 < n <= (100 << 20):   # (safetensors' own header limit)
         return None
     if n > size - 8:   # (its header cut off: it read as a pickle where its first byte is 0x80: retest 75)
+        # (cut right after its '{' too: it was read as a pickle, "Unsupported operand": retest 80)
         return (f"a safetensors file cut off inside its header ({n:,} bytes of header, {size:,} bytes of file): "
-                f"download or copy it again") if head[9:10] == b'"' else None
+                f"download or copy it again") if head[9:10] in (b'"', b"") else None
     try:
         with open(path, "rb") as f:
             f.seek(8)
@@ -121,8 +122,9 @@ def read_checkpoint(path) -> dict:
             what = "" if kind == "safetensors" else f"; the file is {kind}" if " " in kind else ""
             raise UnreadableCheckpoint(f"{path}: not a readable safetensors file ({e}){what}") from None
     if kind not in ("zip", "pickle"):   # the unpickler's "Unsupported operand 60" said nothing of it
-        raise UnreadableCheckpoint(f"{path}: {kind}; expected a checkpoint written by torch.save (.pth, .pt) "
-                                   f"or a .safetensors file")
+        raise UnreadableCheckpoint(f"{path}: {kind}" + (
+            "" if kind.startswith("a safetensors file") else   # (what it is, and what to do: retest 80)
+            "; expected a checkpoint written by torch.save (.pth, .pt) or a .safetensors file"))
     # the legacy (pre-1.6) format cannot be mapped (known by its first bytes: is_zipfile finds a zip's
     # end-of-directory bytes anywhere near the end, which a legacy file's tensors may hold: retest 59)
     mmap = kind == "zip" and zipfile.is_zipfile(path)
@@ -362,11 +364,12 @@ def strip_wrappers(state_dict: Mapping, source: str = "the checkpoint",
     return out
 
 
-def checkpoint_filter_fn(state_dict, model: nn.Module):
+def checkpoint_filter_fn(state_dict, model: nn.Module, source: str = "the checkpoint"):
     """Adapt an official (or foreign-prefixed) state dict to ``model``: strip wrapper
     prefixes, resample the position embedding to the model's grid (class-token aware),
-    drop the classifier when its class count differs, drop official SVP prompt tensors."""
-    out = strip_wrappers(state_dict)
+    drop the classifier when its class count differs, drop official SVP prompt tensors.
+    ``source`` names the file in a refusal (timm's loader calls it without)."""
+    out = strip_wrappers(state_dict, source)
     prompts = [k for k in out if k.startswith("prompt_")]
     if prompts:  # an official SVP training checkpoint: the backbone is what we load here
         _logger.info("ignoring %d official SVP prompt tensors (load them with svp convert-official-svp)",
@@ -517,7 +520,7 @@ def load_checkpoint_into(model, checkpoint, strict: bool = True, source: Optiona
     already-read dict in errors."""
     if source is None:
         source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "<state dict>"
-    state_dict = checkpoint_filter_fn(read_state_dict(checkpoint, source), model)
+    state_dict = checkpoint_filter_fn(read_state_dict(checkpoint, source), model, source)
     if strict:
         strict_load(model, state_dict, source, allow_missing=("head.",))
     else:

@@ -169,14 +169,14 @@ def convert_official_svp(checkpoint, model_name: str, shared_layers: int, prompt
     _check_head(head, two_layer_head, num_classes, dim, source)
 
     if backbone_checkpoint is not None:
-        load_checkpoint_into(model, backbone_checkpoint)
+        load_checkpoint_into(model, backbone_checkpoint)   # (its refusals name that file)
         own = model.state_dict()
         diffs = []
         # compared as loaded: through the same filter as the other file (the position embedding
         # resampled to the model's grid; the raw 197 positions against the other file's resampled
         # ones reported equal backbones as different under another img_size)
         kept = model.head_from_checkpoint
-        compared = checkpoint_filter_fn(dict(backbone), model)
+        compared = checkpoint_filter_fn(dict(backbone), model, f"{source} (its backbone tensors)")
         model.head_from_checkpoint = kept
         for k, v in compared.items():
             if k not in own:  # (extract_state_dict has refused anything but tensors)
