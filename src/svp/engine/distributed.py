@@ -303,16 +303,18 @@ def maybe_device(kind: str, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-
 def arithmetic(model) -> Dict[str, Any]:
     """What the last bits of a step depend on beyond the configuration: on the CPU, torch's thread
     count (its products split their sums by it; svp's own kernels give the same bits at any
-    count), and the scan backend (``SVP_SCAN_BACKEND`` may choose another)."""
+    count), and the scan backend of the model's device (``SVP_SCAN_BACKEND`` may choose another)."""
     from .. import ops
-    params = unwrap(model).parameters()
-    first = next(params, None)
-    on_cpu = first is None or first.device.type == "cpu"
-    return {"threads": torch.get_num_threads() if on_cpu else None, "scan_backend": ops.get_backend()}
+    first = next(unwrap(model).parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        backend = ops.get_backend(device)
+    except Exception:   # noqa: BLE001  (a record: never what stops a resume point being written)
+        backend = None
+    return {"threads": torch.get_num_threads() if device.type == "cpu" else None, "scan_backend": backend}
 
 
 def arithmetic_words(a: dict) -> str:

@@ -10,6 +10,7 @@ import warnings
 from typing import List, Optional
 
 from ..errors import ConfigError
+from .distributed import arithmetic
 
 log = logging.getLogger("svp.engine")
 
@@ -228,7 +229,6 @@ def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_
               steps_per_epoch: int) -> None:
     t = cfg["train"]
     log.info("run folder: %s", run_dir)
-    from .distributed import arithmetic
     a = arithmetic(model)
     # (the thread count and scan backend: a step's last bits depend on them, and a resume on others
     # says so; each segment of a resumed run logs its own)
