@@ -878,6 +878,25 @@ def test_each_seed_starts_from_its_own_head():
     assert a == b == 5 and torch.equal(ha, hb)
 
 
+def test_the_resume_record_asks_the_models_device_and_never_fails_a_write(monkeypatch):
+    """The record of a resume point's arithmetic asked the CPU's scan backend whatever the model's
+    device: on a GPU with SVP_SCAN_BACKEND forcing a GPU backend that raises, and the resume point
+    would not have been written."""
+    from svp import ops
+    from svp.engine.distributed import arithmetic
+    asked = []
+
+    def backend(device=None):
+        asked.append(device)
+        raise ops.BackendError("forced backend cannot run there")
+    monkeypatch.setattr(ops, "get_backend", backend)
+    model = torch.nn.Linear(2, 2)
+    assert arithmetic(model) == {"threads": torch.get_num_threads(), "scan_backend": None}
+    assert asked == [torch.device("cpu")]
+    monkeypatch.setattr(ops, "get_backend", lambda device=None: f"on {device.type}")
+    assert arithmetic(model.to("meta"))["scan_backend"] == "on meta" and arithmetic(model)["threads"] is None
+
+
 def test_a_weight_source_that_another_overrides_is_said(logged):
     """model.checkpoint beside model.pretrained=true: the checkpoint gives the weights, and only
     random_init's loss was said (retest 80)."""
