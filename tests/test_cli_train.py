@@ -759,6 +759,11 @@ def test_train_help_documents_every_option(capsys):
         with pytest.raises(SystemExit):
             svp_main([sub, "--help"])
         assert "usage: svp " + sub in capsys.readouterr().out
+    # the version a bug report names (there was no --version)
+    import svp
+    with pytest.raises(SystemExit) as e:
+        svp_main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"svp {svp.__version__}\n"
     # no command, or no action of `svp data`: a usage error, its help on stderr (it was on stdout: review 55)
     for argv in ([], ["data"]):
         assert svp_main(argv) == 2

@@ -1,5 +1,6 @@
 """`svp doctor` runs here and finds every available scan backend correct."""
 import importlib.util
+import os
 
 import pytest
 
@@ -14,6 +15,8 @@ def test_doctor_passes(capsys):
     assert "selective-scan backends" in out and "all available backends agree" in out
     assert "FAIL" not in out
     import svp
+    # svp's own version first, and where it is imported from (a checkout, or an environment's site-packages)
+    assert out.startswith(f"svp doctor\n  {'svp':14s} {svp.__version__} ({os.path.dirname(os.path.abspath(svp.__file__))})\n"), out
     # how torch's threads wait, as svp.runtime set it (or found it)
     assert f"{'libgomp wait':14s} {svp.runtime.status()['omp_wait_policy']}" in out, out
     # and what it did with the cyclic collector around svp's imports

@@ -75,6 +75,10 @@ def test_the_wheel_holds_every_file_of_the_package_and_the_command(wheel):
     assert set(tree) - set(in_wheel) == set(), "files of the package the wheel lacks (pyproject.toml, package-data)"
     assert set(in_wheel) - set(tree) == set(), "files in the wheel that the checkout lacks"
     assert "svp = svp.cli:run" in entry_points
+    # the version pip records is svp.__version__ (pyproject reads it from there: one place to change)
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    with zipfile.ZipFile(wheel) as z:
+        assert f"\nVersion: {svp.__version__}\n" in z.read(meta).decode()
 
 
 @pytest.mark.slow

@@ -51,6 +51,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="svp", description="Selective Visual Prompting for Vision Mamba, and its baselines.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"svp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)

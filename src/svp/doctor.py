@@ -155,8 +155,11 @@ def _numba_row() -> str:
 def _versions():
     import torch
 
+    import svp
     from svp.compat import module_version
-    rows = [("python", platform.python_version()), ("platform", platform.platform()),
+    # (where it is imported from: an editable checkout, or which environment's site-packages)
+    rows = [("svp", f"{svp.__version__} ({os.path.dirname(os.path.abspath(svp.__file__))})"),
+            ("python", platform.python_version()), ("platform", platform.platform()),
             ("CPU", f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
             ("torch", torch.__version__),
             ("torchvision", module_version("torchvision")),   # (the trio that must match: spec 1.1-1.2)
