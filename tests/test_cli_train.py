@@ -151,12 +151,29 @@ def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):
     # `svp eval --amp` / `svp predict --amp`: the same autocast at inference, close to float32
     capsys.readouterr()
     last = str(tmp_path / "runs" / "fp32" / "last")
-    evals = []
+    evals, notes = [], []
     for flags in ([], ["--amp"]):
         assert svp_main(["eval", last, "--dataset", "digits", "--max-samples", "8", "--json", *flags]) == 0
-        evals.append(json.loads(capsys.readouterr().out))
+        out, err = capsys.readouterr()
+        evals.append(json.loads(out))
+        notes.append(err)
     assert evals[0]["loss"] == pytest.approx(r32["final"]["test_loss"], rel=1e-5)
     assert evals[1]["loss"] != evals[0]["loss"] and evals[1]["loss"] == pytest.approx(evals[0]["loss"], rel=0.05)
+    # each adapter records the precision its run evaluated in, and eval/predict say when theirs is
+    # another (an amp run's adapter scored other numbers in float32 than its results.json, without a
+    # word: retest 82); in the run's own, eval gives the run's own numbers
+    assert "note:" not in notes[0], notes[0]
+    assert (f"svp eval: note: the run of {last} evaluated it under float32 (no train.amp), this runs in "
+            f"bfloat16 autocast (--amp): probabilities differ in their last digits and a few images may change "
+            f"class; without --amp, the run's own numbers") in notes[1], notes[1]
+    last16 = str(tmp_path / "runs" / "amp" / "last")
+    assert json.loads((tmp_path / "runs" / "amp" / "last" / "backbone.json").read_text())["amp"] == "bfloat16"
+    assert json.loads((tmp_path / "runs" / "fp32" / "last" / "backbone.json").read_text())["amp"] is None
+    assert svp_main(["eval", last16, "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    assert "under train.amp (bfloat16 autocast), this runs in float32" in capsys.readouterr().err
+    assert svp_main(["eval", last16, "--dataset", "digits", "--max-samples", "8", "--json", "--amp"]) == 0
+    out, err = capsys.readouterr()
+    assert "note:" not in err and json.loads(out)["loss"] == pytest.approx(r16["final"]["test_loss"], rel=1e-6)
     import svp.data
     img, _ = svp.data.build_dataset("digits", "test")[0]
     img.save(str(tmp_path / "img.png"))
@@ -764,6 +781,13 @@ def test_train_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as e:
         svp_main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"svp {svp.__version__}\n"
+    # the sources of weights shown as one choice (visualize's were apart, around --model-args: retest 82)
+    for sub in ("train", "eval", "predict", "visualize"):
+        with pytest.raises(SystemExit):
+            svp_main([sub, "--help"])
+        usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+        assert re.search(r"\[(--checkpoint CHECKPOINT|--pretrained|--random-init)( \| (--checkpoint CHECKPOINT|"
+                         r"--pretrained|--random-init)){2}\]", usage), (sub, usage)
     # no command, or no action of `svp data`: a usage error, its help on stderr (it was on stdout: review 55)
     for argv in ([], ["data"]):
         assert svp_main(argv) == 2
@@ -786,6 +810,7 @@ def test_train_help_documents_every_option(capsys):
 
 @pytest.mark.parametrize("argv, said", [
     (["train", "--pretrained", "--random-init"], "--random-init: not allowed with argument --pretrained"),
+    (["train", "--checkpoint", "f.pth", "--random-init"], "--random-init: not allowed with argument --checkpoint"),
     (["eval", "x", "--dataset", "digits", "--random-init", "--pretrained"],
      "--pretrained: not allowed with argument --random-init"),
     (["predict", "x", "a.png", "--checkpoint", "f.pth", "--random-init"],
@@ -800,6 +825,32 @@ def test_two_flags_that_ask_for_opposite_things_are_refused(argv, said, capsys):
         svp_main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"svp {argv[0]}: error: argument {said}" in err, err
+
+
+def test_a_source_of_weights_given_as_a_flag_is_the_runs_whatever_a_config_file_says(tmp_path, capsys):
+    """`svp train -c FILE --random-init` under a file's model.pretrained=true trained from timm's
+    weights, saying the flag was not used; the mini suite's file under --checkpoint warned of its
+    pretrained in every run, as did `svp sweep --suite mini --checkpoint` (retest 82)."""
+    import yaml
+
+    from svp.engine.sweep import suite_base
+    from svp.models.vim_mini import mini_asset_path
+    f = tmp_path / "p.yaml"
+    f.write_text("model:\n  pretrained: true\n")
+    ckpt = mini_asset_path("vim_mini_patch4_32.safetensors")
+    for flags, want in ((["--random-init"], (None, False, True)), (["--pretrained"], (None, True, False)),
+                        (["--checkpoint", ckpt], (ckpt, False, False))):
+        assert svp_main(["train", "-c", str(f), *flags, "--dataset", "digits", "--method", "linear",
+                         "--print-config"]) == 0, flags
+        m = yaml.safe_load(capsys.readouterr().out)["model"]
+        assert (m["checkpoint"], m["pretrained"], m["random_init"]) == want, (flags, m)
+    # an override beside the flag is the user's too: said, as before
+    assert svp_main(["train", "--random-init", "model.pretrained=true", "--dataset", "digits", "--print-config"]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert m["pretrained"] and m["random_init"]
+    # the mini suite's base drops its pretrained under a checkpoint, as under another model
+    assert "pretrained" not in suite_base("mini", (), [f"model.checkpoint={ckpt}"])["model"]
+    assert suite_base("mini")["model"]["pretrained"] is True
 
 
 def test_an_action_s_own_errors_name_the_action(tmp_path, capsys):

@@ -527,6 +527,43 @@ def test_out_of_memory_in_svp_data_names_its_own_options(tmp_path, capsys, monke
                    "ulimit -v?)\n"), err
 
 
+def test_every_command_out_of_memory_names_its_own_options(tmp_path, capsys, monkeypatch):
+    """Each command and action has its own advice (eval, predict, visualize, serve, doctor, ... were
+    given train's: train.eval_batch_size and DataLoader workers, which they do not take: retest 82)."""
+    import argparse
+
+    from svp.cli import OOM_ADVICE, build_parser
+
+    def commands(parser, prefix=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    subs = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+                    yield from (commands(sub, f"{prefix}{name} ") if subs else [f"{prefix}{name}"])
+    names = set(commands(build_parser()))
+    assert "data check" in names and "eval" in names and "serve" in names, names
+    assert names == set(OOM_ADVICE), (names ^ set(OOM_ADVICE))
+    for name, advice in OOM_ADVICE.items():   # (the options it names are the command's own)
+        flags = set(re.findall(r"--[a-z-]+", advice))
+        usage = build_parser()
+        for word in name.split():
+            usage = next(a for a in usage._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        assert flags <= {o for a in usage._actions for o in a.option_strings}, (name, flags)
+    import svp.engine.cli as ecli
+
+    def oom(*a, **k):
+        raise MemoryError()
+    monkeypatch.setattr(ecli, "load_for_inference", oom)
+    assert svp_main(["eval", str(tmp_path), "--dataset", "digits"]) == 1
+    assert capsys.readouterr().err == ("svp eval: error: out of memory (MemoryError): a smaller --batch-size, or more "
+                                       "memory (a limit: ulimit -v?)\n")
+    import svp.doctor as doctor
+    monkeypatch.setattr(doctor, "_versions", oom)
+    assert svp_main(["doctor", "--no-timing"]) == 1
+    assert capsys.readouterr().err == ("svp doctor: error: out of memory (MemoryError): more memory (a limit: "
+                                       "ulimit -v?)\n")
+
+
 def test_data_grid_makes_its_output_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "new" / "sub" / "grid.png"
     assert svp_main(["data", "grid", "digits", "--n", "4", "--cols", "2", "--out", str(out)]) == 0

@@ -891,7 +891,7 @@ def test_the_resume_record_asks_the_models_device_and_never_fails_a_write(monkey
         raise ops.BackendError("forced backend cannot run there")
     monkeypatch.setattr(ops, "get_backend", backend)
     model = torch.nn.Linear(2, 2)
-    assert arithmetic(model) == {"threads": torch.get_num_threads(), "scan_backend": None}
+    assert arithmetic(model) == {"threads": torch.get_num_threads(), "scan_backend": None, "device": "cpu"}
     assert asked == [torch.device("cpu")]
     monkeypatch.setattr(ops, "get_backend", lambda device=None: f"on {device.type}")
     assert arithmetic(model.to("meta"))["scan_backend"] == "on meta" and arithmetic(model)["threads"] is None

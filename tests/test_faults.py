@@ -1197,6 +1197,11 @@ def test_a_resume_on_another_thread_count_says_its_bits_differ(tmp_path, capsys)
         torch.set_num_threads(before)
     log = (out / "r" / "train.log").read_text()
     assert "device cpu (2 thread(s)), scan backend" in log and "device cpu (1 thread(s)), scan backend" in log, log
+    import platform
+
+    import svp
+    # each segment names the svp, torch and Python it ran on (retest 82)
+    assert log.count(f"svp {svp.__version__}, torch {torch.__version__}, Python {platform.python_version()}\n") == 2
     assert ("the steps so far ran on 2 CPU thread(s) with scan backend cpu, these run on 1 CPU thread(s) with "
             "scan backend cpu: the weights will differ in their last bits from a run that never stopped (the "
             "sums' order changes); resume with OMP_NUM_THREADS=2 for the same bits") in log, log
@@ -1206,6 +1211,22 @@ def test_a_resume_on_another_thread_count_says_its_bits_differ(tmp_path, capsys)
                      "debug.stop_at_step=2"]) == 75
     assert svp_main(["train", "--resume", str(out / "s"), "debug.stop_at_step=null"]) == 0
     assert "the steps so far ran on" not in (out / "s" / "train.log").read_text()
+    # another scan backend on the same device: the hint names the recorded one (retest 82: none was given)
+    assert svp_main(["train", *MINI, "--epochs", "2", "--output", str(out), "--name", "t",
+                     "debug.stop_at_step=2"]) == 75
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SVP_SCAN_BACKEND", "torch")
+        assert svp_main(["train", "--resume", str(out / "t"), "debug.stop_at_step=null"]) == 0
+    log = (out / "t" / "train.log").read_text()
+    assert "these run on %d CPU thread(s) with scan backend torch" % torch.get_num_threads() in log, log
+    assert "resume with SVP_SCAN_BACKEND=cpu for the same bits" in log and "OMP_NUM_THREADS" not in log, log
+    assert "scan backend cpu, world size" in log and "scan backend torch, world size" in log, log
+    # a device other than the CPU or a GPU is said as what it is; an older record's (no device, no
+    # thread count) as a GPU's
+    from svp.engine.distributed import arithmetic_words
+    assert arithmetic_words({"threads": None, "scan_backend": "torch", "device": "mps"}) == \
+        "the mps device with scan backend torch"
+    assert arithmetic_words({"threads": None, "scan_backend": "triton"}) == "a GPU with scan backend triton"
 
 
 def test_only_the_first_process_prints_why_a_run_stopped(tmp_path, capsys, monkeypatch):

@@ -67,6 +67,8 @@ def test_results_record():
     assert res["official_best_test_top1"]["value"] == 70.0 and res["epochs_run"] == 3 and res["steps"] == 9
     assert res["final_train_loss"] == pytest.approx(1 / 3)
     assert res["backbone_init"] == "pretrained"  # no checkpoint, not random: bundled/pretrained weights
+    import svp
+    assert res["svp_version"] == svp.__version__   # (which svp wrote it: retest 82)
     cfg["model"]["random_init"] = True
     assert select.results(cfg, hist, None, None, None, 9, True, False)["backbone_init"] == "random"
     tp = select.throughput(hist)

@@ -449,7 +449,11 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
     ': EOFError', a folder in 'file not found'."""
     from svp.models.loading import read_checkpoint
     torch.save({"model": Foreign()}, tmp_path / "foreign.pth")
-    (tmp_path / "notes.pth").write_text("e\n")
+    (tmp_path / "notes.pth").write_text("epoch 1 notes\n")
+    # a file cut to a few bytes, its first 0x80 as a pickle's (one cut in 256 of a safetensors file:
+    # "its content is torch.save's format; name it .pth", then torch's own error: retest 82)
+    for name in ("cut.safetensors", "cut.pth"):
+        (tmp_path / name).write_bytes(bytes([0x80, 1, 0, 0, 0]))
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "adir.pth").mkdir()
     # a plain pickle (not torch.save's zip): torch's reason came after a blank line, and was dropped
@@ -462,7 +466,10 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
                                                   r"it pickles torch\.storage\._load_from_bytes)"):
             read_checkpoint(str(tmp_path / "plain.pth"))
     for name, words in (("foreign.pth", r"it pickles test_vim\.Foreign, which is not on the allow-list"),
-                        ("notes.pth", r"notes.pth: no checkpoint format svp reads \(it begins b'e\\n'\)"),
+                        ("notes.pth", r"notes.pth: no checkpoint format svp reads \(it begins b'epoch 1 notes\\n'\)"),
+                        ("cut.safetensors", r"cut.safetensors: 5 bytes, too short to be a checkpoint \(cut off\?\): "
+                                            "download or copy it again"),
+                        ("cut.pth", r"cut.pth: 5 bytes, too short to be a checkpoint"),
                         ("empty.pth", "the file is empty"), ("adir.pth", "is a folder; expected a checkpoint file")):
         with pytest.raises(CheckpointError, match=words):
             read_checkpoint(str(tmp_path / name))

@@ -211,7 +211,8 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     # folder's model arguments kept (as svp eval/predict do); here they do not fit the bundled weights
     assert svp_main(common + ["--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
-    assert f"the frozen backbone (recorded by --adapter {adapter}: 'vim_mini_patch4_32')" in err, err
+    # (--model said as the command line's, not as the adapter's record: retest 82)
+    assert f"the frozen backbone (the one --adapter {adapter} recorded, with --model: 'vim_mini_patch4_32')" in err, err
     assert svp_main(common + ["--no-frozen", "--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {adapter} (on backbone 'vim_mini_patch4_32')" in err, err
@@ -219,7 +220,7 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     (tmp_path / "empty").mkdir()
     assert svp_main(common + ["--adapter", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert f"the frozen backbone (recorded by --adapter {tmp_path / 'empty'})" in err and "None" not in err, err
+    assert f"the frozen backbone (the one --adapter {tmp_path / 'empty'} recorded)" in err and "None" not in err, err
 
 
 def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_nothing(tmp_path):

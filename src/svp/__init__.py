@@ -2,7 +2,7 @@
 
 Importing svp registers the Vim models in timm's registry.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401 (svp.__version__)
 
 from . import runtime as _runtime
 

@@ -24,13 +24,25 @@ COMMAND_MODULES = [
     "svp.serve.cli",
 ]
 
-# what to lower when a command runs out of memory, where the batch is not the cause
-OOM_ADVICE = {   # by the command's full name ("data grid"), else its first word
+# what to lower when a command runs out of memory, in its own options, by the command's full name
+# ("data grid"); "": nothing but more memory. Every command has its entry (tests/test_cli_train.py):
+# the others were given train's advice, options they do not take (retest 80, retest 82)
+OOM_ADVICE = {
+    "train": "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers (--num-workers)",
+    "eval": "a smaller --batch-size",
+    "predict": "a smaller --batch-size",
+    "sweep": "a smaller batch (train.batch_size, train.eval_batch_size), fewer DataLoader workers "
+             "(data.num_workers), fewer runs at a time (--jobs)",
+    "data list": "",
+    "data check": "fewer reader threads (--workers)",
+    "data grid": "fewer images (--n)",
+    "convert-official-svp": "",   # (the checkpoint is read whole)
+    "visualize": "fewer --adapter folders, --layers or --quantities",
     "pretrain": "fewer images (--num-classes, --per-class, --heldout-per-class: all are made in memory), a "
                 "smaller --batch-size",
-    # (they were given train's advice, --batch-size and DataLoader workers, which they do not take: retest 80)
-    "data grid": "fewer images (--n)",
-    "data check": "fewer reader threads (--workers)",
+    "demo": "a smaller --batch-size, fewer runs at a time (--jobs)",
+    "doctor": "",
+    "serve": "fewer adapter folders under --adapters, a smaller --max-batch",
 }
 
 
@@ -51,7 +63,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="svp", description="Selective Visual Prompting for Vision Mamba, and its baselines.")
-    from . import __version__
+    from ._version import __version__
     parser.add_argument("--version", action="version", version=f"svp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
@@ -121,10 +133,9 @@ def main(argv=None) -> int:
             raise
         # (a traceback through torch's allocator; a run's train.log keeps it)
         why = first_line(e)
-        lower = (getattr(e, "advice", None) or OOM_ADVICE.get(command) or OOM_ADVICE.get(args.command)
-                 or "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers")
-        print(f"svp {command}: error: out of memory ({why}): {lower}, or more memory (a limit: ulimit -v?)",
-              file=sys.stderr)
+        lower = getattr(e, "advice", None) or OOM_ADVICE.get(command, OOM_ADVICE["train"])
+        print(f"svp {command}: error: out of memory ({why}): {f'{lower}, or ' if lower else ''}more memory "
+              f"(a limit: ulimit -v?)", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `svp data list | head`: the reader has what it wanted
         quiet_stdout()

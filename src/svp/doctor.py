@@ -155,10 +155,10 @@ def _numba_row() -> str:
 def _versions():
     import torch
 
-    import svp
+    from svp._version import __version__
     from svp.compat import module_version
     # (where it is imported from: an editable checkout, or which environment's site-packages)
-    rows = [("svp", f"{svp.__version__} ({os.path.dirname(os.path.abspath(svp.__file__))})"),
+    rows = [("svp", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
             ("python", platform.python_version()), ("platform", platform.platform()),
             ("CPU", f"{cpu_name()}, {os.cpu_count()} logical CPUs"),
             ("torch", torch.__version__),

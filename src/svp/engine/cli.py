@@ -84,15 +84,20 @@ def register(subparsers) -> None:
     p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", type=user_path,
                    help="YAML configuration file (repeatable; later files win)")
     from ..peft import list_methods   # the registered ones: a method added to svp.peft is listed
+    # the backbone's weights come from one of them (two at once: one was ignored, with a warning at
+    # best; eval's, predict's and visualize's are refused alike: review 78, retest 82)
+    weights = p.add_mutually_exclusive_group()
     for flag, key, typ, help_ in TRAIN_FLAGS:
         help_ = help_.replace("{methods}", ", ".join(list_methods()))
-        p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
-    # (both at once: one of them was ignored without a word; review 78)
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true",
-                         help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
-    weights.add_argument("--random-init", action="store_true",
-                         help="a randomly initialised backbone (tests only) [model.random_init=true]")
+        if flag != "--checkpoint":
+            p.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+            continue
+        # (side by side, so that the usage line shows them as one choice)
+        weights.add_argument(flag, type=typ, default=None, help=f"{help_} [{key}]")
+        weights.add_argument("--pretrained", action="store_true",
+                             help="timm's pretrained weights for the backbone; may download [model.pretrained=true]")
+        weights.add_argument("--random-init", action="store_true",
+                             help="a randomly initialised backbone (tests only) [model.random_init=true]")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast on CUDA and CPU (docs/training.md) [train.amp=true]")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, type=user_path,
@@ -239,7 +244,20 @@ def _overrides_from_flags(args) -> List[str]:
     for flag, key in (("pretrained", "model.pretrained"), ("random_init", "model.random_init"), ("amp", "train.amp")):
         if getattr(args, flag, False):
             out.append(f"{key}=true")
+    # a source of weights named on the command line is the run's, whatever a -c file says: the
+    # file's other source (the mini suite's model.pretrained=true under --checkpoint, a file's
+    # pretrained under --random-init) won, or was warned about (retest 82); an override given
+    # beside the flag still says so (svp.engine.setup). (Not at --resume: there a flag may only
+    # repeat the saved run's value)
+    chosen = [k for k, flag in WEIGHT_KEYS if getattr(args, flag, None)]
+    if chosen and not getattr(args, "resume", None):
+        out += [f"{k}={'null' if k == 'model.checkpoint' else 'false'}" for k, _ in WEIGHT_KEYS if k not in chosen]
     return out + list(args.overrides or [])
+
+
+# the keys that give a backbone its weights, and train's flag of each (one at a time)
+WEIGHT_KEYS = (("model.checkpoint", "checkpoint"), ("model.pretrained", "pretrained"),
+               ("model.random_init", "random_init"))
 
 
 def _err(msg: str, command: str = "train") -> None:
@@ -252,14 +270,23 @@ def _note(msg: str, command: str) -> None:
     print(f"svp {command}: note: {printable(shortened(msg), lines=True)}", file=sys.stderr)
 
 
-def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None) -> None:
+def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None, amp: bool = False) -> None:
     """Say what an adapter folder left to the command: the image recipe and size of a folder
-    without backbone.json (the 'svp' recipe, silently: a VTAB adapter's loss moved by 2e-3), and a
+    without backbone.json (the 'svp' recipe, silently: a VTAB adapter's loss moved by 2e-3), a
     dataset other than the one the adapter was trained on (a VTAB task of the same class count
-    passed the class-name check, its names being '0'..'C-1': review 69)."""
+    passed the class-name check, its names being '0'..'C-1': review 69), and a precision other than
+    the one the run evaluated in (an adapter of a train.amp run scored other images right in
+    float32 than its results.json says, without a word: retest 82)."""
     if not os.path.isfile(os.path.join(adapter_dir, "backbone.json")):
         _note(f"{adapter_dir} has no backbone.json, so the image recipe ({spec.extra.get('recipe')!r}) and size "
               f"({spec.img_size} px) are assumed, not the run's", command)
+    elif "amp" in spec.extra and bool(spec.extra["amp"]) != amp:   # (older folders: not recorded)
+        ran = f"train.amp ({spec.extra['amp']} autocast)" if spec.extra.get("amp") else "float32 (no train.amp)"
+        here = "bfloat16 autocast (--amp)" if amp else "float32"
+        same = ("; --amp gives the run's own numbers" if spec.extra.get("amp") == "bfloat16" else
+                "; without --amp, the run's own numbers" if not spec.extra.get("amp") else "")
+        _note(f"the run of {adapter_dir} evaluated it under {ran}, this runs in {here}: probabilities differ "
+              f"in their last digits and a few images may change class{same}", command)
     trained = spec.extra.get("dataset")
     if dataset and isinstance(trained, str):
         import svp.data as data
@@ -385,7 +412,7 @@ def cmd_eval(args) -> int:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
     _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
-    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset)
+    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, amp=args.amp)
     tf = _eval_transform(spec, args.adapter_dir)
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
@@ -415,7 +442,7 @@ def cmd_predict(args) -> int:
     _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
-    _note_assumptions(spec, args.adapter_dir, "predict")
+    _note_assumptions(spec, args.adapter_dir, "predict", amp=args.amp)
     tf = _eval_transform(spec, args.adapter_dir)
     names = spec.class_names
     # batch by batch: a thousand images in one batch would hold a thousand images' activations.

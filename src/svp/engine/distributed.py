@@ -314,13 +314,16 @@ def arithmetic(model) -> Dict[str, Any]:
         backend = ops.get_backend(device)
     except Exception:   # noqa: BLE001  (a record: never what stops a resume point being written)
         backend = None
-    return {"threads": torch.get_num_threads() if device.type == "cpu" else None, "scan_backend": backend}
+    return {"threads": torch.get_num_threads() if device.type == "cpu" else None, "scan_backend": backend,
+            "device": device.type}
 
 
 def arithmetic_words(a: dict) -> str:
-    threads = a.get("threads")
-    return (f"{threads} CPU thread(s)" if threads is not None else "a GPU") + \
-        f" with scan backend {a.get('scan_backend') or '(not recorded)'}"
+    threads, device = a.get("threads"), a.get("device")
+    # (an older record has no device: not the CPU where it has no thread count)
+    where = (f"{threads} CPU thread(s)" if threads is not None else
+             "a GPU" if device in (None, "cuda") else f"the {device} device")
+    return f"{where} with scan backend {a.get('scan_backend') or '(not recorded)'}"
 
 
 __all__ = ["DistInfo", "init_distributed", "shutdown", "all_reduce_sum", "broadcast_object", "barrier",

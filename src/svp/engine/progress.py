@@ -229,12 +229,20 @@ def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_
               steps_per_epoch: int) -> None:
     t = cfg["train"]
     log.info("run folder: %s", run_dir)
+    # (what ran each segment: a resume after an upgrade says so here)
+    import platform
+
+    import torch
+
+    from .._version import __version__
+    log.info("svp %s, torch %s, Python %s", __version__, torch.__version__, platform.python_version())
     a = arithmetic(model)
     # (the thread count and scan backend: a step's last bits depend on them, and a resume on others
     # says so; each segment of a resumed run logs its own)
     log.info("%s on %s (%d classes, %d train samples), backbone %s, device %s%s, scan backend %s, world size %d",
              cfg["method"]["name"], cfg["data"]["dataset"], spec.num_classes, n_train, spec.model, device,
-             f" ({a['threads']} thread(s))" if a["threads"] is not None else "", a["scan_backend"], world_size)
+             f" ({a['threads']} thread(s))" if a["threads"] is not None else "", a["scan_backend"] or "unknown",
+             world_size)
     if spec.weights == "random":
         log.warning("WARNING: the backbone %s is randomly initialised (model.random_init=true): fine for "
                     "tests, meaningless for results. Use --checkpoint <official .pth> or the bundled "

@@ -332,9 +332,13 @@ class RunFolder:
         was, now = state.get("arithmetic"), arithmetic(model)
         if isinstance(was, dict) and any(was.get(k) is not None and now[k] is not None and was.get(k) != now[k]
                                          for k in now):
-            threads = was.get("threads")
-            hint = (f"; resume with OMP_NUM_THREADS={threads} for the same bits"
-                    if isinstance(threads, int) and now["threads"] not in (None, threads) else "")
+            threads, backend = was.get("threads"), was.get("scan_backend")
+            same = [f"OMP_NUM_THREADS={threads}" for _ in [0]
+                    if isinstance(threads, int) and now["threads"] not in (None, threads)]
+            # (another backend on the same kind of device: the recorded one is there to choose)
+            same += [f"SVP_SCAN_BACKEND={backend}" for _ in [0] if isinstance(backend, str) and now["scan_backend"]
+                     and backend != now["scan_backend"] and was.get("device", now["device"]) == now["device"]]
+            hint = f"; resume with {' and '.join(same)} for the same bits" if same else ""
             self.resume_notes.append(
                 f"the steps so far ran on {arithmetic_words(was)}, these run on {arithmetic_words(now)}: the "
                 f"weights will differ in their last bits from a run that never stopped (the sums' order "

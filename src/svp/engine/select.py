@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
+from .._version import __version__
+
 
 def selection_score(record: dict, metric: str, has_val: bool) -> Optional[float]:
     """Higher is better; None when the epoch was not evaluated on validation. Without a
@@ -72,6 +74,9 @@ def results(cfg: dict, history: List[dict], best_epoch: Optional[int], final_tes
                   "test_loss": final_test["loss"] if final_test else None,
                   "test_samples": final_test["n"] if final_test else 0},
         "final_train_loss": last["train_loss"],
+        # (the svp that finished the run: a bug report or a comparison across releases names it; each
+        # segment's own is in train.log)
+        "svp_version": __version__,
     }
     if cfg["eval"]["report_best_test"]:
         official = best_test_over_epochs(history)

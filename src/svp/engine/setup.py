@@ -238,7 +238,11 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
                      pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
                      img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),
                      kwargs=dict(m["kwargs"] or {}), init_seed=init_seed(cfg),
-                     extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"]})
+                     extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"],
+                            # (the precision its evaluations ran in: svp eval/predict say when theirs
+                            # differs, as their numbers then do: retest 82;
+                            # null: float32; an older folder has no record)
+                            "amp": cfg["train"]["amp_dtype"] if cfg["train"]["amp"] else None})
 
 
 def init_seed(cfg: dict) -> int:

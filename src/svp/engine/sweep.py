@@ -74,12 +74,14 @@ def suite_base(suite: str, config_files: Sequence[str] = (), overrides: Sequence
     base = {sec: dict(body) if isinstance(body, dict) else body for sec, body in base.items()}
     # the file's model.pretrained=true belongs to its backbone (the bundled mini Vim, whose
     # weights are bundled): on another --model, or with model.random_init, it would turn the
-    # user's choice into a download of timm's weights, which take precedence (svp.build)
+    # user's choice into a download of timm's weights, which take precedence (svp.build); beside
+    # a --checkpoint it is unused, and every run warned of it (retest 82)
     try:
         probe = C.resolve(config_files, overrides, base=base)
     except C.ConfigError:
         return base  # a bad file or override: check_configs / the tuned sweep's probe reports it
-    if probe["model"]["name"] != base["model"].get("name") or probe["model"]["random_init"]:
+    if (probe["model"]["name"] != base["model"].get("name") or probe["model"]["random_init"]
+            or probe["model"]["checkpoint"]):
         base["model"].pop("pretrained", None)
     return base
 

@@ -110,6 +110,12 @@ def read_checkpoint(path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise UnreadableCheckpoint(f"{path}: the file is empty; expected a checkpoint (.pth, .pt or .safetensors)")
+    if os.path.getsize(path) < 9:
+        # (no format holds weights in fewer: safetensors' length and '{', torch.save's zip or pickle
+        # header. One such cut beginning with 0x80 was called torch.save's format, "name it .pth",
+        # and then failed in torch's reader; the others were "no format svp reads": retest 82)
+        raise UnreadableCheckpoint(f"{path}: {os.path.getsize(path)} bytes, too short to be a checkpoint (cut "
+                                   f"off?): download or copy it again")
     kind = _sniff(path)
     if path.endswith(".safetensors") and kind in ("zip", "pickle"):   # (torch.load reads it as safetensors)
         raise UnreadableCheckpoint(f"{path}: not a safetensors file: its content is torch.save's format; "

@@ -63,9 +63,13 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     model = spec.model if spec is not None else name
     if adapter_dir:
         where = f"--adapter {adapter_dir}" + (f" (on backbone {model!r})" if spec is not None else "")
-    elif recorded:   # (the frozen backbone, as the first adapter recorded it: no --model was given)
-        where = f"the frozen backbone (recorded by --adapter {recorded}" + (
-            f": {model!r})" if spec is not None else ")")
+    elif recorded:   # (the frozen backbone, as the first adapter recorded it, with what the command line changed)
+        given = [w for w, v in (("--model", name), ("--checkpoint", checkpoint), ("--pretrained", pretrained),
+                                ("--random-init", random_init), ("--model-args", model_args)) if v]
+        # (what came from the command line was said to be the adapter's record: retest 82)
+        where = (f"the frozen backbone (the one --adapter {recorded} recorded"
+                 + (f", with {', '.join(given)}" if given else "")
+                 + (f": {model!r})" if spec is not None else ")"))
     else:
         where = f"--model {model!r}{' (pretrained)' if pretrained else ''}"
     if isinstance(error, PatchGridError) and model_args:
@@ -304,11 +308,12 @@ def register(subparsers) -> None:
                         "backbone.json, else the bundled mini Vim, vim_mini_patch4_32); " + WEIGHTS_HELP)
     # one source of weights: given two, all but one were ignored without a word (review 78)
     weights = p.add_mutually_exclusive_group()
+    # (side by side, so that the usage line shows them as one choice: retest 82)
     weights.add_argument("--pretrained", action="store_true",
                          help="timm's pretrained weights (hub download for models other than the bundled mini Vim)")
     weights.add_argument("--random-init", action="store_true", help="a randomly initialised backbone (tests only)")
-    p.add_argument("--model-args", default=None, help='JSON kwargs for the backbone, e.g. \'{"img_size": 32}\'')
     weights.add_argument("--checkpoint", default=None, type=user_path, help="backbone weights (.pth / .safetensors)")
+    p.add_argument("--model-args", default=None, help='JSON kwargs for the backbone, e.g. \'{"img_size": 32}\'')
     p.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
                    help="adapter directory (PeftModel.save); repeat for several; label defaults to the dir name")
     p.add_argument("--no-frozen", action="store_true", help="do not show the frozen backbone itself")
