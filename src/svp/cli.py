@@ -25,7 +25,7 @@ COMMAND_MODULES = [
 ]
 
 # what to lower when a command runs out of memory, in its own options, by the command's full name
-# ("data grid"); "": nothing but more memory. Every command has its entry (tests/test_cli_train.py):
+# ("data grid"); "": nothing but more memory. Every command has its entry (tests/test_data_formats.py):
 # the others were given train's advice, options they do not take (retest 80, retest 82)
 OOM_ADVICE = {
     "train": "a smaller batch (--batch-size, train.eval_batch_size), fewer DataLoader workers (--num-workers)",

@@ -333,11 +333,13 @@ class RunFolder:
         if isinstance(was, dict) and any(was.get(k) is not None and now[k] is not None and was.get(k) != now[k]
                                          for k in now):
             threads, backend = was.get("threads"), was.get("scan_backend")
-            same = [f"OMP_NUM_THREADS={threads}" for _ in [0]
-                    if isinstance(threads, int) and now["threads"] not in (None, threads)]
+            same = []
+            if isinstance(threads, int) and now["threads"] not in (None, threads):
+                same.append(f"OMP_NUM_THREADS={threads}")
             # (another backend on the same kind of device: the recorded one is there to choose)
-            same += [f"SVP_SCAN_BACKEND={backend}" for _ in [0] if isinstance(backend, str) and now["scan_backend"]
-                     and backend != now["scan_backend"] and was.get("device", now["device"]) == now["device"]]
+            if (isinstance(backend, str) and now["scan_backend"] and backend != now["scan_backend"]
+                    and was.get("device", now["device"]) == now["device"]):
+                same.append(f"SVP_SCAN_BACKEND={backend}")
             hint = f"; resume with {' and '.join(same)} for the same bits" if same else ""
             self.resume_notes.append(
                 f"the steps so far ran on {arithmetic_words(was)}, these run on {arithmetic_words(now)}: the "
