@@ -64,6 +64,40 @@ def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
     assert seen == [bool(flags)] and "stand-in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "amp"])
+def test_serve_notes_the_adapters_whose_runs_evaluated_in_another_precision(tmp_path, capsys, monkeypatch, amp):
+    """An adapter of a train.amp run served in float32 (or a float32 one under --amp) answers other
+    probabilities than its run's, a few images another class; eval and predict said so, the server
+    did not (review 83). Older folders record no precision and are not named."""
+    import json
+
+    import svp.serve.app as app
+    import svp.serve.cli as scli
+    from svp.cli import main
+    for name, rec in (("a16", "bfloat16"), ("b32", None), ("old", ...)):
+        (tmp_path / name).mkdir()
+        info = {"model": "vim_mini_patch4_32"} if rec is ... else {"model": "vim_mini_patch4_32", "amp": rec}
+        (tmp_path / name / "backbone.json").write_text(json.dumps(info))
+    report = {"loaded": ["a16", "b32", "old"], "refused": {}, "backbone": {"model": "vim_mini_patch4_32",
+                                                                          "checkpoint": None}}
+    monkeypatch.setattr(app, "build_app", lambda *a, **k: (None, report))
+
+    class Stop(Exception):
+        pass
+
+    class Server:
+        def __init__(self, config):
+            raise Stop()
+    monkeypatch.setattr(scli, "_server_class", lambda: Server)
+    with pytest.raises(Stop):
+        main(["serve", "--adapters", str(tmp_path), *(["--amp"] if amp else [])])
+    err = capsys.readouterr().err
+    other = "b32" if amp else "a16"
+    assert (f"svp serve: note: 1 adapter(s) ({other}) were evaluated by their runs "
+            f"{'in float32' if amp else 'under train.amp'}, served here "
+            f"{'under bfloat16 autocast (--amp)' if amp else 'in float32'}: their answers differ") in err, err
+
+
 def test_a_max_pixels_above_pillows_limit_is_the_servers(tmp_path, capsys, monkeypatch):
     """A 225 M-pixel image under --max-pixels 400000000 was refused with Pillow's own limit
     (178956970, twice PIL.Image.MAX_IMAGE_PIXELS), a 100 M one accepted with its warning (review)."""

@@ -1,6 +1,7 @@
 """``svp serve``: one backbone, every adapter folder of --adapters, over HTTP."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ..errors import ConfigError
@@ -152,6 +153,12 @@ def run(args) -> int:
         print(f"svp serve: refused adapter {printable(name)}: {printable(why)}", file=sys.stderr)
     if not report["loaded"]:
         raise ConfigError(f"{args.adapters}: no adapter could be loaded")
+    other = _other_precision(args.adapters, report["loaded"], args.amp)
+    if other:   # (eval and predict say it too: review 83)
+        print(f"svp serve: note: {len(other)} adapter(s) ({_some(other)}) were evaluated by their runs "
+              f"{'in float32' if args.amp else 'under train.amp'}, served here "
+              f"{'under bfloat16 autocast (--amp)' if args.amp else 'in float32'}: their answers differ in the "
+              f"last digits from their runs', and a few images may change class", file=sys.stderr)
     b = report["backbone"]
     print(f"svp serve: backbone {b['model']}{' + ' + b['checkpoint'] if b['checkpoint'] else ''}"
           f"{' (bfloat16 autocast)' if args.amp else ''}, "
@@ -183,6 +190,22 @@ def _forced_exit_cancellation(record) -> bool:
         return False
     text = str(record.msg)
     return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
+def _other_precision(root: str, names, amp: bool) -> list:
+    """The adapters whose backbone.json records another precision than the server's (``"amp"``:
+    the autocast dtype of their run, null for float32; older folders record none and are not named)."""
+    import json
+    out = []
+    for name in names:
+        try:
+            with open(os.path.join(root, name, "backbone.json"), encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError):   # (loaded without one, or replaced since: nothing to compare)
+            continue
+        if isinstance(info, dict) and "amp" in info and bool(info["amp"]) != amp:
+            out.append(name)
+    return out
 
 
 def _some(names, shown: int = 10) -> str:
