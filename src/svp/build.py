@@ -499,6 +499,14 @@ def converted_origin(info) -> str:
     return f"; it was converted from {shell_word(source)}, which holds that backbone" if isinstance(source, str) else ""
 
 
+def other_precision(recorded: dict, amp: bool) -> bool:
+    """Whether a backbone.json's record (``recorded``: its ``extra``, or the file read as a dict)
+    says its run evaluated in another precision than ``amp`` (``"amp"``: the run's autocast dtype,
+    null for float32; an older folder records none: not another). svp eval, predict and serve say
+    so, as their numbers then differ from the run's."""
+    return isinstance(recorded, dict) and "amp" in recorded and bool(recorded["amp"]) != amp
+
+
 def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:
     name = model or info.get("base_model_name")
     if not name:

@@ -277,10 +277,11 @@ def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None, amp: b
     passed the class-name check, its names being '0'..'C-1': review 69), and a precision other than
     the one the run evaluated in (an adapter of a train.amp run scored other images right in
     float32 than its results.json says, without a word: retest 82)."""
+    from ..build import other_precision
     if not os.path.isfile(os.path.join(adapter_dir, "backbone.json")):
         _note(f"{adapter_dir} has no backbone.json, so the image recipe ({spec.extra.get('recipe')!r}) and size "
               f"({spec.img_size} px) are assumed, not the run's", command)
-    elif "amp" in spec.extra and bool(spec.extra["amp"]) != amp:   # (older folders: not recorded)
+    elif other_precision(spec.extra, amp):
         ran = f"train.amp ({spec.extra['amp']} autocast)" if spec.extra.get("amp") else "float32 (no train.amp)"
         here = "bfloat16 autocast (--amp)" if amp else "float32"
         same = ("; --amp gives the run's own numbers" if spec.extra.get("amp") == "bfloat16" else

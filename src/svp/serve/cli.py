@@ -193,9 +193,12 @@ def _forced_exit_cancellation(record) -> bool:
 
 
 def _other_precision(root: str, names, amp: bool) -> list:
-    """The adapters whose backbone.json records another precision than the server's (``"amp"``:
-    the autocast dtype of their run, null for float32; older folders record none and are not named)."""
+    """The adapters whose backbone.json records another precision than the server's
+    (svp.build.other_precision). (Read again after build_app loaded them: its report names the
+    folders, not their records.)"""
     import json
+
+    from ..build import other_precision
     out = []
     for name in names:
         try:
@@ -203,7 +206,7 @@ def _other_precision(root: str, names, amp: bool) -> list:
                 info = json.load(f)
         except (OSError, ValueError):   # (loaded without one, or replaced since: nothing to compare)
             continue
-        if isinstance(info, dict) and "amp" in info and bool(info["amp"]) != amp:
+        if other_precision(info, amp):
             out.append(name)
     return out
 
