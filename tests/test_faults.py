@@ -751,12 +751,53 @@ def test_eval_and_predict_say_what_an_adapter_folder_left_them_to_assume(tmp_pat
     assert f"svp eval: note: {bare} has no backbone.json, so the image recipe ('svp') and size (32 px) are " \
            f"assumed, not the run's" in err, err
 
-    folder, odd = tmp_path / "imgs", _png8(str(tmp_path / "a\nb\x1b[2J.png"), 3)
-    folder.mkdir()
-    assert svp_main(["predict", str(mini_run / "best"), str(folder), odd]) == 2
+    odd = _png8(str(tmp_path / "a\nb\x1b[2J.png"), 3)
+    assert svp_main(["predict", str(mini_run / "best"), odd]) == 0
     out = capsys.readouterr().out
-    assert f"  {folder}: a folder, not an image; pass its image files (e.g. {folder}/*.jpg)" in out, out
     assert f"{tmp_path}/a\\x0ab\\x1b[2J.png\n  1. " in out and "\x1b" not in out, out
+
+
+def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tmp_path, capsys, mini_run,
+                                                                             monkeypatch):
+    """A folder was answered "a folder, not an image" (review 69), and a shell's `folder/*.jpg`
+    fails past its argument limit. Its image files are answered, in sorted order, its subfolders'
+    after its own, hidden ones and other files skipped; a folder with none, or one that cannot be
+    read, is answered as such and the others are still answered (exit 2)."""
+    pics = tmp_path / "pics"
+    want = [_png8(str(pics / n), v) for n, v in (("b.PNG", 1), ("a.jpg", 2), ("sub/c.webp", 3), ("sub/z/d.png", 4))]
+    _png8(str(pics / ".hidden.png"))
+    _png8(str(pics / ".cache" / "e.png"))
+    (pics / "labels.txt").write_text("not an image")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    alone = _png8(str(tmp_path / "alone.png"), 5)
+
+    assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--json", "--batch-size", "2"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["image"] for a in answers] == [str(pics / "a.jpg"), str(pics / "b.PNG"), *want[2:], alone]
+    assert all(a["top"] for a in answers)
+    # the same answers as the files named one by one (in batches of the same size: a batch moves an
+    # answer in its last bits)
+    assert svp_main(["predict", str(mini_run / "best"), *sorted(want[:2]), *want[2:], alone, "--json",
+                     "--batch-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out) == answers
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(pics / "sub" / "z"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert svp_main(["predict", str(mini_run / "best"), str(tmp_path / "empty"), str(pics), "--topk", "1"]) == 2
+    out, err = capsys.readouterr()
+    blocks = out.split("\n" + str(tmp_path))   # (one block an answer, each starting with its path)
+    assert [b.split("\n")[0] for b in blocks[1:]] == [
+        "/pics/a.jpg", "/pics/b.PNG", "/pics/sub/c.webp", "/pics/sub/z"], out
+    assert blocks[0] == f"{tmp_path}/empty\n  {tmp_path}/empty: a folder with no image files in it or below " \
+                        f"(.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)", out
+    assert f"{pics}/sub/z\n  {pics}/sub/z: a folder that cannot be read (Permission denied)\n" in out, out
+    assert err.startswith("svp predict: error: 2 of 5 images could not be read (the others are answered); "
+                          f"the first: {tmp_path}/empty: a folder with no image files"), err
 
 
 def _strict_json(text):

@@ -131,11 +131,14 @@ def register(subparsers) -> None:
     # ---------------------------------------------------------------- predict
     q = subparsers.add_parser("predict", help="top-k classes (names) for image files",
                               description="Classify image files with an adapter; prints the top-k class "
-                                          "names and probabilities per image.")
+                                          "names and probabilities per image, in the order given (a folder's "
+                                          "images in sorted order).")
     q.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path,
                    help="an adapter folder, e.g. runs/<run>/best")
     q.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
-                   help="image files (any format Pillow reads; folders are not searched)")
+                   help="image files (any format Pillow reads), or folders: a folder stands for the image files "
+                        "in it and below, by their endings as in a dataset's folders (.jpg, .png, .webp, ...; "
+                        "hidden ones skipped)")
     q.add_argument("--topk", type=int, default=5, help="number of classes to print (default 5)")
     q.add_argument("--batch-size", type=int, default=32,
                    help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
@@ -343,12 +346,39 @@ def _open_image(path, tf):
     from ..data.transforms import check_resized_size
 
     if os.path.isdir(path):   # (it was "unreadable image: ...: IsADirectoryError: [Errno 21]": review 69)
-        from ..data import DatasetError
-        raise DatasetError(f"{path}: a folder, not an image; pass its image files (e.g. {os.path.join(path, '*.jpg')})")
+        from ..data import DatasetError   # (a folder listed as predict's images: one made since)
+        raise DatasetError(f"{path}: a folder, not an image")
     im = load_image(path)
     # (the shorter side goes to the model's size: a 1 x 4000000 PNG of 4 KB would need ~20 GB)
     check_resized_size(tf, *im.size, path)
     return tf(im)
+
+
+def _images_of(paths):
+    """``svp predict``'s inputs with each folder replaced by the image files in it and below, in
+    sorted order (a folder of images was answered "a folder, not an image", and a shell's
+    ``folder/*.jpg`` fails past its argument limit, ~100,000 names). Also what could not be
+    listed, as answers: a folder with no image files, or one that cannot be read."""
+    from ..data.base import IMG_EXTENSIONS
+
+    images, errors = [], {}
+    for path in paths:
+        if not os.path.isdir(path):
+            images.append(path)
+            continue
+        found, unlisted = [], []
+        for root, dirs, files in os.walk(path, onerror=unlisted.append):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))   # (walked in this order)
+            found += [os.path.join(root, f) for f in sorted(files)
+                      if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
+        for e in unlisted:   # (an answer each, after the images found)
+            found.append(e.filename)
+            errors[e.filename] = f"{e.filename}: a folder that cannot be read ({e.strerror})"
+        if not found:
+            found.append(path)
+            errors[path] = f"{path}: a folder with no image files in it or below ({' '.join(IMG_EXTENSIONS)})"
+        images += found
+    return images, errors
 
 
 def _check_batch_size(n: int) -> None:
@@ -451,15 +481,19 @@ def cmd_predict(args) -> int:
     # batch: a small tensor kept per batch among the freed activations pinned the heap around
     # it (+10 KB of resident memory per image, 160 MB at 16,000), and nothing was printed
     # until the last image, so a killed run lost every answer.
+    images, unlisted = _images_of(args.images)
     out, failed, unreadable = [], 0, []
     autocast = _autocast(args.amp, dev)
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
-        for i in range(0, len(args.images), args.batch_size):
-            paths = args.images[i:i + args.batch_size]
+        for i in range(0, len(images), args.batch_size):
+            paths = images[i:i + args.batch_size]
             # an image that cannot be read is answered with its error, the others as usual: it
             # stopped the command, and with --json every image's answer was lost (QA 16e)
             xs, read, errors = [], [], {}
             for path in paths:
+                if path in unlisted:
+                    errors[path] = unlisted[path]
+                    continue
                 try:
                     xs.append(_open_image(path, tf))
                     read.append(path)
@@ -497,14 +531,14 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json_text(out, indent=2))
     if unreadable:   # (the input's fault: exit 2, as a user's mistake)
-        if len(args.images) > 1:
-            others = " (the others are answered)" if len(unreadable) < len(args.images) else ""
-            _err(f"{len(unreadable)} of {len(args.images)} images could not be read{others}; "
+        if len(images) > 1:
+            others = " (the others are answered)" if len(unreadable) < len(images) else ""
+            _err(f"{len(unreadable)} of {len(images)} images could not be read{others}; "
                  f"the first: {unreadable[0]}", "predict")
         else:
             _err(unreadable[0], "predict")
     if failed:
-        _err(f"{failed} of {len(args.images)} images: {NONFINITE}", "predict")
+        _err(f"{failed} of {len(images)} images: {NONFINITE}", "predict")
     return 2 if unreadable else 1 if failed else 0
 
 
