@@ -800,6 +800,48 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
                           f"the first: {tmp_path}/empty: a folder with no image files"), err
 
 
+def test_eval_per_class_gives_each_class_its_accuracy_and_their_mean(tmp_path, capsys, mini_run):
+    """`svp eval --per-class`: each class's images and top-1 accuracy, as the model's own argmax
+    over the split gives them, and their mean over the classes with images; classes without
+    images (here cut by --max-samples) shown as such and left out of the mean."""
+    import torch
+
+    import svp.data as data
+    from svp.build import load_for_inference
+    from svp.engine.cli import _eval_transform
+    from svp.engine.evaluate import forward_in_chunks
+
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--per-class", "--json"]) == 0
+    r = _strict_json(capsys.readouterr().out)
+    # the reference: the adapter's model over the split, argmax by hand
+    model, spec, _ = load_for_inference(str(mini_run / "best"))
+    ds, tf = data.build_dataset("digits", "test"), _eval_transform(spec, str(mini_run / "best"))
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    with torch.no_grad():
+        pred = forward_in_chunks(model, torch.stack([tf(x) for x in xs])).argmax(dim=1)
+    y = torch.tensor(ys)
+    want = [(int((y == c).sum()), 100.0 * float(((pred == y) & (y == c)).sum()) / int((y == c).sum()))
+            for c in range(10)]
+    assert [(row["class"], row["index"]) for row in r["per_class"]] == [(str(c), c) for c in range(10)]
+    assert [row["n"] for row in r["per_class"]] == [n for n, _ in want]
+    assert [row["top1"] for row in r["per_class"]] == pytest.approx([a for _, a in want], abs=1e-9)
+    assert len({a for _, a in want}) > 2, want   # (not one answer for every class)
+    assert r["mean_class_top1"] == pytest.approx(sum(a for _, a in want) / 10, abs=1e-9)
+    assert r["classes_without_images"] == 0
+    assert r["top1"] == pytest.approx(100.0 * float((pred == y).sum()) / len(y), abs=1e-9)
+    assert "class_n" not in r and "class_correct1" not in r
+
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--per-class", "--max-samples", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[3:]]
+    assert lines[2].split() == ["class", "images", "top-1"] and [row[0] for row in rows] == [str(c) for c in range(10)]
+    seen = [row for row in rows if row[1] != "0"]
+    assert sum(int(row[1]) for row in rows) == 6 and all(row[2] == "-" for row in rows if row[1] == "0")
+    mean = sum(float(row[2].rstrip("%")) for row in seen) / len(seen)
+    assert lines[1] == (f"mean per-class top-1 {mean:.2f}% over {len(seen)} classes "
+                        f"({10 - len(seen)} of 10 have no images here)"), lines
+
+
 def _strict_json(text):
     def refuse(name):
         raise AssertionError(f"{name} is not JSON")

@@ -123,13 +123,16 @@ def register(subparsers) -> None:
     e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
     _amp_arg(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--per-class", action="store_true",
+                   help="also each class's images and top-1 accuracy, and their mean over the classes (the "
+                        "accuracy each class weighs alike in, whatever its number of images)")
     e.add_argument("--ignore-class-names", action="store_true",
                    help="evaluate by class index although the dataset's class names (or their order) are not the "
                         "adapter's (refused otherwise)")
     e.set_defaults(func=cmd_eval)
 
     # ---------------------------------------------------------------- predict
-    q = subparsers.add_parser("predict", help="top-k classes (names) for image files",
+    q = subparsers.add_parser("predict", help="top-k classes (names) for image files or folders",
                               description="Classify image files with an adapter; prints the top-k class "
                                           "names and probabilities per image, in the order given (a folder's "
                                           "images in sorted order).")
@@ -445,20 +448,48 @@ def cmd_eval(args) -> int:
     _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
     _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, amp=args.amp)
     tf = _eval_transform(spec, args.adapter_dir)
-    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev))
+    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev),
+                 per_class=spec.num_classes if args.per_class else None)
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
+    if args.per_class:   # (by the dataset's names: the true classes are its labels)
+        names = ds.classes if len(ds.classes) == spec.num_classes else spec.class_names
+        r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"), names))
     if args.json:
         print(json_text(r, indent=2))
     else:
         print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  "
               f"top-{top_k(spec.num_classes)} {r['top5']:.2f}%  "
               f"loss {r['loss']:.4f}")
+        if args.per_class:
+            _print_per_class(r)
     if r["nonfinite"]:   # the accuracy over nan logits read as a number (argmax of nan)
         _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong: "
              f"the adapter's weights, or this input, overflow", "eval")
         return 1
     return 0
+
+
+def _per_class(counts, hits, names) -> dict:
+    """Each class's images and top-1 accuracy (%; None for a class without images here), and the
+    mean of the accuracies over the classes with images ('mean_class_top1'; None if none has)."""
+    rows = [{"class": str(name), "index": i, "n": n, "top1": 100.0 * h / n if n else None}
+            for i, (name, n, h) in enumerate(zip(names, counts, hits))]
+    seen = [row["top1"] for row in rows if row["n"]]
+    return {"per_class": rows, "mean_class_top1": sum(seen) / len(seen) if seen else None,
+            "classes_without_images": len(rows) - len(seen)}
+
+
+def _print_per_class(r) -> None:
+    rows, absent = r["per_class"], r["classes_without_images"]
+    if r["mean_class_top1"] is not None:
+        print(f"mean per-class top-1 {r['mean_class_top1']:.2f}% over {len(rows) - absent} classes"
+              + (f" ({absent} of {len(rows)} have no images here)" if absent else ""))
+    width = max(len("class"), *(len(printable(row["class"])) for row in rows))
+    print(f"  {'class':<{width}}  {'images':>7}  {'top-1':>7}")
+    for row in rows:
+        top1 = f"{row['top1']:6.2f}%" if row["n"] else "      -"
+        print(f"  {printable(row['class']):<{width}}  {row['n']:>7}  {top1}")
 
 
 def cmd_predict(args) -> int:

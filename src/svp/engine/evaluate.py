@@ -41,10 +41,13 @@ def forward_in_chunks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist_info: DistInfo,
-             autocast: Optional[Callable] = None, num_workers: int = 0) -> Dict[str, float]:
+             autocast: Optional[Callable] = None, num_workers: int = 0,
+             per_class: Optional[int] = None) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``,
     summed over ranks (each rank evaluates a disjoint shard). Counts stay on the device
-    until the end (one host synchronisation per evaluation)."""
+    until the end (one host synchronisation per evaluation). ``per_class``, the number of
+    classes: also each class's images and top-1 hits, by true class index (``class_n``,
+    ``class_correct1``)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -53,6 +56,8 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
         SeededDataset(dataset, transform), batch_size=batch_size, pin_memory=cuda,
         sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size), num_workers=num_workers)
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n, non-finite
+    if per_class:   # images, top-1 hits
+        by_class = torch.zeros(2, per_class, dtype=torch.float64, device=device)
     with runtime.held_heap(device.type == "cpu"):   # (the loader's batches too: 87 MB at 144 images)
         for x, y in loader:
             x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
@@ -68,13 +73,22 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
                                 F.cross_entropy(logits, y, reduction="sum").double(),
                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
                                 (~finite).sum().double()])
-    correct1, correct5, loss_sum, n, nonfinite = all_reduce_sum(acc.tolist(), dist_info,
-                                                                device=comm_device(device, dist_info))
+            if per_class:
+                by_class[0].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+                by_class[1].index_add_(0, y, ((top[:, 0] == y) & finite).double())
+    sums = all_reduce_sum(acc.tolist() + (by_class.flatten().tolist() if per_class else []), dist_info,
+                          device=comm_device(device, dist_info))
+    correct1, correct5, loss_sum, n, nonfinite = sums[:5]
     model.train(was_training)
     if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0, "nonfinite": 0}
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n),
-            "nonfinite": int(nonfinite)}
+        r = {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0, "nonfinite": 0}
+    else:
+        r = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": int(n),
+             "nonfinite": int(nonfinite)}
+    if per_class:
+        r["class_n"] = [int(v) for v in sums[5:5 + per_class]]
+        r["class_correct1"] = [int(v) for v in sums[5 + per_class:]]
+    return r
 
 
 def top_k(num_classes: int) -> int:
