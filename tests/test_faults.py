@@ -760,31 +760,66 @@ def test_eval_and_predict_say_what_an_adapter_folder_left_them_to_assume(tmp_pat
 def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tmp_path, capsys, mini_run,
                                                                              monkeypatch):
     """A folder was answered "a folder, not an image" (review 69), and a shell's `folder/*.jpg`
-    fails past its argument limit. Its image files are answered, in sorted order, its subfolders'
-    after its own, hidden ones and other files skipped; a folder with none, or one that cannot be
-    read, is answered as such and the others are still answered (exit 2)."""
+    fails past its argument limit. Its image files are answered, in natural order (img2 before
+    img10, case aside), its subfolders' after its own, linked folders once each (a loop walked
+    once), hidden ones skipped, other files and pipes skipped with a note; a folder with none, or
+    one that cannot be read (in its place), is answered as such and the others are still
+    answered (exit 2, the folders counted apart from the images)."""
     pics = tmp_path / "pics"
-    want = [_png8(str(pics / n), v) for n, v in (("b.PNG", 1), ("a.jpg", 2), ("sub/c.webp", 3), ("sub/z/d.png", 4))]
+    names = ("img10.png", "b.PNG", "img2.jpg", "A.png", "sub/c.webp", "sub/z/d.png", "Sub2/e.png")
+    want = {n: _png8(str(pics / n), v) for v, n in enumerate(names)}
     _png8(str(pics / ".hidden.png"))
     _png8(str(pics / ".cache" / "e.png"))
     (pics / "labels.txt").write_text("not an image")
+    os.mkfifo(pics / "pipe.png")   # (reading it would wait for ever)
+    _png8(str(tmp_path / "elsewhere" / "f.png"), 9)
+    os.symlink(tmp_path / "elsewhere", pics / "sub" / "linked")
+    os.symlink(pics, pics / "sub" / "up")   # (a loop)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     alone = _png8(str(tmp_path / "alone.png"), 5)
 
-    assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--json", "--batch-size", "2"]) == 0
-    answers = json.loads(capsys.readouterr().out)
-    assert [a["image"] for a in answers] == [str(pics / "a.jpg"), str(pics / "b.PNG"), *want[2:], alone]
+    # a reader of the pipe would wait for a writer: one that opens and closes it, ending a read
+    # with EOF, so that a regression fails here and does not hang
+    import threading
+    import time
+    done, opened = threading.Event(), []
+
+    def writer():
+        while not done.is_set():
+            try:
+                os.close(os.open(pics / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+                opened.append(True)
+            except OSError:   # (ENXIO: no reader)
+                time.sleep(0.05)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--json", "--batch-size", "2"]) == 0
+    finally:
+        done.set()
+        t.join()
+    assert not opened
+    out, err = capsys.readouterr()
+    answers = json.loads(out)
+    order = ["A.png", "b.PNG", "img2.jpg", "img10.png", "sub/c.webp"]
+    assert [a["image"] for a in answers] == [want[n] for n in order] + [str(pics / "sub" / "linked" / "f.png"),
+                                                                        want["sub/z/d.png"], want["Sub2/e.png"], alone]
     assert all(a["top"] for a in answers)
+    assert err == (f"svp predict: note: 2 file(s) in the folders given skipped: not ending as an image file (.jpg "
+                   f".jpeg .png .ppm .bmp .pgm .tif .tiff .webp) or not a regular file; e.g. {pics}/labels.txt "
+                   f"(name them to have them read)\n"), err
     # the same answers as the files named one by one (in batches of the same size: a batch moves an
-    # answer in its last bits)
-    assert svp_main(["predict", str(mini_run / "best"), *sorted(want[:2]), *want[2:], alone, "--json",
+    # answer in its last bits), and line by line with --jsonl
+    assert svp_main(["predict", str(mini_run / "best"), *(a["image"] for a in answers), "--json",
                      "--batch-size", "2"]) == 0
     assert json.loads(capsys.readouterr().out) == answers
+    assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--jsonl", "--batch-size", "2"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == answers
 
     real_scandir = os.scandir
 
     def scandir(path="."):
-        if os.fspath(path) == str(pics / "sub" / "z"):
+        if os.fspath(path) == str(pics / "sub"):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
     monkeypatch.setattr(os, "scandir", scandir)
@@ -792,12 +827,19 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
     out, err = capsys.readouterr()
     blocks = out.split("\n" + str(tmp_path))   # (one block an answer, each starting with its path)
     assert [b.split("\n")[0] for b in blocks[1:]] == [
-        "/pics/a.jpg", "/pics/b.PNG", "/pics/sub/c.webp", "/pics/sub/z"], out
+        "/pics/A.png", "/pics/b.PNG", "/pics/img2.jpg", "/pics/img10.png", "/pics/sub", "/pics/Sub2/e.png"], out
     assert blocks[0] == f"{tmp_path}/empty\n  {tmp_path}/empty: a folder with no image files in it or below " \
                         f"(.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp)", out
-    assert f"{pics}/sub/z\n  {pics}/sub/z: a folder that cannot be read (Permission denied)\n" in out, out
-    assert err.startswith("svp predict: error: 2 of 5 images could not be read (the others are answered); "
-                          f"the first: {tmp_path}/empty: a folder with no image files"), err
+    assert f"{pics}/sub\n  {pics}/sub: a folder that cannot be read (Permission denied)\n" in out, out
+    assert err.endswith("svp predict: error: 2 folder(s) gave no images (the others are answered); "
+                        f"the first: {tmp_path}/empty: a folder with no image files in it or below (.jpg .jpeg "
+                        ".png .ppm .bmp .pgm .tif .tiff .webp)\n"), err
+    dangling = tmp_path / "gone.png"
+    os.symlink("nowhere.png", dangling)
+    assert svp_main(["predict", str(mini_run / "best"), str(dangling), alone]) == 2
+    assert capsys.readouterr().err == (f"svp predict: error: 1 of 2 images could not be read (the others are "
+                                       f"answered); the first: image not found: {dangling} is a link to nothing "
+                                       f"(nowhere.png)\n")
 
 
 def test_eval_per_class_gives_each_class_its_accuracy_and_their_mean(tmp_path, capsys, mini_run):

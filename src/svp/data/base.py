@@ -244,6 +244,8 @@ def load_image(path: str) -> Image.Image:
     except FileNotFoundError:
         # (no pointer to the dataset layouts: a dataset's files are checked when it is built, so
         # this is a single image given by name, `svp predict` / `svp visualize`)
+        if os.path.islink(path):   # (listed in its folder: "not found" read as a wrong name)
+            raise DatasetError(f"image not found: {path} is a link to nothing ({os.readlink(path)})") from None
         raise DatasetError(f"image not found: {path}{_case_hint(path)}") from None
     except DatasetError:
         raise

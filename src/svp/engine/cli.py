@@ -147,7 +147,12 @@ def register(subparsers) -> None:
                    help="images read and classified at a time (default 32; the memory a batch needs grows with it)")
     _backbone_args(q)
     _amp_arg(q)
-    q.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    shape = q.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the predictions as one JSON document, once every "
+                                                          "image is answered")
+    shape.add_argument("--jsonl", action="store_true",
+                       help="print each image's answer as a line of JSON, batch by batch (JSON Lines: a stopped "
+                            "run keeps the answers before it)")
     q.set_defaults(func=cmd_predict)
 
     # ---------------------------------------------------------------- sweep
@@ -358,30 +363,50 @@ def _open_image(path, tf):
 
 
 def _images_of(paths):
-    """``svp predict``'s inputs with each folder replaced by the image files in it and below, in
-    sorted order (a folder of images was answered "a folder, not an image", and a shell's
-    ``folder/*.jpg`` fails past its argument limit, ~100,000 names). Also what could not be
-    listed, as answers: a folder with no image files, or one that cannot be read."""
+    """``svp predict``'s inputs with each folder replaced by the image files in it and below (a
+    folder of images was answered "a folder, not an image", and a shell's ``folder/*.jpg`` fails
+    past its argument limit, ~100,000 names): a folder's own files, then each subfolder's, each
+    in natural order (``img2`` before ``img10``, case aside, as timm's folder reader), linked
+    folders followed once each. Also, as answers, the folders that gave nothing: none with an
+    image ending, or one that cannot be read (in its place in the order), and the files skipped
+    for their endings."""
     from ..data.base import IMG_EXTENSIONS
 
-    images, errors = [], {}
+    def order(name):   # (the name itself last: 'A.png' and 'a.png' in one order every time)
+        return [int(t) if t.isdigit() else t.casefold() for t in re.split(r"(\d+)", name)], name
+
+    images, errors, skipped = [], {}, []
     for path in paths:
         if not os.path.isdir(path):
             images.append(path)
             continue
-        found, unlisted = [], []
-        for root, dirs, files in os.walk(path, onerror=unlisted.append):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))   # (walked in this order)
-            found += [os.path.join(root, f) for f in sorted(files)
-                      if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
-        for e in unlisted:   # (an answer each, after the images found)
+        found, seen = [], set()
+
+        def unreadable(e, found=found):   # (os.walk calls it where that folder's files would come)
             found.append(e.filename)
             errors[e.filename] = f"{e.filename}: a folder that cannot be read ({e.strerror})"
+        for root, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
+            st = os.stat(root)
+            if (st.st_dev, st.st_ino) in seen:   # (a link to a folder walked already: a loop, or twice)
+                dirs[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=order)
+            for f in sorted((f for f in files if not f.startswith(".")), key=order):
+                file = os.path.join(root, f)
+                if not f.lower().endswith(IMG_EXTENSIONS):
+                    skipped.append(file)
+                # a regular file, or a link to nothing (answered as such); not a pipe or a device,
+                # which reading would wait on or read forever
+                elif os.path.isfile(file) or (os.path.islink(file) and not os.path.exists(file)):
+                    found.append(file)
+                else:
+                    skipped.append(file)
         if not found:
             found.append(path)
             errors[path] = f"{path}: a folder with no image files in it or below ({' '.join(IMG_EXTENSIONS)})"
         images += found
-    return images, errors
+    return images, errors, skipped
 
 
 def _check_batch_size(n: int) -> None:
@@ -512,7 +537,12 @@ def cmd_predict(args) -> int:
     # batch: a small tensor kept per batch among the freed activations pinned the heap around
     # it (+10 KB of resident memory per image, 160 MB at 16,000), and nothing was printed
     # until the last image, so a killed run lost every answer.
-    images, unlisted = _images_of(args.images)
+    images, unlisted, skipped = _images_of(args.images)
+    if skipped:
+        from ..data.base import IMG_EXTENSIONS
+        _note(f"{len(skipped)} file(s) in the folders given skipped: not ending as an image file "
+              f"({' '.join(IMG_EXTENSIONS)}) or not a regular file; e.g. {skipped[0]} (name them "
+              f"to have them read)", "predict")
     out, failed, unreadable = [], 0, []
     autocast = _autocast(args.amp, dev)
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
@@ -549,6 +579,9 @@ def cmd_predict(args) -> int:
             if args.json:
                 out += answers   # one JSON document, printed once every image has its answer
                 continue
+            if args.jsonl:   # (one line each: json_text escapes a line break inside a name)
+                print("\n".join(json_text(o) for o in answers), flush=True)
+                continue
             for o in answers:
                 # (paths and errors escaped as the class names: a file 'a\nb.png' was two records, and
                 # an escape sequence in a name reached the terminal: review 69; --json keeps them whole)
@@ -562,10 +595,13 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json_text(out, indent=2))
     if unreadable:   # (the input's fault: exit 2, as a user's mistake)
+        folders = sum(1 for path in images if path in unlisted)   # (answers for folders, not images)
+        files, bad = len(images) - folders, len(unreadable) - folders
         if len(images) > 1:
+            said = ([f"{bad} of {files} images could not be read"] if bad else []) + (
+                [f"{folders} folder(s) gave no images"] if folders else [])
             others = " (the others are answered)" if len(unreadable) < len(images) else ""
-            _err(f"{len(unreadable)} of {len(images)} images could not be read{others}; "
-                 f"the first: {unreadable[0]}", "predict")
+            _err(f"{'; '.join(said)}{others}; the first: {unreadable[0]}", "predict")
         else:
             _err(unreadable[0], "predict")
     if failed:
