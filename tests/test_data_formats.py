@@ -742,6 +742,25 @@ def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake,
     assert len(build_dataset("imagefolder", "train", root=os.path.join(r, "custom_imagefolder"))) == n
 
 
+def test_imagefolder_follows_linked_folders_once_each_in_the_same_order(tmp_path):
+    """A class folder's linked subfolders were left out without a word (torchvision's ImageFolder
+    follows them); a link to a parent is no loop, and a folder linked twice gives its images once,
+    through the first link in sorted order."""
+    from PIL import Image
+    root = tmp_path / "f"
+    for rel in ("train/cat/a.png", "train/dog/b.png", "elsewhere/c.png", "elsewhere/deeper/d.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / rel)
+    os.symlink(root / "elsewhere", root / "train" / "cat" / "zlinked")
+    os.symlink(root / "elsewhere", root / "train" / "cat" / "mlinked")   # (the same folder again)
+    os.symlink(root / "train", root / "train" / "dog" / "up")   # (a loop)
+    ds = build_dataset("imagefolder", "train", root=str(root))
+    assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [
+        ("train/cat/a.png", 0), ("train/cat/mlinked/c.png", 0), ("train/cat/mlinked/deeper/d.png", 0),
+        ("train/dog/b.png", 1), ("train/dog/up/cat/a.png", 1), ("train/dog/up/cat/mlinked/c.png", 1),
+        ("train/dog/up/cat/mlinked/deeper/d.png", 1)], ds.samples
+
+
 def test_cars_train_json_holds_the_val_images_and_reading_val_warns(fake, caplog):
     """As the real Stanford Cars split files (the spec: train.json's 8,144 include val.json's 815),
     so the warning docs/datasets.md promises for its val split is exercised (the fake's splits

@@ -402,6 +402,23 @@ def _folder_name(entry: str) -> str:
         return entry
 
 
+def _walk_once(top: str):
+    """(folder, file names) of ``top`` and every folder below it, in sorted order of the folder
+    paths, linked folders followed (as torchvision's ImageFolder does: a class folder's linked
+    subfolders were left out without a word) and each folder walked once (a link to a parent is
+    no loop, a folder linked twice gives its images once)."""
+    walked, seen = [], set()
+    for dirpath, dirs, files in os.walk(top, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()   # (which of two links to one folder comes first: the same on every file system)
+        walked.append((dirpath, files))
+    return sorted(walked)
+
+
 def build_imagefolder(root: str, split: str, transform=None, classes=None,
                       skip_bad_images=False, check_files=True, **_) -> FileListDataset:
     sdir = os.path.join(root, split)
@@ -448,7 +465,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         if c not in folders:   # (a class of another split only)
             continue
         top = os.path.join(sdir, folders[c])
-        for dirpath, _dirs, files in sorted(os.walk(top)):
+        for dirpath, files in _walk_once(top):
             if any(part.startswith(".") for part in os.path.relpath(dirpath, top).split(os.sep) if part != "."):
                 continue   # a hidden folder's files (.thumbs/, .ipynb_checkpoints/): no images of the class
             for fn in sorted(files):
