@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):
     # another (an amp run's adapter scored other numbers in float32 than its results.json, without a
     # word: retest 82); in the run's own, eval gives the run's own numbers
     assert "note:" not in notes[0], notes[0]
-    assert (f"svp eval: note: the run of {last} evaluated it under float32 (no train.amp), this runs in "
+    assert (f"svp eval: note: the run of {last} evaluated it in float32, this runs in "
             f"bfloat16 autocast (--amp): probabilities differ in their last digits and a few images may change "
             f"class; without --amp, the run's own numbers") in notes[1], notes[1]
     last16 = str(tmp_path / "runs" / "amp" / "last")
@@ -174,6 +175,25 @@ def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(tmp_path, capsys):
     assert svp_main(["eval", last16, "--dataset", "digits", "--max-samples", "8", "--json", "--amp"]) == 0
     out, err = capsys.readouterr()
     assert "note:" not in err and json.loads(out)["loss"] == pytest.approx(r16["final"]["test_loss"], rel=1e-6)
+    # what ran is recorded, not what was asked (retest 84): train.amp_cpu=false ran float32, and
+    # train.amp_dtype=float16 bfloat16 on the CPU; a value edited by hand counts as no record
+    for name, flags, ran in (("off", ["train.amp_cpu=false"], None), ("f16", ["train.amp_dtype=float16"], "bfloat16")):
+        assert svp_main(["train", "-c", cfg, "--name", name, "train.max_steps=1", "--amp", *flags]) == 0
+        assert json.loads((tmp_path / "runs" / name / "last" / "backbone.json").read_text())["amp"] == ran
+    capsys.readouterr()
+    assert svp_main(["eval", str(tmp_path / "runs" / "off" / "last"), "--dataset", "digits", "--max-samples", "8"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert svp_main(["eval", str(tmp_path / "runs" / "f16" / "last"), "--dataset", "digits", "--max-samples", "8"]) == 0
+    assert ("under train.amp (bfloat16 autocast), this runs in float32: probabilities differ in their last digits and "
+            "a few images may change class; --amp gives the run's own numbers") in capsys.readouterr().err
+    edited = tmp_path / "edited"
+    shutil.copytree(last16, edited)
+    for value in ("false", 1, True):
+        record = json.loads((edited / "backbone.json").read_text())
+        (edited / "backbone.json").write_text(json.dumps(dict(record, amp=value)))
+        for flags in ([], ["--amp"]):
+            assert svp_main(["eval", str(edited), "--dataset", "digits", "--max-samples", "8", *flags]) == 0
+            assert "note:" not in capsys.readouterr().err, value
     import svp.data
     img, _ = svp.data.build_dataset("digits", "test")[0]
     img.save(str(tmp_path / "img.png"))

@@ -68,17 +68,18 @@ def test_serve_amp_flag_reaches_the_model(tmp_path, capsys, monkeypatch, flags):
 def test_serve_notes_the_adapters_whose_runs_evaluated_in_another_precision(tmp_path, capsys, monkeypatch, amp):
     """An adapter of a train.amp run served in float32 (or a float32 one under --amp) answers other
     probabilities than its run's, a few images another class; eval and predict said so, the server
-    did not (review 83). Older folders record no precision and are not named."""
+    did not (review 83). Older folders record no precision and are not named, nor are folders whose
+    record is not one svp writes; a float16 run's (CUDA) is another precision either way (retest 84)."""
     import json
 
     import svp.serve.app as app
     import svp.serve.cli as scli
     from svp.cli import main
-    for name, rec in (("a16", "bfloat16"), ("b32", None), ("old", ...)):
+    for name, rec in (("a16", "bfloat16"), ("b32", None), ("c16", "float16"), ("old", ...), ("odd", "false")):
         (tmp_path / name).mkdir()
         info = {"model": "vim_mini_patch4_32"} if rec is ... else {"model": "vim_mini_patch4_32", "amp": rec}
         (tmp_path / name / "backbone.json").write_text(json.dumps(info))
-    report = {"loaded": ["a16", "b32", "old"], "refused": {}, "backbone": {"model": "vim_mini_patch4_32",
+    report = {"loaded": ["a16", "b32", "c16", "old", "odd"], "refused": {}, "backbone": {"model": "vim_mini_patch4_32",
                                                                           "checkpoint": None}}
     monkeypatch.setattr(app, "build_app", lambda *a, **k: (None, report))
 
@@ -92,9 +93,9 @@ def test_serve_notes_the_adapters_whose_runs_evaluated_in_another_precision(tmp_
     with pytest.raises(Stop):
         main(["serve", "--adapters", str(tmp_path), *(["--amp"] if amp else [])])
     err = capsys.readouterr().err
-    other = "b32" if amp else "a16"
-    assert (f"svp serve: note: 1 adapter(s) ({other}) were evaluated by their runs "
-            f"{'in float32' if amp else 'under train.amp'}, served here "
+    other = "b32, c16" if amp else "a16, c16"   # (a value edited by hand counts as no record)
+    assert (f"svp serve: note: 2 adapter(s) ({other}) were evaluated by their runs "
+            f"{'in float32 or float16 autocast' if amp else 'under train.amp'}, served here "
             f"{'under bfloat16 autocast (--amp)' if amp else 'in float32'}: their answers differ") in err, err
 
 

@@ -22,7 +22,7 @@ import numbers
 import os
 import re
 import stat
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -499,12 +499,25 @@ def converted_origin(info) -> str:
     return f"; it was converted from {shell_word(source)}, which holds that backbone" if isinstance(source, str) else ""
 
 
-def other_precision(recorded: dict, amp: bool) -> bool:
-    """Whether a backbone.json's record (``recorded``: its ``extra``, or the file read as a dict)
-    says its run evaluated in another precision than ``amp`` (``"amp"``: the run's autocast dtype,
-    null for float32; an older folder records none: not another). svp eval, predict and serve say
-    so, as their numbers then differ from the run's."""
-    return isinstance(recorded, dict) and "amp" in recorded and bool(recorded["amp"]) != amp
+AMP_RECORDS = (None, "bfloat16", "float16")
+
+
+def recorded_precision(recorded) -> Tuple[bool, Optional[str]]:
+    """(whether a backbone.json's record, ``recorded``: its ``extra`` or the file read as a dict,
+    says the precision its run evaluated in; that precision: the autocast dtype, None for
+    float32). An older folder has no record, and a value other than null, "bfloat16" or
+    "float16" (edited by hand) counts as none."""
+    if not isinstance(recorded, dict) or "amp" not in recorded or recorded["amp"] not in AMP_RECORDS:
+        return False, None
+    return True, recorded["amp"]
+
+
+def other_precision(recorded: dict, dtype: Optional[str]) -> bool:
+    """Whether a backbone.json's record says its run evaluated in another precision than
+    ``dtype`` (the autocast dtype this command runs in, None for float32). svp eval, predict and
+    serve say so, as their numbers then differ from the run's."""
+    known, ran = recorded_precision(recorded)
+    return known and ran != dtype
 
 
 def _spec_without_backbone_json(adapter_dir: str, info: dict, model: Optional[str]) -> ModelSpec:

@@ -235,13 +235,14 @@ def _amp_arg(p):
                         "(on a CPU, faster where it has avx512_bf16 or amx_bf16; see docs/training.md)")
 
 
-def _autocast(amp: bool, device):
-    """The autocast ``train.amp`` would use on ``device`` (a no-op context without --amp)."""
+def _precision(amp: bool, device):
+    """The precision ``--amp`` runs in on ``device``, as ``train.amp`` would (``.autocast``: a
+    no-op context without it; ``.recorded()``: its dtype as backbone.json writes it)."""
     import torch
 
     from .setup import Precision
 
-    return Precision({"train": {"amp": amp, "amp_dtype": "bfloat16"}}, torch.device(device), option="--amp").autocast
+    return Precision({"train": {"amp": amp, "amp_dtype": "bfloat16"}}, torch.device(device), option="--amp")
 
 
 def _overrides_from_flags(args) -> List[str]:
@@ -281,24 +282,30 @@ def _note(msg: str, command: str) -> None:
     print(f"svp {command}: note: {printable(shortened(msg), lines=True)}", file=sys.stderr)
 
 
-def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None, amp: bool = False) -> None:
+def _note_assumptions(spec, adapter_dir: str, command: str, dataset=None, precision=None) -> None:
     """Say what an adapter folder left to the command: the image recipe and size of a folder
     without backbone.json (the 'svp' recipe, silently: a VTAB adapter's loss moved by 2e-3), a
     dataset other than the one the adapter was trained on (a VTAB task of the same class count
     passed the class-name check, its names being '0'..'C-1': review 69), and a precision other than
     the one the run evaluated in (an adapter of a train.amp run scored other images right in
-    float32 than its results.json says, without a word: retest 82)."""
-    from ..build import other_precision
+    float32 than its results.json says, without a word: retest 82). ``precision``: the command's
+    (:func:`_precision`)."""
+    from ..build import other_precision, recorded_precision
+    from .setup import amp_dtype
+
+    here = precision.recorded() if precision is not None else None
     if not os.path.isfile(os.path.join(adapter_dir, "backbone.json")):
         _note(f"{adapter_dir} has no backbone.json, so the image recipe ({spec.extra.get('recipe')!r}) and size "
               f"({spec.img_size} px) are assumed, not the run's", command)
-    elif other_precision(spec.extra, amp):
-        ran = f"train.amp ({spec.extra['amp']} autocast)" if spec.extra.get("amp") else "float32 (no train.amp)"
-        here = "bfloat16 autocast (--amp)" if amp else "float32"
-        same = ("; --amp gives the run's own numbers" if spec.extra.get("amp") == "bfloat16" else
-                "; without --amp, the run's own numbers" if not spec.extra.get("amp") else "")
-        _note(f"the run of {adapter_dir} evaluated it under {ran}, this runs in {here}: probabilities differ "
-              f"in their last digits and a few images may change class{same}", command)
+    elif other_precision(spec.extra, here):
+        ran = recorded_precision(spec.extra)[1]
+        device = precision.device_type if precision is not None else "cpu"
+        with_amp = str(amp_dtype("bfloat16", device)).replace("torch.", "")   # (what --amp would run in here)
+        same = ("; without --amp, the run's own numbers" if ran is None else
+                "; --amp gives the run's own numbers" if here is None and ran == with_amp else "")
+        _note(f"the run of {adapter_dir} evaluated it {f'under train.amp ({ran} autocast)' if ran else 'in float32'}"
+              f", this runs in {f'{here} autocast (--amp)' if here else 'float32'}: probabilities differ in their "
+              f"last digits and a few images may change class{same}", command)
     trained = spec.extra.get("dataset")
     if dataset and isinstance(trained, str):
         import svp.data as data
@@ -471,9 +478,10 @@ def cmd_eval(args) -> int:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{args.adapter_dir} predicts {spec.num_classes}")
     _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
-    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, amp=args.amp)
+    precision = _precision(args.amp, dev)
+    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, precision=precision)
     tf = _eval_transform(spec, args.adapter_dir)
-    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=_autocast(args.amp, dev),
+    r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=precision.autocast,
                  per_class=spec.num_classes if args.per_class else None)
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
@@ -529,7 +537,8 @@ def cmd_predict(args) -> int:
     _check_batch_size(args.batch_size)
     model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
-    _note_assumptions(spec, args.adapter_dir, "predict", amp=args.amp)
+    precision = _precision(args.amp, dev)
+    _note_assumptions(spec, args.adapter_dir, "predict", precision=precision)
     tf = _eval_transform(spec, args.adapter_dir)
     names = spec.class_names
     # batch by batch: a thousand images in one batch would hold a thousand images' activations.
@@ -544,7 +553,7 @@ def cmd_predict(args) -> int:
               f"({' '.join(IMG_EXTENSIONS)}) or not a regular file; e.g. {skipped[0]} (name them "
               f"to have them read)", "predict")
     out, failed, unreadable = [], 0, []
-    autocast = _autocast(args.amp, dev)
+    autocast = precision.autocast
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):
         for i in range(0, len(images), args.batch_size):
             paths = images[i:i + args.batch_size]

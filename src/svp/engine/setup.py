@@ -240,9 +240,10 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
                      kwargs=dict(m["kwargs"] or {}), init_seed=init_seed(cfg),
                      extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"],
                             # (the precision its evaluations ran in: svp eval/predict say when theirs
-                            # differs, as their numbers then do: retest 82;
-                            # null: float32; an older folder has no record)
-                            "amp": cfg["train"]["amp_dtype"] if cfg["train"]["amp"] else None})
+                            # differs, as their numbers then do: retest 82. Null: float32; an older
+                            # folder has no record. What train.amp resolves to on the device, which
+                            # build_run sets once its Precision is made: retest 84)
+                            "amp": None})
 
 
 def init_seed(cfg: dict) -> int:
@@ -450,6 +451,19 @@ def build_mixup(cfg: dict, num_classes: int):
                  label_smoothing=float(t["smoothing"]), num_classes=num_classes)
 
 
+def amp_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype ``train.amp_dtype`` (``requested``) runs as on ``device``: bfloat16 on
+    the CPU whatever was asked (float16 has no fast products there and would need a scaler);
+    elsewhere the one asked, but float16 where the device has no bfloat16."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return torch.bfloat16
+    # (asked of CUDA alone: an older torch without a CUDA driver raises)
+    if requested == "float16" or kind != "cuda" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 class Precision:
     """Autocast and gradient scaler for ``train.amp``.
 
@@ -467,20 +481,17 @@ class Precision:
         t = cfg["train"]
         self.device_type = device.type
         self.enabled = bool(t["amp"]) and (device.type != "cpu" or bool(t.get("amp_cpu", True)))
-        dtype = torch.float16 if t["amp_dtype"] == "float16" else torch.bfloat16
+        dtype = amp_dtype(t["amp_dtype"], device)
         if t["amp"] and not self.enabled:   # (said nowhere: the log read as a float32 run's)
             log.info("%s: off on the CPU (train.amp_cpu=false): float32, as CUDA-only amp", option)
         if self.enabled and device.type == "cpu":
-            if dtype == torch.float16:
+            if t["amp_dtype"] == "float16":
                 log.warning("train.amp_dtype=float16 is for CUDA; on the CPU %s runs bfloat16 autocast", option)
-                dtype = torch.bfloat16
             found = cpu_bf16_instructions()
             if found:
                 log.info("%s: bfloat16 products on the CPU (it has %s)", option, ", ".join(found))
             else:
                 log.warning("%s: %s", option, no_bf16_warning(found))
-        elif self.enabled and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            dtype = torch.float16
         if device.type == "cpu":
             # which float32 products run (the bits depend on it), and a bad SVP_CPU_MATMUL
             # stopped here rather than at the first step
@@ -497,6 +508,11 @@ class Precision:
             self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         else:  # pragma: no cover - older torch
             self.scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
+
+    def recorded(self) -> Optional[str]:
+        """The autocast dtype the steps and evaluations run in, as backbone.json records it
+        ("bfloat16", "float16"), or None for float32."""
+        return str(self.dtype).replace("torch.", "") if self.enabled else None
 
     def describe(self) -> str:
         """What the steps compute in, as a resume point records it (a resume on another device
@@ -592,6 +608,7 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     r.optimizer = build_optimizer(model, cfg, r.lr)
     r.sched = Schedule(r.optimizer, cfg, r.steps_per_epoch)
     r.prec = Precision(cfg, device)
+    r.spec.extra["amp"] = r.prec.recorded()
     r.ema = ema_for(cfg, model)
     r.mixup = build_mixup(cfg, r.spec.num_classes)
     r.criterion = build_loss(cfg, r.mixup is not None)

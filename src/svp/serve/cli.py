@@ -153,10 +153,10 @@ def run(args) -> int:
         print(f"svp serve: refused adapter {printable(name)}: {printable(why)}", file=sys.stderr)
     if not report["loaded"]:
         raise ConfigError(f"{args.adapters}: no adapter could be loaded")
-    other = _other_precision(args.adapters, report["loaded"], args.amp)
+    other = _other_precision(args.adapters, report["loaded"], "bfloat16" if args.amp else None)
     if other:   # (eval and predict say it too: review 83)
         print(f"svp serve: note: {len(other)} adapter(s) ({_some(other)}) were evaluated by their runs "
-              f"{'in float32' if args.amp else 'under train.amp'}, served here "
+              f"{'in float32 or float16 autocast' if args.amp else 'under train.amp'}, served here "
               f"{'under bfloat16 autocast (--amp)' if args.amp else 'in float32'}: their answers differ in the "
               f"last digits from their runs', and a few images may change class", file=sys.stderr)
     b = report["backbone"]
@@ -192,9 +192,9 @@ def _forced_exit_cancellation(record) -> bool:
     return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
 
 
-def _other_precision(root: str, names, amp: bool) -> list:
-    """The adapters whose backbone.json records another precision than the server's
-    (svp.build.other_precision). (Read again after build_app loaded them: its report names the
+def _other_precision(root: str, names, dtype) -> list:
+    """The adapters whose backbone.json records another precision than the server's, ``dtype``
+    ("bfloat16" under --amp, None for float32; svp.build.other_precision). (Read again after build_app loaded them: its report names the
     folders, not their records.)"""
     import json
 
@@ -206,7 +206,7 @@ def _other_precision(root: str, names, amp: bool) -> list:
                 info = json.load(f)
         except (OSError, ValueError):   # (loaded without one, or replaced since: nothing to compare)
             continue
-        if other_precision(info, amp):
+        if other_precision(info, dtype):
             out.append(name)
     return out
 
