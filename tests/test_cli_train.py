@@ -847,7 +847,8 @@ def test_two_flags_that_ask_for_opposite_things_are_refused(argv, said, capsys):
     assert e.value.code == 2 and f"svp {argv[0]}: error: argument {said}" in err, err
 
 
-def test_a_source_of_weights_given_as_a_flag_is_the_runs_whatever_a_config_file_says(tmp_path, capsys):
+def test_a_source_of_weights_given_as_a_flag_is_the_runs_whatever_a_config_file_says(tmp_path, capsys,
+                                                                                     monkeypatch):
     """`svp train -c FILE --random-init` under a file's model.pretrained=true trained from timm's
     weights, saying the flag was not used; the mini suite's file under --checkpoint warned of its
     pretrained in every run, as did `svp sweep --suite mini --checkpoint` (retest 82)."""
@@ -871,6 +872,24 @@ def test_a_source_of_weights_given_as_a_flag_is_the_runs_whatever_a_config_file_
     # the mini suite's base drops its pretrained under a checkpoint, as under another model
     assert "pretrained" not in suite_base("mini", (), [f"model.checkpoint={ckpt}"])["model"]
     assert suite_base("mini")["model"]["pretrained"] is True
+    # and svp sweep --checkpoint beats a -c file's other source, as train's flags (retest 84: every
+    # run warned that the file's pretrained was not used, and recorded it)
+    import svp.engine.sweep as S
+    from svp.engine.sweep import run_config
+    calls = []
+    table = tmp_path / "results.md"
+    table.write_text("")
+    monkeypatch.setattr(S, "sweep", lambda *a, **k: calls.append(a) or {"rows": [], "markdown": str(table),
+                                                                        "csv": str(table)})
+    for file_says in ("pretrained: true", "random_init: true"):
+        f.write_text(f"model:\n  {file_says}\n")
+        assert svp_main(["sweep", "--suite", "mini", "-c", str(f), "--checkpoint", ckpt, "--output",
+                         str(tmp_path / "sw"), "--datasets", "digits", "--methods", "linear"]) == 0
+        suite, methods, seeds, out, datasets, files, overrides = calls.pop()[:7]
+        cfg = run_config("digits", "linear", 0, out, "r", files, overrides, suite_base(suite, files, overrides))
+        m = cfg["model"]
+        assert (m["checkpoint"], m["pretrained"], m["random_init"]) == (ckpt, False, False), (file_says, m)
+    capsys.readouterr()
 
 
 def test_an_action_s_own_errors_name_the_action(tmp_path, capsys):

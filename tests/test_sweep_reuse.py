@@ -156,6 +156,24 @@ def test_differences_leave_out_what_a_resume_may_change_and_see_earlier_resumes(
     assert diff == {"train.lr": "0.001 (from start), then 0.01 (from step 12) -> 0.01"}
 
 
+def test_differences_compare_the_weights_a_run_used_not_the_sources_set_aside():
+    """A sweep made with --checkpoint before the suite's pretrained was dropped under one recorded
+    pretrained: true beside its checkpoint; after the upgrade every run of it was refused as made
+    with another configuration (model.pretrained: true -> false), the weights being the same
+    (retest 84). Sources set aside by the one that gives the weights do not count; the source
+    itself still does."""
+    ck = ["model.checkpoint=/w/vim.pth"]
+    assert T.config_differences(C.resolve(overrides=ck + ["model.pretrained=true"]), C.resolve(overrides=ck)) == {}
+    assert T.config_differences(C.resolve(overrides=ck + ["model.random_init=true"]), C.resolve(overrides=ck)) == {}
+    assert T.config_differences(C.resolve(overrides=["model.pretrained=true", "model.random_init=true"]),
+                                C.resolve(overrides=["model.pretrained=true"])) == {}
+    assert T.config_differences(C.resolve(overrides=["model.pretrained=true"]), C.resolve(overrides=ck)) == {
+        "model.checkpoint": 'null -> "/w/vim.pth"', "model.pretrained": "true -> false"}
+    assert T.config_differences(C.resolve(overrides=["model.random_init=true"]),
+                                C.resolve(overrides=["model.pretrained=true"])) == {
+        "model.pretrained": "false -> true", "model.random_init": "true -> false"}
+
+
 def test_a_moved_sweeps_reused_rows_name_the_folders_it_read(tmp_path, monkeypatch):
     """results.csv took a reused run's folder from its results.json, which names the folder it was
     trained in: after `mv sweep moved`, every reused row pointed at a folder that was gone."""

@@ -454,6 +454,13 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
     # "its content is torch.save's format; name it .pth", then torch's own error: retest 82)
     for name in ("cut.safetensors", "cut.pth"):
         (tmp_path / name).write_bytes(bytes([0x80, 1, 0, 0, 0]))
+    (tmp_path / "one.pth").write_bytes(b"\x80")
+    # torch.save's zip cut in half: "name it .pth" under a .safetensors name, then torch's
+    # "failed finding central directory" (retest 84)
+    torch.save({"w": torch.arange(4096.0)}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    for name in ("half.pth", "half.safetensors"):
+        (tmp_path / name).write_bytes(whole[:len(whole) // 2])
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "adir.pth").mkdir()
     # a plain pickle (not torch.save's zip): torch's reason came after a blank line, and was dropped
@@ -465,11 +472,16 @@ def test_unreadable_files_are_named_with_what_was_wrong(tmp_path):
         with pytest.raises(CheckpointError, match=r"never run\): (Unsupported operand \d+ \(a plain pickle\?|"
                                                   r"it pickles torch\.storage\._load_from_bytes)"):
             read_checkpoint(str(tmp_path / "plain.pth"))
+    assert read_checkpoint(str(tmp_path / "whole.pth"))["w"].shape == (4096,)
     for name, words in (("foreign.pth", r"it pickles test_vim\.Foreign, which is not on the allow-list"),
                         ("notes.pth", r"notes.pth: no checkpoint format svp reads \(it begins b'epoch 1 notes\\n'\)"),
                         ("cut.safetensors", r"cut.safetensors: 5 bytes, too short to be a checkpoint \(cut off\?\): "
                                             "download or copy it again"),
                         ("cut.pth", r"cut.pth: 5 bytes, too short to be a checkpoint"),
+                        ("one.pth", r"one.pth: 1 byte, too short to be a checkpoint"),
+                        *((name, rf"{name}: torch.save's format, but without the directory a whole file ends with "
+                                 rf"\({len(whole) // 2} bytes: cut off\?\): download or copy it again")
+                          for name in ("half.pth", "half.safetensors")),
                         ("empty.pth", "the file is empty"), ("adir.pth", "is a folder; expected a checkpoint file")):
         with pytest.raises(CheckpointError, match=words):
             read_checkpoint(str(tmp_path / name))

@@ -211,8 +211,20 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     # folder's model arguments kept (as svp eval/predict do); here they do not fit the bundled weights
     assert svp_main(common + ["--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
-    # (--model said as the command line's, not as the adapter's record: retest 82)
-    assert f"the frozen backbone (the one --adapter {adapter} recorded, with --model: 'vim_mini_patch4_32')" in err, err
+    # (--model said as the command line's, not as the adapter's record: retest 82; the model's name
+    # not where the last flag's value would be: retest 84)
+    assert (f"the frozen backbone (model 'vim_mini_patch4_32', as --adapter {adapter} recorded it, with --model "
+            f"vim_mini_patch4_32): ") in err, err
+    short = tmp_path / "c8.pth"
+    short.write_bytes(b"\x80" * 8)
+    assert svp_main(common + ["--checkpoint", str(short), "--adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert (f"the frozen backbone (model 'vim_tiny_patch16_224', as --adapter {adapter} recorded it, with --checkpoint "
+            f"{short}): {short}: 8 bytes, too short to be a checkpoint") in err, err
+    assert svp_main(common + ["--model-args", '{"img_size": 30}', "--adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--model-args") == 1 and (
+        f"as --adapter {adapter} recorded it, with --model-args '{{\"img_size\": 30}}'): " in err), err
     assert svp_main(common + ["--no-frozen", "--model", "vim_mini_patch4_32", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
     assert f"--adapter {adapter} (on backbone 'vim_mini_patch4_32')" in err, err
@@ -220,7 +232,7 @@ def test_an_adapter_is_shown_on_the_backbone_it_recorded(tmp_path, image, capsys
     (tmp_path / "empty").mkdir()
     assert svp_main(common + ["--adapter", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert f"the frozen backbone (the one --adapter {tmp_path / 'empty'} recorded)" in err and "None" not in err, err
+    assert f"the frozen backbone (as --adapter {tmp_path / 'empty'} recorded it): " in err and "None" not in err, err
 
 
 def test_patch_coverage_counts_the_original_pixels_and_a_refused_mask_draws_nothing(tmp_path):

@@ -643,6 +643,8 @@ def _sweep(args) -> int:
         v = getattr(args, flag)
         if v is not None:
             overrides.insert(0, f"{key}={C.quoted(v)}")
+    if args.checkpoint is not None:   # (the runs' source of weights, whatever a -c file says, as train's flags)
+        overrides[1:1] = ["model.pretrained=false", "model.random_init=false"]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -292,6 +292,14 @@ def config_differences(saved: dict, cfg: dict) -> Dict[str, str]:
     for flat in (old, new):   # the seed the head was drawn under: null means train.seed
         if flat.get("model.init_seed", _UNSET) is None:
             flat["model.init_seed"] = flat.get("train.seed")
+        # the weights' source a run used: a checkpoint sets pretrained and random_init aside, and
+        # timm's weights random_init (setup.model_spec warns of them as not used). A sweep made
+        # with --checkpoint before the suite's pretrained was dropped under one recorded
+        # pretrained: true, and every run of it was refused after the upgrade (retest 84)
+        if flat.get("model.checkpoint"):
+            flat["model.pretrained"] = flat["model.random_init"] = False
+        elif flat.get("model.pretrained"):
+            flat["model.random_init"] = False
     out: Dict[str, str] = {}
     for key in list(old) + [k for k in new if k not in old]:
         if _free(key):

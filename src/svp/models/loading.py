@@ -114,9 +114,15 @@ def read_checkpoint(path) -> dict:
         # (no format holds weights in fewer: safetensors' length and '{', torch.save's zip or pickle
         # header. One such cut beginning with 0x80 was called torch.save's format, "name it .pth",
         # and then failed in torch's reader; the others were "no format svp reads": retest 82)
-        raise UnreadableCheckpoint(f"{path}: {os.path.getsize(path)} bytes, too short to be a checkpoint (cut "
-                                   f"off?): download or copy it again")
+        size = os.path.getsize(path)
+        raise UnreadableCheckpoint(f"{path}: {size} byte{'' if size == 1 else 's'}, too short to be a checkpoint "
+                                   f"(cut off?): download or copy it again")
     kind = _sniff(path)
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        # (torch.save's zip format ends with its directory: one cut short was "name it .pth" under a
+        # .safetensors name, then torch's "failed finding central directory": retest 84)
+        raise UnreadableCheckpoint(f"{path}: torch.save's format, but without the directory a whole file ends "
+                                   f"with ({os.path.getsize(path)} bytes: cut off?): download or copy it again")
     if path.endswith(".safetensors") and kind in ("zip", "pickle"):   # (torch.load reads it as safetensors)
         raise UnreadableCheckpoint(f"{path}: not a safetensors file: its content is torch.save's format; "
                                    f"name it .pth")

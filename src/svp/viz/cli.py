@@ -64,15 +64,16 @@ def load_backbone(name: Optional[str], checkpoint: Optional[str] = None, model_a
     if adapter_dir:
         where = f"--adapter {adapter_dir}" + (f" (on backbone {model!r})" if spec is not None else "")
     elif recorded:   # (the frozen backbone, as the first adapter recorded it, with what the command line changed)
-        given = [w for w, v in (("--model", name), ("--checkpoint", checkpoint), ("--pretrained", pretrained),
-                                ("--random-init", random_init), ("--model-args", model_args)) if v]
-        # (what came from the command line was said to be the adapter's record: retest 82)
-        where = (f"the frozen backbone (the one --adapter {recorded} recorded"
-                 + (f", with {', '.join(given)}" if given else "")
-                 + (f": {model!r})" if spec is not None else ")"))
+        given = [w for w, v in ((f"--model {name}", name), (f"--checkpoint {checkpoint}", checkpoint),
+                                ("--pretrained", pretrained), ("--random-init", random_init),
+                                (f"--model-args '{json.dumps(model_args)}'", model_args)) if v]
+        # (what came from the command line was said to be the adapter's record: retest 82; the
+        # model's name read as the last flag's value: retest 84)
+        where = (f"the frozen backbone ({f'model {model!r}, ' if spec is not None else ''}as --adapter {recorded} "
+                 f"recorded it" + (f", with {', '.join(given)}" if given else "") + ")")
     else:
         where = f"--model {model!r}{' (pretrained)' if pretrained else ''}"
-    if isinstance(error, PatchGridError) and model_args:
+    if isinstance(error, PatchGridError) and model_args and not (recorded and not adapter_dir):
         where += f" with --model-args '{json.dumps(model_args)}'"
     said = str(error)
     if not adapter_dir and said.startswith(f"model {model!r}: "):   # (the name said once)
