@@ -754,6 +754,7 @@ def test_imagefolder_follows_linked_folders_once_each_in_the_same_order(tmp_path
     os.symlink(root / "elsewhere", root / "train" / "cat" / "zlinked")
     os.symlink(root / "elsewhere", root / "train" / "cat" / "mlinked")   # (the same folder again)
     os.symlink(root / "train", root / "train" / "dog" / "up")   # (a loop)
+    os.symlink(root / "train" / "cat" / "mlinked", root / "train" / "cat" / ".alias")   # (hidden: walked first)
     ds = build_dataset("imagefolder", "train", root=str(root))
     assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [
         ("train/cat/a.png", 0), ("train/cat/mlinked/c.png", 0), ("train/cat/mlinked/deeper/d.png", 0),

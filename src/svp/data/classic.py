@@ -403,10 +403,11 @@ def _folder_name(entry: str) -> str:
 
 
 def _walk_once(top: str):
-    """(folder, file names) of ``top`` and every folder below it, in sorted order of the folder
-    paths, linked folders followed (as torchvision's ImageFolder does: a class folder's linked
-    subfolders were left out without a word) and each folder walked once (a link to a parent is
-    no loop, a folder linked twice gives its images once)."""
+    """(folder, file names) of ``top`` and every folder below it but hidden ones, in sorted order
+    of the folder paths, linked folders followed (as torchvision's ImageFolder does: a class
+    folder's linked subfolders were left out without a word) and each folder walked once (a link
+    to a parent is no loop, a folder linked twice gives its images once, through the first link
+    met walking depth first, each folder's subfolders in sorted order of their names)."""
     walked, seen = [], set()
     for dirpath, dirs, files in os.walk(top, followlinks=True):
         st = os.stat(dirpath)
@@ -414,7 +415,10 @@ def _walk_once(top: str):
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.sort()   # (which of two links to one folder comes first: the same on every file system)
+        # hidden folders left before they count as seen (a hidden link '.alias' -> 'pics', walked
+        # first, left pics' images out: retest 86); which of two links to one folder comes first:
+        # the same on every file system
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         walked.append((dirpath, files))
     return sorted(walked)
 
@@ -465,9 +469,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         if c not in folders:   # (a class of another split only)
             continue
         top = os.path.join(sdir, folders[c])
-        for dirpath, files in _walk_once(top):
-            if any(part.startswith(".") for part in os.path.relpath(dirpath, top).split(os.sep) if part != "."):
-                continue   # a hidden folder's files (.thumbs/, .ipynb_checkpoints/): no images of the class
+        for dirpath, files in _walk_once(top):   # (hidden folders, .thumbs/, .ipynb_checkpoints/: left out)
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images
