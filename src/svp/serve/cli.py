@@ -194,8 +194,8 @@ def _forced_exit_cancellation(record) -> bool:
 
 def _other_precision(root: str, names, dtype) -> list:
     """The adapters whose backbone.json records another precision than the server's, ``dtype``
-    ("bfloat16" under --amp, None for float32; svp.build.other_precision). (Read again after build_app loaded them: its report names the
-    folders, not their records.)"""
+    ("bfloat16" under --amp, None for float32; svp.build.other_precision). (Read again after
+    build_app loaded them: its report names the folders, not their records.)"""
     import json
 
     from ..build import other_precision
