@@ -135,7 +135,7 @@ def register(subparsers) -> None:
     q = subparsers.add_parser("predict", help="top-k classes (names) for image files or folders",
                               description="Classify image files with an adapter; prints the top-k class "
                                           "names and probabilities per image, in the order given (a folder's "
-                                          "images in sorted order).")
+                                          "images in natural order: img2 before img10).")
     q.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path,
                    help="an adapter folder, e.g. runs/<run>/best")
     q.add_argument("images", nargs="+", metavar="IMAGE", type=user_path,
@@ -487,6 +487,8 @@ def cmd_eval(args) -> int:
               "top5_k": top_k(spec.num_classes)})
     if args.per_class:   # (by the dataset's names: the true classes are its labels)
         names = ds.classes if len(ds.classes) == spec.num_classes else spec.class_names
+        if len(names) != spec.num_classes:   # (neither names its classes: no row may be lost in zip)
+            names = [str(i) for i in range(spec.num_classes)]
         r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"), names))
     if args.json:
         print(json_text(r, indent=2))
