@@ -1043,3 +1043,77 @@ def test_a_backbone_on_the_meta_device_counts_and_is_not_saved(tmp_path):
     with pytest.raises(AdapterError, match="the backbone has no weights \\(built on the meta device\\)"):
         meta.save(str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from svp.peft import PeftConfig, PeftMethod, register_method
+
+
+@dataclass
+class {cls}Config(PeftConfig):
+    method: str = "{name}"
+
+
+class {cls}(PeftMethod):
+    """A learned per-channel scale on every block's input (docs/architecture.md's example)."""
+    uses_hook = True
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.scale = nn.Parameter(torch.zeros(len(model.layers), model.embed_dim))
+
+    def hook(self, layer, hidden, residual, cls_pos):
+        return hidden * (1 + self.scale[layer]), residual, cls_pos
+
+
+register_method("{name}", {cls}Config, {cls})
+'''
+
+
+def test_methods_of_ones_own_are_found_through_svp_plugins_and_entry_points(tmp_path, monkeypatch, capsys):
+    """A method written outside the package could be trained only from Python: every command
+    (and sweep worker, and server) said "unknown adaptation method", and an adapter of it could
+    not be evaluated (review 87). Modules named in SVP_PLUGINS and installed packages' `svp.methods`
+    entry points are imported with the built-ins; one that fails is a warning naming it, the
+    others still registered."""
+    import svp.peft.registry as R
+    from svp.cli import main as svp_main
+    (tmp_path / "prefix_scale.py").write_text(PLUGIN.format(cls="PrefixScale", name="prefix_scale"))
+    (tmp_path / "via_ep.py").write_text(PLUGIN.format(cls="ViaEntryPoint", name="via_ep"))
+    dist = tmp_path / "svp_plugin_example-0.1.dist-info"   # (an installed package's metadata)
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: svp-plugin-example\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[svp.methods]\nvia_ep = via_ep\n")
+    env = dict(os.environ, SVP_PLUGINS="prefix_scale", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    # the command in a process of its own, as a user runs it (and as --jobs workers start)
+    out = tmp_path / "runs"
+    r = subprocess.run([sys.executable, "-m", "svp", "train", "--dataset", "digits", "--method", "prefix_scale",
+                        "--model", "vim_mini_patch4_32", "--epochs", "1", "--batch-size", "8",
+                        "data.max_train_samples=16", "data.max_eval_samples=8", "train.warmup_epochs=0",
+                        "data.recipe=plain", "run.progress=none", "train.device=cpu", "--output", str(out),
+                        "--name", "ps"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "ps" / "best" / "adapter_config.json").read_text())
+    assert cfg["method"] == "prefix_scale"
+    # here: without the plugin, the adapter is refused saying how to name it
+    monkeypatch.setattr(R, "_METHODS", dict(R._METHODS))
+    monkeypatch.setattr(R, "_loaded", [])
+    assert svp_main(["eval", str(out / "ps" / "best"), "--dataset", "digits", "--max-samples", "8"]) == 2
+    err = capsys.readouterr().err
+    assert ("unknown adaptation method 'prefix_scale'; known: ['adapter', " in err and
+            "a method of your own: name its module in SVP_PLUGINS (or an entry point in group 'svp.methods')" in err), err
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SVP_PLUGINS", " nosuch_module , prefix_scale,")
+    with pytest.warns(R.PluginWarning, match=r"SVP_PLUGINS names 'nosuch_module', which could not be imported "
+                                             r"\(ModuleNotFoundError: No module named 'nosuch_module'\)"):
+        assert R.load_plugins() == ["prefix_scale", "via_ep = via_ep"]
+    assert {"prefix_scale", "via_ep"} <= set(list_methods())
+    assert R.load_plugins() == []   # (once each)
+    assert svp_main(["eval", str(out / "ps" / "best"), "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 8

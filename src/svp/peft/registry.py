@@ -6,9 +6,56 @@ this module imports none of them."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
+import importlib
+import os
+import warnings
+from typing import Dict, List, Tuple
 
 _METHODS: Dict[str, Tuple[type, type]] = {}
+
+# Methods written outside the package: modules named in SVP_PLUGINS (comma-separated, importable
+# from sys.path, e.g. with PYTHONPATH) and installed packages' entry points in this group. Each
+# registers its methods when imported, as the built-ins do; svp.peft imports them after the
+# built-ins, so every command, sweep worker and server has them (the environment is inherited).
+PLUGINS_ENV = "SVP_PLUGINS"
+ENTRY_POINT_GROUP = "svp.methods"
+HINT = (f"a method of your own: name its module in {PLUGINS_ENV} (or an entry point in group "
+        f"{ENTRY_POINT_GROUP!r}); docs/architecture.md, 'Adding a method'")
+_loaded: List[str] = []
+
+
+class PluginWarning(UserWarning):
+    """A module named in SVP_PLUGINS, or an entry point, that could not be imported."""
+
+
+def load_plugins() -> List[str]:
+    """Import the method modules of ``SVP_PLUGINS`` and of the ``svp.methods`` entry points (once
+    each); returns the names imported. One that fails is a :class:`PluginWarning` naming it and
+    why, and the others are still imported (a command that does not use it still runs)."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    wanted = [(n, None) for n in names]
+    try:
+        from importlib.metadata import entry_points
+        eps = entry_points()
+        group = eps.select(group=ENTRY_POINT_GROUP) if hasattr(eps, "select") else eps.get(ENTRY_POINT_GROUP, [])
+        wanted += [(f"{ep.name} = {ep.value}", ep) for ep in group]
+    except Exception as e:  # noqa: BLE001  (broken installed metadata: said, the built-ins still work)
+        warnings.warn(f"the {ENTRY_POINT_GROUP!r} entry points could not be read: {type(e).__name__}: {e}",
+                      PluginWarning, stacklevel=2)
+    done = []
+    for name, ep in wanted:
+        if name in _loaded:
+            continue
+        try:
+            ep.load() if ep is not None else importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001  (its own error, whatever it is, named with the module)
+            where = f"{PLUGINS_ENV} names {name!r}" if ep is None else f"the entry point {name!r}"
+            warnings.warn(f"{where}, which could not be imported ({type(e).__name__}: {e}); its methods are "
+                          f"not registered", PluginWarning, stacklevel=2)
+            continue
+        _loaded.append(name)
+        done.append(name)
+    return done
 
 
 def register_method(name: str, config_cls: type, method_cls: type):
@@ -24,7 +71,7 @@ def list_methods():
 
 def get_method(name: str) -> Tuple[type, type]:
     if name not in _METHODS:
-        raise ValueError(f"unknown adaptation method {name!r}; known: {sorted(_METHODS)}")
+        raise ValueError(f"unknown adaptation method {name!r}; known: {sorted(_METHODS)} ({HINT})")
     return _METHODS[name]
 
 
