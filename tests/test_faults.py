@@ -842,6 +842,36 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
                                        f"(nowhere.png)\n")
 
 
+def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys, mini_run):
+    """`svp eval --predictions FILE.csv` (review 87: no per-image output, for paired tests between
+    methods): a row per image in dataset order, its file, label and top-1 as `svp predict` gives
+    them for the same files, and `correct` summing to eval's top-1."""
+    import csv
+    fake = tmp_path / "fake"
+    make_fake_root(str(fake), which=("vtab",), vtab_tasks=("svhn",))   # (list files; classes '0'..'9')
+    out = tmp_path / "p.csv"
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "vtab/svhn", "--data-root", str(fake / "VTAB"),
+                     "--predictions", str(out), "--json", "--batch-size", "3"]) == 0
+    r = _strict_json(capsys.readouterr().out)
+    rows = list(csv.DictReader(out.open()))
+    ds = build_dataset("vtab/svhn", "test", root=str(fake / "VTAB"))
+    assert r["predictions"] == str(out) and len(rows) == r["n"] == len(ds)
+    assert [(int(row["index"]), row["item"], int(row["label"]), row["label_name"]) for row in rows] == [
+        (i, p, t, str(t)) for i, (p, t) in enumerate(ds.samples)]
+    assert sum(int(row["correct"]) for row in rows) == round(r["top1"] * r["n"] / 100)
+    assert all(row["correct"] == str(int(row["pred"] == row["label"])) for row in rows)
+    assert svp_main(["predict", str(mini_run / "best"), *(row["item"] for row in rows), "--jsonl", "--topk", "1",
+                     "--batch-size", "3"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a["top"][0]["index"], a["top"][0]["class"]) for a in answers] == [
+        (int(row["pred"]), row["pred_name"]) for row in rows]
+    assert [a["top"][0]["prob"] for a in answers] == pytest.approx([float(row["prob"]) for row in rows], rel=1e-5)
+    # refused before the run: a folder that is not there, or a folder for the file
+    for bad, words in ((tmp_path / "nowhere" / "p.csv", "does not exist"), (tmp_path, "a folder; expected a file")):
+        assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--predictions", str(bad)]) == 2
+        assert words in capsys.readouterr().err
+
+
 def test_eval_per_class_gives_each_class_its_accuracy_and_their_mean(tmp_path, capsys, mini_run):
     """`svp eval --per-class`: each class's images and top-1 accuracy, as the model's own argmax
     over the split gives them, and their mean over the classes with images; classes without

@@ -126,6 +126,10 @@ def register(subparsers) -> None:
     e.add_argument("--per-class", action="store_true",
                    help="also each class's images and top-1 accuracy, and their mean over the classes (the "
                         "accuracy each class weighs alike in, whatever its number of images)")
+    e.add_argument("--predictions", metavar="FILE.csv", type=user_path, default=None,
+                   help="also write each image's label and top-1 prediction to this CSV file (index, item, label, "
+                        "label_name, pred, pred_name, prob, correct): for paired tests between methods (McNemar), "
+                        "error galleries, ensembles")
     e.add_argument("--ignore-class-names", action="store_true",
                    help="evaluate by class index although the dataset's class names (or their order) are not the "
                         "adapter's (refused otherwise)")
@@ -481,8 +485,11 @@ def cmd_eval(args) -> int:
     precision = _precision(args.amp, dev)
     _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, precision=precision)
     tf = _eval_transform(spec, args.adapter_dir)
+    if args.predictions:   # (before the run: a folder that is not there failed after it)
+        _check_output_file(args.predictions, "--predictions")
+    rows = [] if args.predictions else None
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=precision.autocast,
-                 per_class=spec.num_classes if args.per_class else None)
+                 per_class=spec.num_classes if args.per_class else None, predictions=rows)
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
     if args.per_class:   # (by the dataset's names: the true classes are its labels)
@@ -490,6 +497,10 @@ def cmd_eval(args) -> int:
         if len(names) != spec.num_classes:   # (neither names its classes: no row may be lost in zip)
             names = [str(i) for i in range(spec.num_classes)]
         r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"), names))
+    if args.predictions:
+        names = ds.classes if len(ds.classes) == spec.num_classes else spec.class_names
+        _write_predictions(args.predictions, rows, ds, [str(n) for n in names], spec.class_names)
+        r["predictions"] = os.path.abspath(args.predictions)
     if args.json:
         print(json_text(r, indent=2))
     else:
@@ -503,6 +514,32 @@ def cmd_eval(args) -> int:
              f"the adapter's weights, or this input, overflow", "eval")
         return 1
     return 0
+
+
+def _check_output_file(path: str, option: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise C.ConfigError(f"{option} {path}: a folder; expected a file to write")
+    if not os.path.isdir(folder):
+        raise C.ConfigError(f"{option} {path}: its folder {folder} does not exist")
+
+
+def _write_predictions(path: str, rows, ds, label_names, pred_names) -> None:
+    """Each image's row, in dataset order, written whole or not at all. ``item``: the image's
+    file for data on disk, else its name in the dataset (``digits[test][3]``)."""
+    import csv
+    import io
+
+    from ..io import atomic_write_text
+    describe = getattr(getattr(ds, "ds", ds), "describe", None)
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["index", "item", "label", "label_name", "pred", "pred_name", "prob", "correct"])
+    for i, label, pred, prob in sorted(rows, key=lambda row: row[0]):
+        w.writerow([i, describe(i) if describe else "", label, label_names[label] if label < len(label_names) else "",
+                    "" if pred is None else pred, "" if pred is None or pred >= len(pred_names) else pred_names[pred],
+                    "" if prob is None else f"{prob:.6g}", int(pred == label)])
+    atomic_write_text(path, out.getvalue())
 
 
 def _per_class(counts, hits, names) -> dict:

@@ -42,12 +42,14 @@ def forward_in_chunks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist_info: DistInfo,
              autocast: Optional[Callable] = None, num_workers: int = 0,
-             per_class: Optional[int] = None) -> Dict[str, float]:
+             per_class: Optional[int] = None, predictions: Optional[list] = None) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of ``model`` on ``dataset``,
     summed over ranks (each rank evaluates a disjoint shard). Counts stay on the device
     until the end (one host synchronisation per evaluation). ``per_class``, the number of
     classes: also each class's images and top-1 hits, by true class index (``class_n``,
-    ``class_correct1``)."""
+    ``class_correct1``). ``predictions``, a list: each image's (dataset index, label, top-1
+    class or None where its logits are not finite, that class's probability) appended, in the
+    order the images were read (one host synchronisation per batch, only then)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -58,6 +60,7 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
     acc = torch.zeros(5, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, n, non-finite
     if per_class:   # images, top-1 hits
         by_class = torch.zeros(2, per_class, dtype=torch.float64, device=device)
+    order = iter(loader.sampler)   # (the dataset index of each image, as the loader reads them)
     with runtime.held_heap(device.type == "cpu"):   # (the loader's batches too: 87 MB at 144 images)
         for x, y in loader:
             x, y = x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
@@ -73,6 +76,10 @@ def evaluate(model: nn.Module, dataset, transform, batch_size: int, device, dist
                                 F.cross_entropy(logits, y, reduction="sum").double(),
                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
                                 (~finite).sum().double()])
+            if predictions is not None:
+                prob = logits.softmax(dim=1).gather(1, top[:, :1])[:, 0]
+                for label, pred, p, ok in zip(y.tolist(), top[:, 0].tolist(), prob.tolist(), finite.tolist()):
+                    predictions.append((next(order), label, pred if ok else None, p if ok else None))
             if per_class:
                 by_class[0].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
                 by_class[1].index_add_(0, y, ((top[:, 0] == y) & finite).double())
