@@ -1106,8 +1106,8 @@ def test_methods_of_ones_own_are_found_through_svp_plugins_and_entry_points(tmp_
     monkeypatch.setattr(R, "_loaded", [])
     assert svp_main(["eval", str(out / "ps" / "best"), "--dataset", "digits", "--max-samples", "8"]) == 2
     err = capsys.readouterr().err
-    assert ("unknown adaptation method 'prefix_scale'; known: ['adapter', " in err and
-            "a method of your own: name its module in SVP_PLUGINS (or an entry point in group 'svp.methods')" in err), err
+    assert "unknown adaptation method 'prefix_scale'; known: ['adapter', " in err, err
+    assert "a method of your own: name its module in SVP_PLUGINS (or an entry point in group 'svp.methods')" in err
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("SVP_PLUGINS", " nosuch_module , prefix_scale,")
     with pytest.warns(R.PluginWarning, match=r"SVP_PLUGINS names 'nosuch_module', which could not be imported "
