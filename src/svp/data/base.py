@@ -228,6 +228,25 @@ def _raster_formats():
     return [f for f in Image.OPEN if f not in _NOT_OPENED]
 
 
+def walk_folders(top: str, key: Optional[Callable] = None, onerror: Optional[Callable] = None):
+    """(folder, file names) of ``top`` and every folder below it but hidden ones, depth first, each
+    folder's subfolders in sorted order (by ``key``), linked folders followed (as torchvision's
+    ImageFolder does) and each folder walked once: a link to a parent is no loop, and of two links
+    to one folder the first met counts. Hidden folders are left before they count as walked (a
+    hidden link '.alias' -> 'pics', met first, left pics' images out: retest 86). ``onerror``:
+    os.walk's, called where that folder's files would have come. The imagefolder dataset and
+    ``svp predict``'s folders both walk so."""
+    seen = set()
+    for dirpath, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=key)
+        yield dirpath, files
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image fully (so truncated files fail here, not later) as 8-bit RGB, high
     bit depths scaled by :func:`to_rgb`. The one reader of image files: datasets

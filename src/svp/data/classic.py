@@ -30,7 +30,8 @@ import numpy as np
 
 from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset, leaves_folder,
-                   listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle, warn_repeats)
+                   listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle, walk_folders,
+                   warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 _gtsrb_warned: set = set()   # GTSRB training folders whose stray files were already said in this process
@@ -402,27 +403,6 @@ def _folder_name(entry: str) -> str:
         return entry
 
 
-def _walk_once(top: str):
-    """(folder, file names) of ``top`` and every folder below it but hidden ones, in sorted order
-    of the folder paths, linked folders followed (as torchvision's ImageFolder does: a class
-    folder's linked subfolders were left out without a word) and each folder walked once (a link
-    to a parent is no loop, a folder linked twice gives its images once, through the first link
-    met walking depth first, each folder's subfolders in sorted order of their names)."""
-    walked, seen = [], set()
-    for dirpath, dirs, files in os.walk(top, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        # hidden folders left before they count as seen (a hidden link '.alias' -> 'pics', walked
-        # first, left pics' images out: retest 86); which of two links to one folder comes first:
-        # the same on every file system
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        walked.append((dirpath, files))
-    return sorted(walked)
-
-
 def build_imagefolder(root: str, split: str, transform=None, classes=None,
                       skip_bad_images=False, check_files=True, **_) -> FileListDataset:
     sdir = os.path.join(root, split)
@@ -469,7 +449,8 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
         if c not in folders:   # (a class of another split only)
             continue
         top = os.path.join(sdir, folders[c])
-        for dirpath, files in _walk_once(top):   # (hidden folders, .thumbs/, .ipynb_checkpoints/: left out)
+        # (in sorted order of the folder paths; hidden folders, .thumbs/, .ipynb_checkpoints/: left out)
+        for dirpath, files in sorted(walk_folders(top)):
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images

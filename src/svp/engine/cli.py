@@ -381,7 +381,7 @@ def _images_of(paths):
     folders followed once each. Also, as answers, the folders that gave nothing: none with an
     image ending, or one that cannot be read (in its place in the order), and the files skipped
     for their endings."""
-    from ..data.base import IMG_EXTENSIONS
+    from ..data.base import IMG_EXTENSIONS, walk_folders
 
     def order(name):   # (the name itself last: 'A.png' and 'a.png' in one order every time)
         return [int(t) if t.isdigit() else t.casefold() for t in re.split(r"(\d+)", name)], name
@@ -391,18 +391,12 @@ def _images_of(paths):
         if not os.path.isdir(path):
             images.append(path)
             continue
-        found, seen = [], set()
+        found = []
 
-        def unreadable(e, found=found):   # (os.walk calls it where that folder's files would come)
+        def unreadable(e, found=found):   # (called where that folder's files would come)
             found.append(e.filename)
             errors[e.filename] = f"{e.filename}: a folder that cannot be read ({e.strerror})"
-        for root, dirs, files in os.walk(path, onerror=unreadable, followlinks=True):
-            st = os.stat(root)
-            if (st.st_dev, st.st_ino) in seen:   # (a link to a folder walked already: a loop, or twice)
-                dirs[:] = []
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=order)
+        for root, files in walk_folders(path, key=order, onerror=unreadable):
             for f in sorted((f for f in files if not f.startswith(".")), key=order):
                 file = os.path.join(root, f)
                 if not f.lower().endswith(IMG_EXTENSIONS):
@@ -492,14 +486,13 @@ def cmd_eval(args) -> int:
                  per_class=spec.num_classes if args.per_class else None, predictions=rows)
     r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
-    if args.per_class:   # (by the dataset's names: the true classes are its labels)
-        names = ds.classes if len(ds.classes) == spec.num_classes else spec.class_names
-        if len(names) != spec.num_classes:   # (neither names its classes: no row may be lost in zip)
-            names = [str(i) for i in range(spec.num_classes)]
-        r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"), names))
+    # the labels' names: the dataset's (the true classes are its labels), else the adapter's
+    names = [str(n) for n in (ds.classes if len(ds.classes) == spec.num_classes else spec.class_names)]
+    if args.per_class:   # (where neither names its classes, by index: no row may be lost in zip)
+        r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"),
+                            names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]))
     if args.predictions:
-        names = ds.classes if len(ds.classes) == spec.num_classes else spec.class_names
-        _write_predictions(args.predictions, rows, ds, [str(n) for n in names], spec.class_names)
+        _write_predictions(args.predictions, rows, ds, names, spec.class_names)
         r["predictions"] = os.path.abspath(args.predictions)
     if args.json:
         print(json_text(r, indent=2))
