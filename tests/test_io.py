@@ -198,6 +198,8 @@ def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
         (["data", "check", "digits", "--root=~/d", "--file=~/l.csv"], {"root": f"{home}/d", "file": f"{home}/l.csv"}),
         (["data", "grid", "digits", "--root=~/d", "--out=~/g.png"], {"root": f"{home}/d", "out": f"{home}/g.png"}),
         (["demo", "--out=~/demo", "--preset-out=~/p.json"], {"out": f"{home}/demo", "preset_out": f"{home}/p.json"}),
+        (["export", "~/ad", "-o", "~/m.safetensors", "--checkpoint=~/w.pth"],
+         {"adapter_dir": f"{home}/ad", "output": f"{home}/m.safetensors", "checkpoint": f"{home}/w.pth"}),
         (["convert-official-svp", "~/c.pth", "--model", "m", "--shared-layers", "1", "--prompt-hidden", "1",
           "--num-classes", "2", "--out=~/o", "--backbone-checkpoint=~/b.pth", "--class-names=~/n.txt"],
          {"checkpoint": f"{home}/c.pth", "out": f"{home}/o", "backbone_checkpoint": f"{home}/b.pth",

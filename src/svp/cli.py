@@ -16,6 +16,7 @@ from .io import DISK_ERRNOS, error_line, quiet_stdout, shortened
 COMMAND_MODULES = [
     "svp.engine.cli",
     "svp.data.cli",
+    "svp.engine.export",
     "svp.peft.cli",
     "svp.viz.cli",
     "svp.pretrain.train",
@@ -36,6 +37,7 @@ OOM_ADVICE = {
     "data list": "",
     "data check": "fewer reader threads (--workers)",
     "data grid": "fewer images (--n)",
+    "export": "",   # (the backbone is built whole, on the CPU)
     "convert-official-svp": "",   # (the checkpoint is read whole)
     "visualize": "fewer --adapter folders, --layers or --quantities",
     "pretrain": "fewer images (--num-classes, --per-class, --heldout-per-class: all are made in memory), a "

@@ -220,7 +220,7 @@ def _intermixed(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
-def _backbone_args(p):
+def _backbone_args(p, device: bool = True):
     p.add_argument("--model", default=None, help="backbone timm name (default: from backbone.json; "
                                                   + WEIGHTS_HELP + ")")
     # one source of weights: given two, all but one were ignored without a word (review 78)
@@ -230,7 +230,8 @@ def _backbone_args(p):
     weights.add_argument("--pretrained", action="store_true",
                          help="with --model: timm's pretrained weights (may download from the hub)")
     weights.add_argument("--random-init", action="store_true", help="with --model: a random backbone (tests only)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def _amp_arg(p):

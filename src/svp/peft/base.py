@@ -27,7 +27,7 @@ from ..models.loading import mismatch_lines
 from .heads import HEAD_KINDS, build_head, head_kind, head_num_classes, simam
 from .io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, AdapterFiles, base_weights_hash, read_adapter_config,
                  read_adapter_files, save_adapter, settings_differences, tensors_hash)
-from .registry import config_from_dict, get_method
+from .registry import config_from_dict, get_method, list_methods
 
 _ATTACHED = "_svp_peft_attached"
 
@@ -124,6 +124,10 @@ class PeftMethod(nn.Module):
     # through those two, keeps the token sequence's length and class position, and trains no
     # backbone tensor in place. Otherwise each of its adapters is served on its own model.
     serve_shared = False
+    # whether what the method learns is a change of the backbone's own tensors (PeftModel.
+    # merge_and_unload folds it into them: a plain Vim computes the adapted function); a method
+    # that adds computation (prompts, adapter modules) cannot be merged
+    mergeable = False
 
     def __init__(self, config: PeftConfig, model: nn.Module):
         super().__init__()
@@ -141,6 +145,11 @@ class PeftMethod(nn.Module):
 
     def detach(self, model: nn.Module) -> None:
         """Undo what attaching did to ``model`` (hooks, parametrizations)."""
+
+    def merge(self, model: nn.Module) -> None:
+        """Detach the method, leaving what it learned in ``model``'s own tensors (for a
+        ``mergeable`` method; the ones trained in place already are)."""
+        self.detach(model)
 
 
 def _set_head(model: nn.Module, config: PeftConfig):
@@ -176,7 +185,8 @@ class PeftModel(nn.Module):
         # after unload() the backbone is bare (it may carry another method), and this wrapper
         # computed, depending on the method, the adapted function, the bare backbone's, or failed
         if getattr(self, "_unloaded", False):
-            raise RuntimeError(f"{what}: this {self.config.method} PeftModel was unloaded (PeftModel.unload): "
+            raise RuntimeError(f"{what}: this {self.config.method} PeftModel was unloaded (PeftModel.unload or "
+                               f"merge_and_unload): "
                                f"its method is no longer on the backbone; use the backbone unload() returned, "
                                f"or attach the method again (get_peft_model / svp.load_adapter)")
 
@@ -361,10 +371,55 @@ class PeftModel(nn.Module):
         PeftModel refuses to run or save afterwards."""
         self._check_attached("unload")
         self.method.detach(self.base_model)
+        return self._bare()
+
+    def merge_and_unload(self) -> nn.Module:
+        """The backbone with the adaptation folded into its own tensors, detached from this
+        PeftModel: a plain VisionMamba, as timm builds it, that computes this model's outputs up to
+        rounding, for the methods whose change is one of the backbone's weights (linear probing,
+        BitFit, full fine-tuning: trained in place; LoRA: W + (alpha / r) B A written into W, in
+        float32). A two-layer head (two Linears, nothing between them) becomes the one Linear it
+        computes. Refused, with nothing changed, for a method that adds computation (SVP's prompts,
+        VPT's tokens, adapters: see :func:`merge_refusal`) and for SimAM on the input. This
+        PeftModel refuses to run or save afterwards, as after ``unload()``."""
+        self._check_attached("merge_and_unload")
+        why = merge_refusal(self.config.method, self.config.simam)
+        if why:
+            raise AdapterError(f"merge_and_unload: {why}")
+        self.method.merge(self.base_model)
+        model = self.base_model
+        if head_kind(model.head) == "two_layer":
+            first, second = model.head
+            with torch.no_grad():   # y = W1 (W0 x + b0) + b1 = (W1 W0) x + (W1 b0 + b1), formed in float64
+                w = second.weight.double() @ first.weight.double()
+                b = second.weight.double() @ first.bias.double() + second.bias.double()
+            head = nn.Linear(first.in_features, second.out_features, device=second.weight.device,
+                             dtype=second.weight.dtype)
+            with torch.no_grad():
+                head.weight.copy_(w)
+                head.bias.copy_(b)
+            model.head = head
+        return self._bare()
+
+    def _bare(self) -> nn.Module:
         setattr(self.base_model, _ATTACHED, False)
         _set_requires_grad(self.base_model, self._requires_grad)  # as trainable as before the method froze it
         self._unloaded = True
         return self.base_model
+
+
+def merge_refusal(method: str, simam: bool = False) -> Optional[str]:
+    """Why an adapter of ``method`` (with SimAM on its input or not) cannot be folded into the
+    backbone's weights (``PeftModel.merge_and_unload``, ``svp export``); None where it can."""
+    if not get_method(method)[1].mergeable:
+        mergeable = [name for name in list_methods() if get_method(name)[1].mergeable]
+        return (f"{method} adapters add computation a plain Vim does not have (prompts, tokens or modules "
+                f"of their own), so they cannot be folded into the backbone's weights; only {', '.join(mergeable)} "
+                f"adapters can. Keep it as an adapter (svp eval, predict and serve run it on its backbone)")
+    if simam:
+        return (f"this {method} adapter applies SimAM to the input image (simam: true), which a plain Vim "
+                f"does not; it cannot be folded into the backbone's weights")
+    return None
 
 
 def freeze_for(model: nn.Module, method: PeftMethod):

@@ -21,6 +21,8 @@ class BitFitConfig(PeftConfig):
 
 
 class BitFit(PeftMethod):
+    mergeable = True   # (trained in place)
+
     def trainable_base_names(self, model):
         names = [n for n, _ in model.named_parameters()
                  if n.startswith("layers.") and n.endswith(".bias")

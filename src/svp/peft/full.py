@@ -17,6 +17,7 @@ class FullConfig(PeftConfig):
 
 class FullFineTune(PeftMethod):
     default_backbone_train_mode = True
+    mergeable = True   # (trained in place)
 
     def trainable_base_names(self, model):
         return [n for n, _ in model.named_parameters()]

@@ -15,6 +15,7 @@ class LinearConfig(PeftConfig):
 class LinearProbe(PeftMethod):
     """No parameters of its own; the harness makes the head the only trainable part."""
     serve_shared = True
+    mergeable = True   # (trained in place)
 
 
 register_method("linear", LinearConfig, LinearProbe)

@@ -111,16 +111,35 @@ class LoRA(PeftMethod):
             out += [f"{path}.parametrizations.weight.0.lora_A", f"{path}.parametrizations.weight.0.lora_B"]
         return out
 
+    mergeable = True
+
     def detach(self, model):
         """Remove the parametrisations, keeping the original (un-merged) weights."""
+        self._remove(merge=False)
+
+    def merge(self, model):
+        """Remove the parametrisations, each weight becoming W + scale * B @ A (formed in float32,
+        then stored in the weight's dtype: a bfloat16 W rounds once, not at each product)."""
+        self._remove(merge=True)
+
+    def _remove(self, merge: bool):
         for _, lin in self._targets:
             if parametrize.is_parametrized(lin, "weight"):
+                param = lin.parametrizations.weight
+                if merge:
+                    with torch.no_grad():
+                        a, b, scale = param[0].factors()
+                        w = param.original
+                        merged = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
                 # a deepcopy (an EMA copy) shares the class torch made for the parametrised module;
                 # removing the parametrisation deletes its `weight` property from that class, which
                 # would break the other copy: this module gets a class of its own first
                 cls = type(lin)
                 lin.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+                if merge:
+                    with torch.no_grad():   # (in place: a bumped version, so nothing kept from W is reused)
+                        lin.weight.copy_(merged)
         self._targets = []
 
 
