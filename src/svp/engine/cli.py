@@ -57,6 +57,8 @@ TRAIN_FLAGS = [
                                        "vtab/<task>, hta/<name>; see `svp data list`)"),
     ("--data-root", "data.root", str, "folder holding the datasets on disk (default $SVP_DATA)"),
     ("--method", "method.name", str, "adaptation method: {methods}"),
+    ("--init-from", "method.init_from", str, "an adapter folder whose tensors start this run's adapter (LP-FT: a "
+                                             "linear probe's best/ as a full fine-tuning run's start)"),
     ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224); " + WEIGHTS_HELP),
     ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),

@@ -45,6 +45,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("model.init_seed", None, "seed the model's random parts (a new linear head, a random backbone, parts missing from the checkpoint) are drawn under; null: train.seed, so each seed of a sweep starts from its own head. A two-layer head (method.settings.head=two_layer) is the method's: drawn afterwards from train.seed's stream, as the prompters are"),
     # --- method
     ("method.name", "svp", "PEFT method, one of svp.peft.list_methods(): the built-in svp, linear, full, vpt_shallow, vpt_deep, visual_prompt, bitfit, lora, adapter, and any registered with svp.peft.register_method"),
+    ("method.init_from", None, "an adapter folder whose tensors start this run's adapter, the others as initialised (LP-FT: a linear probe's best/ as a full fine-tuning run's start, its head); each of its tensors must be one of this run's adapter tensors, of the same shape, trained on the same backbone weights, its head on the same classes. Not read at --resume (the resume point holds the tensors)"),
     ("method.settings", {}, "method settings passed to svp.peft.make_config; a block named after a method (method.settings.svp.hidden=32) applies to that method only. Every method: head (linear, two_layer), simam, backbone_train_mode. svp: shared_layers, hidden, use_cross, use_inner, compat (paper; official: the official code's cross prompt, D1). vpt_shallow/vpt_deep: num_tokens, placement (prefix, middle, suffix). lora: r, alpha, targets. adapter: bottleneck, scale. bitfit: patch_embed. visual_prompt: pad, image_size. Meanings and defaults: docs/methods.md"),
     # --- data
     ("data.dataset", "digits", "dataset name from the registry (`svp data list` / svp.data.list_datasets())"),
@@ -142,7 +143,7 @@ MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
 # keys whose values are text (names, paths, choices) and run.changes (svp's record): strings there
 # are kept as written, whatever they look like
 _TEXTUAL = frozenset([k for k, v, _ in SCHEMA if isinstance(v, str)]
-                     + ["model.checkpoint", "data.root", "run.name", "run.changes"])
+                     + ["model.checkpoint", "method.init_from", "data.root", "run.name", "run.changes"])
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
@@ -604,8 +605,8 @@ _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_l
                "train.warmup_epochs", "model.drop_path_rate")
 # names, paths and split names: text (null, a number or an empty string crashed where they were used)
 _TEXT = ("model.name", "method.name", "data.dataset", "data.train_split", "train.opt", "train.device", "run.output")
-_TEXT_OR_NULL = ("model.checkpoint", "data.root", "data.val_split", "data.test_split")
-_PATHS = ("run.output", "model.checkpoint", "data.root")
+_TEXT_OR_NULL = ("model.checkpoint", "method.init_from", "data.root", "data.val_split", "data.test_split")
+_PATHS = ("run.output", "model.checkpoint", "method.init_from", "data.root")
 
 
 def path_value(key: str, value: Any) -> Any:
@@ -621,7 +622,7 @@ def absolute_paths(cfg: dict) -> dict:
     working folder it starts in): a relative --checkpoint was kept as given, and the run's
     --resume, printed as an absolute command, failed from any other folder ("file not found"),
     with no way to say where the file is (model.checkpoint cannot change at --resume)."""
-    for key in ("model.checkpoint", "data.root"):
+    for key in ("model.checkpoint", "method.init_from", "data.root"):
         v = get_key(cfg, key)
         if isinstance(v, str) and v.strip() and not os.path.isabs(v):
             set_key(cfg, key, os.path.abspath(v))

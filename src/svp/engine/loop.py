@@ -168,7 +168,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _run(self) -> Dict[str, Any]:
         cfg, t, dinfo = self.cfg, self.cfg["train"], self.dist
-        vars(self).update(vars(build_run(cfg, self.device, dinfo)))  # data, model, optimizer, ...
+        vars(self).update(vars(build_run(cfg, self.device, dinfo, bool(self.resume_dir))))  # data, model, ...
         self.folder.precision = self.prec.describe()
         check_data(self.train_ds, self.val, self.test, self.dist)
         fill_kept(cfg, [(self.train_ds, None), self.val, self.test])

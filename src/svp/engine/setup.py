@@ -234,16 +234,18 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
                     "model.checkpoint" if ckpt else "model.pretrained=true")
     if ckpt and m["pretrained"]:   # (said of random_init only: retest 80)
         log.warning("model.pretrained=true is not used: model.checkpoint (%s) gives the backbone its weights", ckpt)
+    extra = {"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"],
+             # (the precision its evaluations ran in: svp eval/predict say when theirs differs, as
+             # their numbers then do: retest 82. Null: float32; an older folder has no record. What
+             # train.amp resolves to on the device, which build_run sets once its Precision is
+             # made: retest 84)
+             "amp": None}
+    if cfg["method"].get("init_from"):   # (where the adapter started, for the record)
+        extra["init_from"] = cfg["method"]["init_from"]
     return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,
                      pretrained=bool(m["pretrained"]), random_init=bool(m["random_init"]),
                      img_size=int(d["img_size"]), num_classes=num_classes, class_names=list(class_names),
-                     kwargs=dict(m["kwargs"] or {}), init_seed=init_seed(cfg),
-                     extra={"recipe": d["recipe"], "dataset": d["dataset"], "method": cfg["method"]["name"],
-                            # (the precision its evaluations ran in: svp eval/predict say when theirs
-                            # differs, as their numbers then do: retest 82. Null: float32; an older
-                            # folder has no record. What train.amp resolves to on the device, which
-                            # build_run sets once its Precision is made: retest 84)
-                            "amp": None})
+                     kwargs=dict(m["kwargs"] or {}), init_seed=init_seed(cfg), extra=extra)
 
 
 def init_seed(cfg: dict) -> int:
@@ -383,8 +385,9 @@ def _from_preset(dataset: str, method: str, settings: dict, message: str) -> str
     return ""
 
 
-def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
-    """Backbone (with the run's drop path) + method."""
+def build_train_model(cfg: dict, spec: ModelSpec, resuming: bool = False) -> nn.Module:
+    """Backbone (with the run's drop path) + method, its adapter started from ``method.init_from``'s
+    tensors where set (not ``resuming``: the resume point holds them all)."""
     import dataclasses
 
     from ..models.vim import PatchGridError
@@ -415,7 +418,33 @@ def build_train_model(cfg: dict, spec: ModelSpec) -> nn.Module:
         backbone.head_from_checkpoint = False
         log.info("the checkpoint's %d-class head replaced by a new one (as the official fine-tuning "
                  "deletes head.*)", int(spec.num_classes))
-    return build_method(backbone, cfg, int(spec.num_classes))
+    model = build_method(backbone, cfg, int(spec.num_classes))
+    source = cfg["method"].get("init_from")
+    if source and not resuming:
+        init_from(model, source, spec)
+    return model
+
+
+def init_from(model, source: str, spec: ModelSpec) -> None:
+    """The adapter of ``model`` started from the adapter folder ``source`` (``method.init_from``);
+    its head only on the run's classes, in the run's order."""
+    from ..build import check_adapter_folder
+    from ..errors import AdapterError
+
+    check_adapter_folder(source)
+    try:
+        got = model.init_from_adapter(source)
+    except AdapterError as e:
+        raise ConfigError(f"method.init_from={source}: {e}") from None
+    names, classes = [str(c) for c in got["class_names"] or []], [str(c) for c in spec.class_names or []]
+    if any(k.startswith("base_model.head.") for k in got["loaded"]) and names and classes and names != classes:
+        i = next((k for k, (a, b) in enumerate(zip(names, classes)) if a != b), min(len(names), len(classes)))
+        raise ConfigError(f"method.init_from={source}: its head was trained on other classes than this run's "
+                          f"(class {i}: {names[i] if i < len(names) else '-'!r} there, "
+                          f"{classes[i] if i < len(classes) else '-'!r} here), so each class would start as another")
+    log.info("method.init_from: %d tensors of the %s adapter in %s start this run's %s adapter; %d of its %d "
+             "start as initialised", len(got["loaded"]), got["method"], source, model.config.method,
+             len(got["initialised"]), len(got["loaded"]) + len(got["initialised"]))
 
 
 def param_counts(model) -> dict:
@@ -575,9 +604,10 @@ def check_names(cfg: dict, weights: bool = True) -> None:
         check_checkpoint_file(m["checkpoint"], "model.checkpoint")   # (said after the data was read: review46)
 
 
-def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
+def build_run(cfg: dict, device: torch.device, dinfo, resuming: bool = False) -> types.SimpleNamespace:
     """Everything a run trains with: datasets and loader, spec, model (and its DDP wrapper),
-    optimizer, schedule, precision, EMA, mixup and loss."""
+    optimizer, schedule, precision, EMA, mixup and loss (``resuming``: a resume point's values
+    follow; ``method.init_from`` is not read)."""
     from .distributed import EpochSampler, Loader, SeededDataset, comm_device
     from .optim import build_optimizer, scaled_lr
     from .sched import Schedule
@@ -587,13 +617,16 @@ def build_run(cfg: dict, device: torch.device, dinfo) -> types.SimpleNamespace:
     seed_everything(int(t["seed"]))
     check_names(cfg)
     check_method_fits(cfg)   # (as --print-config and a sweep check it: before the data is read)
+    if cfg["method"].get("init_from") and not resuming:
+        from ..build import check_adapter_folder
+        check_adapter_folder(cfg["method"]["init_from"])   # (also before the data is read)
     r = types.SimpleNamespace()
     (r.train_ds, train_tf), r.val, r.test = build_datasets(cfg)
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
     (r.train_ds, train_tf), r.val, r.test = kept["train"], kept["val"], kept["test"]
     check_classes_to_learn(cfg, r.train_ds)
     r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
-    r.model = model = build_train_model(cfg, r.spec).to(device)
+    r.model = model = build_train_model(cfg, r.spec, resuming).to(device)
     model.train()
     r.sampler = EpochSampler(len(r.train_ds), int(t["batch_size"]), int(t["seed"]), dinfo.rank, dinfo.world_size)
     r.steps_per_epoch = r.sampler.batches_per_epoch()

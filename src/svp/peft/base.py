@@ -350,20 +350,63 @@ class PeftModel(nn.Module):
         lines = mismatch_lines(expected, tensors)
         if lines:
             raise ValueError("\n".join([f"{source} does not fit this {self.config.method} model:"] + lines))
-        # values a saved adapter never holds (they are cast, or checked, before svp writes them): an
-        # integer tensor was truncated into the weights and a NaN one predicted "nan%", silently
-        for k in expected:
-            t = tensors[k]
-            if not t.is_floating_point():
-                raise ValueError(f"{source}: tensor {k!r} is {t.dtype}; expected floating-point weights "
-                                 f"(the file is damaged or was not written by svp)")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged "
-                                 f"(svp checks weights are finite before it writes them)")
+        _check_values(tensors, expected, source)
         with torch.no_grad():
             for k in expected:
                 own[k].copy_(tensors[k].to(dtype=own[k].dtype, device=own[k].device))
         return self
+
+    def init_from_adapter(self, directory) -> dict:
+        """Start this model's adapter from another adapter folder's tensors: each of them is copied
+        into this model's adapter tensor of the same name and shape (LP-FT: a linear probe's head
+        as a full fine-tuning run's start; an adapter of one task as another run's of the same
+        settings and classes), the others keep their initial values. Refused, with nothing
+        changed, where the folder's adapter was trained on other base weights, or holds a tensor
+        that is not one of this model's adapter tensors (a backbone tensor this method keeps
+        frozen: a fine-tuned backbone starts a run as its backbone, ``svp export`` then
+        ``model.checkpoint``) or one of another shape. Returns ``{"method", "loaded",
+        "initialised", "class_names"}``: the folder's method, the names copied, this adapter's
+        names left as they were, the folder's recorded class names."""
+        from .io import read_adapter_files
+
+        self._check_attached("init_from_adapter")
+        directory = os.fspath(directory)
+        try:
+            files = read_adapter_files(directory)
+        except FileNotFoundError as e:
+            raise AdapterError(str(e)) from None
+        cfg = read_adapter_config(directory, files.data[ADAPTER_CONFIG])
+        weights = files.path(ADAPTER_WEIGHTS)
+        _check_base(cfg, directory, self.base_hash, self.base_model)
+        state = _read_tensors(files)
+        _check_weights_hash(cfg, state, weights)
+        own = self._own_adapter_tensors("init_from_adapter")
+        mine = set(self._adapter_names)
+        foreign = [k for k in sorted(state) if k not in mine]
+        if foreign:
+            frozen = [k for k in foreign if k in own]
+            why = (f"{len(frozen)} of them are backbone tensors this {self.config.method} run keeps frozen "
+                   f"(a backbone trained in place starts a run as its backbone: svp export, then "
+                   f"model.checkpoint)" if frozen else f"this {self.config.method} model has no tensor of "
+                   f"that name (another method, or settings that name other layers)")
+            raise AdapterError(f"{weights}: {len(foreign)} of its {len(state)} tensors are not among this "
+                               f"{self.config.method} model's adapter tensors ({', '.join(foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}): {why}")
+        wrong = [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(own[k].shape)}" for k in sorted(state)
+                 if tuple(state[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            raise AdapterError(f"{weights}: {len(wrong)} of its tensors do not fit this {self.config.method} model "
+                               f"(other settings or another class count): " + "; ".join(wrong[:3]))
+        try:
+            _check_values(state, state, weights)
+        except ValueError as e:
+            raise AdapterError(str(e)) from None
+        with torch.no_grad():
+            for k, t in state.items():
+                own[k].copy_(t.to(dtype=own[k].dtype, device=own[k].device))
+        return {"method": cfg.get("method"), "loaded": sorted(state),
+                "initialised": [k for k in self._adapter_names if k not in state],
+                "class_names": cfg.get("class_names")}
 
     def unload(self) -> nn.Module:
         """Detach the method from the backbone (remove hooks/parametrizations) and return it.
@@ -570,21 +613,7 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     have = None
     if check_hash:
         have = base_weights_hash(model)
-        want = cfg["base_model_hash"]
-        if have != want:
-            raise AdapterError(
-                f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
-                f"{want}, but the model given has weight hash {have}; load the same base weights, built "
-                f"the same way: another img_size resamples the position embedding, and a float16/bfloat16 "
-                f"copy of the checkpoint rounds every weight, so either differs too{_dtype_hint(model)} "
-                f"(from Python, load_adapter(..., check_hash=False) forces it)")
-        differ = settings_differences(cfg.get("base_model_settings") or {}, model)
-        if differ:   # the same weights, other outputs (adapters saved before 2026-12-06 record none)
-            raise AdapterError(
-                f"{directory}: adapter was trained on a {cfg.get('base_model_name')!r} backbone built with "
-                f"{', '.join(differ)}; build the model with the adapter's settings (its outputs differ "
-                f"otherwise, the weights being the same), or from Python load_adapter(..., check_hash=False) "
-                f"forces it")
+        _check_base(cfg, directory, have, model)
     try:  # a setting edited or damaged in the file: named with the folder, before anything is attached
         n = cfg["num_classes"]
         if not isinstance(n, int) or isinstance(n, bool):
@@ -592,11 +621,7 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
         config = config_from_dict(dict(cfg["config"], num_classes=n))
     except (ValueError, TypeError) as e:
         raise AdapterError(f"{os.path.join(directory, ADAPTER_CONFIG)}: {e}") from None
-    try:  # read before anything is attached: a damaged file leaves the model as it was
-        state = safetensors_load(files.data[ADAPTER_WEIGHTS])
-    except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
-        raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
-                           f"damaged, save or copy it again") from None
+    state = _read_tensors(files)
     before = _Snapshot(model)
     # the settings' tensors first built without storage, on a twin of the backbone whose tensors
     # have none either, and held to the file's: a damaged or hostile adapter_config.json (svp's
@@ -611,17 +636,9 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     if lines:
         raise AdapterError("\n".join([f"{weights} does not fit this {config.method} model, as "
                                        f"{os.path.join(directory, ADAPTER_CONFIG)} sets it up:"] + lines))
-    # tensors of the right shapes that are not the ones saved with this config (folders saved
-    # before svp wrote weights_hash have none)
     # (check_hash=False forces this too: tensors edited on purpose, e.g. re-saved in float16)
-    digest = cfg.get("weights_hash") if check_hash else None
-    found = tensors_hash(state) if digest is not None else None
-    if found != digest:
-        raise AdapterError(f"{weights} is not the file {ADAPTER_CONFIG} was saved with (its tensors' hash is "
-                           f"{found}, the config's weights_hash {digest}): a save stopped between the two files, "
-                           f"or one of them was replaced? Save or copy the adapter again; tensors edited on "
-                           f"purpose load with weights_hash removed from the config (from Python, "
-                           f"load_adapter(..., check_hash=False))")
+    if check_hash:
+        _check_weights_hash(cfg, state, weights)
     try:
         peft = _attach(model, config, base_hash=have)
     except ValueError as e:  # settings that do not fit this backbone (its depth, width)
@@ -636,3 +653,59 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     peft.class_names = cfg.get("class_names")
     peft.base_model_name = cfg.get("base_model_name")
     return peft.eval()
+
+
+def _check_base(cfg: dict, directory: str, have: str, model: nn.Module) -> None:
+    """The adapter in ``directory`` (its config ``cfg``) was trained on weights of hash ``have``,
+    built with ``model``'s output settings; refused, naming both, otherwise."""
+    want = cfg["base_model_hash"]
+    if have != want:
+        raise AdapterError(
+            f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "
+            f"{want}, but the model given has weight hash {have}; load the same base weights, built "
+            f"the same way: another img_size resamples the position embedding, and a float16/bfloat16 "
+            f"copy of the checkpoint rounds every weight, so either differs too{_dtype_hint(model)} "
+            f"(from Python, load_adapter(..., check_hash=False) forces it)")
+    differ = settings_differences(cfg.get("base_model_settings") or {}, model)
+    if differ:   # the same weights, other outputs (adapters saved before 2026-12-06 record none)
+        raise AdapterError(
+            f"{directory}: adapter was trained on a {cfg.get('base_model_name')!r} backbone built with "
+            f"{', '.join(differ)}; build the model with the adapter's settings (its outputs differ "
+            f"otherwise, the weights being the same), or from Python load_adapter(..., check_hash=False) "
+            f"forces it")
+
+
+def _check_weights_hash(cfg: dict, state: dict, weights: str) -> None:
+    """Tensors of the right shapes that are not the ones saved with this config are refused
+    (folders saved before svp wrote weights_hash have none)."""
+    digest = cfg.get("weights_hash")
+    found = tensors_hash(state) if digest is not None else None
+    if found != digest:
+        raise AdapterError(f"{weights} is not the file {ADAPTER_CONFIG} was saved with (its tensors' hash is "
+                           f"{found}, the config's weights_hash {digest}): a save stopped between the two files, "
+                           f"or one of them was replaced? Save or copy the adapter again; tensors edited on "
+                           f"purpose load with weights_hash removed from the config (from Python, "
+                           f"load_adapter(..., check_hash=False))")
+
+
+def _check_values(tensors: dict, names, source: str) -> None:
+    """Values a saved adapter never holds (they are cast, or checked, before svp writes them): an
+    integer tensor was truncated into the weights and a NaN one predicted "nan%", silently."""
+    for k in names:
+        t = tensors[k]
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {k!r} is {t.dtype}; expected floating-point weights "
+                             f"(the file is damaged or was not written by svp)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: tensor {k!r} holds NaN or infinite values; the file is damaged "
+                             f"(svp checks weights are finite before it writes them)")
+
+
+def _read_tensors(files: AdapterFiles) -> dict:
+    """The adapter's tensors, read before anything is attached: a damaged file leaves the model as it was."""
+    weights = files.path(ADAPTER_WEIGHTS)
+    try:
+        return safetensors_load(files.data[ADAPTER_WEIGHTS])
+    except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file at all
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e}); the adapter directory is "
+                           f"damaged, save or copy it again") from None
