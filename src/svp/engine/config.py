@@ -78,6 +78,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.opt_fused", "auto", "adam/adamw through torch's fused kernel, one pass over all tensors (auto: where "
      "torch has one for the device, e.g. CPU from torch 2.4; true: required; false: torch's per-tensor loop, "
      "the implementation svp used before)"),
+    ("train.layer_decay", None, "layer-wise learning-rate decay d (timm's layer_decay, as BEiT and MAE fine-tune): the head trains at the schedule's rate, the last block at d times it, each block below at d times the one above, the stem (patch and position embeddings, class token) at d^(depth+1); for the tensors inside the backbone's blocks (full, bitfit, lora); a method's own tensors outside them (SVP's prompters, VPT's tokens) train at the full rate. null: one rate for all"),
     ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up) or constant"),
     ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
     ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at epoch 0's rate: warmup_lr, or lr without warm-up)"),
@@ -677,6 +678,10 @@ def validate(cfg: dict) -> None:
         v = get_key(cfg, key)
         if v is not None and not (_is_num(v, integer=True) and v >= 1):
             raise ConfigError(f"{key}={v!r}: expected null or a positive integer")
+    decay = cfg["train"]["layer_decay"]
+    if decay is not None and not (_is_num(decay) and 0 < decay <= 1):
+        raise ConfigError(f"train.layer_decay={decay!r}: expected null or a number in (0, 1] (each block's rate is "
+                          f"the one above it times this)")
     clip = cfg["train"]["clip_grad"]
     if clip is not None and not (_is_num(clip) and 0 < clip < _INF):
         raise ConfigError(f"train.clip_grad={clip!r}: expected null or a positive (finite) number")

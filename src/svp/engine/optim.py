@@ -16,7 +16,9 @@ run resumed from before the key existed keeps the loop (engine/rundir.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from typing import Dict
 
 import torch
@@ -24,6 +26,8 @@ from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..data.presets import linear_scaled_lr
 from ..errors import ConfigError
+
+_log = logging.getLogger("svp.engine")
 
 
 def scaled_lr(cfg: dict, world_size: int) -> float:
@@ -48,11 +52,40 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, lr: float) -> torch.optim
     base = check_opt_name(t["opt"])
     if _use_fused(t["opt_fused"], name, base, trainable[0].device):
         kwargs["fused"] = True
+    decay = t.get("layer_decay")
+    if decay is not None:
+        if not callable(getattr(model, "group_matcher", None)):
+            raise ConfigError(f"train.layer_decay={decay}: {type(model).__name__} has no group_matcher() to say "
+                              f"which block each tensor is in")
+        kwargs["layer_decay"] = float(decay)
     try:
-        return create_optimizer_v2(_Trainable(model), opt=str(t["opt"]), lr=lr,
-                                   weight_decay=float(t["weight_decay"]), foreach=False, **kwargs)
+        # (timm warns that the decay has no effect where every trainable tensor is outside the blocks:
+        # said below in the run's own terms)
+        with _quiet(logging.getLogger("timm.optim._param_groups")):
+            opt = create_optimizer_v2(_Trainable(model), opt=str(t["opt"]), lr=lr,
+                                      weight_decay=float(t["weight_decay"]), foreach=False, **kwargs)
     except (ValueError, TypeError, ImportError) as e:  # e.g. an optimizer whose package is missing
         raise ConfigError(f"train.opt={t['opt']!r}: {e}") from None
+    if decay is not None:
+        scales = sorted({round(float(g.get("lr_scale", 1.0)), 12) for g in opt.param_groups})
+        if scales == [1.0] and float(decay) != 1.0:
+            _log.warning("train.layer_decay=%s has no effect here: every trainable tensor of this %s run lies "
+                         "outside the backbone's blocks (the head and the method's own), and trains at the full "
+                         "rate", decay, getattr(getattr(model, "config", None), "method", "model"))
+        else:
+            _log.info("train.layer_decay=%s: %d rates, from %.3g x lr (the lowest layer trained) to 1 x lr (the "
+                      "head)", decay, len(scales), scales[0])
+    return opt
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_opt_name(opt) -> str:
@@ -120,6 +153,9 @@ class _Trainable(torch.nn.Module):
     def parameters(self, recurse: bool = True):
         for _, p in self.named_parameters(recurse=recurse):
             yield p
+
+    def group_matcher(self, coarse: bool = False):
+        return self._m.group_matcher(coarse)
 
     def no_weight_decay(self):
         out = set()

@@ -30,6 +30,11 @@ class Schedule:
         self.optimizer = optimizer
         epochs = int(t["epochs"])
         per = 1 if self.mode == "epoch" else max(1, steps_per_epoch)
+        if self.kind != "cosine":
+            # train.layer_decay's per-group factors (timm's "lr_scale"), which timm's schedulers apply
+            # at each step: a constant rate is set once, here (and put back at --resume from base_lrs)
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.sched = None
         if self.kind == "cosine":
@@ -56,7 +61,9 @@ class Schedule:
             self.sched.step_update(global_step)
 
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        """The schedule's rate now: the head's (train.layer_decay scales the others' below it)."""
+        g = max(self.optimizer.param_groups, key=lambda g: g.get("lr_scale", 1.0))
+        return float(g["lr"] / g.get("lr_scale", 1.0))
 
     def state_dict(self):
         return {"mode": self.mode, "offset": self.offset,
