@@ -757,6 +757,17 @@ def test_eval_and_predict_say_what_an_adapter_folder_left_them_to_assume(tmp_pat
     assert f"{tmp_path}/a\\x0ab\\x1b[2J.png\n  1. " in out and "\x1b" not in out, out
 
 
+def test_a_folders_names_with_digits_of_other_kinds_keep_their_natural_order(tmp_path):
+    """'²' is a digit to str.isdigit() but not to int(): a name holding one stopped svp predict on
+    its folder with a traceback (retest 88). Runs of decimal digits, of any script, count as numbers."""
+    from svp.engine.cli import _images_of
+    for name in ("x10.png", "x2.png", "x1\u00b22.png", "\u2460.png", "x\u0663.png"):
+        (tmp_path / name).write_bytes(b"")
+    images, errors, skipped, special = _images_of([str(tmp_path)])
+    assert [os.path.basename(p) for p in images] == ["x1\u00b22.png", "x2.png", "x\u0663.png", "x10.png", "\u2460.png"]
+    assert not errors and not skipped and not special
+
+
 def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tmp_path, capsys, mini_run,
                                                                              monkeypatch):
     """A folder was answered "a folder, not an image" (review 69), and a shell's `folder/*.jpg`
@@ -794,6 +805,11 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     try:
+        # named on its own, it is answered as what it is (its read waited for ever: retest 88)
+        assert svp_main(["predict", str(mini_run / "best"), str(pics / "pipe.png"), alone, "--json"]) == 2
+        named = json.loads(capsys.readouterr().out)
+        assert named[0]["error"] == f"{pics}/pipe.png: not a regular file (a pipe, a device or a socket), not an " \
+                                    f"image" and named[1]["top"]
         assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--json", "--batch-size", "2"]) == 0
     finally:
         done.set()
@@ -805,9 +821,10 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
     assert [a["image"] for a in answers] == [want[n] for n in order] + [str(pics / "sub" / "linked" / "f.png"),
                                                                         want["sub/z/d.png"], want["Sub2/e.png"], alone]
     assert all(a["top"] for a in answers)
-    assert err == (f"svp predict: note: 2 file(s) in the folders given skipped: not ending as an image file (.jpg "
-                   f".jpeg .png .ppm .bmp .pgm .tif .tiff .webp) or not a regular file; e.g. {pics}/labels.txt "
-                   f"(name them to have them read)\n"), err
+    assert err == (f"svp predict: note: 1 file(s) in the folders given skipped: not ending as an image file (.jpg "
+                   f".jpeg .png .ppm .bmp .pgm .tif .tiff .webp); e.g. {pics}/labels.txt (name them to have them "
+                   f"read)\nsvp predict: note: 1 entries named like images in the folders given skipped: not regular "
+                   f"files (pipes, devices, sockets), which reading would wait on; e.g. {pics}/pipe.png\n"), err
     # the same answers as the files named one by one (in batches of the same size: a batch moves an
     # answer in its last bits), and line by line with --jsonl
     assert svp_main(["predict", str(mini_run / "best"), *(a["image"] for a in answers), "--json",
@@ -866,10 +883,28 @@ def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys
     assert [(a["top"][0]["index"], a["top"][0]["class"]) for a in answers] == [
         (int(row["pred"]), row["pred_name"]) for row in rows]
     assert [a["top"][0]["prob"] for a in answers] == pytest.approx([float(row["prob"]) for row in rows], rel=1e-5)
-    # refused before the run: a folder that is not there, or a folder for the file
-    for bad, words in ((tmp_path / "nowhere" / "p.csv", "does not exist"), (tmp_path, "a folder; expected a file")):
+    # refused before the run: a folder that is not there, a folder for the file, a name ending in a
+    # separator, a pipe (replaced by a plain file, as /dev/stdout would be as root: retest 88), a
+    # folder that cannot be written
+    import stat
+    os.mkfifo(tmp_path / "pipe.csv")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cases = [(tmp_path / "nowhere" / "p.csv", "does not exist"), (tmp_path, "a folder; expected a file"),
+             (f"{tmp_path}/new/", "ends in a folder separator"), (tmp_path / "pipe.csv", "not a regular file")]
+    if not os.access(ro, os.W_OK):   # (root writes anywhere but on a read-only file system)
+        cases.append((ro / "p.csv", "cannot be written"))
+    for bad, words in cases:
         assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--predictions", str(bad)]) == 2
-        assert words in capsys.readouterr().err
+        assert words in capsys.readouterr().err, bad
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.csv").st_mode) and not (tmp_path / "new").exists()
+    # a link is written through: its target gets the rows, the link stays a link
+    (tmp_path / "target.csv").write_text("old")
+    os.symlink("target.csv", tmp_path / "link.csv")
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--max-samples", "4",
+                     "--predictions", str(tmp_path / "link.csv")]) == 0
+    assert os.path.islink(tmp_path / "link.csv") and (tmp_path / "target.csv").read_text().startswith("index,item")
 
 
 def test_eval_per_class_gives_each_class_its_accuracy_and_their_mean(tmp_path, capsys, mini_run):

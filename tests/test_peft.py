@@ -1051,6 +1051,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from svp import load_adapter  # noqa: F401  (the root's public API, whole when plugins are imported)
 from svp.peft import PeftConfig, PeftMethod, register_method
 
 
@@ -1115,5 +1116,12 @@ def test_methods_of_ones_own_are_found_through_svp_plugins_and_entry_points(tmp_
         assert R.load_plugins() == ["prefix_scale", "via_ep = via_ep"]
     assert {"prefix_scale", "via_ep"} <= set(list_methods())
     assert R.load_plugins() == []   # (once each)
+    # one that registers a method, then fails: the warning says none is registered, and none is
+    (tmp_path / "halfway.py").write_text(PLUGIN.format(cls="Halfway", name="halfway") + "\nraise RuntimeError('x')\n")
+    monkeypatch.setenv("SVP_PLUGINS", "halfway")
+    with pytest.warns(R.PluginWarning, match=r"'halfway', which could not be imported \(RuntimeError: x\); none of "
+                                             r"its methods is registered"):
+        assert R.load_plugins() == []
+    assert "halfway" not in list_methods() and "prefix_scale" in list_methods()
     assert svp_main(["eval", str(out / "ps" / "best"), "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 8

@@ -26,3 +26,8 @@ with _runtime.imports_outside_gc():  # torch, timm, svp: ~0.5 s of collections l
             raise
         _runtime.install_problem(_problem, _e)
     from .peft import load_adapter  # noqa: E402,F401  (svp.load_adapter)
+    from .peft.registry import load_plugins as _load_plugins  # noqa: E402
+
+    # the user's methods (SVP_PLUGINS, entry points), once svp is whole: a plugin's `from svp import
+    # load_adapter` failed while svp.peft imported it (retest 88)
+    _load_plugins()

@@ -228,15 +228,27 @@ def _raster_formats():
     return [f for f in Image.OPEN if f not in _NOT_OPENED]
 
 
-def walk_folders(top: str, key: Optional[Callable] = None, onerror: Optional[Callable] = None):
+def folder_id(path: str) -> Optional[Tuple[int, int]]:
+    """(device, inode) of the folder ``path`` leads to; None where it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_folders(top: str, key: Optional[Callable] = None, onerror: Optional[Callable] = None,
+                 fences: Sequence[Tuple[int, int]] = ()):
     """(folder, file names) of ``top`` and every folder below it but hidden ones, depth first, each
     folder's subfolders in sorted order (by ``key``), linked folders followed (as torchvision's
     ImageFolder does) and each folder walked once: a link to a parent is no loop, and of two links
     to one folder the first met counts. Hidden folders are left before they count as walked (a
-    hidden link '.alias' -> 'pics', met first, left pics' images out: retest 86). ``onerror``:
+    hidden link '.alias' -> 'pics', met first, left pics' images out: retest 86). ``fences``: the
+    :func:`folder_id` of folders never entered below ``top`` (a dataset's root, split and other
+    classes' folders, which a class folder's link to a parent led into: retest 88). ``onerror``:
     os.walk's, called where that folder's files would have come. The imagefolder dataset and
     ``svp predict``'s folders both walk so."""
-    seen = set()
+    seen = set(fences) - {folder_id(top)}
     for dirpath, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:

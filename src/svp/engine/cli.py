@@ -383,15 +383,20 @@ def _images_of(paths):
     in natural order (``img2`` before ``img10``, case aside, as timm's folder reader), linked
     folders followed once each. Also, as answers, the folders that gave nothing: none with an
     image ending, or one that cannot be read (in its place in the order), and the files skipped
-    for their endings."""
+    in folders: for their endings, and (apart) pipes or devices named like images. A pipe or
+    device named on its own is answered as such: reading it waited forever (retest 88)."""
     from ..data.base import IMG_EXTENSIONS, walk_folders
 
     def order(name):   # (the name itself last: 'A.png' and 'a.png' in one order every time)
-        return [int(t) if t.isdigit() else t.casefold() for t in re.split(r"(\d+)", name)], name
+        # (the split's odd pieces are the runs of decimal digits; '²' is a digit to isdigit(), not to
+        # int(), and a name holding one stopped the command: retest 88)
+        return [int(t) if k % 2 else t.casefold() for k, t in enumerate(re.split(r"(\d+)", name))], name
 
-    images, errors, skipped = [], {}, []
+    images, errors, skipped, special = [], {}, [], []
     for path in paths:
         if not os.path.isdir(path):
+            if os.path.exists(path) and not os.path.isfile(path):
+                errors[path] = f"{path}: not a regular file (a pipe, a device or a socket), not an image"
             images.append(path)
             continue
         found = []
@@ -409,12 +414,12 @@ def _images_of(paths):
                 elif os.path.isfile(file) or (os.path.islink(file) and not os.path.exists(file)):
                     found.append(file)
                 else:
-                    skipped.append(file)
+                    special.append(file)
         if not found:
             found.append(path)
             errors[path] = f"{path}: a folder with no image files in it or below ({' '.join(IMG_EXTENSIONS)})"
         images += found
-    return images, errors, skipped
+    return images, errors, skipped, special
 
 
 def _check_batch_size(n: int) -> None:
@@ -482,8 +487,9 @@ def cmd_eval(args) -> int:
     precision = _precision(args.amp, dev)
     _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, precision=precision)
     tf = _eval_transform(spec, args.adapter_dir)
+    target = None
     if args.predictions:   # (before the run: a folder that is not there failed after it)
-        _check_output_file(args.predictions, "--predictions")
+        target = check_output_file(args.predictions, "--predictions")
     rows = [] if args.predictions else None
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=precision.autocast,
                  per_class=spec.num_classes if args.per_class else None, predictions=rows)
@@ -495,7 +501,7 @@ def cmd_eval(args) -> int:
         r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"),
                             names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]))
     if args.predictions:
-        _write_predictions(args.predictions, rows, ds, names, spec.class_names)
+        _write_predictions(target, rows, ds, names, spec.class_names)
         r["predictions"] = os.path.abspath(args.predictions)
     if args.json:
         print(json_text(r, indent=2))
@@ -512,12 +518,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _check_output_file(path: str, option: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+def check_output_file(path: str, option: str) -> str:
+    """A file ``option`` names to write (whole or not at all: a temporary file renamed over it),
+    checked before the work that makes it, so that a run is not lost to a name it cannot write;
+    returns the path to write: a link's target (renamed over, the link became a plain file and its
+    target kept the old text), else ``path``. A pipe, a device or a socket is refused (replaced by a
+    plain file: /dev/stdout as root), as are a name ending in a separator and a folder that does not
+    exist or cannot be written (retest 88)."""
+    if path.endswith(("/", os.sep)):
+        raise C.ConfigError(f"{option} {path}: ends in a folder separator; expected a file name")
     if os.path.isdir(path):
         raise C.ConfigError(f"{option} {path}: a folder; expected a file to write")
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise C.ConfigError(f"{option} {path}: not a regular file (a pipe, a device or a socket); svp writes a file "
+                            f"whole, by renaming a finished one over the name, which would replace it")
+    folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         raise C.ConfigError(f"{option} {path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise C.ConfigError(f"{option} {path}: its folder {folder} cannot be written (permissions, or a read-only "
+                            f"file system)")
+    return target
 
 
 def _write_predictions(path: str, rows, ds, label_names, pred_names) -> None:
@@ -581,12 +603,14 @@ def cmd_predict(args) -> int:
     # batch: a small tensor kept per batch among the freed activations pinned the heap around
     # it (+10 KB of resident memory per image, 160 MB at 16,000), and nothing was printed
     # until the last image, so a killed run lost every answer.
-    images, unlisted, skipped = _images_of(args.images)
+    images, unlisted, skipped, special = _images_of(args.images)
     if skipped:
         from ..data.base import IMG_EXTENSIONS
         _note(f"{len(skipped)} file(s) in the folders given skipped: not ending as an image file "
-              f"({' '.join(IMG_EXTENSIONS)}) or not a regular file; e.g. {skipped[0]} (name them "
-              f"to have them read)", "predict")
+              f"({' '.join(IMG_EXTENSIONS)}); e.g. {skipped[0]} (name them to have them read)", "predict")
+    if special:
+        _note(f"{len(special)} entries named like images in the folders given skipped: not regular files (pipes, "
+              f"devices, sockets), which reading would wait on; e.g. {special[0]}", "predict")
     out, failed, unreadable = [], 0, []
     autocast = precision.autocast
     with torch.no_grad(), runtime.held_heap(torch.device(dev).type == "cpu"):

@@ -32,19 +32,18 @@ TOLERANCE = 1e-4
 METADATA_KEY = "svp.export"
 
 
-def check_output(path: str, overwrite: bool) -> None:
-    """Refused before any work: another ending, a folder, an existing file without ``overwrite``, a
-    folder that does not exist."""
+def check_output(path: str, overwrite: bool) -> str:
+    """Refused before any work: another ending, an existing file without ``overwrite``, and what
+    :func:`svp.engine.cli.check_output_file` refuses; returns the path to write."""
+    from .cli import check_output_file
+
     if not path.endswith(".safetensors"):
         raise E.ConfigError(f"--output {path}: expected a file name ending in .safetensors (the loaders "
                             f"read a file by its ending)")
-    if os.path.isdir(path):
-        raise E.ConfigError(f"--output {path}: a folder; expected a file to write")
+    target = check_output_file(path, "--output")
     if os.path.lexists(path) and not overwrite:
         raise E.ConfigError(f"--output {path} exists; --overwrite replaces it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise E.ConfigError(f"--output {path}: its folder {folder} does not exist")
+    return target
 
 
 def check_mergeable(adapter_dir: str) -> dict:
@@ -80,7 +79,7 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
     from .._version import __version__
     from ..build import load_for_inference
 
-    check_output(output, overwrite)
+    target = check_output(output, overwrite)
     cfg = check_mergeable(adapter_dir)
     # on the CPU, in float32: the file is the same wherever it is made
     peft, spec, _ = load_for_inference(adapter_dir, model, checkpoint, "cpu", pretrained, random_init)
@@ -108,7 +107,7 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
         "svp_version": __version__,
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description, sort_keys=True)}
-    atomic_save_safetensors(output, tensors, metadata)
+    atomic_save_safetensors(target, tensors, metadata)
     return {"path": output, "tensors": len(tensors), "bytes": os.path.getsize(output),
             "max_difference": difference, "metadata": description}
 

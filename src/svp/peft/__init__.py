@@ -14,11 +14,10 @@ from .heads import build_head, simam
 from .io import AdapterError, base_weights_hash, read_adapter_config, save_adapter
 from .registry import config_from_dict, get_method, list_methods, make_config, register_method, setting_names
 
-# The built-in methods register themselves on import; then the user's (SVP_PLUGINS, entry points).
+# The built-in methods register themselves on import; the user's (SVP_PLUGINS, entry points) are
+# imported by svp's own __init__, once the package is whole (a plugin may `from svp import ...`).
 from . import adapter, bitfit, full, linear, lora, svp, visual_prompt, vpt  # noqa: E402,F401
 from .registry import load_plugins  # noqa: E402
-
-load_plugins()
 
 __all__ = ["PeftConfig", "PeftMethod", "PeftModel", "get_peft_model", "make_config", "config_from_dict",
            "list_methods", "setting_names", "get_method", "register_method", "load_adapter", "save_adapter",

@@ -20,7 +20,7 @@ _METHODS: Dict[str, Tuple[type, type]] = {}
 PLUGINS_ENV = "SVP_PLUGINS"
 ENTRY_POINT_GROUP = "svp.methods"
 HINT = (f"a method of your own: name its module in {PLUGINS_ENV} (or an entry point in group "
-        f"{ENTRY_POINT_GROUP!r}); docs/architecture.md, 'Adding a method'")
+        f"{ENTRY_POINT_GROUP!r}); docs/architecture.md, 'Adding an adaptation method'")
 _loaded: List[str] = []
 
 
@@ -46,12 +46,17 @@ def load_plugins() -> List[str]:
     for name, ep in wanted:
         if name in _loaded:
             continue
+        before = dict(_METHODS)
         try:
             ep.load() if ep is not None else importlib.import_module(name)
         except Exception as e:  # noqa: BLE001  (its own error, whatever it is, named with the module)
+            # (what it registered before it failed is taken back: a half-imported module's method was
+            # listed and trained while the warning said it was not registered: retest 88)
+            _METHODS.clear()
+            _METHODS.update(before)
             where = f"{PLUGINS_ENV} names {name!r}" if ep is None else f"the entry point {name!r}"
-            warnings.warn(f"{where}, which could not be imported ({type(e).__name__}: {e}); its methods are "
-                          f"not registered", PluginWarning, stacklevel=2)
+            warnings.warn(f"{where}, which could not be imported ({type(e).__name__}: {e}); none of its methods "
+                          f"is registered", PluginWarning, stacklevel=2)
             continue
         _loaded.append(name)
         done.append(name)
