@@ -449,3 +449,20 @@ def test_a_ctrl_c_while_the_command_imports_is_one_line_and_exit_130():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_svp_version_is_answered_before_torch_is_imported():
+    """`svp --version` built every command's parser, importing torch and timm first: 2.5-3.6 s for
+    one line (retest 82). Alone, it is answered as `import svp` starts; as the first of several
+    arguments it is argparse's, as before."""
+    import svp
+    for args in (["-m", "svp", "--version"], ["-c", "import sys; sys.argv = ['svp', '--version']; import svp"]):
+        out = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and out.stdout == f"svp {svp.__version__}\n", out
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
+        assert "svp" in imported and "torch" not in imported and "timm" not in imported, sorted(imported)
+    # elsewhere (a program of one's own with that command line) import svp runs as always
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['mytool', '--version']; import svp, torch; "
+                          "print('imported')"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == "imported\n", out

@@ -6,6 +6,12 @@ from ._version import __version__  # noqa: F401 (svp.__version__)
 
 from . import runtime as _runtime
 
+if _runtime.started_as_command() and __import__("sys").argv[1:] == ["--version"]:
+    # `svp --version` answered before torch and timm are imported: it took 2.5-3.6 s (retest 82)
+    from .cli import version_only as _version_only
+
+    raise SystemExit(_version_only())
+
 _runtime.configure()  # before torch is imported: libgomp spin count (see svp.runtime)
 _runtime.guard_command_imports()  # the svp command: a Ctrl-C while it imports is one line, exit 130
 _runtime.hide_leak_report_at_exit()  # first: runs after torch's and the others' (svp.runtime)

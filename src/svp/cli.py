@@ -157,6 +157,22 @@ def main(argv=None) -> int:
     return int(rc or 0)
 
 
+def version_only() -> int:
+    """``svp --version`` alone, as argparse's action prints it, from ``import svp`` before torch is
+    imported (svp/__init__.py); a closed or full output as any command's."""
+    from ._version import __version__
+    try:
+        sys.stdout.write(f"svp {__version__}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        quiet_stdout()
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        return _disk_error(None, e)
+    return 0
+
+
 def _disk_error(command: Optional[str], e: OSError) -> int:
     """A full or failing disk where a command has no words of its own for it (its output
     redirected to a full disk, a cache it writes): one line, not a traceback. The commands that
