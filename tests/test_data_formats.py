@@ -745,10 +745,11 @@ def test_gtsrb_and_imagefolder_skip_hidden_files_and_refuse_an_empty_class(fake,
 def test_imagefolder_follows_linked_folders_once_each_in_the_same_order(tmp_path, caplog):
     """A class folder's linked subfolders were left out without a word (torchvision's ImageFolder
     follows them); a link to a parent is no loop, and a folder linked twice gives its images once,
-    through the first link in sorted order. A link into the data root, a split or another class's
-    folder is not followed: a link to a parent labelled the other classes' images as this class's
-    too (retest 88). A pipe named like an image is left out, said (reading it hung `svp data
-    check`)."""
+    through the first link in sorted order. A link into the data root, a split folder or another
+    class's folder of the split is not followed: a link to a parent labelled the other classes'
+    images as this class's too (retest 88); a link to another split's class folder is (a trainval
+    split made of links: retest 89). A pipe named like an image is left out, said (reading it hung
+    `svp data check`)."""
     from PIL import Image
     root = tmp_path / "f"
     for rel in ("train/cat/a.png", "train/dog/b.png", "elsewhere/c.png", "elsewhere/deeper/d.png"):
@@ -762,13 +763,23 @@ def test_imagefolder_follows_linked_folders_once_each_in_the_same_order(tmp_path
     os.symlink(root, root / "train" / "cat" / "root")   # (the data root, and its other splits)
     (root / "val" / "cat").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(root / "val" / "cat" / "v.png")
-    os.symlink(root / "val" / "cat", root / "train" / "cat" / "valcat")   # (another split's class)
+    os.symlink(root / "val", root / "train" / "dog" / "valsplit")   # (another split)
     os.mkfifo(root / "train" / "dog" / "pipe.png")
+    for c in ("cat", "dog"):   # a trainval split of links to the other splits' class folders
+        (root / "trainval" / c).mkdir(parents=True)
+        for s in ("train", "val"):
+            if (root / s / c).is_dir():
+                os.symlink(root / s / c, root / "trainval" / c / f"from_{s}")
     with caplog.at_level(logging.WARNING, logger="svp.data"):
         ds = build_dataset("imagefolder", "train", root=str(root))
     assert [(os.path.relpath(p, root), t) for p, t in ds.samples] == [
         ("train/cat/a.png", 0), ("train/cat/mlinked/c.png", 0), ("train/cat/mlinked/deeper/d.png", 0),
         ("train/dog/b.png", 1)], ds.samples
+    both = build_dataset("imagefolder", "trainval", root=str(root))
+    assert [(os.path.relpath(p, root), t) for p, t in both.samples] == [
+        ("trainval/cat/from_train/a.png", 0), ("trainval/cat/from_train/mlinked/c.png", 0),
+        ("trainval/cat/from_train/mlinked/deeper/d.png", 0), ("trainval/cat/from_val/v.png", 0),
+        ("trainval/dog/from_train/b.png", 1)], both.samples
     assert "imagefolder/train: ignored 1 entries named like images that are not regular files (pipes, devices, " \
            f"sockets), e.g. {root}/train/dog/pipe.png" in caplog.text
 

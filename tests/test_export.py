@@ -129,6 +129,9 @@ def test_svp_export_writes_a_file_timm_loads_with_the_adapters_outputs(tmp_path,
     with torch.no_grad():
         expected, got = peft(x), namespace["model"].eval()(x)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    data = timm.data.resolve_data_config({}, model=namespace["model"])   # (the images as svp evaluated them)
+    assert (data["input_size"], data["interpolation"], data["crop_pct"], data["crop_mode"]) == (
+        (3, 32, 32), "bicubic", 0.875, "center"), data
     with safe_open(out, "pt") as f:
         described = json.loads(f.metadata()["svp.export"])
     assert described["class_names"] == ["ant", "bee", "cat"] and described["method"] == "lora"
@@ -170,3 +173,65 @@ def test_a_merge_that_changes_the_outputs_writes_nothing(tmp_path, monkeypatch):
                                            r"written"):
         svp_main(["export", adapter, "-o", str(tmp_path / "m.safetensors")])
     assert sorted(os.listdir(tmp_path)) == ["ad_lora"]
+
+
+@pytest.mark.parametrize("recipe", ["svp", "vtab", "plain"])
+def test_the_data_configuration_written_gives_timm_svps_evaluation_images(recipe):
+    """The file's model would get timm's 224 px and center crop from the hub config: its data
+    configuration is the recipe's evaluation transform in timm's terms (retest 89)."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from svp.data.transforms import build_transform, timm_data_config
+    pixels = torch.randint(0, 256, (50, 70, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    ours = build_transform(recipe, False, img_size=48)(image)
+    theirs = create_transform(**timm_data_config(recipe, 48), is_training=False)(image)
+    assert ours.shape == theirs.shape == (3, 48, 48) and torch.equal(ours, theirs)
+
+
+def test_svp_export_keeps_the_adapters_backbone_file_and_writes_through_a_link_to_nothing(tmp_path, capsys):
+    from svp.models.vim_mini import mini_asset_path
+    import shutil
+    base = tmp_path / "base.safetensors"
+    shutil.copy(mini_asset_path("vim_mini_patch4_32.safetensors"), base)
+    spec = ModelSpec("vim_mini_patch4_32", checkpoint=str(base), num_classes=3, class_names=["a", "b", "c"])
+    model = get_peft_model(build_model(spec), make_config("bitfit", num_classes=3))
+    model.save(str(tmp_path / "ad"), base_model_name="vim_mini_patch4_32", class_names=["a", "b", "c"])
+    (tmp_path / "ad" / "backbone.json").write_text(json.dumps(spec.to_dict()))
+    before = base.read_bytes()
+    assert svp_main(["export", str(tmp_path / "ad"), "-o", str(base), "--overwrite"]) == 2
+    assert "is the backbone checkpoint the adapter was trained on" in capsys.readouterr().err
+    assert base.read_bytes() == before
+    os.symlink("made.safetensors", tmp_path / "link.safetensors")   # (a link to nothing: not "exists")
+    assert svp_main(["export", str(tmp_path / "ad"), "-o", str(tmp_path / "link.safetensors")]) == 0
+    assert os.path.islink(tmp_path / "link.safetensors") and (tmp_path / "made.safetensors").is_file()
+
+
+def test_a_plugin_method_that_says_mergeable_and_is_not_is_named(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from svp.peft import PeftConfig, PeftMethod
+    from svp.peft import registry as R
+
+    @dataclasses.dataclass
+    class ShiftConfig(PeftConfig):
+        method = "shift"
+
+    class Shift(PeftMethod):   # adds a learned input shift: computation of its own, not a weight's change
+        mergeable = True
+
+        def __init__(self, config, model):
+            super().__init__(config, model)
+            self.shift = nn.Parameter(torch.full((3, 1, 1), 0.5))
+
+        def transform_input(self, x):
+            return x + self.shift
+    monkeypatch.setattr(R, "_METHODS", dict(R._METHODS))
+    R.register_method("shift", ShiftConfig, Shift)
+    adapter = _saved(tmp_path, "shift")
+    assert svp_main(["export", adapter, "-o", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"The method's class ({__name__}.Shift) says mergeable = True, but its change is not one of the " \
+           f"backbone's weights alone" in err, err
+    assert not (tmp_path / "m.safetensors").exists()

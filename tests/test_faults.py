@@ -807,9 +807,11 @@ def test_a_folder_among_predicts_images_stands_for_the_images_in_it_and_below(tm
     try:
         # named on its own, it is answered as what it is (its read waited for ever: retest 88)
         assert svp_main(["predict", str(mini_run / "best"), str(pics / "pipe.png"), alone, "--json"]) == 2
-        named = json.loads(capsys.readouterr().out)
+        out, err = capsys.readouterr()
+        named = json.loads(out)
         assert named[0]["error"] == f"{pics}/pipe.png: not a regular file (a pipe, a device or a socket), not an " \
                                     f"image" and named[1]["top"]
+        assert "error: 1 of 2 images could not be read" in err and "folder(s)" not in err, err
         assert svp_main(["predict", str(mini_run / "best"), str(pics), alone, "--json", "--batch-size", "2"]) == 0
     finally:
         done.set()
@@ -895,9 +897,15 @@ def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys
              (f"{tmp_path}/new/", "ends in a folder separator"), (tmp_path / "pipe.csv", "not a regular file")]
     if not os.access(ro, os.W_OK):   # (root writes anywhere but on a read-only file system)
         cases.append((ro / "p.csv", "cannot be written"))
+    r, w = os.pipe()   # a link to a pipe's /proc name (as /dev/stdout into `| cat`), which exists nowhere
+    if os.path.isdir("/proc/self/fd"):
+        os.symlink(f"/proc/{os.getpid()}/fd/{w}", tmp_path / "stdout.csv")
+        cases.append((tmp_path / "stdout.csv", "not a regular file"))
     for bad, words in cases:
         assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--predictions", str(bad)]) == 2
         assert words in capsys.readouterr().err, bad
+    os.close(r)
+    os.close(w)
     assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.csv").st_mode) and not (tmp_path / "new").exists()
     # a link is written through: its target gets the rows, the link stays a link
     (tmp_path / "target.csv").write_text("old")

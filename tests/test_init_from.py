@@ -80,6 +80,21 @@ def test_an_adapter_of_other_base_weights_is_refused(tmp_path):
         other.init_from_adapter(folder)
 
 
+def test_the_same_method_with_other_settings_of_the_same_shapes_is_warned_of(tmp_path, logged):
+    import logging
+
+    from svp.engine.setup import init_from
+    folder, _ = _saved(tmp_path, "lora", r=4)
+    spec = ModelSpec("vim_mini_patch4_32", num_classes=3, class_names=["a", "b", "c"])
+    with logged("svp.engine", logging.WARNING) as said:
+        init_from(_model("lora", r=4, alpha=64.0), folder, spec)
+    assert any(f"method.init_from: {folder}'s lora settings are not this run's (alpha: 16.0 there, 64.0 here)" in m
+               for m in said), said
+    with logged("svp.engine", logging.WARNING) as said:
+        init_from(_model("lora", r=4), folder, spec)
+    assert said == []
+
+
 def test_a_head_of_other_classes_is_refused(tmp_path):
     from svp.engine.setup import init_from
     folder, _ = _saved(tmp_path, "linear")

@@ -444,14 +444,19 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     if not classes:
         raise DatasetError(f"imagefolder: no class folders in {sdir}\nexpected layout:\n"
                            f"{IMAGEFOLDER_LAYOUT}\n({DOCS_HINT})")
-    # a class folder's linked subfolders are followed, but never into the data root, a split or a
-    # class folder: a link to a parent ('cat/up -> ..') labelled every other class's images, and
-    # the other splits', as this class's too (retest 88)
-    fences = {folder_id(root)}
-    for s in {"train", "val", "test", "trainval", split}:
-        d = os.path.join(root, s)
+    # a class folder's linked subfolders are followed, but never into the data root, a split folder
+    # or another class's folder (of any split): a link to a parent ('cat/up -> ..') labelled every
+    # other class's images, and the other splits', as this class's too (retest 88). A link to the
+    # same class's folder of another split is followed: a trainval split made of links to
+    # train/cat and val/cat (fenced too, it had no images: retest 89)
+    splits = [os.path.join(root, s) for s in {"train", "val", "test", "trainval", split}]
+    fences = {folder_id(root)} | {folder_id(d) for d in splits}
+    by_class = collections.defaultdict(set)
+    for d in splits:
         if os.path.isdir(d):
-            fences |= {folder_id(d)} | {folder_id(os.path.join(d, e)) for e in os.listdir(d) if not e.startswith(".")}
+            for e in os.listdir(d):
+                if not e.startswith("."):
+                    by_class[_folder_name(e)].add(folder_id(os.path.join(d, e)))
     fences.discard(None)
     samples, ignored, special = [], [], []
     for i, c in enumerate(classes):
@@ -459,7 +464,8 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
             continue
         top = os.path.join(sdir, folders[c])
         # (in sorted order of the folder paths; hidden folders, .thumbs/, .ipynb_checkpoints/: left out)
-        for dirpath, files in sorted(walk_folders(top, fences=fences)):
+        others = fences.union(*(ids for k, ids in by_class.items() if k != c)) - {None}
+        for dirpath, files in sorted(walk_folders(top, fences=others)):
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images

@@ -124,6 +124,19 @@ def build_transform(recipe: str, is_training: bool, img_size: int = 224,
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
+def timm_data_config(recipe: str, img_size: int, in_chans: int = 3) -> dict:
+    """``recipe``'s evaluation transform as timm's data configuration (the ``pretrained_cfg`` keys
+    ``timm.data.resolve_data_config`` reads): ``timm.data.create_transform(**it)`` makes the same
+    tensors as :func:`build_transform` (``svp export`` writes it into the file it makes, whose
+    model timm would otherwise give 224 px and a center crop: retest 89)."""
+    size = int(img_size)
+    interpolation, crop_pct, crop_mode = {"svp": ("bicubic", SVP_EVAL_CROP_RATIO, "center"),
+                                          "vtab": ("bicubic", 1.0, "squash"),
+                                          "plain": ("bilinear", 1.0, "squash")}[recipe]
+    return {"input_size": (int(in_chans), size, size), "interpolation": interpolation, "crop_pct": crop_pct,
+            "crop_mode": crop_mode, "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD)}
+
+
 def resized_pixels(transform, width: int, height: int) -> int:
     """The pixel count of the largest image ``transform``'s resize steps make of a ``width`` x
     ``height`` one (``width * height`` without one). A Resize to one number scales the shorter

@@ -529,10 +529,12 @@ def check_output_file(path: str, option: str) -> str:
         raise C.ConfigError(f"{option} {path}: ends in a folder separator; expected a file name")
     if os.path.isdir(path):
         raise C.ConfigError(f"{option} {path}: a folder; expected a file to write")
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    if os.path.exists(target) and not os.path.isfile(target):
+    # (what the name leads to, links followed, before the link's text is resolved: a link to
+    # /dev/stdout, a pipe, resolves to a /proc name that exists nowhere: retest 89)
+    if os.path.exists(path) and not os.path.isfile(path):
         raise C.ConfigError(f"{option} {path}: not a regular file (a pipe, a device or a socket); svp writes a file "
                             f"whole, by renaming a finished one over the name, which would replace it")
+    target = os.path.realpath(path) if os.path.islink(path) else path
     folder = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(folder):
         raise C.ConfigError(f"{option} {path}: its folder {folder} does not exist")
@@ -663,7 +665,8 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json_text(out, indent=2))
     if unreadable:   # (the input's fault: exit 2, as a user's mistake)
-        folders = sum(1 for path in images if path in unlisted)   # (answers for folders, not images)
+        # (answers for folders, not images; a pipe named on its own is an image not read: retest 89)
+        folders = sum(1 for path in images if path in unlisted and os.path.isdir(path))
         files, bad = len(images) - folders, len(unreadable) - folders
         if len(images) > 1:
             said = ([f"{bad} of {files} images could not be read"] if bad else []) + (

@@ -41,7 +41,7 @@ def check_output(path: str, overwrite: bool) -> str:
         raise E.ConfigError(f"--output {path}: expected a file name ending in .safetensors (the loaders "
                             f"read a file by its ending)")
     target = check_output_file(path, "--output")
-    if os.path.lexists(path) and not overwrite:
+    if os.path.exists(path) and not overwrite:   # (a link to nothing: its target is written)
         raise E.ConfigError(f"--output {path} exists; --overwrite replaces it")
     return target
 
@@ -78,11 +78,16 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
 
     from .._version import __version__
     from ..build import load_for_inference
+    from ..data.transforms import adapter_recipe, timm_data_config
 
     target = check_output(output, overwrite)
     cfg = check_mergeable(adapter_dir)
     # on the CPU, in float32: the file is the same wherever it is made
     peft, spec, _ = load_for_inference(adapter_dir, model, checkpoint, "cpu", pretrained, random_init)
+    if spec.checkpoint and os.path.exists(target) and os.path.samefile(spec.checkpoint, target):
+        # (overwritten, the adapter would be left without the weights it is bound to: retest 89)
+        raise E.ConfigError(f"--output {output} is the backbone checkpoint the adapter was trained on "
+                            f"({spec.checkpoint}); write the merged model to another file")
     base = peft.base_model
     in_chans = int(base.patch_embed.proj.weight.shape[1])
     size = int(spec.img_size)
@@ -93,17 +98,26 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
         merged = merged_model(images).float()
     scale = adapted.abs().max().clamp_min(1e-12)
     difference = float((merged - adapted).abs().max() / scale)
+    if not difference <= TOLERANCE and not type(peft.method).__module__.startswith("svp.peft."):
+        raise E.AdapterError(f"the merged {cfg['method']} model's outputs differ from the adapter's by "
+                             f"{difference:.3g} of the largest; nothing written. The method's class "
+                             f"({type(peft.method).__module__}.{type(peft.method).__name__}) says mergeable = True, "
+                             f"but its change is not one of the backbone's weights alone (docs/architecture.md, "
+                             f"'Adding an adaptation method')")
     if not difference <= TOLERANCE:   # (NaN too)
         raise RuntimeError(f"svp export: the merged {cfg['method']} model's outputs differ from the adapter's by "
                            f"{difference:.3g} of the largest (expected rounding, below {TOLERANCE:g}); nothing "
                            f"written. This is a bug in svp: please report it with the adapter's "
                            f"adapter_config.json")
     tensors = {k: v.detach().cpu().contiguous() for k, v in merged_model.state_dict().items()}
+    recipe = adapter_recipe(spec.extra, adapter_dir)
     description = {
         "model": spec.model, "model_kwargs": spec.kwargs, "img_size": size,
         "num_classes": int(merged_model.num_classes), "class_names": list(spec.class_names),
         "method": cfg["method"], "method_config": cfg.get("config"),
-        "base_model_hash": cfg.get("base_model_hash"), "recipe": spec.extra.get("recipe", "svp"),
+        "base_model_hash": cfg.get("base_model_hash"), "recipe": recipe,
+        # (the images as svp evaluated the adapter on them, in timm's terms)
+        "data_config": timm_data_config(recipe, size, in_chans),
         "svp_version": __version__,
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description, sort_keys=True)}
@@ -113,13 +127,16 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
 
 
 def _load_line(path: str, description: dict) -> str:
+    """The Python that builds the exported model with timm, its data configuration the images' as
+    svp gave them (``timm.data.resolve_data_config({}, model=model)`` reads it)."""
     kwargs = dict(description["model_kwargs"] or {})
     if description["img_size"] and "img_size" not in kwargs:
         kwargs["img_size"] = description["img_size"]
     extra = "".join(f", {k}={v!r}" for k, v in sorted(kwargs.items()) if k != "num_classes")
+    data = "".join(f", {k}={v!r}" for k, v in description["data_config"].items() if k not in ("mean", "std"))
     return (f"import svp, timm; model = timm.create_model({description['model']!r}, "
             f"num_classes={description['num_classes']}{extra}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={path!r}))")
+            f"pretrained_cfg_overlay=dict(file={path!r}{data}))")
 
 
 def cmd_export(args) -> int:

@@ -442,6 +442,15 @@ def init_from(model, source: str, spec: ModelSpec) -> None:
         raise ConfigError(f"method.init_from={source}: its head was trained on other classes than this run's "
                           f"(class {i}: {names[i] if i < len(names) else '-'!r} there, "
                           f"{classes[i] if i < len(classes) else '-'!r} here), so each class would start as another")
+    # the same method with other settings of the same shapes (LoRA's alpha, SVP's compat): its tensors
+    # are taken as they are, and start another function than they ended as (retest 89)
+    if got["method"] == model.config.method and isinstance(got["config"], dict):
+        mine = model.config.to_dict()
+        differ = [f"{k}: {got['config'][k]!r} there, {mine[k]!r} here" for k in sorted(got["config"])
+                  if k not in ("method", "num_classes") and k in mine and got["config"][k] != mine[k]]
+        if differ:
+            log.warning("method.init_from: %s's %s settings are not this run's (%s); its tensors start this run "
+                        "as they are", source, got["method"], "; ".join(differ))
     log.info("method.init_from: %d tensors of the %s adapter in %s start this run's %s adapter; %d of its %d "
              "start as initialised", len(got["loaded"]), got["method"], source, model.config.method,
              len(got["initialised"]), len(got["loaded"]) + len(got["initialised"]))

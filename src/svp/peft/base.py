@@ -365,8 +365,8 @@ class PeftModel(nn.Module):
         that is not one of this model's adapter tensors (a backbone tensor this method keeps
         frozen: a fine-tuned backbone starts a run as its backbone, ``svp export`` then
         ``model.checkpoint``) or one of another shape. Returns ``{"method", "loaded",
-        "initialised", "class_names"}``: the folder's method, the names copied, this adapter's
-        names left as they were, the folder's recorded class names."""
+        "initialised", "class_names", "config"}``: the folder's method, the names copied, this
+        adapter's names left as they were, the folder's recorded class names and settings."""
         from .io import read_adapter_files
 
         self._check_attached("init_from_adapter")
@@ -406,7 +406,7 @@ class PeftModel(nn.Module):
                 own[k].copy_(t.to(dtype=own[k].dtype, device=own[k].device))
         return {"method": cfg.get("method"), "loaded": sorted(state),
                 "initialised": [k for k in self._adapter_names if k not in state],
-                "class_names": cfg.get("class_names")}
+                "class_names": cfg.get("class_names"), "config": cfg.get("config")}
 
     def unload(self) -> nn.Module:
         """Detach the method from the backbone (remove hooks/parametrizations) and return it.

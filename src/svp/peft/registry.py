@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import sys
 import warnings
 from typing import Dict, List, Tuple
 
@@ -46,14 +47,18 @@ def load_plugins() -> List[str]:
     for name, ep in wanted:
         if name in _loaded:
             continue
-        before = dict(_METHODS)
+        before = set(_METHODS)
         try:
             ep.load() if ep is not None else importlib.import_module(name)
         except Exception as e:  # noqa: BLE001  (its own error, whatever it is, named with the module)
-            # (what it registered before it failed is taken back: a half-imported module's method was
-            # listed and trained while the warning said it was not registered: retest 88)
-            _METHODS.clear()
-            _METHODS.update(before)
+            # what the modules that failed registered is taken back (a half-imported module's method
+            # was listed and trained while the warning said it was not registered: retest 88): a
+            # module whose import failed is no longer in sys.modules. A plugin it imported first,
+            # which did import, keeps its methods (all were taken back, and its own turn, a module
+            # already imported, registered nothing: retest 89)
+            for added in set(_METHODS) - before:
+                if _METHODS[added][1].__module__ not in sys.modules:
+                    del _METHODS[added]
             where = f"{PLUGINS_ENV} names {name!r}" if ep is None else f"the entry point {name!r}"
             warnings.warn(f"{where}, which could not be imported ({type(e).__name__}: {e}); none of its methods "
                           f"is registered", PluginWarning, stacklevel=2)
