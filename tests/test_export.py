@@ -206,6 +206,11 @@ def test_svp_export_keeps_the_adapters_backbone_file_and_writes_through_a_link_t
     os.symlink("made.safetensors", tmp_path / "link.safetensors")   # (a link to nothing: not "exists")
     assert svp_main(["export", str(tmp_path / "ad"), "-o", str(tmp_path / "link.safetensors")]) == 0
     assert os.path.islink(tmp_path / "link.safetensors") and (tmp_path / "made.safetensors").is_file()
+    os.symlink("model.bin", tmp_path / "odd.safetensors")   # (the file written is the link's target)
+    capsys.readouterr()
+    assert svp_main(["export", str(tmp_path / "ad"), "-o", str(tmp_path / "odd.safetensors")]) == 2
+    assert "model.bin; expected a file name ending in .safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "model.bin").exists()
 
 
 def test_a_plugin_method_that_says_mergeable_and_is_not_is_named(tmp_path, monkeypatch, capsys):

@@ -874,7 +874,7 @@ def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys
     r = _strict_json(capsys.readouterr().out)
     rows = list(csv.DictReader(out.open()))
     ds = build_dataset("vtab/svhn", "test", root=str(fake / "VTAB"))
-    assert r["predictions"] == str(out) and len(rows) == r["n"] == len(ds)
+    assert r["predictions"] == os.path.realpath(out) and len(rows) == r["n"] == len(ds)
     assert [(int(row["index"]), row["item"], int(row["label"]), row["label_name"]) for row in rows] == [
         (i, p, t, str(t)) for i, (p, t) in enumerate(ds.samples)]
     assert sum(int(row["correct"]) for row in rows) == round(r["top1"] * r["n"] / 100)
@@ -897,6 +897,9 @@ def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys
              (f"{tmp_path}/new/", "ends in a folder separator"), (tmp_path / "pipe.csv", "not a regular file")]
     if not os.access(ro, os.W_OK):   # (root writes anywhere but on a read-only file system)
         cases.append((ro / "p.csv", "cannot be written"))
+    os.symlink("loop_b.csv", tmp_path / "loop_a.csv")
+    os.symlink("loop_a.csv", tmp_path / "loop_b.csv")
+    cases.append((tmp_path / "loop_a.csv", "links that lead to each other in a loop"))
     r, w = os.pipe()   # a link to a pipe's /proc name (as /dev/stdout into `| cat`), which exists nowhere
     if os.path.isdir("/proc/self/fd"):
         os.symlink(f"/proc/{os.getpid()}/fd/{w}", tmp_path / "stdout.csv")
@@ -913,6 +916,14 @@ def test_eval_writes_each_images_prediction_as_predict_gives_it(tmp_path, capsys
     assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--max-samples", "4",
                      "--predictions", str(tmp_path / "link.csv")]) == 0
     assert os.path.islink(tmp_path / "link.csv") and (tmp_path / "target.csv").read_text().startswith("index,item")
+    # a folder link then '..': the folder the system reaches (its target's parent), checked and written
+    (tmp_path / "deep" / "a").mkdir(parents=True)
+    os.symlink(tmp_path / "deep" / "a", tmp_path / "sub")
+    capsys.readouterr()
+    assert svp_main(["eval", str(mini_run / "best"), "--dataset", "digits", "--max-samples", "4", "--json",
+                     "--predictions", f"{tmp_path}/sub/../q.csv"]) == 0
+    assert _strict_json(capsys.readouterr().out)["predictions"] == os.path.realpath(tmp_path / "deep" / "q.csv")
+    assert (tmp_path / "deep" / "q.csv").is_file() and not (tmp_path / "q.csv").exists()
 
 
 def test_eval_per_class_gives_each_class_its_accuracy_and_their_mean(tmp_path, capsys, mini_run):

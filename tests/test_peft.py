@@ -1126,5 +1126,13 @@ def test_methods_of_ones_own_are_found_through_svp_plugins_and_entry_points(tmp_
                                              r"its methods is registered"):
         assert R.load_plugins() == ["good_one"]
     assert "halfway" not in list_methods() and {"prefix_scale", "good_one"} <= set(list_methods())
+    # (taken back by the module that registered it, not the one its classes live in: retest 90)
+    (tmp_path / "alias_bad.py").write_text("from svp.peft import register_method\nfrom svp.peft.bitfit import "
+                                           "BitFit, BitFitConfig\nregister_method('bigbitfit', BitFitConfig, "
+                                           "BitFit)\nraise RuntimeError('y')\n")
+    monkeypatch.setenv("SVP_PLUGINS", "alias_bad")
+    with pytest.warns(R.PluginWarning, match=r"'alias_bad', which could not be imported \(RuntimeError: y\)"):
+        assert R.load_plugins() == []
+    assert "bigbitfit" not in list_methods() and "bitfit" in list_methods()
     assert svp_main(["eval", str(out / "ps" / "best"), "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 8

@@ -462,6 +462,10 @@ def test_svp_version_is_answered_before_torch_is_imported():
         assert out.returncode == 0 and out.stdout == f"svp {svp.__version__}\n", out
         imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
         assert "svp" in imported and "torch" not in imported and "timm" not in imported, sorted(imported)
+    # stdout closed: nothing printed, exit 0, as argparse's action (an AttributeError: retest 90)
+    out = subprocess.run(["sh", "-c", f"'{sys.executable}' -m svp --version >&-"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out
     # elsewhere (a program of one's own with that command line) import svp runs as always
     out = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['mytool', '--version']; import svp, torch; "
                           "print('imported')"], capture_output=True, text=True, timeout=300)

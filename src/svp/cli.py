@@ -161,6 +161,8 @@ def version_only() -> int:
     """``svp --version`` alone, as argparse's action prints it, from ``import svp`` before torch is
     imported (svp/__init__.py); a closed or full output as any command's."""
     from ._version import __version__
+    if sys.stdout is None:   # (stdout closed: `svp --version >&-`, as argparse's action takes it: retest 90)
+        return 0
     try:
         sys.stdout.write(f"svp {__version__}\n")
         sys.stdout.flush()

@@ -228,30 +228,21 @@ def _raster_formats():
     return [f for f in Image.OPEN if f not in _NOT_OPENED]
 
 
-def folder_id(path: str) -> Optional[Tuple[int, int]]:
-    """(device, inode) of the folder ``path`` leads to; None where it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def walk_folders(top: str, key: Optional[Callable] = None, onerror: Optional[Callable] = None,
-                 fences: Sequence[Tuple[int, int]] = ()):
+                 fenced: Optional[Callable[[str], bool]] = None):
     """(folder, file names) of ``top`` and every folder below it but hidden ones, depth first, each
     folder's subfolders in sorted order (by ``key``), linked folders followed (as torchvision's
     ImageFolder does) and each folder walked once: a link to a parent is no loop, and of two links
     to one folder the first met counts. Hidden folders are left before they count as walked (a
-    hidden link '.alias' -> 'pics', met first, left pics' images out: retest 86). ``fences``: the
-    :func:`folder_id` of folders never entered below ``top`` (a dataset's root, split and other
-    classes' folders, which a class folder's link to a parent led into: retest 88). ``onerror``:
-    os.walk's, called where that folder's files would have come. The imagefolder dataset and
-    ``svp predict``'s folders both walk so."""
-    seen = set(fences) - {folder_id(top)}
+    hidden link '.alias' -> 'pics', met first, left pics' images out: retest 86). ``fenced(path)``:
+    whether a folder below ``top`` is not to be entered (a dataset's root, splits and other classes'
+    folders, which a class folder's link to a parent led into: retest 88). ``onerror``: os.walk's,
+    called where that folder's files would have come. The imagefolder dataset and ``svp predict``'s
+    folders both walk so."""
+    seen = set()
     for dirpath, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
         st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen or (fenced is not None and dirpath != top and fenced(dirpath)):
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))

@@ -29,7 +29,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..compat import AllowListUnpickler
-from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset, folder_id,
+from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
                    leaves_folder, listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle,
                    walk_folders, warn_repeats)
 
@@ -449,23 +449,39 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     # other class's images, and the other splits', as this class's too (retest 88). A link to the
     # same class's folder of another split is followed: a trainval split made of links to
     # train/cat and val/cat (fenced too, it had no images: retest 89)
+    # (by real paths, made once: a folder is fenced where it, or a folder it lies in, is another
+    # class's; per class, a set of every other class's folders cost the square of the class count:
+    # 15 s at 10,000 classes; and a link to another class's subfolder was followed: retest 90)
     splits = [os.path.join(root, s) for s in {"train", "val", "test", "trainval", split}]
-    fences = {folder_id(root)} | {folder_id(d) for d in splits}
-    by_class = collections.defaultdict(set)
+    blocked = {os.path.realpath(root)} | {os.path.realpath(d) for d in splits}
+    owners = collections.defaultdict(set)   # real path of a class folder (of any split) -> its classes
     for d in splits:
         if os.path.isdir(d):
             for e in os.listdir(d):
-                if not e.startswith("."):
-                    by_class[_folder_name(e)].add(folder_id(os.path.join(d, e)))
-    fences.discard(None)
+                if not e.startswith(".") and os.path.isdir(os.path.join(d, e)):
+                    owners[os.path.realpath(os.path.join(d, e))].add(_folder_name(e))
+
+    def fenced_for(c):
+        def fenced(path):
+            real = os.path.realpath(path)
+            if real in blocked:
+                return True
+            while True:
+                held = owners.get(real)
+                if held is not None:
+                    return c not in held
+                up = os.path.dirname(real)
+                if up == real or up in blocked:
+                    return False
+                real = up
+        return fenced
     samples, ignored, special = [], [], []
     for i, c in enumerate(classes):
         if c not in folders:   # (a class of another split only)
             continue
         top = os.path.join(sdir, folders[c])
         # (in sorted order of the folder paths; hidden folders, .thumbs/, .ipynb_checkpoints/: left out)
-        others = fences.union(*(ids for k, ids in by_class.items() if k != c)) - {None}
-        for dirpath, files in sorted(walk_folders(top, fences=others)):
+        for dirpath, files in sorted(walk_folders(top, fenced=fenced_for(c))):
             for fn in sorted(files):
                 p = os.path.join(dirpath, fn)
                 if fn.startswith("."):  # hidden, e.g. macOS's ._x.jpg resource forks: no images

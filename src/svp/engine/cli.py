@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -502,7 +503,7 @@ def cmd_eval(args) -> int:
                             names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]))
     if args.predictions:
         _write_predictions(target, rows, ds, names, spec.class_names)
-        r["predictions"] = os.path.abspath(args.predictions)
+        r["predictions"] = target
     if args.json:
         print(json_text(r, indent=2))
     else:
@@ -534,8 +535,16 @@ def check_output_file(path: str, option: str) -> str:
     if os.path.exists(path) and not os.path.isfile(path):
         raise C.ConfigError(f"{option} {path}: not a regular file (a pipe, a device or a socket); svp writes a file "
                             f"whole, by renaming a finished one over the name, which would replace it")
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    folder = os.path.dirname(os.path.abspath(target))
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:   # (links in a loop: the last one was replaced by a plain file)
+            raise C.ConfigError(f"{option} {path}: links that lead to each other in a loop, to no file") from None
+    # the file the name reaches, every link on the way followed (a folder link then '..' is resolved
+    # by the system from the link's target: checked and written as text, the check passed and the
+    # write failed after the work: retest 90)
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise C.ConfigError(f"{option} {path}: its folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):

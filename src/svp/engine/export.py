@@ -41,6 +41,8 @@ def check_output(path: str, overwrite: bool) -> str:
         raise E.ConfigError(f"--output {path}: expected a file name ending in .safetensors (the loaders "
                             f"read a file by its ending)")
     target = check_output_file(path, "--output")
+    if not target.endswith(".safetensors"):   # (a link named .safetensors to model.bin)
+        raise E.ConfigError(f"--output {path} leads to {target}; expected a file name ending in .safetensors")
     if os.path.exists(path) and not overwrite:   # (a link to nothing: its target is written)
         raise E.ConfigError(f"--output {path} exists; --overwrite replaces it")
     return target

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 _METHODS: Dict[str, Tuple[type, type]] = {}
 
@@ -55,9 +55,12 @@ def load_plugins() -> List[str]:
             # was listed and trained while the warning said it was not registered: retest 88): a
             # module whose import failed is no longer in sys.modules. A plugin it imported first,
             # which did import, keeps its methods (all were taken back, and its own turn, a module
-            # already imported, registered nothing: retest 89)
+            # already imported, registered nothing: retest 89). By the module that registered a
+            # method, not the one its class lives in (a failed plugin registering a class of another
+            # module kept it: retest 90)
             for added in set(_METHODS) - before:
-                if _METHODS[added][1].__module__ not in sys.modules:
+                by = _REGISTERED_BY.get(added)
+                if by is None or by not in sys.modules:
                     del _METHODS[added]
             where = f"{PLUGINS_ENV} names {name!r}" if ep is None else f"the entry point {name!r}"
             warnings.warn(f"{where}, which could not be imported ({type(e).__name__}: {e}); none of its methods "
@@ -73,6 +76,21 @@ def register_method(name: str, config_cls: type, method_cls: type):
     if name in _METHODS and _METHODS[name] != (config_cls, method_cls):
         raise ValueError(f"adaptation method {name!r} is already registered")
     _METHODS[name] = (config_cls, method_cls)
+    _REGISTERED_BY[name] = _importing_module()
+
+
+# method name -> the module whose import registered it (None: registered after imports, by a call)
+_REGISTERED_BY: Dict[str, Optional[str]] = {}
+
+
+def _importing_module() -> Optional[str]:
+    """The innermost module being imported on the caller's stack (its top-level code), if any."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            return frame.f_globals.get("__name__")
+        frame = frame.f_back
+    return None
 
 
 def list_methods():
