@@ -4,12 +4,15 @@ Linear probing, BitFit, full fine-tuning and LoRA change only the backbone's own
 W + (alpha / r) B A), so a plain Vim, as timm builds it, computes what the adapted model
 computes: ``PeftModel.merge_and_unload``. The file it writes is that model's state dict
 (safetensors, timm's key names, the new head's class count), with a description in its metadata
-(``svp.export``: the model name and arguments, class names, method, svp version), loaded by timm
-through svp's registered models::
+(``svp.export``: the model name and arguments, class names, method and settings, svp version, and
+the recipe's evaluation transform as timm's data configuration), loaded by timm through svp's
+registered models as the command prints it::
 
     import svp, timm
     model = timm.create_model("vim_small_patch16_224", num_classes=N, pretrained=True,
-                              pretrained_cfg_overlay=dict(file="model.safetensors"))
+                              pretrained_cfg_overlay=dict(file="model.safetensors", input_size=(3, 224, 224),
+                                                          interpolation="bicubic", crop_pct=0.875,
+                                                          crop_mode="center"))
 
 No adapter machinery runs at inference (a LoRA model's products are the backbone's own), and the
 file starts another run (``svp train --checkpoint``; its head is replaced there, as any
@@ -18,7 +21,6 @@ a batch of random images: a difference beyond rounding is a bug, and nothing is 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Optional
@@ -163,8 +165,7 @@ def register(subparsers) -> None:
                     "safetensors file, timm's key names, the new head: a plain Vim that timm loads with no "
                     "adapter code (the line to load it is printed). For methods whose change is one of the "
                     "backbone's weights: linear, bitfit, full, lora. SVP, VPT and adapters add computation "
-                    "and are refused. The merged model's outputs are checked against the adapter's first.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "and are refused. The merged model's outputs are checked against the adapter's first.")
     x.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path, help="an adapter folder, e.g. runs/<run>/best")
     x.add_argument("--output", "-o", required=True, metavar="FILE.safetensors", type=user_path,
                    help="the model file to write")
