@@ -146,15 +146,23 @@ def main(argv=None) -> int:
         if e.errno not in DISK_ERRNOS:
             raise
         return _disk_error(command, e)
+    # (a pipe closed early fails here, at exit, if not above)
+    return _finish_stdout(command) or int(rc or 0)
+
+
+def _finish_stdout(command: Optional[str], text: str = "") -> int:
+    """Write ``text`` and flush stdout: a reader gone (a closed pipe) is exit 0, a full or failing
+    disk one line and exit 2 (:func:`_disk_error`)."""
     try:
-        sys.stdout.flush()  # a pipe closed early fails here, at exit, if not above
+        sys.stdout.write(text)
+        sys.stdout.flush()
     except BrokenPipeError:
         quiet_stdout()
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
         return _disk_error(command, e)
-    return int(rc or 0)
+    return 0
 
 
 def version_only() -> int:
@@ -163,16 +171,7 @@ def version_only() -> int:
     from ._version import __version__
     if sys.stdout is None:   # (stdout closed: `svp --version >&-`, as argparse's action takes it: retest 90)
         return 0
-    try:
-        sys.stdout.write(f"svp {__version__}\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        quiet_stdout()
-    except OSError as e:
-        if e.errno not in DISK_ERRNOS:
-            raise
-        return _disk_error(None, e)
-    return 0
+    return _finish_stdout(None, f"svp {__version__}\n")
 
 
 def _disk_error(command: Optional[str], e: OSError) -> int:

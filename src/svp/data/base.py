@@ -228,6 +228,13 @@ def _raster_formats():
     return [f for f in Image.OPEN if f not in _NOT_OPENED]
 
 
+def special_file(path: str) -> bool:
+    """Whether ``path`` leads to something that is neither a regular file nor a folder, nor
+    missing: a pipe, a device or a socket, which reading would wait on or read forever (a link to
+    nothing is missing, said as such where it is read)."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
 def walk_folders(top: str, key: Optional[Callable] = None, onerror: Optional[Callable] = None,
                  fenced: Optional[Callable[[str], bool]] = None):
     """(folder, file names) of ``top`` and every folder below it but hidden ones, depth first, each

@@ -31,7 +31,7 @@ import numpy as np
 from ..compat import AllowListUnpickler
 from .base import (DOCS_HINT, IMG_EXTENSIONS, ArrayDataset, DatasetError, FileListDataset,
                    leaves_folder, listed_path, log, missing, open_text, require_dir, require_file, seeded_shuffle,
-                   walk_folders, warn_repeats)
+                   special_file, walk_folders, warn_repeats)
 
 HTA_SPLITS = ("train", "val", "test", "trainval")
 _gtsrb_warned: set = set()   # GTSRB training folders whose stray files were already said in this process
@@ -409,14 +409,16 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     require_dir(sdir, f"imagefolder split folder '{split}'", IMAGEFOLDER_LAYOUT)
     folders: Dict[str, str] = {}   # class name -> its folder's entry in this split
     found = set()
-    for s in {"train", "val", "test", "trainval", split}:
-        d = os.path.join(root, s)
+    splits = [os.path.join(root, s) for s in {"train", "val", "test", "trainval", split}]
+    owners = collections.defaultdict(set)   # real path of a class folder (of any split) -> its classes
+    for d in splits:
         if os.path.isdir(d):
             for e in os.listdir(d):
                 # (a hidden folder, e.g. Jupyter's .ipynb_checkpoints, became class 0)
                 if not e.startswith(".") and os.path.isdir(os.path.join(d, e)):
                     found.add(_folder_name(e))
-                    if s == split:
+                    owners[os.path.realpath(os.path.join(d, e))].add(_folder_name(e))
+                    if d == sdir:
                         folders[_folder_name(e)] = e
     if classes is None:
         classes = sorted(found)
@@ -452,14 +454,7 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
     # (by real paths, made once: a folder is fenced where it, or a folder it lies in, is another
     # class's; per class, a set of every other class's folders cost the square of the class count:
     # 15 s at 10,000 classes; and a link to another class's subfolder was followed: retest 90)
-    splits = [os.path.join(root, s) for s in {"train", "val", "test", "trainval", split}]
     blocked = {os.path.realpath(root)} | {os.path.realpath(d) for d in splits}
-    owners = collections.defaultdict(set)   # real path of a class folder (of any split) -> its classes
-    for d in splits:
-        if os.path.isdir(d):
-            for e in os.listdir(d):
-                if not e.startswith(".") and os.path.isdir(os.path.join(d, e)):
-                    owners[os.path.realpath(os.path.join(d, e))].add(_folder_name(e))
 
     def fenced_for(c):
         def fenced(path):
@@ -490,10 +485,10 @@ def build_imagefolder(root: str, split: str, transform=None, classes=None,
                     ignored.append(p)
                 # a pipe or a device named like an image, which reading waits on or reads forever
                 # (`svp data check` hung: retest 88); a link to nothing is reported missing below
-                elif os.path.isfile(p) or not os.path.exists(p):
-                    samples.append((p, i))
-                else:
+                elif special_file(p):
                     special.append(p)
+                else:
+                    samples.append((p, i))
     if ignored:
         log.warning(
             "imagefolder/%s: ignored %d non-image file(s) (extensions %s), e.g. %s",

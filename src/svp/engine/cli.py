@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import textwrap
 from typing import List
@@ -386,7 +387,7 @@ def _images_of(paths):
     image ending, or one that cannot be read (in its place in the order), and the files skipped
     in folders: for their endings, and (apart) pipes or devices named like images. A pipe or
     device named on its own is answered as such: reading it waited forever (retest 88)."""
-    from ..data.base import IMG_EXTENSIONS, walk_folders
+    from ..data.base import IMG_EXTENSIONS, special_file, walk_folders
 
     def order(name):   # (the name itself last: 'A.png' and 'a.png' in one order every time)
         # (the split's odd pieces are the runs of decimal digits; '²' is a digit to isdigit(), not to
@@ -396,7 +397,7 @@ def _images_of(paths):
     images, errors, skipped, special = [], {}, [], []
     for path in paths:
         if not os.path.isdir(path):
-            if os.path.exists(path) and not os.path.isfile(path):
+            if special_file(path):
                 errors[path] = f"{path}: not a regular file (a pipe, a device or a socket), not an image"
             images.append(path)
             continue
@@ -412,10 +413,10 @@ def _images_of(paths):
                     skipped.append(file)
                 # a regular file, or a link to nothing (answered as such); not a pipe or a device,
                 # which reading would wait on or read forever
-                elif os.path.isfile(file) or (os.path.islink(file) and not os.path.exists(file)):
-                    found.append(file)
-                else:
+                elif special_file(file):
                     special.append(file)
+                else:
+                    found.append(file)
         if not found:
             found.append(path)
             errors[path] = f"{path}: a folder with no image files in it or below ({' '.join(IMG_EXTENSIONS)})"
@@ -528,18 +529,19 @@ def check_output_file(path: str, option: str) -> str:
     exist or cannot be written (retest 88)."""
     if path.endswith(("/", os.sep)):
         raise C.ConfigError(f"{option} {path}: ends in a folder separator; expected a file name")
-    if os.path.isdir(path):
-        raise C.ConfigError(f"{option} {path}: a folder; expected a file to write")
     # (what the name leads to, links followed, before the link's text is resolved: a link to
     # /dev/stdout, a pipe, resolves to a /proc name that exists nowhere: retest 89)
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise C.ConfigError(f"{option} {path}: not a regular file (a pipe, a device or a socket); svp writes a file "
-                            f"whole, by renaming a finished one over the name, which would replace it")
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:   # (links in a loop: the last one was replaced by a plain file)
             raise C.ConfigError(f"{option} {path}: links that lead to each other in a loop, to no file") from None
+        mode = None   # (not there yet)
+    if mode is not None and stat.S_ISDIR(mode):
+        raise C.ConfigError(f"{option} {path}: a folder; expected a file to write")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise C.ConfigError(f"{option} {path}: not a regular file (a pipe, a device or a socket); svp writes a file "
+                            f"whole, by renaming a finished one over the name, which would replace it")
     # the file the name reaches, every link on the way followed (a folder link then '..' is resolved
     # by the system from the link's target: checked and written as text, the check passed and the
     # write failed after the work: retest 90)

@@ -16,8 +16,8 @@ _METHODS: Dict[str, Tuple[type, type]] = {}
 
 # Methods written outside the package: modules named in SVP_PLUGINS (comma-separated, importable
 # from sys.path, e.g. with PYTHONPATH) and installed packages' entry points in this group. Each
-# registers its methods when imported, as the built-ins do; svp.peft imports them after the
-# built-ins, so every command, sweep worker and server has them (the environment is inherited).
+# registers its methods when imported, as the built-ins do; `import svp` imports them once the
+# package is whole, so every command, sweep worker and server has them (the environment is inherited).
 PLUGINS_ENV = "SVP_PLUGINS"
 ENTRY_POINT_GROUP = "svp.methods"
 HINT = (f"a method of your own: name its module in {PLUGINS_ENV} (or an entry point in group "
