@@ -1449,9 +1449,9 @@ def test_the_class_check_says_when_names_differ_in_case_or_order_only():
     import types
 
     from svp.engine.cli import _check_class_names
-    args = types.SimpleNamespace(dataset="d", split="test", adapter_dir="A", ignore_class_names=False)
-    _check_class_names([], ["x"], args)                      # nothing recorded: not checked
-    _check_class_names(["a", "b"], ["a", "b"], args)
+    args = types.SimpleNamespace(dataset="d", split="test", ignore_class_names=False)
+    _check_class_names([], ["x"], args, "A")                      # nothing recorded: not checked
+    _check_class_names(["a", "b"], ["a", "b"], args, "A")
     for names, said in ((["b", "a"], "another order"), (["A", "b "], "differ in case or spaces only"),
                         (["a", "c"], "1 of 2 positions differ, the first class 1: 'b' in the dataset, 'c' in the "
                                      "adapter; 1 dataset class.es. the adapter does not name .'b'.; 1 adapter "
@@ -1459,8 +1459,10 @@ def test_the_class_check_says_when_names_differ_in_case_or_order_only():
                         ([f"k{i}" for i in range(5)], "5 of 5 positions differ.*5 dataset class.es. the adapter does "
                                                       "not name .'a', 'b', 'c', ....; 5 adapter class")):
         with pytest.raises(C.ConfigError, match=said):
-            _check_class_names(names, ["a", "b", "c", "d", "e"][:len(names)] if len(names) > 2 else ["a", "b"], args)
-    _check_class_names(["b", "a"], ["a", "b"], types.SimpleNamespace(**{**vars(args), "ignore_class_names": True}))
+            _check_class_names(names, ["a", "b", "c", "d", "e"][:len(names)] if len(names) > 2 else ["a", "b"], args,
+                               "A")
+    _check_class_names(["b", "a"], ["a", "b"], types.SimpleNamespace(**{**vars(args), "ignore_class_names": True}),
+                       "A")
 
 
 def test_settings_the_run_would_misuse_are_refused_when_resolved():

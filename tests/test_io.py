@@ -181,7 +181,7 @@ def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
     cases = [
         (["train", "--config=~/c.yaml", "--resume=~/run"], {"config": [f"{home}/c.yaml"], "resume": f"{home}/run"}),
         (["eval", "~/ad", "--dataset", "digits", "--data-root=~/data"],
-         {"adapter_dir": f"{home}/ad", "data_root": f"{home}/data"}),
+         {"adapter_dirs": [f"{home}/ad"], "data_root": f"{home}/data"}),
         (["predict", "~/ad", "~/a.png", "b.png", "--checkpoint=~/w.pth"],
          {"adapter_dir": f"{home}/ad", "images": [f"{home}/a.png", "b.png"], "checkpoint": f"{home}/w.pth"}),
         (["sweep", "--suite", "vtab", "--output=~/sw", "--config=~/c.yaml", "--data-root=~/d",
@@ -210,7 +210,7 @@ def test_every_path_argument_expands_a_leading_tilde(tmp_path, monkeypatch):
         assert {k: getattr(args, k) for k in want} == want, argv
     assert _parse_adapter("a=~/ad") == ("a", f"{home}/ad")
     assert _parse_adapter("~/ad") == ("ad", f"{home}/ad")
-    assert parser.parse_args(["eval", "runs/~x", "--dataset", "digits"]).adapter_dir == "runs/~x"   # only a leading ~
+    assert parser.parse_args(["eval", "runs/~x", "--dataset", "digits"]).adapter_dirs == ["runs/~x"]   # only a leading ~
 
 
 def test_a_folder_swap_never_leaves_the_folder_missing(tmp_path, monkeypatch):

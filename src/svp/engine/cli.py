@@ -69,6 +69,7 @@ TRAIN_FLAGS = [
     ("--batch-size", "train.batch_size", int, "training batch size per process"),
     ("--lr", "train.lr", float, "base learning rate (see train.lr_scale)"),
     ("--seed", "train.seed", int, "random seed"),
+    ("--shots", "data.shots", int, "few-shot: N training images per class, drawn under the seed"),
     ("--device", "train.device", str, "auto, cpu, cuda, cuda:N"),
     ("--img-size", "data.img_size", int, "input resolution"),
     ("--num-workers", "data.num_workers", int, "data-loader workers per process"),
@@ -118,7 +119,9 @@ def register(subparsers) -> None:
         "eval", help="evaluate an adapter directory on a dataset split",
         description="Rebuild the backbone recorded in ADAPTER_DIR/backbone.json (or given by --model/"
                     "--checkpoint), apply the adapter and report top-1/top-5 accuracy.")
-    e.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=user_path, help="an adapter folder, e.g. runs/<run>/best")
+    e.add_argument("adapter_dirs", metavar="ADAPTER_DIR", type=user_path, nargs="+",
+                   help="an adapter folder, e.g. runs/<run>/best; several: each evaluated on the same images, "
+                        "each after the first paired with it (McNemar's exact test; put the baseline first)")
     e.add_argument("--dataset", required=True, help="dataset name")
     e.add_argument("--split", default="test", help="split to evaluate (default test)")
     e.add_argument("--data-root", default=None, type=user_path, help="data root for datasets on disk")
@@ -437,7 +440,7 @@ def _eval_transform(spec, adapter_dir: str):
     return data.build_transform(adapter_recipe(spec.extra, adapter_dir), False, img_size=spec.img_size)
 
 
-def _check_class_names(adapter_names, dataset_names, args) -> None:
+def _check_class_names(adapter_names, dataset_names, args, adapter_dir: str) -> None:
     """The dataset's classes, in order, must be those the adapter was trained on (its recorded
     class names): only the count was checked, and a dataset of the same count with other classes,
     or its classes in another order (a folder renamed), got a plausible accuracy, exit 0 (QA 16d).
@@ -463,61 +466,119 @@ def _check_class_names(adapter_names, dataset_names, args) -> None:
         where.append(f"{len(only_data)} dataset class(es) the adapter does not name ({some(only_data)})")
     if only_adapter:
         where.append(f"{len(only_adapter)} adapter class(es) the dataset lacks ({some(only_adapter)})")
-    raise C.ConfigError(f"{args.dataset} [{args.split}]: its classes are not the adapter's ({args.adapter_dir}): "
+    raise C.ConfigError(f"{args.dataset} [{args.split}]: its classes are not the adapter's ({adapter_dir}): "
                         f"{differ} of {len(names)} positions differ, the first class {i}: {classes[i]!r} in the "
                         f"dataset, {names[i]!r} in the adapter{order}{'; ' if where else ''}{'; '.join(where)}; "
                         f"--ignore-class-names evaluates by class index anyway")
 
 
-def cmd_eval(args) -> int:
-    import svp.data as data
-
+def _eval_one(adapter_dir: str, ds, args, keep_correct: bool) -> dict:
+    """One adapter's result on ``ds`` (built once for every adapter given); with
+    ``keep_correct``, also each image's top-1 right or wrong, in dataset order (``correct``)."""
     from .distributed import DistInfo
-    from .evaluate import evaluate, top_k
-    from .setup import Limited
+    from .evaluate import evaluate, top_k, wilson_interval
 
-    _check_batch_size(args.batch_size)
-    if args.max_samples is not None and args.max_samples < 1:
-        raise C.ConfigError(f"--max-samples must be >= 1 (or left out for every sample), got {args.max_samples}")
-    model, spec, dev = load_for_inference(args.adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
+    model, spec, dev = load_for_inference(adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
-    ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
-                            f"{args.adapter_dir} predicts {spec.num_classes}")
-    _check_class_names(spec.recorded_class_names, ds.classes, args)   # (from the same read of the folder)
+                            f"{adapter_dir} predicts {spec.num_classes}")
+    _check_class_names(spec.recorded_class_names, ds.classes, args, adapter_dir)   # (from the same read of the folder)
     precision = _precision(args.amp, dev)
-    _note_assumptions(spec, args.adapter_dir, "eval", args.dataset, precision=precision)
-    tf = _eval_transform(spec, args.adapter_dir)
-    target = None
-    if args.predictions:   # (before the run: a folder that is not there failed after it)
-        target = check_output_file(args.predictions, "--predictions")
-    rows = [] if args.predictions else None
+    _note_assumptions(spec, adapter_dir, "eval", args.dataset, precision=precision)
+    tf = _eval_transform(spec, adapter_dir)
+    rows = [] if args.predictions or keep_correct else None
     r = evaluate(model, ds, tf, args.batch_size, dev, DistInfo(), autocast=precision.autocast,
                  per_class=spec.num_classes if args.per_class else None, predictions=rows)
-    r.update({"adapter": os.path.abspath(args.adapter_dir), "dataset": args.dataset, "split": args.split,
+    del model   # (the next adapter's backbone is built after this one's is freed)
+    r.update({"adapter": os.path.abspath(adapter_dir), "dataset": args.dataset, "split": args.split,
               "top5_k": top_k(spec.num_classes)})
+    hits = round(r["top1"] * r["n"] / 100) if r["n"] else 0
+    r["top1_ci95"] = list(wilson_interval(hits, r["n"]))
     # the labels' names: the dataset's (the true classes are its labels), else the adapter's
     names = [str(n) for n in (ds.classes if len(ds.classes) == spec.num_classes else spec.class_names)]
     if args.per_class:   # (where neither names its classes, by index: no row may be lost in zip)
         r.update(_per_class(r.pop("class_n"), r.pop("class_correct1"),
                             names if len(names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]))
     if args.predictions:
-        _write_predictions(target, rows, ds, names, spec.class_names)
-        r["predictions"] = target
+        _write_predictions(args.predictions_target, rows, ds, names, spec.class_names)
+        r["predictions"] = args.predictions_target
+    if keep_correct:
+        r["correct"] = [pred == label for _, label, pred, _ in sorted(rows, key=lambda row: row[0])]
+    return r
+
+
+def _paired(first: dict, other: dict) -> dict:
+    """``other`` against ``first`` on the same images: the top-1 difference (points) and
+    McNemar's exact test on the images exactly one of them gets right."""
+    from .evaluate import mcnemar_exact
+
+    only_other = sum(b and not a for a, b in zip(first["correct"], other["correct"]))
+    only_first = sum(a and not b for a, b in zip(first["correct"], other["correct"]))
+    return {"adapter": other["adapter"], "against": first["adapter"], "top1_diff": other["top1"] - first["top1"],
+            "only_this_right": only_other, "only_first_right": only_first,
+            "mcnemar_p": mcnemar_exact(only_first, only_other)}
+
+
+def _result_line(r: dict) -> str:
+    lo, hi = r["top1_ci95"]
+    return (f"top-1 {r['top1']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  top-{r['top5_k']} {r['top5']:.2f}%  "
+            f"loss {r['loss']:.4f}")
+
+
+def cmd_eval(args) -> int:
+    import svp.data as data
+
+    from .setup import Limited
+
+    _check_batch_size(args.batch_size)
+    if args.max_samples is not None and args.max_samples < 1:
+        raise C.ConfigError(f"--max-samples must be >= 1 (or left out for every sample), got {args.max_samples}")
+    dirs = list(args.adapter_dirs)
+    seen = {}
+    for d in dirs:   # (the same folder twice compares an adapter with itself: p = 1, a wasted pass)
+        real = os.path.realpath(d)
+        if real in seen:
+            raise C.ConfigError(f"{d}: given twice (as {seen[real]} too); expected different adapter folders")
+        seen[real] = d
+    if args.predictions and len(dirs) > 1:
+        raise C.ConfigError(f"--predictions writes one adapter's predictions; {len(dirs)} adapters were given "
+                            f"(evaluate each with its own --predictions file; the paired test between them is "
+                            f"printed without it)")
+    ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
+    args.predictions_target = None
+    if args.predictions:   # (before the run: a folder that is not there failed after it)
+        args.predictions_target = check_output_file(args.predictions, "--predictions")
+    results = [_eval_one(d, ds, args, keep_correct=len(dirs) > 1) for d in dirs]
+    paired = [_paired(results[0], r) for r in results[1:]]
+    for r in results:
+        r.pop("correct", None)
     if args.json:
-        print(json_text(r, indent=2))
-    else:
-        print(f"{args.dataset} [{args.split}] {r['n']} images: top-1 {r['top1']:.2f}%  "
-              f"top-{top_k(spec.num_classes)} {r['top5']:.2f}%  "
-              f"loss {r['loss']:.4f}")
+        print(json_text(results[0] if len(dirs) == 1 else
+                        {"dataset": args.dataset, "split": args.split, "n": results[0]["n"], "results": results,
+                         "paired": paired}, indent=2))
+    elif len(dirs) == 1:
+        r = results[0]
+        print(f"{args.dataset} [{args.split}] {r['n']} images: {_result_line(r)}")
         if args.per_class:
             _print_per_class(r)
-    if r["nonfinite"]:   # the accuracy over nan logits read as a number (argmax of nan)
-        _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong: "
-             f"the adapter's weights, or this input, overflow", "eval")
-        return 1
-    return 0
+    else:
+        print(f"{args.dataset} [{args.split}] {results[0]['n']} images, {len(dirs)} adapters:")
+        for d, r in zip(dirs, results):
+            print(f"  {d}: {_result_line(r)}")
+            if args.per_class:
+                _print_per_class(r)
+        print(f"paired with {dirs[0]} on the same images (McNemar's exact test; p not corrected for "
+              f"{len(paired)} comparisons):" if len(paired) > 1 else
+              f"paired with {dirs[0]} on the same images (McNemar's exact test):")
+        for d, c in zip(dirs[1:], paired):
+            print(f"  {d}: top-1 {c['top1_diff']:+.2f} points; right where the first is wrong: "
+                  f"{c['only_this_right']}, the reverse: {c['only_first_right']}; p = {c['mcnemar_p']:.3g}")
+    bad = [(d, r) for d, r in zip(dirs, results) if r["nonfinite"]]
+    for d, r in bad:   # the accuracy over nan logits read as a number (argmax of nan)
+        _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong"
+             f"{f' ({d})' if len(dirs) > 1 else ''}: the adapter's weights, or this input, overflow", "eval")
+    return 1 if bad else 0
 
 
 def check_output_file(path: str, option: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -102,3 +103,34 @@ def top_k(num_classes: int) -> int:
     """The k of the second accuracy, reported under the key ``top5``: 5, or 2 for tasks of fewer
     than 5 classes, as the official evaluator falls back (top-5 of 4 classes would always be 100%)."""
     return 5 if num_classes >= 5 else min(2, num_classes)
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959963984540054) -> tuple:
+    """The Wilson score interval (%, 95% by default) of an accuracy of ``hits`` in ``n``: what
+    the test set's size alone leaves uncertain about the accuracy (not the spread over seeds).
+    Unlike the normal approximation it stays inside [0, 100] and is not empty at 0 or n hits;
+    (nan, nan) for n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = hits / n
+    scale = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    # (at 0 and n hits a bound is exactly 0 or 1, the root the rounding of centre -/+ half misses)
+    lo = 0.0 if hits == 0 else 100.0 * max(0.0, centre - half)
+    return lo, 100.0 if hits == n else 100.0 * min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided p-value of McNemar's exact test on paired predictions: ``only_a`` images one
+    model gets right and the other wrong, ``only_b`` the reverse (the images both get right, or
+    both wrong, say nothing about which is better). Under 'equally good' each discordant image
+    is a fair coin: p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c))); 1.0 when none is
+    discordant. The tail is summed in logarithms (relative error ~1e-12; exact integers took 30 s
+    at 600,000 discordant images)."""
+    n, k = int(only_a) + int(only_b), min(int(only_a), int(only_b))
+    if n == 0:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, 2 * math.exp(top) * math.fsum(math.exp(v - top) for v in logs))

@@ -1,0 +1,117 @@
+"""`svp eval` of several adapters on the same images: each one's result and confidence interval,
+and McNemar's exact test of each against the first."""
+import csv
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from svp.cli import main as svp_main
+from svp.engine.evaluate import mcnemar_exact, wilson_interval
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_tail():
+    for a in range(0, 26, 3):
+        for b in range(0, 26, 4):
+            n, k = a + b, min(a, b)
+            want = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+            assert mcnemar_exact(a, b) == pytest.approx(want, rel=1e-11, abs=0), (a, b)
+            assert mcnemar_exact(a, b) == mcnemar_exact(b, a)
+    assert mcnemar_exact(10, 1) == pytest.approx(24 / 2048, rel=1e-12)   # 2 (C(11,0) + C(11,1)) / 2^11
+    assert mcnemar_exact(500, 700) < 1e-8 < mcnemar_exact(500, 560) < 0.1 < mcnemar_exact(500, 520)
+    # hundreds of thousands of discordant images: a probability, not an overflow
+    assert 0.0 < mcnemar_exact(300_000, 301_000) < 1.0
+
+
+def test_wilson_interval_solves_its_defining_equation():
+    z = 1.959963984540054
+    for hits, n in ((0, 10), (3, 10), (10, 10), (85, 100), (1, 1000), (4999, 5000)):
+        lo, hi = wilson_interval(hits, n)
+        p = hits / n
+        assert 0.0 <= lo <= 100 * p <= hi <= 100.0
+        for bound in (lo / 100, hi / 100):   # (p_hat - q)^2 = z^2 q (1 - q) / n at each end
+            assert (p - bound) ** 2 == pytest.approx(z * z * bound * (1 - bound) / n, abs=1e-12)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 100.0
+    a, b = wilson_interval(85, 100), wilson_interval(850, 1000)
+    assert b[1] - b[0] < a[1] - a[0]   # more images, a narrower interval
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("paired")
+    cfg = {"model": {"name": "vim_tiny_patch16_224", "random_init": True,
+                     "kwargs": {"img_size": 32, "patch_size": 4, "stride": 4, "depth": 2, "embed_dim": 32}},
+           "data": {"dataset": "digits", "img_size": 32, "recipe": "plain", "max_train_samples": 64,
+                    "max_eval_samples": 8},
+           "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "warmup_epochs": 0, "lr": 0.05,
+                     "lr_scale": False},
+           "run": {"output": str(tmp / "runs"), "progress": "none"}}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    for method in ("linear", "full"):
+        assert svp_main(["train", "-c", str(tmp / "cfg.yaml"), "--name", method, "--method", method, "-q"]) == 0
+    return tmp, str(tmp / "runs" / "linear" / "best"), str(tmp / "runs" / "full" / "best")
+
+
+def _correct(path):
+    with open(path) as f:
+        return [row["correct"] == "1" for row in csv.DictReader(f)]
+
+
+def test_several_adapters_are_each_evaluated_and_paired_with_the_first(two_adapters, capsys):
+    tmp, lin, full = two_adapters
+    common = ["--dataset", "digits", "--max-samples", "120", "--batch-size", "50"]
+    single = []
+    for i, d in enumerate((lin, full)):
+        assert svp_main(["eval", d, *common, "--json", "--predictions", str(tmp / f"p{i}.csv")]) == 0
+        single.append(json.loads(capsys.readouterr().out))
+    assert svp_main(["eval", lin, full, *common, "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["n"] == 120 and [r["adapter"] for r in both["results"]] == [lin, full]
+    for one, r in zip(single, both["results"]):   # the same numbers as evaluated alone
+        assert {k: r[k] for k in ("top1", "top5", "loss", "n", "top1_ci95")} == {
+            k: one[k] for k in ("top1", "top5", "loss", "n", "top1_ci95")}
+        assert r["top1_ci95"] == list(wilson_interval(round(r["top1"] * 1.2), 120))
+    first, other = _correct(tmp / "p0.csv"), _correct(tmp / "p1.csv")
+    only_other = sum(b and not a for a, b in zip(first, other))
+    only_first = sum(a and not b for a, b in zip(first, other))
+    assert only_other + only_first > 0   # (else the test below compares nothing)
+    (pair,) = both["paired"]
+    assert pair == {"adapter": full, "against": lin, "top1_diff": pytest.approx(single[1]["top1"] - single[0]["top1"]),
+                    "only_this_right": only_other, "only_first_right": only_first,
+                    "mcnemar_p": mcnemar_exact(only_first, only_other)}
+    assert pair["top1_diff"] == pytest.approx(100 * (only_other - only_first) / 120)
+    # the text: each adapter's line, then the comparison
+    assert svp_main(["eval", lin, full, *common]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "digits [test] 120 images, 2 adapters:"
+    lo, hi = both["results"][1]["top1_ci95"]
+    assert out[2] == (f"  {full}: top-1 {both['results'][1]['top1']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  top-5 "
+                      f"{both['results'][1]['top5']:.2f}%  loss {both['results'][1]['loss']:.4f}")
+    assert out[3].startswith(f"paired with {lin} on the same images (McNemar's exact test)")
+    assert out[4] == (f"  {full}: top-1 {pair['top1_diff']:+.2f} points; right where the first is wrong: "
+                      f"{only_other}, the reverse: {only_first}; p = {pair['mcnemar_p']:.3g}")
+
+
+def test_several_adapters_refused_before_the_work(two_adapters, capsys):
+    tmp, lin, full = two_adapters
+    link = tmp / "again"
+    os.symlink(lin, link)
+    assert svp_main(["eval", lin, full, str(link), "--dataset", "digits"]) == 2
+    assert f"{link}: given twice (as {lin} too); expected different adapter folders" in capsys.readouterr().err
+    assert svp_main(["eval", lin, full, "--dataset", "digits", "--predictions", str(tmp / "p.csv")]) == 2
+    assert "--predictions writes one adapter's predictions; 2 adapters were given" in capsys.readouterr().err
+    assert not (tmp / "p.csv").exists()
+    # the adapter whose classes are not the dataset's is the one named
+    import shutil
+    other = tmp / "reordered"
+    shutil.copytree(full, other)
+    for f in ("backbone.json", "adapter_config.json"):
+        d = json.loads((other / f).read_text())
+        if d.get("class_names"):
+            d["class_names"] = d["class_names"][1:] + d["class_names"][:1]
+        (other / f).write_text(json.dumps(d))
+    assert svp_main(["eval", lin, str(other), "--dataset", "digits", "--max-samples", "8"]) == 2
+    assert f"its classes are not the adapter's ({other})" in capsys.readouterr().err
