@@ -535,6 +535,23 @@ def seeded_shuffle(n: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).permutation(n)
 
 
+def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0) -> List[int]:
+    """Indices (sorted: the dataset's order) of ``shots`` items of each class, drawn per class
+    with ``seed``; a class with fewer keeps all of its items. Each class's draw is the start of
+    one seeded permutation of its items, the permutations drawn in class order whatever ``shots``
+    is, so a seed's smaller draws are inside its larger ones (its 4 items of a class are among its
+    8)."""
+    if int(shots) < 1:
+        raise ValueError(f"shots must be a positive integer, got {shots}")
+    targets = np.asarray(targets, dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    kept: List[int] = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        kept.extend(idx[rng.permutation(len(idx))][:int(shots)].tolist())
+    return sorted(kept)
+
+
 def carve_validation(targets: Sequence[int], fraction: float, seed: int = 0
                      ) -> Tuple[List[int], List[int]]:
     """Split indices 0..N-1 into (train, val) with a seeded, per-class stratified

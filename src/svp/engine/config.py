@@ -64,6 +64,10 @@ SCHEMA: List[Tuple[str, Any, str]] = [
      "true (every such split), false; the tensors are the same bits either way (docs/training.md)"),
     ("data.max_train_samples", None, "use only the first N training samples (debugging / tests; on a split ordered by class they may be of one class: the log warns)"),
     ("data.max_eval_samples", None, "use only the first N val/test samples (debugging / tests)"),
+    ("data.shots", None, "few-shot training: keep N images of each class of the training split (all of a class "
+     "that has fewer), drawn under data.shots_seed; val and test splits unchanged; null: every image"),
+    ("data.shots_seed", None, "seed of data.shots' draw; null: train.seed, so each seed of a sweep draws its own "
+     "images (a seed's draws nest: its 4 images of a class are among its 8)"),
     # --- optimisation
     ("train.epochs", 100, "number of epochs"),
     ("train.batch_size", 96, "training batch size per process (global batch = batch_size x world size)"),
@@ -674,7 +678,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{key}={v!r}: expected a non-negative integer")
     # counts: a fraction was truncated where it was used (max_train_samples=0.5 kept no sample)
     for key in ("train.micro_batch", "train.max_steps", "data.max_train_samples", "data.max_eval_samples",
-                "debug.nan_at_step", "debug.kill_at_step", "debug.stop_at_step"):
+                "data.shots", "debug.nan_at_step", "debug.kill_at_step", "debug.stop_at_step"):
         v = get_key(cfg, key)
         if v is not None and not (_is_num(v, integer=True) and v >= 1):
             raise ConfigError(f"{key}={v!r}: expected null or a positive integer")
@@ -713,11 +717,11 @@ def validate(cfg: dict) -> None:
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2
             and all(_is_num(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"train.opt_betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
-    for key in ("train.seed", "model.init_seed"):
+    for key in ("train.seed", "model.init_seed", "data.shots_seed"):
         v = get_key(cfg, key)
         if (v is not None or key == "train.seed") and (not _is_num(v, integer=True) or not 0 <= v < SEED_LIMIT):
             raise ConfigError(f"{key}={v!r}: expected a non-negative integer below 2**32 ({SEED_LIMIT})"
-                              + (" or null" if "init" in key else ""))
+                              + (" or null" if key != "train.seed" else ""))
     eps = cfg["train"]["opt_eps"]
     if not (_is_num(eps) and 0 < eps < _INF):
         raise ConfigError(f"train.opt_eps={eps!r}: expected a small positive number, e.g. 1e-8")

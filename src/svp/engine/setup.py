@@ -76,7 +76,29 @@ def build_datasets(cfg: dict):
         limit = d["max_train_samples"] if training else d["max_eval_samples"]
         if len(ds) == 0:  # nothing to train on, or a NaN accuracy reported as a result
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
+        if training and d["shots"]:
+            ds = few_shot(ds, split)
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
+
+    def few_shot(ds, split):
+        from svp.data.base import SubsetDataset, few_shot_indices
+
+        shots = int(d["shots"])
+        seed = int(cfg["train"]["seed"] if d["shots_seed"] is None else d["shots_seed"])
+        targets = np.asarray(ds.targets, dtype=np.int64)
+        keep = few_shot_indices(targets, shots, seed)
+        counts = np.bincount(targets, minlength=ds.num_classes)
+        short = [ds.classes[c] for c in np.flatnonzero(counts < shots) if c < len(ds.classes)]
+        log.info("data.shots=%d: %d of the %d images of %s (%d per class), drawn with seed %d", shots, len(keep),
+                 len(ds), split, shots, seed)
+        if short:   # (a class without images at all is check_classes_to_learn's, or the other splits')
+            log.warning("data.shots=%d: %d class(es) of %s have fewer images and keep all they have (%s%s)", shots,
+                        len(short), split, ", ".join(map(repr, short[:5])), ", ..." if len(short) > 5 else "")
+        if d["val_split"]:
+            log.warning("data.shots=%d trains on %d images, but data.val_split=%s selects the epoch on all of its "
+                        "images: a strict few-shot protocol selects on no more labelled images than it trains on "
+                        "(data.val_split=null keeps the last epoch)", shots, len(keep), d["val_split"])
+        return SubsetDataset(ds, keep, split=split)
 
     if opts.get("val_from_train") and not d["val_split"] and "val" not in re.split(r"[+\[\]:]", str(d["train_split"])):
         # (the HTA CIFAR presets say "val_split: null; use val_from_train": the carve left training,
