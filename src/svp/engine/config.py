@@ -83,12 +83,17 @@ SCHEMA: List[Tuple[str, Any, str]] = [
      "torch has one for the device, e.g. CPU from torch 2.4; true: required; false: torch's per-tensor loop, "
      "the implementation svp used before)"),
     ("train.layer_decay", None, "layer-wise learning-rate decay d (timm's layer_decay, as BEiT and MAE fine-tune): the head trains at the schedule's rate, the last block at d times it, each block below at d times the one above, the stem (patch and position embeddings, class token) at d^(depth+1); for the tensors inside the backbone's blocks (full, bitfit, lora); a method's own tensors outside them (SVP's prompters, VPT's tokens) train at the full rate. null: one rate for all"),
-    ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up) or constant"),
+    ("train.sched", "cosine", "schedule: cosine (timm CosineLRScheduler with warm-up), multistep (the rate times "
+     "train.decay_rate after each of train.decay_epochs, with warm-up) or constant"),
     ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
     ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at epoch 0's rate: warmup_lr, or lr without warm-up)"),
-    ("train.warmup_epochs", 5, "linear warm-up epochs (cosine only: sched=constant has none)"),
+    ("train.warmup_epochs", 5, "linear warm-up epochs (cosine and multistep: sched=constant has none)"),
     ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up (cosine only)"),
     ("train.min_lr", 1e-5, "floor of the cosine schedule (cosine only)"),
+    ("train.decay_epochs", [], "sched=multistep: the epochs after which the rate is multiplied by train.decay_rate "
+     "(PyTorch MultiStepLR's milestones: [30, 60] runs epochs 31-60 at decay_rate x the rate, 61 on at its square; "
+     "with the official epoch offset each change comes an epoch later, as the cosine's does)"),
+    ("train.decay_rate", 0.1, "sched=multistep: the factor applied at each of train.decay_epochs"),
     ("train.clip_grad", None, "clip the global gradient norm to this value (null: off, official)"),
     ("train.micro_batch", None, "forward and backward over near-equal chunks of at most this many images per "
      "process, the gradients accumulated for the batch's one optimizer step (null, or the batch or more: the "
@@ -594,7 +599,7 @@ def is_complete(config: dict) -> bool:
 
 
 _CHOICES = {
-    "train.sched": ("cosine", "constant"),
+    "train.sched": ("cosine", "multistep", "constant"),
     "train.sched_step": ("epoch", "step"),
     "train.mixup_mode": ("batch", "pair", "elem"),
     "train.amp_dtype": ("bfloat16", "float16"),
@@ -759,6 +764,19 @@ def validate(cfg: dict) -> None:
                           f"protocol's best test epoch, labelled as such")
     if cfg["eval"]["report_best_test"] and cfg["data"]["test_split"] is None:   # it was ignored, silently
         raise ConfigError("eval.report_best_test=true needs a test split (data.test_split is null)")
+    milestones, rate = cfg["train"]["decay_epochs"], cfg["train"]["decay_rate"]
+    if not (isinstance(milestones, (list, tuple)) and all(_is_num(m, integer=True) and m >= 1 for m in milestones)
+            and list(milestones) == sorted(set(milestones))):
+        raise ConfigError(f"train.decay_epochs={milestones!r}: expected a list of increasing positive whole epochs, "
+                          f"e.g. [30, 60]")
+    if not (_is_num(rate) and 0 < rate <= 1):
+        raise ConfigError(f"train.decay_rate={rate!r}: expected a number in (0, 1], e.g. 0.1")
+    if cfg["train"]["sched"] == "multistep" and not milestones:
+        raise ConfigError("train.sched=multistep needs train.decay_epochs (the epochs after which the rate is "
+                          "multiplied by train.decay_rate, e.g. [30, 60]); train.sched=constant keeps one rate")
+    if milestones and cfg["train"]["sched"] != "multistep":   # (set, and silently not used)
+        raise ConfigError(f"train.decay_epochs={list(milestones)!r} is read only with train.sched=multistep "
+                          f"(train.sched={cfg['train']['sched']})")
     warm = cfg["train"]["warmup_epochs"]
     if cfg["train"]["sched_step"] == "epoch" and float(warm) != int(warm):
         # the rate changes once an epoch: 0.5 was rounded to no warm-up, 1.5 and 2.5 both to 2

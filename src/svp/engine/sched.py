@@ -1,4 +1,4 @@
-"""Learning-rate schedule: timm's CosineLRScheduler with linear warm-up.
+"""Learning-rate schedule: timm's CosineLRScheduler (or MultiStepLRScheduler) with linear warm-up.
 
 Two stepping modes (``train.sched_step``):
 
@@ -18,7 +18,7 @@ import logging
 from typing import List
 
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 
 class Schedule:
@@ -30,7 +30,7 @@ class Schedule:
         self.optimizer = optimizer
         epochs = int(t["epochs"])
         per = 1 if self.mode == "epoch" else max(1, steps_per_epoch)
-        if self.kind != "cosine":
+        if self.kind == "constant":
             # train.layer_decay's per-group factors (timm's "lr_scale"), which timm's schedulers apply
             # at each step: a constant rate is set once, here (and put back at --resume from base_lrs)
             for g in optimizer.param_groups:
@@ -51,6 +51,14 @@ class Schedule:
                     warmup_prefix=False, cycle_limit=1, t_in_epochs=(self.mode == "epoch"))
             finally:
                 quiet.setLevel(level)
+        elif self.kind == "multistep":
+            # timm applies a milestone m at index m - 1 (its documented convention); + 1 gives
+            # PyTorch's MultiStepLR, which users' epochs mean: [30] decays from index 30, the 31st
+            # epoch. Counted from the start, warm-up included (warmup_prefix=False, as the cosine).
+            self.sched = MultiStepLRScheduler(
+                optimizer, decay_t=[int(m) * per + 1 for m in t["decay_epochs"]], decay_rate=float(t["decay_rate"]),
+                warmup_t=int(round(float(t["warmup_epochs"]) * per)), warmup_lr_init=float(t["warmup_lr"]),
+                warmup_prefix=False, t_in_epochs=(self.mode == "epoch"))
 
     def start_epoch(self, epoch: int) -> None:
         if self.sched is not None and self.mode == "epoch":
@@ -88,7 +96,7 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
     (each trained as asked, silently: a warm-up as long as the run stayed at train.warmup_lr,
     train.lr=0 stepped at the warm-up and floor rates)."""
     t, notes = cfg["train"], []
-    if t["sched"] != "cosine":
+    if t["sched"] == "constant":
         return notes
     epochs, warmup = int(t["epochs"]), float(t["warmup_epochs"])
     per_epoch = t["sched_step"] == "epoch"
@@ -113,7 +121,16 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
             what = (f"the whole run is warm-up, its rate rising from train.warmup_lr={t['warmup_lr']}"
                     + (f" to {highest:.4g}" if highest is not None else "") + f", never reaching the peak {peak:.4g}")
         notes.append(f"{why}: {what}")
-    floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0, float(t["min_lr"]))
+    if t["sched"] == "multistep":
+        # the last epoch's index in the schedule (the official offset runs the last epoch at the
+        # one before's rate); a milestone m first acts at index m
+        last = max(epochs - 1 - (1 if per_epoch and t["official_epoch_offset"] else 0), 0)
+        late = [int(m) for m in t["decay_epochs"] if int(m) > last]
+        if late:
+            notes.append(f"train.decay_epochs {late}: the run ends before the rate decays there (train.epochs="
+                         f"{epochs}{', and the official epoch offset runs each change an epoch later' if per_epoch and t['official_epoch_offset'] else ''})")
+    floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0,
+                float(t["min_lr"]) if t["sched"] == "cosine" else 0.0)
     if peak < floor:
         notes.append(f"the peak rate {peak:.4g} is below train.warmup_lr/train.min_lr ({floor:.4g}): the schedule "
                      f"steps at those rates, higher than the peak")
