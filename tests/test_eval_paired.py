@@ -81,7 +81,7 @@ def test_several_adapters_are_each_evaluated_and_paired_with_the_first(two_adapt
     (pair,) = both["paired"]
     assert pair == {"adapter": full, "against": lin, "top1_diff": pytest.approx(single[1]["top1"] - single[0]["top1"]),
                     "only_this_right": only_other, "only_first_right": only_first,
-                    "mcnemar_p": mcnemar_exact(only_first, only_other)}
+                    "mcnemar_p": mcnemar_exact(only_first, only_other), "nonfinite": 0, "nonfinite_first": 0}
     assert pair["top1_diff"] == pytest.approx(100 * (only_other - only_first) / 120)
     # the text: each adapter's line, then the comparison
     assert svp_main(["eval", lin, full, *common]) == 0
@@ -115,3 +115,62 @@ def test_several_adapters_refused_before_the_work(two_adapters, capsys):
         (other / f).write_text(json.dumps(d))
     assert svp_main(["eval", lin, str(other), "--dataset", "digits", "--max-samples", "8"]) == 2
     assert f"its classes are not the adapter's ({other})" in capsys.readouterr().err
+
+
+def test_every_adapter_is_checked_first_and_a_later_failure_keeps_the_finished(two_adapters, capsys, monkeypatch):
+    tmp, lin, full = two_adapters
+    common = ["--dataset", "digits", "--max-samples", "20"]
+    # a folder that is not there, named last: refused before the first evaluation
+    assert svp_main(["eval", lin, full, str(tmp / "nope"), *common]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "nope" in err
+    # options among the folders (the parser reads them intermixed)
+    assert svp_main(["eval", lin, "--dataset", "digits", full, "--max-samples", "20", "--per-class"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "digits [test] 20 images, 2 adapters:" and out[1].startswith(f"  {lin}: top-1 ")
+    assert out[2].startswith("    mean per-class top-1 ") and out[3].split() == ["class", "images", "top-1"]
+    assert out[3].startswith("      class")   # each table under its adapter's line
+    # a failure after the first evaluation (weights, memory, Ctrl-C): the finished result is kept
+    import svp.engine.cli as cli
+    from svp.errors import AdapterError
+    real, calls = cli._eval_one, []
+
+    def second_fails(d, *a, **k):
+        calls.append(d)
+        if len(calls) == 2:
+            raise AdapterError(f"{d}: its base weights are not these")
+        return real(d, *a, **k)
+    monkeypatch.setattr(cli, "_eval_one", second_fails)
+    assert svp_main(["eval", lin, full, *common]) != 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].startswith(f"  {lin}: top-1 ") and "its base weights are not these" in err
+    calls.clear()
+    assert svp_main(["eval", lin, full, *common, "--json"]) != 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["incomplete"] is True and [r["adapter"] for r in doc["results"]] == [lin] and doc["n"] == 20
+
+
+def test_non_finite_outputs_are_said_beside_the_paired_test(two_adapters, capsys, monkeypatch):
+    tmp, lin, full = two_adapters
+    import svp.engine.cli as cli
+    real = cli._eval_one
+
+    def broken(d, *a, **k):   # the second adapter's outputs all non-finite: every image wrong
+        r = real(d, *a, **k)
+        if d == full:
+            r.update(top1=0.0, nonfinite=r["n"], correct=[False] * r["n"])
+        return r
+    monkeypatch.setattr(cli, "_eval_one", broken)
+    assert svp_main(["eval", lin, full, "--dataset", "digits", "--max-samples", "30"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].endswith("; 30 of its images gave non-finite outputs, counted wrong")
+    assert f"30 of 30 images gave non-finite outputs (nan or inf logits), counted as wrong ({full})" in err
+    assert svp_main(["eval", lin, full, "--dataset", "digits", "--max-samples", "30", "--json"]) == 1
+    pair = json.loads(capsys.readouterr().out)["paired"][0]
+    assert (pair["nonfinite"], pair["nonfinite_first"]) == (30, 0)
+
+
+def test_a_p_value_below_floats_range_is_said_as_such():
+    from svp.engine.cli import _p_text
+    assert mcnemar_exact(0, 1100) == 0.0 and _p_text(0.0) == "p < 1e-300"
+    assert _p_text(mcnemar_exact(10, 1)) == "p = 0.0117"

@@ -44,7 +44,7 @@ def test_the_training_split_keeps_n_per_class_and_the_others_are_whole(logged):
     assert len(train) == 30 and set(_targets(train).values()) == {3}
     assert (len(val3), len(test3)) == (len(val), len(test))
     assert "data.shots=3: 30 of the 1000 images of train (3 per class), drawn with seed 5" in messages
-    assert any("data.val_split=val selects the epoch on all of its images" in m for m in messages)
+    assert any("data.val_split=val selects the epoch on 297 labelled images" in m for m in messages)
     # the images are those few_shot_indices draws from the split, under train.seed when no shots_seed
     items = [full.ds[i][0].tobytes() for i in few_shot_indices(full.targets, 3, 5)]
     assert [train.ds[i][0].tobytes() for i in range(30)] == items
@@ -74,3 +74,74 @@ def test_shots_settings_are_checked_and_the_flag_sets_them(capsys):
     assert svp_main(["train", "--dataset", "digits", "--shots", "4", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "  shots: 4\n" in out and "  shots_seed: null\n" in out
+
+
+def _csv_root(tmp_path, n_per_class=6, classes=("a", "b", "c")):
+    """A csv data root whose test list repeats files of its train list."""
+    from PIL import Image
+    lines = []
+    for c in classes:
+        for i in range(n_per_class):
+            name = f"{c}{i}.png"
+            Image.new("RGB", (8, 8), (10 * i, 40, 90)).save(tmp_path / name)
+            lines.append(f"{name},{c}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(lines[::2]) + "\n")
+    return str(tmp_path)
+
+
+def test_the_overlap_check_sees_the_drawn_images(tmp_path, logged):
+    root = _csv_root(tmp_path)
+    over = ("data.dataset=csv", f"data.root={root}", "data.val_split=null", "data.img_size=32")
+    for shots, said in ((None, "9 of its 9 images are also in the training split"),
+                        (2, "of its 9 images are also in the training split")):
+        with logged("svp.engine", "WARNING") as messages:
+            build_datasets(C.resolve(overrides=over + ((f"data.shots={shots}",) if shots else ()), use_presets=False))
+        assert any(said in m for m in messages), messages   # (with shots: nothing was said)
+
+
+def test_a_resume_sees_a_draw_from_a_changed_split(tmp_path):
+    from svp.engine.loop import check_same_train_data, train_data_id
+    from svp.engine.setup import Limited
+    from svp.errors import ResumeError
+    over = ("data.dataset=csv", "data.val_split=null", "data.test_split=null", "data.img_size=32", "data.shots=2")
+    root = _csv_root(tmp_path)
+    (before, _), _, _ = build_datasets(C.resolve(overrides=over + (f"data.root={root}",), use_presets=False))
+    again = build_datasets(C.resolve(overrides=over + (f"data.root={root}",), use_presets=False))[0][0]
+    assert train_data_id(again) == train_data_id(before) and "few_shot_sha256" in train_data_id(before)
+    # one image moved from class b to class a: the same draw's labels (2 per class, in class order)
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    lines[6] = lines[6].replace(",b", ",a")
+    (tmp_path / "train.csv").write_text("\n".join(sorted(lines, key=lambda x: x.split(",")[1])) + "\n")
+    (after, _), _, _ = build_datasets(C.resolve(overrides=over + (f"data.root={root}",), use_presets=False))
+    assert list(after.targets) == list(before.targets)
+    with pytest.raises(ResumeError, match="data.shots draws from a split whose images or labels changed"):
+        check_same_train_data(train_data_id(before), train_data_id(after), "run")
+    # a split without a draw records what it did before (resume points of older runs still match)
+    plain = Limited(before.ds.base, None)
+    assert set(train_data_id(plain)) == {"samples", "labels_sha256"}
+
+
+def test_max_train_samples_cuts_the_split_before_the_draw_and_a_refit_is_refused(tmp_path):
+    (full, _), _, _ = build_datasets(_cfg())
+    (cut, _), _, _ = build_datasets(_cfg("data.shots=4", "data.max_train_samples=100", "train.seed=2"))
+    first = [int(t) for t in full.ds.targets[:100]]
+    want = few_shot_indices(first, 4, 2)   # the draw from the first 100 images, every class of them
+    assert cut.ds.indices == want and len(cut) == len(want)
+    assert set(int(t) for t in cut.targets) == set(first)
+    from svp.engine.sweep import sweep
+    with pytest.raises(C.ConfigError, match="--tune-refit with data.shots=4: a refit trains on the training and "
+                                            "the whole validation split"):
+        sweep("mini", ["linear"], [0], str(tmp_path / "sw"), datasets=["digits"], overrides=["data.shots=4"],
+              tune=["train.lr=0.01,0.1"], tune_refit=True)
+    assert not any(tmp_path.rglob("results.json"))
+
+
+def test_a_small_validation_split_is_not_warned_of(logged):
+    with logged("svp.engine", "WARNING") as messages:
+        build_datasets(_cfg("data.shots=4", "data.max_eval_samples=20"))   # 20 to select on, 40 trained on
+    assert not any("selects the epoch" in m for m in messages)
+    with logged("svp.engine", "WARNING") as messages:
+        build_datasets(_cfg("data.shots=4", "data.max_eval_samples=41"))
+    assert any("data.shots=4 trains on 40 images, but data.val_split=val selects the epoch on 41 labelled images"
+               in m for m in messages), messages

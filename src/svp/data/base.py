@@ -483,6 +483,15 @@ class SubsetDataset(VisionDataset):
     def skip_bad_images(self) -> bool:
         return bool(getattr(self.base, "skip_bad_images", False))
 
+    @property
+    def samples(self) -> List[Tuple[str, int]]:
+        """The (path, label) of each item, where the base has files (a few-shot draw or a carve of a
+        folder): what the overlap check of svp train compares (it said nothing for them: retest 91)."""
+        base = getattr(self.base, "samples", None)
+        if base is None:
+            raise AttributeError("samples")   # (held in memory: getattr's default applies)
+        return [base[i] for i in self.indices]
+
     def describe(self, i: int) -> str:
         return self.base.describe(self.indices[i])
 
@@ -516,6 +525,13 @@ class ConcatSplits(VisionDataset):
     @property
     def skip_bad_images(self) -> bool:
         return any(getattr(p, "skip_bad_images", False) for p in self.parts)
+
+    @property
+    def samples(self) -> List[Tuple[str, int]]:
+        parts = [getattr(p, "samples", None) for p in self.parts]
+        if any(p is None for p in parts):
+            raise AttributeError("samples")
+        return [s for p in parts for s in p]
 
     def describe(self, i: int) -> str:
         k, j = self._where[i]

@@ -141,6 +141,7 @@ def register(subparsers) -> None:
                    help="evaluate by class index although the dataset's class names (or their order) are not the "
                         "adapter's (refused otherwise)")
     e.set_defaults(func=cmd_eval)
+    _intermixed(e)
 
     # ---------------------------------------------------------------- predict
     q = subparsers.add_parser("predict", help="top-k classes (names) for image files or folders",
@@ -472,6 +473,22 @@ def _check_class_names(adapter_names, dataset_names, args, adapter_dir: str) -> 
                         f"--ignore-class-names evaluates by class index anyway")
 
 
+def _check_adapter_for(adapter_dir: str, ds, args) -> None:
+    """What refuses an adapter on this dataset, from its folder's files alone (no backbone
+    built): checked for every adapter before the first is evaluated, so that a folder that is not
+    there, or of other classes, named third does not end the command after two evaluations."""
+    from ..build import adapter_spec, check_recorded_checkpoint, check_recorded_weights, read_adapter_folder
+
+    files = read_adapter_folder(adapter_dir)
+    spec = adapter_spec(adapter_dir, args.model, args.checkpoint, args.pretrained, args.random_init, files=files)
+    check_recorded_weights(spec, adapter_dir, files, args.model)
+    check_recorded_checkpoint(spec, adapter_dir, args.checkpoint)
+    if ds.num_classes != spec.num_classes:
+        raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
+                            f"{adapter_dir} predicts {spec.num_classes}")
+    _check_class_names(spec.recorded_class_names, ds.classes, args, adapter_dir)
+
+
 def _eval_one(adapter_dir: str, ds, args, keep_correct: bool) -> dict:
     """One adapter's result on ``ds`` (built once for every adapter given); with
     ``keep_correct``, also each image's top-1 right or wrong, in dataset order (``correct``)."""
@@ -480,10 +497,11 @@ def _eval_one(adapter_dir: str, ds, args, keep_correct: bool) -> dict:
 
     model, spec, dev = load_for_inference(adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
+    # (again, from the files this load read: the folder may have been replaced since the check)
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{adapter_dir} predicts {spec.num_classes}")
-    _check_class_names(spec.recorded_class_names, ds.classes, args, adapter_dir)   # (from the same read of the folder)
+    _check_class_names(spec.recorded_class_names, ds.classes, args, adapter_dir)
     precision = _precision(args.amp, dev)
     _note_assumptions(spec, adapter_dir, "eval", args.dataset, precision=precision)
     tf = _eval_transform(spec, adapter_dir)
@@ -510,20 +528,26 @@ def _eval_one(adapter_dir: str, ds, args, keep_correct: bool) -> dict:
 
 def _paired(first: dict, other: dict) -> dict:
     """``other`` against ``first`` on the same images: the top-1 difference (points) and
-    McNemar's exact test on the images exactly one of them gets right."""
+    McNemar's exact test on the images exactly one of them gets right (an image of non-finite
+    outputs counts as wrong, as in top-1: how many there are is given beside it)."""
     from .evaluate import mcnemar_exact
 
     only_other = sum(b and not a for a, b in zip(first["correct"], other["correct"]))
     only_first = sum(a and not b for a, b in zip(first["correct"], other["correct"]))
     return {"adapter": other["adapter"], "against": first["adapter"], "top1_diff": other["top1"] - first["top1"],
             "only_this_right": only_other, "only_first_right": only_first,
-            "mcnemar_p": mcnemar_exact(only_first, only_other)}
+            "mcnemar_p": mcnemar_exact(only_first, only_other),
+            "nonfinite": other["nonfinite"], "nonfinite_first": first["nonfinite"]}
 
 
 def _result_line(r: dict) -> str:
     lo, hi = r["top1_ci95"]
     return (f"top-1 {r['top1']:.2f}% (95% CI {lo:.2f}-{hi:.2f})  top-{r['top5_k']} {r['top5']:.2f}%  "
             f"loss {r['loss']:.4f}")
+
+
+def _p_text(p: float) -> str:
+    return "p < 1e-300" if p == 0 else f"p = {p:.3g}"   # (below float's range: 0.0 in --json)
 
 
 def cmd_eval(args) -> int:
@@ -546,38 +570,56 @@ def cmd_eval(args) -> int:
                             f"(evaluate each with its own --predictions file; the paired test between them is "
                             f"printed without it)")
     ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
+    if len(dirs) > 1:
+        for d in dirs:
+            _check_adapter_for(d, ds, args)
     args.predictions_target = None
     if args.predictions:   # (before the run: a folder that is not there failed after it)
         args.predictions_target = check_output_file(args.predictions, "--predictions")
-    results = [_eval_one(d, ds, args, keep_correct=len(dirs) > 1) for d in dirs]
+    several = len(dirs) > 1
+    if several and not args.json:   # each adapter's line as it is done: a later failure keeps them
+        print(f"{args.dataset} [{args.split}] {len(ds)} images, {len(dirs)} adapters:", flush=True)
+    results = []
+    try:
+        for d in dirs:
+            r = _eval_one(d, ds, args, keep_correct=several)
+            results.append(r)
+            if several and not args.json:
+                print(f"  {d}: {_result_line(r)}", flush=True)
+                if args.per_class:
+                    _print_per_class(r, indent="    ")
+    except BaseException:
+        if several and args.json and results:   # the finished ones, said as unfinished
+            print(json_text({"dataset": args.dataset, "split": args.split, "n": len(ds), "incomplete": True,
+                             "results": [{k: v for k, v in r.items() if k != "correct"} for r in results],
+                             "paired": []}, indent=2), flush=True)
+        raise
     paired = [_paired(results[0], r) for r in results[1:]]
     for r in results:
         r.pop("correct", None)
     if args.json:
-        print(json_text(results[0] if len(dirs) == 1 else
+        print(json_text(results[0] if not several else
                         {"dataset": args.dataset, "split": args.split, "n": results[0]["n"], "results": results,
                          "paired": paired}, indent=2))
-    elif len(dirs) == 1:
+    elif not several:
         r = results[0]
         print(f"{args.dataset} [{args.split}] {r['n']} images: {_result_line(r)}")
         if args.per_class:
             _print_per_class(r)
     else:
-        print(f"{args.dataset} [{args.split}] {results[0]['n']} images, {len(dirs)} adapters:")
-        for d, r in zip(dirs, results):
-            print(f"  {d}: {_result_line(r)}")
-            if args.per_class:
-                _print_per_class(r)
         print(f"paired with {dirs[0]} on the same images (McNemar's exact test; p not corrected for "
               f"{len(paired)} comparisons):" if len(paired) > 1 else
               f"paired with {dirs[0]} on the same images (McNemar's exact test):")
         for d, c in zip(dirs[1:], paired):
+            bad = [f"{n} of {what} images gave non-finite outputs, counted wrong"
+                   for n, what in ((c["nonfinite"], "its"), (c["nonfinite_first"], "the first's")) if n]
             print(f"  {d}: top-1 {c['top1_diff']:+.2f} points; right where the first is wrong: "
-                  f"{c['only_this_right']}, the reverse: {c['only_first_right']}; p = {c['mcnemar_p']:.3g}")
+                  f"{c['only_this_right']}, the reverse: {c['only_first_right']}; {_p_text(c['mcnemar_p'])}"
+                  + "".join(f"; {b}" for b in bad))
     bad = [(d, r) for d, r in zip(dirs, results) if r["nonfinite"]]
     for d, r in bad:   # the accuracy over nan logits read as a number (argmax of nan)
         _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong"
-             f"{f' ({d})' if len(dirs) > 1 else ''}: the adapter's weights, or this input, overflow", "eval")
+             f"{f' ({d})' if several else ''}: the adapter's weights, or this input, overflow", "eval")
     return 1 if bad else 0
 
 
@@ -644,16 +686,16 @@ def _per_class(counts, hits, names) -> dict:
             "classes_without_images": len(rows) - len(seen)}
 
 
-def _print_per_class(r) -> None:
+def _print_per_class(r, indent: str = "") -> None:
     rows, absent = r["per_class"], r["classes_without_images"]
     if r["mean_class_top1"] is not None:
-        print(f"mean per-class top-1 {r['mean_class_top1']:.2f}% over {len(rows) - absent} classes"
+        print(f"{indent}mean per-class top-1 {r['mean_class_top1']:.2f}% over {len(rows) - absent} classes"
               + (f" ({absent} of {len(rows)} have no images here)" if absent else ""))
     width = max(len("class"), *(len(printable(row["class"])) for row in rows))
-    print(f"  {'class':<{width}}  {'images':>7}  {'top-1':>7}")
+    print(f"{indent}  {'class':<{width}}  {'images':>7}  {'top-1':>7}")
     for row in rows:
         top1 = f"{row['top1']:6.2f}%" if row["n"] else "      -"
-        print(f"  {printable(row['class']):<{width}}  {row['n']:>7}  {top1}")
+        print(f"{indent}  {printable(row['class']):<{width}}  {row['n']:>7}  {top1}")
 
 
 def cmd_predict(args) -> int:

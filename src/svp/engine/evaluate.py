@@ -126,8 +126,10 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     model gets right and the other wrong, ``only_b`` the reverse (the images both get right, or
     both wrong, say nothing about which is better). Under 'equally good' each discordant image
     is a fair coin: p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c))); 1.0 when none is
-    discordant. The tail is summed in logarithms (relative error ~1e-12; exact integers took 30 s
-    at 600,000 discordant images)."""
+    discordant. The tail is summed in logarithms (exact integers took 30 s at 600,000 discordant
+    images): against exact fractions the relative error is 1e-13 at 230 discordant images, 1e-11 at
+    10,000 and 8e-11 at 59,000 (lgamma's rounding at large n); a p below float's range (under
+    1e-308: 1,100 discordant images all one way) is 0.0."""
     n, k = int(only_a) + int(only_b), min(int(only_a), int(only_b))
     if n == 0:
         return 1.0

@@ -64,14 +64,20 @@ def train_data_id(ds) -> dict:
     that changed since would skip the wrong batches of a resumed epoch."""
     import hashlib
     h = hashlib.sha256(json.dumps([list(ds.classes), list(ds.targets)]).encode())
-    return {"samples": len(ds), "labels_sha256": h.hexdigest()[:16]}
+    out = {"samples": len(ds), "labels_sha256": h.hexdigest()[:16]}
+    drawn = getattr(getattr(ds, "ds", ds), "few_shot_digest", None)   # (data.shots: the split drawn from too)
+    if drawn:
+        out["few_shot_sha256"] = drawn
+    return out
 
 
 def check_same_train_data(saved: Optional[dict], now: dict, run_dir: str) -> None:
     if saved is None or saved == now:   # resume points written before the record: not checked
         return
     what = (f"{saved.get('samples')} -> {now['samples']} images" if saved.get("samples") != now["samples"]
-            else "the same number of images, other labels or classes in their order")
+            else "the same number of images, other labels or classes in their order"
+            if saved.get("labels_sha256") != now.get("labels_sha256") else
+            "data.shots draws from a split whose images or labels changed, so its images are others")
     raise ResumeError(f"{run_dir}: the training split changed since the resume point ({what}); a resumed run "
                       f"must see the images it started with, in the same order. Restore them, or start a new run")
 

@@ -127,8 +127,10 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
         last = max(epochs - 1 - (1 if per_epoch and t["official_epoch_offset"] else 0), 0)
         late = [int(m) for m in t["decay_epochs"] if int(m) > last]
         if late:
+            later = ", and the official epoch offset runs each change an epoch later" if (
+                per_epoch and t["official_epoch_offset"]) else ""
             notes.append(f"train.decay_epochs {late}: the run ends before the rate decays there (train.epochs="
-                         f"{epochs}{', and the official epoch offset runs each change an epoch later' if per_epoch and t['official_epoch_offset'] else ''})")
+                         f"{epochs}{later})")
     floor = max(float(t["warmup_lr"]) if float(t["warmup_epochs"]) > 0 else 0.0,
                 float(t["min_lr"]) if t["sched"] == "cosine" else 0.0)
     if peak < floor:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -77,6 +79,10 @@ def build_datasets(cfg: dict):
         if len(ds) == 0:  # nothing to train on, or a NaN accuracy reported as a result
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
         if training and d["shots"]:
+            if limit:   # the first N of the split, then the draw from them (the draw's first N, in the
+                # split's order, left out whole classes of a split ordered by class: retest 91)
+                from svp.data.base import SubsetDataset
+                ds, limit = SubsetDataset(ds, range(min(len(ds), int(limit))), split=split), None
             ds = few_shot(ds, split)
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
@@ -94,11 +100,12 @@ def build_datasets(cfg: dict):
         if short:   # (a class without images at all is check_classes_to_learn's, or the other splits')
             log.warning("data.shots=%d: %d class(es) of %s have fewer images and keep all they have (%s%s)", shots,
                         len(short), split, ", ".join(map(repr, short[:5])), ", ..." if len(short) > 5 else "")
-        if d["val_split"]:
-            log.warning("data.shots=%d trains on %d images, but data.val_split=%s selects the epoch on all of its "
-                        "images: a strict few-shot protocol selects on no more labelled images than it trains on "
-                        "(data.val_split=null keeps the last epoch)", shots, len(keep), d["val_split"])
-        return SubsetDataset(ds, keep, split=split)
+        drawn = SubsetDataset(ds, keep, split=split)
+        # what a resume point records of the draw: the split it was drawn from (its size and labels
+        # in order) and the items kept; the kept labels alone are N per class in class order however
+        # the folder changed, and a resumed run trained on other images: retest 91
+        drawn.few_shot_digest = hashlib.sha256(json.dumps([len(ds), targets.tolist(), keep]).encode()).hexdigest()[:16]
+        return drawn
 
     if opts.get("val_from_train") and not d["val_split"] and "val" not in re.split(r"[+\[\]:]", str(d["train_split"])):
         # (the HTA CIFAR presets say "val_split: null; use val_from_train": the carve left training,
@@ -107,6 +114,10 @@ def build_datasets(cfg: dict):
                     "null: nothing selects on it, and its images are left out of training; set "
                     "data.val_split=val to select on it", opts["val_from_train"], d["train_split"])
     built = make(d["train_split"], True), make(d["val_split"], False), make(d["test_split"], False)
+    if d["shots"] and built[1] is not None and len(built[1][0]) > len(built[0][0]):
+        log.warning("data.shots=%d trains on %d images, but data.val_split=%s selects the epoch on %d labelled "
+                    "images: a strict few-shot protocol selects on no more than it trains on (data.val_split=null "
+                    "keeps the last epoch)", int(d["shots"]), len(built[0][0]), d["val_split"], len(built[1][0]))
     for key, split, item in (("data.val_split", d["val_split"], built[1]),
                              ("data.test_split", d["test_split"], built[2])):
         if item is not None and item[0].classes != built[0][0].classes:

@@ -634,6 +634,13 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
     for ds, group in all_ds:
         for m in methods:
             base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides, base)
+            if refit and base_cfg["data"]["shots"]:
+                # (the refit's split, train+val, was drawn from again: other images than the grid's,
+                # and the validation images mostly dropped: retest 91)
+                raise C.ConfigError(f"--tune-refit with data.shots={base_cfg['data']['shots']}: a refit trains on "
+                                    f"the training and the whole validation split, which a few-shot protocol "
+                                    f"does not; leave out --tune-refit (the selected setting is trained on the "
+                                    f"few-shot draw of each seed)")
             train_split, val_split = T.selection_splits(ds, base_cfg)
 
             def make_config(point, seed, run_dir, refit_run, ds=ds, m=m, train_split=train_split, val_split=val_split):
