@@ -190,7 +190,9 @@ def _child(spec):
     torch.manual_seed(0)
     model = timm.create_model(spec["model"], num_classes=100)
     method = spec["method"]
-    pm = get_peft_model(model, make_config(method, num_classes=100, **method_settings(method, model)))
+    settings = spec.get("settings")   # (benchmarks/method_costs.py: the library's defaults, {})
+    pm = get_peft_model(model, make_config(method, num_classes=100,
+                                           **(method_settings(method, model) if settings is None else settings)))
     b = spec["batch"]
     x = torch.randn(b, 3, 224, 224)
     paths_before, paths_after = {}, {}

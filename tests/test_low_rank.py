@@ -141,3 +141,69 @@ def test_an_empty_block_has_no_gradient_rows_and_the_rest_theirs():
                                             (x, a, b)), merged
         finally:
             lr.MERGED = lr_merged
+
+
+def test_a_frozen_lora_keeps_its_summed_weight_while_w_a_b_are_unchanged():
+    """A frozen adapter (svp eval / predict / serve) formed W + s B A in every projection of every
+    forward (Vim-Small batch-1 prediction 1.7-1.8x linear probing's time): the sum is kept on W now,
+    and follows any change of W, A or B; an adapter that trains forms it on every access."""
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=2, embed_dim=32,
+                              num_classes=4)
+    peft = get_peft_model(model, make_config("lora", r=2, num_classes=4)).eval()
+    with torch.no_grad():
+        for p in peft.method.parameters():
+            p.add_(0.05 * torch.randn_like(p))   # a trained adapter: B no longer zero
+    ref = __import__("copy").deepcopy(peft)       # trains: its sums formed on every access
+    peft.requires_grad_(False)
+    lin = peft.base_model.layers[0].mixer.in_proj
+    param = lin.parametrizations.weight[0]
+    x = torch.randn(2, 3, 32, 32)
+
+    def fresh(m):
+        p = m.parametrizations.weight[0]
+        return m.parametrizations.weight.original + p.scale * (p.lora_B @ p.lora_A)
+
+    with torch.no_grad():
+        first = lin.weight
+        assert lin.weight is first and torch.equal(first, fresh(lin))   # kept, and the sum itself
+        assert torch.equal(peft(x), ref(x))
+        r = ref.base_model.layers[0].mixer.in_proj
+        assert r.weight is not r.weight                                  # a trained adapter: formed each time
+        for t in (param.lora_A, param.lora_B, lin.parametrizations.weight.original):
+            t.mul_(1.25)                                                 # (load_adapter_state, merge: in place)
+            now = lin.weight
+            assert now is not first and torch.equal(now, fresh(lin))
+            first = now
+        for src, dst in zip(peft.parameters(), ref.parameters()):
+            dst.copy_(src)
+        assert torch.equal(peft(x), ref(x))
+    param.lora_A.requires_grad_(True)   # trains again: formed per access, and the gradient reaches A
+    peft(x).sum().backward()
+    assert param.lora_A.grad is not None and lin.weight is not lin.weight
+
+
+def test_a_lora_frozen_again_after_fused_steps_forms_its_new_sum():
+    """A fused AdamW step on the CPU does not bump the version counters the kept value's key
+    reads: the sum is kept on A, whose entries every optimizer step drops (svp.ops.kept)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=1, embed_dim=16,
+                              num_classes=3)
+    peft = get_peft_model(model, make_config("lora", r=2, num_classes=3))
+    lin = peft.base_model.layers[0].mixer.in_proj
+    param = lin.parametrizations.weight[0]
+    peft.requires_grad_(False)
+    with torch.no_grad():
+        before = lin.weight                              # kept while frozen
+    params = [param.lora_A, param.lora_B]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    peft(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        after = lin.weight
+        want = lin.parametrizations.weight.original + param.scale * (param.lora_B @ param.lora_A)
+    assert not torch.equal(after, before) and torch.equal(after, want)

@@ -34,12 +34,15 @@ from ..compat import recording
 T = TypeVar("T")
 
 
-def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T]) -> T:
+def kept(t: torch.Tensor, tag: Hashable, make: Callable[[], T], extra: Hashable = None) -> T:
     """``make()``, computed once per value of ``t`` under ``tag`` (what else the value depends on),
-    for a ``t`` that does not require grad (any other: ``make()`` on every call; see above)."""
+    for a ``t`` that does not require grad (any other: ``make()`` on every call; see above).
+    ``extra``: what else the value depends on that changes (another tensor's version and data
+    pointer): compared like ``t``'s own key, one entry per ``tag`` replaced when it differs (in
+    ``tag``, each value of it would be another entry, kept for ever)."""
     if t.is_inference() or t.requires_grad or recording():   # (a recording must hold how it is made)
         return make()
-    key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    key = (t._version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, extra)
     owner = t if t._base is None else t._base
     store = getattr(owner, "_svp_kept", None)
     hit = None if store is None else store.get(tag)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from ..ops.kept import kept
 from .base import PeftConfig, PeftMethod
 from .registry import register_method
 
@@ -61,7 +62,17 @@ class LoRAParametrization(nn.Module):
         self.scale = scale
 
     def forward(self, weight):
-        return weight + self.scale * (self.lora_B @ self.lora_A)
+        a, b = self.lora_A, self.lora_B
+        if weight.requires_grad or b.requires_grad or b.is_inference():
+            return weight + self.scale * (b @ a)
+        # a frozen adapter (svp eval / predict / serve load it so): the sum kept while W, A, B and
+        # the scale stay the same, not formed afresh by every projection of every forward (a
+        # Vim-Small batch-1 prediction took 1.7-1.8x linear probing's time; benchmarks/method_costs.py),
+        # and, one tensor from call to call, what the kernels keep of it is kept too. Kept on A, so
+        # that an optimizer step over the adapter drops it (svp.ops.kept: a fused step does not bump
+        # the version counters the key reads)
+        return kept(a, "lora W + s B A", lambda: weight + self.scale * (b @ a),
+                    extra=(weight._version, weight.data_ptr(), b._version, b.data_ptr(), float(self.scale)))
 
     def factors(self):
         """(A, B, scale): the update is scale * B @ A. Training products that keep it factored
