@@ -98,6 +98,13 @@ def test_the_overlap_check_sees_the_drawn_images(tmp_path, logged):
         with logged("svp.engine", "WARNING") as messages:
             build_datasets(C.resolve(overrides=over + ((f"data.shots={shots}",) if shots else ()), use_presets=False))
         assert any(said in m for m in messages), messages   # (with shots: nothing was said)
+    # the images the run reads: the first N under data.max_train_samples / max_eval_samples
+    with logged("svp.engine", "WARNING") as messages:
+        build_datasets(C.resolve(overrides=over + ("data.max_eval_samples=3",), use_presets=False))
+    assert any("3 of its 3 images are also in the training split" in m for m in messages), messages
+    with logged("svp.engine", "WARNING") as messages:   # train: the first 5 images, of class a (test: a0, a2, a4)
+        build_datasets(C.resolve(overrides=over + ("data.max_train_samples=5",), use_presets=False))
+    assert any("3 of its 9 images are also in the training split" in m for m in messages), messages
 
 
 def test_a_resume_sees_a_draw_from_a_changed_split(tmp_path):
@@ -117,9 +124,12 @@ def test_a_resume_sees_a_draw_from_a_changed_split(tmp_path):
     assert list(after.targets) == list(before.targets)
     with pytest.raises(ResumeError, match="data.shots draws from a split whose images or labels changed"):
         check_same_train_data(train_data_id(before), train_data_id(after), "run")
-    # a split without a draw records what it did before (resume points of older runs still match)
+    # a split without a draw records what it did before; a resume point written before the draw's
+    # record (no such key) is compared on what it has (its few-shot runs were refused: retest 92)
     plain = Limited(before.ds.base, None)
     assert set(train_data_id(plain)) == {"samples", "labels_sha256"}
+    older = {k: v for k, v in train_data_id(before).items() if k != "few_shot_sha256"}
+    check_same_train_data(older, train_data_id(again), "run")
 
 
 def test_max_train_samples_cuts_the_split_before_the_draw_and_a_refit_is_refused(tmp_path):
@@ -134,6 +144,9 @@ def test_max_train_samples_cuts_the_split_before_the_draw_and_a_refit_is_refused
                                             "the whole validation split"):
         sweep("mini", ["linear"], [0], str(tmp_path / "sw"), datasets=["digits"], overrides=["data.shots=4"],
               tune=["train.lr=0.01,0.1"], tune_refit=True)
+    with pytest.raises(C.ConfigError, match=r"--tune-refit with data.shots=\(tuned\): a refit trains"):
+        sweep("mini", ["linear"], [0], str(tmp_path / "sw2"), datasets=["digits"], tune=["data.shots=2,3"],
+              tune_refit=True)   # (in the grid: the refit drew from train+val again, retest 92)
     assert not any(tmp_path.rglob("results.json"))
 
 

@@ -152,7 +152,9 @@ def test_a_frozen_lora_keeps_its_summed_weight_while_w_a_b_are_unchanged():
                               num_classes=4)
     peft = get_peft_model(model, make_config("lora", r=2, num_classes=4)).eval()
     with torch.no_grad():
-        for p in peft.method.parameters():
+        lora = [p for n, p in peft.named_parameters() if "lora_" in n]
+        assert len(lora) == 2 * 6 * 2   # (A and B of six projections, both directions, in two layers)
+        for p in lora:
             p.add_(0.05 * torch.randn_like(p))   # a trained adapter: B no longer zero
     ref = __import__("copy").deepcopy(peft)       # trains: its sums formed on every access
     peft.requires_grad_(False)
@@ -207,3 +209,24 @@ def test_a_lora_frozen_again_after_fused_steps_forms_its_new_sum():
         after = lin.weight
         want = lin.parametrizations.weight.original + param.scale * (param.lora_B @ param.lora_A)
     assert not torch.equal(after, before) and torch.equal(after, want)
+
+
+def test_a_frozen_loras_sum_kept_under_autocast_is_the_float32_sum():
+    """A sum first formed in a bfloat16-autocast forward (B A rounded to bfloat16) was reused by the
+    float32 forwards after it (1.1e-3 off the weight): it is formed outside autocast."""
+    torch.manual_seed(1)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, depth=1, embed_dim=16,
+                              num_classes=3)
+    peft = get_peft_model(model, make_config("lora", r=2, num_classes=3)).eval()
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    peft.requires_grad_(False)
+    lin = peft.base_model.layers[0].mixer.out_proj
+    param = lin.parametrizations.weight[0]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lin.weight
+        want = lin.parametrizations.weight.original + param.scale * (param.lora_B @ param.lora_A)
+        assert torch.equal(lin.weight, want)

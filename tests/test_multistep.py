@@ -83,11 +83,20 @@ def test_multistep_settings_are_checked_and_late_milestones_noted():
                      ({"decay_epochs": 30}, "train.decay_epochs=30: expected a list"),
                      ({"decay_epochs": [2.5]}, "expected a list of increasing positive whole epochs"),
                      ({"decay_rate": 0}, r"train.decay_rate=0: expected a number in \(0, 1\]"),
-                     ({"decay_rate": 1.5}, r"train.decay_rate=1.5: expected a number in \(0, 1\]"),
-                     ({"sched": "cosine"}, r"train.decay_epochs=\[3, 7\] is read only with train.sched=multistep "
-                                           r"\(train.sched=cosine\)")):
+                     ({"decay_rate": 1.5}, r"train.decay_rate=1.5: expected a number in \(0, 1\]")):
         with pytest.raises(C.ConfigError, match=said):
             _cfg(**kw)
+    # milestones set for another schedule (a --tune grid of cosine and multistep points): said, not refused
+    assert schedule_notes(_cfg(sched="cosine", warmup_epochs=1), 0.1) == [
+        "train.decay_epochs [3, 7] is read only with train.sched=multistep: this run's cosine schedule does not use it"]
+    assert _cfg(sched="cosine", decay_epochs=None)["train"]["decay_epochs"] == []   # null: none
+    # a milestone inside the warm-up: timm's schedule rises to the peak first, then decays
+    early = _cfg(warmup_epochs=4, decay_epochs=[2, 6], official_epoch_offset=False)
+    assert schedule_notes(early, 0.1) == [
+        "train.decay_epochs [2]: inside the warm-up (train.warmup_epochs=4), where the rate still rises to the "
+        "peak; their decay comes at the warm-up's end"]
+    rates = [lr_at_epoch(early, e, 0.1) for e in range(8)]
+    assert rates[3] < 0.1 and rates[4:] == pytest.approx([0.02, 0.02, 0.004, 0.004], rel=1e-12)
     assert schedule_notes(_cfg(decay_epochs=[3, 11], official_epoch_offset=False), 0.1) == []
     assert schedule_notes(_cfg(decay_epochs=[3, 11]), 0.1) == [
         "train.decay_epochs [11]: the run ends before the rate decays there (train.epochs=12, and the official "

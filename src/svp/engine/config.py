@@ -764,6 +764,8 @@ def validate(cfg: dict) -> None:
                           f"protocol's best test epoch, labelled as such")
     if cfg["eval"]["report_best_test"] and cfg["data"]["test_split"] is None:   # it was ignored, silently
         raise ConfigError("eval.report_best_test=true needs a test split (data.test_split is null)")
+    if cfg["train"]["decay_epochs"] is None:   # (null: none, as the default's [])
+        cfg["train"]["decay_epochs"] = []
     milestones, rate = cfg["train"]["decay_epochs"], cfg["train"]["decay_rate"]
     if not (isinstance(milestones, (list, tuple)) and all(_is_num(m, integer=True) and m >= 1 for m in milestones)
             and list(milestones) == sorted(set(milestones))):
@@ -774,9 +776,6 @@ def validate(cfg: dict) -> None:
     if cfg["train"]["sched"] == "multistep" and not milestones:
         raise ConfigError("train.sched=multistep needs train.decay_epochs (the epochs after which the rate is "
                           "multiplied by train.decay_rate, e.g. [30, 60]); train.sched=constant keeps one rate")
-    if milestones and cfg["train"]["sched"] != "multistep":   # (set, and silently not used)
-        raise ConfigError(f"train.decay_epochs={list(milestones)!r} is read only with train.sched=multistep "
-                          f"(train.sched={cfg['train']['sched']})")
     warm = cfg["train"]["warmup_epochs"]
     if cfg["train"]["sched_step"] == "epoch" and float(warm) != int(warm):
         # the rate changes once an epoch: 0.5 was rounded to no warm-up, 1.5 and 2.5 both to 2

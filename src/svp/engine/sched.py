@@ -96,6 +96,9 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
     (each trained as asked, silently: a warm-up as long as the run stayed at train.warmup_lr,
     train.lr=0 stepped at the warm-up and floor rates)."""
     t, notes = cfg["train"], []
+    if t["decay_epochs"] and t["sched"] != "multistep":   # (set for a --tune grid's multistep points, say)
+        notes.append(f"train.decay_epochs {list(t['decay_epochs'])} is read only with train.sched=multistep: "
+                     f"this run's {t['sched']} schedule does not use it")
     if t["sched"] == "constant":
         return notes
     epochs, warmup = int(t["epochs"]), float(t["warmup_epochs"])
@@ -125,6 +128,10 @@ def schedule_notes(cfg: dict, peak: float) -> List[str]:
         # the last epoch's index in the schedule (the official offset runs the last epoch at the
         # one before's rate); a milestone m first acts at index m
         last = max(epochs - 1 - (1 if per_epoch and t["official_epoch_offset"] else 0), 0)
+        early = [int(m) for m in t["decay_epochs"] if int(m) < warmup]
+        if early:   # (timm's schedule does not decay inside the warm-up: it rises to the peak, then decays)
+            notes.append(f"train.decay_epochs {early}: inside the warm-up (train.warmup_epochs={t['warmup_epochs']}),"
+                         f" where the rate still rises to the peak; their decay comes at the warm-up's end")
         late = [int(m) for m in t["decay_epochs"] if int(m) > last]
         if late:
             later = ", and the official epoch offset runs each change an epoch later" if (

@@ -143,7 +143,8 @@ def warn_overlap(dataset: str, train, train_split: str, others, carved: bool = F
     from svp.data.vtab import vtab_splits_share_images
 
     dataset = dataset_info(dataset).name  # 'cub200' -> 'hta/cub200'
-    seen = {p for p, _ in getattr(train.ds, "samples", ())}
+    # (the images the run reads: data.max_train_samples / max_eval_samples' first N, retest 92)
+    seen = {p for p, _ in list(getattr(train.ds, "samples", ()))[:len(train)]}
     for key, split, item in others:
         if item is None:
             continue
@@ -167,7 +168,7 @@ def warn_overlap(dataset: str, train, train_split: str, others, carved: bool = F
             continue
         if str(dataset).startswith("hta/") and split == "val":
             continue  # the FGVC reader has said it already, with its advice (val_from_train)
-        mine = [p for p, _ in getattr(item[0].ds, "samples", ())]
+        mine = [p for p, _ in list(getattr(item[0].ds, "samples", ()))[:len(item[0])]]
         both = sum(p in seen for p in mine)
         if both:
             log.warning("%s=%s: %d of its %d images are also in the training split (data.train_split=%s): "

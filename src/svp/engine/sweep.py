@@ -634,10 +634,11 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
     for ds, group in all_ds:
         for m in methods:
             base_cfg = run_config(ds, m, seeds[0], output, "probe", config_files, overrides, base)
-            if refit and base_cfg["data"]["shots"]:
+            if refit and (base_cfg["data"]["shots"] or any(k in ("data.shots", "data.shots_seed") for k, _ in spec)):
                 # (the refit's split, train+val, was drawn from again: other images than the grid's,
                 # and the validation images mostly dropped: retest 91)
-                raise C.ConfigError(f"--tune-refit with data.shots={base_cfg['data']['shots']}: a refit trains on "
+                shots = base_cfg["data"]["shots"] or "(tuned)"
+                raise C.ConfigError(f"--tune-refit with data.shots={shots}: a refit trains on "
                                     f"the training and the whole validation split, which a few-shot protocol "
                                     f"does not; leave out --tune-refit (the selected setting is trained on the "
                                     f"few-shot draw of each seed)")

@@ -53,6 +53,16 @@ class LoRAConfig(PeftConfig):
             raise ValueError(f"lora: r must be positive, got {self.r}")
 
 
+def _summed(weight, a, b, scale):
+    """W + s B A in the weights' own dtype, outside any autocast: a sum kept from a bfloat16-autocast
+    forward (its B A rounded to bfloat16) was reused by float32 forwards after it (retest 92)."""
+    device = weight.device.type
+    if device not in ("cpu", "cuda"):
+        return weight + scale * (b @ a)
+    with torch.autocast(device, enabled=False):
+        return weight + scale * (b @ a)
+
+
 class LoRAParametrization(nn.Module):
     def __init__(self, out_features, in_features, r, scale, device=None, dtype=None):
         super().__init__()
@@ -71,7 +81,7 @@ class LoRAParametrization(nn.Module):
         # and, one tensor from call to call, what the kernels keep of it is kept too. Kept on A, so
         # that an optimizer step over the adapter drops it (svp.ops.kept: a fused step does not bump
         # the version counters the key reads)
-        return kept(a, "lora W + s B A", lambda: weight + self.scale * (b @ a),
+        return kept(a, "lora W + s B A", lambda: _summed(weight, a, b, self.scale),
                     extra=(weight._version, weight.data_ptr(), b._version, b.data_ptr(), float(self.scale)))
 
     def factors(self):
