@@ -611,11 +611,11 @@ def cmd_eval(args) -> int:
               f"{len(paired)} comparisons):" if len(paired) > 1 else
               f"paired with {dirs[0]} on the same images (McNemar's exact test):")
         for d, c in zip(dirs[1:], paired):
-            bad = [f"{n} of {what} images gave non-finite outputs, counted wrong"
-                   for n, what in ((c["nonfinite"], "its"), (c["nonfinite_first"], "the first's")) if n]
+            said = [f"{n} of {what} images gave non-finite outputs, counted wrong"
+                    for n, what in ((c["nonfinite"], "its"), (c["nonfinite_first"], "the first's")) if n]
             print(f"  {d}: top-1 {c['top1_diff']:+.2f} points; right where the first is wrong: "
                   f"{c['only_this_right']}, the reverse: {c['only_first_right']}; {_p_text(c['mcnemar_p'])}"
-                  + "".join(f"; {b}" for b in bad))
+                  + "".join(f"; {b}" for b in said))
     bad = [(d, r) for d, r in zip(dirs, results) if r["nonfinite"]]
     for d, r in bad:   # the accuracy over nan logits read as a number (argmax of nan)
         _err(f"{r['nonfinite']} of {r['n']} images gave non-finite outputs (nan or inf logits), counted as wrong"

@@ -144,7 +144,8 @@ def warn_overlap(dataset: str, train, train_split: str, others, carved: bool = F
 
     dataset = dataset_info(dataset).name  # 'cub200' -> 'hta/cub200'
     # (the images the run reads: data.max_train_samples / max_eval_samples' first N, retest 92)
-    seen = {p for p, _ in list(getattr(train.ds, "samples", ()))[:len(train)]}
+    # (Limited's n; None, every image, for a split given without it)
+    seen = {p for p, _ in list(getattr(train.ds, "samples", ()))[:getattr(train, "n", None)]}
     for key, split, item in others:
         if item is None:
             continue
@@ -168,7 +169,7 @@ def warn_overlap(dataset: str, train, train_split: str, others, carved: bool = F
             continue
         if str(dataset).startswith("hta/") and split == "val":
             continue  # the FGVC reader has said it already, with its advice (val_from_train)
-        mine = [p for p, _ in list(getattr(item[0].ds, "samples", ()))[:len(item[0])]]
+        mine = [p for p, _ in list(getattr(item[0].ds, "samples", ()))[:getattr(item[0], "n", None)]]
         both = sum(p in seen for p in mine)
         if both:
             log.warning("%s=%s: %d of its %d images are also in the training split (data.train_split=%s): "
