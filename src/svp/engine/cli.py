@@ -530,11 +530,15 @@ def _paired(first: dict, other: dict) -> dict:
     """``other`` against ``first`` on the same images: the top-1 difference (points) and
     McNemar's exact test on the images exactly one of them gets right (an image of non-finite
     outputs counts as wrong, as in top-1: how many there are is given beside it)."""
-    from .evaluate import mcnemar_exact
+    from .evaluate import mcnemar_exact, paired_difference_interval
 
-    only_other = sum(b and not a for a, b in zip(first["correct"], other["correct"]))
-    only_first = sum(a and not b for a, b in zip(first["correct"], other["correct"]))
+    pairs = list(zip(first["correct"], other["correct"]))
+    only_other = sum(b and not a for a, b in pairs)
+    only_first = sum(a and not b for a, b in pairs)
+    both = sum(a and b for a, b in pairs)
     return {"adapter": other["adapter"], "against": first["adapter"], "top1_diff": other["top1"] - first["top1"],
+            "top1_diff_ci95": list(paired_difference_interval(both, only_first, only_other,
+                                                              len(pairs) - both - only_first - only_other)),
             "only_this_right": only_other, "only_first_right": only_first,
             "mcnemar_p": mcnemar_exact(only_first, only_other),
             "nonfinite": other["nonfinite"], "nonfinite_first": first["nonfinite"]}
@@ -613,7 +617,9 @@ def cmd_eval(args) -> int:
         for d, c in zip(dirs[1:], paired):
             said = [f"{n} of {what} images gave non-finite outputs, counted wrong"
                     for n, what in ((c["nonfinite"], "its"), (c["nonfinite_first"], "the first's")) if n]
-            print(f"  {d}: top-1 {c['top1_diff']:+.2f} points; right where the first is wrong: "
+            lo, hi = c["top1_diff_ci95"]
+            print(f"  {d}: top-1 {c['top1_diff']:+.2f} points (95% CI {lo:+.2f} to {hi:+.2f}); right where the "
+                  f"first is wrong: "
                   f"{c['only_this_right']}, the reverse: {c['only_first_right']}; {_p_text(c['mcnemar_p'])}"
                   + "".join(f"; {b}" for b in said))
     bad = [(d, r) for d, r in zip(dirs, results) if r["nonfinite"]]
