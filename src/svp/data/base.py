@@ -559,13 +559,17 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0) -> List[
     8)."""
     if int(shots) < 1:
         raise ValueError(f"shots must be a positive integer, got {shots}")
+    return sorted(i for idx in _shuffled_classes(targets, seed) for i in idx[:int(shots)].tolist())
+
+
+def _shuffled_classes(targets, seed: int):
+    """Each class's item indices, in one seeded permutation per class, class by class in label
+    order: the draw both ``few_shot_indices`` and ``carve_validation`` take their items from."""
     targets = np.asarray(targets, dtype=np.int64)
     rng = np.random.RandomState(seed)
-    kept: List[int] = []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        kept.extend(idx[rng.permutation(len(idx))][:int(shots)].tolist())
-    return sorted(kept)
+        yield idx[rng.permutation(len(idx))]
 
 
 def carve_validation(targets: Sequence[int], fraction: float, seed: int = 0
@@ -575,12 +579,8 @@ def carve_validation(targets: Sequence[int], fraction: float, seed: int = 0
     the class has two or more items). Deterministic given ``seed``."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_from_train must be in (0, 1), got {fraction}")
-    targets = np.asarray(targets, dtype=np.int64)
-    rng = np.random.RandomState(seed)
     val: List[int] = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        idx = idx[rng.permutation(len(idx))]
+    for idx in _shuffled_classes(targets, seed):
         k = int(round(fraction * len(idx)))
         if len(idx) >= 2:
             k = min(max(k, 1), len(idx) - 1)

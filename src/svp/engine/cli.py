@@ -483,6 +483,11 @@ def _check_adapter_for(adapter_dir: str, ds, args) -> None:
     spec = adapter_spec(adapter_dir, args.model, args.checkpoint, args.pretrained, args.random_init, files=files)
     check_recorded_weights(spec, adapter_dir, files, args.model)
     check_recorded_checkpoint(spec, adapter_dir, args.checkpoint)
+    _check_classes(spec, ds, args, adapter_dir)
+
+
+def _check_classes(spec, ds, args, adapter_dir: str) -> None:
+    """The dataset's classes must be the adapter's: their number, then their names in order."""
     if ds.num_classes != spec.num_classes:
         raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
                             f"{adapter_dir} predicts {spec.num_classes}")
@@ -497,11 +502,8 @@ def _eval_one(adapter_dir: str, ds, args, keep_correct: bool) -> dict:
 
     model, spec, dev = load_for_inference(adapter_dir, args.model, args.checkpoint, args.device, args.pretrained,
                                          args.random_init)
-    # (again, from the files this load read: the folder may have been replaced since the check)
-    if ds.num_classes != spec.num_classes:
-        raise C.ConfigError(f"{args.dataset} has {ds.num_classes} classes but the adapter in "
-                            f"{adapter_dir} predicts {spec.num_classes}")
-    _check_class_names(spec.recorded_class_names, ds.classes, args, adapter_dir)
+    _check_classes(spec, ds, args, adapter_dir)   # (again, from the files this load read: the folder may
+    # have been replaced since the check)
     precision = _precision(args.amp, dev)
     _note_assumptions(spec, adapter_dir, "eval", args.dataset, precision=precision)
     tf = _eval_transform(spec, adapter_dir)
@@ -574,13 +576,13 @@ def cmd_eval(args) -> int:
                             f"(evaluate each with its own --predictions file; the paired test between them is "
                             f"printed without it)")
     ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
-    if len(dirs) > 1:
+    several = len(dirs) > 1
+    if several:
         for d in dirs:
             _check_adapter_for(d, ds, args)
     args.predictions_target = None
     if args.predictions:   # (before the run: a folder that is not there failed after it)
         args.predictions_target = check_output_file(args.predictions, "--predictions")
-    several = len(dirs) > 1
     if several and not args.json:   # each adapter's line as it is done: a later failure keeps them
         print(f"{args.dataset} [{args.split}] {len(ds)} images, {len(dirs)} adapters:", flush=True)
     results = []

@@ -61,6 +61,7 @@ class Limited(torch.utils.data.Dataset):
 def build_datasets(cfg: dict):
     """((train dataset, transform), (val ...) or None, (test ...) or None)."""
     import svp.data as data
+    from svp.data.base import SubsetDataset, few_shot_indices
 
     d = cfg["data"]
     img = int(d["img_size"])
@@ -81,14 +82,11 @@ def build_datasets(cfg: dict):
         if training and d["shots"]:
             if limit:   # the first N of the split, then the draw from them (the draw's first N, in the
                 # split's order, left out whole classes of a split ordered by class: retest 91)
-                from svp.data.base import SubsetDataset
                 ds, limit = SubsetDataset(ds, range(min(len(ds), int(limit))), split=split), None
             ds = few_shot(ds, split)
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
     def few_shot(ds, split):
-        from svp.data.base import SubsetDataset, few_shot_indices
-
         shots = int(d["shots"])
         seed = int(cfg["train"]["seed"] if d["shots_seed"] is None else d["shots_seed"])
         targets = np.asarray(ds.targets, dtype=np.int64)
