@@ -88,7 +88,7 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("train.sched_step", "epoch", "epoch: step once per epoch like the official code; step: per optimizer step"),
     ("train.official_epoch_offset", True, "with sched_step=epoch, reproduce the official off-by-one (epochs 0 and 1 both at epoch 0's rate: warmup_lr, or lr without warm-up)"),
     ("train.warmup_epochs", 5, "linear warm-up epochs (cosine and multistep: sched=constant has none)"),
-    ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up (cosine only)"),
+    ("train.warmup_lr", 1e-5, "learning rate at the start of the warm-up (cosine and multistep)"),
     ("train.min_lr", 1e-5, "floor of the cosine schedule (cosine only)"),
     ("train.decay_epochs", [], "sched=multistep: the epochs after which the rate is multiplied by train.decay_rate "
      "(PyTorch MultiStepLR's milestones: [30, 60] runs epochs 31-60 at decay_rate x the rate, 61 on at its square; "
@@ -134,6 +134,11 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("run.name", None, "run folder name (default: <dataset>-<method>-s<seed>-<date>-<time>-<6 hex>, unique)"),
     ("run.save_every_steps", 0, "also write a resume point every N steps inside an epoch (0: only at epoch ends)"),
     ("run.tensorboard", False, "write TensorBoard scalars to <run>/tb (needs the tensorboard package)"),
+    ("run.wandb", False, "log the same scalars and the configuration to a Weights & Biases run named after the run "
+                         "folder, its files in <run>/wandb; a resume continues it (needs the wandb package; "
+                         "WANDB_MODE=offline logs without a network, `wandb sync` uploads later)"),
+    ("run.wandb_project", None, "the wandb project (default: $WANDB_PROJECT, else svp); the entity and the rest "
+                                "from wandb's own variables (WANDB_ENTITY, ...)"),
     ("run.progress", "auto", "progress display: auto (bars on a terminal, lines otherwise), bar, lines, none"),
     ("run.log_every", 10, "plain progress line every N steps when not on a terminal"),
     ("run.changes", [], "written by `svp train --resume`: each change of train.lr/epochs/max_steps with the "
@@ -153,7 +158,8 @@ MAPPING_KEYS = {"model.kwargs", "method.settings", "data.options"}
 # keys whose values are text (names, paths, choices) and run.changes (svp's record): strings there
 # are kept as written, whatever they look like
 _TEXTUAL = frozenset([k for k, v, _ in SCHEMA if isinstance(v, str)]
-                     + ["model.checkpoint", "method.init_from", "data.root", "run.name", "run.changes"])
+                     + ["model.checkpoint", "method.init_from", "data.root", "run.name", "run.changes",
+                        "run.wandb_project"])
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
@@ -615,7 +621,8 @@ _NONNEG_NUM = ("train.lr", "train.weight_decay", "train.warmup_lr", "train.min_l
                "train.warmup_epochs", "model.drop_path_rate")
 # names, paths and split names: text (null, a number or an empty string crashed where they were used)
 _TEXT = ("model.name", "method.name", "data.dataset", "data.train_split", "train.opt", "train.device", "run.output")
-_TEXT_OR_NULL = ("model.checkpoint", "method.init_from", "data.root", "data.val_split", "data.test_split")
+_TEXT_OR_NULL = ("model.checkpoint", "method.init_from", "data.root", "data.val_split", "data.test_split",
+                 "run.wandb_project")
 _PATHS = ("run.output", "model.checkpoint", "method.init_from", "data.root")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,7 +34,7 @@ from .divergence import DivergenceGuard, check_saved_state, finite_check_mode, s
 from .evaluate import chunk_count, evaluate
 from .hooks import Hooks, hooks_for
 from .optim import describe_optimizer
-from .progress import Progress, log, log_done, log_epoch, log_start, tensorboard
+from .progress import Progress, log, log_done, log_epoch, log_start, scalar_sinks
 from .rundir import check_checkpoint_there, load_run_config, load_trainable, run_session
 from .sched import schedule_notes
 from .seeds import seed_everything
@@ -242,7 +243,7 @@ class Trainer:
                 log.warning("the configuration records %d change(s) a --resume made mid-run (run.changes): this "
                             "run trains one schedule with the last values from step 0, not the run that made them",
                             self.replayed_changes)
-        self.tb = tensorboard(cfg, self.folder.path, dinfo.is_main, st["global_step"])
+        self.tb = scalar_sinks(cfg, self.folder.path, dinfo.is_main, st["global_step"])
         self.progress = Progress(cfg["run"]["progress"], dinfo.is_main, int(cfg["run"]["log_every"]))
         # resumed at an epoch's end exactly at a (lowered) train.max_steps: nothing left to run
         stop = t["max_steps"] is not None and st["global_step"] >= int(t["max_steps"]) and st["batch"] == 0
@@ -256,9 +257,15 @@ class Trainer:
                     self.progress.close()
                 self._end_epoch(st, epochs, stop)
             res = self._finish(st, stop)
+            if self.tb is not None:
+                self.tb.summarise(res)
         finally:
             if self.tb is not None:
-                self.tb.close()   # (what a stopped run logged is flushed too)
+                # (what a stopped run logged is flushed too; a stop on request or by a signal, with its
+                # resume point, is no failure; a non-finite loss or any other error marks wandb's run failed)
+                err = sys.exc_info()[1]
+                self.tb.close(failed=err is not None and getattr(err, "code", None) not in (EXIT_STOPPED,
+                                                                                          EXIT_INTERRUPTED))
         return res
 
     def train_one_epoch(self, st: dict, epochs: int) -> bool:

@@ -1,5 +1,5 @@
 """What a run shows: the per-step progress (bar or lines), the ``svp.engine`` log (stderr
-and ``<run>/train.log``) and TensorBoard scalars."""
+and ``<run>/train.log``) and its scalars (TensorBoard, Weights & Biases)."""
 from __future__ import annotations
 
 import logging
@@ -223,6 +223,136 @@ def tensorboard(cfg: dict, run_dir: str, is_main: bool, resumed_at: int = 0):
         raise ConfigError("run.tensorboard=true needs the tensorboard package "
                           "(pip install 'svp-vim[tensorboard]')") from None
     return SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class WandbScalars:
+    """The run's Weights & Biases run (``run.wandb``), written to as TensorBoard is:
+    ``add_scalar(tag, value, step)`` and ``close()``. The scalars of one global step go out as
+    one ``log`` call, charted over ``global_step`` (wandb's own step counts calls). The run's id
+    is kept in ``<run>/wandb_run_id``, so a resumed run continues the same wandb run. wandb cannot
+    drop what a stopped or killed attempt logged after the resume point, as TensorBoard's purge
+    does: those steps show twice on a chart over ``global_step``."""
+
+    def __init__(self, run, step_key: str = "global_step"):
+        self.run, self.step_key = run, step_key
+        self.pending: dict = {}
+        self.step: Optional[int] = None
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        if self.pending and step != self.step:
+            self.flush()
+        self.step = int(step)
+        self.pending[tag] = float(value)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.run.log({**self.pending, self.step_key: self.step})
+            self.pending = {}
+
+    def summarise(self, results: dict) -> None:
+        """The run's results in the wandb run's summary: the val-selected and the final epoch's
+        numbers (``selected/test_top1``, ``final/test_top1``, ...), the parameter counts and the
+        adapter's size, as in results.json (the summary would otherwise hold each scalar's last
+        logged value: the final epoch's)."""
+        out = {}
+        for part in ("val_selected", "final"):
+            for k, v in (results.get(part) or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"{'selected' if part == 'val_selected' else part}/{k}"] = v
+        for k in ("trainable_params", "trainable_params_without_head", "all_params", "adapter_bytes",
+                  "train_seconds", "images_per_s"):
+            if isinstance(results.get(k), (int, float)):
+                out[k] = results[k]
+        self.run.summary.update(out)
+
+    def close(self, failed: bool = False) -> None:
+        try:
+            self.flush()
+        finally:
+            self.run.finish(exit_code=1 if failed else 0)
+
+
+def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
+    """The run's wandb run (``run.wandb``; project ``run.wandb_project``, else $WANDB_PROJECT, else
+    "svp"; entity, mode and the rest from wandb's own variables: WANDB_ENTITY, WANDB_MODE=offline
+    ...). Named ``run.name`` (else the run folder's name), its files in ``<run>/wandb``, the
+    resolved configuration as its config."""
+    if not (cfg["run"].get("wandb") and is_main):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]')") from None
+    from ..io import atomic_write_text
+
+    id_file = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = None
+    if os.path.isfile(id_file):
+        with open(id_file, encoding="utf-8") as f:
+            run_id = f.read().strip() or None
+    if run_id is None:
+        # (wandb's own ids: 8 characters of [a-z0-9]; written before init, so a run killed during
+        # init still resumes into the run it created)
+        import secrets
+        run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+        atomic_write_text(id_file, run_id + "\n")
+    project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
+    try:
+        # (run.name where given, sub-folders and all: a sweep's runs are <dataset>/<method>/seed<N>,
+        # each "seed0" by its folder's name alone)
+        name = cfg["run"].get("name") or os.path.basename(os.path.normpath(run_dir))
+        run = wandb.init(project=project, name=str(name), id=run_id,
+                         resume="allow", dir=run_dir, config=cfg, job_type="train",
+                         tags=[str(cfg["method"]["name"]), str(cfg["data"]["dataset"])])
+    except Exception as e:   # noqa: BLE001  (wandb's errors have no common base: login, network, mode)
+        raise ConfigError(f"run.wandb=true: wandb could not start a run ({type(e).__name__}: {e}); "
+                          f"set WANDB_MODE=offline to log to {os.path.join(run_dir, 'wandb')} and "
+                          f"`wandb sync` later, or run without run.wandb") from None
+    run.define_metric("global_step")
+    run.define_metric("*", step_metric="global_step")
+    return WandbScalars(run)
+
+
+class Scalars:
+    """Every scalar sink of a run (TensorBoard, wandb), written to as one."""
+
+    def __init__(self, sinks: list):
+        self.sinks = sinks
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        for s in self.sinks:
+            s.add_scalar(tag, value, step)
+
+    def summarise(self, results: dict) -> None:
+        for s in self.sinks:
+            if isinstance(s, WandbScalars):
+                s.summarise(results)
+
+    def close(self, failed: bool = False) -> None:
+        errors = []
+        for s in self.sinks:   # (each closed, one failing or not: a TensorBoard flush error left wandb open)
+            try:
+                s.close(failed=failed) if isinstance(s, WandbScalars) else s.close()
+            except Exception as e:   # noqa: BLE001
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def scalar_sinks(cfg: dict, run_dir: str, is_main: bool, resumed_at: int = 0) -> Optional[Scalars]:
+    """The run's scalar sinks (``run.tensorboard``, ``run.wandb``) as one, or None."""
+    sinks = [s for s in (tensorboard(cfg, run_dir, is_main, resumed_at),) if s is not None]
+    try:
+        w = wandb_run(cfg, run_dir, is_main)
+    except BaseException:
+        for s in sinks:
+            s.close()
+        raise
+    sinks += [w] if w is not None else []
+    return Scalars(sinks) if sinks else None
 
 
 def log_start(cfg: dict, run_dir: str, model, spec, n_train: int, device, world_size: int, lr: float,

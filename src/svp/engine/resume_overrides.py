@@ -8,7 +8,7 @@ takes effect exactly from the resume point on:
   schedule of the changed configuration from the resume point's step on (the scheduler
   state saved in the resume point is not reloaded; the optimizer's rate is set from the
   new schedule before every step). Steps before the resume point keep the rates they had.
-* how the run is watched or saved (``run.progress``, ``run.log_every``, ``run.tensorboard``,
+* how the run is watched or saved (``run.progress``, ``run.log_every``, ``run.tensorboard``, ``run.wandb``,
   ``run.save_every_steps``), where the data lives and how it is read (``data.root``,
   ``data.num_workers``, ``data.cache_images``: the data order, the augmentation and the
   tensors do not depend on them), the device (``train.device``, unless the steps would compute in
@@ -33,7 +33,7 @@ TRAINING_KEYS = ("train.lr", "train.epochs", "train.max_steps")
 # keys that change nothing that is learned (not recorded)
 WATCH_KEYS = ("train.device", "model.grad_checkpointing", "data.root", "data.num_workers", "data.cache_images",
               "run.progress", "run.log_every",
-              "run.tensorboard", "run.save_every_steps")
+              "run.tensorboard", "run.wandb", "run.save_every_steps")
 ACCEPTED = TRAINING_KEYS + WATCH_KEYS + ("debug.*",)
 
 

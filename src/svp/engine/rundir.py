@@ -416,7 +416,7 @@ def lost_peer(e: BaseException, dist: DistInfo, path) -> Optional[PeerError]:
                      exit_code=1)
 
 
-_ATTEMPT_FILES = ("train.log", "nonfinite", "tb")
+_ATTEMPT_FILES = ("train.log", "nonfinite", "tb", "wandb", "wandb_run_id")
 
 
 def _set_aside_earlier_log(run_dir: str) -> None:
@@ -424,7 +424,9 @@ def _set_aside_earlier_log(run_dir: str) -> None:
     first, then trained again, e.g. by a restarted sweep; or diverged before it, as the message
     then advises) starts its own ``train.log``: the earlier attempts' are ``train.log.1``, ``.2``,
     ... in the order they ran, and with the same number their divergence dump (``nonfinite.N``: a
-    finished run looked as if it had diverged, review) and TensorBoard files (``tb.N``).
+    finished run looked as if it had diverged, review), TensorBoard files (``tb.N``) and wandb's
+    (``wandb.N``, and its run id ``wandb_run_id.N``: the fresh run is a new wandb run, where it had
+    continued the killed attempt's, its steps logged twice).
     metrics.jsonl and config.yaml are rewritten."""
     present = [f for f in _ATTEMPT_FILES if os.path.exists(os.path.join(run_dir, f))]
     if not present:

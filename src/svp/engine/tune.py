@@ -229,7 +229,9 @@ def selection_splits(dataset: str, cfg: dict) -> Tuple[str, str]:
 
 # where a run lives and the record of its resumes: the folder itself is the run's identity
 # (the same folder may be reached through another --output spelling)
-_PLACE_KEYS = ("run.output", "run.name", "run.changes")
+# (and where its scalars go: a finished run logged to another wandb project is the same run; an
+# interrupted one resumes into its own)
+_PLACE_KEYS = ("run.output", "run.name", "run.changes", "run.wandb_project")
 _UNSET = object()
 
 

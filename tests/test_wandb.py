@@ -1,0 +1,142 @@
+"""run.wandb: a training run logs its scalars, configuration and results to a Weights & Biases
+run, which a resume continues. wandb is not a test dependency (it brings ~100 MB of packages and
+starts a service process): a stand-in module records what the run asks of wandb's API
+(``init``, ``define_metric``, ``log``, ``summary.update``, ``finish``). The same calls were
+checked once against wandb 0.31 in offline mode (docs/training.md, "Weights & Biases")."""
+import json
+import sys
+import types
+
+import pytest
+
+from svp.cli import main as svp_main
+
+MINI = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32", "--epochs", "3",
+        "--batch-size", "8", "data.max_train_samples=24", "data.max_eval_samples=8", "train.warmup_epochs=0",
+        "data.recipe=plain", "run.progress=none", "train.device=cpu", "run.log_every=1"]
+
+
+class FakeRun:
+    def __init__(self, **kwargs):
+        self.init, self.logged, self.metrics, self.exit_code = kwargs, [], [], None
+        self.summary = {}
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics.append((name, step_metric))
+
+    def log(self, row):
+        assert self.exit_code is None, "logged after finish"
+        self.logged.append(dict(row))
+
+    def finish(self, exit_code=0):
+        self.exit_code = exit_code
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    runs = []
+    mod = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        if mod.fail:
+            raise RuntimeError("api_key not configured (no-tty)")
+        runs.append(FakeRun(**kwargs))
+        return runs[-1]
+    mod.init, mod.fail, mod.runs = init, False, runs
+    monkeypatch.setitem(sys.modules, "wandb", mod)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    return mod
+
+
+def test_a_run_logs_each_steps_scalars_once_over_global_step_and_its_results(tmp_path, fake_wandb, capsys):
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "digits/w", "run.wandb=true",
+                     "run.wandb_project=vim-digits"]) == 0
+    capsys.readouterr()
+    run_dir = tmp_path / "digits" / "w"
+    (run,) = fake_wandb.runs
+    init = run.init
+    # (run.name whole: a sweep's runs are <dataset>/<method>/seed<N>)
+    assert init["project"] == "vim-digits" and init["name"] == "digits/w" and init["dir"] == str(run_dir)
+    assert init["resume"] == "allow" and init["id"] == (run_dir / "wandb_run_id").read_text().strip()
+    assert init["config"]["method"]["name"] == "linear" and init["config"]["run"]["wandb"] is True
+    assert set(init["tags"]) == {"linear", "digits"}
+    assert ("*", "global_step") in run.metrics
+    steps = [row["global_step"] for row in run.logged]
+    assert steps == list(range(1, 10))   # one row per step, in order (wandb's own step counts rows)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:   # the epoch's record in the row of the step it ended at, beside that step's loss
+        row = run.logged[rec["step"] - 1]
+        assert row["epoch/val_top1"] == rec["val_top1"] and row["epoch/train_loss"] == rec["train_loss"]
+        assert "train/loss" in row and "train/lr" in row
+    assert sum("epoch/val_top1" in row for row in run.logged) == 3
+    results = json.loads((run_dir / "results.json").read_text())
+    assert run.summary["selected/test_top1"] == results["val_selected"]["test_top1"]
+    assert run.summary["final/epoch"] == 3 and run.summary["trainable_params"] == results["trainable_params"]
+    assert run.exit_code == 0
+
+
+def test_a_resumed_run_continues_the_same_wandb_run_from_its_resume_point(tmp_path, fake_wandb, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "r", "run.wandb=true"]
+    assert svp_main(args + ["debug.stop_at_step=4"]) == 75
+    assert svp_main(["train", "--resume", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    first, second = fake_wandb.runs
+    assert first.init["id"] == second.init["id"] and first.init["project"] == second.init["project"] == "from-env"
+    assert first.exit_code == 0 and second.exit_code == 0   # a stop on request is no failure
+    assert [row["global_step"] for row in first.logged] == [1, 2, 3, 4]
+    assert [row["global_step"] for row in second.logged] == [5, 6, 7, 8, 9]
+
+
+def test_wandb_turned_on_at_a_resume_starts_logging_there(tmp_path, fake_wandb, capsys):
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "late"]
+    assert svp_main(args + ["debug.stop_at_step=4"]) == 75
+    assert not fake_wandb.runs and not (tmp_path / "late" / "wandb_run_id").exists()
+    assert svp_main(["train", "--resume", str(tmp_path / "late"), "run.wandb=true"]) == 0
+    capsys.readouterr()
+    (run,) = fake_wandb.runs
+    assert [row["global_step"] for row in run.logged] == [5, 6, 7, 8, 9] and run.exit_code == 0
+
+
+def test_a_non_finite_loss_marks_the_wandb_run_failed(tmp_path, fake_wandb, capsys):
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "nan", "run.wandb=true",
+                     "debug.nan_at_step=5"]) == 3
+    capsys.readouterr()
+    (run,) = fake_wandb.runs
+    assert run.exit_code == 1 and [row["global_step"] for row in run.logged] == [1, 2, 3, 4]
+
+
+def test_without_wandb_or_when_it_cannot_start_the_run_says_what_to_do(tmp_path, fake_wandb, monkeypatch, capsys):
+    fake_wandb.fail = True
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "a", "run.wandb=true"]) == 2
+    err = capsys.readouterr().err
+    assert "wandb could not start a run (RuntimeError: api_key not configured" in err and "WANDB_MODE=offline" in err
+    monkeypatch.setitem(sys.modules, "wandb", None)   # (import wandb raises ImportError)
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "b", "run.wandb=true"]) == 2
+    assert "run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]')" in capsys.readouterr().err
+
+
+def test_wandb_project_is_text_or_null(tmp_path, capsys):
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "p", "run.wandb_project=[a]",
+                     "--print-config"]) == 2
+    assert "run.wandb_project=['a']: expected a non-empty string or null" in capsys.readouterr().err
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "p", "run.wandb_project=vim s",
+                     "--print-config"]) == 0
+    assert "wandb_project: vim s" in capsys.readouterr().out
+
+
+def test_a_fresh_run_after_an_attempt_without_a_resume_point_is_a_new_wandb_run(tmp_path, fake_wandb, capsys):
+    """The attempt's id is set aside with its log (``wandb_run_id.1``): kept, the fresh run had
+    continued the attempt's wandb run, its first steps logged twice."""
+    args = ["train", *MINI, "--output", str(tmp_path), "--name", "again", "run.wandb=true"]
+    assert svp_main(args + ["debug.nan_at_step=2"]) == 3
+    run_dir = tmp_path / "again"
+    assert not (run_dir / "resume.safetensors").exists()
+    assert svp_main(args) == 0
+    capsys.readouterr()
+    first, second = fake_wandb.runs
+    assert first.init["id"] != second.init["id"] and first.exit_code == 1 and second.exit_code == 0
+    assert (run_dir / "wandb_run_id.1").read_text().strip() == first.init["id"]
+    assert (run_dir / "wandb_run_id").read_text().strip() == second.init["id"]
+    assert [row["global_step"] for row in second.logged] == list(range(1, 10))
