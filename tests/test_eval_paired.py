@@ -86,6 +86,11 @@ def test_several_adapters_are_each_evaluated_and_paired_with_the_first(two_adapt
                     "only_this_right": only_other, "only_first_right": only_first,
                     "mcnemar_p": mcnemar_exact(only_first, only_other), "nonfinite": 0, "nonfinite_first": 0}
     assert pair["top1_diff"] == pytest.approx(100 * (only_other - only_first) / 120)
+    # --json-list: one adapter in the same form (a script reads one shape whatever the folders)
+    assert svp_main(["eval", lin, *common, "--json-list"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone == {"dataset": "digits", "split": "test", "n": 120, "paired": [],
+                     "results": [{k: v for k, v in single[0].items() if k != "predictions"}]}
     # the text: each adapter's line, then the comparison
     assert svp_main(["eval", lin, full, *common]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -153,6 +158,27 @@ def test_every_adapter_is_checked_first_and_a_later_failure_keeps_the_finished(t
     assert svp_main(["eval", lin, full, *common, "--json"]) != 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["incomplete"] is True and [r["adapter"] for r in doc["results"]] == [lin] and doc["n"] == 20
+    assert doc["failed"] == full and doc["paired"] == []
+    # the third failing: the two finished ones are still paired, and the failed folder named (retest 93)
+    import shutil
+    third = str(tmp / "third")
+    shutil.copytree(lin, third)
+
+    def third_fails(d, *a, **k):
+        if d == third:
+            raise AdapterError(f"{d}: its base weights are not these")
+        return real(d, *a, **k)
+    monkeypatch.setattr(cli, "_eval_one", third_fails)
+    assert svp_main(["eval", lin, full, third, *common, "--json"]) != 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["failed"] == third and [r["adapter"] for r in doc["results"]] == [lin, full]
+    assert [(p["adapter"], p["against"]) for p in doc["paired"]] == [(full, lin)]
+    # a device this machine lacks: refused before the header (it was refused after it)
+    import torch
+    if not torch.cuda.is_available():
+        assert svp_main(["eval", lin, full, *common, "--device", "cuda"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "CUDA is not available" in err
 
 
 def test_non_finite_outputs_are_said_beside_the_paired_test(two_adapters, capsys, monkeypatch):
@@ -204,4 +230,49 @@ def test_the_paired_difference_interval_covers_the_true_difference_95_times_in_1
     unpaired = (100 * (0.05 - math.hypot(0.85 - l2, u1 - 0.8)), 100 * (0.05 + math.hypot(u2 - 0.85, 0.8 - l1)))
     assert unpaired[0] < lo < 5 < hi < unpaired[1]   # (hits correlated: phi = 0.14)
     assert all(math.isnan(v) for v in paired_difference_interval(0, 0, 0, 0))
-    assert paired_difference_interval(50, 0, 0, 50) == (0.0, 0.0)
+
+
+def test_the_paired_difference_interval_corrects_phi_as_newcombe_does():
+    """Without Newcombe's correction of phi's numerator (AD - BC lowered by N/2, to 0 at most, when
+    positive) two models agreeing on every image got a zero-width interval, and strongly agreeing
+    pairs, the usual case of two adapters on one backbone, covered 86-87% (retest 93)."""
+    import numpy as np
+    # worked examples: Altman et al., Statistics with Confidence (2nd ed.), table 6.2: 0.011 to 0.226
+    # for the first's accuracy minus the other's; Fagerland, Lydersen & Laake's Bentur et al. table
+    # (1, 1, 7, 12): 2.56 to 50.69 points; Newcombe's (36, 12, 2, 0), where AD - BC < 0 (uncorrected)
+    assert paired_difference_interval(14, 5, 0, 22) == pytest.approx((-22.65, -1.15), abs=0.005)
+    assert paired_difference_interval(1, 1, 7, 12) == pytest.approx((2.56, 50.69), abs=0.005)
+    assert paired_difference_interval(36, 12, 2, 0) == pytest.approx((-34.04, -5.69), abs=0.005)
+    lo, hi = paired_difference_interval(50, 0, 0, 50)
+    assert lo == pytest.approx(-hi) and 1.5 < hi < 2.5   # (it was exactly 0.0 to 0.0)
+    lo, hi = paired_difference_interval(2, 0, 0, 2)
+    assert lo == pytest.approx(-hi) and hi > 30
+    rng = np.random.default_rng(1)
+    probs, n = (0.45, 0.01, 0.02, 0.52), 100
+    covered = sum(lo <= 1.0 <= hi for lo, hi in (paired_difference_interval(*map(int, t))
+                                                 for t in rng.multinomial(n, probs, size=4000)))
+    assert covered / 4000 >= 0.95, covered / 4000   # (86-87% uncorrected)
+
+
+def test_the_check_before_the_evaluations_reads_no_weights(two_adapters, capsys, monkeypatch):
+    """Each adapter's weights file was read whole by the check and again by the load (a full
+    fine-tuning adapter: hundreds of MB twice). The check reads its header, so a damaged one is
+    still refused before any work (retest 93)."""
+    from svp.peft import io as pio
+    tmp, lin, full = two_adapters
+    files = pio.read_adapter_files(full, weights=False)
+    assert files.data[pio.ADAPTER_WEIGHTS] is None and files.data[pio.ADAPTER_CONFIG]
+    real, reads = pio._read_once, []
+    monkeypatch.setattr(pio, "_read_once", lambda d, weights=True: (reads.append((d, weights)), real(d, weights))[1])
+    assert svp_main(["eval", lin, full, "--dataset", "digits", "--max-samples", "10"]) == 0
+    capsys.readouterr()
+    assert [w for d, w in reads] == [False, False, True, True], reads
+    import shutil
+    broken = tmp / "broken"
+    shutil.copytree(full, broken)
+    w = broken / pio.ADAPTER_WEIGHTS
+    w.write_bytes(w.read_bytes()[:-4])
+    reads.clear()
+    assert svp_main(["eval", lin, str(broken), "--dataset", "digits", "--max-samples", "10"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "not a readable safetensors file" in err and len(reads) == 2

@@ -550,17 +550,17 @@ def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, c
     return spec
 
 
-def read_adapter_folder(adapter_dir: str):
+def read_adapter_folder(adapter_dir: str, weights: bool = True):
     """An adapter folder's files read once (:func:`svp.peft.io.read_adapter_files`), for
     :func:`adapter_spec` and :func:`build_model` to take the backbone description, the weights
     and the class names from one state of it (read three times, a folder replaced meanwhile,
     e.g. a run's best/ at an epoch's end, gave one adapter's weights under the other's class
-    names: review)."""
+    names: review). ``weights=False``: the weights file checked, not read (a check before the load)."""
     from .peft.io import read_adapter_files
 
     check_adapter_folder(adapter_dir)
     try:
-        return read_adapter_files(adapter_dir)
+        return read_adapter_files(adapter_dir, weights)
     except FileNotFoundError as e:
         raise AdapterError(str(e)) from None
 

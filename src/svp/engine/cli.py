@@ -129,7 +129,11 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=144, help="evaluation batch size (default 144)")
     e.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
     _amp_arg(e)
-    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--json", action="store_true", help="print the result as JSON: one adapter's result, or for "
+                                                       "several {dataset, split, n, results, paired}")
+    e.add_argument("--json-list", action="store_true",
+                   help="--json in the form of several adapters for one adapter too (results: [its result], "
+                        "paired: []), so a script reads one form whatever the number of folders")
     e.add_argument("--per-class", action="store_true",
                    help="also each class's images and top-1 accuracy, and their mean over the classes (the "
                         "accuracy each class weighs alike in, whatever its number of images)")
@@ -479,7 +483,7 @@ def _check_adapter_for(adapter_dir: str, ds, args) -> None:
     there, or of other classes, named third does not end the command after two evaluations."""
     from ..build import adapter_spec, check_recorded_checkpoint, check_recorded_weights, read_adapter_folder
 
-    files = read_adapter_folder(adapter_dir)
+    files = read_adapter_folder(adapter_dir, weights=False)   # (the load reads them)
     spec = adapter_spec(adapter_dir, args.model, args.checkpoint, args.pretrained, args.random_init, files=files)
     check_recorded_weights(spec, adapter_dir, files, args.model)
     check_recorded_checkpoint(spec, adapter_dir, args.checkpoint)
@@ -538,7 +542,9 @@ def _paired(first: dict, other: dict) -> dict:
     only_other = sum(b and not a for a, b in pairs)
     only_first = sum(a and not b for a, b in pairs)
     both = sum(a and b for a, b in pairs)
-    return {"adapter": other["adapter"], "against": first["adapter"], "top1_diff": other["top1"] - first["top1"],
+    # (the difference from the counts: two rounded percentages gave -1.1999999999999993 for -1.2)
+    return {"adapter": other["adapter"], "against": first["adapter"],
+            "top1_diff": 100.0 * (only_other - only_first) / max(len(pairs), 1),
             "top1_diff_ci95": list(paired_difference_interval(both, only_first, only_other,
                                                               len(pairs) - both - only_first - only_other)),
             "only_this_right": only_other, "only_first_right": only_first,
@@ -565,6 +571,7 @@ def cmd_eval(args) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise C.ConfigError(f"--max-samples must be >= 1 (or left out for every sample), got {args.max_samples}")
     dirs = list(args.adapter_dirs)
+    args.json = args.json or args.json_list
     seen = {}
     for d in dirs:   # (the same folder twice compares an adapter with itself: p = 1, a wasted pass)
         real = os.path.realpath(d)
@@ -575,8 +582,11 @@ def cmd_eval(args) -> int:
         raise C.ConfigError(f"--predictions writes one adapter's predictions; {len(dirs)} adapters were given "
                             f"(evaluate each with its own --predictions file; the paired test between them is "
                             f"printed without it)")
-    ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
     several = len(dirs) > 1
+    if several:
+        from ..build import pick_device
+        pick_device(args.device)   # (a device this machine lacks was refused after the header: retest 93)
+    ds = Limited(data.build_dataset(args.dataset, args.split, root=args.data_root), args.max_samples)
     if several:
         for d in dirs:
             _check_adapter_for(d, ds, args)
@@ -585,7 +595,7 @@ def cmd_eval(args) -> int:
         args.predictions_target = check_output_file(args.predictions, "--predictions")
     if several and not args.json:   # each adapter's line as it is done: a later failure keeps them
         print(f"{args.dataset} [{args.split}] {len(ds)} images, {len(dirs)} adapters:", flush=True)
-    results = []
+    results, d = [], None
     try:
         for d in dirs:
             r = _eval_one(d, ds, args, keep_correct=several)
@@ -595,16 +605,17 @@ def cmd_eval(args) -> int:
                 if args.per_class:
                     _print_per_class(r, indent="    ")
     except BaseException:
-        if several and args.json and results:   # the finished ones, said as unfinished
+        if several and args.json and results:   # the finished ones, and their pairs, said as unfinished
             print(json_text({"dataset": args.dataset, "split": args.split, "n": len(ds), "incomplete": True,
-                             "results": [{k: v for k, v in r.items() if k != "correct"} for r in results],
-                             "paired": []}, indent=2), flush=True)
+                             "failed": d, "results": [{k: v for k, v in r.items() if k != "correct"}
+                                                      for r in results],
+                             "paired": [_paired(results[0], r) for r in results[1:]]}, indent=2), flush=True)
         raise
     paired = [_paired(results[0], r) for r in results[1:]]
     for r in results:
         r.pop("correct", None)
     if args.json:
-        print(json_text(results[0] if not several else
+        print(json_text(results[0] if not (several or args.json_list) else
                         {"dataset": args.dataset, "split": args.split, "n": results[0]["n"], "results": results,
                          "paired": paired}, indent=2))
     elif not several:

@@ -297,13 +297,16 @@ def _moved(directory: str, dir_fd: Optional[int]) -> bool:
     return (here.st_dev, here.st_ino) != (opened.st_dev, opened.st_ino)
 
 
-def read_adapter_files(directory) -> AdapterFiles:
+def read_adapter_files(directory, weights: bool = True) -> AdapterFiles:
     """Read ``directory``'s adapter files (:class:`AdapterFiles`). A folder whose files change
-    while they are read is read again, up to three times in all, then refused."""
+    while they are read is read again, up to three times in all, then refused. ``weights=False``:
+    adapter.safetensors is checked (its header against its size) but not read (its data None),
+    for a check of the folder before the load (svp eval of several adapters read each full
+    fine-tuning adapter, hundreds of MB, twice: retest 93)."""
     directory = os.fspath(directory)
     for _ in range(_READ_TRIES):
         try:
-            return _read_once(directory)
+            return _read_once(directory, weights)
         except _Changed:
             continue
     raise AdapterError(f"{directory}: its files changed while they were read, {_READ_TRIES} times; load it once "
@@ -340,7 +343,7 @@ def _check_size(f, name: str, path: str, size: int) -> None:
             "); the adapter directory is damaged, save or copy it again")
 
 
-def _read_once(directory: str) -> AdapterFiles:
+def _read_once(directory: str, weights: bool = True) -> AdapterFiles:
     # the files are opened through one descriptor of the folder where the system has them
     # (Linux, macOS): a folder renamed or swapped meanwhile cannot mix two folders' files
     dir_fd = None
@@ -384,10 +387,10 @@ def _read_once(directory: str) -> AdapterFiles:
                 before = _identity(st)
                 try:
                     _check_size(f, name, path, st.st_size)
-                    blob = f.read()
+                    blob = f.read() if weights or name != ADAPTER_WEIGHTS else None
                 except OSError as e:
                     raise AdapterError(f"{path}: cannot read it ({e.strerror or e})") from None
-                if _identity(os.fstat(f.fileno())) != before or len(blob) != before[-1]:
+                if _identity(os.fstat(f.fileno())) != before or (blob is not None and len(blob) != before[-1]):
                     raise _Changed()   # written while it was read
             data[name] = blob
             stamp.append(before)
