@@ -158,3 +158,48 @@ def test_a_small_validation_split_is_not_warned_of(logged):
         build_datasets(_cfg("data.shots=4", "data.max_eval_samples=41"))
     assert any("data.shots=4 trains on 40 images, but data.val_split=val selects the epoch on 41 labelled images"
                in m for m in messages), messages
+
+
+def test_a_cut_to_one_class_is_warned_of_as_the_cuts_with_shots_too(tmp_path, logged):
+    """With data.shots, data.max_train_samples cutting a split ordered by class to one class was
+    refused as a one-class split ("images of 1 class ('a') of 3"), where without shots it is the
+    cut's warning (retest 93)."""
+    from svp.engine.setup import check_classes_to_learn
+    root = _csv_root(tmp_path)
+    over = ("data.dataset=csv", f"data.root={root}", "data.val_split=null", "data.img_size=32",
+            "data.max_train_samples=5")
+    for shots in ((), ("data.shots=2",)):
+        cfg = C.resolve(overrides=over + shots, use_presets=False)
+        (train, _), _, _ = build_datasets(cfg)
+        with logged("svp.engine", "WARNING") as messages:
+            check_classes_to_learn(cfg, train)
+        assert any("data.max_train_samples=5 keeps images of 1 class of the 3 the training split has (the first 5"
+                   in m for m in messages), messages
+    assert any("data.shots=2 draws from them" in m for m in messages)
+
+
+def test_the_short_class_warning_leaves_out_classes_without_images(tmp_path, logged):
+    """A class of no training image was listed among those that "keep all they have" (retest 93)."""
+    root = _csv_root(tmp_path, n_per_class=4)
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(lines[:4] + lines[4:6] + lines[8:]) + "\n")   # b: 2 images
+    over = ("data.dataset=csv", f"data.root={root}", "data.val_split=null", "data.img_size=32", "data.shots=3",
+            "data.options={classes: [a, b, c, d]}")
+    with logged("svp.engine", "WARNING") as messages:
+        build_datasets(C.resolve(overrides=over, use_presets=False))
+    assert any("1 class(es) of train have fewer images and keep all they have ('b')" in m for m in messages), messages
+
+
+def test_a_draw_smaller_than_a_batch_or_cut_by_the_batches_is_said(tmp_path, capsys):
+    """A batch larger than the draw was refused without naming data.shots (after the model was
+    built); a draw of 30 at batch 16 left 14 images out of every epoch unsaid (retest 93)."""
+    base = ["train", "--dataset", "digits", "--model", "vim_mini_patch4_32", "--method", "linear", "--epochs", "1",
+            "--output", str(tmp_path), "run.progress=none", "data.max_eval_samples=8", "train.warmup_epochs=0"]
+    assert svp_main(base + ["--name", "big", "--shots", "1"]) == 2
+    assert ("train.batch_size=64 x world size 1 is larger than the training set (10 samples of 'digits', "
+            "data.shots=1 per class)") in capsys.readouterr().err
+    assert svp_main(base + ["--name", "cut", "--shots", "3", "--batch-size", "16"]) == 0
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert "data.shots=3: 30 training images at 16 a step leave 14 of them (47%) out of each epoch" in log
+    assert svp_main(base + ["--name", "fits", "--shots", "3", "--batch-size", "10"]) == 0
+    assert "out of each epoch" not in (tmp_path / "fits" / "train.log").read_text()

@@ -41,6 +41,29 @@ def test_epoch_milestones_are_pytorchs_and_the_official_offset_delays_them():
     assert offset == pytest.approx([want[0]] + want[:-1], rel=1e-12)
 
 
+def test_the_milestone_shift_is_measured_on_the_installed_timm(monkeypatch):
+    """A timm that took PyTorch's convention (milestone m applied at index m, not m - 1) would have
+    decayed every run one epoch late, unsaid: the shift is measured, and the epochs stay PyTorch's
+    (retest 93)."""
+    import bisect
+
+    import svp.engine.sched as S
+    want = _torch_multistep(0.1, [3, 7], 0.2, 12)
+    assert S.timm_milestone_shift() == 1   # (timm 1.0.x's documented convention)
+
+    class PyTorchConvention(S.MultiStepLRScheduler):
+        def get_curr_decay_steps(self, t):
+            return bisect.bisect_right(self.decay_t, t)
+    monkeypatch.setattr(S, "MultiStepLRScheduler", PyTorchConvention)
+    S.timm_milestone_shift.cache_clear()
+    try:
+        assert S.timm_milestone_shift() == 0
+        got = [lr_at_epoch(_cfg(official_epoch_offset=False), e, 0.1) for e in range(12)]
+        assert got == pytest.approx(want, rel=1e-12)
+    finally:
+        S.timm_milestone_shift.cache_clear()
+
+
 def test_step_milestones_count_optimizer_steps_and_the_warm_up_is_the_cosines():
     per = 4
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

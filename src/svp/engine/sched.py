@@ -14,11 +14,26 @@ scheduler state (it is saved anyway).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List
 
 import torch
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+
+
+@functools.lru_cache(maxsize=None)
+def timm_milestone_shift() -> int:
+    """What to add to a PyTorch-style milestone (the index from which the rate is decayed) for
+    timm's MultiStepLRScheduler to decay at the same index: 1 with timm's convention (milestone m
+    applied at index m - 1), 0 with PyTorch's. Measured on a one-parameter schedule."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    probe = MultiStepLRScheduler(opt, decay_t=[2], decay_rate=0.5, warmup_t=0, warmup_prefix=False)
+    for index in range(4):
+        probe.step(index)
+        if opt.param_groups[0]["lr"] < 1.0:
+            return 2 - index
+    raise RuntimeError("timm's MultiStepLRScheduler did not decay at a milestone of 2 within 4 steps")
 
 
 class Schedule:
@@ -55,8 +70,12 @@ class Schedule:
             # timm applies a milestone m at index m - 1 (its documented convention); + 1 gives
             # PyTorch's MultiStepLR, which users' epochs mean: [30] decays from index 30, the 31st
             # epoch. Counted from the start, warm-up included (warmup_prefix=False, as the cosine).
+            # The shift is measured on the installed timm, not assumed (a timm that took PyTorch's
+            # convention would decay every run one epoch late, unsaid: retest 93)
+            shift = timm_milestone_shift()
             self.sched = MultiStepLRScheduler(
-                optimizer, decay_t=[int(m) * per + 1 for m in t["decay_epochs"]], decay_rate=float(t["decay_rate"]),
+                optimizer, decay_t=[int(m) * per + shift for m in t["decay_epochs"]],
+                decay_rate=float(t["decay_rate"]),
                 warmup_t=int(round(float(t["warmup_epochs"]) * per)), warmup_lr_init=float(t["warmup_lr"]),
                 warmup_prefix=False, t_in_epochs=(self.mode == "epoch"))
 

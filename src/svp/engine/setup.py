@@ -80,10 +80,14 @@ def build_datasets(cfg: dict):
         if len(ds) == 0:  # nothing to train on, or a NaN accuracy reported as a result
             raise DatasetError(f"dataset {d['dataset']!r}: its {split!r} split has no samples")
         if training and d["shots"]:
+            whole = ds
             if limit:   # the first N of the split, then the draw from them (the draw's first N, in the
                 # split's order, left out whole classes of a split ordered by class: retest 91)
                 ds, limit = SubsetDataset(ds, range(min(len(ds), int(limit))), split=split), None
             ds = few_shot(ds, split)
+            # (the split's own classes, for check_classes_to_learn: a cut to one class was refused as
+            # a one-class split, not warned of as the cut's, with shots: retest 93)
+            ds.split_targets = whole.targets
         return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
 
     def few_shot(ds, split):
@@ -92,10 +96,12 @@ def build_datasets(cfg: dict):
         targets = np.asarray(ds.targets, dtype=np.int64)
         keep = few_shot_indices(targets, shots, seed)
         counts = np.bincount(targets, minlength=ds.num_classes)
-        short = [ds.classes[c] for c in np.flatnonzero(counts < shots) if c < len(ds.classes)]
+        # (a class without images at all is check_classes_to_learn's, or the other splits': it was listed
+        # here as keeping "all it has": retest 93)
+        short = [ds.classes[c] for c in np.flatnonzero((counts > 0) & (counts < shots)) if c < len(ds.classes)]
         log.info("data.shots=%d: %d of the %d images of %s (%d per class), drawn with seed %d", shots, len(keep),
                  len(ds), split, shots, seed)
-        if short:   # (a class without images at all is check_classes_to_learn's, or the other splits')
+        if short:
             log.warning("data.shots=%d: %d class(es) of %s have fewer images and keep all they have (%s%s)", shots,
                         len(short), split, ", ".join(map(repr, short[:5])), ", ..." if len(short) > 5 else "")
         drawn = SubsetDataset(ds, keep, split=split)
@@ -612,7 +618,8 @@ def check_classes_to_learn(cfg: dict, train_ds: "Limited") -> None:
     classes=). Refused; where data.max_train_samples (the first N) made it so, on a split ordered
     by class, a warning: a debugging run's choice."""
     present = sorted(set(int(t) for t in train_ds.targets))
-    every = getattr(train_ds.ds, "targets", None)   # (a list or an array)
+    every = getattr(train_ds.ds, "split_targets", None)   # (data.shots: the split before the cut and draw)
+    every = getattr(train_ds.ds, "targets", None) if every is None else every   # (a list or an array)
     full = sorted(set(int(t) for t in every)) if every is not None and len(every) else present
     if not present:   # (a dataset without targets: nothing to tell)
         return
@@ -622,9 +629,12 @@ def check_classes_to_learn(cfg: dict, train_ds: "Limited") -> None:
                            f"({', '.join(map(repr, names))}) of {train_ds.num_classes}: a classifier needs "
                            f"images of at least 2")
     if len(present) < 2:
+        cut = cfg["data"]["max_train_samples"]
+        cut = int(cut) if cut else len(train_ds)
         log.warning("data.max_train_samples=%d keeps images of %d class of the %d the training split has (the "
-                    "first %d of a split ordered by class): nothing to tell apart", len(train_ds), len(present),
-                    len(full), len(train_ds))
+                    "first %d of a split ordered by class%s): nothing to tell apart", cut, len(present),
+                    len(full), cut, f"; data.shots={cfg['data']['shots']} draws from them" if cfg["data"]["shots"]
+                    else "")
 
 
 def check_names(cfg: dict, weights: bool = True) -> None:
@@ -667,14 +677,24 @@ def build_run(cfg: dict, device: torch.device, dinfo, resuming: bool = False) ->
     kept = keep_pixels(cfg, {"train": (r.train_ds, train_tf), "val": r.val, "test": r.test})
     (r.train_ds, train_tf), r.val, r.test = kept["train"], kept["val"], kept["test"]
     check_classes_to_learn(cfg, r.train_ds)
+    # (before the model is built: a few-shot set smaller than a batch was refused after it)
+    r.sampler = EpochSampler(len(r.train_ds), int(t["batch_size"]), int(t["seed"]), dinfo.rank, dinfo.world_size)
+    r.steps_per_epoch = r.sampler.batches_per_epoch()
+    shots = cfg["data"]["shots"]
+    if r.steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={t['batch_size']} x world size {dinfo.world_size} is larger than "
+                          f"the training set ({len(r.train_ds)} samples of {cfg['data']['dataset']!r}"
+                          f"{f', data.shots={shots} per class' if shots else ''})")
+    left = len(r.train_ds) - r.steps_per_epoch * int(t["batch_size"]) * dinfo.world_size
+    if shots and left >= 0.1 * len(r.train_ds):
+        # (the last partial batch is dropped each epoch: 14 of a 30-image draw at batch 16 went unsaid)
+        log.warning("data.shots=%s: %d training images at %d a step leave %d of them (%.0f%%) out of each epoch "
+                    "(a different %d each epoch: the last partial batch is dropped); a global batch dividing %d "
+                    "uses them all", shots, len(r.train_ds), int(t["batch_size"]) * dinfo.world_size, left,
+                    100.0 * left / len(r.train_ds), left, len(r.train_ds))
     r.spec = model_spec(cfg, r.train_ds.num_classes, r.train_ds.classes)
     r.model = model = build_train_model(cfg, r.spec, resuming).to(device)
     model.train()
-    r.sampler = EpochSampler(len(r.train_ds), int(t["batch_size"]), int(t["seed"]), dinfo.rank, dinfo.world_size)
-    r.steps_per_epoch = r.sampler.batches_per_epoch()
-    if r.steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size={t['batch_size']} x world size {dinfo.world_size} is larger than "
-                          f"the training set ({len(r.train_ds)} samples of {cfg['data']['dataset']!r})")
     cuda = device.type == "cuda"
     r.loader = Loader(
         SeededDataset(r.train_ds, train_tf), batch_size=int(t["batch_size"]), sampler=r.sampler,

@@ -342,9 +342,11 @@ def selection_table(tuning: Dict[str, Any]) -> str:
 
 
 def write_outputs(output: str, suite: str, rows, datasets, methods, seeds,
-                  tuning: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+                  tuning: Optional[Dict[str, Any]] = None, settings: Sequence[str] = ()) -> Tuple[str, str]:
+    """results.csv and results.md (and tuning.json); ``settings``: the config files and overrides
+    every run was given, named under the heading (a few-shot table read as a full-data one)."""
     try:
-        return _write_outputs(output, suite, rows, datasets, methods, seeds, tuning)
+        return _write_outputs(output, suite, rows, datasets, methods, seeds, tuning, settings)
     except OSError as e:   # a full disk: one line, not a traceback; every file is whole or as before
         raise C.ConfigError(f"{output}: cannot write the sweep's results ({e.strerror or e}"
                             f"{': ' + e.filename if isinstance(e.filename, str) else ''}); its finished runs "
@@ -362,7 +364,7 @@ def write_outputs_meanwhile(*args) -> None:
         log.warning("%s; the sweep goes on and writes them after its last run", str(e).split("; ")[0])
 
 
-def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tuple[str, str]:
+def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning, settings=()) -> Tuple[str, str]:
     official = any(r.get("official_best_test_top1") not in ("", None) for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -374,6 +376,8 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning) -> Tup
     # results.csv and tuning.json of this sweep beside the results.md of the last (review)
     texts = [(csv_path, buf.getvalue())]
     md = [f"# svp sweep: suite {md_text(suite)}", ""]
+    if settings:
+        md += ["Every run with: " + "; ".join(md_text(x) for x in settings) + ".", ""]
     if tuning is not None:
         from .tune import PROTOCOL_TITLES
         md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
@@ -570,8 +574,10 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     log.debug("%s", traceback.format_exc())
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
                                                  run_dir=run_dir))
-                write_outputs_meanwhile(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
-    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+                write_outputs_meanwhile(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds], None,
+                                        [*(config_files or ()), *(overrides or ())])
+    csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds],
+                                      settings=[*(config_files or ()), *(overrides or ())])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
@@ -591,7 +597,8 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
         results = runner.run_all(tasks)
         rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir)
                 for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
-        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds])
+        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds],
+                                          settings=[*(config_files or ()), *(overrides or ())])
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
@@ -672,7 +679,7 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
             finals.append(fin)
         tuning["cells"] = cells
         write_outputs_meanwhile(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds,
-                                list(methods), seeds, tuning)
+                                list(methods), seeds, tuning, [*(config_files or ()), *(overrides or ())])
         final_res = runner.run_all([t for f in finals for t in f])
         k = 0
         for cell, fin in zip(cells, finals):
@@ -683,6 +690,7 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
             for fin in cell["finals"]:
                 fin.pop("results", None)
         # (within the runner's block, as the plain sweep's tables)
-        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning)
+        csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning,
+                                          [*(config_files or ()), *(overrides or ())])
     return {"csv": csv_path, "markdown": md_path, "rows": rows, "tuning": tuning,
             "json": os.path.join(output, "tuning.json")}
