@@ -762,8 +762,11 @@ def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys, monkeypatch):
     # the mini suite's base configuration (svp/assets/mini_suite.yaml) selects no epoch on a validation split
     assert md.count("±") >= 6 and "no validation split" in md and "after the last epoch" in md
     # what every run was given, under the heading (a few-shot table read as a full-data one: retest 93)
-    from svp.engine.sweep import md_text
+    from svp.engine.sweep import md_text, sweep_settings
     assert f"Every run with: {md_text(cfg)}; train.max_steps=1.\n" in md
+    # (not what the sweep sets for each run itself, which it warns of: retest 94)
+    assert sweep_settings([cfg], ["run.name=foo", "run.output=/x", "train.lr=1", "data.dataset=faces"]) == [
+        cfg, "train.lr=1"]
     # a second call with the same configuration reuses the finished runs; with another, it refuses them.
     # (`--output=~/sweep`, which the shell leaves as it is: the runs' run.output expanded the ~ and the
     # sweep's own files did not, so it looked for its finished runs in ./~/sweep)

@@ -159,6 +159,12 @@ def test_every_adapter_is_checked_first_and_a_later_failure_keeps_the_finished(t
     doc = json.loads(capsys.readouterr().out)
     assert doc["incomplete"] is True and [r["adapter"] for r in doc["results"]] == [lin] and doc["n"] == 20
     assert doc["failed"] == full and doc["paired"] == []
+    # the first failing: the document still comes, naming it (a script read nothing: retest 94)
+    calls.clear()
+    calls.append("one done")
+    assert svp_main(["eval", full, lin, *common, "--json"]) != 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["incomplete"] is True and doc["failed"] == full and doc["results"] == [] and doc["paired"] == []
     # the third failing: the two finished ones are still paired, and the failed folder named (retest 93)
     import shutil
     third = str(tmp / "third")

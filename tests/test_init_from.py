@@ -123,12 +123,30 @@ def test_svp_train_init_from_starts_a_run_and_its_resume_does_not_read_it(tmp_pa
     assert svp_main(cmd("full", "ft", "--init-from", str(runs / "lp" / "best"), *frozen_rates,
                         "debug.stop_at_step=1")) == 75
     assert "method.init_from: 2 tensors of the linear adapter in" in (runs / "ft" / "train.log").read_text()
+    # stopped inside its first epoch: no adapter folder yet, the resume point holds the record (retest 94)
+    from svp.engine.setup import adapter_digest
+    from svp.engine.tune import recorded_init_weights
+    assert not (runs / "ft" / "last").exists()
+    assert recorded_init_weights(str(runs / "ft")) == adapter_digest(str(runs / "lp" / "best")) is not None
     os.rename(runs / "lp", runs / "lp-moved")   # the resume point holds every tensor: the folder is not read again
     assert svp_main(["train", "--resume", str(runs / "ft")]) == 0, capsys.readouterr().err
     tuned = load_file(str(runs / "ft" / "last" / "adapter.safetensors"))
     assert all(torch.equal(tuned[n], probe[n]) for n in probe)
     recorded = json.loads((runs / "ft" / "last" / "backbone.json").read_text())
     assert recorded["init_from"] == str(runs / "lp" / "best")
+    # which tensors it started from, carried over the resume (the folder was not read again), for a
+    # sweep's reuse: the folder retrained in place is another start (retest 89)
+    from svp.engine.tune import check_same_init
+    source = str(runs / "lp-moved" / "best")
+    assert recorded["init_from_weights"] == adapter_digest(source) is not None
+    check_same_init(str(runs / "ft"), {"method": {"init_from": source}}, finished=True)
+    assert svp_main(cmd("linear", "lp2", "train.seed=1")) == 0   # (another head: the warm-up rate is the same)
+    import shutil
+    shutil.rmtree(source)
+    shutil.copytree(runs / "lp2" / "best", source)
+    with pytest.raises(ConfigError, match=r"holds a finished run started from the adapter in .*lp-moved/best "
+                                          r"\(method.init_from\) when that folder held other tensors"):
+        check_same_init(str(runs / "ft"), {"method": {"init_from": source}}, finished=True)
     # a full adapter's backbone tensors have no place in a linear probe; a missing folder is said before the data
     capsys.readouterr()
     assert svp_main(cmd("linear", "x", "--init-from", str(runs / "ft" / "last"))) == 2

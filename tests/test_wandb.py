@@ -16,6 +16,11 @@ MINI = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4
         "data.recipe=plain", "run.progress=none", "train.device=cpu", "run.log_every=1"]
 
 
+MINI_OVERRIDES = ["data.dataset=digits", "method.name=linear", "model.name=vim_mini_patch4_32", "train.epochs=3",
+                  "train.batch_size=8", "data.max_train_samples=24", "data.max_eval_samples=8", "train.warmup_epochs=0",
+                  "data.recipe=plain", "run.progress=none", "train.device=cpu", "run.log_every=1"]
+
+
 class FakeRun:
     def __init__(self, **kwargs):
         self.init, self.logged, self.metrics, self.exit_code = kwargs, [], [], None
@@ -43,6 +48,7 @@ def fake_wandb(monkeypatch):
         runs.append(FakeRun(**kwargs))
         return runs[-1]
     mod.init, mod.fail, mod.runs = init, False, runs
+    mod.Settings = lambda **kw: dict(kw)
     monkeypatch.setitem(sys.modules, "wandb", mod)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     return mod
@@ -112,9 +118,34 @@ def test_without_wandb_or_when_it_cannot_start_the_run_says_what_to_do(tmp_path,
     assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "a", "run.wandb=true"]) == 2
     err = capsys.readouterr().err
     assert "wandb could not start a run (RuntimeError: api_key not configured" in err and "WANDB_MODE=offline" in err
+    assert "run.wandb=false, at a --resume too" in err
+    # not installed: said before any work (the data, the model), and a resume asking for it leaves
+    # config.yaml as it was (it was rewritten first, and every plain --resume failed after: retest 94)
+    fake_wandb.fail = False
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "r", "debug.stop_at_step=4"]) == 75
     monkeypatch.setitem(sys.modules, "wandb", None)   # (import wandb raises ImportError)
+    capsys.readouterr()
     assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "b", "run.wandb=true"]) == 2
-    assert "run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]')" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]')" in err
+    assert "trainable params" not in out + err and not (tmp_path / "b").exists()
+    config = (tmp_path / "r" / "config.yaml").read_text()
+    assert svp_main(["train", "--resume", str(tmp_path / "r"), "run.wandb=true"]) == 2
+    assert (tmp_path / "r" / "config.yaml").read_text() == config
+    assert svp_main(["train", "--resume", str(tmp_path / "r")]) == 0
+
+
+def test_a_run_finished_inside_a_callers_except_block_is_no_failure(tmp_path, fake_wandb, capsys):
+    """sys.exc_info() in the run's finally named the caller's handled error: a finished run was
+    marked failed when train() was called from an except block (retest 94)."""
+    from svp.engine.loop import train
+    try:
+        raise ValueError("the caller's own, handled")
+    except ValueError:
+        train(overrides=[*MINI_OVERRIDES, f"run.output={tmp_path}", "run.name=x", "run.wandb=true"])
+    capsys.readouterr()
+    (run,) = fake_wandb.runs
+    assert run.exit_code == 0 and len(run.logged) == 9
 
 
 def test_wandb_project_is_text_or_null(tmp_path, capsys):
@@ -124,6 +155,9 @@ def test_wandb_project_is_text_or_null(tmp_path, capsys):
     assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "p", "run.wandb_project=vim s",
                      "--print-config"]) == 0
     assert "wandb_project: vim s" in capsys.readouterr().out
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "p", "run.wandb_project=a/b",
+                     "--print-config"]) == 2   # (wandb refused it only at init, after the data and the model)
+    assert "a wandb project name may not hold any of / \\ # ? % :" in capsys.readouterr().err
 
 
 def test_a_fresh_run_after_an_attempt_without_a_resume_point_is_a_new_wandb_run(tmp_path, fake_wandb, capsys):

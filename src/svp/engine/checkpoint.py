@@ -111,6 +111,18 @@ def saved_names(path: str) -> Optional[set]:
         return None
 
 
+def saved_value(path: str, name: str) -> Any:
+    """A top-level JSON value of a saved state (not a tensor), from the file's metadata alone;
+    None where the file, the name or a plain value is missing."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        got = json.loads(meta["state"])["__dict__"].get(f"s:{name}")
+    except Exception:
+        return None
+    return got if got is None or isinstance(got, (bool, int, float, str)) else None
+
+
 def load_state(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ResumeError(f"no resume state at {path} (expected {RESUME_FILE} written by `svp train`)")

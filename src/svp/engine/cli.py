@@ -605,7 +605,7 @@ def cmd_eval(args) -> int:
                 if args.per_class:
                     _print_per_class(r, indent="    ")
     except BaseException:
-        if several and args.json and results:   # the finished ones, and their pairs, said as unfinished
+        if several and args.json:   # the finished ones (none: the first failed), and their pairs, as unfinished
             print(json_text({"dataset": args.dataset, "split": args.split, "n": len(ds), "incomplete": True,
                              "failed": d, "results": [{k: v for k, v in r.items() if k != "correct"}
                                                       for r in results],

@@ -684,6 +684,9 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))
         if isinstance(v, str) and "\0" in v:   # (a ValueError traceback where it became a path)
             raise ConfigError(f"{key}={v!r}: holds a NUL character")
+    project = cfg["run"].get("wandb_project")
+    if isinstance(project, str) and any(c in project for c in "/\\#?%:"):   # (wandb refuses them, at init: retest 94)
+        raise ConfigError(f"run.wandb_project={project!r}: a wandb project name may not hold any of / \\ # ? % :")
     for key in ("data.num_workers", "run.save_every_steps"):   # 0.5 was truncated to 0 (no mid-epoch saves)
         v = get_key(cfg, key)
         if not (_is_num(v, integer=True) and v >= 0):

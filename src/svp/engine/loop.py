@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -127,6 +126,9 @@ class Trainer:
                     "point; %s again stops it at once, without a new one", name, again)
 
     def run(self) -> Dict[str, Any]:
+        # (before any work: a missing package was found after the data, the model and, at a resume,
+        # the rewrite of config.yaml, so a plain --resume failed on it ever after: retest 94)
+        run_progress.check_scalar_packages(self.cfg)
         device_kind = pick_device(self.cfg["train"]["device"])
         self.dist = init_distributed("cuda" if device_kind.startswith("cuda") else "cpu")
         self.device = maybe_device(device_kind, self.dist)
@@ -190,7 +192,7 @@ class Trainer:
         st = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
               "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_seconds": 0.0, "epoch_images": 0,
               "train_seconds": 0.0, "nonfinite": None, "lr_phases": [], "train_data": None,
-              "training_values": None}
+              "training_values": None, "init_from_weights": None}
         epochs = int(t["epochs"])
         data_id = train_data_id(self.train_ds)
         if self.resume_dir:
@@ -229,6 +231,13 @@ class Trainer:
                 self.folder.rewrite_metrics(st["history"])
                 self.folder.write_config()
         st["train_data"] = data_id
+        # what method.init_from started the run from (setup.init_from; a sweep's reuse check): a
+        # resume does not read the folder again, so the resume point carries it to the adapters saved
+        if self.resume_dir:
+            if st.get("init_from_weights"):
+                self.spec.extra["init_from_weights"] = st["init_from_weights"]
+        elif self.spec.extra.get("init_from_weights"):
+            st["init_from_weights"] = self.spec.extra["init_from_weights"]
         if not self.check_each_step:   # the state the first interval check falls back on
             self.guard.snapshot()
             self.checked_step = st["global_step"]
@@ -259,13 +268,17 @@ class Trainer:
             res = self._finish(st, stop)
             if self.tb is not None:
                 self.tb.summarise(res)
+        except BaseException as e:
+            # (a stop on request or by a signal, with its resume point, is no failure; a non-finite loss
+            # or any other error marks wandb's run failed. Not sys.exc_info() in the finally: inside a
+            # caller's except block it named the caller's error, and a finished run was failed: retest 94)
+            failed = getattr(e, "code", None) not in (EXIT_STOPPED, EXIT_INTERRUPTED)
+            raise
+        else:
+            failed = False
         finally:
             if self.tb is not None:
-                # (what a stopped run logged is flushed too; a stop on request or by a signal, with its
-                # resume point, is no failure; a non-finite loss or any other error marks wandb's run failed)
-                err = sys.exc_info()[1]
-                self.tb.close(failed=err is not None and getattr(err, "code", None) not in (EXIT_STOPPED,
-                                                                                          EXIT_INTERRUPTED))
+                self.tb.close(failed=failed)   # (what a stopped run logged is flushed too)
         return res
 
     def train_one_epoch(self, st: dict, epochs: int) -> bool:

@@ -228,13 +228,39 @@ def tensorboard(cfg: dict, run_dir: str, is_main: bool, resumed_at: int = 0):
 WANDB_ID_FILE = "wandb_run_id"
 
 
+def _installed(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        import importlib.util
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_scalar_packages(cfg: dict) -> None:
+    """The packages ``run.tensorboard`` and ``run.wandb`` need, before any work (found missing
+    only after the data and the model were built, and at a resume after config.yaml was rewritten
+    with the setting: retest 94). Looked up, not imported."""
+    run = cfg["run"]
+    # (torch's writer already imported, or the package it needs there)
+    board = sys.modules.get("torch.utils.tensorboard") is not None or _installed("tensorboard")
+    if run.get("tensorboard") and not board:
+        raise ConfigError("run.tensorboard=true needs the tensorboard package (pip install 'svp-vim[tensorboard]'); "
+                          "or run without it (run.tensorboard=false, at a --resume too)")
+    if run.get("wandb") and not _installed("wandb"):
+        raise ConfigError("run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]'); or run without "
+                          "it (run.wandb=false, at a --resume too)")
+
+
 class WandbScalars:
     """The run's Weights & Biases run (``run.wandb``), written to as TensorBoard is:
     ``add_scalar(tag, value, step)`` and ``close()``. The scalars of one global step go out as
     one ``log`` call, charted over ``global_step`` (wandb's own step counts calls). The run's id
     is kept in ``<run>/wandb_run_id``, so a resumed run continues the same wandb run. wandb cannot
-    drop what a stopped or killed attempt logged after the resume point, as TensorBoard's purge
-    does: those steps show twice on a chart over ``global_step``."""
+    drop what a stopped attempt logged after the resume point, as TensorBoard's purge does: those
+    steps show twice on a chart over ``global_step``; a killed attempt loses what wandb had not yet
+    written (offline, its file is written every ~15 s)."""
 
     def __init__(self, run, step_key: str = "global_step"):
         self.run, self.step_key = run, step_key
@@ -304,13 +330,17 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
         # (run.name where given, sub-folders and all: a sweep's runs are <dataset>/<method>/seed<N>,
         # each "seed0" by its folder's name alone)
         name = cfg["run"].get("name") or os.path.basename(os.path.normpath(run_dir))
+        # (quiet unless WANDB_QUIET / WANDB_SILENT say otherwise: wandb's ~35 lines a run, its
+        # sparklines and sync hints, came between svp's own: retest 94)
+        quiet = {} if any(v in os.environ for v in ("WANDB_QUIET", "WANDB_SILENT")) else \
+            {"settings": wandb.Settings(quiet=True)}
         run = wandb.init(project=project, name=str(name), id=run_id,
                          resume="allow", dir=run_dir, config=cfg, job_type="train",
-                         tags=[str(cfg["method"]["name"]), str(cfg["data"]["dataset"])])
+                         tags=[str(cfg["method"]["name"])[:64], str(cfg["data"]["dataset"])[:64]], **quiet)
     except Exception as e:   # noqa: BLE001  (wandb's errors have no common base: login, network, mode)
         raise ConfigError(f"run.wandb=true: wandb could not start a run ({type(e).__name__}: {e}); "
                           f"set WANDB_MODE=offline to log to {os.path.join(run_dir, 'wandb')} and "
-                          f"`wandb sync` later, or run without run.wandb") from None
+                          f"`wandb sync` later, or run without it (run.wandb=false, at a --resume too)") from None
     run.define_metric("global_step")
     run.define_metric("*", step_metric="global_step")
     return WandbScalars(run)

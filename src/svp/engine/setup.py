@@ -464,9 +464,28 @@ def build_train_model(cfg: dict, spec: ModelSpec, resuming: bool = False) -> nn.
     return model
 
 
+def adapter_digest(folder: str) -> Optional[str]:
+    """The tensors of the adapter folder ``folder`` as one digest: its adapter_config.json's
+    ``weights_hash`` (which binds the config to the tensors saved with it), else, for a folder an
+    older svp saved, the sha256 of its adapter.safetensors; None where neither can be read."""
+    from ..peft.io import ADAPTER_WEIGHTS, read_adapter_config
+    try:
+        digest = read_adapter_config(folder).get("weights_hash")
+        if digest:
+            return f"weights_hash:{digest}"
+        h = hashlib.sha256()
+        with open(os.path.join(folder, ADAPTER_WEIGHTS), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return f"sha256:{h.hexdigest()}"
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def init_from(model, source: str, spec: ModelSpec) -> None:
     """The adapter of ``model`` started from the adapter folder ``source`` (``method.init_from``);
-    its head only on the run's classes, in the run's order."""
+    its head only on the run's classes, in the run's order. backbone.json records which tensors
+    (``init_from_weights``: a sweep does not reuse the run once the folder holds others)."""
     from ..build import check_adapter_folder
     from ..errors import AdapterError
 
@@ -490,6 +509,7 @@ def init_from(model, source: str, spec: ModelSpec) -> None:
         if differ:
             log.warning("method.init_from: %s's %s settings are not this run's (%s); its tensors start this run "
                         "as they are", source, got["method"], "; ".join(differ))
+    spec.extra["init_from_weights"] = adapter_digest(source)
     log.info("method.init_from: %d tensors of the %s adapter in %s start this run's %s adapter; %d of its %d "
              "start as initialised", len(got["loaded"]), got["method"], source, model.config.method,
              len(got["initialised"]), len(got["loaded"]) + len(got["initialised"]))

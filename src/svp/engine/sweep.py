@@ -90,6 +90,18 @@ def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
+# the keys run_config sets for every run, whatever an override says (train.seed is not among them:
+# an override's seed is the base the replicates count from)
+_FORCED = ("data.dataset", "method.name", "run.output", "run.name")
+
+
+def sweep_settings(config_files, overrides) -> List[str]:
+    """What results.md says every run was given: the config files and the overrides the sweep
+    does not replace (run.name=foo was listed, its runs in the sweep's own folders: retest 94)."""
+    kept = [o for o in (overrides or ()) if str(o).split("=", 1)[0].strip() not in _FORCED]
+    return [*(config_files or ()), *kept]
+
+
 def run_config(dataset: str, method: str, seed: int, output: str, run_name: str, config_files: Sequence[str],
                overrides: Sequence[str], base: Optional[dict] = None) -> dict:
     # the sweep decides dataset/method/seed/run folder, whatever the config files say; as
@@ -471,6 +483,10 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     output = C.path_value("run.output", os.fspath(output))
     all_ds = _select_datasets(suite, datasets)
     base = suite_base(suite, config_files, overrides)
+    replaced = [o for o in overrides or () if str(o).split("=", 1)[0].strip() in _FORCED]
+    if replaced:   # (taken without a word, and listed in results.md as given: retest 94)
+        log.warning("the sweep sets %s for each run itself (its dataset, method and folder under --output): "
+                    "%s not used", ", ".join(_FORCED), ", ".join(replaced))
     if tune_refit and not tune:
         raise C.ConfigError("--tune-refit needs --tune (the grid to select from)")
     if tune and fail_fast:   # a failed grid point is recorded and cannot win; the others go on
@@ -575,9 +591,9 @@ def _plain_sweep(suite, methods, seeds, output, all_ds, config_files, overrides,
                     rows.append(row_from_results(suite, group, ds, m, s, None, f"{type(e).__name__}: {e}",
                                                  run_dir=run_dir))
                 write_outputs_meanwhile(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds], None,
-                                        [*(config_files or ()), *(overrides or ())])
+                                        sweep_settings(config_files, overrides))
     csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds],
-                                      settings=[*(config_files or ()), *(overrides or ())])
+                                      settings=sweep_settings(config_files, overrides))
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
@@ -598,7 +614,7 @@ def _parallel_sweep(suite, methods, seeds, output, all_ds, config_files, overrid
         rows = [row_from_results(suite, g, ds, m, s, res, err, run_dir=run_dir)
                 for (ds, g, m, s), (res, err), (run_dir, _) in zip(combos, results, tasks)]
         csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), [int(x) for x in seeds],
-                                          settings=[*(config_files or ()), *(overrides or ())])
+                                          settings=sweep_settings(config_files, overrides))
     return {"csv": csv_path, "markdown": md_path, "rows": rows}
 
 
@@ -679,7 +695,7 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
             finals.append(fin)
         tuning["cells"] = cells
         write_outputs_meanwhile(output, suite, _tuned_rows(suite, plans, cells, seeds, protocol), all_ds,
-                                list(methods), seeds, tuning, [*(config_files or ()), *(overrides or ())])
+                                list(methods), seeds, tuning, sweep_settings(config_files, overrides))
         final_res = runner.run_all([t for f in finals for t in f])
         k = 0
         for cell, fin in zip(cells, finals):
@@ -691,6 +707,6 @@ def tuned_sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output
                 fin.pop("results", None)
         # (within the runner's block, as the plain sweep's tables)
         csv_path, md_path = write_outputs(output, suite, rows, all_ds, list(methods), seeds, tuning,
-                                          [*(config_files or ()), *(overrides or ())])
+                                          sweep_settings(config_files, overrides))
     return {"csv": csv_path, "markdown": md_path, "rows": rows, "tuning": tuning,
             "json": os.path.join(output, "tuning.json")}

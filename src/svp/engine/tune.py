@@ -394,6 +394,48 @@ _PINNED_NUMERICS = frozenset({"train.opt_fused", "train.amp_cpu", "method.settin
 _BASE_HASHES: Dict[Tuple, str] = {}
 
 
+def recorded_init_weights(run_dir: str) -> Optional[str]:
+    """What the run in ``run_dir`` recorded of the adapter its ``method.init_from`` started it
+    from (``init_from_weights`` in its resume point, else in last/ or best/ backbone.json:
+    :func:`svp.engine.setup.adapter_digest`), or None (no such run, a run from before 2026-12-07,
+    or an unreadable record). (A run interrupted before its first epoch's end has no adapter
+    folder yet: its resume point was not read, and it was resumed from an old start: retest 94.)"""
+    got = ck.saved_value(os.path.join(run_dir, ck.RESUME_FILE), "init_from_weights")
+    if isinstance(got, str) and got:
+        return got
+    for sub in ("last", "best"):
+        try:
+            with open(os.path.join(run_dir, sub, "backbone.json"), encoding="utf-8") as f:
+                got = json.load(f).get("init_from_weights")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(got, str) and got:
+            return got
+    return None
+
+
+def check_same_init(run_dir: str, cfg: dict, finished: bool) -> None:
+    """Refuse (:class:`ConfigError`) to reuse or resume the run in ``run_dir`` when the adapter
+    folder its ``method.init_from`` names now holds other tensors than the run started from: the
+    configuration names the folder, not its contents, and an LP-FT sweep run again after its linear
+    probes were retrained reused full fine-tuning runs started from the old probes (retest 89). A
+    run without the record (older, or no adapter saved yet) or a folder no longer readable is not
+    compared."""
+    from .setup import adapter_digest
+
+    source = cfg["method"].get("init_from")
+    recorded = recorded_init_weights(run_dir) if source else None
+    if not recorded:
+        return
+    now = adapter_digest(source)
+    if now is not None and now != recorded:
+        raise C.ConfigError(
+            f"run folder {run_dir} holds {'a finished' if finished else 'an interrupted'} run started from the "
+            f"adapter in {source} (method.init_from) when that folder held other tensors ({recorded}; now "
+            f"{now}), so it is not {'reused' if finished else 'resumed'}; use another --output, or delete the "
+            f"folder to train it again from the adapter there now")
+
+
 def check_same_backbone(run_dir: str) -> None:
     """Refuse (:class:`ConfigError`) to reuse the finished run in ``run_dir`` when the backbone
     checkpoint at its recorded path now holds other weights than its adapters were trained on
@@ -451,13 +493,16 @@ def load_or_resume(run_dir: str, cfg: dict, resume: bool = True) -> Optional[Dic
     done = os.path.join(run_dir, "results.json")
     if os.path.isfile(done):
         check_same_config(run_dir, cfg, finished=True)
+        check_same_init(run_dir, cfg, finished=True)
         check_same_backbone(run_dir)
         with open(done) as f:
             res = json.load(f)
         res["status"] = "reused"
         return res
     if resume and os.path.isfile(os.path.join(run_dir, ck.RESUME_FILE)):
-        res = train(resume=run_dir, overrides=check_same_config(run_dir, cfg, finished=False))
+        overrides = check_same_config(run_dir, cfg, finished=False)
+        check_same_init(run_dir, cfg, finished=False)
+        res = train(resume=run_dir, overrides=overrides)
         res["status"] = "resumed"
         return res
     return None
