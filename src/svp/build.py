@@ -197,7 +197,8 @@ def check_model_name(name: str) -> None:
 
     import svp.models  # noqa: F401  (registers vim_* with timm)
     if not timm.is_model(name):
-        raise ConfigError(f"model {name!r}: no such model; the Vim models: {', '.join(timm.list_models('vim_*'))}")
+        raise ConfigError(f"model {name!r}: no such model; the Vim models: {', '.join(timm.list_models('vim_*'))} "
+                          f"(and timm's ViTs for the baselines: vit_small_patch16_224, vit_base_patch16_224, ...)")
 
 
 def check_checkpoint_file(path, key: str = "checkpoint", recorded_in: Optional[str] = None) -> None:
@@ -303,6 +304,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     import timm
 
     import svp.models  # noqa: F401  (registers vim_* with timm)
+    from .models.vit import NotAViTBackbone, as_backbone, is_vit
 
     weights = spec.weights
     kwargs = dict(spec.kwargs)
@@ -325,6 +327,10 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
     try:
         with torch.device("meta") if lazy else contextlib.nullcontext():
             model = timm.create_model(spec.model, pretrained=weights in ("pretrained", "bundled"), **kwargs)
+        try:   # (timm's ViTs with svp's seam: svp.models.vit)
+            model = as_backbone(model, spec.model)
+        except NotAViTBackbone as e:
+            raise ConfigError(str(e)) from None
         if lazy:
             model = _materialise(model, spec)
     except UnreadableCheckpoint as e:
@@ -364,7 +370,8 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             torch.set_rng_state(rng)
     if weights == "checkpoint":
         from .models import load_checkpoint_into
-        load_checkpoint_into(model, spec.checkpoint)
+        from .models.vit import load_checkpoint as load_vit_checkpoint
+        (load_vit_checkpoint if is_vit(model) else load_checkpoint_into)(model, spec.checkpoint)
     return model
 
 

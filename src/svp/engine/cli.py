@@ -61,7 +61,8 @@ TRAIN_FLAGS = [
     ("--method", "method.name", str, "adaptation method: {methods}"),
     ("--init-from", "method.init_from", str, "an adapter folder whose tensors start this run's adapter (LP-FT: a "
                                              "linear probe's best/ as a full fine-tuning run's start)"),
-    ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224); " + WEIGHTS_HELP),
+    ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224; timm's ViTs, "
+                                   "vit_base_patch16_224..., for the baselines); " + WEIGHTS_HELP),
     ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
     ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<date>-<time>-<6 hex>)"),

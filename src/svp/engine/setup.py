@@ -372,6 +372,7 @@ def check_method_fits(cfg: dict) -> None:
 
     import svp.models  # noqa: F401  (registers vim_* with timm)
     from ..models.vim import PatchGridError, VisionMamba
+    from ..models.vit import HookedViT, NotAViTBackbone, as_backbone
     from ..peft.base import dry_run
 
     mc, name, settings = method_config(cfg, None)
@@ -382,7 +383,9 @@ def check_method_fits(cfg: dict) -> None:
     if key not in _META_MODELS:
         try:
             with torch.device("meta"):
-                _META_MODELS[key] = timm.create_model(m["name"], pretrained=False, **kwargs)
+                _META_MODELS[key] = as_backbone(timm.create_model(m["name"], pretrained=False, **kwargs), m["name"])
+        except NotAViTBackbone as e:
+            raise ConfigError(str(e)) from None
         except PatchGridError as e:
             where = ("model.kwargs.img_size", kwargs["img_size"]) if "img_size" in (m["kwargs"] or {}) \
                 else ("data.img_size", kwargs["img_size"])
@@ -398,11 +401,11 @@ def check_method_fits(cfg: dict) -> None:
         return
     # (a model that is no Vim was built by the run with svp's img_size, and failed there with a
     # traceback after the data had been read: review46)
-    if not isinstance(built, VisionMamba):   # (a str: the words it failed with)
+    if not isinstance(built, (VisionMamba, HookedViT)):   # (a str: the words it failed with)
         what = f"cannot be built with {kwargs} ({built})" if isinstance(built, str) else \
             f"is a {type(built).__name__}"
         raise ConfigError(f"model {m['name']!r} {what}; svp's methods adapt Vision Mamba backbones (the Vim "
-                          f"models: {', '.join(timm.list_models('vim_*'))})")
+                          f"models: {', '.join(timm.list_models('vim_*'))}) and timm's plain ViTs (vit_*)")
     try:
         dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:

@@ -4,6 +4,7 @@ from .vim import (BiMambaMixer, Block, PatchEmbed, VisionMamba, _patch_timm_chec
                   checkpoint_filter_fn, resample_pos_embed_midcls)
 
 from . import vim_mini  # noqa: F401  (registers vim_mini_patch4_32, the bundled backbone)
+from .vit import HookedViT, NotAViTBackbone, as_backbone, is_vit
 _patch_timm_checkpoint_path()
 
 # the models svp registers with timm, whose files svp's loader reads: a backbone.json read from a
@@ -14,4 +15,4 @@ MODEL_NAMES = ("vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224", "vim_smal
 
 __all__ = ["VisionMamba", "BiMambaMixer", "Block", "PatchEmbed", "checkpoint_filter_fn",
            "resample_pos_embed_midcls", "load_checkpoint_into", "read_checkpoint", "extract_state_dict",
-           "CheckpointError", "MODEL_NAMES"]
+           "CheckpointError", "MODEL_NAMES", "HookedViT", "NotAViTBackbone", "as_backbone", "is_vit"]

@@ -61,8 +61,10 @@ class ParallelAdapter(PeftMethod):
         self.adapters = nn.ModuleList([Bottleneck(model.embed_dim, int(config.bottleneck), float(config.scale))
                                        for _ in model.layers])
         self._handles = []
-        for layer, ad in zip(model.layers, self.adapters):
-            self._handles.append(layer.mixer.register_forward_hook(_AdapterHook(ad)))
+        for i, (layer, ad) in enumerate(zip(model.layers, self.adapters)):
+            # (a ViT's site is its block's MLP, as AdaptFormer's: svp.models.vit.HookedViT.adapter_site)
+            site = model.adapter_site(i) if hasattr(model, "adapter_site") else layer.mixer
+            self._handles.append(site.register_forward_hook(_AdapterHook(ad)))
 
     def detach(self, model):
         for h in self._handles:

@@ -257,7 +257,9 @@ class PeftModel(nn.Module):
     # -- forward ------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         self._check_attached("forward")
-        self.base_model.patch_embed.check_images(images)   # (before SimAM and the pixel prompt see it)
+        # (before SimAM and the pixel prompt see it; a ViT's own check: svp.models.vit)
+        check = getattr(self.base_model, "check_images", None) or self.base_model.patch_embed.check_images
+        check(images)
         x = simam(images) if self.config.simam else images
         return self.method.transform_input(x)
 

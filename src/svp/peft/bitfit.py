@@ -24,6 +24,10 @@ class BitFit(PeftMethod):
     mergeable = True   # (trained in place)
 
     def trainable_base_names(self, model):
+        if getattr(model, "family", "vim") == "vit":   # (every bias of a ViT's blocks and final norm, as BitFit)
+            names = [n for n, _ in model.named_parameters() if n.endswith(".bias")
+                     and not n.startswith(("head.", "patch_embed.", "fc_norm."))]
+            return names + (["patch_embed.proj.bias"] if self.config.patch_embed else [])
         names = [n for n, _ in model.named_parameters()
                  if n.startswith("layers.") and n.endswith(".bias")
                  and n.split(".")[-2] in ("conv1d", "conv1d_b", "dt_proj", "dt_proj_b")]

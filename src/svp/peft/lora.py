@@ -9,7 +9,9 @@ attribute itself, every read of the weight sees the adapted value: the module ca
 ``...parametrizations.weight.original``).
 
 targets: names of mixer projections; 'x_proj' and 'dt_proj' also cover the backward
-direction's twins ('x_proj_b', 'dt_proj_b'). Default: all four.
+direction's twins ('x_proj_b', 'dt_proj_b'). Default: all four. On a ViT backbone
+(svp.models.vit) the block's Linears: 'qkv', 'proj' (attention), 'fc1', 'fc2' (MLP); the default
+there is 'qkv', recorded in the adapter's config as applied.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ class LoRAConfig(PeftConfig):
         if not isinstance(self.targets, (list, tuple)):  # a string would be split into letters
             raise ValueError(f"lora: targets={self.targets!r}; expected a list of layer names from {TARGETS}")
         self.targets = tuple(self.targets)
-        bad = [t for t in self.targets if t not in TARGETS]
+        from ..models.vit import VIT_LORA_TARGETS
+        bad = [t for t in self.targets if t not in TARGETS + VIT_LORA_TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"lora: targets {list(self.targets)} invalid; choose from {TARGETS}")
+            raise ValueError(f"lora: targets {list(self.targets)} invalid; choose from {TARGETS} (a Vim's mixer) "
+                             f"or {VIT_LORA_TARGETS} (a ViT's block)")
         twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if twice:  # a second parametrisation would be frozen (only the first is trained) and dead weight
             raise ValueError(f"lora: targets {list(self.targets)} name {', '.join(twice)} more than once; "
@@ -110,12 +114,24 @@ class LoRA(PeftMethod):
         # out_proj in layer 3) left LoRA on layers 0-3, the backbone's names and hash changed
         # (review); an interruption while registering takes off what was registered
         targets = []
-        for i, layer in enumerate(model.layers):
-            for name in names:
-                lin = getattr(layer.mixer, name)
-                if not isinstance(lin, nn.Linear):
-                    raise TypeError(f"lora: layers.{i}.mixer.{name} is {type(lin).__name__}, expected nn.Linear")
-                targets.append((f"layers.{i}.mixer.{name}", lin))
+        if getattr(model, "family", "vim") == "vit":
+            from ..models.vit import VIT_LORA_DEFAULT
+            if tuple(config.targets) == TARGETS:   # (the default: a ViT's own, recorded as applied)
+                config.targets = VIT_LORA_DEFAULT
+            targets = model.lora_sites(config.targets)
+        else:
+            foreign = [t for t in config.targets if t not in TARGETS]
+            if foreign:
+                raise ValueError(f"lora: targets {foreign} name a ViT block's layers; a Vim's are {TARGETS}")
+            for i, layer in enumerate(model.layers):
+                for name in names:
+                    lin = getattr(layer.mixer, name)
+                    if not isinstance(lin, nn.Linear):
+                        raise TypeError(f"lora: layers.{i}.mixer.{name} is {type(lin).__name__}, expected nn.Linear")
+                    targets.append((f"layers.{i}.mixer.{name}", lin))
+        for path, lin in targets:
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"lora: {path} is {type(lin).__name__}, expected nn.Linear")
         try:
             for path, lin in targets:
                 w = lin.weight

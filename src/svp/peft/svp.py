@@ -97,6 +97,9 @@ class SVP(PeftMethod):
 
     def __init__(self, config: SVPConfig, model: nn.Module):
         super().__init__(config, model)
+        if getattr(model, "family", "vim") != "vim":
+            raise ValueError(f"svp: selective prompts act on a Mamba mixer's selective scan; the backbone is a "
+                             f"{type(model).__name__}, which has none (on a ViT: vpt_deep, lora, adapter, ...)")
         depth, dim = len(model.layers), model.embed_dim
         S = int(config.shared_layers)
         if depth % S:

@@ -243,7 +243,9 @@ class MultiAdapterModel(nn.Module):
         kind = peft.config.method
         method = peft.method
         generic = method.serve_shared and not method.trainable_base_names(peft.base_model)
-        if kind not in SHARED_METHODS and not generic:
+        # (the shared pass's hooks know a Vim's modules: an adapter on a ViT is served on its own model)
+        vim = getattr(peft.base_model, "family", "vim") == "vim"
+        if not vim or (kind not in SHARED_METHODS and not generic):
             return Adapter(name, directory, peft, info, layout=None)
         layout = ("vpt", int(peft.config.num_tokens), peft.config.placement) if kind.startswith("vpt") else ("base",)
         overrides_input = type(method).transform_input is not PeftMethod.transform_input

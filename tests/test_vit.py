@@ -1,0 +1,201 @@
+"""ViT backbones (svp.models.vit): timm's VisionTransformer with svp's seam, the baselines on it,
+and its checkpoints. Small random ViTs throughout (no weights are downloaded)."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from svp.build import ModelSpec, adapter_spec, build_backbone, build_model
+from svp.cli import main as svp_main
+from svp.errors import ConfigError
+from svp.models.vit import HookedViT, NotAViTBackbone, as_backbone
+from svp.peft import get_peft_model, make_config
+
+TINY = dict(img_size=32, patch_size=4, depth=3, embed_dim=48, num_heads=3)
+KWARGS = "model.kwargs={patch_size: 4, depth: 3, embed_dim: 48, num_heads: 3}"
+
+
+def _vit(num_classes=7, seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **{**TINY, **kw}).eval()
+
+
+def test_the_seam_leaves_timms_outputs_bit_for_bit():
+    plain = _vit()
+    x = torch.randn(3, 3, 32, 32)
+    hooked = as_backbone(copy.deepcopy(plain), "vit_tiny_patch16_224")
+    assert type(hooked) is HookedViT and list(hooked.state_dict()) == list(plain.state_dict())
+    assert torch.equal(hooked(x), plain(x))
+    tokens, cls_pos = hooked.forward_features(x, return_cls_pos=True)
+    assert cls_pos == 0 and torch.equal(tokens, plain.forward_features(x))
+    # with activation checkpointing, the same gradients
+    hooked.train()
+    g = []
+    for ckpt in (False, True):
+        hooked.set_grad_checkpointing(ckpt)
+        hooked.zero_grad()
+        hooked(x).square().sum().backward()
+        g.append(hooked.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.equal(*g)
+
+
+def test_other_vits_are_refused_naming_what_does_not_fit():
+    with pytest.raises(NotAViTBackbone, match="pools its tokens by 'avg'"):
+        as_backbone(_vit(global_pool="avg"), "v")
+    distilled = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=48,
+                                  num_heads=3)
+    with pytest.raises(NotAViTBackbone, match="is a VisionTransformerDistilled"):
+        as_backbone(distilled, "deit")
+    spec = ModelSpec(model="vit_tiny_patch16_224", random_init=True, img_size=32, num_classes=3,
+                     kwargs={**{k: v for k, v in TINY.items() if k != "img_size"}, "global_pool": "avg"})
+    with pytest.raises(ConfigError, match="global_pool='token'"):
+        build_backbone(spec)
+
+
+def _peft(method, **settings):
+    return get_peft_model(as_backbone(_vit()), make_config(method, num_classes=5, **settings))
+
+
+def test_vpt_deep_sets_the_tokens_entering_each_block():
+    peft = _peft("vpt_deep", num_tokens=2)
+    prompts = peft.method.prompts
+    with torch.no_grad():
+        prompts.normal_()
+    seen = {}
+    # (the seam calls each block's parts: a pre-hook on its first norm sees the block's input)
+    for i, blk in enumerate(peft.base_model.blocks):
+        blk.norm1.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+    peft(torch.randn(2, 3, 32, 32))
+    for i in range(3):
+        assert torch.equal(seen[i][:, :2], prompts[i].expand(2, -1, -1)), i
+    assert seen[0].shape[1] == 2 + 65
+
+
+def test_lora_adapter_bitfit_on_a_vit():
+    x = torch.randn(2, 3, 32, 32)
+    base = as_backbone(_vit())
+    with torch.no_grad():
+        ref = base.forward_head(base.forward_features(x), pre_logits=True)
+    # LoRA: the default is the attention's qkv, recorded as applied; B = 0 starts at the backbone
+    lora = _peft("lora", r=2)
+    assert lora.config.targets == ("qkv",)
+    names = lora.method.trainable_base_names(lora.base_model)
+    assert names == [f"blocks.{i}.attn.qkv.parametrizations.weight.0.lora_{m}" for i in range(3) for m in "AB"]
+    with torch.no_grad():
+        assert torch.equal(lora(x, pre_logits=True), ref)
+    lora = _peft("lora", r=2, targets=["proj", "fc2"])
+    assert len(lora.method.trainable_base_names(lora.base_model)) == 12
+    with pytest.raises(ValueError, match=r"targets \['in_proj'\] on a ViT"):
+        _peft("lora", targets=["in_proj"])
+    from svp.models.vim import VisionMamba  # noqa: F401  (a Vim refuses a ViT's names)
+    mini = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=5)
+    with pytest.raises(ValueError, match=r"targets \['qkv'\] name a ViT block's layers"):
+        get_peft_model(mini, make_config("lora", targets=["qkv"]))
+    # the parallel adapter beside each block's MLP (AdaptFormer); zero Up: the backbone
+    ad = _peft("adapter", bottleneck=4)
+    with torch.no_grad():
+        assert torch.equal(ad(x, pre_logits=True), ref)
+        ad.method.adapters[1].up.weight.normal_()
+        mlp = ad.base_model.blocks[1].mlp
+        seen = []   # (registered after the adapter's hook: the output it leaves)
+        mlp.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+        assert not torch.equal(ad(x, pre_logits=True), ref)
+        (u, o), = seen
+        assert torch.allclose(o, mlp.forward(u) + 0.1 * ad.method.adapters[1].up(torch.relu(
+            ad.method.adapters[1].down(u))), atol=1e-6)
+    # BitFit: every bias of the blocks and the final norm, and the patch embedding's
+    bf = _peft("bitfit")
+    names = bf.method.trainable_base_names(bf.base_model)
+    assert "patch_embed.proj.bias" in names and "norm.bias" in names and "blocks.2.mlp.fc2.bias" in names
+    assert not any(n.startswith("head.") or not n.endswith(".bias") for n in names)
+    with pytest.raises(ValueError, match="svp: selective prompts act on a Mamba mixer's selective scan"):
+        _peft("svp", shared_layers=1)
+
+
+def _to_npz(model, path):
+    """A ViT's weights in the original (Google) .npz layout, as timm's loader reads it."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    d, h = model.embed_dim, model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
+         "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"]}
+    for i in range(len(model.blocks)):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
+        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        for k, name in enumerate(("query", "key", "value")):
+            w[p + f"MultiHeadDotProductAttention_1/{name}/kernel"] = \
+                sd[b + "attn.qkv.weight"][k * d:(k + 1) * d].T.reshape(d, h, d // h)
+            w[p + f"MultiHeadDotProductAttention_1/{name}/bias"] = sd[b + "attn.qkv.bias"][k * d:(k + 1) * d].reshape(
+                h, d // h)
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = \
+            sd[b + "attn.proj.weight"].reshape(d, h, d // h).transpose(1, 2, 0)
+        w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for r in range(2):
+            w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    np.savez(path, **w)
+
+
+def test_checkpoints_load_from_safetensors_and_googles_npz(tmp_path):
+    source = _vit(num_classes=1000, seed=3)
+    kw = {k: v for k, v in TINY.items() if k != "img_size"}
+    x = torch.randn(2, 3, 32, 32)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    _to_npz(source, tmp_path / "w.npz")
+    for name in ("w.safetensors", "w.npz"):
+        spec = ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(tmp_path / name), img_size=32,
+                         num_classes=1000, kwargs=kw)
+        for lazy in (False, True):
+            built = build_backbone(spec, skip_init=lazy).eval()
+            with torch.no_grad():
+                assert torch.allclose(built(x), source(x), atol=1e-5), (name, lazy)
+    # another input size: the position embedding resampled to the new grid; another class count: no head
+    spec = ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.safetensors"), img_size=48,
+                     num_classes=10, kwargs=kw)
+    built = build_backbone(spec)
+    assert built.pos_embed.shape == (1, 1 + 12 * 12, 48) and built.head.out_features == 10
+    assert not getattr(built, "head_from_checkpoint", False)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(wrong))
+    with pytest.raises(Exception, match="wrong.safetensors"):
+        build_backbone(ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(wrong), img_size=32, num_classes=3,
+                                 kwargs=kw))
+
+
+def test_svp_train_eval_and_serve_the_baselines_on_a_vit(tmp_path, capsys):
+    out = tmp_path / "runs"
+    for method in ("linear", "lora", "vpt_deep"):
+        assert svp_main(["train", "--dataset", "digits", "--method", method, "--model", "vit_tiny_patch16_224",
+                         "--random-init", KWARGS, "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+                         "data.max_train_samples=24", "data.max_eval_samples=8", "train.warmup_epochs=0",
+                         "run.progress=none", "train.layer_decay=0.75", "--output", str(out), "--name", method]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "lora" / "best" / "adapter_config.json").read_text())["config"]["targets"] == ["qkv"]
+    # svp eval rebuilds the ViT from backbone.json: the run's own test number
+    results = json.loads((out / "lora" / "results.json").read_text())
+    assert svp_main(["eval", str(out / "lora" / "best"), "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(results["val_selected"]["test_top1"])
+    # svp train refuses SVP on it before any data is read
+    assert svp_main(["train", "--dataset", "digits", "--method", "svp", "--model", "vit_tiny_patch16_224",
+                     "--random-init", KWARGS, "--img-size", "32", "--output", str(out), "--name", "s"]) == 2
+    assert "selective prompts act on a Mamba mixer's selective scan" in capsys.readouterr().err
+    # served together: each adapter on its own model (the shared pass is a Vim's), the same logits
+    from svp.serve.model import MultiAdapterModel
+    spec = adapter_spec(str(out / "linear" / "best"))
+    server = MultiAdapterModel(build_backbone(spec))
+    names = ["linear", "lora", "vpt_deep"]
+    for n in names:
+        server.add_adapter(n, str(out / n / "best"))
+    x = torch.randn(3, 3, 32, 32)
+    got = server.forward(x, names)
+    for i, n in enumerate(names):
+        model = build_model(adapter_spec(str(out / n / "best")), str(out / n / "best")).eval()
+        with torch.no_grad():
+            assert torch.equal(got[i].float(), model(x[i:i + 1])[0]), n
