@@ -2,6 +2,7 @@
 and its checkpoints. Small random ViTs throughout (no weights are downloaded)."""
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -46,6 +47,11 @@ def test_the_seam_leaves_timms_outputs_bit_for_bit():
 def test_other_vits_are_refused_naming_what_does_not_fit():
     with pytest.raises(NotAViTBackbone, match="pools its tokens by 'avg'"):
         as_backbone(_vit(global_pool="avg"), "v")
+    with pytest.raises(NotAViTBackbone, match="global_pool='map'"):
+        as_backbone(_vit(global_pool="map"), "v")
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", img_size=32, depth=1)   # (a CNN stem: retest 95)
+    with pytest.raises(NotAViTBackbone, match="embeds its patches with a HybridEmbed"):
+        as_backbone(hybrid, "hybrid")
     distilled = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=48,
                                   num_heads=3)
     with pytest.raises(NotAViTBackbone, match="is a VisionTransformerDistilled"):
@@ -89,8 +95,11 @@ def test_lora_adapter_bitfit_on_a_vit():
         assert torch.equal(lora(x, pre_logits=True), ref)
     lora = _peft("lora", r=2, targets=["proj", "fc2"])
     assert len(lora.method.trainable_base_names(lora.base_model)) == 12
-    with pytest.raises(ValueError, match=r"targets \['in_proj'\] on a ViT"):
+    with pytest.raises(ValueError, match=r"targets \['in_proj'\] name a Vim mixer's projections"):
         _peft("lora", targets=["in_proj"])
+    from svp.peft.lora import TARGETS   # (the Vim's four given, not left at the default: refused, not mapped)
+    with pytest.raises(ValueError, match="name a Vim mixer's projections"):
+        _peft("lora", targets=list(TARGETS))
     from svp.models.vim import VisionMamba  # noqa: F401  (a Vim refuses a ViT's names)
     mini = timm.create_model("vim_mini_patch4_32", pretrained=True, num_classes=5)
     with pytest.raises(ValueError, match=r"targets \['qkv'\] name a ViT block's layers"):
@@ -114,6 +123,8 @@ def test_lora_adapter_bitfit_on_a_vit():
     assert not any(n.startswith("head.") or not n.endswith(".bias") for n in names)
     with pytest.raises(ValueError, match="svp: selective prompts act on a Mamba mixer's selective scan"):
         _peft("svp", shared_layers=1)
+    with pytest.raises(ValueError, match="scales its MLP's output by LayerScale"):   # (retest 95)
+        get_peft_model(as_backbone(_vit(init_values=1e-5)), make_config("adapter"))
 
 
 def _to_npz(model, path):
@@ -141,6 +152,26 @@ def _to_npz(model, path):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
             w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
     np.savez(path, **w)
+
+
+def test_npz_and_state_dicts_that_do_not_fit_are_refused_naming_the_file(tmp_path):
+    """timm's .npz loader copies what it finds: a 2-block file filled a 1-block model, q/k norms kept
+    their initial values, and a damaged file or one without register tokens was a traceback (retest 95)."""
+    from svp.models.loading import CheckpointError
+    source = _vit(num_classes=1000, seed=3)
+    _to_npz(source, tmp_path / "w.npz")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "w.npz").read_bytes()[:500])
+    kw = {k: v for k, v in TINY.items() if k != "img_size"}
+    cases = [("w.npz", {"depth": 2}, "holds 3 encoder blocks; the model has 2"),
+             ("w.npz", {"qk_norm": True}, "holds no values for 12 of the model's tensors (blocks.0.attn.q_norm"),
+             ("cut.npz", {}, "cut.npz: not a readable .npz file"),
+             ("w.safetensors", {"reg_tokens": 4}, "w.safetensors: its tensors do not fit the model")]
+    for name, extra, said in cases:
+        spec = ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(tmp_path / name), img_size=32,
+                         num_classes=10, kwargs={**kw, **extra})
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            build_backbone(spec)
 
 
 def test_checkpoints_load_from_safetensors_and_googles_npz(tmp_path):
@@ -186,6 +217,31 @@ def test_svp_train_eval_and_serve_the_baselines_on_a_vit(tmp_path, capsys):
     assert svp_main(["train", "--dataset", "digits", "--method", "svp", "--model", "vit_tiny_patch16_224",
                      "--random-init", KWARGS, "--img-size", "32", "--output", str(out), "--name", "s"]) == 2
     assert "selective prompts act on a Mamba mixer's selective scan" in capsys.readouterr().err
+    # svp export's printed line builds the merged model with the adapter's head and svp's statistics
+    # (a ViT's registered 1000 classes dropped the head, its (0.5, 0.5) were the data config: retest 95)
+    assert svp_main(["export", str(out / "lora" / "best"), "-o", str(tmp_path / "m.safetensors")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    ns = {}
+    exec(line, ns)
+    merged, x = ns["model"].eval(), torch.randn(2, 3, 32, 32)
+    adapted = build_model(adapter_spec(str(out / "lora" / "best")), str(out / "lora" / "best")).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x), adapted(x), atol=1e-5)
+    assert timm.data.resolve_data_config({}, model=merged)["mean"] == (0.485, 0.456, 0.406)
+    # svp visualize: one line, the gates are a Mamba mixer's
+    assert svp_main(["visualize", "--adapter", str(out / "lora" / "best"), "--dataset", "digits", "--out",
+                     str(tmp_path / "viz")]) == 2
+    assert "the gates are a Mamba mixer's; a ViT has none" in capsys.readouterr().err
+    # svp serve normalises as svp train and predict do (ImageNet's statistics), not by the ViT's cfg
+    from svp.serve.app import build_app
+    import shutil
+    shutil.copytree(out / "lora" / "best", tmp_path / "served" / "lora")
+    app, _ = build_app(str(tmp_path / "served"))
+    from PIL import Image
+
+    from svp.data.transforms import build_transform
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    assert torch.allclose(app.state.transform(image), build_transform("plain", False, img_size=32)(image), atol=1e-6)
     # served together: each adapter on its own model (the shared pass is a Vim's), the same logits
     from svp.serve.model import MultiAdapterModel
     spec = adapter_spec(str(out / "linear" / "best"))

@@ -137,10 +137,13 @@ def _load_line(path: str, description: dict) -> str:
     if description["img_size"] and "img_size" not in kwargs:
         kwargs["img_size"] = description["img_size"]
     extra = "".join(f", {k}={v!r}" for k, v in sorted(kwargs.items()) if k != "num_classes")
-    data = "".join(f", {k}={v!r}" for k, v in description["data_config"].items() if k not in ("mean", "std"))
+    # (the overlay's num_classes: timm keeps a file's head only where its pretrained_cfg's class
+    # count is the model's, and a ViT's registered 1000 dropped the exported head; its mean/std: a
+    # ViT's registered (0.5, 0.5) are not the ImageNet statistics svp trained with: retest 95)
+    data = "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in description["data_config"].items())
     return (f"import svp, timm; model = timm.create_model({description['model']!r}, "
             f"num_classes={description['num_classes']}{extra}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={path!r}{data}))")
+            f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={description['num_classes']}{data}))")
 
 
 def cmd_export(args) -> int:
@@ -159,10 +162,11 @@ def register(subparsers) -> None:
     from .cli import _backbone_args
 
     x = subparsers.add_parser(
-        "export", help="fold a linear, bitfit, full or lora adapter into its backbone: one plain Vim checkpoint",
+        "export", help="fold a linear, bitfit, full or lora adapter into its backbone: one plain Vim (or ViT) "
+                       "checkpoint",
         description="Merge the adapter in ADAPTER_DIR into the backbone it was trained on (the one its "
                     "backbone.json records, or --model/--checkpoint) and write the whole model as one "
-                    "safetensors file, timm's key names, the new head: a plain Vim that timm loads with no "
+                    "safetensors file, timm's key names, the new head: a plain Vim or ViT that timm loads with no "
                     "adapter code (the line to load it is printed). For methods whose change is one of the "
                     "backbone's weights: linear, bitfit, full, lora. SVP, VPT and adapters add computation "
                     "and are refused. The merged model's outputs are checked against the adapter's first.")

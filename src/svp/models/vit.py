@@ -120,8 +120,11 @@ class HookedViT(VisionTransformer):
     def output_settings(self) -> dict:
         """What changes the outputs but no weight (svp.peft.io binds an adapter to it)."""
         blk = self.blocks[0]
+        act = getattr(blk.mlp, "act", None)
         return {"family": "vit", "norm_eps": float(getattr(blk.norm1, "eps", 0.0)),
-                "final_norm_eps": float(getattr(self.norm, "eps", 0.0)), "global_pool": "token"}
+                "final_norm_eps": float(getattr(self.norm, "eps", 0.0)), "global_pool": "token",
+                # (the same weights split into other heads, or another activation, give other outputs)
+                "num_heads": int(getattr(blk.attn, "num_heads", 0)), "act": type(act).__name__ if act else ""}
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -142,9 +145,15 @@ def as_backbone(model: nn.Module, name: str = "") -> nn.Module:
     if kinds != {"Block"} or not all(type(b) is Block for b in model.blocks):
         raise NotAViTBackbone(f"model {what!r} has {'/'.join(sorted(kinds))} blocks; svp's seam runs timm's "
                               f"pre-norm Block")
-    if not getattr(model, "has_class_token", model.cls_token is not None) or getattr(model, "attn_pool", None):
-        raise NotAViTBackbone(f"model {what!r} has no class token (or pools by attention); svp's methods "
-                              f"classify the class token")
+    if getattr(model, "attn_pool", None) is not None:
+        raise NotAViTBackbone(f"model {what!r} pools its tokens by attention (global_pool='map'); svp's methods "
+                              f"classify the class token (global_pool='token')")
+    if not getattr(model, "has_class_token", model.cls_token is not None):
+        raise NotAViTBackbone(f"model {what!r} has no class token; svp's methods classify the class token")
+    from timm.layers import PatchEmbed
+    if type(model.patch_embed) is not PatchEmbed:   # (a hybrid's CNN stem: its channels are the CNN's: retest 95)
+        raise NotAViTBackbone(f"model {what!r} embeds its patches with a {type(model.patch_embed).__name__} (a "
+                              f"hybrid CNN stem); svp runs ViTs with timm's PatchEmbed")
     if model.global_pool != "token":
         raise NotAViTBackbone(f"model {what!r} pools its tokens by {model.global_pool!r}; svp's methods classify "
                               f"the class token (global_pool='token')")
@@ -166,19 +175,19 @@ def load_checkpoint(model: HookedViT, checkpoint, source: Optional[str] = None) 
 
     from .loading import read_state_dict, strict_load, strip_wrappers
 
+    from .loading import CheckpointError
+
     path = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     source = source or path or "<state dict>"
     if path is not None and path.lower().endswith(".npz"):
-        from timm.models.vision_transformer import _load_weights
-        try:
-            _load_weights(model, path)
-        except (KeyError, ValueError) as e:
-            from .loading import CheckpointError
-            raise CheckpointError(f"{source}: not a ViT .npz checkpoint this model takes ({type(e).__name__}: "
-                                  f"{e})") from None
+        _load_npz(model, path, source)
         return model
     state = strip_wrappers(read_state_dict(checkpoint, source), source)
-    state = checkpoint_filter_fn(state, model)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:   # (a traceback, the file unnamed: retest 95)
+        raise CheckpointError(f"{source}: its tensors do not fit the model (another ViT kind: prefix or register "
+                              f"tokens, patch size, ...): {type(e).__name__}: {e}") from None
     own = model.state_dict()
     head = [k for k in state if k.startswith("head.")]
     if any(k not in own or tuple(own[k].shape) != tuple(state[k].shape) for k in head):
@@ -188,3 +197,39 @@ def load_checkpoint(model: HookedViT, checkpoint, source: Optional[str] = None) 
         model.head_from_checkpoint = True
     strict_load(model, state, source, allow_missing=("head.",))
     return model
+
+
+def _load_npz(model: HookedViT, path: str, source: str) -> None:
+    """Google's .npz through timm's own loader, which copies what it finds: checked here that the
+    file is one (a damaged one was a zipfile traceback), that it holds the model's number of
+    blocks (a 2-block file filled a 1-block model) and that every tensor of the model got a value
+    (q/k norms, LayerScale kept their initial values silently: retest 95)."""
+    import re
+
+    import numpy as np
+    from timm.models.vision_transformer import _load_weights
+
+    from .loading import CheckpointError
+    try:
+        with np.load(path) as w:   # (allow_pickle=False: numpy's default)
+            keys = list(w.keys())
+    except Exception as e:   # noqa: BLE001  (BadZipFile, OSError, ValueError: the file is not one)
+        raise CheckpointError(f"{source}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    blocks = {m.group(1) for m in (re.search(r"encoderblock_(\d+)/", k) for k in keys) if m}
+    if blocks and len(blocks) != len(model.blocks):
+        raise CheckpointError(f"{source}: holds {len(blocks)} encoder blocks; the model has {len(model.blocks)} "
+                              f"(model.kwargs depth, or another model name)")
+    params = [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
+    with torch.no_grad():
+        for _, p in params:
+            p.fill_(float("nan"))
+    try:
+        _load_weights(model, path)
+    except Exception as e:   # noqa: BLE001  (timm's loader: KeyError, AttributeError, RuntimeError on a mismatch)
+        raise CheckpointError(f"{source}: not a ViT .npz checkpoint this model takes ({type(e).__name__}: "
+                              f"{e})") from None
+    left = [n for n, p in params if torch.isnan(p).any()]
+    if left:
+        raise CheckpointError(f"{source}: holds no values for {len(left)} of the model's tensors ({', '.join(left[:4])}"
+                              f"{', ...' if len(left) > 4 else ''}): a .npz of another ViT kind (q/k norms, "
+                              f"LayerScale, register tokens)")

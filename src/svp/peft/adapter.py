@@ -61,6 +61,11 @@ class ParallelAdapter(PeftMethod):
         self.adapters = nn.ModuleList([Bottleneck(model.embed_dim, int(config.bottleneck), float(config.scale))
                                        for _ in model.layers])
         self._handles = []
+        if getattr(model, "family", "vim") == "vit" and any(not isinstance(b.ls2, nn.Identity) for b in model.layers):
+            # (beside the MLP, its output would pass through the block's LayerScale: scaled by ~1e-5
+            # in DINOv2-style models, where AdaptFormer adds it outside: retest 95)
+            raise ValueError("adapter: the ViT scales its MLP's output by LayerScale (init_values); the adapter "
+                             "beside the MLP would be scaled with it. Use lora or vpt_deep on this model")
         for i, (layer, ad) in enumerate(zip(model.layers, self.adapters)):
             # (a ViT's site is its block's MLP, as AdaptFormer's: svp.models.vit.HookedViT.adapter_site)
             site = model.adapter_site(i) if hasattr(model, "adapter_site") else layer.mixer

@@ -26,7 +26,7 @@ class BitFit(PeftMethod):
     def trainable_base_names(self, model):
         if getattr(model, "family", "vim") == "vit":   # (every bias of a ViT's blocks and final norm, as BitFit)
             names = [n for n, _ in model.named_parameters() if n.endswith(".bias")
-                     and not n.startswith(("head.", "patch_embed.", "fc_norm."))]
+                     and not n.startswith(("head.", "patch_embed."))]
             return names + (["patch_embed.proj.bias"] if self.config.patch_embed else [])
         names = [n for n, _ in model.named_parameters()
                  if n.startswith("layers.") and n.endswith(".bias")

@@ -115,9 +115,15 @@ class LoRA(PeftMethod):
         # (review); an interruption while registering takes off what was registered
         targets = []
         if getattr(model, "family", "vim") == "vit":
-            from ..models.vit import VIT_LORA_DEFAULT
-            if tuple(config.targets) == TARGETS:   # (the default: a ViT's own, recorded as applied)
+            from ..models.vit import VIT_LORA_DEFAULT, VIT_LORA_TARGETS
+            # the default (the very tuple the field defaults to: a list given, the Vim's four too, is
+            # another object, and refused below) is a ViT's own, recorded as applied (retest 95)
+            if config.targets is TARGETS:
                 config.targets = VIT_LORA_DEFAULT
+            vim_names = [t for t in config.targets if t in TARGETS]
+            if vim_names:
+                raise ValueError(f"lora: targets {vim_names} name a Vim mixer's projections; a ViT block's are "
+                                 f"{VIT_LORA_TARGETS}")
             targets = model.lora_sites(config.targets)
         else:
             foreign = [t for t in config.targets if t not in TARGETS]

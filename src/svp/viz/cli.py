@@ -268,6 +268,11 @@ def run(args) -> int:
     for label, path in adapters:
         models[label] = load_backbone(args.model, args.checkpoint, model_args, args.pretrained,
                                       args.random_init, path)
+    for label, m in models.items():   # (a ViT's adapter: a traceback, retest 95; one line now)
+        try:
+            find_vim(m)
+        except ValueError as e:
+            raise VizError(f"{label}: {e} (the gates are a Mamba mixer's; a ViT has none)") from None
     depth = len(find_vim(next(iter(models.values()))).layers)
     layers = parse_layers(args.layers, depth)
     try:
