@@ -174,3 +174,27 @@ def test_a_fresh_run_after_an_attempt_without_a_resume_point_is_a_new_wandb_run(
     assert (run_dir / "wandb_run_id.1").read_text().strip() == first.init["id"]
     assert (run_dir / "wandb_run_id").read_text().strip() == second.init["id"]
     assert [row["global_step"] for row in second.logged] == list(range(1, 10))
+
+
+def test_a_failing_sink_does_not_hide_the_runs_own_error_nor_the_others_close(logged):
+    """Closed in the run's finally: a TensorBoard flush error raised over the run's own error, and
+    the wandb run after it was left open; a summary wandb refuses failed a finished run (reread)."""
+    from svp.engine.progress import Scalars, WandbScalars
+
+    class Broken:
+        def close(self):
+            raise OSError("disk full")
+
+    run = FakeRun()
+    run.summary = None   # (summary.update raises)
+    sinks = Scalars([Broken(), WandbScalars(run)])
+    with logged("svp.engine", "WARNING") as messages:
+        sinks.summarise({"final": {"test_top1": 50.0}})
+        sinks.close(failed=True)
+    assert run.exit_code == 1
+    assert any("did not take the run's results" in m for m in messages)
+    assert any("closing the run's scalar logs: OSError: disk full" in m for m in messages)
+    run = FakeRun()
+    with pytest.raises(OSError, match="disk full"):
+        Scalars([Broken(), WandbScalars(run)]).close(failed=False)
+    assert run.exit_code == 0

@@ -359,7 +359,10 @@ class Scalars:
     def summarise(self, results: dict) -> None:
         for s in self.sinks:
             if isinstance(s, WandbScalars):
-                s.summarise(results)
+                try:   # (the run has finished and results.json is written: a summary wandb refuses is said)
+                    s.summarise(results)
+                except Exception as e:   # noqa: BLE001
+                    log.warning("wandb did not take the run's results as its summary (%s: %s)", type(e).__name__, e)
 
     def close(self, failed: bool = False) -> None:
         errors = []
@@ -368,8 +371,10 @@ class Scalars:
                 s.close(failed=failed) if isinstance(s, WandbScalars) else s.close()
             except Exception as e:   # noqa: BLE001
                 errors.append(e)
-        if errors:
+        if errors and not failed:
             raise errors[0]
+        for e in errors:   # (the run's own error is the one to see: said, not raised over it)
+            log.warning("closing the run's scalar logs: %s: %s", type(e).__name__, e)
 
 
 def scalar_sinks(cfg: dict, run_dir: str, is_main: bool, resumed_at: int = 0) -> Optional[Scalars]:
