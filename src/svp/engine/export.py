@@ -123,6 +123,7 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
         # (the images as svp evaluated the adapter on them, in timm's terms)
         "data_config": timm_data_config(recipe, size, in_chans),
         "svp_version": __version__,
+        "family": getattr(merged_model, "family", "vim"),
     }
     metadata = {"format": "pt", METADATA_KEY: json.dumps(description, sort_keys=True)}
     atomic_save_safetensors(target, tensors, metadata)
@@ -141,6 +142,10 @@ def _load_line(path: str, description: dict) -> str:
     # count is the model's, and a ViT's registered 1000 dropped the exported head; its mean/std: a
     # ViT's registered (0.5, 0.5) are not the ImageNet statistics svp trained with: retest 95)
     data = "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in description["data_config"].items())
+    # (a ViT's registered cfg may name Google's .npz, read by its own numpy loader (custom_load): timm
+    # 1.0.21's vit_tiny does, and the exported safetensors file failed there: the floor's CI run)
+    if description.get("family") == "vit":
+        data += ", custom_load=False"
     return (f"import svp, timm; model = timm.create_model({description['model']!r}, "
             f"num_classes={description['num_classes']}{extra}, pretrained=True, "
             f"pretrained_cfg_overlay=dict(file={path!r}, num_classes={description['num_classes']}{data}))")
