@@ -193,6 +193,18 @@ def test_checkpoints_load_from_safetensors_and_googles_npz(tmp_path):
     built = build_backbone(spec)
     assert built.pos_embed.shape == (1, 1 + 12 * 12, 48) and built.head.out_features == 10
     assert not getattr(built, "head_from_checkpoint", False)
+    # another family's file: said as such (both were "a Vim of width 48, depth 0": retest 95)
+    from svp.models.loading import CheckpointError
+    vim = timm.create_model("vim_mini_patch4_32", pretrained=True)
+    save_file({k: v.contiguous() for k, v in vim.state_dict().items()}, str(tmp_path / "vim.safetensors"))
+    with pytest.raises(CheckpointError, match="the file holds a Vim's weights; the model 'vit_tiny_patch16_224' is "
+                                              "a ViT"):
+        build_backbone(ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(tmp_path / "vim.safetensors"),
+                                 img_size=32, num_classes=10, kwargs=kw))
+    with pytest.raises(CheckpointError, match="the file holds a ViT's weights; the model 'vim_mini_patch4_32' is "
+                                              "a Vim"):
+        build_backbone(ModelSpec(model="vim_mini_patch4_32", checkpoint=str(tmp_path / "w.safetensors"),
+                                 num_classes=10))
     wrong = tmp_path / "wrong.safetensors"
     save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(wrong))
     with pytest.raises(Exception, match="wrong.safetensors"):

@@ -496,9 +496,27 @@ def models_of_shape(shape: dict) -> List[str]:
     return names
 
 
+_FAMILIES = (("a Vim", re.compile(r"layers\.\d+\.mixer\.")), ("a ViT", re.compile(r"blocks\.\d+\.attn\.")))
+
+
+def _family(keys) -> Optional[str]:
+    for name, pattern in _FAMILIES:
+        if any(pattern.match(str(k)) for k in keys):
+            return name
+    return None
+
+
 def size_hint(model: nn.Module, state_dict: Mapping) -> str:
     """Where a checkpoint does not fit because it is another size of Vim than ``model``: a
-    sentence saying both sizes and the models of the file's size; "" otherwise."""
+    sentence saying both sizes and the models of the file's size; where it is another family's (a
+    ViT's file for a Vim, the reverse), a sentence saying so (both were described as Vims of depth
+    0: retest 95); "" otherwise."""
+    fam_have, fam_want = _family(state_dict), _family(model.state_dict())
+    if fam_have and fam_want and fam_have != fam_want:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        return f"the file holds {fam_have}'s weights; the model{f' {name!r}' if name else ''} is {fam_want}"
+    if fam_have != "a Vim" or fam_want != "a Vim":
+        return ""
     have, want = vim_shape(state_dict), vim_shape(dict(model.state_dict()))
     if have is None or want is None or have == want:
         return ""
