@@ -525,3 +525,13 @@ def sigterm_as_interrupt():
     def stop(signum, frame):
         raise KeyboardInterrupt
     return signal.signal(signal.SIGTERM, stop)
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's bytes (hex), read a MiB at a time."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -98,29 +98,34 @@ def save_state(path: str, state: Dict[str, Any]) -> None:
     atomic_save_tensors(path, tensors, {"format": FORMAT, "state": json.dumps(structure)})
 
 
+def _saved_top(path: str) -> Any:
+    """A saved state's top-level entries as its metadata holds them (tag -> flattened value; its
+    tags are what iterating gives), no tensor read; None where the file is missing or is not a
+    resume state."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["state"])["__dict__"]
+    except Exception:
+        return None
+
+
 def saved_names(path: str) -> Optional[set]:
     """The top-level names of a saved state, from the file's metadata alone (no tensor read);
     None where the file is missing or is not a resume state. Tells which svp wrote it: a name
     added to the state at some date is missing from every file written before it."""
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        structure = json.loads(meta["state"])
-        return {tag.split(":", 1)[1] for tag in structure["__dict__"]}
-    except Exception:
+        return {tag.split(":", 1)[1] for tag in _saved_top(path)}
+    except Exception:   # (None, or tags of another shape: no resume state)
         return None
 
 
 def saved_value(path: str, name: str) -> Any:
     """A top-level JSON value of a saved state (not a tensor), from the file's metadata alone;
     None where the file, the name or a plain value is missing."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        got = json.loads(meta["state"])["__dict__"].get(f"s:{name}")
-    except Exception:
-        return None
-    return got if got is None or isinstance(got, (bool, int, float, str)) else None
+    top = _saved_top(path)
+    got = top.get(f"s:{name}") if isinstance(top, dict) else None
+    return got if isinstance(got, (bool, int, float, str)) else None
 
 
 def load_state(path: str) -> Dict[str, Any]:

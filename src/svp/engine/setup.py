@@ -471,16 +471,13 @@ def adapter_digest(folder: str) -> Optional[str]:
     """The tensors of the adapter folder ``folder`` as one digest: its adapter_config.json's
     ``weights_hash`` (which binds the config to the tensors saved with it), else, for a folder an
     older svp saved, the sha256 of its adapter.safetensors; None where neither can be read."""
+    from ..io import sha256_file
     from ..peft.io import ADAPTER_WEIGHTS, read_adapter_config
     try:
         digest = read_adapter_config(folder).get("weights_hash")
         if digest:
             return f"weights_hash:{digest}"
-        h = hashlib.sha256()
-        with open(os.path.join(folder, ADAPTER_WEIGHTS), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return f"sha256:{h.hexdigest()}"
+        return f"sha256:{sha256_file(os.path.join(folder, ADAPTER_WEIGHTS))}"
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -95,11 +95,14 @@ def _slug(name: str) -> str:
 _FORCED = ("data.dataset", "method.name", "run.output", "run.name")
 
 
+def _forced(override) -> bool:
+    return str(override).split("=", 1)[0].strip() in _FORCED
+
+
 def sweep_settings(config_files, overrides) -> List[str]:
     """What results.md says every run was given: the config files and the overrides the sweep
     does not replace (run.name=foo was listed, its runs in the sweep's own folders: retest 94)."""
-    kept = [o for o in (overrides or ()) if str(o).split("=", 1)[0].strip() not in _FORCED]
-    return [*(config_files or ()), *kept]
+    return [*(config_files or ()), *(o for o in overrides or () if not _forced(o))]
 
 
 def run_config(dataset: str, method: str, seed: int, output: str, run_name: str, config_files: Sequence[str],
@@ -483,7 +486,7 @@ def sweep(suite: str, methods: Sequence[str], seeds: Sequence[int], output: str,
     output = C.path_value("run.output", os.fspath(output))
     all_ds = _select_datasets(suite, datasets)
     base = suite_base(suite, config_files, overrides)
-    replaced = [o for o in overrides or () if str(o).split("=", 1)[0].strip() in _FORCED]
+    replaced = [o for o in overrides or () if _forced(o)]
     if replaced:   # (taken without a word, and listed in results.md as given: retest 94)
         log.warning("the sweep sets %s for each run itself (its dataset, method and folder under --output): "
                     "%s not used", ", ".join(_FORCED), ", ".join(replaced))

@@ -17,7 +17,6 @@ definition, the file's sha256 and the held-out source-task accuracy.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..compat import memory_bytes
 from ..errors import ConfigError, ResumeError
 from ..io import (atomic_save_safetensors, atomic_write_json, atomic_write_text, error_line, print_or_drop,
-                  remove_dead_writers_temps, user_path)
+                  remove_dead_writers_temps, sha256_file, user_path)
 from .fractals import generate_split, make_categories
 
 DEFAULTS = dict(model="vim_mini_patch4_32", num_classes=32, per_class=500, heldout_per_class=50, seed=0,
@@ -48,14 +47,6 @@ def to_input(images_u8: np.ndarray) -> torch.Tensor:
     """uint8 (n, h, w, 3) -> normalised float (n, 3, h, w), the pretraining input."""
     x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div_(255)
     return (x - MEAN) / STD
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def lr_at(step: int, total: int, args) -> float:
