@@ -267,3 +267,67 @@ def test_svp_train_eval_and_serve_the_baselines_on_a_vit(tmp_path, capsys):
         model = build_model(adapter_spec(str(out / n / "best")), str(out / n / "best")).eval()
         with torch.no_grad():
             assert torch.equal(got[i].float(), model(x[i:i + 1])[0]), n
+
+
+def test_data_normalize_backbone_is_recorded_and_used_by_every_command(tmp_path, capsys):
+    """data.normalize=backbone: timm's pretrained_cfg statistics (0.5 for its ViTs) in training, in
+    backbone.json, and in svp eval/predict/export/serve, which refuses an adapter of other statistics."""
+    import shutil
+
+    from PIL import Image
+
+    import svp.engine.config as C
+    from svp.data.transforms import adapter_normalization, build_transform, normalization
+    from svp.engine.cli import _eval_transform
+    from svp.engine.setup import build_datasets
+    from svp.errors import AdapterError
+    from svp.serve.app import build_app
+
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert normalization("backbone", "vit_base_patch16_224.augreg_in21k") == half
+    assert normalization("backbone", "vim_tiny_patch16_224") == normalization("imagenet", "vit_tiny_patch16_224")
+    with pytest.raises(ConfigError, match="'no_such_model'.*data.normalize=imagenet"):
+        normalization("backbone", "no_such_model")
+    with pytest.raises(ConfigError, match="data.normalize"):
+        C.resolve(overrides=["data.normalize=inception"], use_presets=False)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    want = build_transform("plain", False, img_size=32, mean=half[0], std=half[1])(image)
+    ov = ["data.dataset=digits", "model.name=vit_tiny_patch16_224", "data.img_size=32", "data.recipe=plain",
+          "data.normalize=backbone"]
+    (train, train_tf), (_, val_tf), _ = build_datasets(C.resolve(overrides=ov, use_presets=False))
+    assert torch.equal(val_tf(image), want)
+
+    out = tmp_path / "runs"
+    for name, how in (("half", "backbone"), ("imagenet", "imagenet")):
+        assert svp_main(["train", "--dataset", "digits", "--method", "linear", "--model", "vit_tiny_patch16_224",
+                         "--random-init", KWARGS, "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+                         f"data.normalize={how}", "data.max_train_samples=16", "data.max_eval_samples=8",
+                         "train.warmup_epochs=0", "run.progress=none", "--output", str(out), "--name", name]) == 0
+    capsys.readouterr()
+    best = out / "half" / "best"
+    record = json.loads((best / "backbone.json").read_text())
+    assert (record["mean"], record["std"]) == ([0.5] * 3, [0.5] * 3)
+    spec = adapter_spec(str(best))
+    assert torch.equal(_eval_transform(spec, str(best))(image), want)
+    # svp eval scores the images as the run did: its own test number
+    results = json.loads((out / "half" / "results.json").read_text())
+    assert svp_main(["eval", str(best), "--dataset", "digits", "--max-samples", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(results["val_selected"]["test_top1"])
+    # export's data config carries them to timm
+    assert svp_main(["export", str(best), "-o", str(tmp_path / "m.safetensors")]) == 0
+    ns = {}
+    exec(capsys.readouterr().out.strip().splitlines()[-1].strip(), ns)
+    assert timm.data.resolve_data_config({}, model=ns["model"])["mean"] == half[0]
+    # serve prepares images as the first adapter was trained, and refuses one of other statistics
+    shutil.copytree(best, tmp_path / "served" / "a_half")
+    shutil.copytree(out / "imagenet" / "best", tmp_path / "served" / "b_imagenet")
+    app, report = build_app(str(tmp_path / "served"))
+    assert torch.allclose(app.state.transform(image), want, atol=1e-6)
+    assert report["loaded"] == ["a_half"]
+    assert "mean [0.485, 0.456, 0.406]" in report["refused"]["b_imagenet"]
+    assert "normalises every image with mean [0.5, 0.5, 0.5]" in report["refused"]["b_imagenet"]
+    # a folder from before the key: ImageNet's; a damaged record: named
+    assert adapter_normalization({"recipe": "svp"}, "d") == normalization("imagenet", "x")
+    with pytest.raises(AdapterError, match=r"d/backbone.json: std \[0.5, 0\]"):
+        adapter_normalization({"mean": [0.5], "std": [0.5, 0]}, "d")

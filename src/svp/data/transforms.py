@@ -19,17 +19,22 @@ Any image size works (``img_size``); all recipes take ``mean``/``std`` overrides
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ..errors import AdapterError
+from ..errors import AdapterError, ConfigError
 
 RECIPES = ("svp", "vtab", "plain")
+# data.normalize: ImageNet's statistics for every backbone (VPT's protocol, which the paper's ViT
+# baselines follow), or those timm's pretrained_cfg gives the model name (0.5/0.5 for timm's
+# augreg and original-Google ViTs, which were pre-trained on [-1, 1] inputs)
+NORMALIZATIONS = ("imagenet", "backbone")
 
 
 def adapter_recipe(extra: dict, adapter_dir: str) -> str:
@@ -40,6 +45,39 @@ def adapter_recipe(extra: dict, adapter_dir: str) -> str:
         raise AdapterError(f"{os.path.join(adapter_dir, 'backbone.json')}: image recipe {recipe!r} is not one "
                            f"of {', '.join(RECIPES)}")
     return recipe
+
+def normalization(how: str, model_name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The (mean, std) ``data.normalize=how`` gives a run of backbone ``model_name``."""
+    if how == "imagenet":
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    if how != "backbone":
+        raise ConfigError(f"data.normalize={how!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(str(model_name))
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        raise ConfigError(f"data.normalize=backbone: timm has no pretrained configuration with a mean and std for "
+                          f"model {model_name!r}; use data.normalize=imagenet")
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def _statistic(value, name: str, where: str) -> Tuple[float, ...]:
+    ok = (isinstance(value, (list, tuple)) and len(value) in (1, 3)
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and (name == "mean" or all(v > 0 for v in value)))
+    if not ok:
+        raise AdapterError(f"{where}: {name} {value!r} is not 1 or 3 finite numbers"
+                           f"{' above 0' if name == 'std' else ''}; the file is damaged, save or copy it again")
+    return tuple(float(v) for v in value)
+
+
+def adapter_normalization(extra: dict, adapter_dir: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The (mean, std) an adapter's images were normalised with (its ``backbone.json``'s; ImageNet's
+    for a folder without them: every run before ``data.normalize`` existed used those)."""
+    if "mean" not in extra and "std" not in extra:
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    where = os.path.join(adapter_dir, "backbone.json")
+    return _statistic(extra.get("mean"), "mean", where), _statistic(extra.get("std"), "std", where)
+
 
 # arguments of timm create_transform used by the official SVP training script
 SVP_TRAIN_ARGS = dict(
@@ -124,7 +162,8 @@ def build_transform(recipe: str, is_training: bool, img_size: int = 224,
     raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
 
 
-def timm_data_config(recipe: str, img_size: int, in_chans: int = 3) -> dict:
+def timm_data_config(recipe: str, img_size: int, in_chans: int = 3, mean: Optional[Sequence[float]] = None,
+                     std: Optional[Sequence[float]] = None) -> dict:
     """``recipe``'s evaluation transform as timm's data configuration (the ``pretrained_cfg`` keys
     ``timm.data.resolve_data_config`` reads): ``timm.data.create_transform(**it)`` makes the same
     tensors as :func:`build_transform` (``svp export`` writes it into the file it makes, whose
@@ -134,7 +173,8 @@ def timm_data_config(recipe: str, img_size: int, in_chans: int = 3) -> dict:
                                           "vtab": ("bicubic", 1.0, "squash"),
                                           "plain": ("bilinear", 1.0, "squash")}[recipe]
     return {"input_size": (int(in_chans), size, size), "interpolation": interpolation, "crop_pct": crop_pct,
-            "crop_mode": crop_mode, "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD)}
+            "crop_mode": crop_mode, "mean": tuple(IMAGENET_MEAN if mean is None else mean),
+            "std": tuple(IMAGENET_STD if std is None else std)}
 
 
 def resized_pixels(transform, width: int, height: int) -> int:

@@ -439,11 +439,13 @@ def _check_batch_size(n: int) -> None:
 
 
 def _eval_transform(spec, adapter_dir: str):
-    """The evaluation transform of the recipe an adapter was trained with (its backbone.json)."""
+    """The evaluation transform of the recipe and normalisation an adapter was trained with (its backbone.json)."""
     import svp.data as data
-    from svp.data.transforms import adapter_recipe
+    from svp.data.transforms import adapter_normalization, adapter_recipe
 
-    return data.build_transform(adapter_recipe(spec.extra, adapter_dir), False, img_size=spec.img_size)
+    mean, std = adapter_normalization(spec.extra, adapter_dir)
+    return data.build_transform(adapter_recipe(spec.extra, adapter_dir), False, img_size=spec.img_size,
+                                mean=mean, std=std)
 
 
 def _check_class_names(adapter_names, dataset_names, args, adapter_dir: str) -> None:

@@ -53,6 +53,8 @@ SCHEMA: List[Tuple[str, Any, str]] = [
     ("data.options", {}, "extra keyword arguments for svp.data.build_dataset"),
     ("data.img_size", 224, "input resolution"),
     ("data.recipe", "svp", "transform recipe: svp (DeiT-style augmentation, official), vtab (plain resize), plain"),
+    ("data.normalize", "imagenet", "input mean/std: imagenet (ImageNet's for every backbone, VPT's protocol) or "
+     "backbone (timm's pretrained_cfg for model.name: 0.5/0.5 for timm's augreg ViTs)"),
     ("data.train_split", "train", "split used for training"),
     ("data.val_split", "val", "split used for model selection (null: no selection, last epoch is used)"),
     ("data.test_split", "test", "split used for the reported test accuracy (null: no test)"),
@@ -613,6 +615,7 @@ _CHOICES = {
     "eval.metric": ("top1", "loss"),
     "run.progress": ("auto", "bar", "lines", "none"),
     "data.recipe": ("svp", "vtab", "plain"),
+    "data.normalize": ("imagenet", "backbone"),
 }
 _BOOL = tuple(key for key, default, _ in SCHEMA if isinstance(default, bool))
 _POSITIVE_INT = ("train.epochs", "train.batch_size", "train.eval_batch_size", "eval.every", "run.log_every")

@@ -82,7 +82,7 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
 
     from .._version import __version__
     from ..build import load_for_inference
-    from ..data.transforms import adapter_recipe, timm_data_config
+    from ..data.transforms import adapter_normalization, adapter_recipe, timm_data_config
 
     target = check_output(output, overwrite)
     cfg = check_mergeable(adapter_dir)
@@ -121,7 +121,7 @@ def export_merged(adapter_dir: str, output: str, model: Optional[str] = None, ch
         "method": cfg["method"], "method_config": cfg.get("config"),
         "base_model_hash": cfg.get("base_model_hash"), "recipe": recipe,
         # (the images as svp evaluated the adapter on them, in timm's terms)
-        "data_config": timm_data_config(recipe, size, in_chans),
+        "data_config": timm_data_config(recipe, size, in_chans, *adapter_normalization(spec.extra, adapter_dir)),
         "svp_version": __version__,
         "family": getattr(merged_model, "family", "vim"),
     }
@@ -139,8 +139,8 @@ def _load_line(path: str, description: dict) -> str:
         kwargs["img_size"] = description["img_size"]
     extra = "".join(f", {k}={v!r}" for k, v in sorted(kwargs.items()) if k != "num_classes")
     # (the overlay's num_classes: timm keeps a file's head only where its pretrained_cfg's class
-    # count is the model's, and a ViT's registered 1000 dropped the exported head; its mean/std: a
-    # ViT's registered (0.5, 0.5) are not the ImageNet statistics svp trained with: retest 95)
+    # count is the model's, and a ViT's registered 1000 dropped the exported head; its mean/std: the
+    # adapter's, and a ViT's registered (0.5, 0.5) are not ImageNet's, svp's default: retest 95)
     data = "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in description["data_config"].items())
     # (a ViT's registered cfg may name Google's .npz, read by its own numpy loader (custom_load): timm
     # 1.0.21's vit_tiny does, and the exported safetensors file failed there: the floor's CI run)

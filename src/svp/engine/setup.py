@@ -17,6 +17,7 @@ import torch.nn as nn
 from .. import runtime
 from ..build import ModelSpec, build_model, pick_device  # noqa: F401 (pick_device re-exported)
 from ..compat import cpu_bf16_instructions, memory_bytes, no_bf16_warning
+from ..data.transforms import normalization
 from ..errors import ConfigError, DatasetError, OutOfMemoryIn, first_line, out_of_memory
 from .seeds import seed_everything
 
@@ -66,6 +67,7 @@ def build_datasets(cfg: dict):
     d = cfg["data"]
     img = int(d["img_size"])
     opts = dict(d["options"] or {})
+    mean, std = normalization(d["normalize"], cfg["model"]["name"])
 
     def make(split, training):
         if split is None:
@@ -88,7 +90,7 @@ def build_datasets(cfg: dict):
             # (the split's own classes, for check_classes_to_learn: a cut to one class was refused as
             # a one-class split, not warned of as the cut's, with shots: retest 93)
             ds.split_targets = whole.targets
-        return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img)
+        return Limited(ds, limit), data.build_transform(d["recipe"], training, img_size=img, mean=mean, std=std)
 
     def few_shot(ds, split):
         shots = int(d["shots"])
@@ -279,6 +281,9 @@ def model_spec(cfg: dict, num_classes: int, class_names: List[str]) -> ModelSpec
              # train.amp resolves to on the device, which build_run sets once its Precision is
              # made: retest 84)
              "amp": None}
+    # (the numbers, not the key: svp eval/predict/serve/export normalise as the run did without
+    # asking timm again; a folder without them was normalised with ImageNet's)
+    extra["mean"], extra["std"] = map(list, normalization(d["normalize"], m["name"]))
     if cfg["method"].get("init_from"):   # (where the adapter started, for the record)
         extra["init_from"] = cfg["method"]["init_from"]
     return ModelSpec(model=m["name"], checkpoint=os.path.abspath(ckpt) if ckpt else None,

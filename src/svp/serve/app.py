@@ -101,25 +101,41 @@ class ServeConfig:
 
 
 # -- adapters folder -----------------------------------------------------------------------
-def _check_recipe(files: AdapterFiles, recipe: Optional[str]) -> None:
+def _check_recipe(files: AdapterFiles, recipe: Optional[str], normalization: Optional[tuple] = None) -> None:
     if recipe is None:
         return
     from ..build import read_backbone_spec
+    from ..data.transforms import adapter_normalization
     # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
     raw = files.data[BACKBONE_SPEC]
-    own = "svp" if raw is None else read_backbone_spec(files.path(BACKBONE_SPEC), raw).extra.get("recipe", "svp")
+    extra = {} if raw is None else read_backbone_spec(files.path(BACKBONE_SPEC), raw).extra
+    own = extra.get("recipe", "svp")
     if own != recipe:
         raise AdapterError(f"{files.directory}: trained with the image recipe {own!r}, but this server "
                            f"prepares every image with {recipe!r} (its first adapter's); serve "
                            f"it from a server of its own")
+    mine = adapter_normalization(extra, files.directory)
+    if normalization is not None and not _same_statistics(mine, normalization):
+        raise AdapterError(f"{files.directory}: trained on images normalised with mean {list(mine[0])} and std "
+                           f"{list(mine[1])}, but this server normalises every image with mean "
+                           f"{list(normalization[0])} and std {list(normalization[1])} (its first adapter's, "
+                           f"data.normalize); serve it from a server of its own")
+
+
+def _same_statistics(a: tuple, b: tuple) -> bool:
+    def per_channel(v):   # (a 1-number statistic is each channel's, as torchvision's Normalize broadcasts it)
+        v = [float(x) for x in v]
+        return v * 3 if len(v) == 1 else v
+    return all(len(per_channel(x)) == len(per_channel(y)) and
+               all(abs(p - q) <= 1e-7 for p, q in zip(per_channel(x), per_channel(y))) for x, y in zip(a, b))
 
 
 def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
-                  recipe: Optional[str] = None) -> dict:
+                  recipe: Optional[str] = None, normalization: Optional[tuple] = None) -> dict:
     """Make ``model``'s adapters those of the subfolders of ``root``: load new or changed ones,
     drop vanished ones. Returns {"loaded", "unchanged", "removed", "refused": {name: why}}.
-    With ``recipe`` (the server's one preprocessing), an adapter trained with another is refused:
-    its answers would come from images prepared in a way it never saw."""
+    With ``recipe`` (the server's one preprocessing; ``normalization``: its (mean, std)), an adapter
+    trained with another is refused: its answers would come from images prepared in a way it never saw."""
     if not os.path.isdir(root):
         raise AdapterError(f"adapters folder {root!r} does not exist")
     report = {"loaded": [], "unchanged": [], "removed": [], "refused": {}}
@@ -144,7 +160,7 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
             # replaced or swapped while it loaded gave one adapter's weights under the other's
             # class names; a file copied over a memory-mapped one killed the server (SIGBUS)
             files = read_adapter_files(real)
-            _check_recipe(files, recipe)
+            _check_recipe(files, recipe, normalization)
             model.add_adapter(name, real, files)
             stamps[name] = (real, files.stamp)
             report["loaded"].append(name)
@@ -434,7 +450,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
                cfg: Optional[ServeConfig] = None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                stamps: Optional[Dict[str, tuple]] = None, recipe: Optional[str] = None):
     """The ASGI app serving ``model``; ``adapters_dir`` is rescanned by POST /v1/adapters/reload
-    (refusing adapters trained with an image ``recipe`` other than the one ``transform`` applies)."""
+    (refusing adapters trained with an image ``recipe`` other than the one ``transform`` applies, or
+    with other statistics than ``mean``/``std``, which ``transform`` normalises with)."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -675,7 +692,8 @@ def create_app(model: MultiAdapterModel, adapters_dir: Optional[str], transform:
         if adapters_dir is None:
             raise RequestError("this server was started without an adapters folder", 409)
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(executor, sync_adapters, model, adapters_dir, stamps, recipe)
+        report = await loop.run_in_executor(executor, sync_adapters, model, adapters_dir, stamps, recipe,
+                                            (tuple(mean), tuple(std)))
         metrics["adapters"].set(len(model.adapters))
         # a removed adapter's series goes with it: a deployment that names its folders by version
         # grew /metrics (and its scraper's series) by one series per name ever served (review47)
@@ -793,22 +811,22 @@ def build_app(adapters_dir: str, model_name: Optional[str] = None, checkpoint: O
               cfg: Optional[ServeConfig] = None, amp: bool = False):
     """(app, load report): the backbone of ``backbone_spec``, every adapter of ``adapters_dir``;
     ``amp``: bfloat16 autocast (MultiAdapterModel)."""
-    from ..data.transforms import build_transform
+    from ..data.transforms import adapter_normalization, build_transform
     from ..build import build_backbone
     from .backbone import backbone_spec
 
     spec = backbone_spec(adapters_dir, model_name, checkpoint)
     vim = build_backbone(spec)
-    # the statistics every adapter was trained and is evaluated with (svp.data.transforms: ImageNet's
-    # for every backbone), not the backbone's pretrained_cfg: a ViT's (0.5, 0.5) served other
-    # predictions than svp predict's (retest 95)
-    mean, std = tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    # the statistics the first adapter was trained and is evaluated with (its backbone.json's,
+    # data.normalize: ImageNet's by default for every backbone), not the backbone's pretrained_cfg:
+    # a ViT's (0.5, 0.5) served other predictions than svp predict's (retest 95)
+    mean, std = adapter_normalization(spec.extra, adapters_dir)
     img_size = int(vim.patch_embed.img_size[0])
     recipe = spec.extra.get("recipe", "svp")
     transform = FastEvalTransform.wrap(build_transform(recipe, False, img_size=img_size, mean=mean, std=std))
     model = MultiAdapterModel(vim, amp=amp)
     stamps: Dict[str, tuple] = {}
-    report = sync_adapters(model, adapters_dir, stamps, recipe)
+    report = sync_adapters(model, adapters_dir, stamps, recipe, (mean, std))
     report["backbone"] = {"model": spec.model, "checkpoint": spec.checkpoint, "weights": spec.weights}
     app = create_app(model, adapters_dir, transform, cfg, mean=mean, std=std, stamps=stamps, recipe=recipe)
     return app, report

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 
 from ..build import ModelSpec, adapter_spec, check_recorded_checkpoint, converted_origin
-from ..data.transforms import adapter_recipe
+from ..data.transforms import adapter_normalization, adapter_recipe
 from ..errors import ConfigError, SVPError
 from ..peft.io import ADAPTER_CONFIG
 
@@ -35,6 +35,7 @@ def backbone_spec(adapters_dir: str, model_name: Optional[str] = None,
             real = check_adapter_dir(adapters_dir, name)
             spec = adapter_spec(real, model_name, checkpoint)
             adapter_recipe(spec.extra, real)  # it would become the server's one preprocessing
+            adapter_normalization(spec.extra, real)
         except (SVPError, OSError) as e:  # a refused folder is reported when the adapters load; the next decides
             refused.append(f"{name}: {e}" if isinstance(e, SVPError) else
                            f"{name}: cannot read {e.filename or name} ({e.strerror or e})")
