@@ -331,3 +331,15 @@ def test_data_normalize_backbone_is_recorded_and_used_by_every_command(tmp_path,
     assert adapter_normalization({"recipe": "svp"}, "d") == normalization("imagenet", "x")
     with pytest.raises(AdapterError, match=r"d/backbone.json: std \[0.5, 0\]"):
         adapter_normalization({"mean": [0.5], "std": [0.5, 0]}, "d")
+
+
+def test_a_vit_file_of_another_size_is_said_with_both_sizes():
+    from svp.models.loading import size_hint
+    with torch.device("meta"):
+        base = timm.create_model("vit_base_patch16_224", depth=2, num_classes=0)
+        small = as_backbone(timm.create_model("vit_small_patch16_224", depth=2, num_classes=0))
+    hint = size_hint(small, base.state_dict())
+    assert hint == ("the file holds a ViT of width 768, depth 2, patch 16; the model 'vit_small_patch16_224' is one "
+                    "of width 384, depth 2, patch 16: build one of its size (--model / model.name, e.g. "
+                    "vit_base_patch16_224, or model.kwargs)")
+    assert size_hint(small, small.state_dict()) == ""

@@ -515,6 +515,8 @@ def size_hint(model: nn.Module, state_dict: Mapping) -> str:
     if fam_have and fam_want and fam_have != fam_want:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         return f"the file holds {fam_have}'s weights; the model{f' {name!r}' if name else ''} is {fam_want}"
+    if fam_have == fam_want == "a ViT":
+        return _vit_size_hint(model, state_dict)
     if fam_have != "a Vim" or fam_want != "a Vim":
         return ""
     have, want = vim_shape(state_dict), vim_shape(dict(model.state_dict()))
@@ -528,6 +530,34 @@ def size_hint(model: nn.Module, state_dict: Mapping) -> str:
     else:
         advice = f": build {' or '.join(which)} (--model / model.name) to load it" if which else ""
     return (f"the file holds a Vim of {_show_shape(have)}; the model{f' {name!r}' if name else ''} is one of "
+            f"{_show_shape(want)}" + advice)
+
+
+# timm's ViT sizes by width (their names' middle word); depth 12 but for large and huge
+_VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+
+
+def vit_shape(tensors: Mapping) -> Optional[dict]:
+    """A ViT state dict's size as its tensors show it (width, depth, patch); None for no ViT's."""
+    proj = tensors.get("patch_embed.proj.weight")
+    if proj is None or len(getattr(proj, "shape", ())) != 4:
+        return None
+    depths = [int(m.group(1)) for k in tensors for m in [re.match(r"blocks\.(\d+)\.attn\.qkv\.weight$", str(k))] if m]
+    return {"width": int(proj.shape[0]), "depth": max(depths) + 1 if depths else 0, "patch": int(proj.shape[-1])}
+
+
+def _vit_size_hint(model: nn.Module, state_dict: Mapping) -> str:
+    """A ViT file of another size than the ViT ``model`` (review 96's "no size sentence")."""
+    have, want = vit_shape(state_dict), vit_shape(dict(model.state_dict()))
+    if have is None or want is None or have == want:
+        return ""
+    import timm
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    size = _VIT_SIZES.get(have["width"])
+    guess = f"vit_{size}_patch{have['patch']}_224" if size else None
+    advice = (f": build one of its size (--model / model.name, e.g. {guess}, or model.kwargs)"
+              if guess and guess != name and timm.is_model(guess) else "")
+    return (f"the file holds a ViT of {_show_shape(have)}; the model{f' {name!r}' if name else ''} is one of "
             f"{_show_shape(want)}" + advice)
 
 
