@@ -10,6 +10,7 @@ import types
 import pytest
 
 from svp.cli import main as svp_main
+from svp.engine.progress import read_wandb_record
 
 MINI = ["--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32", "--epochs", "3",
         "--batch-size", "8", "data.max_train_samples=24", "data.max_eval_samples=8", "train.warmup_epochs=0",
@@ -50,7 +51,8 @@ def fake_wandb(monkeypatch):
     mod.init, mod.fail, mod.runs = init, False, runs
     mod.Settings = lambda **kw: dict(kw)
     monkeypatch.setitem(sys.modules, "wandb", mod)
-    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    for name in ("WANDB_PROJECT", "WANDB_MODE", "WANDB_ENTITY", "WANDB_QUIET", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
     return mod
 
 
@@ -63,7 +65,7 @@ def test_a_run_logs_each_steps_scalars_once_over_global_step_and_its_results(tmp
     init = run.init
     # (run.name whole: a sweep's runs are <dataset>/<method>/seed<N>)
     assert init["project"] == "vim-digits" and init["name"] == "digits/w" and init["dir"] == str(run_dir)
-    assert init["resume"] == "allow" and init["id"] == (run_dir / "wandb_run_id").read_text().strip()
+    assert init["resume"] == "allow" and init["id"] == read_wandb_record(str(run_dir / "wandb_run_id"))["id"]
     assert init["config"]["method"]["name"] == "linear" and init["config"]["run"]["wandb"] is True
     assert set(init["tags"]) == {"linear", "digits"}
     assert ("*", "global_step") in run.metrics
@@ -93,6 +95,15 @@ def test_a_resumed_run_continues_the_same_wandb_run_from_its_resume_point(tmp_pa
     assert first.exit_code == 0 and second.exit_code == 0   # a stop on request is no failure
     assert [row["global_step"] for row in first.logged] == [1, 2, 3, 4]
     assert [row["global_step"] for row in second.logged] == [5, 6, 7, 8, 9]
+    # a resume in a shell without the $WANDB_PROJECT of the start continues in the run's own project
+    # (an id lives in one project: the second half went to a second run in project 'svp': retest 97)
+    assert read_wandb_record(str(tmp_path / "r" / "wandb_run_id"))["project"] == "from-env"
+    assert svp_main(args + ["--name", "s", "debug.stop_at_step=4"]) == 75
+    monkeypatch.delenv("WANDB_PROJECT")
+    assert svp_main(["train", "--resume", str(tmp_path / "s")]) == 0
+    assert "this run's wandb run" in capsys.readouterr().err
+    third, fourth = fake_wandb.runs[2:]
+    assert third.init["id"] == fourth.init["id"] and fourth.init["project"] == "from-env"
 
 
 def test_wandb_turned_on_at_a_resume_starts_logging_there(tmp_path, fake_wandb, capsys):
@@ -171,8 +182,8 @@ def test_a_fresh_run_after_an_attempt_without_a_resume_point_is_a_new_wandb_run(
     capsys.readouterr()
     first, second = fake_wandb.runs
     assert first.init["id"] != second.init["id"] and first.exit_code == 1 and second.exit_code == 0
-    assert (run_dir / "wandb_run_id.1").read_text().strip() == first.init["id"]
-    assert (run_dir / "wandb_run_id").read_text().strip() == second.init["id"]
+    assert read_wandb_record(str(run_dir / "wandb_run_id.1"))["id"] == first.init["id"]
+    assert read_wandb_record(str(run_dir / "wandb_run_id"))["id"] == second.init["id"]
     assert [row["global_step"] for row in second.logged] == list(range(1, 10))
 
 
@@ -198,3 +209,46 @@ def test_a_failing_sink_does_not_hide_the_runs_own_error_nor_the_others_close(lo
     with pytest.raises(OSError, match="disk full"):
         Scalars([Broken(), WandbScalars(run)]).close(failed=False)
     assert run.exit_code == 0
+
+
+def test_wandb_settings_wandb_would_refuse_are_said_before_any_work(tmp_path, fake_wandb, monkeypatch, capsys):
+    """A project name over 128 characters, a bad $WANDB_PROJECT, a number for a name, and a sweep
+    without the package: each failed at wandb's init after the data and the model were built, or
+    every run of the sweep one by one (retest 97)."""
+    base = ["train", *MINI, "--output", str(tmp_path), "--name", "p", "run.wandb=true"]
+    assert svp_main(base + ["run.wandb_project=" + "p" * 129, "--print-config"]) == 2
+    assert "a wandb project name has at most 128 characters, this one 129" in capsys.readouterr().err
+    assert svp_main(base + ["run.wandb_project=2024", "--print-config"]) == 2
+    assert "give a number as text in quotes (run.wandb_project=\"'2024'\")" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_PROJECT", "a/b")
+    assert svp_main(base) == 2
+    assert "$WANDB_PROJECT='a/b' names the project, but a wandb project name may not hold" in capsys.readouterr().err
+    assert not fake_wandb.runs and not (tmp_path / "p").exists()
+    monkeypatch.delenv("WANDB_PROJECT")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
+                     "--output", str(tmp_path / "sw"), "run.wandb=true"]) == 2
+    assert "run.wandb=true needs the wandb package" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_wandb_modes_disabled_and_offline(tmp_path, fake_wandb, monkeypatch, capsys):
+    """WANDB_MODE=disabled left an id file of a run that never existed; offline, wandb printed its
+    three lines whatever quiet said: silent there, svp says where the records are (retest 97)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "d", "run.wandb=true"]) == 0
+    assert not fake_wandb.runs and not (tmp_path / "d" / "wandb_run_id").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def init(**kwargs):
+        run = FakeRun(**kwargs)
+        run.settings = types.SimpleNamespace(sync_dir=f"{kwargs['dir']}/wandb/offline-run-x")
+        fake_wandb.runs.append(run)
+        return run
+    monkeypatch.setattr(fake_wandb, "init", init)
+    capsys.readouterr()
+    assert svp_main(["train", *MINI, "--output", str(tmp_path), "--name", "o", "run.wandb=true"]) == 0
+    (run,) = fake_wandb.runs
+    assert run.init["settings"] == {"quiet": True, "silent": True}
+    assert f"wandb (offline): run {run.init['id']}'s records are in {tmp_path / 'o'}/wandb/offline-run-x" in \
+        capsys.readouterr().err

@@ -684,12 +684,17 @@ def validate(cfg: dict) -> None:
             v = expanded
             set_key(cfg, key, v)
         if (v is not None or key in _TEXT) and (not isinstance(v, str) or not v.strip()):
-            raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else ""))
+            # (a number given on the command line is YAML's number: run.wandb_project=2024 was refused
+            # without saying how to give it as text: retest 97)
+            quote = f"; give a number as text in quotes ({key}=\"'{v}'\")" if _is_num(v) else ""
+            raise ConfigError(f"{key}={v!r}: expected a non-empty string" + (" or null" if key in _TEXT_OR_NULL else "")
+                              + quote)
         if isinstance(v, str) and "\0" in v:   # (a ValueError traceback where it became a path)
             raise ConfigError(f"{key}={v!r}: holds a NUL character")
-    project = cfg["run"].get("wandb_project")
-    if isinstance(project, str) and any(c in project for c in "/\\#?%:"):   # (wandb refuses them, at init: retest 94)
-        raise ConfigError(f"run.wandb_project={project!r}: a wandb project name may not hold any of / \\ # ? % :")
+    from .progress import wandb_project_problem
+    problem = wandb_project_problem(cfg["run"].get("wandb_project"))
+    if problem:
+        raise ConfigError(f"run.wandb_project={cfg['run']['wandb_project']!r}: {problem}")
     for key in ("data.num_workers", "run.save_every_steps"):   # 0.5 was truncated to 0 (no mid-epoch saves)
         v = get_key(cfg, key)
         if not (_is_num(v, integer=True) and v >= 0):

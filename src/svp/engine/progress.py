@@ -251,6 +251,23 @@ def check_scalar_packages(cfg: dict) -> None:
     if run.get("wandb") and not _installed("wandb"):
         raise ConfigError("run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]'); or run without "
                           "it (run.wandb=false, at a --resume too)")
+    if run.get("wandb") and not run.get("wandb_project"):   # (the project it falls back to: retest 97)
+        problem = wandb_project_problem(os.environ.get("WANDB_PROJECT") or None)
+        if problem:
+            raise ConfigError(f"run.wandb=true: $WANDB_PROJECT={os.environ['WANDB_PROJECT']!r} names the project, "
+                              f"but {problem}")
+
+
+def wandb_project_problem(project) -> Optional[str]:
+    """Why wandb would refuse ``project`` as a project name (at init, after the data and the model
+    were built: retest 94, 97), or None."""
+    if not isinstance(project, str):
+        return None
+    if any(c in project for c in "/\\#?%:"):
+        return "a wandb project name may not hold any of / \\ # ? % :"
+    if len(project) > 128:
+        return f"a wandb project name has at most 128 characters, this one {len(project)}"
+    return None
 
 
 class WandbScalars:
@@ -301,6 +318,25 @@ class WandbScalars:
             self.run.finish(exit_code=1 if failed else 0)
 
 
+def read_wandb_record(path: str) -> dict:
+    """``<run>/wandb_run_id``: the wandb run's id on its first line, then ``project: ...`` and
+    ``entity: ...`` lines (a file of an earlier svp holds the id alone); {} without the file."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    out = {"id": lines[0] or None} if lines else {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("project", "entity") and value.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _wandb_record(run_id: str, project: str, entity: Optional[str]) -> str:
+    return f"{run_id}\nproject: {project}\n" + (f"entity: {entity}\n" if entity else "")
+
+
 def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
     """The run's wandb run (``run.wandb``; project ``run.wandb_project``, else $WANDB_PROJECT, else
     "svp"; entity, mode and the rest from wandb's own variables: WANDB_ENTITY, WANDB_MODE=offline
@@ -314,33 +350,54 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
         raise ConfigError("run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]')") from None
     from ..io import atomic_write_text
 
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode == "disabled":   # (it left an id file of a run that never existed: retest 97)
+        log.info("run.wandb=true: WANDB_MODE=disabled, so nothing goes to wandb")
+        return None
     id_file = os.path.join(run_dir, WANDB_ID_FILE)
-    run_id = None
-    if os.path.isfile(id_file):
-        with open(id_file, encoding="utf-8") as f:
-            run_id = f.read().strip() or None
+    recorded = read_wandb_record(id_file)
+    run_id = recorded.get("id")
+    project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
+    entity = recorded.get("entity") or None
+    if recorded.get("project") and recorded["project"] != project:
+        # (a run id lives in one project: a resume without the $WANDB_PROJECT of its start logged its
+        # other half to a second run in another project: retest 97)
+        log.warning("run.wandb: this run's wandb run %s is in project %r; it continues there, not in %r", run_id,
+                    recorded["project"], project)
+        project = recorded["project"]
+    if entity and os.environ.get("WANDB_ENTITY") and os.environ["WANDB_ENTITY"] != entity:
+        log.warning("run.wandb: this run's wandb run %s belongs to entity %r; it continues there, not in "
+                    "$WANDB_ENTITY=%r", run_id, entity, os.environ["WANDB_ENTITY"])
     if run_id is None:
         # (wandb's own ids: 8 characters of [a-z0-9]; written before init, so a run killed during
         # init still resumes into the run it created)
         import secrets
         run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
-        atomic_write_text(id_file, run_id + "\n")
-    project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
+    atomic_write_text(id_file, _wandb_record(run_id, project, entity))
+    offline = mode in ("offline", "dryrun")
     try:
         # (run.name where given, sub-folders and all: a sweep's runs are <dataset>/<method>/seed<N>,
         # each "seed0" by its folder's name alone)
         name = cfg["run"].get("name") or os.path.basename(os.path.normpath(run_dir))
         # (quiet unless WANDB_QUIET / WANDB_SILENT say otherwise: wandb's ~35 lines a run, its
-        # sparklines and sync hints, came between svp's own: retest 94)
+        # sparklines and sync hints, came between svp's own: retest 94; offline, wandb prints its
+        # three lines whatever quiet says, so silent there, and svp says where the files are: retest 97)
         quiet = {} if any(v in os.environ for v in ("WANDB_QUIET", "WANDB_SILENT")) else \
-            {"settings": wandb.Settings(quiet=True)}
-        run = wandb.init(project=project, name=str(name), id=run_id,
+            {"settings": wandb.Settings(quiet=True, silent=offline)}
+        run = wandb.init(project=project, entity=entity, name=str(name), id=run_id,
                          resume="allow", dir=run_dir, config=cfg, job_type="train",
                          tags=[str(cfg["method"]["name"])[:64], str(cfg["data"]["dataset"])[:64]], **quiet)
     except Exception as e:   # noqa: BLE001  (wandb's errors have no common base: login, network, mode)
+        advice = ("" if offline else f"set WANDB_MODE=offline to log to {os.path.join(run_dir, 'wandb')} and "
+                                     f"`wandb sync` later, or ")
         raise ConfigError(f"run.wandb=true: wandb could not start a run ({type(e).__name__}: {e}); "
-                          f"set WANDB_MODE=offline to log to {os.path.join(run_dir, 'wandb')} and "
-                          f"`wandb sync` later, or run without it (run.wandb=false, at a --resume too)") from None
+                          f"{advice}run without it (run.wandb=false, at a --resume too)") from None
+    if getattr(run, "entity", None) and run.entity != entity:
+        atomic_write_text(id_file, _wandb_record(run_id, project, run.entity))
+    sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
+    if offline and sync_dir:
+        log.info("wandb (offline): run %s's records are in %s; `wandb sync %s` uploads them", run_id, sync_dir,
+                 sync_dir)
     run.define_metric("global_step")
     run.define_metric("*", step_metric="global_step")
     return WandbScalars(run)

@@ -445,6 +445,7 @@ def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
     (a run folder made with another configuration still fails its run only). ``points``: the
     overrides of each --tune grid point (every point of every dataset and method is checked);
     ``tuning``: with the training and validation splits the grid runs get (tuned_sweep)."""
+    from .progress import check_scalar_packages
     from .setup import check_method_fits
     if not seeds:
         raise C.ConfigError("--seeds: at least one seed is needed")
@@ -470,6 +471,8 @@ def check_configs(all_ds, methods, seeds, output, config_files, overrides, base,
                     if key not in fits_checked:
                         check_method_fits(cfg)
                         fits_checked.add(key)
+                    # (run.wandb without the package failed every run of the sweep, one by one: retest 97)
+                    check_scalar_packages(cfg)
                 except C.ConfigError as e:
                     where = f"{ds} / {m}" + (f" / {', '.join(point)}" if point else "")
                     raise C.ConfigError(f"{where}: {e}") from None
