@@ -162,8 +162,17 @@ def test_npz_and_state_dicts_that_do_not_fit_are_refused_naming_the_file(tmp_pat
     _to_npz(source, tmp_path / "w.npz")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "w.npz").read_bytes()[:500])
+    # big_vision's layout, the blocks stacked: timm indexes the stack, so 3 filled 2 silently (retest 96)
+    with np.load(tmp_path / "w.npz") as w:
+        flat = {k: w[k] for k in w.keys()}
+    stacked = {k: v for k, v in flat.items() if "encoderblock_" not in k}
+    for k in [k for k in flat if "encoderblock_0/" in k]:
+        stacked[k.replace("encoderblock_0/", "encoderblock/")] = np.stack(
+            [flat[k.replace("encoderblock_0/", f"encoderblock_{i}/")] for i in range(3)])
+    np.savez(tmp_path / "stack.npz", **stacked)
     kw = {k: v for k, v in TINY.items() if k != "img_size"}
     cases = [("w.npz", {"depth": 2}, "holds 3 encoder blocks; the model has 2"),
+             ("stack.npz", {"depth": 2}, "holds 3 encoder blocks; the model has 2"),
              ("w.npz", {"qk_norm": True}, "holds no values for 12 of the model's tensors (blocks.0.attn.q_norm"),
              ("cut.npz", {}, "cut.npz: not a readable .npz file"),
              ("w.safetensors", {"reg_tokens": 4}, "w.safetensors: its tensors do not fit the model")]
@@ -187,6 +196,9 @@ def test_checkpoints_load_from_safetensors_and_googles_npz(tmp_path):
             built = build_backbone(spec, skip_init=lazy).eval()
             with torch.no_grad():
                 assert torch.allclose(built(x), source(x), atol=1e-5), (name, lazy)
+            # the file's head of the task's class count: marked, so a run replaces it, from either
+            # format (a .npz's was trained on: retest 96)
+            assert built.head_from_checkpoint, (name, lazy)
     # another input size: the position embedding resampled to the new grid; another class count: no head
     spec = ModelSpec(model="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.safetensors"), img_size=48,
                      num_classes=10, kwargs=kw)
@@ -343,3 +355,78 @@ def test_a_vit_file_of_another_size_is_said_with_both_sizes():
                     "of width 384, depth 2, patch 16: build one of its size (--model / model.name, e.g. "
                     "vit_base_patch16_224, or model.kwargs)")
     assert size_hint(small, small.state_dict()) == ""
+
+
+def test_vit_runs_that_cannot_work_are_refused_before_the_data_is_read(tmp_path, capsys):
+    """Said in one line by svp train, before the data: another size than the model's, a size that no
+    patch grid fits (the embedding dropped its last pixels), timm's own argument assertions (a
+    traceback); a ViT registered without a head (DINOv2) is not refused as headless (retest 96)."""
+    import svp.engine.config as C
+    from svp.engine.setup import check_method_fits
+
+    def said(extra_kwargs, size=32, model="vit_tiny_patch16_224", method="linear"):
+        kw = ", ".join(f"{k}: {v}" for k, v in {"patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3,
+                                                **extra_kwargs}.items())
+        code = svp_main(["train", "--dataset", "digits", "--method", method, "--model", model, "--random-init",
+                         f"model.kwargs={{{kw}}}", "--img-size", str(size), "--output", str(tmp_path), "--name", "x"])
+        return code, capsys.readouterr().err
+
+    code, err = said({"img_size": 48})
+    assert code == 2 and "model.kwargs.img_size=48 builds vit_tiny_patch16_224 for 48x48 px images, but " \
+                          "data.img_size=32 makes 32 px ones" in err and "Traceback" not in err
+    code, err = said({}, size=34)
+    assert code == 2 and "data.img_size=34 is not a multiple of vit_tiny_patch16_224's patch size 4" in err \
+        and "use 32 or 36" in err
+    code, err = said({"class_token": "false"})
+    assert code == 2 and "do not fit (timm: Token pooling needs the class token" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    # DINOv2's registration has no head; the run gives it the task's
+    cfg = C.resolve(overrides=["data.dataset=digits", "model.name=vit_small_patch14_dinov2", "data.img_size=28",
+                               "method.name=lora", "model.kwargs={patch_size: 14, depth: 2, embed_dim: 48, "
+                                                   "num_heads: 3}"], use_presets=False)
+    check_method_fits(cfg)
+
+
+def test_a_checkpoints_own_grid_decides_the_image_size_warning(tmp_path, capsys):
+    """A 32 px file was said to be resampled from the model name's 224 px at 32 (retest 96): the word
+    now comes from the file's own position grid, for a state dict and a .npz alike."""
+    source = _vit(num_classes=10, seed=1)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    _to_npz(source, tmp_path / "w.npz")
+    for name in ("w.safetensors", "w.npz"):
+        for size in (32, 48):
+            run = f"{name}-{size}"
+            assert svp_main(["train", "--dataset", "digits", "--method", "linear", "--model", "vit_tiny_patch16_224",
+                             "--checkpoint", str(tmp_path / name), KWARGS, "--img-size", str(size),
+                             "train.max_steps=1", "data.max_eval_samples=8", "run.progress=none",
+                             "--output", str(tmp_path / "runs"), "--name", run]) == 0
+            log = (tmp_path / "runs" / run / "train.log").read_text()
+            assert "weights were trained at" not in log
+            assert ("data.img_size=48 makes a 12x12 patch grid; " in log) == (size == 48), run
+            assert (f"{name}'s position embedding is for a 8x8 one: resampled" in log) == (size == 48), run
+    capsys.readouterr()
+
+
+def test_an_adapter_or_file_of_the_other_family_is_said_as_such(tmp_path, capsys):
+    """A ViT adapter given a Vim (--model), a Vim adapter on a ViT, and a ViT's .npz given to a Vim
+    were said as arguments that do not fit, a weight hash, or a zip archive (retest 96)."""
+    from svp.errors import AdapterError
+    from svp.models.loading import CheckpointError
+    from svp.peft import load_adapter
+
+    out = tmp_path / "runs"
+    common = ["--epochs", "1", "--batch-size", "8", "data.max_train_samples=8", "data.max_eval_samples=8",
+              "train.warmup_epochs=0", "run.progress=none", "--output", str(out)]
+    assert svp_main(["train", "--dataset", "digits", "--method", "linear", "--model", "vit_tiny_patch16_224",
+                     "--random-init", KWARGS, "--img-size", "32", *common, "--name", "vit"]) == 0
+    assert svp_main(["train", "--dataset", "digits", "--method", "linear", "--model", "vim_mini_patch4_32",
+                     *common, "--name", "vim"]) == 0
+    capsys.readouterr()
+    assert svp_main(["eval", str(out / "vit" / "best"), "--dataset", "digits", "--model", "vim_mini_patch4_32"]) == 2
+    assert "the adapter was trained on a ViT (vit_*) backbone" in capsys.readouterr().err
+    with pytest.raises(AdapterError, match=r"adapter was trained on a Vision Mamba \(vim_\*\) backbone .* but the "
+                                           r"model given is a ViT \(vit_\*\)"):
+        load_adapter(as_backbone(_vit(num_classes=10)), str(out / "vim" / "best"))
+    _to_npz(_vit(num_classes=10), tmp_path / "w.npz")
+    with pytest.raises(CheckpointError, match=r"w.npz: a numpy .npz archive \(it holds .*\), not a torch.save file: Google's ViT format"):
+        build_backbone(ModelSpec(model="vim_mini_patch4_32", checkpoint=str(tmp_path / "w.npz"), num_classes=10))

@@ -346,7 +346,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             what = f"cannot read its {weights} weights" if cannot_read else f"its {weights} weights do not fit"
             raise CheckpointError(f"model {spec.model!r}: {what} ({e})") from None
         raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AssertionError) as e:   # (AssertionError: timm's own argument checks)
         if isinstance(e, SVPError) or not spec.kwargs:  # nothing the user passed: a bug, keep its traceback
             raise
         # an unknown or mistyped model argument (model.kwargs, --model-args, backbone.json's kwargs)
@@ -545,6 +545,8 @@ def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, c
                          random_init) -> ModelSpec:
     # (the names the folder records, before any are filled in: svp eval checks those alone)
     spec.recorded_class_names = [str(n) for n in (info.get("class_names") or spec.class_names or [])]
+    if model:
+        _check_family(info, adapter_dir, model)
     if model or checkpoint or pretrained or random_init:
         spec.model = model or spec.model
         spec.checkpoint, spec.pretrained, spec.random_init = checkpoint, pretrained, random_init
@@ -555,6 +557,21 @@ def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, c
         raise AdapterError(f"{adapter_dir}: {len(spec.class_names)} class names for {spec.num_classes} classes "
                            f"(adapter_config.json's class_names, else backbone.json's); expected one per class")
     return spec
+
+
+def _check_family(info: dict, adapter_dir: str, model: str) -> None:
+    """A ViT adapter given a Vim (``--model``), or the reverse, is said as such (it was "its
+    arguments do not fit (TypeError ... num_heads)" or a weight-hash mismatch: retest 96)."""
+    import timm
+
+    recorded = (info.get("base_model_settings") or {}).get("family", "vim")
+    bare = str(model).split(".")[0]
+    asked = "vim" if bare in timm.list_models("vim_*") else "vit" if bare.startswith("vit_") else None
+    if asked and recorded in ("vim", "vit") and asked != recorded:
+        words = {"vim": "Vision Mamba (vim_*)", "vit": "ViT (vit_*)"}
+        raise ConfigError(f"{adapter_dir}: the adapter was trained on a {words[recorded]} backbone "
+                          f"({info.get('base_model_name')!r}); --model {model!r} is a {words[asked]}: give a model "
+                          f"of the adapter's family")
 
 
 def read_adapter_folder(adapter_dir: str, weights: bool = True):

@@ -63,7 +63,8 @@ TRAIN_FLAGS = [
                                              "linear probe's best/ as a full fine-tuning run's start)"),
     ("--model", "model.name", str, "timm model name of the backbone (e.g. vim_small_patch16_224; timm's ViTs, "
                                    "vit_base_patch16_224..., for the baselines); " + WEIGHTS_HELP),
-    ("--checkpoint", "model.checkpoint", str, "official Vim checkpoint (.pth / .safetensors) for the backbone"),
+    ("--checkpoint", "model.checkpoint", str, "backbone checkpoint: an official Vim's (.pth / .safetensors), or "
+                                              "a timm ViT's (those or Google's .npz)"),
     ("--output", "run.output", str, "parent folder of run folders (default runs/)"),
     ("--name", "run.name", str, "run folder name (default <dataset>-<method>-s<seed>-<date>-<time>-<6 hex>)"),
     ("--epochs", "train.epochs", int, "number of epochs"),

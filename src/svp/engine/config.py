@@ -35,8 +35,8 @@ from .presets import PRESET_MAP, PRESET_METHOD_KEYS, dataset_preset  # noqa: F40
 # (dotted key, default, help). The order is the order of `svp train --help`.
 SCHEMA: List[Tuple[str, Any, str]] = [
     # --- backbone
-    ("model.name", "vim_small_patch16_224", "timm model name of the Vim backbone"),
-    ("model.checkpoint", None, "official Vim checkpoint (.pth or .safetensors) loaded into the backbone"),
+    ("model.name", "vim_small_patch16_224", "timm model name of the backbone (a Vim; timm's ViTs for the baselines)"),
+    ("model.checkpoint", None, "backbone checkpoint loaded into it: an official Vim's (.pth or .safetensors), or a timm ViT's (those or Google's .npz)"),
     ("model.pretrained", False, "ask timm for the model's pretrained weights (may download from the hub); the bundled vim_mini_patch4_32 always gets its bundled weights unless model.checkpoint or model.random_init is set"),
     ("model.random_init", False, "a randomly initialised backbone (tests only); without it, a model other than the bundled mini Vim needs model.checkpoint or model.pretrained"),
     ("model.kwargs", {}, "extra keyword arguments for timm.create_model (e.g. img_size, depth, embed_dim)"),

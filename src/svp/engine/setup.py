@@ -384,6 +384,9 @@ def check_method_fits(cfg: dict) -> None:
     m = cfg["model"]
     kwargs = dict(m["kwargs"] or {})
     kwargs.setdefault("img_size", int(cfg["data"]["img_size"]))
+    # (the run builds it with the task's head: a ViT registered without one, DINOv2's, was refused
+    # as headless here: retest 96. The count is the data's, unknown before it is read; any will do)
+    kwargs.setdefault("num_classes", 2)
     key = (m["name"], repr(sorted(kwargs.items())))
     if key not in _META_MODELS:
         try:
@@ -399,6 +402,10 @@ def check_method_fits(cfg: dict) -> None:
             # a Vim's argument out of range: the run names it in its own words (model.kwargs); a model
             # that is no Vim could not take svp's img_size (kept as words)
             _META_MODELS[key] = None if m["name"] in timm.list_models("vim_*") else f"{type(e).__name__}: {e}"
+        except AssertionError as e:   # (timm's own checks of its arguments: a traceback in the run: retest 96)
+            if not m["kwargs"]:
+                raise
+            raise ConfigError(f"model {m['name']!r}: its arguments {m['kwargs']} do not fit (timm: {e})") from None
         except Exception:   # an unknown model: the run says so, as without the check
             _META_MODELS[key] = None
     built = _META_MODELS[key]
@@ -407,15 +414,37 @@ def check_method_fits(cfg: dict) -> None:
     # (a model that is no Vim was built by the run with svp's img_size, and failed there with a
     # traceback after the data had been read: review46)
     if not isinstance(built, (VisionMamba, HookedViT)):   # (a str: the words it failed with)
-        what = f"cannot be built with {kwargs} ({built})" if isinstance(built, str) else \
+        shown = {k: v for k, v in kwargs.items() if k != "num_classes"}   # (svp's own stand-in count left out)
+        what = f"cannot be built with {shown} ({built})" if isinstance(built, str) else \
             f"is a {type(built).__name__}"
         raise ConfigError(f"model {m['name']!r} {what}; svp's methods adapt Vision Mamba backbones (the Vim "
                           f"models: {', '.join(timm.list_models('vim_*'))}) and timm's plain ViTs (vit_*)")
+    if isinstance(built, HookedViT):
+        _check_vit_size(built, cfg)
     try:
         dry_run(_META_MODELS[key], mc)
     except (ValueError, TypeError) as e:
         said = str(e) if isinstance(e, ConfigError) else f"method.name={name!r} / method.settings={settings}: {e}"
         raise ConfigError(said + _from_preset(cfg["data"]["dataset"], name, settings, str(e))) from None
+
+
+def _check_vit_size(vit, cfg: dict) -> None:
+    """The run's images fit the ViT's patch embedding, said before the data is read: a model built
+    for another size failed in its first step with a traceback, and a size that is no multiple of
+    the patch size trained on images whose last rows and columns the embedding dropped (a Vim
+    refuses both: retest 96)."""
+    pe, size = vit.patch_embed, int(cfg["data"]["img_size"])
+    kw = cfg["model"]["kwargs"] or {}
+    built = tuple(int(v) for v in pe.img_size) if getattr(pe, "img_size", None) else None
+    if built and not getattr(pe, "dynamic_img_size", False) and built != (size, size):
+        raise ConfigError(f"model.kwargs.img_size={kw.get('img_size')!r} builds {cfg['model']['name']} for "
+                          f"{built[0]}x{built[1]} px images, but data.img_size={size} makes {size} px ones; drop "
+                          f"model.kwargs.img_size (data.img_size sizes the model) or make them equal")
+    patch = int(pe.patch_size[0])
+    if size % patch and not getattr(pe, "dynamic_img_pad", False):
+        raise ConfigError(f"data.img_size={size} is not a multiple of {cfg['model']['name']}'s patch size {patch}: its "
+                          f"patch embedding would drop the last {size % patch} px rows and columns of every image; "
+                          f"use {size - size % patch} or {size - size % patch + patch}")
 
 
 def _from_preset(dataset: str, method: str, settings: dict, message: str) -> str:
@@ -445,7 +474,14 @@ def build_train_model(cfg: dict, spec: ModelSpec, resuming: bool = False) -> nn.
         key, v = ("model.kwargs.img_size", kw["img_size"]) if "img_size" in kw else ("data.img_size", spec.img_size)
         raise ConfigError(f"{key}={v}: {e}") from None
     native = (getattr(backbone, "pretrained_cfg", None) or {}).get("input_size")
-    if (spec.weights != "random" and native and int(native[-1]) != int(spec.img_size)
+    grid, own = getattr(backbone, "checkpoint_grid", None), tuple(getattr(backbone.patch_embed, "grid_size", ()))
+    if spec.weights == "checkpoint":
+        # (a file's own grid, not the model name's 224 px: a 32 px file was said resampled at 32: retest 96)
+        if grid and own and tuple(grid) != own:
+            log.warning("data.img_size=%d makes a %dx%d patch grid; %s's position embedding is for a %dx%d one: "
+                        "resampled to the model's, and a step costs what %d px costs", int(spec.img_size),
+                        own[0], own[1], spec.checkpoint, grid[0], grid[1], int(spec.img_size))
+    elif (spec.weights != "random" and native and int(native[-1]) != int(spec.img_size)
             and "img_size" not in (cfg["model"]["kwargs"] or {})):
         # (the mini Vim on an imagefolder ran at data.img_size's default 224, 49x its 32 px cost)
         log.warning("data.img_size=%d, while %s's weights were trained at %d px: its position embedding is "

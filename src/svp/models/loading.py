@@ -78,6 +78,10 @@ def _sniff(path: str) -> str:
         if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
             return "zip"
         inner = any(n.endswith((".pth", ".pt", ".safetensors")) for n in names)
+        if names and all(n.endswith(".npy") for n in names):   # (retest 96)
+            return (f"a numpy .npz archive (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), "
+                    f"not a torch.save file: Google's ViT format, which svp reads into timm's ViTs (--model vit_*) "
+                    f"only")
         return (f"a zip archive, not a torch.save file (it holds {', '.join(names[:3]) or 'nothing'}"
                 f"{', ...' if len(names) > 3 else ''}){': unpack it' if inner else ''}")
     # safetensors before pickle: its first byte is the low byte of its header's length, 0x80 (a
@@ -401,6 +405,10 @@ def checkpoint_filter_fn(state_dict, model: nn.Module, source: str = "the checkp
     # resampled only across square grids of the same width: another width, a grid that is not
     # square, or a tensor of another rank is reported by the strict load as the file has it
     pos = out.get("pos_embed")
+    if (pos is not None and pos.dim() == 3 and pos.shape[1] > 1
+            and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
+        # (the file's own grid, for svp train's word on the image size: retest 96)
+        model.checkpoint_grid = (math.isqrt(pos.shape[1] - 1),) * 2
     if (pos is not None and pos.shape != model.pos_embed.shape and pos.dim() == 3 and pos.shape[0] == 1
             and pos.shape[-1] == model.pos_embed.shape[-1] and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1):
         _warn_other_stride(math.isqrt(pos.shape[1] - 1), model)

@@ -183,6 +183,7 @@ def load_checkpoint(model: HookedViT, checkpoint, source: Optional[str] = None) 
         _load_npz(model, path, source)
         return model
     state = strip_wrappers(read_state_dict(checkpoint, source), source)
+    _note_grid(model, state.get("pos_embed"))
     try:
         state = checkpoint_filter_fn(state, model)
     except (RuntimeError, ValueError, KeyError, IndexError) as e:   # (a traceback, the file unnamed: retest 95)
@@ -197,6 +198,18 @@ def load_checkpoint(model: HookedViT, checkpoint, source: Optional[str] = None) 
         model.head_from_checkpoint = True
     strict_load(model, state, source, allow_missing=("head.",))
     return model
+
+
+def _note_grid(model: HookedViT, pos) -> None:
+    """The file's own position grid (``model.checkpoint_grid``), where its embedding shows one: for
+    svp train's word on the image size (it named the model name's 224 px for a 32 px file: retest 96)."""
+    import math
+    shape = tuple(getattr(pos, "shape", ()))
+    if len(shape) != 3:
+        return
+    rows = shape[1] - (0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens))
+    if rows > 0 and math.isqrt(rows) ** 2 == rows:
+        model.checkpoint_grid = (math.isqrt(rows),) * 2
 
 
 def _load_npz(model: HookedViT, path: str, source: str) -> None:
@@ -215,10 +228,27 @@ def _load_npz(model: HookedViT, path: str, source: str) -> None:
             keys = list(w.keys())
     except Exception as e:   # noqa: BLE001  (BadZipFile, OSError, ValueError: the file is not one)
         raise CheckpointError(f"{source}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    blocks = {m.group(1) for m in (re.search(r"encoderblock_(\d+)/", k) for k in keys) if m}
-    if blocks and len(blocks) != len(model.blocks):
-        raise CheckpointError(f"{source}: holds {len(blocks)} encoder blocks; the model has {len(model.blocks)} "
+    blocks = len({m.group(1) for m in (re.search(r"encoderblock_(\d+)/", k) for k in keys) if m})
+    if not blocks:   # big_vision's layout: one array per tensor, its blocks stacked on the first axis
+        # (timm indexes the stack, so a longer one filled a shorter model silently: retest 96)
+        stacked = [k for k in keys if k.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
+        if stacked:
+            with np.load(path) as w:
+                blocks = int(w[stacked[0]].shape[0]) if w[stacked[0]].ndim == 2 else 0
+    if blocks and blocks != len(model.blocks):
+        raise CheckpointError(f"{source}: holds {blocks} encoder blocks; the model has {len(model.blocks)} "
                               f"(model.kwargs depth, or another model name)")
+    pos = [k for k in keys if k.endswith("posembed_input/pos_embedding") or k.endswith("pos_embedding")]
+    if pos:
+        with np.load(path) as w:
+            _note_grid(model, w[pos[0]])
+    # timm copies a head of the model's class count: marked, as a state dict's is, so a run replaces
+    # it (a 10-class .npz trained on from its own head: retest 96)
+    head = [k for k in keys if k in ("head/bias", "opt/target/head/bias", "params/head/bias", "params/img/head/bias")]
+    fits = False
+    if head and isinstance(model.head, torch.nn.Linear):
+        with np.load(path) as w:
+            fits = int(w[head[0]].shape[-1]) == int(model.head.bias.shape[0])
     params = [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
     with torch.no_grad():
         for _, p in params:
@@ -228,6 +258,8 @@ def _load_npz(model: HookedViT, path: str, source: str) -> None:
     except Exception as e:   # noqa: BLE001  (timm's loader: KeyError, AttributeError, RuntimeError on a mismatch)
         raise CheckpointError(f"{source}: not a ViT .npz checkpoint this model takes ({type(e).__name__}: "
                               f"{e})") from None
+    if fits:
+        model.head_from_checkpoint = True
     left = [n for n, p in params if torch.isnan(p).any()]
     if left:
         raise CheckpointError(f"{source}: holds no values for {len(left)} of the model's tensors ({', '.join(left[:4])}"

@@ -661,6 +661,14 @@ def _check_base(cfg: dict, directory: str, have: str, model: nn.Module) -> None:
     """The adapter in ``directory`` (its config ``cfg``) was trained on weights of hash ``have``,
     built with ``model``'s output settings; refused, naming both, otherwise."""
     want = cfg["base_model_hash"]
+    recorded = (cfg.get("base_model_settings") or {}).get("family", "vim")
+    family = getattr(model, "family", "vim")
+    if have != want and recorded != family and {recorded, family} <= {"vim", "vit"}:
+        # (said as a weight-hash mismatch: retest 96)
+        words = {"vim": "a Vision Mamba (vim_*)", "vit": "a ViT (vit_*)"}
+        raise AdapterError(f"{directory}: adapter was trained on {words[recorded]} backbone "
+                           f"({cfg.get('base_model_name')!r}), but the model given is {words[family]}; give it a "
+                           f"backbone of its family")
     if have != want:
         raise AdapterError(
             f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                    help="folder whose subfolders are adapters")
     p.add_argument("--model", default=None,
                    help="backbone timm name (default: from the adapters' backbone.json / base_model_name)")
-    p.add_argument("--checkpoint", default=None, type=user_path, help="backbone checkpoint file (.pth or .safetensors)")
+    p.add_argument("--checkpoint", default=None, type=user_path,
+                   help="backbone checkpoint file (.pth or .safetensors; Google's .npz for a ViT)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
