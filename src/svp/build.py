@@ -351,7 +351,7 @@ def build_backbone(spec: ModelSpec, skip_init: bool = False) -> nn.Module:
             raise
         # an unknown or mistyped model argument (model.kwargs, --model-args, backbone.json's kwargs)
         raise ConfigError(f"model {spec.model!r}: its arguments {spec.kwargs} do not fit "
-                          f"({type(e).__name__}: {e})") from None
+                          f"({type(e).__name__}: {error_words(e)})") from None
     except (FileNotFoundError, OSError) as e:
         offline = _offline_switch()
         # (a resumed run keeps model.pretrained and refuses --checkpoint: the cache is its way: review 70)
@@ -427,6 +427,16 @@ def read_backbone_spec(path: str, data: Optional[bytes] = None) -> ModelSpec:
         return ModelSpec.from_dict(d, path)
     except ConfigError as e:
         raise AdapterError(str(e)) from None
+
+
+def error_words(e: BaseException) -> str:
+    """``e``'s message, or for a bare ``assert`` (timm 1.0.21's constructors have some) the line
+    that failed: "timm: " alone said nothing (retest 96)."""
+    if str(e) or not isinstance(e, AssertionError):
+        return str(e)
+    import traceback
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"its check `{frames[-1].line}` failed" if frames and frames[-1].line else "an assertion failed"
 
 
 def adapter_spec(adapter_dir: str, model: Optional[str] = None, checkpoint: Optional[str] = None,

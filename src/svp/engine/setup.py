@@ -405,7 +405,9 @@ def check_method_fits(cfg: dict) -> None:
         except AssertionError as e:   # (timm's own checks of its arguments: a traceback in the run: retest 96)
             if not m["kwargs"]:
                 raise
-            raise ConfigError(f"model {m['name']!r}: its arguments {m['kwargs']} do not fit (timm: {e})") from None
+            from ..build import error_words
+            raise ConfigError(f"model {m['name']!r}: its arguments {m['kwargs']} do not fit "
+                              f"(timm: {error_words(e)})") from None
         except Exception:   # an unknown model: the run says so, as without the check
             _META_MODELS[key] = None
     built = _META_MODELS[key]
