@@ -298,7 +298,7 @@ def test_data_normalize_backbone_is_recorded_and_used_by_every_command(tmp_path,
     half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert normalization("backbone", "vit_base_patch16_224.augreg_in21k") == half
     assert normalization("backbone", "vim_tiny_patch16_224") == normalization("imagenet", "vit_tiny_patch16_224")
-    with pytest.raises(ConfigError, match="'no_such_model'.*data.normalize=imagenet"):
+    with pytest.raises(ConfigError, match="model.name='no_such_model': not a model timm knows"):
         normalization("backbone", "no_such_model")
     with pytest.raises(ConfigError, match="data.normalize"):
         C.resolve(overrides=["data.normalize=inception"], use_presets=False)

@@ -46,14 +46,21 @@ def adapter_recipe(extra: dict, adapter_dir: str) -> str:
                            f"of {', '.join(RECIPES)}")
     return recipe
 
+
 def normalization(how: str, model_name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """The (mean, std) ``data.normalize=how`` gives a run of backbone ``model_name``."""
     if how == "imagenet":
         return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
     if how != "backbone":
         raise ConfigError(f"data.normalize={how!r}; expected one of {', '.join(NORMALIZATIONS)}")
-    from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(str(model_name))
+    from timm.models import get_pretrained_cfg, is_model
+    try:
+        cfg = get_pretrained_cfg(str(model_name))
+    except RuntimeError as e:   # (timm: "Invalid pretrained tag (...)")
+        raise ConfigError(f"model.name={model_name!r}: {e}") from None
+    if cfg is None and not is_model(str(model_name)):   # (the name is the trouble, not the setting)
+        raise ConfigError(f"model.name={model_name!r}: not a model timm knows (data.normalize=backbone reads its "
+                          f"pretrained configuration); `timm.list_models()` lists them, `svp` registers vim_*")
     if cfg is None or cfg.mean is None or cfg.std is None:
         raise ConfigError(f"data.normalize=backbone: timm has no pretrained configuration with a mean and std for "
                           f"model {model_name!r}; use data.normalize=imagenet")
