@@ -777,8 +777,10 @@ def test_sweep_mini_writes_csv_and_markdown(tmp_path, capsys, monkeypatch):
     assert list(csv.DictReader(open(out / "results.csv")))[0]["status"] == "reused"
     assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
                      "--output", str(out), "-c", cfg]) == 1
-    row = list(csv.DictReader(open(out / "results.csv")))[0]
+    assert "results.failed.csv's error column says why" in capsys.readouterr().err
+    row = list(csv.DictReader(open(out / "results.failed.csv")))[0]
     assert row["status"] == "failed" and "train.max_steps: 1 -> null" in row["error"]
+    assert list(csv.DictReader(open(out / "results.csv")))[0]["status"] == "reused"   # (kept: retest 91)
 
 
 # ---------------------------------------------------------------- help and errors

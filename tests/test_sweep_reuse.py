@@ -63,8 +63,12 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
     assert row["status"] == "failed" and row["epochs_run"] in ("", None)
     assert os.path.samefile(row["run_dir"], run_dir)   # (a failed row's run_dir was empty)
     assert run_dir in row["error"] and "train.epochs: 1 -> 2" in row["error"] and "another --output" in row["error"]
-    assert _rows(out)[0]["status"] == "failed"
-    assert "1 run(s) failed" in open(other["markdown"]).read()
+    # the tables of the run the folder holds are kept; this call's failures beside them (every run of
+    # a sweep run again with another configuration refused overwrote them: retest 91)
+    assert _rows(out)[0]["status"] == "reused"   # (the last tables: the call before's)
+    assert os.path.basename(other["csv"]) == "results.failed.csv" and "1 run(s) failed" in open(other["markdown"]).read()
+    with open(other["csv"]) as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["failed"]
     assert open(os.path.join(run_dir, "results.json")).read() == results
     with pytest.raises(C.ConfigError, match=r"train\.epochs: 1 -> 2"):
         sweep(*args, REAL + ["train.epochs=2"], fail_fast=True)
@@ -73,6 +77,10 @@ def test_a_finished_run_made_with_another_configuration_is_refused_not_reported(
     assert [r["status"] for r in par["rows"]] == ["failed"]
     assert "train.batch_size: 16 -> 8" in par["rows"][0]["error"] and os.path.samefile(par["rows"][0]["run_dir"],
                                                                                        run_dir)
+    assert _rows(out)[0]["status"] == "reused"
+    # the first configuration again: its tables, and the failures' files gone with the stale news
+    assert [r["status"] for r in sweep(*args, REAL)["rows"]] == ["reused"]
+    assert _rows(out)[0]["status"] == "reused" and not os.path.exists(os.path.join(out, "results.failed.csv"))
 
 
 def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_number(tmp_path, monkeypatch, logged):
@@ -87,7 +95,9 @@ def test_a_sweep_with_another_epoch_count_trains_nothing_and_reports_no_old_numb
     assert res["rows"][0]["error"].startswith("ConfigError: ")
     assert errors == [f"run {run_dir} failed: {res['rows'][0]['error']}"]
     assert len(calls) == 1
-    assert [(r["status"], r["epochs_run"], r["final_test_top1"]) for r in _rows(out)] == [("failed", "", "")]
+    with open(os.path.join(out, "results.failed.csv")) as f:
+        assert [(r["status"], r["epochs_run"], r["final_test_top1"]) for r in csv.DictReader(f)] == [("failed", "", "")]
+    assert [r["status"] for r in _rows(out)] == ["ok"]   # (the run the folder holds: its tables kept)
     assert "train.epochs: 1 -> 3" in res["rows"][0]["error"]
     assert "digits/linear/seed0" in res["rows"][0]["error"].replace(os.sep, "/")
 

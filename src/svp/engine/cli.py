@@ -894,7 +894,8 @@ def _sweep(args) -> int:
     grid_failed = sum(r["status"] == "failed" and r.get("role") == "grid" for r in out["rows"])
     if grid_failed:
         print(f"sweep: {grid_failed} grid run(s) failed and could not be chosen (the selection table says "
-              f"which; results.csv's error column why)", file=sys.stderr)
+              f"which; {os.path.basename(out['csv'])}'s error column why)", file=sys.stderr)
     if failed:
-        _err(f"{failed} of {len(reported)} run(s) failed; results.csv's error column says why", "sweep")
+        _err(f"{failed} of {len(reported)} run(s) failed; {os.path.basename(out['csv'])}'s error column says why",
+             "sweep")
     return 1 if failed else 0

@@ -13,6 +13,7 @@ naming the differing keys; :func:`svp.engine.tune.check_same_config`).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -379,14 +380,35 @@ def write_outputs_meanwhile(*args) -> None:
         log.warning("%s; the sweep goes on and writes them after its last run", str(e).split("; ")[0])
 
 
+FAILED_STEM = "results.failed"
+
+
+def _keeps_earlier_tables(output: str, rows) -> bool:
+    """Whether this call's tables would replace an earlier call's that hold finished runs with
+    failures alone (a sweep run again with another configuration, every run folder refused: the
+    tables of the runs the folders hold were overwritten by rows saying "failed": retest 91)."""
+    if any(r.get("status") != "failed" for r in rows):
+        return False
+    try:
+        with open(os.path.join(output, "results.csv"), newline="", encoding="utf-8") as f:
+            return any(r.get("status") not in (None, "", "failed") for r in csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return False
+
+
 def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning, settings=()) -> Tuple[str, str]:
+    stem = "results"
+    if _keeps_earlier_tables(output, rows):
+        stem = FAILED_STEM
+        log.warning("no run of this sweep finished: %s keeps the earlier tables of the runs its folders hold "
+                    "(results.csv, results.md); this sweep's rows are in %s.csv and %s.md", output, stem, stem)
     official = any(r.get("official_best_test_top1") not in ("", None) for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     for r in rows:
         w.writerow(r)
-    csv_path = os.path.join(output, "results.csv")
+    csv_path = os.path.join(output, f"{stem}.csv")
     # the three files as one group: each was whole, but a failure part-way (a full disk) left a
     # results.csv and tuning.json of this sweep beside the results.md of the last (review)
     texts = [(csv_path, buf.getvalue())]
@@ -398,7 +420,8 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning, settin
         md += [f"Tuned protocol: {PROTOCOL_TITLES[tuning['protocol']]}; grid "
                + "; ".join(f"{md_text(k)} in {', '.join(map(md_text, v))}" for k, v in tuning["grid_spec"])
                + ". The tables report the chosen setting's final runs.", ""]
-        texts.append((os.path.join(output, "tuning.json"), json_text(tuning, indent=1, default=str)))
+        texts.append((os.path.join(output, "tuning.json" if stem == "results" else f"{stem}.tuning.json"),
+                      json_text(tuning, indent=1, default=str)))
     report_rows = [r for r in rows if r.get("role") != "grid"]
     md += [markdown_table(suite, report_rows, datasets, methods, seeds, "val_selected_test_top1"), "",
            markdown_table(suite, report_rows, datasets, methods, seeds, "final_test_top1")]
@@ -406,9 +429,13 @@ def _write_outputs(output, suite, rows, datasets, methods, seeds, tuning, settin
         md += ["", markdown_table(suite, report_rows, datasets, methods, seeds, "official_best_test_top1")]
     if tuning is not None:
         md += ["", selection_table(tuning)]
-    md_path = os.path.join(output, "results.md")
+    md_path = os.path.join(output, f"{stem}.md")
     texts.append((md_path, "\n".join(md)))
     atomic_write_group([(path, bytes_writer(text.encode("utf-8", "surrogateescape"))) for path, text in texts])
+    if stem == "results":   # (an earlier call's failures, now out of date beside the tables)
+        for name in (f"{FAILED_STEM}.csv", f"{FAILED_STEM}.md", f"{FAILED_STEM}.tuning.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output, name))
     return csv_path, md_path
 
 
