@@ -382,6 +382,14 @@ def test_vit_runs_that_cannot_work_are_refused_before_the_data_is_read(tmp_path,
     assert code == 2 and "do not fit (timm: " in err and "Traceback" not in err
     assert "Token pooling needs the class token" in err or "class_token or global_pool != 'token'" in err, err
     assert not (tmp_path / "x").exists()
+    # a ViT of dynamic_img_size takes any size (the flag is the ViT's, not its PatchEmbed's: retest 99)
+    cfg = C.resolve(overrides=["data.dataset=digits", "model.name=vit_tiny_patch16_224", "data.img_size=32",
+                               "method.name=linear", "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, "
+                                                     "num_heads: 3, img_size: 64, dynamic_img_size: true}"],
+                    use_presets=False)
+    check_method_fits(cfg)
+    dyn = as_backbone(_vit(img_size=64, dynamic_img_size=True))
+    dyn.check_images(torch.zeros(1, 3, 32, 32))
     # DINOv2's registration has no head; the run gives it the task's
     cfg = C.resolve(overrides=["data.dataset=digits", "model.name=vit_small_patch14_dinov2", "data.img_size=28",
                                "method.name=lora", "model.kwargs={patch_size: 14, depth: 2, embed_dim: 48, "

@@ -222,8 +222,11 @@ def test_wandb_settings_wandb_would_refuse_are_said_before_any_work(tmp_path, fa
     assert "give a number as text in quotes (run.wandb_project=\"'2024'\")" in capsys.readouterr().err
     monkeypatch.setenv("WANDB_PROJECT", "a/b")
     assert svp_main(base) == 2
-    assert "$WANDB_PROJECT='a/b' names the project, but a wandb project name may not hold" in capsys.readouterr().err
+    assert "$WANDB_PROJECT='a/b', which wandb reads as the project, is refused by it: a wandb project name may not hold" in capsys.readouterr().err
     assert not fake_wandb.runs and not (tmp_path / "p").exists()
+    # (wandb reads the variable even where svp names the project: retest 99)
+    assert svp_main(base + ["run.wandb_project=ok"]) == 2
+    assert "$WANDB_PROJECT='a/b', which wandb reads even beside run.wandb_project" in capsys.readouterr().err
     monkeypatch.delenv("WANDB_PROJECT")
     monkeypatch.setitem(sys.modules, "wandb", None)
     assert svp_main(["sweep", "--suite", "mini", "--datasets", "digits", "--methods", "linear", "--seeds", "0",
@@ -252,3 +255,22 @@ def test_wandb_modes_disabled_and_offline(tmp_path, fake_wandb, monkeypatch, cap
     assert run.init["settings"] == {"quiet": True, "silent": True}
     assert f"wandb (offline): run {run.init['id']}'s records are in {tmp_path / 'o'}/wandb/offline-run-x" in \
         capsys.readouterr().err
+
+
+def test_an_edited_wandb_run_id_file(tmp_path, monkeypatch):
+    """A file without its id line made a run 'None' forced into the file's project, and a project
+    wandb refuses in it failed only at init (retest 99)."""
+    from svp.engine.progress import wandb_run
+    from svp.errors import ConfigError
+    path = tmp_path / "wandb_run_id"
+    path.write_text("\nproject: x\n")
+    assert read_wandb_record(str(path)) == {}
+    path.write_text("abc12345\nproject: x\nentity: me\n")
+    assert read_wandb_record(str(path)) == {"id": "abc12345", "project": "x", "entity": "me"}
+    path.write_text("abc12345\n")   # (an earlier svp's)
+    assert read_wandb_record(str(path)) == {"id": "abc12345"}
+    path.write_text("abc12345\nproject: a/b\n")
+    monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+    cfg = {"run": {"wandb": True, "wandb_project": None}}
+    with pytest.raises(ConfigError, match=r"wandb_run_id: project 'a/b': a wandb project name may not hold"):
+        wandb_run(cfg, str(tmp_path), True)

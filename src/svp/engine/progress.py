@@ -251,11 +251,12 @@ def check_scalar_packages(cfg: dict) -> None:
     if run.get("wandb") and not _installed("wandb"):
         raise ConfigError("run.wandb=true needs the wandb package (pip install 'svp-vim[wandb]'); or run without "
                           "it (run.wandb=false, at a --resume too)")
-    if run.get("wandb") and not run.get("wandb_project"):   # (the project it falls back to: retest 97)
+    if run.get("wandb"):   # (the project it falls back to, which wandb checks even where one is given: retests 97, 99)
         problem = wandb_project_problem(os.environ.get("WANDB_PROJECT") or None)
         if problem:
-            raise ConfigError(f"run.wandb=true: $WANDB_PROJECT={os.environ['WANDB_PROJECT']!r} names the project, "
-                              f"but {problem}")
+            raise ConfigError(f"run.wandb=true: $WANDB_PROJECT={os.environ['WANDB_PROJECT']!r}, which wandb reads "
+                              f"{'even beside run.wandb_project' if run.get('wandb_project') else 'as the project'}, "
+                              f"is refused by it: {problem}")
 
 
 def wandb_project_problem(project) -> Optional[str]:
@@ -325,7 +326,9 @@ def read_wandb_record(path: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f.read().splitlines()]
-    out = {"id": lines[0] or None} if lines else {}
+    if not lines or not lines[0] or ":" in lines[0]:   # (no id: nothing of the rest belongs to a run: retest 99)
+        return {}
+    out = {"id": lines[0]}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("project", "entity") and value.strip():
@@ -359,6 +362,10 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
     run_id = recorded.get("id")
     project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
     entity = recorded.get("entity") or None
+    if recorded.get("project") and wandb_project_problem(recorded["project"]):
+        raise ConfigError(f"{id_file}: project {recorded['project']!r}: {wandb_project_problem(recorded['project'])} "
+                          f"(the file was edited?); give the project the run's wandb run is in, or delete the "
+                          f"project line")
     if recorded.get("project") and recorded["project"] != project:
         # (a run id lives in one project: a resume without the $WANDB_PROJECT of its start logged its
         # other half to a second run in another project: retest 97)

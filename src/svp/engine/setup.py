@@ -438,7 +438,9 @@ def _check_vit_size(vit, cfg: dict) -> None:
     pe, size = vit.patch_embed, int(cfg["data"]["img_size"])
     kw = cfg["model"]["kwargs"] or {}
     built = tuple(int(v) for v in pe.img_size) if getattr(pe, "img_size", None) else None
-    if built and not getattr(pe, "dynamic_img_size", False) and built != (size, size):
+    # (dynamic_img_size is the ViT's, not its PatchEmbed's: read there, the exemption never held: retest 99)
+    dynamic = getattr(vit, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True)
+    if built and not dynamic and built != (size, size):
         raise ConfigError(f"model.kwargs.img_size={kw.get('img_size')!r} builds {cfg['model']['name']} for "
                           f"{built[0]}x{built[1]} px images, but data.img_size={size} makes {size} px ones; drop "
                           f"model.kwargs.img_size (data.img_size sizes the model) or make them equal")

@@ -56,8 +56,9 @@ class HookedViT(VisionTransformer):
             raise ValueError(f"{type(self).__name__}: expected images (B, {self.patch_embed.proj.in_channels}, H, W), "
                              f"got shape {tuple(images.shape)}")
         size = getattr(self.patch_embed, "img_size", None)
-        if size is not None and not getattr(self.patch_embed, "dynamic_img_size", False) \
-                and tuple(images.shape[-2:]) != tuple(size):
+        # (dynamic_img_size is the ViT's own flag; its PatchEmbed then checks no size: retest 99)
+        dynamic = getattr(self, "dynamic_img_size", False) or not getattr(self.patch_embed, "strict_img_size", True)
+        if size is not None and not dynamic and tuple(images.shape[-2:]) != tuple(size):
             raise ValueError(f"{type(self).__name__}: images of {images.shape[-2]}x{images.shape[-1]} px; the model "
                              f"was built for {size[0]}x{size[1]} (data.img_size / --img-size)")
 
