@@ -339,10 +339,18 @@ def test_data_normalize_backbone_is_recorded_and_used_by_every_command(tmp_path,
     assert report["loaded"] == ["a_half"]
     assert "mean [0.485, 0.456, 0.406]" in report["refused"]["b_imagenet"]
     assert "normalises every image with mean [0.5, 0.5, 0.5]" in report["refused"]["b_imagenet"]
+    # a start adapter trained on images normalised otherwise: said (retest 98)
+    assert svp_main(["train", "--dataset", "digits", "--method", "full", "--model", "vit_tiny_patch16_224",
+                     "--random-init", KWARGS, "--img-size", "32", "--init-from", str(best), "train.max_steps=1",
+                     "data.max_eval_samples=8", "run.progress=none", "--output", str(out), "--name", "lpft"]) == 0
+    assert "was trained on images prepared otherwise (recipe plain, mean [0.5, 0.5, 0.5]" in \
+        (out / "lpft" / "train.log").read_text()
     # a folder from before the key: ImageNet's; a damaged record: named
     assert adapter_normalization({"recipe": "svp"}, "d") == normalization("imagenet", "x")
     with pytest.raises(AdapterError, match=r"d/backbone.json: std \[0.5, 0\]"):
         adapter_normalization({"mean": [0.5], "std": [0.5, 0]}, "d")
+    with pytest.raises(AdapterError, match=r"d/backbone.json: holds a mean or std but not both \(std missing\)"):
+        adapter_normalization({"mean": [0.5]}, "d")
 
 
 def test_a_vit_file_of_another_size_is_said_with_both_sizes():
@@ -413,7 +421,7 @@ def test_a_checkpoints_own_grid_decides_the_image_size_warning(tmp_path, capsys)
             log = (tmp_path / "runs" / run / "train.log").read_text()
             assert "weights were trained at" not in log
             assert ("data.img_size=48 makes a 12x12 patch grid; " in log) == (size == 48), run
-            assert (f"{name}'s position embedding is for a 8x8 one: resampled" in log) == (size == 48), run
+            assert (f"{name}'s position embedding is for a grid of 8x8: resampled" in log) == (size == 48), run
     capsys.readouterr()
 
 
@@ -437,6 +445,11 @@ def test_an_adapter_or_file_of_the_other_family_is_said_as_such(tmp_path, capsys
     with pytest.raises(AdapterError, match=r"adapter was trained on a Vision Mamba \(vim_\*\) backbone .* but the "
                                            r"model given is a ViT \(vit_\*\)"):
         load_adapter(as_backbone(_vit(num_classes=10)), str(out / "vim" / "best"))
+    # svp serve's backbone too, before the recipe or statistics are compared (retest 98)
+    from svp.serve.model import MultiAdapterModel
+    with pytest.raises(AdapterError, match=r"adapter was trained on a Vision Mamba \(vim_\*\) backbone .* but the "
+                                           r"served backbone is a ViT"):
+        MultiAdapterModel(as_backbone(_vit(num_classes=10))).add_adapter("v", str(out / "vim" / "best"))
     _to_npz(_vit(num_classes=10), tmp_path / "w.npz")
     with pytest.raises(CheckpointError, match=r"w.npz: a numpy .npz archive \(it holds .*\), not a torch.save file: Google's ViT format"):
         build_backbone(ModelSpec(model="vim_mini_patch4_32", checkpoint=str(tmp_path / "w.npz"), num_classes=10))

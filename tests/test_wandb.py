@@ -4,6 +4,7 @@ starts a service process): a stand-in module records what the run asks of wandb'
 (``init``, ``define_metric``, ``log``, ``summary.update``, ``finish``). The same calls were
 checked once against wandb 0.31 in offline mode (docs/training.md, "Weights & Biases")."""
 import json
+import os
 import sys
 import types
 
@@ -104,6 +105,20 @@ def test_a_resumed_run_continues_the_same_wandb_run_from_its_resume_point(tmp_pa
     assert "this run's wandb run" in capsys.readouterr().err
     third, fourth = fake_wandb.runs[2:]
     assert third.init["id"] == fourth.init["id"] and fourth.init["project"] == "from-env"
+    # the entity likewise: the first attempt's was wandb's default (an offline run's is ""), so a
+    # resume under $WANDB_ENTITY stays there, unread, and the record is not rewritten (retest 98)
+    assert read_wandb_record(str(tmp_path / "s" / "wandb_run_id"))["entity"] == ""
+    assert svp_main(args + ["--name", "t", "debug.stop_at_step=4"]) == 75
+    seen = []
+    init = fake_wandb.init
+    monkeypatch.setattr(fake_wandb, "init", lambda **kw: (seen.append(os.environ.get("WANDB_ENTITY")), init(**kw))[1])
+    monkeypatch.setenv("WANDB_ENTITY", "e2")
+    capsys.readouterr()
+    assert svp_main(["train", "--resume", str(tmp_path / "t")]) == 0
+    assert "belongs to wandb's default entity (its first attempt's); it continues there, not in " \
+           "$WANDB_ENTITY='e2'" in capsys.readouterr().err
+    assert seen == [None] and fake_wandb.runs[-1].init["entity"] is None and os.environ["WANDB_ENTITY"] == "e2"
+    assert read_wandb_record(str(tmp_path / "t" / "wandb_run_id"))["entity"] == ""
 
 
 def test_wandb_turned_on_at_a_resume_starts_logging_there(tmp_path, fake_wandb, capsys):

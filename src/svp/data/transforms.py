@@ -71,6 +71,9 @@ def _statistic(value, name: str, where: str) -> Tuple[float, ...]:
     ok = (isinstance(value, (list, tuple)) and len(value) in (1, 3)
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
           and (name == "mean" or all(v > 0 for v in value)))
+    if value is None:   # (one of the two: "std None is not ..." said it less plainly: retest 98)
+        raise AdapterError(f"{where}: holds a mean or std but not both ({name} missing); the file is damaged, save "
+                           f"or copy it again")
     if not ok:
         raise AdapterError(f"{where}: {name} {value!r} is not 1 or 3 finite numbers"
                            f"{' above 0' if name == 'std' else ''}; the file is damaged, save or copy it again")

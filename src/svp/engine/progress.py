@@ -2,6 +2,7 @@
 and ``<run>/train.log``) and its scalars (TensorBoard, Weights & Biases)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -321,7 +322,8 @@ class WandbScalars:
 
 def read_wandb_record(path: str) -> dict:
     """``<run>/wandb_run_id``: the wandb run's id on its first line, then ``project: ...`` and
-    ``entity: ...`` lines (a file of an earlier svp holds the id alone); {} without the file."""
+    ``entity: ...`` lines (an empty entity: the one wandb chose by default, e.g. an offline run's;
+    a file of an earlier svp holds the id alone); {} without the file."""
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -331,13 +333,23 @@ def read_wandb_record(path: str) -> dict:
     out = {"id": lines[0]}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
-        if sep and key.strip() in ("project", "entity") and value.strip():
+        if sep and (key.strip() == "project" and value.strip() or key.strip() == "entity"):
             out[key.strip()] = value.strip()
     return out
 
 
 def _wandb_record(run_id: str, project: str, entity: Optional[str]) -> str:
-    return f"{run_id}\nproject: {project}\n" + (f"entity: {entity}\n" if entity else "")
+    return f"{run_id}\nproject: {project}\n" + (f"entity: {entity}\n" if entity is not None else "")
+
+
+@contextlib.contextmanager
+def _without_env(name: Optional[str]):
+    saved = os.environ.pop(name, None) if name else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
@@ -361,7 +373,7 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
     recorded = read_wandb_record(id_file)
     run_id = recorded.get("id")
     project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
-    entity = recorded.get("entity") or None
+    entity = recorded.get("entity")   # (None: not recorded yet; "": wandb's default entity)
     if recorded.get("project") and wandb_project_problem(recorded["project"]):
         raise ConfigError(f"{id_file}: project {recorded['project']!r}: {wandb_project_problem(recorded['project'])} "
                           f"(the file was edited?); give the project the run's wandb run is in, or delete the "
@@ -372,9 +384,13 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
         log.warning("run.wandb: this run's wandb run %s is in project %r; it continues there, not in %r", run_id,
                     recorded["project"], project)
         project = recorded["project"]
-    if entity and os.environ.get("WANDB_ENTITY") and os.environ["WANDB_ENTITY"] != entity:
-        log.warning("run.wandb: this run's wandb run %s belongs to entity %r; it continues there, not in "
-                    "$WANDB_ENTITY=%r", run_id, entity, os.environ["WANDB_ENTITY"])
+    env_entity = os.environ.get("WANDB_ENTITY")
+    if entity is not None and env_entity and env_entity != entity:
+        # (an offline first attempt records the default entity, ""; its resume under $WANDB_ENTITY went
+        # to that entity unsaid, and the record was rewritten to it: retest 98)
+        log.warning("run.wandb: this run's wandb run %s belongs to %s; it continues there, not in $WANDB_ENTITY=%r",
+                    run_id, f"entity {entity!r}" if entity else "wandb's default entity (its first attempt's)",
+                    env_entity)
     if run_id is None:
         # (wandb's own ids: 8 characters of [a-z0-9]; written before init, so a run killed during
         # init still resumes into the run it created)
@@ -391,16 +407,17 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
         # three lines whatever quiet says, so silent there, and svp says where the files are: retest 97)
         quiet = {} if any(v in os.environ for v in ("WANDB_QUIET", "WANDB_SILENT")) else \
             {"settings": wandb.Settings(quiet=True, silent=offline)}
-        run = wandb.init(project=project, entity=entity, name=str(name), id=run_id,
-                         resume="allow", dir=run_dir, config=cfg, job_type="train",
-                         tags=[str(cfg["method"]["name"])[:64], str(cfg["data"]["dataset"])[:64]], **quiet)
+        with _without_env("WANDB_ENTITY" if entity == "" else None):   # (the default: the variable unread)
+            run = wandb.init(project=project, entity=entity or None, name=str(name), id=run_id,
+                             resume="allow", dir=run_dir, config=cfg, job_type="train",
+                             tags=[str(cfg["method"]["name"])[:64], str(cfg["data"]["dataset"])[:64]], **quiet)
     except Exception as e:   # noqa: BLE001  (wandb's errors have no common base: login, network, mode)
         advice = ("" if offline else f"set WANDB_MODE=offline to log to {os.path.join(run_dir, 'wandb')} and "
                                      f"`wandb sync` later, or ")
         raise ConfigError(f"run.wandb=true: wandb could not start a run ({type(e).__name__}: {e}); "
                           f"{advice}run without it (run.wandb=false, at a --resume too)") from None
-    if getattr(run, "entity", None) and run.entity != entity:
-        atomic_write_text(id_file, _wandb_record(run_id, project, run.entity))
+    if entity is None:   # (recorded once, by the attempt that made the run: a resume never rewrites it)
+        atomic_write_text(id_file, _wandb_record(run_id, project, str(getattr(run, "entity", None) or "")))
     sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
     if offline and sync_dir:
         log.info("wandb (offline): run %s's records are in %s; `wandb sync %s` uploads them", run_id, sync_dir,

@@ -482,8 +482,8 @@ def build_train_model(cfg: dict, spec: ModelSpec, resuming: bool = False) -> nn.
     if spec.weights == "checkpoint":
         # (a file's own grid, not the model name's 224 px: a 32 px file was said resampled at 32: retest 96)
         if grid and own and tuple(grid) != own:
-            log.warning("data.img_size=%d makes a %dx%d patch grid; %s's position embedding is for a %dx%d one: "
-                        "resampled to the model's, and a step costs what %d px costs", int(spec.img_size),
+            log.warning("data.img_size=%d makes a %dx%d patch grid; %s's position embedding is for a grid of "
+                        "%dx%d: resampled to the model's, and a step costs what %d px costs", int(spec.img_size),
                         own[0], own[1], spec.checkpoint, grid[0], grid[1], int(spec.img_size))
     elif (spec.weights != "random" and native and int(native[-1]) != int(spec.img_size)
             and "img_size" not in (cfg["model"]["kwargs"] or {})):
@@ -554,10 +554,32 @@ def init_from(model, source: str, spec: ModelSpec) -> None:
         if differ:
             log.warning("method.init_from: %s's %s settings are not this run's (%s); its tensors start this run "
                         "as they are", source, got["method"], "; ".join(differ))
+    _warn_other_images(source, spec)
     spec.extra["init_from_weights"] = adapter_digest(source)
     log.info("method.init_from: %d tensors of the %s adapter in %s start this run's %s adapter; %d of its %d "
              "start as initialised", len(got["loaded"]), got["method"], source, model.config.method,
              len(got["initialised"]), len(got["loaded"]) + len(got["initialised"]))
+
+
+def _warn_other_images(source: str, spec: ModelSpec) -> None:
+    """A start adapter trained on images prepared otherwise (another recipe, mean or std) than this
+    run's: said, as other settings are (a head trained on 0.5/0.5 inputs started an ImageNet-normalised
+    run unsaid: retest 98). Read from its backbone.json; a folder without one is not compared."""
+    from ..build import read_backbone_spec
+    from ..data.transforms import adapter_normalization
+    path = os.path.join(source, "backbone.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        theirs = read_backbone_spec(path).extra
+        there = (theirs.get("recipe", "svp"),) + adapter_normalization(theirs, source)
+    except Exception:   # noqa: BLE001  (a damaged record: the adapter's tensors were read; nothing to compare)
+        return
+    here = (spec.extra.get("recipe", "svp"),) + adapter_normalization(spec.extra, "this run")
+    if [there[0], *map(list, there[1:])] != [here[0], *map(list, here[1:])]:
+        log.warning("method.init_from: %s was trained on images prepared otherwise (recipe %s, mean %s, std %s) than "
+                    "this run's (recipe %s, mean %s, std %s): its tensors start this run as they are", source,
+                    there[0], list(there[1]), list(there[2]), here[0], list(here[1]), list(here[2]))
 
 
 def param_counts(model) -> dict:

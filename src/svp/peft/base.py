@@ -657,18 +657,24 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     return peft.eval()
 
 
+def check_family(cfg: dict, directory: str, model: nn.Module, given: str = "the model given") -> None:
+    """An adapter (its config ``cfg``) of the other backbone family than ``model`` (a ViT's on a
+    Vim, or the reverse), said as such: it was said as a weight-hash mismatch (retests 96, 98)."""
+    recorded = (cfg.get("base_model_settings") or {}).get("family", "vim")
+    family = getattr(model, "family", "vim")
+    if recorded != family and {recorded, family} <= {"vim", "vit"}:
+        words = {"vim": "a Vision Mamba (vim_*)", "vit": "a ViT (vit_*)"}
+        raise AdapterError(f"{directory}: adapter was trained on {words[recorded]} backbone "
+                           f"({cfg.get('base_model_name')!r}), but {given} is {words[family]}; give it a "
+                           f"backbone of its family")
+
+
 def _check_base(cfg: dict, directory: str, have: str, model: nn.Module) -> None:
     """The adapter in ``directory`` (its config ``cfg``) was trained on weights of hash ``have``,
     built with ``model``'s output settings; refused, naming both, otherwise."""
     want = cfg["base_model_hash"]
-    recorded = (cfg.get("base_model_settings") or {}).get("family", "vim")
-    family = getattr(model, "family", "vim")
-    if have != want and recorded != family and {recorded, family} <= {"vim", "vit"}:
-        # (said as a weight-hash mismatch: retest 96)
-        words = {"vim": "a Vision Mamba (vim_*)", "vit": "a ViT (vit_*)"}
-        raise AdapterError(f"{directory}: adapter was trained on {words[recorded]} backbone "
-                           f"({cfg.get('base_model_name')!r}), but the model given is {words[family]}; give it a "
-                           f"backbone of its family")
+    if have != want:
+        check_family(cfg, directory, model)
     if have != want:
         raise AdapterError(
             f"{directory}: adapter was trained on base model {cfg.get('base_model_name')!r} with weight hash "

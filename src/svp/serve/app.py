@@ -35,7 +35,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import AdapterError, SVPError
 from ..peft.heads import top_classes
-from ..peft.io import BACKBONE_SPEC, AdapterFiles, adapter_files_stamp, read_adapter_files
+from ..peft.base import check_family
+from ..peft.io import (ADAPTER_CONFIG, BACKBONE_SPEC, AdapterFiles, adapter_files_stamp, read_adapter_config,
+                       read_adapter_files)
 from .model import MultiAdapterModel, check_adapter_dir
 
 _log = logging.getLogger("svp.serve")
@@ -160,6 +162,9 @@ def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
             # replaced or swapped while it loaded gave one adapter's weights under the other's
             # class names; a file copied over a memory-mapped one killed the server (SIGBUS)
             files = read_adapter_files(real)
+            # (another family's adapter first said so, not by its recipe or statistics: retest 98)
+            check_family(read_adapter_config(real, files.data[ADAPTER_CONFIG]), real, model.backbone,
+                         "the served backbone")
             _check_recipe(files, recipe, normalization)
             model.add_adapter(name, real, files)
             stamps[name] = (real, files.stamp)

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AdapterError
-from ..peft.base import PeftMethod, load_adapter_files
+from ..peft.base import PeftMethod, check_family, load_adapter_files
 from ..peft.io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, base_weights_hash, read_adapter_config,
                        read_adapter_files)
 
@@ -217,6 +217,7 @@ class MultiAdapterModel(nn.Module):
         files = files if files is not None else read_adapter_files(directory)
         info = read_adapter_config(directory, files.data[ADAPTER_CONFIG])
         if info["base_model_hash"] != self.base_hash:
+            check_family(info, directory, self.backbone, "the served backbone")
             raise AdapterError(
                 f"{directory}: adapter was trained on base model {info.get('base_model_name')!r} with weight hash "
                 f"{info['base_model_hash']}, but the served backbone has weight hash {self.base_hash} (other "
