@@ -570,18 +570,15 @@ def _finish_adapter_spec(spec: ModelSpec, info: dict, adapter_dir: str, model, c
 
 
 def _check_family(info: dict, adapter_dir: str, model: str) -> None:
-    """A ViT adapter given a Vim (``--model``), or the reverse, is said as such (it was "its
-    arguments do not fit (TypeError ... num_heads)" or a weight-hash mismatch: retest 96)."""
+    """A ViT adapter given a Vim (``--model``), or the reverse, said as such before anything is built."""
     import timm
 
-    recorded = (info.get("base_model_settings") or {}).get("family", "vim")
+    from .peft.base import family_mismatch
     bare = str(model).split(".")[0]
     asked = "vim" if bare in timm.list_models("vim_*") else "vit" if bare.startswith("vit_") else None
-    if asked and recorded in ("vim", "vit") and asked != recorded:
-        words = {"vim": "Vision Mamba (vim_*)", "vit": "ViT (vit_*)"}
-        raise ConfigError(f"{adapter_dir}: the adapter was trained on a {words[recorded]} backbone "
-                          f"({info.get('base_model_name')!r}); --model {model!r} is a {words[asked]}: give a model "
-                          f"of the adapter's family")
+    said = family_mismatch(info, adapter_dir, asked, f"--model {model!r}")
+    if said:
+        raise ConfigError(said)
 
 
 def read_adapter_folder(adapter_dir: str, weights: bool = True):

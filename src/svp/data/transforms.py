@@ -89,6 +89,16 @@ def adapter_normalization(extra: dict, adapter_dir: str) -> Tuple[Tuple[float, .
     return _statistic(extra.get("mean"), "mean", where), _statistic(extra.get("std"), "std", where)
 
 
+def same_statistics(a: tuple, b: tuple) -> bool:
+    """Whether two (mean, std) normalise alike: per channel, a 1-number statistic being each
+    channel's (as torchvision's Normalize broadcasts it), to within 1e-7."""
+    def per_channel(v):
+        v = [float(x) for x in v]
+        return v * 3 if len(v) == 1 else v
+    return all(len(per_channel(x)) == len(per_channel(y)) and
+               all(abs(p - q) <= 1e-7 for p, q in zip(per_channel(x), per_channel(y))) for x, y in zip(a, b))
+
+
 # arguments of timm create_transform used by the official SVP training script
 SVP_TRAIN_ARGS = dict(
     color_jitter=0.3,

@@ -374,10 +374,10 @@ def wandb_run(cfg: dict, run_dir: str, is_main: bool) -> Optional[WandbScalars]:
     run_id = recorded.get("id")
     project = cfg["run"].get("wandb_project") or os.environ.get("WANDB_PROJECT") or "svp"
     entity = recorded.get("entity")   # (None: not recorded yet; "": wandb's default entity)
-    if recorded.get("project") and wandb_project_problem(recorded["project"]):
-        raise ConfigError(f"{id_file}: project {recorded['project']!r}: {wandb_project_problem(recorded['project'])} "
-                          f"(the file was edited?); give the project the run's wandb run is in, or delete the "
-                          f"project line")
+    problem = wandb_project_problem(recorded.get("project"))
+    if problem:
+        raise ConfigError(f"{id_file}: project {recorded['project']!r}: {problem} (the file was edited?); give the "
+                          f"project the run's wandb run is in, or delete the project line")
     if recorded.get("project") and recorded["project"] != project:
         # (a run id lives in one project: a resume without the $WANDB_PROJECT of its start logged its
         # other half to a second run in another project: retest 97)

@@ -566,7 +566,7 @@ def _warn_other_images(source: str, spec: ModelSpec) -> None:
     run's: said, as other settings are (a head trained on 0.5/0.5 inputs started an ImageNet-normalised
     run unsaid: retest 98). Read from its backbone.json; a folder without one is not compared."""
     from ..build import read_backbone_spec
-    from ..data.transforms import adapter_normalization
+    from ..data.transforms import adapter_normalization, same_statistics
     path = os.path.join(source, "backbone.json")
     if not os.path.isfile(path):
         return
@@ -576,7 +576,7 @@ def _warn_other_images(source: str, spec: ModelSpec) -> None:
     except Exception:   # noqa: BLE001  (a damaged record: the adapter's tensors were read; nothing to compare)
         return
     here = (spec.extra.get("recipe", "svp"),) + adapter_normalization(spec.extra, "this run")
-    if [there[0], *map(list, there[1:])] != [here[0], *map(list, here[1:])]:
+    if there[0] != here[0] or not same_statistics(there[1:], here[1:]):
         log.warning("method.init_from: %s was trained on images prepared otherwise (recipe %s, mean %s, std %s) than "
                     "this run's (recipe %s, mean %s, std %s): its tensors start this run as they are", source,
                     there[0], list(there[1]), list(there[2]), here[0], list(here[1]), list(here[2]))

@@ -225,31 +225,29 @@ def _load_npz(model: HookedViT, path: str, source: str) -> None:
 
     from .loading import CheckpointError
     try:
-        with np.load(path) as w:   # (allow_pickle=False: numpy's default)
-            keys = list(w.keys())
+        w = np.load(path)   # (allow_pickle=False: numpy's default; arrays read when indexed)
     except Exception as e:   # noqa: BLE001  (BadZipFile, OSError, ValueError: the file is not one)
         raise CheckpointError(f"{source}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    blocks = len({m.group(1) for m in (re.search(r"encoderblock_(\d+)/", k) for k in keys) if m})
-    if not blocks:   # big_vision's layout: one array per tensor, its blocks stacked on the first axis
-        # (timm indexes the stack, so a longer one filled a shorter model silently: retest 96)
-        stacked = [k for k in keys if k.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
-        if stacked:
-            with np.load(path) as w:
+    with w:   # (one opening for every read before timm's loader: it was opened four times)
+        keys = list(w.keys())
+        blocks = len({m.group(1) for m in (re.search(r"encoderblock_(\d+)/", k) for k in keys) if m})
+        if not blocks:   # big_vision's layout: one array per tensor, its blocks stacked on the first axis
+            # (timm indexes the stack, so a longer one filled a shorter model silently: retest 96)
+            stacked = [k for k in keys if k.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
+            if stacked:
                 blocks = int(w[stacked[0]].shape[0]) if w[stacked[0]].ndim == 2 else 0
-    if blocks and blocks != len(model.blocks):
-        raise CheckpointError(f"{source}: holds {blocks} encoder blocks; the model has {len(model.blocks)} "
-                              f"(model.kwargs depth, or another model name)")
-    pos = [k for k in keys if k.endswith("posembed_input/pos_embedding") or k.endswith("pos_embedding")]
-    if pos:
-        with np.load(path) as w:
+        if blocks and blocks != len(model.blocks):
+            raise CheckpointError(f"{source}: holds {blocks} encoder blocks; the model has {len(model.blocks)} "
+                                  f"(model.kwargs depth, or another model name)")
+        pos = [k for k in keys if k.endswith("posembed_input/pos_embedding") or k.endswith("pos_embedding")]
+        if pos:
             _note_grid(model, w[pos[0]])
-    # timm copies a head of the model's class count: marked, as a state dict's is, so a run replaces
-    # it (a 10-class .npz trained on from its own head: retest 96)
-    head = [k for k in keys if k in ("head/bias", "opt/target/head/bias", "params/head/bias", "params/img/head/bias")]
-    fits = False
-    if head and isinstance(model.head, torch.nn.Linear):
-        with np.load(path) as w:
-            fits = int(w[head[0]].shape[-1]) == int(model.head.bias.shape[0])
+        # timm copies a head of the model's class count: marked, as a state dict's is, so a run replaces
+        # it (a 10-class .npz trained on from its own head: retest 96)
+        head = [k for k in keys if k in ("head/bias", "opt/target/head/bias", "params/head/bias",
+                                         "params/img/head/bias")]
+        fits = bool(head) and isinstance(model.head, torch.nn.Linear) and \
+            int(w[head[0]].shape[-1]) == int(model.head.bias.shape[0])
     params = [(n, p) for n, p in model.named_parameters() if not n.startswith("head.")]
     with torch.no_grad():
         for _, p in params:

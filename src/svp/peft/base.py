@@ -657,16 +657,23 @@ def load_adapter_files(model: nn.Module, files: AdapterFiles, check_hash: bool =
     return peft.eval()
 
 
-def check_family(cfg: dict, directory: str, model: nn.Module, given: str = "the model given") -> None:
-    """An adapter (its config ``cfg``) of the other backbone family than ``model`` (a ViT's on a
-    Vim, or the reverse), said as such: it was said as a weight-hash mismatch (retests 96, 98)."""
+def family_mismatch(cfg: dict, directory: str, family: Optional[str], given: str) -> Optional[str]:
+    """Where an adapter (its config ``cfg``) of one backbone family meets the other (a ViT's on a
+    Vim, or the reverse; ``family`` None: not known), the sentence saying so, else None: it was
+    said as a weight-hash mismatch or as arguments that do not fit (retests 96, 98)."""
     recorded = (cfg.get("base_model_settings") or {}).get("family", "vim")
-    family = getattr(model, "family", "vim")
-    if recorded != family and {recorded, family} <= {"vim", "vit"}:
-        words = {"vim": "a Vision Mamba (vim_*)", "vit": "a ViT (vit_*)"}
-        raise AdapterError(f"{directory}: adapter was trained on {words[recorded]} backbone "
-                           f"({cfg.get('base_model_name')!r}), but {given} is {words[family]}; give it a "
-                           f"backbone of its family")
+    if family is None or recorded == family or not {recorded, family} <= {"vim", "vit"}:
+        return None
+    words = {"vim": "a Vision Mamba (vim_*)", "vit": "a ViT (vit_*)"}
+    return (f"{directory}: the adapter was trained on {words[recorded]} backbone ({cfg.get('base_model_name')!r}), "
+            f"but {given} is {words[family]}; give it a backbone of its family")
+
+
+def check_family(cfg: dict, directory: str, model: nn.Module, given: str = "the model given") -> None:
+    """:func:`family_mismatch` of ``model``, raised."""
+    said = family_mismatch(cfg, directory, getattr(model, "family", "vim"), given)
+    if said:
+        raise AdapterError(said)
 
 
 def _check_base(cfg: dict, directory: str, have: str, model: nn.Module) -> None:

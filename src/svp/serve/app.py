@@ -107,7 +107,7 @@ def _check_recipe(files: AdapterFiles, recipe: Optional[str], normalization: Opt
     if recipe is None:
         return
     from ..build import read_backbone_spec
-    from ..data.transforms import adapter_normalization
+    from ..data.transforms import adapter_normalization, same_statistics
     # without backbone.json an adapter was made with the default recipe (svp.build.adapter_spec)
     raw = files.data[BACKBONE_SPEC]
     extra = {} if raw is None else read_backbone_spec(files.path(BACKBONE_SPEC), raw).extra
@@ -117,19 +117,11 @@ def _check_recipe(files: AdapterFiles, recipe: Optional[str], normalization: Opt
                            f"prepares every image with {recipe!r} (its first adapter's); serve "
                            f"it from a server of its own")
     mine = adapter_normalization(extra, files.directory)
-    if normalization is not None and not _same_statistics(mine, normalization):
+    if normalization is not None and not same_statistics(mine, normalization):
         raise AdapterError(f"{files.directory}: trained on images normalised with mean {list(mine[0])} and std "
                            f"{list(mine[1])}, but this server normalises every image with mean "
                            f"{list(normalization[0])} and std {list(normalization[1])} (its first adapter's, "
                            f"data.normalize); serve it from a server of its own")
-
-
-def _same_statistics(a: tuple, b: tuple) -> bool:
-    def per_channel(v):   # (a 1-number statistic is each channel's, as torchvision's Normalize broadcasts it)
-        v = [float(x) for x in v]
-        return v * 3 if len(v) == 1 else v
-    return all(len(per_channel(x)) == len(per_channel(y)) and
-               all(abs(p - q) <= 1e-7 for p, q in zip(per_channel(x), per_channel(y))) for x, y in zip(a, b))
 
 
 def sync_adapters(model: MultiAdapterModel, root: str, stamps: Dict[str, tuple],
